@@ -1,0 +1,84 @@
+"""Backends by name, imported lazily so that a missing GPU stack never breaks the CPU paths."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from gpu_pipeline.backends.base import Backend, BackendUnavailable
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    description: str
+    load: Callable[[], type[Backend]]
+
+
+_REGISTRY: dict[str, BackendEntry] = {}
+
+#: ``auto`` takes the first available backend of this list.
+AUTO_ORDER = ["cupy", "cuda", "numba", "reference"]
+
+
+def _lazy(module: str, cls: str) -> Callable[[], type[Backend]]:
+    def load() -> type[Backend]:
+        return getattr(importlib.import_module(module), cls)
+
+    return load
+
+
+def register(name: str, load: Callable[[], type[Backend]], description: str = "") -> None:
+    """Make a backend known by ``name``; ``load`` returns its class (importing it if needed)."""
+    _REGISTRY[name] = BackendEntry(name, description, load)
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when backend ``name`` can run here, else why not (import errors included)."""
+    if name not in _REGISTRY:
+        return f"unknown backend {name!r} (known: {', '.join(_REGISTRY)})"
+    try:
+        cls = _REGISTRY[name].load()
+    except Exception as exc:  # an optional dependency that fails to import
+        return f"cannot import: {type(exc).__name__}: {exc}".splitlines()[0]
+    return cls.unavailable_reason()
+
+
+def resolve(name: str) -> str:
+    """The concrete backend name for ``name`` (``auto`` picks the best available one)."""
+    if name != "auto":
+        if name not in _REGISTRY:
+            raise KeyError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
+        return name
+    for candidate in AUTO_ORDER:
+        if candidate in _REGISTRY and unavailable_reason(candidate) is None:
+            return candidate
+    return "reference"
+
+
+def create(name: str, threads: int | None = None) -> Backend:
+    """An instance of backend ``name`` (or ``auto``); BackendUnavailable says why it cannot run."""
+    concrete = resolve(name)
+    reason = unavailable_reason(concrete)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {concrete!r} is unavailable: {reason}")
+    return _REGISTRY[concrete].load()(threads=threads)
+
+
+register("reference", _lazy("gpu_pipeline.backends.reference", "ReferenceBackend"),
+         "plain NumPy, the executable specification (one thread)")
+register("numba", _lazy("gpu_pipeline.backends.numba_cpu", "NumbaCpuBackend"),
+         "numba parallel CPU kernels, every core")
+register("cuda", _lazy("gpu_pipeline.backends.numba_cuda", "NumbaCudaBackend"),
+         "numba.cuda GPU kernels")
+register("cupy", _lazy("gpu_pipeline.backends.cupy_gpu", "CupyBackend"),
+         "CuPy with CUDA C++ kernels")

@@ -1,0 +1,1 @@
+"""TO BE IMPLEMENTED (helper B): discovery, decoding, normalisation, clear per-file errors."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: where the sample data lives, and skips that say why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_DATA = REPO / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _images_under(root: Path) -> list[Path]:
+    from gpu_pipeline.io import discover
+
+    return discover([root])
+
+
+@pytest.fixture(scope="session")
+def bundled_data_dir() -> Path:
+    return BUNDLED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (it sits beside the checkout in CI, not in a user's clone)")
+    return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip @pytest.mark.gpu tests, with the reason, when no real CUDA GPU is present."""
+    from tests.gpu import real_gpu_reason
+
+    reason = real_gpu_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a real CUDA GPU: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
