@@ -16,8 +16,8 @@ class PipelineConfig:
     and with ``l2_gradient`` they are compared with the squared magnitude.
     """
 
-    low_threshold: float = 50.0
-    high_threshold: float = 150.0
+    low_threshold: float = 100.0
+    high_threshold: float = 200.0
     l2_gradient: bool = False
     blur_ksize: int = 5
 

@@ -1,0 +1,201 @@
+"""The streaming batch engine: decode pool -> batches -> backend -> classify -> sink.
+
+Memory is bounded whatever the number of files: at most ``prefetch`` decoded images wait in the
+queue, and a batch holds at most ``batch_size`` images and ``batch_pixels`` pixels. Records come
+out in input order. Every path yields exactly one record: a result or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from gpu_pipeline.backends.base import Backend, StageResult
+from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.io import DecodeError, decode_image
+
+#: A batch never holds more pixels than this (about 200 MB of RGB), so huge scenes go alone.
+DEFAULT_BATCH_PIXELS = 64 * 1024 * 1024
+
+
+@dataclass
+class RunSummary:
+    ok: int = 0
+    failed: int = 0
+    pixels: int = 0
+    seconds: float = 0.0
+    labels: Counter = field(default_factory=Counter)
+    failures_by_stage: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.pixels / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Decoded:
+    path: Path
+    image: np.ndarray | None = None
+    error: dict | None = None
+
+
+def error_record(path: Path | str, stage: str, message: str) -> dict:
+    return {"path": str(path), "stage": stage, "error": message}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _decode(path: Path, options: DecodeOptions) -> _Decoded:
+    try:
+        return _Decoded(path, image=decode_image(path, options))
+    except DecodeError as exc:
+        return _Decoded(path, error=error_record(path, exc.stage, str(exc)))
+    except Exception as exc:  # a decoder bug must not end the run
+        return _Decoded(path, error=error_record(path, "decode", _one_line(exc)))
+
+
+def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int) -> Iterator[_Decoded]:
+    """Decode in a thread pool (Pillow and tifffile release the GIL), in order, at most ``prefetch`` ahead."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future] = deque()
+        path_iter = iter(paths)
+        try:
+            for path in path_iter:
+                pending.append(pool.submit(_decode, path, options))
+                if len(pending) >= prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the consumer stopped early: drop what is queued
+            for future in pending:
+                future.cancel()
+
+
+def batches(decoded: Iterator[_Decoded], batch_size: int, batch_pixels: int) -> Iterator[list[_Decoded]]:
+    """Group in input order; errors ride along so records keep the input order."""
+    batch: list[_Decoded] = []
+    images = pixels = 0
+    for item in decoded:
+        size = item.image.shape[0] * item.image.shape[1] if item.image is not None else 0
+        if images and pixels + size > batch_pixels:
+            yield batch
+            batch, images, pixels = [], 0, 0
+        batch.append(item)
+        images += item.image is not None
+        pixels += size
+        if images >= batch_size:
+            yield batch
+            batch, images, pixels = [], 0, 0
+    if batch:
+        yield batch
+
+
+def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,
+             keep_images: bool) -> list[StageResult | BaseException]:
+    """Run a batch; if it fails, run its images one by one so only the culprit gets an error."""
+    try:
+        return list(backend.process(images, config, keep_images))
+    except Exception:
+        if len(images) == 1:
+            raise
+    results: list[StageResult | BaseException] = []
+    for image in images:
+        try:
+            results.append(backend.process([image], config, keep_images)[0])
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def result_record(path: Path, image: np.ndarray, result: StageResult, backend_name: str,
+                  label_of: Callable[[Features], str]) -> dict:
+    height, width = image.shape[:2]
+    features = Features(result.histogram, int(result.edge_count), height * width)
+    return {
+        "path": str(path),
+        "width": width,
+        "height": height,
+        "bands": 1 if image.ndim == 2 else image.shape[2],
+        "backend": backend_name,
+        "histogram": [int(v) for v in result.histogram],
+        "edge_count": features.edge_count,
+        "edge_density": round(features.edge_density, 6),
+        "label": label_of(features),
+    }
+
+
+@dataclass
+class Engine:
+    """One configured run. ``run`` streams ``paths`` through the backend into ``sink``."""
+
+    backend: Backend
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+    decode_options: DecodeOptions = field(default_factory=DecodeOptions)
+    batch_size: int = 64
+    batch_pixels: int = DEFAULT_BATCH_PIXELS
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    label_of: Callable[[Features], str] = default_label
+    #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
+    on_edges: Callable[[Path, np.ndarray], None] | None = None
+
+    def run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None = None) -> RunSummary:
+        summary = RunSummary()
+        start = time.perf_counter()
+        prefetch = self.batch_size + 2 * self.workers
+        for batch in batches(decode_stream(paths, self.decode_options, self.workers, prefetch),
+                             self.batch_size, self.batch_pixels):
+            records = self._process_batch(batch, summary)
+            sink.write(records)
+            if progress is not None:
+                progress(len(records))
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _process_batch(self, batch: list[_Decoded], summary: RunSummary) -> list[dict]:
+        decoded = [item for item in batch if item.image is not None]
+        outcomes = _compute(self.backend, [item.image for item in decoded], self.config,
+                            keep_images=self.on_edges is not None) if decoded else []
+        outcome_of = {id(item): outcome for item, outcome in zip(decoded, outcomes)}
+        records = []
+        for item in batch:
+            record = item.error
+            if record is None:
+                record = self._record_for(item, outcome_of[id(item)])
+            if "error" in record:
+                summary.failed += 1
+                summary.failures_by_stage[record["stage"]] += 1
+            else:
+                summary.ok += 1
+                summary.pixels += record["width"] * record["height"]
+                summary.labels[record["label"]] += 1
+            records.append(record)
+        return records
+
+    def _record_for(self, item: _Decoded, outcome: StageResult | BaseException) -> dict:
+        if isinstance(outcome, BaseException):
+            return error_record(item.path, "compute", _one_line(outcome))
+        if self.on_edges is not None:
+            try:
+                self.on_edges(item.path, outcome.edges)
+            except Exception as exc:
+                return error_record(item.path, "save-edges", _one_line(exc))
+        return result_record(item.path, item.image, outcome, self.backend.name, self.label_of)

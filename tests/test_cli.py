@@ -1,0 +1,185 @@
+"""The command line: every exit code, the output records, and bad input mixed with good."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cpu_reference
+from gpu_pipeline import __version__
+from gpu_pipeline.classify import DEFAULT_LABELS
+from gpu_pipeline.cli import app
+from gpu_pipeline.config import PipelineConfig
+
+runner = CliRunner()
+RESULT_KEYS = {"path", "width", "height", "bands", "backend", "histogram", "edge_count", "edge_density", "label"}
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "sub" / "b.png")
+    Image.fromarray(rng.integers(0, 256, (9, 30, 3), dtype=np.uint8)).save(folder / "c.jpg", quality=90)
+    return folder
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"gpu-pipeline {__version__}"
+
+
+def test_run_writes_one_result_per_image(image_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = invoke("run", str(image_dir), "--out", str(out), "--backend", "reference", "--low", "30",
+                    "--high", "90", "--blur", "3", "--l2")
+    assert result.exit_code == 0, result.output
+    records = read_records(out)
+    assert [Path(r["path"]).name for r in records] == ["a.png", "c.jpg", "b.png"]
+    config = PipelineConfig(low_threshold=30, high_threshold=90, l2_gradient=True, blur_ksize=3)
+    for record in records:
+        assert set(record) == RESULT_KEYS
+        image = np.asarray(Image.open(record["path"]))
+        stages = cpu_reference.process_image(image, config)
+        assert record["histogram"] == stages.histogram.tolist()
+        assert record["edge_count"] == stages.edge_count
+        assert record["edge_density"] == round(stages.edge_count / image.shape[0] / image.shape[1], 6)
+        assert record["label"] in DEFAULT_LABELS
+    assert "3 ok" in result.stderr and str(out) in result.stderr
+
+
+def test_quiet_prints_nothing(image_dir, tmp_path):
+    result = invoke("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference", "-q")
+    assert result.exit_code == 0
+    assert result.stderr == "" and result.stdout == ""
+
+
+def test_stdout_output(image_dir):
+    result = invoke("run", str(image_dir / "a.png"), "--out", "-", "--backend", "reference", "-q")
+    assert result.exit_code == 0
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["width"] == 40 and record["height"] == 32
+
+
+def test_glob_filters(image_dir, tmp_path):
+    out = tmp_path / "o.jsonl"
+    assert invoke("run", str(image_dir), "--glob", "*.jpg", "--out", str(out), "-q").exit_code == 0
+    assert [Path(r["path"]).name for r in read_records(out)] == ["c.jpg"]
+
+
+def test_bad_files_get_error_records_and_the_run_goes_on(image_dir, tmp_path):
+    (image_dir / "empty.png").write_bytes(b"")
+    (image_dir / "text.jpg").write_text("this is not an image\n")
+    good = (image_dir / "a.png").read_bytes()
+    (image_dir / "truncated.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out.jsonl"
+    result = invoke("run", str(image_dir), "--out", str(out), "--backend", "reference")
+    assert result.exit_code == 1, result.output
+    records = {Path(r["path"]).name: r for r in read_records(out)}
+    assert len(records) == 6
+    for name in ("empty.png", "text.jpg", "truncated.png"):
+        assert set(records[name]) == {"path", "stage", "error"}
+        assert records[name]["error"] and "\n" not in records[name]["error"]
+    for name in ("a.png", "c.jpg", "b.png"):
+        assert set(records[name]) == RESULT_KEYS
+    assert "3 failed" in result.stderr
+
+
+def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
+    edges_dir = tmp_path / "edges"
+    result = invoke("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
+                    "--save-edges", str(edges_dir), "-q")
+    assert result.exit_code == 0
+    saved = np.asarray(Image.open(edges_dir / "sub" / "b.png.edges.png"))
+    expected = cpu_reference.process_image(np.asarray(Image.open(image_dir / "sub" / "b.png")), PipelineConfig())
+    assert np.array_equal(saved, expected.edges)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/path"], "/no/such/path"),
+        (["--backend", "nope"], "unknown backend"),
+        (["--low", "-1"], "low threshold"),
+        (["--high", "nan"], "high threshold"),
+        (["--blur", "4"], "blur size"),
+        (["--bands", "a,b"], "--bands"),
+        (["--bands", "0,1,2"], "1-based"),
+        (["--bands", "1,2"], "1 or 3"),
+        (["--stretch", "magic"], "stretch"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--workers", "0"], "--workers"),
+        (["--max-pixels", "0"], "max pixels"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(image_dir, tmp_path, args, message):
+    if args[0].startswith("--"):
+        args = [str(image_dir), *args]
+    result = invoke("run", *args, "--out", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_unwritable_output_is_a_usage_error(image_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = invoke("run", str(image_dir), "--out", str(blocker / "out.jsonl"))
+    assert result.exit_code == 2 and "cannot write" in result.stderr
+
+
+def test_empty_folder_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("run", str(tmp_path / "empty"), "--out", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2 and "no image files" in result.stderr
+
+
+def test_unavailable_gpu_backend_says_why(image_dir, tmp_path):
+    from gpu_pipeline.backends import unavailable_reason
+
+    reason = unavailable_reason("cuda")
+    if reason is None:
+        pytest.skip("a real GPU is present: the cuda backend is available")
+    result = invoke("run", str(image_dir), "--backend", "cuda", "--out", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2
+    assert "unavailable" in result.stderr and reason in result.stderr
+
+
+def test_default_run_processes_the_bundled_data(tmp_path, bundled_data_dir):
+    if not any(bundled_data_dir.rglob("*.jpg")):
+        pytest.skip("data/ holds no sample images")
+    out = tmp_path / "results.jsonl"
+    result = invoke("run", "--out", str(out), "--backend", "reference")
+    assert result.exit_code == 0, result.output
+    records = read_records(out)
+    assert len(records) == sum(1 for p in bundled_data_dir.rglob("*") if p.suffix.lower() in
+                               {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+    assert all(set(r) == RESULT_KEYS for r in records)
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    """The real entry point (python -m) maps a usage error to exit 2 without a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("gpu-pipeline: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,131 @@
+"""The streaming engine: order, batching, bounded prefetch, one record per image, fault isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cpu_reference
+from gpu_pipeline.backends.base import Backend, StageResult
+from gpu_pipeline.backends.reference import ReferenceBackend
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine import Engine, _Decoded, batches, decode_stream
+
+
+class ListSink:
+    def __init__(self):
+        self.records: list[dict] = []
+        self.writes = 0
+
+    def write(self, records):
+        self.records.extend(records)
+        self.writes += 1
+
+
+def write_pngs(folder: Path, shapes, seed=0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index, shape in enumerate(shapes):
+        path = folder / f"img{index:03d}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+class ExplodingBackend(ReferenceBackend):
+    """Fails on any image whose first pixel is 13, like a backend bug that hits one image."""
+
+    name = "exploding"
+
+    def process(self, images, config, keep_images=False):
+        if any(image.flat[0] == 13 for image in images):
+            raise RuntimeError("kernel failed\nsecond line of noise")
+        return super().process(images, config, keep_images)
+
+
+def test_records_in_input_order_and_equal_to_reference(tmp_path):
+    paths = write_pngs(tmp_path, [(8, 9), (8, 9, 3), (1, 1), (20, 3), (8, 9)])
+    sink = ListSink()
+    summary = Engine(ReferenceBackend(), batch_size=2, workers=3).run(paths, sink)
+    assert [r["path"] for r in sink.records] == [str(p) for p in paths]
+    assert summary.ok == 5 and summary.failed == 0
+    config = PipelineConfig()
+    for path, record in zip(paths, sink.records):
+        image = np.asarray(Image.open(path))
+        stages = cpu_reference.process_image(image, config)
+        assert record["histogram"] == stages.histogram.tolist()
+        assert record["edge_count"] == stages.edge_count
+        assert (record["height"], record["width"]) == image.shape[:2]
+        assert record["bands"] == (1 if image.ndim == 2 else 3)
+        assert record["backend"] == "reference"
+    assert sink.writes == 3  # batches of 2, 2, 1: flushed per batch
+
+
+def test_failing_image_gets_compute_error_and_others_survive(tmp_path):
+    paths = write_pngs(tmp_path, [(6, 6)] * 4)
+    bad = np.full((6, 6), 13, np.uint8)
+    Image.fromarray(bad).save(paths[2])
+    sink = ListSink()
+    summary = Engine(ExplodingBackend(), batch_size=4, workers=2).run(paths, sink)
+    assert summary.ok == 3 and summary.failed == 1
+    error = sink.records[2]
+    assert error == {"path": str(paths[2]), "stage": "compute", "error": "RuntimeError: kernel failed"}
+    assert all("histogram" in r for i, r in enumerate(sink.records) if i != 2)
+
+
+def test_decode_errors_keep_their_place(tmp_path):
+    paths = write_pngs(tmp_path, [(5, 5)] * 3)
+    paths[1].write_bytes(b"")  # zero-byte file
+    sink = ListSink()
+    summary = Engine(ReferenceBackend(), batch_size=8).run(paths, sink)
+    assert [("error" in r) for r in sink.records] == [False, True, False]
+    assert sink.records[1]["path"] == str(paths[1])
+    assert summary.failures_by_stage and summary.failed == 1
+
+
+def test_prefetch_is_bounded(tmp_path):
+    """The decoder never runs more than `prefetch` images ahead of the consumer: memory stays bounded."""
+    paths = write_pngs(tmp_path, [(4, 4)] * 40)
+    pulled = 0
+
+    def counting():
+        nonlocal pulled
+        for path in paths:
+            pulled += 1
+            yield path
+
+    consumed = 0
+    for item in decode_stream(counting(), DecodeOptions(), workers=4, prefetch=5):
+        consumed += 1
+        assert pulled - consumed <= 5
+        assert item.image is not None
+    assert consumed == 40
+
+
+def _fake(shape):
+    return _Decoded(Path("x"), image=np.zeros(shape, np.uint8))
+
+
+def test_batches_respect_size_and_pixel_budget():
+    items = [_fake((10, 10))] * 5 + [_Decoded(Path("bad"), error={"stage": "decode"})] + [_fake((100, 100))]
+    sizes = [len(b) for b in batches(iter(items), batch_size=2, batch_pixels=1000)]
+    # 2 images, 2 images, then the fifth image with the error record, then the big one alone
+    assert sizes == [2, 2, 2, 1]
+    flat = [item for batch in batches(iter(items), batch_size=3, batch_pixels=10**9) for item in batch]
+    assert flat == items
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_on_edges_receives_reference_edges(tmp_path, keep):
+    paths = write_pngs(tmp_path, [(12, 17, 3)])
+    seen = {}
+    engine = Engine(ReferenceBackend(), on_edges=(lambda p, e: seen.__setitem__(p, e)) if keep else None)
+    engine.run(paths, ListSink())
+    if keep:
+        expected = cpu_reference.process_image(np.asarray(Image.open(paths[0])), PipelineConfig()).edges
+        assert np.array_equal(seen[paths[0]], expected)
+    else:
+        assert seen == {}
