@@ -33,6 +33,11 @@ class Features:
     edge_count: int
     pixels: int
 
+    @classmethod
+    def from_result(cls, result, image: np.ndarray) -> "Features":
+        """Features of one image from its backend result (a StageResult) and its decoded pixels."""
+        return cls(result.histogram, int(result.edge_count), image.shape[0] * image.shape[1])
+
     @property
     def edge_density(self) -> float:
         return self.edge_count / self.pixels

@@ -129,7 +129,7 @@ def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
 def result_record(path: Path, image: np.ndarray, result: StageResult, backend_name: str,
                   label_of: Callable[[Features], str]) -> dict:
     height, width = image.shape[:2]
-    features = Features(result.histogram, int(result.edge_count), height * width)
+    features = Features.from_result(result, image)
     return {
         "path": str(path),
         "width": width,
