@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BLUR_SIZES = (3, 5, 7)
+#: cv2.Canny floors its thresholds to int; from 2**31 on that overflows (docs/contract.md), so the
+#: contract stops below it. The largest L1 gradient of an 8-bit image is 2040: any threshold above
+#: that already means "no edges".
+MAX_THRESHOLD = 2**31 - 1
 STRETCHES = ("percentile", "minmax", "bitdepth")
 
 
@@ -26,8 +30,8 @@ class PipelineConfig:
             raise ValueError(f"blur size must be one of {BLUR_SIZES}, got {self.blur_ksize}")
         for name in ("low_threshold", "high_threshold"):
             value = getattr(self, name)
-            if not (value >= 0 and value != float("inf")):
-                raise ValueError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {value}")
+            if not 0 <= value <= MAX_THRESHOLD:  # also rejects NaN
+                raise ValueError(f"{name.replace('_', ' ')} must be between 0 and {MAX_THRESHOLD}, got {value}")
 
 
 @dataclass(frozen=True)
