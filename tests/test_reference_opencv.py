@@ -7,11 +7,9 @@ on hypothesis images (odd shapes, constant, two-level, noise) and on threshold c
 from __future__ import annotations
 
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import cv2
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
