@@ -66,7 +66,14 @@ def run(
     paths: Optional[List[Path]] = typer.Argument(
         None, help="Image files or folders (searched recursively). Default: the bundled sample set.",
         show_default=False),
-    out: str = typer.Option("results.jsonl", "--out", "-o", help="JSON Lines output file, or - for stdout."),
+    out: str = typer.Option("results.jsonl", "--out", "-o",
+                            help="Output file (.jsonl, .csv or .parquet), or - for stdout. An existing output is "
+                            "resumed: images already recorded are skipped."),
+    output_format: Optional[str] = typer.Option(None, "--format",
+                                                help="jsonl, csv or parquet. Default: from --out's extension."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the output afresh instead of resuming."),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="When resuming, redo the images whose record is an error."),
     backend: str = typer.Option("auto", "--backend", "-b",
                                 help="reference, numba, cuda, cupy, or auto (the fastest available)."),
     low: float = typer.Option(PipelineConfig.low_threshold, "--low",
@@ -92,7 +99,8 @@ def run(
 ) -> None:
     """Process images: one JSON record per image (a result or an error).
 
-    Exit status: 0 when every image succeeded, 1 when some failed, 2 on bad usage.
+    Exit status: 0 when every image succeeded, 1 when some failed, 2 on bad usage,
+    130 / 143 when stopped by SIGINT (Ctrl-C) / SIGTERM after flushing what was done.
     """
     from gpu_pipeline.runner import run_job
 
@@ -109,7 +117,8 @@ def run(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=config, decode_options=decode_options, glob=glob,
             workers=workers or os.cpu_count() or 2, threads=threads, batch_size=batch_size,
-            save_edges=save_edges, quiet=quiet,
+            save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
+            retry_failed=retry_failed,
         )
     except UsageError as exc:
         fail_usage(str(exc))

@@ -8,6 +8,7 @@ out in input order. Every path yields exactly one record: a result or an error.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ class RunSummary:
     seconds: float = 0.0
     labels: Counter = field(default_factory=Counter)
     failures_by_stage: Counter = field(default_factory=Counter)
+    interrupted: bool = False
 
     @property
     def total(self) -> int:
@@ -157,16 +159,25 @@ class Engine:
     #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
     on_edges: Callable[[Path, np.ndarray], None] | None = None
 
-    def run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None = None) -> RunSummary:
+    def run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None = None,
+            stop: threading.Event | None = None) -> RunSummary:
+        """Process ``paths`` into ``sink``. Setting ``stop`` ends the run after the batch in flight."""
         summary = RunSummary()
         start = time.perf_counter()
         prefetch = self.batch_size + 2 * self.workers
-        for batch in batches(decode_stream(paths, self.decode_options, self.workers, prefetch),
-                             self.batch_size, self.batch_pixels):
-            records = self._process_batch(batch, summary)
-            sink.write(records)
-            if progress is not None:
-                progress(len(records))
+        stream = batches(decode_stream(paths, self.decode_options, self.workers, prefetch),
+                         self.batch_size, self.batch_pixels)
+        try:
+            for batch in stream:
+                records = self._process_batch(batch, summary)
+                sink.write(records)
+                if progress is not None:
+                    progress(len(records))
+                if stop is not None and stop.is_set():
+                    summary.interrupted = True
+                    break
+        finally:  # stops the decode pool: queued decodes are cancelled, running ones finish
+            stream.close()
         summary.seconds = time.perf_counter() - start
         return summary
 

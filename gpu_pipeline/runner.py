@@ -6,10 +6,15 @@ and raised as ``UsageError`` (exit 2).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -20,7 +25,10 @@ from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary
 from gpu_pipeline.io import UsageError, discover
-from gpu_pipeline.sinks import JsonlSink, SinkError
+from gpu_pipeline.sinks import SinkError, open_sink
+
+#: Exit statuses after a signal, as a shell reports them (128 + signal number).
+EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def open_backend(name: str, threads: int | None):
@@ -70,38 +78,106 @@ def print_summary(console: Console, summary: RunSummary, backend: str, out: str)
     console.print(f"results: {out if out == '-' else os.path.abspath(out)}")
 
 
+def settings_path(out: str) -> Path:
+    return Path(out + ".settings.json")
+
+
+def check_settings(out: str, settings: dict, resuming: bool) -> None:
+    """Refuse to resume an output computed with other settings; record the settings of this run.
+
+    Results do not depend on the backend (they are the same bytes), so switching backends between
+    runs is fine; thresholds, blur, bands, stretch or the label model are not.
+    """
+    if out == "-":
+        return
+    settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
+    path = settings_path(out)
+    if resuming and path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if earlier != settings:
+            changed = [key for key in settings
+                       if not isinstance(earlier, dict) or earlier.get(key) != settings[key]]
+            raise UsageError(f"{out} holds results computed with other settings ({', '.join(changed)} differ, "
+                             f"see {path}); use --overwrite or another --out")
+    try:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT / SIGTERM end the run after the batch in flight; a second signal acts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum: int, frame) -> None:
+        received.append(signum)
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, handle) for sig in EXIT_ON_SIGNAL}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineConfig,
             decode_options: DecodeOptions, glob: str | None, workers: int, threads: int | None,
-            batch_size: int, save_edges: Path | None, quiet: bool) -> int:
-    """Run the whole job; returns the exit status (0 all ok, 1 some failed)."""
-    files = discover(paths, glob=glob)
+            batch_size: int, save_edges: Path | None, quiet: bool, output_format: str | None = None,
+            overwrite: bool = False, retry_failed: bool = False) -> int:
+    """Run the whole job; returns the exit status (0 all ok, 1 some failed, 130/143 on a signal).
+
+    Paths are recorded absolute, so a rerun from another folder still resumes.
+    """
+    files = [path.absolute() for path in discover(paths, glob=glob)]
     if not files:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in paths)
                          + (f" matching {glob!r}" if glob else ""))
     backend = open_backend(backend_name, threads)
     try:
-        sink = JsonlSink(out)
-    except SinkError as exc:
+        sink = open_sink(out, output_format, resume=not overwrite, retry_failed=retry_failed)
+        resuming = bool(sink.existing.succeeded or sink.existing.failed)
+        check_settings(out, {"pipeline": asdict(config), "decode": asdict(decode_options)}, resuming)
+    except (SinkError, UsageError) as exc:
         backend.close()
         raise UsageError(str(exc)) from None
 
+    done = sink.existing.succeeded | sink.existing.failed
+    todo = [path for path in files if str(path) not in done]
+    earlier_failures = sum(str(path) in sink.existing.failed for path in files)
     engine = Engine(backend=backend, config=config, decode_options=decode_options, batch_size=batch_size,
                     workers=workers, on_edges=edge_saver(save_edges, files) if save_edges else None)
     console = Console(stderr=True, soft_wrap=True)
-    show_progress = not quiet and sys.stderr.isatty()
-    with backend, sink:
-        if show_progress:
+    if not quiet and done:
+        console.print(f"resuming {out}: {len(files) - len(todo)} of {len(files)} images already recorded"
+                      + (f" ({earlier_failures} failed; --retry-failed redoes them)" if earlier_failures else ""))
+    stop = threading.Event()
+    with backend, sink, stop_on_signals(stop) as signals:
+        if not quiet and sys.stderr.isatty():
             with progress_bar(console) as bar:
-                task = bar.add_task("processing", total=len(files), rate="-")
+                task = bar.add_task("processing", total=len(todo), rate="-")
 
                 def advance(n: int) -> None:
                     bar.advance(task, n)
                     speed = bar.tasks[task].speed
                     bar.update(task, rate=f"{speed:.0f}" if speed else "-")
 
-                summary = engine.run(files, sink, progress=advance)
+                summary = engine.run(todo, sink, progress=advance, stop=stop)
         else:
-            summary = engine.run(files, sink)
+            summary = engine.run(todo, sink, stop=stop)
     if not quiet:
         print_summary(console, summary, backend.name, out)
-    return 0 if summary.failed == 0 else 1
+        if summary.interrupted:
+            console.print(f"interrupted: {len(todo) - summary.total} images not processed; "
+                          "run the same command again to resume")
+    if signals:
+        return EXIT_ON_SIGNAL[signals[0]]
+    return 0 if summary.failed + earlier_failures == 0 else 1

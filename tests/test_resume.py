@@ -1,0 +1,244 @@
+"""Nightly-run guarantees: resume, kills, signals, formats, bounded memory (issue: nightly scale).
+
+The subprocess tests run the real command line and kill it, as cron, an OOM killer or a reboot would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gpu_pipeline.cli import app
+from gpu_pipeline.sinks import read_records
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_images(folder: Path, count: int, size: int = 24, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / f"tile{index:05d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, compress_level=0)
+        paths.append(path.absolute())
+    return paths
+
+
+def run(*args: str):
+    return runner.invoke(app, ["run", *args, "--backend", "reference", "-q"])
+
+
+def by_path(records: list[dict]) -> dict[str, dict]:
+    paths = [r["path"] for r in records]
+    assert len(paths) == len(set(paths)), "a path was recorded twice"
+    return {r["path"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("tiles"), 40)
+
+
+@pytest.fixture(scope="module")
+def clean_records(tiles, tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("clean") / "clean.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    return by_path(read_records(out))
+
+
+def test_records_hold_absolute_paths(clean_records, tiles):
+    assert set(clean_records) == {str(p) for p in tiles}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_torn_tail_is_dropped_and_the_rest_resumed(tiles, clean_records, tmp_path, suffix):
+    out = tmp_path / f"out{suffix}"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    keep = len(lines) // 2
+    out.write_bytes(b"".join(lines[:keep]) + lines[keep][: len(lines[keep]) // 2])  # torn last line
+    result = runner.invoke(app, ["run", str(tiles[0].parent), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert "already recorded" in result.stderr
+    assert by_path(read_records(out)) == clean_records
+    assert out.read_bytes().endswith(b"\n")
+
+
+def test_garbage_in_the_middle_cuts_from_there(tiles, clean_records, tmp_path):
+    """A crash can leave zeros inside the file: everything from the first bad line is redone."""
+    out = tmp_path / "out.jsonl"
+    run(str(tiles[0].parent), "--out", str(out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    lines[5] = b"\0" * 40 + b"\n"
+    out.write_bytes(b"".join(lines))
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    assert by_path(read_records(out)) == clean_records
+
+
+def test_finished_output_is_not_redone(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    run(str(tiles[0].parent), "--out", str(out))
+    before = out.read_bytes()
+    result = runner.invoke(app, ["run", str(tiles[0].parent), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0
+    assert f"{len(tiles)} of {len(tiles)} images already recorded" in result.stderr
+    assert out.read_bytes() == before
+
+
+def test_failures_are_kept_until_retry_failed(tmp_path):
+    folder = tmp_path / "images"
+    paths = make_images(folder, 4)
+    paths[1].write_bytes(b"")
+    out = tmp_path / "out.jsonl"
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    make_images(folder, 4)  # the broken file is repaired
+    assert run(str(folder), "--out", str(out)).exit_code == 1  # its error record still stands
+    assert "error" in by_path(read_records(out))[str(paths[1])]
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    records = by_path(read_records(out))
+    assert len(records) == 4 and all("error" not in r for r in records.values())
+
+
+def test_overwrite_starts_afresh(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"path": "/elsewhere/old.png", "stage": "decode", "error": "old"}\n')
+    assert run(str(tiles[0].parent), "--out", str(out), "--overwrite").exit_code == 0
+    assert "/elsewhere/old.png" not in by_path(read_records(out))
+
+
+def test_resume_with_other_settings_is_refused(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    run(str(tiles[0].parent), "--out", str(out))
+    result = run(str(tiles[0].parent), "--out", str(out), "--low", "10")
+    assert result.exit_code == 2
+    assert "other settings" in result.stderr and "pipeline" in result.stderr
+
+
+def test_csv_and_jsonl_hold_the_same_records(tiles, clean_records, tmp_path):
+    folder = tiles[0].parent
+    (folder / "broken.png").write_bytes(b"not a png")
+    try:
+        for fmt in ("jsonl", "csv"):
+            out = tmp_path / f"out.{fmt}"
+            assert run(str(folder), "--out", str(out)).exit_code == 1
+        jsonl, csv = (by_path(read_records(tmp_path / f"out.{fmt}")) for fmt in ("jsonl", "csv"))
+        assert jsonl == csv
+        assert {k: v for k, v in jsonl.items() if "error" not in v} == clean_records
+    finally:
+        (folder / "broken.png").unlink()
+
+
+def test_format_option_overrides_the_extension(tiles, tmp_path):
+    out = tmp_path / "out.txt"
+    assert run(str(tiles[0]), "--out", str(out), "--format", "csv").exit_code == 0
+    assert out.read_text().startswith("path,width,height")
+    assert run(str(tiles[0]), "--out", str(out), "--format", "xml").exit_code == 2
+
+
+def test_parquet_round_trip_and_no_resume(tiles, clean_records, tmp_path):
+    pytest.importorskip("pyarrow", reason="Parquet needs the optional pyarrow (extra 'parquet')")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles[0].parent), "--out", str(out), "--batch-size", "16").exit_code == 0
+    assert by_path(read_records(out)) == clean_records
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(out).num_row_groups == 3  # one row group per batch: 16 + 16 + 8
+    result = run(str(tiles[0].parent), "--out", str(out))
+    assert result.exit_code == 2 and "cannot be resumed" in result.stderr
+    assert run(str(tiles[0].parent), "--out", str(out), "--overwrite").exit_code == 0
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tiles, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    result = run(str(tiles[0]), "--out", str(tmp_path / "o.parquet"))
+    assert result.exit_code == 2 and "gpu-pipeline[parquet]" in result.stderr
+
+
+# ---------------------------------------------------------------- real processes, real signals
+
+
+def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
+               "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(out: Path, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= at_least:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{out} never reached {at_least} records")
+
+
+@pytest.fixture(scope="module")
+def many_tiles(tmp_path_factory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("many"), 300, size=40, seed=1)
+
+
+def test_sigkill_at_random_moments_then_resume_gives_one_record_per_path(many_tiles, tmp_path):
+    folder = many_tiles[0].parent
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(1234)
+    for _ in range(4):
+        process = start(folder, out)
+        time.sleep(rng.uniform(0.3, 2.0))
+        process.kill()
+        process.wait()
+    final = start(folder, out, "-q")
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    records = by_path(read_records(out))
+    assert set(records) == {str(p) for p in many_tiles}
+    assert all("error" not in r for r in records.values())
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code):
+    folder = many_tiles[0].parent
+    out = tmp_path / "out.jsonl"
+    process = start(folder, out)
+    wait_for_records(out, 8)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    partial = by_path(read_records(out))
+    assert 0 < len(partial) < len(many_tiles)
+    assert out.read_bytes().endswith(b"\n")
+    assert start(folder, out, "-q").wait(timeout=300) == 0
+    assert len(by_path(read_records(out))) == len(many_tiles)
+
+
+def peak_rss_kib(folder: Path, out: Path) -> int:
+    process = start(folder, out, "-q")
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, process.stderr.read()
+    return usage.ru_maxrss
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_number_of_files(tmp_path):
+    """Peak RSS of a 5,000-file run stays within a few MB of a 500-file run (queue and batch bound it)."""
+    small = make_images(tmp_path / "small", 500, size=16)[0].parent
+    large = make_images(tmp_path / "large", 5000, size=16, seed=2)[0].parent
+    rss_small = peak_rss_kib(small, tmp_path / "small.jsonl")
+    rss_large = peak_rss_kib(large, tmp_path / "large.jsonl")
+    assert len(read_records(tmp_path / "large.jsonl")) == 5000
+    # 4,500 more paths cost ~1 MB of path strings; anything near O(records) would be far more.
+    assert rss_large - rss_small < 24 * 1024, (rss_small, rss_large)
