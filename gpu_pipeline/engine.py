@@ -138,7 +138,7 @@ def result_record(path: Path, image: np.ndarray, result: StageResult, backend_na
         "height": height,
         "bands": 1 if image.ndim == 2 else image.shape[2],
         "backend": backend_name,
-        "histogram": [int(v) for v in result.histogram],
+        "histogram": result.histogram.tolist(),
         "edge_count": features.edge_count,
         "edge_density": round(features.edge_density, 6),
         "label": label_of(features),
