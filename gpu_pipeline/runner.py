@@ -7,6 +7,7 @@ and raised as ``UsageError`` (exit 2).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -137,6 +138,8 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
 
     Paths are recorded absolute, so a rerun from another folder still resumes.
     """
+    # A damaged TIFF becomes that file's error record; tifffile's own warnings would only add noise.
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
     files = [path.absolute() for path in discover(paths, glob=glob)]
     if not files:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in paths)

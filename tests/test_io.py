@@ -1,0 +1,703 @@
+"""Discovery, decoding and normalisation (gpu_pipeline.io).
+
+Expected stretched values come from an independent oracle written here with exact rational
+arithmetic (``fractions.Fraction``) and numpy's own percentile, not from the module's code.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import math
+import struct
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.io import IMAGE_EXTENSIONS, DecodeError, UsageError, decode_image, discover
+from tests.strategies import images
+
+DEFAULT = DecodeOptions()
+FIXTURES = Path(__file__).parent / "fixtures"
+HYPOTHESIS = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("io")
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def assert_one_line(error: DecodeError, stage: str) -> None:
+    assert error.stage == stage
+    message = str(error)
+    assert message and "\n" not in message and "Traceback" not in message
+    assert "<" not in message, f"object repr in message: {message}"
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle: the module docstring's rule, written independently
+
+
+def oracle_band(
+    band: np.ndarray, valid: np.ndarray, stretch: str, where: np.ndarray | None = None
+) -> np.ndarray:
+    """Statistics over the valid samples; outputs for the valid ones (only those in ``where``)."""
+    values = band[valid]
+    out = np.zeros(band.shape, np.uint8)
+    if values.size == 0:
+        return out
+    if stretch == "minmax":
+        lo, hi = values.min(), values.max()
+    else:
+        lo = np.percentile(values, 2, method="lower")
+        hi = np.percentile(values, 98, method="higher")
+    for index in map(tuple, np.argwhere(valid if where is None else valid & where)):
+        x = band[index]
+        if lo == hi:
+            out[index] = 255 if x > hi else 0
+            continue
+        c = min(max(x, lo), hi)
+        if band.dtype.kind == "f":  # defined by float64 operations, done here one scalar at a time
+            out[index] = math.floor((float(c) - float(lo)) / (float(hi) - float(lo)) * 255.0 + 0.5)
+        else:  # exact: 255 (c - lo) / (hi - lo), halves rounded up
+            out[index] = math.floor(Fraction(255 * (int(c) - int(lo)), int(hi) - int(lo)) + Fraction(1, 2))
+    return out
+
+
+def oracle(bands: np.ndarray, stretch: str = "percentile", nodata: float | None = None) -> np.ndarray:
+    """(H, W, C) samples, already band-selected, to the expected uint8 (H, W) or (H, W, C)."""
+    if bands.dtype == np.uint8:
+        out = bands
+    else:
+        out = np.empty(bands.shape, np.uint8)
+        for i in range(bands.shape[2]):
+            band = bands[:, :, i]
+            valid = np.isfinite(band) if band.dtype.kind == "f" else np.ones(band.shape, bool)
+            if nodata is not None:
+                valid &= band != nodata
+            out[:, :, i] = oracle_band(band, valid, stretch)
+    return out[:, :, 0] if out.shape[2] == 1 else out
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    for name in [
+        "b/2.png",
+        "b/10.JPG",
+        "a/x.tif",
+        "a/y.TIFF",
+        "a/z.jpeg",
+        "a/w.bmp",
+        "a/v.gif",
+        "a/u.webp",
+        "a/notes.txt",
+        "a/raw.npy",
+        "a/.hidden.png",
+        ".cache/c.png",
+        "a/sub/deep.png",
+        "a-b/q.png",
+    ]:
+        touch(tmp_path / name)
+    return tmp_path
+
+
+def test_discover_walks_folders_recursively_sorted_by_path_components(tree: Path) -> None:
+    found = [p.relative_to(tree).as_posix() for p in discover([tree])]
+    assert found == [
+        "a/sub/deep.png",
+        "a/u.webp",
+        "a/v.gif",
+        "a/w.bmp",
+        "a/x.tif",
+        "a/y.TIFF",
+        "a/z.jpeg",
+        "a-b/q.png",
+        "b/10.JPG",
+        "b/2.png",
+    ]
+
+
+def test_discover_skips_hidden_files_and_folders_and_unknown_extensions(tree: Path) -> None:
+    names = {p.name for p in discover([tree])}
+    assert not names & {".hidden.png", "c.png", "notes.txt", "raw.npy"}
+
+
+def test_known_extensions() -> None:
+    assert IMAGE_EXTENSIONS == {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def test_explicit_file_is_taken_whatever_its_extension(tree: Path) -> None:
+    assert discover([tree / "a/notes.txt"]) == [tree / "a/notes.txt"]
+
+
+def test_discover_deduplicates_overlapping_arguments(tree: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tree)
+    found = discover(["a", "./a", "a/x.tif", tree / "a" / "sub", "a/../a/sub/deep.png"])
+    assert sorted(p.as_posix() for p in found) == sorted(p.as_posix() for p in discover(["a"]))
+    assert len(found) == 7
+
+
+def test_glob_matches_the_file_name_case_insensitively(tree: Path) -> None:
+    assert [p.name for p in discover([tree], glob="*.tif")] == ["x.tif"]
+    assert [p.name for p in discover([tree], glob="*.TIF*")] == ["x.tif", "y.TIFF"]
+
+
+def test_glob_with_a_slash_matches_the_path_relative_to_the_folder(tree: Path) -> None:
+    assert [p.name for p in discover([tree], glob="a/*.png")] == ["deep.png"]  # * crosses /
+    assert [p.name for p in discover([tree], glob="b/*")] == ["10.JPG", "2.png"]
+
+
+def test_glob_does_not_filter_explicit_files(tree: Path) -> None:
+    assert discover([tree / "b/2.png"], glob="*.tif") == [tree / "b/2.png"]
+
+
+def test_missing_path_is_a_usage_error(tree: Path) -> None:
+    with pytest.raises(UsageError, match="no such file or folder") as info:
+        discover([tree / "a", tree / "nope"])
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in str(info.value) and "nope" in str(info.value)
+
+
+def test_symlinked_folders_are_not_followed(tree: Path) -> None:
+    (tree / "a" / "loop").symlink_to(tree, target_is_directory=True)
+    assert len(discover([tree])) == 10
+
+
+def test_bundled_data_is_discovered_and_the_five_band_sample_is_outside_it(bundled_data_dir: Path) -> None:
+    found = discover([bundled_data_dir])
+    assert len(found) >= 60
+    assert not any(p.name == "SOURCES.md" for p in found)
+    assert len({p.parent.name for p in discover([bundled_data_dir / "eurosat"])}) == 10
+    assert (FIXTURES / "five_band_uint16.tif").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Pillow formats
+
+
+def save(image: np.ndarray | Image.Image, path: Path, **params) -> Path:
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path, **params)
+    return path
+
+
+@HYPOTHESIS
+@given(image=images(max_side=40), fmt=st.sampled_from(["png", "bmp", "webp"]))
+def test_lossless_formats_round_trip_gray_and_rgb(scratch: Path, image: np.ndarray, fmt: str) -> None:
+    params = {"lossless": True, "quality": 100} if fmt == "webp" else {}
+    decoded = decode_image(save(image, scratch / f"round.{fmt}", **params), DEFAULT)
+    assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous and decoded.flags.writeable
+    if fmt == "webp" and image.ndim == 2:  # WebP stores gray as RGB
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    assert np.array_equal(decoded, image)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1)])
+def test_tiny_images(scratch: Path, shape) -> None:
+    image = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape) * 20
+    assert np.array_equal(decode_image(save(image, scratch / "tiny.png"), DEFAULT), image)
+    tifffile.imwrite(scratch / "tiny.tif", image)
+    assert np.array_equal(decode_image(scratch / "tiny.tif", DEFAULT), image)
+
+
+def test_alpha_is_dropped(scratch: Path) -> None:
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    assert np.array_equal(decode_image(save(rgba, scratch / "rgba.png"), DEFAULT), rgba[:, :, :3])
+    gray_alpha = Image.fromarray(rgba[:, :, :2].copy(), "LA")
+    assert np.array_equal(decode_image(save(gray_alpha, scratch / "la.png"), DEFAULT), rgba[:, :, 0])
+
+
+@pytest.mark.parametrize("fmt", ["gif", "png", "bmp"])
+def test_palette_becomes_rgb(scratch: Path, fmt: str) -> None:
+    rng = np.random.default_rng(2)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    indices = rng.integers(0, 16, (6, 11), dtype=np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette.ravel().tolist())
+    decoded = decode_image(save(image, scratch / f"palette.{fmt}"), DEFAULT)
+    assert np.array_equal(decoded, palette[indices])
+
+
+def test_gif_first_frame_only(scratch: Path) -> None:
+    frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(scratch / "anim.gif", save_all=True, append_images=frames[1:])
+    assert np.array_equal(decode_image(scratch / "anim.gif", DEFAULT), np.full((4, 4, 3), 10, np.uint8))
+
+
+def test_one_bit_becomes_0_or_255(scratch: Path) -> None:
+    bits = np.random.default_rng(3).random((5, 9)) < 0.5
+    decoded = decode_image(save(Image.fromarray(bits), scratch / "bits.png"), DEFAULT)
+    assert np.array_equal(decoded, np.where(bits, 255, 0).astype(np.uint8))
+
+
+@HYPOTHESIS
+@given(data=hnp.arrays(np.uint16, hnp.array_shapes(min_dims=2, max_dims=2, max_side=12)))
+def test_16_bit_png_is_stretched(scratch: Path, data: np.ndarray) -> None:
+    decoded = decode_image(save(Image.fromarray(data), scratch / "gray16.png"), DEFAULT)
+    assert np.array_equal(decoded, oracle(data[:, :, None]))
+
+
+def test_jpeg_decodes_as_pillow_does(bundled_data_dir: Path) -> None:
+    for path in discover([bundled_data_dir / "eurosat"])[:10]:
+        assert np.array_equal(decode_image(path, DEFAULT), np.asarray(Image.open(path)))
+
+
+def test_bundled_data_all_decodes(bundled_data_dir: Path) -> None:
+    for path in discover([bundled_data_dir]):
+        image = decode_image(path, DEFAULT)
+        assert image.dtype == np.uint8 and image.flags.c_contiguous
+        assert image.ndim == 2 or image.shape[2] == 3
+
+
+def test_bundled_formats_decode_to_their_sources(bundled_data_dir: Path) -> None:
+    formats = bundled_data_dir / "formats"
+    rgb = decode_image(bundled_data_dir / "eurosat/Residential/Residential_1045.jpg", DEFAULT)
+    for name in ["rgb.bmp", "lossless.webp", "rgba.png", "four_band_planar.tif"]:
+        assert np.array_equal(decode_image(formats / name, DEFAULT), rgb), name
+    scene = tifffile.imread(bundled_data_dir / "multiband/rio-tiler_rgb.tif")
+    assert np.array_equal(decode_image(formats / "gray16.png", DEFAULT), oracle(scene[:, :, :1]))
+
+
+# --------------------------------------------------------------------------------------------
+# TIFF
+
+
+def write_tiff(path: Path, bands: np.ndarray, planar: str = "contig", **kwargs) -> Path:
+    """Write (H, W, C) ``bands`` interleaved, or as (C, H, W) planes when ``planar='separate'``."""
+    data = bands[:, :, 0] if bands.shape[2] == 1 else bands
+    if planar == "separate" and bands.shape[2] > 1:
+        data = np.ascontiguousarray(bands.transpose(2, 0, 1))
+    tifffile.imwrite(
+        path,
+        data,
+        photometric="minisblack",
+        planarconfig=planar if bands.shape[2] > 1 else None,
+        metadata=None,
+        **kwargs,
+    )
+    return path
+
+
+def default_selection(bands: np.ndarray) -> np.ndarray:
+    return bands[:, :, :1] if bands.shape[2] <= 2 else bands[:, :, :3]
+
+
+def tiff_arrays(dtype) -> st.SearchStrategy[np.ndarray]:
+    if np.dtype(dtype).kind == "f":
+        width = np.dtype(dtype).itemsize * 8
+        elements = st.floats(-6e4, 6e4, width=width) | st.sampled_from([np.nan, np.inf, -np.inf])
+    else:
+        elements = None
+    shape = st.tuples(st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 2, 3, 4]))
+    return hnp.arrays(dtype, shape, elements=elements)
+
+
+@HYPOTHESIS
+@given(
+    data=st.sampled_from([np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float16, np.float32]).flatmap(
+        tiff_arrays
+    ),
+    planar=st.sampled_from(["contig", "separate"]),
+    stretch=st.sampled_from(["percentile", "minmax"]),
+)
+def test_tiff_round_trip_matches_the_oracle(
+    scratch: Path, data: np.ndarray, planar: str, stretch: str
+) -> None:
+    path = write_tiff(scratch / "round.tif", data, planar)
+    decoded = decode_image(path, DecodeOptions(stretch=stretch))
+    assert decoded.flags.c_contiguous
+    assert np.array_equal(decoded, oracle(default_selection(data), stretch))
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+@pytest.mark.parametrize("compression", [None, "zlib", "lzw"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_tiff_layouts(scratch: Path, planar: str, compression: str | None, tiled: bool) -> None:
+    if compression == "lzw":
+        pytest.importorskip("imagecodecs", reason="LZW needs the imagecodecs package")
+    rng = np.random.default_rng(4)
+    bands = rng.integers(0, 4000, (40, 37, 3), dtype=np.uint16)
+    path = write_tiff(
+        scratch / "layout.tif", bands, planar, compression=compression, tile=(16, 16) if tiled else None
+    )
+    assert np.array_equal(decode_image(path, DEFAULT), oracle(bands))
+
+
+def test_planar_samples_axis_is_read_from_the_metadata_not_guessed(scratch: Path) -> None:
+    # 3 x 3 x 3: sizes cannot tell planes from interleaved samples
+    bands = np.arange(27, dtype=np.uint8).reshape(3, 3, 3)
+    for planar in ["contig", "separate"]:
+        assert np.array_equal(decode_image(write_tiff(scratch / "cube.tif", bands, planar), DEFAULT), bands)
+
+
+def test_only_the_first_page_is_read(scratch: Path) -> None:
+    with tifffile.TiffWriter(scratch / "pyramid.tif") as tif:
+        tif.write(np.full((8, 8), 7, np.uint8), subifds=1)
+        tif.write(np.full((4, 4), 99, np.uint8), subfiletype=1)  # an overview
+        tif.write(np.full((8, 8), 200, np.uint8))  # a second page
+    assert np.array_equal(decode_image(scratch / "pyramid.tif", DEFAULT), np.full((8, 8), 7, np.uint8))
+
+
+@pytest.mark.parametrize("photometric", ["palette", "miniswhite", "bilevel"])
+def test_tiff_photometric_agrees_with_pillow(scratch: Path, photometric: str) -> None:
+    rng = np.random.default_rng(5)
+    path = scratch / f"{photometric}.tif"
+    if photometric == "palette":
+        colormap = rng.integers(0, 65536, (3, 256), dtype=np.uint16)
+        tifffile.imwrite(
+            path, rng.integers(0, 256, (6, 7), dtype=np.uint8), photometric="palette", colormap=colormap
+        )
+    elif photometric == "miniswhite":
+        tifffile.imwrite(path, rng.integers(0, 256, (6, 7), dtype=np.uint8), photometric="miniswhite")
+    else:
+        tifffile.imwrite(path, rng.random((6, 7)) < 0.5)  # tifffile writes bool as min-is-white
+    with Image.open(path) as expected:
+        wanted = np.asarray(expected.convert("RGB" if photometric == "palette" else "L"))
+    assert np.array_equal(decode_image(path, DEFAULT), wanted)
+
+
+@pytest.mark.parametrize(
+    "dtype, nodata", [(np.uint16, 65000), (np.int16, -9999), (np.int32, -9999), (np.float32, -9999.5)]
+)
+def test_gdal_nodata_is_excluded_from_the_stretch_and_becomes_0(scratch: Path, dtype, nodata) -> None:
+    rng = np.random.default_rng(6)
+    bands = rng.integers(1000, 3000, (20, 20, 3)).astype(dtype)
+    bands[:5] = nodata  # a border far outside the data: it would dominate the stretch
+    path = write_tiff(scratch / "nodata.tif", bands, extratags=[(42113, "s", 0, str(nodata), True)])
+    for stretch in ["minmax", "percentile"]:
+        decoded = decode_image(path, DecodeOptions(stretch=stretch))
+        assert np.array_equal(decoded, oracle(bands, stretch, nodata=nodata))
+        assert (decoded[:5] == 0).all() and (decoded[5:].max(axis=(0, 1)) == 255).all()
+
+
+def test_bundled_uint16_geotiff_matches_the_oracle_with_its_nodata(bundled_data_dir: Path) -> None:
+    path = bundled_data_dir / "multiband/rio-tiler_rgb.tif"
+    scene = tifffile.imread(path)
+    with tifffile.TiffFile(path) as tif:
+        nodata = float(tif.pages[0].tags[42113].value)
+    decoded = decode_image(path, DEFAULT)
+    window = (slice(90, 130), slice(0, 40))  # the per-pixel oracle is slow: a window with data and nodata
+    for band in range(3):
+        samples = scene[:, :, band]
+        valid = samples != nodata
+        assert 0 < valid[window].sum() < valid[window].size
+        in_window = np.zeros(samples.shape, bool)
+        in_window[window] = True
+        expected = oracle_band(samples, valid, "percentile", where=in_window)
+        assert np.array_equal(decoded[window][:, :, band], expected[window])
+
+
+# --------------------------------------------------------------------------------------------
+# Stretch rules
+
+
+def decode_values(scratch: Path, values, stretch: str = "percentile", dtype=np.uint16) -> np.ndarray:
+    data = np.asarray(values, dtype=dtype).reshape(1, -1, 1)
+    return decode_image(write_tiff(scratch / "values.tif", data), DecodeOptions(stretch=stretch))[0]
+
+
+def test_minmax_hand_example(scratch: Path) -> None:
+    # lo 100, hi 300: 255*50/200 = 63.75 -> 64; 255*100/200 = 127.5 -> 128 (halves up)
+    assert decode_values(scratch, [100, 150, 200, 300], "minmax").tolist() == [0, 64, 128, 255]
+
+
+def test_percentile_hand_example(scratch: Path) -> None:
+    # 101 values 0..100: k = 2*100 // 100 = 2, lo = 2, hi = 98; 50 -> 255*48/96 = 127.5 -> 128
+    out = decode_values(scratch, np.arange(101)[::-1])[::-1]
+    assert out[[0, 1, 2, 3, 50, 97, 98, 99, 100]].tolist() == [0, 0, 0, 3, 128, 252, 255, 255, 255]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 49, 50, 51, 99, 100, 101, 150, 151, 1000])
+def test_percentile_index_rule_at_every_boundary(scratch: Path, n: int) -> None:
+    # k = 2 (n - 1) // 100 steps at n = 51, 101, 151: numpy's "lower"/"higher" percentiles agree
+    values = np.random.default_rng(n).permutation(n) * 3
+    assert np.array_equal(
+        decode_values(scratch, values), oracle(values.reshape(1, -1, 1).astype(np.uint16))[0]
+    )
+
+
+def test_constant_band_is_0_and_a_step_when_lo_equals_hi(scratch: Path) -> None:
+    assert decode_values(scratch, [500] * 6).tolist() == [0] * 6
+    values = [7] * 99 + [9000]  # the 98th percentile is still 7
+    assert decode_values(scratch, values).tolist() == [0] * 99 + [255]
+
+
+def test_bitdepth(scratch: Path) -> None:
+    assert decode_values(scratch, [0, 255, 256, 65535], "bitdepth").tolist() == [0, 0, 1, 255]
+    assert decode_values(scratch, [-5, 0, 127, 128, 32767], "bitdepth", np.int16).tolist() == [
+        0,
+        0,
+        0,
+        1,
+        255,
+    ]
+    floats = [-1.0, 0.0, 0.5, 0.002, 1.0, 7.0, np.nan]
+    assert decode_values(scratch, floats, "bitdepth", np.float32).tolist() == [0, 0, 128, 1, 255, 255, 0]
+
+
+def test_nan_and_inf_are_nodata(scratch: Path) -> None:
+    out = decode_values(scratch, [np.nan, 1.0, np.inf, 3.0, -np.inf, 2.0], "minmax", np.float32)
+    assert out.tolist() == [0, 0, 0, 255, 0, 128]
+
+
+@HYPOTHESIS
+@given(
+    values=st.sampled_from([np.int8, np.uint16, np.int16, np.int32, np.float32]).flatmap(
+        lambda dtype: hnp.arrays(
+            dtype,
+            st.integers(1, 300),
+            elements=st.floats(-1e5, 1e5, width=32) if dtype == np.float32 else None,
+        )
+    ),
+    stretch=st.sampled_from(["percentile", "minmax"]),
+)
+def test_stretch_is_monotone_and_maps_lo_to_0_and_hi_to_255(scratch: Path, values, stretch: str) -> None:
+    out = decode_values(scratch, values, stretch, values.dtype)
+    order = np.argsort(values, kind="stable")
+    assert (np.diff(out[order].astype(int)) >= 0).all()
+    if stretch == "minmax":
+        lo, hi = values.min(), values.max()
+    else:
+        lo, hi = np.percentile(values, 2, method="lower"), np.percentile(values, 98, method="higher")
+    assert (out[values <= lo] == 0).all()
+    if lo < hi:
+        assert (out[values >= hi] == 255).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Bands
+
+
+def test_bands_pick_by_1_based_number(scratch: Path) -> None:
+    rng = np.random.default_rng(7)
+    bands = rng.integers(0, 256, (5, 6, 5), dtype=np.uint8)
+    path = write_tiff(scratch / "five.tif", bands)
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(5, 3, 1))), bands[:, :, [4, 2, 0]])
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(4,))), bands[:, :, 3])
+
+
+def test_bands_apply_to_pillow_images_alpha_included(scratch: Path) -> None:
+    rgba = np.random.default_rng(8).integers(0, 256, (4, 3, 4), dtype=np.uint8)
+    path = save(rgba, scratch / "bands.png")
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(4,))), rgba[:, :, 3])
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(3, 2, 1))), rgba[:, :, 2::-1])
+
+
+def test_two_bands_give_gray_and_four_give_rgb(scratch: Path) -> None:
+    bands = np.random.default_rng(9).integers(0, 256, (4, 3, 4), dtype=np.uint8)
+    assert np.array_equal(
+        decode_image(write_tiff(scratch / "two.tif", bands[:, :, :2]), DEFAULT), bands[:, :, 0]
+    )
+    assert np.array_equal(decode_image(write_tiff(scratch / "four.tif", bands), DEFAULT), bands[:, :, :3])
+
+
+def test_five_band_fixture_needs_bands() -> None:
+    path = FIXTURES / "five_band_uint16.tif"
+    with pytest.raises(DecodeError, match="5 bands.*--bands") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "normalise")
+    data = tifffile.imread(path)
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(5, 4, 1))), oracle(data[:, :, [4, 3, 0]]))
+
+
+def test_band_out_of_range_names_the_band_count(scratch: Path) -> None:
+    path = save(np.zeros((3, 3, 3), np.uint8), scratch / "rgb.png")
+    with pytest.raises(DecodeError, match="has 3 bands") as info:
+        decode_image(path, DecodeOptions(bands=(4, 3, 2)))
+    assert_one_line(info.value, "normalise")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG (8-bit gray) claiming a size, with a few bytes of pixel data instead of all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(bytes(100)))
+
+
+def tiff_claiming(path: Path, width: int, height: int) -> Path:
+    tifffile.imwrite(path, np.zeros((4, 4), np.uint8))
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        for name, value in [("ImageWidth", width), ("ImageLength", height)]:
+            raw[tags[name].valueoffset : tags[name].valueoffset + 4] = struct.pack("<I", value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def encoded(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(10).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_empty_file_is_a_read_error(scratch: Path) -> None:
+    with pytest.raises(DecodeError, match="empty") as info:
+        decode_image(touch(scratch / "empty.png", b""), DEFAULT)
+    assert_one_line(info.value, "read")
+
+
+def test_unreadable_files_are_read_errors(scratch: Path, monkeypatch) -> None:
+    folder = scratch / "folder.png"
+    folder.mkdir(exist_ok=True)
+    with pytest.raises(DecodeError, match="cannot read") as info:
+        decode_image(folder, DEFAULT)
+    assert_one_line(info.value, "read")
+    with pytest.raises(DecodeError) as info:
+        decode_image(scratch / "does-not-exist.png", DEFAULT)
+    assert_one_line(info.value, "read")
+
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file).endswith("secret.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    path = touch(scratch / "secret.png", encoded("PNG"))
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(DecodeError, match="Permission denied") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "read")
+
+
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("truncated.png", encoded("PNG")[:200], "truncated"),
+        ("truncated.jpg", encoded("JPEG")[:300], "truncated"),
+        ("truncated.gif", encoded("GIF")[:100], "damaged GIF"),
+        ("truncated.webp", encoded("WEBP")[:60], None),
+        ("corrupt.png", encoded("PNG")[:40] + bytes(range(256)) * 4, "damaged PNG"),
+        (
+            "garbage.jpg",
+            bytes(np.random.default_rng(11).integers(0, 256, 999, dtype=np.uint8)),
+            "not a supported",
+        ),
+        ("text.png", b"this is not an image\n" * 10, "not a supported image"),
+        ("truncated.tif", None, None),
+    ],
+    ids=lambda value: value if isinstance(value, str) and "." in value else "",
+)
+def test_damaged_or_foreign_files_are_decode_errors(
+    scratch: Path, name: str, content: bytes | None, says: str | None
+) -> None:
+    if content is None:
+        noise = np.random.default_rng(12).integers(0, 65536, (64, 64, 3), dtype=np.uint16)
+        content = write_tiff(scratch / "whole.tif", noise, compression="zlib").read_bytes()
+        content = content[: len(content) // 2]
+    with pytest.raises(DecodeError, match=says) as info:
+        decode_image(touch(scratch / name, content), DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
+@pytest.mark.filterwarnings("error")  # Pillow's DecompressionBombWarning must not escape
+def test_decompression_bomb_is_refused_from_the_header(scratch: Path) -> None:
+    # The headers claim 20000 x 20000 (or 100000 x 100000) pixels and carry no data: a refusal
+    # naming the size proves the check ran before any pixel was decoded.
+    png = touch(scratch / "bomb.png", png_header(20000, 20000))
+    tif = tiff_claiming(scratch / "bomb.tif", 100000, 100000)
+    for path, limit in [(png, 10**8), (tif, 10**9)]:
+        with pytest.raises(DecodeError, match="over the limit") as info:
+            decode_image(path, DecodeOptions(max_pixels=limit))
+        assert_one_line(info.value, "decode")
+    # Above Pillow's own limits but within ours: no Pillow error or warning, just missing data.
+    with pytest.raises(DecodeError) as info:
+        decode_image(png, DEFAULT)
+    assert "over the limit" not in str(info.value)
+    assert_one_line(info.value, "decode")
+
+
+def test_small_limit_refuses_a_real_image(scratch: Path) -> None:
+    path = save(np.zeros((10, 10), np.uint8), scratch / "hundred.png")
+    assert decode_image(path, DecodeOptions(max_pixels=100)).shape == (10, 10)
+    with pytest.raises(DecodeError, match="10 x 10 = 100 pixels"):
+        decode_image(path, DecodeOptions(max_pixels=99))
+
+
+def test_missing_tiff_codec_says_which_package(scratch: Path, monkeypatch) -> None:
+    path = write_tiff(scratch / "codec.tif", np.zeros((4, 4, 1), np.uint8))
+
+    def needs_codec(*args, **kwargs):  # what tifffile raises for LZW without imagecodecs
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", needs_codec)
+    with pytest.raises(DecodeError, match="needs the imagecodecs package") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
+def test_unknown_tiff_compression_is_a_decode_error(scratch: Path) -> None:
+    path = write_tiff(scratch / "unknown.tif", np.zeros((4, 4, 1), np.uint8))
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].tags["Compression"].valueoffset
+    raw[offset : offset + 2] = struct.pack("<H", 65000)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DecodeError) as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
+def test_unexpected_decoder_exceptions_become_decode_errors(scratch: Path, monkeypatch) -> None:
+    path = save(np.zeros((3, 3), np.uint8), scratch / "fine.png")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("decoder exploded\nwith a second line")
+
+    monkeypatch.setattr(Image.Image, "load", broken)
+    with pytest.raises(DecodeError, match="decoder exploded with a second line") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
+# --------------------------------------------------------------------------------------------
+# The shared real imagery (beside the checkout in CI)
+
+
+def test_all_shared_data_decodes(shared_data_dir: Path) -> None:
+    try:
+        import imagecodecs  # noqa: F401
+
+        has_codecs = True
+    except ImportError:
+        has_codecs = False
+    paths = discover([shared_data_dir])
+    assert len(paths) >= 1026
+    for path in paths:
+        if path.name == "rio-color_rgb16.tif" and not has_codecs:  # LZW
+            with pytest.raises(DecodeError, match="imagecodecs"):
+                decode_image(path, DEFAULT)
+            continue
+        image = decode_image(path, DEFAULT)
+        assert image.dtype == np.uint8 and image.flags.c_contiguous and image.shape[-1] == 3
+    cog = decode_image(shared_data_dir / "multiband/rio-tiler_mosaic_cog1.tif", DEFAULT)
+    assert cog.shape == (790, 779, 3)  # the full-resolution page, not an overview
