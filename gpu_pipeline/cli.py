@@ -30,7 +30,7 @@ def fail_usage(message: str) -> None:
 def bundled_data_dir() -> Path:
     """The sample set shipped with the package (data/ in a checkout, gpu_pipeline/sample_data when installed)."""
     checkout = Path(__file__).resolve().parent.parent / "data"
-    if checkout.is_dir():
+    if (checkout / "SOURCES.md").is_file():
         return checkout
     installed = Path(__file__).resolve().parent / "sample_data"
     if installed.is_dir():
@@ -123,6 +123,11 @@ def run(
     except UsageError as exc:
         fail_usage(str(exc))
     raise typer.Exit(code)
+
+
+from gpu_pipeline.diag_cli import register as register_diagnostics  # noqa: E402
+
+register_diagnostics(app)
 
 
 def main() -> None:

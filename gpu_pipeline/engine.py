@@ -51,7 +51,9 @@ class RunSummary:
 
 
 @dataclass
-class _Decoded:
+class Decoded:
+    """One input after decoding: its pixels, or the error record that replaces its result."""
+
     path: Path
     image: np.ndarray | None = None
     error: dict | None = None
@@ -61,21 +63,21 @@ def error_record(path: Path | str, stage: str, message: str) -> dict:
     return {"path": str(path), "stage": stage, "error": message}
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _decode(path: Path, options: DecodeOptions) -> _Decoded:
+def _decode(path: Path, options: DecodeOptions) -> Decoded:
     try:
-        return _Decoded(path, image=decode_image(path, options))
+        return Decoded(path, image=decode_image(path, options))
     except DecodeError as exc:
-        return _Decoded(path, error=error_record(path, exc.stage, str(exc)))
+        return Decoded(path, error=error_record(path, exc.stage, str(exc)))
     except Exception as exc:  # a decoder bug must not end the run
-        return _Decoded(path, error=error_record(path, "decode", _one_line(exc)))
+        return Decoded(path, error=error_record(path, "decode", one_line(exc)))
 
 
-def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int) -> Iterator[_Decoded]:
+def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int) -> Iterator[Decoded]:
     """Decode in a thread pool (Pillow and tifffile release the GIL), in order, at most ``prefetch`` ahead."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
@@ -92,9 +94,9 @@ def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, p
                 future.cancel()
 
 
-def batches(decoded: Iterator[_Decoded], batch_size: int, batch_pixels: int) -> Iterator[list[_Decoded]]:
+def batches(decoded: Iterator[Decoded], batch_size: int, batch_pixels: int) -> Iterator[list[Decoded]]:
     """Group in input order; errors ride along so records keep the input order."""
-    batch: list[_Decoded] = []
+    batch: list[Decoded] = []
     images = pixels = 0
     for item in decoded:
         size = item.image.shape[0] * item.image.shape[1] if item.image is not None else 0
@@ -116,9 +118,9 @@ def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
     """Run a batch; if it fails, run its images one by one so only the culprit gets an error."""
     try:
         return list(backend.process(images, config, keep_images))
-    except Exception:
+    except Exception as exc:
         if len(images) == 1:
-            raise
+            return [exc]
     results: list[StageResult | BaseException] = []
     for image in images:
         try:
@@ -181,7 +183,7 @@ class Engine:
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def _process_batch(self, batch: list[_Decoded], summary: RunSummary) -> list[dict]:
+    def _process_batch(self, batch: list[Decoded], summary: RunSummary) -> list[dict]:
         decoded = [item for item in batch if item.image is not None]
         outcomes = _compute(self.backend, [item.image for item in decoded], self.config,
                             keep_images=self.on_edges is not None) if decoded else []
@@ -201,12 +203,12 @@ class Engine:
             records.append(record)
         return records
 
-    def _record_for(self, item: _Decoded, outcome: StageResult | BaseException) -> dict:
+    def _record_for(self, item: Decoded, outcome: StageResult | BaseException) -> dict:
         if isinstance(outcome, BaseException):
-            return error_record(item.path, "compute", _one_line(outcome))
+            return error_record(item.path, "compute", one_line(outcome))
         if self.on_edges is not None:
             try:
                 self.on_edges(item.path, outcome.edges)
             except Exception as exc:
-                return error_record(item.path, "save-edges", _one_line(exc))
+                return error_record(item.path, "save-edges", one_line(exc))
         return result_record(item.path, item.image, outcome, self.backend.name, self.label_of)

@@ -12,7 +12,7 @@ import cpu_reference
 from gpu_pipeline.backends.base import Backend, StageResult
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Engine, _Decoded, batches, decode_stream
+from gpu_pipeline.engine import Engine, Decoded, batches, decode_stream
 
 
 class ListSink:
@@ -76,6 +76,15 @@ def test_failing_image_gets_compute_error_and_others_survive(tmp_path):
     assert all("histogram" in r for i, r in enumerate(sink.records) if i != 2)
 
 
+def test_failing_image_alone_in_its_batch_gets_an_error(tmp_path):
+    paths = write_pngs(tmp_path, [(6, 6)] * 3)
+    Image.fromarray(np.full((6, 6), 13, np.uint8)).save(paths[1])
+    sink = ListSink()
+    summary = Engine(ExplodingBackend(), batch_size=1, workers=1).run(paths, sink)
+    assert summary.ok == 2 and summary.failed == 1
+    assert sink.records[1]["stage"] == "compute"
+
+
 def test_decode_errors_keep_their_place(tmp_path):
     paths = write_pngs(tmp_path, [(5, 5)] * 3)
     paths[1].write_bytes(b"")  # zero-byte file
@@ -106,11 +115,11 @@ def test_prefetch_is_bounded(tmp_path):
 
 
 def _fake(shape):
-    return _Decoded(Path("x"), image=np.zeros(shape, np.uint8))
+    return Decoded(Path("x"), image=np.zeros(shape, np.uint8))
 
 
 def test_batches_respect_size_and_pixel_budget():
-    items = [_fake((10, 10))] * 5 + [_Decoded(Path("bad"), error={"stage": "decode"})] + [_fake((100, 100))]
+    items = [_fake((10, 10))] * 5 + [Decoded(Path("bad"), error={"stage": "decode"})] + [_fake((100, 100))]
     sizes = [len(b) for b in batches(iter(items), batch_size=2, batch_pixels=1000)]
     # 2 images, 2 images, then the fifth image with the error record, then the big one alone
     assert sizes == [2, 2, 2, 1]

@@ -1,0 +1,513 @@
+"""``gpu-pipeline verify``: run backends side by side and prove they give the reference's bytes.
+
+Every image is decoded once; each chunk of images goes to the reference (the ground truth) and
+then, in one call per chunk, to each backend under test. Per image and backend, five stages are
+compared exactly: histogram, equalized, edges, edge_count and label. A difference is reported
+with its first differing pixel (or histogram bin) and both values; a backend that raises on an
+image is an error for that image, and the run goes on. ``--against-opencv`` adds OpenCV, the
+contract's definition, as one more row compared with the reference.
+
+Exit status: 0 when every compared stage is identical, 1 on any difference, error or backend
+that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.io.UsageError`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gpu_pipeline import __version__
+from gpu_pipeline.backends import registry
+from gpu_pipeline.backends.base import Backend, StageResult, check_image
+from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine import Decoded, one_line, batches, decode_stream
+from gpu_pipeline.io import UsageError, discover
+
+GROUND_TRUTH = "reference"
+OPENCV = "opencv"
+STAGES = ("histogram", "equalized", "edges", "edge_count", "label")
+REPORT_SCHEMA = "gpu-pipeline-verify/1"
+#: Differences and errors printed on the console; the JSON report has all of them.
+MAX_PRINTED = 20
+#: Pixels per chunk. A chunk holds the images, the reference's outputs and one backend's outputs.
+CHUNK_PIXELS = 16 * 1024 * 1024
+#: cv2.calcHist counts in float32, exact only below 2**24.
+_FLOAT32_EXACT = 1 << 24
+
+
+class OpenCvOracle(Backend):
+    """The contract's OpenCV calls (docs/contract.md), image by image: the independent oracle."""
+
+    name = OPENCV
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import cv2  # noqa: F401
+        except Exception as exc:
+            return (f"OpenCV (cv2) cannot be imported ({one_line(exc)}); "
+                    "install it with: pip install opencv-python-headless")
+        return None
+
+    def process(self, images: Sequence[np.ndarray], config: PipelineConfig,
+                keep_images: bool = False) -> list[StageResult]:
+        import cv2
+
+        k = config.blur_ksize
+        results = []
+        for image in images:
+            check_image(image)
+            gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+            equalized = cv2.equalizeHist(gray)
+            blurred = cv2.GaussianBlur(equalized, (k, k), 0)
+            edges = cv2.Canny(blurred, config.low_threshold, config.high_threshold, apertureSize=3,
+                              L2gradient=config.l2_gradient)
+            results.append(StageResult(
+                histogram=_cv_histogram(gray), edge_count=int(cv2.countNonZero(edges)),
+                equalized=equalized if keep_images else None, edges=edges if keep_images else None,
+            ))
+        return results
+
+
+def _cv_histogram(gray: np.ndarray) -> np.ndarray:
+    """``cv2.calcHist`` as int64, summed over row slices small enough for its float32 counts."""
+    import cv2
+
+    rows = max(1, _FLOAT32_EXACT // gray.shape[1])
+    histogram = np.zeros(256, np.int64)
+    for top in range(0, gray.shape[0], rows):
+        piece = np.ascontiguousarray(gray[top:top + rows])
+        histogram += cv2.calcHist([piece], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return histogram
+
+
+# --- comparing one stage ------------------------------------------------------------------------
+
+
+@dataclass
+class Difference:
+    """One stage of one image where a backend's output is not the reference's.
+
+    ``kind`` says what differs: ``pixels`` (``first`` is ``{"row", "col"}``), ``bins`` (``first``
+    is ``{"bin"}``), ``value`` (edge_count, label), ``shape``, ``dtype``, ``missing`` (not
+    returned) or ``invalid`` (cannot be compared; ``actual`` holds the error). ``expected`` is the
+    reference's value, ``actual`` the backend's; ``count`` how many pixels or bins differ.
+    """
+
+    image: str
+    backend: str
+    stage: str
+    kind: str
+    expected: Any = None
+    actual: Any = None
+    first: dict | None = None
+    count: int | None = None
+
+    def describe(self) -> str:
+        """One line naming the stage, where it differs and both values."""
+        truth, other = f"{GROUND_TRUTH} {self.expected}", f"{self.backend} {self.actual}"
+        if self.kind == "pixels":
+            where = f"(row {self.first['row']}, col {self.first['col']})"
+            return f"{self.stage}: {_differ(self.count, 'pixel')}, first at {where}: {truth}, {other}"
+        if self.kind == "bins":
+            return f"{self.stage}: {_differ(self.count, 'bin')}, first bin {self.first['bin']}: {truth}, {other}"
+        if self.kind == "missing":
+            return f"{self.stage}: not returned by {self.backend} (asked for with keep_images=True)"
+        if self.kind == "invalid":
+            return f"{self.stage}: cannot be compared: {self.actual}"
+        if self.kind == "value":
+            return f"{self.stage}: {truth}, {other}"
+        return f"{self.stage}: {self.kind} {truth}, {other}"  # shape or dtype
+
+
+def _plural(n: int | None, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _differ(n: int, what: str) -> str:
+    return f"1 {what} differs" if n == 1 else f"{n} {what}s differ"
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _compare_arrays(expected: np.ndarray, actual: Any, kind: str) -> dict | None:
+    """None when identical, else the fields of a Difference (first differing element, C order)."""
+    if actual is None:
+        return {"kind": "missing"}
+    if not isinstance(actual, np.ndarray):
+        return {"kind": "invalid", "actual": f"a {type(actual).__name__}, not a NumPy array"}
+    if actual.shape != expected.shape:
+        return {"kind": "shape", "expected": list(expected.shape), "actual": list(actual.shape)}
+    if actual.dtype != expected.dtype:
+        return {"kind": "dtype", "expected": str(expected.dtype), "actual": str(actual.dtype)}
+    mismatch = expected != actual
+    if not mismatch.any():
+        return None
+    index = np.unravel_index(int(np.argmax(mismatch)), mismatch.shape)
+    first = {"row": int(index[0]), "col": int(index[1])} if kind == "pixels" else {"bin": int(index[0])}
+    return {"kind": kind, "first": first, "count": int(np.count_nonzero(mismatch)),
+            "expected": expected[index].item(), "actual": actual[index].item()}
+
+
+def _compare_values(expected: Any, actual: Any) -> dict | None:
+    """None when equal and of the same type (a NumPy integer counts as an int), else a Difference's fields."""
+    expected, actual = (int(v) if isinstance(v, np.integer) else v for v in (expected, actual))
+    if type(actual) is type(expected) and actual == expected:
+        return None
+    return {"kind": "value", "expected": expected,
+            "actual": actual if isinstance(actual, (int, str)) else repr(actual)}
+
+
+@dataclass
+class _Truth:
+    """The reference's outputs for one image, with the label they give."""
+
+    result: StageResult
+    label: str
+
+
+def compare_result(truth: _Truth, result: StageResult, image: np.ndarray,
+                   label_of: Callable[[Features], str]) -> dict[str, dict | None]:
+    """Per stage: None when the backend's output is identical, else the fields of a Difference."""
+    comparisons: dict[str, Callable[[], dict | None]] = {
+        "histogram": lambda: _compare_arrays(truth.result.histogram, result.histogram, "bins"),
+        "equalized": lambda: _compare_arrays(truth.result.equalized, result.equalized, "pixels"),
+        "edges": lambda: _compare_arrays(truth.result.edges, result.edges, "pixels"),
+        "edge_count": lambda: _compare_values(truth.result.edge_count, result.edge_count),
+        "label": lambda: _compare_values(truth.label, label_of(Features.from_result(result, image))),
+    }
+    outcome = {}
+    for stage, compare in comparisons.items():
+        try:
+            outcome[stage] = compare()
+        except Exception as exc:  # a malformed result must not stop the comparison of the others
+            outcome[stage] = {"kind": "invalid", "actual": one_line(exc)}
+    return outcome
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BackendTally:
+    """What happened to one backend (or the OpenCV oracle) during the run."""
+
+    name: str
+    role: str  # "backend" or "oracle"
+    status: str  # "compared", "unavailable" or "failed" (available but could not start)
+    reason: str | None = None
+    images: int = 0  # images compared, all stages
+    errors: int = 0  # images on which it raised
+    stages: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {stage: {"identical": 0, "differs": 0} for stage in STAGES})
+
+    @property
+    def differs(self) -> int:
+        return sum(counts["differs"] for counts in self.stages.values())
+
+
+@dataclass
+class VerifyReport:
+    """Everything ``verify`` found; ``to_json`` is the ``--report`` file (schema in docs/verify.md)."""
+
+    config: PipelineConfig
+    decode_options: DecodeOptions
+    backends: list[BackendTally]
+    found: int = 0
+    decoded: int = 0
+    compared: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    decode_errors: list[dict] = field(default_factory=list)
+
+    @property
+    def failed_backends(self) -> list[BackendTally]:
+        return [tally for tally in self.backends if tally.status == "failed"]
+
+    @property
+    def exit_status(self) -> int:
+        """1 on any difference, error or failed start; else 2 when nothing was compared; else 0."""
+        if self.differences or self.errors or self.failed_backends:
+            return 1
+        return 2 if self.compared == 0 else 0
+
+    def to_json(self) -> dict:
+        return {
+            "schema": REPORT_SCHEMA,
+            "gpu_pipeline_version": __version__,
+            "identical": self.exit_status == 0,
+            "exit_status": self.exit_status,
+            "ground_truth": GROUND_TRUTH,
+            "stages": list(STAGES),
+            "config": asdict(self.config),
+            "decode": {"bands": list(self.decode_options.bands) if self.decode_options.bands else None,
+                       "stretch": self.decode_options.stretch},
+            "images": {"found": self.found, "decoded": self.decoded, "compared": self.compared},
+            "backends": [asdict(tally) for tally in self.backends],
+            "differences": [asdict(difference) for difference in self.differences],
+            "errors": self.errors,
+            "decode_errors": self.decode_errors,
+        }
+
+
+# --- choosing what to compare -------------------------------------------------------------------
+
+
+def parse_backend_list(text: str | None) -> list[str] | None:
+    """``"numba, cuda"`` -> ``["numba", "cuda"]``; None means every registered backend."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise UsageError(f"--backends takes comma-separated backend names such as numba,cuda, got {text!r}")
+    known = registry.backend_names()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(f"unknown backend {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def plan_backends(requested: list[str] | None, against_opencv: bool) -> list[BackendTally]:
+    """The rows of the comparison: available backends to run, unavailable ones with their reason.
+
+    A backend named explicitly in ``requested`` must be able to run (else UsageError, exit 2);
+    from the default set (every registered backend) unavailable ones are listed, not run.
+    """
+    reason = registry.unavailable_reason(GROUND_TRUTH)
+    if reason is not None:
+        raise UsageError(f"the {GROUND_TRUTH} backend, the ground truth, cannot run: {reason}")
+    tallies = []
+    for name in requested if requested is not None else registry.backend_names():
+        if name == GROUND_TRUTH:
+            continue
+        reason = registry.unavailable_reason(name)
+        if reason is not None and requested is not None:
+            raise UsageError(f"backend {name!r} is unavailable here: {reason}")
+        tallies.append(BackendTally(name, "backend", "unavailable" if reason else "compared", reason))
+    if against_opencv:
+        reason = OpenCvOracle.unavailable_reason()
+        if reason is not None:
+            raise UsageError(f"--against-opencv: {reason}")
+        tallies.append(BackendTally(OPENCV, "oracle", "compared"))
+    if not any(tally.status == "compared" for tally in tallies):
+        unavailable = "; ".join(f"{t.name}: {t.reason}" for t in tallies)
+        raise UsageError("no available backend to compare with the reference"
+                         + (f" ({unavailable})" if unavailable else "")
+                         + "; name one with --backends or add --against-opencv")
+    return tallies
+
+
+def _start(tallies: list[BackendTally], threads: int | None) -> dict[str, Backend]:
+    """Instances of the backends to compare; one that fails to start is marked ``failed``."""
+    started = {}
+    for tally in tallies:
+        if tally.status != "compared":
+            continue
+        try:
+            started[tally.name] = OpenCvOracle() if tally.role == "oracle" else registry.create(
+                tally.name, threads=threads)
+        except Exception as exc:
+            tally.status, tally.reason = "failed", f"could not start: {one_line(exc)}"
+    return started
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verifier:
+    """Compares each chunk of decoded images, backend by backend, with the reference."""
+
+    reference: Backend
+    backends: dict[str, Backend]
+    config: PipelineConfig
+    report: VerifyReport
+    label_of: Callable[[Features], str] = default_label
+
+    def run_chunk(self, chunk: list[Decoded]) -> None:
+        for item in chunk:
+            if item.error is not None:
+                self.report.decode_errors.append(
+                    {"image": item.error["path"], "stage": item.error["stage"], "error": item.error["error"]})
+        decoded = [item for item in chunk if item.image is not None]
+        self.report.decoded += len(decoded)
+        truths = self._truths(decoded)
+        compared = [(item, truth) for item, truth in zip(decoded, truths) if truth is not None]
+        self.report.compared += len(compared)
+        if not compared:
+            return
+        images = [item.image for item, _ in compared]
+        tallies = {tally.name: tally for tally in self.report.backends}
+        for name, backend in self.backends.items():
+            for (item, truth), outcome in zip(compared, _outputs(backend, images, self.config)):
+                self._record(tallies[name], str(item.path), item.image, truth, outcome)
+
+    def _truths(self, decoded: list[Decoded]) -> list[_Truth | None]:
+        truths: list[_Truth | None] = []
+        for item, outcome in zip(decoded, _outputs(self.reference, [item.image for item in decoded],
+                                                   self.config)):
+            if isinstance(outcome, BaseException):
+                self.report.errors.append(
+                    {"image": str(item.path), "backend": GROUND_TRUTH, "error": one_line(outcome)})
+                truths.append(None)
+                continue
+            truths.append(_Truth(outcome, self.label_of(Features.from_result(outcome, item.image))))
+        return truths
+
+    def _record(self, tally: BackendTally, image_name: str, image: np.ndarray, truth: _Truth,
+                outcome: StageResult | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            tally.errors += 1
+            self.report.errors.append({"image": image_name, "backend": tally.name, "error": one_line(outcome)})
+            return
+        tally.images += 1
+        for stage, difference in compare_result(truth, outcome, image, self.label_of).items():
+            tally.stages[stage]["differs" if difference else "identical"] += 1
+            if difference:
+                self.report.differences.append(Difference(image_name, tally.name, stage, **difference))
+
+
+def _outputs(backend: Backend, images: list[np.ndarray], config: PipelineConfig
+             ) -> list[StageResult | BaseException]:
+    """One call for the whole chunk; if it raises, image by image, so only the culprits get the error."""
+    try:
+        outcomes = list(backend.process(images, config, keep_images=True))
+    except Exception as exc:
+        if len(images) == 1:
+            return [exc]
+        return [outcome for image in images for outcome in _outputs(backend, [image], config)]
+    if len(outcomes) != len(images):
+        return [RuntimeError(f"returned {len(outcomes)} results for {len(images)} images")] * len(images)
+    return outcomes
+
+
+def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv: bool,
+               config: PipelineConfig, decode_options: DecodeOptions, glob: str | None, threads: int | None,
+               batch_size: int, workers: int, report_path: Path | None,
+               progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Plan and run a verification, write the JSON report; the caller prints it and exits.
+
+    ``progress(n, total)`` is called after each chunk of ``n`` files.
+    """
+    tallies = plan_backends(requested, against_opencv)
+    files = discover(paths, glob=glob)
+    if not files:
+        raise UsageError("no image files found in " + ", ".join(map(str, paths))
+                         + (f" matching {glob!r}" if glob else ""))
+    if report_path is not None:
+        try:  # fail now rather than after a long run
+            report_path.open("w").close()
+        except OSError as exc:
+            raise UsageError(f"--report: cannot write {report_path}: {exc.strerror}") from None
+    report = VerifyReport(config, decode_options, tallies, found=len(files))
+    reference = registry.create(GROUND_TRUTH, threads=threads)
+    started = _start(tallies, threads)
+    try:
+        verifier = Verifier(reference, started, config, report)
+        for chunk in batches(decode_stream(files, decode_options, workers, prefetch=batch_size + 2 * workers),
+                             batch_size, CHUNK_PIXELS):
+            verifier.run_chunk(chunk)
+            if progress is not None:
+                progress(len(chunk), len(files))
+    finally:
+        for backend in [reference, *started.values()]:
+            backend.close()
+    if report_path is not None:
+        report_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+# --- printing -----------------------------------------------------------------------------------
+
+
+def _cell(counts: dict[str, int]) -> str:
+    if counts["differs"]:
+        return f"[red]{counts['differs']} differ"
+    return "[green]identical" if counts["identical"] else "[dim]-"
+
+
+def comparison_table(report: VerifyReport) -> Table:
+    """Backend x stage: identical, or on how many images a stage differs."""
+    config = report.config
+    table = Table(
+        title=f"{report.compared} images compared with the {GROUND_TRUTH} backend (ground truth)",
+        caption=f"Canny {config.low_threshold:g}/{config.high_threshold:g} {'L2' if config.l2_gradient else 'L1'}, "
+                f"blur {config.blur_ksize}"
+                + (f"; {OPENCV}: the contract's cv2 calls, an independent oracle"
+                   if any(t.role == "oracle" for t in report.backends) else ""),
+        box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False,
+    )
+    table.add_column("backend", overflow="fold")  # a long name wraps, the verdicts never do
+    for stage in STAGES:
+        table.add_column(stage, no_wrap=True, min_width=max(len(stage), len("identical")))
+    table.add_column("errors", justify="right", no_wrap=True, min_width=len("errors"))
+    for tally in report.backends:
+        if tally.status == "compared":
+            errors = f"[red]{tally.errors}" if tally.errors else "0"
+            table.add_row(tally.name, *(_cell(tally.stages[stage]) for stage in STAGES), errors)
+        else:
+            status = "[yellow]n/a" if tally.status == "unavailable" else "[red]failed"
+            table.add_row(f"[dim]{tally.name}", *[status] * len(STAGES), "")
+    return table
+
+
+def _problem_lines(report: VerifyReport) -> list[str]:
+    lines = [f"[red]error[/] {escape(e['image'])}  {e['backend']} raised {escape(e['error'])}" for e in report.errors]
+    lines += [f"[red]differs[/] {escape(d.image)}  {d.backend}  {escape(d.describe())}" for d in report.differences]
+    return lines
+
+
+def _printed_capped(console: Console, lines: list[str], what: str, report_path: Path | None) -> None:
+    for line in lines[:MAX_PRINTED]:
+        console.print(line)
+    if len(lines) > MAX_PRINTED:
+        where = f"all in {report_path}" if report_path else "--report FILE.json lists them all"
+        console.print(f"... and {len(lines) - MAX_PRINTED} more {what} ({where})")
+
+
+def _summary(report: VerifyReport) -> str:
+    compared = [t.name for t in report.backends if t.status == "compared"]
+    if report.exit_status == 2:
+        return f"[red bold]NOTHING COMPARED[/]: none of the {report.found} files could be decoded"
+    if report.exit_status == 0:
+        return (f"[green bold]IDENTICAL[/]: every stage ({', '.join(STAGES)}) of {_and(compared)} is identical "
+                f"to the {GROUND_TRUTH} on all {report.compared} images")
+    images = {d.image for d in report.differences} | {e["image"] for e in report.errors}
+    reference_errors = sum(e["backend"] == GROUND_TRUTH for e in report.errors)
+    per_backend = [f"{GROUND_TRUTH} ({_plural(reference_errors, 'error')})"] if reference_errors else []
+    for tally in report.backends:
+        parts = [_plural(tally.differs, "difference")] if tally.differs else []
+        parts += [_plural(tally.errors, "error")] if tally.errors else []
+        parts += ["failed to start"] if tally.status == "failed" else []
+        if parts:
+            per_backend.append(f"{tally.name} ({', '.join(parts)})")
+    return (f"[red bold]DIFFERENT[/]: {_plural(len(report.differences), 'difference')} and "
+            f"{_plural(len(report.errors), 'error')} on {len(images)} of {report.decoded} images: "
+            + "; ".join(per_backend))
+
+
+def print_report(console: Console, report: VerifyReport, report_path: Path | None) -> None:
+    """The table, the backends not verified and why, the first problems, decode errors, a summary."""
+    console.print(comparison_table(report))
+    for tally in report.backends:
+        if tally.status != "compared":
+            console.print(f"[yellow]not verified[/]: {tally.name}: {tally.status}: {escape(tally.reason or '')}")
+    _printed_capped(console, _problem_lines(report), "differences and errors", report_path)
+    decode_lines = [f"[yellow]skipped[/] {escape(e['image'])}: {e['stage']} error: {escape(e['error'])}"
+                    for e in report.decode_errors]
+    _printed_capped(console, decode_lines, "decode errors", report_path)
+    console.print(_summary(report))
+    if report_path is not None:
+        console.print(f"report: {report_path}")

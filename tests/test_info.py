@@ -1,0 +1,110 @@
+"""``gpu-pipeline info``: versions, backends with reasons, GPU, CPU threads and numba setup, for people and machines."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from gpu_pipeline import __version__, info
+from gpu_pipeline.backends import registry
+from gpu_pipeline.backends.reference import ReferenceBackend
+from gpu_pipeline.cli import app
+
+runner = CliRunner()
+
+
+class NeverAvailable(ReferenceBackend):
+    name = "never-available"
+    REASON = "needs hardware this machine lacks (test backend)"
+
+    @classmethod
+    def unavailable_reason(cls):
+        return cls.REASON
+
+
+@pytest.fixture
+def unavailable_backend():
+    registry.register(NeverAvailable.name, lambda: NeverAvailable, "test backend")
+    yield NeverAvailable
+    registry.unregister(NeverAvailable.name)
+
+
+def info_json() -> dict:
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_json_lists_versions_and_every_backend_with_its_reason(unavailable_backend):
+    found = info_json()
+    assert found["gpu_pipeline"] == __version__
+    assert found["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
+    assert set(info.PACKAGES) <= set(found["packages"])
+    for name in ("numpy", "numba", "pillow", "tifffile", "typer", "rich"):
+        assert found["packages"][name]["version"] == importlib.metadata.version(name)
+    assert [b["name"] for b in found["backends"]] == registry.backend_names()
+    for backend in found["backends"]:
+        reason = registry.unavailable_reason(backend["name"])
+        assert backend == {"name": backend["name"], "available": reason is None, "reason": reason}
+    assert {"name": NeverAvailable.name, "available": False, "reason": NeverAvailable.REASON} in found["backends"]
+
+
+def test_json_describes_cpu_numba_and_gpu():
+    import numba
+
+    found = info_json()
+    assert found["cpu"]["logical_cores"] == os.cpu_count()
+    assert 1 <= found["cpu"]["usable_cores"] <= os.cpu_count()
+    assert found["numba"]["threads"] == numba.get_num_threads()
+    assert found["numba"]["threading_layer"] == numba.threading_layer()
+    assert os.path.isdir(found["numba"]["cache_dir"])
+    gpu = found["gpu"]
+    assert (gpu["devices"] == []) == (gpu["reason"] is not None)
+
+
+def test_human_output_names_packages_backends_and_threads(unavailable_backend):
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.stdout.split())  # table cells may wrap
+    assert f"numpy {importlib.metadata.version('numpy')}" in words
+    for name in registry.backend_names():
+        assert name in result.stdout
+    assert f"unavailable: {NeverAvailable.REASON}" in words
+    assert "threading layer" in result.stdout and "numba cache:" in result.stdout
+    assert "GPU" in result.stdout
+
+
+def test_missing_packages_are_reported_not_installed(monkeypatch):
+    monkeypatch.setattr(info, "PACKAGES", {**info.PACKAGES, "nonesuch": ("nonesuch-dist-xyz",)})
+    assert info.package_versions()["nonesuch"] == {"distribution": None, "version": None}
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0 and "not installed" in result.stdout
+
+
+def test_numba_environment_settings_are_reported(tmp_path):
+    """A fresh process, since numba reads its environment once, at import."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_THREADING_LAYER": "workqueue",
+           "NUMBA_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "info", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    numba_info = json.loads(proc.stdout)["numba"]
+    assert numba_info == {"threads": 1, "threading_layer_requested": "workqueue", "threading_layer": "workqueue",
+                          "cache_dir": str(tmp_path / "cache"), "cache_dir_from_env": True}
+
+
+@pytest.mark.gpu
+def test_a_real_gpu_is_described():
+    gpu = info_json()["gpu"]
+    assert gpu["reason"] is None and gpu["devices"]
+    for device in gpu["devices"]:
+        assert device["name"] and device["memory_total_bytes"] >= device["memory_free_bytes"] > 0
+        major, _ = map(int, device["compute_capability"].split("."))
+        assert major >= 3 and device["multiprocessors"] > 0
+    assert gpu["driver_version"][0].isdigit()

@@ -1,0 +1,384 @@
+"""``gpu-pipeline verify``: identical backends pass, wrong ones are caught and named, usage errors exit 2.
+
+The wrong backends are registered by the tests themselves: the reference with one edge pixel
+flipped, one histogram bin off by one, an exception on gray images, and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+from typer.testing import CliRunner
+
+import cpu_reference
+from gpu_pipeline import verify
+from gpu_pipeline.backends import registry
+from gpu_pipeline.backends.reference import ReferenceBackend
+from gpu_pipeline.cli import app
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.io import decode_image, discover
+
+runner = CliRunner()
+
+FLIPPED_AT = (3, 5)
+WRONG_BIN = 17
+
+
+class SameAsReference(ReferenceBackend):
+    name = "same-as-reference"
+
+
+class FlippedEdgePixel(ReferenceBackend):
+    """The reference, with the edge pixel at FLIPPED_AT flipped (edge_count left as computed)."""
+
+    name = "flipped-edge"
+
+    def process(self, images, config, keep_images=False):
+        results = super().process(images, config, keep_images)
+        for result in results:
+            result.edges = result.edges.copy()
+            result.edges[FLIPPED_AT] ^= 255
+        return results
+
+
+class HistogramOffByOne(ReferenceBackend):
+    name = "histogram-off-by-one"
+
+    def process(self, images, config, keep_images=False):
+        results = super().process(images, config, keep_images)
+        for result in results:
+            result.histogram = result.histogram.copy()
+            result.histogram[WRONG_BIN] += 1
+        return results
+
+
+class RaisesOnGray(ReferenceBackend):
+    name = "raises-on-gray"
+
+    def process(self, images, config, keep_images=False):
+        if any(image.ndim == 2 for image in images):
+            raise RuntimeError("boom on a gray image")
+        return super().process(images, config, keep_images)
+
+
+class DropsLastResult(ReferenceBackend):
+    name = "drops-last-result"
+
+    def process(self, images, config, keep_images=False):
+        return super().process(images, config, keep_images)[:-1]
+
+
+class NeverAvailable(ReferenceBackend):
+    name = "never-available"
+    REASON = "needs hardware this machine lacks (test backend)"
+
+    @classmethod
+    def unavailable_reason(cls):
+        return cls.REASON
+
+
+class FailsToStart(ReferenceBackend):
+    name = "fails-to-start"
+
+    def __init__(self, threads=None):
+        raise MemoryError("cannot allocate the device buffers")
+
+
+class RecordsCalls(ReferenceBackend):
+    name = "records-calls"
+    calls: ClassVar[list[int]] = []
+
+    def process(self, images, config, keep_images=False):
+        RecordsCalls.calls.append(len(images))
+        return super().process(images, config, keep_images)
+
+
+@pytest.fixture
+def register():
+    """``register(*classes)`` makes test backends known for one test; they are removed afterwards."""
+    names = []
+
+    def add(*classes):
+        for cls in classes:
+            registry.register(cls.name, lambda cls=cls: cls, "test backend")
+            names.append(cls.name)
+
+    yield add
+    for name in names:
+        registry.unregister(name)
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """Two RGB images and two gray ones, noisy enough to have edges."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(folder / "a_rgb.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "b_gray.png")
+    Image.fromarray(rng.integers(0, 256, (9, 30, 3), dtype=np.uint8)).save(folder / "c_rgb.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (12, 7), dtype=np.uint8)).save(folder / "d_gray.png")
+    return folder
+
+
+def invoke(*args):
+    return runner.invoke(app, ["verify", *map(str, args)])
+
+
+def verify_with_report(tmp_path, *args):
+    report_path = tmp_path / "report.json"
+    result = invoke(*args, "--report", report_path)
+    return result, json.loads(report_path.read_text())
+
+
+def reference_stages(path: Path):
+    return cpu_reference.process_image(decode_image(path, DecodeOptions()), PipelineConfig())
+
+
+def tally(report: dict, name: str) -> dict:
+    return next(backend for backend in report["backends"] if backend["name"] == name)
+
+
+# --- everything identical ---------------------------------------------------------------------
+
+
+def test_default_set_on_bundled_data_is_identical_and_lists_every_backend(tmp_path, bundled_data_dir, register):
+    register(NeverAvailable)
+    result, report = verify_with_report(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "IDENTICAL" in result.stdout
+    images = len(discover([bundled_data_dir]))
+    assert report["images"] == {"found": images, "decoded": images, "compared": images}
+    for name in registry.backend_names():
+        assert name in result.stdout
+        reason = registry.unavailable_reason(name)
+        if name == verify.GROUND_TRUTH:
+            continue
+        entry = tally(report, name)
+        if reason is None:
+            assert entry["status"] == "compared" and entry["images"] == images
+            assert all(counts == {"identical": images, "differs": 0} for counts in entry["stages"].values())
+        else:  # listed with the reason, not silently skipped
+            assert entry["status"] == "unavailable" and entry["reason"] == reason
+            assert f"{name}: unavailable: {reason}" in result.stdout
+    assert NeverAvailable.REASON in result.stdout
+    assert report["identical"] is True and report["differences"] == [] and report["errors"] == []
+
+
+def test_against_opencv_is_identical(image_dir, tmp_path, bundled_data_dir):
+    pytest.importorskip("cv2")
+    result, report = verify_with_report(tmp_path, image_dir, bundled_data_dir, "--backends", "reference",
+                                        "--against-opencv", "--l2", "--blur", "3", "--low", "40", "--high", "90")
+    assert result.exit_code == 0, result.output
+    assert [(b["name"], b["role"], b["status"]) for b in report["backends"]] == [("opencv", "oracle", "compared")]
+    assert tally(report, "opencv")["images"] == report["images"]["compared"] > 60
+    assert report["config"] == {"low_threshold": 40.0, "high_threshold": 90.0, "l2_gradient": True,
+                                "blur_ksize": 3}
+
+
+def test_backend_calls_are_batched_in_bounded_chunks(image_dir, register):
+    register(RecordsCalls)
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(image_dir / f"e{i}.png")
+    RecordsCalls.calls = []
+    result = invoke(image_dir, "--backends", "records-calls", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert RecordsCalls.calls == [4, 4, 2]
+
+
+# --- differences are caught and named -----------------------------------------------------------
+
+
+def test_a_flipped_edge_pixel_is_named_with_both_values(image_dir, tmp_path, monkeypatch, register):
+    register(FlippedEdgePixel, SameAsReference)
+    monkeypatch.setattr(verify, "MAX_PRINTED", 3)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "flipped-edge,same-as-reference")
+    assert result.exit_code == 1, result.output
+    assert "DIFFERENT" in result.stdout
+    files = discover([image_dir])
+    edges = [d for d in report["differences"] if d["stage"] == "edges"]
+    assert [d["image"] for d in edges] == [str(path) for path in files]
+    for difference, path in zip(edges, files):
+        expected = int(reference_stages(path).edges[FLIPPED_AT])
+        assert difference == {
+            "image": str(path), "backend": "flipped-edge", "stage": "edges", "kind": "pixels",
+            "first": {"row": FLIPPED_AT[0], "col": FLIPPED_AT[1]}, "count": 1,
+            "expected": expected, "actual": 255 - expected,
+        }
+    stages = tally(report, "flipped-edge")["stages"]
+    assert stages["edges"] == {"identical": 0, "differs": len(files)}
+    for stage in ("histogram", "equalized", "edge_count"):  # the backend keeps the true count
+        assert stages[stage] == {"identical": len(files), "differs": 0}
+    assert len(report["differences"]) == len(files) + stages["label"]["differs"]
+    assert tally(report, "same-as-reference")["stages"]["edges"] == {"identical": len(files), "differs": 0}
+    # the console shows the first few, names image, backend, stage, pixel and both values
+    first = edges[0]
+    assert (f"{first['image']}  flipped-edge  edges: 1 pixel differs, first at (row 3, col 5): "
+            f"reference {first['expected']}, flipped-edge {first['actual']}") in result.stdout
+    hidden = len(report["differences"]) - 3
+    assert f"... and {hidden} more differences and errors" in result.stdout
+
+
+def test_a_histogram_bin_off_by_one_is_named(image_dir, tmp_path, register):
+    register(HistogramOffByOne)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "histogram-off-by-one")
+    assert result.exit_code == 1, result.output
+    histograms = [d for d in report["differences"] if d["stage"] == "histogram"]
+    assert len(histograms) == len(discover([image_dir]))
+    for difference in histograms:
+        expected = int(reference_stages(Path(difference["image"])).histogram[WRONG_BIN])
+        assert (difference["kind"], difference["first"], difference["count"]) == ("bins", {"bin": WRONG_BIN}, 1)
+        assert (difference["expected"], difference["actual"]) == (expected, expected + 1)
+    assert f"first bin {WRONG_BIN}" in result.stdout
+
+
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_a_backend_that_raises_is_an_error_for_those_images_and_the_run_goes_on(image_dir, tmp_path, register,
+                                                                               batch_size):
+    register(RaisesOnGray)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "raises-on-gray",
+                                        "--batch-size", batch_size)
+    assert result.exit_code == 1, result.output
+    gray = sorted(str(p) for p in discover([image_dir]) if "gray" in p.name)
+    assert sorted(e["image"] for e in report["errors"]) == gray
+    assert {(e["backend"], e["error"]) for e in report["errors"]} == {
+        ("raises-on-gray", "RuntimeError: boom on a gray image")}
+    entry = tally(report, "raises-on-gray")
+    assert (entry["errors"], entry["images"]) == (2, 2)  # the RGB images were still compared
+    assert report["differences"] == []
+    assert "raised RuntimeError: boom on a gray image" in result.stdout
+
+
+def test_a_wrong_number_of_results_is_an_error(image_dir, tmp_path, register):
+    register(DropsLastResult)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "drops-last-result")
+    assert result.exit_code == 1, result.output
+    assert len(report["errors"]) == len(discover([image_dir]))
+    assert "returned 3 results for 4 images" in report["errors"][0]["error"]
+
+
+def test_a_backend_that_fails_to_start_fails_the_run(image_dir, tmp_path, register):
+    register(FailsToStart, SameAsReference)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "fails-to-start,same-as-reference")
+    assert result.exit_code == 1, result.output
+    entry = tally(report, "fails-to-start")
+    assert entry["status"] == "failed" and "MemoryError: cannot allocate the device buffers" in entry["reason"]
+    assert tally(report, "same-as-reference")["status"] == "compared"
+
+
+def test_decode_errors_are_listed_not_counted(image_dir, tmp_path, register):
+    register(SameAsReference)
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "same-as-reference")
+    assert result.exit_code == 0, result.output
+    assert [e["image"] for e in report["decode_errors"]] == [str(image_dir / "broken.png")]
+    assert report["images"] == {"found": 5, "decoded": 4, "compared": 4}
+    assert "skipped" in result.stdout and "broken.png" in result.stdout
+
+
+# --- usage errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "nonesuch"], "unknown backend 'nonesuch'; known: reference"),
+    (["--backends", "numba,,cuda"], "comma-separated backend names"),
+    (["--backends", "never-available"], f"'never-available' is unavailable here: {NeverAvailable.REASON}"),
+    (["--backends", "reference"], "no available backend to compare"),
+    (["--blur", "4"], "blur size must be one of"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_usage_errors_exit_2(image_dir, args, message, register):
+    register(NeverAvailable)
+    result = invoke(image_dir, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_missing_path_exits_2(tmp_path, register):
+    register(SameAsReference)
+    result = invoke(tmp_path / "nowhere", "--backends", "same-as-reference")
+    assert result.exit_code == 2 and "no such file or folder" in result.stderr
+
+
+def test_report_in_a_missing_folder_exits_2(image_dir, tmp_path, register):
+    register(SameAsReference)
+    result = invoke(image_dir, "--backends", "same-as-reference", "--report", tmp_path / "no" / "r.json")
+    assert result.exit_code == 2 and "--report: cannot write" in result.stderr
+
+
+def test_nothing_decodable_exits_2(tmp_path, register):
+    register(SameAsReference)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = invoke(tmp_path / "broken.png", "--backends", "same-as-reference")
+    assert result.exit_code == 2 and "nothing was compared" in result.stderr
+
+
+def test_against_opencv_without_cv2_says_how_to_get_it(image_dir, monkeypatch, register):
+    register(SameAsReference)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` raise ImportError
+    result = invoke(image_dir, "--backends", "same-as-reference", "--against-opencv")
+    assert result.exit_code == 2, result.output
+    assert "OpenCV (cv2) cannot be imported" in result.stderr and "pip install" in result.stderr
+
+
+# --- the comparison itself ----------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    expected=hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=20)),
+    data=st.data(),
+)
+def test_first_difference_is_the_first_in_row_major_order(expected, data):
+    h, w = expected.shape
+    changed = data.draw(st.sets(st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)), max_size=8))
+    actual = expected.copy()
+    for position in changed:
+        actual[position] ^= data.draw(st.integers(1, 255))
+    found = verify._compare_arrays(expected, actual, "pixels")
+    if not changed:
+        assert found is None
+        return
+    row, col = min(changed)
+    assert found == {"kind": "pixels", "first": {"row": row, "col": col}, "count": len(changed),
+                     "expected": int(expected[row, col]), "actual": int(actual[row, col])}
+
+
+@pytest.mark.parametrize("actual, kind", [
+    (None, "missing"),
+    (np.zeros((4, 5), np.uint8), "shape"),
+    (np.zeros((5, 4), np.int16), "dtype"),
+    ([[0] * 4] * 5, "invalid"),
+])
+def test_malformed_outputs_are_differences(actual, kind):
+    assert verify._compare_arrays(np.zeros((5, 4), np.uint8), actual, "pixels")["kind"] == kind
+
+
+@pytest.mark.parametrize("expected, actual, identical", [
+    (7, 7, True), (7, np.int64(7), True), (7, 8, False), (7, 7.0, False), (7, True, False),
+    ("busy", "busy", True), ("busy", "textured", False),
+])
+def test_values_must_be_equal_and_of_the_same_kind(expected, actual, identical):
+    assert (verify._compare_values(expected, actual) is None) == identical
+
+
+@pytest.mark.parametrize("fields, line", [
+    ({"stage": "edge_count", "kind": "value", "expected": 521, "actual": 516},
+     "edge_count: reference 521, numba 516"),
+    ({"stage": "edges", "kind": "shape", "expected": [64, 64], "actual": [64, 63]},
+     "edges: shape reference [64, 64], numba [64, 63]"),
+    ({"stage": "equalized", "kind": "missing"}, "equalized: not returned by numba"),
+    ({"stage": "label", "kind": "invalid", "actual": "ValueError: bad histogram"},
+     "label: cannot be compared: ValueError: bad histogram"),
+])
+def test_each_kind_of_difference_reads_as_one_line(fields, line):
+    assert verify.Difference(image="x.png", backend="numba", **fields).describe().startswith(line)
