@@ -37,6 +37,16 @@ class RunSummary:
     failures_by_stage: Counter = field(default_factory=Counter)
     interrupted: bool = False
 
+    def add(self, record: dict) -> None:
+        """Count one record, a result or an error."""
+        if "error" in record:
+            self.failed += 1
+            self.failures_by_stage[record["stage"]] += 1
+        else:
+            self.ok += 1
+            self.pixels += record["width"] * record["height"]
+            self.labels[record["label"]] += 1
+
     @property
     def total(self) -> int:
         return self.ok + self.failed
@@ -193,13 +203,7 @@ class Engine:
             record = item.error
             if record is None:
                 record = self._record_for(item, outcome_of[id(item)])
-            if "error" in record:
-                summary.failed += 1
-                summary.failures_by_stage[record["stage"]] += 1
-            else:
-                summary.ok += 1
-                summary.pixels += record["width"] * record["height"]
-                summary.labels[record["label"]] += 1
+            summary.add(record)
             records.append(record)
         return records
 
