@@ -1,16 +1,27 @@
 """From a backend's integer outputs to a label, on the host, so labels are identical on every backend.
 
+Features are integers first: the gray histogram and the edge count that every backend computes
+byte-identically, the pixel count, and per-band sums of the decoded image (the same bytes for every
+backend, so identical by construction). :func:`feature_vector` is the one function that turns them
+into floats; a label is a function of that vector, so it is the same on every path.
+
 The default rule is honest about what it measures: how much edge structure a tile has (edge density,
 the fraction of edge pixels) and, for smooth tiles, whether they are dark or bright
 (mean gray level of the histogram, before equalization). It is not land cover; trainable land-cover labels come from
-``gpu-pipeline fit``.
+``gpu-pipeline fit`` (:mod:`gpu_pipeline.model`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from gpu_pipeline.config import PipelineConfig
 
 #: Edge-density bands of the default rule (fraction of pixels that are edges). Equalization
 #: stretches every tile to full contrast, so even calm water shows some edges: on the EuroSAT tiles
@@ -24,19 +35,33 @@ BRIGHT_FROM = 208
 
 DEFAULT_LABELS = ("dark-smooth", "bright-smooth", "smooth", "textured", "busy")
 
+#: What :func:`feature_vector` returns, in order. Means and standard deviations are of the decoded
+#: 8-bit bands (0-255); a gray image counts as three equal bands.
+FEATURE_NAMES = ("edge_density", "gray_entropy", "red_mean", "green_mean", "blue_mean",
+                 "red_std", "green_std", "blue_std")
 
-@dataclass(frozen=True)
+_LEVELS = np.arange(256, dtype=np.int64)
+#: Band sums run over blocks of about this many pixels, so the uint16 squares stay small.
+_BLOCK_PIXELS = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
 class Features:
-    """Integer outputs of the pipeline, the same bytes on every backend."""
+    """Integer outputs of the pipeline, the same bytes on every backend.
+
+    ``band_sums`` and ``band_square_sums`` are computed from ``image`` on first use only: the
+    default rule does not need them, so runs without a model do not pay for them.
+    """
 
     histogram: np.ndarray  # int64[256] of the gray image
     edge_count: int
     pixels: int
+    image: np.ndarray | None = field(default=None, repr=False)  # the decoded uint8 image
 
     @classmethod
     def from_result(cls, result, image: np.ndarray) -> "Features":
         """Features of one image from its backend result (a StageResult) and its decoded pixels."""
-        return cls(result.histogram, int(result.edge_count), image.shape[0] * image.shape[1])
+        return cls(result.histogram, int(result.edge_count), image.shape[0] * image.shape[1], image)
 
     @property
     def edge_density(self) -> float:
@@ -45,6 +70,51 @@ class Features:
     @property
     def mean_gray(self) -> float:
         return float(np.dot(self.histogram, np.arange(256))) / self.pixels
+
+    @property
+    def band_sums(self) -> np.ndarray:
+        """int64[3]: the sum of each band (R, G, B) over all pixels."""
+        return self._band_moments[0]
+
+    @property
+    def band_square_sums(self) -> np.ndarray:
+        """int64[3]: the sum of the squared values of each band."""
+        return self._band_moments[1]
+
+    @cached_property
+    def _band_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        return _band_moments(self.image, self.histogram)
+
+
+def _band_moments(image: np.ndarray | None, histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-band sums and sums of squares (int64; no overflow below 10**14 pixels)."""
+    if image is None:
+        raise ValueError("colour features need the decoded image: build Features with from_result")
+    if image.ndim == 2:  # gray: every band is the gray image, whose histogram we already have
+        return np.full(3, histogram @ _LEVELS), np.full(3, histogram @ (_LEVELS * _LEVELS))
+    sums = np.zeros(3, np.int64)
+    square_sums = np.zeros(3, np.int64)
+    rows = max(1, _BLOCK_PIXELS // image.shape[1])
+    for top in range(0, image.shape[0], rows):
+        block = image[top:top + rows]
+        # Reducing over rows first keeps numpy's inner loop contiguous (much faster than (N, 3) sums).
+        sums += block.sum(axis=0, dtype=np.int64).sum(axis=0)
+        square_sums += np.square(block, dtype=np.uint16).sum(axis=0, dtype=np.int64).sum(axis=0)
+    return sums, square_sums
+
+
+def feature_vector(features: Features) -> np.ndarray:
+    """The model's float features (:data:`FEATURE_NAMES`), from the integer ones, on the host."""
+    pixels = features.pixels
+    counts = features.histogram[features.histogram > 0]
+    shares = counts / pixels
+    entropy = -float(np.sum(shares * np.log2(shares)))
+    sums = [int(v) for v in features.band_sums]
+    square_sums = [int(v) for v in features.band_square_sums]
+    means = [s / pixels for s in sums]
+    # pixels * sum(x^2) - sum(x)^2 is pixels^2 * variance, exact in Python integers.
+    stds = [math.sqrt(pixels * q - s * s) / pixels for s, q in zip(sums, square_sums)]
+    return np.array([features.edge_density, entropy, *means, *stds], dtype=np.float64)
 
 
 def default_label(features: Features) -> str:
@@ -60,3 +130,21 @@ def default_label(features: Features) -> str:
     if mean >= BRIGHT_FROM:
         return "bright-smooth"
     return "smooth"
+
+
+def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Callable[[Features], str]:
+    """The labeller of a run: the default rule without a model, else the model's ``label``.
+
+    ``model`` is a model file or the name of a shipped model (``eurosat``). With ``config``, the
+    run's pipeline settings are checked against those the model was fitted with (its edge features
+    depend on them). Raises :class:`gpu_pipeline.model.ModelError` (a ``UsageError``) when the model
+    cannot be used.
+    """
+    if model is None:
+        return default_label
+    from gpu_pipeline.model import load_model  # the model module imports this one
+
+    label_model = load_model(model)
+    if config is not None:
+        label_model.check_config(config)
+    return label_model.label

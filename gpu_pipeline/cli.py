@@ -95,6 +95,9 @@ def run(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per backend call."),
     save_edges: Optional[Path] = typer.Option(None, "--save-edges",
                                               help="Also write each edge map as a PNG under this folder."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Label with a model from `gpu-pipeline fit` (or the shipped one: eurosat) instead of the default rule."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Process images: one JSON record per image (a result or an error).
@@ -118,7 +121,7 @@ def run(
             out=out, backend_name=backend, config=config, decode_options=decode_options, glob=glob,
             workers=workers or os.cpu_count() or 2, threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
-            retry_failed=retry_failed,
+            retry_failed=retry_failed, model=model,
         )
     except UsageError as exc:
         fail_usage(str(exc))
@@ -126,8 +129,10 @@ def run(
 
 
 from gpu_pipeline.diag_cli import register as register_diagnostics  # noqa: E402
+from gpu_pipeline.labels_cli import register as register_label_commands  # noqa: E402
 
 register_diagnostics(app)
+register_label_commands(app)
 
 
 def main() -> None:

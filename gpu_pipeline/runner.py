@@ -6,6 +6,7 @@ and raised as ``UsageError`` (exit 2).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from gpu_pipeline.backends import BackendUnavailable, create
+from gpu_pipeline.classify import label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary
 from gpu_pipeline.io import UsageError, discover
@@ -79,6 +81,15 @@ def print_summary(console: Console, summary: RunSummary, backend: str, out: str)
     console.print(f"results: {out if out == '-' else os.path.abspath(out)}")
 
 
+def model_identity(model: str | None) -> str | None:
+    """The label model as settings see it: the SHA-256 of its file (labels depend on its content)."""
+    if model is None:
+        return None
+    from gpu_pipeline.model import resolve_model_path
+
+    return "sha256:" + hashlib.sha256(resolve_model_path(model).read_bytes()).hexdigest()
+
+
 def settings_path(out: str) -> Path:
     return Path(out + ".settings.json")
 
@@ -133,7 +144,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
 def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineConfig,
             decode_options: DecodeOptions, glob: str | None, workers: int, threads: int | None,
             batch_size: int, save_edges: Path | None, quiet: bool, output_format: str | None = None,
-            overwrite: bool = False, retry_failed: bool = False) -> int:
+            overwrite: bool = False, retry_failed: bool = False, model: str | None = None) -> int:
     """Run the whole job; returns the exit status (0 all ok, 1 some failed, 130/143 on a signal).
 
     Paths are recorded absolute, so a rerun from another folder still resumes.
@@ -144,11 +155,13 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
     if not files:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in paths)
                          + (f" matching {glob!r}" if glob else ""))
+    label_of = label_function(model, config)
+    settings = {"pipeline": asdict(config), "decode": asdict(decode_options), "model": model_identity(model)}
     backend = open_backend(backend_name, threads)
     try:
         sink = open_sink(out, output_format, resume=not overwrite, retry_failed=retry_failed)
         resuming = bool(sink.existing.succeeded or sink.existing.failed)
-        check_settings(out, {"pipeline": asdict(config), "decode": asdict(decode_options)}, resuming)
+        check_settings(out, settings, resuming)
     except (SinkError, UsageError) as exc:
         backend.close()
         raise UsageError(str(exc)) from None
@@ -157,7 +170,8 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
     todo = [path for path in files if str(path) not in done]
     earlier_failures = sum(str(path) in sink.existing.failed for path in files)
     engine = Engine(backend=backend, config=config, decode_options=decode_options, batch_size=batch_size,
-                    workers=workers, on_edges=edge_saver(save_edges, files) if save_edges else None)
+                    workers=workers, label_of=label_of,
+                    on_edges=edge_saver(save_edges, files) if save_edges else None)
     console = Console(stderr=True, soft_wrap=True)
     if not quiet and done:
         console.print(f"resuming {out}: {len(files) - len(todo)} of {len(files)} images already recorded"

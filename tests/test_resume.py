@@ -127,6 +127,13 @@ def test_resume_with_other_settings_is_refused(tiles, tmp_path):
     assert "other settings" in result.stderr and "pipeline" in result.stderr
 
 
+def test_resume_with_another_label_model_is_refused(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    result = run(str(tiles[0].parent), "--out", str(out), "--model", "eurosat")
+    assert result.exit_code == 2 and "model" in result.stderr
+
+
 def test_csv_and_jsonl_hold_the_same_records(tiles, clean_records, tmp_path):
     folder = tiles[0].parent
     (folder / "broken.png").write_bytes(b"not a png")
