@@ -1,0 +1,570 @@
+"""The ``cupy`` backend: the pipeline contract as CUDA C++ kernels (``cupy_pipeline.cu``) run by CuPy.
+
+How a call runs (docs/backends.md, section "cupy"):
+
+* Images are grouped by shape and cut into sub-batches that fit the free device memory; every kernel
+  launch covers a whole sub-batch (``blockIdx.z`` is the image).
+* Two slots, each with its own stream, device arena and pinned host arena, take turns: while the GPU
+  works on one sub-batch the host packs the next into the other slot's pinned memory and queues its
+  copies and kernels on the other stream, so copies overlap compute. Arenas are kept across
+  sub-batches and calls and only grow.
+* Hysteresis runs as rounds of launches on the device with a changed flag per launch; the host reads
+  the flags with the results, so a sub-batch costs one host synchronisation unless it needed more than
+  one round.
+* Out of device memory: everything is released and the sub-batches are halved; a single image that
+  still does not fit raises :class:`GpuOutOfMemory`.
+
+The host logic (thresholds, layouts, sub-batch plans, launch grids) is pure functions and every device
+call goes through the small :class:`CupyDevice` interface, so tests run the whole backend, kernels
+included, on the CPU with a fake device (tests/test_cupy_gpu.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpu_pipeline.backends.base import (
+    Backend,
+    BackendUnavailable,
+    StageResult,
+    check_image,
+    group_by_shape,
+)
+from gpu_pipeline.config import PipelineConfig
+
+KERNEL_SOURCE = Path(__file__).with_name("cupy_pipeline.cu")
+#: Side of the output tiles of the fused blur/Sobel/NMS kernel and of the hysteresis kernel.
+TILE_SIDE = 32
+#: NVRTC options. No fast-math: the equalize LUT must round exactly as OpenCV's float32 code.
+NVRTC_OPTIONS = ("--std=c++17", f"-DTILE_SIDE={TILE_SIDE}")
+KERNEL_NAMES = (
+    "gray_histogram", "equalize_lut", "blur_sobel_nms_k3", "blur_sobel_nms_k5", "blur_sobel_nms_k7",
+    "hysteresis", "finalize_edges",
+)
+
+HYSTERESIS_LAUNCHES_PER_ROUND = 8
+MAX_IMAGES_PER_LAUNCH = 65535  # gridDim.z
+MAX_GRID_Y = 65535  # taller images: the blur kernel's blocks loop over tile rows
+MAX_PIXELS = 2**30  # the kernels index the pixels of one image with int
+SECTION_ALIGNMENT = 256
+ARENA_GRANULE = 2 * 2**20  # arenas grow in steps of this, so nearby sizes reuse them
+SUB_BATCH_TARGET_BYTES = 256 * 2**20  # large enough to fill the GPU, small enough to overlap copies
+MEMORY_FRACTION = 0.8  # of the free device memory, for both slots together
+SLOTS = 2
+
+FLAT_BLOCK = (256, 1, 1)
+TILE_BLOCK = (32, 8, 1)
+PIXELS_PER_THREAD = 16  # flat kernels: enough work per block to amortise its shared histogram
+MAX_BLOCKS_PER_IMAGE = 1024
+HYSTERESIS_BLOCKS_PER_SM = 8
+
+
+class GpuOutOfMemory(MemoryError):
+    """The GPU (or pinned host memory) cannot hold even the smallest possible sub-batch."""
+
+
+# --- pure host logic --------------------------------------------------------------------------------
+
+
+def canny_thresholds(low: float, high: float, l2_gradient: bool) -> tuple[int, int]:
+    """The int32 thresholds of ``cv2.Canny`` (docs/contract.md, "Thresholds").
+
+    Swapped when ``low > high``; with L2 each is capped at 32767 and squared when positive; then
+    floored, and a floor outside the int32 range becomes -2**31 as in OpenCV's conversion.
+    """
+    if low > high:
+        low, high = high, low
+
+    def to_int32(threshold: float) -> int:
+        if l2_gradient:
+            threshold = min(32767.0, threshold)
+            if threshold > 0:
+                threshold *= threshold
+        floored = math.floor(threshold)
+        return floored if -(2**31) <= floored < 2**31 else -(2**31)
+
+    return to_int32(low), to_int32(high)
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """What the kernels need from a PipelineConfig."""
+
+    blur_ksize: int
+    low: int
+    high: int
+    l2_gradient: bool
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> KernelSettings:
+        low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
+        return cls(config.blur_ksize, low, high, config.l2_gradient)
+
+
+@dataclass(frozen=True)
+class Section:
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+def _pack(sizes: list[tuple[str, int]]) -> tuple[dict[str, Section], int]:
+    """Sections laid out in order, each aligned; the total size."""
+    sections, offset = {}, 0
+    for name, nbytes in sizes:
+        offset = -(-offset // SECTION_ALIGNMENT) * SECTION_ALIGNMENT
+        sections[name] = Section(offset, nbytes)
+        offset += nbytes
+    return sections, offset
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the arrays of a sub-batch of ``count`` same-shape images live.
+
+    Device arena: input images, gray planes (RGB input only: a gray input is its own gray plane),
+    Canny state planes, equalized and edge planes (only when images are kept), LUTs, then the
+    results: histograms (uint32[count, 256]) directly followed by the counters (edge counts
+    uint32[count], then one changed flag int32 per hysteresis launch). Host (pinned) arena: input,
+    results in the same order, equalized, edges. Results are one copy each way.
+    """
+
+    count: int
+    height: int
+    width: int
+    channels: int
+    keep_images: bool
+    device: dict[str, Section]
+    host: dict[str, Section]
+
+    @classmethod
+    def plan(cls, count: int, shape: tuple[int, ...], keep_images: bool) -> BatchLayout:
+        height, width = shape[:2]
+        channels = shape[2] if len(shape) == 3 else 1
+        plane = height * width
+        kept = plane * count if keep_images else 0
+        results = [("histograms", 256 * 4 * count), ("counters", 4 * count + 4 * HYSTERESIS_LAUNCHES_PER_ROUND)]
+        device, _ = _pack([
+            ("input", plane * channels * count), ("gray", plane * count if channels == 3 else 0),
+            ("states", plane * count), ("equalized", kept), ("edges", kept), ("luts", 256 * count), *results,
+        ])
+        host, _ = _pack([("input", plane * channels * count), *results, ("equalized", kept), ("edges", kept)])
+        return cls(count, height, width, channels, keep_images, device, host)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def device_bytes(self) -> int:
+        return max(section.end for section in self.device.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return max(section.end for section in self.host.values())
+
+    @staticmethod
+    def results_span(sections: dict[str, Section]) -> Section:
+        """Histograms and counters, adjacent: histogram rows are a multiple of the alignment."""
+        return Section(sections["histograms"].offset, sections["counters"].end - sections["histograms"].offset)
+
+    def gray_section(self) -> Section:
+        return self.device["gray" if self.channels == 3 else "input"]
+
+    # Views of the pinned host arena.
+    def host_view(self, arena: np.ndarray, name: str) -> np.ndarray:
+        section = self.host[name]
+        return arena[section.offset:section.end]
+
+    def inputs(self, arena: np.ndarray) -> np.ndarray:
+        shape = (self.count, self.height, self.width) + ((3,) if self.channels == 3 else ())
+        return self.host_view(arena, "input").reshape(shape)
+
+    def histograms(self, arena: np.ndarray) -> np.ndarray:
+        return self.host_view(arena, "histograms").view(np.uint32).reshape(self.count, 256)
+
+    def edge_counts(self, arena: np.ndarray) -> np.ndarray:
+        return self.host_view(arena, "counters")[: 4 * self.count].view(np.uint32)
+
+    def changed_flags(self, arena: np.ndarray) -> np.ndarray:
+        return self.host_view(arena, "counters")[4 * self.count:].view(np.int32)
+
+    def planes(self, arena: np.ndarray, name: str) -> np.ndarray:
+        return self.host_view(arena, name).reshape(self.count, self.height, self.width)
+
+
+def device_bytes_per_image(shape: tuple[int, ...], keep_images: bool) -> int:
+    """Device bytes one more image adds to a sub-batch of ``shape`` (alignment aside)."""
+    layout = BatchLayout.plan(1, shape, keep_images)
+    return sum(section.nbytes for section in layout.device.values()) - 4 * HYSTERESIS_LAUNCHES_PER_ROUND
+
+
+#: Device bytes of a sub-batch beyond its per-image bytes: the flags and the alignment padding.
+LAYOUT_OVERHEAD_BYTES = 4 * HYSTERESIS_LAUNCHES_PER_ROUND + 8 * SECTION_ALIGNMENT
+
+
+def max_images_per_batch(shape: tuple[int, ...], keep_images: bool, budget_bytes: int) -> int:
+    """The most images of ``shape`` whose sub-batch fits ``budget_bytes``; at least 1 (try, then fail clearly)."""
+    fitting = (budget_bytes - LAYOUT_OVERHEAD_BYTES) // device_bytes_per_image(shape, keep_images)
+    return int(min(MAX_IMAGES_PER_LAUNCH, max(1, fitting)))
+
+
+def split_evenly(indices: Sequence[int], max_size: int) -> list[list[int]]:
+    """``indices`` cut into the fewest runs of at most ``max_size``, of sizes differing by at most one."""
+    parts = -(-len(indices) // max_size)
+    if parts == 0:
+        return []
+    bounds = [len(indices) * k // parts for k in range(parts + 1)]
+    return [list(indices[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def plan_sub_batches(
+    images: Sequence[np.ndarray], indices: Sequence[int], budget_bytes: int, keep_images: bool
+) -> list[list[int]]:
+    """Sub-batches of the images at ``indices``: one shape each, shapes in first-seen order, each within budget."""
+    indices = list(indices)
+    plan = []
+    for shape, positions in group_by_shape([images[i] for i in indices]).items():
+        members = [indices[p] for p in positions]
+        plan += split_evenly(members, max_images_per_batch(shape, keep_images, budget_bytes))
+    return plan
+
+
+def sub_batch_budget(free_bytes: int, held_bytes: int) -> int:
+    """Device bytes for one slot's sub-batch: a share of the memory free or already held by the slots."""
+    return min(SUB_BATCH_TARGET_BYTES, int((free_bytes + held_bytes) * MEMORY_FRACTION) // SLOTS)
+
+
+def grown_capacity(current: int, needed: int) -> int:
+    """Arena size for ``needed`` bytes: the current one when it fits, else ``needed`` rounded up."""
+    if needed <= current:
+        return current
+    return -(-needed // ARENA_GRANULE) * ARENA_GRANULE
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``args`` are NumPy scalars (uint64 addresses, int32 / int64 values)."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple
+
+
+def _address(base: int, section: Section) -> np.uint64:
+    """The device address of ``section``; NULL for an absent (empty) one."""
+    return np.uint64(base + section.offset if section.nbytes else 0)
+
+
+def _flat_grid(layout: BatchLayout) -> tuple[int, int, int]:
+    threads = FLAT_BLOCK[0]
+    blocks = -(-layout.pixels // (threads * PIXELS_PER_THREAD))
+    return (min(MAX_BLOCKS_PER_IMAGE, blocks), 1, layout.count)
+
+
+def front_launches(layout: BatchLayout, base: int, settings: KernelSettings) -> list[Launch]:
+    """Gray + histogram, equalize LUT, then blur + Sobel + NMS into the state planes."""
+    device = layout.device
+    plane, pixels = np.int64(layout.pixels), np.int32(layout.pixels)
+    gray = _address(base, layout.gray_section())
+    histograms, luts = _address(base, device["histograms"]), _address(base, device["luts"])
+    tile_grid = (-(-layout.width // TILE_SIDE), min(-(-layout.height // TILE_SIDE), MAX_GRID_Y), layout.count)
+    return [
+        Launch("gray_histogram", _flat_grid(layout), FLAT_BLOCK, (
+            _address(base, device["input"]), np.int64(layout.pixels * layout.channels), np.int32(layout.channels),
+            pixels, _address(base, device["gray"]), plane, histograms)),
+        Launch("equalize_lut", (1, 1, layout.count), FLAT_BLOCK, (histograms, pixels, luts)),
+        Launch(f"blur_sobel_nms_k{settings.blur_ksize}", tile_grid, TILE_BLOCK, (
+            gray, plane, luts, np.int32(layout.height), np.int32(layout.width), np.int32(settings.low),
+            np.int32(settings.high), np.int32(settings.l2_gradient), _address(base, device["states"]),
+            _address(base, device["equalized"]))),
+    ]
+
+
+def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]:
+    """One round of hysteresis launches, then edges and edge counts from the state planes."""
+    device = layout.device
+    plane = np.int64(layout.pixels)
+    states = _address(base, device["states"])
+    counters = device["counters"]
+    flags = np.uint64(base + counters.offset + 4 * layout.count)
+    tiles = -(-layout.width // TILE_SIDE) * -(-layout.height // TILE_SIDE) * layout.count
+    hysteresis_grid = (min(tiles, sm_count * HYSTERESIS_BLOCKS_PER_SM), 1, 1)
+    launches = [
+        Launch("hysteresis", hysteresis_grid, TILE_BLOCK, (
+            states, plane, np.int32(layout.height), np.int32(layout.width), np.int32(layout.count), flags,
+            np.int32(launch)))
+        for launch in range(HYSTERESIS_LAUNCHES_PER_ROUND)
+    ]
+    launches.append(Launch("finalize_edges", _flat_grid(layout), FLAT_BLOCK, (
+        states, plane, np.int32(layout.pixels), _address(base, device["edges"]), _address(base, counters))))
+    return launches
+
+
+# --- the device -------------------------------------------------------------------------------------
+
+
+class CupyDevice:
+    """Every GPU call of the backend: memory, copies, launches, streams. Tests substitute a fake."""
+
+    def __init__(self) -> None:
+        import cupy
+        import cupyx
+
+        self._cupy, self._cupyx = cupy, cupyx
+        self._runtime = cupy.cuda.runtime
+        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=NVRTC_OPTIONS)
+        # Compile now, so that a compile error surfaces when the backend is created.
+        self._kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
+        self.sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+
+    def free_bytes(self) -> int:
+        free, _total = self._runtime.memGetInfo()
+        return int(free) + int(self._cupy.get_default_memory_pool().free_bytes())
+
+    def alloc(self, nbytes: int):
+        try:
+            return self._cupy.cuda.alloc(nbytes)
+        except self._cupy.cuda.memory.OutOfMemoryError as exc:
+            raise GpuOutOfMemory(str(exc)) from exc
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        try:
+            return self._cupyx.empty_pinned((nbytes,), np.uint8)
+        except self._runtime.CUDARuntimeError as exc:  # cudaErrorMemoryAllocation from cudaHostAlloc
+            raise GpuOutOfMemory(f"pinned host memory: {exc}") from exc
+
+    @staticmethod
+    def address(arena) -> int:
+        return int(arena.ptr)
+
+    def new_stream(self):
+        return self._cupy.cuda.Stream(non_blocking=True)
+
+    def upload(self, address: int, host: np.ndarray, stream) -> None:
+        self._runtime.memcpyAsync(address, host.ctypes.data, host.nbytes, self._runtime.memcpyHostToDevice, stream.ptr)
+
+    def download(self, host: np.ndarray, address: int, stream) -> None:
+        self._runtime.memcpyAsync(host.ctypes.data, address, host.nbytes, self._runtime.memcpyDeviceToHost, stream.ptr)
+
+    def zero(self, address: int, nbytes: int, stream) -> None:
+        self._runtime.memsetAsync(address, 0, nbytes, stream.ptr)
+
+    def launch(self, launch: Launch, stream) -> None:
+        with stream:
+            self._kernels[launch.kernel](launch.grid, launch.block, launch.args)
+
+    @staticmethod
+    def synchronize(stream) -> None:
+        stream.synchronize()
+
+    def release_cached(self) -> None:
+        self._cupy.get_default_memory_pool().free_all_blocks()
+        self._cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+# --- the backend ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    indices: list[int]
+    layout: BatchLayout
+
+
+class _Slot:
+    """A stream with its device and pinned arenas, and the sub-batch queued on it (if any)."""
+
+    def __init__(self, device) -> None:
+        self.stream = device.new_stream()
+        self.arena = None
+        self.arena_bytes = 0
+        self.staging: np.ndarray | None = None
+        self.pending: _Pending | None = None
+
+    @property
+    def staging_bytes(self) -> int:
+        return 0 if self.staging is None else self.staging.nbytes
+
+    def reserve(self, device, layout: BatchLayout) -> None:
+        """Grow the arenas to hold ``layout``; the old ones are dropped first so their memory can be reused."""
+        if layout.device_bytes > self.arena_bytes:
+            size = grown_capacity(self.arena_bytes, layout.device_bytes)
+            self.arena, self.arena_bytes = None, 0
+            self.arena, self.arena_bytes = device.alloc(size), size
+        if layout.host_bytes > self.staging_bytes:
+            size = grown_capacity(self.staging_bytes, layout.host_bytes)
+            self.staging = None
+            self.staging = device.alloc_pinned(size)
+
+    def release(self) -> None:
+        self.arena, self.arena_bytes, self.staging = None, 0, None
+
+
+class CupyBackend(Backend):
+    """The pipeline as CUDA C++ kernels run by CuPy, many same-shape images per launch."""
+
+    name = "cupy"
+    uses_gpu = True
+
+    def __init__(self, threads: int | None = None, device=None) -> None:
+        super().__init__(threads)
+        if device is None:
+            reason = self.unavailable_reason()
+            if reason is not None:
+                raise BackendUnavailable(reason)
+            device = CupyDevice()
+        self._device = device
+        self._slots = [_Slot(device) for _ in range(SLOTS)]
+        self._turn = 0
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import cupy
+        except Exception as exc:  # not installed, or a broken CUDA wheel
+            return f"CuPy cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # no driver, or one older than CuPy's CUDA runtime
+            return f"no usable CUDA driver ({exc})".splitlines()[0]
+        if count == 0 or not cupy.is_available():
+            return "CuPy finds no usable CUDA GPU"
+        return None
+
+    def process(
+        self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
+    ) -> list[StageResult]:
+        for image in images:
+            check_image(image)
+            if image.shape[0] * image.shape[1] > MAX_PIXELS:
+                raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {image.shape}")
+        settings = KernelSettings.from_config(config)
+        results: list[StageResult | None] = [None] * len(images)
+        held = sum(slot.arena_bytes for slot in self._slots)
+        budget = sub_batch_budget(self._device.free_bytes(), held)
+        queue = deque(plan_sub_batches(images, range(len(images)), budget, keep_images))
+        try:
+            while queue:
+                indices = queue.popleft()
+                layout = BatchLayout.plan(len(indices), images[indices[0]].shape, keep_images)
+                slot = self._slots[self._turn]
+                self._turn = (self._turn + 1) % SLOTS
+                self._collect(slot, results)
+                try:
+                    slot.reserve(self._device, layout)
+                except GpuOutOfMemory:
+                    self._drain(results)
+                    self._release_buffers()
+                    if len(indices) > 1:  # halve the sub-batches from here on
+                        remaining = indices + [index for batch in queue for index in batch]
+                        queue = deque(plan_sub_batches(images, remaining, layout.device_bytes // 2, keep_images))
+                        continue
+                    self._reserve_single(slot, layout)
+                self._submit(slot, images, indices, layout, settings)
+            self._drain(results)
+        except BaseException:
+            self._abandon()
+            raise
+        return results  # type: ignore[return-value]  # every index was filled by _collect
+
+    def close(self) -> None:
+        self._abandon()
+        self._release_buffers()
+
+    # --- internals ---
+
+    def _reserve_single(self, slot: _Slot, layout: BatchLayout) -> None:
+        """Last try for a one-image sub-batch, with everything else released."""
+        try:
+            slot.reserve(self._device, layout)
+        except GpuOutOfMemory as exc:
+            mib = 2**20
+            raise GpuOutOfMemory(
+                f"out of GPU memory: one {layout.height}x{layout.width}x{layout.channels} image needs "
+                f"{layout.device_bytes / mib:.1f} MiB of device memory and {layout.host_bytes / mib:.1f} MiB of "
+                f"pinned host memory; {self._device.free_bytes() / mib:.1f} MiB of device memory is free ({exc})"
+            ) from exc
+
+    def _submit(self, slot: _Slot, images, indices: list[int], layout: BatchLayout, settings: KernelSettings) -> None:
+        """Pack the sub-batch into pinned memory and queue its copies and kernels on the slot's stream."""
+        device, stream, staging = self._device, slot.stream, slot.staging
+        inputs = layout.inputs(staging)
+        for k, index in enumerate(indices):
+            inputs[k] = images[index]
+        base = device.address(slot.arena)
+        histograms = layout.device["histograms"]
+        device.zero(base + histograms.offset, histograms.nbytes, stream)
+        device.upload(base + layout.device["input"].offset, layout.host_view(staging, "input"), stream)
+        for launch in front_launches(layout, base, settings):
+            device.launch(launch, stream)
+        if layout.keep_images:
+            device.download(layout.host_view(staging, "equalized"), base + layout.device["equalized"].offset, stream)
+        self._queue_edge_round(slot, layout)
+        slot.pending = _Pending(indices, layout)
+
+    def _queue_edge_round(self, slot: _Slot, layout: BatchLayout) -> None:
+        """Queue a hysteresis round, the edges and counts, and the copy of the results back."""
+        device, stream, staging = self._device, slot.stream, slot.staging
+        base = device.address(slot.arena)
+        counters = layout.device["counters"]
+        device.zero(base + counters.offset, counters.nbytes, stream)
+        for launch in edge_launches(layout, base, device.sm_count):
+            device.launch(launch, stream)
+        span = BatchLayout.results_span(layout.host)
+        device.download(staging[span.offset:span.end], base + BatchLayout.results_span(layout.device).offset, stream)
+        if layout.keep_images:
+            device.download(layout.host_view(staging, "edges"), base + layout.device["edges"].offset, stream)
+
+    def _collect(self, slot: _Slot, results: list) -> None:
+        """Wait for the slot's sub-batch, finish its hysteresis if a round was not enough, store its results."""
+        pending = slot.pending
+        if pending is None:
+            return
+        layout, staging = pending.layout, slot.staging
+        self._device.synchronize(slot.stream)
+        while layout.changed_flags(staging)[-1]:  # the round's last launch still changed something
+            self._queue_edge_round(slot, layout)
+            self._device.synchronize(slot.stream)
+        histograms, counts = layout.histograms(staging), layout.edge_counts(staging)
+        equalized = layout.planes(staging, "equalized") if layout.keep_images else None
+        edges = layout.planes(staging, "edges") if layout.keep_images else None
+        for k, index in enumerate(pending.indices):
+            results[index] = StageResult(
+                histogram=histograms[k].astype(np.int64),
+                edge_count=int(counts[k]),
+                equalized=None if equalized is None else equalized[k].copy(),
+                edges=None if edges is None else edges[k].copy(),
+            )
+        slot.pending = None
+
+    def _drain(self, results: list) -> None:
+        for _ in range(SLOTS):  # oldest first
+            self._collect(self._slots[self._turn], results)
+            self._turn = (self._turn + 1) % SLOTS
+
+    def _abandon(self) -> None:
+        """After an error: wait for queued work (so no copy still targets the arenas) and forget it."""
+        for slot in self._slots:
+            if slot.pending is not None:
+                slot.pending = None
+                # The device may be the reason we are here; there is nothing left to save.
+                with contextlib.suppress(Exception):
+                    self._device.synchronize(slot.stream)
+
+    def _release_buffers(self) -> None:
+        for slot in self._slots:
+            slot.release()
+        self._device.release_cached()

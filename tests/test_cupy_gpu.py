@@ -1,0 +1,648 @@
+"""The cupy backend: kernels compiled for sm_90, host logic, the kernels run on the CPU, then the GPU.
+
+Without a GPU the CUDA C++ of cupy_pipeline.cu still runs: tests/cupy_host/harness.cpp compiles it
+with g++ behind a small CUDA shim, and :class:`HostDevice` stands in for CupyDevice, so the whole
+backend (planning, arenas, launches, hysteresis rounds, result copies) is held byte-equal to the
+reference. The threads of a block are real threads there, so missing barriers and loops that assume
+a block shape can show up too. What only a GPU can tell (memory model, streams, timing) is in the
+@pytest.mark.gpu tests at the end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import re
+import shutil
+import subprocess
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cpu_reference
+from cpu_reference.stages import canny_thresholds as reference_thresholds
+from cpu_reference.stages import hysteresis as reference_hysteresis
+from gpu_pipeline.backends import cupy_gpu, registry
+from gpu_pipeline.backends.base import BackendUnavailable
+from gpu_pipeline.backends.cupy_gpu import (
+    HYSTERESIS_LAUNCHES_PER_ROUND,
+    KERNEL_NAMES,
+    KERNEL_SOURCE,
+    NVRTC_OPTIONS,
+    TILE_SIDE,
+    BatchLayout,
+    CupyBackend,
+    GpuOutOfMemory,
+    KernelSettings,
+    Launch,
+    canny_thresholds,
+    edge_launches,
+    front_launches,
+    grown_capacity,
+    max_images_per_batch,
+    plan_sub_batches,
+    split_evenly,
+    sub_batch_budget,
+)
+from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from tests.strategies import ODD_SHAPES, image_shapes, images
+
+HOST_DIR = Path(__file__).parent / "cupy_host"
+CU_SOURCES = sorted(KERNEL_SOURCE.parent.glob("*.cu"))
+MASK64 = 2**64 - 1
+
+
+# --- the kernels compile for the GPU ------------------------------------------------------------------
+
+
+def _nvrtc_cubin(source: Path) -> tuple[bytes, str]:
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
+    try:
+        # CuPy's RawModule adds -ftz=true and the device's -arch to NVRTC_OPTIONS.
+        options = [*NVRTC_OPTIONS, "-ftz=true", "--gpu-architecture=sm_90"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as exc:
+            pytest.fail(f"NVRTC rejects {source.name}: {exc}\n{nvrtc.getProgramLog(program)}")
+        return nvrtc.getCUBIN(program), nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+def _nvcc_cubin(source: Path, tmp_path: Path) -> tuple[bytes, str]:
+    nvcc = shutil.which("nvcc") or "/usr/local/bin/nvcc"
+    if not Path(nvcc).exists():
+        pytest.skip("neither NVRTC (cupy_backends.cuda.libs.nvrtc) nor nvcc is available")
+    out = tmp_path / "kernels.cubin"
+    run = subprocess.run([nvcc, *NVRTC_OPTIONS, "-arch=sm_90", "-cubin", str(source), "-o", str(out)],
+                         check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return out.read_bytes(), run.stderr
+
+
+def test_the_backend_ships_its_kernel_source():
+    assert KERNEL_SOURCE in CU_SOURCES
+
+
+@pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
+def test_kernel_source_compiles_for_sm_90_without_warnings(source, tmp_path):
+    try:
+        cubin, log = _nvrtc_cubin(source)
+    except ImportError:
+        cubin, log = _nvcc_cubin(source, tmp_path)
+    assert "warning" not in log.lower(), log
+    if source == KERNEL_SOURCE:
+        for name in KERNEL_NAMES:  # extern "C" names appear verbatim in the ELF symbol table
+            assert name.encode() + b"\0" in cubin, f"kernel {name} missing from the compiled module"
+
+
+def test_no_fast_math():
+    assert not any("fast" in option for option in NVRTC_OPTIONS)
+    source = KERNEL_SOURCE.read_text()
+    assert "__fmul_rn" in source and "__fdiv_rn" in source and "__float2int_rn" in source
+
+
+# --- availability -----------------------------------------------------------------------------------
+
+
+def test_unavailable_reason_is_one_line_or_none():
+    reason = CupyBackend.unavailable_reason()
+    assert reason is None or (reason.strip() and "\n" not in reason)
+    assert registry.unavailable_reason("cupy") == reason
+
+
+def test_creating_it_without_a_gpu_says_why():
+    reason = CupyBackend.unavailable_reason()
+    if reason is None:
+        pytest.skip("a GPU is present")
+    with pytest.raises(BackendUnavailable, match=re.escape(reason)):
+        registry.create("cupy")
+    assert registry.resolve("auto") != "cupy"
+
+
+# --- pure host logic --------------------------------------------------------------------------------
+
+thresholds = st.one_of(
+    st.floats(0, 400), st.floats(0, 1e11), st.sampled_from([0.0, 0.5, 31.9, 32767.0, 32768.5, 2.0**31, 3e9]))
+
+
+@given(thresholds, thresholds, st.booleans())
+def test_thresholds_match_the_reference(low, high, l2):
+    assert canny_thresholds(low, high, l2) == reference_thresholds(low, high, l2)
+
+
+@given(st.lists(st.integers(), max_size=60), st.integers(1, 70))
+def test_split_evenly(indices, max_size):
+    parts = split_evenly(indices, max_size)
+    assert [i for part in parts for i in part] == indices
+    assert all(0 < len(part) <= max_size for part in parts)
+    assert len(parts) == -(-len(indices) // max_size)
+    assert not parts or max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+shapes = st.tuples(st.integers(1, 300), st.integers(1, 300), st.sampled_from([(), (3,)])).map(
+    lambda t: (t[0], t[1], *t[2]))
+
+
+@given(shapes, st.integers(1, 50), st.booleans())
+def test_layout_sections_are_aligned_disjoint_and_within_budget(shape, count, keep):
+    layout = BatchLayout.plan(count, shape, keep)
+    for sections in (layout.device, layout.host):
+        used = sorted((s.offset, s.end) for s in sections.values() if s.nbytes)
+        assert all(start % cupy_gpu.SECTION_ALIGNMENT == 0 for start, _ in used)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(used))
+        assert BatchLayout.results_span(sections).nbytes == (
+            sections["histograms"].nbytes + sections["counters"].nbytes)  # one copy covers both
+    assert BatchLayout.results_span(layout.device).nbytes == BatchLayout.results_span(layout.host).nbytes
+    assert layout.device_bytes <= cupy_gpu.LAYOUT_OVERHEAD_BYTES + count * cupy_gpu.device_bytes_per_image(shape, keep)
+    assert (layout.device["gray"].nbytes > 0) == (len(shape) == 3)
+    assert (layout.device["edges"].nbytes > 0) == keep
+
+
+@given(st.lists(shapes, min_size=1, max_size=12), st.integers(2**10, 2**24), st.booleans())
+def test_plan_sub_batches(image_shapes, budget, keep):
+    batch = [np.empty(shape, np.uint8) for shape in image_shapes]
+    plan = plan_sub_batches(batch, range(len(batch)), budget, keep)
+    assert sorted(i for sub in plan for i in sub) == list(range(len(batch)))
+    for sub in plan:
+        assert len({batch[i].shape for i in sub}) == 1
+        assert sub == sorted(sub)
+        layout = BatchLayout.plan(len(sub), batch[sub[0]].shape, keep)
+        assert len(sub) == 1 or layout.device_bytes <= budget
+    first_seen = list(dict.fromkeys(s.shape for s in batch))
+    assert list(dict.fromkeys(batch[sub[0]].shape for sub in plan)) == first_seen
+
+
+def test_max_images_per_batch_is_capped_by_the_grid_and_at_least_one():
+    assert max_images_per_batch((1, 1), False, 2**40) == cupy_gpu.MAX_IMAGES_PER_LAUNCH
+    assert max_images_per_batch((4000, 4000, 3), True, 2**20) == 1
+
+
+def test_budget_and_capacity():
+    assert sub_batch_budget(free_bytes=10 * 2**30, held_bytes=0) == cupy_gpu.SUB_BATCH_TARGET_BYTES
+    assert sub_batch_budget(free_bytes=100 * 2**20, held_bytes=0) == int(100 * 2**20 * 0.8) // 2
+    assert sub_batch_budget(free_bytes=0, held_bytes=100 * 2**20) == int(100 * 2**20 * 0.8) // 2
+    assert grown_capacity(8 * 2**20, 5 * 2**20) == 8 * 2**20
+    assert grown_capacity(0, 1) == cupy_gpu.ARENA_GRANULE
+    assert grown_capacity(2**20, 5 * 2**20 + 1) == 6 * 2**20
+
+
+@given(shapes, st.integers(1, 70000), st.sampled_from(BLUR_SIZES), st.booleans())
+def test_launch_grids_fit_cuda_limits_and_cover_the_batch(shape, count, ksize, keep):
+    count = min(count, cupy_gpu.MAX_IMAGES_PER_LAUNCH)
+    layout = BatchLayout.plan(count, shape, keep)
+    launches = front_launches(layout, 4096, KernelSettings(ksize, 10, 20, False)) + edge_launches(layout, 4096, 132)
+    assert [launch.kernel for launch in launches] == (
+        ["gray_histogram", "equalize_lut", f"blur_sobel_nms_k{ksize}"]
+        + ["hysteresis"] * HYSTERESIS_LAUNCHES_PER_ROUND + ["finalize_edges"])
+    for launch in launches:
+        assert launch.grid[0] <= 2**31 - 1 and launch.grid[1] <= 65535 and launch.grid[2] <= 65535
+        assert np.prod(launch.block) <= 1024
+        assert all(isinstance(arg, (np.uint64, np.int32, np.int64)) for arg in launch.args)
+        if launch.kernel != "hysteresis":  # hysteresis walks a flat tile list
+            assert launch.grid[2] == count
+    blur = launches[2]
+    assert blur.grid[0] * TILE_SIDE >= shape[1] and blur.grid[0] * TILE_SIDE < shape[1] + TILE_SIDE
+    assert blur.grid[1] == min(cupy_gpu.MAX_GRID_Y, -(-shape[0] // TILE_SIDE))
+    assert [launch.args[-1] for launch in launches if launch.kernel == "hysteresis"] == list(
+        range(HYSTERESIS_LAUNCHES_PER_ROUND))
+
+
+def test_null_pointers_only_where_the_kernels_accept_them():
+    gray_layout = BatchLayout.plan(2, (5, 7), keep_images=False)
+    launches = {launch.kernel: launch for launch in front_launches(gray_layout, 4096, KernelSettings(5, 1, 2, True))}
+    assert launches["gray_histogram"].args[4] == 0  # a gray input writes no gray plane
+    assert launches["blur_sobel_nms_k5"].args[0] == 4096 + gray_layout.device["input"].offset
+    assert launches["blur_sobel_nms_k5"].args[-1] == 0  # equalized not kept
+    rgb_layout = BatchLayout.plan(2, (5, 7, 3), keep_images=True)
+    launches = {launch.kernel: launch for launch in front_launches(rgb_layout, 4096, KernelSettings(5, 1, 2, True))}
+    assert launches["blur_sobel_nms_k5"].args[0] == 4096 + rgb_layout.device["gray"].offset
+    assert launches["blur_sobel_nms_k5"].args[-1] == 4096 + rgb_layout.device["equalized"].offset
+
+
+# --- the kernels, run on the CPU ----------------------------------------------------------------------
+
+
+class KernelHarness:
+    """cupy_pipeline.cu built with g++ (tests/cupy_host/harness.cpp), called like cupy.RawKernel."""
+
+    def __init__(self, library: Path) -> None:
+        self._lib = ctypes.CDLL(str(library))
+        self._lib.launch_kernel.restype = ctypes.c_int
+        self._lib.launch_kernel.argtypes = [ctypes.c_char_p, *[ctypes.c_uint] * 6, ctypes.c_int,
+                                            ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint)]
+
+    def run(self, launch: Launch, block: tuple[int, int, int]) -> None:
+        n = len(launch.args)
+        slots = (ctypes.c_uint64 * n)(*[int(arg) & MASK64 for arg in launch.args])
+        sizes = (ctypes.c_uint * n)(*[arg.nbytes for arg in launch.args])
+        status = self._lib.launch_kernel(launch.kernel.encode(), *launch.grid, *block, n, slots, sizes)
+        assert status == 0, f"{launch.kernel}: harness status {status} (-1 unknown, -2 arity, -3-i size of arg i)"
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory) -> KernelHarness:
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler (g++ or clang++) to run the CUDA kernels on the CPU")
+    library = tmp_path_factory.mktemp("cupy_host") / "harness.so"
+    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
+               "-pthread", "-Wall", "-Wextra", "-Werror", f"-DTILE_SIDE={TILE_SIDE}", "-I", str(HOST_DIR),
+               "-I", str(KERNEL_SOURCE.parent), str(HOST_DIR / "harness.cpp"), "-o", str(library)]
+    build = subprocess.run(command, check=False, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    return KernelHarness(library)
+
+
+class HostDevice:
+    """CupyDevice's interface on the CPU: arenas are NumPy arrays fenced by canaries, kernels run in the harness.
+
+    ``block`` overrides the launch's block shape (None keeps it); ``memory`` is how many bytes the
+    fake device and pinned pool hold in all (None: unlimited); ``after_launch`` may edit memory.
+    """
+
+    CANARY = 4096
+
+    def __init__(self, harness: KernelHarness, block=(1, 1, 1), memory: int | None = None, after_launch=None):
+        self.harness, self.block, self.memory, self.after_launch = harness, block, memory, after_launch
+        self.sm_count = 1  # a small hysteresis grid: its blocks loop over many tiles
+        self.live: dict[int, np.ndarray] = {}  # address -> the fenced array
+        self.launches: list[Launch] = []
+        self.allocations = 0
+        self.failed_allocations = 0
+        self.released = 0
+        self.syncs = 0
+
+    def free_bytes(self) -> int:
+        return 2**30 if self.memory is None else self.memory - self._used()
+
+    def _used(self) -> int:
+        return sum(fenced.nbytes - 2 * self.CANARY for fenced in self.live.values())
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        if self.memory is not None and self._used() + nbytes > self.memory:
+            self.failed_allocations += 1
+            raise GpuOutOfMemory(f"fake device: {nbytes} bytes do not fit")
+        self.allocations += 1
+        fenced = np.full(nbytes + 2 * self.CANARY, 0xA5, np.uint8)  # garbage, as fresh GPU memory
+        arena = fenced[self.CANARY:-self.CANARY]
+        address = arena.ctypes.data
+        self.live[address] = fenced
+        weakref.finalize(arena, self.live.pop, address, None)  # freed when the backend drops it
+        return arena
+
+    alloc_pinned = alloc
+
+    @staticmethod
+    def address(arena: np.ndarray) -> int:
+        return arena.ctypes.data
+
+    def new_stream(self) -> object:
+        return object()
+
+    def _check_range(self, address: int, nbytes: int) -> None:
+        inside = any(start <= address and address + nbytes <= start + fenced.nbytes - 2 * self.CANARY
+                     for start, fenced in self.live.items())
+        assert inside, f"copy of {nbytes} bytes at {address:#x} outside every arena"
+
+    def upload(self, address: int, host: np.ndarray, stream) -> None:
+        self._check_range(address, host.nbytes)
+        ctypes.memmove(address, host.ctypes.data, host.nbytes)
+
+    def download(self, host: np.ndarray, address: int, stream) -> None:
+        self._check_range(address, host.nbytes)
+        ctypes.memmove(host.ctypes.data, address, host.nbytes)
+
+    def zero(self, address: int, nbytes: int, stream) -> None:
+        self._check_range(address, nbytes)
+        ctypes.memset(address, 0, nbytes)
+
+    def launch(self, launch: Launch, stream) -> None:
+        self.launches.append(launch)
+        self.harness.run(launch, self.block or launch.block)
+        self.check_canaries()
+        if self.after_launch is not None:
+            self.after_launch(self, launch)
+
+    def check_canaries(self) -> None:
+        for fenced in self.live.values():
+            assert (fenced[:self.CANARY] == 0xA5).all() and (fenced[-self.CANARY:] == 0xA5).all(), \
+                "a kernel wrote outside its arena"
+
+    def synchronize(self, stream) -> None:
+        self.syncs += 1
+
+    def release_cached(self) -> None:
+        self.released += 1
+
+
+def reference_results(batch, config):
+    return [cpu_reference.process_image(image, config) for image in batch]
+
+
+def assert_same_as_reference(results, batch, config, keep_images=True):
+    assert len(results) == len(batch)
+    for k, (result, expected) in enumerate(zip(results, reference_results(batch, config), strict=True)):
+        where = f"image {k} of shape {batch[k].shape}, {config}"
+        assert result.histogram.dtype == np.int64 and np.array_equal(result.histogram, expected.histogram), where
+        assert result.edge_count == expected.edge_count, where
+        if keep_images:
+            assert np.array_equal(result.equalized, expected.equalized), where
+            assert np.array_equal(result.edges, expected.edges), where
+        else:
+            assert result.equalized is None and result.edges is None
+
+
+def _decoded(root: Path) -> list[np.ndarray]:
+    from gpu_pipeline.config import DecodeOptions
+    from gpu_pipeline.io import DecodeError, decode_image, discover
+
+    decoded = []
+    for path in discover([root]):
+        try:
+            decoded.append(decode_image(path, DecodeOptions()))
+        except DecodeError:
+            continue  # undecodable samples are the io tests' business
+    return decoded
+
+
+configs = st.builds(
+    PipelineConfig,
+    low_threshold=st.floats(0, 300), high_threshold=st.floats(0, 300),
+    l2_gradient=st.booleans(), blur_ksize=st.sampled_from(BLUR_SIZES))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(images(max_side=80), min_size=1, max_size=5), configs)
+def test_kernels_on_the_cpu_match_the_reference(harness, batch, config):
+    backend = CupyBackend(device=HostDevice(harness))
+    assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+
+
+@pytest.mark.parametrize("config", [PipelineConfig(), PipelineConfig(60, 20, True, 7)], ids=str)
+def test_bundled_data_on_the_cpu(harness, bundled_data_dir, config):
+    batch = _decoded(bundled_data_dir)
+    assert batch
+    backend = CupyBackend(device=HostDevice(harness))
+    assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+
+
+def test_shared_data_on_the_cpu(harness, shared_data_dir):
+    batch = _decoded(shared_data_dir)
+    config = PipelineConfig(40, 120, True, 3)
+    backend = CupyBackend(device=HostDevice(harness))
+    assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+
+
+def test_equalize_rounds_in_float32_half_to_even(harness):
+    # 510 pixels above the first value: lut = rint(sum * 255 / 510) hits exact halves 0.5 and 2.5.
+    halves = np.array([0] + [1] + [2] * 4 + [3] * 505, np.uint8).reshape(7, 73)
+    # docs/contract.md: 7 * 255 / 14 is 127.5 exactly, the float32 product is just below.
+    below_half = np.array([0] + [10] * 7 + [20] * 7 + [20], np.uint8).reshape(4, 4)
+    batch = [halves, below_half, np.full((3, 5), 77, np.uint8)]
+    results = CupyBackend(device=HostDevice(harness)).process(batch, PipelineConfig(), keep_images=True)
+    assert sorted(set(results[0].equalized.ravel())) == [0, 2, 255]
+    assert_same_as_reference(results, batch, PipelineConfig())
+
+
+def _identity_luts(device, launch):
+    """Skip equalization: the blur then sees the gray image itself, any values the test likes."""
+    if launch.kernel == "equalize_lut":
+        identity = np.tile(np.arange(256, dtype=np.uint8), launch.grid[2])
+        ctypes.memmove(int(launch.args[2]), identity.ctypes.data, identity.nbytes)
+
+
+@st.composite
+def faint_images(draw):
+    """Gray images of small amplitude: magnitudes of 0, 1, 2 everywhere, at the borders too."""
+    shape = draw(image_shapes(max_side=40))
+    amplitude = draw(st.sampled_from([1, 2, 3, 255]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return (100 + rng.integers(0, amplitude + 1, shape)).clip(0, 255).astype(np.uint8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(faint_images(), min_size=1, max_size=4), st.floats(0, 4), st.floats(0, 12), st.booleans(),
+       st.sampled_from(BLUR_SIZES))
+def test_blur_and_canny_kernels_on_faint_images(harness, batch, low, high, l2, ksize):
+    config = PipelineConfig(low, high, l2, ksize)
+    results = CupyBackend(device=HostDevice(harness, after_launch=_identity_luts)).process(batch, config, True)
+    for image, result in zip(batch, results, strict=True):
+        blurred = cpu_reference.gaussian_blur(image, ksize)
+        assert np.array_equal(result.edges, cpu_reference.canny(blurred, low, high, l2)), image.shape
+
+
+@pytest.mark.parametrize("shape", [*ODD_SHAPES, (33, 65), (31, 3)], ids=str)
+@pytest.mark.parametrize("ksize", BLUR_SIZES)
+def test_odd_shapes_on_the_cpu(harness, shape, ksize):
+    rng = np.random.default_rng(sum(shape) * ksize)
+    batch = [rng.integers(0, 256, shape, np.uint8), rng.integers(0, 256, (*shape, 3), np.uint8)]
+    for config in (PipelineConfig(20, 60, False, ksize), PipelineConfig(60, 20, True, ksize)):
+        backend = CupyBackend(device=HostDevice(harness))
+        assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+
+
+@pytest.mark.parametrize("block", [(32, 8, 1), (5, 3, 1), (1, 7, 1)], ids=str)
+def test_block_shape_and_barriers_on_real_threads(harness, block):
+    """Every block's threads run concurrently: strided loops and __syncthreads must be right."""
+    rng = np.random.default_rng(7)
+    smooth = np.add.outer(np.arange(45), 3 * np.arange(70)).astype(np.uint8)
+    batch = [rng.integers(0, 256, (45, 70, 3), np.uint8), smooth, np.full((3, 40), 9, np.uint8)]
+    config = PipelineConfig(30, 90, False, 5)
+    backend = CupyBackend(device=HostDevice(harness, block=block))
+    assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+
+
+def test_grids_smaller_than_the_work_loop_over_it(harness, monkeypatch):
+    """Grid-stride loops: tile rows past gridDim.y (blur), pixels past the flat grid, tiles past the hysteresis grid."""
+    monkeypatch.setattr(cupy_gpu, "MAX_GRID_Y", 1)
+    monkeypatch.setattr(cupy_gpu, "MAX_BLOCKS_PER_IMAGE", 1)
+    rng = np.random.default_rng(2)
+    batch = [rng.integers(0, 256, (100, 40, 3), np.uint8), (np.arange(4000) % 253).astype(np.uint8).reshape(100, 40)]
+    config = PipelineConfig(20, 70, False, 3)
+    device = HostDevice(harness, block=(8, 4, 1))
+    assert_same_as_reference(CupyBackend(device=device).process(batch, config, True), batch, config)
+    assert {launch.grid[:2] for launch in device.launches if launch.kernel.startswith("blur")} == {(2, 1)}
+
+
+def test_mixed_shapes_keep_their_order_and_images_are_optional(harness):
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(0, 256, shape, np.uint8) for shape in
+             [(20, 30), (7, 9, 3), (20, 30), (1, 1), (7, 9, 3), (20, 30), (64, 64, 3)]]
+    config = PipelineConfig()
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    assert_same_as_reference(backend.process(batch, config, keep_images=False), batch, config, keep_images=False)
+    # One sub-batch per shape, each launch covering all images of that shape.
+    counts = [launch.grid[2] for launch in device.launches if launch.kernel == "gray_histogram"]
+    assert counts == [3, 2, 1, 1]
+    assert backend.process([], config) == []
+
+
+def test_small_budget_many_sub_batches_two_slots_reused_arenas(harness, monkeypatch):
+    budget = 3 * cupy_gpu.device_bytes_per_image((24, 40, 3), True) + cupy_gpu.LAYOUT_OVERHEAD_BYTES
+    monkeypatch.setattr(cupy_gpu, "SUB_BATCH_TARGET_BYTES", budget)
+    rng = np.random.default_rng(11)
+    batch = [rng.integers(0, 256, (24, 40, 3), np.uint8) for _ in range(14)]
+    config = PipelineConfig(40, 100, True, 7)
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    for _ in range(2):  # the second call reuses the arenas of the first
+        assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+    sub_batches = [launch.grid[2] for launch in device.launches if launch.kernel == "gray_histogram"]
+    assert sub_batches == [2, 3, 3, 3, 3] * 2
+    assert device.allocations == 4  # a device and a pinned arena per slot, kept across sub-batches and calls
+    backend.close()
+    assert device.released == 1
+
+
+def test_out_of_memory_halves_the_sub_batches(harness, monkeypatch):
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    rng = np.random.default_rng(5)
+    batch = [rng.integers(0, 256, (30, 50), np.uint8) for _ in range(9)]
+    config = PipelineConfig()
+    one = BatchLayout.plan(1, (30, 50), False)
+    # Room for both slots' arenas of about two images each, while free_bytes() claims far more.
+    device = HostDevice(harness, memory=4 * (one.device_bytes + one.host_bytes))
+    device.free_bytes = lambda: 2**30
+    backend = CupyBackend(device=device)
+    assert_same_as_reference(backend.process(batch, config), batch, config, keep_images=False)
+    assert device.failed_allocations >= 1 and device.released >= 1
+    assert max(launch.grid[2] for launch in device.launches if launch.kernel == "gray_histogram") < len(batch)
+
+
+def test_an_image_too_large_for_the_device_is_a_clear_error(harness, monkeypatch):
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    device = HostDevice(harness, memory=2**16)
+    backend = CupyBackend(device=device)
+    with pytest.raises(GpuOutOfMemory, match=r"one 300x400x3 image needs .* MiB of device memory"):
+        backend.process([np.zeros((300, 400, 3), np.uint8)], PipelineConfig())
+    # The backend stays usable for images that fit.
+    small = [np.arange(64, dtype=np.uint8).reshape(8, 8)]
+    assert_same_as_reference(backend.process(small, PipelineConfig()), small, PipelineConfig(), keep_images=False)
+
+
+def test_hysteresis_needs_several_rounds_and_still_converges(harness):
+    """States injected after NMS: a weak chain that runs against the order the blocks are visited."""
+    height, width = 70, 6 * TILE_SIDE
+    states = np.zeros((height, width), np.uint8)
+    for row in range(0, height - 2, 4):  # rows of weak pixels joined at alternating ends: one long path
+        states[row, :] = 1
+        column = width - 1 if row // 4 % 2 == 0 else 0
+        states[row:row + 5, column] = 1
+    last_row = (height - 3) // 4 * 4
+    states[last_row, -1 if last_row // 4 % 2 else 0] = 2  # the only strong pixel, at the path's far end
+    states[last_row + 1:, :] = 0
+
+    def inject(device, launch):
+        if launch.kernel.startswith("blur_sobel_nms"):
+            address = int(launch.args[8])
+            ctypes.memmove(address, states.ctypes.data, states.nbytes)
+
+    device = HostDevice(harness, after_launch=inject)
+    backend = CupyBackend(device=device)
+    result = backend.process([np.zeros((height, width), np.uint8)], PipelineConfig(), keep_images=True)[0]
+    expected = reference_hysteresis(states == 2, states == 1)
+    assert np.array_equal(result.edges, np.where(expected, 255, 0).astype(np.uint8))
+    assert result.edge_count == int(expected.sum()) > height * width // 5
+    rounds = sum(launch.kernel == "finalize_edges" for launch in device.launches)
+    assert rounds > 1 and device.syncs == rounds
+
+
+def test_close_releases_the_memory_pools(harness):
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    backend.process([np.zeros((5, 5), np.uint8)], PipelineConfig())
+    with backend:
+        pass
+    assert device.released == 1
+    assert all(slot.arena is None and slot.staging is None for slot in backend._slots)
+
+
+# --- on a real GPU ------------------------------------------------------------------------------------
+
+gpu_configs = [PipelineConfig(50, 150, l2, k) for l2 in (False, True) for k in BLUR_SIZES] + [
+    PipelineConfig(150, 50, False, 5), PipelineConfig(0, 0, True, 3), PipelineConfig(10, 2**31 - 1, False, 5)]
+
+
+@pytest.fixture(scope="module")
+def gpu_backend():
+    reason = CupyBackend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with CupyBackend() as backend:
+        yield backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", gpu_configs, ids=str)
+def test_gpu_bundled_data_matches_the_reference(gpu_backend, bundled_data_dir, config):
+    batch = _decoded(bundled_data_dir)
+    assert batch
+    assert_same_as_reference(gpu_backend.process(batch, config, keep_images=True), batch, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("l2", [False, True])
+def test_gpu_shared_data_matches_the_reference(gpu_backend, shared_data_dir, l2):
+    batch = _decoded(shared_data_dir)
+    config = PipelineConfig(l2_gradient=l2)
+    assert_same_as_reference(gpu_backend.process(batch, config, keep_images=True), batch, config)
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(st.lists(images(max_side=300), min_size=1, max_size=12), configs)
+def test_gpu_random_mixed_batches_match_the_reference(gpu_backend, batch, config):
+    assert_same_as_reference(gpu_backend.process(batch, config, keep_images=True), batch, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("shape", "l2"), [((1, 1), False), ((1, 5000), True), ((5000, 1), False),
+                                           ((1023, 1025, 3), True), ((1531, 2049), False), ((2000, 1500, 3), True)],
+                         ids=str)
+def test_gpu_large_and_odd_shapes(gpu_backend, shape, l2):
+    rng = np.random.default_rng(sum(shape))
+    noise = rng.integers(0, 256, shape, np.uint8)
+    smooth = (np.add.outer(np.arange(shape[0]) // 7, np.arange(shape[1]) // 5) % 256).astype(np.uint8)
+    batch = [noise, smooth, noise[..., 0].copy() if noise.ndim == 3 else noise[::-1].copy()]
+    config = PipelineConfig(20, 80, l2, 7 if l2 else 3)
+    assert_same_as_reference(gpu_backend.process(batch, config, keep_images=True), batch, config)
+
+
+@pytest.mark.gpu
+def test_gpu_many_sub_batches_overlap_and_give_the_same_bytes(gpu_backend, monkeypatch):
+    rng = np.random.default_rng(1)
+    batch = [rng.integers(0, 256, (256, 384, 3), np.uint8) for _ in range(24)]
+    config = PipelineConfig()
+    whole = gpu_backend.process(batch, config, keep_images=True)
+    monkeypatch.setattr(cupy_gpu, "SUB_BATCH_TARGET_BYTES", 2 * cupy_gpu.device_bytes_per_image((256, 384, 3), True))
+    pieces = gpu_backend.process(batch, config, keep_images=True)
+    for a, b in zip(whole, pieces, strict=True):
+        assert np.array_equal(a.histogram, b.histogram) and a.edge_count == b.edge_count
+        assert np.array_equal(a.equalized, b.equalized) and np.array_equal(a.edges, b.edges)
+    assert_same_as_reference(pieces[:4], batch[:4], config)
+
+
+@pytest.mark.gpu
+@settings(max_examples=15, deadline=None)
+@given(st.lists(images(max_side=200), min_size=1, max_size=8), configs)
+def test_gpu_matches_the_numba_cuda_backend(gpu_backend, batch, config):
+    reason = registry.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"numba.cuda backend unavailable: {reason}")
+    other = registry.create("cuda")
+    try:
+        theirs = other.process(batch, config, keep_images=True)
+    finally:
+        other.close()
+    ours = gpu_backend.process(batch, config, keep_images=True)
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(a.histogram, b.histogram) and a.edge_count == b.edge_count
+        assert np.array_equal(a.equalized, b.equalized) and np.array_equal(a.edges, b.edges)
