@@ -42,6 +42,13 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name``, imported but not instantiated (GPU backends compile on creation)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
+    return _REGISTRY[name].load()
+
+
 def unavailable_reason(name: str) -> str | None:
     """None when backend ``name`` can run here, else why not (import errors included)."""
     if name not in _REGISTRY:

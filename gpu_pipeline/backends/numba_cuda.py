@@ -1,0 +1,418 @@
+"""The ``cuda`` backend: the whole contract in numba.cuda kernels, many images per launch.
+
+Per sub-batch (images of one shape, cut by ``_cuda_plan`` from free GPU memory): stage the
+images in pinned host memory, copy them in asynchronously, then on the same stream
+gray + histogram -> equalize LUT -> equalize + blur -> Sobel + NMS -> hysteresis (a few host
+checks of a changed flag) -> edge count (+ edge map) -> one asynchronous copy of the per-image
+statistics back (equalized and edges too when asked for). Two slots, each a stream with its own
+device and pinned buffers kept across batches, alternate: the next sub-batch's copy and first
+kernels run while the host drives the current one's hysteresis.
+
+Kernels: ``_cuda_kernels``; host-side decisions: ``_cuda_plan``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpu_pipeline.backends import _cuda_kernels as kernels
+from gpu_pipeline.backends._cuda_plan import (
+    HYSTERESIS_MAX_CHUNK,
+    SLOTS,
+    BufferPool,
+    GpuOutOfMemory,
+    SubBatch,
+    canny_thresholds,
+    device_bytes_per_image,
+    hysteresis_schedule,
+    is_out_of_memory,
+    pixel_grid,
+    plan_sub_batches,
+    tile_grid,
+)
+from gpu_pipeline.backends.base import Backend, BackendUnavailable, StageResult, check_image
+from gpu_pipeline.config import PipelineConfig
+
+_TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
+# numba warns about every launch of fewer than 128 blocks; small batches launch small grids.
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
+#: Staging copies above this size are split over threads (NumPy copies release the GIL).
+_PARALLEL_STAGING_BYTES = 8 * 2**20
+
+
+def unavailable_reason(allow_simulator: bool = False) -> str | None:
+    """None when the kernels can run here, else a one-line reason.
+
+    The CUDA simulator counts only when ``allow_simulator`` (tests); ``auto`` never gets it.
+    """
+    try:
+        import numba
+        from numba import cuda
+    except Exception as exc:  # numba-cuda missing or broken
+        return f"numba-cuda cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+    if numba.config.ENABLE_CUDASIM:
+        return None if allow_simulator else "NUMBA_ENABLE_CUDASIM=1: the CUDA simulator is not a GPU"
+    try:
+        if cuda.is_available():
+            return None
+        from numba.cuda.cudadrv.driver import driver
+
+        detail = (driver.initialization_error or "").strip().splitlines()
+        return f"no usable CUDA GPU ({detail[0] if detail else 'no device found'})"
+    except Exception as exc:
+        return f"CUDA probe failed ({type(exc).__name__}: {exc})".splitlines()[0]
+
+
+@dataclass
+class DeviceTimes:
+    """GPU time per phase, summed over sub-batches (CUDA events; not measured in the simulator).
+
+    ``kernels`` runs from the end of the copy in to the end of the edge count, so it includes
+    the gaps while the host checks hysteresis. Sub-batches on the two streams may overlap, so
+    the sums can exceed the wall time.
+    """
+
+    copy_in: float = 0.0
+    kernels: float = 0.0
+    copy_out: float = 0.0
+    pixels: int = 0
+    sub_batches: int = 0
+    hysteresis_launches: int = 0
+
+
+@dataclass
+class _Job:
+    """Device views of one submitted sub-batch, and where its results come back."""
+
+    batch: SubBatch
+    keep_images: bool
+    stats: object  # device int32 (images * STATS_WIDTH,)
+    equalized: object  # device uint8 (images, h, w), a 1x1x1 placeholder unless keep_images
+    blurred: object  # device uint8 (images, h, w); becomes the 0/255 edge map
+    state: object  # device uint8 (images, h, w), the Canny state map
+    host_stats: np.ndarray | None = None
+    host_equalized: np.ndarray | None = None
+    host_edges: np.ndarray | None = None
+    hysteresis_launches: int = 0
+
+
+@dataclass
+class _Slot:
+    """A stream with its own reusable buffers; ``job`` is the sub-batch whose results it holds.
+
+    ``flags`` (device) and ``host_flags`` (pinned) carry hysteresis' changed stamps; ``stamp``
+    is the last one handed out on this slot. ``events`` (real GPU only) time the phases.
+    """
+
+    stream: object
+    device: BufferPool
+    pinned: BufferPool
+    flags: object
+    host_flags: np.ndarray
+    events: list = field(default_factory=list)
+    stamp: int = 0
+    job: _Job | None = None
+
+
+class NumbaCudaBackend(Backend):
+    """numba.cuda kernels on one GPU (the current CUDA device).
+
+    ``threads`` bounds the host threads that stage images into pinned memory.
+    ``allow_simulator=True`` lets tests run it under NUMBA_ENABLE_CUDASIM=1.
+    ``device_times`` accumulates GPU time per phase (the benchmark reads and resets it).
+    """
+
+    name = "cuda"
+    uses_gpu = True
+
+    def __init__(self, threads: int | None = None, *, allow_simulator: bool = False) -> None:
+        super().__init__(threads)
+        reason = unavailable_reason(allow_simulator)
+        if reason is not None:
+            raise BackendUnavailable(f"backend 'cuda' is unavailable: {reason}")
+        import numba
+        from numba import cuda
+
+        self._cuda = cuda
+        self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
+        if self._timed:
+            compile_kernels()
+        self.device_times = DeviceTimes()
+        self._staging_threads = min(8, threads or os.cpu_count() or 1)
+        self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
+        self._slots = [
+            _Slot(
+                stream=cuda.stream(),
+                device=BufferPool(lambda count, dtype: self._device_array(count, dtype)),
+                pinned=BufferPool(lambda count, dtype: self._pinned_array(count, dtype)),
+                flags=cuda.to_device(np.zeros(HYSTERESIS_MAX_CHUNK, np.int32)),
+                host_flags=cuda.pinned_array(HYSTERESIS_MAX_CHUNK, np.int32),
+                events=[cuda.event(timing=True) for _ in range(4)] if self._timed else [],
+            )
+            for _ in range(SLOTS)
+        ]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return unavailable_reason(allow_simulator=False)
+
+    # -- allocation (one place, looked up at each call, so that tests can make it fail) ---------
+
+    def _device_array(self, count: int, dtype) -> object:
+        return self._cuda.device_array(count, dtype)
+
+    def _pinned_array(self, count: int, dtype) -> np.ndarray:
+        return self._cuda.pinned_array(count, dtype)
+
+    def _free_device_bytes(self) -> float:
+        """Free GPU memory, counting the buffers this backend holds as free (it reuses them)."""
+        free, _total = self._cuda.current_context().get_memory_info()
+        return free + sum(slot.device.nbytes for slot in self._slots)
+
+    def _release_buffers(self) -> None:
+        for slot in self._slots:
+            slot.job = None
+            try:
+                slot.stream.synchronize()
+            finally:
+                slot.device.release()
+                slot.pinned.release()
+        deallocations = getattr(self._cuda.current_context(), "deallocations", None)  # not simulated
+        if deallocations is not None:
+            deallocations.clear()  # free now, not at numba's next convenient moment
+
+    def close(self) -> None:
+        self._release_buffers()
+        self._stager.shutdown()
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    def process(
+        self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
+    ) -> list[StageResult]:
+        for image in images:
+            check_image(image)
+        results: list[StageResult | None] = [None] * len(images)
+        max_images = None
+        while True:
+            todo = [i for i, result in enumerate(results) if result is None]
+            if not todo:
+                return results  # type: ignore[return-value]
+            plan = [
+                SubBatch(batch.shape, tuple(todo[i] for i in batch.indices))
+                for batch in plan_sub_batches(
+                    [images[i].shape for i in todo], keep_images, self._free_device_bytes(), max_images
+                )
+            ]
+            try:
+                self._run(plan, images, config, bool(keep_images), results)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._release_buffers()
+                unfinished = [b for b in plan if any(results[i] is None for i in b.indices)]
+                largest = max(unfinished, key=lambda b: len(b.indices))
+                if max_images == 1:
+                    need = device_bytes_per_image(largest.shape, keep_images) / 2**20
+                    raise GpuOutOfMemory(
+                        f"GPU out of memory: one image of shape {largest.shape} needs about "
+                        f"{need:.0f} MiB of GPU memory (and pinned host memory to match); "
+                        f"{self._free_device_bytes() / 2**20:.0f} MiB are free"
+                    ) from error
+                max_images = max(1, len(largest.indices) // 2)
+
+    # -- the pipeline ----------------------------------------------------------------------------
+
+    def _run(
+        self,
+        plan: list[SubBatch],
+        images: Sequence[np.ndarray],
+        config: PipelineConfig,
+        keep_images: bool,
+        results: list,
+    ) -> None:
+        """Submit sub-batches alternately to the slots; drive each one's hysteresis while the
+        next one is copied in and starts; collect a slot's results before reusing it."""
+        low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
+        pending: _Slot | None = None
+        for number, batch in enumerate(plan):
+            slot = self._slots[number % SLOTS]
+            self._collect(slot, results)
+            self._submit(slot, batch, images, config, keep_images, low, high)
+            if pending is not None:
+                self._finish(pending)
+            pending = slot
+        if pending is not None:
+            self._finish(pending)
+        for slot in self._slots:
+            self._collect(slot, results)
+
+    def _stage(self, images: Sequence[np.ndarray], indices: tuple[int, ...], staged: np.ndarray) -> None:
+        """Copy the sub-batch's images into the pinned buffer, over threads when it is large."""
+        if staged.nbytes < _PARALLEL_STAGING_BYTES:
+            np.stack([images[i] for i in indices], out=staged)
+            return
+        parts = np.array_split(np.arange(len(indices)), self._staging_threads)
+
+        def copy(part: np.ndarray) -> None:
+            for k in part:
+                np.copyto(staged[k], images[indices[k]])
+
+        list(self._stager.map(copy, [p for p in parts if p.size]))
+
+    def _submit(
+        self,
+        slot: _Slot,
+        batch: SubBatch,
+        images: Sequence[np.ndarray],
+        config: PipelineConfig,
+        keep_images: bool,
+        low: int,
+        high: int,
+    ) -> None:
+        """Stage and copy the images in, and enqueue every stage up to non-maximum suppression."""
+        stream = slot.stream
+        count = len(batch.indices)
+        height, width = batch.shape[:2]
+        pixels = height * width
+        rgb = len(batch.shape) == 3
+        sample_bytes = count * pixels * (3 if rgb else 1)
+
+        staged = slot.pinned.get("input", sample_bytes, np.uint8)
+        self._stage(images, batch.indices, staged.reshape((count, *batch.shape)))
+        source = slot.device.get("input", sample_bytes, np.uint8)
+        self._record(slot, 0)
+        source.copy_to_device(staged, stream=stream)
+        self._record(slot, 1)
+
+        stats = slot.device.get("stats", count * kernels.STATS_WIDTH, np.int32)
+        kernels.zero_int32[-(-stats.shape[0] // kernels.BLOCK_THREADS), kernels.BLOCK_THREADS, stream](stats)
+        per_image_stats = stats.reshape(count, kernels.STATS_WIDTH)
+        grid = pixel_grid(pixels, count)
+        if rgb:
+            gray = slot.device.get("gray", count * pixels, np.uint8)
+            kernels.rgb_to_gray_histogram[grid, kernels.BLOCK_THREADS, stream](
+                source.reshape(count, pixels, 3), gray.reshape(count, pixels), per_image_stats
+            )
+        else:
+            gray = source
+            kernels.gray_histogram[grid, kernels.BLOCK_THREADS, stream](
+                gray.reshape(count, pixels), per_image_stats
+            )
+        lut = slot.device.get("lut", count * 256, np.uint8).reshape(count, 256)
+        kernels.equalize_lut[count, kernels.BLOCK_THREADS, stream](per_image_stats, pixels, lut)
+
+        if keep_images:
+            equalized = slot.device.get("equalized", count * pixels, np.uint8).reshape(count, height, width)
+        else:
+            equalized = slot.device.get("equalized", 1, np.uint8).reshape(1, 1, 1)
+        blurred = slot.device.get("blurred", count * pixels, np.uint8).reshape(count, height, width)
+        tiles = tile_grid(height, width, count)
+        kernels.equalize_and_blur[tiles, _TILE_BLOCK, stream](
+            gray.reshape(count, height, width), lut, config.blur_ksize, equalized, keep_images, blurred
+        )
+        state = slot.device.get("state", count * pixels, np.uint8).reshape(count, height, width)
+        kernels.sobel_nms[tiles, _TILE_BLOCK, stream](blurred, low, high, config.l2_gradient, state)
+        slot.job = _Job(batch, keep_images, stats, equalized, blurred, state)
+
+    def _finish(self, slot: _Slot) -> None:
+        """Run hysteresis to its fixed point, count edges, enqueue the copies back."""
+        job, stream = slot.job, slot.stream
+        count = len(job.batch.indices)
+        pixels = job.batch.pixels
+        job.hysteresis_launches = self._hysteresis(slot, job.state)
+        edges = job.blurred.reshape(count, pixels)  # the blurred image is no longer needed
+        kernels.finalize_edges[pixel_grid(pixels, count), kernels.BLOCK_THREADS, stream](
+            job.state.reshape(count, pixels), edges, job.keep_images, job.stats.reshape(count, kernels.STATS_WIDTH)
+        )
+        self._record(slot, 2)
+        job.host_stats = slot.pinned.get("stats", job.stats.shape[0], np.int32)
+        job.stats.copy_to_host(job.host_stats, stream=stream)
+        if job.keep_images:
+            job.host_equalized = slot.pinned.get("equalized", count * pixels, np.uint8)
+            job.equalized.reshape(count * pixels).copy_to_host(job.host_equalized, stream=stream)
+            job.host_edges = slot.pinned.get("edges", count * pixels, np.uint8)
+            edges.reshape(count * pixels).copy_to_host(job.host_edges, stream=stream)
+        self._record(slot, 3)
+
+    def _hysteresis(self, slot: _Slot, state) -> int:
+        """Launch hysteresis steps on ``state`` (images, h, w) until one changes nothing.
+
+        Launches are queued in chunks, with one host synchronisation per chunk; those past the
+        fixed point return at once. Returns the number of launches queued. Every launch that
+        changes something promotes at least one pixel, so at most ``pixels + 1`` are needed.
+        """
+        count, height, width = state.shape
+        tiles = tile_grid(height, width, count)
+        launched = 0
+        for launches in hysteresis_schedule(count * height * width + 1):
+            for flag in range(launches):
+                previous, slot.stamp = slot.stamp, slot.stamp % (2**31 - 1) + 1  # int32, never 0
+                kernels.hysteresis_step[tiles, _TILE_BLOCK, slot.stream](
+                    state, slot.flags, flag, slot.stamp, previous
+                )
+            launched += launches
+            slot.flags.copy_to_host(slot.host_flags, stream=slot.stream)
+            slot.stream.synchronize()
+            if slot.host_flags[launches - 1] != slot.stamp:
+                return launched
+        raise RuntimeError("hysteresis did not reach its fixed point (a kernel bug)")
+
+    def _record(self, slot: _Slot, phase: int) -> None:
+        if self._timed:
+            slot.events[phase].record(slot.stream)
+
+    def _collect(self, slot: _Slot, results: list) -> None:
+        """Wait for the slot's copies back and turn them into StageResults (copies: the pinned
+        buffers are reused)."""
+        job = slot.job
+        if job is None:
+            return
+        slot.stream.synchronize()
+        count = len(job.batch.indices)
+        height, width = job.batch.shape[:2]
+        stats = job.host_stats.reshape(count, kernels.STATS_WIDTH)
+        for k, index in enumerate(job.batch.indices):
+            result = StageResult(
+                histogram=stats[k, : kernels.EDGE_COUNT].astype(np.int64),
+                edge_count=int(stats[k, kernels.EDGE_COUNT]),
+            )
+            if job.keep_images:
+                result.equalized = job.host_equalized.reshape(count, height, width)[k].copy()
+                result.edges = job.host_edges.reshape(count, height, width)[k].copy()
+            results[index] = result
+        self._account(slot, job)
+        slot.job = None
+
+    def _account(self, slot: _Slot, job: _Job) -> None:
+        times = self.device_times
+        times.pixels += job.batch.pixels * len(job.batch.indices)
+        times.sub_batches += 1
+        times.hysteresis_launches += job.hysteresis_launches
+        if self._timed:
+            start, copied_in, computed, copied_out = slot.events
+            elapsed = self._cuda.event_elapsed_time
+            times.copy_in += elapsed(start, copied_in) / 1e3
+            times.kernels += elapsed(copied_in, computed) / 1e3
+            times.copy_out += elapsed(computed, copied_out) / 1e3
+
+
+_COMPILED = False
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's cache) every kernel for the signatures the backend launches,
+    once per process, so that the first batch is not a compile and timings exclude it."""
+    global _COMPILED
+    if _COMPILED:
+        return
+    for kernel, signatures in kernels.KERNEL_SIGNATURES.items():
+        for signature in signatures:
+            kernel.compile(signature)
+    _COMPILED = True
