@@ -1,0 +1,170 @@
+"""The ``numba`` backend: the pipeline contract on every CPU core, byte-identical to the reference.
+
+The kernels live in :mod:`gpu_pipeline.backends._numba_kernels`; this module hands them a batch
+(a typed list of flat views: no copy), decides how to cut the work (whole images or row bands),
+and turns their flat outputs into :class:`StageResult`. See docs/backends.md, "numba (CPU)".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from cpu_reference.stages import canny_thresholds
+from gpu_pipeline.backends.base import Backend, StageResult, check_image
+from gpu_pipeline.config import PipelineConfig
+
+#: Bands shorter than this waste too much on recomputed rows at their ends.
+MIN_BAND_ROWS = 64
+#: Work items per thread a batch is cut into, when its images are too few to go whole.
+ITEMS_PER_THREAD = 4
+
+#: Serialises calls when numba runs the ``workqueue`` layer, which aborts on concurrent calls.
+_SERIAL_CALLS = threading.Lock()
+
+
+def _exclusive_cumsum(sizes: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(sizes), np.int64)
+    np.cumsum(sizes[:-1], out=offsets[1:])
+    return offsets
+
+
+def plan_bands(heights: np.ndarray, widths: np.ndarray, threads: int) -> np.ndarray:
+    """How many row bands each image of a batch is cut into.
+
+    Bands of about ``1 / (ITEMS_PER_THREAD * threads)`` of the batch's pixels: a batch of many
+    images goes whole (one thread per image, no seams); a few large images are cut so that
+    every thread gets work. No band is shorter than ``MIN_BAND_ROWS`` rows.
+    """
+    pixels = heights * widths
+    target = max(1, int(pixels.sum()) // (ITEMS_PER_THREAD * threads))
+    wanted = -(-pixels // target)
+    return np.clip(wanted, 1, np.maximum(1, heights // MIN_BAND_ROWS)).astype(np.int64)
+
+
+class WorkItems(NamedTuple):
+    """Bands of rows ``[r0, r1)`` of images, the unit of parallel work."""
+
+    bands: np.ndarray  # per image: how many items it was cut into
+    first: np.ndarray  # per image: its first item (items of one image are consecutive)
+    image: np.ndarray  # per item
+    r0: np.ndarray
+    r1: np.ndarray
+    order: np.ndarray  # items, largest first: the order threads claim them in
+
+
+def plan_items(heights: np.ndarray, widths: np.ndarray, threads: int) -> WorkItems:
+    """Cut a batch into work items (see :func:`plan_bands`), rows shared out evenly per image."""
+    bands = plan_bands(heights, widths, threads)
+    first = _exclusive_cumsum(bands)
+    image = np.repeat(np.arange(len(heights), dtype=np.int64), bands)
+    index = np.arange(len(image), dtype=np.int64) - first[image]
+    r0 = index * heights[image] // bands[image]
+    r1 = (index + 1) * heights[image] // bands[image]
+    order = np.argsort(-(r1 - r0) * widths[image], kind="stable")
+    return WorkItems(bands, first, image, r0, r1, order)
+
+
+class NumbaCpuBackend(Backend):
+    """numba ``parallel=True`` kernels on ``threads`` cores (default: all of numba's threads).
+
+    Safe to call from several Python threads at once (the kernels release the GIL and run on a
+    thread-safe threading layer, or calls are serialised when only ``workqueue`` exists).
+    """
+
+    name = "numba"
+
+    def __init__(self, threads: int | None = None) -> None:
+        import numba
+
+        from gpu_pipeline.backends import _numba_kernels
+
+        self._numba = numba
+        self._kernels = _numba_kernels
+        self._typed_list = numba.typed.List
+        self._flat_type = numba.types.Array(numba.types.uint8, 1, "C", readonly=True)  # inputs are only read
+        available = numba.config.NUMBA_NUM_THREADS
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        # numba cannot start more threads than NUMBA_NUM_THREADS, fixed when it was imported
+        super().__init__(threads=available if threads is None else min(threads, available))
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import numba  # noqa: F401
+        except (ImportError, OSError) as exc:  # numba missing, or a broken llvmlite
+            return f"numba cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+        return None
+
+    def warm_up(self) -> None:
+        """Compile (or load from the cache) every kernel, so later calls time only the work."""
+        tiny = [np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8)]
+        self.process(tiny, PipelineConfig(), keep_images=True)
+
+    def process(
+        self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
+    ) -> list[StageResult]:
+        for image in images:
+            check_image(image)
+        if not images:
+            return []
+        from gpu_pipeline.backends import _numba_setup
+
+        self._numba.set_num_threads(self.threads)  # per calling thread
+        serial = contextlib.nullcontext() if _numba_setup.threading_layer_is_threadsafe() else _SERIAL_CALLS
+        with serial:
+            return self._run(images, config, keep_images)
+
+    def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> list[StageResult]:
+        """One pass of the kernels over a batch of any shapes."""
+        k = self._kernels
+        flat = self._typed_list.empty_list(self._flat_type)
+        for image in images:
+            flat.append(image.reshape(-1))  # a view for the C-contiguous images backends receive
+        heights = np.array([im.shape[0] for im in images], np.int64)
+        widths = np.array([im.shape[1] for im in images], np.int64)
+        channels = np.array([3 if im.ndim == 3 else 1 for im in images], np.int64)
+        pixels = heights * widths
+        gray_sizes = np.where(channels == 3, pixels, 0)
+        gray_off = _exclusive_cumsum(gray_sizes)
+        gray = np.empty(int(gray_sizes.sum()), np.uint8)
+
+        items = plan_items(heights, widths, self.threads)
+        workers = min(self.threads, len(items.image))
+        hist_parts = np.empty((len(items.image), 256), np.int64)
+        k.gray_histograms(flat, channels, gray, gray_off, heights, widths, items.image, items.r0, items.r1,
+                          items.order, workers, hist_parts)
+        hists = np.add.reduceat(hist_parts, items.first, axis=0)
+        luts = k.equalize_luts(hists, pixels)
+
+        map_sizes = (heights + 2) * (widths + 2)
+        map_off = _exclusive_cumsum(map_sizes)
+        maps = np.empty(int(map_sizes.sum()), np.uint8)
+        eq_off = _exclusive_cumsum(pixels) if keep else np.zeros(len(images), np.int64)
+        equalized = np.empty(int(pixels.sum()) if keep else 1, np.uint8)
+        low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
+        counts = np.empty(len(items.image), np.int64)
+        k.edge_maps(flat, channels, gray, gray_off, heights, widths, luts, items.image, items.r0, items.r1,
+                    items.order, workers, config.blur_ksize, config.l2_gradient, low, high, maps, map_off,
+                    equalized, eq_off, keep, counts)
+        edge_counts = np.add.reduceat(counts, items.first)
+        if (items.bands > 1).any():
+            marked = np.zeros(len(images), np.int64)
+            k.join_bands(maps, map_off, heights, widths, items.r0, items.first, items.bands, marked)
+            edge_counts += marked
+
+        results = []
+        for i in range(len(images)):
+            result = StageResult(histogram=hists[i], edge_count=int(edge_counts[i]))
+            if keep:
+                h, w = int(heights[i]), int(widths[i])
+                result.equalized = equalized[eq_off[i]:eq_off[i] + h * w].reshape(h, w)
+                edge_map = maps[map_off[i]:map_off[i] + map_sizes[i]].reshape(h + 2, w + 2)[1:-1, 1:-1]
+                result.edges = (edge_map == k.EDGE).view(np.uint8) * np.uint8(255)
+            results.append(result)
+        return results

@@ -1,0 +1,326 @@
+"""The numba CPU backend is byte-identical to the reference, whatever the batch and the threads.
+
+The reference (cpu_reference) is itself held byte-equal to OpenCV 5 by test_reference_opencv.py.
+Kernels compile once per session (and load from numba's cache on reruns).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cpu_reference as ref
+from gpu_pipeline.backends import _numba_setup, numba_cpu, registry
+from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+from gpu_pipeline.config import MAX_THRESHOLD, DecodeOptions, PipelineConfig
+from gpu_pipeline.io import DecodeError, decode_image, discover
+from tests.strategies import ODD_SHAPES, images
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Thresholds where off-by-one mistakes show: 0, equal, swapped, fractional, around the L1
+#: maximum of 2040, the L2 clamp at 32767 and the largest the config accepts.
+THRESHOLDS = [0.0, 0.5, 1.0, 31.9, 50.0, 100.0, 150.0, 2039.0, 2040.0, 2041.0, 32767.0, 40000.0,
+              float(MAX_THRESHOLD)]
+
+configs = st.builds(
+    PipelineConfig,
+    low_threshold=st.one_of(st.sampled_from(THRESHOLDS), st.floats(0, 400)),
+    high_threshold=st.one_of(st.sampled_from(THRESHOLDS), st.floats(0, 800)),
+    l2_gradient=st.booleans(),
+    blur_ksize=st.sampled_from([3, 5, 7]),
+)
+
+
+@pytest.fixture(scope="module")
+def backend() -> NumbaCpuBackend:
+    numba_backend = NumbaCpuBackend()
+    numba_backend.warm_up()
+    return numba_backend
+
+
+def assert_matches_reference(images: list[np.ndarray], config: PipelineConfig, results, names=None) -> None:
+    """Every result byte-equal to the reference: histogram, equalized, edges and edge count."""
+    assert len(results) == len(images)
+    for index, (image, result) in enumerate(zip(images, results)):
+        name = names[index] if names else f"image {index} {image.shape}"
+        expected = ref.process_image(image, config)
+        assert result.histogram.dtype == np.int64, name
+        assert np.array_equal(result.histogram, expected.histogram), f"{name}: histogram"
+        for stage in ("equalized", "edges"):
+            ours, theirs = getattr(result, stage), getattr(expected, stage)
+            assert ours.dtype == np.uint8 and ours.shape == theirs.shape, f"{name}: {stage} {ours.shape}"
+            differ = np.argwhere(ours != theirs)
+            assert differ.size == 0, f"{name}: {stage}: {len(differ)} pixels differ, first at {differ[0]}"
+        assert type(result.edge_count) is int and result.edge_count == expected.edge_count, name
+
+
+def decode_all(root: Path) -> tuple[list[np.ndarray], list[str]]:
+    images, names = [], []
+    for path in discover([root]):
+        try:
+            images.append(decode_image(path, DecodeOptions()))
+        except DecodeError:  # files that are errors by design (e.g. 5 bands without --bands)
+            continue
+        names.append(str(path.relative_to(root)))
+    return images, names
+
+
+# --- parity on real data -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [PipelineConfig(), PipelineConfig(30, 90, l2_gradient=True, blur_ksize=3)],
+                         ids=["default", "l2-k3"])
+def test_shared_data_matches_reference(backend, shared_data_dir, config):
+    images, names = decode_all(shared_data_dir)
+    assert len(images) >= 1026
+    assert_matches_reference(images, config, backend.process(images, config, keep_images=True), names)
+
+
+@pytest.mark.parametrize("config", [PipelineConfig(), PipelineConfig(20, 60, blur_ksize=7)], ids=["default", "k7"])
+def test_bundled_data_matches_reference(backend, bundled_data_dir, config):
+    images, names = decode_all(bundled_data_dir)
+    assert images, f"no decodable image under {bundled_data_dir}"
+    assert_matches_reference(images, config, backend.process(images, config, keep_images=True), names)
+
+
+# --- parity on generated images ------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(images(), min_size=1, max_size=4), config=configs)
+def test_random_batches_match_reference(backend, batch, config):
+    assert_matches_reference(batch, config, backend.process(batch, config, keep_images=True))
+
+
+@pytest.mark.parametrize("ksize", [3, 5, 7])
+@pytest.mark.parametrize("l2", [False, True], ids=["L1", "L2"])
+def test_odd_shapes_match_reference(backend, ksize, l2):
+    rng = np.random.default_rng(ksize + 10 * l2)
+    batch = [rng.integers(0, 256, shape + channels, dtype=np.uint8)
+             for shape in ODD_SHAPES for channels in ((), (3,))]
+    config = PipelineConfig(10, 40, l2_gradient=l2, blur_ksize=ksize)
+    assert_matches_reference(batch, config, backend.process(batch, config, keep_images=True))
+
+
+def smooth_noise(rng: np.random.Generator, height: int, width: int, channels: tuple = ()) -> np.ndarray:
+    """Blocky noise, upsampled: real edges of every direction, with plateaus and ties."""
+    coarse = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2) + channels)
+    return np.ascontiguousarray(np.repeat(np.repeat(coarse, 8, 0), 8, 1)[:height, :width].astype(np.uint8))
+
+
+def test_mixed_batch_in_one_call(backend):
+    """Gray and RGB, large and tiny, read-only and strided, in one call: results in order, matching."""
+    rng = np.random.default_rng(7)
+    read_only = smooth_noise(rng, 90, 70, (3,))
+    read_only.flags.writeable = False
+    batch = [smooth_noise(rng, 700, 900, (3,)), np.full((1, 1), 9, np.uint8), smooth_noise(rng, 64, 64),
+             rng.integers(0, 256, (1, 5, 3), dtype=np.uint8), smooth_noise(rng, 517, 333),
+             rng.integers(0, 256, (3, 1), dtype=np.uint8), smooth_noise(rng, 64, 64, (3,)),
+             smooth_noise(rng, 17, 1000, (3,)), read_only, smooth_noise(rng, 80, 90)[::2, ::3]]
+    config = PipelineConfig(40, 120)
+    assert_matches_reference(batch, config, backend.process(batch, config, keep_images=True))
+
+
+@contextmanager
+def short_bands(items_per_thread: int):
+    """Cut images into more, shorter bands (down to one row) than the backend normally would."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_cpu, "MIN_BAND_ROWS", 1)
+        patch.setattr(numba_cpu, "ITEMS_PER_THREAD", items_per_thread)
+        yield
+
+
+@settings(max_examples=60, deadline=None)
+@given(image=images(max_side=80), config=configs, items_per_thread=st.sampled_from([3, 64]))
+def test_row_bands_give_the_same_bytes(backend, image, config, items_per_thread):
+    """Images cut into many row bands (down to one row each) still give the reference's bytes.
+
+    This exercises the halo rows each band recomputes and the flood across band seams.
+    """
+    with short_bands(items_per_thread):
+        bands = numba_cpu.plan_bands(np.array([image.shape[0]]), np.array([image.shape[1]]), backend.threads)
+        assert bands[0] >= min(image.shape[0], items_per_thread * backend.threads)
+        results = backend.process([image], config, keep_images=True)
+    assert_matches_reference([image], config, results)
+
+
+def test_edges_crossing_many_seams(backend):
+    """A weak edge running down through every band, strong only in its first rows: hysteresis
+    must carry it across each seam. (The reference checks the premise: no strong gradient below
+    row 12, yet edges at the bottom.)"""
+    image = np.zeros((120, 64), np.uint8)
+    image[:, 34:] = np.linspace(60, 255, 30).astype(np.uint8)  # a gentle ramp shapes the LUT
+    image[:, 30:34] = 40  # the weak step ...
+    image[:6, 30:34] = 200  # ... strong at the top only
+    config = PipelineConfig(20, 100, blur_ksize=5)
+    expected = ref.process_image(image, config)
+    dx, dy = ref.sobel(expected.blurred)
+    assert (np.nonzero(np.abs(dx) + np.abs(dy) > 100)[0] < 12).all() and expected.edges[100:].any()
+    with short_bands(items_per_thread=16):
+        results = backend.process([image], config, keep_images=True)
+    assert_matches_reference([image], config, results)
+
+
+@settings(max_examples=30, deadline=None)
+@given(image=images())
+def test_histogram_equals_bincount_of_gray(backend, image):
+    (result,) = backend.process([image], PipelineConfig())
+    assert result.histogram.dtype == np.int64 and result.histogram.shape == (256,)
+    assert np.array_equal(result.histogram, np.bincount(ref.gray(image).ravel(), minlength=256))
+    assert result.equalized is None and result.edges is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), min_size=1, max_size=30),
+       threads=st.integers(1, 64))
+def test_work_items_cover_every_row_once(shapes, threads):
+    heights = np.array([h for h, _ in shapes], np.int64)
+    widths = np.array([w for _, w in shapes], np.int64)
+    items = numba_cpu.plan_items(heights, widths, threads)
+    for i, height in enumerate(heights):
+        mine = np.arange(items.first[i], items.first[i] + items.bands[i])
+        assert (items.image[mine] == i).all()
+        assert items.r0[mine[0]] == 0 and items.r1[mine[-1]] == height
+        assert (items.r0[mine[1:]] == items.r1[mine[:-1]]).all() and (items.r1[mine] > items.r0[mine]).all()
+        assert items.bands[i] == 1 or (items.r1[mine] - items.r0[mine]).min() >= numba_cpu.MIN_BAND_ROWS
+    assert sorted(items.order.tolist()) == list(range(len(items.image)))
+    sizes = ((items.r1 - items.r0) * widths[items.image])[items.order]
+    assert (np.diff(sizes) <= 0).all()
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+
+def test_threads_argument(backend):
+    most = numba.config.NUMBA_NUM_THREADS
+    assert backend.threads == most
+    assert NumbaCpuBackend(threads=1).threads == 1
+    assert NumbaCpuBackend(threads=most + 5).threads == most
+    with pytest.raises(ValueError):
+        NumbaCpuBackend(threads=0)
+
+    rng = np.random.default_rng(3)
+    batch = [smooth_noise(rng, 300, 200, (3,)), smooth_noise(rng, 64, 64)]
+    one = NumbaCpuBackend(threads=1)
+    single = one.process(batch, PipelineConfig(), keep_images=True)
+    assert numba.get_num_threads() == 1  # set in the calling thread by process()
+    everyone = backend.process(batch, PipelineConfig(), keep_images=True)
+    for a, b in zip(single, everyone):
+        assert np.array_equal(a.edges, b.edges) and np.array_equal(a.histogram, b.histogram)
+
+
+def test_concurrent_calls_from_python_threads(backend):
+    """Four Python threads calling at once (two backends, several batches) get identical results."""
+    rng = np.random.default_rng(11)
+    batches = [[smooth_noise(rng, 256, 300, (3,)), smooth_noise(rng, 64, 64)],
+               [smooth_noise(rng, 64, 64, (3,)) for _ in range(40)],
+               [smooth_noise(rng, 640, 480)],
+               [rng.integers(0, 256, (33, 47, 3), dtype=np.uint8) for _ in range(10)]]
+    config = PipelineConfig(30, 90)
+    expected = [backend.process(batch, config, keep_images=True) for batch in batches]
+    other = NumbaCpuBackend(threads=1)
+
+    def run(job: int):
+        worker = backend if job % 2 else other
+        return [worker.process(batches[job % 4], config, keep_images=True) for _ in range(3)]
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(run, range(8)))
+    for job, repeats in enumerate(outcomes):
+        for results in repeats:
+            for got, want in zip(results, expected[job % 4]):
+                assert got.edge_count == want.edge_count
+                assert np.array_equal(got.edges, want.edges) and np.array_equal(got.equalized, want.equalized)
+                assert np.array_equal(got.histogram, want.histogram)
+    assert _numba_setup.threading_layer_is_threadsafe(), numba.threading_layer()
+
+
+# --- environment: registry, threading layer, cache directory -------------------------------------
+
+
+def test_registered_and_available():
+    assert NumbaCpuBackend.unavailable_reason() is None
+    assert registry.unavailable_reason("numba") is None
+    created = registry.create("numba", threads=1)
+    assert isinstance(created, NumbaCpuBackend) and created.threads == 1
+
+
+def test_threading_layer_is_threadsafe_after_a_call(backend):
+    backend.process([np.zeros((4, 4), np.uint8)], PipelineConfig())
+    if not any(_numba_setup._layer_loads(name) for name in _numba_setup.THREADSAFE_LAYERS):
+        pytest.skip("neither omp nor tbb loads here: calls are serialised on workqueue instead")
+    assert numba.threading_layer() in _numba_setup.THREADSAFE_LAYERS
+
+
+def _blocked(tmp_path: Path) -> Path:
+    """A path nothing can be created under, even as root: its parent is a regular file."""
+    wall = tmp_path / "wall"
+    wall.write_text("not a directory")
+    return wall / "inside"
+
+
+def test_cache_dir_falls_back_when_nothing_usual_is_writable(tmp_path, monkeypatch):
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "__pycache__").write_text("a file where numba wants a folder")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_blocked(tmp_path)))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    chosen = _numba_setup.choose_cache_dir(package)
+    assert chosen is not None and Path(chosen).parent == tmp_path / "tmp"
+    assert numba.config.CACHE_DIR == chosen
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr("tempfile.tempdir", str(_blocked(tmp_path)))
+    assert _numba_setup.choose_cache_dir(package) is None  # then kernels compile without a cache
+
+
+def test_cache_dir_keeps_the_users_choice(tmp_path, monkeypatch):
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "mine"))
+    assert _numba_setup.choose_cache_dir(tmp_path) == str(tmp_path / "mine")
+
+
+@pytest.mark.slow
+def test_read_only_install_compiles_into_a_writable_cache(tmp_path):
+    """The package in a folder numba cannot write to, and a home without a cache: it still runs,
+    caches its kernels in the fallback folder, and a second process loads them from there."""
+    install = tmp_path / "install"
+    for package in ("gpu_pipeline", "cpu_reference"):
+        shutil.copytree(REPO / package, install / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (install / "gpu_pipeline" / "backends" / "__pycache__").write_text("read-only install")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")}
+    env.update(PYTHONPATH=str(install), HOME=str(_blocked(tmp_path)), TMPDIR=str(temp),
+               PYTHONDONTWRITEBYTECODE="1")
+    env.pop("XDG_CACHE_HOME", None)
+    script = textwrap.dedent("""
+        import numba, numpy as np
+        import cpu_reference as ref
+        from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+        from gpu_pipeline.config import PipelineConfig
+        image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+        (result,) = NumbaCpuBackend().process([image], PipelineConfig(), keep_images=True)
+        assert np.array_equal(result.edges, ref.process_image(image, PipelineConfig()).edges)
+        print(numba.config.CACHE_DIR)
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, check=False) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    cache_dir = Path(runs[0].stdout.strip())
+    assert cache_dir.parent == temp, runs[0].stdout
+    assert list(cache_dir.rglob("*.nbi")), "no kernel was cached"
