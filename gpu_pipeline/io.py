@@ -17,7 +17,11 @@ Decoding
 --------
 The first bytes choose the decoder, not the extension: TIFF and BigTIFF go to tifffile, which
 reads the first page only (the full-resolution image of a COG, never an overview or a later
-page); PNG, JPEG, BMP, GIF (first frame) and WebP go to Pillow. Pixels are used as stored
+page); PNG, JPEG, BMP, GIF (first frame) and WebP go to Pillow. Complete 8-bit gray or three-channel
+JPEGs take a faster path through imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same
+pixels as Pillow (both run libjpeg with its default, accurate IDCT) at about twice the speed on
+small tiles; a JPEG that does not end with its EOI marker (truncated), or any other JPEG, goes to
+Pillow, which refuses truncated data where libjpeg alone would fill it in. Pixels are used as stored
 (no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF compressions need the
 ``imagecodecs`` package; without it the error says so. Pillow keeps only the high byte of
 16-bit RGB PNGs (16-bit gray PNGs keep all 16 bits and are stretched as below).
@@ -81,6 +85,11 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from gpu_pipeline.config import DecodeOptions
+
+try:
+    from imagecodecs import jpeg8_decode
+except ImportError:  # then every JPEG goes through Pillow
+    jpeg8_decode = None
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -182,10 +191,13 @@ def decode_image(path: str | os.PathLike[str], options: DecodeOptions) -> np.nda
                 raise DecodeError("read", "the file is empty (0 bytes)")
             fh.seek(0)
             stage = "decode"
+            nodata = None
             if magic in _TIFF_MAGIC:
                 bands, nodata = _read_tiff(fh, options.max_pixels)
+            elif magic.startswith(_JPEG_MAGIC) and jpeg8_decode is not None:
+                bands = _read_jpeg(fh, options.max_pixels)
             else:
-                bands, nodata = _read_with_pillow(fh, options.max_pixels), None
+                bands = _read_with_pillow(fh, options.max_pixels)
         stage = "normalise"
         image = _to_uint8(_select_bands(bands, options.bands), options.stretch, nodata)
         return np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image)
@@ -238,6 +250,45 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
             im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
         bands = np.array(im)  # loads the pixels; writeable, unlike np.asarray
     return _native_order(bands).reshape(im.height, im.width, -1)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+#: Start-of-frame markers (all but DHT C4, JPG C8 and DAC CC): they carry the image size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, height, width, components) from a JPEG's start-of-frame segment, or None."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            return data[i + 4], int.from_bytes(data[i + 5:i + 7], "big"), \
+                int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
+    """Bands (H, W, C) of a JPEG: libjpeg-turbo directly when it is a complete 8-bit gray or
+    three-channel image, else Pillow (CMYK, 12-bit, truncated, damaged headers)."""
+    data = fh.read()
+    frame = _jpeg_frame(data)
+    complete = data.rstrip(b"\0").endswith(b"\xff\xd9")  # the end-of-image marker
+    if frame is None or frame[0] != 8 or frame[3] not in (1, 3) or not complete:
+        fh.seek(0)
+        return _read_with_pillow(fh, max_pixels)
+    _, height, width, _ = frame
+    _check_size(width, height, max_pixels)
+    bands = jpeg8_decode(data)
+    return bands.reshape(height, width, -1)
 
 
 def _format_by_signature(head: bytes) -> str | None:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from gpu_pipeline import io as gpu_io
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.io import IMAGE_EXTENSIONS, DecodeError, UsageError, decode_image, discover
 from tests.strategies import images
@@ -701,3 +702,58 @@ def test_all_shared_data_decodes(shared_data_dir: Path) -> None:
         assert image.dtype == np.uint8 and image.flags.c_contiguous and image.shape[-1] == 3
     cog = decode_image(shared_data_dir / "multiband/rio-tiler_mosaic_cog1.tif", DEFAULT)
     assert cog.shape == (790, 779, 3)  # the full-resolution page, not an overview
+
+
+# ---------------------------------------------------------------- the fast JPEG path
+
+
+def _pillow_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    gray=st.booleans(),
+    quality=st.integers(5, 100),
+    subsampling=st.sampled_from([0, 1, 2]),
+    progressive=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fast_jpeg_path_gives_pillows_pixels(tmp_path_factory, shape, gray, quality, subsampling, progressive,
+                                             seed):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, shape if gray else (*shape, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive)
+    path = tmp_path_factory.mktemp("jpeg") / "x.jpg"
+    path.write_bytes(buffer.getvalue())
+    assert gpu_io.jpeg8_decode is not None
+    decoded = decode_image(path, DecodeOptions())
+    assert np.array_equal(decoded, _pillow_pixels(buffer.getvalue()))
+
+
+def test_truncated_jpeg_is_refused_not_filled_in(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    for cut in (len(data) // 2, len(data) - 2):
+        path = tmp_path / f"cut{cut}.jpg"
+        path.write_bytes(data[:cut])
+        with pytest.raises(DecodeError) as error:
+            decode_image(path, DecodeOptions())
+        assert error.value.stage == "decode" and "truncated" in str(error.value)
+
+
+def test_cmyk_jpeg_goes_through_pillow(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(np.full((8, 9, 4), 40, np.uint8), "CMYK").save(path, "JPEG")
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGB"))
+    assert np.array_equal(decode_image(path, DecodeOptions()), expected)
+
+
+def test_fast_jpeg_path_matches_pillow_on_real_tiles(shared_data_dir):
+    for path in sorted(shared_data_dir.rglob("*.jpg"))[::7]:
+        assert np.array_equal(decode_image(path, DecodeOptions()), _pillow_pixels(path.read_bytes())), path
