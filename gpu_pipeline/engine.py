@@ -164,7 +164,7 @@ class Engine:
     backend: Backend
     config: PipelineConfig = field(default_factory=PipelineConfig)
     decode_options: DecodeOptions = field(default_factory=DecodeOptions)
-    batch_size: int = 64
+    batch_size: int = 256
     batch_pixels: int = DEFAULT_BATCH_PIXELS
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     label_of: Callable[[Features], str] = default_label
