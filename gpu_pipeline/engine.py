@@ -13,6 +13,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -87,18 +88,32 @@ def _decode(path: Path, options: DecodeOptions) -> Decoded:
         return Decoded(path, error=error_record(path, "decode", one_line(exc)))
 
 
-def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int) -> Iterator[Decoded]:
-    """Decode in a thread pool (Pillow and tifffile release the GIL), in order, at most ``prefetch`` ahead."""
+#: Paths per decode task: one task per image costs more in the thread pool than decoding a tile.
+DECODE_CHUNK = 16
+
+
+def _decode_all(paths: list[Path], options: DecodeOptions) -> list[Decoded]:
+    return [_decode(path, options) for path in paths]
+
+
+def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int,
+                  prefetch: int) -> Iterator[Decoded]:
+    """Decode in a thread pool (Pillow, libjpeg-turbo and tifffile release the GIL), in order.
+
+    Paths go to the pool in chunks; at most ``prefetch`` images are decoded ahead of the consumer.
+    """
+    chunk = max(1, min(DECODE_CHUNK, prefetch))
+    in_flight = max(1, prefetch // chunk)
+    path_iter = iter(paths)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
-        path_iter = iter(paths)
         try:
-            for path in path_iter:
-                pending.append(pool.submit(_decode, path, options))
-                if len(pending) >= prefetch:
-                    yield pending.popleft().result()
+            while chunk_paths := list(islice(path_iter, chunk)):
+                pending.append(pool.submit(_decode_all, chunk_paths, options))
+                if len(pending) >= in_flight:
+                    yield from pending.popleft().result()
             while pending:
-                yield pending.popleft().result()
+                yield from pending.popleft().result()
         finally:  # the consumer stopped early: drop what is queued
             for future in pending:
                 future.cancel()
