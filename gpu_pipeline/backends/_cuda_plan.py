@@ -6,7 +6,6 @@ which integer thresholds Canny compares with, launch geometry, and the hysteresi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ SLOTS = 2
 PIXELS_PER_THREAD = 16
 #: Most hysteresis launches between two host checks (the length of the changed-flag array).
 HYSTERESIS_MAX_CHUNK = 16
-_INT32_MIN = -(2**31)
 CUDA_ERROR_OUT_OF_MEMORY = 2
 
 
@@ -47,27 +45,6 @@ class SubBatch:
 
 class GpuOutOfMemory(MemoryError):
     """Even a single image does not fit in the GPU memory that is free."""
-
-
-def canny_thresholds(low: float, high: float, l2_gradient: bool) -> tuple[int, int]:
-    """The integer thresholds cv2.Canny compares magnitudes with (``m > low``, ``m > high``).
-
-    Swapped if ``low > high``; for L2 clamped to 32767 and squared, since the magnitude is
-    dx*dx + dy*dy; then floored to int. cvFloor of a value beyond int32 yields INT32_MIN on x86
-    (the conversion's "integer indefinite"), which makes every pixel strong: kept for parity.
-    """
-    if low > high:
-        low, high = high, low
-    if l2_gradient:
-        low, high = min(32767.0, low), min(32767.0, high)
-        low = low * low if low > 0 else low
-        high = high * high if high > 0 else high
-    return _cv_floor(low), _cv_floor(high)
-
-
-def _cv_floor(value: float) -> int:
-    floored = math.floor(value)
-    return floored if _INT32_MIN <= floored < 2**31 else _INT32_MIN
 
 
 def device_bytes_per_image(shape: tuple[int, ...], keep_images: bool) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
@@ -72,26 +72,6 @@ class GpuOutOfMemory(MemoryError):
 
 
 # --- pure host logic --------------------------------------------------------------------------------
-
-
-def canny_thresholds(low: float, high: float, l2_gradient: bool) -> tuple[int, int]:
-    """The int32 thresholds of ``cv2.Canny`` (docs/contract.md, "Thresholds").
-
-    Swapped when ``low > high``; with L2 each is capped at 32767 and squared when positive; then
-    floored, and a floor outside the int32 range becomes -2**31 as in OpenCV's conversion.
-    """
-    if low > high:
-        low, high = high, low
-
-    def to_int32(threshold: float) -> int:
-        if l2_gradient:
-            threshold = min(32767.0, threshold)
-            if threshold > 0:
-                threshold *= threshold
-        floored = math.floor(threshold)
-        return floored if -(2**31) <= floored < 2**31 else -(2**31)
-
-    return to_int32(low), to_int32(high)
 
 
 @dataclass(frozen=True)

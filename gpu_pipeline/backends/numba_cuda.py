@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends._cuda_plan import (
     HYSTERESIS_MAX_CHUNK,
@@ -28,7 +29,6 @@ from gpu_pipeline.backends._cuda_plan import (
     BufferPool,
     GpuOutOfMemory,
     SubBatch,
-    canny_thresholds,
     device_bytes_per_image,
     hysteresis_schedule,
     is_out_of_memory,
