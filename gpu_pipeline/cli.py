@@ -99,6 +99,9 @@ def run(
         None, "--model", "-m",
         help="Label with a model from `gpu-pipeline fit` (or the shipped one: eurosat) instead of the default rule."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+    dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",
+                                       help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "
+                                       "local:N (N worker processes here). Needs gpu-pipeline[dask]."),
 ) -> None:
     """Process images: one JSON record per image (a result or an error).
 
@@ -121,7 +124,7 @@ def run(
             out=out, backend_name=backend, config=config, decode_options=decode_options, glob=glob,
             workers=workers or os.cpu_count() or 2, threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
-            retry_failed=retry_failed, model=model,
+            retry_failed=retry_failed, model=model, dask=dask,
         )
     except UsageError as exc:
         fail_usage(str(exc))

@@ -144,10 +144,13 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
 def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineConfig,
             decode_options: DecodeOptions, glob: str | None, workers: int, threads: int | None,
             batch_size: int, save_edges: Path | None, quiet: bool, output_format: str | None = None,
-            overwrite: bool = False, retry_failed: bool = False, model: str | None = None) -> int:
+            overwrite: bool = False, retry_failed: bool = False, model: str | None = None,
+            dask: str | None = None) -> int:
     """Run the whole job; returns the exit status (0 all ok, 1 some failed, 130/143 on a signal).
 
-    Paths are recorded absolute, so a rerun from another folder still resumes.
+    Paths are recorded absolute, so a rerun from another folder still resumes. With ``dask`` (a
+    scheduler address or ``local:N``) the images are processed on a Dask cluster, which stands
+    where the backend would (:mod:`gpu_pipeline.distributed`).
     """
     # A damaged TIFF becomes that file's error record; tifffile's own warnings would only add noise.
     logging.getLogger("tifffile").setLevel(logging.ERROR)
@@ -157,7 +160,12 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
                          + (f" matching {glob!r}" if glob else ""))
     label_of = label_function(model, config)
     settings = {"pipeline": asdict(config), "decode": asdict(decode_options), "model": model_identity(model)}
-    backend = open_backend(backend_name, threads)
+    if dask is None:
+        backend, engine_class = open_backend(backend_name, threads), Engine
+    else:
+        from gpu_pipeline.distributed import DaskCluster, DaskEngine
+
+        backend, engine_class = DaskCluster(dask, backend_name, threads), DaskEngine
     try:
         sink = open_sink(out, output_format, resume=not overwrite, retry_failed=retry_failed)
         resuming = bool(sink.existing.succeeded or sink.existing.failed)
@@ -169,9 +177,9 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
     done = sink.existing.succeeded | sink.existing.failed
     todo = [path for path in files if str(path) not in done]
     earlier_failures = sum(str(path) in sink.existing.failed for path in files)
-    engine = Engine(backend=backend, config=config, decode_options=decode_options, batch_size=batch_size,
-                    workers=workers, label_of=label_of,
-                    on_edges=edge_saver(save_edges, files) if save_edges else None)
+    engine = engine_class(backend=backend, config=config, decode_options=decode_options, batch_size=batch_size,
+                          workers=workers, label_of=label_of,
+                          on_edges=edge_saver(save_edges, files) if save_edges else None)
     console = Console(stderr=True, soft_wrap=True)
     if not quiet and done:
         console.print(f"resuming {out}: {len(files) - len(todo)} of {len(files)} images already recorded"

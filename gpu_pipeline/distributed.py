@@ -1,0 +1,403 @@
+"""``gpu-pipeline run --dask``: the same job on a Dask cluster, each record written exactly once.
+
+The client (this process) discovers the files, opens the sink and filters what is already recorded,
+exactly as a local run does. It then cuts ``todo`` into chunks of paths and submits one task per
+chunk, a bounded number at a time. On a worker a task decodes its paths and runs the backend through
+the same :class:`~gpu_pipeline.engine.Engine` as a local run, and returns records only: pixels never
+travel through the scheduler. The client writes each chunk's records through the sink when the
+chunk's future completes. A future completes once, even when Dask reruns its task because a worker
+died, so every path is written once; a rerun resumes from the sink like a local run.
+
+Chunks aim at :data:`TARGET_CHUNK_SECONDS` of work each, from the throughput measured on the
+chunks already done: long enough that the scheduler sees a few tasks per second per worker, short
+enough that a killed worker loses little and the last chunks end together.
+
+Dask is optional (the ``dask`` extra) and imported only when ``--dask`` is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gpu_pipeline.backends import Backend, BackendUnavailable, create
+from gpu_pipeline.backends.registry import backend_names
+from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine import Engine, RunSummary, one_line
+from gpu_pipeline.io import UsageError
+
+INSTALL_HINT = "--dask needs Dask distributed: pip install 'gpu-pipeline[dask]'"
+#: How long to wait for the scheduler to answer and for a first worker to join it.
+CONNECT_TIMEOUT_S = 30.0
+#: Work per chunk the client aims at, once it has measured the workers' throughput.
+TARGET_CHUNK_SECONDS = 2.0
+#: Chunk sizes before any measurement, and the bounds of the measured ones. 4096 records are
+#: about 6 MB of results per task, still a small message.
+FIRST_CHUNK, MIN_CHUNK, MAX_CHUNK = 128, 16, 4096
+#: Chunks in flight per worker thread: one running, one waiting, so no worker idles between tasks.
+IN_FLIGHT_PER_THREAD = 2
+#: How often the client looks at ``stop`` while no chunk completes.
+POLL_SECONDS = 0.1
+#: How often the client asks the scheduler how many workers there are (they may come and go).
+SLOTS_REFRESH_SECONDS = 5.0
+
+
+class ChunkFailed(RuntimeError):
+    """A chunk could not run on a worker; the message names the worker and says why."""
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a worker needs besides the paths: the Engine's settings, sent with every task."""
+
+    backend_name: str
+    threads: int | None
+    config: PipelineConfig
+    decode_options: DecodeOptions
+    batch_size: int
+    decode_workers: int
+    label_of: Callable[[Features], str]
+    on_edges: Callable[[Path, np.ndarray], None] | None
+
+
+# ---------------------------------------------------------------- worker side
+
+#: The backend of this worker process, kept across tasks (JIT loading and GPU setup happen once),
+#: with the (name, threads) it was made for.
+_worker_backend: tuple[tuple[str, int | None], Backend] | None = None
+#: One chunk at a time per worker process: a chunk is parallel already (decode pool, backend threads),
+#: and GPU backends keep one set of buffers.
+_worker_lock = threading.Lock()
+
+
+@dataclass
+class ChunkResult:
+    """What a task returns: the chunk's records (one per path, in order) and the seconds they took."""
+
+    records: list[dict]
+    seconds: float
+
+
+class RecordList(list):
+    """An in-memory sink: the worker returns the records instead of writing them."""
+
+    def write(self, records) -> None:
+        self.extend(records)
+
+
+def dask_setup(worker) -> None:
+    """Preload hook of the worker processes that ``local:N`` starts (and restarts).
+
+    They share the terminal's process group, so Ctrl-C reaches them too; the client alone handles
+    it (it cancels what is pending and closes the cluster), instead of every worker dying loudly.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _this_worker() -> str:
+    from distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:  # not inside a Dask worker (a direct call in a test)
+        return f"pid {os.getpid()}"
+
+
+def _backend_for(job: ChunkJob) -> Backend:
+    """This process's backend for ``job``, created on first use; ChunkFailed if it cannot run here."""
+    global _worker_backend
+    key = (job.backend_name, job.threads)
+    if _worker_backend is not None and _worker_backend[0] == key:
+        return _worker_backend[1]
+    if _worker_backend is not None:
+        _worker_backend[1].close()
+        _worker_backend = None
+    try:
+        backend = create(job.backend_name, threads=job.threads)
+    except (KeyError, BackendUnavailable) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+        raise ChunkFailed(f"worker {_this_worker()} cannot run the job: {reason}") from None
+    _worker_backend = (key, backend)
+    return backend
+
+
+def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
+    """Run one chunk of paths on this worker."""
+    with _worker_lock:
+        backend = _backend_for(job)
+        engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
+                        batch_size=job.batch_size, workers=job.decode_workers, label_of=job.label_of,
+                        on_edges=job.on_edges)
+        records = RecordList()
+        try:
+            summary = engine.run([Path(path) for path in paths], records)
+        except Exception as exc:  # the engine turns per-image trouble into records; this is not that
+            raise ChunkFailed(f"worker {_this_worker()}: {one_line(exc)}") from exc
+    return ChunkResult(list(records), summary.seconds)
+
+
+# ---------------------------------------------------------------- client side
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return distributed
+
+
+def _local_workers(spec: str) -> int | None:
+    """N of ``local:N``; None for a scheduler address."""
+    if not spec.startswith("local:"):
+        return None
+    count = spec.removeprefix("local:")
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--dask local:N takes a number of worker processes >= 1, got {spec!r}")
+    return int(count)
+
+
+def _scheduler_address(spec: str) -> str:
+    """``spec`` as a full address (``host:port`` means tcp), checked before any connection attempt.
+
+    A malformed address must not reach ``Client``: it fails half-built there and then hangs a minute
+    in its destructor.
+    """
+    from distributed.comm import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
+
+    address = spec if "://" in spec else "tcp://" + spec
+    try:
+        scheme, _ = parse_address(address, strict=True)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            get_address_host_port(address)
+    except ValueError as exc:
+        raise UsageError(f"--dask takes local:N or a scheduler address such as tcp://host:8786, "
+                         f"got {spec!r} ({exc})") from None
+    return address
+
+
+class DaskCluster:
+    """The client's connection to a cluster; in ``run_job`` it stands where the backend would.
+
+    It has the backend's ``name`` (for the summary) and ``close()``. ``local:N`` starts a
+    LocalCluster of N worker processes, one thread each, and closes it with the connection.
+    """
+
+    def __init__(self, spec: str, backend_name: str, threads: int | None) -> None:
+        distributed = _import_distributed()
+        if backend_name != "auto" and backend_name not in backend_names():
+            raise UsageError(f"unknown backend {backend_name!r}; choose from auto, {', '.join(backend_names())}")
+        self.spec = spec
+        self.backend_name = backend_name
+        self.cluster = None
+        local_workers = _local_workers(spec)
+        if local_workers is not None:
+            # The processes share this machine's cores: give each its share unless --threads says otherwise.
+            threads = threads or max(1, (os.cpu_count() or 1) // local_workers)
+            # Failed tasks reach the user through the client's message; the workers' own logs would repeat them.
+            try:
+                self.cluster = distributed.LocalCluster(
+                    n_workers=local_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                    silence_logs=logging.CRITICAL, preload=[__name__])
+            except Exception as exc:  # e.g. worker processes that cannot start: out of memory or processes
+                raise UsageError(f"cannot start a local Dask cluster of {local_workers} workers: "
+                                 f"{one_line(exc)}") from None
+            address = self.cluster
+        else:
+            address = _scheduler_address(spec)
+        self.threads = threads
+        try:
+            self.client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        except Exception as exc:  # OSError or TimeoutError: nothing answers there
+            self._close_cluster()
+            raise UsageError(f"cannot connect to the Dask scheduler at {spec} within {CONNECT_TIMEOUT_S:.0f} s: "
+                             f"{one_line(exc)}") from None
+        try:
+            self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except Exception:
+            self.close()
+            raise UsageError(f"the Dask scheduler at {spec} has no workers (waited {CONNECT_TIMEOUT_S:.0f} s); "
+                             "start some with `dask worker " + spec + " --nthreads 1`") from None
+        workers = len(self.client.nthreads())
+        self.name = f"{backend_name} on {workers} Dask worker{'s' if workers != 1 else ''} ({spec})"
+        self._slots = (0.0, 1)  # (when counted, task slots)
+
+    def worker_threads(self) -> int:
+        """Task slots in the cluster (workers x threads each), asked of the scheduler every few seconds."""
+        counted_at, slots = self._slots
+        if time.monotonic() - counted_at > SLOTS_REFRESH_SECONDS:
+            slots = max(1, sum(self.client.nthreads().values()))
+            self._slots = (time.monotonic(), slots)
+        return slots
+
+    def _close_cluster(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def close(self) -> None:
+        self.client.close()
+        self._close_cluster()
+
+    def __enter__(self) -> "DaskCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class ChunkSizer:
+    """Chunk sizes from the measured images per second of one worker thread."""
+
+    images_per_second: float | None = None
+
+    def measured(self, images: int, seconds: float) -> None:
+        if images and seconds > 0:
+            rate = images / seconds
+            # a moving average: one slow chunk (a cold cache, a big scene) does not swing the size
+            self.images_per_second = rate if self.images_per_second is None else (
+                0.7 * self.images_per_second + 0.3 * rate)
+
+    def next_size(self, remaining: int, slots: int) -> int:
+        wanted = FIRST_CHUNK if self.images_per_second is None else self.images_per_second * TARGET_CHUNK_SECONDS
+        tail = math.ceil(remaining / (slots * IN_FLIGHT_PER_THREAD))  # the last chunks end together
+        return max(1, min(remaining, max(MIN_CHUNK, min(int(wanted), MAX_CHUNK, tail))))
+
+
+class _Chunks:
+    """The chunks of one run: cut from ``paths`` as they are submitted, followed until they complete."""
+
+    def __init__(self, client, job: ChunkJob, paths: Sequence[Path]) -> None:
+        from distributed import as_completed
+
+        self.client, self.job, self.paths = client, job, paths
+        self.sizer = ChunkSizer()
+        self.cursor = 0  # paths[:cursor] are submitted
+        self.in_flight: dict = {}  # future -> its paths
+        self.completed = as_completed(loop=client.loop, with_results=True, raise_errors=False)
+        self.key_prefix = f"gpu-pipeline-{uuid.uuid4().hex[:8]}-"  # readable task names in the dashboard
+        self.submitted = 0
+
+    @property
+    def all_submitted(self) -> bool:
+        return self.cursor >= len(self.paths)
+
+    def submit(self, slots: int) -> None:
+        """Submit chunks until ``slots`` x IN_FLIGHT_PER_THREAD are in flight or none is left."""
+        while not self.all_submitted and len(self.in_flight) < slots * IN_FLIGHT_PER_THREAD:
+            size = self.sizer.next_size(len(self.paths) - self.cursor, slots)
+            chunk = [str(path) for path in self.paths[self.cursor:self.cursor + size]]
+            future = self.client.submit(process_chunk, self.job, chunk, key=f"{self.key_prefix}{self.submitted}")
+            self.in_flight[future] = chunk
+            self.completed.add(future)
+            self.cursor += size
+            self.submitted += 1
+
+    def ready(self) -> list[tuple[object, list[str]]]:
+        """(ChunkResult or what went wrong, paths) of the chunks completed since the last call; does not wait.
+
+        The outcome, not ``future.status``, says how a chunk ended: a finished future whose worker has
+        died since is pending again, while its result is already here.
+        """
+        return [(outcome, self.in_flight.pop(future)) for future, outcome in self.completed.next_batch(block=False)]
+
+    def cancel(self) -> None:
+        if self.in_flight:
+            self.client.cancel(list(self.in_flight))
+
+
+@dataclass
+class DaskEngine:
+    """Like :class:`~gpu_pipeline.engine.Engine`, with the cluster in place of the backend."""
+
+    backend: DaskCluster
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+    decode_options: DecodeOptions = field(default_factory=DecodeOptions)
+    batch_size: int = 64
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    label_of: Callable[[Features], str] = default_label
+    on_edges: Callable[[Path, np.ndarray], None] | None = None
+
+    def run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None = None,
+            stop: threading.Event | None = None) -> RunSummary:
+        """Process ``paths`` on the cluster into ``sink``.
+
+        Setting ``stop`` stops submitting, cancels the chunks not done and returns once the
+        completed ones are written. A chunk that fails on a worker (no such backend there, a worker
+        that died on it again and again) stops the run the same way, then raises UsageError.
+        """
+        cluster = self.backend
+        job = ChunkJob(cluster.backend_name, cluster.threads, self.config, self.decode_options,
+                       self.batch_size, self.workers, self.label_of, self.on_edges)
+        stop = stop or threading.Event()
+        summary = RunSummary()
+        start = time.perf_counter()
+        chunks = _Chunks(cluster.client, job, paths)
+        failure: str | None = None
+        try:
+            while failure is None and not stop.is_set():
+                chunks.submit(cluster.worker_threads())
+                if not chunks.in_flight:
+                    break
+                ready = chunks.ready()
+                failure = self._write(ready, chunks.sizer, sink, summary, progress)
+                if not ready:
+                    stop.wait(POLL_SECONDS)
+            self._write(chunks.ready(), chunks.sizer, sink, summary, progress)  # what completed meanwhile
+        finally:  # a stop, a failure or an exception: what is not written is redone by a resumed run
+            chunks.cancel()
+        summary.seconds = time.perf_counter() - start
+        summary.interrupted = not chunks.all_submitted or bool(chunks.in_flight)
+        if failure is not None and not stop.is_set():  # after a signal, its exit status wins
+            raise UsageError(f"{failure}; stopped after {summary.total} of {len(paths)} images "
+                             f"({summary.ok} ok, {summary.failed} failed) were recorded; "
+                             "fix the workers and run the same command again to resume")
+        return summary
+
+    @staticmethod
+    def _write(ready, sizer: ChunkSizer, sink, summary: RunSummary,
+               progress: Callable[[int], None] | None) -> str | None:
+        """Write the records of the completed chunks; returns why the first failed one failed, if any."""
+        failure = None
+        for outcome, chunk in ready:
+            if not isinstance(outcome, ChunkResult):
+                failure = failure or _failure_message(outcome, chunk)
+                continue
+            sizer.measured(len(outcome.records), outcome.seconds)
+            sink.write(outcome.records)  # whole lines, one write per chunk
+            for record in outcome.records:
+                summary.add(record)
+            if progress is not None:
+                progress(len(outcome.records))
+        return failure
+
+
+def _failure_message(outcome, paths: Sequence[str]) -> str:
+    """Why a chunk failed, naming the worker. ``outcome``: a CancelledError, or (type, error, traceback)."""
+    from distributed import KilledWorker
+
+    if isinstance(outcome, BaseException):
+        return f"a chunk of {len(paths)} images was cancelled (the scheduler was lost or restarted)"
+    _, exc, _ = outcome
+    if isinstance(exc, KilledWorker):
+        worker = getattr(exc.last_worker, "address", "?")
+        return (f"{getattr(exc, 'allowed_failures', 0) + 1} worker processes died while processing the chunk of "
+                f"{len(paths)} images starting at {paths[0]} (last one: {worker}; a crash in a decoder or "
+                "a backend, or out of memory)")
+    if isinstance(exc, ChunkFailed):
+        return str(exc)
+    return f"a chunk of {len(paths)} images failed on the cluster: {one_line(exc)}"

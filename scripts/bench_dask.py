@@ -1,0 +1,99 @@
+"""The cost of Dask: `gpu-pipeline run --dask local:N` against a local run, same tiles, same backend.
+
+    python scripts/bench_dask.py --files 27000 --backend numba --json dask.json
+
+Replicates the EuroSAT tiles of ../shared/data/eurosat_rgb (hard links, as bench_scale.py does), then
+runs the real command line, alternating local and Dask runs ``--repeat`` times (best run kept, the
+machine is shared). Reports wall seconds and images/s of the whole command, and the fixed cost (cluster
+start and stop, worker imports) from the same two commands on a small corpus, so that the per-image
+overhead is what is left. Checks that both outputs hold the same records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+from bench_scale import REPO, SOURCES, replicate  # noqa: E402
+
+SMALL_CORPUS = 64
+
+
+def timed_run(folder: Path, out: Path, backend: str, extra: list[str]) -> float:
+    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
+               "--backend", backend, "-q", "--overwrite", *extra]
+    start = time.perf_counter()
+    process = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({process.returncode}): {process.stderr}")
+    return seconds
+
+
+def records_by_path(out: Path) -> dict[str, str]:
+    records = {}
+    for line in out.read_text().splitlines():
+        records[json.loads(line)["path"]] = line
+    return records
+
+
+def compare(folder: Path, scratch: Path, backend: str, dask: str, repeat: int) -> dict:
+    local_out, dask_out = scratch / "local.jsonl", scratch / "dask.jsonl"
+    local_s = dask_s = float("inf")
+    for _ in range(repeat):  # alternate, so both see the same background load
+        local_s = min(local_s, timed_run(folder, local_out, backend, []))
+        dask_s = min(dask_s, timed_run(folder, dask_out, backend, ["--dask", dask]))
+    local, distributed = records_by_path(local_out), records_by_path(dask_out)
+    if local != distributed:
+        sys.exit(f"the Dask run's records differ from the local run's ({len(distributed)} vs {len(local)})")
+    return {"files": len(local), "local_s": round(local_s, 2), "dask_s": round(dask_s, 2),
+            "local_images_per_s": round(len(local) / local_s, 1), "dask_images_per_s": round(len(local) / dask_s, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=27_000)
+    parser.add_argument("--backend", default="numba")
+    parser.add_argument("--dask", default="local:2", help="what --dask gets (default: local:2)")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    source = next((s for s in SOURCES if s.is_dir()), None)
+    if source is None:
+        sys.exit("no EuroSAT tiles found (../shared/data/eurosat_rgb or data/eurosat)")
+
+    report = {"backend": args.backend, "dask": args.dask, "cores": os.cpu_count(), "source": str(source)}
+    with tempfile.TemporaryDirectory(prefix="gpu-pipeline-dask-") as scratch:
+        scratch = Path(scratch)
+        small = compare(replicate(source, scratch / "small", SMALL_CORPUS), scratch, args.backend, args.dask,
+                        args.repeat)
+        large = compare(replicate(source, scratch / "large", args.files), scratch, args.backend, args.dask,
+                        args.repeat)
+    fixed_s = small["dask_s"] - small["local_s"]
+    per_image_local = (large["local_s"] - small["local_s"]) / (large["files"] - small["files"])
+    per_image_dask = (large["dask_s"] - small["dask_s"]) / (large["files"] - small["files"])
+    report.update(small=small, large=large, fixed_overhead_s=round(fixed_s, 2),
+                  steady_local_images_per_s=round(1 / per_image_local, 1),
+                  steady_dask_images_per_s=round(1 / per_image_dask, 1),
+                  throughput_ratio=round(large["dask_images_per_s"] / large["local_images_per_s"], 3))
+    print(f"{args.backend}, {os.cpu_count()} cores, best of {args.repeat}")
+    for name, run in (("small", small), ("large", large)):
+        print(f"{run['files']:>7} files: local {run['local_s']:>7.2f} s ({run['local_images_per_s']:>7.0f} img/s) | "
+              f"--dask {args.dask} {run['dask_s']:>7.2f} s ({run['dask_images_per_s']:>7.0f} img/s)")
+    print(f"Dask fixed cost {fixed_s:.2f} s; steady state local {report['steady_local_images_per_s']:.0f} img/s, "
+          f"Dask {report['steady_dask_images_per_s']:.0f} img/s; whole-run ratio {report['throughput_ratio']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

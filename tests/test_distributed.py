@@ -1,0 +1,260 @@
+"""``run --dask``: the same records as a local run, exactly once, through kills, resumes and bad workers.
+
+The clusters here are LocalClusters of 2 worker processes on the reference backend (numba would JIT-load in
+every fresh worker process). Most tests share one module cluster and reach it by its address, as a user
+reaches a remote scheduler; the command line starts its own (``local:2``) in two, and the test that needs
+Dask's retry limit at 0 has its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gpu_pipeline import distributed as dask_run
+from gpu_pipeline.backends import Backend, registry
+from gpu_pipeline.classify import default_label
+from gpu_pipeline.cli import app
+from gpu_pipeline.io import UsageError
+from gpu_pipeline.sinks import open_sink, read_records
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, backend: str = "reference"):
+    return runner.invoke(app, ["run", *args, "--backend", backend, "-q"])
+
+
+def by_path(records: list[dict]) -> dict[str, dict]:
+    paths = [record["path"] for record in records]
+    assert len(paths) == len(set(paths)), "a path was recorded twice"
+    return {record["path"]: record for record in records}
+
+
+def local_records(folder: Path, out: Path) -> dict[str, dict]:
+    result = run(str(folder), "--out", str(out))
+    assert result.exit_code in (0, 1), result.output
+    return by_path(read_records(out))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of 2 worker processes (with nannies, which restart a killed worker)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as local_cluster, \
+            Client(local_cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> Path:
+    """200 small random RGB tiles: several chunks on 2 workers."""
+    folder = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(9)
+    for index in range(200):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+            folder / f"tile{index:04d}.png", compress_level=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tile_records(tiles, tmp_path_factory) -> dict[str, dict]:
+    return local_records(tiles, tmp_path_factory.mktemp("local") / "local.jsonl")
+
+
+def test_local_cluster_gives_the_records_of_a_local_run(bundled_data_dir, tmp_path):
+    expected = local_records(bundled_data_dir, tmp_path / "local.jsonl")
+    result = run(str(bundled_data_dir), "--out", str(tmp_path / "dask.jsonl"), "--dask", "local:2")
+    assert result.exit_code in (0, 1), result.output
+    assert by_path(read_records(tmp_path / "dask.jsonl")) == expected
+    assert len(expected) > 50
+
+
+def test_a_scheduler_address_gives_the_records_of_a_local_run(shared_data_dir, cluster, tmp_path):
+    expected = local_records(shared_data_dir, tmp_path / "local.jsonl")
+    result = run(str(shared_data_dir), "--out", str(tmp_path / "dask.jsonl"), "--dask", cluster.scheduler.address)
+    assert result.exit_code in (0, 1), result.output
+    assert by_path(read_records(tmp_path / "dask.jsonl")) == expected
+    assert len(expected) > 1000
+
+
+class KillAfter:
+    """A label function that SIGKILLs its worker process at the ``victim``-th label of the whole cluster.
+
+    Each call appends one byte to ``counter``; appends are atomic, so exactly one call sees the size
+    reach ``victim``, and the rerun of the lost chunk, which sees a larger size, labels normally.
+    """
+
+    def __init__(self, counter: str, victim: int) -> None:
+        self.counter = counter
+        self.victim = victim
+
+    def __call__(self, features) -> str:
+        descriptor = os.open(self.counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(descriptor, b".")
+            calls = os.fstat(descriptor).st_size
+        finally:
+            os.close(descriptor)
+        if calls == self.victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return default_label(features)
+
+
+def test_a_killed_worker_still_yields_one_record_per_path(cluster, tiles, tile_records, tmp_path):
+    counter = tmp_path / "labels-counted"
+    todo = sorted(Path(path) for path in tile_records)
+    pids_before = set(cluster.run(os.getpid).values())
+    with dask_run.DaskCluster(cluster.scheduler.address, "reference", None) as dask_cluster, \
+            open_sink(str(tmp_path / "dask.jsonl"), resume=False) as sink:
+        engine = dask_run.DaskEngine(dask_cluster, workers=2, label_of=KillAfter(str(counter), victim=70))
+        summary = engine.run(todo, sink)
+    assert summary.total == len(todo) and not summary.interrupted
+    assert by_path(read_records(tmp_path / "dask.jsonl")) == tile_records
+    # the kill did happen: the labels of the lost chunk were computed twice, and a worker was replaced
+    assert counter.stat().st_size > len(todo)
+    cluster.wait_for_workers(2, timeout=30)
+    assert set(cluster.run(os.getpid).values()) != pids_before
+
+
+def test_a_chunk_that_keeps_killing_workers_stops_the_run_with_exit_2_keeping_what_completed(tiles, tmp_path):
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         silence_logs=logging.CRITICAL) as local_cluster, \
+            dask_run.DaskCluster(local_cluster.scheduler_address, "reference", None) as dask_cluster, \
+            open_sink(str(tmp_path / "dask.jsonl"), resume=False) as sink:
+        engine = dask_run.DaskEngine(dask_cluster, workers=2, label_of=KillAfter(str(tmp_path / "n"), victim=60))
+        with pytest.raises(UsageError, match=r"1 worker processes died while processing the chunk of \d+ images "
+                                             r"starting at .*tile\d+\.png \(last one: tcp://"):
+            engine.run(sorted(tiles.iterdir()), sink)
+    assert 0 < len(by_path(read_records(tmp_path / "dask.jsonl"))) < 200
+
+
+def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
+    out = tmp_path / "dask.jsonl"
+    local = tmp_path / "first.jsonl"
+    assert run(str(tiles), "--out", str(local)).exit_code == 0
+    lines = local.read_bytes().splitlines(keepends=True)
+    partial = b"".join(lines[:70]) + lines[70][:40]  # 70 whole records and a torn one
+    out.write_bytes(partial)
+    (tmp_path / "dask.jsonl.settings.json").write_bytes((tmp_path / "first.jsonl.settings.json").read_bytes())
+    result = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(b"".join(lines[:70]))
+    assert by_path(read_records(out)) == tile_records
+
+
+def test_ctrl_c_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    first = folder / "tile00000.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(first)
+    for index in range(1, 2000):  # enough work that Ctrl-C lands mid-run
+        os.link(first, folder / f"tile{index:05d}.png")
+    out = tmp_path / "dask.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out), "--backend", "reference",
+         "--dask", "local:2"], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal does: the client and its worker processes
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted:" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert 0 < len(by_path(read_records(out))) < 2000
+
+
+class NowhereBackend(Backend):
+    """A backend that no worker can run, as a GPU backend on CPU-only workers."""
+
+    name = "nowhere"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return "this worker has no nowhere device"
+
+    def process(self, images, config, keep_images=False):
+        raise AssertionError("never called")
+
+
+def register_nowhere() -> None:
+    registry.register("nowhere", lambda: NowhereBackend)
+
+
+def unregister_nowhere() -> None:
+    registry.unregister("nowhere")
+
+
+def test_a_backend_the_workers_lack_exits_2_naming_the_worker_and_the_reason(cluster, tiles, tmp_path):
+    out = tmp_path / "dask.jsonl"
+    register_nowhere()
+    cluster.run(register_nowhere)
+    try:
+        result = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address, backend="nowhere")
+    finally:
+        cluster.run(unregister_nowhere)
+        unregister_nowhere()
+    assert result.exit_code == 2
+    assert "this worker has no nowhere device" in result.stderr
+    assert any(f"worker {address}" in result.stderr for address in cluster.nthreads())
+    assert "0 of 200 images" in result.stderr and "Traceback" not in result.output
+    assert read_records(out) == []
+
+
+def test_without_the_dask_extra_exits_2_with_the_install_hint(tiles, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed raises ImportError
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", "local:2")
+    assert result.exit_code == 2
+    assert "pip install 'gpu-pipeline[dask]'" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("local:0", "local:N takes"),
+    ("local:two", "local:N takes"),
+    ("tcp://127.0.0.1:9", "cannot connect to the Dask scheduler at tcp://127.0.0.1:9"),
+])
+def test_a_bad_cluster_address_exits_2(tiles, tmp_path, monkeypatch, spec, message):
+    monkeypatch.setattr(dask_run, "CONNECT_TIMEOUT_S", 1.0)
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", spec)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_unknown_backend_is_refused_before_any_task(cluster, tiles, tmp_path):
+    with pytest.raises(UsageError, match="unknown backend 'nope'"):
+        dask_run.DaskCluster(cluster.scheduler.address, "nope", None)
+
+
+@pytest.mark.parametrize("total, slots", [(1, 1), (17, 2), (5000, 2), (100_000, 80)])
+def test_chunk_sizes_cover_the_work_and_adapt_to_the_measured_rate(total, slots):
+    sizer = dask_run.ChunkSizer()
+    sizes, remaining = [], total
+    while remaining:
+        size = sizer.next_size(remaining, slots)
+        assert 1 <= size <= min(remaining, dask_run.MAX_CHUNK)
+        sizes.append(size)
+        remaining -= size
+        sizer.measured(size, size / 1000)  # 1000 images/s per worker
+    assert sum(sizes) == total
+    if total >= 4 * slots * dask_run.TARGET_CHUNK_SECONDS * 1000:  # plenty of work: about 2 s per chunk
+        assert max(sizes) == int(1000 * dask_run.TARGET_CHUNK_SECONDS)
+    assert sizes[0] <= dask_run.FIRST_CHUNK  # nothing measured yet
