@@ -1,4 +1,4 @@
-"""The diagnostic commands, ``verify`` and ``info``: thin, they parse and delegate.
+"""The diagnostic commands, ``verify``, ``bench`` and ``info``: thin, they parse and delegate.
 
 ``register(app)`` adds them to the main typer app (gpu_pipeline/cli.py calls it).
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -89,6 +91,115 @@ def verify(
     raise typer.Exit(outcome.exit_status)
 
 
+def bench(
+    paths: Optional[List[Path]] = typer.Argument(
+        None, help="Image files or folders (searched recursively) to time. Default: a generated corpus "
+                   "(--size, --count, --tiles, --format).", show_default=False),
+    backends: Optional[str] = typer.Option(
+        None, "--backends", "-b",
+        help="Comma-separated contenders: registered backends (e.g. numba,cuda) and the baselines opencv and "
+             "skimage-pool. Default: all of them (those that cannot run here are listed with the reason).",
+        show_default=False),
+    size: Optional[str] = typer.Option(None, "--size", metavar="WxH",
+                                       help="Size of the generated scenes. Default: 512x512.", show_default=False),
+    count: Optional[int] = typer.Option(None, "--count", help="Number of generated scenes. Default: 16.",
+                                        show_default=False),
+    tiles: Optional[int] = typer.Option(
+        None, "--tiles", help="Also this many 64x64 tiles, cut from the bundled scenes (then from generated "
+                              "ones). Default: 48.", show_default=False),
+    image_format: Optional[str] = typer.Option(None, "--format", help="jpeg or png: how the generated corpus is "
+                                               "written. Default: jpeg.", show_default=False),
+    repeat: int = typer.Option(3, "--repeat", "-r", help="Timed runs of each measurement after the warm-up."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Threads for every contender: CPU backends, decode pool, OpenCV, pool processes. "
+                                "Default: all usable cores.", show_default=False),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Images per backend call. Default: the engine's (256), lowered so that the "
+                                   "corpus makes at least 4 batches.", show_default=False),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+                                        help="Draw a bar chart into this PNG (needs matplotlib: the plot extra)."),
+) -> None:
+    """Time every backend beside OpenCV and the scikit-image pool: compute, end to end, decode only.
+
+    Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage.
+    """
+    from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
+    from gpu_pipeline.cli import fail_usage
+
+    try:
+        request = _bench_request(paths, backends, size, count, tiles, image_format, repeat, threads, batch_size,
+                                 json_path, plot)
+        waiting = Console(stderr=True).status("preparing the corpus") if sys.stderr.isatty() else nullcontext()
+        with waiting as status, tempfile.TemporaryDirectory(prefix="gpu-pipeline-bench-") as folder:
+            files, details = _bench_files(request, Path(folder))
+            corpus = load_corpus(files, details, DecodeOptions(), request["threads"])
+            if not corpus.images:
+                raise UsageError(f"none of the {len(files)} files could be decoded; nothing to time")
+            settings = BenchSettings(repeats=repeat, threads=request["threads"],
+                                     batch_size=batch_size or default_batch_size(len(corpus.images)))
+            report = run_benchmark(corpus, request["names"], settings,
+                                   progress=(lambda name: status.update(f"measuring {name}")) if status else None)
+    except UsageError as exc:
+        fail_usage(str(exc))
+    from gpu_pipeline.bench import plot_report, print_report
+    from gpu_pipeline.info import collect_info
+
+    print_report(Console(soft_wrap=True, highlight=False), report)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n")
+    if plot is not None:
+        plot_report(report, plot)
+    raise typer.Exit(1 if any(c.status == "failed" for c in report.contenders + report.decoders) else 0)
+
+
+def _bench_request(paths, backends, size, count, tiles, image_format, repeat, threads, batch_size, json_path,
+                   plot) -> dict:
+    """Every check of ``bench``'s arguments, before anything is generated or timed (UsageError: exit 2)."""
+    from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cpus
+    from gpu_pipeline.io import discover
+
+    for name, value in (("--repeat", repeat), ("--threads", threads), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    request = {"names": parse_contenders(backends), "threads": threads or usable_cpus()}
+    if plot is not None and (reason := plot_unavailable_reason()) is not None:
+        raise UsageError(reason)
+    if plot is not None and not plot.parent.is_dir():
+        raise UsageError(f"--plot: the folder {plot.parent} does not exist")
+    if json_path is not None:
+        try:  # fail now rather than after the measurements
+            json_path.open("w").close()
+        except OSError as exc:
+            raise UsageError(f"--json: cannot write {json_path}: {exc.strerror}") from None
+    if paths:
+        for option, value in (("--size", size), ("--count", count), ("--tiles", tiles), ("--format", image_format)):
+            if value is not None:
+                raise UsageError(f"{option} describes the generated corpus; it does not apply to given PATHS")
+        request["files"] = discover(paths)
+        if not request["files"]:
+            raise UsageError("no image files found in " + ", ".join(map(str, paths)))
+    else:
+        request["generate"] = generation_request(size, count, tiles, image_format)
+    return request
+
+
+def _bench_files(request: dict, folder: Path) -> tuple[list[Path], dict]:
+    """The given files, or a corpus generated into ``folder`` (tiles from the bundled scenes)."""
+    from gpu_pipeline.bench import generate_corpus
+    from gpu_pipeline.cli import bundled_data_dir
+    from gpu_pipeline.io import discover
+
+    if "files" in request:
+        return request["files"], {"source": "paths"}
+    try:
+        scenes = bundled_data_dir() / "scenes"
+    except UsageError:  # an install without the sample set: tiles from generated scenes
+        scenes = None
+    sources = discover([scenes]) if scenes is not None and scenes.is_dir() else []
+    return generate_corpus(folder, **request["generate"], tile_sources=sources)
+
+
 def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines."),
 ) -> None:
@@ -103,6 +214,7 @@ def info(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``verify`` and ``info`` to ``app``."""
+    """Add ``verify``, ``bench`` and ``info`` to ``app``."""
     app.command()(verify)
+    app.command()(bench)
     app.command()(info)

@@ -1,0 +1,398 @@
+"""``gpu-pipeline bench``: the corpus, the statistics, every contender in table and JSON, usage errors.
+
+Timings themselves are never asserted (they belong to benchmarks, not tests); what is checked is
+that each number is where it should be, computed from what was measured, and that the command
+says why a contender did not run. CLI runs use a tiny corpus and one repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gpu_pipeline import bench
+from gpu_pipeline.backends import registry
+from gpu_pipeline.backends.reference import ReferenceBackend
+from gpu_pipeline.bench import BenchReport, BenchSettings, Contender, Corpus, Timing
+from gpu_pipeline.cli import app
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.io import UsageError, decode_image, discover
+
+runner = CliRunner()
+TINY = ("--count", "2", "--size", "40x32", "--tiles", "3", "--repeat", "1")
+
+
+class NeverAvailable(ReferenceBackend):
+    name = "never-available"
+    REASON = "needs hardware this machine lacks (test backend)"
+
+    @classmethod
+    def unavailable_reason(cls):
+        return cls.REASON
+
+
+class BrandNew(ReferenceBackend):
+    """A backend the bench has never heard of: it must be measured like the others."""
+
+    name = "brand-new"
+
+
+class BreaksOnRealImages(ReferenceBackend):
+    name = "breaks"
+
+    def process(self, images, config, keep_images=False):
+        raise RuntimeError("kernel launch failed")
+
+
+@dataclass
+class FakeDeviceTimes:
+    kernels: float = 0.0
+    pixels: int = 0
+
+
+class TimesItsKernels(ReferenceBackend):
+    """Reports GPU time per phase the way the cuda backend does (``device_times``)."""
+
+    name = "times-kernels"
+
+    def __init__(self, threads=None):
+        super().__init__(threads)
+        self.device_times = FakeDeviceTimes()
+
+    def process(self, images, config, keep_images=False):
+        self.device_times.kernels += 0.5
+        self.device_times.pixels += sum(im.shape[0] * im.shape[1] for im in images)
+        return super().process(images, config, keep_images)
+
+
+@pytest.fixture
+def register():
+    """``register(*classes)`` makes test backends known for one test; they are removed afterwards."""
+    names = []
+
+    def add(*classes):
+        for cls in classes:
+            registry.register(cls.name, lambda cls=cls: cls, "test backend")
+            names.append(cls.name)
+
+    yield add
+    for name in names:
+        registry.unregister(name)
+
+
+def run_bench(tmp_path: Path, *args) -> tuple[object, dict]:
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", *map(str, args), "--json", str(out)])
+    return result, (json.loads(out.read_text()) if out.exists() else {})
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def test_median_spread_and_ratio_of_fixed_numbers():
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert bench.spread([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert bench.ratio(30.0, 12.0) == 2.5
+    assert bench.ratio(None, 12.0) is None and bench.ratio(3.0, None) is None and bench.ratio(3.0, 0.0) is None
+
+
+def test_timing_rates_come_from_median_fastest_and_slowest_repeat():
+    timing = Timing(seconds=[0.5, 0.25, 1.0], images=10, pixels=2_000_000)
+    assert timing.megapixels_per_second == {"median": 4.0, "min": 2.0, "max": 8.0}
+    assert timing.images_per_second == {"median": 20.0, "min": 10.0, "max": 40.0}
+    as_json = timing.to_json()
+    assert as_json["median_s"] == 0.5 and as_json["min_s"] == 0.25 and as_json["max_s"] == 1.0
+    assert as_json["megapixels"] == 2.0 and as_json["images"] == 10
+
+
+def _measured(name: str, compute_s: list[float], e2e_s: list[float], pixels: int = 1_000_000) -> Contender:
+    return Contender(name, "backend", compute=Timing(compute_s, 1, pixels), end_to_end=Timing(e2e_s, 1, pixels))
+
+
+def test_ratios_are_median_rates_over_the_baseline_and_the_decode_pool():
+    fast = _measured("fast", [0.02, 0.01, 0.005], [0.04, 0.03, 0.2])
+    slow = _measured("slow", [0.4, 0.5, 0.9], [1.0, 3.0, 0.9], pixels=500_000)
+    decode = Contender(bench.DECODE_IO, "decode", decode=Timing([0.02, 0.03, 0.025], 1, 1_000_000))
+    report = BenchReport(Corpus([], []), BenchSettings(), [fast, slow], [decode],
+                         bench.choose_baseline([fast, slow], ("slow",)))
+    assert report.baseline == "slow"
+    ratios = report.ratios(fast)
+    # medians: fast 100 MP/s compute, 25 MP/s e2e; slow 1 and 0.5 MP/s; decode 40 MP/s
+    assert ratios["compute_vs_baseline"] == pytest.approx(100.0)
+    assert ratios["end_to_end_vs_baseline"] == pytest.approx(50.0)
+    assert ratios["end_to_end_vs_decode_only"] == pytest.approx(25.0 / 40.0)
+    assert report.ratios(slow)["compute_vs_baseline"] == 1.0
+    assert BenchReport(Corpus([], []), BenchSettings(), [fast], [], None).ratios(fast) == {
+        "compute_vs_baseline": None, "end_to_end_vs_baseline": None, "end_to_end_vs_decode_only": None}
+
+
+def test_the_baseline_is_the_first_measured_of_the_order():
+    pool, reference = _measured(bench.SKIMAGE_POOL, [1.0], [1.0]), _measured("reference", [1.0], [1.0])
+    missing = Contender(bench.SKIMAGE_POOL, "baseline", status="not installed", reason="no skimage")
+    assert bench.choose_baseline([reference, pool]) == bench.SKIMAGE_POOL
+    assert bench.choose_baseline([reference, missing]) == "reference"
+    assert bench.choose_baseline([missing]) is None
+
+
+def test_spread_subset_takes_every_kth_image_within_the_budget():
+    assert bench.spread_step([100] * 10, 1e-3) == 1  # 1000 pixels fit
+    assert bench.spread_step([100] * 10, 0.5e-3) == 2  # 5 of 10
+    assert bench.spread_step([100] * 10, 0.3e-3) == 4  # 3 of 10 (every 3rd would be 4)
+    assert bench.spread_step([100] * 10, 1e-9) == 10  # the first image alone
+    corpus = Corpus([Path(str(i)) for i in range(6)], [np.zeros((10, 10), np.uint8)] * 6)
+    subset = corpus.spread_subset(300e-6)
+    assert [p.name for p in subset.paths] == ["0", "2", "4"] and subset.pixels == 300
+
+
+def test_device_phases_per_repeat_and_kernel_rate():
+    phases = bench._device_phases(FakeDeviceTimes(kernels=2.0, pixels=8_000_000), repeats=4)
+    assert phases == {"kernels_per_repeat": 0.5, "pixels_per_repeat": 2_000_000, "kernels_mp_per_s": 4.0}
+
+
+# --- the corpus ------------------------------------------------------------------------------
+
+
+def test_synthetic_scenes_are_seeded_and_structured_not_noise():
+    first = bench.synthetic_scene(np.random.default_rng(5), 96, 128)
+    assert first.shape == (96, 128, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, bench.synthetic_scene(np.random.default_rng(5), 96, 128))
+    assert not np.array_equal(first, bench.synthetic_scene(np.random.default_rng(6), 96, 128))
+    gray = first.mean(axis=2)
+    neighbours = np.abs(np.diff(gray, axis=1))
+    noise = np.abs(np.diff(np.random.default_rng(0).integers(0, 256, gray.shape).astype(float), axis=1))
+    assert np.median(neighbours) < np.median(noise) / 10  # smooth inside the parcels
+    assert neighbours.max() > 40  # and sharp between them
+    scene = bench.synthetic_scene(np.random.default_rng(1), 256, 256)
+    edges = ReferenceBackend().process([scene], PipelineConfig())[0].edge_count
+    assert 0.005 < edges / scene[..., 0].size < 0.15
+
+
+def test_cut_tiles_walks_the_scenes_in_order():
+    scenes = [np.full((130, 200, 3), value, np.uint8) for value in (1, 2, 3)]
+    tiles = bench.cut_tiles(iter(scenes), 7, size=64)  # 2 x 3 tiles per scene
+    assert [t.shape for t in tiles] == [(64, 64, 3)] * 7
+    assert [int(t[0, 0, 0]) for t in tiles] == [1] * 6 + [2]
+    assert all(t.flags.c_contiguous for t in tiles)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_generated_corpus_has_the_scenes_then_tiles_from_the_given_sources(tmp_path, bundled_data_dir, fmt):
+    sources = discover([bundled_data_dir / "scenes" / "ucmerced"])[:1]  # a 256x256 scene: 16 tiles
+    paths, details = bench.generate_corpus(tmp_path, count=2, width=40, height=30, tiles=20, fmt=fmt,
+                                           tile_sources=sources)
+    assert len(paths) == 22 and all(p.suffix == bench.FORMATS[fmt][0] for p in paths)
+    shapes = [decode_image(p, DecodeOptions()).shape for p in paths]
+    assert shapes == [(30, 40, 3)] * 2 + [(64, 64, 3)] * 20
+    assert details["tiles"] == {"count": 20, "size": 64, "from_bundled_scenes": 16, "from_synthetic_scenes": 4}
+    if fmt == "png":  # lossless: the first tile is the scene's corner
+        corner = decode_image(sources[0], DecodeOptions())[:64, :64]
+        assert np.array_equal(decode_image(paths[2], DecodeOptions()), corner)
+
+
+def test_load_corpus_skips_undecodable_files_and_caps_pixels(tmp_path):
+    for index in range(3):
+        Image.fromarray(np.full((10, 10), index, np.uint8)).save(tmp_path / f"{index}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    paths = discover([tmp_path])
+    corpus = bench.load_corpus(paths, {}, DecodeOptions(), workers=2)
+    assert [p.name for p in corpus.paths] == ["0.png", "1.png", "2.png"]
+    assert [record["path"] for record in corpus.skipped] == [str(tmp_path / "broken.png")]
+    capped = bench.load_corpus(paths, {}, DecodeOptions(), workers=2, max_pixels=250)
+    assert len(capped.images) == 2 and "the first 2 of 4 files" in capped.details["truncated"]
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_default_contenders_all_appear_in_table_and_json(tmp_path, register):
+    register(NeverAvailable, BrandNew)
+    result, report = run_bench(tmp_path, *TINY)
+    assert result.exit_code == 0, result.output
+    assert report["schema"] == bench.SCHEMA
+    assert report["corpus"]["source"] == "generated" and report["corpus"]["images"] == 5
+    assert report["corpus"]["shapes"] == {"40x32x3": 2, "64x64x3": 3}
+    assert list(report["contenders"]) == [*registry.backend_names(), "opencv", "skimage-pool"]
+    for name, entry in report["contenders"].items():
+        assert name in result.stdout
+        reason = bench.unavailable_reason(name)
+        if reason is None:
+            assert entry["status"] == "measured", entry
+            for mode in ("compute", "end_to_end"):
+                assert entry[mode]["images"] == 5 and len(entry[mode]["seconds"]) == 1
+                assert entry[mode]["megapixels_per_s"]["median"] > 0
+            assert entry["warmup"]["startup_s"] >= 0 and entry["warmup"]["first_pass_s"] > 0
+        else:  # listed with the reason, not silently skipped
+            assert entry["status"] in ("unavailable", "not installed") and entry["reason"] == reason
+            assert reason in result.stdout
+    assert report["contenders"]["brand-new"]["status"] == "measured"
+    assert report["contenders"]["never-available"]["reason"] == NeverAvailable.REASON
+    if report["contenders"]["skimage-pool"]["status"] == "measured":
+        assert report["baseline"] == "skimage-pool"
+        assert report["contenders"]["skimage-pool"]["ratios"]["compute_vs_baseline"] == 1.0
+    for name in (bench.DECODE_IO, bench.DECODE_OPENCV):
+        assert name in report["decode_only"]
+    assert report["decode_only"][bench.DECODE_IO]["decode"]["images"] == 5
+    assert report["machine"]["packages"]["numpy"]["version"] == np.__version__
+    assert report["settings"]["repeats"] == 1 and report["settings"]["config"] == {
+        "low_threshold": 100.0, "high_threshold": 200.0, "l2_gradient": False, "blur_ksize": 5}
+
+
+def test_json_schema_of_a_measured_contender(tmp_path):
+    result, report = run_bench(tmp_path, *TINY, "--backends", "reference")
+    assert result.exit_code == 0, result.output
+    assert set(report) == {"schema", "machine", "settings", "corpus", "baseline", "contenders", "decode_only"}
+    entry = report["contenders"]["reference"]
+    assert set(entry) == {"kind", "description", "status", "reason", "subset", "warmup", "compute", "end_to_end",
+                          "decode", "device", "ratios"}
+    assert set(entry["compute"]) == {"images", "megapixels", "seconds", "median_s", "min_s", "max_s",
+                                     "megapixels_per_s", "images_per_s"}
+    assert set(entry["compute"]["megapixels_per_s"]) == {"median", "min", "max"}
+    assert set(entry["ratios"]) == {"compute_vs_baseline", "end_to_end_vs_baseline", "end_to_end_vs_decode_only"}
+    assert report["baseline"] == "reference"  # the pool was not asked for
+    # the ratio in the JSON is the one computed from the JSON's own medians
+    decode = report["decode_only"][bench.DECODE_IO]["decode"]["megapixels_per_s"]["median"]
+    assert entry["ratios"]["end_to_end_vs_decode_only"] == pytest.approx(
+        entry["end_to_end"]["megapixels_per_s"]["median"] / decode)
+
+
+def test_missing_opencv_and_scikit_image_are_reported_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    names = [name for name in registry.backend_names() if name not in ("numba", "cuda", "cupy")]
+    monkeypatch.setattr(registry, "backend_names", lambda: names)  # keep it to the quick reference
+    result, report = run_bench(tmp_path, *TINY)
+    assert result.exit_code == 0, result.output
+    for name, package in (("opencv", "opencv-python-headless"), ("skimage-pool", "scikit-image")):
+        entry = report["contenders"][name]
+        assert entry["status"] == "not installed" and package in entry["reason"]
+        assert f"{name}: not installed" in result.stdout
+    assert report["decode_only"][bench.DECODE_OPENCV]["status"] == "not installed"
+    assert report["baseline"] == "reference"
+
+
+def test_slow_contenders_run_on_a_subset_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.SUBSET_MEGAPIXELS, "reference", 0.006)  # 6,000 pixels: images 1 and 4 of 5
+    result, report = run_bench(tmp_path, *TINY, "--backends", "reference")
+    assert result.exit_code == 0, result.output
+    entry = report["contenders"]["reference"]
+    assert entry["compute"]["images"] == entry["end_to_end"]["images"] == 2
+    assert entry["subset"].startswith("2 of 5 images")
+    assert "reference*: on 2 of 5 images" in result.stdout
+
+
+def test_paths_mode_times_the_given_images(tmp_path, bundled_data_dir):
+    files = discover([bundled_data_dir / "eurosat"])[:3]
+    result, report = run_bench(tmp_path, *files, "--backends", "reference,numba", "--repeat", "2")
+    assert result.exit_code == 0, result.output
+    corpus = report["corpus"]
+    assert corpus["source"] == "paths" and corpus["images"] == 3 and corpus["shapes"] == {"64x64x3": 3}
+    pixels = sum(decode_image(f, DecodeOptions()).size // 3 for f in files)
+    for name in ("reference", "numba"):
+        entry = report["contenders"][name]
+        assert entry["compute"]["megapixels"] == entry["end_to_end"]["megapixels"] == pixels / 1e6
+        assert len(entry["compute"]["seconds"]) == 2
+    assert "3 images (given files: 3 x 64x64x3)" in result.stdout
+
+
+def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):
+    register(BreaksOnRealImages)
+    result, report = run_bench(tmp_path, *TINY, "--backends", "reference,breaks")
+    assert result.exit_code == 1, result.output
+    entry = report["contenders"]["breaks"]
+    assert entry["status"] == "failed" and "kernel launch failed" in entry["reason"]
+    assert report["contenders"]["reference"]["status"] == "measured"
+
+
+def test_gpu_phase_times_are_reported(tmp_path, register):
+    register(TimesItsKernels)
+    result, report = run_bench(tmp_path, *TINY, "--backends", "times-kernels", "--repeat", "2")
+    assert result.exit_code == 0, result.output
+    assert report["settings"]["batch_size"] == 2  # 5 images: at least 4 batches, so 3 calls of 0.5 "GPU seconds"
+    device = report["contenders"]["times-kernels"]["device"]
+    pixels = report["corpus"]["megapixels"] * 1e6
+    assert device["pixels_per_repeat"] == pixels and device["kernels_per_repeat"] == 1.5
+    assert device["kernels_mp_per_s"] == pytest.approx(pixels / 1e6 / 1.5)
+    assert "kernels alone" in result.stdout
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "bench.png"
+    result, _ = run_bench(tmp_path, *TINY, "--backends", "reference", "--plot", plot)
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(plot).size[0] > 300
+
+
+def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed before checking --plot"))
+    result = runner.invoke(app, ["bench", *TINY, "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 2, result.output
+    assert "--plot needs matplotlib" in result.stderr and "pip install 'gpu-pipeline[plot]'" in result.stderr
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "abc"], "--size takes WIDTHxHEIGHT"),
+    (["--size", "0x5"], "--size must be at least 1x1"),
+    (["--size", "5x"], "--size takes WIDTHxHEIGHT"),
+    (["--count", "0"], "--count must be >= 1"),
+    (["--tiles", "-1"], "--tiles must be >= 0"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--format", "gif"], "--format must be one of jpeg, png"),
+    (["--backends", "numba,warp-drive"], "unknown backend 'warp-drive'"),
+    (["--backends", "numba,"], "--backends takes comma-separated names"),
+    (["--size", "20000x20000"], "bench keeps it decoded in memory"),
+    (["/no/such/folder"], "no such file or folder"),
+    (["--json", "/no/such/folder/out.json"], "--json: cannot write /no/such/folder/out.json"),
+    (["--plot", "/no/such/folder/out.png"], "--plot: the folder /no/such/folder does not exist"),
+])
+def test_usage_errors_exit_2_with_one_line(args, message):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generation_options_do_not_apply_to_paths(bundled_data_dir):
+    result = runner.invoke(app, ["bench", str(bundled_data_dir / "eurosat"), "--count", "3"])
+    assert result.exit_code == 2 and "--count describes the generated corpus" in result.stderr
+
+
+def test_an_unavailable_backend_named_explicitly_is_a_usage_error(register):
+    register(NeverAvailable)
+    result = runner.invoke(app, ["bench", "--backends", "never-available"])
+    assert result.exit_code == 2 and NeverAvailable.REASON in result.stderr
+
+
+def test_a_folder_without_images_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["bench", str(tmp_path)])
+    assert result.exit_code == 2 and "no image files found" in result.stderr
+
+
+def test_parse_helpers():
+    assert bench.parse_size("640x480") == (640, 480) and bench.parse_size("64") == (64, 64)
+    assert bench.parse_contenders(None) == [*registry.backend_names(), *bench.BASELINES]
+    assert bench.parse_contenders("reference, reference") == ["reference"]
+    with pytest.raises(UsageError):
+        bench.generation_request("8x8", 1, 0, "tiff")
+    assert bench.default_batch_size(5) == 2 and bench.default_batch_size(100_000) == 256
+
+
+def test_importing_the_command_line_loads_no_optional_package():
+    code = ("import sys, gpu_pipeline.bench, gpu_pipeline.cli; "
+            "print(sorted(m for m in ('cv2', 'skimage', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
