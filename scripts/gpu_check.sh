@@ -4,9 +4,11 @@
 #   scripts/gpu_check.sh            # from the checkout, nothing installed: PYTHONPATH=.
 #   OUT=/some/dir scripts/gpu_check.sh   # logs and bench_gpu.json go there (default /tmp/gpu_check)
 #
-# Needs python3 with numba, numba-cuda, cupy, cv2, pytest and hypothesis (tifffile optional: the
-# tests then skip TIFF files). Without a GPU the tests skip with the reason and the benchmark lists
-# the GPU backends as unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 180 s, bench 110 s).
+# Needs python3 with numba, numba-cuda, cupy, cv2, pytest, hypothesis, and gpu-pipeline's own runtime
+# dependencies Pillow, tifffile and imagecodecs: where those are missing (the lent GPU machines have no
+# network), run scripts/fetch_gpu_wheels.sh here first and carry .whl; they are installed into
+# /tmp/site. Without a GPU the tests skip with the reason and the benchmark lists the GPU backends as
+# unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 180 s, bench 110 s).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -15,6 +17,10 @@ export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/gpu-pipeline-numba-cache}"  # th
 unset NUMBA_ENABLE_CUDASIM GPU_PIPELINE_CUDA_SMALL_TILES
 PYTHON="${PYTHON:-python3}"
 LOG_DIR="${OUT:-/tmp/gpu_check}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the checkout, so preinstalled packages still win
+fi
 mkdir -p "$LOG_DIR"
 
 {
@@ -23,7 +29,8 @@ mkdir -p "$LOG_DIR"
     nvidia-smi 2>&1 || echo "nvidia-smi: not available"
     "$PYTHON" - <<'EOF'
 import importlib
-for name in ("numpy", "numba", "numba_cuda", "cupy", "cv2", "PIL", "tifffile", "pytest", "hypothesis"):
+for name in ("numpy", "numba", "numba_cuda", "cupy", "cv2", "PIL", "tifffile", "imagecodecs", "pytest",
+             "hypothesis"):
     try:
         print(f"{name:>10} {getattr(importlib.import_module(name), '__version__', '?')}")
     except Exception as exc:
