@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from gpu_pipeline import __version__
-from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
+from gpu_pipeline.cli_options import (DEFAULT_BATCH_SIZE, L2, Backend, Bands, BatchSize, Blur, Glob, High, Low,
+                                      Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
+                                      decode_options, fail_usage, pipeline_config)
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import UsageError
 
 app = typer.Typer(
@@ -20,31 +23,6 @@ app = typer.Typer(
     help="Batch image analysis: histogram, equalization, Canny edges, edge count and a label per image, "
     "byte-identical on every CPU and GPU backend.",
 )
-
-
-def fail_usage(message: str) -> None:
-    typer.echo(f"gpu-pipeline: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def bundled_data_dir() -> Path:
-    """The sample set shipped with the package (data/ in a checkout, gpu_pipeline/sample_data when installed)."""
-    checkout = Path(__file__).resolve().parent.parent / "data"
-    if (checkout / "SOURCES.md").is_file():
-        return checkout
-    installed = Path(__file__).resolve().parent / "sample_data"
-    if installed.is_dir():
-        return installed
-    raise UsageError("no bundled sample data found: pass image files or folders")
-
-
-def parse_bands(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"--bands takes comma-separated 1-based band numbers such as 4,3,2, got {text!r}")
 
 
 def _version_callback(value: bool) -> None:
@@ -63,9 +41,7 @@ def main_options(
 
 @app.command()
 def run(
-    paths: Optional[List[Path]] = typer.Argument(
-        None, help="Image files or folders (searched recursively). Default: the bundled sample set.",
-        show_default=False),
+    paths: Paths = None,
     out: str = typer.Option("results.jsonl", "--out", "-o",
                             help="Output file (.jsonl, .csv or .parquet), or - for stdout. An existing output is "
                             "resumed: images already recorded are skipped."),
@@ -74,25 +50,19 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the output afresh instead of resuming."),
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="When resuming, redo the images whose record is an error."),
-    backend: str = typer.Option("auto", "--backend", "-b",
-                                help="reference, numba, cuda, cupy, or auto (the fastest available)."),
-    low: float = typer.Option(PipelineConfig.low_threshold, "--low",
-                              help="Canny low threshold (as cv2.Canny; swapped if above --high)."),
-    high: float = typer.Option(PipelineConfig.high_threshold, "--high", help="Canny high threshold."),
-    l2: bool = typer.Option(False, "--l2/--no-l2", help="Canny L2 gradient magnitude instead of L1."),
-    blur: int = typer.Option(PipelineConfig.blur_ksize, "--blur",
-                             help=f"Gaussian blur kernel size before Canny: one of {BLUR_SIZES}."),
-    bands: Optional[str] = typer.Option(None, "--bands",
-                                        help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray)."),
-    stretch: str = typer.Option("percentile", "--stretch",
-                                help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}."),
+    backend: Backend = "auto",
+    low: Low = PipelineConfig.low_threshold,
+    high: High = PipelineConfig.high_threshold,
+    l2: L2 = False,
+    blur: Blur = PipelineConfig.blur_ksize,
+    bands: Bands = None,
+    stretch: Stretch = "percentile",
     max_pixels: int = typer.Option(DecodeOptions.max_pixels, "--max-pixels",
                                    help="Refuse images larger than this (decompression-bomb guard)."),
-    glob: Optional[str] = typer.Option(None, "--glob", help="Only files whose name matches, e.g. '*.tif'."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decode threads. Default: one per core."),
-    threads: Optional[int] = typer.Option(None, "--threads",
-                                          help="Compute threads of CPU backends. Default: all cores."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per backend call."),
+    glob: Glob = None,
+    workers: Workers = None,
+    threads: Threads = None,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
     save_edges: Optional[Path] = typer.Option(None, "--save-edges",
                                               help="Also write each edge map as a PNG under this folder."),
     model: Optional[str] = typer.Option(
@@ -111,17 +81,11 @@ def run(
     from gpu_pipeline.runner import run_job
 
     try:
-        for name, value in (("--workers", workers), ("--threads", threads), ("--batch-size", batch_size)):
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
-        try:
-            config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
-            decode_options = DecodeOptions(bands=parse_bands(bands), stretch=stretch, max_pixels=max_pixels)
-        except ValueError as exc:
-            raise UsageError(str(exc))
+        check_counts(workers=workers, threads=threads, batch_size=batch_size)
         code = run_job(
             paths=list(paths) if paths else [bundled_data_dir()],
-            out=out, backend_name=backend, config=config, decode_options=decode_options, glob=glob,
+            out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
+            decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
             workers=workers or os.cpu_count() or 2, threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask,

@@ -16,14 +16,14 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
+from gpu_pipeline.cli_options import (L2, Bands, BatchSize, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
+                                      bundled_data_dir, check_counts, decode_options, fail_usage, pipeline_config)
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import UsageError
 
 
 def verify(
-    paths: Optional[List[Path]] = typer.Argument(
-        None, help="Image files or folders (searched recursively). Default: the bundled sample set.",
-        show_default=False),
+    paths: Paths = None,
     backends: Optional[str] = typer.Option(
         None, "--backends", "-b",
         help="Comma-separated backends to compare with the reference, e.g. numba,cuda. Default: every "
@@ -32,42 +32,30 @@ def verify(
                                         help="Also compare OpenCV, the contract's definition, with the reference."),
     report: Optional[Path] = typer.Option(None, "--report",
                                           help="Write every difference and error to this JSON file."),
-    low: float = typer.Option(PipelineConfig.low_threshold, "--low",
-                              help="Canny low threshold (as cv2.Canny; swapped if above --high)."),
-    high: float = typer.Option(PipelineConfig.high_threshold, "--high", help="Canny high threshold."),
-    l2: bool = typer.Option(False, "--l2/--no-l2", help="Canny L2 gradient magnitude instead of L1."),
-    blur: int = typer.Option(PipelineConfig.blur_ksize, "--blur",
-                             help=f"Gaussian blur kernel size before Canny: one of {BLUR_SIZES}."),
-    bands: Optional[str] = typer.Option(None, "--bands",
-                                        help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray)."),
-    stretch: str = typer.Option("percentile", "--stretch",
-                                help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}."),
-    glob: Optional[str] = typer.Option(None, "--glob", help="Only files whose name matches, e.g. '*.tif'."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decode threads. Default: one per core."),
-    threads: Optional[int] = typer.Option(None, "--threads",
-                                          help="Compute threads of CPU backends. Default: all cores."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per backend call."),
+    low: Low = PipelineConfig.low_threshold,
+    high: High = PipelineConfig.high_threshold,
+    l2: L2 = False,
+    blur: Blur = PipelineConfig.blur_ksize,
+    bands: Bands = None,
+    stretch: Stretch = "percentile",
+    glob: Glob = None,
+    workers: Workers = None,
+    threads: Threads = None,
+    batch_size: BatchSize = 64,
 ) -> None:
     """Check that every backend gives the reference's bytes: histogram, equalized, edges, edge count, label.
 
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage.
     """
-    from gpu_pipeline.cli import bundled_data_dir, fail_usage, parse_bands
     from gpu_pipeline.runner import progress_bar
     from gpu_pipeline.verify import parse_backend_list, print_report, run_verify
 
     try:
-        for name, value in (("--workers", workers), ("--threads", threads), ("--batch-size", batch_size)):
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
-        try:
-            config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
-            decode_options = DecodeOptions(bands=parse_bands(bands), stretch=stretch)
-        except ValueError as exc:
-            raise UsageError(str(exc))
+        check_counts(workers=workers, threads=threads, batch_size=batch_size)
         arguments = {
             "paths": list(paths) if paths else [bundled_data_dir()], "requested": parse_backend_list(backends),
-            "against_opencv": against_opencv, "config": config, "decode_options": decode_options, "glob": glob,
+            "against_opencv": against_opencv, "config": pipeline_config(low, high, l2, blur),
+            "decode_options": decode_options(bands, stretch), "glob": glob,
             "threads": threads, "batch_size": batch_size, "workers": workers or os.cpu_count() or 2,
             "report_path": report,
         }
@@ -125,7 +113,6 @@ def bench(
     Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage.
     """
     from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
-    from gpu_pipeline.cli import fail_usage
 
     try:
         request = _bench_request(paths, backends, size, count, tiles, image_format, repeat, threads, batch_size,
@@ -159,9 +146,7 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
     from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cpus
     from gpu_pipeline.io import discover
 
-    for name, value in (("--repeat", repeat), ("--threads", threads), ("--batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{name} must be >= 1, got {value}")
+    check_counts(repeat=repeat, threads=threads, batch_size=batch_size)
     request = {"names": parse_contenders(backends), "threads": threads or usable_cpus()}
     if plot is not None and (reason := plot_unavailable_reason()) is not None:
         raise UsageError(reason)
@@ -187,7 +172,6 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
 def _bench_files(request: dict, folder: Path) -> tuple[list[Path], dict]:
     """The given files, or a corpus generated into ``folder`` (tiles from the bundled scenes)."""
     from gpu_pipeline.bench import generate_corpus
-    from gpu_pipeline.cli import bundled_data_dir
     from gpu_pipeline.io import discover
 
     if "files" in request:

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.classify import FEATURE_NAMES, Features, feature_vector
-from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from gpu_pipeline.cli_options import L2, Backend, Blur, High, Low, fail_usage, pipeline_config
+from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.io import UsageError, discover
 from gpu_pipeline.model import LabelModel, fit_model, load_model, settings_text
 
@@ -206,13 +207,6 @@ def _report_failures(failures: list[str]) -> None:
         typer.echo(f"  ... and {len(failures) - SHOWN_FAILURES} more", err=True)
 
 
-def _pipeline_config(low: float, high: float, l2: bool, blur: int) -> PipelineConfig:
-    try:
-        return PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _usable(labeled: LabeledImages, table: FeatureTable) -> None:
     """UsageError when a class lost all its images to failures."""
     for k, name in enumerate(labeled.classes):
@@ -224,12 +218,11 @@ def fit(
     labeled_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (EuroSAT layout).",
                                        show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the model (JSON).", show_default=False),
-    backend: str = typer.Option("auto", "--backend", "-b",
-                                help="reference, numba, cuda, cupy, or auto (the fastest available)."),
-    low: float = typer.Option(PipelineConfig.low_threshold, "--low", help="Canny low threshold."),
-    high: float = typer.Option(PipelineConfig.high_threshold, "--high", help="Canny high threshold."),
-    l2: bool = typer.Option(False, "--l2/--no-l2", help="Canny L2 gradient magnitude instead of L1."),
-    blur: int = typer.Option(PipelineConfig.blur_ksize, "--blur", help=f"Gaussian blur size: one of {BLUR_SIZES}."),
+    backend: Backend = "auto",
+    low: Low = PipelineConfig.low_threshold,
+    high: High = PipelineConfig.high_threshold,
+    l2: L2 = False,
+    blur: Blur = PipelineConfig.blur_ksize,
     test_fraction: float = typer.Option(0.2, "--test-fraction",
                                         help="Share of each class held out to measure accuracy (0: fit on all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw."),
@@ -243,14 +236,14 @@ def fit(
     try:
         if not 0 <= test_fraction < 1:
             raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
-        config = _pipeline_config(low, high, l2, blur)
+        config = pipeline_config(low, high, l2, blur)
         if not out.parent.is_dir():
             raise UsageError(f"cannot write the model: folder {out.parent} does not exist")
         labeled = read_labeled_tree(labeled_dir, min_classes=2)
         table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True))
         _usable(labeled, table)
     except UsageError as exc:
-        _fail_usage(str(exc))
+        fail_usage(str(exc))
     _report_failures(table.failures)
 
     test = np.zeros_like(table.ok)  # drawn among the processed images, so every class keeps one to train on
@@ -272,7 +265,7 @@ def fit(
     try:
         model.save(out)
     except OSError as exc:
-        _fail_usage(f"cannot write the model {out}: {exc.strerror or exc}")
+        fail_usage(f"cannot write the model {out}: {exc.strerror or exc}")
 
     console = Console(soft_wrap=True)
     console.print(f"fitted on [bold]{int(train.sum())}[/] images of {len(labeled.classes)} classes with backend "
@@ -304,8 +297,7 @@ def evaluate(
                                        show_default=False),
     model_path: str = typer.Option(..., "--model", "-m", show_default=False,
                                    help="Model file from `gpu-pipeline fit`, or a shipped model: eurosat."),
-    backend: str = typer.Option("auto", "--backend", "-b",
-                                help="reference, numba, cuda, cupy, or auto (the fastest available)."),
+    backend: Backend = "auto",
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save the confusion matrix as a PNG "
                                         "(needs matplotlib).", show_default=False),
 ) -> None:
@@ -328,7 +320,7 @@ def evaluate(
         if not table.ok.any():
             raise UsageError("no image could be processed")
     except UsageError as exc:
-        _fail_usage(str(exc))
+        fail_usage(str(exc))
     _report_failures(table.failures)
 
     targets = np.array([model.classes.index(labeled.classes[t]) for t in labeled.targets[table.ok]])
@@ -349,12 +341,6 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _fail_usage(message: str) -> None:
-    from gpu_pipeline.cli import fail_usage  # cli imports this module to register the commands
-
-    fail_usage(message)
 
 
 def register(app: typer.Typer) -> None:

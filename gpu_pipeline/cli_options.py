@@ -1,0 +1,79 @@
+"""What the commands share: their common options (defined once), and turning them into settings.
+
+Every command reports bad usage the same way: one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
+from gpu_pipeline.io import UsageError
+
+Paths = Annotated[Optional[List[Path]], typer.Argument(
+    help="Image files or folders (searched recursively). Default: the bundled sample set.", show_default=False)]
+Backend = Annotated[str, typer.Option("--backend", "-b",
+                                      help="reference, numba, cuda, cupy, or auto (the fastest available).")]
+Low = Annotated[float, typer.Option("--low", help="Canny low threshold (as cv2.Canny; swapped if above --high).")]
+High = Annotated[float, typer.Option("--high", help="Canny high threshold.")]
+L2 = Annotated[bool, typer.Option("--l2/--no-l2", help="Canny L2 gradient magnitude instead of L1.")]
+Blur = Annotated[int, typer.Option("--blur", help=f"Gaussian blur kernel size before Canny: one of {BLUR_SIZES}.")]
+Bands = Annotated[Optional[str], typer.Option("--bands", help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray).")]
+Stretch = Annotated[str, typer.Option(
+    "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
+Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Decode threads. Default: one per core.")]
+Threads = Annotated[Optional[int], typer.Option("--threads",
+                                                help="Compute threads of CPU backends. Default: all cores.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backend call.")]
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def fail_usage(message: str) -> None:
+    typer.echo(f"gpu-pipeline: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def bundled_data_dir() -> Path:
+    """The sample set shipped with the package (data/ in a checkout, gpu_pipeline/sample_data when installed)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "data"
+    if (checkout / "SOURCES.md").is_file():
+        return checkout
+    if (package / "sample_data").is_dir():
+        return package / "sample_data"
+    raise UsageError("no bundled sample data found: pass image files or folders")
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--bands takes comma-separated 1-based band numbers such as 4,3,2, got {text!r}") from None
+
+
+def check_counts(**counts: int | None) -> None:
+    """Each given count (``--workers``, ``--batch-size``, ...) must be at least 1."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def pipeline_config(low: float, high: float, l2: bool, blur: int) -> PipelineConfig:
+    try:
+        return PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def decode_options(bands: str | None, stretch: str, max_pixels: int = DecodeOptions.max_pixels) -> DecodeOptions:
+    try:
+        return DecodeOptions(bands=parse_bands(bands), stretch=stretch, max_pixels=max_pixels)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
