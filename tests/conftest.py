@@ -40,3 +40,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def register():
+    """``register(*classes)`` makes test backends known for one test; they are removed afterwards."""
+    from gpu_pipeline.backends import registry
+
+    names = []
+
+    def add(*classes):
+        for cls in classes:
+            registry.register(cls.name, lambda cls=cls: cls, "test backend")
+            names.append(cls.name)
+
+    yield add
+    for name in names:
+        registry.unregister(name)

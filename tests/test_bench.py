@@ -25,18 +25,10 @@ from gpu_pipeline.bench import BenchReport, BenchSettings, Contender, Corpus, Ti
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import UsageError, decode_image, discover
+from tests.backend_doubles import NeverAvailable
 
 runner = CliRunner()
 TINY = ("--count", "2", "--size", "40x32", "--tiles", "3", "--repeat", "1")
-
-
-class NeverAvailable(ReferenceBackend):
-    name = "never-available"
-    REASON = "needs hardware this machine lacks (test backend)"
-
-    @classmethod
-    def unavailable_reason(cls):
-        return cls.REASON
 
 
 class BrandNew(ReferenceBackend):
@@ -71,21 +63,6 @@ class TimesItsKernels(ReferenceBackend):
         self.device_times.kernels += 0.5
         self.device_times.pixels += sum(im.shape[0] * im.shape[1] for im in images)
         return super().process(images, config, keep_images)
-
-
-@pytest.fixture
-def register():
-    """``register(*classes)`` makes test backends known for one test; they are removed afterwards."""
-    names = []
-
-    def add(*classes):
-        for cls in classes:
-            registry.register(cls.name, lambda cls=cls: cls, "test backend")
-            names.append(cls.name)
-
-    yield add
-    for name in names:
-        registry.unregister(name)
 
 
 def run_bench(tmp_path: Path, *args) -> tuple[object, dict]:

@@ -13,19 +13,10 @@ from typer.testing import CliRunner
 
 from gpu_pipeline import __version__, info
 from gpu_pipeline.backends import registry
-from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.cli import app
+from tests.backend_doubles import NeverAvailable
 
 runner = CliRunner()
-
-
-class NeverAvailable(ReferenceBackend):
-    name = "never-available"
-    REASON = "needs hardware this machine lacks (test backend)"
-
-    @classmethod
-    def unavailable_reason(cls):
-        return cls.REASON
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import decode_image, discover
+from tests.backend_doubles import NeverAvailable
 
 runner = CliRunner()
 
@@ -77,15 +78,6 @@ class DropsLastResult(ReferenceBackend):
         return super().process(images, config, keep_images)[:-1]
 
 
-class NeverAvailable(ReferenceBackend):
-    name = "never-available"
-    REASON = "needs hardware this machine lacks (test backend)"
-
-    @classmethod
-    def unavailable_reason(cls):
-        return cls.REASON
-
-
 class FailsToStart(ReferenceBackend):
     name = "fails-to-start"
 
@@ -100,21 +92,6 @@ class RecordsCalls(ReferenceBackend):
     def process(self, images, config, keep_images=False):
         RecordsCalls.calls.append(len(images))
         return super().process(images, config, keep_images)
-
-
-@pytest.fixture
-def register():
-    """``register(*classes)`` makes test backends known for one test; they are removed afterwards."""
-    names = []
-
-    def add(*classes):
-        for cls in classes:
-            registry.register(cls.name, lambda cls=cls: cls, "test backend")
-            names.append(cls.name)
-
-    yield add
-    for name in names:
-        registry.unregister(name)
 
 
 @pytest.fixture
