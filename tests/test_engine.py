@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 import cpu_reference
-from gpu_pipeline.backends.base import Backend, StageResult
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, Decoded, batches, decode_stream

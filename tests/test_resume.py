@@ -5,7 +5,6 @@ The subprocess tests run the real command line and kill it, as cron, an OOM kill
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
