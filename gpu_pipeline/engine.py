@@ -1,8 +1,9 @@
 """The streaming batch engine: decode pool -> batches -> backend -> classify -> sink.
 
-Memory is bounded whatever the number of files: at most ``prefetch`` decoded images wait in the
-queue, and a batch holds at most ``batch_size`` images and ``batch_pixels`` pixels. Records come
-out in input order. Every path yields exactly one record: a result or an error.
+Memory is bounded whatever the number of files: at most ``batch_size + 2 * workers`` decoded
+images, and about ``batch_pixels`` pixels, wait in the decode queue, and a batch holds at most
+``batch_size`` images and ``batch_pixels`` pixels. Records come out in input order. Every path
+yields exactly one record: a result or an error.
 """
 
 from __future__ import annotations
@@ -96,22 +97,39 @@ def _decode_all(paths: list[Path], options: DecodeOptions) -> list[Decoded]:
     return [_decode(path, options) for path in paths]
 
 
-def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int,
-                  prefetch: int) -> Iterator[Decoded]:
+def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int,
+                  prefetch_pixels: int | None = None) -> Iterator[Decoded]:
     """Decode in a thread pool (Pillow, libjpeg-turbo and tifffile release the GIL), in order.
 
-    Paths go to the pool in chunks; at most ``prefetch`` images are decoded ahead of the consumer.
+    Paths go to the pool in chunks. At most ``prefetch`` images are decoded ahead of the consumer
+    and, with ``prefetch_pixels``, about that many pixels (judged from the images seen so far, one
+    chunk per worker until then): tiles run far ahead, big scenes only a few.
     """
     chunk = max(1, min(DECODE_CHUNK, prefetch))
-    in_flight = max(1, prefetch // chunk)
+    most_chunks = max(1, prefetch // chunk)
+    seen_images = seen_pixels = 0
+
+    def chunks_allowed() -> int:
+        if prefetch_pixels is None:
+            return most_chunks
+        if seen_pixels == 0:
+            return max(1, min(most_chunks, workers))
+        chunk_pixels = chunk * seen_pixels / seen_images
+        return max(1, min(most_chunks, int(prefetch_pixels // chunk_pixels)))
+
     path_iter = iter(paths)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
         try:
             while chunk_paths := list(islice(path_iter, chunk)):
                 pending.append(pool.submit(_decode_all, chunk_paths, options))
-                if len(pending) >= in_flight:
-                    yield from pending.popleft().result()
+                while len(pending) >= chunks_allowed():
+                    items = pending.popleft().result()
+                    for item in items:
+                        if item.image is not None:
+                            seen_images += 1
+                            seen_pixels += item.image.shape[0] * item.image.shape[1]
+                    yield from items
             while pending:
                 yield from pending.popleft().result()
         finally:  # the consumer stopped early: drop what is queued
@@ -192,7 +210,7 @@ class Engine:
         summary = RunSummary()
         start = time.perf_counter()
         prefetch = self.batch_size + 2 * self.workers
-        stream = batches(decode_stream(paths, self.decode_options, self.workers, prefetch),
+        stream = batches(decode_stream(paths, self.decode_options, self.workers, prefetch, self.batch_pixels),
                          self.batch_size, self.batch_pixels)
         try:
             for batch in stream:

@@ -11,7 +11,7 @@ from PIL import Image
 import cpu_reference
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Engine, Decoded, batches, decode_stream
+from gpu_pipeline.engine import DECODE_CHUNK, Decoded, Engine, batches, decode_stream
 
 
 class ListSink:
@@ -111,6 +111,25 @@ def test_prefetch_is_bounded(tmp_path):
         assert pulled - consumed <= 5
         assert item.image is not None
     assert consumed == 40
+
+
+def test_prefetch_of_big_images_is_bounded_by_pixels(tmp_path):
+    """Big scenes are not decoded far ahead: the queue holds about `prefetch_pixels` pixels."""
+    paths = write_pngs(tmp_path, [(64, 64)] * 64)
+    pulled = 0
+
+    def counting():
+        nonlocal pulled
+        for path in paths:
+            pulled += 1
+            yield path
+
+    consumed = 0
+    # 4,096-pixel images, room for 20,000 pixels: about one chunk of 16 images at a time
+    for _ in decode_stream(counting(), DecodeOptions(), workers=2, prefetch=1000, prefetch_pixels=20_000):
+        consumed += 1
+        assert pulled - consumed <= 2 * DECODE_CHUNK
+    assert consumed == 64
 
 
 def _fake(shape):
