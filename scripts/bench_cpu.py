@@ -20,7 +20,7 @@ engine's decode pool, and cv2.imread in a thread pool). numba and skimage-pool d
 gpu_pipeline.io; opencv and opencv-pool with ``cv2.imread`` (its own libjpeg/libpng). JIT compile
 time is excluded from all timings and reported separately. Each timing is the best of
 ``--repeats`` runs. The corpus, the contenders' pipelines, the pools and the timing helpers are
-gpu_pipeline/bench.py's (``gpu-pipeline bench``); this script adds the datasets, opencv-pool, the
+gpu_pipeline.bench's (``gpu-pipeline bench``); this script adds the datasets, opencv-pool, the
 cold-compile time and the per-stage profile.
 
 Example (the full default run):  python scripts/bench_cpu.py --json bench_cpu.json

@@ -3,7 +3,7 @@ the numba CPU backend and OpenCV with all cores, compute-only and end to end, wr
 
     PYTHONPATH=. python scripts/bench_gpu.py [--json FILE] [--quick] [--repeats N]
 
-Two workloads, each timed by gpu_pipeline/bench.py (what ``gpu-pipeline bench`` runs): 96 RGB
+Two workloads, each timed by gpu_pipeline.bench (what ``gpu-pipeline bench`` runs): 96 RGB
 scenes of 1000 x 1000 and 16,384 RGB tiles of 64 x 64 cut from 1024 x 1024 scenes (an eighth of
 each with ``--quick``), from the benchmark's scene generator (parcels, roads, noise: edges form
 chains as in real imagery), written as JPEG. For each backend and workload:

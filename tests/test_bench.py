@@ -22,6 +22,7 @@ from gpu_pipeline import bench
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.bench import BenchReport, BenchSettings, Contender, Corpus, Timing
+from gpu_pipeline.bench.measuring import _device_phases
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import UsageError, decode_image, discover
@@ -131,7 +132,7 @@ def test_spread_subset_takes_every_kth_image_within_the_budget():
 
 
 def test_device_phases_per_repeat_and_kernel_rate():
-    phases = bench._device_phases(FakeDeviceTimes(kernels=2.0, pixels=8_000_000), repeats=4)
+    phases = _device_phases(FakeDeviceTimes(kernels=2.0, pixels=8_000_000), repeats=4)
     assert phases == {"kernels_per_repeat": 0.5, "pixels_per_repeat": 2_000_000, "kernels_mp_per_s": 4.0}
 
 

@@ -1,0 +1,312 @@
+"""Measuring: each contender warmed up, then timed on the corpus (compute, end to end, decode
+only), gathered into a :class:`BenchReport` with its ratios and JSON."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, is_dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpu_pipeline.backends import registry
+from gpu_pipeline.backends.base import Backend
+from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, SKIMAGE_POOL, OpenCvThreads, pool_compute, pool_files,
+                                          read_with_opencv, skimage_unavailable_reason, start_pool, usable_cpus)
+from gpu_pipeline.bench.corpus import Corpus
+from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine import DEFAULT_BATCH_PIXELS, Decoded, Engine, batches, decode_stream, one_line
+from gpu_pipeline.verify import OpenCvOracle
+
+SCHEMA = "gpu-pipeline-bench/1"
+#: Ratios are taken against the first of these that was measured.
+BASELINE_ORDER = (SKIMAGE_POOL, "reference")
+#: Slow contenders run on an evenly spread subset of at most this many megapixels.
+SUBSET_MEGAPIXELS = {"reference": 2.0, SKIMAGE_POOL: 8.0}
+DECODE_IO = "gpu_pipeline.io"
+DECODE_OPENCV = "cv2.imread"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    repeats: int = 3
+    threads: int = field(default_factory=usable_cpus)
+    batch_size: int = Engine.batch_size
+    batch_pixels: int = DEFAULT_BATCH_PIXELS
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+    decode_options: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+@dataclass
+class Contender:
+    """One row of the results: a backend, a baseline or a decoder, measured or why not."""
+
+    name: str
+    kind: str  # "backend", "baseline" or "decode"
+    description: str = ""
+    status: str = "measured"  # or "unavailable", "not installed", "failed"
+    reason: str | None = None
+    #: What it ran on when not the whole corpus.
+    subset: str | None = None
+    startup_s: float | None = None  # construction and warm-up hook: JIT compile or cache load, pool start
+    first_pass_s: float | None = None  # the first compute pass (first launches, allocations), not in the rates
+    compute: Timing | None = None
+    end_to_end: Timing | None = None
+    decode: Timing | None = None
+    #: GPU time per phase and repeat, from backends that measure it (``device_times``).
+    device: dict | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self.status == "measured"
+
+
+def run_compute(backend: Backend, images: Sequence[np.ndarray], settings: BenchSettings) -> None:
+    """``process()`` over images in memory, grouped as the engine groups them."""
+    items = (Decoded(Path(str(index)), image=image) for index, image in enumerate(images))
+    for batch in batches(items, settings.batch_size, settings.batch_pixels):
+        backend.process([item.image for item in batch], settings.config)
+
+
+class _DropRecords:
+    def write(self, records: Iterable[dict]) -> None:
+        pass
+
+
+def run_end_to_end(backend: Backend, paths: Sequence[Path], settings: BenchSettings) -> None:
+    """``paths`` through the engine as ``gpu-pipeline run`` streams them, records dropped."""
+    engine = Engine(backend=backend, config=settings.config, decode_options=settings.decode_options,
+                    batch_size=settings.batch_size, batch_pixels=settings.batch_pixels, workers=settings.threads)
+    summary = engine.run(list(paths), _DropRecords())
+    if summary.failed:
+        stages = ", ".join(f"{stage}: {n}" for stage, n in summary.failures_by_stage.items())
+        raise RuntimeError(f"{summary.failed} of {summary.total} images failed end to end ({stages})")
+
+
+def decode_with_io(paths: Sequence[Path], settings: BenchSettings) -> None:
+    """The engine's decode pool alone (same workers and read-ahead)."""
+    prefetch = settings.batch_size + 2 * settings.threads
+    for item in decode_stream(paths, settings.decode_options, settings.threads, prefetch):
+        if item.error is not None:
+            raise RuntimeError(f"{item.error['path']}: {item.error['error']}")
+
+
+def decode_with_opencv(paths: Sequence[Path], threads: int) -> None:
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(read_with_opencv, paths):
+            pass
+
+
+def _subset_for(name: str, corpus: Corpus) -> tuple[Corpus, str | None]:
+    """The corpus, or for a slow contender an evenly spread subset and a note saying so."""
+    budget = SUBSET_MEGAPIXELS.get(name)
+    if budget is None or corpus.pixels <= budget * 1e6:
+        return corpus, None
+    subset = corpus.spread_subset(budget)
+    return subset, (f"{len(subset.images)} of {len(corpus.images)} images ({subset.pixels / 1e6:.1f} MP), "
+                    "evenly spread: too slow for the whole corpus")
+
+
+def _device_phases(times: Any, repeats: int) -> dict:
+    phases = asdict(times) if is_dataclass(times) else dict(vars(times))
+    per_repeat = {f"{key}_per_repeat": value / repeats for key, value in phases.items()}
+    kernels, pixels = phases.get("kernels"), phases.get("pixels")
+    per_repeat["kernels_mp_per_s"] = pixels / 1e6 / kernels if kernels and pixels else None
+    return per_repeat
+
+
+def measure_backend(result: Contender, make: Callable[[], Backend], corpus: Corpus,
+                    settings: BenchSettings) -> Contender:
+    """Start and warm up a backend, then time its compute and end-to-end runs."""
+    subset, result.subset = _subset_for(result.name, corpus)
+    start = time.perf_counter()
+    try:
+        backend = make()
+        if hasattr(backend, "warm_up"):
+            backend.warm_up()
+    except Exception as exc:
+        result.status, result.reason = "failed", f"cannot start: {one_line(exc)}"
+        return result
+    result.startup_s = time.perf_counter() - start
+    repeats, count, pixels = settings.repeats, len(subset.images), subset.pixels
+    with backend:
+        try:
+            result.first_pass_s = time_repeats(1, lambda: run_compute(backend, subset.images, settings))[0]
+            times = getattr(backend, "device_times", None)
+            if times is not None:
+                backend.device_times = type(times)()
+            result.compute = Timing(time_repeats(repeats, lambda: run_compute(backend, subset.images, settings)),
+                                    count, pixels)
+            if times is not None:
+                result.device = _device_phases(backend.device_times, repeats)
+            result.end_to_end = Timing(
+                time_repeats(repeats, lambda: run_end_to_end(backend, subset.paths, settings)), count, pixels)
+        except Exception as exc:
+            result.status, result.reason = "failed", f"failed while measured: {one_line(exc)}"
+    return result
+
+
+def measure_skimage_pool(corpus: Corpus, settings: BenchSettings) -> Contender:
+    threads = settings.threads
+    result = Contender(SKIMAGE_POOL, "baseline", f"scikit-image rgb2gray, histogram, equalize_hist, "
+                       f"canny(sigma=1) in multiprocessing.Pool({threads}), decode with gpu_pipeline.io: "
+                       "what users run today (similar, not byte-identical)")
+    reason = skimage_unavailable_reason()
+    if reason is not None:
+        result.status, result.reason = "not installed", reason
+        return result
+    subset, result.subset = _subset_for(SKIMAGE_POOL, corpus)
+    count, pixels = len(subset.images), subset.pixels
+    start = time.perf_counter()
+    try:
+        pool = start_pool("skimage", threads, subset.paths, settings.decode_options)
+    except Exception as exc:
+        result.status, result.reason = "failed", f"cannot start the pool: {one_line(exc)}"
+        return result
+    result.startup_s = time.perf_counter() - start
+    with pool:  # terminates the workers on the way out
+        try:
+            result.first_pass_s = time_repeats(1, lambda: pool_compute(pool, count, threads))[0]
+            result.compute = Timing(time_repeats(settings.repeats, lambda: pool_compute(pool, count, threads)),
+                                    count, pixels)
+            result.end_to_end = Timing(
+                time_repeats(settings.repeats, lambda: pool_files(pool, subset.paths, threads)), count, pixels)
+        except Exception as exc:
+            result.status, result.reason = "failed", f"failed while measured: {one_line(exc)}"
+    return result
+
+
+def measure_decoders(corpus: Corpus, settings: BenchSettings) -> list[Contender]:
+    """Decode-only throughput: the engine's pool (gpu_pipeline.io), and cv2.imread when installed."""
+    threads, count, pixels = settings.threads, len(corpus.images), corpus.pixels
+    runs = {
+        DECODE_IO: (f"the engine's decode pool: gpu_pipeline.io in {threads} threads", None,
+                    lambda: decode_with_io(corpus.paths, settings)),
+        DECODE_OPENCV: (f"cv2.imread in {threads} threads", OpenCvOracle.unavailable_reason(),
+                        lambda: decode_with_opencv(corpus.paths, threads)),
+    }
+    results = []
+    for name, (description, reason, run) in runs.items():
+        result = Contender(name, "decode", description)
+        if reason is not None:
+            result.status, result.reason = "not installed", reason
+        else:
+            try:
+                result.first_pass_s = time_repeats(1, run)[0]
+                result.decode = Timing(time_repeats(settings.repeats, run), count, pixels)
+            except Exception as exc:
+                result.status, result.reason = "failed", one_line(exc)
+        results.append(result)
+    return results
+
+
+def contender_names() -> list[str]:
+    """Every registered backend, then the baselines."""
+    return [*registry.backend_names(), *BASELINES]
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when contender ``name`` can run here, else why not."""
+    if name == OPENCV:
+        return OpenCvOracle.unavailable_reason()
+    if name == SKIMAGE_POOL:
+        return skimage_unavailable_reason()
+    return registry.unavailable_reason(name)
+
+
+def measure(name: str, corpus: Corpus, settings: BenchSettings) -> Contender:
+    """One contender by name: a registered backend or one of :data:`BASELINES`."""
+    threads = settings.threads
+    if name == SKIMAGE_POOL:
+        return measure_skimage_pool(corpus, settings)
+    if name == OPENCV:
+        result = Contender(OPENCV, "baseline", f"the contract's cv2 calls, one image per thread in {threads} "
+                           "threads; end to end: decode with gpu_pipeline.io in the engine")
+        make: Callable[[], Backend] = partial(OpenCvThreads, threads)
+    else:
+        result = Contender(name, "backend")
+        make = partial(registry.create, name, threads=threads)
+    reason = unavailable_reason(name)
+    if reason is not None:
+        result.status, result.reason = ("not installed" if result.kind == "baseline" else "unavailable"), reason
+        return result
+    return measure_backend(result, make, corpus, settings)
+
+
+@dataclass
+class BenchReport:
+    corpus: Corpus
+    settings: BenchSettings
+    contenders: list[Contender]
+    decoders: list[Contender]
+    baseline: str | None
+
+    def find(self, name: str) -> Contender | None:
+        return next((c for c in [*self.contenders, *self.decoders] if c.name == name), None)
+
+    def ratios(self, contender: Contender) -> dict[str, float | None]:
+        """Median MP/s over the baseline's (compute, end to end) and end to end over decode only."""
+        base = self.find(self.baseline) if self.baseline else None
+        decode = self.find(DECODE_IO)
+
+        def mp(timing: Timing | None) -> float | None:
+            return timing.megapixels_per_second["median"] if timing is not None else None
+
+        return {
+            "compute_vs_baseline": ratio(mp(contender.compute), mp(base.compute) if base else None),
+            "end_to_end_vs_baseline": ratio(mp(contender.end_to_end), mp(base.end_to_end) if base else None),
+            "end_to_end_vs_decode_only": ratio(mp(contender.end_to_end), mp(decode.decode) if decode else None),
+        }
+
+    def to_json(self, machine: dict | None = None) -> dict:
+        """The whole report (docs/benchmarks.md describes the schema)."""
+        settings = self.settings
+        corpus = self.corpus
+        return {
+            "schema": SCHEMA,
+            "machine": machine,
+            "settings": {"repeats": settings.repeats, "threads": settings.threads, "batch_size": settings.batch_size,
+                         "batch_pixels": settings.batch_pixels, "config": asdict(settings.config)},
+            "corpus": {**corpus.details, "images": len(corpus.images), "megapixels": corpus.pixels / 1e6,
+                       "shapes": corpus.shapes(), "skipped": corpus.skipped},
+            "baseline": self.baseline,
+            "contenders": {c.name: self._contender_json(c) for c in self.contenders},
+            "decode_only": {c.name: self._contender_json(c) for c in self.decoders},
+        }
+
+    def _contender_json(self, c: Contender) -> dict:
+        def timing(t: Timing | None) -> dict | None:
+            return t.to_json() if t is not None else None
+
+        return {
+            "kind": c.kind, "description": c.description, "status": c.status, "reason": c.reason,
+            "subset": c.subset, "warmup": {"startup_s": c.startup_s, "first_pass_s": c.first_pass_s},
+            "compute": timing(c.compute), "end_to_end": timing(c.end_to_end), "decode": timing(c.decode),
+            "device": c.device, "ratios": self.ratios(c) if c.kind != "decode" else None,
+        }
+
+
+def choose_baseline(contenders: Sequence[Contender], order: Sequence[str] = BASELINE_ORDER) -> str | None:
+    """The first name of ``order`` that was measured (compute and end to end)."""
+    measured = {c.name for c in contenders if c.compute is not None and c.end_to_end is not None}
+    return next((name for name in order if name in measured), None)
+
+
+def run_benchmark(corpus: Corpus, names: Sequence[str], settings: BenchSettings,
+                  baseline_order: Sequence[str] = BASELINE_ORDER,
+                  progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Measure the decoders, then each contender of ``names`` in turn, on ``corpus``."""
+    if progress is not None:
+        progress("decode only")
+    decoders = measure_decoders(corpus, settings)
+    contenders = []
+    for name in names:
+        if progress is not None:
+            progress(name)
+        contenders.append(measure(name, corpus, settings))
+    return BenchReport(corpus, settings, contenders, decoders, choose_baseline(contenders, baseline_order))
