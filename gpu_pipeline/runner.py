@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -181,6 +182,11 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
                           workers=workers, label_of=label_of,
                           on_edges=edge_saver(save_edges, files) if save_edges else None)
     console = Console(stderr=True, soft_wrap=True)
+    if dask is None and todo:
+        started = time.perf_counter()
+        backend.warm_up(config)
+        if not quiet and (seconds := time.perf_counter() - started) > 1:
+            console.print(f"backend {backend.name} ready in {seconds:.1f} s (kernels compiled once, then cached)")
     if not quiet and done:
         console.print(f"resuming {out}: {len(files) - len(todo)} of {len(files)} images already recorded"
                       + (f" ({earlier_failures} failed; --retry-failed redoes them)" if earlier_failures else ""))

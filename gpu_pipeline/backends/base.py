@@ -56,6 +56,12 @@ class Backend(ABC):
     ) -> list[StageResult]:
         """Run the whole contract on each image; ``keep_images`` also returns equalized and edges."""
 
+    def warm_up(self, config: PipelineConfig | None = None) -> None:
+        """Compile (or load from a cache) every kernel now, on a tiny gray and a tiny RGB image, so
+        that later calls, and their timings, do only the work."""
+        tiny = [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.uint8)]
+        self.process(tiny, config or PipelineConfig(), keep_images=True)
+
     def close(self) -> None:
         """Release buffers, pools and devices. The backend is not used afterwards."""
 

@@ -101,11 +101,6 @@ class NumbaCpuBackend(Backend):
             return f"numba cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
         return None
 
-    def warm_up(self) -> None:
-        """Compile (or load from the cache) every kernel, so later calls time only the work."""
-        tiny = [np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8)]
-        self.process(tiny, PipelineConfig(), keep_images=True)
-
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> list[StageResult]:

@@ -127,8 +127,7 @@ def measure_backend(result: Contender, make: Callable[[], Backend], corpus: Corp
     start = time.perf_counter()
     try:
         backend = make()
-        if hasattr(backend, "warm_up"):
-            backend.warm_up()
+        backend.warm_up()
     except Exception as exc:
         result.status, result.reason = "failed", f"cannot start: {one_line(exc)}"
         return result
