@@ -157,8 +157,9 @@ def canny_thresholds(low: float, high: float, l2_gradient: bool) -> tuple[int, i
     """The integer thresholds ``cv2.Canny`` compares magnitudes with (``m > low``, ``m > high``).
 
     Swap when ``low > high``; with ``l2_gradient`` clamp each to 32767 and square it when positive;
-    then floor to a C int. A floor outside the int32 range becomes -2**31, as x86's truncating
-    conversion gives (so an L1 threshold >= 2**31 behaves as "everything passes").
+    then floor to a C int. Thresholds from 2**31 on are outside the contract (PipelineConfig refuses
+    them; OpenCV's overflowing conversion is not consistent); a floor outside the int32 range is
+    taken as -2**31, x86's truncating conversion.
     """
     if low > high:
         low, high = high, low

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BLUR_SIZES = (3, 5, 7)
-#: cv2.Canny floors its thresholds to int; from 2**31 on that overflows (docs/contract.md), so the
-#: contract stops below it. The largest L1 gradient of an 8-bit image is 2040: any threshold above
+#: cv2.Canny floors its thresholds to int; from 2**31 on that overflows and OpenCV's own results
+#: vary (docs/contract.md), so the contract stops below it. The largest L1 gradient of an 8-bit image is 2040: any threshold above
 #: that already means "no edges".
 MAX_THRESHOLD = 2**31 - 1
 STRETCHES = ("percentile", "minmax", "bitdepth")
