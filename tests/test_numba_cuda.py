@@ -23,6 +23,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (the cuda13 or cuda12 extra): the kernels "
+                    "cannot be compiled or simulated")
+
 import cpu_reference
 from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends import registry

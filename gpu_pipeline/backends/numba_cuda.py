@@ -13,6 +13,7 @@ Kernels: ``_cuda_kernels``; host-side decisions: ``_cuda_plan``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
@@ -51,10 +52,12 @@ def unavailable_reason(allow_simulator: bool = False) -> str | None:
 
     The CUDA simulator counts only when ``allow_simulator`` (tests); ``auto`` never gets it.
     """
+    if importlib.util.find_spec("numba_cuda") is None:  # numba's own, older CUDA target is not used
+        return "numba-cuda is not installed (pip install 'gpu-pipeline[cuda13]' or '[cuda12]')"
     try:
         import numba
         from numba import cuda
-    except Exception as exc:  # numba-cuda missing or broken
+    except Exception as exc:  # numba-cuda broken
         return f"numba-cuda cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
     if numba.config.ENABLE_CUDASIM:
         return None if allow_simulator else "NUMBA_ENABLE_CUDASIM=1: the CUDA simulator is not a GPU"
