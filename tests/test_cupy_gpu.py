@@ -47,6 +47,7 @@ from gpu_pipeline.backends.cupy_gpu import (
     sub_batch_budget,
 )
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from tests.oracle import expected_results
 from tests.strategies import ODD_SHAPES, image_shapes, images
 
 HOST_DIR = Path(__file__).parent / "cupy_host"
@@ -333,13 +334,9 @@ class HostDevice:
         self.released += 1
 
 
-def reference_results(batch, config):
-    return [cpu_reference.process_image(image, config) for image in batch]
-
-
 def assert_same_as_reference(results, batch, config, keep_images=True):
     assert len(results) == len(batch)
-    for k, (result, expected) in enumerate(zip(results, reference_results(batch, config), strict=True)):
+    for k, (result, expected) in enumerate(zip(results, expected_results(batch, config), strict=True)):
         where = f"image {k} of shape {batch[k].shape}, {config}"
         assert result.histogram.dtype == np.int64 and np.array_equal(result.histogram, expected.histogram), where
         assert result.edge_count == expected.edge_count, where

@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ from hypothesis import strategies as st
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (the cuda13 or cuda12 extra): the kernels "
                     "cannot be compiled or simulated")
 
-import cpu_reference
 from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends._cuda_plan import (
@@ -51,6 +49,7 @@ from gpu_pipeline.backends.base import BackendUnavailable
 from gpu_pipeline.backends.numba_cuda import NumbaCudaBackend
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
 from tests.gpu import real_gpu_reason
+from tests.oracle import expected_results
 from tests.strategies import ODD_SHAPES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -284,14 +283,9 @@ def gpu_backend():
         yield backend
 
 
-def _reference(image: np.ndarray, config: PipelineConfig):
-    return cpu_reference.process_image(image, config)
-
-
 def assert_batch_matches_reference(backend, batch: list[np.ndarray], config: PipelineConfig) -> None:
     results = backend.process(batch, config, keep_images=True)
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        expected = list(pool.map(lambda image: _reference(image, config), batch))
+    expected = expected_results(batch, config)
     for number, (image, result, want) in enumerate(zip(batch, results, expected)):
         where = f"image {number}, shape {image.shape}, {config}"
         assert np.array_equal(result.histogram, want.histogram), where
@@ -383,7 +377,7 @@ def test_gpu_many_sub_batches_overlap_and_give_the_same_bytes(gpu_backend):
     plan = plan_sub_batches([t.shape for t in tiles], False, gpu_backend._free_device_bytes())
     assert len(plan) >= 3
     results = gpu_backend.process(tiles, config)
-    expected = [_reference(t, config) for t in tiles[:600]]
+    expected = expected_results(tiles[:600], config)
     for number, result in enumerate(results):
         want = expected[number % 600]
         assert np.array_equal(result.histogram, want.histogram) and result.edge_count == want.edge_count, number
