@@ -113,7 +113,7 @@ def check_settings(out: str, settings: dict, resuming: bool) -> None:
         if earlier != settings:
             changed = [key for key in settings
                        if not isinstance(earlier, dict) or earlier.get(key) != settings[key]]
-            raise UsageError(f"{out} holds results computed with other settings ({', '.join(changed)} differ, "
+            raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
                              f"see {path}); use --overwrite or another --out")
     try:
         path.write_text(json.dumps(settings, indent=2) + "\n")
