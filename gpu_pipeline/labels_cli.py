@@ -21,8 +21,9 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.classify import FEATURE_NAMES, Features, feature_vector
-from gpu_pipeline.cli_options import L2, Backend, Blur, High, Low, fail_usage, pipeline_config
-from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.cli_options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
+                                      pipeline_config)
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import UsageError, discover
 from gpu_pipeline.model import LabelModel, fit_model, load_model, settings_text
 
@@ -94,8 +95,8 @@ class _FeatureCollector:
                 self.vectors[record["path"]] = self._pending.pop(record["label"])
 
 
-def compute_features(paths: list[Path], backend_name: str, config: PipelineConfig,
-                     console: Console) -> tuple[FeatureTable, str]:
+def compute_features(paths: list[Path], backend_name: str, config: PipelineConfig, console: Console,
+                     decode: DecodeOptions | None = None) -> tuple[FeatureTable, str]:
     """Run ``paths`` through the engine; returns the features and the concrete backend's name."""
     from gpu_pipeline.engine import Engine
     from gpu_pipeline.runner import open_backend, progress_bar
@@ -103,8 +104,8 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
     collector = _FeatureCollector()
     backend = open_backend(backend_name, None)
     with backend:
-        engine = Engine(backend=backend, config=config, workers=os.cpu_count() or 2,
-                        label_of=collector.label_of)
+        engine = Engine(backend=backend, config=config, decode_options=decode or DecodeOptions(),
+                        workers=os.cpu_count() or 2, label_of=collector.label_of)
         if sys.stderr.isatty():
             with progress_bar(console) as bar:
                 task = bar.add_task("features", total=len(paths), rate="-")
@@ -223,6 +224,8 @@ def fit(
     high: High = PipelineConfig.high_threshold,
     l2: L2 = False,
     blur: Blur = PipelineConfig.blur_ksize,
+    bands: Bands = None,
+    stretch: Stretch = "percentile",
     test_fraction: float = typer.Option(0.2, "--test-fraction",
                                         help="Share of each class held out to measure accuracy (0: fit on all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw."),
@@ -230,17 +233,19 @@ def fit(
     """Fit a land-cover model on a folder-per-class tree and write it as JSON.
 
     The model is fitted on the images not held out; the held-out ones measure its accuracy.
-    Runs using it need the same --low, --high, --l2 and --blur (they are stored in the model).
+    Runs using it need the same --low, --high, --l2 and --blur (they are stored in the model), and
+    should use the same --bands and --stretch (recorded in its training summary).
     Exit status: 0, 1 when some images failed (they are left out), 2 on bad usage.
     """
     try:
         if not 0 <= test_fraction < 1:
             raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
         config = pipeline_config(low, high, l2, blur)
+        decode = decode_options(bands, stretch)
         if not out.parent.is_dir():
             raise UsageError(f"cannot write the model: folder {out.parent} does not exist")
         labeled = read_labeled_tree(labeled_dir, min_classes=2)
-        table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True))
+        table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True), decode)
         _usable(labeled, table)
     except UsageError as exc:
         fail_usage(str(exc))
@@ -252,6 +257,8 @@ def fit(
     model = fit_model(table.vectors[train], labeled.targets[train], labeled.classes, config, {
         "data": str(labeled_dir),
         "backend": backend_name,
+        "bands": list(decode.bands) if decode.bands else None,
+        "stretch": decode.stretch,
         "images_per_class": _per_class(labeled, train),
         "held_out_per_class": _per_class(labeled, test),
         "test_fraction": test_fraction,
@@ -298,6 +305,8 @@ def evaluate(
     model_path: str = typer.Option(..., "--model", "-m", show_default=False,
                                    help="Model file from `gpu-pipeline fit`, or a shipped model: eurosat."),
     backend: Backend = "auto",
+    bands: Bands = None,
+    stretch: Stretch = "percentile",
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save the confusion matrix as a PNG "
                                         "(needs matplotlib).", show_default=False),
 ) -> None:
@@ -310,13 +319,14 @@ def evaluate(
     try:
         if plot is not None and not _has_matplotlib():
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
+        decode = decode_options(bands, stretch)
         model = load_model(model_path)
         labeled = read_labeled_tree(labeled_dir, min_classes=1)
         unknown = [name for name in labeled.classes if name not in model.classes]
         if unknown:
             raise UsageError(f"class folder(s) {', '.join(unknown)} are not classes of the model "
                              f"({', '.join(model.classes)})")
-        table, backend_name = compute_features(labeled.paths, backend, model.config, Console(stderr=True))
+        table, backend_name = compute_features(labeled.paths, backend, model.config, Console(stderr=True), decode)
         if not table.ok.any():
             raise UsageError("no image could be processed")
     except UsageError as exc:

@@ -360,6 +360,23 @@ def colour_tree(root: Path, per_class: int = 6, size: int = 16) -> Path:
     return root
 
 
+def test_bands_choose_what_fit_and_evaluate_see(tmp_path):
+    """A model fitted on band 1 alone is right when evaluated on band 1, and lost on the RGB tiles."""
+    tree = colour_tree(tmp_path / "tree")
+    model_path = tmp_path / "model.json"
+    result = invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference", "--test-fraction", "0",
+                    "--bands", "1")
+    assert result.exit_code == 0, result.output
+    model = load_model(model_path)
+    assert model.training["bands"] == [1] and model.training["stretch"] == "percentile"
+    full = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference")
+    red_only = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference", "--bands", "1")
+    assert full.exit_code == 0 and red_only.exit_code == 0
+    assert "accuracy 100.0 % (18/18 images)" in red_only.stdout
+    assert "accuracy 100.0 %" not in full.stdout
+    assert invoke("fit", str(tree), "--out", str(model_path), "--bands", "0").exit_code == 2
+
+
 def test_fit_then_evaluate_round_trip(tmp_path):
     tree = colour_tree(tmp_path / "tree")
     model_path = tmp_path / "model.json"
