@@ -206,39 +206,51 @@ class Engine:
 
     def run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None = None,
             stop: threading.Event | None = None) -> RunSummary:
-        """Process ``paths`` into ``sink``. Setting ``stop`` ends the run after the batch in flight."""
+        """Process ``paths`` into ``sink``. Setting ``stop`` ends the run after the batches in flight.
+
+        Three stages overlap: the decode pool fills batch n + 1 while the backend computes batch n
+        in the engine's compute thread (kernels release the GIL) and this thread turns batch n - 1
+        into records and writes them.
+        """
         summary = RunSummary()
         start = time.perf_counter()
         prefetch = self.batch_size + 2 * self.workers
         stream = batches(decode_stream(paths, self.decode_options, self.workers, prefetch, self.batch_pixels),
                          self.batch_size, self.batch_pixels)
-        try:
-            for batch in stream:
-                records = self._process_batch(batch, summary)
-                sink.write(records)
-                if progress is not None:
-                    progress(len(records))
-                if stop is not None and stop.is_set():
-                    summary.interrupted = True
-                    break
-        finally:  # stops the decode pool: queued decodes are cancelled, running ones finish
-            stream.close()
+        in_flight: tuple[list[Decoded], Future] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute:
+            try:
+                for batch in stream:
+                    if stop is not None and stop.is_set():
+                        summary.interrupted = True
+                        break
+                    computing = (batch, compute.submit(self._outcomes, batch))
+                    if in_flight is not None:
+                        self._write(*in_flight, sink, summary, progress)
+                    in_flight = computing
+                if in_flight is not None:
+                    self._write(*in_flight, sink, summary, progress)
+            finally:  # stops the decode pool: queued decodes are cancelled, running ones finish
+                stream.close()
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def _process_batch(self, batch: list[Decoded], summary: RunSummary) -> list[dict]:
-        decoded = [item for item in batch if item.image is not None]
-        outcomes = _compute(self.backend, [item.image for item in decoded], self.config,
-                            keep_images=self.on_edges is not None) if decoded else []
-        outcome_of = {id(item): outcome for item, outcome in zip(decoded, outcomes)}
+    def _outcomes(self, batch: list[Decoded]) -> list[StageResult | BaseException]:
+        """The backend's result, or the exception, for each decoded image of the batch."""
+        images = [item.image for item in batch if item.image is not None]
+        return _compute(self.backend, images, self.config, keep_images=self.on_edges is not None) if images else []
+
+    def _write(self, batch: list[Decoded], outcomes: Future, sink, summary: RunSummary,
+               progress: Callable[[int], None] | None) -> None:
+        results = iter(outcomes.result())
         records = []
         for item in batch:
-            record = item.error
-            if record is None:
-                record = self._record_for(item, outcome_of[id(item)])
+            record = item.error if item.image is None else self._record_for(item, next(results))
             summary.add(record)
             records.append(record)
-        return records
+        sink.write(records)
+        if progress is not None:
+            progress(len(records))
 
     def _record_for(self, item: Decoded, outcome: StageResult | BaseException) -> dict:
         if isinstance(outcome, BaseException):
