@@ -35,6 +35,9 @@ BRIGHT_FROM = 208
 
 DEFAULT_LABELS = ("dark-smooth", "bright-smooth", "smooth", "textured", "busy")
 
+#: The 256 gray levels, for means over a histogram.
+GRAY_LEVELS = np.arange(256)
+
 #: What :func:`feature_vector` returns, in order. Means and standard deviations are of the decoded
 #: 8-bit bands (0-255); a gray image counts as three equal bands.
 FEATURE_NAMES = ("edge_density", "gray_entropy", "red_mean", "green_mean", "blue_mean",
@@ -69,7 +72,7 @@ class Features:
 
     @property
     def mean_gray(self) -> float:
-        return float(np.dot(self.histogram, np.arange(256))) / self.pixels
+        return float(np.dot(self.histogram, GRAY_LEVELS)) / self.pixels
 
     @property
     def band_sums(self) -> np.ndarray:
