@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -86,7 +85,7 @@ def run(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
             decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
-            workers=workers or os.cpu_count() or 2, threads=threads, batch_size=batch_size,
+            workers=workers, threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask,
         )

@@ -66,7 +66,7 @@ class ChunkJob:
     config: PipelineConfig
     decode_options: DecodeOptions
     batch_size: int
-    decode_workers: int
+    decode_workers: int | None  # None: as many as the worker's compute threads, or its cores
     label_of: Callable[[Features], str]
     on_edges: Callable[[Path, np.ndarray], None] | None
 
@@ -137,7 +137,8 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
     with _worker_lock:
         backend = _backend_for(job)
         engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
-                        batch_size=job.batch_size, workers=job.decode_workers, label_of=job.label_of,
+                        batch_size=job.batch_size,
+                        workers=job.decode_workers or job.threads or os.cpu_count() or 2, label_of=job.label_of,
                         on_edges=job.on_edges)
         records = RecordList()
         try:
@@ -328,7 +329,7 @@ class DaskEngine:
     config: PipelineConfig = field(default_factory=PipelineConfig)
     decode_options: DecodeOptions = field(default_factory=DecodeOptions)
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    workers: int | None = None  # decode threads per worker; None: each worker chooses
     label_of: Callable[[Features], str] = default_label
     on_edges: Callable[[Path, np.ndarray], None] | None = None
 

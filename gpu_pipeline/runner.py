@@ -143,7 +143,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
 
 
 def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineConfig,
-            decode_options: DecodeOptions, glob: str | None, workers: int, threads: int | None,
+            decode_options: DecodeOptions, glob: str | None, workers: int | None, threads: int | None,
             batch_size: int, save_edges: Path | None, quiet: bool, output_format: str | None = None,
             overwrite: bool = False, retry_failed: bool = False, model: str | None = None,
             dask: str | None = None) -> int:
@@ -163,6 +163,7 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
     settings = {"pipeline": asdict(config), "decode": asdict(decode_options), "model": model_identity(model)}
     if dask is None:
         backend, engine_class = open_backend(backend_name, threads), Engine
+        workers = workers or os.cpu_count() or 2
     else:
         from gpu_pipeline.distributed import DaskCluster, DaskEngine
 
