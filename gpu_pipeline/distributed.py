@@ -6,7 +6,10 @@ chunk, a bounded number at a time. On a worker a task decodes its paths and runs
 the same :class:`~gpu_pipeline.engine.Engine` as a local run, and returns records only: pixels never
 travel through the scheduler. The client writes each chunk's records through the sink when the
 chunk's future completes. A future completes once, even when Dask reruns its task because a worker
-died, so every path is written once; a rerun resumes from the sink like a local run.
+died, so every path is written once; a rerun resumes from the sink like a local run. A chunk whose
+workers die every time (past Dask's allowed failures) is run again in halves until the one image
+that kills them is alone; once it has killed them alone a few times, it gets an error record and the
+run goes on.
 
 Chunks aim at :data:`TARGET_CHUNK_SECONDS` of work each, from the throughput measured on the
 chunks already done: long enough that the scheduler sees a few tasks per second per worker, short
@@ -47,6 +50,9 @@ TARGET_CHUNK_SECONDS = 2.0
 FIRST_CHUNK, MIN_CHUNK, MAX_CHUNK = 128, 16, 4096
 #: Chunks in flight per worker thread: one running, one waiting, so no worker idles between tasks.
 IN_FLIGHT_PER_THREAD = 2
+#: Times an image alone in its chunk must kill its workers before it gets an error record. More than
+#: one: a worker's death also fails the other tasks queued on it, innocent images included.
+LONE_DEATHS_TO_BLAME = 3
 #: How often the client looks at ``stop`` while no chunk completes.
 POLL_SECONDS = 0.1
 #: How often the client asks the scheduler how many workers there are (they may come and go).
@@ -292,20 +298,38 @@ class _Chunks:
         self.completed = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         self.key_prefix = f"gpu-pipeline-{uuid.uuid4().hex[:8]}-"  # readable task names in the dashboard
         self.submitted = 0
+        self.again: list[list[str]] = []  # halves of chunks whose workers died, to run first
+        self.lone_deaths: dict[str, int] = {}  # path -> times its one-image chunk lost its worker
 
     @property
     def all_submitted(self) -> bool:
-        return self.cursor >= len(self.paths)
+        return self.cursor >= len(self.paths) and not self.again
+
+    def killed(self, chunk: list[str]) -> bool:
+        """The workers of ``chunk`` died: run it again, in halves (halving isolates an image that kills
+        its worker); True when it is one image that has now killed its workers often enough to blame."""
+        if len(chunk) == 1:
+            deaths = self.lone_deaths[chunk[0]] = self.lone_deaths.get(chunk[0], 0) + 1
+            if deaths >= LONE_DEATHS_TO_BLAME:
+                return True
+            self.again.append(chunk)
+        else:
+            middle = len(chunk) // 2
+            self.again += [chunk[:middle], chunk[middle:]]
+        return False
 
     def submit(self, slots: int) -> None:
         """Submit chunks until ``slots`` x IN_FLIGHT_PER_THREAD are in flight or none is left."""
         while not self.all_submitted and len(self.in_flight) < slots * IN_FLIGHT_PER_THREAD:
-            size = self.sizer.next_size(len(self.paths) - self.cursor, slots)
-            chunk = [str(path) for path in self.paths[self.cursor:self.cursor + size]]
+            if self.again:
+                chunk = self.again.pop()
+            else:
+                size = self.sizer.next_size(len(self.paths) - self.cursor, slots)
+                chunk = [str(path) for path in self.paths[self.cursor:self.cursor + size]]
+                self.cursor += size
             future = self.client.submit(process_chunk, self.job, chunk, key=f"{self.key_prefix}{self.submitted}")
             self.in_flight[future] = chunk
             self.completed.add(future)
-            self.cursor += size
             self.submitted += 1
 
     def ready(self) -> list[tuple[object, list[str]]]:
@@ -338,8 +362,8 @@ class DaskEngine:
         """Process ``paths`` on the cluster into ``sink``.
 
         Setting ``stop`` stops submitting, cancels the chunks not done and returns once the
-        completed ones are written. A chunk that fails on a worker (no such backend there, a worker
-        that died on it again and again) stops the run the same way, then raises UsageError.
+        completed ones are written. A chunk that fails on a worker (no such backend there) stops the
+        run the same way, then raises UsageError; a chunk whose workers died is run again in halves.
         """
         cluster = self.backend
         job = ChunkJob(cluster.backend_name, cluster.threads, self.config, self.decode_options,
@@ -355,10 +379,10 @@ class DaskEngine:
                 if not chunks.in_flight:
                     break
                 ready = chunks.ready()
-                failure = self._write(ready, chunks.sizer, sink, summary, progress)
+                failure = self._write(ready, chunks, sink, summary, progress)
                 if not ready:
                     stop.wait(POLL_SECONDS)
-            self._write(chunks.ready(), chunks.sizer, sink, summary, progress)  # what completed meanwhile
+            self._write(chunks.ready(), chunks, sink, summary, progress)  # what completed meanwhile
         finally:  # a stop, a failure or an exception: what is not written is redone by a resumed run
             chunks.cancel()
         summary.seconds = time.perf_counter() - start
@@ -370,15 +394,23 @@ class DaskEngine:
         return summary
 
     @staticmethod
-    def _write(ready, sizer: ChunkSizer, sink, summary: RunSummary,
+    def _write(ready, chunks: _Chunks, sink, summary: RunSummary,
                progress: Callable[[int], None] | None) -> str | None:
-        """Write the records of the completed chunks; returns why the first failed one failed, if any."""
+        """Write the records of the completed chunks; returns why the first failed one failed, if any.
+
+        A chunk whose workers kept dying is run again in halves, down to the one image that kills
+        them, which gets an error record: one poisonous file does not stop the night's run.
+        """
         failure = None
         for outcome, chunk in ready:
+            if _killed_its_workers(outcome):
+                if not chunks.killed(chunk):
+                    continue
+                outcome = ChunkResult([_killer_record(chunk[0], outcome)], 0.0)
             if not isinstance(outcome, ChunkResult):
                 failure = failure or _failure_message(outcome, chunk)
                 continue
-            sizer.measured(len(outcome.records), outcome.seconds)
+            chunks.sizer.measured(len(outcome.records), outcome.seconds)
             sink.write(outcome.records)  # whole lines, one write per chunk
             for record in outcome.records:
                 summary.add(record)
@@ -387,18 +419,24 @@ class DaskEngine:
         return failure
 
 
-def _failure_message(outcome, paths: Sequence[str]) -> str:
-    """Why a chunk failed, naming the worker. ``outcome``: a CancelledError, or (type, error, traceback)."""
+def _killed_its_workers(outcome) -> bool:
     from distributed import KilledWorker
 
+    return isinstance(outcome, tuple) and isinstance(outcome[1], KilledWorker)
+
+
+def _killer_record(path: str, outcome) -> dict:
+    deaths = (getattr(outcome[1], "allowed_failures", 0) + 1) * LONE_DEATHS_TO_BLAME
+    return {"path": path, "stage": "compute",
+            "error": f"{deaths} worker processes died processing this image alone (a crash in a decoder or a "
+                     "backend, or out of memory)"}
+
+
+def _failure_message(outcome, paths: Sequence[str]) -> str:
+    """Why a chunk failed, naming the worker. ``outcome``: a CancelledError, or (type, error, traceback)."""
     if isinstance(outcome, BaseException):
         return f"a chunk of {len(paths)} images was cancelled (the scheduler was lost or restarted)"
     _, exc, _ = outcome
-    if isinstance(exc, KilledWorker):
-        worker = getattr(exc.last_worker, "address", "?")
-        return (f"{getattr(exc, 'allowed_failures', 0) + 1} worker processes died while processing the chunk of "
-                f"{len(paths)} images starting at {paths[0]} (last one: {worker}; a crash in a decoder or "
-                "a backend, or out of memory)")
     if isinstance(exc, ChunkFailed):
         return str(exc)
     return f"a chunk of {len(paths)} images failed on the cluster: {one_line(exc)}"

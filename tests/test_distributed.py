@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,20 +131,42 @@ def test_a_killed_worker_still_yields_one_record_per_path(cluster, tiles, tile_r
     assert set(cluster.run(os.getpid).values()) != pids_before
 
 
-def test_a_chunk_that_keeps_killing_workers_stops_the_run_with_exit_2_keeping_what_completed(tiles, tmp_path):
+class KillOnConstantImage:
+    """A label function that SIGKILLs its worker on every constant image, as a decoder crash would."""
+
+    def __call__(self, features) -> str:
+        if np.count_nonzero(features.histogram) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return default_label(features)
+
+
+def test_an_image_that_kills_every_worker_gets_an_error_record_and_the_run_goes_on(tiles, tile_records,
+                                                                                    tmp_path, monkeypatch):
     import dask
     from distributed import LocalCluster
 
+    folder = tmp_path / "tiles"
+    shutil.copytree(tiles, folder)
+    poison = folder / "tile0077.png"
+    Image.fromarray(np.full((24, 24, 3), 77, np.uint8)).save(poison)
+    monkeypatch.setattr(dask_run, "FIRST_CHUNK", 40)  # fewer halvings: each costs a worker restart
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                          silence_logs=logging.CRITICAL) as local_cluster, \
             dask_run.DaskCluster(local_cluster.scheduler_address, "reference", None) as dask_cluster, \
             open_sink(str(tmp_path / "dask.jsonl"), resume=False) as sink:
-        engine = dask_run.DaskEngine(dask_cluster, workers=2, label_of=KillAfter(str(tmp_path / "n"), victim=60))
-        with pytest.raises(UsageError, match=r"1 worker processes died while processing the chunk of \d+ images "
-                                             r"starting at .*tile\d+\.png \(last one: tcp://"):
-            engine.run(sorted(tiles.iterdir()), sink)
-    assert 0 < len(by_path(read_records(tmp_path / "dask.jsonl"))) < 200
+        engine = dask_run.DaskEngine(dask_cluster, workers=2, label_of=KillOnConstantImage())
+        summary = engine.run(sorted(folder.iterdir()), sink)
+    records = by_path(read_records(tmp_path / "dask.jsonl"))
+    assert summary.total == 200 and summary.failed == 1 and not summary.interrupted
+    assert records.pop(str(poison)) == {
+        "path": str(poison), "stage": "compute",
+        "error": f"{dask_run.LONE_DEATHS_TO_BLAME} worker processes died processing this image alone (a crash "
+                 "in a decoder or a backend, or out of memory)"}
+    expected = {str(folder / Path(path).name): record for path, record in tile_records.items()}
+    expected.pop(str(poison))
+    assert {path: {**record, "path": path} for path, record in records.items()} == {
+        path: {**record, "path": path} for path, record in expected.items()}
 
 
 def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
