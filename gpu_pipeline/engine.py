@@ -156,18 +156,26 @@ def batches(decoded: Iterator[Decoded], batch_size: int, batch_pixels: int) -> I
         yield batch
 
 
+def _checked(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,
+             keep_images: bool) -> list[StageResult]:
+    results = list(backend.process(images, config, keep_images))
+    if len(results) != len(images):
+        raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(images)} images")
+    return results
+
+
 def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,
              keep_images: bool) -> list[StageResult | BaseException]:
     """Run a batch; if it fails, run its images one by one so only the culprit gets an error."""
     try:
-        return list(backend.process(images, config, keep_images))
+        return _checked(backend, images, config, keep_images)
     except Exception as exc:
         if len(images) == 1:
             return [exc]
     results: list[StageResult | BaseException] = []
     for image in images:
         try:
-            results.append(backend.process([image], config, keep_images)[0])
+            results.append(_checked(backend, [image], config, keep_images)[0])
         except Exception as exc:
             results.append(exc)
     return results
@@ -238,7 +246,9 @@ class Engine:
     def _outcomes(self, batch: list[Decoded]) -> list[StageResult | BaseException]:
         """The backend's result, or the exception, for each decoded image of the batch."""
         images = [item.image for item in batch if item.image is not None]
-        return _compute(self.backend, images, self.config, keep_images=self.on_edges is not None) if images else []
+        if not images:
+            return []
+        return _compute(self.backend, images, self.config, keep_images=self.on_edges is not None)
 
     def _write(self, batch: list[Decoded], outcomes: Future, sink, summary: RunSummary,
                progress: Callable[[int], None] | None) -> None:

@@ -84,6 +84,23 @@ def test_failing_image_alone_in_its_batch_gets_an_error(tmp_path):
     assert sink.records[1]["stage"] == "compute"
 
 
+class ForgetfulBackend(ReferenceBackend):
+    """Returns one result too few: a backend bug the engine must not turn into a crash or a lost record."""
+
+    name = "forgetful"
+
+    def process(self, images, config, keep_images=False):
+        return super().process(images, config, keep_images)[:-1]
+
+
+def test_a_backend_returning_too_few_results_gives_error_records(tmp_path):
+    paths = write_pngs(tmp_path, [(6, 6)] * 3)
+    sink = ListSink()
+    summary = Engine(ForgetfulBackend(), batch_size=3).run(paths, sink)
+    assert summary.total == 3 and summary.failed == 3
+    assert all(r["stage"] == "compute" and "returned 0 results for 1 images" in r["error"] for r in sink.records)
+
+
 def test_decode_errors_keep_their_place(tmp_path):
     paths = write_pngs(tmp_path, [(5, 5)] * 3)
     paths[1].write_bytes(b"")  # zero-byte file
