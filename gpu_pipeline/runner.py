@@ -123,7 +123,7 @@ def check_settings(out: str, settings: dict, resuming: bool) -> None:
 
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """SIGINT / SIGTERM end the run after the batch in flight; a second signal acts at once."""
+    """SIGINT / SIGTERM end the run after the batches in flight; a second signal acts at once."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
