@@ -111,41 +111,38 @@ def test_decode_errors_keep_their_place(tmp_path):
     assert summary.failures_by_stage and summary.failed == 1
 
 
-def test_prefetch_is_bounded(tmp_path):
-    """The decoder never runs more than `prefetch` images ahead of the consumer: memory stays bounded."""
-    paths = write_pngs(tmp_path, [(4, 4)] * 40)
-    pulled = 0
+class CountedPaths:
+    """Paths, counting how many the decoder has taken so far."""
 
-    def counting():
-        nonlocal pulled
-        for path in paths:
-            pulled += 1
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.pulled = 0
+
+    def __iter__(self):
+        for path in self.paths:
+            self.pulled += 1
             yield path
 
+
+def test_prefetch_is_bounded(tmp_path):
+    """The decoder never runs more than `prefetch` images ahead of the consumer: memory stays bounded."""
+    paths = CountedPaths(write_pngs(tmp_path, [(4, 4)] * 40))
     consumed = 0
-    for item in decode_stream(counting(), DecodeOptions(), workers=4, prefetch=5):
+    for item in decode_stream(paths, DecodeOptions(), workers=4, prefetch=5):
         consumed += 1
-        assert pulled - consumed <= 5
+        assert paths.pulled - consumed <= 5
         assert item.image is not None
     assert consumed == 40
 
 
 def test_prefetch_of_big_images_is_bounded_by_pixels(tmp_path):
     """Big scenes are not decoded far ahead: the queue holds about `prefetch_pixels` pixels."""
-    paths = write_pngs(tmp_path, [(64, 64)] * 64)
-    pulled = 0
-
-    def counting():
-        nonlocal pulled
-        for path in paths:
-            pulled += 1
-            yield path
-
+    paths = CountedPaths(write_pngs(tmp_path, [(64, 64)] * 64))
     consumed = 0
     # 4,096-pixel images, room for 20,000 pixels: about one chunk of 16 images at a time
-    for _ in decode_stream(counting(), DecodeOptions(), workers=2, prefetch=1000, prefetch_pixels=20_000):
+    for _ in decode_stream(paths, DecodeOptions(), workers=2, prefetch=1000, prefetch_pixels=20_000):
         consumed += 1
-        assert pulled - consumed <= 2 * DECODE_CHUNK
+        assert paths.pulled - consumed <= 2 * DECODE_CHUNK
     assert consumed == 64
 
 
