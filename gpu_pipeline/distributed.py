@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from gpu_pipeline.backends import Backend, BackendUnavailable, create
 from gpu_pipeline.backends.registry import backend_names
-from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.classify import Features
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary, one_line
 from gpu_pipeline.io import UsageError
@@ -346,16 +346,11 @@ class _Chunks:
 
 
 @dataclass
-class DaskEngine:
-    """Like :class:`~gpu_pipeline.engine.Engine`, with the cluster in place of the backend."""
+class DaskEngine(Engine):
+    """:class:`~gpu_pipeline.engine.Engine`'s settings, run on the cluster that stands in for the backend."""
 
     backend: DaskCluster
-    config: PipelineConfig = field(default_factory=PipelineConfig)
-    decode_options: DecodeOptions = field(default_factory=DecodeOptions)
-    batch_size: int = 64
     workers: int | None = None  # decode threads per worker; None: each worker chooses
-    label_of: Callable[[Features], str] = default_label
-    on_edges: Callable[[Path, np.ndarray], None] | None = None
 
     def run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None = None,
             stop: threading.Event | None = None) -> RunSummary:
@@ -379,10 +374,10 @@ class DaskEngine:
                 if not chunks.in_flight:
                     break
                 ready = chunks.ready()
-                failure = self._write(ready, chunks, sink, summary, progress)
+                failure = self._write_chunks(ready, chunks, sink, summary, progress)
                 if not ready:
                     stop.wait(POLL_SECONDS)
-            self._write(chunks.ready(), chunks, sink, summary, progress)  # what completed meanwhile
+            self._write_chunks(chunks.ready(), chunks, sink, summary, progress)  # what completed meanwhile
         finally:  # a stop, a failure or an exception: what is not written is redone by a resumed run
             chunks.cancel()
         summary.seconds = time.perf_counter() - start
@@ -394,7 +389,7 @@ class DaskEngine:
         return summary
 
     @staticmethod
-    def _write(ready, chunks: _Chunks, sink, summary: RunSummary,
+    def _write_chunks(ready, chunks: _Chunks, sink, summary: RunSummary,
                progress: Callable[[int], None] | None) -> str | None:
         """Write the records of the completed chunks; returns why the first failed one failed, if any.
 
