@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli_options import (DEFAULT_BATCH_SIZE, L2, Backend, Bands, BatchSize, Blur, Glob, High, Low,
+from gpu_pipeline.cli_options import (L2, Backend, Bands, BatchSize, Blur, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine import Engine
 from gpu_pipeline.io import UsageError
 
 app = typer.Typer(
@@ -61,7 +62,7 @@ def run(
     glob: Glob = None,
     workers: Workers = None,
     threads: Threads = None,
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    batch_size: BatchSize = Engine.batch_size,
     save_edges: Optional[Path] = typer.Option(None, "--save-edges",
                                               help="Also write each edge map as a PNG under this folder."),
     model: Optional[str] = typer.Option(

@@ -30,7 +30,6 @@ Threads = Annotated[Optional[int], typer.Option("--threads",
                                                 help="Compute threads of CPU backends. Default: all cores.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backend call.")]
 
-DEFAULT_BATCH_SIZE = 256
 
 
 def fail_usage(message: str) -> None:
