@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+
+
+def _quiet_on_interrupt(previous_hook):
+    """Ctrl-C while the program is still importing ends it with status 130, without a traceback."""
+
+    def hook(kind, value, traceback) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+        previous_hook(kind, value, traceback)
+
+    return hook
+
+
+# First, before the heavy imports below (typer, numpy, numba), which take most of the start-up.
+if sys.excepthook is sys.__excepthook__:
+    sys.excepthook = _quiet_on_interrupt(sys.excepthook)
 from pathlib import Path
 from typing import Optional
 
@@ -72,23 +95,29 @@ def run(
     dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",
                                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "
                                        "local:N (N worker processes here). Needs gpu-pipeline[dask]."),
+    dask_timeout: float = typer.Option(10.0, "--dask-timeout", metavar="SECONDS",
+                                       help="How long to wait for the Dask scheduler to answer and for a first "
+                                       "worker to join."),
 ) -> None:
     """Process images: one JSON record per image (a result or an error).
 
-    Exit status: 0 when every image succeeded, 1 when some failed, 2 on bad usage,
-    130 / 143 when stopped by SIGINT (Ctrl-C) / SIGTERM after flushing what was done.
+    Exit status: 0 when every image succeeded, 1 when some failed, 2 on bad usage (nothing written),
+    3 when writing the output failed (disk full), 130 / 143 when stopped by SIGINT (Ctrl-C) / SIGTERM
+    after flushing what was done.
     """
     from gpu_pipeline.runner import run_job
 
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
+        if not dask_timeout > 0:
+            raise UsageError(f"--dask-timeout must be > 0 seconds, got {dask_timeout}")
         code = run_job(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
             decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
             workers=workers, threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
-            retry_failed=retry_failed, model=model, dask=dask,
+            retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout,
         )
     except UsageError as exc:
         fail_usage(str(exc))
@@ -102,8 +131,23 @@ register_diagnostics(app)
 register_label_commands(app)
 
 
+class Interrupted(BaseException):
+    """SIGINT outside the run's own handling. Not a KeyboardInterrupt, which click turns into exit 1."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted
+
+
 def main() -> None:
-    app()
+    # The run installs its own handler while images are processed (flush, then 130); this one covers
+    # start-up and shutdown, where nothing needs flushing.
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app()
+    except Interrupted:
+        sys.stdout.flush()
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ from gpu_pipeline.classify import Features
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary, one_line
 from gpu_pipeline.io import UsageError
+from gpu_pipeline.sinks import RecordList  # the worker returns its records instead of writing them
 
 INSTALL_HINT = "--dask needs Dask distributed: pip install 'gpu-pipeline[dask]'"
-#: How long to wait for the scheduler to answer and for a first worker to join it.
-CONNECT_TIMEOUT_S = 30.0
+#: How long to wait for the scheduler to answer and for a first worker to join it (``--dask-timeout``).
+CONNECT_TIMEOUT_S = 10.0
 #: Work per chunk the client aims at, once it has measured the workers' throughput.
 TARGET_CHUNK_SECONDS = 2.0
 #: Chunk sizes before any measurement, and the bounds of the measured ones. 4096 records are
@@ -93,13 +94,6 @@ class ChunkResult:
 
     records: list[dict]
     seconds: float
-
-
-class RecordList(list):
-    """An in-memory sink: the worker returns the records instead of writing them."""
-
-    def write(self, records) -> None:
-        self.extend(records)
 
 
 def dask_setup(worker) -> None:
@@ -196,6 +190,42 @@ def _scheduler_address(spec: str) -> str:
     return address
 
 
+def _check_scheduler(address: str, spec: str, timeout: float) -> None:
+    """Ask ``address`` who it is, within ``timeout`` seconds; UsageError unless a Dask scheduler answers.
+
+    ``Client`` alone can wait far longer than its timeout when something that is not a scheduler
+    (an HTTP server) accepts the connection and never answers, or fail with a confusing error when
+    it answers garbage.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def identity():
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded():
+        return await asyncio.wait_for(identity(), timeout)
+
+    try:
+        answer = asyncio.run(bounded())
+    except (Exception, asyncio.CancelledError) as exc:  # refused, timed out, or garbage (even a MemoryError)
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            reason = "no answer"
+        elif isinstance(exc, OSError):
+            reason = one_line(exc)
+        else:
+            reason = "what answers there does not speak Dask's protocol"
+        raise UsageError(f"cannot connect to the Dask scheduler at {spec} within {timeout:g} s: {reason}") from None
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        raise UsageError(f"{spec} answered, but not as a Dask scheduler")
+
+
 class DaskCluster:
     """The client's connection to a cluster; in ``run_job`` it stands where the backend would.
 
@@ -203,8 +233,9 @@ class DaskCluster:
     LocalCluster of N worker processes, one thread each, and closes it with the connection.
     """
 
-    def __init__(self, spec: str, backend_name: str, threads: int | None) -> None:
+    def __init__(self, spec: str, backend_name: str, threads: int | None, timeout: float | None = None) -> None:
         distributed = _import_distributed()
+        timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
         if backend_name != "auto" and backend_name not in backend_names():
             raise UsageError(f"unknown backend {backend_name!r}; choose from auto, {', '.join(backend_names())}")
         self.spec = spec
@@ -225,18 +256,19 @@ class DaskCluster:
             address = self.cluster
         else:
             address = _scheduler_address(spec)
+            _check_scheduler(address, spec, timeout)
         self.threads = threads
         try:
-            self.client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+            self.client = distributed.Client(address, timeout=timeout, set_as_default=False)
         except Exception as exc:  # OSError or TimeoutError: nothing answers there
             self._close_cluster()
-            raise UsageError(f"cannot connect to the Dask scheduler at {spec} within {CONNECT_TIMEOUT_S:.0f} s: "
+            raise UsageError(f"cannot connect to the Dask scheduler at {spec} within {timeout:.0f} s: "
                              f"{one_line(exc)}") from None
         try:
-            self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+            self.client.wait_for_workers(1, timeout=timeout)
         except Exception:
             self.close()
-            raise UsageError(f"the Dask scheduler at {spec} has no workers (waited {CONNECT_TIMEOUT_S:.0f} s); "
+            raise UsageError(f"the Dask scheduler at {spec} has no workers (waited {timeout:.0f} s); "
                              "start some with `dask worker " + spec + " --nthreads 1`") from None
         workers = len(self.client.nthreads())
         self.name = f"{backend_name} on {workers} Dask worker{'s' if workers != 1 else ''} ({spec})"

@@ -4,7 +4,8 @@ Normalisation happens here, once, on the host, so all backends see the same byte
 
 Discovery
 ---------
-:func:`discover` takes files and folders. A file named explicitly is taken whatever its name.
+:func:`discover` takes files and folders. A path named explicitly is taken whatever its name (and
+whatever its type: a FIFO, socket or device gets an error record, see :func:`decode_image`).
 Folders are walked recursively; inside them only files with a known image extension
 (:data:`IMAGE_EXTENSIONS`, any case) are taken, names starting with a dot (files and folders)
 are skipped, and symbolic links to folders are not followed. ``glob`` filters the files found
@@ -76,6 +77,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -137,16 +139,16 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -
     Raises
     ------
     UsageError
-        A path does not exist or is neither a file nor a folder.
+        A path does not exist (or is a broken symbolic link).
     """
     found: dict[str, Path] = {}
     for given in map(Path, paths):
         if given.is_dir():
             candidates = _files_in_folder(given, glob)
-        elif given.is_file():
+        elif given.exists():  # a file, or a FIFO, socket or device: that one gets an error record
             candidates = [given]
-        elif given.exists() or given.is_symlink():
-            raise UsageError(f"not a regular file or folder: {given}")
+        elif given.is_symlink():
+            raise UsageError(f"a broken symbolic link: {given}")
         else:
             raise UsageError(f"no such file or folder: {given}")
         for path in candidates:
@@ -185,7 +187,7 @@ def decode_image(path: str | os.PathLike[str], options: DecodeOptions) -> np.nda
     """
     stage = "read"
     try:
-        with open(path, "rb") as fh:
+        with _open_regular_file(path) as fh:
             magic = fh.read(4)
             if not magic:
                 raise DecodeError("read", "the file is empty (0 bytes)")
@@ -211,6 +213,30 @@ def decode_image(path: str | os.PathLike[str], options: DecodeOptions) -> np.nda
         raise DecodeError(stage, "not enough memory to decode the image") from None
     except Exception as exc:  # the engine needs every failure as a DecodeError
         raise DecodeError(stage, f"cannot {stage} the image: {_one_line(exc)}") from None
+
+
+def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file.
+
+    Opened non-blocking, then checked: a FIFO, socket or device among the inputs would otherwise
+    block the run forever (a FIFO waits for a writer) or read without end (``/dev/zero``).
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise DecodeError("read", f"not a regular file (a {_file_kind(mode)}); skipped")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,7 +1,9 @@
-"""One `gpu-pipeline run`: discover, pick the backend, open the sink, stream, report.
+"""One `gpu-pipeline run`, in two visible steps: :func:`check_job`, then :func:`execute`.
 
-Everything that can be wrong with the arguments is checked before the first image is decoded,
-and raised as ``UsageError`` (exit 2).
+:func:`check_job` does everything that can refuse the run (``UsageError``, exit 2) and writes
+nothing: the inputs, the edge folder, the output (ours? the same format and settings? resumable?)
+and the backend. Only then does :func:`execute` write: the settings record, the output's repairs,
+the records. The output is locked (``OUT.lock``) around both, so two runs never write one output.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -29,10 +31,13 @@ from gpu_pipeline.classify import label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary
 from gpu_pipeline.io import UsageError, discover
-from gpu_pipeline.sinks import SinkError, open_sink
+from gpu_pipeline.sinks import (OutputLock, OutputPlan, SinkError, SinkWriteError, format_for,
+                                inspect_output)
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: Exit status when writing the output failed during the run (disk full, I/O error).
+EXIT_WRITE_ERROR = 3
 
 
 def open_backend(name: str, threads: int | None):
@@ -92,32 +97,49 @@ def model_identity(model: str | None) -> str | None:
 
 
 def settings_path(out: str) -> Path:
-    return Path(out + ".settings.json")
+    return Path(out.rstrip("/") + ".settings.json")
 
 
-def check_settings(out: str, settings: dict, resuming: bool) -> None:
-    """Refuse to resume an output computed with other settings; record the settings of this run.
+def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
+    """Refuse an output this run must not add to: not ours, or made in another format or with other settings.
 
     Results do not depend on the backend (they are the same bytes), so switching backends between
-    runs is fine; thresholds, blur, bands, stretch or the label model are not.
+    runs is fine; thresholds, blur, bands, stretch, the label model or the format are not.
     """
+    if out == "-" or not output.exists or output.start_afresh:
+        return
+    path = settings_path(out)
+    if not path.is_file():
+        raise UsageError(f"{out} exists but has no settings record {path.name}: it is not a gpu-pipeline output, "
+                         "or its settings were removed, and resuming could mix settings; "
+                         "use --overwrite to replace it, or another --out")
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
+    if earlier == settings:
+        return
+    if isinstance(earlier, dict) and earlier.get("format", "jsonl") != settings["format"]:
+        raise UsageError(f"{out} was written as {earlier.get('format', 'jsonl')}, not {settings['format']}; "
+                         "use the same --format, --overwrite, or another --out")
+    changed = [key for key in settings if not isinstance(earlier, dict) or earlier.get(key) != settings[key]]
+    raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
+                     f"see {path}); use --overwrite or another --out")
+
+
+def write_settings(out: str, settings: dict) -> None:
+    """Record the settings beside the output, atomically (a torn settings file would refuse every rerun)."""
     if out == "-":
         return
-    settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     path = settings_path(out)
-    if resuming and path.exists():
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if earlier != settings:
-            changed = [key for key in settings
-                       if not isinstance(earlier, dict) or earlier.get(key) != settings[key]]
-            raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
-                             f"see {path}); use --overwrite or another --out")
+    temporary = path.with_name(path.name + ".tmp")
     try:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(temporary, path)
     except OSError as exc:
+        temporary.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
@@ -142,74 +164,200 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineConfig,
-            decode_options: DecodeOptions, glob: str | None, workers: int | None, threads: int | None,
-            batch_size: int, save_edges: Path | None, quiet: bool, output_format: str | None = None,
-            overwrite: bool = False, retry_failed: bool = False, model: str | None = None,
-            dask: str | None = None) -> int:
-    """Run the whole job; returns the exit status (0 all ok, 1 some failed, 130/143 on a signal).
+@dataclass
+class Job:
+    """The arguments of one ``gpu-pipeline run``."""
 
-    Paths are recorded absolute, so a rerun from another folder still resumes. With ``dask`` (a
-    scheduler address or ``local:N``) the images are processed on a Dask cluster, which stands
-    where the backend would (:mod:`gpu_pipeline.distributed`).
+    paths: list[Path]
+    out: str
+    backend_name: str
+    config: PipelineConfig
+    decode_options: DecodeOptions
+    glob: str | None
+    workers: int | None
+    threads: int | None
+    batch_size: int
+    save_edges: Path | None
+    quiet: bool
+    output_format: str | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    model: str | None = None
+    dask: str | None = None
+    dask_timeout: float | None = None
+
+
+@dataclass
+class CheckedJob:
+    """Everything :func:`check_job` found acceptable; nothing has been written yet."""
+
+    files: list[Path]
+    todo: list[Path]
+    earlier_failures: int
+    settings: dict
+    output: OutputPlan
+    engine: Engine
+
+
+def run_job(**arguments) -> int:
+    """Run the whole job; returns the exit status (0 all ok, 1 some failed, 3 write error, 130/143 on a signal).
+
+    Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
+    job = Job(**arguments)
     # A damaged TIFF becomes that file's error record; tifffile's own warnings would only add noise.
     logging.getLogger("tifffile").setLevel(logging.ERROR)
-    files = [path.absolute() for path in discover(paths, glob=glob)]
+    lock = OutputLock(job.out) if job.out != "-" else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise UsageError(str(exc) if isinstance(exc, SinkError) else
+                             f"cannot write {job.out}: {exc.strerror or exc}") from None
+    try:
+        checked = check_job(job)
+        return execute(job, checked)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def input_files(job: Job) -> list[Path]:
+    """The inputs, absolute; never the output itself, nor the edge maps a run saved.
+
+    An ``--out`` that names one of the inputs and is not our output is refused.
+    """
+    found = [path.absolute() for path in discover(job.paths, glob=job.glob)]
+    out = Path(job.out).absolute() if job.out != "-" else None
+    files = []
+    for path in found:
+        if out is not None and os.path.normpath(path) == os.path.normpath(out):
+            if not settings_path(job.out).is_file():
+                raise UsageError(f"--out {job.out} is one of the input images; choose another --out")
+            continue  # our own output, with an image-like name
+        if job.save_edges is not None and path.name.endswith(".edges.png") and _is_under(path, job.save_edges):
+            continue
+        files.append(path)
     if not files:
-        raise UsageError("no image files found in " + ", ".join(str(p) for p in paths)
-                         + (f" matching {glob!r}" if glob else ""))
-    label_of = label_function(model, config)
-    settings = {"pipeline": asdict(config), "decode": asdict(decode_options), "model": model_identity(model)}
-    if dask is None:
-        backend, engine_class = open_backend(backend_name, threads), Engine
-        workers = workers or os.cpu_count() or 2
+        raise UsageError("no image files found in " + ", ".join(str(p) for p in job.paths)
+                         + (f" matching {job.glob!r}" if job.glob else ""))
+    return files
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+    except ValueError:
+        return False
+    return True
+
+
+def check_edge_folder(folder: Path | None) -> None:
+    """``--save-edges`` must be a folder, or creatable: refused now rather than one error per image later."""
+    if folder is None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--save-edges {folder} exists and is not a folder")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--save-edges {folder}: cannot write in {existing}")
+
+
+def inspect(job: Job, settings: dict) -> OutputPlan:
+    try:
+        output = inspect_output(job.out, job.output_format, overwrite=job.overwrite, retry_failed=job.retry_failed)
+    except SinkError as exc:
+        raise UsageError(str(exc)) from None
+    check_settings(job.out, settings, output)
+    return output
+
+
+def check_job(job: Job) -> CheckedJob:
+    """Every check that can refuse the run, in one place, before anything is written."""
+    files = input_files(job)
+    check_edge_folder(job.save_edges)
+    label_of = label_function(job.model, job.config)
+    try:
+        output_format = format_for(job.out, job.output_format)
+    except SinkError as exc:
+        raise UsageError(str(exc)) from None
+    settings = {"pipeline": asdict(job.config), "decode": asdict(job.decode_options),
+                "model": model_identity(job.model), "format": output_format}
+    output = inspect(job, settings)
+    existing = output.existing
+    done = existing.succeeded | existing.failed
+    if job.retry_failed:
+        done = existing.succeeded
+    todo = [path for path in files if str(path) not in done]
+    earlier_failures = 0 if job.retry_failed else sum(str(path) in existing.failed for path in files)
+    # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
+    if job.dask is None:
+        backend, engine_class, workers = open_backend(job.backend_name, job.threads), Engine, (
+            job.workers or os.cpu_count() or 2)
     else:
         from gpu_pipeline.distributed import DaskCluster, DaskEngine
 
-        backend, engine_class = DaskCluster(dask, backend_name, threads), DaskEngine
+        backend, engine_class, workers = DaskCluster(job.dask, job.backend_name, job.threads,
+                                                     timeout=job.dask_timeout), DaskEngine, job.workers
+    engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
+                          batch_size=job.batch_size, workers=workers, label_of=label_of,
+                          on_edges=edge_saver(job.save_edges, files) if job.save_edges else None)
+    return CheckedJob(files, todo, earlier_failures, settings, output, engine)
+
+
+def execute(job: Job, checked: CheckedJob) -> int:
+    """Write the settings, prepare the output, stream the images into it, report."""
+    backend, files, todo, output = checked.engine.backend, checked.files, checked.todo, checked.output
+    console = Console(stderr=True, soft_wrap=True)
     try:
-        sink = open_sink(out, output_format, resume=not overwrite, retry_failed=retry_failed)
-        resuming = bool(sink.existing.succeeded or sink.existing.failed)
-        check_settings(out, settings, resuming)
+        write_settings(job.out, checked.settings)
+        sink = output.open()
     except (SinkError, UsageError) as exc:
         backend.close()
         raise UsageError(str(exc)) from None
-
-    done = sink.existing.succeeded | sink.existing.failed
-    todo = [path for path in files if str(path) not in done]
-    earlier_failures = sum(str(path) in sink.existing.failed for path in files)
-    engine = engine_class(backend=backend, config=config, decode_options=decode_options, batch_size=batch_size,
-                          workers=workers, label_of=label_of,
-                          on_edges=edge_saver(save_edges, files) if save_edges else None)
-    console = Console(stderr=True, soft_wrap=True)
-    if dask is None and todo:
+    if output.existing.damaged:
+        console.print(f"warning: {job.out}: skipped {output.existing.damaged} damaged line(s) between intact "
+                      "records; their images are processed again")
+    if job.dask is None and todo:
         started = time.perf_counter()
-        backend.warm_up(config)
-        if not quiet and (seconds := time.perf_counter() - started) > 1:
+        backend.warm_up(job.config)
+        if not job.quiet and (seconds := time.perf_counter() - started) > 1:
             console.print(f"backend {backend.name} ready in {seconds:.1f} s (kernels compiled once, then cached)")
-    if not quiet and done:
-        console.print(f"resuming {out}: {len(files) - len(todo)} of {len(files)} images already recorded"
-                      + (f" ({earlier_failures} failed; --retry-failed redoes them)" if earlier_failures else ""))
+    recorded = len(files) - len(todo)
+    if not job.quiet and recorded:
+        console.print(f"resuming {job.out}: {recorded} of {len(files)} images already recorded"
+                      + (f" ({checked.earlier_failures} failed; --retry-failed redoes them)"
+                         if checked.earlier_failures else ""))
     stop = threading.Event()
-    with backend, sink, stop_on_signals(stop) as signals:
-        if not quiet and sys.stderr.isatty():
-            with progress_bar(console) as bar:
-                task = bar.add_task("processing", total=len(todo), rate="-")
-
-                def advance(n: int) -> None:
-                    bar.advance(task, n)
-                    speed = bar.tasks[task].speed
-                    bar.update(task, rate=f"{speed:.0f}" if speed else "-")
-
-                summary = engine.run(todo, sink, progress=advance, stop=stop)
-        else:
-            summary = engine.run(todo, sink, stop=stop)
-    if not quiet:
-        print_summary(console, summary, backend.name, out)
+    try:
+        with backend, sink, stop_on_signals(stop) as signals:
+            summary = stream(checked.engine, todo, sink, stop, console, show_bar=not job.quiet and sys.stderr.isatty())
+    except SinkWriteError as exc:
+        console.print(f"gpu-pipeline: error: {exc.strerror}; the records written before are kept: "
+                      "fix the cause and run the same command again to resume", highlight=False, markup=False)
+        return EXIT_WRITE_ERROR
+    if not job.quiet:
+        print_summary(console, summary, backend.name, job.out)
         if summary.interrupted:
             console.print(f"interrupted: {len(todo) - summary.total} images not processed; "
                           "run the same command again to resume")
     if signals:
         return EXIT_ON_SIGNAL[signals[0]]
-    return 0 if summary.failed + earlier_failures == 0 else 1
+    return 0 if summary.failed + checked.earlier_failures == 0 else 1
+
+
+def stream(engine: Engine, todo: list[Path], sink, stop: threading.Event, console: Console,
+           show_bar: bool) -> RunSummary:
+    if not show_bar:
+        return engine.run(todo, sink, stop=stop)
+    with progress_bar(console) as bar:
+        task = bar.add_task("processing", total=len(todo), rate="-")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:.0f}" if speed else "-")
+
+        return engine.run(todo, sink, progress=advance, stop=stop)
