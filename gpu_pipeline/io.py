@@ -221,15 +221,15 @@ def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     Opened non-blocking, then checked: a FIFO, socket or device among the inputs would otherwise
     block the run forever (a FIFO waits for a writer) or read without end (``/dev/zero``).
     """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fh = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
     try:
-        mode = os.fstat(descriptor).st_mode
+        mode = os.fstat(fh.fileno()).st_mode
         if not stat.S_ISREG(mode):
             raise DecodeError("read", f"not a regular file (a {_file_kind(mode)}); skipped")
-        os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "rb")
+        os.set_blocking(fh.fileno(), True)
+        return fh
     except BaseException:
-        os.close(descriptor)
+        fh.close()
         raise
 
 

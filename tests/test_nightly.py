@@ -1,0 +1,488 @@
+"""The nightly job as a hostile user tries it: odd names, odd files, foreign outputs, two writers, full disks.
+
+Each test reproduces one case of issue #13 that lost or corrupted data before it was fixed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gpu_pipeline import sinks
+from gpu_pipeline.cli import app
+from gpu_pipeline.sinks import COLUMNS, OutputLock, read_records
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_images(folder: Path, count: int, size: int = 20, seed: int = 0, names=None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / (names[index] if names else f"tile{index:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, compress_level=0)
+        paths.append(path.absolute())
+    return paths
+
+
+def run(*args: str):
+    return runner.invoke(app, ["run", *args, "--backend", "reference", "-q"])
+
+
+def by_path(records: list[dict]) -> dict[str, dict]:
+    keys = [sinks.record_key(r) for r in records]
+    assert len(keys) == len(set(keys)), "a path was recorded twice"
+    return dict(zip(keys, records))
+
+
+def every_line_is_a_record(out: Path) -> bool:
+    return all(isinstance(json.loads(line), dict) for line in out.read_bytes().splitlines())
+
+
+@pytest.fixture
+def tiles(tmp_path) -> Path:
+    make_images(tmp_path / "tiles", 20)
+    return tmp_path / "tiles"
+
+
+# ---------------------------------------------------------------- 1. CSV and a newline in a file name
+
+
+def test_csv_resume_keeps_every_row_after_a_name_with_a_newline(tmp_path):
+    names = [f"tile{i:02d}.png" for i in range(11)]
+    names[3] = "two\nlines.png"
+    names[7] = 'a "quoted"\r\nname.png'
+    folder = tmp_path / "odd"
+    make_images(folder, 11, names=names)
+    out = tmp_path / "out.csv"
+    assert run(str(folder), "--out", str(out)).exit_code == 0
+    first = out.read_bytes()
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert "11 of 11 images already recorded" in result.stderr
+    assert out.read_bytes() == first
+    with open(out, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted(Path(row["path"]).name for row in rows) == sorted(names)
+
+
+# ---------------------------------------------------------------- 2. a file name that is not UTF-8
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_name_that_is_not_utf8_is_recorded_exactly_and_resumed(tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "bytes"
+    make_images(folder, 3)
+    raw_name = os.fsencode(folder) + b"/\xff\xfe.png"
+    with open(raw_name, "wb") as stream:
+        stream.write((folder / "tile000.png").read_bytes())
+    out = tmp_path / f"out{suffix}"
+    assert run(str(folder), "--out", str(out)).exit_code == 0
+    records = read_records(out)
+    assert len(records) == 4
+    (odd,) = [r for r in records if "path_bytes" in r]
+    assert base64.b64decode(odd["path_bytes"]) == raw_name
+    assert odd["path"].endswith("/\\xff\\xfe.png")
+    assert all("path_bytes" not in r for r in records if r is not odd)  # ordinary records: as before
+    # the rerun matches it: nothing is redone
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0 and "4 of 4 images already recorded" in result.stderr
+    assert len(read_records(out)) == 4
+
+
+def test_ordinary_jsonl_records_have_no_extra_field(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    for line in out.read_text().splitlines():
+        assert list(json.loads(line)) == ["path", "width", "height", "bands", "backend", "histogram",
+                                          "edge_count", "edge_density", "label"]
+
+
+# ---------------------------------------------------------------- 3, 4, 8: outputs that are not ours to add to
+
+
+def test_an_out_that_is_not_our_output_is_refused_and_left_alone(tiles, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    result = run(str(tiles), "--out", str(notes))
+    assert result.exit_code == 2 and "no settings record" in result.stderr
+    assert notes.read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tiles"]  # nothing written
+
+
+def test_an_out_that_is_one_of_the_inputs_is_refused_even_with_overwrite(tiles, tmp_path):
+    image = tiles / "tile004.png"
+    before = image.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        result = run(str(tiles), "--out", str(image), "--format", "jsonl", *extra)
+        assert result.exit_code == 2 and "one of the input images" in result.stderr
+    assert image.read_bytes() == before
+
+
+def test_resume_in_another_format_is_refused(tiles, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert run(str(tiles), "--out", str(out), "--format", "csv").exit_code == 0
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "written as csv" in result.stderr
+    assert out.read_bytes() == before
+
+
+def test_an_output_whose_settings_record_is_gone_is_refused(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out), "--low", "10")
+    assert result.exit_code == 2 and "no settings record" in result.stderr
+    assert out.read_bytes() == before
+    assert run(str(tiles), "--out", str(out), "--low", "10", "--overwrite").exit_code == 0
+
+
+# ---------------------------------------------------------------- 5. one damaged line in the middle
+
+
+def test_a_damaged_line_in_the_middle_loses_no_other_record(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out), "--batch-size", "4").exit_code == 0
+    clean = by_path(read_records(out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    damaged = json.loads(lines[5])["path"]
+    lines[5] = lines[5][:30] + b"\n"
+    out.write_bytes(b"".join(lines))
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 damaged line" in result.stderr
+    assert "19 of 20 images already recorded" in result.stderr
+    assert out.read_bytes().startswith(b"".join(lines))  # every intact record kept where it was
+    assert by_path(read_records(out)) == clean
+    assert json.loads(out.read_bytes().splitlines()[-1])["path"] == damaged  # only it was redone
+
+
+def test_a_last_line_without_its_newline_is_redone_not_glued_to(tiles, tmp_path):
+    """A torn last line can be valid JSON; accepting it glues the next batch onto it."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    clean = by_path(read_records(out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:10]).rstrip(b"\n"))  # 9 whole records and one without its newline
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    assert every_line_is_a_record(out)
+    assert out.read_bytes().startswith(b"".join(lines[:9]))
+    assert by_path(read_records(out)) == clean
+
+
+def test_trailing_garbage_after_the_last_record_is_cut(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    clean = out.read_bytes()
+    lines = clean.splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:12]) + b"\0" * 100 + b"\n" + b"\0" * 50)
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    assert every_line_is_a_record(out)
+    assert by_path(read_records(out)) == by_path([json.loads(line) for line in lines])
+
+
+# ---------------------------------------------------------------- 6. two runs on one output
+
+
+def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tiles, tmp_path):
+    out = tmp_path / "out.jsonl"
+    with OutputLock(str(out)):
+        result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2
+    assert f"process {os.getpid()}" in result.stderr and "another gpu-pipeline run" in result.stderr
+    assert not out.exists()
+    assert run(str(tiles), "--out", str(out)).exit_code == 0  # released: the next run goes ahead
+    assert not sinks.lock_path(str(out)).exists()
+
+
+def test_two_real_runs_at_once_leave_one_record_per_path(tmp_path):
+    folder = tmp_path / "many"
+    make_images(folder, 120, size=40)
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
+               "--backend", "reference", "--batch-size", "4", "-q"]
+    processes = [subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = sorted(process.wait(timeout=300) for process in processes)
+    stderr = "".join(process.stderr.read() for process in processes)
+    if codes == [0, 0]:  # the first finished before the second started: then it resumed, adding nothing
+        assert "another gpu-pipeline run" not in stderr
+    else:
+        assert codes == [0, 2] and "another gpu-pipeline run" in stderr
+    assert every_line_is_a_record(out)
+    assert len(by_path(read_records(out))) == 120
+
+
+# ---------------------------------------------------------------- 7. a refused rerun writes nothing
+
+
+def test_retry_failed_with_changed_settings_is_refused_before_rewriting(tmp_path):
+    folder = tmp_path / "images"
+    make_images(folder, 4)
+    (folder / "tile001.png").write_bytes(b"")
+    out = tmp_path / "out.jsonl"
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    before = out.read_bytes()
+    result = run(str(folder), "--out", str(out), "--retry-failed", "--blur", "3")
+    assert result.exit_code == 2 and "other settings" in result.stderr
+    assert out.read_bytes() == before
+
+
+# ---------------------------------------------------------------- 9. FIFOs and other special files
+
+
+def test_a_fifo_among_the_inputs_gets_an_error_record_and_does_not_hang(tiles, tmp_path):
+    fifo = tiles / "pipe.png"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    for args in ([str(tiles)], [str(tiles / "tile000.png"), str(fifo)]):
+        process = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", *args, "--out", str(out),
+                                  "--backend", "reference", "-q", "--overwrite"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert process.returncode == 1, process.stderr
+        record = by_path(read_records(out))[str(fifo)]
+        assert record["stage"] == "read" and "not a regular file (a FIFO)" in record["error"]
+
+
+# ---------------------------------------------------------------- 10. disk full
+
+
+def test_disk_full_ends_the_run_with_one_line_and_exit_3_and_stays_resumable(tiles, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    real_write = os.write
+    writes = []
+
+    def full_after_two_batches(descriptor, data):
+        if descriptor > 2 and os.path.realpath(f"/proc/self/fd/{descriptor}") == str(out.resolve()):
+            writes.append(len(data))
+            if len(writes) > 2:
+                real_write(descriptor, bytes(data)[:50])  # a torn part, as a full disk leaves
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", full_after_two_batches)
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference",
+                                 "--batch-size", "4"])
+    monkeypatch.setattr(os, "write", real_write)
+    assert result.exit_code == 3, result.output
+    assert "No space left on device" in result.stderr and "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith("gpu-pipeline: error:")]
+    assert len(read_records(out)) == 8  # the two batches written are kept
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    assert len(by_path(read_records(out))) == 20 and every_line_is_a_record(out)
+
+
+# ---------------------------------------------------------------- 11. --save-edges
+
+
+def test_save_edges_on_an_existing_file_is_refused_up_front(tiles, tmp_path):
+    blocker = tmp_path / "edges"
+    blocker.write_text("x")
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--save-edges", str(blocker))
+    assert result.exit_code == 2 and "--save-edges" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_edge_maps_saved_inside_an_input_folder_are_never_inputs(tiles, tmp_path):
+    edges = tiles / "edges"
+    for night in range(3):
+        out = tmp_path / f"night{night}.jsonl"
+        assert run(str(tiles), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+        assert len(read_records(out)) == 20
+    assert len(list(edges.rglob("*.edges.png"))) == 20
+
+
+# ---------------------------------------------------------------- 12. --dask pointed at something else
+
+
+@pytest.fixture
+def http_server():
+    class Silent(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_dask_pointed_at_an_http_server_fails_fast_in_one_line(tiles, tmp_path, http_server):
+    pytest.importorskip("distributed")
+    started = time.monotonic()
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", http_server, "--dask-timeout", "2")
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 2
+    assert "cannot connect to the Dask scheduler" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_dask_timeout_must_be_positive(tiles, tmp_path):
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", "local:1", "--dask-timeout", "0")
+    assert result.exit_code == 2 and "--dask-timeout" in result.stderr
+
+
+# ---------------------------------------------------------------- 13. Parquet: resumable like JSONL
+
+
+def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
+               "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_parts(out: Path, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.is_dir() and len(list(out.glob("part-*.parquet"))) >= at_least:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{out} never reached {at_least} parts")
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("many"), 200, size=40, seed=1)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143)])
+def test_parquet_is_resumable_after_a_kill(many, tmp_path, sig, code):
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder = many[0].parent
+    out = tmp_path / "out.parquet"
+    process = start(folder, out)
+    wait_for_parts(out, 2)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    partial = len(pq.read_table(out))
+    assert 0 < partial < 200
+    assert start(folder, out, "-q").wait(timeout=300) == 0
+    table = pq.read_table(out)
+    assert len(table) == 200 and len(set(table.column("path").to_pylist())) == 200
+    assert not [p for p in out.iterdir() if not p.name.startswith("part-")]
+
+
+def test_parquet_dataset_reads_as_one_table_in_pyarrow_pandas_and_duckdb(tiles, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles), "--out", str(out), "--batch-size", "8").exit_code == 0
+    jsonl = tmp_path / "same.jsonl"
+    assert run(str(tiles), "--out", str(jsonl)).exit_code == 0
+    expected = {r["path"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert len(list(out.glob("part-*.parquet"))) == 3  # one part per batch: 8 + 8 + 4
+    table = pq.read_table(out).to_pylist()
+    assert {row["path"]: row["edge_count"] for row in table} == {p: r["edge_count"] for p, r in expected.items()}
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.read_parquet(out)
+    assert len(frame) == 20 and set(frame["path"]) == set(expected)
+    try:
+        import duckdb
+    except ImportError:
+        return
+    (count,) = duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchone()
+    assert count == 20
+
+
+def test_parquet_retry_failed_drops_error_rows_and_redoes_them(tmp_path):
+    pytest.importorskip("pyarrow")
+    folder = tmp_path / "images"
+    paths = make_images(folder, 6)
+    paths[2].write_bytes(b"")
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
+    make_images(folder, 6)
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    records = by_path(read_records(out))
+    assert len(records) == 6 and all("error" not in r for r in records.values())
+
+
+def test_an_old_single_file_parquet_output_is_refused(tiles, tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "old.parquet"
+    out.write_bytes(b"PAR1 pretend\n")
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "not a gpu-pipeline Parquet dataset" in result.stderr
+    assert out.read_bytes() == b"PAR1 pretend\n"
+
+
+# ---------------------------------------------------------------- 15. SIGINT during start-up
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.6, 1.0])
+def test_sigint_during_start_up_exits_130_quietly(tiles, tmp_path, delay):
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tiles), "--out",
+                                str(tmp_path / "o.jsonl"), "--backend", "reference", "-q"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip(f"the run finished within {delay} s, before the signal")
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "Aborted" not in stderr
+
+
+# ---------------------------------------------------------------- the CSV, read by other tools
+
+
+def test_csv_columns_hold_what_their_header_says(tmp_path):
+    folder = tmp_path / "images"
+    make_images(folder, 6, size=32, seed=5)
+    (folder / "broken.png").write_bytes(b"not a png")
+    jsonl, table = tmp_path / "out.jsonl", tmp_path / "out.csv"
+    assert run(str(folder), "--out", str(jsonl)).exit_code == 1
+    assert run(str(folder), "--out", str(table)).exit_code == 1
+    expected = {r["path"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    with open(table, newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        assert tuple(reader.fieldnames) == COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(expected) == 7
+    for row in rows:
+        record = expected[row["path"]]
+        if "error" in record:
+            assert (row["stage"], row["error"]) == (record["stage"], record["error"])
+            assert row["edge_count"] == row["edge_density"] == row["histogram"] == ""
+            continue
+        for column in ("width", "height", "bands", "edge_count"):
+            assert int(row[column]) == record[column], column
+        assert float(row["edge_density"]) == record["edge_density"]
+        assert float(row["edge_density"]) == round(int(row["edge_count"]) / (int(row["width"]) * int(row["height"])), 6)
+        assert (row["backend"], row["label"]) == (record["backend"], record["label"])
+        assert [int(v) for v in row["histogram"].split()] == record["histogram"]
+        assert row["stage"] == row["error"] == row["path_bytes"] == ""
+    try:
+        import pandas
+    except ImportError:
+        return
+    frame = pandas.read_csv(table, keep_default_na=False)
+    assert list(frame.columns) == list(COLUMNS)
+    good = frame[frame["error"] == ""]
+    for _, row in good.iterrows():
+        assert int(row["edge_count"]) == expected[row["path"]]["edge_count"]
+        assert float(row["edge_density"]) == expected[row["path"]]["edge_density"]
