@@ -216,21 +216,27 @@ def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tiles, tmp_pa
     assert not sinks.lock_path(str(out)).exists()
 
 
-def test_two_real_runs_at_once_leave_one_record_per_path(tmp_path):
+def test_a_second_real_run_while_the_first_writes_exits_2_and_adds_nothing(tmp_path):
     folder = tmp_path / "many"
-    make_images(folder, 120, size=40)
+    (first_image,) = make_images(folder, 1, size=128)
+    for index in range(1, 600):  # enough work that the first run is still writing when the second starts
+        os.link(first_image, folder / f"link{index:04d}.png")
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
-               "--backend", "reference", "--batch-size", "4", "-q"]
-    processes = [subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    codes = sorted(process.wait(timeout=300) for process in processes)
-    stderr = "".join(process.stderr.read() for process in processes)
-    if codes == [0, 0]:  # the first finished before the second started: then it resumed, adding nothing
-        assert "another gpu-pipeline run" not in stderr
-    else:
-        assert codes == [0, 2] and "another gpu-pipeline run" in stderr
+               "--backend", "reference", "--batch-size", "4", "--workers", "1", "-q"]
+    first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    first_running = first.poll() is None
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    if not first_running:
+        pytest.skip("the first run ended before the second started")
+    assert second.returncode == 2, second.stderr
+    assert f"process {first.pid}" in second.stderr
     assert every_line_is_a_record(out)
-    assert len(by_path(read_records(out))) == 120
+    assert len(by_path(read_records(out))) == 600
 
 
 # ---------------------------------------------------------------- 7. a refused rerun writes nothing

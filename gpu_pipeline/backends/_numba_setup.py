@@ -5,7 +5,8 @@ Two things can break a numba program that works on the developer's machine:
 * ``cache=True`` needs a writable cache directory. numba tries ``__pycache__`` beside the
   source, then its user-wide cache, and raises at import time when neither is writable (a
   read-only install in a container with a read-only home). :func:`choose_cache_dir` picks a
-  writable directory first and hands it to numba; without one, caching is switched off.
+  writable directory first, one that this user owns and no one else can write to (numba loads
+  pickles from it), and hands it to numba; without one, caching is switched off.
 * The ``workqueue`` threading layer aborts the process when parallel kernels are entered from
   several Python threads at once. :func:`choose_threading_layer` asks for a thread-safe layer
   (``omp`` or ``tbb``) when one can be loaded; otherwise the backend serialises its calls.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -26,11 +28,20 @@ import numba
 THREADSAFE_LAYERS = ("omp", "tbb")
 
 
-def _is_writable_dir(path: Path) -> bool:
-    """True when ``path`` exists or can be made, and a file can be created in it (numba's own test)."""
+def _is_private_dir(path: Path) -> bool:
+    """True when ``path`` is (or can be made) a folder of this user's that no one else may write to.
+
+    numba loads pickled kernels from its cache, so a folder another user owns or can write to
+    (``/tmp/...`` made by someone else, or mode 0777) could hand us their code.
+    """
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()  # a symbolic link is not followed: it could point anywhere
+        if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            return False
+        tempfile.TemporaryFile(dir=path).close()  # numba's own test that it can write there
     except OSError:
         return False
     return True
@@ -46,19 +57,26 @@ def choose_cache_dir(package_dir: Path) -> str | None:
 
     Order: ``$NUMBA_CACHE_DIR`` if the user set it; ``<package>/__pycache__`` (numba's default,
     nothing to set); ``$XDG_CACHE_HOME/gpu-pipeline/numba`` (``~/.cache/...``); a per-user
-    folder in the system temp dir. A chosen folder is written to ``numba.config.CACHE_DIR``,
-    which numba reads when a ``cache=True`` function is defined.
+    folder in the system temp dir. Each must be owned by this user and writable by no one else;
+    when none is, a new private folder (``mkdtemp``, mode 0700) is used: kernels are then compiled
+    again by each run, but never loaded from a folder someone else controls. A chosen folder is
+    written to ``numba.config.CACHE_DIR``, which numba reads when a ``cache=True`` function is defined.
     """
     if numba.config.CACHE_DIR:
         return numba.config.CACHE_DIR
-    if _is_writable_dir(package_dir / "__pycache__"):
+    if _is_private_dir(package_dir / "__pycache__"):
         return str(package_dir / "__pycache__")
     uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
     for candidate in (_user_cache_dir(), Path(tempfile.gettempdir()) / f"gpu-pipeline-numba-{uid}"):
-        if _is_writable_dir(candidate):
+        if _is_private_dir(candidate):
             numba.config.CACHE_DIR = str(candidate)
             return str(candidate)
-    return None
+    try:
+        private = tempfile.mkdtemp(prefix="gpu-pipeline-numba-")
+    except OSError:
+        return None
+    numba.config.CACHE_DIR = private
+    return private
 
 
 def _layer_loads(name: str) -> bool:
