@@ -76,8 +76,8 @@ def test_torn_tail_is_dropped_and_the_rest_resumed(tiles, clean_records, tmp_pat
     assert out.read_bytes().endswith(b"\n")
 
 
-def test_garbage_in_the_middle_cuts_from_there(tiles, clean_records, tmp_path):
-    """A crash can leave zeros inside the file: everything from the first bad line is redone."""
+def test_garbage_in_the_middle_is_skipped_and_its_image_redone(tiles, clean_records, tmp_path):
+    """A crash can leave zeros inside the file: that line is skipped, the records after it are kept."""
     out = tmp_path / "out.jsonl"
     run(str(tiles[0].parent), "--out", str(out))
     lines = out.read_bytes().splitlines(keepends=True)
@@ -154,17 +154,20 @@ def test_format_option_overrides_the_extension(tiles, tmp_path):
     assert run(str(tiles[0]), "--out", str(out), "--format", "xml").exit_code == 2
 
 
-def test_parquet_round_trip_and_no_resume(tiles, clean_records, tmp_path):
-    pytest.importorskip("pyarrow", reason="Parquet needs the optional pyarrow (extra 'parquet')")
+def test_parquet_round_trip_and_resume(tiles, clean_records, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="Parquet needs the optional pyarrow (extra 'parquet')")
     out = tmp_path / "out.parquet"
     assert run(str(tiles[0].parent), "--out", str(out), "--batch-size", "16").exit_code == 0
     assert by_path(read_records(out)) == clean_records
-    import pyarrow.parquet as pq
-
-    assert pq.ParquetFile(out).num_row_groups == 3  # one row group per batch: 16 + 16 + 8
-    result = run(str(tiles[0].parent), "--out", str(out))
-    assert result.exit_code == 2 and "cannot be resumed" in result.stderr
+    assert sorted(part.name for part in out.iterdir()) == [
+        "part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]  # one part per batch: 16 + 16 + 8
+    assert len(pq.read_table(out)) == len(clean_records)
+    (out / "part-000001.parquet").unlink()  # as if the run had stopped there
+    result = runner.invoke(app, ["run", str(tiles[0].parent), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0 and "24 of 40 images already recorded" in result.stderr
+    assert by_path(read_records(out)) == clean_records
     assert run(str(tiles[0].parent), "--out", str(out), "--overwrite").exit_code == 0
+    assert by_path(read_records(out)) == clean_records
 
 
 def test_parquet_without_pyarrow_says_how_to_install(tiles, tmp_path, monkeypatch):
