@@ -148,6 +148,10 @@ def main() -> None:
     except Interrupted:
         sys.stdout.flush()
         sys.exit(130)
+    finally:
+        # The exit status is decided; a Ctrl-C while the interpreter shuts down must not replace it
+        # with a death by SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

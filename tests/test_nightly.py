@@ -492,3 +492,36 @@ def test_csv_columns_hold_what_their_header_says(tmp_path):
     for _, row in good.iterrows():
         assert int(row["edge_count"]) == expected[row["path"]]["edge_count"]
         assert float(row["edge_density"]) == expected[row["path"]]["edge_density"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL arriving in the middle of a write."""
+
+
+def a_result(path: str) -> dict:
+    return {"path": path, "width": 2, "height": 2, "bands": 1, "backend": "reference", "histogram": [4] + [0] * 255,
+            "edge_count": 0, "edge_density": 0.0, "label": "dark-smooth"}
+
+
+def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out.parquet"
+    sink = sinks.open_sink(str(out), resume=False)
+    sink.write([a_result("/a.png")])
+    real_write_table = pq.write_table
+
+    def torn(table, where, **options):
+        real_write_table(table, where, **options)
+        Path(where).write_bytes(Path(where).read_bytes()[:100])  # what a kill mid-write leaves
+        raise Killed
+
+    monkeypatch.setattr(pq, "write_table", torn)
+    with pytest.raises(Killed):
+        sink.write([a_result("/b.png")])
+    monkeypatch.undo()
+    assert pq.read_table(out).column("path").to_pylist() == ["/a.png"]
+    plan = sinks.inspect_output(str(out))
+    assert plan.existing.succeeded == {"/a.png"}
+    plan.open().write([a_result("/b.png")])
+    assert sorted(pq.read_table(out).column("path").to_pylist()) == ["/a.png", "/b.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
