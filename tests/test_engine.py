@@ -159,12 +159,28 @@ def test_batches_respect_size_and_pixel_budget():
     assert flat == items
 
 
+class KeepSpy(ReferenceBackend):
+    """Notes whether the engine asked the backend to keep the images (edge maps) of each batch."""
+
+    name = "keep-spy"
+
+    def __init__(self):
+        self.asked: list[bool] = []
+
+    def process(self, images, config, keep_images=False):
+        self.asked.append(keep_images)
+        return super().process(images, config, keep_images)
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_on_edges_receives_reference_edges(tmp_path, keep):
+    """Edge maps are kept (and copied back from a GPU) only when someone takes them."""
     paths = write_pngs(tmp_path, [(12, 17, 3)])
     seen = {}
-    engine = Engine(ReferenceBackend(), on_edges=(lambda p, e: seen.__setitem__(p, e)) if keep else None)
+    backend = KeepSpy()
+    engine = Engine(backend, on_edges=(lambda p, e: seen.__setitem__(p, e)) if keep else None)
     engine.run(paths, ListSink())
+    assert backend.asked == [keep]
     if keep:
         expected = cpu_reference.process_image(np.asarray(Image.open(paths[0])), PipelineConfig()).edges
         assert np.array_equal(seen[paths[0]], expected)

@@ -346,6 +346,40 @@ def test_dask_pointed_at_an_http_server_fails_fast_in_one_line(tiles, tmp_path, 
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.fixture
+def garbage_server():
+    """Accepts connections and answers bytes that are not Dask's protocol (once read as a 3 EiB frame)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" + b"\xff" * 64)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_dask_pointed_at_a_service_answering_garbage_fails_in_one_line(tiles, tmp_path, garbage_server):
+    pytest.importorskip("distributed")
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", garbage_server, "--dask-timeout", "3")
+    assert result.exit_code == 2, result.output
+    assert "cannot connect to the Dask scheduler" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_dask_timeout_must_be_positive(tiles, tmp_path):
     result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", "local:1", "--dask-timeout", "0")
     assert result.exit_code == 2 and "--dask-timeout" in result.stderr
