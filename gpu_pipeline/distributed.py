@@ -200,9 +200,12 @@ def _check_scheduler(address: str, spec: str, timeout: float) -> None:
     import asyncio
 
     from distributed.comm import connect
+    from distributed.security import Security
+
+    connection_args = Security().get_connection_args("client")  # TLS settings from Dask's config, as Client
 
     async def identity():
-        comm = await connect(address, timeout=timeout)
+        comm = await connect(address, timeout=timeout, **connection_args)
         try:
             await comm.write({"op": "identity", "reply": True})
             return await comm.read()

@@ -564,8 +564,8 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
     if overwrite:
         plan.start_afresh = True
         if chosen == "parquet" and path.is_dir():
-            foreign = [entry.name for entry in path.iterdir()
-                       if not (_PART.fullmatch(entry.name) or entry in _temporaries(path))]
+            ours = {entry.name for entry in _parts(path) + _temporaries(path)}
+            foreign = [entry.name for entry in path.iterdir() if entry.name not in ours]
             if foreign:
                 raise SinkError(f"{out} holds files gpu-pipeline did not write ({', '.join(sorted(foreign)[:3])}); "
                                 "use another --out")

@@ -559,3 +559,13 @@ def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monke
     plan.open().write([a_result("/b.png")])
     assert sorted(pq.read_table(out).column("path").to_pylist()) == ["/a.png", "/b.png"]
     assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+
+
+def test_overwrite_never_deletes_files_we_did_not_write_in_a_dataset_folder(tiles, tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    result = run(str(tiles), "--out", str(out), "--overwrite")
+    assert result.exit_code == 2 and "did not write" in result.stderr
+    assert (out / "notes.txt").read_text() == "mine" and len(read_records(out)) == 20
