@@ -569,3 +569,11 @@ def test_overwrite_never_deletes_files_we_did_not_write_in_a_dataset_folder(tile
     result = run(str(tiles), "--out", str(out), "--overwrite")
     assert result.exit_code == 2 and "did not write" in result.stderr
     assert (out / "notes.txt").read_text() == "mine" and len(read_records(out)) == 20
+
+
+def test_our_output_with_an_image_name_inside_an_input_folder_is_never_an_input(tiles):
+    out = tiles / "results.png"
+    assert run(str(tiles), "--out", str(out), "--format", "jsonl").exit_code == 0
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--format", "jsonl", "--backend", "reference"])
+    assert result.exit_code == 0 and "20 of 20 images already recorded" in result.stderr
+    assert str(out) not in by_path(read_records(out))
