@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -135,8 +135,44 @@ def default_label(features: Features) -> str:
     return "smooth"
 
 
-def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Callable[[Features], str]:
-    """The labeller of a run: the default rule without a model, else the model's ``label``.
+#: What labels a batch of images: ``labeller(images, histograms, edge_counts)`` returns one label
+#: per image. ``images`` are the decoded uint8 images (the same bytes on every backend),
+#: ``histograms`` int64 (N, 256) their gray histograms and ``edge_counts`` int64 (N,) their edge
+#: counts, as the backend computed them (byte-identical on every backend, so labels are too).
+Labeller = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], list[str]]
+
+
+def pixel_counts(images: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 (N,): height * width of each image."""
+    return np.array([image.shape[0] * image.shape[1] for image in images], dtype=np.int64)
+
+
+def default_labels(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+    """The documented rule (README, "Labels") for a batch: :func:`default_label` of every image."""
+    if len(images) == 0:
+        return []
+    pixels = pixel_counts(images)
+    density = np.asarray(edge_counts, dtype=np.int64) / pixels
+    mean = (np.asarray(histograms, dtype=np.int64) @ _LEVELS) / pixels
+    # np.select takes the first true condition, in the order of the rule.
+    chosen = np.select([density >= BUSY_FROM, density >= SMOOTH_BELOW, mean < DARK_BELOW, mean >= BRIGHT_FROM],
+                       [4, 3, 0, 1], default=2)
+    return [DEFAULT_LABELS[i] for i in chosen]
+
+
+class PerImage:
+    """A :data:`Labeller` that calls a one-image function ``label_of(Features)`` for each image."""
+
+    def __init__(self, label_of: Callable[[Features], str]) -> None:
+        self.label_of = label_of
+
+    def __call__(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+        return [self.label_of(Features(histogram, int(count), image.shape[0] * image.shape[1], image))
+                for image, histogram, count in zip(images, histograms, edge_counts)]
+
+
+def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Labeller:
+    """The labeller of a run: the default rule without a model, else the model's ``labels``.
 
     ``model`` is a model file or the name of a shipped model (``eurosat``). With ``config``, the
     run's pipeline settings are checked against those the model was fitted with (its edge features
@@ -144,10 +180,10 @@ def label_function(model: str | Path | None, config: PipelineConfig | None = Non
     cannot be used.
     """
     if model is None:
-        return default_label
+        return default_labels
     from gpu_pipeline.model import load_model  # the model module imports this one
 
     label_model = load_model(model)
     if config is not None:
         label_model.check_config(config)
-    return label_model.label
+    return label_model.labels

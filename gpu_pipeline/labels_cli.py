@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpu_pipeline import __version__
-from gpu_pipeline.classify import FEATURE_NAMES, Features, feature_vector
+from gpu_pipeline.classify import FEATURE_NAMES, Features, PerImage, feature_vector
 from gpu_pipeline.cli_options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
                                       pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -71,8 +71,8 @@ class FeatureTable:
 class _FeatureCollector:
     """Engine hooks that keep each image's feature vector.
 
-    The engine calls ``label_of`` once per processed image and writes what it returns into the
-    record's ``label``; returning a fresh ticket lets ``write`` pair each vector with its record's
+    The engine calls ``labels_of`` once per batch and writes what it returns into the records'
+    ``label``; returning a fresh ticket per image lets ``write`` pair each vector with its record's
     path, whatever order the engine works in. Only the vector is kept, never the image.
     """
 
@@ -82,7 +82,10 @@ class _FeatureCollector:
         self.vectors: dict[str, np.ndarray] = {}
         self.failures: dict[str, str] = {}
 
-    def label_of(self, features: Features) -> str:
+    def labels_of(self, images, histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+        return PerImage(self._ticket)(images, histograms, edge_counts)
+
+    def _ticket(self, features: Features) -> str:
         ticket = str(next(self._tickets))
         self._pending[ticket] = feature_vector(features)
         return ticket
@@ -105,7 +108,7 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
     backend = open_backend(backend_name, None)
     with backend:
         engine = Engine(backend=backend, config=config, decode_options=decode or DecodeOptions(),
-                        workers=os.cpu_count() or 2, label_of=collector.label_of)
+                        workers=os.cpu_count() or 2, labels_of=collector.labels_of)
         if sys.stderr.isatty():
             with progress_bar(console) as bar:
                 task = bar.add_task("features", total=len(paths), rate="-")

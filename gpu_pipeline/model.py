@@ -20,11 +20,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from gpu_pipeline.classify import FEATURE_NAMES, Features, feature_vector
+from gpu_pipeline.classify import FEATURE_NAMES, Features, PerImage, feature_vector
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.io import UsageError
 
@@ -74,6 +74,10 @@ class LabelModel:
 
     def label(self, features: Features) -> str:
         return self.classes[self.nearest(feature_vector(features))]
+
+    def labels(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+        """A :data:`gpu_pipeline.classify.Labeller`: the label of each image of a batch."""
+        return PerImage(self.label)(images, histograms, edge_counts)
 
     def describe(self) -> str:
         """One line for humans: classes and the pipeline settings the model needs."""

@@ -159,7 +159,7 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
     if not files:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in paths)
                          + (f" matching {glob!r}" if glob else ""))
-    label_of = label_function(model, config)
+    labels_of = label_function(model, config)
     settings = {"pipeline": asdict(config), "decode": asdict(decode_options), "model": model_identity(model)}
     if dask is None:
         backend, engine_class = open_backend(backend_name, threads), Engine
@@ -180,7 +180,7 @@ def run_job(*, paths: list[Path], out: str, backend_name: str, config: PipelineC
     todo = [path for path in files if str(path) not in done]
     earlier_failures = sum(str(path) in sink.existing.failed for path in files)
     engine = engine_class(backend=backend, config=config, decode_options=decode_options, batch_size=batch_size,
-                          workers=workers, label_of=label_of,
+                          workers=workers, labels_of=labels_of,
                           on_edges=edge_saver(save_edges, files) if save_edges else None)
     console = Console(stderr=True, soft_wrap=True)
     if dask is None and todo:

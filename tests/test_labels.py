@@ -22,7 +22,8 @@ from gpu_pipeline import classify
 from gpu_pipeline.backends.base import StageResult
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.backends.registry import create, unavailable_reason
-from gpu_pipeline.classify import FEATURE_NAMES, Features, default_label, feature_vector, label_function
+from gpu_pipeline.classify import (FEATURE_NAMES, Features, default_label, default_labels, feature_vector,
+                                   label_function)
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.engine import Engine
@@ -147,7 +148,7 @@ def test_features_and_labels_identical_reference_and_numba(numba_backend, colour
 
 def _engine_labels(backend, paths, model) -> list[str]:
     sink = ListSink()
-    Engine(backend=backend, label_of=model.label, workers=2).run(paths, sink)
+    Engine(backend=backend, labels_of=model.labels, workers=2).run(paths, sink)
     return [record["label"] for record in sink.records]
 
 
@@ -312,11 +313,13 @@ def test_shipped_model_loads_by_name_and_path():
 
 
 def test_label_function_checks_the_pipeline_settings(tmp_path):
-    assert label_function(None) is default_label
-    label = label_function("eurosat", PipelineConfig())
+    assert label_function(None) is default_labels
+    labels = label_function("eurosat", PipelineConfig())
     image = np.full((8, 8, 3), (30, 90, 120), np.uint8)
     result = ReferenceBackend().process([image], PipelineConfig())[0]
-    assert label(Features.from_result(result, image)) in load_model("eurosat").classes
+    model = load_model("eurosat")
+    assert labels([image], result.histogram[None], np.array([result.edge_count])) == [
+        model.label(Features.from_result(result, image))]
     with pytest.raises(ModelError, match="fitted with --low 100 --high 200 --no-l2 --blur 5 but this run uses "
                                          "--low 30 --high 200 --l2 --blur 5"):
         label_function("eurosat", PipelineConfig(low_threshold=30, l2_gradient=True))
@@ -514,3 +517,26 @@ def test_held_out_accuracy_on_eurosat(eurosat_features):
     model = fit_model(table.vectors[~test], labeled.targets[~test], labeled.classes, PipelineConfig())
     accuracy = np.mean(model.predict(table.vectors[test]) == labeled.targets[test])
     assert accuracy >= HELD_OUT_FLOOR
+
+
+def test_the_batch_rule_gives_the_one_image_rule_label_of_every_image():
+    # Hand-made histograms and edge counts that land on each side of every threshold of the rule.
+    rng = np.random.default_rng(7)
+    images, histograms, edge_counts = [], [], []
+    for pixels_side in (1, 3, 10, 64):
+        pixels = pixels_side * pixels_side
+        for edges in {0, pixels // 10, pixels * 22 // 100, (pixels * 22 + 99) // 100, pixels}:
+            for level in (0, 47, 48, 207, 208, 255):
+                histogram = np.zeros(256, np.int64)
+                histogram[level] = pixels
+                images.append(np.zeros((pixels_side, pixels_side), np.uint8))
+                histograms.append(histogram)
+                edge_counts.append(edges)
+    histograms.append(rng.multinomial(64 * 64, np.full(256, 1 / 256)))
+    images.append(np.zeros((64, 64, 3), np.uint8))
+    edge_counts.append(900)
+    expected = [default_label(Features(h, int(e), im.shape[0] * im.shape[1], im))
+                for im, h, e in zip(images, histograms, edge_counts)]
+    assert default_labels(images, np.array(histograms), np.array(edge_counts)) == expected
+    assert set(expected) == {"busy", "textured", "dark-smooth", "bright-smooth", "smooth"}
+    assert default_labels([], np.zeros((0, 256), np.int64), np.zeros(0, np.int64)) == []
