@@ -28,7 +28,7 @@ from rich.table import Table
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
-from gpu_pipeline.classify import Labeller, default_labels
+from gpu_pipeline.classify import Labeller, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Decoded, one_line, batches, decode_stream
 from gpu_pipeline.io import UsageError, discover
@@ -426,11 +426,14 @@ def _outputs(backend: Backend, images: list[np.ndarray], config: PipelineConfig
 def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv: bool,
                config: PipelineConfig, decode_options: DecodeOptions, glob: str | None, threads: int | None,
                batch_size: int, workers: int, report_path: Path | None,
-               progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+               progress: Callable[[int, int], None] | None = None, model: str | None = None) -> VerifyReport:
     """Plan and run a verification, write the JSON report; the caller prints it and exits.
 
-    ``progress(n, total)`` is called after each chunk of ``n`` files.
+    ``progress(n, total)`` is called after each chunk of ``n`` files. Labels come from the default
+    rule, or from ``model`` (a model file or a shipped model's name, checked against ``config``);
+    either way each backend's labels are computed from that backend's own outputs.
     """
+    labels_of = label_function(model, config)
     tallies = plan_backends(requested, against_opencv)
     files = discover(paths, glob=glob)
     if not files:
@@ -445,7 +448,7 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
     try:
-        verifier = Verifier(reference, started, config, report)
+        verifier = Verifier(reference, started, config, report, labels_of)
         for chunk in batches(decode_stream(files, decode_options, workers, prefetch=batch_size + 2 * workers),
                              batch_size, CHUNK_PIXELS):
             verifier.run_chunk(chunk)
