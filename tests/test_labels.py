@@ -213,6 +213,15 @@ def test_fit_twice_gives_the_same_file_byte_for_byte(tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+def test_stored_numbers_have_ten_significant_digits(tmp_path):
+    """The rounding that keeps BLAS last-bit noise out of the file (docs/labels.md)."""
+    vectors, targets = blobs(seed=6)
+    model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), iterations=20)
+    numbers = np.concatenate([model.mean, model.scale, model.bias, model.weights.ravel()])
+    assert np.count_nonzero(numbers) > len(numbers) // 2
+    assert all(v == float(f"{v:.9e}") for v in numbers)
+
+
 def test_constant_features_still_fit():
     vectors = np.zeros((4, len(FEATURE_NAMES)))
     vectors[:, 0] = [0.1, 0.2, 0.8, 0.9]
