@@ -59,7 +59,9 @@ _COARSE_PAIRS = 26  # how many such differences
 _COUNTS = 27
 
 
-#: Pixels per stretch of a row summed in int32 (255^2 * 16384 < 2^31), so that sums vectorise.
+#: Pixels per strip of whole rows that the kernel reads at a time (its scratch memory: about 28 bytes a pixel).
+STRIP_PIXELS = 1 << 16
+#: Pixels per stretch summed in int32 (255^2 * 16384 < 2^31), so that sums vectorise.
 _STRETCH = 16384
 
 
@@ -166,48 +168,59 @@ def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, sta
 
 
 @numba.njit(cache=True, nogil=True)
-def _image_counts(image: np.ndarray, out: np.ndarray) -> None:
+def _image_counts(image: np.ndarray, strip_rows: int, out: np.ndarray) -> None:
     """Exact integer counts of one image (H, W, C) with C 1 or 3 into ``out`` (int64[_COUNTS]).
 
-    The image is first split into flat int32 bands and its gray image computed, and every sum then
-    runs over stretches of at most :data:`_STRETCH` pixels in int32 before it is added to the int64
-    totals: one long SIMD-friendly loop per kind of count, and exact.
+    The image is read in strips of ``strip_rows`` rows, so the scratch memory is bounded whatever
+    the image size. Each strip (with the :data:`COARSE_STEP` rows below it, which its differences
+    reach) is split into flat int32 bands and its gray levels computed, and every sum runs over
+    stretches of at most :data:`_STRETCH` pixels in int32 before it is added to the int64 totals:
+    long SIMD-friendly loops, and exact.
     """
     height, width, channels = image.shape
-    pixels = height * width
-    flat = image.reshape(pixels, channels)
-    # padded with zeros so that neighbours past the end (always masked or out of range) can be read
-    bands = np.empty((3, pixels), np.int32)
-    gray = np.zeros(pixels + (COARSE_STEP + 1) * (width + 1), np.int32)
-    for p in range(pixels):
-        bands[0, p] = flat[p, 0]
-        bands[1, p] = flat[p, channels // 2]
-        bands[2, p] = flat[p, channels - 1]
-    for p in range(pixels):
-        gray[p] = (9798 * bands[0, p] + 19235 * bands[1, p] + 3735 * bands[2, p] + 16384) >> 15
-    # 1 where a pixel has a right neighbour (next_inside) or one COARSE_STEP to the right (far_inside)
-    next_inside = np.empty(pixels, np.int32)
-    far_inside = np.empty(pixels, np.int32)
-    for y in range(height):
+    step = COARSE_STEP
+    strip_rows = max(min(strip_rows, height), 1)
+    flat = image.reshape(height * width, channels)
+    # bands and gray of the strip and the `step` rows below it (which its differences reach)
+    bands = np.empty((3, (strip_rows + step) * width), np.int32)
+    # padded: reads past a row end are masked out
+    gray = np.zeros((strip_rows + step) * width + step + 1, np.int32)
+    # 1 where a pixel has a right neighbour (next_inside) or one `step` to the right (far_inside)
+    next_inside = np.empty(strip_rows * width, np.int32)
+    far_inside = np.empty(strip_rows * width, np.int32)
+    for row in range(strip_rows):
         for x in range(width):
-            next_inside[y * width + x] = x < width - 1
-            far_inside[y * width + x] = x < width - COARSE_STEP
-    for start in range(0, pixels, _STRETCH):
-        stop = min(start + _STRETCH, pixels)
-        _colour_counts(bands[0, start:stop], bands[1, start:stop], bands[2, start:stop], out)
+            next_inside[row * width + x] = x < width - 1
+            far_inside[row * width + x] = x < width - step
+    for top in range(0, height, strip_rows):
+        bottom = min(top + strip_rows, height)
+        first = top * width
+        pixels = (bottom - top) * width
+        read = (min(bottom + step, height) - top) * width
+        for p in range(read):
+            bands[0, p] = flat[first + p, 0]
+            bands[1, p] = flat[first + p, channels // 2]
+            bands[2, p] = flat[first + p, channels - 1]
+        for p in range(read):
+            gray[p] = (9798 * bands[0, p] + 19235 * bands[1, p] + 3735 * bands[2, p] + 16384) >> 15
+        for start in range(0, pixels, _STRETCH):
+            stop = min(start + _STRETCH, pixels)
+            _colour_counts(bands[0, start:stop], bands[1, start:stop], bands[2, start:stop], out)
+        # gradients: rows that have a row below
+        with_below = (min(bottom, height - 1) - top) * width
+        for start in range(0, with_below, _STRETCH):
+            _gradient_counts(gray, next_inside, width, start, min(start + _STRETCH, with_below), out)
+        # coarse differences: both directions where a row `step` below exists, else across only
+        with_far_below = max(min(bottom, height - step) - top, 0) * width
+        for start in range(0, with_far_below, _STRETCH):
+            out[_COARSE_SUM] += _coarse_sum(gray, far_inside, width, step, start,
+                                            min(start + _STRETCH, with_far_below))
+        for p in range(with_far_below, pixels):
+            out[_COARSE_SUM] += abs(gray[p + step] - gray[p]) * far_inside[p]
     positions = max(height - 1, 0) * max(width - 1, 0)
-    for start in range(0, (height - 1) * width, _STRETCH):
-        _gradient_counts(gray, next_inside, width, start, min(start + _STRETCH, (height - 1) * width), out)
     out[_MAGNITUDE] = positions - (out[_MAGNITUDE + 1] + out[_MAGNITUDE + 2] + out[_MAGNITUDE + 3]
                                    + out[_MAGNITUDE + 4] + out[_MAGNITUDE + 5])
     out[_GRADIENT_POSITIONS] = positions
-    step = COARSE_STEP
-    # rows with a pixel `step` below: both differences; the last `step` rows: only the horizontal one
-    for start in range(0, max(height - step, 0) * width, _STRETCH):
-        out[_COARSE_SUM] += _coarse_sum(gray, far_inside, width, step, start, min(start + _STRETCH, (height - step) * width))
-    for y in range(max(height - step, 0), height):
-        for x in range(width - step):
-            out[_COARSE_SUM] += abs(gray[y * width + x + step] - gray[y * width + x])
     out[_COARSE_PAIRS] = height * max(width - step, 0) + width * max(height - step, 0)
 
 
@@ -262,22 +275,24 @@ def _image_features(counts: np.ndarray, histogram: np.ndarray, edge_count: int, 
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _stack_features(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray,
+def _stack_features(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
                     out: np.ndarray) -> None:
     """Features of same-shape images (N, H, W, C) into ``out`` (N, features), one image per task."""
     count, height, width, _ = images.shape
     for i in numba.prange(count):
         counts = np.zeros(_COUNTS, np.int64)
-        _image_counts(images[i], counts)
+        _image_counts(images[i], strip_rows, counts)
         _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
 
 
-def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> np.ndarray:
+def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray,
+                   strip_pixels: int = STRIP_PIXELS) -> np.ndarray:
     """float64 (N, len(FEATURE_NAMES)): the features of each image of a batch.
 
     ``images`` are uint8 gray (H, W) or RGB (H, W, 3) images, ``histograms`` int64 (N, 256) their
     gray histograms and ``edge_counts`` (N,) their edge counts. Images of one shape go to the
-    numba kernel together (one call per shape).
+    numba kernel together (one call per shape); each is read in strips of about ``strip_pixels``
+    pixels (whole rows), which bounds the scratch memory and changes no result.
     """
     histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
@@ -286,12 +301,13 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)
     for shape, members in groups.items():
+        # one image alone is not copied (a large scene would double its memory)
+        stack = images[members[0]][None] if len(members) == 1 else np.stack([images[i] for i in members])
         if len(shape) == 2:
-            stack = np.stack([images[i] for i in members])[..., None]
-        else:
-            stack = np.stack([images[i] for i in members])
+            stack = stack[..., None]
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)
-        _stack_features(np.ascontiguousarray(stack, dtype=np.uint8), histograms[rows], edge_counts[rows], part)
+        _stack_features(np.ascontiguousarray(stack, dtype=np.uint8), histograms[rows], edge_counts[rows],
+                        max(1, strip_pixels // max(shape[1], 1)), part)
         out[rows] = part
     return out

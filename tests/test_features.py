@@ -145,9 +145,13 @@ def test_batch_features_match_the_plain_oracle(batch, data):
         expected = oracle(image, histogram, int(edges))
         for name, value in zip(FEATURE_NAMES, row):
             assert value == pytest.approx(expected[name], rel=1e-12, abs=1e-12), (name, image.shape)
-        # a batch is only a convenience: each image alone gives the same bytes
+        # a batch is only a convenience: each image alone gives the same bytes, and so does
+        # reading it in strips of any number of rows
         alone = batch_features([image], histogram[None], np.array([edges]))[0]
         assert alone.tobytes() == row.tobytes()
+        strips = data.draw(st.sampled_from([1, 5, 64, 200]))
+        assert batch_features([image], histogram[None], np.array([edges]), strip_pixels=strips).tobytes() == \
+            row.tobytes()
 
 
 @settings(max_examples=30, deadline=None)
