@@ -29,6 +29,8 @@ from typing import Sequence
 import numba
 import numpy as np
 
+from gpu_pipeline.backends import _numba_setup  # the cache folder and threading layer every kernel needs
+
 #: The label features, in the order of a feature vector.
 FEATURE_NAMES = (
     "edge_density", "gray_entropy", "gray_p10", "gray_p50", "gray_p90",
@@ -65,7 +67,7 @@ STRIP_PIXELS = 1 << 16
 _STRETCH = 16384
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np.ndarray) -> None:
     """Add the colour counts of one stretch of a row (int32 bands) to ``out``.
 
@@ -116,7 +118,7 @@ def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np
     out[_HUE + 5] += hue5
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: int, stop: int, out: np.ndarray) -> None:
     """Add the gradient counts of pixels ``start:stop`` of a flat gray image to ``out``.
 
@@ -158,7 +160,7 @@ def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: in
     out[_ORIENTATION + 3] += falling
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, start: int, stop: int) -> int:
     """Sum of |differences| to the pixel ``step`` to the right (where ``inside`` is 1) and ``step`` below."""
     total = np.int32(0)
@@ -167,7 +169,7 @@ def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, sta
     return total
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _image_counts(image: np.ndarray, strip_rows: int, out: np.ndarray) -> None:
     """Exact integer counts of one image (H, W, C) with C 1 or 3 into ``out`` (int64[_COUNTS]).
 
@@ -224,7 +226,7 @@ def _image_counts(image: np.ndarray, strip_rows: int, out: np.ndarray) -> None:
     out[_COARSE_PAIRS] = height * max(width - step, 0) + width * max(height - step, 0)
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _quantile_level(histogram: np.ndarray, pixels: int, numerator: int, denominator: int) -> int:
     """The smallest gray level whose cumulative count reaches numerator / denominator of the pixels."""
     total = 0
@@ -235,7 +237,7 @@ def _quantile_level(histogram: np.ndarray, pixels: int, numerator: int, denomina
     return 255
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _image_features(counts: np.ndarray, histogram: np.ndarray, edge_count: int, pixels: int,
                     out: np.ndarray) -> None:
     """The float features of one image (:data:`FEATURE_NAMES`) from its integer counts."""
@@ -274,12 +276,24 @@ def _image_features(counts: np.ndarray, histogram: np.ndarray, edge_count: int, 
     out[30] = counts[_COARSE_SUM] / pairs if pairs > 0 else 0.0
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@_numba_setup.parallel
 def _stack_features(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
                     out: np.ndarray) -> None:
     """Features of same-shape images (N, H, W, C) into ``out`` (N, features), one image per task."""
     count, height, width, _ = images.shape
     for i in numba.prange(count):
+        counts = np.zeros(_COUNTS, np.int64)
+        _image_counts(images[i], strip_rows, counts)
+        _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
+
+
+@_numba_setup.helper
+def _stack_features_serial(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
+                           out: np.ndarray) -> None:
+    """:func:`_stack_features` in the calling thread, for threading layers that must not be entered
+    from several Python threads at once (the engine may label while a backend computes)."""
+    count, height, width, _ = images.shape
+    for i in range(count):
         counts = np.zeros(_COUNTS, np.int64)
         _image_counts(images[i], strip_rows, counts)
         _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
@@ -297,6 +311,7 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
     out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
+    kernel = _stack_features if _numba_setup.threading_layer_is_threadsafe() else _stack_features_serial
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)
@@ -307,7 +322,7 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
             stack = stack[..., None]
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)
-        _stack_features(np.ascontiguousarray(stack, dtype=np.uint8), histograms[rows], edge_counts[rows],
-                        max(1, strip_pixels // max(shape[1], 1)), part)
+        kernel(np.ascontiguousarray(stack, dtype=np.uint8), histograms[rows], edge_counts[rows],
+               max(1, strip_pixels // max(shape[1], 1)), part)
         out[rows] = part
     return out

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-import numba
 import numpy as np
 
+from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.io import UsageError
@@ -71,7 +71,7 @@ def expand(standardized: np.ndarray) -> np.ndarray:
     return np.hstack([standardized, standardized[:, first] * standardized[:, second]])
 
 
-@numba.njit(cache=True, nogil=True)
+@_numba_setup.helper
 def _scores(vectors, mean, scale, first, second, weights, bias, out):
     """``out[n, k]``: the score of class k for vector n, summed in term order (one fixed order)."""
     features = vectors.shape[1]

@@ -177,3 +177,16 @@ def test_long_rows_are_summed_exactly():
 
 def test_empty_batch():
     assert batch_features([], np.zeros((0, 256), np.int64), np.zeros(0, np.int64)).shape == (0, len(FEATURE_NAMES))
+
+
+def test_the_serial_kernel_gives_the_same_bytes(monkeypatch):
+    """Used where the threading layer must not be entered from two Python threads at once."""
+    from gpu_pipeline.backends import _numba_setup
+
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(0, 256, (13, 9, 3), dtype=np.uint8) for _ in range(4)] + [np.full((5, 70), 9, np.uint8)]
+    histograms = np.stack([histogram_of(image) for image in batch])
+    edge_counts = np.arange(len(batch))
+    parallel = batch_features(batch, histograms, edge_counts)
+    monkeypatch.setattr(_numba_setup, "threading_layer_is_threadsafe", lambda: False)
+    assert batch_features(batch, histograms, edge_counts).tobytes() == parallel.tobytes()
