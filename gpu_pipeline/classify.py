@@ -1,9 +1,9 @@
-"""From a backend's integer outputs to a label, on the host, so labels are identical on every backend.
+"""From a backend's outputs to a label, on the host, so labels are identical on every backend.
 
-Features are integers first: the gray histogram and the edge count that every backend computes
-byte-identically, the pixel count, and per-band sums of the decoded image (the same bytes for every
-backend, so identical by construction). :func:`feature_vector` is the one function that turns them
-into floats; a label is a function of that vector, so it is the same on every path.
+A labeller sees what every backend produces byte-identically (the gray histogram and the edge
+count) and the decoded image (the same bytes for every backend), so the same function gives the
+same labels on every path. Land-cover models compute their features from these in
+:mod:`gpu_pipeline.features`.
 
 The default rule is honest about what it measures: how much edge structure a tile has (edge density,
 the fraction of edge pixels) and, for smooth tiles, whether they are dark or bright
@@ -13,11 +13,9 @@ the fraction of edge pixels) and, for smooth tiles, whether they are dark or bri
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,24 +35,12 @@ DEFAULT_LABELS = ("dark-smooth", "bright-smooth", "smooth", "textured", "busy")
 
 #: The 256 gray levels, for means over a histogram.
 GRAY_LEVELS = np.arange(256)
-
-#: What :func:`feature_vector` returns, in order. Means and standard deviations are of the decoded
-#: 8-bit bands (0-255); a gray image counts as three equal bands.
-FEATURE_NAMES = ("edge_density", "gray_entropy", "red_mean", "green_mean", "blue_mean",
-                 "red_std", "green_std", "blue_std")
-
 _LEVELS = np.arange(256, dtype=np.int64)
-#: Band sums run over blocks of about this many pixels, so the uint16 squares stay small.
-_BLOCK_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True, eq=False)
 class Features:
-    """Integer outputs of the pipeline, the same bytes on every backend.
-
-    ``band_sums`` and ``band_square_sums`` are computed from ``image`` on first use only: the
-    default rule does not need them, so runs without a model do not pay for them.
-    """
+    """Integer outputs of the pipeline for one image, the same bytes on every backend."""
 
     histogram: np.ndarray  # int64[256] of the gray image
     edge_count: int
@@ -74,51 +60,6 @@ class Features:
     def mean_gray(self) -> float:
         return float(np.dot(self.histogram, GRAY_LEVELS)) / self.pixels
 
-    @property
-    def band_sums(self) -> np.ndarray:
-        """int64[3]: the sum of each band (R, G, B) over all pixels."""
-        return self._band_moments[0]
-
-    @property
-    def band_square_sums(self) -> np.ndarray:
-        """int64[3]: the sum of the squared values of each band."""
-        return self._band_moments[1]
-
-    @cached_property
-    def _band_moments(self) -> tuple[np.ndarray, np.ndarray]:
-        return _band_moments(self.image, self.histogram)
-
-
-def _band_moments(image: np.ndarray | None, histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact per-band sums and sums of squares (int64; no overflow below 10**14 pixels)."""
-    if image is None:
-        raise ValueError("colour features need the decoded image: build Features with from_result")
-    if image.ndim == 2:  # gray: every band is the gray image, whose histogram we already have
-        return np.full(3, histogram @ _LEVELS), np.full(3, histogram @ (_LEVELS * _LEVELS))
-    sums = np.zeros(3, np.int64)
-    square_sums = np.zeros(3, np.int64)
-    rows = max(1, _BLOCK_PIXELS // image.shape[1])
-    for top in range(0, image.shape[0], rows):
-        block = image[top:top + rows]
-        # Reducing over rows first keeps numpy's inner loop contiguous (much faster than (N, 3) sums).
-        sums += block.sum(axis=0, dtype=np.int64).sum(axis=0)
-        square_sums += np.square(block, dtype=np.uint16).sum(axis=0, dtype=np.int64).sum(axis=0)
-    return sums, square_sums
-
-
-def feature_vector(features: Features) -> np.ndarray:
-    """The model's float features (:data:`FEATURE_NAMES`), from the integer ones, on the host."""
-    pixels = features.pixels
-    counts = features.histogram[features.histogram > 0]
-    shares = counts / pixels
-    entropy = -float(np.sum(shares * np.log2(shares)))
-    sums = [int(v) for v in features.band_sums]
-    square_sums = [int(v) for v in features.band_square_sums]
-    means = [s / pixels for s in sums]
-    # pixels * sum(x^2) - sum(x)^2 is pixels^2 * variance, exact in Python integers.
-    stds = [math.sqrt(pixels * q - s * s) / pixels for s, q in zip(sums, square_sums)]
-    return np.array([features.edge_density, entropy, *means, *stds], dtype=np.float64)
-
 
 def default_label(features: Features) -> str:
     """The documented rule (README, "Labels")."""
@@ -135,8 +76,44 @@ def default_label(features: Features) -> str:
     return "smooth"
 
 
-def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Callable[[Features], str]:
-    """The labeller of a run: the default rule without a model, else the model's ``label``.
+#: What labels a batch of images: ``labeller(images, histograms, edge_counts)`` returns one label
+#: per image. ``images`` are the decoded uint8 images (the same bytes on every backend),
+#: ``histograms`` int64 (N, 256) their gray histograms and ``edge_counts`` int64 (N,) their edge
+#: counts, as the backend computed them (byte-identical on every backend, so labels are too).
+Labeller = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], list[str]]
+
+
+def pixel_counts(images: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 (N,): height * width of each image."""
+    return np.array([image.shape[0] * image.shape[1] for image in images], dtype=np.int64)
+
+
+def default_labels(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+    """The documented rule (README, "Labels") for a batch: :func:`default_label` of every image."""
+    if len(images) == 0:
+        return []
+    pixels = pixel_counts(images)
+    density = np.asarray(edge_counts, dtype=np.int64) / pixels
+    mean = (np.asarray(histograms, dtype=np.int64) @ _LEVELS) / pixels
+    # np.select takes the first true condition, in the order of the rule.
+    chosen = np.select([density >= BUSY_FROM, density >= SMOOTH_BELOW, mean < DARK_BELOW, mean >= BRIGHT_FROM],
+                       [4, 3, 0, 1], default=2)
+    return [DEFAULT_LABELS[i] for i in chosen]
+
+
+class PerImage:
+    """A :data:`Labeller` that calls a one-image function ``label_of(Features)`` for each image."""
+
+    def __init__(self, label_of: Callable[[Features], str]) -> None:
+        self.label_of = label_of
+
+    def __call__(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+        return [self.label_of(Features(histogram, int(count), image.shape[0] * image.shape[1], image))
+                for image, histogram, count in zip(images, histograms, edge_counts)]
+
+
+def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Labeller:
+    """The labeller of a run: the default rule without a model, else the model's ``labels``.
 
     ``model`` is a model file or the name of a shipped model (``eurosat``). With ``config``, the
     run's pipeline settings are checked against those the model was fitted with (its edge features
@@ -144,10 +121,10 @@ def label_function(model: str | Path | None, config: PipelineConfig | None = Non
     cannot be used.
     """
     if model is None:
-        return default_label
+        return default_labels
     from gpu_pipeline.model import load_model  # the model module imports this one
 
     label_model = load_model(model)
     if config is not None:
         label_model.check_config(config)
-    return label_model.label
+    return label_model.labels

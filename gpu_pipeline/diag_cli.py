@@ -42,6 +42,9 @@ def verify(
     workers: Workers = None,
     threads: Threads = None,
     batch_size: BatchSize = 64,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", show_default=False,
+        help="Compare the labels of this model (a file from `gpu-pipeline fit`, or eurosat) instead of the default rule."),
 ) -> None:
     """Check that every backend gives the reference's bytes: histogram, equalized, edges, edge count, label.
 
@@ -57,7 +60,7 @@ def verify(
             "against_opencv": against_opencv, "config": pipeline_config(low, high, l2, blur),
             "decode_options": decode_options(bands, stretch), "glob": glob,
             "threads": threads, "batch_size": batch_size, "workers": workers or os.cpu_count() or 2,
-            "report_path": report,
+            "report_path": report, "model": model,
         }
         if sys.stderr.isatty():
             with progress_bar(Console(stderr=True)) as bar:

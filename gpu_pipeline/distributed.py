@@ -35,7 +35,7 @@ import numpy as np
 
 from gpu_pipeline.backends import Backend, BackendUnavailable, create
 from gpu_pipeline.backends.registry import backend_names
-from gpu_pipeline.classify import Features
+from gpu_pipeline.classify import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary, one_line
 from gpu_pipeline.io import UsageError
@@ -74,7 +74,7 @@ class ChunkJob:
     decode_options: DecodeOptions
     batch_size: int
     decode_workers: int | None  # None: as many as the worker's compute threads, or its cores
-    label_of: Callable[[Features], str]
+    labels_of: Labeller
     on_edges: Callable[[Path, np.ndarray], None] | None
 
 
@@ -138,7 +138,7 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
         backend = _backend_for(job)
         engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
                         batch_size=job.batch_size,
-                        workers=job.decode_workers or job.threads or os.cpu_count() or 2, label_of=job.label_of,
+                        workers=job.decode_workers or job.threads or os.cpu_count() or 2, labels_of=job.labels_of,
                         on_edges=job.on_edges)
         records = RecordList()
         try:
@@ -397,7 +397,7 @@ class DaskEngine(Engine):
         """
         cluster = self.backend
         job = ChunkJob(cluster.backend_name, cluster.threads, self.config, self.decode_options,
-                       self.batch_size, self.workers, self.label_of, self.on_edges)
+                       self.batch_size, self.workers, self.labels_of, self.on_edges)
         stop = stop or threading.Event()
         summary = RunSummary()
         start = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gpu_pipeline.backends.base import Backend, StageResult
-from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.classify import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import DecodeError, decode_image
 
@@ -181,10 +181,9 @@ def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
     return results
 
 
-def result_record(path: Path, image: np.ndarray, result: StageResult, backend_name: str,
-                  label_of: Callable[[Features], str]) -> dict:
+def result_record(path: Path, image: np.ndarray, result: StageResult, backend_name: str, label: str) -> dict:
     height, width = image.shape[:2]
-    features = Features.from_result(result, image)
+    edge_count = int(result.edge_count)
     return {
         "path": str(path),
         "width": width,
@@ -192,9 +191,9 @@ def result_record(path: Path, image: np.ndarray, result: StageResult, backend_na
         "bands": 1 if image.ndim == 2 else image.shape[2],
         "backend": backend_name,
         "histogram": result.histogram.tolist(),
-        "edge_count": features.edge_count,
-        "edge_density": round(features.edge_density, 6),
-        "label": label_of(features),
+        "edge_count": edge_count,
+        "edge_density": round(edge_count / (width * height), 6),
+        "label": label,
     }
 
 
@@ -208,7 +207,8 @@ class Engine:
     batch_size: int = 256
     batch_pixels: int = DEFAULT_BATCH_PIXELS
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
-    label_of: Callable[[Features], str] = default_label
+    #: Labels each batch of computed images (:data:`gpu_pipeline.classify.Labeller`).
+    labels_of: Labeller = default_labels
     #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
     on_edges: Callable[[Path, np.ndarray], None] | None = None
 
@@ -252,17 +252,29 @@ class Engine:
 
     def _write(self, batch: list[Decoded], outcomes: Future, sink, summary: RunSummary,
                progress: Callable[[int], None] | None) -> None:
-        results = iter(outcomes.result())
+        results = outcomes.result()
+        labels = self._labels([item.image for item in batch if item.image is not None], results)
+        computed = iter(zip(results, labels))
         records = []
         for item in batch:
-            record = item.error if item.image is None else self._record_for(item, next(results))
+            record = item.error if item.image is None else self._record_for(item, *next(computed))
             summary.add(record)
             records.append(record)
         sink.write(records)
         if progress is not None:
             progress(len(records))
 
-    def _record_for(self, item: Decoded, outcome: StageResult | BaseException) -> dict:
+    def _labels(self, images: list[np.ndarray], outcomes: list[StageResult | BaseException]) -> list[str | None]:
+        """The label of each computed image, in one call of the labeller; None where computing failed."""
+        done = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException)]
+        histograms = np.array([outcomes[i].histogram for i in done], dtype=np.int64).reshape(len(done), 256)
+        edge_counts = np.array([outcomes[i].edge_count for i in done], dtype=np.int64)
+        labels: list[str | None] = [None] * len(outcomes)
+        for i, label in zip(done, self.labels_of([images[i] for i in done], histograms, edge_counts)):
+            labels[i] = label
+        return labels
+
+    def _record_for(self, item: Decoded, outcome: StageResult | BaseException, label: str | None) -> dict:
         if isinstance(outcome, BaseException):
             return error_record(item.path, "compute", one_line(outcome))
         if self.on_edges is not None:
@@ -270,4 +282,4 @@ class Engine:
                 self.on_edges(item.path, outcome.edges)
             except Exception as exc:
                 return error_record(item.path, "save-edges", one_line(exc))
-        return result_record(item.path, item.image, outcome, self.backend.name, self.label_of)
+        return result_record(item.path, item.image, outcome, self.backend.name, label)

@@ -1,46 +1,91 @@
-"""Trainable land-cover labels: a nearest-centroid model, fitted on labelled folders, saved as JSON.
+"""Trainable land-cover labels: softmax regression over label features, fitted deterministically, saved as JSON.
 
-The model is small enough to read. Each image becomes the float vector of
-:func:`gpu_pipeline.classify.feature_vector`; every feature is standardized with the training mean
-and standard deviation; the label is the class whose centroid (mean training vector) is nearest in
-the Mahalanobis distance of the pooled within-class covariance, shrunk toward a multiple of the
-identity by :data:`SHRINKAGE`. That is linear discriminant analysis with equal priors; with
-shrinkage 1 it would be plain nearest centroid on standardized features. The JSON file holds the
-feature names, the standardization, the whitening matrix (an upper-triangular ``W`` with
-``W.T @ W`` the inverse of the shrunk covariance), the centroids in feature units, the pipeline
-settings the features were computed with (edge density depends on them) and a training summary.
+The model is multinomial logistic regression (softmax regression; Hastie, Tibshirani & Friedman,
+*The Elements of Statistical Learning*, 2nd ed., section 4.4) on a fixed quadratic expansion of
+the standardized features: each feature ``x`` of :data:`gpu_pipeline.features.FEATURE_NAMES`
+becomes ``z = (x - mean) / scale`` (training mean and standard deviation), the terms are the
+``z`` and every product ``z_i * z_j`` with ``i <= j`` (:func:`term_names`), and the label is the
+class with the largest score ``bias[k] + weights[k] . terms`` (the first listed on a tie). So the
+model file is readable as it is: one named weight per class and term.
 
-Labels are computed one vector at a time by the same code in every caller, so a label never
-depends on the batch it was computed in.
+Fitting minimises the mean cross-entropy plus an L2 penalty on the weights (not the biases) by
+L-BFGS (Nocedal & Wright, *Numerical Optimization*, 2nd ed., algorithm 7.4) with a backtracking
+Armijo line search, from zero weights, for a fixed number of iterations, in float64. The terms are
+standardized once more while fitting (so one penalty suits all of them) and the result is folded
+back into per-term weights. Stored numbers are rounded to :data:`DIGITS` significant digits, far
+below anything a label can feel and far above the last-bit noise a BLAS may add, so fitting the
+same data twice writes the same file byte for byte.
+
+Scores are computed image by image in a fixed order by one numba function, so a label never
+depends on the batch it was computed in, nor on the backend.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from gpu_pipeline.classify import FEATURE_NAMES, Features, feature_vector
+from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.io import UsageError
 
 FORMAT = "gpu-pipeline label model"
-FORMAT_VERSION = 1
-#: Weight of the identity in the shrunk covariance: 0.1 was best among 0, 0.05, 0.1, 0.2, 0.5 and 1
-#: on held-out EuroSAT tiles (within noise of 0.05), and keeps the matrix invertible on tiny sets.
-SHRINKAGE = 0.1
-METHOD = "nearest centroid, Mahalanobis distance of the pooled within-class covariance (shrunk)"
+FORMAT_VERSION = 2
+METHOD = "softmax regression on standardized features and their pairwise products"
+#: L2 penalty on the standardized-term weights; chosen by 5-fold cross-validation on EuroSAT (docs/labels.md).
+PENALTY = 1e-4
+#: L-BFGS iterations (fixed, so that the fit does not depend on a tolerance) and remembered pairs.
+ITERATIONS = 300
+MEMORY = 10
+#: Significant digits of the stored numbers.
+DIGITS = 10
 
 #: Models shipped with the package, by the name ``--model`` accepts instead of a path.
-SHIPPED_MODELS = {"eurosat": Path(__file__).resolve().parent / "models" / "eurosat_default.json"}
+SHIPPED_MODELS = {"eurosat": Path(__file__).resolve().parent / "models" / "eurosat.json"}
 
 
 class ModelError(UsageError):
     """A model file is missing, malformed, or does not fit this run (the CLI exits with status 2)."""
+
+
+def _pairs(features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, j), i <= j, of the product terms, row by row of the upper triangle."""
+    first, second = np.triu_indices(features)
+    return first.astype(np.int64), second.astype(np.int64)
+
+
+def term_names(features: Sequence[str] = FEATURE_NAMES) -> list[str]:
+    """The model's terms: every feature, then ``a*b`` for every pair (``a*a`` the squares)."""
+    first, second = _pairs(len(features))
+    return list(features) + [f"{features[i]}*{features[j]}" for i, j in zip(first, second)]
+
+
+def expand(standardized: np.ndarray) -> np.ndarray:
+    """The terms (rows) of standardized feature vectors: ``z`` then ``z_i * z_j`` for ``i <= j``."""
+    first, second = _pairs(standardized.shape[1])
+    return np.hstack([standardized, standardized[:, first] * standardized[:, second]])
+
+
+@_numba_setup.helper
+def _scores(vectors, mean, scale, first, second, weights, bias, out):
+    """``out[n, k]``: the score of class k for vector n, summed in term order (one fixed order)."""
+    features = vectors.shape[1]
+    z = np.empty(features)
+    for n in range(vectors.shape[0]):
+        for f in range(features):
+            z[f] = (vectors[n, f] - mean[f]) / scale[f]
+        for k in range(weights.shape[0]):
+            total = bias[k]
+            for f in range(features):
+                total += weights[k, f] * z[f]
+            for p in range(first.shape[0]):
+                total += weights[k, features + p] * (z[first[p]] * z[second[p]])
+            out[n, k] = total
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,32 +93,31 @@ class LabelModel:
     """A fitted model; see the module docstring for what each part means."""
 
     classes: tuple[str, ...]
-    mean: np.ndarray  # float64[d]
-    scale: np.ndarray  # float64[d], > 0
-    whitening: np.ndarray  # float64[d, d]
-    centroids: np.ndarray  # float64[classes, d], in feature units
+    mean: np.ndarray  # float64[features]
+    scale: np.ndarray  # float64[features], > 0
+    weights: np.ndarray  # float64[classes, terms]
+    bias: np.ndarray  # float64[classes]
     config: PipelineConfig
     training: dict[str, Any] = field(default_factory=dict)
     feature_names: tuple[str, ...] = FEATURE_NAMES
 
-    @cached_property
-    def _whitened_centroids(self) -> np.ndarray:
-        return np.stack([self._whiten(c) for c in self.centroids])
-
-    def _whiten(self, vector: np.ndarray) -> np.ndarray:
-        return self.whitening @ ((vector - self.mean) / self.scale)
-
-    def nearest(self, vector: np.ndarray) -> int:
-        """Index of the class nearest to one feature vector (the first one on a tie)."""
-        distances = np.sum((self._whitened_centroids - self._whiten(vector)) ** 2, axis=1)
-        return int(np.argmin(distances))
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        """float64 (N, classes): the class scores of feature vectors (rows)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float64).reshape(-1, len(self.feature_names))
+        out = np.empty((len(vectors), len(self.classes)))
+        first, second = _pairs(len(self.feature_names))
+        _scores(vectors, self.mean, self.scale, first, second, self.weights, self.bias, out)
+        return out
 
     def predict(self, vectors: np.ndarray) -> np.ndarray:
-        """Class indices of feature vectors (rows), one at a time as :meth:`label` does."""
-        return np.array([self.nearest(v) for v in vectors], dtype=np.int64)
+        """Class indices of feature vectors (rows): the largest score, the first class on a tie."""
+        return np.argmax(self.scores(vectors), axis=1).astype(np.int64)
 
-    def label(self, features: Features) -> str:
-        return self.classes[self.nearest(feature_vector(features))]
+    def labels(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+        """A :data:`gpu_pipeline.classify.Labeller`: the label of each image of a batch."""
+        if len(images) == 0:
+            return []
+        return [self.classes[k] for k in self.predict(batch_features(images, histograms, edge_counts))]
 
     def describe(self) -> str:
         """One line for humans: classes and the pipeline settings the model needs."""
@@ -94,8 +138,9 @@ class LabelModel:
             "features": list(self.feature_names),
             "classes": list(self.classes),
             "standardize": {"mean": self.mean.tolist(), "scale": self.scale.tolist()},
-            "whitening": self.whitening.tolist(),
-            "centroids": {name: row.tolist() for name, row in zip(self.classes, self.centroids)},
+            "terms": term_names(self.feature_names),
+            "bias": {name: float(b) for name, b in zip(self.classes, self.bias)},
+            "weights": {name: row.tolist() for name, row in zip(self.classes, self.weights)},
             "pipeline": asdict(self.config),
             "training": self.training,
         }
@@ -105,13 +150,11 @@ class LabelModel:
 
 
 def _json_text(value: Any, indent: int = 0) -> str:
-    """Indented JSON with each list of numbers or names on one line, so matrices read as matrices."""
+    """Indented JSON with each list of numbers or names on one line, so it reads as a table."""
     inner = " " * (indent + 1)
     if isinstance(value, dict) and value:
         items = [f"{inner}{json.dumps(key)}: {_json_text(item, indent + 1)}" for key, item in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
-    if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
-        return "[\n" + ",\n".join(inner + json.dumps(item) for item in value) + "\n" + " " * indent + "]"
     return json.dumps(value)
 
 
@@ -121,34 +164,117 @@ def settings_text(config: PipelineConfig) -> str:
             f"{'--l2' if config.l2_gradient else '--no-l2'} --blur {config.blur_ksize}")
 
 
+def _rounded(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to :data:`DIGITS` significant digits (exactly what JSON will hold)."""
+    return np.array([float(f"{v:.{DIGITS - 1}e}") for v in np.ravel(values)]).reshape(np.shape(values))
+
+
+def _cross_entropy(parameters: np.ndarray, terms: np.ndarray, onehot: np.ndarray, penalty: float
+                   ) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of the softmax plus ``penalty / 2 * |weights|^2``, and its gradient.
+
+    ``parameters`` is (classes, terms + 1), the last column the biases; ``terms`` ends with a column of ones.
+    """
+    logits = terms @ parameters.T
+    logits -= logits.max(axis=1, keepdims=True)
+    exps = np.exp(logits)
+    totals = exps.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(totals[:, 0]) - np.sum(logits * onehot, axis=1)))
+    gradient = (exps / totals - onehot).T @ terms / len(terms)
+    weights = parameters[:, :-1]
+    loss += 0.5 * penalty * float(np.sum(weights * weights))
+    gradient[:, :-1] += penalty * weights
+    return loss, gradient
+
+
+def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, memory: int = MEMORY) -> np.ndarray:
+    """L-BFGS (Nocedal & Wright, algorithm 7.4 and 7.5) with a backtracking Armijo line search.
+
+    Runs ``iterations`` steps (fewer only when the gradient vanishes or no step decreases the
+    objective), so the result depends on nothing but the objective and the start.
+    """
+    x = start.copy()
+    value, gradient = objective(x)
+    steps: list[np.ndarray] = []
+    changes: list[np.ndarray] = []
+    for _ in range(iterations):
+        g = gradient.ravel()
+        if not np.any(g):
+            break
+        # two-loop recursion: direction = -H g
+        q = g.copy()
+        alphas = []
+        for s, y in zip(reversed(steps), reversed(changes)):
+            alpha = float(s @ q) / float(y @ s)
+            alphas.append(alpha)
+            q -= alpha * y
+        if steps:
+            q *= float(steps[-1] @ changes[-1]) / float(changes[-1] @ changes[-1])
+        else:
+            q /= float(np.sqrt(g @ g))  # first step: unit length along the gradient
+        for (s, y), alpha in zip(zip(steps, changes), reversed(alphas)):
+            beta = float(y @ q) / float(y @ s)
+            q += (alpha - beta) * s
+        direction = -q
+        slope = float(g @ direction)
+        if slope >= 0:  # not a descent direction (numerical trouble): restart from the gradient
+            steps.clear()
+            changes.clear()
+            direction = -g / float(np.sqrt(g @ g))
+            slope = float(g @ direction)
+        length = 1.0
+        for _ in range(40):
+            candidate = x + length * direction.reshape(x.shape)
+            new_value, new_gradient = objective(candidate)
+            if new_value <= value + 1e-4 * length * slope:
+                break
+            length /= 2
+        else:
+            break
+        s = (candidate - x).ravel()
+        y = (new_gradient - gradient).ravel()
+        if float(y @ s) > 1e-12:
+            steps.append(s)
+            changes.append(y)
+            if len(steps) > memory:
+                steps.pop(0)
+                changes.pop(0)
+        x, value, gradient = candidate, new_value, new_gradient
+    return x
+
+
 def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], config: PipelineConfig,
-              training: dict[str, Any] | None = None, shrinkage: float = SHRINKAGE) -> LabelModel:
+              training: dict[str, Any] | None = None, penalty: float = PENALTY,
+              iterations: int = ITERATIONS) -> LabelModel:
     """Fit on feature vectors (rows) with class indices ``targets``; every class needs one vector.
 
-    The training accuracy and the shrinkage are added to ``training``.
+    Deterministic: the same inputs give the same model, number for number. The training accuracy
+    and the fitting settings are added to ``training``.
     """
-    vectors = np.asarray(vectors, dtype=np.float64)
-    targets = np.asarray(targets)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
     counts = np.bincount(targets, minlength=len(classes))
-    if len(classes) < 2 or np.any(counts == 0):
+    if len(classes) < 2 or np.any(counts == 0) or len(counts) != len(classes):
         raise ValueError("every class needs at least one training vector, and there must be two classes")
-    mean = vectors.mean(axis=0)
+    mean = _rounded(vectors.mean(axis=0))
     scale = vectors.std(axis=0)
     scale[np.ptp(vectors, axis=0) == 0] = 1.0  # a constant feature tells nothing; avoid 0 / 0
-    standardized = (vectors - mean) / scale
-    class_means = np.stack([standardized[targets == k].mean(axis=0) for k in range(len(classes))])
-    residuals = standardized - class_means[targets]
-    covariance = residuals.T @ residuals / len(vectors)
-    dims = covariance.shape[0]
-    level = np.trace(covariance) / dims
-    if level == 0:  # every vector sits on its centroid: only the identity is left to use
-        level = 1.0
-    shrunk = (1 - shrinkage) * covariance + shrinkage * level * np.eye(dims)
-    whitening = np.linalg.cholesky(np.linalg.inv(shrunk)).T
-    centroids = class_means * scale + mean
-    model = LabelModel(tuple(classes), mean, scale, whitening, centroids, config, dict(training or {}))
+    scale = _rounded(scale)
+    terms = expand((vectors - mean) / scale)
+    # Standardize the terms too, so that one penalty fits them all; folded back into the weights below.
+    term_mean = terms.mean(axis=0)
+    term_scale = terms.std(axis=0)
+    term_scale[np.ptp(terms, axis=0) == 0] = np.inf  # a constant term gets weight 0
+    design = np.hstack([(terms - term_mean) / term_scale, np.ones((len(terms), 1))])
+    onehot = np.eye(len(classes))[targets]
+    parameters = minimise_lbfgs(lambda p: _cross_entropy(p, design, onehot, penalty),
+                                np.zeros((len(classes), design.shape[1])), iterations)
+    weights = parameters[:, :-1] / term_scale
+    bias = parameters[:, -1] - weights @ term_mean
+    model = LabelModel(tuple(classes), mean, scale, _rounded(weights), _rounded(bias), config,
+                       dict(training or {}))
     train_accuracy = float(np.mean(model.predict(vectors) == targets))
-    model.training.update({"shrinkage": shrinkage, "train_accuracy": round(train_accuracy, 4)})
+    model.training.update({"penalty": penalty, "iterations": iterations, "train_accuracy": round(train_accuracy, 4)})
     return model
 
 
@@ -185,11 +311,15 @@ def _model_from_dict(data: Any) -> LabelModel:
         raise ModelError(f"not a gpu-pipeline label model (no \"format\": \"{FORMAT}\")")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ModelError(f"format version {version!r} is not supported (this gpu-pipeline reads {FORMAT_VERSION})")
+        raise ModelError(f"format version {version!r} is not supported (this gpu-pipeline reads {FORMAT_VERSION}; "
+                         "fit the model again)")
     features = _require(data, "features", list)
     if features != list(FEATURE_NAMES):
         raise ModelError(f"it uses features {features} but this gpu-pipeline computes {list(FEATURE_NAMES)}")
     dims = len(FEATURE_NAMES)
+    names = term_names()
+    if _require(data, "terms", list) != names:
+        raise ModelError(f"\"terms\" must be the features and their pairwise products ({len(names)} names)")
     classes = _require(data, "classes", list)
     if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ModelError("\"classes\" must be two or more distinct, non-empty names")
@@ -198,16 +328,18 @@ def _model_from_dict(data: Any) -> LabelModel:
     scale = _numbers(standardize.get("scale"), (dims,), "standardize.scale")
     if np.any(scale <= 0):
         raise ModelError("standardize.scale must be > 0")
-    whitening = _numbers(data.get("whitening"), (dims, dims), "whitening")
-    centroid_map = _require(data, "centroids", dict)
-    if sorted(centroid_map) != sorted(classes):
-        raise ModelError("\"centroids\" must have one entry per class")
-    centroids = _numbers([centroid_map[c] for c in classes], (len(classes), dims), "centroids")
+    bias_map = _require(data, "bias", dict)
+    weight_map = _require(data, "weights", dict)
+    for key, mapping in (("bias", bias_map), ("weights", weight_map)):
+        if sorted(mapping) != sorted(classes):
+            raise ModelError(f"\"{key}\" must have one entry per class")
+    bias = _numbers([bias_map[c] for c in classes], (len(classes),), "bias")
+    weights = _numbers([weight_map[c] for c in classes], (len(classes), len(names)), "weights")
     config = _pipeline_config(_require(data, "pipeline", dict))
     training = data.get("training", {})
     if not isinstance(training, dict):
         raise ModelError("\"training\" must be an object")
-    return LabelModel(tuple(classes), mean, scale, whitening, centroids, config, training)
+    return LabelModel(tuple(classes), mean, scale, weights, bias, config, training)
 
 
 def _pipeline_config(settings: dict) -> PipelineConfig:

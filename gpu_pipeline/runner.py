@@ -278,7 +278,7 @@ def check_job(job: Job) -> CheckedJob:
     """Every check that can refuse the run, in one place, before anything is written."""
     files = input_files(job)
     check_edge_folder(job.save_edges)
-    label_of = label_function(job.model, job.config)
+    labels_of = label_function(job.model, job.config)
     try:
         output_format = format_for(job.out, job.output_format)
     except SinkError as exc:
@@ -302,7 +302,7 @@ def check_job(job: Job) -> CheckedJob:
         backend, engine_class, workers = DaskCluster(job.dask, job.backend_name, job.threads,
                                                      timeout=job.dask_timeout), DaskEngine, job.workers
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
-                          batch_size=job.batch_size, workers=workers, label_of=label_of,
+                          batch_size=job.batch_size, workers=workers, labels_of=labels_of,
                           on_edges=edge_saver(job.save_edges, files) if job.save_edges else None)
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
 

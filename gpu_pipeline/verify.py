@@ -28,7 +28,7 @@ from rich.table import Table
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
-from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.classify import Labeller, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Decoded, one_line, batches, decode_stream
 from gpu_pipeline.io import UsageError, discover
@@ -178,15 +178,14 @@ class _Truth:
     label: str
 
 
-def compare_result(truth: _Truth, result: StageResult, image: np.ndarray,
-                   label_of: Callable[[Features], str]) -> dict[str, dict | None]:
+def compare_result(truth: _Truth, result: StageResult, label: Callable[[], str]) -> dict[str, dict | None]:
     """Per stage: None when the backend's output is identical, else the fields of a Difference."""
     comparisons: dict[str, Callable[[], dict | None]] = {
         "histogram": lambda: _compare_arrays(truth.result.histogram, result.histogram, "bins"),
         "equalized": lambda: _compare_arrays(truth.result.equalized, result.equalized, "pixels"),
         "edges": lambda: _compare_arrays(truth.result.edges, result.edges, "pixels"),
         "edge_count": lambda: _compare_values(truth.result.edge_count, result.edge_count),
-        "label": lambda: _compare_values(truth.label, label_of(Features.from_result(result, image))),
+        "label": lambda: _compare_values(truth.label, label()),
     }
     outcome = {}
     for stage, compare in comparisons.items():
@@ -334,7 +333,7 @@ class Verifier:
     backends: dict[str, Backend]
     config: PipelineConfig
     report: VerifyReport
-    label_of: Callable[[Features], str] = default_label
+    labels_of: Labeller = default_labels
 
     def run_chunk(self, chunk: list[Decoded]) -> None:
         for item in chunk:
@@ -351,32 +350,63 @@ class Verifier:
         images = [item.image for item, _ in compared]
         tallies = {tally.name: tally for tally in self.report.backends}
         for name, backend in self.backends.items():
-            for (item, truth), outcome in zip(compared, _outputs(backend, images, self.config)):
-                self._record(tallies[name], str(item.path), item.image, truth, outcome)
+            outcomes = _outputs(backend, images, self.config)
+            # Each backend's labels come from its own outputs, in one call of the labeller.
+            labels = _batch_labels(self.labels_of, images, outcomes)
+            for (item, truth), outcome, label in zip(compared, outcomes, labels):
+                self._record(tallies[name], str(item.path), truth, outcome, label)
 
     def _truths(self, decoded: list[Decoded]) -> list[_Truth | None]:
         truths: list[_Truth | None] = []
-        for item, outcome in zip(decoded, _outputs(self.reference, [item.image for item in decoded],
-                                                   self.config)):
+        images = [item.image for item in decoded]
+        outcomes = _outputs(self.reference, images, self.config)
+        for item, outcome, label in zip(decoded, outcomes, _batch_labels(self.labels_of, images, outcomes)):
             if isinstance(outcome, BaseException):
                 self.report.errors.append(
                     {"image": str(item.path), "backend": GROUND_TRUTH, "error": one_line(outcome)})
                 truths.append(None)
                 continue
-            truths.append(_Truth(outcome, self.label_of(Features.from_result(outcome, item.image))))
+            truths.append(_Truth(outcome, label()))
         return truths
 
-    def _record(self, tally: BackendTally, image_name: str, image: np.ndarray, truth: _Truth,
-                outcome: StageResult | BaseException) -> None:
+    def _record(self, tally: BackendTally, image_name: str, truth: _Truth,
+                outcome: StageResult | BaseException, label: Callable[[], str]) -> None:
         if isinstance(outcome, BaseException):
             tally.errors += 1
             self.report.errors.append({"image": image_name, "backend": tally.name, "error": one_line(outcome)})
             return
         tally.images += 1
-        for stage, difference in compare_result(truth, outcome, image, self.label_of).items():
+        for stage, difference in compare_result(truth, outcome, label).items():
             tally.stages[stage]["differs" if difference else "identical"] += 1
             if difference:
                 self.report.differences.append(Difference(image_name, tally.name, stage, **difference))
+
+
+def _batch_labels(labels_of: Labeller, images: list[np.ndarray], outcomes: list[StageResult | BaseException]
+                  ) -> list[Callable[[], str]]:
+    """For each outcome, a function that gives its label (or raises what labelling it raised).
+
+    The labeller runs once over the results that look well-formed; when that call fails (a
+    malformed result, say), each image is labelled alone, so only the culprits show the error.
+    """
+    def alone(i: int) -> Callable[[], str]:
+        def label() -> str:
+            result = outcomes[i]
+            return labels_of([images[i]], np.asarray(result.histogram, dtype=np.int64).reshape(1, 256),
+                             np.array([result.edge_count], dtype=np.int64))[0]
+        return label
+
+    done = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException)]
+    labelled: list[Callable[[], str]] = [alone(i) for i in range(len(outcomes))]
+    try:
+        found = labels_of([images[i] for i in done],
+                          np.array([outcomes[i].histogram for i in done], dtype=np.int64).reshape(len(done), 256),
+                          np.array([outcomes[i].edge_count for i in done], dtype=np.int64))
+    except Exception:
+        return labelled
+    for i, label in zip(done, found):
+        labelled[i] = lambda label=label: label
+    return labelled
 
 
 def _outputs(backend: Backend, images: list[np.ndarray], config: PipelineConfig
@@ -396,11 +426,14 @@ def _outputs(backend: Backend, images: list[np.ndarray], config: PipelineConfig
 def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv: bool,
                config: PipelineConfig, decode_options: DecodeOptions, glob: str | None, threads: int | None,
                batch_size: int, workers: int, report_path: Path | None,
-               progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+               progress: Callable[[int, int], None] | None = None, model: str | None = None) -> VerifyReport:
     """Plan and run a verification, write the JSON report; the caller prints it and exits.
 
-    ``progress(n, total)`` is called after each chunk of ``n`` files.
+    ``progress(n, total)`` is called after each chunk of ``n`` files. Labels come from the default
+    rule, or from ``model`` (a model file or a shipped model's name, checked against ``config``);
+    either way each backend's labels are computed from that backend's own outputs.
     """
+    labels_of = label_function(model, config)
     tallies = plan_backends(requested, against_opencv)
     files = discover(paths, glob=glob)
     if not files:
@@ -415,7 +448,7 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
     try:
-        verifier = Verifier(reference, started, config, report)
+        verifier = Verifier(reference, started, config, report, labels_of)
         for chunk in batches(decode_stream(files, decode_options, workers, prefetch=batch_size + 2 * workers),
                              batch_size, CHUNK_PIXELS):
             verifier.run_chunk(chunk)

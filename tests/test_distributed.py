@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from gpu_pipeline import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
-from gpu_pipeline.classify import default_label
+from gpu_pipeline.classify import PerImage, default_label
 from gpu_pipeline.cli import app
 from gpu_pipeline.io import UsageError
 from gpu_pipeline.sinks import open_sink, read_records
@@ -138,7 +138,7 @@ def test_a_killed_worker_still_yields_one_record_per_path(cluster, tiles, tile_r
     pids_before = set(cluster.run(os.getpid).values())
     with dask_run.DaskCluster(cluster.scheduler.address, "reference", None) as dask_cluster, \
             open_sink(str(tmp_path / "dask.jsonl"), resume=False) as sink:
-        engine = dask_run.DaskEngine(dask_cluster, workers=2, label_of=KillAfter(str(counter), victim=70))
+        engine = dask_run.DaskEngine(dask_cluster, workers=2, labels_of=PerImage(KillAfter(str(counter), victim=70)))
         summary = engine.run(todo, sink)
     assert summary.total == len(todo) and not summary.interrupted
     assert by_path(read_records(tmp_path / "dask.jsonl")) == tile_records
@@ -172,7 +172,7 @@ def test_an_image_that_kills_every_worker_gets_an_error_record_and_the_run_goes_
                          silence_logs=logging.CRITICAL) as local_cluster, \
             dask_run.DaskCluster(local_cluster.scheduler_address, "reference", None) as dask_cluster, \
             open_sink(str(tmp_path / "dask.jsonl"), resume=False) as sink:
-        engine = dask_run.DaskEngine(dask_cluster, workers=2, label_of=KillOnConstantImage())
+        engine = dask_run.DaskEngine(dask_cluster, workers=2, labels_of=PerImage(KillOnConstantImage()))
         summary = engine.run(sorted(folder.iterdir()), sink)
     records = by_path(read_records(tmp_path / "dask.jsonl"))
     assert summary.total == 200 and summary.failed == 1 and not summary.interrupted

@@ -1,7 +1,7 @@
-"""Land-cover labels: integer features, the nearest-centroid model, `fit` and `evaluate`.
+"""Land-cover labels: the softmax model, its deterministic fit, its file, `fit` and `evaluate`.
 
-Labels must be identical on every backend: the features are integers computed identically on
-every path, and one host function turns them into floats.
+Labels must be identical on every backend: each backend's labels are computed from its own
+outputs (histogram, edge count) and the decoded image, by one function, and compared exactly.
 """
 
 from __future__ import annotations
@@ -17,29 +17,26 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-import cpu_reference
-from gpu_pipeline import classify
-from gpu_pipeline.backends.base import StageResult
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.backends.registry import create, unavailable_reason
-from gpu_pipeline.classify import FEATURE_NAMES, Features, default_label, feature_vector, label_function
+from gpu_pipeline.classify import Features, default_label, default_labels, label_function
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.confusion import confusion_matrix, markdown_table
 from gpu_pipeline.engine import Engine
+from gpu_pipeline.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.io import UsageError, discover
-from gpu_pipeline.labels_cli import compute_features, confusion_matrix, read_labeled_tree, register, stratified_split
-from gpu_pipeline.model import SHIPPED_MODELS, LabelModel, ModelError, fit_model, load_model
+from gpu_pipeline.labelled import compute_features, read_labeled_tree
+from gpu_pipeline.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
+                                minimise_lbfgs, term_names)
+from gpu_pipeline.splits import stratified_folds, stratified_split
 from tests.strategies import images
-
-if "fit" not in [command.name for command in app.registered_commands]:
-    register(app)  # until cli.py registers the commands itself
 
 runner = CliRunner()
 
-#: Accuracy floors on the 1000-tile EuroSAT sample (10 classes, chance 10 %), well below what
-#: docs/labels.md reports (68.1 % and 74.7 %) so that only a real regression trips them.
-SHIPPED_MODEL_FLOOR = 0.60
-HELD_OUT_FLOOR = 0.65
+#: What docs/labels.md promises for the shipped model (5-fold cross-validation on 26,500 tiles).
+PROMISED_ACCURACY = 0.85
+PROMISED_RECALL = 0.70
 
 
 def invoke(*args: str):
@@ -56,57 +53,6 @@ class ListSink:
 
     def write(self, records):
         self.records.extend(records)
-
-
-# --------------------------------------------------------------------------------------------
-# Features
-
-
-@settings(max_examples=40, deadline=None)
-@given(images(), st.sampled_from([1, 5, 64]))
-def test_band_moments_are_exact_integer_sums(image, block_pixels):
-    """Sums and square sums per band, whatever the block size the rows are cut into."""
-    old = classify._BLOCK_PIXELS
-    classify._BLOCK_PIXELS = block_pixels
-    try:
-        gray = image if image.ndim == 2 else cpu_reference.gray(image)
-        features = Features.from_result(StageResult(np.bincount(gray.ravel(), minlength=256), 0), image)
-        bands = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
-        wide = bands.reshape(-1, 3).astype(np.int64)
-        assert features.band_sums.dtype == np.int64 and features.band_square_sums.dtype == np.int64
-        assert np.array_equal(features.band_sums, wide.sum(axis=0))
-        assert np.array_equal(features.band_square_sums, (wide * wide).sum(axis=0))
-    finally:
-        classify._BLOCK_PIXELS = old
-
-
-def test_feature_vector_by_hand():
-    # 2 x 2 RGB: red band 0, 0, 100, 100 (mean 50, std 50); green constant 7; blue 10, 20, 30, 40.
-    image = np.zeros((2, 2, 3), np.uint8)
-    image[..., 0] = [[0, 0], [100, 100]]
-    image[..., 1] = 7
-    image[..., 2] = [[10, 20], [30, 40]]
-    histogram = np.zeros(256, np.int64)
-    histogram[[3, 200]] = 2  # two gray levels, half each: 1 bit of entropy
-    vector = feature_vector(Features.from_result(StageResult(histogram, 1), image))
-    expected = [0.25, 1.0, 50.0, 7.0, 25.0, 50.0, 0.0, np.sqrt(125.0)]
-    assert vector.dtype == np.float64 and len(vector) == len(FEATURE_NAMES)
-    assert np.allclose(vector, expected, rtol=1e-15, atol=0)
-
-
-def test_gray_image_counts_as_three_equal_bands():
-    image = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    features = Features.from_result(StageResult(np.bincount(image.ravel(), minlength=256), 0), image)
-    rgb = np.repeat(image[:, :, None], 3, axis=2)
-    as_rgb = Features.from_result(StageResult(features.histogram, 0), rgb)
-    assert np.array_equal(feature_vector(features), feature_vector(as_rgb))
-
-
-def test_colour_features_need_the_image():
-    features = Features(np.ones(256, np.int64), 3, 256)
-    assert default_label(features) in classify.DEFAULT_LABELS  # the rule needs no image
-    with pytest.raises(ValueError, match="decoded image"):
-        feature_vector(features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,22 +78,21 @@ def colour_model() -> LabelModel:
 @given(st.lists(images(max_side=48), min_size=1, max_size=6),
        st.sampled_from([PipelineConfig(), PipelineConfig(30, 90, True, 3), PipelineConfig(10, 40, False, 7)]))
 def test_features_and_labels_identical_reference_and_numba(numba_backend, colour_model, batch, config):
-    reference = ReferenceBackend().process(batch, config)
-    numba = numba_backend.process(batch, config)
-    for image, ours, theirs in zip(batch, reference, numba):
-        a, b = Features.from_result(ours, image), Features.from_result(theirs, image)
-        assert np.array_equal(a.histogram, b.histogram) and a.histogram.dtype == b.histogram.dtype
-        assert a.edge_count == b.edge_count and a.pixels == b.pixels
-        assert np.array_equal(a.band_sums, b.band_sums)
-        assert np.array_equal(a.band_square_sums, b.band_square_sums)
-        assert feature_vector(a).tobytes() == feature_vector(b).tobytes()
-        assert colour_model.label(a) == colour_model.label(b)
-        assert default_label(a) == default_label(b)
+    """Each backend's labels come from its own outputs; they must be the same, byte for byte."""
+    per_backend = []
+    for backend in (ReferenceBackend(), numba_backend):
+        results = backend.process(batch, config)
+        histograms = np.stack([r.histogram for r in results])
+        edge_counts = np.array([r.edge_count for r in results])
+        per_backend.append((batch_features(batch, histograms, edge_counts).tobytes(),
+                            colour_model.labels(batch, histograms, edge_counts),
+                            default_labels(batch, histograms, edge_counts)))
+    assert per_backend[0] == per_backend[1]
 
 
 def _engine_labels(backend, paths, model) -> list[str]:
     sink = ListSink()
-    Engine(backend=backend, label_of=model.label, workers=2).run(paths, sink)
+    Engine(backend=backend, labels_of=model.labels, workers=2).run(paths, sink)
     return [record["label"] for record in sink.records]
 
 
@@ -176,65 +121,131 @@ def test_engine_labels_identical_on_gpu_backends(name, colour_model, bundled_dat
 def blobs(seed: int = 0, per_class: int = 12, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Feature vectors of well separated classes, on very different scales per feature."""
     rng = np.random.default_rng(seed)
-    scales = np.array([0.01, 1, 100, 100, 100, 10, 10, 10])
+    scales = rng.choice([0.01, 1, 100], len(FEATURE_NAMES))
     centres = rng.normal(size=(classes, len(FEATURE_NAMES))) * 10 * scales
     targets = np.repeat(np.arange(classes), per_class)
     vectors = centres[targets] + rng.normal(size=(len(targets), len(FEATURE_NAMES))) * scales
     return vectors, targets
 
 
+def hand_model(weights: dict[str, dict[str, float]], bias: dict[str, float], mean=0.0, scale=1.0) -> LabelModel:
+    """A model with the named term weights (all others 0)."""
+    names = term_names()
+    matrix = np.zeros((len(weights), len(names)))
+    for k, per_term in enumerate(weights.values()):
+        for term, w in per_term.items():
+            matrix[k, names.index(term)] = w
+    dims = len(FEATURE_NAMES)
+    return LabelModel(tuple(weights), np.full(dims, float(mean)), np.full(dims, float(scale)), matrix,
+                      np.array([bias[c] for c in weights]), PipelineConfig())
+
+
+def test_terms_are_the_features_then_their_pairwise_products():
+    names = term_names(("a", "b", "c"))
+    assert names == ["a", "b", "c", "a*a", "a*b", "a*c", "b*b", "b*c", "c*c"]
+    z = np.array([[2.0, 3.0, 5.0]])
+    assert expand(z).tolist() == [[2, 3, 5, 4, 6, 10, 9, 15, 25]]
+    assert len(term_names()) == len(FEATURE_NAMES) * (len(FEATURE_NAMES) + 3) // 2
+
+
+def test_scores_worked_out_by_hand():
+    # z = (x - 1) / 2 for every feature. Class "dense": 3 * z(edge_density) - 1;
+    # class "sparse": 1 * z(edge_density) * z(gray_entropy) + 0.5.
+    model = hand_model({"dense": {"edge_density": 3.0}, "sparse": {"edge_density*gray_entropy": 1.0}},
+                       {"dense": -1.0, "sparse": 0.5}, mean=1.0, scale=2.0)
+    vectors = np.ones((3, len(FEATURE_NAMES)))
+    vectors[0, :2] = [3.0, 1.0]  # z = (1, 0): dense 2, sparse 0.5
+    vectors[1, :2] = [-1.0, -1.0]  # z = (-1, -1): dense -4, sparse 1.5
+    vectors[2, :2] = [2.0, 7.0]  # z = (0.5, 3): dense 0.5, sparse 2
+    assert model.scores(vectors).tolist() == [[2.0, 0.5], [-4.0, 1.5], [0.5, 2.0]]
+    assert model.predict(vectors).tolist() == [0, 1, 1]
+    tie = hand_model({"first": {}, "second": {}}, {"first": 0.0, "second": 0.0})
+    assert tie.predict(vectors).tolist() == [0, 0, 0]  # a tie goes to the class listed first
+
+
+def test_lbfgs_finds_the_minimum_of_a_quadratic():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(30, 6))
+    b = rng.normal(size=30)
+    solution = minimise_lbfgs(lambda x: (float(np.sum((a @ x - b) ** 2)), 2 * a.T @ (a @ x - b)), np.zeros(6), 100)
+    assert np.allclose(solution, np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-8)
+
+
 def test_fit_separates_classes_and_summarises():
     vectors, targets = blobs()
-    model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), {"data": "x"})
+    model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), {"data": "x"}, iterations=50)
     assert np.array_equal(model.predict(vectors), targets)
-    assert model.training == {"data": "x", "shrinkage": 0.1, "train_accuracy": 1.0}
-    assert np.allclose(model.centroids, [vectors[targets == k].mean(axis=0) for k in range(3)])
+    assert model.training == {"data": "x", "penalty": 1e-4, "iterations": 50, "train_accuracy": 1.0}
+    assert np.allclose(model.mean, vectors.mean(axis=0), rtol=1e-9) and np.allclose(model.scale, vectors.std(axis=0),
+                                                                                     rtol=1e-9)
 
 
-def test_full_shrinkage_is_nearest_centroid_on_standardized_features():
-    vectors, targets = blobs(seed=3, classes=4)
-    vectors += np.random.default_rng(1).normal(size=vectors.shape) * vectors.std(axis=0) * 2  # overlap
-    model = fit_model(vectors, targets, tuple("abcd"), PipelineConfig(), shrinkage=1.0)
-    z = (vectors - vectors.mean(axis=0)) / vectors.std(axis=0)
-    centroids = np.stack([z[targets == k].mean(axis=0) for k in range(4)])
-    naive = np.argmin(((z[:, None, :] - centroids[None]) ** 2).sum(axis=2), axis=1)
-    assert np.array_equal(model.predict(vectors), naive)
-    assert 0.4 < np.mean(naive == targets) < 1  # the test data are not trivially separable
+def test_fit_on_a_tiny_hand_made_set_gives_the_labels_worked_out_by_hand():
+    """Three colours, four 4 x 4 tiles each; new tiles are labelled by their obvious colour."""
+    rng = np.random.default_rng(2)
+    colours = {"red": (200, 30, 30), "green": (40, 160, 50), "blue": (30, 50, 190)}
+
+    def tiles(colour, count, spread):
+        return [np.clip(np.array(colour) + rng.integers(-spread, spread + 1, (4, 4, 3)), 0, 255).astype(np.uint8)
+                for _ in range(count)]
+
+    def features_of(batch):
+        results = ReferenceBackend().process(batch, PipelineConfig())
+        return batch_features(batch, np.stack([r.histogram for r in results]), np.array([r.edge_count for r in results]))
+
+    train = [tile for colour in colours.values() for tile in tiles(colour, 4, 20)]
+    model = fit_model(features_of(train), np.repeat([0, 1, 2], 4), tuple(colours), PipelineConfig())
+    # New tiles, as noisy as the training ones (quadratic terms extrapolate poorly far from them):
+    # shades the training set never had, each plainly one colour.
+    probes = [tiles((230, 60, 20), 1, 20)[0], tiles((20, 190, 90), 1, 20)[0], tiles((60, 20, 220), 1, 20)[0],
+              tiles(colours["green"], 1, 25)[0]]
+    assert [model.classes[k] for k in model.predict(features_of(probes))] == ["red", "green", "blue", "green"]
 
 
-def test_whitening_inverts_the_shrunk_within_class_covariance():
-    vectors, targets = blobs(seed=5)
-    model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), shrinkage=0.3)
-    z = (vectors - model.mean) / model.scale
-    residuals = z - ((model.centroids - model.mean) / model.scale)[targets]
-    covariance = residuals.T @ residuals / len(z)
-    shrunk = 0.7 * covariance + 0.3 * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
-    assert np.allclose(model.whitening.T @ model.whitening @ shrunk, np.eye(len(covariance)), atol=1e-9)
-    assert np.allclose(np.tril(model.whitening, -1), 0)
+def test_fit_twice_gives_the_same_file_byte_for_byte(tmp_path):
+    vectors, targets = blobs(seed=5, per_class=40)
+    vectors += np.random.default_rng(1).normal(size=vectors.shape) * vectors.std(axis=0)  # overlapping classes
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig()).save(first)
+    shifted = np.empty(vectors.size + 1)[1:].reshape(vectors.shape)  # the same numbers, differently aligned
+    shifted[...] = vectors
+    fit_model(shifted, targets, ("a", "b", "c"), PipelineConfig()).save(second)
+    assert first.read_bytes() == second.read_bytes()
 
 
-def test_constant_features_and_points_on_their_centroids_still_fit():
+def test_stored_numbers_have_ten_significant_digits(tmp_path):
+    """The rounding that keeps BLAS last-bit noise out of the file (docs/labels.md)."""
+    vectors, targets = blobs(seed=6)
+    model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), iterations=20)
+    numbers = np.concatenate([model.mean, model.scale, model.bias, model.weights.ravel()])
+    assert np.count_nonzero(numbers) > len(numbers) // 2
+    assert all(v == float(f"{v:.9e}") for v in numbers)
+
+
+def test_constant_features_still_fit():
     vectors = np.zeros((4, len(FEATURE_NAMES)))
-    vectors[2:, 3] = 5.0  # one informative feature, every vector exactly on its class centroid
+    vectors[:, 0] = [0.1, 0.2, 0.8, 0.9]
     model = fit_model(vectors, np.array([0, 0, 1, 1]), ("low", "high"), PipelineConfig())
-    assert np.all(np.isfinite(model.whitening)) and np.all(model.scale > 0)
+    assert np.all(np.isfinite(model.weights)) and np.all(model.scale > 0)
     assert list(model.predict(vectors)) == [0, 0, 1, 1]
 
 
 def test_model_json_round_trip(tmp_path):
     vectors, targets = blobs(seed=2)
     config = PipelineConfig(30, 90, True, 3)
-    model = fit_model(vectors, targets, ("water", "forest", "city"), config, {"data": "somewhere"})
+    model = fit_model(vectors, targets, ("water", "forest", "city"), config, {"data": "somewhere"}, iterations=30)
     path = tmp_path / "model.json"
     model.save(path)
     loaded = load_model(path)
-    for name in ("mean", "scale", "whitening", "centroids"):
+    for name in ("mean", "scale", "weights", "bias"):
         assert np.array_equal(getattr(loaded, name), getattr(model, name)), name
     assert loaded.classes == model.classes and loaded.config == config
     assert loaded.training == model.training and loaded.to_dict() == model.to_dict()
     probes = vectors + np.random.default_rng(9).normal(size=vectors.shape) * vectors.std(axis=0)
     assert np.array_equal(loaded.predict(probes), model.predict(probes))
-    assert json.loads(path.read_text())["features"] == list(FEATURE_NAMES)
+    data = json.loads(path.read_text())
+    assert data["features"] == list(FEATURE_NAMES) and data["terms"] == term_names()
+    assert list(data["weights"]) == ["water", "forest", "city"] and len(data["weights"]["city"]) == len(term_names())
 
 
 _DELETE = object()
@@ -242,7 +253,7 @@ _DELETE = object()
 
 def _valid_model_dict() -> dict:
     vectors, targets = blobs()
-    return fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig()).to_dict()
+    return fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), iterations=5).to_dict()
 
 
 def _set(data: dict, dotted: str, value) -> dict:
@@ -260,19 +271,21 @@ def _set(data: dict, dotted: str, value) -> dict:
 
 @pytest.mark.parametrize("key, value, message", [
     ("format", "something else", "not a gpu-pipeline label model"),
-    ("format_version", 2, "format version 2 is not supported"),
+    ("format_version", 1, "format version 1 is not supported"),
     ("features", ["edge_density"], "uses features"),
+    ("terms", ["edge_density"], "pairwise products"),
     ("classes", ["a", "a", "b"], "distinct"),
     ("classes", ["a"], "two or more"),
-    ("standardize.mean", [0.0] * 7, "standardize.mean"),
-    ("standardize.scale", [1.0] * 7 + [0.0], "scale must be > 0"),
-    ("standardize.mean", [float("nan")] * 8, "finite numbers"),
-    ("whitening", [[1.0] * 8] * 7, "whitening"),
-    ("whitening", [[1.0] * 8] * 7 + [[1.0] * 7], "whitening"),
-    ("whitening", [[True] * 8] * 8, "whitening"),
-    ("centroids", _DELETE, "\"centroids\" is missing"),
-    ("centroids.b", _DELETE, "one entry per class"),
-    ("centroids.b", ["x"] * 8, "centroids"),
+    ("standardize.mean", [0.0] * (len(FEATURE_NAMES) - 1), "standardize.mean"),
+    ("standardize.scale", [1.0] * (len(FEATURE_NAMES) - 1) + [0.0], "scale must be > 0"),
+    ("standardize.mean", [float("nan")] * len(FEATURE_NAMES), "finite numbers"),
+    ("weights.a", [1.0] * 7, "weights"),
+    ("weights.a", [True] * len(term_names()), "weights"),
+    ("weights.a", [float("inf")] * len(term_names()), "finite numbers"),
+    ("weights", _DELETE, "\"weights\" is missing"),
+    ("weights.b", _DELETE, "one entry per class"),
+    ("bias.b", "x", "bias"),
+    ("bias.c", _DELETE, "one entry per class"),
     ("pipeline.blur_ksize", 4, "blur size must be one of"),
     ("pipeline.l2_gradient", 1, "l2_gradient as bool"),
     ("pipeline.low_threshold", "100", "low_threshold as float"),
@@ -311,12 +324,25 @@ def test_shipped_model_loads_by_name_and_path():
     assert len(by_name.classes) == 10 and by_name.config == PipelineConfig()
 
 
+def test_malformed_model_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_set(_valid_model_dict(), "weights.a", [1.0])))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tile.png")
+    for command in (["run", str(tmp_path / "tile.png"), "--out", str(tmp_path / "r.jsonl")], ["evaluate", str(tmp_path)]):
+        result = invoke(*command, "--model", str(path))
+        assert result.exit_code == 2, result.output
+        assert "weights" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_label_function_checks_the_pipeline_settings(tmp_path):
-    assert label_function(None) is default_label
-    label = label_function("eurosat", PipelineConfig())
+    assert label_function(None) is default_labels
+    labels = label_function("eurosat", PipelineConfig())
     image = np.full((8, 8, 3), (30, 90, 120), np.uint8)
     result = ReferenceBackend().process([image], PipelineConfig())[0]
-    assert label(Features.from_result(result, image)) in load_model("eurosat").classes
+    model = load_model("eurosat")
+    assert labels([image], result.histogram[None], np.array([result.edge_count])) == [
+        model.classes[int(model.predict(batch_features([image], result.histogram[None],
+                                                       np.array([result.edge_count])))[0])]]
     with pytest.raises(ModelError, match="fitted with --low 100 --high 200 --no-l2 --blur 5 but this run uses "
                                          "--low 30 --high 200 --l2 --blur 5"):
         label_function("eurosat", PipelineConfig(low_threshold=30, l2_gradient=True))
@@ -337,9 +363,28 @@ def test_split_is_stratified_and_deterministic(sizes, fraction, seed):
         assert held_out == min(size - 1, int(fraction * size + 0.5))  # a class always keeps one to train on
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=5), st.integers(2, 6), st.integers(0, 2**32 - 1))
+def test_folds_are_stratified_and_deterministic(sizes, folds, seed):
+    targets = np.repeat(np.arange(len(sizes)), sizes)
+    fold = stratified_folds(targets, folds, seed)
+    assert np.array_equal(fold, stratified_folds(targets, folds, seed))
+    for k, size in enumerate(sizes):
+        counts = np.bincount(fold[targets == k], minlength=folds)
+        assert len(counts) == folds and counts.max() - counts.min() <= 1 and counts.sum() == size
+
+
 def test_confusion_matrix_counts_pairs():
     matrix = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert markdown_table(("ab", "cd", "ef"), matrix).splitlines() == [
+        "| true \\ predicted | ab | cd | ef | recall |",
+        "|---|---|---|---|---|",
+        "| ab | **1** | 1 | 0 | 50.0 % |",
+        "| cd | 0 | **1** | 0 | 100.0 % |",
+        "| ef | 1 | 0 | **2** | 66.7 % |",
+        "| precision | 50.0 % | 50.0 % | 100.0 % | |",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,14 +449,15 @@ def test_fit_then_evaluate_round_trip(tmp_path):
 
 
 def test_evaluate_counts_mistakes(tmp_path):
-    """A model with its classes' centroids swapped gets every image wrong, and says so."""
+    """A model with its classes' weights rotated gets every image wrong, and says so."""
     tree = colour_tree(tmp_path / "tree", per_class=3)
     model_path = tmp_path / "model.json"
     assert invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference",
                   "--test-fraction", "0").exit_code == 0
     data = json.loads(model_path.read_text())
-    rows = data["centroids"]
-    data["centroids"] = {"blue": rows["green"], "green": rows["red"], "red": rows["blue"]}
+    for key in ("weights", "bias"):
+        rows = data[key]
+        data[key] = {"blue": rows["green"], "green": rows["red"], "red": rows["blue"]}
     model_path.write_text(json.dumps(data))
     result = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference")
     assert result.exit_code == 0, result.output
@@ -486,9 +532,21 @@ def test_evaluate_plot(tmp_path):
 # Accuracy on real EuroSAT tiles (../shared/data, skipped when absent)
 
 
+def test_shipped_model_summary_keeps_the_documented_promise():
+    """docs/labels.md quotes these cross-validated numbers; the model file records them."""
+    model = load_model("eurosat")
+    validation = model.training["cross_validation"]
+    assert validation["folds"] == 5 and sum(model.training["images_per_class"].values()) == 26_500
+    assert validation["accuracy"] >= PROMISED_ACCURACY
+    assert min(validation["recall"].values()) > PROMISED_RECALL
+    assert model.config == PipelineConfig()
+
+
 @pytest.fixture(scope="module")
-def eurosat_features(request):
+def eurosat_sample(request):
     shared = request.getfixturevalue("shared_data_dir")
+    if not (shared / "eurosat_rgb").is_dir():
+        pytest.skip(f"{shared / 'eurosat_rgb'} is absent")
     labeled = read_labeled_tree(shared / "eurosat_rgb")
     from rich.console import Console
 
@@ -497,20 +555,41 @@ def eurosat_features(request):
     return labeled, table
 
 
-def test_shipped_model_on_unseen_eurosat_tiles(eurosat_features, bundled_data_dir):
-    labeled, table = eurosat_features
+def test_shipped_model_on_the_eurosat_sample(eurosat_sample):
+    """The 1000-tile sample is drawn from the same 27,000 tiles, so most are training tiles: this
+    checks the whole path (decode, engine, features, model file), not generalisation."""
+    labeled, table = eurosat_sample
     model = load_model("eurosat")
     assert model.classes == labeled.classes
-    seen = {path.name for path in discover([bundled_data_dir / "eurosat"])}  # the model's training tiles
-    unseen = np.array([path.name not in seen for path in labeled.paths])
-    assert unseen.sum() == 950
-    accuracy = np.mean(model.predict(table.vectors[unseen]) == labeled.targets[unseen])
-    assert accuracy >= SHIPPED_MODEL_FLOOR
+    assert np.mean(model.predict(table.vectors) == labeled.targets) >= 0.85
 
 
-def test_held_out_accuracy_on_eurosat(eurosat_features):
-    labeled, table = eurosat_features
+def test_held_out_accuracy_on_the_eurosat_sample(eurosat_sample):
+    """Fitted on 700 tiles, measured on the 300 others: far fewer tiles than the shipped model's."""
+    labeled, table = eurosat_sample
     test = stratified_split(labeled.targets, 0.3, seed=0)
     model = fit_model(table.vectors[~test], labeled.targets[~test], labeled.classes, PipelineConfig())
-    accuracy = np.mean(model.predict(table.vectors[test]) == labeled.targets[test])
-    assert accuracy >= HELD_OUT_FLOOR
+    assert np.mean(model.predict(table.vectors[test]) == labeled.targets[test]) >= 0.70
+
+
+def test_the_batch_rule_gives_the_one_image_rule_label_of_every_image():
+    # Hand-made histograms and edge counts that land on each side of every threshold of the rule.
+    rng = np.random.default_rng(7)
+    images, histograms, edge_counts = [], [], []
+    for pixels_side in (1, 3, 10, 64):
+        pixels = pixels_side * pixels_side
+        for edges in {0, pixels // 10, pixels * 22 // 100, (pixels * 22 + 99) // 100, pixels}:
+            for level in (0, 47, 48, 207, 208, 255):
+                histogram = np.zeros(256, np.int64)
+                histogram[level] = pixels
+                images.append(np.zeros((pixels_side, pixels_side), np.uint8))
+                histograms.append(histogram)
+                edge_counts.append(edges)
+    histograms.append(rng.multinomial(64 * 64, np.full(256, 1 / 256)))
+    images.append(np.zeros((64, 64, 3), np.uint8))
+    edge_counts.append(900)
+    expected = [default_label(Features(h, int(e), im.shape[0] * im.shape[1], im))
+                for im, h, e in zip(images, histograms, edge_counts)]
+    assert default_labels(images, np.array(histograms), np.array(edge_counts)) == expected
+    assert set(expected) == {"busy", "textured", "dark-smooth", "bright-smooth", "smooth"}
+    assert default_labels([], np.zeros((0, 256), np.int64), np.zeros(0, np.int64)) == []

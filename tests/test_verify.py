@@ -359,3 +359,40 @@ def test_values_must_be_equal_and_of_the_same_kind(expected, actual, identical):
 ])
 def test_each_kind_of_difference_reads_as_one_line(fields, line):
     assert verify.Difference(image="x.png", backend="numba", **fields).describe().startswith(line)
+
+
+# --- labels of a model ------------------------------------------------------------------------
+
+
+class EdgeCountHalved(ReferenceBackend):
+    """The reference, with only the edge count halved (the edge map is left as computed)."""
+
+    name = "edge-count-halved"
+
+    def process(self, images, config, keep_images=False):
+        results = super().process(images, config, keep_images)
+        for result in results:
+            result.edge_count //= 2
+        return results
+
+
+def test_model_labels_come_from_each_backends_own_outputs(tmp_path, bundled_data_dir, register):
+    """A backend whose edge counts are wrong gets the labels its numbers give, not the reference's."""
+    register(SameAsReference)
+    register(EdgeCountHalved)
+    tiles = bundled_data_dir / "eurosat"
+    result, report = verify_with_report(tmp_path, tiles, "--model", "eurosat",
+                                        "--backends", "same-as-reference,edge-count-halved")
+    assert result.exit_code == 1, result.output
+    assert all(counts["differs"] == 0 for counts in tally(report, "same-as-reference")["stages"].values())
+    halved = tally(report, "edge-count-halved")["stages"]
+    assert halved["edge_count"]["differs"] == len(discover([tiles]))
+    assert 0 < halved["label"]["differs"]  # edge density is one of the model's features
+    labels = [d for d in report["differences"] if d["stage"] == "label"]
+    assert all(d["backend"] == "edge-count-halved" and d["expected"] != d["actual"] for d in labels)
+
+
+def test_a_model_that_does_not_fit_the_settings_exits_2(image_dir):
+    result = invoke(image_dir, "--model", "eurosat", "--low", "30")
+    assert result.exit_code == 2, result.output
+    assert "the model was fitted with --low 100" in result.stderr

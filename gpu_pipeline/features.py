@@ -1,0 +1,328 @@
+"""Label features of a batch of images, computed by one numba function on the host.
+
+Every feature is a function of what every backend hands the labeller byte-identically: the decoded
+uint8 image (the same bytes on every backend), its gray histogram and its edge count. So the
+features, and the labels computed from them, are identical on every backend by construction.
+
+Each image is first reduced to exact integer counts and sums (:data:`_COUNTS`); one float step
+then turns them into the features of :data:`FEATURE_NAMES`. The float step uses only
+correctly-rounded operations (``+ - * / sqrt``) and ``log2`` (for the entropy), in a fixed order,
+so a feature does not depend on the batch it was computed in.
+
+The texture features follow well-known recipes, kept small so that a 64 x 64 tile costs a few
+microseconds: gradient magnitude histograms and a magnitude-weighted orientation histogram
+(Dalal & Triggs 2005, HOG, with the simplest ``[-1, 0, 1]``-like forward differences and four
+orientation bins, sorted so that the feature does not depend on the direction of a road or a
+river), and a coarse-scale contrast (differences four pixels apart), which separates large
+homogeneous fields from fine texture. Colour: per-band mean and standard deviation, chroma
+(``max - min`` of R, G, B, the "C" of HSV/HSL) and a chroma-weighted histogram of the six hue
+sectors of 60 degrees (which band is largest, which smallest: the sectors of the HSV hue hexagon,
+ties as in Python's ``colorsys.rgb_to_hsv``).
+A gray image counts as three equal bands (no chroma).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numba
+import numpy as np
+
+from gpu_pipeline.backends import _numba_setup  # the cache folder and threading layer every kernel needs
+
+#: The label features, in the order of a feature vector.
+FEATURE_NAMES = (
+    "edge_density", "gray_entropy", "gray_p10", "gray_p50", "gray_p90",
+    "red_mean", "green_mean", "blue_mean", "red_std", "green_std", "blue_std",
+    "chroma_mean", "chroma_std",
+    "hue_red_yellow", "hue_yellow_green", "hue_green_cyan", "hue_cyan_blue", "hue_blue_magenta", "hue_magenta_red",
+    "gradient_0_1", "gradient_2_3", "gradient_4_7", "gradient_8_15", "gradient_16_31", "gradient_32_up",
+    "orientation_1st", "orientation_2nd", "orientation_3rd", "orientation_4th",
+    "gradient_mean", "coarse_contrast",
+)
+
+#: Fixed-point BT.601 gray of the pipeline contract (OpenCV 5): (9798 R + 19235 G + 3735 B + 16384) >> 15.
+_GRAY_WEIGHTS = (9798, 19235, 3735)
+#: Distance, in pixels, of the coarse-scale differences.
+COARSE_STEP = 4
+
+# Integer counts per image, in this order.
+_BAND_SUMS = 0  # 3: sum of R, G, B
+_BAND_SQUARES = 3  # 3: sum of squares of R, G, B
+_CHROMA_SUM = 6
+_CHROMA_SQUARES = 7
+_HUE = 8  # 6: chroma summed per hue sector
+_MAGNITUDE = 14  # 6: pixel counts per gradient magnitude bin
+_ORIENTATION = 20  # 4: gradient magnitude summed per orientation bin
+_GRADIENT_POSITIONS = 24  # pixels that have a right and a lower neighbour
+_COARSE_SUM = 25  # sum of |differences| COARSE_STEP apart, both directions
+_COARSE_PAIRS = 26  # how many such differences
+_COUNTS = 27
+
+
+#: Pixels per strip of whole rows that the kernel reads at a time (its scratch memory: about 28 bytes a pixel).
+STRIP_PIXELS = 1 << 16
+#: Pixels per stretch summed in int32 (255^2 * 16384 < 2^31), so that sums vectorise.
+_STRETCH = 16384
+
+
+@_numba_setup.helper
+def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np.ndarray) -> None:
+    """Add the colour counts of one stretch of a row (int32 bands) to ``out``.
+
+    Branch-free sums (the hue sector is chosen by multiplying with 0/1 comparisons, not by
+    indexing a histogram), so the compiler turns the loop into SIMD code.
+    """
+    sum_r = sum_g = sum_b = square_r = square_g = square_b = chroma_sum = chroma_squares = np.int32(0)
+    hue0 = hue1 = hue2 = hue3 = hue4 = hue5 = np.int32(0)
+    for x in range(red.shape[0]):
+        r = red[x]
+        g = green[x]
+        b = blue[x]
+        sum_r += r
+        sum_g += g
+        sum_b += b
+        square_r += r * r
+        square_g += g * g
+        square_b += b * b
+        chroma = max(r, g, b) - min(r, g, b)
+        chroma_sum += chroma
+        chroma_squares += chroma * chroma
+        # HSV hue sector from which band is largest and which smallest, ties as in Python's colorsys
+        r_over_g = np.int32(r > g)
+        g_over_b = np.int32(g > b)
+        b_over_r = np.int32(b > r)
+        g_over_r = np.int32(g > r)
+        b_over_g = np.int32(b > g)
+        r_over_b = np.int32(r > b)
+        hue0 += chroma * (r_over_g * (1 - b_over_g))  # red > green >= blue: red to yellow
+        hue1 += chroma * ((1 - r_over_g) * r_over_b)  # green >= red > blue: yellow to green
+        hue2 += chroma * (g_over_b * (1 - r_over_b))  # green > blue >= red: green to cyan
+        hue3 += chroma * ((1 - g_over_b) * g_over_r)  # blue >= green > red: cyan to blue
+        hue4 += chroma * (b_over_r * (1 - g_over_r))  # blue > red >= green: blue to magenta
+        hue5 += chroma * ((1 - b_over_r) * b_over_g)  # red >= blue > green: magenta to red
+    out[_BAND_SUMS] += sum_r
+    out[_BAND_SUMS + 1] += sum_g
+    out[_BAND_SUMS + 2] += sum_b
+    out[_BAND_SQUARES] += square_r
+    out[_BAND_SQUARES + 1] += square_g
+    out[_BAND_SQUARES + 2] += square_b
+    out[_CHROMA_SUM] += chroma_sum
+    out[_CHROMA_SQUARES] += chroma_squares
+    out[_HUE] += hue0
+    out[_HUE + 1] += hue1
+    out[_HUE + 2] += hue2
+    out[_HUE + 3] += hue3
+    out[_HUE + 4] += hue4
+    out[_HUE + 5] += hue5
+
+
+@_numba_setup.helper
+def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: int, stop: int, out: np.ndarray) -> None:
+    """Add the gradient counts of pixels ``start:stop`` of a flat gray image to ``out``.
+
+    ``dx`` is the difference to the right neighbour, ``dy`` to the one below; pixels of the last
+    column have no right neighbour and count for nothing (``inside`` is 0 there, 1 elsewhere; the
+    caller stops before the last row).
+    Magnitude bins are counted as ``magnitude >= 2, 4, ...`` and differenced, so the loop is
+    branch-free and the compiler turns it into SIMD code.
+    """
+    at_least2 = at_least4 = at_least8 = at_least16 = at_least32 = np.int32(0)
+    horizontal = vertical = rising = falling = np.int32(0)
+    for p in range(start, stop):
+        dx = (gray[p + 1] - gray[p]) * inside[p]
+        dy = (gray[p + width] - gray[p]) * inside[p]
+        ax = abs(dx)
+        ay = abs(dy)
+        magnitude = ax + ay
+        at_least2 += np.int32(magnitude >= 2)
+        at_least4 += np.int32(magnitude >= 4)
+        at_least8 += np.int32(magnitude >= 8)
+        at_least16 += np.int32(magnitude >= 16)
+        at_least32 += np.int32(magnitude >= 32)
+        is_horizontal = np.int32(ax > 2 * ay)  # mostly horizontal change: a vertical structure
+        is_vertical = np.int32(ay > 2 * ax)
+        diagonal = 1 - is_horizontal - is_vertical
+        same_sign = np.int32((dx > 0) == (dy > 0))
+        horizontal += magnitude * is_horizontal
+        vertical += magnitude * is_vertical
+        rising += magnitude * diagonal * same_sign
+        falling += magnitude * diagonal * (1 - same_sign)
+    out[_MAGNITUDE + 1] += at_least2 - at_least4
+    out[_MAGNITUDE + 2] += at_least4 - at_least8
+    out[_MAGNITUDE + 3] += at_least8 - at_least16
+    out[_MAGNITUDE + 4] += at_least16 - at_least32
+    out[_MAGNITUDE + 5] += at_least32
+    out[_ORIENTATION] += horizontal
+    out[_ORIENTATION + 1] += vertical
+    out[_ORIENTATION + 2] += rising
+    out[_ORIENTATION + 3] += falling
+
+
+@_numba_setup.helper
+def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, start: int, stop: int) -> int:
+    """Sum of |differences| to the pixel ``step`` to the right (where ``inside`` is 1) and ``step`` below."""
+    total = np.int32(0)
+    for p in range(start, stop):
+        total += abs(gray[p + step] - gray[p]) * inside[p] + abs(gray[p + step * width] - gray[p])
+    return total
+
+
+@_numba_setup.helper
+def _image_counts(image: np.ndarray, strip_rows: int, out: np.ndarray) -> None:
+    """Exact integer counts of one image (H, W, C) with C 1 or 3 into ``out`` (int64[_COUNTS]).
+
+    The image is read in strips of ``strip_rows`` rows, so the scratch memory is bounded whatever
+    the image size. Each strip (with the :data:`COARSE_STEP` rows below it, which its differences
+    reach) is split into flat int32 bands and its gray levels computed, and every sum runs over
+    stretches of at most :data:`_STRETCH` pixels in int32 before it is added to the int64 totals:
+    long SIMD-friendly loops, and exact.
+    """
+    height, width, channels = image.shape
+    step = COARSE_STEP
+    strip_rows = max(min(strip_rows, height), 1)
+    flat = image.reshape(height * width, channels)
+    # bands and gray of the strip and the `step` rows below it (which its differences reach)
+    bands = np.empty((3, (strip_rows + step) * width), np.int32)
+    # padded: reads past a row end are masked out
+    gray = np.zeros((strip_rows + step) * width + step + 1, np.int32)
+    # 1 where a pixel has a right neighbour (next_inside) or one `step` to the right (far_inside)
+    next_inside = np.empty(strip_rows * width, np.int32)
+    far_inside = np.empty(strip_rows * width, np.int32)
+    for row in range(strip_rows):
+        for x in range(width):
+            next_inside[row * width + x] = x < width - 1
+            far_inside[row * width + x] = x < width - step
+    for top in range(0, height, strip_rows):
+        bottom = min(top + strip_rows, height)
+        first = top * width
+        pixels = (bottom - top) * width
+        read = (min(bottom + step, height) - top) * width
+        for p in range(read):
+            bands[0, p] = flat[first + p, 0]
+            bands[1, p] = flat[first + p, channels // 2]
+            bands[2, p] = flat[first + p, channels - 1]
+        for p in range(read):
+            gray[p] = (9798 * bands[0, p] + 19235 * bands[1, p] + 3735 * bands[2, p] + 16384) >> 15
+        for start in range(0, pixels, _STRETCH):
+            stop = min(start + _STRETCH, pixels)
+            _colour_counts(bands[0, start:stop], bands[1, start:stop], bands[2, start:stop], out)
+        # gradients: rows that have a row below
+        with_below = (min(bottom, height - 1) - top) * width
+        for start in range(0, with_below, _STRETCH):
+            _gradient_counts(gray, next_inside, width, start, min(start + _STRETCH, with_below), out)
+        # coarse differences: both directions where a row `step` below exists, else across only
+        with_far_below = max(min(bottom, height - step) - top, 0) * width
+        for start in range(0, with_far_below, _STRETCH):
+            out[_COARSE_SUM] += _coarse_sum(gray, far_inside, width, step, start,
+                                            min(start + _STRETCH, with_far_below))
+        for p in range(with_far_below, pixels):
+            out[_COARSE_SUM] += abs(gray[p + step] - gray[p]) * far_inside[p]
+    positions = max(height - 1, 0) * max(width - 1, 0)
+    out[_MAGNITUDE] = positions - (out[_MAGNITUDE + 1] + out[_MAGNITUDE + 2] + out[_MAGNITUDE + 3]
+                                   + out[_MAGNITUDE + 4] + out[_MAGNITUDE + 5])
+    out[_GRADIENT_POSITIONS] = positions
+    out[_COARSE_PAIRS] = height * max(width - step, 0) + width * max(height - step, 0)
+
+
+@_numba_setup.helper
+def _quantile_level(histogram: np.ndarray, pixels: int, numerator: int, denominator: int) -> int:
+    """The smallest gray level whose cumulative count reaches numerator / denominator of the pixels."""
+    total = 0
+    for level in range(256):
+        total += histogram[level]
+        if total * denominator >= pixels * numerator:
+            return level
+    return 255
+
+
+@_numba_setup.helper
+def _image_features(counts: np.ndarray, histogram: np.ndarray, edge_count: int, pixels: int,
+                    out: np.ndarray) -> None:
+    """The float features of one image (:data:`FEATURE_NAMES`) from its integer counts."""
+    n = float(pixels)
+    out[0] = edge_count / n
+    weighted = 0.0  # sum of c * log2(c) over the histogram, in bin order
+    for level in range(256):
+        c = histogram[level]
+        if c > 0:
+            weighted += c * math.log2(c)
+    out[1] = max(math.log2(n) - weighted / n, 0.0)
+    out[2] = _quantile_level(histogram, pixels, 1, 10)
+    out[3] = _quantile_level(histogram, pixels, 1, 2)
+    out[4] = _quantile_level(histogram, pixels, 9, 10)
+    for band in range(3):
+        s = counts[_BAND_SUMS + band]
+        q = counts[_BAND_SQUARES + band]
+        out[5 + band] = s / n
+        # pixels * sum(x^2) - sum(x)^2 = pixels^2 * variance, exact in int64 below 2^31 pixels of 8 bits
+        out[8 + band] = math.sqrt(float(pixels * q - s * s)) / n
+    s = counts[_CHROMA_SUM]
+    out[11] = s / n
+    out[12] = math.sqrt(float(pixels * counts[_CHROMA_SQUARES] - s * s)) / n
+    for sector in range(6):
+        out[13 + sector] = counts[_HUE + sector] / s if s > 0 else 0.0
+    positions = counts[_GRADIENT_POSITIONS]
+    for k in range(6):
+        out[19 + k] = counts[_MAGNITUDE + k] / positions if positions > 0 else 0.0
+    orientation = counts[_ORIENTATION:_ORIENTATION + 4].copy()
+    orientation.sort()
+    total = orientation.sum()
+    for k in range(4):
+        out[25 + k] = orientation[3 - k] / total if total > 0 else 0.0
+    out[29] = total / positions if positions > 0 else 0.0
+    pairs = counts[_COARSE_PAIRS]
+    out[30] = counts[_COARSE_SUM] / pairs if pairs > 0 else 0.0
+
+
+@_numba_setup.parallel
+def _stack_features(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
+                    out: np.ndarray) -> None:
+    """Features of same-shape images (N, H, W, C) into ``out`` (N, features), one image per task."""
+    count, height, width, _ = images.shape
+    for i in numba.prange(count):
+        counts = np.zeros(_COUNTS, np.int64)
+        _image_counts(images[i], strip_rows, counts)
+        _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
+
+
+@_numba_setup.helper
+def _stack_features_serial(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
+                           out: np.ndarray) -> None:
+    """:func:`_stack_features` in the calling thread, for threading layers that must not be entered
+    from several Python threads at once (the engine may label while a backend computes)."""
+    count, height, width, _ = images.shape
+    for i in range(count):
+        counts = np.zeros(_COUNTS, np.int64)
+        _image_counts(images[i], strip_rows, counts)
+        _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
+
+
+def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray,
+                   strip_pixels: int = STRIP_PIXELS) -> np.ndarray:
+    """float64 (N, len(FEATURE_NAMES)): the features of each image of a batch.
+
+    ``images`` are uint8 gray (H, W) or RGB (H, W, 3) images, ``histograms`` int64 (N, 256) their
+    gray histograms and ``edge_counts`` (N,) their edge counts. Images of one shape go to the
+    numba kernel together (one call per shape); each is read in strips of about ``strip_pixels``
+    pixels (whole rows), which bounds the scratch memory and changes no result.
+    """
+    histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
+    edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
+    out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
+    kernel = _stack_features if _numba_setup.threading_layer_is_threadsafe() else _stack_features_serial
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    for shape, members in groups.items():
+        # one image alone is not copied (a large scene would double its memory)
+        stack = images[members[0]][None] if len(members) == 1 else np.stack([images[i] for i in members])
+        if len(shape) == 2:
+            stack = stack[..., None]
+        rows = np.array(members)
+        part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)
+        kernel(np.ascontiguousarray(stack, dtype=np.uint8), histograms[rows], edge_counts[rows],
+               max(1, strip_pixels // max(shape[1], 1)), part)
+        out[rows] = part
+    return out

@@ -1,0 +1,110 @@
+"""Labelled image trees (the EuroSAT layout) and their features, computed by the engine.
+
+A labelled tree has one sub-folder per class, named after it, with that class's images anywhere
+below it. Images go through the same engine and backends as ``run``, so the features a model is
+fitted on are the ones ``run --model`` computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.features import FEATURE_NAMES, batch_features
+from gpu_pipeline.io import UsageError, discover
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """The images of a labelled tree: ``paths[i]`` belongs to class ``classes[targets[i]]``."""
+
+    classes: tuple[str, ...]
+    paths: list[Path]
+    targets: np.ndarray  # int64, one class index per path
+
+
+def read_labeled_tree(root: Path, min_classes: int = 2) -> LabeledImages:
+    """Classes (sub-folders, sorted, hidden ones skipped) and their images; UsageError when unusable."""
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder (expected one sub-folder of images per class)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < min_classes:
+        raise UsageError(f"{root} has {len(folders)} class folder{'' if len(folders) == 1 else 's'}, "
+                         f"needs at least {min_classes} (one sub-folder of images per class)")
+    paths: list[Path] = []
+    targets: list[int] = []
+    for index, folder in enumerate(folders):
+        files = discover([folder])
+        if not files:
+            raise UsageError(f"class folder {folder} has no images")
+        paths += files
+        targets += [index] * len(files)
+    return LabeledImages(tuple(p.name for p in folders), paths, np.array(targets, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """Feature vectors of the images that went through (``ok``) and the failures, one line each."""
+
+    vectors: np.ndarray  # float64[images, features]; rows of failed images are NaN
+    ok: np.ndarray  # bool[images]
+    failures: list[str]
+
+
+class _FeatureCollector:
+    """Engine hooks that keep each image's feature vector.
+
+    The engine calls ``labels_of`` once per batch and writes what it returns into the records'
+    ``label``; returning a fresh ticket per image lets ``write`` pair each vector with its record's
+    path, whatever order the engine works in. Only the vector is kept, never the image.
+    """
+
+    def __init__(self) -> None:
+        self._tickets = itertools.count()
+        self._pending: dict[str, np.ndarray] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        self.failures: dict[str, str] = {}
+
+    def labels_of(self, images, histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
+        tickets = []
+        for vector in batch_features(images, histograms, edge_counts):
+            tickets.append(str(next(self._tickets)))
+            self._pending[tickets[-1]] = vector
+        return tickets
+
+    def write(self, records: list[dict]) -> None:
+        for record in records:
+            if "error" in record:
+                self.failures[record["path"]] = f"{record['path']}: {record['stage']}: {record['error']}"
+            else:
+                self.vectors[record["path"]] = self._pending.pop(record["label"])
+
+
+def compute_features(paths: list[Path], backend_name: str, config: PipelineConfig, console: Console,
+                     decode: DecodeOptions | None = None) -> tuple[FeatureTable, str]:
+    """Run ``paths`` through the engine; returns the features and the concrete backend's name."""
+    from gpu_pipeline.engine import Engine
+    from gpu_pipeline.runner import open_backend, progress_bar
+
+    collector = _FeatureCollector()
+    backend = open_backend(backend_name, None)
+    with backend:
+        engine = Engine(backend=backend, config=config, decode_options=decode or DecodeOptions(),
+                        workers=os.cpu_count() or 2, labels_of=collector.labels_of)
+        if sys.stderr.isatty():
+            with progress_bar(console) as bar:
+                task = bar.add_task("features", total=len(paths), rate="-")
+                engine.run(paths, collector, progress=lambda n: bar.advance(task, n))
+        else:
+            engine.run(paths, collector)
+    missing = np.full(len(FEATURE_NAMES), np.nan)
+    vectors = np.stack([collector.vectors.get(str(p), missing) for p in paths])
+    ok = np.array([str(p) in collector.vectors for p in paths], dtype=bool)
+    return FeatureTable(vectors, ok, list(collector.failures.values())), backend.name

@@ -1,0 +1,35 @@
+"""The confusion matrix as a picture (``evaluate --plot``); matplotlib is optional."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_confusion_plot(path: Path, classes: tuple[str, ...], matrix: np.ndarray, title: str) -> None:
+    """A PNG of the row-normalised confusion matrix, with counts in the cells (needs matplotlib)."""
+    from matplotlib.figure import Figure
+
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure = Figure(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.5 * len(classes)), layout="constrained")
+    axes = figure.add_subplot()
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            axes.text(column, row, str(count), ha="center", va="center",
+                      color="white" if shares[row, column] > 0.5 else "black", fontsize=8)
+    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    figure.savefig(path, dpi=120)

@@ -1,0 +1,192 @@
+"""Label features (gpu_pipeline.features): a hand-worked tile, a plain-NumPy oracle, gray = three bands.
+
+The oracle below computes every feature of one image the obvious way (NumPy arrays, Python's
+colorsys for the hue sector), independently of the numba kernel's branch-free integer sums.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cpu_reference
+from gpu_pipeline.features import COARSE_STEP, FEATURE_NAMES, batch_features
+from tests.strategies import images
+
+
+def gray_of(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else cpu_reference.gray(image)
+
+
+def histogram_of(image: np.ndarray) -> np.ndarray:
+    return np.bincount(gray_of(image).ravel(), minlength=256).astype(np.int64)
+
+
+def hue_sector(r: int, g: int, b: int) -> int:
+    """Sector of 60 degrees of the HSV hue, by the standard library."""
+    hue, _, _ = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+    return min(int(hue * 6 + 1e-9), 5)
+
+
+def oracle(image: np.ndarray, histogram: np.ndarray, edge_count: int) -> dict[str, float]:
+    """Every feature of one image, computed plainly."""
+    bands = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+    bands = bands.astype(np.int64)
+    height, width = image.shape[:2]
+    n = height * width
+    shares = histogram[histogram > 0] / n
+    cumulative = np.cumsum(histogram)
+    features = {
+        "edge_density": edge_count / n,
+        "gray_entropy": float(-np.sum(shares * np.log2(shares))),
+        "gray_p10": int(np.argmax(cumulative * 10 >= n)),
+        "gray_p50": int(np.argmax(cumulative * 2 >= n)),
+        "gray_p90": int(np.argmax(cumulative * 10 >= 9 * n)),
+    }
+    for k, name in enumerate(("red", "green", "blue")):
+        features[f"{name}_mean"] = float(bands[..., k].mean())
+    for k, name in enumerate(("red", "green", "blue")):
+        features[f"{name}_std"] = float(bands[..., k].std())
+    chroma = bands.max(axis=2) - bands.min(axis=2)
+    features["chroma_mean"] = float(chroma.mean())
+    features["chroma_std"] = float(chroma.std())
+    by_sector = np.zeros(6)
+    for (y, x), c in np.ndenumerate(chroma):
+        if c:
+            by_sector[hue_sector(*bands[y, x])] += c
+    sectors = ("red_yellow", "yellow_green", "green_cyan", "cyan_blue", "blue_magenta", "magenta_red")
+    for k, name in enumerate(sectors):
+        features[f"hue_{name}"] = by_sector[k] / chroma.sum() if chroma.sum() else 0.0
+    gray = gray_of(image).astype(np.int64)
+    dx = (gray[:-1, 1:] - gray[:-1, :-1]).ravel()
+    dy = (gray[1:, :-1] - gray[:-1, :-1]).ravel()
+    magnitude = np.abs(dx) + np.abs(dy)
+    edges = [0, 2, 4, 8, 16, 32, 10**9]
+    names = ["0_1", "2_3", "4_7", "8_15", "16_31", "32_up"]
+    for low, high, name in zip(edges, edges[1:], names):
+        features[f"gradient_{name}"] = np.mean((magnitude >= low) & (magnitude < high)) if len(magnitude) else 0.0
+    horizontal = np.abs(dx) > 2 * np.abs(dy)
+    vertical = np.abs(dy) > 2 * np.abs(dx)
+    diagonal = ~horizontal & ~vertical
+    same_sign = (dx > 0) == (dy > 0)
+    orientation = sorted([magnitude[horizontal].sum(), magnitude[vertical].sum(),
+                          magnitude[diagonal & same_sign].sum(), magnitude[diagonal & ~same_sign].sum()],
+                         reverse=True)
+    for k, name in enumerate(("1st", "2nd", "3rd", "4th")):
+        features[f"orientation_{name}"] = orientation[k] / magnitude.sum() if magnitude.sum() else 0.0
+    features["gradient_mean"] = float(magnitude.mean()) if len(magnitude) else 0.0
+    s = COARSE_STEP
+    across = np.abs(gray[:, s:] - gray[:, :-s]) if width > s else np.zeros(0)
+    down = np.abs(gray[s:, :] - gray[:-s, :]) if height > s else np.zeros(0)
+    pairs = across.size + down.size
+    features["coarse_contrast"] = (across.sum() + down.sum()) / pairs if pairs else 0.0
+    return features
+
+
+def test_feature_names_are_what_the_oracle_computes():
+    image = np.zeros((3, 3), np.uint8)
+    assert list(oracle(image, histogram_of(image), 0)) == list(FEATURE_NAMES)
+
+
+def test_a_tile_worked_out_by_hand():
+    # Row 0: pure red, green, blue 200; row 1: gray 10. Gray levels by the contract's BT.601:
+    # red 200 -> (9798*200 + 16384) >> 15 = 60, green 200 -> 117, blue 200 -> 23, gray 10 -> 10.
+    image = np.array([[(200, 0, 0), (0, 200, 0), (0, 0, 200)], [(10, 10, 10)] * 3], np.uint8)
+    histogram = np.zeros(256, np.int64)
+    histogram[[10, 23, 60, 117]] = [3, 1, 1, 1]
+    assert np.array_equal(histogram, histogram_of(image))
+    got = dict(zip(FEATURE_NAMES, batch_features([image], histogram[None], np.array([3]))[0]))
+    expected = {
+        "edge_density": 0.5,
+        "gray_entropy": 0.5 + 0.5 * math.log2(6),  # shares 1/2, 1/6, 1/6, 1/6
+        "gray_p10": 10, "gray_p50": 10, "gray_p90": 117,
+        "red_mean": 230 / 6, "green_mean": 230 / 6, "blue_mean": 230 / 6,  # 200 + 3 * 10
+        "chroma_mean": 100.0, "chroma_std": 100.0,  # chroma 200, 200, 200, 0, 0, 0
+        "hue_red_yellow": 1 / 3, "hue_yellow_green": 0.0, "hue_green_cyan": 1 / 3,
+        "hue_cyan_blue": 0.0, "hue_blue_magenta": 1 / 3, "hue_magenta_red": 0.0,
+        # two gradient positions: (dx, dy) = (117 - 60, 10 - 60) = (57, -50), magnitude 107, falling
+        # diagonal; (23 - 117, 10 - 117) = (-94, -107), magnitude 201, rising diagonal
+        "gradient_0_1": 0.0, "gradient_2_3": 0.0, "gradient_4_7": 0.0, "gradient_8_15": 0.0,
+        "gradient_16_31": 0.0, "gradient_32_up": 1.0,
+        "orientation_1st": 201 / 308, "orientation_2nd": 107 / 308, "orientation_3rd": 0.0, "orientation_4th": 0.0,
+        "gradient_mean": 154.0,
+        "coarse_contrast": 0.0,  # nothing 4 pixels apart in a 2 x 3 tile
+    }
+    red_std = math.sqrt(np.var([200, 0, 0, 10, 10, 10]))
+    expected |= {"red_std": red_std, "green_std": red_std, "blue_std": red_std}
+    for name in FEATURE_NAMES:
+        assert got[name] == pytest.approx(expected[name], rel=1e-14, abs=1e-14), name
+
+
+def test_hue_sectors_follow_colorsys_including_ties():
+    levels = [0, 1, 100, 254, 255]
+    pixels = np.array([p for p in itertools.product(levels, repeat=3) if max(p) > min(p)], np.uint8)
+    for pixel in pixels:
+        image = pixel.reshape(1, 1, 3)
+        got = batch_features([image], histogram_of(image)[None], np.array([0]))[0]
+        sectors = got[FEATURE_NAMES.index("hue_red_yellow"):FEATURE_NAMES.index("hue_magenta_red") + 1]
+        assert list(sectors) == [float(k == hue_sector(*pixel)) for k in range(6)], pixel
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(images(max_side=40), min_size=1, max_size=5), st.data())
+def test_batch_features_match_the_plain_oracle(batch, data):
+    histograms = np.stack([histogram_of(image) for image in batch])
+    edge_counts = np.array([data.draw(st.integers(0, image.shape[0] * image.shape[1])) for image in batch])
+    got = batch_features(batch, histograms, edge_counts)
+    assert got.shape == (len(batch), len(FEATURE_NAMES)) and got.dtype == np.float64
+    for row, image, histogram, edges in zip(got, batch, histograms, edge_counts):
+        expected = oracle(image, histogram, int(edges))
+        for name, value in zip(FEATURE_NAMES, row):
+            assert value == pytest.approx(expected[name], rel=1e-12, abs=1e-12), (name, image.shape)
+        # a batch is only a convenience: each image alone gives the same bytes, and so does
+        # reading it in strips of any number of rows
+        alone = batch_features([image], histogram[None], np.array([edges]))[0]
+        assert alone.tobytes() == row.tobytes()
+        strips = data.draw(st.sampled_from([1, 5, 64, 200]))
+        assert batch_features([image], histogram[None], np.array([edges]), strip_pixels=strips).tobytes() == \
+            row.tobytes()
+
+
+@settings(max_examples=30, deadline=None)
+@given(images(max_side=40, rgb=False))
+def test_a_gray_image_counts_as_three_equal_bands(image):
+    histogram = histogram_of(image)[None]
+    rgb = np.repeat(image[:, :, None], 3, axis=2)
+    gray_features = batch_features([image], histogram, np.array([1]))
+    assert gray_features.tobytes() == batch_features([rgb], histogram, np.array([1])).tobytes()
+    chroma = FEATURE_NAMES.index("chroma_mean")
+    assert not np.any(gray_features[0, chroma:chroma + 8])  # no chroma, no hue
+
+
+def test_long_rows_are_summed_exactly():
+    """Sums run in int32 stretches; a row far longer than a stretch must still be exact."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(200, 256, (3, 40_000, 3), dtype=np.uint8)
+    got = dict(zip(FEATURE_NAMES, batch_features([image], histogram_of(image)[None], np.array([0]))[0]))
+    expected = oracle(image, histogram_of(image), 0)
+    for name in FEATURE_NAMES:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-12), name
+
+
+def test_empty_batch():
+    assert batch_features([], np.zeros((0, 256), np.int64), np.zeros(0, np.int64)).shape == (0, len(FEATURE_NAMES))
+
+
+def test_the_serial_kernel_gives_the_same_bytes(monkeypatch):
+    """Used where the threading layer must not be entered from two Python threads at once."""
+    from gpu_pipeline.backends import _numba_setup
+
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(0, 256, (13, 9, 3), dtype=np.uint8) for _ in range(4)] + [np.full((5, 70), 9, np.uint8)]
+    histograms = np.stack([histogram_of(image) for image in batch])
+    edge_counts = np.arange(len(batch))
+    parallel = batch_features(batch, histograms, edge_counts)
+    monkeypatch.setattr(_numba_setup, "threading_layer_is_threadsafe", lambda: False)
+    assert batch_features(batch, histograms, edge_counts).tobytes() == parallel.tobytes()
