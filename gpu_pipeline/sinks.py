@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+from gpu_pipeline import records
+
 FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
                ".parquet": "parquet", ".pq": "parquet"}
@@ -170,7 +172,7 @@ class LineSink(Sink):
     def __init__(self, out: str, fmt: str, resume: bool, retry_failed: bool) -> None:
         self.out = out
         self.fmt = fmt
-        self._text = _jsonl_text if fmt == "jsonl" else _csv_text
+        self._text = records.jsonl_text if fmt == "jsonl" else records.csv_text  # a RecordBatch in one go
         self.existing = Existing()
         if out == "-":
             self._stream: IO[str] = sys.stdout

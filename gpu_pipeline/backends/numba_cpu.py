@@ -2,7 +2,7 @@
 
 The kernels live in :mod:`gpu_pipeline.backends._numba_kernels`; this module hands them a batch
 (a typed list of flat views: no copy), decides how to cut the work (whole images or row bands),
-and turns their flat outputs into :class:`StageResult`. See docs/backends.md, "numba (CPU)".
+and returns their outputs as one :class:`BatchResult`. See docs/backends.md, "numba (CPU)".
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
-from gpu_pipeline.backends.base import Backend, StageResult, check_image
+from gpu_pipeline.backends.base import Backend, BatchResult, check_image
 from gpu_pipeline.config import PipelineConfig
 
 #: Bands shorter than this waste too much on recomputed rows at their ends.
@@ -103,11 +103,11 @@ class NumbaCpuBackend(Backend):
 
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
-    ) -> list[StageResult]:
+    ) -> BatchResult:
         for image in images:
             check_image(image)
         if not images:
-            return []
+            return BatchResult.empty(0, keep_images)
         from gpu_pipeline.backends import _numba_setup
 
         self._numba.set_num_threads(self.threads)  # per calling thread
@@ -115,7 +115,7 @@ class NumbaCpuBackend(Backend):
         with serial:
             return self._run(images, config, keep_images)
 
-    def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> list[StageResult]:
+    def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> BatchResult:
         """One pass of the kernels over a batch of any shapes."""
         k = self._kernels
         flat = self._typed_list.empty_list(self._flat_type)
@@ -153,13 +153,12 @@ class NumbaCpuBackend(Backend):
             k.join_bands(maps, map_off, heights, widths, items.r0, items.first, items.bands, marked)
             edge_counts += marked
 
-        results = []
+        if not keep:
+            return BatchResult(hists, edge_counts)
+        kept_equalized, kept_edges = [], []
         for i in range(len(images)):
-            result = StageResult(histogram=hists[i], edge_count=int(edge_counts[i]))
-            if keep:
-                h, w = int(heights[i]), int(widths[i])
-                result.equalized = equalized[eq_off[i]:eq_off[i] + h * w].reshape(h, w)
-                edge_map = maps[map_off[i]:map_off[i] + map_sizes[i]].reshape(h + 2, w + 2)[1:-1, 1:-1]
-                result.edges = (edge_map == k.EDGE).view(np.uint8) * np.uint8(255)
-            results.append(result)
-        return results
+            h, w = int(heights[i]), int(widths[i])
+            kept_equalized.append(equalized[eq_off[i]:eq_off[i] + h * w].reshape(h, w))
+            edge_map = maps[map_off[i]:map_off[i] + map_sizes[i]].reshape(h + 2, w + 2)[1:-1, 1:-1]
+            kept_edges.append((edge_map == k.EDGE).view(np.uint8) * np.uint8(255))
+        return BatchResult(hists, edge_counts, kept_equalized, kept_edges)
