@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import cpu_reference as ref
 from gpu_pipeline.backends import _numba_setup, numba_cpu, registry
 from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import MAX_THRESHOLD, DecodeOptions, PipelineConfig
 from gpu_pipeline.io import DecodeError, decode_image, discover
 from tests.strategies import ODD_SHAPES, images
@@ -324,3 +325,15 @@ def test_read_only_install_compiles_into_a_writable_cache(tmp_path):
     cache_dir = Path(runs[0].stdout.strip())
     assert cache_dir.parent == temp, runs[0].stdout
     assert list(cache_dir.rglob("*.nbi")), "no kernel was cached"
+
+
+def test_views_that_are_not_c_contiguous_give_the_reference_results():
+    """The kernels read the images' raw memory: a strided view must not be read as if dense."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    views = [base[::2, ::3], base[:, :, 1][:, ::-1], np.asfortranarray(base[:, :, 0])]
+    config = PipelineConfig()
+    got = NumbaCpuBackend().process(views, config, keep_images=True)
+    want = ReferenceBackend().process([np.ascontiguousarray(v) for v in views], config, keep_images=True)
+    assert np.array_equal(got.histograms, want.histograms) and np.array_equal(got.edge_counts, want.edge_counts)
+    assert all(np.array_equal(a, b) for a, b in zip(got.edges, want.edges))

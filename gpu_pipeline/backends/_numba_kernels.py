@@ -1,7 +1,9 @@
 """numba kernels of the CPU backend: the pipeline contract (docs/contract.md) on every core.
 
-Images arrive as a typed list of flat views (no copy), so one parallel loop covers a ragged
-batch (any mix of shapes, gray and RGB); outputs are flat buffers with per-image offsets. The
+Images arrive as the addresses and byte sizes of their pixels (no copy; :func:`_image_at` views
+them), so one parallel loop covers a ragged batch (any mix of shapes, gray and RGB); outputs are
+flat buffers with per-image offsets. Addresses, not a ``numba.typed.List``: a typed list's own
+methods are compiled again in every process (about 1.1 s of each start), cached kernels are not. The
 unit of work is an *item*: a band of rows ``[r0, r1)`` of one image. Many small images give one
 item each (each image is processed serially by one thread); a few large images are cut into
 row bands. Each thread claims items one at a time, largest first (:func:`_claim`), so a mixed
@@ -24,7 +26,7 @@ The Canny map follows OpenCV's canny.cpp: a (H+2) x (W+2) byte map with a border
 from __future__ import annotations
 
 import numpy as np
-from numba import prange, types
+from numba import carray, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -61,6 +63,22 @@ def _claim(typingctx, counter):
     return types.int64(counter), codegen
 
 
+@intrinsic
+def _uint8_pointer(typingctx, address):
+    """The int64 ``address`` as a pointer to uint8 (an array's ``ctypes.data``)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+
+    return types.CPointer(types.uint8)(types.int64), codegen
+
+
+@helper
+def _image_at(addresses, sizes, i):
+    """Image ``i`` of the batch as a flat uint8 array over its own memory (the caller keeps the
+    images alive during the call)."""
+    return carray(_uint8_pointer(addresses[i]), (sizes[i],))
+
+
 # --------------------------------------------------------------------------- gray + histogram
 
 @helper
@@ -79,7 +97,7 @@ def _band_histogram(image, rgb, gray, width, r0, r1, hist):
 
 
 @parallel
-def gray_histograms(images, channels, gray, gray_off, heights, widths, item_image, item_r0, item_r1, order,
+def gray_histograms(addresses, sizes, channels, gray, gray_off, heights, widths, item_image, item_r0, item_r1, order,
                     workers, hist_parts):
     """Gray (RGB images only, into ``gray``) and one private histogram per item.
 
@@ -95,7 +113,7 @@ def gray_histograms(images, channels, gray, gray_off, heights, widths, item_imag
             i = item_image[it]
             rgb = channels[i] == 3
             pixels = heights[i] * widths[i] if rgb else 0
-            _band_histogram(images[i], rgb, gray[gray_off[i]:gray_off[i] + pixels], widths[i], item_r0[it],
+            _band_histogram(_image_at(addresses, sizes, i), rgb, gray[gray_off[i]:gray_off[i] + pixels], widths[i], item_r0[it],
                             item_r1[it], hist_parts[it])
             k = _claim(claimed)
 
@@ -221,7 +239,7 @@ def _band_edges(gray, height, lut, r0, r1, ksize, l2, low, high, edge_map, equal
 
 
 @parallel
-def edge_maps(images, channels, gray, gray_off, heights, widths, luts, item_image, item_r0, item_r1, order,
+def edge_maps(addresses, sizes, channels, gray, gray_off, heights, widths, luts, item_image, item_r0, item_r1, order,
               workers, ksize, l2, low, high, maps, map_off, equalized, eq_off, keep, counts):
     """Canny map and EDGE count of every item (see :func:`_band_edges`).
 
@@ -244,7 +262,7 @@ def edge_maps(images, channels, gray, gray_off, heights, widths, luts, item_imag
             it = order[k]
             i = item_image[it]
             pixels = heights[i] * widths[i]
-            image = gray[gray_off[i]:gray_off[i] + pixels] if channels[i] == 3 else images[i]
+            image = gray[gray_off[i]:gray_off[i] + pixels] if channels[i] == 3 else _image_at(addresses, sizes, i)
             edge_map = maps[map_off[i]:map_off[i] + (heights[i] + 2) * (widths[i] + 2)]
             eq = equalized[eq_off[i]:eq_off[i] + pixels] if keep else equalized
             counts[it] = _band_edges(image, heights[i], luts[i], item_r0[it], item_r1[it], ksize, l2, low,

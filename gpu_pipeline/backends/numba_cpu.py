@@ -1,7 +1,7 @@
 """The ``numba`` backend: the pipeline contract on every CPU core, byte-identical to the reference.
 
 The kernels live in :mod:`gpu_pipeline.backends._numba_kernels`; this module hands them a batch
-(a typed list of flat views: no copy), decides how to cut the work (whole images or row bands),
+(the addresses of the images' pixels: no copy), decides how to cut the work (whole images or row bands),
 and returns their outputs as one :class:`BatchResult`. See docs/backends.md, "numba (CPU)".
 """
 
@@ -85,8 +85,6 @@ class NumbaCpuBackend(Backend):
 
         self._numba = numba
         self._kernels = _numba_kernels
-        self._typed_list = numba.typed.List
-        self._flat_type = numba.types.Array(numba.types.uint8, 1, "C", readonly=True)  # inputs are only read
         available = numba.config.NUMBA_NUM_THREADS
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -118,9 +116,11 @@ class NumbaCpuBackend(Backend):
     def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> BatchResult:
         """One pass of the kernels over a batch of any shapes."""
         k = self._kernels
-        flat = self._typed_list.empty_list(self._flat_type)
-        for image in images:
-            flat.append(image.reshape(-1))  # a view for the C-contiguous images backends receive
+        # the kernels read raw memory: C order (a copy only for the odd view), and ``images`` keeps
+        # every image referenced for the whole call, so the addresses stay valid
+        images = [image if image.flags.c_contiguous else np.ascontiguousarray(image) for image in images]
+        addresses = np.array([image.ctypes.data for image in images], np.int64)
+        sizes = np.array([image.size for image in images], np.int64)
         heights = np.array([im.shape[0] for im in images], np.int64)
         widths = np.array([im.shape[1] for im in images], np.int64)
         channels = np.array([3 if im.ndim == 3 else 1 for im in images], np.int64)
@@ -132,7 +132,7 @@ class NumbaCpuBackend(Backend):
         items = plan_items(heights, widths, self.threads)
         workers = min(self.threads, len(items.image))
         hist_parts = np.empty((len(items.image), 256), np.int64)
-        k.gray_histograms(flat, channels, gray, gray_off, heights, widths, items.image, items.r0, items.r1,
+        k.gray_histograms(addresses, sizes, channels, gray, gray_off, heights, widths, items.image, items.r0, items.r1,
                           items.order, workers, hist_parts)
         hists = np.add.reduceat(hist_parts, items.first, axis=0)
         luts = k.equalize_luts(hists, pixels)
@@ -144,7 +144,7 @@ class NumbaCpuBackend(Backend):
         equalized = np.empty(int(pixels.sum()) if keep else 1, np.uint8)
         low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
         counts = np.empty(len(items.image), np.int64)
-        k.edge_maps(flat, channels, gray, gray_off, heights, widths, luts, items.image, items.r0, items.r1,
+        k.edge_maps(addresses, sizes, channels, gray, gray_off, heights, widths, luts, items.image, items.r0, items.r1,
                     items.order, workers, config.blur_ksize, config.l2_gradient, low, high, maps, map_off,
                     equalized, eq_off, keep, counts)
         edge_counts = np.add.reduceat(counts, items.first)
