@@ -7,9 +7,8 @@ and returns their outputs as one :class:`BatchResult`. See docs/backends.md, "nu
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -23,8 +22,6 @@ MIN_BAND_ROWS = 64
 #: Work items per thread a batch is cut into, when its images are too few to go whole.
 ITEMS_PER_THREAD = 4
 
-#: Serialises calls when numba runs the ``workqueue`` layer, which aborts on concurrent calls.
-_SERIAL_CALLS = threading.Lock()
 
 
 def _exclusive_cumsum(sizes: np.ndarray) -> np.ndarray:
@@ -70,10 +67,12 @@ def plan_items(heights: np.ndarray, widths: np.ndarray, threads: int) -> WorkIte
 
 
 class NumbaCpuBackend(Backend):
-    """numba ``parallel=True`` kernels on ``threads`` cores (default: all of numba's threads).
+    """numba ``nogil`` kernels on ``threads`` Python threads (default: one per core, numba's
+    ``NUMBA_NUM_THREADS``): the calling thread and ``threads - 1`` helpers of the backend, each
+    running one worker's share of every kernel (see :mod:`._numba_kernels`).
 
-    Safe to call from several Python threads at once (the kernels release the GIL and run on a
-    thread-safe threading layer, or calls are serialised when only ``workqueue`` exists).
+    Safe to call from several Python threads at once: a call's workers share only that call's
+    buffers and counters.
     """
 
     name = "numba"
@@ -83,13 +82,13 @@ class NumbaCpuBackend(Backend):
 
         from gpu_pipeline.backends import _numba_kernels
 
-        self._numba = numba
         self._kernels = _numba_kernels
         available = numba.config.NUMBA_NUM_THREADS
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         # numba cannot start more threads than NUMBA_NUM_THREADS, fixed when it was imported
         super().__init__(threads=available if threads is None else min(threads, available))
+        self._helpers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="numba") if self.threads > 1 else None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -106,12 +105,28 @@ class NumbaCpuBackend(Backend):
             check_image(image)
         if not images:
             return BatchResult.empty(0, keep_images)
-        from gpu_pipeline.backends import _numba_setup
+        return self._run(images, config, keep_images)
 
-        self._numba.set_num_threads(self.threads)  # per calling thread
-        serial = contextlib.nullcontext() if _numba_setup.threading_layer_is_threadsafe() else _SERIAL_CALLS
-        with serial:
-            return self._run(images, config, keep_images)
+    def warm_up(self, config: PipelineConfig | None = None) -> None:
+        """Load (or compile) every kernel, the seam join too: the base class's tiny images are
+        never cut into row bands, and a kernel first compiled in the middle of a run stalls it."""
+        super().warm_up(config)
+        self.process([np.zeros((2 * MIN_BAND_ROWS, 8), np.uint8)], config or PipelineConfig())
+
+    def close(self) -> None:
+        if self._helpers is not None:
+            self._helpers.shutdown()
+
+    def _on_workers(self, kernel, workers: int, before: tuple, after: tuple) -> None:
+        """``kernel(*before, claimed, *after)`` on ``workers`` threads at once (this one included),
+        all claiming their work from ``claimed``, one fresh counter."""
+        args = (*before, np.zeros(1, np.int64), *after)
+        helpers = [self._helpers.submit(kernel, *args) for _ in range(workers - 1)] if self._helpers else []
+        try:
+            kernel(*args)
+        finally:  # the buffers must outlive every worker, even when one failed
+            for helper in helpers:
+                helper.result()
 
     def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> BatchResult:
         """One pass of the kernels over a batch of any shapes."""
@@ -132,8 +147,8 @@ class NumbaCpuBackend(Backend):
         items = plan_items(heights, widths, self.threads)
         workers = min(self.threads, len(items.image))
         hist_parts = np.empty((len(items.image), 256), np.int64)
-        k.gray_histograms(addresses, sizes, channels, gray, gray_off, heights, widths, items.image, items.r0, items.r1,
-                          items.order, workers, hist_parts)
+        self._on_workers(k.gray_histograms, workers, (addresses, sizes, channels, gray, gray_off, heights, widths,
+                                                      items.image, items.r0, items.r1, items.order), (hist_parts,))
         hists = np.add.reduceat(hist_parts, items.first, axis=0)
         luts = k.equalize_luts(hists, pixels)
 
@@ -144,13 +159,17 @@ class NumbaCpuBackend(Backend):
         equalized = np.empty(int(pixels.sum()) if keep else 1, np.uint8)
         low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
         counts = np.empty(len(items.image), np.int64)
-        k.edge_maps(addresses, sizes, channels, gray, gray_off, heights, widths, luts, items.image, items.r0, items.r1,
-                    items.order, workers, config.blur_ksize, config.l2_gradient, low, high, maps, map_off,
-                    equalized, eq_off, keep, counts)
+        self._on_workers(k.edge_maps, workers,
+                         (addresses, sizes, channels, gray, gray_off, heights, widths, luts, items.image, items.r0,
+                          items.r1, items.order),
+                         (config.blur_ksize, config.l2_gradient, low, high, maps, map_off, equalized, eq_off, keep,
+                          counts))
         edge_counts = np.add.reduceat(counts, items.first)
         if (items.bands > 1).any():
             marked = np.zeros(len(images), np.int64)
-            k.join_bands(maps, map_off, heights, widths, items.r0, items.first, items.bands, marked)
+            cut = int((items.bands > 1).sum())
+            self._on_workers(k.join_bands, min(self.threads, cut),
+                             (maps, map_off, heights, widths, items.r0, items.first, items.bands), (marked,))
             edge_counts += marked
 
         if not keep:
