@@ -121,7 +121,7 @@ class RecordBatch(Sequence[dict]):
 
     def edge_densities(self) -> list[float]:
         """``round(edge_count / pixels, 6)`` of each result, as the dict records hold it."""
-        pixels = np.multiply(self.widths, self.heights, dtype=np.int64)
+        pixels = np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)
         return [round(d, 6) for d in (np.asarray(self.edge_counts, np.int64) / pixels).tolist()]
 
     def _lines(self, result_line, error_line) -> list[str]:
@@ -162,20 +162,33 @@ def jsonl_text(records: Iterable[dict]) -> str:
 
 def csv_text(records: Iterable[dict]) -> str:
     """CSV rows of ``records`` (:data:`CSV_COLUMNS`, no header), as ``csv.writer`` writes them."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
     if not isinstance(records, RecordBatch):
-        writer.writerows(_csv_row(record) for record in records)
-        return buffer.getvalue()
+        return _csv_writer_text(_csv_row(record) for record in records)
     batch = records
     histograms = histogram_texts(batch.histograms, " ")
     densities = batch.edge_densities()
     result_paths = [p for i, p in enumerate(batch.paths) if i not in batch.errors]
-    rows = batch._lines(
-        lambda k: [result_paths[k], batch.widths[k], batch.heights[k], batch.bands[k], batch.backend,
-                   batch.edge_counts[k], densities[k], batch.labels[k], histograms[k], "", ""],
-        _csv_row)
-    writer.writerows(rows)
+
+    def result_line(k: int) -> str:
+        path, label = result_paths[k], batch.labels[k]
+        if _needs_quotes(path) or _needs_quotes(label) or _needs_quotes(batch.backend):
+            return _csv_writer_text([[path, batch.widths[k], batch.heights[k], batch.bands[k], batch.backend,
+                                      batch.edge_counts[k], densities[k], label, histograms[k], "", ""]])
+        # csv.writer quotes a field only when it holds a comma, a quote or a line break; numbers
+        # and the space-separated histogram never do, so the line is the fields joined by commas
+        return (f"{path},{batch.widths[k]},{batch.heights[k]},{batch.bands[k]},{batch.backend},"
+                f"{batch.edge_counts[k]},{densities[k]!r},{label},{histograms[k]},,\n")
+
+    return "".join(batch._lines(result_line, lambda record: _csv_writer_text([_csv_row(record)])))
+
+
+def _needs_quotes(text: str) -> bool:
+    return not text or "," in text or '"' in text or "\n" in text or "\r" in text
+
+
+def _csv_writer_text(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
 
 

@@ -202,6 +202,7 @@ def engine_overhead(count: int) -> float:
             sink = open_sink(str(Path(scratch) / "out.jsonl"), resume=False)
             paths = [Path(f"/nightly/{i:06d}.jpg") for i in range(count)]
             engine = engine_module.Engine(NothingBackend(), workers=2)
+            engine.run(paths[:2000], open_sink(str(Path(scratch) / "warm.jsonl"), resume=False))  # load the encoder
             start = time.perf_counter()
             engine.run(paths, sink)
             seconds = time.perf_counter() - start
