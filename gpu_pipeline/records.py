@@ -31,7 +31,16 @@ from gpu_pipeline.backends._numba_setup import helper
 CSV_COLUMNS = ("path", "width", "height", "bands", "backend", "edge_count", "edge_density", "label",
                "histogram", "stage", "error")
 
-_COMMA, _SPACE, _NEWLINE = 44, 32, 10
+_NEWLINE = 10
+#: Edge densities as text, by (edge count, pixels); emptied when it grows past the bound.
+_DENSITY_TEXTS: dict[tuple[int, int], str] = {}
+_MOST_DENSITY_TEXTS = 1 << 18
+
+
+def _density_text(key: tuple[int, int]) -> str:
+    count, pixels = key
+    text = _DENSITY_TEXTS[key] = repr(round(count / pixels, 6))
+    return text
 
 
 @helper
@@ -92,6 +101,10 @@ class RecordBatch(Sequence[dict]):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def result_paths(self) -> list[str]:
+        return [path for position, path in enumerate(self.paths) if position not in self.errors] \
+            if self.errors else self.paths
+
     def __getitem__(self, position):
         if isinstance(position, slice):
             return [self[i] for i in range(*position.indices(len(self)))]
@@ -119,21 +132,22 @@ class RecordBatch(Sequence[dict]):
     def _result_index(self, position: int) -> int:
         return position - sum(1 for p in self.errors if p < position)
 
-    def edge_densities(self) -> list[float]:
-        """``round(edge_count / pixels, 6)`` of each result, as the dict records hold it."""
-        pixels = np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)
-        return [round(d, 6) for d in (np.asarray(self.edge_counts, np.int64) / pixels).tolist()]
+    def edge_densities(self) -> list[str]:
+        """``repr(round(edge_count / pixels, 6))`` of each result: the text both formats write for
+        the float the dict records hold. Remembered per (edge count, pixels): tiles of one size
+        repeat the same few thousand values."""
+        pixels = (np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)).tolist()
+        if len(_DENSITY_TEXTS) > _MOST_DENSITY_TEXTS:
+            _DENSITY_TEXTS.clear()
+        return [_DENSITY_TEXTS.get(key) or _density_text(key) for key in zip(self.edge_counts, pixels)]
 
-    def _lines(self, result_line, error_line) -> list[str]:
-        """One line per record, in order; ``result_line(k)`` for the k-th result."""
-        lines = []
-        k = 0
+    def with_errors(self, result_lines: list[str], error_line) -> list[str]:
+        """``result_lines`` (one per result, in order) with each error's line at its place."""
+        if not self.errors:
+            return result_lines
+        lines, results = [], iter(result_lines)
         for position in range(len(self.paths)):
-            if position in self.errors:
-                lines.append(error_line(self.errors[position]))
-            else:
-                lines.append(result_line(k))
-                k += 1
+            lines.append(error_line(self.errors[position]) if position in self.errors else next(results))
         return lines
 
 
@@ -142,22 +156,16 @@ def jsonl_text(records: Iterable[dict]) -> str:
     if not isinstance(records, RecordBatch):
         return "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
     batch = records
-    histograms = histogram_texts(batch.histograms, ",")
-    densities = batch.edge_densities()
     backend = _json_string(batch.backend)
-    label_json = {label: _json_string(label) for label in set(batch.labels)}
-    result_paths = [p for i, p in enumerate(batch.paths) if i not in batch.errors]
-
-    def result_line(k: int) -> str:
-        return (f'{{"path":{_json_string(result_paths[k])},"width":{batch.widths[k]},'
-                f'"height":{batch.heights[k]},"bands":{batch.bands[k]},"backend":{backend},'
-                f'"histogram":[{histograms[k]}],"edge_count":{batch.edge_counts[k]},'
-                f'"edge_density":{densities[k]!r},"label":{label_json[batch.labels[k]]}}}\n')
-
-    def error_line(record: dict) -> str:
-        return json.dumps(record, separators=(",", ":")) + "\n"
-
-    return "".join(batch._lines(result_line, error_line))
+    sizes = {key: f',"width":{key[0]},"height":{key[1]},"bands":{key[2]},"backend":{backend},"histogram":['
+             for key in set(zip(batch.widths, batch.heights, batch.bands))}
+    labels = {label: _json_string(label) for label in set(batch.labels)}
+    lines = [f'{{"path":{_json_string(path)}{sizes[size]}{histogram}],"edge_count":{count},'
+             f'"edge_density":{density},"label":{labels[label]}}}\n'
+             for path, size, histogram, count, density, label in zip(
+                 batch.result_paths(), zip(batch.widths, batch.heights, batch.bands),
+                 histogram_texts(batch.histograms, ","), batch.edge_counts, batch.edge_densities(), batch.labels)]
+    return "".join(batch.with_errors(lines, lambda record: json.dumps(record, separators=(",", ":")) + "\n"))
 
 
 def csv_text(records: Iterable[dict]) -> str:
@@ -165,21 +173,21 @@ def csv_text(records: Iterable[dict]) -> str:
     if not isinstance(records, RecordBatch):
         return _csv_writer_text(_csv_row(record) for record in records)
     batch = records
-    histograms = histogram_texts(batch.histograms, " ")
-    densities = batch.edge_densities()
-    result_paths = [p for i, p in enumerate(batch.paths) if i not in batch.errors]
+    lines = [_csv_line(path, width, height, bands, batch.backend, count, density, label, histogram)
+             for path, width, height, bands, count, density, label, histogram in zip(
+                 batch.result_paths(), batch.widths, batch.heights, batch.bands, batch.edge_counts,
+                 batch.edge_densities(), batch.labels, histogram_texts(batch.histograms, " "))]
+    return "".join(batch.with_errors(lines, lambda record: _csv_writer_text([_csv_row(record)])))
 
-    def result_line(k: int) -> str:
-        path, label = result_paths[k], batch.labels[k]
-        if _needs_quotes(path) or _needs_quotes(label) or _needs_quotes(batch.backend):
-            return _csv_writer_text([[path, batch.widths[k], batch.heights[k], batch.bands[k], batch.backend,
-                                      batch.edge_counts[k], densities[k], label, histograms[k], "", ""]])
-        # csv.writer quotes a field only when it holds a comma, a quote or a line break; numbers
-        # and the space-separated histogram never do, so the line is the fields joined by commas
-        return (f"{path},{batch.widths[k]},{batch.heights[k]},{batch.bands[k]},{batch.backend},"
-                f"{batch.edge_counts[k]},{densities[k]!r},{label},{histograms[k]},,\n")
 
-    return "".join(batch._lines(result_line, lambda record: _csv_writer_text([_csv_row(record)])))
+def _csv_line(path: str, width: int, height: int, bands: int, backend: str, count: int, density: str,
+              label: str, histogram: str) -> str:
+    if _needs_quotes(path) or _needs_quotes(label) or _needs_quotes(backend):
+        return _csv_writer_text([[path, width, height, bands, backend, count, float(density), label, histogram,
+                                  "", ""]])
+    # csv.writer quotes a field only when it holds a comma, a quote or a line break; numbers and
+    # the space-separated histogram never do, so the line is the fields joined by commas
+    return f"{path},{width},{height},{bands},{backend},{count},{density},{label},{histogram},,\n"
 
 
 def _needs_quotes(text: str) -> bool:
