@@ -314,10 +314,6 @@ def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
     return Outcome(BatchResult.from_results(good) if good else BatchResult.empty(0, keep_images), failed)
 
 
-def _bands(image: np.ndarray) -> int:
-    return 1 if image.ndim == 2 else image.shape[2]
-
-
 @dataclass
 class Engine:
     """One configured run. ``run`` streams ``paths`` through the backend into ``sink``.
@@ -394,6 +390,9 @@ class Engine:
     def records(self, batch: list[Decoded], outcome: Outcome) -> RecordBatch:
         """The batch's records, in input order: one label call for the batch, no dict per image."""
         errors: dict[int, dict] = {}
+        images = [item.image for item in batch]
+        if not outcome.failed and all(image is not None for image in images):  # the usual batch
+            return self._record_batch(batch, batch, images, outcome.result, errors)
         computed: list[Decoded] = []
         image_index = 0
         for position, item in enumerate(batch):
@@ -406,8 +405,11 @@ class Engine:
                 errors[position] = error_record(item.path, "compute", one_line(exc))
             else:
                 computed.append(item)
-        result = outcome.result
-        images = [item.image for item in computed]
+        return self._record_batch(batch, computed, [item.image for item in computed], outcome.result, errors)
+
+    def _record_batch(self, batch: list[Decoded], computed: list[Decoded], images: list[np.ndarray],
+                      result: BatchResult, errors: dict[int, dict]) -> RecordBatch:
+        """Label the ``computed`` images (in one call), save their edges if asked, and gather the records."""
         labels = list(self.labels_of(images, result.histograms, result.edge_counts)) if computed else []
         histograms, edge_counts = result.histograms, result.edge_counts
         if self.on_edges is not None:
@@ -416,10 +418,11 @@ class Engine:
                 images = [image for image, ok in zip(images, saved) if ok]
                 labels = [label for label, ok in zip(labels, saved) if ok]
                 histograms, edge_counts = histograms[saved], edge_counts[saved]
+        shapes = [image.shape for image in images]
         return RecordBatch(
             paths=[str(item.path) for item in batch], errors=errors, backend=self.backend.name,
-            widths=[image.shape[1] for image in images], heights=[image.shape[0] for image in images],
-            bands=[_bands(image) for image in images], histograms=histograms,
+            widths=[shape[1] for shape in shapes], heights=[shape[0] for shape in shapes],
+            bands=[1 if len(shape) == 2 else shape[2] for shape in shapes], histograms=histograms,
             edge_counts=edge_counts.tolist(), labels=labels)
 
     def _save_edges(self, batch: list[Decoded], computed: list[Decoded], result: BatchResult,
