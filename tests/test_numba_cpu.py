@@ -345,3 +345,12 @@ def test_views_that_are_not_c_contiguous_give_the_reference_results():
     want = ReferenceBackend().process([np.ascontiguousarray(v) for v in views], config, keep_images=True)
     assert np.array_equal(got.histograms, want.histograms) and np.array_equal(got.edge_counts, want.edge_counts)
     assert all(np.array_equal(a, b) for a, b in zip(got.edges, want.edges))
+
+
+def test_compiles_on_warm_up_says_whether_the_cache_holds_the_kernels(backend, monkeypatch):
+    """The command line announces a compile before it starts; it must not announce one that won't come."""
+    backend.warm_up()
+    assert backend.compiles_on_warm_up() is False
+    cache_file = type(backend._kernels.edge_maps._cache._cache_file)
+    monkeypatch.setattr(cache_file, "_load_index", lambda self: {})  # what numba reads for a stale or empty cache
+    assert backend.compiles_on_warm_up() is True

@@ -122,6 +122,11 @@ class Backend(ABC):
     ) -> BatchResult:
         """Run the whole contract on each image; ``keep_images`` also returns equalized and edges."""
 
+    def compiles_on_warm_up(self) -> bool:
+        """True when :meth:`warm_up` is going to compile kernels rather than load them, so that a
+        caller can announce the wait before it starts (the numba backend on a fresh install)."""
+        return False
+
     def warm_up(self, config: PipelineConfig | None = None) -> None:
         """Compile (or load from a cache) every kernel now, on a tiny gray and a tiny RGB image, so
         that later calls, and their timings, do only the work."""

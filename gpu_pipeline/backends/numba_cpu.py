@@ -107,6 +107,18 @@ class NumbaCpuBackend(Backend):
             return BatchResult.empty(0, keep_images)
         return self._run(images, config, keep_images)
 
+    def compiles_on_warm_up(self) -> bool:
+        """True unless numba's cache holds a current entry for every kernel (a missing, stale or
+        disabled cache means a compile of about 12-15 s on two cores)."""
+        k = self._kernels
+        for kernel in (k.gray_histograms, k.equalize_luts, k.edge_maps, k.join_bands):
+            try:
+                if not kernel._cache._cache_file._load_index():  # numba's own check: source stamp, version
+                    return True
+            except Exception:  # no cache (caching disabled) or a numba without these internals
+                return True
+        return False
+
     def warm_up(self, config: PipelineConfig | None = None) -> None:
         """Load (or compile) every kernel, the seam join too: the base class's tiny images are
         never cut into row bands, and a kernel first compiled in the middle of a run stalls it."""
