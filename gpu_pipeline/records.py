@@ -17,6 +17,7 @@ before. Measured per histogram row (256 rows, 2 shared cores): ``",".join(map(st
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from collections.abc import Iterable, Sequence
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses for str
 
 import numpy as np
-
-from gpu_pipeline.backends._numba_setup import helper
 
 #: Columns of the CSV rows (the same as :data:`gpu_pipeline.sinks.COLUMNS`).
 CSV_COLUMNS = ("path", "width", "height", "bands", "backend", "edge_count", "edge_density", "label",
@@ -43,7 +42,6 @@ def _density_text(key: tuple[int, int]) -> str:
     return text
 
 
-@helper
 def _histogram_lines(histograms, separator):
     """The rows of ``histograms`` (int64, non-negative) as decimal text, one line per row."""
     rows, bins = histograms.shape
@@ -72,11 +70,20 @@ def _histogram_lines(histograms, separator):
     return out[:end]
 
 
+@functools.cache
+def _compiled_histogram_lines():
+    """The numba kernel, made on first use: importing the engine (``gpu-pipeline --help``) does not
+    import numba."""
+    from gpu_pipeline.backends._numba_setup import helper
+
+    return helper(_histogram_lines)
+
+
 def histogram_texts(histograms: np.ndarray, separator: str = ",") -> list[str]:
     """Each row of an int64 (N, 256) array as ``"c0,c1,...,c255"`` (one numba call per batch)."""
     if len(histograms) == 0:
         return []
-    text = _histogram_lines(np.ascontiguousarray(histograms, dtype=np.int64), ord(separator))
+    text = _compiled_histogram_lines()(np.ascontiguousarray(histograms, dtype=np.int64), ord(separator))
     return text.tobytes().decode("ascii").split("\n")[:-1]
 
 
