@@ -135,6 +135,7 @@ class _DecodePool:
         self._cond = threading.Condition()
         self._next_chunk = 0
         self._ready: dict[tuple[int, int], tuple[list[Decoded], int, bool]] = {}
+        self._wanted = (0, 0)  # (chunk, part) the consumer takes next
         self._held_pixels = self._held_images = 0
         self._seen_pixels = self._seen_images = 0
         self._running = threads
@@ -208,8 +209,6 @@ class _DecodePool:
         if self._held_pixels + pixels > self._prefetch_pixels:
             return False
         return self._prefetch_images is None or self._held_images + images <= self._prefetch_images
-
-    _wanted: tuple[int, int] = (0, 0)
 
     def __iter__(self) -> Iterator[Decoded]:
         """Decoded images in input order; closing the iterator stops the threads."""

@@ -52,7 +52,6 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
 
     options = DecodeOptions()
     decoded = {path: decode_image(path, options) for path in files}
-    images = list(decoded.values())
     backend = create("numba", threads=threads)
     backend.warm_up()
     batch_pixels = backend.batch_pixels() if hasattr(backend, "batch_pixels") else engine_module.DEFAULT_BATCH_PIXELS
