@@ -16,7 +16,9 @@ process, all threads, so a shared machine inflates it less than wall time):
   batch data plane, :mod:`gpu_pipeline.records` after).
 
 Workloads: ``--tiles`` EuroSAT tiles and ``--scenes`` 4000x3000 JPEG mosaics of them (see
-scripts/bench_scale.py for the files).
+scripts/bench_scale.py for the files). ``--sweep`` instead times the numba backend alone on one
+thread over the same 1024x1024 image cut into tiles of 32 to 1024 pixels: CPU ns per pixel by tile
+size, which shows the fixed cost per image.
 """
 
 from __future__ import annotations
@@ -108,6 +110,25 @@ def records_text(engine_module, backend, batches, results) -> None:
                          for item, r, label in zip(batch, result, labels)])
 
 
+def tile_size_sweep(repeat: int) -> dict[int, float]:
+    """CPU ns per pixel of the numba backend (1 thread) on one 1024x1024 RGB image cut into tiles."""
+    from gpu_pipeline.backends import create
+    from gpu_pipeline.config import PipelineConfig
+
+    rng = np.random.default_rng(0)
+    image = (rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8) // 4 * 3).astype(np.uint8)
+    backend = create("numba", threads=1)
+    backend.warm_up()
+    found = {}
+    for side in (32, 64, 128, 256, 1024):
+        tiles = [np.ascontiguousarray(image[y:y + side, x:x + side])
+                 for y in range(0, 1024, side) for x in range(0, 1024, side)]
+        found[side] = round(cpu_us_per_image(lambda: backend.process(tiles, PipelineConfig()), len(tiles), repeat)
+                            * 1000 / (side * side), 2)
+        print(f"{side}x{side} tiles: {found[side]} ns/px", flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", type=Path, default=REPO, help="the checkout whose gpu_pipeline is measured")
@@ -115,6 +136,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true", help="only the tile-size sweep")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(args.code))
@@ -122,6 +144,11 @@ def main() -> None:
     import bench_scale
 
     report = {"code": str(args.code)}
+    if args.sweep:
+        report["sweep_ns_per_pixel"] = tile_size_sweep(args.repeat)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-stages-") as scratch_name:
         scratch = Path(scratch_name)
         tiles = bench_scale.tile_files(scratch, args.tiles)
