@@ -208,3 +208,32 @@ def test_on_edges_receives_reference_edges(tmp_path, keep):
         assert np.array_equal(seen[paths[0]], expected)
     else:
         assert seen == {}
+
+
+def test_an_edge_map_that_cannot_be_saved_turns_that_record_into_an_error(tmp_path):
+    paths = write_pngs(tmp_path, [(8, 9), (10, 7, 3), (6, 6)])
+
+    def save(path, edges):
+        if path == paths[1]:
+            raise OSError("disk full\nmore")
+
+    sink = ListSink()
+    summary = Engine(ReferenceBackend(), on_edges=save).run(paths, sink)
+    assert [r["path"] for r in sink.records] == [str(p) for p in paths]
+    assert sink.records[1] == {"path": str(paths[1]), "stage": "save-edges", "error": "OSError: disk full"}
+    assert sink.records[2]["histogram"] == cpu_reference.process_image(
+        np.asarray(Image.open(paths[2])), PipelineConfig()).histogram.tolist()
+    assert summary.ok == 2 and summary.failed == 1 and summary.failures_by_stage == {"save-edges": 1}
+
+
+def test_a_mixed_batch_keeps_results_errors_and_labels_in_place(tmp_path):
+    """Decode errors, a compute failure and results in one batch: every record at its input position."""
+    paths = write_pngs(tmp_path, [(6, 6)] * 5)
+    paths[0].write_bytes(b"")
+    Image.fromarray(np.full((6, 6), 13, np.uint8)).save(paths[3])
+    sink = ListSink()
+    summary = Engine(ExplodingBackend(), batch_size=8).run(paths, sink)
+    stages = [r.get("stage", "ok") for r in sink.records]
+    assert stages == ["read", "ok", "ok", "compute", "ok"]
+    assert summary.ok == 3 and summary.failed == 2 and sum(summary.labels.values()) == 3
+    assert all(r["path"] == str(p) for r, p in zip(sink.records, paths))
