@@ -197,6 +197,39 @@ def _csv_line(path: str, width: int, height: int, bands: int, backend: str, coun
     return f"{path},{width},{height},{bands},{backend},{count},{density},{label},{histogram},,\n"
 
 
+def table_columns(records: Iterable[dict], columns: Sequence[str]) -> dict[str, list]:
+    """The values of each of ``columns`` over ``records`` (None where a record has no such field),
+    for a column store (Parquet). A RecordBatch's histograms become one pyarrow fixed-size list
+    array, built from the (N, 256) array without a Python int per count."""
+    if not isinstance(records, RecordBatch):
+        found: dict[str, list] = {column: [] for column in columns}
+        for record in records:
+            for column in columns:
+                found[column].append(record.get(column))
+        return found
+    import pyarrow as pa
+
+    batch = records
+    results = iter(range(len(batch.labels)))
+    rows = [None if position in batch.errors else next(results) for position in range(len(batch))]
+    pixels = (np.asarray(batch.widths, np.int64) * np.asarray(batch.heights, np.int64)).tolist()
+    densities = [round(count / area, 6) for count, area in zip(batch.edge_counts, pixels)]
+    fields = {"width": batch.widths, "height": batch.heights, "bands": batch.bands, "edge_count": batch.edge_counts,
+              "edge_density": densities, "label": batch.labels}
+    found = {"path": batch.paths, "backend": [None if k is None else batch.backend for k in rows]}
+    for name, values in fields.items():
+        found[name] = [None if k is None else values[k] for k in rows]
+    errors = [batch.errors.get(position, {}) for position in range(len(batch))]
+    found["stage"] = [error.get("stage") for error in errors]
+    found["error"] = [error.get("error") for error in errors]
+    counts = np.zeros((len(batch), 256), np.int64)
+    is_result = np.array([k is not None for k in rows], bool)
+    counts[is_result] = batch.histograms
+    found["histogram"] = pa.FixedSizeListArray.from_arrays(pa.array(counts.reshape(-1)), 256,
+                                                           mask=pa.array(~is_result))
+    return {column: found[column] for column in columns}
+
+
 def _needs_quotes(text: str) -> bool:
     return not text or "," in text or '"' in text or "\n" in text or "\r" in text
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from gpu_pipeline import records
+from gpu_pipeline.records import table_columns
 
 FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
@@ -288,11 +289,8 @@ class ParquetSink(Sink):
     def write(self, records: Iterable[dict]) -> None:
         import pyarrow as pa
 
-        columns: dict[str, list] = {column: [] for column in COLUMNS}
-        for record in records:
-            for column in COLUMNS:
-                columns[column].append(record.get(column))
-        if columns["path"]:
+        columns = table_columns(records, COLUMNS)  # a RecordBatch in one go
+        if len(columns["path"]):
             self._writer.write_table(pa.table(columns, schema=self._schema))
 
     def close(self) -> None:

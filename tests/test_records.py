@@ -59,3 +59,16 @@ def test_histogram_texts_are_the_decimal_counts():
     assert histogram_texts(rows) == [",".join(map(str, row)) for row in rows.tolist()]
     assert histogram_texts(rows, " ")[1] == " ".join(map(str, rows[1].tolist()))
     assert histogram_texts(np.zeros((0, 256), np.int64)) == []
+
+
+def test_parquet_columns_of_a_batch_equal_those_of_its_dicts():
+    import pyarrow as pa
+
+    from gpu_pipeline.sinks import COLUMNS, _parquet_schema
+    from gpu_pipeline.records import table_columns
+
+    for errors_at in (set(), {0, 3}, set(range(len(TRICKY_PATHS)))):
+        batch = batch_of(TRICKY_PATHS, ["busy", "a, label"] * 4, errors_at)
+        fast = pa.table(table_columns(batch, COLUMNS), schema=_parquet_schema())
+        slow = pa.table(table_columns(list(batch), COLUMNS), schema=_parquet_schema())
+        assert fast.equals(slow)
