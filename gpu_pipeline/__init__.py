@@ -1,3 +1,17 @@
-"""gpu-pipeline: batch image analysis that gives the same bytes on every CPU and GPU path."""
+"""gpu-pipeline: batch image analysis that gives the same bytes on every CPU and GPU path.
+
+The Python API (:mod:`gpu_pipeline.api`): ``gpu_pipeline.process(images, ...)`` for images in
+memory, ``gpu_pipeline.run(paths, ...)`` for files. Imported on first use, so that the command
+line does not pay for it.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["process", "run", "Results"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from gpu_pipeline import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'gpu_pipeline' has no attribute {name!r}")

@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
+from gpu_pipeline import records as record_text
+from gpu_pipeline.records import RecordBatch, table_columns
+
 FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
                ".parquet": "parquet", ".pq": "parquet"}
 
 #: Columns of the CSV and Parquet outputs; the histogram is one column of 256 space-separated ints.
-COLUMNS = ("path", "width", "height", "bands", "backend", "edge_count", "edge_density", "label",
-           "histogram", "stage", "error", "path_bytes")
+COLUMNS = record_text.CSV_COLUMNS
 _RESULT_FIELDS = COLUMNS[:9]
 _INT_COLUMNS = ("width", "height", "bands", "edge_count")
 #: A CSV record spans several lines only when a field holds newlines (a file name can); beyond
@@ -90,6 +92,18 @@ def portable(record: dict) -> dict:
             "path_bytes": base64.b64encode(raw).decode("ascii")}
 
 
+def as_written(records: Iterable[dict]) -> Iterable[dict]:
+    """``records`` with :func:`portable` names. A :class:`RecordBatch` whose names are all UTF-8 (the
+    usual case) is returned as it is, so the sinks can encode it in one go."""
+    if isinstance(records, RecordBatch):
+        try:
+            "".join(records.paths).encode("utf-8")
+            return records
+        except UnicodeEncodeError:
+            pass
+    return [portable(record) for record in records]
+
+
 def record_key(record: dict) -> str:
     """The input path a stored record is for, as discovery names it (``str`` of the ``Path``)."""
     encoded = record.get("path_bytes")
@@ -112,10 +126,6 @@ class Existing:
 # ---------------------------------------------------------------- JSON Lines
 
 
-def _jsonl_text(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
-
-
 def _jsonl_parse(line: bytes) -> dict | None:
     try:
         record = json.loads(line)
@@ -127,20 +137,6 @@ def _jsonl_parse(line: bytes) -> dict | None:
 # ---------------------------------------------------------------- CSV
 
 _CSV_HEADER = ",".join(COLUMNS)
-
-
-def _csv_row(record: dict) -> list:
-    row = dict(record)
-    if "histogram" in row:
-        row["histogram"] = " ".join(str(v) for v in row["histogram"])
-    return [row.get(column, "") for column in COLUMNS]
-
-
-def _csv_text(records: Iterable[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerows(_csv_row(record) for record in records)
-    return buffer.getvalue()
 
 
 def _csv_parse(line: bytes) -> dict | None:
@@ -316,7 +312,7 @@ class LineSink(Sink):
         self.out = out
         self.fmt = fmt
         self.existing = existing or Existing()
-        self._text = _jsonl_text if fmt == "jsonl" else _csv_text
+        self._text = record_text.jsonl_text if fmt == "jsonl" else record_text.csv_text
         self._descriptor: int | None = None
         if out != "-":
             try:
@@ -329,7 +325,7 @@ class LineSink(Sink):
             self._write_text(_CSV_HEADER + "\n")
 
     def write(self, records: list[dict]) -> None:
-        text = self._text(portable(record) for record in records)
+        text = self._text(as_written(records))
         if text:
             self._write_text(text)
 
@@ -414,16 +410,16 @@ class ParquetSink(Sink):
     def write(self, records: list[dict]) -> None:
         if records:
             name = f"part-{self._next:06d}.parquet"
-            _write_part(self.folder, name, [portable(record) for record in records], self._schema, self.out)
+            _write_part(self.folder, name, as_written(records), self._schema, self.out)
             self._next += 1
 
 
-def _write_part(folder: Path, name: str, records: list[dict], schema, out: str) -> None:
+def _write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str) -> None:
     """One part file, complete or absent: written to a hidden name, synced, renamed into place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {column: [record.get(column) for record in records] for column in COLUMNS}
+    columns = table_columns(records, COLUMNS)
     temporary = folder / f".{name}.tmp"
     try:
         pq.write_table(pa.table(columns, schema=schema), temporary)

@@ -1,15 +1,24 @@
-"""Nightly-scale benchmark: throughput, peak memory and engine overhead of a whole `gpu-pipeline run`.
+"""Nightly-scale benchmark: every target of issue #12 beside its anchor, measured in the same run.
 
-    python scripts/bench_scale.py --files 50000 5000 --backend numba --json scale.json
+    python scripts/bench_scale.py --json scale.json                 # everything (about 5 minutes on 2 cores)
+    python scripts/bench_scale.py --only tiles scenes --repeat 3
 
-Replicates the EuroSAT tiles of ../shared/data/eurosat_rgb (or data/eurosat) to N files (hard links,
-so setup is fast and the page cache holds them as it would on a second nightly pass), then in ONE run:
+Workloads (made under a temporary folder, never committed):
 
-* runs the real command line on each corpus and reports images/s and the peak RSS of that process;
-* runs OpenCV in a ``multiprocessing.Pool`` of one process per core over the same files (cv2.imread
-  plus the contract's cv2 calls), the competitor the issue names;
-* measures the engine's own per-image overhead: the engine with decode served from memory and a
-  backend that returns a fixed result, so what is left is batching, records, JSON and the sink.
+* tiles: the EuroSAT tiles of ../shared/data/eurosat_rgb_26500.tar (extracted), or ../shared/data/eurosat_rgb
+  or data/eurosat replicated by hard links to ``--tiles`` files;
+* scenes: ``--scenes`` JPEGs of 4000x3000 (12 MP), mosaics of those tiles (quality 90);
+* big: ``--big`` gray PNGs of 8000x8000 (64 MP), mostly zeros (the memory-bound case).
+
+Measured (median and min-max of ``--repeat`` runs, anchors in the same run):
+
+* ``gpu-pipeline run`` as a subprocess on each workload: wall time, minus the wall time of a
+  one-image run (start-up) for the steady state; peak RSS of the process;
+* OpenCV in a ``multiprocessing.Pool`` of one process per core: cv2.imread + the contract's calls;
+* scenes: the engine's decode pool alone and the backend's compute alone (same threads), and the
+  overlap bound 1 / (1 / decode + 1 / compute);
+* warm start (``gpu-pipeline run one.jpg``) and the first compile (an empty numba cache);
+* engine overhead: the engine with decode served from memory and a backend that does nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -28,37 +38,112 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = [REPO.parent / "shared" / "data" / "eurosat_rgb", REPO / "data" / "eurosat"]
+SHARED = REPO.parent / "shared" / "data"
+TILE_SOURCES = [SHARED / "eurosat_rgb", REPO / "data" / "eurosat"]
+TARGETS = {"tiles_vs_pool": 1.2, "scenes_vs_bound": 0.85, "scenes_vs_pool": 1.4, "tiles_rss_mib": 250,
+           "scenes_rss_mib": 600, "big_rss_mib": 1200, "warm_start_s": 1.5, "first_compile_s": 12.0,
+           "overhead_us": 10.0}
 
 
-def replicate(source: Path, target: Path, count: int) -> Path:
-    tiles = sorted(source.rglob("*.jpg"))
-    if not tiles:
-        sys.exit(f"no JPEG tiles under {source}")
-    target.mkdir(parents=True)
+# ------------------------------------------------------------------------------------- corpora
+
+def tile_files(scratch: Path, count: int) -> list[Path]:
+    """``count`` EuroSAT tiles: the shared tarball extracted, else replicated by hard links."""
+    tar = SHARED / "eurosat_rgb_26500.tar"
+    if tar.exists():
+        target = scratch / "eurosat"
+        with tarfile.open(tar) as archive:
+            archive.extractall(target, filter="data")
+        tiles = sorted(target.rglob("*.jpg"))
+    else:
+        source = next((s for s in TILE_SOURCES if s.is_dir()), None)
+        if source is None:
+            sys.exit("no EuroSAT tiles found (../shared/data/eurosat_rgb_26500.tar, eurosat_rgb or data/eurosat)")
+        tiles = sorted(source.rglob("*.jpg"))
+    if count <= len(tiles):
+        return tiles[:count]
+    folder = scratch / "replicated"
+    folder.mkdir()
+    files = []
     for index in range(count):
-        folder = target / f"{index // 1000:03d}"
-        folder.mkdir(exist_ok=True)
-        destination = folder / f"{index:06d}_{tiles[index % len(tiles)].name}"
-        try:
-            os.link(tiles[index % len(tiles)], destination)
-        except OSError:
-            shutil.copyfile(tiles[index % len(tiles)], destination)
-    return target
+        destination = folder / f"{index // 1000:03d}" / f"{index:06d}.jpg"
+        destination.parent.mkdir(exist_ok=True)
+        os.link(tiles[index % len(tiles)], destination)
+        files.append(destination)
+    return files
 
 
-def run_cli(folder: Path, out: Path, backend: str, batch_size: int) -> dict:
-    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
-               "--backend", backend, "--batch-size", str(batch_size), "-q", "--overwrite"]
+def scene_files(scratch: Path, tiles: list[Path], count: int) -> list[Path]:
+    """``count`` 4000x3000 JPEG mosaics of 64x64 tiles (every scene a different set)."""
+    from PIL import Image
+
+    folder = scratch / "scenes"
+    folder.mkdir()
+    across, down = -(-4000 // 64), -(-3000 // 64)
+    rng = np.random.default_rng(12)
+    files = []
+    for index in range(count):
+        chosen = rng.choice(len(tiles), across * down)
+        rows = [np.concatenate([np.asarray(Image.open(tiles[k]).convert("RGB")) for k in chosen[r * across:(r + 1) * across]],
+                               axis=1) for r in range(down)]
+        mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0)[:3000, :4000])
+        path = folder / f"scene_{index:02d}.jpg"
+        Image.fromarray(mosaic).save(path, quality=90)
+        files.append(path)
+    return files
+
+
+def big_files(scratch: Path, count: int) -> list[Path]:
+    """``count`` gray 8000x8000 PNGs, zeros but for a bright square (tiny files, 64 MP each)."""
+    from PIL import Image
+
+    folder = scratch / "big"
+    folder.mkdir()
+    image = np.zeros((8000, 8000), np.uint8)
+    image[3000:5000, 3000:5000] = 200
+    Image.fromarray(image).save(folder / "big_00.png")
+    for index in range(1, count):
+        os.link(folder / "big_00.png", folder / f"big_{index:02d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def file_list(scratch: Path, name: str, files: list[Path]) -> Path:
+    """A folder of hard links to ``files`` (what `gpu-pipeline run FOLDER` takes)."""
+    folder = scratch / f"run_{name}"
+    folder.mkdir()
+    for index, path in enumerate(files):
+        os.link(path, folder / f"{index:06d}{path.suffix}")
+    return folder
+
+
+# ------------------------------------------------------------------------------------- runners
+
+#: Runs the command line and reports its peak RSS (VmHWM: the high-water mark of this process's own
+#: memory since exec). wait4's ru_maxrss is no good here: Linux folds the RSS of the parent at fork
+#: into it, so every run after the parent has grown would report the parent's size.
+_WITH_PEAK_RSS = """
+import atexit, runpy, sys
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("PEAK_RSS_KB " + line.split()[1] + "\\n")
+atexit.register(report)
+sys.argv = ["gpu-pipeline"] + sys.argv[1:]
+runpy.run_module("gpu_pipeline.cli", run_name="__main__")
+"""
+
+
+def run_cli(target: Path, out: Path, backend: str, env: dict | None = None) -> dict:
+    """`gpu-pipeline run` in a fresh process: wall seconds and peak RSS."""
+    command = [sys.executable, "-c", _WITH_PEAK_RSS, "run", str(target), "--out", str(out), "--backend", backend,
+               "-q", "--overwrite"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, env=env, text=True)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"run failed: {process.stderr.read().decode()}")
-    lines = sum(1 for _ in open(out, "rb"))
-    return {"files": lines, "seconds": round(seconds, 3), "images_per_s": round(lines / seconds, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    if done.returncode not in (0, 1):
+        sys.exit(f"run failed: {done.stderr}")
+    peak = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
+    return {"seconds": seconds, "peak_rss_mib": int(peak[-1]) / 1024}
 
 
 def _opencv_one(path: str) -> int:
@@ -77,31 +162,54 @@ def _opencv_init() -> None:
     cv2.setNumThreads(1)  # one process per core, as users run it
 
 
-def opencv_pool(folder: Path, processes: int) -> dict:
-    paths = [str(p) for p in sorted(folder.rglob("*.jpg"))]
+def opencv_pool(files: list[Path], processes: int) -> float:
+    """Seconds for OpenCV in a pool of ``processes`` (pool start included, as a user pays it)."""
+    paths = [str(p) for p in files]
     start = time.perf_counter()
     with multiprocessing.Pool(processes, initializer=_opencv_init) as pool:
-        for _ in pool.imap(_opencv_one, paths, chunksize=256):
+        for _ in pool.imap(_opencv_one, paths, chunksize=max(1, min(256, len(paths) // (4 * processes)))):
             pass
+    return time.perf_counter() - start
+
+
+def decode_only(files: list[Path], threads: int) -> float:
+    from gpu_pipeline.config import DecodeOptions
+    from gpu_pipeline.engine import decode_stream
+
+    start = time.perf_counter()
+    for _ in decode_stream(files, DecodeOptions(), threads):
+        pass
+    return time.perf_counter() - start
+
+
+def compute_only(files: list[Path], backend) -> float:
+    """The backend alone on the decoded images, in the engine's batches (decoded beforehand)."""
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.engine import batches, decode_stream
+
+    decoded = list(decode_stream(files, DecodeOptions(), 2))
+    start = time.perf_counter()
+    for batch in batches(iter(decoded), None, backend.batch_pixels()):
+        backend.process([item.image for item in batch], PipelineConfig())
     seconds = time.perf_counter() - start
-    return {"files": len(paths), "processes": processes, "seconds": round(seconds, 3),
-            "images_per_s": round(len(paths) / seconds, 1)}
+    del decoded  # this process forks the next runs: keep it small
+    return seconds
 
 
-def engine_overhead(count: int, batch_size: int) -> dict:
-    """Microseconds per image spent in the engine itself (no decode, no compute)."""
+def engine_overhead(count: int) -> tuple[float, float]:
+    """Microseconds per image of the engine itself, wall and CPU (all threads): decode served from
+    memory, a backend that returns zeros, records encoded into a JSONL file."""
     from gpu_pipeline import engine as engine_module
-    from gpu_pipeline.backends.base import Backend, StageResult
+    from gpu_pipeline.backends.base import Backend, BatchResult
     from gpu_pipeline.sinks import open_sink
 
     tile = np.zeros((64, 64, 3), np.uint8)
-    histogram = np.bincount(np.arange(4096) % 256, minlength=256).astype(np.int64)
 
-    class FixedBackend(Backend):
-        name = "fixed"
+    class NothingBackend(Backend):
+        name = "nothing"
 
         def process(self, images, config, keep_images=False):
-            return [StageResult(histogram, 123) for _ in images]
+            return BatchResult.empty(len(images), keep_images)
 
     real_decode = engine_module.decode_image
     engine_module.decode_image = lambda path, options: tile
@@ -109,42 +217,144 @@ def engine_overhead(count: int, batch_size: int) -> dict:
         with tempfile.TemporaryDirectory() as scratch:
             sink = open_sink(str(Path(scratch) / "out.jsonl"), resume=False)
             paths = [Path(f"/nightly/{i:06d}.jpg") for i in range(count)]
-            engine = engine_module.Engine(FixedBackend(), batch_size=batch_size, workers=1)
-            start = time.perf_counter()
+            engine = engine_module.Engine(NothingBackend(), workers=2)
+            engine.run(paths[:2000], open_sink(str(Path(scratch) / "warm.jsonl"), resume=False))  # load the encoder
+            start, cpu = time.perf_counter(), time.process_time()
             engine.run(paths, sink)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             sink.close()
     finally:
         engine_module.decode_image = real_decode
-    return {"images": count, "us_per_image": round(seconds / count * 1e6, 1)}
+    return seconds / count * 1e6, cpu_seconds / count * 1e6
+
+
+# ------------------------------------------------------------------------------------- report
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "all": [round(v, 3) for v in values]}
+
+
+def line(name: str, value: dict, unit: str, anchor: str = "", ratio: dict | None = None, target: str = "") -> None:
+    text = f"{name:<34} {value['median']:>10,.1f} {unit:<6} ({value['min']:,.1f}-{value['max']:,.1f})"
+    if anchor:
+        text += f" | {anchor}"
+    if ratio is not None:
+        text += f" | ratio {ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+    if target:
+        text += f" | target {target}"
+    print(text, flush=True)
+
+
+def bench_tiles(scratch: Path, files: list[Path], args, one: Path) -> dict:
+    folder = file_list(scratch, "tiles", files)
+    ours, theirs, ratios, rss, starts = [], [], [], [], []
+    for repeat in range(args.repeat):
+        start = run_cli(one, scratch / "one.jsonl", args.backend)["seconds"]
+        run = run_cli(folder, scratch / "tiles.jsonl", args.backend)
+        pool = opencv_pool(files, args.processes)
+        steady = len(files) / max(1e-9, run["seconds"] - start)
+        ours.append(steady), theirs.append(len(files) / pool), rss.append(run["peak_rss_mib"]), starts.append(start)
+        ratios.append(steady / (len(files) / pool))
+    result = {"files": len(files), "steady_images_per_s": spread(ours), "opencv_pool_images_per_s": spread(theirs),
+              "ratio": spread(ratios), "peak_rss_mib": spread(rss), "one_image_run_s": spread(starts)}
+    line(f"tiles ({len(files):,}) steady state", result["steady_images_per_s"], "img/s",
+         f"OpenCV Pool({args.processes}) {result['opencv_pool_images_per_s']['median']:,.0f} img/s", result["ratio"],
+         f">= {TARGETS['tiles_vs_pool']}x")
+    line("tiles peak RSS", result["peak_rss_mib"], "MiB", target=f"< {TARGETS['tiles_rss_mib']} MiB")
+    return result
+
+
+def bench_scenes(scratch: Path, files: list[Path], args, one: Path, backend) -> dict:
+    folder = file_list(scratch, "scenes", files)
+    megapixels = len(files) * 12.0
+    ours, pool_rates, decode_rates, compute_rates, bounds, rss = [], [], [], [], [], []
+    for repeat in range(args.repeat):
+        start = run_cli(one, scratch / "one.jsonl", args.backend)["seconds"]
+        run = run_cli(folder, scratch / "scenes.jsonl", args.backend)
+        ours.append(megapixels / max(1e-9, run["seconds"] - start)), rss.append(run["peak_rss_mib"])
+        pool_rates.append(megapixels / opencv_pool(files, args.processes))
+        decode_rates.append(megapixels / decode_only(files, args.processes))
+        compute_rates.append(megapixels / compute_only(files, backend))
+        bounds.append(1 / (1 / decode_rates[-1] + 1 / compute_rates[-1]))
+    result = {"files": len(files), "steady_mp_per_s": spread(ours), "opencv_pool_mp_per_s": spread(pool_rates),
+              "decode_only_mp_per_s": spread(decode_rates), "compute_only_mp_per_s": spread(compute_rates),
+              "overlap_bound_mp_per_s": spread(bounds),
+              "vs_bound": spread([o / b for o, b in zip(ours, bounds)]),
+              "vs_pool": spread([o / p for o, p in zip(ours, pool_rates)]), "peak_rss_mib": spread(rss)}
+    line(f"scenes ({len(files)} x 12 MP) steady state", result["steady_mp_per_s"], "MP/s",
+         f"bound {result['overlap_bound_mp_per_s']['median']:.0f} MP/s (decode "
+         f"{result['decode_only_mp_per_s']['median']:.0f}, compute {result['compute_only_mp_per_s']['median']:.0f})",
+         result["vs_bound"], f">= {TARGETS['scenes_vs_bound']}x bound")
+    line("scenes vs OpenCV pool", result["steady_mp_per_s"], "MP/s",
+         f"OpenCV Pool({args.processes}) {result['opencv_pool_mp_per_s']['median']:.0f} MP/s", result["vs_pool"],
+         f">= {TARGETS['scenes_vs_pool']}x")
+    line("scenes peak RSS", result["peak_rss_mib"], "MiB", target=f"<= {TARGETS['scenes_rss_mib']} MiB")
+    return result
+
+
+def bench_big(scratch: Path, files: list[Path], args) -> dict:
+    folder = file_list(scratch, "big", files)
+    rss = [run_cli(folder, scratch / "big.jsonl", args.backend)["peak_rss_mib"] for _ in range(args.repeat)]
+    result = {"files": len(files), "peak_rss_mib": spread(rss)}
+    line(f"big ({len(files)} x 64 MP gray PNG) peak RSS", result["peak_rss_mib"], "MiB",
+         target=f"<= {TARGETS['big_rss_mib']} MiB")
+    return result
+
+
+def bench_start(scratch: Path, args, one: Path) -> dict:
+    warm = [run_cli(one, scratch / "one.jsonl", args.backend)["seconds"] for _ in range(args.repeat)]
+    cold = []
+    for repeat in range(args.compile_repeat):
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(scratch / f"empty-cache-{repeat}"))
+        cold.append(run_cli(one, scratch / "one.jsonl", args.backend, env)["seconds"])
+    result = {"warm_one_image_s": spread(warm), "first_compile_one_image_s": spread(cold) if cold else None}
+    line("warm `run one.jpg`", result["warm_one_image_s"], "s", target=f"<= {TARGETS['warm_start_s']} s")
+    if cold:
+        line("first run (empty numba cache)", result["first_compile_one_image_s"], "s",
+             target=f"<= {TARGETS['first_compile_s']} s")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, nargs="+", default=[50_000, 5_000])
+    parser.add_argument("--tiles", type=int, default=26_500)
+    parser.add_argument("--scenes", type=int, default=24)
+    parser.add_argument("--big", type=int, default=32)
     parser.add_argument("--backend", default="numba")
-    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--processes", type=int, default=os.cpu_count())
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compile-repeat", type=int, default=1)
+    parser.add_argument("--only", nargs="+", choices=["tiles", "scenes", "big", "start", "overhead"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    source = next((s for s in SOURCES if s.is_dir()), None)
-    if source is None:
-        sys.exit("no EuroSAT tiles found (../shared/data/eurosat_rgb or data/eurosat)")
+    wanted = set(args.only or ["tiles", "scenes", "big", "start", "overhead"])
+    report: dict = {"backend": args.backend, "cores": os.cpu_count(), "repeat": args.repeat, "targets": TARGETS,
+                    "load_average_at_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="gpu-pipeline-scale-") as scratch_name:
+        scratch = Path(scratch_name)
+        tiles = tile_files(scratch, args.tiles)
+        one = tiles[0]
+        if "overhead" in wanted:
+            runs = [engine_overhead(20_000) for _ in range(args.repeat)]
+            report["engine_overhead_us"] = spread([wall for wall, _ in runs])
+            report["engine_overhead_cpu_us"] = spread([cpu for _, cpu in runs])
+            line("engine overhead, nothing backend", report["engine_overhead_us"], "us/img",
+                 target=f"<= {TARGETS['overhead_us']} us")
+            line("  the same in CPU time (all threads)", report["engine_overhead_cpu_us"], "us/img")
+        if "start" in wanted:
+            report["start"] = bench_start(scratch, args, one)
+        if "tiles" in wanted:
+            report["tiles"] = bench_tiles(scratch, tiles, args, one)
+        if "scenes" in wanted:
+            from gpu_pipeline.backends import create
 
-    report = {"backend": args.backend, "cores": os.cpu_count(), "source": str(source), "runs": []}
-    report["engine_overhead"] = engine_overhead(20_000, args.batch_size)
-    print(f"engine overhead: {report['engine_overhead']['us_per_image']} us/image")
-    with tempfile.TemporaryDirectory(prefix="gpu-pipeline-scale-") as scratch:
-        for count in args.files:
-            folder = replicate(source, Path(scratch) / f"tiles{count}", count)
-            ours = run_cli(folder, Path(scratch) / f"out{count}.jsonl", args.backend, args.batch_size)
-            theirs = opencv_pool(folder, args.processes)
-            ratio = ours["images_per_s"] / theirs["images_per_s"]
-            report["runs"].append({"files": count, "gpu_pipeline": ours, "opencv_pool": theirs,
-                                   "ratio": round(ratio, 2)})
-            print(f"{count:>7} files: gpu-pipeline {ours['images_per_s']:>8.0f} img/s "
-                  f"(peak RSS {ours['peak_rss_mib']} MiB) | OpenCV pool({args.processes}) "
-                  f"{theirs['images_per_s']:>8.0f} img/s | ratio {ratio:.2f}x")
+            backend = create(args.backend)
+            backend.warm_up()
+            report["scenes"] = bench_scenes(scratch, scene_files(scratch, tiles, args.scenes), args, one, backend)
+        if "big" in wanted:
+            report["big"] = bench_big(scratch, big_files(scratch, args.big), args)
+    report["load_average_at_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

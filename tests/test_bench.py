@@ -366,7 +366,7 @@ def test_parse_helpers():
     assert bench.parse_contenders("reference, reference") == ["reference"]
     with pytest.raises(UsageError):
         bench.generation_request("8x8", 1, 0, "tiff")
-    assert bench.default_batch_size(5) == 2 and bench.default_batch_size(100_000) == 256
+    assert bench.default_batch_size(5) == 2 and bench.default_batch_size(100_000) == 25_000
 
 
 def test_importing_the_command_line_loads_no_optional_package():

@@ -11,7 +11,7 @@ from PIL import Image
 import cpu_reference
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import DECODE_CHUNK, Decoded, Engine, batches, decode_stream
+from gpu_pipeline.engine import Decoded, Engine, batches, decode_stream
 
 
 class ListSink:
@@ -125,25 +125,63 @@ class CountedPaths:
 
 
 def test_prefetch_is_bounded(tmp_path):
-    """The decoder never runs more than `prefetch` images ahead of the consumer: memory stays bounded."""
-    paths = CountedPaths(write_pngs(tmp_path, [(4, 4)] * 40))
+    """The decoder never runs far ahead of the consumer: `prefetch` images wait ready, plus what
+    each thread is decoding (a chunk, itself at most `prefetch` images) and the part being read."""
+    paths = CountedPaths(write_pngs(tmp_path, [(4, 4)] * 200))
     consumed = 0
     for item in decode_stream(paths, DecodeOptions(), workers=4, prefetch=5):
         consumed += 1
-        assert paths.pulled - consumed <= 5
+        assert paths.pulled - consumed <= 5 + 5 + 4 * 5
         assert item.image is not None
-    assert consumed == 40
+    assert consumed == 200
 
 
-def test_prefetch_of_big_images_is_bounded_by_pixels(tmp_path):
-    """Big scenes are not decoded far ahead: the queue holds about `prefetch_pixels` pixels."""
-    paths = CountedPaths(write_pngs(tmp_path, [(64, 64)] * 64))
+def test_prefetch_is_bounded_by_pixels(tmp_path):
+    """Memory is bounded by pixels: `prefetch_pixels` wait ready, each thread holds one part of
+    about `chunk_pixels` (at most one image more)."""
+    paths = CountedPaths(write_pngs(tmp_path, [(64, 64)] * 200))
     consumed = 0
-    # 4,096-pixel images, room for 20,000 pixels: about one chunk of 16 images at a time
-    for _ in decode_stream(paths, DecodeOptions(), workers=2, prefetch=1000, prefetch_pixels=20_000):
+    # 4,096-pixel images: 4 fit in 20,000 pixels; parts of 2 images; chunks of 2 once sizes are known
+    for _ in decode_stream(paths, DecodeOptions(), workers=2, prefetch_pixels=20_000, chunk_pixels=8192):
         consumed += 1
-        assert paths.pulled - consumed <= 2 * DECODE_CHUNK
-    assert consumed == 64
+        assert paths.pulled - consumed <= 4 + 2 + 2 * 2
+    assert consumed == 200
+
+
+def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
+    """Scenes larger than a chunk are decoded on every thread at once, not queued on one."""
+    import threading
+    import time
+
+    from gpu_pipeline import engine as engine_module
+
+    paths = write_pngs(tmp_path, [(16, 16)] * 8)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = engine_module.decode_image
+
+    def slow_decode(path, options):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return real(path, options)
+
+    monkeypatch.setattr(engine_module, "decode_image", slow_decode)
+    stream = decode_stream(paths, DecodeOptions(), workers=2, prefetch_pixels=10**6, chunk_pixels=100)
+    assert [item.path for item in stream] == paths
+    assert most[0] == 2
+
+
+def test_a_failing_path_source_is_raised_to_the_consumer():
+    def paths():
+        yield Path("missing.png")
+        raise OSError("the listing broke")
+
+    with pytest.raises(OSError, match="the listing broke"):
+        list(decode_stream(paths(), DecodeOptions(), workers=2))
 
 
 def _fake(shape):
@@ -186,3 +224,32 @@ def test_on_edges_receives_reference_edges(tmp_path, keep):
         assert np.array_equal(seen[paths[0]], expected)
     else:
         assert seen == {}
+
+
+def test_an_edge_map_that_cannot_be_saved_turns_that_record_into_an_error(tmp_path):
+    paths = write_pngs(tmp_path, [(8, 9), (10, 7, 3), (6, 6)])
+
+    def save(path, edges):
+        if path == paths[1]:
+            raise OSError("disk full\nmore")
+
+    sink = ListSink()
+    summary = Engine(ReferenceBackend(), on_edges=save).run(paths, sink)
+    assert [r["path"] for r in sink.records] == [str(p) for p in paths]
+    assert sink.records[1] == {"path": str(paths[1]), "stage": "save-edges", "error": "OSError: disk full"}
+    assert sink.records[2]["histogram"] == cpu_reference.process_image(
+        np.asarray(Image.open(paths[2])), PipelineConfig()).histogram.tolist()
+    assert summary.ok == 2 and summary.failed == 1 and summary.failures_by_stage == {"save-edges": 1}
+
+
+def test_a_mixed_batch_keeps_results_errors_and_labels_in_place(tmp_path):
+    """Decode errors, a compute failure and results in one batch: every record at its input position."""
+    paths = write_pngs(tmp_path, [(6, 6)] * 5)
+    paths[0].write_bytes(b"")
+    Image.fromarray(np.full((6, 6), 13, np.uint8)).save(paths[3])
+    sink = ListSink()
+    summary = Engine(ExplodingBackend(), batch_size=8).run(paths, sink)
+    stages = [r.get("stage", "ok") for r in sink.records]
+    assert stages == ["read", "ok", "ok", "compute", "ok"]
+    assert summary.ok == 3 and summary.failed == 2 and sum(summary.labels.values()) == 3
+    assert all(r["path"] == str(p) for r, p in zip(sink.records, paths))

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import cpu_reference as ref
 from gpu_pipeline.backends import _numba_setup, numba_cpu, registry
 from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import MAX_THRESHOLD, DecodeOptions, PipelineConfig
 from gpu_pipeline.io import decode_image, discover
 from tests.strategies import ODD_SHAPES, images
@@ -213,7 +214,6 @@ def test_threads_argument(backend):
     batch = [smooth_noise(rng, 300, 200, (3,)), smooth_noise(rng, 64, 64)]
     one = NumbaCpuBackend(threads=1)
     single = one.process(batch, PipelineConfig(), keep_images=True)
-    assert numba.get_num_threads() == 1  # set in the calling thread by process()
     everyone = backend.process(batch, PipelineConfig(), keep_images=True)
     for a, b in zip(single, everyone):
         assert np.array_equal(a.edges, b.edges) and np.array_equal(a.histogram, b.histogram)
@@ -242,7 +242,6 @@ def test_concurrent_calls_from_python_threads(backend):
                 assert got.edge_count == want.edge_count
                 assert np.array_equal(got.edges, want.edges) and np.array_equal(got.equalized, want.equalized)
                 assert np.array_equal(got.histogram, want.histogram)
-    assert _numba_setup.threading_layer_is_threadsafe(), numba.threading_layer()
 
 
 # --- environment: registry, threading layer, cache directory -------------------------------------
@@ -255,11 +254,21 @@ def test_registered_and_available():
     assert isinstance(created, NumbaCpuBackend) and created.threads == 1
 
 
-def test_threading_layer_is_threadsafe_after_a_call(backend):
-    backend.process([np.zeros((4, 4), np.uint8)], PipelineConfig())
-    if not any(_numba_setup._layer_loads(name) for name in _numba_setup.THREADSAFE_LAYERS):
-        pytest.skip("neither omp nor tbb loads here: calls are serialised on workqueue instead")
-    assert numba.threading_layer() in _numba_setup.THREADSAFE_LAYERS
+def test_the_backend_needs_no_numba_threading_layer():
+    """Its threads are Python threads running nogil kernels: numba's layer (OpenMP, TBB,
+    workqueue) is never started, so nothing spins on the cores or aborts on concurrent calls."""
+    code = textwrap.dedent("""
+        import numba, numpy as np
+        from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+        from gpu_pipeline.config import PipelineConfig
+        NumbaCpuBackend(threads=2).process([np.zeros((300, 200, 3), np.uint8)] * 3, PipelineConfig())
+        try:
+            print(numba.threading_layer())
+        except ValueError:
+            print("no layer started")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "no layer started", done.stderr
 
 
 def _blocked(tmp_path: Path) -> Path:
@@ -321,3 +330,24 @@ def test_read_only_install_compiles_into_a_writable_cache(tmp_path):
     cache_dir = Path(runs[0].stdout.strip())
     assert cache_dir.parent == temp, runs[0].stdout
     assert list(cache_dir.rglob("*.nbi")), "no kernel was cached"
+
+
+def test_views_that_are_not_c_contiguous_give_the_reference_results():
+    """The kernels read the images' raw memory: a strided view must not be read as if dense."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    views = [base[::2, ::3], base[:, :, 1][:, ::-1], np.asfortranarray(base[:, :, 0])]
+    config = PipelineConfig()
+    got = NumbaCpuBackend().process(views, config, keep_images=True)
+    want = ReferenceBackend().process([np.ascontiguousarray(v) for v in views], config, keep_images=True)
+    assert np.array_equal(got.histograms, want.histograms) and np.array_equal(got.edge_counts, want.edge_counts)
+    assert all(np.array_equal(a, b) for a, b in zip(got.edges, want.edges))
+
+
+def test_compiles_on_warm_up_says_whether_the_cache_holds_the_kernels(backend, monkeypatch):
+    """The command line announces a compile before it starts; it must not announce one that won't come."""
+    backend.warm_up()
+    assert backend.compiles_on_warm_up() is False
+    cache_file = type(backend._kernels.edge_maps._cache._cache_file)
+    monkeypatch.setattr(cache_file, "_load_index", lambda self: {})  # what numba reads for a stale or empty cache
+    assert backend.compiles_on_warm_up() is True

@@ -95,8 +95,9 @@ def plan_sub_batches(
         if max_images is not None:
             limit = max(1, min(limit, max_images))
         parts = -(-len(indices) // limit)
-        size = -(-len(indices) // parts)
-        plan.extend(SubBatch(shape, tuple(indices[i:i + size])) for i in range(0, len(indices), size))
+        # even cuts (sizes differ by at most one): 10 images by 3 give 3, 3, 2, 2, not 3, 3, 3, 1
+        cuts = [len(indices) * part // parts for part in range(parts + 1)]
+        plan.extend(SubBatch(shape, tuple(indices[cuts[k]:cuts[k + 1]])) for k in range(parts))
     return plan
 
 

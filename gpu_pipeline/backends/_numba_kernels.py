@@ -1,11 +1,19 @@
 """numba kernels of the CPU backend: the pipeline contract (docs/contract.md) on every core.
 
-Images arrive as a typed list of flat views (no copy), so one parallel loop covers a ragged
-batch (any mix of shapes, gray and RGB); outputs are flat buffers with per-image offsets. The
+Images arrive as the addresses and byte sizes of their pixels (no copy; :func:`_image_at` views
+them), so one parallel loop covers a ragged batch (any mix of shapes, gray and RGB); outputs are
+flat buffers with per-image offsets. Addresses, not a ``numba.typed.List``: a typed list's own
+methods are compiled again in every process (about 1.1 s of each start), cached kernels are not. The
 unit of work is an *item*: a band of rows ``[r0, r1)`` of one image. Many small images give one
 item each (each image is processed serially by one thread); a few large images are cut into
 row bands. Each thread claims items one at a time, largest first (:func:`_claim`), so a mixed
-batch keeps every thread busy whatever numba's static loop schedule would do.
+batch keeps every thread busy.
+
+The entry points are serial ``nogil`` functions that do one worker's share: the backend calls
+each from its own Python threads at once, all claiming from one shared counter. This is numba
+without ``parallel=True``: no threading layer (nothing to abort when several Python threads call
+in, no OpenMP threads spinning on the cores the decoders need), and a cold compile of about a
+third (parfor lowering was two thirds of the ~25 s first start).
 
 Passes over memory, per item:
 
@@ -24,7 +32,7 @@ The Canny map follows OpenCV's canny.cpp: a (H+2) x (W+2) byte map with a border
 from __future__ import annotations
 
 import numpy as np
-from numba import prange, types
+from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -41,7 +49,7 @@ from gpu_pipeline.backends._numba_rows import (
     sobel_magnitude_row,
     suppress_row,
 )
-from gpu_pipeline.backends._numba_setup import helper, parallel
+from gpu_pipeline.backends._numba_setup import helper
 
 # --------------------------------------------------------------------------- work plan
 
@@ -61,6 +69,22 @@ def _claim(typingctx, counter):
     return types.int64(counter), codegen
 
 
+@intrinsic
+def _uint8_pointer(typingctx, address):
+    """The int64 ``address`` as a pointer to uint8 (an array's ``ctypes.data``)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+
+    return types.CPointer(types.uint8)(types.int64), codegen
+
+
+@helper
+def _image_at(addresses, sizes, i):
+    """Image ``i`` of the batch as a flat uint8 array over its own memory (the caller keeps the
+    images alive during the call)."""
+    return carray(_uint8_pointer(addresses[i]), (sizes[i],))
+
+
 # --------------------------------------------------------------------------- gray + histogram
 
 @helper
@@ -78,26 +102,25 @@ def _band_histogram(image, rgb, gray, width, r0, r1, hist):
         hist[v] = counts[0, v] + counts[1, v] + counts[2, v] + counts[3, v]
 
 
-@parallel
-def gray_histograms(images, channels, gray, gray_off, heights, widths, item_image, item_r0, item_r1, order,
-                    workers, hist_parts):
-    """Gray (RGB images only, into ``gray``) and one private histogram per item.
+@helper
+def gray_histograms(addresses, sizes, channels, gray, gray_off, heights, widths, item_image, item_r0, item_r1, order,
+                    claimed, hist_parts):
+    """One worker's share: gray (RGB images only, into ``gray``) and one private histogram per item
+    it claims from ``claimed`` (shared by all workers of the call).
 
     ``cv2.cvtColor(COLOR_RGB2GRAY)`` in OpenCV 5 is ``(9798 R + 19235 G + 3735 B + 16384) >> 15``
     (checked on all 2^24 colours; OpenCV 4 used Q14 weights). Gray images are only counted:
     the backend reads them in place.
     """
-    claimed = np.zeros(1, np.int64)
-    for _ in prange(workers):
+    k = _claim(claimed)
+    while k < order.shape[0]:
+        it = order[k]
+        i = item_image[it]
+        rgb = channels[i] == 3
+        pixels = heights[i] * widths[i] if rgb else 0
+        _band_histogram(_image_at(addresses, sizes, i), rgb, gray[gray_off[i]:gray_off[i] + pixels], widths[i],
+                        item_r0[it], item_r1[it], hist_parts[it])
         k = _claim(claimed)
-        while k < order.shape[0]:
-            it = order[k]
-            i = item_image[it]
-            rgb = channels[i] == 3
-            pixels = heights[i] * widths[i] if rgb else 0
-            _band_histogram(images[i], rgb, gray[gray_off[i]:gray_off[i] + pixels], widths[i], item_r0[it],
-                            item_r1[it], hist_parts[it])
-            k = _claim(claimed)
 
 
 # --------------------------------------------------------------------------- equalize LUT
@@ -220,13 +243,12 @@ def _band_edges(gray, height, lut, r0, r1, ksize, l2, low, high, edge_map, equal
     return strong + flood(edge_map, map_width, r0 + 1, r1, stack, size)
 
 
-@parallel
-def edge_maps(images, channels, gray, gray_off, heights, widths, luts, item_image, item_r0, item_r1, order,
-              workers, ksize, l2, low, high, maps, map_off, equalized, eq_off, keep, counts):
-    """Canny map and EDGE count of every item (see :func:`_band_edges`).
+@helper
+def edge_maps(addresses, sizes, channels, gray, gray_off, heights, widths, luts, item_image, item_r0, item_r1, order,
+              claimed, ksize, l2, low, high, maps, map_off, equalized, eq_off, keep, counts):
+    """One worker's share: Canny map and EDGE count of the items it claims (see :func:`_band_edges`).
 
-    ``workers`` threads claim the items in ``order`` one at a time, each with scratch buffers
-    allocated once for the widest image and the largest item.
+    Scratch buffers are allocated once per call, for the widest image and the largest item.
     """
     widest = 0
     largest = 0
@@ -234,22 +256,20 @@ def edge_maps(images, channels, gray, gray_off, heights, widths, luts, item_imag
         widest = max(widest, widths[item_image[it]])
         largest = max(largest, (item_r1[it] - item_r0[it]) * widths[item_image[it]])
     ints, bytes_ = _scratch_sizes(widest, ksize)
-    claimed = np.zeros(1, np.int64)
-    for _ in prange(workers):
-        scratch = np.empty(ints, np.int32)
-        seeds = np.empty(bytes_, np.uint8)
-        stack = np.empty(largest, np.int64)
+    scratch = np.empty(ints, np.int32)
+    seeds = np.empty(bytes_, np.uint8)
+    stack = np.empty(largest, np.int64)
+    k = _claim(claimed)
+    while k < order.shape[0]:
+        it = order[k]
+        i = item_image[it]
+        pixels = heights[i] * widths[i]
+        image = gray[gray_off[i]:gray_off[i] + pixels] if channels[i] == 3 else _image_at(addresses, sizes, i)
+        edge_map = maps[map_off[i]:map_off[i] + (heights[i] + 2) * (widths[i] + 2)]
+        eq = equalized[eq_off[i]:eq_off[i] + pixels] if keep else equalized
+        counts[it] = _band_edges(image, heights[i], luts[i], item_r0[it], item_r1[it], ksize, l2, low,
+                                 high, edge_map, eq, keep, scratch, seeds, stack)
         k = _claim(claimed)
-        while k < order.shape[0]:
-            it = order[k]
-            i = item_image[it]
-            pixels = heights[i] * widths[i]
-            image = gray[gray_off[i]:gray_off[i] + pixels] if channels[i] == 3 else images[i]
-            edge_map = maps[map_off[i]:map_off[i] + (heights[i] + 2) * (widths[i] + 2)]
-            eq = equalized[eq_off[i]:eq_off[i] + pixels] if keep else equalized
-            counts[it] = _band_edges(image, heights[i], luts[i], item_r0[it], item_r1[it], ksize, l2, low,
-                                     high, edge_map, eq, keep, scratch, seeds, stack)
-            k = _claim(claimed)
 
 
 @helper
@@ -274,16 +294,19 @@ def _join_image_bands(edge_map, height, width, band_starts):
     return size + flood(edge_map, map_width, 1, height, stack, size)
 
 
-@parallel
-def join_bands(maps, map_off, heights, widths, item_r0, first_item, item_count, marked):
-    """Continue the flood across the seams of images cut into several bands.
+@helper
+def join_bands(maps, map_off, heights, widths, item_r0, first_item, item_count, claimed, marked):
+    """One worker's share: continue the flood across the seams of the images cut into several
+    bands that it claims.
 
     After :func:`edge_maps` every band is closed under the flood; what is missing can only
     enter through an EDGE pixel next to a WEAK one across a seam. Those are pushed and flooded
     over the whole image, which completes the reachability exactly.
     """
-    for i in prange(first_item.shape[0]):
+    i = _claim(claimed)
+    while i < first_item.shape[0]:
         if item_count[i] > 1:
             size = (heights[i] + 2) * (widths[i] + 2)
             marked[i] = _join_image_bands(maps[map_off[i]:map_off[i] + size], heights[i], widths[i],
                                           item_r0[first_item[i] + 1:first_item[i] + item_count[i]])
+        i = _claim(claimed)

@@ -1,8 +1,9 @@
 """The one interface every backend implements.
 
 A backend receives decoded uint8 images, gray (H, W) or RGB (H, W, 3), C-contiguous, any mix of
-shapes, and returns one :class:`StageResult` per image, in order. It knows nothing about files;
-the engine knows nothing about numba or CUDA.
+shapes, and returns one :class:`BatchResult` for the whole batch: the histograms as one (N, 256)
+array and the edge counts as one (N,) array, so nothing downstream pays a Python object per
+image. It knows nothing about files; the engine knows nothing about numba or CUDA.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterator, Sequence, overload
 
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
+
+
+#: Pixels per call of a CPU backend: 1 MP is 256 EuroSAT tiles, or a 12-MP scene alone.
+CPU_BATCH_PIXELS = 1 << 20
+#: Pixels per call of a GPU backend: 32 MP, 8,192 tiles of 64x64 (a launch must hide its fixed costs).
+GPU_BATCH_PIXELS = 32 << 20
 
 
 class BackendUnavailable(RuntimeError):
@@ -35,6 +42,59 @@ class StageResult:
     edges: np.ndarray | None = None
 
 
+@dataclass
+class BatchResult(Sequence[StageResult]):
+    """What a backend computes for a batch of N images, in input order.
+
+    ``histograms`` is int64 (N, 256), ``edge_counts`` int64 (N,). ``equalized`` and ``edges`` are
+    lists of N uint8 images when the caller asked for them (``keep_images``), else None. Indexing
+    or iterating gives one :class:`StageResult` per image (views into the arrays) for callers
+    that look at images one at a time; slicing gives a smaller BatchResult.
+    """
+
+    histograms: np.ndarray
+    edge_counts: np.ndarray
+    equalized: list[np.ndarray] | None = None
+    edges: list[np.ndarray] | None = None
+
+    @classmethod
+    def empty(cls, count: int, keep_images: bool) -> "BatchResult":
+        """Room for ``count`` results, filled in by a backend (image lists hold None until then)."""
+        kept = [None] * count if keep_images else None
+        return cls(np.zeros((count, 256), np.int64), np.zeros(count, np.int64), kept,
+                   list(kept) if keep_images else None)
+
+    @classmethod
+    def from_results(cls, results: Sequence[StageResult]) -> "BatchResult":
+        """A batch from one result per image (backends that compute images one at a time)."""
+        histograms = np.array([r.histogram for r in results], dtype=np.int64).reshape(len(results), 256)
+        edge_counts = np.array([r.edge_count for r in results], dtype=np.int64)
+        keep = len(results) > 0 and all(r.edges is not None for r in results)
+        return cls(histograms, edge_counts, [r.equalized for r in results] if keep else None,
+                   [r.edges for r in results] if keep else None)
+
+    def __len__(self) -> int:
+        return len(self.edge_counts)
+
+    @overload
+    def __getitem__(self, index: int) -> StageResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "BatchResult": ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return BatchResult(self.histograms[index], self.edge_counts[index],
+                               None if self.equalized is None else self.equalized[index],
+                               None if self.edges is None else self.edges[index])
+        return StageResult(self.histograms[index], int(self.edge_counts[index]),
+                           None if self.equalized is None else self.equalized[index],
+                           None if self.edges is None else self.edges[index])
+
+    def __iter__(self) -> Iterator[StageResult]:
+        return (self[i] for i in range(len(self)))
+
+
 class Backend(ABC):
     """Base class of all backends. Subclasses set ``name`` and implement ``process``."""
 
@@ -45,6 +105,12 @@ class Backend(ABC):
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
 
+    def batch_pixels(self) -> int:
+        """About how many pixels this backend wants per ``process`` call (the engine cuts batches
+        by it): small for CPU backends (the batch stays in cache and memory is small), large for
+        GPU backends (a launch must carry enough work to hide its fixed costs)."""
+        return GPU_BATCH_PIXELS if self.uses_gpu else CPU_BATCH_PIXELS
+
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """None when the backend can run on this machine, else a one-line reason."""
@@ -53,8 +119,13 @@ class Backend(ABC):
     @abstractmethod
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
-    ) -> list[StageResult]:
+    ) -> BatchResult:
         """Run the whole contract on each image; ``keep_images`` also returns equalized and edges."""
+
+    def compiles_on_warm_up(self) -> bool:
+        """True when :meth:`warm_up` is going to compile kernels rather than load them, so that a
+        caller can announce the wait before it starts (the numba backend on a fresh install)."""
+        return False
 
     def warm_up(self, config: PipelineConfig | None = None) -> None:
         """Compile (or load from a cache) every kernel now, on a tiny gray and a tiny RGB image, so

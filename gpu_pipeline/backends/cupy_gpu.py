@@ -34,7 +34,7 @@ from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
-    StageResult,
+    BatchResult,
     check_image,
     group_by_shape,
 )
@@ -426,13 +426,13 @@ class CupyBackend(Backend):
 
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
-    ) -> list[StageResult]:
+    ) -> BatchResult:
         for image in images:
             check_image(image)
             if image.shape[0] * image.shape[1] > MAX_PIXELS:
                 raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {image.shape}")
         settings = KernelSettings.from_config(config)
-        results: list[StageResult | None] = [None] * len(images)
+        results = BatchResult.empty(len(images), keep_images)
         held = sum(slot.arena_bytes for slot in self._slots)
         budget = sub_batch_budget(self._device.free_bytes(), held)
         queue = deque(plan_sub_batches(images, range(len(images)), budget, keep_images))
@@ -458,7 +458,7 @@ class CupyBackend(Backend):
         except BaseException:
             self._abandon()
             raise
-        return results  # type: ignore[return-value]  # every index was filled by _collect
+        return results  # every index was filled by _collect
 
     def close(self) -> None:
         self._abandon()
@@ -508,7 +508,7 @@ class CupyBackend(Backend):
         if layout.keep_images:
             device.download(layout.host_view(staging, "edges"), base + layout.device["edges"].offset, stream)
 
-    def _collect(self, slot: _Slot, results: list) -> None:
+    def _collect(self, slot: _Slot, results: BatchResult) -> None:
         """Wait for the slot's sub-batch, finish its hysteresis if a round was not enough, store its results."""
         pending = slot.pending
         if pending is None:
@@ -521,16 +521,16 @@ class CupyBackend(Backend):
         histograms, counts = layout.histograms(staging), layout.edge_counts(staging)
         equalized = layout.planes(staging, "equalized") if layout.keep_images else None
         edges = layout.planes(staging, "edges") if layout.keep_images else None
-        for k, index in enumerate(pending.indices):
-            results[index] = StageResult(
-                histogram=histograms[k].astype(np.int64),
-                edge_count=int(counts[k]),
-                equalized=None if equalized is None else equalized[k].copy(),
-                edges=None if edges is None else edges[k].copy(),
-            )
+        indices = list(pending.indices)
+        results.histograms[indices] = histograms
+        results.edge_counts[indices] = counts
+        if layout.keep_images:
+            for k, index in enumerate(indices):
+                results.equalized[index] = equalized[k].copy()
+                results.edges[index] = edges[k].copy()
         slot.pending = None
 
-    def _drain(self, results: list) -> None:
+    def _drain(self, results: BatchResult) -> None:
         for _ in range(SLOTS):  # oldest first
             self._collect(self._slots[self._turn], results)
             self._turn = (self._turn + 1) % SLOTS

@@ -1,21 +1,20 @@
 """The ``numba`` backend: the pipeline contract on every CPU core, byte-identical to the reference.
 
 The kernels live in :mod:`gpu_pipeline.backends._numba_kernels`; this module hands them a batch
-(a typed list of flat views: no copy), decides how to cut the work (whole images or row bands),
-and turns their flat outputs into :class:`StageResult`. See docs/backends.md, "numba (CPU)".
+(the addresses of the images' pixels: no copy), decides how to cut the work (whole images or row bands),
+and returns their outputs as one :class:`BatchResult`. See docs/backends.md, "numba (CPU)".
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
-from gpu_pipeline.backends.base import Backend, StageResult, check_image
+from gpu_pipeline.backends.base import Backend, BatchResult, check_image
 from gpu_pipeline.config import PipelineConfig
 
 #: Bands shorter than this waste too much on recomputed rows at their ends.
@@ -23,8 +22,6 @@ MIN_BAND_ROWS = 64
 #: Work items per thread a batch is cut into, when its images are too few to go whole.
 ITEMS_PER_THREAD = 4
 
-#: Serialises calls when numba runs the ``workqueue`` layer, which aborts on concurrent calls.
-_SERIAL_CALLS = threading.Lock()
 
 
 def _exclusive_cumsum(sizes: np.ndarray) -> np.ndarray:
@@ -70,10 +67,12 @@ def plan_items(heights: np.ndarray, widths: np.ndarray, threads: int) -> WorkIte
 
 
 class NumbaCpuBackend(Backend):
-    """numba ``parallel=True`` kernels on ``threads`` cores (default: all of numba's threads).
+    """numba ``nogil`` kernels on ``threads`` Python threads (default: one per core, numba's
+    ``NUMBA_NUM_THREADS``): the calling thread and ``threads - 1`` helpers of the backend, each
+    running one worker's share of every kernel (see :mod:`._numba_kernels`).
 
-    Safe to call from several Python threads at once (the kernels release the GIL and run on a
-    thread-safe threading layer, or calls are serialised when only ``workqueue`` exists).
+    Safe to call from several Python threads at once: a call's workers share only that call's
+    buffers and counters.
     """
 
     name = "numba"
@@ -83,15 +82,13 @@ class NumbaCpuBackend(Backend):
 
         from gpu_pipeline.backends import _numba_kernels
 
-        self._numba = numba
         self._kernels = _numba_kernels
-        self._typed_list = numba.typed.List
-        self._flat_type = numba.types.Array(numba.types.uint8, 1, "C", readonly=True)  # inputs are only read
         available = numba.config.NUMBA_NUM_THREADS
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         # numba cannot start more threads than NUMBA_NUM_THREADS, fixed when it was imported
         super().__init__(threads=available if threads is None else min(threads, available))
+        self._helpers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="numba") if self.threads > 1 else None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -103,24 +100,54 @@ class NumbaCpuBackend(Backend):
 
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
-    ) -> list[StageResult]:
+    ) -> BatchResult:
         for image in images:
             check_image(image)
         if not images:
-            return []
-        from gpu_pipeline.backends import _numba_setup
+            return BatchResult.empty(0, keep_images)
+        return self._run(images, config, keep_images)
 
-        self._numba.set_num_threads(self.threads)  # per calling thread
-        serial = contextlib.nullcontext() if _numba_setup.threading_layer_is_threadsafe() else _SERIAL_CALLS
-        with serial:
-            return self._run(images, config, keep_images)
+    def compiles_on_warm_up(self) -> bool:
+        """True unless numba's cache holds a current entry for every kernel (a missing, stale or
+        disabled cache means a compile of about 12-15 s on two cores)."""
+        k = self._kernels
+        for kernel in (k.gray_histograms, k.equalize_luts, k.edge_maps, k.join_bands):
+            try:
+                if not kernel._cache._cache_file._load_index():  # numba's own check: source stamp, version
+                    return True
+            except Exception:  # no cache (caching disabled) or a numba without these internals
+                return True
+        return False
 
-    def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> list[StageResult]:
+    def warm_up(self, config: PipelineConfig | None = None) -> None:
+        """Load (or compile) every kernel, the seam join too: the base class's tiny images are
+        never cut into row bands, and a kernel first compiled in the middle of a run stalls it."""
+        super().warm_up(config)
+        self.process([np.zeros((2 * MIN_BAND_ROWS, 8), np.uint8)], config or PipelineConfig())
+
+    def close(self) -> None:
+        if self._helpers is not None:
+            self._helpers.shutdown()
+
+    def _on_workers(self, kernel, workers: int, before: tuple, after: tuple) -> None:
+        """``kernel(*before, claimed, *after)`` on ``workers`` threads at once (this one included),
+        all claiming their work from ``claimed``, one fresh counter."""
+        args = (*before, np.zeros(1, np.int64), *after)
+        helpers = [self._helpers.submit(kernel, *args) for _ in range(workers - 1)] if self._helpers else []
+        try:
+            kernel(*args)
+        finally:  # the buffers must outlive every worker, even when one failed
+            for helper in helpers:
+                helper.result()
+
+    def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> BatchResult:
         """One pass of the kernels over a batch of any shapes."""
         k = self._kernels
-        flat = self._typed_list.empty_list(self._flat_type)
-        for image in images:
-            flat.append(image.reshape(-1))  # a view for the C-contiguous images backends receive
+        # the kernels read raw memory: C order (a copy only for the odd view), and ``images`` keeps
+        # every image referenced for the whole call, so the addresses stay valid
+        images = [image if image.flags.c_contiguous else np.ascontiguousarray(image) for image in images]
+        addresses = np.array([image.ctypes.data for image in images], np.int64)
+        sizes = np.array([image.size for image in images], np.int64)
         heights = np.array([im.shape[0] for im in images], np.int64)
         widths = np.array([im.shape[1] for im in images], np.int64)
         channels = np.array([3 if im.ndim == 3 else 1 for im in images], np.int64)
@@ -132,8 +159,8 @@ class NumbaCpuBackend(Backend):
         items = plan_items(heights, widths, self.threads)
         workers = min(self.threads, len(items.image))
         hist_parts = np.empty((len(items.image), 256), np.int64)
-        k.gray_histograms(flat, channels, gray, gray_off, heights, widths, items.image, items.r0, items.r1,
-                          items.order, workers, hist_parts)
+        self._on_workers(k.gray_histograms, workers, (addresses, sizes, channels, gray, gray_off, heights, widths,
+                                                      items.image, items.r0, items.r1, items.order), (hist_parts,))
         hists = np.add.reduceat(hist_parts, items.first, axis=0)
         luts = k.equalize_luts(hists, pixels)
 
@@ -144,22 +171,25 @@ class NumbaCpuBackend(Backend):
         equalized = np.empty(int(pixels.sum()) if keep else 1, np.uint8)
         low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
         counts = np.empty(len(items.image), np.int64)
-        k.edge_maps(flat, channels, gray, gray_off, heights, widths, luts, items.image, items.r0, items.r1,
-                    items.order, workers, config.blur_ksize, config.l2_gradient, low, high, maps, map_off,
-                    equalized, eq_off, keep, counts)
+        self._on_workers(k.edge_maps, workers,
+                         (addresses, sizes, channels, gray, gray_off, heights, widths, luts, items.image, items.r0,
+                          items.r1, items.order),
+                         (config.blur_ksize, config.l2_gradient, low, high, maps, map_off, equalized, eq_off, keep,
+                          counts))
         edge_counts = np.add.reduceat(counts, items.first)
         if (items.bands > 1).any():
             marked = np.zeros(len(images), np.int64)
-            k.join_bands(maps, map_off, heights, widths, items.r0, items.first, items.bands, marked)
+            cut = int((items.bands > 1).sum())
+            self._on_workers(k.join_bands, min(self.threads, cut),
+                             (maps, map_off, heights, widths, items.r0, items.first, items.bands), (marked,))
             edge_counts += marked
 
-        results = []
+        if not keep:
+            return BatchResult(hists, edge_counts)
+        kept_equalized, kept_edges = [], []
         for i in range(len(images)):
-            result = StageResult(histogram=hists[i], edge_count=int(edge_counts[i]))
-            if keep:
-                h, w = int(heights[i]), int(widths[i])
-                result.equalized = equalized[eq_off[i]:eq_off[i] + h * w].reshape(h, w)
-                edge_map = maps[map_off[i]:map_off[i] + map_sizes[i]].reshape(h + 2, w + 2)[1:-1, 1:-1]
-                result.edges = (edge_map == k.EDGE).view(np.uint8) * np.uint8(255)
-            results.append(result)
-        return results
+            h, w = int(heights[i]), int(widths[i])
+            kept_equalized.append(equalized[eq_off[i]:eq_off[i] + h * w].reshape(h, w))
+            edge_map = maps[map_off[i]:map_off[i] + map_sizes[i]].reshape(h + 2, w + 2)[1:-1, 1:-1]
+            kept_edges.append((edge_map == k.EDGE).view(np.uint8) * np.uint8(255))
+        return BatchResult(hists, edge_counts, kept_equalized, kept_edges)

@@ -37,7 +37,7 @@ from gpu_pipeline.backends._cuda_plan import (
     plan_sub_batches,
     tile_grid,
 )
-from gpu_pipeline.backends.base import Backend, BackendUnavailable, StageResult, check_image
+from gpu_pipeline.backends.base import Backend, BackendUnavailable, BatchResult, check_image
 from gpu_pipeline.config import PipelineConfig
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
@@ -198,15 +198,16 @@ class NumbaCudaBackend(Backend):
 
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
-    ) -> list[StageResult]:
+    ) -> BatchResult:
         for image in images:
             check_image(image)
-        results: list[StageResult | None] = [None] * len(images)
+        results = BatchResult.empty(len(images), keep_images)
+        done = np.zeros(len(images), bool)
         max_images = None
         while True:
-            todo = [i for i, result in enumerate(results) if result is None]
+            todo = np.flatnonzero(~done).tolist()
             if not todo:
-                return results  # type: ignore[return-value]
+                return results
             plan = [
                 SubBatch(batch.shape, tuple(todo[i] for i in batch.indices))
                 for batch in plan_sub_batches(
@@ -214,12 +215,12 @@ class NumbaCudaBackend(Backend):
                 )
             ]
             try:
-                self._run(plan, images, config, bool(keep_images), results)
+                self._run(plan, images, config, bool(keep_images), results, done)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
                 self._release_buffers()
-                unfinished = [b for b in plan if any(results[i] is None for i in b.indices)]
+                unfinished = [b for b in plan if not done[list(b.indices)].all()]
                 largest = max(unfinished, key=lambda b: len(b.indices))
                 if max_images == 1:
                     need = device_bytes_per_image(largest.shape, keep_images) / 2**20
@@ -238,7 +239,8 @@ class NumbaCudaBackend(Backend):
         images: Sequence[np.ndarray],
         config: PipelineConfig,
         keep_images: bool,
-        results: list,
+        results: BatchResult,
+        done: np.ndarray,
     ) -> None:
         """Submit sub-batches alternately to the slots; drive each one's hysteresis while the
         next one is copied in and starts; collect a slot's results before reusing it."""
@@ -246,7 +248,7 @@ class NumbaCudaBackend(Backend):
         pending: _Slot | None = None
         for number, batch in enumerate(plan):
             slot = self._slots[number % SLOTS]
-            self._collect(slot, results)
+            self._collect(slot, results, done)
             self._submit(slot, batch, images, config, keep_images, low, high)
             if pending is not None:
                 self._finish(pending)
@@ -254,7 +256,7 @@ class NumbaCudaBackend(Backend):
         if pending is not None:
             self._finish(pending)
         for slot in self._slots:
-            self._collect(slot, results)
+            self._collect(slot, results, done)
 
     def _stage(self, images: Sequence[np.ndarray], indices: tuple[int, ...], staged: np.ndarray) -> None:
         """Copy the sub-batch's images into the pinned buffer, over threads when it is large."""
@@ -371,9 +373,9 @@ class NumbaCudaBackend(Backend):
         if self._timed:
             slot.events[phase].record(slot.stream)
 
-    def _collect(self, slot: _Slot, results: list) -> None:
-        """Wait for the slot's copies back and turn them into StageResults (copies: the pinned
-        buffers are reused)."""
+    def _collect(self, slot: _Slot, results: BatchResult, done: np.ndarray) -> None:
+        """Wait for the slot's copies back and store them in ``results`` (copies: the pinned
+        buffers are reused); mark its images ``done``."""
         job = slot.job
         if job is None:
             return
@@ -381,15 +383,14 @@ class NumbaCudaBackend(Backend):
         count = len(job.batch.indices)
         height, width = job.batch.shape[:2]
         stats = job.host_stats.reshape(count, kernels.STATS_WIDTH)
-        for k, index in enumerate(job.batch.indices):
-            result = StageResult(
-                histogram=stats[k, : kernels.EDGE_COUNT].astype(np.int64),
-                edge_count=int(stats[k, kernels.EDGE_COUNT]),
-            )
-            if job.keep_images:
-                result.equalized = job.host_equalized.reshape(count, height, width)[k].copy()
-                result.edges = job.host_edges.reshape(count, height, width)[k].copy()
-            results[index] = result
+        indices = list(job.batch.indices)
+        results.histograms[indices] = stats[:, : kernels.EDGE_COUNT]
+        results.edge_counts[indices] = stats[:, kernels.EDGE_COUNT]
+        if job.keep_images:
+            for k, index in enumerate(indices):
+                results.equalized[index] = job.host_equalized.reshape(count, height, width)[k].copy()
+                results.edges[index] = job.host_edges.reshape(count, height, width)[k].copy()
+        done[indices] = True
         self._account(slot, job)
         slot.job = None
 

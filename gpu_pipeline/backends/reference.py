@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 import cpu_reference
-from gpu_pipeline.backends.base import Backend, StageResult, check_image
+from gpu_pipeline.backends.base import Backend, BatchResult, StageResult, check_image
 from gpu_pipeline.config import PipelineConfig
 
 
@@ -16,7 +16,7 @@ class ReferenceBackend(Backend):
 
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
-    ) -> list[StageResult]:
+    ) -> BatchResult:
         results = []
         for image in images:
             check_image(image)
@@ -27,4 +27,4 @@ class ReferenceBackend(Backend):
                 equalized=stages.equalized if keep_images else None,
                 edges=stages.edges if keep_images else None,
             ))
-        return results
+        return BatchResult.from_results(results)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,6 +17,8 @@ class BackendEntry:
     name: str
     description: str
     load: Callable[[], type[Backend]]
+    #: Needs the CUDA driver: ``auto`` skips it without importing it when there is none.
+    needs_cuda_driver: bool = False
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
@@ -29,9 +34,22 @@ def _lazy(module: str, cls: str) -> Callable[[], type[Backend]]:
     return load
 
 
-def register(name: str, load: Callable[[], type[Backend]], description: str = "") -> None:
+def register(name: str, load: Callable[[], type[Backend]], description: str = "",
+             needs_cuda_driver: bool = False) -> None:
     """Make a backend known by ``name``; ``load`` returns its class (importing it if needed)."""
-    _REGISTRY[name] = BackendEntry(name, description, load)
+    _REGISTRY[name] = BackendEntry(name, description, load, needs_cuda_driver)
+
+
+@functools.cache
+def cuda_driver_loads() -> bool:
+    """Whether the CUDA driver library can be loaded: a millisecond, where importing a GPU
+    backend to ask it (numba.cuda, CuPy) costs about half a second of every start."""
+    library = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
 
 
 def unregister(name: str) -> None:
@@ -67,7 +85,9 @@ def resolve(name: str) -> str:
             raise KeyError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
         return name
     for candidate in AUTO_ORDER:
-        if candidate in _REGISTRY and unavailable_reason(candidate) is None:
+        if candidate not in _REGISTRY or _REGISTRY[candidate].needs_cuda_driver and not cuda_driver_loads():
+            continue
+        if unavailable_reason(candidate) is None:
             return candidate
     return "reference"
 
@@ -86,6 +106,6 @@ register("reference", _lazy("gpu_pipeline.backends.reference", "ReferenceBackend
 register("numba", _lazy("gpu_pipeline.backends.numba_cpu", "NumbaCpuBackend"),
          "numba parallel CPU kernels, every core")
 register("cuda", _lazy("gpu_pipeline.backends.numba_cuda", "NumbaCudaBackend"),
-         "numba.cuda GPU kernels")
+         "numba.cuda GPU kernels", needs_cuda_driver=True)
 register("cupy", _lazy("gpu_pipeline.backends.cupy_gpu", "CupyBackend"),
-         "CuPy with CUDA C++ kernels")
+         "CuPy with CUDA C++ kernels", needs_cuda_driver=True)

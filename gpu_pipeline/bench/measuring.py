@@ -20,8 +20,9 @@ from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, SKIMAGE_POOL, OpenC
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import DEFAULT_BATCH_PIXELS, Decoded, Engine, batches, decode_stream, one_line
+from gpu_pipeline.engine import Decoded, Engine, batches, decode_stream, one_line
 from gpu_pipeline.verify import OpenCvOracle
+from gpu_pipeline.sinks import NullSink
 
 SCHEMA = "gpu-pipeline-bench/1"
 #: Ratios are taken against the first of these that was measured.
@@ -36,8 +37,8 @@ DECODE_OPENCV = "cv2.imread"
 class BenchSettings:
     repeats: int = 3
     threads: int = field(default_factory=usable_cpus)
-    batch_size: int = Engine.batch_size
-    batch_pixels: int = DEFAULT_BATCH_PIXELS
+    batch_size: int | None = None  # images per batch at most; None: the backend's pixel budget only
+    batch_pixels: int | None = None  # None: what the backend asks for (Backend.batch_pixels)
     config: PipelineConfig = field(default_factory=PipelineConfig)
     decode_options: DecodeOptions = field(default_factory=DecodeOptions)
 
@@ -69,29 +70,24 @@ class Contender:
 def run_compute(backend: Backend, images: Sequence[np.ndarray], settings: BenchSettings) -> None:
     """``process()`` over images in memory, grouped as the engine groups them."""
     items = (Decoded(Path(str(index)), image=image) for index, image in enumerate(images))
-    for batch in batches(items, settings.batch_size, settings.batch_pixels):
+    for batch in batches(items, settings.batch_size, settings.batch_pixels or backend.batch_pixels()):
         backend.process([item.image for item in batch], settings.config)
-
-
-class _DropRecords:
-    def write(self, records: Iterable[dict]) -> None:
-        pass
 
 
 def run_end_to_end(backend: Backend, paths: Sequence[Path], settings: BenchSettings) -> None:
     """``paths`` through the engine as ``gpu-pipeline run`` streams them, records dropped."""
     engine = Engine(backend=backend, config=settings.config, decode_options=settings.decode_options,
                     batch_size=settings.batch_size, batch_pixels=settings.batch_pixels, workers=settings.threads)
-    summary = engine.run(list(paths), _DropRecords())
+    summary = engine.run(list(paths), NullSink())
     if summary.failed:
         stages = ", ".join(f"{stage}: {n}" for stage, n in summary.failures_by_stage.items())
         raise RuntimeError(f"{summary.failed} of {summary.total} images failed end to end ({stages})")
 
 
 def decode_with_io(paths: Sequence[Path], settings: BenchSettings) -> None:
-    """The engine's decode pool alone (same workers and read-ahead)."""
-    prefetch = settings.batch_size + 2 * settings.threads
-    for item in decode_stream(paths, settings.decode_options, settings.threads, prefetch):
+    """The engine's decode pool alone, as ``gpu-pipeline run`` uses it (same threads, chunks and
+    read-ahead in pixels)."""
+    for item in decode_stream(paths, settings.decode_options, settings.threads):
         if item.error is not None:
             raise RuntimeError(f"{item.error['path']}: {item.error['error']}")
 

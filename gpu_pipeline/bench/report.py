@@ -107,7 +107,8 @@ def legend(report: BenchReport) -> list[str]:
     spread_note = (f"median of {settings.repeats} repeats ± half their min-max range"
                    if settings.repeats > 1 else "one repeat")
     return [
-        (f"{settings.threads} threads, batches of up to {settings.batch_size} images. MP/s: {spread_note}, "
+        (f"{settings.threads} threads, batches of up to {settings.batch_size or 'any number of'} images "
+         f"and {_batch_pixels_note(settings.batch_pixels)}. MP/s: {spread_note}, "
          "after a warm-up; img/s at the median."),
         "comp: compute, on the decoded images in memory. e2e: end to end, the files through the engine "
         "(decode included).",
@@ -166,3 +167,9 @@ def plot_report(report: BenchReport, path: Path) -> None:
     axes.set_title(f"{describe_corpus(report)}, {report.settings.threads} threads", fontsize=9)
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=120)
+
+
+def _batch_pixels_note(batch_pixels: int | None) -> str:
+    if batch_pixels is None:
+        return "the pixels each backend asks for"
+    return f"{batch_pixels / 2**20:g} MP"

@@ -7,7 +7,6 @@ import math
 
 from gpu_pipeline.bench.corpus import FORMATS, MAX_CORPUS_PIXELS, TILE_SIZE
 from gpu_pipeline.bench.measuring import contender_names, unavailable_reason
-from gpu_pipeline.engine import Engine
 from gpu_pipeline.io import UsageError
 
 DEFAULT_SIZE = "512x512"
@@ -70,6 +69,7 @@ def generation_request(size: str | None, count: int | None, tiles: int | None, f
 
 
 def default_batch_size(images: int) -> int:
-    """The engine's batch size, lowered so that the corpus makes at least 4 batches: decode
-    overlaps compute only across batches, and a nightly run has thousands of them."""
-    return max(1, min(Engine.batch_size, math.ceil(images / 4)))
+    """At most a quarter of the corpus per batch (the backend's own pixel budget may cut batches
+    smaller), so that the corpus makes at least 4 batches: decode overlaps compute only across
+    batches, and a nightly run has thousands of them."""
+    return max(1, math.ceil(images / 4))

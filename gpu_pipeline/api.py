@@ -1,0 +1,145 @@
+"""The Python API: the same data plane as ``gpu-pipeline run``, for notebooks and other programs.
+
+* :func:`process` runs the pipeline on images already in memory and returns the batch arrays;
+* :func:`run` streams files through the engine (decode pool, batches, labels) and yields one
+  record per file, the same dicts ``gpu-pipeline run`` writes as JSON lines.
+
+Backends are created once per backend name and thread count and kept for the life of the process,
+so kernels are loaded (or compiled) once, whatever calls them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpu_pipeline.backends import Backend, registry
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+
+
+@dataclass
+class Results:
+    """What :func:`process` returns for N images, in order.
+
+    ``histograms`` int64 (N, 256), ``edge_counts`` int64 (N,), ``labels`` one string per image;
+    ``equalized`` and ``edges`` lists of uint8 images when asked for (``keep_images=True``).
+    """
+
+    histograms: np.ndarray
+    edge_counts: np.ndarray
+    labels: list[str]
+    equalized: list[np.ndarray] | None = None
+    edges: list[np.ndarray] | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
+    """The backend ``name`` (or the best available for ``auto``), created once per process."""
+    return registry.create(name, threads=threads)
+
+
+def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int | None = None,
+            low: float = 100.0, high: float = 200.0, l2: bool = False, blur: int = 5,
+            keep_images: bool = False, model: str | None = None) -> Results:
+    """Run the pipeline on uint8 gray (H, W) or RGB (H, W, 3) images in memory.
+
+    Images of any mix of shapes go to the backend in its own batch sizes; the results are the
+    same bytes as ``gpu-pipeline run`` on the same pixels. ``model`` labels with a model file or
+    the shipped ``eurosat`` instead of the default rule.
+    """
+    from gpu_pipeline.classify import label_function
+
+    config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    chosen = shared_backend(backend, threads)
+    images = list(images)
+    parts = [chosen.process(images[start:end], config, keep_images)
+             for start, end in _slices(images, chosen.batch_pixels())]
+    histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
+    edge_counts = np.concatenate([p.edge_counts for p in parts]) if parts else np.zeros(0, np.int64)
+    labels = list(label_function(model, config)(images, histograms, edge_counts)) if images else []
+    kept = (lambda name: [im for p in parts for im in getattr(p, name)]) if keep_images else (lambda name: None)
+    return Results(histograms, edge_counts, labels, kept("equalized"), kept("edges"))
+
+
+def _slices(images: Sequence[np.ndarray], batch_pixels: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, end) runs of at most ``batch_pixels`` pixels (or one image)."""
+    start = pixels = 0
+    for index, image in enumerate(images):
+        size = image.shape[0] * image.shape[1]
+        if index > start and pixels + size > batch_pixels:
+            yield start, index
+            start, pixels = index, 0
+        pixels += size
+    if start < len(images):
+        yield start, len(images)
+
+
+def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threads: int | None = None,
+        workers: int | None = None, low: float = 100.0, high: float = 200.0, l2: bool = False, blur: int = 5,
+        bands: tuple[int, ...] | None = None, stretch: str = "percentile", model: str | None = None,
+        glob: str | None = None) -> Iterator[dict]:
+    """Yield one record per image file under ``paths`` (files and folders, searched recursively):
+    the dicts ``gpu-pipeline run`` writes, results and errors, in input order.
+
+    The engine runs in a background thread a few batches ahead; closing the generator early
+    stops it after the batches in flight.
+    """
+    from gpu_pipeline.classify import label_function
+    from gpu_pipeline.engine import Engine
+    from gpu_pipeline.io import discover
+
+    config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    files = [Path(path).absolute() for path in discover(paths, glob=glob)]
+    engine = Engine(backend=shared_backend(backend, threads), config=config,
+                    decode_options=DecodeOptions(bands=bands, stretch=stretch),
+                    workers=workers or os.cpu_count() or 2, labels_of=label_function(model, config))
+    yield from _records_of(engine, files)
+
+
+class _QueueSink:
+    """Hands each batch of records to the consumer; at most ``depth`` batches wait."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.batches: queue.Queue = queue.Queue(depth)
+
+    def write(self, records) -> None:
+        self.batches.put(records)
+
+
+_DONE = object()
+
+
+def _records_of(engine, files: list[Path]) -> Iterator[dict]:
+    sink, stop = _QueueSink(), threading.Event()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            engine.run(files, sink, stop=stop)
+        except BaseException as exc:  # handed to the consumer
+            failure.append(exc)
+        finally:
+            sink.batches.put(_DONE)
+
+    producer = threading.Thread(target=produce, name="gpu-pipeline-run", daemon=True)
+    producer.start()
+    try:
+        while (batch := sink.batches.get()) is not _DONE:
+            yield from batch
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                sink.batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()
+    if failure:
+        raise failure[0]
