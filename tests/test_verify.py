@@ -368,8 +368,7 @@ class EdgeCountHalved(ReferenceBackend):
 
     def process(self, images, config, keep_images=False):
         results = super().process(images, config, keep_images)
-        for result in results:
-            result.edge_count //= 2
+        results.edge_counts //= 2
         return results
 
 
