@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.cli_options import (L2, Bands, BatchSize, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
+from gpu_pipeline.cli_options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import UsageError
@@ -41,7 +41,7 @@ def verify(
     glob: Glob = None,
     workers: Workers = None,
     threads: Threads = None,
-    batch_size: BatchSize = 64,
+    batch_size: ImagesPerCall = 64,
     model: Optional[str] = typer.Option(
         None, "--model", "-m", show_default=False,
         help="Compare the labels of this model (a file from `gpu-pipeline fit`, or eurosat) instead of the default rule."),

@@ -321,6 +321,9 @@ def execute(job: Job, checked: CheckedJob) -> int:
         console.print(f"warning: {job.out}: skipped {output.existing.damaged} damaged line(s) between intact "
                       "records; their images are processed again")
     if job.dask is None and todo:
+        if not job.quiet and backend.compiles_on_warm_up():
+            console.print(f"compiling the {backend.name} kernels (first run after install, about 15 s; "
+                          "later runs load them from the cache)")
         started = time.perf_counter()
         backend.warm_up(job.config)
         if not job.quiet and (seconds := time.perf_counter() - started) > 1:
