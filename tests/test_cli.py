@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cpu_reference
+from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline import __version__
 from gpu_pipeline.classify import DEFAULT_LABELS
 from gpu_pipeline.cli import app
@@ -183,3 +185,36 @@ def test_console_script_runs_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("gpu-pipeline: error:") and "Traceback" not in proc.stderr
+
+
+class SlowToCompile(ReferenceBackend):
+    """The reference, as a backend whose kernels are not in the cache: warming up takes a while."""
+
+    name = "slow-to-compile"
+
+    def compiles_on_warm_up(self) -> bool:
+        return True
+
+    def warm_up(self, config=None) -> None:
+        time.sleep(1.1)
+
+
+def test_a_first_compile_is_announced_before_it_starts_and_timed_after(tmp_path, image_dir, register):
+    register(SlowToCompile)
+    result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
+                                      "--backend", "slow-to-compile"])
+    assert result.exit_code == 0, result.output
+    before = result.stderr.index("compiling the slow-to-compile kernels (first run after install")
+    assert before < result.stderr.index("backend slow-to-compile ready in ")
+
+
+def test_kernels_found_in_the_cache_are_not_announced(tmp_path, image_dir, register):
+    register(SlowToCompile)
+    SlowToCompile.compiles_on_warm_up = lambda self: False
+    try:
+        result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
+                                          "--backend", "slow-to-compile"])
+    finally:
+        del SlowToCompile.compiles_on_warm_up
+    assert result.exit_code == 0, result.output
+    assert "compiling" not in result.stderr
