@@ -239,3 +239,28 @@ def test_out_of_memory_retries_with_halves_then_says_why():
     with (_backend_with_device_memory(stats_bytes - 1, []) as backend,  # not even one image fits
           pytest.raises(GpuOutOfMemory, match=r"shape \(8, 8, 3\)")):
         backend.process(batch[:2], config)
+
+
+@pytest.mark.parametrize("failing_step", ["_hysteresis", "_stage", "_collect"])
+def test_a_one_off_error_leaves_the_backend_usable(failing_step):
+    """Issue #14 item 1: any failure inside process() (not just out-of-memory) must leave no
+    sub-batch behind; the engine retries on the same backend, so later calls must be right."""
+    rng = np.random.default_rng(13)
+    batch = [scene((12, 10, 3), rng, "blocks"), scene((12, 10, 3), rng, "two-level"), scene((9, 7), rng, "noise")]
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    with NumbaCudaBackend(allow_simulator=True) as backend:
+        original = getattr(backend, failing_step)
+        calls = []
+
+        def fails_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected one-off failure")
+            return original(*args, **kwargs)
+
+        setattr(backend, failing_step, fails_once)
+        with pytest.raises(RuntimeError, match="injected"):
+            backend.process(batch, config, keep_images=True)
+        for keep in (True, False):
+            assert_matches_reference(batch, backend.process(batch, config, keep_images=keep), config, keep)
+        assert_matches_reference(batch[2:], backend.process(batch[2:], config), config, False)

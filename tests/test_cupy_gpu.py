@@ -540,6 +540,34 @@ def test_hysteresis_needs_several_rounds_and_still_converges(harness):
     assert rounds > 1 and device.syncs == rounds
 
 
+@pytest.mark.parametrize("failing_kernel", ["gray_histogram", "hysteresis", "finalize_edges"])
+def test_a_one_off_error_leaves_the_backend_usable(harness, monkeypatch, failing_kernel):
+    """Issue #14 item 1: after any failure inside process() the next calls give the reference's bytes.
+    Small arenas make several sub-batches, so the failure leaves work queued on the other slot."""
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    rng = np.random.default_rng(17)
+    batch = [rng.integers(0, 256, (20, 30, 3), np.uint8) for _ in range(5)] + [rng.integers(0, 256, (9, 7), np.uint8)]
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    failures = []
+
+    def fail_once(device, launch):  # in the second sub-batch, while the first one is still queued
+        second_sub_batch = sum(done.kernel == "gray_histogram" for done in device.launches) == 2
+        if launch.kernel == failing_kernel and second_sub_batch and not failures:
+            failures.append(launch)
+            raise RuntimeError("injected one-off failure")
+
+    device = HostDevice(harness, after_launch=fail_once)
+    monkeypatch.setattr(cupy_gpu, "sub_batch_budget", lambda free, held: 2 * BatchLayout.plan(1, (20, 30, 3), True).device_bytes)
+    backend = CupyBackend(device=device)
+    with pytest.raises(RuntimeError, match="injected"):
+        backend.process(batch, config, keep_images=True)
+    assert failures
+    # A smaller batch first: results of a sub-batch left queued would land on indices it lacks.
+    assert_same_as_reference(backend.process(batch[-1:], config), batch[-1:], config, keep_images=False)
+    for keep in (True, False):
+        assert_same_as_reference(backend.process(batch, config, keep_images=keep), batch, config, keep_images=keep)
+
+
 def test_close_releases_the_memory_pools(harness):
     device = HostDevice(harness)
     backend = CupyBackend(device=device)

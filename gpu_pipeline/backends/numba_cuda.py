@@ -13,6 +13,7 @@ Kernels: ``_cuda_kernels``; host-side decisions: ``_cuda_plan``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -190,7 +191,17 @@ class NumbaCudaBackend(Backend):
         if deallocations is not None:
             deallocations.clear()  # free now, not at numba's next convenient moment
 
+    def _abandon(self) -> None:
+        """After an error: wait for queued work (so no copy still targets the buffers) and forget
+        every sub-batch in flight, so that the next call starts clean (as the cupy backend does)."""
+        for slot in self._slots:
+            slot.job = None
+            # The device may be the reason we are here; there is nothing left to save.
+            with contextlib.suppress(Exception):
+                slot.stream.synchronize()
+
     def close(self) -> None:
+        self._abandon()
         self._release_buffers()
         self._stager.shutdown()
 
@@ -216,8 +227,9 @@ class NumbaCudaBackend(Backend):
             ]
             try:
                 self._run(plan, images, config, bool(keep_images), results, done)
-            except Exception as error:
+            except BaseException as error:
                 if not is_out_of_memory(error):
+                    self._abandon()  # any other failure: the next call must start clean
                     raise
                 self._release_buffers()
                 unfinished = [b for b in plan if not done[list(b.indices)].all()]
