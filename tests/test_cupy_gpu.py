@@ -41,6 +41,7 @@ from gpu_pipeline.backends.cupy_gpu import (
     edge_launches,
     front_launches,
     grown_capacity,
+    staging_capacity,
     max_images_per_batch,
     plan_sub_batches,
     split_evenly,
@@ -270,6 +271,8 @@ class HostDevice:
         self.failed_allocations = 0
         self.released = 0
         self.syncs = 0
+        self.pinned_pool: list[int] = []  # sizes of the dropped pinned blocks CuPy's pool keeps
+        self.pinned_locked = 0  # page-locked bytes: in use or kept by the pool
 
     def free_bytes(self) -> int:
         return 2**30 if self.memory is None else self.memory - self._used()
@@ -289,7 +292,20 @@ class HostDevice:
         weakref.finalize(arena, self.live.pop, address, None)  # freed when the backend drops it
         return arena
 
-    alloc_pinned = alloc
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        """Pinned memory as CuPy's pool holds it: a dropped buffer's block stays locked in the pool,
+        reused only by a request of exactly its size, until ``release_pinned``."""
+        if nbytes in self.pinned_pool:
+            self.pinned_pool.remove(nbytes)
+        else:
+            self.pinned_locked += nbytes
+        arena = self.alloc(nbytes)
+        weakref.finalize(arena, self.pinned_pool.append, nbytes)
+        return arena
+
+    def release_pinned(self) -> None:
+        self.pinned_locked -= sum(self.pinned_pool)
+        self.pinned_pool.clear()
 
     @staticmethod
     def address(arena: np.ndarray) -> int:
@@ -332,6 +348,7 @@ class HostDevice:
 
     def release_cached(self) -> None:
         self.released += 1
+        self.release_pinned()
 
 
 def assert_same_as_reference(results, batch, config, keep_images=True):
@@ -538,6 +555,40 @@ def test_hysteresis_needs_several_rounds_and_still_converges(harness):
     assert result.edge_count == int(expected.sum()) > height * width // 5
     rounds = sum(launch.kernel == "finalize_edges" for launch in device.launches)
     assert rounds > 1 and device.syncs == rounds
+
+
+def test_staging_capacity_doubles_up_to_the_batch_limit():
+    granule = cupy_gpu.ARENA_GRANULE
+    assert staging_capacity(8 * granule, 5 * granule, 64 * granule) == 8 * granule  # fits: kept
+    assert staging_capacity(0, 1, 64 * granule) == granule
+    assert staging_capacity(4 * granule, 5 * granule, 64 * granule) == 8 * granule  # doubles
+    assert staging_capacity(4 * granule, 5 * granule, 6 * granule) == 6 * granule  # up to the limit
+    assert staging_capacity(4 * granule, 9 * granule, 6 * granule) == 9 * granule  # what is needed, always
+    sizes, size = [], 0  # a batch growing one granule at a time regrows a few times only
+    for needed in range(1, 65):
+        grown = staging_capacity(size, needed * granule, 64 * granule)
+        if grown != size:
+            sizes.append(grown)
+        size = grown
+    assert len(sizes) == 7 and size == 64 * granule
+
+
+def test_pinned_memory_held_is_only_the_staging_in_use_across_growing_batches(harness, monkeypatch):
+    """Issue #14 item 3: old staging buffers must not stay locked in CuPy's pinned pool."""
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    rng = np.random.default_rng(19)
+    config = PipelineConfig()
+    pinned_allocations = []
+    allocate = device.alloc_pinned
+    device.alloc_pinned = lambda nbytes: pinned_allocations.append(nbytes) or allocate(nbytes)
+    for count in range(1, 25):  # a batch one image larger each time
+        batch = [rng.integers(0, 256, (10, 9, 3), np.uint8) for _ in range(count)]
+        assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+        in_use = sum(slot.staging_bytes for slot in backend._slots)
+        assert device.pinned_locked == in_use, f"batch of {count}: {device.pinned_locked} locked, {in_use} in use"
+    assert len(pinned_allocations) <= 2 * 6, pinned_allocations  # each slot doubles: log2(24) + 1 times
 
 
 @pytest.mark.parametrize("failing_kernel", ["gray_histogram", "hysteresis", "finalize_edges"])

@@ -233,6 +233,18 @@ def grown_capacity(current: int, needed: int) -> int:
     return -(-needed // ARENA_GRANULE) * ARENA_GRANULE
 
 
+def staging_capacity(current: int, needed: int, limit: int) -> int:
+    """Pinned staging size for ``needed`` bytes: the current one when it fits, else at least double it
+    (up to ``limit``, the host bytes of the largest sub-batch the budget allows), in granules.
+
+    Doubling bounds the number of regrowths to a few; each regrowth releases the old buffer to the
+    system (CuPy's pinned pool only reuses blocks of the same size and never trims itself)."""
+    if needed <= current:
+        return current
+    size = max(needed, min(2 * current, limit))
+    return -(-size // ARENA_GRANULE) * ARENA_GRANULE
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``args`` are NumPy scalars (uint64 addresses, int32 / int64 values)."""
@@ -352,6 +364,10 @@ class CupyDevice:
 
     def release_cached(self) -> None:
         self._cupy.get_default_memory_pool().free_all_blocks()
+        self.release_pinned()
+
+    def release_pinned(self) -> None:
+        """Give the pinned blocks no array uses back to the system (CuPy's pool never trims itself)."""
         self._cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
@@ -378,15 +394,21 @@ class _Slot:
     def staging_bytes(self) -> int:
         return 0 if self.staging is None else self.staging.nbytes
 
-    def reserve(self, device, layout: BatchLayout) -> None:
-        """Grow the arenas to hold ``layout``; the old ones are dropped first so their memory can be reused."""
+    def reserve(self, device, layout: BatchLayout, staging_limit: int) -> None:
+        """Grow the arenas to hold ``layout``; the old ones are dropped first so their memory can be reused.
+
+        ``staging_limit``: the pinned staging size the batch limits may need (see ``staging_capacity``).
+        """
         if layout.device_bytes > self.arena_bytes:
             size = grown_capacity(self.arena_bytes, layout.device_bytes)
             self.arena, self.arena_bytes = None, 0
             self.arena, self.arena_bytes = device.alloc(size), size
         if layout.host_bytes > self.staging_bytes:
-            size = grown_capacity(self.staging_bytes, layout.host_bytes)
+            size = staging_capacity(self.staging_bytes, layout.host_bytes, staging_limit)
+            had_staging = self.staging is not None
             self.staging = None
+            if had_staging:
+                device.release_pinned()  # else the old block stays locked in CuPy's pool for good
             self.staging = device.alloc_pinned(size)
 
     def release(self) -> None:
@@ -444,7 +466,7 @@ class CupyBackend(Backend):
                 self._turn = (self._turn + 1) % SLOTS
                 self._collect(slot, results)
                 try:
-                    slot.reserve(self._device, layout)
+                    slot.reserve(self._device, layout, budget)
                 except GpuOutOfMemory:
                     self._drain(results)
                     self._release_buffers()
@@ -452,7 +474,7 @@ class CupyBackend(Backend):
                         remaining = indices + [index for batch in queue for index in batch]
                         queue = deque(plan_sub_batches(images, remaining, layout.device_bytes // 2, keep_images))
                         continue
-                    self._reserve_single(slot, layout)
+                    self._reserve_single(slot, layout, budget)
                 self._submit(slot, images, indices, layout, settings)
             self._drain(results)
         except BaseException:
@@ -466,10 +488,10 @@ class CupyBackend(Backend):
 
     # --- internals ---
 
-    def _reserve_single(self, slot: _Slot, layout: BatchLayout) -> None:
+    def _reserve_single(self, slot: _Slot, layout: BatchLayout, staging_limit: int) -> None:
         """Last try for a one-image sub-batch, with everything else released."""
         try:
-            slot.reserve(self._device, layout)
+            slot.reserve(self._device, layout, staging_limit)
         except GpuOutOfMemory as exc:
             mib = 2**20
             raise GpuOutOfMemory(
