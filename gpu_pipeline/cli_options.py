@@ -28,6 +28,8 @@ Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose na
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Decode threads. Default: one per core.")]
 Threads = Annotated[Optional[int], typer.Option("--threads",
                                                 help="Compute threads of CPU backends. Default: all cores.")]
+Device = Annotated[Optional[int], typer.Option(
+    "--device", metavar="N", help="GPU number for the cuda and cupy backends. Default: 0.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per backend call.")]
 
 

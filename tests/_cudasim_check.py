@@ -264,3 +264,50 @@ def test_a_one_off_error_leaves_the_backend_usable(failing_step):
         for keep in (True, False):
             assert_matches_reference(batch, backend.process(batch, config, keep_images=keep), config, keep)
         assert_matches_reference(batch[2:], backend.process(batch[2:], config), config, False)
+
+
+def test_device_index_is_checked_against_the_visible_gpus():
+    with pytest.raises(BackendUnavailable, match=r"--device 1: no such GPU here \(1 visible; --device 0\)"):
+        NumbaCudaBackend(allow_simulator=True, device_index=1)
+
+
+def test_process_binds_the_gpu_in_the_thread_that_runs_it():
+    """Issue #14 item 4: the engine's compute thread, not the one that built the backend, must
+    have the backend's device current while process() runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    class RecordingGpus:
+        def __init__(self, gpus):
+            self.gpus, self.bound = gpus, []
+
+        def __getitem__(self, index):
+            manager, bound = self.gpus[index], self.bound
+
+            class Binding:
+                def __enter__(self):
+                    bound.append((threading.get_ident(), index))
+                    return manager.__enter__()
+
+                def __exit__(self, *exc):
+                    return manager.__exit__(*exc)
+
+            return Binding()
+
+    class CudaProxy:
+        def __init__(self, module):
+            self._module, self.gpus = module, RecordingGpus(module.gpus)
+
+        def __getattr__(self, name):
+            return getattr(self._module, name)
+
+    rng = np.random.default_rng(23)
+    batch = [scene((9, 10), rng, "blocks")]
+    config = PipelineConfig()
+    with NumbaCudaBackend(allow_simulator=True, device_index=0) as backend:
+        backend._cuda = proxy = CudaProxy(cuda)
+        with ThreadPoolExecutor(1) as compute_thread:
+            results = compute_thread.submit(backend.process, batch, config, True).result()
+            worker = compute_thread.submit(threading.get_ident).result()
+        assert_matches_reference(batch, results, config, True)
+        assert proxy.gpus.bound == [(worker, 0)]

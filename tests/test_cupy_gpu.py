@@ -10,11 +10,13 @@ a block shape can show up too. What only a GPU can tell (memory model, streams, 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import re
 import shutil
 import subprocess
+import threading
 import weakref
 from pathlib import Path
 
@@ -271,16 +273,30 @@ class HostDevice:
         self.failed_allocations = 0
         self.released = 0
         self.syncs = 0
+        self.bound = threading.local()  # bind() depth per thread: every device call must be bound
         self.pinned_pool: list[int] = []  # sizes of the dropped pinned blocks CuPy's pool keeps
         self.pinned_locked = 0  # page-locked bytes: in use or kept by the pool
 
+    @contextlib.contextmanager
+    def bind(self):
+        self.bound.depth = getattr(self.bound, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self.bound.depth -= 1
+
+    def assert_bound(self) -> None:
+        assert getattr(self.bound, "depth", 0) > 0, "a device call outside bind() in this thread"
+
     def free_bytes(self) -> int:
+        self.assert_bound()
         return 2**30 if self.memory is None else self.memory - self._used()
 
     def _used(self) -> int:
         return sum(fenced.nbytes - 2 * self.CANARY for fenced in self.live.values())
 
     def alloc(self, nbytes: int) -> np.ndarray:
+        self.assert_bound()
         if self.memory is not None and self._used() + nbytes > self.memory:
             self.failed_allocations += 1
             raise GpuOutOfMemory(f"fake device: {nbytes} bytes do not fit")
@@ -312,6 +328,7 @@ class HostDevice:
         return arena.ctypes.data
 
     def new_stream(self) -> object:
+        self.assert_bound()
         return object()
 
     def _check_range(self, address: int, nbytes: int) -> None:
@@ -320,18 +337,22 @@ class HostDevice:
         assert inside, f"copy of {nbytes} bytes at {address:#x} outside every arena"
 
     def upload(self, address: int, host: np.ndarray, stream) -> None:
+        self.assert_bound()
         self._check_range(address, host.nbytes)
         ctypes.memmove(address, host.ctypes.data, host.nbytes)
 
     def download(self, host: np.ndarray, address: int, stream) -> None:
+        self.assert_bound()
         self._check_range(address, host.nbytes)
         ctypes.memmove(host.ctypes.data, address, host.nbytes)
 
     def zero(self, address: int, nbytes: int, stream) -> None:
+        self.assert_bound()
         self._check_range(address, nbytes)
         ctypes.memset(address, 0, nbytes)
 
     def launch(self, launch: Launch, stream) -> None:
+        self.assert_bound()
         self.launches.append(launch)
         self.harness.run(launch, self.block or launch.block)
         self.check_canaries()
@@ -344,9 +365,11 @@ class HostDevice:
                 "a kernel wrote outside its arena"
 
     def synchronize(self, stream) -> None:
+        self.assert_bound()
         self.syncs += 1
 
     def release_cached(self) -> None:
+        self.assert_bound()
         self.released += 1
         self.release_pinned()
 
@@ -617,6 +640,21 @@ def test_a_one_off_error_leaves_the_backend_usable(harness, monkeypatch, failing
     assert_same_as_reference(backend.process(batch[-1:], config), batch[-1:], config, keep_images=False)
     for keep in (True, False):
         assert_same_as_reference(backend.process(batch, config, keep_images=keep), batch, config, keep_images=keep)
+
+
+def test_process_binds_the_gpu_in_the_thread_that_runs_it(harness):
+    """Issue #14 item 4: the engine calls process() on its compute thread, not the one that built
+    the backend; the fake device fails any call made outside bind() in the calling thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    batch = [np.arange(80, dtype=np.uint8).reshape(8, 10)]
+    with ThreadPoolExecutor(1) as compute_thread:
+        results = compute_thread.submit(backend.process, batch, PipelineConfig(), True).result()
+        compute_thread.submit(backend.close).result()
+    assert_same_as_reference(results, batch, PipelineConfig())
+    assert device.syncs >= 1
 
 
 def test_close_releases_the_memory_pools(harness):

@@ -391,3 +391,21 @@ def test_gpu_kernels_were_compiled_only_for_the_declared_signatures(gpu_backend)
     gpu_backend.process([scene((40, 50, 3), rng)], gpu_configs[0], keep_images=False)
     for kernel, signatures in kernels.KERNEL_SIGNATURES.items():
         assert len(kernel.overloads) == len(signatures), (kernel.py_func.__name__, list(kernel.overloads))
+
+
+@pytest.mark.parametrize("index, count, message", [
+    (1, 1, r"--device 1: no such GPU here \(1 visible; --device 0\)"),
+    (7, 4, r"--device 7: no such GPU here \(4 visible; --device 0\.\.3\)"),
+    (0, 0, r"--device 0: no such GPU here \(0 visible; none\)"),
+])
+def test_a_device_index_beyond_the_visible_gpus_says_which_exist(index, count, message):
+    from gpu_pipeline.backends.base import checked_device_index
+
+    with pytest.raises(BackendUnavailable, match=message):
+        checked_device_index(index, count)
+    assert checked_device_index(None, 2) == 0 and checked_device_index(1, 2) == 1
+
+
+def test_device_is_refused_for_cpu_backends():
+    with pytest.raises(BackendUnavailable, match="needs a GPU backend"):
+        registry.create("numba", device=0)

@@ -36,6 +36,7 @@ from gpu_pipeline.backends.base import (
     BackendUnavailable,
     BatchResult,
     check_image,
+    checked_device_index,
     group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
@@ -311,16 +312,23 @@ def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]
 class CupyDevice:
     """Every GPU call of the backend: memory, copies, launches, streams. Tests substitute a fake."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
         import cupy
         import cupyx
 
         self._cupy, self._cupyx = cupy, cupyx
         self._runtime = cupy.cuda.runtime
-        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=NVRTC_OPTIONS)
-        # Compile now, so that a compile error surfaces when the backend is created.
-        self._kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
-        self.sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        self.index = index
+        with self.bind():
+            module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=NVRTC_OPTIONS)
+            # Compile now, so that a compile error surfaces when the backend is created.
+            self._kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
+            self.sm_count = int(cupy.cuda.Device(index).attributes["MultiProcessorCount"])
+
+    def bind(self):
+        """This GPU, current in the calling thread for the ``with`` block: CUDA's current device is
+        per thread, and ``process()`` runs on the engine's compute thread (which starts on device 0)."""
+        return self._cupy.cuda.Device(self.index)
 
     def free_bytes(self) -> int:
         free, _total = self._runtime.memGetInfo()
@@ -421,15 +429,20 @@ class CupyBackend(Backend):
     name = "cupy"
     uses_gpu = True
 
-    def __init__(self, threads: int | None = None, device=None) -> None:
+    def __init__(self, threads: int | None = None, device=None, *, device_index: int | None = None) -> None:
+        """``device``: the device interface (tests pass a fake); else a :class:`CupyDevice` on GPU
+        ``device_index`` (``--device``, default 0)."""
         super().__init__(threads)
         if device is None:
             reason = self.unavailable_reason()
             if reason is not None:
                 raise BackendUnavailable(reason)
-            device = CupyDevice()
+            import cupy
+
+            device = CupyDevice(checked_device_index(device_index, cupy.cuda.runtime.getDeviceCount()))
         self._device = device
-        self._slots = [_Slot(device) for _ in range(SLOTS)]
+        with device.bind():
+            self._slots = [_Slot(device) for _ in range(SLOTS)]
         self._turn = 0
 
     @classmethod
@@ -453,6 +466,10 @@ class CupyBackend(Backend):
             check_image(image)
             if image.shape[0] * image.shape[1] > MAX_PIXELS:
                 raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {image.shape}")
+        with self._device.bind():
+            return self._process_on_device(images, config, keep_images)
+
+    def _process_on_device(self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool) -> BatchResult:
         settings = KernelSettings.from_config(config)
         results = BatchResult.empty(len(images), keep_images)
         held = sum(slot.arena_bytes for slot in self._slots)
@@ -483,8 +500,9 @@ class CupyBackend(Backend):
         return results  # every index was filled by _collect
 
     def close(self) -> None:
-        self._abandon()
-        self._release_buffers()
+        with self._device.bind():
+            self._abandon()
+            self._release_buffers()
 
     # --- internals ---
 

@@ -38,7 +38,13 @@ from gpu_pipeline.backends._cuda_plan import (
     plan_sub_batches,
     tile_grid,
 )
-from gpu_pipeline.backends.base import Backend, BackendUnavailable, BatchResult, check_image
+from gpu_pipeline.backends.base import (
+    Backend,
+    BackendUnavailable,
+    BatchResult,
+    check_image,
+    checked_device_index,
+)
 from gpu_pipeline.config import PipelineConfig
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
@@ -135,7 +141,9 @@ class NumbaCudaBackend(Backend):
     name = "cuda"
     uses_gpu = True
 
-    def __init__(self, threads: int | None = None, *, allow_simulator: bool = False) -> None:
+    def __init__(
+        self, threads: int | None = None, *, device_index: int | None = None, allow_simulator: bool = False
+    ) -> None:
         super().__init__(threads)
         reason = unavailable_reason(allow_simulator)
         if reason is not None:
@@ -144,13 +152,25 @@ class NumbaCudaBackend(Backend):
         from numba import cuda
 
         self._cuda = cuda
+        self.device_index = checked_device_index(device_index, len(cuda.gpus))
         self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
-        if self._timed:
-            compile_kernels()
-        self.device_times = DeviceTimes()
-        self._staging_threads = min(8, threads or os.cpu_count() or 1)
-        self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
-        self._slots = [
+        with self._on_device():
+            if self._timed:
+                compile_kernels()
+            self.device_times = DeviceTimes()
+            self._staging_threads = min(8, threads or os.cpu_count() or 1)
+            self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
+            self._slots = self._new_slots()
+
+    def _on_device(self):
+        """This backend's GPU, current in the calling thread for the ``with`` block: CUDA's current
+        context is per thread, and ``process()`` runs on the engine's compute thread, not the one
+        that built the backend (which would otherwise find itself on device 0)."""
+        return self._cuda.gpus[self.device_index]
+
+    def _new_slots(self) -> list[_Slot]:
+        cuda = self._cuda
+        return [
             _Slot(
                 stream=cuda.stream(),
                 device=BufferPool(lambda count, dtype: self._device_array(count, dtype)),
@@ -201,8 +221,9 @@ class NumbaCudaBackend(Backend):
                 slot.stream.synchronize()
 
     def close(self) -> None:
-        self._abandon()
-        self._release_buffers()
+        with self._on_device():
+            self._abandon()
+            self._release_buffers()
         self._stager.shutdown()
 
     # -- the interface ---------------------------------------------------------------------------
@@ -212,6 +233,12 @@ class NumbaCudaBackend(Backend):
     ) -> BatchResult:
         for image in images:
             check_image(image)
+        with self._on_device():
+            return self._process_on_device(images, config, keep_images)
+
+    def _process_on_device(
+        self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool
+    ) -> BatchResult:
         results = BatchResult.empty(len(images), keep_images)
         done = np.zeros(len(images), bool)
         max_images = None
