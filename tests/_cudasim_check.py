@@ -311,3 +311,70 @@ def test_process_binds_the_gpu_in_the_thread_that_runs_it():
             worker = compute_thread.submit(threading.get_ident).result()
         assert_matches_reference(batch, results, config, True)
         assert proxy.gpus.bound == [(worker, 0)]
+
+
+def spiral(side: int) -> np.ndarray:
+    """A weak path spiralling inwards (every direction, turning at each tile edge it meets), with
+    a ring of background between its turns and one strong pixel at its inner end."""
+    state = np.zeros((side, side), np.uint8)
+    top, left, bottom, right = 0, 0, side - 1, side - 1
+    y = x = 0
+    while top <= bottom and left <= right:
+        for x in range(left, right + 1):
+            state[top, x] = kernels.WEAK
+        for y in range(top, bottom + 1):
+            state[y, right] = kernels.WEAK
+        if bottom - top < 2 or right - left < 2:
+            y, x = top, right
+            break
+        for x in range(right, left - 1, -1):
+            state[bottom, x] = kernels.WEAK
+        for y in range(bottom, top + 1, -1):
+            state[y, left] = kernels.WEAK
+        y, x = top + 2, left
+        state[top + 1, left] = kernels.NOT_EDGE if top + 2 <= bottom - 2 else state[top + 1, left]
+        state[top + 2, left] = kernels.WEAK
+        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
+        state[top, left - 1] = kernels.WEAK  # the link into the next turn
+    state[y, x] = kernels.STRONG
+    return state
+
+
+def launch_start_halos(backend: NumbaCudaBackend) -> None:
+    """Emulate a GPU whose hysteresis blocks all read their halos before any block writes: each
+    launch reads a copy of the states taken at its start (the simulator runs blocks in order, so
+    rightward and downward chains would otherwise cross every tile in one launch)."""
+    def snapshot(slot, state):
+        copy = cuda.device_array_like(state)
+        copy.copy_to_device(state, stream=slot.stream)
+        return copy
+
+    backend._halo_source = snapshot
+
+
+@pytest.mark.parametrize("pattern, side, bound", [
+    ("serpentine", 16, None), ("spiral", 16, None), ("serpentine", 32, 4), ("spiral", 32, 4)])
+def test_hysteresis_launches_are_bounded_with_launch_start_halos(pattern, side, bound, monkeypatch):
+    """Issue #14 item 2: whatever the weak chains, at most HYSTERESIS_MAX_LAUNCHES launches, then
+    the host finishes; the result is the reference's reachability either way."""
+    import gpu_pipeline.backends.numba_cuda as numba_cuda
+
+    if bound is not None:
+        monkeypatch.setattr(numba_cuda, "HYSTERESIS_MAX_LAUNCHES", bound)
+    limit = numba_cuda.HYSTERESIS_MAX_LAUNCHES
+    chain = serpentine(side, side) if pattern == "serpentine" else spiral(side)
+    states = np.stack([chain, chain[::-1, ::-1].copy(), chain.T.copy()])
+    with NumbaCudaBackend(allow_simulator=True) as backend:
+        launch_start_halos(backend)
+        device_states = cuda.to_device(states)
+        launches = backend._hysteresis(backend._slots[0], device_states)
+        result = device_states.copy_to_host()
+        finished_on_host = backend.device_times.host_finishes
+    for before, after in zip(states, result):
+        expected = reference_hysteresis(before == kernels.STRONG, before == kernels.WEAK)
+        assert np.array_equal(after == kernels.STRONG, expected)
+        assert (after == kernels.STRONG).sum() == (before != kernels.NOT_EDGE).sum()  # the whole chain
+    assert launches <= limit
+    print(f"{pattern} {side}x{side}, bound {limit}: {launches} launches, host finish: {finished_on_host}")
+    if bound is not None:
+        assert finished_on_host == 1  # these chains need more than 4 launches with launch-start halos

@@ -409,3 +409,20 @@ def test_a_device_index_beyond_the_visible_gpus_says_which_exist(index, count, m
 def test_device_is_refused_for_cpu_backends():
     with pytest.raises(BackendUnavailable, match="needs a GPU backend"):
         registry.create("numba", device=0)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 40), st.integers(1, 40),
+       st.floats(0, 0.1), st.floats(0, 1))
+def test_host_finish_of_hysteresis_is_the_reference_reachability(seed, count, height, width, strong, weak):
+    from cpu_reference.stages import hysteresis as reference_hysteresis
+    from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
+
+    draw = np.random.default_rng(seed).random((count, height, width))
+    states = np.where(draw < strong, kernels.STRONG, np.where(draw < strong + weak, kernels.WEAK, kernels.NOT_EDGE))
+    states = states.astype(np.uint8)
+    expected = [reference_hysteresis(plane == kernels.STRONG, plane == kernels.WEAK) for plane in states]
+    before = states.copy()
+    finish_hysteresis(states)
+    for plane, was, want in zip(states, before, expected):
+        assert np.array_equal(plane == kernels.STRONG, want)
+        assert np.array_equal(plane == kernels.NOT_EDGE, was == kernels.NOT_EDGE)

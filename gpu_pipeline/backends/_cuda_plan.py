@@ -28,6 +28,10 @@ SLOTS = 2
 PIXELS_PER_THREAD = 16
 #: Most hysteresis launches between two host checks (the length of the changed-flag array).
 HYSTERESIS_MAX_CHUNK = 16
+#: Most hysteresis launches per sub-batch (chunks of 4, 8, 16, 16); a sub-batch not at its fixed
+#: point by then is finished on the host (``_host_hysteresis``), so long weak chains that cross
+#: many tiles cost one copy each way instead of thousands of launches.
+HYSTERESIS_MAX_LAUNCHES = 44
 CUDA_ERROR_OUT_OF_MEMORY = 2
 
 

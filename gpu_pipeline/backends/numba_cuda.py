@@ -27,6 +27,7 @@ from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends._cuda_plan import (
     HYSTERESIS_MAX_CHUNK,
+    HYSTERESIS_MAX_LAUNCHES,
     SLOTS,
     BufferPool,
     GpuOutOfMemory,
@@ -38,6 +39,7 @@ from gpu_pipeline.backends._cuda_plan import (
     plan_sub_batches,
     tile_grid,
 )
+from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
 from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
@@ -94,6 +96,8 @@ class DeviceTimes:
     pixels: int = 0
     sub_batches: int = 0
     hysteresis_launches: int = 0
+    #: Sub-batches whose hysteresis reached the launch bound and was finished on the host.
+    host_finishes: int = 0
 
 
 @dataclass
@@ -386,27 +390,42 @@ class NumbaCudaBackend(Backend):
         self._record(slot, 3)
 
     def _hysteresis(self, slot: _Slot, state) -> int:
-        """Launch hysteresis steps on ``state`` (images, h, w) until one changes nothing.
+        """Launch hysteresis steps on ``state`` (images, h, w) until one changes nothing, at most
+        ``HYSTERESIS_MAX_LAUNCHES``; past that, finish on the host (one copy each way).
 
         Launches are queued in chunks, with one host synchronisation per chunk; those past the
-        fixed point return at once. Returns the number of launches queued. Every launch that
-        changes something promotes at least one pixel, so at most ``pixels + 1`` are needed.
+        fixed point return at once. Returns the number of launches queued.
         """
         count, height, width = state.shape
         tiles = tile_grid(height, width, count)
         launched = 0
-        for launches in hysteresis_schedule(count * height * width + 1):
+        for launches in hysteresis_schedule(HYSTERESIS_MAX_LAUNCHES):
             for flag in range(launches):
                 previous, slot.stamp = slot.stamp, slot.stamp % (2**31 - 1) + 1  # int32, never 0
                 kernels.hysteresis_step[tiles, _TILE_BLOCK, slot.stream](
-                    state, slot.flags, flag, slot.stamp, previous
+                    self._halo_source(slot, state), state, slot.flags, flag, slot.stamp, previous
                 )
             launched += launches
             slot.flags.copy_to_host(slot.host_flags, stream=slot.stream)
             slot.stream.synchronize()
             if slot.host_flags[launches - 1] != slot.stamp:
                 return launched
-        raise RuntimeError("hysteresis did not reach its fixed point (a kernel bug)")
+        self._finish_on_host(slot, state)
+        return launched
+
+    def _halo_source(self, slot: _Slot, state):
+        """What hysteresis blocks read: ``state`` itself. Tests override this with a copy taken at
+        launch start, to see the launches a GPU needs whose blocks all read before any writes."""
+        return state
+
+    def _finish_on_host(self, slot: _Slot, state) -> None:
+        """Hysteresis past the launch bound: the state planes to pinned memory, a flood there, back."""
+        host = slot.pinned.get("state", state.size, np.uint8).reshape(state.shape)
+        state.copy_to_host(host, stream=slot.stream)
+        slot.stream.synchronize()
+        finish_hysteresis(host)
+        state.copy_to_device(host, stream=slot.stream)
+        self.device_times.host_finishes += 1
 
     def _record(self, slot: _Slot, phase: int) -> None:
         if self._timed:
