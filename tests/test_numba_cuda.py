@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (the cuda13 or cuda12 extra): the kernels "
@@ -411,6 +411,7 @@ def test_device_is_refused_for_cpu_backends():
         registry.create("numba", device=0)
 
 
+@settings(deadline=None)  # the first example compiles the flood (or loads it from numba's cache)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 40), st.integers(1, 40),
        st.floats(0, 0.1), st.floats(0, 1))
 def test_host_finish_of_hysteresis_is_the_reference_reachability(seed, count, height, width, strong, weak):
