@@ -232,6 +232,7 @@ class KernelHarness:
         self._lib.launch_kernel.restype = ctypes.c_int
         self._lib.launch_kernel.argtypes = [ctypes.c_char_p, *[ctypes.c_uint] * 6, ctypes.c_int,
                                             ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint)]
+        self._lib.set_only_block.argtypes = [ctypes.c_longlong]
 
     def run(self, launch: Launch, block: tuple[int, int, int]) -> None:
         n = len(launch.args)
@@ -239,6 +240,26 @@ class KernelHarness:
         sizes = (ctypes.c_uint * n)(*[arg.nbytes for arg in launch.args])
         status = self._lib.launch_kernel(launch.kernel.encode(), *launch.grid, *block, n, slots, sizes)
         assert status == 0, f"{launch.kernel}: harness status {status} (-1 unknown, -2 arity, -3-i size of arg i)"
+
+    def run_hysteresis_with_launch_start_halos(self, launch: Launch, block, order: str, rng) -> None:
+        """A hysteresis launch as on a GPU whose blocks all read their tiles and halos before any
+        block writes (the worst case for launches): each block runs alone on the states as of the
+        launch start, in ``order`` (forward, reverse, random); the promotions are merged after."""
+        address, plane_stride, count = int(launch.args[0]), int(launch.args[1]), int(launch.args[4])
+        states = np.ctypeslib.as_array((ctypes.c_uint8 * (plane_stride * count)).from_address(address))
+        at_start = states.copy()
+        promoted = np.zeros(states.shape, bool)
+        blocks = np.arange(launch.grid[0] * launch.grid[1] * launch.grid[2])
+        blocks = {"forward": blocks, "reverse": blocks[::-1], "random": rng.permutation(blocks)}[order]
+        try:
+            for number in blocks:
+                states[:] = at_start
+                self._lib.set_only_block(ctypes.c_longlong(int(number)))
+                self.run(launch, block)
+                promoted |= states != at_start
+        finally:
+            self._lib.set_only_block(ctypes.c_longlong(-1))
+        states[:] = np.where(promoted, 2, at_start)
 
 
 @pytest.fixture(scope="session")
@@ -264,9 +285,15 @@ class HostDevice:
 
     CANARY = 4096
 
-    def __init__(self, harness: KernelHarness, block=(1, 1, 1), memory: int | None = None, after_launch=None):
+    def __init__(self, harness: KernelHarness, block=(1, 1, 1), memory: int | None = None, after_launch=None,
+                 block_order: str | None = None):
+        """``block_order`` (forward, reverse, random): run hysteresis launches with launch-start halos
+        (see KernelHarness.run_hysteresis_with_launch_start_halos), one block per tile."""
         self.harness, self.block, self.memory, self.after_launch = harness, block, memory, after_launch
+        self.block_order, self.rng = block_order, np.random.default_rng(0)
         self.sm_count = 1  # a small hysteresis grid: its blocks loop over many tiles
+        if block_order is not None:
+            self.sm_count = 2**20  # a block per tile: a block walking several tiles would see its own writes
         self.live: dict[int, np.ndarray] = {}  # address -> the fenced array
         self.launches: list[Launch] = []
         self.allocations = 0
@@ -354,7 +381,11 @@ class HostDevice:
     def launch(self, launch: Launch, stream) -> None:
         self.assert_bound()
         self.launches.append(launch)
-        self.harness.run(launch, self.block or launch.block)
+        if launch.kernel == "hysteresis" and self.block_order is not None:
+            self.harness.run_hysteresis_with_launch_start_halos(
+                launch, self.block or launch.block, self.block_order, self.rng)
+        else:
+            self.harness.run(launch, self.block or launch.block)
         self.check_canaries()
         if self.after_launch is not None:
             self.after_launch(self, launch)
@@ -577,7 +608,78 @@ def test_hysteresis_needs_several_rounds_and_still_converges(harness):
     assert np.array_equal(result.edges, np.where(expected, 255, 0).astype(np.uint8))
     assert result.edge_count == int(expected.sum()) > height * width // 5
     rounds = sum(launch.kernel == "finalize_edges" for launch in device.launches)
-    assert rounds > 1 and device.syncs == rounds
+    # a round: one synchronisation; a finish on the host past the round bound: one more
+    assert rounds > 1 and device.syncs == rounds + backend.host_finishes
+    assert rounds <= cupy_gpu.HYSTERESIS_MAX_ROUNDS + backend.host_finishes
+
+
+def serpentine(side: int) -> np.ndarray:
+    """Rows of weak pixels joined at alternating ends (half of them against any block order), one
+    background row between them, and the only strong pixel at the far end of the path."""
+    states = np.zeros((side, side), np.uint8)
+    for row in range(0, side, 2):
+        states[row, :] = 1
+        if row + 1 < side:
+            states[row + 1, side - 1 if row // 2 % 2 == 0 else 0] = 1
+    last = (side - 1) // 2 * 2
+    states[last, -1 if last // 2 % 2 else 0] = 2
+    return states
+
+
+def spiral(side: int) -> np.ndarray:
+    """A weak path spiralling inwards (every direction), a background ring between its turns, and the
+    only strong pixel at its centre."""
+    states = np.zeros((side, side), np.uint8)
+    y, x, dy, dx = 0, 0, 0, 1
+    visited = np.zeros((side + 2, side + 2), bool)  # a border that is never entered
+    visited[0, :] = visited[-1, :] = visited[:, 0] = visited[:, -1] = True
+    while True:
+        states[y, x] = 1
+        visited[y + 1, x + 1] = True
+        ahead, beyond = (y + dy, x + dx), (y + 2 * dy, x + 2 * dx)
+        if not visited[ahead[0] + 1, ahead[1] + 1] and not visited[beyond[0] + 1, beyond[1] + 1]:
+            y, x = ahead
+            continue
+        dy, dx = dx, -dy  # turn right, keeping a ring of background from the path so far
+        ahead, beyond = (y + dy, x + dx), (y + 2 * dy, x + 2 * dx)
+        if visited[ahead[0] + 1, ahead[1] + 1] or visited[beyond[0] + 1, beyond[1] + 1]:
+            break
+        y, x = ahead
+    states[y, x] = 2
+    return states
+
+
+def states_injector(planes: np.ndarray):
+    """An after_launch hook that replaces the Canny state planes NMS wrote by ``planes``."""
+    def inject(device, launch):
+        if launch.kernel.startswith("blur_sobel_nms"):
+            ctypes.memmove(int(launch.args[8]), planes.ctypes.data, planes.nbytes)
+
+    return inject
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+@pytest.mark.parametrize("pattern", [serpentine, spiral])
+@pytest.mark.parametrize("side", [64, 256])
+def test_hysteresis_launches_are_bounded_with_launch_start_halos(harness, order, pattern, side):
+    """Issue #14 item 2: blocks in reverse or random order, reading halos as of launch start, as a
+    GPU may; chains through every tile still end after at most HYSTERESIS_MAX_ROUNDS rounds (then
+    the host finishes), byte-equal to the reference."""
+    chain = pattern(side)
+    planes = np.stack([chain, chain[::-1, ::-1], chain.T]).copy()
+    device = HostDevice(harness, after_launch=states_injector(planes), block_order=order)
+    backend = CupyBackend(device=device)
+    batch = [np.zeros((side, side), np.uint8)] * len(planes)
+    results = backend.process(batch, PipelineConfig(), keep_images=True)
+    for plane, result in zip(planes, results):
+        expected = reference_hysteresis(plane == 2, plane == 1)
+        assert expected.sum() == (plane != 0).sum()  # the whole chain is an edge
+        assert np.array_equal(result.edges, np.where(expected, 255, 0).astype(np.uint8))
+        assert result.edge_count == int(expected.sum())
+    launches = sum(launch.kernel == "hysteresis" for launch in device.launches)
+    assert launches <= cupy_gpu.HYSTERESIS_MAX_ROUNDS * HYSTERESIS_LAUNCHES_PER_ROUND
+    assert device.syncs <= cupy_gpu.HYSTERESIS_MAX_ROUNDS + 2  # the rounds, then the host's copy back
+    assert backend.host_finishes == 1  # these chains need far more launches than the bound
 
 
 def test_staging_capacity_doubles_up_to_the_batch_limit():

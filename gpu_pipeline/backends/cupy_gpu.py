@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
+from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
 from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
@@ -52,6 +53,10 @@ KERNEL_NAMES = (
 )
 
 HYSTERESIS_LAUNCHES_PER_ROUND = 8
+#: Most hysteresis rounds per sub-batch (one host synchronisation each); a sub-batch not at its fixed
+#: point by then is finished on the host (``_host_hysteresis``): long weak chains that cross many tiles
+#: would otherwise need about one launch per tile crossed.
+HYSTERESIS_MAX_ROUNDS = 4
 MAX_IMAGES_PER_LAUNCH = 65535  # gridDim.z
 MAX_GRID_Y = 65535  # taller images: the blur kernel's blocks loop over tile rows
 MAX_PIXELS = 2**30  # the kernels index the pixels of one image with int
@@ -286,8 +291,9 @@ def front_launches(layout: BatchLayout, base: int, settings: KernelSettings) -> 
     ]
 
 
-def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]:
-    """One round of hysteresis launches, then edges and edge counts from the state planes."""
+def edge_launches(layout: BatchLayout, base: int, sm_count: int, hysteresis: bool = True) -> list[Launch]:
+    """One round of hysteresis launches (unless ``hysteresis`` is False: the host finished it), then
+    edges and edge counts from the state planes."""
     device = layout.device
     plane = np.int64(layout.pixels)
     states = _address(base, device["states"])
@@ -299,7 +305,7 @@ def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]
         Launch("hysteresis", hysteresis_grid, TILE_BLOCK, (
             states, plane, np.int32(layout.height), np.int32(layout.width), np.int32(layout.count), flags,
             np.int32(launch)))
-        for launch in range(HYSTERESIS_LAUNCHES_PER_ROUND)
+        for launch in range(HYSTERESIS_LAUNCHES_PER_ROUND if hysteresis else 0)
     ]
     launches.append(Launch("finalize_edges", _flat_grid(layout), FLAT_BLOCK, (
         states, plane, np.int32(layout.pixels), _address(base, device["edges"]), _address(base, counters))))
@@ -444,6 +450,8 @@ class CupyBackend(Backend):
         with device.bind():
             self._slots = [_Slot(device) for _ in range(SLOTS)]
         self._turn = 0
+        #: Sub-batches whose hysteresis reached the round bound and was finished on the host.
+        self.host_finishes = 0
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -535,13 +543,14 @@ class CupyBackend(Backend):
         self._queue_edge_round(slot, layout)
         slot.pending = _Pending(indices, layout)
 
-    def _queue_edge_round(self, slot: _Slot, layout: BatchLayout) -> None:
-        """Queue a hysteresis round, the edges and counts, and the copy of the results back."""
+    def _queue_edge_round(self, slot: _Slot, layout: BatchLayout, hysteresis: bool = True) -> None:
+        """Queue a hysteresis round (unless the host finished it), the edges and counts, and the copy
+        of the results back."""
         device, stream, staging = self._device, slot.stream, slot.staging
         base = device.address(slot.arena)
         counters = layout.device["counters"]
         device.zero(base + counters.offset, counters.nbytes, stream)
-        for launch in edge_launches(layout, base, device.sm_count):
+        for launch in edge_launches(layout, base, device.sm_count, hysteresis):
             device.launch(launch, stream)
         span = BatchLayout.results_span(layout.host)
         device.download(staging[span.offset:span.end], base + BatchLayout.results_span(layout.device).offset, stream)
@@ -555,9 +564,14 @@ class CupyBackend(Backend):
             return
         layout, staging = pending.layout, slot.staging
         self._device.synchronize(slot.stream)
+        rounds = 1
         while layout.changed_flags(staging)[-1]:  # the round's last launch still changed something
+            if rounds == HYSTERESIS_MAX_ROUNDS:
+                self._finish_on_host(slot, layout)
+                break
             self._queue_edge_round(slot, layout)
             self._device.synchronize(slot.stream)
+            rounds += 1
         histograms, counts = layout.histograms(staging), layout.edge_counts(staging)
         equalized = layout.planes(staging, "equalized") if layout.keep_images else None
         edges = layout.planes(staging, "edges") if layout.keep_images else None
@@ -569,6 +583,21 @@ class CupyBackend(Backend):
                 results.equalized[index] = equalized[k].copy()
                 results.edges[index] = edges[k].copy()
         slot.pending = None
+
+    def _finish_on_host(self, slot: _Slot, layout: BatchLayout) -> None:
+        """Hysteresis past the round bound: the state planes into the (no longer needed) input part of
+        the pinned staging, a flood there, back to the device; then edges and results again."""
+        device, stream = self._device, slot.stream
+        base = device.address(slot.arena)
+        states = layout.device["states"]
+        host = layout.host_view(slot.staging, "input")[: states.nbytes]
+        device.download(host, base + states.offset, stream)
+        device.synchronize(stream)
+        finish_hysteresis(host.reshape(layout.count, layout.height, layout.width))
+        device.upload(base + states.offset, host, stream)
+        self._queue_edge_round(slot, layout, hysteresis=False)
+        device.synchronize(stream)
+        self.host_finishes += 1
 
     def _drain(self, results: BatchResult) -> None:
         for _ in range(SLOTS):  # oldest first
