@@ -95,7 +95,8 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",
                                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "
-                                       "local:N (N worker processes here). Needs gpu-pipeline[dask]."),
+                                       "local:N (N worker processes here), or local-cuda (one worker per GPU here; "
+                                       "needs gpu-pipeline[dask-cuda]). Needs gpu-pipeline[dask]."),
     dask_timeout: float = typer.Option(10.0, "--dask-timeout", metavar="SECONDS",
                                        help="How long to wait for the Dask scheduler to answer and for a first "
                                        "worker to join."),
