@@ -163,7 +163,7 @@ def test_sub_batch_size_respects_memory_and_launch_limits(shape, keep, free):
 
 
 def test_sub_batch_size_limits():
-    assert images_per_sub_batch((64, 64, 3), False, float("inf")) == 32 * 2**20 // 4096
+    assert images_per_sub_batch((64, 64, 3), False, float("inf")) == 8 * 2**20 // 4096
     assert images_per_sub_batch((1, 1), False, float("inf")) == MAX_IMAGES_PER_LAUNCH
     assert images_per_sub_batch((8000, 8000, 3), True, 1e6) == 1  # the allocation will say
     with pytest.raises(ValueError, match="pixels"):
@@ -427,3 +427,22 @@ def test_host_finish_of_hysteresis_is_the_reference_reachability(seed, count, he
     for plane, was, want in zip(states, before, expected):
         assert np.array_equal(plane == kernels.STRONG, want)
         assert np.array_equal(plane == kernels.NOT_EDGE, was == kernels.NOT_EDGE)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (1000, 1000, 3), (3000, 4000, 3)])
+def test_a_gpu_call_makes_several_sub_batches_so_the_two_slots_overlap(shape):
+    """Issue #14 item 5: one process() call carries GPU_BATCH_PIXELS; cut into one sub-batch it
+    would leave the second slot idle (no copy overlaps a kernel)."""
+    from gpu_pipeline.backends import cupy_gpu
+    from gpu_pipeline.backends.base import GPU_BATCH_PIXELS
+
+    count = max(1, GPU_BATCH_PIXELS // (shape[0] * shape[1]))
+    assert count * shape[0] * shape[1] > GPU_BATCH_PIXELS // 2
+    numba_plan = plan_sub_batches([shape] * count, False, 80 * 2**30)
+    one = np.empty(shape, np.uint8)
+    budget = cupy_gpu.sub_batch_budget(80 * 2**30, 0)
+    cupy_plan = cupy_gpu.plan_sub_batches([one] * count, range(count), budget, False)
+    for plan in (numba_plan, cupy_plan):
+        assert len(plan) >= (2 if count > 1 else 1)
+    if count >= 8:
+        assert len(numba_plan) >= 3 and len(cupy_plan) >= 3

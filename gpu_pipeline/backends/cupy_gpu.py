@@ -62,7 +62,9 @@ MAX_GRID_Y = 65535  # taller images: the blur kernel's blocks loop over tile row
 MAX_PIXELS = 2**30  # the kernels index the pixels of one image with int
 SECTION_ALIGNMENT = 256
 ARENA_GRANULE = 2 * 2**20  # arenas grow in steps of this, so nearby sizes reuse them
-SUB_BATCH_TARGET_BYTES = 256 * 2**20  # large enough to fill the GPU, small enough to overlap copies
+#: Large enough to fill the GPU, small enough that the 32 MP of one call (base.GPU_BATCH_PIXELS, about
+#: 200 MiB of device arena for RGB) make several sub-batches: the two slots overlap copies and kernels.
+SUB_BATCH_TARGET_BYTES = 64 * 2**20
 MEMORY_FRACTION = 0.8  # of the free device memory, for both slots together
 SLOTS = 2
 
