@@ -24,6 +24,7 @@ from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import BackendUnavailable
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from tests.chains import spiral
 from tests.strategies import images
 
 if not (numba.config.ENABLE_CUDASIM and kernels.SMALL_TILES):
@@ -311,33 +312,6 @@ def test_process_binds_the_gpu_in_the_thread_that_runs_it():
             worker = compute_thread.submit(threading.get_ident).result()
         assert_matches_reference(batch, results, config, True)
         assert proxy.gpus.bound == [(worker, 0)]
-
-
-def spiral(side: int) -> np.ndarray:
-    """A weak path spiralling inwards (every direction, turning at each tile edge it meets), with
-    a ring of background between its turns and one strong pixel at its inner end."""
-    state = np.zeros((side, side), np.uint8)
-    top, left, bottom, right = 0, 0, side - 1, side - 1
-    y = x = 0
-    while top <= bottom and left <= right:
-        for x in range(left, right + 1):
-            state[top, x] = kernels.WEAK
-        for y in range(top, bottom + 1):
-            state[y, right] = kernels.WEAK
-        if bottom - top < 2 or right - left < 2:
-            y, x = top, right
-            break
-        for x in range(right, left - 1, -1):
-            state[bottom, x] = kernels.WEAK
-        for y in range(bottom, top + 1, -1):
-            state[y, left] = kernels.WEAK
-        y, x = top + 2, left
-        state[top + 1, left] = kernels.NOT_EDGE if top + 2 <= bottom - 2 else state[top + 1, left]
-        state[top + 2, left] = kernels.WEAK
-        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
-        state[top, left - 1] = kernels.WEAK  # the link into the next turn
-    state[y, x] = kernels.STRONG
-    return state
 
 
 def launch_start_halos(backend: NumbaCudaBackend) -> None:
