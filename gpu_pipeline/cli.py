@@ -32,7 +32,7 @@ from typing import Optional
 import typer
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli_options import (L2, Backend, Bands, BatchSize, Blur, Glob, High, Low,
+from gpu_pipeline.cli_options import (L2, Backend, Bands, BatchSize, Blur, Device, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -86,6 +86,7 @@ def run(
     workers: Workers = None,
     threads: Threads = None,
     batch_size: BatchSize = Engine.batch_size,
+    device: Device = None,
     save_edges: Optional[Path] = typer.Option(None, "--save-edges",
                                               help="Also write each edge map as a PNG under this folder."),
     model: Optional[str] = typer.Option(
@@ -94,7 +95,8 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",
                                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "
-                                       "local:N (N worker processes here). Needs gpu-pipeline[dask]."),
+                                       "local:N (N worker processes here), or local-cuda (one worker per GPU here; "
+                                       "needs gpu-pipeline[dask-cuda]). Needs gpu-pipeline[dask]."),
     dask_timeout: float = typer.Option(10.0, "--dask-timeout", metavar="SECONDS",
                                        help="How long to wait for the Dask scheduler to answer and for a first "
                                        "worker to join."),
@@ -111,13 +113,17 @@ def run(
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
         if not dask_timeout > 0:
             raise UsageError(f"--dask-timeout must be > 0 seconds, got {dask_timeout}")
+        if device is not None and device < 0:
+            raise UsageError(f"--device must be >= 0, got {device}")
+        if device is not None and dask is not None:
+            raise UsageError("--device picks a GPU of this machine; with --dask each worker binds its own")
         code = run_job(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
             decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
             workers=workers, threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
-            retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout,
+            retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout, device=device,
         )
     except UsageError as exc:
         fail_usage(str(exc))

@@ -28,12 +28,13 @@ Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose na
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Decode threads. Default: one per core.")]
 Threads = Annotated[Optional[int], typer.Option("--threads",
                                                 help="Compute threads of CPU backends. Default: all cores.")]
+Device = Annotated[Optional[int], typer.Option(
+    "--device", metavar="N", help="GPU number for the cuda and cupy backends. Default: 0.")]
 #: ``run``'s: by default the backend chooses.
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Most images per backend call (default: as many as the backend's pixel budget holds: "
                          "about 1 MP for CPU backends, 32 MP for GPU backends).")]
 ImagesPerCall = Annotated[int, typer.Option("--batch-size", help="Images per backend call.")]
-
 
 
 def fail_usage(message: str) -> None:

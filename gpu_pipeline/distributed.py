@@ -159,6 +159,55 @@ def _import_distributed():
     return distributed
 
 
+LOCAL_CUDA = "local-cuda"
+DASK_CUDA_HINT = "--dask local-cuda needs dask-cuda: pip install 'gpu-pipeline[dask-cuda]'"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (else numbered from 0)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip() and not name.strip().startswith("-")]
+    from gpu_pipeline.backends.registry import cuda_driver_loads
+
+    if not cuda_driver_loads():
+        return []
+    try:
+        from numba import cuda
+
+        return [str(number) for number in range(len(cuda.gpus))]
+    except Exception:  # a driver without a usable device
+        return []
+
+
+def local_cuda_cluster_options(gpus: Sequence[str]) -> dict:
+    """LocalCUDACluster's arguments: one single-threaded worker process per GPU (dask-cuda gives
+    worker k CUDA_VISIBLE_DEVICES starting with gpus[k], so its backends bind their device 0)."""
+    if not gpus:
+        raise UsageError("--dask local-cuda: no GPU is visible here")
+    return dict(CUDA_VISIBLE_DEVICES=",".join(gpus), n_workers=len(gpus), threads_per_worker=1,
+                dashboard_address=":0", silence_logs=logging.CRITICAL, preload=[__name__])
+
+
+def worker_visible_devices(gpus: Sequence[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each LocalCUDACluster worker (dask-cuda's rotation): the worker's own
+    GPU first, which the backends bind as device 0."""
+    return [",".join([*gpus[k:], *gpus[:k]]) for k in range(len(gpus))]
+
+
+def _local_cuda_cluster():
+    try:
+        import dask_cuda
+    except ImportError:
+        raise UsageError(DASK_CUDA_HINT) from None
+    options = local_cuda_cluster_options(visible_gpus())
+    try:
+        return dask_cuda.LocalCUDACluster(**options)
+    except Exception as exc:
+        raise UsageError(f"cannot start a local Dask cluster of {options['n_workers']} GPU workers: "
+                         f"{one_line(exc)}") from None
+
+
 def _local_workers(spec: str) -> int | None:
     """N of ``local:N``; None for a scheduler address."""
     if not spec.startswith("local:"):
@@ -244,8 +293,11 @@ class DaskCluster:
         self.spec = spec
         self.backend_name = backend_name
         self.cluster = None
-        local_workers = _local_workers(spec)
-        if local_workers is not None:
+        local_workers = None if spec == LOCAL_CUDA else _local_workers(spec)
+        if spec == LOCAL_CUDA:
+            self.cluster = _local_cuda_cluster()
+            address = self.cluster
+        elif local_workers is not None:
             # The processes share this machine's cores: give each its share unless --threads says otherwise.
             threads = threads or max(1, (os.cpu_count() or 1) // local_workers)
             # Failed tasks reach the user through the client's message; the workers' own logs would repeat them.

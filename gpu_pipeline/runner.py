@@ -40,9 +40,9 @@ EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 EXIT_WRITE_ERROR = 3
 
 
-def open_backend(name: str, threads: int | None):
+def open_backend(name: str, threads: int | None, device: int | None = None):
     try:
-        return create(name, threads=threads)
+        return create(name, threads=threads, device=device)
     except KeyError as exc:
         raise UsageError(exc.args[0]) from None
     except BackendUnavailable as exc:
@@ -185,6 +185,7 @@ class Job:
     model: str | None = None
     dask: str | None = None
     dask_timeout: float | None = None
+    device: int | None = None
 
 
 @dataclass
@@ -294,7 +295,7 @@ def check_job(job: Job) -> CheckedJob:
     earlier_failures = 0 if job.retry_failed else sum(str(path) in existing.failed for path in files)
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
-        backend, engine_class, workers = open_backend(job.backend_name, job.threads), Engine, (
+        backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, (
             job.workers or os.cpu_count() or 2)
     else:
         from gpu_pipeline.distributed import DaskCluster, DaskEngine

@@ -3,9 +3,9 @@ the numba CPU backend and OpenCV with all cores, compute-only and end to end, wr
 
     PYTHONPATH=. python scripts/bench_gpu.py [--json FILE] [--quick] [--repeats N]
 
-Two workloads, each timed by gpu_pipeline.bench (what ``gpu-pipeline bench`` runs): 96 RGB
-scenes of 1000 x 1000 and 16,384 RGB tiles of 64 x 64 cut from 1024 x 1024 scenes (an eighth of
-each with ``--quick``), from the benchmark's scene generator (parcels, roads, noise: edges form
+Three workloads, each timed by gpu_pipeline.bench (what ``gpu-pipeline bench`` runs): 96 RGB
+scenes of 1000 x 1000, 8 RGB scenes of 4000 x 3000 (12 MP) and 16,384 RGB tiles of 64 x 64 cut from
+1024 x 1024 scenes (an eighth of each with ``--quick``, one 12 MP scene), from the benchmark's scene generator (parcels, roads, noise: edges form
 chains as in real imagery), written as JPEG. For each backend and workload:
 
 * ``warmup``: ``startup_s`` (construction: kernel compilation or cache load) and ``first_pass_s``
@@ -16,6 +16,10 @@ chains as in real imagery), written as JPEG. For each backend and workload:
   kernels versus copies, and ``kernels_mp_per_s``);
 * ``end_to_end``: the JPEG files through gpu_pipeline's engine (decode pool, batches, labels),
   next to the decode pool alone (``decode_only``).
+
+``gpu_counters`` (GPU backends that run here): one ``process()`` call on the workload's decoded images,
+with its hysteresis launches and host finishes per sub-batch (the cuda backend counts both; cupy its host
+finishes) and the host microseconds per image of that call.
 
 Each rate is the median of ``--repeats`` runs, with min and max; ``ratios`` are against OpenCV
 (one image per thread on all cores). GPU backends that cannot run are listed with the reason, so
@@ -52,8 +56,40 @@ def workloads(folder: Path, quick: bool, rng: np.random.Generator) -> Iterator[t
     scale = 8 if quick else 1
     scenes = (synthetic_scene(rng, 1000, 1000) for _ in range(96 // scale))
     yield "1mp_rgb", write_images(scenes, folder, "scene")["jpeg"], 32
+    large = (synthetic_scene(rng, 3000, 4000) for _ in range(max(1, 8 // scale)))
+    yield "12mp_rgb", write_images(large, folder, "large")["jpeg"], 4
     big = (synthetic_scene(rng, 1024, 1024) for _ in itertools.count())
     yield "tiles_64", write_images(cut_tiles(big, 16384 // scale), folder, "tile")["jpeg"], 4096 // scale
+
+
+def gpu_counters(images: list[np.ndarray]) -> dict:
+    """Per GPU backend that runs here: one process() call on ``images``, its wall time per image and
+    what the backend counts (hysteresis launches, sub-batches, finishes on the host)."""
+    import time
+
+    from gpu_pipeline.config import PipelineConfig
+
+    counters = {}
+    for name in ("cuda", "cupy"):
+        if registry.unavailable_reason(name) is not None:
+            continue
+        with registry.create(name) as backend:
+            backend.process(images[:1], PipelineConfig())  # warm
+            times = getattr(backend, "device_times", None)
+            if times is not None:
+                times.__init__()
+            host_finishes_before = getattr(backend, "host_finishes", 0)
+            start = time.perf_counter()
+            backend.process(images, PipelineConfig())
+            seconds = time.perf_counter() - start
+            entry = {"images": len(images), "us_per_image": 1e6 * seconds / len(images),
+                     "host_finishes": getattr(backend, "host_finishes", 0) - host_finishes_before}
+            if times is not None:
+                entry.update(sub_batches=times.sub_batches, hysteresis_launches=times.hysteresis_launches,
+                             host_finishes=times.host_finishes,
+                             launches_per_sub_batch=times.hysteresis_launches / max(1, times.sub_batches))
+            counters[name] = entry
+    return counters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=lambda contender, name=name: console.print(f"{name}: {contender}"))
             print_report(console, result)
             report["workloads"][name] = result.to_json()
+            report["workloads"][name]["gpu_counters"] = counters = gpu_counters(corpus.images)
+            for backend_name, entry in counters.items():
+                console.print(f"{name}: {backend_name} {entry}")
             for path in paths:  # room for the next workload's files
                 path.unlink()
     text = json.dumps(report, indent=2)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: every @pytest.mark.gpu test of every backend, then the GPU benchmark.
+# The GPU check: every @pytest.mark.gpu test of every backend, verify of the GPU backends against the
+# reference and OpenCV on data/ (and ../shared/data when present), then the GPU benchmark.
 #
 #   scripts/gpu_check.sh            # from the checkout, nothing installed: PYTHONPATH=.
 #   OUT=/some/dir scripts/gpu_check.sh   # logs and bench_gpu.json go there (default /tmp/gpu_check)
@@ -8,7 +9,7 @@
 # dependencies Pillow, tifffile and imagecodecs: where those are missing (the lent GPU machines have no
 # network), run scripts/fetch_gpu_wheels.sh here first and carry .whl; they are installed into
 # /tmp/site. Without a GPU the tests skip with the reason and the benchmark lists the GPU backends as
-# unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 180 s, bench 110 s).
+# unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 150 s, verify 2 x 30 s, bench 90 s).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,12 +41,22 @@ EOF
 cat "$LOG_DIR/environment.txt"
 
 echo "== GPU tests"
-timeout 180 "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOG_DIR/pytest_gpu.log"
+timeout 150 "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15 tests 2>&1 | tee "$LOG_DIR/pytest_gpu.log"
 tests_status=${PIPESTATUS[0]}
 
+echo "== verify: numba, cuda, cupy against the reference and OpenCV"
+verify_status=0
+for data in data ../shared/data; do
+    [ -d "$data" ] || { echo "$data: absent, skipped"; continue; }
+    log="$LOG_DIR/verify_$(basename "$(dirname "$PWD/$data")")_$(basename "$data").log"
+    timeout 30 "$PYTHON" -m gpu_pipeline.cli verify --backends numba,cuda,cupy --against-opencv "$data" 2>&1 | tee "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || verify_status=1
+done
+
 echo "== GPU benchmark"
-timeout 110 "$PYTHON" scripts/bench_gpu.py --json "$LOG_DIR/bench_gpu.json" 2>&1 | tee "$LOG_DIR/bench_gpu.log"
+timeout 90 "$PYTHON" scripts/bench_gpu.py --json "$LOG_DIR/bench_gpu.json" 2>&1 | tee "$LOG_DIR/bench_gpu.log"
 bench_status=${PIPESTATUS[0]}
 
-echo "tests exit $tests_status, bench exit $bench_status; logs in $LOG_DIR" | tee "$LOG_DIR/status.txt"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "tests exit $tests_status, verify exit $verify_status, bench exit $bench_status; logs in $LOG_DIR" \
+    | tee "$LOG_DIR/status.txt"
+[ "$tests_status" -eq 0 ] && [ "$verify_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

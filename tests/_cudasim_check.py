@@ -24,6 +24,7 @@ from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import BackendUnavailable
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from tests.chains import spiral
 from tests.strategies import images
 
 if not (numba.config.ENABLE_CUDASIM and kernels.SMALL_TILES):
@@ -239,3 +240,115 @@ def test_out_of_memory_retries_with_halves_then_says_why():
     with (_backend_with_device_memory(stats_bytes - 1, []) as backend,  # not even one image fits
           pytest.raises(GpuOutOfMemory, match=r"shape \(8, 8, 3\)")):
         backend.process(batch[:2], config)
+
+
+@pytest.mark.parametrize("failing_step", ["_hysteresis", "_stage", "_collect"])
+def test_a_one_off_error_leaves_the_backend_usable(failing_step):
+    """Issue #14 item 1: any failure inside process() (not just out-of-memory) must leave no
+    sub-batch behind; the engine retries on the same backend, so later calls must be right."""
+    rng = np.random.default_rng(13)
+    batch = [scene((12, 10, 3), rng, "blocks"), scene((12, 10, 3), rng, "two-level"), scene((9, 7), rng, "noise")]
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    with NumbaCudaBackend(allow_simulator=True) as backend:
+        original = getattr(backend, failing_step)
+        calls = []
+
+        def fails_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected one-off failure")
+            return original(*args, **kwargs)
+
+        setattr(backend, failing_step, fails_once)
+        with pytest.raises(RuntimeError, match="injected"):
+            backend.process(batch, config, keep_images=True)
+        for keep in (True, False):
+            assert_matches_reference(batch, backend.process(batch, config, keep_images=keep), config, keep)
+        assert_matches_reference(batch[2:], backend.process(batch[2:], config), config, False)
+
+
+def test_device_index_is_checked_against_the_visible_gpus():
+    with pytest.raises(BackendUnavailable, match=r"--device 1: no such GPU here \(1 visible; --device 0\)"):
+        NumbaCudaBackend(allow_simulator=True, device_index=1)
+
+
+def test_process_binds_the_gpu_in_the_thread_that_runs_it():
+    """Issue #14 item 4: the engine's compute thread, not the one that built the backend, must
+    have the backend's device current while process() runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    class RecordingGpus:
+        def __init__(self, gpus):
+            self.gpus, self.bound = gpus, []
+
+        def __getitem__(self, index):
+            manager, bound = self.gpus[index], self.bound
+
+            class Binding:
+                def __enter__(self):
+                    bound.append((threading.get_ident(), index))
+                    return manager.__enter__()
+
+                def __exit__(self, *exc):
+                    return manager.__exit__(*exc)
+
+            return Binding()
+
+    class CudaProxy:
+        def __init__(self, module):
+            self._module, self.gpus = module, RecordingGpus(module.gpus)
+
+        def __getattr__(self, name):
+            return getattr(self._module, name)
+
+    rng = np.random.default_rng(23)
+    batch = [scene((9, 10), rng, "blocks")]
+    config = PipelineConfig()
+    with NumbaCudaBackend(allow_simulator=True, device_index=0) as backend:
+        backend._cuda = proxy = CudaProxy(cuda)
+        with ThreadPoolExecutor(1) as compute_thread:
+            results = compute_thread.submit(backend.process, batch, config, True).result()
+            worker = compute_thread.submit(threading.get_ident).result()
+        assert_matches_reference(batch, results, config, True)
+        assert proxy.gpus.bound == [(worker, 0)]
+
+
+def launch_start_halos(backend: NumbaCudaBackend) -> None:
+    """Emulate a GPU whose hysteresis blocks all read their halos before any block writes: each
+    launch reads a copy of the states taken at its start (the simulator runs blocks in order, so
+    rightward and downward chains would otherwise cross every tile in one launch)."""
+    def snapshot(slot, state):
+        copy = cuda.device_array_like(state)
+        copy.copy_to_device(state, stream=slot.stream)
+        return copy
+
+    backend._halo_source = snapshot
+
+
+@pytest.mark.parametrize("pattern, side, bound", [
+    ("serpentine", 16, None), ("spiral", 16, None), ("serpentine", 32, 4), ("spiral", 32, 4)])
+def test_hysteresis_launches_are_bounded_with_launch_start_halos(pattern, side, bound, monkeypatch):
+    """Issue #14 item 2: whatever the weak chains, at most HYSTERESIS_MAX_LAUNCHES launches, then
+    the host finishes; the result is the reference's reachability either way."""
+    import gpu_pipeline.backends.numba_cuda as numba_cuda
+
+    if bound is not None:
+        monkeypatch.setattr(numba_cuda, "HYSTERESIS_MAX_LAUNCHES", bound)
+    limit = numba_cuda.HYSTERESIS_MAX_LAUNCHES
+    chain = serpentine(side, side) if pattern == "serpentine" else spiral(side)
+    states = np.stack([chain, chain[::-1, ::-1].copy(), chain.T.copy()])
+    with NumbaCudaBackend(allow_simulator=True) as backend:
+        launch_start_halos(backend)
+        device_states = cuda.to_device(states)
+        launches = backend._hysteresis(backend._slots[0], device_states)
+        result = device_states.copy_to_host()
+        finished_on_host = backend.device_times.host_finishes
+    for before, after in zip(states, result):
+        expected = reference_hysteresis(before == kernels.STRONG, before == kernels.WEAK)
+        assert np.array_equal(after == kernels.STRONG, expected)
+        assert (after == kernels.STRONG).sum() == (before != kernels.NOT_EDGE).sum()  # the whole chain
+    assert launches <= limit
+    print(f"{pattern} {side}x{side}, bound {limit}: {launches} launches, host finish: {finished_on_host}")
+    if bound is not None:
+        assert finished_on_host == 1  # these chains need more than 4 launches with launch-start halos

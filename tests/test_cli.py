@@ -130,6 +130,11 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--batch-size", "0"], "--batch-size"),
         (["--workers", "0"], "--workers"),
         (["--max-pixels", "0"], "max pixels"),
+        (["--backend", "numba", "--device", "0"], "--device 0 needs a GPU backend"),
+        (["--backend", "reference", "--device", "1"], "needs a GPU backend"),
+        (["--backend", "cupy", "--device", "-1"], "--device must be >= 0"),
+        (["--device", "1", "--dask", "local:1"], "--device picks a GPU of this machine"),
+        (["--dask", "local-cuda"], "needs dask-cuda"),  # not among the test dependencies
     ],
 )
 def test_usage_errors_exit_2_with_one_line(image_dir, tmp_path, args, message):

@@ -10,11 +10,13 @@ a block shape can show up too. What only a GPU can tell (memory model, streams, 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import re
 import shutil
 import subprocess
+import threading
 import weakref
 from pathlib import Path
 
@@ -41,12 +43,14 @@ from gpu_pipeline.backends.cupy_gpu import (
     edge_launches,
     front_launches,
     grown_capacity,
+    staging_capacity,
     max_images_per_batch,
     plan_sub_batches,
     split_evenly,
     sub_batch_budget,
 )
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from tests.chains import spiral
 from tests.oracle import expected_results
 from tests.strategies import ODD_SHAPES, image_shapes, images
 
@@ -229,6 +233,7 @@ class KernelHarness:
         self._lib.launch_kernel.restype = ctypes.c_int
         self._lib.launch_kernel.argtypes = [ctypes.c_char_p, *[ctypes.c_uint] * 6, ctypes.c_int,
                                             ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint)]
+        self._lib.set_only_block.argtypes = [ctypes.c_longlong]
 
     def run(self, launch: Launch, block: tuple[int, int, int]) -> None:
         n = len(launch.args)
@@ -236,6 +241,26 @@ class KernelHarness:
         sizes = (ctypes.c_uint * n)(*[arg.nbytes for arg in launch.args])
         status = self._lib.launch_kernel(launch.kernel.encode(), *launch.grid, *block, n, slots, sizes)
         assert status == 0, f"{launch.kernel}: harness status {status} (-1 unknown, -2 arity, -3-i size of arg i)"
+
+    def run_hysteresis_with_launch_start_halos(self, launch: Launch, block, order: str, rng) -> None:
+        """A hysteresis launch as on a GPU whose blocks all read their tiles and halos before any
+        block writes (the worst case for launches): each block runs alone on the states as of the
+        launch start, in ``order`` (forward, reverse, random); the promotions are merged after."""
+        address, plane_stride, count = int(launch.args[0]), int(launch.args[1]), int(launch.args[4])
+        states = np.ctypeslib.as_array((ctypes.c_uint8 * (plane_stride * count)).from_address(address))
+        at_start = states.copy()
+        promoted = np.zeros(states.shape, bool)
+        blocks = np.arange(launch.grid[0] * launch.grid[1] * launch.grid[2])
+        blocks = {"forward": blocks, "reverse": blocks[::-1], "random": rng.permutation(blocks)}[order]
+        try:
+            for number in blocks:
+                states[:] = at_start
+                self._lib.set_only_block(ctypes.c_longlong(int(number)))
+                self.run(launch, block)
+                promoted |= states != at_start
+        finally:
+            self._lib.set_only_block(ctypes.c_longlong(-1))
+        states[:] = np.where(promoted, 2, at_start)
 
 
 @pytest.fixture(scope="session")
@@ -261,23 +286,45 @@ class HostDevice:
 
     CANARY = 4096
 
-    def __init__(self, harness: KernelHarness, block=(1, 1, 1), memory: int | None = None, after_launch=None):
+    def __init__(self, harness: KernelHarness, block=(1, 1, 1), memory: int | None = None, after_launch=None,
+                 block_order: str | None = None):
+        """``block_order`` (forward, reverse, random): run hysteresis launches with launch-start halos
+        (see KernelHarness.run_hysteresis_with_launch_start_halos), one block per tile."""
         self.harness, self.block, self.memory, self.after_launch = harness, block, memory, after_launch
+        self.block_order, self.rng = block_order, np.random.default_rng(0)
         self.sm_count = 1  # a small hysteresis grid: its blocks loop over many tiles
+        if block_order is not None:
+            self.sm_count = 2**20  # a block per tile: a block walking several tiles would see its own writes
         self.live: dict[int, np.ndarray] = {}  # address -> the fenced array
         self.launches: list[Launch] = []
         self.allocations = 0
         self.failed_allocations = 0
         self.released = 0
         self.syncs = 0
+        self.bound = threading.local()  # bind() depth per thread: every device call must be bound
+        self.pinned_pool: list[int] = []  # sizes of the dropped pinned blocks CuPy's pool keeps
+        self.pinned_locked = 0  # page-locked bytes: in use or kept by the pool
+
+    @contextlib.contextmanager
+    def bind(self):
+        self.bound.depth = getattr(self.bound, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self.bound.depth -= 1
+
+    def assert_bound(self) -> None:
+        assert getattr(self.bound, "depth", 0) > 0, "a device call outside bind() in this thread"
 
     def free_bytes(self) -> int:
+        self.assert_bound()
         return 2**30 if self.memory is None else self.memory - self._used()
 
     def _used(self) -> int:
         return sum(fenced.nbytes - 2 * self.CANARY for fenced in self.live.values())
 
     def alloc(self, nbytes: int) -> np.ndarray:
+        self.assert_bound()
         if self.memory is not None and self._used() + nbytes > self.memory:
             self.failed_allocations += 1
             raise GpuOutOfMemory(f"fake device: {nbytes} bytes do not fit")
@@ -289,13 +336,27 @@ class HostDevice:
         weakref.finalize(arena, self.live.pop, address, None)  # freed when the backend drops it
         return arena
 
-    alloc_pinned = alloc
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        """Pinned memory as CuPy's pool holds it: a dropped buffer's block stays locked in the pool,
+        reused only by a request of exactly its size, until ``release_pinned``."""
+        if nbytes in self.pinned_pool:
+            self.pinned_pool.remove(nbytes)
+        else:
+            self.pinned_locked += nbytes
+        arena = self.alloc(nbytes)
+        weakref.finalize(arena, self.pinned_pool.append, nbytes)
+        return arena
+
+    def release_pinned(self) -> None:
+        self.pinned_locked -= sum(self.pinned_pool)
+        self.pinned_pool.clear()
 
     @staticmethod
     def address(arena: np.ndarray) -> int:
         return arena.ctypes.data
 
     def new_stream(self) -> object:
+        self.assert_bound()
         return object()
 
     def _check_range(self, address: int, nbytes: int) -> None:
@@ -304,20 +365,28 @@ class HostDevice:
         assert inside, f"copy of {nbytes} bytes at {address:#x} outside every arena"
 
     def upload(self, address: int, host: np.ndarray, stream) -> None:
+        self.assert_bound()
         self._check_range(address, host.nbytes)
         ctypes.memmove(address, host.ctypes.data, host.nbytes)
 
     def download(self, host: np.ndarray, address: int, stream) -> None:
+        self.assert_bound()
         self._check_range(address, host.nbytes)
         ctypes.memmove(host.ctypes.data, address, host.nbytes)
 
     def zero(self, address: int, nbytes: int, stream) -> None:
+        self.assert_bound()
         self._check_range(address, nbytes)
         ctypes.memset(address, 0, nbytes)
 
     def launch(self, launch: Launch, stream) -> None:
+        self.assert_bound()
         self.launches.append(launch)
-        self.harness.run(launch, self.block or launch.block)
+        if launch.kernel == "hysteresis" and self.block_order is not None:
+            self.harness.run_hysteresis_with_launch_start_halos(
+                launch, self.block or launch.block, self.block_order, self.rng)
+        else:
+            self.harness.run(launch, self.block or launch.block)
         self.check_canaries()
         if self.after_launch is not None:
             self.after_launch(self, launch)
@@ -328,10 +397,13 @@ class HostDevice:
                 "a kernel wrote outside its arena"
 
     def synchronize(self, stream) -> None:
+        self.assert_bound()
         self.syncs += 1
 
     def release_cached(self) -> None:
+        self.assert_bound()
         self.released += 1
+        self.release_pinned()
 
 
 def assert_same_as_reference(results, batch, config, keep_images=True):
@@ -537,7 +609,132 @@ def test_hysteresis_needs_several_rounds_and_still_converges(harness):
     assert np.array_equal(result.edges, np.where(expected, 255, 0).astype(np.uint8))
     assert result.edge_count == int(expected.sum()) > height * width // 5
     rounds = sum(launch.kernel == "finalize_edges" for launch in device.launches)
-    assert rounds > 1 and device.syncs == rounds
+    # a round: one synchronisation; a finish on the host past the round bound: one more
+    assert rounds > 1 and device.syncs == rounds + backend.host_finishes
+    assert rounds <= cupy_gpu.HYSTERESIS_MAX_ROUNDS + backend.host_finishes
+
+
+def serpentine(side: int) -> np.ndarray:
+    """Rows of weak pixels joined at alternating ends (half of them against any block order), one
+    background row between them, and the only strong pixel at the far end of the path."""
+    states = np.zeros((side, side), np.uint8)
+    for row in range(0, side, 2):
+        states[row, :] = 1
+        if row + 1 < side:
+            states[row + 1, side - 1 if row // 2 % 2 == 0 else 0] = 1
+    last = (side - 1) // 2 * 2
+    states[last, -1 if last // 2 % 2 else 0] = 2
+    return states
+
+
+def states_injector(planes: np.ndarray):
+    """An after_launch hook that replaces the Canny state planes NMS wrote by ``planes``."""
+    def inject(device, launch):
+        if launch.kernel.startswith("blur_sobel_nms"):
+            ctypes.memmove(int(launch.args[8]), planes.ctypes.data, planes.nbytes)
+
+    return inject
+
+
+@pytest.mark.parametrize("order", ["reverse", "random"])
+@pytest.mark.parametrize("pattern", [serpentine, spiral])
+@pytest.mark.parametrize("side", [64, 256])
+def test_hysteresis_launches_are_bounded_with_launch_start_halos(harness, order, pattern, side):
+    """Issue #14 item 2: blocks in reverse or random order, reading halos as of launch start, as a
+    GPU may; chains through every tile still end after at most HYSTERESIS_MAX_ROUNDS rounds (then
+    the host finishes), byte-equal to the reference."""
+    chain = pattern(side)
+    planes = np.stack([chain, chain[::-1, ::-1], chain.T]).copy()
+    device = HostDevice(harness, after_launch=states_injector(planes), block_order=order)
+    backend = CupyBackend(device=device)
+    batch = [np.zeros((side, side), np.uint8)] * len(planes)
+    results = backend.process(batch, PipelineConfig(), keep_images=True)
+    for plane, result in zip(planes, results):
+        expected = reference_hysteresis(plane == 2, plane == 1)
+        assert expected.sum() == (plane != 0).sum()  # the whole chain is an edge
+        assert np.array_equal(result.edges, np.where(expected, 255, 0).astype(np.uint8))
+        assert result.edge_count == int(expected.sum())
+    launches = sum(launch.kernel == "hysteresis" for launch in device.launches)
+    assert launches <= cupy_gpu.HYSTERESIS_MAX_ROUNDS * HYSTERESIS_LAUNCHES_PER_ROUND
+    assert device.syncs <= cupy_gpu.HYSTERESIS_MAX_ROUNDS + 2  # the rounds, then the host's copy back
+    assert backend.host_finishes == 1  # these chains need far more launches than the bound
+
+
+def test_staging_capacity_doubles_up_to_the_batch_limit():
+    granule = cupy_gpu.ARENA_GRANULE
+    assert staging_capacity(8 * granule, 5 * granule, 64 * granule) == 8 * granule  # fits: kept
+    assert staging_capacity(0, 1, 64 * granule) == granule
+    assert staging_capacity(4 * granule, 5 * granule, 64 * granule) == 8 * granule  # doubles
+    assert staging_capacity(4 * granule, 5 * granule, 6 * granule) == 6 * granule  # up to the limit
+    assert staging_capacity(4 * granule, 9 * granule, 6 * granule) == 9 * granule  # what is needed, always
+    sizes, size = [], 0  # a batch growing one granule at a time regrows a few times only
+    for needed in range(1, 65):
+        grown = staging_capacity(size, needed * granule, 64 * granule)
+        if grown != size:
+            sizes.append(grown)
+        size = grown
+    assert len(sizes) == 7 and size == 64 * granule
+
+
+def test_pinned_memory_held_is_only_the_staging_in_use_across_growing_batches(harness, monkeypatch):
+    """Issue #14 item 3: old staging buffers must not stay locked in CuPy's pinned pool."""
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    rng = np.random.default_rng(19)
+    config = PipelineConfig()
+    pinned_allocations = []
+    allocate = device.alloc_pinned
+    device.alloc_pinned = lambda nbytes: pinned_allocations.append(nbytes) or allocate(nbytes)
+    for count in range(1, 25):  # a batch one image larger each time
+        batch = [rng.integers(0, 256, (10, 9, 3), np.uint8) for _ in range(count)]
+        assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+        in_use = sum(slot.staging_bytes for slot in backend._slots)
+        assert device.pinned_locked == in_use, f"batch of {count}: {device.pinned_locked} locked, {in_use} in use"
+    assert len(pinned_allocations) <= 2 * 6, pinned_allocations  # each slot doubles: log2(24) + 1 times
+
+
+@pytest.mark.parametrize("failing_kernel", ["gray_histogram", "hysteresis", "finalize_edges"])
+def test_a_one_off_error_leaves_the_backend_usable(harness, monkeypatch, failing_kernel):
+    """Issue #14 item 1: after any failure inside process() the next calls give the reference's bytes.
+    Small arenas make several sub-batches, so the failure leaves work queued on the other slot."""
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    rng = np.random.default_rng(17)
+    batch = [rng.integers(0, 256, (20, 30, 3), np.uint8) for _ in range(5)] + [rng.integers(0, 256, (9, 7), np.uint8)]
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    failures = []
+
+    def fail_once(device, launch):  # in the second sub-batch, while the first one is still queued
+        second_sub_batch = sum(done.kernel == "gray_histogram" for done in device.launches) == 2
+        if launch.kernel == failing_kernel and second_sub_batch and not failures:
+            failures.append(launch)
+            raise RuntimeError("injected one-off failure")
+
+    device = HostDevice(harness, after_launch=fail_once)
+    monkeypatch.setattr(cupy_gpu, "sub_batch_budget", lambda free, held: 2 * BatchLayout.plan(1, (20, 30, 3), True).device_bytes)
+    backend = CupyBackend(device=device)
+    with pytest.raises(RuntimeError, match="injected"):
+        backend.process(batch, config, keep_images=True)
+    assert failures
+    # A smaller batch first: results of a sub-batch left queued would land on indices it lacks.
+    assert_same_as_reference(backend.process(batch[-1:], config), batch[-1:], config, keep_images=False)
+    for keep in (True, False):
+        assert_same_as_reference(backend.process(batch, config, keep_images=keep), batch, config, keep_images=keep)
+
+
+def test_process_binds_the_gpu_in_the_thread_that_runs_it(harness):
+    """Issue #14 item 4: the engine calls process() on its compute thread, not the one that built
+    the backend; the fake device fails any call made outside bind() in the calling thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = HostDevice(harness)
+    backend = CupyBackend(device=device)
+    batch = [np.arange(80, dtype=np.uint8).reshape(8, 10)]
+    with ThreadPoolExecutor(1) as compute_thread:
+        results = compute_thread.submit(backend.process, batch, PipelineConfig(), True).result()
+        compute_thread.submit(backend.close).result()
+    assert_same_as_reference(results, batch, PipelineConfig())
+    assert device.syncs >= 1
 
 
 def test_close_releases_the_memory_pools(harness):

@@ -298,3 +298,48 @@ def test_chunk_sizes_cover_the_work_and_adapt_to_the_measured_rate(total, slots)
     if total >= 4 * slots * dask_run.TARGET_CHUNK_SECONDS * 1000:  # plenty of work: about 2 s per chunk
         assert max(sizes) == int(1000 * dask_run.TARGET_CHUNK_SECONDS)
     assert sizes[0] <= dask_run.FIRST_CHUNK  # nothing measured yet
+
+
+# --- several GPUs: --dask local-cuda (dask-cuda's LocalCUDACluster), tested without a GPU ---------
+
+def test_local_cuda_cluster_has_one_single_threaded_worker_per_visible_gpu():
+    from gpu_pipeline.distributed import local_cuda_cluster_options, worker_visible_devices
+
+    gpus = ["0", "1", "2", "3"]
+    options = local_cuda_cluster_options(gpus)
+    assert options["n_workers"] == 4 and options["threads_per_worker"] == 1
+    assert options["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    # each worker sees its own GPU first, which the backends bind as their default device 0
+    assert [devices.split(",")[0] for devices in worker_visible_devices(gpus)] == gpus
+    assert worker_visible_devices(["2", "5"]) == ["2,5", "5,2"]
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    from gpu_pipeline.distributed import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 1")
+    assert visible_gpus() == ["3", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # CUDA's way of hiding every GPU
+    assert visible_gpus() == []
+
+
+def test_local_cuda_without_gpus_or_dask_cuda_is_a_clear_usage_error(monkeypatch):
+    import sys
+    import types
+
+    from gpu_pipeline import distributed as dist
+    from gpu_pipeline.io import UsageError
+
+    with pytest.raises(UsageError, match="no GPU is visible"):
+        dist.local_cuda_cluster_options([])
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed
+    with pytest.raises(UsageError, match=r"needs dask-cuda: pip install 'gpu-pipeline\[dask-cuda\]'"):
+        dist._local_cuda_cluster()
+    started = []
+    fake = types.SimpleNamespace(LocalCUDACluster=lambda **options: started.append(options) or "cluster")
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert dist._local_cuda_cluster() == "cluster"
+    assert started[0]["n_workers"] == 2 and started[0]["CUDA_VISIBLE_DEVICES"] == "0,1"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (the cuda13 or cuda12 extra): the kernels "
@@ -163,7 +163,7 @@ def test_sub_batch_size_respects_memory_and_launch_limits(shape, keep, free):
 
 
 def test_sub_batch_size_limits():
-    assert images_per_sub_batch((64, 64, 3), False, float("inf")) == 32 * 2**20 // 4096
+    assert images_per_sub_batch((64, 64, 3), False, float("inf")) == 8 * 2**20 // 4096
     assert images_per_sub_batch((1, 1), False, float("inf")) == MAX_IMAGES_PER_LAUNCH
     assert images_per_sub_batch((8000, 8000, 3), True, 1e6) == 1  # the allocation will say
     with pytest.raises(ValueError, match="pixels"):
@@ -391,3 +391,58 @@ def test_gpu_kernels_were_compiled_only_for_the_declared_signatures(gpu_backend)
     gpu_backend.process([scene((40, 50, 3), rng)], gpu_configs[0], keep_images=False)
     for kernel, signatures in kernels.KERNEL_SIGNATURES.items():
         assert len(kernel.overloads) == len(signatures), (kernel.py_func.__name__, list(kernel.overloads))
+
+
+@pytest.mark.parametrize("index, count, message", [
+    (1, 1, r"--device 1: no such GPU here \(1 visible; --device 0\)"),
+    (7, 4, r"--device 7: no such GPU here \(4 visible; --device 0\.\.3\)"),
+    (0, 0, r"--device 0: no such GPU here \(0 visible; none\)"),
+])
+def test_a_device_index_beyond_the_visible_gpus_says_which_exist(index, count, message):
+    from gpu_pipeline.backends.base import checked_device_index
+
+    with pytest.raises(BackendUnavailable, match=message):
+        checked_device_index(index, count)
+    assert checked_device_index(None, 2) == 0 and checked_device_index(1, 2) == 1
+
+
+def test_device_is_refused_for_cpu_backends():
+    with pytest.raises(BackendUnavailable, match="needs a GPU backend"):
+        registry.create("numba", device=0)
+
+
+@settings(deadline=None)  # the first example compiles the flood (or loads it from numba's cache)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 40), st.integers(1, 40),
+       st.floats(0, 0.1), st.floats(0, 1))
+def test_host_finish_of_hysteresis_is_the_reference_reachability(seed, count, height, width, strong, weak):
+    from cpu_reference.stages import hysteresis as reference_hysteresis
+    from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
+
+    draw = np.random.default_rng(seed).random((count, height, width))
+    states = np.where(draw < strong, kernels.STRONG, np.where(draw < strong + weak, kernels.WEAK, kernels.NOT_EDGE))
+    states = states.astype(np.uint8)
+    expected = [reference_hysteresis(plane == kernels.STRONG, plane == kernels.WEAK) for plane in states]
+    before = states.copy()
+    finish_hysteresis(states)
+    for plane, was, want in zip(states, before, expected):
+        assert np.array_equal(plane == kernels.STRONG, want)
+        assert np.array_equal(plane == kernels.NOT_EDGE, was == kernels.NOT_EDGE)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (1000, 1000, 3), (3000, 4000, 3)])
+def test_a_gpu_call_makes_several_sub_batches_so_the_two_slots_overlap(shape):
+    """Issue #14 item 5: one process() call carries GPU_BATCH_PIXELS; cut into one sub-batch it
+    would leave the second slot idle (no copy overlaps a kernel)."""
+    from gpu_pipeline.backends import cupy_gpu
+    from gpu_pipeline.backends.base import GPU_BATCH_PIXELS
+
+    count = max(1, GPU_BATCH_PIXELS // (shape[0] * shape[1]))
+    assert count * shape[0] * shape[1] > GPU_BATCH_PIXELS // 2
+    numba_plan = plan_sub_batches([shape] * count, False, 80 * 2**30)
+    one = np.empty(shape, np.uint8)
+    budget = cupy_gpu.sub_batch_budget(80 * 2**30, 0)
+    cupy_plan = cupy_gpu.plan_sub_batches([one] * count, range(count), budget, False)
+    for plan in (numba_plan, cupy_plan):
+        assert len(plan) >= (2 if count > 1 else 1)
+    if count >= 8:
+        assert len(numba_plan) >= 3 and len(cupy_plan) >= 3

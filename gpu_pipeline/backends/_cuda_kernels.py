@@ -356,7 +356,7 @@ def sobel_nms(blurred, low, high, l2_gradient, state):
 
 
 @cuda.jit(cache=_CACHE)
-def hysteresis_step(state, changed, flag, stamp, previous_stamp):
+def hysteresis_step(source, state, changed, flag, stamp, previous_stamp):
     """One global step of hysteresis: WEAK pixels 8-connected to STRONG ones become STRONG.
 
     Inside the block the tile (1-pixel halo) is iterated to its own fixed point; the halo is
@@ -366,6 +366,10 @@ def hysteresis_step(state, changed, flag, stamp, previous_stamp):
     returns at once unless launch ``flag - 1`` (stamp ``previous_stamp``) changed something,
     so launches queued past the fixed point cost almost nothing. The host stops after a launch
     that changed nothing, which is then the global fixed point (reachability from strong pixels).
+
+    The tile is read from ``source`` and promotions written to ``state``: the backend passes the
+    same array twice; the tests pass a copy taken at launch start as ``source``, which emulates a
+    GPU where every block reads its halo before any block writes (the worst case for launches).
     """
     if flag > 0 and changed[flag - 1] != previous_stamp:
         return  # the previous launch changed nothing: the fixed point is reached
@@ -382,7 +386,7 @@ def hysteresis_step(state, changed, flag, stamp, previous_stamp):
         x = x0 + lx - 1
         value = NOT_EDGE
         if 0 <= y < height and 0 <= x < width:
-            value = state[image, y, x]
+            value = source[image, y, x]
         tile[ly, lx] = value
     cuda.syncthreads()
     weak_rows = 0
@@ -447,6 +451,6 @@ KERNEL_SIGNATURES = {
         "void(uint8[:, :, ::1], uint8[:, ::1], int64, uint8[:, :, ::1], boolean, uint8[:, :, ::1])"
     ],
     sobel_nms: ["void(uint8[:, :, ::1], int64, int64, boolean, uint8[:, :, ::1])"],
-    hysteresis_step: ["void(uint8[:, :, ::1], int32[::1], int64, int64, int64)"],
+    hysteresis_step: ["void(uint8[:, :, ::1], uint8[:, :, ::1], int32[::1], int64, int64, int64)"],
     finalize_edges: ["void(uint8[:, ::1], uint8[:, ::1], boolean, int32[:, ::1])"],
 }

@@ -17,9 +17,10 @@ from gpu_pipeline.backends._cuda_kernels import BLOCK_THREADS, STATS_WIDTH, TILE
 MAX_IMAGES_PER_LAUNCH = 65535
 #: Per-image histogram bins are int32 on the device.
 MAX_PIXELS_PER_IMAGE = 2**31 - 1
-#: Pixels per sub-batch: enough to fill an H100 for a few milliseconds, small enough that two
-#: sub-batches in flight (double buffering) keep copies and kernels overlapping.
-TARGET_PIXELS_PER_SUB_BATCH = 32 * 2**20
+#: Pixels per sub-batch: enough to fill an H100 for about a millisecond, and a quarter of the 32 MP
+#: the engine hands a GPU backend per call (base.GPU_BATCH_PIXELS), so that every call has several
+#: sub-batches and the two slots overlap one's copies with the other's kernels.
+TARGET_PIXELS_PER_SUB_BATCH = 8 * 2**20
 #: Share of the free device memory the two buffer sets may take (the rest: context, other users).
 MEMORY_FRACTION = 0.7
 #: Buffer sets in flight: one computing while the next one is copied in.
@@ -28,6 +29,10 @@ SLOTS = 2
 PIXELS_PER_THREAD = 16
 #: Most hysteresis launches between two host checks (the length of the changed-flag array).
 HYSTERESIS_MAX_CHUNK = 16
+#: Most hysteresis launches per sub-batch (chunks of 4, 8, 16, 16); a sub-batch not at its fixed
+#: point by then is finished on the host (``_host_hysteresis``), so long weak chains that cross
+#: many tiles cost one copy each way instead of thousands of launches.
+HYSTERESIS_MAX_LAUNCHES = 44
 CUDA_ERROR_OUT_OF_MEMORY = 2
 
 

@@ -28,6 +28,17 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run here; the message says why (no GPU, no driver, package missing)."""
 
 
+def checked_device_index(index: int | None, count: int) -> int:
+    """The GPU a GPU backend binds: ``index`` (``--device``), 0 by default; BackendUnavailable when
+    this machine has no such GPU."""
+    if index is None:
+        index = 0
+    if not 0 <= index < count:
+        choices = f"--device 0..{count - 1}" if count > 1 else "--device 0" if count else "none"
+        raise BackendUnavailable(f"--device {index}: no such GPU here ({count} visible; {choices})")
+    return index
+
+
 @dataclass
 class StageResult:
     """What a backend computes for one image.

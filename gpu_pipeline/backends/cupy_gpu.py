@@ -31,11 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
+from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
 from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
     BatchResult,
     check_image,
+    checked_device_index,
     group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
@@ -51,12 +53,18 @@ KERNEL_NAMES = (
 )
 
 HYSTERESIS_LAUNCHES_PER_ROUND = 8
+#: Most hysteresis rounds per sub-batch (one host synchronisation each); a sub-batch not at its fixed
+#: point by then is finished on the host (``_host_hysteresis``): long weak chains that cross many tiles
+#: would otherwise need about one launch per tile crossed.
+HYSTERESIS_MAX_ROUNDS = 4
 MAX_IMAGES_PER_LAUNCH = 65535  # gridDim.z
 MAX_GRID_Y = 65535  # taller images: the blur kernel's blocks loop over tile rows
 MAX_PIXELS = 2**30  # the kernels index the pixels of one image with int
 SECTION_ALIGNMENT = 256
 ARENA_GRANULE = 2 * 2**20  # arenas grow in steps of this, so nearby sizes reuse them
-SUB_BATCH_TARGET_BYTES = 256 * 2**20  # large enough to fill the GPU, small enough to overlap copies
+#: Large enough to fill the GPU, small enough that the 32 MP of one call (base.GPU_BATCH_PIXELS, about
+#: 200 MiB of device arena for RGB) make several sub-batches: the two slots overlap copies and kernels.
+SUB_BATCH_TARGET_BYTES = 64 * 2**20
 MEMORY_FRACTION = 0.8  # of the free device memory, for both slots together
 SLOTS = 2
 
@@ -233,6 +241,18 @@ def grown_capacity(current: int, needed: int) -> int:
     return -(-needed // ARENA_GRANULE) * ARENA_GRANULE
 
 
+def staging_capacity(current: int, needed: int, limit: int) -> int:
+    """Pinned staging size for ``needed`` bytes: the current one when it fits, else at least double it
+    (up to ``limit``, the host bytes of the largest sub-batch the budget allows), in granules.
+
+    Doubling bounds the number of regrowths to a few; each regrowth releases the old buffer to the
+    system (CuPy's pinned pool only reuses blocks of the same size and never trims itself)."""
+    if needed <= current:
+        return current
+    size = max(needed, min(2 * current, limit))
+    return -(-size // ARENA_GRANULE) * ARENA_GRANULE
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``args`` are NumPy scalars (uint64 addresses, int32 / int64 values)."""
@@ -273,8 +293,9 @@ def front_launches(layout: BatchLayout, base: int, settings: KernelSettings) -> 
     ]
 
 
-def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]:
-    """One round of hysteresis launches, then edges and edge counts from the state planes."""
+def edge_launches(layout: BatchLayout, base: int, sm_count: int, hysteresis: bool = True) -> list[Launch]:
+    """One round of hysteresis launches (unless ``hysteresis`` is False: the host finished it), then
+    edges and edge counts from the state planes."""
     device = layout.device
     plane = np.int64(layout.pixels)
     states = _address(base, device["states"])
@@ -286,7 +307,7 @@ def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]
         Launch("hysteresis", hysteresis_grid, TILE_BLOCK, (
             states, plane, np.int32(layout.height), np.int32(layout.width), np.int32(layout.count), flags,
             np.int32(launch)))
-        for launch in range(HYSTERESIS_LAUNCHES_PER_ROUND)
+        for launch in range(HYSTERESIS_LAUNCHES_PER_ROUND if hysteresis else 0)
     ]
     launches.append(Launch("finalize_edges", _flat_grid(layout), FLAT_BLOCK, (
         states, plane, np.int32(layout.pixels), _address(base, device["edges"]), _address(base, counters))))
@@ -299,16 +320,23 @@ def edge_launches(layout: BatchLayout, base: int, sm_count: int) -> list[Launch]
 class CupyDevice:
     """Every GPU call of the backend: memory, copies, launches, streams. Tests substitute a fake."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
         import cupy
         import cupyx
 
         self._cupy, self._cupyx = cupy, cupyx
         self._runtime = cupy.cuda.runtime
-        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=NVRTC_OPTIONS)
-        # Compile now, so that a compile error surfaces when the backend is created.
-        self._kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
-        self.sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        self.index = index
+        with self.bind():
+            module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=NVRTC_OPTIONS)
+            # Compile now, so that a compile error surfaces when the backend is created.
+            self._kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
+            self.sm_count = int(cupy.cuda.Device(index).attributes["MultiProcessorCount"])
+
+    def bind(self):
+        """This GPU, current in the calling thread for the ``with`` block: CUDA's current device is
+        per thread, and ``process()`` runs on the engine's compute thread (which starts on device 0)."""
+        return self._cupy.cuda.Device(self.index)
 
     def free_bytes(self) -> int:
         free, _total = self._runtime.memGetInfo()
@@ -352,6 +380,10 @@ class CupyDevice:
 
     def release_cached(self) -> None:
         self._cupy.get_default_memory_pool().free_all_blocks()
+        self.release_pinned()
+
+    def release_pinned(self) -> None:
+        """Give the pinned blocks no array uses back to the system (CuPy's pool never trims itself)."""
         self._cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
@@ -378,15 +410,21 @@ class _Slot:
     def staging_bytes(self) -> int:
         return 0 if self.staging is None else self.staging.nbytes
 
-    def reserve(self, device, layout: BatchLayout) -> None:
-        """Grow the arenas to hold ``layout``; the old ones are dropped first so their memory can be reused."""
+    def reserve(self, device, layout: BatchLayout, staging_limit: int) -> None:
+        """Grow the arenas to hold ``layout``; the old ones are dropped first so their memory can be reused.
+
+        ``staging_limit``: the pinned staging size the batch limits may need (see ``staging_capacity``).
+        """
         if layout.device_bytes > self.arena_bytes:
             size = grown_capacity(self.arena_bytes, layout.device_bytes)
             self.arena, self.arena_bytes = None, 0
             self.arena, self.arena_bytes = device.alloc(size), size
         if layout.host_bytes > self.staging_bytes:
-            size = grown_capacity(self.staging_bytes, layout.host_bytes)
+            size = staging_capacity(self.staging_bytes, layout.host_bytes, staging_limit)
+            had_staging = self.staging is not None
             self.staging = None
+            if had_staging:
+                device.release_pinned()  # else the old block stays locked in CuPy's pool for good
             self.staging = device.alloc_pinned(size)
 
     def release(self) -> None:
@@ -399,16 +437,23 @@ class CupyBackend(Backend):
     name = "cupy"
     uses_gpu = True
 
-    def __init__(self, threads: int | None = None, device=None) -> None:
+    def __init__(self, threads: int | None = None, device=None, *, device_index: int | None = None) -> None:
+        """``device``: the device interface (tests pass a fake); else a :class:`CupyDevice` on GPU
+        ``device_index`` (``--device``, default 0)."""
         super().__init__(threads)
         if device is None:
             reason = self.unavailable_reason()
             if reason is not None:
                 raise BackendUnavailable(reason)
-            device = CupyDevice()
+            import cupy
+
+            device = CupyDevice(checked_device_index(device_index, cupy.cuda.runtime.getDeviceCount()))
         self._device = device
-        self._slots = [_Slot(device) for _ in range(SLOTS)]
+        with device.bind():
+            self._slots = [_Slot(device) for _ in range(SLOTS)]
         self._turn = 0
+        #: Sub-batches whose hysteresis reached the round bound and was finished on the host.
+        self.host_finishes = 0
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -431,6 +476,10 @@ class CupyBackend(Backend):
             check_image(image)
             if image.shape[0] * image.shape[1] > MAX_PIXELS:
                 raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {image.shape}")
+        with self._device.bind():
+            return self._process_on_device(images, config, keep_images)
+
+    def _process_on_device(self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool) -> BatchResult:
         settings = KernelSettings.from_config(config)
         results = BatchResult.empty(len(images), keep_images)
         held = sum(slot.arena_bytes for slot in self._slots)
@@ -444,7 +493,7 @@ class CupyBackend(Backend):
                 self._turn = (self._turn + 1) % SLOTS
                 self._collect(slot, results)
                 try:
-                    slot.reserve(self._device, layout)
+                    slot.reserve(self._device, layout, budget)
                 except GpuOutOfMemory:
                     self._drain(results)
                     self._release_buffers()
@@ -452,7 +501,7 @@ class CupyBackend(Backend):
                         remaining = indices + [index for batch in queue for index in batch]
                         queue = deque(plan_sub_batches(images, remaining, layout.device_bytes // 2, keep_images))
                         continue
-                    self._reserve_single(slot, layout)
+                    self._reserve_single(slot, layout, budget)
                 self._submit(slot, images, indices, layout, settings)
             self._drain(results)
         except BaseException:
@@ -461,15 +510,16 @@ class CupyBackend(Backend):
         return results  # every index was filled by _collect
 
     def close(self) -> None:
-        self._abandon()
-        self._release_buffers()
+        with self._device.bind():
+            self._abandon()
+            self._release_buffers()
 
     # --- internals ---
 
-    def _reserve_single(self, slot: _Slot, layout: BatchLayout) -> None:
+    def _reserve_single(self, slot: _Slot, layout: BatchLayout, staging_limit: int) -> None:
         """Last try for a one-image sub-batch, with everything else released."""
         try:
-            slot.reserve(self._device, layout)
+            slot.reserve(self._device, layout, staging_limit)
         except GpuOutOfMemory as exc:
             mib = 2**20
             raise GpuOutOfMemory(
@@ -495,13 +545,14 @@ class CupyBackend(Backend):
         self._queue_edge_round(slot, layout)
         slot.pending = _Pending(indices, layout)
 
-    def _queue_edge_round(self, slot: _Slot, layout: BatchLayout) -> None:
-        """Queue a hysteresis round, the edges and counts, and the copy of the results back."""
+    def _queue_edge_round(self, slot: _Slot, layout: BatchLayout, hysteresis: bool = True) -> None:
+        """Queue a hysteresis round (unless the host finished it), the edges and counts, and the copy
+        of the results back."""
         device, stream, staging = self._device, slot.stream, slot.staging
         base = device.address(slot.arena)
         counters = layout.device["counters"]
         device.zero(base + counters.offset, counters.nbytes, stream)
-        for launch in edge_launches(layout, base, device.sm_count):
+        for launch in edge_launches(layout, base, device.sm_count, hysteresis):
             device.launch(launch, stream)
         span = BatchLayout.results_span(layout.host)
         device.download(staging[span.offset:span.end], base + BatchLayout.results_span(layout.device).offset, stream)
@@ -515,9 +566,14 @@ class CupyBackend(Backend):
             return
         layout, staging = pending.layout, slot.staging
         self._device.synchronize(slot.stream)
+        rounds = 1
         while layout.changed_flags(staging)[-1]:  # the round's last launch still changed something
+            if rounds == HYSTERESIS_MAX_ROUNDS:
+                self._finish_on_host(slot, layout)
+                break
             self._queue_edge_round(slot, layout)
             self._device.synchronize(slot.stream)
+            rounds += 1
         histograms, counts = layout.histograms(staging), layout.edge_counts(staging)
         equalized = layout.planes(staging, "equalized") if layout.keep_images else None
         edges = layout.planes(staging, "edges") if layout.keep_images else None
@@ -529,6 +585,21 @@ class CupyBackend(Backend):
                 results.equalized[index] = equalized[k].copy()
                 results.edges[index] = edges[k].copy()
         slot.pending = None
+
+    def _finish_on_host(self, slot: _Slot, layout: BatchLayout) -> None:
+        """Hysteresis past the round bound: the state planes into the (no longer needed) input part of
+        the pinned staging, a flood there, back to the device; then edges and results again."""
+        device, stream = self._device, slot.stream
+        base = device.address(slot.arena)
+        states = layout.device["states"]
+        host = layout.host_view(slot.staging, "input")[: states.nbytes]
+        device.download(host, base + states.offset, stream)
+        device.synchronize(stream)
+        finish_hysteresis(host.reshape(layout.count, layout.height, layout.width))
+        device.upload(base + states.offset, host, stream)
+        self._queue_edge_round(slot, layout, hysteresis=False)
+        device.synchronize(stream)
+        self.host_finishes += 1
 
     def _drain(self, results: BatchResult) -> None:
         for _ in range(SLOTS):  # oldest first

@@ -13,6 +13,7 @@ Kernels: ``_cuda_kernels``; host-side decisions: ``_cuda_plan``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -26,6 +27,7 @@ from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends._cuda_plan import (
     HYSTERESIS_MAX_CHUNK,
+    HYSTERESIS_MAX_LAUNCHES,
     SLOTS,
     BufferPool,
     GpuOutOfMemory,
@@ -37,7 +39,14 @@ from gpu_pipeline.backends._cuda_plan import (
     plan_sub_batches,
     tile_grid,
 )
-from gpu_pipeline.backends.base import Backend, BackendUnavailable, BatchResult, check_image
+from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
+from gpu_pipeline.backends.base import (
+    Backend,
+    BackendUnavailable,
+    BatchResult,
+    check_image,
+    checked_device_index,
+)
 from gpu_pipeline.config import PipelineConfig
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
@@ -87,6 +96,8 @@ class DeviceTimes:
     pixels: int = 0
     sub_batches: int = 0
     hysteresis_launches: int = 0
+    #: Sub-batches whose hysteresis reached the launch bound and was finished on the host.
+    host_finishes: int = 0
 
 
 @dataclass
@@ -134,7 +145,9 @@ class NumbaCudaBackend(Backend):
     name = "cuda"
     uses_gpu = True
 
-    def __init__(self, threads: int | None = None, *, allow_simulator: bool = False) -> None:
+    def __init__(
+        self, threads: int | None = None, *, device_index: int | None = None, allow_simulator: bool = False
+    ) -> None:
         super().__init__(threads)
         reason = unavailable_reason(allow_simulator)
         if reason is not None:
@@ -143,13 +156,25 @@ class NumbaCudaBackend(Backend):
         from numba import cuda
 
         self._cuda = cuda
+        self.device_index = checked_device_index(device_index, len(cuda.gpus))
         self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
-        if self._timed:
-            compile_kernels()
-        self.device_times = DeviceTimes()
-        self._staging_threads = min(8, threads or os.cpu_count() or 1)
-        self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
-        self._slots = [
+        with self._on_device():
+            if self._timed:
+                compile_kernels()
+            self.device_times = DeviceTimes()
+            self._staging_threads = min(8, threads or os.cpu_count() or 1)
+            self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
+            self._slots = self._new_slots()
+
+    def _on_device(self):
+        """This backend's GPU, current in the calling thread for the ``with`` block: CUDA's current
+        context is per thread, and ``process()`` runs on the engine's compute thread, not the one
+        that built the backend (which would otherwise find itself on device 0)."""
+        return self._cuda.gpus[self.device_index]
+
+    def _new_slots(self) -> list[_Slot]:
+        cuda = self._cuda
+        return [
             _Slot(
                 stream=cuda.stream(),
                 device=BufferPool(lambda count, dtype: self._device_array(count, dtype)),
@@ -190,8 +215,19 @@ class NumbaCudaBackend(Backend):
         if deallocations is not None:
             deallocations.clear()  # free now, not at numba's next convenient moment
 
+    def _abandon(self) -> None:
+        """After an error: wait for queued work (so no copy still targets the buffers) and forget
+        every sub-batch in flight, so that the next call starts clean (as the cupy backend does)."""
+        for slot in self._slots:
+            slot.job = None
+            # The device may be the reason we are here; there is nothing left to save.
+            with contextlib.suppress(Exception):
+                slot.stream.synchronize()
+
     def close(self) -> None:
-        self._release_buffers()
+        with self._on_device():
+            self._abandon()
+            self._release_buffers()
         self._stager.shutdown()
 
     # -- the interface ---------------------------------------------------------------------------
@@ -201,6 +237,12 @@ class NumbaCudaBackend(Backend):
     ) -> BatchResult:
         for image in images:
             check_image(image)
+        with self._on_device():
+            return self._process_on_device(images, config, keep_images)
+
+    def _process_on_device(
+        self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool
+    ) -> BatchResult:
         results = BatchResult.empty(len(images), keep_images)
         done = np.zeros(len(images), bool)
         max_images = None
@@ -216,8 +258,9 @@ class NumbaCudaBackend(Backend):
             ]
             try:
                 self._run(plan, images, config, bool(keep_images), results, done)
-            except Exception as error:
+            except BaseException as error:
                 if not is_out_of_memory(error):
+                    self._abandon()  # any other failure: the next call must start clean
                     raise
                 self._release_buffers()
                 unfinished = [b for b in plan if not done[list(b.indices)].all()]
@@ -347,27 +390,42 @@ class NumbaCudaBackend(Backend):
         self._record(slot, 3)
 
     def _hysteresis(self, slot: _Slot, state) -> int:
-        """Launch hysteresis steps on ``state`` (images, h, w) until one changes nothing.
+        """Launch hysteresis steps on ``state`` (images, h, w) until one changes nothing, at most
+        ``HYSTERESIS_MAX_LAUNCHES``; past that, finish on the host (one copy each way).
 
         Launches are queued in chunks, with one host synchronisation per chunk; those past the
-        fixed point return at once. Returns the number of launches queued. Every launch that
-        changes something promotes at least one pixel, so at most ``pixels + 1`` are needed.
+        fixed point return at once. Returns the number of launches queued.
         """
         count, height, width = state.shape
         tiles = tile_grid(height, width, count)
         launched = 0
-        for launches in hysteresis_schedule(count * height * width + 1):
+        for launches in hysteresis_schedule(HYSTERESIS_MAX_LAUNCHES):
             for flag in range(launches):
                 previous, slot.stamp = slot.stamp, slot.stamp % (2**31 - 1) + 1  # int32, never 0
                 kernels.hysteresis_step[tiles, _TILE_BLOCK, slot.stream](
-                    state, slot.flags, flag, slot.stamp, previous
+                    self._halo_source(slot, state), state, slot.flags, flag, slot.stamp, previous
                 )
             launched += launches
             slot.flags.copy_to_host(slot.host_flags, stream=slot.stream)
             slot.stream.synchronize()
             if slot.host_flags[launches - 1] != slot.stamp:
                 return launched
-        raise RuntimeError("hysteresis did not reach its fixed point (a kernel bug)")
+        self._finish_on_host(slot, state)
+        return launched
+
+    def _halo_source(self, slot: _Slot, state):
+        """What hysteresis blocks read: ``state`` itself. Tests override this with a copy taken at
+        launch start, to see the launches a GPU needs whose blocks all read before any writes."""
+        return state
+
+    def _finish_on_host(self, slot: _Slot, state) -> None:
+        """Hysteresis past the launch bound: the state planes to pinned memory, a flood there, back."""
+        host = slot.pinned.get("state", state.size, np.uint8).reshape(state.shape)
+        state.copy_to_host(host, stream=slot.stream)
+        slot.stream.synchronize()
+        finish_hysteresis(host)
+        state.copy_to_device(host, stream=slot.stream)
+        self.device_times.host_finishes += 1
 
     def _record(self, slot: _Slot, phase: int) -> None:
         if self._timed:

@@ -92,13 +92,21 @@ def resolve(name: str) -> str:
     return "reference"
 
 
-def create(name: str, threads: int | None = None) -> Backend:
-    """An instance of backend ``name`` (or ``auto``); BackendUnavailable says why it cannot run."""
+def create(name: str, threads: int | None = None, device: int | None = None) -> Backend:
+    """An instance of backend ``name`` (or ``auto``); BackendUnavailable says why it cannot run.
+
+    ``device``: the GPU a GPU backend binds (``--device``); refused for a CPU backend.
+    """
     concrete = resolve(name)
     reason = unavailable_reason(concrete)
     if reason is not None:
         raise BackendUnavailable(f"backend {concrete!r} is unavailable: {reason}")
-    return _REGISTRY[concrete].load()(threads=threads)
+    cls = _REGISTRY[concrete].load()
+    if device is None:
+        return cls(threads=threads)
+    if not cls.uses_gpu:
+        raise BackendUnavailable(f"--device {device} needs a GPU backend (cuda or cupy); backend {concrete!r} is not one")
+    return cls(threads=threads, device_index=device)
 
 
 register("reference", _lazy("gpu_pipeline.backends.reference", "ReferenceBackend"),

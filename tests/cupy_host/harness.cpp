@@ -18,6 +18,9 @@
 thread_local dim3 threadIdx;
 dim3 blockIdx, blockDim, gridDim;
 std::barrier<>* block_barrier = nullptr;
+// When >= 0, launches run only the block of this linear index (x fastest): the tests' emulation of
+// blocks that all read memory before any block writes runs each block alone on a snapshot.
+long long only_block = -1;
 
 namespace {
 
@@ -50,6 +53,7 @@ int run_grid(
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
+                if (only_block >= 0 && ((long long)z * grid.y + y) * grid.x + x != only_block) continue;
                 blockIdx = {x, y, z};
                 std::barrier<> barrier((std::ptrdiff_t)threads);
                 block_barrier = &barrier;
@@ -69,6 +73,8 @@ int run_grid(
 }
 
 }  // namespace
+
+extern "C" void set_only_block(long long block) { only_block = block; }
 
 // 0 on success, -1 for an unknown kernel, -2 for a wrong number of arguments, -3 - i when argument i
 // has the wrong size.
