@@ -67,6 +67,11 @@ STRIP_PIXELS = 1 << 16
 _STRETCH = 16384
 
 
+# numba widens int32 arithmetic to int64; wrapping each update in _i32 lets LLVM keep the loops in
+# int32 lanes (twice as many per SIMD register). Exact: every stretch sum fits in int32.
+_i32 = np.int32
+
+
 @_numba_setup.helper
 def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np.ndarray) -> None:
     """Add the colour counts of one stretch of a row (int32 bands) to ``out``.
@@ -74,34 +79,28 @@ def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np
     Branch-free sums (the hue sector is chosen by multiplying with 0/1 comparisons, not by
     indexing a histogram), so the compiler turns the loop into SIMD code.
     """
-    sum_r = sum_g = sum_b = square_r = square_g = square_b = chroma_sum = chroma_squares = np.int32(0)
-    hue0 = hue1 = hue2 = hue3 = hue4 = hue5 = np.int32(0)
+    sum_r = sum_g = sum_b = square_r = square_g = square_b = chroma_sum = chroma_squares = _i32(0)
+    hue0 = hue1 = hue2 = hue3 = hue4 = hue5 = _i32(0)
     for x in range(red.shape[0]):
         r = red[x]
         g = green[x]
         b = blue[x]
-        sum_r += r
-        sum_g += g
-        sum_b += b
-        square_r += r * r
-        square_g += g * g
-        square_b += b * b
-        chroma = max(r, g, b) - min(r, g, b)
-        chroma_sum += chroma
-        chroma_squares += chroma * chroma
+        sum_r = _i32(sum_r + r)
+        sum_g = _i32(sum_g + g)
+        sum_b = _i32(sum_b + b)
+        square_r = _i32(square_r + _i32(r * r))
+        square_g = _i32(square_g + _i32(g * g))
+        square_b = _i32(square_b + _i32(b * b))
+        chroma = _i32(max(r, g, b) - min(r, g, b))
+        chroma_sum = _i32(chroma_sum + chroma)
+        chroma_squares = _i32(chroma_squares + _i32(chroma * chroma))
         # HSV hue sector from which band is largest and which smallest, ties as in Python's colorsys
-        r_over_g = np.int32(r > g)
-        g_over_b = np.int32(g > b)
-        b_over_r = np.int32(b > r)
-        g_over_r = np.int32(g > r)
-        b_over_g = np.int32(b > g)
-        r_over_b = np.int32(r > b)
-        hue0 += chroma * (r_over_g * (1 - b_over_g))  # red > green >= blue: red to yellow
-        hue1 += chroma * ((1 - r_over_g) * r_over_b)  # green >= red > blue: yellow to green
-        hue2 += chroma * (g_over_b * (1 - r_over_b))  # green > blue >= red: green to cyan
-        hue3 += chroma * ((1 - g_over_b) * g_over_r)  # blue >= green > red: cyan to blue
-        hue4 += chroma * (b_over_r * (1 - g_over_r))  # blue > red >= green: blue to magenta
-        hue5 += chroma * ((1 - b_over_r) * b_over_g)  # red >= blue > green: magenta to red
+        hue0 = _i32(hue0 + chroma * _i32((r > g) & (g >= b)))  # red > green >= blue: red to yellow
+        hue1 = _i32(hue1 + chroma * _i32((g >= r) & (r > b)))  # green >= red > blue: yellow to green
+        hue2 = _i32(hue2 + chroma * _i32((g > b) & (b >= r)))  # green > blue >= red: green to cyan
+        hue3 = _i32(hue3 + chroma * _i32((b >= g) & (g > r)))  # blue >= green > red: cyan to blue
+        hue4 = _i32(hue4 + chroma * _i32((b > r) & (r >= g)))  # blue > red >= green: blue to magenta
+        hue5 = _i32(hue5 + chroma * _i32((r >= b) & (b > g)))  # red >= blue > green: magenta to red
     out[_BAND_SUMS] += sum_r
     out[_BAND_SUMS + 1] += sum_g
     out[_BAND_SUMS + 2] += sum_b
@@ -123,32 +122,32 @@ def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: in
     """Add the gradient counts of pixels ``start:stop`` of a flat gray image to ``out``.
 
     ``dx`` is the difference to the right neighbour, ``dy`` to the one below; pixels of the last
-    column have no right neighbour and count for nothing (``inside`` is 0 there, 1 elsewhere; the
-    caller stops before the last row).
+    column have no right neighbour and count for nothing (``inside`` is 0 there, -1 (all bits)
+    elsewhere; the caller stops before the last row).
     Magnitude bins are counted as ``magnitude >= 2, 4, ...`` and differenced, so the loop is
     branch-free and the compiler turns it into SIMD code.
     """
-    at_least2 = at_least4 = at_least8 = at_least16 = at_least32 = np.int32(0)
-    horizontal = vertical = rising = falling = np.int32(0)
+    at_least2 = at_least4 = at_least8 = at_least16 = at_least32 = _i32(0)
+    horizontal = vertical = rising = falling = _i32(0)
     for p in range(start, stop):
-        dx = (gray[p + 1] - gray[p]) * inside[p]
-        dy = (gray[p + width] - gray[p]) * inside[p]
+        dx = _i32(gray[p + 1] - gray[p]) & inside[p]
+        dy = _i32(gray[p + width] - gray[p]) & inside[p]
         ax = abs(dx)
         ay = abs(dy)
-        magnitude = ax + ay
-        at_least2 += np.int32(magnitude >= 2)
-        at_least4 += np.int32(magnitude >= 4)
-        at_least8 += np.int32(magnitude >= 8)
-        at_least16 += np.int32(magnitude >= 16)
-        at_least32 += np.int32(magnitude >= 32)
-        is_horizontal = np.int32(ax > 2 * ay)  # mostly horizontal change: a vertical structure
-        is_vertical = np.int32(ay > 2 * ax)
-        diagonal = 1 - is_horizontal - is_vertical
-        same_sign = np.int32((dx > 0) == (dy > 0))
-        horizontal += magnitude * is_horizontal
-        vertical += magnitude * is_vertical
-        rising += magnitude * diagonal * same_sign
-        falling += magnitude * diagonal * (1 - same_sign)
+        magnitude = _i32(ax + ay)
+        at_least2 = _i32(at_least2 + _i32(magnitude >= 2))
+        at_least4 = _i32(at_least4 + _i32(magnitude >= 4))
+        at_least8 = _i32(at_least8 + _i32(magnitude >= 8))
+        at_least16 = _i32(at_least16 + _i32(magnitude >= 16))
+        at_least32 = _i32(at_least32 + _i32(magnitude >= 32))
+        is_horizontal = ax > _i32(2 * ay)  # mostly horizontal change: a vertical structure
+        is_vertical = ay > _i32(2 * ax)
+        diagonal = ~(is_horizontal | is_vertical)  # never both
+        same_sign = (dx > 0) == (dy > 0)
+        horizontal = _i32(horizontal + magnitude * _i32(is_horizontal))
+        vertical = _i32(vertical + magnitude * _i32(is_vertical))
+        rising = _i32(rising + magnitude * _i32(diagonal & same_sign))
+        falling = _i32(falling + magnitude * _i32(diagonal & ~same_sign))
     out[_MAGNITUDE + 1] += at_least2 - at_least4
     out[_MAGNITUDE + 2] += at_least4 - at_least8
     out[_MAGNITUDE + 3] += at_least8 - at_least16
@@ -162,49 +161,67 @@ def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: in
 
 @_numba_setup.helper
 def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, start: int, stop: int) -> int:
-    """Sum of |differences| to the pixel ``step`` to the right (where ``inside`` is 1) and ``step`` below."""
-    total = np.int32(0)
+    """Sum of |differences| to the pixel ``step`` to the right (where ``inside`` is -1) and ``step`` below."""
+    total = _i32(0)
     for p in range(start, stop):
-        total += abs(gray[p + step] - gray[p]) * inside[p] + abs(gray[p + step * width] - gray[p])
+        across = abs(_i32(gray[p + step] - gray[p])) & inside[p]
+        total = _i32(total + across + abs(_i32(gray[p + step * width] - gray[p])))
     return total
 
 
 @_numba_setup.helper
-def _image_counts(image: np.ndarray, strip_rows: int, out: np.ndarray) -> None:
-    """Exact integer counts of one image (H, W, C) with C 1 or 3 into ``out`` (int64[_COUNTS]).
+def _scratch(width: int, strip_rows: int):
+    """Scratch arrays of :func:`_image_counts` for images ``width`` wide read ``strip_rows`` rows at a time.
 
-    The image is read in strips of ``strip_rows`` rows, so the scratch memory is bounded whatever
-    the image size. Each strip (with the :data:`COARSE_STEP` rows below it, which its differences
-    reach) is split into flat int32 bands and its gray levels computed, and every sum runs over
-    stretches of at most :data:`_STRETCH` pixels in int32 before it is added to the int64 totals:
-    long SIMD-friendly loops, and exact.
+    Made once per batch (or thread), not per image. ``next_inside`` / ``far_inside`` are -1 (all
+    bits) where a pixel has a right neighbour / one :data:`COARSE_STEP` to the right, else 0.
     """
-    height, width, channels = image.shape
     step = COARSE_STEP
-    strip_rows = max(min(strip_rows, height), 1)
-    flat = image.reshape(height * width, channels)
     # bands and gray of the strip and the `step` rows below it (which its differences reach)
     bands = np.empty((3, (strip_rows + step) * width), np.int32)
     # padded: reads past a row end are masked out
     gray = np.zeros((strip_rows + step) * width + step + 1, np.int32)
-    # 1 where a pixel has a right neighbour (next_inside) or one `step` to the right (far_inside)
     next_inside = np.empty(strip_rows * width, np.int32)
     far_inside = np.empty(strip_rows * width, np.int32)
     for row in range(strip_rows):
         for x in range(width):
-            next_inside[row * width + x] = x < width - 1
-            far_inside[row * width + x] = x < width - step
+            next_inside[row * width + x] = -1 if x < width - 1 else 0
+            far_inside[row * width + x] = -1 if x < width - step else 0
+    return bands, gray, next_inside, far_inside
+
+
+@_numba_setup.helper
+def _strip_rows(height: int, strip_rows: int) -> int:
+    return max(min(strip_rows, height), 1)
+
+
+@_numba_setup.helper
+def _image_counts(image: np.ndarray, strip_rows: int, bands: np.ndarray, gray: np.ndarray, next_inside: np.ndarray,
+                  far_inside: np.ndarray, out: np.ndarray) -> None:
+    """Exact integer counts of one image (H, W, C) with C 1 or 3 into ``out`` (int64[_COUNTS]).
+
+    The image is read in strips of ``strip_rows`` rows (:func:`_strip_rows`), so the scratch memory
+    (:func:`_scratch`) is bounded whatever the image size. Each strip (with the :data:`COARSE_STEP`
+    rows below it, which its differences reach) is split into flat int32 bands and its gray levels
+    computed, and every sum runs over stretches of at most :data:`_STRETCH` pixels in int32 before
+    it is added to the int64 totals: long SIMD-friendly loops, and exact.
+    """
+    height, width, channels = image.shape
+    step = COARSE_STEP
+    flat = image.reshape(height * width, channels)
     for top in range(0, height, strip_rows):
         bottom = min(top + strip_rows, height)
         first = top * width
         pixels = (bottom - top) * width
         read = (min(bottom + step, height) - top) * width
         for p in range(read):
-            bands[0, p] = flat[first + p, 0]
-            bands[1, p] = flat[first + p, channels // 2]
-            bands[2, p] = flat[first + p, channels - 1]
-        for p in range(read):
-            gray[p] = (9798 * bands[0, p] + 19235 * bands[1, p] + 3735 * bands[2, p] + 16384) >> 15
+            r = _i32(flat[first + p, 0])
+            g = _i32(flat[first + p, channels // 2])
+            b = _i32(flat[first + p, channels - 1])
+            bands[0, p] = r
+            bands[1, p] = g
+            bands[2, p] = b
+            gray[p] = _i32(_i32(_i32(9798 * r) + _i32(19235 * g)) + _i32(_i32(3735 * b) + 16384)) >> 15
         for start in range(0, pixels, _STRETCH):
             stop = min(start + _STRETCH, pixels)
             _colour_counts(bands[0, start:stop], bands[1, start:stop], bands[2, start:stop], out)
@@ -218,7 +235,7 @@ def _image_counts(image: np.ndarray, strip_rows: int, out: np.ndarray) -> None:
             out[_COARSE_SUM] += _coarse_sum(gray, far_inside, width, step, start,
                                             min(start + _STRETCH, with_far_below))
         for p in range(with_far_below, pixels):
-            out[_COARSE_SUM] += abs(gray[p + step] - gray[p]) * far_inside[p]
+            out[_COARSE_SUM] += abs(gray[p + step] - gray[p]) & far_inside[p]
     positions = max(height - 1, 0) * max(width - 1, 0)
     out[_MAGNITUDE] = positions - (out[_MAGNITUDE + 1] + out[_MAGNITUDE + 2] + out[_MAGNITUDE + 3]
                                    + out[_MAGNITUDE + 4] + out[_MAGNITUDE + 5])
@@ -276,15 +293,31 @@ def _image_features(counts: np.ndarray, histogram: np.ndarray, edge_count: int, 
     out[30] = counts[_COARSE_SUM] / pairs if pairs > 0 else 0.0
 
 
+#: Images per parallel task: each task makes its scratch arrays once.
+_RUN = 16
+
+
+@_numba_setup.helper
+def _range_features(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
+                    begin: int, end: int, out: np.ndarray) -> None:
+    """Features of images ``begin:end`` of a same-shape stack into ``out``, with one set of scratch arrays."""
+    _, height, width, _ = images.shape
+    strip_rows = _strip_rows(height, strip_rows)
+    bands, gray, next_inside, far_inside = _scratch(width, strip_rows)
+    counts = np.empty(_COUNTS, np.int64)
+    for i in range(begin, end):
+        counts[:] = 0
+        _image_counts(images[i], strip_rows, bands, gray, next_inside, far_inside, counts)
+        _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
+
+
 @_numba_setup.parallel
 def _stack_features(images: np.ndarray, histograms: np.ndarray, edge_counts: np.ndarray, strip_rows: int,
                     out: np.ndarray) -> None:
-    """Features of same-shape images (N, H, W, C) into ``out`` (N, features), one image per task."""
-    count, height, width, _ = images.shape
-    for i in numba.prange(count):
-        counts = np.zeros(_COUNTS, np.int64)
-        _image_counts(images[i], strip_rows, counts)
-        _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
+    """Features of same-shape images (N, H, W, C) into ``out`` (N, features), runs of :data:`_RUN` images per task."""
+    count = images.shape[0]
+    for part in numba.prange((count + _RUN - 1) // _RUN):
+        _range_features(images, histograms, edge_counts, strip_rows, part * _RUN, min((part + 1) * _RUN, count), out)
 
 
 @_numba_setup.helper
@@ -292,11 +325,7 @@ def _stack_features_serial(images: np.ndarray, histograms: np.ndarray, edge_coun
                            out: np.ndarray) -> None:
     """:func:`_stack_features` in the calling thread, for threading layers that must not be entered
     from several Python threads at once (the engine may label while a backend computes)."""
-    count, height, width, _ = images.shape
-    for i in range(count):
-        counts = np.zeros(_COUNTS, np.int64)
-        _image_counts(images[i], strip_rows, counts)
-        _image_features(counts, histograms[i], edge_counts[i], height * width, out[i])
+    _range_features(images, histograms, edge_counts, strip_rows, 0, images.shape[0], out)
 
 
 def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray,
