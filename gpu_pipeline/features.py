@@ -74,7 +74,7 @@ _i32 = np.int32
 
 @_numba_setup.helper
 def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np.ndarray) -> None:
-    """Add the colour counts of one stretch of a row (int32 bands) to ``out``.
+    """Add the colour counts of one stretch of a strip (uint8 bands) to ``out``.
 
     Branch-free sums (the hue sector is chosen by multiplying with 0/1 comparisons, not by
     indexing a histogram), so the compiler turns the loop into SIMD code.
@@ -82,9 +82,9 @@ def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np
     sum_r = sum_g = sum_b = square_r = square_g = square_b = chroma_sum = chroma_squares = _i32(0)
     hue0 = hue1 = hue2 = hue3 = hue4 = hue5 = _i32(0)
     for x in range(red.shape[0]):
-        r = red[x]
-        g = green[x]
-        b = blue[x]
+        r = _i32(red[x])
+        g = _i32(green[x])
+        b = _i32(blue[x])
         sum_r = _i32(sum_r + r)
         sum_g = _i32(sum_g + g)
         sum_b = _i32(sum_b + b)
@@ -118,20 +118,22 @@ def _colour_counts(red: np.ndarray, green: np.ndarray, blue: np.ndarray, out: np
 
 
 @_numba_setup.helper
-def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: int, stop: int, out: np.ndarray) -> None:
-    """Add the gradient counts of pixels ``start:stop`` of a flat gray image to ``out``.
+def _gradient_counts(here: np.ndarray, right: np.ndarray, below: np.ndarray, inside: np.ndarray,
+                     out: np.ndarray) -> None:
+    """Add the gradient counts of a stretch of a flat gray image to ``out``.
 
-    ``dx`` is the difference to the right neighbour, ``dy`` to the one below; pixels of the last
-    column have no right neighbour and count for nothing (``inside`` is 0 there, -1 (all bits)
-    elsewhere; the caller stops before the last row).
-    Magnitude bins are counted as ``magnitude >= 2, 4, ...`` and differenced, so the loop is
-    branch-free and the compiler turns it into SIMD code.
+    ``here``, ``right`` and ``below`` are the stretch, the same shifted by one pixel and by one
+    row: ``dx`` is the difference to the right neighbour, ``dy`` to the one below. Pixels of the
+    last column have no right neighbour and count for nothing (``inside`` is 0 there, -1 (all bits)
+    elsewhere; the caller stops before the last row). Indexed from 0, so the compiler sees no
+    negative index and turns the loop into SIMD code; magnitude bins are counted as
+    ``magnitude >= 2, 4, ...`` and differenced, so the loop is branch-free.
     """
     at_least2 = at_least4 = at_least8 = at_least16 = at_least32 = _i32(0)
     horizontal = vertical = rising = falling = _i32(0)
-    for p in range(start, stop):
-        dx = _i32(gray[p + 1] - gray[p]) & inside[p]
-        dy = _i32(gray[p + width] - gray[p]) & inside[p]
+    for p in range(here.shape[0]):
+        dx = _i32(right[p] - here[p]) & inside[p]
+        dy = _i32(below[p] - here[p]) & inside[p]
         ax = abs(dx)
         ay = abs(dy)
         magnitude = _i32(ax + ay)
@@ -160,12 +162,12 @@ def _gradient_counts(gray: np.ndarray, inside: np.ndarray, width: int, start: in
 
 
 @_numba_setup.helper
-def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, start: int, stop: int) -> int:
-    """Sum of |differences| to the pixel ``step`` to the right (where ``inside`` is -1) and ``step`` below."""
+def _coarse_sum(here: np.ndarray, right: np.ndarray, below: np.ndarray, inside: np.ndarray) -> int:
+    """Sum of |differences| to ``right`` (where ``inside`` is -1) and to ``below`` (shifted stretches, as above)."""
     total = _i32(0)
-    for p in range(start, stop):
-        across = abs(_i32(gray[p + step] - gray[p])) & inside[p]
-        total = _i32(total + across + abs(_i32(gray[p + step * width] - gray[p])))
+    for p in range(here.shape[0]):
+        across = abs(_i32(right[p] - here[p])) & inside[p]
+        total = _i32(total + across + abs(_i32(below[p] - here[p])))
     return total
 
 
@@ -173,12 +175,12 @@ def _coarse_sum(gray: np.ndarray, inside: np.ndarray, width: int, step: int, sta
 def _scratch(width: int, strip_rows: int):
     """Scratch arrays of :func:`_image_counts` for images ``width`` wide read ``strip_rows`` rows at a time.
 
-    Made once per batch (or thread), not per image. ``next_inside`` / ``far_inside`` are -1 (all
+    Made once per batch (or task), not per image. ``next_inside`` / ``far_inside`` are -1 (all
     bits) where a pixel has a right neighbour / one :data:`COARSE_STEP` to the right, else 0.
     """
     step = COARSE_STEP
-    # bands and gray of the strip and the `step` rows below it (which its differences reach)
-    bands = np.empty((3, (strip_rows + step) * width), np.int32)
+    # uint8 bands and int32 gray of the strip and the `step` rows below it (which its differences reach)
+    bands = np.empty((3, (strip_rows + step) * width), np.uint8)
     # padded: reads past a row end are masked out
     gray = np.zeros((strip_rows + step) * width + step + 1, np.int32)
     next_inside = np.empty(strip_rows * width, np.int32)
@@ -196,46 +198,65 @@ def _strip_rows(height: int, strip_rows: int) -> int:
 
 
 @_numba_setup.helper
+def _split(flat: np.ndarray, channels: int, first: int, read: int, bands: np.ndarray, gray: np.ndarray) -> None:
+    """Bands and gray levels of pixels ``first:first + read`` of a flat image into ``bands[:, :read]``, ``gray[:read]``.
+
+    RGB is read with a constant stride of 3 from a slice (indices from 0), which the compiler
+    de-interleaves with SIMD shuffles; a gray image is its three bands.
+    """
+    if channels == 3:
+        source = flat[3 * first:3 * (first + read)]
+        for p in range(read):
+            bands[0, p] = source[3 * p]
+            bands[1, p] = source[3 * p + 1]
+            bands[2, p] = source[3 * p + 2]
+    else:
+        source = flat[first:first + read]
+        for p in range(read):
+            bands[0, p] = bands[1, p] = bands[2, p] = source[p]
+    red, green, blue, levels = bands[0, :read], bands[1, :read], bands[2, :read], gray[:read]
+    for p in range(read):
+        levels[p] = _i32(_i32(9798 * _i32(red[p])) + _i32(19235 * _i32(green[p]))
+                         + _i32(3735 * _i32(blue[p])) + 16384) >> 15
+
+
+@_numba_setup.helper
 def _image_counts(image: np.ndarray, strip_rows: int, bands: np.ndarray, gray: np.ndarray, next_inside: np.ndarray,
                   far_inside: np.ndarray, out: np.ndarray) -> None:
     """Exact integer counts of one image (H, W, C) with C 1 or 3 into ``out`` (int64[_COUNTS]).
 
     The image is read in strips of ``strip_rows`` rows (:func:`_strip_rows`), so the scratch memory
     (:func:`_scratch`) is bounded whatever the image size. Each strip (with the :data:`COARSE_STEP`
-    rows below it, which its differences reach) is split into flat int32 bands and its gray levels
+    rows below it, which its differences reach) is split into flat uint8 bands and its gray levels
     computed, and every sum runs over stretches of at most :data:`_STRETCH` pixels in int32 before
     it is added to the int64 totals: long SIMD-friendly loops, and exact.
     """
     height, width, channels = image.shape
     step = COARSE_STEP
-    flat = image.reshape(height * width, channels)
+    flat = image.reshape(height * width * channels)
     for top in range(0, height, strip_rows):
         bottom = min(top + strip_rows, height)
-        first = top * width
         pixels = (bottom - top) * width
-        read = (min(bottom + step, height) - top) * width
-        for p in range(read):
-            r = _i32(flat[first + p, 0])
-            g = _i32(flat[first + p, channels // 2])
-            b = _i32(flat[first + p, channels - 1])
-            bands[0, p] = r
-            bands[1, p] = g
-            bands[2, p] = b
-            gray[p] = _i32(_i32(_i32(9798 * r) + _i32(19235 * g)) + _i32(_i32(3735 * b) + 16384)) >> 15
+        _split(flat, channels, top * width, (min(bottom + step, height) - top) * width, bands, gray)
         for start in range(0, pixels, _STRETCH):
             stop = min(start + _STRETCH, pixels)
             _colour_counts(bands[0, start:stop], bands[1, start:stop], bands[2, start:stop], out)
         # gradients: rows that have a row below
         with_below = (min(bottom, height - 1) - top) * width
         for start in range(0, with_below, _STRETCH):
-            _gradient_counts(gray, next_inside, width, start, min(start + _STRETCH, with_below), out)
+            stop = min(start + _STRETCH, with_below)
+            _gradient_counts(gray[start:stop], gray[start + 1:stop + 1], gray[start + width:stop + width],
+                             next_inside[start:stop], out)
         # coarse differences: both directions where a row `step` below exists, else across only
+        # (there `below` is the pixel itself: a difference of 0)
         with_far_below = max(min(bottom, height - step) - top, 0) * width
-        for start in range(0, with_far_below, _STRETCH):
-            out[_COARSE_SUM] += _coarse_sum(gray, far_inside, width, step, start,
-                                            min(start + _STRETCH, with_far_below))
-        for p in range(with_far_below, pixels):
-            out[_COARSE_SUM] += abs(gray[p + step] - gray[p]) & far_inside[p]
+        for start in range(0, pixels, _STRETCH):
+            stop = min(start + _STRETCH, pixels)
+            both = min(max(with_far_below, start), stop)
+            out[_COARSE_SUM] += _coarse_sum(gray[start:both], gray[start + step:both + step],
+                                            gray[start + step * width:both + step * width], far_inside[start:both])
+            out[_COARSE_SUM] += _coarse_sum(gray[both:stop], gray[both + step:stop + step], gray[both:stop],
+                                            far_inside[both:stop])
     positions = max(height - 1, 0) * max(width - 1, 0)
     out[_MAGNITUDE] = positions - (out[_MAGNITUDE + 1] + out[_MAGNITUDE + 2] + out[_MAGNITUDE + 3]
                                    + out[_MAGNITUDE + 4] + out[_MAGNITUDE + 5])
