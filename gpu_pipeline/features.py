@@ -349,6 +349,19 @@ def _stack_features_serial(images: np.ndarray, histograms: np.ndarray, edge_coun
     _range_features(images, histograms, edge_counts, strip_rows, 0, images.shape[0], out)
 
 
+def _stacked(images: list[np.ndarray]) -> np.ndarray:
+    """Same-shape images as one uint8 (N, H, W, C) array; one image alone is not copied (a large
+    scene would double its memory)."""
+    first = images[0]
+    if len(images) == 1:
+        stack = first[None]
+    else:  # one concatenate: no per-image expand_dims as in np.stack
+        stack = np.concatenate(images).reshape(len(images), *first.shape)
+    if stack.ndim == 3:
+        stack = stack[..., None]
+    return np.ascontiguousarray(stack, dtype=np.uint8)
+
+
 def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray,
                    strip_pixels: int = STRIP_PIXELS) -> np.ndarray:
     """float64 (N, len(FEATURE_NAMES)): the features of each image of a batch.
@@ -366,13 +379,9 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)
     for shape, members in groups.items():
-        # one image alone is not copied (a large scene would double its memory)
-        stack = images[members[0]][None] if len(members) == 1 else np.stack([images[i] for i in members])
-        if len(shape) == 2:
-            stack = stack[..., None]
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)
-        kernel(np.ascontiguousarray(stack, dtype=np.uint8), histograms[rows], edge_counts[rows],
+        kernel(_stacked([images[i] for i in members]), histograms[rows], edge_counts[rows],
                max(1, strip_pixels // max(shape[1], 1)), part)
         out[rows] = part
     return out
