@@ -9,8 +9,8 @@ then turns them into the features of :data:`FEATURE_NAMES`. The float step uses 
 correctly-rounded operations (``+ - * / sqrt``) and ``log2`` (for the entropy), in a fixed order,
 so a feature does not depend on the batch it was computed in.
 
-The texture features follow well-known recipes, kept small so that a 64 x 64 tile costs a few
-microseconds: gradient magnitude histograms and a magnitude-weighted orientation histogram
+The texture features follow well-known recipes, kept small (a 64 x 64 tile costs about 11 us of one
+core; docs/labels.md, "Cost"): gradient magnitude histograms and a magnitude-weighted orientation histogram
 (Dalal & Triggs 2005, HOG, with the simplest ``[-1, 0, 1]``-like forward differences and four
 orientation bins, sorted so that the feature does not depend on the direction of a road or a
 river), and a coarse-scale contrast (differences four pixels apart), which separates large

@@ -16,8 +16,8 @@ back into per-term weights. Stored numbers are rounded to :data:`DIGITS` signifi
 below anything a label can feel and far above the last-bit noise a BLAS may add, so fitting the
 same data twice writes the same file byte for byte.
 
-Scores are computed image by image in a fixed order by one numba function, so a label never
-depends on the batch it was computed in, nor on the backend.
+Scores are computed by one numba function, each image's sums in one fixed order (eight images side
+by side, never mixed), so a label never depends on the batch it was computed in, nor on the backend.
 """
 
 from __future__ import annotations
