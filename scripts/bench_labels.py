@@ -23,7 +23,7 @@ import numpy as np
 from gpu_pipeline.backends.registry import create
 from gpu_pipeline.classify import default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.features import FEATURE_NAMES, STRIP_PIXELS, _stack_features
+from gpu_pipeline.features import FEATURE_NAMES, STRIP_PIXELS, _stack_features, entropy_table
 from gpu_pipeline.io import decode_image, discover
 from gpu_pipeline.model import load_model
 
@@ -71,7 +71,8 @@ def main() -> None:
     print(f"  eurosat model (labeller): {best_per_tile(model.labels, batches, args.repeats):6.2f} us/tile")
     print(f"  eurosat scores alone:    "
           f"{best_per_tile(lambda x: model.predict(x), [(np.zeros((len(b[0]), len(FEATURE_NAMES))),) for b in batches], args.repeats):6.2f} us/tile")
-    stacks = [(np.stack(b[0]), b[1], b[2], STRIP_PIXELS // b[0][0].shape[1], np.empty((len(b[0]), len(FEATURE_NAMES))))
+    stacks = [(np.stack(b[0]), b[1], b[2], STRIP_PIXELS // b[0][0].shape[1], entropy_table(),
+               np.empty((len(b[0]), len(FEATURE_NAMES))))
               for b in batches]
     numba.set_num_threads(1)
     print(f"  feature kernel, 1 thread, thread CPU time: "

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpu_reference
-from gpu_pipeline.features import COARSE_STEP, FEATURE_NAMES, batch_features
+from gpu_pipeline.features import COARSE_STEP, ENTROPY_TABLE_SIZE, FEATURE_NAMES, batch_features
 from tests.strategies import images
 
 
@@ -173,6 +173,17 @@ def test_long_rows_are_summed_exactly():
     expected = oracle(image, histogram_of(image), 0)
     for name in FEATURE_NAMES:
         assert got[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-12), name
+
+
+def test_entropy_of_counts_on_both_sides_of_the_lookup_table():
+    """c * log2(c) is looked up for small bin counts and computed for large ones: both must be right."""
+    size = ENTROPY_TABLE_SIZE
+    counts = [1, 2, size - 1, size, size + 1, 3 * size]
+    image = np.repeat(np.arange(len(counts), dtype=np.uint8) * 40, counts)[None, :]
+    histogram = histogram_of(image)
+    assert sorted(histogram[histogram > 0]) == counts
+    got = batch_features([image], histogram[None], np.array([0]))[0, FEATURE_NAMES.index("gray_entropy")]
+    assert got == pytest.approx(oracle(image, histogram, 0)["gray_entropy"], rel=1e-13)
 
 
 def test_empty_batch():
