@@ -112,6 +112,15 @@ class PerImage:
                 for image, histogram, count in zip(images, histograms, edge_counts)]
 
 
+def warm_up_labeller(labeller: Labeller) -> None:
+    """Label a tiny gray and a tiny RGB image, so that a labeller's kernels (a model's features) are
+    compiled or loaded from numba's cache now, not in the middle of the first batch."""
+    images = [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.uint8)]
+    histograms = np.zeros((2, 256), np.int64)
+    histograms[:, 0] = 64
+    labeller(images, histograms, np.zeros(2, np.int64))
+
+
 def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Labeller:
     """The labeller of a run: the default rule without a model, else the model's ``labels``.
 

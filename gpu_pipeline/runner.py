@@ -27,7 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from gpu_pipeline.backends import BackendUnavailable, create
-from gpu_pipeline.classify import label_function
+from gpu_pipeline.classify import label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine import Engine, RunSummary
 from gpu_pipeline.io import UsageError, discover
@@ -329,6 +329,10 @@ def execute(job: Job, checked: CheckedJob) -> int:
         backend.warm_up(job.config)
         if not job.quiet and (seconds := time.perf_counter() - started) > 1:
             console.print(f"backend {backend.name} ready in {seconds:.1f} s (kernels compiled once, then cached)")
+        started = time.perf_counter()
+        warm_up_labeller(checked.engine.labels_of)
+        if not job.quiet and (seconds := time.perf_counter() - started) > 1:
+            console.print(f"labels ready in {seconds:.1f} s (kernels compiled once, then cached)")
     recorded = len(files) - len(todo)
     if not job.quiet and recorded:
         console.print(f"resuming {job.out}: {recorded} of {len(files)} images already recorded"

@@ -223,3 +223,22 @@ def test_kernels_found_in_the_cache_are_not_announced(tmp_path, image_dir, regis
         del SlowToCompile.compiles_on_warm_up
     assert result.exit_code == 0, result.output
     assert "compiling" not in result.stderr
+
+
+def test_the_labeller_is_warmed_up_before_the_first_batch(tmp_path, image_dir, monkeypatch):
+    """A model's feature kernels compile on first use: that must happen before the run is timed."""
+    import gpu_pipeline.runner as runner
+    from gpu_pipeline.classify import default_labels
+
+    calls = []
+
+    def recording_labeller(images, histograms, edge_counts):
+        calls.append([image.shape for image in images])
+        return default_labels(images, histograms, edge_counts)
+
+    monkeypatch.setattr(runner, "label_function", lambda model, config: recording_labeller)
+    result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
+                                      "--backend", "reference", "-q"])
+    assert result.exit_code == 0, result.output
+    assert calls[0] == [(8, 8), (8, 8, 3)]  # the warm-up, first
+    assert sum(len(shapes) for shapes in calls[1:]) == len(list(image_dir.iterdir()))
