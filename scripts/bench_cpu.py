@@ -324,7 +324,9 @@ def main() -> None:
               f"start from cache {report['compile']['cached_s']:.2f} s", flush=True)
     backend = NumbaCpuBackend(threads=args.threads)
     backend.warm_up()
-    report["threading_layer"] = numba.threading_layer()
+    # The numba backend runs nogil kernels on its own Python threads: numba's threading layer is
+    # never started by it (only a model's feature kernel may start it).
+    report["compute_threads"] = f"{backend.name} backend's own threads (nogil kernels)"
     table = Table()
     with tempfile.TemporaryDirectory(prefix="bench_cpu_") as folder:
         datasets = {}
