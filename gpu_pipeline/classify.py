@@ -34,8 +34,7 @@ BRIGHT_FROM = 208
 DEFAULT_LABELS = ("dark-smooth", "bright-smooth", "smooth", "textured", "busy")
 
 #: The 256 gray levels, for means over a histogram.
-GRAY_LEVELS = np.arange(256)
-_LEVELS = np.arange(256, dtype=np.int64)
+GRAY_LEVELS = np.arange(256, dtype=np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,11 +46,6 @@ class Features:
     pixels: int
     image: np.ndarray | None = field(default=None, repr=False)  # the decoded uint8 image
 
-    @classmethod
-    def from_result(cls, result, image: np.ndarray) -> "Features":
-        """Features of one image from its backend result (a StageResult) and its decoded pixels."""
-        return cls(result.histogram, int(result.edge_count), image.shape[0] * image.shape[1], image)
-
     @property
     def edge_density(self) -> float:
         return self.edge_count / self.pixels
@@ -61,19 +55,17 @@ class Features:
         return float(np.dot(self.histogram, GRAY_LEVELS)) / self.pixels
 
 
+def _rule(density: np.ndarray, mean: np.ndarray) -> list[str]:
+    """The documented rule (README, "Labels") for edge densities and mean gray levels."""
+    # np.select takes the first true condition, in the order of the rule.
+    chosen = np.select([density >= BUSY_FROM, density >= SMOOTH_BELOW, mean < DARK_BELOW, mean >= BRIGHT_FROM],
+                       [4, 3, 0, 1], default=2)
+    return [DEFAULT_LABELS[i] for i in chosen]
+
+
 def default_label(features: Features) -> str:
-    """The documented rule (README, "Labels")."""
-    density = features.edge_density
-    if density >= BUSY_FROM:
-        return "busy"
-    if density >= SMOOTH_BELOW:
-        return "textured"
-    mean = features.mean_gray
-    if mean < DARK_BELOW:
-        return "dark-smooth"
-    if mean >= BRIGHT_FROM:
-        return "bright-smooth"
-    return "smooth"
+    """The documented rule (README, "Labels") for one image."""
+    return _rule(np.array([features.edge_density]), np.array([features.mean_gray]))[0]
 
 
 #: What labels a batch of images: ``labeller(images, histograms, edge_counts)`` returns one label
@@ -93,12 +85,8 @@ def default_labels(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     if len(images) == 0:
         return []
     pixels = pixel_counts(images)
-    density = np.asarray(edge_counts, dtype=np.int64) / pixels
-    mean = (np.asarray(histograms, dtype=np.int64) @ _LEVELS) / pixels
-    # np.select takes the first true condition, in the order of the rule.
-    chosen = np.select([density >= BUSY_FROM, density >= SMOOTH_BELOW, mean < DARK_BELOW, mean >= BRIGHT_FROM],
-                       [4, 3, 0, 1], default=2)
-    return [DEFAULT_LABELS[i] for i in chosen]
+    return _rule(np.asarray(edge_counts, dtype=np.int64) / pixels,
+                 (np.asarray(histograms, dtype=np.int64) @ GRAY_LEVELS) / pixels)
 
 
 class PerImage:

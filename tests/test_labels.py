@@ -572,7 +572,20 @@ def test_held_out_accuracy_on_the_eurosat_sample(eurosat_sample):
     assert np.mean(model.predict(table.vectors[test]) == labeled.targets[test]) >= 0.70
 
 
-def test_the_batch_rule_gives_the_one_image_rule_label_of_every_image():
+def readme_rule(histogram: np.ndarray, edges: int, pixels: int) -> str:
+    """The README's rule in exact integers: busy >= 22 % edges, textured >= 10 %, then mean gray
+    < 48 dark-smooth, >= 208 bright-smooth, else smooth."""
+    if 100 * edges >= 22 * pixels:
+        return "busy"
+    if 10 * edges >= pixels:
+        return "textured"
+    gray_sum = int(np.dot(histogram, np.arange(256)))
+    if gray_sum < 48 * pixels:
+        return "dark-smooth"
+    return "bright-smooth" if gray_sum >= 208 * pixels else "smooth"
+
+
+def test_the_batch_rule_gives_the_readme_label_of_every_image():
     # Hand-made histograms and edge counts that land on each side of every threshold of the rule.
     rng = np.random.default_rng(7)
     images, histograms, edge_counts = [], [], []
@@ -588,8 +601,9 @@ def test_the_batch_rule_gives_the_one_image_rule_label_of_every_image():
     histograms.append(rng.multinomial(64 * 64, np.full(256, 1 / 256)))
     images.append(np.zeros((64, 64, 3), np.uint8))
     edge_counts.append(900)
-    expected = [default_label(Features(h, int(e), im.shape[0] * im.shape[1], im))
-                for im, h, e in zip(images, histograms, edge_counts)]
+    expected = [readme_rule(h, int(e), im.shape[0] * im.shape[1]) for im, h, e in zip(images, histograms, edge_counts)]
     assert default_labels(images, np.array(histograms), np.array(edge_counts)) == expected
+    assert [default_label(Features(h, int(e), im.shape[0] * im.shape[1], im))
+            for im, h, e in zip(images, histograms, edge_counts)] == expected
     assert set(expected) == {"busy", "textured", "dark-smooth", "bright-smooth", "smooth"}
     assert default_labels([], np.zeros((0, 256), np.int64), np.zeros(0, np.int64)) == []
