@@ -33,8 +33,6 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.io import DecodeError, decode_image
 from gpu_pipeline.records import RecordBatch
 
-#: The most pixels one batch holds when the backend does not say (a huge scene still goes alone).
-DEFAULT_BATCH_PIXELS = 64 * 1024 * 1024
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
 #: work (a JPEG decode, a kernel, a read) waits for the GIL until the thread holding it yields, at
 #: most this long; with 5 ms, decode threads stalled behind the record encoding and the process

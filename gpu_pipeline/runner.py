@@ -325,14 +325,8 @@ def execute(job: Job, checked: CheckedJob) -> int:
         if not job.quiet and backend.compiles_on_warm_up():
             console.print(f"compiling the {backend.name} kernels (first run after install, about 15 s; "
                           "later runs load them from the cache)")
-        started = time.perf_counter()
-        backend.warm_up(job.config)
-        if not job.quiet and (seconds := time.perf_counter() - started) > 1:
-            console.print(f"backend {backend.name} ready in {seconds:.1f} s (kernels compiled once, then cached)")
-        started = time.perf_counter()
-        warm_up_labeller(checked.engine.labels_of)
-        if not job.quiet and (seconds := time.perf_counter() - started) > 1:
-            console.print(f"labels ready in {seconds:.1f} s (kernels compiled once, then cached)")
+        timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet)
+        timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet)
     recorded = len(files) - len(todo)
     if not job.quiet and recorded:
         console.print(f"resuming {job.out}: {recorded} of {len(files)} images already recorded"
@@ -354,6 +348,14 @@ def execute(job: Job, checked: CheckedJob) -> int:
     if signals:
         return EXIT_ON_SIGNAL[signals[0]]
     return 0 if summary.failed + checked.earlier_failures == 0 else 1
+
+
+def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool) -> None:
+    """Compile or load kernels before the run; say how long it took when it was slow (a compile)."""
+    started = time.perf_counter()
+    warm_up()
+    if not quiet and (seconds := time.perf_counter() - started) > 1:
+        console.print(f"{what} ready in {seconds:.1f} s (kernels compiled once, then cached)")
 
 
 def stream(engine: Engine, todo: list[Path], sink, stop: threading.Event, console: Console,

@@ -56,7 +56,7 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     decoded = {path: decode_image(path, options) for path in files}
     backend = create("numba", threads=threads)
     backend.warm_up()
-    batch_pixels = backend.batch_pixels() if hasattr(backend, "batch_pixels") else engine_module.DEFAULT_BATCH_PIXELS
+    batch_pixels = backend.batch_pixels() if hasattr(backend, "batch_pixels") else engine_module.DEFAULT_BATCH_PIXELS  # older code
     batch_size = None if hasattr(backend, "batch_pixels") else 256
     config = PipelineConfig()
     items = [engine_module.Decoded(path, image=decoded[path]) for path in files]

@@ -112,7 +112,7 @@ def create(name: str, threads: int | None = None, device: int | None = None) -> 
 register("reference", _lazy("gpu_pipeline.backends.reference", "ReferenceBackend"),
          "plain NumPy, the executable specification (one thread)")
 register("numba", _lazy("gpu_pipeline.backends.numba_cpu", "NumbaCpuBackend"),
-         "numba parallel CPU kernels, every core")
+         "numba CPU kernels (GIL-free) on every core")
 register("cuda", _lazy("gpu_pipeline.backends.numba_cuda", "NumbaCudaBackend"),
          "numba.cuda GPU kernels", needs_cuda_driver=True)
 register("cupy", _lazy("gpu_pipeline.backends.cupy_gpu", "CupyBackend"),
