@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 from gpu_pipeline import sinks
 from gpu_pipeline.cli import app
 from gpu_pipeline.sinks import COLUMNS, OutputLock, read_records
+from tests.runs import REPO, start, wait_until
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parent.parent
 
 
 def make_images(folder: Path, count: int, size: int = 20, seed: int = 0, names=None) -> list[Path]:
@@ -388,19 +388,9 @@ def test_dask_timeout_must_be_positive(tiles, tmp_path):
 # ---------------------------------------------------------------- 13. Parquet: resumable like JSONL
 
 
-def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
-               "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_parts(out: Path, at_least: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if out.is_dir() and len(list(out.glob("part-*.parquet"))) >= at_least:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{out} never reached {at_least} parts")
+def wait_for_parts(out: Path, at_least: int) -> None:
+    wait_until(lambda: out.is_dir() and len(list(out.glob("part-*.parquet"))) >= at_least,
+               f"{out} reaching {at_least} parts")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,9 @@ from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
 from gpu_pipeline.sinks import read_records
+from tests.runs import start, wait_until
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parent.parent
 
 
 def make_images(folder: Path, count: int, size: int = 24, seed: int = 0) -> list[Path]:
@@ -180,19 +179,8 @@ def test_parquet_without_pyarrow_says_how_to_install(tiles, tmp_path, monkeypatc
 # ---------------------------------------------------------------- real processes, real signals
 
 
-def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
-               "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_records(out: Path, at_least: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if out.exists() and out.read_bytes().count(b"\n") >= at_least:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{out} never reached {at_least} records")
+def wait_for_records(out: Path, at_least: int) -> None:
+    wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= at_least, f"{out} reaching {at_least} records")
 
 
 @pytest.fixture(scope="module")
