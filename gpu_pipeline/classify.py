@@ -89,17 +89,6 @@ def default_labels(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
                  (np.asarray(histograms, dtype=np.int64) @ GRAY_LEVELS) / pixels)
 
 
-class PerImage:
-    """A :data:`Labeller` that calls a one-image function ``label_of(Features)`` for each image."""
-
-    def __init__(self, label_of: Callable[[Features], str]) -> None:
-        self.label_of = label_of
-
-    def __call__(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
-        return [self.label_of(Features(histogram, int(count), image.shape[0] * image.shape[1], image))
-                for image, histogram, count in zip(images, histograms, edge_counts)]
-
-
 def warm_up_labeller(labeller: Labeller) -> None:
     """Label a tiny gray and a tiny RGB image, so that a labeller's kernels (a model's features) are
     compiled or loaded from numba's cache now, not in the middle of the first batch."""

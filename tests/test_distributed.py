@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from gpu_pipeline import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
-from gpu_pipeline.classify import PerImage, default_label
+from gpu_pipeline.classify import Features, default_label
 from gpu_pipeline.cli import app
 from gpu_pipeline.io import UsageError
 from gpu_pipeline.sinks import open_sink, read_records
@@ -107,6 +107,17 @@ def test_a_scheduler_address_gives_the_records_of_a_local_run(shared_data_dir, c
     assert result.exit_code == 0, result.output
     assert by_path(read_records(tmp_path / "dask.jsonl")) == expected
     assert len(expected) > 1000
+
+
+class PerImage:
+    """A batch labeller that calls a one-image label function ``label_of(Features)`` per image."""
+
+    def __init__(self, label_of) -> None:
+        self.label_of = label_of
+
+    def __call__(self, images, histograms, edge_counts) -> list[str]:
+        return [self.label_of(Features(histogram, int(count), image.shape[0] * image.shape[1], image))
+                for image, histogram, count in zip(images, histograms, edge_counts)]
 
 
 class KillAfter:
