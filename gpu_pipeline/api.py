@@ -54,7 +54,7 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     same bytes as ``gpu-pipeline run`` on the same pixels. ``model`` labels with a model file or
     the shipped ``eurosat`` instead of the default rule.
     """
-    from gpu_pipeline.classify import label_function
+    from gpu_pipeline.labels.labeller import label_function
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     chosen = shared_backend(backend, threads)
@@ -91,9 +91,9 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     The engine runs in a background thread a few batches ahead; closing the generator early
     stops it after the batches in flight.
     """
-    from gpu_pipeline.classify import label_function
-    from gpu_pipeline.engine import Engine
-    from gpu_pipeline.io import discover
+    from gpu_pipeline.labels.labeller import label_function
+    from gpu_pipeline.engine.stream import Engine
+    from gpu_pipeline.inputs.decode import discover
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     files = [Path(path).absolute() for path in discover(paths, glob=glob)]

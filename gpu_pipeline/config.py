@@ -39,7 +39,7 @@ class DecodeOptions:
     """How a file becomes the uint8 gray or RGB array that every backend sees."""
 
     bands: tuple[int, ...] | None = None  # 1-based, as in GDAL; None: all (at most 4)
-    stretch: str = "percentile"  # for data wider than 8 bits, see gpu_pipeline.io
+    stretch: str = "percentile"  # for data wider than 8 bits, see gpu_pipeline.inputs.decode
     max_pixels: int = 1_000_000_000  # decompression-bomb guard
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ pickling is timed), ``e2e`` (decode included: numba through gpu_pipeline's engin
 pool of ``threads`` threads runs while the kernels work; opencv decodes in a thread pool of
 ``threads`` threads; pool workers decode their own files), and ``decode`` (decode only: the
 engine's decode pool, and cv2.imread in a thread pool). numba and skimage-pool decode with
-gpu_pipeline.io; opencv and opencv-pool with ``cv2.imread`` (its own libjpeg/libpng). JIT compile
+gpu_pipeline.inputs.decode; opencv and opencv-pool with ``cv2.imread`` (its own libjpeg/libpng). JIT compile
 time is excluded from all timings and reported separately. Each timing is the best of
 ``--repeats`` runs. The corpus, the contenders' pipelines, the pools and the timing helpers are
 gpu_pipeline.bench's (``gpu-pipeline bench``); this script adds the datasets, opencv-pool, the
@@ -49,7 +49,7 @@ from gpu_pipeline.bench import (BenchSettings, decode_with_io, decode_with_openc
                                 pool_compute, pool_files, read_with_opencv, run_compute, run_end_to_end, spread_step,
                                 start_pool, synthetic_scene, time_repeats, usable_cpus, write_images)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.io import decode_image
+from gpu_pipeline.inputs.decode import decode_image
 
 CONFIG = PipelineConfig()
 DECODE = DecodeOptions()
@@ -133,19 +133,19 @@ def measure_dataset(table: Table, dataset: str, files: dict[str, list[Path]], ar
     with start_pool("opencv", threads, [], DECODE) as cv_pool, start_pool("skimage", threads, [], DECODE) as sk_pool:
         for source in [source for source in ("jpeg", "png") if files[source]]:
             paths = files[source]  # the lambdas below run at once, inside best_of
-            table.add(dataset, "decode", source, "gpu_pipeline.io", best_of(repeats, lambda: decode_with_io(
+            table.add(dataset, "decode", source, "gpu_pipeline.inputs.decode", best_of(repeats, lambda: decode_with_io(
                 paths, settings)), count, pixels, "the engine's decode pool")
             table.add(dataset, "decode", source, "cv2.imread", best_of(repeats, lambda: decode_with_opencv(
                 paths, threads)), count, pixels, "thread pool")
             table.add(dataset, "e2e", source, "numba", best_of(repeats, lambda: run_end_to_end(
-                backend, paths, settings)), count, pixels, "the engine: gpu_pipeline.io in its decode pool")
+                backend, paths, settings)), count, pixels, "the engine: gpu_pipeline.inputs.decode in its decode pool")
             table.add(dataset, "e2e", source, "opencv", best_of(repeats, lambda: opencv_files(paths, threads)),
                       count, pixels, "cv2.imread + calls, thread pool")
             table.add(dataset, "e2e", source, "opencv-pool", best_of(repeats, lambda: pool_files(
                 cv_pool, paths, threads)), count, pixels, "cv2.imread")
             table.add(dataset, "e2e", source, "skimage-pool", best_of(repeats, lambda: pool_files(
                 sk_pool, paths[::sk_step], threads)), len(sk.images), sk.pixels,
-                "decode: gpu_pipeline.io" + (f", {sk_note}" if sk_note else ""))
+                "decode: gpu_pipeline.inputs.decode" + (f", {sk_note}" if sk_note else ""))
 
 
 def compile_times() -> dict:

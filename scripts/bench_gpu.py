@@ -48,7 +48,7 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.bench import (OPENCV, BenchSettings, cut_tiles, load_corpus, print_report, run_benchmark,
                                 synthetic_scene, usable_cpus, write_images)
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.info import collect_info
+from gpu_pipeline.diagnostics.info import collect_info
 
 
 def workloads(folder: Path, quick: bool, rng: np.random.Generator) -> Iterator[tuple[str, list[Path], int]]:

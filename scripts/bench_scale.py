@@ -174,7 +174,7 @@ def opencv_pool(files: list[Path], processes: int) -> float:
 
 def decode_only(files: list[Path], threads: int) -> float:
     from gpu_pipeline.config import DecodeOptions
-    from gpu_pipeline.engine import decode_stream
+    from gpu_pipeline.engine.stream import decode_stream
 
     start = time.perf_counter()
     for _ in decode_stream(files, DecodeOptions(), threads):
@@ -185,7 +185,7 @@ def decode_only(files: list[Path], threads: int) -> float:
 def compute_only(files: list[Path], backend) -> float:
     """The backend alone on the decoded images, in the engine's batches (decoded beforehand)."""
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
-    from gpu_pipeline.engine import batches, decode_stream
+    from gpu_pipeline.engine.stream import batches, decode_stream
 
     decoded = list(decode_stream(files, DecodeOptions(), 2))
     start = time.perf_counter()
@@ -199,9 +199,9 @@ def compute_only(files: list[Path], backend) -> float:
 def engine_overhead(count: int) -> tuple[float, float]:
     """Microseconds per image of the engine itself, wall and CPU (all threads): decode served from
     memory, a backend that returns zeros, records encoded into a JSONL file."""
-    from gpu_pipeline import engine as engine_module
+    from gpu_pipeline.engine import stream as engine_module
     from gpu_pipeline.backends.base import Backend, BatchResult
-    from gpu_pipeline.sinks import open_sink
+    from gpu_pipeline.outputs.sinks import open_sink
 
     tile = np.zeros((64, 64, 3), np.uint8)
 

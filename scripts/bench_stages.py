@@ -7,13 +7,13 @@
 Stages, each timed on its own over the same images (median of ``--repeat``; CPU time of the whole
 process, all threads, so a shared machine inflates it less than wall time):
 
-* decode: ``gpu_pipeline.io.decode_image`` on one thread;
+* decode: ``gpu_pipeline.inputs.decode.decode_image`` on one thread;
 * plumbing: the engine's decode pool and batching with decoding replaced by a lookup (what the
   pool, the hand-over and the batches cost);
 * compute: the numba backend on the decoded images, in the engine's batches, on ``--threads``;
 * labels: the default rule for a batch;
 * records: building and encoding the JSON lines of a batch (json.dumps per dict before the
-  batch data plane, :mod:`gpu_pipeline.records` after).
+  batch data plane, :mod:`gpu_pipeline.outputs.records` after).
 
 Workloads: ``--tiles`` EuroSAT tiles and ``--scenes`` 4000x3000 JPEG mosaics of them (see
 scripts/bench_scale.py for the files). ``--sweep`` instead times the numba backend alone on one
@@ -46,11 +46,11 @@ def cpu_us_per_image(work, images: int, repeat: int) -> float:
 
 
 def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
-    from gpu_pipeline import engine as engine_module
+    from gpu_pipeline.engine import stream as engine_module
     from gpu_pipeline.backends import create
-    from gpu_pipeline.classify import default_labels
+    from gpu_pipeline.labels.labeller import default_labels
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
-    from gpu_pipeline.io import decode_image
+    from gpu_pipeline.inputs.decode import decode_image
 
     options = DecodeOptions()
     decoded = {path: decode_image(path, options) for path in files}
@@ -96,13 +96,13 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
 def records_text(engine_module, backend, batches, results) -> None:
     """The JSON lines of every batch, as the engine and the JSONL sink of that checkout make them."""
     if hasattr(engine_module, "RecordBatch"):
-        from gpu_pipeline.records import jsonl_text
+        from gpu_pipeline.outputs.records import jsonl_text
 
         engine = engine_module.Engine(backend)
         for batch, result in zip(batches, results):
             jsonl_text(engine.records(batch, engine_module.Outcome(result)))
     else:  # before the batch data plane: a dict per image, json.dumps per dict
-        from gpu_pipeline.sinks import _jsonl_text
+        from gpu_pipeline.outputs.sinks import _jsonl_text
 
         for batch, result in zip(batches, results):
             labels = ["busy"] * len(batch)

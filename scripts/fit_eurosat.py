@@ -4,7 +4,7 @@ Usage (the 26,500 EuroSAT RGB tiles of ../shared/data/eurosat_rgb_26500.tar, ext
 never commit them, see ../shared/data/SOURCES.md for their attribution)::
 
     mkdir -p /tmp/eurosat26500 && tar xf ../shared/data/eurosat_rgb_26500.tar -C /tmp/eurosat26500
-    python scripts/fit_eurosat.py /tmp/eurosat26500/eurosat_rgb_26500 --out gpu_pipeline/models/eurosat.json
+    python scripts/fit_eurosat.py /tmp/eurosat26500/eurosat_rgb_26500 --out gpu_pipeline/labels/models/eurosat.json
 
 Features come from the engine with the numba backend and the default pipeline settings, exactly
 as ``run --model`` computes them. The script prints the accuracy of each fold, then the pooled
@@ -25,10 +25,10 @@ from rich.console import Console
 
 from gpu_pipeline import __version__
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.confusion import accuracy, confusion_matrix, markdown_table
-from gpu_pipeline.labelled import compute_features, read_labeled_tree
-from gpu_pipeline.model import PENALTY, fit_model
-from gpu_pipeline.splits import stratified_folds
+from gpu_pipeline.labels.confusion import accuracy, confusion_matrix, markdown_table
+from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
+from gpu_pipeline.labels.model import PENALTY, fit_model
+from gpu_pipeline.labels.splits import stratified_folds
 
 
 def main() -> None:

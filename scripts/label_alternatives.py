@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.features import FEATURE_NAMES
-from gpu_pipeline.labelled import read_labeled_tree
-from gpu_pipeline.model import PENALTY, _cross_entropy, fit_model, minimise_lbfgs
-from gpu_pipeline.splits import stratified_folds
+from gpu_pipeline.labels.features import FEATURE_NAMES
+from gpu_pipeline.labels.labelled import read_labeled_tree
+from gpu_pipeline.labels.model import PENALTY, _cross_entropy, fit_model, minimise_lbfgs
+from gpu_pipeline.labels.splits import stratified_folds
 
 OLD_FEATURES = ["edge_density", "gray_entropy", "red_mean", "green_mean", "blue_mean", "red_std", "green_std",
                 "blue_std"]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import cpu_reference
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline import __version__
-from gpu_pipeline.classify import DEFAULT_LABELS
+from gpu_pipeline.labels.labeller import DEFAULT_LABELS
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
 
@@ -227,8 +227,8 @@ def test_kernels_found_in_the_cache_are_not_announced(tmp_path, image_dir, regis
 
 def test_the_labeller_is_warmed_up_before_the_first_batch(tmp_path, image_dir, monkeypatch):
     """A model's feature kernels compile on first use: that must happen before the run is timed."""
-    import gpu_pipeline.runner as runner
-    from gpu_pipeline.classify import default_labels
+    import gpu_pipeline.engine.job as runner
+    from gpu_pipeline.labels.labeller import default_labels
 
     calls = []
 

@@ -22,12 +22,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gpu_pipeline import distributed as dask_run
+from gpu_pipeline.engine import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
-from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.labels.labeller import Features, default_label
 from gpu_pipeline.cli import app
-from gpu_pipeline.io import UsageError
-from gpu_pipeline.sinks import open_sink, read_records
+from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.outputs.sinks import open_sink, read_records
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def assert_match_opencv(records: dict[str, dict]) -> None:
     import cv2
 
     from gpu_pipeline.config import DecodeOptions
-    from gpu_pipeline.io import decode_image
+    from gpu_pipeline.inputs.decode import decode_image
 
     for path, record in records.items():
         image = decode_image(path, DecodeOptions())
@@ -314,7 +314,7 @@ def test_chunk_sizes_cover_the_work_and_adapt_to_the_measured_rate(total, slots)
 # --- several GPUs: --dask local-cuda (dask-cuda's LocalCUDACluster), tested without a GPU ---------
 
 def test_local_cuda_cluster_has_one_single_threaded_worker_per_visible_gpu():
-    from gpu_pipeline.distributed import local_cuda_cluster_options, worker_visible_devices
+    from gpu_pipeline.engine.distributed import local_cuda_cluster_options, worker_visible_devices
 
     gpus = ["0", "1", "2", "3"]
     options = local_cuda_cluster_options(gpus)
@@ -326,7 +326,7 @@ def test_local_cuda_cluster_has_one_single_threaded_worker_per_visible_gpu():
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
-    from gpu_pipeline.distributed import visible_gpus
+    from gpu_pipeline.engine.distributed import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 1")
     assert visible_gpus() == ["3", "1"]
@@ -340,8 +340,8 @@ def test_local_cuda_without_gpus_or_dask_cuda_is_a_clear_usage_error(monkeypatch
     import sys
     import types
 
-    from gpu_pipeline import distributed as dist
-    from gpu_pipeline.io import UsageError
+    from gpu_pipeline.engine import distributed as dist
+    from gpu_pipeline.inputs.decode import UsageError
 
     with pytest.raises(UsageError, match="no GPU is visible"):
         dist.local_cuda_cluster_options([])

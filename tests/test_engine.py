@@ -11,7 +11,7 @@ from PIL import Image
 import cpu_reference
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Decoded, Engine, batches, decode_stream
+from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream
 
 
 class ListSink:
@@ -153,8 +153,7 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     import threading
     import time
 
-    from gpu_pipeline import engine as engine_module
-
+    from gpu_pipeline.engine import stream as engine_module
     paths = write_pngs(tmp_path, [(16, 16)] * 8)
     running, most = [0], [0]
     lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""Label features (gpu_pipeline.features): a hand-worked tile, a plain-NumPy oracle, gray = three bands.
+"""Label features (gpu_pipeline.labels.features): a hand-worked tile, a plain-NumPy oracle, gray = three bands.
 
 The oracle below computes every feature of one image the obvious way (NumPy arrays, Python's
 colorsys for the hue sector), independently of the numba kernel's branch-free integer sums.
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpu_reference
-from gpu_pipeline.features import COARSE_STEP, ENTROPY_TABLE_SIZE, FEATURE_NAMES, batch_features
+from gpu_pipeline.labels.features import COARSE_STEP, ENTROPY_TABLE_SIZE, FEATURE_NAMES, batch_features
 from tests.strategies import images
 
 

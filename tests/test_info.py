@@ -11,7 +11,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from gpu_pipeline import __version__, info
+from gpu_pipeline import __version__
+from gpu_pipeline.diagnostics import info
 from gpu_pipeline.backends import registry
 from gpu_pipeline.cli import app
 from tests.backend_doubles import NeverAvailable

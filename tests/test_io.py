@@ -1,4 +1,4 @@
-"""Discovery, decoding and normalisation (gpu_pipeline.io).
+"""Discovery, decoding and normalisation (gpu_pipeline.inputs.decode).
 
 Expected stretched values come from an independent oracle written here with exact rational
 arithmetic (``fractions.Fraction``) and numpy's own percentile, not from the module's code.
@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from gpu_pipeline import io as gpu_io
+from gpu_pipeline.inputs import decode as gpu_io
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.io import IMAGE_EXTENSIONS, DecodeError, UsageError, decode_image, discover
+from gpu_pipeline.inputs.decode import IMAGE_EXTENSIONS, DecodeError, UsageError, decode_image, discover
 from tests.strategies import images
 
 DEFAULT = DecodeOptions()

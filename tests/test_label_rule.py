@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gpu_pipeline.classify import Features, default_label
+from gpu_pipeline.labels.labeller import Features, default_label
 from gpu_pipeline.cli import app
 
 PIXELS = 10_000

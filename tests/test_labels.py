@@ -19,17 +19,17 @@ from typer.testing import CliRunner
 
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.backends.registry import create, unavailable_reason
-from gpu_pipeline.classify import Features, default_label, default_labels, label_function
+from gpu_pipeline.labels.labeller import Features, default_label, default_labels, label_function
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.confusion import confusion_matrix, markdown_table
-from gpu_pipeline.engine import Engine
-from gpu_pipeline.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.io import UsageError, discover
-from gpu_pipeline.labelled import compute_features, read_labeled_tree
-from gpu_pipeline.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
+from gpu_pipeline.labels.confusion import confusion_matrix, markdown_table
+from gpu_pipeline.engine.stream import Engine
+from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
+from gpu_pipeline.inputs.decode import UsageError, discover
+from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
+from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
                                 minimise_lbfgs, term_names)
-from gpu_pipeline.splits import stratified_folds, stratified_split
+from gpu_pipeline.labels.splits import stratified_folds, stratified_split
 from tests.strategies import images
 
 runner = CliRunner()

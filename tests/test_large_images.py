@@ -13,13 +13,13 @@ import tifffile
 
 from gpu_pipeline.backends import registry
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.io import decode_image
+from gpu_pipeline.inputs.decode import decode_image
 
 MEGAPIXEL = 1 << 20
 
 
 def percentile_stretch(band: np.ndarray, stretch: str) -> np.ndarray:
-    """io.py's documented stretch, written from its docstring with NumPy's own percentiles."""
+    """inputs/decode.py's documented stretch, written from its docstring with NumPy's own percentiles."""
     if stretch == "minmax":
         lo, hi = int(band.min()), int(band.max())
     else:

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gpu_pipeline import sinks
+from gpu_pipeline.outputs import sinks
 from gpu_pipeline.cli import app
-from gpu_pipeline.sinks import COLUMNS, OutputLock, read_records
+from gpu_pipeline.outputs.sinks import COLUMNS, OutputLock, read_records
 from tests.runs import REPO, start, wait_until
 
 runner = CliRunner()

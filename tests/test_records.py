@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_pipeline.records import RecordBatch, csv_text, histogram_texts, jsonl_text
+from gpu_pipeline.outputs.records import RecordBatch, csv_text, histogram_texts, jsonl_text
 
 TRICKY_PATHS = ["/data/plain.jpg", "/data/with, comma.jpg", '/data/with "quotes".png', "/data/new\nline.png",
                 "/data/carriage\rreturn.png", "/données/été/ünïcode.tif", "/data/emoji 🛰.jpg", "C:\\windows\\x.jpg"]
@@ -64,8 +64,8 @@ def test_histogram_texts_are_the_decimal_counts():
 def test_parquet_columns_of_a_batch_equal_those_of_its_dicts():
     import pyarrow as pa
 
-    from gpu_pipeline.sinks import COLUMNS, _parquet_schema
-    from gpu_pipeline.records import table_columns
+    from gpu_pipeline.outputs.sinks import COLUMNS, _parquet_schema
+    from gpu_pipeline.outputs.records import table_columns
 
     for errors_at in (set(), {0, 3}, set(range(len(TRICKY_PATHS)))):
         batch = batch_of(TRICKY_PATHS, ["busy", "a, label"] * 4, errors_at)

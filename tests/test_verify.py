@@ -20,12 +20,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cpu_reference
-from gpu_pipeline import verify
+from gpu_pipeline.diagnostics import verify
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.io import decode_image, discover
+from gpu_pipeline.inputs.decode import decode_image, discover
 from tests.backend_doubles import NeverAvailable
 
 runner = CliRunner()

@@ -4,8 +4,8 @@ scikit-image pool, on the same images in the same run.
 A corpus (generated, or the user's files) is measured three ways:
 
 * compute: ``process()`` on the images already decoded in memory, in the engine's batches;
-* end to end: the files through :class:`~gpu_pipeline.engine.Engine` (its decode pool running
-  gpu_pipeline.io, batches, labels, records into a sink that drops them), as ``gpu-pipeline run``
+* end to end: the files through :class:`~gpu_pipeline.engine.stream.Engine` (its decode pool running
+  gpu_pipeline.inputs.decode, batches, labels, records into a sink that drops them), as ``gpu-pipeline run``
   does;
 * decode only: the engine's decode pool alone, and ``cv2.imread`` in as many threads.
 

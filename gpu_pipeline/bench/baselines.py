@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import one_line
-from gpu_pipeline.io import decode_image
-from gpu_pipeline.verify import OpenCvOracle
+from gpu_pipeline.engine.stream import one_line
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.diagnostics.verify import OpenCvOracle
 
 OPENCV = "opencv"
 SKIMAGE_POOL = "skimage-pool"

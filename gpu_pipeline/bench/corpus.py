@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.engine import decode_stream
-from gpu_pipeline.io import decode_image
+from gpu_pipeline.engine.stream import decode_stream
+from gpu_pipeline.inputs.decode import decode_image
 
 #: The compute runs keep the decoded corpus in memory: it holds at most this many pixels.
 MAX_CORPUS_PIXELS = 256 * 1024 * 1024

@@ -20,16 +20,16 @@ from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, SKIMAGE_POOL, OpenC
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Decoded, Engine, batches, decode_stream, one_line
-from gpu_pipeline.verify import OpenCvOracle
-from gpu_pipeline.sinks import NullSink
+from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream, one_line
+from gpu_pipeline.diagnostics.verify import OpenCvOracle
+from gpu_pipeline.outputs.sinks import NullSink
 
 SCHEMA = "gpu-pipeline-bench/1"
 #: Ratios are taken against the first of these that was measured.
 BASELINE_ORDER = (SKIMAGE_POOL, "reference")
 #: Slow contenders run on an evenly spread subset of at most this many megapixels.
 SUBSET_MEGAPIXELS = {"reference": 2.0, SKIMAGE_POOL: 8.0}
-DECODE_IO = "gpu_pipeline.io"
+DECODE_IO = "gpu_pipeline.inputs.decode"
 DECODE_OPENCV = "cv2.imread"
 
 
@@ -149,7 +149,7 @@ def measure_backend(result: Contender, make: Callable[[], Backend], corpus: Corp
 def measure_skimage_pool(corpus: Corpus, settings: BenchSettings) -> Contender:
     threads = settings.threads
     result = Contender(SKIMAGE_POOL, "baseline", f"scikit-image rgb2gray, histogram, equalize_hist, "
-                       f"canny(sigma=1) in multiprocessing.Pool({threads}), decode with gpu_pipeline.io: "
+                       f"canny(sigma=1) in multiprocessing.Pool({threads}), decode with gpu_pipeline.inputs.decode: "
                        "what users run today (similar, not byte-identical)")
     reason = skimage_unavailable_reason()
     if reason is not None:
@@ -177,10 +177,10 @@ def measure_skimage_pool(corpus: Corpus, settings: BenchSettings) -> Contender:
 
 
 def measure_decoders(corpus: Corpus, settings: BenchSettings) -> list[Contender]:
-    """Decode-only throughput: the engine's pool (gpu_pipeline.io), and cv2.imread when installed."""
+    """Decode-only throughput: the engine's pool (gpu_pipeline.inputs.decode), and cv2.imread when installed."""
     threads, count, pixels = settings.threads, len(corpus.images), corpus.pixels
     runs = {
-        DECODE_IO: (f"the engine's decode pool: gpu_pipeline.io in {threads} threads", None,
+        DECODE_IO: (f"the engine's decode pool: gpu_pipeline.inputs.decode in {threads} threads", None,
                     lambda: decode_with_io(corpus.paths, settings)),
         DECODE_OPENCV: (f"cv2.imread in {threads} threads", OpenCvOracle.unavailable_reason(),
                         lambda: decode_with_opencv(corpus.paths, threads)),
@@ -221,7 +221,7 @@ def measure(name: str, corpus: Corpus, settings: BenchSettings) -> Contender:
         return measure_skimage_pool(corpus, settings)
     if name == OPENCV:
         result = Contender(OPENCV, "baseline", f"the contract's cv2 calls, one image per thread in {threads} "
-                           "threads; end to end: decode with gpu_pipeline.io in the engine")
+                           "threads; end to end: decode with gpu_pipeline.inputs.decode in the engine")
         make: Callable[[], Backend] = partial(OpenCvThreads, threads)
     else:
         result = Contender(name, "backend")

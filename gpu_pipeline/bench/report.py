@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gpu_pipeline.bench.measuring import DECODE_IO, DECODE_OPENCV, BenchReport
 from gpu_pipeline.bench.stats import Timing
-from gpu_pipeline.engine import one_line
+from gpu_pipeline.engine.stream import one_line
 
 #: Short row names of the decoders in the table.
 DECODE_LABELS = {DECODE_IO: "decode (io)", DECODE_OPENCV: "decode (cv2)"}
@@ -119,7 +119,7 @@ def legend(report: BenchReport) -> list[str]:
          "(first launches, allocations), in s: "
          + (", ".join(f"{c.name} {c.startup_s:.2f} + {c.first_pass_s:.2f}" for c in report.contenders
                       if c.measured) or "none measured") + "."),
-        (f"decode (io): the engine's decode pool alone (gpu_pipeline.io); decode (cv2): cv2.imread in "
+        (f"decode (io): the engine's decode pool alone (gpu_pipeline.inputs.decode); decode (cv2): cv2.imread in "
          f"{settings.threads} threads."),
     ]
 

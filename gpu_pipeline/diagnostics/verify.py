@@ -8,7 +8,7 @@ image is an error for that image, and the run goes on. ``--against-opencv`` adds
 contract's definition, as one more row compared with the reference.
 
 Exit status: 0 when every compared stage is identical, 1 on any difference, error or backend
-that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.io.UsageError`).
+that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.inputs.decode.UsageError`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from rich.table import Table
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
-from gpu_pipeline.classify import Labeller, default_labels, label_function
+from gpu_pipeline.labels.labeller import Labeller, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Decoded, one_line, batches, decode_stream
-from gpu_pipeline.io import UsageError, discover
+from gpu_pipeline.engine.stream import Decoded, one_line, batches, decode_stream
+from gpu_pipeline.inputs.decode import UsageError, discover
 
 GROUND_TRUTH = "reference"
 OPENCV = "opencv"

@@ -27,11 +27,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from gpu_pipeline.backends import BackendUnavailable, create
-from gpu_pipeline.classify import label_function, warm_up_labeller
+from gpu_pipeline.labels.labeller import label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Engine, RunSummary
-from gpu_pipeline.io import UsageError, discover
-from gpu_pipeline.sinks import (OutputLock, OutputPlan, SinkError, SinkWriteError, format_for,
+from gpu_pipeline.engine.stream import Engine, RunSummary
+from gpu_pipeline.inputs.decode import UsageError, discover
+from gpu_pipeline.outputs.sinks import (OutputLock, OutputPlan, SinkError, SinkWriteError, format_for,
                                 inspect_output)
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
@@ -91,7 +91,7 @@ def model_identity(model: str | None) -> str | None:
     """The label model as settings see it: the SHA-256 of its file (labels depend on its content)."""
     if model is None:
         return None
-    from gpu_pipeline.model import resolve_model_path
+    from gpu_pipeline.labels.model import resolve_model_path
 
     return "sha256:" + hashlib.sha256(resolve_model_path(model).read_bytes()).hexdigest()
 
@@ -298,7 +298,7 @@ def check_job(job: Job) -> CheckedJob:
         backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, (
             job.workers or os.cpu_count() or 2)
     else:
-        from gpu_pipeline.distributed import DaskCluster, DaskEngine
+        from gpu_pipeline.engine.distributed import DaskCluster, DaskEngine
 
         backend, engine_class, workers = DaskCluster(job.dask, job.backend_name, job.threads,
                                                      timeout=job.dask_timeout), DaskEngine, job.workers

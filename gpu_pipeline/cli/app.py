@@ -32,12 +32,12 @@ from typing import Optional
 import typer
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli_options import (L2, Backend, Bands, BatchSize, Blur, Device, Glob, High, Low,
+from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Device, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Engine
-from gpu_pipeline.io import UsageError
+from gpu_pipeline.engine.stream import Engine
+from gpu_pipeline.inputs.decode import UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -107,7 +107,7 @@ def run(
     3 when writing the output failed (disk full), 130 / 143 when stopped by SIGINT (Ctrl-C) / SIGTERM
     after flushing what was done.
     """
-    from gpu_pipeline.runner import run_job
+    from gpu_pipeline.engine.job import run_job
 
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
@@ -130,8 +130,8 @@ def run(
     raise typer.Exit(code)
 
 
-from gpu_pipeline.diag_cli import register as register_diagnostics  # noqa: E402
-from gpu_pipeline.labels_cli import register as register_label_commands  # noqa: E402
+from gpu_pipeline.cli.diagnostics import register as register_diagnostics  # noqa: E402
+from gpu_pipeline.cli.labels import register as register_label_commands  # noqa: E402
 
 register_diagnostics(app)
 register_label_commands(app)

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
-from gpu_pipeline import records as record_text
-from gpu_pipeline.records import RecordBatch, table_columns
+from gpu_pipeline.outputs import records as record_text
+from gpu_pipeline.outputs.records import RecordBatch, table_columns
 
 FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",

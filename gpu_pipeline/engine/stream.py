@@ -2,7 +2,7 @@
 
 The data plane is batch-native: a backend returns one :class:`BatchResult` (histograms as one
 (N, 256) array, edge counts as one array), the labeller labels the batch in one call, and the sink
-gets one :class:`~gpu_pipeline.records.RecordBatch` that it encodes in one go. What is left per
+gets one :class:`~gpu_pipeline.outputs.records.RecordBatch` that it encodes in one go. What is left per
 image in Python is the decode call and a line of text.
 
 Memory is bounded by pixels whatever the number or size of the files (docs/benchmarks.md, "Memory"):
@@ -28,10 +28,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gpu_pipeline.backends.base import Backend, BatchResult
-from gpu_pipeline.classify import Labeller, default_labels
+from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.io import DecodeError, decode_image
-from gpu_pipeline.records import RecordBatch
+from gpu_pipeline.inputs.decode import DecodeError, decode_image
+from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
 #: work (a JPEG decode, a kernel, a read) waits for the GIL until the thread holding it yields, at
@@ -334,7 +334,7 @@ class Engine:
     batch_pixels: int | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS
-    #: Labels each batch of computed images (:data:`gpu_pipeline.classify.Labeller`).
+    #: Labels each batch of computed images (:data:`gpu_pipeline.labels.labeller.Labeller`).
     labels_of: Labeller = default_labels
     #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
     on_edges: Callable[[Path, np.ndarray], None] | None = None

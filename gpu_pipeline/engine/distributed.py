@@ -3,7 +3,7 @@
 The client (this process) discovers the files, opens the sink and filters what is already recorded,
 exactly as a local run does. It then cuts ``todo`` into chunks of paths and submits one task per
 chunk, a bounded number at a time. On a worker a task decodes its paths and runs the backend through
-the same :class:`~gpu_pipeline.engine.Engine` as a local run, and returns records only: pixels never
+the same :class:`~gpu_pipeline.engine.stream.Engine` as a local run, and returns records only: pixels never
 travel through the scheduler. The client writes each chunk's records through the sink when the
 chunk's future completes. A future completes once, even when Dask reruns its task because a worker
 died, so every path is written once; a rerun resumes from the sink like a local run. A chunk whose
@@ -35,11 +35,11 @@ import numpy as np
 
 from gpu_pipeline.backends import Backend, BackendUnavailable, create
 from gpu_pipeline.backends.registry import backend_names
-from gpu_pipeline.classify import Labeller
+from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine import Engine, RunSummary, one_line
-from gpu_pipeline.io import UsageError
-from gpu_pipeline.sinks import RecordList  # the worker returns its records instead of writing them
+from gpu_pipeline.engine.stream import Engine, RunSummary, one_line
+from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.outputs.sinks import RecordList  # the worker returns its records instead of writing them
 
 INSTALL_HINT = "--dask needs Dask distributed: pip install 'gpu-pipeline[dask]'"
 #: How long to wait for the scheduler to answer and for a first worker to join it (``--dask-timeout``).
@@ -434,7 +434,7 @@ class _Chunks:
 
 @dataclass
 class DaskEngine(Engine):
-    """:class:`~gpu_pipeline.engine.Engine`'s settings, run on the cluster that stands in for the backend."""
+    """:class:`~gpu_pipeline.engine.stream.Engine`'s settings, run on the cluster that stands in for the backend."""
 
     backend: DaskCluster
     workers: int | None = None  # decode threads per worker; None: each worker chooses

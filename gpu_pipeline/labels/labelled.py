@@ -17,8 +17,8 @@ import numpy as np
 from rich.console import Console
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.io import UsageError, discover
+from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
+from gpu_pipeline.inputs.decode import UsageError, discover
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ class _FeatureCollector:
 def compute_features(paths: list[Path], backend_name: str, config: PipelineConfig, console: Console,
                      decode: DecodeOptions | None = None) -> tuple[FeatureTable, str]:
     """Run ``paths`` through the engine; returns the features and the concrete backend's name."""
-    from gpu_pipeline.engine import Engine
-    from gpu_pipeline.runner import open_backend, progress_bar
+    from gpu_pipeline.engine.stream import Engine
+    from gpu_pipeline.engine.job import open_backend, progress_bar
 
     collector = _FeatureCollector()
     backend = open_backend(backend_name, None)

@@ -2,7 +2,7 @@
 
 The model is multinomial logistic regression (softmax regression; Hastie, Tibshirani & Friedman,
 *The Elements of Statistical Learning*, 2nd ed., section 4.4) on a fixed quadratic expansion of
-the standardized features: each feature ``x`` of :data:`gpu_pipeline.features.FEATURE_NAMES`
+the standardized features: each feature ``x`` of :data:`gpu_pipeline.labels.features.FEATURE_NAMES`
 becomes ``z = (x - mean) / scale`` (training mean and standard deviation), the terms are the
 ``z`` and every product ``z_i * z_j`` with ``i <= j`` (:func:`term_names`), and the label is the
 class with the largest score ``bias[k] + weights[k] . terms`` (the first listed on a tie). So the
@@ -32,8 +32,8 @@ import numpy as np
 
 from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.io import UsageError
+from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
+from gpu_pipeline.inputs.decode import UsageError
 
 FORMAT = "gpu-pipeline label model"
 FORMAT_VERSION = 2
@@ -148,7 +148,7 @@ class LabelModel:
         return np.argmax(self.scores(vectors), axis=1).astype(np.int64)
 
     def labels(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
-        """A :data:`gpu_pipeline.classify.Labeller`: the label of each image of a batch."""
+        """A :data:`gpu_pipeline.labels.labeller.Labeller`: the label of each image of a batch."""
         if len(images) == 0:
             return []
         return [self.classes[k] for k in self.predict(batch_features(images, histograms, edge_counts))]

@@ -3,12 +3,12 @@
 A labeller sees what every backend produces byte-identically (the gray histogram and the edge
 count) and the decoded image (the same bytes for every backend), so the same function gives the
 same labels on every path. Land-cover models compute their features from these in
-:mod:`gpu_pipeline.features`.
+:mod:`gpu_pipeline.labels.features`.
 
 The default rule is honest about what it measures: how much edge structure a tile has (edge density,
 the fraction of edge pixels) and, for smooth tiles, whether they are dark or bright
 (mean gray level of the histogram, before equalization). It is not land cover; trainable land-cover labels come from
-``gpu-pipeline fit`` (:mod:`gpu_pipeline.model`).
+``gpu-pipeline fit`` (:mod:`gpu_pipeline.labels.model`).
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ def label_function(model: str | Path | None, config: PipelineConfig | None = Non
 
     ``model`` is a model file or the name of a shipped model (``eurosat``). With ``config``, the
     run's pipeline settings are checked against those the model was fitted with (its edge features
-    depend on them). Raises :class:`gpu_pipeline.model.ModelError` (a ``UsageError``) when the model
+    depend on them). Raises :class:`gpu_pipeline.labels.model.ModelError` (a ``UsageError``) when the model
     cannot be used.
     """
     if model is None:
         return default_labels
-    from gpu_pipeline.model import load_model  # the model module imports this one
+    from gpu_pipeline.labels.model import load_model  # the model module imports this one
 
     label_model = load_model(model)
     if config is not None:

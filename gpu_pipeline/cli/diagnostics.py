@@ -1,6 +1,6 @@
 """The diagnostic commands, ``verify``, ``bench`` and ``info``: thin, they parse and delegate.
 
-``register(app)`` adds them to the main typer app (gpu_pipeline/cli.py calls it).
+``register(app)`` adds them to the main typer app (gpu_pipeline/cli/app.py calls it).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.cli_options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
+from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.io import UsageError
+from gpu_pipeline.inputs.decode import UsageError
 
 
 def verify(
@@ -50,8 +50,8 @@ def verify(
 
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage.
     """
-    from gpu_pipeline.runner import progress_bar
-    from gpu_pipeline.verify import parse_backend_list, print_report, run_verify
+    from gpu_pipeline.engine.job import progress_bar
+    from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify
 
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
@@ -133,7 +133,7 @@ def bench(
     except UsageError as exc:
         fail_usage(str(exc))
     from gpu_pipeline.bench import plot_report, print_report
-    from gpu_pipeline.info import collect_info
+    from gpu_pipeline.diagnostics.info import collect_info
 
     print_report(Console(soft_wrap=True, highlight=False), report)
     if json_path is not None:
@@ -147,7 +147,7 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
                    plot) -> dict:
     """Every check of ``bench``'s arguments, before anything is generated or timed (UsageError: exit 2)."""
     from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cpus
-    from gpu_pipeline.io import discover
+    from gpu_pipeline.inputs.decode import discover
 
     check_counts(repeat=repeat, threads=threads, batch_size=batch_size)
     request = {"names": parse_contenders(backends), "threads": threads or usable_cpus()}
@@ -175,7 +175,7 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
 def _bench_files(request: dict, folder: Path) -> tuple[list[Path], dict]:
     """The given files, or a corpus generated into ``folder`` (tiles from the bundled scenes)."""
     from gpu_pipeline.bench import generate_corpus
-    from gpu_pipeline.io import discover
+    from gpu_pipeline.inputs.decode import discover
 
     if "files" in request:
         return request["files"], {"source": "paths"}
@@ -191,7 +191,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines."),
 ) -> None:
     """Describe this machine: versions, backends (and why one cannot run), GPU, CPU threads, numba setup."""
-    from gpu_pipeline.info import collect_info, print_info
+    from gpu_pipeline.diagnostics.info import collect_info, print_info
 
     collected = collect_info()
     if as_json:

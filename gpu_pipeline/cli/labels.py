@@ -1,8 +1,8 @@
 """``gpu-pipeline fit`` and ``gpu-pipeline evaluate``: land-cover models from folder-per-class trees.
 
-The commands only parse, delegate and print: trees and features are in :mod:`gpu_pipeline.labelled`,
-held-out draws in :mod:`gpu_pipeline.splits`, the model in :mod:`gpu_pipeline.model`, scores in
-:mod:`gpu_pipeline.confusion` and the picture in :mod:`gpu_pipeline.plots`.
+The commands only parse, delegate and print: trees and features are in :mod:`gpu_pipeline.labels.labelled`,
+held-out draws in :mod:`gpu_pipeline.labels.splits`, the model in :mod:`gpu_pipeline.labels.model`, scores in
+:mod:`gpu_pipeline.labels.confusion` and the picture in :mod:`gpu_pipeline.labels.plots`.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import typer
 from rich.console import Console
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli_options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
+from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
                                       pipeline_config)
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
+from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.io import UsageError
-from gpu_pipeline.labelled import FeatureTable, LabeledImages, compute_features, read_labeled_tree
-from gpu_pipeline.model import LabelModel, fit_model, load_model, settings_text
-from gpu_pipeline.plots import has_matplotlib, save_confusion_plot
-from gpu_pipeline.splits import stratified_split
+from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.labels.labelled import FeatureTable, LabeledImages, compute_features, read_labeled_tree
+from gpu_pipeline.labels.model import LabelModel, fit_model, load_model, settings_text
+from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot
+from gpu_pipeline.labels.splits import stratified_split
 
 #: How many failed images are listed by name before the rest are only counted.
 SHOWN_FAILURES = 5

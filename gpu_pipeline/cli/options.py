@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
-from gpu_pipeline.io import UsageError
+from gpu_pipeline.inputs.decode import UsageError
 
 Paths = Annotated[Optional[List[Path]], typer.Argument(
     help="Image files or folders (searched recursively). Default: the bundled sample set.", show_default=False)]
@@ -44,7 +44,7 @@ def fail_usage(message: str) -> None:
 
 def bundled_data_dir() -> Path:
     """The sample set shipped with the package (data/ in a checkout, gpu_pipeline/sample_data when installed)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     checkout = package.parent / "data"
     if (checkout / "SOURCES.md").is_file():
         return checkout

@@ -1,0 +1,1 @@
+"""Diagnostics: are all backends byte-identical here (``verify.py``), what this machine offers (``info.py``)."""
