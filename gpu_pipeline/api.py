@@ -93,7 +93,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     """
     from gpu_pipeline.labels.labeller import label_function
     from gpu_pipeline.engine.stream import Engine
-    from gpu_pipeline.inputs.decode import discover
+    from gpu_pipeline.inputs.discover import discover
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     files = [Path(path).absolute() for path in discover(paths, glob=glob)]

@@ -24,7 +24,8 @@ from gpu_pipeline.backends.registry import create
 from gpu_pipeline.labels.labeller import default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.labels.features import FEATURE_NAMES, STRIP_PIXELS, _stack_features, entropy_table
-from gpu_pipeline.inputs.decode import decode_image, discover
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.inputs.discover import discover
 from gpu_pipeline.labels.model import load_model
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eurosat_rgb"

@@ -201,7 +201,7 @@ def engine_overhead(count: int) -> tuple[float, float]:
     memory, a backend that returns zeros, records encoded into a JSONL file."""
     from gpu_pipeline.engine import stream as engine_module
     from gpu_pipeline.backends.base import Backend, BatchResult
-    from gpu_pipeline.outputs.sinks import open_sink
+    from gpu_pipeline.outputs.plan import open_sink
 
     tile = np.zeros((64, 64, 3), np.uint8)
 

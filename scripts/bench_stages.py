@@ -2,7 +2,8 @@
 
     python scripts/bench_stages.py                          # this checkout
     python scripts/bench_stages.py --code /tmp/old-checkout # another checkout (e.g. `git archive` of an
-                                                            # older commit), to compare before / after
+                                                            # older commit, from the stage-folder layout
+                                                            # on), to compare before / after
 
 Stages, each timed on its own over the same images (median of ``--repeat``; CPU time of the whole
 process, all threads, so a shared machine inflates it less than wall time):
@@ -12,8 +13,7 @@ process, all threads, so a shared machine inflates it less than wall time):
   pool, the hand-over and the batches cost);
 * compute: the numba backend on the decoded images, in the engine's batches, on ``--threads``;
 * labels: the default rule for a batch;
-* records: building and encoding the JSON lines of a batch (json.dumps per dict before the
-  batch data plane, :mod:`gpu_pipeline.outputs.records` after).
+* records: building and encoding the JSON lines of a batch (:mod:`gpu_pipeline.outputs.records`).
 
 Workloads: ``--tiles`` EuroSAT tiles and ``--scenes`` 4000x3000 JPEG mosaics of them (see
 scripts/bench_scale.py for the files). ``--sweep`` instead times the numba backend alone on one
@@ -56,8 +56,8 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     decoded = {path: decode_image(path, options) for path in files}
     backend = create("numba", threads=threads)
     backend.warm_up()
-    batch_pixels = backend.batch_pixels() if hasattr(backend, "batch_pixels") else engine_module.DEFAULT_BATCH_PIXELS  # older code
-    batch_size = None if hasattr(backend, "batch_pixels") else 256
+    batch_pixels = backend.batch_pixels()
+    batch_size = None
     config = PipelineConfig()
     items = [engine_module.Decoded(path, image=decoded[path]) for path in files]
     batches = list(engine_module.batches(iter(items), batch_size or 256, batch_pixels))
@@ -95,20 +95,11 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
 
 def records_text(engine_module, backend, batches, results) -> None:
     """The JSON lines of every batch, as the engine and the JSONL sink of that checkout make them."""
-    if hasattr(engine_module, "RecordBatch"):
-        from gpu_pipeline.outputs.records import jsonl_text
+    from gpu_pipeline.outputs.records import jsonl_text
 
-        engine = engine_module.Engine(backend)
-        for batch, result in zip(batches, results):
-            jsonl_text(engine.records(batch, engine_module.Outcome(result)))
-    else:  # before the batch data plane: a dict per image, json.dumps per dict
-        from gpu_pipeline.outputs.sinks import _jsonl_text
-
-        for batch, result in zip(batches, results):
-            labels = ["busy"] * len(batch)
-            _jsonl_text([engine_module.result_record(item.path, item.image, r, backend.name, label)
-                         for item, r, label in zip(batch, result, labels)])
-
+    engine = engine_module.Engine(backend)
+    for batch, result in zip(batches, results):
+        jsonl_text(engine.records(batch, engine_module.Outcome(result)))
 
 def tile_size_sweep(repeat: int) -> dict[int, float]:
     """CPU ns per pixel of the numba backend (1 thread) on one 1024x1024 RGB image cut into tiles."""

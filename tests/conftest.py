@@ -12,7 +12,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _images_under(root: Path) -> list[Path]:
-    from gpu_pipeline.inputs.decode import discover
+    from gpu_pipeline.inputs.discover import discover
 
     return discover([root])
 

@@ -25,7 +25,9 @@ from gpu_pipeline.bench import BenchReport, BenchSettings, Contender, Corpus, Ti
 from gpu_pipeline.bench.measuring import _device_phases
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import UsageError, decode_image, discover
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.inputs.discover import discover
 from tests.backend_doubles import NeverAvailable
 
 runner = CliRunner()

@@ -421,7 +421,8 @@ def assert_same_as_reference(results, batch, config, keep_images=True):
 
 def _decoded(root: Path) -> list[np.ndarray]:
     from gpu_pipeline.config import DecodeOptions
-    from gpu_pipeline.inputs.decode import decode_image, discover
+    from gpu_pipeline.inputs.decode import decode_image
+    from gpu_pipeline.inputs.discover import discover
 
     decoded = []
     for path in discover([root]):

@@ -26,8 +26,8 @@ from gpu_pipeline.engine import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.labels.labeller import Features, default_label
 from gpu_pipeline.cli import app
-from gpu_pipeline.inputs.decode import UsageError
-from gpu_pipeline.outputs.sinks import open_sink, read_records
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.outputs.plan import open_sink, read_records
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -341,7 +341,7 @@ def test_local_cuda_without_gpus_or_dask_cuda_is_a_clear_usage_error(monkeypatch
     import types
 
     from gpu_pipeline.engine import distributed as dist
-    from gpu_pipeline.inputs.decode import UsageError
+    from gpu_pipeline.errors import UsageError
 
     with pytest.raises(UsageError, match="no GPU is visible"):
         dist.local_cuda_cluster_options([])

@@ -24,7 +24,9 @@ from PIL import Image
 
 from gpu_pipeline.inputs import decode as gpu_io
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.inputs.decode import IMAGE_EXTENSIONS, DecodeError, UsageError, decode_image, discover
+from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover
+from gpu_pipeline.inputs.decode import DecodeError, decode_image
+from gpu_pipeline.errors import UsageError
 from tests.strategies import images
 
 DEFAULT = DecodeOptions()

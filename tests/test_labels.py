@@ -25,7 +25,8 @@ from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.labels.confusion import confusion_matrix, markdown_table
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.inputs.decode import UsageError, discover
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.inputs.discover import discover
 from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
 from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
                                 minimise_lbfgs, term_names)

@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gpu_pipeline.outputs import sinks
 from gpu_pipeline.cli import app
-from gpu_pipeline.outputs.sinks import COLUMNS, OutputLock, read_records
+from gpu_pipeline.outputs.lines import COLUMNS
+from gpu_pipeline.outputs.plan import OutputLock, inspect_output, lock_path, open_sink, read_records
+from gpu_pipeline.outputs.sink import record_key
 from tests.runs import REPO, start, wait_until
 
 runner = CliRunner()
@@ -47,7 +48,7 @@ def run(*args: str):
 
 
 def by_path(records: list[dict]) -> dict[str, dict]:
-    keys = [sinks.record_key(r) for r in records]
+    keys = [record_key(r) for r in records]
     assert len(keys) == len(set(keys)), "a path was recorded twice"
     return dict(zip(keys, records))
 
@@ -213,7 +214,7 @@ def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tiles, tmp_pa
     assert f"process {os.getpid()}" in result.stderr and "another gpu-pipeline run" in result.stderr
     assert not out.exists()
     assert run(str(tiles), "--out", str(out)).exit_code == 0  # released: the next run goes ahead
-    assert not sinks.lock_path(str(out)).exists()
+    assert not lock_path(str(out)).exists()
 
 
 def test_a_second_real_run_while_the_first_writes_exits_2_and_adds_nothing(tmp_path):
@@ -530,7 +531,7 @@ def a_result(path: str) -> dict:
 def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monkeypatch):
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "out.parquet"
-    sink = sinks.open_sink(str(out), resume=False)
+    sink = open_sink(str(out), resume=False)
     sink.write([a_result("/a.png")])
     real_write_table = pq.write_table
 
@@ -544,7 +545,7 @@ def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monke
         sink.write([a_result("/b.png")])
     monkeypatch.undo()
     assert pq.read_table(out).column("path").to_pylist() == ["/a.png"]
-    plan = sinks.inspect_output(str(out))
+    plan = inspect_output(str(out))
     assert plan.existing.succeeded == {"/a.png"}
     plan.open().write([a_result("/b.png")])
     assert sorted(pq.read_table(out).column("path").to_pylist()) == ["/a.png", "/b.png"]

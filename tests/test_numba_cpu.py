@@ -26,7 +26,8 @@ from gpu_pipeline.backends import _numba_setup, numba_cpu, registry
 from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import MAX_THRESHOLD, DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import decode_image, discover
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.inputs.discover import discover
 from tests.strategies import ODD_SHAPES, images
 
 REPO = Path(__file__).resolve().parent.parent

@@ -297,7 +297,8 @@ def assert_batch_matches_reference(backend, batch: list[np.ndarray], config: Pip
 def _decoded(root: Path) -> list[np.ndarray]:
     """Every image under ``root``; TIFFs only where tifffile is installed (gpu_pipeline.inputs.decode needs it)."""
     try:
-        from gpu_pipeline.inputs.decode import DecodeError, decode_image, discover
+        from gpu_pipeline.inputs.decode import DecodeError, decode_image
+        from gpu_pipeline.inputs.discover import discover
     except ImportError:  # no tifffile: Pillow formats only
         from PIL import Image
 

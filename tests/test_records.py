@@ -64,11 +64,12 @@ def test_histogram_texts_are_the_decimal_counts():
 def test_parquet_columns_of_a_batch_equal_those_of_its_dicts():
     import pyarrow as pa
 
-    from gpu_pipeline.outputs.sinks import COLUMNS, _parquet_schema
+    from gpu_pipeline.outputs.lines import COLUMNS
+    from gpu_pipeline.outputs.parquet import parquet_schema
     from gpu_pipeline.outputs.records import table_columns
 
     for errors_at in (set(), {0, 3}, set(range(len(TRICKY_PATHS)))):
         batch = batch_of(TRICKY_PATHS, ["busy", "a, label"] * 4, errors_at)
-        fast = pa.table(table_columns(batch, COLUMNS), schema=_parquet_schema())
-        slow = pa.table(table_columns(list(batch), COLUMNS), schema=_parquet_schema())
+        fast = pa.table(table_columns(batch, COLUMNS), schema=parquet_schema())
+        slow = pa.table(table_columns(list(batch), COLUMNS), schema=parquet_schema())
         assert fast.equals(slow)

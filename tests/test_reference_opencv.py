@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import cpu_reference as ref
 from cpu_reference.stages import hysteresis
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import decode_image, discover
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.inputs.discover import discover
 from tests.strategies import ODD_SHAPES, images
 
 # --- the oracle: each stage as the OpenCV call that defines it --------------------------------

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
-from gpu_pipeline.outputs.sinks import read_records
+from gpu_pipeline.outputs.plan import read_records
 from tests.runs import start, wait_until
 
 runner = CliRunner()

@@ -25,7 +25,8 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import decode_image, discover
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.inputs.discover import discover
 from tests.backend_doubles import NeverAvailable
 
 runner = CliRunner()

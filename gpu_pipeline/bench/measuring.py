@@ -22,7 +22,7 @@ from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream, one_line
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
-from gpu_pipeline.outputs.sinks import NullSink
+from gpu_pipeline.outputs.sink import NullSink
 
 SCHEMA = "gpu-pipeline-bench/1"
 #: Ratios are taken against the first of these that was measured.

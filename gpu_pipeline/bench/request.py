@@ -7,7 +7,7 @@ import math
 
 from gpu_pipeline.bench.corpus import FORMATS, MAX_CORPUS_PIXELS, TILE_SIZE
 from gpu_pipeline.bench.measuring import contender_names, unavailable_reason
-from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.errors import UsageError
 
 DEFAULT_SIZE = "512x512"
 DEFAULT_COUNT = 16

@@ -37,7 +37,7 @@ from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Devic
                                       decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine
-from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.errors import UsageError
 
 app = typer.Typer(
     add_completion=False,

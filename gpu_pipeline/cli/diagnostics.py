@@ -19,7 +19,7 @@ from rich.console import Console
 from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.errors import UsageError
 
 
 def verify(
@@ -147,7 +147,7 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
                    plot) -> dict:
     """Every check of ``bench``'s arguments, before anything is generated or timed (UsageError: exit 2)."""
     from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cpus
-    from gpu_pipeline.inputs.decode import discover
+    from gpu_pipeline.inputs.discover import discover
 
     check_counts(repeat=repeat, threads=threads, batch_size=batch_size)
     request = {"names": parse_contenders(backends), "threads": threads or usable_cpus()}
@@ -175,7 +175,7 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
 def _bench_files(request: dict, folder: Path) -> tuple[list[Path], dict]:
     """The given files, or a corpus generated into ``folder`` (tiles from the bundled scenes)."""
     from gpu_pipeline.bench import generate_corpus
-    from gpu_pipeline.inputs.decode import discover
+    from gpu_pipeline.inputs.discover import discover
 
     if "files" in request:
         return request["files"], {"source": "paths"}

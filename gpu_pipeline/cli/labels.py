@@ -21,7 +21,7 @@ from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stret
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.errors import UsageError
 from gpu_pipeline.labels.labelled import FeatureTable, LabeledImages, compute_features, read_labeled_tree
 from gpu_pipeline.labels.model import LabelModel, fit_model, load_model, settings_text
 from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot

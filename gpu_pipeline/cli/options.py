@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.errors import UsageError
 
 Paths = Annotated[Optional[List[Path]], typer.Argument(
     help="Image files or folders (searched recursively). Default: the bundled sample set.", show_default=False)]

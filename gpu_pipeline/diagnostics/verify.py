@@ -8,7 +8,7 @@ image is an error for that image, and the run goes on. ``--against-opencv`` adds
 contract's definition, as one more row compared with the reference.
 
 Exit status: 0 when every compared stage is identical, 1 on any difference, error or backend
-that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.inputs.decode.UsageError`).
+that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.errors.UsageError`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from gpu_pipeline.backends.base import Backend, StageResult, check_image
 from gpu_pipeline.labels.labeller import Labeller, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Decoded, one_line, batches, decode_stream
-from gpu_pipeline.inputs.decode import UsageError, discover
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.inputs.discover import discover
 
 GROUND_TRUTH = "reference"
 OPENCV = "opencv"

@@ -38,8 +38,8 @@ from gpu_pipeline.backends.registry import backend_names
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, one_line
-from gpu_pipeline.inputs.decode import UsageError
-from gpu_pipeline.outputs.sinks import RecordList  # the worker returns its records instead of writing them
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.outputs.sink import RecordList  # the worker returns its records instead of writing them
 
 INSTALL_HINT = "--dask needs Dask distributed: pip install 'gpu-pipeline[dask]'"
 #: How long to wait for the scheduler to answer and for a first worker to join it (``--dask-timeout``).

@@ -30,9 +30,10 @@ from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary
-from gpu_pipeline.inputs.decode import UsageError, discover
-from gpu_pipeline.outputs.sinks import (OutputLock, OutputPlan, SinkError, SinkWriteError, format_for,
-                                inspect_output)
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.inputs.discover import discover
+from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output
+from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}

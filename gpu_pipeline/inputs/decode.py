@@ -1,18 +1,6 @@
-"""Find image files, decode them, and normalise them to the uint8 arrays every backend takes.
+"""Decode image files and normalise them to the uint8 arrays every backend takes.
 
 Normalisation happens here, once, on the host, so all backends see the same bytes.
-
-Discovery
----------
-:func:`discover` takes files and folders. A path named explicitly is taken whatever its name (and
-whatever its type: a FIFO, socket or device gets an error record, see :func:`decode_image`).
-Folders are walked recursively; inside them only files with a known image extension
-(:data:`IMAGE_EXTENSIONS`, any case) are taken, names starting with a dot (files and folders)
-are skipped, and symbolic links to folders are not followed. ``glob`` filters the files found
-inside folders, case-insensitively: a pattern without ``/`` matches the file name (``*.tif``,
-``Forest_*``), a pattern with ``/`` matches the path relative to the folder given
-(``Forest/*.jpg``). Explicitly named files are never filtered out. The result is de-duplicated
-and sorted by path components.
 
 Decoding
 --------
@@ -74,12 +62,9 @@ this check replaces Pillow's own decompression-bomb warning and error, which are
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import stat
-from collections.abc import Iterable
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -93,8 +78,6 @@ try:
 except ImportError:  # then every JPEG goes through Pillow
     jpeg8_decode = None
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-
 # Our header check against DecodeOptions.max_pixels replaces Pillow's: its limit (about 179
 # megapixels) is below ours, and its warning cannot be silenced per call from worker threads.
 Image.MAX_IMAGE_PIXELS = None
@@ -104,10 +87,6 @@ _PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # never EPS & co., whic
 _PILLOW_MODES_AS_THEY_ARE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "I", "F")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
-
-
-class UsageError(ValueError):
-    """A path given by the user is missing or unusable (the CLI exits with status 2)."""
 
 
 class DecodeError(Exception):
@@ -127,50 +106,6 @@ class DecodeError(Exception):
         super().__init__(message)
         self.stage = stage
         self.message = message
-
-
-# --------------------------------------------------------------------------------------------
-# Discovery
-
-
-def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[Path]:
-    """Image files under ``paths``, de-duplicated and sorted (see the module docstring).
-
-    Raises
-    ------
-    UsageError
-        A path does not exist (or is a broken symbolic link).
-    """
-    found: dict[str, Path] = {}
-    for given in map(Path, paths):
-        if given.is_dir():
-            candidates = _files_in_folder(given, glob)
-        elif given.exists():  # a file, or a FIFO, socket or device: that one gets an error record
-            candidates = [given]
-        elif given.is_symlink():
-            raise UsageError(f"a broken symbolic link: {given}")
-        else:
-            raise UsageError(f"no such file or folder: {given}")
-        for path in candidates:
-            found.setdefault(os.path.normpath(os.path.abspath(path)), path)
-    return sorted(found.values(), key=lambda path: path.parts)
-
-
-def _files_in_folder(folder: Path, glob: str | None) -> list[Path]:
-    pattern = glob.lower() if glob else None
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = Path(root, name)
-            if pattern is not None:
-                subject = path.relative_to(folder).as_posix() if "/" in pattern else name
-                if not fnmatch.fnmatchcase(subject.lower(), pattern):
-                    continue
-            files.append(path)
-    return files
 
 
 # --------------------------------------------------------------------------------------------

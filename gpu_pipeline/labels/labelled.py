@@ -18,7 +18,8 @@ from rich.console import Console
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.inputs.decode import UsageError, discover
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.inputs.discover import discover
 
 
 @dataclass(frozen=True)

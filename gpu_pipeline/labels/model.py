@@ -33,7 +33,7 @@ import numpy as np
 from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.inputs.decode import UsageError
+from gpu_pipeline.errors import UsageError
 
 FORMAT = "gpu-pipeline label model"
 FORMAT_VERSION = 2

@@ -26,7 +26,7 @@ from json.encoder import encode_basestring_ascii as _json_string  # what json.du
 
 import numpy as np
 
-#: Columns of the CSV and Parquet outputs (:data:`gpu_pipeline.outputs.sinks.COLUMNS`); the histogram is one
+#: Columns of the CSV and Parquet outputs (``outputs/lines.py``, ``outputs/parquet.py``); the histogram is one
 #: column of 256 space-separated ints; ``path_bytes`` is filled only for names that are not UTF-8.
 CSV_COLUMNS = ("path", "width", "height", "bands", "backend", "edge_count", "edge_density", "label",
                "histogram", "stage", "error", "path_bytes")

@@ -1,0 +1,214 @@
+"""JSON Lines and CSV outputs: appended whole records at a time, and read back for resume.
+
+One ``write`` per batch, so a kill leaves complete batches plus at most one torn last record. On
+resume a record that does not end in a newline, and unreadable lines after the last intact
+record, are cut off and redone; an unreadable line *between* intact records is skipped and
+counted (a warning says how many), so intact records are never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+from gpu_pipeline.outputs import records as record_text
+from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written
+
+#: Columns of the CSV output; the histogram is one column of 256 space-separated ints.
+COLUMNS = record_text.CSV_COLUMNS
+_INT_COLUMNS = ("width", "height", "bands", "edge_count")
+#: A CSV record spans several lines only when a field holds newlines (a file name can); beyond
+#: this many lines an unbalanced quote is damage, not a record.
+_MAX_LINES_PER_RECORD = 1000
+
+
+# ---------------------------------------------------------------- JSON Lines
+
+
+def _jsonl_parse(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
+
+
+# ---------------------------------------------------------------- CSV
+
+CSV_HEADER = ",".join(COLUMNS)
+
+
+def _csv_parse(line: bytes) -> dict | None:
+    try:
+        rows = list(csv.reader(io.StringIO(line.decode("utf-8"), newline=""), strict=True))
+    except (ValueError, UnicodeDecodeError, csv.Error):
+        return None
+    if len(rows) != 1 or len(rows[0]) != len(COLUMNS) or not rows[0][0]:
+        return None
+    values = dict(zip(COLUMNS, rows[0]))
+    if values["error"]:
+        record = {"path": values["path"], "stage": values["stage"], "error": values["error"]}
+    else:
+        try:
+            record = {key: values[key] for key in ("path", "width", "height", "bands", "backend")}
+            record.update({key: int(values[key]) for key in _INT_COLUMNS})
+            record["histogram"] = [int(v) for v in values["histogram"].split()]
+            record["edge_count"] = int(values["edge_count"])
+            record["edge_density"] = float(values["edge_density"])
+            record["label"] = values["label"]
+        except ValueError:
+            return None
+        if len(record["histogram"]) != 256:
+            return None
+    if values["path_bytes"]:
+        record["path_bytes"] = values["path_bytes"]
+    return record
+
+
+_PARSERS = {"jsonl": _jsonl_parse, "csv": _csv_parse}
+
+
+# ---------------------------------------------------------------- reading line outputs back
+
+
+def _entries(lines: Iterator[bytes], offset: int, fmt: str) -> Iterator[tuple[int, bytes, dict | None]]:
+    """(offset, bytes, record or None when unreadable) for each record of a JSONL or CSV file.
+
+    A CSV record continues on the next line while its quotes are unbalanced (a quoted newline). If
+    the joined lines do not parse, only the first is unreadable and the others are read again.
+    """
+    parse = _PARSERS[fmt]
+    queue: deque[bytes] = deque()
+    while True:
+        if not queue:
+            line = next(lines, None)
+            if line is None:
+                return
+            queue.append(line)
+        raw, taken = queue[0], 1
+        quotes = raw.count(b'"')
+        while fmt == "csv" and quotes % 2 and raw.endswith(b"\n") and taken < _MAX_LINES_PER_RECORD:
+            if taken == len(queue):
+                more = next(lines, None)
+                if more is None:
+                    break
+                queue.append(more)
+            quotes += queue[taken].count(b'"')
+            raw += queue[taken]
+            taken += 1
+        # A record is whole only with its newline: a torn last line may still parse.
+        record = parse(raw) if raw.endswith(b"\n") else None
+        if record is None:
+            raw, taken = queue[0], 1
+        for _ in range(taken):
+            queue.popleft()
+        yield offset, raw, record
+        offset += len(raw)
+
+
+@dataclass
+class Scan:
+    """A JSONL or CSV output read back."""
+
+    existing: Existing
+    good_end: int  # end of the last intact record (or of the header): what follows is cut
+    size: int
+
+
+def _check_header(stream: IO[bytes], fmt: str, path) -> int:
+    """Check and skip the CSV header; returns where the records start."""
+    if fmt != "csv":
+        return 0
+    header = stream.readline()
+    if header and header.rstrip(b"\r\n") != CSV_HEADER.encode():
+        raise SinkError(f"{path} is not a gpu-pipeline CSV output of this version (unexpected header); "
+                        "use --overwrite or another --out")
+    return len(header)
+
+
+def scan(path: Path, fmt: str, keep: Callable[[dict, bytes], None] | None = None) -> Scan:
+    """Read a JSONL or CSV output; ``keep(record, raw)`` sees each intact record."""
+    existing = Existing()
+    with open(path, "rb") as stream:
+        good_end = _check_header(stream, fmt, path)
+        unreadable_since_good = 0
+        for offset, raw, record in _entries(iter(stream), good_end, fmt):
+            if record is None:
+                unreadable_since_good += 1
+                continue
+            existing.damaged += unreadable_since_good
+            unreadable_since_good = 0
+            good_end = offset + len(raw)
+            existing.add(record)
+            if keep is not None:
+                keep(record, raw)
+        size = os.fstat(stream.fileno()).st_size
+    existing.dropped_bytes = size - good_end
+    return Scan(existing, good_end, size)
+
+
+def keep_results(path: Path, fmt: str) -> None:
+    """Replace the file atomically by its intact result records (a crash leaves the old or the new):
+    ``--retry-failed`` redoes the images whose records were errors."""
+    temporary = path.with_name(path.name + ".rewrite")
+    with open(temporary, "wb") as stream:
+        if fmt == "csv":
+            stream.write((CSV_HEADER + "\n").encode())
+        scan(path, fmt, lambda record, raw: None if "error" in record else stream.write(raw))
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _write_all(descriptor: int, data: bytes, out: str) -> None:
+    """``data`` to ``descriptor`` whole; a short write is continued, an error raised as SinkWriteError."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(descriptor, view):]
+    except OSError as exc:
+        raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
+
+
+class LineSink(Sink):
+    """JSON Lines or CSV, appended one batch at a time by one ``os.write`` (no buffer to lose)."""
+
+    def __init__(self, out: str, fmt: str, existing: Existing | None = None) -> None:
+        self.out = out
+        self.fmt = fmt
+        self.existing = existing or Existing()
+        self._text = record_text.jsonl_text if fmt == "jsonl" else record_text.csv_text
+        self._descriptor: int | None = None
+        if out != "-":
+            try:
+                self._descriptor = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise SinkError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from None
+
+    def write_header(self) -> None:
+        if self.fmt == "csv":
+            self._write_text(CSV_HEADER + "\n")
+
+    def write(self, records: list[dict]) -> None:
+        text = self._text(as_written(records))
+        if text:
+            self._write_text(text)
+
+    def _write_text(self, text: str) -> None:
+        if self._descriptor is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            _write_all(self._descriptor, text.encode("utf-8"), self.out)
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None

@@ -1,0 +1,138 @@
+"""The Parquet output: a dataset folder of part files, one per batch.
+
+Each part is written under a hidden temporary name and renamed into place when complete; pyarrow,
+pandas and DuckDB read the folder as one table, and a killed run leaves only whole parts (the
+hidden temporary is removed on resume). pyarrow is an optional extra (``gpu-pipeline[parquet]``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from gpu_pipeline.outputs.records import CSV_COLUMNS as COLUMNS, table_columns
+from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written
+
+#: The dataset's columns are the CSV output's; these are a result record's.
+_RESULT_FIELDS = COLUMNS[:9]
+PART = re.compile(r"part-(\d{6,})\.parquet")
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("bands", pa.int8()),
+        ("backend", pa.string()), ("edge_count", pa.int64()), ("edge_density", pa.float64()),
+        ("label", pa.string()), ("histogram", pa.list_(pa.int64(), 256)), ("stage", pa.string()),
+        ("error", pa.string()), ("path_bytes", pa.string()),
+    ])
+
+
+def import_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SinkError("Parquet output needs pyarrow: pip install 'gpu-pipeline[parquet]'") from None
+    return pq
+
+
+def parts(folder: Path) -> list[Path]:
+    """The complete part files of a dataset folder, in order."""
+    return sorted((entry for entry in folder.iterdir() if PART.fullmatch(entry.name)),
+                  key=lambda entry: int(PART.fullmatch(entry.name).group(1)))
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [entry for entry in folder.iterdir() if entry.name.startswith(".part-") and entry.name.endswith(".tmp")]
+
+
+def read_dataset(folder: Path):
+    pq = import_parquet()
+    import pyarrow as pa
+
+    found = parts(folder)
+    if not found:
+        return parquet_schema().empty_table()
+    return pa.concat_tables(pq.read_table(part, schema=parquet_schema()) for part in found)
+
+
+def read_existing(folder: Path) -> tuple[Existing, int]:
+    """What the dataset in ``folder`` holds (its paths, which failed) and the number of its next part."""
+    existing = Existing()
+    found = parts(folder)
+    for part in found:
+        table = import_parquet().read_table(part, columns=["path", "error", "path_bytes"])
+        for row in table.to_pylist():
+            if row["error"] is None:
+                del row["error"]
+            existing.add(row)
+    next_part = int(PART.fullmatch(found[-1].name).group(1)) + 1 if found else 0
+    return existing, next_part
+
+
+def from_table_row(row: dict) -> dict:
+    if row["error"] is not None:
+        record = {"path": row["path"], "stage": row["stage"], "error": row["error"]}
+    else:
+        record = {key: row[key] for key in _RESULT_FIELDS}
+    if row.get("path_bytes"):
+        record["path_bytes"] = row["path_bytes"]
+    return record
+
+
+class ParquetSink(Sink):
+    """A dataset folder: one part file per batch, written hidden and renamed into place when whole."""
+
+    def __init__(self, out: str, first_part: int, existing: Existing | None = None) -> None:
+        import_parquet()
+        self.out = out
+        self.folder = Path(out)
+        self.existing = existing or Existing()
+        self._next = first_part
+        self._schema = parquet_schema()
+
+    def write(self, records: list[dict]) -> None:
+        if records:
+            name = f"part-{self._next:06d}.parquet"
+            write_part(self.folder, name, as_written(records), self._schema, self.out)
+            self._next += 1
+
+
+def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str) -> None:
+    """One part file, complete or absent: written to a hidden name, synced, renamed into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = table_columns(records, COLUMNS)
+    temporary = folder / f".{name}.tmp"
+    try:
+        pq.write_table(pa.table(columns, schema=schema), temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, folder / name)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
+
+
+def drop_error_rows(folder: Path, out: str) -> None:
+    """Rewrite each part that holds error rows without them, one atomic rename per part
+    (``--retry-failed`` redoes those images)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for part in parts(folder):
+        table = pq.read_table(part, schema=parquet_schema())
+        kept = table.filter(pc.is_null(table["error"]))
+        if kept.num_rows == table.num_rows:
+            continue
+        if kept.num_rows == 0:
+            part.unlink()
+        else:
+            write_part(folder, part.name, kept.to_pylist(), parquet_schema(), out)

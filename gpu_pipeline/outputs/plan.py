@@ -1,0 +1,227 @@
+"""Which output a run writes, what an earlier run left there, and one writer at a time.
+
+Opening an output for a run has two steps, so that a run that is refused writes nothing:
+:func:`inspect_output` reads what an earlier run left (read-only, it raises :class:`SinkError` for
+anything it cannot resume), and :meth:`OutputPlan.open` then makes the changes (cut a torn tail,
+drop error records for ``--retry-failed``, start afresh for ``--overwrite``) and returns the
+format's :class:`Sink`. :class:`OutputLock` keeps a second run off the same output.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpu_pipeline.outputs import parquet
+from gpu_pipeline.outputs.lines import LineSink, keep_results, scan
+from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError
+
+FORMATS = ("jsonl", "csv", "parquet")
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+               ".parquet": "parquet", ".pq": "parquet"}
+
+
+def format_for(out: str, explicit: str | None = None) -> str:
+    """The output format: ``explicit`` if given, else from the file extension, else JSON Lines."""
+    if explicit is not None:
+        if explicit not in FORMATS:
+            raise SinkError(f"unknown output format {explicit!r}; choose from {', '.join(FORMATS)}")
+        return explicit
+    return _EXTENSIONS.get(Path(out.rstrip("/")).suffix.lower(), "jsonl")
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict]:
+    """All intact records of a JSONL, CSV or Parquet output (for tests, verify and users' scripts)."""
+    fmt = format_for(str(path))
+    if fmt == "parquet":
+        return [parquet.from_table_row(row) for row in parquet.read_dataset(Path(path)).to_pylist()]
+    records: list[dict] = []
+    scan(Path(path), fmt, lambda record, raw: records.append(record))
+    return records
+
+
+# ---------------------------------------------------------------- inspecting, then opening
+
+
+@dataclass
+class OutputPlan:
+    """What :func:`inspect_output` found, and what :meth:`open` will change."""
+
+    out: str
+    fmt: str
+    exists: bool  # the output holds something an earlier run wrote (or something else)
+    existing: Existing
+    start_afresh: bool = False
+    retry_failed: bool = False
+    good_end: int = 0
+    next_part: int = 0
+
+    @property
+    def has_records(self) -> bool:
+        return bool(self.existing.succeeded or self.existing.failed)
+
+    def open(self) -> Sink:
+        """Make the output ready and return its sink; the first step that writes."""
+        try:
+            if self.fmt == "parquet":
+                return self._open_dataset()
+            return self._open_lines()
+        except SinkWriteError:
+            raise
+        except OSError as exc:
+            raise SinkError(exc.errno, f"cannot write {self.out}: {exc.strerror or exc}") from None
+
+    def _open_lines(self) -> Sink:
+        if self.out == "-":
+            sink = LineSink(self.out, self.fmt)
+            sink.write_header()
+            return sink
+        path = Path(self.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.start_afresh or not self.exists:
+            with open(path, "wb"):
+                pass
+            sink = LineSink(self.out, self.fmt)
+            sink.write_header()
+            return sink
+        if self.retry_failed and self.existing.failed:
+            keep_results(path, self.fmt)
+            self.existing.failed = set()
+            self.existing.damaged = self.existing.dropped_bytes = 0
+        elif self.existing.dropped_bytes:
+            os.truncate(path, self.good_end)
+        return LineSink(self.out, self.fmt, self.existing)
+
+    def _open_dataset(self) -> Sink:
+        folder = Path(self.out)
+        if self.start_afresh:
+            if folder.is_dir():
+                for entry in parquet.parts(folder) + parquet.temporaries(folder):
+                    entry.unlink()
+            elif folder.exists():
+                folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        for temporary in parquet.temporaries(folder):  # a part a killed run did not finish
+            temporary.unlink()
+        if self.retry_failed and self.existing.failed and not self.start_afresh:
+            parquet.drop_error_rows(folder, self.out)
+            self.existing.failed = set()
+        return parquet.ParquetSink(self.out, 0 if self.start_afresh else self.next_part, self.existing)
+
+
+def _is_empty(path: Path) -> bool:
+    return path.stat().st_size == 0 if path.is_file() else not any(path.iterdir())
+
+
+def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
+                   retry_failed: bool = False) -> OutputPlan:
+    """Read what an earlier run left in ``out``; writes nothing. SinkError if it cannot be resumed."""
+    chosen = format_for(out, fmt)
+    if chosen == "parquet":
+        parquet.import_parquet()
+        if out == "-":
+            raise SinkError("Parquet output needs a folder, not stdout")
+    plan = OutputPlan(out, chosen, exists=False, existing=Existing(), retry_failed=retry_failed)
+    if out == "-":
+        return plan
+    path = Path(out)
+    if not (path.exists() or path.is_symlink()):
+        return plan
+    if chosen == "parquet":
+        if path.is_file() and path.stat().st_size > 0:
+            if not overwrite:
+                raise SinkError(f"{out} is a single Parquet file, not a gpu-pipeline Parquet dataset folder; "
+                                "use --overwrite or another --out")
+        elif not path.is_dir() and not path.is_file():
+            raise SinkError(f"{out} is not a folder; use another --out")
+    elif not path.is_file():
+        raise SinkError(f"{out} is not a regular file; use another --out")
+    plan.exists = not _is_empty(path)
+    if overwrite:
+        plan.start_afresh = True
+        if chosen == "parquet" and path.is_dir():
+            ours = {entry.name for entry in parquet.parts(path) + parquet.temporaries(path)}
+            foreign = [entry.name for entry in path.iterdir() if entry.name not in ours]
+            if foreign:
+                raise SinkError(f"{out} holds files gpu-pipeline did not write ({', '.join(sorted(foreign)[:3])}); "
+                                "use another --out")
+        return plan
+    try:
+        if chosen == "parquet":
+            if path.is_dir():
+                plan.existing, plan.next_part = parquet.read_existing(path)
+        elif plan.exists:
+            found = scan(path, chosen)
+            plan.existing, plan.good_end = found.existing, found.good_end
+    except SinkError:
+        raise
+    except OSError as exc:
+        raise SinkError(exc.errno or errno.EIO, f"cannot read {out}: {exc.strerror or exc}") from None
+    except Exception as exc:  # a Parquet part that is not Parquet
+        raise SinkError(errno.EINVAL, f"cannot read {out} back: {exc}") from None
+    return plan
+
+
+def open_sink(out: str, fmt: str | None = None, resume: bool = True, retry_failed: bool = False) -> Sink:
+    """Inspect and open ``out`` in one step (scripts and tests; ``run`` does the two apart)."""
+    return inspect_output(out, fmt, overwrite=not resume, retry_failed=retry_failed).open()
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+
+def lock_path(out: str) -> Path:
+    return Path(out.rstrip("/") + ".lock")
+
+
+class OutputLock:
+    """An exclusive ``fcntl.flock`` on ``OUT.lock`` for the whole run; it holds the owner's process id.
+
+    The lock is the kernel's, so it ends with the process, even after SIGKILL; a stale lock file
+    left by a killed run is simply locked again. The file is removed when the lock is released.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.path = lock_path(out)
+        self._descriptor: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(descriptor)
+                raise SinkError(errno.EBUSY, f"another gpu-pipeline run (process {holder}) is writing "
+                                f"{self.path.name[:-len('.lock')]} (it holds {self.path}); "
+                                "wait for it to finish or use another --out") from None
+            # The holder before us may have removed the file after we opened it: lock the one on disk.
+            try:
+                same = os.path.samestat(os.fstat(descriptor), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(descriptor)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,119 @@
+"""The format-neutral side of the outputs: the ``Sink`` interface, its errors, exact file names.
+
+Every image gets exactly one record: a result or an error. A sink takes them a batch at a time
+(``write(records)``) and is closed at the end; each format (``lines.py``: JSON Lines and CSV,
+``parquet.py``: a Parquet dataset) implements it, and ``plan.py`` decides which one a run opens and
+what an earlier run left there.
+
+File names are recorded exactly (:func:`portable`): ``path`` is the name as text; when it is not
+valid UTF-8, ``path`` shows it with ``\\xNN`` escapes and ``path_bytes`` holds its exact bytes in
+base64. Resume matches on the exact bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from gpu_pipeline.outputs.records import RecordBatch
+
+
+class SinkError(OSError):
+    """The output cannot be opened or read back: the run is refused (exit 2) before any work."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class SinkWriteError(SinkError):
+    """Writing records failed during the run (disk full, I/O error); what was written is kept."""
+
+
+# ---------------------------------------------------------------- file names
+
+
+def portable(record: dict) -> dict:
+    """``record`` as written: a name that is not valid UTF-8 gets its exact bytes in ``path_bytes``.
+
+    Paths arrive as Python strings, where undecodable bytes are surrogate escapes (``os.fsdecode``).
+    Those cannot be written as UTF-8, and ``\\udcff`` in JSON names no file; ``path`` shows them as
+    ``\\xff`` and ``path_bytes`` names the file exactly. Ordinary records are returned unchanged.
+    """
+    path = record["path"]
+    try:
+        path.encode("utf-8")
+        return record
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+    return {**record, "path": raw.decode("utf-8", "backslashreplace"),
+            "path_bytes": base64.b64encode(raw).decode("ascii")}
+
+
+def as_written(records: Iterable[dict]) -> Iterable[dict]:
+    """``records`` with :func:`portable` names. A :class:`RecordBatch` whose names are all UTF-8 (the
+    usual case) is returned as it is, so the sinks can encode it in one go."""
+    if isinstance(records, RecordBatch):
+        try:
+            "".join(records.paths).encode("utf-8")
+            return records
+        except UnicodeEncodeError:
+            pass
+    return [portable(record) for record in records]
+
+
+def record_key(record: dict) -> str:
+    """The input path a stored record is for, as discovery names it (``str`` of the ``Path``)."""
+    encoded = record.get("path_bytes")
+    return os.fsdecode(base64.b64decode(encoded)) if encoded else record["path"]
+
+
+@dataclass
+class Existing:
+    """What an earlier run left in the output: the paths that succeeded and those that failed."""
+
+    succeeded: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    dropped_bytes: int = 0  # a torn or unreadable tail that is cut off and redone
+    damaged: int = 0  # unreadable lines between intact records: skipped, their images redone
+
+    def add(self, record: dict) -> None:
+        (self.failed if "error" in record else self.succeeded).add(record_key(record))
+
+
+# ---------------------------------------------------------------- the Sink interface
+
+
+class Sink:
+    """What an engine writes to: ``write(records)`` once per batch, ``close()`` at the end.
+
+    Every sink implements it: the line and Parquet outputs, the in-memory list a Dask worker
+    returns, and the benchmark's sink that drops records.
+    """
+
+    def write(self, records: list[dict]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RecordList(Sink, list):
+    """An in-memory sink: the records stay in the list."""
+
+    def write(self, records: list[dict]) -> None:
+        self.extend(records)
+
+
+class NullSink(Sink):
+    """Drops the records (benchmarks measure the engine, not the disk)."""
+
+    def write(self, records: list[dict]) -> None:
+        pass
