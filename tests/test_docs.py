@@ -1,0 +1,123 @@
+"""The README and docs/ name files, links and modules that exist: a move or a rename that leaves a doc
+behind fails here."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FILE_SUFFIXES = (".py", ".md", ".cu", ".cuh", ".json", ".sh", ".toml")
+TOP_FOLDERS = ("gpu_pipeline/", "cpu_reference/", "tests/", "scripts/", "docs/", "data/", ".ci/")
+#: Files of other projects that the docs cite by name (read them, they are not ours).
+OTHER_PROJECTS = {"_canny.py", "canny.cpp", "histogram.cpp", "smooth.dispatch.cpp"}
+
+
+def _repo_files() -> set[str]:
+    skip = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis"}
+    return {path.relative_to(REPO).as_posix() for path in REPO.rglob("*")
+            if path.is_file() and not skip.intersection(path.relative_to(REPO).parts)}
+
+
+FILES = _repo_files()
+NAMES = {Path(name).name for name in FILES}
+
+
+def _exists(token: str) -> bool:
+    """A path in a doc: from the repository root, or inside the package (``backends/base.py``)."""
+    token = token.rstrip("/")
+    for candidate in (token, f"gpu_pipeline/{token}"):
+        if candidate in FILES or (REPO / candidate).is_dir():
+            return True
+    return False
+
+
+def _code_spans(text: str) -> list[str]:
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def _path_tokens(span: str) -> list[str]:
+    """The file paths in one code span: words with a ``/`` under one of our folders or with a file suffix."""
+    tokens = []
+    for word in re.split(r"[\s,()|:=]+", span):
+        word = word.strip("'\".;")
+        if not word or "*" in word or "<" in word or word.startswith(("/", "..", "~", "http")):
+            continue
+        ours = word.startswith(TOP_FOLDERS) or (word.endswith(FILE_SUFFIXES) and "/" in word)
+        if ours:
+            tokens.append(word)
+    return tokens
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: path.name)
+def test_every_relative_link_points_to_a_file(doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
+    missing = []
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        if not (doc.parent / target).exists():
+            missing.append(target)
+    assert not missing, f"{doc.name} links to files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: path.name)
+def test_every_file_path_in_code_spans_exists(doc: Path) -> None:
+    missing = []
+    for span in _code_spans(doc.read_text(encoding="utf-8")):
+        for token in _path_tokens(span):
+            if not _exists(token):
+                missing.append(token)
+        for word in re.findall(r"(?<![\w/.-])([\w.-]+\.(?:py|cu))\b", span):
+            if word not in NAMES and word not in OTHER_PROJECTS:
+                missing.append(word)
+    assert not missing, f"{doc.name} names files that do not exist: {sorted(set(missing))}"
+
+
+def _resolves(dotted: str) -> bool:
+    """``gpu_pipeline.a.b.name``: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None:
+            continue
+        target = importlib.import_module(module_name)
+        for attribute in parts[cut:]:
+            if not hasattr(target, attribute):
+                return False
+            target = getattr(target, attribute)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: path.name)
+def test_every_module_named_in_a_doc_exists(doc: Path) -> None:
+    names = set(re.findall(r"\b(?:gpu_pipeline|cpu_reference)(?:\.\w+)+", doc.read_text(encoding="utf-8")))
+    missing = sorted(name for name in names if not _resolves(name))
+    assert not missing, f"{doc.name} names modules or attributes that do not exist: {missing}"
+
+
+def test_the_checks_catch_a_moved_file_and_a_moved_module() -> None:
+    """The oracles themselves: an old flat path and an old module name are reported missing."""
+    assert _path_tokens("gpu_pipeline/engine.py") == ["gpu_pipeline/engine.py"]
+    assert not _exists("gpu_pipeline/engine.py") and not _exists("gpu_pipeline/io.py")
+    assert _exists("gpu_pipeline/engine/stream.py") and _exists("backends/base.py")
+    assert not _resolves("gpu_pipeline.sinks.read_records")
+    assert _resolves("gpu_pipeline.outputs.plan.read_records")
+
+
+def test_architecture_page_names_every_stage_folder() -> None:
+    """docs/architecture.md keeps up with the package: each subpackage has its row."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    folders = sorted(path.parent.name for path in (REPO / "gpu_pipeline").glob("*/__init__.py"))
+    absent = [folder for folder in folders if f"gpu_pipeline/{folder}/" not in text]
+    assert not absent, f"docs/architecture.md does not mention {absent}"
