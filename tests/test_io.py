@@ -12,6 +12,7 @@ import math
 import struct
 import zlib
 from fractions import Fraction
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image
 
 from gpu_pipeline.inputs import decode as gpu_io
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover
+from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover, find_files
 from gpu_pipeline.inputs.decode import DecodeError, decode_image
 from gpu_pipeline.errors import UsageError
 from tests.strategies import images
@@ -759,3 +760,17 @@ def test_cmyk_jpeg_goes_through_pillow(tmp_path):
 def test_fast_jpeg_path_matches_pillow_on_real_tiles(shared_data_dir):
     for path in sorted(shared_data_dir.rglob("*.jpg"))[::7]:
         assert np.array_equal(decode_image(path, DecodeOptions()), _pillow_pixels(path.read_bytes())), path
+
+
+def test_discovery_matches_pathlib_ordering(tmp_path):
+    """find_files names and orders files as Path objects sorted by their parts would, relative or not."""
+    for name in ["b/2.png", "a/z/1.png", "a-c/3.png", "a.b/4.PNG", "A/5.jpg", "a/.hidden/6.png", "7.tif", "8.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    oracle = sorted((Path(root, name) for root, dirs, names in os.walk(tmp_path)
+                     if "/." not in root for name in names
+                     if Path(name).suffix.lower() in {".png", ".jpg", ".tif"} and not name.startswith(".")),
+                    key=lambda path: path.parts)
+    assert discover([tmp_path]) == oracle
+    assert find_files([tmp_path]) == [str(path.absolute()) for path in oracle]
+    assert find_files([tmp_path / "b", tmp_path / "a"]) == [str(tmp_path / "a/z/1.png"), str(tmp_path / "b/2.png")]

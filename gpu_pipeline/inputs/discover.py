@@ -14,50 +14,107 @@ and sorted by path components.
 from __future__ import annotations
 
 import fnmatch
+import operator
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from gpu_pipeline.errors import UsageError
 
+_BY_NAME = operator.attrgetter("name")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
+def _prefix(folder: str) -> str:
+    """What ``str(Path(folder, relative))`` puts before ``relative``, for a Path-normalised ``folder``."""
+    if folder == ".":
+        return ""
+    return folder if folder.endswith("/") else folder + "/"
+
+
+def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None) -> list[tuple[str, str, str]]:
+    """(sort key, name as given, absolute name) of every file, de-duplicated and sorted.
+
+    Names are the strings :class:`pathlib.Path` makes (``Path(folder, name)``, ``.absolute()``),
+    without a ``Path`` object per file: one costs about 10 us of the GIL, a quarter of a second
+    for 26,500 tiles. The sort key joins the path's components with NUL, which no name holds and
+    which sorts before every other character: strings then sort as the components would.
+    """
+    paths = list(paths)
+    if len(paths) == 1 and Path(paths[0]).is_dir():  # the usual run: a folder's files come sorted, no key needed
+        given = Path(paths[0])
+        at_given, at_absolute = _prefix(str(given)), _prefix(str(given.absolute()))
+        return [("", at_given + relative, at_absolute + relative) for relative in _files_in_folder(str(given), glob)]
+    found: dict[str, tuple[str, str, str]] = {}  # by the file's normalised absolute name: first one wins
+    for given in map(Path, paths):
+        if given.is_dir():
+            folder, absolute = str(given), str(given.absolute())
+            at_given, at_absolute = _prefix(folder), _prefix(absolute)
+            at_location = _prefix(os.path.normpath(absolute))
+            at_key = "\0".join(given.parts) + "\0" if given.parts else ""
+            for relative in _files_in_folder(folder, glob):
+                found.setdefault(at_location + relative, (at_key + relative.replace("/", "\0"),
+                                                          at_given + relative, at_absolute + relative))
+        elif given.exists():  # a file, or a FIFO, socket or device: that one gets an error record
+            found.setdefault(os.path.normpath(given.absolute()),
+                             ("\0".join(given.parts), str(given), str(given.absolute())))
+        elif given.is_symlink():
+            raise UsageError(f"a broken symbolic link: {given}")
+        else:
+            raise UsageError(f"no such file or folder: {given}")
+    return sorted(found.values())
+
+
 def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[Path]:
-    """Image files under ``paths``, de-duplicated and sorted (see the module docstring).
+    """Image files under ``paths``, de-duplicated and sorted, named as given (see the module docstring).
 
     Raises
     ------
     UsageError
         A path does not exist (or is a broken symbolic link).
     """
-    found: dict[str, Path] = {}
-    for given in map(Path, paths):
-        if given.is_dir():
-            candidates = _files_in_folder(given, glob)
-        elif given.exists():  # a file, or a FIFO, socket or device: that one gets an error record
-            candidates = [given]
-        elif given.is_symlink():
-            raise UsageError(f"a broken symbolic link: {given}")
-        else:
-            raise UsageError(f"no such file or folder: {given}")
-        for path in candidates:
-            found.setdefault(os.path.normpath(os.path.abspath(path)), path)
-    return sorted(found.values(), key=lambda path: path.parts)
+    return [Path(given) for _, given, _ in _find(paths, glob)]
 
 
-def _files_in_folder(folder: Path, glob: str | None) -> list[Path]:
+def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[str]:
+    """The files of :func:`discover`, in its order, as absolute names (``str(path.absolute())``):
+    what a run processes and writes in its records. Raises :class:`UsageError` as it does."""
+    return [absolute for _, _, absolute in _find(paths, glob)]
+
+
+def _files_in_folder(folder: str, glob: str | None) -> list[str]:
+    """Image files under ``folder``, relative to it with ``/`` between parts, sorted by their path
+    components: each folder's entries are visited in name order, a subfolder where its name sorts.
+    As ``os.walk``: unreadable folders are skipped and symbolic links to folders are not followed."""
     pattern = glob.lower() if glob else None
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+    files: list[str] = []
+
+    def visit(directory: str, below: str) -> None:
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=_BY_NAME)
+        except OSError:
+            return
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
                 continue
-            path = Path(root, name)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink():
+                    visit(entry.path, f"{below}{name}/")
+                continue
+            _, dot, extension = name.rpartition(".")  # os.path.splitext, without its cost per file
+            if not dot or "." + extension.lower() not in IMAGE_EXTENSIONS:
+                continue
             if pattern is not None:
-                subject = path.relative_to(folder).as_posix() if "/" in pattern else name
+                subject = below + name if "/" in pattern else name
                 if not fnmatch.fnmatchcase(subject.lower(), pattern):
                     continue
-            files.append(path)
+            files.append(below + name)
+
+    visit(folder, "")
     return files
