@@ -42,6 +42,7 @@ def test_any_paths_and_labels_encode_like_the_dicts(paths, data):
     batch = batch_of(paths, labels, errors_at, seed=len(paths))
     assert jsonl_text(batch) == jsonl_text(list(batch))
     assert csv_text(batch) == csv_text(list(batch))
+    assert list(batch) == [batch[i] for i in range(len(batch))]  # one pass (the API's) = record by record
 
 
 def test_dict_view_has_the_fields_in_order():

@@ -135,7 +135,18 @@ class RecordBatch(Sequence[dict]):
         }
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        """The records in order, as ``self[i]`` gives them, built in one pass over the batch."""
+        results = zip(self.widths, self.heights, self.bands, self.histograms.tolist(), self.edge_counts,
+                      self.labels)
+        backend, errors = self.backend, self.errors
+        for position, path in enumerate(self.paths):
+            if errors and position in errors:
+                yield errors[position]
+                continue
+            width, height, bands, histogram, edge_count, label = next(results)
+            yield {"path": path, "width": width, "height": height, "bands": bands, "backend": backend,
+                   "histogram": histogram, "edge_count": edge_count,
+                   "edge_density": round(edge_count / (width * height), 6), "label": label}
 
     def _result_index(self, position: int) -> int:
         return position - sum(1 for p in self.errors if p < position)
