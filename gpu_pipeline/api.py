@@ -84,7 +84,7 @@ def _slices(images: Sequence[np.ndarray], batch_pixels: int) -> Iterator[tuple[i
 def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threads: int | None = None,
         workers: int | None = None, low: float = 100.0, high: float = 200.0, l2: bool = False, blur: int = 5,
         bands: tuple[int, ...] | None = None, stretch: str = "percentile", model: str | None = None,
-        glob: str | None = None) -> Iterator[dict]:
+        glob: str | None = None, decode: str = "auto") -> Iterator[dict]:
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
     the dicts ``gpu-pipeline run`` writes, results and errors, in input order.
 
@@ -93,13 +93,15 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     """
     from gpu_pipeline.labels.labeller import label_function
     from gpu_pipeline.engine.stream import Engine
-    from gpu_pipeline.inputs.discover import discover
+    from gpu_pipeline.inputs.discover import find_files
+    from gpu_pipeline.inputs.processes import processes_wanted
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
-    files = [Path(path).absolute() for path in discover(paths, glob=glob)]
+    files = find_files(paths, glob=glob)
     engine = Engine(backend=shared_backend(backend, threads), config=config,
                     decode_options=DecodeOptions(bands=bands, stretch=stretch),
-                    workers=workers or os.cpu_count() or 2, labels_of=label_function(model, config))
+                    workers=workers or os.cpu_count() or 2, processes=processes_wanted(decode),
+                    labels_of=label_function(model, config))
     yield from _records_of(engine, files)
 
 

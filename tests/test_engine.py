@@ -157,7 +157,7 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     paths = write_pngs(tmp_path, [(16, 16)] * 8)
     running, most = [0], [0]
     lock = threading.Lock()
-    real = engine_module.decode_image
+    real = engine_module.decode_or_error
 
     def slow_decode(path, options):
         with lock:
@@ -168,7 +168,7 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
             running[0] -= 1
         return real(path, options)
 
-    monkeypatch.setattr(engine_module, "decode_image", slow_decode)
+    monkeypatch.setattr(engine_module, "decode_or_error", slow_decode)
     stream = decode_stream(paths, DecodeOptions(), workers=2, prefetch_pixels=10**6, chunk_pixels=100)
     assert [item.path for item in stream] == paths
     assert most[0] == 2

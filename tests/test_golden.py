@@ -55,11 +55,13 @@ def parquet_rows(path: Path, folder: Path) -> str:
     return portable(str(table.schema) + "\n" + "\n".join(rows) + "\n", folder)
 
 
+@pytest.mark.parametrize("decode", ["threads", "processes"])
 @pytest.mark.parametrize("name, args", [("data.jsonl", ()), ("data.csv", ()), ("model.jsonl", ("--model", "eurosat")),
                                         ("data.parquet.rows", ())])
-def test_records_match_the_golden_files(tmp_path, name, args):
+def test_records_match_the_golden_files(tmp_path, name, args, decode):
+    """Decoded in threads or in worker processes, the records are the same bytes."""
     folder = golden_corpus(tmp_path)
     out = tmp_path / name.removesuffix(".rows")
-    run_on(folder, out, *args)
+    run_on(folder, out, *args, "--decode", decode)
     got = parquet_rows(out, folder) if name.endswith(".rows") else portable(out.read_text(), folder)
     assert got == (GOLDEN / name).read_text()

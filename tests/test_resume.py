@@ -192,8 +192,8 @@ def test_sigkill_at_random_moments_then_resume_gives_one_record_per_path(many_ti
     folder = many_tiles[0].parent
     out = tmp_path / "out.jsonl"
     rng = random.Random(1234)
-    for _ in range(4):
-        process = start(folder, out)
+    for attempt in range(4):
+        process = start(folder, out, "--decode", ("threads", "processes")[attempt % 2])
         time.sleep(rng.uniform(0.3, 2.0))
         process.kill()
         process.wait()
@@ -204,21 +204,49 @@ def test_sigkill_at_random_moments_then_resume_gives_one_record_per_path(many_ti
     assert all("error" not in r for r in records.values())
 
 
+@pytest.mark.parametrize("decode", ["threads", "processes"])
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code):
+def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, decode):
     folder = many_tiles[0].parent
     out = tmp_path / "out.jsonl"
-    process = start(folder, out)
+    process = start(folder, out, "--decode", decode)
     wait_for_records(out, 8)
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
+    assert not decode_workers(), "a decode process outlived its run"
     assert "interrupted" in stderr and "Traceback" not in stderr
     partial = by_path(read_records(out))
     assert 0 < len(partial) < len(many_tiles)
     assert out.read_bytes().endswith(b"\n")
     assert start(folder, out, "-q").wait(timeout=300) == 0
     assert len(by_path(read_records(out))) == len(many_tiles)
+
+
+def decode_workers() -> list[str]:
+    """The command lines of running decode processes (gpu_pipeline.inputs.processes workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "gpu_pipeline.inputs.processes" in command:
+            found.append(command)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
+def test_decode_processes_end_when_their_run_is_killed(tmp_path):
+    """SIGKILL leaves the main process no time to stop its workers: they end on their own."""
+    # more pixels than the decode pool may hold ahead: the workers wait for room, alive, until the kill
+    scenes = make_images(tmp_path / "scenes", 60, size=700, seed=2)
+    process = start(scenes[0].parent, tmp_path / "out.jsonl", "--decode", "processes")
+    wait_for_records(tmp_path / "out.jsonl", 2)
+    assert decode_workers()
+    process.kill()
+    process.wait()
+    wait_until(lambda: not decode_workers(), "the decode processes ending", timeout=20)
 
 
 def peak_rss_kib(folder: Path, out: Path) -> int:

@@ -16,6 +16,7 @@ from typing import ClassVar, Iterator, Sequence, overload
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.images import ImageBatch
 
 
 #: Pixels per call of a CPU backend: 1 MP is 256 EuroSAT tiles, or a 12-MP scene alone.
@@ -162,6 +163,17 @@ def check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected a gray (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"empty image of shape {image.shape}")
+
+
+def check_batch(images: ImageBatch) -> None:
+    """:func:`check_image` for a whole :class:`ImageBatch` at once (its arrays say the shapes)."""
+    if any(buffer.dtype != np.uint8 or not buffer.flags.c_contiguous for buffer in images.buffers):
+        raise ValueError("expected uint8 images in C-contiguous buffers")
+    if not np.isin(images.channels, (0, 3)).all():
+        raise ValueError("expected gray (H, W) or RGB (H, W, 3) images, got other channel counts")
+    if len(images) and (images.heights.min() < 1 or images.widths.min() < 1):
+        index = int(np.flatnonzero((images.heights < 1) | (images.widths < 1))[0])
+        raise ValueError(f"empty image of shape {images[index].shape}")
 
 
 def group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:

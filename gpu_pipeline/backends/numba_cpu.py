@@ -14,8 +14,9 @@ from typing import NamedTuple
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
-from gpu_pipeline.backends.base import Backend, BatchResult, check_image
+from gpu_pipeline.backends.base import Backend, BatchResult, check_batch, check_image
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.images import ImageBatch
 
 #: Bands shorter than this waste too much on recomputed rows at their ends.
 MIN_BAND_ROWS = 64
@@ -101,9 +102,13 @@ class NumbaCpuBackend(Backend):
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> BatchResult:
-        for image in images:
-            check_image(image)
-        if not images:
+        if isinstance(images, ImageBatch):
+            check_batch(images)
+        else:
+            for image in images:
+                check_image(image)
+            images = ImageBatch.of(images)
+        if not len(images):
             return BatchResult.empty(0, keep_images)
         return self._run(images, config, keep_images)
 
@@ -140,18 +145,15 @@ class NumbaCpuBackend(Backend):
             for helper in helpers:
                 helper.result()
 
-    def _run(self, images: Sequence[np.ndarray], config: PipelineConfig, keep: bool) -> BatchResult:
+    def _run(self, images: ImageBatch, config: PipelineConfig, keep: bool) -> BatchResult:
         """One pass of the kernels over a batch of any shapes."""
         k = self._kernels
-        # the kernels read raw memory: C order (a copy only for the odd view), and ``images`` keeps
-        # every image referenced for the whole call, so the addresses stay valid
-        images = [image if image.flags.c_contiguous else np.ascontiguousarray(image) for image in images]
-        addresses = np.array([image.ctypes.data for image in images], np.int64)
-        sizes = np.array([image.size for image in images], np.int64)
-        heights = np.array([im.shape[0] for im in images], np.int64)
-        widths = np.array([im.shape[1] for im in images], np.int64)
-        channels = np.array([3 if im.ndim == 3 else 1 for im in images], np.int64)
+        # the kernels read raw memory; ``images`` keeps its buffers referenced for the whole call,
+        # so the addresses stay valid
+        addresses = images.addresses()
+        heights, widths, channels = images.heights, images.widths, images.bands
         pixels = heights * widths
+        sizes = pixels * channels
         gray_sizes = np.where(channels == 3, pixels, 0)
         gray_off = _exclusive_cumsum(gray_sizes)
         gray = np.empty(int(gray_sizes.sum()), np.uint8)

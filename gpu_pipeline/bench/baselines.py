@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import one_line
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 

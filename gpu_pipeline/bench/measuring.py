@@ -20,7 +20,8 @@ from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, SKIMAGE_POOL, OpenC
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream, one_line
+from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 from gpu_pipeline.outputs.sink import NullSink
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gpu_pipeline.bench.measuring import DECODE_IO, DECODE_OPENCV, BenchReport
 from gpu_pipeline.bench.stats import Timing
-from gpu_pipeline.engine.stream import one_line
+from gpu_pipeline.errors import one_line
 
 #: Short row names of the decoders in the table.
 DECODE_LABELS = {DECODE_IO: "decode (io)", DECODE_OPENCV: "decode (cv2)"}

@@ -32,12 +32,13 @@ from typing import Optional
 import typer
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Device, Glob, High, Low,
+from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Decode, Device, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.errors import UsageError
+from gpu_pipeline.inputs.processes import processes_wanted
 
 app = typer.Typer(
     add_completion=False,
@@ -84,6 +85,7 @@ def run(
                                    help="Refuse images larger than this (decompression-bomb guard)."),
     glob: Glob = None,
     workers: Workers = None,
+    decode: Decode = "auto",
     threads: Threads = None,
     batch_size: BatchSize = Engine.batch_size,
     device: Device = None,
@@ -121,7 +123,7 @@ def run(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
             decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
-            workers=workers, threads=threads, batch_size=batch_size,
+            workers=workers, processes=processes_wanted(decode), threads=threads, batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout, device=device,
         )

@@ -25,7 +25,10 @@ Bands = Annotated[Optional[str], typer.Option("--bands", help="1-based bands to 
 Stretch = Annotated[str, typer.Option(
     "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
 Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.")]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Decode threads. Default: one per core.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders (threads or processes, see --decode). Default: one per core.")]
+Decode = Annotated[str, typer.Option(
+    "--decode", help="Where files are decoded: threads (of this process), processes (worker processes that hand "
+                     "the pixels over in shared memory; Linux), or auto (processes for runs of 2,000 files or more).")]
 Threads = Annotated[Optional[int], typer.Option("--threads",
                                                 help="Compute threads of CPU backends. Default: all cores.")]
 Device = Annotated[Optional[int], typer.Option(

@@ -30,7 +30,8 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
 from gpu_pipeline.labels.labeller import Labeller, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Decoded, one_line, batches, decode_stream
+from gpu_pipeline.engine.stream import Decoded, batches, decode_stream
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import discover
 

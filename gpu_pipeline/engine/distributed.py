@@ -37,7 +37,8 @@ from gpu_pipeline.backends import Backend, BackendUnavailable, create
 from gpu_pipeline.backends.registry import backend_names
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Engine, RunSummary, one_line
+from gpu_pipeline.engine.stream import Engine, RunSummary
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.sink import RecordList  # the worker returns its records instead of writing them
 
@@ -139,7 +140,7 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
         engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
                         batch_size=job.batch_size,
                         workers=job.decode_workers or job.threads or os.cpu_count() or 2, labels_of=job.labels_of,
-                        on_edges=job.on_edges)
+                        on_edges=job.on_edges, processes=False)  # Dask's worker processes are the scale-out here
         records = RecordList()
         try:
             summary = engine.run([Path(path) for path in paths], records)

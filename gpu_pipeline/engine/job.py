@@ -31,7 +31,7 @@ from gpu_pipeline.labels.labeller import label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.errors import UsageError
-from gpu_pipeline.inputs.discover import discover
+from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -50,15 +50,15 @@ def open_backend(name: str, threads: int | None, device: int | None = None):
         raise UsageError(str(exc)) from None
 
 
-def edge_saver(folder: Path, files: Sequence[Path]) -> Callable[[Path, np.ndarray], None]:
+def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray], None]:
     """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below their common folder."""
     from PIL import Image
 
-    resolved = [path.resolve() for path in files]
+    resolved = [Path(path).resolve() for path in files]
     root = Path(os.path.commonpath([path.parent for path in resolved]))
 
-    def save(path: Path, edges: np.ndarray) -> None:
-        target = folder / path.resolve().relative_to(root)
+    def save(path: str, edges: np.ndarray) -> None:
+        target = folder / Path(path).resolve().relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(edges).save(target)
@@ -187,14 +187,15 @@ class Job:
     dask: str | None = None
     dask_timeout: float | None = None
     device: int | None = None
+    processes: bool | None = None  # decode in processes: None lets the engine choose
 
 
 @dataclass
 class CheckedJob:
     """Everything :func:`check_job` found acceptable; nothing has been written yet."""
 
-    files: list[Path]
-    todo: list[Path]
+    files: list[str]
+    todo: list[str]
     earlier_failures: int
     settings: dict
     output: OutputPlan
@@ -224,20 +225,22 @@ def run_job(**arguments) -> int:
             lock.release()
 
 
-def input_files(job: Job) -> list[Path]:
+def input_files(job: Job) -> list[str]:
     """The inputs, absolute; never the output itself, nor the edge maps a run saved.
 
-    An ``--out`` that names one of the inputs and is not our output is refused.
+    An ``--out`` that names one of the inputs and is not our output is refused. Names are strings
+    (:func:`find_files`): a run of many files spends no GIL on a ``Path`` per file.
     """
-    found = [path.absolute() for path in discover(job.paths, glob=job.glob)]
-    out = Path(job.out).absolute() if job.out != "-" else None
+    found = find_files(job.paths, glob=job.glob)
+    out = os.path.normpath(Path(job.out).absolute()) if job.out != "-" else None
+    out_name = os.path.basename(out) if out is not None else None
     files = []
     for path in found:
-        if out is not None and os.path.normpath(path) == os.path.normpath(out):
+        if out is not None and path.endswith(out_name) and os.path.normpath(path) == out:
             if not settings_path(job.out).is_file():
                 raise UsageError(f"--out {job.out} is one of the input images; choose another --out")
             continue  # our own output, with an image-like name
-        if job.save_edges is not None and path.name.endswith(".edges.png") and _is_under(path, job.save_edges):
+        if job.save_edges is not None and path.endswith(".edges.png") and _is_under(path, job.save_edges):
             continue
         files.append(path)
     if not files:
@@ -246,7 +249,7 @@ def input_files(job: Job) -> list[Path]:
     return files
 
 
-def _is_under(path: Path, folder: Path) -> bool:
+def _is_under(path: str, folder: Path) -> bool:
     try:
         Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
     except ValueError:
@@ -292,8 +295,8 @@ def check_job(job: Job) -> CheckedJob:
     done = existing.succeeded | existing.failed
     if job.retry_failed:
         done = existing.succeeded
-    todo = [path for path in files if str(path) not in done]
-    earlier_failures = 0 if job.retry_failed else sum(str(path) in existing.failed for path in files)
+    todo = [path for path in files if path not in done]
+    earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
         backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, (
@@ -305,7 +308,8 @@ def check_job(job: Job) -> CheckedJob:
                                                      timeout=job.dask_timeout), DaskEngine, job.workers
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
-                          on_edges=edge_saver(job.save_edges, files) if job.save_edges else None)
+                          on_edges=edge_saver(job.save_edges, files) if job.save_edges else None,
+                          **({"processes": job.processes} if job.dask is None else {}))
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
 
 
@@ -359,7 +363,7 @@ def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quie
         console.print(f"{what} ready in {seconds:.1f} s (kernels compiled once, then cached)")
 
 
-def stream(engine: Engine, todo: list[Path], sink, stop: threading.Event, console: Console,
+def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console: Console,
            show_bar: bool) -> RunSummary:
     if not show_bar:
         return engine.run(todo, sink, stop=stop)

@@ -30,7 +30,10 @@ import numpy as np
 from gpu_pipeline.backends.base import Backend, BatchResult
 from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.inputs.decode import DecodeError, decode_image
+from gpu_pipeline.errors import one_line
+from gpu_pipeline.images import ImageBatch
+from gpu_pipeline.inputs.decode import decode_or_error
+from gpu_pipeline.inputs.processes import Decoder, available as processes_available
 from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
@@ -89,29 +92,58 @@ class RunSummary:
 class Decoded:
     """One input after decoding: its pixels, or the error record that replaces its result."""
 
-    path: Path
+    path: str | Path  # as the run names it: the engine takes strings (no Path per file) or Paths
     image: np.ndarray | None = None
     error: dict | None = None
+
+
+@dataclass(slots=True)
+class DecodedPart:
+    """Consecutive inputs after decoding: the images of those that decoded, in order, packed
+    (:class:`ImageBatch`), and the error record of each of the others. What the decode pool hands
+    over and a batch is: no Python object per image."""
+
+    paths: list[str | Path]
+    images: ImageBatch
+    errors: dict[int, dict] = field(default_factory=dict)  # by position in ``paths``
+
+    def image_positions(self) -> np.ndarray:
+        """int64: the position in ``paths`` of each image."""
+        positions = np.arange(len(self.paths), dtype=np.int64)
+        return np.delete(positions, list(self.errors)) if self.errors else positions
+
+    def split(self, images: int) -> tuple[DecodedPart, DecodedPart]:
+        """The inputs before the image ``images`` (errors included) and the rest."""
+        cut = int(self.image_positions()[images])
+        head = {position: record for position, record in self.errors.items() if position < cut}
+        tail = {position - cut: record for position, record in self.errors.items() if position >= cut}
+        return (DecodedPart(self.paths[:cut], self.images.take(slice(0, images)), head),
+                DecodedPart(self.paths[cut:], self.images.take(slice(images, None)), tail))
+
+    @staticmethod
+    def concatenate(parts: list[DecodedPart]) -> DecodedPart:
+        if len(parts) == 1:
+            return parts[0]
+        paths, errors = [], {}
+        for part in parts:
+            errors.update((len(paths) + position, record) for position, record in part.errors.items())
+            paths.extend(part.paths)
+        return DecodedPart(paths, ImageBatch.concatenate([part.images for part in parts]), errors)
+
+    def one_by_one(self) -> Iterator[Decoded]:
+        images = iter(self.images)
+        for position, path in enumerate(self.paths):
+            error = self.errors.get(position)
+            yield Decoded(path, error=error) if error is not None else Decoded(path, image=next(images))
 
 
 def error_record(path: Path | str, stage: str, message: str) -> dict:
     return {"path": str(path), "stage": stage, "error": message}
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _decode(path: Path, options: DecodeOptions) -> Decoded:
-    try:
-        return Decoded(path, image=decode_image(path, options))
-    except DecodeError as exc:
-        return Decoded(path, error=error_record(path, exc.stage, str(exc)))
-    except Exception as exc:  # a decoder bug must not end the run
-        return Decoded(path, error=error_record(path, "decode", one_line(exc)))
-
-
+#: Runs of at least this many files decode in worker processes by default: below it, starting the
+#: processes (about 0.3 s) costs more than they save.
+PROCESS_DECODE_FROM_FILES = 2000
 #: Pixels a decode thread decodes before it hands them over: 64 EuroSAT tiles, or one scene.
 DECODE_CHUNK_PIXELS = 256 * 1024
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
@@ -131,15 +163,17 @@ class _DecodePool:
     """
 
     def __init__(self, paths: Iterable[Path], options: DecodeOptions, threads: int,
-                 prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int) -> None:
+                 prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
+                 processes: bool = False) -> None:
         self._paths = iter(paths)
         self._options = options
+        self._processes = processes
         self._prefetch_pixels = prefetch_pixels
         self._prefetch_images = prefetch_images
         self._chunk_pixels = chunk_pixels
         self._cond = threading.Condition()
         self._next_chunk = 0
-        self._ready: dict[tuple[int, int], tuple[list[Decoded], int, bool]] = {}
+        self._ready: dict[tuple[int, int], tuple[DecodedPart, int, bool]] = {}
         self._wanted = (0, 0)  # (chunk, part) the consumer takes next
         self._held_pixels = self._held_images = 0
         self._seen_pixels = self._seen_images = 0
@@ -162,6 +196,7 @@ class _DecodePool:
         return max(1, min(length, MOST_CHUNK_IMAGES))
 
     def _work(self) -> None:
+        decoder = Decoder(self._options) if self._processes else None
         try:
             while True:
                 with self._cond:
@@ -172,41 +207,62 @@ class _DecodePool:
                     self._next_chunk += 1
                 if not chunk:
                     return
-                self._decode_chunk(number, chunk)
+                if decoder is None:
+                    self._decode_chunk(number, chunk)
+                else:
+                    self._decode_chunk_in_process(number, chunk, decoder)
         except BaseException as exc:  # the path iterator failed: the consumer re-raises it
             with self._cond:
                 self._failure = self._failure or exc
         finally:
+            if decoder is not None:
+                decoder.close()
             with self._cond:
                 self._running -= 1
                 self._cond.notify_all()
 
+    def _decode_chunk_in_process(self, number: int, chunk: list[Path], decoder: Decoder) -> None:
+        """The chunk decoded by this thread's decode process, in parts of about ``chunk_pixels``."""
+        paths = list(map(os.fspath, chunk))
+        start = part = 0
+        while start < len(chunk):
+            taken, images, errors = decoder.decode(paths[start:], self._chunk_pixels)
+            inputs = chunk[start:start + taken]
+            decoded = DecodedPart(inputs, images, {position: error_record(inputs[position], *error)
+                                                   for position, error in errors.items()})
+            start += taken
+            if not self._hand_over((number, part), decoded, int(images.pixels.sum()), start == len(chunk)):
+                return
+            part += 1
+
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
-        part, items, pixels = 0, [], 0
+        part, paths, images, errors, pixels = 0, [], [], {}, 0
         for index, path in enumerate(chunk):
-            item = _decode(path, self._options)
-            items.append(item)
-            if item.image is not None:
-                pixels += item.image.shape[0] * item.image.shape[1]
+            outcome = decode_or_error(path, self._options)
+            if isinstance(outcome, np.ndarray):
+                images.append(outcome)
+                pixels += outcome.shape[0] * outcome.shape[1]
+            else:
+                errors[len(paths)] = error_record(path, *outcome)
+            paths.append(path)
             last = index == len(chunk) - 1
             if last or pixels >= self._chunk_pixels:
-                if not self._hand_over((number, part), items, pixels, last):
+                if not self._hand_over((number, part), DecodedPart(paths, ImageBatch.of(images), errors), pixels, last):
                     return
-                part, items, pixels = part + 1, [], 0
+                part, paths, images, errors, pixels = part + 1, [], [], {}, 0
 
-    def _hand_over(self, key: tuple[int, int], items: list[Decoded], pixels: int, last: bool) -> bool:
-        """Wait for room, then make ``items`` ready; False when the consumer has gone."""
-        images = sum(item.image is not None for item in items)
+    def _hand_over(self, key: tuple[int, int], decoded: DecodedPart, pixels: int, last: bool) -> bool:
+        """Wait for room, then make ``decoded`` ready; False when the consumer has gone."""
         with self._cond:
-            self._seen_images += images
+            self._seen_images += len(decoded.images)
             self._seen_pixels += pixels
-            while not self._closed and key != self._wanted and not self._has_room(pixels, len(items)):
+            while not self._closed and key != self._wanted and not self._has_room(pixels, len(decoded.paths)):
                 self._cond.wait()
             if self._closed:
                 return False
-            self._ready[key] = (items, pixels, last)
+            self._ready[key] = (decoded, pixels, last)
             self._held_pixels += pixels
-            self._held_images += len(items)
+            self._held_images += len(decoded.paths)
             self._cond.notify_all()
         return True
 
@@ -215,8 +271,8 @@ class _DecodePool:
             return False
         return self._prefetch_images is None or self._held_images + images <= self._prefetch_images
 
-    def __iter__(self) -> Iterator[Decoded]:
-        """Decoded images in input order; closing the iterator stops the threads."""
+    def __iter__(self) -> Iterator[DecodedPart]:
+        """Decoded parts in input order; closing the iterator stops the threads."""
         try:
             while True:
                 with self._cond:
@@ -226,13 +282,13 @@ class _DecodePool:
                         raise self._failure
                     if self._wanted not in self._ready:
                         return
-                    items, pixels, last = self._ready.pop(self._wanted)
+                    decoded, pixels, last = self._ready.pop(self._wanted)
                     self._held_pixels -= pixels
-                    self._held_images -= len(items)
+                    self._held_images -= len(decoded.paths)
                     chunk, part = self._wanted
                     self._wanted = (chunk + 1, 0) if last else (chunk, part + 1)
                     self._cond.notify_all()
-                yield from items
+                yield decoded
         finally:
             self.close()
 
@@ -246,17 +302,30 @@ class _DecodePool:
                 thread.join()
 
 
-def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
-                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS,
-                  chunk_pixels: int = DECODE_CHUNK_PIXELS) -> Iterator[Decoded]:
-    """Decode on ``workers`` threads (Pillow, libjpeg-turbo and tifffile release the GIL), in order.
+def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
+                 prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int = DECODE_CHUNK_PIXELS,
+                 processes: bool = False) -> Iterator[DecodedPart]:
+    """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
+    :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
     At most ``prefetch_pixels`` decoded pixels (and, with ``prefetch``, that many images) wait
-    ready ahead of the consumer; each thread also holds the part it is decoding (about
-    ``chunk_pixels`` pixels, one image more at most). Tiles go to the threads in chunks of many
-    images, big scenes one per thread, so every thread decodes whatever the image size.
+    ready ahead of the consumer; each decoder also holds the part it is decoding (about
+    ``chunk_pixels`` pixels, one image more at most). Tiles go to the decoders in chunks of many
+    images, big scenes one per decoder, so every decoder works whatever the image size.
     """
-    return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels))
+    return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes))
+
+
+def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
+                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS,
+                  chunk_pixels: int = DECODE_CHUNK_PIXELS, processes: bool = False) -> Iterator[Decoded]:
+    """:func:`decode_parts` an image at a time (verify, bench: code that wants the images one by one)."""
+    parts = decode_parts(paths, options, workers, prefetch, prefetch_pixels, chunk_pixels, processes)
+    try:
+        for part in parts:
+            yield from part.one_by_one()
+    finally:
+        parts.close()
 
 
 def batches(decoded: Iterator[Decoded], batch_size: int | None, batch_pixels: int) -> Iterator[list[Decoded]]:
@@ -280,6 +349,32 @@ def batches(decoded: Iterator[Decoded], batch_size: int | None, batch_pixels: in
                 batch, images, pixels = [], 0, 0
     if batch:
         yield batch
+
+
+def part_batches(parts: Iterator[DecodedPart], batch_size: int | None, batch_pixels: int) -> Iterator[DecodedPart]:
+    """:func:`batches` of parts: the same limits (at most ``batch_size`` images and ``batch_pixels``
+    pixels, or one image alone), a part cut where a limit falls inside it."""
+    most_images = batch_size if batch_size is not None else 1 << 62
+    pending: list[DecodedPart] = []
+    images = pixels = 0
+    for part in parts:
+        while True:
+            sizes = np.cumsum(part.images.pixels)
+            fit = int(np.searchsorted(sizes, batch_pixels - pixels, side="right"))
+            fit = min(max(fit, 1 if images == 0 else 0), most_images - images)
+            if fit >= len(part.images):
+                pending.append(part)
+                images, pixels = images + len(part.images), pixels + (int(sizes[-1]) if len(sizes) else 0)
+                if images >= most_images:
+                    yield DecodedPart.concatenate(pending)
+                    pending, images, pixels = [], 0, 0
+                break
+            head, part = part.split(fit)
+            pending.append(head)
+            yield DecodedPart.concatenate(pending)
+            pending, images, pixels = [], 0, 0
+    if pending:
+        yield DecodedPart.concatenate(pending)
 
 
 def _checked(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,
@@ -333,11 +428,20 @@ class Engine:
     batch_size: int | None = None
     batch_pixels: int | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    #: Decode in worker processes (True), in threads of this process (False), or choose (None:
+    #: processes for runs of at least ``PROCESS_DECODE_FROM_FILES`` files, where they are available).
+    processes: bool | None = None
     prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS
     #: Labels each batch of computed images (:data:`gpu_pipeline.labels.labeller.Labeller`).
     labels_of: Labeller = default_labels
     #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
     on_edges: Callable[[Path, np.ndarray], None] | None = None
+
+    def decodes_in_processes(self, files: int) -> bool:
+        """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
+        if self.processes is not None:
+            return self.processes and processes_available()
+        return files >= PROCESS_DECODE_FROM_FILES and processes_available()
 
     def pixels_per_batch(self) -> int:
         return self.batch_pixels if self.batch_pixels is not None else self.backend.batch_pixels()
@@ -364,9 +468,10 @@ class Engine:
         batch_pixels = self.pixels_per_batch()
         # room for a whole batch ahead, so the next batch is ready when the backend wants it
         prefetch_pixels = max(self.prefetch_pixels, batch_pixels)
-        stream = batches(decode_stream(paths, self.decode_options, self.workers, prefetch_pixels=prefetch_pixels),
-                         self.batch_size, batch_pixels)
-        in_flight: tuple[list[Decoded], Future] | None = None
+        stream = part_batches(decode_parts(paths, self.decode_options, self.workers, prefetch_pixels=prefetch_pixels,
+                                           processes=self.decodes_in_processes(len(paths))),
+                              self.batch_size, batch_pixels)
+        in_flight: tuple[DecodedPart, Future] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute:
             try:
                 for batch in stream:
@@ -384,15 +489,14 @@ class Engine:
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def _outcome(self, batch: list[Decoded]) -> Outcome:
+    def _outcome(self, batch: DecodedPart) -> Outcome:
         """The backend's results for the decoded images of the batch, and its failures."""
-        images = [item.image for item in batch if item.image is not None]
         keep = self.on_edges is not None
-        if not images:
+        if not len(batch.images):
             return Outcome(BatchResult.empty(0, keep))
-        return _compute(self.backend, images, self.config, keep_images=keep)
+        return _compute(self.backend, batch.images, self.config, keep_images=keep)
 
-    def _write(self, batch: list[Decoded], outcome: Future, sink, summary: RunSummary,
+    def _write(self, batch: DecodedPart, outcome: Future, sink, summary: RunSummary,
                progress: Callable[[int], None] | None) -> None:
         records = self.records(batch, outcome.result())
         summary.add_batch(records)
@@ -400,56 +504,45 @@ class Engine:
         if progress is not None:
             progress(len(records))
 
-    def records(self, batch: list[Decoded], outcome: Outcome) -> RecordBatch:
+    def records(self, batch: DecodedPart, outcome: Outcome) -> RecordBatch:
         """The batch's records, in input order: one label call for the batch, no dict per image."""
-        errors: dict[int, dict] = {}
-        images = [item.image for item in batch]
-        if not outcome.failed and all(image is not None for image in images):  # the usual batch
-            return self._record_batch(batch, batch, images, outcome.result, errors)
-        computed: list[Decoded] = []
-        image_index = 0
-        for position, item in enumerate(batch):
-            if item.image is None:
-                errors[position] = item.error
-                continue
-            exc = outcome.failed.get(image_index)
-            image_index += 1
-            if exc is not None:
-                errors[position] = error_record(item.path, "compute", one_line(exc))
-            else:
-                computed.append(item)
-        return self._record_batch(batch, computed, [item.image for item in computed], outcome.result, errors)
-
-    def _record_batch(self, batch: list[Decoded], computed: list[Decoded], images: list[np.ndarray],
-                      result: BatchResult, errors: dict[int, dict]) -> RecordBatch:
-        """Label the ``computed`` images (in one call), save their edges if asked, and gather the records."""
-        labels = list(self.labels_of(images, result.histograms, result.edge_counts)) if computed else []
+        errors = dict(batch.errors)
+        images, positions = batch.images, None
+        if outcome.failed:
+            positions = batch.image_positions()
+            for index, exc in outcome.failed.items():
+                position = int(positions[index])
+                errors[position] = error_record(batch.paths[position], "compute", one_line(exc))
+            computed = np.ones(len(images), bool)
+            computed[list(outcome.failed)] = False
+            images, positions = images.take(computed), positions[computed]
+        result = outcome.result
+        labels = list(self.labels_of(images, result.histograms, result.edge_counts)) if len(images) else []
         histograms, edge_counts = result.histograms, result.edge_counts
         if self.on_edges is not None:
-            saved = self._save_edges(batch, computed, result, errors)
+            positions = batch.image_positions() if positions is None else positions
+            saved = self._save_edges(batch, positions, result, errors)
             if not saved.all():  # those images have an error record instead
-                images = [image for image, ok in zip(images, saved) if ok]
+                images = images.take(saved)
                 labels = [label for label, ok in zip(labels, saved) if ok]
                 histograms, edge_counts = histograms[saved], edge_counts[saved]
-        shapes = [image.shape for image in images]
         return RecordBatch(
-            paths=[str(item.path) for item in batch], errors=errors, backend=self.backend.name,
-            widths=[shape[1] for shape in shapes], heights=[shape[0] for shape in shapes],
-            bands=[1 if len(shape) == 2 else shape[2] for shape in shapes], histograms=histograms,
-            edge_counts=edge_counts.tolist(), labels=labels)
+            paths=list(map(str, batch.paths)), errors=errors, backend=self.backend.name,
+            widths=images.widths.tolist(), heights=images.heights.tolist(), bands=images.bands.tolist(),
+            histograms=histograms, edge_counts=edge_counts.tolist(), labels=labels)
 
-    def _save_edges(self, batch: list[Decoded], computed: list[Decoded], result: BatchResult,
+    def _save_edges(self, batch: DecodedPart, positions: np.ndarray, result: BatchResult,
                     errors: dict[int, dict]) -> np.ndarray:
         """Hand each edge map to ``on_edges``; a failure turns that image's record into an error.
 
-        Returns which of the computed images were saved.
+        ``positions`` are the computed images' positions in the batch. Returns which were saved.
         """
-        position_of = {id(item): position for position, item in enumerate(batch)}
-        saved = np.ones(len(computed), bool)
-        for k, item in enumerate(computed):
+        saved = np.ones(len(positions), bool)
+        for k, position in enumerate(positions.tolist()):
+            path = batch.paths[position]
             try:
-                self.on_edges(item.path, result.edges[k])
+                self.on_edges(path, result.edges[k])
             except Exception as exc:
-                errors[position_of[id(item)]] = error_record(item.path, "save-edges", one_line(exc))
+                errors[position] = error_record(path, "save-edges", one_line(exc))
                 saved[k] = False
         return saved

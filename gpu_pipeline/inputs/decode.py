@@ -72,6 +72,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.errors import one_line
 
 try:
     from imagecodecs import jpeg8_decode
@@ -148,6 +149,17 @@ def decode_image(path: str | os.PathLike[str], options: DecodeOptions) -> np.nda
         raise DecodeError(stage, "not enough memory to decode the image") from None
     except Exception as exc:  # the engine needs every failure as a DecodeError
         raise DecodeError(stage, f"cannot {stage} the image: {_one_line(exc)}") from None
+
+
+def decode_or_error(path: str | os.PathLike[str], options: DecodeOptions) -> np.ndarray | tuple[str, str]:
+    """:func:`decode_image`, or ``(stage, message)`` of its error: what one file's record needs.
+    Any exception counts (a decoder bug must not end the run); :class:`DecodeError` keeps its stage."""
+    try:
+        return decode_image(path, options)
+    except DecodeError as exc:
+        return exc.stage, str(exc)
+    except Exception as exc:
+        return "decode", one_line(exc)
 
 
 def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.images import ImageBatch
 
 #: Edge-density bands of the default rule (fraction of pixels that are edges). Equalization
 #: stretches every tile to full contrast, so even calm water shows some edges: on the EuroSAT tiles
@@ -77,6 +78,8 @@ Labeller = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], list[str]]
 
 def pixel_counts(images: Sequence[np.ndarray]) -> np.ndarray:
     """int64 (N,): height * width of each image."""
+    if isinstance(images, ImageBatch):
+        return images.pixels
     return np.array([image.shape[0] * image.shape[1] for image in images], dtype=np.int64)
 
 

@@ -1,0 +1,100 @@
+"""Decoded images as the engine hands them to a backend: packed in a few buffers, described by arrays.
+
+A batch of 8,192 tiles is one :class:`ImageBatch`, not 8,192 arrays: where each image lies
+(``buffer_of``, ``offsets``) and its shape (``heights``, ``widths``, ``channels``) are int64
+arrays, so the engine and a backend that reads them (the numba backend: the pixels' addresses in
+one vector operation) spend no Python per image. It is also a ``Sequence`` of the images (each a
+uint8 view, ``(H, W)`` or ``(H, W, 3)``), for the code that wants them one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class ImageBatch(Sequence[np.ndarray]):
+    """Images ``i`` is ``buffers[buffer_of[i]][offsets[i]:][:heights[i] * widths[i] * bands[i]]``,
+    shaped ``(H, W)`` when ``channels[i]`` is 0, else ``(H, W, channels[i])``."""
+
+    __slots__ = ("buffers", "buffer_of", "offsets", "heights", "widths", "channels")
+
+    def __init__(self, buffers: list[np.ndarray], buffer_of: np.ndarray, offsets: np.ndarray,
+                 heights: np.ndarray, widths: np.ndarray, channels: np.ndarray) -> None:
+        self.buffers = buffers  # 1-D uint8, C-contiguous
+        self.buffer_of = buffer_of
+        self.offsets = offsets
+        self.heights = heights
+        self.widths = widths
+        self.channels = channels
+
+    @classmethod
+    def of(cls, images: Sequence[np.ndarray]) -> ImageBatch:
+        """``images`` as a batch: each image its own buffer (a copy only for a non-contiguous view)."""
+        if isinstance(images, ImageBatch):
+            return images
+        images = [image if image.flags.c_contiguous else np.ascontiguousarray(image) for image in images]
+        count = len(images)
+        return cls([image.reshape(-1) for image in images], np.arange(count, dtype=np.int64),
+                   np.zeros(count, np.int64), np.array([image.shape[0] for image in images], np.int64),
+                   np.array([image.shape[1] for image in images], np.int64),
+                   np.array([image.shape[2] if image.ndim == 3 else 0 for image in images], np.int64))
+
+    @classmethod
+    def packed(cls, buffer: np.ndarray, layout: np.ndarray) -> ImageBatch:
+        """Images in one ``buffer``; ``layout`` is int64 (N, 4): height, width, channels, offset."""
+        layout = layout.reshape(-1, 4)
+        return cls([buffer], np.zeros(len(layout), np.int64), layout[:, 3].copy(), layout[:, 0].copy(),
+                   layout[:, 1].copy(), layout[:, 2].copy())
+
+    @classmethod
+    def empty(cls) -> ImageBatch:
+        nothing = np.zeros(0, np.int64)
+        return cls([], nothing, nothing, nothing, nothing, nothing)
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[ImageBatch]) -> ImageBatch:
+        if len(batches) == 1:
+            return batches[0]
+        if not batches:
+            return cls.empty()
+        first_buffer = np.cumsum([0] + [len(batch.buffers) for batch in batches[:-1]])
+        return cls([buffer for batch in batches for buffer in batch.buffers],
+                   np.concatenate([batch.buffer_of + first for batch, first in zip(batches, first_buffer)]),
+                   *(np.concatenate([getattr(batch, name) for batch in batches])
+                     for name in ("offsets", "heights", "widths", "channels")))
+
+    def take(self, chosen: np.ndarray | slice) -> ImageBatch:
+        """The images at ``chosen`` (indices, a mask or a slice), their buffers shared."""
+        return ImageBatch(self.buffers, self.buffer_of[chosen], self.offsets[chosen], self.heights[chosen],
+                          self.widths[chosen], self.channels[chosen])
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(index)
+        height, width, channels = int(self.heights[index]), int(self.widths[index]), int(self.channels[index])
+        start = int(self.offsets[index])
+        pixels = self.buffers[self.buffer_of[index]][start:start + height * width * max(channels, 1)]
+        return pixels.reshape((height, width, channels) if channels else (height, width))
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """int64 (N,): height * width of each image."""
+        return self.heights * self.widths
+
+    @property
+    def bands(self) -> np.ndarray:
+        """int64 (N,): 1 for gray, 3 for RGB."""
+        return np.maximum(self.channels, 1)
+
+    def addresses(self) -> np.ndarray:
+        """int64 (N,): the address of each image's first pixel (valid while the buffers live)."""
+        bases = np.array([buffer.ctypes.data for buffer in self.buffers], np.int64)
+        return bases[self.buffer_of] + self.offsets if len(self) else np.zeros(0, np.int64)

@@ -1,0 +1,298 @@
+"""Decode processes: files decoded by worker processes, pixels handed over in shared memory.
+
+A process has its own GIL, so the Python that decoding a file costs (open, read, header, the codec
+call: 30-50 us a tile) no longer stalls the threads of the main process, and decoding scales with
+the cores where decode threads in one process stop near 8 (docs/benchmarks.md). PyTorch's
+DataLoader does the same. What crosses over:
+
+* to the worker: a list of paths and where to put the pixels (one message a chunk of files, never
+  one an image);
+* back: where each image lies and the error of each file that failed. **Pixels are never pickled
+  or copied** on this side: the main process hands out views of the shared memory.
+
+The shared memory is an *arena* per worker (an anonymous ``memfd``, mapped once by both sides),
+cut into slots of ``slot_bytes``. A request carries a free slot; the slot is free again when the
+last view of its pixels is gone (a ``weakref.finalize`` on the slot's array), so its pages are
+faulted in once and reused, as ``malloc`` reuses the memory of decode threads. (Fresh shared pages
+cost 7-13 us a tile on the 2-core VM: more than the GIL a tile this saves.) When no slot is free,
+or an image is larger than a slot (a scene), the worker puts the part in a ``memfd`` of its own and
+passes its descriptor over the socket: slower, never blocking.
+
+Workers are plain ``python -m gpu_pipeline.inputs.processes`` interpreters, not
+``multiprocessing`` children, so a user's script without an ``if __name__ == "__main__"`` guard is
+never imported again in them. A worker runs in a session of its own and ignores SIGINT, so a
+Ctrl-C is the main process's to handle (it flushes, then ends the workers), and it ends when its
+socket closes, so it never outlives the run, even one killed with SIGKILL. Linux only (``memfd``);
+elsewhere :func:`available` is False and the engine decodes in threads.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.images import ImageBatch
+
+#: ``(stage, message)`` of each file that could not be decoded, by its index in the request.
+Errors = dict[int, tuple[str, str]]
+
+
+def available() -> bool:
+    """Whether decode processes can run here (anonymous shared memory and descriptor passing)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+#: ``--decode``: where files are decoded.
+DECODE_MODES = ("auto", "threads", "processes")
+
+
+def processes_wanted(mode: str) -> bool | None:
+    """``--decode MODE`` as the engine's ``processes``: None (auto), False (threads), True (processes)."""
+    from gpu_pipeline.errors import UsageError
+
+    if mode not in DECODE_MODES:
+        raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    if mode == "processes" and not available():
+        raise UsageError("--decode processes needs Linux (memfd_create and descriptor passing); use --decode threads")
+    return None if mode == "auto" else mode == "processes"
+
+
+class DecoderDied(RuntimeError):
+    """The worker process ended while it decoded (a crash in a codec, or it was killed)."""
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent.parent)
+
+
+class _Slots:
+    """The free slots of an arena; a slot comes back when its pixels are no longer referenced."""
+
+    def __init__(self, count: int, slot_bytes: int) -> None:
+        self._free = [index * slot_bytes for index in reversed(range(count))]
+        self._lock = threading.RLock()  # a finalizer may run inside this very thread
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give_back(self, offset: int) -> None:
+        with self._lock:
+            self._free.append(offset)  # last in, first out: the pages in use stay few and warm
+
+
+class DecodeProcess:
+    """One worker process and its arena, used by one decode thread at a time."""
+
+    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18) -> None:
+        self.slot_bytes = slot_bytes
+        arena = os.memfd_create("gpu-pipeline-arena", os.MFD_CLOEXEC)
+        ours, theirs = socket.socketpair()
+        try:
+            os.ftruncate(arena, slots * slot_bytes)
+            self._arena = mmap.mmap(arena, slots * slot_bytes, prot=mmap.PROT_READ)
+            env = dict(os.environ)
+            # the worker imports this very package, wherever it was imported from (a checkout, a wheel)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "gpu_pipeline.inputs.processes", str(theirs.fileno()), str(arena)],
+                pass_fds=[theirs.fileno(), arena], env=env, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # a Ctrl-C at the terminal is the main process's to handle
+        finally:
+            theirs.close()
+            os.close(arena)
+        self._slots = _Slots(slots, slot_bytes)
+        self._socket = ours
+        self._connection = Connection(os.dup(ours.fileno()))
+        self._connection.send((options, slot_bytes))
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
+        """Decode ``paths`` in order until ``most_pixels`` pixels are decoded or a slot is full (at
+        least one file is taken). Returns how many paths were taken, the images of those that
+        decoded (in order) and the errors of the others. Raises :class:`DecoderDied`."""
+        slot = self._slots.take()
+        try:
+            self._connection.send((paths, most_pixels, slot))
+            taken, layout, errors, used, own_bytes = self._connection.recv()
+            pixels = None
+            if own_bytes:  # the part came in a memfd of its own
+                _, descriptors, _, _ = socket.recv_fds(self._socket, 1, 1)
+                if not descriptors:
+                    raise EOFError
+                with open(descriptors[0], "rb", closefd=True) as shared:
+                    pixels = np.frombuffer(mmap.mmap(shared.fileno(), own_bytes, prot=mmap.PROT_READ), np.uint8)
+            elif used:
+                pixels = np.frombuffer(memoryview(self._arena)[slot:slot + used], np.uint8)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise DecoderDied(self._death()) from exc
+        if slot is not None:
+            if pixels is not None and not own_bytes:
+                weakref.finalize(pixels, self._slots.give_back, slot)  # views of ``pixels`` keep it alive
+            else:
+                self._slots.give_back(slot)
+        images = ImageBatch.packed(pixels, layout) if pixels is not None else ImageBatch.empty()
+        return taken, images, errors
+
+    def _death(self) -> str:
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            code = self._process.wait()
+        if code < 0:
+            try:
+                return f"the decode process died of {signal.Signals(-code).name}"
+            except ValueError:
+                return f"the decode process died of signal {-code}"
+        return f"the decode process ended with status {code}"
+
+    def close(self) -> None:
+        """End the worker: it sees its socket close and exits. Views handed out stay valid."""
+        self._connection.close()
+        self._socket.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+class Decoder:
+    """A decode process that is started on first use and comes back after a crash.
+
+    When the process dies in the middle of a request, the request's files are decoded again one
+    at a time in a fresh process, so that only the file that kills its decoder gets an error
+    (``decode`` stage); the others decode as usual.
+    """
+
+    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18) -> None:
+        self._options = options
+        self._slots, self._slot_bytes = slots, slot_bytes
+        self._process: DecodeProcess | None = None
+
+    def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
+        """What :meth:`DecodeProcess.decode` returns, crashes included as errors."""
+        if self._process is None:
+            self._process = DecodeProcess(self._options, self._slots, self._slot_bytes)
+        try:
+            return self._process.decode(paths, most_pixels)
+        except DecoderDied as death:
+            self._process = None
+            if len(paths) == 1:
+                return 1, ImageBatch.empty(), {0: ("decode", f"{death} while decoding this file")}
+        return self._one_at_a_time(paths, most_pixels)
+
+    def _one_at_a_time(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
+        taken, images, errors, pixels = 0, [], {}, 0
+        for index, path in enumerate(paths):
+            _, image, error = self.decode([path], most_pixels)
+            if error:
+                errors[index] = error[0]
+            else:
+                images.append(image)
+                pixels += int(image.pixels.sum())
+            taken = index + 1
+            if pixels >= most_pixels:
+                break
+        return taken, ImageBatch.concatenate(images), errors
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+
+class _Worker:
+    """The worker's side: decode a request's files, pack their pixels into the slot."""
+
+    def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions) -> None:
+        from gpu_pipeline.inputs.decode import decode_or_error
+
+        self._decode_or_error = decode_or_error
+        self._socket = sock
+        self._arena = np.frombuffer(arena, np.uint8)
+        self._options = options
+        self._carried: tuple[str, np.ndarray] | None = None  # decoded, but did not fit the last slot
+
+    def _decoded(self, path: str) -> np.ndarray | tuple[str, str]:
+        if self._carried is not None and self._carried[0] == path:
+            image, self._carried = self._carried[1], None
+            return image
+        self._carried = None
+        return self._decode_or_error(path, self._options)
+
+    def answer(self, paths: list[str], most_pixels: int, slot: int | None, slot_bytes: int):
+        """Returns the reply and the images to write where it says."""
+        images, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
+        for index, path in enumerate(paths):
+            outcome = self._decoded(path)
+            if isinstance(outcome, tuple):
+                errors[index] = outcome
+            else:
+                if slot is not None and images and used + outcome.size > slot_bytes:
+                    self._carried = (path, outcome)  # the next request starts with it
+                    break
+                placed.append((outcome.shape[0], outcome.shape[1], outcome.shape[2] if outcome.ndim == 3 else 0, used))
+                images.append(outcome)
+                used += outcome.size
+                pixels += outcome.shape[0] * outcome.shape[1]
+            taken = index + 1
+            if pixels >= most_pixels:
+                break
+        in_slot = slot is not None and used <= slot_bytes
+        layout = np.array(placed, np.int64).reshape(-1, 4)
+        return (taken, layout, errors, used if in_slot else 0, 0 if in_slot else used), images, in_slot
+
+    def write(self, images: list[np.ndarray], placed: np.ndarray, slot: int | None, in_slot: bool) -> None:
+        if in_slot:
+            for offset, image in zip(placed[:, 3].tolist(), images):
+                self._arena[slot + offset:slot + offset + image.size] = image.reshape(-1)
+            return
+        shared = os.memfd_create("gpu-pipeline-pixels", os.MFD_CLOEXEC)
+        try:
+            os.writev(shared, [np.ascontiguousarray(image) for image in images])  # faster than faulting in a mapping
+            socket.send_fds(self._socket, [b"p"], [shared])
+        finally:
+            os.close(shared)
+
+
+def _serve(descriptor: int, arena_descriptor: int) -> None:
+    """The worker's loop: requests in, pixels out, until the socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=descriptor)
+    connection = Connection(os.dup(descriptor))
+    arena = mmap.mmap(arena_descriptor, 0)
+    os.close(arena_descriptor)
+    try:
+        options, slot_bytes = connection.recv()
+        worker = _Worker(sock, arena, options)
+        while True:
+            paths, most_pixels, slot = connection.recv()
+            reply, images, in_slot = worker.answer(paths, most_pixels, slot, slot_bytes)
+            if in_slot:
+                worker.write(images, reply[1], slot, in_slot=True)  # before the reply: it says the pixels are there
+            connection.send(reply)
+            if images and not in_slot:
+                worker.write(images, reply[1], slot, in_slot=False)
+    except (EOFError, ConnectionError):
+        pass  # the main process closed its end (or died): nothing left to do
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))

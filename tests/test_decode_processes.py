@@ -1,0 +1,230 @@
+"""Decoding in worker processes gives the images and errors that decoding in threads gives, and the
+packed data plane (ImageBatch, parts, batches of parts) loses nothing on the way."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from gpu_pipeline.backends import create
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine.stream import (Decoded, DecodedPart, Engine, batches, decode_stream,
+                                        part_batches)
+from gpu_pipeline.images import ImageBatch
+from gpu_pipeline.inputs import processes
+from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.inputs.discover import find_files
+from gpu_pipeline.outputs.sink import RecordList
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data"
+needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
+
+
+def hostile_folder(root: Path) -> Path:
+    """The bundled data, a 16-bit 5-band TIFF, and files that must fail, each in its own way."""
+    folder = root / "inputs"
+    shutil.copytree(BUNDLED, folder)
+    shutil.copy(Path(__file__).parent / "fixtures" / "five_band_uint16.tif", folder / "five_band_uint16.tif")
+    jpeg = next(iter(sorted((folder / "eurosat").rglob("*.jpg"))))
+    (folder / "truncated.jpg").write_bytes(jpeg.read_bytes()[:400])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_bytes(b"not a PNG\n")
+    Image.fromarray(np.full((3, 700), 9, np.uint8)).save(folder / "wide_gray.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / os.fsdecode(b"odd-\xff\xfe.png")).write_bytes((folder / "wide_gray.png").read_bytes())
+    return folder
+
+
+def same(a: Decoded, b: Decoded) -> bool:
+    if a.path != b.path or a.error != b.error:
+        return False
+    if a.image is None or b.image is None:
+        return a.image is None and b.image is None
+    return a.image.dtype == b.image.dtype and a.image.shape == b.image.shape and np.array_equal(a.image, b.image)
+
+
+@needs_processes
+@pytest.mark.parametrize("chunk_pixels", [1, 5000, 1 << 18])
+def test_processes_decode_what_threads_decode(tmp_path, chunk_pixels):
+    """Pixels (dtype, shape, bytes) and error records are the same, whatever the parts' size: a
+    part of one image, parts that end inside a chunk, images carried over to the next slot."""
+    files = find_files([hostile_folder(tmp_path)])
+    options = DecodeOptions(bands=None)
+    threads = list(decode_stream(files, options, 2, chunk_pixels=chunk_pixels))
+    in_processes = list(decode_stream(files, options, 2, chunk_pixels=chunk_pixels, processes=True))
+    assert [item.path for item in in_processes] == files
+    assert all(same(a, b) for a, b in zip(threads, in_processes))
+    errors = {Path(item.path).name: item.error["stage"] for item in in_processes if item.error}
+    assert errors == {"truncated.jpg": "decode", "empty.png": "read", "text.png": "decode", "pipe.png": "read",
+                      "five_band_uint16.tif": "normalise"}
+
+
+@needs_processes
+def test_an_image_larger_than_a_slot_and_a_full_arena_still_decode(tmp_path):
+    """A scene bigger than a slot comes in shared memory of its own, and so does a part when every
+    slot is held; a slot is free again once no view of its pixels is left."""
+    scenes = find_files([BUNDLED / "scenes"])[:3]
+    tiles = find_files([BUNDLED / "eurosat"])[:6]
+    process = processes.DecodeProcess(DecodeOptions(), slots=1, slot_bytes=64 * 64 * 3 * 4)
+    try:
+        taken, held, errors = process.decode(tiles, 1 << 30)  # four tiles fill the only slot
+        assert (taken, errors) == (4, {})
+        taken_next, more, _ = process.decode(tiles[4:] + scenes, 1 << 30)  # no slot free: its own memory
+        assert taken_next == 2 + len(scenes)
+        for batch, paths in ((held, tiles[:4]), (more, tiles[4:] + scenes)):
+            assert [image.tobytes() for image in batch] == [decode_image(p, DecodeOptions()).tobytes() for p in paths]
+        assert process._slots.take() is None
+        del held, batch
+        gc.collect()
+        assert process._slots.take() == 0  # the views are gone: the slot came back
+    finally:
+        process.close()
+
+
+@needs_processes
+def test_a_killed_worker_is_reported_not_waited_for(tmp_path):
+    process = processes.DecodeProcess(DecodeOptions())
+    os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(processes.DecoderDied, match="SIGKILL"):
+        process.decode(find_files([BUNDLED / "eurosat"])[:2], 1 << 30)
+
+
+@needs_processes
+def test_workers_ignore_ctrl_c_and_end_when_closed():
+    """Ctrl-C reaches the whole process group: the main process decides, a worker keeps working."""
+    process = processes.DecodeProcess(DecodeOptions())
+    tiles = find_files([BUNDLED / "eurosat"])[:2]
+    try:
+        process.decode(tiles, 1 << 30)  # started and serving
+        assert os.getpgid(process.pid) != os.getpgid(0)  # not in the terminal's process group
+        os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.2)
+        taken, images, _ = process.decode(tiles, 1 << 30)
+        assert taken == 2 and len(images) == 2
+    finally:
+        process.close()
+    assert process._process.returncode == 0
+
+
+class DiesOnPoison:
+    """A stand-in for a decode process whose codec crashes on any file named poison*."""
+
+    def __init__(self, options, slots, slot_bytes):
+        pass
+
+    def decode(self, paths, most_pixels):
+        if any(Path(path).name.startswith("poison") for path in paths):
+            raise processes.DecoderDied("the decode process died of SIGSEGV")
+        return len(paths), ImageBatch.of([np.full((2, 2), i, np.uint8) for i in range(len(paths))]), {}
+
+    def close(self):
+        pass
+
+
+def test_a_decoder_crash_costs_only_the_file_that_caused_it(monkeypatch):
+    monkeypatch.setattr(processes, "DecodeProcess", DiesOnPoison)
+    decoder = processes.Decoder(DecodeOptions())
+    taken, images, errors = decoder.decode(["a.png", "b.png", "poison.png", "c.png"], 1 << 30)
+    assert taken == 4 and len(images) == 3
+    assert errors == {2: ("decode", "the decode process died of SIGSEGV while decoding this file")}
+
+
+@needs_processes
+def test_a_run_in_processes_keeps_order_errors_and_labels(tmp_path):
+    """The engine end to end, decoding in processes: the records of a run in threads, byte for byte."""
+    files = find_files([hostile_folder(tmp_path)])
+    backend = create("numba", threads=2)
+    records = {}
+    for mode in (False, True):
+        sink = RecordList()
+        Engine(backend, workers=2, processes=mode, batch_pixels=20_000).run(files, sink)
+        records[mode] = list(sink)
+    assert records[True] == records[False]
+    assert [record["path"] for record in records[True]] == files
+
+
+def test_auto_decodes_in_processes_only_for_long_runs():
+    engine = Engine(create("reference"))
+    assert not engine.decodes_in_processes(10)
+    assert engine.decodes_in_processes(5000) == processes.available()
+    assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
+
+
+# ------------------------------------------------------------------ the packed data plane
+
+
+shapes = st.tuples(st.integers(1, 9), st.integers(1, 9), st.sampled_from([0, 3]))
+
+
+def image_of(shape, seed) -> np.ndarray:
+    height, width, channels = shape
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, channels) if channels else (height, width), dtype=np.uint8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(shapes, max_size=12), st.data())
+def test_an_image_batch_is_its_images(shapes_drawn, data):
+    images = [image_of(shape, seed) for seed, shape in enumerate(shapes_drawn)]
+    batch = ImageBatch.of(images)
+    assert len(batch) == len(images)
+    assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(batch, images))
+    cut = data.draw(st.integers(0, len(images)))
+    joined = ImageBatch.concatenate([batch.take(slice(0, cut)), batch.take(slice(cut, None))])
+    assert [image.tobytes() for image in joined] == [image.tobytes() for image in images]
+    assert joined.pixels.tolist() == [image.shape[0] * image.shape[1] for image in images]
+    assert [int(a) for a in batch.addresses()] == [image.ctypes.data for image in images]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(shapes, min_size=1, max_size=10))
+def test_the_numba_backend_gives_the_same_bytes_for_a_batch_and_a_list(shapes_drawn):
+    """The vectorised path (addresses from the batch's arrays) and the list path agree."""
+    images = [image_of(shape, seed) for seed, shape in enumerate(shapes_drawn)]
+    backend = create("numba", threads=2)
+    listed = backend.process(images, PipelineConfig(), keep_images=True)
+    packed = backend.process(ImageBatch.of(images), PipelineConfig(), keep_images=True)
+    assert np.array_equal(listed.histograms, packed.histograms)
+    assert np.array_equal(listed.edge_counts, packed.edge_counts)
+    assert all(np.array_equal(a, b) for a, b in zip(listed.edges, packed.edges))
+
+
+def part_of(paths, images, errors) -> DecodedPart:
+    return DecodedPart(paths, ImageBatch.of(images), {p: {"path": paths[p], "stage": "decode", "error": "x"}
+                                                       for p in errors})
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=30),
+       st.integers(1, 5), st.integers(1, 2000), st.one_of(st.none(), st.integers(1, 6)))
+def test_batches_of_parts_group_as_batches_of_images(inputs, part_length, batch_pixels, batch_size):
+    """Cut into parts anywhere, the inputs come out in the batches :func:`batches` makes of them."""
+    items = [Decoded(f"/{i}.png", error=None if ok else {"path": f"/{i}.png", "stage": "decode", "error": "x"},
+                     image=np.zeros((side, side), np.uint8) if ok else None)
+             for i, (side, ok) in enumerate(inputs)]
+    expected = [[item.path for item in batch] for batch in batches(iter(items), batch_size, batch_pixels)]
+    expected_images = [sum(item.image is not None for item in batch) for batch in batches(iter(items), batch_size,
+                                                                                          batch_pixels)]
+    parts = []
+    for start in range(0, len(items), part_length):
+        chunk = items[start:start + part_length]
+        parts.append(part_of([item.path for item in chunk], [item.image for item in chunk if item.image is not None],
+                             [k for k, item in enumerate(chunk) if item.image is None]))
+    got = list(part_batches(iter(parts), batch_size, batch_pixels))
+    # every input once, in order, errors where they were; the same image groups as batches()
+    assert [path for batch in got for path in batch.paths] == [item.path for item in items]
+    assert [len(batch.images) for batch in got if len(batch.images)] == [n for n in expected_images if n]
+    for batch in got:
+        for position, record in batch.errors.items():
+            assert record["path"] == batch.paths[position]
+    assert sum(len(batch.paths) for batch in got) == sum(len(paths) for paths in expected)
