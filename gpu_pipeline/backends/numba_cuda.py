@@ -14,6 +14,7 @@ Kernels: ``_cuda_kernels``; host-side decisions: ``_cuda_plan``.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -56,6 +57,34 @@ warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in 
 _PARALLEL_STAGING_BYTES = 8 * 2**20
 
 
+#: Why numba-cuda can fail to load although it is installed, and what to type then (issue #20).
+NUMPY_TOO_NEW_FIX = "pip install 'numpy<2.5'"
+REINSTALL_FIX = "pip install --force-reinstall 'gpu-pipeline[cuda13]' (or [cuda12])"
+
+
+def _load_array_support() -> None:
+    """Import numba-cuda's array support, which it otherwise imports at the first kernel compile: a
+    stack that cannot load it (numba-cuda 0.30.4 on numpy 2.5, which removed ``np.row_stack``) is
+    then reported as unavailable up front, not as a traceback from the first batch."""
+    importlib.import_module("numba.cuda.np.arrayobj")
+
+
+def broken_stack_reason(exc: BaseException) -> str:
+    """One line: numba-cuda failed to load (``exc``), the versions involved, and the fix."""
+    import numpy
+
+    try:
+        numba_cuda_version = importlib.metadata.version("numba-cuda")
+    except importlib.metadata.PackageNotFoundError:
+        numba_cuda_version = "?"
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the exception says
+    # numpy removing a name numba-cuda still uses (row_stack in 2.5) is the known way this breaks.
+    numpy_lacks_a_name = isinstance(exc, AttributeError) and "numpy" in str(exc)
+    fix = NUMPY_TOO_NEW_FIX if numpy_lacks_a_name else REINSTALL_FIX
+    return (f"numba-cuda {numba_cuda_version} cannot load with numpy {numpy.__version__} ({detail}); "
+            f"fix: {fix}")
+
+
 def unavailable_reason(allow_simulator: bool = False) -> str | None:
     """None when the kernels can run here, else a one-line reason.
 
@@ -67,9 +96,13 @@ def unavailable_reason(allow_simulator: bool = False) -> str | None:
         import numba
         from numba import cuda
     except Exception as exc:  # numba-cuda broken
-        return f"numba-cuda cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+        return broken_stack_reason(exc)
     if numba.config.ENABLE_CUDASIM:
         return None if allow_simulator else "NUMBA_ENABLE_CUDASIM=1: the CUDA simulator is not a GPU"
+    try:
+        _load_array_support()
+    except Exception as exc:  # AttributeError (numpy too new), ImportError, OSError (a broken install) ...
+        return broken_stack_reason(exc)
     try:
         if cuda.is_available():
             return None
@@ -160,7 +193,10 @@ class NumbaCudaBackend(Backend):
         self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
         with self._on_device():
             if self._timed:
-                compile_kernels()
+                try:
+                    compile_kernels()
+                except (ImportError, AttributeError, OSError) as exc:  # numba-cuda's machinery, not our kernels
+                    raise BackendUnavailable(f"backend 'cuda' is unavailable: {broken_stack_reason(exc)}") from None
             self.device_times = DeviceTimes()
             self._staging_threads = min(8, threads or os.cpu_count() or 1)
             self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
