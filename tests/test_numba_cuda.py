@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -214,6 +215,38 @@ def test_the_real_import_failing_in_a_fresh_process_is_one_line_and_exit_2(few_i
                           timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.strip().endswith(ROW_STACK_FIX), proc.stderr
+
+
+# --- numba-cuda's low-occupancy warning stays off the user's stderr ---------------------------------
+
+
+def _launch_warnings() -> list[str]:
+    """The warnings numba-cuda's real launch check gives a 1-block grid (it needs no GPU)."""
+    from numba.cuda.dispatcher import _LaunchConfiguration
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _LaunchConfiguration(None, (1, 1, 1), (32, 1, 1), 0, 0)
+    return [str(warning.message) for warning in caught]
+
+
+def test_the_backends_switch_silences_numba_cudas_low_occupancy_warning(monkeypatch):
+    import numba
+
+    monkeypatch.delenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", raising=False)
+    monkeypatch.setattr(numba.config, "CUDA_LOW_OCCUPANCY_WARNINGS", 1)
+    assert any("under-utilization" in message for message in _launch_warnings())  # it does warn by default
+    numba_cuda.quiet_low_occupancy_warnings()
+    assert _launch_warnings() == []
+
+
+def test_the_users_own_low_occupancy_setting_wins(monkeypatch):
+    import numba
+
+    monkeypatch.setenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "1")
+    monkeypatch.setattr(numba.config, "CUDA_LOW_OCCUPANCY_WARNINGS", 1)
+    numba_cuda.quiet_low_occupancy_warnings()
+    assert any("under-utilization" in message for message in _launch_warnings())
 
 
 # --- pure host logic -------------------------------------------------------------------------------

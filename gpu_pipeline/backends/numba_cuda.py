@@ -17,7 +17,6 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,8 +50,6 @@ from gpu_pipeline.backends.base import (
 from gpu_pipeline.config import PipelineConfig
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
-# numba warns about every launch of fewer than 128 blocks; small batches launch small grids.
-warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
 #: Staging copies above this size are split over threads (NumPy copies release the GIL).
 _PARALLEL_STAGING_BYTES = 8 * 2**20
 
@@ -83,6 +80,24 @@ def broken_stack_reason(exc: BaseException) -> str:
     fix = NUMPY_TOO_NEW_FIX if numpy_lacks_a_name else REINSTALL_FIX
     return (f"numba-cuda {numba_cuda_version} cannot load with numpy {numpy.__version__} ({detail}); "
             f"fix: {fix}")
+
+
+def quiet_low_occupancy_warnings() -> None:
+    """Switch off numba-cuda's "Grid size N will likely result in GPU under-utilization" warning.
+
+    numba-cuda warns at every launch of fewer than 128 blocks, and small batches launch small grids
+    by design: a run printed it dozens of times (issue #20), where a user's stderr should carry the
+    product's messages only. numba-cuda's own switch (``config.CUDA_LOW_OCCUPANCY_WARNINGS``, read at
+    each launch) rather than a warning filter: a filter is process-wide, hides the warning from the
+    user's own kernels too, and is dropped by any ``catch_warnings`` block that was entered before it
+    was added (pytest's per-test capture is one: a GPU test run still showed 188). The user's
+    ``NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS`` wins. Called at creation and at each ``process()``:
+    numba reloads its config from the environment when a ``NUMBA_`` variable changes.
+    """
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+        import numba
+
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 
 def unavailable_reason(allow_simulator: bool = False) -> str | None:
@@ -189,6 +204,7 @@ class NumbaCudaBackend(Backend):
         from numba import cuda
 
         self._cuda = cuda
+        quiet_low_occupancy_warnings()
         self.device_index = checked_device_index(device_index, len(cuda.gpus))
         self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
         with self._on_device():
@@ -273,6 +289,7 @@ class NumbaCudaBackend(Backend):
     ) -> BatchResult:
         for image in images:
             check_image(image)
+        quiet_low_occupancy_warnings()
         with self._on_device():
             return self._process_on_device(images, config, keep_images)
 
