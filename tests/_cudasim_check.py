@@ -94,6 +94,18 @@ def test_the_simulator_is_never_chosen_without_opting_in():
         NumbaCudaBackend()
 
 
+def test_creating_and_calling_the_backend_switch_off_low_occupancy_warnings(monkeypatch):
+    """numba-cuda's "Grid size N will likely result in GPU under-utilization" is off while the backend
+    runs (the simulator never warns; tests/test_numba_cuda.py checks the switch on the real launch)."""
+    monkeypatch.delenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", raising=False)
+    monkeypatch.setattr(numba.config, "CUDA_LOW_OCCUPANCY_WARNINGS", 1)
+    with NumbaCudaBackend(allow_simulator=True) as backend:
+        assert numba.config.CUDA_LOW_OCCUPANCY_WARNINGS == 0
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 1  # as numba's reload from the environment would
+        backend.process([np.zeros((3, 3), np.uint8)], PipelineConfig())
+        assert numba.config.CUDA_LOW_OCCUPANCY_WARNINGS == 0
+
+
 def test_mixed_batch_with_default_settings(backend):
     batch = mixed_batch(seed=1)
     config = PipelineConfig(low_threshold=40, high_threshold=120)

@@ -87,8 +87,11 @@ def test_numba_environment_settings_are_reported(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     numba_info = json.loads(proc.stdout)["numba"]
+    from gpu_pipeline.backends._numba_setup import kernel_source_digest  # kernels go to a folder per source digest
+
+    keyed = str(tmp_path / "cache" / f"kernels-{kernel_source_digest()}")
     assert numba_info == {"threads": 1, "threading_layer_requested": "workqueue", "threading_layer": "workqueue",
-                          "cache_dir": str(tmp_path / "cache"), "cache_dir_from_env": True}
+                          "cache_dir": keyed, "cache_dir_from_env": True}
 
 
 @pytest.mark.gpu

@@ -1,12 +1,20 @@
-"""numba's kernel cache: only a folder this user owns and no one else can write to (numba loads pickles from it)."""
+"""numba's kernel cache: only a folder this user owns and no one else can write to (numba loads pickles from it),
+and one keyed by every kernel source, so that an edit to a helper another file's kernel inlines recompiles it."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 
 from gpu_pipeline.backends import _numba_setup
@@ -57,3 +65,119 @@ def test_the_users_own_private_folder_is_used(tmp_path, no_user_choice):
     chosen = _numba_setup.choose_cache_dir(package)
     assert chosen == str(tmp_path / "xdg" / "gpu-pipeline" / "numba")
     assert not Path(chosen).stat().st_mode & 0o022
+
+
+# --- the cache is keyed by every kernel source (issue #20) ----------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+#: A function numba compiles: a decorator of numba or of _numba_setup, or _numba_setup's decorator called.
+JITTED = re.compile(r"^\s*@(?:numba\.|cuda\.|_numba_setup\.)?(?:njit|jit|helper|parallel|tiny)\b|\bhelper\(", re.M)
+
+
+def test_every_file_with_a_jitted_function_is_a_kernel_source():
+    package = Path(_numba_setup.__file__).resolve().parent.parent
+    jitted = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
+              if JITTED.search(path.read_text(encoding="utf-8"))}
+    assert jitted, "the pattern finds no kernel at all"
+    assert jitted <= set(_numba_setup.KERNEL_SOURCES), sorted(jitted - set(_numba_setup.KERNEL_SOURCES))
+
+
+def test_kernels_are_cached_under_a_folder_named_by_the_sources_digest():
+    assert _numba_setup.CACHE_DIR == numba.config.CACHE_DIR
+    assert Path(_numba_setup.CACHE_DIR) == Path(_numba_setup.CACHE_ROOT) / f"kernels-{_numba_setup.kernel_source_digest()}"
+
+
+# Each kernel module imported first in a fresh process: one that defined its kernels before
+# _numba_setup chose the folder would have them cached beside its source, unkeyed.
+_CACHE_PATHS_OF_FIRST_IMPORT = textwrap.dedent("""
+    import importlib, json, sys
+    module = importlib.import_module(sys.argv[1])
+    functions = [value for value in vars(module).values() if getattr(value, "_cache", None) is not None]
+    if module.__name__.endswith(".records"):
+        functions.append(module._compiled_histogram_lines())
+    from gpu_pipeline.backends import _numba_setup
+    print(json.dumps({"keyed": _numba_setup.CACHE_DIR, "paths": [function._cache._cache_path
+                      for function in functions if hasattr(function._cache, "_cache_path")]}))
+""")
+
+
+@pytest.mark.parametrize("source", _numba_setup.KERNEL_SOURCES[1:])
+def test_every_cached_kernel_cpu_and_cuda_lives_in_the_keyed_folder(source, tmp_path):
+    if source.endswith("_cuda_kernels.py"):
+        pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+    module = "gpu_pipeline." + source.removesuffix(".py").replace("/", ".")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("NUMBA_", "GPU_PIPELINE_"))}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", _CACHE_PATHS_OF_FIRST_IMPORT, module], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout)
+    assert found["paths"], f"no cached kernel in {source}"
+    for path in found["paths"]:
+        assert Path(path).parent == Path(found["keyed"]), (source, path)
+
+
+def _copy_of_the_package(tmp_path: Path) -> Path:
+    install = tmp_path / "install"
+    for package in ("gpu_pipeline", "cpu_reference"):
+        shutil.copytree(REPO / package, install / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return install
+
+
+def test_the_digest_changes_with_any_kernel_source(tmp_path):
+    package = _copy_of_the_package(tmp_path) / "gpu_pipeline"
+    digests = {_numba_setup.kernel_source_digest(package)}
+    for name in _numba_setup.KERNEL_SOURCES:
+        with (package / name).open("a") as source:
+            source.write("\n# edited\n")
+        digests.add(_numba_setup.kernel_source_digest(package))
+    assert len(digests) == len(_numba_setup.KERNEL_SOURCES) + 1
+
+
+# _band_histogram (_numba_kernels.py) converts RGB rows with rgb_row_to_gray (_numba_rows.py): a cheap
+# kernel (2-3 s to compile) with the same shape as the pipeline's, a kernel inlining another file's helper.
+_HISTOGRAM_OF_A_ROW_HELPER = textwrap.dedent("""
+    import json, numba, numpy as np
+    from gpu_pipeline.backends import _numba_kernels
+    image = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    gray, hist = np.empty(6 * 7, np.uint8), np.zeros(256, np.int64)
+    _numba_kernels._band_histogram(image.ravel(), True, gray, 7, 0, 6, hist)
+    print(numba.config.CACHE_DIR)
+    print(json.dumps(gray.tolist()))
+""")
+
+
+def _gray_of(env: dict, cwd: Path) -> tuple[str, list]:
+    done = subprocess.run([sys.executable, "-c", _HISTOGRAM_OF_A_ROW_HELPER], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder, gray = done.stdout.strip().splitlines()
+    return folder, json.loads(gray)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("explicit", [True, False], ids=["NUMBA_CACHE_DIR", "package __pycache__"])
+def test_an_edit_to_an_inlined_helper_recompiles_the_kernel(tmp_path, explicit):
+    """The issue's case: a persistent cache, then an edit to a helper of _numba_rows.py (no change to
+    _numba_kernels.py, whose kernel inlines it): the next run must give the new bytes, not the old."""
+    install = _copy_of_the_package(tmp_path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")}
+    env.update(PYTHONPATH=str(install), PYTHONDONTWRITEBYTECODE="1")
+    if explicit:
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8).reshape(-1, 3).astype(np.int64)
+
+    folder, gray = _gray_of(env, tmp_path)
+    assert gray == ((9798 * rgb[:, 0] + 19235 * rgb[:, 1] + 3735 * rgb[:, 2] + 16384) >> 15).tolist()
+    root = tmp_path / "numba-cache" if explicit else install / "gpu_pipeline" / "backends" / "__pycache__"
+    assert Path(folder).parent == root and Path(folder).name.startswith("kernels-"), folder
+    assert list(Path(folder).rglob("_numba_kernels._band_histogram*.nbi")), "the kernel was not cached"
+
+    rows = install / "gpu_pipeline" / "backends" / "_numba_rows.py"
+    source = rows.read_text()
+    assert source.count("(9798 * np.int32(rgb[3 * x])") == 1
+    rows.write_text(source.replace("(9798 * np.int32(rgb[3 * x])", "(0 * np.int32(rgb[3 * x])"))  # no red
+
+    edited_folder, edited_gray = _gray_of(env, tmp_path)
+    assert edited_gray == ((19235 * rgb[:, 1] + 3735 * rgb[:, 2] + 16384) >> 15).tolist(), "stale kernel ran"
+    assert Path(edited_folder).parent == root and edited_folder != folder

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -21,12 +22,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
 
 pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (the cuda13 or cuda12 extra): the kernels "
                     "cannot be compiled or simulated")
 
 from gpu_pipeline.backends import _cuda_kernels as kernels
-from gpu_pipeline.backends import registry
+from gpu_pipeline.backends import numba_cuda, registry
 from gpu_pipeline.backends._cuda_plan import (
     HYSTERESIS_MAX_CHUNK,
     MAX_IMAGES_PER_LAUNCH,
@@ -47,12 +50,14 @@ from gpu_pipeline.backends._cuda_plan import (
 )
 from gpu_pipeline.backends.base import BackendUnavailable
 from gpu_pipeline.backends.numba_cuda import NumbaCudaBackend
+from gpu_pipeline.cli import app
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
 from tests.gpu import real_gpu_reason
 from tests.oracle import expected_results
 from tests.strategies import ODD_SHAPES
 
 REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
 KERNEL_NAMES = sorted(kernel.py_func.__name__ for kernel in kernels.KERNEL_SIGNATURES)
 
 # --- the kernels compile for an H100 -------------------------------------------------------------
@@ -133,6 +138,115 @@ def test_without_a_gpu_it_says_why_and_auto_skips_it():
     with pytest.raises(BackendUnavailable, match=re.escape(reason)):
         NumbaCudaBackend(allow_simulator=True)  # the opt-in is for the simulator only
     assert registry.resolve("auto") != "cuda"
+
+
+# --- a stack numba-cuda cannot load (numba-cuda 0.30.4 on numpy 2.5): one line, never a traceback ---
+
+ROW_STACK_FIX = "fix: pip install 'numpy<2.5'"
+
+
+@pytest.fixture
+def numpy_too_new(monkeypatch):
+    """numba-cuda's array support failing to import as it does on numpy 2.5 (issue #20)."""
+    def fail() -> None:
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(numba_cuda, "_load_array_support", fail)
+
+
+@pytest.fixture
+def few_images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_a_stack_numba_cuda_cannot_load_is_unavailable_with_the_fix(numpy_too_new):
+    reason = registry.unavailable_reason("cuda")
+    assert reason is not None and "\n" not in reason
+    assert "row_stack" in reason and reason.endswith(ROW_STACK_FIX), reason
+    with pytest.raises(BackendUnavailable, match=re.escape(reason)):
+        registry.create("cuda")
+    info = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
+    assert {"name": "cuda", "available": False, "reason": reason} in info["backends"]
+    assert f"unavailable: {reason}" in " ".join(runner.invoke(app, ["info"]).stdout.split())
+
+
+@pytest.mark.parametrize("command", ["run", "verify"])
+def test_run_and_verify_on_such_a_stack_exit_2_with_one_line(numpy_too_new, few_images, tmp_path, command):
+    out = tmp_path / "out.jsonl"
+    args = ["--backend", "cuda", "--out", str(out)] if command == "run" else ["--backends", "cuda"]
+    result = runner.invoke(app, [command, str(few_images), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unavailable" in lines[0] and lines[0].endswith(ROW_STACK_FIX), result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_auto_on_a_gpu_machine_with_such_a_stack_takes_the_next_backend_and_says_why(
+        numpy_too_new, few_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "cuda_driver_loads", lambda: True)  # a GPU machine: the driver is there
+    monkeypatch.setattr(registry, "AUTO_ORDER", ["cuda", "numba", "reference"])  # whatever cupy does here
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["run", str(few_images), "--backend", "auto", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("gpu-pipeline: backend auto: using numba; cuda is unavailable: numba-cuda"), line
+    assert line.endswith(ROW_STACK_FIX), line
+    assert {json.loads(record)["backend"] for record in out.read_text().splitlines()} == {"numba"}
+
+
+def test_auto_on_a_machine_without_a_cuda_driver_passes_over_gpu_backends_silently(monkeypatch):
+    told = []
+    monkeypatch.setattr(registry, "cuda_driver_loads", lambda: False)
+    monkeypatch.setattr(registry, "notify", told.append)
+    assert registry.resolve("auto") in ("numba", "reference") and told == []
+
+
+def test_the_real_import_failing_in_a_fresh_process_is_one_line_and_exit_2(few_images, tmp_path):
+    """No monkeypatching of our code: numpy loses row_stack, as in 2.5, before numba-cuda is imported."""
+    code = ("import sys, numpy; del numpy.row_stack; from gpu_pipeline.cli import main; "
+            "sys.argv[0] = 'gpu-pipeline'; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "run", str(few_images), "--backend", "cuda",
+                           "--out", str(tmp_path / "out.jsonl")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.strip().endswith(ROW_STACK_FIX), proc.stderr
+
+
+# --- numba-cuda's low-occupancy warning stays off the user's stderr ---------------------------------
+
+
+def _launch_warnings() -> list[str]:
+    """The warnings numba-cuda's real launch check gives a 1-block grid (it needs no GPU)."""
+    from numba.cuda.dispatcher import _LaunchConfiguration
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _LaunchConfiguration(None, (1, 1, 1), (32, 1, 1), 0, 0)
+    return [str(warning.message) for warning in caught]
+
+
+def test_the_backends_switch_silences_numba_cudas_low_occupancy_warning(monkeypatch):
+    import numba
+
+    monkeypatch.delenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", raising=False)
+    monkeypatch.setattr(numba.config, "CUDA_LOW_OCCUPANCY_WARNINGS", 1)
+    assert any("under-utilization" in message for message in _launch_warnings())  # it does warn by default
+    numba_cuda.quiet_low_occupancy_warnings()
+    assert _launch_warnings() == []
+
+
+def test_the_users_own_low_occupancy_setting_wins(monkeypatch):
+    import numba
+
+    monkeypatch.setenv("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "1")
+    monkeypatch.setattr(numba.config, "CUDA_LOW_OCCUPANCY_WARNINGS", 1)
+    numba_cuda.quiet_low_occupancy_warnings()
+    assert any("under-utilization" in message for message in _launch_warnings())
 
 
 # --- pure host logic -------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ import os
 import numpy as np
 from numba import cuda, float32, int32, uint8
 
+from gpu_pipeline.backends import _numba_setup  # before any kernel: the cache folder keyed by every kernel source
+
 SMALL_TILES = os.environ.get("GPU_PIPELINE_CUDA_SMALL_TILES") == "1"
 #: Threads of the pixel kernels and of the equalize-LUT kernel.
 BLOCK_THREADS = 32 if SMALL_TILES else 256
@@ -39,7 +41,7 @@ BLOCK_X, BLOCK_Y = (8, 2) if SMALL_TILES else (32, 8)
 TILE_X, TILE_Y = (8, 8) if SMALL_TILES else (32, 32)
 ROWS_PER_THREAD = TILE_Y // BLOCK_Y
 #: numba's disk cache keys on the source, not on these constants: never cache the small geometry.
-_CACHE = not SMALL_TILES
+_CACHE = not SMALL_TILES and _numba_setup.CACHE_DIR is not None
 MAX_BLUR_RADIUS = 3
 #: One private sub-histogram per warp: flat regions (nodata, sea) hammer a single bin.
 HISTOGRAM_COPIES = max(1, BLOCK_THREADS // 32)

@@ -10,13 +10,14 @@ target is needed (no GPU stack).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from gpu_pipeline.backends._numba_setup import helper  # the cache folder keyed by every kernel source
 
 WEAK, STRONG = 1, 2
 
 
-@numba.njit(cache=True, nogil=True)
+@helper
 def finish_hysteresis(states: np.ndarray) -> None:
     """Promote, in place, every WEAK pixel of ``states`` (images, height, width) 8-connected to a
     STRONG one through WEAK pixels: the fixed point the device launches were converging to."""

@@ -7,15 +7,21 @@ Two things can break a numba program that works on the developer's machine:
   read-only install in a container with a read-only home). :func:`choose_cache_dir` picks a
   writable directory first, one that this user owns and no one else can write to (numba loads
   pickles from it), and hands it to numba; without one, caching is switched off.
+* numba's cache checks only the source file of the function it caches, so a kernel that inlines a
+  helper from another file kept its old machine code after that file changed (issue #20). Kernels
+  are cached in a subfolder named by a digest of every kernel source (:data:`KERNEL_SOURCES`).
 * The ``workqueue`` threading layer aborts the process when parallel kernels are entered from
   several Python threads at once. :func:`choose_threading_layer` asks for a thread-safe layer
   (``omp`` or ``tbb``) when one can be loaded; otherwise the backend serialises its calls.
 
-An explicit ``NUMBA_CACHE_DIR`` or ``NUMBA_THREADING_LAYER`` in the environment always wins.
+An explicit ``NUMBA_CACHE_DIR`` or ``NUMBA_THREADING_LAYER`` in the environment always wins; the
+digest subfolder applies under an explicit ``NUMBA_CACHE_DIR`` too (a persistent one, as
+``scripts/gpu_check.sh`` uses, is where a ``git pull`` left stale kernels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import stat
@@ -26,6 +32,26 @@ import numba
 
 #: Threading layers that may be entered from several Python threads at once.
 THREADSAFE_LAYERS = ("omp", "tbb")
+
+#: The package folder (``gpu_pipeline``), which the kernel sources are relative to.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+#: Every file with a cached numba function (CPU or CUDA), and this one (its decorators' options).
+#: numba's cache checks only the source file of the function it caches: a kernel that inlines a
+#: helper or folds in a constant from another file (``_numba_kernels`` calls ``_numba_rows``) would
+#: keep its old machine code after an edit to that file. So the cache folder is named by a digest of
+#: them all: an edit to any one recompiles every kernel once (10-15 s) and never runs stale code.
+#: tests/test_numba_cache.py fails when a file with a jitted function is missing here.
+KERNEL_SOURCES = (
+    "backends/_numba_setup.py",
+    "backends/_numba_rows.py",
+    "backends/_numba_kernels.py",
+    "backends/_host_hysteresis.py",
+    "backends/_cuda_kernels.py",
+    "labels/features.py",
+    "labels/model.py",
+    "outputs/records.py",
+)
 
 
 def _is_private_dir(path: Path) -> bool:
@@ -59,8 +85,9 @@ def choose_cache_dir(package_dir: Path) -> str | None:
     nothing to set); ``$XDG_CACHE_HOME/gpu-pipeline/numba`` (``~/.cache/...``); a per-user
     folder in the system temp dir. Each must be owned by this user and writable by no one else;
     when none is, a new private folder (``mkdtemp``, mode 0700) is used: kernels are then compiled
-    again by each run, but never loaded from a folder someone else controls. A chosen folder is
-    written to ``numba.config.CACHE_DIR``, which numba reads when a ``cache=True`` function is defined.
+    again by each run, but never loaded from a folder someone else controls. A chosen fallback is
+    written to ``numba.config.CACHE_DIR``, which numba reads when a ``cache=True`` function is defined;
+    the kernels then go to :func:`keyed_cache_dir` of the chosen folder.
     """
     if numba.config.CACHE_DIR:
         return numba.config.CACHE_DIR
@@ -77,6 +104,27 @@ def choose_cache_dir(package_dir: Path) -> str | None:
         return None
     numba.config.CACHE_DIR = private
     return private
+
+
+def kernel_source_digest(package_root: Path = PACKAGE_ROOT) -> str:
+    """16 hex digits that change whenever any file of :data:`KERNEL_SOURCES` changes."""
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        path = package_root / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"(missing)")
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def keyed_cache_dir(root: str | None, package_root: Path = PACKAGE_ROOT) -> str | None:
+    """The folder under ``root`` for the kernels of exactly these sources (``kernels-<digest>``), made
+    private to this user; None without a root, or when that folder cannot be used (then nothing is
+    cached). Folders of other versions are left alone: another checkout may share the root."""
+    if root is None:
+        return None
+    keyed = Path(root) / f"kernels-{kernel_source_digest(package_root)}"
+    return str(keyed) if _is_private_dir(keyed) else None
 
 
 def _layer_loads(name: str) -> bool:
@@ -117,8 +165,13 @@ def threading_layer_is_threadsafe() -> bool:
     return requested == "default" and any(_layer_loads(name) for name in THREADSAFE_LAYERS)
 
 
-# Applied when the kernels are first imported, before numba compiles anything.
-CACHE_DIR = choose_cache_dir(Path(__file__).resolve().parent)
+# Applied when the kernels are first imported, before numba compiles anything (numba picks a
+# cached function's folder when it is decorated).
+#: The folder chosen by :func:`choose_cache_dir`, and the one kernels are cached in (None: no cache).
+CACHE_ROOT = choose_cache_dir(Path(__file__).resolve().parent)
+CACHE_DIR = keyed_cache_dir(CACHE_ROOT)
+if CACHE_DIR is not None:
+    numba.config.CACHE_DIR = CACHE_DIR
 choose_threading_layer()
 # OpenMP's idle threads spin by default, taking the cores the decode threads need between two
 # batches (measured on 50,000 EuroSAT tiles, 2 cores: 19 s of CPU and 12.9 s wall spinning,

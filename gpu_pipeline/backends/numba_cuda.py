@@ -14,9 +14,9 @@ Kernels: ``_cuda_kernels``; host-side decisions: ``_cuda_plan``.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,10 +50,54 @@ from gpu_pipeline.backends.base import (
 from gpu_pipeline.config import PipelineConfig
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
-# numba warns about every launch of fewer than 128 blocks; small batches launch small grids.
-warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utilization")
 #: Staging copies above this size are split over threads (NumPy copies release the GIL).
 _PARALLEL_STAGING_BYTES = 8 * 2**20
+
+
+#: Why numba-cuda can fail to load although it is installed, and what to type then (issue #20).
+NUMPY_TOO_NEW_FIX = "pip install 'numpy<2.5'"
+REINSTALL_FIX = "pip install --force-reinstall 'gpu-pipeline[cuda13]' (or [cuda12])"
+
+
+def _load_array_support() -> None:
+    """Import numba-cuda's array support, which it otherwise imports at the first kernel compile: a
+    stack that cannot load it (numba-cuda 0.30.4 on numpy 2.5, which removed ``np.row_stack``) is
+    then reported as unavailable up front, not as a traceback from the first batch."""
+    importlib.import_module("numba.cuda.np.arrayobj")
+
+
+def broken_stack_reason(exc: BaseException) -> str:
+    """One line: numba-cuda failed to load (``exc``), the versions involved, and the fix."""
+    import numpy
+
+    try:
+        numba_cuda_version = importlib.metadata.version("numba-cuda")
+    except importlib.metadata.PackageNotFoundError:
+        numba_cuda_version = "?"
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the exception says
+    # numpy removing a name numba-cuda still uses (row_stack in 2.5) is the known way this breaks.
+    numpy_lacks_a_name = isinstance(exc, AttributeError) and "numpy" in str(exc)
+    fix = NUMPY_TOO_NEW_FIX if numpy_lacks_a_name else REINSTALL_FIX
+    return (f"numba-cuda {numba_cuda_version} cannot load with numpy {numpy.__version__} ({detail}); "
+            f"fix: {fix}")
+
+
+def quiet_low_occupancy_warnings() -> None:
+    """Switch off numba-cuda's "Grid size N will likely result in GPU under-utilization" warning.
+
+    numba-cuda warns at every launch of fewer than 128 blocks, and small batches launch small grids
+    by design: a run printed it dozens of times (issue #20), where a user's stderr should carry the
+    product's messages only. numba-cuda's own switch (``config.CUDA_LOW_OCCUPANCY_WARNINGS``, read at
+    each launch) rather than a warning filter: a filter is process-wide, hides the warning from the
+    user's own kernels too, and is dropped by any ``catch_warnings`` block that was entered before it
+    was added (pytest's per-test capture is one: a GPU test run still showed 188). The user's
+    ``NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS`` wins. Called at creation and at each ``process()``:
+    numba reloads its config from the environment when a ``NUMBA_`` variable changes.
+    """
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+        import numba
+
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 
 def unavailable_reason(allow_simulator: bool = False) -> str | None:
@@ -67,9 +111,13 @@ def unavailable_reason(allow_simulator: bool = False) -> str | None:
         import numba
         from numba import cuda
     except Exception as exc:  # numba-cuda broken
-        return f"numba-cuda cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+        return broken_stack_reason(exc)
     if numba.config.ENABLE_CUDASIM:
         return None if allow_simulator else "NUMBA_ENABLE_CUDASIM=1: the CUDA simulator is not a GPU"
+    try:
+        _load_array_support()
+    except Exception as exc:  # AttributeError (numpy too new), ImportError, OSError (a broken install) ...
+        return broken_stack_reason(exc)
     try:
         if cuda.is_available():
             return None
@@ -156,11 +204,15 @@ class NumbaCudaBackend(Backend):
         from numba import cuda
 
         self._cuda = cuda
+        quiet_low_occupancy_warnings()
         self.device_index = checked_device_index(device_index, len(cuda.gpus))
         self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
         with self._on_device():
             if self._timed:
-                compile_kernels()
+                try:
+                    compile_kernels()
+                except (ImportError, AttributeError, OSError) as exc:  # numba-cuda's machinery, not our kernels
+                    raise BackendUnavailable(f"backend 'cuda' is unavailable: {broken_stack_reason(exc)}") from None
             self.device_times = DeviceTimes()
             self._staging_threads = min(8, threads or os.cpu_count() or 1)
             self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
@@ -237,6 +289,7 @@ class NumbaCudaBackend(Backend):
     ) -> BatchResult:
         for image in images:
             check_image(image)
+        quiet_low_occupancy_warnings()
         with self._on_device():
             return self._process_on_device(images, config, keep_images)
 

@@ -78,17 +78,36 @@ def unavailable_reason(name: str) -> str | None:
     return cls.unavailable_reason()
 
 
+def tell_on_stderr(message: str) -> None:
+    print(f"gpu-pipeline: {message}", file=sys.stderr, flush=True)
+
+
+#: How ``auto`` says why it passed over a GPU backend on a machine with a CUDA driver (tests replace it).
+notify: Callable[[str], None] = tell_on_stderr
+
+
 def resolve(name: str) -> str:
-    """The concrete backend name for ``name`` (``auto`` picks the best available one)."""
+    """The concrete backend name for ``name`` (``auto`` picks the best available one).
+
+    ``auto`` skips a GPU backend silently where there is no CUDA driver (a CPU machine); where there
+    is one, a GPU backend that cannot run is a surprise (a broken install, numpy too new), so it
+    says which backend it took instead and why, in one line through :data:`notify`.
+    """
     if name != "auto":
         if name not in _REGISTRY:
             raise KeyError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
         return name
+    passed_over = []
     for candidate in AUTO_ORDER:
         if candidate not in _REGISTRY or _REGISTRY[candidate].needs_cuda_driver and not cuda_driver_loads():
             continue
-        if unavailable_reason(candidate) is None:
+        reason = unavailable_reason(candidate)
+        if reason is None:
+            if passed_over:
+                notify(f"backend auto: using {candidate}; " + "; ".join(passed_over))
             return candidate
+        if _REGISTRY[candidate].needs_cuda_driver:
+            passed_over.append(f"{candidate} is unavailable: {reason}")
     return "reference"
 
 

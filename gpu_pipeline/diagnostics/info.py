@@ -127,10 +127,8 @@ def numba_info() -> dict[str, Any]:
         info["threading_layer"] = numba.threading_layer()
     except Exception as exc:  # e.g. a requested layer whose library is missing
         info["threading_layer"] = f"cannot start ({one_line(exc)})"
-    try:
-        info["cache_dir"] = _numba_setup.choose_cache_dir(Path(_numba_setup.__file__).resolve().parent)
-    except Exception as exc:
-        info["cache_dir"] = f"unknown ({one_line(exc)})"
+    # The folder the kernels are cached in: kernels-<digest of the kernel sources> in the chosen one.
+    info["cache_dir"] = _numba_setup.CACHE_DIR
     return info
 
 

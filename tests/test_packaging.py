@@ -1,0 +1,91 @@
+"""What `pip install ".[cuda13]"` gives a new user: a stack whose numba-cuda can load its array support.
+
+numba-cuda 0.30.4 (the newest release) registers ``np.row_stack``, which numpy 2.5 removed; Python 3.12
+and later resolve numpy 2.5 unless the extras bound it (issue #20). CI runs Python 3.11, where numpy 2.4
+is the newest anyway, so this resolves the extras for the newer Pythons found here (pyenv puts them in
+``$(pyenv root)/versions``, or name one with ``GPU_PIPELINE_PACKAGING_PYTHON``). A dry run only: about
+12 s each, nothing installed. ``scripts/check_cuda_install.py`` installs the resolved stack in a venv and
+imports numba-cuda's array support (minutes and a few hundred MB: not run in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: Python versions whose newest numpy is 2.5 or later; the extras must still resolve numpy < 2.5.
+NEWER_PYTHONS = ("3.12", "3.13")
+#: pip's words for "the index could not be reached": the test is skipped, not failed, offline.
+OFFLINE_SIGNS = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
+                 "ConnectTimeout", "Max retries exceeded", "Name or service not known")
+
+
+def _python(version: str) -> str | None:
+    """An interpreter of ``version`` (major.minor) on this machine, or None."""
+    candidates = []
+    if os.environ.get("GPU_PIPELINE_PACKAGING_PYTHON"):
+        candidates.append(os.environ["GPU_PIPELINE_PACKAGING_PYTHON"])
+    pyenv = shutil.which("pyenv")
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    if pyenv and not root.is_dir():
+        root = Path(subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip())
+    candidates += sorted(str(p) for p in root.glob(f"versions/{version}.*/bin/python{version}"))
+    candidates.append(shutil.which(f"python{version}") or "")
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def resolve_extra(python: str, extra: str, tmp_path: Path) -> dict[str, str]:
+    """Distribution name -> version that ``pip install ".[extra]"`` would install with ``python``."""
+    report = tmp_path / f"report-{extra}.json"
+    done = subprocess.run(
+        [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+         f".[{extra}]"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    if done.returncode != 0:
+        if any(sign in done.stderr for sign in OFFLINE_SIGNS):
+            pytest.skip(f"the package index cannot be reached: {done.stderr.strip().splitlines()[-1]}")
+        pytest.fail(f"pip could not resolve .[{extra}] for {python}:\n{done.stderr[-3000:]}")
+    installed = json.loads(report.read_text())["install"]
+    return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installed}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", NEWER_PYTHONS)
+def test_the_cuda13_extra_resolves_a_numpy_that_numba_cuda_can_load(version, tmp_path):
+    python = _python(version)
+    if python is None:
+        pytest.skip(f"no Python {version} here (pyenv install {version}, or set GPU_PIPELINE_PACKAGING_PYTHON)")
+    resolved = resolve_extra(python, "cuda13", tmp_path)
+    assert "numba-cuda" in resolved, resolved
+    assert _release(resolved["numpy"]) < (2, 5), (
+        f"Python {version} resolves numpy {resolved['numpy']} with numba-cuda {resolved['numba-cuda']}: "
+        "numba-cuda 0.30.4 cannot import its array support on numpy 2.5 (np.row_stack)")
+
+
+def test_both_cuda_extras_bound_numpy_below_2_5():
+    """The bound is in both GPU extras (cuda12 resolves like cuda13; one dry run is enough for CI)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        pytest.skip("tomllib needs Python 3.11")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("cuda12", "cuda13"):
+        assert "numpy<2.5" in [requirement.replace(" ", "") for requirement in extras[extra]], extra
