@@ -21,7 +21,7 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
-from gpu_pipeline.engine.stream import one_line
+from gpu_pipeline.errors import one_line
 
 #: Packages reported, by the name shown; the value lists the distributions that provide it.
 PACKAGES: dict[str, tuple[str, ...]] = {
