@@ -200,7 +200,7 @@ def test_default_contenders_all_appear_in_table_and_json(tmp_path, register):
     assert report["schema"] == bench.SCHEMA
     assert report["corpus"]["source"] == "generated" and report["corpus"]["images"] == 5
     assert report["corpus"]["shapes"] == {"40x32x3": 2, "64x64x3": 3}
-    assert list(report["contenders"]) == [*registry.backend_names(), "opencv", "skimage-pool"]
+    assert list(report["contenders"]) == [*registry.backend_names(), "opencv-pool", "opencv", "skimage-pool"]
     for name, entry in report["contenders"].items():
         assert name in result.stdout
         reason = bench.unavailable_reason(name)
@@ -215,9 +215,13 @@ def test_default_contenders_all_appear_in_table_and_json(tmp_path, register):
             assert reason in result.stdout
     assert report["contenders"]["brand-new"]["status"] == "measured"
     assert report["contenders"]["never-available"]["reason"] == NeverAvailable.REASON
-    if report["contenders"]["skimage-pool"]["status"] == "measured":
+    # the anchor is OpenCV in a process pool, one process per core: what a user replaces
+    if report["contenders"]["opencv-pool"]["status"] == "measured":
+        assert report["baseline"] == "opencv-pool"
+        assert "multiprocessing.Pool" in report["contenders"]["opencv-pool"]["description"]
+        assert report["contenders"]["opencv-pool"]["ratios"]["compute_vs_baseline"] == 1.0
+    elif report["contenders"]["skimage-pool"]["status"] == "measured":
         assert report["baseline"] == "skimage-pool"
-        assert report["contenders"]["skimage-pool"]["ratios"]["compute_vs_baseline"] == 1.0
     for name in (bench.DECODE_IO, bench.DECODE_OPENCV):
         assert name in report["decode_only"]
     assert report["decode_only"][bench.DECODE_IO]["decode"]["images"] == 5
@@ -229,7 +233,9 @@ def test_default_contenders_all_appear_in_table_and_json(tmp_path, register):
 def test_json_schema_of_a_measured_contender(tmp_path):
     result, report = run_bench(tmp_path, *TINY, "--backends", "reference")
     assert result.exit_code == 0, result.output
-    assert set(report) == {"schema", "machine", "settings", "corpus", "baseline", "contenders", "decode_only"}
+    assert set(report) == {"schema", "machine", "settings", "corpus", "baseline", "contenders", "decode_only",
+                           "scaling"}
+    assert report["scaling"] == {}  # the reference runs on one thread: not scaled
     entry = report["contenders"]["reference"]
     assert set(entry) == {"kind", "description", "status", "reason", "subset", "warmup", "compute", "end_to_end",
                           "decode", "device", "ratios"}
@@ -251,7 +257,8 @@ def test_missing_opencv_and_scikit_image_are_reported_not_fatal(tmp_path, monkey
     monkeypatch.setattr(registry, "backend_names", lambda: names)  # keep it to the quick reference
     result, report = run_bench(tmp_path, *TINY)
     assert result.exit_code == 0, result.output
-    for name, package in (("opencv", "opencv-python-headless"), ("skimage-pool", "scikit-image")):
+    for name, package in (("opencv-pool", "opencv-python-headless"), ("opencv", "opencv-python-headless"),
+                          ("skimage-pool", "scikit-image")):
         entry = report["contenders"][name]
         assert entry["status"] == "not installed" and package in entry["reason"]
         assert f"{name}: not installed" in result.stdout
@@ -376,3 +383,23 @@ def test_importing_the_command_line_loads_no_optional_package():
             "print(sorted(m for m in ('cv2', 'skimage', 'matplotlib') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_thread_counts_double_up_to_the_cores():
+    assert bench.thread_counts(1) == [1]
+    assert bench.thread_counts(2) == [1, 2]
+    assert bench.thread_counts(6) == [1, 2, 4, 6]
+    assert bench.thread_counts(16) == [1, 2, 4, 8, 16]
+
+
+def test_the_scaling_table_times_each_backend_by_thread_count(tmp_path):
+    result, report = run_bench(tmp_path, *TINY, "--backends", "numba", "--threads", "2")
+    assert result.exit_code == 0, result.output
+    rows = report["scaling"]["numba"]
+    assert [row["threads"] for row in rows] == [1, 2]
+    for row in rows:
+        for mode in ("compute", "end_to_end"):
+            assert row[mode]["images"] == 5 and row[mode]["megapixels_per_s"]["median"] > 0
+    assert "scaling by threads" in result.stdout
+    _, without = run_bench(tmp_path, *TINY, "--backends", "numba", "--no-scaling")
+    assert without["scaling"] == {}

@@ -352,3 +352,16 @@ def test_compiles_on_warm_up_says_whether_the_cache_holds_the_kernels(backend, m
     cache_file = type(backend._kernels.edge_maps._cache._cache_file)
     monkeypatch.setattr(cache_file, "_load_index", lambda self: {})  # what numba reads for a stale or empty cache
     assert backend.compiles_on_warm_up() is True
+
+
+def test_a_call_gives_every_thread_enough_tiles():
+    """1 MP a call up to 4 threads; beyond, 64 tiles' worth a thread (16 threads: 4 MP, 1,024 tiles)."""
+    from gpu_pipeline.backends import numba_cpu
+
+    backend = numba_cpu.NumbaCpuBackend(threads=2)
+    try:
+        assert backend.batch_pixels() == 1 << 20
+        backend.threads = 16  # the rule, without starting 16 threads on a 2-core machine
+        assert backend.batch_pixels() == 16 * 256 * 1024
+    finally:
+        backend.close()

@@ -22,6 +22,9 @@ from gpu_pipeline.images import ImageBatch
 MIN_BAND_ROWS = 64
 #: Work items per thread a batch is cut into, when its images are too few to go whole.
 ITEMS_PER_THREAD = 4
+#: Pixels per thread in a call at least: 64 EuroSAT tiles. With 1 MP a call, 16 threads would get
+#: 16 tiles each, too little to hide a call's fixed cost (plan, hand-over, the joins).
+THREAD_BATCH_PIXELS = 256 * 1024
 
 
 
@@ -111,6 +114,10 @@ class NumbaCpuBackend(Backend):
         if not len(images):
             return BatchResult.empty(0, keep_images)
         return self._run(images, config, keep_images)
+
+    def batch_pixels(self) -> int:
+        """1 MP a call (the batch stays in cache), or ``THREAD_BATCH_PIXELS`` a thread when that is more."""
+        return max(super().batch_pixels(), self.threads * THREAD_BATCH_PIXELS)
 
     def compiles_on_warm_up(self) -> bool:
         """True unless numba's cache holds a current entry for every kernel (a missing, stale or

@@ -20,25 +20,25 @@ scikit-image pool, else the reference.
 cv2, skimage and matplotlib are optional: imported only when used, reported when missing.
 """
 
-from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, SKIMAGE_POOL, opencv_edge_count, pool_compute, pool_files,
+from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAGE_POOL, opencv_edge_count, pool_compute, pool_files,
                                           read_with_opencv, start_pool, usable_cpus)
 from gpu_pipeline.bench.corpus import (FORMATS, Corpus, cut_tiles, generate_corpus, load_corpus, spread_step,
                                        synthetic_scene, write_images)
 from gpu_pipeline.bench.measuring import (DECODE_IO, DECODE_OPENCV, SCHEMA, SUBSET_MEGAPIXELS, BenchReport,
                                           BenchSettings, Contender, choose_baseline, decode_with_io,
-                                          decode_with_opencv, run_benchmark, run_compute, run_end_to_end,
-                                          unavailable_reason)
+                                          decode_with_opencv, measure_scaling, run_benchmark, run_compute,
+                                          run_end_to_end, thread_counts, unavailable_reason)
 from gpu_pipeline.bench.report import plot_report, plot_unavailable_reason, print_report
 from gpu_pipeline.bench.request import default_batch_size, generation_request, parse_contenders, parse_size
 from gpu_pipeline.bench.stats import Timing, median, ratio, spread, time_repeats
 
 # The names the command line, the scripts and the tests use.
 __all__ = [
-    "BASELINES", "DECODE_IO", "DECODE_OPENCV", "FORMATS", "OPENCV", "SCHEMA", "SKIMAGE_POOL", "SUBSET_MEGAPIXELS",
+    "BASELINES", "DECODE_IO", "DECODE_OPENCV", "FORMATS", "OPENCV", "OPENCV_POOL", "SCHEMA", "SKIMAGE_POOL", "SUBSET_MEGAPIXELS",
     "BenchReport", "BenchSettings", "Contender", "Corpus", "Timing", "choose_baseline", "cut_tiles",
     "decode_with_io", "decode_with_opencv", "default_batch_size", "generate_corpus", "generation_request",
     "load_corpus", "median", "opencv_edge_count", "parse_contenders", "parse_size", "plot_report",
     "plot_unavailable_reason", "pool_compute", "pool_files", "print_report", "ratio", "read_with_opencv",
-    "run_benchmark", "run_compute", "run_end_to_end", "spread", "spread_step", "start_pool", "synthetic_scene",
+    "measure_scaling", "run_benchmark", "run_compute", "run_end_to_end", "thread_counts", "spread", "spread_step", "start_pool", "synthetic_scene",
     "time_repeats", "unavailable_reason", "usable_cpus", "write_images",
 ]

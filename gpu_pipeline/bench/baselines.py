@@ -1,5 +1,5 @@
-"""The baselines beside the backends: OpenCV in threads, ``cv2.imread``, and the scikit-image
-pipeline in a process pool (whose workers are the module-level functions below, found by this
+"""The baselines beside the backends: OpenCV in a process pool (one process per core: what users
+replace) and in threads, ``cv2.imread``, and the scikit-image pipeline in a process pool (whose workers are the module-level functions below, found by this
 module's path in the spawned processes).
 
 cv2 and skimage are optional: imported only inside the functions that use them.
@@ -23,9 +23,10 @@ from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 
 OPENCV = "opencv"
+OPENCV_POOL = "opencv-pool"
 SKIMAGE_POOL = "skimage-pool"
 #: Contenders besides the registered backends; ``--backends`` may name them too.
-BASELINES = (OPENCV, SKIMAGE_POOL)
+BASELINES = (OPENCV_POOL, OPENCV, SKIMAGE_POOL)
 
 
 def usable_cpus() -> int:

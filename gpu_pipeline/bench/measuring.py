@@ -15,7 +15,7 @@ import numpy as np
 
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend
-from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, SKIMAGE_POOL, OpenCvThreads, pool_compute, pool_files,
+from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAGE_POOL, OpenCvThreads, pool_compute, pool_files,
                                           read_with_opencv, skimage_unavailable_reason, start_pool, usable_cpus)
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
@@ -27,7 +27,7 @@ from gpu_pipeline.outputs.sink import NullSink
 
 SCHEMA = "gpu-pipeline-bench/1"
 #: Ratios are taken against the first of these that was measured.
-BASELINE_ORDER = (SKIMAGE_POOL, "reference")
+BASELINE_ORDER = (OPENCV_POOL, SKIMAGE_POOL, "reference")
 #: Slow contenders run on an evenly spread subset of at most this many megapixels.
 SUBSET_MEGAPIXELS = {"reference": 2.0, SKIMAGE_POOL: 8.0}
 DECODE_IO = "gpu_pipeline.inputs.decode"
@@ -147,20 +147,28 @@ def measure_backend(result: Contender, make: Callable[[], Backend], corpus: Corp
     return result
 
 
-def measure_skimage_pool(corpus: Corpus, settings: BenchSettings) -> Contender:
+def measure_pool(name: str, corpus: Corpus, settings: BenchSettings) -> Contender:
+    """A baseline in ``multiprocessing.Pool(threads)``: the contract's cv2 calls (``opencv-pool``,
+    decoding with ``cv2.imread``), or the scikit-image pipeline (``skimage-pool``)."""
     threads = settings.threads
-    result = Contender(SKIMAGE_POOL, "baseline", f"scikit-image rgb2gray, histogram, equalize_hist, "
-                       f"canny(sigma=1) in multiprocessing.Pool({threads}), decode with gpu_pipeline.inputs.decode: "
-                       "what users run today (similar, not byte-identical)")
-    reason = skimage_unavailable_reason()
+    if name == OPENCV_POOL:
+        kind, reason = "opencv", OpenCvOracle.unavailable_reason()
+        description = (f"the contract's cv2 calls in multiprocessing.Pool({threads}), one process per core, "
+                       "decode with cv2.imread: what a user replaces (byte-identical to the backends)")
+    else:
+        kind, reason = "skimage", skimage_unavailable_reason()
+        description = (f"scikit-image rgb2gray, histogram, equalize_hist, canny(sigma=1) in "
+                       f"multiprocessing.Pool({threads}), decode with gpu_pipeline.inputs.decode: what users run "
+                       "today (similar, not byte-identical)")
+    result = Contender(name, "baseline", description)
     if reason is not None:
         result.status, result.reason = "not installed", reason
         return result
-    subset, result.subset = _subset_for(SKIMAGE_POOL, corpus)
+    subset, result.subset = _subset_for(name, corpus)
     count, pixels = len(subset.images), subset.pixels
     start = time.perf_counter()
     try:
-        pool = start_pool("skimage", threads, subset.paths, settings.decode_options)
+        pool = start_pool(kind, threads, subset.paths, settings.decode_options)
     except Exception as exc:
         result.status, result.reason = "failed", f"cannot start the pool: {one_line(exc)}"
         return result
@@ -208,7 +216,7 @@ def contender_names() -> list[str]:
 
 def unavailable_reason(name: str) -> str | None:
     """None when contender ``name`` can run here, else why not."""
-    if name == OPENCV:
+    if name in (OPENCV, OPENCV_POOL):
         return OpenCvOracle.unavailable_reason()
     if name == SKIMAGE_POOL:
         return skimage_unavailable_reason()
@@ -218,11 +226,12 @@ def unavailable_reason(name: str) -> str | None:
 def measure(name: str, corpus: Corpus, settings: BenchSettings) -> Contender:
     """One contender by name: a registered backend or one of :data:`BASELINES`."""
     threads = settings.threads
-    if name == SKIMAGE_POOL:
-        return measure_skimage_pool(corpus, settings)
+    if name in (OPENCV_POOL, SKIMAGE_POOL):
+        return measure_pool(name, corpus, settings)
     if name == OPENCV:
         result = Contender(OPENCV, "baseline", f"the contract's cv2 calls, one image per thread in {threads} "
-                           "threads; end to end: decode with gpu_pipeline.inputs.decode in the engine")
+                           "threads of one process (cv2 releases the GIL); end to end: decode with "
+                           "gpu_pipeline.inputs.decode in the engine")
         make: Callable[[], Backend] = partial(OpenCvThreads, threads)
     else:
         result = Contender(name, "backend")
@@ -234,6 +243,41 @@ def measure(name: str, corpus: Corpus, settings: BenchSettings) -> Contender:
     return measure_backend(result, make, corpus, settings)
 
 
+def thread_counts(most: int) -> list[int]:
+    """1, 2, 4, ... up to ``most``, and ``most`` itself: the rows of a scaling table."""
+    counts = [1]
+    while counts[-1] * 2 < most:
+        counts.append(counts[-1] * 2)
+    return counts if most == 1 else [*counts, most]
+
+
+#: Backends whose scaling is measured: the reference runs on one thread whatever it is given.
+NOT_SCALED = ("reference",)
+
+
+def measure_scaling(contenders: Sequence[Contender], corpus: Corpus, settings: BenchSettings) -> dict[str, list[dict]]:
+    """Each measured backend again with 1, 2, 4, ... ``settings.threads`` threads (compute threads
+    and decoders alike): median MP/s of compute and end to end, per thread count."""
+    scaling = {}
+    for contender in contenders:
+        if contender.kind != "backend" or not contender.measured or contender.name in NOT_SCALED:
+            continue
+        rows = []
+        for threads in thread_counts(settings.threads):
+            at = BenchSettings(settings.repeats, threads, settings.batch_size, settings.batch_pixels,
+                               settings.config, settings.decode_options)
+            backend = registry.create(contender.name, threads=threads)
+            with backend:
+                backend.warm_up()
+                compute = Timing(time_repeats(at.repeats, lambda: run_compute(backend, corpus.images, at)),
+                                 len(corpus.images), corpus.pixels)
+                end_to_end = Timing(time_repeats(at.repeats, lambda: run_end_to_end(backend, corpus.paths, at)),
+                                    len(corpus.images), corpus.pixels)
+            rows.append({"threads": threads, "compute": compute.to_json(), "end_to_end": end_to_end.to_json()})
+        scaling[contender.name] = rows
+    return scaling
+
+
 @dataclass
 class BenchReport:
     corpus: Corpus
@@ -241,6 +285,8 @@ class BenchReport:
     contenders: list[Contender]
     decoders: list[Contender]
     baseline: str | None
+    #: Per backend, its rates by thread count (:func:`measure_scaling`); empty unless asked for.
+    scaling: dict[str, list[dict]] = field(default_factory=dict)
 
     def find(self, name: str) -> Contender | None:
         return next((c for c in [*self.contenders, *self.decoders] if c.name == name), None)
@@ -273,6 +319,7 @@ class BenchReport:
             "baseline": self.baseline,
             "contenders": {c.name: self._contender_json(c) for c in self.contenders},
             "decode_only": {c.name: self._contender_json(c) for c in self.decoders},
+            "scaling": self.scaling,
         }
 
     def _contender_json(self, c: Contender) -> dict:
@@ -295,8 +342,9 @@ def choose_baseline(contenders: Sequence[Contender], order: Sequence[str] = BASE
 
 def run_benchmark(corpus: Corpus, names: Sequence[str], settings: BenchSettings,
                   baseline_order: Sequence[str] = BASELINE_ORDER,
-                  progress: Callable[[str], None] | None = None) -> BenchReport:
-    """Measure the decoders, then each contender of ``names`` in turn, on ``corpus``."""
+                  progress: Callable[[str], None] | None = None, scaling: bool = False) -> BenchReport:
+    """Measure the decoders, then each contender of ``names`` in turn, on ``corpus``; with
+    ``scaling``, then each measured backend by thread count."""
     if progress is not None:
         progress("decode only")
     decoders = measure_decoders(corpus, settings)
@@ -305,4 +353,9 @@ def run_benchmark(corpus: Corpus, names: Sequence[str], settings: BenchSettings,
         if progress is not None:
             progress(name)
         contenders.append(measure(name, corpus, settings))
-    return BenchReport(corpus, settings, contenders, decoders, choose_baseline(contenders, baseline_order))
+    report = BenchReport(corpus, settings, contenders, decoders, choose_baseline(contenders, baseline_order))
+    if scaling:
+        if progress is not None:
+            progress("scaling by threads")
+        report.scaling = measure_scaling(contenders, corpus, settings)
+    return report

@@ -124,8 +124,33 @@ def legend(report: BenchReport) -> list[str]:
     ]
 
 
+def scaling_table(report: BenchReport) -> Table | None:
+    """Median MP/s of each scaled backend by thread count, compute and end to end, and the speed-up
+    over one thread; the anchor (a process pool with every core) beside it for scale."""
+    if not report.scaling:
+        return None
+    table = Table(title="scaling by threads (megapixels/s, median; x: over 1 thread)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1, 0, 0), show_edge=False)
+    table.add_column("threads", justify="right")
+    for name in report.scaling:
+        table.add_column(f"{name} compute", justify="right")
+        table.add_column(f"{name} end to end", justify="right")
+    counts = [row["threads"] for row in next(iter(report.scaling.values()))]
+    for index, threads in enumerate(counts):
+        cells = [str(threads)]
+        for rows in report.scaling.values():
+            for mode in ("compute", "end_to_end"):
+                rate = rows[index][mode]["megapixels_per_s"]["median"]
+                cells.append(f"{_number(rate)} ({rate / rows[0][mode]['megapixels_per_s']['median']:.1f}x)")
+        table.add_row(*cells)
+    return table
+
+
 def print_report(console: Console, report: BenchReport) -> None:
     console.print(results_table(report))
+    scaling = scaling_table(report)
+    if scaling is not None:
+        console.print(scaling)
     for line in legend(report):
         console.print(escape(line), soft_wrap=False)
     for line in notes(report):  # one line each, whatever the width: they name a contender, then say why

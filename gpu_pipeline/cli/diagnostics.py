@@ -107,11 +107,14 @@ def bench(
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Images per backend call. Default: the engine's (256), lowered so that the "
                                    "corpus makes at least 4 batches.", show_default=False),
+    scaling: bool = typer.Option(True, "--scaling/--no-scaling",
+                                 help="Also time each backend with 1, 2, 4, ... --threads threads (a scaling table)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot",
                                         help="Draw a bar chart into this PNG (needs matplotlib: the plot extra)."),
 ) -> None:
-    """Time every backend beside OpenCV and the scikit-image pool: compute, end to end, decode only.
+    """Time every backend beside OpenCV (in a process pool: the anchor; and in threads) and the scikit-image
+    pool: compute, end to end, decode only; then each backend by thread count.
 
     Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage.
     """
@@ -129,7 +132,8 @@ def bench(
             settings = BenchSettings(repeats=repeat, threads=request["threads"],
                                      batch_size=batch_size or default_batch_size(len(corpus.images)))
             report = run_benchmark(corpus, request["names"], settings,
-                                   progress=(lambda name: status.update(f"measuring {name}")) if status else None)
+                                   progress=(lambda name: status.update(f"measuring {name}")) if status else None,
+                                   scaling=scaling)
     except UsageError as exc:
         fail_usage(str(exc))
     from gpu_pipeline.bench import plot_report, print_report
