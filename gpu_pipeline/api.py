@@ -100,7 +100,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     files = find_files(paths, glob=glob)
     engine = Engine(backend=shared_backend(backend, threads), config=config,
                     decode_options=DecodeOptions(bands=bands, stretch=stretch),
-                    workers=workers or os.cpu_count() or 2, processes=processes_wanted(decode),
+                    workers=workers, processes=processes_wanted(decode),
                     labels_of=label_function(model, config))
     yield from _records_of(engine, files)
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from gpu_pipeline.bench import (BenchSettings, decode_with_io, decode_with_opencv, load_corpus, opencv_edge_count,
                                 pool_compute, pool_files, read_with_opencv, run_compute, run_end_to_end, spread_step,
-                                start_pool, synthetic_scene, time_repeats, usable_cpus, write_images)
+                                start_pool, synthetic_scene, time_repeats, usable_cores, write_images)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.inputs.decode import decode_image
 
@@ -292,7 +292,7 @@ def ratios(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cores = usable_cpus()
+    cores = usable_cores()
     parser.add_argument("--threads", type=int, default=cores, help="threads (and pool processes) for everyone")
     parser.add_argument("--large", type=int, default=64, help="number of large RGB images")
     parser.add_argument("--large-size", type=int, default=1024)
@@ -316,7 +316,7 @@ def main() -> None:
     from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
 
     report: dict = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
-                    "machine": {"cpus": os.cpu_count(), "usable_cpus": cores, "platform": platform.platform(),
+                    "machine": {"cpus": os.cpu_count(), "usable_cores": cores, "platform": platform.platform(),
                                 "processor": platform.processor()}}
     if not args.no_compile_time:
         report["compile"] = compile_times()

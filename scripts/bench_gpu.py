@@ -46,7 +46,7 @@ if str(REPO) not in sys.path:
 
 from gpu_pipeline.backends import registry
 from gpu_pipeline.bench import (OPENCV, BenchSettings, cut_tiles, load_corpus, print_report, run_benchmark,
-                                synthetic_scene, usable_cpus, write_images)
+                                synthetic_scene, usable_cores, write_images)
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.diagnostics.info import collect_info
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    threads = usable_cpus()
+    threads = usable_cores()
     # every backend but the plain-NumPy reference (far too slow for these workloads), then OpenCV
     names = [name for name in registry.backend_names() if name != "reference"] + [OPENCV]
     report: dict = {"machine": collect_info(), "workloads": {}}

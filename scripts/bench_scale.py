@@ -12,8 +12,9 @@ Workloads (made under a temporary folder, never committed):
 
 Measured (median and min-max of ``--repeat`` runs, anchors in the same run):
 
-* ``gpu-pipeline run`` as a subprocess on each workload: wall time, minus the wall time of a
-  one-image run (start-up) for the steady state; peak RSS of the process;
+* ``gpu-pipeline run`` as a subprocess on each workload, with each ``--decode`` mode: wall time,
+  minus the wall time of a one-image run (start-up) for the steady state; peak RSS of the process,
+  and the peak of its memory and its decode processes' together (PSS summed over the tree);
 * OpenCV in a ``multiprocessing.Pool`` of one process per core: cv2.imread + the contract's calls;
 * scenes: the engine's decode pool alone and the backend's compute alone (same threads), and the
   overlap bound 1 / (1 / decode + 1 / compute);
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,17 +135,57 @@ runpy.run_module("gpu_pipeline.cli", run_name="__main__")
 """
 
 
-def run_cli(target: Path, out: Path, backend: str, env: dict | None = None) -> dict:
-    """`gpu-pipeline run` in a fresh process: wall seconds and peak RSS."""
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the decode processes of a run), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: pages shared between the run and its decode processes count once."""
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_cli(target: Path, out: Path, backend: str, env: dict | None = None, decode: str = "auto") -> dict:
+    """`gpu-pipeline run` in a fresh process: wall seconds, its peak RSS, and the peak of the memory
+    of it and its decode processes together (PSS summed over the process tree, sampled every 20 ms)."""
     command = [sys.executable, "-c", _WITH_PEAK_RSS, "run", str(target), "--out", str(out), "--backend", backend,
-               "-q", "--overwrite"]
+               "-q", "--overwrite", "--decode", decode]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, env=env, text=True)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, env=env, text=True)
+    peak_tree, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            peak_tree[0] = max(peak_tree[0], sum(_pss_kib(pid) for pid in _tree(process.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
     seconds = time.perf_counter() - start
-    if done.returncode not in (0, 1):
-        sys.exit(f"run failed: {done.stderr}")
-    peak = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
-    return {"seconds": seconds, "peak_rss_mib": int(peak[-1]) / 1024}
+    stop.set()
+    sampler.join()
+    if process.returncode not in (0, 1):
+        sys.exit(f"run failed: {stderr}")
+    peak = [line.split()[1] for line in stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
+    return {"seconds": seconds, "peak_rss_mib": int(peak[-1]) / 1024, "peak_tree_pss_mib": peak_tree[0] / 1024}
 
 
 def _opencv_one(path: str) -> int:
@@ -211,20 +253,20 @@ def engine_overhead(count: int) -> tuple[float, float]:
         def process(self, images, config, keep_images=False):
             return BatchResult.empty(len(images), keep_images)
 
-    real_decode = engine_module.decode_image
-    engine_module.decode_image = lambda path, options: tile
+    real_decode = engine_module.decode_or_error
+    engine_module.decode_or_error = lambda path, options: tile
     try:
         with tempfile.TemporaryDirectory() as scratch:
             sink = open_sink(str(Path(scratch) / "out.jsonl"), resume=False)
             paths = [Path(f"/nightly/{i:06d}.jpg") for i in range(count)]
-            engine = engine_module.Engine(NothingBackend(), workers=2)
+            engine = engine_module.Engine(NothingBackend(), workers=2, processes=False)  # decode threads, served from memory
             engine.run(paths[:2000], open_sink(str(Path(scratch) / "warm.jsonl"), resume=False))  # load the encoder
             start, cpu = time.perf_counter(), time.process_time()
             engine.run(paths, sink)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             sink.close()
     finally:
-        engine_module.decode_image = real_decode
+        engine_module.decode_or_error = real_decode
     return seconds / count * 1e6, cpu_seconds / count * 1e6
 
 
@@ -248,49 +290,61 @@ def line(name: str, value: dict, unit: str, anchor: str = "", ratio: dict | None
 
 def bench_tiles(scratch: Path, files: list[Path], args, one: Path) -> dict:
     folder = file_list(scratch, "tiles", files)
-    ours, theirs, ratios, rss, starts = [], [], [], [], []
-    for repeat in range(args.repeat):
-        start = run_cli(one, scratch / "one.jsonl", args.backend)["seconds"]
-        run = run_cli(folder, scratch / "tiles.jsonl", args.backend)
-        pool = opencv_pool(files, args.processes)
-        steady = len(files) / max(1e-9, run["seconds"] - start)
-        ours.append(steady), theirs.append(len(files) / pool), rss.append(run["peak_rss_mib"]), starts.append(start)
-        ratios.append(steady / (len(files) / pool))
-    result = {"files": len(files), "steady_images_per_s": spread(ours), "opencv_pool_images_per_s": spread(theirs),
-              "ratio": spread(ratios), "peak_rss_mib": spread(rss), "one_image_run_s": spread(starts)}
-    line(f"tiles ({len(files):,}) steady state", result["steady_images_per_s"], "img/s",
-         f"OpenCV Pool({args.processes}) {result['opencv_pool_images_per_s']['median']:,.0f} img/s", result["ratio"],
-         f">= {TARGETS['tiles_vs_pool']}x")
-    line("tiles peak RSS", result["peak_rss_mib"], "MiB", target=f"< {TARGETS['tiles_rss_mib']} MiB")
-    return result
+    results = {}
+    for decode in args.decode:
+        ours, theirs, ratios, rss, tree, starts = [], [], [], [], [], []
+        for repeat in range(args.repeat):
+            start = run_cli(one, scratch / "one.jsonl", args.backend, decode=decode)["seconds"]
+            run = run_cli(folder, scratch / "tiles.jsonl", args.backend, decode=decode)
+            pool = opencv_pool(files, args.processes)
+            steady = len(files) / max(1e-9, run["seconds"] - start)
+            ours.append(steady), theirs.append(len(files) / pool), rss.append(run["peak_rss_mib"])
+            tree.append(run["peak_tree_pss_mib"]), starts.append(start)
+            ratios.append(steady / (len(files) / pool))
+        result = {"files": len(files), "steady_images_per_s": spread(ours),
+                  "opencv_pool_images_per_s": spread(theirs), "ratio": spread(ratios), "peak_rss_mib": spread(rss),
+                  "peak_tree_pss_mib": spread(tree), "one_image_run_s": spread(starts)}
+        line(f"tiles ({len(files):,}), --decode {decode}, steady state", result["steady_images_per_s"], "img/s",
+             f"OpenCV Pool({args.processes}) {result['opencv_pool_images_per_s']['median']:,.0f} img/s",
+             result["ratio"], f">= {TARGETS['tiles_vs_pool']}x")
+        line("tiles peak RSS of the run", result["peak_rss_mib"], "MiB", target=f"< {TARGETS['tiles_rss_mib']} MiB")
+        line("tiles peak memory, run + decode processes (PSS)", result["peak_tree_pss_mib"], "MiB")
+        results[decode] = result
+    return results
 
 
 def bench_scenes(scratch: Path, files: list[Path], args, one: Path, backend) -> dict:
     folder = file_list(scratch, "scenes", files)
     megapixels = len(files) * 12.0
-    ours, pool_rates, decode_rates, compute_rates, bounds, rss = [], [], [], [], [], []
-    for repeat in range(args.repeat):
-        start = run_cli(one, scratch / "one.jsonl", args.backend)["seconds"]
-        run = run_cli(folder, scratch / "scenes.jsonl", args.backend)
-        ours.append(megapixels / max(1e-9, run["seconds"] - start)), rss.append(run["peak_rss_mib"])
-        pool_rates.append(megapixels / opencv_pool(files, args.processes))
-        decode_rates.append(megapixels / decode_only(files, args.processes))
-        compute_rates.append(megapixels / compute_only(files, backend))
-        bounds.append(1 / (1 / decode_rates[-1] + 1 / compute_rates[-1]))
-    result = {"files": len(files), "steady_mp_per_s": spread(ours), "opencv_pool_mp_per_s": spread(pool_rates),
-              "decode_only_mp_per_s": spread(decode_rates), "compute_only_mp_per_s": spread(compute_rates),
-              "overlap_bound_mp_per_s": spread(bounds),
-              "vs_bound": spread([o / b for o, b in zip(ours, bounds)]),
-              "vs_pool": spread([o / p for o, p in zip(ours, pool_rates)]), "peak_rss_mib": spread(rss)}
-    line(f"scenes ({len(files)} x 12 MP) steady state", result["steady_mp_per_s"], "MP/s",
-         f"bound {result['overlap_bound_mp_per_s']['median']:.0f} MP/s (decode "
-         f"{result['decode_only_mp_per_s']['median']:.0f}, compute {result['compute_only_mp_per_s']['median']:.0f})",
-         result["vs_bound"], f">= {TARGETS['scenes_vs_bound']}x bound")
-    line("scenes vs OpenCV pool", result["steady_mp_per_s"], "MP/s",
-         f"OpenCV Pool({args.processes}) {result['opencv_pool_mp_per_s']['median']:.0f} MP/s", result["vs_pool"],
-         f">= {TARGETS['scenes_vs_pool']}x")
-    line("scenes peak RSS", result["peak_rss_mib"], "MiB", target=f"<= {TARGETS['scenes_rss_mib']} MiB")
-    return result
+    results = {}
+    for decode in args.decode:
+        ours, pool_rates, decode_rates, compute_rates, bounds, rss, tree = [], [], [], [], [], [], []
+        for repeat in range(args.repeat):
+            start = run_cli(one, scratch / "one.jsonl", args.backend, decode=decode)["seconds"]
+            run = run_cli(folder, scratch / "scenes.jsonl", args.backend, decode=decode)
+            ours.append(megapixels / max(1e-9, run["seconds"] - start)), rss.append(run["peak_rss_mib"])
+            tree.append(run["peak_tree_pss_mib"])
+            pool_rates.append(megapixels / opencv_pool(files, args.processes))
+            decode_rates.append(megapixels / decode_only(files, args.processes))
+            compute_rates.append(megapixels / compute_only(files, backend))
+            bounds.append(1 / (1 / decode_rates[-1] + 1 / compute_rates[-1]))
+        result = {"files": len(files), "steady_mp_per_s": spread(ours), "opencv_pool_mp_per_s": spread(pool_rates),
+                  "decode_only_mp_per_s": spread(decode_rates), "compute_only_mp_per_s": spread(compute_rates),
+                  "overlap_bound_mp_per_s": spread(bounds),
+                  "vs_bound": spread([o / b for o, b in zip(ours, bounds)]),
+                  "vs_pool": spread([o / p for o, p in zip(ours, pool_rates)]), "peak_rss_mib": spread(rss),
+                  "peak_tree_pss_mib": spread(tree)}
+        line(f"scenes ({len(files)} x 12 MP), --decode {decode}, steady state", result["steady_mp_per_s"], "MP/s",
+             f"bound {result['overlap_bound_mp_per_s']['median']:.0f} MP/s (decode "
+             f"{result['decode_only_mp_per_s']['median']:.0f}, compute {result['compute_only_mp_per_s']['median']:.0f})",
+             result["vs_bound"], f">= {TARGETS['scenes_vs_bound']}x bound")
+        line("scenes vs OpenCV pool", result["steady_mp_per_s"], "MP/s",
+             f"OpenCV Pool({args.processes}) {result['opencv_pool_mp_per_s']['median']:.0f} MP/s", result["vs_pool"],
+             f">= {TARGETS['scenes_vs_pool']}x")
+        line("scenes peak RSS of the run", result["peak_rss_mib"], "MiB", target=f"<= {TARGETS['scenes_rss_mib']} MiB")
+        line("scenes peak memory, run + decode processes (PSS)", result["peak_tree_pss_mib"], "MiB")
+        results[decode] = result
+    return results
 
 
 def bench_big(scratch: Path, files: list[Path], args) -> dict:
@@ -326,6 +380,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile-repeat", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=["tiles", "scenes", "big", "start", "overhead"])
+    parser.add_argument("--decode", nargs="+", choices=["auto", "threads", "processes"], default=["threads", "processes"],
+                        help="--decode modes of the tiles and scenes runs (each measured)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     wanted = set(args.only or ["tiles", "scenes", "big", "start", "overhead"])

@@ -66,14 +66,14 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     stages["decode"] = cpu_us_per_image(lambda: [decode_image(path, options) for path in files], len(files), repeat)
 
     def plumbing() -> None:
-        real = engine_module.decode_image
-        engine_module.decode_image = lambda path, options: decoded[path]
+        real = engine_module.decode_or_error
+        engine_module.decode_or_error = lambda path, options: decoded[path]
         try:
             stream = engine_module.decode_stream(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
             for _ in engine_module.batches(stream, batch_size or 256, batch_pixels):
                 pass
         finally:
-            engine_module.decode_image = real
+            engine_module.decode_or_error = real
 
     stages["plumbing"] = cpu_us_per_image(plumbing, len(files), repeat)
     stages["compute"] = cpu_us_per_image(
@@ -95,11 +95,14 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
 
 def records_text(engine_module, backend, batches, results) -> None:
     """The JSON lines of every batch, as the engine and the JSONL sink of that checkout make them."""
+    from gpu_pipeline.images import ImageBatch
     from gpu_pipeline.outputs.records import jsonl_text
 
     engine = engine_module.Engine(backend)
     for batch, result in zip(batches, results):
-        jsonl_text(engine.records(batch, engine_module.Outcome(result)))
+        part = engine_module.DecodedPart([item.path for item in batch], ImageBatch.of([item.image for item in batch]))
+        jsonl_text(engine.records(part, engine_module.Outcome(result)))
+
 
 def tile_size_sweep(repeat: int) -> dict[int, float]:
     """CPU ns per pixel of the numba backend (1 thread) on one 1024x1024 RGB image cut into tiles."""

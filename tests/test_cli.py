@@ -129,6 +129,7 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--stretch", "magic"], "stretch"),
         (["--batch-size", "0"], "--batch-size"),
         (["--workers", "0"], "--workers"),
+        (["--decode", "fibers"], "--decode must be one of auto, threads, processes"),
         (["--max-pixels", "0"], "max pixels"),
         (["--backend", "numba", "--device", "0"], "--device 0 needs a GPU backend"),
         (["--backend", "reference", "--device", "1"], "needs a GPU backend"),

@@ -153,11 +153,18 @@ def test_a_run_in_processes_keeps_order_errors_and_labels(tmp_path):
     assert [record["path"] for record in records[True]] == files
 
 
-def test_auto_decodes_in_processes_only_for_long_runs():
+def test_auto_decodes_in_processes_only_for_long_runs_on_many_cores(monkeypatch):
+    from gpu_pipeline.engine import stream
+
     engine = Engine(create("reference"))
+    monkeypatch.setattr(stream, "usable_cores", lambda: 16)
     assert not engine.decodes_in_processes(10)
     assert engine.decodes_in_processes(5000) == processes.available()
     assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
+    assert (engine.decoders(processes=True), engine.decoders(processes=False)) == (8, 16)
+    assert Engine(create("reference"), workers=3).decoders(processes=True) == 3
+    monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were faster on 2 cores
+    assert not engine.decodes_in_processes(5000)
 
 
 # ------------------------------------------------------------------ the packed data plane

@@ -21,7 +21,7 @@ cv2, skimage and matplotlib are optional: imported only when used, reported when
 """
 
 from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAGE_POOL, opencv_edge_count, pool_compute, pool_files,
-                                          read_with_opencv, start_pool, usable_cpus)
+                                          read_with_opencv, start_pool, usable_cores)
 from gpu_pipeline.bench.corpus import (FORMATS, Corpus, cut_tiles, generate_corpus, load_corpus, spread_step,
                                        synthetic_scene, write_images)
 from gpu_pipeline.bench.measuring import (DECODE_IO, DECODE_OPENCV, SCHEMA, SUBSET_MEGAPIXELS, BenchReport,
@@ -40,5 +40,5 @@ __all__ = [
     "load_corpus", "median", "opencv_edge_count", "parse_contenders", "parse_size", "plot_report",
     "plot_unavailable_reason", "pool_compute", "pool_files", "print_report", "ratio", "read_with_opencv",
     "measure_scaling", "run_benchmark", "run_compute", "run_end_to_end", "thread_counts", "spread", "spread_step", "start_pool", "synthetic_scene",
-    "time_repeats", "unavailable_reason", "usable_cpus", "write_images",
+    "time_repeats", "unavailable_reason", "usable_cores", "write_images",
 ]

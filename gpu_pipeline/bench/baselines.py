@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine.stream import usable_cores
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
@@ -29,14 +30,6 @@ SKIMAGE_POOL = "skimage-pool"
 BASELINES = (OPENCV_POOL, OPENCV, SKIMAGE_POOL)
 
 
-def usable_cpus() -> int:
-    """Cores this process may run on (the affinity mask, e.g. a container's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class OpenCvThreads(OpenCvOracle):
     """The contract's cv2 calls, one image per thread on ``threads`` threads (cv2 releases the
     GIL); cv2's own threading off, so that the threads do not oversubscribe the cores."""
@@ -44,7 +37,7 @@ class OpenCvThreads(OpenCvOracle):
     def __init__(self, threads: int | None = None) -> None:
         import cv2
 
-        super().__init__(threads or usable_cpus())
+        super().__init__(threads or usable_cores())
         cv2.setNumThreads(1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="opencv")
 

@@ -16,7 +16,7 @@ import numpy as np
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend
 from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAGE_POOL, OpenCvThreads, pool_compute, pool_files,
-                                          read_with_opencv, skimage_unavailable_reason, start_pool, usable_cpus)
+                                          read_with_opencv, skimage_unavailable_reason, start_pool, usable_cores)
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -37,7 +37,7 @@ DECODE_OPENCV = "cv2.imread"
 @dataclass(frozen=True)
 class BenchSettings:
     repeats: int = 3
-    threads: int = field(default_factory=usable_cpus)
+    threads: int = field(default_factory=usable_cores)
     batch_size: int | None = None  # images per batch at most; None: the backend's pixel budget only
     batch_pixels: int | None = None  # None: what the backend asks for (Backend.batch_pixels)
     config: PipelineConfig = field(default_factory=PipelineConfig)

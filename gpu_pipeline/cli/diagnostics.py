@@ -150,11 +150,11 @@ def bench(
 def _bench_request(paths, backends, size, count, tiles, image_format, repeat, threads, batch_size, json_path,
                    plot) -> dict:
     """Every check of ``bench``'s arguments, before anything is generated or timed (UsageError: exit 2)."""
-    from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cpus
+    from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cores
     from gpu_pipeline.inputs.discover import discover
 
     check_counts(repeat=repeat, threads=threads, batch_size=batch_size)
-    request = {"names": parse_contenders(backends), "threads": threads or usable_cpus()}
+    request = {"names": parse_contenders(backends), "threads": threads or usable_cores()}
     if plot is not None and (reason := plot_unavailable_reason()) is not None:
         raise UsageError(reason)
     if plot is not None and not plot.parent.is_dir():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -21,6 +20,7 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
+from gpu_pipeline.engine.stream import usable_cores
 from gpu_pipeline.errors import one_line
 
 #: Packages reported, by the name shown; the value lists the distributions that provide it.
@@ -134,10 +134,6 @@ def numba_info() -> dict[str, Any]:
 
 def collect_info() -> dict[str, Any]:
     """Everything ``info --json`` prints (docs/verify.md describes the keys)."""
-    try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable_cores = os.cpu_count()
     backends = backend_status()
     return {
         "gpu_pipeline": __version__,
@@ -146,7 +142,7 @@ def collect_info() -> dict[str, Any]:
         "packages": package_versions(),
         "backends": backends,
         "gpu": gpu_info(),
-        "cpu": {"logical_cores": os.cpu_count(), "usable_cores": usable_cores},
+        "cpu": {"logical_cores": os.cpu_count(), "usable_cores": usable_cores()},
         "numba": numba_info(),
     }
 

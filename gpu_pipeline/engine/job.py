@@ -299,8 +299,7 @@ def check_job(job: Job) -> CheckedJob:
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
-        backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, (
-            job.workers or os.cpu_count() or 2)
+        backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, job.workers
     else:
         from gpu_pipeline.engine.distributed import DaskCluster, DaskEngine
 

@@ -144,6 +144,19 @@ def error_record(path: Path | str, stage: str, message: str) -> dict:
 #: Runs of at least this many files decode in worker processes by default: below it, starting the
 #: processes (about 0.3 s) costs more than they save.
 PROCESS_DECODE_FROM_FILES = 2000
+#: ... on machines of at least this many cores. Below, the GIL is not what limits a run: on 2 cores
+#: threads were 5-20 % faster than processes (docs/benchmarks.md); one process's decode threads stop
+#: scaling near 8 (cv2.imread on the 16-core machine), 16 processes decode 2.7x more.
+PROCESS_DECODE_FROM_CORES = 8
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container's or a taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
 #: Pixels a decode thread decodes before it hands them over: 64 EuroSAT tiles, or one scene.
 DECODE_CHUNK_PIXELS = 256 * 1024
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
@@ -419,7 +432,7 @@ class Engine:
 
     ``batch_size`` (images) and ``batch_pixels`` cap a batch; None lets the backend choose
     (:meth:`Backend.batch_pixels`: small batches for CPU backends, large ones for GPUs).
-    ``workers`` is the number of decode threads.
+    ``workers`` is the number of decoders (threads or, with ``processes``, processes).
     """
 
     backend: Backend
@@ -427,9 +440,12 @@ class Engine:
     decode_options: DecodeOptions = field(default_factory=DecodeOptions)
     batch_size: int | None = None
     batch_pixels: int | None = None
-    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    #: Decoders (threads or processes); None: one per core for threads, one per two cores for
+    #: processes (the compute threads need the other half; each process holds ~25 MB of its own).
+    workers: int | None = None
     #: Decode in worker processes (True), in threads of this process (False), or choose (None:
-    #: processes for runs of at least ``PROCESS_DECODE_FROM_FILES`` files, where they are available).
+    #: processes for runs of at least ``PROCESS_DECODE_FROM_FILES`` files on ``PROCESS_DECODE_FROM_CORES``
+    #: cores or more, where they are available).
     processes: bool | None = None
     prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS
     #: Labels each batch of computed images (:data:`gpu_pipeline.labels.labeller.Labeller`).
@@ -441,7 +457,14 @@ class Engine:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
         if self.processes is not None:
             return self.processes and processes_available()
-        return files >= PROCESS_DECODE_FROM_FILES and processes_available()
+        return (files >= PROCESS_DECODE_FROM_FILES and usable_cores() >= PROCESS_DECODE_FROM_CORES
+                and processes_available())
+
+    def decoders(self, processes: bool) -> int:
+        """How many decoders a run starts (see :attr:`workers`)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, usable_cores() // 2) if processes else usable_cores()
 
     def pixels_per_batch(self) -> int:
         return self.batch_pixels if self.batch_pixels is not None else self.backend.batch_pixels()
@@ -468,8 +491,9 @@ class Engine:
         batch_pixels = self.pixels_per_batch()
         # room for a whole batch ahead, so the next batch is ready when the backend wants it
         prefetch_pixels = max(self.prefetch_pixels, batch_pixels)
-        stream = part_batches(decode_parts(paths, self.decode_options, self.workers, prefetch_pixels=prefetch_pixels,
-                                           processes=self.decodes_in_processes(len(paths))),
+        processes = self.decodes_in_processes(len(paths))
+        stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(processes),
+                                           prefetch_pixels=prefetch_pixels, processes=processes),
                               self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute:
