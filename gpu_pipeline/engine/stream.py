@@ -177,10 +177,14 @@ class _DecodePool:
 
     def __init__(self, paths: Iterable[Path], options: DecodeOptions, threads: int,
                  prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
-                 processes: bool = False) -> None:
+                 processes: bool = False, consumer_pixels: int = 0) -> None:
         self._paths = iter(paths)
         self._options = options
         self._processes = processes
+        # Slots of shared memory a decode process needs so that it never waits for one: the parts
+        # ready ahead, and those the consumer still holds in its batches, shared by the processes.
+        held = prefetch_pixels + consumer_pixels
+        self._slots = -(-held // (chunk_pixels * threads)) + 2
         self._prefetch_pixels = prefetch_pixels
         self._prefetch_images = prefetch_images
         self._chunk_pixels = chunk_pixels
@@ -209,7 +213,7 @@ class _DecodePool:
         return max(1, min(length, MOST_CHUNK_IMAGES))
 
     def _work(self) -> None:
-        decoder = Decoder(self._options) if self._processes else None
+        decoder = Decoder(self._options, self._slots, 3 * self._chunk_pixels) if self._processes else None
         try:
             while True:
                 with self._cond:
@@ -317,7 +321,7 @@ class _DecodePool:
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int = DECODE_CHUNK_PIXELS,
-                 processes: bool = False) -> Iterator[DecodedPart]:
+                 processes: bool = False, consumer_pixels: int = 0) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
@@ -325,8 +329,11 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     ready ahead of the consumer; each decoder also holds the part it is decoding (about
     ``chunk_pixels`` pixels, one image more at most). Tiles go to the decoders in chunks of many
     images, big scenes one per decoder, so every decoder works whatever the image size.
+    ``consumer_pixels`` is what the consumer holds on to after taking parts (its batches in flight):
+    decode processes size their shared memory by it.
     """
-    return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes))
+    return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
+                            consumer_pixels))
 
 
 def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -492,8 +499,10 @@ class Engine:
         # room for a whole batch ahead, so the next batch is ready when the backend wants it
         prefetch_pixels = max(self.prefetch_pixels, batch_pixels)
         processes = self.decodes_in_processes(len(paths))
+        # the consumer holds a batch being filled, one computing and one being written
         stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(processes),
-                                           prefetch_pixels=prefetch_pixels, processes=processes),
+                                           prefetch_pixels=prefetch_pixels, processes=processes,
+                                           consumer_pixels=3 * batch_pixels),
                               self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute:
