@@ -21,8 +21,10 @@ chains as in real imagery), written as JPEG. For each backend and workload:
 with its hysteresis launches and host finishes per sub-batch (the cuda backend counts both; cupy its host
 finishes) and the host microseconds per image of that call.
 
-Each rate is the median of ``--repeats`` runs, with min and max; ``ratios`` are against OpenCV
-(one image per thread on all cores). GPU backends that cannot run are listed with the reason, so
+Each rate is the median of ``--repeats`` runs, with min and max; ``ratios`` are against OpenCV in
+``multiprocessing.Pool`` with one process per core (``opencv-pool``, what a user replaces); OpenCV in
+threads of one process is a row of its own. ``--scaling`` adds, for the tiles, each backend with 1,
+2, 4, ... cores (compute and end to end). GPU backends that cannot run are listed with the reason, so
 the script also runs on a machine without a GPU. The JSON holds, per workload, the report of
 ``gpu-pipeline bench --json`` (schema ``gpu-pipeline-bench/1``, docs/benchmarks.md).
 """
@@ -45,7 +47,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from gpu_pipeline.backends import registry
-from gpu_pipeline.bench import (OPENCV, BenchSettings, cut_tiles, load_corpus, print_report, run_benchmark,
+from gpu_pipeline.bench import (OPENCV, OPENCV_POOL, BenchSettings, cut_tiles, load_corpus, print_report, run_benchmark,
                                 synthetic_scene, usable_cores, write_images)
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.diagnostics.info import collect_info
@@ -97,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="small batches (a smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scaling", action="store_true", help="a thread-scaling table for the tiles")
     args = parser.parse_args(argv)
 
     threads = usable_cores()
     # every backend but the plain-NumPy reference (far too slow for these workloads), then OpenCV
-    names = [name for name in registry.backend_names() if name != "reference"] + [OPENCV]
+    names = [name for name in registry.backend_names() if name != "reference"] + [OPENCV_POOL, OPENCV]
     report: dict = {"machine": collect_info(), "workloads": {}}
     console = Console(soft_wrap=True, highlight=False, stderr=args.json is None)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             corpus = load_corpus(paths, {"source": "generated", "format": "jpeg", "workload": name},
                                  DecodeOptions(), threads)
             settings = BenchSettings(repeats=args.repeats, threads=threads, batch_size=batch_size)
-            result = run_benchmark(corpus, names, settings, baseline_order=(OPENCV,),
-                                   progress=lambda contender, name=name: console.print(f"{name}: {contender}"))
+            result = run_benchmark(corpus, names, settings, baseline_order=(OPENCV_POOL, OPENCV),
+                                   progress=lambda contender, name=name: console.print(f"{name}: {contender}"),
+                                   scaling=args.scaling and name == "tiles_64")
             print_report(console, result)
             report["workloads"][name] = result.to_json()
             report["workloads"][name]["gpu_counters"] = counters = gpu_counters(corpus.images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,11 +12,25 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start(folder: Path, out: Path, *extra: str) -> subprocess.Popen:
-    """``gpu-pipeline run`` on ``folder`` into ``out`` in small batches (many writes to kill between)."""
+def start(folder: Path, out: Path, *extra: str, tag: str | None = None) -> subprocess.Popen:
+    """``gpu-pipeline run`` on ``folder`` into ``out`` in small batches (many writes to kill between).
+    ``tag`` goes into the run's environment, which its decode processes inherit (see :func:`tagged`)."""
     command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
                "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, GPU_PIPELINE_TEST_TAG=tag) if tag else None
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def tagged(tag: str) -> list[int]:
+    """Processes whose environment carries ``tag``: a run started with it and all it started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"GPU_PIPELINE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def wait_until(ready: Callable[[], bool], what: str, timeout: float = 60) -> None:

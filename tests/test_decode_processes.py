@@ -91,18 +91,27 @@ def test_an_image_larger_than_a_slot_and_a_full_arena_still_decode(tmp_path):
         process.close()
 
 
+@pytest.fixture(params=["forked", "fresh interpreter"])
+def fork_server(request):
+    """Decode processes are forked by a fork server (the engine's way), or started on their own."""
+    server = processes.ForkServer() if request.param == "forked" else None
+    yield server
+    if server is not None:
+        server.close()
+
+
 @needs_processes
-def test_a_killed_worker_is_reported_not_waited_for(tmp_path):
-    process = processes.DecodeProcess(DecodeOptions())
+def test_a_killed_worker_is_reported_not_waited_for(fork_server):
+    process = processes.DecodeProcess(DecodeOptions(), server=fork_server)
     os.kill(process.pid, signal.SIGKILL)
     with pytest.raises(processes.DecoderDied, match="SIGKILL"):
         process.decode(find_files([BUNDLED / "eurosat"])[:2], 1 << 30)
 
 
 @needs_processes
-def test_workers_ignore_ctrl_c_and_end_when_closed():
+def test_workers_ignore_ctrl_c_and_end_when_closed(fork_server):
     """Ctrl-C reaches the whole process group: the main process decides, a worker keeps working."""
-    process = processes.DecodeProcess(DecodeOptions())
+    process = processes.DecodeProcess(DecodeOptions(), server=fork_server)
     tiles = find_files([BUNDLED / "eurosat"])[:2]
     try:
         process.decode(tiles, 1 << 30)  # started and serving
@@ -113,13 +122,40 @@ def test_workers_ignore_ctrl_c_and_end_when_closed():
         assert taken == 2 and len(images) == 2
     finally:
         process.close()
-    assert process._process.returncode == 0
+    assert process.returncode == 0
+
+
+def _own_memory_mib(pid: int) -> float:
+    """Proportional set size: pages shared with other processes count in part."""
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no Pss line")
+
+
+@needs_processes
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="reads /proc/PID/smaps_rollup")
+def test_forked_decode_processes_share_the_imports():
+    """Forked by the fork server, four decode processes that have decoded tiles hold far less of
+    their own than a fresh interpreter with numpy, Pillow and tifffile (25-33 MB)."""
+    server = processes.ForkServer()
+    workers = [processes.DecodeProcess(DecodeOptions(), server=server) for _ in range(4)]
+    try:
+        tiles = find_files([BUNDLED / "eurosat"])
+        for worker in workers:
+            worker.decode(tiles, 1 << 30)
+        assert all(_own_memory_mib(worker.pid) < 15 for worker in workers), \
+            [_own_memory_mib(worker.pid) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.close()
+        server.close()
 
 
 class DiesOnPoison:
     """A stand-in for a decode process whose codec crashes on any file named poison*."""
 
-    def __init__(self, options, slots, slot_bytes):
+    def __init__(self, options, slots, slot_bytes, server=None):
         pass
 
     def decode(self, paths, most_pixels):

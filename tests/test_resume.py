@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
 from gpu_pipeline.outputs.plan import read_records
-from tests.runs import start, wait_until
+from tests.runs import start, tagged, wait_until
 
 runner = CliRunner()
 
@@ -209,12 +209,13 @@ def test_sigkill_at_random_moments_then_resume_gives_one_record_per_path(many_ti
 def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, decode):
     folder = many_tiles[0].parent
     out = tmp_path / "out.jsonl"
-    process = start(folder, out, "--decode", decode)
+    tag = f"signal-{sig}-{decode}-{os.getpid()}"
+    process = start(folder, out, "--decode", decode, tag=tag)
     wait_for_records(out, 8)
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
-    assert not decode_workers(), "a decode process outlived its run"
+    wait_until(lambda: not tagged(tag), "the run's decode processes ending", timeout=20)
     assert "interrupted" in stderr and "Traceback" not in stderr
     partial = by_path(read_records(out))
     assert 0 < len(partial) < len(many_tiles)
@@ -223,30 +224,18 @@ def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, decod
     assert len(by_path(read_records(out))) == len(many_tiles)
 
 
-def decode_workers() -> list[str]:
-    """The command lines of running decode processes (gpu_pipeline.inputs.processes workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "gpu_pipeline.inputs.processes" in command:
-            found.append(command)
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_decode_processes_end_when_their_run_is_killed(tmp_path):
     """SIGKILL leaves the main process no time to stop its workers: they end on their own."""
     # more pixels than the decode pool may hold ahead: the workers wait for room, alive, until the kill
     scenes = make_images(tmp_path / "scenes", 60, size=700, seed=2)
-    process = start(scenes[0].parent, tmp_path / "out.jsonl", "--decode", "processes")
+    tag = f"sigkill-{os.getpid()}"
+    process = start(scenes[0].parent, tmp_path / "out.jsonl", "--decode", "processes", tag=tag)
     wait_for_records(tmp_path / "out.jsonl", 2)
-    assert decode_workers()
+    assert len(tagged(tag)) >= 3  # the run, the fork server, decode processes
     process.kill()
     process.wait()
-    wait_until(lambda: not decode_workers(), "the decode processes ending", timeout=20)
+    wait_until(lambda: not tagged(tag), "the decode processes ending", timeout=20)
 
 
 def peak_rss_kib(folder: Path, out: Path) -> int:

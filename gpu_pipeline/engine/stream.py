@@ -33,7 +33,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_or_error
-from gpu_pipeline.inputs.processes import Decoder, available as processes_available
+from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available
 from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
@@ -185,6 +185,7 @@ class _DecodePool:
         # ready ahead, and those the consumer still holds in its batches, shared by the processes.
         held = prefetch_pixels + consumer_pixels
         self._slots = -(-held // (chunk_pixels * threads)) + 2
+        self._fork_server = ForkServer() if processes else None  # the decode processes share its imports
         self._prefetch_pixels = prefetch_pixels
         self._prefetch_images = prefetch_images
         self._chunk_pixels = chunk_pixels
@@ -213,7 +214,8 @@ class _DecodePool:
         return max(1, min(length, MOST_CHUNK_IMAGES))
 
     def _work(self) -> None:
-        decoder = Decoder(self._options, self._slots, 3 * self._chunk_pixels) if self._processes else None
+        decoder = (Decoder(self._options, self._slots, 3 * self._chunk_pixels, self._fork_server)
+                   if self._processes else None)
         try:
             while True:
                 with self._cond:
@@ -317,6 +319,9 @@ class _DecodePool:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join()
+        if self._fork_server is not None and not any(thread.is_alive() for thread in self._threads):
+            self._fork_server.close()
+            self._fork_server = None
 
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,

@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -93,23 +94,129 @@ class _Slots:
             self._free.append(offset)  # last in, first out: the pages in use stay few and warm
 
 
-class DecodeProcess:
-    """One worker process and its arena, used by one decode thread at a time."""
+def _interpreter(*arguments: str, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    """``python -m gpu_pipeline.inputs.processes ARGUMENTS`` in a session of its own (a Ctrl-C at the
+    terminal is the main process's to handle), importing this very package wherever it came from."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-m", "gpu_pipeline.inputs.processes", *arguments],
+                            pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18) -> None:
+
+def _number(sock: socket.socket) -> int:
+    data = b""
+    while len(data) < 8:
+        more = sock.recv(8 - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    return int.from_bytes(data, "little", signed=True)
+
+
+class ForkServer:
+    """An interpreter that imports the decoders once and forks a decode process on request.
+
+    The decode processes share its pages: about 5 MB of memory of their own each (PSS), where a
+    fresh interpreter with numpy, Pillow, tifffile and imagecodecs holds 25-33 MB. It is
+    single-threaded, so forking it is safe, and it ends when the main process closes it or dies.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = _interpreter("--fork-server", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        self._socket = ours
+        self._lock = threading.Lock()  # one request at a time, from any decode thread
+
+    def fork(self, connection: int, arena: int) -> int:
+        """A decode process serving ``connection`` with ``arena`` (descriptors); returns its pid."""
+        with self._lock:
+            socket.send_fds(self._socket, [b"f"], [connection, arena])
+            return _number(self._socket)
+
+    def exit_status(self, pid: int) -> int:
+        """How decode process ``pid`` ended, as ``Popen.returncode`` says it (-N: signal N); one
+        still running after 5 s is killed first."""
+        with self._lock:
+            self._socket.sendall(b"s" + pid.to_bytes(8, "little", signed=True))
+            return _number(self._socket)
+
+    def close(self) -> None:
+        self._socket.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _serve_forks(descriptor: int) -> None:
+    """The fork server's loop: fork a decode process, or report how one ended."""
+    import gc
+
+    import gpu_pipeline.inputs.decode  # noqa: F401  (what every decode process shares)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.freeze()  # the imported objects are never collected: their pages stay shared
+    sock = socket.socket(fileno=descriptor)
+    while True:
+        try:
+            message, descriptors, _, _ = socket.recv_fds(sock, 9, 2)
+        except ConnectionError:
+            return
+        if not message:
+            return  # the main process closed its end, or died
+        if message[:1] == b"f":
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                try:
+                    _serve(*descriptors)
+                finally:
+                    os._exit(0)
+            for fd in descriptors:
+                os.close(fd)
+            sock.sendall(pid.to_bytes(8, "little", signed=True))
+        else:
+            while len(message) < 9:
+                message += sock.recv(9 - len(message))
+            pid = int.from_bytes(message[1:9], "little", signed=True)
+            sock.sendall(_reaped(pid).to_bytes(8, "little", signed=True))
+
+
+def _reaped(pid: int) -> int:
+    deadline = time.monotonic() + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.01)
+
+
+class DecodeProcess:
+    """One worker process and its arena, used by one decode thread at a time: forked by ``server``
+    when given, else a fresh interpreter."""
+
+    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18,
+                 server: ForkServer | None = None) -> None:
         self.slot_bytes = slot_bytes
+        self.returncode: int | None = None  # how the process ended, once it has
         arena = os.memfd_create("gpu-pipeline-arena", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair()
         try:
             os.ftruncate(arena, slots * slot_bytes)
             self._arena = mmap.mmap(arena, slots * slot_bytes, prot=mmap.PROT_READ)
-            env = dict(os.environ)
-            # the worker imports this very package, wherever it was imported from (a checkout, a wheel)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "gpu_pipeline.inputs.processes", str(theirs.fileno()), str(arena)],
-                pass_fds=[theirs.fileno(), arena], env=env, stdin=subprocess.DEVNULL,
-                start_new_session=True)  # a Ctrl-C at the terminal is the main process's to handle
+            self._server = server
+            if server is not None:
+                self.pid = server.fork(theirs.fileno(), arena)
+            else:
+                self._process = _interpreter(str(theirs.fileno()), str(arena), pass_fds=(theirs.fileno(), arena))
+                self.pid = self._process.pid
         finally:
             theirs.close()
             os.close(arena)
@@ -117,10 +224,6 @@ class DecodeProcess:
         self._socket = ours
         self._connection = Connection(os.dup(ours.fileno()))
         self._connection.send((options, slot_bytes))
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """Decode ``paths`` in order until ``most_pixels`` pixels are decoded or a slot is full (at
@@ -149,12 +252,21 @@ class DecodeProcess:
         images = ImageBatch.packed(pixels, layout) if pixels is not None else ImageBatch.empty()
         return taken, images, errors
 
+    def _wait(self) -> int:
+        """The process's exit status, once it has ended (killed after 5 s)."""
+        if self.returncode is None:
+            if self._server is not None:
+                self.returncode = self._server.exit_status(self.pid)
+            else:
+                try:
+                    self.returncode = self._process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self.returncode = self._process.wait()
+        return self.returncode
+
     def _death(self) -> str:
-        try:
-            code = self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            code = self._process.wait()
+        code = self._wait()
         if code < 0:
             try:
                 return f"the decode process died of {signal.Signals(-code).name}"
@@ -166,11 +278,7 @@ class DecodeProcess:
         """End the worker: it sees its socket close and exits. Views handed out stay valid."""
         self._connection.close()
         self._socket.close()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        self._wait()
 
 
 class Decoder:
@@ -181,15 +289,17 @@ class Decoder:
     (``decode`` stage); the others decode as usual.
     """
 
-    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18) -> None:
+    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18,
+                 server: ForkServer | None = None) -> None:
         self._options = options
         self._slots, self._slot_bytes = slots, slot_bytes
+        self._server = server
         self._process: DecodeProcess | None = None
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """What :meth:`DecodeProcess.decode` returns, crashes included as errors."""
         if self._process is None:
-            self._process = DecodeProcess(self._options, self._slots, self._slot_bytes)
+            self._process = DecodeProcess(self._options, self._slots, self._slot_bytes, self._server)
         try:
             return self._process.decode(paths, most_pixels)
         except DecoderDied as death:
@@ -295,4 +405,7 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[1] == "--fork-server":
+        _serve_forks(int(sys.argv[2]))
+    else:
+        _serve(int(sys.argv[1]), int(sys.argv[2]))
