@@ -45,6 +45,31 @@ def hostile_folder(root: Path) -> Path:
     return folder
 
 
+def count_decode_processes(monkeypatch) -> list:
+    """Records every DecodeProcess started from now on (the list fills as they start)."""
+    started = []
+    real = processes.DecodeProcess
+
+    def counted(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(processes, "DecodeProcess", counted)
+    return started
+
+
+@needs_processes
+def test_big_images_are_decoded_in_threads_even_with_processes(tmp_path, monkeypatch):
+    """A scene costs little Python for its decoding time and would cost a copy into fresh shared
+    memory: decoded in the pool's threads, with no decode process started."""
+    for index in range(4):
+        Image.fromarray(np.full((600, 700, 3), index, np.uint8)).save(tmp_path / f"scene{index}.png")
+    started = count_decode_processes(monkeypatch)
+    decoded = list(decode_stream(find_files([tmp_path]), DecodeOptions(), 2, processes=True))
+    assert [item.image.shape for item in decoded] == [(600, 700, 3)] * 4
+    assert not started
+
+
 def same(a: Decoded, b: Decoded) -> bool:
     if a.path != b.path or a.error != b.error:
         return False
@@ -55,13 +80,15 @@ def same(a: Decoded, b: Decoded) -> bool:
 
 @needs_processes
 @pytest.mark.parametrize("chunk_pixels", [1, 5000, 1 << 18])
-def test_processes_decode_what_threads_decode(tmp_path, chunk_pixels):
+def test_processes_decode_what_threads_decode(tmp_path, chunk_pixels, monkeypatch):
     """Pixels (dtype, shape, bytes) and error records are the same, whatever the parts' size: a
     part of one image, parts that end inside a chunk, images carried over to the next slot."""
     files = find_files([hostile_folder(tmp_path)])
     options = DecodeOptions(bands=None)
     threads = list(decode_stream(files, options, 2, chunk_pixels=chunk_pixels))
+    started = count_decode_processes(monkeypatch)
     in_processes = list(decode_stream(files, options, 2, chunk_pixels=chunk_pixels, processes=True))
+    assert started, "no decode process ran"
     assert [item.path for item in in_processes] == files
     assert all(same(a, b) for a, b in zip(threads, in_processes))
     errors = {Path(item.path).name: item.error["stage"] for item in in_processes if item.error}
@@ -197,8 +224,7 @@ def test_auto_decodes_in_processes_only_for_long_runs_on_many_cores(monkeypatch)
     assert not engine.decodes_in_processes(10)
     assert engine.decodes_in_processes(5000) == processes.available()
     assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
-    assert (engine.decoders(processes=True), engine.decoders(processes=False)) == (8, 16)
-    assert Engine(create("reference"), workers=3).decoders(processes=True) == 3
+    assert engine.decoders() == 16 and Engine(create("reference"), workers=3).decoders() == 3
     monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were faster on 2 cores
     assert not engine.decodes_in_processes(5000)
 

@@ -227,8 +227,9 @@ def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, decod
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_decode_processes_end_when_their_run_is_killed(tmp_path):
     """SIGKILL leaves the main process no time to stop its workers: they end on their own."""
-    # more pixels than the decode pool may hold ahead: the workers wait for room, alive, until the kill
-    scenes = make_images(tmp_path / "scenes", 60, size=700, seed=2)
+    # more pixels than the decode pool may hold ahead (16 MP), in images small enough for decode
+    # processes: the workers wait for room, alive, until the kill
+    scenes = make_images(tmp_path / "scenes", 250, size=350, seed=2)
     tag = f"sigkill-{os.getpid()}"
     process = start(scenes[0].parent, tmp_path / "out.jsonl", "--decode", "processes", tag=tag)
     wait_for_records(tmp_path / "out.jsonl", 2)

@@ -157,6 +157,11 @@ def usable_cores() -> int:
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
+#: With decode processes, images of this many pixels or more (on average so far) are decoded in the
+#: decode threads all the same: 256 K pixels take about 2.5 ms to decode, against 30-50 us of GIL,
+#: and a scene would cost a copy into fresh shared memory (24 12-MP scenes on 2 cores: 132 MP/s in
+#: processes, 220 in threads).
+PROCESS_DECODE_BELOW_PIXELS = 256 * 1024
 #: Pixels a decode thread decodes before it hands them over: 64 EuroSAT tiles, or one scene.
 DECODE_CHUNK_PIXELS = 256 * 1024
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
@@ -224,12 +229,15 @@ class _DecodePool:
                     chunk = list(islice(self._paths, self._chunk_length()))
                     number = self._next_chunk
                     self._next_chunk += 1
+                    # big images cost little Python for their decoding time: threads decode them
+                    # with no copy into shared memory; the first chunk (one image) too
+                    small = self._seen_pixels < PROCESS_DECODE_BELOW_PIXELS * self._seen_images
                 if not chunk:
                     return
-                if decoder is None:
-                    self._decode_chunk(number, chunk)
-                else:
+                if decoder is not None and small:
                     self._decode_chunk_in_process(number, chunk, decoder)
+                else:
+                    self._decode_chunk(number, chunk)
         except BaseException as exc:  # the path iterator failed: the consumer re-raises it
             with self._cond:
                 self._failure = self._failure or exc
@@ -452,8 +460,7 @@ class Engine:
     decode_options: DecodeOptions = field(default_factory=DecodeOptions)
     batch_size: int | None = None
     batch_pixels: int | None = None
-    #: Decoders (threads or processes); None: one per core for threads, one per two cores for
-    #: processes (the compute threads need the other half; each process holds ~25 MB of its own).
+    #: Decoders (threads, each with its decode process with ``processes``); None: one per core.
     workers: int | None = None
     #: Decode in worker processes (True), in threads of this process (False), or choose (None:
     #: processes for runs of at least ``PROCESS_DECODE_FROM_FILES`` files on ``PROCESS_DECODE_FROM_CORES``
@@ -472,11 +479,9 @@ class Engine:
         return (files >= PROCESS_DECODE_FROM_FILES and usable_cores() >= PROCESS_DECODE_FROM_CORES
                 and processes_available())
 
-    def decoders(self, processes: bool) -> int:
+    def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""
-        if self.workers is not None:
-            return self.workers
-        return max(1, usable_cores() // 2) if processes else usable_cores()
+        return self.workers if self.workers is not None else usable_cores()
 
     def pixels_per_batch(self) -> int:
         return self.batch_pixels if self.batch_pixels is not None else self.backend.batch_pixels()
@@ -505,7 +510,7 @@ class Engine:
         prefetch_pixels = max(self.prefetch_pixels, batch_pixels)
         processes = self.decodes_in_processes(len(paths))
         # the consumer holds a batch being filled, one computing and one being written
-        stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(processes),
+        stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(),
                                            prefetch_pixels=prefetch_pixels, processes=processes,
                                            consumer_pixels=3 * batch_pixels),
                               self.batch_size, batch_pixels)

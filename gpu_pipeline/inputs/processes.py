@@ -122,17 +122,23 @@ class ForkServer:
     """
 
     def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None  # started by the first fork
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()  # one request at a time, from any decode thread
+
+    def _start(self) -> None:
         ours, theirs = socket.socketpair()
         try:
             self._process = _interpreter("--fork-server", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
         self._socket = ours
-        self._lock = threading.Lock()  # one request at a time, from any decode thread
 
     def fork(self, connection: int, arena: int) -> int:
         """A decode process serving ``connection`` with ``arena`` (descriptors); returns its pid."""
         with self._lock:
+            if self._process is None:
+                self._start()
             socket.send_fds(self._socket, [b"f"], [connection, arena])
             return _number(self._socket)
 
@@ -144,6 +150,8 @@ class ForkServer:
             return _number(self._socket)
 
     def close(self) -> None:
+        if self._process is None:
+            return
         self._socket.close()
         try:
             self._process.wait(timeout=10)
