@@ -18,12 +18,13 @@ cost 7-13 us a tile on the 2-core VM: more than the GIL a tile this saves.) When
 or an image is larger than a slot (a scene), the worker puts the part in a ``memfd`` of its own and
 passes its descriptor over the socket: slower, never blocking.
 
-Workers are plain ``python -m gpu_pipeline.inputs.processes`` interpreters, not
-``multiprocessing`` children, so a user's script without an ``if __name__ == "__main__"`` guard is
-never imported again in them. A worker runs in a session of its own and ignores SIGINT, so a
-Ctrl-C is the main process's to handle (it flushes, then ends the workers), and it ends when its
-socket closes, so it never outlives the run, even one killed with SIGKILL. Linux only (``memfd``);
-elsewhere :func:`available` is False and the engine decodes in threads.
+Workers are forked by a :class:`ForkServer`, a plain ``python -m gpu_pipeline.inputs.processes``
+interpreter that imported the decoders once (so each worker holds about 5 MB of its own), not
+``multiprocessing`` children: a user's script without an ``if __name__ == "__main__"`` guard is
+never imported again in them. They run in a session of their own and ignore SIGINT, so a Ctrl-C
+is the main process's to handle (it flushes, then ends them), and each ends when its socket
+closes, so none outlives the run, even one killed with SIGKILL. Linux only (``memfd``); elsewhere
+:func:`available` is False and the engine decodes in threads.
 """
 
 from __future__ import annotations
@@ -311,7 +312,8 @@ class Decoder:
         try:
             return self._process.decode(paths, most_pixels)
         except DecoderDied as death:
-            self._process = None
+            dead, self._process = self._process, None
+            dead.close()  # its sockets and arena; it has been waited for
             if len(paths) == 1:
                 return 1, ImageBatch.empty(), {0: ("decode", f"{death} while decoding this file")}
         return self._one_at_a_time(paths, most_pixels)
