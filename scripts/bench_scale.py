@@ -227,12 +227,14 @@ def decode_only(files: list[Path], threads: int) -> float:
 def compute_only(files: list[Path], backend) -> float:
     """The backend alone on the decoded images, in the engine's batches (decoded beforehand)."""
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
-    from gpu_pipeline.engine.stream import batches, decode_stream
+    from gpu_pipeline.engine.stream import DecodedPart, decode_stream, part_batches
+    from gpu_pipeline.images import ImageBatch
 
     decoded = list(decode_stream(files, DecodeOptions(), 2))
+    whole = DecodedPart([item.path for item in decoded], ImageBatch.of([item.image for item in decoded]))
     start = time.perf_counter()
-    for batch in batches(iter(decoded), None, backend.batch_pixels()):
-        backend.process([item.image for item in batch], PipelineConfig())
+    for batch in part_batches(iter([whole]), None, backend.batch_pixels()):
+        backend.process(batch.images, PipelineConfig())
     seconds = time.perf_counter() - start
     del decoded  # this process forks the next runs: keep it small
     return seconds

@@ -50,6 +50,7 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     from gpu_pipeline.backends import create
     from gpu_pipeline.labels.labeller import default_labels
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.images import ImageBatch
     from gpu_pipeline.inputs.decode import decode_image
 
     options = DecodeOptions()
@@ -59,9 +60,9 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     batch_pixels = backend.batch_pixels()
     batch_size = None
     config = PipelineConfig()
-    items = [engine_module.Decoded(path, image=decoded[path]) for path in files]
-    batches = list(engine_module.batches(iter(items), batch_size or 256, batch_pixels))
-    results = [backend.process([item.image for item in batch], config) for batch in batches]
+    whole = engine_module.DecodedPart(list(files), ImageBatch.of([decoded[path] for path in files]))
+    batches = list(engine_module.part_batches(iter([whole]), batch_size or 256, batch_pixels))
+    results = [backend.process(batch.images, config) for batch in batches]
     stages = {}
     stages["decode"] = cpu_us_per_image(lambda: [decode_image(path, options) for path in files], len(files), repeat)
 
@@ -69,15 +70,15 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
         real = engine_module.decode_or_error
         engine_module.decode_or_error = lambda path, options: decoded[path]
         try:
-            stream = engine_module.decode_stream(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
-            for _ in engine_module.batches(stream, batch_size or 256, batch_pixels):
+            parts = engine_module.decode_parts(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
+            for _ in engine_module.part_batches(parts, batch_size or 256, batch_pixels):
                 pass
         finally:
             engine_module.decode_or_error = real
 
     stages["plumbing"] = cpu_us_per_image(plumbing, len(files), repeat)
     stages["compute"] = cpu_us_per_image(
-        lambda: [backend.process([item.image for item in batch], config) for batch in batches], len(files), repeat)
+        lambda: [backend.process(batch.images, config) for batch in batches], len(files), repeat)
 
     def as_arrays(result):
         if hasattr(result, "histograms"):
@@ -86,7 +87,7 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
 
     arrays = [as_arrays(result) for result in results]
     stages["labels"] = cpu_us_per_image(
-        lambda: [default_labels([item.image for item in batch], *pair) for batch, pair in zip(batches, arrays)],
+        lambda: [default_labels(batch.images, *pair) for batch, pair in zip(batches, arrays)],
         len(files), repeat)
     stages["records"] = cpu_us_per_image(lambda: records_text(engine_module, backend, batches, results), len(files),
                                          repeat)
@@ -95,13 +96,11 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
 
 def records_text(engine_module, backend, batches, results) -> None:
     """The JSON lines of every batch, as the engine and the JSONL sink of that checkout make them."""
-    from gpu_pipeline.images import ImageBatch
     from gpu_pipeline.outputs.records import jsonl_text
 
     engine = engine_module.Engine(backend)
     for batch, result in zip(batches, results):
-        part = engine_module.DecodedPart([item.path for item in batch], ImageBatch.of([item.image for item in batch]))
-        jsonl_text(engine.records(part, engine_module.Outcome(result)))
+        jsonl_text(engine.records(batch, engine_module.Outcome(result)))
 
 
 def tile_size_sweep(repeat: int) -> dict[int, float]:

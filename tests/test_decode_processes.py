@@ -18,7 +18,7 @@ from PIL import Image
 
 from gpu_pipeline.backends import create
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import (Decoded, DecodedPart, Engine, batches, decode_stream,
+from gpu_pipeline.engine.stream import (Decoded, DecodedPart, Engine, decode_stream,
                                         part_batches)
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs import processes
@@ -273,16 +273,38 @@ def part_of(paths, images, errors) -> DecodedPart:
                                                        for p in errors})
 
 
+def image_batches(decoded, batch_size, batch_pixels):
+    """The oracle: the engine's batching when it went an image at a time (before parts), as it was.
+    At most ``batch_size`` images and ``batch_pixels`` pixels, or one image alone; errors ride along."""
+    most_images = batch_size if batch_size is not None else 1 << 62
+    batch, images, pixels = [], 0, 0
+    for item in decoded:
+        image = item.image
+        size = image.shape[0] * image.shape[1] if image is not None else 0
+        if images and pixels + size > batch_pixels:
+            yield batch
+            batch, images, pixels = [], 0, 0
+        batch.append(item)
+        if image is not None:
+            images += 1
+            pixels += size
+            if images >= most_images:
+                yield batch
+                batch, images, pixels = [], 0, 0
+    if batch:
+        yield batch
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=30),
        st.integers(1, 5), st.integers(1, 2000), st.one_of(st.none(), st.integers(1, 6)))
 def test_batches_of_parts_group_as_batches_of_images(inputs, part_length, batch_pixels, batch_size):
-    """Cut into parts anywhere, the inputs come out in the batches :func:`batches` makes of them."""
+    """Cut into parts anywhere, the inputs come out in the batches the image-at-a-time batching made."""
     items = [Decoded(f"/{i}.png", error=None if ok else {"path": f"/{i}.png", "stage": "decode", "error": "x"},
                      image=np.zeros((side, side), np.uint8) if ok else None)
              for i, (side, ok) in enumerate(inputs)]
-    expected = [[item.path for item in batch] for batch in batches(iter(items), batch_size, batch_pixels)]
-    expected_images = [sum(item.image is not None for item in batch) for batch in batches(iter(items), batch_size,
+    expected = [[item.path for item in batch] for batch in image_batches(iter(items), batch_size, batch_pixels)]
+    expected_images = [sum(item.image is not None for item in batch) for batch in image_batches(iter(items), batch_size,
                                                                                           batch_pixels)]
     parts = []
     for start in range(0, len(items), part_length):
@@ -290,7 +312,7 @@ def test_batches_of_parts_group_as_batches_of_images(inputs, part_length, batch_
         parts.append(part_of([item.path for item in chunk], [item.image for item in chunk if item.image is not None],
                              [k for k, item in enumerate(chunk) if item.image is None]))
     got = list(part_batches(iter(parts), batch_size, batch_pixels))
-    # every input once, in order, errors where they were; the same image groups as batches()
+    # every input once, in order, errors where they were; the same image groups as the oracle
     assert [path for batch in got for path in batch.paths] == [item.path for item in items]
     assert [len(batch.images) for batch in got if len(batch.images)] == [n for n in expected_images if n]
     for batch in got:

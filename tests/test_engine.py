@@ -11,7 +11,8 @@ from PIL import Image
 import cpu_reference
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream
+from gpu_pipeline.engine.stream import Decoded, DecodedPart, Engine, decode_stream, part_batches
+from gpu_pipeline.images import ImageBatch
 
 
 class ListSink:
@@ -188,12 +189,20 @@ def _fake(shape):
 
 
 def test_batches_respect_size_and_pixel_budget():
-    items = [_fake((10, 10))] * 5 + [Decoded(Path("bad"), error={"stage": "decode"})] + [_fake((100, 100))]
-    sizes = [len(b) for b in batches(iter(items), batch_size=2, batch_pixels=1000)]
+    """Five 10x10 images, an error, a 100x100 image, in parts of three inputs."""
+    paths = [f"/{i}.png" for i in range(7)]
+    images = [np.zeros((10, 10), np.uint8)] * 5 + [np.zeros((100, 100), np.uint8)]
+    error = {"path": "/5.png", "stage": "decode", "error": "x"}
+    parts = [DecodedPart(paths[:3], ImageBatch.of(images[:3])),
+             DecodedPart(paths[3:6], ImageBatch.of(images[3:5]), {2: error}),
+             DecodedPart(paths[6:], ImageBatch.of(images[5:]))]
+    got = list(part_batches(iter(parts), batch_size=2, batch_pixels=1000))
     # 2 images, 2 images, then the fifth image with the error record, then the big one alone
-    assert sizes == [2, 2, 2, 1]
-    flat = [item for batch in batches(iter(items), batch_size=3, batch_pixels=10**9) for item in batch]
-    assert flat == items
+    assert [batch.paths for batch in got] == [paths[:2], paths[2:4], paths[4:6], paths[6:]]
+    assert [len(batch.images) for batch in got] == [2, 2, 1, 1]
+    assert got[2].errors == {1: error}
+    whole = list(part_batches(iter(parts), batch_size=3, batch_pixels=10**9))
+    assert [path for batch in whole for path in batch.paths] == paths
 
 
 class KeepSpy(ReferenceBackend):

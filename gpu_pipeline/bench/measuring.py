@@ -20,7 +20,8 @@ from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAG
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Decoded, Engine, batches, decode_stream
+from gpu_pipeline.engine.stream import DecodedPart, Engine, decode_stream, part_batches
+from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 from gpu_pipeline.outputs.sink import NullSink
@@ -69,10 +70,10 @@ class Contender:
 
 
 def run_compute(backend: Backend, images: Sequence[np.ndarray], settings: BenchSettings) -> None:
-    """``process()`` over images in memory, grouped as the engine groups them."""
-    items = (Decoded(Path(str(index)), image=image) for index, image in enumerate(images))
-    for batch in batches(items, settings.batch_size, settings.batch_pixels or backend.batch_pixels()):
-        backend.process([item.image for item in batch], settings.config)
+    """``process()`` over images in memory, grouped and packed as the engine hands them over."""
+    whole = DecodedPart([str(index) for index in range(len(images))], ImageBatch.of(images))
+    for batch in part_batches(iter([whole]), settings.batch_size, settings.batch_pixels or backend.batch_pixels()):
+        backend.process(batch.images, settings.config)
 
 
 def run_end_to_end(backend: Backend, paths: Sequence[Path], settings: BenchSettings) -> None:

@@ -30,7 +30,7 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
 from gpu_pipeline.labels.labeller import Labeller, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Decoded, batches, decode_stream
+from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import discover
@@ -451,8 +451,9 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     started = _start(tallies, threads)
     try:
         verifier = Verifier(reference, started, config, report, labels_of)
-        for chunk in batches(decode_stream(files, decode_options, workers, prefetch=batch_size + 2 * workers),
-                             batch_size, CHUNK_PIXELS):
+        for batch in part_batches(decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers),
+                                  batch_size, CHUNK_PIXELS):
+            chunk = list(batch.one_by_one())
             verifier.run_chunk(chunk)
             if progress is not None:
                 progress(len(chunk), len(files))

@@ -361,32 +361,10 @@ def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, p
         parts.close()
 
 
-def batches(decoded: Iterator[Decoded], batch_size: int | None, batch_pixels: int) -> Iterator[list[Decoded]]:
-    """Group in input order (at most ``batch_size`` images, if given, and ``batch_pixels`` pixels,
-    or one image alone); errors ride along so records keep the input order."""
-    most_images = batch_size if batch_size is not None else 1 << 62
-    batch: list[Decoded] = []
-    images = pixels = 0
-    for item in decoded:
-        image = item.image
-        size = image.shape[0] * image.shape[1] if image is not None else 0
-        if images and pixels + size > batch_pixels:
-            yield batch
-            batch, images, pixels = [], 0, 0
-        batch.append(item)
-        if image is not None:
-            images += 1
-            pixels += size
-            if images >= most_images:
-                yield batch
-                batch, images, pixels = [], 0, 0
-    if batch:
-        yield batch
-
-
 def part_batches(parts: Iterator[DecodedPart], batch_size: int | None, batch_pixels: int) -> Iterator[DecodedPart]:
-    """:func:`batches` of parts: the same limits (at most ``batch_size`` images and ``batch_pixels``
-    pixels, or one image alone), a part cut where a limit falls inside it."""
+    """Group parts into batches in input order: at most ``batch_size`` images (if given) and
+    ``batch_pixels`` pixels, or one image alone; a part is cut where a limit falls inside it, and
+    error records ride along where they are, so records keep the input order."""
     most_images = batch_size if batch_size is not None else 1 << 62
     pending: list[DecodedPart] = []
     images = pixels = 0
