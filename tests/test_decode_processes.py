@@ -319,3 +319,17 @@ def test_batches_of_parts_group_as_batches_of_images(inputs, part_length, batch_
         for position, record in batch.errors.items():
             assert record["path"] == batch.paths[position]
     assert sum(len(batch.paths) for batch in got) == sum(len(paths) for paths in expected)
+
+
+def test_decode_processes_where_they_cannot_run_is_a_usage_error(tmp_path, monkeypatch):
+    """Without memfd (not Linux) --decode processes is refused before anything is written."""
+    from typer.testing import CliRunner
+
+    from gpu_pipeline.cli import app
+
+    monkeypatch.setattr(processes, "available", lambda: False)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["run", str(BUNDLED / "eurosat"), "--out", str(out), "--decode", "processes"])
+    assert result.exit_code == 2
+    assert "--decode processes needs Linux" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
