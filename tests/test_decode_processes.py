@@ -333,3 +333,27 @@ def test_decode_processes_where_they_cannot_run_is_a_usage_error(tmp_path, monke
     assert result.exit_code == 2
     assert "--decode processes needs Linux" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@needs_processes
+def test_pixels_are_never_pickled():
+    """What comes back over the socket is where the images lie and their errors: a few bytes an image."""
+    import pickle
+
+    process = processes.DecodeProcess(DecodeOptions())
+    connection, received = process._connection, []
+
+    def recv():
+        data = connection.recv_bytes()
+        received.append(len(data))
+        return pickle.loads(data)
+
+    process._connection = type("Counting", (), {"send": connection.send, "recv": staticmethod(recv),
+                                                "close": connection.close})()
+    try:
+        taken, images, _ = process.decode(find_files([BUNDLED / "eurosat"]), 1 << 30)
+        pixel_bytes = sum(image.nbytes for image in images)
+        assert taken > 10 and pixel_bytes > 100_000
+        assert sum(received) < 100 * taken  # a 64x64 RGB tile alone is 12,288 bytes
+    finally:
+        process.close()
