@@ -47,6 +47,17 @@ class BreaksOnRealImages(ReferenceBackend):
         raise RuntimeError("kernel launch failed")
 
 
+class FailsOnTwoThreads(ReferenceBackend):
+    """Works on one thread, breaks on two: the scaling table must say so, not crash."""
+
+    name = "fails-on-two"
+
+    def process(self, images, config, keep_images=False):
+        if self.threads == 2:
+            raise RuntimeError("kernel launch failed")
+        return super().process(images, config, keep_images)
+
+
 @dataclass
 class FakeDeviceTimes:
     kernels: float = 0.0
@@ -403,3 +414,26 @@ def test_the_scaling_table_times_each_backend_by_thread_count(tmp_path):
     assert "scaling by threads" in result.stdout
     _, without = run_bench(tmp_path, *TINY, "--backends", "numba", "--no-scaling")
     assert without["scaling"] == {}
+
+
+def test_a_thread_count_that_fails_is_a_row_with_its_reason(register):
+    """Measured as a backend is (errors caught), a failing thread count is a row with its reason,
+    and the table says "failed" there instead of crashing."""
+    from rich.console import Console
+
+    from gpu_pipeline.bench.measuring import measure_scaling
+    from gpu_pipeline.bench.report import scaling_table
+
+    register(FailsOnTwoThreads)
+    files = discover([Path(__file__).resolve().parent.parent / "data" / "eurosat"])[:3]
+    corpus = bench.load_corpus(files, {}, bench.BenchSettings().decode_options, 1)
+    contender = bench.Contender("fails-on-two", "backend")
+    rows = measure_scaling([contender], corpus, bench.BenchSettings(repeats=1, threads=2))["fails-on-two"]
+    assert [row["threads"] for row in rows] == [1, 2]
+    assert rows[0]["compute"] is not None and rows[0]["reason"] is None
+    assert rows[1]["compute"] is None and "kernel launch failed" in rows[1]["reason"]
+    report = bench.BenchReport(corpus, bench.BenchSettings(repeats=1, threads=2), [contender], [], None,
+                               {"fails-on-two": rows})
+    console = Console(record=True, width=200)
+    console.print(scaling_table(report))
+    assert "failed" in console.export_text()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -258,23 +258,20 @@ NOT_SCALED = ("reference",)
 
 def measure_scaling(contenders: Sequence[Contender], corpus: Corpus, settings: BenchSettings) -> dict[str, list[dict]]:
     """Each measured backend again with 1, 2, 4, ... ``settings.threads`` threads (compute threads
-    and decoders alike): median MP/s of compute and end to end, per thread count."""
+    and decoders alike), measured as :func:`measure_backend` measures it: median MP/s of compute
+    and end to end per thread count (None, with the reason, where a run failed)."""
     scaling = {}
     for contender in contenders:
         if contender.kind != "backend" or not contender.measured or contender.name in NOT_SCALED:
             continue
         rows = []
         for threads in thread_counts(settings.threads):
-            at = BenchSettings(settings.repeats, threads, settings.batch_size, settings.batch_pixels,
-                               settings.config, settings.decode_options)
-            backend = registry.create(contender.name, threads=threads)
-            with backend:
-                backend.warm_up()
-                compute = Timing(time_repeats(at.repeats, lambda: run_compute(backend, corpus.images, at)),
-                                 len(corpus.images), corpus.pixels)
-                end_to_end = Timing(time_repeats(at.repeats, lambda: run_end_to_end(backend, corpus.paths, at)),
-                                    len(corpus.images), corpus.pixels)
-            rows.append({"threads": threads, "compute": compute.to_json(), "end_to_end": end_to_end.to_json()})
+            run = measure_backend(Contender(contender.name, "backend"),
+                                  partial(registry.create, contender.name, threads=threads), corpus,
+                                  replace(settings, threads=threads))
+            rows.append({"threads": threads, "reason": run.reason,
+                         **{mode: timing.to_json() if timing is not None else None
+                            for mode, timing in (("compute", run.compute), ("end_to_end", run.end_to_end))}})
         scaling[contender.name] = rows
     return scaling
 

@@ -140,8 +140,12 @@ def scaling_table(report: BenchReport) -> Table | None:
         cells = [str(threads)]
         for rows in report.scaling.values():
             for mode in ("compute", "end_to_end"):
-                rate = rows[index][mode]["megapixels_per_s"]["median"]
-                cells.append(f"{_number(rate)} ({rate / rows[0][mode]['megapixels_per_s']['median']:.1f}x)")
+                timing, one = rows[index][mode], rows[0][mode]
+                if timing is None or one is None:
+                    cells.append("failed")
+                    continue
+                rate = timing["megapixels_per_s"]["median"]
+                cells.append(f"{_number(rate)} ({rate / one['megapixels_per_s']['median']:.1f}x)")
         table.add_row(*cells)
     return table
 
