@@ -2,8 +2,9 @@
 
 The data plane is batch-native: a backend returns one :class:`BatchResult` (histograms as one
 (N, 256) array, edge counts as one array), the labeller labels the batch in one call, and the sink
-gets one :class:`~gpu_pipeline.outputs.records.RecordBatch` that it encodes in one go. What is left per
-image in Python is the decode call and a line of text.
+gets one :class:`~gpu_pipeline.outputs.records.RecordBatch` that it encodes in one go. Decoded images
+travel as :class:`~gpu_pipeline.images.ImageBatch` parts; what is left per image in Python is the
+decode call (in a decode process of its own with ``processes``) and a line of text.
 
 Memory is bounded by pixels whatever the number or size of the files (docs/benchmarks.md, "Memory"):
 the decode pool holds at most ``prefetch_pixels`` decoded pixels waiting for the engine, plus, per
@@ -145,8 +146,9 @@ def error_record(path: Path | str, stage: str, message: str) -> dict:
 #: processes (about 0.3 s) costs more than they save.
 PROCESS_DECODE_FROM_FILES = 2000
 #: ... on machines of at least this many cores. Below, the GIL is not what limits a run: on 2 cores
-#: threads were 5-20 % faster than processes (docs/benchmarks.md); one process's decode threads stop
-#: scaling near 8 (cv2.imread on the 16-core machine), 16 processes decode 2.7x more.
+#: the two modes were within the noise of each other (docs/benchmarks.md, "Every core"); one
+#: process's decode threads stop scaling near 8 (cv2.imread on the 16-core machine, issue #19),
+#: 16 processes decode 2.7x more.
 PROCESS_DECODE_FROM_CORES = 8
 
 
@@ -156,6 +158,7 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
 
 #: With decode processes, images of this many pixels or more (on average so far) are decoded in the
 #: decode threads all the same: 256 K pixels take about 2.5 ms to decode, against 30-50 us of GIL,

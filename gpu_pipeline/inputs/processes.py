@@ -71,6 +71,12 @@ def processes_wanted(mode: str) -> bool | None:
     return None if mode == "auto" else mode == "processes"
 
 
+#: Slots of an arena and their size, unless the decode pool says (it sizes them by what it holds):
+#: a slot holds 256 K RGB pixels, the pool's part of 64 EuroSAT tiles.
+SLOTS = 8
+SLOT_BYTES = 3 << 18
+
+
 class DecoderDied(RuntimeError):
     """The worker process ended while it decoded (a crash in a codec, or it was killed)."""
 
@@ -211,7 +217,7 @@ class DecodeProcess:
     """One worker process and its arena, used by one decode thread at a time: forked by ``server``
     when given, else a fresh interpreter."""
 
-    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18,
+    def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
                  server: ForkServer | None = None) -> None:
         self.slot_bytes = slot_bytes
         self.returncode: int | None = None  # how the process ended, once it has
@@ -298,7 +304,7 @@ class Decoder:
     (``decode`` stage); the others decode as usual.
     """
 
-    def __init__(self, options: DecodeOptions, slots: int = 8, slot_bytes: int = 3 << 18,
+    def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
                  server: ForkServer | None = None) -> None:
         self._options = options
         self._slots, self._slot_bytes = slots, slot_bytes
@@ -379,11 +385,12 @@ class _Worker:
         layout = np.array(placed, np.int64).reshape(-1, 4)
         return (taken, layout, errors, used if in_slot else 0, 0 if in_slot else used), images, in_slot
 
-    def write(self, images: list[np.ndarray], placed: np.ndarray, slot: int | None, in_slot: bool) -> None:
-        if in_slot:
-            for offset, image in zip(placed[:, 3].tolist(), images):
-                self._arena[slot + offset:slot + offset + image.size] = image.reshape(-1)
-            return
+    def fill_slot(self, images: list[np.ndarray], placed: np.ndarray, slot: int) -> None:
+        for offset, image in zip(placed[:, 3].tolist(), images):
+            self._arena[slot + offset:slot + offset + image.size] = image.reshape(-1)
+
+    def send_in_own_memory(self, images: list[np.ndarray]) -> None:
+        """The images in a memfd of their own, its descriptor sent over the socket."""
         shared = os.memfd_create("gpu-pipeline-pixels", os.MFD_CLOEXEC)
         try:
             os.writev(shared, [np.ascontiguousarray(image) for image in images])  # faster than faulting in a mapping
@@ -406,10 +413,10 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
             paths, most_pixels, slot = connection.recv()
             reply, images, in_slot = worker.answer(paths, most_pixels, slot, slot_bytes)
             if in_slot:
-                worker.write(images, reply[1], slot, in_slot=True)  # before the reply: it says the pixels are there
+                worker.fill_slot(images, reply[1], slot)  # before the reply: it says the pixels are there
             connection.send(reply)
             if images and not in_slot:
-                worker.write(images, reply[1], slot, in_slot=False)
+                worker.send_in_own_memory(images)
     except (EOFError, ConnectionError):
         pass  # the main process closed its end (or died): nothing left to do
 
