@@ -52,7 +52,7 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
 
     Images of any mix of shapes go to the backend in its own batch sizes; the results are the
     same bytes as ``gpu-pipeline run`` on the same pixels. ``model`` labels with a model file or
-    the shipped ``eurosat`` instead of the default rule.
+    a shipped model (``eurosat``, ``eurosat-cnn``) instead of the default rule.
     """
     from gpu_pipeline.labels.labeller import label_function
 

@@ -50,6 +50,7 @@ KERNEL_SOURCES = (
     "backends/_cuda_kernels.py",
     "labels/features.py",
     "labels/model.py",
+    "labels/cnn.py",
     "outputs/records.py",
 )
 

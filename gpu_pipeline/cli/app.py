@@ -93,7 +93,7 @@ def run(
                                               help="Also write each edge map as a PNG under this folder."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
-        help="Label with a model from `gpu-pipeline fit` (or the shipped one: eurosat) instead of the default rule."),
+        help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",
                                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "

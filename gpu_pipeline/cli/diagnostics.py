@@ -44,7 +44,7 @@ def verify(
     batch_size: ImagesPerCall = 64,
     model: Optional[str] = typer.Option(
         None, "--model", "-m", show_default=False,
-        help="Compare the labels of this model (a file from `gpu-pipeline fit`, or eurosat) instead of the default rule."),
+        help="Compare the labels of this model (a model file, or eurosat, eurosat-cnn) instead of the default rule."),
 ) -> None:
     """Check that every backend gives the reference's bytes: histogram, equalized, edges, edge count, label.
 

@@ -132,7 +132,7 @@ def evaluate(
     labeled_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (EuroSAT layout).",
                                        show_default=False),
     model_path: str = typer.Option(..., "--model", "-m", show_default=False,
-                                   help="Model file from `gpu-pipeline fit`, or a shipped model: eurosat."),
+                                   help="Model file, or a shipped model: eurosat, eurosat-cnn."),
     backend: Backend = "auto",
     bands: Bands = None,
     stretch: Stretch = "percentile",
@@ -155,7 +155,8 @@ def evaluate(
         if unknown:
             raise UsageError(f"class folder(s) {', '.join(unknown)} are not classes of the model "
                              f"({', '.join(model.classes)})")
-        table, backend_name = compute_features(labeled.paths, backend, model.config, Console(stderr=True), decode)
+        table, backend_name = compute_features(labeled.paths, backend, model.config, Console(stderr=True), decode,
+                                               model.features, model.feature_count)
         if not table.ok.any():
             raise UsageError("no image could be processed")
     except UsageError as exc:

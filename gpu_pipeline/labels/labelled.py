@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -20,6 +21,9 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import discover
+
+#: ``features_of(images, histograms, edge_counts)``: float64 (N, width) features of a batch.
+FeaturesOf = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,15 @@ class FeatureTable:
 
 
 class _FeatureCollector:
-    """Engine hooks that keep each image's feature vector.
+    """Engine hooks that keep each image's feature vector, as ``features_of`` computes it.
 
     The engine calls ``labels_of`` once per batch and writes what it returns into the records'
     ``label``; returning a fresh ticket per image lets ``write`` pair each vector with its record's
     path, whatever order the engine works in. Only the vector is kept, never the image.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, features_of: FeaturesOf = batch_features) -> None:
+        self._features_of = features_of
         self._tickets = itertools.count()
         self._pending: dict[str, np.ndarray] = {}
         self.vectors: dict[str, np.ndarray] = {}
@@ -75,7 +80,7 @@ class _FeatureCollector:
 
     def labels_of(self, images, histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
         tickets = []
-        for vector in batch_features(images, histograms, edge_counts):
+        for vector in self._features_of(images, histograms, edge_counts):
             tickets.append(str(next(self._tickets)))
             self._pending[tickets[-1]] = vector
         return tickets
@@ -89,12 +94,17 @@ class _FeatureCollector:
 
 
 def compute_features(paths: list[Path], backend_name: str, config: PipelineConfig, console: Console,
-                     decode: DecodeOptions | None = None) -> tuple[FeatureTable, str]:
-    """Run ``paths`` through the engine; returns the features and the concrete backend's name."""
+                     decode: DecodeOptions | None = None, features_of: FeaturesOf = batch_features,
+                     width: int = len(FEATURE_NAMES)) -> tuple[FeatureTable, str]:
+    """Run ``paths`` through the engine; returns the features and the concrete backend's name.
+
+    ``features_of(images, histograms, edge_counts)`` gives ``width`` features per image: the
+    softmax model's by default, a model's own ``features`` for any other (the CNN's pooled sums).
+    """
     from gpu_pipeline.engine.stream import Engine
     from gpu_pipeline.engine.job import open_backend, progress_bar
 
-    collector = _FeatureCollector()
+    collector = _FeatureCollector(features_of)
     backend = open_backend(backend_name, None)
     with backend:
         engine = Engine(backend=backend, config=config, decode_options=decode or DecodeOptions(),
@@ -105,7 +115,7 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
                 engine.run(paths, collector, progress=lambda n: bar.advance(task, n))
         else:
             engine.run(paths, collector)
-    missing = np.full(len(FEATURE_NAMES), np.nan)
+    missing = np.full(width, np.nan)
     vectors = np.stack([collector.vectors.get(str(p), missing) for p in paths])
     ok = np.array([str(p) in collector.vectors for p in paths], dtype=bool)
     return FeatureTable(vectors, ok, list(collector.failures.values())), backend.name

@@ -32,6 +32,7 @@ import numpy as np
 
 from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.labels import cnn
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.errors import UsageError
 
@@ -47,7 +48,8 @@ MEMORY = 10
 DIGITS = 10
 
 #: Models shipped with the package, by the name ``--model`` accepts instead of a path.
-SHIPPED_MODELS = {"eurosat": Path(__file__).resolve().parent / "models" / "eurosat.json"}
+SHIPPED_MODELS = {name: Path(__file__).resolve().parent / "models" / f"{name}.json"
+                  for name in ("eurosat", "eurosat-cnn")}
 
 
 class ModelError(UsageError):
@@ -147,11 +149,19 @@ class LabelModel:
         """Class indices of feature vectors (rows): the largest score, the first class on a tie."""
         return np.argmax(self.scores(vectors), axis=1).astype(np.int64)
 
+    @property
+    def feature_count(self) -> int:
+        return len(self.feature_names)
+
+    def features(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> np.ndarray:
+        """float64 (N, features): what :meth:`predict` needs of each image of a batch."""
+        return batch_features(images, histograms, edge_counts)
+
     def labels(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
         """A :data:`gpu_pipeline.labels.labeller.Labeller`: the label of each image of a batch."""
         if len(images) == 0:
             return []
-        return [self.classes[k] for k in self.predict(batch_features(images, histograms, edge_counts))]
+        return [self.classes[k] for k in self.predict(self.features(images, histograms, edge_counts))]
 
     def describe(self) -> str:
         """One line for humans: classes and the pipeline settings the model needs."""
@@ -325,8 +335,11 @@ def resolve_model_path(model: str | Path) -> Path:
     raise ModelError(f"model file {model} does not exist (shipped models: {shipped})")
 
 
-def load_model(model: str | Path) -> LabelModel:
-    """Read a model file (or a shipped model by name), checking everything; ModelError says what is wrong."""
+def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
+    """Read a model file (or a shipped model by name), checking everything; ModelError says what is wrong.
+
+    The file's ``format`` says which kind of model it is: softmax regression on features (this
+    module) or an integer CNN (:mod:`gpu_pipeline.labels.cnn`)."""
     path = resolve_model_path(model)
     try:
         data = json.loads(path.read_text())
@@ -335,14 +348,14 @@ def load_model(model: str | Path) -> LabelModel:
     except json.JSONDecodeError as exc:
         raise ModelError(f"model {path} is not valid JSON: {exc}") from None
     try:
-        return _model_from_dict(data)
-    except ModelError as exc:
+        return cnn.model_from_dict(data) if cnn.is_cnn_model(data) else _model_from_dict(data)
+    except (ModelError, cnn.CnnModelError) as exc:
         raise ModelError(f"model {path}: {exc}") from None
 
 
 def _model_from_dict(data: Any) -> LabelModel:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelError(f"not a gpu-pipeline label model (no \"format\": \"{FORMAT}\")")
+        raise ModelError(f"not a gpu-pipeline label model (no \"format\": \"{FORMAT}\" or \"{cnn.FORMAT}\")")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelError(f"format version {version!r} is not supported (this gpu-pipeline reads {FORMAT_VERSION}; "
