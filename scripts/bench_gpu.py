@@ -19,7 +19,9 @@ chains as in real imagery), written as JPEG. For each backend and workload:
 
 ``gpu_counters`` (GPU backends that run here): one ``process()`` call on the workload's decoded images,
 with its hysteresis launches and host finishes per sub-batch (the cuda backend counts both; cupy its host
-finishes) and the host microseconds per image of that call.
+finishes) and the host microseconds per image of that call. A backend that runs the ``eurosat-cnn``
+label model on its device (cupy) also reports the same call with the model attached, and the share
+of the time the labelling adds (``cnn_share``; the target is at most 10 %).
 
 Each rate is the median of ``--repeats`` runs, with min and max; ``ratios`` are against OpenCV in
 ``multiprocessing.Pool`` with one process per core (``opencv-pool``, what a user replaces); OpenCV in
@@ -70,6 +72,7 @@ def gpu_counters(images: list[np.ndarray]) -> dict:
     import time
 
     from gpu_pipeline.config import PipelineConfig
+    from gpu_pipeline.labels.model import load_model
 
     counters = {}
     for name in ("cuda", "cupy"):
@@ -90,6 +93,13 @@ def gpu_counters(images: list[np.ndarray]) -> dict:
                 entry.update(sub_batches=times.sub_batches, hysteresis_launches=times.hysteresis_launches,
                              host_finishes=times.host_finishes,
                              launches_per_sub_batch=times.hysteresis_launches / max(1, times.sub_batches))
+            if backend.attach_label_model(load_model("eurosat-cnn")):
+                backend.process(images[:1], PipelineConfig())  # the model's first launches
+                start = time.perf_counter()
+                result = backend.process(images, PipelineConfig())
+                with_cnn = time.perf_counter() - start
+                assert result.label_features is not None
+                entry.update(us_per_image_with_cnn=1e6 * with_cnn / len(images), cnn_share=with_cnn / seconds - 1)
             counters[name] = entry
     return counters
 

@@ -64,6 +64,10 @@ for data in data ../shared/data; do
     timeout 30 "$PYTHON" -m gpu_pipeline.cli verify --backends "$backends" --against-opencv "$data" 2>&1 | tee "$log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || verify_status=1
 done
+# The integer CNN label model on the device (cupy) against the numba labels of the reference.
+timeout 30 "$PYTHON" -m gpu_pipeline.cli verify --backends cupy --model eurosat-cnn data 2>&1 \
+    | tee "$LOG_DIR/verify_cnn.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || verify_status=1
 
 echo "== GPU benchmark"
 timeout 90 "$PYTHON" scripts/bench_gpu.py --json "$LOG_DIR/bench_gpu.json" 2>&1 | tee "$LOG_DIR/bench_gpu.log"

@@ -36,6 +36,7 @@ from gpu_pipeline.backends.cupy_gpu import (
     NVRTC_OPTIONS,
     TILE_SIDE,
     BatchLayout,
+    CnnShape,
     CupyBackend,
     GpuOutOfMemory,
     KernelSettings,
@@ -51,6 +52,7 @@ from gpu_pipeline.backends.cupy_gpu import (
 )
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
 from tests.chains import spiral
+from tests.cnn_networks import model_of, random_network
 from tests.oracle import expected_results
 from tests.strategies import ODD_SHAPES, image_shapes, images
 
@@ -146,17 +148,25 @@ shapes = st.tuples(st.integers(1, 300), st.integers(1, 300), st.sampled_from([()
     lambda t: (t[0], t[1], *t[2]))
 
 
-@given(shapes, st.integers(1, 50), st.booleans())
-def test_layout_sections_are_aligned_disjoint_and_within_budget(shape, count, keep):
-    layout = BatchLayout.plan(count, shape, keep)
+@given(shapes, st.integers(1, 50), st.booleans(), st.sampled_from([None, CnnShape(32, (16, 32, 64, 128)), CnnShape(8, (3,))]))
+def test_layout_sections_are_aligned_disjoint_and_within_budget(shape, count, keep, cnn):
+    layout = BatchLayout.plan(count, shape, keep, cnn)
     for sections in (layout.device, layout.host):
         used = sorted((s.offset, s.end) for s in sections.values() if s.nbytes)
         assert all(start % cupy_gpu.SECTION_ALIGNMENT == 0 for start, _ in used)
         assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(used))
-        assert BatchLayout.results_span(sections).nbytes == (
-            sections["histograms"].nbytes + sections["counters"].nbytes)  # one copy covers both
+        span = BatchLayout.results_span(sections)
+        last = sections["label_features"] if cnn is not None else sections["counters"]
+        assert span.offset == sections["histograms"].offset and span.end == last.end  # one copy covers them all
+        assert sections["histograms"].end == sections["counters"].offset  # histogram rows keep the alignment
+    # The same relative offsets on both sides, so the one copy lands every result in its place.
+    for name in ("counters", "label_features"):
+        assert (layout.device[name].offset - layout.device["histograms"].offset
+                == layout.host[name].offset - layout.host["histograms"].offset)
     assert BatchLayout.results_span(layout.device).nbytes == BatchLayout.results_span(layout.host).nbytes
-    assert layout.device_bytes <= cupy_gpu.LAYOUT_OVERHEAD_BYTES + count * cupy_gpu.device_bytes_per_image(shape, keep)
+    assert layout.device_bytes <= (cupy_gpu.LAYOUT_OVERHEAD_BYTES
+                                   + count * cupy_gpu.device_bytes_per_image(shape, keep, cnn))
+    assert (layout.device["cnn_a"].nbytes > 0) == (cnn is not None)
     assert (layout.device["gray"].nbytes > 0) == (len(shape) == 3)
     assert (layout.device["edges"].nbytes > 0) == keep
 
@@ -829,3 +839,114 @@ def test_gpu_matches_the_numba_cuda_backend(gpu_backend, batch, config):
     for a, b in zip(ours, theirs, strict=True):
         assert np.array_equal(a.histogram, b.histogram) and a.edge_count == b.edge_count
         assert np.array_equal(a.equalized, b.equalized) and np.array_equal(a.edges, b.edges)
+
+
+# --- the integer CNN label model on the device ---------------------------------------------------------
+
+
+def _cnn_model(size: int, widths: tuple[int, ...], seed: int = 0):
+    return model_of(random_network(np.random.default_rng(seed), size, widths))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(images(max_side=24), min_size=1, max_size=4), widths=st.sampled_from([(3,), (4, 5), (2, 3, 6)]),
+       block=st.sampled_from([(1, 1, 1), (7, 1, 1)]))
+def test_cnn_on_the_device_gives_the_reference_sums(harness, batch, widths, block):
+    """cnn_resample, cnn_block and cnn_sums (run on the CPU) against the NumPy reference, through
+    the backend: sub-batches by shape, ping-pong buffers, the sums copied back with the results."""
+    from cpu_reference import cnn as reference
+
+    model = _cnn_model(8, widths)
+    backend = CupyBackend(device=HostDevice(harness, block=block))
+    assert backend.attach_label_model(model)
+    results = backend.process(batch, PipelineConfig())
+    inputs = np.stack([reference.resample(image, 8) for image in batch])
+    assert np.array_equal(model.scores(results.label_features), reference.scores(model.network, inputs))
+    assert model.labels(batch, None, None, results.label_features) == model.labels(batch, None, None)
+    assert_same_as_reference(results, batch, PipelineConfig(), keep_images=False)  # the contract unchanged
+
+
+def test_the_shipped_cnn_needs_4_kb_of_activations_per_image():
+    """docs/backends.md: the two activation buffers cost 2 x 4 KB per image for eurosat-cnn."""
+    from gpu_pipeline.labels.model import load_model
+
+    model = load_model("eurosat-cnn")
+    assert CnnShape(model.size, model.widths).activation_bytes == 16 * 16 * 16
+
+
+def test_cnn_only_when_attached_and_other_models_are_declined(harness):
+    from gpu_pipeline.labels.model import load_model
+
+    backend = CupyBackend(device=HostDevice(harness))
+    assert backend.process([np.zeros((4, 4), np.uint8)], PipelineConfig()).label_features is None
+    assert not backend.attach_label_model(load_model("eurosat"))  # the softmax model labels on the host
+    assert not any(launch.kernel.startswith("cnn") for launch in backend._device.launches)
+
+
+def test_run_and_verify_label_on_the_device(harness, bundled_data_dir, monkeypatch, tmp_path):
+    """``run --model eurosat-cnn`` and ``verify`` with the cupy backend (its kernels on the CPU) use
+    the device's pooled sums, and give the labels of the numba path."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gpu_pipeline.api import process
+    from gpu_pipeline.cli import app
+    from gpu_pipeline.config import DecodeOptions
+    from gpu_pipeline.engine import job
+    from gpu_pipeline.inputs.decode import decode_image
+
+    devices, original = [], registry.create
+
+    def create(name, threads=None, device=None):
+        if name != "cupy":
+            return original(name, threads=threads)
+        devices.append(HostDevice(harness, block=(64, 1, 1)))
+        return CupyBackend(device=devices[-1])
+
+    available = registry.unavailable_reason
+    monkeypatch.setattr(registry, "create", create)
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: None if name == "cupy" else available(name))
+    monkeypatch.setattr(job, "create", create)
+    from gpu_pipeline.labels.cnn import CnnModel
+
+    resampled_on_host, resample = [], CnnModel.resample
+    monkeypatch.setattr(CnnModel, "resample", lambda model, images: (
+        resampled_on_host.extend(image.shape for image in images), resample(model, images))[1])
+    tiles = bundled_data_dir / "eurosat" / "Forest"
+    result = CliRunner().invoke(app, ["run", str(tiles), "--out", str(tmp_path / "r.jsonl"), "--backend", "cupy",
+                                      "--model", "eurosat-cnn", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert any(launch.kernel == "cnn_sums" for launch in devices[-1].launches)
+    assert (64, 64, 3) not in resampled_on_host  # only the warm-up's tiny images: the tiles were labelled on the device
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    decoded = [decode_image(r["path"], DecodeOptions()) for r in records]
+    assert [r["label"] for r in records] == process(decoded, backend="numba", model="eurosat-cnn").labels
+
+    resampled_on_host.clear()
+    result = CliRunner().invoke(app, ["verify", str(tiles), "--backends", "cupy", "--model", "eurosat-cnn"])
+    assert result.exit_code == 0, result.output
+    assert "identical" in result.output
+    assert any(launch.kernel == "cnn_sums" for launch in devices[-1].launches)
+    # The reference's labels come from the host (each tile resampled once), cupy's from the device.
+    assert resampled_on_host.count((64, 64, 3)) == len(records)
+
+
+@pytest.mark.gpu
+def test_gpu_cnn_sums_match_the_reference(bundled_data_dir):
+    """The CNN kernels on a real GPU: pooled sums of the bundled images (tiles, scenes, formats) and
+    of random odd shapes equal the NumPy reference's."""
+    reason = CupyBackend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    from cpu_reference import cnn as reference
+    from gpu_pipeline.labels.model import load_model
+
+    model = load_model("eurosat-cnn")
+    rng = np.random.default_rng(11)
+    batch = _decoded(bundled_data_dir) + [rng.integers(0, 256, shape, np.uint8) for shape in ODD_SHAPES]
+    with CupyBackend() as backend:
+        assert backend.attach_label_model(model)
+        results = backend.process(batch, PipelineConfig())
+    inputs = np.stack([reference.resample(image, model.size) for image in batch])
+    assert np.array_equal(model.scores(results.label_features), reference.scores(model.network, inputs))

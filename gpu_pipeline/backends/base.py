@@ -45,13 +45,15 @@ class StageResult:
     """What a backend computes for one image.
 
     ``histogram`` is int64[256] of the gray image; ``edge_count`` the number of edge pixels.
-    ``equalized`` and ``edges`` (uint8, 0/255) are filled only when the caller asks for them.
+    ``equalized`` and ``edges`` (uint8, 0/255) are filled only when the caller asks for them;
+    ``label_features`` only by a backend that runs the label model (see :class:`BatchResult`).
     """
 
     histogram: np.ndarray
     edge_count: int
     equalized: np.ndarray | None = None
     edges: np.ndarray | None = None
+    label_features: np.ndarray | None = None
 
 
 @dataclass
@@ -62,12 +64,17 @@ class BatchResult(Sequence[StageResult]):
     lists of N uint8 images when the caller asked for them (``keep_images``), else None. Indexing
     or iterating gives one :class:`StageResult` per image (views into the arrays) for callers
     that look at images one at a time; slicing gives a smaller BatchResult.
+
+    ``label_features`` is int64 (N, F), the label model's features of each image, from a backend
+    that took the model (:meth:`Backend.attach_label_model`) and computed them on its device; None
+    otherwise (the labeller then computes them on the host, from the images).
     """
 
     histograms: np.ndarray
     edge_counts: np.ndarray
     equalized: list[np.ndarray] | None = None
     edges: list[np.ndarray] | None = None
+    label_features: np.ndarray | None = None
 
     @classmethod
     def empty(cls, count: int, keep_images: bool) -> "BatchResult":
@@ -82,8 +89,11 @@ class BatchResult(Sequence[StageResult]):
         histograms = np.array([r.histogram for r in results], dtype=np.int64).reshape(len(results), 256)
         edge_counts = np.array([r.edge_count for r in results], dtype=np.int64)
         keep = len(results) > 0 and all(r.edges is not None for r in results)
+        features = None
+        if len(results) > 0 and all(r.label_features is not None for r in results):
+            features = np.stack([r.label_features for r in results])
         return cls(histograms, edge_counts, [r.equalized for r in results] if keep else None,
-                   [r.edges for r in results] if keep else None)
+                   [r.edges for r in results] if keep else None, features)
 
     def __len__(self) -> int:
         return len(self.edge_counts)
@@ -95,13 +105,14 @@ class BatchResult(Sequence[StageResult]):
     def __getitem__(self, index: slice) -> "BatchResult": ...
 
     def __getitem__(self, index):
+        features = None if self.label_features is None else self.label_features[index]
         if isinstance(index, slice):
             return BatchResult(self.histograms[index], self.edge_counts[index],
                                None if self.equalized is None else self.equalized[index],
-                               None if self.edges is None else self.edges[index])
+                               None if self.edges is None else self.edges[index], features)
         return StageResult(self.histograms[index], int(self.edge_counts[index]),
                            None if self.equalized is None else self.equalized[index],
-                           None if self.edges is None else self.edges[index])
+                           None if self.edges is None else self.edges[index], features)
 
     def __iter__(self) -> Iterator[StageResult]:
         return (self[i] for i in range(len(self)))
@@ -133,6 +144,12 @@ class Backend(ABC):
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> BatchResult:
         """Run the whole contract on each image; ``keep_images`` also returns equalized and edges."""
+
+    def attach_label_model(self, model: object) -> bool:
+        """Offer the run's label model. A backend that can compute the model's features on its own
+        device, on the images it already holds, keeps it and returns True: its results then carry
+        ``label_features``. By default False: the labeller computes them on the host."""
+        return False
 
     def compiles_on_warm_up(self) -> bool:
         """True when :meth:`warm_up` is going to compile kernels rather than load them, so that a

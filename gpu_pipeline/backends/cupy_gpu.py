@@ -49,7 +49,7 @@ TILE_SIDE = 32
 NVRTC_OPTIONS = ("--std=c++17", f"-DTILE_SIDE={TILE_SIDE}")
 KERNEL_NAMES = (
     "gray_histogram", "equalize_lut", "blur_sobel_nms_k3", "blur_sobel_nms_k5", "blur_sobel_nms_k7",
-    "hysteresis", "finalize_edges",
+    "hysteresis", "finalize_edges", "cnn_resample", "cnn_block", "cnn_sums",
 )
 
 HYSTERESIS_LAUNCHES_PER_ROUND = 8
@@ -98,6 +98,25 @@ class KernelSettings:
 
 
 @dataclass(frozen=True)
+class CnnShape:
+    """The shape of an integer CNN label model (:mod:`gpu_pipeline.labels.cnn`): input side, channels of each block."""
+
+    size: int
+    widths: tuple[int, ...]
+
+    @property
+    def sides(self) -> list[int]:
+        """Side of the input, then of each block's output (each block halves it)."""
+        return [self.size >> k for k in range(len(self.widths) + 1)]
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of one image's largest activation (the resampled input included)."""
+        channels = (3, *self.widths)
+        return max(side * side * c for side, c in zip(self.sides, channels))
+
+
+@dataclass(frozen=True)
 class Section:
     offset: int
     nbytes: int
@@ -122,10 +141,12 @@ class BatchLayout:
     """Where the arrays of a sub-batch of ``count`` same-shape images live.
 
     Device arena: input images, gray planes (RGB input only: a gray input is its own gray plane),
-    Canny state planes, equalized and edge planes (only when images are kept), LUTs, then the
-    results: histograms (uint32[count, 256]) directly followed by the counters (edge counts
-    uint32[count], then one changed flag int32 per hysteresis launch). Host (pinned) arena: input,
-    results in the same order, equalized, edges. Results are one copy each way.
+    Canny state planes, equalized and edge planes (only when images are kept), LUTs, two CNN
+    activation buffers (only with a CNN label model: ``cnn``), then the results: histograms
+    (uint32[count, 256]) directly followed by the counters (edge counts uint32[count], then one
+    changed flag int32 per hysteresis launch) and the CNN's pooled sums (int64[count, channels], if
+    any). Host (pinned) arena: input, results in the same order, equalized, edges. Results are one
+    copy each way.
     """
 
     count: int
@@ -135,20 +156,24 @@ class BatchLayout:
     keep_images: bool
     device: dict[str, Section]
     host: dict[str, Section]
+    cnn: CnnShape | None = None
 
     @classmethod
-    def plan(cls, count: int, shape: tuple[int, ...], keep_images: bool) -> BatchLayout:
+    def plan(cls, count: int, shape: tuple[int, ...], keep_images: bool, cnn: CnnShape | None = None) -> BatchLayout:
         height, width = shape[:2]
         channels = shape[2] if len(shape) == 3 else 1
         plane = height * width
         kept = plane * count if keep_images else 0
-        results = [("histograms", 256 * 4 * count), ("counters", 4 * count + 4 * HYSTERESIS_LAUNCHES_PER_ROUND)]
+        activations = cnn.activation_bytes * count if cnn is not None else 0
+        results = [("histograms", 256 * 4 * count), ("counters", 4 * count + 4 * HYSTERESIS_LAUNCHES_PER_ROUND),
+                   ("label_features", 8 * cnn.widths[-1] * count if cnn is not None else 0)]
         device, _ = _pack([
             ("input", plane * channels * count), ("gray", plane * count if channels == 3 else 0),
-            ("states", plane * count), ("equalized", kept), ("edges", kept), ("luts", 256 * count), *results,
+            ("states", plane * count), ("equalized", kept), ("edges", kept), ("luts", 256 * count),
+            ("cnn_a", activations), ("cnn_b", activations), *results,
         ])
         host, _ = _pack([("input", plane * channels * count), *results, ("equalized", kept), ("edges", kept)])
-        return cls(count, height, width, channels, keep_images, device, host)
+        return cls(count, height, width, channels, keep_images, device, host, cnn)
 
     @property
     def pixels(self) -> int:
@@ -164,8 +189,10 @@ class BatchLayout:
 
     @staticmethod
     def results_span(sections: dict[str, Section]) -> Section:
-        """Histograms and counters, adjacent: histogram rows are a multiple of the alignment."""
-        return Section(sections["histograms"].offset, sections["counters"].end - sections["histograms"].offset)
+        """Histograms, counters and label features, adjacent (but for alignment: histogram rows are a
+        multiple of it; the few bytes after the counters are copied along)."""
+        last = sections["label_features"] if sections["label_features"].nbytes else sections["counters"]
+        return Section(sections["histograms"].offset, last.end - sections["histograms"].offset)
 
     def gray_section(self) -> Section:
         return self.device["gray" if self.channels == 3 else "input"]
@@ -188,23 +215,27 @@ class BatchLayout:
     def changed_flags(self, arena: np.ndarray) -> np.ndarray:
         return self.host_view(arena, "counters")[4 * self.count:].view(np.int32)
 
+    def label_features(self, arena: np.ndarray) -> np.ndarray:
+        return self.host_view(arena, "label_features").view(np.int64).reshape(self.count, -1)
+
     def planes(self, arena: np.ndarray, name: str) -> np.ndarray:
         return self.host_view(arena, name).reshape(self.count, self.height, self.width)
 
 
-def device_bytes_per_image(shape: tuple[int, ...], keep_images: bool) -> int:
+def device_bytes_per_image(shape: tuple[int, ...], keep_images: bool, cnn: CnnShape | None = None) -> int:
     """Device bytes one more image adds to a sub-batch of ``shape`` (alignment aside)."""
-    layout = BatchLayout.plan(1, shape, keep_images)
+    layout = BatchLayout.plan(1, shape, keep_images, cnn)
     return sum(section.nbytes for section in layout.device.values()) - 4 * HYSTERESIS_LAUNCHES_PER_ROUND
 
 
 #: Device bytes of a sub-batch beyond its per-image bytes: the flags and the alignment padding.
-LAYOUT_OVERHEAD_BYTES = 4 * HYSTERESIS_LAUNCHES_PER_ROUND + 8 * SECTION_ALIGNMENT
+LAYOUT_OVERHEAD_BYTES = 4 * HYSTERESIS_LAUNCHES_PER_ROUND + 11 * SECTION_ALIGNMENT
 
 
-def max_images_per_batch(shape: tuple[int, ...], keep_images: bool, budget_bytes: int) -> int:
+def max_images_per_batch(shape: tuple[int, ...], keep_images: bool, budget_bytes: int,
+                         cnn: CnnShape | None = None) -> int:
     """The most images of ``shape`` whose sub-batch fits ``budget_bytes``; at least 1 (try, then fail clearly)."""
-    fitting = (budget_bytes - LAYOUT_OVERHEAD_BYTES) // device_bytes_per_image(shape, keep_images)
+    fitting = (budget_bytes - LAYOUT_OVERHEAD_BYTES) // device_bytes_per_image(shape, keep_images, cnn)
     return int(min(MAX_IMAGES_PER_LAUNCH, max(1, fitting)))
 
 
@@ -218,14 +249,15 @@ def split_evenly(indices: Sequence[int], max_size: int) -> list[list[int]]:
 
 
 def plan_sub_batches(
-    images: Sequence[np.ndarray], indices: Sequence[int], budget_bytes: int, keep_images: bool
+    images: Sequence[np.ndarray], indices: Sequence[int], budget_bytes: int, keep_images: bool,
+    cnn: CnnShape | None = None,
 ) -> list[list[int]]:
     """Sub-batches of the images at ``indices``: one shape each, shapes in first-seen order, each within budget."""
     indices = list(indices)
     plan = []
     for shape, positions in group_by_shape([images[i] for i in indices]).items():
         members = [indices[p] for p in positions]
-        plan += split_evenly(members, max_images_per_batch(shape, keep_images, budget_bytes))
+        plan += split_evenly(members, max_images_per_batch(shape, keep_images, budget_bytes, cnn))
     return plan
 
 
@@ -312,6 +344,39 @@ def edge_launches(layout: BatchLayout, base: int, sm_count: int, hysteresis: boo
     launches.append(Launch("finalize_edges", _flat_grid(layout), FLAT_BLOCK, (
         states, plane, np.int32(layout.pixels), _address(base, device["edges"]), _address(base, counters))))
     return launches
+
+
+def cnn_launches(layout: BatchLayout, base: int, weights: list[tuple[np.uint64, ...]]) -> list[Launch]:
+    """The CNN label model on the sub-batch's input images: resample into ``cnn_a``, the blocks back
+    and forth between ``cnn_a`` and ``cnn_b``, the pooled sums into ``label_features``.
+    ``weights``: the device addresses of each block's weights, bias, multiplier and shift."""
+    cnn, device = layout.cnn, layout.device
+    buffers = [_address(base, device["cnn_a"]), _address(base, device["cnn_b"])]
+    channels = (3, *cnn.widths)
+
+    def grid(items: int) -> tuple[int, int, int]:
+        return (min(MAX_BLOCKS_PER_IMAGE, max(1, -(-items // FLAT_BLOCK[0]))), 1, layout.count)
+
+    launches = [Launch("cnn_resample", grid(cnn.size * cnn.size), FLAT_BLOCK, (
+        _address(base, device["input"]), np.int32(layout.height), np.int32(layout.width),
+        np.int32(layout.channels), np.int32(cnn.size), buffers[0]))]
+    for k, (side, addresses) in enumerate(zip(cnn.sides, weights)):
+        half = side // 2
+        launches.append(Launch("cnn_block", grid(half * half * channels[k + 1]), FLAT_BLOCK, (
+            buffers[k % 2], np.int32(side), np.int32(channels[k]), *addresses, np.int32(channels[k + 1]),
+            buffers[(k + 1) % 2])))
+    last = cnn.sides[-1]
+    launches.append(Launch("cnn_sums", grid(cnn.widths[-1]), FLAT_BLOCK, (
+        buffers[len(cnn.widths) % 2], np.int32(last * last), np.int32(cnn.widths[-1]),
+        _address(base, device["label_features"]))))
+    return launches
+
+
+def cnn_weight_arrays(model) -> list[tuple[np.ndarray, ...]]:
+    """Each block's arrays as the kernel takes them: weights and bias int32, multiplier int64, shift int32."""
+    return [(np.ascontiguousarray(b.weights, np.int32), np.ascontiguousarray(b.bias, np.int32),
+             np.ascontiguousarray(b.multiplier, np.int64), np.ascontiguousarray(b.shift, np.int32))
+            for b in model.network.blocks]
 
 
 # --- the device -------------------------------------------------------------------------------------
@@ -454,6 +519,34 @@ class CupyBackend(Backend):
         self._turn = 0
         #: Sub-batches whose hysteresis reached the round bound and was finished on the host.
         self.host_finishes = 0
+        #: The attached CNN label model: its shape, its device arena and each block's addresses.
+        self._cnn: CnnShape | None = None
+        self._cnn_arena = None
+        self._cnn_weights: list[tuple[np.uint64, ...]] = []
+
+    def attach_label_model(self, model) -> bool:
+        """Run an integer CNN label model (:class:`gpu_pipeline.labels.cnn.CnnModel`) on the images
+        already on the device, after the contract's kernels: each result then carries the pooled sums
+        (``label_features``), from which the host takes the label. Other models: False."""
+        from gpu_pipeline.labels.cnn import CnnModel
+
+        if not isinstance(model, CnnModel):
+            return False
+        arrays = cnn_weight_arrays(model)
+        sections, total = _pack([(f"{k}.{i}", array.nbytes) for k, block in enumerate(arrays)
+                                 for i, array in enumerate(block)])
+        with self._device.bind():
+            arena = self._device.alloc(total)
+            base = self._device.address(arena)
+            stream = self._slots[0].stream
+            for k, block in enumerate(arrays):
+                for i, array in enumerate(block):
+                    self._device.upload(base + sections[f"{k}.{i}"].offset, array, stream)
+            self._device.synchronize(stream)
+        self._cnn_arena = arena
+        self._cnn_weights = [tuple(_address(base, sections[f"{k}.{i}"]) for i in range(4)) for k in range(len(arrays))]
+        self._cnn = CnnShape(model.size, tuple(int(b.bias.shape[0]) for b in model.network.blocks))
+        return True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -482,13 +575,15 @@ class CupyBackend(Backend):
     def _process_on_device(self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool) -> BatchResult:
         settings = KernelSettings.from_config(config)
         results = BatchResult.empty(len(images), keep_images)
+        if self._cnn is not None:
+            results.label_features = np.zeros((len(images), self._cnn.widths[-1]), np.int64)
         held = sum(slot.arena_bytes for slot in self._slots)
         budget = sub_batch_budget(self._device.free_bytes(), held)
-        queue = deque(plan_sub_batches(images, range(len(images)), budget, keep_images))
+        queue = deque(plan_sub_batches(images, range(len(images)), budget, keep_images, self._cnn))
         try:
             while queue:
                 indices = queue.popleft()
-                layout = BatchLayout.plan(len(indices), images[indices[0]].shape, keep_images)
+                layout = BatchLayout.plan(len(indices), images[indices[0]].shape, keep_images, self._cnn)
                 slot = self._slots[self._turn]
                 self._turn = (self._turn + 1) % SLOTS
                 self._collect(slot, results)
@@ -499,7 +594,8 @@ class CupyBackend(Backend):
                     self._release_buffers()
                     if len(indices) > 1:  # halve the sub-batches from here on
                         remaining = indices + [index for batch in queue for index in batch]
-                        queue = deque(plan_sub_batches(images, remaining, layout.device_bytes // 2, keep_images))
+                        queue = deque(plan_sub_batches(images, remaining, layout.device_bytes // 2, keep_images,
+                                                       self._cnn))
                         continue
                     self._reserve_single(slot, layout, budget)
                 self._submit(slot, images, indices, layout, settings)
@@ -513,6 +609,7 @@ class CupyBackend(Backend):
         with self._device.bind():
             self._abandon()
             self._release_buffers()
+            self._cnn, self._cnn_arena, self._cnn_weights = None, None, []
 
     # --- internals ---
 
@@ -540,6 +637,9 @@ class CupyBackend(Backend):
         device.upload(base + layout.device["input"].offset, layout.host_view(staging, "input"), stream)
         for launch in front_launches(layout, base, settings):
             device.launch(launch, stream)
+        if layout.cnn is not None:
+            for launch in cnn_launches(layout, base, self._cnn_weights):
+                device.launch(launch, stream)
         if layout.keep_images:
             device.download(layout.host_view(staging, "equalized"), base + layout.device["equalized"].offset, stream)
         self._queue_edge_round(slot, layout)
@@ -580,6 +680,8 @@ class CupyBackend(Backend):
         indices = list(pending.indices)
         results.histograms[indices] = histograms
         results.edge_counts[indices] = counts
+        if layout.cnn is not None:
+            results.label_features[indices] = layout.label_features(staging)
         if layout.keep_images:
             for k, index in enumerate(indices):
                 results.equalized[index] = equalized[k].copy()

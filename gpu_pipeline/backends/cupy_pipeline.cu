@@ -361,3 +361,87 @@ extern "C" __global__ void finalize_edges(
     __syncthreads();
     if (rank == 0 && block_count) atomicAdd(&edge_counts[blockIdx.z], block_count);
 }
+
+// --- the integer CNN label model ---------------------------------------------------------------------
+//
+// gpu_pipeline/labels/cnn.py, specified by cpu_reference/cnn.py: integers only, so the pooled sums,
+// and the labels the host takes from them, are the same bytes as on the CPU. Activations are
+// (count, side, side, channels) uint8 back to back; one thread per output value, strided.
+
+__device__ __forceinline__ int grid_rank() { return blockIdx.x * block_size() + thread_rank(); }
+__device__ __forceinline__ int grid_threads() { return gridDim.x * block_size(); }
+
+// Box-mean resample of each (height, width, channels) image to (size, size, 3): rows
+// [i*height/size, max((i+1)*height/size, i*height/size + 1)), the same for columns, rounded
+// (sum + count/2) / count; a gray image counts as three equal bands.
+extern "C" __global__ void cnn_resample(
+    const u8* __restrict__ images, int height, int width, int channels, int size, u8* __restrict__ out)
+{
+    const u8* image = images + (i64)blockIdx.z * height * width * channels;
+    u8* resampled = out + (i64)blockIdx.z * size * size * 3;
+    for (int p = grid_rank(); p < size * size; p += grid_threads()) {
+        const int i = p / size, j = p % size;
+        const int top = (int)((i64)i * height / size), left = (int)((i64)j * width / size);
+        int bottom = (int)((i64)(i + 1) * height / size), right = (int)((i64)(j + 1) * width / size);
+        bottom = bottom > top ? bottom : top + 1;
+        right = right > left ? right : left + 1;
+        i64 sums[3] = {0, 0, 0};
+        for (int y = top; y < bottom; ++y)
+            for (int x = left; x < right; ++x) {
+                const u8* pixel = image + ((i64)y * width + x) * channels;
+                for (int c = 0; c < 3; ++c) sums[c] += pixel[channels == 3 ? c : 0];
+            }
+        const i64 count = (i64)(bottom - top) * (right - left);
+        for (int c = 0; c < 3; ++c) resampled[3 * p + c] = (u8)((sums[c] + count / 2) / count);
+    }
+}
+
+// One block: 3x3 convolution with zero padding (int8 weights held as int, (3, 3, inputs, outputs)),
+// int sums from the int32 bias, requantization (acc * multiplier + 2^(shift-1)) >> shift clipped to
+// 0..255, then the 2x2 max pool (an odd last row or column is dropped). The model loader keeps every
+// sum inside int and every product inside i64. A negative product clips to 0 before the shift, so
+// the shift never sees a negative number.
+extern "C" __global__ void cnn_block(
+    const u8* __restrict__ in, int side, int inputs, const int* __restrict__ weights, const int* __restrict__ bias,
+    const i64* __restrict__ multiplier, const int* __restrict__ shift, int outputs, u8* __restrict__ out)
+{
+    const int half = side / 2;
+    const u8* x = in + (i64)blockIdx.z * side * side * inputs;
+    u8* y = out + (i64)blockIdx.z * half * half * outputs;
+    for (int e = grid_rank(); e < half * half * outputs; e += grid_threads()) {
+        const int o = e % outputs, position = e / outputs;
+        const int oy = position / half, ox = position % half;
+        int best = 0;
+        for (int py = 2 * oy; py < 2 * oy + 2; ++py)
+            for (int px = 2 * ox; px < 2 * ox + 2; ++px) {
+                int acc = bias[o];
+                for (int dy = 0; dy < 3; ++dy) {
+                    const int sy = py + dy - 1;
+                    if (sy < 0 || sy >= side) continue;
+                    for (int dx = 0; dx < 3; ++dx) {
+                        const int sx = px + dx - 1;
+                        if (sx < 0 || sx >= side) continue;
+                        const u8* pixel = x + ((i64)sy * side + sx) * inputs;
+                        const int* w = weights + (dy * 3 + dx) * inputs * outputs + o;
+                        for (int c = 0; c < inputs; ++c) acc += pixel[c] * w[c * outputs];
+                    }
+                }
+                const i64 scaled = (i64)acc * multiplier[o] + ((i64)1 << (shift[o] - 1));
+                const i64 level = scaled < 0 ? 0 : scaled >> shift[o];
+                const int clipped = level > 255 ? 255 : (int)level;
+                best = clipped > best ? clipped : best;
+            }
+        y[e] = (u8)best;
+    }
+}
+
+// The global sum pool: sums[image][c] over the positions of channel c.
+extern "C" __global__ void cnn_sums(const u8* __restrict__ in, int positions, int channels, i64* __restrict__ sums)
+{
+    const u8* x = in + (i64)blockIdx.z * positions * channels;
+    for (int c = grid_rank(); c < channels; c += grid_threads()) {
+        i64 total = 0;
+        for (int p = 0; p < positions; ++p) total += x[(i64)p * channels + c];
+        sums[(i64)blockIdx.z * channels + c] = total;
+    }
+}

@@ -28,7 +28,7 @@ from rich.table import Table
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
-from gpu_pipeline.labels.labeller import Labeller, default_labels, label_function
+from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
 from gpu_pipeline.errors import one_line
@@ -391,11 +391,17 @@ def _batch_labels(labels_of: Labeller, images: list[np.ndarray], outcomes: list[
     The labeller runs once over the results that look well-formed; when that call fails (a
     malformed result, say), each image is labelled alone, so only the culprits show the error.
     """
+    def features(chosen: list[int]) -> tuple:
+        """The label features the backend computed on its device, as the labeller's fourth argument."""
+        if chosen and all(outcomes[i].label_features is not None for i in chosen):
+            return (np.stack([outcomes[i].label_features for i in chosen]),)
+        return ()
+
     def alone(i: int) -> Callable[[], str]:
         def label() -> str:
             result = outcomes[i]
             return labels_of([images[i]], np.asarray(result.histogram, dtype=np.int64).reshape(1, 256),
-                             np.array([result.edge_count], dtype=np.int64))[0]
+                             np.array([result.edge_count], dtype=np.int64), *features([i]))[0]
         return label
 
     done = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException)]
@@ -403,7 +409,7 @@ def _batch_labels(labels_of: Labeller, images: list[np.ndarray], outcomes: list[
     try:
         found = labels_of([images[i] for i in done],
                           np.array([outcomes[i].histogram for i in done], dtype=np.int64).reshape(len(done), 256),
-                          np.array([outcomes[i].edge_count for i in done], dtype=np.int64))
+                          np.array([outcomes[i].edge_count for i in done], dtype=np.int64), *features(done))
     except Exception:
         return labelled
     for i, label in zip(done, found):
@@ -449,6 +455,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     report = VerifyReport(config, decode_options, tallies, found=len(files))
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
+    for backend in started.values():  # a GPU backend may run the label model on its device
+        attach_label_model(backend, labels_of)
     try:
         verifier = Verifier(reference, started, config, report, labels_of)
         for batch in part_batches(decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers),

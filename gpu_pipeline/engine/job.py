@@ -27,7 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from gpu_pipeline.backends import BackendUnavailable, create
-from gpu_pipeline.labels.labeller import label_function, warm_up_labeller
+from gpu_pipeline.labels.labeller import attach_label_model, label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.errors import UsageError
@@ -300,6 +300,7 @@ def check_job(job: Job) -> CheckedJob:
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
         backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, job.workers
+        attach_label_model(backend, labels_of)
     else:
         from gpu_pipeline.engine.distributed import DaskCluster, DaskEngine
 

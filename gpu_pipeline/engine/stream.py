@@ -541,7 +541,7 @@ class Engine:
             computed[list(outcome.failed)] = False
             images, positions = images.take(computed), positions[computed]
         result = outcome.result
-        labels = list(self.labels_of(images, result.histograms, result.edge_counts)) if len(images) else []
+        labels = list(self._labels(images, result)) if len(images) else []
         histograms, edge_counts = result.histograms, result.edge_counts
         if self.on_edges is not None:
             positions = batch.image_positions() if positions is None else positions
@@ -554,6 +554,12 @@ class Engine:
             paths=list(map(str, batch.paths)), errors=errors, backend=self.backend.name,
             widths=images.widths.tolist(), heights=images.heights.tolist(), bands=images.bands.tolist(),
             histograms=histograms, edge_counts=edge_counts.tolist(), labels=labels)
+
+    def _labels(self, images, result: BatchResult) -> list[str]:
+        """One labeller call for the batch, with the label features when the backend computed them."""
+        if result.label_features is None:
+            return self.labels_of(images, result.histograms, result.edge_counts)
+        return self.labels_of(images, result.histograms, result.edge_counts, result.label_features)
 
     def _save_edges(self, batch: DecodedPart, positions: np.ndarray, result: BatchResult,
                     errors: dict[int, dict]) -> np.ndarray:

@@ -73,7 +73,10 @@ def default_label(features: Features) -> str:
 #: per image. ``images`` are the decoded uint8 images (the same bytes on every backend),
 #: ``histograms`` int64 (N, 256) their gray histograms and ``edge_counts`` int64 (N,) their edge
 #: counts, as the backend computed them (byte-identical on every backend, so labels are too).
-Labeller = Callable[[Sequence[np.ndarray], np.ndarray, np.ndarray], list[str]]
+#: A model's labeller also takes a fourth argument, ``label_features``: the model's features as a
+#: backend computed them on its device (:meth:`gpu_pipeline.backends.base.Backend.attach_label_model`),
+#: passed only when the backend computed them.
+Labeller = Callable[..., list[str]]
 
 
 def pixel_counts(images: Sequence[np.ndarray]) -> np.ndarray:
@@ -99,6 +102,14 @@ def warm_up_labeller(labeller: Labeller) -> None:
     histograms = np.zeros((2, 256), np.int64)
     histograms[:, 0] = 64
     labeller(images, histograms, np.zeros(2, np.int64))
+
+
+def attach_label_model(backend, labels_of: Labeller) -> bool:
+    """Offer the model behind ``labels_of`` (a model's ``labels`` method) to ``backend``, which may
+    then compute the model's features on its device; True when it took it."""
+    model = getattr(labels_of, "__self__", None)
+    offer = getattr(backend, "attach_label_model", None)  # verify's OpenCV oracle is no backend
+    return model is not None and offer is not None and bool(offer(model))
 
 
 def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Labeller:

@@ -92,6 +92,9 @@ extern "C" int launch_kernel(
     KERNEL(blur_sobel_nms_k7)
     KERNEL(hysteresis)
     KERNEL(finalize_edges)
+    KERNEL(cnn_resample)
+    KERNEL(cnn_block)
+    KERNEL(cnn_sums)
 #undef KERNEL
     return -1;
 }
