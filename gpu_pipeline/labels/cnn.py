@@ -24,6 +24,7 @@ import numpy as np
 
 from cpu_reference.cnn import ConvBlock, IntegerCnn
 from gpu_pipeline.backends import _numba_setup
+from gpu_pipeline.backends.base import group_by_shape
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.errors import UsageError
 
@@ -166,6 +167,23 @@ def _stack_resample_serial(images: np.ndarray, size: int, out: np.ndarray) -> No
 MAX_BLOCKS = 4
 
 
+def resample(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: :func:`cpu_reference.cnn.resample` of each image, one kernel call
+    per shape (scenes one by one, in place)."""
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    kernel = _stack_resample if _numba_setup.threading_layer_is_threadsafe() else _stack_resample_serial
+    for shape, members in group_by_shape(images).items():
+        if shape[0] * shape[1] >= STACK_BELOW_PIXELS:
+            runs = [(i, np.ascontiguousarray(images[i])[None]) for i in members]
+        else:
+            runs = [(np.array(members), np.concatenate([images[i] for i in members]).reshape(len(members), *shape))]
+        for rows, stack in runs:
+            part = np.empty((len(stack), size, size, 3), np.uint8)
+            kernel(stack if stack.ndim == 4 else stack[..., None], size, part)
+            out[rows] = part
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 
@@ -197,22 +215,8 @@ class CnnModel:
         return PipelineConfig()
 
     def resample(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, size, size, 3) uint8: each image resampled by the model's rule (one call per shape)."""
-        out = np.empty((len(images), self.size, self.size, 3), np.uint8)
-        kernel = _stack_resample if _numba_setup.threading_layer_is_threadsafe() else _stack_resample_serial
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(image.shape, []).append(i)
-        for shape, members in groups.items():
-            if shape[0] * shape[1] >= STACK_BELOW_PIXELS:
-                runs = [(i, np.ascontiguousarray(images[i])[None]) for i in members]
-            else:
-                runs = [(np.array(members), np.concatenate([images[i] for i in members]).reshape(len(members), *shape))]
-            for rows, stack in runs:
-                part = np.empty((len(stack), self.size, self.size, 3), np.uint8)
-                kernel(stack if stack.ndim == 4 else stack[..., None], self.size, part)
-                out[rows] = part
-        return out
+        """(N, size, size, 3) uint8: each image resampled by the model's rule (:func:`resample`)."""
+        return resample(images, self.size)
 
     def pooled_sums(self, inputs: np.ndarray) -> np.ndarray:
         """int64 (N, channels): the global sum pool of resampled images (N, size, size, 3) uint8."""

@@ -30,6 +30,7 @@ import numba
 import numpy as np
 
 from gpu_pipeline.backends import _numba_setup  # the cache folder and threading layer every kernel needs
+from gpu_pipeline.backends.base import group_by_shape
 
 #: The label features, in the order of a feature vector.
 FEATURE_NAMES = (
@@ -404,10 +405,7 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
     out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
     kernel = _stack_features if _numba_setup.threading_layer_is_threadsafe() else _stack_features_serial
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
-    for shape, members in groups.items():
+    for shape, members in group_by_shape(images).items():
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)
         kernel(_stacked([images[i] for i in members]), histograms[rows], edge_counts[rows],
