@@ -141,7 +141,7 @@ _HISTOGRAM_OF_A_ROW_HELPER = textwrap.dedent("""
     from gpu_pipeline.backends import _numba_kernels
     image = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     gray, hist = np.empty(6 * 7, np.uint8), np.zeros(256, np.int64)
-    _numba_kernels._band_histogram(image.ravel(), True, gray, 7, 0, 6, hist)
+    _numba_kernels._band_histogram(image.ravel(), True, gray, 7, 0, 6, hist, np.empty((4, 256), np.int64))
     print(numba.config.CACHE_DIR)
     print(json.dumps(gray.tolist()))
 """)

@@ -78,6 +78,38 @@ def _uint8_pointer(typingctx, address):
     return types.CPointer(types.uint8)(types.int64), codegen
 
 
+@intrinsic
+def _borrowed(typingctx, array):
+    """``array`` without its reference count: the same data, shape and strides, no meminfo.
+
+    Every slice numba takes of a counted array increments and decrements that count with an
+    atomic instruction (one cache line, shared by every thread of the call); a tile's rows take
+    a few dozen slices each, about 220 ns a row. Views of a borrowed array are not counted.
+    The caller keeps ``array`` alive while the view is in use (the kernels' arguments are).
+    """
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        source = context.make_array(array_type)(context, builder, args[0])
+        view = context.make_array(array_type)(context, builder)
+        for field in ("data", "shape", "strides", "itemsize", "nitems"):
+            setattr(view, field, getattr(source, field))
+        view.meminfo = context.get_constant_null(types.MemInfoPointer(array_type.dtype))
+        view.parent = context.get_constant_null(types.pyobject)
+        return view._getvalue()
+
+    return array(array), codegen
+
+
+@intrinsic
+def _keep_alive(typingctx, array):
+    """A use of ``array`` that does nothing: numba frees a local after its last use, and the
+    :func:`_borrowed` views of a local array need it until this call."""
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+
+    return types.none(array), codegen
+
+
 @helper
 def _image_at(addresses, sizes, i):
     """Image ``i`` of the batch as a flat uint8 array over its own memory (the caller keeps the
@@ -88,9 +120,10 @@ def _image_at(addresses, sizes, i):
 # --------------------------------------------------------------------------- gray + histogram
 
 @helper
-def _band_histogram(image, rgb, gray, width, r0, r1, hist):
-    """Histogram of rows [r0, r1) of one flat image into ``hist``, converting RGB rows into ``gray``."""
-    counts = np.zeros((4, 256), np.int64)
+def _band_histogram(image, rgb, gray, width, r0, r1, hist, counts):
+    """Histogram of rows [r0, r1) of one flat image into ``hist``, converting RGB rows into ``gray``;
+    ``counts`` (4, 256) is scratch for :func:`count_row`."""
+    counts[:] = 0
     for y in range(r0, r1):
         if rgb:
             row = gray[y * width:(y + 1) * width]
@@ -112,6 +145,9 @@ def gray_histograms(addresses, sizes, channels, gray, gray_off, heights, widths,
     (checked on all 2^24 colours; OpenCV 4 used Q14 weights). Gray images are only counted:
     the backend reads them in place.
     """
+    gray, hist_parts = _borrowed(gray), _borrowed(hist_parts)
+    counts_owner = np.empty((4, 256), np.int64)
+    counts = _borrowed(counts_owner)
     k = _claim(claimed)
     while k < order.shape[0]:
         it = order[k]
@@ -119,8 +155,9 @@ def gray_histograms(addresses, sizes, channels, gray, gray_off, heights, widths,
         rgb = channels[i] == 3
         pixels = heights[i] * widths[i] if rgb else 0
         _band_histogram(_image_at(addresses, sizes, i), rgb, gray[gray_off[i]:gray_off[i] + pixels], widths[i],
-                        item_r0[it], item_r1[it], hist_parts[it])
+                        item_r0[it], item_r1[it], hist_parts[it], counts)
         k = _claim(claimed)
+    _keep_alive(counts_owner)
 
 
 # --------------------------------------------------------------------------- equalize LUT
@@ -256,9 +293,11 @@ def edge_maps(addresses, sizes, channels, gray, gray_off, heights, widths, luts,
         widest = max(widest, widths[item_image[it]])
         largest = max(largest, (item_r1[it] - item_r0[it]) * widths[item_image[it]])
     ints, bytes_ = _scratch_sizes(widest, ksize)
-    scratch = np.empty(ints, np.int32)
-    seeds = np.empty(bytes_, np.uint8)
-    stack = np.empty(largest, np.int64)
+    scratch_owner = np.empty(ints, np.int32)
+    seeds_owner = np.empty(bytes_, np.uint8)
+    stack_owner = np.empty(largest, np.int64)
+    scratch, seeds, stack = _borrowed(scratch_owner), _borrowed(seeds_owner), _borrowed(stack_owner)
+    gray, maps, equalized, luts = _borrowed(gray), _borrowed(maps), _borrowed(equalized), _borrowed(luts)
     k = _claim(claimed)
     while k < order.shape[0]:
         it = order[k]
@@ -270,6 +309,9 @@ def edge_maps(addresses, sizes, channels, gray, gray_off, heights, widths, luts,
         counts[it] = _band_edges(image, heights[i], luts[i], item_r0[it], item_r1[it], ksize, l2, low,
                                  high, edge_map, eq, keep, scratch, seeds, stack)
         k = _claim(claimed)
+    _keep_alive(scratch_owner)  # numba frees a local after its last use: the views need it until here
+    _keep_alive(seeds_owner)
+    _keep_alive(stack_owner)
 
 
 @helper
