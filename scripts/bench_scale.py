@@ -255,8 +255,8 @@ def engine_overhead(count: int) -> tuple[float, float]:
         def process(self, images, config, keep_images=False):
             return BatchResult.empty(len(images), keep_images)
 
-    real_decode = engine_module.decode_or_error
-    engine_module.decode_or_error = lambda path, options: tile
+    real_decode = engine_module.decode_each
+    engine_module.decode_each = lambda paths, options: (tile for _ in paths)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             sink = open_sink(str(Path(scratch) / "out.jsonl"), resume=False)
@@ -268,7 +268,7 @@ def engine_overhead(count: int) -> tuple[float, float]:
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             sink.close()
     finally:
-        engine_module.decode_or_error = real_decode
+        engine_module.decode_each = real_decode
     return seconds / count * 1e6, cpu_seconds / count * 1e6
 
 

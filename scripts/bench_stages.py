@@ -8,7 +8,7 @@
 Stages, each timed on its own over the same images (median of ``--repeat``; CPU time of the whole
 process, all threads, so a shared machine inflates it less than wall time):
 
-* decode: ``gpu_pipeline.inputs.decode.decode_image`` on one thread;
+* decode: the engine's decoder (``decode_each``; ``decode_image`` in code before it) on one thread;
 * plumbing: the engine's decode pool and batching with decoding replaced by a lookup (what the
   pool, the hand-over and the batches cost);
 * compute: the numba backend on the decoded images, in the engine's batches, on ``--threads``;
@@ -64,17 +64,24 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     batches = list(engine_module.part_batches(iter([whole]), batch_size or 256, batch_pixels))
     results = [backend.process(batch.images, config) for batch in batches]
     stages = {}
-    stages["decode"] = cpu_us_per_image(lambda: [decode_image(path, options) for path in files], len(files), repeat)
+    # the engine's decoder (decode_each: files read a group at a time), or decode_or_error in code before it
+    each = hasattr(engine_module, "decode_each")
+    if each:
+        stages["decode"] = cpu_us_per_image(lambda: list(engine_module.decode_each(files, options)), len(files), repeat)
+    else:
+        stages["decode"] = cpu_us_per_image(lambda: [decode_image(path, options) for path in files], len(files), repeat)
 
     def plumbing() -> None:
-        real = engine_module.decode_or_error
-        engine_module.decode_or_error = lambda path, options: decoded[path]
+        name = "decode_each" if each else "decode_or_error"
+        real = getattr(engine_module, name)
+        setattr(engine_module, name, (lambda paths, options: (decoded[path] for path in paths)) if each
+                else (lambda path, options: decoded[path]))
         try:
             parts = engine_module.decode_parts(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
             for _ in engine_module.part_batches(parts, batch_size or 256, batch_pixels):
                 pass
         finally:
-            engine_module.decode_or_error = real
+            setattr(engine_module, name, real)
 
     stages["plumbing"] = cpu_us_per_image(plumbing, len(files), repeat)
     stages["compute"] = cpu_us_per_image(

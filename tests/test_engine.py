@@ -158,18 +158,19 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     paths = write_pngs(tmp_path, [(16, 16)] * 8)
     running, most = [0], [0]
     lock = threading.Lock()
-    real = engine_module.decode_or_error
+    real = engine_module.decode_each
 
-    def slow_decode(path, options):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return real(path, options)
+    def slow_decode(paths, options):
+        for outcome in real(paths, options):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            yield outcome
 
-    monkeypatch.setattr(engine_module, "decode_or_error", slow_decode)
+    monkeypatch.setattr(engine_module, "decode_each", slow_decode)
     stream = decode_stream(paths, DecodeOptions(), workers=2, prefetch_pixels=10**6, chunk_pixels=100)
     assert [item.path for item in stream] == paths
     assert most[0] == 2

@@ -774,3 +774,139 @@ def test_discovery_matches_pathlib_ordering(tmp_path):
     assert discover([tmp_path]) == oracle
     assert find_files([tmp_path]) == [str(path.absolute()) for path in oracle]
     assert find_files([tmp_path / "b", tmp_path / "a"]) == [str(tmp_path / "a/z/1.png"), str(tmp_path / "b/2.png")]
+
+
+# --------------------------------------------------------------------------------------------
+# decode_each: files read a group at a time, then decoded from memory
+
+
+def _same_outcome(ours, theirs) -> bool:
+    if isinstance(ours, np.ndarray) or isinstance(theirs, np.ndarray):
+        return (isinstance(ours, np.ndarray) and isinstance(theirs, np.ndarray) and ours.dtype == theirs.dtype
+                and ours.shape == theirs.shape and ours.tobytes() == theirs.tobytes()
+                and ours.flags.c_contiguous)
+    return ours == theirs
+
+
+@pytest.fixture(scope="module")
+def awkward_files(scratch: Path) -> list[Path]:
+    """Files of every kind a run meets, good and bad, in one list."""
+    folder = scratch / "awkward"
+    folder.mkdir()
+    noise = np.random.default_rng(12).integers(0, 65536, (64, 64, 3), dtype=np.uint16)
+    tiff = write_tiff(folder / "whole.tif", noise, compression="zlib").read_bytes()
+    files = [
+        touch(folder / "empty.png", b""),
+        touch(folder / "truncated.jpg", encoded("JPEG")[:300]),
+        touch(folder / "truncated.png", encoded("PNG")[:200]),
+        touch(folder / "truncated.tif", tiff[: len(tiff) // 2]),
+        touch(folder / "text.png", b"this is not an image\n" * 10),
+        touch(folder / "bomb.png", png_header(20000, 20000)),
+        folder / "missing.jpg",
+        folder,  # a folder named as a file
+        Path("/dev/null"),
+        Path("bad\0name.png"),
+    ]
+    fifo = folder / "pipe.png"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(fifo)
+        files.append(fifo)
+    return files
+
+
+def _every_kind_of_file(awkward_files, bundled_data_dir) -> list[Path]:
+    good = sorted(p for p in bundled_data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    good += sorted(p for p in FIXTURES.glob("*") if p.is_file())
+    mixed = []
+    for index, path in enumerate(good):  # the bad ones among the good, so that groups hold both
+        mixed.append(path)
+        if index < len(awkward_files):
+            mixed.append(awkward_files[index])
+    return mixed + awkward_files[len(good):]
+
+
+@pytest.mark.parametrize("small, group", [(gpu_io.SMALL_FILE_BYTES, gpu_io.READ_AHEAD_FILES), (0, 32), (4096, 3)],
+                         ids=["as shipped", "every file from its path", "small groups, some from their path"])
+def test_decode_each_gives_what_decode_image_gives(awkward_files, bundled_data_dir, monkeypatch, small, group):
+    options = DecodeOptions(max_pixels=10**8)
+    files = _every_kind_of_file(awkward_files, bundled_data_dir)
+    expected = [gpu_io.decode_or_error(path, options) for path in files]
+    assert sum(isinstance(e, tuple) for e in expected) >= 10 and sum(isinstance(e, np.ndarray) for e in expected) >= 20
+    monkeypatch.setattr(gpu_io, "SMALL_FILE_BYTES", small)
+    monkeypatch.setattr(gpu_io, "READ_AHEAD_FILES", group)
+    got = list(gpu_io.decode_each(files, options))
+    assert len(got) == len(files)
+    for path, ours, theirs in zip(files, got, expected):
+        assert _same_outcome(ours, theirs), path
+
+
+def test_decode_each_on_the_shared_samples(shared_data_dir):
+    """Every shared sample file (tiles, scenes, multiband TIFFs) as decode_image gives it."""
+    files = sorted(p for p in shared_data_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    got = list(gpu_io.decode_each(files, DEFAULT))
+    for path, ours in zip(files, got, strict=True):
+        assert _same_outcome(ours, gpu_io.decode_or_error(path, DEFAULT)), path
+
+
+def test_decode_each_reads_a_group_before_it_decodes(scratch, monkeypatch):
+    folder = scratch / "group"
+    folder.mkdir()
+    paths = [save(np.full((4, 4), i, np.uint8), folder / f"{i:02d}.png") for i in range(7)]
+    events = []
+    real_read, real_decode = gpu_io._read_small_file, gpu_io.decode_data
+
+    def read(path):
+        events.append(("read", Path(path).name))
+        return real_read(path)
+
+    def decode(data, options):
+        events.append(("decode", None))
+        return real_decode(data, options)
+
+    monkeypatch.setattr(gpu_io, "_read_small_file", read)
+    monkeypatch.setattr(gpu_io, "decode_data", decode)
+    monkeypatch.setattr(gpu_io, "READ_AHEAD_FILES", 3)
+    images = list(gpu_io.decode_each(paths, DEFAULT))
+    assert [int(image[0, 0]) for image in images] == list(range(7))
+    kinds = "".join(kind[0] for kind, _ in events)
+    assert kinds == "rrrdddrrrdddrd"
+    assert [name for kind, name in events if kind == "read"] == [p.name for p in paths]
+
+
+def test_decode_each_stops_a_group_at_its_byte_budget(scratch, monkeypatch):
+    folder = scratch / "budget"
+    paths = [touch(folder / f"{i}.png", encoded("PNG")) for i in range(5)]
+    monkeypatch.setattr(gpu_io, "READ_AHEAD_BYTES", 2 * len(encoded("PNG")))
+    reads = []
+    real_read = gpu_io._read_small_file
+    monkeypatch.setattr(gpu_io, "_read_small_file", lambda path: reads.append(path) or real_read(path))
+    outcomes = gpu_io.decode_each(paths, DEFAULT)
+    next(outcomes)
+    assert len(reads) == 2  # the group ended at the budget: the first image came after two reads
+    assert all(isinstance(o, np.ndarray) for o in outcomes) and len(reads) == 5
+
+
+def test_a_file_that_grows_while_read_is_read_whole(scratch, monkeypatch):
+    path = save(np.arange(64, dtype=np.uint8).reshape(8, 8), scratch / "growing.png")
+    data = path.read_bytes()
+    real_fstat = os.fstat
+
+    def stale_fstat(fd):  # the size of the file before its last half was written
+        info = real_fstat(fd)
+        return os.stat_result((*info[:6], len(data) // 2, *info[7:]))
+
+    monkeypatch.setattr(gpu_io.os, "fstat", stale_fstat)
+    assert gpu_io._read_small_file(path) == data
+
+
+def test_files_above_the_small_size_are_decoded_from_their_path(scratch, monkeypatch):
+    folder = scratch / "sizes"
+    folder.mkdir()
+    small = save(np.zeros((2, 2), np.uint8), folder / "small.png")
+    large = save(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8), folder / "large.png")
+    monkeypatch.setattr(gpu_io, "SMALL_FILE_BYTES", small.stat().st_size)
+    from_path, real = [], gpu_io.decode_or_error
+    monkeypatch.setattr(gpu_io, "decode_or_error", lambda path, options: from_path.append(path) or real(path, options))
+    outcomes = list(gpu_io.decode_each([small, large], DEFAULT))
+    assert from_path == [large]
+    assert [o.shape for o in outcomes] == [(2, 2), (64, 64)]

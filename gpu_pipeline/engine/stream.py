@@ -33,7 +33,7 @@ from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
-from gpu_pipeline.inputs.decode import decode_or_error
+from gpu_pipeline.inputs.decode import decode_each
 from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available
 from gpu_pipeline.outputs.records import RecordBatch
 
@@ -267,8 +267,7 @@ class _DecodePool:
 
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
         part, paths, images, errors, pixels = 0, [], [], {}, 0
-        for index, path in enumerate(chunk):
-            outcome = decode_or_error(path, self._options)
+        for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options))):
             if isinstance(outcome, np.ndarray):
                 images.append(outcome)
                 pixels += outcome.shape[0] * outcome.shape[1]

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -348,26 +349,26 @@ class _Worker:
     """The worker's side: decode a request's files, pack their pixels into the slot."""
 
     def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions) -> None:
-        from gpu_pipeline.inputs.decode import decode_or_error
+        from gpu_pipeline.inputs.decode import decode_each
 
-        self._decode_or_error = decode_or_error
+        self._decode_each = decode_each
         self._socket = sock
         self._arena = np.frombuffer(arena, np.uint8)
         self._options = options
         self._carried: tuple[str, np.ndarray] | None = None  # decoded, but did not fit the last slot
 
-    def _decoded(self, path: str) -> np.ndarray | tuple[str, str]:
-        if self._carried is not None and self._carried[0] == path:
-            image, self._carried = self._carried[1], None
-            return image
-        self._carried = None
-        return self._decode_or_error(path, self._options)
+    def _outcomes(self, paths: list[str]) -> Iterator[np.ndarray | tuple[str, str]]:
+        """What ``decode_each`` gives for ``paths``, the image carried over from the last request first."""
+        carried, self._carried = self._carried, None
+        if carried is not None and paths and carried[0] == paths[0]:
+            yield carried[1]
+            paths = paths[1:]
+        yield from self._decode_each(paths, self._options)
 
     def answer(self, paths: list[str], most_pixels: int, slot: int | None, slot_bytes: int):
         """Returns the reply and the images to write where it says."""
         images, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
-        for index, path in enumerate(paths):
-            outcome = self._decoded(path)
+        for index, (path, outcome) in enumerate(zip(paths, self._outcomes(paths))):
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
