@@ -243,3 +243,19 @@ def test_the_labeller_is_warmed_up_before_the_first_batch(tmp_path, image_dir, m
     assert result.exit_code == 0, result.output
     assert calls[0] == [(8, 8), (8, 8, 3)]  # the warm-up, first
     assert sum(len(shapes) for shapes in calls[1:]) == len(list(image_dir.iterdir()))
+
+
+@pytest.mark.parametrize("user_setting", [None, "4"])
+def test_the_command_line_leaves_the_collector_on_and_blas_to_one_thread(user_setting):
+    """Start-up freezes what its imports made and turns the collector back on (a run must not grow
+    without bound); OpenBLAS gets one thread unless the user said otherwise."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_NUM_THREADS"}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    probe = ("import gc, os, gpu_pipeline.cli; "
+             "print(gc.isenabled(), gc.get_freeze_count() > 10000, os.environ['OPENBLAS_NUM_THREADS'])")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.split() == ["True", "True", user_setting or "1"]
