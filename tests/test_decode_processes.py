@@ -357,3 +357,32 @@ def test_pixels_are_never_pickled():
         assert sum(received) < 100 * taken  # a 64x64 RGB tile alone is 12,288 bytes
     finally:
         process.close()
+
+
+@needs_processes
+def test_a_chunks_paths_cross_over_once():
+    """The first request of a chunk carries its paths; the requests for its later parts carry none,
+    and the parts still come in order."""
+    process = processes.DecodeProcess(DecodeOptions(), slots=4, slot_bytes=4 * 64 * 64 * 3)
+    connection, sent = process._connection, []
+
+    def send(message):
+        sent.append(message[0])
+        connection.send(message)
+
+    process._connection = type("Counting", (), {"send": staticmethod(send), "recv": connection.recv,
+                                                "close": connection.close})()
+    paths = find_files([BUNDLED / "eurosat"])[:12]
+    try:
+        got, start = [], 0
+        while start < len(paths):
+            taken, images, errors = process.decode(paths[start:], 4 * 64 * 64)
+            assert not errors and taken == len(images)
+            got += [image.tobytes() for image in images]
+            start += taken
+        assert got == [decode_image(p, DecodeOptions()).tobytes() for p in paths]
+        assert len(sent) == 3 and sent[0] == "\0".join(paths) and sent[1:] == [None, None]
+        process.decode(paths[:2], 1 << 30)  # other paths: sent again
+        assert sent[-1] == "\0".join(paths[:2])
+    finally:
+        process.close()
