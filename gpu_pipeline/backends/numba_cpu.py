@@ -170,7 +170,8 @@ class NumbaCpuBackend(Backend):
         hist_parts = np.empty((len(items.image), 256), np.int64)
         self._on_workers(k.gray_histograms, workers, (addresses, sizes, channels, gray, gray_off, heights, widths,
                                                       items.image, items.r0, items.r1, items.order), (hist_parts,))
-        hists = np.add.reduceat(hist_parts, items.first, axis=0)
+        whole = len(items.image) == len(images)  # no image cut into bands: an item is an image
+        hists = hist_parts if whole else np.add.reduceat(hist_parts, items.first, axis=0)
         luts = k.equalize_luts(hists, pixels)
 
         map_sizes = (heights + 2) * (widths + 2)
@@ -185,7 +186,7 @@ class NumbaCpuBackend(Backend):
                           items.r1, items.order),
                          (config.blur_ksize, config.l2_gradient, low, high, maps, map_off, equalized, eq_off, keep,
                           counts))
-        edge_counts = np.add.reduceat(counts, items.first)
+        edge_counts = counts if whole else np.add.reduceat(counts, items.first)
         if (items.bands > 1).any():
             marked = np.zeros(len(images), np.int64)
             cut = int((items.bands > 1).sum())
