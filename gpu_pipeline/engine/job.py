@@ -8,7 +8,6 @@ the records. The output is locked (``OUT.lock``) around both, so two runs never 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -333,7 +332,6 @@ def execute(job: Job, checked: CheckedJob) -> int:
                           "later runs load them from the cache)")
         timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet)
         timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet)
-    gc.freeze()  # what start-up made (numba's modules, the kernels) lives on: no collection rescans it
     recorded = len(files) - len(todo)
     if not job.quiet and recorded:
         console.print(f"resuming {job.out}: {recorded} of {len(files)} images already recorded"

@@ -58,7 +58,7 @@ Reading
 at a time, with four system calls a file (open, fstat, read, close; a buffered file object takes
 eight or nine), and then decodes the group from memory. On the 2-core VM a system call slows the
 code after it (caches and predictors start cold), so decoding 64x64 JPEG tiles in a group costs
-about 42 us a tile against 50 read and decoded one at a time. Larger files are decoded from their
+about 41 us a tile against 46 read and decoded one at a time. Larger files are decoded from their
 path, read as their decoder needs them.
 
 Errors
