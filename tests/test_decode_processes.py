@@ -386,3 +386,26 @@ def test_a_chunks_paths_cross_over_once():
         assert sent[-1] == "\0".join(paths[:2])
     finally:
         process.close()
+
+
+def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
+    """Parts that end inside a group of files read ahead (and an image carried over to the next
+    slot) still read every file once, and give every image in order."""
+    import mmap
+
+    from gpu_pipeline.inputs import decode
+
+    monkeypatch.setattr(decode, "READ_AHEAD_FILES", 5)
+    reads, real_read = [], decode._read_small_file
+    monkeypatch.setattr(decode, "_read_small_file", lambda path: reads.append(path) or real_read(path))
+    paths = find_files([BUNDLED / "eurosat"])[:13]
+    tile = 64 * 64 * 3
+    worker = processes._Worker(None, mmap.mmap(-1, 3 * tile), DecodeOptions())
+    worker.queue(paths)
+    got = []
+    for _ in range(7):  # a slot of 2.5 tiles: each part but the last ends with an image carried over
+        reply, images, in_slot = worker.answer(1 << 30, 0, 5 * tile // 2)
+        assert in_slot and reply[0] == len(images) == min(2, len(paths) - len(got))
+        got += [image.tobytes() for image in images]
+    assert got == [decode_image(p, DecodeOptions()).tobytes() for p in paths]
+    assert reads == paths

@@ -350,7 +350,12 @@ class Decoder:
 
 
 class _Worker:
-    """The worker's side: decode a request's files, pack their pixels into the slot."""
+    """The worker's side: decode the queued files in order, pack a part's pixels into a slot.
+
+    The files of a chunk are queued once; each request takes the next part of them. Reading ahead
+    (``decode_each`` reads a group of files before it decodes them) carries over from one request
+    to the next, so a part that ends inside a group reads nothing twice.
+    """
 
     def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions) -> None:
         from gpu_pipeline.inputs.decode import decode_each
@@ -359,25 +364,26 @@ class _Worker:
         self._socket = sock
         self._arena = np.frombuffer(arena, np.uint8)
         self._options = options
-        self._carried: tuple[str, np.ndarray] | None = None  # decoded, but did not fit the last slot
+        self._queued: list[str] = []  # the chunk's paths not taken yet
+        self._outcomes: Iterator[np.ndarray | tuple[str, str]] = iter(())  # decode_each of them
+        self._carried: np.ndarray | None = None  # the first queued image: it did not fit the last slot
 
-    def _outcomes(self, paths: list[str]) -> Iterator[np.ndarray | tuple[str, str]]:
-        """What ``decode_each`` gives for ``paths``, the image carried over from the last request first."""
-        carried, self._carried = self._carried, None
-        if carried is not None and paths and carried[0] == paths[0]:
-            yield carried[1]
-            paths = paths[1:]
-        yield from self._decode_each(paths, self._options)
+    def queue(self, paths: list[str]) -> None:
+        self._queued, self._outcomes, self._carried = paths, self._decode_each(paths, self._options), None
 
-    def answer(self, paths: list[str], most_pixels: int, slot: int | None, slot_bytes: int):
-        """Returns the reply and the images to write where it says."""
+    def answer(self, most_pixels: int, slot: int | None, slot_bytes: int):
+        """The next part of the queued files: the reply, and the images to write where it says."""
         images, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
-        for index, (path, outcome) in enumerate(zip(paths, self._outcomes(paths))):
+        for index in range(len(self._queued)):
+            if self._carried is not None:
+                outcome, self._carried = self._carried, None
+            else:
+                outcome = next(self._outcomes)
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
                 if slot is not None and images and used + outcome.size > slot_bytes:
-                    self._carried = (path, outcome)  # the next request starts with it
+                    self._carried = outcome  # the next request starts with it
                     break
                 placed.append((outcome.shape[0], outcome.shape[1], outcome.shape[2] if outcome.ndim == 3 else 0, used))
                 images.append(outcome)
@@ -386,6 +392,7 @@ class _Worker:
             taken = index + 1
             if pixels >= most_pixels:
                 break
+        self._queued = self._queued[taken:]
         in_slot = slot is not None and used <= slot_bytes
         layout = np.array(placed, np.int64).reshape(-1, 4)  # sent as bytes: an array's pickle costs 10-20 us
         return (taken, layout.tobytes(), errors, used if in_slot else 0, 0 if in_slot else used), images, in_slot
@@ -414,12 +421,11 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
     try:
         options, slot_bytes = connection.recv()
         worker = _Worker(sock, arena, options)
-        queued: list[str] = []
         while True:
             text, most_pixels, slot = connection.recv()
-            paths = queued if text is None else text.split("\0") if text else []
-            reply, images, in_slot = worker.answer(paths, most_pixels, slot, slot_bytes)
-            queued = paths[reply[0]:]
+            if text is not None:  # a new chunk; None: the next part of the last one
+                worker.queue(text.split("\0") if text else [])
+            reply, images, in_slot = worker.answer(most_pixels, slot, slot_bytes)
             if in_slot:
                 worker.fill_slot(images, reply[1], slot)  # before the reply: it says the pixels are there
             connection.send(reply)
