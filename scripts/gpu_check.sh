@@ -7,21 +7,13 @@
 #
 # Needs python3 with numba, numba-cuda, cupy, cv2, pytest, hypothesis, and gpu-pipeline's own runtime
 # dependencies Pillow, tifffile and imagecodecs: where those are missing (the lent GPU machines have no
-# network), run scripts/fetch_gpu_wheels.sh here first and carry .whl; they are installed into
-# /tmp/site. Without a GPU the tests skip with the reason and the benchmark lists the GPU backends as
+# network), run scripts/fetch_gpu_wheels.sh here first and carry .whl; scripts/device_env.sh installs
+# them into /tmp (a numpy < 2.5 first on the path: numba-cuda cannot load on the machine's numpy 2.5). Without a GPU the tests skip with the reason and the benchmark lists the GPU backends as
 # unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 150 s, verify 2 x 30 s, bench 90 s).
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/gpu-pipeline-numba-cache}"  # the checkout may be read-only
-unset NUMBA_ENABLE_CUDASIM GPU_PIPELINE_CUDA_SMALL_TILES
-PYTHON="${PYTHON:-python3}"
+source "$(dirname "$0")/device_env.sh"  # PYTHON, PYTHONPATH, NUMBA_CACHE_DIR, the carried wheels
 LOG_DIR="${OUT:-/tmp/gpu_check}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the checkout, so preinstalled packages still win
-fi
 mkdir -p "$LOG_DIR"
 
 {
