@@ -262,3 +262,45 @@ def test_a_mixed_batch_keeps_results_errors_and_labels_in_place(tmp_path):
     assert stages == ["read", "ok", "ok", "compute", "ok"]
     assert summary.ok == 3 and summary.failed == 2 and sum(summary.labels.values()) == 3
     assert all(r["path"] == str(p) for r, p in zip(sink.records, paths))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_many_decoders_a_small_prefetch_and_odd_sizes_keep_order_without_stalling(seed, monkeypatch):
+    """16 decoders that mostly wait for room, images from 1 pixel to twice the prefetch limit (the
+    part the consumer wants goes on whatever its size), a consumer that is sometimes slow: every
+    image comes, in order, and the pool never stalls (each change wakes only some waiters)."""
+    import random
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream as engine_module
+
+    rng = random.Random(seed)
+    sides = [rng.choice([1, 3, 8, 16, 40, 64, 100]) for _ in range(600)]
+    by_path = {f"/nowhere/{i:04d}.png": np.full((side, side), i % 251, np.uint8) for i, side in enumerate(sides)}
+
+    def decode_each(paths, options):
+        for path in paths:
+            if rng.random() < 0.05:
+                time.sleep(0.001)
+            yield by_path[str(path)]
+
+    monkeypatch.setattr(engine_module, "decode_each", decode_each)
+    paths = [Path(p) for p in by_path]
+    got, finished = [], threading.Event()
+
+    def consume():
+        parts = engine_module.decode_parts(paths, DecodeOptions(), workers=16, prefetch_pixels=5_000,
+                                           chunk_pixels=2_000)
+        for part in parts:
+            if rng.random() < 0.1:
+                time.sleep(0.002)
+            got.extend(part.images)
+        finished.set()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert finished.wait(20), "the decode pool stalled"
+    assert len(got) == len(paths)
+    assert all(image.shape == by_path[str(p)].shape and image[0, 0] == by_path[str(p)][0, 0]
+               for image, p in zip(got, paths))
