@@ -365,3 +365,23 @@ def test_a_call_gives_every_thread_enough_tiles():
         assert backend.batch_pixels() == 16 * 256 * 1024
     finally:
         backend.close()
+
+
+def test_calls_that_reuse_the_last_calls_memory_give_the_reference_bytes():
+    """The gray images and Canny maps of a call live in memory the backend keeps for the next call:
+    a smaller batch after a larger one (a prefix of it, old bytes beyond), then a larger one (grown),
+    with and without the images kept, all byte-equal to the reference."""
+    rng = np.random.default_rng(5)
+    backend = NumbaCpuBackend(threads=2)
+    large = [smooth_noise(rng, 300, 200, (3,)), smooth_noise(rng, 64, 64)] + [
+        rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(6)]
+    small = [smooth_noise(rng, 30, 20, (3,)), np.full((7, 9), 200, np.uint8)]
+    larger = large + [smooth_noise(rng, 500, 400, (3,))]
+    config = PipelineConfig(30, 90)
+    for images in (large, small, larger, small, large):
+        assert_matches_reference(images, config, backend.process(images, config, keep_images=True))
+        counted = backend.process(images, config)
+        want = [ref.process_image(image, config) for image in images]
+        assert [result.edge_count for result in counted] == [w.edge_count for w in want]
+        assert all(np.array_equal(result.histogram, w.histogram) for result, w in zip(counted, want))
+    assert len(backend._spare) == 1  # one call at a time: one set of kept arrays
