@@ -204,7 +204,8 @@ def stage_profile(image: np.ndarray) -> dict:
     rgb[:] = image.reshape(-1)
     gray_out = staggered((height, width), np.uint8, 1)
     counts = staggered((4, 256), np.int64, 2)
-    lut = kernels.equalize_luts(histogram.reshape(1, 256), np.array([height * width]))[0]
+    lut = np.empty(256, np.uint8)
+    kernels.equalize_lut(histogram, height * width, lut)
     padded = staggered((width + ksize,), np.int32, 3)
     sums = staggered((ksize, width), np.int32, 4)
     blurred = staggered((3, width + 2), np.int32, 5)

@@ -143,7 +143,7 @@ class NumbaCpuBackend(Backend):
         """True unless numba's cache holds a current entry for every kernel (a missing, stale or
         disabled cache means a compile of about 12-15 s on two cores)."""
         k = self._kernels
-        for kernel in (k.gray_histograms, k.equalize_luts, k.edge_maps, k.join_bands):
+        for kernel in (k.gray_histograms, k.edge_maps, k.join_bands):
             try:
                 if not kernel._cache._cache_file._load_index():  # numba's own check: source stamp, version
                     return True
@@ -201,7 +201,6 @@ class NumbaCpuBackend(Backend):
                                                       items.image, items.r0, items.r1, items.order), (hist_parts,))
         whole = len(items.image) == len(images)  # no image cut into bands: an item is an image
         hists = hist_parts if whole else np.add.reduceat(hist_parts, items.first, axis=0)
-        luts = k.equalize_luts(hists, pixels)
 
         map_sizes = (heights + 2) * (widths + 2)
         map_off = _exclusive_cumsum(map_sizes)
@@ -211,7 +210,7 @@ class NumbaCpuBackend(Backend):
         low, high = canny_thresholds(config.low_threshold, config.high_threshold, config.l2_gradient)
         counts = np.empty(len(items.image), np.int64)
         self._on_workers(k.edge_maps, workers,
-                         (addresses, sizes, channels, gray, gray_off, heights, widths, luts, items.image, items.r0,
+                         (addresses, sizes, channels, gray, gray_off, heights, widths, hists, items.image, items.r0,
                           items.r1, items.order),
                          (config.blur_ksize, config.l2_gradient, low, high, maps, map_off, equalized, eq_off, keep,
                           counts))
