@@ -259,3 +259,6 @@ def test_the_command_line_leaves_the_collector_on_and_blas_to_one_thread(user_se
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
                           check=True)
     assert done.stdout.split() == ["True", "True", user_setting or "1"]
+    off = subprocess.run([sys.executable, "-c", "import gc; gc.disable(); import gpu_pipeline.cli; print(gc.isenabled())"],
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert off.stdout.split()[0] == "False"  # an importer that had turned the collector off keeps it off
