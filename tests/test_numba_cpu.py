@@ -378,10 +378,10 @@ def test_calls_that_reuse_the_last_calls_memory_give_the_reference_bytes():
     small = [smooth_noise(rng, 30, 20, (3,)), np.full((7, 9), 200, np.uint8)]
     larger = large + [smooth_noise(rng, 500, 400, (3,))]
     config = PipelineConfig(30, 90)
-    for images in (large, small, larger, small, large):
-        assert_matches_reference(images, config, backend.process(images, config, keep_images=True))
-        counted = backend.process(images, config)
-        want = [ref.process_image(image, config) for image in images]
+    for batch in (large, small, larger, small, large):
+        assert_matches_reference(batch, config, backend.process(batch, config, keep_images=True))
+        counted = backend.process(batch, config)
+        want = [ref.process_image(image, config) for image in batch]
         assert [result.edge_count for result in counted] == [w.edge_count for w in want]
         assert all(np.array_equal(result.histogram, w.histogram) for result, w in zip(counted, want))
     assert len(backend._spare) == 1  # one call at a time: one set of kept arrays
