@@ -70,6 +70,11 @@ class ImageBatch(Sequence[np.ndarray]):
         return ImageBatch(self.buffers, self.buffer_of[chosen], self.offsets[chosen], self.heights[chosen],
                           self.widths[chosen], self.channels[chosen])
 
+    def without_pixels(self) -> ImageBatch:
+        """The same images' shapes, with no buffer: what records need once the pixels are computed."""
+        nothing = np.zeros(len(self), np.int64)
+        return ImageBatch([], nothing, nothing, self.heights, self.widths, self.channels)
+
     def __len__(self) -> int:
         return len(self.offsets)
 

@@ -304,3 +304,48 @@ def test_many_decoders_a_small_prefetch_and_odd_sizes_keep_order_without_stallin
     assert len(got) == len(paths)
     assert all(image.shape == by_path[str(p)].shape and image[0, 0] == by_path[str(p)][0, 0]
                for image, p in zip(got, paths))
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_a_batch_frees_its_pixels_before_its_records_are_written(failing, monkeypatch):
+    """The batch being written holds no pixels: they are freed once computed and labelled (a
+    third of what a run holds with GPU-sized batches). Labels still come from the pixels."""
+    import weakref
+
+    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.labels.labeller import default_labels
+
+    decoded: dict[str, weakref.ref] = {}
+
+    def decode_each(paths, options):  # fresh arrays, so that only the engine holds them
+        for path in paths:
+            value = int(Path(path).stem)
+            image = np.full((8, 8), 13 if failing and value % 7 == 3 else 20 + value % 200, np.uint8)  # 13 fails
+            decoded[str(path)] = weakref.ref(image)
+            yield image
+
+    monkeypatch.setattr(engine_module, "decode_each", decode_each)
+    # parts of 32 images, batches of 32: no part is shared by two batches
+    monkeypatch.setattr(engine_module, "FIRST_CHUNK_IMAGES", 32)
+    monkeypatch.setattr(engine_module, "MOST_CHUNK_IMAGES", 32)
+    alive_at_write = []
+
+    class CheckingSink(ListSink):
+        def write(self, records):
+            records = list(records)
+            alive_at_write.append(sum(decoded[record["path"]]() is not None for record in records))
+            super().write(records)
+
+    paths = [Path(f"/nowhere/{i}.png") for i in range(320)]
+    sink = CheckingSink()
+    Engine(ExplodingBackend(), batch_size=32, workers=1).run(paths, sink)
+    assert alive_at_write == [0] * 10
+
+    def label(image):  # each image labelled alone, from the reference's results
+        stages = cpu_reference.process_image(image, PipelineConfig())
+        return default_labels([image], stages.histogram[None], np.array([stages.edge_count]))[0]
+
+    expected = [label(np.full((8, 8), 20 + i % 200, np.uint8)) for i in range(320)]
+    assert len(set(expected)) > 1
+    assert [r.get("label") for r in sink.records] == [None if failing and i % 7 == 3 else want
+                                                       for i, want in enumerate(expected)]

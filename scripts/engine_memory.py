@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Peak host memory of the engine alone, with a GPU backend's batches, on any machine (no GPU).
+
+    python scripts/engine_memory.py PATHS... [--batch-mp 32] [--workers 16] [--decode threads]
+
+Runs the engine (decode pool, batches, records into a JSONL file) on PATHS with a stand-in backend
+that wants GPU-sized batches and returns zeros, and prints the peak RSS of the run and the peak
+PSS summed over its process tree (decode processes included), sampled every 20 ms. What a real GPU
+backend adds on top (pinned staging, the CUDA context, the libraries) is not in these figures: see
+docs/backends.md, "Where the host memory goes".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out: str) -> None:
+    """In this process: the engine over ``paths`` with a backend that wants ``batch_mp`` MP a call."""
+    sys.path.insert(0, str(REPO))
+    from gpu_pipeline.backends.base import Backend, BatchResult
+    from gpu_pipeline.engine.stream import Engine
+    from gpu_pipeline.inputs.discover import find_files
+    from gpu_pipeline.outputs.plan import open_sink
+
+    class StandIn(Backend):
+        name = "stand-in"
+
+        def batch_pixels(self) -> int:
+            return int(batch_mp * 2**20)
+
+        def process(self, images, config, keep_images=False):
+            return BatchResult.empty(len(images), keep_images)
+
+    files = find_files(paths)
+    sink = open_sink(out, resume=False)
+    start = time.perf_counter()
+    Engine(StandIn(), workers=workers, processes=decode == "processes").run(files, sink)
+    sink.close()
+    print(f"{len(files):,} files in {time.perf_counter() - start:.2f} s", flush=True)
+
+
+def _tree(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                for child in children.read().split():
+                    pids += _tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
+def _kib(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/{'smaps_rollup' if field == 'Pss:' else 'status'}") as lines:
+            return next((int(line.split()[1]) for line in lines if line.startswith(field)), 0)
+    except OSError:
+        return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--batch-mp", type=float, default=32.0, help="megapixels a call (GPU backends: 32)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--decode", choices=["threads", "processes"], default="threads")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        with tempfile.TemporaryDirectory() as scratch:
+            run_engine(args.paths, args.batch_mp, args.workers, args.decode, str(Path(scratch) / "out.jsonl"))
+        return
+    child = subprocess.Popen([sys.executable, __file__, "--child", *sys.argv[1:]])
+    peak_rss = peak_tree = 0
+    while child.poll() is None:
+        peak_rss = max(peak_rss, _kib(child.pid, "VmHWM:"))
+        peak_tree = max(peak_tree, sum(_kib(pid, "Pss:") for pid in _tree(child.pid)))
+        time.sleep(0.02)
+    print(f"batches of {args.batch_mp:g} MP, {args.workers} decoders in {args.decode}: "
+          f"peak RSS of the run {peak_rss / 1024:.0f} MiB, peak PSS of its process tree {peak_tree / 1024:.0f} MiB")
+    sys.exit(child.returncode)
+
+
+if __name__ == "__main__":
+    main()
