@@ -28,6 +28,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -163,13 +164,17 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
+#: Options added to every `gpu-pipeline run` (--run-args), e.g. a smaller GPU batch: --batch-size 4096.
+RUN_ARGS: list[str] = []
+
+
 def run_cli(target: Path, out: Path, backend: str, env: dict | None = None, decode: str = "auto",
             tree_memory: bool = False) -> dict:
     """`gpu-pipeline run` in a fresh process: wall seconds, its peak RSS and, with ``tree_memory``, the
     peak of the memory of it and its decode processes together (PSS summed over the process tree,
     sampled every 20 ms: reading smaps takes a good share of a core, so timed runs do not sample)."""
     command = [sys.executable, "-c", _WITH_PEAK_RSS, "run", str(target), "--out", str(out), "--backend", backend,
-               "-q", "--overwrite", "--decode", decode]
+               "-q", "--overwrite", "--decode", decode, *RUN_ARGS]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, env=env, text=True)
     peak_tree, stop = [0], threading.Event()
@@ -391,8 +396,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["tiles", "scenes", "big", "start", "overhead"])
     parser.add_argument("--decode", nargs="+", choices=["auto", "threads", "processes"], default=["threads", "processes"],
                         help="--decode modes of the tiles and scenes runs (each measured)")
+    parser.add_argument("--run-args", default="", help="options added to every `gpu-pipeline run`, "
+                        "e.g. '--batch-size 4096' (GPU batches of 16 MP of tiles instead of 32)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    RUN_ARGS.extend(shlex.split(args.run_args))
     wanted = set(args.only or ["tiles", "scenes", "big", "start", "overhead"])
     report: dict = {"backend": args.backend, "cores": os.cpu_count(), "repeat": args.repeat, "targets": TARGETS,
                     "load_average_at_start": os.getloadavg()}

@@ -4,14 +4,16 @@
 #
 #   1. "Every core" (issue #19): scripts/bench_scale.py for numba, cuda and cupy (26,500 EuroSAT
 #      tiles and 24 12-MP scenes end to end against OpenCV in Pool(cores), the warm one-image run,
-#      peak memory of the run and of its decode processes), the thread-scaling table of
+#      peak memory of the run and of its decode processes), the tiles again for cuda and cupy with
+#      GPU batches of 16 MP instead of 32 (--batch-size 4096: speed against host memory), the
+#      thread-scaling table of
 #      `gpu-pipeline bench`, and the GIL a tile (../shared/tools/gil_per_tile.py, needs gilknocker);
 #   2. the GPU check (issue #20): scripts/gpu_check.sh (GPU tests, verify, bench_gpu).
 #
 #   scripts/fetch_gpu_wheels.sh                 # here, once: the wheels the machine lacks, into .whl/
 #   OUT=/some/dir scripts/device_check.sh       # there, with .whl carried (default OUT: /tmp/device_check)
 #
-# PARTS (default "scale bench gil gpu"), BACKENDS ("numba cuda cupy"), TILES (26500) and SCENES (24)
+# PARTS (default "scale batch bench gil gpu"), BACKENDS ("numba cuda cupy"), TILES (26500) and SCENES (24)
 # choose what runs. Each step gets its own time limit, cut to what is left of BUDGET; a step that
 # fails or runs out of time is logged in failures.txt and the next one runs.
 set -uo pipefail
@@ -19,7 +21,7 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"  # PYTHON, PYTHONPATH, NUMBA_CACHE_DIR, the carried wheels
 LOG_DIR="${OUT:-/tmp/device_check}"
 mkdir -p "$LOG_DIR"
-PARTS="${PARTS:-scale bench gil gpu}"
+PARTS="${PARTS:-scale batch bench gil gpu}"
 BACKENDS="${BACKENDS:-numba cuda cupy}"
 TILES="${TILES:-26500}"
 SCENES="${SCENES:-24}"
@@ -55,6 +57,13 @@ for part in $PARTS; do
                 step "scale_$backend" 110 "$PYTHON" scripts/bench_scale.py --backend "$backend" --only start tiles scenes \
                     --repeat 1 --compile-repeat 0 --tiles "$TILES" --scenes "$SCENES" --decode auto threads \
                     --json "$LOG_DIR/scale_$backend.json"
+            done ;;
+        batch)  # half the GPU batch: what it costs in speed, what it saves in host memory
+            for backend in $BACKENDS; do
+                [ "$backend" = numba ] && continue
+                step "batch_$backend" 60 "$PYTHON" scripts/bench_scale.py --backend "$backend" --only tiles \
+                    --repeat 1 --tiles "$TILES" --decode auto --run-args "--batch-size 4096" \
+                    --json "$LOG_DIR/batch_$backend.json"
             done ;;
         bench)
             step bench 60 "$PYTHON" -m gpu_pipeline.cli bench --tiles 8000 --count 8 --repeat 1 \
