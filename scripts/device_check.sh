@@ -6,8 +6,8 @@
 #      tiles and 24 12-MP scenes end to end against OpenCV in Pool(cores), the warm one-image run,
 #      peak memory of the run and of its decode processes), the tiles again for cuda and cupy with
 #      GPU batches of 16 MP instead of 32 (--batch-size 4096: speed against host memory), the
-#      thread-scaling table of
-#      `gpu-pipeline bench`, and the GIL a tile (../shared/tools/gil_per_tile.py, needs gilknocker);
+#      thread-scaling table of `gpu-pipeline bench`, and the GIL a tile
+#      (../shared/tools/gil_per_tile.py, needs gilknocker);
 #   2. the GPU check (issue #20): scripts/gpu_check.sh (GPU tests, verify, bench_gpu).
 #
 #   scripts/fetch_gpu_wheels.sh                 # here, once: the wheels the machine lacks, into .whl/
