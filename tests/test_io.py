@@ -848,6 +848,59 @@ def test_decode_each_on_the_shared_samples(shared_data_dir):
         assert _same_outcome(ours, gpu_io.decode_or_error(path, DEFAULT)), path
 
 
+def _jpeg(image: np.ndarray, **params) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", **params)
+    return buffer.getvalue()
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    """JPEGs the short path must take (plain) or leave to the full one (the rest)."""
+    rng = np.random.default_rng(21)
+    rgb, gray = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), rng.integers(0, 256, (29, 31), dtype=np.uint8)
+    whole = _jpeg(rgb)
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated; pixels are used as stored
+    return {
+        "plain rgb 4:2:0": whole,
+        "plain rgb 4:4:4": _jpeg(rgb, subsampling=0, quality=95),
+        "plain gray": _jpeg(gray),
+        "plain progressive": _jpeg(rgb, progressive=True, optimize=True),
+        "plain 1x1": _jpeg(rgb[:1, :1]),
+        "plain 1xN gray": _jpeg(gray[:1]),
+        "plain with EXIF orientation": _jpeg(rgb, exif=exif.tobytes()),
+        "plain with zeros after the end": whole + b"\0" * 7,
+        "cmyk": cmyk.getvalue(),
+        "truncated": whole[: len(whole) * 2 // 3],
+        "truncated to the header": whole[:200],
+        "garbage after the header": whole[:400] + bytes(rng.integers(0, 256, 600, dtype=np.uint8)) + b"\xff\xd9",
+        "not a jpeg": b"\x89PNG\r\n\x1a\n" + whole[8:],
+    }
+
+
+@pytest.mark.parametrize("options", [DEFAULT, DecodeOptions(bands=(1,)), DecodeOptions(max_pixels=36 * 52)],
+                         ids=["default", "bands 1", "pixel limit"])
+def test_the_short_jpeg_path_gives_what_decode_data_gives(options):
+    """decode_each's short path for plain JPEGs (_plain_jpeg) gives decode_data's pixels, or
+    leaves the file to decode_data: CMYK, truncated, damaged, a band choice, over the limit."""
+    taken = []
+    for name, data in _jpeg_variants().items():
+        short = gpu_io._plain_jpeg(data, options)
+        if short is not None:
+            taken.append(name)
+            assert _same_outcome(short, gpu_io._or_error(gpu_io.decode_data, data, options)), name
+    plain = [name for name in _jpeg_variants() if name.startswith("plain")]
+    if options.bands is not None:
+        assert taken == []
+    elif options.max_pixels < 37 * 53:
+        assert taken == [name for name in plain if "rgb" not in name and "EXIF" not in name
+                         and "progressive" not in name and "zeros" not in name]
+    else:
+        assert taken == plain
+
+
 def test_decode_each_reads_a_group_before_it_decodes(scratch, monkeypatch):
     folder = scratch / "group"
     folder.mkdir()
