@@ -230,7 +230,7 @@ def _plain_jpeg(data: bytes, options: DecodeOptions) -> np.ndarray | None:
     within the pixel limit with no band choice, without its generic steps (a file object, band
     selection and normalisation, which leave such pixels as they are); None for any other file
     or any failure, which :func:`decode_data` then decodes or explains. A tile's decode is a
-    GIL-held step of the decode threads: this is about 2 us of Python a tile less."""
+    GIL-held step of the decode threads: this is 1-2 us of Python a tile less."""
     if jpeg8_decode is None or options.bands is not None or not data.startswith(_JPEG_MAGIC):
         return None
     frame = _jpeg_frame(data)
