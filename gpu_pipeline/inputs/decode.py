@@ -233,16 +233,14 @@ def _plain_jpeg(data: bytes, options: DecodeOptions) -> np.ndarray | None:
     GIL-held step of the decode threads: this is 1-2 us of Python a tile less."""
     if jpeg8_decode is None or options.bands is not None or not data.startswith(_JPEG_MAGIC):
         return None
-    frame = _jpeg_frame(data)
-    if frame is None or frame[0] != 8 or frame[3] not in (1, 3) or frame[1] * frame[2] > options.max_pixels:
-        return None
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # truncated: Pillow's to refuse
+    frame = _libjpeg_frame(data)
+    if frame is None or frame[0] * frame[1] > options.max_pixels:
         return None
     try:
         image = jpeg8_decode(data)
     except Exception:
         return None
-    expected = frame[1:3] if frame[3] == 1 else (frame[1], frame[2], 3)
+    expected = frame[:2] if frame[2] == 1 else frame
     if image.shape != expected or image.dtype != np.uint8 or not image.flags.c_contiguous:
         return None
     return image
@@ -366,16 +364,25 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
-    """Bands (H, W, C) of a JPEG: libjpeg-turbo directly when it is a complete 8-bit gray or
-    three-channel image, else Pillow (CMYK, 12-bit, truncated, damaged headers)."""
-    data = fh.read()
+def _libjpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) of a JPEG that libjpeg-turbo decodes directly: complete (it ends
+    with its end-of-image marker), 8-bit, gray or three-channel. None for any other, Pillow's to
+    decode or refuse (CMYK, 12-bit, truncated, damaged headers)."""
     frame = _jpeg_frame(data)
-    complete = data.rstrip(b"\0").endswith(b"\xff\xd9")  # the end-of-image marker
-    if frame is None or frame[0] != 8 or frame[3] not in (1, 3) or not complete:
+    if frame is None or frame[0] != 8 or frame[3] not in (1, 3) or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    return frame[1:]
+
+
+def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
+    """Bands (H, W, C) of a JPEG: libjpeg-turbo directly when :func:`_libjpeg_frame` says so, else
+    Pillow."""
+    data = fh.read()
+    frame = _libjpeg_frame(data)
+    if frame is None:
         fh.seek(0)
         return _read_with_pillow(fh, max_pixels)
-    _, height, width, _ = frame
+    height, width, _ = frame
     _check_size(width, height, max_pixels)
     bands = jpeg8_decode(data)
     return bands.reshape(height, width, -1)
