@@ -167,7 +167,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
         raise
     except OSError as exc:
         if stage == "read":
-            raise DecodeError("read", f"cannot read the file: {exc.strerror or _one_line(exc)}") from None
+            raise DecodeError("read", _cannot_read(exc)) from None
         raise DecodeError(stage, f"damaged or truncated image data: {_one_line(exc)}") from None
     except MemoryError:
         raise DecodeError(stage, "not enough memory to decode the image") from None
@@ -252,16 +252,16 @@ def _read_small_file(path: str | os.PathLike[str]) -> bytes | None | tuple[str, 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
     except OSError as exc:
-        return "read", f"cannot read the file: {exc.strerror or _one_line(exc)}"
+        return "read", _cannot_read(exc)
     except Exception as exc:  # a name open() refuses (a NUL byte), as decode_image says it
         return "read", f"cannot read the image: {_one_line(exc)}"
     try:
         info = os.fstat(fd)
         mode, size = info.st_mode, info.st_size
         if stat.S_ISDIR(mode):  # as open() refuses it
-            return "read", f"cannot read the file: {os.strerror(errno.EISDIR)}"
+            return "read", _cannot_read(IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
         if not stat.S_ISREG(mode):
-            return "read", f"not a regular file (a {_file_kind(mode)}); skipped"
+            return "read", _not_a_regular_file(mode)
         if size > SMALL_FILE_BYTES:
             return None
         data = os.read(fd, size + 1)  # all of it in one call, unless it grew since fstat
@@ -272,7 +272,7 @@ def _read_small_file(path: str | os.PathLike[str]) -> bytes | None | tuple[str, 
             data = b"".join(parts)
         return data
     except OSError as exc:
-        return "read", f"cannot read the file: {exc.strerror or _one_line(exc)}"
+        return "read", _cannot_read(exc)
     finally:
         os.close(fd)
 
@@ -287,12 +287,20 @@ def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     try:
         mode = os.fstat(fh.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise DecodeError("read", f"not a regular file (a {_file_kind(mode)}); skipped")
+            raise DecodeError("read", _not_a_regular_file(mode))
         os.set_blocking(fh.fileno(), True)
         return fh
     except BaseException:
         fh.close()
         raise
+
+
+def _cannot_read(exc: OSError) -> str:
+    return f"cannot read the file: {exc.strerror or _one_line(exc)}"
+
+
+def _not_a_regular_file(mode: int) -> str:
+    return f"not a regular file (a {_file_kind(mode)}); skipped"
 
 
 def _file_kind(mode: int) -> str:
