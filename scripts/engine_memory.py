@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_scale import _pss_kib, _tree  # the process tree and its PSS, as bench_scale samples them
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,22 +49,11 @@ def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out
     print(f"{len(files):,} files in {time.perf_counter() - start:.2f} s", flush=True)
 
 
-def _tree(pid: int) -> list[int]:
-    pids = [pid]
+def _peak_rss_kib(pid: int) -> int:
+    """VmHWM: the high-water mark of the process's own memory."""
     try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as children:
-                for child in children.read().split():
-                    pids += _tree(int(child))
-    except OSError:
-        pass
-    return pids
-
-
-def _kib(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/{'smaps_rollup' if field == 'Pss:' else 'status'}") as lines:
-            return next((int(line.split()[1]) for line in lines if line.startswith(field)), 0)
+        with open(f"/proc/{pid}/status") as lines:
+            return next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
     except OSError:
         return 0
 
@@ -82,8 +73,8 @@ def main() -> None:
     child = subprocess.Popen([sys.executable, __file__, "--child", *sys.argv[1:]])
     peak_rss = peak_tree = 0
     while child.poll() is None:
-        peak_rss = max(peak_rss, _kib(child.pid, "VmHWM:"))
-        peak_tree = max(peak_tree, sum(_kib(pid, "Pss:") for pid in _tree(child.pid)))
+        peak_rss = max(peak_rss, _peak_rss_kib(child.pid))
+        peak_tree = max(peak_tree, sum(_pss_kib(pid) for pid in _tree(child.pid)))
         time.sleep(0.02)
     print(f"batches of {args.batch_mp:g} MP, {args.workers} decoders in {args.decode}: "
           f"peak RSS of the run {peak_rss / 1024:.0f} MiB, peak PSS of its process tree {peak_tree / 1024:.0f} MiB")
