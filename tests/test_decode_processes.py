@@ -388,6 +388,32 @@ def test_a_chunks_paths_cross_over_once():
         process.close()
 
 
+def test_a_decode_process_copies_what_was_not_decoded_in_place():
+    """An image decoded where the worker offered it a place is not copied again; one decoded
+    elsewhere after a place was offered (a JPEG that libjpeg-turbo refused and the full path
+    decoded) is copied to that place."""
+    import mmap
+
+    first, second = (np.arange(12, dtype=np.uint8).reshape(2, 2, 3) + k for k in (1, 100))
+
+    def decode_each(paths, options, into):
+        place = into(first.shape)
+        place[...] = first
+        yield place
+        into(second.shape)
+        yield second.copy()
+
+    arena = mmap.mmap(-1, 64)
+    worker = processes._Worker(None, arena, DecodeOptions())
+    worker._decode_each = decode_each
+    worker.queue(["in place", "elsewhere"])
+    reply, to_copy, in_slot = worker.answer(1 << 30, 8, 48)
+    worker.fill_slot(to_copy, 8)
+    assert in_slot and reply[0] == 2 and reply[3] == 24
+    assert [offset for offset, _ in to_copy] == [12]
+    assert bytes(arena[8:32]) == first.tobytes() + second.tobytes()
+
+
 def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
     """Parts that end inside a group of files read ahead (and an image carried over to the next
     slot) still read every file once, and give every image in order."""
@@ -400,12 +426,18 @@ def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
     monkeypatch.setattr(decode, "_read_small_file", lambda path: reads.append(path) or real_read(path))
     paths = find_files([BUNDLED / "eurosat"])[:13]
     tile = 64 * 64 * 3
-    worker = processes._Worker(None, mmap.mmap(-1, 3 * tile), DecodeOptions())
+    arena = mmap.mmap(-1, 3 * tile)
+    worker = processes._Worker(None, arena, DecodeOptions())
     worker.queue(paths)
     got = []
-    for _ in range(7):  # a slot of 2.5 tiles: each part but the last ends with an image carried over
-        reply, images, in_slot = worker.answer(1 << 30, 0, 5 * tile // 2)
-        assert in_slot and reply[0] == len(images) == min(2, len(paths) - len(got))
+    for part in range(7):  # a slot of 2.5 tiles: each part but the last ends with an image carried over
+        reply, to_copy, in_slot = worker.answer(1 << 30, 0, 5 * tile // 2)
+        worker.fill_slot(to_copy, 0)
+        layout = np.frombuffer(reply[1], np.int64).reshape(-1, 4)
+        assert in_slot and reply[0] == len(layout) == min(2, len(paths) - len(got))
+        # tiles are decoded straight into the slot; only the one carried over is copied there
+        assert [offset for offset, _ in to_copy] == ([] if part == 0 else [0])
+        images = ImageBatch.packed(np.frombuffer(arena, np.uint8)[:reply[3]].copy(), layout)
         got += [image.tobytes() for image in images]
     assert got == [decode_image(p, DecodeOptions()).tobytes() for p in paths]
     assert reads == paths

@@ -901,6 +901,25 @@ def test_the_short_jpeg_path_gives_what_decode_data_gives(options):
         assert taken == plain
 
 
+def test_the_short_jpeg_path_decodes_into_the_array_it_is_given():
+    """What a decode process does with its shared memory: a plain JPEG is decoded straight into
+    the array ``into`` gives for its shape (here at an odd offset of a larger buffer), with
+    decode_data's pixels; when ``into`` says None, into a fresh array."""
+    arena = np.full(1 << 16, 7, np.uint8)
+    for name, data in _jpeg_variants().items():
+        expected = gpu_io._or_error(gpu_io.decode_data, data, DEFAULT)
+        asked = []
+        in_arena = gpu_io._plain_jpeg(data, DEFAULT, lambda shape: asked.append(shape) or
+                                      arena[3:3 + int(np.prod(shape))].reshape(shape))
+        fresh = gpu_io._plain_jpeg(data, DEFAULT, lambda shape: None)
+        if not name.startswith("plain"):
+            assert in_arena is None and fresh is None, name
+            continue
+        assert asked == [expected.shape], name
+        assert np.shares_memory(in_arena, arena) and not np.shares_memory(fresh, arena), name
+        assert _same_outcome(in_arena, expected) and _same_outcome(fresh, expected), name
+
+
 def test_decode_each_reads_a_group_before_it_decodes(scratch, monkeypatch):
     folder = scratch / "group"
     folder.mkdir()

@@ -78,7 +78,7 @@ import io
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -199,10 +199,15 @@ READ_AHEAD_FILES = 32
 READ_AHEAD_BYTES = 4 << 20
 
 
-def decode_each(paths: Iterable[str | os.PathLike[str]], options: DecodeOptions
+def decode_each(paths: Iterable[str | os.PathLike[str]], options: DecodeOptions,
+                into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None
                 ) -> Iterator[np.ndarray | tuple[str, str]]:
     """:func:`decode_or_error` of each of ``paths``, in order, small files read a group at a time
-    before they are decoded (module docstring, "Reading"). The results are the same."""
+    before they are decoded (module docstring, "Reading"). The results are the same.
+
+    ``into``, when given, is asked for the array a plain JPEG (see :func:`_plain_jpeg`) of a
+    shape should be decoded into, and may say None (a fresh array then): a decode process decodes
+    straight into its shared memory."""
     paths = list(paths)
     start = 0
     while start < len(paths):
@@ -220,27 +225,30 @@ def decode_each(paths: Iterable[str | os.PathLike[str]], options: DecodeOptions
             elif content is None:
                 yield decode_or_error(path, options)
             else:
-                image = _plain_jpeg(content, options)
+                image = _plain_jpeg(content, options, into)
                 yield image if image is not None else _or_error(decode_data, content, options)
         start += len(contents)
 
 
-def _plain_jpeg(data: bytes, options: DecodeOptions) -> np.ndarray | None:
+def _plain_jpeg(data: bytes, options: DecodeOptions,
+                into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None) -> np.ndarray | None:
     """What :func:`decode_data` gives for the commonest file, a complete 8-bit gray or RGB JPEG
     within the pixel limit with no band choice, without its generic steps (a file object, band
     selection and normalisation, which leave such pixels as they are); None for any other file
     or any failure, which :func:`decode_data` then decodes or explains. A tile's decode is a
-    GIL-held step of the decode threads: this is 1-2 us of Python a tile less."""
+    GIL-held step of the decode threads: this is 1-2 us of Python a tile less. ``into`` gives the
+    array to decode into (see :func:`decode_each`)."""
     if jpeg8_decode is None or options.bands is not None or not data.startswith(_JPEG_MAGIC):
         return None
     frame = _libjpeg_frame(data)
     if frame is None or frame[0] * frame[1] > options.max_pixels:
         return None
+    expected = frame[:2] if frame[2] == 1 else frame
+    out = into(expected) if into is not None else None
     try:
-        image = jpeg8_decode(data)
+        image = jpeg8_decode(data, out=out)
     except Exception:
         return None
-    expected = frame[:2] if frame[2] == 1 else frame
     if image.shape != expected or image.dtype != np.uint8 or not image.flags.c_contiguous:
         return None
     return image

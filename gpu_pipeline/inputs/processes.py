@@ -8,7 +8,8 @@ DataLoader does the same. What crosses over:
 * to the worker: the paths of a chunk of files (once, as one string), then a request per part of
   it with where to put the pixels (one message a part of 64 tiles, never one an image);
 * back: where each image lies (raw bytes) and the error of each file that failed. **Pixels are
-  never pickled or copied** on this side: the main process hands out views of the shared memory.
+  never pickled or copied** on this side: the main process hands out views of the shared memory,
+  and the worker decodes plain JPEGs straight into it.
 
 The shared memory is an *arena* per worker (an anonymous ``memfd``, mapped once by both sides),
 cut into slots of ``slot_bytes``. A request carries a free slot; the slot is free again when the
@@ -29,6 +30,7 @@ closes, so none outlives the run, even one killed with SIGKILL. Linux only (``me
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import pickle
@@ -72,8 +74,8 @@ def processes_wanted(mode: str) -> bool | None:
     return None if mode == "auto" else mode == "processes"
 
 
-#: Slots of an arena and their size, unless the decode pool says (it sizes them by what it holds):
-#: a slot holds 256 K RGB pixels, the pool's part of 64 EuroSAT tiles.
+#: Slots of an arena and their size, unless the decode pool says (it sizes them by what it holds,
+#: a slot three bytes a pixel of its part): here 256 K RGB pixels, 64 EuroSAT tiles.
 SLOTS = 8
 SLOT_BYTES = 3 << 18
 
@@ -354,7 +356,8 @@ class _Worker:
 
     The files of a chunk are queued once; each request takes the next part of them. Reading ahead
     (``decode_each`` reads a group of files before it decodes them) carries over from one request
-    to the next, so a part that ends inside a group reads nothing twice.
+    to the next, so a part that ends inside a group reads nothing twice. Plain JPEGs (every tile)
+    are decoded straight into the slot; other images are decoded, then copied there.
     """
 
     def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions) -> None:
@@ -367,38 +370,55 @@ class _Worker:
         self._queued: list[str] = []  # the chunk's paths not taken yet
         self._outcomes: Iterator[np.ndarray | tuple[str, str]] = iter(())  # decode_each of them
         self._carried: np.ndarray | None = None  # the first queued image: it did not fit the last slot
+        self._room: tuple[int, int] | None = None  # (start, end) in the arena left in the slot being filled
+        self._in_place: np.ndarray | None = None  # the last image handed out to be decoded in place
 
     def queue(self, paths: list[str]) -> None:
-        self._queued, self._outcomes, self._carried = paths, self._decode_each(paths, self._options), None
+        self._queued, self._carried = paths, None
+        self._outcomes = self._decode_each(paths, self._options, into=self._next_place)
+
+    def _next_place(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The slot's next bytes as an array of ``shape``, if the image fits in what is left."""
+        size = math.prod(shape)
+        if self._room is None or self._room[0] + size > self._room[1]:
+            return None
+        start = self._room[0]
+        self._in_place = self._arena[start:start + size].reshape(shape)
+        return self._in_place
 
     def answer(self, most_pixels: int, slot: int | None, slot_bytes: int):
-        """The next part of the queued files: the reply, and the images to write where it says."""
-        images, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
+        """The next part of the queued files: the reply, and the images to copy where it says
+        (``(offset, image)``; those decoded in place are there already)."""
+        to_copy, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
         for index in range(len(self._queued)):
             if self._carried is not None:
                 outcome, self._carried = self._carried, None
             else:
+                self._room = (slot + used, slot + slot_bytes) if slot is not None else None
                 outcome = next(self._outcomes)
+                self._room = None
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
-                if slot is not None and images and used + outcome.size > slot_bytes:
+                if slot is not None and placed and used + outcome.size > slot_bytes:
                     self._carried = outcome  # the next request starts with it
                     break
                 placed.append((outcome.shape[0], outcome.shape[1], outcome.shape[2] if outcome.ndim == 3 else 0, used))
-                images.append(outcome)
+                if outcome is not self._in_place:
+                    to_copy.append((used, outcome))
                 used += outcome.size
                 pixels += outcome.shape[0] * outcome.shape[1]
+            self._in_place = None
             taken = index + 1
             if pixels >= most_pixels:
                 break
         self._queued = self._queued[taken:]
         in_slot = slot is not None and used <= slot_bytes
         layout = np.array(placed, np.int64).reshape(-1, 4)  # sent as bytes: an array's pickle costs 10-20 us
-        return (taken, layout.tobytes(), errors, used if in_slot else 0, 0 if in_slot else used), images, in_slot
+        return (taken, layout.tobytes(), errors, used if in_slot else 0, 0 if in_slot else used), to_copy, in_slot
 
-    def fill_slot(self, images: list[np.ndarray], placed: bytes, slot: int) -> None:
-        for offset, image in zip(np.frombuffer(placed, np.int64)[3::4].tolist(), images):
+    def fill_slot(self, to_copy: list[tuple[int, np.ndarray]], slot: int) -> None:
+        for offset, image in to_copy:
             self._arena[slot + offset:slot + offset + image.size] = image.reshape(-1)
 
     def send_in_own_memory(self, images: list[np.ndarray]) -> None:
@@ -425,12 +445,12 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
             text, most_pixels, slot = connection.recv()
             if text is not None:  # a new chunk; None: the next part of the last one
                 worker.queue(text.split("\0") if text else [])
-            reply, images, in_slot = worker.answer(most_pixels, slot, slot_bytes)
+            reply, to_copy, in_slot = worker.answer(most_pixels, slot, slot_bytes)
             if in_slot:
-                worker.fill_slot(images, reply[1], slot)  # before the reply: it says the pixels are there
+                worker.fill_slot(to_copy, slot)  # before the reply: it says the pixels are there
             connection.send(reply)
-            if images and not in_slot:
-                worker.send_in_own_memory(images)
+            if to_copy and not in_slot:  # then nothing was decoded in place
+                worker.send_in_own_memory([image for _, image in to_copy])
     except (EOFError, ConnectionError):
         pass  # the main process closed its end (or died): nothing left to do
 
