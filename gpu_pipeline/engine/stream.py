@@ -8,9 +8,9 @@ decode call (in a decode process of its own with ``processes``) and a line of te
 
 Memory is bounded by pixels whatever the number or size of the files (docs/benchmarks.md, "Memory"):
 the decode pool holds at most ``prefetch_pixels`` decoded pixels waiting for the engine, plus, per
-decode thread, one chunk being decoded (``DECODE_CHUNK_PIXELS`` and at most one image more); a batch
-holds at most ``batch_pixels`` pixels or one image. Records come out in input order. Every path
-yields exactly one record: a result or an error.
+decoder, one part being decoded (``DECODE_CHUNK_PIXELS``, or ``PROCESS_CHUNK_PIXELS`` for a decode
+process, and at most one image more); a batch holds at most ``batch_pixels`` pixels or one image.
+Records come out in input order. Every path yields exactly one record: a result or an error.
 """
 
 from __future__ import annotations
@@ -167,6 +167,13 @@ def usable_cores() -> int:
 PROCESS_DECODE_BELOW_PIXELS = 256 * 1024
 #: Pixels a decode thread decodes before it hands them over: 64 EuroSAT tiles, or one scene.
 DECODE_CHUNK_PIXELS = 256 * 1024
+#: ... for a decode process: 128 EuroSAT tiles. Each part is a round trip to the process (a request,
+#: a reply, a wake-up on each side, about 200 us of the main process's CPU on the 2-core VM): the
+#: main process's CPU a tile, with a backend that does nothing, went from 6.6-9.8 to 5.3-6.0 us
+#: (min of 5 runs, 4 alternated runs each). Larger parts cost memory (larger slots, more of them
+#: touched): peak PSS of the process tree with 16 decoders, 304 MiB with parts of 64 tiles, 312
+#: with 128, 347 with 256 (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
+PROCESS_CHUNK_PIXELS = 512 * 1024
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
 #: on one thread before their size is known).
 MOST_CHUNK_IMAGES = 256
@@ -374,25 +381,28 @@ class _DecodePool:
 
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
-                 prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int = DECODE_CHUNK_PIXELS,
+                 prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int | None = None,
                  processes: bool = False, consumer_pixels: int = 0) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
     At most ``prefetch_pixels`` decoded pixels (and, with ``prefetch``, that many images) wait
     ready ahead of the consumer; each decoder also holds the part it is decoding (about
-    ``chunk_pixels`` pixels, one image more at most). Tiles go to the decoders in chunks of many
+    ``chunk_pixels`` pixels, one image more at most; by default :data:`DECODE_CHUNK_PIXELS`, or
+    :data:`PROCESS_CHUNK_PIXELS` with ``processes``). Tiles go to the decoders in chunks of many
     images, big scenes one per decoder, so every decoder works whatever the image size.
     ``consumer_pixels`` is what the consumer holds on to after taking parts (its batches in flight):
     decode processes size their shared memory by it.
     """
+    if chunk_pixels is None:
+        chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
     return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
                             consumer_pixels))
 
 
 def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
                   prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS,
-                  chunk_pixels: int = DECODE_CHUNK_PIXELS, processes: bool = False) -> Iterator[Decoded]:
+                  chunk_pixels: int | None = None, processes: bool = False) -> Iterator[Decoded]:
     """:func:`decode_parts` an image at a time (verify, bench: code that wants the images one by one)."""
     parts = decode_parts(paths, options, workers, prefetch, prefetch_pixels, chunk_pixels, processes)
     try:
