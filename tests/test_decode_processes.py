@@ -102,7 +102,8 @@ def test_an_image_larger_than_a_slot_and_a_full_arena_still_decode(tmp_path):
     slot is held; a slot is free again once no view of its pixels is left."""
     scenes = find_files([BUNDLED / "scenes"])[:3]
     tiles = find_files([BUNDLED / "eurosat"])[:6]
-    process = processes.DecodeProcess(DecodeOptions(), slots=1, slot_bytes=64 * 64 * 3 * 4)
+    # a slot of four tiles, each with its 8 to 15 bytes of alignment (processes._placed_at)
+    process = processes.DecodeProcess(DecodeOptions(), slots=1, slot_bytes=(64 * 64 * 3 + 16) * 4)
     try:
         taken, held, errors = process.decode(tiles, 1 << 30)  # four tiles fill the only slot
         assert (taken, errors) == (4, {})
@@ -363,7 +364,7 @@ def test_pixels_are_never_pickled():
 def test_a_chunks_paths_cross_over_once():
     """The first request of a chunk carries its paths; the requests for its later parts carry none,
     and the parts still come in order."""
-    process = processes.DecodeProcess(DecodeOptions(), slots=4, slot_bytes=4 * 64 * 64 * 3)
+    process = processes.DecodeProcess(DecodeOptions(), slots=4, slot_bytes=4 * (64 * 64 * 3 + 16))
     connection, sent = process._connection, []
 
     def send(message):
@@ -388,6 +389,18 @@ def test_a_chunks_paths_cross_over_once():
         process.close()
 
 
+@pytest.mark.parametrize("in_processes", [False, pytest.param(True, marks=needs_processes)],
+                         ids=["threads", "processes"])
+def test_decoded_jpegs_start_off_a_16_byte_boundary(in_processes):
+    """libjpeg-turbo writes RGB rows that start on a 16-byte boundary with stores that bypass the
+    caches (decode.OFF_BOUNDARY): no decoded tile, from a decode thread or from a decode
+    process's shared memory, starts on one, and each has the pixels decode_image gives."""
+    tiles = find_files([BUNDLED / "eurosat"])[:40]
+    decoded = list(decode_stream(tiles, DecodeOptions(), 2, processes=in_processes))
+    assert [path for path, item in zip(tiles, decoded) if item.image.ctypes.data % 16 == 0] == []
+    assert [item.image.tobytes() for item in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
 def test_a_decode_process_copies_what_was_not_decoded_in_place():
     """An image decoded where the worker offered it a place is not copied again; one decoded
     elsewhere after a place was offered (a JPEG that libjpeg-turbo refused and the full path
@@ -407,11 +420,13 @@ def test_a_decode_process_copies_what_was_not_decoded_in_place():
     worker = processes._Worker(None, arena, DecodeOptions())
     worker._decode_each = decode_each
     worker.queue(["in place", "elsewhere"])
-    reply, to_copy, in_slot = worker.answer(1 << 30, 8, 48)
-    worker.fill_slot(to_copy, 8)
-    assert in_slot and reply[0] == 2 and reply[3] == 24
-    assert [offset for offset, _ in to_copy] == [12]
-    assert bytes(arena[8:32]) == first.tobytes() + second.tobytes()
+    reply, to_copy, in_slot = worker.answer(1 << 30, 16, 48)
+    worker.fill_slot(to_copy, 16)
+    # each image 8 bytes past a 16-byte boundary of the slot (processes._placed_at)
+    assert np.frombuffer(reply[1], np.int64).reshape(-1, 4)[:, 3].tolist() == [8, 24]
+    assert in_slot and reply[0] == 2 and reply[3] == 36
+    assert [offset for offset, _ in to_copy] == [24]
+    assert bytes(arena[24:36]) == first.tobytes() and bytes(arena[40:52]) == second.tobytes()
 
 
 def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
@@ -436,7 +451,7 @@ def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
         layout = np.frombuffer(reply[1], np.int64).reshape(-1, 4)
         assert in_slot and reply[0] == len(layout) == min(2, len(paths) - len(got))
         # tiles are decoded straight into the slot; only the one carried over is copied there
-        assert [offset for offset, _ in to_copy] == ([] if part == 0 else [0])
+        assert [offset for offset, _ in to_copy] == ([] if part == 0 else [layout[0, 3]])
         images = ImageBatch.packed(np.frombuffer(arena, np.uint8)[:reply[3]].copy(), layout)
         got += [image.tobytes() for image in images]
     assert got == [decode_image(p, DecodeOptions()).tobytes() for p in paths]

@@ -49,6 +49,7 @@ import numpy as np
 
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.images import ImageBatch
+from gpu_pipeline.inputs.decode import OFF_BOUNDARY
 
 #: ``(stage, message)`` of each file that could not be decoded, by its index in the request.
 Errors = dict[int, tuple[str, str]]
@@ -351,6 +352,13 @@ class Decoder:
             self._process = None
 
 
+def _placed_at(offset: int) -> int:
+    """Where in a slot an image goes at or after ``offset``: :data:`~gpu_pipeline.inputs.decode.OFF_BOUNDARY`
+    bytes past a 16-byte boundary, for the reason given there (the arena starts on a page, and the
+    pool's slots are multiples of 16 bytes)."""
+    return offset + (OFF_BOUNDARY - offset) % 16
+
+
 class _Worker:
     """The worker's side: decode the queued files in order, pack a part's pixels into a slot.
 
@@ -370,7 +378,7 @@ class _Worker:
         self._queued: list[str] = []  # the chunk's paths not taken yet
         self._outcomes: Iterator[np.ndarray | tuple[str, str]] = iter(())  # decode_each of them
         self._carried: np.ndarray | None = None  # the first queued image: it did not fit the last slot
-        self._room: tuple[int, int] | None = None  # (start, end) in the arena left in the slot being filled
+        self._room: tuple[int, int, int] | None = None  # the slot being filled: (slot, bytes used, slot bytes)
         self._in_place: np.ndarray | None = None  # the last image handed out to be decoded in place
 
     def queue(self, paths: list[str]) -> None:
@@ -378,12 +386,14 @@ class _Worker:
         self._outcomes = self._decode_each(paths, self._options, into=self._next_place)
 
     def _next_place(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The slot's next bytes as an array of ``shape``, if the image fits in what is left."""
-        size = math.prod(shape)
-        if self._room is None or self._room[0] + size > self._room[1]:
+        """The slot's next place as an array of ``shape``, if the image fits in what is left."""
+        if self._room is None:
             return None
-        start = self._room[0]
-        self._in_place = self._arena[start:start + size].reshape(shape)
+        slot, used, slot_bytes = self._room
+        start, size = _placed_at(used), math.prod(shape)
+        if start + size > slot_bytes:
+            return None
+        self._in_place = self._arena[slot + start:slot + start + size].reshape(shape)
         return self._in_place
 
     def answer(self, most_pixels: int, slot: int | None, slot_bytes: int):
@@ -394,19 +404,20 @@ class _Worker:
             if self._carried is not None:
                 outcome, self._carried = self._carried, None
             else:
-                self._room = (slot + used, slot + slot_bytes) if slot is not None else None
+                self._room = (slot, used, slot_bytes) if slot is not None else None
                 outcome = next(self._outcomes)
                 self._room = None
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
-                if slot is not None and placed and used + outcome.size > slot_bytes:
+                start = _placed_at(used)
+                if slot is not None and placed and start + outcome.size > slot_bytes:
                     self._carried = outcome  # the next request starts with it
                     break
-                placed.append((outcome.shape[0], outcome.shape[1], outcome.shape[2] if outcome.ndim == 3 else 0, used))
+                placed.append((outcome.shape[0], outcome.shape[1], outcome.shape[2] if outcome.ndim == 3 else 0, start))
                 if outcome is not self._in_place:
-                    to_copy.append((used, outcome))
-                used += outcome.size
+                    to_copy.append((start, outcome))
+                used = start + outcome.size
                 pixels += outcome.shape[0] * outcome.shape[1]
             self._in_place = None
             taken = index + 1
@@ -421,11 +432,15 @@ class _Worker:
         for offset, image in to_copy:
             self._arena[slot + offset:slot + offset + image.size] = image.reshape(-1)
 
-    def send_in_own_memory(self, images: list[np.ndarray]) -> None:
-        """The images in a memfd of their own, its descriptor sent over the socket."""
+    def send_in_own_memory(self, to_copy: list[tuple[int, np.ndarray]]) -> None:
+        """The images in a memfd of their own, each at its offset, its descriptor sent over the socket."""
         shared = os.memfd_create("gpu-pipeline-pixels", os.MFD_CLOEXEC)
         try:
-            os.writev(shared, [np.ascontiguousarray(image) for image in images])  # faster than faulting in a mapping
+            parts, end = [], 0
+            for offset, image in to_copy:
+                parts += [bytes(offset - end), np.ascontiguousarray(image)]
+                end = offset + image.size
+            os.writev(shared, parts)  # faster than faulting in a mapping
             socket.send_fds(self._socket, [b"p"], [shared])
         finally:
             os.close(shared)
@@ -450,7 +465,7 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
                 worker.fill_slot(to_copy, slot)  # before the reply: it says the pixels are there
             connection.send(reply)
             if to_copy and not in_slot:  # then nothing was decoded in place
-                worker.send_in_own_memory([image for _, image in to_copy])
+                worker.send_in_own_memory(to_copy)
     except (EOFError, ConnectionError):
         pass  # the main process closed its end (or died): nothing left to do
 
