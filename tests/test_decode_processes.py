@@ -217,7 +217,7 @@ def test_a_run_in_processes_keeps_order_errors_and_labels(tmp_path):
     assert [record["path"] for record in records[True]] == files
 
 
-def test_auto_decodes_in_processes_only_for_long_runs_on_many_cores(monkeypatch):
+def test_auto_decodes_in_processes_only_for_long_runs_on_several_cores(monkeypatch):
     from gpu_pipeline.engine import stream
 
     engine = Engine(create("reference"))
@@ -226,8 +226,11 @@ def test_auto_decodes_in_processes_only_for_long_runs_on_many_cores(monkeypatch)
     assert engine.decodes_in_processes(5000) == processes.available()
     assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
     assert engine.decoders() == 16 and Engine(create("reference"), workers=3).decoders() == 3
-    monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were faster on 2 cores
+    monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were faster on 2 cores below 10,000 files
     assert not engine.decodes_in_processes(5000)
+    assert engine.decodes_in_processes(50_000) == processes.available()
+    monkeypatch.setattr(stream, "usable_cores", lambda: 1)  # nothing to run in parallel
+    assert not engine.decodes_in_processes(50_000)
 
 
 # ------------------------------------------------------------------ the packed data plane

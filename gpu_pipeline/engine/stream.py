@@ -145,11 +145,14 @@ def error_record(path: Path | str, stage: str, message: str) -> dict:
 #: Runs of at least this many files decode in worker processes by default: below it, starting the
 #: processes (about 0.3 s) costs more than they save.
 PROCESS_DECODE_FROM_FILES = 2000
-#: ... on machines of at least this many cores. Below, the GIL is not what limits a run: on 2 cores
-#: the two modes were within the noise of each other (docs/benchmarks.md, "Every core"); one
-#: process's decode threads stop scaling near 8 (cv2.imread on the 16-core machine, issue #19),
-#: 16 processes decode 2.7x more.
+#: ... on machines of at least this many cores: one process's decode threads stop scaling near 8
+#: (cv2.imread on the 16-core machine, issue #19), 16 processes decode 2.7x more.
 PROCESS_DECODE_FROM_CORES = 8
+#: ... and on 2 to 7 cores, runs of at least this many files: there the GIL is not what limits a
+#: run, and processes win less than their start costs on short runs. 2-core VM, whole runs of
+#: EuroSAT tiles, threads against processes (median of 5, alternated): 3,000 tiles 0.90 against
+#: 1.03 s, 10,000 tiles 1.09 against 1.12 s, 26,500 tiles 2.07 against 1.89 s.
+PROCESS_DECODE_FROM_FILES_ON_FEW_CORES = 20_000
 
 
 def usable_cores() -> int:
@@ -497,7 +500,8 @@ class Engine:
     workers: int | None = None
     #: Decode in worker processes (True), in threads of this process (False), or choose (None:
     #: processes for runs of at least ``PROCESS_DECODE_FROM_FILES`` files on ``PROCESS_DECODE_FROM_CORES``
-    #: cores or more, where they are available).
+    #: cores or more, or ``PROCESS_DECODE_FROM_FILES_ON_FEW_CORES`` files on 2 cores or more, where
+    #: they are available).
     processes: bool | None = None
     prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS
     #: Labels each batch of computed images (:data:`gpu_pipeline.labels.labeller.Labeller`).
@@ -509,8 +513,10 @@ class Engine:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
         if self.processes is not None:
             return self.processes and processes_available()
-        return (files >= PROCESS_DECODE_FROM_FILES and usable_cores() >= PROCESS_DECODE_FROM_CORES
-                and processes_available())
+        cores = usable_cores()
+        least = (PROCESS_DECODE_FROM_FILES if cores >= PROCESS_DECODE_FROM_CORES
+                 else PROCESS_DECODE_FROM_FILES_ON_FEW_CORES)
+        return cores >= 2 and files >= least and processes_available()
 
     def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""
