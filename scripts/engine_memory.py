@@ -5,7 +5,8 @@
 
 Runs the engine (decode pool, batches, records into a JSONL file) on PATHS with a stand-in backend
 that wants GPU-sized batches and returns zeros, and prints the peak RSS of the run and the peak
-PSS summed over its process tree (decode processes included), sampled every 20 ms. What a real GPU
+PSS summed over its process tree (decode processes included), sampled every 20 ms, and the CPU
+time of the run's own process a file (with decode processes: the engine's plumbing alone). What a real GPU
 backend adds on top (pinned staging, the CUDA context, the libraries) is not in these figures: see
 docs/backends.md, "Where the host memory goes".
 """
@@ -43,10 +44,12 @@ def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out
 
     files = find_files(paths)
     sink = open_sink(out, resume=False)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     Engine(StandIn(), workers=workers, processes=decode == "processes").run(files, sink)
     sink.close()
-    print(f"{len(files):,} files in {time.perf_counter() - start:.2f} s", flush=True)
+    # with decode processes, the main process's own CPU: its plumbing, what bounds its threads
+    print(f"{len(files):,} files in {time.perf_counter() - start:.2f} s; CPU of the run's process "
+          f"{(time.process_time() - cpu) / len(files) * 1e6:.1f} us a file", flush=True)
 
 
 def _peak_rss_kib(pid: int) -> int:
