@@ -43,6 +43,9 @@ def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out
             return BatchResult.empty(len(images), keep_images)
 
     files = find_files(paths)
+    sink = open_sink(out + ".warm-up", resume=False)  # imports and kernels loaded (numba formats the records)
+    Engine(StandIn(), workers=workers, processes=False).run(files[:64], sink)
+    sink.close()
     sink = open_sink(out, resume=False)
     start, cpu = time.perf_counter(), time.process_time()
     Engine(StandIn(), workers=workers, processes=decode == "processes").run(files, sink)
