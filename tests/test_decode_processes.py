@@ -184,12 +184,15 @@ class DiesOnPoison:
     """A stand-in for a decode process whose codec crashes on any file named poison*."""
 
     def __init__(self, options, slots, slot_bytes, server=None):
-        pass
+        self.paths = []
 
-    def decode(self, paths, most_pixels):
-        if any(Path(path).name.startswith("poison") for path in paths):
+    def ask(self, paths, most_pixels):
+        self.paths = paths
+
+    def answer(self):
+        if any(Path(path).name.startswith("poison") for path in self.paths):
             raise processes.DecoderDied("the decode process died of SIGSEGV")
-        return len(paths), ImageBatch.of([np.full((2, 2), i, np.uint8) for i in range(len(paths))]), {}
+        return len(self.paths), ImageBatch.of([np.full((2, 2), i, np.uint8) for i in range(len(self.paths))]), {}
 
     def close(self):
         pass
@@ -402,6 +405,54 @@ def test_decoded_jpegs_start_off_a_16_byte_boundary(in_processes):
     decoded = list(decode_stream(tiles, DecodeOptions(), 2, processes=in_processes))
     assert [path for path, item in zip(tiles, decoded) if item.image.ctypes.data % 16 == 0] == []
     assert [item.image.tobytes() for item in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
+@needs_processes
+def test_a_decode_process_is_asked_for_its_next_part_before_this_one_is_handed_over(monkeypatch):
+    """So that the process decodes while its thread waits for the GIL, the lock or room: across
+    parts of a chunk and across chunks, and the images still come in order."""
+    from gpu_pipeline.engine import stream
+
+    events = []
+    real_ask, real_answer, real_hand_over = processes.Decoder.ask, processes.Decoder.answer, stream._DecodePool._hand_over
+    monkeypatch.setattr(processes.Decoder, "ask", lambda self, *a: events.append("ask") or real_ask(self, *a))
+    monkeypatch.setattr(processes.Decoder, "answer", lambda self: events.append("answer") or real_answer(self))
+    monkeypatch.setattr(stream._DecodePool, "_hand_over",
+                        lambda self, key, *a: events.append(key) or real_hand_over(self, key, *a))
+    # chunks of 5 tiles (the first of one), parts of 2
+    monkeypatch.setattr(stream._DecodePool, "_chunk_length", lambda self: 5 if self._seen_images else 1)
+    tiles = find_files([BUNDLED / "eurosat"])[:16]
+    decoded = list(decode_stream(tiles, DecodeOptions(), 1, chunk_pixels=2 * 64 * 64, processes=True))
+    assert [item.image.tobytes() for item in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+    hand_overs = [index for index, event in enumerate(events) if isinstance(event, tuple) and event[0] > 0]
+    assert {events[index] for index in hand_overs} >= {(1, 0), (1, 2), (2, 0)}  # parts of several chunks
+    # the first chunk (one tile) is decoded by the thread; after it, each hand-over but the last
+    # follows the request for the next part
+    assert [events[index - 1] for index in hand_overs] == ["ask"] * (len(hand_overs) - 1) + ["answer"]
+
+
+@needs_processes
+def test_a_decode_process_killed_in_the_middle_of_a_run_loses_no_image(monkeypatch):
+    """The part asked of a process that has died is asked again of a fresh one (a file at a time):
+    every image still comes, in order, none with an error."""
+    from gpu_pipeline.engine import stream
+
+    real_ask, pids = processes.Decoder.ask, []
+
+    def ask(self, paths, most_pixels):
+        if self._process is not None:
+            pids.append(self._process.pid)
+            if len(pids) == 1:  # the second part of the second chunk: three files to go
+                os.kill(self._process.pid, signal.SIGKILL)
+        return real_ask(self, paths, most_pixels)
+
+    monkeypatch.setattr(processes.Decoder, "ask", ask)
+    monkeypatch.setattr(stream._DecodePool, "_chunk_length", lambda self: 5 if self._seen_images else 1)
+    tiles = find_files([BUNDLED / "eurosat"])[:16]
+    decoded = list(decode_stream(tiles, DecodeOptions(), 1, chunk_pixels=2 * 64 * 64, processes=True))
+    assert [item.error for item in decoded] == [None] * len(tiles)
+    assert [item.image.tobytes() for item in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+    assert len(set(pids)) > 1  # a fresh process took over
 
 
 def test_a_decode_process_copies_what_was_not_decoded_in_place():

@@ -209,7 +209,8 @@ class _DecodePool:
         # Slots of shared memory a decode process needs so that it never waits for one: the parts
         # ready ahead, and those the consumer still holds in its batches, shared by the processes.
         held = prefetch_pixels + consumer_pixels
-        self._slots = -(-held // (chunk_pixels * threads)) + 2
+        # (+ 3: the part a decoder hands over, the one its process decodes meanwhile, and a spare)
+        self._slots = -(-held // (chunk_pixels * threads)) + 3
         self._fork_server = ForkServer() if processes else None  # the decode processes share its imports
         self._prefetch_pixels = prefetch_pixels
         self._prefetch_images = prefetch_images
@@ -247,22 +248,14 @@ class _DecodePool:
         decoder = (Decoder(self._options, self._slots, slot_bytes, self._fork_server)
                    if self._processes else None)
         try:
-            while True:
-                with self._lock:
-                    if self._closed:
-                        return
-                    chunk = list(islice(self._paths, self._chunk_length()))
-                    number = self._next_chunk
-                    self._next_chunk += 1
-                    # big images cost little Python for their decoding time: threads decode them
-                    # with no copy into shared memory; the first chunk (one image) too
-                    small = self._seen_pixels < PROCESS_DECODE_BELOW_PIXELS * self._seen_images
-                if not chunk:
-                    return
+            taken = self._take_chunk()
+            while taken is not None:
+                number, chunk, small = taken
                 if decoder is not None and small:
-                    self._decode_chunk_in_process(number, chunk, decoder)
+                    taken = self._decode_chunks_in_process(number, chunk, decoder)
                 else:
                     self._decode_chunk(number, chunk)
+                    taken = self._take_chunk()
         except BaseException as exc:  # the path iterator failed: the consumer re-raises it
             with self._lock:
                 self._failure = self._failure or exc
@@ -273,19 +266,52 @@ class _DecodePool:
                 self._running -= 1
                 self._consumer.notify()
 
-    def _decode_chunk_in_process(self, number: int, chunk: list[Path], decoder: Decoder) -> None:
-        """The chunk decoded by this thread's decode process, in parts of about ``chunk_pixels``."""
+    def _take_chunk(self) -> tuple[int, list[Path], bool] | None:
+        """The next chunk of paths, its number, and whether it is for a decode process (small
+        images); None when there is none left or the pool is closed."""
+        with self._lock:
+            if self._closed:
+                return None
+            chunk = list(islice(self._paths, self._chunk_length()))
+            number = self._next_chunk
+            self._next_chunk += 1
+            # big images cost little Python for their decoding time: threads decode them
+            # with no copy into shared memory; the first chunk (one image) too
+            small = self._seen_pixels < PROCESS_DECODE_BELOW_PIXELS * self._seen_images
+        return (number, chunk, small) if chunk else None
+
+    def _decode_chunks_in_process(self, number: int, chunk: list[Path], decoder: Decoder
+                                  ) -> tuple[int, list[Path], bool] | None:
+        """Chunks decoded by this thread's decode process, in parts of about ``chunk_pixels``, from
+        this one on while the chunks this thread takes are for a decode process. The next part (of
+        this chunk or the next) is asked for before this one is handed over, so the process decodes
+        while this thread waits for the GIL, the lock or room: a process waited for its next request
+        a fifth of the time (one decode process on a core of its own, a backend that does nothing).
+        Returns the chunk taken that this thread is to decode itself, or None when there is none
+        left or the consumer has gone."""
         paths = list(map(os.fspath, chunk))
+        decoder.ask(paths, self._chunk_pixels)
         start = part = 0
-        while start < len(chunk):
-            taken, images, errors = decoder.decode(paths[start:], self._chunk_pixels)
+        while True:
+            taken, images, errors = decoder.answer()
             inputs = chunk[start:start + taken]
             decoded = DecodedPart(inputs, images, {position: error_record(inputs[position], *error)
                                                    for position, error in errors.items()})
-            start += taken
-            if not self._hand_over((number, part), decoded, int(images.pixels.sum()), start == len(chunk)):
-                return
-            part += 1
+            key, start, last = (number, part), start + taken, start + taken == len(chunk)
+            following = None
+            if not last:
+                decoder.ask(paths[start:], self._chunk_pixels)
+                part += 1
+            else:
+                following = self._take_chunk()
+                if following is not None and following[2]:
+                    number, chunk, _ = following
+                    paths, start, part = list(map(os.fspath, chunk)), 0, 0
+                    decoder.ask(paths, self._chunk_pixels)
+            if not self._hand_over(key, decoded, int(images.pixels.sum()), last):
+                return None
+            if last and (following is None or not following[2]):
+                return following
 
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
         part, paths, images, errors, pixels = 0, [], [], {}, 0

@@ -6,7 +6,8 @@ the cores where decode threads in one process stop near 8 (docs/benchmarks.md). 
 DataLoader does the same. What crosses over:
 
 * to the worker: the paths of a chunk of files (once, as one string), then a request per part of
-  it with where to put the pixels (one message a part of 128 tiles, never one an image);
+  it with where to put the pixels (one message a part of 128 tiles, never one an image; the next
+  part is asked for before the last one is handed on, so the worker seldom waits);
 * back: where each image lies (raw bytes) and the error of each file that failed. **Pixels are
   never pickled or copied** on this side: the main process hands out views of the shared memory,
   and the worker decodes plain JPEGs straight into it.
@@ -244,15 +245,32 @@ class DecodeProcess:
         self._connection = Connection(os.dup(ours.fileno()))
         self._connection.send((options, slot_bytes))
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
+        self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """Decode ``paths`` in order until ``most_pixels`` pixels are decoded or a slot is full (at
         least one file is taken). Returns how many paths were taken, the images of those that
         decoded (in order) and the errors of the others. Raises :class:`DecoderDied`."""
+        self.ask(paths, most_pixels)
+        return self.answer()
+
+    def ask(self, paths: list[str], most_pixels: int) -> None:
+        """:meth:`decode` in two halves: send the request, so that the process decodes while the
+        caller does something else, then :meth:`answer`. One request at a time."""
         slot = self._slots.take()
+        self._asked = (paths, slot, None)
         try:
             # the paths go over once: a request for the rest of the last ones sends None
             self._connection.send((None if paths == self._queued else "\0".join(paths), most_pixels, slot))
+        except OSError as exc:  # the process has died: answer() says so
+            self._asked = (paths, slot, exc)
+
+    def answer(self) -> tuple[int, ImageBatch, Errors]:
+        """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`."""
+        paths, slot, failure = self._asked
+        try:
+            if failure is not None:
+                raise failure
             taken, layout, errors, used, own_bytes = self._connection.recv()
             self._queued = paths[taken:]
             pixels = None
@@ -318,13 +336,25 @@ class Decoder:
         self._slots, self._slot_bytes = slots, slot_bytes
         self._server = server
         self._process: DecodeProcess | None = None
+        self._asked: tuple[list[str], int] = ([], 0)  # the paths and pixels of the request in flight
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """What :meth:`DecodeProcess.decode` returns, crashes included as errors."""
+        self.ask(paths, most_pixels)
+        return self.answer()
+
+    def ask(self, paths: list[str], most_pixels: int) -> None:
+        """:meth:`decode` in two halves, as :meth:`DecodeProcess.ask`."""
         if self._process is None:
             self._process = DecodeProcess(self._options, self._slots, self._slot_bytes, self._server)
+        self._asked = (paths, most_pixels)
+        self._process.ask(paths, most_pixels)
+
+    def answer(self) -> tuple[int, ImageBatch, Errors]:
+        """The part :meth:`ask` asked for, crashes included as errors."""
+        paths, most_pixels = self._asked
         try:
-            return self._process.decode(paths, most_pixels)
+            return self._process.answer()
         except DecoderDied as death:
             dead, self._process = self._process, None
             dead.close()  # its sockets and arena; it has been waited for
