@@ -5,8 +5,9 @@
 
 Runs the engine (decode pool, batches, records into a JSONL file) on PATHS with a stand-in backend
 that wants GPU-sized batches and returns zeros, and prints the peak RSS of the run and the peak
-PSS summed over its process tree (decode processes included), sampled every 20 ms, and the CPU
-time of the run's own process a file (with decode processes: the engine's plumbing alone). What a real GPU
+PSS summed over its process tree (decode processes included), sampled every 20 ms, the CPU time of
+the run's own process a file (with decode processes: the engine's plumbing alone), and how busy
+the decode processes were (decoding, rather than waiting for the next request). What a real GPU
 backend adds on top (pinned staging, the CUDA context, the libraries) is not in these figures: see
 docs/backends.md, "Where the host memory goes".
 """
@@ -78,13 +79,33 @@ def main() -> None:
         return
     child = subprocess.Popen([sys.executable, __file__, "--child", *sys.argv[1:]])
     peak_rss = peak_tree = 0
+    decoders: dict[int, tuple[float, float, float]] = {}  # pid: CPU seconds, first and last seen
     while child.poll() is None:
         peak_rss = max(peak_rss, _peak_rss_kib(child.pid))
-        peak_tree = max(peak_tree, sum(_pss_kib(pid) for pid in _tree(child.pid)))
+        tree = _tree(child.pid)
+        peak_tree = max(peak_tree, sum(_pss_kib(pid) for pid in tree))
+        now = time.perf_counter()
+        for pid in tree:
+            parent, cpu = _parent_and_cpu(pid)
+            if parent not in (None, child.pid) and pid != child.pid:  # a decode process (the fork server's child)
+                decoders[pid] = (cpu, decoders.get(pid, (0, now, now))[1], now)
         time.sleep(0.02)
     print(f"batches of {args.batch_mp:g} MP, {args.workers} decoders in {args.decode}: "
           f"peak RSS of the run {peak_rss / 1024:.0f} MiB, peak PSS of its process tree {peak_tree / 1024:.0f} MiB")
+    if decoders:  # how much of its life a decode process decoded, rather than waited for a request
+        busy = sum(cpu for cpu, _, _ in decoders.values()) / sum(last - first for _, first, last in decoders.values())
+        print(f"decode processes busy {busy:.0%} of their lives (CPU time over life, sampled every 20 ms)")
     sys.exit(child.returncode)
+
+
+def _parent_and_cpu(pid: int) -> tuple[int | None, float]:
+    """The parent of ``pid`` and its CPU seconds so far (user and system), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None, 0.0
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
