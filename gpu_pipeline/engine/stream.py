@@ -171,11 +171,11 @@ PROCESS_DECODE_BELOW_PIXELS = 256 * 1024
 #: Pixels a decode thread decodes before it hands them over: 64 EuroSAT tiles, or one scene.
 DECODE_CHUNK_PIXELS = 256 * 1024
 #: ... for a decode process: 128 EuroSAT tiles. Each part is a round trip to the process (a request,
-#: a reply, a wake-up on each side, about 200 us of the main process's CPU on the 2-core VM): the
-#: main process's CPU a tile, with a backend that does nothing, went from 6.6-9.8 to 5.3-6.0 us
-#: (min of 5 runs, 4 alternated runs each). Larger parts cost memory (larger slots, more of them
-#: touched): peak PSS of the process tree with 16 decoders, 304 MiB with parts of 64 tiles, 312
-#: with 128, 347 with 256 (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
+#: a reply, a wake-up on each side, about 200 us of the main process's CPU on the 2-core VM), so
+#: larger parts leave the main process's threads more of the GIL (docs/benchmarks.md, "Fourth
+#: round"). They cost memory (larger slots, more of them touched): peak PSS of the process tree
+#: with 16 decoders, 304 MiB with parts of 64 tiles, 312 with 128, 347 with 256
+#: (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
 PROCESS_CHUNK_PIXELS = 512 * 1024
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
 #: on one thread before their size is known).
@@ -285,8 +285,8 @@ class _DecodePool:
         """Chunks decoded by this thread's decode process, in parts of about ``chunk_pixels``, from
         this one on while the chunks this thread takes are for a decode process. The next part (of
         this chunk or the next) is asked for before this one is handed over, so the process decodes
-        while this thread waits for the GIL, the lock or room: a process waited for its next request
-        a fifth of the time (one decode process on a core of its own, a backend that does nothing).
+        while this thread waits for the GIL, the lock or room (one decode process, a backend that
+        does nothing: busy 77-90 % of its life before, 91-95 % since).
         Returns the chunk taken that this thread is to decode itself, or None when there is none
         left or the consumer has gone."""
         paths = list(map(os.fspath, chunk))
