@@ -6,14 +6,15 @@
 #      tiles and 24 12-MP scenes end to end against OpenCV in Pool(cores), the warm one-image run,
 #      peak memory of the run and of its decode processes), the tiles again for cuda and cupy with
 #      GPU batches of 16 MP instead of 32 (--batch-size 4096: speed against host memory), the
-#      thread-scaling table of `gpu-pipeline bench`, and the GIL a tile
-#      (../shared/tools/gil_per_tile.py, needs gilknocker);
+#      thread-scaling table of `gpu-pipeline bench`, the GIL a tile (../shared/tools/gil_per_tile.py,
+#      needs gilknocker), and the engine alone with a decode process a core (scripts/engine_memory.py:
+#      the main process's CPU a file, how busy the decode processes are, memory);
 #   2. the GPU check (issue #20): scripts/gpu_check.sh (GPU tests, verify, bench_gpu).
 #
 #   scripts/fetch_gpu_wheels.sh                 # here, once: the wheels the machine lacks, into .whl/
 #   OUT=/some/dir scripts/device_check.sh       # there, with .whl carried (default OUT: /tmp/device_check)
 #
-# PARTS (default "scale batch bench gil gpu"), BACKENDS ("numba cuda cupy"), TILES (26500) and SCENES (24)
+# PARTS (default "scale batch bench gil engine gpu"), BACKENDS ("numba cuda cupy"), TILES (26500) and SCENES (24)
 # choose what runs. Each step gets its own time limit, cut to what is left of BUDGET; a step that
 # fails or runs out of time is logged in failures.txt and the next one runs.
 set -uo pipefail
@@ -21,7 +22,7 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"  # PYTHON, PYTHONPATH, NUMBA_CACHE_DIR, the carried wheels
 LOG_DIR="${OUT:-/tmp/device_check}"
 mkdir -p "$LOG_DIR"
-PARTS="${PARTS:-scale batch bench gil gpu}"
+PARTS="${PARTS:-scale batch bench gil engine gpu}"
 BACKENDS="${BACKENDS:-numba cuda cupy}"
 TILES="${TILES:-26500}"
 SCENES="${SCENES:-24}"
@@ -70,6 +71,15 @@ for part in $PARTS; do
                 --json "$LOG_DIR/bench.json" ;;
         gil)  # gilknocker's thread may abort the interpreter at exit (134) after the figure is printed
             step gil_per_tile 40 "$PYTHON" ../shared/tools/gil_per_tile.py ;;
+        engine)  # the engine alone, a stand-in backend, one decode process a core: the main process's
+                 # CPU a file, how busy the decode processes are, memory (CPU-sized and GPU-sized batches)
+            tiles_dir=$("$PYTHON" -c 'import os, tempfile; print(os.path.join(tempfile.gettempdir(), "gil_per_tile"))')
+            [ -d "$tiles_dir" ] || "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+                ../shared/data/eurosat_rgb_26500.tar "$tiles_dir"
+            for mp in 1 32; do
+                step "engine_${mp}mp" 30 "$PYTHON" scripts/engine_memory.py "$tiles_dir" --workers "$(nproc)" \
+                    --decode processes --batch-mp "$mp"
+            done ;;
         gpu)
             step gpu_check 330 env OUT="$LOG_DIR/gpu_check" scripts/gpu_check.sh ;;
         *)
