@@ -762,7 +762,7 @@ def test_fast_jpeg_path_matches_pillow_on_real_tiles(shared_data_dir):
         assert np.array_equal(decode_image(path, DecodeOptions()), _pillow_pixels(path.read_bytes())), path
 
 
-def test_discovery_matches_pathlib_ordering(tmp_path):
+def test_discovery_matches_pathlib_ordering(tmp_path, monkeypatch):
     """find_files names and orders files as Path objects sorted by their parts would, relative or not."""
     for name in ["b/2.png", "a/z/1.png", "a-c/3.png", "a.b/4.PNG", "A/5.jpg", "a/.hidden/6.png", "7.tif", "8.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -774,6 +774,11 @@ def test_discovery_matches_pathlib_ordering(tmp_path):
     assert discover([tmp_path]) == oracle
     assert find_files([tmp_path]) == [str(path.absolute()) for path in oracle]
     assert find_files([tmp_path / "b", tmp_path / "a"]) == [str(tmp_path / "a/z/1.png"), str(tmp_path / "b/2.png")]
+    monkeypatch.chdir(tmp_path)  # relative names: discover keeps them, find_files makes them absolute
+    for given in (["."], ["a"], ["b", "a"]):
+        expected = [path for path in oracle if path.relative_to(tmp_path).parts[0] in given or given == ["."]]
+        assert discover(given) == [path.relative_to(tmp_path) for path in expected]
+        assert find_files(given) == [str(path) for path in expected]
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ def _prefix(folder: str) -> str:
     return folder if folder.endswith("/") else folder + "/"
 
 
-def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None) -> list[tuple[str, str, str]]:
-    """(sort key, name as given, absolute name) of every file, de-duplicated and sorted.
+def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool) -> list[str]:
+    """Every file, de-duplicated and sorted: its absolute name, or its name as given.
 
     Names are the strings :class:`pathlib.Path` makes (``Path(folder, name)``, ``.absolute()``),
     without a ``Path`` object per file: one costs about 10 us of the GIL, a quarter of a second
@@ -43,14 +43,14 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None) -> list[tup
     paths = list(paths)
     if len(paths) == 1 and Path(paths[0]).is_dir():  # the usual run: a folder's files come sorted, no key needed
         given = Path(paths[0])
-        at_given, at_absolute = _prefix(str(given)), _prefix(str(given.absolute()))
-        return [("", at_given + relative, at_absolute + relative) for relative in _files_in_folder(str(given), glob)]
+        at = _prefix(str(given.absolute()) if absolute else str(given))
+        return [at + relative for relative in _files_in_folder(str(given), glob)]
     found: dict[str, tuple[str, str, str]] = {}  # by the file's normalised absolute name: first one wins
     for given in map(Path, paths):
         if given.is_dir():
-            folder, absolute = str(given), str(given.absolute())
-            at_given, at_absolute = _prefix(folder), _prefix(absolute)
-            at_location = _prefix(os.path.normpath(absolute))
+            folder, absolute_folder = str(given), str(given.absolute())
+            at_given, at_absolute = _prefix(folder), _prefix(absolute_folder)
+            at_location = _prefix(os.path.normpath(absolute_folder))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
             for relative in _files_in_folder(folder, glob):
                 found.setdefault(at_location + relative, (at_key + relative.replace("/", "\0"),
@@ -62,7 +62,7 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None) -> list[tup
             raise UsageError(f"a broken symbolic link: {given}")
         else:
             raise UsageError(f"no such file or folder: {given}")
-    return sorted(found.values())
+    return [names[2] if absolute else names[1] for names in sorted(found.values())]
 
 
 def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[Path]:
@@ -73,13 +73,13 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -
     UsageError
         A path does not exist (or is a broken symbolic link).
     """
-    return [Path(given) for _, given, _ in _find(paths, glob)]
+    return [Path(given) for given in _find(paths, glob, absolute=False)]
 
 
 def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[str]:
     """The files of :func:`discover`, in its order, as absolute names (``str(path.absolute())``):
     what a run processes and writes in its records. Raises :class:`UsageError` as it does."""
-    return [absolute for _, _, absolute in _find(paths, glob)]
+    return _find(paths, glob, absolute=True)
 
 
 def _files_in_folder(folder: str, glob: str | None) -> list[str]:
