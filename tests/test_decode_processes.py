@@ -395,14 +395,16 @@ def test_a_chunks_paths_cross_over_once():
         process.close()
 
 
-@pytest.mark.parametrize("in_processes", [False, pytest.param(True, marks=needs_processes)],
-                         ids=["threads", "processes"])
-def test_decoded_jpegs_start_off_a_16_byte_boundary(in_processes):
+@pytest.mark.parametrize("in_processes, chunk_pixels", [
+    (False, None), pytest.param(True, None, marks=needs_processes),
+    pytest.param(True, 3 * 4096 + 8, marks=needs_processes)],  # slots of 8 bytes past a 16-byte multiple
+    ids=["threads", "processes", "processes, odd part size"])
+def test_decoded_jpegs_start_off_a_16_byte_boundary(in_processes, chunk_pixels):
     """libjpeg-turbo writes RGB rows that start on a 16-byte boundary with stores that bypass the
-    caches (decode.OFF_BOUNDARY): no decoded tile, from a decode thread or from a decode
-    process's shared memory, starts on one, and each has the pixels decode_image gives."""
+    caches (decode.OFF_BOUNDARY): no decoded tile, from a decode thread or from any slot of a
+    decode process's shared memory, starts on one, and each has the pixels decode_image gives."""
     tiles = find_files([BUNDLED / "eurosat"])[:40]
-    decoded = list(decode_stream(tiles, DecodeOptions(), 2, processes=in_processes))
+    decoded = list(decode_stream(tiles, DecodeOptions(), 2, chunk_pixels=chunk_pixels, processes=in_processes))
     assert [path for path, item in zip(tiles, decoded) if item.image.ctypes.data % 16 == 0] == []
     assert [item.image.tobytes() for item in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
 

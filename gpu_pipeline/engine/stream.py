@@ -243,8 +243,9 @@ class _DecodePool:
         return max(1, min(length, MOST_CHUNK_IMAGES))
 
     def _work(self) -> None:
-        # a slot holds a part of RGB pixels, each image placed up to 15 bytes on (processes._placed_at)
-        slot_bytes = 3 * self._chunk_pixels + 16 * MOST_CHUNK_IMAGES
+        # a slot holds a part of RGB pixels, each image placed up to 15 bytes on (processes._placed_at),
+        # and is a multiple of 64 bytes, so that every slot starts where the first did
+        slot_bytes = -(-(3 * self._chunk_pixels + 16 * MOST_CHUNK_IMAGES) // 64) * 64
         decoder = (Decoder(self._options, self._slots, slot_bytes, self._fork_server)
                    if self._processes else None)
         try:
