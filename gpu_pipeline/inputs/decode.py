@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import re
 import stat
@@ -242,10 +243,7 @@ OFF_BOUNDARY = 8
 def off_boundary_array(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialised uint8 array of ``shape`` that starts :data:`OFF_BOUNDARY` bytes past a 16-byte
     boundary (numpy's memory is 16-byte aligned wherever malloc is; if not, it is only slower)."""
-    size = 1
-    for length in shape:
-        size *= length
-    return np.empty(size + OFF_BOUNDARY, np.uint8)[OFF_BOUNDARY:].reshape(shape)
+    return np.empty(math.prod(shape) + OFF_BOUNDARY, np.uint8)[OFF_BOUNDARY:].reshape(shape)
 
 
 def _plain_jpeg(data: bytes, options: DecodeOptions,
@@ -258,16 +256,15 @@ def _plain_jpeg(data: bytes, options: DecodeOptions,
     array to decode into (see :func:`decode_each`)."""
     if jpeg8_decode is None or options.bands is not None or not data.startswith(_JPEG_MAGIC):
         return None
-    frame = _libjpeg_frame(data)
-    if frame is None or frame[0] * frame[1] > options.max_pixels:
+    shape = _libjpeg_shape(data)
+    if shape is None or shape[0] * shape[1] > options.max_pixels:
         return None
-    expected = frame[:2] if frame[2] == 1 else frame
-    out = into(expected) if into is not None else None
+    out = into(shape) if into is not None else None
     try:
-        image = jpeg8_decode(data, out=out if out is not None else off_boundary_array(expected))
+        image = jpeg8_decode(data, out=out if out is not None else off_boundary_array(shape))
     except Exception:
         return None
-    if image.shape != expected or image.dtype != np.uint8 or not image.flags.c_contiguous:
+    if image.shape != shape or image.dtype != np.uint8 or not image.flags.c_contiguous:
         return None
     return image
 
@@ -398,28 +395,27 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def _libjpeg_frame(data: bytes) -> tuple[int, int, int] | None:
-    """(height, width, components) of a JPEG that libjpeg-turbo decodes directly: complete (it ends
-    with its end-of-image marker), 8-bit, gray or three-channel. None for any other, Pillow's to
-    decode or refuse (CMYK, 12-bit, truncated, damaged headers)."""
+def _libjpeg_shape(data: bytes) -> tuple[int, int] | tuple[int, int, int] | None:
+    """The shape libjpeg-turbo decodes a JPEG to, (H, W) gray or (H, W, 3), when it decodes it
+    directly: complete (it ends with its end-of-image marker), 8-bit, gray or three-channel. None
+    for any other, Pillow's to decode or refuse (CMYK, 12-bit, truncated, damaged headers)."""
     frame = _jpeg_frame(data)
     if frame is None or frame[0] != 8 or frame[3] not in (1, 3) or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
-    return frame[1:]
+    return frame[1:3] if frame[3] == 1 else frame[1:]
 
 
 def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
-    """Bands (H, W, C) of a JPEG: libjpeg-turbo directly when :func:`_libjpeg_frame` says so, else
+    """Bands (H, W, C) of a JPEG: libjpeg-turbo directly when :func:`_libjpeg_shape` says so, else
     Pillow."""
     data = fh.read()
-    frame = _libjpeg_frame(data)
-    if frame is None:
+    shape = _libjpeg_shape(data)
+    if shape is None:
         fh.seek(0)
         return _read_with_pillow(fh, max_pixels)
-    height, width, bands = frame
+    height, width = shape[:2]
     _check_size(width, height, max_pixels)
-    image = jpeg8_decode(data, out=off_boundary_array((height, width) if bands == 1 else frame))
-    return image.reshape(height, width, -1)
+    return jpeg8_decode(data, out=off_boundary_array(shape)).reshape(height, width, -1)
 
 
 def _format_by_signature(head: bytes) -> str | None:
