@@ -34,7 +34,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_each
-from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available
+from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available, slot_bytes_for
 from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
@@ -243,11 +243,8 @@ class _DecodePool:
         return max(1, min(length, MOST_CHUNK_IMAGES))
 
     def _work(self) -> None:
-        # a slot holds a part of RGB pixels, each image placed up to 15 bytes on (processes._placed_at),
-        # and is a multiple of 64 bytes, so that every slot starts where the first did
-        slot_bytes = -(-(3 * self._chunk_pixels + 16 * MOST_CHUNK_IMAGES) // 64) * 64
-        decoder = (Decoder(self._options, self._slots, slot_bytes, self._fork_server)
-                   if self._processes else None)
+        decoder = (Decoder(self._options, self._slots, slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES),
+                           self._fork_server) if self._processes else None)
         try:
             taken = self._take_chunk()
             while taken is not None:

@@ -382,10 +382,17 @@ class Decoder:
             self._process = None
 
 
+def slot_bytes_for(part_pixels: int, most_images: int) -> int:
+    """Bytes of a slot for a part of ``part_pixels`` RGB pixels in at most ``most_images`` images,
+    each placed up to 15 bytes on (:func:`_placed_at`); a multiple of 64, so that every slot of an
+    arena starts on the same boundary as the first."""
+    return -(-(3 * part_pixels + 16 * most_images) // 64) * 64
+
+
 def _placed_at(offset: int) -> int:
     """Where in a slot an image goes at or after ``offset``: :data:`~gpu_pipeline.inputs.decode.OFF_BOUNDARY`
-    bytes past a 16-byte boundary, for the reason given there (the arena starts on a page, and the
-    pool's slots are multiples of 16 bytes)."""
+    bytes past a 16-byte boundary, for the reason given there (the arena starts on a page, and
+    :func:`slot_bytes_for` makes slots a multiple of 64 bytes)."""
     return offset + (OFF_BOUNDARY - offset) % 16
 
 
