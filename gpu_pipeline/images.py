@@ -42,6 +42,18 @@ class ImageBatch(Sequence[np.ndarray]):
                    np.array([image.shape[2] if image.ndim == 3 else 0 for image in images], np.int64))
 
     @classmethod
+    def stacked(cls, images: np.ndarray) -> ImageBatch:
+        """A stack of same-shape images, ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB, as a batch over
+        its memory (no copy when it is C-contiguous, else one): no Python object per image."""
+        images = np.ascontiguousarray(images)
+        count, height, width = images.shape[:3]
+        channels = images.shape[3] if images.ndim == 4 else 0
+        size = height * width * max(channels, 1)
+        return cls([images.reshape(-1)], np.zeros(count, np.int64), np.arange(count, dtype=np.int64) * size,
+                   np.full(count, height, np.int64), np.full(count, width, np.int64),
+                   np.full(count, channels, np.int64))
+
+    @classmethod
     def packed(cls, buffer: np.ndarray, layout: np.ndarray) -> ImageBatch:
         """Images in one ``buffer``; ``layout`` is int64 (N, 4): height, width, channels, offset."""
         layout = layout.reshape(-1, 4)
@@ -98,6 +110,39 @@ class ImageBatch(Sequence[np.ndarray]):
     def bands(self) -> np.ndarray:
         """int64 (N,): 1 for gray, 3 for RGB."""
         return np.maximum(self.channels, 1)
+
+    def shape_groups(self) -> dict[tuple[int, ...], np.ndarray]:
+        """The positions (int64, ascending) of the images of each shape, ``(H, W)`` or ``(H, W, 3)``,
+        shapes in first-seen order: what batched GPU kernels, one shape a launch, are given."""
+        if not len(self):
+            return {}
+        keys = np.stack([self.heights, self.widths, self.channels], axis=1)
+        if (keys == keys[0]).all():  # the common case, a batch of tiles: no sort
+            return {self._shape_of(keys[0]): np.arange(len(self), dtype=np.int64)}
+        unique, first, inverse, counts = np.unique(keys, axis=0, return_index=True, return_inverse=True,
+                                                   return_counts=True)
+        members = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
+        return {self._shape_of(unique[group]): members[group] for group in np.argsort(first).tolist()}
+
+    @staticmethod
+    def _shape_of(key: np.ndarray) -> tuple[int, ...]:
+        height, width, channels = key.tolist()
+        return (height, width, channels) if channels else (height, width)
+
+    def copy_into(self, positions: np.ndarray, out: np.ndarray) -> None:
+        """Copy the images at ``positions``, all of one shape, into ``out`` (``(len(positions), *shape)``,
+        C-contiguous): one copy per run of them that lie one after the other in one buffer (a whole
+        stack, or the tiles a decode process packed), not one per image."""
+        if not len(positions):
+            return
+        flat = out.reshape(len(positions), -1)
+        size = flat.shape[1]
+        buffer_of, offsets = self.buffer_of[positions], self.offsets[positions]
+        breaks = np.flatnonzero((np.diff(buffer_of) != 0) | (np.diff(offsets) != size)) + 1
+        starts = [0, *breaks.tolist()]
+        for start, end in zip(starts, [*starts[1:], len(positions)]):
+            first = int(offsets[start])
+            flat[start:end] = self.buffers[buffer_of[start]][first:first + (end - start) * size].reshape(-1, size)
 
     def addresses(self) -> np.ndarray:
         """int64 (N,): the address of each image's first pixel (valid while the buffers live)."""

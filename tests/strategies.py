@@ -38,3 +38,19 @@ def images(draw, max_side: int = 96, rgb: bool | None = None) -> np.ndarray:
         ramp = (ramp % 256).astype(np.uint8)
         return np.repeat(ramp[:, :, None], 3, axis=2) if is_rgb else ramp
     return draw(hnp.arrays(np.uint8, shape))
+
+
+def packed_batch(images: list[np.ndarray], gaps: list[int]):
+    """``images`` packed in one buffer as a decode process packs a part: each after the last, ``gaps[i]``
+    bytes on (alignment padding), so that some runs of them lie back to back and some do not."""
+    from gpu_pipeline.images import ImageBatch
+
+    layout, offset = [], 0
+    for image, gap in zip(images, gaps, strict=True):
+        offset += gap
+        layout.append((image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0, offset))
+        offset += image.size
+    buffer = np.full(offset + 7, 0xA5, np.uint8)  # a canary in the gaps and past the end
+    for image, (_, _, _, start) in zip(images, layout):
+        buffer[start:start + image.size] = image.reshape(-1)
+    return ImageBatch.packed(buffer, np.array(layout, np.int64).reshape(-1, 4))

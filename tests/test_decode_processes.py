@@ -25,6 +25,7 @@ from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.sink import RecordList
+from tests.strategies import packed_batch
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
 needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
@@ -512,3 +513,55 @@ def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
         got += [image.tobytes() for image in images]
     assert got == [decode_image(p, DecodeOptions()).tobytes() for p in paths]
     assert reads == paths
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(shapes, max_size=12), st.data())
+def test_shape_groups_and_copy_into_see_a_batch_as_its_images(shapes_drawn, data):
+    """Grouped from the shape arrays, copied a run at a time: the same as image by image, however
+    the batch lies in memory (a buffer each, packed with gaps, or both joined)."""
+    images = [image_of(shape, seed) for seed, shape in enumerate(shapes_drawn)]
+    gaps = data.draw(st.lists(st.sampled_from([0, 0, 0, 3, 8]), min_size=len(images), max_size=len(images)))
+    cut = data.draw(st.integers(0, len(images)))
+    layouts = {"of": ImageBatch.of(images), "packed": packed_batch(images, gaps),
+               "joined": ImageBatch.concatenate([packed_batch(images[:cut], gaps[:cut]), ImageBatch.of(images[cut:])])}
+    expected: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):  # the oracle: one image at a time
+        expected.setdefault(image.shape, []).append(position)
+    for name, batch in layouts.items():
+        groups = batch.shape_groups()
+        assert list(groups) == list(expected), name  # shapes in first-seen order
+        assert {shape: positions.tolist() for shape, positions in groups.items()} == expected, name
+        for shape, positions in groups.items():
+            chosen = data.draw(st.lists(st.sampled_from(positions.tolist()), min_size=1, max_size=6))
+            for picked in (positions, np.array(chosen, np.int64)):
+                out = np.zeros((len(picked), *shape), np.uint8)
+                batch.copy_into(picked, out)
+                assert np.array_equal(out, np.stack([images[p] for p in picked])), name
+
+
+def test_copy_into_copies_a_run_of_packed_images_at_once():
+    images = [image_of((4, 5, 3), seed) for seed in range(6)]
+    batch = packed_batch(images, [8, 0, 0, 5, 0, 0])  # two runs: images 0-2 and 3-5
+    copies = []
+
+    class Counted(np.ndarray):
+        def __setitem__(self, key, value):
+            copies.append(key)
+            super().__setitem__(key, value)
+
+    out = np.zeros((6, 4, 5, 3), np.uint8)
+    batch.copy_into(np.arange(6), out.reshape(6, -1).view(Counted).reshape(out.shape))
+    assert np.array_equal(out, np.stack(images))
+    assert len(copies) == 2
+
+
+def test_a_stack_is_a_batch_over_its_memory():
+    stack = np.random.default_rng(1).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    batch = ImageBatch.stacked(stack)
+    assert np.shares_memory(batch.buffers[0], stack) and len(batch.buffers) == 1
+    assert [image.tobytes() for image in batch] == [image.tobytes() for image in stack]
+    gray = stack[:, ::2, :, 0]  # not contiguous: copied once
+    assert [image.tobytes() for image in ImageBatch.stacked(gray)] == [image.tobytes() for image in gray]
+    assert ImageBatch.stacked(gray).shape_groups().keys() == {(3, 7)}
+    assert len(ImageBatch.stacked(np.zeros((0, 4, 4), np.uint8))) == 0
