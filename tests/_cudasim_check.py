@@ -24,8 +24,9 @@ from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import BackendUnavailable
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from gpu_pipeline.images import ImageBatch
 from tests.chains import spiral
-from tests.strategies import images
+from tests.strategies import images, packed_batch
 
 if not (numba.config.ENABLE_CUDASIM and kernels.SMALL_TILES):
     pytest.skip("run by tests/test_numba_cuda.py with NUMBA_ENABLE_CUDASIM=1 and "
@@ -215,6 +216,24 @@ def test_large_sub_batches_are_staged_over_threads(backend):
     assert np.array_equal(staged, np.stack([batch[i] for i in indices]))
 
 
+def test_a_packed_batch_gives_the_bytes_of_its_images(backend):
+    """Grouped and staged from the batch's arrays (a run of packed images in one copy)."""
+    batch = mixed_batch(seed=4)
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    gaps = [4 * (i % 3) for i in range(len(batch))]
+    for packed in (ImageBatch.of(batch), packed_batch(batch, gaps)):
+        assert_matches_reference(batch, backend.process(packed, config, keep_images=True), config, True)
+
+
+def test_a_large_packed_sub_batch_is_staged_over_threads(backend):
+    stack = np.random.default_rng(10).integers(0, 256, (64, 100, 1000, 3), dtype=np.uint8)
+    indices = tuple(range(5, 64))
+    staged = np.zeros((len(indices), 100, 1000, 3), np.uint8)
+    assert staged.nbytes >= 8 * 2**20
+    backend._stage(ImageBatch.stacked(stack), indices, staged)
+    assert np.array_equal(staged, stack[5:])
+
+
 def _out_of_memory() -> Exception:
     from numba.cuda.cudadrv.driver import CudaAPIError
 
@@ -252,6 +271,21 @@ def test_out_of_memory_retries_with_halves_then_says_why():
     with (_backend_with_device_memory(stats_bytes - 1, []) as backend,  # not even one image fits
           pytest.raises(GpuOutOfMemory, match=r"shape \(8, 8, 3\)")):
         backend.process(batch[:2], config)
+
+
+def test_out_of_memory_after_some_sub_batches_keeps_each_image_in_its_place():
+    """The retry plans only the images not done yet, each under its own index: a mix of shapes
+    whose first sub-batch is done before the third one fails."""
+    stats_bytes = 4 * kernels.STATS_WIDTH
+    rng = np.random.default_rng(12)
+    shapes = [(4, 4), (4, 4), (5, 6), (5, 6)] + [(8, 8, 3)] * 8
+    batch = [scene(shape, rng, ["noise", "two-level"][i % 2]) for i, shape in enumerate(shapes)]
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    for handed in (batch, ImageBatch.of(batch)):
+        failures: list[int] = []
+        with _backend_with_device_memory(3 * stats_bytes, failures) as backend:
+            assert_matches_reference(batch, backend.process(handed, config), config, False)
+        assert failures
 
 
 @pytest.mark.parametrize("failing_step", ["_hysteresis", "_stage", "_collect"])

@@ -51,10 +51,11 @@ from gpu_pipeline.backends.cupy_gpu import (
     sub_batch_budget,
 )
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
+from gpu_pipeline.images import ImageBatch
 from tests.chains import spiral
 from tests.cnn_networks import model_of, random_network
 from tests.oracle import expected_results
-from tests.strategies import ODD_SHAPES, image_shapes, images
+from tests.strategies import ODD_SHAPES, image_shapes, images, packed_batch
 
 HOST_DIR = Path(__file__).parent / "cupy_host"
 CU_SOURCES = sorted(KERNEL_SOURCE.parent.glob("*.cu"))
@@ -451,6 +452,41 @@ configs = st.builds(
 def test_kernels_on_the_cpu_match_the_reference(harness, batch, config):
     backend = CupyBackend(device=HostDevice(harness))
     assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(images(max_side=40), min_size=1, max_size=6), st.data())
+def test_a_packed_batch_gives_the_bytes_of_its_images(harness, batch, data):
+    """An ImageBatch is grouped and staged from its arrays (a run of packed images in one copy):
+    the same bytes as the images one by one."""
+    batch = batch + [batch[0]] * 3  # a run of one shape
+    gaps = data.draw(st.lists(st.sampled_from([0, 0, 5]), min_size=len(batch), max_size=len(batch)))
+    config = PipelineConfig(40, 120)
+    backend = CupyBackend(device=HostDevice(harness))
+    for packed in (ImageBatch.of(batch), packed_batch(batch, gaps)):
+        assert_same_as_reference(backend.process(packed, config, keep_images=True), batch, config)
+
+
+def test_a_stack_cut_into_sub_batches_after_out_of_memory_gives_the_bytes_of_its_images(harness, monkeypatch):
+    """Sub-batches of a packed stack, halved on the retry: each stages its own run of the stack."""
+    monkeypatch.setattr(cupy_gpu, "ARENA_GRANULE", 256)
+    stack = np.random.default_rng(8).integers(0, 256, (9, 30, 50, 3), dtype=np.uint8)
+    one = BatchLayout.plan(1, (30, 50, 3), False)
+    device = HostDevice(harness, memory=4 * (one.device_bytes + one.host_bytes))
+    device.free_bytes = lambda: 2**30
+    results = CupyBackend(device=device).process(ImageBatch.stacked(stack), PipelineConfig())
+    assert_same_as_reference(results, list(stack), PipelineConfig(), keep_images=False)
+    assert device.failed_allocations >= 1
+    assert max(launch.grid[2] for launch in device.launches if launch.kernel == "gray_histogram") < len(stack)
+
+
+def test_images_past_the_pixel_limit_are_refused_before_any_work(harness, monkeypatch):
+    monkeypatch.setattr(cupy_gpu, "MAX_PIXELS", 100)
+    backend = CupyBackend(device=HostDevice(harness))
+    images_ = [np.zeros((5, 5), np.uint8), np.zeros((10, 11, 3), np.uint8)]
+    for given_ in (images_, ImageBatch.of(images_)):
+        with pytest.raises(ValueError, match=r"at most 100 pixels, got \(10, 11, 3\)"):
+            backend.process(given_, PipelineConfig())
 
 
 @pytest.mark.parametrize("config", [PipelineConfig(), PipelineConfig(60, 20, True, 7)], ids=str)

@@ -94,6 +94,16 @@ def plan_sub_batches(
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, shape in enumerate(shapes):
         groups.setdefault(tuple(shape), []).append(index)
+    return plan_groups(groups, keep_images, free_bytes, max_images)
+
+
+def plan_groups(
+    groups: dict[tuple[int, ...], Sequence[int]],
+    keep_images: bool,
+    free_bytes: float,
+    max_images: int | None = None,
+) -> list[SubBatch]:
+    """:func:`plan_sub_batches` of images already grouped by shape (the indices of each shape, in order)."""
     plan = []
     for shape, indices in groups.items():
         limit = images_per_sub_batch(shape, keep_images, free_bytes)

@@ -193,8 +193,20 @@ def check_batch(images: ImageBatch) -> None:
         raise ValueError(f"empty image of shape {images[index].shape}")
 
 
+def check_images(images: Sequence[np.ndarray]) -> None:
+    """:func:`check_batch` for an :class:`ImageBatch`, else :func:`check_image` of each image."""
+    if isinstance(images, ImageBatch):
+        check_batch(images)
+    else:
+        for image in images:
+            check_image(image)
+
+
 def group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
-    """Indices of the images of each shape, in first-seen order: batched kernels need one shape."""
+    """Indices of the images of each shape, in first-seen order: batched kernels need one shape.
+    An :class:`ImageBatch` is grouped from its shape arrays, with no Python per image."""
+    if isinstance(images, ImageBatch):
+        return {shape: positions.tolist() for shape, positions in images.shape_groups().items()}
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, image in enumerate(images):
         groups[image.shape].append(index)

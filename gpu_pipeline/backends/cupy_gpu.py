@@ -36,11 +36,12 @@ from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
     BatchResult,
-    check_image,
+    check_images,
     checked_device_index,
     group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.images import ImageBatch
 
 KERNEL_SOURCE = Path(__file__).with_name("cupy_pipeline.cu")
 #: Side of the output tiles of the fused blur/Sobel/NMS kernel and of the hysteresis kernel.
@@ -254,8 +255,9 @@ def plan_sub_batches(
 ) -> list[list[int]]:
     """Sub-batches of the images at ``indices``: one shape each, shapes in first-seen order, each within budget."""
     indices = list(indices)
+    chosen = images.take(np.asarray(indices, np.int64)) if isinstance(images, ImageBatch) else [images[i] for i in indices]
     plan = []
-    for shape, positions in group_by_shape([images[i] for i in indices]).items():
+    for shape, positions in group_by_shape(chosen).items():
         members = [indices[p] for p in positions]
         plan += split_evenly(members, max_images_per_batch(shape, keep_images, budget_bytes, cnn))
     return plan
@@ -565,10 +567,12 @@ class CupyBackend(Backend):
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> BatchResult:
-        for image in images:
-            check_image(image)
-            if image.shape[0] * image.shape[1] > MAX_PIXELS:
-                raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {image.shape}")
+        check_images(images)
+        pixels = images.pixels if isinstance(images, ImageBatch) else [image.shape[0] * image.shape[1] for image in images]
+        too_large = np.flatnonzero(np.asarray(pixels, np.int64) > MAX_PIXELS)
+        if len(too_large):
+            shape = images[int(too_large[0])].shape
+            raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {shape}")
         with self._device.bind():
             return self._process_on_device(images, config, keep_images)
 
@@ -629,8 +633,11 @@ class CupyBackend(Backend):
         """Pack the sub-batch into pinned memory and queue its copies and kernels on the slot's stream."""
         device, stream, staging = self._device, slot.stream, slot.staging
         inputs = layout.inputs(staging)
-        for k, index in enumerate(indices):
-            inputs[k] = images[index]
+        if isinstance(images, ImageBatch):
+            images.copy_into(np.asarray(indices, np.int64), inputs)  # one copy for images packed together
+        else:
+            for k, index in enumerate(indices):
+                inputs[k] = images[index]
         base = device.address(slot.arena)
         histograms = layout.device["histograms"]
         device.zero(base + histograms.offset, histograms.nbytes, stream)

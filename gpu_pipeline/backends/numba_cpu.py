@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
-from gpu_pipeline.backends.base import Backend, BatchResult, check_batch, check_image
+from gpu_pipeline.backends.base import Backend, BatchResult, check_images
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.images import ImageBatch
 
@@ -125,12 +125,8 @@ class NumbaCpuBackend(Backend):
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> BatchResult:
-        if isinstance(images, ImageBatch):
-            check_batch(images)
-        else:
-            for image in images:
-                check_image(image)
-            images = ImageBatch.of(images)
+        check_images(images)
+        images = ImageBatch.of(images)  # the same batch when it is one
         if not len(images):
             return BatchResult.empty(0, keep_images)
         return self._run(images, config, keep_images)

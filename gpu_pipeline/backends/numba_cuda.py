@@ -36,7 +36,7 @@ from gpu_pipeline.backends._cuda_plan import (
     hysteresis_schedule,
     is_out_of_memory,
     pixel_grid,
-    plan_sub_batches,
+    plan_groups,
     tile_grid,
 )
 from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
@@ -44,10 +44,12 @@ from gpu_pipeline.backends.base import (
     Backend,
     BackendUnavailable,
     BatchResult,
-    check_image,
+    check_images,
     checked_device_index,
+    group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.images import ImageBatch
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
 #: Staging copies above this size are split over threads (NumPy copies release the GIL).
@@ -287,8 +289,7 @@ class NumbaCudaBackend(Backend):
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> BatchResult:
-        for image in images:
-            check_image(image)
+        check_images(images)
         quiet_low_occupancy_warnings()
         with self._on_device():
             return self._process_on_device(images, config, keep_images)
@@ -303,12 +304,9 @@ class NumbaCudaBackend(Backend):
             todo = np.flatnonzero(~done).tolist()
             if not todo:
                 return results
-            plan = [
-                SubBatch(batch.shape, tuple(todo[i] for i in batch.indices))
-                for batch in plan_sub_batches(
-                    [images[i].shape for i in todo], keep_images, self._free_device_bytes(), max_images
-                )
-            ]
+            left = images.take(np.asarray(todo, np.int64)) if isinstance(images, ImageBatch) else [images[i] for i in todo]
+            groups = {shape: [todo[p] for p in positions] for shape, positions in group_by_shape(left).items()}
+            plan = plan_groups(groups, keep_images, self._free_device_bytes(), max_images)
             try:
                 self._run(plan, images, config, bool(keep_images), results, done)
             except BaseException as error:
@@ -356,12 +354,19 @@ class NumbaCudaBackend(Backend):
 
     def _stage(self, images: Sequence[np.ndarray], indices: tuple[int, ...], staged: np.ndarray) -> None:
         """Copy the sub-batch's images into the pinned buffer, over threads when it is large."""
+        packed = isinstance(images, ImageBatch)  # copied a run of images at a time, not one by one
         if staged.nbytes < _PARALLEL_STAGING_BYTES:
-            np.stack([images[i] for i in indices], out=staged)
+            if packed:
+                images.copy_into(np.asarray(indices, np.int64), staged)
+            else:
+                np.stack([images[i] for i in indices], out=staged)
             return
         parts = np.array_split(np.arange(len(indices)), self._staging_threads)
 
         def copy(part: np.ndarray) -> None:
+            if packed:  # ``part`` is a run of consecutive positions
+                images.copy_into(np.asarray(indices, np.int64)[part], staged[part[0]:part[-1] + 1])
+                return
             for k in part:
                 np.copyto(staged[k], images[indices[k]])
 
