@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline.backends import Backend, registry
+from gpu_pipeline.backends.base import check_image
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.images import ImageBatch
 
 
 @dataclass
@@ -53,14 +55,25 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     Images of any mix of shapes go to the backend in its own batch sizes; the results are the
     same bytes as ``gpu-pipeline run`` on the same pixels. ``model`` labels with a model file or
     a shipped model (``eurosat``, ``eurosat-cnn``) instead of the default rule.
+
+    A stack of same-shape images as one array, ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB, goes to
+    the backend as it lies in memory, with no Python object per image (a list of the same tiles
+    costs about 2 us an image more on the numba backend, on one thread or two).
     """
     from gpu_pipeline.labels.labeller import label_function
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     chosen = shared_backend(backend, threads)
-    images = list(images)
-    parts = [chosen.process(images[start:end], config, keep_images)
-             for start, end in _slices(images, chosen.batch_pixels())]
+    if isinstance(images, np.ndarray) and images.ndim in (3, 4):
+        if len(images):
+            check_image(images[0])  # all of them share its dtype and shape
+        images = ImageBatch.stacked(images)
+        per_call = max(1, chosen.batch_pixels() // (int(images.pixels[0]) if len(images) else 1))
+        slices = [(start, min(start + per_call, len(images))) for start in range(0, len(images), per_call)]
+    else:
+        images = list(images)
+        slices = list(_slices(images, chosen.batch_pixels()))
+    parts = [chosen.process(images[start:end], config, keep_images) for start, end in slices]
     histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
     edge_counts = np.concatenate([p.edge_counts for p in parts]) if parts else np.zeros(0, np.int64)
     labels = list(label_function(model, config)(images, histograms, edge_counts)) if images else []

@@ -56,3 +56,64 @@ def test_closing_run_early_stops_the_engine():
     records = gpu_pipeline.run([REPO / "data"], backend="numba")
     assert "path" in next(records)
     records.close()  # returns once the engine has stopped
+
+
+def test_a_stack_of_images_goes_to_the_backend_as_it_lies_in_memory(monkeypatch):
+    """An (N, H, W[, 3]) array is one batch over its memory, cut at the backend's batch size, with the
+    results of the same images as a list; a list still works, image by image."""
+    from gpu_pipeline import api
+    from gpu_pipeline.images import ImageBatch
+
+    rng = np.random.default_rng(5)
+    stack = rng.integers(0, 256, (70, 40, 30, 3), dtype=np.uint8)
+    numba = api.shared_backend("numba")
+    calls = []
+
+    class Recording:
+        name = "recording"
+
+        def batch_pixels(self):
+            return 25 * 40 * 30  # 25 images a call: 3 calls
+
+        def process(self, images, config, keep_images=False):
+            calls.append(images)
+            return numba.process(images, config, keep_images)
+
+    monkeypatch.setattr(api, "shared_backend", lambda name, threads: Recording())
+    got = gpu_pipeline.process(stack, low=50, high=150, keep_images=True)
+    assert [len(images) for images in calls] == [25, 25, 20]
+    assert all(isinstance(images, ImageBatch) and np.shares_memory(images.buffers[0], stack) for images in calls)
+    want = ReferenceBackend().process(list(stack), PipelineConfig(50, 150), keep_images=True)
+    assert np.array_equal(got.histograms, want.histograms)
+    assert np.array_equal(got.edge_counts, want.edge_counts)
+    assert all(np.array_equal(a, b) for a, b in zip(got.edges, want.edges))
+    listed = gpu_pipeline.process(list(stack), low=50, high=150)
+    assert got.labels == listed.labels and np.array_equal(got.histograms, listed.histograms)
+    gray = gpu_pipeline.process(stack[:, :, :, 1])  # (N, H, W): gray, and not contiguous
+    assert np.array_equal(gray.edge_counts, gpu_pipeline.process(list(stack[:, :, :, 1])).edge_counts)
+    assert len(gpu_pipeline.process(stack[:0]).labels) == 0
+
+
+def test_a_stack_of_the_wrong_kind_is_refused_as_an_image_would_be():
+    import pytest
+
+    with pytest.raises(ValueError, match="expected a uint8 array, got float32"):
+        gpu_pipeline.process(np.zeros((2, 8, 8, 3), np.float32), backend="numba")
+    with pytest.raises(ValueError, match=r"RGB \(H, W, 3\) image, got shape \(8, 8, 4\)"):
+        gpu_pipeline.process(np.zeros((2, 8, 8, 4), np.uint8), backend="numba")
+    with pytest.raises(ValueError, match="empty image"):
+        gpu_pipeline.process(np.zeros((2, 0, 8), np.uint8), backend="numba")
+
+
+def test_the_api_benchmark_runs_both_ways(capsys):
+    """scripts/bench_api.py, whose figures the README quotes: both forms, and the null-device host side."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_api", REPO / "scripts" / "bench_api.py")
+    bench_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_api)
+    assert bench_api.main([str(REPO / "data" / "eurosat"), "--count", "64", "--repeats", "1", "--threads", "1"]) == 0
+    assert bench_api.main([str(REPO / "data" / "eurosat"), "--count", "64", "--repeats", "1", "--null-device"]) == 0
+    out = capsys.readouterr().out
+    for form in ("list ", "stack ", "ImageBatch.of "):
+        assert re.search(rf"^{form}.*\d+\.\d+ (min|us/tile)", out, re.M), (form, out)
