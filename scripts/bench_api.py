@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import gpu_pipeline  # noqa: E402
+from gpu_pipeline.backends.base import BackendUnavailable  # noqa: E402
 from gpu_pipeline.config import DecodeOptions  # noqa: E402
 from gpu_pipeline.inputs.decode import decode_each  # noqa: E402
 from gpu_pipeline.inputs.discover import find_files  # noqa: E402
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         host_side(stack, args.repeats)
         return 0
     forms = {"list": list(stack), "stack": stack}
-    gpu_pipeline.process(stack[:8], backend=args.backend, threads=args.threads)  # kernels loaded
+    try:
+        gpu_pipeline.process(stack[:8], backend=args.backend, threads=args.threads)  # kernels loaded
+    except BackendUnavailable as exc:
+        print(f"bench_api: {exc}", file=sys.stderr)
+        return 2
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in forms}
     for _ in range(args.repeats):
         for name, images in forms.items():

@@ -7,14 +7,16 @@
 #      peak memory of the run and of its decode processes), the tiles again for cuda and cupy with
 #      GPU batches of 16 MP instead of 32 (--batch-size 4096: speed against host memory), the
 #      thread-scaling table of `gpu-pipeline bench`, the GIL a tile (../shared/tools/gil_per_tile.py,
-#      needs gilknocker), and the engine alone with a decode process a core (scripts/engine_memory.py:
-#      the main process's CPU a file, how busy the decode processes are, memory);
+#      needs gilknocker), the engine alone with a decode process a core (scripts/engine_memory.py:
+#      the main process's CPU a file, how busy the decode processes are, memory), and
+#      gpu_pipeline.process on 8,192 tiles in memory, as a list and as one stack, per backend
+#      (scripts/bench_api.py: on a GPU that is the host-included rate of issue #20 item 5);
 #   2. the GPU check (issue #20): scripts/gpu_check.sh (GPU tests, verify, bench_gpu).
 #
 #   scripts/fetch_gpu_wheels.sh                 # here, once: the wheels the machine lacks, into .whl/
 #   OUT=/some/dir scripts/device_check.sh       # there, with .whl carried (default OUT: /tmp/device_check)
 #
-# PARTS (default "scale batch bench gil engine gpu"), BACKENDS ("numba cuda cupy"), TILES (26500) and SCENES (24)
+# PARTS (default "scale batch bench gil engine api gpu"), BACKENDS ("numba cuda cupy"), TILES (26500) and SCENES (24)
 # choose what runs. Each step gets its own time limit, cut to what is left of BUDGET; a step that
 # fails or runs out of time is logged in failures.txt and the next one runs.
 set -uo pipefail
@@ -22,7 +24,7 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"  # PYTHON, PYTHONPATH, NUMBA_CACHE_DIR, the carried wheels
 LOG_DIR="${OUT:-/tmp/device_check}"
 mkdir -p "$LOG_DIR"
-PARTS="${PARTS:-scale batch bench gil engine gpu}"
+PARTS="${PARTS:-scale batch bench gil engine api gpu}"
 BACKENDS="${BACKENDS:-numba cuda cupy}"
 TILES="${TILES:-26500}"
 SCENES="${SCENES:-24}"
@@ -51,6 +53,15 @@ step() {
     fi
 }
 
+# the 26,500 EuroSAT tiles, extracted once where ../shared/tools/gil_per_tile.py puts them
+tiles_dir() {
+    local dir
+    dir=$("$PYTHON" -c 'import os, tempfile; print(os.path.join(tempfile.gettempdir(), "gil_per_tile"))')
+    [ -d "$dir" ] || "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+        ../shared/data/eurosat_rgb_26500.tar "$dir"
+    echo "$dir"
+}
+
 for part in $PARTS; do
     case $part in
         scale)
@@ -73,12 +84,15 @@ for part in $PARTS; do
             step gil_per_tile 40 "$PYTHON" ../shared/tools/gil_per_tile.py ;;
         engine)  # the engine alone, a stand-in backend, one decode process a core: the main process's
                  # CPU a file, how busy the decode processes are, memory (CPU-sized and GPU-sized batches)
-            tiles_dir=$("$PYTHON" -c 'import os, tempfile; print(os.path.join(tempfile.gettempdir(), "gil_per_tile"))')
-            [ -d "$tiles_dir" ] || "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
-                ../shared/data/eurosat_rgb_26500.tar "$tiles_dir"
+            tiles=$(tiles_dir)
             for mp in 1 32; do
-                step "engine_${mp}mp" 30 "$PYTHON" scripts/engine_memory.py "$tiles_dir" --workers "$(nproc)" \
+                step "engine_${mp}mp" 30 "$PYTHON" scripts/engine_memory.py "$tiles" --workers "$(nproc)" \
                     --decode processes --batch-mp "$mp"
+            done ;;
+        api)  # images in memory: a list against one (N, 64, 64, 3) stack, every core or the GPU
+            tiles=$(tiles_dir)
+            for backend in $BACKENDS; do
+                step "api_$backend" 30 "$PYTHON" scripts/bench_api.py "$tiles" --backend "$backend" --repeats 3
             done ;;
         gpu)
             step gpu_check 330 env OUT="$LOG_DIR/gpu_check" scripts/gpu_check.sh ;;
