@@ -7,10 +7,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gpu_pipeline
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import PipelineConfig
+from tests.strategies import image_shapes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,3 +120,14 @@ def test_the_api_benchmark_runs_both_ways(capsys):
     out = capsys.readouterr().out
     for form in ("list ", "stack ", "ImageBatch.of "):
         assert re.search(rf"^{form}.*\d+\.\d+ (min|us/tile)", out, re.M), (form, out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 5), image_shapes(max_side=24), st.booleans(), st.integers(0, 2**32 - 1))
+def test_stacks_of_odd_shapes_give_the_reference_results(count, shape, rgb, seed):
+    stack = np.random.default_rng(seed).integers(0, 256, (count, *shape, 3) if rgb else (count, *shape), dtype=np.uint8)
+    got = gpu_pipeline.process(stack, backend="numba", keep_images=True)
+    want = ReferenceBackend().process(list(stack), PipelineConfig(), keep_images=True)
+    assert np.array_equal(got.histograms, want.histograms.reshape(-1, 256))
+    assert np.array_equal(got.edge_counts, want.edge_counts)
+    assert [e.tobytes() for e in got.edges] == [e.tobytes() for e in want.edges or []]
