@@ -230,9 +230,9 @@ def test_auto_decodes_in_processes_only_for_long_runs_on_several_cores(monkeypat
     assert engine.decodes_in_processes(5000) == processes.available()
     assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
     assert engine.decoders() == 16 and Engine(create("reference"), workers=3).decoders() == 3
-    monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were faster on 2 cores below 10,000 files
-    assert not engine.decodes_in_processes(5000)
-    assert engine.decodes_in_processes(50_000) == processes.available()
+    monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were as fast on 2 cores below 10,000 files
+    assert not engine.decodes_in_processes(9_999)
+    assert engine.decodes_in_processes(10_000) == processes.available()
     monkeypatch.setattr(stream, "usable_cores", lambda: 1)  # nothing to run in parallel
     assert not engine.decodes_in_processes(50_000)
 
@@ -565,3 +565,79 @@ def test_a_stack_is_a_batch_over_its_memory():
     assert [image.tobytes() for image in ImageBatch.stacked(gray)] == [image.tobytes() for image in gray]
     assert ImageBatch.stacked(gray).shape_groups().keys() == {(3, 7)}
     assert len(ImageBatch.stacked(np.zeros((0, 4, 4), np.uint8))) == 0
+
+
+def _watched_fork_servers(monkeypatch) -> list:
+    """Record each fork server made, its start and its close, in ``events``; returns ``events``."""
+    events: list = []
+    start, close = processes.ForkServer.start, processes.ForkServer.close
+
+    def started(server):
+        events.append(("start", server))
+        start(server)
+
+    def closed(server):
+        events.append(("close", server))
+        close(server)
+
+    monkeypatch.setattr(processes.ForkServer, "start", started)
+    monkeypatch.setattr(processes.ForkServer, "close", closed)
+    return events
+
+
+@needs_processes
+def test_the_fork_server_starts_before_the_backend_loads_and_the_run_takes_it_over(tmp_path, monkeypatch):
+    """Its interpreter imports the decoders while the backend loads; the run forks its decoders
+    from that one server (no second one), and closes it."""
+    from typer.testing import CliRunner
+
+    from gpu_pipeline.cli import app
+    from gpu_pipeline.engine import job
+
+    events = _watched_fork_servers(monkeypatch)
+    open_backend = job.open_backend
+    monkeypatch.setattr(job, "open_backend", lambda *args: (events.append(("backend", None)), open_backend(*args))[1])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["run", str(BUNDLED / "eurosat"), "--out", str(out), "--decode", "processes", "-q"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 50
+    assert [kind for kind, _ in events] == ["start", "backend", "close"]
+    server = events[0][1]
+    assert events[2][1] is server and server._process.returncode is not None  # the run used it, then it ended
+
+
+@needs_processes
+def test_a_run_refused_after_the_fork_server_started_stops_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gpu_pipeline.cli import app
+    from gpu_pipeline.engine import job
+    from gpu_pipeline.errors import UsageError
+
+    events = _watched_fork_servers(monkeypatch)
+
+    def unavailable(*args):
+        raise UsageError("backend 'numba' is unavailable: planted")
+
+    monkeypatch.setattr(job, "open_backend", unavailable)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["run", str(BUNDLED / "eurosat"), "--out", str(out), "--decode", "processes"])
+    assert result.exit_code == 2 and "planted" in result.stderr
+    assert [kind for kind, _ in events] == ["start", "close"] and events[1][1]._process.returncode is not None
+    assert not out.exists()
+
+
+@needs_processes
+def test_an_engine_gives_back_a_fork_server_no_run_took(tmp_path):
+    """Started for a run that decodes in threads after all, or for none: closed, not left running."""
+    files = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]]
+    for run in (True, False):
+        server = processes.ForkServer()
+        server.start()
+        engine = Engine(create("numba"), processes=False, fork_server=server)
+        if run:
+            sink = RecordList()
+            engine.run(files, sink)
+            assert len(sink) == 3
+        engine.close()
+        assert server._process.wait(timeout=10) is not None and engine.fork_server is None

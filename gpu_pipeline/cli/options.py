@@ -29,7 +29,7 @@ Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders (thr
 Decode = Annotated[str, typer.Option(
     "--decode", help="Where files are decoded: threads (of this process), processes (worker processes that hand "
                      "the pixels over in shared memory; Linux), or auto (processes for runs of 2,000 files or more on 8 cores or "
-                     "more, of 20,000 or more on 2 to 7 cores).")]
+                     "more, of 10,000 or more on 2 to 7 cores).")]
 Threads = Annotated[Optional[int], typer.Option("--threads",
                                                 help="Compute threads of CPU backends. Default: all cores.")]
 Device = Annotated[Optional[int], typer.Option(

@@ -29,7 +29,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Engine, RunSummary
+from gpu_pipeline.engine.stream import Engine, RunSummary, decodes_in_processes
+from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output
@@ -297,6 +298,21 @@ def check_job(job: Job) -> CheckedJob:
         done = existing.succeeded
     todo = [path for path in files if path not in done]
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
+    fork_server = None
+    if job.dask is None and decodes_in_processes(job.processes, len(todo)):
+        fork_server = ForkServer()  # its interpreter imports on another core while the backend loads
+        fork_server.start()
+    try:
+        return _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
+    except BaseException:
+        if fork_server is not None:
+            fork_server.close()
+        raise
+
+
+def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures: int, settings: dict,
+                  output: OutputPlan, labels_of, fork_server: ForkServer | None) -> CheckedJob:
+    """:func:`check_job`'s last step: the backend (or Dask cluster) and the engine."""
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
         backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, job.workers
@@ -309,7 +325,7 @@ def check_job(job: Job) -> CheckedJob:
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
                           on_edges=edge_saver(job.save_edges, files) if job.save_edges else None,
-                          **({"processes": job.processes} if job.dask is None else {}))
+                          **({"processes": job.processes, "fork_server": fork_server} if job.dask is None else {}))
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
 
 
@@ -322,6 +338,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
         sink = output.open()
     except (SinkError, UsageError) as exc:
         backend.close()
+        checked.engine.close()  # a fork server no run will take over
         raise UsageError(str(exc)) from None
     if output.existing.damaged:
         console.print(f"warning: {job.out}: skipped {output.existing.damaged} damaged line(s) between intact "

@@ -143,16 +143,27 @@ def error_record(path: Path | str, stage: str, message: str) -> dict:
 
 
 #: Runs of at least this many files decode in worker processes by default: below it, starting the
-#: processes (about 0.3 s) costs more than they save.
+#: processes costs more than they save.
 PROCESS_DECODE_FROM_FILES = 2000
 #: ... on machines of at least this many cores: one process's decode threads stop scaling near 8
 #: (cv2.imread on the 16-core machine, issue #19), 16 processes decode 2.7x more.
 PROCESS_DECODE_FROM_CORES = 8
 #: ... and on 2 to 7 cores, runs of at least this many files: there the GIL is not what limits a
 #: run, and processes win less than their start costs on short runs. 2-core VM, whole runs of
-#: EuroSAT tiles, threads against processes (median of 5, alternated): 3,000 tiles 0.90 against
-#: 1.03 s, 10,000 tiles 1.09 against 1.12 s, 26,500 tiles 2.07 against 1.89 s.
-PROCESS_DECODE_FROM_FILES_ON_FEW_CORES = 20_000
+#: EuroSAT tiles, threads against processes (medians of 5-7, alternated), with the fork server
+#: started while the backend loads (``Engine.fork_server``): 3,000 tiles 1.09 against 1.13 s,
+#: 5,000 tiles 1.05 against 1.03 s, 10,000 tiles 1.82 against 1.47 s and 1.63 against 1.59 s.
+PROCESS_DECODE_FROM_FILES_ON_FEW_CORES = 10_000
+
+
+def decodes_in_processes(processes: bool | None, files: int) -> bool:
+    """Whether a run of ``files`` files decodes in worker processes: ``processes`` when it is given
+    (and they are available here), else the rule of the thresholds above."""
+    if processes is not None:
+        return processes and processes_available()
+    cores = usable_cores()
+    least = PROCESS_DECODE_FROM_FILES if cores >= PROCESS_DECODE_FROM_CORES else PROCESS_DECODE_FROM_FILES_ON_FEW_CORES
+    return cores >= 2 and files >= least and processes_available()
 
 
 def usable_cores() -> int:
@@ -202,7 +213,7 @@ class _DecodePool:
 
     def __init__(self, paths: Iterable[Path], options: DecodeOptions, threads: int,
                  prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
-                 processes: bool = False, consumer_pixels: int = 0) -> None:
+                 processes: bool = False, consumer_pixels: int = 0, fork_server: ForkServer | None = None) -> None:
         self._paths = iter(paths)
         self._options = options
         self._processes = processes
@@ -211,7 +222,8 @@ class _DecodePool:
         held = prefetch_pixels + consumer_pixels
         # (+ 3: the part a decoder hands over, the one its process decodes meanwhile, and a spare)
         self._slots = -(-held // (chunk_pixels * threads)) + 3
-        self._fork_server = ForkServer() if processes else None  # the decode processes share its imports
+        # the decode processes share its imports; the pool closes it, given or its own
+        self._fork_server = (fork_server or ForkServer()) if processes else None
         self._prefetch_pixels = prefetch_pixels
         self._prefetch_images = prefetch_images
         self._chunk_pixels = chunk_pixels
@@ -411,7 +423,8 @@ class _DecodePool:
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int | None = None,
-                 processes: bool = False, consumer_pixels: int = 0) -> Iterator[DecodedPart]:
+                 processes: bool = False, consumer_pixels: int = 0,
+                 fork_server: ForkServer | None = None) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
@@ -426,7 +439,7 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     if chunk_pixels is None:
         chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
     return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
-                            consumer_pixels))
+                            consumer_pixels, fork_server))
 
 
 def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -532,15 +545,14 @@ class Engine:
     labels_of: Labeller = default_labels
     #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
     on_edges: Callable[[Path, np.ndarray], None] | None = None
+    #: The decode processes' fork server, started by the caller while it loads the backend (its
+    #: interpreter's imports take 0.13 s on the 2-core VM, on another core); the next run that
+    #: decodes in processes takes it over, :meth:`close` stops it if none does.
+    fork_server: ForkServer | None = None
 
     def decodes_in_processes(self, files: int) -> bool:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
-        if self.processes is not None:
-            return self.processes and processes_available()
-        cores = usable_cores()
-        least = (PROCESS_DECODE_FROM_FILES if cores >= PROCESS_DECODE_FROM_CORES
-                 else PROCESS_DECODE_FROM_FILES_ON_FEW_CORES)
-        return cores >= 2 and files >= least and processes_available()
+        return decodes_in_processes(self.processes, files)
 
     def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""
@@ -572,11 +584,15 @@ class Engine:
         # room for a whole batch ahead, so the next batch is ready when the backend wants it
         prefetch_pixels = max(self.prefetch_pixels, batch_pixels)
         processes = self.decodes_in_processes(len(paths))
+        fork_server, self.fork_server = self.fork_server, None
+        if fork_server is not None and not processes:
+            fork_server.close()
+            fork_server = None
         # the consumer holds a batch being filled and one computing (a batch frees its pixels
         # once computed, before its records are written)
         stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(),
                                            prefetch_pixels=prefetch_pixels, processes=processes,
-                                           consumer_pixels=2 * batch_pixels),
+                                           consumer_pixels=2 * batch_pixels, fork_server=fork_server),
                               self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute:
@@ -595,6 +611,12 @@ class Engine:
                 stream.close()
         summary.seconds = time.perf_counter() - start
         return summary
+
+    def close(self) -> None:
+        """Stop a fork server that no run took over (a run refused after it was started)."""
+        if self.fork_server is not None:
+            self.fork_server.close()
+            self.fork_server = None
 
     def _outcome(self, batch: DecodedPart) -> Outcome:
         """The backend's results for the decoded images of the batch, and its failures."""

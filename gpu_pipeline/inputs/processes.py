@@ -138,6 +138,13 @@ class ForkServer:
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()  # one request at a time, from any decode thread
 
+    def start(self) -> None:
+        """Start the interpreter now, if it is not running yet, without waiting for its imports (the
+        first fork waits for them): a caller starts it while it has other work to do."""
+        with self._lock:
+            if self._process is None:
+                self._start()
+
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         try:
