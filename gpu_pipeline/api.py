@@ -105,16 +105,23 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     stops it after the batches in flight.
     """
     from gpu_pipeline.labels.labeller import label_function
-    from gpu_pipeline.engine.stream import Engine
+    from gpu_pipeline.engine.stream import Engine, early_fork_server
     from gpu_pipeline.inputs.discover import find_files
     from gpu_pipeline.inputs.processes import processes_wanted
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     files = find_files(paths, glob=glob)
-    engine = Engine(backend=shared_backend(backend, threads), config=config,
-                    decode_options=DecodeOptions(bands=bands, stretch=stretch),
-                    workers=workers, processes=processes_wanted(decode),
-                    labels_of=label_function(model, config))
+    processes = processes_wanted(decode)
+    fork_server = early_fork_server(processes, len(files))  # imports while the backend loads
+    try:
+        engine = Engine(backend=shared_backend(backend, threads), config=config,
+                        decode_options=DecodeOptions(bands=bands, stretch=stretch),
+                        workers=workers, processes=processes, labels_of=label_function(model, config),
+                        fork_server=fork_server)
+    except BaseException:
+        if fork_server is not None:
+            fork_server.close()
+        raise
     yield from _records_of(engine, files)
 
 

@@ -641,3 +641,21 @@ def test_an_engine_gives_back_a_fork_server_no_run_took(tmp_path):
             assert len(sink) == 3
         engine.close()
         assert server._process.wait(timeout=10) is not None and engine.fork_server is None
+
+
+@needs_processes
+def test_the_python_api_starts_the_fork_server_before_the_backend_too(monkeypatch):
+    import gpu_pipeline
+    from gpu_pipeline import api
+
+    events = _watched_fork_servers(monkeypatch)
+    shared_backend = api.shared_backend
+    monkeypatch.setattr(api, "shared_backend", lambda *args: (events.append(("backend", None)), shared_backend(*args))[1])
+    records = list(gpu_pipeline.run([BUNDLED / "eurosat"], backend="numba", decode="processes"))
+    assert len(records) == 50 and not any("error" in record for record in records)
+    assert [kind for kind, _ in events] == ["start", "backend", "close"] and events[0][1] is events[2][1]
+    events.clear()
+    monkeypatch.setattr(api, "shared_backend", lambda *args: (_ for _ in ()).throw(RuntimeError("planted")))
+    with pytest.raises(RuntimeError, match="planted"):
+        list(gpu_pipeline.run([BUNDLED / "eurosat"], decode="processes"))
+    assert [kind for kind, _ in events] == ["start", "close"]

@@ -166,6 +166,17 @@ def decodes_in_processes(processes: bool | None, files: int) -> bool:
     return cores >= 2 and files >= least and processes_available()
 
 
+def early_fork_server(processes: bool | None, files: int) -> ForkServer | None:
+    """For a run of ``files`` files that will decode in processes, their fork server, started now and
+    not waited for: a caller starts it before it loads the backend, so that the server's imports
+    (0.13 s on the 2-core VM) run on another core meanwhile. Hand it to :class:`Engine`; else None."""
+    if not decodes_in_processes(processes, files):
+        return None
+    server = ForkServer()
+    server.start()
+    return server
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask: a container's or a taskset's share)."""
     try:
