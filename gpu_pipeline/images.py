@@ -133,6 +133,8 @@ class ImageBatch(Sequence[np.ndarray]):
         """Copy the images at ``positions``, all of one shape, into ``out`` (``(len(positions), *shape)``,
         C-contiguous): one copy per run of them that lie one after the other in one buffer (a whole
         stack, or the tiles a decode process packed), not one per image."""
+        if not out.flags.c_contiguous:  # a reshaped copy would take the pixels, not ``out``
+            raise ValueError("copy_into needs a C-contiguous output")
         if not len(positions):
             return
         flat = out.reshape(len(positions), -1)

@@ -354,18 +354,19 @@ class NumbaCudaBackend(Backend):
 
     def _stage(self, images: Sequence[np.ndarray], indices: tuple[int, ...], staged: np.ndarray) -> None:
         """Copy the sub-batch's images into the pinned buffer, over threads when it is large."""
-        packed = isinstance(images, ImageBatch)  # copied a run of images at a time, not one by one
+        # an ImageBatch is copied a run of packed images at a time, not one by one
+        positions = np.asarray(indices, np.int64) if isinstance(images, ImageBatch) else None
         if staged.nbytes < _PARALLEL_STAGING_BYTES:
-            if packed:
-                images.copy_into(np.asarray(indices, np.int64), staged)
+            if positions is not None:
+                images.copy_into(positions, staged)
             else:
                 np.stack([images[i] for i in indices], out=staged)
             return
         parts = np.array_split(np.arange(len(indices)), self._staging_threads)
 
         def copy(part: np.ndarray) -> None:
-            if packed:  # ``part`` is a run of consecutive positions
-                images.copy_into(np.asarray(indices, np.int64)[part], staged[part[0]:part[-1] + 1])
+            if positions is not None:  # ``part`` is a run of consecutive places in ``staged``
+                images.copy_into(positions[part], staged[part[0]:part[-1] + 1])
                 return
             for k in part:
                 np.copyto(staged[k], images[indices[k]])
