@@ -103,7 +103,7 @@ def test_an_image_larger_than_a_slot_and_a_full_arena_still_decode(tmp_path):
     slot is held; a slot is free again once no view of its pixels is left."""
     scenes = find_files([BUNDLED / "scenes"])[:3]
     tiles = find_files([BUNDLED / "eurosat"])[:6]
-    # a slot of four tiles, each with its 8 to 15 bytes of alignment (processes._placed_at)
+    # a slot of four tiles, each with its 8 to 15 bytes of alignment (processes.placed_at)
     process = processes.DecodeProcess(DecodeOptions(), slots=1, slot_bytes=(64 * 64 * 3 + 16) * 4)
     try:
         taken, held, errors = process.decode(tiles, 1 << 30)  # four tiles fill the only slot
@@ -479,7 +479,7 @@ def test_a_decode_process_copies_what_was_not_decoded_in_place():
     worker.queue(["in place", "elsewhere"])
     reply, to_copy, in_slot = worker.answer(1 << 30, 16, 48)
     worker.fill_slot(to_copy, 16)
-    # each image 8 bytes past a 16-byte boundary of the slot (processes._placed_at)
+    # each image 8 bytes past a 16-byte boundary of the slot (processes.placed_at)
     assert np.frombuffer(reply[1], np.int64).reshape(-1, 4)[:, 3].tolist() == [8, 24]
     assert in_slot and reply[0] == 2 and reply[3] == 36
     assert [offset for offset, _ in to_copy] == [24]
@@ -659,3 +659,30 @@ def test_the_python_api_starts_the_fork_server_before_the_backend_too(monkeypatc
     with pytest.raises(RuntimeError, match="planted"):
         list(gpu_pipeline.run([BUNDLED / "eurosat"], decode="processes"))
     assert [kind for kind, _ in events] == ["start", "close"]
+
+
+@pytest.mark.parametrize("chunk_pixels", [1, 5000, None])
+def test_decode_threads_pack_each_part_and_give_the_pixels_of_each_file(tmp_path, chunk_pixels):
+    """A decode thread's part is one buffer for its plain JPEGs, decoded in place, and an array of its
+    own for any other image or one past the part's room: pixels and errors are those of each file
+    decoded alone (decode_or_error), in order."""
+    from gpu_pipeline.engine.stream import decode_parts
+    from gpu_pipeline.inputs.decode import decode_or_error
+
+    files = find_files([hostile_folder(tmp_path)])
+    options = DecodeOptions()
+    parts = list(decode_parts(files, options, 2, chunk_pixels=chunk_pixels))
+    got = [item for part in parts for item in part.one_by_one()]
+    assert [item.path for item in got] == files
+    for item in got:
+        alone = decode_or_error(item.path, options)
+        if isinstance(alone, tuple):
+            assert item.error is not None and item.error["stage"] == alone[0], item.path
+        else:
+            assert item.image.shape == alone.shape and item.image.tobytes() == alone.tobytes(), item.path
+    if chunk_pixels is None:  # parts of 64 EuroSAT tiles: every tile in its part's buffer
+        for part in parts:
+            names = [path for k, path in enumerate(part.paths) if k not in part.errors]
+            tiles = [k for k, path in enumerate(names) if "/eurosat/" in path]
+            assert (part.images.buffer_of[tiles] == 0).all(), part.paths
+            assert all(part.images.buffer_of[k] > 0 for k, path in enumerate(names) if path.endswith((".png", ".tif")))

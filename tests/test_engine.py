@@ -160,8 +160,8 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     lock = threading.Lock()
     real = engine_module.decode_each
 
-    def slow_decode(paths, options):
-        for outcome in real(paths, options):
+    def slow_decode(paths, options, into=None):
+        for outcome in real(paths, options, into):
             with lock:
                 running[0] += 1
                 most[0] = max(most[0], running[0])
@@ -279,7 +279,7 @@ def test_many_decoders_a_small_prefetch_and_odd_sizes_keep_order_without_stallin
     sides = [rng.choice([1, 3, 8, 16, 40, 64, 100]) for _ in range(600)]
     by_path = {f"/nowhere/{i:04d}.png": np.full((side, side), i % 251, np.uint8) for i, side in enumerate(sides)}
 
-    def decode_each(paths, options):
+    def decode_each(paths, options, into=None):
         for path in paths:
             if rng.random() < 0.05:
                 time.sleep(0.001)
@@ -317,7 +317,7 @@ def test_a_batch_frees_its_pixels_before_its_records_are_written(failing, monkey
 
     decoded: dict[str, weakref.ref] = {}
 
-    def decode_each(paths, options):  # fresh arrays, so that only the engine holds them
+    def decode_each(paths, options, into=None):  # fresh arrays, so that only the engine holds them
         for path in paths:
             value = int(Path(path).stem)
             image = np.full((8, 8), 13 if failing and value % 7 == 3 else 20 + value % 200, np.uint8)  # 13 fails

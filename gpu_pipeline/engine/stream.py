@@ -15,6 +15,7 @@ Records come out in input order. Every path yields exactly one record: a result 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -34,7 +35,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_each
-from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available, slot_bytes_for
+from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available, placed_at, slot_bytes_for
 from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
@@ -205,6 +206,54 @@ MOST_CHUNK_IMAGES = 256
 FIRST_CHUNK_IMAGES = 1
 
 
+class _Packer:
+    """A decode thread's part, packed into one buffer as it is decoded: plain JPEGs (every tile) are
+    decoded straight there (``decode_each``'s ``into``), each 8 bytes past a 16-byte boundary as in a
+    decode process's slot; other images, and one that does not fit, keep their own array. The part
+    is then one :class:`ImageBatch` over a few buffers, not an array per image: a backend takes
+    the pixels' addresses, or stages them, a run of images at a time."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity  # bytes: the part's pixels, RGB, with their alignment
+        self._buffer: np.ndarray | None = None  # allocated at the first image that fits
+        self._used = 0
+        self._placed: np.ndarray | None = None  # the place given for the image being decoded
+        self._own: list[np.ndarray] = []  # buffers of the images that are not in ``_buffer``
+        self._rows: list[tuple[int, int, int, int, int]] = []  # buffer, offset, height, width, channels
+
+    def place(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Where an image of ``shape`` is to be decoded, or None when it does not fit."""
+        start, size = placed_at(self._used), math.prod(shape)
+        if start + size > self._capacity:
+            return None
+        if self._buffer is None:
+            whole = np.empty(self._capacity + 64, np.uint8)
+            self._buffer = whole[-whole.ctypes.data % 64:][:self._capacity]  # from a 64-byte boundary
+        self._placed = self._buffer[start:start + size].reshape(shape)
+        return self._placed
+
+    def add(self, image: np.ndarray) -> None:
+        """The decoded ``image``: in its place, or (not a plain JPEG, or too large) in its own array."""
+        channels = image.shape[2] if image.ndim == 3 else 0
+        if image is self._placed:
+            start = placed_at(self._used)
+            self._rows.append((0, start, image.shape[0], image.shape[1], channels))
+            self._used = start + image.size
+        else:
+            self._own.append(np.ascontiguousarray(image).reshape(-1))
+            self._rows.append((len(self._own), 0, image.shape[0], image.shape[1], channels))
+        self._placed = None
+
+    def take(self) -> ImageBatch:
+        """The images added so far, as a batch; the packer starts a new part."""
+        rows = np.array(self._rows, np.int64).reshape(-1, 5)
+        buffers = [self._buffer if self._buffer is not None else np.zeros(0, np.uint8), *self._own]
+        batch = ImageBatch(buffers, rows[:, 0].copy(), rows[:, 1].copy(), rows[:, 2].copy(), rows[:, 3].copy(),
+                           rows[:, 4].copy())
+        self._buffer, self._used, self._own, self._rows = None, 0, [], []
+        return batch
+
+
 class _DecodePool:
     """Decode threads that take chunks of paths and hand decoded chunks over in input order.
 
@@ -335,19 +384,20 @@ class _DecodePool:
                 return following
 
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
-        part, paths, images, errors, pixels = 0, [], [], {}, 0
-        for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options))):
+        part, paths, errors, pixels = 0, [], {}, 0
+        packer = _Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
+        for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options, into=packer.place))):
             if isinstance(outcome, np.ndarray):
-                images.append(outcome)
+                packer.add(outcome)
                 pixels += outcome.shape[0] * outcome.shape[1]
             else:
                 errors[len(paths)] = error_record(path, *outcome)
             paths.append(path)
             last = index == len(chunk) - 1
             if last or pixels >= self._chunk_pixels:
-                if not self._hand_over((number, part), DecodedPart(paths, ImageBatch.of(images), errors), pixels, last):
+                if not self._hand_over((number, part), DecodedPart(paths, packer.take(), errors), pixels, last):
                     return
-                part, paths, images, errors, pixels = part + 1, [], [], {}, 0
+                part, paths, errors, pixels = part + 1, [], {}, 0
 
     def _hand_over(self, key: tuple[int, int], decoded: DecodedPart, pixels: int, last: bool) -> bool:
         """Wait for room, then make ``decoded`` ready; False when the consumer has gone."""

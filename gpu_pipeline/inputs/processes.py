@@ -391,12 +391,12 @@ class Decoder:
 
 def slot_bytes_for(part_pixels: int, most_images: int) -> int:
     """Bytes of a slot for a part of ``part_pixels`` RGB pixels in at most ``most_images`` images,
-    each placed up to 15 bytes on (:func:`_placed_at`); a multiple of 64, so that every slot of an
+    each placed up to 15 bytes on (:func:`placed_at`); a multiple of 64, so that every slot of an
     arena starts on the same boundary as the first."""
     return -(-(3 * part_pixels + 16 * most_images) // 64) * 64
 
 
-def _placed_at(offset: int) -> int:
+def placed_at(offset: int) -> int:
     """Where in a slot an image goes at or after ``offset``: :data:`~gpu_pipeline.inputs.decode.OFF_BOUNDARY`
     bytes past a 16-byte boundary, for the reason given there (the arena starts on a page, and
     :func:`slot_bytes_for` makes slots a multiple of 64 bytes)."""
@@ -434,7 +434,7 @@ class _Worker:
         if self._room is None:
             return None
         slot, used, slot_bytes = self._room
-        start, size = _placed_at(used), math.prod(shape)
+        start, size = placed_at(used), math.prod(shape)
         if start + size > slot_bytes:
             return None
         self._in_place = self._arena[slot + start:slot + start + size].reshape(shape)
@@ -454,7 +454,7 @@ class _Worker:
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
-                start = _placed_at(used)
+                start = placed_at(used)
                 if slot is not None and placed and start + outcome.size > slot_bytes:
                     self._carried = outcome  # the next request starts with it
                     break
