@@ -250,7 +250,7 @@ class _Packer:
         buffers = [self._buffer if self._buffer is not None else np.zeros(0, np.uint8), *self._own]
         batch = ImageBatch(buffers, rows[:, 0].copy(), rows[:, 1].copy(), rows[:, 2].copy(), rows[:, 3].copy(),
                            rows[:, 4].copy())
-        self._buffer, self._used, self._own, self._rows = None, 0, [], []
+        self._buffer, self._used, self._placed, self._own, self._rows = None, 0, None, [], []
         return batch
 
 
