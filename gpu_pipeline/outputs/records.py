@@ -39,13 +39,17 @@ _MOST_DENSITY_TEXTS = 1 << 18
 _DENSITIES: dict[tuple[int, int], float] = {}
 
 
-def _density(key: tuple[int, int]) -> float:
-    """``round(edge_count / pixels, 6)``, remembered (as :func:`_density_text`; a dict record's value)."""
+def _densities(keys: Iterable[tuple[int, int]]) -> list[float]:
+    """``round(edge_count / pixels, 6)`` of each (edge count, pixels): a dict record's value, remembered."""
     if len(_DENSITIES) > _MOST_DENSITY_TEXTS:
         _DENSITIES.clear()
-    count, pixels = key
-    value = _DENSITIES[key] = round(count / pixels, 6)
-    return value
+    values = []
+    for key in keys:
+        value = _DENSITIES.get(key)  # (not ``or``: 0.0, no edges, is a common value)
+        if value is None:
+            value = _DENSITIES[key] = round(key[0] / key[1], 6)
+        values.append(value)
+    return values
 
 
 def _density_text(key: tuple[int, int]) -> str:
@@ -148,22 +152,23 @@ class RecordBatch(Sequence[dict]):
     def __iter__(self):
         """The records in order, as ``self[i]`` gives them, built in one pass over the batch."""
         results = zip(self.widths, self.heights, self.bands, self.histograms.tolist(), self.edge_counts,
-                      self.labels)
+                      self._densities(), self.labels)
         backend, errors = self.backend, self.errors
         for position, path in enumerate(self.paths):
             if errors and position in errors:
                 yield errors[position]
                 continue
-            width, height, bands, histogram, edge_count, label = next(results)
-            key = (edge_count, width * height)
-            density = _DENSITIES.get(key)
-            if density is None:  # (not ``or``: 0.0, no edges, is a common value)
-                density = _density(key)
+            width, height, bands, histogram, edge_count, density, label = next(results)
             yield {"path": path, "width": width, "height": height, "bands": bands, "backend": backend,
                    "histogram": histogram, "edge_count": edge_count, "edge_density": density, "label": label}
 
     def _result_index(self, position: int) -> int:
         return position - sum(1 for p in self.errors if p < position)
+
+    def _densities(self) -> list[float]:
+        """Each result's ``edge_density`` (see :func:`_densities`)."""
+        pixels = (np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)).tolist()
+        return _densities(zip(self.edge_counts, pixels))
 
     def edge_densities(self) -> list[str]:
         """``repr(round(edge_count / pixels, 6))`` of each result: the text both formats write for
@@ -238,8 +243,7 @@ def table_columns(records: Iterable[dict], columns: Sequence[str]) -> dict[str, 
     batch = records
     results = iter(range(len(batch.labels)))
     rows = [None if position in batch.errors else next(results) for position in range(len(batch))]
-    pixels = (np.asarray(batch.widths, np.int64) * np.asarray(batch.heights, np.int64)).tolist()
-    densities = [round(count / area, 6) for count, area in zip(batch.edge_counts, pixels)]
+    densities = batch._densities()
     fields = {"width": batch.widths, "height": batch.heights, "bands": batch.bands, "edge_count": batch.edge_counts,
               "edge_density": densities, "label": batch.labels}
     found = {"path": batch.paths, "backend": [None if k is None else batch.backend for k in rows]}
