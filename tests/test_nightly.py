@@ -474,6 +474,10 @@ def test_sigint_during_start_up_exits_130_quietly(tiles, tmp_path, delay):
     _, stderr = process.communicate(timeout=120)
     if process.returncode == 0:
         pytest.skip(f"the run finished within {delay} s, before the signal")
+    if process.returncode != 130 and str(REPO / "gpu_pipeline") not in stderr:
+        # (seen once on a loaded machine: the interpreter's own start-up took longer than the delay)
+        pytest.skip(f"the signal came {delay} s in, while the interpreter itself was starting (site, its "
+                    "imports): CPython's traceback, before any code of gpu-pipeline's ran")
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "Aborted" not in stderr
 
