@@ -202,12 +202,17 @@ def check_images(images: Sequence[np.ndarray]) -> None:
             check_image(image)
 
 
-def group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
-    """Indices of the images of each shape, in first-seen order: batched kernels need one shape.
-    An :class:`ImageBatch` is grouped from its shape arrays, with no Python per image."""
+def group_by_shape(images: Sequence[np.ndarray], indices: Sequence[int] | None = None
+                   ) -> dict[tuple[int, ...], list[int]]:
+    """Indices of the images of each shape (of those at ``indices``, by default all), in first-seen
+    order: batched kernels need one shape. An :class:`ImageBatch` is grouped from its shape arrays,
+    with no Python per image."""
     if isinstance(images, ImageBatch):
-        return {shape: positions.tolist() for shape, positions in images.shape_groups().items()}
+        if indices is None:
+            return {shape: positions.tolist() for shape, positions in images.shape_groups().items()}
+        chosen = np.asarray(indices, np.int64)
+        return {shape: chosen[positions].tolist() for shape, positions in images.take(chosen).shape_groups().items()}
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for index, image in enumerate(images):
-        groups[image.shape].append(index)
+    for index in range(len(images)) if indices is None else indices:
+        groups[images[index].shape].append(index)
     return dict(groups)

@@ -254,11 +254,8 @@ def plan_sub_batches(
     cnn: CnnShape | None = None,
 ) -> list[list[int]]:
     """Sub-batches of the images at ``indices``: one shape each, shapes in first-seen order, each within budget."""
-    indices = list(indices)
-    chosen = images.take(np.asarray(indices, np.int64)) if isinstance(images, ImageBatch) else [images[i] for i in indices]
     plan = []
-    for shape, positions in group_by_shape(chosen).items():
-        members = [indices[p] for p in positions]
+    for shape, members in group_by_shape(images, list(indices)).items():
         plan += split_evenly(members, max_images_per_batch(shape, keep_images, budget_bytes, cnn))
     return plan
 

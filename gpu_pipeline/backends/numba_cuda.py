@@ -304,9 +304,7 @@ class NumbaCudaBackend(Backend):
             todo = np.flatnonzero(~done).tolist()
             if not todo:
                 return results
-            left = images.take(np.asarray(todo, np.int64)) if isinstance(images, ImageBatch) else [images[i] for i in todo]
-            groups = {shape: [todo[p] for p in positions] for shape, positions in group_by_shape(left).items()}
-            plan = plan_groups(groups, keep_images, self._free_device_bytes(), max_images)
+            plan = plan_groups(group_by_shape(images, todo), keep_images, self._free_device_bytes(), max_images)
             try:
                 self._run(plan, images, config, bool(keep_images), results, done)
             except BaseException as error:

@@ -165,19 +165,22 @@ class RecordBatch(Sequence[dict]):
     def _result_index(self, position: int) -> int:
         return position - sum(1 for p in self.errors if p < position)
 
+    def _density_keys(self) -> Iterable[tuple[int, int]]:
+        """(edge count, pixels) of each result: what its density is remembered by."""
+        pixels = (np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)).tolist()
+        return zip(self.edge_counts, pixels)
+
     def _densities(self) -> list[float]:
         """Each result's ``edge_density`` (see :func:`_densities`)."""
-        pixels = (np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)).tolist()
-        return _densities(zip(self.edge_counts, pixels))
+        return _densities(self._density_keys())
 
     def edge_densities(self) -> list[str]:
         """``repr(round(edge_count / pixels, 6))`` of each result: the text both formats write for
         the float the dict records hold. Remembered per (edge count, pixels): tiles of one size
         repeat the same few thousand values."""
-        pixels = (np.asarray(self.widths, np.int64) * np.asarray(self.heights, np.int64)).tolist()
         if len(_DENSITY_TEXTS) > _MOST_DENSITY_TEXTS:
             _DENSITY_TEXTS.clear()
-        return [_DENSITY_TEXTS.get(key) or _density_text(key) for key in zip(self.edge_counts, pixels)]
+        return [_DENSITY_TEXTS.get(key) or _density_text(key) for key in self._density_keys()]
 
     def with_errors(self, result_lines: list[str], error_line) -> list[str]:
         """``result_lines`` (one per result, in order) with each error's line at its place."""
