@@ -69,22 +69,16 @@ def workloads(folder: Path, quick: bool, rng: np.random.Generator) -> Iterator[t
     yield "tiles_64", write_images(cut_tiles(big, 16384 // scale), folder, "tile")["jpeg"], 4096 // scale
 
 
-def best_of(call, times: int = 3) -> float:
-    """The shortest of ``times`` runs of ``call()``, in seconds: the first meets fresh memory."""
-    import time
-
-    best = float("inf")
-    for _ in range(times):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def gpu_counters(images: list[np.ndarray]) -> dict:
-    """Per GPU backend that runs here: one process() call on ``images`` (the best of three), its wall
-    time per image and what the backend counts (hysteresis launches, sub-batches, finishes on the host)."""
+    """Per GPU backend that runs here: one process() call on ``images`` (the best of three: the first
+    meets fresh memory), its wall time per image and what the backend counts (hysteresis launches,
+    sub-batches, finishes on the host)."""
+    from gpu_pipeline.bench.stats import time_repeats
     from gpu_pipeline.config import PipelineConfig
+
+    def best_of(call) -> float:
+        return min(time_repeats(3, call))
+
     from gpu_pipeline.labels.model import load_model
 
     counters = {}
