@@ -68,12 +68,12 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
         if len(images):
             check_image(images[0])  # all of them share its dtype and shape
         images = ImageBatch.stacked(images)
-        per_call = max(1, chosen.batch_pixels() // (int(images.pixels[0]) if len(images) else 1))
-        slices = [(start, min(start + per_call, len(images))) for start in range(0, len(images), per_call)]
+        pixels = images.pixels
     else:
         images = list(images)
-        slices = list(_slices(images, chosen.batch_pixels()))
-    parts = [chosen.process(images[start:end], config, keep_images) for start, end in slices]
+        pixels = np.array([image.shape[0] * image.shape[1] for image in images], np.int64)
+    parts = [chosen.process(images[start:end], config, keep_images)
+             for start, end in _slices(pixels, chosen.batch_pixels())]
     histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
     edge_counts = np.concatenate([p.edge_counts for p in parts]) if parts else np.zeros(0, np.int64)
     labels = list(label_function(model, config)(images, histograms, edge_counts)) if images else []
@@ -81,17 +81,15 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     return Results(histograms, edge_counts, labels, kept("equalized"), kept("edges"))
 
 
-def _slices(images: Sequence[np.ndarray], batch_pixels: int) -> Iterator[tuple[int, int]]:
-    """Consecutive [start, end) runs of at most ``batch_pixels`` pixels (or one image)."""
-    start = pixels = 0
-    for index, image in enumerate(images):
-        size = image.shape[0] * image.shape[1]
-        if index > start and pixels + size > batch_pixels:
-            yield start, index
-            start, pixels = index, 0
-        pixels += size
-    if start < len(images):
-        yield start, len(images)
+def _slices(pixels: np.ndarray, batch_pixels: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, end) runs of images of ``pixels`` pixels each, at most ``batch_pixels``
+    pixels a run (or one image): one search a run, none an image."""
+    ends = np.cumsum(pixels)
+    start = before = 0
+    while start < len(pixels):
+        end = max(start + 1, int(np.searchsorted(ends, before + batch_pixels, side="right")))
+        yield start, end
+        start, before = end, int(ends[end - 1])
 
 
 def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threads: int | None = None,
