@@ -686,3 +686,16 @@ def test_decode_threads_pack_each_part_and_give_the_pixels_of_each_file(tmp_path
             tiles = [k for k, path in enumerate(names) if "/eurosat/" in path]
             assert (part.images.buffer_of[tiles] == 0).all(), part.paths
             assert all(part.images.buffer_of[k] > 0 for k, path in enumerate(names) if path.endswith((".png", ".tif")))
+
+
+def test_an_image_is_placed_8_bytes_past_16_and_only_where_it_fits():
+    """place_in, where decode threads and decode processes put each decoded image: a hand-worked room
+    of 100 bytes."""
+    room = np.zeros(100, np.uint8)
+    assert processes.place_in(room, 0, (92,)).ctypes.data == room.ctypes.data + 8  # 8..100: exactly full
+    assert processes.place_in(room, 0, (93,)) is None
+    assert processes.place_in(room, 10, (4, 19)).ctypes.data == room.ctypes.data + 24  # 24..100
+    assert processes.place_in(room, 10, (77,)) is None
+    assert processes.place_in(room, 24, (2, 3)).ctypes.data == room.ctypes.data + 24  # 24 is 8 past 16 already
+    assert processes.place_in(room, 25, (2, 3)).ctypes.data == room.ctypes.data + 40
+    assert processes.place_in(room, 25, (60,)).shape == (60,) and processes.place_in(room, 25, (61,)) is None

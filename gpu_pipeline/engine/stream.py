@@ -15,7 +15,6 @@ Records come out in input order. Every path yields exactly one record: a result 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -35,7 +34,8 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_each
-from gpu_pipeline.inputs.processes import Decoder, ForkServer, available as processes_available, placed_at, slot_bytes_for
+from gpu_pipeline.inputs.processes import (Decoder, ForkServer, available as processes_available, place_in, placed_at,
+                                           slot_bytes_for)
 from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
@@ -215,7 +215,7 @@ class _Packer:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity  # bytes: the part's pixels, RGB, with their alignment
-        self._buffer: np.ndarray | None = None  # allocated at the first image that fits
+        self._buffer: np.ndarray | None = None  # allocated at the first plain JPEG
         self._used = 0
         self._placed: np.ndarray | None = None  # the place given for the image being decoded
         self._own: list[np.ndarray] = []  # buffers of the images that are not in ``_buffer``
@@ -223,13 +223,10 @@ class _Packer:
 
     def place(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """Where an image of ``shape`` is to be decoded, or None when it does not fit."""
-        start, size = placed_at(self._used), math.prod(shape)
-        if start + size > self._capacity:
-            return None
-        if self._buffer is None:
+        if self._buffer is None:  # (its pages are touched only where images go)
             whole = np.empty(self._capacity + 64, np.uint8)
             self._buffer = whole[-whole.ctypes.data % 64:][:self._capacity]  # from a 64-byte boundary
-        self._placed = self._buffer[start:start + size].reshape(shape)
+        self._placed = place_in(self._buffer, self._used, shape)
         return self._placed
 
     def add(self, image: np.ndarray) -> None:

@@ -403,6 +403,13 @@ def placed_at(offset: int) -> int:
     return offset + (OFF_BOUNDARY - offset) % 16
 
 
+def place_in(room: np.ndarray, used: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The view of ``room`` (uint8, a slot or a part's buffer) where an image of ``shape`` goes once
+    ``used`` bytes of it are taken (:func:`placed_at`), or None when the image does not fit."""
+    start, size = placed_at(used), math.prod(shape)
+    return room[start:start + size].reshape(shape) if start + size <= len(room) else None
+
+
 class _Worker:
     """The worker's side: decode the queued files in order, pack a part's pixels into a slot.
 
@@ -434,10 +441,7 @@ class _Worker:
         if self._room is None:
             return None
         slot, used, slot_bytes = self._room
-        start, size = placed_at(used), math.prod(shape)
-        if start + size > slot_bytes:
-            return None
-        self._in_place = self._arena[slot + start:slot + start + size].reshape(shape)
+        self._in_place = place_in(self._arena[slot:slot + slot_bytes], used, shape)
         return self._in_place
 
     def answer(self, most_pixels: int, slot: int | None, slot_bytes: int):
