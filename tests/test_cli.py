@@ -193,6 +193,17 @@ def test_console_script_runs_without_traceback(tmp_path):
     assert proc.stderr.startswith("gpu-pipeline: error:") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["fit", "--help"], ["run", "missing-folder"]])
+def test_help_and_refusals_do_not_import_numba(args):
+    """numba's import is about 0.16 s that ``--help`` and a refused run have no use for (the
+    ``fit`` and ``evaluate`` modules import it when those commands run)."""
+    code = ("import sys\nfrom gpu_pipeline.cli.app import main\nsys.argv = ['gpu-pipeline', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+            "print('numba' in sys.modules, code)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert proc.stdout.splitlines()[-1] == ("False 2" if args[-1] == "missing-folder" else "False 0"), proc.stderr
+
+
 class SlowToCompile(ReferenceBackend):
     """The reference, as a backend whose kernels are not in the cache: warming up takes a while."""
 

@@ -2,14 +2,16 @@
 
 The commands only parse, delegate and print: trees and features are in :mod:`gpu_pipeline.labels.labelled`,
 held-out draws in :mod:`gpu_pipeline.labels.splits`, the model in :mod:`gpu_pipeline.labels.model`, scores in
-:mod:`gpu_pipeline.labels.confusion` and the picture in :mod:`gpu_pipeline.labels.plots`.
+:mod:`gpu_pipeline.labels.confusion` and the picture in :mod:`gpu_pipeline.labels.plots`. The first two are
+imported when a command runs: they import numba, which every other command (``--help`` too) would pay
+about 0.16 s for.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import typer
@@ -22,10 +24,12 @@ from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
 from gpu_pipeline.errors import UsageError
-from gpu_pipeline.labels.labelled import FeatureTable, LabeledImages, compute_features, read_labeled_tree
-from gpu_pipeline.labels.model import LabelModel, fit_model, load_model, settings_text
 from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
+
+if TYPE_CHECKING:
+    from gpu_pipeline.labels.labelled import FeatureTable, LabeledImages
+    from gpu_pipeline.labels.model import LabelModel
 
 #: How many failed images are listed by name before the rest are only counted.
 SHOWN_FAILURES = 5
@@ -70,6 +74,9 @@ def fit(
     should use the same --bands and --stretch (recorded in its training summary).
     Exit status: 0, 1 when some images failed (they are left out), 2 on bad usage.
     """
+    from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
+    from gpu_pipeline.labels.model import fit_model, settings_text
+
     try:
         if not 0 <= test_fraction < 1:
             raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
@@ -144,6 +151,9 @@ def evaluate(
     Images are processed with the pipeline settings stored in the model. Every class folder must be
     a class of the model. Exit status: 0, 1 when some images failed (left out), 2 on bad usage.
     """
+    from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
+    from gpu_pipeline.labels.model import load_model
+
     console = Console(soft_wrap=True)
     try:
         if plot is not None and not has_matplotlib():
