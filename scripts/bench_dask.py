@@ -2,7 +2,8 @@
 
     python scripts/bench_dask.py --files 27000 --backend numba --json dask.json
 
-Replicates the EuroSAT tiles of ../shared/data/eurosat_rgb (hard links, as bench_scale.py does), then
+Takes the EuroSAT tiles as bench_scale.py does (the shared tarball extracted, else ../shared/data/eurosat_rgb
+or data/eurosat, or the JPEGs of ``--tiles-from FOLDER``, replicated by hard links), then
 runs the real command line, alternating local and Dask runs ``--repeat`` times (best run kept, the
 machine is shared). Reports wall seconds and images/s of the whole command, and the fixed cost (cluster
 start and stop, worker imports) from the same two commands on a small corpus, so that the per-image
@@ -23,9 +24,22 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_scale import REPO, SOURCES, replicate  # noqa: E402
+from bench_scale import REPO, link, tile_files  # noqa: E402
 
 SMALL_CORPUS = 64
+
+
+def corpus(tiles: list[Path], folder: Path) -> Path:
+    """A folder holding exactly ``tiles`` (hard links): what one command line is run on."""
+    folder.mkdir()
+    for index, tile in enumerate(tiles):
+        link(tile, folder / f"{index:06d}.jpg")
+    return folder
+
+
+def steady_rate(images: int, seconds: float) -> float | None:
+    """Images a second beyond the fixed cost, or None when the larger run was not slower (too few files)."""
+    return round(images / seconds, 1) if seconds > 0 else None
 
 
 def timed_run(folder: Path, out: Path, backend: str, extra: list[str]) -> float:
@@ -62,35 +76,40 @@ def compare(folder: Path, scratch: Path, backend: str, dask: str, repeat: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=27_000)
+    parser.add_argument("--tiles-from", type=Path, help="take the tiles from the JPEGs under this folder "
+                        "(default: the EuroSAT tiles)")
     parser.add_argument("--backend", default="numba")
     parser.add_argument("--dask", default="local:2", help="what --dask gets (default: local:2)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    source = next((s for s in SOURCES if s.is_dir()), None)
-    if source is None:
-        sys.exit("no EuroSAT tiles found (../shared/data/eurosat_rgb or data/eurosat)")
+    if args.files <= SMALL_CORPUS:
+        sys.exit(f"--files must be more than the {SMALL_CORPUS} of the small corpus (the fixed cost)")
 
-    report = {"backend": args.backend, "dask": args.dask, "cores": os.cpu_count(), "source": str(source)}
+    report = {"backend": args.backend, "dask": args.dask, "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-dask-") as scratch:
         scratch = Path(scratch)
-        small = compare(replicate(source, scratch / "small", SMALL_CORPUS), scratch, args.backend, args.dask,
+        tiles = tile_files(scratch, args.files, args.tiles_from)
+        small = compare(corpus(tiles[:SMALL_CORPUS], scratch / "small"), scratch, args.backend, args.dask,
                         args.repeat)
-        large = compare(replicate(source, scratch / "large", args.files), scratch, args.backend, args.dask,
-                        args.repeat)
+        large = compare(corpus(tiles, scratch / "large"), scratch, args.backend, args.dask, args.repeat)
     fixed_s = small["dask_s"] - small["local_s"]
-    per_image_local = (large["local_s"] - small["local_s"]) / (large["files"] - small["files"])
-    per_image_dask = (large["dask_s"] - small["dask_s"]) / (large["files"] - small["files"])
+    extra = large["files"] - small["files"]
+    steady_local = steady_rate(extra, large["local_s"] - small["local_s"])
+    steady_dask = steady_rate(extra, large["dask_s"] - small["dask_s"])
     report.update(small=small, large=large, fixed_overhead_s=round(fixed_s, 2),
-                  steady_local_images_per_s=round(1 / per_image_local, 1),
-                  steady_dask_images_per_s=round(1 / per_image_dask, 1),
+                  steady_local_images_per_s=steady_local, steady_dask_images_per_s=steady_dask,
                   throughput_ratio=round(large["dask_images_per_s"] / large["local_images_per_s"], 3))
     print(f"{args.backend}, {os.cpu_count()} cores, best of {args.repeat}")
     for name, run in (("small", small), ("large", large)):
         print(f"{run['files']:>7} files: local {run['local_s']:>7.2f} s ({run['local_images_per_s']:>7.0f} img/s) | "
               f"--dask {args.dask} {run['dask_s']:>7.2f} s ({run['dask_images_per_s']:>7.0f} img/s)")
-    print(f"Dask fixed cost {fixed_s:.2f} s; steady state local {report['steady_local_images_per_s']:.0f} img/s, "
-          f"Dask {report['steady_dask_images_per_s']:.0f} img/s; whole-run ratio {report['throughput_ratio']:.2f}")
+    if steady_local is None or steady_dask is None:
+        print(f"Dask fixed cost {fixed_s:.2f} s; the large corpus did not take longer than the small one: too few "
+              f"--files for a steady state; whole-run ratio {report['throughput_ratio']:.2f}")
+    else:
+        print(f"Dask fixed cost {fixed_s:.2f} s; steady state local {steady_local:.0f} img/s, "
+              f"Dask {steady_dask:.0f} img/s; whole-run ratio {report['throughput_ratio']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

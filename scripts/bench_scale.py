@@ -6,7 +6,8 @@
 Workloads (made under a temporary folder, never committed):
 
 * tiles: the EuroSAT tiles of ../shared/data/eurosat_rgb_26500.tar (extracted), or ../shared/data/eurosat_rgb
-  or data/eurosat replicated by hard links to ``--tiles`` files;
+  or data/eurosat, or the JPEGs of ``--tiles-from FOLDER`` (your own imagery), replicated by hard links
+  to ``--tiles`` files;
 * scenes: ``--scenes`` JPEGs of 4000x3000 (12 MP), mosaics of those tiles (quality 90);
 * big: ``--big`` gray PNGs of 8000x8000 (64 MP), mostly zeros (the memory-bound case).
 
@@ -29,6 +30,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,10 +62,16 @@ def set_targets(backend: str, cores: int) -> None:
 
 # ------------------------------------------------------------------------------------- corpora
 
-def tile_files(scratch: Path, count: int) -> list[Path]:
-    """``count`` EuroSAT tiles: the shared tarball extracted, else replicated by hard links."""
+def tile_files(scratch: Path, count: int, source: Path | None = None) -> list[Path]:
+    """``count`` tiles: the JPEGs under ``source`` when given, else the EuroSAT tiles (the shared
+    tarball extracted, or a folder of them); replicated by hard links (copies across file systems)
+    when there are fewer."""
     tar = SHARED / "eurosat_rgb_26500.tar"
-    if tar.exists():
+    if source is not None:
+        tiles = sorted(source.rglob("*.jpg")) + sorted(source.rglob("*.jpeg"))
+        if not tiles:
+            sys.exit(f"no JPEG files under {source}")
+    elif tar.exists():
         target = scratch / "eurosat"
         with tarfile.open(tar) as archive:
             archive.extractall(target, filter="data")
@@ -71,7 +79,8 @@ def tile_files(scratch: Path, count: int) -> list[Path]:
     else:
         source = next((s for s in TILE_SOURCES if s.is_dir()), None)
         if source is None:
-            sys.exit("no EuroSAT tiles found (../shared/data/eurosat_rgb_26500.tar, eurosat_rgb or data/eurosat)")
+            sys.exit("no EuroSAT tiles found (../shared/data/eurosat_rgb_26500.tar, eurosat_rgb or data/eurosat); "
+                     "give --tiles-from FOLDER")
         tiles = sorted(source.rglob("*.jpg"))
     if count <= len(tiles):
         return tiles[:count]
@@ -81,9 +90,17 @@ def tile_files(scratch: Path, count: int) -> list[Path]:
     for index in range(count):
         destination = folder / f"{index // 1000:03d}" / f"{index:06d}.jpg"
         destination.parent.mkdir(exist_ok=True)
-        os.link(tiles[index % len(tiles)], destination)
+        link(tiles[index % len(tiles)], destination)
         files.append(destination)
     return files
+
+
+def link(source: Path, destination: Path) -> None:
+    """A hard link, or a copy where the two are on different file systems."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
 
 
 def scene_files(scratch: Path, tiles: list[Path], count: int) -> list[Path]:
@@ -259,6 +276,22 @@ def compute_only(files: list[Path], backend) -> float:
     return seconds
 
 
+def decoded_from_memory(image_of):
+    """A stand-in for the engine's ``decode_each`` that serves ``image_of(path)`` instead of decoding.
+    A place it is offered (a decode thread decodes a part's plain JPEGs into one buffer) gets a copy
+    of the image, as a decode would fill it: the engine then takes the path of a real run."""
+    def decode_each(paths, options, into=None):
+        for path in paths:
+            image = image_of(path)
+            place = into(image.shape) if into is not None else None
+            if place is None:
+                yield image
+            else:
+                place[...] = image
+                yield place
+    return decode_each
+
+
 def engine_overhead(count: int) -> tuple[float, float]:
     """Microseconds per image of the engine itself, wall and CPU (all threads): decode served from
     memory, a backend that returns zeros, records encoded into a JSONL file."""
@@ -275,7 +308,7 @@ def engine_overhead(count: int) -> tuple[float, float]:
             return BatchResult.empty(len(images), keep_images)
 
     real_decode = engine_module.decode_each
-    engine_module.decode_each = lambda paths, options: (tile for _ in paths)
+    engine_module.decode_each = decoded_from_memory(lambda path: tile)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             sink = open_sink(str(Path(scratch) / "out.jsonl"), resume=False)
@@ -309,6 +342,15 @@ def line(name: str, value: dict, unit: str, anchor: str = "", ratio: dict | None
     print(text, flush=True)
 
 
+def steady_seconds(run_s: float, start_s: float, workload: str) -> float:
+    """The run's time less its start-up (the one-image run's time), said to be unreliable when the
+    run is not at least twice as long as the start-up (too few files)."""
+    if run_s < 2 * start_s:
+        print(f"  (the {workload} run took {run_s:.2f} s, less than twice the {start_s:.2f} s of a one-image run: "
+              f"too few files for a steady state; the rate below means little)", flush=True)
+    return max(1e-3, run_s - start_s)
+
+
 def bench_tiles(scratch: Path, files: list[Path], args, one: Path) -> dict:
     folder = file_list(scratch, "tiles", files)
     results = {}
@@ -318,7 +360,7 @@ def bench_tiles(scratch: Path, files: list[Path], args, one: Path) -> dict:
             start = run_cli(one, scratch / "one.jsonl", args.backend, decode=decode)["seconds"]
             run = run_cli(folder, scratch / "tiles.jsonl", args.backend, decode=decode)
             pool = opencv_pool(files, args.processes)
-            steady = len(files) / max(1e-9, run["seconds"] - start)
+            steady = len(files) / steady_seconds(run["seconds"], start, "tiles")
             ours.append(steady), theirs.append(len(files) / pool), rss.append(run["peak_rss_mib"])
             starts.append(start)
             ratios.append(steady / (len(files) / pool))
@@ -345,7 +387,7 @@ def bench_scenes(scratch: Path, files: list[Path], args, one: Path, backend) -> 
         for repeat in range(args.repeat):
             start = run_cli(one, scratch / "one.jsonl", args.backend, decode=decode)["seconds"]
             run = run_cli(folder, scratch / "scenes.jsonl", args.backend, decode=decode)
-            ours.append(megapixels / max(1e-9, run["seconds"] - start)), rss.append(run["peak_rss_mib"])
+            ours.append(megapixels / steady_seconds(run["seconds"], start, "scenes")), rss.append(run["peak_rss_mib"])
             pool_rates.append(megapixels / opencv_pool(files, args.processes))
             decode_rates.append(megapixels / decode_only(files, args.processes))
             compute_rates.append(megapixels / compute_only(files, backend))
@@ -397,6 +439,8 @@ def bench_start(scratch: Path, args, one: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=26_500)
+    parser.add_argument("--tiles-from", type=Path, help="take the tiles from the JPEGs under this folder "
+                        "(default: the EuroSAT tiles)")
     parser.add_argument("--scenes", type=int, default=24)
     parser.add_argument("--big", type=int, default=32)
     parser.add_argument("--backend", default="numba")
@@ -417,7 +461,7 @@ def main() -> None:
                     "load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-scale-") as scratch_name:
         scratch = Path(scratch_name)
-        tiles = tile_files(scratch, args.tiles)
+        tiles = tile_files(scratch, args.tiles, args.tiles_from)
         one = tiles[0]
         if wanted & {"start", "tiles", "scenes"}:  # a stale or empty kernel cache compiles here, in no measured run
             run_cli(one, scratch / "one.jsonl", args.backend)

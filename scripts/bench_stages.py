@@ -46,6 +46,7 @@ def cpu_us_per_image(work, images: int, repeat: int) -> float:
 
 
 def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
+    from bench_scale import decoded_from_memory
     from gpu_pipeline.engine import stream as engine_module
     from gpu_pipeline.backends import create
     from gpu_pipeline.labels.labeller import default_labels
@@ -74,7 +75,7 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     def plumbing() -> None:
         name = "decode_each" if each else "decode_or_error"
         real = getattr(engine_module, name)
-        setattr(engine_module, name, (lambda paths, options: (decoded[path] for path in paths)) if each
+        setattr(engine_module, name, decoded_from_memory(decoded.__getitem__) if each
                 else (lambda path, options: decoded[path]))
         try:
             parts = engine_module.decode_parts(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
@@ -133,6 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", type=Path, default=REPO, help="the checkout whose gpu_pipeline is measured")
     parser.add_argument("--tiles", type=int, default=4096)
+    parser.add_argument("--tiles-from", type=Path, help="take the tiles from the JPEGs under this folder "
+                        "(default: the EuroSAT tiles, as scripts/bench_scale.py finds them)")
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
@@ -151,7 +154,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-stages-") as scratch_name:
         scratch = Path(scratch_name)
-        tiles = bench_scale.tile_files(scratch, args.tiles)
+        tiles = bench_scale.tile_files(scratch, args.tiles, args.tiles_from)
         report["tiles"] = measure(tiles, args.threads, args.repeat)
         print("tiles  (us/image):", report["tiles"], flush=True)
         scenes = bench_scale.scene_files(scratch, tiles, args.scenes)

@@ -92,9 +92,12 @@ def main() -> None:
         time.sleep(0.02)
     print(f"batches of {args.batch_mp:g} MP, {args.workers} decoders in {args.decode}: "
           f"peak RSS of the run {peak_rss / 1024:.0f} MiB, peak PSS of its process tree {peak_tree / 1024:.0f} MiB")
-    if decoders:  # how much of its life a decode process decoded, rather than waited for a request
-        busy = sum(cpu for cpu, _, _ in decoders.values()) / sum(last - first for _, first, last in decoders.values())
+    lives = sum(last - first for _, first, last in decoders.values())
+    if lives > 0:  # how much of its life a decode process decoded, rather than waited for a request
+        busy = sum(cpu for cpu, _, _ in decoders.values()) / lives
         print(f"decode processes busy {busy:.0%} of their lives (CPU time over life, sampled every 20 ms)")
+    elif decoders:
+        print("decode processes: the run was too short to sample how busy they were (every 20 ms)")
     sys.exit(child.returncode)
 
 
