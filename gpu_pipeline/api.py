@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import functools
 import os
-import queue
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -99,8 +96,9 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
     the dicts ``gpu-pipeline run`` writes, results and errors, in input order.
 
-    The engine runs in a background thread a few batches ahead; closing the generator early
-    stops it after the batches in flight.
+    The records are made in the caller's thread, a batch at a time, while the engine's own threads
+    compute the next batch and decode ahead; closing the generator early stops them after the
+    batches in flight.
     """
     from gpu_pipeline.labels.labeller import label_function
     from gpu_pipeline.engine.stream import Engine, early_fork_server
@@ -120,46 +118,5 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
         if fork_server is not None:
             fork_server.close()
         raise
-    yield from _records_of(engine, files)
-
-
-class _QueueSink:
-    """Hands each batch of records to the consumer; at most ``depth`` batches wait."""
-
-    def __init__(self, depth: int = 2) -> None:
-        self.batches: queue.Queue = queue.Queue(depth)
-
-    def write(self, records) -> None:
-        self.batches.put(records)
-
-
-_DONE = object()
-
-
-def _records_of(engine, files: list[Path]) -> Iterator[dict]:
-    sink, stop = _QueueSink(), threading.Event()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            engine.run(files, sink, stop=stop)
-        except BaseException as exc:  # handed to the consumer
-            failure.append(exc)
-        finally:
-            sink.batches.put(_DONE)
-
-    producer = threading.Thread(target=produce, name="gpu-pipeline-run", daemon=True)
-    producer.start()
-    try:
-        while (batch := sink.batches.get()) is not _DONE:
-            yield from batch
-    finally:
-        stop.set()
-        while producer.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                sink.batches.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        producer.join()
-    if failure:
-        raise failure[0]
+    for batch in engine.record_batches(files):
+        yield from batch

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,10 +57,29 @@ def test_run_yields_the_records_the_command_line_writes(tmp_path):
     assert list(gpu_pipeline.run([REPO / "data"])) == written
 
 
+def engine_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(("compute", "decode_"))]
+
+
 def test_closing_run_early_stops_the_engine():
-    records = gpu_pipeline.run([REPO / "data"], backend="numba")
+    assert engine_threads() == []
+    records = gpu_pipeline.run([REPO / "data"], backend="numba", workers=2)
     assert "path" in next(records)
+    assert engine_threads()  # the engine computes and decodes ahead while the caller reads
     records.close()  # returns once the engine has stopped
+    assert engine_threads() == []
+
+
+def test_an_error_of_the_run_reaches_the_caller_and_stops_the_engine(monkeypatch):
+    from gpu_pipeline.engine.stream import Engine
+
+    def broken_labels(self, images, result):
+        raise RuntimeError("labeller broke")
+
+    monkeypatch.setattr(Engine, "_labels", broken_labels)
+    with pytest.raises(RuntimeError, match="labeller broke"):
+        list(gpu_pipeline.run([REPO / "data"], backend="numba", workers=2))
+    assert engine_threads() == []
 
 
 def test_a_stack_of_images_goes_to_the_backend_as_it_lies_in_memory(monkeypatch):

@@ -627,17 +627,32 @@ class Engine:
         labels batch n in the engine's compute thread (kernels release the GIL) and this thread
         turns batch n - 1 into records and writes them.
         """
+        summary = RunSummary()
+        start = time.perf_counter()
+        for records in self.record_batches(paths, stop, summary):
+            summary.add_batch(records)
+            sink.write(records)
+            if progress is not None:
+                progress(len(records))
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def record_batches(self, paths: Sequence[Path], stop: threading.Event | None = None,
+                       summary: RunSummary | None = None) -> Iterator[RecordBatch]:
+        """The records of ``paths``, a batch at a time, in input order, made in the caller's thread
+        (:meth:`run` writes them; the Python API yields them with no thread of its own). The next
+        batch computes and the pool decodes ahead while the caller handles one. Closing the iterator,
+        or setting ``stop`` (``summary.interrupted`` then says so), ends the run after the batches in
+        flight."""
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(previous_interval, GIL_SWITCH_INTERVAL_S))
         try:
-            return self._run(paths, sink, progress, stop)
+            yield from self._record_batches(paths, stop, summary if summary is not None else RunSummary())
         finally:
             sys.setswitchinterval(previous_interval)
 
-    def _run(self, paths: Sequence[Path], sink, progress: Callable[[int], None] | None,
-             stop: threading.Event | None) -> RunSummary:
-        summary = RunSummary()
-        start = time.perf_counter()
+    def _record_batches(self, paths: Sequence[Path], stop: threading.Event | None,
+                        summary: RunSummary) -> Iterator[RecordBatch]:
         batch_pixels = self.pixels_per_batch()
         # room for a whole batch ahead, so the next batch is ready when the backend wants it
         prefetch_pixels = max(self.prefetch_pixels, batch_pixels)
@@ -661,14 +676,12 @@ class Engine:
                         break
                     computing = (batch, compute.submit(self._outcome, batch))
                     if in_flight is not None:
-                        self._write(*in_flight, sink, summary, progress)
+                        yield self.records(in_flight[0], in_flight[1].result())
                     in_flight = computing
                 if in_flight is not None:
-                    self._write(*in_flight, sink, summary, progress)
+                    yield self.records(in_flight[0], in_flight[1].result())
             finally:  # stops the decode pool: running decodes finish, nothing new starts
                 stream.close()
-        summary.seconds = time.perf_counter() - start
-        return summary
 
     def close(self) -> None:
         """Stop a fork server that no run took over (a run refused after it was started)."""
@@ -689,14 +702,6 @@ class Engine:
         # the decoded pixels a run held.
         batch.images = batch.images.without_pixels()
         return outcome
-
-    def _write(self, batch: DecodedPart, outcome: Future, sink, summary: RunSummary,
-               progress: Callable[[int], None] | None) -> None:
-        records = self.records(batch, outcome.result())
-        summary.add_batch(records)
-        sink.write(records)
-        if progress is not None:
-            progress(len(records))
 
     def records(self, batch: DecodedPart, outcome: Outcome) -> RecordBatch:
         """The batch's records, in input order: one label call for the batch, no dict per image."""
