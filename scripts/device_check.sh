@@ -7,7 +7,7 @@
 #      peak memory of the run and of its decode processes), the tiles again for cuda and cupy with
 #      GPU batches of 16 MP instead of 32 (--batch-size 4096: speed against host memory), the
 #      thread-scaling table of `gpu-pipeline bench`, the GIL a tile (../shared/tools/gil_per_tile.py,
-#      needs gilknocker), the engine alone with a decode process a core (scripts/engine_memory.py:
+#      needs gilknocker, and scripts/gil_parts.py: how much of it is Python, and whose), the engine alone with a decode process a core (scripts/engine_memory.py:
 #      the main process's CPU a file, how busy the decode processes are, memory), and
 #      gpu_pipeline.process on 8,192 tiles in memory, as a list and as one stack, per backend
 #      (scripts/bench_api.py: on a GPU that is the host-included rate of issue #20 item 5);
@@ -81,7 +81,10 @@ for part in $PARTS; do
             step bench 60 "$PYTHON" -m gpu_pipeline.cli bench --tiles 8000 --count 8 --repeat 1 \
                 --json "$LOG_DIR/bench.json" ;;
         gil)  # gilknocker's thread may abort the interpreter at exit (134) after the figure is printed
-            step gil_per_tile 40 "$PYTHON" ../shared/tools/gil_per_tile.py ;;
+            step gil_per_tile 40 "$PYTHON" ../shared/tools/gil_per_tile.py
+            # the same figure with idle kernels, without dicts, without discovery: how much is Python
+            step gil_parts 45 "$PYTHON" scripts/gil_parts.py "$(tiles_dir)" --repeat 1 \
+                --json "$LOG_DIR/gil_parts.json" ;;
         engine)  # the engine alone, a stand-in backend, one decode process a core: the main process's
                  # CPU a file, how busy the decode processes are, memory (CPU-sized and GPU-sized batches)
             tiles=$(tiles_dir)

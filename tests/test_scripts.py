@@ -103,3 +103,21 @@ def test_fit_eurosat_then_label_alternatives(tmp_path):
     assert len(load_model(str(model)).classes) == 10
     done = run_script("label_alternatives.py", str(features), str(TILES), "--only", "centroid,knn")
     assert "centroid" in done.stdout and "knn" in done.stdout
+
+
+def test_gil_parts_small(tmp_path):
+    pytest.importorskip("gilknocker", reason="gilknocker is not installed (pip install gilknocker)")
+    report = tmp_path / "gil.json"
+    done = run_script("gil_parts.py", str(TILES), "--repeat", "1", "--json", str(report))
+    parts = json.loads(report.read_text())
+    assert parts["images"] == 50 and set(parts["kernel_us_per_tile"]) == {"gray_histograms", "edge_maps"}
+    for way in ("as is", "idle kernels", "+ no dicts", "+ files found before"):
+        assert way in done.stdout and len(parts[way]["gil_us_per_image"]) == 1
+
+
+def test_gil_parts_without_gilknocker_says_so():
+    code = ("import runpy, sys; sys.modules['gilknocker'] = None; "
+            f"sys.argv = ['gil_parts.py', {str(TILES)!r}]; "
+            f"runpy.run_path({str(SCRIPTS / 'gil_parts.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2 and "needs gilknocker: pip install gilknocker" in done.stderr

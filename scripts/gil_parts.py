@@ -1,0 +1,181 @@
+"""How much of the GIL a tile that ../shared/tools/gil_per_tile.py reports is Python, and whose.
+
+    python scripts/gil_parts.py [FOLDER] [--repeat 3] [--json FILE]      # needs: pip install gilknocker
+
+gil_per_tile.py measures how long gilknocker's thread waits for the GIL while ``gpu_pipeline.run``
+streams FOLDER (default: the 26,500 EuroSAT tiles where gil_per_tile.py extracts them) with one
+decode and one compute thread (numba). Where busy threads outnumber the cores, that wait also holds
+the time a thread that has the GIL waits for a CPU: the kernels and the decode processes keep the
+cores busy. This script takes the same measurement, with the same settings, four ways (each the
+median of ``--repeat`` runs, the four ways alternated):
+
+* ``as is``: what gil_per_tile.py reports;
+* ``idle kernels``: the numba kernels replaced by sleeps as long as they computed (calibrated on
+  the same tiles), so they hold no CPU; what this removes is waiting for a CPU, not Python;
+* ``+ no dicts``: the records are counted, not built as the API's dicts;
+* ``+ files found before``: the discovery of the files is not in the run.
+
+The last is the engine's own Python (decode hand-overs, batches, compute calls, labels, records)
+on a machine with a core to spare. The stand-ins give nonsense histograms; the records are counted,
+never checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+WAYS = ("as is", "idle kernels", "+ no dicts", "+ files found before")
+
+
+def calibrate(backend, files: list[str]) -> dict[str, float]:
+    """Seconds a work item (a tile) each kernel computes, from a run of the real backend on ``files``."""
+    import gpu_pipeline
+
+    spent: dict[str, list[float]] = {}
+    real = backend._on_workers
+
+    def timed(kernel, workers, before, after):
+        started = time.perf_counter()
+        real(kernel, workers, before, after)
+        spent.setdefault(kernel.__name__, []).append((time.perf_counter() - started) / max(1, len(before[-1])))
+
+    for _ in gpu_pipeline.run(files[:1], backend="numba", threads=1, workers=1):  # kernels loaded, caches warm
+        pass
+    backend._on_workers = timed
+    try:
+        for _ in gpu_pipeline.run(files, backend="numba", threads=1, workers=1):
+            pass
+    finally:
+        del backend._on_workers
+    return {name: statistics.median(times) for name, times in spent.items()}
+
+
+@contextlib.contextmanager
+def idle_kernels(backend, seconds_per_item: dict[str, float]):
+    """The backend's kernels as sleeps of the time they computed (a kernel not calibrated runs)."""
+    real = backend._on_workers
+
+    def sleeping(kernel, workers, before, after):
+        per_item = seconds_per_item.get(kernel.__name__)
+        if per_item is None:
+            return real(kernel, workers, before, after)
+        time.sleep(per_item * len(before[-1]))  # before[-1]: the items, in the order they are claimed
+
+    backend._on_workers = sleeping
+    try:
+        yield
+    finally:
+        del backend._on_workers
+
+
+@contextlib.contextmanager
+def no_dicts():
+    from gpu_pipeline.outputs.records import RecordBatch
+
+    real = RecordBatch.__iter__
+    RecordBatch.__iter__ = lambda batch: iter(range(len(batch)))
+    try:
+        yield
+    finally:
+        RecordBatch.__iter__ = real
+
+
+@contextlib.contextmanager
+def files_found_before(paths: list[str]):
+    from gpu_pipeline.inputs import discover
+
+    real = discover.find_files
+    found = real(paths)
+    discover.find_files = lambda given, glob=None: found
+    try:
+        yield
+    finally:
+        discover.find_files = real
+
+
+def gil_us_per_image(paths: list[str]) -> tuple[float, int, float]:
+    """GIL µs an image, images and seconds of one ``gpu_pipeline.run`` (gil_per_tile.py's settings)."""
+    import gpu_pipeline
+    from gilknocker import KnockKnock
+
+    knock = KnockKnock(polling_interval_micros=100, sampling_interval_micros=1000, sleeping_interval_micros=100)
+    knock.start()
+    started = time.perf_counter()
+    images = sum(1 for _ in gpu_pipeline.run(paths, backend="numba", threads=1, workers=1))
+    seconds = time.perf_counter() - started
+    share = knock.contention_metric
+    knock.stop()
+    return share * seconds / max(1, images) * 1e6, images, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default=os.path.join(tempfile.gettempdir(), "gil_per_tile"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        import gilknocker  # noqa: F401  (imported where it is used; checked here, before any work)
+    except ImportError:
+        print("gil_parts.py needs gilknocker: pip install gilknocker", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.folder):
+        print(f"no folder {args.folder} (run ../shared/tools/gil_per_tile.py once to extract the tiles there)",
+              file=sys.stderr)
+        return 2
+    from gpu_pipeline.api import shared_backend
+    from gpu_pipeline.inputs.discover import find_files
+
+    paths = [args.folder]
+    backend = shared_backend("numba", 1)
+    per_item = calibrate(backend, find_files(paths)[:4096])
+    ways = {
+        "as is": lambda: contextlib.nullcontext(),
+        "idle kernels": lambda: idle_kernels(backend, per_item),
+        "+ no dicts": lambda: _all(idle_kernels(backend, per_item), no_dicts()),
+        "+ files found before": lambda: _all(idle_kernels(backend, per_item), no_dicts(), files_found_before(paths)),
+    }
+    found: dict[str, list[tuple[float, int, float]]] = {way: [] for way in WAYS}
+    for _ in range(args.repeat):
+        for way in WAYS:
+            with ways[way]():
+                found[way].append(gil_us_per_image(paths))
+    images = found["as is"][0][1]
+    print(f"{images} images, numba, 1 decode + 1 compute thread, {os.cpu_count()} cores; kernels calibrated at "
+          + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in per_item.items()) + " a tile")
+    print(f"{'':22} GIL us an image (median, min-max of {args.repeat})   seconds a run")
+    report = {"images": images, "cores": os.cpu_count(), "kernel_us_per_tile": {k: v * 1e6 for k, v in per_item.items()}}
+    for way in WAYS:
+        us = [u for u, _, _ in found[way]]
+        seconds = statistics.median(s for _, _, s in found[way])
+        print(f"{way:22} {statistics.median(us):6.1f}  ({min(us):.1f}-{max(us):.1f}){'':24} {seconds:.2f}")
+        report[way] = {"gil_us_per_image": us, "median": statistics.median(us), "seconds_median": seconds}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _all(*managers):
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
+if __name__ == "__main__":
+    status = main()
+    sys.stdout.flush()
+    os._exit(status)  # gilknocker's thread may abort the interpreter at a normal exit
