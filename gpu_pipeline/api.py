@@ -10,6 +10,7 @@ so kernels are loaded (or compiled) once, whatever calls them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -118,5 +119,6 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
         if fork_server is not None:
             fork_server.close()
         raise
-    for batch in engine.record_batches(files):
-        yield from batch
+    with contextlib.closing(engine.record_batches(files)) as batches:  # closed with this generator
+        for batch in batches:
+            yield from batch

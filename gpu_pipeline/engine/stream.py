@@ -15,6 +15,7 @@ Records come out in input order. Every path yields exactly one record: a result 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -629,11 +630,12 @@ class Engine:
         """
         summary = RunSummary()
         start = time.perf_counter()
-        for records in self.record_batches(paths, stop, summary):
-            summary.add_batch(records)
-            sink.write(records)
-            if progress is not None:
-                progress(len(records))
+        with contextlib.closing(self.record_batches(paths, stop, summary)) as batches:  # a sink's error stops it
+            for records in batches:
+                summary.add_batch(records)
+                sink.write(records)
+                if progress is not None:
+                    progress(len(records))
         summary.seconds = time.perf_counter() - start
         return summary
 
