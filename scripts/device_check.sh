@@ -84,7 +84,9 @@ for part in $PARTS; do
             step gil_per_tile 40 "$PYTHON" ../shared/tools/gil_per_tile.py
             # the same figure with idle kernels, without dicts, without discovery: how much is Python
             step gil_parts 45 "$PYTHON" scripts/gil_parts.py "$(tiles_dir)" --repeat 1 \
-                --json "$LOG_DIR/gil_parts.json" ;;
+                --json "$LOG_DIR/gil_parts.json"
+            step gil_parts_cli 45 "$PYTHON" scripts/gil_parts.py "$(tiles_dir)" --repeat 1 --cli \
+                --json "$LOG_DIR/gil_parts_cli.json" ;;
         engine)  # the engine alone, a stand-in backend, one decode process a core: the main process's
                  # CPU a file, how busy the decode processes are, memory (CPU-sized and GPU-sized batches)
             tiles=$(tiles_dir)

@@ -1,6 +1,6 @@
 """How much of the GIL a tile that ../shared/tools/gil_per_tile.py reports is Python, and whose.
 
-    python scripts/gil_parts.py [FOLDER] [--repeat 3] [--json FILE]      # needs: pip install gilknocker
+    python scripts/gil_parts.py [FOLDER] [--repeat 3] [--cli] [--json FILE]      # needs: pip install gilknocker
 
 gil_per_tile.py measures how long gilknocker's thread waits for the GIL while ``gpu_pipeline.run``
 streams FOLDER (default: the 26,500 EuroSAT tiles where gil_per_tile.py extracts them) with one
@@ -16,8 +16,9 @@ median of ``--repeat`` runs, the four ways alternated):
 * ``+ files found before``: the discovery of the files is not in the run.
 
 The last is the engine's own Python (decode hand-overs, batches, compute calls, labels, records)
-on a machine with a core to spare. The stand-ins give nonsense histograms; the records are counted,
-never checked.
+on a machine with a core to spare (the stand-ins make every histogram and edge count zero).
+``--cli`` measures ``gpu-pipeline run FOLDER --out FILE`` instead (in this process, the same
+settings; the nightly job's path: JSON lines, no dicts), without the ``+ no dicts`` way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 WAYS = ("as is", "idle kernels", "+ no dicts", "+ files found before")
+CLI_WAYS = ("as is", "idle kernels", "+ files found before")
 
 
 def calibrate(backend, files: list[str]) -> dict[str, float]:
@@ -63,21 +65,25 @@ def calibrate(backend, files: list[str]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def idle_kernels(backend, seconds_per_item: dict[str, float]):
-    """The backend's kernels as sleeps of the time they computed (a kernel not calibrated runs)."""
-    real = backend._on_workers
+def idle_kernels(seconds_per_item: dict[str, float]):
+    """Every numba backend's kernels (the API's and the one the command line makes) as sleeps of the
+    time they computed; a kernel not calibrated runs."""
+    from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
 
-    def sleeping(kernel, workers, before, after):
+    real = NumbaCpuBackend._on_workers
+
+    def sleeping(backend, kernel, workers, before, after):
         per_item = seconds_per_item.get(kernel.__name__)
         if per_item is None:
-            return real(kernel, workers, before, after)
+            return real(backend, kernel, workers, before, after)
         time.sleep(per_item * len(before[-1]))  # before[-1]: the items, in the order they are claimed
+        after[-1][...] = 0  # the kernel's output, one row or value per item: zeros, not garbage
 
-    backend._on_workers = sleeping
+    NumbaCpuBackend._on_workers = sleeping
     try:
         yield
     finally:
-        del backend._on_workers
+        NumbaCpuBackend._on_workers = real
 
 
 @contextlib.contextmanager
@@ -94,26 +100,49 @@ def no_dicts():
 
 @contextlib.contextmanager
 def files_found_before(paths: list[str]):
+    from gpu_pipeline.engine import job
     from gpu_pipeline.inputs import discover
 
     real = discover.find_files
     found = real(paths)
-    discover.find_files = lambda given, glob=None: found
+    discover.find_files = job.find_files = lambda given, glob=None: found  # the API's and the command's
     try:
         yield
     finally:
-        discover.find_files = real
+        discover.find_files = job.find_files = real
 
 
-def gil_us_per_image(paths: list[str]) -> tuple[float, int, float]:
-    """GIL µs an image, images and seconds of one ``gpu_pipeline.run`` (gil_per_tile.py's settings)."""
+def api_run(paths: list[str]) -> int:
+    """``gpu_pipeline.run`` over ``paths`` (gil_per_tile.py's settings); the records it yielded."""
     import gpu_pipeline
+
+    return sum(1 for _ in gpu_pipeline.run(paths, backend="numba", threads=1, workers=1))
+
+
+def cli_run(paths: list[str]) -> int:
+    """``gpu-pipeline run`` over ``paths`` into a JSON Lines file, in this process; the lines it wrote."""
+    from gpu_pipeline.cli.app import app
+
+    with tempfile.TemporaryDirectory(prefix="gil-parts-") as scratch:
+        out = os.path.join(scratch, "records.jsonl")
+        try:
+            app(["run", *paths, "--backend", "numba", "--threads", "1", "--workers", "1", "--quiet", "--out", out],
+                standalone_mode=False)
+        except SystemExit as exit:  # exit 1: some images failed, their records are written all the same
+            if exit.code not in (None, 0, 1):
+                raise
+        with open(out, "rb") as lines:
+            return sum(1 for _ in lines)
+
+
+def gil_us_per_image(paths: list[str], run=api_run) -> tuple[float, int, float]:
+    """GIL µs an image, images and seconds of one ``run`` of ``paths``, as gil_per_tile.py measures it."""
     from gilknocker import KnockKnock
 
     knock = KnockKnock(polling_interval_micros=100, sampling_interval_micros=1000, sleeping_interval_micros=100)
     knock.start()
     started = time.perf_counter()
-    images = sum(1 for _ in gpu_pipeline.run(paths, backend="numba", threads=1, workers=1))
+    images = run(paths)
     seconds = time.perf_counter() - started
     share = knock.contention_metric
     knock.stop()
@@ -124,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=os.path.join(tempfile.gettempdir(), "gil_per_tile"))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cli", action="store_true", help="measure `gpu-pipeline run --out FILE` instead of the API")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     try:
@@ -143,21 +173,27 @@ def main(argv: list[str] | None = None) -> int:
     per_item = calibrate(backend, find_files(paths)[:4096])
     ways = {
         "as is": lambda: contextlib.nullcontext(),
-        "idle kernels": lambda: idle_kernels(backend, per_item),
-        "+ no dicts": lambda: _all(idle_kernels(backend, per_item), no_dicts()),
-        "+ files found before": lambda: _all(idle_kernels(backend, per_item), no_dicts(), files_found_before(paths)),
+        "idle kernels": lambda: idle_kernels(per_item),
+        "+ no dicts": lambda: _all(idle_kernels(per_item), no_dicts()),
+        "+ files found before": lambda: _all(idle_kernels(per_item), no_dicts(), files_found_before(paths)),
     }
-    found: dict[str, list[tuple[float, int, float]]] = {way: [] for way in WAYS}
+    if args.cli:
+        ways["+ files found before"] = lambda: _all(idle_kernels(per_item), files_found_before(paths))
+        cli_run(find_files(paths)[:1])  # the command's own imports, before any measured run
+    measured = CLI_WAYS if args.cli else WAYS
+    found: dict[str, list[tuple[float, int, float]]] = {way: [] for way in measured}
     for _ in range(args.repeat):
-        for way in WAYS:
+        for way in measured:
             with ways[way]():
-                found[way].append(gil_us_per_image(paths))
+                found[way].append(gil_us_per_image(paths, cli_run if args.cli else api_run))
     images = found["as is"][0][1]
-    print(f"{images} images, numba, 1 decode + 1 compute thread, {os.cpu_count()} cores; kernels calibrated at "
+    print(f"{images} images, {'gpu-pipeline run' if args.cli else 'gpu_pipeline.run'}, numba, "
+          f"1 decode + 1 compute thread, {os.cpu_count()} cores; kernels calibrated at "
           + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in per_item.items()) + " a tile")
     print(f"{'':22} GIL us an image (median, min-max of {args.repeat})   seconds a run")
-    report = {"images": images, "cores": os.cpu_count(), "kernel_us_per_tile": {k: v * 1e6 for k, v in per_item.items()}}
-    for way in WAYS:
+    report = {"images": images, "cores": os.cpu_count(), "path": "cli" if args.cli else "api",
+              "kernel_us_per_tile": {k: v * 1e6 for k, v in per_item.items()}}
+    for way in measured:
         us = [u for u, _, _ in found[way]]
         seconds = statistics.median(s for _, _, s in found[way])
         print(f"{way:22} {statistics.median(us):6.1f}  ({min(us):.1f}-{max(us):.1f}){'':24} {seconds:.2f}")
