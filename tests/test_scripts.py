@@ -130,3 +130,25 @@ def test_gil_parts_without_gilknocker_says_so():
             f"runpy.run_path({str(SCRIPTS / 'gil_parts.py')!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2 and "needs gilknocker: pip install gilknocker" in done.stderr
+
+
+def test_gil_parts_idles_the_kernels_of_every_numba_backend():
+    """The stand-ins must reach the command line's backend too, not only the API's (they once did
+    not, and its "idle kernels" figure had the real kernels in it)."""
+    import importlib.util
+
+    import numpy as np
+
+    from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+    from gpu_pipeline.config import PipelineConfig
+
+    spec = importlib.util.spec_from_file_location("gil_parts", SCRIPTS / "gil_parts.py")
+    gil_parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gil_parts)
+    tiles = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    fresh = NumbaCpuBackend(threads=1)  # made after the script was loaded, as the command line makes its own
+    assert fresh.process(tiles, PipelineConfig()).histograms.any()
+    with gil_parts.idle_kernels({"gray_histograms": 0.0, "edge_maps": 0.0}):
+        idle = NumbaCpuBackend(threads=1).process(tiles, PipelineConfig())
+    assert not idle.histograms.any() and not idle.edge_counts.any()
+    assert fresh.process(tiles, PipelineConfig()).histograms.any()  # put back
