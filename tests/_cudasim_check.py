@@ -26,7 +26,7 @@ from gpu_pipeline.backends.base import BackendUnavailable
 from gpu_pipeline.config import BLUR_SIZES, PipelineConfig
 from gpu_pipeline.images import ImageBatch
 from tests.chains import spiral
-from tests.strategies import images, packed_batch
+from tests.strategies import examples, images, packed_batch
 
 if not (numba.config.ENABLE_CUDASIM and kernels.SMALL_TILES):
     pytest.skip("run by tests/test_numba_cuda.py with NUMBA_ENABLE_CUDASIM=1 and "
@@ -145,7 +145,7 @@ def test_results_without_images(backend):
     assert_matches_reference(batch, backend.process(batch, config), config, False)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(5), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image=images(max_side=16).filter(lambda a: a.shape[0] * a.shape[1] <= 300), blur=st.sampled_from(BLUR_SIZES), l2=st.booleans(),
        thresholds=st.tuples(st.integers(0, 300), st.integers(0, 300)))
 def test_random_images(backend, image, blur, l2, thresholds):

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+#: Multiplies the example count of every hypothesis test: ``GPU_PIPELINE_EXAMPLES=20 python -m pytest
+#: tests/test_numba_cpu.py`` is a soak (the counts in the decorators are what CI runs).
+EXAMPLES_SCALE = float(os.environ.get("GPU_PIPELINE_EXAMPLES", "1"))
+
+
+def examples(count: int) -> int:
+    """``count`` hypothesis examples, times :data:`EXAMPLES_SCALE`."""
+    return max(1, round(count * EXAMPLES_SCALE))
+
 
 #: Shapes the contract must handle; the issues name them explicitly.
 ODD_SHAPES = [(1, 1), (1, 7), (9, 1), (2, 2), (3, 3), (5, 7), (17, 1000), (1, 64), (64, 1)]

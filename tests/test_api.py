@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import gpu_pipeline
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import PipelineConfig
-from tests.strategies import image_shapes
+from tests.strategies import examples, image_shapes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,7 +143,7 @@ def test_the_api_benchmark_runs_both_ways(capsys):
         assert re.search(rf"^{form}.*\d+\.\d+ (min|us/tile)", out, re.M), (form, out)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(st.integers(0, 5), image_shapes(max_side=24), st.booleans(), st.integers(0, 2**32 - 1))
 def test_stacks_of_odd_shapes_give_the_reference_results(count, shape, rgb, seed):
     stack = np.random.default_rng(seed).integers(0, 256, (count, *shape, 3) if rgb else (count, *shape), dtype=np.uint8)

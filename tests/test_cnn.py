@@ -28,7 +28,7 @@ from gpu_pipeline.labels.cnn import CnnModel, model_from_dict, model_json
 from gpu_pipeline.labels.labelled import read_labeled_tree
 from gpu_pipeline.labels.model import SHIPPED_MODELS, ModelError, load_model
 from tests.cnn_networks import model_of, random_network
-from tests.strategies import images
+from tests.strategies import examples, images
 
 runner = CliRunner()
 
@@ -137,7 +137,7 @@ def naive_conv_block(activations: np.ndarray, block: reference.ConvBlock) -> np.
     return pooled
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1), height=st.integers(1, 7), width=st.integers(1, 7),
        channels=st.sampled_from([3, 5]), outputs=st.integers(1, 4))
 def test_reference_block_matches_a_naive_loop(seed, height, width, channels, outputs):
@@ -163,7 +163,7 @@ def networks(draw):
                           classes=draw(st.integers(2, 5)))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(network=networks(), batch=st.lists(images(max_side=40), min_size=1, max_size=6))
 def test_numba_is_byte_equal_to_the_reference(network, batch):
     model = model_of(network)

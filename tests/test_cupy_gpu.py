@@ -55,7 +55,7 @@ from gpu_pipeline.images import ImageBatch
 from tests.chains import spiral
 from tests.cnn_networks import model_of, random_network
 from tests.oracle import expected_results
-from tests.strategies import ODD_SHAPES, image_shapes, images, packed_batch
+from tests.strategies import examples, image_shapes, images, ODD_SHAPES, packed_batch
 
 HOST_DIR = Path(__file__).parent / "cupy_host"
 CU_SOURCES = sorted(KERNEL_SOURCE.parent.glob("*.cu"))
@@ -447,14 +447,14 @@ configs = st.builds(
     l2_gradient=st.booleans(), blur_ksize=st.sampled_from(BLUR_SIZES))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(images(max_side=80), min_size=1, max_size=5), configs)
 def test_kernels_on_the_cpu_match_the_reference(harness, batch, config):
     backend = CupyBackend(device=HostDevice(harness))
     assert_same_as_reference(backend.process(batch, config, keep_images=True), batch, config)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(images(max_side=40), min_size=1, max_size=6), st.data())
 def test_a_packed_batch_gives_the_bytes_of_its_images(harness, batch, data):
     """An ImageBatch is grouped and staged from its arrays (a run of packed images in one copy):
@@ -531,7 +531,7 @@ def faint_images(draw):
     return (100 + rng.integers(0, amplitude + 1, shape)).clip(0, 255).astype(np.uint8)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(faint_images(), min_size=1, max_size=4), st.floats(0, 4), st.floats(0, 12), st.booleans(),
        st.sampled_from(BLUR_SIZES))
 def test_blur_and_canny_kernels_on_faint_images(harness, batch, low, high, l2, ksize):
@@ -826,7 +826,7 @@ def test_gpu_shared_data_matches_the_reference(gpu_backend, shared_data_dir, l2)
 
 
 @pytest.mark.gpu
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(images(max_side=300), min_size=1, max_size=12), configs)
 def test_gpu_random_mixed_batches_match_the_reference(gpu_backend, batch, config):
     assert_same_as_reference(gpu_backend.process(batch, config, keep_images=True), batch, config)
@@ -860,7 +860,7 @@ def test_gpu_many_sub_batches_overlap_and_give_the_same_bytes(gpu_backend, monke
 
 
 @pytest.mark.gpu
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(st.lists(images(max_side=200), min_size=1, max_size=8), configs)
 def test_gpu_matches_the_numba_cuda_backend(gpu_backend, batch, config):
     reason = registry.unavailable_reason("cuda")
@@ -884,7 +884,7 @@ def _cnn_model(size: int, widths: tuple[int, ...], seed: int = 0):
     return model_of(random_network(np.random.default_rng(seed), size, widths))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(images(max_side=24), min_size=1, max_size=4), widths=st.sampled_from([(3,), (4, 5), (2, 3, 6)]),
        block=st.sampled_from([(1, 1, 1), (7, 1, 1)]))
 def test_cnn_on_the_device_gives_the_reference_sums(harness, batch, widths, block):

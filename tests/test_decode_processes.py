@@ -25,7 +25,7 @@ from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.sink import RecordList
-from tests.strategies import packed_batch
+from tests.strategies import examples, packed_batch
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
 needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
@@ -249,7 +249,7 @@ def image_of(shape, seed) -> np.ndarray:
     return rng.integers(0, 256, (height, width, channels) if channels else (height, width), dtype=np.uint8)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(shapes, max_size=12), st.data())
 def test_an_image_batch_is_its_images(shapes_drawn, data):
     images = [image_of(shape, seed) for seed, shape in enumerate(shapes_drawn)]
@@ -263,7 +263,7 @@ def test_an_image_batch_is_its_images(shapes_drawn, data):
     assert [int(a) for a in batch.addresses()] == [image.ctypes.data for image in images]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(st.lists(shapes, min_size=1, max_size=10))
 def test_the_numba_backend_gives_the_same_bytes_for_a_batch_and_a_list(shapes_drawn):
     """The vectorised path (addresses from the batch's arrays) and the list path agree."""
@@ -303,7 +303,7 @@ def image_batches(decoded, batch_size, batch_pixels):
         yield batch
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=30),
        st.integers(1, 5), st.integers(1, 2000), st.one_of(st.none(), st.integers(1, 6)))
 def test_batches_of_parts_group_as_batches_of_images(inputs, part_length, batch_pixels, batch_size):
@@ -515,7 +515,7 @@ def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
     assert reads == paths
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(shapes, max_size=12), st.data())
 def test_shape_groups_and_copy_into_see_a_batch_as_its_images(shapes_drawn, data):
     """Grouped from the shape arrays, copied a run at a time: the same as image by image, however

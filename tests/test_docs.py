@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,15 @@ def test_architecture_page_names_every_stage_folder() -> None:
     folders = sorted(path.parent.name for path in (REPO / "gpu_pipeline").glob("*/__init__.py"))
     absent = [folder for folder in folders if f"gpu_pipeline/{folder}/" not in text]
     assert not absent, f"docs/architecture.md does not mention {absent}"
+
+
+@pytest.mark.parametrize("scale, expected", [(None, 60), ("20", 1200), ("0.001", 1)])
+def test_the_examples_scale_multiplies_hypothesis_counts(scale, expected):
+    """README: GPU_PIPELINE_EXAMPLES multiplies every hypothesis test's example count."""
+    env = {key: value for key, value in os.environ.items() if key != "GPU_PIPELINE_EXAMPLES"}
+    if scale is not None:
+        env["GPU_PIPELINE_EXAMPLES"] = scale
+    code = ("from tests.strategies import examples; from tests import test_numba_cpu as t; "
+            "print(examples(60), t.test_random_batches_match_reference._hypothesis_internal_use_settings.max_examples)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.stdout.split() == [str(expected), str(150 if scale is None else max(1, round(150 * float(scale))))], done.stderr

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import cpu_reference
 from gpu_pipeline.labels.features import COARSE_STEP, ENTROPY_TABLE_SIZE, FEATURE_NAMES, batch_features
-from tests.strategies import images
+from tests.strategies import examples, images
 
 
 def gray_of(image: np.ndarray) -> np.ndarray:
@@ -134,7 +134,7 @@ def test_hue_sectors_follow_colorsys_including_ties():
         assert list(sectors) == [float(k == hue_sector(*pixel)) for k in range(6)], pixel
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(images(max_side=40), min_size=1, max_size=5), st.data())
 def test_batch_features_match_the_plain_oracle(batch, data):
     histograms = np.stack([histogram_of(image) for image in batch])
@@ -154,7 +154,7 @@ def test_batch_features_match_the_plain_oracle(batch, data):
             row.tobytes()
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(images(max_side=40, rgb=False))
 def test_a_gray_image_counts_as_three_equal_bands(image):
     histogram = histogram_of(image)[None]

@@ -28,12 +28,12 @@ from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover, find_files
 from gpu_pipeline.inputs.decode import DecodeError, decode_image
 from gpu_pipeline.errors import UsageError
-from tests.strategies import images
+from tests.strategies import examples, images
 
 DEFAULT = DecodeOptions()
 FIXTURES = Path(__file__).parent / "fixtures"
 HYPOTHESIS = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -715,7 +715,7 @@ def _pillow_pixels(data: bytes) -> np.ndarray:
         return np.asarray(im)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
     gray=st.booleans(),

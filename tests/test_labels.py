@@ -31,7 +31,7 @@ from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
 from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
                                 minimise_lbfgs, term_names)
 from gpu_pipeline.labels.splits import stratified_folds, stratified_split
-from tests.strategies import images
+from tests.strategies import examples, images
 
 runner = CliRunner()
 
@@ -74,7 +74,7 @@ def colour_model() -> LabelModel:
     return load_model("eurosat")
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.lists(images(max_side=48), min_size=1, max_size=6),
        st.sampled_from([PipelineConfig(), PipelineConfig(30, 90, True, 3), PipelineConfig(10, 40, False, 7)]))
@@ -353,7 +353,7 @@ def test_label_function_checks_the_pipeline_settings(tmp_path):
 # Splits and scores
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.floats(0, 0.95), st.integers(0, 2**32 - 1))
 def test_split_is_stratified_and_deterministic(sizes, fraction, seed):
     targets = np.repeat(np.arange(len(sizes)), sizes)
@@ -364,7 +364,7 @@ def test_split_is_stratified_and_deterministic(sizes, fraction, seed):
         assert held_out == min(size - 1, int(fraction * size + 0.5))  # a class always keeps one to train on
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=5), st.integers(2, 6), st.integers(0, 2**32 - 1))
 def test_folds_are_stratified_and_deterministic(sizes, folds, seed):
     targets = np.repeat(np.arange(len(sizes)), sizes)

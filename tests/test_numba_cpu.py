@@ -28,7 +28,7 @@ from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import MAX_THRESHOLD, DecodeOptions, PipelineConfig
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import discover
-from tests.strategies import ODD_SHAPES, images
+from tests.strategies import examples, images, ODD_SHAPES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_bundled_data_matches_reference(backend, bundled_data_dir, config):
 # --- parity on generated images ------------------------------------------------------------------
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(images(), min_size=1, max_size=4), config=configs)
 def test_random_batches_match_reference(backend, batch, config):
     assert_matches_reference(batch, config, backend.process(batch, config, keep_images=True))
@@ -142,7 +142,7 @@ def short_bands(items_per_thread: int):
         yield
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(image=images(max_side=80), config=configs, items_per_thread=st.sampled_from([3, 64]))
 def test_row_bands_give_the_same_bytes(backend, image, config, items_per_thread):
     """Images cut into many row bands (down to one row each) still give the reference's bytes.
@@ -173,7 +173,7 @@ def test_edges_crossing_many_seams(backend):
     assert_matches_reference([image], config, results)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(image=images())
 def test_histogram_equals_bincount_of_gray(backend, image):
     (result,) = backend.process([image], PipelineConfig())
@@ -182,7 +182,7 @@ def test_histogram_equals_bincount_of_gray(backend, image):
     assert result.equalized is None and result.edges is None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(shapes=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 5000)), min_size=1, max_size=30),
        threads=st.integers(1, 64))
 def test_work_items_cover_every_row_once(shapes, threads):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpu_pipeline.outputs.records import RecordBatch, csv_text, histogram_texts, jsonl_text
+from tests.strategies import examples
 
 TRICKY_PATHS = ["/data/plain.jpg", "/data/with, comma.jpg", '/data/with "quotes".png', "/data/new\nline.png",
                 "/data/carriage\rreturn.png", "/données/été/ünïcode.tif", "/data/emoji 🛰.jpg", "C:\\windows\\x.jpg"]
@@ -34,7 +35,7 @@ def test_batch_encoding_equals_encoding_each_dict(encode):
     assert encode(batch) == encode(list(batch))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8), st.data())
 def test_any_paths_and_labels_encode_like_the_dicts(paths, data):
     errors_at = set(data.draw(st.lists(st.integers(0, len(paths) - 1), max_size=3)))

@@ -19,7 +19,7 @@ from cpu_reference.stages import hysteresis
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import discover
-from tests.strategies import ODD_SHAPES, images
+from tests.strategies import examples, images, ODD_SHAPES
 
 # --- the oracle: each stage as the OpenCV call that defines it --------------------------------
 
@@ -129,13 +129,13 @@ THRESHOLDS = st.one_of(
 BLUR_SIZES = st.sampled_from([3, 5, 7])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(images(rgb=True))
 def test_gray_matches_opencv(image):
     assert_same(ref.gray(image), cv_gray(image), "gray")
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(images(rgb=False))
 def test_gray_image_passes_through(image):
     assert_same(ref.gray(image), image, "gray of gray")
@@ -148,7 +148,7 @@ def test_gray_matches_opencv_on_every_colour():
     assert_same(ref.gray(rgb), cv_gray(rgb), "gray over all 2**24 colours")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(images(rgb=False))
 def test_histogram_and_equalize_match_opencv(gray):
     assert_same(ref.histogram(gray), cv_histogram(gray), "histogram")
@@ -171,20 +171,20 @@ def test_equalize_matches_opencv_beyond_float32_exact_counts():
     assert_same(ref.equalize(gray), cv2.equalizeHist(gray), "equalize of 20 Mpx")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(images(rgb=False), BLUR_SIZES)
 def test_gaussian_blur_matches_opencv(image, ksize):
     assert_same(ref.gaussian_blur(image, ksize), cv_blur(image, ksize), f"blur {ksize}")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(images(rgb=False))
 def test_sobel_matches_opencv(image):
     for axis, ours, theirs in zip("xy", ref.sobel(image), cv_sobel(image)):
         assert_same(ours, theirs, f"sobel d{axis}")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(images(rgb=False), BLUR_SIZES, THRESHOLDS, THRESHOLDS, st.booleans())
 def test_canny_matches_opencv(image, ksize, low, high, l2_gradient):
     blurred = cv_blur(image, ksize)  # hypothesis images are often noise; blurred ones have real edges
@@ -193,7 +193,7 @@ def test_canny_matches_opencv(image, ksize, low, high, l2_gradient):
                     f"canny({low}, {high}, l2={l2_gradient})")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(images(), BLUR_SIZES, THRESHOLDS, THRESHOLDS, st.booleans())
 def test_process_image_matches_chained_opencv(image, ksize, low, high, l2_gradient):
     config = PipelineConfig(low, high, l2_gradient, ksize)

@@ -28,6 +28,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import discover
 from tests.backend_doubles import NeverAvailable
+from tests.strategies import examples
 
 runner = CliRunner()
 
@@ -308,7 +309,7 @@ def test_against_opencv_without_cv2_says_how_to_get_it(image_dir, monkeypatch, r
 # --- the comparison itself ----------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     expected=hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=20)),
     data=st.data(),
