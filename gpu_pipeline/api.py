@@ -21,7 +21,7 @@ import numpy as np
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.images import ImageBatch
+from gpu_pipeline.images import ImageBatch, pixel_counts
 
 
 @dataclass
@@ -66,12 +66,10 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
         if len(images):
             check_image(images[0])  # all of them share its dtype and shape
         images = ImageBatch.stacked(images)
-        pixels = images.pixels
     else:
         images = list(images)
-        pixels = np.array([image.shape[0] * image.shape[1] for image in images], np.int64)
     parts = [chosen.process(images[start:end], config, keep_images)
-             for start, end in _slices(pixels, chosen.batch_pixels())]
+             for start, end in _slices(pixel_counts(images), chosen.batch_pixels())]
     histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
     edge_counts = np.concatenate([p.edge_counts for p in parts]) if parts else np.zeros(0, np.int64)
     labels = list(label_function(model, config)(images, histograms, edge_counts)) if images else []

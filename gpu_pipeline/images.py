@@ -150,3 +150,10 @@ class ImageBatch(Sequence[np.ndarray]):
         """int64 (N,): the address of each image's first pixel (valid while the buffers live)."""
         bases = np.array([buffer.ctypes.data for buffer in self.buffers], np.int64)
         return bases[self.buffer_of] + self.offsets if len(self) else np.zeros(0, np.int64)
+
+
+def pixel_counts(images: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 (N,): height * width of each image of a batch or a list (a list costs Python per image)."""
+    if isinstance(images, ImageBatch):
+        return images.pixels
+    return np.array([image.shape[0] * image.shape[1] for image in images], dtype=np.int64)

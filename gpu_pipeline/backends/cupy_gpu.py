@@ -41,7 +41,7 @@ from gpu_pipeline.backends.base import (
     group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.images import ImageBatch
+from gpu_pipeline.images import ImageBatch, pixel_counts
 
 KERNEL_SOURCE = Path(__file__).with_name("cupy_pipeline.cu")
 #: Side of the output tiles of the fused blur/Sobel/NMS kernel and of the hysteresis kernel.
@@ -565,8 +565,7 @@ class CupyBackend(Backend):
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False
     ) -> BatchResult:
         check_images(images)
-        pixels = images.pixels if isinstance(images, ImageBatch) else [image.shape[0] * image.shape[1] for image in images]
-        too_large = np.flatnonzero(np.asarray(pixels, np.int64) > MAX_PIXELS)
+        too_large = np.flatnonzero(pixel_counts(images) > MAX_PIXELS)
         if len(too_large):
             shape = images[int(too_large[0])].shape
             raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {shape}")

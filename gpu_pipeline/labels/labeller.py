@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.images import ImageBatch
+from gpu_pipeline.images import pixel_counts
 
 #: Edge-density bands of the default rule (fraction of pixels that are edges). Equalization
 #: stretches every tile to full contrast, so even calm water shows some edges: on the EuroSAT tiles
@@ -77,13 +77,6 @@ def default_label(features: Features) -> str:
 #: backend computed them on its device (:meth:`gpu_pipeline.backends.base.Backend.attach_label_model`),
 #: passed only when the backend computed them.
 Labeller = Callable[..., list[str]]
-
-
-def pixel_counts(images: Sequence[np.ndarray]) -> np.ndarray:
-    """int64 (N,): height * width of each image."""
-    if isinstance(images, ImageBatch):
-        return images.pixels
-    return np.array([image.shape[0] * image.shape[1] for image in images], dtype=np.int64)
 
 
 def default_labels(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> list[str]:
