@@ -75,11 +75,10 @@ def gpu_counters(images: list[np.ndarray]) -> dict:
     sub-batches, finishes on the host)."""
     from gpu_pipeline.bench.stats import time_repeats
     from gpu_pipeline.config import PipelineConfig
+    from gpu_pipeline.labels.model import load_model
 
     def best_of(call) -> float:
         return min(time_repeats(3, call))
-
-    from gpu_pipeline.labels.model import load_model
 
     counters = {}
     for name in ("cuda", "cupy"):

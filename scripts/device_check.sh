@@ -7,8 +7,9 @@
 #      peak memory of the run and of its decode processes), the tiles again for cuda and cupy with
 #      GPU batches of 16 MP instead of 32 (--batch-size 4096: speed against host memory), the
 #      thread-scaling table of `gpu-pipeline bench`, the GIL a tile (../shared/tools/gil_per_tile.py,
-#      needs gilknocker, and scripts/gil_parts.py: how much of it is Python, and whose), the engine alone with a decode process a core (scripts/engine_memory.py:
-#      the main process's CPU a file, how busy the decode processes are, memory), and
+#      needs gilknocker, and scripts/gil_parts.py: how much of it is Python, and whose), the engine
+#      alone with a decode process a core (scripts/engine_memory.py: the main process's CPU a file,
+#      how busy the decode processes are, memory), and
 #      gpu_pipeline.process on 8,192 tiles in memory, as a list and as one stack, per backend
 #      (scripts/bench_api.py: on a GPU that is the host-included rate of issue #20 item 5);
 #   2. the GPU check (issue #20): scripts/gpu_check.sh (GPU tests, verify, bench_gpu).

@@ -119,8 +119,6 @@ def test_a_stack_of_images_goes_to_the_backend_as_it_lies_in_memory(monkeypatch)
 
 
 def test_a_stack_of_the_wrong_kind_is_refused_as_an_image_would_be():
-    import pytest
-
     with pytest.raises(ValueError, match="expected a uint8 array, got float32"):
         gpu_pipeline.process(np.zeros((2, 8, 8, 3), np.float32), backend="numba")
     with pytest.raises(ValueError, match=r"RGB \(H, W, 3\) image, got shape \(8, 8, 4\)"):
