@@ -86,6 +86,35 @@ def tiles(tmp_path_factory) -> Path:
     return folder
 
 
+def test_a_local_cluster_starts_no_gil_knocker_in_this_process(monkeypatch):
+    """Dask's GIL monitor (gilknocker, where installed) starts a native thread in the scheduler and in
+    each nanny, all in this process; one still knocking while Python shuts down aborts the run (exit
+    134) after its records are written."""
+    import types
+
+    started = []
+
+    class KnockKnock:  # gilknocker's interface, as Dask's SystemMonitor uses it
+        contention_metric = 0.0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            started.append(self)
+
+        def stop(self):
+            pass
+
+        def reset_contention_metric(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "gilknocker", types.SimpleNamespace(KnockKnock=KnockKnock))
+    with dask_run.DaskCluster("local:1", "reference", None) as cluster:
+        assert not cluster.cluster.scheduler.monitor.monitor_gil_contention
+        assert started == []
+
+
 @pytest.fixture(scope="module")
 def tile_records(tiles, tmp_path_factory) -> dict[str, dict]:
     return local_records(tiles, tmp_path_factory.mktemp("local") / "local.jsonl")
@@ -348,9 +377,18 @@ def test_local_cuda_without_gpus_or_dask_cuda_is_a_clear_usage_error(monkeypatch
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed
     with pytest.raises(UsageError, match=r"needs dask-cuda: pip install 'gpu-pipeline\[dask-cuda\]'"):
         dist._local_cuda_cluster()
-    started = []
-    fake = types.SimpleNamespace(LocalCUDACluster=lambda **options: started.append(options) or "cluster")
+    import dask
+
+    started, gil_monitor = [], []
+
+    def local_cuda_cluster(**options):
+        gil_monitor.append(dask.config.get("distributed.admin.system-monitor.gil.enabled"))
+        started.append(options)
+        return "cluster"
+
+    fake = types.SimpleNamespace(LocalCUDACluster=local_cuda_cluster)
     monkeypatch.setitem(sys.modules, "dask_cuda", fake)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert dist._local_cuda_cluster() == "cluster"
     assert started[0]["n_workers"] == 2 and started[0]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert gil_monitor == [False]  # see test_a_local_cluster_starts_no_gil_knocker_in_this_process

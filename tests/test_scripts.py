@@ -54,10 +54,6 @@ def test_bench_scale_tiles_and_engine_overhead(tmp_path):
     assert "OpenCV Pool(" in done.stdout
 
 
-@pytest.mark.skipif(not os.environ.get("GPU_PIPELINE_DASK_SMOKE"),
-                    reason="two more `--dask local:2` runs: one such run in about 90 ended in a SIGABRT at exit "
-                           "('FATAL: exception not rethrown', 2026-12-05; 60 runs in a row after it did not), which "
-                           "would fail CI; run with GPU_PIPELINE_DASK_SMOKE=1 (tests/test_distributed.py runs --dask)")
 def test_bench_dask_compares_the_same_records(tmp_path):
     pytest.importorskip("distributed", reason="the dask extra is not installed")
     report = tmp_path / "dask.json"
