@@ -226,6 +226,64 @@ def test_an_image_that_kills_every_worker_gets_an_error_record_and_the_run_goes_
         path: {**record, "path": path} for path, record in expected.items()}
 
 
+class Workers:
+    """Stands in for the client and its ``as_completed``: ``n`` workers, each given the next chunk
+    when it holds the fewest. Each runs the first chunk it holds while the others queue behind it,
+    one worker a step, in turn; a worker whose running chunk holds one of ``poisons`` dies, failing
+    every chunk it holds, as Dask does with ``allowed-failures`` 0."""
+
+    def __init__(self, n: int, poisons: set[str]) -> None:
+        self.poisons, self.held, self.turn, self.lone_runs = poisons, [[] for _ in range(n)], 0, []
+
+    def submit(self, function, job, chunk, key):
+        future = object()
+        min(self.held, key=len).append((future, chunk))
+        return future
+
+    def add(self, future) -> None:
+        pass
+
+    def next_batch(self, block: bool):
+        from distributed import KilledWorker
+
+        while not self.held[self.turn % len(self.held)]:
+            self.turn += 1
+        held = self.held[self.turn % len(self.held)]
+        self.turn += 1
+        future, chunk = held[0]
+        if sum(map(len, self.held)) == 1 and len(chunk) == 1:
+            self.lone_runs.append(chunk[0])
+        if self.poisons.intersection(chunk):
+            dead = held[:]
+            held.clear()
+            return [(future, (KilledWorker, KilledWorker(key, None, 0), None)) for key, (future, _) in enumerate(dead)]
+        del held[0]
+        return [(future, dask_run.ChunkResult([{"path": path, "width": 1, "height": 1, "label": "smooth"}
+                                               for path in chunk], 0.01))]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_an_innocent_image_that_dies_beside_a_poisonous_one_is_not_blamed(workers):
+    """Halving puts innocent images in one-image chunks too; queued on the poisonous one's worker,
+    they die with it. Only deaths while an image runs with nothing else in flight count."""
+    paths = [f"tile{i:02d}.png" for i in range(40)]
+    for poisons in [{paths[i], paths[j]} for i in range(len(paths)) for j in range(i, len(paths), 3)]:
+        cluster = Workers(workers, poisons)
+        chunks = dask_run._Chunks(cluster, None, paths, completed=cluster)
+        records, summary = [], dask_run.RunSummary()
+        sink = type("Sink", (), {"write": lambda self, batch: records.extend(batch)})()
+        while True:
+            chunks.submit(slots=workers)
+            if not chunks.in_flight:
+                break
+            assert dask_run.DaskEngine._write_chunks(chunks.ready(), chunks, sink, summary, None) is None
+        assert chunks.all_submitted and sorted(record["path"] for record in records) == paths
+        assert {record["path"] for record in records if "error" in record} == poisons
+        for poison in poisons:  # each death counted against it was a run with nothing beside it
+            assert cluster.lone_runs.count(poison) >= chunks.lone_deaths[poison] == dask_run.LONE_DEATHS_TO_BLAME
+        assert summary.failed == len(poisons) and summary.ok == len(paths) - len(poisons)
+
+
 def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
     out = tmp_path / "dask.jsonl"
     local = tmp_path / "first.jsonl"

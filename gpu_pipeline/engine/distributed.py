@@ -8,8 +8,8 @@ travel through the scheduler. The client writes each chunk's records through the
 chunk's future completes. A future completes once, even when Dask reruns its task because a worker
 died, so every path is written once; a rerun resumes from the sink like a local run. A chunk whose
 workers die every time (past Dask's allowed failures) is run again in halves until the one image
-that kills them is alone; once it has killed them alone a few times, it gets an error record and the
-run goes on.
+that kills them is alone; that image then runs with nothing else in flight, and once it has killed
+its workers so, twice, it gets an error record and the run goes on.
 
 Chunks aim at :data:`TARGET_CHUNK_SECONDS` of work each, from the throughput measured on the
 chunks already done: long enough that the scheduler sees a few tasks per second per worker, short
@@ -52,9 +52,11 @@ TARGET_CHUNK_SECONDS = 2.0
 FIRST_CHUNK, MIN_CHUNK, MAX_CHUNK = 128, 16, 4096
 #: Chunks in flight per worker thread: one running, one waiting, so no worker idles between tasks.
 IN_FLIGHT_PER_THREAD = 2
-#: Times an image alone in its chunk must kill its workers before it gets an error record. More than
-#: one: a worker's death also fails the other tasks queued on it, innocent images included.
-LONE_DEATHS_TO_BLAME = 3
+#: Times an image must kill its workers while it runs alone on the cluster before it gets an error
+#: record. Alone: a worker's death also fails the tasks queued behind the one it was running, so an
+#: innocent image in a one-image chunk dies beside a poisonous one. Twice: a death alone can still be
+#: a coincidence (a node lost, another program's memory).
+LONE_DEATHS_TO_BLAME = 2
 #: How often the client looks at ``stop`` while no chunk completes.
 POLL_SECONDS = 0.1
 #: How often the client asks the scheduler how many workers there are (they may come and go).
@@ -392,40 +394,53 @@ class ChunkSizer:
 class _Chunks:
     """The chunks of one run: cut from ``paths`` as they are submitted, followed until they complete."""
 
-    def __init__(self, client, job: ChunkJob, paths: Sequence[Path]) -> None:
-        from distributed import as_completed
+    def __init__(self, client, job: ChunkJob, paths: Sequence[Path], completed=None) -> None:
+        """``completed``: Dask's ``as_completed`` over the client's futures unless given (tests give a stand-in)."""
+        if completed is None:
+            from distributed import as_completed
 
+            completed = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         self.client, self.job, self.paths = client, job, paths
         self.sizer = ChunkSizer()
         self.cursor = 0  # paths[:cursor] are submitted
         self.in_flight: dict = {}  # future -> its paths
-        self.completed = as_completed(loop=client.loop, with_results=True, raise_errors=False)
+        self.completed = completed
         self.key_prefix = f"gpu-pipeline-{uuid.uuid4().hex[:8]}-"  # readable task names in the dashboard
         self.submitted = 0
         self.again: list[list[str]] = []  # halves of chunks whose workers died, to run first
-        self.lone_deaths: dict[str, int] = {}  # path -> times its one-image chunk lost its worker
+        self.suspects: list[str] = []  # images whose one-image chunk lost its worker, each to run alone
+        self.alone = None  # the future of the suspect running with nothing else in flight
+        self.lone_deaths: dict[str, int] = {}  # path -> times it lost its worker while it ran alone
 
     @property
     def all_submitted(self) -> bool:
-        return self.cursor >= len(self.paths) and not self.again
+        return self.cursor >= len(self.paths) and not self.again and not self.suspects
 
-    def killed(self, chunk: list[str]) -> bool:
+    def killed(self, chunk: list[str], alone: bool) -> bool:
         """The workers of ``chunk`` died: run it again, in halves (halving isolates an image that kills
-        its worker); True when it is one image that has now killed its workers often enough to blame."""
-        if len(chunk) == 1:
+        its worker), and a single image alone on the cluster; True when it is one image that has now
+        killed its workers often enough, running alone, to blame."""
+        if len(chunk) > 1:
+            middle = len(chunk) // 2
+            self.again += [chunk[:middle], chunk[middle:]]
+            return False
+        if alone:
             deaths = self.lone_deaths[chunk[0]] = self.lone_deaths.get(chunk[0], 0) + 1
             if deaths >= LONE_DEATHS_TO_BLAME:
                 return True
-            self.again.append(chunk)
-        else:
-            middle = len(chunk) // 2
-            self.again += [chunk[:middle], chunk[middle:]]
+        self.suspects.append(chunk[0])
         return False
 
     def submit(self, slots: int) -> None:
-        """Submit chunks until ``slots`` x IN_FLIGHT_PER_THREAD are in flight or none is left."""
+        """Submit chunks until ``slots`` x IN_FLIGHT_PER_THREAD are in flight or none is left. A suspect
+        waits until nothing is in flight, then runs alone: its worker's death is then its own."""
         while not self.all_submitted and len(self.in_flight) < slots * IN_FLIGHT_PER_THREAD:
-            if self.again:
+            if self.alone is not None or (self.suspects and self.in_flight):
+                return
+            alone = bool(self.suspects)
+            if alone:
+                chunk = [self.suspects.pop()]
+            elif self.again:
                 chunk = self.again.pop()
             else:
                 size = self.sizer.next_size(len(self.paths) - self.cursor, slots)
@@ -435,14 +450,23 @@ class _Chunks:
             self.in_flight[future] = chunk
             self.completed.add(future)
             self.submitted += 1
+            if alone:
+                self.alone = future
 
-    def ready(self) -> list[tuple[object, list[str]]]:
-        """(ChunkResult or what went wrong, paths) of the chunks completed since the last call; does not wait.
+    def ready(self) -> list[tuple[object, list[str], bool]]:
+        """(ChunkResult or what went wrong, paths, whether it ran alone) of the chunks completed since
+        the last call; does not wait.
 
         The outcome, not ``future.status``, says how a chunk ended: a finished future whose worker has
         died since is pending again, while its result is already here.
         """
-        return [(outcome, self.in_flight.pop(future)) for future, outcome in self.completed.next_batch(block=False)]
+        ready = []
+        for future, outcome in self.completed.next_batch(block=False):
+            alone = future is self.alone
+            if alone:
+                self.alone = None
+            ready.append((outcome, self.in_flight.pop(future), alone))
+        return ready
 
     def cancel(self) -> None:
         if self.in_flight:
@@ -501,9 +525,9 @@ class DaskEngine(Engine):
         them, which gets an error record: one poisonous file does not stop the night's run.
         """
         failure = None
-        for outcome, chunk in ready:
+        for outcome, chunk, alone in ready:
             if _killed_its_workers(outcome):
-                if not chunks.killed(chunk):
+                if not chunks.killed(chunk, alone):
                     continue
                 outcome = ChunkResult([_killer_record(chunk[0], outcome)], 0.0)
             if not isinstance(outcome, ChunkResult):
