@@ -284,6 +284,14 @@ def test_an_innocent_image_that_dies_beside_a_poisonous_one_is_not_blamed(worker
         assert summary.failed == len(poisons) and summary.ok == len(paths) - len(poisons)
 
 
+def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
+    from distributed import KilledWorker
+
+    record = dask_run._killer_record("a.png", (KilledWorker, KilledWorker("key", None, 3), None))
+    assert record["path"] == "a.png" and record["stage"] == "compute"
+    assert record["error"].startswith("8 worker processes died processing this image alone")  # docs/distributed.md
+
+
 def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
     out = tmp_path / "dask.jsonl"
     local = tmp_path / "first.jsonl"
