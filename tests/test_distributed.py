@@ -226,6 +226,9 @@ def test_an_image_that_kills_every_worker_gets_an_error_record_and_the_run_goes_
         path: {**record, "path": path} for path, record in expected.items()}
 
 
+RealChunks = dask_run._Chunks
+
+
 class Workers:
     """Stands in for the client and its ``as_completed``: ``n`` workers, each given the next chunk
     when it holds the fewest. Each runs the first chunk it holds while the others queue behind it,
@@ -242,6 +245,10 @@ class Workers:
 
     def add(self, future) -> None:
         pass
+
+    def cancel(self, futures) -> None:
+        for held in self.held:
+            held[:] = [(future, chunk) for future, chunk in held if future not in futures]
 
     def next_batch(self, block: bool):
         from distributed import KilledWorker
@@ -282,6 +289,43 @@ def test_an_innocent_image_that_dies_beside_a_poisonous_one_is_not_blamed(worker
         for poison in poisons:  # each death counted against it was a run with nothing beside it
             assert cluster.lone_runs.count(poison) >= chunks.lone_deaths[poison] == dask_run.LONE_DEATHS_TO_BLAME
         assert summary.failed == len(poisons) and summary.ok == len(paths) - len(poisons)
+
+
+def test_a_local_cluster_gets_back_the_workers_dask_gave_up_on():
+    """Dask's local cluster drops a nanny whose worker has not come back within its lost-worker
+    timeout and never starts it again; a file that kills workers as they start left a run with no
+    workers, waiting for ever."""
+    with dask_run.DaskCluster("local:1", "reference", None) as cluster:
+        local = cluster.cluster
+        (name,) = local.workers
+        local.sync(local.workers.pop(name).close)  # what Dask does once the timeout has passed
+        deadline = time.monotonic() + 60
+        while cluster.client.nthreads() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not cluster.client.nthreads()
+        while time.monotonic() < deadline:
+            cluster._slots = (0.0, 0)  # count again now
+            if cluster.worker_threads() == 1:
+                break
+            time.sleep(0.5)
+        assert cluster.worker_threads() == 1 and len(local.workers) == 1
+
+
+def test_a_cluster_left_without_workers_stops_the_run_resumably(monkeypatch):
+    """When no worker comes back, the run stops with the counts and the way to resume, instead of
+    waiting for ever."""
+    paths = [f"tile{i:02d}.png" for i in range(8)]
+    stalled = Workers(1, poisons=set())
+    stalled.next_batch = lambda block: []  # nothing completes: no worker runs anything
+    monkeypatch.setattr(dask_run, "_Chunks", lambda client, job, todo: RealChunks(stalled, job, todo, stalled))
+    monkeypatch.setattr(dask_run, "NO_WORKERS_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(dask_run, "POLL_SECONDS", 0.01)
+    no_workers = type("NoWorkers", (), {"backend_name": "reference", "threads": 1, "client": None,
+                                        "worker_threads": lambda self: 0})()
+    engine = dask_run.DaskEngine(no_workers, workers=1, labels_of=PerImage(default_label))
+    with pytest.raises(UsageError, match=r"the Dask cluster has had no workers for 0 s; stopped after 0 of 8 "
+                                         r"images .* run the same command again to resume"):
+        engine.run(paths, sink=None)
 
 
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():

@@ -61,6 +61,8 @@ LONE_DEATHS_TO_BLAME = 2
 POLL_SECONDS = 0.1
 #: How often the client asks the scheduler how many workers there are (they may come and go).
 SLOTS_REFRESH_SECONDS = 5.0
+#: How long the run waits for a worker when the cluster has none left before it stops (resumable).
+NO_WORKERS_TIMEOUT_S = 60.0
 
 
 class ChunkFailed(RuntimeError):
@@ -349,12 +351,24 @@ class DaskCluster:
         self._slots = (0.0, 1)  # (when counted, task slots)
 
     def worker_threads(self) -> int:
-        """Task slots in the cluster (workers x threads each), asked of the scheduler every few seconds."""
+        """Task slots in the cluster (workers x threads each; 0 when it has no worker), asked of the
+        scheduler every few seconds. A local cluster gets back the workers Dask gave up on."""
         counted_at, slots = self._slots
         if time.monotonic() - counted_at > SLOTS_REFRESH_SECONDS:
-            slots = max(1, sum(self.client.nthreads().values()))
+            self._replace_lost_workers()
+            slots = sum(self.client.nthreads().values())
             self._slots = (time.monotonic(), slots)
         return slots
+
+    def _replace_lost_workers(self) -> None:
+        """Dask's local clusters drop a worker (its nanny) that has not come back within
+        ``distributed.deploy.lost-worker-timeout`` (15 s), and never start it again: a file that kills
+        workers as they start could leave none, and the run waiting for ever. Asking for as many
+        workers as were started starts new ones in their place."""
+        cluster = self.cluster
+        wanted = len(getattr(cluster, "worker_spec", ()))
+        if cluster is not None and len(cluster.workers) < wanted:
+            cluster.scale(wanted)
 
     def _close_cluster(self) -> None:
         if self.cluster is not None:
@@ -486,7 +500,8 @@ class DaskEngine(Engine):
 
         Setting ``stop`` stops submitting, cancels the chunks not done and returns once the
         completed ones are written. A chunk that fails on a worker (no such backend there) stops the
-        run the same way, then raises UsageError; a chunk whose workers died is run again in halves.
+        run the same way, then raises UsageError, and so does a cluster left without workers for
+        :data:`NO_WORKERS_TIMEOUT_S`; a chunk whose workers died is run again in halves.
         """
         cluster = self.backend
         job = ChunkJob(cluster.backend_name, cluster.threads, self.config, self.decode_options,
@@ -496,9 +511,16 @@ class DaskEngine(Engine):
         start = time.perf_counter()
         chunks = _Chunks(cluster.client, job, paths)
         failure: str | None = None
+        workers_seen = time.monotonic()
         try:
             while failure is None and not stop.is_set():
-                chunks.submit(cluster.worker_threads())
+                slots = cluster.worker_threads()
+                if slots:
+                    workers_seen = time.monotonic()
+                elif time.monotonic() - workers_seen > NO_WORKERS_TIMEOUT_S:
+                    failure = f"the Dask cluster has had no workers for {NO_WORKERS_TIMEOUT_S:.0f} s"
+                    break
+                chunks.submit(max(1, slots))
                 if not chunks.in_flight:
                     break
                 ready = chunks.ready()
