@@ -24,17 +24,9 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_scale import REPO, link, tile_files  # noqa: E402
+from bench_scale import REPO, file_list, tile_files  # noqa: E402
 
 SMALL_CORPUS = 64
-
-
-def corpus(tiles: list[Path], folder: Path) -> Path:
-    """A folder holding exactly ``tiles`` (hard links): what one command line is run on."""
-    folder.mkdir()
-    for index, tile in enumerate(tiles):
-        link(tile, folder / f"{index:06d}.jpg")
-    return folder
 
 
 def steady_rate(images: int, seconds: float) -> float | None:
@@ -90,9 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-dask-") as scratch:
         scratch = Path(scratch)
         tiles = tile_files(scratch, args.files, args.tiles_from)
-        small = compare(corpus(tiles[:SMALL_CORPUS], scratch / "small"), scratch, args.backend, args.dask,
+        small = compare(file_list(scratch, "small", tiles[:SMALL_CORPUS]), scratch, args.backend, args.dask,
                         args.repeat)
-        large = compare(corpus(tiles, scratch / "large"), scratch, args.backend, args.dask, args.repeat)
+        large = compare(file_list(scratch, "large", tiles), scratch, args.backend, args.dask, args.repeat)
     fixed_s = small["dask_s"] - small["local_s"]
     extra = large["files"] - small["files"]
     steady_local = steady_rate(extra, large["local_s"] - small["local_s"])

@@ -138,11 +138,12 @@ def big_files(scratch: Path, count: int) -> list[Path]:
 
 
 def file_list(scratch: Path, name: str, files: list[Path]) -> Path:
-    """A folder of hard links to ``files`` (what `gpu-pipeline run FOLDER` takes)."""
+    """A folder of hard links to ``files`` (what `gpu-pipeline run FOLDER` takes; copies where
+    ``--tiles-from`` is on another file system)."""
     folder = scratch / f"run_{name}"
     folder.mkdir()
     for index, path in enumerate(files):
-        os.link(path, folder / f"{index:06d}{path.suffix}")
+        link(path, folder / f"{index:06d}{path.suffix}")
     return folder
 
 
