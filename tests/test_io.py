@@ -781,6 +781,26 @@ def test_discovery_matches_pathlib_ordering(tmp_path, monkeypatch):
         assert find_files(given) == [str(path) for path in expected]
 
 
+def test_find_files_names_a_file_one_way_whatever_the_spelling(tmp_path, monkeypatch):
+    """No ``.`` or ``..`` in the names records keep; a ``..`` after a symbolic link names the file it reaches."""
+    (tmp_path / "data/sub").mkdir(parents=True)
+    (tmp_path / "data/a.png").write_bytes(b"")
+    (tmp_path / "data/sub/b.png").write_bytes(b"")
+    (tmp_path / "deep/inner").mkdir(parents=True)
+    (tmp_path / "deep/inner/c.png").write_bytes(b"")
+    (tmp_path / "data/link").symlink_to(tmp_path / "deep/inner")  # data/link/.. is deep, not data
+    monkeypatch.chdir(tmp_path / "data/sub")
+    names = [str(tmp_path / "data/a.png"), str(tmp_path / "data/sub/b.png")]
+    for given in (["../"], [".."], ["../sub/.."], [str(tmp_path / "data/./sub/..")]):
+        assert find_files(given) == names, given
+    assert find_files(["..", "."]) == names  # one record per file, however many spellings name it
+    assert find_files(["../a.png", "b.png"]) == names
+    assert find_files(["../link/.."]) == [str(tmp_path / "deep/inner/c.png")]
+    assert find_files(["../link/../inner/c.png", "../link/c.png"]) == [
+        str(tmp_path / "deep/inner/c.png"), str(tmp_path / "data/link/c.png")]
+    assert discover(["../sub/.."]) == [Path("../sub/../a.png"), Path("../sub/../sub/b.png")]  # as given
+
+
 # --------------------------------------------------------------------------------------------
 # decode_each: files read a group at a time, then decoded from memory
 

@@ -117,6 +117,24 @@ def test_overwrite_starts_afresh(tiles, tmp_path):
     assert "/elsewhere/old.png" not in by_path(read_records(out))
 
 
+def test_a_rerun_from_another_working_folder_resumes(tiles, clean_records, tmp_path, monkeypatch):
+    """nightly.md: paths are recorded absolute, so a rerun from elsewhere matches them, however the folder is spelt."""
+    out = tmp_path / "out.jsonl"
+    folder = tiles[0].parent
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    first = os.path.relpath(folder)  # ../../tiles0 or the like
+    assert ".." in first
+    assert run(first, "--out", str(out)).exit_code == 0
+    assert by_path(read_records(out)) == clean_records
+    monkeypatch.chdir(folder)
+    for spelling in (".", "./", f"../{folder.name}/.", str(folder) + "/./"):
+        result = runner.invoke(app, ["run", spelling, "--out", str(out), "--backend", "reference"])
+        assert result.exit_code == 0, result.output
+        assert f"{len(tiles)} of {len(tiles)} images already recorded" in result.stderr, spelling
+    assert by_path(read_records(out)) == clean_records
+
+
 def test_resume_with_other_settings_is_refused(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     run(str(tiles[0].parent), "--out", str(out))

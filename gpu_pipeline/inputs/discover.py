@@ -32,37 +32,50 @@ def _prefix(folder: str) -> str:
     return folder if folder.endswith("/") else folder + "/"
 
 
-def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool) -> list[str]:
-    """Every file, de-duplicated and sorted: its absolute name, or its name as given.
+def _absolute(given: Path) -> str:
+    """``given`` as an absolute name without ``.`` or ``..`` parts: the name a record keeps, the same
+    whichever folder the run starts from, so that a rerun from elsewhere resumes instead of writing a
+    second record. Lexical (``os.path.abspath``), except where a ``..`` follows a symbolic link: there
+    the lexical name is another file, and the resolved one (``os.path.realpath``) is kept."""
+    absolute = os.path.abspath(given)
+    if ".." in given.parts:
+        try:
+            same = os.path.samefile(absolute, given)
+        except OSError:  # the lexical name leads nowhere
+            same = False
+        if not same:
+            return os.path.realpath(given)
+    return absolute
 
-    Names are the strings :class:`pathlib.Path` makes (``Path(folder, name)``, ``.absolute()``),
-    without a ``Path`` object per file: one costs about 10 us of the GIL, a quarter of a second
-    for 26,500 tiles. The sort key joins the path's components with NUL, which no name holds and
-    which sorts before every other character: strings then sort as the components would.
+
+def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool) -> list[str]:
+    """Every file, de-duplicated and sorted: its absolute name (:func:`_absolute`), or its name as given.
+
+    Names are the strings :class:`pathlib.Path` makes (``Path(folder, name)``), without a ``Path``
+    object per file: one costs about 10 us of the GIL, a quarter of a second for 26,500 tiles. The
+    sort key joins the path's components with NUL, which no name holds and which sorts before every
+    other character: strings then sort as the components would.
     """
     paths = list(paths)
     if len(paths) == 1 and Path(paths[0]).is_dir():  # the usual run: a folder's files come sorted, no key needed
         given = Path(paths[0])
-        at = _prefix(str(given.absolute()) if absolute else str(given))
+        at = _prefix(_absolute(given) if absolute else str(given))
         return [at + relative for relative in _files_in_folder(str(given), glob)]
-    found: dict[str, tuple[str, str, str]] = {}  # by the file's normalised absolute name: first one wins
+    found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     for given in map(Path, paths):
         if given.is_dir():
-            folder, absolute_folder = str(given), str(given.absolute())
-            at_given, at_absolute = _prefix(folder), _prefix(absolute_folder)
-            at_location = _prefix(os.path.normpath(absolute_folder))
+            at_given, at_absolute = _prefix(str(given)), _prefix(_absolute(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
-            for relative in _files_in_folder(folder, glob):
-                found.setdefault(at_location + relative, (at_key + relative.replace("/", "\0"),
-                                                          at_given + relative, at_absolute + relative))
+            for relative in _files_in_folder(str(given), glob):
+                found.setdefault(at_absolute + relative, (at_key + relative.replace("/", "\0"), at_given + relative))
         elif given.exists():  # a file, or a FIFO, socket or device: that one gets an error record
-            found.setdefault(os.path.normpath(given.absolute()),
-                             ("\0".join(given.parts), str(given), str(given.absolute())))
+            found.setdefault(_absolute(given), ("\0".join(given.parts), str(given)))
         elif given.is_symlink():
             raise UsageError(f"a broken symbolic link: {given}")
         else:
             raise UsageError(f"no such file or folder: {given}")
-    return [names[2] if absolute else names[1] for names in sorted(found.values())]
+    ordered = sorted(found.items(), key=lambda item: item[1][0])
+    return [name if absolute else names[1] for name, names in ordered]
 
 
 def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[Path]:
@@ -77,7 +90,7 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -
 
 
 def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[str]:
-    """The files of :func:`discover`, in its order, as absolute names (``str(path.absolute())``):
+    """The files of :func:`discover`, in its order, as absolute names without ``.`` or ``..`` parts:
     what a run processes and writes in its records. Raises :class:`UsageError` as it does."""
     return _find(paths, glob, absolute=True)
 
