@@ -311,6 +311,33 @@ def test_save_edges_on_an_existing_file_is_refused_up_front(tiles, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("as_root", [False, True])
+def test_save_edges_that_cannot_be_created_is_refused_writing_nothing(tiles, tmp_path, monkeypatch, as_root):
+    """nightly.md: a --save-edges that cannot be created exits 2; for root, whom every permission
+    check lets through, the folder is created before anything else is written, and that decides."""
+    if as_root:
+        monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    before = set(tmp_path.iterdir())
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--save-edges", "/proc/gpu-pipeline-test/edges")
+    assert result.exit_code == 2 and "--save-edges /proc/gpu-pipeline-test/edges" in result.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_a_run_refused_after_making_the_edge_folder_removes_it(tiles, tmp_path, monkeypatch):
+    from gpu_pipeline.engine import job
+    from gpu_pipeline.errors import UsageError
+
+    def refuse(out, settings):
+        assert (tmp_path / "kept/new/edges").is_dir()  # made first
+        raise UsageError("cannot write the settings (planted)")
+
+    monkeypatch.setattr(job, "write_settings", refuse)
+    (tmp_path / "kept").mkdir()
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--save-edges", str(tmp_path / "kept/new/edges"))
+    assert result.exit_code == 2 and "planted" in result.stderr
+    assert not list((tmp_path / "kept").iterdir()) and not (tmp_path / "o.jsonl").exists()
+
+
 def test_edge_maps_saved_inside_an_input_folder_are_never_inputs(tiles, tmp_path):
     edges = tiles / "edges"
     for night in range(3):

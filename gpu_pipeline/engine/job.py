@@ -271,6 +271,37 @@ def check_edge_folder(folder: Path | None) -> None:
         raise UsageError(f"--save-edges {folder}: cannot write in {existing}")
 
 
+def make_edge_folder(folder: Path | None) -> list[Path]:
+    """Create ``--save-edges`` (and its missing parents) before anything else is written: the test
+    that decides, where :func:`check_edge_folder`'s permission check cannot see a refusal (root in
+    ``/proc``, a read-only mount below a writable one). The folders created, parents first."""
+    if folder is None:
+        return []
+    missing = [folder.absolute()]
+    while not missing[-1].parent.exists():
+        missing.append(missing[-1].parent)
+    created = []
+    for path in reversed(missing):
+        if path.exists() and path.is_dir():
+            continue
+        try:
+            path.mkdir()
+        except OSError as exc:
+            remove_folders(created)
+            raise UsageError(f"--save-edges {folder}: cannot create {path}: {exc.strerror or exc}") from None
+        created.append(path)
+    return created
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Undo :func:`make_edge_folder` for a run refused later: a refusal leaves nothing behind."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 def inspect(job: Job, settings: dict) -> OutputPlan:
     try:
         output = inspect_output(job.out, job.output_format, overwrite=job.overwrite, retry_failed=job.retry_failed)
@@ -330,10 +361,13 @@ def execute(job: Job, checked: CheckedJob) -> int:
     """Write the settings, prepare the output, stream the images into it, report."""
     backend, files, todo, output = checked.engine.backend, checked.files, checked.todo, checked.output
     console = Console(stderr=True, soft_wrap=True)
+    created: list[Path] = []
     try:
+        created = make_edge_folder(job.save_edges)
         write_settings(job.out, checked.settings)
         sink = output.open()
     except (SinkError, UsageError) as exc:
+        remove_folders(created)
         backend.close()
         checked.engine.close()  # a fork server no run will take over
         raise UsageError(str(exc)) from None
