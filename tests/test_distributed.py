@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 from gpu_pipeline.engine import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.labels.labeller import Features, default_label
+from gpu_pipeline.labels.model import load_model
 from gpu_pipeline.cli import app
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.plan import open_sink, read_records
@@ -90,8 +92,6 @@ def test_a_local_cluster_starts_no_gil_knocker_in_this_process(monkeypatch):
     """Dask's GIL monitor (gilknocker, where installed) starts a native thread in the scheduler and in
     each nanny, all in this process; one still knocking while Python shuts down aborts the run (exit
     134) after its records are written."""
-    import types
-
     started = []
 
     class KnockKnock:  # gilknocker's interface, as Dask's SystemMonitor uses it
@@ -110,9 +110,12 @@ def test_a_local_cluster_starts_no_gil_knocker_in_this_process(monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "gilknocker", types.SimpleNamespace(KnockKnock=KnockKnock))
-    with dask_run.DaskCluster("local:1", "reference", None) as cluster:
+    with dask_run.DaskCluster("local:2", "reference", None) as cluster:
         assert not cluster.cluster.scheduler.monitor.monitor_gil_contention
         assert started == []
+        # distributed.md: each of the N processes gets cores / N compute threads, one task slot
+        assert cluster.threads == max(1, (os.cpu_count() or 1) // 2)
+        assert cluster.worker_threads() == 2
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +339,57 @@ def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
     assert record["error"].startswith("8 worker processes died processing this image alone")  # docs/distributed.md
 
 
+def test_edges_model_auto_and_unreadable_files_behave_as_in_a_local_run(cluster, tiles, tmp_path):
+    """distributed.md: a worker that cannot read a path gives it an error record, --save-edges is
+    written by the workers, --model travels with every task, --backend auto is resolved on each worker."""
+    folder = tmp_path / "images"
+    shutil.copytree(tiles, folder)
+    (folder / "torn.png").write_bytes((tiles / "tile0000.png").read_bytes()[:100])
+    os.mkfifo(folder / "fifo.png")
+    options = ["--model", "eurosat", "--backend", "auto", "-q"]
+    local = runner.invoke(app, ["run", str(folder), "--out", str(tmp_path / "local.jsonl"),
+                                "--save-edges", str(tmp_path / "local-edges"), *options])
+    dask = runner.invoke(app, ["run", str(folder), "--out", str(tmp_path / "dask.jsonl"),
+                               "--save-edges", str(tmp_path / "dask-edges"), "--dask", cluster.scheduler.address,
+                               *options])
+    assert local.exit_code == dask.exit_code == 1, (local.output, dask.output)  # the two files that fail
+    records = by_path(read_records(tmp_path / "dask.jsonl"))
+    assert records == by_path(read_records(tmp_path / "local.jsonl"))
+    assert len(records) == 202
+    assert records[str(folder / "fifo.png")]["stage"] == "read"
+    assert records[str(folder / "torn.png")]["stage"] == "decode"
+    assert {record.get("backend") for record in records.values()} == {None, registry.resolve("auto")}
+    assert {record.get("label") for record in records.values()} <= {None, *load_model("eurosat").classes}
+    edges = sorted(path.relative_to(tmp_path / "dask-edges") for path in (tmp_path / "dask-edges").rglob("*.png"))
+    assert len(edges) == 200
+    assert edges == sorted(path.relative_to(tmp_path / "local-edges")
+                           for path in (tmp_path / "local-edges").rglob("*.png"))
+    for name in edges:
+        assert (tmp_path / "dask-edges" / name).read_bytes() == (tmp_path / "local-edges" / name).read_bytes()
+
+
+def test_each_worker_chooses_the_decode_threads_not_given(monkeypatch):
+    """distributed.md: --workers defaults to the worker's compute threads, or to its cores."""
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+
+    chosen = []
+
+    class Recorder:
+        def __init__(self, **settings):
+            chosen.append(settings["workers"])
+
+        def run(self, paths, sink):
+            return types.SimpleNamespace(seconds=0.0)
+
+    monkeypatch.setattr(dask_run, "Engine", Recorder)
+    monkeypatch.setattr(os, "cpu_count", lambda: 13)
+    for threads, decode_workers in [(None, None), (3, None), (3, 5), (None, 5)]:
+        job = dask_run.ChunkJob("reference", threads, PipelineConfig(), DecodeOptions(), 64, decode_workers,
+                                default_label, None)
+        dask_run.process_chunk(job, [])
+    assert chosen == [13, 3, 5, 5]
+
+
 def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
     out = tmp_path / "dask.jsonl"
     local = tmp_path / "first.jsonl"
@@ -350,7 +404,10 @@ def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster,
     assert by_path(read_records(out)) == tile_records
 
 
-def test_ctrl_c_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path):
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
+def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path, sig, group, code):
+    """Ctrl-C reaches the client and its worker processes (a terminal signals the group); `kill`
+    or a service manager's SIGTERM may reach the client alone."""
     folder = tmp_path / "many"
     folder.mkdir()
     first = folder / "tile00000.png"
@@ -364,11 +421,16 @@ def test_ctrl_c_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path
     deadline = time.monotonic() + 60
     while not (out.exists() and out.stat().st_size) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGINT)  # as a terminal does: the client and its worker processes
+    if group:
+        os.killpg(process.pid, sig)
+    else:
+        os.kill(process.pid, sig)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "interrupted:" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert 0 < len(by_path(read_records(out))) < 2000
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    recorded = len(by_path(read_records(out)))
+    assert 0 < recorded < 2000
+    assert f"interrupted: {2000 - recorded} images not processed; run the same command again to resume" in stderr
 
 
 class NowhereBackend(Backend):
@@ -420,12 +482,32 @@ def test_without_the_dask_extra_exits_2_with_the_install_hint(tiles, tmp_path, m
     ("local:0", "local:N takes"),
     ("local:two", "local:N takes"),
     ("tcp://127.0.0.1:9", "cannot connect to the Dask scheduler at tcp://127.0.0.1:9"),
+    ("127.0.0.1:9", "cannot connect to the Dask scheduler at 127.0.0.1:9"),  # host:port means tcp
+    ("nonsense://x", "--dask takes local:N or a scheduler address such as tcp://host:8786, got 'nonsense://x'"),
+    ("justahost", "--dask takes local:N or a scheduler address such as tcp://host:8786, got 'justahost'"),
+    ("tcp://127.0.0.1", "--dask takes local:N or a scheduler address such as tcp://host:8786"),
 ])
 def test_a_bad_cluster_address_exits_2(tiles, tmp_path, monkeypatch, spec, message):
     monkeypatch.setattr(dask_run, "CONNECT_TIMEOUT_S", 1.0)
     result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", spec)
     assert result.exit_code == 2
     assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_scheduler_without_workers_exits_2_after_the_timeout(tiles, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as empty:
+        started = time.monotonic()
+        result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--dask", empty.scheduler_address,
+                     "--dask-timeout", "2")
+        waited = time.monotonic() - started
+    assert result.exit_code == 2, result.output
+    assert f"the Dask scheduler at {empty.scheduler_address} has no workers (waited 2 s)" in result.stderr
+    assert "dask worker" in result.stderr and "Traceback" not in result.output
+    assert 2 <= waited < 30
     assert not (tmp_path / "o.jsonl").exists()
 
 
