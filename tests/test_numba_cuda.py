@@ -206,6 +206,27 @@ def test_auto_on_a_machine_without_a_cuda_driver_passes_over_gpu_backends_silent
     assert registry.resolve("auto") in ("numba", "reference") and told == []
 
 
+def test_auto_takes_the_first_available_of_cupy_cuda_numba_reference(monkeypatch):
+    """README and backends.md: the order auto tries; a CPU machine gets numba, never the slow reference."""
+    monkeypatch.setattr(registry, "cuda_driver_loads", lambda: True)
+    monkeypatch.setattr(registry, "notify", lambda message: None)
+    order = ["cupy", "cuda", "numba", "reference"]
+    for taken in range(len(order)):
+        monkeypatch.setattr(registry, "unavailable_reason",
+                            lambda name, gone=order[:taken]: "planted" if name in gone else None)
+        assert registry.resolve("auto") == order[taken]
+
+
+def test_auto_on_a_machine_without_a_driver_gives_numba_without_importing_gpu_backends():
+    code = ("import sys; from gpu_pipeline.backends import registry; "
+            "registry.cuda_driver_loads = lambda: False; "
+            "print(registry.resolve('auto'), sorted(m for m in sys.modules if ('cuda' in m or 'cupy' in m) "
+            "and m != '_numba_cuda_redirector'))")  # numba's own .pth hook, there before any import
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(None, 1) == ["numba", "[]\n"]
+
+
 def test_the_real_import_failing_in_a_fresh_process_is_one_line_and_exit_2(few_images, tmp_path):
     """No monkeypatching of our code: numpy loses row_stack, as in 2.5, before numba-cuda is imported."""
     code = ("import sys, numpy; del numpy.row_stack; from gpu_pipeline.cli import main; "
