@@ -272,7 +272,7 @@ def _set(data: dict, dotted: str, value) -> dict:
 
 @pytest.mark.parametrize("key, value, message", [
     ("format", "something else", "not a gpu-pipeline label model"),
-    ("format_version", 1, "format version 1 is not supported"),
+    ("format_version", 1, "format version 1 is not supported .*; fit the model again"),
     ("features", ["edge_density"], "uses features"),
     ("terms", ["edge_density"], "pairwise products"),
     ("classes", ["a", "a", "b"], "distinct"),
@@ -474,6 +474,10 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
     assert result.exit_code == 1, result.output
     assert "2 image(s) could not be processed" in result.stderr and "a_broken.png: decode:" in result.stderr
     assert load_model(tmp_path / "m.json").training["images_per_class"] == {"blue": 1, "green": 1, "red": 1}
+    result = invoke("evaluate", str(tree), "--model", str(tmp_path / "m.json"), "--backend", "reference")
+    assert result.exit_code == 1, result.output  # labels.md: the broken ones listed, the rest evaluated
+    assert "2 image(s) could not be processed" in result.stderr and "b_broken.png: decode:" in result.stderr
+    assert "accuracy" in result.stdout.lower()
     for name in ("red_0", "c_broken"):
         (tree / "red" / f"{name}.png").write_bytes(b"")
     _usage_error(invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference"),
