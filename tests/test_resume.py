@@ -5,10 +5,12 @@ The subprocess tests run the real command line and kill it, as cron, an OOM kill
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,11 +98,14 @@ def test_finished_output_is_not_redone(tiles, tmp_path):
     assert out.read_bytes() == before
 
 
-def test_failures_are_kept_until_retry_failed(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_failures_are_kept_until_retry_failed(tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
     folder = tmp_path / "images"
     paths = make_images(folder, 4)
     paths[1].write_bytes(b"")
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / f"out{suffix}"
     assert run(str(folder), "--out", str(out)).exit_code == 1
     make_images(folder, 4)  # the broken file is repaired
     assert run(str(folder), "--out", str(out)).exit_code == 1  # its error record still stands
@@ -141,6 +146,57 @@ def test_resume_with_other_settings_is_refused(tiles, tmp_path):
     result = run(str(tiles[0].parent), "--out", str(out), "--low", "10")
     assert result.exit_code == 2
     assert "other settings" in result.stderr and "pipeline" in result.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--bands", "3,2,1"), ("--stretch", "minmax"),
+                                           ("--max-pixels", "100000")])
+def test_resume_with_other_decode_settings_is_refused(tiles, tmp_path, option, value):
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    before = out.read_bytes()
+    result = run(str(tiles[0].parent), "--out", str(out), option, value)
+    assert result.exit_code == 2, result.output
+    assert "other settings (changed: decode" in result.stderr
+    assert out.read_bytes() == before
+
+
+def test_the_backend_may_change_between_runs(tiles, clean_records, tmp_path):
+    """nightly.md: every backend gives the same bytes, so a resume may take another one."""
+    out = tmp_path / "out.jsonl"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in tiles[:20]:
+        os.link(path, folder / path.name)
+    assert run(str(folder), "--out", str(out)).exit_code == 0
+    for path in tiles[20:]:
+        os.link(path, folder / path.name)
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--backend", "numba", "-q"])
+    assert result.exit_code == 0, result.output
+    records = by_path(read_records(out))
+    assert len(records) == 40 and {r["backend"] for r in records.values()} == {"reference", "numba"}
+    for path, record in records.items():
+        expected = clean_records[str(tiles[0].parent / Path(path).name)]
+        assert {**record, "path": "", "backend": ""} == {**expected, "path": "", "backend": ""}
+
+
+def test_an_output_of_another_extension_is_json_lines(tiles, clean_records, tmp_path):
+    out = tmp_path / "results.txt"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    lines = out.read_text().splitlines()
+    assert by_path([json.loads(line) for line in lines]) == clean_records
+
+
+def test_an_output_that_cannot_be_read_back_is_refused(tiles, tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles[0].parent), "--out", str(out), "--batch-size", "16").exit_code == 0
+    part = sorted(out.glob("part-*.parquet"))[1]
+    part.write_bytes(b"not parquet at all")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    result = run(str(tiles[0].parent), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert f"cannot read {out} back" in result.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_resume_with_another_label_model_is_refused(tiles, tmp_path):
@@ -234,12 +290,30 @@ def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, decod
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     wait_until(lambda: not tagged(tag), "the run's decode processes ending", timeout=20)
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
     partial = by_path(read_records(out))
     assert 0 < len(partial) < len(many_tiles)
+    assert (f"interrupted: {len(many_tiles) - len(partial)} images not processed; "
+            "run the same command again to resume") in stderr
     assert out.read_bytes().endswith(b"\n")
     assert start(folder, out, "-q").wait(timeout=300) == 0
     assert len(by_path(read_records(out))) == len(many_tiles)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_acts_at_once(sig):
+    """nightly.md: the first Ctrl-C stops the run after the batches in flight; the second, the
+    system's default action at once (the output stays resumable: see the SIGKILL test above)."""
+    from gpu_pipeline.engine.job import stop_on_signals
+
+    stop = threading.Event()
+    before = signal.getsignal(sig)
+    with stop_on_signals(stop) as received:
+        assert callable(signal.getsignal(sig))
+        os.kill(os.getpid(), sig)
+        assert stop.wait(5) and received == [sig]
+        assert signal.getsignal(sig) is signal.SIG_DFL  # a second one would end the process
+    assert signal.getsignal(sig) is before
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
