@@ -230,6 +230,14 @@ def test_auto_decodes_in_processes_only_for_long_runs_on_several_cores(monkeypat
     assert engine.decodes_in_processes(5000) == processes.available()
     assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
     assert engine.decoders() == 16 and Engine(create("reference"), workers=3).decoders() == 3
+    # README: 2,000 files or more on 8 cores or more, 10,000 or more on 2 to 7
+    assert not engine.decodes_in_processes(1_999)
+    assert engine.decodes_in_processes(2_000) == processes.available()
+    monkeypatch.setattr(stream, "usable_cores", lambda: 8)
+    assert engine.decodes_in_processes(2_000) == processes.available()
+    monkeypatch.setattr(stream, "usable_cores", lambda: 7)
+    assert not engine.decodes_in_processes(9_999)
+    assert engine.decodes_in_processes(10_000) == processes.available()
     monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were as fast on 2 cores below 10,000 files
     assert not engine.decodes_in_processes(9_999)
     assert engine.decodes_in_processes(10_000) == processes.available()

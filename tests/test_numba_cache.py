@@ -58,6 +58,21 @@ def test_a_world_writable_or_foreign_cache_folder_is_never_adopted(tmp_path, no_
     assert numba.config.CACHE_DIR == str(chosen)
 
 
+def test_the_package_cache_then_the_users_then_the_temporary_folder(tmp_path, no_user_choice):
+    """nightly.md and backends.md: __pycache__ beside the kernels when usable, else ~/.cache's,
+    else <tempdir>/gpu-pipeline-numba-<uid>."""
+    package = tmp_path / "package"
+    (package / "__pycache__").mkdir(parents=True, mode=0o755)
+    assert _numba_setup.choose_cache_dir(package) == str(package / "__pycache__")
+    assert numba.config.CACHE_DIR == ""  # numba's own default: nothing to set
+    (package / "__pycache__").rmdir()
+    (package / "__pycache__").write_text("a file where numba wants a folder")
+    (tmp_path / "xdg").write_text("a file where the user's cache would be")
+    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    chosen = _numba_setup.choose_cache_dir(package)
+    assert chosen == str(tmp_path / "tmp" / f"gpu-pipeline-numba-{uid}") == numba.config.CACHE_DIR
+
+
 def test_the_users_own_private_folder_is_used(tmp_path, no_user_choice):
     package = tmp_path / "package"
     package.mkdir()

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cpu_reference
+import gpu_pipeline
 from gpu_pipeline.diagnostics import verify
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
@@ -148,6 +149,14 @@ def test_default_set_on_bundled_data_is_identical_and_lists_every_backend(tmp_pa
             assert f"{name}: unavailable: {reason}" in result.stdout
     assert NeverAvailable.REASON in result.stdout
     assert report["identical"] is True and report["differences"] == [] and report["errors"] == []
+    # the --report table of verify.md, key by key
+    assert set(report) == {"schema", "gpu_pipeline_version", "identical", "exit_status", "ground_truth", "stages",
+                           "config", "decode", "images", "backends", "differences", "errors", "decode_errors"}
+    assert (report["schema"], report["gpu_pipeline_version"]) == ("gpu-pipeline-verify/1", gpu_pipeline.__version__)
+    assert (report["exit_status"], report["ground_truth"], report["decode_errors"]) == (0, "reference", [])
+    assert report["stages"] == ["histogram", "equalized", "edges", "edge_count", "label"]
+    assert report["decode"] == {"bands": None, "stretch": "percentile"}
+    assert verify.MAX_PRINTED == 20  # verify.md: "the first 20"; the test below prints 3
 
 
 def test_against_opencv_is_identical(image_dir, tmp_path, bundled_data_dir):
