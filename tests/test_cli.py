@@ -237,6 +237,49 @@ def test_kernels_found_in_the_cache_are_not_announced(tmp_path, image_dir, regis
     assert "compiling" not in result.stderr
 
 
+def test_a_slow_labeller_warm_up_is_timed(tmp_path, image_dir, monkeypatch):
+    """README: a model's first load (its kernels compiled) says "labels ready in ..."."""
+    import gpu_pipeline.engine.job as runner
+
+    monkeypatch.setattr(runner, "warm_up_labeller", lambda labeller: time.sleep(1.1))
+    result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
+                                      "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert "labels ready in 1." in result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_a_terminal_gets_a_progress_bar_with_count_rate_and_eta(tmp_path, bundled_data_dir):
+    """README: a progress bar (count, images/s, ETA) shows on a terminal, and only there."""
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "run", str(bundled_data_dir / "eurosat"),
+                                "--out", str(tmp_path / "r.jsonl"), "--backend", "reference"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary,
+                               env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the run ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert process.wait(timeout=120) == 0, shown
+    text = shown.decode(errors="replace")
+    assert "processing" in text and "img/s" in text and "ETA" in text, text
+    assert "50/50" in text  # the count, done
+    piped = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(bundled_data_dir / "eurosat"),
+                            "--out", str(tmp_path / "piped.jsonl"), "--backend", "reference"],
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "img/s" not in piped.stderr and "ETA" not in piped.stderr, piped.stderr
+
+
 def test_the_labeller_is_warmed_up_before_the_first_batch(tmp_path, image_dir, monkeypatch):
     """A model's feature kernels compile on first use: that must happen before the run is timed."""
     import gpu_pipeline.engine.job as runner

@@ -353,9 +353,10 @@ def test_edges_model_auto_and_unreadable_files_behave_as_in_a_local_run(cluster,
                                "--save-edges", str(tmp_path / "dask-edges"), "--dask", cluster.scheduler.address,
                                *options])
     assert local.exit_code == dask.exit_code == 1, (local.output, dask.output)  # the two files that fail
-    records = by_path(read_records(tmp_path / "dask.jsonl"))
-    assert records == by_path(read_records(tmp_path / "local.jsonl"))
-    assert len(records) == 202
+    records, expected = by_path(read_records(tmp_path / "dask.jsonl")), by_path(read_records(tmp_path / "local.jsonl"))
+    assert len(records) == 202 and records.keys() == expected.keys()
+    differing = {key for path in records for key in records[path] if records[path][key] != expected[path].get(key)}
+    assert records == expected, (differing, next(iter(records.values())), next(iter(expected.values())))
     assert records[str(folder / "fifo.png")]["stage"] == "read"
     assert records[str(folder / "torn.png")]["stage"] == "decode"
     assert {record.get("backend") for record in records.values()} == {None, registry.resolve("auto")}

@@ -94,6 +94,23 @@ def test_numba_environment_settings_are_reported(tmp_path):
                           "cache_dir": keyed, "cache_dir_from_env": True}
 
 
+def test_the_cuda_simulator_is_not_reported_as_a_gpu():
+    """verify.md: under NUMBA_ENABLE_CUDASIM=1, info says the simulator is not a GPU."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "info", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    gpu = json.loads(proc.stdout)["gpu"]
+    assert (gpu["devices"], gpu["reason"]) == ([], "NUMBA_ENABLE_CUDASIM=1: the CUDA simulator is not a GPU")
+
+
+def test_human_output_counts_the_cores():
+    found = info_json()
+    result = runner.invoke(app, ["info"])
+    cpu = found["cpu"]
+    assert f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process" in result.stdout
+
+
 @pytest.mark.gpu
 def test_a_real_gpu_is_described():
     gpu = info_json()["gpu"]
