@@ -274,6 +274,10 @@ def _valid_dict() -> dict:
     (lambda d: d["blocks"][1].update(weights=np.full((3, 3, 4, 6), 128).tolist()), r"blocks\[1\].weights.*-127..127"),
     (lambda d: d["blocks"][1].update(weights=np.full((3, 3, 4, 6), 1.5).tolist()), r"blocks\[1\].weights"),
     (lambda d: d["blocks"][0].update(shift=[0, 1, 1, 1]), r"shift.*1..62"),
+    (lambda d: d["blocks"][0].update(shift=[63, 1, 1, 1]), r"shift.*1..62"),
+    (lambda d: d["blocks"][0].update(multiplier=[0, 1, 1, 1]), r"multiplier.*1..2147483648"),
+    (lambda d: d["blocks"][0].update(multiplier=[2 ** 31 + 1, 1, 1, 1]), r"multiplier.*1..2147483648"),
+    (lambda d: d.update(input_size=257), "input_size.*to 256"),
     (lambda d: d["blocks"][1].update(shape=[3, 3, 4, 7]), r"blocks\[1\].shape.*\[3, 3, 4, 6\]"),
     (lambda d: d["dense"].pop("shape"), r"dense.shape"),
     (lambda d: d["blocks"][0].update(multiplier=[True] * 4), "multiplier"),
@@ -290,6 +294,17 @@ def test_malformed_cnn_model_names_the_problem(tmp_path, change, message):
     with pytest.raises(ModelError, match=message) as caught:
         load_model(path)
     assert str(path) in str(caught.value)
+
+
+def test_the_largest_input_and_multipliers_of_labels_md_load(tmp_path):
+    """labels.md: input up to 256, multipliers 1..2^31, shifts 1..62."""
+    data = _valid_dict()
+    data["input_size"] = 256
+    data["blocks"][0].update(multiplier=[2 ** 31, 1, 2 ** 31, 1], shift=[62, 1, 1, 62])
+    path = tmp_path / "edge.json"
+    path.write_text(json.dumps(data))
+    loaded = load_model(path)
+    assert loaded.size == 256 and loaded.network.blocks[0].multiplier.tolist() == [2 ** 31, 1, 2 ** 31, 1]
 
 
 def test_model_file_round_trip(tmp_path):

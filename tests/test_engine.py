@@ -94,6 +94,25 @@ class ForgetfulBackend(ReferenceBackend):
         return super().process(images, config, keep_images)[:-1]
 
 
+class OneResultPerImage(ReferenceBackend):
+    """A plug-in backend written before BatchResult: a list of StageResult, one per image."""
+
+    name = "one-per-image"
+
+    def process(self, images, config, keep_images=False):
+        return list(super().process(images, config, keep_images))
+
+
+def test_a_backend_returning_a_list_of_results_is_converted(tmp_path):
+    """backends.md: a backend that still returns a list is converted by the engine."""
+    paths = write_pngs(tmp_path, [(8, 9), (8, 9, 3), (1, 1), (20, 3)])
+    expected, converted = ListSink(), ListSink()
+    Engine(ReferenceBackend(), batch_size=3).run(paths, expected)
+    summary = Engine(OneResultPerImage(), batch_size=3).run(paths, converted)
+    assert summary.ok == 4 and summary.failed == 0
+    assert [{**r, "backend": ""} for r in converted.records] == [{**r, "backend": ""} for r in expected.records]
+
+
 def test_a_backend_returning_too_few_results_gives_error_records(tmp_path):
     paths = write_pngs(tmp_path, [(6, 6)] * 3)
     sink = ListSink()
