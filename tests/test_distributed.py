@@ -308,7 +308,8 @@ def test_a_local_cluster_gets_back_the_workers_dask_gave_up_on():
         assert not cluster.client.nthreads()
         while time.monotonic() < deadline:
             cluster._slots = (0.0, 0)  # count again now
-            if cluster.worker_threads() == 1:
+            # the new worker registers with the scheduler a moment before the cluster lists it
+            if cluster.worker_threads() == 1 and len(local.workers) == 1:
                 break
             time.sleep(0.5)
         assert cluster.worker_threads() == 1 and len(local.workers) == 1
