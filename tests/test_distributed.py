@@ -118,6 +118,39 @@ def test_a_local_cluster_starts_no_gil_knocker_in_this_process(monkeypatch):
         assert cluster.worker_threads() == 2
 
 
+def test_a_local_cluster_closes_without_dask_log_records():
+    """After Ctrl-C a local cluster's scheduler (in this process) could log a CRITICAL traceback,
+    "Closed comm ... while trying to write", for a result that reached a closed client: on the
+    user's stderr, under the run's own message."""
+    cluster = dask_run.DaskCluster("local:1", "reference", None)
+    distributed_logger = logging.getLogger("distributed")
+    level = distributed_logger.level
+    local_close = cluster.cluster.close
+
+    def close_logging(*args, **kwargs):  # what the scheduler does when the race is lost
+        logging.getLogger("distributed.scheduler").critical("Closed comm %r while trying to write %s",
+                                                            "planted", {"op": "key-in-memory"})
+        return local_close(*args, **kwargs)
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    kept = Kept()
+    logging.getLogger("distributed.scheduler").addHandler(kept)
+    try:
+        cluster.cluster.close = close_logging
+        cluster.close()
+    finally:
+        logging.getLogger("distributed.scheduler").removeHandler(kept)
+    assert [record.getMessage() for record in kept.records] == []
+    assert distributed_logger.level == level
+
+
 @pytest.fixture(scope="module")
 def tile_records(tiles, tmp_path_factory) -> dict[str, dict]:
     return local_records(tiles, tmp_path_factory.mktemp("local") / "local.jsonl")

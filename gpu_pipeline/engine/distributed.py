@@ -27,9 +27,10 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -176,6 +177,25 @@ def without_gil_monitor():
     import dask
 
     return dask.config.set({"distributed.admin.system-monitor.gil.enabled": False})
+
+
+@contextmanager
+def dask_logs_off() -> Iterator[None]:
+    """No log records from Dask's scheduler and nannies in this process while they close.
+
+    A local cluster's scheduler runs in this process and logs, at the CRITICAL level and with a
+    traceback, a result it could not send to the client that has just closed ("Closed comm ...
+    while trying to write"): after a Ctrl-C, when results were still arriving, a user saw a Dask
+    traceback under the run's own message. The run is over by then and its records are written.
+    ``distributed.client``, which has a level of its own, still logs.
+    """
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 LOCAL_CUDA = "local-cuda"
@@ -376,8 +396,12 @@ class DaskCluster:
             self.cluster = None
 
     def close(self) -> None:
-        self.client.close()
-        self._close_cluster()
+        if self.cluster is None:  # someone else's scheduler: its logs are not ours to silence
+            self.client.close()
+            return
+        with dask_logs_off():
+            self.client.close()
+            self._close_cluster()
 
     def __enter__(self) -> "DaskCluster":
         return self
