@@ -367,6 +367,26 @@ def test_a_call_gives_every_thread_enough_tiles():
         backend.close()
 
 
+def test_close_ends_the_helper_threads():
+    """backends.md: the backend keeps threads - 1 helper threads, and close() ends them."""
+    import threading
+
+    from gpu_pipeline.backends import numba_cpu
+
+    def helpers() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name.startswith("numba")}
+
+    before = helpers()
+    backend = numba_cpu.NumbaCpuBackend(threads=2)
+    backend.process([np.zeros((64, 64), np.uint8)] * 8, PipelineConfig())
+    started = helpers() - before
+    assert len(started) == 1
+    backend.close()
+    for thread in started:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
 def test_calls_that_reuse_the_last_calls_memory_give_the_reference_bytes():
     """The gray images and Canny maps of a call live in memory the backend keeps for the next call:
     a smaller batch after a larger one (a prefix of it, old bytes beyond), then a larger one (grown),
