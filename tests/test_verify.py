@@ -170,6 +170,36 @@ def test_against_opencv_is_identical(image_dir, tmp_path, bundled_data_dir):
                                 "blur_ksize": 3}
 
 
+class KeepsImages(ReferenceBackend):
+    name = "keeps-images"
+    seen: ClassVar[list[bytes]] = []
+
+    def process(self, images, config, keep_images=False):
+        KeepsImages.seen.extend(np.ascontiguousarray(image).tobytes() for image in images)
+        return super().process(images, config, keep_images)
+
+
+def test_verify_takes_runs_decode_and_selection_options(tmp_path, register):
+    """verify.md: --glob, --bands, --stretch, --threads and --workers, as run takes them."""
+    tifffile = pytest.importorskip("tifffile")
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    tifffile.imwrite(folder / "five.tif", rng.integers(0, 4000, (20, 24, 5), dtype=np.uint16),
+                     photometric="minisblack", planarconfig="contig")
+    Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(folder / "other.png")
+    register(KeepsImages)
+    KeepsImages.seen = []
+    result, report = verify_with_report(tmp_path, folder, "--glob", "*.tif", "--bands", "3,2,1", "--stretch",
+                                        "minmax", "--threads", "1", "--workers", "1", "--backends", "keeps-images")
+    assert result.exit_code == 0, result.output
+    assert report["images"] == {"found": 1, "decoded": 1, "compared": 1}  # five bands: only --bands decodes it
+    assert report["decode"] == {"bands": [3, 2, 1], "stretch": "minmax"}
+    expected = decode_image(folder / "five.tif", DecodeOptions(bands=(3, 2, 1), stretch="minmax"))
+    assert KeepsImages.seen == [expected.tobytes()]
+    assert expected.tobytes() != decode_image(folder / "five.tif", DecodeOptions(bands=(3, 2, 1))).tobytes()
+
+
 def test_backend_calls_are_batched_in_bounded_chunks(image_dir, register):
     register(RecordsCalls)
     for i in range(6):
