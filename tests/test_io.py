@@ -791,8 +791,8 @@ def test_find_files_names_a_file_one_way_whatever_the_spelling(tmp_path, monkeyp
     (tmp_path / "data/link").symlink_to(tmp_path / "deep/inner")  # data/link/.. is deep, not data
     monkeypatch.chdir(tmp_path / "data/sub")
     names = [str(tmp_path / "data/a.png"), str(tmp_path / "data/sub/b.png")]
-    for given in (["../"], [".."], ["../sub/.."], [str(tmp_path / "data/./sub/..")]):
-        assert find_files(given) == names, given
+    for spelling in (["../"], [".."], ["../sub/.."], [str(tmp_path / "data/./sub/..")]):
+        assert find_files(spelling) == names, spelling
     assert find_files(["..", "."]) == names  # one record per file, however many spellings name it
     assert find_files(["../a.png", "b.png"]) == names
     assert find_files(["../link/.."]) == [str(tmp_path / "deep/inner/c.png")]
