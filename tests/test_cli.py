@@ -193,6 +193,24 @@ def test_console_script_runs_without_traceback(tmp_path):
     assert proc.stderr.startswith("gpu-pipeline: error:") and "Traceback" not in proc.stderr
 
 
+def test_the_readme_synopsis_lists_every_run_option_with_its_default():
+    """README's Usage block names each option of `gpu-pipeline run`, and a number shown is its default."""
+    import re
+
+    import typer.main
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    synopsis = readme[readme.index("gpu-pipeline run [PATHS...]"):readme.index("gpu-pipeline verify | bench")]
+    command = typer.main.get_command(app).commands["run"]
+    options = {name: param for param in command.params for name in param.opts + param.secondary_opts
+               if name.startswith("--")}
+    shown = set(re.findall(r"--[a-z][a-z0-9-]*", synopsis))
+    assert shown == set(options), (shown ^ set(options))
+    for name, value in re.findall(r"\[(--[a-z][a-z0-9-]*) ([0-9.]+|results\.jsonl)\]", synopsis):
+        default = options[name].default
+        assert (float(value) if isinstance(default, (int, float)) else value) == default, name
+
+
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["fit", "--help"], ["run", "missing-folder"]])
 def test_help_and_refusals_do_not_import_numba(args):
     """numba's import is about 0.16 s that ``--help`` and a refused run have no use for (the
