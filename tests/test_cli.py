@@ -149,6 +149,22 @@ def test_usage_errors_exit_2_with_one_line(image_dir, tmp_path, args, message):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["run", ""], ["run", "DATA", "--save-edges", ""], ["run", "DATA", "--glob", ""], ["run", "DATA", "--out", ""],
+    ["run", "DATA", "--model", ""], ["verify", "DATA", "--report", ""], ["bench", ""], ["fit", "", "--out", "m.json"],
+    ["fit", "DATA", "--out", ""], ["evaluate", "", "--model", "eurosat"],
+    ["evaluate", "DATA", "--model", "eurosat", "--plot", ""],
+])
+def test_an_empty_path_or_name_is_refused_not_taken_for_the_current_folder(args, image_dir, tmp_path, monkeypatch):
+    """A shell variable left unset gives "": Path("") is ".", and --save-edges "" wrote edge maps here."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = runner.invoke(app, [str(image_dir) if arg == "DATA" else arg for arg in args])
+    assert result.exit_code == 2, result.output
+    assert "empty (a shell variable left unset?)" in result.output and "Traceback" not in result.output
+    assert list((tmp_path / "here").iterdir()) == []
+
+
 def test_unwritable_output_is_a_usage_error(image_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

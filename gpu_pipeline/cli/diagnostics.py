@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 
 from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
-                                      bundled_data_dir, check_counts, decode_options, fail_usage, pipeline_config)
+                                      bundled_data_dir, check_counts, decode_options, fail_usage, given_path,
+                                      pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError
 
@@ -30,7 +31,7 @@ def verify(
              "registered backend (those that cannot run here are listed with the reason).", show_default=False),
     against_opencv: bool = typer.Option(False, "--against-opencv",
                                         help="Also compare OpenCV, the contract's definition, with the reference."),
-    report: Optional[Path] = typer.Option(None, "--report",
+    report: Optional[Path] = typer.Option(None, "--report", parser=given_path,
                                           help="Write every difference and error to this JSON file."),
     low: Low = PipelineConfig.low_threshold,
     high: High = PipelineConfig.high_threshold,
@@ -85,7 +86,7 @@ def verify(
 def bench(
     paths: Optional[List[Path]] = typer.Argument(
         None, help="Image files or folders (searched recursively) to time. Default: a generated corpus "
-                   "(--size, --count, --tiles, --format).", show_default=False),
+                   "(--size, --count, --tiles, --format).", show_default=False, parser=given_path),
     backends: Optional[str] = typer.Option(
         None, "--backends", "-b",
         help="Comma-separated contenders: registered backends (e.g. numba,cuda) and the baselines opencv and "
@@ -109,8 +110,9 @@ def bench(
                                    "corpus makes at least 4 batches.", show_default=False),
     scaling: bool = typer.Option(True, "--scaling/--no-scaling",
                                  help="Also time each backend with 1, 2, 4, ... --threads threads (a scaling table)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
-    plot: Optional[Path] = typer.Option(None, "--plot",
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file.",
+                                             parser=given_path),
+    plot: Optional[Path] = typer.Option(None, "--plot", parser=given_path,
                                         help="Draw a bar chart into this PNG (needs matplotlib: the plot extra)."),
 ) -> None:
     """Time every backend beside OpenCV (in a process pool: the anchor; and in threads) and the scikit-image

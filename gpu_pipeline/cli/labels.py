@@ -19,7 +19,7 @@ from rich.console import Console
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
-                                      pipeline_config)
+                                      given_path, given_text, pipeline_config)
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
@@ -54,8 +54,9 @@ def _usable(labeled: LabeledImages, table: FeatureTable) -> None:
 
 def fit(
     labeled_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (EuroSAT layout).",
-                                       show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the model (JSON).", show_default=False),
+                                       show_default=False, parser=given_path),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the model (JSON).", show_default=False,
+                             parser=given_path),
     backend: Backend = "auto",
     low: Low = PipelineConfig.low_threshold,
     high: High = PipelineConfig.high_threshold,
@@ -137,13 +138,13 @@ def _confusion_of(model: LabelModel, labeled: LabeledImages, table: FeatureTable
 
 def evaluate(
     labeled_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (EuroSAT layout).",
-                                       show_default=False),
-    model_path: str = typer.Option(..., "--model", "-m", show_default=False,
+                                       show_default=False, parser=given_path),
+    model_path: str = typer.Option(..., "--model", "-m", show_default=False, parser=given_text,
                                    help="Model file, or a shipped model: eurosat, eurosat-cnn."),
     backend: Backend = "auto",
     bands: Bands = None,
     stretch: Stretch = "percentile",
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save the confusion matrix as a PNG "
+    plot: Optional[Path] = typer.Option(None, "--plot", parser=given_path, help="Also save the confusion matrix as a PNG "
                                         "(needs matplotlib).", show_default=False),
 ) -> None:
     """Measure a model on a folder-per-class tree: accuracy, per-class precision and recall, confusion matrix.

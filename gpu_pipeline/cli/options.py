@@ -13,8 +13,22 @@ import typer
 from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError
 
+def given_path(text: str) -> Path:
+    """A path argument or option: an empty one (a shell variable left unset) is refused, where
+    ``Path("")`` would quietly be the current folder (``--save-edges ""`` wrote edge maps there)."""
+    return Path(given_text(text))
+
+
+def given_text(text: str) -> str:
+    """A name or pattern option (``--out``, ``--glob``, ``--model``): never empty."""
+    if not text:
+        raise typer.BadParameter("empty (a shell variable left unset?)")
+    return text
+
+
 Paths = Annotated[Optional[List[Path]], typer.Argument(
-    help="Image files or folders (searched recursively). Default: the bundled sample set.", show_default=False)]
+    help="Image files or folders (searched recursively). Default: the bundled sample set.", show_default=False,
+    parser=given_path)]
 Backend = Annotated[str, typer.Option("--backend", "-b",
                                       help="reference, numba, cuda, cupy, or auto (the fastest available).")]
 Low = Annotated[float, typer.Option("--low", help="Canny low threshold (as cv2.Canny; swapped if above --high).")]
@@ -24,7 +38,8 @@ Blur = Annotated[int, typer.Option("--blur", help=f"Gaussian blur kernel size be
 Bands = Annotated[Optional[str], typer.Option("--bands", help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray).")]
 Stretch = Annotated[str, typer.Option(
     "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
-Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.")]
+Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.",
+                                             parser=given_text)]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders (threads or processes, see --decode). Default: one per core.")]
 Decode = Annotated[str, typer.Option(
     "--decode", help="Where files are decoded: threads (of this process), processes (worker processes that hand "
