@@ -52,7 +52,7 @@ Device = Annotated[Optional[int], typer.Option(
 #: ``run``'s: by default the backend chooses.
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Most images per backend call (default: as many as the backend's pixel budget holds: "
-                         "about 1 MP for CPU backends, 32 MP for GPU backends).")]
+                         "1 MP for CPU backends, 256 K pixels a thread where that is more; 32 MP for GPU backends).")]
 ImagesPerCall = Annotated[int, typer.Option("--batch-size", help="Images per backend call.")]
 
 
