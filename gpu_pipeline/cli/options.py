@@ -13,6 +13,7 @@ import typer
 from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError
 
+
 def given_path(text: str) -> Path:
     """A path argument or option: an empty one (a shell variable left unset) is refused, where
     ``Path("")`` would quietly be the current folder (``--save-edges ""`` wrote edge maps there)."""
