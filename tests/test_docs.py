@@ -34,6 +34,8 @@ NAMES = {Path(name).name for name in FILES}
 def _exists(token: str) -> bool:
     """A path in a doc: from the repository root, or inside the package (``backends/base.py``)."""
     token = token.rstrip("/")
+    if token.endswith("/__pycache__"):  # Python makes it on first import: its folder is what must exist
+        token = token[: -len("/__pycache__")]
     for candidate in (token, f"gpu_pipeline/{token}"):
         if candidate in FILES or (REPO / candidate).is_dir():
             return True
