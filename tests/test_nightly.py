@@ -139,6 +139,44 @@ def test_an_out_that_is_one_of_the_inputs_is_refused_even_with_overwrite(tiles, 
     assert image.read_bytes() == before
 
 
+@pytest.mark.parametrize("spelling", ["linked folder", "linked out", "hard link"])
+def test_an_out_that_reaches_an_input_another_way_is_refused_even_with_overwrite(tiles, tmp_path, spelling):
+    """The same file under another name (a symbolic link in the inputs or in --out, a hard link)."""
+    image = tiles / "tile004.png"
+    before = {path.name: path.read_bytes() for path in tiles.iterdir()}
+    (tmp_path / "work").mkdir()
+    if spelling == "linked folder":  # the inputs through a link, --out by the real folder
+        (tmp_path / "work/inputs").symlink_to(tiles)
+        inputs, out = tmp_path / "work/inputs", image
+    elif spelling == "linked out":
+        (tmp_path / "work/out.jsonl").symlink_to(image)
+        inputs, out = tiles, tmp_path / "work/out.jsonl"
+    else:
+        os.link(image, tmp_path / "work/out.jsonl")
+        inputs, out = tiles, tmp_path / "work/out.jsonl"
+    for extra in ([], ["--overwrite"]):
+        result = run(str(inputs), "--out", str(out), "--format", "jsonl", *extra)
+        assert result.exit_code == 2 and "one of the input images" in result.stderr, result.output
+    assert {path.name: path.read_bytes() for path in tiles.iterdir()} == before
+    assert {path.name for path in (tmp_path / "work").iterdir()} <= {"inputs", "out.jsonl"}  # nothing written
+
+
+def test_our_output_is_never_an_input_whatever_its_spelling(tiles, tmp_path):
+    """nightly.md: our own output is never taken as an input, whatever its name (here: an
+    image-like name, reached through a linked folder on the second night)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    chosen = sorted(tiles.iterdir())[:6]
+    for path in chosen:
+        os.link(path, folder / path.name)
+    (tmp_path / "linked").symlink_to(folder)
+    for night in range(3):
+        result = run(str(folder), "--out", str(tmp_path / "linked/results.png"), "--format", "jsonl")
+        assert result.exit_code == 0, result.output
+    records = by_path(read_records(folder / "results.png"))
+    assert sorted(Path(path).name for path in records) == [path.name for path in chosen]
+
+
 def test_resume_in_another_format_is_refused(tiles, tmp_path):
     out = tmp_path / "r.jsonl"
     assert run(str(tiles), "--out", str(out), "--format", "csv").exit_code == 0

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -235,9 +236,11 @@ def input_files(job: Job) -> list[str]:
     found = find_files(job.paths, glob=job.glob)
     out = os.path.normpath(Path(job.out).absolute()) if job.out != "-" else None
     out_name = os.path.basename(out) if out is not None else None
+    is_out = _same_file_as(job.out) if out is not None else None
     files = []
     for path in found:
-        if out is not None and path.endswith(out_name) and os.path.normpath(path) == out:
+        if out is not None and (path.endswith(out_name) and os.path.normpath(path) == out
+                                or is_out is not None and is_out(path)):
             if not settings_path(job.out).is_file():
                 raise UsageError(f"--out {job.out} is one of the input images; choose another --out")
             continue  # our own output, with an image-like name
@@ -248,6 +251,28 @@ def input_files(job: Job) -> list[str]:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in job.paths)
                          + (f" matching {job.glob!r}" if job.glob else ""))
     return files
+
+
+def _same_file_as(out: str) -> Callable[[str], bool] | None:
+    """Whether a path is the existing file ``out`` under another name (a symbolic link in either, a
+    hard link): then ``--overwrite`` would replace an input. None when ``out`` is no existing file,
+    so a first run stats nothing; a resume stats every input once (2.5 us a file here)."""
+    try:
+        info = os.stat(out)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    identity = (info.st_dev, info.st_ino)
+
+    def same(path: str) -> bool:
+        try:
+            other = os.stat(path)
+        except OSError:
+            return False
+        return (other.st_dev, other.st_ino) == identity
+
+    return same
 
 
 def _is_under(path: str, folder: Path) -> bool:
