@@ -39,6 +39,8 @@ from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: A second SIGINT or SIGTERM sooner than this after the first is the first one delivered again.
+SAME_SIGNAL_S = 1.0
 #: Exit status when writing the output failed during the run (disk full, I/O error).
 EXIT_WRITE_ERROR = 3
 
@@ -148,16 +150,27 @@ def write_settings(out: str, settings: dict) -> None:
 
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """SIGINT / SIGTERM end the run after the batches in flight; a second signal acts at once."""
+    """SIGINT / SIGTERM end the run after the batches in flight; a second signal acts at once.
+
+    A repeat within :data:`SAME_SIGNAL_S` of the first is the same signal delivered twice: coreutils
+    ``timeout`` sends SIGTERM to the run and then to its process group, which killed the run at once
+    in 2 of 7 tries, without its summary and with the last batches unwritten."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+    first_at: list[float] = []
 
     def handle(signum: int, frame) -> None:
-        received.append(signum)
-        stop.set()
-        signal.signal(signum, signal.SIG_DFL)
+        now = time.monotonic()
+        if first_at and now - first_at[0] >= SAME_SIGNAL_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # the system's default action, now
+            return
+        if not first_at:
+            first_at.append(now)
+            received.append(signum)
+            stop.set()
 
     previous = {sig: signal.signal(sig, handle) for sig in EXIT_ON_SIGNAL}
     try:
