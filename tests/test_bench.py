@@ -354,8 +354,8 @@ def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
     (["--backends", "numba,"], "--backends takes comma-separated names"),
     (["--size", "20000x20000"], "bench keeps it decoded in memory"),
     (["/no/such/folder"], "no such file or folder"),
-    (["--json", "/no/such/folder/out.json"], "--json: cannot write /no/such/folder/out.json"),
-    (["--plot", "/no/such/folder/out.png"], "--plot: the folder /no/such/folder does not exist"),
+    (["--json", "/no/such/folder/out.json"], "--json /no/such/folder/out.json: the folder /no/such/folder does not exist"),
+    (["--plot", "/no/such/folder/out.png"], "--plot /no/such/folder/out.png: the folder /no/such/folder does not exist"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     result = runner.invoke(app, ["bench", *args])

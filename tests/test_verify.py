@@ -327,7 +327,7 @@ def test_missing_path_exits_2(tmp_path, register):
 def test_report_in_a_missing_folder_exits_2(image_dir, tmp_path, register):
     register(SameAsReference)
     result = invoke(image_dir, "--backends", "same-as-reference", "--report", tmp_path / "no" / "r.json")
-    assert result.exit_code == 2 and "--report: cannot write" in result.stderr
+    assert result.exit_code == 2 and f"--report {tmp_path / 'no' / 'r.json'}: the folder" in result.stderr
 
 
 def test_nothing_decodable_exits_2(tmp_path, register):

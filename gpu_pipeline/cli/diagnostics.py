@@ -21,6 +21,7 @@ from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High
                                       pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError
+from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 
 
 def verify(
@@ -142,10 +143,14 @@ def bench(
     from gpu_pipeline.diagnostics.info import collect_info
 
     print_report(Console(soft_wrap=True, highlight=False), report)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n")
-    if plot is not None:
-        plot_report(report, plot)
+    try:
+        if json_path is not None:
+            text = json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n"
+            replace_with(json_path, "--json", lambda temporary: temporary.write_text(text))
+        if plot is not None:
+            replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary))
+    except UsageError as exc:
+        fail_usage(str(exc))
     raise typer.Exit(1 if any(c.status == "failed" for c in report.contenders + report.decoders) else 0)
 
 
@@ -159,13 +164,11 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
     request = {"names": parse_contenders(backends), "threads": threads or usable_cores()}
     if plot is not None and (reason := plot_unavailable_reason()) is not None:
         raise UsageError(reason)
-    if plot is not None and not plot.parent.is_dir():
-        raise UsageError(f"--plot: the folder {plot.parent} does not exist")
+    # now rather than after the measurements; only a file of ours is replaced
+    if plot is not None:
+        check_target(plot, "--plot", is_our_png)
     if json_path is not None:
-        try:  # fail now rather than after the measurements
-            json_path.open("w").close()
-        except OSError as exc:
-            raise UsageError(f"--json: cannot write {json_path}: {exc.strerror}") from None
+        check_target(json_path, "--json", is_our_json)
     if paths:
         for option, value in (("--size", size), ("--count", count), ("--tiles", tiles), ("--format", image_format)):
             if value is not None:

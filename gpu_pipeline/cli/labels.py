@@ -21,6 +21,7 @@ from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
                                       given_path, given_text, pipeline_config)
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
 from gpu_pipeline.errors import UsageError
@@ -85,6 +86,7 @@ def fit(
         decode = decode_options(bands, stretch)
         if not out.parent.is_dir():
             raise UsageError(f"cannot write the model: folder {out.parent} does not exist")
+        check_target(out, "--out", is_our_json)  # a model of ours is replaced, nothing else
         labeled = read_labeled_tree(labeled_dir, min_classes=2)
         table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True), decode)
         _usable(labeled, table)
@@ -111,9 +113,9 @@ def fit(
     test_matrix = _confusion_of(model, labeled, table, test) if test.any() else None
     model.training["test_accuracy"] = accuracy(test_matrix) if test_matrix is not None else None
     try:
-        model.save(out)
-    except OSError as exc:
-        fail_usage(f"cannot write the model {out}: {exc.strerror or exc}")
+        replace_with(out, "--out", model.save)
+    except UsageError as exc:
+        fail_usage(str(exc))
 
     console = Console(soft_wrap=True)
     console.print(f"fitted on [bold]{int(train.sum())}[/] images of {len(labeled.classes)} classes with backend "
@@ -159,6 +161,8 @@ def evaluate(
     try:
         if plot is not None and not has_matplotlib():
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
+        if plot is not None:
+            check_target(plot, "--plot", is_our_png)
         decode = decode_options(bands, stretch)
         model = load_model(model_path)
         labeled = read_labeled_tree(labeled_dir, min_classes=1)
@@ -181,7 +185,11 @@ def evaluate(
     console.print(scores_table(model.classes, matrix))
     console.print(confusion_table(model.classes, matrix))
     if plot is not None:
-        save_confusion_plot(plot, model.classes, matrix, f"{labeled_dir.name}: {accuracy_text(matrix)}")
+        title = f"{labeled_dir.name}: {accuracy_text(matrix)}"
+        try:
+            replace_with(plot, "--plot", lambda temporary: save_confusion_plot(temporary, model.classes, matrix, title))
+        except UsageError as exc:
+            fail_usage(str(exc))
         console.print(f"plot: {os.path.abspath(plot)}")
     raise typer.Exit(1 if table.failures else 0)
 

@@ -33,6 +33,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
+from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
 from gpu_pipeline.inputs.discover import discover
 
 GROUND_TRUTH = "reference"
@@ -447,11 +448,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     if not files:
         raise UsageError("no image files found in " + ", ".join(map(str, paths))
                          + (f" matching {glob!r}" if glob else ""))
-    if report_path is not None:
-        try:  # fail now rather than after a long run
-            report_path.open("w").close()
-        except OSError as exc:
-            raise UsageError(f"--report: cannot write {report_path}: {exc.strerror}") from None
+    if report_path is not None:  # now rather than after a long run; only a report of ours is replaced
+        check_target(report_path, "--report", is_our_json)
     report = VerifyReport(config, decode_options, tallies, found=len(files))
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
@@ -469,7 +467,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
         for backend in [reference, *started.values()]:
             backend.close()
     if report_path is not None:
-        report_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        text = json.dumps(report.to_json(), indent=2) + "\n"
+        replace_with(report_path, "--report", lambda temporary: temporary.write_text(text))
     return report
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_pipeline.outputs.files import SOFTWARE
+
 
 def has_matplotlib() -> bool:
     try:
@@ -32,4 +34,4 @@ def save_confusion_plot(path: Path, classes: tuple[str, ...], matrix: np.ndarray
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     axes.set_title(title)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png", metadata={"Software": SOFTWARE})  # the mark of a file ours to replace

@@ -1,0 +1,73 @@
+"""The files the commands other than ``run`` write: ``verify --report``, ``bench --json`` and
+``--plot``, ``fit --out``, ``evaluate --plot``.
+
+Each replaces only a file that gpu-pipeline wrote, and that is checked before any work starts
+(:func:`check_target`): a path that exists and is anything else (notes, an input image, a device
+such as ``/dev/full``, a folder) is refused with exit 2 and left alone. Our files say who wrote them:
+the JSON ones start with a ``"schema"`` or ``"format"`` naming gpu-pipeline, the PNG plots carry a
+``Software`` text chunk. They are written to a hidden temporary name beside the target, then renamed
+into place (:func:`replace_with`), so a full disk never leaves half a report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from gpu_pipeline import __version__
+from gpu_pipeline.errors import UsageError
+
+#: The ``Software`` text chunk of the PNG plots gpu-pipeline draws.
+SOFTWARE = f"gpu-pipeline {__version__}"
+_OUR_JSON = re.compile(rb'\A\s*\{\s*"(?:schema|format)"\s*:\s*"gpu-pipeline[ -]')
+
+
+def is_our_json(path: Path) -> bool:
+    """A verify report, bench JSON or label model: its first key names gpu-pipeline."""
+    try:
+        with open(path, "rb") as file:
+            return bool(_OUR_JSON.match(file.read(4096)))
+    except OSError:
+        return False
+
+
+def is_our_png(path: Path) -> bool:
+    """A plot gpu-pipeline drew (any version): a PNG whose ``Software`` chunk names it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and str(image.info.get("Software", "")).startswith("gpu-pipeline")
+    except Exception:  # not an image at all, or a broken one: not ours
+        return False
+
+
+def check_target(path: Path, option: str, ours: Callable[[Path], bool]) -> None:
+    """UsageError unless ``path`` may be written: absent from a folder that exists, or a regular
+    file gpu-pipeline wrote (``ours``)."""
+    if path.is_symlink() or path.exists():
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; name a file")
+        if not path.is_file() or not ours(path):
+            raise UsageError(f"{option} {path} exists and was not written by gpu-pipeline; it is left alone: "
+                             "remove it or choose another name")
+        return
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot write in {folder}")
+
+
+def replace_with(path: Path, option: str, write: Callable[[Path], None]) -> None:
+    """``write(temporary)``, then the temporary renamed to ``path``; UsageError (one line) when
+    the disk is full or the folder cannot be written, and nothing left behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,110 @@
+"""verify --report, bench --json / --plot, fit --out, evaluate --plot: only a file gpu-pipeline wrote
+is replaced, and a refusal comes before any work (``gpu_pipeline/outputs/files.py``)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gpu_pipeline.cli import app
+from gpu_pipeline.errors import UsageError
+from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory, bundled_data_dir) -> Path:
+    """Four EuroSAT tiles of each of three classes: a tree for fit and evaluate, images for verify and bench."""
+    tree = tmp_path_factory.mktemp("tree")
+    for name in ("Forest", "River", "SeaLake"):
+        (tree / name).mkdir()
+        for path in sorted((bundled_data_dir / "eurosat" / name).iterdir())[:4]:
+            shutil.copy(path, tree / name / path.name)
+    return tree
+
+
+def command(kind: str, tree: Path, target: Path) -> list[str]:
+    return {
+        "verify --report": ["verify", str(tree), "-b", "numba", "--report", str(target)],
+        "bench --json": ["bench", str(tree), "-b", "reference", "--repeat", "1", "--no-scaling", "--json", str(target)],
+        "bench --plot": ["bench", str(tree), "-b", "reference", "--repeat", "1", "--no-scaling", "--plot", str(target)],
+        "fit --out": ["fit", str(tree), "--out", str(target), "-b", "reference"],
+        "evaluate --plot": ["evaluate", str(tree), "--model", "eurosat", "-b", "reference", "--plot", str(target)],
+    }[kind]
+
+
+KINDS = ["verify --report", "bench --json", "bench --plot", "fit --out", "evaluate --plot"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_the_tool_did_not_write_is_refused_and_left_alone(kind, classes, tmp_path):
+    if "plot" in kind:
+        pytest.importorskip("matplotlib")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    image = next((classes / "River").iterdir())
+    before = image.read_bytes()
+    for target in (notes, image):
+        result = runner.invoke(app, command(kind, classes, target))
+        assert result.exit_code == 2, result.output
+        option = kind.split()[1]
+        assert f"{option} {target} exists and was not written by gpu-pipeline" in result.output
+    assert notes.read_text() == "my notes\n" and image.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # nothing else written
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_the_tool_wrote_is_replaced(kind, classes, tmp_path):
+    if "plot" in kind:
+        pytest.importorskip("matplotlib")
+    target = tmp_path / ("out.png" if "plot" in kind else "out.json")
+    for attempt in range(2):
+        result = runner.invoke(app, command(kind, classes, target))
+        assert result.exit_code == 0, result.output
+        assert (is_our_png if "plot" in kind else is_our_json)(target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [target.name]  # no temporary left
+
+
+def test_a_folder_is_refused(classes, tmp_path):
+    result = runner.invoke(app, command("verify --report", classes, tmp_path))
+    assert result.exit_code == 2 and f"--report {tmp_path} is a folder" in result.output
+
+
+def test_what_counts_as_ours(tmp_path):
+    ours = tmp_path / "model.json"
+    ours.write_text('{\n "format": "gpu-pipeline label model",\n "format_version": 2}\n')
+    report = tmp_path / "report.json"
+    report.write_text('{\n  "schema": "gpu-pipeline-verify/1"}\n')
+    other = tmp_path / "other.json"
+    other.write_text('{"schema": "someone-else/1", "note": "gpu-pipeline"}\n')
+    assert is_our_json(ours) and is_our_json(report) and not is_our_json(other)
+    plain = tmp_path / "plain.png"
+    Image.new("L", (4, 4)).save(plain)
+    assert not is_our_png(plain) and not is_our_png(ours) and not is_our_png(tmp_path / "missing.png")
+    with pytest.raises(UsageError, match="not written by gpu-pipeline"):
+        check_target(other, "--json", is_our_json)
+    with pytest.raises(UsageError, match="does not exist"):
+        check_target(ours / "inside.json", "--json", is_our_json)  # below a file
+    with pytest.raises(UsageError, match=f"--report {tmp_path}/new/report.json: the folder {tmp_path}/new does not exist"):
+        check_target(tmp_path / "new/report.json", "--report", is_our_json)
+    check_target(tmp_path / "report.json", "--report", is_our_json)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text('{"schema": "gpu-pipeline-verify/1", "old": true}\n')
+
+    def disk_full(temporary: Path) -> None:
+        temporary.write_text("half a rep")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UsageError, match="--report: cannot write .*No space left on device"):
+        replace_with(target, "--report", disk_full)
+    assert target.read_text() == '{"schema": "gpu-pipeline-verify/1", "old": true}\n'
+    assert [path.name for path in tmp_path.iterdir()] == ["report.json"]
