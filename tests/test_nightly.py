@@ -376,6 +376,23 @@ def test_a_run_refused_after_making_the_edge_folder_removes_it(tiles, tmp_path, 
     assert not list((tmp_path / "kept").iterdir()) and not (tmp_path / "o.jsonl").exists()
 
 
+def test_save_edges_beside_a_symbolic_link_loop_gives_it_an_error_record(tiles, tmp_path):
+    """The loop crashed the edge saver with a traceback before the first image."""
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    (folder / "a.png").symlink_to("b.png")
+    (folder / "b.png").symlink_to("a.png")
+    image = sorted(tiles.iterdir())[0]
+    os.link(image, folder / image.name)
+    out = tmp_path / "o.jsonl"
+    result = run(str(folder), "--out", str(out), "--save-edges", str(tmp_path / "edges"))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    records = by_path(read_records(out))
+    assert {Path(path).name: record.get("stage") for path, record in records.items()} == {
+        "a.png": "read", "b.png": "read", image.name: None}
+    assert [path.name for path in (tmp_path / "edges").rglob("*.png")] == [image.name + ".edges.png"]
+
+
 def test_edge_maps_saved_inside_an_input_folder_are_never_inputs(tiles, tmp_path):
     edges = tiles / "edges"
     for night in range(3):

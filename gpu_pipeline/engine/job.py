@@ -58,11 +58,13 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
     """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below their common folder."""
     from PIL import Image
 
-    resolved = [Path(path).resolve() for path in files]
+    # realpath, not Path.resolve: an input that is a symbolic link loop (it gets an error record)
+    # makes resolve raise on Python 3.11 and 3.12
+    resolved = [Path(os.path.realpath(path)) for path in files]
     root = Path(os.path.commonpath([path.parent for path in resolved]))
 
     def save(path: str, edges: np.ndarray) -> None:
-        target = folder / Path(path).resolve().relative_to(root)
+        target = folder / Path(os.path.realpath(path)).relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(edges).save(target)
