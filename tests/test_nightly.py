@@ -338,6 +338,31 @@ def test_disk_full_ends_the_run_with_one_line_and_exit_3_and_stays_resumable(til
     assert len(by_path(read_records(out))) == 20 and every_line_is_a_record(out)
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_stdout_on_a_full_disk_exits_3_with_one_line(bundled_data_dir):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(bundled_data_dir / "eurosat"),
+                                 "--out", "-", "--backend", "reference", "-q"], stdout=full, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == "gpu-pipeline: error: cannot write to stdout: No space left on device\n"
+
+
+def test_stdout_closed_by_its_reader_exits_3_with_one_line(bundled_data_dir, tmp_path):
+    """`gpu-pipeline run --out - | head`: exit 3 (the output could not be written), not 1 (images failed)."""
+    tiles = sorted((bundled_data_dir / "eurosat").rglob("*.jpg"))
+    for index in range(300):  # about 230 KB of records: more than a pipe holds, so the run must meet the close
+        os.link(tiles[index % len(tiles)], tmp_path / f"tile{index:03d}.jpg")
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tmp_path),
+                                "--out", "-", "--backend", "reference", "-q", "--batch-size", "16"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert process.stdout.read(100)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 3, stderr
+    assert stderr == "gpu-pipeline: error: cannot write to stdout: Broken pipe\n"
+
+
 # ---------------------------------------------------------------- 11. --save-edges
 
 

@@ -430,8 +430,11 @@ def execute(job: Job, checked: CheckedJob) -> int:
         with backend, sink, stop_on_signals(stop) as signals:
             summary = stream(checked.engine, todo, sink, stop, console, show_bar=not job.quiet and sys.stderr.isatty())
     except SinkWriteError as exc:
-        console.print(f"gpu-pipeline: error: {exc.strerror}; the records written before are kept: "
-                      "fix the cause and run the same command again to resume", highlight=False, markup=False)
+        if job.out == "-":  # nothing to resume: the records went to whoever read them
+            console.print(f"gpu-pipeline: error: {exc.strerror}", highlight=False, markup=False)
+        else:
+            console.print(f"gpu-pipeline: error: {exc.strerror}; the records written before are kept: "
+                          "fix the cause and run the same command again to resume", highlight=False, markup=False)
         return EXIT_WRITE_ERROR
     if not job.quiet:
         print_summary(console, summary, backend.name, job.out)

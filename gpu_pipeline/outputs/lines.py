@@ -9,6 +9,7 @@ counted (a warning says how many), so intact records are never dropped.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -203,8 +204,13 @@ class LineSink(Sink):
 
     def _write_text(self, text: str) -> None:
         if self._descriptor is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except OSError as exc:  # a full disk behind `> file`, or a reader that stopped (`| head`)
+                if exc.errno == errno.EPIPE:  # else Python's exit flushes into the closed pipe again
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise SinkWriteError(exc.errno or errno.EIO, f"cannot write to stdout: {exc.strerror or exc}") from exc
         else:
             _write_all(self._descriptor, text.encode("utf-8"), self.out)
 
