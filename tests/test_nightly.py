@@ -338,6 +338,15 @@ def test_disk_full_ends_the_run_with_one_line_and_exit_3_and_stays_resumable(til
     assert len(by_path(read_records(out))) == 20 and every_line_is_a_record(out)
 
 
+def test_an_out_name_too_long_for_its_settings_record_is_refused_writing_nothing(tiles, tmp_path):
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / ("o" * 244 + ".jsonl")  # 250 bytes; OUT.settings.json.tmp would be 268
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "the name is too long for the settings record beside it" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_stdout_on_a_full_disk_exits_3_with_one_line(bundled_data_dir):
     with open("/dev/full", "w") as full:

@@ -8,6 +8,7 @@ the records. The output is locked (``OUT.lock``) around both, so two runs never 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -146,7 +147,13 @@ def write_settings(out: str, settings: dict) -> None:
         temporary.write_text(json.dumps(settings, indent=2) + "\n")
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # its name is what failed (too long): nothing was made
+            pass
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"--out {out}: the name is too long for the settings record beside it "
+                             f"({path.name}); choose a shorter one") from None
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
