@@ -569,6 +569,17 @@ def test_empty_file_is_a_read_error(scratch: Path) -> None:
     assert_one_line(info.value, "read")
 
 
+@pytest.mark.filterwarnings("ignore:.*writing zero-size array:UserWarning")  # tifffile, writing the test file
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (4, 0), (0, 3, 3)])
+def test_a_tiff_without_pixels_is_a_decode_error(scratch: Path, shape) -> None:
+    """Not a compute failure of whichever backend meets it (verify counted it against the reference)."""
+    path = scratch / f"empty-{'x'.join(map(str, shape))}.tif"
+    tifffile.imwrite(path, np.zeros(shape, np.uint8))
+    with pytest.raises(DecodeError, match=r"the image has no pixels \(\d+x\d+\)") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
 def test_unreadable_files_are_read_errors(scratch: Path, monkeypatch) -> None:
     folder = scratch / "folder.png"
     folder.mkdir(exist_ok=True)

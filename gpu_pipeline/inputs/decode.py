@@ -161,6 +161,8 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
                 bands = _read_jpeg(fh, options.max_pixels)
             else:
                 bands = _read_with_pillow(fh, options.max_pixels)
+            if bands.shape[0] == 0 or bands.shape[1] == 0:  # a TIFF may say so; no backend computes on it
+                raise DecodeError("decode", f"the image has no pixels ({bands.shape[1]}x{bands.shape[0]})")
         stage = "normalise"
         image = _to_uint8(_select_bands(bands, options.bands), options.stretch, nodata)
         return np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image)
