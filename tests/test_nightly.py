@@ -186,6 +186,27 @@ def test_resume_in_another_format_is_refused(tiles, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_a_resume_in_the_format_the_name_suggests_names_the_recorded_one(tiles, tmp_path):
+    """A JSONL output named .csv, resumed without --format: not "not a CSV output, use --overwrite"."""
+    out = tmp_path / "r.csv"
+    assert run(str(tiles), "--out", str(out), "--format", "jsonl").exit_code == 0
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "was written as jsonl, not csv; use the same --format" in result.stderr
+    assert out.read_bytes() == before
+    assert run(str(tiles), "--out", str(out), "--format", "jsonl").exit_code == 0
+
+
+def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    (tmp_path / "r.jsonl.settings.json").write_text("{torn")
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "settings record r.jsonl.settings.json cannot be read" in result.stderr
+    assert out.read_bytes() == before
+
+
 def test_an_output_whose_settings_record_is_gone_is_refused(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(str(tiles), "--out", str(out)).exit_code == 0

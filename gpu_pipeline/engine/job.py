@@ -121,19 +121,32 @@ def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
         raise UsageError(f"{out} exists but has no settings record {path.name}: it is not a gpu-pipeline output, "
                          "or its settings were removed, and resuming could mix settings; "
                          "use --overwrite to replace it, or another --out")
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        earlier = None
+    earlier = recorded_settings(out)
+    if earlier is None:
+        raise UsageError(f"{out}'s settings record {path.name} cannot be read (damaged, or not written by "
+                         "gpu-pipeline) and resuming could mix settings; use --overwrite or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     if earlier == settings:
         return
-    if isinstance(earlier, dict) and earlier.get("format", "jsonl") != settings["format"]:
-        raise UsageError(f"{out} was written as {earlier.get('format', 'jsonl')}, not {settings['format']}; "
-                         "use the same --format, --overwrite, or another --out")
-    changed = [key for key in settings if not isinstance(earlier, dict) or earlier.get(key) != settings[key]]
+    check_recorded_format(out, earlier, settings["format"])
+    changed = [key for key in settings if earlier.get(key) != settings[key]]
     raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
+
+
+def recorded_settings(out: str) -> dict | None:
+    """The settings record beside ``out``, or None when it is missing or cannot be read."""
+    try:
+        earlier = json.loads(settings_path(out).read_text())
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) else None
+
+
+def check_recorded_format(out: str, earlier: dict, output_format: str) -> None:
+    if earlier.get("format", "jsonl") != output_format:
+        raise UsageError(f"{out} was written as {earlier.get('format', 'jsonl')}, not {output_format}; "
+                         "use the same --format, --overwrite, or another --out")
 
 
 def write_settings(out: str, settings: dict) -> None:
@@ -350,6 +363,11 @@ def remove_folders(created: list[Path]) -> None:
 
 
 def inspect(job: Job, settings: dict) -> OutputPlan:
+    if (job.out != "-" and not job.overwrite and os.path.exists(job.out)
+            and (earlier := recorded_settings(job.out)) is not None):
+        # before the output is read back in the requested format: a JSONL output named .csv would
+        # otherwise be "not a gpu-pipeline CSV output", with --overwrite as the way out
+        check_recorded_format(job.out, earlier, settings["format"])
     try:
         output = inspect_output(job.out, job.output_format, overwrite=job.overwrite, retry_failed=job.retry_failed)
     except SinkError as exc:
