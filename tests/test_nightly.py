@@ -197,6 +197,15 @@ def test_a_resume_in_the_format_the_name_suggests_names_the_recorded_one(tiles, 
     assert run(str(tiles), "--out", str(out), "--format", "jsonl").exit_code == 0
 
 
+@pytest.mark.parametrize("below", ["x.jsonl", "sub/x.jsonl"])
+def test_an_out_below_a_file_names_the_file(tiles, tmp_path, below):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    result = run(str(tiles), "--out", str(notes / below))
+    assert result.exit_code == 2 and f"{notes} is not a folder" in result.stderr, result.output
+    assert notes.read_text() == "mine\n" and sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "tiles"]
+
+
 def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
     out = tmp_path / "r.jsonl"
     assert run(str(tiles), "--out", str(out)).exit_code == 0

@@ -134,6 +134,15 @@ def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
                      f"see {path}); use --overwrite or another --out")
 
 
+def check_out_folder(out: str) -> None:
+    """The folders above ``--out`` are folders (missing ones are made): one that is a file is named."""
+    above = Path(out).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"--out {out}: {above} is not a folder")
+
+
 def recorded_settings(out: str) -> dict | None:
     """The settings record beside ``out``, or None when it is missing or cannot be read."""
     try:
@@ -249,6 +258,7 @@ def run_job(**arguments) -> int:
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     lock = OutputLock(job.out) if job.out != "-" else None
     if lock is not None:
+        check_out_folder(job.out)
         try:
             lock.acquire()
         except OSError as exc:
