@@ -39,10 +39,47 @@ class Results:
     edges: list[np.ndarray] | None = None
 
 
-@functools.lru_cache(maxsize=None)
 def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
-    """The backend ``name`` (or the best available for ``auto``), created once per process."""
+    """The backend ``name`` (or the best available for ``auto``), created once per process.
+
+    ValueError for an unknown name or a thread count below 1 (as the command line's exit 2)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    try:
+        return _created(name, threads)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _created(name: str, threads: int | None) -> Backend:
     return registry.create(name, threads=threads)
+
+
+def _checked_images(images) -> Sequence[np.ndarray]:
+    """``images`` as the backends take them: one ImageBatch over a stack, or a list of checked images.
+
+    ValueError, saying what to pass, for anything else: a single image is not a stack (an (H, W, 3)
+    RGB image would read as H gray images 3 pixels wide), nor is a list of lists.
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2:
+            raise ValueError(f"an array of shape {images.shape} is one image: pass [image], a stack "
+                             "(N, H, W) or (N, H, W, 3), or a list of images")
+        if images.ndim == 3 and images.shape[-1] == 3:
+            raise ValueError(f"an array of shape {images.shape} is one RGB image, or a stack of gray images 3 "
+                             "pixels wide: pass [image] for one image, a stack (N, H, W, 3), or a list of images")
+        if images.ndim not in (3, 4):
+            raise ValueError(f"expected a stack (N, H, W) or (N, H, W, 3) or a list of images, got shape {images.shape}")
+        check_image(np.empty(images.shape[1:], images.dtype) if images.shape[0] == 0 else images[0])  # all share it
+        return ImageBatch.stacked(images)
+    images = list(images)
+    for index, image in enumerate(images):
+        try:
+            check_image(image)
+        except ValueError as exc:
+            raise ValueError(f"image {index}: {exc}") from None
+    return images
 
 
 def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int | None = None,
@@ -61,13 +98,8 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     from gpu_pipeline.labels.labeller import label_function
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    images = _checked_images(images)
     chosen = shared_backend(backend, threads)
-    if isinstance(images, np.ndarray) and images.ndim in (3, 4):
-        if len(images):
-            check_image(images[0])  # all of them share its dtype and shape
-        images = ImageBatch.stacked(images)
-    else:
-        images = list(images)
     parts = [chosen.process(images[start:end], config, keep_images)
              for start, end in _slices(pixel_counts(images), chosen.batch_pixels())]
     histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
@@ -105,6 +137,10 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     from gpu_pipeline.inputs.processes import processes_wanted
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not its characters
+        paths = [paths]
     files = find_files(paths, glob=glob)
     processes = processes_wanted(decode)
     fork_server = early_fork_server(processes, len(files))  # imports while the backend loads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 BLUR_SIZES = (3, 5, 7)
@@ -26,10 +27,12 @@ class PipelineConfig:
     blur_ksize: int = 5
 
     def __post_init__(self) -> None:
-        if self.blur_ksize not in BLUR_SIZES:
-            raise ValueError(f"blur size must be one of {BLUR_SIZES}, got {self.blur_ksize}")
+        if self.blur_ksize not in BLUR_SIZES or isinstance(self.blur_ksize, bool):
+            raise ValueError(f"blur size must be one of {BLUR_SIZES}, got {self.blur_ksize!r}")
         for name in ("low_threshold", "high_threshold"):
             value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"{name.replace('_', ' ')} must be a number, got {value!r}")
             if not 0 <= value <= MAX_THRESHOLD:  # also rejects NaN
                 raise ValueError(f"{name.replace('_', ' ')} must be between 0 and {MAX_THRESHOLD}, got {value}")
 

@@ -127,6 +127,44 @@ def test_a_stack_of_the_wrong_kind_is_refused_as_an_image_would_be():
         gpu_pipeline.process(np.zeros((2, 0, 8), np.uint8), backend="numba")
 
 
+def test_what_is_not_a_stack_or_a_list_of_images_is_refused_saying_what_to_pass():
+    rgb = np.zeros((32, 40, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"shape \(32, 40, 3\) is one RGB image, or a stack of gray images 3 pixels wide"):
+        gpu_pipeline.process(rgb, backend="numba")  # it gave 32 results, one per row
+    assert len(gpu_pipeline.process([rgb], backend="numba").labels) == 1
+    with pytest.raises(ValueError, match=r"shape \(32, 40\) is one image: pass \[image\]"):
+        gpu_pipeline.process(rgb[:, :, 0], backend="numba")
+    for images, message in [([[1, 2], [3, 4]], "image 0: expected a uint8 array, got <class 'list'>"),
+                            ([rgb, None], "image 1: expected a uint8 array"),
+                            ([np.zeros(5, np.uint8)], r"image 0: expected a gray \(H, W\) or RGB"),
+                            (np.zeros((0, 4, 4), np.float32), "expected a uint8 array, got float32"),
+                            (np.zeros((0, 4, 4, 4), np.uint8), r"got shape \(4, 4, 4\)"),
+                            (np.zeros((2, 2, 2, 2, 3), np.uint8), "expected a stack")]:
+        with pytest.raises(ValueError, match=message):
+            gpu_pipeline.process(images, backend="numba")
+
+
+def test_bad_settings_are_value_errors_that_name_them():
+    image = [np.zeros((4, 4), np.uint8)]
+    for settings, message in [({"backend": "nope"}, "unknown backend 'nope'; choose from auto"),
+                              ({"threads": 0, "backend": "reference"}, "threads must be >= 1, got 0"),
+                              ({"low": "abc"}, "low threshold must be a number, got 'abc'"),
+                              ({"blur": "5"}, r"blur size must be one of \(3, 5, 7\), got '5'")]:
+        with pytest.raises(ValueError, match=message):
+            gpu_pipeline.process(image, **settings)
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=0))
+
+
+def test_run_takes_one_path_as_one_path(monkeypatch):
+    """A str is one path, not its characters: run("./") walked "." and "/", the whole file system."""
+    monkeypatch.chdir(REPO / "data" / "eurosat")
+    one = list(gpu_pipeline.run("Forest", backend="numba"))
+    assert len(one) == len(list((REPO / "data" / "eurosat" / "Forest").iterdir())) > 1
+    assert list(gpu_pipeline.run(Path("Forest"), backend="numba")) == one
+    assert list(gpu_pipeline.run(["Forest"], backend="numba")) == one
+
+
 def test_the_api_benchmark_runs_both_ways(capsys):
     """scripts/bench_api.py, whose figures the README quotes: both forms, and the null-device host side."""
     import importlib.util
@@ -145,7 +183,12 @@ def test_the_api_benchmark_runs_both_ways(capsys):
 @given(st.integers(0, 5), image_shapes(max_side=24), st.booleans(), st.integers(0, 2**32 - 1))
 def test_stacks_of_odd_shapes_give_the_reference_results(count, shape, rgb, seed):
     stack = np.random.default_rng(seed).integers(0, 256, (count, *shape, 3) if rgb else (count, *shape), dtype=np.uint8)
-    got = gpu_pipeline.process(stack, backend="numba", keep_images=True)
+    if stack.ndim == 3 and stack.shape[-1] == 3:  # gray images 3 pixels wide, or one RGB image: as a list
+        with pytest.raises(ValueError, match="pass \\[image\\] for one image"):
+            gpu_pipeline.process(stack, backend="numba")
+        got = gpu_pipeline.process(list(stack), backend="numba", keep_images=True)
+    else:
+        got = gpu_pipeline.process(stack, backend="numba", keep_images=True)
     want = ReferenceBackend().process(list(stack), PipelineConfig(), keep_images=True)
     assert np.array_equal(got.histograms, want.histograms.reshape(-1, 256))
     assert np.array_equal(got.edge_counts, want.edge_counts)
