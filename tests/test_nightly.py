@@ -212,8 +212,20 @@ def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
     (tmp_path / "r.jsonl.settings.json").write_text("{torn")
     before = out.read_bytes()
     result = run(str(tiles), "--out", str(out))
-    assert result.exit_code == 2 and "settings record r.jsonl.settings.json cannot be read" in result.stderr
+    assert result.exit_code == 2
+    assert "r.jsonl.settings.json exists and is not a gpu-pipeline settings record that can be read" in result.stderr
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("sidecar", ["settings.json", "lock"])
+def test_a_file_of_the_users_where_a_sidecar_goes_is_left_alone(tiles, tmp_path, sidecar):
+    """OUT.settings.json and OUT.lock are ours to write and remove; a file of that name that is
+    not (no output yet) is refused, not replaced."""
+    mine = tmp_path / f"r.jsonl.{sidecar}"
+    mine.write_text("USER DATA\n")
+    result = run(str(tiles), "--out", str(tmp_path / "r.jsonl"))
+    assert result.exit_code == 2 and f"{mine} exists and is not a gpu-pipeline" in result.stderr, result.output
+    assert mine.read_text() == "USER DATA\n" and not (tmp_path / "r.jsonl").exists()
 
 
 def test_an_output_whose_settings_record_is_gone_is_refused(tiles, tmp_path):

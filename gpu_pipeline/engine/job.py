@@ -121,10 +121,7 @@ def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
         raise UsageError(f"{out} exists but has no settings record {path.name}: it is not a gpu-pipeline output, "
                          "or its settings were removed, and resuming could mix settings; "
                          "use --overwrite to replace it, or another --out")
-    earlier = recorded_settings(out)
-    if earlier is None:
-        raise UsageError(f"{out}'s settings record {path.name} cannot be read (damaged, or not written by "
-                         "gpu-pipeline) and resuming could mix settings; use --overwrite or another --out")
+    earlier = recorded_settings(out) or {}  # one that cannot be read was refused before (check_settings_record)
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     if earlier == settings:
         return
@@ -141,6 +138,20 @@ def check_out_folder(out: str) -> None:
         above = above.parent
     if not above.is_dir():
         raise UsageError(f"--out {out}: {above} is not a folder")
+
+
+def check_settings_record(out: str, overwrite: bool) -> None:
+    """``OUT.settings.json`` is replaced at the start of a run: refuse unless it is a settings record
+    of ours (or absent, or ``--overwrite`` says to start afresh)."""
+    if out == "-" or overwrite:
+        return
+    path = settings_path(out)
+    if not os.path.lexists(path):  # (False, not an error, for a name too long: refused when written)
+        return
+    earlier = recorded_settings(out)
+    if earlier is None or "pipeline" not in earlier:
+        raise UsageError(f"{path} exists and is not a gpu-pipeline settings record that can be read; it is "
+                         "left alone: remove it, use --overwrite, or choose another --out")
 
 
 def recorded_settings(out: str) -> dict | None:
@@ -397,6 +408,7 @@ def check_job(job: Job) -> CheckedJob:
         raise UsageError(str(exc)) from None
     settings = {"pipeline": asdict(job.config), "decode": asdict(job.decode_options),
                 "model": model_identity(job.model), "format": output_format}
+    check_settings_record(job.out, job.overwrite)
     output = inspect(job, settings)
     existing = output.existing
     done = existing.succeeded | existing.failed

@@ -209,6 +209,11 @@ class OutputLock:
             if same:
                 break
             os.close(descriptor)
+        held = os.pread(descriptor, 64, 0)
+        if held.strip() and not held.strip().isdigit():  # a lock of ours holds a process id, or nothing yet
+            os.close(descriptor)
+            raise SinkError(errno.EEXIST, f"{self.path} exists and is not a gpu-pipeline lock; it is left "
+                            "alone: remove it or use another --out")
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         self._descriptor = descriptor
