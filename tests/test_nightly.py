@@ -469,6 +469,22 @@ def test_save_edges_beside_a_symbolic_link_loop_gives_it_an_error_record(tiles, 
     assert [path.name for path in (tmp_path / "edges").rglob("*.png")] == [image.name + ".edges.png"]
 
 
+def test_save_edges_replaces_its_own_maps_and_leaves_anyone_elses(tiles, tmp_path):
+    edges = tmp_path / "edges"
+    first = sorted(tiles.iterdir())[0]
+    assert run(str(tiles), "--out", str(tmp_path / "a.jsonl"), "--save-edges", str(edges)).exit_code == 0
+    assert run(str(tiles), "--out", str(tmp_path / "a.jsonl"), "--save-edges", str(edges),
+               "--overwrite").exit_code == 0  # our own maps, replaced
+    mine = edges / (first.name + ".edges.png")
+    mine.write_bytes(b"USER FILE")
+    result = run(str(tiles), "--out", str(tmp_path / "b.jsonl"), "--save-edges", str(edges))
+    assert result.exit_code == 1, result.output
+    failed = [record for record in read_records(tmp_path / "b.jsonl") if "error" in record]
+    assert [(Path(r["path"]).name, r["stage"]) for r in failed] == [(first.name, "save-edges")]
+    assert "exists and was not written by gpu-pipeline" in failed[0]["error"]
+    assert mine.read_bytes() == b"USER FILE" and len(list(edges.iterdir())) == 20
+
+
 def test_edge_maps_saved_inside_an_input_folder_are_never_inputs(tiles, tmp_path):
     edges = tiles / "edges"
     for night in range(3):

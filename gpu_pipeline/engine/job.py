@@ -56,8 +56,16 @@ def open_backend(name: str, threads: int | None, device: int | None = None):
 
 
 def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray], None]:
-    """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below their common folder."""
-    from PIL import Image
+    """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below their common folder.
+
+    Each PNG names gpu-pipeline as its ``Software``; a file of that name that does not (someone
+    else's) is left alone, and that image gets a ``save-edges`` error record."""
+    from PIL import Image, PngImagePlugin
+
+    from gpu_pipeline.outputs.files import SOFTWARE, is_our_png
+
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text("Software", SOFTWARE)
 
     # realpath, not Path.resolve: an input that is a symbolic link loop (it gets an error record)
     # makes resolve raise on Python 3.11 and 3.12
@@ -68,7 +76,9 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
         target = folder / Path(os.path.realpath(path)).relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(edges).save(target)
+        if os.path.lexists(target) and not is_our_png(target):
+            raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
+        Image.fromarray(edges).save(target, format="PNG", pnginfo=mark)
 
     return save
 
