@@ -198,6 +198,8 @@ def dask_logs_off() -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: ``local:N`` takes at most this many worker processes per core.
+LOCAL_WORKERS_PER_CORE = 4
 LOCAL_CUDA = "local-cuda"
 DASK_CUDA_HINT = "--dask local-cuda needs dask-cuda: pip install 'gpu-pipeline[dask-cuda]'"
 
@@ -255,6 +257,12 @@ def _local_workers(spec: str) -> int | None:
     count = spec.removeprefix("local:")
     if not count.isdigit() or int(count) < 1:
         raise UsageError(f"--dask local:N takes a number of worker processes >= 1, got {spec!r}")
+    cores = os.cpu_count() or 1
+    if int(count) > LOCAL_WORKERS_PER_CORE * cores:
+        # each is a Python process with its own backend: local:200 on 2 cores started for over a
+        # minute, and a Ctrl-C then printed tracebacks from the processes still starting
+        raise UsageError(f"--dask {spec} starts {int(count)} worker processes on {cores} cores; take at most "
+                         f"{LOCAL_WORKERS_PER_CORE * cores} (one per core is the usual choice)")
     return int(count)
 
 
