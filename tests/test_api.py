@@ -146,12 +146,12 @@ def test_what_is_not_a_stack_or_a_list_of_images_is_refused_saying_what_to_pass(
 
 def test_bad_settings_are_value_errors_that_name_them():
     image = [np.zeros((4, 4), np.uint8)]
-    for settings, message in [({"backend": "nope"}, "unknown backend 'nope'; choose from auto"),
+    for options, message in [({"backend": "nope"}, "unknown backend 'nope'; choose from auto"),
                               ({"threads": 0, "backend": "reference"}, "threads must be >= 1, got 0"),
                               ({"low": "abc"}, "low threshold must be a number, got 'abc'"),
                               ({"blur": "5"}, r"blur size must be one of \(3, 5, 7\), got '5'")]:
         with pytest.raises(ValueError, match=message):
-            gpu_pipeline.process(image, **settings)
+            gpu_pipeline.process(image, **options)
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=0))
 
