@@ -485,6 +485,25 @@ def test_save_edges_replaces_its_own_maps_and_leaves_anyone_elses(tiles, tmp_pat
     assert mine.read_bytes() == b"USER FILE" and len(list(edges.iterdir())) == 20
 
 
+def test_save_edges_meets_a_fifo_a_hard_link_and_a_torn_map(tiles, tmp_path):
+    """A FIFO where a map goes hung the run for ever; a map hard-linked elsewhere was rewritten
+    there too; a map cut short by a kill made an error record on every later night."""
+    edges = tmp_path / "edges"
+    names = sorted(path.name for path in tiles.iterdir())
+    assert run(str(tiles), "--out", str(tmp_path / "a.jsonl"), "--save-edges", str(edges)).exit_code == 0
+    os.link(edges / f"{names[1]}.edges.png", tmp_path / "snapshot.png")
+    snapshot = (tmp_path / "snapshot.png").read_bytes()
+    (edges / f"{names[0]}.edges.png").unlink()
+    os.mkfifo(edges / f"{names[0]}.edges.png")
+    result = run(str(tiles), "--out", str(tmp_path / "b.jsonl"), "--save-edges", str(edges), "--low", "10")
+    assert result.exit_code == 1, result.output
+    failed = [record for record in read_records(tmp_path / "b.jsonl") if "error" in record]
+    assert [(Path(r["path"]).name, r["stage"]) for r in failed] == [(names[0], "save-edges")]
+    assert (tmp_path / "snapshot.png").read_bytes() == snapshot  # the other name keeps the old map
+    assert (edges / f"{names[1]}.edges.png").read_bytes() != snapshot  # --low 10: a new map
+    assert not [path for path in edges.iterdir() if path.name.startswith(".")]
+
+
 def test_edge_maps_saved_inside_an_input_folder_are_never_inputs(tiles, tmp_path):
     edges = tiles / "edges"
     for night in range(3):

@@ -76,9 +76,22 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
         target = folder / Path(os.path.realpath(path)).relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.lexists(target) and not is_our_png(target):
+        try:
+            found = os.lstat(target)
+        except FileNotFoundError:
+            found = None
+        # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
+        if found is not None and not (stat.S_ISREG(found.st_mode) and is_our_png(target)):
             raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-        Image.fromarray(edges).save(target, format="PNG", pnginfo=mark)
+        # under a hidden name, then renamed: a kill leaves no half map, and a hard link to the old
+        # map (an input, perhaps) keeps its bytes
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     return save
 
