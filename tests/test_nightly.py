@@ -495,8 +495,11 @@ def test_save_edges_meets_a_fifo_a_hard_link_and_a_torn_map(tiles, tmp_path):
     snapshot = (tmp_path / "snapshot.png").read_bytes()
     (edges / f"{names[0]}.edges.png").unlink()
     os.mkfifo(edges / f"{names[0]}.edges.png")
-    result = run(str(tiles), "--out", str(tmp_path / "b.jsonl"), "--save-edges", str(edges), "--low", "10")
-    assert result.exit_code == 1, result.output
+    # in a process of its own, killed if it hangs (as the code before did, blocked opening the FIFO)
+    result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tiles), "--out",
+                             str(tmp_path / "b.jsonl"), "--save-edges", str(edges), "--low", "10", "-q",
+                             "--backend", "reference"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
     failed = [record for record in read_records(tmp_path / "b.jsonl") if "error" in record]
     assert [(Path(r["path"]).name, r["stage"]) for r in failed] == [(names[0], "save-edges")]
     assert (tmp_path / "snapshot.png").read_bytes() == snapshot  # the other name keeps the old map
