@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,23 @@ def test_an_empty_path_or_name_is_refused_not_taken_for_the_current_folder(args,
     assert result.exit_code == 2, result.output
     assert "empty (a shell variable left unset?)" in result.output and "Traceback" not in result.output
     assert list((tmp_path / "here").iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", ""])
+def test_a_bad_numba_num_threads_is_one_line_and_exit_2(value, tmp_path):
+    """numba raised (0) or warned with a traceback's text ("abc") from deep inside every command."""
+    result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "info"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "NUMBA_NUM_THREADS": value})
+    assert result.returncode == 2
+    assert result.stderr == f"gpu-pipeline: error: NUMBA_NUM_THREADS must be a whole number >= 1, got {value!r}\n"
+
+
+def test_a_fifo_where_the_settings_record_goes_is_refused_without_blocking(image_dir, tmp_path):
+    os.mkfifo(tmp_path / "r.jsonl.settings.json")
+    result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(image_dir), "--out",
+                             str(tmp_path / "r.jsonl"), "-b", "reference", "-q"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "is not a gpu-pipeline settings record" in result.stderr, result.stderr
 
 
 def test_unwritable_output_is_a_usage_error(image_dir, tmp_path):

@@ -179,6 +179,8 @@ def check_settings_record(out: str, overwrite: bool) -> None:
 
 def recorded_settings(out: str) -> dict | None:
     """The settings record beside ``out``, or None when it is missing or cannot be read."""
+    if not settings_path(out).is_file():  # (a FIFO there would block the read)
+        return None
     try:
         earlier = json.loads(settings_path(out).read_text())
     except (OSError, ValueError):
