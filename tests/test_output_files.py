@@ -71,6 +71,38 @@ def test_a_file_the_tool_wrote_is_replaced(kind, classes, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == [target.name]  # no temporary left
 
 
+def test_a_file_of_ours_that_is_an_input_is_refused(classes, tmp_path):
+    """A model given as --model, or an edge map of ours given as an image, is ours but an input."""
+    model = tmp_path / "m.json"
+    assert runner.invoke(app, command("fit --out", classes, model) + ["--test-fraction", "0"]).exit_code == 0
+    before = model.read_bytes()
+    result = runner.invoke(app, ["verify", str(classes / "River"), "-b", "numba", "--model", str(model),
+                                 "--report", str(model)])
+    assert result.exit_code == 2 and f"--report {model} is one of the inputs" in result.output, result.output
+    assert model.read_bytes() == before
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "plot.png"
+    assert runner.invoke(app, command("evaluate --plot", classes, plot)).exit_code == 0  # a plot of ours
+    shutil.copy(plot, classes / "River" / "plot.png")  # ... which is now an image of the tree
+    try:
+        result = runner.invoke(app, command("evaluate --plot", classes, classes / "River" / "plot.png"))
+        assert result.exit_code == 2 and "is one of the inputs" in result.output, result.output
+        result = runner.invoke(app, command("bench --plot", classes / "River", classes / "River" / "plot.png"))
+        assert result.exit_code == 2 and "is one of the inputs" in result.output, result.output
+    finally:
+        (classes / "River" / "plot.png").unlink()
+
+
+def test_a_symbolic_link_to_a_file_of_ours_stays_a_link(classes, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    report = tmp_path / "elsewhere" / "report.json"
+    assert runner.invoke(app, command("verify --report", classes, report)).exit_code == 0
+    (tmp_path / "link.json").symlink_to(report)
+    report.write_text(report.read_text().replace('"identical": true', '"identical": "stale"'))
+    assert runner.invoke(app, command("verify --report", classes, tmp_path / "link.json")).exit_code == 0
+    assert (tmp_path / "link.json").is_symlink() and '"identical": true' in report.read_text()
+
+
 def test_a_folder_is_refused(classes, tmp_path):
     result = runner.invoke(app, command("verify --report", classes, tmp_path))
     assert result.exit_code == 2 and f"--report {tmp_path} is a folder" in result.output

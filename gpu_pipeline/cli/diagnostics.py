@@ -164,11 +164,6 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
     request = {"names": parse_contenders(backends), "threads": threads or usable_cores()}
     if plot is not None and (reason := plot_unavailable_reason()) is not None:
         raise UsageError(reason)
-    # now rather than after the measurements; only a file of ours is replaced
-    if plot is not None:
-        check_target(plot, "--plot", is_our_png)
-    if json_path is not None:
-        check_target(json_path, "--json", is_our_json)
     if paths:
         for option, value in (("--size", size), ("--count", count), ("--tiles", tiles), ("--format", image_format)):
             if value is not None:
@@ -178,6 +173,11 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
             raise UsageError("no image files found in " + ", ".join(map(str, paths)))
     else:
         request["generate"] = generation_request(size, count, tiles, image_format)
+    # now rather than after the measurements; only a file of ours is replaced, never an input
+    if plot is not None:
+        check_target(plot, "--plot", is_our_png, request.get("files", ()))
+    if json_path is not None:
+        check_target(json_path, "--json", is_our_json, request.get("files", ()))
     return request
 
 

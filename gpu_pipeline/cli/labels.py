@@ -86,8 +86,8 @@ def fit(
         decode = decode_options(bands, stretch)
         if not out.parent.is_dir():
             raise UsageError(f"cannot write the model: folder {out.parent} does not exist")
-        check_target(out, "--out", is_our_json)  # a model of ours is replaced, nothing else
         labeled = read_labeled_tree(labeled_dir, min_classes=2)
+        check_target(out, "--out", is_our_json, labeled.paths)  # a model of ours is replaced, nothing else
         table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True), decode)
         _usable(labeled, table)
     except UsageError as exc:
@@ -155,17 +155,17 @@ def evaluate(
     a class of the model. Exit status: 0, 1 when some images failed (left out), 2 on bad usage.
     """
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
-    from gpu_pipeline.labels.model import load_model
+    from gpu_pipeline.labels.model import load_model, resolve_model_path
 
     console = Console(soft_wrap=True)
     try:
         if plot is not None and not has_matplotlib():
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
-        if plot is not None:
-            check_target(plot, "--plot", is_our_png)
         decode = decode_options(bands, stretch)
         model = load_model(model_path)
         labeled = read_labeled_tree(labeled_dir, min_classes=1)
+        if plot is not None:
+            check_target(plot, "--plot", is_our_png, [*labeled.paths, resolve_model_path(model_path)])
         unknown = [name for name in labeled.classes if name not in model.classes]
         if unknown:
             raise UsageError(f"class folder(s) {', '.join(unknown)} are not classes of the model "

@@ -449,7 +449,10 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
         raise UsageError("no image files found in " + ", ".join(map(str, paths))
                          + (f" matching {glob!r}" if glob else ""))
     if report_path is not None:  # now rather than after a long run; only a report of ours is replaced
-        check_target(report_path, "--report", is_our_json)
+        from gpu_pipeline.labels.model import resolve_model_path
+
+        model_file = [resolve_model_path(model)] if model is not None else []
+        check_target(report_path, "--report", is_our_json, [*files, *model_file])
     report = VerifyReport(config, decode_options, tallies, found=len(files))
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)

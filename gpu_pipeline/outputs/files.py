@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from gpu_pipeline import __version__
 from gpu_pipeline.errors import UsageError
@@ -44,15 +44,24 @@ def is_our_png(path: Path) -> bool:
         return False
 
 
-def check_target(path: Path, option: str, ours: Callable[[Path], bool]) -> None:
+def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: Iterable = ()) -> None:
     """UsageError unless ``path`` may be written: absent from a folder that exists, or a regular
-    file gpu-pipeline wrote (``ours``)."""
+    file gpu-pipeline wrote (``ours``) that is none of the command's ``inputs`` (images, a model;
+    compared by device and inode: an edge map of ours may be an input too)."""
     if path.is_symlink() or path.exists():
         if path.is_dir():
             raise UsageError(f"{option} {path} is a folder; name a file")
         if not path.is_file() or not ours(path):
             raise UsageError(f"{option} {path} exists and was not written by gpu-pipeline; it is left alone: "
                              "remove it or choose another name")
+        found = os.stat(path)
+        for given in inputs:
+            try:
+                other = os.stat(given)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (found.st_dev, found.st_ino):
+                raise UsageError(f"{option} {path} is one of the inputs ({given}); choose another name")
         return
     folder = path.absolute().parent
     if not folder.is_dir():
@@ -63,7 +72,9 @@ def check_target(path: Path, option: str, ours: Callable[[Path], bool]) -> None:
 
 def replace_with(path: Path, option: str, write: Callable[[Path], None]) -> None:
     """``write(temporary)``, then the temporary renamed to ``path``; UsageError (one line) when
-    the disk is full or the folder cannot be written, and nothing left behind."""
+    the disk is full or the folder cannot be written, and nothing left behind. A symbolic link
+    (checked by :func:`check_target`) keeps pointing where it did, at the new file."""
+    path = Path(os.path.realpath(path))
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(temporary)
