@@ -217,6 +217,52 @@ def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("why", ["no such input", "unknown backend", "--save-edges is --out"])
+def test_a_refused_run_leaves_no_folder_and_no_settings_record(tiles, tmp_path, monkeypatch, why):
+    """The folders made for --out (and its lock) and a settings record written just before the
+    output failed to open are removed again: a refusal writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    args = {"no such input": [str(tmp_path / "nowhere"), "--out", "new/sub/out.jsonl"],
+            "unknown backend": [str(tiles), "--out", "new/sub/out.jsonl", "--backend", "warp-drive"],
+            "--save-edges is --out": [str(tiles), "--out", "same", "--save-edges", "same"]}[why]
+    before = sorted(path.name for path in tmp_path.iterdir())
+    result = runner.invoke(app, ["run", *args, "-q"] + ([] if "--backend" in args else ["--backend", "reference"]))
+    assert result.exit_code == 2, result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+def test_two_spellings_of_one_output_take_one_lock(tiles, tmp_path):
+    """A symbolic link to the output: a second run through it must wait its turn, not interleave."""
+    from gpu_pipeline.outputs.plan import OutputLock
+
+    out = tmp_path / "o.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    (tmp_path / "latest.jsonl").symlink_to("o.jsonl")
+    (tmp_path / "latest.jsonl.settings.json").symlink_to("o.jsonl.settings.json")
+    with OutputLock(str(out)):  # a run writing o.jsonl
+        result = run(str(tiles), "--out", str(tmp_path / "latest.jsonl"))
+    assert result.exit_code == 2 and "another gpu-pipeline run" in result.stderr, result.output
+
+
+def test_the_settings_record_is_written_through_no_link_that_was_there(tiles, tmp_path):
+    """Its temporary name is this process's own, made exclusively: a link planted at a name it
+    might take leads nowhere."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for name in ("o.jsonl.settings.json.tmp", ".o.jsonl.settings.json.tmp"):
+        (tmp_path / name).symlink_to(notes)
+    assert run(str(tiles), "--out", str(tmp_path / "o.jsonl")).exit_code == 0
+    assert notes.read_text() == "mine\n"
+
+
+def test_a_json_file_with_a_pipeline_key_is_not_taken_for_a_settings_record(tiles, tmp_path):
+    mine = tmp_path / "o.jsonl.settings.json"
+    mine.write_text('{"pipeline": "stages of our own", "owner": "ops"}\n')
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2 and "is not a gpu-pipeline settings record" in result.stderr
+    assert mine.read_text() == '{"pipeline": "stages of our own", "owner": "ops"}\n'
+
+
 @pytest.mark.parametrize("sidecar", ["settings.json", "lock"])
 def test_a_file_of_the_users_where_a_sidecar_goes_is_left_alone(tiles, tmp_path, sidecar):
     """OUT.settings.json and OUT.lock are ours to write and remove; a file of that name that is

@@ -8,6 +8,7 @@ the records. The output is locked (``OUT.lock``) around both, so two runs never 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -163,6 +164,10 @@ def check_out_folder(out: str) -> None:
         raise UsageError(f"--out {out}: {above} is not a folder")
 
 
+#: The keys of a settings record ("format" is missing from those of early versions).
+SETTINGS_KEYS = ("pipeline", "decode", "model", "format")
+
+
 def check_settings_record(out: str, overwrite: bool) -> None:
     """``OUT.settings.json`` is replaced at the start of a run: refuse unless it is a settings record
     of ours (or absent, or ``--overwrite`` says to start afresh)."""
@@ -172,7 +177,7 @@ def check_settings_record(out: str, overwrite: bool) -> None:
     if not os.path.lexists(path):  # (False, not an error, for a name too long: refused when written)
         return
     earlier = recorded_settings(out)
-    if earlier is None or "pipeline" not in earlier:
+    if earlier is None or not {"pipeline", "decode", "model"} <= set(earlier) <= set(SETTINGS_KEYS):
         raise UsageError(f"{path} exists and is not a gpu-pipeline settings record that can be read; it is "
                          "left alone: remove it, use --overwrite, or choose another --out")
 
@@ -199,10 +204,13 @@ def write_settings(out: str, settings: dict) -> None:
     if out == "-":
         return
     path = settings_path(out)
-    temporary = path.with_name(path.name + ".tmp")
+    # a name of this process's, made here (O_EXCL): never a file or link that was there before
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(settings, indent=2) + "\n")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(json.dumps(settings, indent=2) + "\n")
         os.replace(temporary, path)
     except OSError as exc:
         try:
@@ -292,20 +300,29 @@ def run_job(**arguments) -> int:
     job = Job(**arguments)
     # A damaged TIFF becomes that file's error record; tifffile's own warnings would only add noise.
     logging.getLogger("tifffile").setLevel(logging.ERROR)
-    lock = OutputLock(job.out) if job.out != "-" else None
+    # the lock beside the real file: two spellings of one output (a symbolic link) take one lock
+    lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
+    created: list[Path] = []
     if lock is not None:
         check_out_folder(job.out)
+        created = make_folders(Path(job.out).absolute().parent, "--out")  # for the lock; undone if refused
         try:
             lock.acquire()
         except OSError as exc:
+            remove_folders(created)
             raise UsageError(str(exc) if isinstance(exc, SinkError) else
                              f"cannot write {job.out}: {exc.strerror or exc}") from None
+    refused = True
     try:
         checked = check_job(job)
-        return execute(job, checked)
+        code = execute(job, checked)
+        refused = False
+        return code
     finally:
         if lock is not None:
             lock.release()
+        if refused:
+            remove_folders(created)
 
 
 def input_files(job: Job) -> list[str]:
@@ -383,6 +400,11 @@ def make_edge_folder(folder: Path | None) -> list[Path]:
     ``/proc``, a read-only mount below a writable one). The folders created, parents first."""
     if folder is None:
         return []
+    return make_folders(folder, "--save-edges")
+
+
+def make_folders(folder: Path, option: str) -> list[Path]:
+    """``folder`` and its missing parents, made; the ones made, parents first (see :func:`remove_folders`)."""
     missing = [folder.absolute()]
     while not missing[-1].parent.exists():
         missing.append(missing[-1].parent)
@@ -394,13 +416,14 @@ def make_edge_folder(folder: Path | None) -> list[Path]:
             path.mkdir()
         except OSError as exc:
             remove_folders(created)
-            raise UsageError(f"--save-edges {folder}: cannot create {path}: {exc.strerror or exc}") from None
+            raise UsageError(f"{option} {folder}: cannot create {path}: {exc.strerror or exc}") from None
         created.append(path)
     return created
 
 
 def remove_folders(created: list[Path]) -> None:
-    """Undo :func:`make_edge_folder` for a run refused later: a refusal leaves nothing behind."""
+    """Undo :func:`make_folders` for a run refused later: a refusal leaves nothing behind (a folder
+    that holds something, records of a run stopped midway, stays)."""
     for path in reversed(created):
         try:
             path.rmdir()
@@ -474,11 +497,15 @@ def execute(job: Job, checked: CheckedJob) -> int:
     backend, files, todo, output = checked.engine.backend, checked.files, checked.todo, checked.output
     console = Console(stderr=True, soft_wrap=True)
     created: list[Path] = []
+    had_settings = job.out == "-" or os.path.lexists(settings_path(job.out))
     try:
         created = make_edge_folder(job.save_edges)
         write_settings(job.out, checked.settings)
         sink = output.open()
     except (SinkError, UsageError) as exc:
+        if not had_settings:  # ours, written a moment ago
+            with contextlib.suppress(OSError):  # (a name too long: there is none)
+                settings_path(job.out).unlink(missing_ok=True)
         remove_folders(created)
         backend.close()
         checked.engine.close()  # a fork server no run will take over
