@@ -10,6 +10,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,15 @@ def test_an_out_that_reaches_an_input_another_way_is_refused_even_with_overwrite
         assert result.exit_code == 2 and "one of the input images" in result.stderr, result.output
     assert {path.name: path.read_bytes() for path in tiles.iterdir()} == before
     assert {path.name for path in (tmp_path / "work").iterdir()} <= {"inputs", "out.jsonl"}  # nothing written
+
+
+def test_an_input_named_as_the_outputs_settings_record_is_refused_even_with_overwrite(tiles, tmp_path):
+    image = tmp_path / "photo.settings.json"
+    shutil.copy(sorted(tiles.iterdir())[0], image)
+    before = image.read_bytes()
+    result = run(str(image), "--out", str(tmp_path / "photo"), "--overwrite")
+    assert result.exit_code == 2 and "one of the inputs" in result.stderr, result.output
+    assert image.read_bytes() == before
 
 
 def test_our_output_is_never_an_input_whatever_its_spelling(tiles, tmp_path):

@@ -36,7 +36,7 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import find_files
-from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output
+from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
@@ -335,6 +335,12 @@ def input_files(job: Job) -> list[str]:
     out = os.path.normpath(Path(job.out).absolute()) if job.out != "-" else None
     out_name = os.path.basename(out) if out is not None else None
     is_out = _same_file_as(job.out) if out is not None else None
+    if out is not None:  # the records kept beside the output are never inputs either
+        sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(lock_path(job.out))}
+        named = [path for path in found if path in sidecars]
+        if named:
+            raise UsageError(f"--out {job.out} keeps its settings and lock beside it, as {named[0]}, "
+                             "one of the inputs; choose another --out")
     files = []
     for path in found:
         if out is not None and (path.endswith(out_name) and os.path.normpath(path) == out
