@@ -36,6 +36,7 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import find_files
+from gpu_pipeline.outputs.files import SOFTWARE, is_our_png, same_file_as, write_replacing
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -63,8 +64,6 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
     else's) is left alone, and that image gets a ``save-edges`` error record."""
     from PIL import Image, PngImagePlugin
 
-    from gpu_pipeline.outputs.files import SOFTWARE, is_our_png
-
     mark = PngImagePlugin.PngInfo()
     mark.add_text("Software", SOFTWARE)
 
@@ -84,15 +83,8 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
         # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
         if found is not None and not (stat.S_ISREG(found.st_mode) and is_our_png(target)):
             raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-        # under a hidden name, then renamed: a kill leaves no half map, and a hard link to the old
-        # map (an input, perhaps) keeps its bytes
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark)
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
+        write_replacing(target, lambda temporary: Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark))
 
     return save
 
@@ -204,19 +196,11 @@ def write_settings(out: str, settings: dict) -> None:
     if out == "-":
         return
     path = settings_path(out)
-    # a name of this process's, made here (O_EXCL): never a file or link that was there before
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = json.dumps(settings, indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(json.dumps(settings, indent=2) + "\n")
-        os.replace(temporary, path)
+        write_replacing(path, lambda temporary: temporary.write_text(text))
     except OSError as exc:
-        try:
-            temporary.unlink(missing_ok=True)
-        except OSError:  # its name is what failed (too long): nothing was made
-            pass
         if exc.errno == errno.ENAMETOOLONG:
             raise UsageError(f"--out {out}: the name is too long for the settings record beside it "
                              f"({path.name}); choose a shorter one") from None
@@ -334,7 +318,9 @@ def input_files(job: Job) -> list[str]:
     found = find_files(job.paths, glob=job.glob)
     out = os.path.normpath(Path(job.out).absolute()) if job.out != "-" else None
     out_name = os.path.basename(out) if out is not None else None
-    is_out = _same_file_as(job.out) if out is not None else None
+    # by device and inode as well as by name: a link would let --overwrite replace an input (a resume
+    # stats every input once: 2.5 us a file here; a first run, none)
+    is_out = same_file_as(job.out) if out is not None else None
     if out is not None:  # the records kept beside the output are never inputs either
         sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(lock_path(job.out))}
         named = [path for path in found if path in sidecars]
@@ -355,28 +341,6 @@ def input_files(job: Job) -> list[str]:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in job.paths)
                          + (f" matching {job.glob!r}" if job.glob else ""))
     return files
-
-
-def _same_file_as(out: str) -> Callable[[str], bool] | None:
-    """Whether a path is the existing file ``out`` under another name (a symbolic link in either, a
-    hard link): then ``--overwrite`` would replace an input. None when ``out`` is no existing file,
-    so a first run stats nothing; a resume stats every input once (2.5 us a file here)."""
-    try:
-        info = os.stat(out)
-    except OSError:
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        return None
-    identity = (info.st_dev, info.st_ino)
-
-    def same(path: str) -> bool:
-        try:
-            other = os.stat(path)
-        except OSError:
-            return False
-        return (other.st_dev, other.st_ino) == identity
-
-    return same
 
 
 def _is_under(path: str, folder: Path) -> bool:

@@ -7,12 +7,17 @@ such as ``/dev/full``, a folder) is refused with exit 2 and left alone. Our file
 the JSON ones start with a ``"schema"`` or ``"format"`` naming gpu-pipeline, the PNG plots carry a
 ``Software`` text chunk. They are written to a hidden temporary name beside the target, then renamed
 into place (:func:`replace_with`), so a full disk never leaves half a report.
+
+:func:`write_replacing` (that rename) and :func:`same_file_as` (one file under two names) also serve
+``run``'s settings record, edge maps and the check that its ``--out`` is none of its inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -54,13 +59,9 @@ def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: 
         if not path.is_file() or not ours(path):
             raise UsageError(f"{option} {path} exists and was not written by gpu-pipeline; it is left alone: "
                              "remove it or choose another name")
-        found = os.stat(path)
+        is_target = same_file_as(path)
         for given in inputs:
-            try:
-                other = os.stat(given)
-            except OSError:
-                continue
-            if (other.st_dev, other.st_ino) == (found.st_dev, found.st_ino):
+            if is_target(given):
                 raise UsageError(f"{option} {path} is one of the inputs ({given}); choose another name")
         return
     folder = path.absolute().parent
@@ -75,10 +76,44 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None]) -> None
     the disk is full or the folder cannot be written, and nothing left behind. A symbolic link
     (checked by :func:`check_target`) keeps pointing where it did, at the new file."""
     path = Path(os.path.realpath(path))
+    try:
+        write_replacing(path, write)
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_replacing(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)``, then the temporary renamed to ``path``: a kill or a full disk leaves the
+    old file whole, and another name of the old file (a hard link) keeps its bytes. The temporary is
+    a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
+    there; it is removed when anything fails, and the error goes on."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     try:
         write(temporary)
         os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def same_file_as(path: str | os.PathLike[str]) -> Callable[[str | os.PathLike[str]], bool] | None:
+    """A test of whether a name reaches the existing regular file ``path`` (its device and inode:
+    through a symbolic link in either, or a hard link); None when ``path`` is no regular file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    identity = (info.st_dev, info.st_ino)
+
+    def same(other: str | os.PathLike[str]) -> bool:
+        try:
+            found = os.stat(other)
+        except OSError:
+            return False
+        return (found.st_dev, found.st_ino) == identity
+
+    return same
