@@ -147,15 +147,6 @@ def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
                      f"see {path}); use --overwrite or another --out")
 
 
-def check_out_folder(out: str) -> None:
-    """The folders above ``--out`` are folders (missing ones are made): one that is a file is named."""
-    above = Path(out).absolute().parent
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        raise UsageError(f"--out {out}: {above} is not a folder")
-
-
 #: The keys of a settings record ("format" is missing from those of early versions).
 SETTINGS_KEYS = ("pipeline", "decode", "model", "format")
 
@@ -288,8 +279,7 @@ def run_job(**arguments) -> int:
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
     created: list[Path] = []
     if lock is not None:
-        check_out_folder(job.out)
-        created = make_folders(Path(job.out).absolute().parent, "--out")  # for the lock; undone if refused
+        created = make_folders(Path(job.out).absolute().parent, f"--out {job.out}")  # for the lock; undone if refused
         try:
             lock.acquire()
         except OSError as exc:
@@ -370,23 +360,26 @@ def make_edge_folder(folder: Path | None) -> list[Path]:
     ``/proc``, a read-only mount below a writable one). The folders created, parents first."""
     if folder is None:
         return []
-    return make_folders(folder, "--save-edges")
+    return make_folders(folder, f"--save-edges {folder}")
 
 
-def make_folders(folder: Path, option: str) -> list[Path]:
-    """``folder`` and its missing parents, made; the ones made, parents first (see :func:`remove_folders`)."""
-    missing = [folder.absolute()]
-    while not missing[-1].parent.exists():
-        missing.append(missing[-1].parent)
+def make_folders(folder: Path, what: str) -> list[Path]:
+    """``folder`` and its missing parents, made; the ones made, parents first (see :func:`remove_folders`).
+    UsageError, naming ``what`` asked for it, when one cannot be made or a file stands in the way."""
+    missing = []
+    above = folder.absolute()
+    while not above.exists():
+        missing.append(above)
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{what}: {above} is not a folder")
     created = []
     for path in reversed(missing):
-        if path.exists() and path.is_dir():
-            continue
         try:
             path.mkdir()
         except OSError as exc:
             remove_folders(created)
-            raise UsageError(f"{option} {folder}: cannot create {path}: {exc.strerror or exc}") from None
+            raise UsageError(f"{what}: cannot create {path}: {exc.strerror or exc}") from None
         created.append(path)
     return created
 
