@@ -124,7 +124,7 @@ def settings_path(out: str) -> Path:
     return Path(out.rstrip("/") + ".settings.json")
 
 
-def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
+def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict | None) -> None:
     """Refuse an output this run must not add to: not ours, or made in another format or with other settings.
 
     Results do not depend on the backend (they are the same bytes), so switching backends between
@@ -133,15 +133,14 @@ def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
     if out == "-" or not output.exists or output.start_afresh:
         return
     path = settings_path(out)
-    if not path.is_file():
+    if earlier is None:  # (one there that is not ours was refused by checked_settings_record)
         raise UsageError(f"{out} exists but has no settings record {path.name}: it is not a gpu-pipeline output, "
                          "or its settings were removed, and resuming could mix settings; "
                          "use --overwrite to replace it, or another --out")
-    earlier = recorded_settings(out) or {}  # one that cannot be read was refused before (check_settings_record)
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     if earlier == settings:
         return
-    check_recorded_format(out, earlier, settings["format"])
+    # in this format: inspect checked that before the output was read back
     changed = [key for key in settings if earlier.get(key) != settings[key]]
     raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
@@ -151,18 +150,20 @@ def check_settings(out: str, settings: dict, output: OutputPlan) -> None:
 SETTINGS_KEYS = ("pipeline", "decode", "model", "format")
 
 
-def check_settings_record(out: str, overwrite: bool) -> None:
-    """``OUT.settings.json`` is replaced at the start of a run: refuse unless it is a settings record
-    of ours (or absent, or ``--overwrite`` says to start afresh)."""
+def checked_settings_record(out: str, overwrite: bool) -> dict | None:
+    """``OUT.settings.json``, read once for every check of the run; None when there is none to
+    check (absent, or ``--overwrite`` starts afresh). It is replaced at the start of a run: refuse
+    unless it is a settings record of ours."""
     if out == "-" or overwrite:
-        return
+        return None
     path = settings_path(out)
     if not os.path.lexists(path):  # (False, not an error, for a name too long: refused when written)
-        return
+        return None
     earlier = recorded_settings(out)
     if earlier is None or not {"pipeline", "decode", "model"} <= set(earlier) <= set(SETTINGS_KEYS):
         raise UsageError(f"{path} exists and is not a gpu-pipeline settings record that can be read; it is "
                          "left alone: remove it, use --overwrite, or choose another --out")
+    return earlier
 
 
 def recorded_settings(out: str) -> dict | None:
@@ -394,9 +395,8 @@ def remove_folders(created: list[Path]) -> None:
             return
 
 
-def inspect(job: Job, settings: dict) -> OutputPlan:
-    if (job.out != "-" and not job.overwrite and os.path.exists(job.out)
-            and (earlier := recorded_settings(job.out)) is not None):
+def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
+    if earlier is not None and os.path.exists(job.out):
         # before the output is read back in the requested format: a JSONL output named .csv would
         # otherwise be "not a gpu-pipeline CSV output", with --overwrite as the way out
         check_recorded_format(job.out, earlier, settings["format"])
@@ -404,7 +404,7 @@ def inspect(job: Job, settings: dict) -> OutputPlan:
         output = inspect_output(job.out, job.output_format, overwrite=job.overwrite, retry_failed=job.retry_failed)
     except SinkError as exc:
         raise UsageError(str(exc)) from None
-    check_settings(job.out, settings, output)
+    check_settings(job.out, settings, output, earlier)
     return output
 
 
@@ -419,8 +419,8 @@ def check_job(job: Job) -> CheckedJob:
         raise UsageError(str(exc)) from None
     settings = {"pipeline": asdict(job.config), "decode": asdict(job.decode_options),
                 "model": model_identity(job.model), "format": output_format}
-    check_settings_record(job.out, job.overwrite)
-    output = inspect(job, settings)
+    earlier = checked_settings_record(job.out, job.overwrite)
+    output = inspect(job, settings, earlier)
     existing = output.existing
     done = existing.succeeded | existing.failed
     if job.retry_failed:
