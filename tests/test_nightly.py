@@ -187,24 +187,19 @@ def test_our_output_is_never_an_input_whatever_its_spelling(tiles, tmp_path):
     assert sorted(Path(path).name for path in records) == [path.name for path in chosen]
 
 
-def test_resume_in_another_format_is_refused(tiles, tmp_path):
-    out = tmp_path / "r.jsonl"
-    assert run(str(tiles), "--out", str(out), "--format", "csv").exit_code == 0
+@pytest.mark.parametrize("name, written, message", [
+    ("r.jsonl", "csv", "written as csv"),
+    # named .csv, resumed without --format: not "not a CSV output, use --overwrite"
+    ("r.csv", "jsonl", "was written as jsonl, not csv; use the same --format"),
+])
+def test_resume_in_another_format_is_refused_naming_the_recorded_one(tiles, tmp_path, name, written, message):
+    out = tmp_path / name
+    assert run(str(tiles), "--out", str(out), "--format", written).exit_code == 0
     before = out.read_bytes()
     result = run(str(tiles), "--out", str(out))
-    assert result.exit_code == 2 and "written as csv" in result.stderr
+    assert result.exit_code == 2 and message in result.stderr
     assert out.read_bytes() == before
-
-
-def test_a_resume_in_the_format_the_name_suggests_names_the_recorded_one(tiles, tmp_path):
-    """A JSONL output named .csv, resumed without --format: not "not a CSV output, use --overwrite"."""
-    out = tmp_path / "r.csv"
-    assert run(str(tiles), "--out", str(out), "--format", "jsonl").exit_code == 0
-    before = out.read_bytes()
-    result = run(str(tiles), "--out", str(out))
-    assert result.exit_code == 2 and "was written as jsonl, not csv; use the same --format" in result.stderr
-    assert out.read_bytes() == before
-    assert run(str(tiles), "--out", str(out), "--format", "jsonl").exit_code == 0
+    assert run(str(tiles), "--out", str(out), "--format", written).exit_code == 0
 
 
 @pytest.mark.parametrize("below", ["x.jsonl", "sub/x.jsonl"])
