@@ -1,4 +1,4 @@
-"""Errors every layer shares: the refusal of a bad argument, and how an exception reads on one line."""
+"""Errors every layer shares: the refusal of a bad argument, and how an exception or a name reads on one line."""
 
 
 class UsageError(ValueError):
@@ -9,3 +9,13 @@ def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``, for error records and one-line refusals."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+#: Escapes for the C0 controls and DEL: a file name may hold any of them but NUL.
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``a\\nb`` for a newline), so that a message
+    naming a file (a name may hold a newline) stays one line. Records escape such names already."""
+    return text.translate(_CONTROLS)

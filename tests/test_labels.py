@@ -612,3 +612,16 @@ def test_the_batch_rule_gives_the_readme_label_of_every_image():
             for im, h, e in zip(images, histograms, edge_counts)] == expected
     assert set(expected) == {"busy", "textured", "dark-smooth", "bright-smooth", "smooth"}
     assert default_labels([], np.zeros((0, 256), np.int64), np.zeros(0, np.int64)) == []
+
+
+def test_fit_and_evaluate_print_names_with_brackets_as_they_are(tmp_path):
+    """The console prints rich markup; a model or class named ``[b]...`` is a name, not markup."""
+    tree = colour_tree(tmp_path / "tree")
+    (tree / "red").rename(tree / "[i]red")
+    model_path = tmp_path / "[b]model.json"
+    fitted = invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference", "--test-fraction", "0")
+    assert fitted.exit_code == 0, fitted.output
+    assert f"model: {model_path}" in fitted.stdout
+    evaluated = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"model {model_path}: 3 classes ([i]red, blue, green)" in evaluated.stdout

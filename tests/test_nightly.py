@@ -814,3 +814,28 @@ def test_our_output_with_an_image_name_inside_an_input_folder_is_never_an_input(
     result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--format", "jsonl", "--backend", "reference"])
     assert result.exit_code == 0 and "20 of 20 images already recorded" in result.stderr
     assert str(out) not in by_path(read_records(out))
+
+
+# ---------------------------------------------------------------- names in messages: one line, never markup
+
+
+def test_a_refusal_naming_a_file_with_a_newline_is_one_line(tiles, tmp_path):
+    out = tmp_path / "o\nut.jsonl"
+    out.write_text("mine\n")
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "o\\nut.jsonl exists but has no settings record" in result.stderr
+    assert out.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("name", ["[/b]out.jsonl", "[bold]out.jsonl"])
+def test_names_that_look_like_markup_are_printed_as_they_are(tiles, tmp_path, name):
+    """The console prints rich markup; a name is not markup (``[/b]`` raised after the run)."""
+    out = tmp_path / name
+    first = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference"])
+    assert first.exit_code == 0, first.output
+    assert f"results: {out}\n" in first.stderr
+    again = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference"])
+    assert again.exit_code == 0, again.output
+    assert f"resuming {out}: 20 of 20 images already recorded" in again.stderr

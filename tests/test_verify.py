@@ -433,3 +433,11 @@ def test_a_model_that_does_not_fit_the_settings_exits_2(image_dir):
     result = invoke(image_dir, "--model", "eurosat", "--low", "30")
     assert result.exit_code == 2, result.output
     assert "the model was fitted with --low 100" in result.stderr
+
+
+def test_an_image_named_with_a_newline_and_brackets_is_printed_on_one_line_as_it_is(image_dir, tmp_path):
+    bad = image_dir / "bad\n[b]x.png"
+    bad.write_bytes(b"not an image")
+    result = invoke(image_dir, "--backends", "numba")
+    (line,) = [line for line in result.stdout.splitlines() if "skipped" in line]
+    assert f"skipped {image_dir}/bad\\n[b]x.png: decode error" in line

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
@@ -24,7 +25,7 @@ from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, printable
 from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
@@ -41,7 +42,7 @@ def _report_failures(failures: list[str]) -> None:
         return
     typer.echo(f"gpu-pipeline: {len(failures)} image(s) could not be processed and were left out:", err=True)
     for line in failures[:SHOWN_FAILURES]:
-        typer.echo(f"  {line}", err=True)
+        typer.echo(f"  {printable(line)}", err=True)
     if len(failures) > SHOWN_FAILURES:
         typer.echo(f"  ... and {len(failures) - SHOWN_FAILURES} more", err=True)
 
@@ -125,7 +126,7 @@ def fit(
         console.print(f"held-out {accuracy_line(test_matrix)}")
         console.print(scores_table(labeled.classes, test_matrix))
         console.print(confusion_table(labeled.classes, test_matrix))
-    console.print(f"model: {os.path.abspath(out)}")
+    console.print(f"model: {escape(printable(os.path.abspath(out)))}")
     raise typer.Exit(1 if table.failures else 0)
 
 
@@ -180,7 +181,7 @@ def evaluate(
 
     targets = np.array([model.classes.index(labeled.classes[t]) for t in labeled.targets[table.ok]])
     matrix = confusion_matrix(targets, model.predict(table.vectors[table.ok]), len(model.classes))
-    console.print(f"model {model_path}: {model.describe()}")
+    console.print(f"model {escape(printable(model_path))}: {escape(model.describe())}")
     console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
     console.print(scores_table(model.classes, matrix))
     console.print(confusion_table(model.classes, matrix))
@@ -190,7 +191,7 @@ def evaluate(
             replace_with(plot, "--plot", lambda temporary: save_confusion_plot(temporary, model.classes, matrix, title))
         except UsageError as exc:
             fail_usage(str(exc))
-        console.print(f"plot: {os.path.abspath(plot)}")
+        console.print(f"plot: {escape(printable(os.path.abspath(plot)))}")
     raise typer.Exit(1 if table.failures else 0)
 
 

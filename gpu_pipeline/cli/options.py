@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, printable
 
 
 def given_path(text: str) -> Path:
@@ -58,7 +58,7 @@ ImagesPerCall = Annotated[int, typer.Option("--batch-size", help="Images per bac
 
 
 def fail_usage(message: str) -> None:
-    typer.echo(f"gpu-pipeline: error: {message}", err=True)
+    typer.echo(f"gpu-pipeline: error: {printable(message)}", err=True)
     raise typer.Exit(2)
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -34,7 +35,7 @@ from gpu_pipeline.labels.labeller import attach_label_model, label_function, war
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, printable
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.files import SOFTWARE, is_our_png, same_file_as, write_replacing
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
@@ -97,6 +98,11 @@ def progress_bar(console: Console) -> Progress:
     )
 
 
+def shown(name: str) -> str:
+    """A file name as the console prints it: one line, and never read as rich markup (``[b]``)."""
+    return escape(printable(name))
+
+
 def print_summary(console: Console, summary: RunSummary, backend: str, out: str) -> None:
     console.print(
         f"[bold]{summary.total}[/] images with backend [bold]{backend}[/] in {summary.seconds:.2f} s: "
@@ -108,7 +114,7 @@ def print_summary(console: Console, summary: RunSummary, backend: str, out: str)
         console.print(f"failures by stage: {stages}")
     if summary.labels:
         console.print("labels: " + ", ".join(f"{label} {n}" for label, n in summary.labels.most_common()))
-    console.print(f"results: {out if out == '-' else os.path.abspath(out)}")
+    console.print(f"results: {out if out == '-' else shown(os.path.abspath(out))}")
 
 
 def model_identity(model: str | None) -> str | None:
@@ -474,7 +480,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
         checked.engine.close()  # a fork server no run will take over
         raise UsageError(str(exc)) from None
     if output.existing.damaged:
-        console.print(f"warning: {job.out}: skipped {output.existing.damaged} damaged line(s) between intact "
+        console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged} damaged line(s) between intact "
                       "records; their images are processed again")
     if job.dask is None and todo:
         if not job.quiet and backend.compiles_on_warm_up():
@@ -484,7 +490,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
         timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet)
     recorded = len(files) - len(todo)
     if not job.quiet and recorded:
-        console.print(f"resuming {job.out}: {recorded} of {len(files)} images already recorded"
+        console.print(f"resuming {shown(job.out)}: {recorded} of {len(files)} images already recorded"
                       + (f" ({checked.earlier_failures} failed; --retry-failed redoes them)"
                          if checked.earlier_failures else ""))
     stop = threading.Event()
