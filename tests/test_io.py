@@ -183,6 +183,18 @@ def test_missing_path_is_a_usage_error(tree: Path) -> None:
     assert "\n" not in str(info.value) and "nope" in str(info.value)
 
 
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_path_that_cannot_be_reached_is_a_usage_error_saying_why(tree: Path, alone: bool) -> None:
+    """Named alone (a folder's fast path) or among others, never an OSError from ``Path.is_dir``."""
+    (tree / "loop").symlink_to(tree / "loop")
+    (tree / "broken").symlink_to(tree / "nowhere")
+    cases = {tree / "loop": "a symbolic link loop", tree / "broken": "a broken symbolic link",
+             tree / "b/2.png/x": "no such file or folder", tree / ("x" * 300): "cannot read .*File name too long"}
+    for path, why in cases.items():
+        with pytest.raises(UsageError, match=f"{why}"):
+            discover([path] if alone else [tree / "a", path])
+
+
 def test_symlinked_folders_are_not_followed(tree: Path) -> None:
     (tree / "a" / "loop").symlink_to(tree, target_is_directory=True)
     assert len(discover([tree])) == 10

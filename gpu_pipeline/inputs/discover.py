@@ -13,9 +13,11 @@ and sorted by path components.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import operator
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -48,6 +50,21 @@ def _absolute(given: Path) -> str:
     return absolute
 
 
+def _is_folder(given: Path) -> bool:
+    """Whether ``given`` is a folder (else something a record can be written for); UsageError, saying
+    why, where it cannot be reached. ``Path.is_dir`` raises on a name too long or a folder that
+    cannot be searched, and calls a symbolic link loop missing."""
+    try:
+        return stat.S_ISDIR(os.stat(given).st_mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"a symbolic link loop: {given}") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            what = "a broken symbolic link" if os.path.islink(given) else "no such file or folder"
+            raise UsageError(f"{what}: {given}") from None
+        raise UsageError(f"cannot read {given}: {exc.strerror}") from None
+
+
 def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool) -> list[str]:
     """Every file, de-duplicated and sorted: its absolute name (:func:`_absolute`), or its name as given.
 
@@ -56,24 +73,20 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     sort key joins the path's components with NUL, which no name holds and which sorts before every
     other character: strings then sort as the components would.
     """
-    paths = list(paths)
-    if len(paths) == 1 and Path(paths[0]).is_dir():  # the usual run: a folder's files come sorted, no key needed
-        given = Path(paths[0])
+    paths = list(map(Path, paths))
+    if len(paths) == 1 and _is_folder(paths[0]):  # the usual run: a folder's files come sorted, no key needed
+        given = paths[0]
         at = _prefix(_absolute(given) if absolute else str(given))
         return [at + relative for relative in _files_in_folder(str(given), glob)]
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
-    for given in map(Path, paths):
-        if given.is_dir():
+    for given in paths:
+        if _is_folder(given):
             at_given, at_absolute = _prefix(str(given)), _prefix(_absolute(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
             for relative in _files_in_folder(str(given), glob):
                 found.setdefault(at_absolute + relative, (at_key + relative.replace("/", "\0"), at_given + relative))
-        elif given.exists():  # a file, or a FIFO, socket or device: that one gets an error record
+        else:  # a file, or a FIFO, socket or device: that one gets an error record
             found.setdefault(_absolute(given), ("\0".join(given.parts), str(given)))
-        elif given.is_symlink():
-            raise UsageError(f"a broken symbolic link: {given}")
-        else:
-            raise UsageError(f"no such file or folder: {given}")
     ordered = sorted(found.items(), key=lambda item: item[1][0])
     return [name if absolute else names[1] for name, names in ordered]
 
@@ -84,7 +97,8 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -
     Raises
     ------
     UsageError
-        A path does not exist (or is a broken symbolic link).
+        A path cannot be reached: it does not exist, or is a broken symbolic link or a loop, or its
+        name is too long.
     """
     return [Path(given) for given in _find(paths, glob, absolute=False)]
 
