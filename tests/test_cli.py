@@ -166,6 +166,24 @@ def test_an_empty_path_or_name_is_refused_not_taken_for_the_current_folder(args,
     assert list((tmp_path / "here").iterdir()) == []
 
 
+LONG = "y" * 300  # over the 255 bytes a file name may have
+
+
+@pytest.mark.parametrize("args", [
+    ["run", LONG], ["run", f"DATA/{LONG}"], ["run", "DATA", "--save-edges", LONG], ["run", "DATA", "--out", LONG],
+    ["run", "DATA", "--out", f"{LONG}/o.jsonl"], ["run", "DATA", "--model", LONG],
+    ["verify", "DATA", "--report", LONG], ["bench", "DATA", "--json", LONG], ["fit", "DATA", "--out", LONG],
+    ["evaluate", "DATA", "--model", LONG], ["evaluate", "DATA", "--model", "eurosat", "--plot", LONG],
+])
+def test_a_name_too_long_is_refused_not_a_traceback(args, image_dir, tmp_path, monkeypatch):
+    """``Path.exists`` raises on such a name (Python before 3.13) deep in a command."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [arg.replace("DATA", str(image_dir)) for arg in args])
+    assert result.exit_code == 2, result.output
+    assert "name too long" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "abc", ""])
 def test_a_bad_numba_num_threads_is_one_line_and_exit_2(value, tmp_path):
     """numba raised (0) or warned with a traceback's text ("abc") from deep inside every command."""

@@ -34,7 +34,7 @@ import typer
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Decode, Device, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
-                                      decode_options, fail_usage, given_path, given_text, pipeline_config)
+                                      decode_options, fail_usage, given_file_name, given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.errors import UsageError
@@ -66,7 +66,7 @@ def main_options(
 @app.command()
 def run(
     paths: Paths = None,
-    out: str = typer.Option("results.jsonl", "--out", "-o", parser=given_text,
+    out: str = typer.Option("results.jsonl", "--out", "-o", parser=given_file_name,
                             help="Output file (.jsonl, .csv or .parquet), or - for stdout. An existing output is "
                             "resumed: images already recorded are skipped."),
     output_format: Optional[str] = typer.Option(None, "--format",
@@ -92,7 +92,7 @@ def run(
     save_edges: Optional[Path] = typer.Option(None, "--save-edges", parser=given_path,
                                               help="Also write each edge map as a PNG under this folder."),
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", parser=given_text,
+        None, "--model", "-m", parser=given_file_name,
         help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
-                                      given_path, given_text, pipeline_config)
+                                      given_file_name, given_path, pipeline_config)
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
@@ -142,7 +142,7 @@ def _confusion_of(model: LabelModel, labeled: LabeledImages, table: FeatureTable
 def evaluate(
     labeled_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (EuroSAT layout).",
                                        show_default=False, parser=given_path),
-    model_path: str = typer.Option(..., "--model", "-m", show_default=False, parser=given_text,
+    model_path: str = typer.Option(..., "--model", "-m", show_default=False, parser=given_file_name,
                                    help="Model file, or a shipped model: eurosat, eurosat-cnn."),
     backend: Backend = "auto",
     bands: Bands = None,

@@ -5,6 +5,8 @@ Every command reports bad usage the same way: one line on stderr and exit status
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -17,7 +19,18 @@ from gpu_pipeline.errors import UsageError, printable
 def given_path(text: str) -> Path:
     """A path argument or option: an empty one (a shell variable left unset) is refused, where
     ``Path("")`` would quietly be the current folder (``--save-edges ""`` wrote edge maps there)."""
-    return Path(given_text(text))
+    return Path(given_file_name(text))
+
+
+def given_file_name(text: str) -> str:
+    """A file name option (``--out``, ``--model``): never empty, and short enough for the file system,
+    where ``Path.exists`` and ``is_file`` raise deep in a command (a traceback) on a name too long."""
+    try:
+        os.lstat(given_text(text))
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise typer.BadParameter("name too long for the file system") from None
+    return text
 
 
 def given_text(text: str) -> str:
