@@ -319,6 +319,19 @@ def test_missing_model_lists_the_shipped_ones(tmp_path):
     assert isinstance(ModelError("x"), UsageError)  # the CLI turns it into exit status 2
 
 
+def test_a_model_that_cannot_be_reached_is_a_model_error_saying_why(tmp_path, monkeypatch):
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    (tmp_path / "eurosat").mkdir()
+    with pytest.raises(ModelError, match="cannot read model y+: File name too long"):
+        load_model("y" * 300)  # Path.is_file raised an OSError
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "loop.json")
+    with pytest.raises(ModelError, match="is not a file"):
+        load_model(tmp_path / "eurosat")
+    monkeypatch.chdir(tmp_path)  # a folder named as a shipped model does not hide it
+    assert load_model("eurosat").to_dict() == load_model(SHIPPED_MODELS["eurosat"]).to_dict()
+
+
 def test_shipped_model_loads_by_name_and_path():
     by_name = load_model("eurosat")
     assert by_name.to_dict() == load_model(SHIPPED_MODELS["eurosat"]).to_dict()

@@ -22,7 +22,10 @@ by side, never mixed), so a label never depends on the batch it was computed in,
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -325,14 +328,17 @@ def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...]
 def resolve_model_path(model: str | Path) -> Path:
     """A model file, or the file of a shipped model named ``model``; ModelError when neither exists."""
     path = Path(model)
-    if path.is_file():
-        return path
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return path
+        problem = f"model {model} is not a file"
+    except OSError as exc:  # (Path.is_file raises on a name too long)
+        problem = (f"model file {model} does not exist (shipped models: {', '.join(SHIPPED_MODELS)})"
+                   if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+                   else f"cannot read model {model}: {exc.strerror}")
     if str(model) in SHIPPED_MODELS:
         return SHIPPED_MODELS[str(model)]
-    shipped = ", ".join(SHIPPED_MODELS)
-    if path.exists():
-        raise ModelError(f"model {model} is not a file")
-    raise ModelError(f"model file {model} does not exist (shipped models: {shipped})")
+    raise ModelError(problem)
 
 
 def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
