@@ -476,6 +476,16 @@ def test_save_edges_on_an_existing_file_is_refused_up_front(tiles, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("inside", ["", "edges"])
+def test_save_edges_inside_a_parquet_dataset_folder_is_refused_up_front(tiles, tmp_path, inside):
+    """Its next run would refuse the dataset folder for holding files that are not parts."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    result = run(str(tiles), "--out", str(out), "--save-edges", str(out / inside))
+    assert result.exit_code == 2 and "is inside the Parquet dataset folder" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
+
+
 @pytest.mark.parametrize("as_root", [False, True])
 def test_save_edges_that_cannot_be_created_is_refused_writing_nothing(tiles, tmp_path, monkeypatch, as_root):
     """nightly.md: a --save-edges that cannot be created exits 2; for root, whom every permission

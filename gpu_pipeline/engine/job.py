@@ -423,6 +423,10 @@ def check_job(job: Job) -> CheckedJob:
         output_format = format_for(job.out, job.output_format)
     except SinkError as exc:
         raise UsageError(str(exc)) from None
+    if output_format == "parquet" and job.save_edges is not None and _is_under(str(job.save_edges), Path(job.out)):
+        # the dataset folder holds our parts only: its next run would refuse the edge maps
+        raise UsageError(f"--save-edges {job.save_edges} is inside the Parquet dataset folder {job.out}; "
+                         "choose another folder")
     settings = {"pipeline": asdict(job.config), "decode": asdict(job.decode_options),
                 "model": model_identity(job.model), "format": output_format}
     earlier = checked_settings_record(job.out, job.overwrite)
