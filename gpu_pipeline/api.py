@@ -20,7 +20,7 @@ import numpy as np
 
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
-from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.config import DecodeOptions, PipelineConfig, whole_number
 from gpu_pipeline.images import ImageBatch, pixel_counts
 
 
@@ -43,8 +43,8 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
     """The backend ``name`` (or the best available for ``auto``), created once per process.
 
     ValueError for an unknown name or a thread count below 1 (as the command line's exit 2)."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if threads is not None:
+        threads = whole_number("threads", threads, least=1)
     try:
         return _created(name, threads)
     except KeyError as exc:
@@ -137,8 +137,8 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     from gpu_pipeline.inputs.processes import processes_wanted
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers is not None:
+        workers = whole_number("workers", workers, least=1)
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not its characters
         paths = [paths]
     files = find_files(paths, glob=glob)

@@ -13,6 +13,16 @@ MAX_THRESHOLD = 2**31 - 1
 STRETCHES = ("percentile", "minmax", "bitdepth")
 
 
+def whole_number(name: str, value, least: int | None = None) -> int:
+    """``value`` as an int: any integer type (NumPy's too), but not a bool or a float such as
+    ``1.5``; ValueError otherwise, or when it is below ``least``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if least is not None and value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The compute stages of the contract (docs/contract.md).
@@ -27,8 +37,10 @@ class PipelineConfig:
     blur_ksize: int = 5
 
     def __post_init__(self) -> None:
-        if self.blur_ksize not in BLUR_SIZES or isinstance(self.blur_ksize, bool):
-            raise ValueError(f"blur size must be one of {BLUR_SIZES}, got {self.blur_ksize!r}")
+        blur = self.blur_ksize  # 5.0 is in BLUR_SIZES, and a kernel typed for integers raised on it
+        if not isinstance(blur, numbers.Integral) or isinstance(blur, bool) or blur not in BLUR_SIZES:
+            raise ValueError(f"blur size must be one of {BLUR_SIZES}, got {blur!r}")
+        object.__setattr__(self, "blur_ksize", int(blur))
         for name in ("low_threshold", "high_threshold"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -51,7 +63,7 @@ class DecodeOptions:
         if self.bands is not None:
             if len(self.bands) not in (1, 3):
                 raise ValueError(f"--bands takes 1 or 3 band numbers, got {len(self.bands)}")
-            if any(b < 1 for b in self.bands):
+            if any(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b < 1 for b in self.bands):
                 raise ValueError("band numbers are 1-based and must be >= 1")
-        if self.max_pixels < 1:
-            raise ValueError("max pixels must be >= 1")
+            object.__setattr__(self, "bands", tuple(whole_number("a band number", b) for b in self.bands))
+        object.__setattr__(self, "max_pixels", whole_number("max pixels", self.max_pixels, least=1))

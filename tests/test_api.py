@@ -149,11 +149,22 @@ def test_bad_settings_are_value_errors_that_name_them():
     for options, message in [({"backend": "nope"}, "unknown backend 'nope'; choose from auto"),
                               ({"threads": 0, "backend": "reference"}, "threads must be >= 1, got 0"),
                               ({"low": "abc"}, "low threshold must be a number, got 'abc'"),
-                              ({"blur": "5"}, r"blur size must be one of \(3, 5, 7\), got '5'")]:
+                              ({"blur": "5"}, r"blur size must be one of \(3, 5, 7\), got '5'"),
+                              # 5.0 in (3, 5, 7): a numba TypingError from the kernel
+                              ({"blur": 5.0, "backend": "numba"}, r"blur size must be one of \(3, 5, 7\), got 5.0"),
+                              ({"threads": 1.5}, "threads must be a whole number, got 1.5"),
+                              ({"threads": True}, "threads must be a whole number, got True"),
+                              ({"bands": (1.5,)}, "a band number must be a whole number, got 1.5")]:
         with pytest.raises(ValueError, match=message):
-            gpu_pipeline.process(image, **options)
-    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
-        next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=0))
+            if "bands" in options:
+                next(gpu_pipeline.run([REPO / "data" / "eurosat"], **options))
+            else:
+                gpu_pipeline.process(image, **options)
+    for workers, message in [(0, "workers must be >= 1, got 0"), (1.5, "workers must be a whole number, got 1.5")]:
+        with pytest.raises(ValueError, match=message):
+            next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=workers))
+    whole = gpu_pipeline.process(image, blur=np.int64(7), threads=np.int32(1), backend="numba")  # NumPy ints are whole
+    assert whole.edge_counts.tolist() == [0]
 
 
 def test_run_takes_one_path_as_one_path(monkeypatch):
