@@ -13,6 +13,13 @@ MAX_THRESHOLD = 2**31 - 1
 STRETCHES = ("percentile", "minmax", "bitdepth")
 
 
+def threshold_text(value: float) -> str:
+    """A threshold as short as it reads back exactly: ``100``, ``40.5``, ``79.99999999`` (``:g``
+    printed that one as 80, while cv2.Canny compares with 79)."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(float(value))
+
+
 def whole_number(name: str, value, least: int | None = None) -> int:
     """``value`` as an int: any integer type (NumPy's too), but not a bool or a float such as
     ``1.5``; ValueError otherwise, or when it is below ``least``."""

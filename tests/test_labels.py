@@ -360,6 +360,8 @@ def test_label_function_checks_the_pipeline_settings(tmp_path):
     with pytest.raises(ModelError, match="fitted with --low 100 --high 200 --no-l2 --blur 5 but this run uses "
                                          "--low 30 --high 200 --l2 --blur 5"):
         label_function("eurosat", PipelineConfig(low_threshold=30, l2_gradient=True))
+    with pytest.raises(ModelError, match=r"this run uses --low 99.99999999 --high 200 --no-l2"):  # not "100"
+        label_function("eurosat", PipelineConfig(low_threshold=99.99999999))
 
 
 # --------------------------------------------------------------------------------------------

@@ -185,6 +185,7 @@ def test_against_opencv_is_identical_on_one_thread_with_fractional_thresholds(bu
         cv2.setNumThreads(threads)
     assert result.exit_code == 0, result.output
     assert "IDENTICAL" in result.stdout
+    assert f"Canny {low!r}/{high!r}" in result.stdout  # as given, where :g printed 80/160
 
 
 class KeepsImages(ReferenceBackend):

@@ -29,7 +29,7 @@ from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
 from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_labels, label_function
-from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
 from gpu_pipeline.errors import UsageError, one_line, printable
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
@@ -489,8 +489,8 @@ def comparison_table(report: VerifyReport) -> Table:
     config = report.config
     table = Table(
         title=f"{report.compared} images compared with the {GROUND_TRUTH} backend (ground truth)",
-        caption=f"Canny {config.low_threshold:g}/{config.high_threshold:g} {'L2' if config.l2_gradient else 'L1'}, "
-                f"blur {config.blur_ksize}"
+        caption=f"Canny {threshold_text(config.low_threshold)}/{threshold_text(config.high_threshold)} "
+                f"{'L2' if config.l2_gradient else 'L1'}, blur {config.blur_ksize}"
                 + (f"; {OPENCV}: the contract's cv2 calls, an independent oracle"
                    if any(t.role == "oracle" for t in report.backends) else ""),
         box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False,

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gpu_pipeline.backends import _numba_setup
-from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.config import PipelineConfig, threshold_text
 from gpu_pipeline.labels import cnn
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.errors import UsageError
@@ -207,7 +207,7 @@ def _json_text(value: Any, indent: int = 0) -> str:
 
 def settings_text(config: PipelineConfig) -> str:
     """The pipeline settings as command-line options, e.g. ``--low 100 --high 200 --no-l2 --blur 5``."""
-    return (f"--low {config.low_threshold:g} --high {config.high_threshold:g} "
+    return (f"--low {threshold_text(config.low_threshold)} --high {threshold_text(config.high_threshold)} "
             f"{'--l2' if config.l2_gradient else '--no-l2'} --blur {config.blur_ksize}")
 
 
