@@ -274,6 +274,22 @@ def test_16_bit_png_is_stretched(scratch: Path, data: np.ndarray) -> None:
     assert np.array_equal(decoded, oracle(data[:, :, None]))
 
 
+@pytest.mark.parametrize("channels", [3, 4, 2])
+def test_16_bit_colour_png_keeps_all_16_bits_and_is_stretched(scratch: Path, channels: int) -> None:
+    """Pillow reads these as 8-bit, keeping the high byte (3 to 5 here: a band of three levels)."""
+    data = np.random.default_rng(8).integers(1000, 1300, (9, 11, channels), dtype=np.uint16)
+    path = scratch / f"wide{channels}.png"
+    if channels == 2:  # gray + alpha: OpenCV writes no such PNG
+        imagecodecs = pytest.importorskip("imagecodecs")
+        path.write_bytes(imagecodecs.png_encode(data))
+    else:
+        cv2 = pytest.importorskip("cv2")
+        cv2.imwrite(str(path), data[:, :, [2, 1, 0, 3][:channels]])  # OpenCV writes BGR(A)
+    assert path.read_bytes()[24] == 16  # the IHDR bit depth
+    expected = oracle(data[:, :, :1] if channels == 2 else data[:, :, :3])  # gray + alpha is gray
+    assert np.array_equal(decode_image(path, DEFAULT), expected)
+
+
 def test_jpeg_decodes_as_pillow_does(bundled_data_dir: Path) -> None:
     for path in discover([bundled_data_dir / "eurosat"])[:10]:
         assert np.array_equal(decode_image(path, DEFAULT), np.asarray(Image.open(path)))

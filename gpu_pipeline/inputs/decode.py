@@ -12,8 +12,9 @@ pixels as Pillow (both run libjpeg with its default, accurate IDCT) at about twi
 small tiles; a JPEG that does not end with its EOI marker (truncated), or any other JPEG, goes to
 Pillow, which refuses truncated data where libjpeg alone would fill it in. Pixels are used as stored
 (no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF compressions need the
-``imagecodecs`` package; without it the error says so. Pillow keeps only the high byte of
-16-bit RGB PNGs (16-bit gray PNGs keep all 16 bits and are stretched as below).
+``imagecodecs`` package; without it the error says so. 16-bit RGB, RGBA and gray + alpha PNGs go
+to libpng (imagecodecs' ``png_decode``), since Pillow keeps only their high byte; 16-bit gray PNGs
+stay with Pillow, which keeps all 16 bits. Both are stretched as below.
 
 Bands
 -----
@@ -90,9 +91,9 @@ from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.errors import one_line
 
 try:
-    from imagecodecs import jpeg8_decode
-except ImportError:  # then every JPEG goes through Pillow
-    jpeg8_decode = None
+    from imagecodecs import jpeg8_decode, png_decode
+except ImportError:  # then every JPEG goes through Pillow, and 16-bit colour PNGs are refused
+    jpeg8_decode = png_decode = None
 
 # Our header check against DecodeOptions.max_pixels replaces Pillow's: its limit (about 179
 # megapixels) is below ours, and its warning cannot be silenced per call from worker threads.
@@ -362,6 +363,8 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP or TIFF)") from None
     with im:
         _check_size(im.width, im.height, max_pixels)
+        if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(fh) == 16:
+            return _read_wide_png(fh, im.width, im.height)
         if im.mode in ("P", "PA"):
             transparent = im.mode == "PA" or "transparency" in im.info
             im = im.convert("RGBA" if transparent else "RGB")
@@ -371,6 +374,22 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
             im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
         bands = np.array(im)  # loads the pixels; writeable, unlike np.asarray
     return _native_order(bands).reshape(im.height, im.width, -1)
+
+
+def _png_bit_depth(fh: BinaryIO) -> int | None:
+    """The bit depth in a PNG's header (the IHDR chunk comes first), or None."""
+    fh.seek(0)
+    head = fh.read(26)
+    return head[24] if head[12:16] == b"IHDR" else None
+
+
+def _read_wide_png(fh: BinaryIO, width: int, height: int) -> np.ndarray:
+    """Bands (H, W, C) of a 16-bit RGB, RGBA or gray + alpha PNG, all 16 bits: Pillow reads these
+    as 8-bit RGB(A), keeping only the high byte, so they go to libpng (imagecodecs)."""
+    if png_decode is None:
+        raise DecodeError("decode", "16-bit colour PNGs need the imagecodecs package (pip install imagecodecs)")
+    fh.seek(0)
+    return _native_order(png_decode(fh.read())).reshape(height, width, -1)
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
