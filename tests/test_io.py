@@ -686,6 +686,74 @@ def test_small_limit_refuses_a_real_image(scratch: Path) -> None:
         decode_image(path, DecodeOptions(max_pixels=99))
 
 
+def test_a_cmyk_tiff_is_converted_as_pillow_converts_it(scratch: Path) -> None:
+    """Its samples are not R, G, B: they were read as such (inverted colours, K dropped)."""
+    cmyk = np.random.default_rng(12).integers(0, 256, (9, 13, 4), dtype=np.uint8)
+    path = scratch / "cmyk.tif"
+    tifffile.imwrite(path, cmyk, photometric="separated")
+    with Image.open(path) as expected:  # Pillow's own TIFF reader: an independent decode
+        assert expected.mode == "CMYK"
+        wanted = np.asarray(expected.convert("RGB"))
+    assert np.array_equal(decode_image(path, DEFAULT), wanted)
+    tifffile.imwrite(path, cmyk.astype(np.uint16) * 257, photometric="separated")
+    with pytest.raises(DecodeError, match="only 8-bit CMYK TIFFs are supported") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
+def test_jpeg_compressed_ycbcr_tiff_is_rgb_and_other_colour_models_are_refused(scratch: Path) -> None:
+    rgb = np.random.default_rng(13).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    tifffile.imwrite(scratch / "jpeg.tif", rgb, photometric="rgb", compression="jpeg")  # stored as YCbCr
+    with tifffile.TiffFile(scratch / "jpeg.tif") as tif:
+        assert tif.pages.first.photometric == tifffile.PHOTOMETRIC.YCBCR
+    with Image.open(scratch / "jpeg.tif") as expected:
+        assert np.array_equal(decode_image(scratch / "jpeg.tif", DEFAULT), np.asarray(expected.convert("RGB")))
+    for photometric, extra in [("ycbcr", {"subsampling": (1, 1)}), ("cielab", {})]:
+        path = scratch / f"{photometric}.tif"
+        tifffile.imwrite(path, rgb, photometric=photometric, **extra)  # uncompressed: samples as written
+        with pytest.raises(DecodeError, match=f"TIFF colour model {photometric.upper()} is not supported") as info:
+            decode_image(path, DEFAULT)
+        assert_one_line(info.value, "decode")
+
+
+def test_a_thumbnail_before_the_image_is_skipped(scratch: Path) -> None:
+    with tifffile.TiffWriter(scratch / "thumbnail_first.tif") as tif:
+        tif.write(np.full((4, 4), 99, np.uint8), subfiletype=1)  # a reduced-resolution copy
+        tif.write(np.full((8, 6), 7, np.uint8))
+    assert np.array_equal(decode_image(scratch / "thumbnail_first.tif", DEFAULT), np.full((8, 6), 7, np.uint8))
+
+
+@pytest.mark.parametrize("what", ["samples", "tile"])
+def test_a_tiff_declaring_many_samples_or_a_huge_tile_is_refused_before_decoding(scratch: Path, monkeypatch,
+                                                                                  what: str) -> None:
+    """Small files that decode to far more memory than their pixels say (575 and 444 MB peak)."""
+    path = scratch / f"bomb-{what}.tif"
+    if what == "samples":
+        tifffile.imwrite(path, np.zeros((16, 16, 300), np.uint8), photometric="minisblack", planarconfig="contig",
+                         compression="zlib")
+        options, message = DecodeOptions(max_pixels=1000, bands=(1,)), "16 x 16 pixels of 300 samples: 76,800"
+    else:
+        tifffile.imwrite(path, np.zeros((16, 16), np.uint8), tile=(1024, 1024), compression="zlib")
+        options, message = DecodeOptions(max_pixels=1000), "16 x 16 pixels of 1 sample in tiles of 1024 x 1024"
+    assert path.stat().st_size < 20_000
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(DecodeError, match=f"{message}.* samples is over the limit of 3,000") as info:
+        decode_image(path, options)
+    assert_one_line(info.value, "decode")
+    monkeypatch.undo()
+    assert decode_image(path, DecodeOptions(max_pixels=1_000_000, bands=options.bands)).shape == (16, 16)
+
+
+@pytest.mark.parametrize("content, message", [(b"II*\x00", "damaged TIFF file: unpack requires"),
+                                              (b"II*\x00\x08\x00\x00\x00", "damaged TIFF file: no image in it")])
+def test_a_damaged_tiff_header_says_so(scratch: Path, content: bytes, message: str, caplog) -> None:
+    with pytest.raises(DecodeError, match=message) as info:
+        decode_image(touch(scratch / "damaged.tif", content), DEFAULT)
+    assert_one_line(info.value, "decode")
+    # tifffile's own warning ("invalid offset to first page") reached stderr, in decode processes too
+    assert [record.getMessage() for record in caplog.records if record.name == "tifffile"] == []
+
+
 def test_missing_tiff_codec_says_which_package(scratch: Path, monkeypatch) -> None:
     path = write_tiff(scratch / "codec.tif", np.zeros((4, 4, 1), np.uint8))
 

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import logging
 import os
 import signal
 import stat
@@ -280,8 +279,6 @@ def run_job(**arguments) -> int:
     Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
     job = Job(**arguments)
-    # A damaged TIFF becomes that file's error record; tifffile's own warnings would only add noise.
-    logging.getLogger("tifffile").setLevel(logging.ERROR)
     # the lock beside the real file: two spellings of one output (a symbolic link) take one lock
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
     created: list[Path] = []

@@ -5,8 +5,10 @@ Normalisation happens here, once, on the host, so all backends see the same byte
 Decoding
 --------
 The first bytes choose the decoder, not the extension: TIFF and BigTIFF go to tifffile, which
-reads the first page only (the full-resolution image of a COG, never an overview or a later
-page); PNG, JPEG, BMP, GIF (first frame) and WebP go to Pillow. Complete 8-bit gray or three-channel
+reads the first full-resolution page only (the image of a COG, never an overview or a later page;
+a thumbnail stored first is skipped). Gray, RGB, palette and JPEG-compressed YCbCr TIFFs are read
+as such, 8-bit CMYK is converted to RGB as Pillow converts a CMYK JPEG, and other colour models
+(CIELab, uncompressed YCbCr, ...) are refused rather than read as RGB. PNG, JPEG, BMP, GIF (first frame) and WebP go to Pillow. Complete 8-bit gray or three-channel
 JPEGs take a faster path through imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same
 pixels as Pillow (both run libjpeg with its default, accurate IDCT) at about twice the speed on
 small tiles; a JPEG that does not end with its EOI marker (truncated), or any other JPEG, goes to
@@ -69,13 +71,17 @@ Errors
 Every failure of :func:`decode_image` is a :class:`DecodeError` with a ``stage`` (``read``,
 ``decode`` or ``normalise``) and a one-line message. Images of more than
 ``DecodeOptions.max_pixels`` pixels are refused from their header, before any pixel is decoded;
-this check replaces Pillow's own decompression-bomb warning and error, which are switched off.
+this check replaces Pillow's own decompression-bomb warning and error, which are switched off. A
+TIFF is also refused when it holds more than three samples per pixel of the limit, counted over
+the image or over one tile where a tile is larger (thousands of bands, or one huge tile, in a
+small file).
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import logging
 import math
 import os
 import re
@@ -94,6 +100,10 @@ try:
     from imagecodecs import jpeg8_decode, png_decode
 except ImportError:  # then every JPEG goes through Pillow, and 16-bit colour PNGs are refused
     jpeg8_decode = png_decode = None
+
+# A damaged TIFF becomes that file's error record; tifffile's own warnings (logged, in whichever
+# thread or decode process meets the file) would only add noise to stderr.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 # Our header check against DecodeOptions.max_pixels replaces Pillow's: its limit (about 179
 # megapixels) is below ours, and its warning cannot be silenced per call from worker threads.
@@ -447,11 +457,24 @@ def _format_by_signature(head: bytes) -> str | None:
     return next((kind for magic, kind in signatures.items() if head.startswith(magic)), None)
 
 
+#: TIFF colour models whose samples are not R, G, B or gray: refused rather than read as such.
+#: (JPEG-compressed YCbCr is decoded to RGB by libjpeg, and CMYK is converted: both are read.)
+_TIFF_FOREIGN_COLOURS = frozenset(tifffile.PHOTOMETRIC) - {
+    tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB,
+    tifffile.PHOTOMETRIC.PALETTE, tifffile.PHOTOMETRIC.SEPARATED, tifffile.PHOTOMETRIC.YCBCR}
+
+
 def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None]:
-    """Bands (H, W, C) of the first page of a TIFF, and its GDAL nodata value if any."""
-    with tifffile.TiffFile(fh) as tif:
-        page = tif.pages.first
-        _check_size(page.imagewidth, page.imagelength, max_pixels)
+    """Bands (H, W, C) of a TIFF's first full-resolution page, and its GDAL nodata value if any."""
+    try:
+        tif = tifffile.TiffFile(fh)
+    except MemoryError:
+        raise
+    except Exception as exc:  # tifffile's errors for a damaged header are struct, value and index errors
+        raise DecodeError("decode", f"damaged TIFF file: {_one_line(exc)}") from None
+    with tif:
+        page = _full_resolution_page(tif)
+        _check_tiff_size(page, max_pixels)
         try:
             # One thread per image: the engine already decodes many images at once.
             data = page.asarray(maxworkers=1)
@@ -465,16 +488,60 @@ def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None]
             raise
         # ``shaped`` is (separate samples, depth, height, width, contiguous samples): it says
         # where the bands are, planar or interleaved, whatever the sizes.
-        separate, depth, height, width, contiguous = page.shaped
-        if depth != 1:
-            raise DecodeError("decode", f"volumetric TIFF images (depth {depth}) are not supported")
+        separate, _, height, width, contiguous = page.shaped
         data = data.reshape(separate, height, width, contiguous)
         bands = np.moveaxis(data[..., 0], 0, -1) if separate > 1 else data[0]
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
             bands = (page.colormap[:, bands[..., 0]] >> 8).astype(np.uint8).transpose(1, 2, 0)
         elif page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             bands = ~bands if bands.dtype.kind in "bu" else bands
+        elif page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
+            bands = _cmyk_to_rgb(bands)
         return _native_order(bands), _gdal_nodata(page)
+
+
+def _full_resolution_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
+    """The first page that is not a reduced-resolution copy (NewSubfileType bit 0): a thumbnail
+    may come first. Its colour model must be one we read (see :data:`_TIFF_FOREIGN_COLOURS`)."""
+    if not tif.pages:
+        raise DecodeError("decode", "damaged TIFF file: no image in it")
+    page = tif.pages.first
+    if page.subfiletype & 1:
+        page = next((p for p in tif.pages if not p.subfiletype & 1), page)
+    photometric = page.photometric
+    if photometric in _TIFF_FOREIGN_COLOURS or (
+            photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression != tifffile.COMPRESSION.JPEG):
+        name = getattr(photometric, "name", photometric)
+        raise DecodeError("decode", f"TIFF colour model {name} is not supported (only gray, RGB, palette, "
+                                    "CMYK and JPEG-compressed YCbCr are)")
+    return page
+
+
+def _check_tiff_size(page: tifffile.TiffPage, max_pixels: int) -> None:
+    """The pixel limit, and the samples it allows (three a pixel, an RGB image's), counted over the
+    image or over one tile where a tile is larger: a small file may declare thousands of bands or
+    one huge tile, which decode to far more memory than its pixels say."""
+    _check_size(page.imagewidth, page.imagelength, max_pixels)
+    if page.imagedepth != 1:
+        raise DecodeError("decode", f"volumetric TIFF images (depth {page.imagedepth}) are not supported")
+    samples = page.samplesperpixel * max(page.imagewidth * page.imagelength, page.tilewidth * page.tilelength)
+    if samples > 3 * max_pixels:
+        tile = f" in tiles of {page.tilewidth} x {page.tilelength}" if page.is_tiled else ""
+        per_pixel = page.samplesperpixel
+        raise DecodeError("decode", f"{page.imagewidth} x {page.imagelength} pixels of {per_pixel} "
+                                    f"sample{'s' if per_pixel > 1 else ''}{tile}: {samples:,} samples is over the limit of {3 * max_pixels:,} "
+                                    "(3 per pixel of the limit; decompression-bomb guard)")
+
+
+def _cmyk_to_rgb(bands: np.ndarray) -> np.ndarray:
+    """8-bit CMYK (and any extra samples after it, dropped) as RGB, converted as Pillow converts a
+    CMYK JPEG, so that the same picture gives the same pixels in either format."""
+    if bands.shape[2] < 4 or bands.dtype != np.uint8:
+        raise DecodeError("decode", f"only 8-bit CMYK TIFFs are supported (this one: {bands.shape[2]} "
+                                    f"{bands.dtype} samples)")
+    height, width = bands.shape[:2]
+    cmyk = Image.frombytes("CMYK", (width, height), np.ascontiguousarray(bands[:, :, :4]).tobytes())
+    return np.array(cmyk.convert("RGB"))
 
 
 def _native_order(array: np.ndarray) -> np.ndarray:
