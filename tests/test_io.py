@@ -864,6 +864,15 @@ def test_cmyk_jpeg_goes_through_pillow(tmp_path):
     assert np.array_equal(decode_image(path, DecodeOptions()), expected)
 
 
+def test_a_12_bit_jpeg_is_called_unsupported_not_damaged(tmp_path):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    path = tmp_path / "twelve.jpg"
+    path.write_bytes(imagecodecs.jpeg8_encode(np.full((8, 9), 3000, np.uint16), bitspersample=12))
+    with pytest.raises(DecodeError, match="^12-bit JPEG is not supported") as info:
+        decode_image(path, DecodeOptions())
+    assert_one_line(info.value, "decode")
+
+
 def test_fast_jpeg_path_matches_pillow_on_real_tiles(shared_data_dir):
     for path in sorted(shared_data_dir.rglob("*.jpg"))[::7]:
         assert np.array_equal(decode_image(path, DecodeOptions()), _pillow_pixels(path.read_bytes())), path

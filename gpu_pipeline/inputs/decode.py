@@ -442,6 +442,9 @@ def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
     data = fh.read()
     shape = _libjpeg_shape(data)
     if shape is None:
+        frame = _jpeg_frame(data)
+        if frame is not None and frame[0] != 8:  # Pillow cannot identify it, and would call it damaged
+            raise DecodeError("decode", f"{frame[0]}-bit JPEG is not supported (8-bit only)")
         fh.seek(0)
         return _read_with_pillow(fh, max_pixels)
     height, width = shape[:2]
