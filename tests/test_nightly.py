@@ -386,6 +386,59 @@ def test_retry_failed_with_changed_settings_is_refused_before_rewriting(tmp_path
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_retry_failed_rewrites_through_a_temporary_of_its_own_and_keeps_a_symbolic_link(tmp_path, suffix):
+    """It wrote OUT.rewrite with open("wb"): a user's file there was truncated and renamed onto the
+    output, a link there was followed; and it replaced a symbolic link --out by a copy."""
+    folder = tmp_path / "images"
+    make_images(folder, 4)
+    (folder / "tile001.png").write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / f"nightly{suffix}"
+    real.touch()
+    out = tmp_path / f"results{suffix}"
+    out.symlink_to(real)
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    (tmp_path / f"results{suffix}.rewrite").write_text("my notes")
+    (tmp_path / "data" / f".nightly{suffix}.{os.getpid()}.tmp").symlink_to(precious)  # (this run's PID)
+    make_images(folder, 4)  # the broken file is repaired
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    assert out.is_symlink() and os.readlink(out) == str(real)
+    records = by_path(read_records(real))
+    assert len(records) == 4 and all("error" not in r for r in records.values())
+    assert precious.read_text() == "mine" and (tmp_path / f"results{suffix}.rewrite").read_text() == "my notes"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [f"nightly{suffix}"]  # no temporary left
+
+
+def a_dead_pid() -> int:
+    """The PID of a process that has ended and been reaped: it runs nothing (until the PID is reused)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next_run(tiles, tmp_path):
+    """A SIGKILL runs no clean-up: half-written edge maps and rewrites stayed hidden for ever."""
+    out, edges = tmp_path / "out.jsonl", tmp_path / "edges"
+    assert run(str(tiles), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    dead, old = a_dead_pid(), time.time() - 3600
+    stale = [edges / f".tile003.png.edges.png.{dead}.tmp", tmp_path / f".out.jsonl.{dead}.tmp",
+             tmp_path / f".out.jsonl.settings.json.{dead}.tmp"]
+    kept = [edges / f".tile004.png.edges.png.{dead}.tmp",  # touched a moment ago: perhaps another machine's
+            edges / ".tile005.png.edges.png.1.tmp",  # a running process's (init's)
+            edges / ".notes.txt.1.tmp", tmp_path / f".other.jsonl.{dead}.tmp"]  # not ours to judge
+    for path in stale + kept:
+        path.write_bytes(b"\x89PNG half")
+    for path in stale + kept[1:]:
+        os.utime(path, (old, old))
+    out.write_bytes(b"".join(out.read_bytes().splitlines(keepends=True)[:3]))  # killed after 3 records
+    assert run(str(tiles), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    assert [path.name for path in stale if path.exists()] == []
+    assert [path.name for path in kept if not path.exists()] == []
+
+
 # ---------------------------------------------------------------- 9. FIFOs and other special files
 
 

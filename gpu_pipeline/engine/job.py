@@ -36,7 +36,8 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import UsageError, printable
 from gpu_pipeline.inputs.discover import find_files
-from gpu_pipeline.outputs.files import SOFTWARE, is_our_png, same_file_as, write_replacing
+from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, remove_stale_temporaries, same_file_as,
+                                        write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -71,11 +72,15 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
     # makes resolve raise on Python 3.11 and 3.12
     resolved = [Path(os.path.realpath(path)) for path in files]
     root = Path(os.path.commonpath([path.parent for path in resolved]))
+    swept: set[Path] = set()  # folders cleared of what killed runs left (once each: a scandir)
 
     def save(path: str, edges: np.ndarray) -> None:
         target = folder / Path(os.path.realpath(path)).relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in swept:
+            swept.add(target.parent)
+            remove_stale_temporaries(target.parent, lambda name: name.endswith(".edges.png"))
         try:
             found = os.lstat(target)
         except FileNotFoundError:
@@ -186,6 +191,16 @@ def check_recorded_format(out: str, earlier: dict, output_format: str) -> None:
     if earlier.get("format", "jsonl") != output_format:
         raise UsageError(f"{out} was written as {earlier.get('format', 'jsonl')}, not {output_format}; "
                          "use the same --format, --overwrite, or another --out")
+
+
+def remove_killed_runs_temporaries(out: str) -> None:
+    """The temporaries a SIGKILL left beside the output (a ``--retry-failed`` rewrite) and its settings
+    record; the edge maps' are removed folder by folder as maps are saved (:func:`edge_saver`)."""
+    if out == "-":
+        return
+    for path in (os.path.realpath(out), str(settings_path(out))):
+        name = os.path.basename(path)
+        remove_stale_temporaries(os.path.dirname(path) or ".", lambda target: target == name)
 
 
 def write_settings(out: str, settings: dict) -> None:
@@ -471,6 +486,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
     try:
         created = make_edge_folder(job.save_edges)
         write_settings(job.out, checked.settings)
+        remove_killed_runs_temporaries(job.out)
         sink = output.open()
     except (SinkError, UsageError) as exc:
         if not had_settings:  # ours, written a moment ago

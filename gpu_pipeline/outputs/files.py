@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import stat
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -86,8 +87,11 @@ def write_replacing(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temporary)``, then the temporary renamed to ``path``: a kill or a full disk leaves the
     old file whole, and another name of the old file (a hard link) keeps its bytes. The temporary is
     a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
-    there; it is removed when anything fails, and the error goes on."""
+    there; it is removed when anything fails, and the error goes on. One that a SIGKILL left
+    behind is removed by :func:`remove_stale_temporaries`, or here when this process has its PID."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):  # a dead process's, which had this PID
+        os.unlink(temporary)
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     try:
         write(temporary)
@@ -96,6 +100,41 @@ def write_replacing(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+_TEMPORARY = re.compile(r"\A\.(?P<target>.+)\.(?P<pid>[0-9]+)\.tmp\Z", re.DOTALL)
+#: A temporary touched this recently is left alone, whatever its PID says: it may be a live run's on
+#: another machine that shares the folder.
+STALE_AFTER_S = 60
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[str], bool]) -> None:
+    """Remove the temporaries that :func:`write_replacing` left in ``folder`` when its process was
+    killed (a SIGKILL runs no clean-up): hidden ``.NAME.PID.tmp`` files whose ``NAME`` is one
+    ``wanted`` accepts, whose process is no longer running, untouched for :data:`STALE_AFTER_S`."""
+    try:
+        with os.scandir(folder) as entries:
+            found = [(entry.path, int(match["pid"])) for entry in entries if entry.name.startswith(".")
+                     and (match := _TEMPORARY.match(entry.name)) and wanted(match["target"])]
+    except OSError:
+        return
+    for path, pid in found:
+        if _running(pid):
+            continue
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > STALE_AFTER_S:
+                os.unlink(path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's, or no PID at all: leave it
+        return True
+    return True
 
 
 def same_file_as(path: str | os.PathLike[str]) -> Callable[[str | os.PathLike[str]], bool] | None:

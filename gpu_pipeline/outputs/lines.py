@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from gpu_pipeline.outputs import records as record_text
+from gpu_pipeline.outputs.files import write_replacing
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written
 
 #: Columns of the CSV output; the histogram is one column of 256 space-separated ints.
@@ -156,16 +157,18 @@ def scan(path: Path, fmt: str, keep: Callable[[dict, bytes], None] | None = None
 
 
 def keep_results(path: Path, fmt: str) -> None:
-    """Replace the file atomically by its intact result records (a crash leaves the old or the new):
-    ``--retry-failed`` redoes the images whose records were errors."""
-    temporary = path.with_name(path.name + ".rewrite")
-    with open(temporary, "wb") as stream:
-        if fmt == "csv":
-            stream.write((CSV_HEADER + "\n").encode())
-        scan(path, fmt, lambda record, raw: None if "error" in record else stream.write(raw))
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    """Replace the file by its intact result records, written to a temporary of ours renamed into
+    place (a crash leaves the old or the new): ``--retry-failed`` redoes the images whose records
+    were errors. The real file is replaced: a symbolic link to it stays one."""
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as stream:
+            if fmt == "csv":
+                stream.write((CSV_HEADER + "\n").encode())
+            scan(path, fmt, lambda record, raw: None if "error" in record else stream.write(raw))
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    write_replacing(Path(os.path.realpath(path)), write)
 
 
 def _write_all(descriptor: int, data: bytes, out: str) -> None:
