@@ -85,6 +85,23 @@ def test_csv_resume_keeps_every_row_after_a_name_with_a_newline(tmp_path):
     assert sorted(Path(row["path"]).name for row in rows) == sorted(names)
 
 
+@pytest.mark.parametrize("left", ["torn", "zeros", "foreign"])
+def test_a_csv_header_torn_by_a_crash_is_written_again(tiles, tmp_path, left):
+    """A power cut can leave the header half written or zero-filled: refused as "not a gpu-pipeline
+    CSV output" where a JSONL output in the same state resumed. A header that is whole and not ours
+    is still refused."""
+    out = tmp_path / "out.csv"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    whole = out.read_bytes()
+    out.write_bytes({"torn": whole[:40], "zeros": bytes(96), "foreign": b"path,width\n"}[left])
+    result = run(str(tiles), "--out", str(out))
+    if left == "foreign":
+        assert result.exit_code == 2 and "unexpected header" in result.stderr
+        return
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == whole
+
+
 # ---------------------------------------------------------------- 2. a file name that is not UTF-8
 
 

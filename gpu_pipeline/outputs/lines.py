@@ -125,11 +125,14 @@ class Scan:
 
 
 def _check_header(stream: IO[bytes], fmt: str, path) -> int:
-    """Check and skip the CSV header; returns where the records start."""
+    """Check and skip the CSV header; returns where the records start: 0 for a JSONL output, and for a
+    CSV output that a crash left with its header torn or zero-filled and nothing after it."""
     if fmt != "csv":
         return 0
     header = stream.readline()
-    if header and header.rstrip(b"\r\n") != CSV_HEADER.encode():
+    if not header.endswith(b"\n") and ((CSV_HEADER + "\n").encode().startswith(header) or not header.strip(b"\0")):
+        return 0
+    if header.rstrip(b"\r\n") != CSV_HEADER.encode():
         raise SinkError(f"{path} is not a gpu-pipeline CSV output of this version (unexpected header); "
                         "use --overwrite or another --out")
     return len(header)

@@ -155,6 +155,8 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
         elif plan.exists:
             found = scan(path, chosen)
             plan.existing, plan.good_end = found.existing, found.good_end
+            if chosen == "csv" and found.good_end == 0:  # a torn header and nothing else: start it again
+                plan.exists = False
     except SinkError:
         raise
     except OSError as exc:
