@@ -386,3 +386,71 @@ def test_the_command_line_leaves_the_collector_on_and_blas_to_one_thread(user_se
     off = subprocess.run([sys.executable, "-c", "import gc; gc.disable(); import gpu_pipeline.cli; print(gc.isenabled())"],
                          env=env, capture_output=True, text=True, timeout=120, check=True)
     assert off.stdout.split()[0] == "False"  # an importer that had turned the collector off keeps it off
+
+
+# ---------------------------------------------------------------- the standard streams a cron job or a pipe gives
+
+REPO = Path(__file__).resolve().parent.parent
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+
+
+def command(*args: str, stdout=None, stderr=subprocess.PIPE, env=None, shell_redirects: str = ""):
+    """``gpu-pipeline ARGS`` as a real process (its descriptors are the point), from the checkout."""
+    words = " ".join(f"'{arg}'" for arg in [sys.executable, "-m", "gpu_pipeline.cli", *args])
+    return subprocess.run(f"exec {words} {shell_redirects}", shell=True, cwd=REPO, stdout=stdout, stderr=stderr,
+                          env=env, timeout=300)
+
+
+def test_closed_stderr_and_stdout_are_opened_on_dev_null(image_dir, tmp_path):
+    """2>&- made sys.stderr None: every run crashed at its first isatty, exit 1, no records."""
+    out = tmp_path / "o.jsonl"
+    assert command("run", str(image_dir), "--out", str(out), "--backend", "reference",
+                   stderr=None, shell_redirects="2>&- <&-").returncode == 0
+    assert len(out.read_text().splitlines()) == len([p for p in image_dir.rglob("*") if p.is_file()])
+    refused = command("run", str(image_dir), "--out", "-", "--backend", "reference", shell_redirects=">&-")
+    assert refused.returncode == 2 and refused.stderr.decode() == "gpu-pipeline: error: --out -: standard output is closed\n"
+
+
+@needs_dev_full
+@pytest.mark.parametrize("args", [["info"], ["--version"], ["--help"], ["run", "DATA", "--out", "-", "--format", "csv"]])
+def test_stdout_on_a_full_disk_is_exit_3_and_one_line(image_dir, args):
+    """Tracebacks from rich, and for a CSV header exit 2 where JSON lines gave 3."""
+    args = [str(image_dir) if arg == "DATA" else arg for arg in args]
+    with open("/dev/full", "w") as full:
+        result = command(*args, *(["--backend", "reference"] if args[0] == "run" else []), stdout=full)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode() == "gpu-pipeline: error: cannot write to stdout: No space left on device\n"
+
+
+@pytest.mark.parametrize("args", [["info"], ["--version"], ["verify", "DATA", "--backends", "numba"]])
+def test_a_reader_that_closed_the_pipe_is_exit_3_not_1(image_dir, args):
+    """rich and click end such a command with exit 1, which for verify means "differences"."""
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first write
+    try:
+        result = command(*[str(image_dir) if arg == "DATA" else arg for arg in args], stdout=writer)
+    finally:
+        os.close(writer)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode().endswith("gpu-pipeline: error: cannot write to stdout: the reader closed the pipe\n")
+
+
+@needs_dev_full
+def test_messages_that_cannot_be_written_do_not_change_the_exit_status(image_dir, tmp_path):
+    """2>/dev/full made a run that wrote every record exit 1, and a refusal exit 1 instead of 2."""
+    out = tmp_path / "o.jsonl"
+    with open("/dev/full", "w") as full:
+        assert command("run", str(image_dir), "--out", str(out), "--backend", "reference", stderr=full).returncode == 0
+        assert command("run", str(tmp_path / "nope"), "--out", str(out), stderr=full).returncode == 2
+    assert len(out.read_text().splitlines()) == len([p for p in image_dir.rglob("*") if p.is_file()])
+
+
+def test_csv_to_stdout_is_utf8_whatever_the_locale(tmp_path):
+    """With an ASCII stdout, the first name outside ASCII raised UnicodeEncodeError mid-run."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "é.png")
+    result = command("run", str(folder), "--out", "-", "--format", "csv", "--backend", "reference", "-q",
+                     stdout=subprocess.PIPE, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert result.returncode == 0, result.stderr
+    assert f"{folder}/é.png,8,8,1,".encode() in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ from typing import Optional
 import typer
 
 from gpu_pipeline import __version__
+from gpu_pipeline.cli import streams
 from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Decode, Device, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, given_file_name, given_path, pipeline_config)
@@ -119,6 +121,8 @@ def run(
             raise UsageError(f"--device must be >= 0, got {device}")
         if device is not None and dask is not None:
             raise UsageError("--device picks a GPU of this machine; with --dask each worker binds its own")
+        if out == "-" and "stdout" in streams.closed:
+            raise UsageError("--out -: standard output is closed")
         code = run_job(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
@@ -148,6 +152,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def main() -> None:
+    streams.prepare()
     # numba reads it at its import, deep in a command, and raises (0, -3) or warns ("abc") there
     threads = os.environ.get("NUMBA_NUM_THREADS")
     if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
@@ -159,8 +164,17 @@ def main() -> None:
     try:
         app()
     except Interrupted:
-        sys.stdout.flush()
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
         sys.exit(130)
+    except SystemExit:
+        if streams.reader_went_away():
+            sys.exit(streams.write_failed("the reader closed the pipe"))
+        raise
+    except OSError as exc:
+        if exc.errno not in streams.WRITE_ERRORS:
+            raise
+        sys.exit(streams.write_failed(exc.strerror or str(exc)))
     finally:
         # The exit status is decided; a Ctrl-C while the interpreter shuts down must not replace it
         # with a death by SIGINT.

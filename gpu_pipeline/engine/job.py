@@ -495,6 +495,9 @@ def execute(job: Job, checked: CheckedJob) -> int:
         remove_folders(created)
         backend.close()
         checked.engine.close()  # a fork server no run will take over
+        if isinstance(exc, SinkWriteError) and job.out == "-":  # the CSV header, to a full disk or a closed pipe
+            console.print(f"gpu-pipeline: error: {exc.strerror}", highlight=False, markup=False)
+            return EXIT_WRITE_ERROR
         raise UsageError(str(exc)) from None
     if output.existing.damaged:
         console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged} damaged line(s) between intact "

@@ -210,9 +210,10 @@ class LineSink(Sink):
 
     def _write_text(self, text: str) -> None:
         if self._descriptor is None:
-            try:
-                sys.stdout.write(text)
+            try:  # UTF-8, as in a file, whatever stdout's encoding (an ASCII locale raised on "é")
                 sys.stdout.flush()
+                sys.stdout.buffer.write(text.encode("utf-8"))
+                sys.stdout.buffer.flush()
             except OSError as exc:  # a full disk behind `> file`, or a reader that stopped (`| head`)
                 if exc.errno == errno.EPIPE:  # else Python's exit flushes into the closed pipe again
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

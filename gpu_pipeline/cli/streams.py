@@ -1,0 +1,96 @@
+"""The standard streams as a cron job, a daemon or a pipe leaves them.
+
+* A closed descriptor (``2>&-``) makes Python's ``sys.stderr`` None (a crash at the first
+  ``isatty``), and the next file the command opens takes its number: a library's message to fd 2
+  would land in the output lock. Closed ones are opened on /dev/null first, and ``run --out -``
+  with standard output closed is refused.
+* Messages are not results: a full disk or a reader gone behind ``2>`` must not turn a command
+  that did its work into a failure (GNU tools ignore it too), so failed writes to stderr are dropped.
+* Results are: a failed write to stdout (a full disk, ``| head`` that stopped reading) ends the
+  command with exit 3 and one line, as ``run --out -`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+
+#: The exit status of a command whose output could not be written (as ``run``'s).
+EXIT_WRITE_ERROR = 3
+#: What a failed write to stdout raises: a full disk or quota, a reader gone.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EPIPE})
+
+#: The standard streams that were closed when the command started ("stdin", "stdout", "stderr").
+closed: set[str] = set()
+#: Whether rich met a closed pipe on stdout (it then exits 1, which for verify means "differs").
+_pipe_closed = False
+
+
+class ForgivingStream:
+    """A text stream whose failed writes are dropped: stderr, for messages."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def prepare() -> None:
+    """Open closed standard descriptors on /dev/null (lowest first, so each gets its own number),
+    and make stderr forgiving."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(name)
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False,
+                                    errors="backslashreplace" if name == "stderr" else "strict"))
+    sys.stderr = ForgivingStream(sys.stderr)
+    _note_rich_broken_pipes()
+
+
+def _note_rich_broken_pipes() -> None:
+    from rich.console import Console
+
+    exits = Console.on_broken_pipe
+
+    def on_broken_pipe(console: Console) -> None:
+        global _pipe_closed
+        _pipe_closed = True
+        exits(console)  # stdout onto /dev/null, then SystemExit(1)
+
+    Console.on_broken_pipe = on_broken_pipe
+
+
+def reader_went_away() -> bool:
+    """Whether a command's stdout met a closed pipe, which click and rich end with exit 1 (click
+    wraps stdout first, in a class of its own or of the copy typer carries)."""
+    return _pipe_closed or type(sys.stdout).__name__ == "PacifyFlushWrapper"
+
+
+def write_failed(reason: str) -> int:
+    """Say that stdout could not be written, send what is still buffered to /dev/null (Python's exit
+    would try again, print "Exception ignored" and exit 120), and return :data:`EXIT_WRITE_ERROR`."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    print(f"gpu-pipeline: error: cannot write to stdout: {reason}", file=sys.stderr)
+    return EXIT_WRITE_ERROR
