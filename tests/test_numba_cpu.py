@@ -294,6 +294,13 @@ def test_cache_dir_falls_back_when_nothing_usual_is_writable(tmp_path, monkeypat
     monkeypatch.setattr("tempfile.tempdir", str(_blocked(tmp_path)))
     assert _numba_setup.choose_cache_dir(package) is None  # then kernels compile without a cache
 
+    def no_temp_folder():  # what tempfile says when TMPDIR, /tmp, /var/tmp and "." are all read-only
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr("tempfile.gettempdir", no_temp_folder)
+    assert _numba_setup.choose_cache_dir(package) is None  # it raised: "numba cannot be imported", a traceback
+
 
 def test_cache_dir_keeps_the_users_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "mine"))
@@ -405,3 +412,13 @@ def test_calls_that_reuse_the_last_calls_memory_give_the_reference_bytes():
         assert [result.edge_count for result in counted] == [w.edge_count for w in want]
         assert all(np.array_equal(result.histogram, w.histogram) for result, w in zip(counted, want))
     assert len(backend._spare) == 1  # one call at a time: one set of kept arrays
+
+
+def test_numba_disable_jit_makes_the_backend_unavailable_saying_why(monkeypatch):
+    """With it set, the kernels ran as Python and a run died in an 86-line traceback; auto passes it over."""
+    from gpu_pipeline.backends import registry
+
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    assert "NUMBA_DISABLE_JIT is set" in registry.unavailable_reason("numba")
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
+    assert registry.unavailable_reason("numba") is None

@@ -21,6 +21,7 @@ digest subfolder applies under an explicit ``NUMBA_CACHE_DIR`` too (a persistent
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -95,7 +96,10 @@ def choose_cache_dir(package_dir: Path) -> str | None:
     if _is_private_dir(package_dir / "__pycache__"):
         return str(package_dir / "__pycache__")
     uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
-    for candidate in (_user_cache_dir(), Path(tempfile.gettempdir()) / f"gpu-pipeline-numba-{uid}"):
+    candidates = [_user_cache_dir()]
+    with contextlib.suppress(OSError):  # no usable temp folder (TMPDIR, /tmp, /var/tmp, here): mkdtemp fails too
+        candidates.append(Path(tempfile.gettempdir()) / f"gpu-pipeline-numba-{uid}")
+    for candidate in candidates:
         if _is_private_dir(candidate):
             numba.config.CACHE_DIR = str(candidate)
             return str(candidate)

@@ -117,9 +117,11 @@ class NumbaCpuBackend(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         try:
-            import numba  # noqa: F401
+            import numba
         except (ImportError, OSError) as exc:  # numba missing, or a broken llvmlite
             return f"numba cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+        if numba.config.DISABLE_JIT:  # its kernels would run as Python, and their intrinsics cannot
+            return "NUMBA_DISABLE_JIT is set: the numba kernels cannot run without compiling (unset it)"
         return None
 
     def process(
