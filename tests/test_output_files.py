@@ -137,6 +137,28 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UsageError, match="--report: cannot write .*No space left on device"):
-        replace_with(target, "--report", disk_full)
+        replace_with(target, "--report", disk_full, is_our_json)
     assert target.read_text() == '{"schema": "gpu-pipeline-verify/1", "old": true}\n'
     assert [path.name for path in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.parametrize("made", ["records", "our report"])
+def test_a_file_another_program_made_while_the_command_ran_is_left_alone(tmp_path, made):
+    """check_target looks once, before the work: a run started meanwhile with --out on verify's
+    --report name had its records replaced by the report when verify finished."""
+    target = tmp_path / "X.jsonl"
+    check_target(target, "--report", is_our_json)  # absent: may be written
+
+    def slow_write(temporary: Path) -> None:
+        temporary.write_text('{"schema": "gpu-pipeline-verify/1", "new": true}\n')
+        # meanwhile, another program writes there
+        target.write_text('{"path": "/a.png"}\n' if made == "records" else '{"schema": "gpu-pipeline-verify/1"}\n')
+
+    if made == "records":
+        with pytest.raises(UsageError, match="--report .*X.jsonl was made by another program while this one ran"):
+            replace_with(target, "--report", slow_write, is_our_json)
+        assert target.read_text() == '{"path": "/a.png"}\n'
+    else:  # ours: replaced, as it would have been had it been there before
+        replace_with(target, "--report", slow_write, is_our_json)
+        assert '"new": true' in target.read_text()
+    assert [path.name for path in tmp_path.iterdir()] == ["X.jsonl"]

@@ -146,9 +146,9 @@ def bench(
     try:
         if json_path is not None:
             text = json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n"
-            replace_with(json_path, "--json", lambda temporary: temporary.write_text(text))
+            replace_with(json_path, "--json", lambda temporary: temporary.write_text(text), is_our_json)
         if plot is not None:
-            replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary))
+            replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary), is_our_png)
     except UsageError as exc:
         fail_usage(str(exc))
     raise typer.Exit(1 if any(c.status == "failed" for c in report.contenders + report.decoders) else 0)

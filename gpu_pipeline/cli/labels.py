@@ -114,7 +114,7 @@ def fit(
     test_matrix = _confusion_of(model, labeled, table, test) if test.any() else None
     model.training["test_accuracy"] = accuracy(test_matrix) if test_matrix is not None else None
     try:
-        replace_with(out, "--out", model.save)
+        replace_with(out, "--out", model.save, is_our_json)
     except UsageError as exc:
         fail_usage(str(exc))
 
@@ -188,7 +188,8 @@ def evaluate(
     if plot is not None:
         title = f"{labeled_dir.name}: {accuracy_text(matrix)}"
         try:
-            replace_with(plot, "--plot", lambda temporary: save_confusion_plot(temporary, model.classes, matrix, title))
+            replace_with(plot, "--plot", lambda temporary: save_confusion_plot(temporary, model.classes, matrix, title),
+                         is_our_png)
         except UsageError as exc:
             fail_usage(str(exc))
         console.print(f"plot: {escape(printable(os.path.abspath(plot)))}")

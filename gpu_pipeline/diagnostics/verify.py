@@ -471,7 +471,7 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
             backend.close()
     if report_path is not None:
         text = json.dumps(report.to_json(), indent=2) + "\n"
-        replace_with(report_path, "--report", lambda temporary: temporary.write_text(text))
+        replace_with(report_path, "--report", lambda temporary: temporary.write_text(text), is_our_json)
     return report
 
 

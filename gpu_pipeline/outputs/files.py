@@ -72,18 +72,27 @@ def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: 
         raise UsageError(f"{option} {path}: cannot write in {folder}")
 
 
-def replace_with(path: Path, option: str, write: Callable[[Path], None]) -> None:
+def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: Callable[[Path], bool]) -> None:
     """``write(temporary)``, then the temporary renamed to ``path``; UsageError (one line) when
     the disk is full or the folder cannot be written, and nothing left behind. A symbolic link
-    (checked by :func:`check_target`) keeps pointing where it did, at the new file."""
+    (checked by :func:`check_target`) keeps pointing where it did, at the new file. The check is
+    made again before the rename (``ours``, as :func:`check_target`'s): the command ran for a
+    while, and another program (a run writing its output there) may have made the file since."""
     path = Path(os.path.realpath(path))
+
+    def still_ours() -> None:
+        if os.path.lexists(path) and not (path.is_file() and not path.is_symlink() and ours(path)):
+            raise UsageError(f"{option} {path} was made by another program while this one ran; it is left "
+                             "alone: choose another name")
+
     try:
-        write_replacing(path, write)
+        write_replacing(path, write, before_replacing=still_ours)
     except OSError as exc:
         raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
 
 
-def write_replacing(path: Path, write: Callable[[Path], None]) -> None:
+def write_replacing(path: Path, write: Callable[[Path], None], before_replacing: Callable[[], None] = lambda: None
+                    ) -> None:
     """``write(temporary)``, then the temporary renamed to ``path``: a kill or a full disk leaves the
     old file whole, and another name of the old file (a hard link) keeps its bytes. The temporary is
     a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
@@ -95,6 +104,7 @@ def write_replacing(path: Path, write: Callable[[Path], None]) -> None:
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     try:
         write(temporary)
+        before_replacing()  # a last check, which may raise
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
