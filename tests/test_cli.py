@@ -454,3 +454,11 @@ def test_csv_to_stdout_is_utf8_whatever_the_locale(tmp_path):
                      stdout=subprocess.PIPE, env=dict(os.environ, PYTHONIOENCODING="ascii"))
     assert result.returncode == 0, result.stderr
     assert f"{folder}/é.png,8,8,1,".encode() in result.stdout
+
+
+def test_help_texts_keep_their_brackets():
+    """The help is rich markup: "gpu-pipeline[dask]" was printed "gpu-pipeline"."""
+    result = invoke("run", "--help")
+    assert result.exit_code == 0
+    assert "gpu-pipeline[dask-cuda]" in result.output.replace("\n", "").replace(" ", "")
+    assert "gpu-pipeline[dask]." in result.output

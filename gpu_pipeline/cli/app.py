@@ -97,10 +97,10 @@ def run(
         None, "--model", "-m", parser=given_file_name,
         help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
-    dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",
+    dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",  # "\\[": the help is rich markup
                                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "
                                        "local:N (N worker processes here), or local-cuda (one worker per GPU here; "
-                                       "needs gpu-pipeline[dask-cuda]). Needs gpu-pipeline[dask]."),
+                                       "needs gpu-pipeline\\[dask-cuda]). Needs gpu-pipeline\\[dask]."),
     dask_timeout: float = typer.Option(10.0, "--dask-timeout", metavar="SECONDS",
                                        help="How long to wait for the Dask scheduler to answer and for a first "
                                        "worker to join."),

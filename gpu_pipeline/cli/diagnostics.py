@@ -107,8 +107,9 @@ def bench(
         None, "--threads", help="Threads for every contender: CPU backends, decode pool, OpenCV, pool processes. "
                                 "Default: all usable cores.", show_default=False),
     batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Images per backend call. Default: the engine's (256), lowered so that the "
-                                   "corpus makes at least 4 batches.", show_default=False),
+        None, "--batch-size", help="Most images per backend call. Default: a quarter of the corpus, so that it "
+                                   "makes at least 4 batches (the backend's pixel budget may cut them smaller).",
+        show_default=False),
     scaling: bool = typer.Option(True, "--scaling/--no-scaling",
                                  help="Also time each backend with 1, 2, 4, ... --threads threads (a scaling table)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file.",
