@@ -295,6 +295,20 @@ def test_a_first_compile_is_announced_before_it_starts_and_timed_after(tmp_path,
     assert before < result.stderr.index("backend slow-to-compile ready in ")
 
 
+def test_kernels_compiled_at_every_run_for_want_of_a_cache_are_announced_so(tmp_path, image_dir, register,
+                                                                           monkeypatch):
+    """It said "later runs load them from the cache" at every run, where none could be written."""
+    from gpu_pipeline.backends import _numba_setup
+
+    register(SlowToCompile)
+    monkeypatch.setattr(_numba_setup, "CACHE_DIR", None)
+    result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
+                                      "--backend", "slow-to-compile"])
+    assert result.exit_code == 0, result.output
+    assert "(about 15 s, at every run: no writable cache folder;" in result.stderr
+    assert "ready in" in result.stderr and "cached" not in result.stderr.replace("no cache", "")
+
+
 def test_kernels_found_in_the_cache_are_not_announced(tmp_path, image_dir, register):
     register(SlowToCompile)
     SlowToCompile.compiles_on_warm_up = lambda self: False

@@ -503,11 +503,14 @@ def execute(job: Job, checked: CheckedJob) -> int:
         console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged} damaged line(s) between intact "
                       "records; their images are processed again")
     if job.dask is None and todo:
+        cached = kernels_cached()
         if not job.quiet and backend.compiles_on_warm_up():
-            console.print(f"compiling the {backend.name} kernels (first run after install, about 15 s; "
-                          "later runs load them from the cache)")
-        timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet)
-        timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet)
+            console.print(f"compiling the {backend.name} kernels (" + (
+                "first run after install, about 15 s; later runs load them from the cache)" if cached else
+                "about 15 s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
+        warmed = "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)"
+        timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet, warmed)
+        timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet, warmed)
     recorded = len(files) - len(todo)
     if not job.quiet and recorded:
         console.print(f"resuming {shown(job.out)}: {recorded} of {len(files)} images already recorded"
@@ -534,12 +537,19 @@ def execute(job: Job, checked: CheckedJob) -> int:
     return 0 if summary.failed + checked.earlier_failures == 0 else 1
 
 
-def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool) -> None:
+def kernels_cached() -> bool:
+    """Whether compiled kernels are kept for later runs: numba's cache found a writable folder."""
+    from gpu_pipeline.backends import _numba_setup
+
+    return _numba_setup.CACHE_DIR is not None
+
+
+def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool, note: str) -> None:
     """Compile or load kernels before the run; say how long it took when it was slow (a compile)."""
     started = time.perf_counter()
     warm_up()
     if not quiet and (seconds := time.perf_counter() - started) > 1:
-        console.print(f"{what} ready in {seconds:.1f} s (kernels compiled once, then cached)")
+        console.print(f"{what} ready in {seconds:.1f} s {note}")
 
 
 def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console: Console,
