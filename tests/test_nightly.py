@@ -365,6 +365,18 @@ def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tiles, tmp_pa
     assert not lock_path(str(out)).exists()
 
 
+def test_a_run_refused_for_a_full_disk_at_its_lock_leaves_no_lock_file(tiles, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)  # the process id written into the lock
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
+
+
 def test_a_second_real_run_while_the_first_writes_exits_2_and_adds_nothing(tmp_path):
     folder = tmp_path / "many"
     (first_image,) = make_images(folder, 1, size=128)

@@ -216,8 +216,13 @@ class OutputLock:
             os.close(descriptor)
             raise SinkError(errno.EEXIST, f"{self.path} exists and is not a gpu-pipeline lock; it is left "
                             "alone: remove it or use another --out")
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the refusal leaves no lock file behind (it is ours: we hold it)
+            self.path.unlink(missing_ok=True)
+            os.close(descriptor)
+            raise
         self._descriptor = descriptor
 
     def release(self) -> None:
