@@ -70,7 +70,8 @@ class DecodeOptions:
         if self.bands is not None:
             if len(self.bands) not in (1, 3):
                 raise ValueError(f"--bands takes 1 or 3 band numbers, got {len(self.bands)}")
-            if any(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b < 1 for b in self.bands):
+            bands = tuple(whole_number("a band number", b) for b in self.bands)
+            if any(b < 1 for b in bands):
                 raise ValueError("band numbers are 1-based and must be >= 1")
-            object.__setattr__(self, "bands", tuple(whole_number("a band number", b) for b in self.bands))
+            object.__setattr__(self, "bands", bands)
         object.__setattr__(self, "max_pixels", whole_number("max pixels", self.max_pixels, least=1))

@@ -4,19 +4,20 @@ Normalisation happens here, once, on the host, so all backends see the same byte
 
 Decoding
 --------
-The first bytes choose the decoder, not the extension: TIFF and BigTIFF go to tifffile, which
-reads the first full-resolution page only (the image of a COG, never an overview or a later page;
-a thumbnail stored first is skipped). Gray, RGB, palette and JPEG-compressed YCbCr TIFFs are read
-as such, 8-bit CMYK is converted to RGB as Pillow converts a CMYK JPEG, and other colour models
-(CIELab, uncompressed YCbCr, ...) are refused rather than read as RGB. PNG, JPEG, BMP, GIF (first frame) and WebP go to Pillow. Complete 8-bit gray or three-channel
-JPEGs take a faster path through imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same
-pixels as Pillow (both run libjpeg with its default, accurate IDCT) at about twice the speed on
-small tiles; a JPEG that does not end with its EOI marker (truncated), or any other JPEG, goes to
-Pillow, which refuses truncated data where libjpeg alone would fill it in. Pixels are used as stored
-(no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF compressions need the
-``imagecodecs`` package; without it the error says so. 16-bit RGB, RGBA and gray + alpha PNGs go
-to libpng (imagecodecs' ``png_decode``), since Pillow keeps only their high byte; 16-bit gray PNGs
-stay with Pillow, which keeps all 16 bits. Both are stretched as below.
+The first bytes choose the decoder, not the extension: TIFF and BigTIFF go to tifffile, which reads
+the first full-resolution page only (the image of a COG, never an overview or a later page; a
+thumbnail stored first is skipped). Gray, RGB, palette and JPEG-compressed YCbCr TIFFs are read as
+such, 8-bit CMYK is converted to RGB as Pillow converts a CMYK JPEG, and other colour models
+(CIELab, uncompressed YCbCr, ...) are refused rather than read as RGB. PNG, JPEG, BMP, GIF (first
+frame) and WebP go to Pillow. Complete 8-bit gray or three-channel JPEGs take a faster path through
+imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same pixels as Pillow (both run
+libjpeg with its default, accurate IDCT) at about twice the speed on small tiles; a JPEG that does
+not end with its EOI marker (truncated), or any other JPEG, goes to Pillow, which refuses truncated
+data where libjpeg alone would fill it in. Pixels are used as stored (no EXIF rotation, no
+``Image.draft``). LZW and other non-zlib TIFF compressions need the ``imagecodecs`` package; without
+it the error says so. 16-bit RGB, RGBA and gray + alpha PNGs go to libpng (imagecodecs'
+``png_decode``), since Pillow keeps only their high byte; 16-bit gray PNGs stay with Pillow, which
+keeps all 16 bits. Both are stretched as below.
 
 Bands
 -----
@@ -532,8 +533,9 @@ def _check_tiff_size(page: tifffile.TiffPage, max_pixels: int) -> None:
         tile = f" in tiles of {page.tilewidth} x {page.tilelength}" if page.is_tiled else ""
         per_pixel = page.samplesperpixel
         raise DecodeError("decode", f"{page.imagewidth} x {page.imagelength} pixels of {per_pixel} "
-                                    f"sample{'s' if per_pixel > 1 else ''}{tile}: {samples:,} samples is over the limit of {3 * max_pixels:,} "
-                                    "(3 per pixel of the limit; decompression-bomb guard)")
+                                    f"sample{'s' if per_pixel > 1 else ''}{tile}: {samples:,} samples is over "
+                                    f"the limit of {3 * max_pixels:,} (3 per pixel of the limit; decompression-bomb "
+                                    "guard)")
 
 
 def _cmyk_to_rgb(bands: np.ndarray) -> np.ndarray:
