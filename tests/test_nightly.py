@@ -568,6 +568,20 @@ def test_save_edges_inside_a_parquet_dataset_folder_is_refused_up_front(tiles, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
 
 
+def test_an_input_swapped_for_a_link_during_the_run_keeps_its_own_edge_map(tiles, tmp_path):
+    """The map's name was resolved when it was saved: z.png, replaced by a link to a.png after it was
+    decoded, overwrote a.png's map (and an input folder swapped for a link made every later image a
+    save-edges error naming a Python ValueError)."""
+    from gpu_pipeline.engine.job import edge_saver
+
+    a, z = str(tiles / "tile000.png"), str(tiles / "tile019.png")
+    save = edge_saver(tmp_path / "edges", [a, z])
+    os.unlink(z)
+    os.symlink(a, z)  # after z was decoded
+    save(z, np.full((2, 2), 255, np.uint8))
+    assert [p.name for p in (tmp_path / "edges").iterdir()] == ["tile019.png.edges.png"]
+
+
 @pytest.mark.parametrize("as_root", [False, True])
 def test_save_edges_that_cannot_be_created_is_refused_writing_nothing(tiles, tmp_path, monkeypatch, as_root):
     """nightly.md: a --save-edges that cannot be created exits 2; for root, whom every permission

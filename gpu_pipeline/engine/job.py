@@ -69,13 +69,14 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
     mark.add_text("Software", SOFTWARE)
 
     # realpath, not Path.resolve: an input that is a symbolic link loop (it gets an error record)
-    # makes resolve raise on Python 3.11 and 3.12
-    resolved = [Path(os.path.realpath(path)) for path in files]
-    root = Path(os.path.commonpath([path.parent for path in resolved]))
+    # makes resolve raise on Python 3.11 and 3.12. Resolved once, now: a file or folder swapped for a
+    # link during the run must not send its map elsewhere (onto another image's map).
+    resolved = {path: Path(os.path.realpath(path)) for path in files}
+    root = Path(os.path.commonpath([path.parent for path in resolved.values()]))
     swept: set[Path] = set()  # folders cleared of what killed runs left (once each: a scandir)
 
     def save(path: str, edges: np.ndarray) -> None:
-        target = folder / Path(os.path.realpath(path)).relative_to(root)
+        target = folder / resolved[path].relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent not in swept:
