@@ -864,6 +864,34 @@ def test_cmyk_jpeg_goes_through_pillow(tmp_path):
     assert np.array_equal(decode_image(path, DecodeOptions()), expected)
 
 
+def _jpeg_with_a_marker_before_its_scan() -> bytes:
+    """A JPEG whose comment segment holds a whole small JPEG, end-of-image marker included, as an
+    EXIF thumbnail does."""
+    def jpeg(size: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            buffer, "JPEG")
+        return buffer.getvalue()
+
+    thumbnail, image = jpeg(8), jpeg(48)
+    return image[:2] + b"\xff\xfe" + struct.pack(">H", len(thumbnail) + 2) + thumbnail + image[2:]
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.6, 0.9])
+def test_a_jpeg_cut_short_and_zero_filled_is_a_decode_error_not_noise(tmp_path, kept):
+    """A download that preallocates its file: libjpeg decoded the zeros as pixels, a result record
+    that no resume would redo once the download finished."""
+    whole = _jpeg_with_a_marker_before_its_scan()
+    assert np.array_equal(decode_image(touch(tmp_path / "whole.jpg", whole), DEFAULT),
+                          np.asarray(Image.open(io.BytesIO(whole))))
+    assert decode_image(touch(tmp_path / "tail.jpg", whole + b"more after the end"), DEFAULT).shape == (48, 48, 3)
+    scan = whole.rindex(b"\xff\xda")  # the image's (baseline: one scan), after the thumbnail's
+    cut = scan + int((len(whole) - scan) * kept)
+    with pytest.raises(DecodeError, match="truncated JPEG file: zero bytes where its image data should end") as info:
+        decode_image(touch(tmp_path / "partial.jpg", whole[:cut] + bytes(len(whole) - cut)), DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
 def test_a_12_bit_jpeg_is_called_unsupported_not_damaged(tmp_path):
     imagecodecs = pytest.importorskip("imagecodecs")
     path = tmp_path / "twelve.jpg"

@@ -13,11 +13,12 @@ frame) and WebP go to Pillow. Complete 8-bit gray or three-channel JPEGs take a 
 imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same pixels as Pillow (both run
 libjpeg with its default, accurate IDCT) at about twice the speed on small tiles; a JPEG that does
 not end with its EOI marker (truncated), or any other JPEG, goes to Pillow, which refuses truncated
-data where libjpeg alone would fill it in. Pixels are used as stored (no EXIF rotation, no
-``Image.draft``). LZW and other non-zlib TIFF compressions need the ``imagecodecs`` package; without
-it the error says so. 16-bit RGB, RGBA and gray + alpha PNGs go to libpng (imagecodecs'
-``png_decode``), since Pillow keeps only their high byte; 16-bit gray PNGs stay with Pillow, which
-keeps all 16 bits. Both are stretched as below.
+data where libjpeg alone would fill it in; one cut short and zero-filled to its full size (a
+download that preallocates its file) is refused before, as Pillow would decode the zeros as pixels.
+Pixels are used as stored (no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF
+compressions need the ``imagecodecs`` package; without it the error says so. 16-bit RGB, RGBA and
+gray + alpha PNGs go to libpng (imagecodecs' ``png_decode``), since Pillow keeps only their high
+byte; 16-bit gray PNGs stay with Pillow, which keeps all 16 bits. Both are stretched as below.
 
 Bands
 -----
@@ -427,6 +428,24 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
+def _ends_after_its_scan(data: bytes) -> bool:
+    """Whether a JPEG has its end-of-image marker after its first scan. Entropy-coded data never
+    holds the bytes FF D9, so none there means a file cut short: padded with zeros to its full size
+    (a download that preallocates), libjpeg decodes the zeros as pixels, where a file that just ends
+    is "truncated" to Pillow. An EXIF thumbnail's marker, before the scan, does not count. True
+    where no scan is found: the decoder explains."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i) != -1
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return True
+
+
 def _libjpeg_shape(data: bytes) -> tuple[int, int] | tuple[int, int, int] | None:
     """The shape libjpeg-turbo decodes a JPEG to, (H, W) gray or (H, W, 3), when it decodes it
     directly: complete (it ends with its end-of-image marker), 8-bit, gray or three-channel. None
@@ -446,6 +465,9 @@ def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         frame = _jpeg_frame(data)
         if frame is not None and frame[0] != 8:  # Pillow cannot identify it, and would call it damaged
             raise DecodeError("decode", f"{frame[0]}-bit JPEG is not supported (8-bit only)")
+        if data.endswith(b"\0") and not _ends_after_its_scan(data):  # Pillow decodes the zeros as pixels
+            raise DecodeError("decode", "truncated JPEG file: zero bytes where its image data should end "
+                                        "(a download still being written?)")
         fh.seek(0)
         return _read_with_pillow(fh, max_pixels)
     height, width = shape[:2]
