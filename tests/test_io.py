@@ -754,6 +754,26 @@ def test_a_damaged_tiff_header_says_so(scratch: Path, content: bytes, message: s
     assert [record.getMessage() for record in caplog.records if record.name == "tifffile"] == []
 
 
+def test_a_file_rewritten_while_it_is_decoded_is_an_error_not_a_mix(scratch: Path, monkeypatch) -> None:
+    """A large file is read piece by piece as it decodes: a sync rewriting it in place gave an edge
+    count matching neither version, exit 0."""
+    path = write_tiff(scratch / "rewritten.tif", np.zeros((64, 64, 1), np.uint8))
+    read_tiff = gpu_io._read_tiff
+
+    def read_while_rewritten(fh, max_pixels):
+        with open(path, "r+b") as writer:  # in place, the same size: only the bytes and times change
+            writer.seek(-1, os.SEEK_END)
+            writer.write(b"\x01")
+        return read_tiff(fh, max_pixels)
+
+    monkeypatch.setattr(gpu_io, "_read_tiff", read_while_rewritten)
+    with pytest.raises(DecodeError, match="the file changed while it was read") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "read")
+    monkeypatch.undo()
+    assert decode_image(path, DEFAULT).shape == (64, 64)  # left alone, it decodes
+
+
 def test_missing_tiff_codec_says_which_package(scratch: Path, monkeypatch) -> None:
     path = write_tiff(scratch / "codec.tif", np.zeros((4, 4, 1), np.uint8))
 

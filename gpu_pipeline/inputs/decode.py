@@ -162,6 +162,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
     stage = "read"
     try:
         with io.BytesIO(data) if data is not None else _open_regular_file(path) as fh:
+            before = None if data is not None else _version(fh)
             magic = fh.read(4)
             if not magic:
                 raise DecodeError("read", "the file is empty (0 bytes)")
@@ -176,6 +177,9 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
                 bands = _read_with_pillow(fh, options.max_pixels)
             if bands.shape[0] == 0 or bands.shape[1] == 0:  # a TIFF may say so; no backend computes on it
                 raise DecodeError("decode", f"the image has no pixels ({bands.shape[1]}x{bands.shape[0]})")
+            if before is not None and _version(fh) != before:
+                raise DecodeError("read", "the file changed while it was read (still being written?): its pixels "
+                                          "may mix two versions; --retry-failed reads it again")
         stage = "normalise"
         image = _to_uint8(_select_bands(bands, options.bands), options.stretch, nodata)
         return np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image)
@@ -331,6 +335,15 @@ def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         fh.close()
         raise
+
+
+def _version(fh: BinaryIO) -> tuple[int, int, int]:
+    """What changes when a file is written (size, modification and change times): a file decoded
+    from its path is read piece by piece while it decodes, so a writer at work (a sync rewriting it
+    in place) would give pixels of two versions. A file read whole (:func:`decode_each`'s small
+    ones) is read by one system call, and a rename leaves the open file as it was."""
+    info = os.fstat(fh.fileno())
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _cannot_read(exc: OSError) -> str:
