@@ -75,8 +75,8 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
     root = Path(os.path.commonpath([path.parent for path in resolved.values()]))
     swept: set[Path] = set()  # folders cleared of what killed runs left (once each: a scandir)
 
-    def save(path: str, edges: np.ndarray) -> None:
-        target = folder / resolved[path].relative_to(root)
+    def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
+        target = folder / resolved[os.fspath(path)].relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent not in swept:
