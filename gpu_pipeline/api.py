@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,9 +47,21 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
     if threads is not None:
         threads = whole_number("threads", threads, least=1)
     try:
-        return _created(name, threads)
+        with _creating:  # lru_cache alone lets threads that miss at once each create one
+            return _created(name, threads)
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
+
+
+_creating = threading.Lock()
+
+
+def _unlock_after_fork() -> None:
+    global _creating
+    _creating = threading.Lock()  # a fork while another thread held it would leave it held for ever
+
+
+os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 @functools.lru_cache(maxsize=None)

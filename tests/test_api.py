@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpu_pipeline
+from gpu_pipeline import api
+from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import PipelineConfig
 from tests.strategies import examples, image_shapes
@@ -85,7 +91,6 @@ def test_an_error_of_the_run_reaches_the_caller_and_stops_the_engine(monkeypatch
 def test_a_stack_of_images_goes_to_the_backend_as_it_lies_in_memory(monkeypatch):
     """An (N, H, W[, 3]) array is one batch over its memory, cut at the backend's batch size, with the
     results of the same images as a list; a list still works, image by image."""
-    from gpu_pipeline import api
     from gpu_pipeline.images import ImageBatch
 
     rng = np.random.default_rng(5)
@@ -204,3 +209,85 @@ def test_stacks_of_odd_shapes_give_the_reference_results(count, shape, rgb, seed
     assert np.array_equal(got.histograms, want.histograms.reshape(-1, 256))
     assert np.array_equal(got.edge_counts, want.edge_counts)
     assert [e.tobytes() for e in got.edges] == [e.tobytes() for e in want.edges or []]
+
+
+# ---------------------------------------------------------------- as notebooks and services call it
+
+FORKED_CHILD = """
+import os, sys, time
+import numpy as np
+import gpu_pipeline
+
+tiles = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+before = gpu_pipeline.process(tiles, backend=sys.argv[1], model=sys.argv[2] or None)
+pid = os.fork()
+if pid == 0:
+    after = gpu_pipeline.process(tiles, backend=sys.argv[1], model=sys.argv[2] or None)
+    same = after.histograms.tobytes() == before.histograms.tobytes() and after.labels == before.labels
+    os._exit(0 if same else 3)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+"""
+
+
+@pytest.mark.parametrize("backend, model", [("numba", ""), ("reference", "eurosat"), ("reference", "eurosat-cnn")])
+def test_a_forked_child_can_use_the_api_after_its_parent(backend, model):
+    """multiprocessing's default start method on Linux: the numba backend's helper pool stayed in the
+    parent (the child waited for it for ever), and GNU OpenMP, started by the label kernels, killed
+    the child ("fork() called from a process already using GNU OpenMP")."""
+    reason = registry.unavailable_reason(backend)
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD, backend, model], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, NUMBA_NUM_THREADS="2"))
+    assert result.stdout.strip().splitlines()[-1:] == ["child 0"], (result.stdout, result.stderr)
+
+
+def test_overlapping_runs_give_the_gil_switch_interval_back():
+    """Each run restored the interval it found: the second saved the first's 1 ms, and closing them
+    in order left the whole process at 1 ms."""
+    before = sys.getswitchinterval()
+    first = gpu_pipeline.run(REPO / "data" / "eurosat", backend="reference", decode="threads")
+    second = gpu_pipeline.run(REPO / "data" / "eurosat", backend="reference", decode="threads")
+    next(first), next(second)
+    assert sys.getswitchinterval() < before
+    first.close()
+    assert sys.getswitchinterval() < before  # the second is still open
+    second.close()
+    assert sys.getswitchinterval() == before
+
+
+def test_threads_that_ask_at_once_share_one_backend(register):
+    """lru_cache does not hold back a second miss: 8 threads made 8 backends (8 GPU set-ups on cupy)."""
+    made = []
+
+    class Counted(ReferenceBackend):
+        name = "counted"
+
+        def __init__(self, threads=None):
+            made.append(self)
+            time.sleep(0.2)  # a slow set-up, as a GPU backend's
+            super().__init__()
+
+    register(Counted)
+    start = threading.Barrier(8)
+    got = []
+
+    def ask():
+        start.wait()
+        got.append(api.shared_backend("counted"))
+
+    workers = [threading.Thread(target=ask) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(made) == 1 and all(backend is made[0] for backend in got)

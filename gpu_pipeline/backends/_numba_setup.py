@@ -156,6 +156,25 @@ def choose_threading_layer() -> None:
         numba.config.THREADING_LAYER = "threadsafe"
 
 
+_omp_before_fork = False  # GNU OpenMP was running when this process was forked
+
+
+def _note_fork() -> None:
+    global _omp_before_fork
+    _omp_before_fork = _omp_before_fork or _launched_layer() == "omp"
+
+
+os.register_at_fork(after_in_child=_note_fork)
+
+
+def parallel_kernels_usable() -> bool:
+    """Whether the ``prange`` entry points may run here, or their serial twins must: the threading
+    layer must be safe for concurrent calls from several Python threads, and GNU OpenMP, once
+    started, cannot run in a forked child (it kills it: "fork() called from a process already using
+    GNU OpenMP"), as ``multiprocessing``'s default start method on Linux makes them."""
+    return not _omp_before_fork and threading_layer_is_threadsafe()
+
+
 def threading_layer_is_threadsafe() -> bool:
     """True when concurrent calls from several Python threads are safe.
 

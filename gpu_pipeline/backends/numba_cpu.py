@@ -7,6 +7,7 @@ and returns their outputs as one :class:`BatchResult`. See docs/backends.md, "nu
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,7 @@ class NumbaCpuBackend(Backend):
             raise ValueError(f"threads must be >= 1, got {threads}")
         # numba cannot start more threads than NUMBA_NUM_THREADS, fixed when it was imported
         super().__init__(threads=available if threads is None else min(threads, available))
-        self._helpers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="numba") if self.threads > 1 else None
+        self._helpers = self._new_helpers()
         self._spare: list[Scratch] = []  # the scratch of finished calls, for the next ones
         self._spare_lock = threading.Lock()
 
@@ -155,6 +156,10 @@ class NumbaCpuBackend(Backend):
         super().warm_up(config)
         self.process([np.zeros((2 * MIN_BAND_ROWS, 8), np.uint8)], config or PipelineConfig())
 
+    def _new_helpers(self) -> ThreadPoolExecutor | None:
+        self._helpers_pid = os.getpid()
+        return ThreadPoolExecutor(self.threads - 1, thread_name_prefix="numba") if self.threads > 1 else None
+
     def close(self) -> None:
         if self._helpers is not None:
             self._helpers.shutdown()
@@ -163,6 +168,8 @@ class NumbaCpuBackend(Backend):
         """``kernel(*before, claimed, *after)`` on ``workers`` threads at once (this one included),
         all claiming their work from ``claimed``, one fresh counter."""
         args = (*before, np.zeros(1, np.int64), *after)
+        if self._helpers_pid != os.getpid():  # a fork: the pool's threads stayed in the parent, and its
+            self._helpers = self._new_helpers()  # copy here would wait for them for ever
         helpers = [self._helpers.submit(kernel, *args) for _ in range(workers - 1)] if self._helpers else []
         try:
             kernel(*args)

@@ -45,6 +45,37 @@ from gpu_pipeline.outputs.records import RecordBatch
 #: used 1.4 of 2 cores. Measured in one process on the 26,500 EuroSAT tiles, 2 decode threads,
 #: quiet machine: 5,400-9,000 img/s at 5 ms, 9,700-10,000 at 1 ms, 8,200-8,900 at 0.2 ms.
 GIL_SWITCH_INTERVAL_S = 0.001
+_open_runs = 0  # runs between short_gil_switches' entry and exit, in this process
+_interval_lock = threading.Lock()
+_interval_before = 0.005
+
+
+def _forget_runs_after_fork() -> None:
+    global _open_runs, _interval_lock
+    _open_runs, _interval_lock = 0, threading.Lock()  # the parent's runs are not the child's
+
+
+os.register_at_fork(after_in_child=_forget_runs_after_fork)
+
+
+@contextlib.contextmanager
+def short_gil_switches() -> Iterator[None]:
+    """:data:`GIL_SWITCH_INTERVAL_S` while any run is open, the caller's interval again after the
+    last one: runs that overlap (the API's generators) would each restore the interval they found,
+    and the last to close could leave the whole process at the short one."""
+    global _open_runs, _interval_before
+    with _interval_lock:
+        if _open_runs == 0:
+            _interval_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_interval_before, GIL_SWITCH_INTERVAL_S))
+        _open_runs += 1
+    try:
+        yield
+    finally:
+        with _interval_lock:
+            _open_runs -= 1
+            if _open_runs == 0:
+                sys.setswitchinterval(_interval_before)
 #: Decoded pixels the decode pool may hold ready ahead of the engine: enough to keep decoding while
 #: a CPU batch computes, small enough that memory stays low (16 MP is 48 MB of RGB).
 DEFAULT_PREFETCH_PIXELS = 16 * 1024 * 1024
@@ -646,12 +677,8 @@ class Engine:
         batch computes and the pool decodes ahead while the caller handles one. Closing the iterator,
         or setting ``stop`` (``summary.interrupted`` then says so), ends the run after the batches in
         flight."""
-        previous_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(previous_interval, GIL_SWITCH_INTERVAL_S))
-        try:
+        with short_gil_switches():
             yield from self._record_batches(paths, stop, summary if summary is not None else RunSummary())
-        finally:
-            sys.setswitchinterval(previous_interval)
 
     def _record_batches(self, paths: Sequence[Path], stop: threading.Event | None,
                         summary: RunSummary) -> Iterator[RecordBatch]:

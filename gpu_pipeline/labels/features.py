@@ -404,7 +404,7 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
     out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
-    kernel = _stack_features if _numba_setup.threading_layer_is_threadsafe() else _stack_features_serial
+    kernel = _stack_features if _numba_setup.parallel_kernels_usable() else _stack_features_serial
     for shape, members in group_by_shape(images).items():
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)
