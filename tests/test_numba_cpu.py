@@ -422,3 +422,28 @@ def test_numba_disable_jit_makes_the_backend_unavailable_saying_why(monkeypatch)
     assert "NUMBA_DISABLE_JIT is set" in registry.unavailable_reason("numba")
     monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
     assert registry.unavailable_reason("numba") is None
+
+
+def test_a_ctrl_c_while_helpers_work_waits_for_them_then_is_raised(monkeypatch):
+    """The helpers write into scratch buffers that go back to the spare pool once the call ends: a
+    Ctrl-C that ended the wait early would let the next call share them with a helper still at work."""
+    import threading
+    import time
+
+    from gpu_pipeline.backends import numba_cpu
+
+    finished = threading.Event()
+    real_wait, waits = numba_cpu.wait, []
+
+    def interrupted_once(futures):
+        waits.append(futures)
+        if len(waits) == 1:
+            raise KeyboardInterrupt
+        return real_wait(futures)
+
+    monkeypatch.setattr(numba_cpu, "wait", interrupted_once)
+    with ThreadPoolExecutor(1) as pool:
+        helper = pool.submit(lambda: (time.sleep(0.3), finished.set()))
+        with pytest.raises(KeyboardInterrupt):
+            numba_cpu._wait_for_all([helper])
+        assert finished.is_set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import numpy as np
@@ -87,6 +87,24 @@ class Scratch:
         if kept is None or kept.size < size:
             kept = self._arrays[name] = np.empty(size, dtype)
         return kept[:size]
+
+
+def _wait_for_all(helpers: list[Future]) -> None:
+    """Wait for every helper, through a Ctrl-C too (raised once they are done): a helper still at work
+    would write into scratch buffers that go back to the spare pool, for the next call to share.
+    A helper's own failure is raised after."""
+    interrupted = None
+    for helper in helpers:
+        while True:
+            try:
+                wait([helper])
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    for helper in helpers:
+        helper.result()
 
 
 class NumbaCpuBackend(Backend):
@@ -174,8 +192,7 @@ class NumbaCpuBackend(Backend):
         try:
             kernel(*args)
         finally:  # the buffers must outlive every worker, even when one failed
-            for helper in helpers:
-                helper.result()
+            _wait_for_all(helpers)
 
     def _run(self, images: ImageBatch, config: PipelineConfig, keep: bool) -> BatchResult:
         with self._spare_lock:
