@@ -424,7 +424,7 @@ def test_numba_disable_jit_makes_the_backend_unavailable_saying_why(monkeypatch)
     assert registry.unavailable_reason("numba") is None
 
 
-def test_a_ctrl_c_while_helpers_work_waits_for_them_then_is_raised(monkeypatch):
+def test_a_ctrl_c_while_helpers_work_waits_for_them_then_is_raised():
     """The helpers write into scratch buffers that go back to the spare pool once the call ends: a
     Ctrl-C that ended the wait early would let the next call share them with a helper still at work."""
     import threading
@@ -433,17 +433,22 @@ def test_a_ctrl_c_while_helpers_work_waits_for_them_then_is_raised(monkeypatch):
     from gpu_pipeline.backends import numba_cpu
 
     finished = threading.Event()
-    real_wait, waits = numba_cpu.wait, []
 
-    def interrupted_once(futures):
-        waits.append(futures)
-        if len(waits) == 1:
-            raise KeyboardInterrupt
-        return real_wait(futures)
+    class InterruptedOnce:  # a helper's future, whose first wait a Ctrl-C ends
+        def __init__(self, future):
+            self.future, self.waits = future, 0
 
-    monkeypatch.setattr(numba_cpu, "wait", interrupted_once)
+        def exception(self):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return self.future.exception()
+
+        def result(self):
+            return self.future.result()
+
     with ThreadPoolExecutor(1) as pool:
-        helper = pool.submit(lambda: (time.sleep(0.3), finished.set()))
+        helper = InterruptedOnce(pool.submit(lambda: (time.sleep(0.3), finished.set())))
         with pytest.raises(KeyboardInterrupt):
             numba_cpu._wait_for_all([helper])
         assert finished.is_set()

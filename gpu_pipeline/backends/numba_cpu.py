@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -97,7 +97,7 @@ def _wait_for_all(helpers: list[Future]) -> None:
     for helper in helpers:
         while True:
             try:
-                wait([helper])
+                helper.exception()  # waits (as cheaply as result()), without raising its failure
                 break
             except KeyboardInterrupt as exc:
                 interrupted = exc
