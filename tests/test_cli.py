@@ -295,13 +295,16 @@ def test_a_first_compile_is_announced_before_it_starts_and_timed_after(tmp_path,
     assert before < result.stderr.index("backend slow-to-compile ready in ")
 
 
+@pytest.mark.parametrize("cache", ["none", "fresh"])
 def test_kernels_compiled_at_every_run_for_want_of_a_cache_are_announced_so(tmp_path, image_dir, register,
-                                                                           monkeypatch):
-    """It said "later runs load them from the cache" at every run, where none could be written."""
+                                                                           monkeypatch, cache):
+    """It said "later runs load them from the cache" at every run, where none could be written, or
+    only a fresh private folder (mkdtemp) that no later run finds."""
     from gpu_pipeline.backends import _numba_setup
 
     register(SlowToCompile)
-    monkeypatch.setattr(_numba_setup, "CACHE_DIR", None)
+    monkeypatch.setattr(_numba_setup, "CACHE_DIR", None if cache == "none" else str(tmp_path / "fresh"))
+    monkeypatch.setattr(_numba_setup, "CACHE_IS_FRESH", cache == "fresh")
     result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
                                       "--backend", "slow-to-compile"])
     assert result.exit_code == 0, result.output

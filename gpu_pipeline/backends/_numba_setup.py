@@ -80,6 +80,10 @@ def _user_cache_dir() -> Path:
     return Path(base) / "gpu-pipeline" / "numba"
 
 
+#: Whether :func:`choose_cache_dir` had to make a fresh private folder: no later run will find it.
+CACHE_IS_FRESH = False
+
+
 def choose_cache_dir(package_dir: Path) -> str | None:
     """Where numba caches compiled kernels, or None when nowhere is writable.
 
@@ -107,6 +111,8 @@ def choose_cache_dir(package_dir: Path) -> str | None:
         private = tempfile.mkdtemp(prefix="gpu-pipeline-numba-")
     except OSError:
         return None
+    global CACHE_IS_FRESH
+    CACHE_IS_FRESH = True
     numba.config.CACHE_DIR = private
     return private
 

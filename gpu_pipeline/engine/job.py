@@ -58,11 +58,13 @@ def open_backend(name: str, threads: int | None, device: int | None = None):
         raise UsageError(str(exc)) from None
 
 
-def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray], None]:
+def edge_saver(folder: Path, files: Sequence[str], names_now: bool = True) -> Callable[[str, np.ndarray], None]:
     """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below their common folder.
 
     Each PNG names gpu-pipeline as its ``Software``; a file of that name that does not (someone
-    else's) is left alone, and that image gets a ``save-edges`` error record."""
+    else's) is left alone, and that image gets a ``save-edges`` error record. With ``names_now``
+    each map's name is resolved here, once; without (``--dask``, whose every chunk carries the
+    saver: a table of all files would travel with each), when the map is saved."""
     from PIL import Image, PngImagePlugin
 
     mark = PngImagePlugin.PngInfo()
@@ -73,10 +75,13 @@ def edge_saver(folder: Path, files: Sequence[str]) -> Callable[[str, np.ndarray]
     # link during the run must not send its map elsewhere (onto another image's map).
     resolved = {path: Path(os.path.realpath(path)) for path in files}
     root = Path(os.path.commonpath([path.parent for path in resolved.values()]))
+    if not names_now:
+        resolved = None
     swept: set[Path] = set()  # folders cleared of what killed runs left (once each: a scandir)
 
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
-        target = folder / resolved[os.fspath(path)].relative_to(root)
+        name = os.fspath(path)
+        target = folder / (resolved[name] if resolved is not None else Path(os.path.realpath(name))).relative_to(root)
         target = target.with_name(target.name + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent not in swept:
@@ -473,7 +478,8 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
                                                      timeout=job.dask_timeout), DaskEngine, job.workers
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
-                          on_edges=edge_saver(job.save_edges, files) if job.save_edges else None,
+                          on_edges=edge_saver(job.save_edges, files, names_now=job.dask is None)
+                          if job.save_edges else None,
                           **({"processes": job.processes, "fork_server": fork_server} if job.dask is None else {}))
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
 
@@ -504,8 +510,9 @@ def execute(job: Job, checked: CheckedJob) -> int:
         console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged} damaged line(s) between intact "
                       "records; their images are processed again")
     if job.dask is None and todo:
-        cached = kernels_cached()
-        if not job.quiet and backend.compiles_on_warm_up():
+        compiles = not job.quiet and backend.compiles_on_warm_up()
+        cached = not compiles or kernels_cached()  # (only then: it imports numba)
+        if compiles:
             console.print(f"compiling the {backend.name} kernels (" + (
                 "first run after install, about 15 s; later runs load them from the cache)" if cached else
                 "about 15 s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
@@ -539,10 +546,11 @@ def execute(job: Job, checked: CheckedJob) -> int:
 
 
 def kernels_cached() -> bool:
-    """Whether compiled kernels are kept for later runs: numba's cache found a writable folder."""
+    """Whether compiled kernels are kept for later runs: numba's cache found a writable folder that
+    outlives this run (not a fresh private one, made because no other would do)."""
     from gpu_pipeline.backends import _numba_setup
 
-    return _numba_setup.CACHE_DIR is not None
+    return _numba_setup.CACHE_DIR is not None and not _numba_setup.CACHE_IS_FRESH
 
 
 def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool, note: str) -> None:
