@@ -732,12 +732,15 @@ def test_a_tiff_declaring_many_samples_or_a_huge_tile_is_refused_before_decoding
         tifffile.imwrite(path, np.zeros((16, 16, 300), np.uint8), photometric="minisblack", planarconfig="contig",
                          compression="zlib")
         options, message = DecodeOptions(max_pixels=1000, bands=(1,)), "16 x 16 pixels of 300 samples: 76,800"
+        # 13 bands at the limit still decode (a Sentinel-2 tile with --max-pixels its size)
+        thirteen = write_tiff(scratch / "thirteen.tif", np.zeros((8, 8, 13), np.uint16))
+        assert decode_image(thirteen, DecodeOptions(max_pixels=64, bands=(4, 3, 2))).shape == (8, 8, 3)
     else:
         tifffile.imwrite(path, np.zeros((16, 16), np.uint8), tile=(1024, 1024), compression="zlib")
         options, message = DecodeOptions(max_pixels=1000), "16 x 16 pixels of 1 sample in tiles of 1024 x 1024"
     assert path.stat().st_size < 20_000
     monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
-    with pytest.raises(DecodeError, match=f"{message}.* samples is over the limit of 3,000") as info:
+    with pytest.raises(DecodeError, match=f"{message}.* samples is over the limit of 16,000") as info:
         decode_image(path, options)
     assert_one_line(info.value, "decode")
     monkeypatch.undo()

@@ -74,9 +74,9 @@ Every failure of :func:`decode_image` is a :class:`DecodeError` with a ``stage``
 ``decode`` or ``normalise``) and a one-line message. Images of more than
 ``DecodeOptions.max_pixels`` pixels are refused from their header, before any pixel is decoded;
 this check replaces Pillow's own decompression-bomb warning and error, which are switched off. A
-TIFF is also refused when it holds more than three samples per pixel of the limit, counted over
-the image or over one tile where a tile is larger (thousands of bands, or one huge tile, in a
-small file).
+TIFF is also refused when it holds more than 16 samples per pixel of the limit, counted over the
+image or over one tile where a tile is larger (thousands of bands, or one huge tile, in a small
+file).
 """
 
 from __future__ import annotations
@@ -556,21 +556,26 @@ def _full_resolution_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     return page
 
 
+#: Samples a TIFF may hold per pixel of the limit: a multispectral image at the limit still decodes
+#: (Sentinel-2's 13 bands), thousands of bands or one huge tile in a small file do not.
+SAMPLES_PER_LIMIT_PIXEL = 16
+
+
 def _check_tiff_size(page: tifffile.TiffPage, max_pixels: int) -> None:
-    """The pixel limit, and the samples it allows (three a pixel, an RGB image's), counted over the
-    image or over one tile where a tile is larger: a small file may declare thousands of bands or
-    one huge tile, which decode to far more memory than its pixels say."""
+    """The pixel limit, and the samples it allows (:data:`SAMPLES_PER_LIMIT_PIXEL` a pixel),
+    counted over the image or over one tile where a tile is larger: a small file may declare
+    thousands of bands or one huge tile, which decode to far more memory than its pixels say."""
     _check_size(page.imagewidth, page.imagelength, max_pixels)
     if page.imagedepth != 1:
         raise DecodeError("decode", f"volumetric TIFF images (depth {page.imagedepth}) are not supported")
     samples = page.samplesperpixel * max(page.imagewidth * page.imagelength, page.tilewidth * page.tilelength)
-    if samples > 3 * max_pixels:
+    if samples > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
         tile = f" in tiles of {page.tilewidth} x {page.tilelength}" if page.is_tiled else ""
         per_pixel = page.samplesperpixel
         raise DecodeError("decode", f"{page.imagewidth} x {page.imagelength} pixels of {per_pixel} "
                                     f"sample{'s' if per_pixel > 1 else ''}{tile}: {samples:,} samples is over "
-                                    f"the limit of {3 * max_pixels:,} (3 per pixel of the limit; decompression-bomb "
-                                    "guard)")
+                                    f"the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} ({SAMPLES_PER_LIMIT_PIXEL} "
+                                    "per pixel of the limit; decompression-bomb guard)")
 
 
 def _cmyk_to_rgb(bands: np.ndarray) -> np.ndarray:
