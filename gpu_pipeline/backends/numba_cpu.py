@@ -186,8 +186,6 @@ class NumbaCpuBackend(Backend):
         """``kernel(*before, claimed, *after)`` on ``workers`` threads at once (this one included),
         all claiming their work from ``claimed``, one fresh counter."""
         args = (*before, np.zeros(1, np.int64), *after)
-        if self._helpers_pid != os.getpid():  # a fork: the pool's threads stayed in the parent, and its
-            self._helpers = self._new_helpers()  # copy here would wait for them for ever
         helpers = [self._helpers.submit(kernel, *args) for _ in range(workers - 1)] if self._helpers else []
         try:
             kernel(*args)
@@ -195,6 +193,9 @@ class NumbaCpuBackend(Backend):
             _wait_for_all(helpers)
 
     def _run(self, images: ImageBatch, config: PipelineConfig, keep: bool) -> BatchResult:
+        if self._helpers_pid != os.getpid():  # a fork: the pool's threads stayed in the parent, and its
+            self._helpers = self._new_helpers()  # copy here would wait for them for ever; a lock
+            self._spare_lock = threading.Lock()  # another thread held at the fork stays held
         with self._spare_lock:
             scratch = self._spare.pop() if self._spare else Scratch()
         try:
