@@ -161,8 +161,8 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
     """:func:`decode_image` of ``path``, or of the file's bytes ``data`` when given."""
     stage = "read"
     try:
-        with io.BytesIO(data) if data is not None else _open_regular_file(path) as fh:
-            before = None if data is not None else _version(fh)
+        fh, opened = (io.BytesIO(data), None) if data is not None else _open_regular_file(path)
+        with fh:
             magic = fh.read(4)
             if not magic:
                 raise DecodeError("read", "the file is empty (0 bytes)")
@@ -177,7 +177,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
                 bands = _read_with_pillow(fh, options.max_pixels)
             if bands.shape[0] == 0 or bands.shape[1] == 0:  # a TIFF may say so; no backend computes on it
                 raise DecodeError("decode", f"the image has no pixels ({bands.shape[1]}x{bands.shape[0]})")
-            if before is not None and _version(fh) != before:
+            if opened is not None and _version(os.fstat(fh.fileno())) != _version(opened):
                 raise DecodeError("read", "the file changed while it was read (still being written?): its pixels "
                                           "may mix two versions; --retry-failed reads it again")
         stage = "normalise"
@@ -319,30 +319,29 @@ def _read_small_file(path: str | os.PathLike[str]) -> bytes | None | tuple[str, 
         os.close(fd)
 
 
-def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file.
+def _open_regular_file(path: str | os.PathLike[str]) -> tuple[BinaryIO, os.stat_result]:
+    """Open ``path`` for reading only if it is a regular file; the file and its status.
 
     Opened non-blocking, then checked: a FIFO, socket or device among the inputs would otherwise
     block the run forever (a FIFO waits for a writer) or read without end (``/dev/zero``).
     """
     fh = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
     try:
-        mode = os.fstat(fh.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise DecodeError("read", _not_a_regular_file(mode))
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DecodeError("read", _not_a_regular_file(info.st_mode))
         os.set_blocking(fh.fileno(), True)
-        return fh
+        return fh, info
     except BaseException:
         fh.close()
         raise
 
 
-def _version(fh: BinaryIO) -> tuple[int, int, int]:
+def _version(info: os.stat_result) -> tuple[int, int, int]:
     """What changes when a file is written (size, modification and change times): a file decoded
     from its path is read piece by piece while it decodes, so a writer at work (a sync rewriting it
     in place) would give pixels of two versions. A file read whole (:func:`decode_each`'s small
     ones) is read by one system call, and a rename leaves the open file as it was."""
-    info = os.fstat(fh.fileno())
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
