@@ -130,6 +130,21 @@ def fork_server(request):
 
 
 @needs_processes
+def test_a_decode_process_keeps_tifffiles_warnings_off_the_runs_stderr(fork_server, tmp_path, capfd):
+    """A damaged TIFF is its error record; the worker printed tifffile's warning ("invalid offset to
+    first page") on the stderr it shares with the run."""
+    damaged = tmp_path / "damaged.tif"
+    damaged.write_bytes(b"II*\x00\x08\x00\x00\x00")
+    process = processes.DecodeProcess(DecodeOptions(), server=fork_server)
+    try:
+        taken, _, errors = process.decode([str(damaged)], 1 << 30)
+    finally:
+        process.close()
+    assert (taken, errors) == (1, {0: ("decode", "damaged TIFF file: no image in it")})
+    assert capfd.readouterr().err == ""
+
+
+@needs_processes
 def test_a_killed_worker_is_reported_not_waited_for(fork_server):
     process = processes.DecodeProcess(DecodeOptions(), server=fork_server)
     os.kill(process.pid, signal.SIGKILL)

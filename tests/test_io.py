@@ -749,12 +749,10 @@ def test_a_tiff_declaring_many_samples_or_a_huge_tile_is_refused_before_decoding
 
 @pytest.mark.parametrize("content, message", [(b"II*\x00", "damaged TIFF file: unpack requires"),
                                               (b"II*\x00\x08\x00\x00\x00", "damaged TIFF file: no image in it")])
-def test_a_damaged_tiff_header_says_so(scratch: Path, content: bytes, message: str, caplog) -> None:
+def test_a_damaged_tiff_header_says_so(scratch: Path, content: bytes, message: str) -> None:
     with pytest.raises(DecodeError, match=message) as info:
         decode_image(touch(scratch / "damaged.tif", content), DEFAULT)
     assert_one_line(info.value, "decode")
-    # tifffile's own warning ("invalid offset to first page") reached stderr, in decode processes too
-    assert [record.getMessage() for record in caplog.records if record.name == "tifffile"] == []
 
 
 def test_a_file_rewritten_while_it_is_decoded_is_an_error_not_a_mix(scratch: Path, monkeypatch) -> None:

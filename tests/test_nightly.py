@@ -471,6 +471,19 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(tiles, tmp_path):
 # ---------------------------------------------------------------- 9. FIFOs and other special files
 
 
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_tifffiles_own_warnings_do_not_reach_stderr(tiles, tmp_path, decode):
+    """A damaged TIFF is its error record; tifffile's warning ("invalid offset to first page") was
+    printed too, from decode processes (and sometimes after the command had returned)."""
+    (tiles / "damaged.tif").write_bytes(b"II*\x00\x08\x00\x00\x00")
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tiles), "--out", str(out), "-q",
+                             "--backend", "reference", "--decode", decode], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and result.stderr == ""
+    assert by_path(read_records(out))[str(tiles / "damaged.tif")]["error"] == "damaged TIFF file: no image in it"
+
+
 def test_a_fifo_among_the_inputs_gets_an_error_record_and_does_not_hang(tiles, tmp_path):
     fifo = tiles / "pipe.png"
     os.mkfifo(fifo)

@@ -35,6 +35,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import UsageError, printable
+from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, remove_stale_temporaries, same_file_as,
                                         write_replacing)
@@ -300,6 +301,7 @@ def run_job(**arguments) -> int:
     Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
     job = Job(**arguments)
+    quiet_tifffile()
     # the lock beside the real file: two spellings of one output (a symbolic link) take one lock
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
     created: list[Path] = []

@@ -103,10 +103,6 @@ try:
 except ImportError:  # then every JPEG goes through Pillow, and 16-bit colour PNGs are refused
     jpeg8_decode = png_decode = None
 
-# A damaged TIFF becomes that file's error record; tifffile's own warnings (logged, in whichever
-# thread or decode process meets the file) would only add noise to stderr.
-logging.getLogger("tifffile").setLevel(logging.ERROR)
-
 # Our header check against DecodeOptions.max_pixels replaces Pillow's: its limit (about 179
 # megapixels) is below ours, and its warning cannot be silenced per call from worker threads.
 Image.MAX_IMAGE_PIXELS = None
@@ -139,6 +135,13 @@ class DecodeError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Decoding
+
+
+def quiet_tifffile() -> None:
+    """For the command line and its decode processes: a damaged TIFF becomes that file's error
+    record, and tifffile's own warnings would only add noise to stderr. (The Python API leaves the
+    caller's logging as it is.)"""
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
 def decode_image(path: str | os.PathLike[str], options: DecodeOptions) -> np.ndarray:

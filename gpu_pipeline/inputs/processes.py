@@ -496,7 +496,10 @@ class _Worker:
 
 def _serve(descriptor: int, arena_descriptor: int) -> None:
     """The worker's loop: requests in, pixels out, until the socket closes."""
+    from gpu_pipeline.inputs.decode import quiet_tifffile
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_tifffile()  # it writes to the run's stderr
     sock = socket.socket(fileno=descriptor)
     connection = Connection(os.dup(descriptor))
     arena = mmap.mmap(arena_descriptor, 0)
