@@ -969,3 +969,16 @@ def test_names_that_look_like_markup_are_printed_as_they_are(tiles, tmp_path, na
     again = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference"])
     assert again.exit_code == 0, again.output
     assert f"resuming {out}: 20 of 20 images already recorded" in again.stderr
+
+
+def test_records_to_a_stdout_without_a_binary_buffer_are_written_as_text(monkeypatch):
+    """A notebook's stdout has no .buffer: the UTF-8 bytes path raised AttributeError there."""
+    import io
+
+    from gpu_pipeline.outputs.lines import LineSink
+
+    stdout = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    sink = LineSink("-", "jsonl")
+    sink.write([a_result("/é.png")])
+    assert json.loads(stdout.getvalue())["path"] == "/é.png"

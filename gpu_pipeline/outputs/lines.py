@@ -212,8 +212,12 @@ class LineSink(Sink):
         if self._descriptor is None:
             try:  # UTF-8, as in a file, whatever stdout's encoding (an ASCII locale raised on "é")
                 sys.stdout.flush()
-                sys.stdout.buffer.write(text.encode("utf-8"))
-                sys.stdout.buffer.flush()
+                binary = getattr(sys.stdout, "buffer", None)  # (a notebook's stdout has none)
+                if binary is None:
+                    sys.stdout.write(text)
+                else:
+                    binary.write(text.encode("utf-8"))
+                    binary.flush()
             except OSError as exc:  # a full disk behind `> file`, or a reader that stopped (`| head`)
                 if exc.errno == errno.EPIPE:  # else Python's exit flushes into the closed pipe again
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
