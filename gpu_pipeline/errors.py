@@ -1,6 +1,10 @@
 """Errors every layer shares: the refusal of a bad argument, and how an exception or a name reads on one line."""
 
 
+#: The exit status of a command whose output could not be written (a full disk, a closed pipe).
+EXIT_WRITE_ERROR = 3
+
+
 class UsageError(ValueError):
     """A path, option or model given by the user is missing or unusable (the CLI exits with status 2)."""
 
@@ -19,3 +23,11 @@ def printable(text: str) -> str:
     """``text`` with its control characters escaped (``a\\nb`` for a newline), so that a message
     naming a file (a name may hold a newline) stays one line. Records escape such names already."""
     return text.translate(_CONTROLS)
+
+
+def shown(name: str) -> str:
+    """A name as a rich console prints it: on one line (:func:`printable`), never read as markup
+    (an ``--out`` named ``[b]r.jsonl`` was printed ``r.jsonl``)."""
+    from rich.markup import escape  # (imported where a console prints, not by every import of this)
+
+    return escape(printable(name))

@@ -25,7 +25,7 @@ from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.errors import UsageError, printable
+from gpu_pipeline.errors import UsageError, printable, shown
 from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
@@ -126,7 +126,7 @@ def fit(
         console.print(f"held-out {accuracy_line(test_matrix)}")
         console.print(scores_table(labeled.classes, test_matrix))
         console.print(confusion_table(labeled.classes, test_matrix))
-    console.print(f"model: {escape(printable(os.path.abspath(out)))}")
+    console.print(f"model: {shown(os.path.abspath(out))}")
     raise typer.Exit(1 if table.failures else 0)
 
 
@@ -181,7 +181,7 @@ def evaluate(
 
     targets = np.array([model.classes.index(labeled.classes[t]) for t in labeled.targets[table.ok]])
     matrix = confusion_matrix(targets, model.predict(table.vectors[table.ok]), len(model.classes))
-    console.print(f"model {escape(printable(model_path))}: {escape(model.describe())}")
+    console.print(f"model {shown(model_path)}: {escape(model.describe())}")
     console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
     console.print(scores_table(model.classes, matrix))
     console.print(confusion_table(model.classes, matrix))
@@ -192,7 +192,7 @@ def evaluate(
                          is_our_png)
         except UsageError as exc:
             fail_usage(str(exc))
-        console.print(f"plot: {escape(printable(os.path.abspath(plot)))}")
+        console.print(f"plot: {shown(os.path.abspath(plot))}")
     raise typer.Exit(1 if table.failures else 0)
 
 

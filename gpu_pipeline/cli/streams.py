@@ -17,8 +17,8 @@ import errno
 import os
 import sys
 
-#: The exit status of a command whose output could not be written (as ``run``'s).
-EXIT_WRITE_ERROR = 3
+from gpu_pipeline.errors import EXIT_WRITE_ERROR
+
 #: What a failed write to stdout raises: a full disk or quota, a reader gone.
 WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EPIPE})
 

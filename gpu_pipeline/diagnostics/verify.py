@@ -31,7 +31,7 @@ from gpu_pipeline.backends.base import Backend, StageResult, check_image
 from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
-from gpu_pipeline.errors import UsageError, one_line, printable
+from gpu_pipeline.errors import UsageError, one_line, shown
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
 from gpu_pipeline.inputs.discover import discover
 
@@ -510,9 +510,9 @@ def comparison_table(report: VerifyReport) -> Table:
 
 
 def _problem_lines(report: VerifyReport) -> list[str]:
-    lines = [f"[red]error[/] {escape(printable(e['image']))}  {e['backend']} raised {escape(e['error'])}"
+    lines = [f"[red]error[/] {shown(e['image'])}  {e['backend']} raised {escape(e['error'])}"
              for e in report.errors]
-    lines += [f"[red]differs[/] {escape(printable(d.image))}  {d.backend}  {escape(d.describe())}"
+    lines += [f"[red]differs[/] {shown(d.image)}  {d.backend}  {escape(d.describe())}"
               for d in report.differences]
     return lines
 
@@ -521,7 +521,7 @@ def _printed_capped(console: Console, lines: list[str], what: str, report_path: 
     for line in lines[:MAX_PRINTED]:
         console.print(line)
     if len(lines) > MAX_PRINTED:
-        where = f"all in {escape(printable(str(report_path)))}" if report_path else "--report FILE.json lists them all"
+        where = f"all in {shown(str(report_path))}" if report_path else "--report FILE.json lists them all"
         console.print(f"... and {len(lines) - MAX_PRINTED} more {what} ({where})")
 
 
@@ -553,9 +553,9 @@ def print_report(console: Console, report: VerifyReport, report_path: Path | Non
         if tally.status != "compared":
             console.print(f"[yellow]not verified[/]: {tally.name}: {tally.status}: {escape(tally.reason or '')}")
     _printed_capped(console, _problem_lines(report), "differences and errors", report_path)
-    decode_lines = [f"[yellow]skipped[/] {escape(printable(e['image']))}: {e['stage']} error: {escape(e['error'])}"
+    decode_lines = [f"[yellow]skipped[/] {shown(e['image'])}: {e['stage']} error: {escape(e['error'])}"
                     for e in report.decode_errors]
     _printed_capped(console, decode_lines, "decode errors", report_path)
     console.print(_summary(report))
     if report_path is not None:
-        console.print(f"report: {escape(printable(str(report_path)))}")
+        console.print(f"report: {shown(str(report_path))}")

@@ -25,7 +25,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -34,7 +33,7 @@ from gpu_pipeline.labels.labeller import attach_label_model, label_function, war
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
-from gpu_pipeline.errors import UsageError, printable
+from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, remove_stale_temporaries, same_file_as,
@@ -46,8 +45,6 @@ from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 #: A second SIGINT or SIGTERM sooner than this after the first is the first one delivered again.
 SAME_SIGNAL_S = 1.0
-#: Exit status when writing the output failed during the run (disk full, I/O error).
-EXIT_WRITE_ERROR = 3
 
 
 def open_backend(name: str, threads: int | None, device: int | None = None):
@@ -107,11 +104,6 @@ def progress_bar(console: Console) -> Progress:
         TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console,
     )
-
-
-def shown(name: str) -> str:
-    """A file name as the console prints it: one line, and never read as rich markup (``[b]``)."""
-    return escape(printable(name))
 
 
 def print_summary(console: Console, summary: RunSummary, backend: str, out: str) -> None:
