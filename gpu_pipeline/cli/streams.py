@@ -88,9 +88,9 @@ def reader_went_away() -> bool:
 def write_failed(reason: str) -> int:
     """Say that stdout could not be written, send what is still buffered to /dev/null (Python's exit
     would try again, print "Exception ignored" and exit 120), and return :data:`EXIT_WRITE_ERROR`."""
+    from gpu_pipeline.outputs.lines import stdout_to_devnull  # (not imported by every command's start)
+
     with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+        stdout_to_devnull()
     print(f"gpu-pipeline: error: cannot write to stdout: {reason}", file=sys.stderr)
     return EXIT_WRITE_ERROR

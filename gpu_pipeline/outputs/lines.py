@@ -174,6 +174,14 @@ def keep_results(path: Path, fmt: str) -> None:
     write_replacing(Path(os.path.realpath(path)), write)
 
 
+def stdout_to_devnull() -> None:
+    """Point file descriptor 1 at /dev/null after a write to stdout failed: Python's exit would
+    flush what is still buffered into the same failure ("Exception ignored", exit 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 def _write_all(descriptor: int, data: bytes, out: str) -> None:
     """``data`` to ``descriptor`` whole; a short write is continued, an error raised as SinkWriteError."""
     view = memoryview(data)
@@ -219,8 +227,8 @@ class LineSink(Sink):
                     binary.write(text.encode("utf-8"))
                     binary.flush()
             except OSError as exc:  # a full disk behind `> file`, or a reader that stopped (`| head`)
-                if exc.errno == errno.EPIPE:  # else Python's exit flushes into the closed pipe again
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                if exc.errno == errno.EPIPE:
+                    stdout_to_devnull()
                 raise SinkWriteError(exc.errno or errno.EIO, f"cannot write to stdout: {exc.strerror or exc}") from exc
         else:
             _write_all(self._descriptor, text.encode("utf-8"), self.out)
