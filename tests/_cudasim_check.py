@@ -398,3 +398,18 @@ def test_hysteresis_launches_are_bounded_with_launch_start_halos(pattern, side, 
     print(f"{pattern} {side}x{side}, bound {limit}: {launches} launches, host finish: {finished_on_host}")
     if bound is not None:
         assert finished_on_host == 1  # these chains need more than 4 launches with launch-start halos
+
+
+def test_threads_sharing_one_backend_each_get_their_own_results(backend):
+    """The Python API hands one backend to every thread that asks for it: concurrent calls share its
+    slots and buffers, so they take turns (without that, a call read another's results)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    shapes = [(6, 9), (7, 5, 3), (9, 9)]
+    batches = [[scene(shapes[k % 3], rng, "noise") for _ in range(1 + k % 2)] for k in range(6)]
+    config = PipelineConfig(low_threshold=40, high_threshold=120)
+    with ThreadPoolExecutor(3) as threads:
+        results = list(threads.map(lambda batch: backend.process(batch, config, True), batches))
+    for batch, result in zip(batches, results):
+        assert_matches_reference(batch, result, config, True)

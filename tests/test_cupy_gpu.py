@@ -784,6 +784,25 @@ def test_process_binds_the_gpu_in_the_thread_that_runs_it(harness):
     assert device.syncs >= 1
 
 
+def test_threads_sharing_one_backend_each_get_their_own_results(harness):
+    """The Python API hands one backend to every thread that asks for it: concurrent calls share its
+    slots and arenas, so they take turns (without that, a call collected another's results)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import time
+
+    # A pause after each launch lets the other threads in, as a GPU's asynchronous launches do.
+    backend = CupyBackend(device=HostDevice(harness, after_launch=lambda device, launch: time.sleep(0.001)))
+    rng = np.random.default_rng(7)
+    batches = [[rng.integers(0, 256, (6 + k % 3, 9, 3) if k % 2 else (7, 5 + k % 4), np.uint8)
+                for _ in range(1 + k % 3)] for k in range(8)]
+    config = PipelineConfig(40, 120)
+    with ThreadPoolExecutor(4) as threads:
+        results = list(threads.map(lambda batch: backend.process(batch, config, True), batches))
+    for batch, result in zip(batches, results):
+        assert_same_as_reference(result, batch, config)
+
+
 def test_close_releases_the_memory_pools(harness):
     device = HostDevice(harness)
     backend = CupyBackend(device=device)

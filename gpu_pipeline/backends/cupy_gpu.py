@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -513,6 +514,9 @@ class CupyBackend(Backend):
 
             device = CupyDevice(checked_device_index(device_index, cupy.cuda.runtime.getDeviceCount()))
         self._device = device
+        #: One call at a time: calls share the slots, their arenas and the turn (the Python API hands
+        #: one backend to every thread). The GPU runs one call's launches at a time anyway.
+        self._lock = threading.Lock()
         with device.bind():
             self._slots = [_Slot(device) for _ in range(SLOTS)]
         self._turn = 0
@@ -534,7 +538,7 @@ class CupyBackend(Backend):
         arrays = cnn_weight_arrays(model)
         sections, total = _pack([(f"{k}.{i}", array.nbytes) for k, block in enumerate(arrays)
                                  for i, array in enumerate(block)])
-        with self._device.bind():
+        with self._lock, self._device.bind():
             arena = self._device.alloc(total)
             base = self._device.address(arena)
             stream = self._slots[0].stream
@@ -542,9 +546,10 @@ class CupyBackend(Backend):
                 for i, array in enumerate(block):
                     self._device.upload(base + sections[f"{k}.{i}"].offset, array, stream)
             self._device.synchronize(stream)
-        self._cnn_arena = arena
-        self._cnn_weights = [tuple(_address(base, sections[f"{k}.{i}"]) for i in range(4)) for k in range(len(arrays))]
-        self._cnn = CnnShape(model.size, tuple(int(b.bias.shape[0]) for b in model.network.blocks))
+            self._cnn_arena = arena
+            self._cnn_weights = [tuple(_address(base, sections[f"{k}.{i}"]) for i in range(4))
+                                 for k in range(len(arrays))]
+            self._cnn = CnnShape(model.size, tuple(int(b.bias.shape[0]) for b in model.network.blocks))
         return True
 
     @classmethod
@@ -569,7 +574,7 @@ class CupyBackend(Backend):
         if len(too_large):
             shape = images[int(too_large[0])].shape
             raise ValueError(f"the cupy backend takes images of at most {MAX_PIXELS} pixels, got {shape}")
-        with self._device.bind():
+        with self._lock, self._device.bind():
             return self._process_on_device(images, config, keep_images)
 
     def _process_on_device(self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool) -> BatchResult:
@@ -606,7 +611,7 @@ class CupyBackend(Backend):
         return results  # every index was filled by _collect
 
     def close(self) -> None:
-        with self._device.bind():
+        with self._lock, self._device.bind():
             self._abandon()
             self._release_buffers()
             self._cnn, self._cnn_arena, self._cnn_weights = None, None, []

@@ -17,6 +17,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -209,6 +210,9 @@ class NumbaCudaBackend(Backend):
         quiet_low_occupancy_warnings()
         self.device_index = checked_device_index(device_index, len(cuda.gpus))
         self._timed = not numba.config.ENABLE_CUDASIM  # the simulator has no timing events
+        #: One call at a time: calls share the slots and their buffers (the Python API hands one
+        #: backend to every thread). The GPU runs one call's launches at a time anyway.
+        self._lock = threading.Lock()
         with self._on_device():
             if self._timed:
                 try:
@@ -279,7 +283,7 @@ class NumbaCudaBackend(Backend):
                 slot.stream.synchronize()
 
     def close(self) -> None:
-        with self._on_device():
+        with self._lock, self._on_device():
             self._abandon()
             self._release_buffers()
         self._stager.shutdown()
@@ -291,7 +295,7 @@ class NumbaCudaBackend(Backend):
     ) -> BatchResult:
         check_images(images)
         quiet_low_occupancy_warnings()
-        with self._on_device():
+        with self._lock, self._on_device():
             return self._process_on_device(images, config, keep_images)
 
     def _process_on_device(
