@@ -260,6 +260,59 @@ def test_auto_decodes_in_processes_only_for_long_runs_on_several_cores(monkeypat
     assert not engine.decodes_in_processes(50_000)
 
 
+def test_auto_decodes_in_threads_where_the_open_file_limit_is_too_low_for_processes(monkeypatch):
+    """Decode processes need a few open files each: the soft limit is raised to what they need when
+    the hard one allows it; else ``auto`` decodes in threads and asking for processes is refused."""
+    import resource
+
+    from gpu_pipeline.engine import stream
+    from gpu_pipeline.errors import UsageError
+
+    monkeypatch.setattr(stream, "usable_cores", lambda: 16)
+    raised = []
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: raised.append(limits))
+    needed = processes.descriptors_needed(16)
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (14, needed - 1))
+    assert not Engine(create("reference")).decodes_in_processes(5000)
+    with pytest.raises(UsageError, match=rf"16 decode processes need about {needed} open files; "
+                                         rf"this process may open {needed - 1} \(ulimit -n\)"):
+        Engine(create("reference"), processes=True).decodes_in_processes(5000)
+    assert raised == []
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (14, needed))
+    assert Engine(create("reference")).decodes_in_processes(5000) == processes.available()
+    if processes.available():
+        assert raised == [(needed, needed)]
+
+
+@needs_processes
+@pytest.mark.parametrize("hard", ["low", "high"])
+def test_a_run_under_a_low_open_file_limit(tmp_path, hard):
+    """``ulimit -n 14``: decode processes once raised EMFILE mid-run (a traceback, no records). With
+    room under the hard limit the run raises its soft one; without, it is refused before writing."""
+    import resource
+    import subprocess
+    import sys
+
+    def limited():
+        soft, most = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (14, 14 if hard == "low" else most))
+
+    out = tmp_path / "out" / "records.jsonl"
+    out.parent.mkdir()
+    run = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(BUNDLED / "eurosat"), "--out", str(out),
+                          "--decode", "processes", "--workers", "2", "-q"],
+                         preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    if hard == "low":
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            "gpu-pipeline: error: --decode processes: 2 decode processes need about 48 open files; this process may "
+            "open 14 (ulimit -n); raise the limit, use fewer --workers, or use --decode threads"]
+        assert list(out.parent.iterdir()) == []
+    else:
+        assert run.returncode == 0, run.stderr
+        assert len(out.read_text().splitlines()) == 50
+
+
 # ------------------------------------------------------------------ the packed data plane
 
 

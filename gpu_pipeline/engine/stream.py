@@ -32,11 +32,11 @@ import numpy as np
 from gpu_pipeline.backends.base import Backend, BatchResult
 from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.errors import one_line
+from gpu_pipeline.errors import UsageError, one_line
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_each
 from gpu_pipeline.inputs.processes import (Decoder, ForkServer, available as processes_available, place_in, placed_at,
-                                           slot_bytes_for)
+                                           room_for_descriptors, slot_bytes_for)
 from gpu_pipeline.outputs.records import RecordBatch
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
@@ -189,21 +189,27 @@ PROCESS_DECODE_FROM_CORES = 8
 PROCESS_DECODE_FROM_FILES_ON_FEW_CORES = 10_000
 
 
-def decodes_in_processes(processes: bool | None, files: int) -> bool:
-    """Whether a run of ``files`` files decodes in worker processes: ``processes`` when it is given
-    (and they are available here), else the rule of the thresholds above."""
+def decodes_in_processes(processes: bool | None, files: int, decoders: int) -> bool:
+    """Whether a run of ``files`` files with ``decoders`` decoders decodes in worker processes:
+    ``processes`` when it is given (and they are available here), else the rule of the thresholds
+    above, and only where this process may open the files they need (it raises its soft limit if it
+    must: see :func:`room_for_descriptors`). Asked for processes without that room: UsageError."""
     if processes is not None:
+        if processes and processes_available() and (reason := room_for_descriptors(decoders)) is not None:
+            raise UsageError(f"--decode processes: {reason}; raise the limit, use fewer --workers, "
+                             "or use --decode threads")
         return processes and processes_available()
     cores = usable_cores()
     least = PROCESS_DECODE_FROM_FILES if cores >= PROCESS_DECODE_FROM_CORES else PROCESS_DECODE_FROM_FILES_ON_FEW_CORES
-    return cores >= 2 and files >= least and processes_available()
+    return (cores >= 2 and files >= least and processes_available()
+            and room_for_descriptors(decoders) is None)
 
 
-def early_fork_server(processes: bool | None, files: int) -> ForkServer | None:
+def early_fork_server(processes: bool | None, files: int, decoders: int) -> ForkServer | None:
     """For a run of ``files`` files that will decode in processes, their fork server, started now and
     not waited for: a caller starts it before it loads the backend, so that the server's imports
     (0.13 s on the 2-core VM) run on another core meanwhile. Hand it to :class:`Engine`; else None."""
-    if not decodes_in_processes(processes, files):
+    if not decodes_in_processes(processes, files, decoders):
         return None
     server = ForkServer()
     server.start()
@@ -642,7 +648,7 @@ class Engine:
 
     def decodes_in_processes(self, files: int) -> bool:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
-        return decodes_in_processes(self.processes, files)
+        return decodes_in_processes(self.processes, files, self.decoders())
 
     def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""

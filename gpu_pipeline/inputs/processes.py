@@ -64,6 +64,41 @@ def available() -> bool:
 #: ``--decode``: where files are decoded.
 DECODE_MODES = ("auto", "threads", "processes")
 
+#: Open files a run needs besides its decode processes (output, lock, settings, files being read,
+#: the fork server's socket), and for each decode process (its socket and the connection's copy of
+#: it; while one starts, its arena and the other end; a part handed over in a memfd), with room to
+#: spare: 1, 4 and 8 decode processes ran with at most 12, 24 and 40 on the 2-core VM.
+DESCRIPTORS_BESIDES = 32
+DESCRIPTORS_PER_PROCESS = 8
+
+
+def descriptors_needed(processes: int) -> int:
+    """The open files a run with ``processes`` decode processes may need at once."""
+    return DESCRIPTORS_BESIDES + DESCRIPTORS_PER_PROCESS * processes
+
+
+def room_for_descriptors(processes: int) -> str | None:
+    """None when this process may open the files ``processes`` decode processes need, raising its
+    soft limit (``ulimit -n``) to the hard one's if that is what it takes; else why not."""
+    try:
+        import resource
+    except ImportError:  # not on a Unix
+        return None
+    need = descriptors_needed(processes)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    limit = soft
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            return None
+        except (ValueError, OSError):
+            pass
+    else:
+        limit = hard
+    return f"{processes} decode processes need about {need} open files; this process may open {limit} (ulimit -n)"
+
 
 def processes_wanted(mode: str) -> bool | None:
     """``--decode MODE`` as the engine's ``processes``: None (auto), False (threads), True (processes)."""
