@@ -71,6 +71,7 @@ def test_csv_resume_keeps_every_row_after_a_name_with_a_newline(tmp_path):
     names = [f"tile{i:02d}.png" for i in range(11)]
     names[3] = "two\nlines.png"
     names[7] = 'a "quoted"\r\nname.png'
+    names[9] = "bare\rreturn.png"  # csv.writer before Python 3.13 left it unquoted: two rows
     folder = tmp_path / "odd"
     make_images(folder, 11, names=names)
     out = tmp_path / "out.csv"
@@ -83,6 +84,8 @@ def test_csv_resume_keeps_every_row_after_a_name_with_a_newline(tmp_path):
     with open(out, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert sorted(Path(row["path"]).name for row in rows) == sorted(names)
+    pandas = pytest.importorskip("pandas")
+    assert sorted(pandas.read_csv(out, keep_default_na=False)["path"].map(lambda p: Path(p).name)) == sorted(names)
 
 
 @pytest.mark.parametrize("left", ["torn", "zeros", "foreign"])

@@ -46,6 +46,19 @@ def test_any_paths_and_labels_encode_like_the_dicts(paths, data):
     assert list(batch) == [batch[i] for i in range(len(batch))]  # one pass (the API's) = record by record
 
 
+@pytest.mark.parametrize("path", TRICKY_PATHS + ["", " lead", "trail ", "a\rb\r", "\r", '"', "a\u2028b"])
+def test_csv_rows_read_back_whole_with_the_csv_module(path):
+    """Each row is one record to csv.reader (Python's, whatever its version): a bare carriage return
+    in a name is quoted too (csv.writer before 3.13 left it bare, and the row split in two)."""
+    import csv
+    import io
+
+    batch = batch_of([path, "/next.png", path], ["busy", "a\rlabel"], errors_at={2})
+    rows = list(csv.reader(io.StringIO(csv_text(batch), newline="")))
+    assert [row[0] for row in rows] == [path, "/next.png", path]
+    assert [row[7] for row in rows[:2]] == ["busy", "a\rlabel"] and len({len(row) for row in rows}) == 1
+
+
 def test_dict_view_has_the_fields_in_order():
     batch = batch_of(["/a.png", "/b.png"], ["busy", "smooth"], errors_at={0})
     error, result = list(batch)
