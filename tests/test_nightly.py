@@ -131,6 +131,32 @@ def test_a_name_that_is_not_utf8_is_recorded_exactly_and_resumed(tmp_path, suffi
     assert len(read_records(out)) == 4
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_an_error_message_naming_a_file_that_is_not_utf8_is_written_as_text(tmp_path, suffix):
+    """The name turns up in the message too (here: its edge map's name is someone else's file): the
+    message shows the byte as ``\\xff``, as ``path`` does. It once crashed the CSV and Parquet writers
+    (a traceback, the batch's records lost) and put a lone surrogate in the JSON (unreadable there)."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder, edges = tmp_path / "bytes", tmp_path / "edges"
+    make_images(folder, 2)
+    edges.mkdir()
+    with open(os.fsencode(folder) + b"/bad\xff.png", "wb") as stream:
+        stream.write((folder / "tile000.png").read_bytes())
+    with open(os.fsencode(edges) + b"/bad\xff.png.edges.png", "w") as stream:
+        stream.write("mine")
+    out = tmp_path / f"out{suffix}"
+    result = run(str(folder), "--out", str(out), "--save-edges", str(edges))
+    assert result.exit_code == 1, result.output
+    records = read_records(out)
+    assert len(records) == 3
+    (odd,) = [r for r in records if "error" in r]
+    assert odd["stage"] == "save-edges" and "bad\\xff.png.edges.png exists" in odd["error"]
+    if suffix == ".jsonl":
+        for line in out.read_bytes().splitlines():
+            json.loads(line.decode("utf-8"))["error" if b'"error"' in line else "path"].encode("utf-8")
+
+
 def test_ordinary_jsonl_records_have_no_extra_field(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(str(tiles), "--out", str(out)).exit_code == 0

@@ -39,16 +39,34 @@ def portable(record: dict) -> dict:
 
     Paths arrive as Python strings, where undecodable bytes are surrogate escapes (``os.fsdecode``).
     Those cannot be written as UTF-8, and ``\\udcff`` in JSON names no file; ``path`` shows them as
-    ``\\xff`` and ``path_bytes`` names the file exactly. Ordinary records are returned unchanged.
+    ``\\xff`` and ``path_bytes`` names the file exactly. An error message that names such a file shows
+    it the same way. Ordinary records are returned unchanged.
     """
-    path = record["path"]
+    path, error = record["path"], record.get("error")
     try:
         path.encode("utf-8")
+        if error is not None:
+            error.encode("utf-8")
         return record
     except UnicodeEncodeError:
+        pass
+    record = dict(record)
+    if error is not None:
+        record["error"] = _shown_bytes(error)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
         raw = os.fsencode(path)
-    return {**record, "path": raw.decode("utf-8", "backslashreplace"),
-            "path_bytes": base64.b64encode(raw).decode("ascii")}
+        record.update(path=raw.decode("utf-8", "backslashreplace"), path_bytes=base64.b64encode(raw).decode("ascii"))
+    return record
+
+
+def _shown_bytes(text: str) -> str:
+    """``text`` with each undecodable byte (a surrogate escape) shown as ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name makes: shown as \\udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def as_written(records: Iterable[dict]) -> Iterable[dict]:
@@ -57,6 +75,7 @@ def as_written(records: Iterable[dict]) -> Iterable[dict]:
     if isinstance(records, RecordBatch):
         try:
             "".join(records.paths).encode("utf-8")
+            "".join(error["error"] for error in records.errors.values()).encode("utf-8")
             return records
         except UnicodeEncodeError:
             pass
