@@ -942,7 +942,8 @@ def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monke
 
     def torn(table, where, **options):
         real_write_table(table, where, **options)
-        Path(where).write_bytes(Path(where).read_bytes()[:100])  # what a kill mid-write leaves
+        where.flush()
+        where.truncate(100)  # what a kill mid-write leaves
         raise Killed
 
     monkeypatch.setattr(pq, "write_table", torn)
@@ -955,6 +956,20 @@ def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monke
     plan.open().write([a_result("/b.png")])
     assert sorted(pq.read_table(out).column("path").to_pylist()) == ["/a.png", "/b.png"]
     assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+
+
+@pytest.mark.parametrize("name", ["run-2026-12-05T01:15:00.parquet", "s3:x.parquet", "file:y.parquet", b"e\xff.parquet"])
+def test_a_parquet_out_named_like_a_uri_or_not_utf8_is_a_folder_here(tiles, tmp_path, monkeypatch, name):
+    """pyarrow reads a name given as text as a URI ("run-2026-12-05T01" a file system) and wants it
+    UTF-8: such an --out once crashed each run (a traceback, an empty dataset that never filled)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    monkeypatch.chdir(tmp_path)
+    out = os.fsdecode(name)
+    assert run(str(tiles), "--out", out).exit_code == 0
+    assert run(str(tiles), "--out", out).exit_code == 0  # and it resumes
+    assert len(read_records(out)) == 20
+    parts = sorted(Path(out).glob("part-*.parquet"))
+    assert sum(len(pq.read_table(part.open("rb"))) for part in parts) == 20
 
 
 def test_overwrite_never_deletes_files_we_did_not_write_in_a_dataset_folder(tiles, tmp_path):

@@ -56,7 +56,14 @@ def read_dataset(folder: Path):
     found = parts(folder)
     if not found:
         return parquet_schema().empty_table()
-    return pa.concat_tables(pq.read_table(part, schema=parquet_schema()) for part in found)
+    return pa.concat_tables(_read_part(pq, part, schema=parquet_schema()) for part in found)
+
+
+def _read_part(pq, part: Path, **options):
+    """``pq.read_table`` of one part, from a file opened here: given a name, pyarrow parses it as a
+    URI (``run-01:15.parquet`` is an unknown file system "run-01") and needs it to be UTF-8."""
+    with open(part, "rb") as stream:
+        return pq.read_table(stream, **options)
 
 
 def read_existing(folder: Path) -> tuple[Existing, int]:
@@ -64,7 +71,7 @@ def read_existing(folder: Path) -> tuple[Existing, int]:
     existing = Existing()
     found = parts(folder)
     for part in found:
-        table = import_parquet().read_table(part, columns=["path", "error", "path_bytes"])
+        table = _read_part(import_parquet(), part, columns=["path", "error", "path_bytes"])
         for row in table.to_pylist():
             if row["error"] is None:
                 del row["error"]
@@ -109,12 +116,10 @@ def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: st
     columns = table_columns(records, COLUMNS)
     temporary = folder / f".{name}.tmp"
     try:
-        pq.write_table(pa.table(columns, schema=schema), temporary)
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        with open(temporary, "wb") as stream:  # (a name, pyarrow would parse as a URI: see _read_part)
+            pq.write_table(pa.table(columns, schema=schema), stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, folder / name)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
@@ -128,7 +133,7 @@ def drop_error_rows(folder: Path, out: str) -> None:
     import pyarrow.parquet as pq
 
     for part in parts(folder):
-        table = pq.read_table(part, schema=parquet_schema())
+        table = _read_part(pq, part, schema=parquet_schema())
         kept = table.filter(pc.is_null(table["error"]))
         if kept.num_rows == table.num_rows:
             continue
