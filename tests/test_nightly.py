@@ -972,6 +972,18 @@ def test_a_parquet_out_named_like_a_uri_or_not_utf8_is_a_folder_here(tiles, tmp_
     assert sum(len(pq.read_table(part.open("rb"))) for part in parts) == 20
 
 
+def test_the_documented_duckdb_query_reads_the_paths_under_a_folder_named_like_a_partition(tiles, tmp_path):
+    """docs/nightly.md's query: DuckDB's hive partitioning off, or a folder above named ``path=x``
+    makes every path read "x"."""
+    duckdb = pytest.importorskip("duckdb")
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "path=x" / "out.parquet"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    query = (Path(__file__).parent.parent / "docs" / "nightly.md").read_text().split("(`select * from ")[1].split("`")[0]
+    paths = duckdb.sql("select path from " + query.replace("'out/", f"'{out}/")).fetchall()
+    assert sorted(path for (path,) in paths) == sorted(str(p) for p in tiles.iterdir())
+
+
 def test_overwrite_never_deletes_files_we_did_not_write_in_a_dataset_folder(tiles, tmp_path):
     pytest.importorskip("pyarrow")
     out = tmp_path / "out.parquet"
