@@ -497,6 +497,32 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(tiles, tmp_path):
     assert [path.name for path in kept if not path.exists()] == []
 
 
+def test_names_near_the_file_name_limit_get_their_edge_maps_and_outputs(tmp_path):
+    """A map's temporary, ``.NAME.PID.tmp``, passed the 255 bytes a name may have for names of 236 to
+    245 bytes whose map (NAME) fitted: each such image became a save-edges error. Now the temporary
+    keeps the name's end, and a killed run's such temporary is still found and removed."""
+    from gpu_pipeline.outputs.files import temporary_name
+
+    folder, edges = tmp_path / "long", tmp_path / "edges"
+    names = [("N" * (length - 4)) + ".png" for length in (230, 236, 240, 245)] + ["é" * 118 + ".png"]
+    make_images(folder, len(names), names=names)
+    out = tmp_path / (("o" * 229) + ".jsonl")  # 235 bytes: its settings' temporary passed it too
+    result = run(str(folder), "--out", str(out), "--save-edges", str(edges))
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in edges.iterdir()) == sorted(name + ".edges.png" for name in names)
+    dead, old = a_dead_pid(), time.time() - 3600
+    left = [edges / temporary_name(names[3] + ".edges.png", dead), tmp_path / temporary_name(out.name, dead),
+            tmp_path / temporary_name(out.name + ".settings.json", dead)]
+    assert [len(os.fsencode(path.name)) for path in left[::2]] == [255, 255]  # cut to fit
+    for path in left:
+        path.write_bytes(b"half")
+        os.utime(path, (old, old))
+    (edges / names[3]).with_name(names[3] + ".edges.png").unlink()  # (so that a map is saved there again)
+    out.write_bytes(b"".join(out.read_bytes().splitlines(keepends=True)[:3]))  # killed after 3 records
+    assert run(str(folder), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    assert [path.name for path in left if path.exists()] == []
+
+
 # ---------------------------------------------------------------- 9. FIFOs and other special files
 
 

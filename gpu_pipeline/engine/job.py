@@ -37,7 +37,7 @@ from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, remove_stale_temporaries, same_file_as,
-                                        write_replacing)
+                                        temporary_name, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -84,7 +84,7 @@ def edge_saver(folder: Path, files: Sequence[str], names_now: bool = True) -> Ca
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent not in swept:
             swept.add(target.parent)
-            remove_stale_temporaries(target.parent, lambda name: name.endswith(".edges.png"))
+            remove_stale_temporaries(target.parent, lambda name, pid: name.endswith(".edges.png"))
         try:
             found = os.lstat(target)
         except FileNotFoundError:
@@ -199,7 +199,8 @@ def remove_killed_runs_temporaries(out: str) -> None:
         return
     for path in (os.path.realpath(out), str(settings_path(out))):
         name = os.path.basename(path)
-        remove_stale_temporaries(os.path.dirname(path) or ".", lambda target: target == name)
+        remove_stale_temporaries(os.path.dirname(path) or ".",
+                                 lambda target, pid: temporary_name(name, pid) == f".{target}.{pid}.tmp")
 
 
 def write_settings(out: str, settings: dict) -> None:

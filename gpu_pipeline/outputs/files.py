@@ -98,7 +98,7 @@ def write_replacing(path: Path, write: Callable[[Path], None], before_replacing:
     a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
     there; it is removed when anything fails, and the error goes on. One that a SIGKILL left
     behind is removed by :func:`remove_stale_temporaries`, or here when this process has its PID."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(temporary_name(path.name, os.getpid()))
     with contextlib.suppress(FileNotFoundError):  # a dead process's, which had this PID
         os.unlink(temporary)
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
@@ -112,20 +112,37 @@ def write_replacing(path: Path, write: Callable[[Path], None], before_replacing:
         raise
 
 
+#: The longest file name in bytes (NAME_MAX of Linux's file systems).
+NAME_MAX = 255
+
+
+def temporary_name(name: str, pid: int) -> str:
+    """``.NAME.PID.tmp``, the temporary of ``name`` in process ``pid``; where that would pass
+    :data:`NAME_MAX` bytes (``name`` is near the limit but fits), ``NAME`` loses its first bytes and
+    keeps its end, which says what it is (``.edges.png``): exactly NAME_MAX bytes then."""
+    suffix = f".{pid}.tmp"
+    room = NAME_MAX - 1 - len(suffix)
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        name = os.fsdecode(encoded[-room:])
+    return f".{name}{suffix}"
+
+
 _TEMPORARY = re.compile(r"\A\.(?P<target>.+)\.(?P<pid>[0-9]+)\.tmp\Z", re.DOTALL)
 #: A temporary touched this recently is left alone, whatever its PID says: it may be a live run's on
 #: another machine that shares the folder.
 STALE_AFTER_S = 60
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[str], bool]) -> None:
+def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[str, int], bool]) -> None:
     """Remove the temporaries that :func:`write_replacing` left in ``folder`` when its process was
-    killed (a SIGKILL runs no clean-up): hidden ``.NAME.PID.tmp`` files whose ``NAME`` is one
-    ``wanted`` accepts, whose process is no longer running, untouched for :data:`STALE_AFTER_S`."""
+    killed (a SIGKILL runs no clean-up): hidden ``.NAME.PID.tmp`` files (:func:`temporary_name`)
+    whose ``NAME`` and ``PID`` ``wanted`` accepts, whose process is no longer running, untouched for
+    :data:`STALE_AFTER_S`."""
     try:
         with os.scandir(folder) as entries:
             found = [(entry.path, int(match["pid"])) for entry in entries if entry.name.startswith(".")
-                     and (match := _TEMPORARY.match(entry.name)) and wanted(match["target"])]
+                     and (match := _TEMPORARY.match(entry.name)) and wanted(match["target"], int(match["pid"]))]
     except OSError:
         return
     for path, pid in found:
