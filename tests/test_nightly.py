@@ -177,6 +177,47 @@ def test_an_out_that_is_not_our_output_is_refused_and_left_alone(tiles, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tiles"]  # nothing written
 
 
+def test_an_out_on_dev_stdout_is_refused_and_the_file_behind_it_left_alone(tiles, tmp_path):
+    """``--out /dev/stdout >> log``: the settings went to /dev/stdout.settings.json, and the next such
+    run took the log for its output and cut it to its records."""
+    log = tmp_path / "log.txt"
+    log.write_text("my log line 1\nno newline")
+    settings = Path("/dev/stdout.settings.json")
+    try:
+        for _ in range(2):
+            with open(log, "ab") as stdout:
+                done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tiles), "--out", "/dev/stdout",
+                                       "-q", "--backend", "reference"], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                      timeout=300)
+            assert done.returncode == 2 and "use --out - for standard output" in done.stderr
+    finally:
+        settings.unlink(missing_ok=True)
+    assert log.read_text() == "my log line 1\nno newline"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_file_output_spelled_as_a_folder_is_refused_and_left_whole(tiles, tmp_path, overwrite):
+    """``--out r.jsonl/`` was refused only after r.jsonl had been emptied (or an empty one made)."""
+    out = tmp_path / "r.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    before = out.read_bytes()
+    for name in (f"{out}/", f"{tmp_path / 'new.csv'}/"):
+        result = run(str(tiles), "--out", name, *overwrite)
+        assert result.exit_code == 2 and "drop the trailing /" in result.stderr
+    assert out.read_bytes() == before and not (tmp_path / "new.csv").exists()
+
+
+def test_an_out_that_is_the_model_file_is_refused_even_with_overwrite(tiles, tmp_path):
+    model = tmp_path / "model.json"
+    shutil.copy(REPO / "gpu_pipeline" / "labels" / "models" / "eurosat.json", model)
+    before = model.read_bytes()
+    (tmp_path / "link.json").symlink_to(model)
+    for out in (model, tmp_path / "link.json"):
+        result = run(str(tiles), "--out", str(out), "--model", str(model), "--overwrite")
+        assert result.exit_code == 2 and "is the model file this run reads" in result.stderr
+    assert model.read_bytes() == before
+
+
 def test_an_out_that_is_one_of_the_inputs_is_refused_even_with_overwrite(tiles, tmp_path):
     image = tiles / "tile004.png"
     before = image.read_bytes()

@@ -427,6 +427,25 @@ def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
     return output
 
 
+def check_out_name(out: str, output_format: str, model: str | None) -> None:
+    """Names ``--out`` may not have: a device or a descriptor (``/dev/stdout`` is whatever file
+    stdout is now: the settings would go into /dev, and a later run, its stdout elsewhere, would
+    take that file for its output and cut it); a file output spelled as a folder (``r.jsonl/``: a
+    refused run had already emptied ``r.jsonl``); the model file the run reads."""
+    if out == "-":
+        return
+    absolute = os.path.abspath(out)
+    if absolute.startswith(("/dev/", "/proc/")) and not absolute.startswith("/dev/shm/"):
+        raise UsageError(f"--out {out}: a device or a process's descriptor, not a file of records; "
+                         "use --out - for standard output")
+    if output_format != "parquet" and out.endswith(("/", os.sep)):
+        raise UsageError(f"--out {out}: a {output_format.upper()} output is a file; drop the trailing /")
+    from gpu_pipeline.labels.model import resolve_model_path
+
+    if model is not None and (is_out := same_file_as(out)) is not None and is_out(resolve_model_path(model)):
+        raise UsageError(f"--out {out} is the model file this run reads; choose another --out")
+
+
 def check_job(job: Job) -> CheckedJob:
     """Every check that can refuse the run, in one place, before anything is written."""
     files = input_files(job)
@@ -436,6 +455,7 @@ def check_job(job: Job) -> CheckedJob:
         output_format = format_for(job.out, job.output_format)
     except SinkError as exc:
         raise UsageError(str(exc)) from None
+    check_out_name(job.out, output_format, job.model)
     if output_format == "parquet" and job.save_edges is not None and _is_under(str(job.save_edges), Path(job.out)):
         # the dataset folder holds our parts only: its next run would refuse the edge maps
         raise UsageError(f"--save-edges {job.save_edges} is inside the Parquet dataset folder {job.out}; "
