@@ -130,6 +130,10 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--stretch", "magic"], "stretch"),
         (["--batch-size", "0"], "--batch-size"),
         (["--workers", "0"], "--workers"),
+        (["--workers", "1025"], "--workers must be at most 1024, got 1025"),  # a slip once filled the memory
+        (["--threads", "9223372036854775807"], "--threads must be at most 1024"),
+        (["--dask", "local:1", "--dask-timeout", "inf"], "--dask-timeout must be > 0 and at most 86400 seconds"),
+        (["--dask", "local:1", "--dask-timeout", "1e308"], "--dask-timeout must be > 0 and at most 86400 seconds"),
         (["--decode", "fibers"], "--decode must be one of auto, threads, processes"),
         (["--max-pixels", "0"], "max pixels"),
         (["--backend", "numba", "--device", "0"], "--device 0 needs a GPU backend"),
@@ -152,7 +156,8 @@ def test_usage_errors_exit_2_with_one_line(image_dir, tmp_path, args, message):
 
 @pytest.mark.parametrize("args", [
     ["run", ""], ["run", "DATA", "--save-edges", ""], ["run", "DATA", "--glob", ""], ["run", "DATA", "--out", ""],
-    ["run", "DATA", "--model", ""], ["verify", "DATA", "--report", ""], ["bench", ""], ["fit", "", "--out", "m.json"],
+    ["run", "DATA", "--model", ""], ["verify", "DATA", "--report", ""], ["verify", "DATA", "--model", ""], ["bench", ""],
+    ["fit", "", "--out", "m.json"],
     ["fit", "DATA", "--out", ""], ["evaluate", "", "--model", "eurosat"],
     ["evaluate", "DATA", "--model", "eurosat", "--plot", ""],
 ])

@@ -42,6 +42,9 @@ from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.processes import processes_wanted
 
+#: The longest ``--dask-timeout``: a day (Dask cannot parse ``inf``, and 1e308 s overflowed as the run closed).
+MOST_DASK_TIMEOUT_S = 86400
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -115,8 +118,8 @@ def run(
 
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
-        if not dask_timeout > 0:
-            raise UsageError(f"--dask-timeout must be > 0 seconds, got {dask_timeout}")
+        if not 0 < dask_timeout <= MOST_DASK_TIMEOUT_S:
+            raise UsageError(f"--dask-timeout must be > 0 and at most {MOST_DASK_TIMEOUT_S} seconds, got {dask_timeout}")
         if device is not None and device < 0:
             raise UsageError(f"--device must be >= 0, got {device}")
         if device is not None and dask is not None:

@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 
 from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
-                                      bundled_data_dir, check_counts, decode_options, fail_usage, given_path,
-                                      pipeline_config)
+                                      bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
+                                      given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
@@ -45,7 +45,7 @@ def verify(
     threads: Threads = None,
     batch_size: ImagesPerCall = 64,
     model: Optional[str] = typer.Option(
-        None, "--model", "-m", show_default=False,
+        None, "--model", "-m", show_default=False, parser=given_file_name,
         help="Compare the labels of this model (a model file, or eurosat, eurosat-cnn) instead of the default rule."),
 ) -> None:
     """Check that every backend gives the reference's bytes: histogram, equalized, edges, edge count, label.

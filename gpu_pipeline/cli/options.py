@@ -95,11 +95,20 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"--bands takes comma-separated 1-based band numbers such as 4,3,2, got {text!r}") from None
 
 
+#: The most ``--workers`` and ``--threads``: each is a thread (or a process) of its own, and a
+#: typing slip of a few more digits made a run start threads until the machine ran out of memory.
+MOST_THREADS = 1024
+
+
 def check_counts(**counts: int | None) -> None:
-    """Each given count (``--workers``, ``--batch-size``, ...) must be at least 1."""
+    """Each given count (``--workers``, ``--batch-size``, ...) must be at least 1; ``--workers`` and
+    ``--threads`` at most :data:`MOST_THREADS`."""
     for name, value in counts.items():
+        option = f"--{name.replace('_', '-')}"
         if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"{option} must be >= 1, got {value}")
+        if value is not None and name in ("workers", "threads") and value > MOST_THREADS:
+            raise UsageError(f"{option} must be at most {MOST_THREADS}, got {value}")
 
 
 def pipeline_config(low: float, high: float, l2: bool, blur: int) -> PipelineConfig:
