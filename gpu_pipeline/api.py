@@ -21,7 +21,7 @@ import numpy as np
 
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
-from gpu_pipeline.config import DecodeOptions, PipelineConfig, whole_number
+from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, whole_number
 from gpu_pipeline.images import ImageBatch, pixel_counts
 
 
@@ -151,7 +151,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     if workers is not None:
-        workers = whole_number("workers", workers, least=1)
+        workers = whole_number("workers", workers, least=1, most=MOST_THREADS)
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not its characters
         paths = [paths]
     files = find_files(paths, glob=glob)

@@ -20,13 +20,20 @@ def threshold_text(value: float) -> str:
     return text if float(text) == value else repr(float(value))
 
 
-def whole_number(name: str, value, least: int | None = None) -> int:
+#: The most decode workers and compute threads: each is a thread (or a process) of its own, and a
+#: typing slip of a few more digits made a run start threads until the machine ran out of memory.
+MOST_THREADS = 1024
+
+
+def whole_number(name: str, value, least: int | None = None, most: int | None = None) -> int:
     """``value`` as an int: any integer type (NumPy's too), but not a bool or a float such as
-    ``1.5``; ValueError otherwise, or when it is below ``least``."""
+    ``1.5``; ValueError otherwise, or when it is below ``least`` or above ``most``."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     if least is not None and value < least:
         raise ValueError(f"{name} must be >= {least}, got {value}")
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be at most {most}, got {value}")
     return int(value)
 
 

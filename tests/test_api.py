@@ -165,7 +165,8 @@ def test_bad_settings_are_value_errors_that_name_them():
                 next(gpu_pipeline.run([REPO / "data" / "eurosat"], **options))
             else:
                 gpu_pipeline.process(image, **options)
-    for workers, message in [(0, "workers must be >= 1, got 0"), (1.5, "workers must be a whole number, got 1.5")]:
+    for workers, message in [(0, "workers must be >= 1, got 0"), (1.5, "workers must be a whole number, got 1.5"),
+                             (2**63 - 1, "workers must be at most 1024")]:
         with pytest.raises(ValueError, match=message):
             next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=workers))
     whole = gpu_pipeline.process(image, blur=np.int64(7), threads=np.int32(1), backend="numba")  # NumPy ints are whole

@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from gpu_pipeline.config import BLUR_SIZES, STRETCHES, DecodeOptions, PipelineConfig
+from gpu_pipeline.config import BLUR_SIZES, MOST_THREADS, STRETCHES, DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError, printable
 
 
@@ -93,11 +93,6 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"--bands takes comma-separated 1-based band numbers such as 4,3,2, got {text!r}") from None
-
-
-#: The most ``--workers`` and ``--threads``: each is a thread (or a process) of its own, and a
-#: typing slip of a few more digits made a run start threads until the machine ran out of memory.
-MOST_THREADS = 1024
 
 
 def check_counts(**counts: int | None) -> None:
