@@ -179,6 +179,8 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
         check_target(plot, "--plot", is_our_png, request.get("files", ()))
     if json_path is not None:
         check_target(json_path, "--json", is_our_json, request.get("files", ()))
+    if plot is not None and json_path is not None and os.path.abspath(plot) == os.path.abspath(json_path):
+        raise UsageError(f"--json and --plot name one file, {json_path}; give each its own")  # (else one replaced the other)
     return request
 
 
