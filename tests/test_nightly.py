@@ -680,11 +680,11 @@ def test_save_edges_inside_a_parquet_dataset_folder_is_refused_up_front(tiles, t
 def test_an_input_swapped_for_a_link_during_the_run_keeps_its_own_edge_map(tiles, tmp_path):
     """The map's name was resolved when it was saved: z.png, replaced by a link to a.png after it was
     decoded, overwrote a.png's map (and an input folder swapped for a link made every later image a
-    save-edges error naming a Python ValueError)."""
+    save-edges error naming a Python ValueError). Names are now the inputs' own, never resolved."""
     from gpu_pipeline.engine.job import edge_saver
 
     a, z = str(tiles / "tile000.png"), str(tiles / "tile019.png")
-    save = edge_saver(tmp_path / "edges", [a, z])
+    save = edge_saver(tmp_path / "edges", str(tiles))
     os.unlink(z)
     os.symlink(a, z)  # after z was decoded
     save(z, np.full((2, 2), 255, np.uint8))
@@ -693,13 +693,49 @@ def test_an_input_swapped_for_a_link_during_the_run_keeps_its_own_edge_map(tiles
 
 def test_the_edge_saver_a_dask_chunk_carries_stays_small(tmp_path):
     """Each --dask chunk pickles its saver: a table of every input's resolved name made it 7.7 MB a
-    chunk for 100,000 files."""
+    chunk for 100,000 files. It holds the edge folder and the root only."""
     from gpu_pipeline.engine.job import edge_saver
 
     cloudpickle = pytest.importorskip("cloudpickle")
-    files = [str(tmp_path / f"tile{index:05d}.png") for index in range(10_000)]
-    assert len(cloudpickle.dumps(edge_saver(tmp_path / "edges", files, names_now=False))) < 20_000
-    assert len(cloudpickle.dumps(edge_saver(tmp_path / "edges", files))) > 200_000  # the local one keeps it
+    assert len(cloudpickle.dumps(edge_saver(tmp_path / "edges", str(tmp_path)))) < 20_000
+
+
+def edge_count_of_map(path: Path) -> int:
+    return int((np.asarray(Image.open(path)) > 0).sum())
+
+
+def test_new_files_higher_in_the_tree_do_not_move_the_edge_maps(tmp_path):
+    """The maps mirrored the common folder of the files found: a resume that found a new file above
+    the old ones moved the root, and grow/x.png's map replaced grow/a/x.png's (an edge map of ours,
+    so without a word), while a/x.png was never redone."""
+    grow, edges, out = tmp_path / "grow", tmp_path / "edges", tmp_path / "out.jsonl"
+    make_images(grow / "a", 1, names=["x.png"])
+    assert run(str(grow), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    make_images(grow, 1, names=["x.png"], seed=5)
+    assert run(str(grow), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    counts = {Path(record["path"]).relative_to(grow).as_posix(): record["edge_count"] for record in read_records(out)}
+    assert counts["a/x.png"] != counts["x.png"]
+    assert {name: edge_count_of_map(edges / (name + ".edges.png")) for name in counts} == counts
+
+
+def test_an_edge_map_of_another_image_is_left_alone(tmp_path):
+    """Two nights' folders into one --save-edges: each night's root is its own folder, so the second
+    night's x.png maps to the first night's x.png.edges.png. That map is ours but of another image:
+    it is left whole and the image gets a save-edges error naming the other one."""
+    first, second, edges = tmp_path / "in" / "2026-12-05", tmp_path / "in" / "2026-12-06", tmp_path / "edges"
+    make_images(first, 1, names=["x.png"])
+    make_images(second, 1, names=["x.png"], seed=5)
+    assert run(str(first), "--out", str(tmp_path / "05.jsonl"), "--save-edges", str(edges)).exit_code == 0
+    before = (edges / "x.png.edges.png").read_bytes()
+    result = run(str(second), "--out", str(tmp_path / "06.jsonl"), "--save-edges", str(edges))
+    assert result.exit_code == 1
+    (record,) = read_records(tmp_path / "06.jsonl")
+    assert record["stage"] == "save-edges"
+    assert record["error"].endswith(f"x.png.edges.png is the edge map of {first / 'x.png'}; it is left alone "
+                                    "(save the edge maps of these inputs into another folder)")
+    assert (edges / "x.png.edges.png").read_bytes() == before
+    # the same image again (a rerun with --overwrite) replaces its own map
+    assert run(str(first), "--out", str(tmp_path / "05.jsonl"), "--save-edges", str(edges), "--overwrite").exit_code == 0
 
 
 @pytest.mark.parametrize("as_root", [False, True])

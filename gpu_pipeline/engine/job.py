@@ -35,9 +35,9 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, us
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
-from gpu_pipeline.inputs.discover import find_files
-from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, remove_stale_temporaries, same_file_as,
-                                        temporary_name, write_replacing)
+from gpu_pipeline.inputs.discover import absolute_name, find_files
+from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, png_text, remove_stale_temporaries,
+                                        same_file_as, temporary_name, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -56,31 +56,37 @@ def open_backend(name: str, threads: int | None, device: int | None = None):
         raise UsageError(str(exc)) from None
 
 
-def edge_saver(folder: Path, files: Sequence[str], names_now: bool = True) -> Callable[[str, np.ndarray], None]:
-    """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below their common folder.
+def edge_root(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """The folder ``--save-edges`` mirrors: the common folder of the paths given (a folder itself, a
+    file's parent), absolute as discovery names them. It depends on the command line only, not on the
+    files found: a resume whose new files sat higher in the tree once moved every name (a.png of the
+    first run and sub/a.png of the second were both mapped to a.png.edges.png)."""
+    folders = []
+    for given in paths:
+        name = absolute_name(Path(given))
+        folders.append(name if os.path.isdir(name) else os.path.dirname(name))
+    return os.path.commonpath(folders)
 
-    Each PNG names gpu-pipeline as its ``Software``; a file of that name that does not (someone
-    else's) is left alone, and that image gets a ``save-edges`` error record. With ``names_now``
-    each map's name is resolved here, once; without (``--dask``, whose every chunk carries the
-    saver: a table of all files would travel with each), when the map is saved."""
+
+def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
+    """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below ``root``
+    (:func:`edge_root`): ``ROOT/sub/a.jpg`` gives ``FOLDER/sub/a.jpg.edges.png``.
+
+    The names are the inputs' as discovery wrote them (lexical: a file or folder swapped for a link
+    during the run cannot send a map elsewhere). Each PNG names gpu-pipeline as its ``Software`` and
+    its image as its ``Source``. A file of that name that is not ours (someone else's), or a map of
+    ours made from another image (an earlier run into the same folder from another root), is left
+    alone, and that image gets a ``save-edges`` error record."""
     from PIL import Image, PngImagePlugin
 
-    mark = PngImagePlugin.PngInfo()
-    mark.add_text("Software", SOFTWARE)
-
-    # realpath, not Path.resolve: an input that is a symbolic link loop (it gets an error record)
-    # makes resolve raise on Python 3.11 and 3.12. Resolved once, now: a file or folder swapped for a
-    # link during the run must not send its map elsewhere (onto another image's map).
-    resolved = {path: Path(os.path.realpath(path)) for path in files}
-    root = Path(os.path.commonpath([path.parent for path in resolved.values()]))
-    if not names_now:
-        resolved = None
+    prefix = root if root.endswith("/") else root + "/"
     swept: set[Path] = set()  # folders cleared of what killed runs left (once each: a scandir)
 
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
         name = os.fspath(path)
-        target = folder / (resolved[name] if resolved is not None else Path(os.path.realpath(name))).relative_to(root)
-        target = target.with_name(target.name + ".edges.png")
+        if not name.startswith(prefix):
+            raise ValueError(f"{shown(name)} is not below {shown(root)}")
+        target = folder / (name[len(prefix):] + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent not in swept:
             swept.add(target.parent)
@@ -89,9 +95,16 @@ def edge_saver(folder: Path, files: Sequence[str], names_now: bool = True) -> Ca
             found = os.lstat(target)
         except FileNotFoundError:
             found = None
+        source = os.fsencode(name).decode("utf-8", "backslashreplace")
         # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
         if found is not None and not (stat.S_ISREG(found.st_mode) and is_our_png(target)):
             raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
+        if found is not None and (other := png_text(target, "Source")) not in (None, source):
+            raise FileExistsError(f"{target} is the edge map of {other}; it is left alone "
+                                  "(save the edge maps of these inputs into another folder)")
+        mark = PngImagePlugin.PngInfo()
+        mark.add_text("Software", SOFTWARE)
+        mark.add_itxt("Source", source)
         # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
         write_replacing(target, lambda temporary: Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark))
 
@@ -494,7 +507,7 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
                                                      timeout=job.dask_timeout), DaskEngine, job.workers
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
-                          on_edges=edge_saver(job.save_edges, files, names_now=job.dask is None)
+                          on_edges=edge_saver(job.save_edges, edge_root(job.paths))
                           if job.save_edges else None,
                           **({"processes": job.processes, "fork_server": fork_server} if job.dask is None else {}))
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)

@@ -50,6 +50,18 @@ def is_our_png(path: Path) -> bool:
         return False
 
 
+def png_text(path: Path, key: str) -> str | None:
+    """The text chunk ``key`` of a PNG, None when it has none or is no PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            value = image.info.get(key)
+    except Exception:  # not an image at all, or a broken one
+        return None
+    return None if value is None else str(value)
+
+
 def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: Iterable = ()) -> None:
     """UsageError unless ``path`` may be written: absent from a folder that exists, or a regular
     file gpu-pipeline wrote (``ours``) that is none of the command's ``inputs`` (images, a model;
