@@ -95,8 +95,8 @@ def run(
     batch_size: BatchSize = Engine.batch_size,
     device: Device = None,
     save_edges: Optional[Path] = typer.Option(None, "--save-edges", parser=given_path,
-                                              help="Also write each edge map as a PNG under this folder, as DIR/sub/NAME.edges.png for "
-                                                   "PATH/sub/NAME."),
+                                              help="Also write each edge map as a PNG under this folder, as "
+                                                   "DIR/sub/NAME.edges.png for PATH/sub/NAME."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", parser=given_file_name,
         help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),
