@@ -405,6 +405,27 @@ def test_batches_of_parts_group_as_batches_of_images(inputs, part_length, batch_
     assert sum(len(batch.paths) for batch in got) == sum(len(paths) for paths in expected)
 
 
+def test_a_long_run_of_files_that_do_not_decode_is_handed_on_in_batches():
+    """100,000 empty files were held until an image came (or the end): no record written, the
+    progress bar still, the memory growing, and a SIGTERM lost them all."""
+    from gpu_pipeline.engine.stream import MOST_BATCH_ERRORS
+
+    taken = []
+
+    def parts():
+        for index in range(3 * MOST_BATCH_ERRORS):
+            taken.append(index)
+            yield part_of([f"/{index}.png"], [], [0])
+        yield part_of(["/image.png"], [np.zeros((4, 4), np.uint8)], [])
+
+    batches = part_batches(parts(), None, 1 << 20)
+    first = next(batches)
+    assert len(first.errors) == len(first.paths) == MOST_BATCH_ERRORS and len(taken) == MOST_BATCH_ERRORS
+    rest = list(batches)
+    assert [path for batch in [first, *rest] for path in batch.paths] == [
+        *(f"/{index}.png" for index in range(3 * MOST_BATCH_ERRORS)), "/image.png"]
+
+
 def test_decode_processes_where_they_cannot_run_is_a_usage_error(tmp_path, monkeypatch):
     """Without memfd (not Linux) --decode processes is refused before anything is written."""
     from typer.testing import CliRunner
