@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
 from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, whole_number
 from gpu_pipeline.images import ImageBatch, pixel_counts
+from gpu_pipeline.errors import printable
 
 
 @dataclass
@@ -154,7 +156,11 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
         workers = whole_number("workers", workers, least=1, most=MOST_THREADS)
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not its characters
         paths = [paths]
-    files = find_files(paths, glob=glob)
+    unlisted: list[tuple[str, str]] = []
+    files = find_files(paths, glob=glob, unlisted=unlisted)
+    for folder, reason in unlisted:  # (its images get no record: say so, as the command line does)
+        warnings.warn(f"cannot list {printable(folder)} ({reason}); its images are not processed", RuntimeWarning,
+                      stacklevel=2)
     processes = processes_wanted(decode)
     fork_server = early_fork_server(processes, len(files), workers or usable_cores())  # imports while the backend loads
     try:

@@ -168,6 +168,39 @@ def test_ordinary_jsonl_records_have_no_extra_field(tiles, tmp_path):
 # ---------------------------------------------------------------- 3, 4, 8: outputs that are not ours to add to
 
 
+def _locked(monkeypatch, name: str) -> None:
+    """Folders named ``name`` cannot be listed (as for a user without the permission; tests run as root)."""
+    from gpu_pipeline.inputs import discover
+
+    real = os.scandir
+
+    def scandir(path):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(discover.os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_the_run_exits_1(tmp_path, monkeypatch):
+    """Its images were skipped without a word, and the run said 0: "every input has a record"."""
+    make_images(tmp_path / "in" / "open", 2)
+    make_images(tmp_path / "in" / "locked", 2)
+    _locked(monkeypatch, "locked")
+    out = tmp_path / "out.jsonl"
+    result = run(str(tmp_path / "in"), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert f"warning: cannot list {tmp_path / 'in' / 'locked'} (Permission denied); its images are not processed" \
+        in result.stderr
+    assert len(read_records(out)) == 2
+    import gpu_pipeline
+
+    with pytest.warns(RuntimeWarning, match="cannot list .*locked"):
+        assert len(list(gpu_pipeline.run([tmp_path / "in"], backend="reference"))) == 2
+    result = run(str(tmp_path / "in" / "locked"), "--out", str(tmp_path / "other.jsonl"))
+    assert result.exit_code == 2 and "cannot list" in result.stderr and "Permission denied" in result.stderr
+
+
 def test_an_out_that_is_not_our_output_is_refused_and_left_alone(tiles, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")

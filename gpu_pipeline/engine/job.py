@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -33,7 +33,7 @@ from gpu_pipeline.labels.labeller import attach_label_model, label_function, war
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, usable_cores
 from gpu_pipeline.inputs.processes import ForkServer
-from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, shown
+from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files
 from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, png_text, remove_stale_temporaries,
@@ -299,6 +299,8 @@ class CheckedJob:
     settings: dict
     output: OutputPlan
     engine: Engine
+    #: Folders under the inputs that could not be listed, and why: their images are not processed.
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
 
 
 def run_job(**arguments) -> int:
@@ -332,13 +334,14 @@ def run_job(**arguments) -> int:
             remove_folders(created)
 
 
-def input_files(job: Job) -> list[str]:
-    """The inputs, absolute; never the output itself, nor the edge maps a run saved.
+def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
+    """The inputs, absolute; never the output itself, nor the edge maps a run saved. Folders that
+    could not be listed go to ``unlisted`` (see :func:`find_files`).
 
     An ``--out`` that names one of the inputs and is not our output is refused. Names are strings
     (:func:`find_files`): a run of many files spends no GIL on a ``Path`` per file.
     """
-    found = find_files(job.paths, glob=job.glob)
+    found = find_files(job.paths, glob=job.glob, unlisted=unlisted)
     out = os.path.normpath(Path(job.out).absolute()) if job.out != "-" else None
     out_name = os.path.basename(out) if out is not None else None
     # by device and inode as well as by name: a link would let --overwrite replace an input (a resume
@@ -362,7 +365,8 @@ def input_files(job: Job) -> list[str]:
         files.append(path)
     if not files:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in job.paths)
-                         + (f" matching {job.glob!r}" if job.glob else ""))
+                         + (f" matching {job.glob!r}" if job.glob else "")
+                         + "".join(f"; cannot list {printable(folder)}: {reason}" for folder, reason in unlisted[:3]))
     return files
 
 
@@ -461,7 +465,8 @@ def check_out_name(out: str, output_format: str, model: str | None) -> None:
 
 def check_job(job: Job) -> CheckedJob:
     """Every check that can refuse the run, in one place, before anything is written."""
-    files = input_files(job)
+    unlisted: list[tuple[str, str]] = []
+    files = input_files(job, unlisted)
     check_edge_folder(job.save_edges)
     labels_of = label_function(job.model, job.config)
     try:
@@ -486,11 +491,13 @@ def check_job(job: Job) -> CheckedJob:
     fork_server = (early_fork_server(job.processes, len(todo), job.workers or usable_cores())
                    if job.dask is None else None)
     try:
-        return _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
+        checked = _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
     except BaseException:
         if fork_server is not None:
             fork_server.close()
         raise
+    checked.unlisted = unlisted
+    return checked
 
 
 def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures: int, settings: dict,
@@ -549,6 +556,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
         timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet, warmed)
         timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet, warmed)
     recorded = len(files) - len(todo)
+    warn_unlisted(console, checked.unlisted)
     if not job.quiet and recorded:
         console.print(f"resuming {shown(job.out)}: {recorded} of {len(files)} images already recorded"
                       + (f" ({checked.earlier_failures} failed; --retry-failed redoes them)"
@@ -571,7 +579,21 @@ def execute(job: Job, checked: CheckedJob) -> int:
                           "run the same command again to resume")
     if signals:
         return EXIT_ON_SIGNAL[signals[0]]
-    return 0 if summary.failed + checked.earlier_failures == 0 else 1
+    if checked.unlisted:
+        console.print(f"warning: {len(checked.unlisted)} folder(s) could not be listed; their images have no records",
+                      highlight=False, markup=False)
+    return 0 if summary.failed + checked.earlier_failures == 0 and not checked.unlisted else 1
+
+
+def warn_unlisted(console: Console, unlisted: list[tuple[str, str]], most: int = 10) -> None:
+    """One line for each folder that could not be listed (a run once skipped them without a word,
+    exit 0), the first ``most`` of them."""
+    for folder, reason in unlisted[:most]:
+        console.print(f"warning: cannot list {printable(folder)} ({reason}); its images are not processed",
+                      highlight=False, markup=False)
+    if len(unlisted) > most:
+        console.print(f"warning: and {len(unlisted) - most} more folders that cannot be listed",
+                      highlight=False, markup=False)
 
 
 def kernels_cached() -> bool:

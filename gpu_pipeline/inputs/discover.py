@@ -65,7 +65,8 @@ def _is_folder(given: Path) -> bool:
         raise UsageError(f"cannot read {given}: {exc.strerror}") from None
 
 
-def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool) -> list[str]:
+def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool,
+          unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Every file, de-duplicated and sorted: its absolute name (:func:`absolute_name`), or its name as given.
 
     Names are the strings :class:`pathlib.Path` makes (``Path(folder, name)``), without a ``Path``
@@ -77,13 +78,13 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     if len(paths) == 1 and _is_folder(paths[0]):  # the usual run: a folder's files come sorted, no key needed
         given = paths[0]
         at = _prefix(absolute_name(given) if absolute else str(given))
-        return [at + relative for relative in _files_in_folder(str(given), glob)]
+        return [at + relative for relative in _files_in_folder(str(given), glob, unlisted)]
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     for given in paths:
         if _is_folder(given):
             at_given, at_absolute = _prefix(str(given)), _prefix(absolute_name(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
-            for relative in _files_in_folder(str(given), glob):
+            for relative in _files_in_folder(str(given), glob, unlisted):
                 found.setdefault(at_absolute + relative, (at_key + relative.replace("/", "\0"), at_given + relative))
         else:  # a file, or a FIFO, socket or device: that one gets an error record
             found.setdefault(absolute_name(given), ("\0".join(given.parts), str(given)))
@@ -103,16 +104,20 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -
     return [Path(given) for given in _find(paths, glob, absolute=False)]
 
 
-def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[str]:
+def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
+               unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """The files of :func:`discover`, in its order, as absolute names without ``.`` or ``..`` parts:
-    what a run processes and writes in its records. Raises :class:`UsageError` as it does."""
-    return _find(paths, glob, absolute=True)
+    what a run processes and writes in its records. Raises :class:`UsageError` as it does.
+    ``unlisted`` (when given) receives ``(folder, reason)`` for each folder that could not be listed
+    (no permission, a name past the system's path limit): its files are missing from the list."""
+    return _find(paths, glob, absolute=True, unlisted=unlisted)
 
 
-def _files_in_folder(folder: str, glob: str | None) -> list[str]:
+def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Image files under ``folder``, relative to it with ``/`` between parts, sorted by their path
     components: each folder's entries are visited in name order, a subfolder where its name sorts.
-    As ``os.walk``: unreadable folders are skipped and symbolic links to folders are not followed."""
+    As ``os.walk``: symbolic links to folders are not followed, and folders that cannot be listed
+    are skipped, each told to ``unlisted`` (when given) with the reason."""
     pattern = glob.lower() if glob else None
     files: list[str] = []
 
@@ -120,7 +125,9 @@ def _files_in_folder(folder: str, glob: str | None) -> list[str]:
         try:
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=_BY_NAME)
-        except OSError:
+        except OSError as exc:
+            if unlisted is not None:
+                unlisted.append((directory, exc.strerror or str(exc)))
             return
         for entry in entries:
             name = entry.name
