@@ -171,6 +171,27 @@ def test_an_empty_path_or_name_is_refused_not_taken_for_the_current_folder(args,
     assert list((tmp_path / "here").iterdir()) == []
 
 
+@pytest.mark.parametrize("args, message", [
+    (["verify", "DATA", "--report", "-"], "standard output is for run --out - only"),
+    (["bench", "DATA", "--json", "-"], "standard output is for run --out - only"),
+    (["fit", "DATA", "--out", "-"], "standard output is for run --out - only"),
+    (["verify", "DATA", "--report", "r.json/"], "ends with /; name a file"),
+    (["fit", "DATA", "--out", "m.json/"], "ends with /; name a file"),
+    (["evaluate", "DATA", "--model", "eurosat", "--plot", "p.png/"], "ends with /; name a file"),
+    (["evaluate", "DATA", "--model", "eurosat", "--plot", "p.pdf"], "the plot is a PNG: name it .png"),
+    (["bench", "DATA", "--plot", "p.svg"], "the plot is a PNG: name it .png"),
+])
+def test_a_file_a_command_writes_is_named_as_a_file(args, message, image_dir, tmp_path, monkeypatch):
+    """"-" made a file named "-" (only run --out - is standard output), "r.json/" wrote r.json, and
+    --plot p.pdf wrote PNG bytes under that name."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = runner.invoke(app, [str(image_dir) if arg == "DATA" else arg for arg in args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split()) and "Traceback" not in result.output
+    assert list((tmp_path / "here").iterdir()) == []
+
+
 LONG = "y" * 300  # over the 255 bytes a file name may have
 
 

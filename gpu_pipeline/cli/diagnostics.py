@@ -18,7 +18,7 @@ from rich.console import Console
 
 from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
-                                      given_path, pipeline_config)
+                                      given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
@@ -32,7 +32,7 @@ def verify(
              "registered backend (those that cannot run here are listed with the reason).", show_default=False),
     against_opencv: bool = typer.Option(False, "--against-opencv",
                                         help="Also compare OpenCV, the contract's definition, with the reference."),
-    report: Optional[Path] = typer.Option(None, "--report", parser=given_path,
+    report: Optional[Path] = typer.Option(None, "--report", parser=written_path,
                                           help="Write every difference and error to this JSON file."),
     low: Low = PipelineConfig.low_threshold,
     high: High = PipelineConfig.high_threshold,
@@ -113,8 +113,8 @@ def bench(
     scaling: bool = typer.Option(True, "--scaling/--no-scaling",
                                  help="Also time each backend with 1, 2, 4, ... --threads threads (a scaling table)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file.",
-                                             parser=given_path),
-    plot: Optional[Path] = typer.Option(None, "--plot", parser=given_path,
+                                             parser=written_path),
+    plot: Optional[Path] = typer.Option(None, "--plot", parser=written_png,
                                         help="Draw a bar chart into this PNG (needs matplotlib: the plot extra)."),
 ) -> None:
     """Time every backend beside OpenCV (in a process pool: the anchor; and in threads) and the scikit-image

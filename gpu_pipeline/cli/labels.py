@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
-                                      given_file_name, given_path, pipeline_config)
+                                      given_file_name, given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
@@ -58,7 +58,7 @@ def fit(
     labeled_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class (EuroSAT layout).",
                                        show_default=False, parser=given_path),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the model (JSON).", show_default=False,
-                             parser=given_path),
+                             parser=written_path),
     backend: Backend = "auto",
     low: Low = PipelineConfig.low_threshold,
     high: High = PipelineConfig.high_threshold,
@@ -147,7 +147,7 @@ def evaluate(
     backend: Backend = "auto",
     bands: Bands = None,
     stretch: Stretch = "percentile",
-    plot: Optional[Path] = typer.Option(None, "--plot", parser=given_path, help="Also save the confusion matrix as a PNG "
+    plot: Optional[Path] = typer.Option(None, "--plot", parser=written_png, help="Also save the confusion matrix as a PNG "
                                         "(needs matplotlib).", show_default=False),
 ) -> None:
     """Measure a model on a folder-per-class tree: accuracy, per-class precision and recall, confusion matrix.

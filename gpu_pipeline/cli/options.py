@@ -22,6 +22,25 @@ def given_path(text: str) -> Path:
     return Path(given_file_name(text))
 
 
+def written_path(text: str) -> Path:
+    """A file a command writes (``--report``, ``--json``, ``fit --out``): :func:`given_path`, and not
+    ``-`` (only ``run --out -`` means standard output: here it made a file named "-") nor a name
+    ending in ``/`` (a folder's spelling: ``Path`` dropped the slash and wrote the file)."""
+    if text == "-":
+        raise typer.BadParameter("standard output is for run --out - only; name a file")
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter("ends with /; name a file")
+    return given_path(text)
+
+
+def written_png(text: str) -> Path:
+    """A PNG a command draws (``--plot``): :func:`written_path`, named ``.png`` (a ``.pdf`` got PNG bytes)."""
+    path = written_path(text)
+    if path.suffix.lower() != ".png":
+        raise typer.BadParameter("the plot is a PNG: name it .png")
+    return path
+
+
 def given_file_name(text: str) -> str:
     """A file name option (``--out``, ``--model``): never empty, and short enough for the file system,
     where ``Path.exists`` and ``is_file`` raise deep in a command (a traceback) on a name too long."""
