@@ -140,6 +140,7 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--backend", "reference", "--device", "1"], "needs a GPU backend"),
         (["--backend", "cupy", "--device", "-1"], "--device must be >= 0"),
         (["--device", "1", "--dask", "local:1"], "--device picks a GPU of this machine"),
+        (["--decode", "processes", "--dask", "local:1"], "--decode processes is for a run on this machine"),
         (["--dask", "local-cuda"], "needs dask-cuda"),  # not among the test dependencies
     ],
 )

@@ -125,6 +125,9 @@ def run(
             raise UsageError(f"--device must be >= 0, got {device}")
         if device is not None and dask is not None:
             raise UsageError("--device picks a GPU of this machine; with --dask each worker binds its own")
+        if decode == "processes" and dask is not None:
+            raise UsageError("--decode processes is for a run on this machine; "
+                             "with --dask each worker decodes in threads")
         if out == "-" and "stdout" in streams.closed:
             raise UsageError("--out -: standard output is closed")
         code = run_job(
