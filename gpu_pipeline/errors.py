@@ -21,8 +21,23 @@ _CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "
 
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (``a\\nb`` for a newline), so that a message
-    naming a file (a name may hold a newline) stays one line. Records escape such names already."""
-    return text.translate(_CONTROLS)
+    naming a file (a name may hold a newline) stays one line, and the bytes of a name that is not
+    UTF-8 shown as ``\\xff`` (:func:`bytes_shown`). Records escape such names already."""
+    return bytes_shown(text).translate(_CONTROLS)
+
+
+def bytes_shown(text: str) -> str:
+    """``text`` with each byte a file name held that is not UTF-8 (a surrogate escape, as
+    ``os.fsdecode`` gives it) shown as ``\\xNN``; other text unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name makes: shown as \\udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def shown(name: str) -> str:

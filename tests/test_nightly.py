@@ -157,6 +157,14 @@ def test_an_error_message_naming_a_file_that_is_not_utf8_is_written_as_text(tmp_
             json.loads(line.decode("utf-8"))["error" if b'"error"' in line else "path"].encode("utf-8")
 
 
+def test_messages_show_a_name_that_is_not_utf8_as_records_do(tiles, tmp_path):
+    """The summary printed ``\\udcff`` (Python's escape), where records and the docs show ``\\xff``."""
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/r\xff.jsonl")
+    result = runner.invoke(app, ["run", str(tiles), "--out", out, "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert f"results: {tmp_path}/r\\xff.jsonl" in result.stderr and "udcff" not in result.stderr
+
+
 def test_ordinary_jsonl_records_have_no_extra_field(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(str(tiles), "--out", str(out)).exit_code == 0

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from gpu_pipeline.errors import bytes_shown
 from gpu_pipeline.outputs.records import RecordBatch
 
 
@@ -52,21 +53,13 @@ def portable(record: dict) -> dict:
         pass
     record = dict(record)
     if error is not None:
-        record["error"] = _shown_bytes(error)
+        record["error"] = bytes_shown(error)
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
         raw = os.fsencode(path)
         record.update(path=raw.decode("utf-8", "backslashreplace"), path_bytes=base64.b64encode(raw).decode("ascii"))
     return record
-
-
-def _shown_bytes(text: str) -> str:
-    """``text`` with each undecodable byte (a surrogate escape) shown as ``\\xNN``."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no file name makes: shown as \\udNNN
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def as_written(records: Iterable[dict]) -> Iterable[dict]:
