@@ -356,7 +356,7 @@ def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
     (["/no/such/folder"], "no such file or folder"),
     (["--json", "/no/such/folder/out.json"], "--json /no/such/folder/out.json: the folder /no/such/folder does not exist"),
     (["--plot", "/no/such/folder/out.png"], "--plot /no/such/folder/out.png: the folder /no/such/folder does not exist"),
-    (["--json", "/tmp/gpu-pipeline-bench.out", "--plot", "/tmp/../tmp/gpu-pipeline-bench.out"],
+    (["--json", "/tmp/gpu-pipeline-bench.png", "--plot", "/tmp/../tmp/gpu-pipeline-bench.png"],
      "--json and --plot name one file"),  # refused before the measurements, not after them
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):

@@ -46,7 +46,7 @@ KINDS = ["verify --report", "bench --json", "bench --plot", "fit --out", "evalua
 def test_a_file_the_tool_did_not_write_is_refused_and_left_alone(kind, classes, tmp_path):
     if "plot" in kind:
         pytest.importorskip("matplotlib")
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / ("notes.png" if "plot" in kind else "notes.txt")  # (a plot is named .png)
     notes.write_text("my notes\n")
     image = next((classes / "River").iterdir())
     before = image.read_bytes()
@@ -54,9 +54,12 @@ def test_a_file_the_tool_did_not_write_is_refused_and_left_alone(kind, classes, 
         result = runner.invoke(app, command(kind, classes, target))
         assert result.exit_code == 2, result.output
         option = kind.split()[1]
-        assert f"{option} {target} exists and was not written by gpu-pipeline" in result.output
+        if "plot" in kind and target == image:  # a JPEG
+            assert "the plot is a PNG: name it .png" in result.output
+        else:
+            assert f"{option} {target} exists and was not written by gpu-pipeline" in result.output
     assert notes.read_text() == "my notes\n" and image.read_bytes() == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # nothing else written
+    assert sorted(path.name for path in tmp_path.iterdir()) == [notes.name]  # nothing else written
 
 
 @pytest.mark.parametrize("kind", KINDS)
