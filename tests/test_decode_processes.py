@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -42,8 +43,21 @@ def hostile_folder(root: Path) -> Path:
     (folder / "text.png").write_bytes(b"not a PNG\n")
     Image.fromarray(np.full((3, 700), 9, np.uint8)).save(folder / "wide_gray.png")
     os.mkfifo(folder / "pipe.png")
+    jpeg_bomb(folder / "bomb.tif")
     (folder / os.fsdecode(b"odd-\xff\xfe.png")).write_bytes((folder / "wide_gray.png").read_bytes())
     return folder
+
+
+def jpeg_bomb(path: Path) -> None:
+    """A 64 x 64 JPEG-compressed TIFF whose strip says 3000 x 3000: tifffile decoded all of it, and
+    its first rows became a normal record."""
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages.first.dataoffsets[0]
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0", offset)
+    data[sof + 5:sof + 9] = (3000).to_bytes(2, "big") * 2
+    path.write_bytes(data)
 
 
 def count_decode_processes(monkeypatch) -> list:
@@ -94,7 +108,7 @@ def test_processes_decode_what_threads_decode(tmp_path, chunk_pixels, monkeypatc
     assert all(same(a, b) for a, b in zip(threads, in_processes))
     errors = {Path(item.path).name: item.error["stage"] for item in in_processes if item.error}
     assert errors == {"truncated.jpg": "decode", "empty.png": "read", "text.png": "decode", "pipe.png": "read",
-                      "five_band_uint16.tif": "normalise"}
+                      "five_band_uint16.tif": "normalise", "bomb.tif": "decode"}
 
 
 @needs_processes

@@ -747,6 +747,119 @@ def test_a_tiff_declaring_many_samples_or_a_huge_tile_is_refused_before_decoding
     assert decode_image(path, DecodeOptions(max_pixels=1_000_000, bands=options.bands)).shape == (16, 16)
 
 
+def patch_jpeg_frame(path: Path, segment: int, width: int, height: int) -> Path:
+    """Rewrite the size in a JPEG-compressed TIFF segment's frame header (the hostile test's bomb:
+    636 bytes that decoded 1.6 gigapixels, a normal record)."""
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages.first.dataoffsets[segment]
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0", offset)
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(data)
+    return path
+
+
+def refused_before_decoding(path: Path, monkeypatch, message: str) -> None:
+    """``path`` gives a one-line decode error saying ``message``, read whole or from its path, and
+    no segment is decoded."""
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(DecodeError, match=message) as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+    assert list(gpu_io.decode_each([path], DEFAULT)) == [("decode", str(info.value))]
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_a_jpeg_tiff_segment_declaring_more_pixels_than_its_strip_or_tile_is_refused(scratch: Path, monkeypatch,
+                                                                                    tiled: bool) -> None:
+    pytest.importorskip("imagecodecs")
+    path = scratch / f"jpeg-bomb-{tiled}.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), compression="jpeg", tile=(32, 32) if tiled else None)
+    patch_jpeg_frame(path, 3 if tiled else 0, 40000, 40000)
+    assert path.stat().st_size < 3000
+    where = "tile 4 declares 40000 x 40000 pixels, but a tile holds 32 x 32" if tiled else \
+        "strip 1 declares 40000 x 40000 pixels, but a strip holds 64 x 64"
+    refused_before_decoding(path, monkeypatch, f"^TIFF JPEG {where} \\(decompression-bomb guard\\)$")
+
+
+def segment_of_200_by_100(codec: str) -> tuple[bytes, int]:
+    """A 200 x 100 image as its codec's encoder writes it (the header the check must read), and its
+    samples a pixel."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    gray, rgb, rgba = (np.full((100, 200, n)[:2 + (n > 1)], 9, np.uint8) for n in (1, 3, 4))
+    if codec.startswith("webp") and not imagecodecs.WEBP.available:
+        pytest.skip("no WebP codec")
+    return {
+        "jpeg": lambda: (imagecodecs.jpeg8_encode(gray), 1),
+        "png": lambda: (imagecodecs.png_encode(gray), 1),
+        "webp-lossless": lambda: (imagecodecs.webp_encode(rgb, lossless=True), 3),  # VP8L
+        "webp-lossy": lambda: (imagecodecs.webp_encode(rgb, level=50, lossless=False), 3),  # VP8
+        "webp-alpha": lambda: (imagecodecs.webp_encode(rgba, level=50, lossless=False), 4),  # VP8X, ALPH, VP8
+        "jpeg2000": lambda: (imagecodecs.jpeg2k_encode(gray, codecformat="J2K"), 1),
+        "jp2": lambda: (imagecodecs.jpeg2k_encode(gray, codecformat="JP2"), 1),
+    }[codec]()
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png", "webp-lossless", "webp-lossy", "webp-alpha", "jpeg2000", "jp2"])
+def test_a_tiff_segment_whose_codec_header_is_larger_than_its_strip_is_refused(scratch: Path, monkeypatch,
+                                                                              codec: str) -> None:
+    """Each codec that sizes itself, with its own encoder's header: a 200 x 100 segment in a 64 x 64
+    strip (a 10 KB WebP strip decoded 16000 x 16000, 1.06 GB)."""
+    segment, samples = segment_of_200_by_100(codec)
+    compression = {"jp2": "jpeg2000", "jpeg2000": "jpeg2000"}.get(codec, codec.split("-")[0])
+    path = scratch / f"{codec}-bomb.tif"
+    tifffile.imwrite(path, iter([segment]), shape=(64, 64, samples) if samples > 1 else (64, 64), dtype=np.uint8,
+                     compression=compression, photometric="rgb" if samples > 1 else "minisblack", rowsperstrip=64,
+                     extrasamples=(2,) if samples == 4 else None)
+    name = {"jpeg": "JPEG", "png": "PNG", "jpeg2000": "JPEG 2000", "jp2": "JPEG 2000"}.get(codec, "WebP")
+    refused_before_decoding(path, monkeypatch, f"^TIFF {name} strip 1 declares 200 x 100 pixels, but a strip "
+                                               "holds 64 x 64 ")
+
+
+def test_tiff_compressions_whose_segment_sizes_are_not_checked_are_refused(scratch: Path, monkeypatch) -> None:
+    imagecodecs = pytest.importorskip("imagecodecs")
+    if not imagecodecs.JPEGXL.available:
+        pytest.skip("no JPEG XL codec")
+    path = scratch / "jpegxl.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8), compression="jpegxl")
+    refused_before_decoding(path, monkeypatch, "^TIFF compression JPEGXL is not supported .*decompression-bomb")
+
+
+@pytest.mark.parametrize("writer, compression, samples", [
+    ("tifffile", "jpeg", 1), ("tifffile", "jpeg", 3), ("tifffile", "webp", 3), ("tifffile", "webp", 4),
+    ("tifffile", "png", 1), ("tifffile", "png", 3), ("tifffile", "jpeg2000", 1), ("tifffile", "jpeg2000", 3),
+    ("pillow", "jpeg", 1), ("pillow", "jpeg", 3)])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_ordinary_self_sizing_tiffs_decode_as_tifffile_decodes_them(scratch: Path, monkeypatch, writer: str,
+                                                                      compression: str, samples: int,
+                                                                      tiled: bool) -> None:
+    """Every segment's header is read and fits its strip or tile (a short last strip, edge tiles,
+    libtiff's JPEGTables, YCbCr), and the pixels are tifffile's own."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    if compression == "webp" and not imagecodecs.WEBP.available:
+        pytest.skip("no WebP codec")
+    if writer == "pillow" and tiled:
+        pytest.skip("Pillow writes strips only")
+    image = np.random.default_rng(samples).integers(0, 256, (37, 41, samples)[:2 + (samples > 1)], dtype=np.uint8)
+    path = scratch / f"{writer}-{compression}-{samples}-{tiled}.tif"
+    if writer == "pillow":  # libtiff: JPEGTables, RGB
+        Image.fromarray(image).save(path, compression="tiff_jpeg", quality=90, strip_size=512)
+    else:  # tifffile: RGB JPEG as YCbCr
+        tifffile.imwrite(path, image, compression=compression, photometric="rgb" if samples > 1 else "minisblack",
+                         tile=(16, 32) if tiled else None, rowsperstrip=16, extrasamples=(2,) if samples == 4 else None)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        expected, segments = page.asarray(), len(page.dataoffsets)
+        width, height = (page.tilewidth, page.tilelength) if page.is_tiled else (page.imagewidth, page.rowsperstrip)
+    assert segments > 1
+    declared = []
+    read_size = gpu_io._segment_size
+    monkeypatch.setattr(gpu_io, "_segment_size", lambda *a: declared.append(read_size(*a)) or declared[-1])
+    decoded = decode_image(path, DecodeOptions(bands=(1, 2, 3)[:min(samples, 3)]))
+    assert len(declared) == segments and all(w <= width and h <= height for w, h, _ in declared)
+    assert np.array_equal(decoded, expected[..., :3] if samples > 1 else expected)
+
+
 @pytest.mark.parametrize("content, message", [(b"II*\x00", "damaged TIFF file: unpack requires"),
                                               (b"II*\x00\x08\x00\x00\x00", "damaged TIFF file: no image in it")])
 def test_a_damaged_tiff_header_says_so(scratch: Path, content: bytes, message: str) -> None:

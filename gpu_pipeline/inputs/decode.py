@@ -76,7 +76,11 @@ Every failure of :func:`decode_image` is a :class:`DecodeError` with a ``stage``
 this check replaces Pillow's own decompression-bomb warning and error, which are switched off. A
 TIFF is also refused when it holds more than 16 samples per pixel of the limit, counted over the
 image or over one tile where a tile is larger (thousands of bands, or one huge tile, in a small
-file).
+file). The codecs of JPEG-, PNG-, WebP- and JPEG 2000-compressed TIFFs size their output from each
+strip's or tile's own header, not from the TIFF's tags: every such header is read first, and the
+file is refused when one declares more rows or columns than its strip or tile (as libtiff refuses
+such a JPEG strip), or more than 4 components beyond its samples. JPEG XL, JPEG XR and LERC, whose
+headers are not read here, are refused.
 """
 
 from __future__ import annotations
@@ -516,6 +520,7 @@ def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None]
     with tif:
         page = _full_resolution_page(tif)
         _check_tiff_size(page, max_pixels)
+        _check_tiff_segments(tif.filehandle, page)
         try:
             # One thread per image: the engine already decodes many images at once.
             data = page.asarray(maxworkers=1)
@@ -578,6 +583,135 @@ def _check_tiff_size(page: tifffile.TiffPage, max_pixels: int) -> None:
                                     f"sample{'s' if per_pixel > 1 else ''}{tile}: {samples:,} samples is over "
                                     f"the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} ({SAMPLES_PER_LIMIT_PIXEL} "
                                     "per pixel of the limit; decompression-bomb guard)")
+
+
+# Segment headers. tifffile gives these codecs a strip's or tile's bytes and takes whatever size
+# their own header states (then crops it to the segment): a 636-byte JPEG strip saying 40000 x 40000
+# decoded 1.6 gigapixels. So each segment's header is read first and checked against its segment,
+# as libtiff does for JPEG ("JPEG strip/tile size exceeds expected dimensions").
+
+#: Bytes of a segment read for its header; a header further in (large boxes or markers before it)
+#: is looked for in the whole segment.
+_SEGMENT_HEAD_BYTES = 1024
+
+
+def _jpeg_segment_size(head: bytes) -> tuple[int, int, int] | None:
+    frame = _jpeg_frame(head) if head.startswith(b"\xff\xd8") else None
+    return None if frame is None else (frame[2], frame[1], frame[3])
+
+
+def _png_segment_size(head: bytes) -> tuple[int, int, int] | None:
+    if not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR" or len(head) < 24:
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), 1  # at most 4 channels
+
+
+def _webp_segment_size(head: bytes) -> tuple[int, int, int] | None:
+    """A still WebP's size from its first chunk (VP8X's canvas: libwebp refuses a still image of
+    another size). None for an animation: every frame would be decoded."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    kind, data = head[12:16], head[20:30]
+    if kind == b"VP8 " and data[3:6] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[6:8], "little") & 0x3FFF, int.from_bytes(data[8:10], "little") & 0x3FFF, 1
+    if kind == b"VP8L" and data[0] == 0x2F:
+        bits = int.from_bytes(data[1:5], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 1
+    if kind == b"VP8X" and not data[0] & 0x02:  # 0x02: animation
+        return int.from_bytes(data[4:7], "little") + 1, int.from_bytes(data[7:10], "little") + 1, 1
+    return None
+
+
+def _jpeg2k_segment_size(head: bytes) -> tuple[int, int, int] | None:
+    """Image area and components from the SIZ marker of a codestream, bare or in a JP2 file's
+    jp2c box (OpenJPEG allocates by these, whatever the JP2 header box says)."""
+    start = _jp2_codestream(head) if head[4:8] == b"jP  " else 0
+    siz = head[start:start + 42] if start is not None else b""
+    if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    x, y, x0, y0 = (int.from_bytes(siz[i:i + 4], "big") for i in (8, 12, 16, 20))
+    return x - x0, y - y0, int.from_bytes(siz[40:42], "big")
+
+
+def _jp2_codestream(head: bytes) -> int | None:
+    """Where the codestream box (jp2c) of a JP2 file starts its contents, or None."""
+    i = 0
+    while i + 8 <= len(head):
+        size, kind, contents = int.from_bytes(head[i:i + 4], "big"), head[i + 4:i + 8], i + 8
+        if size == 1:  # the size follows, in 8 bytes
+            size, contents = int.from_bytes(head[i + 8:i + 16], "big"), i + 16
+        if kind == b"jp2c":
+            return contents
+        if size < contents - i:  # 0 (to the end of the file) before the codestream, or damaged
+            return None
+        i += size
+    return None
+
+
+#: TIFF compressions whose codec sizes its output from the segment's own header, and how to read
+#: that header: (width, height, components), or None when it cannot be read.
+_SEGMENT_HEADERS: dict[int, tuple[str, Callable[[bytes], tuple[int, int, int] | None]]] = {
+    **dict.fromkeys((6, 7, 33007, 34892), ("JPEG", _jpeg_segment_size)),  # old, new, ALT, DNG lossy
+    34933: ("PNG", _png_segment_size),
+    **dict.fromkeys((50001, 34927), ("WebP", _webp_segment_size)),
+    **dict.fromkeys((33003, 33004, 33005, 34712), ("JPEG 2000", _jpeg2k_segment_size)),
+}
+#: Compressions whose codec sizes itself too, from headers not read here (JPEG XR, JPEG XL, LERC):
+#: refused, as their segments could decode to any size.
+_UNCHECKED_COMPRESSIONS = frozenset((22610, 34934, 50002, 52546, 34887))
+
+
+def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> None:
+    """Refuse the page when a segment's own header declares more than its strip or tile holds
+    (module docstring, "Errors"): each header is read before any segment is decoded."""
+    if page.compression in _UNCHECKED_COMPRESSIONS:
+        raise DecodeError("decode", f"TIFF compression {page.compression.name} is not supported (the size its "
+                                    "tiles decode to cannot be checked before decoding; decompression-bomb guard)")
+    if page.compression not in _SEGMENT_HEADERS:
+        return
+    codec, read_size = _SEGMENT_HEADERS[page.compression]
+    kind = "tile" if page.is_tiled else "strip"
+    # libjpeg reads a frame header from JPEGTables (old JPEG) or NDPI's header as from the segment.
+    shared = [read_size(t) for t in (page.jpegtables, page.jpegheader) if t] if codec == "JPEG" else []
+    for declared in filter(None, shared):
+        _check_segment(page, codec, f"{kind}s' shared header", declared)
+    for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        if not offset or not count:
+            continue  # a missing segment: tifffile fills it in
+        declared = _segment_size(fh, offset, count, read_size)
+        if declared is None and not any(shared):
+            raise DecodeError("decode", f"damaged TIFF file: {kind} {index + 1} has no {codec} header that can "
+                                        "be checked (or is animated)")
+        if declared is not None:
+            _check_segment(page, codec, f"{kind} {index + 1}", declared)
+
+
+def _check_segment(page: tifffile.TiffPage, codec: str, where: str, declared: tuple[int, int, int]) -> None:
+    """Refuse a segment larger than its strip or tile in either direction (libtiff allows the last
+    strip a full strip's rows, as does the strip height here), or of more components than samples
+    (up to 4: RGBA; JPEG allows 255 components, JPEG 2000 16384)."""
+    height, width = (page.tilelength, page.tilewidth) if page.is_tiled else \
+        (min(page.rowsperstrip, page.imagelength), page.imagewidth)
+    samples = page.samplesperpixel if page.planarconfig == 1 else 1
+    kind = "tile" if page.is_tiled else "strip"
+    if declared[0] > width or declared[1] > height:
+        raise DecodeError("decode", f"TIFF {codec} {where} declares {declared[0]} x {declared[1]} pixels, but a "
+                                    f"{kind} holds {width} x {height} (decompression-bomb guard)")
+    if declared[2] > max(samples, 4):
+        raise DecodeError("decode", f"TIFF {codec} {where} declares {declared[2]} components, but a {kind} holds "
+                                    f"{samples} sample{'s' if samples > 1 else ''} a pixel (decompression-bomb guard)")
+
+
+def _segment_size(fh: tifffile.FileHandle, offset: int, count: int,
+                  read_size: Callable[[bytes], tuple[int, int, int] | None]) -> tuple[int, int, int] | None:
+    """The size a segment's header declares, from its first bytes or, failing that, all of them."""
+    count = max(0, min(count, fh.size - offset))  # a count past the end must not size the read
+    fh.seek(offset)
+    head = fh.read(min(count, _SEGMENT_HEAD_BYTES))
+    declared = read_size(head)
+    if declared is None and count > len(head):
+        declared = read_size(head + fh.read(count - len(head)))
+    return declared
 
 
 def _cmyk_to_rgb(bands: np.ndarray) -> np.ndarray:
