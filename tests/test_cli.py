@@ -135,7 +135,7 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--dask", "local:1", "--dask-timeout", "inf"], "--dask-timeout must be > 0 and at most 86400 seconds"),
         (["--dask", "local:1", "--dask-timeout", "1e308"], "--dask-timeout must be > 0 and at most 86400 seconds"),
         (["--decode", "fibers"], "--decode must be one of auto, threads, processes"),
-        (["--max-pixels", "0"], "max pixels"),
+        (["--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
         (["--backend", "numba", "--device", "0"], "--device 0 needs a GPU backend"),
         (["--backend", "reference", "--device", "1"], "needs a GPU backend"),
         (["--backend", "cupy", "--device", "-1"], "--device must be >= 0"),

@@ -90,8 +90,8 @@ def bench(
                    "(--size, --count, --tiles, --format).", show_default=False, parser=given_path),
     backends: Optional[str] = typer.Option(
         None, "--backends", "-b",
-        help="Comma-separated contenders: registered backends (e.g. numba,cuda) and the baselines opencv and "
-             "skimage-pool. Default: all of them (those that cannot run here are listed with the reason).",
+        help="Comma-separated contenders: registered backends (e.g. numba,cuda) and the baselines opencv-pool (the "
+             "anchor), opencv and skimage-pool. Default: all of them (those that cannot run here are listed with the reason).",
         show_default=False),
     size: Optional[str] = typer.Option(None, "--size", metavar="WxH",
                                        help="Size of the generated scenes. Default: 512x512.", show_default=False),

@@ -136,4 +136,4 @@ def decode_options(bands: str | None, stretch: str, max_pixels: int = DecodeOpti
     try:
         return DecodeOptions(bands=parse_bands(bands), stretch=stretch, max_pixels=max_pixels)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc).replace("max pixels must", "--max-pixels must")) from None

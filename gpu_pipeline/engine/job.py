@@ -552,7 +552,8 @@ def execute(job: Job, checked: CheckedJob) -> int:
             console.print(f"compiling the {backend.name} kernels (" + (
                 "first run after install, about 15 s; later runs load them from the cache)" if cached else
                 "about 15 s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
-        warmed = "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)"
+        warmed = ("(kernels loaded)" if not compiles else  # (a slow load said "compiled once, then cached")
+                  "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)")
         timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet, warmed)
         timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet, warmed)
     recorded = len(files) - len(todo)
