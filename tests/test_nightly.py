@@ -476,6 +476,18 @@ def test_a_second_run_on_a_locked_output_exits_2_naming_the_holder(tiles, tmp_pa
     assert not lock_path(str(out)).exists()
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link"])
+def test_a_lock_file_that_is_not_a_file_is_named_and_left_alone(tiles, tmp_path, kind):
+    """The refusal named the output ("cannot write out.jsonl: Is a directory", "Illegal seek"), and a
+    link there made its target, wherever it pointed."""
+    lock, target = tmp_path / "out.jsonl.lock", tmp_path / "elsewhere"
+    {"folder": lock.mkdir, "fifo": lambda: os.mkfifo(lock), "link": lambda: lock.symlink_to(target)}[kind]()
+    result = run(str(tiles), "--out", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 2
+    assert str(lock) in result.stderr and "remove it or use another --out" in result.stderr
+    assert not target.exists() and not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_run_refused_for_a_full_disk_at_its_lock_leaves_no_lock_file(tiles, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,12 +190,27 @@ class OutputLock:
         self.path = lock_path(out)
         self._descriptor: int | None = None
 
+    def _open(self) -> int:
+        """The lock file, opened (created if absent); SinkError naming it when it cannot be, or is not
+        a regular file (a folder, a FIFO, a link to nowhere: the refusal named the output instead)."""
+        try:  # (not through a link: O_CREAT would make its target, wherever it points)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+            raise SinkError(exc.errno, f"cannot use {self.path}, the lock of the output: {reason}; "
+                            "remove it or use another --out") from None
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise SinkError(errno.EEXIST, f"{self.path} exists and is not a gpu-pipeline lock; it is left "
+                            "alone: remove it or use another --out")
+        return descriptor
+
     def acquire(self) -> None:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            descriptor = self._open()
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
