@@ -712,6 +712,17 @@ def test_stdout_closed_by_its_reader_exits_3_with_one_line(bundled_data_dir, tmp
 # ---------------------------------------------------------------- 11. --save-edges
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_save_edges_and_out_naming_one_place_are_refused_up_front(tiles, tmp_path, suffix):
+    """The refusal said "cannot write n1/r.jsonl: Is a directory" (the edge folder made first)."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    place = tmp_path / "n1" / f"r{suffix}"
+    result = run(str(tiles), "--out", str(place), "--save-edges", str(tmp_path / "n1" / "." / f"r{suffix}"))
+    assert result.exit_code == 2 and "--save-edges and --out both name" in result.stderr
+    assert not (tmp_path / "n1").exists()
+
+
 def test_save_edges_on_an_existing_file_is_refused_up_front(tiles, tmp_path):
     blocker = tmp_path / "edges"
     blocker.write_text("x")

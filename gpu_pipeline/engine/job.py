@@ -474,6 +474,8 @@ def check_job(job: Job) -> CheckedJob:
     except SinkError as exc:
         raise UsageError(str(exc)) from None
     check_out_name(job.out, output_format, job.model)
+    if job.save_edges is not None and job.out != "-" and os.path.abspath(job.save_edges) == os.path.abspath(job.out):
+        raise UsageError(f"--save-edges and --out both name {job.out}; give each its own")
     if output_format == "parquet" and job.save_edges is not None and _is_under(str(job.save_edges), Path(job.out)):
         # the dataset folder holds our parts only: its next run would refuse the edge maps
         raise UsageError(f"--save-edges {job.save_edges} is inside the Parquet dataset folder {job.out}; "
