@@ -7,6 +7,8 @@ outputs (histogram, edge count) and the decoded image, by one function, and comp
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,8 +30,8 @@ from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import discover
 from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
-from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
-                                minimise_lbfgs, term_names)
+from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, dot, expand, fit_model, load_model,
+                                       matmul_columns, matmul_rows, minimise_lbfgs, term_names)
 from gpu_pipeline.labels.splits import stratified_folds, stratified_split
 from tests.strategies import examples, images
 
@@ -214,8 +216,49 @@ def test_fit_twice_gives_the_same_file_byte_for_byte(tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+
+def test_the_fit_products_sum_in_order():
+    """matmul_rows / matmul_columns / dot: each sum term after term, as a plain loop adds them."""
+    rng = np.random.default_rng(3)
+    a, rows, columns = rng.normal(size=(11, 7)), rng.normal(size=(3, 7)), rng.normal(size=(11, 4))
+
+    def in_order(x, y):
+        total = 0.0
+        for p, q in zip(x, y):
+            total += float(p) * float(q)
+        return total
+
+    assert matmul_rows(a, rows).tolist() == [[in_order(r, w) for w in rows] for r in a]
+    assert matmul_columns(a, columns).tolist() == [[in_order(a[:, i], columns[:, j]) for j in range(4)]
+                                                   for i in range(7)]
+    assert dot(a[0], a[1]) == in_order(a[0], a[1])
+
+#: Fits overlapping classes in a fresh process and writes the model to the file named by its argument.
+_FIT_IN_A_PROCESS = """
+import sys
+import numpy as np
+from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.labels.features import FEATURE_NAMES
+from gpu_pipeline.labels.model import fit_model
+rng = np.random.default_rng(5)
+targets = np.repeat(np.arange(10), 100)
+vectors = rng.normal(size=(10, len(FEATURE_NAMES)))[targets] + rng.normal(size=(len(targets), len(FEATURE_NAMES)))
+fit_model(vectors, targets, tuple("abcdefghij"), PipelineConfig(), iterations=100).save(sys.argv[1])
+"""
+
+
+def test_fit_does_not_depend_on_the_blas_thread_count(tmp_path):
+    """A multi-threaded BLAS splits its sums by thread count (docs/labels.md): 1 and 2 threads write the same file."""
+    files = []
+    for threads in ("1", "2"):
+        files.append(tmp_path / f"{threads}.json")
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", _FIT_IN_A_PROCESS, str(files[-1])], env=env, check=True)
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_stored_numbers_have_ten_significant_digits(tmp_path):
-    """The rounding that keeps BLAS last-bit noise out of the file (docs/labels.md)."""
+    """Stored numbers are rounded to 10 significant digits (docs/labels.md)."""
     vectors, targets = blobs(seed=6)
     model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), iterations=20)
     numbers = np.concatenate([model.mean, model.scale, model.bias, model.weights.ravel()])

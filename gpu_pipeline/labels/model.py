@@ -12,9 +12,10 @@ Fitting minimises the mean cross-entropy plus an L2 penalty on the weights (not 
 L-BFGS (Nocedal & Wright, *Numerical Optimization*, 2nd ed., algorithm 7.4) with a backtracking
 Armijo line search, from zero weights, for a fixed number of iterations, in float64. The terms are
 standardized once more while fitting (so one penalty suits all of them) and the result is folded
-back into per-term weights. Stored numbers are rounded to :data:`DIGITS` significant digits, far
-below anything a label can feel and far above the last-bit noise a BLAS may add, so fitting the
-same data twice writes the same file byte for byte.
+back into per-term weights. Stored numbers are rounded to :data:`DIGITS` significant digits. Every
+product of the fit sums in one fixed order (:func:`matmul_rows`, :func:`matmul_columns`), never in a BLAS, whose sums depend on
+its thread count (the iterations grow that last bit into the stored digits), so fitting the same
+data twice on one machine writes the same file byte for byte.
 
 Scores are computed by one numba function, each image's sums in one fixed order (eight images side
 by side, never mixed), so a label never depends on the batch it was computed in, nor on the backend.
@@ -216,18 +217,79 @@ def _rounded(values: np.ndarray) -> np.ndarray:
     return np.array([float(f"{v:.{DIGITS - 1}e}") for v in np.ravel(values)]).reshape(np.shape(values))
 
 
+@_numba_setup.helper
+def _column_products(a, b, out):
+    """``out = a.T @ b``, each sum in the order of ``k``, reading ``a`` and ``b`` once, row by row."""
+    out[:] = 0.0
+    for k in range(a.shape[0]):
+        for i in range(a.shape[1]):
+            x = a[k, i]
+            for j in range(b.shape[1]):
+                out[i, j] += x * b[k, j]
+
+
+@_numba_setup.helper
+def _row_products(a, rows, out):
+    """``out = a @ rows.T``, each sum in the order of ``k``: eight rows of ``a`` side by side, in eight
+    independent sums that overlap (each the same sum as alone), then the rest one by one."""
+    whole = a.shape[0] - a.shape[0] % 8
+    for start in range(0, whole, 8):
+        for j in range(rows.shape[0]):
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+            for k in range(a.shape[1]):
+                weight = rows[j, k]
+                s0 += a[start, k] * weight
+                s1 += a[start + 1, k] * weight
+                s2 += a[start + 2, k] * weight
+                s3 += a[start + 3, k] * weight
+                s4 += a[start + 4, k] * weight
+                s5 += a[start + 5, k] * weight
+                s6 += a[start + 6, k] * weight
+                s7 += a[start + 7, k] * weight
+            sums = (s0, s1, s2, s3, s4, s5, s6, s7)
+            for b in range(8):
+                out[start + b, j] = sums[b]
+    for i in range(whole, a.shape[0]):
+        for j in range(rows.shape[0]):
+            s = 0.0
+            for k in range(a.shape[1]):
+                s += a[i, k] * rows[j, k]
+            out[i, j] = s
+
+
+# The fit's products, each sum in one fixed order whatever the BLAS: a multi-threaded BLAS splits its
+# sums by thread count, and 300 iterations grow that last bit into the stored digits.
+def matmul_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a.T @ b`` of 2-D arrays, each sum in one fixed order."""
+    out = np.empty((a.shape[1], b.shape[1]))
+    _column_products(np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(b, dtype=np.float64), out)
+    return out
+
+
+def matmul_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``a @ rows.T`` of 2-D arrays, each sum in one fixed order."""
+    out = np.empty((a.shape[0], rows.shape[0]))
+    _row_products(np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(rows, dtype=np.float64), out)
+    return out
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``a . b`` of two vectors, summed in order."""
+    return float(matmul_rows(a.reshape(1, -1), b.reshape(1, -1))[0, 0])
+
+
 def _cross_entropy(parameters: np.ndarray, terms: np.ndarray, onehot: np.ndarray, penalty: float
                    ) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of the softmax plus ``penalty / 2 * |weights|^2``, and its gradient.
 
     ``parameters`` is (classes, terms + 1), the last column the biases; ``terms`` ends with a column of ones.
     """
-    logits = terms @ parameters.T
+    logits = matmul_rows(terms, parameters)
     logits -= logits.max(axis=1, keepdims=True)
     exps = np.exp(logits)
     totals = exps.sum(axis=1, keepdims=True)
     loss = float(np.mean(np.log(totals[:, 0]) - np.sum(logits * onehot, axis=1)))
-    gradient = (exps / totals - onehot).T @ terms / len(terms)
+    gradient = matmul_columns(exps / totals - onehot, terms) / len(terms)
     weights = parameters[:, :-1]
     loss += 0.5 * penalty * float(np.sum(weights * weights))
     gradient[:, :-1] += penalty * weights
@@ -252,23 +314,23 @@ def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, m
         q = g.copy()
         alphas = []
         for s, y in zip(reversed(steps), reversed(changes)):
-            alpha = float(s @ q) / float(y @ s)
+            alpha = dot(s, q) / dot(y, s)
             alphas.append(alpha)
             q -= alpha * y
         if steps:
-            q *= float(steps[-1] @ changes[-1]) / float(changes[-1] @ changes[-1])
+            q *= dot(steps[-1], changes[-1]) / dot(changes[-1], changes[-1])
         else:
-            q /= float(np.sqrt(g @ g))  # first step: unit length along the gradient
+            q /= float(np.sqrt(dot(g, g)))  # first step: unit length along the gradient
         for (s, y), alpha in zip(zip(steps, changes), reversed(alphas)):
-            beta = float(y @ q) / float(y @ s)
+            beta = dot(y, q) / dot(y, s)
             q += (alpha - beta) * s
         direction = -q
-        slope = float(g @ direction)
+        slope = dot(g, direction)
         if slope >= 0:  # not a descent direction (numerical trouble): restart from the gradient
             steps.clear()
             changes.clear()
-            direction = -g / float(np.sqrt(g @ g))
-            slope = float(g @ direction)
+            direction = -g / float(np.sqrt(dot(g, g)))
+            slope = dot(g, direction)
         length = 1.0
         for _ in range(40):
             candidate = x + length * direction.reshape(x.shape)
@@ -280,7 +342,7 @@ def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, m
             break
         s = (candidate - x).ravel()
         y = (new_gradient - gradient).ravel()
-        if float(y @ s) > 1e-12:
+        if dot(y, s) > 1e-12:
             steps.append(s)
             changes.append(y)
             if len(steps) > memory:
@@ -317,7 +379,7 @@ def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...]
     parameters = minimise_lbfgs(lambda p: _cross_entropy(p, design, onehot, penalty),
                                 np.zeros((len(classes), design.shape[1])), iterations)
     weights = parameters[:, :-1] / term_scale
-    bias = parameters[:, -1] - weights @ term_mean
+    bias = parameters[:, -1] - matmul_rows(weights, term_mean.reshape(1, -1))[:, 0]
     model = LabelModel(tuple(classes), mean, scale, _rounded(weights), _rounded(bias), config,
                        dict(training or {}))
     train_accuracy = float(np.mean(model.predict(vectors) == targets))
