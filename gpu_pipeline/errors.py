@@ -21,7 +21,12 @@ _CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "
 
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (``a\\nb`` for a newline), so that a message
-    naming a file (a name may hold a newline) stays one line. Records escape such names already."""
+    naming a file (a name may hold a newline) stays one line, and each byte of a name that is not
+    UTF-8 shown as ``\\xNN`` (as records show it; a lone surrogate cannot be printed or drawn)."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name makes: shown as \\udNNN
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text.translate(_CONTROLS)
 
 

@@ -591,6 +591,40 @@ def test_evaluate_plot(tmp_path):
     assert Image.open(plot).format == "PNG"
 
 
+
+def test_evaluate_plot_draws_names_as_they_are(tmp_path):
+    """A ``$`` in the tree's or a class's name is text, not mathtext (``$\\frac{$`` crashed the plot
+    after all the work; ``$\\alpha$`` was drawn as a Greek letter)."""
+    pytest.importorskip("matplotlib")
+    tree = tmp_path / "run_$HOME_$x"
+    for name, colour in (("$\\frac{$", (200, 30, 30)), ("$\\alpha$", (30, 50, 190))):
+        (tree / name).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), tuple(c + 10 * index for c in colour)).save(tree / name / f"{index}.png")
+    model_path, plot = tmp_path / "model.json", tmp_path / "confusion.png"
+    assert invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference",
+                  "--test-fraction", "0").exit_code == 0
+    result = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference", "--plot", str(plot))
+    assert result.exit_code == 0, result.output
+    assert Image.open(plot).format == "PNG"
+
+
+def test_the_plot_shows_every_name_as_text_on_one_line():
+    """Names that are not UTF-8 (the byte shown as \\xff: a lone surrogate crashed matplotlib) or hold a
+    newline are drawn as they print; none is read as mathtext."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels.plots import confusion_figure
+
+    classes = ("For\udcffest", "$\\alpha$", "a\nb")
+    figure = confusion_figure(classes, np.eye(3, dtype=np.int64), "tree $x$: accuracy")
+    figure.canvas.draw()  # what savefig does first
+    axes = figure.axes[0]
+    for labels in (axes.get_xticklabels(), axes.get_yticklabels()):
+        assert [label.get_text() for label in labels] == ["For\\xffest", "$\\alpha$", "a\\nb"]
+        assert not any(label.get_parse_math() for label in labels)
+    assert axes.title.get_text() == "tree $x$: accuracy" and not axes.title.get_parse_math()
+
+
 # --------------------------------------------------------------------------------------------
 # Accuracy on real EuroSAT tiles (../shared/data, skipped when absent)
 
