@@ -19,6 +19,15 @@ def one_line(exc: BaseException) -> str:
 _CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
 
+def is_utf8(text: str) -> bool:
+    """False for a name with a byte that is not UTF-8 (a surrogate escape): no CSV, Parquet or JSON text holds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (``a\\nb`` for a newline), so that a message
     naming a file (a name may hold a newline) stays one line, and each byte of a name that is not

@@ -320,6 +320,7 @@ def _set(data: dict, dotted: str, value) -> dict:
     ("terms", ["edge_density"], "pairwise products"),
     ("classes", ["a", "a", "b"], "distinct"),
     ("classes", ["a"], "two or more"),
+    ("classes", ["a", "b", "For\udcffest"], r'class "For\\xffest" is not UTF-8 text'),
     ("standardize.mean", [0.0] * (len(FEATURE_NAMES) - 1), "standardize.mean"),
     ("standardize.scale", [1.0] * (len(FEATURE_NAMES) - 1) + [0.0], "scale must be > 0"),
     ("standardize.mean", [float("nan")] * len(FEATURE_NAMES), "finite numbers"),
@@ -564,6 +565,28 @@ def test_fit_usage_errors(tmp_path):
     _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "no" / "m.json")), "does not exist")
     _usage_error(invoke("fit", str(tree2), "--out", out, "--backend", "nope"), "unknown backend")
     assert not Path(out).exists()
+
+
+def test_class_names_must_be_utf8(tmp_path, bundled_data_dir):
+    """A class name goes into records, tables and JSON: a folder name that is not UTF-8 is refused by
+    ``fit`` before any work, and a model holding one (an older fit wrote it) by ``run`` before any
+    (it crashed the CSV and Parquet writers and put a lone surrogate in the JSONL)."""
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    os.rename(os.fsencode(tree / "red"), os.fsencode(tree / "For") + b"\xffest")
+    out = tmp_path / "m.json"
+    _usage_error(invoke("fit", str(tree), "--out", str(out), "--backend", "reference"),
+                 "For\\xffest has a name that is not UTF-8")
+    assert not out.exists()
+    data = _valid_model_dict()
+    for key in ("bias", "weights"):
+        data[key]["For\udcffest"] = data[key].pop("c")
+    data["classes"][2] = "For\udcffest"
+    out.write_text(json.dumps(data))
+    for suffix in ("csv", "jsonl"):
+        result = invoke("run", str(bundled_data_dir / "eurosat"), "--out", str(tmp_path / f"r.{suffix}"),
+                        "--model", str(out))
+        _usage_error(result, 'class "For\\xffest" is not UTF-8 text')
+        assert not (tmp_path / f"r.{suffix}").exists()
 
 
 def test_evaluate_usage_errors(tmp_path, monkeypatch):

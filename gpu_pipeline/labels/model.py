@@ -438,6 +438,7 @@ def _model_from_dict(data: Any) -> LabelModel:
     classes = _require(data, "classes", list)
     if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ModelError("\"classes\" must be two or more distinct, non-empty names")
+    cnn.check_utf8(classes, ModelError)
     standardize = _require(data, "standardize", dict)
     mean = _numbers(standardize.get("mean"), (dims,), "standardize.mean")
     scale = _numbers(standardize.get("scale"), (dims,), "standardize.scale")
