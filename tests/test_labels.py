@@ -327,6 +327,11 @@ def _set(data: dict, dotted: str, value) -> dict:
     ("weights.a", [1.0] * 7, "weights"),
     ("weights.a", [True] * len(term_names()), "weights"),
     ("weights.a", [float("inf")] * len(term_names()), "finite numbers"),
+    # integers beyond float64
+    pytest.param("weights.a", [10 ** 400] * len(term_names()), "finite numbers", id="weights-10**400"),
+    pytest.param("bias.c", 10 ** 400, "finite numbers", id="bias-10**400"),
+    pytest.param("standardize.scale", [1] * (len(FEATURE_NAMES) - 1) + [-10 ** 400], "finite numbers",
+                 id="scale--10**400"),
     ("weights", _DELETE, "\"weights\" is missing"),
     ("weights.b", _DELETE, "one entry per class"),
     ("bias.b", "x", "bias"),
@@ -349,12 +354,26 @@ def test_malformed_model_names_the_problem(tmp_path, key, value, message):
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "not a gpu-pipeline label model"),
     (b"\xff\xfe\x00", "cannot read model"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="too deep for the parser"),
 ])
 def test_unreadable_model_file(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_bytes(content)
     with pytest.raises(ModelError, match=message):
         load_model(path)
+
+
+def test_a_deeply_nested_number_is_refused_in_one_line(tmp_path):
+    """Nested deep enough for the checks, not for the JSON parser: ModelError, and exit 2 on the command line."""
+    path = tmp_path / "deep.json"
+    deep = "[" * 800 + "0" + "]" * 800
+    path.write_text(json.dumps(_set(_valid_model_dict(), "bias.a", "deep")).replace('"deep"', deep))
+    json.loads(path.read_text())  # the parser copes
+    with pytest.raises(ModelError, match="nested too deeply"):
+        load_model(path)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tile.png")
+    result = invoke("run", str(tmp_path / "tile.png"), "--out", str(tmp_path / "r.jsonl"), "--model", str(path))
+    _usage_error(result, "nested too deeply")
 
 
 def test_missing_model_lists_the_shipped_ones(tmp_path):

@@ -415,10 +415,14 @@ def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
         raise ModelError(f"cannot read model {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"model {path} is not valid JSON: {exc}") from None
+    except RecursionError:  # lists in lists, thousands deep: no model is
+        raise ModelError(f"model {path} is nested too deeply to be a model") from None
     try:
         return cnn.model_from_dict(data) if cnn.is_cnn_model(data) else _model_from_dict(data)
     except (ModelError, cnn.CnnModelError) as exc:
         raise ModelError(f"model {path}: {exc}") from None
+    except RecursionError:  # nested deep enough for the checks' recursion, not the parser's
+        raise ModelError(f"model {path} is nested too deeply to be a model") from None
 
 
 def _model_from_dict(data: Any) -> LabelModel:
@@ -486,7 +490,7 @@ def _numbers(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     """A float64 array of exactly ``shape`` from JSON lists of finite numbers, else ModelError."""
     try:
         array = np.array(value, dtype=np.float64) if _is_number_tree(value) else None
-    except ValueError:  # ragged lists
+    except (ValueError, OverflowError):  # ragged lists, an integer beyond float64 (10**400)
         array = None
     if array is None or array.shape != shape or not np.all(np.isfinite(array)):
         raise ModelError(f"\"{name}\" must be finite numbers of shape {shape}")
