@@ -274,6 +274,28 @@ def test_constant_features_still_fit():
     assert list(model.predict(vectors)) == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_vector_per_class_fits_with_sane_weights(seed):
+    """With two vectors every square and product of the standardized features is 1 up to rounding;
+    taken for information, that noise gave weights of 1e11-1e15 and 50 % training accuracy."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(2, len(FEATURE_NAMES))) * rng.choice([0.01, 1, 100], len(FEATURE_NAMES))
+    model = fit_model(vectors, np.array([0, 1]), ("a", "b"), PipelineConfig())
+    assert model.predict(vectors).tolist() == [0, 1] and model.training["train_accuracy"] == 1.0
+    assert np.abs(model.weights).max() < 10 and np.abs(model.bias).max() < 10
+
+
+def test_fit_on_one_tile_per_class(tmp_path, bundled_data_dir):
+    tree = tmp_path / "tree"
+    for name, tile in (("A", "Forest/Forest_1022.jpg"), ("B", "SeaLake/SeaLake_1031.jpg")):
+        (tree / name).mkdir(parents=True)
+        (tree / name / "tile.jpg").write_bytes((bundled_data_dir / "eurosat" / tile).read_bytes())
+    result = invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference",
+                    "--test-fraction", "0")
+    assert result.exit_code == 0 and "training accuracy 100.0 % (2/2 images)" in result.stdout, result.output
+    assert np.abs(load_model(tmp_path / "m.json").weights).max() < 10
+
+
 def test_model_json_round_trip(tmp_path):
     vectors, targets = blobs(seed=2)
     config = PipelineConfig(30, 90, True, 3)

@@ -352,6 +352,17 @@ def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, m
     return x
 
 
+def _constant_terms(standardized: np.ndarray) -> np.ndarray:
+    """Which terms of exactly standardized vectors are constant up to rounding (spread under 1e-9 of size).
+
+    With one vector per class every square and product is 1 but for rounding, and with the stored
+    mean and scale (10 digits) that rounding, over a small spread, reached 1e-6: fitted to that noise,
+    weights of 1e14. So constancy is judged on the exact mean and scale, where rounding stays ~1e-16.
+    """
+    terms = expand(standardized)
+    return np.ptp(terms, axis=0) <= 1e-9 * np.max(np.abs(terms), axis=0)
+
+
 def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], config: PipelineConfig,
               training: dict[str, Any] | None = None, penalty: float = PENALTY,
               iterations: int = ITERATIONS) -> LabelModel:
@@ -365,15 +376,15 @@ def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...]
     counts = np.bincount(targets, minlength=len(classes))
     if len(classes) < 2 or np.any(counts == 0) or len(counts) != len(classes):
         raise ValueError("every class needs at least one training vector, and there must be two classes")
-    mean = _rounded(vectors.mean(axis=0))
-    scale = vectors.std(axis=0)
-    scale[np.ptp(vectors, axis=0) == 0] = 1.0  # a constant feature tells nothing; avoid 0 / 0
-    scale = _rounded(scale)
+    exact_mean = vectors.mean(axis=0)
+    exact_scale = vectors.std(axis=0)
+    exact_scale[np.ptp(vectors, axis=0) == 0] = 1.0  # a constant feature tells nothing; avoid 0 / 0
+    mean, scale = _rounded(exact_mean), _rounded(exact_scale)
     terms = expand((vectors - mean) / scale)
     # Standardize the terms too, so that one penalty fits them all; folded back into the weights below.
     term_mean = terms.mean(axis=0)
     term_scale = terms.std(axis=0)
-    term_scale[np.ptp(terms, axis=0) == 0] = np.inf  # a constant term gets weight 0
+    term_scale[_constant_terms((vectors - exact_mean) / exact_scale)] = np.inf  # a constant term gets weight 0
     design = np.hstack([(terms - term_mean) / term_scale, np.ones((len(terms), 1))])
     onehot = np.eye(len(classes))[targets]
     parameters = minimise_lbfgs(lambda p: _cross_entropy(p, design, onehot, penalty),
