@@ -689,6 +689,34 @@ def test_the_plot_shows_every_name_as_text_on_one_line():
     assert axes.title.get_text() == "tree $x$: accuracy" and not axes.title.get_parse_math()
 
 
+
+def test_the_plot_size_is_capped():
+    """The figure grew with the classes: 1,100 asked for 32 GiB after all the work."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels.plots import MAX_SIZE, confusion_figure
+
+    figure = confusion_figure(tuple(f"c{k}" for k in range(200)), np.eye(200, dtype=np.int64), "many")
+    assert tuple(figure.get_size_inches()) == MAX_SIZE
+    assert tuple(confusion_figure(("a", "b"), np.eye(2, dtype=np.int64), "two").get_size_inches()) == (2.2, 1.8)
+
+
+def test_evaluate_plot_refuses_too_many_classes_before_any_work(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels import labelled
+    from gpu_pipeline.labels.plots import MAX_CLASSES
+
+    classes = tuple(f"c{k}" for k in range(MAX_CLASSES + 1))
+    dims, terms = len(FEATURE_NAMES), len(term_names())
+    LabelModel(classes, np.zeros(dims), np.ones(dims), np.zeros((len(classes), terms)), np.zeros(len(classes)),
+               PipelineConfig()).save(tmp_path / "many.json")
+    (tmp_path / "tree" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tree" / "c0" / "a.png")
+    monkeypatch.setattr(labelled, "compute_features", lambda *args, **kwargs: pytest.fail("images were processed"))
+    result = invoke("evaluate", str(tmp_path / "tree"), "--model", str(tmp_path / "many.json"),
+                    "--plot", str(tmp_path / "c.png"))
+    _usage_error(result, f"--plot draws at most {MAX_CLASSES} classes, the model has {MAX_CLASSES + 1}")
+    assert not (tmp_path / "c.png").exists()
+
 # --------------------------------------------------------------------------------------------
 # Accuracy on real EuroSAT tiles (../shared/data, skipped when absent)
 

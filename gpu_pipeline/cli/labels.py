@@ -26,7 +26,7 @@ from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, re
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
 from gpu_pipeline.errors import UsageError, printable, shown
-from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot
+from gpu_pipeline.labels.plots import MAX_CLASSES, has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
 if TYPE_CHECKING:
@@ -164,6 +164,9 @@ def evaluate(
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
         decode = decode_options(bands, stretch)
         model = load_model(model_path)
+        if plot is not None and len(model.classes) > MAX_CLASSES:
+            raise UsageError(f"--plot draws at most {MAX_CLASSES} classes, the model has {len(model.classes)}; "
+                             "leave --plot out")
         labeled = read_labeled_tree(labeled_dir, min_classes=1)
         if plot is not None:
             check_target(plot, "--plot", is_our_png, [*labeled.paths, resolve_model_path(model_path)])

@@ -9,6 +9,12 @@ import numpy as np
 from gpu_pipeline.errors import printable
 from gpu_pipeline.outputs.files import SOFTWARE
 
+#: The most classes a plot draws (``evaluate --plot`` refuses more before any work): 100 take 2 s and
+#: 300 MB in a figure of the largest size; the size grew with the classes, and 1,100 asked for 32 GiB.
+MAX_CLASSES = 100
+#: The largest figure, in inches (at 120 dpi: 2880 x 2400 pixels); fits 38 classes at full size.
+MAX_SIZE = (24.0, 20.0)
+
 
 def has_matplotlib() -> bool:
     try:
@@ -34,7 +40,8 @@ def confusion_figure(classes: tuple[str, ...], matrix: np.ndarray, title: str):
 
     names = [printable(name) for name in classes]
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    figure = Figure(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.5 * len(classes)), layout="constrained")
+    size = (min(1.0 + 0.6 * len(classes), MAX_SIZE[0]), min(0.8 + 0.5 * len(classes), MAX_SIZE[1]))
+    figure = Figure(figsize=size, layout="constrained")
     axes = figure.add_subplot()
     axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for (row, column), count in np.ndenumerate(matrix):
