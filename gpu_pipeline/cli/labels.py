@@ -68,7 +68,7 @@ def fit(
     stretch: Stretch = "percentile",
     test_fraction: float = typer.Option(0.2, "--test-fraction",
                                         help="Share of each class held out to measure accuracy (0: fit on all)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw (0 or more)."),
 ) -> None:
     """Fit a land-cover model on a folder-per-class tree and write it as JSON.
 
@@ -83,6 +83,8 @@ def fit(
     try:
         if not 0 <= test_fraction < 1:
             raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+        if seed < 0:  # NumPy's generators take none (a traceback after all the work)
+            raise UsageError(f"--seed must be 0 or more, got {seed}")
         config = pipeline_config(low, high, l2, blur)
         decode = decode_options(bands, stretch)
         if not out.parent.is_dir():
