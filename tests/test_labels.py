@@ -631,6 +631,33 @@ def test_class_names_must_be_utf8(tmp_path, bundled_data_dir):
         assert not (tmp_path / f"r.{suffix}").exists()
 
 
+def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_dir):
+    """A class folder ``[red]markup[`` printed as ``markup[`` (read as rich markup), and one holding a
+    newline split its row: fit's and evaluate's tables and run's "labels:" line print names as they are."""
+    from rich.console import Console
+
+    from gpu_pipeline.labels.confusion import confusion_table, scores_table
+
+    classes = ("[red]markup[", "two\nlines")
+    console = Console(record=True, width=200)
+    for table in (scores_table(classes, np.eye(2, dtype=np.int64)), confusion_table(classes, np.eye(2, dtype=np.int64))):
+        console.print(table)
+    text = console.export_text()
+    assert "[red]markup[" in text and "two\\nlines" in text and "\nlines" not in text
+
+    model = hand_model({"[red]markup[": {}, "two\nlines": {}}, {"[red]markup[": 1.0, "two\nlines": 0.0})
+    model.save(tmp_path / "m.json")
+    result = invoke("run", str(bundled_data_dir / "eurosat" / "Forest"), "--out", str(tmp_path / "r.jsonl"),
+                    "--model", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.output
+    assert "labels: [red]markup[ 5" in result.stderr
+    for name in classes:
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tree" / name / "a.png")
+    result = invoke("evaluate", str(tmp_path / "tree"), "--model", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.output
+    assert "2 classes ([red]markup[, two\\nlines)" in result.stdout and "1 [red]markup[" in result.stdout
+
 def test_evaluate_usage_errors(tmp_path, monkeypatch):
     tree = colour_tree(tmp_path / "tree", per_class=2)
     bad = tmp_path / "bad.json"

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
@@ -186,7 +185,7 @@ def evaluate(
 
     targets = np.array([model.classes.index(labeled.classes[t]) for t in labeled.targets[table.ok]])
     matrix = confusion_matrix(targets, model.predict(table.vectors[table.ok]), len(model.classes))
-    console.print(f"model {shown(model_path)}: {escape(model.describe())}")
+    console.print(f"model {shown(model_path)}: {shown(model.describe())}")
     console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
     console.print(scores_table(model.classes, matrix))
     console.print(confusion_table(model.classes, matrix))
