@@ -580,8 +580,24 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
     assert "accuracy" in result.stdout.lower()
     for name in ("red_0", "c_broken"):
         (tree / "red" / f"{name}.png").write_bytes(b"")
-    _usage_error(invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference"),
-                 "no image of class red could be processed")
+    result = invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference")
+    assert result.exit_code == 2, result.output  # the failures first: they say why
+    assert "4 image(s) could not be processed" in result.stderr and "red_0.png: read: the file is empty" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "gpu-pipeline: error: no image of class red could be processed"
+
+
+def test_a_class_left_without_images_says_why(tmp_path):
+    """--bands 5 of RGB tiles: every image fails, and the reason comes before the refusal."""
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    for command in (["fit", str(tree), "--out", str(tmp_path / "m.json")], ["evaluate", str(tree), "--model", "eurosat"]):
+        if command[0] == "evaluate":
+            assert invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference").exit_code == 0
+            command[-1] = str(tmp_path / "m.json")
+        result = invoke(*command, "--backend", "reference", "--bands", "5")
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert "6 image(s) could not be processed" in lines[0] and "asks for band 5, but the image has 3 bands" in lines[1]
+        assert lines[-1].startswith("gpu-pipeline: error: no image")
 
 
 def _usage_error(result, message: str) -> None:
@@ -605,6 +621,9 @@ def test_fit_usage_errors(tmp_path):
     _usage_error(invoke("fit", str(tree2), "--out", out, "--seed", "-1"), "--seed must be 0 or more, got -1")
     _usage_error(invoke("fit", str(tree2), "--out", out, "--blur", "4"), "blur size must be one of")
     _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "no" / "m.json")), "does not exist")
+    (tmp_path / "notes.txt").write_text("mine")
+    _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "notes.txt" / "m.json")),
+                 f"cannot write the model: {tmp_path / 'notes.txt'} is not a folder")
     _usage_error(invoke("fit", str(tree2), "--out", out, "--backend", "nope"), "unknown backend")
     assert not Path(out).exists()
 

@@ -47,9 +47,10 @@ def _report_failures(failures: list[str]) -> None:
 
 
 def _usable(labeled: LabeledImages, table: FeatureTable) -> None:
-    """UsageError when a class lost all its images to failures."""
+    """UsageError when a class lost all its images to failures, listed first: they say why (--bands 5 of RGB)."""
     for k, name in enumerate(labeled.classes):
         if not np.any(table.ok[labeled.targets == k]):
+            _report_failures(table.failures)
             raise UsageError(f"no image of class {name} could be processed")
 
 
@@ -87,7 +88,8 @@ def fit(
         config = pipeline_config(low, high, l2, blur)
         decode = decode_options(bands, stretch)
         if not out.parent.is_dir():
-            raise UsageError(f"cannot write the model: folder {out.parent} does not exist")
+            raise UsageError(f"cannot write the model: {out.parent} is not a folder" if out.parent.exists()
+                             else f"cannot write the model: folder {out.parent} does not exist")
         labeled = read_labeled_tree(labeled_dir, min_classes=2)
         check_target(out, "--out", is_our_json, labeled.paths)  # a model of ours is replaced, nothing else
         table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True), decode)
@@ -178,6 +180,7 @@ def evaluate(
         table, backend_name = compute_features(labeled.paths, backend, model.config, Console(stderr=True), decode,
                                                model.features, model.feature_count)
         if not table.ok.any():
+            _report_failures(table.failures)  # they say why
             raise UsageError("no image could be processed")
     except UsageError as exc:
         fail_usage(str(exc))
