@@ -677,6 +677,13 @@ def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_
     assert result.exit_code == 0, result.output
     assert "2 classes ([red]markup[, two\\nlines)" in result.stdout and "1 [red]markup[" in result.stdout
 
+def test_hidden_class_folders_are_skipped(tmp_path):
+    """labels.md: a sub-folder whose name starts with "." is not a class."""
+    tree = colour_tree(tmp_path / "tree", per_class=1)
+    (tree / ".thumbnails").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tree / ".thumbnails" / "a.png")
+    assert read_labeled_tree(tree).classes == ("blue", "green", "red")
+
 def test_evaluate_usage_errors(tmp_path, monkeypatch):
     tree = colour_tree(tmp_path / "tree", per_class=2)
     bad = tmp_path / "bad.json"
