@@ -582,21 +582,21 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
         (tree / "red" / f"{name}.png").write_bytes(b"")
     result = invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference")
     assert result.exit_code == 2, result.output  # the failures first: they say why
-    assert "4 image(s) could not be processed" in result.stderr and "red_0.png: read: the file is empty" in result.stderr
+    assert "4 image(s) could not be processed" in result.stderr
+    assert "red_0.png: read: the file is empty" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "gpu-pipeline: error: no image of class red could be processed"
 
 
 def test_a_class_left_without_images_says_why(tmp_path):
     """--bands 5 of RGB tiles: every image fails, and the reason comes before the refusal."""
-    tree = colour_tree(tmp_path / "tree", per_class=2)
-    for command in (["fit", str(tree), "--out", str(tmp_path / "m.json")], ["evaluate", str(tree), "--model", "eurosat"]):
-        if command[0] == "evaluate":
-            assert invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference").exit_code == 0
-            command[-1] = str(tmp_path / "m.json")
+    tree, model = colour_tree(tmp_path / "tree", per_class=2), str(tmp_path / "m.json")
+    assert invoke("fit", str(tree), "--out", model, "--backend", "reference").exit_code == 0
+    for command in (["fit", str(tree), "--out", model], ["evaluate", str(tree), "--model", model]):
         result = invoke(*command, "--backend", "reference", "--bands", "5")
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
-        assert "6 image(s) could not be processed" in lines[0] and "asks for band 5, but the image has 3 bands" in lines[1]
+        assert "6 image(s) could not be processed" in lines[0]
+        assert "asks for band 5, but the image has 3 bands" in lines[1]
         assert lines[-1].startswith("gpu-pipeline: error: no image")
 
 
@@ -659,8 +659,8 @@ def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_
 
     classes = ("[red]markup[", "two\nlines")
     console = Console(record=True, width=200)
-    for table in (scores_table(classes, np.eye(2, dtype=np.int64)), confusion_table(classes, np.eye(2, dtype=np.int64))):
-        console.print(table)
+    for table_of in (scores_table, confusion_table):
+        console.print(table_of(classes, np.eye(2, dtype=np.int64)))
     text = console.export_text()
     assert "[red]markup[" in text and "two\\nlines" in text and "\nlines" not in text
 

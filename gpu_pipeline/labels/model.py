@@ -13,9 +13,9 @@ L-BFGS (Nocedal & Wright, *Numerical Optimization*, 2nd ed., algorithm 7.4) with
 Armijo line search, from zero weights, for a fixed number of iterations, in float64. The terms are
 standardized once more while fitting (so one penalty suits all of them) and the result is folded
 back into per-term weights. Stored numbers are rounded to :data:`DIGITS` significant digits. Every
-product of the fit sums in one fixed order (:func:`matmul_rows`, :func:`matmul_columns`), never in a BLAS, whose sums depend on
-its thread count (the iterations grow that last bit into the stored digits), so fitting the same
-data twice on one machine writes the same file byte for byte.
+product of the fit sums in one fixed order (:func:`matmul_rows`, :func:`matmul_columns`), never in
+a BLAS, whose sums depend on its thread count (the iterations grow that last bit into the stored
+digits), so fitting the same data twice on one machine writes the same file byte for byte.
 
 Scores are computed by one numba function, each image's sums in one fixed order (eight images side
 by side, never mixed), so a label never depends on the batch it was computed in, nor on the backend.
