@@ -19,6 +19,15 @@ def one_line(exc: BaseException) -> str:
 _CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
 
+def is_utf8(text: str) -> bool:
+    """False for a name with a byte that is not UTF-8 (a surrogate escape): no CSV, Parquet or JSON text holds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (``a\\nb`` for a newline), so that a message
     naming a file (a name may hold a newline) stays one line, and the bytes of a name that is not
@@ -29,11 +38,8 @@ def printable(text: str) -> str:
 def bytes_shown(text: str) -> str:
     """``text`` with each byte a file name held that is not UTF-8 (a surrogate escape, as
     ``os.fsdecode`` gives it) shown as ``\\xNN``; other text unchanged."""
-    try:
-        text.encode("utf-8")
+    if is_utf8(text):
         return text
-    except UnicodeEncodeError:
-        pass
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate no file name makes: shown as \\udNNN

@@ -11,7 +11,8 @@ as ``run --model`` computes them. The script prints the accuracy of each fold, t
 out-of-fold accuracy, per-class precision and recall and the confusion matrix (Markdown, for
 docs/labels.md), then fits on all tiles and writes the model, with the cross-validated numbers
 in its training summary. Folds are stratified and drawn by ``--seed``; the fit is deterministic,
-so the same tiles give the same file byte for byte.
+so the same tiles give the same file byte for byte on one machine (docs/labels.md: the shipped
+file came from an earlier version of the fit and is not reproduced byte for byte).
 """
 
 from __future__ import annotations

@@ -267,6 +267,7 @@ def _valid_dict() -> dict:
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(format_version=2), "format version 2 is not supported"),
     (lambda d: d.update(classes=["a", "a", "b"]), "distinct"),
+    (lambda d: d.update(classes=["a", "b", "For\udcffest"]), r'class "For\\xffest" is not UTF-8 text'),
     (lambda d: d.update(input_size=3), "input_size"),
     (lambda d: d.update(input_size=8.0), "input_size"),
     (lambda d: d.update(blocks=[]), "1 to 4 conv blocks"),

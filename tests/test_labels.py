@@ -7,6 +7,8 @@ outputs (histogram, edge count) and the decoded image, by one function, and comp
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,8 +30,8 @@ from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.discover import discover
 from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
-from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, expand, fit_model, load_model,
-                                minimise_lbfgs, term_names)
+from gpu_pipeline.labels.model import (SHIPPED_MODELS, LabelModel, ModelError, dot, expand, fit_model, load_model,
+                                       matmul_columns, matmul_rows, minimise_lbfgs, term_names)
 from gpu_pipeline.labels.splits import stratified_folds, stratified_split
 from tests.strategies import examples, images
 
@@ -214,8 +216,49 @@ def test_fit_twice_gives_the_same_file_byte_for_byte(tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+
+def test_the_fit_products_sum_in_order():
+    """matmul_rows / matmul_columns / dot: each sum term after term, as a plain loop adds them."""
+    rng = np.random.default_rng(3)
+    a, rows, columns = rng.normal(size=(11, 7)), rng.normal(size=(3, 7)), rng.normal(size=(11, 4))
+
+    def in_order(x, y):
+        total = 0.0
+        for p, q in zip(x, y):
+            total += float(p) * float(q)
+        return total
+
+    assert matmul_rows(a, rows).tolist() == [[in_order(r, w) for w in rows] for r in a]
+    assert matmul_columns(a, columns).tolist() == [[in_order(a[:, i], columns[:, j]) for j in range(4)]
+                                                   for i in range(7)]
+    assert dot(a[0], a[1]) == in_order(a[0], a[1])
+
+#: Fits overlapping classes in a fresh process and writes the model to the file named by its argument.
+_FIT_IN_A_PROCESS = """
+import sys
+import numpy as np
+from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.labels.features import FEATURE_NAMES
+from gpu_pipeline.labels.model import fit_model
+rng = np.random.default_rng(5)
+targets = np.repeat(np.arange(10), 100)
+vectors = rng.normal(size=(10, len(FEATURE_NAMES)))[targets] + rng.normal(size=(len(targets), len(FEATURE_NAMES)))
+fit_model(vectors, targets, tuple("abcdefghij"), PipelineConfig(), iterations=100).save(sys.argv[1])
+"""
+
+
+def test_fit_does_not_depend_on_the_blas_thread_count(tmp_path):
+    """A multi-threaded BLAS splits its sums by thread count (docs/labels.md): 1 and 2 threads write the same file."""
+    files = []
+    for threads in ("1", "2"):
+        files.append(tmp_path / f"{threads}.json")
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", _FIT_IN_A_PROCESS, str(files[-1])], env=env, check=True)
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_stored_numbers_have_ten_significant_digits(tmp_path):
-    """The rounding that keeps BLAS last-bit noise out of the file (docs/labels.md)."""
+    """Stored numbers are rounded to 10 significant digits (docs/labels.md)."""
     vectors, targets = blobs(seed=6)
     model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), iterations=20)
     numbers = np.concatenate([model.mean, model.scale, model.bias, model.weights.ravel()])
@@ -229,6 +272,28 @@ def test_constant_features_still_fit():
     model = fit_model(vectors, np.array([0, 0, 1, 1]), ("low", "high"), PipelineConfig())
     assert np.all(np.isfinite(model.weights)) and np.all(model.scale > 0)
     assert list(model.predict(vectors)) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_vector_per_class_fits_with_sane_weights(seed):
+    """With two vectors every square and product of the standardized features is 1 up to rounding;
+    taken for information, that noise gave weights of 1e11-1e15 and 50 % training accuracy."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(2, len(FEATURE_NAMES))) * rng.choice([0.01, 1, 100], len(FEATURE_NAMES))
+    model = fit_model(vectors, np.array([0, 1]), ("a", "b"), PipelineConfig())
+    assert model.predict(vectors).tolist() == [0, 1] and model.training["train_accuracy"] == 1.0
+    assert np.abs(model.weights).max() < 10 and np.abs(model.bias).max() < 10
+
+
+def test_fit_on_one_tile_per_class(tmp_path, bundled_data_dir):
+    tree = tmp_path / "tree"
+    for name, tile in (("A", "Forest/Forest_1022.jpg"), ("B", "SeaLake/SeaLake_1031.jpg")):
+        (tree / name).mkdir(parents=True)
+        (tree / name / "tile.jpg").write_bytes((bundled_data_dir / "eurosat" / tile).read_bytes())
+    result = invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference",
+                    "--test-fraction", "0")
+    assert result.exit_code == 0 and "training accuracy 100.0 % (2/2 images)" in result.stdout, result.output
+    assert np.abs(load_model(tmp_path / "m.json").weights).max() < 10
 
 
 def test_model_json_round_trip(tmp_path):
@@ -277,12 +342,18 @@ def _set(data: dict, dotted: str, value) -> dict:
     ("terms", ["edge_density"], "pairwise products"),
     ("classes", ["a", "a", "b"], "distinct"),
     ("classes", ["a"], "two or more"),
+    ("classes", ["a", "b", "For\udcffest"], r'class "For\\xffest" is not UTF-8 text'),
     ("standardize.mean", [0.0] * (len(FEATURE_NAMES) - 1), "standardize.mean"),
     ("standardize.scale", [1.0] * (len(FEATURE_NAMES) - 1) + [0.0], "scale must be > 0"),
     ("standardize.mean", [float("nan")] * len(FEATURE_NAMES), "finite numbers"),
     ("weights.a", [1.0] * 7, "weights"),
     ("weights.a", [True] * len(term_names()), "weights"),
     ("weights.a", [float("inf")] * len(term_names()), "finite numbers"),
+    # integers beyond float64
+    pytest.param("weights.a", [10 ** 400] * len(term_names()), "finite numbers", id="weights-10**400"),
+    pytest.param("bias.c", 10 ** 400, "finite numbers", id="bias-10**400"),
+    pytest.param("standardize.scale", [1] * (len(FEATURE_NAMES) - 1) + [-10 ** 400], "finite numbers",
+                 id="scale--10**400"),
     ("weights", _DELETE, "\"weights\" is missing"),
     ("weights.b", _DELETE, "one entry per class"),
     ("bias.b", "x", "bias"),
@@ -305,12 +376,26 @@ def test_malformed_model_names_the_problem(tmp_path, key, value, message):
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "not a gpu-pipeline label model"),
     (b"\xff\xfe\x00", "cannot read model"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="too deep for the parser"),
 ])
 def test_unreadable_model_file(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_bytes(content)
     with pytest.raises(ModelError, match=message):
         load_model(path)
+
+
+def test_a_deeply_nested_number_is_refused_in_one_line(tmp_path):
+    """Nested deep enough for the checks, not for the JSON parser: ModelError, and exit 2 on the command line."""
+    path = tmp_path / "deep.json"
+    deep = "[" * 800 + "0" + "]" * 800
+    path.write_text(json.dumps(_set(_valid_model_dict(), "bias.a", "deep")).replace('"deep"', deep))
+    json.loads(path.read_text())  # the parser copes
+    with pytest.raises(ModelError, match="nested too deeply"):
+        load_model(path)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tile.png")
+    result = invoke("run", str(tmp_path / "tile.png"), "--out", str(tmp_path / "r.jsonl"), "--model", str(path))
+    _usage_error(result, "nested too deeply")
 
 
 def test_missing_model_lists_the_shipped_ones(tmp_path):
@@ -495,8 +580,24 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
     assert "accuracy" in result.stdout.lower()
     for name in ("red_0", "c_broken"):
         (tree / "red" / f"{name}.png").write_bytes(b"")
-    _usage_error(invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference"),
-                 "no image of class red could be processed")
+    result = invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference")
+    assert result.exit_code == 2, result.output  # the failures first: they say why
+    assert "4 image(s) could not be processed" in result.stderr
+    assert "red_0.png: read: the file is empty" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "gpu-pipeline: error: no image of class red could be processed"
+
+
+def test_a_class_left_without_images_says_why(tmp_path):
+    """--bands 5 of RGB tiles: every image fails, and the reason comes before the refusal."""
+    tree, model = colour_tree(tmp_path / "tree", per_class=2), str(tmp_path / "m.json")
+    assert invoke("fit", str(tree), "--out", model, "--backend", "reference").exit_code == 0
+    for command in (["fit", str(tree), "--out", model], ["evaluate", str(tree), "--model", model]):
+        result = invoke(*command, "--backend", "reference", "--bands", "5")
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert "6 image(s) could not be processed" in lines[0]
+        assert "asks for band 5, but the image has 3 bands" in lines[1]
+        assert lines[-1].startswith("gpu-pipeline: error: no image")
 
 
 def _usage_error(result, message: str) -> None:
@@ -517,11 +618,71 @@ def test_fit_usage_errors(tmp_path):
     _usage_error(invoke("fit", str(single), "--out", out), "has 1 class folder, needs at least 2")
     tree2 = colour_tree(tmp_path / "tree2", per_class=2)
     _usage_error(invoke("fit", str(tree2), "--out", out, "--test-fraction", "1"), "--test-fraction must be in")
+    _usage_error(invoke("fit", str(tree2), "--out", out, "--seed", "-1"), "--seed must be 0 or more, got -1")
     _usage_error(invoke("fit", str(tree2), "--out", out, "--blur", "4"), "blur size must be one of")
     _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "no" / "m.json")), "does not exist")
+    (tmp_path / "notes.txt").write_text("mine")
+    _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "notes.txt" / "m.json")),
+                 f"cannot write the model: {tmp_path / 'notes.txt'} is not a folder")
     _usage_error(invoke("fit", str(tree2), "--out", out, "--backend", "nope"), "unknown backend")
     assert not Path(out).exists()
 
+
+def test_class_names_must_be_utf8(tmp_path, bundled_data_dir):
+    """A class name goes into records, tables and JSON: a folder name that is not UTF-8 is refused by
+    ``fit`` before any work, and a model holding one (an older fit wrote it) by ``run`` before any
+    (it crashed the CSV and Parquet writers and put a lone surrogate in the JSONL)."""
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    os.rename(os.fsencode(tree / "red"), os.fsencode(tree / "For") + b"\xffest")
+    out = tmp_path / "m.json"
+    _usage_error(invoke("fit", str(tree), "--out", str(out), "--backend", "reference"),
+                 "For\\xffest has a name that is not UTF-8")
+    assert not out.exists()
+    data = _valid_model_dict()
+    for key in ("bias", "weights"):
+        data[key]["For\udcffest"] = data[key].pop("c")
+    data["classes"][2] = "For\udcffest"
+    out.write_text(json.dumps(data))
+    for suffix in ("csv", "jsonl"):
+        result = invoke("run", str(bundled_data_dir / "eurosat"), "--out", str(tmp_path / f"r.{suffix}"),
+                        "--model", str(out))
+        _usage_error(result, 'class "For\\xffest" is not UTF-8 text')
+        assert not (tmp_path / f"r.{suffix}").exists()
+
+
+def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_dir):
+    """A class folder ``[red]markup[`` printed as ``markup[`` (read as rich markup), and one holding a
+    newline split its row: fit's and evaluate's tables and run's "labels:" line print names as they are."""
+    from rich.console import Console
+
+    from gpu_pipeline.labels.confusion import confusion_table, scores_table
+
+    classes = ("[red]markup[", "two\nlines")
+    console = Console(record=True, width=200)
+    for table_of in (scores_table, confusion_table):
+        console.print(table_of(classes, np.eye(2, dtype=np.int64)))
+    text = console.export_text()
+    assert "[red]markup[" in text and "two\\nlines" in text and "\nlines" not in text
+
+    model = hand_model({"[red]markup[": {}, "two\nlines": {}}, {"[red]markup[": 1.0, "two\nlines": 0.0})
+    model.save(tmp_path / "m.json")
+    result = invoke("run", str(bundled_data_dir / "eurosat" / "Forest"), "--out", str(tmp_path / "r.jsonl"),
+                    "--model", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.output
+    assert "labels: [red]markup[ 5" in result.stderr
+    for name in classes:
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tree" / name / "a.png")
+    result = invoke("evaluate", str(tmp_path / "tree"), "--model", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.output
+    assert "2 classes ([red]markup[, two\\nlines)" in result.stdout and "1 [red]markup[" in result.stdout
+
+def test_hidden_class_folders_are_skipped(tmp_path):
+    """labels.md: a sub-folder whose name starts with "." is not a class."""
+    tree = colour_tree(tmp_path / "tree", per_class=1)
+    (tree / ".thumbnails").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tree / ".thumbnails" / "a.png")
+    assert read_labeled_tree(tree).classes == ("blue", "green", "red")
 
 def test_evaluate_usage_errors(tmp_path, monkeypatch):
     tree = colour_tree(tmp_path / "tree", per_class=2)
@@ -547,6 +708,68 @@ def test_evaluate_plot(tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(plot).format == "PNG"
 
+
+
+def test_evaluate_plot_draws_names_as_they_are(tmp_path):
+    """A ``$`` in the tree's or a class's name is text, not mathtext (``$\\frac{$`` crashed the plot
+    after all the work; ``$\\alpha$`` was drawn as a Greek letter)."""
+    pytest.importorskip("matplotlib")
+    tree = tmp_path / "run_$HOME_$x"
+    for name, colour in (("$\\frac{$", (200, 30, 30)), ("$\\alpha$", (30, 50, 190))):
+        (tree / name).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), tuple(c + 10 * index for c in colour)).save(tree / name / f"{index}.png")
+    model_path, plot = tmp_path / "model.json", tmp_path / "confusion.png"
+    assert invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference",
+                  "--test-fraction", "0").exit_code == 0
+    result = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference", "--plot", str(plot))
+    assert result.exit_code == 0, result.output
+    assert Image.open(plot).format == "PNG"
+
+
+def test_the_plot_shows_every_name_as_text_on_one_line():
+    """Names that are not UTF-8 (the byte shown as \\xff: a lone surrogate crashed matplotlib) or hold a
+    newline are drawn as they print; none is read as mathtext."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels.plots import confusion_figure
+
+    classes = ("For\udcffest", "$\\alpha$", "a\nb")
+    figure = confusion_figure(classes, np.eye(3, dtype=np.int64), "tree $x$: accuracy")
+    figure.canvas.draw()  # what savefig does first
+    axes = figure.axes[0]
+    for labels in (axes.get_xticklabels(), axes.get_yticklabels()):
+        assert [label.get_text() for label in labels] == ["For\\xffest", "$\\alpha$", "a\\nb"]
+        assert not any(label.get_parse_math() for label in labels)
+    assert axes.title.get_text() == "tree $x$: accuracy" and not axes.title.get_parse_math()
+
+
+
+def test_the_plot_size_is_capped():
+    """The figure grew with the classes: 1,100 asked for 32 GiB after all the work."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels.plots import MAX_SIZE, confusion_figure
+
+    figure = confusion_figure(tuple(f"c{k}" for k in range(200)), np.eye(200, dtype=np.int64), "many")
+    assert tuple(figure.get_size_inches()) == MAX_SIZE
+    assert tuple(confusion_figure(("a", "b"), np.eye(2, dtype=np.int64), "two").get_size_inches()) == (2.2, 1.8)
+
+
+def test_evaluate_plot_refuses_too_many_classes_before_any_work(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels import labelled
+    from gpu_pipeline.labels.plots import MAX_CLASSES
+
+    classes = tuple(f"c{k}" for k in range(MAX_CLASSES + 1))
+    dims, terms = len(FEATURE_NAMES), len(term_names())
+    LabelModel(classes, np.zeros(dims), np.ones(dims), np.zeros((len(classes), terms)), np.zeros(len(classes)),
+               PipelineConfig()).save(tmp_path / "many.json")
+    (tmp_path / "tree" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tree" / "c0" / "a.png")
+    monkeypatch.setattr(labelled, "compute_features", lambda *args, **kwargs: pytest.fail("images were processed"))
+    result = invoke("evaluate", str(tmp_path / "tree"), "--model", str(tmp_path / "many.json"),
+                    "--plot", str(tmp_path / "c.png"))
+    _usage_error(result, f"--plot draws at most {MAX_CLASSES} classes, the model has {MAX_CLASSES + 1}")
+    assert not (tmp_path / "c.png").exists()
 
 # --------------------------------------------------------------------------------------------
 # Accuracy on real EuroSAT tiles (../shared/data, skipped when absent)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
@@ -26,7 +25,7 @@ from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, re
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
 from gpu_pipeline.errors import UsageError, printable, shown
-from gpu_pipeline.labels.plots import has_matplotlib, save_confusion_plot
+from gpu_pipeline.labels.plots import MAX_CLASSES, has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
 if TYPE_CHECKING:
@@ -48,9 +47,10 @@ def _report_failures(failures: list[str]) -> None:
 
 
 def _usable(labeled: LabeledImages, table: FeatureTable) -> None:
-    """UsageError when a class lost all its images to failures."""
+    """UsageError when a class lost all its images to failures, listed first: they say why (--bands 5 of RGB)."""
     for k, name in enumerate(labeled.classes):
         if not np.any(table.ok[labeled.targets == k]):
+            _report_failures(table.failures)
             raise UsageError(f"no image of class {name} could be processed")
 
 
@@ -68,7 +68,7 @@ def fit(
     stretch: Stretch = "percentile",
     test_fraction: float = typer.Option(0.2, "--test-fraction",
                                         help="Share of each class held out to measure accuracy (0: fit on all)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw (0 or more)."),
 ) -> None:
     """Fit a land-cover model on a folder-per-class tree and write it as JSON.
 
@@ -83,10 +83,13 @@ def fit(
     try:
         if not 0 <= test_fraction < 1:
             raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+        if seed < 0:  # NumPy's generators take none (a traceback after all the work)
+            raise UsageError(f"--seed must be 0 or more, got {seed}")
         config = pipeline_config(low, high, l2, blur)
         decode = decode_options(bands, stretch)
         if not out.parent.is_dir():
-            raise UsageError(f"cannot write the model: folder {out.parent} does not exist")
+            raise UsageError(f"cannot write the model: {out.parent} is not a folder" if out.parent.exists()
+                             else f"cannot write the model: folder {out.parent} does not exist")
         labeled = read_labeled_tree(labeled_dir, min_classes=2)
         check_target(out, "--out", is_our_json, labeled.paths)  # a model of ours is replaced, nothing else
         table, backend_name = compute_features(labeled.paths, backend, config, Console(stderr=True), decode)
@@ -164,6 +167,9 @@ def evaluate(
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
         decode = decode_options(bands, stretch)
         model = load_model(model_path)
+        if plot is not None and len(model.classes) > MAX_CLASSES:
+            raise UsageError(f"--plot draws at most {MAX_CLASSES} classes, the model has {len(model.classes)}; "
+                             "leave --plot out")
         labeled = read_labeled_tree(labeled_dir, min_classes=1)
         if plot is not None:
             check_target(plot, "--plot", is_our_png, [*labeled.paths, resolve_model_path(model_path)])
@@ -174,6 +180,7 @@ def evaluate(
         table, backend_name = compute_features(labeled.paths, backend, model.config, Console(stderr=True), decode,
                                                model.features, model.feature_count)
         if not table.ok.any():
+            _report_failures(table.failures)  # they say why
             raise UsageError("no image could be processed")
     except UsageError as exc:
         fail_usage(str(exc))
@@ -181,7 +188,7 @@ def evaluate(
 
     targets = np.array([model.classes.index(labeled.classes[t]) for t in labeled.targets[table.ok]])
     matrix = confusion_matrix(targets, model.predict(table.vectors[table.ok]), len(model.classes))
-    console.print(f"model {shown(model_path)}: {escape(model.describe())}")
+    console.print(f"model {shown(model_path)}: {shown(model.describe())}")
     console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
     console.print(scores_table(model.classes, matrix))
     console.print(confusion_table(model.classes, matrix))

@@ -129,7 +129,7 @@ def print_summary(console: Console, summary: RunSummary, backend: str, out: str)
         stages = ", ".join(f"{stage}: {n}" for stage, n in summary.failures_by_stage.most_common())
         console.print(f"failures by stage: {stages}")
     if summary.labels:
-        console.print("labels: " + ", ".join(f"{label} {n}" for label, n in summary.labels.most_common()))
+        console.print("labels: " + ", ".join(f"{shown(label)} {n}" for label, n in summary.labels.most_common()))
     console.print(f"results: {out if out == '-' else shown(os.path.abspath(out))}")
 
 

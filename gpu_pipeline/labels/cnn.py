@@ -26,7 +26,7 @@ from cpu_reference.cnn import ConvBlock, IntegerCnn
 from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.backends.base import group_by_shape
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, is_utf8, printable
 
 FORMAT = "gpu-pipeline cnn label model"
 FORMAT_VERSION = 1
@@ -315,6 +315,14 @@ def model_json(model: CnnModel) -> str:
 # Loading
 
 
+def check_utf8(classes: list[str], error: type[UsageError] = CnnModelError) -> None:
+    """``error`` for a class name that no CSV, Parquet or JSON text can hold (a lone surrogate: a byte
+    that is not UTF-8 in a folder name an older ``fit`` took)."""
+    for name in classes:
+        if not is_utf8(name):
+            raise error(f"class \"{printable(name)}\" is not UTF-8 text")
+
+
 def is_cnn_model(data: Any) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
@@ -328,6 +336,7 @@ def model_from_dict(data: dict) -> CnnModel:
     if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
             or len(set(classes)) != len(classes)):
         raise CnnModelError("\"classes\" must be two or more distinct, non-empty names")
+    check_utf8(classes)
     size = data.get("input_size")
     blocks = data.get("blocks")
     if not isinstance(blocks, list) or not 1 <= len(blocks) <= MAX_BLOCKS:

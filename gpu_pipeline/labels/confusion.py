@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from rich.table import Table
 
+from gpu_pipeline.errors import shown
+
 
 def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
     """``matrix[true, predicted]`` counts."""
@@ -34,14 +36,15 @@ def accuracy_line(matrix: np.ndarray) -> str:
 
 
 def scores_table(classes: tuple[str, ...], matrix: np.ndarray) -> Table:
-    """Per-class images, precision and recall, for the classes that have images."""
+    """Per-class images, precision and recall, for the classes that have images (names :func:`shown`:
+    a class folder ``[red]x[`` is text, not markup, and a newline stays in its row)."""
     table = Table(title="per class")
     for name in ("class", "images", "precision", "recall"):
         table.add_column(name, justify="left" if name == "class" else "right")
     for k, name in enumerate(classes):
         images = int(matrix[k].sum())
         if images:
-            table.add_row(name, str(images), percent(int(matrix[k, k]), int(matrix[:, k].sum())),
+            table.add_row(shown(name), str(images), percent(int(matrix[k, k]), int(matrix[:, k].sum())),
                           percent(int(matrix[k, k]), images))
     return table
 
@@ -56,7 +59,7 @@ def confusion_table(classes: tuple[str, ...], matrix: np.ndarray) -> Table:
         if matrix[k].sum():
             cells = [f"[bold green]{v}[/]" if j == k else (str(v) if v else "[dim]0[/]")
                      for j, v in enumerate(matrix[k])]
-            table.add_row(f"{k + 1} {name}", *cells)
+            table.add_row(f"{k + 1} {shown(name)}", *cells)
     return table
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, is_utf8
 from gpu_pipeline.inputs.discover import discover
 
 #: ``features_of(images, histograms, edge_counts)``: float64 (N, width) features of a batch.
@@ -43,6 +43,9 @@ def read_labeled_tree(root: Path, min_classes: int = 2) -> LabeledImages:
     if len(folders) < min_classes:
         raise UsageError(f"{root} has {len(folders)} class folder{'' if len(folders) == 1 else 's'}, "
                          f"needs at least {min_classes} (one sub-folder of images per class)")
+    for folder in folders:
+        if not is_utf8(folder.name):  # a class name goes into records, tables and the model's JSON
+            raise UsageError(f"class folder {folder} has a name that is not UTF-8; rename it")
     paths: list[Path] = []
     targets: list[int] = []
     for index, folder in enumerate(folders):

@@ -12,9 +12,10 @@ Fitting minimises the mean cross-entropy plus an L2 penalty on the weights (not 
 L-BFGS (Nocedal & Wright, *Numerical Optimization*, 2nd ed., algorithm 7.4) with a backtracking
 Armijo line search, from zero weights, for a fixed number of iterations, in float64. The terms are
 standardized once more while fitting (so one penalty suits all of them) and the result is folded
-back into per-term weights. Stored numbers are rounded to :data:`DIGITS` significant digits, far
-below anything a label can feel and far above the last-bit noise a BLAS may add, so fitting the
-same data twice writes the same file byte for byte.
+back into per-term weights. Stored numbers are rounded to :data:`DIGITS` significant digits. Every
+product of the fit sums in one fixed order (:func:`matmul_rows`, :func:`matmul_columns`), never in
+a BLAS, whose sums depend on its thread count (the iterations grow that last bit into the stored
+digits), so fitting the same data twice on one machine writes the same file byte for byte.
 
 Scores are computed by one numba function, each image's sums in one fixed order (eight images side
 by side, never mixed), so a label never depends on the batch it was computed in, nor on the backend.
@@ -216,18 +217,79 @@ def _rounded(values: np.ndarray) -> np.ndarray:
     return np.array([float(f"{v:.{DIGITS - 1}e}") for v in np.ravel(values)]).reshape(np.shape(values))
 
 
+@_numba_setup.helper
+def _column_products(a, b, out):
+    """``out = a.T @ b``, each sum in the order of ``k``, reading ``a`` and ``b`` once, row by row."""
+    out[:] = 0.0
+    for k in range(a.shape[0]):
+        for i in range(a.shape[1]):
+            x = a[k, i]
+            for j in range(b.shape[1]):
+                out[i, j] += x * b[k, j]
+
+
+@_numba_setup.helper
+def _row_products(a, rows, out):
+    """``out = a @ rows.T``, each sum in the order of ``k``: eight rows of ``a`` side by side, in eight
+    independent sums that overlap (each the same sum as alone), then the rest one by one."""
+    whole = a.shape[0] - a.shape[0] % 8
+    for start in range(0, whole, 8):
+        for j in range(rows.shape[0]):
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+            for k in range(a.shape[1]):
+                weight = rows[j, k]
+                s0 += a[start, k] * weight
+                s1 += a[start + 1, k] * weight
+                s2 += a[start + 2, k] * weight
+                s3 += a[start + 3, k] * weight
+                s4 += a[start + 4, k] * weight
+                s5 += a[start + 5, k] * weight
+                s6 += a[start + 6, k] * weight
+                s7 += a[start + 7, k] * weight
+            sums = (s0, s1, s2, s3, s4, s5, s6, s7)
+            for b in range(8):
+                out[start + b, j] = sums[b]
+    for i in range(whole, a.shape[0]):
+        for j in range(rows.shape[0]):
+            s = 0.0
+            for k in range(a.shape[1]):
+                s += a[i, k] * rows[j, k]
+            out[i, j] = s
+
+
+# The fit's products, each sum in one fixed order whatever the BLAS: a multi-threaded BLAS splits its
+# sums by thread count, and 300 iterations grow that last bit into the stored digits.
+def matmul_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a.T @ b`` of 2-D arrays, each sum in one fixed order."""
+    out = np.empty((a.shape[1], b.shape[1]))
+    _column_products(np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(b, dtype=np.float64), out)
+    return out
+
+
+def matmul_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``a @ rows.T`` of 2-D arrays, each sum in one fixed order."""
+    out = np.empty((a.shape[0], rows.shape[0]))
+    _row_products(np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(rows, dtype=np.float64), out)
+    return out
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``a . b`` of two vectors, summed in order."""
+    return float(matmul_rows(a.reshape(1, -1), b.reshape(1, -1))[0, 0])
+
+
 def _cross_entropy(parameters: np.ndarray, terms: np.ndarray, onehot: np.ndarray, penalty: float
                    ) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of the softmax plus ``penalty / 2 * |weights|^2``, and its gradient.
 
     ``parameters`` is (classes, terms + 1), the last column the biases; ``terms`` ends with a column of ones.
     """
-    logits = terms @ parameters.T
+    logits = matmul_rows(terms, parameters)
     logits -= logits.max(axis=1, keepdims=True)
     exps = np.exp(logits)
     totals = exps.sum(axis=1, keepdims=True)
     loss = float(np.mean(np.log(totals[:, 0]) - np.sum(logits * onehot, axis=1)))
-    gradient = (exps / totals - onehot).T @ terms / len(terms)
+    gradient = matmul_columns(exps / totals - onehot, terms) / len(terms)
     weights = parameters[:, :-1]
     loss += 0.5 * penalty * float(np.sum(weights * weights))
     gradient[:, :-1] += penalty * weights
@@ -252,23 +314,23 @@ def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, m
         q = g.copy()
         alphas = []
         for s, y in zip(reversed(steps), reversed(changes)):
-            alpha = float(s @ q) / float(y @ s)
+            alpha = dot(s, q) / dot(y, s)
             alphas.append(alpha)
             q -= alpha * y
         if steps:
-            q *= float(steps[-1] @ changes[-1]) / float(changes[-1] @ changes[-1])
+            q *= dot(steps[-1], changes[-1]) / dot(changes[-1], changes[-1])
         else:
-            q /= float(np.sqrt(g @ g))  # first step: unit length along the gradient
+            q /= float(np.sqrt(dot(g, g)))  # first step: unit length along the gradient
         for (s, y), alpha in zip(zip(steps, changes), reversed(alphas)):
-            beta = float(y @ q) / float(y @ s)
+            beta = dot(y, q) / dot(y, s)
             q += (alpha - beta) * s
         direction = -q
-        slope = float(g @ direction)
+        slope = dot(g, direction)
         if slope >= 0:  # not a descent direction (numerical trouble): restart from the gradient
             steps.clear()
             changes.clear()
-            direction = -g / float(np.sqrt(g @ g))
-            slope = float(g @ direction)
+            direction = -g / float(np.sqrt(dot(g, g)))
+            slope = dot(g, direction)
         length = 1.0
         for _ in range(40):
             candidate = x + length * direction.reshape(x.shape)
@@ -280,7 +342,7 @@ def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, m
             break
         s = (candidate - x).ravel()
         y = (new_gradient - gradient).ravel()
-        if float(y @ s) > 1e-12:
+        if dot(y, s) > 1e-12:
             steps.append(s)
             changes.append(y)
             if len(steps) > memory:
@@ -288,6 +350,17 @@ def minimise_lbfgs(objective, start: np.ndarray, iterations: int = ITERATIONS, m
                 changes.pop(0)
         x, value, gradient = candidate, new_value, new_gradient
     return x
+
+
+def _constant_terms(standardized: np.ndarray) -> np.ndarray:
+    """Which terms of exactly standardized vectors are constant up to rounding (spread under 1e-9 of size).
+
+    With one vector per class every square and product is 1 but for rounding, and with the stored
+    mean and scale (10 digits) that rounding, over a small spread, reached 1e-6: fitted to that noise,
+    weights of 1e14. So constancy is judged on the exact mean and scale, where rounding stays ~1e-16.
+    """
+    terms = expand(standardized)
+    return np.ptp(terms, axis=0) <= 1e-9 * np.max(np.abs(terms), axis=0)
 
 
 def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], config: PipelineConfig,
@@ -303,21 +376,21 @@ def fit_model(vectors: np.ndarray, targets: np.ndarray, classes: tuple[str, ...]
     counts = np.bincount(targets, minlength=len(classes))
     if len(classes) < 2 or np.any(counts == 0) or len(counts) != len(classes):
         raise ValueError("every class needs at least one training vector, and there must be two classes")
-    mean = _rounded(vectors.mean(axis=0))
-    scale = vectors.std(axis=0)
-    scale[np.ptp(vectors, axis=0) == 0] = 1.0  # a constant feature tells nothing; avoid 0 / 0
-    scale = _rounded(scale)
+    exact_mean = vectors.mean(axis=0)
+    exact_scale = vectors.std(axis=0)
+    exact_scale[np.ptp(vectors, axis=0) == 0] = 1.0  # a constant feature tells nothing; avoid 0 / 0
+    mean, scale = _rounded(exact_mean), _rounded(exact_scale)
     terms = expand((vectors - mean) / scale)
     # Standardize the terms too, so that one penalty fits them all; folded back into the weights below.
     term_mean = terms.mean(axis=0)
     term_scale = terms.std(axis=0)
-    term_scale[np.ptp(terms, axis=0) == 0] = np.inf  # a constant term gets weight 0
+    term_scale[_constant_terms((vectors - exact_mean) / exact_scale)] = np.inf  # a constant term gets weight 0
     design = np.hstack([(terms - term_mean) / term_scale, np.ones((len(terms), 1))])
     onehot = np.eye(len(classes))[targets]
     parameters = minimise_lbfgs(lambda p: _cross_entropy(p, design, onehot, penalty),
                                 np.zeros((len(classes), design.shape[1])), iterations)
     weights = parameters[:, :-1] / term_scale
-    bias = parameters[:, -1] - weights @ term_mean
+    bias = parameters[:, -1] - matmul_rows(weights, term_mean.reshape(1, -1))[:, 0]
     model = LabelModel(tuple(classes), mean, scale, _rounded(weights), _rounded(bias), config,
                        dict(training or {}))
     train_accuracy = float(np.mean(model.predict(vectors) == targets))
@@ -353,10 +426,14 @@ def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
         raise ModelError(f"cannot read model {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"model {path} is not valid JSON: {exc}") from None
+    except RecursionError:  # lists in lists, thousands deep: no model is
+        raise ModelError(f"model {path} is nested too deeply to be a model") from None
     try:
         return cnn.model_from_dict(data) if cnn.is_cnn_model(data) else _model_from_dict(data)
     except (ModelError, cnn.CnnModelError) as exc:
         raise ModelError(f"model {path}: {exc}") from None
+    except RecursionError:  # nested deep enough for the checks' recursion, not the parser's
+        raise ModelError(f"model {path} is nested too deeply to be a model") from None
 
 
 def _model_from_dict(data: Any) -> LabelModel:
@@ -376,6 +453,7 @@ def _model_from_dict(data: Any) -> LabelModel:
     classes = _require(data, "classes", list)
     if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ModelError("\"classes\" must be two or more distinct, non-empty names")
+    cnn.check_utf8(classes, ModelError)
     standardize = _require(data, "standardize", dict)
     mean = _numbers(standardize.get("mean"), (dims,), "standardize.mean")
     scale = _numbers(standardize.get("scale"), (dims,), "standardize.scale")
@@ -423,7 +501,7 @@ def _numbers(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     """A float64 array of exactly ``shape`` from JSON lists of finite numbers, else ModelError."""
     try:
         array = np.array(value, dtype=np.float64) if _is_number_tree(value) else None
-    except ValueError:  # ragged lists
+    except (ValueError, OverflowError):  # ragged lists, an integer beyond float64 (10**400)
         array = None
     if array is None or array.shape != shape or not np.all(np.isfinite(array)):
         raise ModelError(f"\"{name}\" must be finite numbers of shape {shape}")
