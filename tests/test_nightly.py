@@ -236,6 +236,19 @@ def test_an_out_on_dev_stdout_is_refused_and_the_file_behind_it_left_alone(tiles
     assert log.read_text() == "my log line 1\nno newline"
 
 
+def test_dev_shm_is_a_place_for_outputs(tiles, tmp_path):
+    out = Path(f"/dev/shm/gpu-pipeline-test-{os.getpid()}.jsonl")
+    try:
+        assert run(str(tiles), "--out", str(out)).exit_code == 0 and len(read_records(out)) == 20
+    finally:
+        for leftover in (out, Path(f"{out}.settings.json")):
+            leftover.unlink(missing_ok=True)
+    before = sorted(os.listdir("/dev"))
+    result = run(str(tiles), "--out", "/dev/shm/", "--format", "parquet")  # its settings would go into /dev
+    assert result.exit_code == 2 and "or a name in /dev/shm/" in result.stderr
+    assert sorted(os.listdir("/dev")) == before
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_file_output_spelled_as_a_folder_is_refused_and_left_whole(tiles, tmp_path, overwrite):
     """``--out r.jsonl/`` was refused only after r.jsonl had been emptied (or an empty one made)."""
@@ -801,6 +814,25 @@ def test_an_edge_map_of_another_image_is_left_alone(tmp_path):
     assert (edges / "x.png.edges.png").read_bytes() == before
     # the same image again (a rerun with --overwrite) replaces its own map
     assert run(str(first), "--out", str(tmp_path / "05.jsonl"), "--save-edges", str(edges), "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize("way", ["a link to the folder", "the folder renamed"])
+def test_the_same_images_under_another_name_replace_their_own_edge_maps(tmp_path, way):
+    """A map records its image's name; the same file reached another way (a link, another mount) or
+    a folder renamed since is the same image, not another one: every image became a save-edges
+    error (its results lost) the first time this check ran."""
+    data, edges = tmp_path / "data", tmp_path / "edges"
+    make_images(data, 3)
+    assert run(str(data), "--out", str(tmp_path / "a.jsonl"), "--save-edges", str(edges)).exit_code == 0
+    if way == "a link to the folder":
+        again = tmp_path / "linked"
+        again.symlink_to(data)
+    else:
+        again = tmp_path / "renamed"
+        data.rename(again)
+    result = run(str(again), "--out", str(tmp_path / "b.jsonl"), "--save-edges", str(edges))
+    assert result.exit_code == 0, result.output
+    assert all("error" not in record for record in read_records(tmp_path / "b.jsonl"))
 
 
 @pytest.mark.parametrize("as_root", [False, True])

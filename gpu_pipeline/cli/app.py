@@ -96,7 +96,8 @@ def run(
     device: Device = None,
     save_edges: Optional[Path] = typer.Option(None, "--save-edges", parser=given_path,
                                               help="Also write each edge map as a PNG under this folder, as "
-                                                   "DIR/sub/NAME.edges.png for PATH/sub/NAME."),
+                                                   "DIR/sub/NAME.edges.png for ROOT/sub/NAME, ROOT being the "
+                                                   "common folder of the PATHS."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", parser=given_file_name,
         help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),

@@ -99,8 +99,8 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
         if found is not None and not (stat.S_ISREG(found.st_mode) and is_our_png(target)):
             raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-        if found is not None and (other := png_text(target, "Source")) not in (None, source):
-            raise FileExistsError(f"{target} is the edge map of {other}; it is left alone "
+        if found is not None and not _same_image(png_text(target, "Source"), source, name):
+            raise FileExistsError(f"{target} is the edge map of {png_text(target, 'Source')}; it is left alone "
                                   "(save the edge maps of these inputs into another folder)")
         mark = PngImagePlugin.PngInfo()
         mark.add_text("Software", SOFTWARE)
@@ -109,6 +109,19 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         write_replacing(target, lambda temporary: Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark))
 
     return save
+
+
+def _same_image(recorded: str | None, source: str, name: str) -> bool:
+    """Whether an edge map whose ``Source`` is ``recorded`` may be replaced by the map of ``name``
+    (``source`` as maps record it): it records this name, or none (an earlier version's map), or a
+    name of this very file (a link, another mount), or a file that is gone (a folder renamed
+    since). Only a map of another image that still exists is left alone."""
+    if recorded is None or recorded == source:
+        return True
+    try:
+        return os.path.samefile(recorded, name)
+    except OSError:  # the recorded image is gone (or the name was not a name: shown bytes)
+        return not os.path.lexists(recorded)
 
 
 def progress_bar(console: Console) -> Progress:
@@ -453,8 +466,9 @@ def check_out_name(out: str, output_format: str, model: str | None) -> None:
         return
     absolute = os.path.abspath(out)
     if absolute.startswith(("/dev/", "/proc/")) and not absolute.startswith("/dev/shm/"):
-        raise UsageError(f"--out {out}: a device or a process's descriptor, not a file of records; "
-                         "use --out - for standard output")
+        # (/dev/shm itself too: its settings record would go into /dev)
+        raise UsageError(f"--out {out}: under /dev or /proc, not a place for records (a device, a process's "
+                         "descriptor, /dev/shm itself); use --out - for standard output, or a name in /dev/shm/")
     if output_format != "parquet" and out.endswith(("/", os.sep)):
         raise UsageError(f"--out {out}: a {output_format.upper()} output is a file; drop the trailing /")
     from gpu_pipeline.labels.model import resolve_model_path

@@ -97,7 +97,8 @@ def room_for_descriptors(processes: int) -> str | None:
             pass
     else:
         limit = hard
-    return f"{processes} decode processes need about {need} open files; this process may open {limit} (ulimit -n)"
+    needs = "1 decode process needs" if processes == 1 else f"{processes} decode processes need"
+    return f"{needs} about {need} open files; this process may open {limit} (ulimit -n)"
 
 
 def processes_wanted(mode: str) -> bool | None:
