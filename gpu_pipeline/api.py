@@ -47,7 +47,7 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
 
     ValueError for an unknown name or a thread count below 1 (as the command line's exit 2)."""
     if threads is not None:
-        threads = whole_number("threads", threads, least=1)
+        threads = whole_number("threads", threads, least=1, most=MOST_THREADS)
     try:
         with _creating:  # lru_cache alone lets threads that miss at once each create one
             return _created(name, threads)

@@ -159,6 +159,7 @@ def test_bad_settings_are_value_errors_that_name_them():
                               ({"blur": 5.0, "backend": "numba"}, r"blur size must be one of \(3, 5, 7\), got 5.0"),
                               ({"threads": 1.5}, "threads must be a whole number, got 1.5"),
                               ({"threads": True}, "threads must be a whole number, got True"),
+                              ({"threads": 100_000}, "threads must be at most 1024, got 100000"),
                               ({"bands": (1.5,)}, "a band number must be a whole number, got 1.5")]:
         with pytest.raises(ValueError, match=message):
             if "bands" in options:
