@@ -99,8 +99,8 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
         if found is not None and not (stat.S_ISREG(found.st_mode) and is_our_png(target)):
             raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-        if found is not None and not _same_image(png_text(target, "Source"), source, name):
-            raise FileExistsError(f"{target} is the edge map of {png_text(target, 'Source')}; it is left alone "
+        if found is not None and not _same_image(recorded := png_text(target, "Source"), source, name):
+            raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
                                   "(save the edge maps of these inputs into another folder)")
         mark = PngImagePlugin.PngInfo()
         mark.add_text("Software", SOFTWARE)
@@ -379,7 +379,8 @@ def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
     if not files:
         raise UsageError("no image files found in " + ", ".join(str(p) for p in job.paths)
                          + (f" matching {job.glob!r}" if job.glob else "")
-                         + "".join(f"; cannot list {printable(folder)}: {reason}" for folder, reason in unlisted[:3]))
+                         + "".join(f"; cannot list {printable(folder)}: {reason}"
+                                   for folder, reason in unlisted[:3]))
     return files
 
 
@@ -457,11 +458,11 @@ def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
     return output
 
 
-def check_out_name(out: str, output_format: str, model: str | None) -> None:
+def check_out_name(out: str, output_format: str, model: str | None, save_edges: Path | None) -> None:
     """Names ``--out`` may not have: a device or a descriptor (``/dev/stdout`` is whatever file
     stdout is now: the settings would go into /dev, and a later run, its stdout elsewhere, would
     take that file for its output and cut it); a file output spelled as a folder (``r.jsonl/``: a
-    refused run had already emptied ``r.jsonl``); the model file the run reads."""
+    refused run had already emptied ``r.jsonl``); the model file the run reads; the edge folder."""
     if out == "-":
         return
     absolute = os.path.abspath(out)
@@ -475,6 +476,8 @@ def check_out_name(out: str, output_format: str, model: str | None) -> None:
 
     if model is not None and (is_out := same_file_as(out)) is not None and is_out(resolve_model_path(model)):
         raise UsageError(f"--out {out} is the model file this run reads; choose another --out")
+    if save_edges is not None and os.path.abspath(save_edges) == absolute:
+        raise UsageError(f"--save-edges and --out both name {out}; give each its own")
 
 
 def check_job(job: Job) -> CheckedJob:
@@ -487,9 +490,7 @@ def check_job(job: Job) -> CheckedJob:
         output_format = format_for(job.out, job.output_format)
     except SinkError as exc:
         raise UsageError(str(exc)) from None
-    check_out_name(job.out, output_format, job.model)
-    if job.save_edges is not None and job.out != "-" and os.path.abspath(job.save_edges) == os.path.abspath(job.out):
-        raise UsageError(f"--save-edges and --out both name {job.out}; give each its own")
+    check_out_name(job.out, output_format, job.model, job.save_edges)
     if output_format == "parquet" and job.save_edges is not None and _is_under(str(job.save_edges), Path(job.out)):
         # the dataset folder holds our parts only: its next run would refuse the edge maps
         raise UsageError(f"--save-edges {job.save_edges} is inside the Parquet dataset folder {job.out}; "
