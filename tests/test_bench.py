@@ -439,3 +439,15 @@ def test_a_thread_count_that_fails_is_a_row_with_its_reason(register):
     console = Console(record=True, width=200)
     console.print(scaling_table(report))
     assert "failed" in console.export_text()
+
+
+def test_the_json_is_written_even_when_the_table_cannot_be(tmp_path):
+    """`bench --json f | head` or stdout on a full disk: exit 3, and the measurements were lost with
+    the table (the JSON was written after printing it)."""
+    out = tmp_path / "bench.json"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "bench", *TINY, "-b", "reference",
+                               "--no-scaling", "--json", str(out)], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=600)
+    assert done.returncode == 3, done.stderr
+    assert json.loads(out.read_text())["contenders"]

@@ -143,15 +143,16 @@ def bench(
     from gpu_pipeline.bench import plot_report, print_report
     from gpu_pipeline.diagnostics.info import collect_info
 
-    print_report(Console(soft_wrap=True, highlight=False), report)
-    try:
+    try:  # the files first: a table that cannot be printed (| head, a full disk) must not lose them
         if json_path is not None:
             text = json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n"
             replace_with(json_path, "--json", lambda temporary: temporary.write_text(text), is_our_json)
         if plot is not None:
             replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary), is_our_png)
     except UsageError as exc:
+        print_report(Console(soft_wrap=True, highlight=False), report)
         fail_usage(str(exc))
+    print_report(Console(soft_wrap=True, highlight=False), report)
     raise typer.Exit(1 if any(c.status == "failed" for c in report.contenders + report.decoders) else 0)
 
 
