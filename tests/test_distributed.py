@@ -620,3 +620,14 @@ def test_local_cuda_without_gpus_or_dask_cuda_is_a_clear_usage_error(monkeypatch
     assert dist._local_cuda_cluster() == "cluster"
     assert started[0]["n_workers"] == 2 and started[0]["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert gil_monitor == [False]  # see test_a_local_cluster_starts_no_gil_knocker_in_this_process
+
+
+def test_a_local_cluster_refuses_a_backend_that_cannot_run_here_before_writing(tiles, tmp_path):
+    """``local:N`` runs its workers here: the workers found out, after an empty output and its
+    settings were written, and advised a resume that could never work."""
+    if registry.unavailable_reason("cuda") is None:
+        pytest.skip("cuda can run here")
+    out = tmp_path / "x.jsonl"
+    result = run(str(tiles), "--out", str(out), "--dask", "local:1", backend="cuda")
+    assert result.exit_code == 2 and "backend 'cuda' is unavailable" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no output, no settings record

@@ -342,6 +342,13 @@ class DaskCluster:
         self.backend_name = backend_name
         self.cluster = None
         local_workers = None if spec == LOCAL_CUDA else _local_workers(spec)
+        if local_workers is not None and backend_name != "auto":
+            # its workers run here: a backend that cannot run here is refused before anything is
+            # written, as a local run refuses it (the workers once wrote an empty output, then failed)
+            from gpu_pipeline.backends.registry import unavailable_reason
+
+            if (reason := unavailable_reason(backend_name)) is not None:
+                raise UsageError(f"backend {backend_name!r} is unavailable: {reason}")
         if spec == LOCAL_CUDA:
             self.cluster = _local_cuda_cluster()
             address = self.cluster
