@@ -1238,3 +1238,28 @@ def test_records_to_a_stdout_without_a_binary_buffer_are_written_as_text(monkeyp
     sink = LineSink("-", "jsonl")
     sink.write([a_result("/é.png")])
     assert json.loads(stdout.getvalue())["path"] == "/é.png"
+
+
+def test_a_sigterm_while_the_backend_closes_gets_the_summary_and_leaves_no_lock(tiles, tmp_path):
+    """A Dask cluster takes about half a second to close after the last record: a SIGTERM then ended
+    the process by the default action (no summary, a stale lock), a SIGINT with no summary."""
+    out = tmp_path / "out.jsonl"
+    script = f"""
+import os, signal, sys
+from gpu_pipeline.backends import registry
+from gpu_pipeline.backends.reference import ReferenceBackend
+
+class Closing(ReferenceBackend):
+    name = "closing"
+    def close(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # as the cluster closes
+
+registry.register("closing", lambda: Closing)
+sys.argv = ["gpu-pipeline", "run", {str(tiles)!r}, "--out", {str(out)!r}, "--backend", "closing"]
+from gpu_pipeline.cli.app import main
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 143, done.stderr
+    assert "20 images with backend closing" in done.stderr
+    assert len(read_records(out)) == 20 and not lock_path(str(out)).exists()

@@ -581,7 +581,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
                          if checked.earlier_failures else ""))
     stop = threading.Event()
     try:
-        with backend, sink, stop_on_signals(stop) as signals:
+        with stop_on_signals(stop) as signals, backend, sink:  # (a signal while the cluster closes: still ours)
             summary = stream(checked.engine, todo, sink, stop, console, show_bar=not job.quiet and sys.stderr.isatty())
     except SinkWriteError as exc:
         if job.out == "-":  # nothing to resume: the records went to whoever read them
