@@ -451,3 +451,26 @@ def test_the_json_is_written_even_when_the_table_cannot_be(tmp_path):
                               timeout=600)
     assert done.returncode == 3, done.stderr
     assert json.loads(out.read_text())["contenders"]
+
+
+@pytest.mark.parametrize("signum, status", [(15, 143), (2, 130)])
+def test_a_bench_stopped_by_a_signal_leaves_no_corpus_behind(tmp_path, signum, status):
+    """SIGTERM (a `timeout`) ended bench by the default action: its generated corpus stayed in the
+    temporary folder, about 700 KB a run."""
+    import os
+    import time
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "bench", "--count", "8", "--size", "512x512",
+                                "--tiles", "16", "--repeat", "3", "-b", "reference"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 120
+    while not any(scratch.glob("gpu-pipeline-bench-*/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # measuring now
+    process.send_signal(signum)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == status, stderr
+    assert list(scratch.glob("gpu-pipeline-bench-*")) == [] and "Traceback" not in stderr

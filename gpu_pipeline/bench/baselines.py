@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(kind: str, paths: Sequence[Path], options: DecodeOptions) -> None:
+    # A Ctrl-C reaches the terminal's whole process group: the bench ends the pool; its workers
+    # printed a KeyboardInterrupt traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if kind == "opencv":
         import cv2
 

@@ -152,11 +152,13 @@ register_label_commands(app)
 
 
 class Interrupted(BaseException):
-    """SIGINT outside the run's own handling. Not a KeyboardInterrupt, which click turns into exit 1."""
+    """SIGINT or SIGTERM outside the run's own handling (its signal number is ``args[0]``). Not a
+    KeyboardInterrupt, which click turns into exit 1. Raised, so that ``with`` blocks clean up: a
+    SIGTERM to ``bench`` left its generated corpus in the temporary folder."""
 
 
 def _interrupt(signum, frame) -> None:
-    raise Interrupted
+    raise Interrupted(signum)
 
 
 def main() -> None:
@@ -169,12 +171,13 @@ def main() -> None:
     # The run installs its own handler while images are processed (flush, then 130); this one covers
     # start-up and shutdown, where nothing needs flushing.
     signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
-    except Interrupted:
+    except Interrupted as exc:
         with contextlib.suppress(OSError):
             sys.stdout.flush()
-        sys.exit(130)
+        sys.exit(143 if exc.args and exc.args[0] == signal.SIGTERM else 130)
     except SystemExit:
         if streams.reader_went_away():
             sys.exit(streams.write_failed("the reader closed the pipe"))
@@ -187,6 +190,7 @@ def main() -> None:
         # The exit status is decided; a Ctrl-C while the interpreter shuts down must not replace it
         # with a death by SIGINT.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
