@@ -631,3 +631,9 @@ def test_a_local_cluster_refuses_a_backend_that_cannot_run_here_before_writing(t
     result = run(str(tiles), "--out", str(out), "--dask", "local:1", backend="cuda")
     assert result.exit_code == 2 and "backend 'cuda' is unavailable" in result.stderr
     assert list(tmp_path.iterdir()) == []  # no output, no settings record
+
+
+def test_a_local_cluster_names_the_backend_auto_chose():
+    """Its workers run here and choose as this process would: the summary said "backend auto"."""
+    with dask_run.DaskCluster("local:1", "auto", None) as cluster:
+        assert cluster.name.startswith(f"{registry.resolve('auto')} on 1 Dask worker (local:1)")

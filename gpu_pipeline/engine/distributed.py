@@ -382,6 +382,10 @@ class DaskCluster:
             raise UsageError(f"the Dask scheduler at {spec} has no workers (waited {timeout:.0f} s); "
                              "start some with `dask worker " + spec + " --nthreads 1`") from None
         workers = len(self.client.nthreads())
+        if backend_name == "auto" and local_workers is not None:  # its workers choose here, as this process would
+            from gpu_pipeline.backends.registry import resolve
+
+            backend_name = resolve("auto")
         self.name = f"{backend_name} on {workers} Dask worker{'s' if workers != 1 else ''} ({spec})"
         self._slots = (0.0, 1)  # (when counted, task slots)
 
