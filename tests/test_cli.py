@@ -349,6 +349,9 @@ def test_kernels_found_in_the_cache_are_not_announced(tmp_path, image_dir, regis
         del SlowToCompile.compiles_on_warm_up
     assert result.exit_code == 0, result.output
     assert "compiling" not in result.stderr
+    # a slow load (1.1 s here) is timed as a load: it said "(kernels compiled once, then cached)"
+    assert "backend slow-to-compile ready in " in result.stderr and "(kernels loaded)" in result.stderr
+    assert "compiled" not in result.stderr
 
 
 def test_a_slow_labeller_warm_up_is_timed(tmp_path, image_dir, monkeypatch):
