@@ -33,11 +33,11 @@ from gpu_pipeline.labels.labeller import attach_label_model, label_function, war
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, usable_cores
 from gpu_pipeline.inputs.processes import ForkServer
-from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable, shown
+from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files
-from gpu_pipeline.outputs.files import (SOFTWARE, is_our_png, png_text, remove_stale_temporaries,
-                                        same_file_as, temporary_name, write_replacing)
+from gpu_pipeline.outputs.files import (SOFTWARE, is_ours, png_texts, remove_stale_temporaries, same_file_as,
+                                        temporary_name, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -85,7 +85,7 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
         name = os.fspath(path)
         if not name.startswith(prefix):
-            raise ValueError(f"{shown(name)} is not below {shown(root)}")
+            raise ValueError(f"{printable(name)} is not below {printable(root)}")
         target = folder / (name[len(prefix):] + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.parent not in swept:
@@ -95,13 +95,15 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
             found = os.lstat(target)
         except FileNotFoundError:
             found = None
-        source = os.fsencode(name).decode("utf-8", "backslashreplace")
-        # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
-        if found is not None and not (stat.S_ISREG(found.st_mode) and is_our_png(target)):
-            raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-        if found is not None and not _same_image(recorded := png_text(target, "Source"), source, name):
-            raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
-                                  "(save the edge maps of these inputs into another folder)")
+        source = bytes_shown(name)
+        if found is not None:
+            # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
+            texts = png_texts(target) if stat.S_ISREG(found.st_mode) else None
+            if not is_ours(texts):
+                raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
+            if not _same_image(recorded := texts.get("Source"), source, name):
+                raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
+                                      "(save the edge maps of these inputs into another folder)")
         mark = PngImagePlugin.PngInfo()
         mark.add_text("Software", SOFTWARE)
         mark.add_itxt("Source", source)

@@ -41,25 +41,25 @@ def is_our_json(path: Path) -> bool:
 
 def is_our_png(path: Path) -> bool:
     """A plot gpu-pipeline drew (any version): a PNG whose ``Software`` chunk names it."""
+    return is_ours(png_texts(path))
+
+
+def is_ours(texts: dict[str, str] | None) -> bool:
+    """Whether a PNG's text chunks (:func:`png_texts`) name gpu-pipeline as its ``Software``."""
+    return texts is not None and texts.get("Software", "").startswith("gpu-pipeline")
+
+
+def png_texts(path: Path) -> dict[str, str] | None:
+    """The text chunks of a PNG (those before its pixels), None when it is no PNG or a broken one."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and str(image.info.get("Software", "")).startswith("gpu-pipeline")
+            if image.format != "PNG":
+                return None
+            return {key: str(value) for key, value in image.info.items() if isinstance(value, str)}
     except Exception:  # not an image at all, or a broken one: not ours
-        return False
-
-
-def png_text(path: Path, key: str) -> str | None:
-    """The text chunk ``key`` of a PNG, None when it has none or is no PNG."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            value = image.info.get(key)
-    except Exception:  # not an image at all, or a broken one
         return None
-    return None if value is None else str(value)
 
 
 def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: Iterable = ()) -> None:
