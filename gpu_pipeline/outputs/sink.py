@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from gpu_pipeline.errors import bytes_shown
+from gpu_pipeline.errors import bytes_shown, is_utf8
 from gpu_pipeline.outputs.records import RecordBatch
 
 
@@ -44,34 +44,22 @@ def portable(record: dict) -> dict:
     it the same way. Ordinary records are returned unchanged.
     """
     path, error = record["path"], record.get("error")
-    try:
-        path.encode("utf-8")
-        if error is not None:
-            error.encode("utf-8")
+    if is_utf8(path) and (error is None or is_utf8(error)):
         return record
-    except UnicodeEncodeError:
-        pass
     record = dict(record)
     if error is not None:
         record["error"] = bytes_shown(error)
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raw = os.fsencode(path)
-        record.update(path=raw.decode("utf-8", "backslashreplace"), path_bytes=base64.b64encode(raw).decode("ascii"))
+    if not is_utf8(path):
+        record.update(path=bytes_shown(path), path_bytes=base64.b64encode(os.fsencode(path)).decode("ascii"))
     return record
 
 
 def as_written(records: Iterable[dict]) -> Iterable[dict]:
     """``records`` with :func:`portable` names. A :class:`RecordBatch` whose names are all UTF-8 (the
     usual case) is returned as it is, so the sinks can encode it in one go."""
-    if isinstance(records, RecordBatch):
-        try:
-            "".join(records.paths).encode("utf-8")
-            "".join(error["error"] for error in records.errors.values()).encode("utf-8")
-            return records
-        except UnicodeEncodeError:
-            pass
+    if isinstance(records, RecordBatch) and is_utf8("".join(records.paths)) and \
+            is_utf8("".join(error["error"] for error in records.errors.values())):
+        return records
     return [portable(record) for record in records]
 
 
