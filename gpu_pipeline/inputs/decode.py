@@ -409,10 +409,17 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
 
 
 def _png_bit_depth(fh: BinaryIO) -> int | None:
-    """The bit depth in a PNG's header (the IHDR chunk comes first), or None."""
+    """The bit depth in a PNG's header, or None."""
     fh.seek(0)
-    head = fh.read(26)
-    return head[24] if head[12:16] == b"IHDR" else None
+    header = _png_header(fh.read(26))
+    return None if header is None else header[2]
+
+
+def _png_header(head: bytes) -> tuple[int, int, int] | None:
+    """Width, height and bit depth from the first bytes of a PNG (its IHDR chunk comes first), or None."""
+    if not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR" or len(head) < 25:
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), head[24]
 
 
 def _read_wide_png(fh: BinaryIO, width: int, height: int) -> np.ndarray:
@@ -602,9 +609,8 @@ def _jpeg_segment_size(head: bytes) -> tuple[int, int, int] | None:
 
 
 def _png_segment_size(head: bytes) -> tuple[int, int, int] | None:
-    if not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR" or len(head) < 24:
-        return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), 1  # at most 4 channels
+    header = _png_header(head)
+    return None if header is None else (header[0], header[1], 1)  # (at most 4 channels)
 
 
 def _webp_segment_size(head: bytes) -> tuple[int, int, int] | None:
