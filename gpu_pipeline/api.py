@@ -147,7 +147,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     batches in flight.
     """
     from gpu_pipeline.labels.labeller import label_function
-    from gpu_pipeline.engine.stream import Engine, early_fork_server, usable_cores
+    from gpu_pipeline.engine.stream import Engine, early_fork_server
     from gpu_pipeline.inputs.discover import find_files
     from gpu_pipeline.inputs.processes import processes_wanted
 
@@ -162,7 +162,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
         warnings.warn(f"cannot list {printable(folder)} ({reason}); its images are not processed", RuntimeWarning,
                       stacklevel=2)
     processes = processes_wanted(decode)
-    fork_server = early_fork_server(processes, len(files), workers or usable_cores())  # imports while the backend loads
+    fork_server = early_fork_server(processes, len(files), workers)  # imports while the backend loads
     try:
         engine = Engine(backend=shared_backend(backend, threads), config=config,
                         decode_options=DecodeOptions(bands=bands, stretch=stretch),

@@ -31,7 +31,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, usable_cores
+from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
@@ -507,8 +507,7 @@ def check_job(job: Job) -> CheckedJob:
         done = existing.succeeded
     todo = [path for path in files if path not in done]
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
-    fork_server = (early_fork_server(job.processes, len(todo), job.workers or usable_cores())
-                   if job.dask is None else None)
+    fork_server = early_fork_server(job.processes, len(todo), job.workers) if job.dask is None else None
     try:
         checked = _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
     except BaseException:

@@ -205,15 +205,21 @@ def decodes_in_processes(processes: bool | None, files: int, decoders: int) -> b
             and room_for_descriptors(decoders) is None)
 
 
-def early_fork_server(processes: bool | None, files: int, decoders: int) -> ForkServer | None:
-    """For a run of ``files`` files that will decode in processes, their fork server, started now and
-    not waited for: a caller starts it before it loads the backend, so that the server's imports
-    (0.13 s on the 2-core VM) run on another core meanwhile. Hand it to :class:`Engine`; else None."""
-    if not decodes_in_processes(processes, files, decoders):
+def early_fork_server(processes: bool | None, files: int, workers: int | None) -> ForkServer | None:
+    """For a run of ``files`` files with ``workers`` decoders (:func:`decoder_count`) that will decode
+    in processes, their fork server, started now and not waited for: a caller starts it before it
+    loads the backend, so that the server's imports (0.13 s on the 2-core VM) run on another core
+    meanwhile. Hand it to :class:`Engine`; else None."""
+    if not decodes_in_processes(processes, files, decoder_count(workers)):
         return None
     server = ForkServer()
     server.start()
     return server
+
+
+def decoder_count(workers: int | None) -> int:
+    """How many decoders a run starts: ``workers`` (``--workers``), else one per usable core."""
+    return workers if workers is not None else usable_cores()
 
 
 def usable_cores() -> int:
@@ -660,7 +666,7 @@ class Engine:
 
     def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""
-        return self.workers if self.workers is not None else usable_cores()
+        return decoder_count(self.workers)
 
     def pixels_per_batch(self) -> int:
         return self.batch_pixels if self.batch_pixels is not None else self.backend.batch_pixels()
