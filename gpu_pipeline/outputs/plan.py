@@ -190,6 +190,10 @@ class OutputLock:
         self.path = lock_path(out)
         self._descriptor: int | None = None
 
+    def _foreign(self) -> SinkError:
+        return SinkError(errno.EEXIST, f"{self.path} exists and is not a gpu-pipeline lock; it is left alone: "
+                         "remove it or use another --out")
+
     def _open(self) -> int:
         """The lock file, opened (created if absent); SinkError naming it when it cannot be, or is not
         a regular file (a folder, a FIFO, a link to nowhere: the refusal named the output instead)."""
@@ -201,8 +205,7 @@ class OutputLock:
                             "remove it or use another --out") from None
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             os.close(descriptor)
-            raise SinkError(errno.EEXIST, f"{self.path} exists and is not a gpu-pipeline lock; it is left "
-                            "alone: remove it or use another --out")
+            raise self._foreign()
         return descriptor
 
     def acquire(self) -> None:
@@ -230,8 +233,7 @@ class OutputLock:
         held = os.pread(descriptor, 64, 0)
         if held.strip() and not held.strip().isdigit():  # a lock of ours holds a process id, or nothing yet
             os.close(descriptor)
-            raise SinkError(errno.EEXIST, f"{self.path} exists and is not a gpu-pipeline lock; it is left "
-                            "alone: remove it or use another --out")
+            raise self._foreign()
         try:
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
