@@ -143,6 +143,7 @@ def bench(
     from gpu_pipeline.bench import plot_report, print_report
     from gpu_pipeline.diagnostics.info import collect_info
 
+    refused = None
     try:  # the files first: a table that cannot be printed (| head, a full disk) must not lose them
         if json_path is not None:
             text = json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n"
@@ -150,9 +151,10 @@ def bench(
         if plot is not None:
             replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary), is_our_png)
     except UsageError as exc:
-        print_report(Console(soft_wrap=True, highlight=False), report)
-        fail_usage(str(exc))
+        refused = str(exc)
     print_report(Console(soft_wrap=True, highlight=False), report)
+    if refused is not None:
+        fail_usage(refused)
     raise typer.Exit(1 if any(c.status == "failed" for c in report.contenders + report.decoders) else 0)
 
 

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from gpu_pipeline.backends import Backend, BackendUnavailable, create
-from gpu_pipeline.backends.registry import backend_names
+from gpu_pipeline.backends.registry import backend_names, resolve, unavailable_reason
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary
@@ -345,8 +345,6 @@ class DaskCluster:
         if local_workers is not None and backend_name != "auto":
             # its workers run here: a backend that cannot run here is refused before anything is
             # written, as a local run refuses it (the workers once wrote an empty output, then failed)
-            from gpu_pipeline.backends.registry import unavailable_reason
-
             if (reason := unavailable_reason(backend_name)) is not None:
                 raise UsageError(f"backend {backend_name!r} is unavailable: {reason}")
         if spec == LOCAL_CUDA:
@@ -383,8 +381,6 @@ class DaskCluster:
                              "start some with `dask worker " + spec + " --nthreads 1`") from None
         workers = len(self.client.nthreads())
         if backend_name == "auto" and local_workers is not None:  # its workers choose here, as this process would
-            from gpu_pipeline.backends.registry import resolve
-
             backend_name = resolve("auto")
         self.name = f"{backend_name} on {workers} Dask worker{'s' if workers != 1 else ''} ({spec})"
         self._slots = (0.0, 1)  # (when counted, task slots)
