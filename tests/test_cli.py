@@ -509,3 +509,33 @@ def test_help_texts_keep_their_brackets():
     assert result.exit_code == 0
     assert "gpu-pipeline[dask-cuda]" in result.output.replace("\n", "").replace(" ", "")
     assert "gpu-pipeline[dask]." in result.output
+
+
+def test_without_numba_auto_runs_the_reference_backend_and_numba_only_commands_refuse(image_dir, tmp_path):
+    """README: `auto` takes the first available backend; docs/nightly.md: the reference backend where
+    numba cannot be imported. The JSON lines and CSV writers format histograms with a numba kernel:
+    without numba they write the same bytes in Python. --model, fit and evaluate need numba's
+    kernels: one line, exit 2."""
+    stand_in = tmp_path / "no-numba" / "numba"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text('raise ImportError("numba is not installed (a test stand-in)")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_in.parent), str(Path(__file__).parent.parent)])}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+
+    for suffix in ("jsonl", "csv"):
+        expected, got = tmp_path / f"expected.{suffix}", tmp_path / f"got.{suffix}"
+        assert invoke("run", str(image_dir), "--backend", "reference", "--out", str(expected), "--quiet").exit_code == 0
+        done = cli("run", str(image_dir), "--out", str(got), "--quiet")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert got.read_bytes() == expected.read_bytes()
+    for args in (("run", str(image_dir), "--model", "eurosat", "--out", str(tmp_path / "m.jsonl")),
+                 ("fit", str(image_dir), "--out", str(tmp_path / "model.json")),
+                 ("evaluate", str(image_dir), "--model", "eurosat")):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("gpu-pipeline: error:") and "needs numba" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "model.json").exists()

@@ -24,7 +24,7 @@ from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.errors import UsageError, printable, shown
+from gpu_pipeline.errors import UsageError, one_line, printable, shown
 from gpu_pipeline.labels.plots import MAX_CLASSES, has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 
 #: How many failed images are listed by name before the rest are only counted.
 SHOWN_FAILURES = 5
+
+
+def _need_numba(command: str) -> None:
+    """fit and evaluate compute features with numba kernels: without numba, one line and exit 2."""
+    try:
+        import gpu_pipeline.labels.model  # noqa: F401
+    except (ImportError, OSError) as exc:  # numba missing, or a broken llvmlite
+        fail_usage(f"{command} needs numba, which cannot be imported ({one_line(exc)})")
 
 
 def _report_failures(failures: list[str]) -> None:
@@ -77,6 +85,7 @@ def fit(
     should use the same --bands and --stretch (recorded in its training summary).
     Exit status: 0, 1 when some images failed (they are left out), 2 on bad usage.
     """
+    _need_numba("fit")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
     from gpu_pipeline.labels.model import fit_model, settings_text
 
@@ -158,6 +167,7 @@ def evaluate(
     Images are processed with the pipeline settings stored in the model. Every class folder must be
     a class of the model. Exit status: 0, 1 when some images failed (left out), 2 on bad usage.
     """
+    _need_numba("evaluate")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
     from gpu_pipeline.labels.model import load_model, resolve_model_path
 

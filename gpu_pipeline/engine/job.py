@@ -474,10 +474,11 @@ def check_out_name(out: str, output_format: str, model: str | None, save_edges: 
                          "descriptor, /dev/shm itself); use --out - for standard output, or a name in /dev/shm/")
     if output_format != "parquet" and out.endswith(("/", os.sep)):
         raise UsageError(f"--out {out}: a {output_format.upper()} output is a file; drop the trailing /")
-    from gpu_pipeline.labels.model import resolve_model_path
+    if model is not None and (is_out := same_file_as(out)) is not None:
+        from gpu_pipeline.labels.model import resolve_model_path  # imports numba: only with a model
 
-    if model is not None and (is_out := same_file_as(out)) is not None and is_out(resolve_model_path(model)):
-        raise UsageError(f"--out {out} is the model file this run reads; choose another --out")
+        if is_out(resolve_model_path(model)):
+            raise UsageError(f"--out {out} is the model file this run reads; choose another --out")
     if save_edges is not None and os.path.abspath(save_edges) == absolute:
         raise UsageError(f"--save-edges and --out both name {out}; give each its own")
 

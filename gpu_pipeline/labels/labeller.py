@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.errors import UsageError, one_line
 from gpu_pipeline.images import pixel_counts
 
 #: Edge-density bands of the default rule (fraction of pixels that are edges). Equalization
@@ -115,7 +116,10 @@ def label_function(model: str | Path | None, config: PipelineConfig | None = Non
     """
     if model is None:
         return default_labels
-    from gpu_pipeline.labels.model import load_model  # the model module imports this one
+    try:
+        from gpu_pipeline.labels.model import load_model  # the model module imports this one
+    except (ImportError, OSError) as exc:  # its feature kernels are numba's
+        raise UsageError(f"--model {model} needs numba, which cannot be imported ({one_line(exc)})") from None
 
     label_model = load_model(model)
     if config is not None:

@@ -87,9 +87,11 @@ def _histogram_lines(histograms, separator):
 @functools.cache
 def _compiled_histogram_lines():
     """The numba kernel, made on first use: importing the engine (``gpu-pipeline --help``) does not
-    import numba."""
-    from gpu_pipeline.backends._numba_setup import helper
-
+    import numba; None where numba cannot be imported (the reference backend's runs write records all the same)."""
+    try:
+        from gpu_pipeline.backends._numba_setup import helper
+    except (ImportError, OSError):  # numba missing, or a broken llvmlite (as the numba backend says)
+        return None
     return helper(_histogram_lines)
 
 
@@ -97,7 +99,10 @@ def histogram_texts(histograms: np.ndarray, separator: str = ",") -> list[str]:
     """Each row of an int64 (N, 256) array as ``"c0,c1,...,c255"`` (one numba call per batch)."""
     if len(histograms) == 0:
         return []
-    text = _compiled_histogram_lines()(np.ascontiguousarray(histograms, dtype=np.int64), ord(separator))
+    formatter = _compiled_histogram_lines()
+    if formatter is None:  # the same text, about 10x slower
+        return [separator.join(map(str, row)) for row in histograms.tolist()]
+    text = formatter(np.ascontiguousarray(histograms, dtype=np.int64), ord(separator))
     return text.tobytes().decode("ascii").split("\n")[:-1]
 
 
