@@ -390,6 +390,54 @@ def test_two_spellings_of_one_output_take_one_lock(tiles, tmp_path):
     assert result.exit_code == 2 and "another gpu-pipeline run" in result.stderr, result.output
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_run_through_a_symbolic_link_resumes_the_output_it_leads_to(tiles, tmp_path, suffix):
+    """docs/nightly.md: two spellings of one output (a symbolic link) are one output. The settings
+    record lies beside the file the link leads to, as the lock does: `latest` made after a first run
+    resumes it, and a run through the link first leaves a record the real name finds."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    first = sorted(tiles.iterdir())[:12]
+    real, link = tmp_path / f"night1{suffix}", tmp_path / f"latest{suffix}"
+    assert run(*map(str, first), "--out", str(real)).exit_code == 0
+    link.symlink_to(real.name)
+    result = run(str(tiles), "--out", str(link))
+    assert result.exit_code == 0, result.stderr
+    assert link.is_symlink() and not (tmp_path / f"latest{suffix}.settings.json").exists()
+    assert sorted(by_path(read_records(real))) == sorted(str(p) for p in tiles.iterdir())
+    # the other way round: through the link first, then the real name
+    other, other_link = tmp_path / f"night2{suffix}", tmp_path / f"today{suffix}"
+    if suffix == ".parquet":
+        other.mkdir()
+    else:
+        other.touch()
+    other_link.symlink_to(other.name)
+    assert run(*map(str, first), "--out", str(other_link)).exit_code == 0
+    assert run(str(tiles), "--out", str(other)).exit_code == 0
+    assert sorted(by_path(read_records(other))) == sorted(str(p) for p in tiles.iterdir())
+    changed = run(str(tiles), "--out", str(link), "--low", "50")  # the real record is the one compared
+    assert changed.exit_code == 2 and "other settings" in changed.stderr
+
+
+def test_a_settings_record_beside_the_link_itself_is_still_found(tiles, tmp_path):
+    """Runs before 2026-12-06 kept it beside the name given: their outputs resume as before."""
+    real, link = tmp_path / "night1.jsonl", tmp_path / "latest.jsonl"
+    real.touch()
+    link.symlink_to(real.name)
+    assert run(str(tiles), "--out", str(link)).exit_code == 0
+    os.rename(tmp_path / "night1.jsonl.settings.json", tmp_path / "latest.jsonl.settings.json")  # the old place
+    assert run(str(tiles), "--out", str(link)).exit_code == 0
+    assert len(read_records(real)) == 20 and not (tmp_path / "night1.jsonl.settings.json").exists()
+
+
+def test_a_symbolic_link_out_that_leads_nowhere_is_refused_saying_so(tiles, tmp_path):
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to("night2.jsonl")
+    result = run(str(tiles), "--out", str(link))
+    assert result.exit_code == 2 and "night2.jsonl, which does not exist" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.jsonl", "tiles"]
+
+
 def test_the_settings_record_is_written_through_no_link_that_was_there(tiles, tmp_path):
     """Its temporary name is this process's own, made exclusively: a link planted at a name it
     might take leads nowhere."""
@@ -574,7 +622,8 @@ def test_retry_failed_rewrites_through_a_temporary_of_its_own_and_keeps_a_symbol
     records = by_path(read_records(real))
     assert len(records) == 4 and all("error" not in r for r in records.values())
     assert precious.read_text() == "mine" and (tmp_path / f"results{suffix}.rewrite").read_text() == "my notes"
-    assert [p.name for p in (tmp_path / "data").iterdir()] == [f"nightly{suffix}"]  # no temporary left
+    # no temporary left (the settings record lies beside the file the link leads to)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [f"nightly{suffix}", f"nightly{suffix}.settings.json"]
 
 
 def a_dead_pid() -> int:
@@ -1191,6 +1240,10 @@ def test_overwrite_never_deletes_files_we_did_not_write_in_a_dataset_folder(tile
     (out / "notes.txt").write_text("mine")
     result = run(str(tiles), "--out", str(out), "--overwrite")
     assert result.exit_code == 2 and "did not write" in result.stderr
+    (tmp_path / "out.parquet.settings.json").unlink()
+    result = run(str(tiles), "--out", str(out))  # its advice must not be an --overwrite that cannot help
+    assert result.exit_code == 2 and "no settings record" in result.stderr
+    assert "only when it holds nothing but gpu-pipeline's Parquet parts" in result.stderr, result.stderr
     assert (out / "notes.txt").read_text() == "mine" and len(read_records(out)) == 20
 
 

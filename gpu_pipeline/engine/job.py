@@ -158,7 +158,15 @@ def model_identity(model: str | None) -> str | None:
 
 
 def settings_path(out: str) -> Path:
-    return Path(out.rstrip("/") + ".settings.json")
+    """``OUT.settings.json``, beside the output file: where ``out`` is a symbolic link, beside the file
+    it leads to, as the lock, so that every spelling of one output finds the same record (a record
+    beside the link itself, which runs before 2026-12-06 wrote, is still found when there is no other)."""
+    name = out.rstrip("/")
+    beside = Path(name + ".settings.json")
+    if out == "-" or not os.path.islink(name):
+        return beside
+    real = Path(os.path.realpath(name) + ".settings.json")
+    return beside if os.path.lexists(beside) and not os.path.lexists(real) else real
 
 
 def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict | None) -> None:
@@ -171,9 +179,10 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
         return
     path = settings_path(out)
     if earlier is None:  # (one there that is not ours was refused by checked_settings_record)
+        replace = ("--overwrite replaces such a folder only when it holds nothing but gpu-pipeline's Parquet parts"
+                   if os.path.isdir(out) else "use --overwrite to replace it")
         raise UsageError(f"{out} exists but has no settings record {path.name}: it is not a gpu-pipeline output, "
-                         "or its settings were removed, and resuming could mix settings; "
-                         "use --overwrite to replace it, or another --out")
+                         f"or its settings were removed, and resuming could mix settings; {replace}, or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     if earlier == settings:
         return
@@ -363,7 +372,8 @@ def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
     # stats every input once: 2.5 us a file here; a first run, none)
     is_out = same_file_as(job.out) if out is not None else None
     if out is not None:  # the records kept beside the output are never inputs either
-        sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(lock_path(job.out))}
+        sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(job.out + ".settings.json"),
+                    os.path.abspath(lock_path(job.out))}
         named = [path for path in found if path in sidecars]
         if named:
             raise UsageError(f"--out {job.out} keeps its settings and lock beside it, as {named[0]}, "

@@ -137,6 +137,9 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
                                 "use --overwrite or another --out")
         elif not path.is_dir() and not path.is_file():
             raise SinkError(f"{out} is not a folder; use another --out")
+    elif path.is_symlink() and not path.exists():
+        raise SinkError(f"{out} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                        "use the name it leads to, or another --out")
     elif not path.is_file():
         raise SinkError(f"{out} is not a regular file; use another --out")
     plan.exists = not _is_empty(path)
