@@ -539,3 +539,47 @@ def test_without_numba_auto_runs_the_reference_backend_and_numba_only_commands_r
         assert done.stderr.startswith("gpu-pipeline: error:") and "needs numba" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "model.json").exists()
+
+
+class _SlowModel:
+    """A label model whose kernels are not in numba's cache: its warm-up compiles them."""
+
+    def compiles_on_warm_up(self) -> bool:
+        return True
+
+    def labels(self, images, histograms, edge_counts):
+        time.sleep(1.1 if len(images) == 2 else 0)  # (the warm-up labels two tiny images)
+        return ["slow"] * len(images)
+
+
+def test_a_model_compile_is_announced_before_it_starts_and_timed_as_a_compile(tmp_path, image_dir, monkeypatch):
+    """README: the first run with --model compiles the model's feature kernels, "reported as labels
+    ready in ..."; it was announced with nothing and timed as "(kernels loaded)"."""
+    import gpu_pipeline.engine.job as runner
+
+    monkeypatch.setattr(runner, "label_function", lambda model, config=None: _SlowModel().labels)
+    result = CliRunner().invoke(app, ["run", str(image_dir), "--out", str(tmp_path / "r.jsonl"),
+                                      "--backend", "reference", "--model", "eurosat"])
+    assert result.exit_code == 0, result.output
+    before = result.stderr.index("compiling the label model's kernels (")
+    assert before < result.stderr.index("labels ready in 1.")
+    assert "(kernels compiled" in result.stderr and "(kernels loaded)" not in result.stderr
+
+
+@pytest.mark.parametrize("model", ["eurosat", "eurosat-cnn"])
+def test_a_shipped_model_knows_whether_its_kernels_are_cached(model, tmp_path):
+    """Only the kernels its labels call count: a check over every kernel of its modules (the fit's,
+    the serial twins) said "compiling" at every run."""
+    from gpu_pipeline.backends import _numba_setup
+    from gpu_pipeline.labels.labeller import labeller_compiles, warm_up_labeller
+    from gpu_pipeline.labels.model import load_model
+
+    labels = load_model(model).labels
+    if _numba_setup.CACHE_DIR is None or _numba_setup.CACHE_IS_FRESH:
+        pytest.skip("numba has no lasting cache folder here")
+    warm_up_labeller(labels)
+    assert not labeller_compiles(labels)
+    code = f"from gpu_pipeline.labels.model import load_model; print(load_model({model!r}).compiles_on_warm_up())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "empty-cache")})
+    assert fresh.stdout.strip() == "True", fresh.stderr

@@ -209,6 +209,18 @@ choose_threading_layer()
 # setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+def compiles_on_first_call(kernels) -> bool:
+    """True unless numba's cache holds a current entry for every one of ``kernels`` (dispatchers):
+    a missing, stale or disabled cache means they compile on their first call (seconds each)."""
+    for kernel in kernels:
+        try:
+            if not kernel._cache._cache_file._load_index():  # numba's own check: source stamp, version
+                return True
+        except Exception:  # no cache (caching disabled) or a numba without these internals
+            return True
+    return False
+
+
 #: Decorators of the CPU kernels: ``helper`` for serial code run inside one thread, ``parallel``
 #: for the entry points whose ``prange`` loops spread over the threads. Both release the GIL.
 helper = numba.njit(cache=CACHE_DIR is not None, nogil=True)

@@ -159,14 +159,10 @@ class NumbaCpuBackend(Backend):
     def compiles_on_warm_up(self) -> bool:
         """True unless numba's cache holds a current entry for every kernel (a missing, stale or
         disabled cache means a compile of about 12-15 s on two cores)."""
+        from gpu_pipeline.backends._numba_setup import compiles_on_first_call
+
         k = self._kernels
-        for kernel in (k.gray_histograms, k.edge_maps, k.join_bands):
-            try:
-                if not kernel._cache._cache_file._load_index():  # numba's own check: source stamp, version
-                    return True
-            except Exception:  # no cache (caching disabled) or a numba without these internals
-                return True
-        return False
+        return compiles_on_first_call((k.gray_histograms, k.edge_maps, k.join_bands))
 
     def warm_up(self, config: PipelineConfig | None = None) -> None:
         """Load (or compile) every kernel, the seam join too: the base class's tiny images are

@@ -29,7 +29,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from gpu_pipeline.backends import BackendUnavailable, create
-from gpu_pipeline.labels.labeller import attach_label_model, label_function, warm_up_labeller
+from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
@@ -575,16 +575,11 @@ def execute(job: Job, checked: CheckedJob) -> int:
         console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged} damaged line(s) between intact "
                       "records; their images are processed again")
     if job.dask is None and todo:
-        compiles = not job.quiet and backend.compiles_on_warm_up()
-        cached = not compiles or kernels_cached()  # (only then: it imports numba)
-        if compiles:
-            console.print(f"compiling the {backend.name} kernels (" + (
-                "first run after install, about 15 s; later runs load them from the cache)" if cached else
-                "about 15 s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
-        warmed = ("(kernels loaded)" if not compiles else  # (a slow load said "compiled once, then cached")
-                  "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)")
-        timed_warm_up(f"backend {backend.name}", lambda: backend.warm_up(job.config), console, job.quiet, warmed)
-        timed_warm_up("labels", lambda: warm_up_labeller(checked.engine.labels_of), console, job.quiet, warmed)
+        labels_of = checked.engine.labels_of
+        announced_warm_up(f"backend {backend.name}", f"{backend.name} kernels", 15, console, job.quiet,
+                          backend.compiles_on_warm_up, lambda: backend.warm_up(job.config))
+        announced_warm_up("labels", "label model's kernels", 10, console, job.quiet,
+                          lambda: labeller_compiles(labels_of), lambda: warm_up_labeller(labels_of))
     recorded = len(files) - len(todo)
     warn_unlisted(console, checked.unlisted)
     if not job.quiet and recorded:
@@ -632,6 +627,21 @@ def kernels_cached() -> bool:
     from gpu_pipeline.backends import _numba_setup
 
     return _numba_setup.CACHE_DIR is not None and not _numba_setup.CACHE_IS_FRESH
+
+
+def announced_warm_up(what: str, kernels: str, seconds: int, console: Console, quiet: bool,
+                      compiles: Callable[[], bool], warm_up: Callable[[], None]) -> None:
+    """Compile or load kernels before the run: a compile (seconds) is announced before it starts,
+    and said so when timed after."""
+    compiling = not quiet and compiles()
+    cached = not compiling or kernels_cached()  # (only then: it imports numba)
+    if compiling:
+        console.print(f"compiling the {kernels} (" + (
+            f"first run after install, about {seconds} s; later runs load them from the cache)" if cached else
+            f"about {seconds} s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
+    note = ("(kernels loaded)" if not compiling else  # (a slow load said "compiled once, then cached")
+            "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)")
+    timed_warm_up(what, warm_up, console, quiet, note)
 
 
 def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool, note: str) -> None:

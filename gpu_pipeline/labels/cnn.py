@@ -247,6 +247,12 @@ class CnnModel:
             return np.zeros(0, np.int64)
         return self.predict_inputs(self.resample(images))
 
+    def compiles_on_warm_up(self) -> bool:
+        """Whether its kernels are missing from numba's cache (a compile of seconds)."""
+        parallel = _numba_setup.parallel_kernels_usable()  # the kernels resample and pooled_sums call
+        return _numba_setup.compiles_on_first_call(
+            (_stack_resample, _stack_sums) if parallel else (_stack_resample_serial, _stack_sums_serial))
+
     @property
     def feature_count(self) -> int:
         """Channels of the last block: the width of :meth:`features`."""

@@ -392,6 +392,12 @@ def _stacked(images: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(stack, dtype=np.uint8)
 
 
+def feature_kernel():
+    """The kernel :func:`batch_features` calls here: the parallel one where several Python threads may
+    call it at once, else its serial twin."""
+    return _stack_features if _numba_setup.parallel_kernels_usable() else _stack_features_serial
+
+
 def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray,
                    strip_pixels: int = STRIP_PIXELS) -> np.ndarray:
     """float64 (N, len(FEATURE_NAMES)): the features of each image of a batch.
@@ -404,7 +410,7 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
     out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
-    kernel = _stack_features if _numba_setup.parallel_kernels_usable() else _stack_features_serial
+    kernel = feature_kernel()
     for shape, members in group_by_shape(images).items():
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)

@@ -98,6 +98,12 @@ def warm_up_labeller(labeller: Labeller) -> None:
     labeller(images, histograms, np.zeros(2, np.int64))
 
 
+def labeller_compiles(labeller: Labeller) -> bool:
+    """Whether warming ``labeller`` up compiles kernels (a model's, missing from numba's cache)."""
+    check = getattr(getattr(labeller, "__self__", None), "compiles_on_warm_up", None)
+    return bool(check is not None and check())
+
+
 def attach_label_model(backend, labels_of: Labeller) -> bool:
     """Offer the model behind ``labels_of`` (a model's ``labels`` method) to ``backend``, which may
     then compute the model's features on its device; True when it took it."""

@@ -37,7 +37,7 @@ import numpy as np
 from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig, threshold_text
 from gpu_pipeline.labels import cnn
-from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
+from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features, feature_kernel
 from gpu_pipeline.errors import UsageError
 
 FORMAT = "gpu-pipeline label model"
@@ -156,6 +156,10 @@ class LabelModel:
     @property
     def feature_count(self) -> int:
         return len(self.feature_names)
+
+    def compiles_on_warm_up(self) -> bool:
+        """Whether its feature and score kernels are missing from numba's cache (a compile of seconds)."""
+        return _numba_setup.compiles_on_first_call((feature_kernel(), _scores))
 
     def features(self, images: Sequence[np.ndarray], histograms: np.ndarray, edge_counts: np.ndarray) -> np.ndarray:
         """float64 (N, features): what :meth:`predict` needs of each image of a batch."""
