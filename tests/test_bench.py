@@ -8,6 +8,7 @@ says why a contender did not run. CLI runs use a tiny corpus and one repeat.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -293,12 +294,31 @@ def test_paths_mode_times_the_given_images(tmp_path, bundled_data_dir):
     assert result.exit_code == 0, result.output
     corpus = report["corpus"]
     assert corpus["source"] == "paths" and corpus["images"] == 3 and corpus["shapes"] == {"64x64x3": 3}
+    assert corpus["unlisted"] == []
     pixels = sum(decode_image(f, DecodeOptions()).size // 3 for f in files)
     for name in ("reference", "numba"):
         entry = report["contenders"][name]
         assert entry["compute"]["megapixels"] == entry["end_to_end"]["megapixels"] == pixels / 1e6
         assert len(entry["compute"]["seconds"]) == 2
     assert "3 images (given files: 3 x 64x64x3)" in result.stdout
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_recorded(tmp_path, bundled_data_dir, locked):
+    """Its images were left out of the corpus without a word."""
+    folder = tmp_path / "images"
+    (folder / "locked").mkdir(parents=True)
+    files = discover([bundled_data_dir / "eurosat"])[:3]
+    for index, file in enumerate(files):
+        shutil.copy(file, folder / ("locked" if index else "") / file.name)
+    locked("locked")
+    result, report = run_bench(tmp_path, folder, "--backends", "reference", "--repeat", "1", "--no-scaling")
+    assert result.exit_code == 0, result.output
+    warning = f"warning: cannot list {folder / 'locked'} (Permission denied); its images are not processed"
+    assert warning in result.stderr.splitlines()
+    assert report["corpus"]["images"] == 1
+    assert report["corpus"]["unlisted"] == [{"folder": str(folder / "locked"), "reason": "Permission denied"}]
+    result = runner.invoke(app, ["bench", str(folder / "locked")])
+    assert result.exit_code == 2 and f"cannot list {folder / 'locked'}: Permission denied" in result.stderr
 
 
 def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):
