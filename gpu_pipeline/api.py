@@ -24,7 +24,6 @@ from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
 from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, whole_number
 from gpu_pipeline.images import ImageBatch, pixel_counts
-from gpu_pipeline.errors import printable
 
 
 @dataclass
@@ -148,7 +147,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     """
     from gpu_pipeline.labels.labeller import label_function
     from gpu_pipeline.engine.stream import Engine, early_fork_server
-    from gpu_pipeline.inputs.discover import find_files
+    from gpu_pipeline.inputs.discover import find_files, unlisted_warning
     from gpu_pipeline.inputs.processes import processes_wanted
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
@@ -159,8 +158,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     unlisted: list[tuple[str, str]] = []
     files = find_files(paths, glob=glob, unlisted=unlisted)
     for folder, reason in unlisted:  # (its images get no record: say so, as the command line does)
-        warnings.warn(f"cannot list {printable(folder)} ({reason}); its images are not processed", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(unlisted_warning(folder, reason), RuntimeWarning, stacklevel=2)
     processes = processes_wanted(decode)
     fork_server = early_fork_server(processes, len(files), workers)  # imports while the backend loads
     try:

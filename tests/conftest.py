@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,19 @@ def register():
     yield add
     for name in names:
         registry.unregister(name)
+
+
+@pytest.fixture
+def locked(monkeypatch):
+    """``locked(name)``: folders named ``name`` cannot be listed from now on in this test, as for a
+    user without the permission (tests run as root, who may list anything)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if not isinstance(path, int) and os.path.basename(os.fspath(path)) in names:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    names: set[str] = set()
+    monkeypatch.setattr(os, "scandir", scandir)
+    return names.add

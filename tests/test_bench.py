@@ -8,6 +8,7 @@ says why a contender did not run. CLI runs use a tiny corpus and one repeat.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -293,12 +294,62 @@ def test_paths_mode_times_the_given_images(tmp_path, bundled_data_dir):
     assert result.exit_code == 0, result.output
     corpus = report["corpus"]
     assert corpus["source"] == "paths" and corpus["images"] == 3 and corpus["shapes"] == {"64x64x3": 3}
+    assert corpus["unlisted"] == []
     pixels = sum(decode_image(f, DecodeOptions()).size // 3 for f in files)
     for name in ("reference", "numba"):
         entry = report["contenders"][name]
         assert entry["compute"]["megapixels"] == entry["end_to_end"]["megapixels"] == pixels / 1e6
         assert len(entry["compute"]["seconds"]) == 2
     assert "3 images (given files: 3 x 64x64x3)" in result.stdout
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_recorded(tmp_path, bundled_data_dir, locked):
+    """Its images were left out of the corpus without a word."""
+    folder = tmp_path / "images"
+    (folder / "locked").mkdir(parents=True)
+    files = discover([bundled_data_dir / "eurosat"])[:3]
+    for index, file in enumerate(files):
+        shutil.copy(file, folder / ("locked" if index else "") / file.name)
+    locked("locked")
+    result, report = run_bench(tmp_path, folder, "--backends", "reference", "--repeat", "1", "--no-scaling")
+    assert result.exit_code == 0, result.output
+    warning = f"warning: cannot list {folder / 'locked'} (Permission denied); its images are not processed"
+    assert warning in result.stderr.splitlines()
+    assert report["corpus"]["images"] == 1
+    assert report["corpus"]["unlisted"] == [{"folder": str(folder / "locked"), "reason": "Permission denied"}]
+    result = runner.invoke(app, ["bench", str(folder / "locked")])
+    assert result.exit_code == 2 and f"cannot list {folder / 'locked'}: Permission denied" in result.stderr
+
+
+def test_files_cv2_cannot_read_are_left_out_of_the_opencv_decoding_rows_and_named(tmp_path, bundled_data_dir):
+    """A float TIFF failed the whole opencv-pool row (the anchor: no ratio left) and the cv2.imread
+    row, and bench exited 1. Now they are timed on the files cv2 reads, and say which it did not."""
+    pytest.importorskip("cv2")
+    tifffile = pytest.importorskip("tifffile")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for file in discover([bundled_data_dir / "eurosat"])[:2]:
+        shutil.copy(file, folder / file.name)
+    tifffile.imwrite(folder / "float.tif", np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    result, report = run_bench(tmp_path, folder, "--backends", "reference,opencv-pool", "--repeat", "1",
+                               "--no-scaling")
+    assert result.exit_code == 0, result.output
+    assert report["corpus"]["images"] == 3 and report["corpus"]["opencv_unreadable"] == [str(folder / "float.tif")]
+    pool, imread = report["contenders"]["opencv-pool"], report["decode_only"][bench.DECODE_OPENCV]
+    for row, timing in ((pool, "end_to_end"), (pool, "compute"), (imread, "decode")):
+        assert row["status"] == "measured" and row[timing]["images"] == 2
+        assert row["subset"] == f"2 of 3 images (0.0 MP): cv2.imread cannot read the other 1 (first: {folder / 'float.tif'})"
+    assert report["baseline"] == "opencv-pool" and report["contenders"]["reference"]["end_to_end"]["images"] == 3
+    assert "opencv-pool*: on 2 of 3 images" in result.stdout and "decode (cv2)*" in result.stdout
+    for file in discover([folder])[:2]:
+        file.unlink()
+    result, report = run_bench(tmp_path, folder, "--backends", "reference,opencv-pool", "--repeat", "1",
+                               "--no-scaling")
+    assert result.exit_code == 0, result.output
+    reason = f"cv2.imread cannot read any of the 1 files (first: {folder / 'float.tif'})"
+    for row in (report["contenders"]["opencv-pool"], report["decode_only"][bench.DECODE_OPENCV]):
+        assert (row["status"], row["reason"]) == ("unavailable", reason)
+    assert f"opencv-pool: unavailable: {reason}" in result.stdout
 
 
 def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):

@@ -587,6 +587,27 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "gpu-pipeline: error: no image of class red could be processed"
 
 
+def test_a_folder_that_cannot_be_listed_is_refused_by_fit_and_evaluate(tmp_path, locked):
+    """A model fitted (or scored) without a class's hidden images is wrong, not partly right: refused,
+    naming the folder, and nothing written. The tree itself, unlisted, is refused too."""
+    tree, model = colour_tree(tmp_path / "tree", per_class=2), tmp_path / "m.json"
+    assert invoke("fit", str(tree), "--out", str(model), "--backend", "reference").exit_code == 0
+    written = model.read_bytes()
+    (tree / "red" / "locked").mkdir()
+    (tree / "red" / "red_1.png").rename(tree / "red" / "locked" / "red_1.png")
+    locked("locked")
+    for command in (["fit", str(tree), "--out", str(tmp_path / "other.json")], ["evaluate", str(tree), "--model", str(model)]):
+        result = invoke(*command, "--backend", "reference")
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (f"gpu-pipeline: error: cannot list {tree / 'red' / 'locked'} (Permission denied): "
+                                 "images of class red would be left out; make it readable, or move it out of the "
+                                 "labelled tree\n")
+    assert not (tmp_path / "other.json").exists() and model.read_bytes() == written
+    locked("tree")
+    result = invoke("fit", str(tree), "--out", str(tmp_path / "other.json"), "--backend", "reference")
+    assert result.exit_code == 2 and result.stderr == f"gpu-pipeline: error: cannot list {tree} (Permission denied)\n"
+
+
 def test_a_class_left_without_images_says_why(tmp_path):
     """--bands 5 of RGB tiles: every image fails, and the reason comes before the refusal."""
     tree, model = colour_tree(tmp_path / "tree", per_class=2), str(tmp_path / "m.json")

@@ -176,25 +176,11 @@ def test_ordinary_jsonl_records_have_no_extra_field(tiles, tmp_path):
 # ---------------------------------------------------------------- 3, 4, 8: outputs that are not ours to add to
 
 
-def _locked(monkeypatch, name: str) -> None:
-    """Folders named ``name`` cannot be listed (as for a user without the permission; tests run as root)."""
-    from gpu_pipeline.inputs import discover
-
-    real = os.scandir
-
-    def scandir(path):
-        if os.path.basename(os.fspath(path)) == name:
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-        return real(path)
-
-    monkeypatch.setattr(discover.os, "scandir", scandir)
-
-
-def test_a_folder_that_cannot_be_listed_is_named_and_the_run_exits_1(tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_listed_is_named_and_the_run_exits_1(tmp_path, locked):
     """Its images were skipped without a word, and the run said 0: "every input has a record"."""
     make_images(tmp_path / "in" / "open", 2)
     make_images(tmp_path / "in" / "locked", 2)
-    _locked(monkeypatch, "locked")
+    locked("locked")
     out = tmp_path / "out.jsonl"
     result = run(str(tmp_path / "in"), "--out", str(out))
     assert result.exit_code == 1, result.output

@@ -125,6 +125,22 @@ def tally(report: dict, name: str) -> dict:
     return next(backend for backend in report["backends"] if backend["name"] == name)
 
 
+def test_a_folder_that_cannot_be_listed_is_named_and_recorded(tmp_path, image_dir, locked):
+    """Its images were skipped without a word. A warning, as for run and decode errors: the verdict
+    is on the images compared, and the report lists the folder."""
+    hidden = image_dir / "locked"
+    hidden.mkdir()
+    (image_dir / "a_rgb.png").rename(hidden / "a_rgb.png")
+    locked("locked")
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "numba")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"warning: cannot list {hidden} (Permission denied); its images are not processed\n"
+    assert report["unlisted"] == [{"folder": str(hidden), "reason": "Permission denied"}]
+    assert report["images"]["found"] == 3
+    result = invoke(hidden, "--backends", "numba")  # nothing else: the refusal says why
+    assert result.exit_code == 2 and f"cannot list {hidden}: Permission denied" in result.stderr
+
+
 # --- everything identical ---------------------------------------------------------------------
 
 
@@ -151,9 +167,12 @@ def test_default_set_on_bundled_data_is_identical_and_lists_every_backend(tmp_pa
     assert report["identical"] is True and report["differences"] == [] and report["errors"] == []
     # the --report table of verify.md, key by key
     assert set(report) == {"schema", "gpu_pipeline_version", "identical", "exit_status", "ground_truth", "stages",
-                           "config", "decode", "images", "backends", "differences", "errors", "decode_errors"}
+                           "config", "decode", "model", "inputs", "execution", "images", "backends", "differences",
+                           "errors", "decode_errors", "unlisted"}
     assert (report["schema"], report["gpu_pipeline_version"]) == ("gpu-pipeline-verify/1", gpu_pipeline.__version__)
     assert (report["exit_status"], report["ground_truth"], report["decode_errors"]) == (0, "reference", [])
+    assert report["unlisted"] == [] and report["model"] is None  # the default rule
+    assert report["inputs"] == {"paths": [str(bundled_data_dir)], "glob": None}
     assert report["stages"] == ["histogram", "equalized", "edges", "edge_count", "label"]
     assert report["decode"] == {"bands": None, "stretch": "percentile"}
     assert verify.MAX_PRINTED == 20  # verify.md: "the first 20"; the test below prints 3
@@ -445,6 +464,22 @@ def test_model_labels_come_from_each_backends_own_outputs(tmp_path, bundled_data
     assert 0 < halved["label"]["differs"]  # edge density is one of the model's features
     labels = [d for d in report["differences"] if d["stage"] == "label"]
     assert all(d["backend"] == "edge-count-halved" and d["expected"] != d["actual"] for d in labels)
+
+
+def test_the_report_names_the_model_and_every_other_setting(tmp_path, bundled_data_dir):
+    """The labels depend on --model, which the report left out: it could not say what was verified."""
+    import hashlib
+
+    from gpu_pipeline.labels.model import SHIPPED_MODELS
+
+    tiles = bundled_data_dir / "eurosat" / "Forest"
+    result, report = verify_with_report(tmp_path, tiles, "--model", "eurosat", "--backends", "numba", "--glob", "*.jpg",
+                                        "--batch-size", "2", "--workers", "3", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    digest = hashlib.sha256(SHIPPED_MODELS["eurosat"].read_bytes()).hexdigest()
+    assert report["model"] == {"given": "eurosat", "sha256": digest}
+    assert report["inputs"] == {"paths": [str(tiles)], "glob": "*.jpg"}
+    assert report["execution"] == {"threads": 1, "workers": 3, "batch_size": 2}
 
 
 def test_a_model_that_does_not_fit_the_settings_exits_2(image_dir):

@@ -148,6 +148,9 @@ class Corpus:
     details: dict = field(default_factory=dict)
     #: Error records of the files that could not be decoded (left out).
     skipped: list[dict] = field(default_factory=list)
+    #: The files cv2.imread cannot read (a float TIFF, more than 4 bands): left out of the rows
+    #: that decode with it (:func:`gpu_pipeline.bench.measuring.readable_by_opencv`).
+    opencv_unreadable: list[str] = field(default_factory=list)
 
     @property
     def pixels(self) -> int:

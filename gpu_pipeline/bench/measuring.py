@@ -94,6 +94,40 @@ def decode_with_io(paths: Sequence[Path], settings: BenchSettings) -> None:
             raise RuntimeError(f"{item.error['path']}: {item.error['error']}")
 
 
+def readable_by_opencv(corpus: Corpus, threads: int) -> Corpus:
+    """The corpus less the files ``cv2.imread`` cannot read (a float TIFF, more than 4 bands), which
+    go to ``corpus.opencv_unreadable``: the rows that decode with it (``opencv-pool``, ``cv2.imread``)
+    are timed on the others rather than failing on the first such file. One read of every file."""
+    def reads(path: Path) -> bool:
+        try:
+            read_with_opencv(path)
+        except Exception:  # None (ValueError), or a cv2.error
+            return False
+        return True
+
+    with ThreadPoolExecutor(threads) as pool:
+        readable = list(pool.map(reads, corpus.paths))
+    corpus.opencv_unreadable = [str(path) for path, ok in zip(corpus.paths, readable) if not ok]
+    if not corpus.opencv_unreadable:
+        return corpus
+    return Corpus([p for p, ok in zip(corpus.paths, readable) if ok],
+                  [image for image, ok in zip(corpus.images, readable) if ok], corpus.details)
+
+
+def _left_out_by_opencv(contender: Contender, corpus: Corpus, readable: Corpus) -> None:
+    """Say on which files a row that decodes with cv2.imread was timed (or why it was not)."""
+    if not corpus.opencv_unreadable or contender.status != "measured" and contender.reason is not None:
+        return
+    if not readable.images:
+        contender.status, contender.reason = "unavailable", (
+            f"cv2.imread cannot read any of the {len(corpus.images)} files (first: {corpus.opencv_unreadable[0]})")
+        contender.compute = contender.end_to_end = contender.decode = None
+        return
+    note = (f"{len(readable.images)} of {len(corpus.images)} images ({readable.pixels / 1e6:.1f} MP): cv2.imread "
+            f"cannot read the other {len(corpus.opencv_unreadable)} (first: {corpus.opencv_unreadable[0]})")
+    contender.subset = note + (f"; then {contender.subset}" if contender.subset else "")
+
+
 def decode_with_opencv(paths: Sequence[Path], threads: int) -> None:
     with ThreadPoolExecutor(threads) as pool:
         for _ in pool.map(read_with_opencv, paths):
@@ -186,19 +220,24 @@ def measure_pool(name: str, corpus: Corpus, settings: BenchSettings) -> Contende
     return result
 
 
-def measure_decoders(corpus: Corpus, settings: BenchSettings) -> list[Contender]:
-    """Decode-only throughput: the engine's pool (gpu_pipeline.inputs.decode), and cv2.imread when installed."""
-    threads, count, pixels = settings.threads, len(corpus.images), corpus.pixels
+def measure_decoders(corpus: Corpus, settings: BenchSettings, readable: Corpus | None = None) -> list[Contender]:
+    """Decode-only throughput: the engine's pool (gpu_pipeline.inputs.decode), and cv2.imread when
+    installed, on ``readable``, the files it can read (:func:`readable_by_opencv`)."""
+    threads = settings.threads
+    readable = corpus if readable is None else readable
     runs = {
         DECODE_IO: (f"the engine's decode pool: gpu_pipeline.inputs.decode in {threads} threads", None,
-                    lambda: decode_with_io(corpus.paths, settings)),
+                    corpus, lambda: decode_with_io(corpus.paths, settings)),
         DECODE_OPENCV: (f"cv2.imread in {threads} threads", OpenCvOracle.unavailable_reason(),
-                        lambda: decode_with_opencv(corpus.paths, threads)),
+                        readable, lambda: decode_with_opencv(readable.paths, threads)),
     }
     results = []
-    for name, (description, reason, run) in runs.items():
+    for name, (description, reason, files, run) in runs.items():
+        count, pixels = len(files.images), files.pixels
         result = Contender(name, "decode", description)
-        if reason is not None:
+        if not files.images:
+            _left_out_by_opencv(result, corpus, files)
+        elif reason is not None:
             result.status, result.reason = "not installed", reason
         else:
             try:
@@ -206,6 +245,8 @@ def measure_decoders(corpus: Corpus, settings: BenchSettings) -> list[Contender]
                 result.decode = Timing(time_repeats(settings.repeats, run), count, pixels)
             except Exception as exc:
                 result.status, result.reason = "failed", one_line(exc)
+            if name == DECODE_OPENCV:
+                _left_out_by_opencv(result, corpus, files)
         results.append(result)
     return results
 
@@ -313,7 +354,8 @@ class BenchReport:
             "settings": {"repeats": settings.repeats, "threads": settings.threads, "batch_size": settings.batch_size,
                          "batch_pixels": settings.batch_pixels, "config": asdict(settings.config)},
             "corpus": {**corpus.details, "images": len(corpus.images), "megapixels": corpus.pixels / 1e6,
-                       "shapes": corpus.shapes(), "skipped": corpus.skipped},
+                       "shapes": corpus.shapes(), "skipped": corpus.skipped,
+                       "opencv_unreadable": corpus.opencv_unreadable},
             "baseline": self.baseline,
             "contenders": {c.name: self._contender_json(c) for c in self.contenders},
             "decode_only": {c.name: self._contender_json(c) for c in self.decoders},
@@ -343,14 +385,24 @@ def run_benchmark(corpus: Corpus, names: Sequence[str], settings: BenchSettings,
                   progress: Callable[[str], None] | None = None, scaling: bool = False) -> BenchReport:
     """Measure the decoders, then each contender of ``names`` in turn, on ``corpus``; with
     ``scaling``, then each measured backend by thread count."""
+    readable = corpus
+    if OpenCvOracle.unavailable_reason() is None:  # (cv2 itself missing: those rows say so)
+        if progress is not None:
+            progress("reading the files with cv2.imread")
+        readable = readable_by_opencv(corpus, settings.threads)
     if progress is not None:
         progress("decode only")
-    decoders = measure_decoders(corpus, settings)
+    decoders = measure_decoders(corpus, settings, readable)
     contenders = []
     for name in names:
         if progress is not None:
             progress(name)
-        contenders.append(measure(name, corpus, settings))
+        if name == OPENCV_POOL:  # it decodes with cv2.imread
+            contenders.append(measure(name, readable, settings) if readable.images else Contender(
+                name, "baseline", "the contract's cv2 calls in a process pool, decode with cv2.imread"))
+            _left_out_by_opencv(contenders[-1], corpus, readable)
+        else:
+            contenders.append(measure(name, corpus, settings))
     report = BenchReport(corpus, settings, contenders, decoders, choose_baseline(contenders, baseline_order))
     if scaling:
         if progress is not None:

@@ -74,7 +74,7 @@ def results_table(report: BenchReport) -> Table:
                       _times(ratios["end_to_end_vs_decode_only"]))
     table.add_section()
     for c in report.decoders:
-        name = DECODE_LABELS.get(c.name, c.name)
+        name = DECODE_LABELS.get(c.name, c.name) + ("*" if c.subset else "")
         if not c.measured:
             table.add_row(name, "", "", "[yellow]failed[/]" if c.status == "failed" else "[dim]n/a[/]", "", "", "")
         else:

@@ -52,7 +52,7 @@ def verify(
 
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage.
     """
-    from gpu_pipeline.engine.job import progress_bar
+    from gpu_pipeline.engine.job import progress_bar, warn_unlisted
     from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify
 
     try:
@@ -78,6 +78,7 @@ def verify(
             outcome = run_verify(**arguments)
     except UsageError as exc:
         fail_usage(str(exc))
+    warn_unlisted(Console(stderr=True, soft_wrap=True), outcome.unlisted)
     print_report(Console(soft_wrap=True, highlight=False), outcome, report)
     if outcome.exit_status == 2:
         fail_usage(f"none of the {outcome.found} files could be decoded; nothing was compared")
@@ -123,10 +124,12 @@ def bench(
     Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage.
     """
     from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
+    from gpu_pipeline.engine.job import warn_unlisted
 
     try:
         request = _bench_request(paths, backends, size, count, tiles, image_format, repeat, threads, batch_size,
                                  json_path, plot)
+        warn_unlisted(Console(stderr=True, soft_wrap=True), request.get("unlisted", []))
         waiting = Console(stderr=True).status("preparing the corpus") if sys.stderr.isatty() else nullcontext()
         with waiting as status, tempfile.TemporaryDirectory(prefix="gpu-pipeline-bench-") as folder:
             files, details = _bench_files(request, Path(folder))
@@ -162,7 +165,7 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
                    plot) -> dict:
     """Every check of ``bench``'s arguments, before anything is generated or timed (UsageError: exit 2)."""
     from gpu_pipeline.bench import generation_request, parse_contenders, plot_unavailable_reason, usable_cores
-    from gpu_pipeline.inputs.discover import discover
+    from gpu_pipeline.inputs.discover import discover, no_files_found
 
     check_counts(repeat=repeat, threads=threads, batch_size=batch_size)
     request = {"names": parse_contenders(backends), "threads": threads or usable_cores()}
@@ -172,9 +175,10 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
         for option, value in (("--size", size), ("--count", count), ("--tiles", tiles), ("--format", image_format)):
             if value is not None:
                 raise UsageError(f"{option} describes the generated corpus; it does not apply to given PATHS")
-        request["files"] = discover(paths)
+        request["unlisted"] = []  # folders that cannot be listed: a warning, and the corpus says so
+        request["files"] = discover(paths, unlisted=request["unlisted"])
         if not request["files"]:
-            raise UsageError("no image files found in " + ", ".join(map(str, paths)))
+            raise no_files_found(paths, None, request["unlisted"])
     else:
         request["generate"] = generation_request(size, count, tiles, image_format)
     # now rather than after the measurements; only a file of ours is replaced, never an input
@@ -193,7 +197,8 @@ def _bench_files(request: dict, folder: Path) -> tuple[list[Path], dict]:
     from gpu_pipeline.inputs.discover import discover
 
     if "files" in request:
-        return request["files"], {"source": "paths"}
+        return request["files"], {"source": "paths", "unlisted": [{"folder": folder, "reason": reason}
+                                                                for folder, reason in request["unlisted"]]}
     try:
         scenes = bundled_data_dir() / "scenes"
     except UsageError:  # an install without the sample set: tiles from generated scenes
@@ -206,9 +211,14 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines."),
 ) -> None:
     """Describe this machine: versions, backends (and why one cannot run), GPU, CPU threads, numba setup."""
+    import gpu_pipeline.backends
     from gpu_pipeline.diagnostics.info import collect_info, print_info
 
-    collected = collect_info()
+    gpu_pipeline.backends.NUMBA_CACHE_READ_ONLY = True  # a diagnostic writes nothing: no kernel cache folder
+    try:
+        collected = collect_info()
+    finally:
+        gpu_pipeline.backends.NUMBA_CACHE_READ_ONLY = False
     if as_json:
         typer.echo(json.dumps(collected, indent=2))
     else:

@@ -13,6 +13,7 @@ that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.errors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
 from gpu_pipeline.errors import UsageError, one_line, shown
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
-from gpu_pipeline.inputs.discover import discover
+from gpu_pipeline.inputs.discover import discover, no_files_found
 
 GROUND_TRUTH = "reference"
 OPENCV = "opencv"
@@ -233,6 +234,14 @@ class VerifyReport:
     differences: list[Difference] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     decode_errors: list[dict] = field(default_factory=list)
+    #: ``(folder, reason)`` for each folder under the inputs that could not be listed: its images
+    #: were not compared (a warning, as for ``run``; the verdict is on the images compared).
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
+    #: The label model as given (a file or a shipped model's name) and the SHA-256 of its file; None: the default rule.
+    model: dict | None = None
+    #: The other arguments, so that the report says how to run it again: paths and glob, threads and chunking.
+    inputs: dict = field(default_factory=dict)
+    execution: dict = field(default_factory=dict)
 
     @property
     def failed_backends(self) -> list[BackendTally]:
@@ -256,11 +265,15 @@ class VerifyReport:
             "config": asdict(self.config),
             "decode": {"bands": list(self.decode_options.bands) if self.decode_options.bands else None,
                        "stretch": self.decode_options.stretch},
+            "model": self.model,
+            "inputs": self.inputs,
+            "execution": self.execution,
             "images": {"found": self.found, "decoded": self.decoded, "compared": self.compared},
             "backends": [asdict(tally) for tally in self.backends],
             "differences": [asdict(difference) for difference in self.differences],
             "errors": self.errors,
             "decode_errors": self.decode_errors,
+            "unlisted": [{"folder": folder, "reason": reason} for folder, reason in self.unlisted],
         }
 
 
@@ -444,16 +457,21 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     """
     labels_of = label_function(model, config)
     tallies = plan_backends(requested, against_opencv)
-    files = discover(paths, glob=glob)
+    unlisted: list[tuple[str, str]] = []
+    files = discover(paths, glob=glob, unlisted=unlisted)
     if not files:
-        raise UsageError("no image files found in " + ", ".join(map(str, paths))
-                         + (f" matching {glob!r}" if glob else ""))
-    if report_path is not None:  # now rather than after a long run; only a report of ours is replaced
-        from gpu_pipeline.labels.model import resolve_model_path
+        raise no_files_found(paths, glob, unlisted)
+    from gpu_pipeline.labels.model import resolve_model_path
 
-        model_file = [resolve_model_path(model)] if model is not None else []
-        check_target(report_path, "--report", is_our_json, [*files, *model_file])
-    report = VerifyReport(config, decode_options, tallies, found=len(files))
+    model_file = resolve_model_path(model) if model is not None else None
+    if report_path is not None:  # now rather than after a long run; only a report of ours is replaced
+        check_target(report_path, "--report", is_our_json, [*files, *([model_file] if model_file else [])])
+    report = VerifyReport(
+        config, decode_options, tallies, found=len(files), unlisted=unlisted,
+        model=None if model_file is None else {
+            "given": str(model), "sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()},
+        inputs={"paths": [str(path) for path in paths], "glob": glob},
+        execution={"threads": threads, "workers": workers, "batch_size": batch_size})
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
     for backend in started.values():  # a GPU backend may run the label model on its device

@@ -35,7 +35,7 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
-from gpu_pipeline.inputs.discover import absolute_name, find_files
+from gpu_pipeline.inputs.discover import absolute_name, find_files, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, is_ours, png_texts, remove_stale_temporaries, same_file_as,
                                         temporary_name, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
@@ -389,10 +389,7 @@ def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
             continue
         files.append(path)
     if not files:
-        raise UsageError("no image files found in " + ", ".join(str(p) for p in job.paths)
-                         + (f" matching {job.glob!r}" if job.glob else "")
-                         + "".join(f"; cannot list {printable(folder)}: {reason}"
-                                   for folder, reason in unlisted[:3]))
+        raise no_files_found(job.paths, job.glob, unlisted)
     return files
 
 
@@ -612,10 +609,9 @@ def execute(job: Job, checked: CheckedJob) -> int:
 
 def warn_unlisted(console: Console, unlisted: list[tuple[str, str]], most: int = 10) -> None:
     """One line for each folder that could not be listed (a run once skipped them without a word,
-    exit 0), the first ``most`` of them."""
+    exit 0), the first ``most`` of them: ``run``, ``verify`` and ``bench`` say it alike."""
     for folder, reason in unlisted[:most]:
-        console.print(f"warning: cannot list {printable(folder)} ({reason}); its images are not processed",
-                      highlight=False, markup=False)
+        console.print(f"warning: {unlisted_warning(folder, reason)}", highlight=False, markup=False)
     if len(unlisted) > most:
         console.print(f"warning: and {len(unlisted) - most} more folders that cannot be listed",
                       highlight=False, markup=False)

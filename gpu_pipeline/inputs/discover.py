@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, printable
 
 _BY_NAME = operator.attrgetter("name")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -92,8 +92,10 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     return [name if absolute else names[1] for name, names in ordered]
 
 
-def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -> list[Path]:
+def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
+             unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
     """Image files under ``paths``, de-duplicated and sorted, named as given (see the module docstring).
+    ``unlisted`` (when given) receives the folders that could not be listed, as :func:`find_files`'s.
 
     Raises
     ------
@@ -101,7 +103,7 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None) -
         A path cannot be reached: it does not exist, or is a broken symbolic link or a loop, or its
         name is too long.
     """
-    return [Path(given) for given in _find(paths, glob, absolute=False)]
+    return [Path(given) for given in _find(paths, glob, absolute=False, unlisted=unlisted)]
 
 
 def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
@@ -111,6 +113,21 @@ def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
     ``unlisted`` (when given) receives ``(folder, reason)`` for each folder that could not be listed
     (no permission, a name past the system's path limit): its files are missing from the list."""
     return _find(paths, glob, absolute=True, unlisted=unlisted)
+
+
+def unlisted_warning(folder: str, reason: str) -> str:
+    """What every command says (after ``warning: ``) of a folder under its inputs that could not be
+    listed: ``run``, ``verify``, ``bench`` and the Python API go on without its images."""
+    return f"cannot list {printable(folder)} ({reason}); its images are not processed"
+
+
+def no_files_found(paths: Iterable[str | os.PathLike[str]], glob: str | None,
+                   unlisted: list[tuple[str, str]]) -> UsageError:
+    """The refusal of a command that found no image under ``paths``, naming the first folders
+    that could not be listed (the likely cause)."""
+    return UsageError("no image files found in " + ", ".join(str(p) for p in paths)
+                      + (f" matching {glob!r}" if glob else "")
+                      + "".join(f"; cannot list {printable(folder)}: {reason}" for folder, reason in unlisted[:3]))
 
 
 def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, str]] | None = None) -> list[str]:

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
-from gpu_pipeline.errors import UsageError, is_utf8
+from gpu_pipeline.errors import UsageError, is_utf8, printable
 from gpu_pipeline.inputs.discover import discover
 
 #: ``features_of(images, histograms, edge_counts)``: float64 (N, width) features of a batch.
@@ -36,10 +36,16 @@ class LabeledImages:
 
 
 def read_labeled_tree(root: Path, min_classes: int = 2) -> LabeledImages:
-    """Classes (sub-folders, sorted, hidden ones skipped) and their images; UsageError when unusable."""
+    """Classes (sub-folders, sorted, hidden ones skipped) and their images; UsageError when unusable,
+    a folder that cannot be listed included: a model fitted or scored without its images is wrong."""
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder (expected one sub-folder of images per class)")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        with os.scandir(root) as listing:
+            folders = sorted(Path(entry.path) for entry in listing
+                             if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as exc:
+        raise UsageError(f"cannot list {printable(str(root))} ({exc.strerror or exc})") from None
     if len(folders) < min_classes:
         raise UsageError(f"{root} has {len(folders)} class folder{'' if len(folders) == 1 else 's'}, "
                          f"needs at least {min_classes} (one sub-folder of images per class)")
@@ -49,7 +55,12 @@ def read_labeled_tree(root: Path, min_classes: int = 2) -> LabeledImages:
     paths: list[Path] = []
     targets: list[int] = []
     for index, folder in enumerate(folders):
-        files = discover([folder])
+        unlisted: list[tuple[str, str]] = []
+        files = discover([folder], unlisted=unlisted)
+        if unlisted:
+            where, reason = unlisted[0]
+            raise UsageError(f"cannot list {printable(where)} ({reason}): images of class {folder.name} would be left "
+                             "out; make it readable, or move it out of the labelled tree")
         if not files:
             raise UsageError(f"class folder {folder} has no images")
         paths += files
