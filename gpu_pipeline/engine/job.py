@@ -37,7 +37,7 @@ from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, print
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, is_ours, png_texts, remove_stale_temporaries, same_file_as,
-                                        temporary_name, write_replacing)
+                                        temporaries_of, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -231,9 +231,7 @@ def remove_killed_runs_temporaries(out: str, edge_folder: Path | None) -> None:
     has nothing left to save in a folder would never come back to it."""
     if out != "-":
         for path in (os.path.realpath(out), str(settings_path(out))):
-            name = os.path.basename(path)
-            remove_stale_temporaries(os.path.dirname(path) or ".",
-                                     lambda target, pid: temporary_name(name, pid) == f".{target}.{pid}.tmp")
+            remove_stale_temporaries(os.path.dirname(path) or ".", temporaries_of(os.path.basename(path)))
     if edge_folder is not None:
         for folder, _, _ in os.walk(edge_folder):  # (links to folders are not followed)
             remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"))

@@ -97,6 +97,7 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
             raise UsageError(f"{option} {path} was made by another program while this one ran; it is left "
                              "alone: choose another name")
 
+    remove_stale_temporaries(path.parent, temporaries_of(path.name))  # a killed run's (a SIGKILL at the rename)
     try:
         write_replacing(path, write, before_replacing=still_ours)
     except OSError as exc:
@@ -164,6 +165,11 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[s
             info = os.lstat(path)
             if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > STALE_AFTER_S:
                 os.unlink(path)
+
+
+def temporaries_of(name: str) -> Callable[[str, int], bool]:
+    """For :func:`remove_stale_temporaries`: the temporaries of the file ``name`` only."""
+    return lambda target, pid: temporary_name(name, pid) == f".{target}.{pid}.tmp"
 
 
 def _running(pid: int) -> bool:
