@@ -159,7 +159,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[s
     except OSError:
         return
     for path, pid in found:
-        if _running(pid):
+        if is_running(pid):
             continue
         with contextlib.suppress(OSError):
             info = os.lstat(path)
@@ -172,7 +172,8 @@ def temporaries_of(name: str) -> Callable[[str, int], bool]:
     return lambda target, pid: temporary_name(name, pid) == f".{target}.{pid}.tmp"
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs here (or may: one of another user's, a number that is no PID)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
