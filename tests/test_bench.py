@@ -525,3 +525,29 @@ def test_a_bench_stopped_by_a_signal_leaves_no_corpus_behind(tmp_path, signum, s
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == status, stderr
     assert list(scratch.glob("gpu-pipeline-bench-*")) == [] and "Traceback" not in stderr
+
+
+def test_a_corpus_folder_a_killed_bench_left_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A SIGKILL runs no clean-up: each killed bench left its generated corpus in the temporary
+    folder for good (4 of 4 kills in a hunt)."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    child = subprocess.Popen(["true"])
+    child.wait()  # its PID runs nothing now
+    old = time.time() - 3600
+    left = tmp_path / "tmp" / f"gpu-pipeline-bench-{child.pid}-abcd1234"
+    kept = [tmp_path / "tmp" / f"gpu-pipeline-bench-{os.getpid()}-efgh5678",  # a bench still running
+            tmp_path / "tmp" / "gpu-pipeline-bench-ijkl9012"]  # no PID in its name: not ours to judge
+    for folder in (left, *kept):
+        (folder / "scenes").mkdir(parents=True)
+        (folder / "scenes" / "s.jpg").write_bytes(b"jpeg")
+        os.utime(folder, (old, old))
+    result, _ = run_bench(tmp_path, *TINY, "--backends", "reference", "--no-scaling")
+    assert result.exit_code == 0, result.output
+    assert not left.exists() and all(folder.exists() for folder in kept)
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(p.name for p in kept)  # its own gone too

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -583,3 +584,22 @@ def test_a_shipped_model_knows_whether_its_kernels_are_cached(model, tmp_path):
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "empty-cache")})
     assert fresh.stdout.strip() == "True", fresh.stderr
+
+
+def test_a_signal_that_arrives_inside_a_c_callback_still_stops_the_command():
+    """docs/nightly.md: Ctrl-C during start-up (kernel loading) exits 130 at once, quietly. Python ran
+    the handler inside llvmlite's ctypes callback (numba loading a kernel), which dropped the
+    exception with a traceback, and the run went on to exit 1 (1 of 98 signals in a hunt)."""
+    code = ("import ctypes, signal, time\n"
+            "from gpu_pipeline.cli.app import Interrupted, catch_interrupts\n"
+            "catch_interrupts()\n"
+            "callback = ctypes.CFUNCTYPE(None)(lambda: signal.raise_signal(signal.SIGTERM))\n"
+            "try:\n"
+            "    callback()\n"
+            "    time.sleep(10)\n"
+            "    print('lost')\n"
+            "except Interrupted as exc:\n"
+            "    print('interrupted', exc.args[0])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == f"interrupted {int(signal.SIGTERM)}", (done.stdout, done.stderr)
+    assert done.stderr == ""

@@ -639,6 +639,20 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(tiles, tmp_path):
     assert [path.name for path in kept if not path.exists()] == []
 
 
+def test_a_killed_runs_map_temporaries_go_when_nothing_is_left_to_save(tmp_path):
+    """They were removed from a folder only when a map was next saved there: a run killed near its end
+    left them for good once the output was complete (8 of 15 kills in a hunt)."""
+    folder, out, edges = tmp_path / "in", tmp_path / "out.jsonl", tmp_path / "edges"
+    make_images(folder / "a" / "b", 3)
+    assert run(str(folder), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    dead, old = a_dead_pid(), time.time() - 3600
+    stale = edges / "a" / "b" / f".tile001.png.edges.png.{dead}.tmp"
+    stale.write_bytes(b"\x89PNG half")
+    os.utime(stale, (old, old))
+    assert run(str(folder), "--out", str(out), "--save-edges", str(edges)).exit_code == 0  # nothing to do
+    assert not stale.exists()
+
+
 def test_names_near_the_file_name_limit_get_their_edge_maps_and_outputs(tmp_path):
     """A map's temporary, ``.NAME.PID.tmp``, passed the 255 bytes a name may have for names of 236 to
     245 bytes whose map (NAME) fitted: each such image became a save-edges error. Now the temporary

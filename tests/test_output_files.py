@@ -165,3 +165,25 @@ def test_a_file_another_program_made_while_the_command_ran_is_left_alone(tmp_pat
         replace_with(target, "--report", slow_write, is_our_json)
         assert '"new": true' in target.read_text()
     assert [path.name for path in tmp_path.iterdir()] == ["X.jsonl"]
+
+
+def test_a_temporary_a_killed_command_left_is_removed_when_the_file_is_next_written(tmp_path):
+    """fit --out, verify --report, bench --json: a SIGKILL between the write and the rename left
+    ``.NAME.PID.tmp`` for good (only ``run`` swept its own)."""
+    import os
+    import subprocess
+    import time
+
+    from gpu_pipeline.outputs.files import temporary_name
+
+    child = subprocess.Popen(["true"])
+    child.wait()  # a PID no process has now
+    target = tmp_path / "model.json"
+    left = tmp_path / temporary_name(target.name, child.pid)
+    other = tmp_path / temporary_name("notes.json", child.pid)  # another file's: not this command's to judge
+    for path in (left, other):
+        path.write_text('{"half": ')
+        os.utime(path, (time.time() - 3600,) * 2)
+    replace_with(target, "--out", lambda temporary: temporary.write_text("{}\n"), lambda path: True)
+    assert target.read_text() == "{}\n"
+    assert not left.exists() and other.exists()

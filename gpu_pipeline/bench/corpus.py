@@ -6,6 +6,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +22,7 @@ import numpy as np
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.engine.stream import decode_stream
 from gpu_pipeline.inputs.decode import decode_image
+from gpu_pipeline.outputs.files import STALE_AFTER_S, is_running
 
 #: The compute runs keep the decoded corpus in memory: it holds at most this many pixels.
 MAX_CORPUS_PIXELS = 256 * 1024 * 1024
@@ -195,3 +202,29 @@ def load_corpus(paths: Sequence[Path], details: dict, options: DecodeOptions, wo
             corpus.images.append(item.image)
             pixels += size
     return corpus
+
+
+#: ``gpu-pipeline-bench-PID-XXXXXXXX``: the temporary folder of a bench's generated corpus, in process PID.
+_CORPUS_FOLDER = re.compile(r"\Agpu-pipeline-bench-(?P<pid>[0-9]+)-[^/]+\Z")
+
+
+@contextlib.contextmanager
+def corpus_folder():
+    """A temporary folder for the generated corpus, removed after the bench. One that a SIGKILL left
+    (no clean-up runs then) is removed by a later bench: this user's, its process gone, untouched for
+    :data:`~gpu_pipeline.outputs.files.STALE_AFTER_S`."""
+    remove_abandoned_corpora(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=f"gpu-pipeline-bench-{os.getpid()}-") as folder:
+        yield Path(folder)
+
+
+def remove_abandoned_corpora(parent: str) -> None:
+    found: list[tuple[str, int]] = []
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        found = [(entry.path, int(match["pid"])) for entry in entries if (match := _CORPUS_FOLDER.match(entry.name))]
+    for path, pid in found:
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not is_running(pid)
+                    and time.time() - info.st_mtime > STALE_AFTER_S):
+                shutil.rmtree(path)

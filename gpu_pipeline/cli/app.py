@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 
 def _quiet_on_interrupt(previous_hook):
@@ -161,6 +162,27 @@ def _interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def _unraisable(hook_args, previous=sys.unraisablehook) -> None:
+    """An Interrupted raised while Python ran inside a C callback (llvmlite's, as numba loads or
+    compiles kernels) is dropped there, with a traceback, and the run went on to exit 1: the
+    signal is sent again a moment later, from another thread, to act after the callback (raised in
+    the hook, it would be dropped too; again inside a callback, it comes back here), and nothing is
+    printed."""
+    if isinstance(hook_args.exc_value, Interrupted):
+        again = threading.Timer(0.02, os.kill, (os.getpid(), hook_args.exc_value.args[0]))
+        again.daemon = True
+        again.start()
+        return
+    previous(hook_args)
+
+
+def catch_interrupts() -> None:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (start-up and shutdown; a run has its own)."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.unraisablehook = _unraisable
+
+
 def main() -> None:
     streams.prepare()
     # numba reads it at its import, deep in a command, and raises (0, -3) or warns ("abc") there
@@ -170,8 +192,7 @@ def main() -> None:
         sys.exit(2)
     # The run installs its own handler while images are processed (flush, then 130); this one covers
     # start-up and shutdown, where nothing needs flushing.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    catch_interrupts()
     try:
         app()
     except Interrupted as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
@@ -124,6 +123,7 @@ def bench(
     Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage.
     """
     from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
+    from gpu_pipeline.bench.corpus import corpus_folder
     from gpu_pipeline.engine.job import warn_unlisted
 
     try:
@@ -131,8 +131,8 @@ def bench(
                                  json_path, plot)
         warn_unlisted(Console(stderr=True, soft_wrap=True), request.get("unlisted", []))
         waiting = Console(stderr=True).status("preparing the corpus") if sys.stderr.isatty() else nullcontext()
-        with waiting as status, tempfile.TemporaryDirectory(prefix="gpu-pipeline-bench-") as folder:
-            files, details = _bench_files(request, Path(folder))
+        with waiting as status, corpus_folder() as folder:
+            files, details = _bench_files(request, folder)
             corpus = load_corpus(files, details, DecodeOptions(), request["threads"])
             if not corpus.images:
                 raise UsageError(f"none of the {len(files)} files could be decoded; nothing to time")

@@ -37,7 +37,7 @@ from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, print
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, is_ours, png_texts, remove_stale_temporaries, same_file_as,
-                                        temporary_name, write_replacing)
+                                        temporaries_of, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -80,7 +80,6 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     from PIL import Image, PngImagePlugin
 
     prefix = root if root.endswith("/") else root + "/"
-    swept: set[Path] = set()  # folders cleared of what killed runs left (once each: a scandir)
 
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
         name = os.fspath(path)
@@ -88,9 +87,6 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
             raise ValueError(f"{printable(name)} is not below {printable(root)}")
         target = folder / (name[len(prefix):] + ".edges.png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.parent not in swept:
-            swept.add(target.parent)
-            remove_stale_temporaries(target.parent, lambda name, pid: name.endswith(".edges.png"))
         try:
             found = os.lstat(target)
         except FileNotFoundError:
@@ -229,15 +225,16 @@ def check_recorded_format(out: str, earlier: dict, output_format: str) -> None:
                          "use the same --format, --overwrite, or another --out")
 
 
-def remove_killed_runs_temporaries(out: str) -> None:
+def remove_killed_runs_temporaries(out: str, edge_folder: Path | None) -> None:
     """The temporaries a SIGKILL left beside the output (a ``--retry-failed`` rewrite) and its settings
-    record; the edge maps' are removed folder by folder as maps are saved (:func:`edge_saver`)."""
-    if out == "-":
-        return
-    for path in (os.path.realpath(out), str(settings_path(out))):
-        name = os.path.basename(path)
-        remove_stale_temporaries(os.path.dirname(path) or ".",
-                                 lambda target, pid: temporary_name(name, pid) == f".{target}.{pid}.tmp")
+    record, and in the edge folder's tree (maps being written): all of them now, for a run that
+    has nothing left to save in a folder would never come back to it."""
+    if out != "-":
+        for path in (os.path.realpath(out), str(settings_path(out))):
+            remove_stale_temporaries(os.path.dirname(path) or ".", temporaries_of(os.path.basename(path)))
+    if edge_folder is not None:
+        for folder, _, _ in os.walk(edge_folder):  # (links to folders are not followed)
+            remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"))
 
 
 def write_settings(out: str, settings: dict) -> None:
@@ -555,7 +552,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
     try:
         created = make_edge_folder(job.save_edges)
         write_settings(job.out, checked.settings)
-        remove_killed_runs_temporaries(job.out)
+        remove_killed_runs_temporaries(job.out, job.save_edges)
         sink = output.open()
     except (SinkError, UsageError) as exc:
         if not had_settings:  # ours, written a moment ago

@@ -97,6 +97,7 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
             raise UsageError(f"{option} {path} was made by another program while this one ran; it is left "
                              "alone: choose another name")
 
+    remove_stale_temporaries(path.parent, temporaries_of(path.name))  # a killed run's (a SIGKILL at the rename)
     try:
         write_replacing(path, write, before_replacing=still_ours)
     except OSError as exc:
@@ -158,7 +159,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[s
     except OSError:
         return
     for path, pid in found:
-        if _running(pid):
+        if is_running(pid):
             continue
         with contextlib.suppress(OSError):
             info = os.lstat(path)
@@ -166,7 +167,13 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[s
                 os.unlink(path)
 
 
-def _running(pid: int) -> bool:
+def temporaries_of(name: str) -> Callable[[str, int], bool]:
+    """For :func:`remove_stale_temporaries`: the temporaries of the file ``name`` only."""
+    return lambda target, pid: temporary_name(name, pid) == f".{target}.{pid}.tmp"
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs here (or may: one of another user's, a number that is no PID)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
