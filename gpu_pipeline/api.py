@@ -140,7 +140,9 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
         bands: tuple[int, ...] | None = None, stretch: str = "percentile", model: str | None = None,
         glob: str | None = None, decode: str = "auto") -> Iterator[dict]:
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
-    the dicts ``gpu-pipeline run`` writes, results and errors, in input order.
+    the dicts ``gpu-pipeline run`` writes, results and errors, in input order. A file name that is
+    not valid UTF-8 is as the command line writes it: ``path`` shows its bytes as ``\\xNN`` and
+    ``path_bytes`` holds them exactly, in base64.
 
     The records are made in the caller's thread, a batch at a time, while the engine's own threads
     compute the next batch and decode ahead; closing the generator early stops them after the
@@ -150,6 +152,7 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
     from gpu_pipeline.engine.stream import Engine, early_fork_server
     from gpu_pipeline.inputs.discover import find_files
     from gpu_pipeline.inputs.processes import processes_wanted
+    from gpu_pipeline.outputs.sink import as_written
 
     config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     if workers is not None:
@@ -174,4 +177,4 @@ def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threa
         raise
     with contextlib.closing(engine.record_batches(files)) as batches:  # closed with this generator
         for batch in batches:
-            yield from batch
+            yield from as_written(batch)  # a name that is not UTF-8 as the command line writes it

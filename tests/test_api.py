@@ -63,6 +63,32 @@ def test_run_yields_the_records_the_command_line_writes(tmp_path):
     assert list(gpu_pipeline.run([REPO / "data"])) == written
 
 
+def test_a_name_that_is_not_utf8_comes_as_the_command_line_writes_it(tmp_path):
+    """``path`` shows the bytes as \\xNN and ``path_bytes`` holds them: the records carried a lone
+    surrogate, which no JSON, CSV or Parquet text holds (``pd.DataFrame(...).to_parquet`` raised)."""
+    import base64
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from gpu_pipeline.cli import app
+
+    tile = next((REPO / "data" / "eurosat" / "Forest").iterdir())
+    (tmp_path / os.fsdecode(b"caf\xe9.jpg")).write_bytes(tile.read_bytes())
+    (tmp_path / os.fsdecode(b"broken\xff.png")).write_bytes(b"not a png")  # an error record
+    (tmp_path / "plain.jpg").write_bytes(tile.read_bytes())
+    result = CliRunner().invoke(app, ["run", str(tmp_path), "--out", "-", "-q", "--backend", "reference"])
+    assert result.exit_code == 1, result.output  # (1: a file failed)
+    written = [json.loads(line) for line in result.stdout_bytes.decode("utf-8").splitlines()]
+    records = list(gpu_pipeline.run(tmp_path, backend="reference"))
+    assert records == written
+    assert [record.get("path_bytes") for record in records] == [
+        base64.b64encode(os.fsencode(tmp_path) + name).decode("ascii") if name else None
+        for name in (b"/broken\xff.png", b"/caf\xe9.jpg", None)]
+    assert records[1]["path"] == f"{tmp_path}/caf\\xe9.jpg" and "error" not in records[1]
+    pd.DataFrame(records).to_parquet(tmp_path / "records.parquet")  # UnicodeEncodeError before
+
+
 def engine_threads() -> list[str]:
     return [thread.name for thread in threading.enumerate() if thread.name.startswith(("compute", "decode_"))]
 
