@@ -186,6 +186,10 @@ def test_bad_settings_are_value_errors_that_name_them():
                               ({"threads": 1.5}, "threads must be a whole number, got 1.5"),
                               ({"threads": True}, "threads must be a whole number, got True"),
                               ({"threads": 100_000}, "threads must be at most 1024, got 100000"),
+                              # compared in float32 (where it is 2**31) and float16: they passed
+                              ({"low": 0, "high": np.float32(2**31 - 1)}, "high threshold must be between 0 and"),
+                              ({"low": 0, "high": np.float16("inf")}, "high threshold must be between 0 and"),
+                              ({"low": np.float32("nan")}, "low threshold must be between 0 and"),
                               ({"bands": (1.5,)}, "a band number must be a whole number, got 1.5")]:
         with pytest.raises(ValueError, match=message):
             if "bands" in options:
@@ -198,6 +202,7 @@ def test_bad_settings_are_value_errors_that_name_them():
             next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=workers))
     whole = gpu_pipeline.process(image, blur=np.int64(7), threads=np.int32(1), backend="numba")  # NumPy ints are whole
     assert whole.edge_counts.tolist() == [0]
+    assert gpu_pipeline.process(image, low=np.float32(2**31 - 128), high=np.uint64(2**31 - 1)).edge_counts.tolist() == [0]
 
 
 def test_run_takes_one_path_as_one_path(monkeypatch):
