@@ -205,6 +205,27 @@ def test_bad_settings_are_value_errors_that_name_them():
     assert gpu_pipeline.process(image, low=np.float32(2**31 - 128), high=np.uint64(2**31 - 1)).edge_counts.tolist() == [0]
 
 
+def test_a_backend_that_cannot_run_here_is_a_value_error_too(register):
+    """The README promises one ValueError for bad arguments: backend="cuda" without a GPU raised a
+    RuntimeError only (it still is one, for code that caught that)."""
+    from gpu_pipeline.backends import BackendUnavailable
+
+    class Absent(ReferenceBackend):
+        name = "absent"
+
+        @classmethod
+        def unavailable_reason(cls):
+            return "no such device here"
+
+    register(Absent)
+    image = [np.zeros((4, 4), np.uint8)]
+    for call in (lambda: gpu_pipeline.process(image, backend="absent"),
+                 lambda: list(gpu_pipeline.run(REPO / "data" / "eurosat", backend="absent"))):
+        with pytest.raises(ValueError, match="backend 'absent' is unavailable: no such device here") as caught:
+            call()
+        assert isinstance(caught.value, BackendUnavailable) and isinstance(caught.value, RuntimeError)
+
+
 def test_run_takes_one_path_as_one_path(monkeypatch):
     """A str is one path, not its characters: run("./") walked "." and "/", the whole file system."""
     monkeypatch.chdir(REPO / "data" / "eurosat")
