@@ -311,6 +311,11 @@ def test_the_api_names_its_keywords_where_the_command_line_names_its_options():
     assert len(gpu_pipeline.process(image, model=REPO / "gpu_pipeline" / "labels" / "models" / "eurosat.json").labels) == 1
 
 
+def test_dir_lists_the_api():
+    """The API is imported on first use (a module __getattr__): dir() and completion did not show it."""
+    assert {"process", "run", "Results", "__version__"} <= set(dir(gpu_pipeline))
+
+
 def test_run_takes_one_path_as_one_path(monkeypatch):
     """A str is one path, not its characters: run("./") walked "." and "/", the whole file system."""
     monkeypatch.chdir(REPO / "data" / "eurosat")
