@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import threading
 import warnings
@@ -22,7 +23,7 @@ import numpy as np
 
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
-from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, whole_number
+from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, threshold_text, whole_number
 from gpu_pipeline.images import ImageBatch, pixel_counts
 
 
@@ -45,6 +46,7 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
     """The backend ``name`` (or the best available for ``auto``), created once per process.
 
     ValueError for an unknown name or a thread count below 1 (as the command line's exit 2)."""
+    name = _backend_name(name)
     if threads is not None:
         threads = whole_number("threads", threads, least=1, most=MOST_THREADS)
     try:
@@ -63,6 +65,18 @@ def _unlock_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_unlock_after_fork)
+
+
+def _backend_name(name) -> str:
+    """``name`` when it names a backend (or ``auto``), without loading one; ValueError otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a backend's name (auto, {', '.join(registry.backend_names())}), got {name!r}")
+    if name != "auto":  # (auto is resolved where the backend is made: that loads the candidates)
+        try:
+            registry.resolve(name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,16 +123,16 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     the backend as it lies in memory, with no Python object per image (a list of the same tiles
     costs about 2 us an image more on the numba backend, on one thread or two).
     """
-    from gpu_pipeline.labels.labeller import label_function
-
-    config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    config = _pipeline_config(low, high, l2, blur)
+    keep_images = _flag("keep_images", keep_images)
+    labels_of = _labeller(model, config)
     images = _checked_images(images)
     chosen = shared_backend(backend, threads)
     parts = [chosen.process(images[start:end], config, keep_images)
              for start, end in _slices(pixel_counts(images), chosen.batch_pixels())]
     histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
     edge_counts = np.concatenate([p.edge_counts for p in parts]) if parts else np.zeros(0, np.int64)
-    labels = list(label_function(model, config)(images, histograms, edge_counts)) if images else []
+    labels = list(labels_of(images, histograms, edge_counts)) if images else []
     kept = (lambda name: [im for p in parts for im in getattr(p, name)]) if keep_images else (lambda name: None)
     return Results(histograms, edge_counts, labels, kept("equalized"), kept("edges"))
 
@@ -134,42 +148,158 @@ def _slices(pixels: np.ndarray, batch_pixels: int) -> Iterator[tuple[int, int]]:
         start, before = end, int(ends[end - 1])
 
 
-def run(paths: Iterable[str | os.PathLike[str]], *, backend: str = "auto", threads: int | None = None,
-        workers: int | None = None, low: float = 100.0, high: float = 200.0, l2: bool = False, blur: int = 5,
-        bands: tuple[int, ...] | None = None, stretch: str = "percentile", model: str | None = None,
-        glob: str | None = None, decode: str = "auto") -> Iterator[dict]:
+def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], *, backend: str = "auto",
+        threads: int | None = None, workers: int | None = None, low: float = 100.0, high: float = 200.0,
+        l2: bool = False, blur: int = 5, bands: Sequence[int] | int | str | None = None, stretch: str = "percentile",
+        model: str | os.PathLike | None = None, glob: str | None = None, decode: str = "auto") -> Iterator[dict]:
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
-    the dicts ``gpu-pipeline run`` writes, results and errors, in input order.
+    the dicts ``gpu-pipeline run`` writes, results and errors, in input order. A file name that is
+    not valid UTF-8 is as the command line writes it: ``path`` shows its bytes as ``\\xNN`` and
+    ``path_bytes`` holds them exactly, in base64.
 
-    The records are made in the caller's thread, a batch at a time, while the engine's own threads
-    compute the next batch and decode ahead; closing the generator early stops them after the
-    batches in flight.
+    ``paths``: one path (str, bytes or os.PathLike) or a list of them. ``bands``: 1-based band numbers,
+    three (RGB) or one (gray): ``(4, 3, 2)``, ``"4,3,2"`` as the command line spells them, or ``1``.
+
+    The arguments are checked when ``run`` is called (ValueError naming the bad one); the files are
+    found at the first record. The records are made in the caller's thread, a batch at a time, while
+    the engine's own threads compute the next batch and decode ahead; closing the generator early
+    stops them after the batches in flight.
     """
-    from gpu_pipeline.labels.labeller import label_function
-    from gpu_pipeline.engine.stream import Engine, early_fork_server
-    from gpu_pipeline.inputs.discover import find_files, unlisted_warning
-    from gpu_pipeline.inputs.processes import processes_wanted
-
-    config = PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
+    config = _pipeline_config(low, high, l2, blur)
+    backend = _backend_name(backend)
+    if threads is not None:
+        threads = whole_number("threads", threads, least=1, most=MOST_THREADS)
     if workers is not None:
         workers = whole_number("workers", workers, least=1, most=MOST_THREADS)
-    if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not its characters
-        paths = [paths]
+    given = _given_paths(paths)
+    if glob is not None and not (isinstance(glob, str) and glob):
+        raise ValueError(f"glob must be a file name pattern such as '*.tif', got {glob!r}")
+    decode_options = DecodeOptions(bands=_bands(bands), stretch=stretch)
+    processes = _decode_processes(decode)
+    labels_of = _labeller(model, config)
+    return _records(given, glob, backend, threads, workers, config, decode_options, processes, labels_of)
+
+
+def _records(paths: list[str], glob: str | None, backend: str, threads: int | None, workers: int | None,
+             config: PipelineConfig, decode_options: DecodeOptions, processes: bool | None,
+             labels_of) -> Iterator[dict]:
+    """:func:`run`'s records, its arguments checked."""
+    from gpu_pipeline.engine.stream import Engine, early_fork_server
+    from gpu_pipeline.inputs.discover import find_files, unlisted_warning
+    from gpu_pipeline.outputs.sink import as_written
+
     unlisted: list[tuple[str, str]] = []
     files = find_files(paths, glob=glob, unlisted=unlisted)
     for folder, reason in unlisted:  # (its images get no record: say so, as the command line does)
         warnings.warn(unlisted_warning(folder, reason), RuntimeWarning, stacklevel=2)
-    processes = processes_wanted(decode)
     fork_server = early_fork_server(processes, len(files), workers)  # imports while the backend loads
     try:
-        engine = Engine(backend=shared_backend(backend, threads), config=config,
-                        decode_options=DecodeOptions(bands=bands, stretch=stretch),
-                        workers=workers, processes=processes, labels_of=label_function(model, config),
-                        fork_server=fork_server)
+        engine = Engine(backend=shared_backend(backend, threads), config=config, decode_options=decode_options,
+                        workers=workers, processes=processes, labels_of=labels_of, fork_server=fork_server)
     except BaseException:
         if fork_server is not None:
             fork_server.close()
         raise
     with contextlib.closing(engine.record_batches(files)) as batches:  # closed with this generator
         for batch in batches:
-            yield from batch
+            yield from as_written(batch)  # a name that is not UTF-8 as the command line writes it
+
+
+# ---------------------------------------------------------------- the arguments, checked as the API names them
+
+
+def _pipeline_config(low, high, l2, blur) -> PipelineConfig:
+    return PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=_flag("l2", l2), blur_ksize=blur)
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` as a bool: True or False (NumPy's too), not any value that is true or false
+    (``l2="false"`` switched L2 on)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _given_paths(paths) -> list[str]:
+    """``paths`` (one path or several) as names: bytes decoded as ``os.fsdecode`` does; ValueError
+    for anything else, or an empty name (``Path("")`` is the current folder, which it walked)."""
+    if isinstance(paths, (str, bytes, os.PathLike)):  # one path, not its characters
+        paths = [paths]
+    try:
+        given = list(paths)
+    except TypeError:
+        raise ValueError(f"paths must be a file or folder name or a list of them, got {paths!r}") from None
+    names = []
+    for path in given:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise ValueError(f"paths: {path!r} is not a file or folder name (str, bytes or os.PathLike)")
+        name = os.fsdecode(path)
+        if not name:
+            raise ValueError("paths: an empty path (a shell variable left unset?); name '.' for the current folder")
+        names.append(name)
+    return names
+
+
+def _bands(bands) -> tuple[int, ...] | None:
+    """``bands`` as 1-based band numbers: a sequence, one int, or the command line's ``"4,3,2"``."""
+    if bands is None:
+        return None
+    if isinstance(bands, str):
+        try:
+            bands = tuple(int(part) for part in bands.split(","))
+        except ValueError:
+            raise ValueError(f"bands takes 1-based band numbers such as (4, 3, 2), \"4,3,2\" or 1, got {bands!r}") from None
+    elif isinstance(bands, numbers.Integral) and not isinstance(bands, bool):
+        bands = (bands,)
+    else:
+        try:
+            bands = tuple(bands)
+        except TypeError:
+            raise ValueError(f"bands takes 1-based band numbers such as (4, 3, 2), \"4,3,2\" or 1, got {bands!r}") from None
+    if len(bands) not in (1, 3):
+        raise ValueError(f"bands takes 1 or 3 band numbers, got {len(bands)}: {bands!r}")
+    bands = tuple(whole_number("a band number", band) for band in bands)
+    if any(band < 1 for band in bands):
+        raise ValueError(f"band numbers are 1-based and must be >= 1, got {bands!r}")
+    return bands
+
+
+def _decode_processes(decode) -> bool | None:
+    """``decode`` as the engine's ``processes``: None (auto), False (threads), True (processes)."""
+    from gpu_pipeline.inputs.processes import DECODE_MODES, available
+
+    if not isinstance(decode, str) or decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "processes" and not available():
+        raise ValueError("decode='processes' needs Linux (memfd_create and descriptor passing); use decode='threads'")
+    return None if decode == "auto" else decode == "processes"
+
+
+def _labeller(model, config: PipelineConfig):
+    """The labeller of ``model`` (None: the default rule); ValueError (a ModelError, saying why) when
+    it is not a model that can label with these settings."""
+    from gpu_pipeline.errors import UsageError, one_line
+    from gpu_pipeline.labels.labeller import label_function
+
+    if model is None:
+        return label_function(None)
+    if not isinstance(model, (str, bytes, os.PathLike)) or not os.fsdecode(model):
+        raise ValueError(f"model must be a model file or a shipped model's name (eurosat, eurosat-cnn), got {model!r}")
+    try:
+        from gpu_pipeline.labels.model import ModelError, settings_text  # its feature kernels are numba's
+    except (ImportError, OSError) as exc:
+        raise UsageError(f"model={model!r} needs numba, which cannot be imported ({one_line(exc)})") from None
+    labels_of = label_function(os.fsdecode(model))
+    fitted = labels_of.__self__
+    try:
+        fitted.check_config(config)
+    except ModelError as exc:  # (it names the command line's options: name the keywords)
+        raise ModelError(str(exc).replace(settings_text(fitted.config), _keywords(fitted.config))
+                         .replace(settings_text(config), _keywords(config))
+                         .replace("this run uses", "these settings are")) from None
+    return labels_of
+
+
+def _keywords(config: PipelineConfig) -> str:
+    return (f"low={threshold_text(config.low_threshold)}, high={threshold_text(config.high_threshold)}, "
+            f"l2={config.l2_gradient}, blur={config.blur_ksize}")

@@ -59,7 +59,13 @@ class PipelineConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ValueError(f"{name.replace('_', ' ')} must be a number, got {value!r}")
-            if not 0 <= value <= MAX_THRESHOLD:  # also rejects NaN
+            # compared as a Python int or float: NumPy's float32 2**31 - 1 compared in float32, where
+            # it equals the bound (2**31), and float16 inf as the bound's float16 inf
+            try:
+                number = int(value) if isinstance(value, numbers.Integral) else float(value)
+            except OverflowError:  # a Fraction beyond float64
+                number = float("inf")
+            if not 0 <= number <= MAX_THRESHOLD:  # also rejects NaN
                 raise ValueError(f"{name.replace('_', ' ')} must be between 0 and {MAX_THRESHOLD}, got {value}")
 
 

@@ -63,6 +63,32 @@ def test_run_yields_the_records_the_command_line_writes(tmp_path):
     assert list(gpu_pipeline.run([REPO / "data"])) == written
 
 
+def test_a_name_that_is_not_utf8_comes_as_the_command_line_writes_it(tmp_path):
+    """``path`` shows the bytes as \\xNN and ``path_bytes`` holds them: the records carried a lone
+    surrogate, which no JSON, CSV or Parquet text holds (``pd.DataFrame(...).to_parquet`` raised)."""
+    import base64
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from gpu_pipeline.cli import app
+
+    tile = next((REPO / "data" / "eurosat" / "Forest").iterdir())
+    (tmp_path / os.fsdecode(b"caf\xe9.jpg")).write_bytes(tile.read_bytes())
+    (tmp_path / os.fsdecode(b"broken\xff.png")).write_bytes(b"not a png")  # an error record
+    (tmp_path / "plain.jpg").write_bytes(tile.read_bytes())
+    result = CliRunner().invoke(app, ["run", str(tmp_path), "--out", "-", "-q", "--backend", "reference"])
+    assert result.exit_code == 1, result.output  # (1: a file failed)
+    written = [json.loads(line) for line in result.stdout_bytes.decode("utf-8").splitlines()]
+    records = list(gpu_pipeline.run(tmp_path, backend="reference"))
+    assert records == written
+    assert [record.get("path_bytes") for record in records] == [
+        base64.b64encode(os.fsencode(tmp_path) + name).decode("ascii") if name else None
+        for name in (b"/broken\xff.png", b"/caf\xe9.jpg", None)]
+    assert records[1]["path"] == f"{tmp_path}/caf\\xe9.jpg" and "error" not in records[1]
+    pd.DataFrame(records).to_parquet(tmp_path / "records.parquet")  # UnicodeEncodeError before
+
+
 def engine_threads() -> list[str]:
     return [thread.name for thread in threading.enumerate() if thread.name.startswith(("compute", "decode_"))]
 
@@ -160,6 +186,10 @@ def test_bad_settings_are_value_errors_that_name_them():
                               ({"threads": 1.5}, "threads must be a whole number, got 1.5"),
                               ({"threads": True}, "threads must be a whole number, got True"),
                               ({"threads": 100_000}, "threads must be at most 1024, got 100000"),
+                              # compared in float32 (where it is 2**31) and float16: they passed
+                              ({"low": 0, "high": np.float32(2**31 - 1)}, "high threshold must be between 0 and"),
+                              ({"low": 0, "high": np.float16("inf")}, "high threshold must be between 0 and"),
+                              ({"low": np.float32("nan")}, "low threshold must be between 0 and"),
                               ({"bands": (1.5,)}, "a band number must be a whole number, got 1.5")]:
         with pytest.raises(ValueError, match=message):
             if "bands" in options:
@@ -172,6 +202,118 @@ def test_bad_settings_are_value_errors_that_name_them():
             next(gpu_pipeline.run([REPO / "data" / "eurosat"], workers=workers))
     whole = gpu_pipeline.process(image, blur=np.int64(7), threads=np.int32(1), backend="numba")  # NumPy ints are whole
     assert whole.edge_counts.tolist() == [0]
+    assert gpu_pipeline.process(image, low=np.float32(2**31 - 128), high=np.uint64(2**31 - 1)).edge_counts.tolist() == [0]
+
+
+def test_a_backend_that_cannot_run_here_is_a_value_error_too(register):
+    """The README promises one ValueError for bad arguments: backend="cuda" without a GPU raised a
+    RuntimeError only (it still is one, for code that caught that)."""
+    from gpu_pipeline.backends import BackendUnavailable
+
+    class Absent(ReferenceBackend):
+        name = "absent"
+
+        @classmethod
+        def unavailable_reason(cls):
+            return "no such device here"
+
+    register(Absent)
+    image = [np.zeros((4, 4), np.uint8)]
+    for call in (lambda: gpu_pipeline.process(image, backend="absent"),
+                 lambda: list(gpu_pipeline.run(REPO / "data" / "eurosat", backend="absent"))):
+        with pytest.raises(ValueError, match="backend 'absent' is unavailable: no such device here") as caught:
+            call()
+        assert isinstance(caught.value, BackendUnavailable) and isinstance(caught.value, RuntimeError)
+
+
+BAD_RUN_ARGUMENTS = [
+    ({"threads": 0}, "threads must be >= 1, got 0"),
+    ({"workers": 1.5}, "workers must be a whole number, got 1.5"),
+    ({"bands": (1, 2)}, "bands takes 1 or 3 band numbers, got 2"),
+    ({"bands": 3.0}, r"bands takes 1-based band numbers such as \(4, 3, 2\), \"4,3,2\" or 1, got 3.0"),
+    ({"bands": "4;3;2"}, "bands takes 1-based band numbers such as"),  # (a confusing "got 5" before)
+    ({"bands": (0, 1, 2)}, "band numbers are 1-based and must be >= 1"),
+    ({"stretch": "log"}, "stretch must be one of percentile, minmax, bitdepth, got 'log'"),
+    ({"decode": "fibers"}, "^decode must be one of auto, threads, processes, got 'fibers'"),  # not --decode
+    ({"model": 3}, "model must be a model file or a shipped model's name"),  # a TypeError before
+    ({"model": ""}, "model must be a model file"),
+    ({"model": "no-such-model"}, "model file no-such-model does not exist"),
+    ({"backend": "nope"}, "unknown backend 'nope'"),
+    ({"backend": ["numba"]}, "backend must be a backend's name"),
+    ({"high": np.float32(2**31 - 1)}, "high threshold must be between 0 and"),
+    ({"blur": 4}, r"blur size must be one of \(3, 5, 7\), got 4"),
+    ({"l2": "false"}, "l2 must be True or False, got 'false'"),
+    ({"glob": 3}, "glob must be a file name pattern such as '\\*.tif', got 3"),  # an AttributeError before
+    ({"glob": ""}, "glob must be a file name pattern"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_RUN_ARGUMENTS)
+def test_run_checks_its_arguments_when_it_is_called(options, message):
+    """run(...) raises at once, not at the first next(): a bad argument was found only when the
+    records were read, somewhere else in the caller's program."""
+    with pytest.raises(ValueError, match=message):
+        gpu_pipeline.run(REPO / "data" / "eurosat", **options)
+    assert engine_threads() == []
+
+
+@pytest.mark.parametrize("paths, message", [
+    ("", r"paths: an empty path \(a shell variable left unset\?\)"),  # walked the current folder
+    ([REPO / "data", ""], "paths: an empty path"),
+    (b"", "paths: an empty path"),
+    (3, "paths must be a file or folder name or a list of them, got 3"),
+    ([3], "paths: 3 is not a file or folder name"),
+])
+def test_run_refuses_what_names_no_file(paths, message):
+    with pytest.raises(ValueError, match=message):
+        gpu_pipeline.run(paths)
+
+
+def test_run_takes_bytes_paths_as_the_file_system_names_them(tmp_path):
+    forest = REPO / "data" / "eurosat" / "Forest"
+    want = list(gpu_pipeline.run(forest, backend="numba"))
+    assert list(gpu_pipeline.run(os.fsencode(forest), backend="numba")) == want  # a TypeError before
+    assert list(gpu_pipeline.run([os.fsencode(forest)], backend="numba")) == want
+
+
+def test_bands_as_the_command_line_spells_them_or_one_int():
+    forest = REPO / "data" / "eurosat" / "Forest"
+    rgb = list(gpu_pipeline.run(forest, backend="numba", bands=(3, 2, 1)))
+    assert rgb != list(gpu_pipeline.run(forest, backend="numba"))
+    assert list(gpu_pipeline.run(forest, backend="numba", bands="3,2,1")) == rgb  # "--bands takes 1 or 3, got 5"
+    gray = list(gpu_pipeline.run(forest, backend="numba", bands=(2,)))
+    assert {record["bands"] for record in gray} == {1}
+    assert list(gpu_pipeline.run(forest, backend="numba", bands="2")) == gray  # "must be a whole number, got '2'"
+    assert list(gpu_pipeline.run(forest, backend="numba", bands=2)) == gray  # a TypeError before
+    assert list(gpu_pipeline.run(forest, backend="numba", bands=np.array([2]))) == gray
+
+
+def test_switches_are_true_or_false_only():
+    """l2="false" switched L2 on, as any value that is true would."""
+    image = [np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)]
+    for options in ({"l2": "false"}, {"l2": 0}, {"l2": None}, {"keep_images": "no"}, {"keep_images": 1}):
+        name = next(iter(options))
+        with pytest.raises(ValueError, match=f"^{name} must be True or False, got "):
+            gpu_pipeline.process(image, backend="numba", **options)
+    l2 = gpu_pipeline.process(image, backend="numba", l2=np.True_, keep_images=np.bool_(True))
+    assert l2.edges is not None
+    assert np.array_equal(l2.edge_counts, gpu_pipeline.process(image, backend="numba", l2=True).edge_counts)
+
+
+def test_the_api_names_its_keywords_where_the_command_line_names_its_options():
+    """A model fitted with other settings is refused naming low=..., not --low ..."""
+    image = [np.zeros((8, 8), np.uint8)]
+    with pytest.raises(ValueError, match="^the model was fitted with low=100, high=200, l2=False, blur=5 but these "
+                                         "settings are low=50, high=200, l2=True, blur=5;"):
+        gpu_pipeline.process(image, model="eurosat", low=50, l2=True)
+    with pytest.raises(ValueError, match="model must be a model file"):
+        gpu_pipeline.process(image, model=3)
+    assert len(gpu_pipeline.process(image, model=REPO / "gpu_pipeline" / "labels" / "models" / "eurosat.json").labels) == 1
+
+
+def test_dir_lists_the_api():
+    """The API is imported on first use (a module __getattr__): dir() and completion did not show it."""
+    assert {"process", "run", "Results", "__version__"} <= set(dir(gpu_pipeline))
 
 
 def test_run_takes_one_path_as_one_path(monkeypatch):

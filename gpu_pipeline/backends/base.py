@@ -25,8 +25,11 @@ CPU_BATCH_PIXELS = 1 << 20
 GPU_BATCH_PIXELS = 32 << 20
 
 
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run here; the message says why (no GPU, no driver, package missing)."""
+class BackendUnavailable(RuntimeError, ValueError):
+    """The backend cannot run here; the message says why (no GPU, no driver, package missing).
+
+    A RuntimeError, as it always was, and a ValueError: the Python API promises one ValueError for a
+    bad argument, and a backend that cannot run here is one (the command line exits 2 on it)."""
 
 
 def checked_device_index(index: int | None, count: int) -> int:
