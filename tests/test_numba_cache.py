@@ -34,7 +34,6 @@ def _planted(folder: Path, mode: int, owner: int | None = None) -> Path:
 @pytest.fixture
 def no_user_choice(monkeypatch, tmp_path):
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
-    monkeypatch.setattr(_numba_setup, "CACHE_IS_FRESH", _numba_setup.CACHE_IS_FRESH)  # (a mkdtemp sets it)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -72,39 +71,6 @@ def test_the_package_cache_then_the_users_then_the_temporary_folder(tmp_path, no
     uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
     chosen = _numba_setup.choose_cache_dir(package)
     assert chosen == str(tmp_path / "tmp" / f"gpu-pipeline-numba-{uid}") == numba.config.CACHE_DIR
-
-
-def test_the_read_only_choice_is_the_folder_a_run_chooses_and_writes_nothing(tmp_path, no_user_choice):
-    """gpu-pipeline info reports the folder with create=False: the one a run then makes, or None where
-    a run would make a fresh one (nothing trusted); the tree and numba's setting are left as they were."""
-    if not hasattr(os, "getuid"):
-        pytest.skip("no POSIX owners here")
-    package = tmp_path / "package"
-
-    def tree() -> list[str]:
-        return sorted(str(path) for path in tmp_path.rglob("*"))
-
-    def predicted() -> str | None:
-        before = tree()
-        chosen = _numba_setup.choose_cache_dir(package, create=False)
-        assert tree() == before and numba.config.CACHE_DIR == ""
-        return chosen
-
-    assert predicted() == str(package / "__pycache__") == _numba_setup.choose_cache_dir(package)
-    (package / "__pycache__").rmdir()
-    (package / "__pycache__").write_text("a file where numba wants a folder")
-    (tmp_path / "xdg").write_text("a file where the user's cache would be")
-    assert predicted() == str(tmp_path / "tmp" / f"gpu-pipeline-numba-{os.getuid()}")
-    assert predicted() == _numba_setup.choose_cache_dir(package)
-    numba.config.CACHE_DIR = ""
-    shutil.rmtree(tmp_path / "tmp" / f"gpu-pipeline-numba-{os.getuid()}")
-    (tmp_path / "xdg").unlink()
-    _planted(tmp_path / "xdg" / "gpu-pipeline" / "numba", 0o777)  # anyone can write: not trusted
-    if os.getuid() == 0:
-        _planted(tmp_path / "tmp" / f"gpu-pipeline-numba-{os.getuid()}", 0o755, owner=OTHER_USER)
-    else:
-        _planted(tmp_path / "tmp" / f"gpu-pipeline-numba-{os.getuid()}", 0o777)
-    assert predicted() is None  # a run makes a fresh private folder: nothing outlives it
 
 
 def test_the_users_own_private_folder_is_used(tmp_path, no_user_choice):

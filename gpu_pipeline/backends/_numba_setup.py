@@ -56,15 +56,12 @@ KERNEL_SOURCES = (
 )
 
 
-def _is_private_dir(path: Path, create: bool = True) -> bool:
+def _is_private_dir(path: Path) -> bool:
     """True when ``path`` is (or can be made) a folder of this user's that no one else may write to.
 
     numba loads pickled kernels from its cache, so a folder another user owns or can write to
-    (``/tmp/...`` made by someone else, or mode 0777) could hand us their code. With ``create``
-    False nothing is made or written (``gpu-pipeline info``): :func:`_could_be_private_dir`.
+    (``/tmp/...`` made by someone else, or mode 0777) could hand us their code.
     """
-    if not create:
-        return _could_be_private_dir(path)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.lstat()  # a symbolic link is not followed: it could point anywhere
@@ -78,34 +75,6 @@ def _is_private_dir(path: Path, create: bool = True) -> bool:
     return True
 
 
-def _could_be_private_dir(path: Path) -> bool:
-    """:func:`_is_private_dir` without making or writing anything: an existing folder by its type, mode,
-    owner and access rights; a missing one when its nearest existing parent folder is writable (the
-    first run that compiles makes it, mode 0700)."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        parent = path.parent
-        while True:
-            try:
-                found = os.stat(parent)
-            except FileNotFoundError:
-                if parent == parent.parent:
-                    return False
-                parent = parent.parent
-                continue
-            except OSError:
-                return False
-            return stat.S_ISDIR(found.st_mode) and os.access(parent, os.W_OK | os.X_OK)
-    except OSError:
-        return False
-    if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return False
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
-
-
 def _user_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "gpu-pipeline" / "numba"
@@ -115,7 +84,7 @@ def _user_cache_dir() -> Path:
 CACHE_IS_FRESH = False
 
 
-def choose_cache_dir(package_dir: Path, create: bool = True) -> str | None:
+def choose_cache_dir(package_dir: Path) -> str | None:
     """Where numba caches compiled kernels, or None when nowhere is writable.
 
     Order: ``$NUMBA_CACHE_DIR`` if the user set it; ``<package>/__pycache__`` (numba's default,
@@ -124,25 +93,20 @@ def choose_cache_dir(package_dir: Path, create: bool = True) -> str | None:
     when none is, a new private folder (``mkdtemp``, mode 0700) is used: kernels are then compiled
     again by each run, but never loaded from a folder someone else controls. A chosen fallback is
     written to ``numba.config.CACHE_DIR``, which numba reads when a ``cache=True`` function is defined;
-    the kernels then go to :func:`keyed_cache_dir` of the chosen folder. With ``create`` False nothing
-    is made, written or set: the folder a run would choose, or None where each run would make a
-    fresh one (kernels compiled at every start).
+    the kernels then go to :func:`keyed_cache_dir` of the chosen folder.
     """
     if numba.config.CACHE_DIR:
         return numba.config.CACHE_DIR
-    if _is_private_dir(package_dir / "__pycache__", create):
+    if _is_private_dir(package_dir / "__pycache__"):
         return str(package_dir / "__pycache__")
     uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
     candidates = [_user_cache_dir()]
     with contextlib.suppress(OSError):  # no usable temp folder (TMPDIR, /tmp, /var/tmp, here): mkdtemp fails too
         candidates.append(Path(tempfile.gettempdir()) / f"gpu-pipeline-numba-{uid}")
     for candidate in candidates:
-        if _is_private_dir(candidate, create):
-            if create:
-                numba.config.CACHE_DIR = str(candidate)
+        if _is_private_dir(candidate):
+            numba.config.CACHE_DIR = str(candidate)
             return str(candidate)
-    if not create:
-        return None
     try:
         private = tempfile.mkdtemp(prefix="gpu-pipeline-numba-")
     except OSError:
@@ -231,35 +195,13 @@ def threading_layer_is_threadsafe() -> bool:
     return requested == "default" and any(_layer_loads(name) for name in THREADSAFE_LAYERS)
 
 
-def planned_cache(package_dir: Path = PACKAGE_ROOT / "backends") -> dict:
-    """Where a run would cache its kernels, found without making or writing anything: ``cache_dir``
-    (the ``kernels-<digest>`` folder, or None when no folder would outlive the run), whether it
-    ``exists`` yet and whether it is ``writable`` (or could be made)."""
-    root = choose_cache_dir(package_dir, create=False)
-    if root is None:
-        return {"cache_dir": None, "exists": False, "writable": False}
-    keyed = Path(root) / f"kernels-{kernel_source_digest()}"
-    return {"cache_dir": str(keyed), "exists": keyed.is_dir(), "writable": _is_private_dir(keyed, create=False)}
-
-
-#: ``gpu-pipeline info`` imports the backends to ask whether they can run, and must write nothing:
-#: it sets ``gpu_pipeline.backends.NUMBA_CACHE_READ_ONLY`` before this module is first imported.
-#: Then no folder is made or chosen, and no kernel is cached (numba makes a cached function's
-#: folder when it is decorated); :data:`PLANNED` says where a run would cache them.
-READ_ONLY = bool(getattr(importlib.import_module("gpu_pipeline.backends"), "NUMBA_CACHE_READ_ONLY", False))
-
 # Applied when the kernels are first imported, before numba compiles anything (numba picks a
 # cached function's folder when it is decorated).
 #: The folder chosen by :func:`choose_cache_dir`, and the one kernels are cached in (None: no cache).
-if READ_ONLY:
-    PLANNED = planned_cache()
-    CACHE_ROOT = CACHE_DIR = None
-else:
-    CACHE_ROOT = choose_cache_dir(Path(__file__).resolve().parent)
-    CACHE_DIR = keyed_cache_dir(CACHE_ROOT)
-    if CACHE_DIR is not None:
-        numba.config.CACHE_DIR = CACHE_DIR
-    PLANNED = {"cache_dir": CACHE_DIR, "exists": CACHE_DIR is not None, "writable": CACHE_DIR is not None}
+CACHE_ROOT = choose_cache_dir(Path(__file__).resolve().parent)
+CACHE_DIR = keyed_cache_dir(CACHE_ROOT)
+if CACHE_DIR is not None:
+    numba.config.CACHE_DIR = CACHE_DIR
 choose_threading_layer()
 # OpenMP's idle threads spin by default, taking the cores the decode threads need between two
 # batches (measured on 50,000 EuroSAT tiles, 2 cores: 19 s of CPU and 12.9 s wall spinning,

@@ -211,14 +211,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines."),
 ) -> None:
     """Describe this machine: versions, backends (and why one cannot run), GPU, CPU threads, numba setup."""
-    import gpu_pipeline.backends
     from gpu_pipeline.diagnostics.info import collect_info, print_info
 
-    gpu_pipeline.backends.NUMBA_CACHE_READ_ONLY = True  # a diagnostic writes nothing: no kernel cache folder
-    try:
-        collected = collect_info()
-    finally:
-        gpu_pipeline.backends.NUMBA_CACHE_READ_ONLY = False
+    collected = collect_info()
     if as_json:
         typer.echo(json.dumps(collected, indent=2))
     else:

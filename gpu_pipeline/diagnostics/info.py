@@ -120,8 +120,6 @@ def numba_info() -> dict[str, Any]:
         "threading_layer_requested": numba.config.THREADING_LAYER,
         "threading_layer": None,
         "cache_dir": None,
-        "cache_dir_exists": False,
-        "cache_dir_writable": False,
         "cache_dir_from_env": bool(os.environ.get("NUMBA_CACHE_DIR")),
     }
     try:
@@ -129,11 +127,8 @@ def numba_info() -> dict[str, Any]:
         info["threading_layer"] = numba.threading_layer()
     except Exception as exc:  # e.g. a requested layer whose library is missing
         info["threading_layer"] = f"cannot start ({one_line(exc)})"
-    # The folder the kernels are cached in: kernels-<digest of the kernel sources> in the chosen one
-    # (under gpu-pipeline info, where a run would cache them: info makes no folder).
-    planned = _numba_setup.PLANNED
-    info.update(cache_dir=planned["cache_dir"], cache_dir_exists=planned["exists"],
-                cache_dir_writable=planned["writable"])
+    # The folder the kernels are cached in: kernels-<digest of the kernel sources> in the chosen one.
+    info["cache_dir"] = _numba_setup.CACHE_DIR
     return info
 
 
@@ -197,7 +192,4 @@ def print_info(console: Console, info: dict[str, Any]) -> None:
                   f"(requested: {numba['threading_layer_requested']})")
     cache = numba["cache_dir"] or "none writable: kernels are compiled at every start"
     origin = "from NUMBA_CACHE_DIR" if numba["cache_dir_from_env"] else "set NUMBA_CACHE_DIR to choose another"
-    state = ("" if numba["cache_dir"] is None else
-             "not writable: kernels are compiled at every start; " if not numba["cache_dir_writable"] else
-             "" if numba["cache_dir_exists"] else "not made yet: the first run that compiles makes it; ")
-    console.print(f"numba cache: {escape(cache)} ({state}{origin})")
+    console.print(f"numba cache: {escape(cache)} ({origin})")
