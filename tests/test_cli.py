@@ -514,7 +514,7 @@ def test_help_texts_keep_their_brackets():
 
 def test_without_numba_auto_runs_the_reference_backend_and_numba_only_commands_refuse(image_dir, tmp_path):
     """README: `auto` takes the first available backend; docs/nightly.md: the reference backend where
-    numba cannot be imported. The JSON lines and CSV writers format histograms with a numba kernel:
+    numba cannot be imported; verify against OpenCV needs no numba either. The JSON lines and CSV writers format histograms with a numba kernel:
     without numba they write the same bytes in Python. --model, fit and evaluate need numba's
     kernels: one line, exit 2."""
     stand_in = tmp_path / "no-numba" / "numba"
@@ -532,6 +532,9 @@ def test_without_numba_auto_runs_the_reference_backend_and_numba_only_commands_r
         done = cli("run", str(image_dir), "--out", str(got), "--quiet")
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
         assert got.read_bytes() == expected.read_bytes()
+    verified = cli("verify", str(image_dir), "--against-opencv", "--report", str(tmp_path / "v.json"))
+    if verified.returncode != 2 or "cv2" not in verified.stderr:  # (OpenCV missing: its own refusal)
+        assert verified.returncode == 0 and "Traceback" not in verified.stderr, verified.stderr
     for args in (("run", str(image_dir), "--model", "eurosat", "--out", str(tmp_path / "m.jsonl")),
                  ("fit", str(image_dir), "--out", str(tmp_path / "model.json")),
                  ("evaluate", str(image_dir), "--model", "eurosat")):

@@ -34,6 +34,7 @@ def _planted(folder: Path, mode: int, owner: int | None = None) -> Path:
 @pytest.fixture
 def no_user_choice(monkeypatch, tmp_path):
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(_numba_setup, "CACHE_IS_FRESH", _numba_setup.CACHE_IS_FRESH)  # (a mkdtemp sets it)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

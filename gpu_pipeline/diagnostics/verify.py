@@ -461,9 +461,11 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     files = discover(paths, glob=glob, unlisted=unlisted)
     if not files:
         raise no_files_found(paths, glob, unlisted)
-    from gpu_pipeline.labels.model import resolve_model_path
+    model_file = None
+    if model is not None:  # (the model module imports numba: not without a model)
+        from gpu_pipeline.labels.model import resolve_model_path
 
-    model_file = resolve_model_path(model) if model is not None else None
+        model_file = resolve_model_path(model)
     if report_path is not None:  # now rather than after a long run; only a report of ours is replaced
         check_target(report_path, "--report", is_our_json, [*files, *([model_file] if model_file else [])])
     report = VerifyReport(
