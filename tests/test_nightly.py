@@ -405,15 +405,22 @@ def test_a_run_through_a_symbolic_link_resumes_the_output_it_leads_to(tiles, tmp
     assert changed.exit_code == 2 and "other settings" in changed.stderr
 
 
-def test_a_settings_record_beside_the_link_itself_is_still_found(tiles, tmp_path):
-    """Runs before 2026-12-06 kept it beside the name given: their outputs resume as before."""
+def test_a_settings_record_beside_the_link_itself_is_named_where_it_belongs(tiles, tmp_path):
+    """Runs before 2026-12-06 kept it beside the name given. Read from there, it was taken for the
+    record of whatever the link led to next (a new night's output), and written there again: the
+    refusal names it and where it belongs instead, and nothing is written."""
     real, link = tmp_path / "night1.jsonl", tmp_path / "latest.jsonl"
     real.touch()
     link.symlink_to(real.name)
     assert run(str(tiles), "--out", str(link)).exit_code == 0
     os.rename(tmp_path / "night1.jsonl.settings.json", tmp_path / "latest.jsonl.settings.json")  # the old place
+    before = real.read_bytes()
+    result = run(str(tiles), "--out", str(link))
+    assert result.exit_code == 2 and "runs before 2026-12-06 kept it beside the link" in result.stderr
+    assert f"move it to {tmp_path / 'night1.jsonl.settings.json'}" in result.stderr, result.stderr
+    assert real.read_bytes() == before and not (tmp_path / "night1.jsonl.settings.json").exists()
+    os.rename(tmp_path / "latest.jsonl.settings.json", tmp_path / "night1.jsonl.settings.json")  # as it says
     assert run(str(tiles), "--out", str(link)).exit_code == 0
-    assert len(read_records(real)) == 20 and not (tmp_path / "night1.jsonl.settings.json").exists()
 
 
 def test_a_symbolic_link_out_that_leads_nowhere_is_refused_saying_so(tiles, tmp_path):

@@ -155,14 +155,11 @@ def model_identity(model: str | None) -> str | None:
 
 def settings_path(out: str) -> Path:
     """``OUT.settings.json``, beside the output file: where ``out`` is a symbolic link, beside the file
-    it leads to, as the lock, so that every spelling of one output finds the same record (a record
-    beside the link itself, which runs before 2026-12-06 wrote, is still found when there is no other)."""
+    it leads to, as the lock, so that every spelling of one output finds the same record."""
     name = out.rstrip("/")
-    beside = Path(name + ".settings.json")
-    if out == "-" or not os.path.islink(name):
-        return beside
-    real = Path(os.path.realpath(name) + ".settings.json")
-    return beside if os.path.lexists(beside) and not os.path.lexists(real) else real
+    if out != "-" and os.path.islink(name):
+        name = os.path.realpath(name)
+    return Path(name + ".settings.json")
 
 
 def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict | None) -> None:
@@ -177,8 +174,12 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
     if earlier is None:  # (one there that is not ours was refused by checked_settings_record)
         replace = ("--overwrite replaces such a folder only when it holds nothing but gpu-pipeline's Parquet parts"
                    if os.path.isdir(out) else "use --overwrite to replace it")
-        raise UsageError(f"{out} exists but has no settings record {path.name}: it is not a gpu-pipeline output, "
-                         f"or its settings were removed, and resuming could mix settings; {replace}, or another --out")
+        beside_link = Path(out.rstrip("/") + ".settings.json")
+        moved = (f" (runs before 2026-12-06 kept it beside the link, as {beside_link}: if it is this output's, "
+                 f"move it to {path})" if beside_link != path and os.path.lexists(beside_link) else "")
+        raise UsageError(f"{out} exists but has no settings record {path.name}{moved}: it is not a gpu-pipeline "
+                         f"output, or its settings were removed, and resuming could mix settings; {replace}, "
+                         "or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     if earlier == settings:
         return
