@@ -531,9 +531,12 @@ def test_a_corpus_folder_a_killed_bench_left_is_removed_by_the_next(tmp_path, mo
     """A SIGKILL runs no clean-up: each killed bench left its generated corpus in the temporary
     folder for good (4 of 4 kills in a hunt)."""
     import os
+    import re
     import subprocess
     import tempfile
     import time
+
+    from gpu_pipeline.bench import corpus
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -542,10 +545,15 @@ def test_a_corpus_folder_a_killed_bench_left_is_removed_by_the_next(tmp_path, mo
     old = time.time() - 3600
     left = tmp_path / "tmp" / f"gpu-pipeline-bench-{child.pid}-abcd1234"
     kept = [tmp_path / "tmp" / f"gpu-pipeline-bench-{os.getpid()}-efgh5678",  # a bench still running
-            tmp_path / "tmp" / "gpu-pipeline-bench-ijkl9012"]  # no PID in its name: not ours to judge
+            tmp_path / "tmp" / "gpu-pipeline-bench-ijkl9012",  # no PID in its name: not ours to judge
+            tmp_path / "tmp" / "gpu-pipeline-bench-2024-06-results"]  # the user's, named alike, unmarked
     for folder in (left, *kept):
         (folder / "scenes").mkdir(parents=True)
         (folder / "scenes" / "s.jpg").write_bytes(b"jpeg")
+        pid = re.match(r"gpu-pipeline-bench-([0-9]+)-", folder.name)
+        if pid and not folder.name.startswith("gpu-pipeline-bench-2024"):
+            (folder / corpus.CORPUS_MARK).write_text(pid[1] + "\n")
+            os.utime(folder / corpus.CORPUS_MARK, (old, old))
         os.utime(folder, (old, old))
     result, _ = run_bench(tmp_path, *TINY, "--backends", "reference", "--no-scaling")
     assert result.exit_code == 0, result.output

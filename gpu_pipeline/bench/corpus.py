@@ -206,25 +206,33 @@ def load_corpus(paths: Sequence[Path], details: dict, options: DecodeOptions, wo
 
 #: ``gpu-pipeline-bench-PID-XXXXXXXX``: the temporary folder of a bench's generated corpus, in process PID.
 _CORPUS_FOLDER = re.compile(r"\Agpu-pipeline-bench-(?P<pid>[0-9]+)-[^/]+\Z")
+#: The file a bench writes first into its corpus folder: only a folder holding it is ever removed.
+CORPUS_MARK = ".gpu-pipeline-bench-corpus"
 
 
 @contextlib.contextmanager
 def corpus_folder():
     """A temporary folder for the generated corpus, removed after the bench. One that a SIGKILL left
-    (no clean-up runs then) is removed by a later bench: this user's, its process gone, untouched for
-    :data:`~gpu_pipeline.outputs.files.STALE_AFTER_S`."""
+    (no clean-up runs then) is removed by a later bench: this user's, marked as a corpus, its process
+    gone, the mark untouched for :data:`~gpu_pipeline.outputs.files.STALE_AFTER_S`."""
     remove_abandoned_corpora(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix=f"gpu-pipeline-bench-{os.getpid()}-") as folder:
+        (Path(folder) / CORPUS_MARK).write_text(f"{os.getpid()}\n")
         yield Path(folder)
 
 
 def remove_abandoned_corpora(parent: str) -> None:
+    """Remove the corpus folders of killed benches in ``parent``. Only a folder whose name, owner and
+    mark say so: a folder of the user's that happens to be named alike (``gpu-pipeline-bench-2024-06``)
+    is never touched."""
     found: list[tuple[str, int]] = []
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
         found = [(entry.path, int(match["pid"])) for entry in entries if (match := _CORPUS_FOLDER.match(entry.name))]
     for path, pid in found:
         with contextlib.suppress(OSError):
-            info = os.lstat(path)
-            if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not is_running(pid)
-                    and time.time() - info.st_mtime > STALE_AFTER_S):
+            folder, mark = os.lstat(path), os.lstat(os.path.join(path, CORPUS_MARK))
+            if (stat.S_ISDIR(folder.st_mode) and folder.st_uid == os.getuid() and stat.S_ISREG(mark.st_mode)
+                    and mark.st_uid == os.getuid() and not is_running(pid)
+                    and time.time() - mark.st_mtime > STALE_AFTER_S
+                    and Path(path, CORPUS_MARK).read_text().strip() == str(pid)):
                 shutil.rmtree(path)
