@@ -258,7 +258,7 @@ def _bands(bands) -> tuple[int, ...] | None:
             raise ValueError(f"bands takes 1-based band numbers such as (4, 3, 2), \"4,3,2\" or 1, got {bands!r}") from None
     if len(bands) not in (1, 3):
         raise ValueError(f"bands takes 1 or 3 band numbers, got {len(bands)}: {bands!r}")
-    bands = tuple(whole_number("a band number", band) for band in bands)
+    bands = tuple(whole_number("each of bands", band) for band in bands)
     if any(band < 1 for band in bands):
         raise ValueError(f"band numbers are 1-based and must be >= 1, got {bands!r}")
     return bands

@@ -190,7 +190,7 @@ def test_bad_settings_are_value_errors_that_name_them():
                               ({"low": 0, "high": np.float32(2**31 - 1)}, "high threshold must be between 0 and"),
                               ({"low": 0, "high": np.float16("inf")}, "high threshold must be between 0 and"),
                               ({"low": np.float32("nan")}, "low threshold must be between 0 and"),
-                              ({"bands": (1.5,)}, "a band number must be a whole number, got 1.5")]:
+                              ({"bands": (1.5,)}, "each of bands must be a whole number, got 1.5")]:
         with pytest.raises(ValueError, match=message):
             if "bands" in options:
                 next(gpu_pipeline.run([REPO / "data" / "eurosat"], **options))

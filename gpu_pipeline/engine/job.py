@@ -234,8 +234,8 @@ def remove_killed_runs_temporaries(out: str, edge_folder: Path | None) -> None:
         for path in (os.path.realpath(out), str(settings_path(out))):
             remove_stale_temporaries(os.path.dirname(path) or ".", temporaries_of(os.path.basename(path)))
     if edge_folder is not None:
-        for folder, _, _ in os.walk(edge_folder):  # (links to folders are not followed)
-            remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"))
+        for folder, _, names in os.walk(edge_folder):  # (links to folders are not followed)
+            remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"), names)
 
 
 def write_settings(out: str, settings: dict) -> None:

@@ -147,17 +147,20 @@ _TEMPORARY = re.compile(r"\A\.(?P<target>.+)\.(?P<pid>[0-9]+)\.tmp\Z", re.DOTALL
 STALE_AFTER_S = 60
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[str, int], bool]) -> None:
+def remove_stale_temporaries(folder: str | os.PathLike[str], wanted: Callable[[str, int], bool],
+                             names: list[str] | None = None) -> None:
     """Remove the temporaries that :func:`write_replacing` left in ``folder`` when its process was
     killed (a SIGKILL runs no clean-up): hidden ``.NAME.PID.tmp`` files (:func:`temporary_name`)
     whose ``NAME`` and ``PID`` ``wanted`` accepts, whose process is no longer running, untouched for
-    :data:`STALE_AFTER_S`."""
-    try:
-        with os.scandir(folder) as entries:
-            found = [(entry.path, int(match["pid"])) for entry in entries if entry.name.startswith(".")
-                     and (match := _TEMPORARY.match(entry.name)) and wanted(match["target"], int(match["pid"]))]
-    except OSError:
-        return
+    :data:`STALE_AFTER_S`. ``names``: the folder's file names when the caller has listed it already."""
+    if names is None:
+        try:
+            with os.scandir(folder) as entries:
+                names = [entry.name for entry in entries]
+        except OSError:
+            return
+    found = [(os.path.join(folder, name), int(match["pid"])) for name in names if name.startswith(".")
+             and (match := _TEMPORARY.match(name)) and wanted(match["target"], int(match["pid"]))]
     for path, pid in found:
         if is_running(pid):
             continue
