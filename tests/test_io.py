@@ -995,6 +995,57 @@ def test_truncated_jpeg_is_refused_not_filled_in(tmp_path):
         assert error.value.stage == "decode" and "truncated" in str(error.value)
 
 
+@pytest.mark.parametrize("layout", [{"tile": (16, 16)}, {"compression": "lzw"}, {"rowsperstrip": 8}])
+def test_a_cut_tiff_is_refused_not_filled_in(tmp_path, layout):
+    """tifffile 2026.11.16 (Python 3.12 and later) pads a truncated strip or tile with zeros and logs
+    an error, where earlier versions raised: a cut file became a normal record of made-up pixels."""
+    pixels = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, pixels, **layout)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size * 2 // 3])
+    assert np.array_equal(decode_image(whole, DecodeOptions()), pixels)
+    with pytest.raises(DecodeError) as error:
+        decode_image(cut, DecodeOptions())
+    assert error.value.stage in ("read", "decode")
+
+
+def test_an_error_tifffile_logs_while_decoding_a_page_makes_it_a_decode_error(tmp_path, monkeypatch):
+    """Whatever tifffile's version does with a damaged segment, an error it reports while it decodes
+    the page (its log, at ERROR) is that image's error, not a record of what it filled in."""
+    import logging
+
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint8))
+    original = tifffile.TiffPage.asarray
+
+    def padding(self, *args, **kwargs):
+        logging.getLogger("tifffile").error(f"{self!r} truncated strip @ (0, 0, 0, 0, 0) (32 < 64 samples) padded")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", padding)
+    with pytest.raises(DecodeError, match=r"\Adamaged TIFF file: truncated strip @ \(0, 0, 0, 0, 0\) "
+                                          r"\(32 < 64 samples\)\Z") as error:
+        decode_image(path, DecodeOptions())
+    assert error.value.stage == "decode"
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", original)
+    assert decode_image(path, DecodeOptions()).shape == (8, 8)  # (nothing left over for the next image)
+
+
+def test_tifffiles_errors_are_kept_off_the_command_lines_stderr():
+    """tifffile 2026.11 logs at ERROR what it logged at WARNING ("invalid offset to first page"):
+    the level the command line set let them through to stderr."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nlogging.basicConfig()  # a handler on the root logger (a sitecustomize's, a library's)\n"
+            "from gpu_pipeline.inputs.decode import quiet_tifffile\nquiet_tifffile()\n"
+            "logging.getLogger('tifffile').error('invalid offset to first page 8')\n"
+            "logging.getLogger('tifffile').warning('a warning')\nprint('done')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "done\n" and done.stderr == ""
+
+
 def test_cmyk_jpeg_goes_through_pillow(tmp_path):
     path = tmp_path / "cmyk.jpg"
     Image.fromarray(np.full((8, 9, 4), 40, np.uint8), "CMYK").save(path, "JPEG")

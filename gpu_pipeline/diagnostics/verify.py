@@ -290,7 +290,9 @@ def parse_backend_list(text: str | None) -> list[str] | None:
     known = registry.backend_names()
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise UsageError(f"unknown backend {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        hint = ("; OpenCV is no backend: add --against-opencv to compare with it"
+                if any(name.lower() in ("opencv", "cv2") for name in unknown) else "")
+        raise UsageError(f"unknown backend {', '.join(map(repr, unknown))}; known: {', '.join(known)}{hint}")
     return list(dict.fromkeys(names))
 
 

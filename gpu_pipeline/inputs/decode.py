@@ -93,6 +93,7 @@ import math
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
@@ -144,9 +145,42 @@ class DecodeError(Exception):
 
 def quiet_tifffile() -> None:
     """For the command line and its decode processes: a damaged TIFF becomes that file's error
-    record, and tifffile's own warnings would only add noise to stderr. (The Python API leaves the
-    caller's logging as it is.)"""
-    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    record, and tifffile's own messages would only add noise to stderr, its warnings and its errors
+    alike (tifffile 2026.11 logs at ERROR what earlier versions logged at WARNING). (The Python API
+    leaves the caller's logging as it is.)"""
+    logger = logging.getLogger("tifffile")
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False  # (the handler below keeps logging's last resort from printing them)
+
+
+class _TiffErrors(logging.Handler):
+    """The ERROR records tifffile logs in a thread while it decodes a page there (``maxworkers=1``).
+    Since 2026.11.16 tifffile pads a truncated or short strip or tile with zeros and logs an error
+    (earlier versions raised): a cut file would become a normal record of made-up pixels."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        caught = getattr(self.local, "caught", None)
+        if caught is not None:
+            caught.append(record.getMessage())
+
+    def decoded(self, page: tifffile.TiffPage) -> np.ndarray:
+        """``page.asarray()`` in this thread; DecodeError when tifffile reported an error meanwhile."""
+        self.local.caught = caught = []
+        try:
+            data = page.asarray(maxworkers=1)  # one thread per image: the engine decodes many at once
+        finally:
+            self.local.caught = None
+        if caught:
+            raise DecodeError("decode", f"damaged TIFF file: {_one_line(ValueError(caught[0].removesuffix(' padded')))}")
+        return data
+
+
+_TIFF_ERRORS = _TiffErrors()
+logging.getLogger("tifffile").addHandler(_TIFF_ERRORS)
 
 
 def decode_image(path: str | os.PathLike[str], options: DecodeOptions) -> np.ndarray:
@@ -303,7 +337,10 @@ def _read_small_file(path: str | os.PathLike[str]) -> bytes | None | tuple[str, 
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
     except OSError as exc:
         return "read", _cannot_read(exc)
-    except Exception as exc:  # a name open() refuses (a NUL byte), as decode_image says it
+    except ValueError as exc:  # a name open() refuses (a NUL byte), as decode_image says it: in its
+        # words on every Python (3.13's os.open says "embedded null character in path")
+        return "read", "cannot read the image: " + ("embedded null byte" if "null" in str(exc) else _one_line(exc))
+    except Exception as exc:
         return "read", f"cannot read the image: {_one_line(exc)}"
     try:
         info = os.fstat(fd)
@@ -530,8 +567,7 @@ def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None]
         _check_tiff_size(page, max_pixels)
         _check_tiff_segments(tif.filehandle, page)
         try:
-            # One thread per image: the engine already decodes many images at once.
-            data = page.asarray(maxworkers=1)
+            data = _TIFF_ERRORS.decoded(page)
         except ValueError as exc:
             if "imagecodecs" in str(exc):
                 raise DecodeError(
