@@ -342,6 +342,8 @@ def test_decode_errors_are_listed_not_counted(image_dir, tmp_path, register):
 
 @pytest.mark.parametrize("args, message", [
     (["--backends", "nonesuch"], "unknown backend 'nonesuch'; known: reference"),
+    (["--backends", "numba,opencv"], "unknown backend 'opencv'; known: reference"),
+    (["--backends", "opencv"], "OpenCV is no backend: add --against-opencv to compare with it"),
     (["--backends", "numba,,cuda"], "comma-separated backend names"),
     (["--backends", "never-available"], f"'never-available' is unavailable here: {NeverAvailable.REASON}"),
     (["--backends", "reference"], "no available backend to compare"),
