@@ -1323,3 +1323,16 @@ main()
     assert done.returncode == 143, done.stderr
     assert "20 images with backend closing" in done.stderr
     assert len(read_records(out)) == 20 and not lock_path(str(out)).exists()
+
+
+def test_a_pyarrow_that_cannot_read_back_error_rows_is_refused_before_writing(tiles, tmp_path, monkeypatch):
+    """pyarrow before 26 writes an error row's null histogram (a fixed-size list) but cannot read it
+    back: --retry-failed ended in a traceback and pandas.read_parquet failed (found on Python 3.10,
+    whose newest pyarrow is 25)."""
+    pyarrow = pytest.importorskip("pyarrow")
+    monkeypatch.setattr(pyarrow, "__version__", "25.0.1")
+    out = tmp_path / "out.parquet"
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "Parquet output needs pyarrow 26 or later, found 25.0.1" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]

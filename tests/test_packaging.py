@@ -82,10 +82,7 @@ def test_the_cuda13_extra_resolves_a_numpy_that_numba_cuda_can_load(version, tmp
 
 def test_both_cuda_extras_bound_numpy_below_2_5():
     """The bound is in both GPU extras (cuda12 resolves like cuda13; one dry run is enough for CI)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        pytest.skip("tomllib needs Python 3.11")
+    import tomllib
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in ("cuda12", "cuda13"):
         assert "numpy<2.5" in [requirement.replace(" ", "") for requirement in extras[extra]], extra
@@ -141,3 +138,15 @@ def test_the_wheel_ships_the_sample_set_models_kernels_and_licence(built_wheel):
         assert shipped in names, shipped
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: MIT" in metadata.splitlines()
+
+
+def test_the_supported_pythons_and_the_parquet_floor():
+    """Python 3.10 (past its end of life since 2026-10) resolves pyarrow 25 at most, which cannot read
+    back the Parquet output's error rows: the project needs 3.11 and pyarrow 26 wherever pyarrow is."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
+    pyarrows = [requirement.split("#")[0].replace(" ", "") for extra in project["optional-dependencies"].values()
+                for requirement in extra if requirement.startswith("pyarrow")]
+    assert pyarrows and set(pyarrows) == {"pyarrow>=26"}

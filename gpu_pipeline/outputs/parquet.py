@@ -31,12 +31,25 @@ def parquet_schema():
     ])
 
 
+#: pyarrow before 26 writes an error row's histogram (a null fixed-size list) but cannot read it back
+#: ("Expected all lists to be of size=256"): resume, --retry-failed and pandas.read_parquet failed.
+LEAST_PYARROW = (26,)
+
+
 def import_parquet():
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise SinkError("Parquet output needs pyarrow: pip install 'gpu-pipeline[parquet]'") from None
+    if _release(pyarrow.__version__) < LEAST_PYARROW:
+        raise SinkError(f"Parquet output needs pyarrow 26 or later, found {pyarrow.__version__}: earlier versions cannot "
+                        "read back the rows of images that failed (pip install 'pyarrow>=26'; it needs Python 3.11)")
     return pq
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
 def parts(folder: Path) -> list[Path]:
