@@ -1336,3 +1336,37 @@ def test_a_pyarrow_that_cannot_read_back_error_rows_is_refused_before_writing(ti
     assert result.exit_code == 2, result.output
     assert "Parquet output needs pyarrow 26 or later, found 25.0.1" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_an_output_whose_settings_record_has_no_format_resumes(tiles, tmp_path, suffix):
+    """Versions before 2026-12-01 chose the format as today (--format or the name) and did not record
+    it: "changed: format" refused every resume of months of their outputs, and a CSV was said to be
+    "written as jsonl"."""
+    first = sorted(tiles.iterdir())[:8]
+    out = tmp_path / f"out{suffix}"
+    assert run(*map(str, first), "--out", str(out)).exit_code == 0
+    record = tmp_path / f"out{suffix}.settings.json"
+    earlier = json.loads(record.read_text())
+    del earlier["format"]
+    record.write_text(json.dumps(earlier, indent=2) + "\n")
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert sorted(by_path(read_records(out))) == sorted(str(p) for p in tiles.iterdir())
+    assert json.loads(record.read_text())["format"] == suffix[1:]  # recorded from now on
+    del earlier["pipeline"]["low_threshold"]
+    record.write_text(json.dumps({**earlier, "pipeline": {**earlier["pipeline"], "low_threshold": 50.0}}))
+    changed = run(str(tiles), "--out", str(out))
+    assert changed.exit_code == 2 and "changed: pipeline" in changed.stderr
+
+
+def test_a_single_file_parquet_of_an_early_version_is_named_as_such(tiles, tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles), "--out", str(tmp_path / "o.jsonl")).exit_code == 0
+    earlier = json.loads((tmp_path / "o.jsonl.settings.json").read_text())
+    del earlier["format"]
+    out.write_bytes(b"PAR1 an early version's single Parquet file PAR1")
+    (tmp_path / "out.parquet.settings.json").write_text(json.dumps(earlier))
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "is a single Parquet file, not a gpu-pipeline Parquet dataset folder" in result.stderr

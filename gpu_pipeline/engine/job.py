@@ -221,8 +221,8 @@ def recorded_settings(out: str) -> dict | None:
 
 
 def check_recorded_format(out: str, earlier: dict, output_format: str) -> None:
-    if earlier.get("format", "jsonl") != output_format:
-        raise UsageError(f"{out} was written as {earlier.get('format', 'jsonl')}, not {output_format}; "
+    if earlier["format"] != output_format:
+        raise UsageError(f"{out} was written as {earlier['format']}, not {output_format}; "
                          "use the same --format, --overwrite, or another --out")
 
 
@@ -453,6 +453,10 @@ def remove_folders(created: list[Path]) -> None:
 
 
 def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
+    if earlier is not None and "format" not in earlier:
+        # versions before 2026-12-01 (no Parquet folders yet) chose the format as this run does, by
+        # --format or the name, and did not record it: reading the output back checks it
+        earlier = {**earlier, "format": settings["format"]}
     if earlier is not None and os.path.exists(job.out):
         # before the output is read back in the requested format: a JSONL output named .csv would
         # otherwise be "not a gpu-pipeline CSV output", with --overwrite as the way out
