@@ -951,6 +951,32 @@ def test_save_edges_replaces_its_own_maps_and_leaves_anyone_elses(tiles, tmp_pat
     assert mine.read_bytes() == b"USER FILE" and len(list(edges.iterdir())) == 20
 
 
+def test_save_edges_replaces_maps_of_versions_that_wrote_no_text_chunks(tiles, tmp_path):
+    """Versions before 2026-12-05 wrote maps without Software and Source chunks: a later run into the
+    same folder took each for someone else's file, and every such image got a save-edges error
+    instead of its result, at every run. A PNG without text that is not such a map is still left alone."""
+    edges = tmp_path / "edges"
+    assert run(str(tiles), "--out", str(tmp_path / "a.jsonl"), "--save-edges", str(edges)).exit_code == 0
+    maps = sorted(edges.iterdir())
+    for path in maps[:3]:  # as an earlier version wrote them: the same pixels, no text chunk
+        with Image.open(path) as image:
+            pixels = np.asarray(image)
+        Image.fromarray(pixels).save(path, format="PNG")
+    user = maps[3]
+    with Image.open(user) as image:
+        size = image.size
+    Image.fromarray(np.full(size[::-1], 128, np.uint8)).save(user, format="PNG")  # its size, but gray: not a map
+    result = run(str(tiles), "--out", str(tmp_path / "b.jsonl"), "--save-edges", str(edges))
+    failed = [record for record in read_records(tmp_path / "b.jsonl") if "error" in record]
+    assert [Path(r["path"]).name + ".edges.png" for r in failed] == [user.name], failed
+    assert result.exit_code == 1
+    for path in maps[:3]:
+        with Image.open(path) as image:
+            assert image.info.get("Software", "").startswith("gpu-pipeline")
+    with Image.open(user) as image:
+        assert "Software" not in image.info and np.asarray(image).max() == 128
+
+
 def test_save_edges_meets_a_fifo_a_hard_link_and_a_torn_map(tiles, tmp_path):
     """A FIFO where a map goes hung the run for ever; a map hard-linked elsewhere was rewritten
     there too; a map cut short by a kill made an error record on every later night."""

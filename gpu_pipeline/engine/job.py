@@ -95,7 +95,7 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         if found is not None:
             # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
             texts = png_texts(target) if stat.S_ISREG(found.st_mode) else None
-            if not is_ours(texts):
+            if not (is_ours(texts) or _earlier_versions_map(target, texts, edges)):
                 raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
             if not _same_image(recorded := texts.get("Source"), source, name):
                 raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
@@ -107,6 +107,25 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         write_replacing(target, lambda temporary: Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark))
 
     return save
+
+
+def _earlier_versions_map(target: Path, texts: dict[str, str] | None, edges: np.ndarray) -> bool:
+    """A map of ours from before maps named their ``Software`` (versions before 2026-12-05 wrote no
+    text chunk): a PNG with no text at all, 8-bit gray, of this image's size, holding only 0 and 255.
+    Taken for someone else's file, every image whose map such a version had saved got an error
+    record instead of its result, at every run."""
+    from PIL import Image
+
+    if texts != {}:
+        return False
+    try:
+        with Image.open(target) as image:
+            if image.mode != "L" or image.size != (edges.shape[1], edges.shape[0]):
+                return False
+            values = np.unique(np.asarray(image))
+    except Exception:  # (png_texts read it: a file that changed since)
+        return False
+    return bool(np.isin(values, (0, 255)).all())
 
 
 def _same_image(recorded: str | None, source: str, name: str) -> bool:
