@@ -59,6 +59,34 @@ def test_a_world_writable_or_foreign_cache_folder_is_never_adopted(tmp_path, no_
     assert numba.config.CACHE_DIR == str(chosen)
 
 
+def test_a_folder_below_one_another_user_may_change_is_never_adopted(tmp_path, no_user_choice):
+    """Whoever may write to a folder above the cache can swap the cache folder for a link to theirs
+    between the check and numba's load (done in a hunt: their pickle ran as the victim). The folders
+    made for the cache are 0700 whatever the umask (under umask 000, ~/.cache was made 0777)."""
+    if not hasattr(os, "getuid"):
+        pytest.skip("no POSIX owners here")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert not _numba_setup._is_private_dir(shared / "gpu-pipeline" / "numba")
+    group = tmp_path / "group"
+    group.mkdir()
+    group.chmod(0o770)
+    assert not _numba_setup._is_private_dir(group / "numba")
+    sticky = tmp_path / "sticky"  # as /tmp: no one may rename or remove another's entry
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert _numba_setup._is_private_dir(sticky / "mine")
+    old = os.umask(0)
+    try:
+        made = tmp_path / "made" / "a" / "b"
+        assert _numba_setup._is_private_dir(made)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "made", tmp_path / "made" / "a", made):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
 def test_the_package_cache_then_the_users_then_the_temporary_folder(tmp_path, no_user_choice):
     """nightly.md and backends.md: __pycache__ beside the kernels when usable, else ~/.cache's,
     else <tempdir>/gpu-pipeline-numba-<uid>."""

@@ -57,21 +57,50 @@ KERNEL_SOURCES = (
 
 
 def _is_private_dir(path: Path) -> bool:
-    """True when ``path`` is (or can be made) a folder of this user's that no one else may write to.
+    """True when ``path`` is (or can be made) a folder of this user's that no one else may write to,
+    below folders that no one else may change.
 
     numba loads pickled kernels from its cache, so a folder another user owns or can write to
-    (``/tmp/...`` made by someone else, or mode 0777) could hand us their code.
+    (``/tmp/...`` made by someone else, or mode 0777) could hand us their code; so could a folder
+    above it that another user may write to (they swap the cache folder for a link to theirs
+    between this check and numba's load).
     """
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_folders(path)
         info = path.lstat()  # a symbolic link is not followed: it could point anywhere
         if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return False
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        if hasattr(os, "getuid") and (info.st_uid != os.getuid() or not _safe_above(path)):
             return False
         tempfile.TemporaryFile(dir=path).close()  # numba's own test that it can write there
     except OSError:
         return False
+    return True
+
+
+def _make_folders(path: Path) -> None:
+    """``path`` and its missing parents, each mode 0700 (``mkdir(parents=True)`` makes the parents
+    0777 less the umask: under umask 000, folders anyone may write to)."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # (another process made it meanwhile)
+            folder.mkdir(mode=0o700)
+
+
+def _safe_above(path: Path) -> bool:
+    """Whether every folder above ``path`` (links resolved) is this user's or root's, and writable
+    by no one else unless sticky, as /tmp is (there no one may rename or remove another's entry)."""
+    for folder in path.resolve().parents:
+        info = os.stat(folder)
+        if info.st_uid not in (os.getuid(), 0):
+            return False
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            return False
     return True
 
 
