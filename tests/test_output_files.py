@@ -187,3 +187,18 @@ def test_a_temporary_a_killed_command_left_is_removed_when_the_file_is_next_writ
     replace_with(target, "--out", lambda temporary: temporary.write_text("{}\n"), lambda path: True)
     assert target.read_text() == "{}\n"
     assert not left.exists() and other.exists()
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    """The replacement was made 0644 and renamed into place: a report its owner had made private
+    (0600) became readable by everyone; a group-writable one lost group write."""
+    import os
+    import stat
+
+    for mode in (0o600, 0o664, 0o640):
+        target = tmp_path / f"report{mode:o}.json"
+        target.write_text('{"schema": "gpu-pipeline-verify/1"}\n')
+        target.chmod(mode)
+        replace_with(target, "--report", lambda temporary: temporary.write_text('{"schema": "gpu-pipeline-verify/1", "new": 1}\n'),
+                     is_our_json)
+        assert stat.S_IMODE(os.stat(target).st_mode) == mode and "new" in target.read_text()

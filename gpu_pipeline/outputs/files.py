@@ -118,11 +118,25 @@ def write_replacing(path: Path, write: Callable[[Path], None], before_replacing:
     try:
         write(temporary)
         before_replacing()  # a last check, which may raise
+        _keep_mode(path, temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _keep_mode(path: Path, temporary: Path) -> None:
+    """The replaced file's permissions (and group, where this user may set it) on its replacement:
+    a report its owner made private stayed private, a group-writable one group-writable."""
+    try:
+        info = os.stat(path)
+    except OSError:  # a new file: the umask decides, as for any file
+        return
+    if stat.S_ISREG(info.st_mode):
+        os.chmod(temporary, stat.S_IMODE(info.st_mode))
+        with contextlib.suppress(OSError):
+            os.chown(temporary, -1, info.st_gid)
 
 
 #: The longest file name in bytes (NAME_MAX of Linux's file systems).
