@@ -227,8 +227,9 @@ class LineSink(Sink):
                     binary.write(text.encode("utf-8"))
                     binary.flush()
             except OSError as exc:  # a full disk behind `> file`, or a reader that stopped (`| head`)
-                if exc.errno == errno.EPIPE:
-                    stdout_to_devnull()
+                # nothing more goes there: the bytes still buffered would fail again at exit ("Exception
+                # ignored", exit 120 instead of 3)
+                stdout_to_devnull()
                 raise SinkWriteError(exc.errno or errno.EIO, f"cannot write to stdout: {exc.strerror or exc}") from exc
         else:
             _write_all(self._descriptor, text.encode("utf-8"), self.out)
