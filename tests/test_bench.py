@@ -559,3 +559,17 @@ def test_a_corpus_folder_a_killed_bench_left_is_removed_by_the_next(tmp_path, mo
     assert result.exit_code == 0, result.output
     assert not left.exists() and all(folder.exists() for folder in kept)
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(p.name for p in kept)  # its own gone too
+
+
+def test_without_a_usable_temporary_folder_bench_says_so_or_needs_none(tmp_path, monkeypatch, bundled_data_dir):
+    """No writable TMPDIR, /tmp or /var/tmp: a traceback, even with PATHS, which need no folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    result, _ = run_bench(tmp_path, *TINY, "--backends", "reference", "--no-scaling")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("gpu-pipeline: error: bench writes the corpus it generates into a temporary folder")
+    assert "set TMPDIR to a writable folder" in result.stderr and "Traceback" not in result.output
+    given, _ = run_bench(tmp_path, bundled_data_dir / "eurosat" / "Forest", "--backends", "reference", "--repeat", "1",
+                         "--no-scaling")
+    assert given.exit_code == 0, given.output

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.errors import UsageError, one_line
 from gpu_pipeline.engine.stream import decode_stream
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.outputs.files import STALE_AFTER_S, is_running
@@ -215,9 +216,15 @@ def corpus_folder():
     """A temporary folder for the generated corpus, removed after the bench. One that a SIGKILL left
     (no clean-up runs then) is removed by a later bench: this user's, marked as a corpus, its process
     gone, the mark untouched for :data:`~gpu_pipeline.outputs.files.STALE_AFTER_S`."""
-    remove_abandoned_corpora(tempfile.gettempdir())
-    with tempfile.TemporaryDirectory(prefix=f"gpu-pipeline-bench-{os.getpid()}-") as folder:
-        (Path(folder) / CORPUS_MARK).write_text(f"{os.getpid()}\n")
+    try:
+        parent = tempfile.gettempdir()
+        remove_abandoned_corpora(parent)
+        made = tempfile.TemporaryDirectory(prefix=f"gpu-pipeline-bench-{os.getpid()}-")
+        (Path(made.name) / CORPUS_MARK).write_text(f"{os.getpid()}\n")
+    except OSError as exc:  # (gettempdir: FileNotFoundError when no candidate is writable)
+        raise UsageError(f"bench writes the corpus it generates into a temporary folder, and none is usable "
+                         f"({exc.strerror or one_line(exc)}): set TMPDIR to a writable folder, or give PATHS") from None
+    with made as folder:
         yield Path(folder)
 
 

@@ -131,7 +131,8 @@ def bench(
                                  json_path, plot)
         warn_unlisted(Console(stderr=True, soft_wrap=True), request.get("unlisted", []))
         waiting = Console(stderr=True).status("preparing the corpus") if sys.stderr.isatty() else nullcontext()
-        with waiting as status, corpus_folder() as folder:
+        generated = corpus_folder() if "generate" in request else nullcontext(None)  # (PATHS need no folder)
+        with waiting as status, generated as folder:
             files, details = _bench_files(request, folder)
             corpus = load_corpus(files, details, DecodeOptions(), request["threads"])
             if not corpus.images:
