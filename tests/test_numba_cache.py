@@ -87,6 +87,26 @@ def test_a_folder_below_one_another_user_may_change_is_never_adopted(tmp_path, n
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
+def test_a_fresh_private_folder_is_removed_when_its_process_ends(tmp_path):
+    """No later run finds it: each start left 1.5 MB in the temporary folder for good (a nightly job
+    in a container with a read-only home filled /tmp)."""
+    if not hasattr(os, "getuid") or os.getuid() != 0:
+        pytest.skip("plants a folder owned by another user (needs root)")
+    package, xdg, tmp = tmp_path / "package", tmp_path / "xdg", tmp_path / "tmp"
+    _planted(package / "__pycache__", 0o777)
+    _planted(xdg / "gpu-pipeline" / "numba", 0o777)
+    _planted(tmp / f"gpu-pipeline-numba-{os.getuid()}", 0o755, owner=OTHER_USER)
+    code = ("import os, tempfile\nfrom pathlib import Path\nimport numba\n"
+            "from gpu_pipeline.backends import _numba_setup\n"
+            f"numba.config.CACHE_DIR = ''\nos.environ['XDG_CACHE_HOME'] = {str(xdg)!r}\ntempfile.tempdir = {str(tmp)!r}\n"
+            f"chosen = _numba_setup.choose_cache_dir(Path({str(package)!r}))\n"
+            "(Path(chosen) / 'kernel.nbi').write_text('compiled')\nprint(chosen, _numba_setup.CACHE_IS_FRESH)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    chosen, fresh = done.stdout.split()
+    assert fresh == "True" and Path(chosen).parent == tmp, done.stderr
+    assert not Path(chosen).exists()
+
+
 def test_the_package_cache_then_the_users_then_the_temporary_folder(tmp_path, no_user_choice):
     """nightly.md and backends.md: __pycache__ beside the kernels when usable, else ~/.cache's,
     else <tempdir>/gpu-pipeline-numba-<uid>."""

@@ -21,10 +21,12 @@ digest subfolder applies under an explicit ``NUMBA_CACHE_DIR`` too (a persistent
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -140,10 +142,17 @@ def choose_cache_dir(package_dir: Path) -> str | None:
         private = tempfile.mkdtemp(prefix="gpu-pipeline-numba-")
     except OSError:
         return None
+    atexit.register(_remove_fresh_cache, private, os.getpid())  # no later run finds it: 1.5 MB a run, kept
     global CACHE_IS_FRESH
     CACHE_IS_FRESH = True
     numba.config.CACHE_DIR = private
     return private
+
+
+def _remove_fresh_cache(folder: str, owner: int) -> None:
+    """The fresh private cache folder, at the exit of the process that made it (not of its forks)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def kernel_source_digest(package_root: Path = PACKAGE_ROOT) -> str:
