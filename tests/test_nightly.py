@@ -1396,3 +1396,25 @@ def test_a_single_file_parquet_of_an_early_version_is_named_as_such(tiles, tmp_p
     (tmp_path / "out.parquet.settings.json").write_text(json.dumps(earlier))
     result = run(str(tiles), "--out", str(out))
     assert result.exit_code == 2 and "is a single Parquet file, not a gpu-pipeline Parquet dataset folder" in result.stderr
+
+
+def test_a_folder_that_cannot_be_written_is_named_not_a_lock_to_remove(tmp_path, monkeypatch):
+    """`cd / && gpu-pipeline run` as a user: "cannot use /results.jsonl.lock ...: Permission denied;
+    remove it", about a lock that did not exist. (Root passes permission checks: os.open is made to
+    refuse here as it refuses a user.)"""
+    from gpu_pipeline.outputs import plan
+
+    real_open = os.open
+
+    def refused(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(plan.os, "open", refused)
+    with pytest.raises(plan.SinkError, match=r"cannot write in .*, where the output and its lock go: Permission denied; "
+                                             r"use another --out"):
+        plan.OutputLock(str(tmp_path / "results.jsonl")).acquire()
+    (tmp_path / "results.jsonl.lock").write_text("")  # there: then it is the lock that cannot be used
+    with pytest.raises(plan.SinkError, match="the lock of the output: Permission denied; remove it"):
+        plan.OutputLock(str(tmp_path / "results.jsonl")).acquire()

@@ -203,6 +203,9 @@ class OutputLock:
         try:  # (not through a link: O_CREAT would make its target, wherever it points)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if not os.path.lexists(self.path):  # (nothing to remove: the folder cannot be written)
+                raise SinkError(exc.errno, f"cannot write in {self.path.parent or '.'}, where the output and its "
+                                f"lock go: {exc.strerror or exc}; use another --out") from None
             reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
             raise SinkError(exc.errno, f"cannot use {self.path}, the lock of the output: {reason}; "
                             "remove it or use another --out") from None
