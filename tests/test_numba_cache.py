@@ -185,6 +185,9 @@ def _copy_of_the_package(tmp_path: Path) -> Path:
     install = tmp_path / "install"
     for package in ("gpu_pipeline", "cpu_reference"):
         shutil.copytree(REPO / package, install / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in [install, *(path for path in install.rglob("*") if path.is_dir())]:
+        folder.chmod(0o755)  # as an install: a checkout made under umask 002 is group-writable, and
+        # numba's cache is never kept below a folder others may change
     return install
 
 
