@@ -77,6 +77,11 @@ def test_a_folder_below_one_another_user_may_change_is_never_adopted(tmp_path, n
     sticky.mkdir()
     sticky.chmod(0o1777)
     assert _numba_setup._is_private_dir(sticky / "mine")
+    if os.getuid() == 0:  # a link another user made in a sticky folder: they may point it elsewhere later
+        (tmp_path / "victim").mkdir(mode=0o700)
+        (sticky / "cache").symlink_to(tmp_path / "victim")
+        os.lchown(sticky / "cache", OTHER_USER, -1)
+        assert not _numba_setup._is_private_dir(sticky / "cache" / "numba")
     old = os.umask(0)
     try:
         made = tmp_path / "made" / "a" / "b"
@@ -105,6 +110,19 @@ def test_a_fresh_private_folder_is_removed_when_its_process_ends(tmp_path):
     chosen, fresh = done.stdout.split()
     assert fresh == "True" and Path(chosen).parent == tmp, done.stderr
     assert not Path(chosen).exists()
+
+
+def test_no_fresh_folder_in_a_temporary_folder_others_may_change(tmp_path, no_user_choice):
+    """The last resort, mkdtemp, was made in the very folder just found unsafe, unchecked."""
+    if not hasattr(os, "getuid"):
+        pytest.skip("no POSIX owners here")
+    package = tmp_path / "package"
+    _planted(package / "__pycache__", 0o777)
+    _planted(tmp_path / "xdg" / "gpu-pipeline" / "numba", 0o777)
+    (tmp_path / "tmp").chmod(0o777)  # anyone may write, not sticky (a shared volume)
+    assert _numba_setup.choose_cache_dir(package) is None
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("gpu-pipeline-numba-")] in (
+        [], [f"gpu-pipeline-numba-{os.getuid()}"])  # (the candidate made, then refused)
 
 
 def test_the_package_cache_then_the_users_then_the_temporary_folder(tmp_path, no_user_choice):

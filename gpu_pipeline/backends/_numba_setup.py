@@ -95,12 +95,16 @@ def _make_folders(path: Path) -> None:
 
 
 def _safe_above(path: Path) -> bool:
-    """Whether every folder above ``path`` (links resolved) is this user's or root's, and writable
-    by no one else unless sticky, as /tmp is (there no one may rename or remove another's entry)."""
-    for folder in path.resolve().parents:
-        info = os.stat(folder)
+    """Whether every folder above ``path``, as written and with its links resolved, is this user's
+    or root's and writable by no one else unless sticky, as /tmp is (there no one may rename or
+    remove another's entry); a link on the way must be this user's or root's too (numba uses the
+    path as written: a link another user made, in a sticky folder, they may point elsewhere)."""
+    for folder in [*Path(os.path.abspath(path)).parents, *path.resolve().parents]:
+        info = os.lstat(folder)
         if info.st_uid not in (os.getuid(), 0):
             return False
+        if stat.S_ISLNK(info.st_mode):
+            continue  # (its own mode means nothing; where it leads is checked in the resolved path)
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
             return False
     return True
@@ -139,6 +143,8 @@ def choose_cache_dir(package_dir: Path) -> str | None:
             numba.config.CACHE_DIR = str(candidate)
             return str(candidate)
     try:
+        if hasattr(os, "getuid") and not _safe_above(Path(tempfile.gettempdir()) / "x"):
+            return None  # (a temporary folder others may change: no cache at all)
         private = tempfile.mkdtemp(prefix="gpu-pipeline-numba-")
     except OSError:
         return None
