@@ -202,3 +202,24 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
         replace_with(target, "--report", lambda temporary: temporary.write_text('{"schema": "gpu-pipeline-verify/1", "new": 1}\n'),
                      is_our_json)
         assert stat.S_IMODE(os.stat(target).st_mode) == mode and "new" in target.read_text()
+
+
+def test_a_private_files_replacement_is_never_readable_by_others_while_it_is_written(tmp_path):
+    """The permissions were set after the new content was written: another user could open the
+    temporary (0644) meanwhile and read it for as long as they kept it open."""
+    import os
+    import stat
+
+    from gpu_pipeline.outputs.files import write_replacing
+
+    target = tmp_path / "report.json"
+    target.write_text("old secret\n")
+    target.chmod(0o600)
+    seen = []
+
+    def write(temporary):
+        seen.append(stat.S_IMODE(os.stat(temporary).st_mode))
+        temporary.write_text("new secret\n")
+
+    write_replacing(target, write)
+    assert seen == [0o600] and stat.S_IMODE(os.stat(target).st_mode) == 0o600

@@ -114,11 +114,14 @@ def write_replacing(path: Path, write: Callable[[Path], None], before_replacing:
     temporary = path.with_name(temporary_name(path.name, os.getpid()))
     with contextlib.suppress(FileNotFoundError):  # a dead process's, which had this PID
         os.unlink(temporary)
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    replaced = _regular_file_status(path)
+    # private until it has the replaced file's permissions, before anything is written into it
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if replaced is None else 0o600))
     try:
+        if replaced is not None:
+            _keep_mode(replaced, temporary)
         write(temporary)
         before_replacing()  # a last check, which may raise
-        _keep_mode(path, temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -126,17 +129,22 @@ def write_replacing(path: Path, write: Callable[[Path], None], before_replacing:
         raise
 
 
-def _keep_mode(path: Path, temporary: Path) -> None:
-    """The replaced file's permissions (and group, where this user may set it) on its replacement:
-    a report its owner made private stayed private, a group-writable one group-writable."""
+def _regular_file_status(path: Path) -> os.stat_result | None:
+    """The status of the regular file ``path`` (through a link), None when there is none (a new file:
+    the umask decides its permissions, as for any file)."""
     try:
         info = os.stat(path)
-    except OSError:  # a new file: the umask decides, as for any file
-        return
-    if stat.S_ISREG(info.st_mode):
-        os.chmod(temporary, stat.S_IMODE(info.st_mode))
-        with contextlib.suppress(OSError):
-            os.chown(temporary, -1, info.st_gid)
+    except OSError:
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
+
+
+def _keep_mode(replaced: os.stat_result, temporary: Path) -> None:
+    """The replaced file's permissions (and group, where this user may set it) on its replacement:
+    a report its owner made private stayed private, a group-writable one group-writable."""
+    os.chmod(temporary, stat.S_IMODE(replaced.st_mode))
+    with contextlib.suppress(OSError):
+        os.chown(temporary, -1, replaced.st_gid)
 
 
 #: The longest file name in bytes (NAME_MAX of Linux's file systems).
