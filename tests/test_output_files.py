@@ -212,14 +212,15 @@ def test_a_private_files_replacement_is_never_readable_by_others_while_it_is_wri
 
     from gpu_pipeline.outputs.files import write_replacing
 
-    target = tmp_path / "report.json"
-    target.write_text("old secret\n")
-    target.chmod(0o600)
-    seen = []
+    for mode in (0o600, 0o640):
+        target = tmp_path / f"report{mode:o}.json"
+        target.write_text("old secret\n")
+        target.chmod(mode)
+        seen = []
 
-    def write(temporary):
-        seen.append(stat.S_IMODE(os.stat(temporary).st_mode))
-        temporary.write_text("new secret\n")
+        def write(temporary):
+            seen.append(stat.S_IMODE(os.stat(temporary).st_mode))
+            temporary.write_text("new secret\n")
 
-    write_replacing(target, write)
-    assert seen == [0o600] and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+        write_replacing(target, write)
+        assert seen == [mode] and stat.S_IMODE(os.stat(target).st_mode) == mode
