@@ -111,21 +111,19 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
 
 def _earlier_versions_map(target: Path, texts: dict[str, str] | None, edges: np.ndarray) -> bool:
     """A map of ours from before maps named their ``Software`` (versions before 2026-12-05 wrote no
-    text chunk): a PNG with no text at all, 8-bit gray, of this image's size, holding only 0 and 255.
-    Taken for someone else's file, every image whose map such a version had saved got an error
-    record instead of its result, at every run."""
+    text chunk), of this image with these settings: a PNG with no text at all whose pixels are
+    the very map this run made (maps are the same bytes on every version). Taken for someone else's
+    file, every image whose map such a version had saved got an error record instead of its result,
+    at every run. Any other file, a user's own Canny map of the image included, is left alone."""
     from PIL import Image
 
     if texts != {}:
         return False
     try:
         with Image.open(target) as image:
-            if image.mode != "L" or image.size != (edges.shape[1], edges.shape[0]):
-                return False
-            values = np.unique(np.asarray(image))
+            return image.mode == "L" and np.array_equal(np.asarray(image), edges)
     except Exception:  # (png_texts read it: a file that changed since)
         return False
-    return bool(np.isin(values, (0, 255)).all())
 
 
 def _same_image(recorded: str | None, source: str, name: str) -> bool:
