@@ -1387,6 +1387,22 @@ def test_an_output_whose_settings_record_has_no_format_resumes(tiles, tmp_path, 
     assert changed.exit_code == 2 and "changed: pipeline" in changed.stderr
 
 
+def test_an_output_whose_settings_record_has_no_format_is_not_resumed_in_another(tiles, tmp_path):
+    """Without a recorded format, this run's was assumed: a CSV resumed with --format jsonl was read
+    as JSON lines (no record readable) and rewritten from its first byte, without a word (review)."""
+    first = sorted(tiles.iterdir())[:5]
+    out = tmp_path / "out.csv"
+    assert run(*map(str, first), "--out", str(out)).exit_code == 0
+    record = tmp_path / "out.csv.settings.json"
+    earlier = json.loads(record.read_text())
+    del earlier["format"]
+    record.write_text(json.dumps(earlier))
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out), "--format", "jsonl")
+    assert result.exit_code == 2 and "was written as csv, not jsonl" in result.stderr, result.stderr
+    assert out.read_bytes() == before
+
+
 def test_a_single_file_parquet_of_an_early_version_is_named_as_such(tiles, tmp_path):
     pytest.importorskip("pyarrow")
     out = tmp_path / "out.parquet"

@@ -469,11 +469,25 @@ def remove_folders(created: list[Path]) -> None:
             return
 
 
+def written_format(out: str) -> str | None:
+    """The format of an output by what it holds: a folder is Parquet, a file starting with ``{`` JSON
+    lines, one starting with its header's first column (``path,``, in every version) CSV; None when
+    it cannot tell (empty, or neither)."""
+    if os.path.isdir(out):
+        return "parquet"
+    try:
+        with open(out, "rb") as stream:
+            head = stream.read(5)
+    except OSError:
+        return None
+    return "jsonl" if head.startswith(b"{") else "csv" if head == b"path," else None
+
+
 def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
     if earlier is not None and "format" not in earlier:
-        # versions before 2026-12-01 (no Parquet folders yet) chose the format as this run does, by
-        # --format or the name, and did not record it: reading the output back checks it
-        earlier = {**earlier, "format": settings["format"]}
+        # versions before 2026-12-01 (no Parquet folders yet) did not record it: it is what the
+        # output holds (a CSV resumed as JSON lines was rewritten from its first byte)
+        earlier = {**earlier, "format": written_format(job.out) or settings["format"]}
     if earlier is not None and os.path.exists(job.out):
         # before the output is read back in the requested format: a JSONL output named .csv would
         # otherwise be "not a gpu-pipeline CSV output", with --overwrite as the way out
