@@ -703,7 +703,15 @@ _SEGMENT_HEADERS: dict[int, tuple[str, Callable[[bytes], tuple[int, int, int] | 
 
 def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> None:
     """Refuse the page when a segment's own header declares more than its strip or tile holds
-    (module docstring, "Errors"): each header is read before any segment is decoded."""
+    (module docstring, "Errors"): each header is read before any segment is decoded. And when a
+    segment ends past the end of the file (a file cut short): tifffile 2026.11 pads such a
+    segment with zeros, and its error, which :class:`_TiffErrors` turns into this image's, is lost
+    where the caller has silenced tifffile's logger."""
+    size = fh.size
+    for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        if offset and count and offset + count > size:
+            raise DecodeError("decode", f"truncated TIFF file: {'tile' if page.is_tiled else 'strip'} {index + 1} "
+                                        f"ends at byte {offset + count} of a {size}-byte file")
     if page.compression not in _SEGMENT_HEADERS:
         return
     codec, read_size = _SEGMENT_HEADERS[page.compression]
