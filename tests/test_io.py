@@ -1041,6 +1041,24 @@ def test_an_error_tifffile_logs_while_decoding_a_page_makes_it_a_decode_error(tm
     monkeypatch.setattr(tifffile.TiffPage, "asarray", original)
     assert decode_image(path, DecodeOptions()).shape == (8, 8)  # (nothing left over for the next image)
 
+    def warning(self, *args, **kwargs):  # a warning is no error: the pixels are what the file holds
+        logging.getLogger("tifffile").warning(f"{self!r} a tag of no consequence")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", warning)
+    assert decode_image(path, DecodeOptions()).shape == (8, 8)
+
+
+def test_the_python_api_leaves_tifffiles_messages_as_they_were():
+    """The handler that catches tifffile's errors while it decodes kept logging's last resort from
+    printing its messages for a caller with no logging set up (review)."""
+    import subprocess
+    import sys
+
+    code = "import logging\nimport gpu_pipeline.inputs.decode\nlogging.getLogger('tifffile').warning('a tifffile warning')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr == "a tifffile warning\n"
+
 
 def test_tifffiles_errors_are_kept_off_the_command_lines_stderr():
     """tifffile 2026.11 logs at ERROR what it logged at WARNING ("invalid offset to first page"):

@@ -150,7 +150,8 @@ def quiet_tifffile() -> None:
     leaves the caller's logging as it is.)"""
     logger = logging.getLogger("tifffile")
     logger.setLevel(logging.ERROR)
-    logger.propagate = False  # (the handler below keeps logging's last resort from printing them)
+    logger.propagate = False
+    logger.addHandler(logging.NullHandler())  # (so that neither the handler below nor logging prints them)
 
 
 class _TiffErrors(logging.Handler):
@@ -159,13 +160,26 @@ class _TiffErrors(logging.Handler):
     (earlier versions raised): a cut file would become a normal record of made-up pixels."""
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__()
         self.local = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
         caught = getattr(self.local, "caught", None)
-        if caught is not None:
+        if caught is not None and record.levelno >= logging.ERROR:
             caught.append(record.getMessage())
+        elif self._alone() and logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)  # as if this handler were not there: the caller's logging as it was
+
+    def _alone(self) -> bool:
+        """Whether no other handler would see tifffile's records (then logging's last resort prints them)."""
+        logger = logging.getLogger("tifffile")
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return False
+            if not logger.propagate:
+                return True
+            logger = logger.parent
+        return True
 
     def decoded(self, page: tifffile.TiffPage) -> np.ndarray:
         """``page.asarray()`` in this thread; DecodeError when tifffile reported an error meanwhile."""
