@@ -150,3 +150,15 @@ def test_the_supported_pythons_and_the_parquet_floor():
     pyarrows = [requirement.split("#")[0].replace(" ", "") for extra in project["optional-dependencies"].values()
                 for requirement in extra if requirement.startswith("pyarrow")]
     assert pyarrows and set(pyarrows) == {"pyarrow>=26"}
+
+
+def test_the_cuda_extras_keep_imagecodecs_built_for_the_numpy_they_hold():
+    """They hold numpy below 2.5; with imagecodecs 2026.8.16, 2026.10.10 and 2026.11.11 (Python 3.12+
+    only) on numpy 2.4.6, test_decode_processes.py crashed the interpreter (its garbage collector, in a
+    decode thread or at the next import) in 14 of 35 runs on 3.12; 0 of 6 with imagecodecs 2026.11.11
+    on numpy 2.5.5, 0 of 13 with imagecodecs 2026.3.6 on numpy 2.4.6."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("cuda12", "cuda13"):
+        assert "numpy<2.5" in extras[extra] and "imagecodecs<2026.4" in extras[extra], extra
