@@ -67,22 +67,31 @@ def _is_private_dir(path: Path) -> bool:
     above it that another user may write to (they swap the cache folder for a link to theirs
     between this check and numba's load).
     """
+    made: list[Path] = []
     try:
-        _make_folders(path)
+        _make_folders(path, made)
         info = path.lstat()  # a symbolic link is not followed: it could point anywhere
         if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return False
+            return _refused(made)
         if hasattr(os, "getuid") and (info.st_uid != os.getuid() or not _safe_above(path)):
-            return False
+            return _refused(made)
         tempfile.TemporaryFile(dir=path).close()  # numba's own test that it can write there
     except OSError:
-        return False
+        return _refused(made)
     return True
 
 
-def _make_folders(path: Path) -> None:
+def _refused(made: list[Path]) -> bool:
+    """False, once the folders made for a refused cache folder are removed again (empty ones only)."""
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return False
+
+
+def _make_folders(path: Path, made: list[Path]) -> None:
     """``path`` and its missing parents, each mode 0700 (``mkdir(parents=True)`` makes the parents
-    0777 less the umask: under umask 000, folders anyone may write to)."""
+    0777 less the umask: under umask 000, folders anyone may write to); ``made`` receives them."""
     missing = []
     while not os.path.lexists(path):
         missing.append(path)
@@ -92,6 +101,7 @@ def _make_folders(path: Path) -> None:
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):  # (another process made it meanwhile)
             folder.mkdir(mode=0o700)
+            made.append(folder)
 
 
 def _safe_above(path: Path) -> bool:
