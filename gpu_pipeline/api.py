@@ -278,25 +278,15 @@ def _decode_processes(decode) -> bool | None:
 def _labeller(model, config: PipelineConfig):
     """The labeller of ``model`` (None: the default rule); ValueError (a ModelError, saying why) when
     it is not a model that can label with these settings."""
-    from gpu_pipeline.errors import UsageError, one_line
-    from gpu_pipeline.labels.labeller import label_function
+    from gpu_pipeline.labels.labeller import label_function, model_module
 
     if model is None:
         return label_function(None)
     if not isinstance(model, (str, bytes, os.PathLike)) or not os.fsdecode(model):
         raise ValueError(f"model must be a model file or a shipped model's name (eurosat, eurosat-cnn), got {model!r}")
-    try:
-        from gpu_pipeline.labels.model import ModelError, settings_text  # its feature kernels are numba's
-    except (ImportError, OSError) as exc:
-        raise UsageError(f"model={model!r} needs numba, which cannot be imported ({one_line(exc)})") from None
+    model_module(f"model={model!r}")  # (said in the keyword's words where numba cannot be imported)
     labels_of = label_function(os.fsdecode(model))
-    fitted = labels_of.__self__
-    try:
-        fitted.check_config(config)
-    except ModelError as exc:  # (it names the command line's options: name the keywords)
-        raise ModelError(str(exc).replace(settings_text(fitted.config), _keywords(fitted.config))
-                         .replace(settings_text(config), _keywords(config))
-                         .replace("this run uses", "these settings are")) from None
+    labels_of.__self__.check_config(config, named=_keywords, used="these settings are")
     return labels_of
 
 

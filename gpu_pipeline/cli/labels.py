@@ -24,7 +24,7 @@ from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.errors import UsageError, one_line, printable, shown
+from gpu_pipeline.errors import UsageError, printable, shown
 from gpu_pipeline.labels.plots import MAX_CLASSES, has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
@@ -38,10 +38,12 @@ SHOWN_FAILURES = 5
 
 def _need_numba(command: str) -> None:
     """fit and evaluate compute features with numba kernels: without numba, one line and exit 2."""
+    from gpu_pipeline.labels.labeller import model_module
+
     try:
-        import gpu_pipeline.labels.model  # noqa: F401
-    except (ImportError, OSError) as exc:  # numba missing, or a broken llvmlite
-        fail_usage(f"{command} needs numba, which cannot be imported ({one_line(exc)})")
+        model_module(command)
+    except UsageError as exc:
+        fail_usage(str(exc))
 
 
 def _report_failures(failures: list[str]) -> None:

@@ -387,8 +387,7 @@ def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
     # stats every input once: 2.5 us a file here; a first run, none)
     is_out = same_file_as(job.out) if out is not None else None
     if out is not None:  # the records kept beside the output are never inputs either
-        sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(job.out + ".settings.json"),
-                    os.path.abspath(lock_path(job.out))}
+        sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(lock_path(job.out))}
         named = [path for path in found if path in sidecars]
         if named:
             raise UsageError(f"--out {job.out} keeps its settings and lock beside it, as {named[0]}, "

@@ -721,15 +721,14 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
     segment ends past the end of the file (a file cut short): tifffile 2026.11 pads such a
     segment with zeros, and its error, which :class:`_TiffErrors` turns into this image's, is lost
     where the caller has silenced tifffile's logger."""
-    size = fh.size
+    size, kind = fh.size, "tile" if page.is_tiled else "strip"
     for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         if offset and count and offset + count > size:
-            raise DecodeError("decode", f"truncated TIFF file: {'tile' if page.is_tiled else 'strip'} {index + 1} "
-                                        f"ends at byte {offset + count} of a {size}-byte file")
+            raise DecodeError("decode", f"truncated TIFF file: {kind} {index + 1} ends at byte {offset + count} "
+                                        f"of a {size}-byte file")
     if page.compression not in _SEGMENT_HEADERS:
         return
     codec, read_size = _SEGMENT_HEADERS[page.compression]
-    kind = "tile" if page.is_tiled else "strip"
     # libjpeg reads a frame header from JPEGTables (old JPEG) or NDPI's header as from the segment.
     shared = [read_size(t) for t in (page.jpegtables, page.jpegheader) if t] if codec == "JPEG" else []
     for declared in filter(None, shared):

@@ -292,7 +292,7 @@ class CnnModel:
                 f"RGB, conv blocks of {', '.join(map(str, self.widths))} channels, "
                 f"{self.multiply_adds / 1e6:.1f} M multiply-adds per image")
 
-    def check_config(self, config: PipelineConfig) -> None:
+    def check_config(self, config: PipelineConfig, named=None, used: str = "this run uses") -> None:
         """Any pipeline settings suit: the network sees the decoded pixels, not the edges."""
 
     def to_dict(self) -> dict[str, Any]:

@@ -112,6 +112,17 @@ def attach_label_model(backend, labels_of: Labeller) -> bool:
     return model is not None and offer is not None and bool(offer(model))
 
 
+def model_module(who: str):
+    """``gpu_pipeline.labels.model`` (it imports this module: imported here when needed), whose
+    feature kernels are numba's; UsageError saying that ``who`` needs numba when numba cannot be
+    imported (missing, or a broken llvmlite)."""
+    try:
+        from gpu_pipeline.labels import model
+    except (ImportError, OSError) as exc:
+        raise UsageError(f"{who} needs numba, which cannot be imported ({one_line(exc)})") from None
+    return model
+
+
 def label_function(model: str | Path | None, config: PipelineConfig | None = None) -> Labeller:
     """The labeller of a run: the default rule without a model, else the model's ``labels``.
 
@@ -122,10 +133,7 @@ def label_function(model: str | Path | None, config: PipelineConfig | None = Non
     """
     if model is None:
         return default_labels
-    try:
-        from gpu_pipeline.labels.model import load_model  # the model module imports this one
-    except (ImportError, OSError) as exc:  # its feature kernels are numba's
-        raise UsageError(f"--model {model} needs numba, which cannot be imported ({one_line(exc)})") from None
+    load_model = model_module(f"--model {model}").load_model
 
     label_model = load_model(model)
     if config is not None:

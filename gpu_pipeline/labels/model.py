@@ -175,11 +175,13 @@ class LabelModel:
         """One line for humans: classes and the pipeline settings the model needs."""
         return f"{len(self.classes)} classes ({', '.join(self.classes)}), fitted with {settings_text(self.config)}"
 
-    def check_config(self, config: PipelineConfig) -> None:
-        """Raise ModelError unless ``config`` is the pipeline the model was fitted with."""
+    def check_config(self, config: PipelineConfig, named=None, used: str = "this run uses") -> None:
+        """Raise ModelError unless ``config`` is the pipeline the model was fitted with; ``named`` says
+        settings as the caller spells them (default :func:`settings_text`, the command line's options)."""
+        named = named or settings_text
         if config != self.config:
             raise ModelError(
-                f"the model was fitted with {settings_text(self.config)} but this run uses {settings_text(config)}; "
+                f"the model was fitted with {named(self.config)} but {used} {named(config)}; "
                 "edge features depend on them: use the model's settings or fit a model with yours")
 
     def to_dict(self) -> dict[str, Any]:
