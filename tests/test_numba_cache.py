@@ -153,7 +153,7 @@ def test_the_users_own_private_folder_is_used(tmp_path, no_user_choice):
 
 REPO = Path(__file__).resolve().parent.parent
 #: A function numba compiles: a decorator of numba or of _numba_setup, or _numba_setup's decorator called.
-JITTED = re.compile(r"^\s*@(?:numba\.|cuda\.|_numba_setup\.)?(?:njit|jit|helper|parallel|tiny)\b|\bhelper\(", re.M)
+JITTED = re.compile(r"^\s*@(?:numba\.|cuda\.|_numba_setup\.)?(?:njit|jit|helper|parallel|inlined)\b|\bhelper\(", re.M)
 
 
 def test_every_file_with_a_jitted_function_is_a_kernel_source():
