@@ -53,7 +53,10 @@ def test_json_describes_cpu_numba_and_gpu():
     found = info_json()
     assert found["cpu"]["logical_cores"] == os.cpu_count()
     assert 1 <= found["cpu"]["usable_cores"] <= os.cpu_count()
-    assert found["numba"]["threads"] == numba.get_num_threads()
+    from gpu_pipeline.engine.cores import usable_cores
+
+    pool = numba.config.NUMBA_NUM_THREADS  # the label models' prange kernels use at most the usable cores
+    assert found["numba"]["threads"] == (pool if "NUMBA_NUM_THREADS" in os.environ else min(pool, usable_cores()))
     assert found["numba"]["threading_layer"] == numba.threading_layer()
     assert os.path.isdir(found["numba"]["cache_dir"])
     gpu = found["gpu"]

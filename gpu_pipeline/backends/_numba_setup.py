@@ -235,6 +235,34 @@ def parallel_kernels_usable() -> bool:
     return not _omp_before_fork and threading_layer_is_threadsafe()
 
 
+_parallel_threads: int | None = None  # parallel_threads(), once known
+
+
+def parallel_threads() -> int:
+    """numba's threads for a prange kernel: the usable cores (:mod:`gpu_pipeline.engine.cores`), at
+    most its pool. numba sizes its pool by the affinity mask alone: under a container's CPU quota of
+    4 on a 64-core machine, 64 threads would share 4 CPUs' worth of time. A ``NUMBA_NUM_THREADS``
+    the user set is taken as it is."""
+    global _parallel_threads
+    if _parallel_threads is None:
+        from gpu_pipeline.engine.cores import usable_cores
+
+        pool = numba.config.NUMBA_NUM_THREADS
+        _parallel_threads = pool if "NUMBA_NUM_THREADS" in os.environ else max(1, min(pool, usable_cores()))
+    return _parallel_threads
+
+
+def parallel_or_serial(parallel_kernel, serial_kernel):
+    """The kernel for the calling thread to run: ``parallel_kernel``, on :func:`parallel_threads`
+    threads (numba's setting is one per calling thread), where the prange entry points may run
+    (:func:`parallel_kernels_usable`), else ``serial_kernel``."""
+    if not parallel_kernels_usable():
+        return serial_kernel
+    if numba.get_num_threads() != parallel_threads():
+        numba.set_num_threads(parallel_threads())
+    return parallel_kernel
+
+
 def threading_layer_is_threadsafe() -> bool:
     """True when concurrent calls from several Python threads are safe.
 

@@ -108,8 +108,8 @@ def _wait_for_all(helpers: list[Future]) -> None:
 
 
 class NumbaCpuBackend(Backend):
-    """numba ``nogil`` kernels on ``threads`` Python threads (default: one per core, numba's
-    ``NUMBA_NUM_THREADS``): the calling thread and ``threads - 1`` helpers of the backend, each
+    """numba ``nogil`` kernels on ``threads`` Python threads (default: one per usable core, see
+    :mod:`gpu_pipeline.engine.cores`, at most numba's ``NUMBA_NUM_THREADS``): the calling thread and ``threads - 1`` helpers of the backend, each
     running one worker's share of every kernel (see :mod:`._numba_kernels`).
 
     Safe to call from several Python threads at once: a call's workers share only that call's
@@ -122,13 +122,14 @@ class NumbaCpuBackend(Backend):
         import numba
 
         from gpu_pipeline.backends import _numba_kernels
+        from gpu_pipeline.engine.cores import usable_cores
 
         self._kernels = _numba_kernels
         available = numba.config.NUMBA_NUM_THREADS
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         # numba cannot start more threads than NUMBA_NUM_THREADS, fixed when it was imported
-        super().__init__(threads=available if threads is None else min(threads, available))
+        super().__init__(threads=min(usable_cores() if threads is None else threads, available))
         self._helpers = self._new_helpers()
         self._spare: list[Scratch] = []  # the scratch of finished calls, for the next ones
         self._spare_lock = threading.Lock()

@@ -50,6 +50,7 @@ from gpu_pipeline.backends.base import (
     group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.images import ImageBatch
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
@@ -220,7 +221,7 @@ class NumbaCudaBackend(Backend):
                 except (ImportError, AttributeError, OSError) as exc:  # numba-cuda's machinery, not our kernels
                     raise BackendUnavailable(f"backend 'cuda' is unavailable: {broken_stack_reason(exc)}") from None
             self.device_times = DeviceTimes()
-            self._staging_threads = min(8, threads or os.cpu_count() or 1)
+            self._staging_threads = min(8, threads or usable_cores())
             self._stager = ThreadPoolExecutor(self._staging_threads, thread_name_prefix="cuda-staging")
             self._slots = self._new_slots()
 

@@ -19,6 +19,7 @@ from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High
                                       bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
                                       given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 
@@ -60,7 +61,7 @@ def verify(
             "paths": list(paths) if paths else [bundled_data_dir()], "requested": parse_backend_list(backends),
             "against_opencv": against_opencv, "config": pipeline_config(low, high, l2, blur),
             "decode_options": decode_options(bands, stretch), "glob": glob,
-            "threads": threads, "batch_size": batch_size, "workers": workers or os.cpu_count() or 2,
+            "threads": threads, "batch_size": batch_size, "workers": workers or usable_cores(),
             "report_path": report, "model": model,
         }
         if sys.stderr.isatty():

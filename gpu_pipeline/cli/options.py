@@ -73,13 +73,13 @@ Stretch = Annotated[str, typer.Option(
     "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
 Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.",
                                              parser=given_text)]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders (threads, or processes where the command has --decode). Default: one per core.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders (threads, or processes where the command has --decode). Default: one per usable core (see `info`).")]
 Decode = Annotated[str, typer.Option(
     "--decode", help="Where files are decoded: threads (of this process), processes (worker processes that hand "
                      "the pixels over in shared memory; Linux), or auto (processes for runs of 2,000 files or more on 8 cores or "
                      "more, of 10,000 or more on 2 to 7 cores).")]
 Threads = Annotated[Optional[int], typer.Option("--threads",
-                                                help="Compute threads of CPU backends. Default: all cores.")]
+                                                help="Compute threads of CPU backends. Default: one per usable core (see `info`).")]
 Device = Annotated[Optional[int], typer.Option(
     "--device", metavar="N", help="GPU number for the cuda and cupy backends. Default: 0.")]
 #: ``run``'s: by default the backend chooses.

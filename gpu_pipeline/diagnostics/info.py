@@ -20,7 +20,7 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
-from gpu_pipeline.engine.stream import usable_cores
+from gpu_pipeline.engine.cores import cpu_quota, usable_cores
 from gpu_pipeline.errors import one_line
 
 #: Packages reported, by the name shown; the value lists the distributions that provide it.
@@ -123,7 +123,8 @@ def numba_info() -> dict[str, Any]:
         "cache_dir_from_env": bool(os.environ.get("NUMBA_CACHE_DIR")),
     }
     try:
-        info["threads"] = numba.get_num_threads()  # starts the thread pool: the layer is then known
+        numba.get_num_threads()  # starts the thread pool: the layer is then known
+        info["threads"] = _numba_setup.parallel_threads()  # what the label models' prange kernels use
         info["threading_layer"] = numba.threading_layer()
     except Exception as exc:  # e.g. a requested layer whose library is missing
         info["threading_layer"] = f"cannot start ({one_line(exc)})"
@@ -142,7 +143,7 @@ def collect_info() -> dict[str, Any]:
         "packages": package_versions(),
         "backends": backends,
         "gpu": gpu_info(),
-        "cpu": {"logical_cores": os.cpu_count(), "usable_cores": usable_cores()},
+        "cpu": {"logical_cores": os.cpu_count(), "usable_cores": usable_cores(), "cpu_quota": cpu_quota()},
         "numba": numba_info(),
     }
 
@@ -184,7 +185,9 @@ def print_info(console: Console, info: dict[str, Any]) -> None:
         console.print(f"GPU: none: {escape(gpu['reason'])}")
 
     cpu, numba = info["cpu"], info["numba"]
-    console.print(f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process")
+    quota = "" if cpu["cpu_quota"] is None else \
+        f" (control group CPU quota: {cpu['cpu_quota']:g} CPU{'' if cpu['cpu_quota'] <= 1 else 's'})"
+    console.print(f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process{quota}")
     if "error" in numba:
         console.print(f"numba: {escape(numba['error'])}")
         return

@@ -32,6 +32,7 @@ import numpy as np
 from gpu_pipeline.backends.base import Backend, BatchResult
 from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError, one_line
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_each
@@ -220,14 +221,6 @@ def early_fork_server(processes: bool | None, files: int, workers: int | None) -
 def decoder_count(workers: int | None) -> int:
     """How many decoders a run starts: ``workers`` (``--workers``), else one per usable core."""
     return workers if workers is not None else usable_cores()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or a taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 #: With decode processes, images of this many pixels or more (on average so far) are decoded in the

@@ -171,7 +171,7 @@ def resample(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """(N, size, size, 3) uint8: :func:`cpu_reference.cnn.resample` of each image, one kernel call
     per shape (scenes one by one, in place)."""
     out = np.empty((len(images), size, size, 3), np.uint8)
-    kernel = _stack_resample if _numba_setup.parallel_kernels_usable() else _stack_resample_serial
+    kernel = _numba_setup.parallel_or_serial(_stack_resample, _stack_resample_serial)
     for shape, members in group_by_shape(images).items():
         if shape[0] * shape[1] >= STACK_BELOW_PIXELS:
             runs = [(i, np.ascontiguousarray(images[i])[None]) for i in members]
@@ -224,7 +224,7 @@ class CnnModel:
         if inputs.ndim != 4 or inputs.shape[1:] != (self.size, self.size, 3):
             raise ValueError(f"expected (N, {self.size}, {self.size}, 3) uint8 inputs, got {inputs.shape}")
         out = np.empty((len(inputs), self.network.weights.shape[1]), np.int64)
-        kernel = _stack_sums if _numba_setup.parallel_kernels_usable() else _stack_sums_serial
+        kernel = _numba_setup.parallel_or_serial(_stack_sums, _stack_sums_serial)
         kernel(inputs, *self._arguments, out)
         return out
 

@@ -410,7 +410,7 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
     out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
-    kernel = feature_kernel()
+    kernel = _numba_setup.parallel_or_serial(_stack_features, _stack_features_serial)  # feature_kernel()
     for shape, members in group_by_shape(images).items():
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)

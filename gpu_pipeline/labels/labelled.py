@@ -115,6 +115,7 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
     ``features_of(images, histograms, edge_counts)`` gives ``width`` features per image: the
     softmax model's by default, a model's own ``features`` for any other (the CNN's pooled sums).
     """
+    from gpu_pipeline.engine.cores import usable_cores
     from gpu_pipeline.engine.stream import Engine
     from gpu_pipeline.engine.job import open_backend, progress_bar
 
@@ -122,7 +123,7 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
     backend = open_backend(backend_name, None)
     with backend:
         engine = Engine(backend=backend, config=config, decode_options=decode or DecodeOptions(),
-                        workers=os.cpu_count() or 2, labels_of=collector.labels_of)
+                        workers=usable_cores(), labels_of=collector.labels_of)
         if sys.stderr.isatty():
             with progress_bar(console) as bar:
                 task = bar.add_task("features", total=len(paths), rate="-")
