@@ -162,3 +162,6 @@ def test_the_cuda_extras_keep_imagecodecs_built_for_the_numpy_they_hold():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in ("cuda12", "cuda13"):
         assert "numpy<2.5" in extras[extra] and "imagecodecs<2026.4" in extras[extra], extra
+    # the wheels carried to the GPU machine pair them likewise (it has numpy 2.5 and no imagecodecs)
+    fetched = (REPO / "scripts" / "fetch_gpu_wheels.sh").read_text()
+    assert '"numpy>=2.4,<2.5"' in fetched and '"imagecodecs<2026.4"' in fetched
