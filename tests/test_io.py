@@ -13,6 +13,7 @@ import struct
 import zlib
 from fractions import Fraction
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from PIL import Image
 
 from gpu_pipeline.inputs import decode as gpu_io
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover, find_files
+from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover, find_files, folders_under
 from gpu_pipeline.inputs.decode import DecodeError, decode_image
 from gpu_pipeline.errors import UsageError
 from tests.strategies import examples, images
@@ -1141,6 +1142,34 @@ def test_discovery_matches_pathlib_ordering(tmp_path, monkeypatch):
         expected = [path for path in oracle if path.relative_to(tmp_path).parts[0] in given or given == ["."]]
         assert discover(given) == [path.relative_to(tmp_path) for path in expected]
         assert find_files(given) == [str(path) for path in expected]
+
+
+def test_a_tree_deeper_than_pythons_recursion_limit_is_walked_in_order(tmp_path):
+    """Discovery recursed once per folder: a tree about 1,000 folders deep ended the run with a
+    RecursionError traceback. Order still follows the path components: in the folder 500 deep, the
+    subfolder ``d`` sorts before ``m.png``, so everything below it comes first."""
+    depth = sys.getrecursionlimit() + 100
+    folder = str(tmp_path)
+    try:
+        for level in range(depth):
+            folder = os.path.join(folder, "d")
+            os.mkdir(folder)  # (Path.mkdir(parents=True) recurses too)
+            if level == 499:
+                middle = folder
+        for name in (os.path.join(str(tmp_path), "0.png"), os.path.join(middle, "m.png"),
+                     os.path.join(folder, "z.png"), os.path.join(str(tmp_path), "e.png")):
+            open(name, "wb").close()
+        os.symlink(str(tmp_path), os.path.join(folder, "loop"))  # a link to a folder is not followed
+        assert find_files([tmp_path]) == [os.path.join(str(tmp_path), "0.png"), os.path.join(folder, "z.png"),
+                                          os.path.join(middle, "m.png"), os.path.join(str(tmp_path), "e.png")]
+        walked = dict(folders_under(tmp_path))  # what the sweep of a killed run's edge maps walks
+        assert len(walked) == depth + 1 and sorted(walked[folder]) == ["loop", "z.png"]
+    finally:  # pytest's clean-up (shutil.rmtree) recurses too: it would fail on this tree later
+        while folder != str(tmp_path):
+            for name in os.listdir(folder):
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
 
 
 def test_find_files_names_a_file_one_way_whatever_the_spelling(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
 from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
-from gpu_pipeline.inputs.discover import absolute_name, find_files, no_files_found, unlisted_warning
+from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, is_ours, png_texts, remove_stale_temporaries, same_file_as,
                                         temporaries_of, write_replacing)
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
@@ -251,7 +251,7 @@ def remove_killed_runs_temporaries(out: str, edge_folder: Path | None) -> None:
         for path in (os.path.realpath(out), str(settings_path(out))):
             remove_stale_temporaries(os.path.dirname(path) or ".", temporaries_of(os.path.basename(path)))
     if edge_folder is not None:
-        for folder, _, names in os.walk(edge_folder):  # (links to folders are not followed)
+        for folder, names in folders_under(edge_folder):
             remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"), names)
 
 

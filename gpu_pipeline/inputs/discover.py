@@ -18,7 +18,7 @@ import fnmatch
 import operator
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gpu_pipeline.errors import UsageError, printable
@@ -134,30 +134,21 @@ def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, st
     """Image files under ``folder``, relative to it with ``/`` between parts, sorted by their path
     components: each folder's entries are visited in name order, a subfolder where its name sorts.
     As ``os.walk``: symbolic links to folders are not followed, and folders that cannot be listed
-    are skipped, each told to ``unlisted`` (when given) with the reason."""
+    are skipped, each told to ``unlisted`` (when given) with the reason. No recursion: a tree of
+    any depth (Python stops a recursion about 1,000 folders deep)."""
     pattern = glob.lower() if glob else None
     files: list[str] = []
-
-    def visit(directory: str, below: str) -> None:
-        try:
-            with os.scandir(directory) as listing:
-                entries = sorted(listing, key=_BY_NAME)
-        except OSError as exc:
-            if unlisted is not None:
-                unlisted.append((directory, exc.strerror or str(exc)))
-            return
+    walking = [(_listing(folder, unlisted), "")]  # the folders being walked, the deepest last
+    while walking:
+        entries, below = walking.pop()
         for entry in entries:
             name = entry.name
             if name.startswith("."):
                 continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                if not entry.is_symlink():
-                    visit(entry.path, f"{below}{name}/")
-                continue
+            if _is_subfolder(entry):
+                walking.append((entries, below))  # the rest of this folder, after the subfolder
+                walking.append((_listing(entry.path, unlisted), f"{below}{name}/"))
+                break
             _, dot, extension = name.rpartition(".")  # os.path.splitext, without its cost per file
             if not dot or "." + extension.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -166,6 +157,39 @@ def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, st
                 if not fnmatch.fnmatchcase(subject.lower(), pattern):
                     continue
             files.append(below + name)
-
-    visit(folder, "")
     return files
+
+
+def folders_under(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, names of its entries)`` for ``top`` and each folder under it, in no set order, as
+    ``os.walk`` without following links and with no recursion (Python 3.11's ``os.walk`` recurses);
+    folders that cannot be listed are skipped."""
+    pending = [os.fspath(top)]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        yield folder, [entry.name for entry in entries]
+        pending += [entry.path for entry in entries if _is_subfolder(entry)]
+
+
+def _listing(directory: str, unlisted: list[tuple[str, str]] | None) -> Iterator[os.DirEntry]:
+    """The entries of ``directory`` in name order; none when it cannot be listed (told to ``unlisted``)."""
+    try:
+        with os.scandir(directory) as listing:
+            return iter(sorted(listing, key=_BY_NAME))
+    except OSError as exc:
+        if unlisted is not None:
+            unlisted.append((directory, exc.strerror or str(exc)))
+        return iter(())
+
+
+def _is_subfolder(entry: os.DirEntry) -> bool:
+    """A folder that is not a symbolic link to one (those are not followed)."""
+    try:
+        return entry.is_dir() and not entry.is_symlink()
+    except OSError:
+        return False
