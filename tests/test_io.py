@@ -1166,9 +1166,10 @@ def test_a_tree_deeper_than_pythons_recursion_limit_is_walked_in_order(tmp_path)
         assert len(walked) == depth + 1 and sorted(walked[folder]) == ["loop", "z.png"]
     finally:  # pytest's clean-up (shutil.rmtree) recurses too: it would fail on this tree later
         while folder != str(tmp_path):
-            for name in os.listdir(folder):
-                os.unlink(os.path.join(folder, name))
-            os.rmdir(folder)
+            if os.path.isdir(folder):  # (not when the mkdir of this one failed)
+                for name in os.listdir(folder):
+                    os.unlink(os.path.join(folder, name))
+                os.rmdir(folder)
             folder = os.path.dirname(folder)
 
 
