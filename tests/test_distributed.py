@@ -468,6 +468,33 @@ def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_pa
     assert f"interrupted: {2000 - recorded} images not processed; run the same command again to resume" in stderr
 
 
+def signals_blocked(pid: int) -> int:
+    """The signal mask of process ``pid``'s main thread (Linux's /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks in Linux's /proc")
+def test_local_cluster_workers_ignore_ctrl_c_from_their_first_instruction():
+    """A Ctrl-C while a worker of ``local:N`` started (the first second of a run, or after a worker
+    died and was restarted) printed its KeyboardInterrupt traceback, or "Fatal Python error:
+    init_import_site", under the run's own message: the preload that ignores SIGINT comes after
+    Python's and Dask's imports. Each worker starts with SIGINT blocked, restarted ones too."""
+    sigint = 1 << (signal.SIGINT - 1)
+    with dask_run.DaskCluster("local:1", "reference", None) as cluster:
+        assert not signals_blocked(os.getpid()) & sigint  # this process still takes Ctrl-C
+        (first,) = cluster.client.run(os.getpid).values()
+        assert signals_blocked(first) & sigint
+        os.kill(first, signal.SIGKILL)  # its nanny starts another
+        deadline = time.monotonic() + 60
+        while (pids := list(cluster.client.run(os.getpid, on_error="ignore").values())) in ([], [first]):
+            assert time.monotonic() < deadline, "the killed worker was not restarted"
+            time.sleep(0.2)
+        assert signals_blocked(pids[0]) & sigint
+
+
 class NowhereBackend(Backend):
     """A backend that no worker can run, as a GPU backend on CPU-only workers."""
 
