@@ -537,11 +537,21 @@ class _Chunks:
         """
         ready = []
         for future, outcome in self.completed.next_batch(block=False):
-            alone = future is self.alone
-            if alone:
-                self.alone = None
-            ready.append((outcome, self.in_flight.pop(future), alone))
+            if future in self.in_flight:  # (else taken below already)
+                ready.append(self._done(future, outcome))
+        # Dask's as_completed never yields a future whose result was lost with its worker before it
+        # reached this client and whose rerun then failed (its fetch raises inside as_completed):
+        # the run waited for ever on a KilledWorker it would never see. The future itself says it.
+        for future in [future for future in self.in_flight if future.status == "error"]:
+            error = future.exception()
+            ready.append(self._done(future, (type(error), error, None)))
         return ready
+
+    def _done(self, future, outcome) -> tuple[object, list[str], bool]:
+        alone = future is self.alone
+        if alone:
+            self.alone = None
+        return outcome, self.in_flight.pop(future), alone
 
     def cancel(self) -> None:
         if self.in_flight:
