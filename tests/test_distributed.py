@@ -265,6 +265,12 @@ def test_an_image_that_kills_every_worker_gets_an_error_record_and_the_run_goes_
 RealChunks = dask_run._Chunks
 
 
+class Pending:
+    """A future of the stand-in cluster below: it ends through ``next_batch``."""
+
+    status = "pending"
+
+
 class Workers:
     """Stands in for the client and its ``as_completed``: ``n`` workers, each given the next chunk
     when it holds the fewest. Each runs the first chunk it holds while the others queue behind it,
@@ -275,7 +281,7 @@ class Workers:
         self.poisons, self.held, self.turn, self.lone_runs = poisons, [[] for _ in range(n)], 0, []
 
     def submit(self, function, job, chunk, key):
-        future = object()
+        future = Pending()
         min(self.held, key=len).append((future, chunk))
         return future
 
@@ -289,6 +295,8 @@ class Workers:
     def next_batch(self, block: bool):
         from distributed import KilledWorker
 
+        if not any(self.held):  # what is in flight ends elsewhere, if at all
+            return []
         while not self.held[self.turn % len(self.held)]:
             self.turn += 1
         held = self.held[self.turn % len(self.held)]
@@ -363,6 +371,53 @@ def test_a_cluster_left_without_workers_stops_the_run_resumably(monkeypatch):
     with pytest.raises(UsageError, match=r"the Dask cluster has had no workers for 0 s; stopped after 0 of 8 "
                                          r"images .* run the same command again to resume"):
         engine.run(paths, sink=None)
+
+
+class LostThenKilled:
+    """A future whose result was lost with its worker before the client fetched it, and whose rerun then
+    lost its workers too: Dask's ``as_completed`` never yields it (its fetch raises inside it)."""
+
+    status = "error"
+
+    def exception(self):
+        from distributed import KilledWorker
+
+        return KilledWorker("key", None, 0)
+
+
+def test_a_chunk_whose_result_was_lost_and_whose_rerun_died_is_not_waited_for_for_ever(monkeypatch):
+    """Reproduced with real workers: a task that finished, whose worker was killed while its result
+    travelled and whose rerun was killed too, ended in status "error" and as_completed never
+    yielded it; the run polled for it for ever. It is run again in halves, as any killed chunk."""
+    import threading
+
+    paths = [f"tile{i:02d}.png" for i in range(8)]
+    cluster = Workers(1, poisons=set())
+    submit = cluster.submit
+    lost = []
+
+    def submit_losing_the_first(function, job, chunk, key):
+        if lost:
+            return submit(function, job, chunk, key)
+        lost.append(LostThenKilled())
+        return lost[0]
+
+    cluster.submit = submit_losing_the_first
+    monkeypatch.setattr(dask_run, "_Chunks", lambda client, job, todo: RealChunks(cluster, job, todo, cluster))
+    monkeypatch.setattr(dask_run, "POLL_SECONDS", 0.01)
+    one_slot = type("OneSlot", (), {"backend_name": "reference", "threads": 1, "client": None,
+                                    "worker_threads": lambda self: 1})()
+    records, stop, summaries = [], threading.Event(), []
+    sink = type("Sink", (), {"write": lambda self, batch: records.extend(batch)})()
+    engine = dask_run.DaskEngine(one_slot, workers=1, labels_of=PerImage(default_label))
+    run = threading.Thread(target=lambda: summaries.append(engine.run(paths, sink, stop=stop)))
+    run.start()
+    run.join(timeout=30)
+    stop.set()  # (ends the run that waits for ever)
+    run.join()
+    assert summaries[0].total == 8 and not summaries[0].interrupted
+    assert sorted(record["path"] for record in records) == paths
+    assert not any("error" in record for record in records)
 
 
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
@@ -466,6 +521,33 @@ def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_pa
     recorded = len(by_path(read_records(out)))
     assert 0 < recorded < 2000
     assert f"interrupted: {2000 - recorded} images not processed; run the same command again to resume" in stderr
+
+
+def signals_blocked(pid: int) -> int:
+    """The signal mask of process ``pid``'s main thread (Linux's /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks in Linux's /proc")
+def test_local_cluster_workers_ignore_ctrl_c_from_their_first_instruction():
+    """A Ctrl-C while a worker of ``local:N`` started (the first second of a run, or after a worker
+    died and was restarted) printed its KeyboardInterrupt traceback, or "Fatal Python error:
+    init_import_site", under the run's own message: the preload that ignores SIGINT comes after
+    Python's and Dask's imports. Each worker starts with SIGINT blocked, restarted ones too."""
+    sigint = 1 << (signal.SIGINT - 1)
+    with dask_run.DaskCluster("local:1", "reference", None) as cluster:
+        assert not signals_blocked(os.getpid()) & sigint  # this process still takes Ctrl-C
+        (first,) = cluster.client.run(os.getpid).values()
+        assert signals_blocked(first) & sigint
+        os.kill(first, signal.SIGKILL)  # its nanny starts another
+        deadline = time.monotonic() + 60
+        while (pids := list(cluster.client.run(os.getpid, on_error="ignore").values())) in ([], [first]):
+            assert time.monotonic() < deadline, "the killed worker was not restarted"
+            time.sleep(0.2)
+        assert signals_blocked(pids[0]) & sigint
 
 
 class NowhereBackend(Backend):

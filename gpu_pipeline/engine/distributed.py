@@ -111,6 +111,28 @@ def dask_setup(worker) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextmanager
+def workers_ignore_ctrl_c() -> Iterator[None]:
+    """SIGINT blocked in this thread while a local cluster starts: the cluster's IO-loop thread, which
+    starts (and restarts) its worker processes, inherits the mask, and so does every worker from
+    its first instruction. :func:`dask_setup` comes only after Python and Dask are imported, and a
+    Ctrl-C before it printed the workers' KeyboardInterrupt tracebacks under the run's own message
+    (5 of 14 Ctrl-Cs 0.6-1 s after the start; one at any time after a worker died and was being
+    restarted). A Ctrl-C meanwhile reaches this process once the cluster is up."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to share a Ctrl-C
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # started on first use, it unblocks SIGINT in the thread that starts it: here, before the block
+    resource_tracker.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _this_worker() -> str:
     from distributed import get_worker
 
@@ -243,7 +265,7 @@ def _local_cuda_cluster():
         raise UsageError(DASK_CUDA_HINT) from None
     options = local_cuda_cluster_options(visible_gpus())
     try:
-        with without_gil_monitor():
+        with without_gil_monitor(), workers_ignore_ctrl_c():
             return dask_cuda.LocalCUDACluster(**options)
     except Exception as exc:
         raise UsageError(f"cannot start a local Dask cluster of {options['n_workers']} GPU workers: "
@@ -355,7 +377,7 @@ class DaskCluster:
             threads = threads or max(1, (os.cpu_count() or 1) // local_workers)
             # Failed tasks reach the user through the client's message; the workers' own logs would repeat them.
             try:
-                with without_gil_monitor():
+                with without_gil_monitor(), workers_ignore_ctrl_c():
                     self.cluster = distributed.LocalCluster(
                         n_workers=local_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                         silence_logs=logging.CRITICAL, preload=[__name__])
@@ -515,11 +537,21 @@ class _Chunks:
         """
         ready = []
         for future, outcome in self.completed.next_batch(block=False):
-            alone = future is self.alone
-            if alone:
-                self.alone = None
-            ready.append((outcome, self.in_flight.pop(future), alone))
+            if future in self.in_flight:  # (else taken below already)
+                ready.append(self._done(future, outcome))
+        # Dask's as_completed never yields a future whose result was lost with its worker before it
+        # reached this client and whose rerun then failed (its fetch raises inside as_completed):
+        # the run waited for ever on a KilledWorker it would never see. The future itself says it.
+        for future in [future for future in self.in_flight if future.status == "error"]:
+            error = future.exception()
+            ready.append(self._done(future, (type(error), error, None)))
         return ready
+
+    def _done(self, future, outcome) -> tuple[object, list[str], bool]:
+        alone = future is self.alone
+        if alone:
+            self.alone = None
+        return outcome, self.in_flight.pop(future), alone
 
     def cancel(self) -> None:
         if self.in_flight:
