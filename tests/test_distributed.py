@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.engine import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.labels.labeller import Features, default_label
@@ -114,7 +115,7 @@ def test_a_local_cluster_starts_no_gil_knocker_in_this_process(monkeypatch):
         assert not cluster.cluster.scheduler.monitor.monitor_gil_contention
         assert started == []
         # distributed.md: each of the N processes gets cores / N compute threads, one task slot
-        assert cluster.threads == max(1, (os.cpu_count() or 1) // 2)
+        assert cluster.threads == max(1, usable_cores() // 2)  # (a CPU quota counts)
         assert cluster.worker_threads() == 2
 
 
@@ -472,7 +473,7 @@ def test_each_worker_chooses_the_decode_threads_not_given(monkeypatch):
             return types.SimpleNamespace(seconds=0.0)
 
     monkeypatch.setattr(dask_run, "Engine", Recorder)
-    monkeypatch.setattr(os, "cpu_count", lambda: 13)
+    monkeypatch.setattr(dask_run, "usable_cores", lambda: 13)  # a worker's cores, its CPU quota counted
     for threads, decode_workers in [(None, None), (3, None), (3, 5), (None, 5)]:
         job = dask_run.ChunkJob("reference", threads, PipelineConfig(), DecodeOptions(), 64, decode_workers,
                                 default_label, None)
@@ -598,7 +599,7 @@ def test_without_the_dask_extra_exits_2_with_the_install_hint(tiles, tmp_path, m
 @pytest.mark.parametrize("spec, message", [
     ("local:0", "local:N takes"),
     ("local:two", "local:N takes"),
-    (f"local:{4 * (os.cpu_count() or 1) + 1}", "take at most"),  # each a Python process: far too many
+    (f"local:{4 * usable_cores() + 1}", "take at most"),  # each a Python process: far too many
     ("tcp://127.0.0.1:9", "cannot connect to the Dask scheduler at tcp://127.0.0.1:9"),
     ("127.0.0.1:9", "cannot connect to the Dask scheduler at 127.0.0.1:9"),  # host:port means tcp
     ("nonsense://x", "--dask takes local:N or a scheduler address such as tcp://host:8786, got 'nonsense://x'"),

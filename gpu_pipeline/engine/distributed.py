@@ -38,6 +38,7 @@ from gpu_pipeline.backends import Backend, BackendUnavailable, create
 from gpu_pipeline.backends.registry import backend_names, resolve, unavailable_reason
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
@@ -166,7 +167,7 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
         backend = _backend_for(job)
         engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
                         batch_size=job.batch_size,
-                        workers=job.decode_workers or job.threads or os.cpu_count() or 2, labels_of=job.labels_of,
+                        workers=job.decode_workers or job.threads or usable_cores(), labels_of=job.labels_of,
                         on_edges=job.on_edges, processes=False)  # Dask's worker processes are the scale-out here
         records = RecordList()
         try:
@@ -279,7 +280,7 @@ def _local_workers(spec: str) -> int | None:
     count = spec.removeprefix("local:")
     if not count.isdigit() or int(count) < 1:
         raise UsageError(f"--dask local:N takes a number of worker processes >= 1, got {spec!r}")
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if int(count) > LOCAL_WORKERS_PER_CORE * cores:
         # each is a Python process with its own backend: local:200 on 2 cores started for over a
         # minute, and a Ctrl-C then printed tracebacks from the processes still starting
@@ -374,7 +375,7 @@ class DaskCluster:
             address = self.cluster
         elif local_workers is not None:
             # The processes share this machine's cores: give each its share unless --threads says otherwise.
-            threads = threads or max(1, (os.cpu_count() or 1) // local_workers)
+            threads = threads or max(1, usable_cores() // local_workers)
             # Failed tasks reach the user through the client's message; the workers' own logs would repeat them.
             try:
                 with without_gil_monitor(), workers_ignore_ctrl_c():
