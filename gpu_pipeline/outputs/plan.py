@@ -39,7 +39,7 @@ def read_records(path: str | os.PathLike[str]) -> list[dict]:
     if fmt == "parquet":
         return [parquet.from_table_row(row) for row in parquet.read_dataset(Path(path)).to_pylist()]
     records: list[dict] = []
-    scan(Path(path), fmt, lambda record, raw: records.append(record))
+    scan(Path(path), fmt, lambda record, raw: records.append(record), whole=True)
     return records
 
 
