@@ -79,6 +79,17 @@ def test_a_mount_of_the_group_itself_and_one_that_does_not_show_it(tmp_path):
     assert cores.cpu_quota(*_files(tmp_path, mounts, "0::/docker/abc\n")) == 2.0
 
 
+def test_a_group_named_with_two_dots_is_read_and_a_path_out_of_the_namespace_is_not(tmp_path):
+    """``..quota`` is a name; ``/../sibling`` (a group outside this cgroup namespace) says nothing
+    about this process: abspath made it ``/sibling``, another group's limit."""
+    point = tmp_path / "fs"
+    _group(point / "..quota", cpu_max="50000 100000")
+    _group(point / "sibling", cpu_max="100000 100000")
+    line = V2_LINE.format(root="/", point=point)
+    assert cores.cpu_quota(*_files(tmp_path, line, "0::/..quota\n")) == 0.5
+    assert cores.cpu_quota(*_files(tmp_path, line, "0::/../sibling\n")) is None
+
+
 def test_a_mount_point_with_a_space_is_unescaped(tmp_path):
     point = tmp_path / "cgroup fs"
     _group(point, cpu_max="100000 100000")

@@ -48,8 +48,10 @@ def cpu_quota(mountinfo: str = MOUNTINFO, cgroup: str = CGROUP) -> float | None:
             if mount is None or version is None or mount[2] != version:
                 continue
             root, point = mount[0], mount[1]
+            if ".." in path.split("/") or ".." in root.split("/"):  # outside this namespace's view
+                continue
             relative = os.path.relpath(path, root)
-            if relative.startswith(".."):  # this group lies outside what this mount shows
+            if relative == ".." or relative.startswith("../"):  # this group lies outside what this mount shows
                 continue
             limits += _limits_up_to(os.path.normpath(os.path.join(point, relative)), point, version)
     return min(limits) if limits else None

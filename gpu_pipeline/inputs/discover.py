@@ -145,10 +145,16 @@ def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, st
             name = entry.name
             if name.startswith("."):
                 continue
-            if _is_subfolder(entry):
-                walking.append((entries, below))  # the rest of this folder, after the subfolder
-                walking.append((_listing(entry.path, unlisted), f"{below}{name}/"))
-                break
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:  # a link to a folder is skipped, whatever its name (scans.png -> ../elsewhere)
+                if not entry.is_symlink():
+                    walking.append((entries, below))  # the rest of this folder, after the subfolder
+                    walking.append((_listing(entry.path, unlisted), f"{below}{name}/"))
+                    break
+                continue
             _, dot, extension = name.rpartition(".")  # os.path.splitext, without its cost per file
             if not dot or "." + extension.lower() not in IMAGE_EXTENSIONS:
                 continue
