@@ -270,6 +270,28 @@ def test_an_edge_map_that_cannot_be_saved_turns_that_record_into_an_error(tmp_pa
     assert summary.ok == 2 and summary.failed == 1 and summary.failures_by_stage == {"save-edges": 1}
 
 
+def test_edge_maps_are_saved_on_threads_of_their_own_each_map_once(tmp_path, monkeypatch):
+    """Saving a map is mostly creating its file (the kernel's work): several threads overlap it."""
+    import threading
+
+    from gpu_pipeline.engine import stream
+
+    monkeypatch.setattr(stream, "usable_cores", lambda: 4)
+    paths = write_pngs(tmp_path, [(8, 9)] * 40)
+    saved, lock, both = [], threading.Lock(), threading.Barrier(2, timeout=10)
+
+    def save(path, edges):
+        if path in paths[:2]:
+            both.wait()  # two maps of one batch in flight at once, or this times out
+        with lock:
+            saved.append((path, threading.current_thread().name))
+
+    sink = ListSink()
+    Engine(ReferenceBackend(), on_edges=save, batch_size=64).run(paths, sink)
+    assert sorted(path for path, _ in saved) == sorted(paths) and "error" not in str(sink.records)
+    assert {name.rpartition("_")[0] for _, name in saved} == {"save-edges"}
+
+
 def test_a_mixed_batch_keeps_results_errors_and_labels_in_place(tmp_path):
     """Decode errors, a compute failure and results in one batch: every record at its input position."""
     paths = write_pngs(tmp_path, [(6, 6)] * 5)
