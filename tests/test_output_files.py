@@ -224,3 +224,19 @@ def test_a_private_files_replacement_is_never_readable_by_others_while_it_is_wri
 
         write_replacing(target, write)
         assert seen == [mode] and stat.S_IMODE(os.stat(target).st_mode) == mode
+
+
+def test_long_names_that_differ_only_in_their_first_bytes_get_temporaries_of_their_own():
+    """A temporary near the name limit keeps the name's end; names of 236 to 255 bytes that differ only
+    at their start got one temporary, and edge maps saved at once (on threads) took each other's."""
+    import os
+
+    from gpu_pipeline.outputs.files import NAME_MAX, temporary_name, temporaries_of
+
+    names = ["A" + "N" * 239 + ".png.edges.png", "B" + "N" * 239 + ".png.edges.png", "é" + "N" * 238 + ".png.edges.png"]
+    found = [temporary_name(name, 4194304) for name in names]
+    assert len(set(found)) == 3
+    assert all(len(os.fsencode(name)) == NAME_MAX and name.endswith(".png.edges.png.4194304.tmp") for name in found)
+    assert temporary_name("short.png", 7) == ".short.png.7.tmp"  # names with room are kept whole
+    target = found[0][1:-len(".4194304.tmp")]  # what the sweep reads back from the file's name
+    assert temporaries_of(names[0])(target, 4194304) and not temporaries_of(names[1])(target, 4194304)

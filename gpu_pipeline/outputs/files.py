@@ -15,6 +15,7 @@ into place (:func:`replace_with`), so a full disk never leaves half a report.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
@@ -153,13 +154,16 @@ NAME_MAX = 255
 
 def temporary_name(name: str, pid: int) -> str:
     """``.NAME.PID.tmp``, the temporary of ``name`` in process ``pid``; where that would pass
-    :data:`NAME_MAX` bytes (``name`` is near the limit but fits), ``NAME`` loses its first bytes and
-    keeps its end, which says what it is (``.edges.png``): exactly NAME_MAX bytes then."""
+    :data:`NAME_MAX` bytes (``name`` is near the limit but fits), ``NAME`` loses its first bytes to a
+    digest of the whole name and keeps its end, which says what it is (``.edges.png``): exactly
+    NAME_MAX bytes then. (Without the digest, long names that differ only in their first bytes had
+    one temporary, and two of their edge maps saved at once took each other's.)"""
     suffix = f".{pid}.tmp"
     room = NAME_MAX - 1 - len(suffix)
     encoded = os.fsencode(name)
     if len(encoded) > room:
-        name = os.fsdecode(encoded[-room:])
+        digest = hashlib.sha256(encoded).hexdigest()[:16] + "~"
+        name = digest + os.fsdecode(encoded[len(encoded) - room + len(digest):])
     return f".{name}{suffix}"
 
 
