@@ -89,7 +89,7 @@ def _limits_up_to(folder: str, top: str, version: int) -> list[float]:
         limit = _limit(folder, version)
         if limit is not None:
             limits.append(limit)
-        if folder == top or len(folder) <= len(top):
+        if len(folder) <= len(top):  # at the mount (or past it, were the names odd)
             return limits
         folder = os.path.dirname(folder)
 

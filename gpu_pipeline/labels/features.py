@@ -410,7 +410,8 @@ def batch_features(images: Sequence[np.ndarray], histograms: np.ndarray, edge_co
     histograms = np.ascontiguousarray(histograms, dtype=np.int64).reshape(len(images), 256)
     edge_counts = np.ascontiguousarray(edge_counts, dtype=np.int64).reshape(len(images))
     out = np.empty((len(images), len(FEATURE_NAMES)), dtype=np.float64)
-    kernel = _numba_setup.parallel_or_serial(_stack_features, _stack_features_serial)  # feature_kernel()
+    # the kernel feature_kernel() names, its numba threads set for this thread (the usable cores)
+    kernel = _numba_setup.parallel_or_serial(_stack_features, _stack_features_serial)
     for shape, members in group_by_shape(images).items():
         rows = np.array(members)
         part = np.empty((len(members), len(FEATURE_NAMES)), dtype=np.float64)

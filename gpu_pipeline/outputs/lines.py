@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
 import json
 import os
@@ -119,46 +120,47 @@ def _counts(text: str, separator: str) -> bool:
     return separator != "," or not ((text[0] == "0" and text[1] != ",") or _LEADING_ZERO.search(text))
 
 
-def _jsonl_key(line: bytes) -> dict | None:
-    """What a resume reads of a JSONL line: ``{"path"}``, with ``"path_bytes"`` and ``"error"`` where
-    the record has them (the error's text left out); :func:`_jsonl_parse` for any other line."""
+@dataclass(frozen=True)
+class _Layout:
+    """How one format writes its records, for :func:`_key`."""
+
+    result: re.Pattern
+    error: re.Pattern
+    separator: str  # between the histogram's counts
+    value: Callable[[re.Match, str], str]  # a matched field's text as the record holds it
+    whole: Callable[[bytes], dict | None]  # the full decode, for any other line
+
+
+def _json_value(found: re.Match, field: str) -> str:
+    return scanstring(found.string, found.start(field) + 1)[0]  # (json.loads of the string, without its wrapper)
+
+
+def _csv_value(found: re.Match, field: str) -> str:
+    text = found[field]
+    return text[1:-1].replace('""', '"') if text.startswith('"') else text
+
+
+def _key(layout: _Layout, line: bytes) -> dict | None:
+    """What a resume reads of a record (a CSV record's lines joined): ``{"path"}``, with ``"path_bytes"``
+    and ``"error"`` where the record has them (the error's text left out); the full decode for a
+    line not laid out as ``layout`` writes it."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    found = _JSONL_RESULT.fullmatch(text) or _JSONL_ERROR.fullmatch(text)
-    if found is None or (found.re is _JSONL_RESULT and not _counts(found["histogram"], ",")):
-        return _jsonl_parse(line)
-    record = {"path": scanstring(text, found.start("path") + 1)[0]}  # (json.loads of the string, without its wrapper)
-    if found["path_bytes"] is not None:
-        record["path_bytes"] = scanstring(text, found.start("path_bytes") + 1)[0]
-    if found.re is _JSONL_ERROR:
+    found = layout.result.fullmatch(text) or layout.error.fullmatch(text)
+    if found is None or (found.re is layout.result and not _counts(found["histogram"], layout.separator)):
+        return layout.whole(line)
+    record = {"path": layout.value(found, "path")}
+    if found["path_bytes"]:  # (a JSON string has its quotes: an empty one is found too)
+        record["path_bytes"] = layout.value(found, "path_bytes")
+    if found.re is layout.error:
         record["error"] = ""
     return record
 
 
-def _csv_key(line: bytes) -> dict | None:
-    """:func:`_jsonl_key` for a CSV record (its lines joined); :func:`_csv_parse` for any other."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    found = _CSV_RESULT.fullmatch(text) or _CSV_ERROR.fullmatch(text)
-    if found is None or (found.re is _CSV_RESULT and not _counts(found["histogram"], " ")):
-        return _csv_parse(line)
-    record = {"path": _csv_value(found["path"])}
-    if found["path_bytes"]:
-        record["path_bytes"] = _csv_value(found["path_bytes"])
-    if found.re is _CSV_ERROR:
-        record["error"] = ""
-    return record
-
-
-def _csv_value(field: str) -> str:
-    return field[1:-1].replace('""', '"') if field.startswith('"') else field
-
-
-_KEY_PARSERS = {"jsonl": _jsonl_key, "csv": _csv_key}
+_KEY_PARSERS = {"jsonl": functools.partial(_key, _Layout(_JSONL_RESULT, _JSONL_ERROR, ",", _json_value, _jsonl_parse)),
+                "csv": functools.partial(_key, _Layout(_CSV_RESULT, _CSV_ERROR, " ", _csv_value, _csv_parse))}
 
 
 # ---------------------------------------------------------------- reading line outputs back
@@ -166,7 +168,7 @@ _KEY_PARSERS = {"jsonl": _jsonl_key, "csv": _csv_key}
 
 def _entries(lines: Iterator[bytes], offset: int, fmt: str, whole: bool) -> Iterator[tuple[int, bytes, dict | None]]:
     """(offset, bytes, record or None when unreadable) for each record of a JSONL or CSV file: the
-    whole record, or (not ``whole``) only what a resume reads of it (:func:`_jsonl_key`).
+    whole record, or (not ``whole``) only what a resume reads of it (:func:`_key`).
 
     A CSV record continues on the next line while its quotes are unbalanced (a quoted newline). If
     the joined lines do not parse, only the first is unreadable and the others are read again.
@@ -231,7 +233,7 @@ def _check_header(stream: IO[bytes], fmt: str, path) -> int:
 
 def scan(path: Path, fmt: str, keep: Callable[[dict, bytes], None] | None = None, whole: bool = False) -> Scan:
     """Read a JSONL or CSV output; ``keep(record, raw)`` sees each intact record: the whole record, or
-    (not ``whole``) its path and whether it is an error (:func:`_jsonl_key`)."""
+    (not ``whole``) its path and whether it is an error (:func:`_key`)."""
     existing = Existing()
     with open(path, "rb") as stream:
         good_end = _check_header(stream, fmt, path)
