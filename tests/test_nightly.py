@@ -825,6 +825,55 @@ def test_an_input_swapped_for_a_link_during_the_run_keeps_its_own_edge_map(tiles
     assert [p.name for p in (tmp_path / "edges").iterdir()] == ["tile019.png.edges.png"]
 
 
+def test_edge_maps_read_back_in_pillow_and_opencv_with_their_marks(tmp_path):
+    """The saver's own PNG writer: the map's pixels in both readers, its Software and Source texts."""
+    import cv2
+
+    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.files import SOFTWARE, png_texts
+
+    name = str(tmp_path / "in" / "sub" / "é 1.png")
+    edges = (np.random.default_rng(5).random((13, 29)) < 0.2).astype(np.uint8) * 255
+    edge_saver(tmp_path / "edges", str(tmp_path / "in"))(name, edges)
+    saved = tmp_path / "edges" / "sub" / "é 1.png.edges.png"
+    assert np.array_equal(np.asarray(Image.open(saved)), edges)
+    assert np.array_equal(cv2.imread(str(saved), cv2.IMREAD_UNCHANGED), edges)
+    assert png_texts(saved) == {"Software": SOFTWARE, "Source": name}
+    assert sorted(os.listdir(saved.parent)) == [saved.name]  # no temporary left behind
+
+
+def test_an_edge_folder_removed_during_the_run_is_made_again(tmp_path):
+    """Each folder is made once a run; one removed after that is made again for the next map."""
+    from gpu_pipeline.engine.job import edge_saver
+
+    save = edge_saver(tmp_path / "edges", str(tmp_path))
+    save(str(tmp_path / "sub" / "a.png"), np.zeros((2, 2), np.uint8))
+    shutil.rmtree(tmp_path / "edges")
+    save(str(tmp_path / "sub" / "b.png"), np.zeros((2, 2), np.uint8))
+    assert os.listdir(tmp_path / "edges" / "sub") == ["b.png.edges.png"]
+
+
+def test_the_edge_map_of_an_image_deeper_than_pythons_recursion_limit_is_saved(tmp_path):
+    """``Path.mkdir(parents=True)`` recursed once per missing folder: the map of an image about
+    1,000 folders deep became a save-edges error record naming a RecursionError."""
+    from gpu_pipeline.engine.job import edge_saver
+
+    depth = sys.getrecursionlimit() + 100
+    relative = "/".join(["d"] * depth)
+    top = tmp_path / "edges"
+    try:
+        edge_saver(top, str(tmp_path))(f"{tmp_path}/{relative}/x.png", np.full((3, 3), 255, np.uint8))
+        assert np.asarray(Image.open(f"{top}/{relative}/x.png.edges.png")).tolist() == [[255] * 3] * 3
+    finally:  # pytest's clean-up (shutil.rmtree) recurses too: it would fail on this tree later
+        folder = f"{top}/{relative}"
+        while folder != str(top):
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    os.unlink(os.path.join(folder, name))
+                os.rmdir(folder)
+            folder = os.path.dirname(folder)
+
+
 def test_the_edge_saver_a_dask_chunk_carries_stays_small(tmp_path):
     """Each --dask chunk pickles its saver: a table of every input's resolved name made it 7.7 MB a
     chunk for 100,000 files. It holds the edge folder and the root only."""

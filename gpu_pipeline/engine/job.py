@@ -36,8 +36,9 @@ from gpu_pipeline.inputs.processes import ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
-from gpu_pipeline.outputs.files import (SOFTWARE, is_ours, png_texts, remove_stale_temporaries, same_file_as,
-                                        temporaries_of, write_replacing)
+from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
+                                        same_file_as, temporaries_of, write_replacing)
+from gpu_pipeline.outputs.png import gray_png
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
@@ -76,17 +77,19 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     during the run cannot send a map elsewhere). Each PNG names gpu-pipeline as its ``Software`` and
     its image as its ``Source``. A file of that name that is not ours (someone else's), or a map of
     ours made from another image (an earlier run into the same folder from another root), is left
-    alone, and that image gets a ``save-edges`` error record."""
-    from PIL import Image, PngImagePlugin
-
+    alone, and that image gets a ``save-edges`` error record. A map is encoded by :func:`gray_png`
+    (Pillow's writer held the GIL about 100 us a map), and each folder is made once."""
     prefix = root if root.endswith("/") else root + "/"
+    made: set[Path] = set()  # folders made (or found) by this run: a mkdir per map cost a system call
 
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
         name = os.fspath(path)
         if not name.startswith(prefix):
             raise ValueError(f"{printable(name)} is not below {printable(root)}")
         target = folder / (name[len(prefix):] + ".edges.png")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in made:
+            ensure_folder(target.parent)
+            made.add(target.parent)
         try:
             found = os.lstat(target)
         except FileNotFoundError:
@@ -100,11 +103,13 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
             if not _same_image(recorded := texts.get("Source"), source, name):
                 raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
                                       "(save the edge maps of these inputs into another folder)")
-        mark = PngImagePlugin.PngInfo()
-        mark.add_text("Software", SOFTWARE)
-        mark.add_itxt("Source", source)
+        png = gray_png(edges, text={"Software": SOFTWARE}, international={"Source": source})
         # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
-        write_replacing(target, lambda temporary: Image.fromarray(edges).save(temporary, format="PNG", pnginfo=mark))
+        try:
+            write_replacing(target, png)
+        except FileNotFoundError:  # its folder was removed during the run: made again, as before
+            ensure_folder(target.parent)
+            write_replacing(target, png)
 
     return save
 

@@ -105,9 +105,10 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
         raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
 
 
-def write_replacing(path: Path, write: Callable[[Path], None], before_replacing: Callable[[], None] = lambda: None
-                    ) -> None:
-    """``write(temporary)``, then the temporary renamed to ``path``: a kill or a full disk leaves the
+def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
+                    before_replacing: Callable[[], None] = lambda: None) -> None:
+    """``write(temporary)`` (or ``write``'s bytes, written through the descriptor that created the
+    temporary), then the temporary renamed to ``path``: a kill or a full disk leaves the
     old file whole, and another name of the old file (a hard link) keeps its bytes. The temporary is
     a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
     there; it is removed when anything fails, and the error goes on. One that a SIGKILL left
@@ -117,17 +118,39 @@ def write_replacing(path: Path, write: Callable[[Path], None], before_replacing:
         os.unlink(temporary)
     replaced = _regular_file_status(path)
     # private until it has the replaced file's permissions, before anything is written into it
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if replaced is None else 0o600))
+    created = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if replaced is None else 0o600)
     try:
-        if replaced is not None:
-            _keep_mode(replaced, temporary)
-        write(temporary)
+        try:
+            if replaced is not None:
+                _keep_mode(replaced, temporary)
+            if isinstance(write, bytes):
+                with open(created, "wb", closefd=False) as file:
+                    file.write(write)
+        finally:
+            os.close(created)
+        if not isinstance(write, bytes):
+            write(temporary)
         before_replacing()  # a last check, which may raise
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def ensure_folder(folder: Path) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` without its recursion, which ends in a
+    RecursionError below about 1,000 missing folders (an edge map mirrors an input that deep)."""
+    missing = []
+    while True:
+        try:
+            folder.mkdir(exist_ok=True)
+            break
+        except FileNotFoundError:
+            missing.append(folder)
+            folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(exist_ok=True)
 
 
 def _regular_file_status(path: Path) -> os.stat_result | None:
