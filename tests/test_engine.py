@@ -271,7 +271,7 @@ def test_an_edge_map_that_cannot_be_saved_turns_that_record_into_an_error(tmp_pa
 
 
 def test_edge_maps_are_saved_on_threads_of_their_own_each_map_once(tmp_path, monkeypatch):
-    """Saving a map is mostly creating its file (the kernel's work): several threads overlap it."""
+    """On 4 cores, two saver threads each save one run of a batch's maps, at the same time."""
     import threading
 
     from gpu_pipeline.engine import stream
@@ -281,15 +281,46 @@ def test_edge_maps_are_saved_on_threads_of_their_own_each_map_once(tmp_path, mon
     saved, lock, both = [], threading.Lock(), threading.Barrier(2, timeout=10)
 
     def save(path, edges):
-        if path in paths[:2]:
-            both.wait()  # two maps of one batch in flight at once, or this times out
+        if path in (paths[0], paths[20]):
+            both.wait()  # the first map of each half in flight at once, or this times out
         with lock:
             saved.append((path, threading.current_thread().name))
 
     sink = ListSink()
     Engine(ReferenceBackend(), on_edges=save, batch_size=64).run(paths, sink)
     assert sorted(path for path, _ in saved) == sorted(paths) and "error" not in str(sink.records)
-    assert {name.rpartition("_")[0] for _, name in saved} == {"save-edges"}
+    threads = [name for _, name in sorted(saved)]
+    assert {name.rpartition("_")[0] for name in threads} == {"save-edges"}
+    assert len(set(threads[:20])) == len(set(threads[20:])) == 1 and threads[0] != threads[20]
+
+
+@pytest.mark.parametrize("good", [0, 1, 3])
+def test_saver_threads_take_batches_with_fewer_maps_than_threads(tmp_path, monkeypatch, good):
+    """A batch whose images all failed to decode has no map to save; one with a map or three, fewer than the threads."""
+    from gpu_pipeline.engine import stream
+
+    monkeypatch.setattr(stream, "usable_cores", lambda: 16)
+    paths = write_pngs(tmp_path, [(5, 6)] * 4)
+    for path in paths[good:]:
+        path.write_bytes(b"")
+    saved = []
+    sink = ListSink()
+    Engine(ReferenceBackend(), on_edges=lambda path, edges: saved.append(path), batch_size=64).run(paths, sink)
+    assert sorted(saved) == paths[:good] and [r.get("stage") for r in sink.records] == [None] * good + ["read"] * (4 - good)
+
+
+def test_on_two_cores_the_records_thread_saves_the_edge_maps_itself(tmp_path, monkeypatch):
+    """A hand-over per map cost more than saving a tile's map (see EDGE_SAVERS)."""
+    import threading
+
+    from gpu_pipeline.engine import stream
+
+    monkeypatch.setattr(stream, "usable_cores", lambda: 2)
+    paths = write_pngs(tmp_path, [(8, 9)] * 5)
+    saved = []
+    Engine(ReferenceBackend(), on_edges=lambda path, edges: saved.append(threading.current_thread()),
+           batch_size=64).run(paths, ListSink())
+    assert saved == [threading.current_thread()] * 5
 
 
 def test_a_mixed_batch_keeps_results_errors_and_labels_in_place(tmp_path):

@@ -218,10 +218,34 @@ def early_fork_server(processes: bool | None, files: int, workers: int | None) -
     return server
 
 
-#: Threads that save a batch's edge maps (``--save-edges``), at most one per usable core. A map of a
-#: tile took 0.6 ms to save, half of it creating its file; the run wrote 2,000 maps a second
-#: against 19,600 records without them (2-core VM).
+#: Threads that save a batch's edge maps (``--save-edges``) at most: one for every two usable cores
+#: (the others decode and compute), each given one run of the batch's maps. With one, the records
+#: thread saves them itself. A map of a tile costs about 100 us (:func:`~gpu_pipeline.outputs.png.gray_png`,
+#: then its file made and renamed into place), and every system call hands the GIL over: on the
+#: 2-core VM two saver threads made 51,000 context switches for 26,500 tiles and took 5.2-5.7 s,
+#: the records thread alone 8,000 and 4.5-4.8 s (maps on tmpfs).
 EDGE_SAVERS = 8
+
+
+class _Savers:
+    """The threads that save a batch's edge maps, each given one run of them: a task a map cost more
+    in hand-offs than saving the map of a tile (see :data:`EDGE_SAVERS`)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="save-edges")
+
+    def run(self, save: Callable[[range], list], count: int) -> list:
+        """``save`` of ``range(count)`` cut into one run a thread; what the calls returned, joined in order."""
+        parts = max(1, min(self.threads, count))
+        bounds = [count * i // parts for i in range(parts + 1)]
+        return [item for items in self._pool.map(save, map(range, bounds, bounds[1:])) for item in items]
+
+    def __enter__(self) -> _Savers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown()
 
 
 def decoder_count(workers: int | None) -> int:
@@ -667,6 +691,11 @@ class Engine:
         """How many decoders a run starts (see :attr:`workers`)."""
         return decoder_count(self.workers)
 
+    @property
+    def edge_savers(self) -> int:
+        """Threads that save a batch's edge maps (1: the records thread saves them itself)."""
+        return max(1, min(EDGE_SAVERS, usable_cores() // 2))
+
     def pixels_per_batch(self) -> int:
         return self.batch_pixels if self.batch_pixels is not None else self.backend.batch_pixels()
 
@@ -718,8 +747,8 @@ class Engine:
         in_flight: tuple[DecodedPart, Future] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
                 contextlib.ExitStack() as stack:
-            savers = None if self.on_edges is None else stack.enter_context(
-                ThreadPoolExecutor(max_workers=min(EDGE_SAVERS, usable_cores()), thread_name_prefix="save-edges"))
+            saver_threads = self.edge_savers if self.on_edges is not None else 1
+            savers = stack.enter_context(_Savers(saver_threads)) if saver_threads > 1 else None
             try:
                 for batch in stream:
                     if stop is not None and stop.is_set():
@@ -754,7 +783,7 @@ class Engine:
         batch.images = batch.images.without_pixels()
         return outcome
 
-    def records(self, batch: DecodedPart, outcome: Outcome, savers: ThreadPoolExecutor | None = None) -> RecordBatch:
+    def records(self, batch: DecodedPart, outcome: Outcome, savers: _Savers | None = None) -> RecordBatch:
         """The batch's records, in input order: one label call for the batch, no dict per image;
         ``savers`` save its edge maps (``on_edges``), else this thread does."""
         errors = dict(batch.errors)
@@ -799,25 +828,27 @@ class Engine:
         return self.labels_of(images, result.histograms, result.edge_counts, result.label_features)
 
     def _save_edges(self, batch: DecodedPart, positions: np.ndarray, result: BatchResult,
-                    errors: dict[int, dict], savers: ThreadPoolExecutor | None) -> np.ndarray:
+                    errors: dict[int, dict], savers: _Savers | None) -> np.ndarray:
         """Hand each edge map to ``on_edges``, on the ``savers`` threads when given (each map is a file
         of its own: making it is mostly the kernel's work, which threads overlap); a failure turns that
         image's record into an error.
 
         ``positions`` are the computed images' positions in the batch. Returns which were saved.
         """
-        def save(k: int) -> Exception | None:
-            try:
-                self.on_edges(batch.paths[positions[k]], result.edges[k])
-            except Exception as exc:
-                return exc
-            return None
+        def save(maps: range) -> list[tuple[int, Exception]]:
+            failures = []
+            for k in maps:
+                try:
+                    self.on_edges(batch.paths[positions[k]], result.edges[k])
+                except Exception as exc:
+                    failures.append((k, exc))
+            return failures
 
-        failures = savers.map(save, range(len(positions))) if savers is not None else map(save, range(len(positions)))
-        saved = np.ones(len(positions), bool)
-        for k, exc in enumerate(failures):
-            if exc is not None:
-                position = int(positions[k])
-                errors[position] = error_record(batch.paths[position], "save-edges", one_line(exc))
-                saved[k] = False
+        count = len(positions)
+        failed = save(range(count)) if savers is None else savers.run(save, count)
+        saved = np.ones(count, bool)
+        for k, exc in failed:
+            position = int(positions[k])
+            errors[position] = error_record(batch.paths[position], "save-edges", one_line(exc))
+            saved[k] = False
         return saved
