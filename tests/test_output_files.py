@@ -226,6 +226,42 @@ def test_a_private_files_replacement_is_never_readable_by_others_while_it_is_wri
         assert seen == [mode] and stat.S_IMODE(os.stat(target).st_mode) == mode
 
 
+def test_bytes_written_through_the_new_descriptor_replace_the_file_keeping_its_mode(tmp_path):
+    """An edge map's bytes go through the descriptor that created the temporary (no second open)."""
+    import os
+    import stat
+
+    from gpu_pipeline.outputs.files import write_replacing
+
+    target = tmp_path / "a.png.edges.png"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    write_replacing(target, b"new bytes")
+    assert target.read_bytes() == b"new bytes" and stat.S_IMODE(os.stat(target).st_mode) == 0o640
+    write_replacing(tmp_path / "b.png.edges.png", b"")  # nothing to write: an empty file all the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png.edges.png", "b.png.edges.png"]
+
+
+def test_bytes_that_do_not_fit_leave_the_old_file_and_no_temporary(tmp_path):
+    """A write that fails half-way (here past the file size limit, as on a full disk) is an error;
+    the old file keeps its bytes and the temporary is gone."""
+    import resource
+
+    from gpu_pipeline.outputs.files import write_replacing
+
+    target = tmp_path / "a.png.edges.png"
+    target.write_bytes(b"old map")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # (Python ignores SIGXFSZ: the write fails)
+    try:
+        with pytest.raises(OSError) as raised:
+            write_replacing(target, b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert raised.value.errno == errno.EFBIG
+    assert target.read_bytes() == b"old map" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_long_names_that_differ_only_in_their_first_bytes_get_temporaries_of_their_own():
     """A temporary near the name limit keeps the name's end; names of 236 to 255 bytes that differ only
     at their start got one temporary, and edge maps saved at once (on threads) took each other's."""

@@ -829,9 +829,8 @@ class Engine:
 
     def _save_edges(self, batch: DecodedPart, positions: np.ndarray, result: BatchResult,
                     errors: dict[int, dict], savers: _Savers | None) -> np.ndarray:
-        """Hand each edge map to ``on_edges``, on the ``savers`` threads when given (each map is a file
-        of its own: making it is mostly the kernel's work, which threads overlap); a failure turns that
-        image's record into an error.
+        """Hand each edge map to ``on_edges``, in this thread or, given ``savers``, on its threads (each
+        one run of the maps); a failure turns that image's record into an error.
 
         ``positions`` are the computed images' positions in the batch. Returns which were saved.
         """
