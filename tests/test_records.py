@@ -93,12 +93,12 @@ def test_parquet_columns_of_a_batch_equal_those_of_its_dicts():
 # ---------------------------------------------------------------- what a resume reads of a line
 
 def _records_of(text: str, fmt: str, whole: bool) -> list:
-    from gpu_pipeline.outputs.lines import _entries
+    from gpu_pipeline.outputs.lines import _entries, _lines
 
     import io
 
-    lines = iter(io.BytesIO(text.encode("utf-8", "surrogateescape")))  # lines as a file gives them (at \n only)
-    return list(_entries(lines, 0, fmt, whole))
+    stream = io.BytesIO(text.encode("utf-8", "surrogateescape"))  # lines as a file gives them (at \n only)
+    return list(_entries(_lines(stream, 0), fmt, whole))
 
 
 def _as_resume_sees(record: dict | None):

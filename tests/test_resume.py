@@ -88,6 +88,96 @@ def test_garbage_in_the_middle_is_skipped_and_its_image_redone(tiles, clean_reco
     assert by_path(read_records(out)) == clean_records
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_long_zero_tail_is_dropped_reading_it_a_piece_at_a_time(tiles, clean_records, tmp_path, suffix):
+    """A crash can leave a tail of zeros with no newline: it was read as one line (300 MB of zeros
+    took 704 MB of memory to resume). Now a line longer than LONGEST_LINE is read in pieces."""
+    import tracemalloc
+
+    from gpu_pipeline.outputs.lines import LONGEST_LINE, scan
+
+    out = tmp_path / f"out{suffix}"
+    run(str(tiles[0].parent), "--out", str(out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    kept = b"".join(lines[:-3])
+    with open(out, "wb") as stream:
+        stream.write(kept)
+        stream.write(b"\0" * (24 * LONGEST_LINE))
+    tracemalloc.start()
+    try:
+        found = scan(out, suffix[1:])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * LONGEST_LINE
+    assert (found.good_end, found.size, found.existing.dropped_bytes) == (len(kept), len(kept) + 24 * LONGEST_LINE,
+                                                                           24 * LONGEST_LINE)
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0  # the tail cut, the last images redone
+    assert by_path(read_records(out)) == clean_records
+
+
+def _lines_of(records: list[dict], fmt: str) -> list[bytes]:
+    from gpu_pipeline.outputs.records import csv_text, jsonl_text
+
+    text = (jsonl_text if fmt == "jsonl" else csv_text)(records)
+    return text.encode().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_line_longer_than_any_record_in_the_middle_is_one_damaged_line(tmp_path, monkeypatch, fmt):
+    """The records after it keep their places; a CSV record with an open quote never runs into it."""
+    from gpu_pipeline.outputs import lines as line_outputs
+    from gpu_pipeline.outputs.lines import CSV_HEADER, scan
+
+    monkeypatch.setattr(line_outputs, "LONGEST_LINE", 1000)
+    records = [{"path": f"/data/{i}.png", "stage": "read", "error": "empty"} for i in range(4)]
+    good = _lines_of(records, fmt)
+    header = (CSV_HEADER + "\n").encode() if fmt == "csv" else b""
+    for long in (b"x" * 5000 + b"\n", b"\0" * 1001 + b"\n", b"y" * 999 + b"\n"):  # over the limit, and at it
+        unbalanced = b'"/data/open,' + b"\n" if fmt == "csv" else b"{\n"
+        data = header + good[0] + unbalanced + long + good[1] + good[2] + long + good[3]
+        (tmp_path / "out").write_bytes(data)
+        found = scan(tmp_path / "out", fmt)
+        assert found.existing.succeeded == set() and found.existing.failed == {f"/data/{i}.png" for i in range(4)}
+        assert (found.good_end, found.existing.dropped_bytes) == (len(data), 0)
+        assert found.existing.damaged == 3, long[:3]
+
+
+def test_a_csv_record_split_by_a_long_line_is_not_joined_across_it(tmp_path, monkeypatch):
+    """A name with a newline spans two lines; a long line between its halves is damage, and the halves
+    around it are no record (joined across it, they were one, and the bytes kept were not the file's)."""
+    from gpu_pipeline.outputs import lines as line_outputs
+    from gpu_pipeline.outputs.lines import CSV_HEADER, scan
+
+    monkeypatch.setattr(line_outputs, "LONGEST_LINE", 1000)
+    first, second, last = _lines_of([{"path": "/data/x\ny.png", "stage": "read", "error": "empty"},
+                                     {"path": "/data/z.png", "stage": "read", "error": "empty"}], "csv")
+    assert first.startswith(b'"/data/x') and second.startswith(b'y.png"')
+    data = (CSV_HEADER + "\n").encode() + first + b"x" * 5000 + b"\n" + second + last
+    (tmp_path / "out.csv").write_bytes(data)
+    found = scan(tmp_path / "out.csv", "csv")
+    assert found.existing.failed == {"/data/z.png"} and found.existing.damaged == 3
+    assert found.good_end == len(data)
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 5000, b"\0" * 5000 + b"\n", b"z" * 5000])
+def test_a_csv_output_that_starts_with_a_long_line(tmp_path, monkeypatch, tail):
+    """Zeros from the start to the end of the file are a header torn by a crash (nothing to keep);
+    a long first line with a newline, or anything else, is not our output."""
+    from gpu_pipeline.outputs import lines as line_outputs
+    from gpu_pipeline.outputs.lines import scan
+    from gpu_pipeline.outputs.sink import SinkError
+
+    monkeypatch.setattr(line_outputs, "LONGEST_LINE", 1000)
+    (tmp_path / "out.csv").write_bytes(tail)
+    if tail.strip(b"\0"):
+        with pytest.raises(SinkError, match="unexpected header"):
+            scan(tmp_path / "out.csv", "csv")
+    else:
+        found = scan(tmp_path / "out.csv", "csv")
+        assert (found.good_end, found.existing.dropped_bytes) == (0, 5000)
+
+
 def test_finished_output_is_not_redone(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     run(str(tiles[0].parent), "--out", str(out))

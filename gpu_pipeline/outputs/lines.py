@@ -166,28 +166,54 @@ _KEY_PARSERS = {"jsonl": functools.partial(_key, _Layout(_JSONL_RESULT, _JSONL_E
 # ---------------------------------------------------------------- reading line outputs back
 
 
-def _entries(lines: Iterator[bytes], offset: int, fmt: str, whole: bool) -> Iterator[tuple[int, bytes, dict | None]]:
-    """(offset, bytes, record or None when unreadable) for each record of a JSONL or CSV file: the
-    whole record, or (not ``whole``) only what a resume reads of it (:func:`_key`).
+#: A line longer than this is no record (a record of a name of 4,096 bytes, escaped, is under 40 KB):
+#: it is read a piece at a time and never held whole. A crash can leave a tail of zeros without
+#: a newline, which was read as one line: 300 MB of it took 704 MB of memory to resume.
+LONGEST_LINE = 1 << 20
+#: What stands for such a line: no newline, so it is unreadable, and a CSV record never continues into it.
+_OVERLONG = b"\0"
+
+
+def _lines(stream: IO[bytes], offset: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for each line of ``stream`` from ``offset`` on, newline included (not on a
+    last line without one); a line longer than :data:`LONGEST_LINE` comes as :data:`_OVERLONG`."""
+    for line in iter(functools.partial(stream.readline, LONGEST_LINE + 1), b""):
+        if len(line) > LONGEST_LINE:
+            length = len(line)
+            while not line.endswith(b"\n"):
+                line = stream.readline(LONGEST_LINE)
+                if not line:
+                    break
+                length += len(line)
+            yield offset, _OVERLONG
+            offset += length
+            continue
+        yield offset, line
+        offset += len(line)
+
+
+def _entries(lines: Iterator[tuple[int, bytes]], fmt: str, whole: bool) -> Iterator[tuple[int, bytes, dict | None]]:
+    """(offset, bytes, record or None when unreadable) for each record of a JSONL or CSV file, from
+    its ``(offset, line)``: the whole record, or (not ``whole``) only what a resume reads of it (:func:`_key`).
 
     A CSV record continues on the next line while its quotes are unbalanced (a quoted newline). If
     the joined lines do not parse, only the first is unreadable and the others are read again.
     """
     parse = _PARSERS[fmt] if whole else _KEY_PARSERS[fmt]
     if fmt == "jsonl":  # a line is a record
-        for raw in lines:
+        for offset, raw in lines:
             # A record is whole only with its newline: a torn last line may still parse.
             yield offset, raw, parse(raw) if raw.endswith(b"\n") else None
-            offset += len(raw)
         return
-    queue: deque[bytes] = deque()
+    queue: deque[tuple[int, bytes]] = deque()
     while True:
         if not queue:
             line = next(lines, None)
             if line is None:
                 return
             queue.append(line)
-        raw, taken = queue[0], 1
+        offset, raw = queue[0]
+        taken = 1
         quotes = raw.count(b'"')
         while fmt == "csv" and quotes % 2 and raw.endswith(b"\n") and taken < _MAX_LINES_PER_RECORD:
             if taken == len(queue):
@@ -195,17 +221,16 @@ def _entries(lines: Iterator[bytes], offset: int, fmt: str, whole: bool) -> Iter
                 if more is None:
                     break
                 queue.append(more)
-            quotes += queue[taken].count(b'"')
-            raw += queue[taken]
+            quotes += queue[taken][1].count(b'"')
+            raw += queue[taken][1]
             taken += 1
         # A record is whole only with its newline: a torn last line may still parse.
         record = parse(raw) if raw.endswith(b"\n") else None
         if record is None:
-            raw, taken = queue[0], 1
+            raw, taken = queue[0][1], 1
         for _ in range(taken):
             queue.popleft()
         yield offset, raw, record
-        offset += len(raw)
 
 
 @dataclass
@@ -222,8 +247,13 @@ def _check_header(stream: IO[bytes], fmt: str, path) -> int:
     CSV output that a crash left with its header torn or zero-filled and nothing after it."""
     if fmt != "csv":
         return 0
-    header = stream.readline()
-    if not header.endswith(b"\n") and ((CSV_HEADER + "\n").encode().startswith(header) or not header.strip(b"\0")):
+    header = stream.readline(LONGEST_LINE + 1)
+    if len(header) > LONGEST_LINE:  # not our header: zeros to the end of the file are a torn one
+        while not header.strip(b"\0"):  # (read a piece at a time)
+            header = stream.readline(LONGEST_LINE)
+            if not header:
+                return 0
+    elif not header.endswith(b"\n") and ((CSV_HEADER + "\n").encode().startswith(header) or not header.strip(b"\0")):
         return 0
     if header.rstrip(b"\r\n") != CSV_HEADER.encode():
         raise SinkError(f"{path} is not a gpu-pipeline CSV output of this version (unexpected header); "
@@ -238,7 +268,7 @@ def scan(path: Path, fmt: str, keep: Callable[[dict, bytes], None] | None = None
     with open(path, "rb") as stream:
         good_end = _check_header(stream, fmt, path)
         unreadable_since_good = 0
-        for offset, raw, record in _entries(iter(stream), good_end, fmt, whole):
+        for offset, raw, record in _entries(_lines(stream, good_end), fmt, whole):
             if record is None:
                 unreadable_since_good += 1
                 continue
