@@ -12,12 +12,14 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start(folder: Path, out: Path, *extra: str, tag: str | None = None) -> subprocess.Popen:
+def start(folder: Path, out: Path, *extra: str, tag: str | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """``gpu-pipeline run`` on ``folder`` into ``out`` in small batches (many writes to kill between).
-    ``tag`` goes into the run's environment, which its decode processes inherit (see :func:`tagged`)."""
+    ``tag`` goes into the run's environment, which its decode processes inherit (see :func:`tagged`);
+    ``env`` adds variables to it."""
     command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
                "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
-    env = dict(os.environ, GPU_PIPELINE_TEST_TAG=tag) if tag else None
+    env = dict(os.environ, **(env or {}), **({"GPU_PIPELINE_TEST_TAG": tag} if tag else {})) if tag or env else None
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -41,3 +43,32 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float = 60) -> Non
             return
         time.sleep(0.02)
     raise AssertionError(f"{what} never happened within {timeout:.0f} s")
+
+
+#: A ``sitecustomize`` that makes decoding hang for an hour on files whose name holds ``$HANG_ON``:
+#: a codec in an endless loop, or a read from a hung mount. Every interpreter of the run imports
+#: it (the run, its fork server and decode processes) when its folder is on ``PYTHONPATH``.
+HANGING_DECODER = """
+import os, time
+if os.environ.get("HANG_ON"):
+    import gpu_pipeline.inputs.decode as decode
+
+    def hanging(each):
+        def decode_each(paths, *args, **kwargs):
+            for path, outcome in zip(paths, each(paths, *args, **kwargs)):
+                if os.environ["HANG_ON"] in os.fspath(path):
+                    time.sleep(3600)
+                yield outcome
+        return decode_each
+
+    decode.decode_each = hanging(decode.decode_each)
+"""
+
+
+def hanging_decoder(folder: Path, name_part: str) -> dict[str, str]:
+    """The environment that makes a run's decoding of files named with ``name_part`` hang (see
+    :data:`HANGING_DECODER`), its ``sitecustomize`` written in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(HANGING_DECODER)
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "HANG_ON": name_part}

@@ -433,6 +433,34 @@ def test_decode_processes_end_when_their_run_is_killed(tmp_path):
     wait_until(lambda: not tagged(tag), "the decode processes ending", timeout=20)
 
 
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_one_sigterm_ends_a_run_whose_decoder_hangs_and_leaves_no_process(tmp_path, decode):
+    """A decoder stuck for good (a codec's endless loop, a hung mount) held the batch being filled:
+    SIGTERM waited for it for ever (coreutils ``timeout`` sends one), and the stuck decode process
+    outlived the run. Now the run ends with its summary and the records of every finished batch."""
+    from tests.runs import hanging_decoder
+
+    images = make_images(tmp_path / "in", 60, size=350, seed=3)  # 2 or 3 images a decoded part
+    tag = f"hang-{decode}-{os.getpid()}"
+    process = start(images[0].parent, tmp_path / "out.jsonl", "--decode", decode, tag=tag,
+                    env=hanging_decoder(tmp_path / "site", "tile00040"))
+    wait_for_records(tmp_path / "out.jsonl", 16)
+    time.sleep(1.0)  # the run is now stuck at tile00040
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted:" in stderr and "Traceback" not in stderr
+    written = by_path(read_records(tmp_path / "out.jsonl"))
+    assert 16 <= len(written) <= 40 and str(images[40]) not in written
+    wait_until(lambda: not tagged(tag), "the run's processes ending", timeout=30)
+    # the next run (the file fixed) does the rest
+    assert run(str(images[0].parent), "--out", str(tmp_path / "out.jsonl")).exit_code == 0
+    assert set(by_path(read_records(tmp_path / "out.jsonl"))) == {str(path) for path in images}
+
+
 def peak_rss_kib(folder: Path, out: Path) -> int:
     process = start(folder, out, "-q")
     _, status, usage = os.wait4(process.pid, 0)

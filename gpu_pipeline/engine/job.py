@@ -633,7 +633,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
         return EXIT_WRITE_ERROR
     if not job.quiet:
         print_summary(console, summary, backend.name, job.out)
-        if summary.interrupted:
+        if summary.interrupted and len(todo) > summary.total:
             console.print(f"interrupted: {len(todo) - summary.total} images not processed; "
                           "run the same command again to resume")
     if signals:

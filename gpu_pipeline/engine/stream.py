@@ -267,6 +267,14 @@ DECODE_CHUNK_PIXELS = 256 * 1024
 #: with 16 decoders, 304 MiB with parts of 64 tiles, 312 with 128, 347 with 256
 #: (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
 PROCESS_CHUNK_PIXELS = 512 * 1024
+#: How long closing the decode pool waits for its decoders to finish the image each is on. One stuck
+#: in a codec or in a read from a hung mount is left behind after that (a daemon thread; a decode
+#: process ends with its fork server, so with the run): a SIGTERM then still ends the run with its
+#: summary, where it waited for ever.
+CLOSE_WAIT_S = 10.0
+#: How often a consumer that was given ``stop`` looks at it while it waits for the next part.
+STOP_POLL_S = 0.2
+
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
 #: on one thread before their size is known).
 MOST_CHUNK_IMAGES = 256
@@ -337,8 +345,10 @@ class _DecodePool:
 
     def __init__(self, paths: Iterable[Path], options: DecodeOptions, threads: int,
                  prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
-                 processes: bool = False, consumer_pixels: int = 0, fork_server: ForkServer | None = None) -> None:
+                 processes: bool = False, consumer_pixels: int = 0, fork_server: ForkServer | None = None,
+                 stop: threading.Event | None = None) -> None:
         self._paths = iter(paths)
+        self._stop = stop
         self._options = options
         self._processes = processes
         # Slots of shared memory a decode process needs so that it never waits for one: the parts
@@ -399,6 +409,7 @@ class _DecodePool:
             with self._lock:
                 self._running -= 1
                 self._consumer.notify()
+            self._close_fork_server_when_done()  # (a decoder that close() stopped waiting for)
 
     def _take_chunk(self) -> tuple[int, list[Path], bool] | None:
         """The next chunk of paths, its number, and whether it is for a decode process (small
@@ -516,7 +527,9 @@ class _DecodePool:
             while True:
                 with self._lock:
                     while self._wanted not in self._ready and self._running and self._failure is None:
-                        self._consumer.wait()
+                        if self._stop is not None and self._stop.is_set():
+                            return  # (a decoder may never hand its part over: stuck in a codec or a read)
+                        self._consumer.wait(STOP_POLL_S if self._stop is not None else None)
                     if self._failure is not None:
                         raise self._failure
                     if self._wanted not in self._ready:
@@ -532,24 +545,33 @@ class _DecodePool:
             self.close()
 
     def close(self) -> None:
-        """Stop taking paths; threads finish the image they decode and end."""
+        """Stop taking paths; threads finish the image they decode and end. One still decoding after
+        :data:`CLOSE_WAIT_S` is left to end on its own; the last to end stops the fork server."""
         with self._lock:
             self._closed = True
             self._consumer.notify_all()
             for waiting, _, _ in self._waiting.values():
                 waiting.notify()
+        deadline = time.monotonic() + CLOSE_WAIT_S
         for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join()
-        if self._fork_server is not None and not any(thread.is_alive() for thread in self._threads):
-            self._fork_server.close()
-            self._fork_server = None
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._close_fork_server_when_done()
+
+    def _close_fork_server_when_done(self) -> None:
+        """Stop the fork server once the pool is closed and no decoder runs (once, whoever sees it)."""
+        with self._lock:
+            server = self._fork_server if self._closed and self._running == 0 else None
+            if server is not None:
+                self._fork_server = None
+        if server is not None:
+            server.close()
 
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int | None = None,
                  processes: bool = False, consumer_pixels: int = 0,
-                 fork_server: ForkServer | None = None) -> Iterator[DecodedPart]:
+                 fork_server: ForkServer | None = None, stop: threading.Event | None = None) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
@@ -559,12 +581,13 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     :data:`PROCESS_CHUNK_PIXELS` with ``processes``). Tiles go to the decoders in chunks of many
     images, big scenes one per decoder, so every decoder works whatever the image size.
     ``consumer_pixels`` is what the consumer holds on to after taking parts (its batches in flight):
-    decode processes size their shared memory by it.
+    decode processes size their shared memory by it. Once ``stop`` (when given) is set, the parts end
+    where the consumer is, even when the part it waits for never comes (a decoder stuck for good).
     """
     if chunk_pixels is None:
         chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
     return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
-                            consumer_pixels, fork_server))
+                            consumer_pixels, fork_server, stop))
 
 
 def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -742,7 +765,7 @@ class Engine:
         # once computed, before its records are written)
         stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(),
                                            prefetch_pixels=prefetch_pixels, processes=processes,
-                                           consumer_pixels=2 * batch_pixels, fork_server=fork_server),
+                                           consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop),
                               self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
@@ -758,6 +781,8 @@ class Engine:
                     if in_flight is not None:
                         yield self.records(in_flight[0], in_flight[1].result(), savers)
                     in_flight = computing
+                else:
+                    summary.interrupted = stop is not None and stop.is_set()  # (the parts ended at the stop)
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts

@@ -232,10 +232,12 @@ def _serve_forks(descriptor: int) -> None:
         if not message:
             return  # the main process closed its end, or died
         if message[:1] == b"f":
+            server = os.getpid()
             pid = os.fork()
             if pid == 0:
                 sock.close()
                 try:
+                    _end_with(server)
                     _serve(*descriptors)
                 finally:
                     os._exit(0)
@@ -247,6 +249,20 @@ def _serve_forks(descriptor: int) -> None:
                 message += sock.recv(9 - len(message))
             pid = int.from_bytes(message[1:9], "little", signed=True)
             sock.sendall(_reaped(pid).to_bytes(8, "little", signed=True))
+
+
+def _end_with(server: int) -> None:
+    """Have the kernel SIGKILL this decode process when the fork server ``server`` ends, which it does
+    when its run ends or dies: a decode process stuck in a codec or in a read from a hung mount
+    never looks at its socket again, and outlived its run."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the fork server is single-threaded
+    except (OSError, AttributeError):  # (not Linux: no decode processes there)
+        return
+    if os.getppid() != server:  # it ended before the call
+        os._exit(0)
 
 
 def _reaped(pid: int) -> int:
