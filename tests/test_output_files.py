@@ -242,6 +242,19 @@ def test_bytes_written_through_the_new_descriptor_replace_the_file_keeping_its_m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png.edges.png", "b.png.edges.png"]
 
 
+@pytest.mark.parametrize("write", [b"new", "callable"])
+def test_a_temporary_a_dead_process_with_this_pid_left_is_replaced(tmp_path, write):
+    """A SIGKILLed run's temporary whose PID this process now has: the exclusive create meets it."""
+    import os
+
+    from gpu_pipeline.outputs.files import temporary_name, write_replacing
+
+    target = tmp_path / "a.png.edges.png"
+    (tmp_path / temporary_name(target.name, os.getpid())).write_bytes(b"half a map")
+    write_replacing(target, b"new" if write == b"new" else lambda temporary: temporary.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_bytes_that_do_not_fit_leave_the_old_file_and_no_temporary(tmp_path):
     """A write that fails half-way (here past the file size limit, as on a full disk) is an error;
     the old file keeps its bytes and the temporary is gone."""

@@ -114,18 +114,22 @@ def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
     there; it is removed when anything fails, and the error goes on. One that a SIGKILL left
     behind is removed by :func:`remove_stale_temporaries`, or here when this process has its PID."""
     temporary = path.with_name(temporary_name(path.name, os.getpid()))
-    with contextlib.suppress(FileNotFoundError):  # a dead process's, which had this PID
-        os.unlink(temporary)
     replaced = _regular_file_status(path)
     # private until it has the replaced file's permissions, before anything is written into it
-    created = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if replaced is None else 0o600)
+    flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644 if replaced is None else 0o600
+    try:
+        created = os.open(temporary, flags, mode)
+    except FileExistsError:  # a dead process's, which had this PID (a system call only then)
+        os.unlink(temporary)
+        created = os.open(temporary, flags, mode)
     try:
         try:
             if replaced is not None:
                 _keep_mode(replaced, temporary)
-            if isinstance(write, bytes):
-                with open(created, "wb", closefd=False) as file:
-                    file.write(write)
+            if isinstance(write, bytes):  # os.write: a file object costs 3 more system calls
+                view = memoryview(write)
+                while view:
+                    view = view[os.write(created, view):]
         finally:
             os.close(created)
         if not isinstance(write, bytes):
