@@ -874,6 +874,19 @@ def test_the_edge_map_of_an_image_deeper_than_pythons_recursion_limit_is_saved(t
             folder = os.path.dirname(folder)
 
 
+def test_the_folders_an_edge_saver_remembers_stay_few(tmp_path):
+    """It remembers the folders it made (a mkdir a map cost a system call), but not all of a run's:
+    a folder per image (a product per folder, a tile pyramid) kept 0.5 KB each for the whole run."""
+    from gpu_pipeline.engine.job import MADE_FOLDERS_KEPT, edge_saver
+
+    save = edge_saver(tmp_path / "edges", str(tmp_path))
+    for index in range(MADE_FOLDERS_KEPT + 50):
+        save(str(tmp_path / f"p{index}" / "a.png"), np.zeros((1, 1), np.uint8))
+    made = dict(zip(save.__code__.co_freevars, (cell.cell_contents for cell in save.__closure__)))["made"]
+    assert 0 < len(made) <= MADE_FOLDERS_KEPT
+    assert len(os.listdir(tmp_path / "edges")) == MADE_FOLDERS_KEPT + 50
+
+
 def test_the_edge_saver_a_dask_chunk_carries_stays_small(tmp_path):
     """Each --dask chunk pickles its saver: a table of every input's resolved name made it 7.7 MB a
     chunk for 100,000 files. It holds the edge folder and the root only."""

@@ -69,6 +69,10 @@ def edge_root(paths: Sequence[str | os.PathLike[str]]) -> str:
     return os.path.commonpath(folders)
 
 
+#: Folders an edge saver remembers having made (see :func:`edge_saver`).
+MADE_FOLDERS_KEPT = 1024
+
+
 def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     """Write edge maps as PNG under ``folder``, mirroring the inputs' layout below ``root``
     (:func:`edge_root`): ``ROOT/sub/a.jpg`` gives ``FOLDER/sub/a.jpg.edges.png``.
@@ -80,7 +84,9 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     alone, and that image gets a ``save-edges`` error record. A map is encoded by :func:`gray_png`
     (Pillow's writer held the GIL about 100 us a map), and each folder is made once."""
     prefix = root if root.endswith("/") else root + "/"
-    made: set[Path] = set()  # folders made (or found) by this run: a mkdir per map cost a system call
+    # folders made (or found) lately: a mkdir per map cost a system call. Bounded: a folder per image
+    # (a product per folder, a tile pyramid) kept ~0.5 KB a folder for the whole run
+    made: set[Path] = set()
 
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
         name = os.fspath(path)
@@ -89,6 +95,8 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         target = folder / (name[len(prefix):] + ".edges.png")
         if target.parent not in made:
             ensure_folder(target.parent)
+            if len(made) >= MADE_FOLDERS_KEPT:  # inputs come folder by folder: the old ones are done
+                made.clear()
             made.add(target.parent)
         try:
             found = os.lstat(target)
