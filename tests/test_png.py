@@ -83,7 +83,15 @@ def test_anything_but_a_non_empty_gray_uint8_image_is_refused(pixels):
         gray_png(pixels)
 
 
-@pytest.mark.parametrize("keyword", ["", "x" * 80, "a\0b", "Ω"])
+@pytest.mark.parametrize("keyword", ["", "x" * 80, "a\0b", "Ω", " Source", "Source ", "So  urce"])
 def test_a_keyword_png_cannot_hold_is_refused(keyword):
-    with pytest.raises((ValueError, UnicodeEncodeError)):
+    with pytest.raises(ValueError):
         gray_png(np.zeros((2, 2), np.uint8), text={keyword: "v"})
+    gray_png(np.zeros((2, 2), np.uint8), text={"x" * 79: "v", "So urce": "v"})  # the longest, a single space
+
+
+@pytest.mark.parametrize("text, international", [({"Software": "a\0b"}, {}), ({}, {"Source": "a\0b"}),
+                                                 ({"Software": "Ω"}, {})])
+def test_a_text_png_cannot_hold_is_refused(text, international):
+    with pytest.raises(ValueError):
+        gray_png(np.zeros((2, 2), np.uint8), text=text, international=international)
