@@ -25,8 +25,10 @@ interpreter that imported the decoders once (so each worker holds about 5 MB of 
 ``multiprocessing`` children: a user's script without an ``if __name__ == "__main__"`` guard is
 never imported again in them. They run in a session of their own and ignore SIGINT, so a Ctrl-C
 is the main process's to handle (it flushes, then ends them), and each ends when its socket
-closes, so none outlives the run, even one killed with SIGKILL. Linux only (``memfd``); elsewhere
-:func:`available` is False and the engine decodes in threads.
+closes, so none outlives the run, even one killed with SIGKILL; one stuck in a codec or a read,
+which never looks at its socket, is killed by the kernel when the fork server ends with the run
+(``PR_SET_PDEATHSIG``). Linux only (``memfd``); elsewhere :func:`available` is False and the
+engine decodes in threads.
 """
 
 from __future__ import annotations
