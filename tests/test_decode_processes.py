@@ -810,3 +810,46 @@ def test_an_image_is_placed_8_bytes_past_16_and_only_where_it_fits():
     assert processes.place_in(room, 24, (2, 3)).ctypes.data == room.ctypes.data + 24  # 24 is 8 past 16 already
     assert processes.place_in(room, 25, (2, 3)).ctypes.data == room.ctypes.data + 40
     assert processes.place_in(room, 25, (60,)).shape == (60,) and processes.place_in(room, 25, (61,)) is None
+
+
+def test_closing_a_run_whose_decode_process_hangs_ends_that_process_and_its_fork_server(tmp_path, monkeypatch):
+    """The Python API in a long-lived process: a generator closed while a decode process is stuck
+    for good returned after the pool's wait, but left that process and its fork server running (and
+    their descriptors open) for as long as the caller lived."""
+    import gpu_pipeline
+    from gpu_pipeline.engine import stream
+    from tests.runs import hanging_decoder, wait_until
+
+    for name, value in hanging_decoder(tmp_path / "site", "img030").items():
+        monkeypatch.setenv(name, value)  # the decode processes' interpreters take it up
+    tag = f"api-hang-{os.getpid()}"
+    monkeypatch.setenv("GPU_PIPELINE_TEST_TAG", tag)
+    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 1.0)
+    rng = np.random.default_rng(4)
+    (tmp_path / "in").mkdir()
+    for index in range(60):  # 350x350: decoded in processes, 2 or 3 a part
+        Image.fromarray(rng.integers(0, 256, (350, 350, 3), np.uint8)).save(tmp_path / "in" / f"img{index:03d}.png")
+
+    def ours() -> list[int]:  # the run's fork server and decode processes (not this process)
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if (entry.name.isdigit() and int(entry.name) != os.getpid()
+                        and b"gpu_pipeline.inputs.processes" in (entry / "cmdline").read_bytes()
+                        and f"GPU_PIPELINE_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes()):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    descriptors = len(os.listdir("/proc/self/fd"))
+    records = gpu_pipeline.run(tmp_path / "in", backend="reference", workers=2, decode="processes")
+    seen = [next(records) for _ in range(8)]  # (records come a batch behind: these are well before the stuck one)
+    assert len(seen) == 8 and ours()
+    started = time.monotonic()
+    records.close()
+    assert time.monotonic() - started < 10
+    wait_until(lambda: not ours(), "the stuck decode process and its fork server ending", timeout=20)
+    # (the parts decoded ahead hold the arenas' memory until a collection: gc.collect)
+    wait_until(lambda: gc.collect() >= 0 and len(os.listdir("/proc/self/fd")) <= descriptors,
+               "their descriptors closing", timeout=20)

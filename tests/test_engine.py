@@ -416,3 +416,23 @@ def test_a_batch_frees_its_pixels_before_its_records_are_written(failing, monkey
     assert len(set(expected)) > 1
     assert [r.get("label") for r in sink.records] == [None if failing and i % 7 == 3 else want
                                                        for i, want in enumerate(expected)]
+
+
+@pytest.mark.parametrize("count, interrupted", [(16, False), (24, True)])
+def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, count, interrupted):
+    """A signal while the first of two batches is written: every image was taken and is written, so
+    the summary says the run was not interrupted; with a third batch still to take, it was."""
+    import threading
+
+    paths = write_pngs(tmp_path, [(5, 6)] * count)
+    stop = threading.Event()
+
+    class StoppingSink(ListSink):
+        def write(self, records):
+            stop.set()
+            super().write(records)
+
+    sink = StoppingSink()
+    summary = Engine(ReferenceBackend(), batch_size=8, workers=1).run(paths, sink, stop=stop)
+    assert summary.interrupted is interrupted
+    assert [r["path"] for r in sink.records] == [str(p) for p in paths[:16]]

@@ -641,7 +641,7 @@ def execute(job: Job, checked: CheckedJob) -> int:
         return EXIT_WRITE_ERROR
     if not job.quiet:
         print_summary(console, summary, backend.name, job.out)
-        if summary.interrupted and len(todo) > summary.total:
+        if summary.interrupted:
             console.print(f"interrupted: {len(todo) - summary.total} images not processed; "
                           "run the same command again to resume")
     if signals:

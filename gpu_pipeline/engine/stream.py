@@ -272,8 +272,11 @@ PROCESS_CHUNK_PIXELS = 512 * 1024
 #: process ends with its fork server, so with the run): a SIGTERM then still ends the run with its
 #: summary, where it waited for ever.
 CLOSE_WAIT_S = 10.0
-#: How often a consumer that was given ``stop`` looks at it while it waits for the next part.
+#: How often a consumer that was given ``stop`` looks at it while it waits for the next part, and
+#: how long closing then waits for the decoders: the batch in flight is written after that, and
+#: ``docker stop`` kills after 10 s.
 STOP_POLL_S = 0.2
+STOP_WAIT_S = 0.5
 
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
 #: on one thread before their size is known).
@@ -349,6 +352,7 @@ class _DecodePool:
                  stop: threading.Event | None = None) -> None:
         self._paths = iter(paths)
         self._stop = stop
+        self._stopped = False  # the parts ended at the stop
         self._options = options
         self._processes = processes
         # Slots of shared memory a decode process needs so that it never waits for one: the parts
@@ -404,12 +408,13 @@ class _DecodePool:
             with self._lock:
                 self._failure = self._failure or exc
         finally:
-            if decoder is not None:
-                decoder.close()
-            with self._lock:
-                self._running -= 1
-                self._consumer.notify()
-            self._close_fork_server_when_done()  # (a decoder that close() stopped waiting for)
+            try:
+                if decoder is not None:
+                    decoder.close()
+            finally:  # (counted out even when its decode process's end cannot be learned)
+                with self._lock:
+                    self._running -= 1
+                    self._consumer.notify()
 
     def _take_chunk(self) -> tuple[int, list[Path], bool] | None:
         """The next chunk of paths, its number, and whether it is for a decode process (small
@@ -528,6 +533,7 @@ class _DecodePool:
                 with self._lock:
                     while self._wanted not in self._ready and self._running and self._failure is None:
                         if self._stop is not None and self._stop.is_set():
+                            self._stopped = True
                             return  # (a decoder may never hand its part over: stuck in a codec or a read)
                         self._consumer.wait(STOP_POLL_S if self._stop is not None else None)
                     if self._failure is not None:
@@ -546,26 +552,21 @@ class _DecodePool:
 
     def close(self) -> None:
         """Stop taking paths; threads finish the image they decode and end. One still decoding after
-        :data:`CLOSE_WAIT_S` is left to end on its own; the last to end stops the fork server."""
+        :data:`CLOSE_WAIT_S` (:data:`STOP_WAIT_S` at a stop) is left behind; the fork server is stopped
+        all the same, which ends the decode processes (``PR_SET_PDEATHSIG``): one stuck there, and its
+        thread's wait, end too."""
         with self._lock:
             self._closed = True
             self._consumer.notify_all()
             for waiting, _, _ in self._waiting.values():
                 waiting.notify()
-        deadline = time.monotonic() + CLOSE_WAIT_S
+        deadline = time.monotonic() + (STOP_WAIT_S if self._stopped else CLOSE_WAIT_S)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        self._close_fork_server_when_done()
-
-    def _close_fork_server_when_done(self) -> None:
-        """Stop the fork server once the pool is closed and no decoder runs (once, whoever sees it)."""
-        with self._lock:
-            server = self._fork_server if self._closed and self._running == 0 else None
-            if server is not None:
-                self._fork_server = None
-        if server is not None:
-            server.close()
+        if self._fork_server is not None:
+            self._fork_server.close()
+            self._fork_server = None
 
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -768,6 +769,7 @@ class Engine:
                                            consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop),
                               self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
+        taken = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
                 contextlib.ExitStack() as stack:
             saver_threads = self.edge_savers if self.on_edges is not None else 1
@@ -777,12 +779,13 @@ class Engine:
                     if stop is not None and stop.is_set():
                         summary.interrupted = True
                         break
+                    taken += len(batch.paths)
                     computing = (batch, compute.submit(self._outcome, batch))
                     if in_flight is not None:
                         yield self.records(in_flight[0], in_flight[1].result(), savers)
                     in_flight = computing
-                else:
-                    summary.interrupted = stop is not None and stop.is_set()  # (the parts ended at the stop)
+                else:  # the parts may have ended at the stop
+                    summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts

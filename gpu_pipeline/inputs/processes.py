@@ -358,7 +358,10 @@ class DecodeProcess:
         """The process's exit status, once it has ended (killed after 5 s)."""
         if self.returncode is None:
             if self._server is not None:
-                self.returncode = self._server.exit_status(self.pid)
+                try:
+                    self.returncode = self._server.exit_status(self.pid)
+                except (OSError, EOFError):  # the fork server was stopped (a closed pool): the kernel killed this process
+                    self.returncode = -signal.SIGKILL
             else:
                 try:
                     self.returncode = self._process.wait(timeout=5)
