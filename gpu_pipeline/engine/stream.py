@@ -267,10 +267,10 @@ DECODE_CHUNK_PIXELS = 256 * 1024
 #: with 16 decoders, 304 MiB with parts of 64 tiles, 312 with 128, 347 with 256
 #: (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
 PROCESS_CHUNK_PIXELS = 512 * 1024
-#: How long closing the decode pool waits for its decoders to finish the image each is on. One stuck
-#: in a codec or in a read from a hung mount is left behind after that (a daemon thread; a decode
-#: process ends with its fork server, so with the run): a SIGTERM then still ends the run with its
-#: summary, where it waited for ever.
+#: How long closing the decode pool waits for its decoders to finish the image each is on (a
+#: generator closed early, a write that failed). One stuck in a codec or in a read from a hung mount
+#: is left behind after that: a daemon thread, or a decode process, which ends with the fork server
+#: that closing stops. (It waited for ever.)
 CLOSE_WAIT_S = 10.0
 #: How often a consumer that was given ``stop`` looks at it while it waits for the next part, and
 #: how long closing then waits for the decoders: the batch in flight is written after that, and

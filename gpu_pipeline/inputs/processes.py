@@ -26,8 +26,8 @@ interpreter that imported the decoders once (so each worker holds about 5 MB of 
 never imported again in them. They run in a session of their own and ignore SIGINT, so a Ctrl-C
 is the main process's to handle (it flushes, then ends them), and each ends when its socket
 closes, so none outlives the run, even one killed with SIGKILL; one stuck in a codec or a read,
-which never looks at its socket, is killed by the kernel when the fork server ends with the run
-(``PR_SET_PDEATHSIG``). Linux only (``memfd``); elsewhere :func:`available` is False and the
+which never looks at its socket, is killed by the kernel when the fork server ends, with the run
+or when its decode pool is closed (``PR_SET_PDEATHSIG``). Linux only (``memfd``); elsewhere :func:`available` is False and the
 engine decodes in threads.
 """
 
