@@ -19,7 +19,10 @@ def start(folder: Path, out: Path, *extra: str, tag: str | None = None,
     ``env`` adds variables to it."""
     command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
                "--backend", "reference", "--batch-size", "8", "--workers", "2", *extra]
-    env = dict(os.environ, **(env or {}), **({"GPU_PIPELINE_TEST_TAG": tag} if tag else {})) if tag or env else None
+    extra = dict(env or {})
+    if tag:
+        extra["GPU_PIPELINE_TEST_TAG"] = tag
+    env = dict(os.environ, **extra) if extra else None
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

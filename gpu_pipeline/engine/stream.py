@@ -772,8 +772,7 @@ class Engine:
         taken = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
                 contextlib.ExitStack() as stack:
-            saver_threads = self.edge_savers if self.on_edges is not None else 1
-            savers = stack.enter_context(_Savers(saver_threads)) if saver_threads > 1 else None
+            savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
             try:
                 for batch in stream:
                     if stop is not None and stop.is_set():

@@ -127,9 +127,7 @@ def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
             if replaced is not None:
                 _keep_mode(replaced, temporary)
             if isinstance(write, bytes):  # os.write: a file object costs 3 more system calls
-                view = memoryview(write)
-                while view:
-                    view = view[os.write(created, view):]
+                write_all(created, write)
         finally:
             os.close(created)
         if not isinstance(write, bytes):
@@ -140,6 +138,13 @@ def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def write_all(descriptor: int, data: bytes) -> None:
+    """``data`` to ``descriptor`` whole: a short write is continued."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
 
 
 def ensure_folder(folder: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from gpu_pipeline.outputs import records as record_text
-from gpu_pipeline.outputs.files import write_replacing
+from gpu_pipeline.outputs.files import write_all, write_replacing
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written
 
 #: Columns of the CSV output; the histogram is one column of 256 space-separated ints.
@@ -215,7 +215,7 @@ def _entries(lines: Iterator[tuple[int, bytes]], fmt: str, whole: bool) -> Itera
         offset, raw = queue[0]
         taken = 1
         quotes = raw.count(b'"')
-        while fmt == "csv" and quotes % 2 and raw.endswith(b"\n") and taken < _MAX_LINES_PER_RECORD:
+        while quotes % 2 and raw.endswith(b"\n") and taken < _MAX_LINES_PER_RECORD:  # (CSV only, from here)
             if taken == len(queue):
                 more = next(lines, None)
                 if more is None:
@@ -308,10 +308,8 @@ def stdout_to_devnull() -> None:
 
 def _write_all(descriptor: int, data: bytes, out: str) -> None:
     """``data`` to ``descriptor`` whole; a short write is continued, an error raised as SinkWriteError."""
-    view = memoryview(data)
     try:
-        while view:
-            view = view[os.write(descriptor, view):]
+        write_all(descriptor, data)
     except OSError as exc:
         raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
 
