@@ -151,7 +151,8 @@ def _slices(pixels: np.ndarray, batch_pixels: int) -> Iterator[tuple[int, int]]:
 def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], *, backend: str = "auto",
         threads: int | None = None, workers: int | None = None, low: float = 100.0, high: float = 200.0,
         l2: bool = False, blur: int = 5, bands: Sequence[int] | int | str | None = None, stretch: str = "percentile",
-        model: str | os.PathLike | None = None, glob: str | None = None, decode: str = "auto") -> Iterator[dict]:
+        model: str | os.PathLike | None = None, glob: str | None = None, decode: str = "auto",
+        decode_timeout: float | None = None) -> Iterator[dict]:
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
     the dicts ``gpu-pipeline run`` writes, results and errors, in input order. A file name that is
     not valid UTF-8 is as the command line writes it: ``path`` shows its bytes as ``\\xNN`` and
@@ -159,6 +160,9 @@ def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], 
 
     ``paths``: one path (str, bytes or os.PathLike) or a list of them. ``bands``: 1-based band numbers,
     three (RGB) or one (gray): ``(4, 3, 2)``, ``"4,3,2"`` as the command line spells them, or ``1``.
+    ``decode_timeout``: seconds after which an image still decoding gets an error record instead (its
+    decode process is killed; every image is then decoded in a decode process, Linux only), as
+    ``--decode-timeout``; None, no limit.
 
     The arguments are checked when ``run`` is called (ValueError naming the bad one); the files are
     found at the first record. The records are made in the caller's thread, a batch at a time, while
@@ -176,13 +180,15 @@ def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], 
         raise ValueError(f"glob must be a file name pattern such as '*.tif', got {glob!r}")
     decode_options = DecodeOptions(bands=_bands(bands), stretch=stretch)
     processes = _decode_processes(decode)
+    processes = _processes_for_time_limit(processes, decode_timeout)
     labels_of = _labeller(model, config)
-    return _records(given, glob, backend, threads, workers, config, decode_options, processes, labels_of)
+    return _records(given, glob, backend, threads, workers, config, decode_options, processes, labels_of,
+                    decode_timeout)
 
 
 def _records(paths: list[str], glob: str | None, backend: str, threads: int | None, workers: int | None,
              config: PipelineConfig, decode_options: DecodeOptions, processes: bool | None,
-             labels_of) -> Iterator[dict]:
+             labels_of, decode_timeout: float | None) -> Iterator[dict]:
     """:func:`run`'s records, its arguments checked."""
     from gpu_pipeline.engine.stream import Engine, early_fork_server
     from gpu_pipeline.inputs.discover import find_files, unlisted_warning
@@ -195,7 +201,8 @@ def _records(paths: list[str], glob: str | None, backend: str, threads: int | No
     fork_server = early_fork_server(processes, len(files), workers)  # imports while the backend loads
     try:
         engine = Engine(backend=shared_backend(backend, threads), config=config, decode_options=decode_options,
-                        workers=workers, processes=processes, labels_of=labels_of, fork_server=fork_server)
+                        workers=workers, processes=processes, labels_of=labels_of, fork_server=fork_server,
+                        decode_timeout=decode_timeout)
     except BaseException:
         if fork_server is not None:
             fork_server.close()
@@ -273,6 +280,12 @@ def _decode_processes(decode) -> bool | None:
     if decode == "processes" and not available():
         raise ValueError("decode='processes' needs Linux (memfd_create and descriptor passing); use decode='threads'")
     return None if decode == "auto" else decode == "processes"
+
+
+def _processes_for_time_limit(processes: bool | None, decode_timeout) -> bool | None:
+    from gpu_pipeline.engine.stream import processes_for_time_limit
+
+    return processes_for_time_limit(processes, decode_timeout, "decode_timeout")
 
 
 def _labeller(model, config: PipelineConfig):

@@ -48,9 +48,9 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float = 60) -> Non
     raise AssertionError(f"{what} never happened within {timeout:.0f} s")
 
 
-#: A ``sitecustomize`` that makes decoding hang for an hour on files whose name holds ``$HANG_ON``:
-#: a codec in an endless loop, or a read from a hung mount. Every interpreter of the run imports
-#: it (the run, its fork server and decode processes) when its folder is on ``PYTHONPATH``.
+#: A ``sitecustomize`` that makes decoding hang for an hour (``$HANG_SECONDS`` when set) on files whose
+#: name holds ``$HANG_ON``: a codec in an endless loop, or a read from a hung mount. Every interpreter
+#: of the run imports it (the run, its fork server and decode processes) when its folder is on ``PYTHONPATH``.
 HANGING_DECODER = """
 import os, time
 if os.environ.get("HANG_ON"):
@@ -60,7 +60,7 @@ if os.environ.get("HANG_ON"):
         def decode_each(paths, *args, **kwargs):
             for path, outcome in zip(paths, each(paths, *args, **kwargs)):
                 if os.environ["HANG_ON"] in os.fspath(path):
-                    time.sleep(3600)
+                    time.sleep(float(os.environ.get("HANG_SECONDS", 3600)))
                 yield outcome
         return decode_each
 
@@ -68,10 +68,10 @@ if os.environ.get("HANG_ON"):
 """
 
 
-def hanging_decoder(folder: Path, name_part: str) -> dict[str, str]:
-    """The environment that makes a run's decoding of files named with ``name_part`` hang (see
-    :data:`HANGING_DECODER`), its ``sitecustomize`` written in ``folder``."""
+def hanging_decoder(folder: Path, name_part: str, seconds: float = 3600) -> dict[str, str]:
+    """The environment that makes a run's decoding of files named with ``name_part`` hang for
+    ``seconds`` (see :data:`HANGING_DECODER`), its ``sitecustomize`` written in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(HANGING_DECODER)
     path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
-    return {"PYTHONPATH": path, "HANG_ON": name_part}
+    return {"PYTHONPATH": path, "HANG_ON": name_part, "HANG_SECONDS": str(seconds)}

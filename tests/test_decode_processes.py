@@ -213,7 +213,7 @@ def test_forked_decode_processes_share_the_imports():
 class DiesOnPoison:
     """A stand-in for a decode process whose codec crashes on any file named poison*."""
 
-    def __init__(self, options, slots, slot_bytes, server=None):
+    def __init__(self, options, slots, slot_bytes, server=None, time_limit=None):
         self.paths = []
 
     def ask(self, paths, most_pixels):

@@ -35,11 +35,11 @@ import typer
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli import streams
-from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Decode, Device, Glob, High, Low,
+from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Decode, DecodeTimeout, Device, Glob, High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, given_file_name, given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Engine
+from gpu_pipeline.engine.stream import Engine, processes_for_time_limit
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.processes import processes_wanted
 
@@ -92,6 +92,7 @@ def run(
     glob: Glob = None,
     workers: Workers = None,
     decode: Decode = "auto",
+    decode_timeout: DecodeTimeout = None,
     threads: Threads = None,
     batch_size: BatchSize = Engine.batch_size,
     device: Device = None,
@@ -130,13 +131,18 @@ def run(
         if decode == "processes" and dask is not None:
             raise UsageError("--decode processes is for a run on this machine; "
                              "with --dask each worker decodes in threads")
+        if decode_timeout is not None and dask is not None:
+            raise UsageError("--decode-timeout is for a run on this machine; "
+                             "with --dask each worker decodes in threads, which cannot be stopped")
+        processes = processes_for_time_limit(processes_wanted(decode), decode_timeout)
         if out == "-" and "stdout" in streams.closed:
             raise UsageError("--out -: standard output is closed")
         code = run_job(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
             decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
-            workers=workers, processes=processes_wanted(decode), threads=threads, batch_size=batch_size,
+            workers=workers, processes=processes, decode_timeout=decode_timeout, threads=threads,
+            batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout, device=device,
         )

@@ -339,6 +339,7 @@ class Job:
     dask_timeout: float | None = None
     device: int | None = None
     processes: bool | None = None  # decode in processes: None lets the engine choose
+    decode_timeout: float | None = None  # seconds a decode process's part may take (needs processes)
 
 
 @dataclass
@@ -587,7 +588,8 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
                           on_edges=edge_saver(job.save_edges, edge_root(job.paths))
                           if job.save_edges else None,
-                          **({"processes": job.processes, "fork_server": fork_server} if job.dask is None else {}))
+                          **({"processes": job.processes, "fork_server": fork_server,
+                              "decode_timeout": job.decode_timeout} if job.dask is None else {}))
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
 
 

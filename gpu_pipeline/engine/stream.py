@@ -206,6 +206,30 @@ def decodes_in_processes(processes: bool | None, files: int, decoders: int) -> b
             and room_for_descriptors(decoders) is None)
 
 
+#: The longest decode time limit (a day): a longer one is a typo, as good as none.
+MOST_DECODE_TIMEOUT_S = 86400.0
+
+
+def processes_for_time_limit(processes: bool | None, time_limit, option: str = "--decode-timeout") -> bool | None:
+    """The engine's ``processes`` for a decode ``time_limit`` in seconds (None: no limit): True, since
+    a decode process can be killed in the middle of an image and a decode thread cannot. UsageError,
+    naming ``option``, for a limit that is not a number of seconds above 0 (at most a day), with
+    threads asked for (``processes`` False), or where decode processes cannot run."""
+    if time_limit is None:
+        return processes
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) \
+            or not 0 < time_limit <= MOST_DECODE_TIMEOUT_S:  # (NaN fails both)
+        raise UsageError(f"{option} takes a number of seconds above 0 and at most {MOST_DECODE_TIMEOUT_S:g}, "
+                         f"got {time_limit!r}")
+    if processes is False:
+        modes = "--decode processes or auto" if option.startswith("--") else "decode='processes' or 'auto'"
+        raise UsageError(f"{option} needs decode processes: a decode thread cannot be stopped in the middle of an "
+                         f"image (use {modes})")
+    if not processes_available():
+        raise UsageError(f"{option} needs decode processes, which need Linux (memfd_create and descriptor passing)")
+    return True
+
+
 def early_fork_server(processes: bool | None, files: int, workers: int | None) -> ForkServer | None:
     """For a run of ``files`` files with ``workers`` decoders (:func:`decoder_count`) that will decode
     in processes, their fork server, started now and not waited for: a caller starts it before it
@@ -349,12 +373,13 @@ class _DecodePool:
     def __init__(self, paths: Iterable[Path], options: DecodeOptions, threads: int,
                  prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
                  processes: bool = False, consumer_pixels: int = 0, fork_server: ForkServer | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, time_limit: float | None = None) -> None:
         self._paths = iter(paths)
         self._stop = stop
         self._stopped = False  # the parts ended at the stop
         self._options = options
         self._processes = processes
+        self._time_limit = time_limit  # of a decode process's part; every image then goes to one
         # Slots of shared memory a decode process needs so that it never waits for one: the parts
         # ready ahead, and those the consumer still holds in its batches, shared by the processes.
         held = prefetch_pixels + consumer_pixels
@@ -394,7 +419,7 @@ class _DecodePool:
 
     def _work(self) -> None:
         decoder = (Decoder(self._options, self._slots, slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES),
-                           self._fork_server) if self._processes else None)
+                           self._fork_server, self._time_limit) if self._processes else None)
         try:
             taken = self._take_chunk()
             while taken is not None:
@@ -426,8 +451,10 @@ class _DecodePool:
             number = self._next_chunk
             self._next_chunk += 1
             # big images cost little Python for their decoding time: threads decode them
-            # with no copy into shared memory; the first chunk (one image) too
-            small = self._seen_pixels < PROCESS_DECODE_BELOW_PIXELS * self._seen_images
+            # with no copy into shared memory; the first chunk (one image) too. Under a time
+            # limit every image goes to a process, which can be stopped where a thread cannot.
+            small = (self._time_limit is not None
+                     or self._seen_pixels < PROCESS_DECODE_BELOW_PIXELS * self._seen_images)
         return (number, chunk, small) if chunk else None
 
     def _decode_chunks_in_process(self, number: int, chunk: list[Path], decoder: Decoder
@@ -572,7 +599,8 @@ class _DecodePool:
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int | None = None,
                  processes: bool = False, consumer_pixels: int = 0,
-                 fork_server: ForkServer | None = None, stop: threading.Event | None = None) -> Iterator[DecodedPart]:
+                 fork_server: ForkServer | None = None, stop: threading.Event | None = None,
+                 time_limit: float | None = None) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
@@ -584,11 +612,15 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     ``consumer_pixels`` is what the consumer holds on to after taking parts (its batches in flight):
     decode processes size their shared memory by it. Once ``stop`` (when given) is set, the parts end
     where the consumer is, even when the part it waits for never comes (a decoder stuck for good).
+    ``time_limit`` (seconds, with ``processes`` only) sends every image to a decode process, and one
+    that takes longer than that on its own gets an error record instead (see :class:`Decoder`).
     """
+    if time_limit is not None and not processes:
+        raise ValueError("a decode time limit needs decode processes")
     if chunk_pixels is None:
         chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
     return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
-                            consumer_pixels, fork_server, stop))
+                            consumer_pixels, fork_server, stop, time_limit))
 
 
 def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -706,6 +738,13 @@ class Engine:
     #: interpreter's imports take 0.13 s on the 2-core VM, on another core); the next run that
     #: decodes in processes takes it over, :meth:`close` stops it if none does.
     fork_server: ForkServer | None = None
+    #: Seconds a decode process may take over its part of a batch before it is killed: its files are
+    #: then decoded one at a time, and one that takes longer on its own gets an error record. None: no
+    #: limit. Set, every image is decoded in a process (:func:`processes_for_time_limit`).
+    decode_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        self.processes = processes_for_time_limit(self.processes, self.decode_timeout, "decode_timeout")
 
     def decodes_in_processes(self, files: int) -> bool:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
@@ -766,7 +805,8 @@ class Engine:
         # once computed, before its records are written)
         stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(),
                                            prefetch_pixels=prefetch_pixels, processes=processes,
-                                           consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop),
+                                           consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop,
+                                           time_limit=self.decode_timeout),
                               self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
         taken = 0

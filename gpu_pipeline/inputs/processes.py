@@ -33,6 +33,7 @@ engine decodes in threads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -122,6 +123,13 @@ SLOT_BYTES = 3 << 18
 
 class DecoderDied(RuntimeError):
     """The worker process ended while it decoded (a crash in a codec, or it was killed)."""
+
+
+class DecodeTimedOut(DecoderDied):
+    """The worker process did not answer within its time limit, and was killed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"decoding took longer than the time limit of {seconds:g} s; its decode process was killed")
 
 
 def _package_root() -> str:
@@ -284,8 +292,9 @@ class DecodeProcess:
     when given, else a fresh interpreter."""
 
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
-                 server: ForkServer | None = None) -> None:
+                 server: ForkServer | None = None, time_limit: float | None = None) -> None:
         self.slot_bytes = slot_bytes
+        self.time_limit = time_limit  # seconds from a request to its answer; None: no limit
         self.returncode: int | None = None  # how the process ended, once it has
         arena = os.memfd_create("gpu-pipeline-arena", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair()
@@ -307,6 +316,7 @@ class DecodeProcess:
         self._connection.send((options, slot_bytes))
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
+        self._asked_at = 0.0  # when (time.monotonic)
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """Decode ``paths`` in order until ``most_pixels`` pixels are decoded or a slot is full (at
@@ -320,6 +330,7 @@ class DecodeProcess:
         caller does something else, then :meth:`answer`. One request at a time."""
         slot = self._slots.take()
         self._asked = (paths, slot, None)
+        self._asked_at = time.monotonic()
         try:
             # the paths go over once: a request for the rest of the last ones sends None
             self._connection.send((None if paths == self._queued else "\0".join(paths), most_pixels, slot))
@@ -327,8 +338,15 @@ class DecodeProcess:
             self._asked = (paths, slot, exc)
 
     def answer(self) -> tuple[int, ImageBatch, Errors]:
-        """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`."""
+        """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`,
+        and :class:`DecodeTimedOut` after killing the process when the answer is not there within
+        ``time_limit`` seconds of the request (its slot is not reused: the arena goes with it)."""
         paths, slot, failure = self._asked
+        if failure is None and self.time_limit is not None and not self._connection.poll(
+                max(0.0, self._asked_at + self.time_limit - time.monotonic())):
+            with contextlib.suppress(ProcessLookupError):  # (not reaped before it is waited for: the pid is its own)
+                os.kill(self.pid, signal.SIGKILL)
+            raise DecodeTimedOut(self.time_limit)
         try:
             if failure is not None:
                 raise failure
@@ -389,16 +407,18 @@ class DecodeProcess:
 class Decoder:
     """A decode process that is started on first use and comes back after a crash.
 
-    When the process dies in the middle of a request, the request's files are decoded again one
-    at a time in a fresh process, so that only the file that kills its decoder gets an error
-    (``decode`` stage); the others decode as usual.
+    When the process dies in the middle of a request, or is killed at its ``time_limit`` (seconds
+    from a request to its answer), the request's files are decoded again one at a time in a fresh
+    process, so that only the file that kills its decoder, or takes longer than the limit on its
+    own, gets an error (``decode`` stage); the others decode as usual.
     """
 
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
-                 server: ForkServer | None = None) -> None:
+                 server: ForkServer | None = None, time_limit: float | None = None) -> None:
         self._options = options
         self._slots, self._slot_bytes = slots, slot_bytes
         self._server = server
+        self._time_limit = time_limit
         self._process: DecodeProcess | None = None
         self._asked: tuple[list[str], int] = ([], 0)  # the paths and pixels of the request in flight
 
@@ -410,7 +430,8 @@ class Decoder:
     def ask(self, paths: list[str], most_pixels: int) -> None:
         """:meth:`decode` in two halves, as :meth:`DecodeProcess.ask`."""
         if self._process is None:
-            self._process = DecodeProcess(self._options, self._slots, self._slot_bytes, self._server)
+            self._process = DecodeProcess(self._options, self._slots, self._slot_bytes, self._server,
+                                          self._time_limit)
         self._asked = (paths, most_pixels)
         self._process.ask(paths, most_pixels)
 
@@ -423,7 +444,8 @@ class Decoder:
             dead, self._process = self._process, None
             dead.close()  # its sockets and arena; it has been waited for
             if len(paths) == 1:
-                return 1, ImageBatch.empty(), {0: ("decode", f"{death} while decoding this file")}
+                said = str(death) if isinstance(death, DecodeTimedOut) else f"{death} while decoding this file"
+                return 1, ImageBatch.empty(), {0: ("decode", said)}
         return self._one_at_a_time(paths, most_pixels)
 
     def _one_at_a_time(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:

@@ -1,0 +1,182 @@
+"""``--decode-timeout``: an image whose decoding never ends (a codec caught in a loop, a read from a
+hung mount) gets an error record, its decode process is killed, and the run goes on. Without it such
+an image held its batch, and every record after it, until the run was stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import gpu_pipeline
+from gpu_pipeline.backends import create
+from gpu_pipeline.cli import app
+from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.engine.stream import Engine
+from gpu_pipeline.inputs import processes
+from gpu_pipeline.inputs.decode import decode_image
+from tests.runs import hanging_decoder, start, tagged, wait_until
+
+needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
+BUNDLED = Path(__file__).resolve().parent.parent / "data"
+
+
+def timed_out(seconds: float) -> str:
+    return f"decoding took longer than the time limit of {seconds:g} s; its decode process was killed"
+
+
+def images(folder: Path, count: int, size: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(size)
+    paths = [folder / f"img{index:03d}.png" for index in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(path)
+    return paths
+
+
+def lines_by_path(path: Path) -> dict[str, str]:
+    return {json.loads(line)["path"]: line for line in path.read_text().splitlines()}
+
+
+@needs_processes
+@pytest.mark.parametrize("size", [64, 600])  # parts of many tiles; scenes (decoded in threads without a limit)
+def test_an_image_stuck_in_its_decoder_gets_an_error_record_and_the_run_goes_on(tmp_path, size):
+    paths = images(tmp_path / "in", 40 if size == 64 else 8, size)
+    stuck = paths[len(paths) // 2]
+    tag = f"timeout-{size}-{os.getpid()}"
+    started = time.monotonic()
+    process = start(tmp_path / "in", tmp_path / "out.jsonl", "--decode-timeout", "1", tag=tag,
+                    env=hanging_decoder(tmp_path / "site", stuck.stem))
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    # the stuck image's part waits out the limit, then the image alone does again
+    assert time.monotonic() - started < 30
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr and "1 failed" in stderr
+    records = lines_by_path(tmp_path / "out.jsonl")
+    assert list(records) == [str(path) for path in paths]
+    assert json.loads(records.pop(str(stuck))) == {"path": str(stuck), "stage": "decode", "error": timed_out(1)}
+    wait_until(lambda: not tagged(tag), "the run's processes ending", timeout=30)
+    # every other record is what a run without the stuck image writes, byte for byte
+    stuck.unlink()
+    clean = start(tmp_path / "in", tmp_path / "clean.jsonl", "--decode-timeout", "1")
+    assert clean.wait(timeout=60) == 0, clean.stderr.read()
+    assert records == lines_by_path(tmp_path / "clean.jsonl")
+
+
+@needs_processes
+def test_a_decoder_gives_up_on_the_file_that_takes_too_long_alone_and_keeps_the_others(tmp_path, monkeypatch):
+    """The part is asked of the process, which does not answer in time: killed, and its files
+    decoded one at a time in a fresh process, where only the stuck one runs out of time again."""
+    for name, value in hanging_decoder(tmp_path / "site", "stuck").items():
+        monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up)
+    tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]
+    paths = [str(tiles[0]), str(tmp_path / "stuck.jpg"), str(tiles[1]), str(tiles[2])]
+    Path(paths[1]).write_bytes(tiles[0].read_bytes())
+    started_processes = []
+    real = processes.DecodeProcess
+
+    def counted(*args, **kwargs):
+        started_processes.append(real(*args, **kwargs))
+        return started_processes[-1]
+
+    monkeypatch.setattr(processes, "DecodeProcess", counted)
+    server = processes.ForkServer()
+    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=1.0)
+    try:
+        started = time.monotonic()
+        taken, decoded, errors = decoder.decode(paths, 1 << 30)
+        elapsed = time.monotonic() - started
+        # the one asked for the part and the one asked for the stuck file alone were killed at once
+        assert [process.returncode for process in started_processes] == [-9, -9, None]
+    finally:
+        decoder.close()
+        server.close()
+    assert taken == 4 and errors == {1: ("decode", timed_out(1))}
+    assert [image.tobytes() for image in decoded] == [decode_image(paths[k], DecodeOptions()).tobytes() for k in (0, 2, 3)]
+    assert 2 <= elapsed < 4  # the part's limit, then the stuck file's own (a process not killed is waited for 5 s)
+
+
+@needs_processes
+def test_an_image_slower_than_usual_but_within_the_limit_decodes(tmp_path, monkeypatch):
+    for name, value in hanging_decoder(tmp_path / "site", "slow", seconds=0.5).items():
+        monkeypatch.setenv(name, value)
+    tile = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[0]
+    (tmp_path / "slow.jpg").write_bytes(tile.read_bytes())
+    server = processes.ForkServer()
+    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=3.0)
+    try:
+        taken, decoded, errors = decoder.decode([str(tile), str(tmp_path / "slow.jpg")], 1 << 30)
+    finally:
+        decoder.close()
+        server.close()
+    assert (taken, len(decoded), errors) == (2, 2, {})
+
+
+@needs_processes
+def test_the_python_api_takes_a_decode_timeout(tmp_path, monkeypatch):
+    paths = images(tmp_path / "in", 12, 64)
+    # (stuck for 30 s, not an hour: without the limit the test fails, rather than waits)
+    for name, value in hanging_decoder(tmp_path / "site", paths[5].stem, seconds=30).items():
+        monkeypatch.setenv(name, value)
+    records = list(gpu_pipeline.run(tmp_path / "in", backend="reference", workers=2, decode_timeout=1.5))
+    assert [record["path"] for record in records] == [str(path) for path in paths]
+    assert records[5] == {"path": str(paths[5]), "stage": "decode", "error": timed_out(1.5)}
+    assert all("error" not in record for k, record in enumerate(records) if k != 5)
+
+
+@needs_processes
+def test_a_time_limit_decodes_every_image_in_a_process(tmp_path):
+    """However short the run and large its images: a decode thread cannot be stopped."""
+    engine = Engine(create("reference"), decode_timeout=5)
+    assert engine.processes is True and engine.decodes_in_processes(1)
+
+
+@pytest.mark.parametrize("given, said", [
+    (["--decode-timeout", "0"], "--decode-timeout takes a number of seconds above 0"),
+    (["--decode-timeout", "-2"], "--decode-timeout takes a number of seconds above 0"),
+    (["--decode-timeout", "nan"], "--decode-timeout takes a number of seconds above 0"),
+    (["--decode-timeout", "inf"], "--decode-timeout takes a number of seconds above 0"),
+    (["--decode-timeout", "1e6"], "at most 86400"),
+    (["--decode-timeout", "5", "--decode", "threads"], "--decode-timeout needs decode processes: a decode thread"),
+    (["--decode-timeout", "5", "--dask", "local:1"], "--decode-timeout is for a run on this machine"),
+])
+def test_a_bad_decode_timeout_is_refused_before_anything_is_written(tmp_path, given, said):
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["run", str(BUNDLED / "eurosat"), "--out", str(out), *given])
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_decode_timeout_where_decode_processes_cannot_run_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(processes, "available", lambda: False)
+    from gpu_pipeline.engine import stream
+
+    monkeypatch.setattr(stream, "processes_available", lambda: False)
+    result = CliRunner().invoke(app, ["run", str(BUNDLED / "eurosat"), "--out", str(tmp_path / "o.jsonl"),
+                                      "--decode-timeout", "5"])
+    assert result.exit_code == 2 and "--decode-timeout needs decode processes, which need Linux" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="decode_timeout needs decode processes, which need Linux"):
+        gpu_pipeline.run(BUNDLED / "eurosat", decode_timeout=5)
+
+
+@pytest.mark.parametrize("value", [0, -1, math.nan, math.inf, True, "5", 1e6])
+def test_the_python_api_refuses_a_bad_decode_timeout_when_called(value):
+    with pytest.raises(ValueError, match="decode_timeout takes a number of seconds"):
+        gpu_pipeline.run(BUNDLED / "eurosat", decode_timeout=value)
+
+
+def test_the_python_api_refuses_a_decode_timeout_with_decode_threads():
+    with pytest.raises(ValueError, match=r"decode_timeout needs decode processes.*decode='processes' or 'auto'"):
+        gpu_pipeline.run(BUNDLED / "eurosat", decode="threads", decode_timeout=5)
