@@ -32,7 +32,7 @@ from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
-from gpu_pipeline.inputs.processes import ForkServer
+from gpu_pipeline.inputs.processes import ForkServer, ForkServerDied
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
@@ -634,6 +634,10 @@ def execute(job: Job, checked: CheckedJob) -> int:
     try:
         with stop_on_signals(stop) as signals, backend, sink:  # (a signal while the cluster closes: still ours)
             summary = stream(checked.engine, todo, sink, stop, console, show_bar=not job.quiet and sys.stderr.isatty())
+    except ForkServerDied as exc:  # (restarted when it died: this one kept dying)
+        console.print(f"gpu-pipeline: error: {exc}; the records written before are kept: run the same command "
+                      "again to resume, or use --decode threads", highlight=False, markup=False)
+        return 1
     except SinkWriteError as exc:
         if job.out == "-":  # nothing to resume: the records went to whoever read them
             console.print(f"gpu-pipeline: error: {exc.strerror}", highlight=False, markup=False)

@@ -125,6 +125,10 @@ class DecoderDied(RuntimeError):
     """The worker process ended while it decoded (a crash in a codec, or it was killed)."""
 
 
+class ForkServerDied(RuntimeError):
+    """The decode processes' fork server died again and again (it is restarted :data:`FORK_SERVER_RESTARTS` times)."""
+
+
 class DecodeTimedOut(DecoderDied):
     """The worker process did not answer within its time limit, and was killed."""
 
@@ -171,18 +175,28 @@ def _number(sock: socket.socket) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
+#: Fresh fork servers a :class:`ForkServer` starts when its interpreter has died (a kill, the OOM
+#: killer) before it gives up with :class:`ForkServerDied`.
+FORK_SERVER_RESTARTS = 3
+
+
 class ForkServer:
     """An interpreter that imports the decoders once and forks a decode process on request.
 
     The decode processes share its pages: about 5 MB of memory of their own each (PSS), where a
     fresh interpreter with numpy, Pillow, tifffile and imagecodecs holds 25-33 MB. It is
     single-threaded, so forking it is safe, and it ends when the main process closes it or dies.
+    When it dies first, its decode processes die with it (``PR_SET_PDEATHSIG``), and the next fork
+    starts a fresh one (:data:`FORK_SERVER_RESTARTS` times at most).
     """
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None  # started by the first fork
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()  # one request at a time, from any decode thread
+        self._closed = False
+        self._forked: set[int] = set()  # the decode processes of the interpreter running now, not yet waited for
+        self.restarts = 0
 
     def start(self) -> None:
         """Start the interpreter now, if it is not running yet, without waiting for its imports (the
@@ -200,21 +214,51 @@ class ForkServer:
         self._socket = ours
 
     def fork(self, connection: int, arena: int) -> int:
-        """A decode process serving ``connection`` with ``arena`` (descriptors); returns its pid."""
+        """A decode process serving ``connection`` with ``arena`` (descriptors); returns its pid.
+        OSError once closed; :class:`ForkServerDied` when it died more often than it may be restarted."""
         with self._lock:
             if self._process is None:
                 self._start()
-            socket.send_fds(self._socket, [b"f"], [connection, arena])
-            return _number(self._socket)
+            try:
+                pid = self._fork(connection, arena)
+            except (OSError, EOFError):
+                if self._closed:
+                    raise
+                self._restart()  # it died: what it forked died with it
+                pid = self._fork(connection, arena)
+            self._forked.add(pid)
+            return pid
+
+    def _fork(self, connection: int, arena: int) -> int:
+        socket.send_fds(self._socket, [b"f"], [connection, arena])
+        return _number(self._socket)
+
+    def _restart(self) -> None:
+        self._socket.close()
+        self._process.kill()  # (it no longer answers: dead, or about to be)
+        self._process.wait()
+        self._forked.clear()
+        if self.restarts == FORK_SERVER_RESTARTS:
+            times = "once" if self.restarts == 0 else f"{self.restarts + 1} times"
+            raise ForkServerDied(f"the decode processes' fork server ended {times} during the run "
+                                 f"(it {_ended(self._process.returncode)} the last time)")
+        self.restarts += 1
+        self._start()
 
     def exit_status(self, pid: int) -> int:
         """How decode process ``pid`` ended, as ``Popen.returncode`` says it (-N: signal N); one
-        still running after 5 s is killed first."""
+        still running after 5 s is killed first. One forked by an interpreter that has died was
+        killed with it (SIGKILL)."""
         with self._lock:
+            if pid not in self._forked:
+                return -signal.SIGKILL
             self._socket.sendall(b"s" + pid.to_bytes(8, "little", signed=True))
-            return _number(self._socket)
+            code = _number(self._socket)
+            self._forked.discard(pid)
+            return code
 
     def close(self) -> None:
+        self._closed = True
         if self._process is None:
             return
         self._socket.close()
@@ -223,6 +267,16 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def _ended(code: int) -> str:
+    """How a process ended, from its ``Popen.returncode``: ``died of SIGKILL``, ``ended with status 1``."""
+    if code < 0:
+        try:
+            return f"died of {signal.Signals(-code).name}"
+        except ValueError:
+            return f"died of signal {-code}"
+    return f"ended with status {code}"
 
 
 def _serve_forks(descriptor: int) -> None:
@@ -389,13 +443,7 @@ class DecodeProcess:
         return self.returncode
 
     def _death(self) -> str:
-        code = self._wait()
-        if code < 0:
-            try:
-                return f"the decode process died of {signal.Signals(-code).name}"
-            except ValueError:
-                return f"the decode process died of signal {-code}"
-        return f"the decode process ended with status {code}"
+        return f"the decode process {_ended(self._wait())}"
 
     def close(self) -> None:
         """End the worker: it sees its socket close and exits. Views handed out stay valid."""
