@@ -180,7 +180,7 @@ def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], 
         raise ValueError(f"glob must be a file name pattern such as '*.tif', got {glob!r}")
     decode_options = DecodeOptions(bands=_bands(bands), stretch=stretch)
     processes = _decode_processes(decode)
-    processes = _processes_for_time_limit(processes, decode_timeout)
+    processes = _processes_for_time_limit(processes, decode_timeout, workers)
     labels_of = _labeller(model, config)
     return _records(given, glob, backend, threads, workers, config, decode_options, processes, labels_of,
                     decode_timeout)
@@ -282,10 +282,15 @@ def _decode_processes(decode) -> bool | None:
     return None if decode == "auto" else decode == "processes"
 
 
-def _processes_for_time_limit(processes: bool | None, decode_timeout) -> bool | None:
-    from gpu_pipeline.engine.stream import processes_for_time_limit
+def _processes_for_time_limit(processes: bool | None, decode_timeout, workers: int | None) -> bool | None:
+    """``processes`` as a decode time limit leaves it; with a limit, checked now that this process
+    may open the files its decode processes need (a run would refuse at its first record)."""
+    from gpu_pipeline.engine.stream import decoder_count, decodes_in_processes, processes_for_time_limit
 
-    return processes_for_time_limit(processes, decode_timeout, "decode_timeout")
+    processes = processes_for_time_limit(processes, decode_timeout, "decode_timeout")
+    if decode_timeout is not None:
+        decodes_in_processes(processes, 0, decoder_count(workers), "decode_timeout")
+    return processes
 
 
 def _labeller(model, config: PipelineConfig):

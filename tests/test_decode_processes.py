@@ -215,6 +215,7 @@ class DiesOnPoison:
 
     def __init__(self, options, slots, slot_bytes, server=None, time_limit=None):
         self.paths = []
+        self.died_with_server = False  # (its crash is the file's doing)
 
     def ask(self, paths, most_pixels):
         self.paths = paths
@@ -299,8 +300,9 @@ def test_auto_decodes_in_threads_where_the_open_file_limit_is_too_low_for_proces
 
 
 @needs_processes
-@pytest.mark.parametrize("hard", ["low", "high"])
-def test_a_run_under_a_low_open_file_limit(tmp_path, hard):
+@pytest.mark.parametrize("hard, asked_by", [("low", ("--decode", "processes")), ("high", ("--decode", "processes")),
+                                            ("low", ("--decode-timeout", "5"))])
+def test_a_run_under_a_low_open_file_limit(tmp_path, hard, asked_by):
     """``ulimit -n 14``: decode processes once raised EMFILE mid-run (a traceback, no records). With
     room under the hard limit the run raises its soft one; without, it is refused before writing."""
     import resource
@@ -314,13 +316,16 @@ def test_a_run_under_a_low_open_file_limit(tmp_path, hard):
     out = tmp_path / "out" / "records.jsonl"
     out.parent.mkdir()
     run = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(BUNDLED / "eurosat"), "--out", str(out),
-                          "--decode", "processes", "--workers", "2", "-q"],
+                          *asked_by, "--workers", "2", "-q"],
                          preexec_fn=limited, capture_output=True, text=True, timeout=300)
     if hard == "low":
         assert run.returncode == 2, run.stderr
+        # (a time limit needs decode processes: threads are no way out)
+        ways = ("raise the limit, use fewer --workers, or use --decode threads" if asked_by[0] == "--decode"
+                else "raise the limit or use fewer --workers")
         assert run.stderr.strip().splitlines() == [
-            "gpu-pipeline: error: --decode processes: 2 decode processes need about 48 open files; this process may "
-            "open 14 (ulimit -n); raise the limit, use fewer --workers, or use --decode threads"]
+            f"gpu-pipeline: error: {asked_by[0]}{' processes' if asked_by[0] == '--decode' else ''}: 2 decode "
+            f"processes need about 48 open files; this process may open 14 (ulimit -n); {ways}"]
         assert list(out.parent.iterdir()) == []
     else:
         assert run.returncode == 0, run.stderr
@@ -577,7 +582,7 @@ def test_a_decode_process_copies_what_was_not_decoded_in_place():
 
     first, second = (np.arange(12, dtype=np.uint8).reshape(2, 2, 3) + k for k in (1, 100))
 
-    def decode_each(paths, options, into):
+    def decode_each(paths, options, into, read=None):
         place = into(first.shape)
         place[...] = first
         yield place

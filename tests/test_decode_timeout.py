@@ -123,6 +123,77 @@ def test_an_image_slower_than_usual_but_within_the_limit_decodes(tmp_path, monke
 
 
 @needs_processes
+def test_the_limit_is_a_files_not_its_parts(tmp_path, monkeypatch):
+    """Five files of 0.6 s each in one part (3 s) under a 1 s limit: none is stuck, none is killed
+    (the part's time was once what counted: killed, and every file redone one at a time)."""
+    for name, value in hanging_decoder(tmp_path / "site", "slow", seconds=0.6).items():
+        monkeypatch.setenv(name, value)
+    tile = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[0]
+    paths = [str(tmp_path / f"slow{k}.jpg") for k in range(5)]
+    for path in paths:
+        Path(path).write_bytes(tile.read_bytes())
+    started_processes = []
+    real = processes.DecodeProcess
+
+    def counted(*args, **kwargs):
+        started_processes.append(real(*args, **kwargs))
+        return started_processes[-1]
+
+    monkeypatch.setattr(processes, "DecodeProcess", counted)
+    server = processes.ForkServer()
+    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=1.0)
+    try:
+        taken, decoded, errors = decoder.decode(paths, 1 << 30)
+    finally:
+        decoder.close()
+        server.close()
+    assert (taken, len(decoded), errors, len(started_processes)) == (5, 5, {}, 1)
+
+
+SLOW_READS = """
+import os, time
+if os.environ.get("SLOW_READS"):
+    import gpu_pipeline.inputs.decode as decode
+
+    def slow(read):
+        def read_small_file(path):
+            time.sleep(float(os.environ["SLOW_READS"]))
+            return read(path)
+        return read_small_file
+
+    decode._read_small_file = slow(decode._read_small_file)
+"""
+
+
+@needs_processes
+def test_a_slow_mount_under_the_limit_is_not_taken_for_a_stuck_one(tmp_path, monkeypatch):
+    """Small files are read a group at a time (32) before they are decoded: 8 reads of 0.3 s under
+    a 1 s limit. Each read counts as progress."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_READS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "site"),
+                                                                   os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SLOW_READS", "0.3")
+    tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:8]]
+    started_processes = []
+    real = processes.DecodeProcess
+
+    def counted(*args, **kwargs):
+        started_processes.append(real(*args, **kwargs))
+        return started_processes[-1]
+
+    monkeypatch.setattr(processes, "DecodeProcess", counted)
+    server = processes.ForkServer()
+    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=1.0)
+    try:
+        taken, decoded, errors = decoder.decode(tiles, 1 << 30)
+    finally:
+        decoder.close()
+        server.close()
+    assert (taken, len(decoded), errors, len(started_processes)) == (8, 8, {}, 1)
+
+
+@needs_processes
 def test_the_python_api_takes_a_decode_timeout(tmp_path, monkeypatch):
     paths = images(tmp_path / "in", 12, 64)
     # (stuck for 30 s, not an hour: without the limit the test fails, rather than waits)
@@ -131,6 +202,22 @@ def test_the_python_api_takes_a_decode_timeout(tmp_path, monkeypatch):
     records = list(gpu_pipeline.run(tmp_path / "in", backend="reference", workers=2, decode_timeout=1.5))
     assert [record["path"] for record in records] == [str(path) for path in paths]
     assert records[5] == {"path": str(paths[5]), "stage": "decode", "error": timed_out(1.5)}
+
+
+@needs_processes
+def test_closing_the_python_api_while_a_decoder_waits_out_the_limit_returns_at_once(tmp_path, monkeypatch):
+    """The decode processes are stopped first: the thread that waits for a stuck one is let go at
+    once (the pool waited 10 s for it, and it went on to decode the part again for no one)."""
+    paths = images(tmp_path / "in", 700, 64)
+    for name, value in hanging_decoder(tmp_path / "site", paths[600].stem, seconds=60).items():
+        monkeypatch.setenv(name, value)
+    records = gpu_pipeline.run(tmp_path / "in", backend="reference", workers=1, decode_timeout=600)
+    # (records come a batch behind, and a batch here is 256 tiles: the third holds the stuck one)
+    assert next(records)["path"] == str(paths[0])
+    time.sleep(0.5)
+    started = time.monotonic()
+    records.close()
+    assert time.monotonic() - started < 3
     assert all("error" not in record for k, record in enumerate(records) if k != 5)
 
 
@@ -142,11 +229,12 @@ def test_a_time_limit_decodes_every_image_in_a_process(tmp_path):
 
 
 @pytest.mark.parametrize("given, said", [
-    (["--decode-timeout", "0"], "--decode-timeout takes a number of seconds above 0"),
-    (["--decode-timeout", "-2"], "--decode-timeout takes a number of seconds above 0"),
-    (["--decode-timeout", "nan"], "--decode-timeout takes a number of seconds above 0"),
-    (["--decode-timeout", "inf"], "--decode-timeout takes a number of seconds above 0"),
-    (["--decode-timeout", "1e6"], "at most 86400"),
+    (["--decode-timeout", "0"], "--decode-timeout takes a number of seconds from 1 to 86400, got 0.0"),
+    (["--decode-timeout", "-2"], "--decode-timeout takes a number of seconds from 1 to 86400"),
+    (["--decode-timeout", "0.5"], "--decode-timeout takes a number of seconds from 1 to 86400, got 0.5"),
+    (["--decode-timeout", "nan"], "--decode-timeout takes a number of seconds from 1 to 86400"),
+    (["--decode-timeout", "inf"], "--decode-timeout takes a number of seconds from 1 to 86400"),
+    (["--decode-timeout", "1e6"], "--decode-timeout takes a number of seconds from 1 to 86400"),
     (["--decode-timeout", "5", "--decode", "threads"], "--decode-timeout needs decode processes: a decode thread"),
     (["--decode-timeout", "5", "--dask", "local:1"], "--decode-timeout is for a run on this machine"),
 ])
@@ -171,12 +259,43 @@ def test_a_decode_timeout_where_decode_processes_cannot_run_is_refused(tmp_path,
         gpu_pipeline.run(BUNDLED / "eurosat", decode_timeout=5)
 
 
-@pytest.mark.parametrize("value", [0, -1, math.nan, math.inf, True, "5", 1e6])
+@pytest.mark.parametrize("value", [0, -1, 0.999, math.nan, math.inf, True, np.True_, "5", 1e6])
 def test_the_python_api_refuses_a_bad_decode_timeout_when_called(value):
-    with pytest.raises(ValueError, match="decode_timeout takes a number of seconds"):
+    with pytest.raises(ValueError, match="decode_timeout takes a number of seconds from 1 to 86400"):
         gpu_pipeline.run(BUNDLED / "eurosat", decode_timeout=value)
+
+
+@needs_processes
+@pytest.mark.parametrize("value", [1, 2.5, np.int64(5), np.float32(5)])
+def test_the_python_api_takes_any_real_number_of_seconds(value):
+    """As its other numbers (workers=np.int64(2), low=np.float32(100)); the engine keeps a float."""
+    from gpu_pipeline.engine.stream import Engine
+
+    assert next(gpu_pipeline.run(BUNDLED / "eurosat", backend="reference", decode_timeout=value))["path"]
+    assert Engine(create("reference"), decode_timeout=value).decode_timeout == float(value)
 
 
 def test_the_python_api_refuses_a_decode_timeout_with_decode_threads():
     with pytest.raises(ValueError, match=r"decode_timeout needs decode processes.*decode='processes' or 'auto'"):
         gpu_pipeline.run(BUNDLED / "eurosat", decode="threads", decode_timeout=5)
+
+
+@needs_processes
+def test_the_python_api_refuses_a_decode_timeout_it_has_no_open_files_for_when_called():
+    """``ulimit -n 14``: the decode processes a limit needs cannot run; said by ``run`` itself (the
+    generator's first record is too late), in the API's words."""
+    import resource
+    import subprocess
+    import sys
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (14, 14))
+
+    code = ("import gpu_pipeline\n"
+            "try:\n"
+            f"    gpu_pipeline.run({str(BUNDLED / 'eurosat')!r}, decode_timeout=5, workers=2)\n"
+            "except ValueError as exc:\n"
+            "    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=limited, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == ("decode_timeout: 2 decode processes need about 48 open files; this process may "
+                                   "open 14 (ulimit -n); raise the limit or use fewer --workers"), done.stderr

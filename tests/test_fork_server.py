@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,46 @@ def test_a_fork_server_that_died_is_replaced_and_its_decode_processes_count_as_k
     assert server.restarts == 1
 
 
+@pytest.mark.parametrize("time_limit", [None, 30.0])
+def test_a_file_asked_alone_of_a_process_that_died_with_its_server_is_decoded_again(time_limit):
+    """Not the file's doing: the first file of a run, a large image, the last of a chunk are asked
+    alone, and each got "the decode process died of SIGKILL while decoding this file"."""
+    tile = str(sorted((BUNDLED / "eurosat").rglob("*.jpg"))[0])
+    server = processes.ForkServer()
+    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=time_limit)
+    try:
+        assert decoder.decode([tile], 1 << 30)[2] == {}
+        os.kill(server._process.pid, signal.SIGKILL)
+        wait_until(lambda: dead(decoder._process.pid), "its decode process dying with it")
+        taken, decoded, errors = decoder.decode([tile], 1 << 30)
+        assert (taken, len(decoded), errors, server.restarts) == (1, 1, {}, 1)
+    finally:
+        decoder.close()
+        server.close()
+
+
+def test_a_fresh_fork_server_that_dies_at_once_is_replaced_too(monkeypatch):
+    """Killed again before its first fork (the OOM killer, during its imports): the next one."""
+    real_start, started = processes.ForkServer._start, []
+
+    def start_and_kill_the_second(self):
+        real_start(self)
+        started.append(self._process.pid)
+        if len(started) == 2:
+            self._process.kill()
+            self._process.wait()
+
+    monkeypatch.setattr(processes.ForkServer, "_start", start_and_kill_the_second)
+    server = processes.ForkServer()
+    try:
+        processes.DecodeProcess(DecodeOptions(), server=server).close()
+        os.kill(started[0], signal.SIGKILL)
+        processes.DecodeProcess(DecodeOptions(), server=server).close()
+        assert len(started) == 3 and server.restarts == 2
+    finally:
+        server.close()
+
+
 def test_a_run_whose_fork_server_is_killed_loses_no_image(tmp_path):
     paths = images(tmp_path / "in", 150)
     slow = hanging_decoder(tmp_path / "site", "img", seconds=0.03)  # (a run of a few seconds)
@@ -103,7 +144,14 @@ def test_a_run_whose_fork_server_is_killed_loses_no_image(tmp_path):
     assert written == (tmp_path / "clean.jsonl").read_text().splitlines()
 
 
-def test_a_fork_server_that_keeps_dying_ends_the_run_in_one_line_and_keeps_the_records(tmp_path, monkeypatch):
+@pytest.mark.parametrize("given, said", [
+    ((), "; the records written before are kept: run the same command again to resume, or use --decode threads"),
+    # a time limit needs decode processes; to stdout there is nothing to resume
+    (("--decode-timeout", "60"), "; the records written before are kept: run the same command again to resume"),
+    (("--out", "-"), "; use --decode threads"),
+])
+def test_a_fork_server_that_keeps_dying_ends_the_run_in_one_line_and_keeps_the_records(tmp_path, monkeypatch,
+                                                                                     given, said):
     paths = images(tmp_path / "in", 60)
     monkeypatch.setattr(processes, "FORK_SERVER_RESTARTS", 0)
     servers, answers = [], []
@@ -124,11 +172,14 @@ def test_a_fork_server_that_keeps_dying_ends_the_run_in_one_line_and_keeps_the_r
     monkeypatch.setattr(processes.DecodeProcess, "answer", answer)
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(app, ["run", str(tmp_path / "in"), "--out", str(out), "--backend", "reference",
-                                      "--decode", "processes", "--workers", "1", "--batch-size", "5"])
+                                      "--decode", "processes", "--workers", "1", "--batch-size", "5", *given])
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert ("gpu-pipeline: error: the decode processes' fork server ended once during the run (it died of SIGKILL "
-            "the last time); the records written before are kept") in result.stderr
+            f"the last time){said}\n") in result.stderr
+    if given[:1] == ("--out",):
+        assert 0 < len(result.stdout.splitlines()) < len(paths)
+        return
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert 0 < len(kept) < len(paths) and all("error" not in record for record in kept)
     monkeypatch.setattr(processes.DecodeProcess, "answer", real_answer)
@@ -154,3 +205,88 @@ def test_a_decode_process_that_died_with_a_replaced_server_is_not_asked_of_the_n
         assert server.restarts == 1
     finally:
         server.close()
+
+
+def test_a_fork_server_closed_while_a_fork_restarts_it_is_stopped_not_left_running(monkeypatch):
+    """A close does not wait for a fork: one that was starting a fresh server (the old one died)
+    stops it when it sees the close, rather than leave it (and what it forks) to the process's end."""
+    real_start, started = processes.ForkServer._start, []
+
+    def start_then_close(self):
+        real_start(self)
+        started.append(self._process)
+        if len(started) == 2:  # the fresh one: the pool closes the server meanwhile
+            closing = threading.Thread(target=self.close)
+            closing.start()
+            closing.join()
+
+    monkeypatch.setattr(processes.ForkServer, "_start", start_then_close)
+    server = processes.ForkServer()
+    processes.DecodeProcess(DecodeOptions(), server=server).close()
+    os.kill(started[0].pid, signal.SIGKILL)
+    with pytest.raises(OSError, match="closed"):
+        processes.DecodeProcess(DecodeOptions(), server=server)
+    assert len(started) == 2 and started[1].returncode is not None  # ended and waited for
+
+
+REAPER = """
+import ctypes, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: as PID 1 in a container, orphans become ours
+from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.inputs import processes
+from tests.runs import wait_until
+server = processes.ForkServer()
+process = processes.DecodeProcess(DecodeOptions(), server=server)
+os.kill(server._process.pid, signal.SIGKILL)
+wait_until(lambda: open(f"/proc/{{process.pid}}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", "its death")
+processes.DecodeProcess(DecodeOptions(), server=server).close()  # a fresh server
+process.close()
+server.close()
+children = [line for pid in os.listdir("/proc") if pid.isdigit()
+            for line in [open(f"/proc/{{pid}}/stat").read()]
+            if int(line.rsplit(")", 1)[1].split()[1]) == os.getpid()]
+print(len(children), process.returncode)
+"""
+
+
+def test_decode_processes_of_a_dead_server_are_reaped_where_they_become_the_runs_children():
+    """PID 1 in a container (docker without --init), or a subreaper: the decode processes of a fork
+    server that died are the run's children, and stayed zombies for its life."""
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", REAPER.format(repo=repo)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0", str(-signal.SIGKILL)], done.stderr
+
+
+FORK_FAILS = """
+import os
+if os.environ.get("FORK_FAILS"):
+    def fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    os.fork = fork
+"""
+
+
+def test_a_fork_server_that_cannot_fork_ends_the_run_in_one_line(tmp_path):
+    """A limit on processes (a pids cgroup) or no memory: the server says so, rather than die with a
+    traceback (three times, then "Aborted.")."""
+    import subprocess
+    import sys
+
+    images(tmp_path / "in", 30)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FORK_FAILS)
+    env = dict(os.environ, FORK_FAILS="1", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tmp_path / "in"), "--out",
+                           str(tmp_path / "out.jsonl"), "--backend", "reference", "--decode", "processes"],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "gpu-pipeline: error: cannot start a decode process: Resource temporarily unavailable; the records written "
+        "before are kept: run the same command again to resume, or use --decode threads")
+    assert "Traceback" not in done.stderr

@@ -8,7 +8,6 @@ cv2 and skimage are optional: imported only inside the functions that use them.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 import time
 from collections.abc import Sequence

@@ -4,7 +4,7 @@ only), gathered into a :class:`BenchReport` with its ratios and JSON."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from functools import partial

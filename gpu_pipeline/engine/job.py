@@ -32,7 +32,7 @@ from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
-from gpu_pipeline.inputs.processes import ForkServer, ForkServerDied
+from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
@@ -561,7 +561,8 @@ def check_job(job: Job) -> CheckedJob:
         done = existing.succeeded
     todo = [path for path in files if path not in done]
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
-    fork_server = early_fork_server(job.processes, len(todo), job.workers) if job.dask is None else None
+    asked_by = "--decode processes" if job.decode_timeout is None else "--decode-timeout"
+    fork_server = early_fork_server(job.processes, len(todo), job.workers, asked_by) if job.dask is None else None
     try:
         checked = _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
     except BaseException:
@@ -634,9 +635,13 @@ def execute(job: Job, checked: CheckedJob) -> int:
     try:
         with stop_on_signals(stop) as signals, backend, sink:  # (a signal while the cluster closes: still ours)
             summary = stream(checked.engine, todo, sink, stop, console, show_bar=not job.quiet and sys.stderr.isatty())
-    except ForkServerDied as exc:  # (restarted when it died: this one kept dying)
-        console.print(f"gpu-pipeline: error: {exc}; the records written before are kept: run the same command "
-                      "again to resume, or use --decode threads", highlight=False, markup=False)
+    except DecodeProcessesFailed as exc:  # (a fork server that died is restarted: this one kept dying)
+        message = f"gpu-pipeline: error: {exc}"
+        if job.out != "-":  # (to stdout, the records went to whoever read them: nothing to resume)
+            message += "; the records written before are kept: run the same command again to resume"
+        if job.decode_timeout is None:  # (a time limit needs decode processes)
+            message += ", or use --decode threads" if job.out != "-" else "; use --decode threads"
+        console.print(message, highlight=False, markup=False)
         return 1
     except SinkWriteError as exc:
         if job.out == "-":  # nothing to resume: the records went to whoever read them

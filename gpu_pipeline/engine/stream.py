@@ -16,6 +16,7 @@ Records come out in input order. Every path yields exactly one record: a result 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 import threading
@@ -190,15 +191,18 @@ PROCESS_DECODE_FROM_CORES = 8
 PROCESS_DECODE_FROM_FILES_ON_FEW_CORES = 10_000
 
 
-def decodes_in_processes(processes: bool | None, files: int, decoders: int) -> bool:
+def decodes_in_processes(processes: bool | None, files: int, decoders: int,
+                         asked_by: str = "--decode processes") -> bool:
     """Whether a run of ``files`` files with ``decoders`` decoders decodes in worker processes:
     ``processes`` when it is given (and they are available here), else the rule of the thresholds
     above, and only where this process may open the files they need (it raises its soft limit if it
-    must: see :func:`room_for_descriptors`). Asked for processes without that room: UsageError."""
+    must: see :func:`room_for_descriptors`). Asked for processes without that room: UsageError,
+    naming the option that asked (``asked_by``; a decode time limit cannot do with threads)."""
     if processes is not None:
         if processes and processes_available() and (reason := room_for_descriptors(decoders)) is not None:
-            raise UsageError(f"--decode processes: {reason}; raise the limit, use fewer --workers, "
-                             "or use --decode threads")
+            ways = ("raise the limit, use fewer --workers, or use --decode threads" if asked_by == "--decode processes"
+                    else "raise the limit or use fewer --workers")
+            raise UsageError(f"{asked_by}: {reason}; {ways}")
         return processes and processes_available()
     cores = usable_cores()
     least = PROCESS_DECODE_FROM_FILES if cores >= PROCESS_DECODE_FROM_CORES else PROCESS_DECODE_FROM_FILES_ON_FEW_CORES
@@ -206,7 +210,9 @@ def decodes_in_processes(processes: bool | None, files: int, decoders: int) -> b
             and room_for_descriptors(decoders) is None)
 
 
-#: The longest decode time limit (a day): a longer one is a typo, as good as none.
+#: The shortest and longest decode time limits: under a second, a busy machine's scheduling alone may
+#: pass it (and every image would fail); over a day is a typo, as good as none.
+LEAST_DECODE_TIMEOUT_S = 1.0
 MOST_DECODE_TIMEOUT_S = 86400.0
 
 
@@ -217,10 +223,10 @@ def processes_for_time_limit(processes: bool | None, time_limit, option: str = "
     threads asked for (``processes`` False), or where decode processes cannot run."""
     if time_limit is None:
         return processes
-    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) \
-            or not 0 < time_limit <= MOST_DECODE_TIMEOUT_S:  # (NaN fails both)
-        raise UsageError(f"{option} takes a number of seconds above 0 and at most {MOST_DECODE_TIMEOUT_S:g}, "
-                         f"got {time_limit!r}")
+    if isinstance(time_limit, (bool, np.bool_)) or not isinstance(time_limit, numbers.Real) \
+            or not LEAST_DECODE_TIMEOUT_S <= time_limit <= MOST_DECODE_TIMEOUT_S:  # (NaN fails both)
+        raise UsageError(f"{option} takes a number of seconds from {LEAST_DECODE_TIMEOUT_S:g} to "
+                         f"{MOST_DECODE_TIMEOUT_S:g}, got {time_limit!r}")
     if processes is False:
         modes = "--decode processes or auto" if option.startswith("--") else "decode='processes' or 'auto'"
         raise UsageError(f"{option} needs decode processes: a decode thread cannot be stopped in the middle of an "
@@ -230,12 +236,13 @@ def processes_for_time_limit(processes: bool | None, time_limit, option: str = "
     return True
 
 
-def early_fork_server(processes: bool | None, files: int, workers: int | None) -> ForkServer | None:
+def early_fork_server(processes: bool | None, files: int, workers: int | None,
+                      asked_by: str = "--decode processes") -> ForkServer | None:
     """For a run of ``files`` files with ``workers`` decoders (:func:`decoder_count`) that will decode
     in processes, their fork server, started now and not waited for: a caller starts it before it
     loads the backend, so that the server's imports (0.13 s on the 2-core VM) run on another core
     meanwhile. Hand it to :class:`Engine`; else None."""
-    if not decodes_in_processes(processes, files, decoder_count(workers)):
+    if not decodes_in_processes(processes, files, decoder_count(workers), asked_by):
         return None
     server = ForkServer()
     server.start()
@@ -379,7 +386,7 @@ class _DecodePool:
         self._stopped = False  # the parts ended at the stop
         self._options = options
         self._processes = processes
-        self._time_limit = time_limit  # of a decode process's part; every image then goes to one
+        self._time_limit = time_limit  # of a decode process on one file; every image then goes to one
         # Slots of shared memory a decode process needs so that it never waits for one: the parts
         # ready ahead, and those the consumer still holds in its batches, shared by the processes.
         held = prefetch_pixels + consumer_pixels
@@ -563,9 +570,9 @@ class _DecodePool:
                             self._stopped = True
                             return  # (a decoder may never hand its part over: stuck in a codec or a read)
                         self._consumer.wait(STOP_POLL_S if self._stop is not None else None)
-                    if self._failure is not None:
-                        raise self._failure
-                    if self._wanted not in self._ready:
+                    if self._wanted not in self._ready:  # (the parts ready before a failure are handed on first)
+                        if self._failure is not None:
+                            raise self._failure
                         return
                     decoded, pixels, last = self._ready.pop(self._wanted)
                     self._held_pixels -= pixels
@@ -578,22 +585,22 @@ class _DecodePool:
             self.close()
 
     def close(self) -> None:
-        """Stop taking paths; threads finish the image they decode and end. One still decoding after
-        :data:`CLOSE_WAIT_S` (:data:`STOP_WAIT_S` at a stop) is left behind; the fork server is stopped
-        all the same, which ends the decode processes (``PR_SET_PDEATHSIG``): one stuck there, and its
-        thread's wait, end too."""
+        """Stop taking paths. The fork server is stopped first, which ends the decode processes
+        (``PR_SET_PDEATHSIG``) and so the waits of their threads, a stuck one's too: nothing they
+        would hand over is wanted now. Decode threads finish the image they decode and end; one still
+        decoding after :data:`CLOSE_WAIT_S` (:data:`STOP_WAIT_S` at a stop) is left behind."""
         with self._lock:
             self._closed = True
             self._consumer.notify_all()
             for waiting, _, _ in self._waiting.values():
                 waiting.notify()
+        if self._fork_server is not None:
+            self._fork_server.close()
+            self._fork_server = None
         deadline = time.monotonic() + (STOP_WAIT_S if self._stopped else CLOSE_WAIT_S)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        if self._fork_server is not None:
-            self._fork_server.close()
-            self._fork_server = None
 
 
 def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -738,17 +745,21 @@ class Engine:
     #: interpreter's imports take 0.13 s on the 2-core VM, on another core); the next run that
     #: decodes in processes takes it over, :meth:`close` stops it if none does.
     fork_server: ForkServer | None = None
-    #: Seconds a decode process may take over its part of a batch before it is killed: its files are
-    #: then decoded one at a time, and one that takes longer on its own gets an error record. None: no
-    #: limit. Set, every image is decoded in a process (:func:`processes_for_time_limit`).
+    #: Seconds a decode process may spend on one file (reading it, or decoding it) before it is
+    #: killed: the files of its part are then decoded one at a time, and one that takes longer on its
+    #: own gets an error record. None: no limit. Set, every image is decoded in a process
+    #: (:func:`processes_for_time_limit`).
     decode_timeout: float | None = None
 
     def __post_init__(self) -> None:
         self.processes = processes_for_time_limit(self.processes, self.decode_timeout, "decode_timeout")
+        if self.decode_timeout is not None:
+            self.decode_timeout = float(self.decode_timeout)
 
     def decodes_in_processes(self, files: int) -> bool:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
-        return decodes_in_processes(self.processes, files, self.decoders())
+        asked_by = "--decode processes" if self.decode_timeout is None else "--decode-timeout"
+        return decodes_in_processes(self.processes, files, self.decoders(), asked_by)
 
     def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""
@@ -814,17 +825,23 @@ class Engine:
                 contextlib.ExitStack() as stack:
             savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
             try:
-                for batch in stream:
-                    if stop is not None and stop.is_set():
-                        summary.interrupted = True
-                        break
-                    taken += len(batch.paths)
-                    computing = (batch, compute.submit(self._outcome, batch))
-                    if in_flight is not None:
-                        yield self.records(in_flight[0], in_flight[1].result(), savers)
-                    in_flight = computing
-                else:  # the parts may have ended at the stop
-                    summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
+                try:
+                    for batch in stream:
+                        if stop is not None and stop.is_set():
+                            summary.interrupted = True
+                            break
+                        taken += len(batch.paths)
+                        computing = (batch, compute.submit(self._outcome, batch))
+                        if in_flight is not None:
+                            done, in_flight = in_flight, None  # (not yielded again below, whatever happens)
+                            yield self.records(done[0], done[1].result(), savers)
+                        in_flight = computing
+                    else:  # the parts may have ended at the stop
+                        summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
+                except Exception:  # the decoders failed for good (a fork server that kept dying)
+                    if in_flight is not None and in_flight[1].exception() is None:
+                        yield self.records(in_flight[0], in_flight[1].result(), savers)  # computed: kept
+                    raise
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts

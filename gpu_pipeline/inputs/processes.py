@@ -34,6 +34,7 @@ engine decodes in threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 import os
@@ -115,6 +116,8 @@ def processes_wanted(mode: str) -> bool | None:
     return None if mode == "auto" else mode == "processes"
 
 
+#: Bytes after an arena's slots: a float64, when its decode process last read or decoded a file.
+PROGRESS_BYTES = 8
 #: Slots of an arena and their size, unless the decode pool says (it sizes them by what it holds,
 #: a slot three bytes a pixel of its part): here 256 K RGB pixels, 64 EuroSAT tiles.
 SLOTS = 8
@@ -125,7 +128,11 @@ class DecoderDied(RuntimeError):
     """The worker process ended while it decoded (a crash in a codec, or it was killed)."""
 
 
-class ForkServerDied(RuntimeError):
+class DecodeProcessesFailed(RuntimeError):
+    """No decode process can be started: the run cannot go on decoding in processes."""
+
+
+class ForkServerDied(DecodeProcessesFailed):
     """The decode processes' fork server died again and again (it is restarted :data:`FORK_SERVER_RESTARTS` times)."""
 
 
@@ -217,15 +224,20 @@ class ForkServer:
         """A decode process serving ``connection`` with ``arena`` (descriptors); returns its pid.
         OSError once closed; :class:`ForkServerDied` when it died more often than it may be restarted."""
         with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "the fork server was closed")
             if self._process is None:
                 self._start()
-            try:
-                pid = self._fork(connection, arena)
-            except (OSError, EOFError):
-                if self._closed:
-                    raise
-                self._restart()  # it died: what it forked died with it
-                pid = self._fork(connection, arena)
+            while True:
+                try:
+                    pid = self._fork(connection, arena)
+                    break
+                except (OSError, EOFError):
+                    if self._closed:
+                        raise
+                    self._restart()  # it died (the fresh one too, maybe): what it forked died with it
+            if pid < 0:  # its fork failed: -errno (a limit on processes, no memory)
+                raise DecodeProcessesFailed(f"cannot start a decode process: {os.strerror(-pid)}")
             self._forked.add(pid)
             return pid
 
@@ -244,14 +256,20 @@ class ForkServer:
                                  f"(it {_ended(self._process.returncode)} the last time)")
         self.restarts += 1
         self._start()
+        if self._closed:  # closed meanwhile (a close does not wait for a fork): what it had to stop, this stops
+            self._socket.close()
+            self._process.wait()
+            raise OSError(errno.EBADF, "the fork server was closed")
 
-    def exit_status(self, pid: int) -> int:
+    def exit_status(self, pid: int) -> int | None:
         """How decode process ``pid`` ended, as ``Popen.returncode`` says it (-N: signal N); one
-        still running after 5 s is killed first. One forked by an interpreter that has died was
-        killed with it (SIGKILL)."""
+        still running after 5 s is killed first. None for one forked by an interpreter that has
+        died since (the kernel killed it then); OSError or EOFError when this one has died or was closed."""
         with self._lock:
             if pid not in self._forked:
-                return -signal.SIGKILL
+                with contextlib.suppress(ChildProcessError):  # reaped here where this process is its new
+                    _reaped(pid)                               # parent (PID 1 in a container, a subreaper)
+                return None
             self._socket.sendall(b"s" + pid.to_bytes(8, "little", signed=True))
             code = _number(self._socket)
             self._forked.discard(pid)
@@ -297,7 +315,13 @@ def _serve_forks(descriptor: int) -> None:
             return  # the main process closed its end, or died
         if message[:1] == b"f":
             server = os.getpid()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # (a limit on processes, no memory): said, not a traceback and a dead server
+                for fd in descriptors:
+                    os.close(fd)
+                sock.sendall((-(exc.errno or errno.EAGAIN)).to_bytes(8, "little", signed=True))
+                continue
             if pid == 0:
                 sock.close()
                 try:
@@ -348,13 +372,16 @@ class DecodeProcess:
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
                  server: ForkServer | None = None, time_limit: float | None = None) -> None:
         self.slot_bytes = slot_bytes
-        self.time_limit = time_limit  # seconds from a request to its answer; None: no limit
+        self.time_limit = time_limit  # seconds it may spend on one file of a request; None: no limit
         self.returncode: int | None = None  # how the process ended, once it has
+        self.died_with_server = False  # it ended because its fork server did (killed, or closed)
         arena = os.memfd_create("gpu-pipeline-arena", os.MFD_CLOEXEC)
         ours, theirs = socket.socketpair()
         try:
-            os.ftruncate(arena, slots * slot_bytes)
-            self._arena = mmap.mmap(arena, slots * slot_bytes, prot=mmap.PROT_READ)
+            os.ftruncate(arena, slots * slot_bytes + PROGRESS_BYTES)
+            self._arena = mmap.mmap(arena, slots * slot_bytes + PROGRESS_BYTES, prot=mmap.PROT_READ)
+            # when the process last finished reading or decoding a file, under a time limit
+            self._progress = np.frombuffer(self._arena, np.float64, 1, slots * slot_bytes)
             self._server = server
             if server is not None:
                 self.pid = server.fork(theirs.fileno(), arena)
@@ -367,7 +394,7 @@ class DecodeProcess:
         self._slots = _Slots(slots, slot_bytes)
         self._socket = ours
         self._connection = Connection(os.dup(ours.fileno()))
-        self._connection.send((options, slot_bytes))
+        self._connection.send((options, slot_bytes, time_limit is not None))
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
         self._asked_at = 0.0  # when (time.monotonic)
@@ -393,11 +420,10 @@ class DecodeProcess:
 
     def answer(self) -> tuple[int, ImageBatch, Errors]:
         """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`,
-        and :class:`DecodeTimedOut` after killing the process when the answer is not there within
-        ``time_limit`` seconds of the request (its slot is not reused: the arena goes with it)."""
+        and :class:`DecodeTimedOut` after killing the process when it spent ``time_limit`` seconds on
+        one file (see :meth:`_answered_in_time`; its slot is not reused: the arena goes with it)."""
         paths, slot, failure = self._asked
-        if failure is None and self.time_limit is not None and not self._connection.poll(
-                max(0.0, self._asked_at + self.time_limit - time.monotonic())):
+        if failure is None and self.time_limit is not None and not self._answered_in_time():
             with contextlib.suppress(ProcessLookupError):  # (not reaped before it is waited for: the pid is its own)
                 os.kill(self.pid, signal.SIGKILL)
             raise DecodeTimedOut(self.time_limit)
@@ -426,14 +452,27 @@ class DecodeProcess:
         images = ImageBatch.packed(pixels, layout) if pixels is not None else ImageBatch.empty()
         return taken, images, errors
 
+    def _answered_in_time(self) -> bool:
+        """Whether the answer came before the process had spent ``time_limit`` seconds on one file:
+        since the request, or since it last finished reading or decoding one (it writes down when,
+        from the system-wide monotonic clock, in the arena's last bytes)."""
+        while True:
+            deadline = max(self._asked_at, float(self._progress[0])) + self.time_limit
+            if self._connection.poll(max(0.0, deadline - time.monotonic())):
+                return True
+            if max(self._asked_at, float(self._progress[0])) + self.time_limit <= time.monotonic():
+                return False
+
     def _wait(self) -> int:
         """The process's exit status, once it has ended (killed after 5 s)."""
         if self.returncode is None:
             if self._server is not None:
                 try:
                     self.returncode = self._server.exit_status(self.pid)
-                except (OSError, EOFError):  # the fork server was stopped (a closed pool): the kernel killed this process
-                    self.returncode = -signal.SIGKILL
+                except (OSError, EOFError):  # the fork server has died, or was closed (a closed pool)
+                    self.returncode = None
+                if self.returncode is None:  # the kernel killed this process with its server
+                    self.returncode, self.died_with_server = -signal.SIGKILL, True
             else:
                 try:
                     self.returncode = self._process.wait(timeout=5)
@@ -456,9 +495,10 @@ class Decoder:
     """A decode process that is started on first use and comes back after a crash.
 
     When the process dies in the middle of a request, or is killed at its ``time_limit`` (seconds
-    from a request to its answer), the request's files are decoded again one at a time in a fresh
-    process, so that only the file that kills its decoder, or takes longer than the limit on its
-    own, gets an error (``decode`` stage); the others decode as usual.
+    on one file), the request's files are decoded again one at a time in a fresh process, so that
+    only the file that kills its decoder, or takes longer than the limit on its own, gets an error
+    (``decode`` stage); the others decode as usual. A process that died with its fork server (a
+    kill, the OOM killer) is no file's doing: the request is asked again of a fresh server's.
     """
 
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
@@ -491,6 +531,10 @@ class Decoder:
         except DecoderDied as death:
             dead, self._process = self._process, None
             dead.close()  # its sockets and arena; it has been waited for
+            if dead.died_with_server and not isinstance(death, DecodeTimedOut):
+                # not the files' doing: all of them again, in a process of a fresh fork server (one that
+                # keeps dying ends in ForkServerDied; a closed one in OSError)
+                return self.decode(paths, most_pixels)
             if len(paths) == 1:
                 said = str(death) if isinstance(death, DecodeTimedOut) else f"{death} while decoding this file"
                 return 1, ImageBatch.empty(), {0: ("decode", said)}
@@ -546,12 +590,14 @@ class _Worker:
     are decoded straight into the slot; other images are decoded, then copied there.
     """
 
-    def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions) -> None:
+    def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions, timed: bool = False) -> None:
         from gpu_pipeline.inputs.decode import decode_each
 
         self._decode_each = decode_each
         self._socket = sock
         self._arena = np.frombuffer(arena, np.uint8)
+        # under a time limit: when a file was last read or decoded (see DecodeProcess._answered_in_time)
+        self._progress = np.frombuffer(arena, np.float64, 1, len(arena) - PROGRESS_BYTES) if timed else None
         self._options = options
         self._queued: list[str] = []  # the chunk's paths not taken yet
         self._outcomes: Iterator[np.ndarray | tuple[str, str]] = iter(())  # decode_each of them
@@ -561,7 +607,11 @@ class _Worker:
 
     def queue(self, paths: list[str]) -> None:
         self._queued, self._carried = paths, None
-        self._outcomes = self._decode_each(paths, self._options, into=self._next_place)
+        self._outcomes = self._decode_each(paths, self._options, into=self._next_place,
+                                           read=self._note_progress if self._progress is not None else None)
+
+    def _note_progress(self) -> None:
+        self._progress[0] = time.monotonic()
 
     def _next_place(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """The slot's next place as an array of ``shape``, if the image fits in what is left."""
@@ -575,6 +625,7 @@ class _Worker:
         """The next part of the queued files: the reply, and the images to copy where it says
         (``(offset, image)``; those decoded in place are there already)."""
         to_copy, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
+        timed = self._progress is not None
         for index in range(len(self._queued)):
             if self._carried is not None:
                 outcome, self._carried = self._carried, None
@@ -582,6 +633,8 @@ class _Worker:
                 self._room = (slot, used, slot_bytes) if slot is not None else None
                 outcome = next(self._outcomes)
                 self._room = None
+                if timed:
+                    self._note_progress()
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
@@ -632,8 +685,8 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
     arena = mmap.mmap(arena_descriptor, 0)
     os.close(arena_descriptor)
     try:
-        options, slot_bytes = connection.recv()
-        worker = _Worker(sock, arena, options)
+        options, slot_bytes, timed = connection.recv()
+        worker = _Worker(sock, arena, options, timed)
         while True:
             text, most_pixels, slot = connection.recv()
             if text is not None:  # a new chunk; None: the next part of the last one
