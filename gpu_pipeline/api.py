@@ -160,9 +160,9 @@ def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], 
 
     ``paths``: one path (str, bytes or os.PathLike) or a list of them. ``bands``: 1-based band numbers,
     three (RGB) or one (gray): ``(4, 3, 2)``, ``"4,3,2"`` as the command line spells them, or ``1``.
-    ``decode_timeout``: seconds after which an image still decoding gets an error record instead (its
-    decode process is killed; every image is then decoded in a decode process, Linux only), as
-    ``--decode-timeout``; None, no limit.
+    ``decode_timeout``: seconds (1 to 86,400) an image may take to read and decode; one that takes
+    longer gets an error record instead (its decode process is killed; every image is then decoded
+    in a decode process, Linux only), as ``--decode-timeout``; None, no limit.
 
     The arguments are checked when ``run`` is called (ValueError naming the bad one); the files are
     found at the first record. The records are made in the caller's thread, a batch at a time, while

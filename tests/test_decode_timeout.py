@@ -29,7 +29,7 @@ BUNDLED = Path(__file__).resolve().parent.parent / "data"
 
 
 def timed_out(seconds: float) -> str:
-    return f"decoding took longer than the time limit of {seconds:g} s; its decode process was killed"
+    return f"reading and decoding took longer than the time limit of {seconds:g} s; its decode process was killed"
 
 
 def images(folder: Path, count: int, size: int) -> list[Path]:
@@ -298,4 +298,4 @@ def test_the_python_api_refuses_a_decode_timeout_it_has_no_open_files_for_when_c
             "    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], preexec_fn=limited, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == ("decode_timeout: 2 decode processes need about 48 open files; this process may "
-                                   "open 14 (ulimit -n); raise the limit or use fewer --workers"), done.stderr
+                                   "open 14 (ulimit -n); raise the limit or use fewer workers"), done.stderr

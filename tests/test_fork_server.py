@@ -290,3 +290,98 @@ def test_a_fork_server_that_cannot_fork_ends_the_run_in_one_line(tmp_path):
         "gpu-pipeline: error: cannot start a decode process: Resource temporarily unavailable; the records written "
         "before are kept: run the same command again to resume, or use --decode threads")
     assert "Traceback" not in done.stderr
+
+
+def test_parts_decoded_before_the_decoders_failed_still_make_a_batch():
+    """A batch not yet full when the decoders fail for good: its images go on to be computed and
+    written (resume then starts after them), before the failure is raised."""
+    from gpu_pipeline.engine.stream import DecodedPart, part_batches
+    from gpu_pipeline.images import ImageBatch
+
+    def parts():
+        for start in (0, 2):
+            yield DecodedPart([f"{start + k}.png" for k in range(2)],
+                              ImageBatch.of([np.full((4, 4), start + k, np.uint8) for k in range(2)]))
+        raise processes.ForkServerDied("the decode processes' fork server ended 4 times")
+
+    batches = part_batches(parts(), batch_size=10, batch_pixels=1 << 20)
+    batch = next(batches)
+    assert batch.paths == ["0.png", "1.png", "2.png", "3.png"] and len(batch.images) == 4
+    with pytest.raises(processes.ForkServerDied):
+        next(batches)
+
+
+def test_a_fork_server_that_cannot_be_started_again_ends_the_run_in_one_line(tmp_path, monkeypatch):
+    """Its interpreter cannot be started (a limit on processes) after the first one died."""
+    images(tmp_path / "in", 60)
+    real_interpreter, real_answer, started, answers = processes._interpreter, processes.DecodeProcess.answer, [], []
+
+    def interpreter(*arguments, pass_fds):
+        if started:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(real_interpreter(*arguments, pass_fds=pass_fds))
+        return started[-1]
+
+    def answer(self):
+        answers.append(self.pid)
+        if len(answers) == 4:
+            started[0].kill()
+            wait_until(lambda: dead(self.pid), "the decode process dying with its server")
+        return real_answer(self)
+
+    monkeypatch.setattr(processes, "_interpreter", interpreter)
+    monkeypatch.setattr(processes.DecodeProcess, "answer", answer)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "in"), "--out", str(out), "--backend", "reference",
+                                      "--decode", "processes", "--workers", "1", "--batch-size", "5"])
+    assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert result.stderr.splitlines()[-1] == (
+        "gpu-pipeline: error: cannot start the decode processes' fork server: Resource temporarily unavailable; "
+        "the records written before are kept: run the same command again to resume, or use --decode threads")
+    assert out.read_text().count("\n") > 0
+
+
+EARLY_CLOSE = """
+import ctypes, os, sys, time
+sys.path.insert(0, {repo!r})
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: as PID 1 in a container, orphans become ours
+import gpu_pipeline
+for _ in range(3):
+    records = gpu_pipeline.run({folder!r}, backend="reference", decode="processes", workers=2)
+    [next(records) for _ in range(3)]
+    records.close()
+time.sleep(1)
+zombies = [pid for pid in os.listdir("/proc") if pid.isdigit()
+           for fields in [open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()]
+           if int(fields[1]) == os.getpid() and fields[0] == "Z"]
+print(len(zombies))
+"""
+
+
+def test_an_early_close_leaves_no_zombie_where_the_run_is_pid_1(tmp_path):
+    """Closing the pool stops the fork server first: it reaps the decode processes it forked
+    before it ends (they were left to the run, PID 1 in a container, as zombies: two a closed run)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tile = np.random.default_rng(3).integers(0, 256, (64, 64, 3), np.uint8)
+    for index in range(5000):  # (the decoders are still at work when the third record comes)
+        Image.fromarray(tile).save(folder / f"{index:04d}.jpg")
+    repo = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", EARLY_CLOSE.format(repo=repo, folder=str(folder))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["0"], done.stderr
+
+
+def test_a_decode_process_that_does_not_die_of_sigkill_is_not_waited_for_for_ever(monkeypatch):
+    """A process in an uninterruptible read (a dead block device, some FUSE mounts) ends only when the
+    read does: after the kill, it is said killed rather than waited for, and the fork server's lock
+    (every other decoder's next fork) is not held for ever."""
+    killed = []
+    monkeypatch.setattr(processes.os, "waitpid", lambda pid, options: (0, 0))  # never ends
+    monkeypatch.setattr(processes.os, "kill", lambda pid, number: killed.append((pid, number)))
+    started = time.monotonic()
+    assert processes._reaped(12345, wait_s=0.05) == -signal.SIGKILL
+    assert killed == [(12345, signal.SIGKILL)] and time.monotonic() - started < 1

@@ -339,7 +339,7 @@ class Job:
     dask_timeout: float | None = None
     device: int | None = None
     processes: bool | None = None  # decode in processes: None lets the engine choose
-    decode_timeout: float | None = None  # seconds a decode process's part may take (needs processes)
+    decode_timeout: float | None = None  # seconds a decode process may spend on one file (needs processes)
 
 
 @dataclass

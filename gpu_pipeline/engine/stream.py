@@ -200,8 +200,9 @@ def decodes_in_processes(processes: bool | None, files: int, decoders: int,
     naming the option that asked (``asked_by``; a decode time limit cannot do with threads)."""
     if processes is not None:
         if processes and processes_available() and (reason := room_for_descriptors(decoders)) is not None:
+            workers = "--workers" if asked_by.startswith("--") else "workers"
             ways = ("raise the limit, use fewer --workers, or use --decode threads" if asked_by == "--decode processes"
-                    else "raise the limit or use fewer --workers")
+                    else f"raise the limit or use fewer {workers}")
             raise UsageError(f"{asked_by}: {reason}; {ways}")
         return processes and processes_available()
     cores = usable_cores()
@@ -652,11 +653,21 @@ def part_batches(parts: Iterator[DecodedPart], batch_size: int | None, batch_pix
     """Group parts into batches in input order: at most ``batch_size`` images (if given) and
     ``batch_pixels`` pixels, or one image alone, and about :data:`MOST_BATCH_ERRORS` error records;
     a part is cut where an image limit falls inside it, and error records ride along where they
-    are, so records keep the input order."""
+    are, so records keep the input order. When ``parts`` fails (decoders that cannot go on), the
+    parts it gave before still make a last batch, then the failure is raised."""
     most_images = batch_size if batch_size is not None else 1 << 62
     pending: list[DecodedPart] = []
     images = pixels = errors = 0
-    for part in parts:
+    parts = iter(parts)
+    while True:
+        try:
+            part = next(parts)
+        except StopIteration:
+            break
+        except Exception:
+            if pending:
+                yield DecodedPart.concatenate(pending)
+            raise
         while True:
             sizes = np.cumsum(part.images.pixels)
             fit = int(np.searchsorted(sizes, batch_pixels - pixels, side="right"))

@@ -137,10 +137,11 @@ class ForkServerDied(DecodeProcessesFailed):
 
 
 class DecodeTimedOut(DecoderDied):
-    """The worker process did not answer within its time limit, and was killed."""
+    """The worker process spent longer than its time limit on one file, and was killed."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"decoding took longer than the time limit of {seconds:g} s; its decode process was killed")
+        super().__init__(f"reading and decoding took longer than the time limit of {seconds:g} s; "
+                         "its decode process was killed")
 
 
 def _package_root() -> str:
@@ -213,6 +214,14 @@ class ForkServer:
                 self._start()
 
     def _start(self) -> None:
+        """Start the interpreter; :class:`DecodeProcessesFailed` when it cannot be (a limit on processes)."""
+        try:
+            self._started()
+        except OSError as exc:
+            raise DecodeProcessesFailed(f"cannot start the decode processes' fork server: {exc.strerror or exc}") \
+                from exc
+
+    def _started(self) -> None:
         ours, theirs = socket.socketpair()
         try:
             self._process = _interpreter("--fork-server", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
@@ -306,6 +315,32 @@ def _serve_forks(descriptor: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.freeze()  # the imported objects are never collected: their pages stay shared
     sock = socket.socket(fileno=descriptor)
+    children: set[int] = set()  # forked, not yet reaped
+    try:
+        _serve_fork_requests(sock, children)
+    finally:  # ended with this server (closed, or the run died): reaped here, not left to whoever inherits them
+        _kill_and_reap(children)
+
+
+def _kill_and_reap(children: set[int], wait_s: float = 1.0) -> None:
+    """SIGKILL ``children`` and reap those that end within ``wait_s`` (one stuck in a read from a hung
+    mount ends only when the read does: it is left, to the kernel and whoever inherits it)."""
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while children and time.monotonic() < deadline:
+        for pid in list(children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                children.discard(pid)
+        time.sleep(0.005)
+
+
+def _serve_fork_requests(sock: socket.socket, children: set[int]) -> None:
     while True:
         try:
             message, descriptors, _, _ = socket.recv_fds(sock, 9, 2)
@@ -329,6 +364,7 @@ def _serve_forks(descriptor: int) -> None:
                     _serve(*descriptors)
                 finally:
                     os._exit(0)
+            children.add(pid)
             for fd in descriptors:
                 os.close(fd)
             sock.sendall(pid.to_bytes(8, "little", signed=True))
@@ -336,7 +372,9 @@ def _serve_forks(descriptor: int) -> None:
             while len(message) < 9:
                 message += sock.recv(9 - len(message))
             pid = int.from_bytes(message[1:9], "little", signed=True)
-            sock.sendall(_reaped(pid).to_bytes(8, "little", signed=True))
+            code = _reaped(pid)
+            children.discard(pid)
+            sock.sendall(code.to_bytes(8, "little", signed=True))
 
 
 def _end_with(server: int) -> None:
@@ -353,15 +391,20 @@ def _end_with(server: int) -> None:
         os._exit(0)
 
 
-def _reaped(pid: int) -> int:
-    deadline = time.monotonic() + 5
+def _reaped(pid: int, wait_s: float = 5.0) -> int:
+    """How child ``pid`` ended, once reaped; one still running after ``wait_s`` is killed, and said
+    killed (-SIGKILL) without waiting for ever: a process in an uninterruptible read from a dead
+    mount ends only when the read does (it is reaped later, or by whoever inherits it)."""
+    deadline, killed = time.monotonic() + wait_s, False
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
+            if killed:
+                return -signal.SIGKILL
             os.kill(pid, signal.SIGKILL)
-            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            deadline, killed = time.monotonic() + wait_s, True
         time.sleep(0.01)
 
 
@@ -471,6 +514,8 @@ class DecodeProcess:
                     self.returncode = self._server.exit_status(self.pid)
                 except (OSError, EOFError):  # the fork server has died, or was closed (a closed pool)
                     self.returncode = None
+                    with contextlib.suppress(ChildProcessError):  # (ours to reap where it became our child: PID 1)
+                        _reaped(self.pid)
                 if self.returncode is None:  # the kernel killed this process with its server
                     self.returncode, self.died_with_server = -signal.SIGKILL, True
             else:
