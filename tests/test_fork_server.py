@@ -299,9 +299,9 @@ def test_parts_decoded_before_the_decoders_failed_still_make_a_batch():
     from gpu_pipeline.images import ImageBatch
 
     def parts():
-        for start in (0, 2):
-            yield DecodedPart([f"{start + k}.png" for k in range(2)],
-                              ImageBatch.of([np.full((4, 4), start + k, np.uint8) for k in range(2)]))
+        for first in (0, 2):
+            yield DecodedPart([f"{first + k}.png" for k in range(2)],
+                              ImageBatch.of([np.full((4, 4), first + k, np.uint8) for k in range(2)]))
         raise processes.ForkServerDied("the decode processes' fork server ended 4 times")
 
     batches = part_batches(parts(), batch_size=10, batch_pixels=1 << 20)
