@@ -220,8 +220,8 @@ MOST_DECODE_TIMEOUT_S = 86400.0
 def processes_for_time_limit(processes: bool | None, time_limit, option: str = "--decode-timeout") -> bool | None:
     """The engine's ``processes`` for a decode ``time_limit`` in seconds (None: no limit): True, since
     a decode process can be killed in the middle of an image and a decode thread cannot. UsageError,
-    naming ``option``, for a limit that is not a number of seconds above 0 (at most a day), with
-    threads asked for (``processes`` False), or where decode processes cannot run."""
+    naming ``option``, for a limit that is not a number of seconds from 1 to a day, with threads
+    asked for (``processes`` False), or where decode processes cannot run."""
     if time_limit is None:
         return processes
     if isinstance(time_limit, (bool, np.bool_)) or not isinstance(time_limit, numbers.Real) \

@@ -27,8 +27,10 @@ never imported again in them. They run in a session of their own and ignore SIGI
 is the main process's to handle (it flushes, then ends them), and each ends when its socket
 closes, so none outlives the run, even one killed with SIGKILL; one stuck in a codec or a read,
 which never looks at its socket, is killed by the kernel when the fork server ends, with the run
-or when its decode pool is closed (``PR_SET_PDEATHSIG``). Linux only (``memfd``); elsewhere :func:`available` is False and the
-engine decodes in threads.
+or when its decode pool is closed (``PR_SET_PDEATHSIG``). Under a time limit (``--decode-timeout``)
+one that spends longer than that on a file is killed, and the file gets an error record
+(:class:`Decoder`); a fork server that dies is replaced (:class:`ForkServer`). Linux only
+(``memfd``); elsewhere :func:`available` is False and the engine decodes in threads.
 """
 
 from __future__ import annotations
