@@ -385,3 +385,19 @@ def test_a_decode_process_that_does_not_die_of_sigkill_is_not_waited_for_for_eve
     started = time.monotonic()
     assert processes._reaped(12345, wait_s=0.05) == -signal.SIGKILL
     assert killed == [(12345, signal.SIGKILL)] and time.monotonic() - started < 1
+
+
+def test_a_fork_server_that_cannot_be_started_at_all_ends_the_run_in_one_line(tmp_path, monkeypatch):
+    """Started early, while the backend loads: its failure is said by the run, not as a traceback."""
+    images(tmp_path / "in", 20)
+
+    def interpreter(*arguments, pass_fds):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(processes, "_interpreter", interpreter)
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "out.jsonl"),
+                                      "--backend", "reference", "--decode", "processes", "--workers", "1"])
+    assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert result.stderr.splitlines()[-1] == (
+        "gpu-pipeline: error: cannot start the decode processes' fork server: Resource temporarily unavailable; "
+        "the records written before are kept: run the same command again to resume, or use --decode threads")

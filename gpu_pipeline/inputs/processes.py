@@ -213,7 +213,8 @@ class ForkServer:
         first fork waits for them): a caller starts it while it has other work to do."""
         with self._lock:
             if self._process is None:
-                self._start()
+                with contextlib.suppress(DecodeProcessesFailed):  # (said by the first fork, to the run)
+                    self._start()
 
     def _start(self) -> None:
         """Start the interpreter; :class:`DecodeProcessesFailed` when it cannot be (a limit on processes)."""
