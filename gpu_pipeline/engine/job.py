@@ -31,7 +31,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server
+from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
@@ -561,8 +561,8 @@ def check_job(job: Job) -> CheckedJob:
         done = existing.succeeded
     todo = [path for path in files if path not in done]
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
-    asked_by = "--decode processes" if job.decode_timeout is None else "--decode-timeout"
-    fork_server = early_fork_server(job.processes, len(todo), job.workers, asked_by) if job.dask is None else None
+    fork_server = (early_fork_server(job.processes, len(todo), job.workers, processes_option(job.decode_timeout))
+                   if job.dask is None else None)
     try:
         checked = _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
     except BaseException:

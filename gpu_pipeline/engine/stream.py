@@ -237,6 +237,11 @@ def processes_for_time_limit(processes: bool | None, time_limit, option: str = "
     return True
 
 
+def processes_option(time_limit: float | None) -> str:
+    """The option a refusal of decode processes names: a time limit asks for them too."""
+    return "--decode processes" if time_limit is None else "--decode-timeout"
+
+
 def early_fork_server(processes: bool | None, files: int, workers: int | None,
                       asked_by: str = "--decode processes") -> ForkServer | None:
     """For a run of ``files`` files with ``workers`` decoders (:func:`decoder_count`) that will decode
@@ -769,8 +774,7 @@ class Engine:
 
     def decodes_in_processes(self, files: int) -> bool:
         """Whether a run of ``files`` files decodes in worker processes (see :attr:`processes`)."""
-        asked_by = "--decode processes" if self.decode_timeout is None else "--decode-timeout"
-        return decodes_in_processes(self.processes, files, self.decoders(), asked_by)
+        return decodes_in_processes(self.processes, files, self.decoders(), processes_option(self.decode_timeout))
 
     def decoders(self) -> int:
         """How many decoders a run starts (see :attr:`workers`)."""
@@ -836,23 +840,23 @@ class Engine:
                 contextlib.ExitStack() as stack:
             savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
             try:
-                try:
-                    for batch in stream:
-                        if stop is not None and stop.is_set():
-                            summary.interrupted = True
-                            break
-                        taken += len(batch.paths)
-                        computing = (batch, compute.submit(self._outcome, batch))
-                        if in_flight is not None:
-                            done, in_flight = in_flight, None  # (not yielded again below, whatever happens)
-                            yield self.records(done[0], done[1].result(), savers)
-                        in_flight = computing
-                    else:  # the parts may have ended at the stop
-                        summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
-                except Exception:  # the decoders failed for good (a fork server that kept dying)
-                    if in_flight is not None and in_flight[1].exception() is None:
-                        yield self.records(in_flight[0], in_flight[1].result(), savers)  # computed: kept
-                    raise
+                for batch in stream:
+                    if stop is not None and stop.is_set():
+                        summary.interrupted = True
+                        break
+                    taken += len(batch.paths)
+                    computing = (batch, compute.submit(self._outcome, batch))
+                    if in_flight is not None:
+                        done, in_flight = in_flight, None  # (not yielded again below, whatever happens)
+                        yield self.records(done[0], done[1].result(), savers)
+                    in_flight = computing
+                else:  # the parts may have ended at the stop
+                    summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
+            except Exception:  # the decoders failed for good (a fork server that kept dying)
+                if in_flight is not None and in_flight[1].exception() is None:
+                    yield self.records(in_flight[0], in_flight[1].result(), savers)  # computed: kept
+                raise
+            else:
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts

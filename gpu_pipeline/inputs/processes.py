@@ -279,8 +279,6 @@ class ForkServer:
         died since (the kernel killed it then); OSError or EOFError when this one has died or was closed."""
         with self._lock:
             if pid not in self._forked:
-                with contextlib.suppress(ChildProcessError):  # reaped here where this process is its new
-                    _reaped(pid)                               # parent (PID 1 in a container, a subreaper)
                 return None
             self._socket.sendall(b"s" + pid.to_bytes(8, "little", signed=True))
             code = _number(self._socket)
@@ -517,10 +515,10 @@ class DecodeProcess:
                     self.returncode = self._server.exit_status(self.pid)
                 except (OSError, EOFError):  # the fork server has died, or was closed (a closed pool)
                     self.returncode = None
-                    with contextlib.suppress(ChildProcessError):  # (ours to reap where it became our child: PID 1)
-                        _reaped(self.pid)
                 if self.returncode is None:  # the kernel killed this process with its server
                     self.returncode, self.died_with_server = -signal.SIGKILL, True
+                    with contextlib.suppress(ChildProcessError):  # reaped here where it became this process's
+                        _reaped(self.pid)                          # child (PID 1 in a container, a subreaper)
             else:
                 try:
                     self.returncode = self._process.wait(timeout=5)
