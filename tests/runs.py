@@ -1,13 +1,15 @@
-"""Real ``gpu-pipeline run`` processes, for the tests that kill, signal or race them."""
+"""Real ``gpu-pipeline run`` processes, for the tests that kill, signal or race them, and the decode
+processes and interpreters of a run, made to hang, fail or be counted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,10 +70,46 @@ if os.environ.get("HANG_ON"):
 """
 
 
+def sitecustomize(folder: Path, source: str) -> dict[str, str]:
+    """The environment in which every interpreter imports ``source`` first (a run, its fork server and
+    decode processes): written as ``folder``'s ``sitecustomize``, ``folder`` put on ``PYTHONPATH``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def hanging_decoder(folder: Path, name_part: str, seconds: float = 3600) -> dict[str, str]:
     """The environment that makes a run's decoding of files named with ``name_part`` hang for
     ``seconds`` (see :data:`HANGING_DECODER`), its ``sitecustomize`` written in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(HANGING_DECODER)
-    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
-    return {"PYTHONPATH": path, "HANG_ON": name_part, "HANG_SECONDS": str(seconds)}
+    return {**sitecustomize(folder, HANGING_DECODER), "HANG_ON": name_part, "HANG_SECONDS": str(seconds)}
+
+
+def count_decode_processes(monkeypatch) -> list:
+    """Records every DecodeProcess started from now on (the list fills as they start)."""
+    from gpu_pipeline.inputs import processes
+
+    started = []
+    real = processes.DecodeProcess
+
+    def counted(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(processes, "DecodeProcess", counted)
+    return started
+
+
+@contextlib.contextmanager
+def decoder_with_server(time_limit: float | None = None) -> Iterator:
+    """A decode process :class:`~gpu_pipeline.inputs.processes.Decoder` (``time_limit`` its limit a
+    file) forking from a fork server of its own; both closed after."""
+    from gpu_pipeline.config import DecodeOptions
+    from gpu_pipeline.inputs import processes
+
+    server = processes.ForkServer()
+    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=time_limit)
+    try:
+        yield decoder, server
+    finally:
+        decoder.close()
+        server.close()

@@ -26,6 +26,7 @@ from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import find_files
 from gpu_pipeline.outputs.sink import RecordList
+from tests.runs import count_decode_processes
 from tests.strategies import examples, packed_batch
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
@@ -58,19 +59,6 @@ def jpeg_bomb(path: Path) -> None:
     sof = data.index(b"\xff\xc0", offset)
     data[sof + 5:sof + 9] = (3000).to_bytes(2, "big") * 2
     path.write_bytes(data)
-
-
-def count_decode_processes(monkeypatch) -> list:
-    """Records every DecodeProcess started from now on (the list fills as they start)."""
-    started = []
-    real = processes.DecodeProcess
-
-    def counted(*args, **kwargs):
-        started.append(real(*args, **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(processes, "DecodeProcess", counted)
-    return started
 
 
 @needs_processes

@@ -22,7 +22,8 @@ from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
-from tests.runs import hanging_decoder, start, tagged, wait_until
+from tests.runs import (count_decode_processes, decoder_with_server, hanging_decoder, sitecustomize, start, tagged,
+                        wait_until)
 
 needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
@@ -82,25 +83,13 @@ def test_a_decoder_gives_up_on_the_file_that_takes_too_long_alone_and_keeps_the_
     tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]
     paths = [str(tiles[0]), str(tmp_path / "stuck.jpg"), str(tiles[1]), str(tiles[2])]
     Path(paths[1]).write_bytes(tiles[0].read_bytes())
-    started_processes = []
-    real = processes.DecodeProcess
-
-    def counted(*args, **kwargs):
-        started_processes.append(real(*args, **kwargs))
-        return started_processes[-1]
-
-    monkeypatch.setattr(processes, "DecodeProcess", counted)
-    server = processes.ForkServer()
-    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=1.0)
-    try:
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
         started = time.monotonic()
         taken, decoded, errors = decoder.decode(paths, 1 << 30)
         elapsed = time.monotonic() - started
         # the one asked for the part and the one asked for the stuck file alone were killed at once
         assert [process.returncode for process in started_processes] == [-9, -9, None]
-    finally:
-        decoder.close()
-        server.close()
     assert taken == 4 and errors == {1: ("decode", timed_out(1))}
     assert [image.tobytes() for image in decoded] == [decode_image(paths[k], DecodeOptions()).tobytes() for k in (0, 2, 3)]
     assert 2 <= elapsed < 4  # the part's limit, then the stuck file's own (a process not killed is waited for 5 s)
@@ -112,13 +101,8 @@ def test_an_image_slower_than_usual_but_within_the_limit_decodes(tmp_path, monke
         monkeypatch.setenv(name, value)
     tile = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[0]
     (tmp_path / "slow.jpg").write_bytes(tile.read_bytes())
-    server = processes.ForkServer()
-    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=3.0)
-    try:
+    with decoder_with_server(time_limit=3.0) as (decoder, _):
         taken, decoded, errors = decoder.decode([str(tile), str(tmp_path / "slow.jpg")], 1 << 30)
-    finally:
-        decoder.close()
-        server.close()
     assert (taken, len(decoded), errors) == (2, 2, {})
 
 
@@ -132,21 +116,9 @@ def test_the_limit_is_a_files_not_its_parts(tmp_path, monkeypatch):
     paths = [str(tmp_path / f"slow{k}.jpg") for k in range(5)]
     for path in paths:
         Path(path).write_bytes(tile.read_bytes())
-    started_processes = []
-    real = processes.DecodeProcess
-
-    def counted(*args, **kwargs):
-        started_processes.append(real(*args, **kwargs))
-        return started_processes[-1]
-
-    monkeypatch.setattr(processes, "DecodeProcess", counted)
-    server = processes.ForkServer()
-    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=1.0)
-    try:
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
         taken, decoded, errors = decoder.decode(paths, 1 << 30)
-    finally:
-        decoder.close()
-        server.close()
     assert (taken, len(decoded), errors, len(started_processes)) == (5, 5, {}, 1)
 
 
@@ -169,27 +141,12 @@ if os.environ.get("SLOW_READS"):
 def test_a_slow_mount_under_the_limit_is_not_taken_for_a_stuck_one(tmp_path, monkeypatch):
     """Small files are read a group at a time (32) before they are decoded: 8 reads of 0.3 s under
     a 1 s limit. Each read counts as progress."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_READS)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "site"),
-                                                                   os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("SLOW_READS", "0.3")
+    for name, value in {**sitecustomize(tmp_path / "site", SLOW_READS), "SLOW_READS": "0.3"}.items():
+        monkeypatch.setenv(name, value)
     tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:8]]
-    started_processes = []
-    real = processes.DecodeProcess
-
-    def counted(*args, **kwargs):
-        started_processes.append(real(*args, **kwargs))
-        return started_processes[-1]
-
-    monkeypatch.setattr(processes, "DecodeProcess", counted)
-    server = processes.ForkServer()
-    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=1.0)
-    try:
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
         taken, decoded, errors = decoder.decode(tiles, 1 << 30)
-    finally:
-        decoder.close()
-        server.close()
     assert (taken, len(decoded), errors, len(started_processes)) == (8, 8, {}, 1)
 
 

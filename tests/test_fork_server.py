@@ -21,7 +21,7 @@ from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
-from tests.runs import hanging_decoder, start, tagged, wait_until
+from tests.runs import decoder_with_server, hanging_decoder, sitecustomize, start, tagged, wait_until
 
 pytestmark = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
@@ -76,17 +76,12 @@ def test_a_file_asked_alone_of_a_process_that_died_with_its_server_is_decoded_ag
     """Not the file's doing: the first file of a run, a large image, the last of a chunk are asked
     alone, and each got "the decode process died of SIGKILL while decoding this file"."""
     tile = str(sorted((BUNDLED / "eurosat").rglob("*.jpg"))[0])
-    server = processes.ForkServer()
-    decoder = processes.Decoder(DecodeOptions(), server=server, time_limit=time_limit)
-    try:
+    with decoder_with_server(time_limit) as (decoder, server):
         assert decoder.decode([tile], 1 << 30)[2] == {}
         os.kill(server._process.pid, signal.SIGKILL)
         wait_until(lambda: dead(decoder._process.pid), "its decode process dying with it")
         taken, decoded, errors = decoder.decode([tile], 1 << 30)
         assert (taken, len(decoded), errors, server.restarts) == (1, 1, {}, 1)
-    finally:
-        decoder.close()
-        server.close()
 
 
 def test_a_fresh_fork_server_that_dies_at_once_is_replaced_too(monkeypatch):
@@ -277,10 +272,7 @@ def test_a_fork_server_that_cannot_fork_ends_the_run_in_one_line(tmp_path):
     import sys
 
     images(tmp_path / "in", 30)
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(FORK_FAILS)
-    env = dict(os.environ, FORK_FAILS="1", PYTHONPATH=os.pathsep.join(
-        filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, FORK_FAILS="1", **sitecustomize(tmp_path / "site", FORK_FAILS))
     done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tmp_path / "in"), "--out",
                            str(tmp_path / "out.jsonl"), "--backend", "reference", "--decode", "processes"],
                           cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
@@ -401,3 +393,26 @@ def test_a_fork_server_that_cannot_be_started_at_all_ends_the_run_in_one_line(tm
     assert result.stderr.splitlines()[-1] == (
         "gpu-pipeline: error: cannot start the decode processes' fork server: Resource temporarily unavailable; "
         "the records written before are kept: run the same command again to resume, or use --decode threads")
+
+
+def test_a_run_whose_decoders_fail_for_good_writes_every_batch_decoded_before():
+    """The batch computing when the failure comes is handed on too, then the failure is raised."""
+    from gpu_pipeline.backends import create
+    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine.stream import DecodedPart, Engine
+    from gpu_pipeline.images import ImageBatch
+
+    def parts(paths, *args, **kwargs):
+        for first in (0, 2, 4):
+            yield DecodedPart(paths[first:first + 2],
+                              ImageBatch.of([np.full((8, 8), 40 * (first + k), np.uint8) for k in range(2)]))
+        raise processes.ForkServerDied("the decode processes' fork server ended 4 times")
+
+    paths = [f"/in/{k}.png" for k in range(6)]
+    written = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stream, "decode_parts", parts)
+        with pytest.raises(processes.ForkServerDied):
+            for batch in Engine(create("reference"), batch_size=2, processes=False).record_batches(paths):
+                written += [record["path"] for record in batch]
+    assert written == paths
