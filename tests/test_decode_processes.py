@@ -570,7 +570,7 @@ def test_a_decode_process_copies_what_was_not_decoded_in_place():
 
     first, second = (np.arange(12, dtype=np.uint8).reshape(2, 2, 3) + k for k in (1, 100))
 
-    def decode_each(paths, options, into, read=None):
+    def decode_each(paths, options, into, working=None):
         place = into(first.shape)
         place[...] = first
         yield place

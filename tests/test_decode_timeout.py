@@ -59,7 +59,7 @@ def test_an_image_stuck_in_its_decoder_gets_an_error_record_and_the_run_goes_on(
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    # the stuck image's part waits out the limit, then the image alone does again
+    # the stuck image's part waits out the limit once
     assert time.monotonic() - started < 30
     assert process.returncode == 1, stderr
     assert "Traceback" not in stderr and "1 failed" in stderr
@@ -75,24 +75,118 @@ def test_an_image_stuck_in_its_decoder_gets_an_error_record_and_the_run_goes_on(
 
 
 @needs_processes
-def test_a_decoder_gives_up_on_the_file_that_takes_too_long_alone_and_keeps_the_others(tmp_path, monkeypatch):
-    """The part is asked of the process, which does not answer in time: killed, and its files
-    decoded one at a time in a fresh process, where only the stuck one runs out of time again."""
+def test_a_decoder_gives_up_on_the_file_it_was_stuck_on_and_keeps_the_others(tmp_path, monkeypatch):
+    """The second part of a chunk is asked of the process, which does not answer in time: killed
+    once. It had noted which file of the part it was on: that one gets the error, the one before it
+    is decoded again in a fresh process, and the part ends there; the rest is asked for next, as
+    after any part."""
     for name, value in hanging_decoder(tmp_path / "site", "stuck").items():
         monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up)
-    tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]
-    paths = [str(tiles[0]), str(tmp_path / "stuck.jpg"), str(tiles[1]), str(tiles[2])]
-    Path(paths[1]).write_bytes(tiles[0].read_bytes())
+    tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:4]
+    paths = [str(tiles[0]), str(tiles[1]), str(tmp_path / "stuck.jpg"), str(tiles[2]), str(tiles[3])]
+    Path(paths[2]).write_bytes(tiles[0].read_bytes())
     started_processes = count_decode_processes(monkeypatch)
     with decoder_with_server(time_limit=1.0) as (decoder, _):
+        first = decoder.decode(paths, 64 * 64)  # one tile's worth
         started = time.monotonic()
-        taken, decoded, errors = decoder.decode(paths, 1 << 30)
+        second = decoder.decode(paths[1:], 1 << 30)
         elapsed = time.monotonic() - started
-        # the one asked for the part and the one asked for the stuck file alone were killed at once
-        assert [process.returncode for process in started_processes] == [-9, -9, None]
-    assert taken == 4 and errors == {1: ("decode", timed_out(1))}
-    assert [image.tobytes() for image in decoded] == [decode_image(paths[k], DecodeOptions()).tobytes() for k in (0, 2, 3)]
-    assert 2 <= elapsed < 4  # the part's limit, then the stuck file's own (a process not killed is waited for 5 s)
+        rest = decoder.decode(paths[3:], 1 << 30)
+        # only the one asked for the part was killed (the stuck file was not tried again)
+        assert [process.returncode for process in started_processes] == [-9, None]
+    assert [(taken, errors) for taken, _, errors in (first, second, rest)] == [
+        (1, {}), (2, {1: ("decode", timed_out(1))}), (2, {})]
+    expected = [decode_image(paths[k], DecodeOptions()).tobytes() for k in (0, 1, 3, 4)]
+    assert [image.tobytes() for _, images, _ in (first, second, rest) for image in images] == expected
+    assert elapsed >= 1  # the limit was waited out
+
+
+STUCK_READ = """
+import os, time
+if os.environ.get("STUCK_READ"):
+    import gpu_pipeline.inputs.decode as decode
+
+    def stuck(read):
+        def read_small_file(path):
+            if os.environ["STUCK_READ"] in os.fspath(path):
+                time.sleep(3600)
+            return read(path)
+        return read_small_file
+
+    decode._read_small_file = stuck(decode._read_small_file)
+"""
+
+
+@needs_processes
+def test_a_read_stuck_ahead_of_the_part_blames_that_file_once(tmp_path, monkeypatch):
+    """Small files are read a group at a time before they are decoded, so a read that hangs may be
+    of a file past the part being asked for (two tiles' worth of pixels here, the stuck file the
+    fourth). The file it was reading gets the error, at the first kill: the part grows to it.
+    (Redone one at a time, the part's files decoded, the process read ahead into the stuck file
+    again, and it cost the limit three times.)"""
+    for name, value in {**sitecustomize(tmp_path / "site", STUCK_READ), "STUCK_READ": "stuck"}.items():
+        monkeypatch.setenv(name, value)
+    tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:5]]
+    paths = [*tiles[:3], str(tmp_path / "stuck.jpg"), *tiles[3:]]
+    Path(paths[3]).write_bytes(Path(tiles[0]).read_bytes())
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
+        taken, decoded, errors = decoder.decode(paths, 2 * 64 * 64)
+        rest_taken, rest, rest_errors = decoder.decode(paths[taken:], 1 << 30)
+        assert [process.returncode for process in started_processes] == [-9, None]
+    assert (taken, errors, rest_taken, rest_errors) == (4, {3: ("decode", timed_out(1))}, 2, {})
+    expected = [decode_image(paths[k], DecodeOptions()).tobytes() for k in (0, 1, 2, 4, 5)]
+    assert [image.tobytes() for image in [*decoded, *rest]] == expected
+
+
+STUCK_REPLY = """
+import os, time
+if os.environ.get("STUCK_REPLY"):
+    from multiprocessing.connection import Connection
+
+    def stuck_once(send):
+        def send_reply(self, message):
+            if isinstance(message, tuple) and len(message) == 5:  # a decode process's reply to a request
+                try:
+                    os.close(os.open(os.environ["STUCK_REPLY"], os.O_CREAT | os.O_EXCL))
+                    time.sleep(3600)
+                except FileExistsError:
+                    pass
+            return send(self, message)
+        return send_reply
+
+    Connection.send = stuck_once(Connection.send)
+"""
+
+
+@needs_processes
+def test_a_process_stuck_between_files_blames_none_of_them(tmp_path, monkeypatch):
+    """A process killed while it sends its reply (here: the first time only) was on no file: the
+    part's files are decoded again one at a time, and none gets an error."""
+    marker = tmp_path / "stuck-once"
+    for name, value in {**sitecustomize(tmp_path / "site", STUCK_REPLY), "STUCK_REPLY": str(marker)}.items():
+        monkeypatch.setenv(name, value)
+    tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]]
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
+        taken, decoded, errors = decoder.decode(tiles, 1 << 30)
+        assert [process.returncode for process in started_processes] == [-9, None]
+    assert marker.exists() and (taken, errors) == (3, {})
+    assert [image.tobytes() for image in decoded] == [decode_image(path, DecodeOptions()).tobytes() for path in tiles]
+
+
+def test_a_process_that_moved_on_as_it_was_killed_blames_no_file():
+    """The file a killed process was on is blamed only when its note is the one the limit was
+    passed on: one it wrote after (it finished that file as the limit passed) is another file's."""
+    process = processes.DecodeProcess.__new__(processes.DecodeProcess)
+    process._asked = (["a.jpg", "b.jpg", "c.jpg"], None, None)
+    process._given_up_at = 100.0
+    process._progress = np.array([100.0, 1.0])
+    assert process.stuck_on() == 1
+    process._progress = np.array([100.5, 2.0])  # moved on to the next file after the decision
+    assert process.stuck_on() is None
+    process._progress = np.array([100.0, -1.0])  # between files
+    assert process.stuck_on() is None
 
 
 @needs_processes

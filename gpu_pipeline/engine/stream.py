@@ -762,8 +762,8 @@ class Engine:
     #: decodes in processes takes it over, :meth:`close` stops it if none does.
     fork_server: ForkServer | None = None
     #: Seconds a decode process may spend on one file (reading it, or decoding it) before it is
-    #: killed: the files of its part are then decoded one at a time, and one that takes longer on its
-    #: own gets an error record. None: no limit. Set, every image is decoded in a process
+    #: killed: the file it was on gets an error record, and the files of its part before that one
+    #: are decoded again in a fresh process (:class:`~gpu_pipeline.inputs.processes.Decoder`). None: no limit. Set, every image is decoded in a process
     #: (:func:`processes_for_time_limit`).
     decode_timeout: float | None = None
 

@@ -277,28 +277,31 @@ READ_AHEAD_BYTES = 4 << 20
 
 def decode_each(paths: Iterable[str | os.PathLike[str]], options: DecodeOptions,
                 into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None,
-                read: Callable[[], None] | None = None) -> Iterator[np.ndarray | tuple[str, str]]:
+                working: Callable[[int], None] | None = None) -> Iterator[np.ndarray | tuple[str, str]]:
     """:func:`decode_or_error` of each of ``paths``, in order, small files read a group at a time
     before they are decoded (module docstring, "Reading"). The results are the same.
 
     ``into``, when given, is asked for the array a plain JPEG (see :func:`_plain_jpeg`) of a
     shape should be decoded into, and may say None (a fresh array then): a decode process decodes
-    straight into its shared memory. ``read``, when given, is called after each file of a group is
-    read (a decode process under a time limit notes that it is not stuck)."""
+    straight into its shared memory. ``working``, when given, is called with a file's position in
+    ``paths`` before the file is read and again before it is decoded (a decode process under a time
+    limit notes which file it is on, and since when)."""
     paths = list(paths)
     start = 0
     while start < len(paths):
         contents: list[bytes | None | tuple[str, str]] = []
         size = 0
-        for path in paths[start:start + READ_AHEAD_FILES]:
+        for position, path in enumerate(paths[start:start + READ_AHEAD_FILES], start):
+            if working is not None:
+                working(position)
             content = _read_small_file(path)
-            if read is not None:
-                read()
             contents.append(content)
             size += len(content) if isinstance(content, bytes) else 0
             if size >= READ_AHEAD_BYTES:
                 break
-        for path, content in zip(paths[start:], contents):
+        for position, (path, content) in enumerate(zip(paths[start:], contents), start):
+            if working is not None and not isinstance(content, tuple):
+                working(position)
             if isinstance(content, tuple):
                 yield content
             elif content is None:

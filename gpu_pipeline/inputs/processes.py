@@ -118,8 +118,10 @@ def processes_wanted(mode: str) -> bool | None:
     return None if mode == "auto" else mode == "processes"
 
 
-#: Bytes after an arena's slots: a float64, when its decode process last read or decoded a file.
-PROGRESS_BYTES = 8
+#: Bytes after an arena's slots, where its decode process under a time limit notes its progress: two
+#: float64, since when (``time.monotonic``) and on which file of the request (its position; -1
+#: between files) it has been working. See :meth:`DecodeProcess.stuck_on`.
+PROGRESS_BYTES = 16
 #: Slots of an arena and their size, unless the decode pool says (it sizes them by what it holds,
 #: a slot three bytes a pixel of its part): here 256 K RGB pixels, 64 EuroSAT tiles.
 SLOTS = 8
@@ -424,8 +426,8 @@ class DecodeProcess:
         try:
             os.ftruncate(arena, slots * slot_bytes + PROGRESS_BYTES)
             self._arena = mmap.mmap(arena, slots * slot_bytes + PROGRESS_BYTES, prot=mmap.PROT_READ)
-            # when the process last finished reading or decoding a file, under a time limit
-            self._progress = np.frombuffer(self._arena, np.float64, 1, slots * slot_bytes)
+            # since when, and on which file, the process has been working, under a time limit
+            self._progress = np.frombuffer(self._arena, np.float64, 2, slots * slot_bytes)
             self._server = server
             if server is not None:
                 self.pid = server.fork(theirs.fileno(), arena)
@@ -442,6 +444,7 @@ class DecodeProcess:
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
         self._asked_at = 0.0  # when (time.monotonic)
+        self._given_up_at: float | None = None  # the progress note it was killed at (answer())
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """Decode ``paths`` in order until ``most_pixels`` pixels are decoded or a slot is full (at
@@ -468,6 +471,7 @@ class DecodeProcess:
         one file (see :meth:`_answered_in_time`; its slot is not reused: the arena goes with it)."""
         paths, slot, failure = self._asked
         if failure is None and self.time_limit is not None and not self._answered_in_time():
+            self._given_up_at = float(self._progress[0])
             with contextlib.suppress(ProcessLookupError):  # (not reaped before it is waited for: the pid is its own)
                 os.kill(self.pid, signal.SIGKILL)
             raise DecodeTimedOut(self.time_limit)
@@ -498,14 +502,23 @@ class DecodeProcess:
 
     def _answered_in_time(self) -> bool:
         """Whether the answer came before the process had spent ``time_limit`` seconds on one file:
-        since the request, or since it last finished reading or decoding one (it writes down when,
-        from the system-wide monotonic clock, in the arena's last bytes)."""
+        since the request, or since it began reading or decoding the file it is on (it writes down
+        when, from the system-wide monotonic clock, in the arena's last bytes)."""
         while True:
             deadline = max(self._asked_at, float(self._progress[0])) + self.time_limit
             if self._connection.poll(max(0.0, deadline - time.monotonic())):
                 return True
             if max(self._asked_at, float(self._progress[0])) + self.time_limit <= time.monotonic():
                 return False
+
+    def stuck_on(self) -> int | None:
+        """After :meth:`answer` killed the process at its time limit, and it has ended (:meth:`close`):
+        the position in the request of the file it was stuck on, reading or decoding it. None when
+        it was between files (sending its reply), or had moved on after all when it was killed."""
+        if self._given_up_at is None or float(self._progress[0]) != self._given_up_at:
+            return None
+        position = int(self._progress[1])
+        return position if 0 <= position < len(self._asked[0]) else None
 
     def _wait(self) -> int:
         """The process's exit status, once it has ended (killed after 5 s)."""
@@ -540,11 +553,13 @@ class DecodeProcess:
 class Decoder:
     """A decode process that is started on first use and comes back after a crash.
 
-    When the process dies in the middle of a request, or is killed at its ``time_limit`` (seconds
-    on one file), the request's files are decoded again one at a time in a fresh process, so that
-    only the file that kills its decoder, or takes longer than the limit on its own, gets an error
-    (``decode`` stage); the others decode as usual. A process that died with its fork server (a
-    kill, the OOM killer) is no file's doing: the request is asked again of a fresh server's.
+    A process killed at its ``time_limit`` (seconds on one file) has noted which file it was on: that
+    one gets an error record (``decode`` stage), and the files before it in the request are decoded
+    again in a fresh process. When the process dies in the middle of a request, or was killed
+    between files, the request's files are decoded again one at a time in a fresh process, so that
+    only the file that kills its decoder, or takes longer than the limit on its own, gets an error;
+    the others decode as usual. A process that died with its fork server (a kill, the OOM killer)
+    is no file's doing: the request is asked again of a fresh server's.
     """
 
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
@@ -581,10 +596,28 @@ class Decoder:
                 # not the files' doing: all of them again, in a process of a fresh fork server (one that
                 # keeps dying ends in ForkServerDied; a closed one in OSError)
                 return self.decode(paths, most_pixels)
+            stuck = dead.stuck_on() if isinstance(death, DecodeTimedOut) else None
+            if stuck is not None:
+                return self._up_to(paths[:stuck], most_pixels, (stuck, ("decode", str(death))))
             if len(paths) == 1:
                 said = str(death) if isinstance(death, DecodeTimedOut) else f"{death} while decoding this file"
                 return 1, ImageBatch.empty(), {0: ("decode", said)}
         return self._one_at_a_time(paths, most_pixels)
+
+    def _up_to(self, paths: list[str], most_pixels: int, stuck: tuple[int, tuple[str, str]]
+               ) -> tuple[int, ImageBatch, Errors]:
+        """Every one of ``paths`` (the files before the ``stuck`` one: its position and error) decoded,
+        in as many requests as that takes, then the stuck file's error: the part ends there. (A file
+        read ahead may have been stuck past the part the request would have taken: the part is larger.)"""
+        position, error = stuck
+        taken, parts, errors = 0, [], {}
+        while taken < len(paths):
+            part_taken, images, part_errors = self.decode(paths[taken:], most_pixels)
+            parts.append(images)
+            errors.update((taken + k, e) for k, e in part_errors.items())
+            taken += part_taken
+        errors[position] = error
+        return position + 1, ImageBatch.concatenate(parts), errors
 
     def _one_at_a_time(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         taken, images, errors, pixels = 0, [], {}, 0
@@ -642,21 +675,28 @@ class _Worker:
         self._decode_each = decode_each
         self._socket = sock
         self._arena = np.frombuffer(arena, np.uint8)
-        # under a time limit: when a file was last read or decoded (see DecodeProcess._answered_in_time)
-        self._progress = np.frombuffer(arena, np.float64, 1, len(arena) - PROGRESS_BYTES) if timed else None
+        # under a time limit: since when, and on which file, it has been working (see DecodeProcess.stuck_on)
+        self._progress = np.frombuffer(arena, np.float64, 2, len(arena) - PROGRESS_BYTES) if timed else None
         self._options = options
         self._queued: list[str] = []  # the chunk's paths not taken yet
+        self._taken = 0  # the chunk's paths taken by earlier requests
         self._outcomes: Iterator[np.ndarray | tuple[str, str]] = iter(())  # decode_each of them
         self._carried: np.ndarray | None = None  # the first queued image: it did not fit the last slot
         self._room: tuple[int, int, int] | None = None  # the slot being filled: (slot, bytes used, slot bytes)
         self._in_place: np.ndarray | None = None  # the last image handed out to be decoded in place
 
     def queue(self, paths: list[str]) -> None:
-        self._queued, self._carried = paths, None
+        self._queued, self._carried, self._taken = paths, None, 0
         self._outcomes = self._decode_each(paths, self._options, into=self._next_place,
-                                           read=self._note_progress if self._progress is not None else None)
+                                           working=self._working_on if self._progress is not None else None)
 
-    def _note_progress(self) -> None:
+    def _working_on(self, position: int) -> None:
+        """Note that the file at ``position`` of the chunk is read or decoded from now on, by its
+        position in the request (one read ahead may lie past the part the request ends up taking)."""
+        self._note(position - self._taken)
+
+    def _note(self, position: float) -> None:
+        self._progress[1] = position
         self._progress[0] = time.monotonic()
 
     def _next_place(self, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -671,7 +711,6 @@ class _Worker:
         """The next part of the queued files: the reply, and the images to copy where it says
         (``(offset, image)``; those decoded in place are there already)."""
         to_copy, errors, placed, pixels, used, taken = [], {}, [], 0, 0, 0
-        timed = self._progress is not None
         for index in range(len(self._queued)):
             if self._carried is not None:
                 outcome, self._carried = self._carried, None
@@ -679,8 +718,6 @@ class _Worker:
                 self._room = (slot, used, slot_bytes) if slot is not None else None
                 outcome = next(self._outcomes)
                 self._room = None
-                if timed:
-                    self._note_progress()
             if isinstance(outcome, tuple):
                 errors[index] = outcome
             else:
@@ -697,7 +734,10 @@ class _Worker:
             taken = index + 1
             if pixels >= most_pixels:
                 break
+        if self._progress is not None:
+            self._note(-1)  # between files: packing and sending the reply is no file's doing
         self._queued = self._queued[taken:]
+        self._taken += taken
         in_slot = slot is not None and used <= slot_bytes
         layout = np.array(placed, np.int64).reshape(-1, 4)  # sent as bytes: an array's pickle costs 10-20 us
         return (taken, layout.tobytes(), errors, used if in_slot else 0, 0 if in_slot else used), to_copy, in_slot
