@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -336,8 +338,6 @@ def test_the_python_api_refuses_a_decode_timeout_it_has_no_open_files_for_when_c
     """``ulimit -n 14``: the decode processes a limit needs cannot run; said by ``run`` itself (the
     generator's first record is too late), in the API's words."""
     import resource
-    import subprocess
-    import sys
 
     def limited():
         resource.setrlimit(resource.RLIMIT_NOFILE, (14, 14))
@@ -350,3 +350,49 @@ def test_the_python_api_refuses_a_decode_timeout_it_has_no_open_files_for_when_c
     done = subprocess.run([sys.executable, "-c", code], preexec_fn=limited, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == ("decode_timeout: 2 decode processes need about 48 open files; this process may "
                                    "open 14 (ulimit -n); raise the limit or use fewer workers"), done.stderr
+
+
+# ---------------------------------------------------------------- verify takes the same limit
+
+
+@needs_processes
+def test_verify_skips_an_image_stuck_in_its_decoder_as_a_decode_error(tmp_path):
+    """``verify`` over the nightly folder meets the same stuck file: with a limit it is skipped as a
+    decode error, in the report too, and every other image is compared. (A real command, so that
+    without the limit the test fails at its timeout instead of hanging.)"""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:6]
+    for tile in tiles:
+        (folder / tile.name).write_bytes(tile.read_bytes())
+    stuck = folder / "stuck.jpg"
+    stuck.write_bytes(tiles[0].read_bytes())
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "verify", str(folder), "--backends", "numba",
+                           "--decode-timeout", "1", "--workers", "2", "--report", str(report)],
+                          env=dict(os.environ, **hanging_decoder(tmp_path / "site", "stuck")),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"skipped {stuck}: decode error: {timed_out(1)}" in done.stdout
+    written = json.loads(report.read_text())
+    assert written["images"] == {"found": len(tiles) + 1, "decoded": len(tiles), "compared": len(tiles)}
+    assert written["decode_errors"] == [{"image": str(stuck), "stage": "decode", "error": timed_out(1)}]
+    assert written["execution"]["decode_timeout"] == 1
+
+
+@pytest.mark.parametrize("given, said", [
+    (["--decode-timeout", "0.5"], "--decode-timeout takes a number of seconds from 1 to 86400"),
+    (["--decode-timeout", "5"], "--decode-timeout: 2 decode processes need"),
+])
+def test_verify_refuses_a_decode_timeout_it_cannot_keep_before_anything_is_written(tmp_path, monkeypatch, given, said):
+    from gpu_pipeline.engine import stream
+
+    monkeypatch.setattr(stream, "processes_available", lambda: True)
+    monkeypatch.setattr(stream, "room_for_descriptors", lambda decoders: f"{decoders} decode processes need "
+                                                                          "about 48 open files; this process may open 14")
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["verify", str(BUNDLED / "eurosat"), "--backends", "numba", "--workers", "2",
+                                      "--report", str(report), *given])
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

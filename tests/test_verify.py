@@ -476,12 +476,12 @@ def test_the_report_names_the_model_and_every_other_setting(tmp_path, bundled_da
 
     tiles = bundled_data_dir / "eurosat" / "Forest"
     result, report = verify_with_report(tmp_path, tiles, "--model", "eurosat", "--backends", "numba", "--glob", "*.jpg",
-                                        "--batch-size", "2", "--workers", "3", "--threads", "1")
+                                        "--batch-size", "2", "--workers", "3", "--threads", "1", "--decode-timeout", "30")
     assert result.exit_code == 0, result.output
     digest = hashlib.sha256(SHIPPED_MODELS["eurosat"].read_bytes()).hexdigest()
     assert report["model"] == {"given": "eurosat", "sha256": digest}
     assert report["inputs"] == {"paths": [str(tiles)], "glob": "*.jpg"}
-    assert report["execution"] == {"threads": 1, "workers": 3, "batch_size": 2}
+    assert report["execution"] == {"threads": 1, "workers": 3, "batch_size": 2, "decode_timeout": 30}
 
 
 def test_a_model_that_does_not_fit_the_settings_exits_2(image_dir):

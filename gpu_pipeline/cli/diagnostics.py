@@ -15,7 +15,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.cli.options import (L2, Bands, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch, Threads, Workers,
+from gpu_pipeline.cli.options import (L2, Bands, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch,
+                                      Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
                                       given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -42,6 +43,7 @@ def verify(
     stretch: Stretch = "percentile",
     glob: Glob = None,
     workers: Workers = None,
+    decode_timeout: DecodeTimeout = None,
     threads: Threads = None,
     batch_size: ImagesPerCall = 64,
     model: Optional[str] = typer.Option(
@@ -54,6 +56,7 @@ def verify(
     """
     from gpu_pipeline.engine.job import progress_bar, warn_unlisted
     from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify
+    from gpu_pipeline.inputs.processes import DecodeProcessesFailed
 
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
@@ -62,7 +65,7 @@ def verify(
             "against_opencv": against_opencv, "config": pipeline_config(low, high, l2, blur),
             "decode_options": decode_options(bands, stretch), "glob": glob,
             "threads": threads, "batch_size": batch_size, "workers": workers or usable_cores(),
-            "report_path": report, "model": model,
+            "decode_timeout": decode_timeout, "report_path": report, "model": model,
         }
         if sys.stderr.isatty():
             with progress_bar(Console(stderr=True)) as bar:
@@ -78,6 +81,9 @@ def verify(
             outcome = run_verify(**arguments)
     except UsageError as exc:
         fail_usage(str(exc))
+    except DecodeProcessesFailed as exc:  # (a fork server that kept dying, under --decode-timeout)
+        Console(stderr=True, soft_wrap=True).print(f"gpu-pipeline: error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
     warn_unlisted(Console(stderr=True, soft_wrap=True), outcome.unlisted)
     print_report(Console(soft_wrap=True, highlight=False), outcome, report)
     if outcome.exit_status == 2:

@@ -81,8 +81,9 @@ Decode = Annotated[str, typer.Option(
 DecodeTimeout = Annotated[Optional[float], typer.Option(
     "--decode-timeout", metavar="SECONDS",
     help="Give up on an image that takes longer than this to read and decode (a codec caught in a loop, a read "
-         "from a hung mount): its decode process is killed, the image gets an error record and the run goes on. "
-         "From 1 s to a day; decodes every image in a decode process. Default: no limit.")]
+         "from a hung mount): its decode process is killed, the image gets a decode error (its record in `run`, "
+         "skipped in `verify`) and the command goes on. From 1 s to a day; decodes every image in a decode process. "
+         "Default: no limit.")]
 Threads = Annotated[Optional[int], typer.Option("--threads",
                                                 help="Compute threads of CPU backends. Default: one per usable core (see `info`).")]
 Device = Annotated[Optional[int], typer.Option(

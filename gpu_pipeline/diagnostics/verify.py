@@ -13,6 +13,7 @@ that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.errors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -31,7 +32,8 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, StageResult, check_image
 from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
-from gpu_pipeline.engine.stream import Decoded, decode_parts, part_batches
+from gpu_pipeline.engine.stream import (Decoded, decode_parts, decodes_in_processes, part_batches,
+                                        processes_for_time_limit)
 from gpu_pipeline.errors import UsageError, one_line, shown
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
 from gpu_pipeline.inputs.discover import discover, no_files_found
@@ -450,19 +452,25 @@ def _outputs(backend: Backend, images: list[np.ndarray], config: PipelineConfig
 def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv: bool,
                config: PipelineConfig, decode_options: DecodeOptions, glob: str | None, threads: int | None,
                batch_size: int, workers: int, report_path: Path | None,
-               progress: Callable[[int, int], None] | None = None, model: str | None = None) -> VerifyReport:
+               progress: Callable[[int, int], None] | None = None, model: str | None = None,
+               decode_timeout: float | None = None) -> VerifyReport:
     """Plan and run a verification, write the JSON report; the caller prints it and exits.
 
     ``progress(n, total)`` is called after each chunk of ``n`` files. Labels come from the default
     rule, or from ``model`` (a model file or a shipped model's name, checked against ``config``);
-    either way each backend's labels are computed from that backend's own outputs.
+    either way each backend's labels are computed from that backend's own outputs. With
+    ``decode_timeout`` (seconds, ``--decode-timeout``) files are decoded in ``workers`` decode
+    processes, and one that takes longer than that is skipped as a decode error, as ``run`` does.
     """
+    processes = processes_for_time_limit(None, decode_timeout) is True  # (a bad limit: UsageError)
     labels_of = label_function(model, config)
     tallies = plan_backends(requested, against_opencv)
     unlisted: list[tuple[str, str]] = []
     files = discover(paths, glob=glob, unlisted=unlisted)
     if not files:
         raise no_files_found(paths, glob, unlisted)
+    if processes:  # (where this process may not open the files they need: UsageError)
+        decodes_in_processes(True, len(files), workers, "--decode-timeout")
     model_file = None
     if model is not None:  # (the model module imports numba: not without a model)
         from gpu_pipeline.labels.model import resolve_model_path
@@ -475,19 +483,21 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
         model=None if model_file is None else {
             "given": str(model), "sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()},
         inputs={"paths": [str(path) for path in paths], "glob": glob},
-        execution={"threads": threads, "workers": workers, "batch_size": batch_size})
+        execution={"threads": threads, "workers": workers, "batch_size": batch_size, "decode_timeout": decode_timeout})
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
     for backend in started.values():  # a GPU backend may run the label model on its device
         attach_label_model(backend, labels_of)
     try:
         verifier = Verifier(reference, started, config, report, labels_of)
-        for batch in part_batches(decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers),
-                                  batch_size, CHUNK_PIXELS):
-            chunk = list(batch.one_by_one())
-            verifier.run_chunk(chunk)
-            if progress is not None:
-                progress(len(chunk), len(files))
+        parts = decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers, processes=processes,
+                             consumer_pixels=CHUNK_PIXELS, time_limit=decode_timeout)
+        with contextlib.closing(parts):  # (the decoders stop, and their processes end, whatever happens)
+            for batch in part_batches(parts, batch_size, CHUNK_PIXELS):
+                chunk = list(batch.one_by_one())
+                verifier.run_chunk(chunk)
+                if progress is not None:
+                    progress(len(chunk), len(files))
     finally:
         for backend in [reference, *started.values()]:
             backend.close()
