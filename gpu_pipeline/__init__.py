@@ -1,12 +1,13 @@
 """gpu-pipeline: batch image analysis that gives the same bytes on every CPU and GPU path.
 
 The Python API (:mod:`gpu_pipeline.api`): ``gpu_pipeline.process(images, ...)`` for images in
-memory, ``gpu_pipeline.run(paths, ...)`` for files. Imported on first use, so that the command
-line does not pay for it.
+memory, ``gpu_pipeline.run(paths, ...)`` for files (a record each), ``gpu_pipeline.run_batches(paths,
+...)`` for files a batch of arrays at a time. Imported on first use, so that the command line does
+not pay for it.
 """
 
 __version__ = "0.1.0"
-__all__ = ["process", "run", "Results"]
+__all__ = ["process", "run", "run_batches", "Results", "Batch"]
 
 
 def __getattr__(name: str):

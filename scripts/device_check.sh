@@ -87,7 +87,9 @@ for part in $PARTS; do
             step gil_parts 45 "$PYTHON" scripts/gil_parts.py "$(tiles_dir)" --repeat 1 \
                 --json "$LOG_DIR/gil_parts.json"
             step gil_parts_cli 45 "$PYTHON" scripts/gil_parts.py "$(tiles_dir)" --repeat 1 --cli \
-                --json "$LOG_DIR/gil_parts_cli.json" ;;
+                --json "$LOG_DIR/gil_parts_cli.json"
+            step gil_parts_batches 40 "$PYTHON" scripts/gil_parts.py "$(tiles_dir)" --repeat 1 --batches \
+                --json "$LOG_DIR/gil_parts_batches.json" ;;
         engine)  # the engine alone, a stand-in backend, one decode process a core: the main process's
                  # CPU a file, how busy the decode processes are, memory (CPU-sized and GPU-sized batches)
             tiles=$(tiles_dir)

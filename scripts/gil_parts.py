@@ -1,6 +1,6 @@
 """How much of the GIL a tile that ../shared/tools/gil_per_tile.py reports is Python, and whose.
 
-    python scripts/gil_parts.py [FOLDER] [--repeat 3] [--cli] [--json FILE]      # needs: pip install gilknocker
+    python scripts/gil_parts.py [FOLDER] [--repeat 3] [--cli | --batches] [--json FILE]      # needs: pip install gilknocker
 
 gil_per_tile.py measures how long gilknocker's thread waits for the GIL while ``gpu_pipeline.run``
 streams FOLDER (default: the 26,500 EuroSAT tiles where gil_per_tile.py extracts them) with one
@@ -18,7 +18,8 @@ median of ``--repeat`` runs, the four ways alternated):
 The last is the engine's own Python (decode hand-overs, batches, compute calls, labels, records)
 on a machine with a core to spare (the stand-ins make every histogram and edge count zero).
 ``--cli`` measures ``gpu-pipeline run FOLDER --out FILE`` instead (in this process, the same
-settings; the nightly job's path: JSON lines, no dicts), without the ``+ no dicts`` way.
+settings; the nightly job's path: JSON lines, no dicts), without the ``+ no dicts`` way;
+``--batches`` measures ``gpu_pipeline.run_batches`` (the API's arrays a batch at a time, no dicts) so.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 WAYS = ("as is", "idle kernels", "+ no dicts", "+ files found before")
-CLI_WAYS = ("as is", "idle kernels", "+ files found before")
+CLI_WAYS = ("as is", "idle kernels", "+ files found before")  # (--batches too: neither makes dicts)
 
 
 def calibrate(backend, files: list[str]) -> dict[str, float]:
@@ -119,6 +120,13 @@ def api_run(paths: list[str]) -> int:
     return sum(1 for _ in gpu_pipeline.run(paths, backend="numba", threads=1, workers=1))
 
 
+def batches_run(paths: list[str]) -> int:
+    """``gpu_pipeline.run_batches`` over ``paths`` (gil_per_tile.py's settings); the files its batches held."""
+    import gpu_pipeline
+
+    return sum(len(batch) for batch in gpu_pipeline.run_batches(paths, backend="numba", threads=1, workers=1))
+
+
 def cli_run(paths: list[str]) -> int:
     """``gpu-pipeline run`` over ``paths`` into a JSON Lines file, in this process; the lines it wrote."""
     from gpu_pipeline.cli.app import app
@@ -153,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=os.path.join(tempfile.gettempdir(), "gil_per_tile"))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--cli", action="store_true", help="measure `gpu-pipeline run --out FILE` instead of the API")
+    path = parser.add_mutually_exclusive_group()
+    path.add_argument("--cli", action="store_true", help="measure `gpu-pipeline run --out FILE` instead of the API")
+    path.add_argument("--batches", action="store_true", help="measure gpu_pipeline.run_batches instead of run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     try:
@@ -177,21 +187,25 @@ def main(argv: list[str] | None = None) -> int:
         "+ no dicts": lambda: _all(idle_kernels(per_item), no_dicts()),
         "+ files found before": lambda: _all(idle_kernels(per_item), no_dicts(), files_found_before(paths)),
     }
-    if args.cli:
+    if args.cli or args.batches:
         ways["+ files found before"] = lambda: _all(idle_kernels(per_item), files_found_before(paths))
+    if args.cli:
         cli_run(find_files(paths)[:1])  # the command's own imports, before any measured run
-    measured = CLI_WAYS if args.cli else WAYS
+    measured = CLI_WAYS if args.cli or args.batches else WAYS
+    run, name, path = ((cli_run, "gpu-pipeline run", "cli") if args.cli else
+                       (batches_run, "gpu_pipeline.run_batches", "batches") if args.batches else
+                       (api_run, "gpu_pipeline.run", "api"))
     found: dict[str, list[tuple[float, int, float]]] = {way: [] for way in measured}
     for _ in range(args.repeat):
         for way in measured:
             with ways[way]():
-                found[way].append(gil_us_per_image(paths, cli_run if args.cli else api_run))
+                found[way].append(gil_us_per_image(paths, run))
     images = found["as is"][0][1]
-    print(f"{images} images, {'gpu-pipeline run' if args.cli else 'gpu_pipeline.run'}, numba, "
+    print(f"{images} images, {name}, numba, "
           f"1 decode + 1 compute thread, {os.cpu_count()} cores; kernels calibrated at "
           + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in per_item.items()) + " a tile")
     print(f"{'':22} GIL us an image (median, min-max of {args.repeat})   seconds a run")
-    report = {"images": images, "cores": os.cpu_count(), "path": "cli" if args.cli else "api",
+    report = {"images": images, "cores": os.cpu_count(), "path": path,
               "kernel_us_per_tile": {k: v * 1e6 for k, v in per_item.items()}}
     for way in measured:
         us = [u for u, _, _ in found[way]]

@@ -34,9 +34,10 @@ def readme_example() -> str:
 def test_the_readme_example_runs(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     exec(compile(readme_example(), "README.md", "exec"), {})
-    first, second = capsys.readouterr().out.splitlines()[:2]
+    first, second, third = capsys.readouterr().out.splitlines()
     assert first.startswith("(100, 256)")
     assert second.startswith(str(REPO / "data" / "eurosat"))
+    assert third == "50 (50, 256) True ['textured', 'textured']"  # (what the README's comment says)
 
 
 def test_process_gives_the_reference_results_in_order():
@@ -313,7 +314,7 @@ def test_the_api_names_its_keywords_where_the_command_line_names_its_options():
 
 def test_dir_lists_the_api():
     """The API is imported on first use (a module __getattr__): dir() and completion did not show it."""
-    assert {"process", "run", "Results", "__version__"} <= set(dir(gpu_pipeline))
+    assert {"process", "run", "run_batches", "Results", "Batch", "__version__"} <= set(dir(gpu_pipeline))
 
 
 def test_run_takes_one_path_as_one_path(monkeypatch):
@@ -435,3 +436,64 @@ def test_threads_that_ask_at_once_share_one_backend(register):
     for worker in workers:
         worker.join()
     assert len(made) == 1 and all(backend is made[0] for backend in got)
+
+
+# ---------------------------------------------------------------- run_batches: the same run, a batch of arrays at a time
+
+
+@pytest.mark.parametrize("images_a_batch", [None, 7])
+def test_run_batches_gives_the_golden_records_as_arrays(tmp_path, monkeypatch, images_a_batch):
+    """Held to the golden records (tests/fixtures/golden/data.jsonl, written by the code before the
+    batch data plane) on the bundled data and three broken files, in one batch and in batches of 7:
+    each array row is that record's field, a failed file's row is zeros (its label None, its error
+    record at its position), and ``records()`` gives the golden lines themselves."""
+    from gpu_pipeline.engine import stream
+    from tests.test_golden import GOLDEN, golden_corpus, portable
+
+    if images_a_batch is not None:
+        batched = stream.part_batches
+        monkeypatch.setattr(stream, "part_batches", lambda parts, _, pixels: batched(parts, images_a_batch, pixels))
+    folder = golden_corpus(tmp_path)
+    golden = [json.loads(line) for line in (GOLDEN / "data.jsonl").read_text().splitlines()]
+    batches = list(gpu_pipeline.run_batches(folder, backend="numba"))
+    assert len(batches) == 1 if images_a_batch is None else len(batches) > 5  # (errors ride along: not 10)
+    rows = [(batch, position) for batch in batches for position in range(len(batch))]
+    assert len(rows) == len(golden) and sum(len(batch.errors) for batch in batches) == 3
+    for (batch, k), record in zip(rows, golden):
+        assert portable(batch.paths[k], folder) == record["path"]
+        if "error" in record:
+            assert not batch.ok[k] and batch.labels[k] is None
+            assert {**batch.errors[k], "path": portable(batch.errors[k]["path"], folder)} == record
+            assert not batch.histograms[k].any() and (batch.edge_counts[k], batch.widths[k]) == (0, 0)
+            continue
+        assert batch.ok[k] and k not in batch.errors
+        assert batch.histograms[k].tolist() == record["histogram"]
+        assert [int(batch.edge_counts[k]), int(batch.widths[k]), int(batch.heights[k]), int(batch.bands[k]),
+                batch.labels[k], batch.backend] == [record[name] for name in (
+                    "edge_count", "width", "height", "bands", "label", "backend")]
+    for batch in batches:
+        assert batch.histograms.shape == (len(batch), 256) and batch.histograms.dtype == np.int64
+        assert all(column.shape == (len(batch),) and column.dtype == np.int64
+                   for column in (batch.edge_counts, batch.widths, batch.heights, batch.bands))
+    lines = [json.dumps(record, separators=(",", ":")) for batch in batches for record in batch.records()]
+    assert portable("\n".join(lines) + "\n", folder) == (GOLDEN / "data.jsonl").read_text()
+
+
+def test_closing_run_batches_early_stops_the_engine():
+    assert engine_threads() == []
+    batches = gpu_pipeline.run_batches([REPO / "data"], backend="numba", workers=2)
+    assert len(next(batches)) > 0
+    batches.close()  # returns once the engine has stopped
+    assert engine_threads() == []
+
+
+@pytest.mark.parametrize("options, message", BAD_RUN_ARGUMENTS)
+def test_run_batches_checks_its_arguments_when_it_is_called(options, message):
+    with pytest.raises(ValueError, match=message):
+        gpu_pipeline.run_batches(REPO / "data" / "eurosat", **options)
+    assert engine_threads() == []
+
+
+def test_a_batch_shows_its_size_not_its_contents():
+    (batch,) = gpu_pipeline.run_batches(REPO / "data" / "eurosat" / "Forest", backend="numba")
+    assert repr(batch) == f"Batch({len(batch)} files, 0 failed, backend='numba')"

@@ -124,6 +124,15 @@ def test_gil_parts_of_the_command_line(tmp_path):
     assert "gpu-pipeline run" in done.stdout and len(parts["idle kernels"]["gil_us_per_image"]) == 1
 
 
+def test_gil_parts_of_run_batches(tmp_path):
+    pytest.importorskip("gilknocker", reason="gilknocker is not installed (pip install gilknocker)")
+    report = tmp_path / "gil.json"
+    done = run_script("gil_parts.py", str(TILES), "--repeat", "1", "--batches", "--json", str(report))
+    parts = json.loads(report.read_text())
+    assert parts["path"] == "batches" and parts["images"] == 50 and "+ no dicts" not in parts
+    assert "gpu_pipeline.run_batches" in done.stdout and len(parts["+ files found before"]["gil_us_per_image"]) == 1
+
+
 def test_gil_parts_without_gilknocker_says_so():
     code = ("import runpy, sys; sys.modules['gilknocker'] = None; "
             f"sys.argv = ['gil_parts.py', {str(TILES)!r}]; "
