@@ -179,9 +179,11 @@ def test_a_process_stuck_between_files_blames_none_of_them(tmp_path, monkeypatch
 
 def test_a_process_that_moved_on_as_it_was_killed_blames_no_file():
     """The file a killed process was on is blamed only when its note is the one the limit was
-    passed on: one it wrote after (it finished that file as the limit passed) is another file's."""
+    passed on, and was written for this request: one written after (it finished that file as the
+    limit passed) is another file's, and one from before the request is no file's."""
     process = processes.DecodeProcess.__new__(processes.DecodeProcess)
     process._asked = (["a.jpg", "b.jpg", "c.jpg"], None, None)
+    process._asked_at = 99.0
     process._given_up_at = 100.0
     process._progress = np.array([100.0, 1.0])
     assert process.stuck_on() == 1
@@ -189,6 +191,73 @@ def test_a_process_that_moved_on_as_it_was_killed_blames_no_file():
     assert process.stuck_on() is None
     process._progress = np.array([100.0, -1.0])  # between files
     assert process.stuck_on() is None
+    process._asked_at, process._progress = 101.0, np.array([100.0, 0.0])  # the last request's note
+    assert process.stuck_on() is None
+
+
+class _NotedAsItWasKilled:
+    """A decode process's progress as the main side reads it: file 1 noted at 100 s and past the
+    limit, then file 2 noted between the decision and any later look (the worker finished file 1)."""
+
+    def __init__(self) -> None:
+        self.looks, self.values = 0, np.array([100.0, 1.0])
+
+    def __getitem__(self, index):
+        if index == 0:
+            self.looks += 1
+            if self.looks == 3:  # (the first look sets the wait, the second decides)
+                self.values[:] = [time.monotonic(), 2.0]
+        return self.values[index]
+
+
+def test_the_note_a_process_was_given_up_on_is_the_one_the_limit_was_passed_on(monkeypatch):
+    """Read again after the decision, the note named file 2, which had just begun: it was blamed,
+    and file 1, the slow one, decoded again (the limit waited out twice)."""
+    process = processes.DecodeProcess.__new__(processes.DecodeProcess)
+    process._asked, process._asked_at, process.time_limit = (["a.jpg", "b.jpg", "c.jpg"], None, None), 0.0, 1.0
+    process._progress, process.pid = _NotedAsItWasKilled(), -1
+    process._connection = type("Silent", (), {"poll": lambda self, timeout: False})()
+    monkeypatch.setattr(processes.os, "kill", lambda pid, signal: None)
+    with pytest.raises(processes.DecodeTimedOut):
+        process.answer()
+    assert process._given_up_at == 100.0 and process.stuck_on() is None  # (file 1 was not what it was on last)
+
+
+SLOW_START = """
+import os, time
+if os.environ.get("SLOW_START"):
+    from multiprocessing.connection import Connection
+
+    def slow_once(recv):
+        def receive(self):
+            message = recv(self)
+            if isinstance(message, tuple) and len(message) == 3 and (message[0] is None or isinstance(message[0], str)):
+                try:  # a decode process's first request: 2 s before it begins the first file
+                    os.close(os.open(os.environ["SLOW_START"], os.O_CREAT | os.O_EXCL))
+                    time.sleep(2)
+                except FileExistsError:
+                    pass
+            return message
+        return receive
+
+    Connection.recv = slow_once(Connection.recv)
+"""
+
+
+@needs_processes
+def test_a_process_killed_before_its_first_file_blames_none_of_them(tmp_path, monkeypatch):
+    """A fresh process's notes are zeros: killed before it began the request's first file (a busy
+    machine), it was on no file, and file 0 was blamed though never opened."""
+    marker = tmp_path / "slow-once"
+    for name, value in {**sitecustomize(tmp_path / "site", SLOW_START), "SLOW_START": str(marker)}.items():
+        monkeypatch.setenv(name, value)
+    tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]]
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
+        taken, decoded, errors = decoder.decode(tiles, 1 << 30)
+        assert [process.returncode for process in started_processes] == [-9, None]
+    assert marker.exists() and (taken, errors) == (3, {})
+    assert [image.tobytes() for image in decoded] == [decode_image(path, DecodeOptions()).tobytes() for path in tiles]
 
 
 @needs_processes

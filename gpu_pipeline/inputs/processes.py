@@ -444,7 +444,7 @@ class DecodeProcess:
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
         self._asked_at = 0.0  # when (time.monotonic)
-        self._given_up_at: float | None = None  # the progress note it was killed at (answer())
+        self._given_up_at: float | None = None  # the progress note it was killed at (_answered_in_time)
 
     def decode(self, paths: list[str], most_pixels: int) -> tuple[int, ImageBatch, Errors]:
         """Decode ``paths`` in order until ``most_pixels`` pixels are decoded or a slot is full (at
@@ -471,7 +471,6 @@ class DecodeProcess:
         one file (see :meth:`_answered_in_time`; its slot is not reused: the arena goes with it)."""
         paths, slot, failure = self._asked
         if failure is None and self.time_limit is not None and not self._answered_in_time():
-            self._given_up_at = float(self._progress[0])
             with contextlib.suppress(ProcessLookupError):  # (not reaped before it is waited for: the pid is its own)
                 os.kill(self.pid, signal.SIGKILL)
             raise DecodeTimedOut(self.time_limit)
@@ -503,19 +502,25 @@ class DecodeProcess:
     def _answered_in_time(self) -> bool:
         """Whether the answer came before the process had spent ``time_limit`` seconds on one file:
         since the request, or since it began reading or decoding the file it is on (it writes down
-        when, from the system-wide monotonic clock, in the arena's last bytes)."""
+        when, from the system-wide monotonic clock, in the arena's last bytes). When not, the note
+        it was given up on is kept for :meth:`stuck_on`."""
         while True:
             deadline = max(self._asked_at, float(self._progress[0])) + self.time_limit
             if self._connection.poll(max(0.0, deadline - time.monotonic())):
                 return True
-            if max(self._asked_at, float(self._progress[0])) + self.time_limit <= time.monotonic():
+            noted = float(self._progress[0])
+            if max(self._asked_at, noted) + self.time_limit <= time.monotonic():
+                self._given_up_at = noted
                 return False
 
     def stuck_on(self) -> int | None:
         """After :meth:`answer` killed the process at its time limit, and it has ended (:meth:`close`):
         the position in the request of the file it was stuck on, reading or decoding it. None when
-        it was between files (sending its reply), or had moved on after all when it was killed."""
-        if self._given_up_at is None or float(self._progress[0]) != self._given_up_at:
+        it was between files (sending its reply), had not begun the request's first file (a note
+        older than the request: the last reply's, or none yet), or had moved on after all when it
+        was killed."""
+        if self._given_up_at is None or self._given_up_at < self._asked_at \
+                or float(self._progress[0]) != self._given_up_at:
             return None
         position = int(self._progress[1])
         return position if 0 <= position < len(self._asked[0]) else None
@@ -696,8 +701,9 @@ class _Worker:
         self._note(position - self._taken)
 
     def _note(self, position: float) -> None:
-        self._progress[1] = position
+        # the time first: a note caught half written then has a time the main side never gave up on
         self._progress[0] = time.monotonic()
+        self._progress[1] = position
 
     def _next_place(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """The slot's next place as an array of ``shape``, if the image fits in what is left."""
