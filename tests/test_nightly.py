@@ -314,6 +314,45 @@ def test_our_output_is_never_an_input_whatever_its_spelling(tiles, tmp_path):
     assert sorted(Path(path).name for path in records) == [path.name for path in chosen]
 
 
+@pytest.mark.parametrize("where", ["in a folder", "named"])
+def test_a_symbolic_link_among_the_inputs_to_our_output_is_not_an_input(tiles, tmp_path, where):
+    """An input that is a symbolic link to the output, under a name of its own (found in a folder,
+    or named): still found out by its device and inode, now that a resume no longer asks that of
+    every input."""
+    out = tmp_path / "results.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    link = (tiles if where == "in a folder" else tmp_path) / "zz-latest.png"
+    link.symlink_to(out)
+    result = run(str(tiles), *([str(link)] if where == "named" else []), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "zz-latest" not in out.read_text() and len(read_records(out)) == 20
+
+
+def test_a_resume_asks_the_file_system_only_of_the_inputs_that_may_be_the_output(tmp_path):
+    """Whether an input is the output, by device and inode, is asked of the inputs named as the
+    output or the file it leads to, and of links and named files; of all of them only where the
+    output has hard links (each was a stat: a round trip on a network file system)."""
+    from gpu_pipeline.engine.job import _may_be
+
+    target = tmp_path / "records-2026.jsonl"
+    target.write_text("")
+    out = tmp_path / "out.jsonl"
+    out.symlink_to(target)
+    asked = []
+
+    def is_out(path: str) -> bool:
+        asked.append(path)
+        return False
+
+    inputs = [f"/data/{k}.png" for k in range(1000)] + ["/data/out.jsonl", "/b/records-2026.jsonl", "/c/x.png"]
+    assert not any(map(_may_be(str(out), {"/c/x.png"}, is_out), inputs))
+    assert asked == ["/data/out.jsonl", "/b/records-2026.jsonl", "/c/x.png"]
+    os.link(target, tmp_path / "again.png")  # a hard link: any input may be the output
+    asked.clear()
+    assert not any(map(_may_be(str(out), set(), is_out), inputs))
+    assert asked == inputs
+
+
 @pytest.mark.parametrize("name, written, message", [
     ("r.jsonl", "csv", "written as csv"),
     # named .csv, resumed without --format: not "not a CSV output, use --overwrite"
