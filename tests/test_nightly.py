@@ -344,12 +344,17 @@ def test_a_resume_asks_the_file_system_only_of_the_inputs_that_may_be_the_output
         asked.append(path)
         return False
 
-    inputs = [f"/data/{k}.png" for k in range(1000)] + ["/data/out.jsonl", "/b/records-2026.jsonl", "/c/x.png"]
+    inputs = [f"/data/{k}.png" for k in range(1000)] + ["/data/OUT.jsonl", "/b/records-2026.jsonl", "/c/x.png"]
     assert not any(map(_may_be(str(out), {"/c/x.png"}, is_out), inputs))
-    assert asked == ["/data/out.jsonl", "/b/records-2026.jsonl", "/c/x.png"]
+    assert asked == ["/data/OUT.jsonl", "/b/records-2026.jsonl", "/c/x.png"]
     os.link(target, tmp_path / "again.png")  # a hard link: any input may be the output
     asked.clear()
     assert not any(map(_may_be(str(out), set(), is_out), inputs))
+    assert asked == inputs
+    os.unlink(tmp_path / "again.png")
+    (tmp_path / "café.jsonl").symlink_to(target)  # another spelling of é may name the same file
+    asked.clear()
+    assert not any(map(_may_be(str(tmp_path / "café.jsonl"), set(), is_out), inputs))
     assert asked == inputs
 
 

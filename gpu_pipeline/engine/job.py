@@ -389,17 +389,19 @@ def run_job(**arguments) -> int:
 
 def _may_be(out: str, links: set[str], is_out: Callable[[str], bool]) -> Callable[[str], bool]:
     """``is_out`` (whether an input is the existing file ``out``, by device and inode), asked only of
-    the inputs that can be: those named as ``out`` or the file it leads to (through linked folders),
-    symbolic links and named files (``links``), or all of them where ``out`` has hard links. A
-    resume stat'ed every input (2.5 us a file here, a round trip each on a network file system)."""
+    the inputs that can be: those named as ``out`` or the file it leads to (through linked folders;
+    in any case, for a file system that ignores it), symbolic links and named files (``links``); of
+    all of them where ``out`` has hard links, or a name that is not ASCII (a file system may take
+    other spellings of it for the same). A resume stat'ed every input (2.5 us a file here, a round
+    trip each on a network file system)."""
     try:
         hard_linked = os.stat(out).st_nlink > 1
     except OSError:
         hard_linked = True  # (is_out then answers for itself)
-    if hard_linked:
+    names = tuple("/" + os.path.basename(name).lower() for name in (out, os.path.realpath(out)))
+    if hard_linked or not all(name.isascii() for name in names):
         return is_out
-    names = ("/" + os.path.basename(out), "/" + os.path.basename(os.path.realpath(out)))
-    return lambda path: (path.endswith(names) or path in links) and is_out(path)
+    return lambda path: (path.lower().endswith(names) or path in links) and is_out(path)
 
 
 def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
