@@ -416,3 +416,33 @@ def test_a_run_whose_decoders_fail_for_good_writes_every_batch_decoded_before():
             for batch in Engine(create("reference"), batch_size=2, processes=False).record_batches(paths):
                 written += [record["path"] for record in batch]
     assert written == paths
+
+
+def test_a_request_to_a_dead_process_leaves_nothing_for_the_garbage_collector_to_complain_of():
+    """The failed send's traceback was kept with the request: its frames held the pickled request,
+    a view of a BytesIO, and the garbage collector closed that BytesIO with the view alive, which
+    Python 3.13 printed on the run's stderr ("Exception ignored in: <_io.BytesIO ...>")."""
+    import gc
+    import sys
+
+    complaints = []
+    hook, sys.unraisablehook = sys.unraisablehook, complaints.append
+    try:
+        with decoder_with_server() as (decoder, _):
+            tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:2]]
+            decoder.decode(tiles, 1 << 30)
+            process = decoder._process
+            os.kill(process.pid, signal.SIGKILL)
+            wait_until(lambda: dead(process.pid), "the decode process dying")
+            process.ask(tiles, 1 << 30)  # the send fails: answer() says so
+            _, _, failure = process._asked
+            assert isinstance(failure, OSError) and failure.__traceback__ is None
+            with pytest.raises(processes.DecoderDied):
+                process.answer()
+            decoder._process = None
+            process.close()
+            del process, failure
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert complaints == []

@@ -463,7 +463,9 @@ class DecodeProcess:
             # the paths go over once: a request for the rest of the last ones sends None
             self._connection.send((None if paths == self._queued else "\0".join(paths), most_pixels, slot))
         except OSError as exc:  # the process has died: answer() says so
-            self._asked = (paths, slot, exc)
+            # (not its traceback: its frames hold the pickled request, a view of a BytesIO that the
+            # garbage collector then closed with the view alive, "Exception ignored" on stderr)
+            self._asked = (paths, slot, exc.with_traceback(None))
 
     def answer(self) -> tuple[int, ImageBatch, Errors]:
         """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`,
