@@ -73,7 +73,7 @@ Stretch = Annotated[str, typer.Option(
     "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
 Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.",
                                              parser=given_text)]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders (threads, or processes where the command has --decode). Default: one per usable core (see `info`).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders: threads, or decode processes (with --decode processes, or --decode-timeout). Default: one per usable core (see `info`).")]
 Decode = Annotated[str, typer.Option(
     "--decode", help="Where files are decoded: threads (of this process), processes (worker processes that hand "
                      "the pixels over in shared memory; Linux), or auto (processes for runs of 2,000 files or more on 8 cores or "
