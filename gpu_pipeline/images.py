@@ -78,9 +78,22 @@ class ImageBatch(Sequence[np.ndarray]):
                      for name in ("offsets", "heights", "widths", "channels")))
 
     def take(self, chosen: np.ndarray | slice) -> ImageBatch:
-        """The images at ``chosen`` (indices, a mask or a slice), their buffers shared."""
-        return ImageBatch(self.buffers, self.buffer_of[chosen], self.offsets[chosen], self.heights[chosen],
-                          self.widths[chosen], self.channels[chosen])
+        """The images at ``chosen`` (indices, a mask or a slice), their buffers shared: only those
+        they lie in. (A batch cut from a part of images in buffers of their own kept every buffer of
+        the part, and each backend call took the address of each: 4 ms a call for a batch cut from
+        4,096 tiles, half the numba backend's compute time on them. It also held the rest in memory.)"""
+        buffer_of = self.buffer_of[chosen]
+        buffers = self.buffers
+        if len(buffers) > 1 and len(buffer_of):
+            used, buffer_of = np.unique(buffer_of, return_inverse=True)
+            buffer_of = buffer_of.reshape(-1).astype(np.int64, copy=False)
+            if len(used) < len(buffers):
+                buffers = [buffers[index] for index in used.tolist()]
+            # (else every buffer is used, in order: unique's renumbering is the identity)
+        elif not len(buffer_of):
+            buffers = []
+        return ImageBatch(buffers, buffer_of, self.offsets[chosen], self.heights[chosen], self.widths[chosen],
+                          self.channels[chosen])
 
     def without_pixels(self) -> ImageBatch:
         """The same images' shapes, with no buffer: what records need once the pixels are computed."""

@@ -573,3 +573,54 @@ def test_without_a_usable_temporary_folder_bench_says_so_or_needs_none(tmp_path,
     given, _ = run_bench(tmp_path, bundled_data_dir / "eurosat" / "Forest", "--backends", "reference", "--repeat", "1",
                          "--no-scaling")
     assert given.exit_code == 0, given.output
+
+
+class CountsBuffers(ReferenceBackend):
+    """Notes how many buffers the images of each call lie in, while ``timing`` is set."""
+
+    name = "counts-buffers"
+    timing = False
+    buffers: list[int] = []
+
+    def process(self, images, config, keep_images=False):
+        if CountsBuffers.timing:
+            CountsBuffers.buffers.append(len(images.buffers))
+        return super().process(images, config, keep_images)
+
+
+def test_bench_times_the_compute_of_tiles_packed_in_one_buffer(tmp_path, register, monkeypatch, bundled_data_dir):
+    from gpu_pipeline.bench import measuring
+
+    register(CountsBuffers)
+    CountsBuffers.buffers = []
+    real = measuring.run_compute
+
+    def timed(*args):
+        CountsBuffers.timing = True
+        try:
+            return real(*args)
+        finally:
+            CountsBuffers.timing = False
+
+    monkeypatch.setattr(measuring, "run_compute", timed)
+    result, _ = run_bench(tmp_path, bundled_data_dir / "eurosat" / "Forest", "--repeat", "2",
+                          "--backends", "counts-buffers", "--no-scaling")
+    assert result.exit_code == 0, result.output
+    assert len(CountsBuffers.buffers) >= 3 and set(CountsBuffers.buffers) == {1}  # first pass, 2 repeats
+
+
+def test_compute_is_timed_on_images_packed_as_the_engine_hands_them_over():
+    """Tiles in one buffer, as a decode process or a decode thread packs them (an array per tile cost
+    each backend call an address per tile: the numba backend's compute rate on tiles read half what
+    it is); scenes as they are, each decoded into an array of its own. The pixels are the same."""
+    from gpu_pipeline.bench.measuring import packed
+    from gpu_pipeline.inputs.processes import placed_at
+
+    rng = np.random.default_rng(5)
+    tiles = [rng.integers(0, 256, (64, 64, 3) if k % 3 else (64, 64), np.uint8) for k in range(9)]
+    batch = packed(tiles)
+    assert len(batch.buffers) == 1
+    assert [(image.shape, image.tobytes()) for image in batch] == [(image.shape, image.tobytes()) for image in tiles]
+    assert all(offset == placed_at(offset) for offset in batch.offsets.tolist())
+    scenes = [rng.integers(0, 256, (600, 600, 3), np.uint8) for _ in range(2)]
+    assert packed(scenes) is scenes and packed([]) == []

@@ -69,8 +69,33 @@ class Contender:
         return self.status == "measured"
 
 
+def packed(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """``images`` as the engine hands decoded images over: small ones (tiles) copied into one buffer
+    (a decode process packs its part into a slot of shared memory, a decode thread its JPEGs into
+    one buffer), each where a decode process places it
+    (:func:`~gpu_pipeline.inputs.processes.placed_at`), not an array per image whose address each
+    backend call would take one at a time; large ones (scenes) as they are, each decoded in a
+    thread into an array of its own (:data:`~gpu_pipeline.engine.stream.PROCESS_DECODE_BELOW_PIXELS`)."""
+    from gpu_pipeline.engine.stream import PROCESS_DECODE_BELOW_PIXELS
+    from gpu_pipeline.inputs.processes import placed_at
+
+    if not len(images) or sum(image.shape[0] * image.shape[1] for image in images) >= \
+            PROCESS_DECODE_BELOW_PIXELS * len(images):
+        return images
+    layout, used = [], 0
+    for image in images:
+        start = placed_at(used)
+        layout.append((image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0, start))
+        used = start + image.size
+    buffer = np.empty(used, np.uint8)
+    for image, (_, _, _, start) in zip(images, layout):
+        buffer[start:start + image.size] = image.reshape(-1)
+    return ImageBatch.packed(buffer, np.array(layout, np.int64).reshape(-1, 4))
+
+
 def run_compute(backend: Backend, images: Sequence[np.ndarray], settings: BenchSettings) -> None:
-    """``process()`` over images in memory, grouped and packed as the engine hands them over."""
+    """``process()`` over images in memory, grouped and packed as the engine hands them over (pass
+    :func:`packed` images: packing them is not the backend's work)."""
     whole = DecodedPart([str(index) for index in range(len(images))], ImageBatch.of(images))
     for batch in part_batches(iter([whole]), settings.batch_size, settings.batch_pixels or backend.batch_pixels()):
         backend.process(batch.images, settings.config)
@@ -165,13 +190,14 @@ def measure_backend(result: Contender, make: Callable[[], Backend], corpus: Corp
         return result
     result.startup_s = time.perf_counter() - start
     repeats, count, pixels = settings.repeats, len(subset.images), subset.pixels
+    images = packed(subset.images)
     with backend:
         try:
-            result.first_pass_s = time_repeats(1, lambda: run_compute(backend, subset.images, settings))[0]
+            result.first_pass_s = time_repeats(1, lambda: run_compute(backend, images, settings))[0]
             times = getattr(backend, "device_times", None)
             if times is not None:
                 backend.device_times = type(times)()
-            result.compute = Timing(time_repeats(repeats, lambda: run_compute(backend, subset.images, settings)),
+            result.compute = Timing(time_repeats(repeats, lambda: run_compute(backend, images, settings)),
                                     count, pixels)
             if times is not None:
                 result.device = _device_phases(backend.device_times, repeats)
