@@ -387,23 +387,6 @@ def run_job(**arguments) -> int:
             remove_folders(created)
 
 
-def _may_be(out: str, links: set[str], is_out: Callable[[str], bool]) -> Callable[[str], bool]:
-    """``is_out`` (whether an input is the existing file ``out``, by device and inode), asked only of
-    the inputs that can be: those named as ``out`` or the file it leads to (through linked folders;
-    in any case, for a file system that ignores it), symbolic links and named files (``links``); of
-    all of them where ``out`` has hard links, or a name that is not ASCII (a file system may take
-    other spellings of it for the same). A resume stat'ed every input (2.5 us a file here, a round
-    trip each on a network file system)."""
-    try:
-        hard_linked = os.stat(out).st_nlink > 1
-    except OSError:
-        hard_linked = True  # (is_out then answers for itself)
-    names = tuple("/" + os.path.basename(name).lower() for name in (out, os.path.realpath(out)))
-    if hard_linked or not all(name.isascii() for name in names):
-        return is_out
-    return lambda path: (path.lower().endswith(names) or path in links) and is_out(path)
-
-
 def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
     """The inputs, absolute; never the output itself, nor the edge maps a run saved. Folders that
     could not be listed go to ``unlisted`` (see :func:`find_files`).
@@ -411,14 +394,12 @@ def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
     An ``--out`` that names one of the inputs and is not our output is refused. Names are strings
     (:func:`find_files`): a run of many files spends no GIL on a ``Path`` per file.
     """
-    links: set[str] = set()
-    found = find_files(job.paths, glob=job.glob, unlisted=unlisted, links=links)
+    found = find_files(job.paths, glob=job.glob, unlisted=unlisted)
     out = os.path.normpath(Path(job.out).absolute()) if job.out != "-" else None
     out_name = os.path.basename(out) if out is not None else None
-    # by device and inode as well as by name: a link would let --overwrite replace an input
+    # by device and inode as well as by name: a link would let --overwrite replace an input (a resume
+    # stats every input once: 2.5 us a file here; a first run, none)
     is_out = same_file_as(job.out) if out is not None else None
-    if is_out is not None:
-        is_out = _may_be(job.out, links, is_out)
     if out is not None:  # the records kept beside the output are never inputs either
         sidecars = {os.path.abspath(settings_path(job.out)), os.path.abspath(lock_path(job.out))}
         named = [path for path in found if path in sidecars]

@@ -66,7 +66,7 @@ def _is_folder(given: Path) -> bool:
 
 
 def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool,
-          unlisted: list[tuple[str, str]] | None = None, links: set[str] | None = None) -> list[str]:
+          unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Every file, de-duplicated and sorted: its absolute name (:func:`absolute_name`), or its name as given.
 
     Names are the strings :class:`pathlib.Path` makes (``Path(folder, name)``), without a ``Path``
@@ -75,28 +75,19 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     other character: strings then sort as the components would.
     """
     paths = list(map(Path, paths))
-    linked: list[str] | None = [] if links is not None else None
     if len(paths) == 1 and _is_folder(paths[0]):  # the usual run: a folder's files come sorted, no key needed
         given = paths[0]
         at = _prefix(absolute_name(given) if absolute else str(given))
-        files = [at + relative for relative in _files_in_folder(str(given), glob, unlisted, linked)]
-        if links is not None:
-            links.update(at + relative for relative in linked)
-        return files
+        return [at + relative for relative in _files_in_folder(str(given), glob, unlisted)]
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     for given in paths:
         if _is_folder(given):
             at_given, at_absolute = _prefix(str(given)), _prefix(absolute_name(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
-            for relative in _files_in_folder(str(given), glob, unlisted, linked):
+            for relative in _files_in_folder(str(given), glob, unlisted):
                 found.setdefault(at_absolute + relative, (at_key + relative.replace("/", "\0"), at_given + relative))
-            if links is not None:
-                links.update((at_absolute if absolute else at_given) + relative for relative in linked)
-                linked.clear()
         else:  # a file, or a FIFO, socket or device: that one gets an error record
             found.setdefault(absolute_name(given), ("\0".join(given.parts), str(given)))
-            if links is not None:  # (named, not walked: whatever it is, it counts as one)
-                links.add(absolute_name(given) if absolute else str(given))
     ordered = sorted(found.items(), key=lambda item: item[1][0])
     return [name if absolute else names[1] for name, names in ordered]
 
@@ -116,15 +107,12 @@ def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
 
 
 def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
-               unlisted: list[tuple[str, str]] | None = None, links: set[str] | None = None) -> list[str]:
+               unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """The files of :func:`discover`, in its order, as absolute names without ``.`` or ``..`` parts:
     what a run processes and writes in its records. Raises :class:`UsageError` as it does.
     ``unlisted`` (when given) receives ``(folder, reason)`` for each folder that could not be listed
-    (no permission, a name past the system's path limit): its files are missing from the list.
-    ``links`` (when given) receives the names of those that are symbolic links, and of those named
-    explicitly (not walked), as the list names them: the only ones that may reach another file
-    under a name of their own, but for hard links (the listing says so at no cost)."""
-    return _find(paths, glob, absolute=True, unlisted=unlisted, links=links)
+    (no permission, a name past the system's path limit): its files are missing from the list."""
+    return _find(paths, glob, absolute=True, unlisted=unlisted)
 
 
 def unlisted_warning(folder: str, reason: str) -> str:
@@ -142,14 +130,12 @@ def no_files_found(paths: Iterable[str | os.PathLike[str]], glob: str | None,
                       + "".join(f"; cannot list {printable(folder)}: {reason}" for folder, reason in unlisted[:3]))
 
 
-def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, str]] | None = None,
-                     links: list[str] | None = None) -> list[str]:
+def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Image files under ``folder``, relative to it with ``/`` between parts, sorted by their path
     components: each folder's entries are visited in name order, a subfolder where its name sorts.
     As ``os.walk``: symbolic links to folders are not followed, and folders that cannot be listed
     are skipped, each told to ``unlisted`` (when given) with the reason. No recursion: a tree of
-    any depth (Python stops a recursion about 1,000 folders deep). ``links`` (when given) receives
-    those of the files that are symbolic links (or may be: their type could not be read)."""
+    any depth (Python stops a recursion about 1,000 folders deep)."""
     pattern = glob.lower() if glob else None
     files: list[str] = []
     walking = [(_listing(folder, unlisted), "")]  # the folders being walked, the deepest last
@@ -177,16 +163,7 @@ def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, st
                 if not fnmatch.fnmatchcase(subject.lower(), pattern):
                     continue
             files.append(below + name)
-            if links is not None and _may_be_link(entry):
-                links.append(below + name)
     return files
-
-
-def _may_be_link(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_symlink()
-    except OSError:
-        return True
 
 
 def folders_under(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str]]]:
