@@ -624,3 +624,7 @@ def test_compute_is_timed_on_images_packed_as_the_engine_hands_them_over():
     assert all(offset == placed_at(offset) for offset in batch.offsets.tolist())
     scenes = [rng.integers(0, 256, (600, 600, 3), np.uint8) for _ in range(2)]
     assert packed(scenes) is scenes and packed([]) == []
+    mixed = [tiles[0], scenes[0], *tiles[1:3], scenes[1]]
+    batch = packed(mixed)
+    assert len(batch.buffers) == 3 and batch.buffer_of.tolist() == [0, 1, 0, 0, 2]  # the scenes as they are
+    assert [(image.shape, image.tobytes()) for image in batch] == [(image.shape, image.tobytes()) for image in mixed]

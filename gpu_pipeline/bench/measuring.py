@@ -79,18 +79,27 @@ def packed(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
     from gpu_pipeline.engine.stream import PROCESS_DECODE_BELOW_PIXELS
     from gpu_pipeline.inputs.processes import placed_at
 
-    if not len(images) or sum(image.shape[0] * image.shape[1] for image in images) >= \
-            PROCESS_DECODE_BELOW_PIXELS * len(images):
+    small = [image.shape[0] * image.shape[1] < PROCESS_DECODE_BELOW_PIXELS for image in images]
+    if not any(small):
         return images
-    layout, used = [], 0
-    for image in images:
-        start = placed_at(used)
-        layout.append((image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0, start))
-        used = start + image.size
-    buffer = np.empty(used, np.uint8)
-    for image, (_, _, _, start) in zip(images, layout):
-        buffer[start:start + image.size] = image.reshape(-1)
-    return ImageBatch.packed(buffer, np.array(layout, np.int64).reshape(-1, 4))
+    buffers: list[np.ndarray] = [np.zeros(0, np.uint8)]  # the small ones' buffer, filled below
+    rows, used = [], 0  # (buffer, offset) of each image
+    for image, is_small in zip(images, small):
+        if is_small:
+            rows.append((0, placed_at(used)))
+            used = rows[-1][1] + image.size
+        else:
+            rows.append((len(buffers), 0))
+            buffers.append(np.ascontiguousarray(image).reshape(-1))
+    buffers[0] = np.empty(used, np.uint8)
+    for image, is_small, (_, start) in zip(images, small, rows):
+        if is_small:
+            buffers[0][start:start + image.size] = image.reshape(-1)
+    where = np.array(rows, np.int64).reshape(-1, 2)
+    return ImageBatch(buffers, where[:, 0].copy(), where[:, 1].copy(),
+                      np.array([image.shape[0] for image in images], np.int64),
+                      np.array([image.shape[1] for image in images], np.int64),
+                      np.array([image.shape[2] if image.ndim == 3 else 0 for image in images], np.int64))
 
 
 def run_compute(backend: Backend, images: Sequence[np.ndarray], settings: BenchSettings) -> None:
