@@ -20,7 +20,8 @@ from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAG
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import DecodedPart, Engine, decode_stream, part_batches
+from gpu_pipeline.engine.stream import (PROCESS_DECODE_BELOW_PIXELS, DecodedPart, Engine, Packer, decode_stream,
+                                        part_batches)
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
@@ -71,35 +72,20 @@ class Contender:
 
 def packed(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
     """``images`` as the engine hands decoded images over: small ones (tiles) copied into one buffer
-    (a decode process packs its part into a slot of shared memory, a decode thread its JPEGs into
-    one buffer), each where a decode process places it
-    (:func:`~gpu_pipeline.inputs.processes.placed_at`), not an array per image whose address each
+    by a decode thread's :class:`~gpu_pipeline.engine.stream.Packer` (a decode process packs its
+    part the same way into a slot of shared memory), not an array per image whose address each
     backend call would take one at a time; large ones (scenes) as they are, each decoded in a
     thread into an array of its own (:data:`~gpu_pipeline.engine.stream.PROCESS_DECODE_BELOW_PIXELS`)."""
-    from gpu_pipeline.engine.stream import PROCESS_DECODE_BELOW_PIXELS
-    from gpu_pipeline.inputs.processes import placed_at
-
     small = [image.shape[0] * image.shape[1] < PROCESS_DECODE_BELOW_PIXELS for image in images]
     if not any(small):
         return images
-    buffers: list[np.ndarray] = [np.zeros(0, np.uint8)]  # the small ones' buffer, filled below
-    rows, used = [], 0  # (buffer, offset) of each image
+    packer = Packer(sum(image.size + 16 for image, is_small in zip(images, small) if is_small))  # (+ alignment)
     for image, is_small in zip(images, small):
-        if is_small:
-            rows.append((0, placed_at(used)))
-            used = rows[-1][1] + image.size
-        else:
-            rows.append((len(buffers), 0))
-            buffers.append(np.ascontiguousarray(image).reshape(-1))
-    buffers[0] = np.empty(used, np.uint8)
-    for image, is_small, (_, start) in zip(images, small, rows):
-        if is_small:
-            buffers[0][start:start + image.size] = image.reshape(-1)
-    where = np.array(rows, np.int64).reshape(-1, 2)
-    return ImageBatch(buffers, where[:, 0].copy(), where[:, 1].copy(),
-                      np.array([image.shape[0] for image in images], np.int64),
-                      np.array([image.shape[1] for image in images], np.int64),
-                      np.array([image.shape[2] if image.ndim == 3 else 0 for image in images], np.int64))
+        place = packer.place(image.shape) if is_small else None
+        if place is not None:
+            place[...] = image
+        packer.add(image if place is None else place)
+    return packer.take()
 
 
 def run_compute(backend: Backend, images: Sequence[np.ndarray], settings: BenchSettings) -> None:

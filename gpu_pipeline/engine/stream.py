@@ -321,7 +321,7 @@ MOST_CHUNK_IMAGES = 256
 FIRST_CHUNK_IMAGES = 1
 
 
-class _Packer:
+class Packer:
     """A decode thread's part, packed into one buffer as it is decoded: plain JPEGs (every tile) are
     decoded straight there (``decode_each``'s ``into``), each 8 bytes past a 16-byte boundary as in a
     decode process's slot; other images, and one that does not fit, keep their own array. The part
@@ -505,7 +505,7 @@ class _DecodePool:
 
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
         part, paths, errors, pixels = 0, [], {}, 0
-        packer = _Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
+        packer = Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
         for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options, into=packer.place))):
             if isinstance(outcome, np.ndarray):
                 packer.add(outcome)
@@ -763,8 +763,8 @@ class Engine:
     fork_server: ForkServer | None = None
     #: Seconds a decode process may spend on one file (reading it, or decoding it) before it is
     #: killed: the file it was on gets an error record, and the files of its part before that one
-    #: are decoded again in a fresh process (:class:`~gpu_pipeline.inputs.processes.Decoder`). None: no limit. Set, every image is decoded in a process
-    #: (:func:`processes_for_time_limit`).
+    #: are decoded again in a fresh process (:class:`~gpu_pipeline.inputs.processes.Decoder`).
+    #: None: no limit. Set, every image is decoded in a process (:func:`processes_for_time_limit`).
     decode_timeout: float | None = None
 
     def __post_init__(self) -> None:
