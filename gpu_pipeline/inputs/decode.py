@@ -300,11 +300,12 @@ def decode_each(paths: Iterable[str | os.PathLike[str]], options: DecodeOptions,
             if size >= READ_AHEAD_BYTES:
                 break
         for position, (path, content) in enumerate(zip(paths[start:], contents), start):
-            if working is not None and not isinstance(content, tuple):
-                working(position)
-            if isinstance(content, tuple):
+            if isinstance(content, tuple):  # (it could not be read: nothing to decode)
                 yield content
-            elif content is None:
+                continue
+            if working is not None:
+                working(position)
+            if content is None:
                 yield decode_or_error(path, options)
             else:
                 image = _plain_jpeg(content, options, into)
