@@ -161,22 +161,6 @@ if os.environ.get("STUCK_REPLY"):
 """
 
 
-@needs_processes
-def test_a_process_stuck_between_files_blames_none_of_them(tmp_path, monkeypatch):
-    """A process killed while it sends its reply (here: the first time only) was on no file: the
-    part's files are decoded again one at a time, and none gets an error."""
-    marker = tmp_path / "stuck-once"
-    for name, value in {**sitecustomize(tmp_path / "site", STUCK_REPLY), "STUCK_REPLY": str(marker)}.items():
-        monkeypatch.setenv(name, value)
-    tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]]
-    started_processes = count_decode_processes(monkeypatch)
-    with decoder_with_server(time_limit=1.0) as (decoder, _):
-        taken, decoded, errors = decoder.decode(tiles, 1 << 30)
-        assert [process.returncode for process in started_processes] == [-9, None]
-    assert marker.exists() and (taken, errors) == (3, {})
-    assert [image.tobytes() for image in decoded] == [decode_image(path, DecodeOptions()).tobytes() for path in tiles]
-
-
 def test_a_process_that_moved_on_as_it_was_killed_blames_no_file():
     """The file a killed process was on is blamed only when its note is the one the limit was
     passed on, and was written for this request: one written after (it finished that file as the
@@ -245,11 +229,15 @@ if os.environ.get("SLOW_START"):
 
 
 @needs_processes
-def test_a_process_killed_before_its_first_file_blames_none_of_them(tmp_path, monkeypatch):
-    """A fresh process's notes are zeros: killed before it began the request's first file (a busy
-    machine), it was on no file, and file 0 was blamed though never opened."""
-    marker = tmp_path / "slow-once"
-    for name, value in {**sitecustomize(tmp_path / "site", SLOW_START), "SLOW_START": str(marker)}.items():
+@pytest.mark.parametrize("source, variable", [(STUCK_REPLY, "STUCK_REPLY"), (SLOW_START, "SLOW_START")],
+                         ids=["sending its reply", "before its first file"])
+def test_a_process_killed_on_no_file_blames_none_of_them(tmp_path, monkeypatch, source, variable):
+    """A process killed while it sends its reply, or before it began the request's first file (a
+    busy machine; a fresh process's notes are zeros, and file 0 was blamed though never opened),
+    was on no file: the part's files are decoded again one at a time, and none gets an error. Each
+    happens the first time only."""
+    marker = tmp_path / "once"
+    for name, value in {**sitecustomize(tmp_path / "site", source), variable: str(marker)}.items():
         monkeypatch.setenv(name, value)
     tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]]
     started_processes = count_decode_processes(monkeypatch)

@@ -115,22 +115,18 @@ def test_gil_parts_small(tmp_path):
         assert way in done.stdout and len(parts[way]["gil_us_per_image"]) == 1
 
 
-def test_gil_parts_of_the_command_line(tmp_path):
+@pytest.mark.parametrize("option, path, said", [("--cli", "cli", "gpu-pipeline run"),
+                                                ("--batches", "batches", "gpu_pipeline.run_batches")])
+def test_gil_parts_of_the_command_line_and_of_run_batches(tmp_path, option, path, said):
+    """The ways of a path that makes no dicts: as is, idle kernels, + files found before."""
     pytest.importorskip("gilknocker", reason="gilknocker is not installed (pip install gilknocker)")
     report = tmp_path / "gil.json"
-    done = run_script("gil_parts.py", str(TILES), "--repeat", "1", "--cli", "--json", str(report))
+    done = run_script("gil_parts.py", str(TILES), "--repeat", "1", option, "--json", str(report))
     parts = json.loads(report.read_text())
-    assert parts["path"] == "cli" and parts["images"] == 50 and "+ no dicts" not in parts
-    assert "gpu-pipeline run" in done.stdout and len(parts["idle kernels"]["gil_us_per_image"]) == 1
-
-
-def test_gil_parts_of_run_batches(tmp_path):
-    pytest.importorskip("gilknocker", reason="gilknocker is not installed (pip install gilknocker)")
-    report = tmp_path / "gil.json"
-    done = run_script("gil_parts.py", str(TILES), "--repeat", "1", "--batches", "--json", str(report))
-    parts = json.loads(report.read_text())
-    assert parts["path"] == "batches" and parts["images"] == 50 and "+ no dicts" not in parts
-    assert "gpu_pipeline.run_batches" in done.stdout and len(parts["+ files found before"]["gil_us_per_image"]) == 1
+    assert parts["path"] == path and parts["images"] == 50 and "+ no dicts" not in parts
+    assert said in done.stdout
+    for way in ("as is", "idle kernels", "+ files found before"):
+        assert len(parts[way]["gil_us_per_image"]) == 1
 
 
 def test_gil_parts_without_gilknocker_says_so():
