@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import shutil
 import signal
 import time
@@ -450,8 +451,6 @@ def test_decode_processes_where_they_cannot_run_is_a_usage_error(tmp_path, monke
 @needs_processes
 def test_pixels_are_never_pickled():
     """What comes back over the socket is where the images lie and their errors: a few bytes an image."""
-    import pickle
-
     process = processes.DecodeProcess(DecodeOptions())
     connection, received = process._connection, []
 
@@ -460,7 +459,7 @@ def test_pixels_are_never_pickled():
         received.append(len(data))
         return pickle.loads(data)
 
-    process._connection = type("Counting", (), {"send": connection.send, "recv": staticmethod(recv),
+    process._connection = type("Counting", (), {"send_bytes": connection.send_bytes, "recv": staticmethod(recv),
                                                 "close": connection.close})()
     try:
         taken, images, _ = process.decode(find_files([BUNDLED / "eurosat"]), 1 << 30)
@@ -478,11 +477,11 @@ def test_a_chunks_paths_cross_over_once():
     process = processes.DecodeProcess(DecodeOptions(), slots=4, slot_bytes=4 * (64 * 64 * 3 + 16))
     connection, sent = process._connection, []
 
-    def send(message):
-        sent.append(message[0])
-        connection.send(message)
+    def send_bytes(data):
+        sent.append(pickle.loads(data)[0])
+        connection.send_bytes(data)
 
-    process._connection = type("Counting", (), {"send": staticmethod(send), "recv": connection.recv,
+    process._connection = type("Counting", (), {"send_bytes": staticmethod(send_bytes), "recv": connection.recv,
                                                 "close": connection.close})()
     paths = find_files([BUNDLED / "eurosat"])[:12]
     try:

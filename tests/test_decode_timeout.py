@@ -142,22 +142,23 @@ def test_a_read_stuck_ahead_of_the_part_blames_that_file_once(tmp_path, monkeypa
 
 
 STUCK_REPLY = """
-import os, time
+import os, pickle, time
 if os.environ.get("STUCK_REPLY"):
     from multiprocessing.connection import Connection
 
-    def stuck_once(send):
-        def send_reply(self, message):
+    def stuck_once(send_bytes):
+        def send_reply(self, data):
+            message = pickle.loads(data)
             if isinstance(message, tuple) and len(message) == 5:  # a decode process's reply to a request
                 try:
                     os.close(os.open(os.environ["STUCK_REPLY"], os.O_CREAT | os.O_EXCL))
                     time.sleep(3600)
                 except FileExistsError:
                     pass
-            return send(self, message)
+            return send_bytes(self, data)
         return send_reply
 
-    Connection.send = stuck_once(Connection.send)
+    Connection.send_bytes = stuck_once(Connection.send_bytes)
 """
 
 

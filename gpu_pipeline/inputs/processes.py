@@ -440,7 +440,7 @@ class DecodeProcess:
         self._slots = _Slots(slots, slot_bytes)
         self._socket = ours
         self._connection = Connection(os.dup(ours.fileno()))
-        self._connection.send((options, slot_bytes, time_limit is not None))
+        _send(self._connection, (options, slot_bytes, time_limit is not None))
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
         self._asked_at = 0.0  # when (time.monotonic)
@@ -461,11 +461,9 @@ class DecodeProcess:
         self._asked_at = time.monotonic()
         try:
             # the paths go over once: a request for the rest of the last ones sends None
-            self._connection.send((None if paths == self._queued else "\0".join(paths), most_pixels, slot))
+            _send(self._connection, (None if paths == self._queued else "\0".join(paths), most_pixels, slot))
         except OSError as exc:  # the process has died: answer() says so
-            # (not its traceback: its frames hold the pickled request, a view of a BytesIO that the
-            # garbage collector then closed with the view alive, "Exception ignored" on stderr)
-            self._asked = (paths, slot, exc.with_traceback(None))
+            self._asked = (paths, slot, exc)
 
     def answer(self) -> tuple[int, ImageBatch, Errors]:
         """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`,
@@ -768,6 +766,14 @@ class _Worker:
             os.close(shared)
 
 
+def _send(connection: Connection, message: object) -> None:
+    """``connection.send(message)`` without its BytesIO: ``Connection.send`` pickles into one and
+    sends a view of it, which the traceback of a failed send (a process that died) keeps alive. The
+    garbage collector then clears the BytesIO under its view: CPython 3.12 crashes (segmentation
+    fault, gh-111049) and 3.13 prints "Exception ignored in: <_io.BytesIO ...>" (gh-111331)."""
+    connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
 def _serve(descriptor: int, arena_descriptor: int) -> None:
     """The worker's loop: requests in, pixels out, until the socket closes."""
     from gpu_pipeline.inputs.decode import quiet_tifffile
@@ -788,7 +794,7 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
             reply, to_copy, in_slot = worker.answer(most_pixels, slot, slot_bytes)
             if in_slot:
                 worker.fill_slot(to_copy, slot)  # before the reply: it says the pixels are there
-            connection.send(reply)
+            _send(connection, reply)
             if to_copy and not in_slot:  # then nothing was decoded in place
                 worker.send_in_own_memory(to_copy)
     except (EOFError, ConnectionError):
