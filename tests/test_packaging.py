@@ -152,16 +152,8 @@ def test_the_supported_pythons_and_the_parquet_floor():
     assert pyarrows and set(pyarrows) == {"pyarrow>=26"}
 
 
-def test_the_cuda_extras_keep_imagecodecs_built_for_the_numpy_they_hold():
-    """They hold numpy below 2.5; with imagecodecs 2026.8.16, 2026.10.10 and 2026.11.11 (Python 3.12+
-    only) on numpy 2.4.6, test_decode_processes.py crashed the interpreter (its garbage collector, in a
-    decode thread or at the next import) in 14 of 35 runs on 3.12; 0 of 6 with imagecodecs 2026.11.11
-    on numpy 2.5.5, 0 of 13 with imagecodecs 2026.3.6 on numpy 2.4.6."""
-    import tomllib
-
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for extra in ("cuda12", "cuda13"):
-        assert "numpy<2.5" in extras[extra] and "imagecodecs<2026.4" in extras[extra], extra
-    # the wheels carried to the GPU machine pair them likewise (it has numpy 2.5 and no imagecodecs)
+def test_the_wheels_carried_to_the_gpu_machine_hold_numpy_below_2_5():
+    """The lent GPU machine has numpy 2.5 and no imagecodecs; scripts/device_env.sh puts the carried
+    numpy first on the path, so it must be one that numba-cuda can load with."""
     fetched = (REPO / "scripts" / "fetch_gpu_wheels.sh").read_text()
-    assert '"numpy>=2.4,<2.5"' in fetched and '"imagecodecs<2026.4"' in fetched
+    assert '"numpy>=2.4,<2.5"' in fetched and " imagecodecs " in fetched
