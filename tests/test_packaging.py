@@ -157,3 +157,16 @@ def test_the_wheels_carried_to_the_gpu_machine_hold_numpy_below_2_5():
     numpy first on the path, so it must be one that numba-cuda can load with."""
     fetched = (REPO / "scripts" / "fetch_gpu_wheels.sh").read_text()
     assert '"numpy>=2.4,<2.5"' in fetched and " imagecodecs " in fetched
+
+
+def test_ci_runs_the_other_supported_pythons():
+    """The README says CI runs `.ci/pythons` on 3.12 and 3.13 after the whole suite on 3.11: the step
+    stays in `.ci/run`, with those versions, and names only test files that exist (pytest would stop
+    on a missing one, but only on a machine that has the Python)."""
+    import re
+
+    assert re.search(r"^\.ci/pythons$", (REPO / ".ci" / "run").read_text(), re.MULTILINE)
+    script = (REPO / ".ci" / "pythons").read_text()
+    assert "versions=(3.12 3.13)" in script
+    listed = re.findall(r"tests/test_\w+\.py", script)
+    assert len(listed) >= 10 and all((REPO / name).is_file() for name in listed), listed
