@@ -38,7 +38,7 @@ def test_json_lists_versions_and_every_backend_with_its_reason(unavailable_backe
     assert found["gpu_pipeline"] == __version__
     assert found["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
     assert set(info.PACKAGES) <= set(found["packages"])
-    for name in ("numpy", "numba", "pillow", "tifffile", "typer", "rich"):
+    for name in ("numpy", "numba", "pillow", "tifffile", "imagecodecs", "typer", "rich"):
         assert found["packages"][name]["version"] == importlib.metadata.version(name)
     assert [b["name"] for b in found["backends"]] == registry.backend_names()
     for backend in found["backends"]:

@@ -31,11 +31,14 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"),
     "pillow": ("pillow",),
     "tifffile": ("tifffile",),
+    "imagecodecs": ("imagecodecs",),
     "typer": ("typer",),
     "rich": ("rich",),
     "opencv": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
                "opencv-contrib-python"),
     "scikit-image": ("scikit-image",),
+    "pyarrow": ("pyarrow",),  # --format parquet
+    "dask": ("distributed",),  # --dask
 }
 
 
