@@ -9,10 +9,13 @@ export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/gpu-pipeline-numba-cache}"  # th
 unset NUMBA_ENABLE_CUDASIM GPU_PIPELINE_CUDA_SMALL_TILES
 PYTHON="${PYTHON:-python3}"
 _wheels=(.whl/*.whl)
+# compiled as they are installed: where PYTHONDONTWRITEBYTECODE is set (as on the 2-core VM) a module
+# without its .pyc is compiled again at every import; numpy, Pillow and tifffile made a warm one-image
+# run take 1.21 s instead of 0.77 (tifffile alone 0.2 s), and this checkout's own modules 0.07 s more
 if [ -e "${_wheels[0]}" ]; then
     _numpy=(.whl/numpy-*.whl)
     if [ -e "${_numpy[0]}" ]; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade \
             --target /tmp/numpy-first "${_numpy[@]}"
         export PYTHONPATH="/tmp/numpy-first:$PYTHONPATH"
     fi
@@ -21,8 +24,10 @@ if [ -e "${_wheels[0]}" ]; then
         case "$(basename "$_wheel")" in numpy-*) ;; *) _others+=("$_wheel") ;; esac
     done
     if [ "${#_others[@]}" -gt 0 ]; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade \
             --target /tmp/site "${_others[@]}"
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
 fi
+# (what pip does for an installed package; nothing where the checkout is read-only)
+"$PYTHON" -m compileall -q gpu_pipeline cpu_reference > /dev/null 2>&1 || true
