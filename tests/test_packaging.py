@@ -160,13 +160,19 @@ def test_the_wheels_carried_to_the_gpu_machine_hold_numpy_below_2_5():
 
 
 def test_ci_runs_the_other_supported_pythons():
-    """The README says CI runs `.ci/pythons` on 3.12 and 3.13 after the whole suite on 3.11: the step
-    stays in `.ci/run`, with those versions, and names only test files that exist (pytest would stop
-    on a missing one, but only on a machine that has the Python)."""
+    """The README says CI runs `.ci/pythons` on 3.12 and 3.13 after the whole suite on 3.11 (CI's
+    python3): the step stays in `.ci/run`, with those versions, the package's classifiers name the
+    same Pythons, and the script names only test files that exist (pytest would stop on a missing
+    one, but only on a machine that has the Python)."""
     import re
+    import tomllib
 
     assert re.search(r"^\.ci/pythons$", (REPO / ".ci" / "run").read_text(), re.MULTILINE)
     script = (REPO / ".ci" / "pythons").read_text()
-    assert "versions=(3.12 3.13)" in script
+    others = re.search(r"versions=\(([\d. ]+)\)", script).group(1).split()
+    assert others == ["3.12", "3.13"]
+    classifiers = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["classifiers"]
+    named = [c.rsplit(" ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+    assert named == ["3.11", *others]
     listed = re.findall(r"tests/test_\w+\.py", script)
     assert len(listed) >= 10 and all((REPO / name).is_file() for name in listed), listed
