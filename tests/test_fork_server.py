@@ -106,6 +106,29 @@ def test_a_fresh_fork_server_that_dies_at_once_is_replaced_too(monkeypatch):
         server.close()
 
 
+def test_a_process_whose_server_is_killed_as_it_forks_it_is_asked_again_of_a_fresh_server(monkeypatch):
+    """Its fork server killed just after the fork (the OOM killer), a decode process died before it
+    was told anything. The first message to it raised BrokenPipeError out of the decoder, and
+    `gpu-pipeline run` took it for a closed stdout (exit 3, "the reader closed the pipe", the run cut
+    short). It is a request that failed, and no file's doing: asked again of a fresh server."""
+    tiles = [str(path) for path in sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:3]]
+    real_fork, forked = processes.ForkServer.fork, []
+
+    def fork_and_kill_the_server_once(self, connection, arena):
+        pid = real_fork(self, connection, arena)
+        forked.append(pid)
+        if len(forked) == 1:
+            os.kill(self._process.pid, signal.SIGKILL)
+            wait_until(lambda: dead(pid), "the decode process dying with its server")
+        return pid
+
+    monkeypatch.setattr(processes.ForkServer, "fork", fork_and_kill_the_server_once)
+    with decoder_with_server() as (decoder, server):
+        taken, decoded, errors = decoder.decode(tiles, 1 << 30)
+        assert (taken, errors, len(forked), server.restarts) == (3, {}, 2, 1)
+    assert [image.tobytes() for image in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
 def test_a_run_whose_fork_server_is_killed_loses_no_image(tmp_path):
     paths = images(tmp_path / "in", 150)
     slow = hanging_decoder(tmp_path / "site", "img", seconds=0.03)  # (a run of a few seconds)
@@ -431,8 +454,8 @@ def _views_of_other_than_bytes(exc: BaseException) -> list[memoryview]:
 def test_a_request_to_a_dead_process_leaves_nothing_for_the_garbage_collector_to_complain_of():
     """``Connection.send`` pickles into a BytesIO and sends a view of it. The failed send's traceback,
     kept with the request, held that view, and the garbage collector cleared the BytesIO under it:
-    Python 3.12 crashed (segmentation fault in the collector, CPython gh-111049: the decode tests, 4
-    runs in 10 on 3.12.1), 3.13 printed "Exception ignored in: <_io.BytesIO ...>" on the run's stderr.
+    Python 3.12.1 crashed (segmentation fault in the collector, CPython gh-111049: the decode tests, 4
+    runs in 10), 3.13 printed "Exception ignored in: <_io.BytesIO ...>" on the run's stderr.
     The view is checked on every Python; the crash and the complaint where they happen."""
     import gc
     import sys

@@ -440,7 +440,9 @@ class DecodeProcess:
         self._slots = _Slots(slots, slot_bytes)
         self._socket = ours
         self._connection = Connection(os.dup(ours.fileno()))
-        _send(self._connection, (options, slot_bytes, time_limit is not None))
+        # what the process is to decode and how, sent with the first request: a process that died
+        # before it (its fork server killed as it forked) is then a request that failed, like any other
+        self._greeting: tuple | None = (options, slot_bytes, time_limit is not None)
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
         self._asked_at = 0.0  # when (time.monotonic)
@@ -460,6 +462,9 @@ class DecodeProcess:
         self._asked = (paths, slot, None)
         self._asked_at = time.monotonic()
         try:
+            if self._greeting is not None:
+                _send(self._connection, self._greeting)
+                self._greeting = None
             # the paths go over once: a request for the rest of the last ones sends None
             _send(self._connection, (None if paths == self._queued else "\0".join(paths), most_pixels, slot))
         except OSError as exc:  # the process has died: answer() says so
@@ -769,7 +774,7 @@ class _Worker:
 def _send(connection: Connection, message: object) -> None:
     """``connection.send(message)`` without its BytesIO: ``Connection.send`` pickles into one and
     sends a view of it, which the traceback of a failed send (a process that died) keeps alive. The
-    garbage collector then clears the BytesIO under its view: CPython 3.12 crashes (segmentation
+    garbage collector then clears the BytesIO under its view: CPython 3.12.1 crashes (segmentation
     fault, gh-111049) and 3.13 prints "Exception ignored in: <_io.BytesIO ...>" (gh-111331)."""
     connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
 
