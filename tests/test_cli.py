@@ -21,6 +21,7 @@ from gpu_pipeline import __version__
 from gpu_pipeline.labels.labeller import DEFAULT_LABELS
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
+from tests.runs import sitecustomize
 
 runner = CliRunner()
 RESULT_KEYS = {"path", "width", "height", "bands", "backend", "histogram", "edge_count", "edge_density", "label"}
@@ -484,6 +485,27 @@ def test_a_reader_that_closed_the_pipe_is_exit_3_not_1(image_dir, args):
         os.close(writer)
     assert result.returncode == 3, result.stderr
     assert result.stderr.decode().endswith("gpu-pipeline: error: cannot write to stdout: the reader closed the pipe\n")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_reported_as_stdout(image_dir, tmp_path):
+    """A decode process that died before its first request once raised BrokenPipeError out of the
+    run, and the command said "cannot write to stdout: the reader closed the pipe" (exit 3) with its
+    stdout a healthy pipe: a bug of ours was shown as the user's, and hidden."""
+    env = {**os.environ, **sitecustomize(tmp_path / "site", BROKEN_RUN)}
+    result = command("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
+                     stdout=subprocess.PIPE, env=env)
+    assert result.returncode == 1 and "BrokenPipeError: [Errno 32] Broken pipe" in result.stderr.decode()
+    assert "cannot write to stdout" not in result.stderr.decode()
+
+
+BROKEN_RUN = """
+import gpu_pipeline.engine.job as job
+
+def run_job(*args, **kwargs):
+    raise BrokenPipeError(32, "Broken pipe")
+
+job.run_job = run_job
+"""
 
 
 @needs_dev_full

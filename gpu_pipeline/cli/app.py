@@ -205,8 +205,10 @@ def main() -> None:
         with contextlib.suppress(OSError):
             sys.stdout.flush()
         sys.exit(143 if exc.args and exc.args[0] == signal.SIGTERM else 130)
-    except SystemExit:
+    except SystemExit as exc:
         if streams.reader_went_away():
+            if (ours := streams.pipe_of_ours(exc)) is not None:
+                raise ours from None
             sys.exit(streams.write_failed("the reader closed the pipe"))
         raise
     except OSError as exc:

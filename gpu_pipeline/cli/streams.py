@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import sys
 
 from gpu_pipeline.errors import EXIT_WRITE_ERROR
@@ -83,6 +84,26 @@ def reader_went_away() -> bool:
     """Whether a command's stdout met a closed pipe, which click and rich end with exit 1 (click
     wraps stdout first, in a class of its own or of the copy typer carries)."""
     return _pipe_closed or type(sys.stdout).__name__ == "PacifyFlushWrapper"
+
+
+def pipe_of_ours(exit: SystemExit) -> OSError | None:
+    """The broken pipe that click ended with exit 1 as if stdout's reader had gone, when it was
+    another (a decode process's socket: a bug of ours, to be shown as it is); None when it was stdout's."""
+    cause = exit.__context__
+    if _pipe_closed or not isinstance(cause, OSError) or stdout_reader_gone():
+        return None
+    return cause
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (``poll`` reports an error or a hang-up
+    on it)."""
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def write_failed(reason: str) -> int:
