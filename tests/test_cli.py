@@ -487,22 +487,61 @@ def test_a_reader_that_closed_the_pipe_is_exit_3_not_1(image_dir, args):
     assert result.stderr.decode().endswith("gpu-pipeline: error: cannot write to stdout: the reader closed the pipe\n")
 
 
-def test_a_broken_pipe_that_is_not_stdout_is_not_reported_as_stdout(image_dir, tmp_path):
+@pytest.mark.parametrize("reader", ["reading", "gone"])
+def test_a_broken_pipe_that_is_not_stdout_is_not_reported_as_stdout(image_dir, tmp_path, reader):
     """A decode process that died before its first request once raised BrokenPipeError out of the
-    run, and the command said "cannot write to stdout: the reader closed the pipe" (exit 3) with its
-    stdout a healthy pipe: a bug of ours was shown as the user's, and hidden."""
-    env = {**os.environ, **sitecustomize(tmp_path / "site", BROKEN_RUN)}
-    result = command("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
-                     stdout=subprocess.PIPE, env=env)
+    run, and the command said "cannot write to stdout: the reader closed the pipe" (exit 3), whether
+    or not stdout's reader had gone: click ends any broken pipe so. A bug of ours was shown as the
+    user's, and hidden. Only a write to stdout that failed is stdout's."""
+    env = {**os.environ, **sitecustomize(tmp_path / "site", FAILING_RUN), "FAILING_RUN": "EPIPE"}
+    out = ["run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference"]
+    if reader == "reading":
+        result = command(*out, stdout=subprocess.PIPE, env=env)
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = command(*out, stdout=write_end, env=env)
+        finally:
+            os.close(write_end)
     assert result.returncode == 1 and "BrokenPipeError: [Errno 32] Broken pipe" in result.stderr.decode()
     assert "cannot write to stdout" not in result.stderr.decode()
 
 
-BROKEN_RUN = """
+def test_a_full_disk_under_another_file_is_not_reported_as_stdout(image_dir, tmp_path):
+    """numba's cache on a full disk (or bench's temporary corpus) said "cannot write to stdout: No
+    space left on device" (exit 3): the file is named instead."""
+    env = {**os.environ, **sitecustomize(tmp_path / "site", FAILING_RUN), "FAILING_RUN": "ENOSPC"}
+    result = command("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
+                     stdout=subprocess.PIPE, env=env)
+    assert (result.returncode, result.stderr.decode()) == (
+        1, "gpu-pipeline: error: No space left on device: /cache/kernel.nbi\n")
+
+
+def test_a_socket_reader_that_stopped_reading_is_exit_3(tmp_path):
+    """A reader that shuts its socket for reading: the write fails with EPIPE, but poll() shows no
+    error on the socket (which an earlier check of stdout's state relied on: a traceback, exit 1)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    theirs.shutdown(socket.SHUT_RD)
+    try:
+        result = command("--version", stdout=ours.fileno())
+    finally:
+        ours.close()
+        theirs.close()
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode() == "gpu-pipeline: error: cannot write to stdout: the reader closed the pipe\n"
+
+
+FAILING_RUN = """
+import errno, os
 import gpu_pipeline.engine.job as job
 
 def run_job(*args, **kwargs):
-    raise BrokenPipeError(32, "Broken pipe")
+    if os.environ["FAILING_RUN"] == "EPIPE":
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    raise OSError(errno.ENOSPC, "No space left on device", "/cache/kernel.nbi")
 
 job.run_job = run_job
 """

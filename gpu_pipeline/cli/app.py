@@ -214,6 +214,10 @@ def main() -> None:
     except OSError as exc:
         if exc.errno not in streams.WRITE_ERRORS:
             raise
+        if not streams.stdout_failed:  # a full disk under another file (numba's cache, a temporary)
+            named = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
+            print(f"gpu-pipeline: error: {exc.strerror or exc}{named}", file=sys.stderr)
+            sys.exit(1)
         sys.exit(streams.write_failed(exc.strerror or str(exc)))
     finally:
         # The exit status is decided; a Ctrl-C while the interpreter shuts down must not replace it

@@ -7,15 +7,17 @@
 * Messages are not results: a full disk or a reader gone behind ``2>`` must not turn a command
   that did its work into a failure (GNU tools ignore it too), so failed writes to stderr are dropped.
 * Results are: a failed write to stdout (a full disk, ``| head`` that stopped reading) ends the
-  command with exit 3 and one line, as ``run --out -`` does.
+  command with exit 3 and one line, as ``run --out -`` does. stdout is wrapped to know that a write
+  to it failed: a full disk under another file (numba's cache) is named as such (exit 1), and a
+  broken pipe of ours (a socket), which click ends as if stdout's, is shown as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
-import select
 import sys
 
 from gpu_pipeline.errors import EXIT_WRITE_ERROR
@@ -27,6 +29,9 @@ WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EPIPE})
 closed: set[str] = set()
 #: Whether rich met a closed pipe on stdout (it then exits 1, which for verify means "differs").
 _pipe_closed = False
+#: Whether a write to stdout failed (a full disk, a reader gone): what tells the command's end that an
+#: OSError, or click's exit 1 after a broken pipe, was stdout's and not another file's or socket's.
+stdout_failed = False
 
 
 class ForgivingStream:
@@ -64,7 +69,29 @@ def prepare() -> None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False,
                                     errors="backslashreplace" if name == "stderr" else "strict"))
     sys.stderr = ForgivingStream(sys.stderr)
+    _note_failed_stdout_writes()
     _note_rich_broken_pipes()
+
+
+class _Stdout(io.FileIO):
+    """File descriptor 1, noting a write that fails (:data:`stdout_failed`)."""
+
+    def write(self, data) -> int | None:
+        try:
+            return super().write(data)
+        except OSError:
+            global stdout_failed
+            stdout_failed = True
+            raise
+
+
+def _note_failed_stdout_writes() -> None:
+    """``sys.stdout`` as Python made it (encoding, errors, line buffering), over :class:`_Stdout`:
+    print, click, rich and the records (``sys.stdout.buffer``) all write through it."""
+    made = sys.stdout
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_Stdout(1, "w", closefd=False)), encoding=made.encoding,
+                                  errors=made.errors, line_buffering=made.line_buffering,
+                                  write_through=getattr(made, "write_through", False))
 
 
 def _note_rich_broken_pipes() -> None:
@@ -87,23 +114,10 @@ def reader_went_away() -> bool:
 
 
 def pipe_of_ours(exit: SystemExit) -> OSError | None:
-    """The broken pipe that click ended with exit 1 as if stdout's reader had gone, when it was
-    another (a decode process's socket: a bug of ours, to be shown as it is); None when it was stdout's."""
+    """The broken pipe that click ended with exit 1 as if stdout's reader had gone, when no write to
+    stdout failed (a decode process's socket: a bug of ours, to be shown as it is); None when it was stdout's."""
     cause = exit.__context__
-    if _pipe_closed or not isinstance(cause, OSError) or stdout_reader_gone():
-        return None
-    return cause
-
-
-def stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe or socket whose reader has gone (``poll`` reports an error or a hang-up
-    on it)."""
-    try:
-        poller = select.poll()
-        poller.register(1, select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (OSError, ValueError):
-        return False
+    return cause if isinstance(cause, OSError) and not (stdout_failed or _pipe_closed) else None
 
 
 def write_failed(reason: str) -> int:
