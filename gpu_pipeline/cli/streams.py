@@ -86,10 +86,12 @@ class _Stdout(io.FileIO):
 
 
 def _note_failed_stdout_writes() -> None:
-    """``sys.stdout`` as Python made it (encoding, errors, line buffering), over :class:`_Stdout`:
-    print, click, rich and the records (``sys.stdout.buffer``) all write through it."""
+    """``sys.stdout`` as Python made it (encoding, errors, line buffering, unbuffered under ``-u``),
+    over :class:`_Stdout`: print, click, rich and the records (``sys.stdout.buffer``) all write through it."""
     made = sys.stdout
-    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_Stdout(1, "w", closefd=False)), encoding=made.encoding,
+    raw = _Stdout(1, "w", closefd=False)
+    buffered = isinstance(getattr(made, "buffer", None), io.BufferedWriter)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw) if buffered else raw, encoding=made.encoding,
                                   errors=made.errors, line_buffering=made.line_buffering,
                                   write_through=getattr(made, "write_through", False))
 
