@@ -266,3 +266,32 @@ def test_an_edit_to_an_inlined_helper_recompiles_the_kernel(tmp_path, explicit):
     edited_folder, edited_gray = _gray_of(env, tmp_path)
     assert edited_gray == ((19235 * rgb[:, 1] + 3735 * rgb[:, 2] + 16384) >> 15).tolist(), "stale kernel ran"
     assert Path(edited_folder).parent == root and edited_folder != folder
+
+
+NO_ROOM_FOR_KERNELS = """
+import errno
+from numba.core import caching
+
+def save(self, key, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+caching.IndexDataCacheFile.save = save
+"""
+
+
+def test_a_cache_that_cannot_keep_the_kernels_does_not_stop_the_run(tmp_path):
+    """numba raised its cache's OSError (the disk full) out of a kernel's first call: the run ended at
+    its warm-up with no record (taken for stdout's full disk, exit 3, until this round), and verify
+    reported every image of the backend as a difference. The kernels run uncached, and it is said."""
+    from tests.runs import sitecustomize
+
+    env = {**os.environ, **sitecustomize(tmp_path / "site", NO_ROOM_FOR_KERNELS),
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "o.jsonl"
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(REPO / "data" / "eurosat"),
+                           "--out", str(out), "--backend", "numba"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == len(list((REPO / "data" / "eurosat").rglob("*.jpg")))
+    assert done.stderr.count("cannot be kept in") == 1 and "(No space left on device)" in done.stderr
+    assert "(kernels compiled; the cache could not keep them)" in done.stderr

@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import numba
@@ -303,7 +304,37 @@ def compiles_on_first_call(kernels) -> bool:
     return False
 
 
+unsaved: list[str] = []  # why a compiled kernel could not be kept (said once)
+
+
+def _keeps_going_uncached(decorator):
+    """``decorator``, whose dispatchers run on when numba cannot save what they compiled (the cache
+    folder's disk full, or made read-only since): numba raised the OSError out of the kernel's first
+    call, which ended a run at its warm-up and made ``verify`` report every image of the backend as
+    a difference. The kernels are then compiled again at the next run; a warning says so, once."""
+    def decorate(function):
+        dispatcher = decorator(function)
+        cache = getattr(dispatcher, "_cache", None)
+        save = getattr(cache, "save_overload", None)
+        if save is None:  # caching off
+            return dispatcher
+
+        def save_overload(signature, data):
+            try:
+                save(signature, data)
+            except OSError as exc:
+                if not unsaved:
+                    unsaved.append(str(exc))
+                    warnings.warn(f"the compiled kernels cannot be kept in {CACHE_DIR} ({exc.strerror or exc}): "
+                                  "they are compiled again at every run", RuntimeWarning, stacklevel=2)
+
+        cache.save_overload = save_overload
+        return dispatcher
+
+    return decorate
+
+
 #: Decorators of the CPU kernels: ``helper`` for serial code run inside one thread, ``parallel``
 #: for the entry points whose ``prange`` loops spread over the threads. Both release the GIL.
-helper = numba.njit(cache=CACHE_DIR is not None, nogil=True)
-parallel = numba.njit(parallel=True, cache=CACHE_DIR is not None, nogil=True)
+helper = _keeps_going_uncached(numba.njit(cache=CACHE_DIR is not None, nogil=True))
+parallel = _keeps_going_uncached(numba.njit(parallel=True, cache=CACHE_DIR is not None, nogil=True))

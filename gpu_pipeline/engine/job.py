@@ -693,15 +693,23 @@ def announced_warm_up(what: str, kernels: str, seconds: int, console: Console, q
             f"about {seconds} s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
     note = ("(kernels loaded)" if not compiling else  # (a slow load said "compiled once, then cached")
             "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)")
-    timed_warm_up(what, warm_up, console, quiet, note)
+    timed_warm_up(what, warm_up, console, quiet, lambda: "(kernels compiled; the cache could not keep them)"
+                  if kernels_unsaved() else note)
 
 
-def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool, note: str) -> None:
+def kernels_unsaved() -> bool:
+    """Whether numba's cache failed to keep a compiled kernel (its disk full): the run went on."""
+    setup = sys.modules.get("gpu_pipeline.backends._numba_setup")  # (not imported for it: no numba there)
+    return bool(setup is not None and setup.unsaved)
+
+
+def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool,
+                  note: str | Callable[[], str]) -> None:
     """Compile or load kernels before the run; say how long it took when it was slow (a compile)."""
     started = time.perf_counter()
     warm_up()
     if not quiet and (seconds := time.perf_counter() - started) > 1:
-        console.print(f"{what} ready in {seconds:.1f} s {note}")
+        console.print(f"{what} ready in {seconds:.1f} s {note() if callable(note) else note}")
 
 
 def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console: Console,
