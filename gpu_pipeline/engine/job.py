@@ -691,10 +691,15 @@ def announced_warm_up(what: str, kernels: str, seconds: int, console: Console, q
         console.print(f"compiling the {kernels} (" + (
             f"first run after install, about {seconds} s; later runs load them from the cache)" if cached else
             f"about {seconds} s, at every run: no writable cache folder; see gpu-pipeline info, set NUMBA_CACHE_DIR)"))
-    note = ("(kernels loaded)" if not compiling else  # (a slow load said "compiled once, then cached")
-            "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)")
-    timed_warm_up(what, warm_up, console, quiet, lambda: "(kernels compiled; the cache could not keep them)"
-                  if kernels_unsaved() else note)
+
+    def note() -> str:  # (after the warm-up: only then is a cache that could not keep the kernels known)
+        if kernels_unsaved():
+            return "(kernels compiled; the cache could not keep them)"
+        if not compiling:
+            return "(kernels loaded)"  # (a slow load said "compiled once, then cached")
+        return "(kernels compiled once, then cached)" if cached else "(kernels compiled; no cache to keep them)"
+
+    timed_warm_up(what, warm_up, console, quiet, note)
 
 
 def kernels_unsaved() -> bool:
@@ -704,12 +709,13 @@ def kernels_unsaved() -> bool:
 
 
 def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quiet: bool,
-                  note: str | Callable[[], str]) -> None:
-    """Compile or load kernels before the run; say how long it took when it was slow (a compile)."""
+                  note: Callable[[], str]) -> None:
+    """Compile or load kernels before the run; say how long it took when it was slow (a compile),
+    with ``note()`` on how."""
     started = time.perf_counter()
     warm_up()
     if not quiet and (seconds := time.perf_counter() - started) > 1:
-        console.print(f"{what} ready in {seconds:.1f} s {note() if callable(note) else note}")
+        console.print(f"{what} ready in {seconds:.1f} s {note()}")
 
 
 def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console: Console,
