@@ -10,6 +10,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -796,6 +797,63 @@ def test_disk_full_ends_the_run_with_one_line_and_exit_3_and_stays_resumable(til
     assert len(read_records(out)) == 8  # the two batches written are kept
     assert run(str(tiles), "--out", str(out)).exit_code == 0
     assert len(by_path(read_records(out))) == 20 and every_line_is_a_record(out)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_under_save_edges_ends_the_run_naming_the_map_and_stays_resumable(tiles, tmp_path,
+                                                                                       monkeypatch, code):
+    """Every image after the disk filled got a save-edges error record ("No space left on device")
+    and the run went on through the night, exit 1, its maps never written. Now it stops as for a
+    full disk under its records: exit 3, one line naming the map; the batches recorded stay, and
+    their maps with them."""
+    out, edges = tmp_path / "out.jsonl", tmp_path / "edges"
+    real_write = os.write
+    maps = []
+
+    def full_after_six_maps(descriptor, data):
+        if descriptor > 2 and os.path.realpath(f"/proc/self/fd/{descriptor}").startswith(f"{edges.resolve()}/"):
+            maps.append(len(data))
+            if len(maps) > 6:
+                raise OSError(code, os.strerror(code))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", full_after_six_maps)
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
+                                 "--batch-size", "4", "--save-edges", str(edges)])
+    monkeypatch.setattr(os, "write", real_write)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.fullmatch(rf"gpu-pipeline: error: cannot write the edge map {re.escape(str(edges))}/tile0\d\d"
+                        rf"\.png\.edges\.png: {os.strerror(code)}; the records written before are kept: "
+                        r"fix the cause and run the same command again to resume\n", result.stderr), result.stderr
+    recorded = read_records(out)
+    assert len(recorded) == 4 and not any("error" in record for record in recorded)  # the first batch
+    saved = sorted(p.name for p in edges.iterdir())
+    assert {Path(r["path"]).name + ".edges.png" for r in recorded} <= set(saved)
+    assert all(name.endswith(".edges.png") for name in saved)  # no temporary left behind
+    assert run(str(tiles), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    assert len(by_path(read_records(out))) == 20 and len(list(edges.iterdir())) == 20
+
+
+def test_an_edge_map_that_cannot_be_written_for_its_own_reason_is_that_images_error(tiles, tmp_path, monkeypatch):
+    """Only a disk's errors stop the run: an error of one map (here EIO) is that image's record."""
+    out, edges = tmp_path / "out.jsonl", tmp_path / "edges"
+    real_write = os.write
+
+    def one_map_fails(descriptor, data):
+        if descriptor > 2 and "tile007" in os.path.realpath(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", one_map_fails)
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
+                                 "--batch-size", "4", "--save-edges", str(edges)])
+    monkeypatch.setattr(os, "write", real_write)
+    assert result.exit_code == 1, result.output
+    failed = [record for record in read_records(out) if "error" in record]
+    assert [(Path(r["path"]).name, r["stage"]) for r in failed] == [("tile007.png", "save-edges")]
+    assert os.strerror(errno.EIO) in failed[0]["error"] and len(read_records(out)) == 20
+    assert len(list(edges.iterdir())) == 19
 
 
 def test_an_out_name_too_long_for_its_settings_record_is_refused_writing_nothing(tiles, tmp_path):

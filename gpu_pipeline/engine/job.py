@@ -40,7 +40,7 @@ from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_te
                                         same_file_as, temporaries_of, write_replacing)
 from gpu_pipeline.outputs.png import gray_png
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
-from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
+from gpu_pipeline.outputs.sink import DISK_ERRORS, SinkError, SinkWriteError
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -81,8 +81,10 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     during the run cannot send a map elsewhere). Each PNG names gpu-pipeline as its ``Software`` and
     its image as its ``Source``. A file of that name that is not ours (someone else's), or a map of
     ours made from another image (an earlier run into the same folder from another root), is left
-    alone, and that image gets a ``save-edges`` error record. A map is encoded by :func:`gray_png`
-    (Pillow's writer held the GIL about 100 us a map), and each folder is made once."""
+    alone, and that image gets a ``save-edges`` error record. A full or read-only disk
+    (:data:`DISK_ERRORS`) raises :class:`SinkWriteError` naming the map instead: every later map
+    would fail alike, so the run stops as for its records (exit 3, resumable). A map is encoded by
+    :func:`gray_png` (Pillow's writer held the GIL about 100 us a map), and each folder is made once."""
     prefix = root if root.endswith("/") else root + "/"
     # folders made (or found) lately: a mkdir per map cost a system call. Bounded: a folder per image
     # (a product per folder, a tile pyramid) kept ~0.5 KB a folder for the whole run
@@ -93,33 +95,46 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
         if not name.startswith(prefix):
             raise ValueError(f"{printable(name)} is not below {printable(root)}")
         target = folder / (name[len(prefix):] + ".edges.png")
-        if target.parent not in made:
-            ensure_folder(target.parent)
-            if len(made) >= MADE_FOLDERS_KEPT:  # inputs come folder by folder: the old ones are done
-                made.clear()
-            made.add(target.parent)
-        try:
-            found = os.lstat(target)
-        except FileNotFoundError:
-            found = None
-        source = bytes_shown(name)
-        if found is not None:
-            # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
-            texts = png_texts(target) if stat.S_ISREG(found.st_mode) else None
-            if not (is_ours(texts) or _earlier_versions_map(target, texts, edges)):
-                raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-            if not _same_image(recorded := texts.get("Source"), source, name):
-                raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
-                                      "(save the edge maps of these inputs into another folder)")
-        png = gray_png(edges, text={"Software": SOFTWARE}, international={"Source": source})
-        # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
-        try:
-            write_replacing(target, png)
-        except FileNotFoundError:  # its folder was removed during the run: made again, as before
-            ensure_folder(target.parent)
-            write_replacing(target, png)
+        with _disk_errors_stop_the_run(target):
+            if target.parent not in made:
+                ensure_folder(target.parent)
+                if len(made) >= MADE_FOLDERS_KEPT:  # inputs come folder by folder: the old ones are done
+                    made.clear()
+                made.add(target.parent)
+            try:
+                found = os.lstat(target)
+            except FileNotFoundError:
+                found = None
+            source = bytes_shown(name)
+            if found is not None:
+                # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
+                texts = png_texts(target) if stat.S_ISREG(found.st_mode) else None
+                if not (is_ours(texts) or _earlier_versions_map(target, texts, edges)):
+                    raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
+                if not _same_image(recorded := texts.get("Source"), source, name):
+                    raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
+                                          "(save the edge maps of these inputs into another folder)")
+            png = gray_png(edges, text={"Software": SOFTWARE}, international={"Source": source})
+            # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
+            try:
+                write_replacing(target, png)
+            except FileNotFoundError:  # its folder was removed during the run: made again, as before
+                ensure_folder(target.parent)
+                write_replacing(target, png)
 
     return save
+
+
+@contextmanager
+def _disk_errors_stop_the_run(target: Path) -> Iterator[None]:
+    """A full or read-only disk while writing ``target`` raised as :class:`SinkWriteError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise SinkWriteError(exc.errno, f"cannot write the edge map {printable(str(target))}: "
+                                        f"{exc.strerror or exc}") from exc
 
 
 def _earlier_versions_map(target: Path, texts: dict[str, str] | None, edges: np.ndarray) -> bool:

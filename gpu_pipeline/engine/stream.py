@@ -40,6 +40,7 @@ from gpu_pipeline.inputs.decode import decode_each
 from gpu_pipeline.inputs.processes import (Decoder, ForkServer, available as processes_available, place_in, placed_at,
                                            room_for_descriptors, slot_bytes_for)
 from gpu_pipeline.outputs.records import RecordBatch
+from gpu_pipeline.outputs.sink import SinkWriteError
 
 #: The GIL switch interval during a run (Python's default is 5 ms). A thread coming back from GIL-free
 #: work (a JPEG decode, a kernel, a read) waits for the GIL until the thread holding it yields, at
@@ -755,7 +756,8 @@ class Engine:
     prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS
     #: Labels each batch of computed images (:data:`gpu_pipeline.labels.labeller.Labeller`).
     labels_of: Labeller = default_labels
-    #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it.
+    #: Called with each image's edge map (uint8 0/255) when set, e.g. to save it; what it raises
+    #: becomes that image's error record, but a SinkWriteError (a full disk) stops the run.
     on_edges: Callable[[Path, np.ndarray], None] | None = None
     #: The decode processes' fork server, started by the caller while it loads the backend (its
     #: interpreter's imports take 0.13 s on the 2-core VM, on another core); the next run that
@@ -929,7 +931,8 @@ class Engine:
     def _save_edges(self, batch: DecodedPart, positions: np.ndarray, result: BatchResult,
                     errors: dict[int, dict], savers: _Savers | None) -> np.ndarray:
         """Hand each edge map to ``on_edges``, in this thread or, given ``savers``, on its threads (each
-        one run of the maps); a failure turns that image's record into an error.
+        one run of the maps); a failure turns that image's record into an error, but a
+        :class:`SinkWriteError` (a full disk: every later map would fail alike) stops the run.
 
         ``positions`` are the computed images' positions in the batch. Returns which were saved.
         """
@@ -944,6 +947,9 @@ class Engine:
 
         count = len(positions)
         failed = save(range(count)) if savers is None else savers.run(save, count)
+        for _, exc in failed:
+            if isinstance(exc, SinkWriteError):
+                raise exc
         saved = np.ones(count, bool)
         for k, exc in failed:
             position = int(positions[k])

@@ -13,6 +13,7 @@ base64. Resume matches on the exact bytes.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -30,6 +31,11 @@ class SinkError(OSError):
 
 class SinkWriteError(SinkError):
     """Writing records failed during the run (disk full, I/O error); what was written is kept."""
+
+
+#: Errors of a disk, not of one file: every later write there would fail alike (a full disk, a
+#: quota reached, a file system remounted read-only after an I/O error).
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 # ---------------------------------------------------------------- file names
