@@ -6,6 +6,7 @@ outputs (histogram, edge count) and the decoded image, by one function, and comp
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -547,6 +548,25 @@ def test_fit_then_evaluate_round_trip(tmp_path):
     assert result.exit_code == 0, result.output
     assert "accuracy 100.0 % (18/18 images)" in result.stdout
     assert "per class" in result.stdout and "confusion matrix" in result.stdout
+
+
+def test_a_model_that_cannot_be_written_still_prints_what_the_fit_measured(tmp_path, monkeypatch):
+    """A full disk when the model was written lost the fit's accuracy too: the command ended with
+    that one line (exit 2) before printing it."""
+    from gpu_pipeline.labels.model import LabelModel
+
+    def disk_full(model, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    tree = colour_tree(tmp_path / "tree")
+    monkeypatch.setattr(LabelModel, "save", disk_full)
+    result = invoke("fit", str(tree), "--out", str(tmp_path / "model.json"), "--backend", "reference",
+                    "--test-fraction", "0.34", "--seed", "3", "--low", "20", "--high", "60")
+    assert result.exit_code == 2, result.output
+    assert "held-out accuracy 100.0 % (6/6 images)" in result.stdout and "model:" not in result.stdout
+    assert result.stderr == (f"gpu-pipeline: error: --out: cannot write {tmp_path / 'model.json'}: "
+                             f"{os.strerror(errno.ENOSPC)}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]  # no model, no temporary
 
 
 def test_evaluate_counts_mistakes(tmp_path):

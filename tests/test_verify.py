@@ -6,7 +6,9 @@ flipped, one histogram bin off by one, an exception on gray images, and so on.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -139,6 +141,25 @@ def test_a_folder_that_cannot_be_listed_is_named_and_recorded(tmp_path, image_di
     assert report["images"]["found"] == 3
     result = invoke(hidden, "--backends", "numba")  # nothing else: the refusal says why
     assert result.exit_code == 2 and f"cannot list {hidden}: Permission denied" in result.stderr
+
+
+def test_a_report_that_cannot_be_written_after_the_run_still_prints_the_verdict(tmp_path, image_dir, monkeypatch):
+    """A full disk at the end of a long verify lost its whole outcome: the report could not be
+    written, and the command ended with that one line (exit 2) before printing the table."""
+    report_path, real_write_text = tmp_path / "report.json", Path.write_text
+
+    def disk_full(path, *args, **kwargs):
+        if path.name.startswith(".report.json"):  # the report's temporary
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    result = invoke(image_dir, "--backends", "numba", "--report", report_path)
+    assert result.exit_code == 2, result.output
+    assert "identical" in result.stdout.lower() and "numba" in result.stdout and "report:" not in result.stdout
+    assert result.stderr == (f"gpu-pipeline: error: --report: cannot write {report_path}: "
+                             f"{os.strerror(errno.ENOSPC)}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no report, no temporary
 
 
 # --- everything identical ---------------------------------------------------------------------

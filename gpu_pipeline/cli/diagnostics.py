@@ -55,7 +55,7 @@ def verify(
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage.
     """
     from gpu_pipeline.engine.job import progress_bar, warn_unlisted
-    from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify
+    from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify, write_report
     from gpu_pipeline.inputs.processes import DecodeProcessesFailed
 
     try:
@@ -84,8 +84,16 @@ def verify(
     except DecodeProcessesFailed as exc:  # (a fork server that kept dying, under --decode-timeout)
         Console(stderr=True, soft_wrap=True).print(f"gpu-pipeline: error: {exc}", highlight=False, markup=False)
         raise typer.Exit(1) from None
+    unwritten = None
+    if report is not None:  # first: a table that cannot be printed (| head) must not lose the report
+        try:
+            write_report(outcome, report)
+        except UsageError as exc:  # (a full disk) said after the table, which must not be lost either
+            unwritten, report = str(exc), None
     warn_unlisted(Console(stderr=True, soft_wrap=True), outcome.unlisted)
     print_report(Console(soft_wrap=True, highlight=False), outcome, report)
+    if unwritten is not None:
+        fail_usage(unwritten)
     if outcome.exit_status == 2:
         fail_usage(f"none of the {outcome.found} files could be decoded; nothing was compared")
     raise typer.Exit(outcome.exit_status)

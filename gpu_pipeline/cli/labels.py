@@ -127,10 +127,11 @@ def fit(
     train_matrix = _confusion_of(model, labeled, table, train)
     test_matrix = _confusion_of(model, labeled, table, test) if test.any() else None
     model.training["test_accuracy"] = accuracy(test_matrix) if test_matrix is not None else None
+    unwritten = None
     try:
         replace_with(out, "--out", model.save, is_our_json)
-    except UsageError as exc:
-        fail_usage(str(exc))
+    except UsageError as exc:  # (a full disk) said after the accuracy, which must not be lost too
+        unwritten = str(exc)
 
     console = Console(soft_wrap=True)
     console.print(f"fitted on [bold]{int(train.sum())}[/] images of {len(labeled.classes)} classes with backend "
@@ -140,6 +141,8 @@ def fit(
         console.print(f"held-out {accuracy_line(test_matrix)}")
         console.print(scores_table(labeled.classes, test_matrix))
         console.print(confusion_table(labeled.classes, test_matrix))
+    if unwritten is not None:
+        fail_usage(unwritten)
     console.print(f"model: {shown(os.path.abspath(out))}")
     raise typer.Exit(1 if table.failures else 0)
 

@@ -454,7 +454,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
                batch_size: int, workers: int, report_path: Path | None,
                progress: Callable[[int, int], None] | None = None, model: str | None = None,
                decode_timeout: float | None = None) -> VerifyReport:
-    """Plan and run a verification, write the JSON report; the caller prints it and exits.
+    """Plan and run a verification (``report_path`` is checked before the first image); the caller
+    writes the JSON report (:func:`write_report`), prints it and exits.
 
     ``progress(n, total)`` is called after each chunk of ``n`` files. Labels come from the default
     rule, or from ``model`` (a model file or a shipped model's name, checked against ``config``);
@@ -501,10 +502,14 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     finally:
         for backend in [reference, *started.values()]:
             backend.close()
-    if report_path is not None:
-        text = json.dumps(report.to_json(), indent=2) + "\n"
-        replace_with(report_path, "--report", lambda temporary: temporary.write_text(text), is_our_json)
     return report
+
+
+def write_report(report: VerifyReport, report_path: Path) -> None:
+    """The JSON report into ``report_path`` (checked by :func:`run_verify` before the first image);
+    UsageError when it cannot be written (a full disk), for the caller to say after the table."""
+    text = json.dumps(report.to_json(), indent=2) + "\n"
+    replace_with(report_path, "--report", lambda temporary: temporary.write_text(text), is_our_json)
 
 
 # --- printing -----------------------------------------------------------------------------------
