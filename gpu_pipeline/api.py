@@ -26,6 +26,7 @@ import numpy as np
 from gpu_pipeline.backends import Backend, registry
 from gpu_pipeline.backends.base import check_image
 from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, threshold_text, whole_number
+from gpu_pipeline.errors import PipelineWarning
 from gpu_pipeline.images import ImageBatch, pixel_counts
 from gpu_pipeline.outputs.records import RecordBatch
 
@@ -299,7 +300,7 @@ def _engine_batches(paths: list[str], glob: str | None, backend: str, threads: i
     unlisted: list[tuple[str, str]] = []
     files = find_files(paths, glob=glob, unlisted=unlisted)
     for folder, reason in unlisted:  # (its images get no record: say so, as the command line does)
-        warnings.warn(unlisted_warning(folder, reason), RuntimeWarning, stacklevel=3)  # (the caller's loop)
+        warnings.warn(unlisted_warning(folder, reason), PipelineWarning, stacklevel=3)  # (the caller's loop)
     fork_server = early_fork_server(processes, len(files), workers)  # imports while the backend loads
     try:
         engine = Engine(backend=shared_backend(backend, threads), config=config, decode_options=decode_options,

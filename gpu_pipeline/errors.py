@@ -9,6 +9,11 @@ class UsageError(ValueError):
     """A path, option or model given by the user is missing or unusable (the CLI exits with status 2)."""
 
 
+class PipelineWarning(RuntimeWarning):
+    """A warning of gpu-pipeline's own, for the user: the command line prints it as its other
+    messages, ``warning: ...`` on one line."""
+
+
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``, for error records and one-line refusals."""
     text = str(exc).strip().splitlines()

@@ -3,6 +3,7 @@ and one keyed by every kernel source, so that an edit to a helper another file's
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -295,3 +296,52 @@ def test_a_cache_that_cannot_keep_the_kernels_does_not_stop_the_run(tmp_path):
     assert len(out.read_text().splitlines()) == len(list((REPO / "data" / "eurosat").rglob("*.jpg")))
     assert done.stderr.count("cannot be kept in") == 1 and "(No space left on device)" in done.stderr
     assert "(kernels compiled; the cache could not keep them)" in done.stderr
+    # one line, as the other messages: not Python's format, which named numba's dispatcher.py as its source
+    assert re.search(r"^warning: the compiled kernels cannot be kept in \S+ \(No space left on device\): they are "
+                     r"compiled again at every run$", done.stderr, re.MULTILINE), done.stderr
+    assert "Warning" not in done.stderr and "dispatcher" not in done.stderr
+
+
+def test_a_kernel_whose_cache_cannot_save_it_warns_once_and_goes_on(monkeypatch):
+    """The wrapper itself, on a stand-in dispatcher: an OSError from the save is one warning a run."""
+    import warnings
+
+    from gpu_pipeline.errors import PipelineWarning
+
+    class FullCache:
+        def save_overload(self, signature, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Dispatcher:
+        def __init__(self, function):
+            self._cache = FullCache()
+
+    monkeypatch.setattr(_numba_setup, "unsaved", [])
+    kernels = [_numba_setup.keeps_going_uncached(Dispatcher)(lambda: None) for _ in range(2)]
+    with pytest.warns(PipelineWarning, match=r"cannot be kept in .* \(No space left on device\)"):
+        kernels[0]._cache.save_overload("(int64,)", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels[1]._cache.save_overload("(int64,)", None)  # said once
+    assert _numba_setup.unsaved == ["[Errno 28] No space left on device"]
+
+
+def test_every_cuda_kernel_goes_on_when_its_cache_cannot_keep_it():
+    """The CUDA kernels' cache raised the same OSError out of their first launch (a full cache
+    folder stopped --backend cuda): each is wrapped as the CPU kernels are. Checked on the
+    dispatchers, which numba-cuda makes without a GPU; no GPU here saves a CUDA kernel."""
+    pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+    if numba.config.ENABLE_CUDASIM:
+        pytest.skip("the CUDA simulator's kernels have no cache")
+    try:
+        from numba.cuda.dispatcher import CUDADispatcher
+
+        from gpu_pipeline.backends import _cuda_kernels
+    except Exception as exc:  # (a broken stack: tests/test_numba_cuda.py says it)
+        pytest.skip(f"numba-cuda cannot load here: {exc}")
+
+    kernels = [value for value in vars(_cuda_kernels).values() if isinstance(value, CUDADispatcher)
+               and not value.targetoptions.get("device")]
+    assert len(kernels) >= 8
+    for kernel in kernels:
+        assert kernel._cache.save_overload.__qualname__.startswith("keeps_going_uncached."), kernel.__name__

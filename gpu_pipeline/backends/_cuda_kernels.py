@@ -42,6 +42,8 @@ TILE_X, TILE_Y = (8, 8) if SMALL_TILES else (32, 32)
 ROWS_PER_THREAD = TILE_Y // BLOCK_Y
 #: numba's disk cache keys on the source, not on these constants: never cache the small geometry.
 _CACHE = not SMALL_TILES and _numba_setup.CACHE_DIR is not None
+#: The kernels' decorator: a cache that cannot keep them (its disk full) does not stop the run.
+cached_kernel = _numba_setup.keeps_going_uncached(cuda.jit(cache=_CACHE))
 MAX_BLUR_RADIUS = 3
 #: One private sub-histogram per warp: flat regions (nodata, sea) hammer a single bin.
 HISTOGRAM_COPIES = max(1, BLOCK_THREADS // 32)
@@ -187,7 +189,7 @@ def touches_strong(tile, y, x):
 
 # ----------------------------------------------------------------------------- kernels
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def zero_int32(values):
     """values[:] = 0: the per-image statistics are accumulated with atomics."""
     i = cuda.grid(1)
@@ -195,7 +197,7 @@ def zero_int32(values):
         values[i] = 0
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def rgb_to_gray_histogram(rgb, gray, stats):
     """gray = cv2.cvtColor(RGB2GRAY), and its histogram into stats[:, :256].
 
@@ -215,7 +217,7 @@ def rgb_to_gray_histogram(rgb, gray, stats):
     flush_histogram(copies, stats, image)
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def gray_histogram(gray, stats):
     """Histogram of gray (images, pixels) into stats[:, :256]; stats zeroed beforehand."""
     copies = cuda.shared.array(_HISTOGRAM_COPIES_SHAPE, int32)
@@ -229,7 +231,7 @@ def gray_histogram(gray, stats):
     flush_histogram(copies, stats, image)
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def equalize_lut(stats, pixels, lut):
     """cv2.equalizeHist's lookup table, one block per image (grid x = image).
 
@@ -263,7 +265,7 @@ def equalize_lut(stats, pixels, lut):
             lut[image, b] = round_half_even_u8(float32(running - first_count) * scale)
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def equalize_and_blur(gray, lut, ksize, equalized, write_equalized, blurred):
     """blurred = cv2.GaussianBlur(lut[gray], (ksize, ksize), 0), BORDER_REFLECT_101.
 
@@ -315,7 +317,7 @@ def equalize_and_blur(gray, lut, ksize, equalized, write_equalized, blurred):
                 equalized[image, y, x] = tile[ly + radius, tx + radius]
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def sobel_nms(blurred, low, high, l2_gradient, state):
     """Canny up to hysteresis: Sobel (BORDER_REPLICATE), magnitude, non-maximum suppression.
 
@@ -357,7 +359,7 @@ def sobel_nms(blurred, low, high, l2_gradient, state):
             state[image, y, x] = nms_state(tile, mag, ly + 1, tx + 1, low, high)
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def hysteresis_step(source, state, changed, flag, stamp, previous_stamp):
     """One global step of hysteresis: WEAK pixels 8-connected to STRONG ones become STRONG.
 
@@ -416,7 +418,7 @@ def hysteresis_step(source, state, changed, flag, stamp, previous_stamp):
         changed[flag] = stamp
 
 
-@cuda.jit(cache=_CACHE)
+@cached_kernel
 def finalize_edges(state, edges, write_edges, stats):
     """Edge count (block reduction, one global atomic per block) and, if asked, the 0/255 map.
 

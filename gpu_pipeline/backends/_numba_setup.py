@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numba
 
+from gpu_pipeline.errors import PipelineWarning
+
 #: Threading layers that may be entered from several Python threads at once.
 THREADSAFE_LAYERS = ("omp", "tbb")
 
@@ -307,16 +309,17 @@ def compiles_on_first_call(kernels) -> bool:
 unsaved: list[str] = []  # why a compiled kernel could not be kept (said once)
 
 
-def _keeps_going_uncached(decorator):
+def keeps_going_uncached(decorator):
     """``decorator``, whose dispatchers run on when numba cannot save what they compiled (the cache
     folder's disk full, or made read-only since): numba raised the OSError out of the kernel's first
     call, which ended a run at its warm-up and made ``verify`` report every image of the backend as
-    a difference. The kernels are then compiled again at the next run; a warning says so, once."""
+    a difference. The kernels are then compiled again at the next run; a warning says so, once.
+    numba-cuda's dispatchers (``cuda.jit``) are wrapped the same way."""
     def decorate(function):
         dispatcher = decorator(function)
         cache = getattr(dispatcher, "_cache", None)
         save = getattr(cache, "save_overload", None)
-        if save is None:  # caching off
+        if save is None:  # no cache at all (the CUDA simulator's kernels)
             return dispatcher
 
         def save_overload(signature, data):
@@ -326,7 +329,7 @@ def _keeps_going_uncached(decorator):
                 if not unsaved:
                     unsaved.append(str(exc))
                     warnings.warn(f"the compiled kernels cannot be kept in {CACHE_DIR} ({exc.strerror or exc}): "
-                                  "they are compiled again at every run", RuntimeWarning, stacklevel=2)
+                                  "they are compiled again at every run", PipelineWarning, stacklevel=2)
 
         cache.save_overload = save_overload
         return dispatcher
@@ -336,5 +339,5 @@ def _keeps_going_uncached(decorator):
 
 #: Decorators of the CPU kernels: ``helper`` for serial code run inside one thread, ``parallel``
 #: for the entry points whose ``prange`` loops spread over the threads. Both release the GIL.
-helper = _keeps_going_uncached(numba.njit(cache=CACHE_DIR is not None, nogil=True))
-parallel = _keeps_going_uncached(numba.njit(parallel=True, cache=CACHE_DIR is not None, nogil=True))
+helper = keeps_going_uncached(numba.njit(cache=CACHE_DIR is not None, nogil=True))
+parallel = keeps_going_uncached(numba.njit(parallel=True, cache=CACHE_DIR is not None, nogil=True))

@@ -10,6 +10,8 @@
   command with exit 3 and one line, as ``run --out -`` does. stdout is wrapped to know that a write
   to it failed: a full disk under another file (numba's cache) is named as such (exit 1), and a
   broken pipe of ours (a socket), which click ends as if stdout's, is shown as it is.
+* gpu-pipeline's own warnings (:class:`PipelineWarning`) read as the commands' other messages,
+  ``warning: ...`` on one line, not in Python's format (the file and line that made the call).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import errno
 import io
 import os
 import sys
+import warnings
 
-from gpu_pipeline.errors import EXIT_WRITE_ERROR
+from gpu_pipeline.errors import EXIT_WRITE_ERROR, PipelineWarning, printable
 
 #: What a failed write to stdout raises: a full disk or quota, a reader gone.
 WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EPIPE})
@@ -71,6 +74,21 @@ def prepare() -> None:
     sys.stderr = ForgivingStream(sys.stderr)
     _note_failed_stdout_writes()
     _note_rich_broken_pipes()
+    _one_line_warnings()
+
+
+def _one_line_warnings() -> None:
+    """:class:`PipelineWarning` printed ``warning: MESSAGE``: numba's dispatcher, which called the
+    code that warned, was named as its source ("dispatcher.py:926: RuntimeWarning: ...", then that
+    line of numba's code). Other warnings are shown as Python shows them."""
+    show = warnings.showwarning
+
+    def show_ours(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, PipelineWarning):
+            return show(message, category, filename, lineno, file, line)
+        print(f"warning: {printable(str(message))}", file=file or sys.stderr)
+
+    warnings.showwarning = show_ours
 
 
 class _Stdout(io.FileIO):
