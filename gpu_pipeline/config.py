@@ -67,6 +67,9 @@ class PipelineConfig:
                 number = float("inf")
             if not 0 <= number <= MAX_THRESHOLD:  # also rejects NaN
                 raise ValueError(f"{name.replace('_', ' ')} must be between 0 and {MAX_THRESHOLD}, got {value}")
+            # kept as that Python number, as cv2.Canny takes a double: squared for the L2 gradient in
+            # NumPy's type, uint8 42 became 1764 % 256 = 228, float16 300 became inf (every edge strong)
+            object.__setattr__(self, name, number)
 
 
 @dataclass(frozen=True)

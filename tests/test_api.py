@@ -206,6 +206,23 @@ def test_bad_settings_are_value_errors_that_name_them():
     assert gpu_pipeline.process(image, low=np.float32(2**31 - 128), high=np.uint64(2**31 - 1)).edge_counts.tolist() == [0]
 
 
+@pytest.mark.parametrize("low, high", [(np.uint8(42), np.uint8(85)), (np.float16(300), np.float16(400)),
+                                       (np.float32(12.083045959472656), np.float32(12.083045959472656)),
+                                       (np.int16(150), np.float32(333.3))])
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_numpy_thresholds_give_opencvs_edges_with_the_l2_gradient(backend, low, high):
+    """cv2.Canny takes doubles. The thresholds were squared in the caller's NumPy type: uint8 42 gave
+    1764 % 256 = 228, float16 300 overflowed to inf (every candidate pixel strong), float32 lost a
+    unit: 6,349 edges where OpenCV finds 6,229, or 0."""
+    cv2 = pytest.importorskip("cv2")
+    image = np.random.default_rng(0).integers(0, 256, (128, 128), np.uint8)
+    blurred = cv2.GaussianBlur(cv2.equalizeHist(image), (5, 5), 0, borderType=cv2.BORDER_REFLECT_101)
+    expected = cv2.Canny(blurred, float(low), float(high), apertureSize=3, L2gradient=True)
+    result = gpu_pipeline.process([image], backend=backend, l2=True, low=low, high=high, keep_images=True)
+    assert result.edges[0].tobytes() == expected.tobytes()
+    assert result.edge_counts.tolist() == [cv2.countNonZero(expected)]
+
+
 def test_a_backend_that_cannot_run_here_is_a_value_error_too(register):
     """The README promises one ValueError for bad arguments: backend="cuda" without a GPU raised a
     RuntimeError only (it still is one, for code that caught that)."""
