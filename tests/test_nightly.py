@@ -418,6 +418,51 @@ def test_a_refused_run_leaves_no_folder_and_no_settings_record(tiles, tmp_path, 
     assert sorted(path.name for path in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("stop", ["refused", "interrupted"])
+def test_an_overwrite_stopped_before_the_output_is_reset_keeps_the_old_settings_record(tiles, tmp_path,
+                                                                                        monkeypatch, stop):
+    """--overwrite with other settings wrote its settings record, then the output could not be
+    opened (another user's file) or Ctrl-C came: the old results stayed beside the new record, and
+    the next resume with the new settings added to them without a word (found by a review)."""
+    from gpu_pipeline.engine import job
+    from gpu_pipeline.outputs.plan import OutputPlan
+    from gpu_pipeline.outputs.sink import SinkError
+
+    out = tmp_path / "o.jsonl"
+    assert run(str(tiles), "--out", str(out), "--low", "100").exit_code == 0
+    settings, records = job.settings_path(str(out)).read_bytes(), out.read_bytes()
+
+    def refused(plan):
+        raise SinkError(errno.EACCES, f"cannot write {out}: Permission denied")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        if stop == "refused":
+            patch.setattr(OutputPlan, "open", refused)
+        else:
+            patch.setattr(job, "remove_killed_runs_temporaries", interrupted)
+        result = run(str(tiles), "--out", str(out), "--overwrite", "--low", "50")
+    assert result.exit_code == (2 if stop == "refused" else 130), result.output
+    assert job.settings_path(str(out)).read_bytes() == settings and out.read_bytes() == records
+    assert "other settings" in run(str(tiles), "--out", str(out), "--low", "50").stderr
+    assert run(str(tiles), "--out", str(out), "--low", "100").exit_code == 0 and out.read_bytes() == records
+
+
+def test_a_new_output_refused_at_its_opening_leaves_no_settings_record(tiles, tmp_path, monkeypatch):
+    from gpu_pipeline.outputs.plan import OutputPlan
+    from gpu_pipeline.outputs.sink import SinkError
+
+    def refused(plan):
+        raise SinkError(errno.EACCES, "cannot write o.jsonl: Permission denied")
+
+    monkeypatch.setattr(OutputPlan, "open", refused)
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2 and "Permission denied" in result.stderr, result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiles"]
+
+
 def test_two_spellings_of_one_output_take_one_lock(tiles, tmp_path):
     """A symbolic link to the output: a second run through it must wait its turn, not interleave."""
     from gpu_pipeline.outputs.plan import OutputLock

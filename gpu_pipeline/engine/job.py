@@ -283,6 +283,30 @@ def remove_killed_runs_temporaries(out: str, edge_folder: Path | None) -> None:
             remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"), names)
 
 
+def _settings_bytes(out: str) -> bytes | None:
+    """The settings record a run is about to replace, as it is (None: none, or ``--out -``)."""
+    if out == "-":
+        return None
+    try:
+        return settings_path(out).read_bytes()
+    except OSError:  # (none; a name too long: a refusal to come)
+        return None
+
+
+def _put_back_settings(out: str, earlier: bytes | None) -> None:
+    """The settings record as it was before this run, whose start was refused or interrupted before
+    the output was reset: an ``--overwrite`` with other settings left its new record beside the old
+    results, and the next resume with the new settings added to them."""
+    if out == "-":
+        return
+    path = settings_path(out)
+    with contextlib.suppress(OSError):  # (a name too long: there is none)
+        if earlier is None:
+            path.unlink(missing_ok=True)
+        elif path.read_bytes() != earlier:
+            write_replacing(path, earlier)
+
+
 def write_settings(out: str, settings: dict) -> None:
     """Record the settings beside the output, atomically (a torn settings file would refuse every rerun)."""
     if out == "-":
@@ -614,16 +638,16 @@ def execute(job: Job, checked: CheckedJob) -> int:
     backend, files, todo, output = checked.engine.backend, checked.files, checked.todo, checked.output
     console = Console(stderr=True, soft_wrap=True)
     created: list[Path] = []
-    had_settings = job.out == "-" or os.path.lexists(settings_path(job.out))
+    earlier_settings = _settings_bytes(job.out)
     try:
         created = make_edge_folder(job.save_edges)
         write_settings(job.out, checked.settings)
         remove_killed_runs_temporaries(job.out, job.save_edges)
         sink = output.open()
-    except (SinkError, UsageError) as exc:
-        if not had_settings:  # ours, written a moment ago
-            with contextlib.suppress(OSError):  # (a name too long: there is none)
-                settings_path(job.out).unlink(missing_ok=True)
+    except BaseException as exc:  # (a Ctrl-C too, before the output is reset: it must still match)
+        _put_back_settings(job.out, earlier_settings)
+        if not isinstance(exc, (SinkError, UsageError)):
+            raise
         remove_folders(created)
         backend.close()
         checked.engine.close()  # a fork server no run will take over
