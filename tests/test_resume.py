@@ -63,6 +63,19 @@ def test_records_hold_absolute_paths(clean_records, tiles):
     assert set(clean_records) == {str(p) for p in tiles}
 
 
+def test_a_path_spelled_with_a_leading_double_slash_resumes_and_saves_its_edge_maps(tiles, tmp_path):
+    """"$ROOT/$DIR" with ROOT=/ gives //tmp/...: os.path.abspath keeps the two slashes (POSIX leaves
+    them to the system; Linux reads /). Each file got a second record on resume, and --save-edges
+    failed every image ("//tmp/.../a.png is not below /tmp/...", the edge root being /tmp/...)."""
+    folder, out = str(tiles[0].parent), tmp_path / "o.jsonl"
+    assert run(folder, "--out", str(out)).exit_code == 0
+    assert run("/" + folder, "--out", str(out)).exit_code == 0
+    assert set(by_path(read_records(out))) == {str(p) for p in tiles}
+    result = run("/" + folder, "--out", str(tmp_path / "p.jsonl"), "--save-edges", str(tmp_path / "edges"))
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "edges").iterdir())) == len(tiles)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_torn_tail_is_dropped_and_the_rest_resumed(tiles, clean_records, tmp_path, suffix):
     out = tmp_path / f"out{suffix}"

@@ -38,8 +38,12 @@ def absolute_name(given: Path) -> str:
     """``given`` as an absolute name without ``.`` or ``..`` parts: the name a record keeps, the same
     whichever folder the run starts from, so that a rerun from elsewhere resumes instead of writing a
     second record. Lexical (``os.path.abspath``), except where a ``..`` follows a symbolic link: there
-    the lexical name is another file, and the resolved one (``os.path.realpath``) is kept."""
+    the lexical name is another file, and the resolved one (``os.path.realpath``) is kept. A leading
+    ``//`` (``"$ROOT/$DIR"`` with ``ROOT=/``), which POSIX leaves to the system and Linux reads as
+    ``/``, is ``/``: kept, it gave a second record of each file on resume."""
     absolute = os.path.abspath(given)
+    if absolute.startswith("//"):  # (exactly two: abspath makes three or more one)
+        absolute = absolute[1:]
     if ".." in given.parts:
         try:
             same = os.path.samefile(absolute, given)
