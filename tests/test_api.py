@@ -21,6 +21,7 @@ from gpu_pipeline import api
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import PipelineConfig
+from tests.runs import wait_until
 from tests.strategies import examples, image_shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +102,59 @@ def test_closing_run_early_stops_the_engine():
     assert engine_threads()  # the engine computes and decodes ahead while the caller reads
     records.close()  # returns once the engine has stopped
     assert engine_threads() == []
+
+
+def fork_servers() -> list[int]:
+    """This process's children that are fork servers of decode processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == os.getpid() and b"--fork-server" in cmdline.read():
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+@pytest.mark.parametrize("where", ["as the engine starts", "as the decode threads start"])
+def test_an_interrupt_before_the_first_record_stops_the_engine(monkeypatch, tmp_path, decode, where):
+    """A notebook's interrupt (KeyboardInterrupt) between the decode pool's start and the engine's
+    first part left the decode threads, their decoded pixels and the fork server running for the
+    life of the process: the pool was closed only by a generator that had not started (found by a review)."""
+    from gpu_pipeline.engine import stream
+
+    from gpu_pipeline.inputs.processes import available
+
+    if decode == "processes" and not available():
+        pytest.skip("decode processes are not available here")
+    real_thread = threading.Thread
+    started = []
+
+    class InterruptedSecondDecodeThread(real_thread):
+        def start(self):
+            if self.name.startswith("decode_"):
+                started.append(self.name)
+                if len(started) == 2:
+                    raise KeyboardInterrupt
+            super().start()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    tile = tmp_path / "tile.jpg"  # (a copy: the links of every run would add up on the bundled file's inode)
+    tile.write_bytes(next((REPO / "data" / "eurosat").rglob("*.jpg")).read_bytes())
+    for index in range(6000):  # more than the pool decodes ahead: its threads would wait for room for ever
+        os.link(tile, tmp_path / f"{index:04d}.jpg")
+    with monkeypatch.context() as patch:
+        if where == "as the engine starts":
+            patch.setattr(stream, "ThreadPoolExecutor", interrupted)
+        else:
+            patch.setattr(stream.threading, "Thread", InterruptedSecondDecodeThread)
+        with pytest.raises(KeyboardInterrupt):
+            next(gpu_pipeline.run([tmp_path], backend="numba", decode=decode, workers=2))
+    wait_until(lambda: engine_threads() == [] and fork_servers() == [], "the engine's threads and processes ending", 10)
 
 
 def test_an_error_of_the_run_reaches_the_caller_and_stops_the_engine(monkeypatch):

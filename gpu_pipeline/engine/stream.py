@@ -416,10 +416,15 @@ class _DecodePool:
         self._running = threads
         self._closed = False
         self._failure: BaseException | None = None
-        self._threads = [threading.Thread(target=self._work, name=f"decode_{i}", daemon=True)
-                         for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = []
+        try:
+            for i in range(threads):
+                thread = threading.Thread(target=self._work, name=f"decode_{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:  # (a Ctrl-C as they start: those started, and the fork server, stop)
+            self.close()
+            raise
 
     def _chunk_length(self) -> int:
         """Paths per chunk, from the average size seen so far (under the lock)."""
@@ -633,8 +638,28 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
         raise ValueError("a decode time limit needs decode processes")
     if chunk_pixels is None:
         chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
-    return iter(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
-                            consumer_pixels, fork_server, stop, time_limit))
+    return _Parts(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
+                              consumer_pixels, fork_server, stop, time_limit))
+
+
+class _Parts:
+    """A decode pool's parts, whose ``close()`` stops the pool even before the first part is taken:
+    closing a generator that has not started runs none of its code, and a notebook's interrupt
+    there left the decode threads (and the fork server) running for the life of the process."""
+
+    def __init__(self, pool: _DecodePool) -> None:
+        self._pool = pool
+        self._parts = iter(pool)
+
+    def __iter__(self) -> _Parts:
+        return self
+
+    def __next__(self) -> DecodedPart:
+        return next(self._parts)
+
+    def close(self) -> None:
+        self._parts.close()
+        self._pool.close()
 
 
 def decode_stream(paths: Iterable[Path], options: DecodeOptions, workers: int, prefetch: int | None = None,
@@ -829,17 +854,17 @@ class Engine:
         if fork_server is not None and not processes:
             fork_server.close()
             fork_server = None
-        # the consumer holds a batch being filled and one computing (a batch frees its pixels
-        # once computed, before its records are written)
-        stream = part_batches(decode_parts(paths, self.decode_options, self.decoders(),
-                                           prefetch_pixels=prefetch_pixels, processes=processes,
-                                           consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop,
-                                           time_limit=self.decode_timeout),
-                              self.batch_size, batch_pixels)
         in_flight: tuple[DecodedPart, Future] | None = None
         taken = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
+        # the consumer holds a batch being filled and one computing (a batch frees its pixels
+        # once computed, before its records are written)
+        with contextlib.closing(decode_parts(paths, self.decode_options, self.decoders(),
+                                             prefetch_pixels=prefetch_pixels, processes=processes,
+                                             consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop,
+                                             time_limit=self.decode_timeout)) as parts, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
                 contextlib.ExitStack() as stack:
+            stream = part_batches(parts, self.batch_size, batch_pixels)
             savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
             try:
                 for batch in stream:
@@ -862,7 +887,7 @@ class Engine:
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts
-                stream.close()
+                parts.close()
 
     def close(self) -> None:
         """Stop a fork server that no run took over (a run refused after it was started)."""
