@@ -225,7 +225,11 @@ def test_what_is_not_a_stack_or_a_list_of_images_is_refused_saying_what_to_pass(
                             ([np.zeros(5, np.uint8)], r"image 0: expected a gray \(H, W\) or RGB"),
                             (np.zeros((0, 4, 4), np.float32), "expected a uint8 array, got float32"),
                             (np.zeros((0, 4, 4, 4), np.uint8), r"got shape \(4, 4, 4\)"),
-                            (np.zeros((2, 2, 2, 2, 3), np.uint8), "expected a stack")]:
+                            (np.zeros((2, 2, 2, 2, 3), np.uint8), "expected a stack"),
+                            # Python's TypeError, and a path read as images, a character each
+                            (None, "a list of images, got NoneType"), (3, "a list of images, got int"),
+                            ("tile.png", "got str: gpu_pipeline.run reads files"),
+                            (REPO / "data", "got PosixPath: gpu_pipeline.run reads files")]:
         with pytest.raises(ValueError, match=message):
             gpu_pipeline.process(images, backend="numba")
 
