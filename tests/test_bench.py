@@ -8,6 +8,7 @@ says why a contender did not run. CLI runs use a tiny corpus and one repeat.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,15 @@ class FailsOnTwoThreads(ReferenceBackend):
     def process(self, images, config, keep_images=False):
         if self.threads == 2:
             raise RuntimeError("kernel launch failed")
+        return super().process(images, config, keep_images)
+
+
+class FailsOnOneThread(ReferenceBackend):
+    name = "fails-on-one"
+
+    def process(self, images, config, keep_images=False):
+        if self.threads == 1:
+            raise RuntimeError("needs two threads")
         return super().process(images, config, keep_images)
 
 
@@ -352,6 +362,26 @@ def test_files_cv2_cannot_read_are_left_out_of_the_opencv_decoding_rows_and_name
     assert f"opencv-pool: unavailable: {reason}" in result.stdout
 
 
+def test_a_file_whose_name_is_not_utf8_is_timed_by_the_opencv_rows_too(tmp_path, bundled_data_dir):
+    """cv2.imread crashed on such a name (a segmentation fault: bench gone, exit 139, no --json),
+    even with -b numba, as every file is first tried with it. In a process of its own, so that a
+    crash fails the test and not the test run."""
+    pytest.importorskip("cv2")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tile = discover([bundled_data_dir / "eurosat"])[0]
+    (folder / os.fsdecode(b"ok\xfe.jpg")).write_bytes(tile.read_bytes())
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "bench", str(folder), "-b", "numba,opencv-pool",
+                           "--repeat", "1", "--no-scaling", "--json", str(out)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["corpus"]["opencv_unreadable"] == []
+    assert report["contenders"]["opencv-pool"]["end_to_end"]["images"] == 1
+    assert report["decode_only"][bench.DECODE_OPENCV]["decode"]["images"] == 1
+
+
 def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):
     register(BreaksOnRealImages)
     result, report = run_bench(tmp_path, *TINY, "--backends", "reference,breaks")
@@ -404,6 +434,9 @@ def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
     (["--backends", "numba,warp-drive"], "unknown backend 'warp-drive'"),
     (["--backends", "numba,"], "--backends takes comma-separated names"),
     (["--size", "20000x20000"], "bench keeps it decoded in memory"),
+    (["--size", "65501x16"], "a JPEG is at most 65500 pixels a side"),  # a traceback from Pillow, exit 1
+    (["--size", ""], "--size takes WIDTHxHEIGHT"),  # (the default, taken without a word)
+    (["--format", ""], "--format must be one of jpeg, png, got ''"),
     (["/no/such/folder"], "no such file or folder"),
     (["--json", "/no/such/folder/out.json"], "--json /no/such/folder/out.json: the folder /no/such/folder does not exist"),
     (["--plot", "/no/such/folder/out.png"], "--plot /no/such/folder/out.png: the folder /no/such/folder does not exist"),
@@ -490,6 +523,30 @@ def test_a_thread_count_that_fails_is_a_row_with_its_reason(register):
     console = Console(record=True, width=200)
     console.print(scaling_table(report))
     assert "failed" in console.export_text()
+
+
+def test_a_thread_count_that_works_where_one_thread_failed_shows_its_rate_and_the_failure_why(register):
+    """Every row of a backend whose one-thread run failed said "failed" (its 2-thread rate was in the
+    JSON), and the reason a thread count failed was in the JSON only."""
+    from rich.console import Console
+
+    from gpu_pipeline.bench.measuring import measure_scaling
+    from gpu_pipeline.bench.report import notes, scaling_table
+
+    register(FailsOnOneThread)
+    files = discover([Path(__file__).resolve().parent.parent / "data" / "eurosat"])[:3]
+    corpus = bench.load_corpus(files, {}, bench.BenchSettings().decode_options, 1)
+    contender = bench.Contender("fails-on-one", "backend")
+    rows = measure_scaling([contender], corpus, bench.BenchSettings(repeats=1, threads=2))["fails-on-one"]
+    report = bench.BenchReport(corpus, bench.BenchSettings(repeats=1, threads=2), [contender], [], None,
+                               {"fails-on-one": rows})
+    console = Console(record=True, width=200)
+    console.print(scaling_table(report))
+    lines = {line.split()[0]: line.split()[1:] for line in console.export_text().splitlines()
+             if line.strip()[:1].isdigit()}
+    assert lines["1"] == ["failed", "failed"] and len(lines["2"]) == 2, lines
+    assert all(cell.replace(",", "").replace(".", "").isdigit() for cell in lines["2"]), lines  # rates, no ratio
+    assert "fails-on-one with 1 thread: failed: cannot start: RuntimeError: needs two threads" in notes(report)
 
 
 def test_the_json_is_written_even_when_the_table_cannot_be(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import usable_cores
-from gpu_pipeline.errors import one_line
+from gpu_pipeline.errors import is_utf8, one_line
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 
@@ -50,10 +50,18 @@ class OpenCvThreads(OpenCvOracle):
 
 
 def read_with_opencv(path: Path) -> np.ndarray:
-    """``cv2.imread`` (BGR or gray: the same work downstream as RGB), or ValueError when it cannot."""
+    """``cv2.imread`` (BGR or gray: the same work downstream as RGB), or ValueError when it cannot.
+
+    A name that is not UTF-8 (its bytes as surrogate escapes) crashed cv2.imread (a segmentation
+    fault, bench gone without a word): such a file's bytes are read here and decoded by
+    ``cv2.imdecode``, the same decoder."""
     import cv2
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    name = str(path)
+    if is_utf8(name):
+        image = cv2.imread(name, cv2.IMREAD_COLOR)
+    else:
+        image = cv2.imdecode(np.fromfile(name, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cv2.imread cannot read {path}")
     return image

@@ -49,18 +49,25 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+#: libjpeg's largest image side (JPEG_MAX_DIMENSION).
+JPEG_MAX_SIDE = 65500
+
+
 def generation_request(size: str | None, count: int | None, tiles: int | None, fmt: str | None) -> dict:
     """The keyword arguments of :func:`generate_corpus` (less the folder), defaults filled in."""
-    width, height = parse_size(size or DEFAULT_SIZE)
+    width, height = parse_size(DEFAULT_SIZE if size is None else size)  # ("": refused, not the default)
     count = DEFAULT_COUNT if count is None else count
     tiles = DEFAULT_TILES if tiles is None else tiles
-    fmt = (fmt or DEFAULT_FORMAT).lower()
+    fmt = (DEFAULT_FORMAT if fmt is None else fmt).lower()
     if count < 1:
         raise UsageError(f"--count must be >= 1, got {count}")
     if tiles < 0:
         raise UsageError(f"--tiles must be >= 0, got {tiles}")
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "jpeg" and max(width, height) > JPEG_MAX_SIDE:  # (a traceback from Pillow's writer, exit 1)
+        raise UsageError(f"--size {width}x{height}: a JPEG is at most {JPEG_MAX_SIDE} pixels a side; "
+                         "use --format png or a smaller --size")
     pixels = count * width * height + tiles * TILE_SIZE ** 2
     if pixels > MAX_CORPUS_PIXELS:
         raise UsageError(f"the corpus would hold {pixels / 1e6:,.0f} MP; bench keeps it decoded in memory, "
