@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +125,12 @@ def test_a_real_gpu_is_described():
         major, _ = map(int, device["compute_capability"].split("."))
         assert major >= 3 and device["multiprocessors"] > 0
     assert gpu["driver_version"][0].isdigit()
+
+
+def test_docs_list_the_packages_info_lists():
+    """docs/verify.md's sample and its JSON key named ten packages when info listed thirteen."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "verify.md").read_text()
+    key = re.search(r"\| `packages` \| .* for (.*?); both `null`", text).group(1)
+    assert [name.strip() for name in key.split(",")] == list(info.PACKAGES)
+    sample = text.split("$ gpu-pipeline info", 1)[1].split("backends", 1)[0]
+    assert re.findall(r"^  (\S+) +\d", sample, re.MULTILINE) == list(info.PACKAGES)

@@ -751,6 +751,24 @@ def test_evaluate_plot(tmp_path):
 
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_evaluate_writes_its_plot_even_when_the_tables_cannot_be_printed(tmp_path):
+    """The plot was written after the tables: stdout on a full disk (or `| head`) ended the command
+    first (exit 3) and the plot was lost, where verify, bench and fit write their files first."""
+    pytest.importorskip("matplotlib")
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    model_path, plot = tmp_path / "model.json", tmp_path / "confusion.png"
+    assert invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference",
+                  "--test-fraction", "0").exit_code == 0
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "evaluate", str(tree), "--model",
+                               str(model_path), "--backend", "reference", "--plot", str(plot)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+                              timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert Image.open(plot).format == "PNG"
+
+
 def test_evaluate_plot_draws_names_as_they_are(tmp_path):
     """A ``$`` in the tree's or a class's name is text, not mathtext (``$\\frac{$`` crashed the plot
     after all the work; ``$\\alpha$`` was drawn as a Greek letter)."""

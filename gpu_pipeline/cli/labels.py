@@ -203,17 +203,21 @@ def evaluate(
 
     targets = np.array([model.classes.index(labeled.classes[t]) for t in labeled.targets[table.ok]])
     matrix = confusion_matrix(targets, model.predict(table.vectors[table.ok]), len(model.classes))
-    console.print(f"model {shown(model_path)}: {shown(model.describe())}")
-    console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
-    console.print(scores_table(model.classes, matrix))
-    console.print(confusion_table(model.classes, matrix))
-    if plot is not None:
+    unwritten = None
+    if plot is not None:  # first: a table that cannot be printed (| head, a full disk) must not lose it
         title = f"{labeled_dir.name}: {accuracy_text(matrix)}"
         try:
             replace_with(plot, "--plot", lambda temporary: save_confusion_plot(temporary, model.classes, matrix, title),
                          is_our_png)
-        except UsageError as exc:
-            fail_usage(str(exc))
+        except UsageError as exc:  # said after the tables, which must not be lost either
+            unwritten = str(exc)
+    console.print(f"model {shown(model_path)}: {shown(model.describe())}")
+    console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
+    console.print(scores_table(model.classes, matrix))
+    console.print(confusion_table(model.classes, matrix))
+    if unwritten is not None:
+        fail_usage(unwritten)
+    if plot is not None:
         console.print(f"plot: {shown(os.path.abspath(plot))}")
     raise typer.Exit(1 if table.failures else 0)
 
