@@ -598,6 +598,7 @@ def check_job(job: Job) -> CheckedJob:
     done = existing.succeeded | existing.failed
     if job.retry_failed:
         done = existing.succeeded
+        output.retried = existing.failed.intersection(files)  # (other files' error records stay)
     todo = [path for path in files if path not in done]
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
     fork_server = (early_fork_server(job.processes, len(todo), job.workers, processes_option(job.decode_timeout))

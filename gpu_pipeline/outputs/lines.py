@@ -29,7 +29,7 @@ from typing import IO, Callable, Iterator
 
 from gpu_pipeline.outputs import records as record_text
 from gpu_pipeline.outputs.files import write_all, write_replacing
-from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written
+from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
 
 #: Columns of the CSV output; the histogram is one column of 256 space-separated ints.
 COLUMNS = record_text.CSV_COLUMNS
@@ -283,15 +283,16 @@ def scan(path: Path, fmt: str, keep: Callable[[dict, bytes], None] | None = None
     return Scan(existing, good_end, size)
 
 
-def keep_results(path: Path, fmt: str) -> None:
-    """Replace the file by its intact result records, written to a temporary of ours renamed into
-    place (a crash leaves the old or the new): ``--retry-failed`` redoes the images whose records
-    were errors. The real file is replaced: a symbolic link to it stays one."""
+def keep_results(path: Path, fmt: str, dropped: set[str]) -> None:
+    """Replace the file by its intact records less the errors of the paths in ``dropped``, written
+    to a temporary of ours renamed into place (a crash leaves the old or the new): ``--retry-failed``
+    redoes those images. The real file is replaced: a symbolic link to it stays one."""
     def write(temporary: Path) -> None:
         with open(temporary, "wb") as stream:
             if fmt == "csv":
                 stream.write((CSV_HEADER + "\n").encode())
-            scan(path, fmt, lambda record, raw: None if "error" in record else stream.write(raw))
+            scan(path, fmt, lambda record, raw: None if "error" in record and record_key(record) in dropped
+                 else stream.write(raw))
             stream.flush()
             os.fsync(stream.fileno())
 

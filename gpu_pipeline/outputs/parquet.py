@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gpu_pipeline.outputs.records import CSV_COLUMNS as COLUMNS, table_columns
-from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written
+from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
 
 #: The dataset's columns are the CSV output's; these are a result record's.
 _RESULT_FIELDS = COLUMNS[:9]
@@ -139,15 +139,16 @@ def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: st
         raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
-def drop_error_rows(folder: Path, out: str) -> None:
-    """Rewrite each part that holds error rows without them, one atomic rename per part
-    (``--retry-failed`` redoes those images)."""
-    import pyarrow.compute as pc
+def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
+    """Rewrite each part that holds error rows of the paths in ``dropped`` without them, one atomic
+    rename per part (``--retry-failed`` redoes those images)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for part in parts(folder):
         table = _read_part(pq, part, schema=parquet_schema())
-        kept = table.filter(pc.is_null(table["error"]))
+        rows = table.select(["path", "path_bytes", "error"]).to_pylist()
+        kept = table.filter(pa.array([row["error"] is None or record_key(row) not in dropped for row in rows]))
         if kept.num_rows == table.num_rows:
             continue
         if kept.num_rows == 0:

@@ -56,6 +56,9 @@ class OutputPlan:
     existing: Existing
     start_afresh: bool = False
     retry_failed: bool = False
+    #: With ``retry_failed``: the failed paths this run redoes, its inputs' (None: every one). The
+    #: error records of other files stay: a retry of one folder removed those of every other.
+    retried: set[str] | None = None
     good_end: int = 0
     next_part: int = 0
 
@@ -87,13 +90,17 @@ class OutputPlan:
             sink = LineSink(self.out, self.fmt)
             sink.write_header()
             return sink
-        if self.retry_failed and self.existing.failed:
-            keep_results(path, self.fmt)
-            self.existing.failed = set()
+        if self.retry_failed and (dropped := self._dropped()):
+            keep_results(path, self.fmt, dropped)
+            self.existing.failed -= dropped
             self.existing.damaged = self.existing.dropped_bytes = 0
         elif self.existing.dropped_bytes:
             os.truncate(path, self.good_end)
         return LineSink(self.out, self.fmt, self.existing)
+
+    def _dropped(self) -> set[str]:
+        """The error records ``--retry-failed`` removes: those of the paths it redoes."""
+        return self.existing.failed if self.retried is None else self.existing.failed & self.retried
 
     def _open_dataset(self) -> Sink:
         folder = Path(self.out)
@@ -106,9 +113,9 @@ class OutputPlan:
         folder.mkdir(parents=True, exist_ok=True)
         for temporary in parquet.temporaries(folder):  # a part a killed run did not finish
             temporary.unlink()
-        if self.retry_failed and self.existing.failed and not self.start_afresh:
-            parquet.drop_error_rows(folder, self.out)
-            self.existing.failed = set()
+        if self.retry_failed and not self.start_afresh and (dropped := self._dropped()):
+            parquet.drop_error_rows(folder, self.out, dropped)
+            self.existing.failed -= dropped
         return parquet.ParquetSink(self.out, 0 if self.start_afresh else self.next_part, self.existing)
 
 
