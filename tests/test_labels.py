@@ -752,19 +752,22 @@ def test_evaluate_plot(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_evaluate_writes_its_plot_even_when_the_tables_cannot_be_printed(tmp_path):
+def test_fit_and_evaluate_write_their_files_even_when_the_tables_cannot_be_printed(tmp_path):
     """The plot was written after the tables: stdout on a full disk (or `| head`) ended the command
     first (exit 3) and the plot was lost, where verify, bench and fit write their files first."""
     pytest.importorskip("matplotlib")
     tree = colour_tree(tmp_path / "tree", per_class=2)
     model_path, plot = tmp_path / "model.json", tmp_path / "confusion.png"
-    assert invoke("fit", str(tree), "--out", str(model_path), "--backend", "reference",
-                  "--test-fraction", "0").exit_code == 0
-    with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "evaluate", str(tree), "--model",
-                               str(model_path), "--backend", "reference", "--plot", str(plot)],
-                              stdout=full, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
-                              timeout=300)
+
+    def to_full_disk(*args: str) -> subprocess.CompletedProcess:
+        with open("/dev/full", "w") as full:
+            return subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", *args, "--backend", "reference"],
+                                  stdout=full, stderr=subprocess.PIPE, text=True,
+                                  cwd=Path(__file__).resolve().parent.parent, timeout=300)
+
+    done = to_full_disk("fit", str(tree), "--out", str(model_path), "--test-fraction", "0")
+    assert done.returncode == 3 and load_model(model_path).classes == ("blue", "green", "red"), done.stderr
+    done = to_full_disk("evaluate", str(tree), "--model", str(model_path), "--plot", str(plot))
     assert done.returncode == 3, done.stderr
     assert Image.open(plot).format == "PNG"
 

@@ -52,7 +52,8 @@ def verify(
 ) -> None:
     """Check that every backend gives the reference's bytes: histogram, equalized, edges, edge count, label.
 
-    Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage.
+    Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage, 3 when
+    standard output cannot be written (a full disk, a closed pipe).
     """
     from gpu_pipeline.engine.job import progress_bar, warn_unlisted
     from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify, write_report
@@ -135,7 +136,8 @@ def bench(
     """Time every backend beside OpenCV (in a process pool: the anchor; and in threads) and the scikit-image
     pool: compute, end to end, decode only; then each backend by thread count.
 
-    Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage.
+    Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage,
+    3 when standard output cannot be written (a full disk, a closed pipe).
     """
     from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
     from gpu_pipeline.bench.corpus import corpus_folder
