@@ -162,6 +162,30 @@ def test_a_report_that_cannot_be_written_after_the_run_still_prints_the_verdict(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no report, no temporary
 
 
+def test_names_that_are_not_utf8_are_written_to_the_report_as_run_writes_them(tmp_path, image_dir, register):
+    """They were lone surrogate escapes ("\\udcff"), which strict JSON readers refuse: now \\xNN, and
+    their exact bytes in base64 beside them, as run's records have path_bytes."""
+    import base64
+
+    register(HistogramOffByOne)
+    odd = os.fsencode(image_dir) + b"/odd\xff.png"
+    (image_dir / "a_rgb.png").rename(os.fsdecode(odd))
+    broken = os.fsencode(image_dir) + b"/broken\xfe.png"
+    with open(broken, "wb"):
+        pass
+    result = invoke(image_dir, "--backends", HistogramOffByOne.name, "--report", tmp_path / "r.json")
+    assert result.exit_code == 1, result.output
+    text = (tmp_path / "r.json").read_text(encoding="utf-8")
+    assert "\\ud" not in text
+    report = json.loads(text)
+    difference = next(d for d in report["differences"] if "odd" in d["image"])
+    assert difference["image"] == f"{image_dir}/odd\\xff.png"
+    assert base64.b64decode(difference["image_bytes"]) == odd
+    (error,) = report["decode_errors"]
+    assert error["image"] == f"{image_dir}/broken\\xfe.png" and base64.b64decode(error["image_bytes"]) == broken
+    assert all("image_bytes" not in d for d in report["differences"] if "odd" not in d["image"])
+
+
 # --- everything identical ---------------------------------------------------------------------
 
 
