@@ -7,6 +7,7 @@ says why a contender did not run. CLI runs use a tiny corpus and one repeat.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -371,6 +372,7 @@ def test_a_file_whose_name_is_not_utf8_is_timed_by_the_opencv_rows_too(tmp_path,
     folder.mkdir()
     tile = discover([bundled_data_dir / "eurosat"])[0]
     (folder / os.fsdecode(b"ok\xfe.jpg")).write_bytes(tile.read_bytes())
+    (folder / os.fsdecode(b"bad\xfd.jpg")).write_bytes(b"")  # not decoded: skipped, and named in the JSON
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "bench", str(folder), "-b", "numba,opencv-pool",
                            "--repeat", "1", "--no-scaling", "--json", str(out)], capture_output=True, text=True,
@@ -380,6 +382,10 @@ def test_a_file_whose_name_is_not_utf8_is_timed_by_the_opencv_rows_too(tmp_path,
     assert report["corpus"]["opencv_unreadable"] == []
     assert report["contenders"]["opencv-pool"]["end_to_end"]["images"] == 1
     assert report["decode_only"][bench.DECODE_OPENCV]["decode"]["images"] == 1
+    (skipped,) = report["corpus"]["skipped"]  # named as run's records name it: no lone surrogate escape
+    assert skipped["path"] == f"{folder}/bad\\xfd.jpg" and "\\ud" not in out.read_text()
+    assert base64.b64decode(skipped["path_bytes"]) == os.fsencode(folder) + b"/bad\xfd.jpg"
+    assert f"(first: {folder}/bad\\xfd.jpg: " in done.stdout  # (the raw byte was printed)
 
 
 def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):

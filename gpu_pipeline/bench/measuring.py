@@ -23,7 +23,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import (PROCESS_DECODE_BELOW_PIXELS, DecodedPart, Engine, Packer, decode_stream,
                                         part_batches)
 from gpu_pipeline.images import ImageBatch
-from gpu_pipeline.errors import one_line
+from gpu_pipeline.errors import one_line, printable
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 from gpu_pipeline.outputs.sink import NullSink
 
@@ -140,11 +140,11 @@ def _left_out_by_opencv(contender: Contender, corpus: Corpus, readable: Corpus) 
         return
     if not readable.images:
         contender.status, contender.reason = "unavailable", (
-            f"cv2.imread cannot read any of the {len(corpus.images)} files (first: {corpus.opencv_unreadable[0]})")
+            f"cv2.imread cannot read any of the {len(corpus.images)} files (first: {printable(corpus.opencv_unreadable[0])})")
         contender.compute = contender.end_to_end = contender.decode = None
         return
     note = (f"{len(readable.images)} of {len(corpus.images)} images ({readable.pixels / 1e6:.1f} MP): cv2.imread "
-            f"cannot read the other {len(corpus.opencv_unreadable)} (first: {corpus.opencv_unreadable[0]})")
+            f"cannot read the other {len(corpus.opencv_unreadable)} (first: {printable(corpus.opencv_unreadable[0])})")
     contender.subset = note + (f"; then {contender.subset}" if contender.subset else "")
 
 

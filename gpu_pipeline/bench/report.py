@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gpu_pipeline.bench.measuring import DECODE_IO, DECODE_OPENCV, BenchReport
 from gpu_pipeline.bench.stats import Timing
-from gpu_pipeline.errors import one_line
+from gpu_pipeline.errors import one_line, printable
 from gpu_pipeline.outputs.files import SOFTWARE
 
 #: Short row names of the decoders in the table.
@@ -101,7 +101,7 @@ def notes(report: BenchReport) -> list[str]:
     if report.corpus.skipped:
         first = report.corpus.skipped[0]
         lines.append(f"corpus: {len(report.corpus.skipped)} files could not be decoded and are left out "
-                     f"(first: {first['path']}: {first['error']})")
+                     f"(first: {printable(first['path'])}: {printable(first['error'])})")
     return lines
 
 

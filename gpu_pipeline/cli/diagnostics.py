@@ -163,11 +163,12 @@ def bench(
         fail_usage(str(exc))
     from gpu_pipeline.bench import plot_report, print_report
     from gpu_pipeline.diagnostics.info import collect_info
+    from gpu_pipeline.outputs.sink import portable_names
 
     refused = None
     try:  # the files first: a table that cannot be printed (| head, a full disk) must not lose them
         if json_path is not None:
-            text = json.dumps(report.to_json(machine=collect_info()), indent=2) + "\n"
+            text = json.dumps(portable_names(report.to_json(machine=collect_info())), indent=2) + "\n"
             replace_with(json_path, "--json", lambda temporary: temporary.write_text(text), is_our_json)
         if plot is not None:
             replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary), is_our_png)

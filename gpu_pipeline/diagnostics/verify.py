@@ -13,11 +13,9 @@ that failed to start, 2 on usage errors (raised as :class:`~gpu_pipeline.errors.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +34,9 @@ from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_l
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import (Decoded, decode_parts, decodes_in_processes, part_batches,
                                         processes_for_time_limit)
-from gpu_pipeline.errors import UsageError, bytes_shown, is_utf8, one_line, shown
+from gpu_pipeline.errors import UsageError, one_line, shown
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
+from gpu_pipeline.outputs.sink import portable_names
 from gpu_pipeline.inputs.discover import discover, no_files_found
 
 GROUND_TRUTH = "reference"
@@ -510,27 +509,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
 def write_report(report: VerifyReport, report_path: Path) -> None:
     """The JSON report into ``report_path`` (checked by :func:`run_verify` before the first image);
     UsageError when it cannot be written (a full disk), for the caller to say after the table."""
-    text = json.dumps(_portable(report.to_json()), indent=2) + "\n"
+    text = json.dumps(portable_names(report.to_json()), indent=2) + "\n"
     replace_with(report_path, "--report", lambda temporary: temporary.write_text(text), is_our_json)
-
-
-def _portable(value: Any) -> Any:
-    """``value`` with every name that is not UTF-8 shown as ``\\xNN`` (:func:`bytes_shown`), as run's
-    records show them, and an ``image`` or ``folder`` that is not given its exact bytes in base64
-    beside it (``image_bytes``, ``folder_bytes``). Written as they were, such names were lone
-    surrogate escapes (``"\\udcff"``), which strict JSON readers (Rust's serde_json) refuse."""
-    if isinstance(value, str):
-        return value if is_utf8(value) else bytes_shown(value)
-    if isinstance(value, list):
-        return [_portable(item) for item in value]
-    if not isinstance(value, dict):
-        return value
-    portable = {key: _portable(item) for key, item in value.items()}
-    for key in ("image", "folder"):
-        name = value.get(key)
-        if isinstance(name, str) and not is_utf8(name):
-            portable[f"{key}_bytes"] = base64.b64encode(os.fsencode(name)).decode("ascii")
-    return portable
 
 
 # --- printing -----------------------------------------------------------------------------------

@@ -69,6 +69,26 @@ def as_written(records: Iterable[dict]) -> Iterable[dict]:
     return [portable(record) for record in records]
 
 
+def portable_names(value):
+    """A JSON value (a report) with every name that is not UTF-8 shown as ``\\xNN``
+    (:func:`bytes_shown`), as in the records, and an ``image``, ``folder`` or ``path`` that is not
+    given its exact bytes in base64 beside it (``image_bytes``, ``folder_bytes``, ``path_bytes``).
+    Written as they were, such names were lone surrogate escapes (``"\\udcff"``), which strict JSON
+    readers (Rust's serde_json) refuse."""
+    if isinstance(value, str):
+        return value if is_utf8(value) else bytes_shown(value)
+    if isinstance(value, (list, tuple)):
+        return [portable_names(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    portable = {key: portable_names(item) for key, item in value.items()}
+    for key in ("image", "folder", "path"):
+        name = value.get(key)
+        if isinstance(name, str) and not is_utf8(name):
+            portable[f"{key}_bytes"] = base64.b64encode(os.fsencode(name)).decode("ascii")
+    return portable
+
+
 def record_key(record: dict) -> str:
     """The input path a stored record is for, as discovery names it (``str`` of the ``Path``)."""
     encoded = record.get("path_bytes")
