@@ -412,6 +412,49 @@ def test_tiff_photometric_agrees_with_pillow(scratch: Path, photometric: str) ->
     assert np.array_equal(decode_image(path, DEFAULT), wanted)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
+def test_tiff_samples_of_fewer_than_8_bits_agree_with_pillow(scratch: Path, bits: int, photometric: str) -> None:
+    """2- and 4-bit gray TIFFs were read as their raw 0..3 / 0..15 (near black, where the same
+    picture as a PNG spans 0..255), and min-is-white ones inverted as 255 - x (almost all white)."""
+    samples = np.random.default_rng(bits).integers(0, 1 << bits, (5, 9)).astype(np.uint8)
+    path = scratch / f"{photometric}{bits}.tif"
+    if bits == 1:
+        tifffile.imwrite(path, samples.astype(bool), photometric=photometric)
+    else:
+        tifffile.imwrite(path, samples, bitspersample=bits, photometric=photometric)
+    with Image.open(path) as expected:
+        wanted = np.asarray(expected.convert("L"))
+    assert np.array_equal(decode_image(path, DEFAULT), wanted)
+    top = (1 << bits) - 1  # and by the docstring's words, independently of Pillow
+    values = top - samples if photometric == "miniswhite" else samples
+    assert np.array_equal(decode_image(path, DEFAULT), values.astype(np.uint16) * 255 // top)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
+def test_min_is_white_signed_and_float_samples_are_inverted(scratch: Path, dtype) -> None:
+    """They were used as stored: the brightest sample stayed the brightest."""
+    values = (np.random.default_rng(7).random((6, 8)) * 200 - 50).astype(dtype)
+    path = scratch / "white.tif"
+    tifffile.imwrite(path, values, photometric="miniswhite")
+    black = scratch / "black.tif"
+    tifffile.imwrite(black, -values if dtype().dtype.kind == "f" else ~values, photometric="minisblack")
+    for stretch in ("minmax", "percentile"):
+        got = decode_image(path, DecodeOptions(stretch=stretch))
+        assert got.ravel()[values.argmax()] == 0 and got.ravel()[values.argmin()] == 255
+        if dtype().dtype.kind == "i":  # -1 - x: the same as the min-is-black file of ~x
+            assert np.array_equal(got, decode_image(black, DecodeOptions(stretch=stretch)))
+
+
+def test_bitdepth_of_a_12_bit_tiff_is_its_bits_not_its_containers(scratch: Path) -> None:
+    """12-bit samples come as uint16: the stretch took their high byte (0..15), not x >> 4."""
+    path = scratch / "twelve.tif"
+    tifffile.imwrite(path, np.array([[0, 100, 4095, 2048]], np.uint16), bitspersample=12, photometric="minisblack")
+    assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[0, 6, 255, 128]]
+    tifffile.imwrite(path, np.array([[0, 100, 4095, 2048]], np.uint16), bitspersample=12, photometric="miniswhite")
+    assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[255, 249, 0, 127]]
+
+
 @pytest.mark.parametrize(
     "dtype, nodata", [(np.uint16, 65000), (np.int16, -9999), (np.int32, -9999), (np.float32, -9999.5)]
 )

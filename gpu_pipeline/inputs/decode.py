@@ -23,7 +23,9 @@ byte; 16-bit gray PNGs stay with Pillow, which keeps all 16 bits. Both are stret
 Bands
 -----
 An image is a stack of bands. Palette images are first expanded to RGB (RGBA when they carry
-transparency), 1-bit images to 0/255, and TIFF "min-is-white" data is inverted. ``--bands``
+transparency), 1-bit images to 0/255, TIFF samples of 2 to 7 bits onto 0..255 as PNG's are
+(4-bit: ``17 x``), and TIFF "min-is-white" data is inverted within its bits per sample (4-bit:
+``15 - x``; signed: ``-1 - x``; floats: ``1 - x``). ``--bands``
 picks bands by 1-based number, alpha included (1 band gives gray, 3 give RGB). Without it:
 1 band is gray, 2 bands (gray + alpha) give gray, 3 are RGB, 4 (RGB + alpha, or a 4th band such as
 near infrared) give RGB from the first three, and more than 4 is an error asking for ``--bands``.
@@ -40,8 +42,8 @@ selected band on its own (as QGIS's default cumulative-cut stretch does), by
   ``hi = v[n - 1 - k]`` (numpy's ``percentile(..., 2, method="lower")`` and
   ``percentile(..., 98, method="higher")``: exact sample values, never interpolated);
 * ``minmax``: ``lo = v[0]``, ``hi = v[n - 1]``;
-* ``bitdepth``: no statistics; unsigned ``b``-bit integers give ``x >> (b - 8)`` (uint16: the high
-  byte), signed ``b``-bit integers give ``(2 * max(x, 0)) >> (b - 8)`` (int16: ``x >> 7``, negatives
+* ``bitdepth``: no statistics; unsigned ``b``-bit integers give ``x >> (b - 8)`` (``b``: a TIFF's
+  bits per sample, else the type's: uint16 gives the high byte, a 12-bit TIFF ``x >> 4``), signed ``b``-bit integers give ``(2 * max(x, 0)) >> (b - 8)`` (int16: ``x >> 7``, negatives
   0), floats are taken as [0, 1] and give ``floor(clip(x, 0, 1) * 255 + 0.5)``.
 
 For ``percentile`` and ``minmax`` integer samples map with exact int64 arithmetic::
@@ -224,9 +226,9 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
                 raise DecodeError("read", "the file is empty (0 bytes)")
             fh.seek(0)
             stage = "decode"
-            nodata = None
+            nodata = bits = None
             if magic in _TIFF_MAGIC:
-                bands, nodata = _read_tiff(fh, options.max_pixels)
+                bands, nodata, bits = _read_tiff(fh, options.max_pixels)
             elif magic.startswith(_JPEG_MAGIC) and jpeg8_decode is not None:
                 bands = _read_jpeg(fh, options.max_pixels)
             else:
@@ -237,7 +239,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
                 raise DecodeError("read", "the file changed while it was read (still being written?): its pixels "
                                           "may mix two versions; --retry-failed reads it again")
         stage = "normalise"
-        image = _to_uint8(_select_bands(bands, options.bands), options.stretch, nodata)
+        image = _to_uint8(_select_bands(bands, options.bands), options.stretch, nodata, bits)
         return np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image)
     except DecodeError:
         raise
@@ -575,8 +577,9 @@ _TIFF_FOREIGN_COLOURS = frozenset(tifffile.PHOTOMETRIC) - {
     tifffile.PHOTOMETRIC.PALETTE, tifffile.PHOTOMETRIC.SEPARATED, tifffile.PHOTOMETRIC.YCBCR}
 
 
-def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None]:
-    """Bands (H, W, C) of a TIFF's first full-resolution page, and its GDAL nodata value if any."""
+def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None, int]:
+    """Bands (H, W, C) of a TIFF's first full-resolution page, its GDAL nodata value if any, and its
+    bits per sample (12 for 12-bit samples, which tifffile gives as uint16)."""
     try:
         tif = tifffile.TiffFile(fh)
     except MemoryError:
@@ -602,13 +605,38 @@ def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None]
         separate, _, height, width, contiguous = page.shaped
         data = data.reshape(separate, height, width, contiguous)
         bands = np.moveaxis(data[..., 0], 0, -1) if separate > 1 else data[0]
+        bits = page.bitspersample
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
-            bands = (page.colormap[:, bands[..., 0]] >> 8).astype(np.uint8).transpose(1, 2, 0)
-        elif page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
-            bands = ~bands if bands.dtype.kind in "bu" else bands
+            return (page.colormap[:, bands[..., 0]] >> 8).astype(np.uint8).transpose(1, 2, 0), None, 8
+        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            bands = _inverted(_native_order(bands), bits)
         elif page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
             bands = _cmyk_to_rgb(bands)
-        return _native_order(bands), _gdal_nodata(page)
+        if bands.dtype == np.uint8 and bits < 8:
+            bands, bits = _full_range(bands, bits), 8
+        return _native_order(bands), _gdal_nodata(page), bits
+
+
+def _inverted(bands: np.ndarray, bits: int) -> np.ndarray:
+    """Min-is-white samples as min-is-black: unsigned ``b``-bit ``x`` gives ``2**b - 1 - x`` (4-bit:
+    ``15 - x``, where ``~x`` gave ``255 - x``), signed ``~x`` (``-1 - x``, in range), floats ``1 - x``
+    (the [0, 1] of the ``bitdepth`` stretch), 1-bit ``not x``. Signed and float samples were left as
+    they were, the brightest sample staying the brightest."""
+    if bands.dtype.kind in "bi":
+        return ~bands
+    if bands.dtype.kind == "u":
+        top = bands.dtype.type((1 << bits) - 1) if bits < bands.dtype.itemsize * 8 else np.iinfo(bands.dtype).max
+        return top - np.minimum(bands, top)
+    return bands.dtype.type(1) - bands
+
+
+def _full_range(bands: np.ndarray, bits: int) -> np.ndarray:
+    """1- to 7-bit samples onto 0..255, as PNG and Pillow give them: ``(x * 255 + m // 2) // m`` with
+    ``m = 2**b - 1`` (4-bit: ``17 x``, 2-bit: ``85 x``). Read as they were, a 4-bit TIFF's 0..15
+    was near black, where the same picture as a PNG spanned 0..255."""
+    top = (1 << bits) - 1
+    wide = np.minimum(bands, top).astype(np.uint16)
+    return ((wide * 255 + top // 2) // top).astype(np.uint8)
 
 
 def _full_resolution_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
@@ -830,7 +858,9 @@ def _select_bands(bands: np.ndarray, chosen: tuple[int, ...] | None) -> np.ndarr
     return bands if indices == list(range(count)) else bands[:, :, indices]
 
 
-def _to_uint8(bands: np.ndarray, stretch: str, nodata: float | None) -> np.ndarray:
+def _to_uint8(bands: np.ndarray, stretch: str, nodata: float | None, bits: int | None = None) -> np.ndarray:
+    """``bands`` as uint8 (module docstring); ``bits``: bits per sample where a TIFF says (12-bit
+    samples come as uint16: the ``bitdepth`` stretch takes ``x >> 4`` of them, not the high byte)."""
     if bands.dtype == np.uint8:
         return bands
     if bands.dtype == np.bool_:
@@ -841,13 +871,13 @@ def _to_uint8(bands: np.ndarray, stretch: str, nodata: float | None) -> np.ndarr
     for i in range(bands.shape[2]):
         band, nodata_value = bands[:, :, i], _as_sample(bands.dtype, nodata)
         if bands.dtype.kind in "ui" and bands.dtype.itemsize <= 2:
-            _stretch_by_table(band, stretch, nodata_value, out[:, :, i])
+            _stretch_by_table(band, stretch, nodata_value, out[:, :, i], bits)
         else:
-            _stretch_directly(band, stretch, nodata_value, out[:, :, i])
+            _stretch_directly(band, stretch, nodata_value, out[:, :, i], bits)
     return out
 
 
-def _stretch_by_table(band: np.ndarray, stretch: str, nodata, out: np.ndarray) -> None:
+def _stretch_by_table(band: np.ndarray, stretch: str, nodata, out: np.ndarray, bits: int | None) -> None:
     """8- and 16-bit integers: statistics from a histogram, then a lookup table of every value.
 
     Same results as :func:`_stretch_directly`, in a fraction of its time and memory.
@@ -855,7 +885,7 @@ def _stretch_by_table(band: np.ndarray, stretch: str, nodata, out: np.ndarray) -
     info = np.iinfo(band.dtype)
     values = np.arange(info.min, info.max + 1, dtype=band.dtype)
     if stretch == "bitdepth":
-        table = _fixed_depth(values)
+        table = _fixed_depth(values, bits)
     else:
         histogram = np.zeros(values.size, np.int64)
         for rows in _row_chunks(band.shape[0], band.shape[1]):
@@ -898,7 +928,7 @@ def _limits_from_histogram(histogram: np.ndarray, stretch: str) -> tuple[int, in
     return int(lo), int(hi)
 
 
-def _stretch_directly(band: np.ndarray, stretch: str, nodata, out: np.ndarray) -> None:
+def _stretch_directly(band: np.ndarray, stretch: str, nodata, out: np.ndarray, bits: int | None) -> None:
     """32-bit integers and floats: statistics by partial sorting, arithmetic on every sample."""
     valid = np.isfinite(band) if band.dtype.kind == "f" else None
     if nodata is not None:
@@ -908,7 +938,7 @@ def _stretch_directly(band: np.ndarray, stretch: str, nodata, out: np.ndarray) -
     if valid is not None and band.dtype.kind == "f":
         band = np.where(valid, band, 0)  # no NaN reaches the arithmetic below
     if stretch == "bitdepth":
-        out[...] = _fixed_depth(band)
+        out[...] = _fixed_depth(band, bits)
     else:
         limits = _limits(band, valid, stretch)
         out[...] = 0 if limits is None else _linear(band, *limits)
@@ -960,12 +990,13 @@ def _linear(band: np.ndarray, lo, hi) -> np.ndarray:
     return shifted.astype(np.uint8)
 
 
-def _fixed_depth(band: np.ndarray) -> np.ndarray:
-    """The ``bitdepth`` stretch: the sample type's full range onto 0..255."""
+def _fixed_depth(band: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """The ``bitdepth`` stretch: the samples' full range (``bits`` of them, else their type's) onto
+    0..255; a sample beyond ``bits`` (a damaged file) gives 255."""
     if band.dtype.kind == "f":
         scaled = np.clip(band.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5
         return np.floor(scaled, out=scaled).astype(np.uint8)
-    bits = band.dtype.itemsize * 8
+    bits = min(bits or 64, band.dtype.itemsize * 8)
     if band.dtype.kind == "u":
-        return (band >> (bits - 8)).astype(np.uint8)
-    return ((np.maximum(band, 0).astype(np.int64) * 2) >> (bits - 8)).astype(np.uint8)
+        return np.minimum(band >> (bits - 8), 255).astype(np.uint8)
+    return np.minimum((np.maximum(band, 0).astype(np.int64) * 2) >> (bits - 8), 255).astype(np.uint8)
