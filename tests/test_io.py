@@ -412,6 +412,27 @@ def test_tiff_photometric_agrees_with_pillow(scratch: Path, photometric: str) ->
     assert np.array_equal(decode_image(path, DEFAULT), wanted)
 
 
+@pytest.mark.parametrize("kind, options", [("PNG", {}), ("WEBP", {"quality": 80}), ("WEBP", {"lossless": True})])
+def test_a_png_or_webp_cut_short_and_zero_filled_is_refused_and_one_padded_after_its_end_is_not(
+        scratch: Path, kind: str, options: dict) -> None:
+    """Pillow decoded the zeros as pixels (about half the rows made up, no error): a result record
+    that no resume would redo, as for the JPEGs refused before."""
+    picture = np.array(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+                       .resize((200, 150)))
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, kind, **options)
+    whole = buffer.getvalue()
+    for fraction in (0.5, 0.95):
+        cut = int(len(whole) * fraction)
+        path = scratch / f"cut.{kind.lower()}"
+        path.write_bytes(whole[:cut] + bytes(len(whole) - cut))
+        with pytest.raises(DecodeError, match="zero bytes where its image data should end"):
+            decode_image(path, DEFAULT)
+    (scratch / "whole").write_bytes(whole)
+    (scratch / "padded").write_bytes(whole + bytes(100))  # zeros after a complete image: fine
+    assert np.array_equal(decode_image(scratch / "padded", DEFAULT), decode_image(scratch / "whole", DEFAULT))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
 def test_tiff_samples_of_fewer_than_8_bits_agree_with_pillow(scratch: Path, bits: int, photometric: str) -> None:

@@ -14,7 +14,8 @@ imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same pixels as Pi
 libjpeg with its default, accurate IDCT) at about twice the speed on small tiles; a JPEG that does
 not end with its EOI marker (truncated), or any other JPEG, goes to Pillow, which refuses truncated
 data where libjpeg alone would fill it in; one cut short and zero-filled to its full size (a
-download that preallocates its file) is refused before, as Pillow would decode the zeros as pixels.
+download that preallocates its file) is refused before, as Pillow would decode the zeros as pixels,
+and so is such a PNG or WebP (``_zero_filled``).
 Pixels are used as stored (no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF
 compressions need the ``imagecodecs`` package; without it the error says so. 16-bit RGB, RGBA and
 gray + alpha PNGs go to libpng (imagecodecs' ``png_decode``), since Pillow keeps only their high
@@ -455,6 +456,9 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP or TIFF)") from None
     with im:
         _check_size(im.width, im.height, max_pixels)
+        if im.format in ("PNG", "WEBP") and _zero_filled(fh, im.format):
+            raise DecodeError("decode", f"truncated {im.format.replace('WEBP', 'WebP')} file: zero bytes where its "
+                                        "image data should end (a download still being written?)")
         if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(fh) == 16:
             return _read_wide_png(fh, im.width, im.height)
         if im.mode in ("P", "PA"):
@@ -466,6 +470,31 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
             im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
         bands = np.array(im)  # loads the pixels; writeable, unlike np.asarray
     return _native_order(bands).reshape(im.height, im.width, -1)
+
+
+#: A PNG ends with its IEND chunk (length 0, type, CRC).
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"
+#: A WebP that ends in this many zero bytes was cut short and zero-filled: its chunks are padded to
+#: an even size with one zero byte at most, and entropy-coded data does not end in a run of zeros.
+_WEBP_ZERO_TAIL = 64
+
+
+def _zero_filled(fh: BinaryIO, kind: str) -> bool:
+    """Whether a PNG or WebP was cut short and zero-filled to its full size (a download that
+    preallocates its file). Pillow decodes the zeros as pixels (PNG: it does not check the image
+    data's CRC, and stops at the zeros; WebP: libwebp fills in the rest), so such a file became a
+    result record that no resume would redo. A PNG that ends in zeros must have its IEND chunk
+    before them, and a WebP's container must not end in :data:`_WEBP_ZERO_TAIL` zeros (either
+    padded with zeros after a complete image is fine)."""
+    if kind == "PNG":
+        fh.seek(0, io.SEEK_END)
+        fh.seek(max(0, fh.tell() - 65536))
+        tail = fh.read()
+        return tail.endswith(b"\0") and _PNG_END not in tail
+    fh.seek(4)  # the RIFF container's size: bytes after it (a complete file padded) do not count
+    end = 8 + int.from_bytes(fh.read(4), "little")
+    fh.seek(max(0, end - _WEBP_ZERO_TAIL))
+    return fh.read(min(end, _WEBP_ZERO_TAIL)) == bytes(min(end, _WEBP_ZERO_TAIL))
 
 
 def _png_bit_depth(fh: BinaryIO) -> int | None:
