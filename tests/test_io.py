@@ -433,6 +433,33 @@ def test_a_png_or_webp_cut_short_and_zero_filled_is_refused_and_one_padded_after
     assert np.array_equal(decode_image(scratch / "padded", DEFAULT), decode_image(scratch / "whole", DEFAULT))
 
 
+@pytest.mark.parametrize("layout", [{"rowsperstrip": 96}, {"rowsperstrip": 16}, {"tile": (64, 64)}])
+@pytest.mark.parametrize("damage", ["zero-filled", "short"])
+def test_a_jpeg_tiff_whose_last_segment_is_cut_short_is_refused(scratch: Path, layout: dict, damage: str) -> None:
+    """libjpeg filled in the missing end of a JPEG strip or tile (5,487 made-up pixels of a single-strip
+    tile, no error), where other compressions, and JPEG files, are refused so."""
+    picture = np.array(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+                       .resize((128, 96)))
+    whole = scratch / "whole.tif"
+    tifffile.imwrite(whole, picture, compression="jpeg", photometric="rgb", **layout)
+    data = bytearray(whole.read_bytes())
+    with tifffile.TiffFile(whole) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[-1], page.databytecounts[-1]
+        counts = page.tags[325 if page.is_tiled else 279]
+        width = 2 if counts.dtype == 3 else 4  # SHORT or LONG
+        count_at = counts.valueoffset + width * (len(page.dataoffsets) - 1)
+    cut = offset + count * 6 // 10
+    if damage == "zero-filled":
+        data[cut:offset + count] = bytes(offset + count - cut)
+    else:  # its byte count cut too (the long at the tag's last entry)
+        data[count_at:count_at + width] = (cut - offset).to_bytes(width, "little")
+    (scratch / "cut.tif").write_bytes(data)
+    with pytest.raises(DecodeError, match="JPEG data does not end with its end-of-image marker"):
+        decode_image(scratch / "cut.tif", DEFAULT)
+    assert decode_image(whole, DEFAULT).shape == (96, 128, 3)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
 def test_tiff_samples_of_fewer_than_8_bits_agree_with_pillow(scratch: Path, bits: int, photometric: str) -> None:

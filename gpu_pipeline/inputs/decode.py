@@ -82,7 +82,8 @@ image or over one tile where a tile is larger (thousands of bands, or one huge t
 file). The codecs of JPEG-, PNG-, WebP- and JPEG 2000-compressed TIFFs size their output from each
 strip's or tile's own header, not from the TIFF's tags: every such header is read first, and the
 file is refused when one declares more rows or columns than its strip or tile (as libtiff refuses
-such a JPEG strip), or more than 4 components beyond its samples. JPEG XL, JPEG XR and LERC, whose
+such a JPEG strip), or more than 4 components beyond its samples; a JPEG strip or tile must also
+end with its end-of-image marker (one cut short or zero-filled would be filled in with made-up pixels). JPEG XL, JPEG XR and LERC, whose
 headers are not read here, are decoded unchecked: LERC is common in elevation GeoTIFFs, and refusing
 every such file would cost more users than the bomb it could carry.
 """
@@ -806,6 +807,19 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
                                         "be checked (or is animated)")
         if declared is not None:
             _check_segment(page, codec, f"{kind} {index + 1}", declared)
+        if page.compression == 7 and not _ends_with_its_eoi(fh, offset, count):
+            raise DecodeError("decode", f"truncated TIFF file: {kind} {index + 1}'s JPEG data does not end with "
+                                        "its end-of-image marker (cut short, or zero-filled: a download still "
+                                        "being written?)")
+
+
+def _ends_with_its_eoi(fh: tifffile.FileHandle, offset: int, count: int) -> bool:
+    """Whether a JPEG strip or tile (a whole JPEG stream, TIFF compression 7) ends with its
+    end-of-image marker, zeros after it allowed. libjpeg fills in a stream cut short, or one whose
+    end was zero-filled, with made-up pixels and no error, as it does for a JPEG file (``_read_jpeg``)."""
+    end = min(offset + count, fh.size)
+    fh.seek(max(offset, end - _SEGMENT_HEAD_BYTES))
+    return fh.read(end - fh.tell()).rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 def _check_segment(page: tifffile.TiffPage, codec: str, where: str, declared: tuple[int, int, int]) -> None:
