@@ -8,6 +8,7 @@ Dask's retry limit at 0 has its own.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -586,6 +587,57 @@ def test_a_backend_the_workers_lack_exits_2_naming_the_worker_and_the_reason(clu
     assert any(f"worker {address}" in result.stderr for address in cluster.nthreads())
     assert "0 of 200 images" in result.stderr and "Traceback" not in result.output
     assert read_records(out) == []
+
+
+def fill_the_disk() -> None:
+    """On a worker: every edge map meets a full disk (the saver, which the client sends, is pickled
+    with its module's names: the disk is filled one module lower, where the map's bytes are written)."""
+    from gpu_pipeline.outputs import files
+
+    def no_space(descriptor, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    files.real_write_all, files.write_all = files.write_all, no_space
+
+
+def empty_the_disk() -> None:
+    from gpu_pipeline.outputs import files
+
+    files.write_all = getattr(files, "real_write_all", files.write_all)
+
+
+def test_a_full_disk_under_save_edges_on_the_workers_exits_3_as_a_local_run_does(cluster, tiles, tmp_path):
+    """It said "fix the workers" and exited 2 (a refusal, nothing written) where a local run exits 3."""
+    out = tmp_path / "dask.jsonl"
+    cluster.run(fill_the_disk)
+    try:
+        result = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address,
+                     "--save-edges", str(tmp_path / "edges"))
+    finally:
+        cluster.run(empty_the_disk)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "cannot write the edge map" in result.stderr and os.strerror(errno.ENOSPC) in result.stderr
+    assert any(f"worker {address}" in result.stderr for address in cluster.nthreads())
+    assert "the records written before are kept" in result.stderr
+    resumed = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address,
+                  "--save-edges", str(tmp_path / "edges"))
+    assert resumed.exit_code == 0, resumed.output
+    assert len(by_path(read_records(out))) == 200 and len(list((tmp_path / "edges").iterdir())) == 200
+
+
+def test_a_relative_edge_folder_is_the_clients_not_each_workers(tmp_path, monkeypatch):
+    """The maps of a --dask run with --save-edges edges went to each worker's own working folder."""
+    from gpu_pipeline.engine.job import edge_saver
+
+    (tmp_path / "client").mkdir()
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "client")
+    save = edge_saver(Path("edges"), str(tmp_path))
+    monkeypatch.chdir(tmp_path / "worker")  # where the saver runs: a worker started elsewhere
+    save(str(tmp_path / "a.png"), np.zeros((2, 2), np.uint8))
+    assert os.listdir(tmp_path / "client" / "edges") == ["a.png.edges.png"]
+    assert os.listdir(tmp_path / "worker") == []
 
 
 def test_without_the_dask_extra_exits_2_with_the_install_hint(tiles, tmp_path, monkeypatch):

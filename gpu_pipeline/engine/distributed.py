@@ -42,7 +42,7 @@ from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
-from gpu_pipeline.outputs.sink import RecordList  # the worker returns its records instead of writing them
+from gpu_pipeline.outputs.sink import RecordList, SinkWriteError  # (the worker returns its records, unwritten)
 
 INSTALL_HINT = "--dask needs Dask distributed: pip install 'gpu-pipeline[dask]'"
 #: How long to wait for the scheduler to answer and for a first worker to join it (``--dask-timeout``).
@@ -172,6 +172,8 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
         records = RecordList()
         try:
             summary = engine.run([Path(path) for path in paths], records)
+        except SinkWriteError as exc:  # (--save-edges on a full disk: the client exits 3, as a local run)
+            raise SinkWriteError(exc.errno, f"worker {_this_worker()}: {exc.strerror}") from None
         except Exception as exc:  # the engine turns per-image trouble into records; this is not that
             raise ChunkFailed(f"worker {_this_worker()}: {one_line(exc)}") from exc
     return ChunkResult(list(records), summary.seconds)
@@ -582,7 +584,7 @@ class DaskEngine(Engine):
         summary = RunSummary()
         start = time.perf_counter()
         chunks = _Chunks(cluster.client, job, paths)
-        failure: str | None = None
+        failure: str | SinkWriteError | None = None
         workers_seen = time.monotonic()
         try:
             while failure is None and not stop.is_set():
@@ -604,6 +606,8 @@ class DaskEngine(Engine):
             chunks.cancel()
         summary.seconds = time.perf_counter() - start
         summary.interrupted = not chunks.all_submitted or bool(chunks.in_flight)
+        if isinstance(failure, SinkWriteError) and not stop.is_set():
+            raise failure  # (a full disk: exit 3, the records written before kept)
         if failure is not None and not stop.is_set():  # after a signal, its exit status wins
             raise UsageError(f"{failure}; stopped after {summary.total} of {len(paths)} images "
                              f"({summary.ok} ok, {summary.failed} failed) were recorded; "
@@ -612,8 +616,9 @@ class DaskEngine(Engine):
 
     @staticmethod
     def _write_chunks(ready, chunks: _Chunks, sink, summary: RunSummary,
-               progress: Callable[[int], None] | None) -> str | None:
-        """Write the records of the completed chunks; returns why the first failed one failed, if any.
+               progress: Callable[[int], None] | None) -> str | SinkWriteError | None:
+        """Write the records of the completed chunks; returns why the first failed one failed, if any
+        (its SinkWriteError where a worker could not write an edge map: a full disk).
 
         A chunk whose workers kept dying is run again in halves, down to the one image that kills
         them, which gets an error record: one poisonous file does not stop the night's run.
@@ -649,11 +654,13 @@ def _killer_record(path: str, outcome) -> dict:
                      "backend, or out of memory)"}
 
 
-def _failure_message(outcome, paths: Sequence[str]) -> str:
+def _failure_message(outcome, paths: Sequence[str]) -> str | SinkWriteError:
     """Why a chunk failed, naming the worker. ``outcome``: a CancelledError, or (type, error, traceback)."""
     if isinstance(outcome, BaseException):
         return f"a chunk of {len(paths)} images was cancelled (the scheduler was lost or restarted)"
     _, exc, _ = outcome
+    if isinstance(exc, SinkWriteError):
+        return exc
     if isinstance(exc, ChunkFailed):
         return str(exc)
     return f"a chunk of {len(paths)} images failed on the cluster: {one_line(exc)}"

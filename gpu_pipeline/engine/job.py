@@ -86,6 +86,7 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     would fail alike, so the run stops as for its records (exit 3, resumable). A map is encoded by
     :func:`gray_png` (Pillow's writer held the GIL about 100 us a map), and each folder is made once."""
     prefix = root if root.endswith("/") else root + "/"
+    folder = Path(os.path.abspath(folder))  # (--dask: a relative one went to each worker's own folder)
     # folders made (or found) lately: a mkdir per map cost a system call. Bounded: a folder per image
     # (a product per folder, a tile pyramid) kept ~0.5 KB a folder for the whole run
     made: set[Path] = set()
