@@ -71,6 +71,16 @@ class PipelineConfig:
             # NumPy's type, uint8 42 became 1764 % 256 = 228, float16 300 became inf (every edge strong)
             object.__setattr__(self, name, number)
 
+    def computes_as(self, other: PipelineConfig) -> bool:
+        """Whether ``other`` gives the same results: the same settings, with the thresholds compared as
+        cv2.Canny uses them (swapped when low > high; a model fitted with --low 200 --high 100 was
+        refused for a run with --low 100 --high 200)."""
+        def used(config: PipelineConfig) -> tuple:
+            low, high = sorted((config.low_threshold, config.high_threshold))
+            return low, high, config.l2_gradient, config.blur_ksize
+
+        return used(self) == used(other)
+
 
 @dataclass(frozen=True)
 class DecodeOptions:

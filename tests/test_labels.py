@@ -448,6 +448,12 @@ def test_label_function_checks_the_pipeline_settings(tmp_path):
         label_function("eurosat", PipelineConfig(low_threshold=30, l2_gradient=True))
     with pytest.raises(ModelError, match=r"this run uses --low 99.99999999 --high 200 --no-l2"):  # not "100"
         label_function("eurosat", PipelineConfig(low_threshold=99.99999999))
+    # thresholds swapped are the same Canny (cv2.Canny swaps them): the same edges, the same labels
+    swapped = label_function("eurosat", PipelineConfig(low_threshold=200, high_threshold=100))
+    assert swapped([image], result.histogram[None], np.array([result.edge_count])) == \
+        labels([image], result.histogram[None], np.array([result.edge_count]))
+    with pytest.raises(ModelError):  # but not any pair
+        label_function("eurosat", PipelineConfig(low_threshold=200, high_threshold=101))
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class LabelModel:
         """Raise ModelError unless ``config`` is the pipeline the model was fitted with; ``named`` says
         settings as the caller spells them (default :func:`settings_text`, the command line's options)."""
         named = named or settings_text
-        if config != self.config:
+        if not config.computes_as(self.config):
             raise ModelError(
                 f"the model was fitted with {named(self.config)} but {used} {named(config)}; "
                 "edge features depend on them: use the model's settings or fit a model with yours")
