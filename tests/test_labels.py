@@ -697,6 +697,23 @@ def test_class_names_must_be_utf8(tmp_path, bundled_data_dir):
         assert not (tmp_path / f"r.{suffix}").exists()
 
 
+def test_the_confusion_table_names_the_classes_that_are_columns_only():
+    """evaluate on a tree of some of the model's classes numbered a column for every class but named
+    only those with images (rows): the other columns' numbers were named nowhere."""
+    from rich.console import Console
+
+    from gpu_pipeline.labels.confusion import confusion_table
+
+    matrix = np.array([[0, 0, 0], [1, 5, 0], [0, 0, 0]])  # River's images only, one taken for Forest
+    console = Console(record=True, width=200)
+    console.print(confusion_table(("Forest", "River", "[b]Sea"), matrix))
+    text = " ".join(console.export_text().split())  # (the caption wraps to the table's width)
+    assert "2 River" in text and "classes without images here (columns only): 1 Forest, 3 [b]Sea" in text
+    console = Console(record=True, width=200)
+    console.print(confusion_table(("Forest", "River"), np.eye(2, dtype=np.int64)))
+    assert "columns only" not in console.export_text()
+
+
 def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_dir):
     """A class folder ``[red]markup[`` printed as ``markup[`` (read as rich markup), and one holding a
     newline split its row: fit's and evaluate's tables and run's "labels:" line print names as they are."""

@@ -60,6 +60,9 @@ def confusion_table(classes: tuple[str, ...], matrix: np.ndarray) -> Table:
             cells = [f"[bold green]{v}[/]" if j == k else (str(v) if v else "[dim]0[/]")
                      for j, v in enumerate(matrix[k])]
             table.add_row(f"{k + 1} {shown(name)}", *cells)
+    unnamed = [f"{k + 1} {shown(name)}" for k, name in enumerate(classes) if not matrix[k].sum()]
+    if unnamed:  # (their columns were numbers named nowhere: a tree of some of the model's classes)
+        table.caption = "classes without images here (columns only): " + ", ".join(unnamed)
     return table
 
 
