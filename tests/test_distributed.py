@@ -657,6 +657,8 @@ def test_without_the_dask_extra_exits_2_with_the_install_hint(tiles, tmp_path, m
     ("nonsense://x", "--dask takes local:N or a scheduler address such as tcp://host:8786, got 'nonsense://x'"),
     ("justahost", "--dask takes local:N or a scheduler address such as tcp://host:8786, got 'justahost'"),
     ("tcp://127.0.0.1", "--dask takes local:N or a scheduler address such as tcp://host:8786"),
+    ("tcp://127.0.0.1:99999", "ports are 1 to 65535"),  # (it waited the whole --dask-timeout)
+    ("127.0.0.1:0", "ports are 1 to 65535"),
 ])
 def test_a_bad_cluster_address_exits_2(tiles, tmp_path, monkeypatch, spec, message):
     monkeypatch.setattr(dask_run, "CONNECT_TIMEOUT_S", 1.0)

@@ -304,8 +304,8 @@ def _scheduler_address(spec: str) -> str:
     try:
         scheme, _ = parse_address(address, strict=True)
         get_backend(scheme)
-        if scheme in ("tcp", "tls"):
-            get_address_host_port(address)
+        if scheme in ("tcp", "tls") and not 0 < get_address_host_port(address)[1] < 65536:
+            raise ValueError("ports are 1 to 65535")  # (it waited the whole --dask-timeout for port 99999)
     except ValueError as exc:
         raise UsageError(f"--dask takes local:N or a scheduler address such as tcp://host:8786, "
                          f"got {spec!r} ({exc})") from None
