@@ -165,7 +165,8 @@ def _checked_images(images) -> Sequence[np.ndarray]:
             raise ValueError(f"expected a stack (N, H, W) or (N, H, W, 3) or a list of images, got shape {images.shape}")
         check_image(np.empty(images.shape[1:], images.dtype) if images.shape[0] == 0 else images[0])  # all share it
         return ImageBatch.stacked(images)
-    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Iterable):
+    if isinstance(images, (str, bytes, os.PathLike)) or not (hasattr(images, "__iter__")
+                                                             or hasattr(images, "__getitem__")):
         # (None gave Python's own TypeError, and a path was taken for images, a character each)
         raise ValueError(f"expected a stack (N, H, W) or (N, H, W, 3) or a list of images, got {type(images).__name__}"
                          + (": gpu_pipeline.run reads files" if isinstance(images, (str, os.PathLike)) else ""))

@@ -204,6 +204,20 @@ def test_a_stack_of_images_goes_to_the_backend_as_it_lies_in_memory(monkeypatch)
     assert len(gpu_pipeline.process(stack[:0]).labels) == 0
 
 
+def test_images_may_come_as_any_sequence_python_can_list():
+    """A map-style dataset (only __len__ and __getitem__, as torch's) was refused as not iterable."""
+    class Dataset:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            if index >= 2:
+                raise IndexError(index)
+            return np.full((16, 16), 40 * index, np.uint8)
+
+    assert gpu_pipeline.process(Dataset(), backend="reference").histograms[:, [0, 40]].tolist() == [[256, 0], [0, 256]]
+
+
 def test_a_stack_of_the_wrong_kind_is_refused_as_an_image_would_be():
     with pytest.raises(ValueError, match="expected a uint8 array, got float32"):
         gpu_pipeline.process(np.zeros((2, 8, 8, 3), np.float32), backend="numba")

@@ -453,3 +453,33 @@ def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, count
     summary = Engine(ReferenceBackend(), batch_size=8, workers=1).run(paths, sink, stop=stop)
     assert summary.interrupted is interrupted
     assert [r["path"] for r in sink.records] == [str(p) for p in paths[:16]]
+
+
+def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkeypatch):
+    """Closed through its parts (their generator's end, then the pool itself) and by the engine's own
+    clean-up, the pool waited CLOSE_WAIT_S for a stuck decoder at each close: 30 s instead of 10."""
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream
+
+    paths = write_pngs(tmp_path, [(8, 8)] * 12)
+    release = threading.Event()
+    real = stream.decode_each
+
+    def stuck_on_the_last(chunk, options, into=None):
+        if any(path.endswith("img011.png") for path in map(str, chunk)):
+            release.wait(60)  # a read from a hung network mount
+        return real(chunk, options, into=into)
+
+    monkeypatch.setattr(stream, "decode_each", stuck_on_the_last)
+    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 1.0)
+    engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
+    batches = engine.record_batches(paths)
+    try:
+        assert next(batches).paths
+        started = time.monotonic()
+        batches.close()
+        assert time.monotonic() - started < 1.9  # one wait of 1 s (three before)
+    finally:
+        release.set()

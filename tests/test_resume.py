@@ -74,6 +74,13 @@ def test_a_path_spelled_with_a_leading_double_slash_resumes_and_saves_its_edge_m
     result = run("/" + folder, "--out", str(tmp_path / "p.jsonl"), "--save-edges", str(tmp_path / "edges"))
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "edges").iterdir())) == len(tiles)
+    # an output written before the fix holds the // names: resumed, not a second record of every file
+    old = tmp_path / "old.jsonl"
+    old.write_text(out.read_text().replace('"path":"/', '"path":"//'))
+    (tmp_path / "old.jsonl.settings.json").write_bytes((tmp_path / "o.jsonl.settings.json").read_bytes())
+    before = old.read_bytes()
+    result = run("/" + folder, "--out", str(old))
+    assert result.exit_code == 0 and old.read_bytes() == before, result.output
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])

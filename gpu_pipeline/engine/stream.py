@@ -600,8 +600,11 @@ class _DecodePool:
         """Stop taking paths. The fork server is stopped first, which ends the decode processes
         (``PR_SET_PDEATHSIG``) and so the waits of their threads, a stuck one's too: nothing they
         would hand over is wanted now. Decode threads finish the image they decode and end; one still
-        decoding after :data:`CLOSE_WAIT_S` (:data:`STOP_WAIT_S` at a stop) is left behind."""
+        decoding after :data:`CLOSE_WAIT_S` (:data:`STOP_WAIT_S` at a stop) is left behind. Closed
+        again (its parts, then itself), it returns at once: each close waited that long again."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._consumer.notify_all()
             for waiting, _, _ in self._waiting.values():

@@ -90,9 +90,13 @@ def portable_names(value):
 
 
 def record_key(record: dict) -> str:
-    """The input path a stored record is for, as discovery names it (``str`` of the ``Path``)."""
+    """The input path a stored record is for, as discovery names it (``str`` of the ``Path``). A
+    leading ``//``, which discovery kept before 2026-12-06 (``"$ROOT/$DIR"`` with ``ROOT=/``), is
+    ``/`` as discovery now names it: such an output resumes instead of getting a second record of
+    every file."""
     encoded = record.get("path_bytes")
-    return os.fsdecode(base64.b64decode(encoded)) if encoded else record["path"]
+    key = os.fsdecode(base64.b64decode(encoded)) if encoded else record["path"]
+    return key[1:] if key.startswith("//") and not key.startswith("///") else key
 
 
 @dataclass
