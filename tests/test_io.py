@@ -429,8 +429,18 @@ def test_a_png_or_webp_cut_short_and_zero_filled_is_refused_and_one_padded_after
         with pytest.raises(DecodeError, match="zero bytes where its image data should end"):
             decode_image(path, DEFAULT)
     (scratch / "whole").write_bytes(whole)
-    (scratch / "padded").write_bytes(whole + bytes(100))  # zeros after a complete image: fine
-    assert np.array_equal(decode_image(scratch / "padded", DEFAULT), decode_image(scratch / "whole", DEFAULT))
+    for padding in (100, 70_000):  # zeros after a complete image: fine (more than 64 KiB was refused)
+        (scratch / "padded").write_bytes(whole + bytes(padding))
+        assert np.array_equal(decode_image(scratch / "padded", DEFAULT), decode_image(scratch / "whole", DEFAULT))
+
+
+def test_a_webp_whose_exif_ends_in_zeros_is_no_cut_file(scratch: Path) -> None:
+    """Only its image data's end counts: EXIF padded with zeros, after the image, was refused."""
+    exif = Image.Exif()
+    exif[0x10F] = "Camera"
+    Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(scratch / "x.webp", "WEBP",
+                                                              exif=exif.tobytes() + bytes(200))
+    assert decode_image(scratch / "x.webp", DEFAULT).shape == (64, 64, 3)
 
 
 @pytest.mark.parametrize("layout", [{"rowsperstrip": 96}, {"rowsperstrip": 16}, {"tile": (64, 64)}])
@@ -458,6 +468,49 @@ def test_a_jpeg_tiff_whose_last_segment_is_cut_short_is_refused(scratch: Path, l
     with pytest.raises(DecodeError, match="JPEG data does not end with its end-of-image marker"):
         decode_image(scratch / "cut.tif", DEFAULT)
     assert decode_image(whole, DEFAULT).shape == (96, 128, 3)
+
+
+def test_an_ndpi_style_jpeg_tiff_cut_at_its_restart_markers_decodes(scratch: Path) -> None:
+    """NDPI's McuStarts cut one JPEG stream into segments at its restart markers: only the last ends
+    with the end-of-image marker (tifffile adds it), so every such file was refused as cut short."""
+    import struct
+
+    cv2 = pytest.importorskip("cv2")
+    picture = (np.add.outer(np.arange(64), np.arange(64)) * 2 % 256).astype(np.uint8)
+    stream = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_RST_INTERVAL, 8])[1].tobytes()
+    at = 2
+    while True:  # to the start of the scan's data
+        marker, length = struct.unpack(">HH", stream[at:at + 4])
+        if marker == 0xFFDA:
+            scan = at + 2 + length
+            break
+        at += 2 + length
+    starts = [scan] + [k + 2 for k in range(scan, len(stream) - 1) if stream[k] == 0xFF and 0xD0 <= stream[k + 1] <= 0xD7]
+    path = scratch / "slide.ndpi.tif"
+    tifffile.imwrite(path, data=iter([stream]), shape=(64, 64), dtype=np.uint8, compression=7,
+                     photometric="minisblack", rowsperstrip=64,
+                     extratags=[(65420, "I", 1, 1, True), (65426, "I", len(starts), starts, True),
+                                (271, "s", 0, "Hamamatsu", True)])
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].jpegheader and len(tif.pages[0].dataoffsets) > 1  # read as NDPI, in pieces
+    assert np.array_equal(decode_image(path, DEFAULT), cv2.imdecode(np.frombuffer(stream, np.uint8), 0))
+
+
+@pytest.mark.parametrize("dtype, nodata", [(np.int16, -9999), (np.float32, -9999.5), (np.uint16, 65000)])
+def test_min_is_white_keeps_its_gdal_nodata_pixels_out_of_the_stretch(scratch: Path, dtype, nodata) -> None:
+    """Inverted, the samples no longer matched the nodata value (-9999 became 9998): the nodata
+    block counted as data, dominated the stretch, and came out white."""
+    samples = (np.add.outer(np.arange(64), np.arange(64)) * 10).astype(dtype)
+    samples[:16, :16] = nodata
+    tag = [(42113, "s", 0, str(nodata), True)]
+    tifffile.imwrite(scratch / "white.tif", samples, photometric="miniswhite", extratags=tag)
+    white = decode_image(scratch / "white.tif", DEFAULT)
+    tifffile.imwrite(scratch / "black.tif", samples, photometric="minisblack", extratags=tag)
+    black = decode_image(scratch / "black.tif", DEFAULT)
+    assert (white[:16, :16] == 0).all()
+    valid = np.ones(white.shape, bool)
+    valid[:16, :16] = False
+    assert np.array_equal(white[valid].astype(int), 255 - black[valid].astype(int))  # the same stretch, mirrored
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

@@ -475,8 +475,8 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
 
 #: A PNG ends with its IEND chunk (length 0, type, CRC).
 _PNG_END = b"\0\0\0\0IEND\xaeB`\x82"
-#: A WebP that ends in this many zero bytes was cut short and zero-filled: its chunks are padded to
-#: an even size with one zero byte at most, and entropy-coded data does not end in a run of zeros.
+#: A WebP whose image data (its VP8 or VP8L chunk) ends in this many zero bytes was cut short and
+#: zero-filled: entropy-coded data does not end in a run of zeros.
 _WEBP_ZERO_TAIL = 64
 
 
@@ -485,17 +485,24 @@ def _zero_filled(fh: BinaryIO, kind: str) -> bool:
     preallocates its file). Pillow decodes the zeros as pixels (PNG: it does not check the image
     data's CRC, and stops at the zeros; WebP: libwebp fills in the rest), so such a file became a
     result record that no resume would redo. A PNG that ends in zeros must have its IEND chunk
-    before them, and a WebP's container must not end in :data:`_WEBP_ZERO_TAIL` zeros (either
-    padded with zeros after a complete image is fine)."""
+    right before them (a complete one padded with zeros is fine), and a WebP's image data must not
+    end in :data:`_WEBP_ZERO_TAIL` zeros (its other chunks, EXIF padded with zeros, may)."""
+    fh.seek(-1, io.SEEK_END)
+    if fh.read(1) != b"\0":  # (nearly every file: read no further)
+        return False
+    fh.seek(0)
+    data = fh.read()
     if kind == "PNG":
-        fh.seek(0, io.SEEK_END)
-        fh.seek(max(0, fh.tell() - 65536))
-        tail = fh.read()
-        return tail.endswith(b"\0") and _PNG_END not in tail
-    fh.seek(4)  # the RIFF container's size: bytes after it (a complete file padded) do not count
-    end = 8 + int.from_bytes(fh.read(4), "little")
-    fh.seek(max(0, end - _WEBP_ZERO_TAIL))
-    return fh.read(min(end, _WEBP_ZERO_TAIL)) == bytes(min(end, _WEBP_ZERO_TAIL))
+        return not data.rstrip(b"\0").endswith(_PNG_END)
+    position, end = 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    while position + 8 <= end:  # the RIFF chunks: (type, size, data padded to an even size)
+        chunk, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        if chunk in (b"VP8 ", b"VP8L"):
+            image_end = min(end, position + 8 + size)
+            tail = data[max(position + 8, image_end - _WEBP_ZERO_TAIL):image_end]
+            return bool(tail) and not tail.strip(b"\0")
+        position += 8 + size + (size & 1)
+    return False
 
 
 def _png_bit_depth(fh: BinaryIO) -> int | None:
@@ -635,16 +642,17 @@ def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None,
         separate, _, height, width, contiguous = page.shaped
         data = data.reshape(separate, height, width, contiguous)
         bands = np.moveaxis(data[..., 0], 0, -1) if separate > 1 else data[0]
-        bits = page.bitspersample
+        bits, nodata = page.bitspersample, _gdal_nodata(page)
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
             return (page.colormap[:, bands[..., 0]] >> 8).astype(np.uint8).transpose(1, 2, 0), None, 8
         if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             bands = _inverted(_native_order(bands), bits)
+            nodata = _inverted_nodata(nodata, bands.dtype, bits)
         elif page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
             bands = _cmyk_to_rgb(bands)
         if bands.dtype == np.uint8 and bits < 8:
             bands, bits = _full_range(bands, bits), 8
-        return _native_order(bands), _gdal_nodata(page), bits
+        return _native_order(bands), nodata, bits
 
 
 def _inverted(bands: np.ndarray, bits: int) -> np.ndarray:
@@ -658,6 +666,16 @@ def _inverted(bands: np.ndarray, bits: int) -> np.ndarray:
         top = bands.dtype.type((1 << bits) - 1) if bits < bands.dtype.itemsize * 8 else np.iinfo(bands.dtype).max
         return top - np.minimum(bands, top)
     return bands.dtype.type(1) - bands
+
+
+def _inverted_nodata(nodata: float | None, dtype: np.dtype, bits: int) -> float | None:
+    """The GDAL nodata value of min-is-white samples, inverted as :func:`_inverted` inverts them (in
+    their own type), so that it still marks the same pixels: left as it was, -9999 matched none of
+    the inverted samples (9998), and the nodata block dominated the stretch as data."""
+    sample = _as_sample(dtype, nodata)
+    if sample is None or dtype.kind == "b":
+        return nodata
+    return float(_inverted(np.array([sample], dtype), bits)[0])
 
 
 def _full_range(bands: np.ndarray, bits: int) -> np.ndarray:
@@ -807,7 +825,8 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
                                         "be checked (or is animated)")
         if declared is not None:
             _check_segment(page, codec, f"{kind} {index + 1}", declared)
-        if page.compression == 7 and not _ends_with_its_eoi(fh, offset, count):
+        if page.compression == 7 and not page.jpegheader and not _ends_with_its_eoi(fh, offset, count):
+            # (NDPI's segments are pieces of one JPEG stream, cut at its restart markers)
             raise DecodeError("decode", f"truncated TIFF file: {kind} {index + 1}'s JPEG data does not end with "
                                         "its end-of-image marker (cut short, or zero-filled: a download still "
                                         "being written?)")
