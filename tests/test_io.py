@@ -547,6 +547,12 @@ def test_min_is_white_signed_and_float_samples_are_inverted(scratch: Path, dtype
             assert np.array_equal(got, decode_image(black, DecodeOptions(stretch=stretch)))
 
 
+def test_bitdepth_of_signed_samples_of_fewer_than_8_bits_is_that_of_int8() -> None:
+    from gpu_pipeline.inputs.decode import _fixed_depth
+
+    assert _fixed_depth(np.array([-8, 0, 3, 7, 127], np.int8), 4).tolist() == [0, 0, 6, 14, 254]  # (it raised)
+
+
 def test_bitdepth_of_a_12_bit_tiff_is_its_bits_not_its_containers(scratch: Path) -> None:
     """12-bit samples come as uint16: the stretch took their high byte (0..15), not x >> 4."""
     path = scratch / "twelve.tif"

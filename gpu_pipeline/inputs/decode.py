@@ -1058,7 +1058,7 @@ def _fixed_depth(band: np.ndarray, bits: int | None = None) -> np.ndarray:
     if band.dtype.kind == "f":
         scaled = np.clip(band.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5
         return np.floor(scaled, out=scaled).astype(np.uint8)
-    bits = min(bits or 64, band.dtype.itemsize * 8)
+    bits = max(8, min(bits or 64, band.dtype.itemsize * 8))  # (a signed sample of fewer than 8 bits: as int8)
     if band.dtype.kind == "u":
         return np.minimum(band >> (bits - 8), 255).astype(np.uint8)
     return np.minimum((np.maximum(band, 0).astype(np.int64) * 2) >> (bits - 8), 255).astype(np.uint8)
