@@ -284,21 +284,27 @@ def remove_killed_runs_temporaries(out: str, edge_folder: Path | None) -> None:
             remove_stale_temporaries(folder, lambda target, pid: target.endswith(".edges.png"), names)
 
 
+#: What :func:`_settings_bytes` gives for a settings record it could not read: left as it is.
+_UNREAD = b"(unread)"
+
+
 def _settings_bytes(out: str) -> bytes | None:
     """The settings record a run is about to replace, as it is (None: none, or ``--out -``)."""
     if out == "-":
         return None
     try:
         return settings_path(out).read_bytes()
-    except OSError:  # (none; a name too long: a refusal to come)
+    except FileNotFoundError:
         return None
+    except OSError:  # (a name too long: a refusal to come; or unreadable: not to be removed)
+        return _UNREAD
 
 
 def _put_back_settings(out: str, earlier: bytes | None) -> None:
     """The settings record as it was before this run, whose start was refused or interrupted before
     the output was reset: an ``--overwrite`` with other settings left its new record beside the old
     results, and the next resume with the new settings added to them."""
-    if out == "-":
+    if out == "-" or earlier is _UNREAD:
         return
     path = settings_path(out)
     with contextlib.suppress(OSError):  # (a name too long: there is none)

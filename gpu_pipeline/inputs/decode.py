@@ -44,8 +44,9 @@ selected band on its own (as QGIS's default cumulative-cut stretch does), by
   ``percentile(..., 98, method="higher")``: exact sample values, never interpolated);
 * ``minmax``: ``lo = v[0]``, ``hi = v[n - 1]``;
 * ``bitdepth``: no statistics; unsigned ``b``-bit integers give ``x >> (b - 8)`` (``b``: a TIFF's
-  bits per sample, else the type's: uint16 gives the high byte, a 12-bit TIFF ``x >> 4``), signed ``b``-bit integers give ``(2 * max(x, 0)) >> (b - 8)`` (int16: ``x >> 7``, negatives
-  0), floats are taken as [0, 1] and give ``floor(clip(x, 0, 1) * 255 + 0.5)``.
+  bits per sample, else the type's: uint16 gives the high byte, a 12-bit TIFF ``x >> 4``), signed
+  ``b``-bit integers give ``(2 * max(x, 0)) >> (b - 8)`` (int16: ``x >> 7``, negatives 0), floats
+  are taken as [0, 1] and give ``floor(clip(x, 0, 1) * 255 + 0.5)``.
 
 For ``percentile`` and ``minmax`` integer samples map with exact int64 arithmetic::
 
@@ -83,8 +84,8 @@ file). The codecs of JPEG-, PNG-, WebP- and JPEG 2000-compressed TIFFs size thei
 strip's or tile's own header, not from the TIFF's tags: every such header is read first, and the
 file is refused when one declares more rows or columns than its strip or tile (as libtiff refuses
 such a JPEG strip), or more than 4 components beyond its samples; a JPEG strip or tile must also
-end with its end-of-image marker (one cut short or zero-filled would be filled in with made-up pixels). JPEG XL, JPEG XR and LERC, whose
-headers are not read here, are decoded unchecked: LERC is common in elevation GeoTIFFs, and refusing
+end with its end-of-image marker (one cut short or zero-filled would be filled in with made-up
+pixels). JPEG XL, JPEG XR and LERC, whose headers are not read here, are decoded unchecked: LERC is common in elevation GeoTIFFs, and refusing
 every such file would cost more users than the bomb it could carry.
 """
 
