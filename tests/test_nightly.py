@@ -1353,9 +1353,12 @@ def test_parquet_retry_failed_drops_error_rows_and_redoes_them(tmp_path):
     assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
     make_images(folder, 6)
     assert run(str(folder), "--out", str(out)).exit_code == 1
+    for part in out.iterdir():  # a dataset its owner made private: the rewritten part stays so
+        part.chmod(0o600)
     assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
     records = by_path(read_records(out))
     assert len(records) == 6 and all("error" not in r for r in records.values())
+    assert [oct(part.stat().st_mode & 0o777) for part in sorted(out.iterdir())][:3] == ["0o600"] * 3
 
 
 def test_an_old_single_file_parquet_output_is_refused(tiles, tmp_path):

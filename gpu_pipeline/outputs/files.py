@@ -125,7 +125,7 @@ def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
     try:
         try:
             if replaced is not None:
-                _keep_mode(replaced, temporary)
+                keep_mode(replaced, temporary)
             if isinstance(write, bytes):  # os.write: a file object costs 3 more system calls
                 write_all(created, write)
         finally:
@@ -172,7 +172,7 @@ def _regular_file_status(path: Path) -> os.stat_result | None:
     return info if stat.S_ISREG(info.st_mode) else None
 
 
-def _keep_mode(replaced: os.stat_result, temporary: Path) -> None:
+def keep_mode(replaced: os.stat_result, temporary: Path) -> None:
     """The replaced file's permissions (and group, where this user may set it) on its replacement:
     a report its owner made private stayed private, a group-writable one group-writable."""
     os.chmod(temporary, stat.S_IMODE(replaced.st_mode))

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from gpu_pipeline.outputs.files import keep_mode
 from gpu_pipeline.outputs.records import CSV_COLUMNS as COLUMNS, table_columns
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
 
@@ -121,8 +122,10 @@ class ParquetSink(Sink):
             self._next += 1
 
 
-def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str) -> None:
-    """One part file, complete or absent: written to a hidden name, synced, renamed into place."""
+def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str,
+               replaced: os.stat_result | None = None) -> None:
+    """One part file, complete or absent: written to a hidden name, synced, renamed into place; with
+    the permissions and group of the part it replaces (``replaced``, its status), where it does one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -133,6 +136,8 @@ def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: st
             pq.write_table(pa.table(columns, schema=schema), stream)
             stream.flush()
             os.fsync(stream.fileno())
+        if replaced is not None:
+            keep_mode(replaced, temporary)
         os.replace(temporary, folder / name)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
@@ -154,4 +159,5 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
         if kept.num_rows == 0:
             part.unlink()
         else:
-            write_part(folder, part.name, kept.to_pylist(), parquet_schema(), out)
+            # (a part --retry-failed rewrote took the umask's permissions, not the part's own)
+            write_part(folder, part.name, kept.to_pylist(), parquet_schema(), out, replaced=os.stat(part))
