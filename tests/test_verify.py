@@ -184,6 +184,13 @@ def test_names_that_are_not_utf8_are_written_to_the_report_as_run_writes_them(tm
     (error,) = report["decode_errors"]
     assert error["image"] == f"{image_dir}/broken\\xfe.png" and base64.b64decode(error["image_bytes"]) == broken
     assert all("image_bytes" not in d for d in report["differences"] if "odd" not in d["image"])
+    folder = os.fsencode(image_dir) + b"/sub\xfd"  # a path given that is not UTF-8: in inputs.paths
+    os.mkdir(folder)
+    (image_dir / "c_rgb.jpg").rename(os.fsdecode(folder + b"/c_rgb.jpg"))
+    invoke(os.fsdecode(folder), image_dir / "d_gray.png", "--backends", "numba", "--report", tmp_path / "r.json")
+    inputs = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["inputs"]
+    assert inputs["paths"] == [f"{image_dir}/sub\\xfd", str(image_dir / "d_gray.png")]
+    assert [base64.b64decode(b) if b else None for b in inputs["paths_bytes"]] == [folder, None]
 
 
 # --- everything identical ---------------------------------------------------------------------

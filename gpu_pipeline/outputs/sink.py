@@ -72,7 +72,8 @@ def as_written(records: Iterable[dict]) -> Iterable[dict]:
 def portable_names(value):
     """A JSON value (a report) with every name that is not UTF-8 shown as ``\\xNN``
     (:func:`bytes_shown`), as in the records, and an ``image``, ``folder`` or ``path`` that is not
-    given its exact bytes in base64 beside it (``image_bytes``, ``folder_bytes``, ``path_bytes``).
+    given its exact bytes in base64 beside it (``image_bytes``, ``folder_bytes``, ``path_bytes``;
+    for a list of names, ``KEY_bytes``: the bytes of each such name, ``null`` for the others).
     Written as they were, such names were lone surrogate escapes (``"\\udcff"``), which strict JSON
     readers (Rust's serde_json) refuse."""
     if isinstance(value, str):
@@ -85,8 +86,16 @@ def portable_names(value):
     for key in ("image", "folder", "path"):
         name = value.get(key)
         if isinstance(name, str) and not is_utf8(name):
-            portable[f"{key}_bytes"] = base64.b64encode(os.fsencode(name)).decode("ascii")
+            portable[f"{key}_bytes"] = _base64(name)
+    for key, names in value.items():  # a list of names (a report's inputs): the bytes beside it too
+        if isinstance(names, list) and any(isinstance(name, str) and not is_utf8(name) for name in names):
+            portable[f"{key}_bytes"] = [_base64(name) if isinstance(name, str) and not is_utf8(name) else None
+                                        for name in names]
     return portable
+
+
+def _base64(name: str) -> str:
+    return base64.b64encode(os.fsencode(name)).decode("ascii")
 
 
 def record_key(record: dict) -> str:
