@@ -277,6 +277,19 @@ def test_resume_with_other_settings_is_refused(tiles, tmp_path):
     assert "other settings" in result.stderr and "pipeline" in result.stderr
 
 
+def test_a_resume_with_the_thresholds_swapped_resumes(tiles, tmp_path):
+    """--low 200 --high 100 is cv2.Canny's --low 100 --high 200 (it swaps them): the same records,
+    where the resume was refused as other settings."""
+    folder, out = str(tiles[0].parent), tmp_path / "out.jsonl"
+    assert run(str(tiles[0]), "--out", str(out), "--low", "150", "--high", "60").exit_code == 0
+    result = run(folder, "--out", str(out), "--low", "60", "--high", "150")
+    assert result.exit_code == 0, result.output
+    fresh = tmp_path / "fresh.jsonl"
+    assert run(folder, "--out", str(fresh), "--low", "60", "--high", "150").exit_code == 0
+    assert by_path(read_records(out)) == by_path(read_records(fresh))
+    assert "other settings" in run(folder, "--out", str(out), "--low", "61", "--high", "150").stderr
+
+
 @pytest.mark.parametrize("option, value", [("--bands", "3,2,1"), ("--stretch", "minmax"),
                                            ("--max-pixels", "100000")])
 def test_resume_with_other_decode_settings_is_refused(tiles, tmp_path, option, value):

@@ -227,12 +227,25 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
                          f"output, or its settings were removed, and resuming could mix settings; {replace}, "
                          "or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    if earlier == settings:
+    if _as_canny_uses(earlier) == _as_canny_uses(settings):
         return
     # in this format: inspect checked that before the output was read back
-    changed = [key for key in settings if earlier.get(key) != settings[key]]
+    changed = [key for key in settings if _as_canny_uses(earlier).get(key) != _as_canny_uses(settings)[key]]
     raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
+
+
+def _as_canny_uses(settings: dict) -> dict:
+    """``settings`` with the thresholds in the order cv2.Canny uses them (swapped when low > high):
+    ``--low 200 --high 100`` gives the same records as ``--low 100 --high 200``, and a resume with the
+    other spelling was refused as other settings."""
+    pipeline = settings.get("pipeline")
+    if not isinstance(pipeline, dict):
+        return settings
+    low, high = pipeline.get("low_threshold"), pipeline.get("high_threshold")
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (low, high)) or low <= high:
+        return settings
+    return {**settings, "pipeline": {**pipeline, "low_threshold": high, "high_threshold": low}}
 
 
 #: The keys of a settings record ("format" is missing from those of early versions).
