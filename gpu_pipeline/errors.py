@@ -51,6 +51,13 @@ def bytes_shown(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def single_root(name: str) -> str:
+    """``name`` with a leading ``//`` (``"$ROOT/$DIR"`` with ``ROOT=/``) as ``/``: POSIX leaves two
+    leading slashes to the system, and Linux reads them as one. Discovery names files so, and a
+    resume reads the names of earlier records so (they kept the ``//`` before 2026-12-06)."""
+    return name[1:] if name.startswith("//") and not name.startswith("///") else name
+
+
 def shown(name: str) -> str:
     """A name as a rich console prints it: on one line (:func:`printable`), never read as markup
     (an ``--out`` named ``[b]r.jsonl`` was printed ``r.jsonl``)."""

@@ -54,20 +54,17 @@ class FailsOnTwoThreads(ReferenceBackend):
     """Works on one thread, breaks on two: the scaling table must say so, not crash."""
 
     name = "fails-on-two"
+    failing_threads, failure = 2, "kernel launch failed"
 
     def process(self, images, config, keep_images=False):
-        if self.threads == 2:
-            raise RuntimeError("kernel launch failed")
+        if self.threads == self.failing_threads:
+            raise RuntimeError(self.failure)
         return super().process(images, config, keep_images)
 
 
-class FailsOnOneThread(ReferenceBackend):
+class FailsOnOneThread(FailsOnTwoThreads):
     name = "fails-on-one"
-
-    def process(self, images, config, keep_images=False):
-        if self.threads == 1:
-            raise RuntimeError("needs two threads")
-        return super().process(images, config, keep_images)
+    failing_threads, failure = 1, "needs two threads"
 
 
 @dataclass

@@ -844,6 +844,14 @@ def test_disk_full_ends_the_run_with_one_line_and_exit_3_and_stays_resumable(til
     assert len(by_path(read_records(out))) == 20 and every_line_is_a_record(out)
 
 
+def run_writing_with(monkeypatch, write, tiles: Path, out: Path, edges: Path):
+    """A run of ``tiles`` (batches of 4) saving edge maps into ``edges``, with ``write`` for ``os.write``."""
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", write)
+        return runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
+                                   "--batch-size", "4", "--save-edges", str(edges)])
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
 def test_a_full_disk_under_save_edges_ends_the_run_naming_the_map_and_stays_resumable(tiles, tmp_path,
                                                                                        monkeypatch, code):
@@ -862,10 +870,7 @@ def test_a_full_disk_under_save_edges_ends_the_run_naming_the_map_and_stays_resu
                 raise OSError(code, os.strerror(code))
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(os, "write", full_after_six_maps)
-    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
-                                 "--batch-size", "4", "--save-edges", str(edges)])
-    monkeypatch.setattr(os, "write", real_write)
+    result = run_writing_with(monkeypatch, full_after_six_maps, tiles, out, edges)
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
     assert re.fullmatch(rf"gpu-pipeline: error: cannot write the edge map {re.escape(str(edges))}/tile0\d\d"
@@ -890,10 +895,7 @@ def test_an_edge_map_that_cannot_be_written_for_its_own_reason_is_that_images_er
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real_write(descriptor, data)
 
-    monkeypatch.setattr(os, "write", one_map_fails)
-    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
-                                 "--batch-size", "4", "--save-edges", str(edges)])
-    monkeypatch.setattr(os, "write", real_write)
+    result = run_writing_with(monkeypatch, one_map_fails, tiles, out, edges)
     assert result.exit_code == 1, result.output
     failed = [record for record in read_records(out) if "error" in record]
     assert [(Path(r["path"]).name, r["stage"]) for r in failed] == [("tile007.png", "save-edges")]

@@ -22,7 +22,7 @@ from gpu_pipeline.cli.options import (L2, Bands, DecodeTimeout, ImagesPerCall, B
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError
-from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
+from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with, replace_with_report
 
 
 def verify(
@@ -163,13 +163,11 @@ def bench(
         fail_usage(str(exc))
     from gpu_pipeline.bench import plot_report, print_report
     from gpu_pipeline.diagnostics.info import collect_info
-    from gpu_pipeline.outputs.sink import portable_names
 
     refused = None
     try:  # the files first: a table that cannot be printed (| head, a full disk) must not lose them
         if json_path is not None:
-            text = json.dumps(portable_names(report.to_json(machine=collect_info())), indent=2) + "\n"
-            replace_with(json_path, "--json", lambda temporary: temporary.write_text(text), is_our_json)
+            replace_with_report(json_path, "--json", report.to_json(machine=collect_info()))
         if plot is not None:
             replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary), is_our_png)
     except UsageError as exc:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +34,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import (Decoded, decode_parts, decodes_in_processes, part_batches,
                                         processes_for_time_limit)
 from gpu_pipeline.errors import UsageError, one_line, shown
-from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with
-from gpu_pipeline.outputs.sink import portable_names
+from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with_report
 from gpu_pipeline.inputs.discover import discover, no_files_found
 
 GROUND_TRUTH = "reference"
@@ -509,8 +507,7 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
 def write_report(report: VerifyReport, report_path: Path) -> None:
     """The JSON report into ``report_path`` (checked by :func:`run_verify` before the first image);
     UsageError when it cannot be written (a full disk), for the caller to say after the table."""
-    text = json.dumps(portable_names(report.to_json()), indent=2) + "\n"
-    replace_with(report_path, "--report", lambda temporary: temporary.write_text(text), is_our_json)
+    replace_with_report(report_path, "--report", report.to_json())
 
 
 # --- printing -----------------------------------------------------------------------------------

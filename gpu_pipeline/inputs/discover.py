@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gpu_pipeline.errors import UsageError, printable
+from gpu_pipeline.errors import UsageError, printable, single_root
 
 _BY_NAME = operator.attrgetter("name")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -39,11 +39,8 @@ def absolute_name(given: Path) -> str:
     whichever folder the run starts from, so that a rerun from elsewhere resumes instead of writing a
     second record. Lexical (``os.path.abspath``), except where a ``..`` follows a symbolic link: there
     the lexical name is another file, and the resolved one (``os.path.realpath``) is kept. A leading
-    ``//`` (``"$ROOT/$DIR"`` with ``ROOT=/``), which POSIX leaves to the system and Linux reads as
-    ``/``, is ``/``: kept, it gave a second record of each file on resume."""
-    absolute = os.path.abspath(given)
-    if absolute.startswith("//"):  # (exactly two: abspath makes three or more one)
-        absolute = absolute[1:]
+    ``//`` is ``/`` (:func:`single_root`): kept, it gave a second record of each file on resume."""
+    absolute = single_root(os.path.abspath(given))
     if ".." in given.parts:
         try:
             same = os.path.samefile(absolute, given)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import stat
@@ -83,6 +84,15 @@ def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: 
         raise UsageError(f"{option} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: cannot write in {folder}")
+
+
+def replace_with_report(path: Path, option: str, report: dict) -> None:
+    """A JSON report (``verify --report``, ``bench --json``) into ``path`` by :func:`replace_with`,
+    its names that are not UTF-8 written as the records write them (:func:`portable_names`)."""
+    from gpu_pipeline.outputs.sink import portable_names
+
+    text = json.dumps(portable_names(report), indent=2) + "\n"
+    replace_with(path, option, lambda temporary: temporary.write_text(text), is_our_json)
 
 
 def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: Callable[[Path], bool]) -> None:

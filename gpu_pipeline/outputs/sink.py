@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from gpu_pipeline.errors import bytes_shown, is_utf8
+from gpu_pipeline.errors import bytes_shown, is_utf8, single_root
 from gpu_pipeline.outputs.records import RecordBatch
 
 
@@ -56,7 +56,7 @@ def portable(record: dict) -> dict:
     if error is not None:
         record["error"] = bytes_shown(error)
     if not is_utf8(path):
-        record.update(path=bytes_shown(path), path_bytes=base64.b64encode(os.fsencode(path)).decode("ascii"))
+        record.update(path=bytes_shown(path), path_bytes=name_bytes(path))
     return record
 
 
@@ -86,26 +86,25 @@ def portable_names(value):
     for key in ("image", "folder", "path"):
         name = value.get(key)
         if isinstance(name, str) and not is_utf8(name):
-            portable[f"{key}_bytes"] = _base64(name)
+            portable[f"{key}_bytes"] = name_bytes(name)
     for key, names in value.items():  # a list of names (a report's inputs): the bytes beside it too
         if isinstance(names, list) and any(isinstance(name, str) and not is_utf8(name) for name in names):
-            portable[f"{key}_bytes"] = [_base64(name) if isinstance(name, str) and not is_utf8(name) else None
+            portable[f"{key}_bytes"] = [name_bytes(name) if isinstance(name, str) and not is_utf8(name) else None
                                         for name in names]
     return portable
 
 
-def _base64(name: str) -> str:
+def name_bytes(name: str) -> str:
+    """A file name's exact bytes in base64 (``path_bytes`` and the reports' ``*_bytes``)."""
     return base64.b64encode(os.fsencode(name)).decode("ascii")
 
 
 def record_key(record: dict) -> str:
-    """The input path a stored record is for, as discovery names it (``str`` of the ``Path``). A
-    leading ``//``, which discovery kept before 2026-12-06 (``"$ROOT/$DIR"`` with ``ROOT=/``), is
-    ``/`` as discovery now names it: such an output resumes instead of getting a second record of
-    every file."""
+    """The input path a stored record is for, as discovery names it (``str`` of the ``Path``): a
+    leading ``//``, which discovery kept before 2026-12-06, read as ``/`` (:func:`single_root`), so
+    that such an output resumes instead of getting a second record of every file."""
     encoded = record.get("path_bytes")
-    key = os.fsdecode(base64.b64decode(encoded)) if encoded else record["path"]
-    return key[1:] if key.startswith("//") and not key.startswith("///") else key
+    return single_root(os.fsdecode(base64.b64decode(encoded)) if encoded else record["path"])
 
 
 @dataclass
