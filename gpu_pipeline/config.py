@@ -76,10 +76,14 @@ class PipelineConfig:
         cv2.Canny uses them (swapped when low > high; a model fitted with --low 200 --high 100 was
         refused for a run with --low 100 --high 200)."""
         def used(config: PipelineConfig) -> tuple:
-            low, high = sorted((config.low_threshold, config.high_threshold))
-            return low, high, config.l2_gradient, config.blur_ksize
+            return *canny_order(config.low_threshold, config.high_threshold), config.l2_gradient, config.blur_ksize
 
         return used(self) == used(other)
+
+
+def canny_order(low, high) -> tuple:
+    """The thresholds as cv2.Canny uses them: swapped when low > high."""
+    return (high, low) if low > high else (low, high)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 
 from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
-from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
@@ -243,9 +243,10 @@ def _as_canny_uses(settings: dict) -> dict:
     if not isinstance(pipeline, dict):
         return settings
     low, high = pipeline.get("low_threshold"), pipeline.get("high_threshold")
-    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (low, high)) or low <= high:
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (low, high)):
         return settings
-    return {**settings, "pipeline": {**pipeline, "low_threshold": high, "high_threshold": low}}
+    low, high = canny_order(low, high)
+    return {**settings, "pipeline": {**pipeline, "low_threshold": low, "high_threshold": high}}
 
 
 #: The keys of a settings record ("format" is missing from those of early versions).
