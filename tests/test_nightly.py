@@ -903,6 +903,37 @@ def test_an_edge_map_that_cannot_be_written_for_its_own_reason_is_that_images_er
     assert len(list(edges.iterdir())) == 19
 
 
+def test_files_cut_short_and_zero_filled_get_error_records_and_the_run_goes_on(tiles, tmp_path):
+    """The round's new refusals, end to end: a PNG, a WebP and a JPEG-compressed TIFF cut short and
+    zero-filled (a download still being written) are each a decode error record; the other images,
+    a 4-bit min-is-white TIFF among them, are results."""
+    import io
+
+    import tifffile
+
+    picture = np.random.default_rng(3).integers(0, 256, (48, 64, 3), np.uint8)
+
+    def zero_filled(data: bytes) -> bytes:
+        cut = len(data) // 2
+        return data[:cut] + bytes(len(data) - cut)
+
+    for kind, options in (("PNG", {}), ("WEBP", {"quality": 80})):
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, kind, **options)
+        (tiles / f"partial.{kind.lower()}").write_bytes(zero_filled(buffer.getvalue()))
+    tifffile.imwrite(tiles / "whole.tif", picture, compression="jpeg", photometric="rgb")
+    (tiles / "partial.tif").write_bytes(zero_filled((tiles / "whole.tif").read_bytes()))
+    tifffile.imwrite(tiles / "four.tif", (picture[:, :, 0] >> 4), bitspersample=4, photometric="miniswhite")
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 1
+    records = {Path(record["path"]).name: record for record in read_records(out)}
+    assert len(records) == 20 + 5
+    failed = {name: record for name, record in records.items() if "error" in record}
+    assert sorted(failed) == ["partial.png", "partial.tif", "partial.webp"]
+    assert all(record["stage"] == "decode" and "truncated" in record["error"] for record in failed.values())
+    assert records["whole.tif"]["width"] == 64 and records["four.tif"]["bands"] == 1
+
+
 def test_an_out_name_too_long_for_its_settings_record_is_refused_writing_nothing(tiles, tmp_path):
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / ("o" * 244 + ".jsonl")  # 250 bytes; OUT.settings.json.tmp would be 268
