@@ -464,20 +464,26 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
     from gpu_pipeline.engine import stream
 
     paths = write_pngs(tmp_path, [(8, 8)] * 12)
-    release = threading.Event()
+    stuck, release = threading.Event(), threading.Event()
     real = stream.decode_each
 
     def stuck_on_the_last(chunk, options, into=None):
         if any(path.endswith("img011.png") for path in map(str, chunk)):
+            stuck.set()
             release.wait(60)  # a read from a hung network mount
         return real(chunk, options, into=into)
 
     monkeypatch.setattr(stream, "decode_each", stuck_on_the_last)
     monkeypatch.setattr(stream, "CLOSE_WAIT_S", 1.0)
+    # a chunk an image: the stuck file's chunk holds no other (a thread that took img001 to img011
+    # as one chunk held the first batch's records until the stuck read ended: the close then
+    # waited for nothing, and the test passed without testing)
+    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)
     engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
     batches = engine.record_batches(paths)
     try:
         assert next(batches).paths
+        assert stuck.wait(10)
         started = time.monotonic()
         batches.close()
         assert time.monotonic() - started < 1.9  # one wait of 1 s (three before)
