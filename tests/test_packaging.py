@@ -176,3 +176,21 @@ def test_ci_runs_the_other_supported_pythons():
     assert named == ["3.11", *others]
     listed = re.findall(r"tests/test_\w+\.py", script)
     assert len(listed) >= 10 and all((REPO / name).is_file() for name in listed), listed
+
+
+def test_ci_tests_one_python_with_the_numpy_that_pip_install_dot_gives():
+    """The README: CI's 3.12 gets the cuda extra (numpy held below 2.5), 3.13 the test extra alone,
+    so numpy 2.5, what `pip install .` gives on 3.12 and later; CI's 3.11 never sees numpy 2.5."""
+    import re
+    import subprocess
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "3.12 (with the `cuda13` extra, so numpy 2.4) and 3.13 (with `test` alone, so numpy 2.5" in readme
+    extras = {}
+    for version in ("3.12", "3.13"):
+        run = subprocess.run(["bash", "-c", f'source <(sed -n "/^extras()/,/^}}/p" .ci/pythons); extras {version}'],
+                             cwd=REPO, capture_output=True, text=True, check=True)
+        extras[version] = run.stdout.strip()
+    assert extras == {"3.12": "test,cuda13", "3.13": "test"}
+    assert 'pip install -q --disable-pip-version-check -e ".[$(extras "$version")]"' in \
+        (REPO / ".ci" / "pythons").read_text()
