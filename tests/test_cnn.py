@@ -357,6 +357,23 @@ def test_run_with_the_cnn_labels_land_cover(tmp_path, bundled_data_dir):
     assert all(r["label"] in classes for r in records) and np.mean(right) >= 0.9
 
 
+def test_the_cnn_takes_any_pipeline_settings(tmp_path, bundled_data_dir):
+    """labels.md: the CNN does not depend on --low/--high/--l2/--blur (it sees the pixels): run and
+    verify with other settings are not refused, and the labels are the reference network's."""
+    folder = bundled_data_dir / "eurosat" / "Highway"
+    other = ["--low", "30", "--high", "60", "--l2", "--blur", "3"]
+    out = tmp_path / "r.jsonl"
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--model", "eurosat-cnn", "--quiet", *other])
+    assert result.exit_code == 0, result.output
+    records = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["path"])
+    model = load_model("eurosat-cnn")
+    tiles = [decode_image(Path(r["path"]), DecodeOptions()) for r in records]
+    expected = reference.predict(model.network, tiles)
+    assert [r["label"] for r in records] == [model.classes[k] for k in expected]
+    result = runner.invoke(app, ["verify", str(folder), "--backends", "numba", "--model", "eurosat-cnn", *other])
+    assert result.exit_code == 0 and "IDENTICAL" in result.output, result.output
+
+
 def test_verify_with_the_cnn_says_identical(tmp_path, bundled_data_dir):
     result = runner.invoke(app, ["verify", str(bundled_data_dir / "eurosat"), "--backends", "numba",
                                  "--model", "eurosat-cnn"])
