@@ -575,6 +575,29 @@ def test_a_model_that_cannot_be_written_still_prints_what_the_fit_measured(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]  # no model, no temporary
 
 
+def test_a_plot_that_cannot_be_written_still_prints_what_evaluate_measured(tmp_path, monkeypatch):
+    """labels.md: a plot that cannot be written at the end (a full disk) is exit 2, said after the
+    tables; no plot and no temporary is left."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.cli import labels as label_commands
+
+    def disk_full(path, classes, matrix, title):
+        Path(path).write_bytes(b"half a PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    model = tmp_path / "model.json"
+    assert invoke("fit", str(tree), "--out", str(model), "--backend", "reference", "--test-fraction", "0").exit_code == 0
+    monkeypatch.setattr(label_commands, "save_confusion_plot", disk_full)
+    plot = tmp_path / "confusion.png"
+    result = invoke("evaluate", str(tree), "--model", str(model), "--backend", "reference", "--plot", str(plot))
+    assert result.exit_code == 2, result.output
+    assert "accuracy 100.0 % (6/6 images)" in result.stdout and "confusion matrix" in result.stdout
+    assert "plot:" not in result.stdout
+    assert result.stderr == f"gpu-pipeline: error: --plot: cannot write {plot}: {os.strerror(errno.ENOSPC)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "tree"]
+
+
 def test_evaluate_counts_mistakes(tmp_path):
     """A model with its classes' weights rotated gets every image wrong, and says so."""
     tree = colour_tree(tmp_path / "tree", per_class=3)
