@@ -482,6 +482,38 @@ def test_each_worker_chooses_the_decode_threads_not_given(monkeypatch):
     assert chosen == [13, 3, 5, 5]
 
 
+def test_a_worker_keeps_its_backend_between_tasks(monkeypatch, tmp_path):
+    """distributed.md: each worker process keeps its backend between tasks (JIT loading and GPU
+    set-up once per process); a task for another backend or thread count replaces it, closed."""
+    from gpu_pipeline.backends.reference import ReferenceBackend
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.labels.labeller import default_labels
+
+    made, closed = [], []
+
+    class Counted(ReferenceBackend):
+        name = "counted"
+
+        def __init__(self, threads=None):
+            super().__init__(threads=threads)
+            made.append(threads)
+
+        def close(self):
+            closed.append(self)
+
+    Image.fromarray(np.full((6, 5, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    registry.register("counted", lambda: Counted)
+    monkeypatch.setattr(dask_run, "_worker_backend", None)
+    try:
+        for threads in (1, 1, 1, 2):
+            job = dask_run.ChunkJob("counted", threads, PipelineConfig(), DecodeOptions(), 64, 1, default_labels, None)
+            (record,) = dask_run.process_chunk(job, [str(tmp_path / "a.png")]).records
+            assert record["backend"] == "counted" and "error" not in record
+    finally:
+        registry.unregister("counted")
+    assert made == [1, 2] and len(closed) == 1
+
+
 def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
     out = tmp_path / "dask.jsonl"
     local = tmp_path / "first.jsonl"
