@@ -201,3 +201,26 @@ def test_the_serial_kernel_gives_the_same_bytes(monkeypatch):
     parallel = batch_features(batch, histograms, edge_counts)
     monkeypatch.setattr(_numba_setup, "threading_layer_is_threadsafe", lambda: False)
     assert batch_features(batch, histograms, edge_counts).tobytes() == parallel.tobytes()
+
+
+@pytest.mark.parametrize("width, bound", [(64, 1.1e6), (4096, 1.1e6), (16384, 3e6), (65536, 3e6)])
+def test_the_scratch_memory_is_bounded_whatever_the_height(width, bound, monkeypatch):
+    """labels.md: the kernel reads an image in strips of whole rows, so its scratch arrays stay about
+    1 MB up to 4,096 pixels wide and under 3 MB up to 65,536, however tall the image. The strip is
+    what batch_features hands the kernel; the arrays are the ones the kernel makes for it."""
+    from gpu_pipeline.backends import _numba_setup
+    from gpu_pipeline.labels import features
+
+    scratch = []
+
+    def recording(images, histograms, edge_counts, strip_rows, c_log2_c, out):
+        _, height, image_width, _ = images.shape
+        arrays = features._scratch(image_width, features._strip_rows(height, strip_rows))
+        scratch.append(sum(array.nbytes for array in arrays))
+        features._stack_features_serial(images, histograms, edge_counts, strip_rows, c_log2_c, out)
+
+    monkeypatch.setattr(_numba_setup, "parallel_or_serial", lambda parallel, serial: recording)
+    height = max(8, (1 << 20) // width)  # many strips tall (a 1-MP gray image)
+    image = np.zeros((height, width), np.uint8)
+    batch_features([image], histogram_of(image)[None], np.array([0]))
+    assert len(scratch) == 1 and scratch[0] < bound
