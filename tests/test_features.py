@@ -224,3 +224,16 @@ def test_the_scratch_memory_is_bounded_whatever_the_height(width, bound, monkeyp
     image = np.zeros((height, width), np.uint8)
     batch_features([image], histogram_of(image)[None], np.array([0]))
     assert len(scratch) == 1 and scratch[0] < bound
+
+
+def test_a_lone_image_of_its_shape_is_not_copied():
+    """labels.md: a large scene alone in its shape goes to the kernel as it is (a copy would double
+    its memory); images that share a shape are stacked."""
+    from gpu_pipeline.labels.features import _stacked
+
+    scene = np.zeros((300, 200, 3), np.uint8)
+    assert np.shares_memory(_stacked([scene]), scene) and _stacked([scene]).shape == (1, 300, 200, 3)
+    gray = np.zeros((30, 20), np.uint8)
+    assert np.shares_memory(_stacked([gray]), gray) and _stacked([gray]).shape == (1, 30, 20, 1)
+    pair = _stacked([gray, gray + 1])
+    assert pair.shape == (2, 30, 20, 1) and pair[1].max() == 1
