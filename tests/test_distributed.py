@@ -514,6 +514,38 @@ def test_a_worker_keeps_its_backend_between_tasks(monkeypatch, tmp_path):
     assert made == [1, 2] and len(closed) == 1
 
 
+def test_a_worker_labels_with_the_cnn_on_its_host(monkeypatch, tmp_path, bundled_data_dir):
+    """backends.md: a worker's backend serves every task, of any client, so the CNN is never
+    attached to it (it would leak into the next task); the labels are the network's, from the host."""
+    from gpu_pipeline.backends.reference import ReferenceBackend
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.inputs.decode import decode_image
+
+    offered = []
+
+    class Offered(ReferenceBackend):
+        name = "offered"
+
+        def attach_label_model(self, model):
+            offered.append(model)
+            return True
+
+    model = load_model("eurosat-cnn")
+    paths = sorted(str(path) for path in (bundled_data_dir / "eurosat" / "River").iterdir())
+    registry.register("offered", lambda: Offered)
+    monkeypatch.setattr(dask_run, "_worker_backend", None)
+    try:
+        job = dask_run.ChunkJob("offered", 1, PipelineConfig(), DecodeOptions(), 64, 1, model.labels, None)
+        records = dask_run.process_chunk(job, paths).records
+    finally:
+        registry.unregister("offered")
+    assert offered == []
+    from cpu_reference import cnn as reference_cnn
+
+    expected = reference_cnn.predict(model.network, [decode_image(Path(path), DecodeOptions()) for path in paths])
+    assert [record["label"] for record in records] == [model.classes[k] for k in expected]
+
+
 def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster, tiles, tile_records, tmp_path):
     out = tmp_path / "dask.jsonl"
     local = tmp_path / "first.jsonl"
