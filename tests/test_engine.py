@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import cpu_reference
+from gpu_pipeline.backends.base import CPU_BATCH_PIXELS, GPU_BATCH_PIXELS
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Decoded, DecodedPart, Engine, decode_stream, part_batches
@@ -489,3 +490,31 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
         assert time.monotonic() - started < 1.9  # one wait of 1 s (three before)
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("batch_pixels, held", [(GPU_BATCH_PIXELS, 96 << 20), (CPU_BATCH_PIXELS, 18 << 20)])
+def test_decoded_pixels_held_by_a_run_are_bounded(tmp_path, monkeypatch, batch_pixels, held):
+    """backends.md, where the host memory goes: the decode pool's prefetch (max(16 MP, batch)), the
+    batch being filled and the batch computing: 96 MP with a GPU backend's 32-MP batches (288 MB of
+    RGB tiles, within issue #20's 400 MB), 18 MP with a CPU backend's 1 MP."""
+    from gpu_pipeline.engine import stream as engine_module
+
+    class Wanting(ReferenceBackend):
+        def batch_pixels(self):
+            return batch_pixels
+
+    asked = []
+    real_decode_parts = engine_module.decode_parts
+
+    def decode_parts(paths, options, workers, **settings):
+        asked.append(settings)
+        return real_decode_parts(paths, options, workers, **settings)
+
+    monkeypatch.setattr(engine_module, "decode_parts", decode_parts)
+    paths = write_pngs(tmp_path, [(6, 5, 3), (4, 4)])
+    sink = ListSink()
+    Engine(Wanting(), workers=1, processes=False).run(paths, sink)
+    assert len(sink.records) == 2 and all("error" not in record for record in sink.records)
+    (settings,) = asked
+    assert settings["prefetch_pixels"] == max(16 << 20, batch_pixels)
+    assert settings["prefetch_pixels"] + settings["consumer_pixels"] == held
