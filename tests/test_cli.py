@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -106,6 +108,26 @@ def test_bad_files_get_error_records_and_the_run_goes_on(image_dir, tmp_path):
     for name in ("a.png", "c.jpg", "b.png"):
         assert set(records[name]) == RESULT_KEYS
     assert "3 failed" in result.stderr
+
+
+def test_the_default_pixel_limit_is_one_gigapixel_and_read_from_the_header(image_dir, tmp_path):
+    """README: images above --max-pixels (default one gigapixel) are refused before their pixels are
+    decoded. The PNG declares 31623 x 31623 = 1,000,014,129 pixels and holds 100 bytes of data: a
+    refusal naming the limit shows the header decided it. (A raised default let such bombs through;
+    a lowered one refuses big scenes, and both make every earlier output's resume "other settings".)"""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = image_dir / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 31623, 31623, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+    out = tmp_path / "out.jsonl"
+    result = invoke("run", str(image_dir), "--out", str(out), "--backend", "reference", "-q")
+    assert result.exit_code == 1, result.output
+    records = {Path(r["path"]).name: r for r in read_records(out)}
+    assert records["bomb.png"] == {"path": str(bomb), "stage": "decode", "error": (
+        "31623 x 31623 = 1,000,014,129 pixels is over the limit of 1,000,000,000 (decompression-bomb guard)")}
+    assert all("error" not in records[name] for name in ("a.png", "c.jpg", "b.png"))
 
 
 def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
