@@ -1642,6 +1642,36 @@ def test_an_output_whose_settings_record_has_no_format_resumes(tiles, tmp_path, 
     assert changed.exit_code == 2 and "changed: pipeline" in changed.stderr
 
 
+#: The settings record of a run with every default, as versions since 2026-12-01 write it (earlier
+#: ones, the same without "format"), written out here rather than taken from this version's run.
+DEFAULT_SETTINGS_RECORD = {
+    "pipeline": {"low_threshold": 100.0, "high_threshold": 200.0, "l2_gradient": False, "blur_ksize": 5},
+    "decode": {"bands": None, "stretch": "percentile", "max_pixels": 1000000000},
+    "model": None,
+    "format": "jsonl",
+}
+
+
+@pytest.mark.parametrize("since", ["2026-12-01", "2026-11-26"])
+def test_a_nightly_output_of_an_earlier_version_resumes_after_an_upgrade(tiles, tmp_path, since):
+    """nightly.md: the same command picks up where it stopped (only going back to an older version
+    is not supported). A default changed (a threshold, the stretch, the pixel limit) or a key renamed
+    in the settings record refuses every output written before the upgrade as "other settings"; the
+    tests that take the record from this version's own run cannot see it."""
+    first = sorted(tiles.iterdir())[:8]
+    out = tmp_path / "nightly.jsonl"
+    assert run(*map(str, first), "--out", str(out)).exit_code == 0
+    before = out.read_bytes()
+    earlier = {key: value for key, value in DEFAULT_SETTINGS_RECORD.items()
+               if since >= "2026-12-01" or key != "format"}
+    (tmp_path / "nightly.jsonl.settings.json").write_text(json.dumps(earlier, indent=2) + "\n")
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming {out}: 8 of 20 images already recorded" in result.stderr
+    assert out.read_bytes().startswith(before)
+    assert sorted(by_path(read_records(out))) == sorted(str(p) for p in tiles.iterdir())
+
+
 def test_an_output_whose_settings_record_has_no_format_is_not_resumed_in_another(tiles, tmp_path):
     """Without a recorded format, this run's was assumed: a CSV resumed with --format jsonl was read
     as JSON lines (no record readable) and rewritten from its first byte, without a word (review)."""
