@@ -692,3 +692,58 @@ def test_a_signal_that_arrives_inside_a_c_callback_still_stops_the_command():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == f"interrupted {int(signal.SIGTERM)}", (done.stdout, done.stderr)
     assert done.stderr == ""
+
+
+class _GpuThatCannotStart(ReferenceBackend):
+    """A GPU backend whose start fails as CuPy's does on a GPU another process holds in exclusive mode."""
+
+    name = "cupy"
+    uses_gpu = True
+
+    def __init__(self, threads=None, device_index=None):
+        raise RuntimeError("cudaErrorDevicesUnavailable: CUDA-capable device(s) is/are busy or unavailable")
+
+
+@pytest.fixture
+def busy_gpu(monkeypatch):
+    """A GPU machine (the driver loads) whose cupy backend is available but cannot start."""
+    from gpu_pipeline.backends import registry
+
+    monkeypatch.setattr(registry, "cuda_driver_loads", lambda: True)
+    monkeypatch.setattr(registry, "AUTO_ORDER", ["cupy", "numba", "reference"])
+    monkeypatch.setitem(registry._REGISTRY, "cupy", registry.BackendEntry(
+        "cupy", "", lambda: _GpuThatCannotStart, needs_cuda_driver=True))
+
+
+BUSY = "cupy could not start: RuntimeError: cudaErrorDevicesUnavailable: CUDA-capable device(s) is/are busy or unavailable"
+
+
+def test_auto_passes_over_a_gpu_backend_that_cannot_start_and_says_why(busy_gpu, image_dir, tmp_path):
+    """A GPU backend that fails as it starts (a busy GPU, its memory held by another process) was a
+    traceback, exit 1, even under --backend auto; auto now takes the next backend and says why."""
+    out = tmp_path / "out.jsonl"
+    result = invoke("run", str(image_dir), "--out", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"gpu-pipeline: backend auto: using numba; {BUSY}\n"
+    records = read_records(out)
+    assert len(records) == 3 and {r["backend"] for r in records} == {"numba"}
+
+
+@pytest.mark.parametrize("args", [["--backend", "cupy"], ["--backend", "auto", "--device", "0"]])
+def test_a_gpu_backend_that_cannot_start_is_exit_2_in_one_line_and_writes_nothing(busy_gpu, image_dir, tmp_path,
+                                                                                   args):
+    """Named (or auto with --device, which asks for that GPU): one line, exit 2, nothing written."""
+    out = tmp_path / "out.jsonl"
+    result = invoke("run", str(image_dir), "--out", str(out), "-q", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"gpu-pipeline: error: backend 'cupy' {BUSY.removeprefix('cupy ')}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_the_api_says_a_gpu_backend_could_not_start(busy_gpu):
+    """README: a backend that cannot run here raises BackendUnavailable where it is made."""
+    import gpu_pipeline
+    from gpu_pipeline.backends import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="backend .cupy. could not start: RuntimeError"):
+        gpu_pipeline.process([np.zeros((4, 4), np.uint8)], backend="cupy")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gpu_pipeline.backends.base import Backend, BackendUnavailable
+from gpu_pipeline.errors import one_line
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,25 @@ def tell_on_stderr(message: str) -> None:
 notify: Callable[[str], None] = tell_on_stderr
 
 
-def resolve(name: str) -> str:
+def resolve(name: str, failed: dict[str, str] | None = None) -> str:
     """The concrete backend name for ``name`` (``auto`` picks the best available one).
 
     ``auto`` skips a GPU backend silently where there is no CUDA driver (a CPU machine); where there
     is one, a GPU backend that cannot run is a surprise (a broken install, numpy too new), so it
-    says which backend it took instead and why, in one line through :data:`notify`.
+    says which backend it took instead and why, in one line through :data:`notify`. ``failed``: the
+    GPU backends :func:`create` could not start, with what happened ("cupy could not start: ...").
     """
     if name != "auto":
         if name not in _REGISTRY:
             raise KeyError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
         return name
+    failed = failed or {}
     passed_over = []
     for candidate in AUTO_ORDER:
         if candidate not in _REGISTRY or _REGISTRY[candidate].needs_cuda_driver and not cuda_driver_loads():
+            continue
+        if candidate in failed:
+            passed_over.append(failed[candidate])
             continue
         reason = unavailable_reason(candidate)
         if reason is None:
@@ -114,18 +120,37 @@ def resolve(name: str) -> str:
 def create(name: str, threads: int | None = None, device: int | None = None) -> Backend:
     """An instance of backend ``name`` (or ``auto``); BackendUnavailable says why it cannot run.
 
-    ``device``: the GPU a GPU backend binds (``--device``); refused for a CPU backend.
+    ``device``: the GPU a GPU backend binds (``--device``); refused for a CPU backend. A GPU backend
+    that fails as it starts (a GPU that another process holds in exclusive mode, or whose memory it
+    holds; a kernel the driver cannot load) is BackendUnavailable too, naming the error, where it was
+    a traceback; ``auto`` (without ``device``) then takes the next backend and says why.
     """
-    concrete = resolve(name)
+    failed: dict[str, str] = {}
+    while True:
+        concrete = resolve(name, failed)
+        try:
+            return _started(concrete, threads, device)
+        except BackendUnavailable as exc:
+            if name != "auto" or device is not None or not _REGISTRY[concrete].needs_cuda_driver:
+                raise
+            failed[concrete] = str(exc).replace(f"backend {concrete!r} ", f"{concrete} ", 1)
+
+
+def _started(concrete: str, threads: int | None, device: int | None) -> Backend:
     reason = unavailable_reason(concrete)
     if reason is not None:
         raise BackendUnavailable(f"backend {concrete!r} is unavailable: {reason}")
     cls = _REGISTRY[concrete].load()
-    if device is None:
-        return cls(threads=threads)
-    if not cls.uses_gpu:
+    if device is not None and not cls.uses_gpu:
         raise BackendUnavailable(f"--device {device} needs a GPU backend (cuda or cupy); backend {concrete!r} is not one")
-    return cls(threads=threads, device_index=device)
+    try:
+        return cls(threads=threads) if device is None else cls(threads=threads, device_index=device)
+    except BackendUnavailable:
+        raise
+    except Exception as exc:
+        if not cls.uses_gpu:  # (a CPU backend's failure is a bug to see whole)
+            raise
+        raise BackendUnavailable(f"backend {concrete!r} could not start: {one_line(exc)}") from exc
 
 
 register("reference", _lazy("gpu_pipeline.backends.reference", "ReferenceBackend"),
