@@ -180,7 +180,7 @@ def _checked_images(images) -> Sequence[np.ndarray]:
 
 
 def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int | None = None,
-            low: float = 100.0, high: float = 200.0, l2: bool = False, blur: int = 5,
+            low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold, l2: bool = False, blur: int = PipelineConfig.blur_ksize,
             keep_images: bool = False, model: str | None = None) -> Results:
     """Run the pipeline on uint8 gray (H, W) or RGB (H, W, 3) images in memory.
 
@@ -218,8 +218,8 @@ def _slices(pixels: np.ndarray, batch_pixels: int) -> Iterator[tuple[int, int]]:
 
 
 def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], *, backend: str = "auto",
-        threads: int | None = None, workers: int | None = None, low: float = 100.0, high: float = 200.0,
-        l2: bool = False, blur: int = 5, bands: Sequence[int] | int | str | None = None, stretch: str = "percentile",
+        threads: int | None = None, workers: int | None = None, low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold,
+        l2: bool = False, blur: int = PipelineConfig.blur_ksize, bands: Sequence[int] | int | str | None = None, stretch: str = DecodeOptions.stretch,
         model: str | os.PathLike | None = None, glob: str | None = None, decode: str = "auto",
         decode_timeout: float | None = None) -> Iterator[dict]:
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
@@ -244,9 +244,9 @@ def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], 
 
 
 def run_batches(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], *, backend: str = "auto",
-                threads: int | None = None, workers: int | None = None, low: float = 100.0, high: float = 200.0,
-                l2: bool = False, blur: int = 5, bands: Sequence[int] | int | str | None = None,
-                stretch: str = "percentile", model: str | os.PathLike | None = None, glob: str | None = None,
+                threads: int | None = None, workers: int | None = None, low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold,
+                l2: bool = False, blur: int = PipelineConfig.blur_ksize, bands: Sequence[int] | int | str | None = None,
+                stretch: str = DecodeOptions.stretch, model: str | os.PathLike | None = None, glob: str | None = None,
                 decode: str = "auto", decode_timeout: float | None = None) -> Iterator[Batch]:
     """:func:`run`, a :class:`Batch` of arrays at a time instead of a record a file: the same files,
     results and errors, in input order, a batch for each call of the backend (about 1 MP of pixels a

@@ -86,7 +86,7 @@ def run(
     l2: L2 = False,
     blur: Blur = PipelineConfig.blur_ksize,
     bands: Bands = None,
-    stretch: Stretch = "percentile",
+    stretch: Stretch = DecodeOptions.stretch,
     max_pixels: int = typer.Option(DecodeOptions.max_pixels, "--max-pixels",
                                    help="Refuse images larger than this (decompression-bomb guard)."),
     glob: Glob = None,

@@ -40,7 +40,7 @@ def verify(
     l2: L2 = False,
     blur: Blur = PipelineConfig.blur_ksize,
     bands: Bands = None,
-    stretch: Stretch = "percentile",
+    stretch: Stretch = DecodeOptions.stretch,
     glob: Glob = None,
     workers: Workers = None,
     decode_timeout: DecodeTimeout = None,

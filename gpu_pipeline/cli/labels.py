@@ -20,7 +20,7 @@ from rich.console import Console
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
                                       given_file_name, given_path, pipeline_config, written_path, written_png)
-from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
@@ -75,7 +75,7 @@ def fit(
     l2: L2 = False,
     blur: Blur = PipelineConfig.blur_ksize,
     bands: Bands = None,
-    stretch: Stretch = "percentile",
+    stretch: Stretch = DecodeOptions.stretch,
     test_fraction: float = typer.Option(0.2, "--test-fraction",
                                         help="Share of each class held out to measure accuracy (0: fit on all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out draw (0 or more)."),
@@ -164,7 +164,7 @@ def evaluate(
                                    help="Model file, or a shipped model: eurosat, eurosat-cnn."),
     backend: Backend = "auto",
     bands: Bands = None,
-    stretch: Stretch = "percentile",
+    stretch: Stretch = DecodeOptions.stretch,
     plot: Optional[Path] = typer.Option(None, "--plot", parser=written_png, help="Also save the confusion matrix as a PNG "
                                         "(needs matplotlib).", show_default=False),
 ) -> None:
