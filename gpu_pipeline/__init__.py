@@ -7,7 +7,7 @@ not pay for it.
 """
 
 __version__ = "0.1.0"
-__all__ = ["process", "run", "run_batches", "Results", "Batch"]
+__all__ = ["process", "run", "run_batches", "Results", "Batch", "DeviceFailed"]
 
 
 def __getattr__(name: str):

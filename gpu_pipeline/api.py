@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline.backends import Backend, registry
-from gpu_pipeline.backends.base import check_image
+from gpu_pipeline.backends.base import DeviceFailed, check_image, raise_if_device_failed
 from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, threshold_text, whole_number
 from gpu_pipeline.errors import PipelineWarning
 from gpu_pipeline.images import ImageBatch, pixel_counts
@@ -197,13 +197,23 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     labels_of = _labeller(model, config)
     images = _checked_images(images)
     chosen = shared_backend(backend, threads)
-    parts = [chosen.process(images[start:end], config, keep_images)
+    parts = [_processed(chosen, images[start:end], config, keep_images)
              for start, end in _slices(pixel_counts(images), chosen.batch_pixels())]
     histograms = np.concatenate([p.histograms for p in parts]) if parts else np.zeros((0, 256), np.int64)
     edge_counts = np.concatenate([p.edge_counts for p in parts]) if parts else np.zeros(0, np.int64)
     labels = list(labels_of(images, histograms, edge_counts)) if images else []
     kept = (lambda name: [im for p in parts for im in getattr(p, name)]) if keep_images else (lambda name: None)
     return Results(histograms, edge_counts, labels, kept("equalized"), kept("edges"))
+
+
+def _processed(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,
+               keep_images: bool):
+    """``backend.process``; :class:`DeviceFailed` when the GPU failed for good (as :func:`run` raises)."""
+    try:
+        return backend.process(images, config, keep_images)
+    except Exception as error:
+        raise_if_device_failed(backend, error)
+        raise
 
 
 def _slices(pixels: np.ndarray, batch_pixels: int) -> Iterator[tuple[int, int]]:

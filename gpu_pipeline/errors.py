@@ -3,6 +3,8 @@
 
 #: The exit status of a command whose output could not be written (a full disk, a closed pipe).
 EXIT_WRITE_ERROR = 3
+#: The exit status of a run stopped because its GPU failed for good (a sticky CUDA error); resumable.
+EXIT_DEVICE_FAILED = 4
 
 
 class UsageError(ValueError):

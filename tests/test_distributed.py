@@ -690,6 +690,43 @@ def test_a_full_disk_under_save_edges_on_the_workers_exits_3_as_a_local_run_does
     assert len(by_path(read_records(out))) == 200 and len(list((tmp_path / "edges").iterdir())) == 200
 
 
+def register_failing_device() -> None:
+    """Here or on a worker: the backend ``failing-device``, whose GPU fails at its first call."""
+    from tests.backend_doubles import FailingDevice, failing_after
+
+    registry.register("failing-device", lambda: FailingDevice)
+    failing_after(0)
+
+
+def unregister_failing_device() -> None:
+    from tests.backend_doubles import failing_after
+
+    failing_after(None)
+    registry.unregister("failing-device")
+
+
+def test_a_workers_gpu_that_fails_for_good_exits_4_as_a_local_run_does(cluster, tiles, tmp_path):
+    """Each image of the chunks on that worker got a compute error record (the worker's engine retried
+    each alone), and no resume redid them."""
+    out = tmp_path / "dask.jsonl"
+    register_failing_device()
+    cluster.run(register_failing_device)
+    try:
+        result = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address, backend="failing-device")
+    finally:
+        cluster.run(unregister_failing_device)
+        unregister_failing_device()
+    assert result.exit_code == 4, result.output
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "the GPU of backend failing-device failed: StickyError: cudaErrorIllegalAddress" in result.stderr
+    assert any(f"worker {address}: " in result.stderr for address in cluster.nthreads())
+    assert "the records written before are kept" in result.stderr
+    assert not any("error" in record for record in read_records(out))
+    resumed = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address)
+    assert resumed.exit_code == 0, resumed.output
+    assert len(by_path(read_records(out))) == 200
+
+
 def test_a_relative_edge_folder_is_the_clients_not_each_workers(tmp_path, monkeypatch):
     """The maps of a --dask run with --save-edges edges went to each worker's own working folder."""
     from gpu_pipeline.engine.job import edge_saver

@@ -16,6 +16,7 @@ from typing import ClassVar, Iterator, Sequence, overload
 import numpy as np
 
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 
 
@@ -30,6 +31,19 @@ class BackendUnavailable(RuntimeError, ValueError):
 
     A RuntimeError, as it always was, and a ValueError: the Python API promises one ValueError for a
     bad argument, and a backend that cannot run here is one (the command line exits 2 on it)."""
+
+
+class DeviceFailed(RuntimeError):
+    """The backend's GPU failed for good during the run (a sticky CUDA error: an Xid, an uncorrectable
+    ECC error, an illegal address, the GPU off the bus): every later call would fail alike, so the run
+    stops, as on a full disk, instead of giving every later image an error record. The message names
+    the backend and the GPU's error; the error itself is the ``__cause__``."""
+
+
+def raise_if_device_failed(backend: "Backend", error: BaseException) -> None:
+    """:class:`DeviceFailed` from ``error`` when ``backend`` says its device failed."""
+    if backend.is_device_failure(error):
+        raise DeviceFailed(f"the GPU of backend {backend.name} failed: {one_line(error)}") from error
 
 
 def checked_device_index(index: int | None, count: int) -> int:
@@ -148,6 +162,12 @@ class Backend(ABC):
     ) -> BatchResult:
         """Run the whole contract on each image; ``keep_images`` also returns equalized and edges."""
 
+    def is_device_failure(self, error: BaseException) -> bool:
+        """True when ``error``, raised by this backend, says its device failed for good (a sticky CUDA
+        error: every later call would fail alike), rather than this batch or image: the run then stops
+        (:class:`DeviceFailed`). Out of memory is not one (it is per batch). CPU backends: never."""
+        return False
+
     def attach_label_model(self, model: object) -> bool:
         """Offer the run's label model. A backend that can compute the model's features on its own
         device, on the images it already holds, keeps it and returns True: its results then carry
@@ -163,7 +183,11 @@ class Backend(ABC):
         """Compile (or load from a cache) every kernel now, on a tiny gray and a tiny RGB image, so
         that later calls, and their timings, do only the work."""
         tiny = [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.uint8)]
-        self.process(tiny, config or PipelineConfig(), keep_images=True)
+        try:
+            self.process(tiny, config or PipelineConfig(), keep_images=True)
+        except Exception as error:
+            raise_if_device_failed(self, error)
+            raise
 
     def close(self) -> None:
         """Release buffers, pools and devices. The backend is not used afterwards."""
@@ -172,7 +196,11 @@ class Backend(ABC):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception as error:
+            if not self.is_device_failure(error):
+                raise  # (a failed device has nothing left to release: its error was said already)
 
 
 def check_image(image: np.ndarray) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cpu_reference.stages import canny_thresholds
+from gpu_pipeline.backends._cuda_errors import is_sticky
 from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
 from gpu_pipeline.backends.base import (
     Backend,
@@ -75,6 +76,10 @@ TILE_BLOCK = (32, 8, 1)
 PIXELS_PER_THREAD = 16  # flat kernels: enough work per block to amortise its shared histogram
 MAX_BLOCKS_PER_IMAGE = 1024
 HYSTERESIS_BLOCKS_PER_SM = 8
+
+
+#: cudaErrorMemoryAllocation: what cudaHostAlloc raises when pinned host memory runs out.
+CUDA_ERROR_MEMORY_ALLOCATION = 2
 
 
 class GpuOutOfMemory(MemoryError):
@@ -416,7 +421,9 @@ class CupyDevice:
     def alloc_pinned(self, nbytes: int) -> np.ndarray:
         try:
             return self._cupyx.empty_pinned((nbytes,), np.uint8)
-        except self._runtime.CUDARuntimeError as exc:  # cudaErrorMemoryAllocation from cudaHostAlloc
+        except self._runtime.CUDARuntimeError as exc:
+            if exc.status != CUDA_ERROR_MEMORY_ALLOCATION:  # (a failed GPU is not out of memory)
+                raise
             raise GpuOutOfMemory(f"pinned host memory: {exc}") from exc
 
     @staticmethod
@@ -565,6 +572,16 @@ class CupyBackend(Backend):
         if count == 0 or not cupy.is_available():
             return "CuPy finds no usable CUDA GPU"
         return None
+
+    def is_device_failure(self, error: BaseException) -> bool:
+        """CuPy's CUDARuntimeError or CUDADriverError with a sticky status (see ``_cuda_errors``): the
+        GPU failed for good. (Not CuPy's OutOfMemoryError, nor our GpuOutOfMemory: per batch.)"""
+        try:
+            from cupy_backends.cuda.api import driver, runtime
+        except Exception:  # no CuPy (a fake device): nothing it raises is CuPy's
+            return False
+        return (isinstance(error, (runtime.CUDARuntimeError, driver.CUDADriverError))
+                and is_sticky(getattr(error, "status", None)))
 
     def process(
         self, images: Sequence[np.ndarray], config: PipelineConfig, keep_images: bool = False

@@ -40,6 +40,7 @@ from gpu_pipeline.backends._cuda_plan import (
     plan_groups,
     tile_grid,
 )
+from gpu_pipeline.backends._cuda_errors import is_sticky
 from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
 from gpu_pipeline.backends.base import (
     Backend,
@@ -248,6 +249,14 @@ class NumbaCudaBackend(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return unavailable_reason(allow_simulator=False)
+
+    def is_device_failure(self, error: BaseException) -> bool:
+        """numba-cuda's CudaAPIError with a sticky code (see ``_cuda_errors``): the GPU failed for good."""
+        try:
+            from numba.cuda.cudadrv.driver import CudaAPIError
+        except Exception:  # (numba-cuda broken: nothing it raises reached us)
+            return False
+        return isinstance(error, CudaAPIError) and is_sticky(getattr(error, "code", None))
 
     # -- allocation (one place, looked up at each call, so that tests can make it fail) ---------
 

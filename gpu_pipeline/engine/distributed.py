@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from gpu_pipeline.backends import Backend, BackendUnavailable, create
+from gpu_pipeline.backends.base import DeviceFailed
 from gpu_pipeline.backends.registry import backend_names, resolve, unavailable_reason
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -174,6 +175,8 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
             summary = engine.run([Path(path) for path in paths], records)
         except SinkWriteError as exc:  # (--save-edges on a full disk: the client exits 3, as a local run)
             raise SinkWriteError(exc.errno, f"worker {_this_worker()}: {exc.strerror}") from None
+        except DeviceFailed as exc:  # (its GPU failed for good: the client exits 4, as a local run)
+            raise DeviceFailed(f"worker {_this_worker()}: {exc}") from None
         except Exception as exc:  # the engine turns per-image trouble into records; this is not that
             raise ChunkFailed(f"worker {_this_worker()}: {one_line(exc)}") from exc
     return ChunkResult(list(records), summary.seconds)
@@ -584,7 +587,7 @@ class DaskEngine(Engine):
         summary = RunSummary()
         start = time.perf_counter()
         chunks = _Chunks(cluster.client, job, paths)
-        failure: str | SinkWriteError | None = None
+        failure: str | SinkWriteError | DeviceFailed | None = None
         workers_seen = time.monotonic()
         try:
             while failure is None and not stop.is_set():
@@ -606,8 +609,8 @@ class DaskEngine(Engine):
             chunks.cancel()
         summary.seconds = time.perf_counter() - start
         summary.interrupted = not chunks.all_submitted or bool(chunks.in_flight)
-        if isinstance(failure, SinkWriteError) and not stop.is_set():
-            raise failure  # (a full disk: exit 3, the records written before kept)
+        if isinstance(failure, (SinkWriteError, DeviceFailed)) and not stop.is_set():
+            raise failure  # (a full disk: exit 3; a failed GPU: exit 4; the records written before kept)
         if failure is not None and not stop.is_set():  # after a signal, its exit status wins
             raise UsageError(f"{failure}; stopped after {summary.total} of {len(paths)} images "
                              f"({summary.ok} ok, {summary.failed} failed) were recorded; "
@@ -616,9 +619,10 @@ class DaskEngine(Engine):
 
     @staticmethod
     def _write_chunks(ready, chunks: _Chunks, sink, summary: RunSummary,
-               progress: Callable[[int], None] | None) -> str | SinkWriteError | None:
+               progress: Callable[[int], None] | None) -> str | SinkWriteError | DeviceFailed | None:
         """Write the records of the completed chunks; returns why the first failed one failed, if any
-        (its SinkWriteError where a worker could not write an edge map: a full disk).
+        (its SinkWriteError where a worker could not write an edge map: a full disk; its DeviceFailed
+        where a worker's GPU failed for good).
 
         A chunk whose workers kept dying is run again in halves, down to the one image that kills
         them, which gets an error record: one poisonous file does not stop the night's run.
@@ -654,12 +658,12 @@ def _killer_record(path: str, outcome) -> dict:
                      "backend, or out of memory)"}
 
 
-def _failure_message(outcome, paths: Sequence[str]) -> str | SinkWriteError:
+def _failure_message(outcome, paths: Sequence[str]) -> str | SinkWriteError | DeviceFailed:
     """Why a chunk failed, naming the worker. ``outcome``: a CancelledError, or (type, error, traceback)."""
     if isinstance(outcome, BaseException):
         return f"a chunk of {len(paths)} images was cancelled (the scheduler was lost or restarted)"
     _, exc, _ = outcome
-    if isinstance(exc, SinkWriteError):
+    if isinstance(exc, (SinkWriteError, DeviceFailed)):
         return exc
     if isinstance(exc, ChunkFailed):
         return str(exc)

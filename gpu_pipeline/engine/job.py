@@ -29,11 +29,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from gpu_pipeline.backends import BackendUnavailable, create
+from gpu_pipeline.backends.base import DeviceFailed
 from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
-from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
+from gpu_pipeline.errors import EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
@@ -417,7 +418,8 @@ class CheckedJob:
 
 
 def run_job(**arguments) -> int:
-    """Run the whole job; returns the exit status (0 all ok, 1 some failed, 3 write error, 130/143 on a signal).
+    """Run the whole job; returns the exit status (0 all ok, 1 some failed, 3 write error, 4 the GPU failed,
+    130/143 on a signal).
 
     Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
@@ -682,8 +684,13 @@ def execute(job: Job, checked: CheckedJob) -> int:
                       "records; their images are processed again")
     if job.dask is None and todo:
         labels_of = checked.engine.labels_of
-        announced_warm_up(f"backend {backend.name}", f"{backend.name} kernels", 15, console, job.quiet,
-                          backend.compiles_on_warm_up, lambda: backend.warm_up(job.config))
+        try:
+            announced_warm_up(f"backend {backend.name}", f"{backend.name} kernels", 15, console, job.quiet,
+                              backend.compiles_on_warm_up, lambda: backend.warm_up(job.config))
+        except DeviceFailed as exc:
+            with backend, sink:  # (closed as after a run)
+                checked.engine.close()  # a fork server no run will take over
+            return device_failed(console, exc, job.out)
         announced_warm_up("labels", "label model's kernels", 10, console, job.quiet,
                           lambda: labeller_compiles(labels_of), lambda: warm_up_labeller(labels_of))
     recorded = len(files) - len(todo)
@@ -704,6 +711,8 @@ def execute(job: Job, checked: CheckedJob) -> int:
             message += ", or use --decode threads" if job.out != "-" else "; use --decode threads"
         console.print(message, highlight=False, markup=False)
         return 1
+    except DeviceFailed as exc:
+        return device_failed(console, exc, job.out)
     except SinkWriteError as exc:
         if job.out == "-":  # nothing to resume: the records went to whoever read them
             console.print(f"gpu-pipeline: error: {exc.strerror}", highlight=False, markup=False)
@@ -722,6 +731,15 @@ def execute(job: Job, checked: CheckedJob) -> int:
         console.print(f"warning: {len(checked.unlisted)} folder(s) could not be listed; their images have no records",
                       highlight=False, markup=False)
     return 0 if summary.failed + checked.earlier_failures == 0 and not checked.unlisted else 1
+
+
+def device_failed(console: Console, exc: DeviceFailed, out: str) -> int:
+    """Say that the GPU failed (one line) and that the run resumes; :data:`EXIT_DEVICE_FAILED`."""
+    message = f"gpu-pipeline: error: {exc}"
+    if out != "-":  # (to stdout, the records went to whoever read them: nothing to resume)
+        message += "; the records written before are kept: run the same command again to resume once the GPU works"
+    console.print(message, highlight=False, markup=False)
+    return EXIT_DEVICE_FAILED
 
 
 def warn_unlisted(console: Console, unlisted: list[tuple[str, str]], most: int = 10) -> None:

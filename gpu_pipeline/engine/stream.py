@@ -10,7 +10,8 @@ Memory is bounded by pixels whatever the number or size of the files (docs/bench
 the decode pool holds at most ``prefetch_pixels`` decoded pixels waiting for the engine, plus, per
 decoder, one part being decoded (``DECODE_CHUNK_PIXELS``, or ``PROCESS_CHUNK_PIXELS`` for a decode
 process, and at most one image more); a batch holds at most ``batch_pixels`` pixels or one image.
-Records come out in input order. Every path yields exactly one record: a result or an error.
+Records come out in input order. Every path yields exactly one record: a result or an error, until a
+failed GPU (``DeviceFailed``) ends the run: the batches before it are whole, none after it has a record.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gpu_pipeline.backends.base import Backend, BatchResult
+from gpu_pipeline.backends.base import Backend, BatchResult, raise_if_device_failed
 from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
@@ -745,10 +746,13 @@ class Outcome:
 
 def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,
              keep_images: bool) -> Outcome:
-    """Run a batch; if it fails, run its images one by one so only the culprit gets an error."""
+    """Run a batch; if it fails, run its images one by one so only the culprit gets an error. A
+    failed device (:class:`~gpu_pipeline.backends.base.DeviceFailed`) is no image's fault: every
+    later image would fail alike, so it stops the run instead."""
     try:
         return Outcome(_checked(backend, images, config, keep_images))
     except Exception as exc:
+        raise_if_device_failed(backend, exc)
         if len(images) == 1:
             return Outcome(BatchResult.empty(0, keep_images), {0: exc})
     good, failed = [], {}
@@ -756,6 +760,7 @@ def _compute(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
         try:
             good.append(_checked(backend, [image], config, keep_images)[0])
         except Exception as exc:
+            raise_if_device_failed(backend, exc)
             failed[index] = exc.with_traceback(None)  # its frames would keep the batch's pixels alive
     return Outcome(BatchResult.from_results(good) if good else BatchResult.empty(0, keep_images), failed)
 
