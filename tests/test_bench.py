@@ -394,6 +394,23 @@ def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):
     assert report["contenders"]["reference"]["status"] == "measured"
 
 
+def test_a_backend_whose_gpu_fails_while_measured_is_reported_failed(tmp_path, register):
+    """Its close on the failed GPU raised the sticky error again, out of the bench: a traceback."""
+    from tests.backend_doubles import FailingDevice, failing_after
+
+    register(FailingDevice)
+    failing_after(2)  # the warm-up and the first pass
+    try:
+        result, report = run_bench(tmp_path, *TINY, "--backends", "reference,failing-device")
+    finally:
+        failing_after(None)
+    assert result.exit_code == 1, result.output
+    entry = report["contenders"]["failing-device"]
+    assert entry["status"] == "failed", entry
+    assert "StickyError: cudaErrorIllegalAddress" in entry["reason"]
+    assert report["contenders"]["reference"]["status"] == "measured"
+
+
 def test_gpu_phase_times_are_reported(tmp_path, register):
     register(TimesItsKernels)
     result, report = run_bench(tmp_path, *TINY, "--backends", "times-kernels", "--repeat", "2")

@@ -548,3 +548,22 @@ def test_an_image_named_with_a_newline_and_brackets_is_printed_on_one_line_as_it
     result = invoke(image_dir, "--backends", "numba")
     (line,) = [line for line in result.stdout.splitlines() if "skipped" in line]
     assert f"skipped {image_dir}/bad\\n[b]x.png: decode error" in line
+
+
+def test_a_backend_whose_gpu_fails_midway_is_reported_failed_not_an_error_per_image(tmp_path, image_dir, register):
+    """Every later image was that backend's error (each tried alone, each failing alike); its close,
+    on the failed GPU, could end the command in a traceback."""
+    from tests.backend_doubles import FailingDevice, failing_after
+
+    register(FailingDevice)
+    failing_after(1)  # the first chunk of 2 images, then the GPU fails
+    try:
+        result, report = verify_with_report(tmp_path, image_dir, "--backends", "failing-device", "--batch-size", 2)
+    finally:
+        failing_after(None)
+    assert result.exit_code == 1, result.output
+    tally = next(t for t in report["backends"] if t["name"] == "failing-device")
+    assert tally["status"] == "failed" and tally["images"] == 2 and tally["errors"] == 0, tally
+    assert tally["reason"].startswith("the GPU of backend failing-device failed: StickyError: "), tally
+    assert report["errors"] == [] and "Traceback" not in result.output
+    assert "failing-device (its GPU failed)" in result.output

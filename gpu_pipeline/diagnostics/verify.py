@@ -28,7 +28,7 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
-from gpu_pipeline.backends.base import Backend, StageResult, check_image
+from gpu_pipeline.backends.base import Backend, DeviceFailed, StageResult, check_image, raise_if_device_failed
 from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import (Decoded, decode_parts, decodes_in_processes, part_batches,
@@ -210,7 +210,7 @@ class BackendTally:
 
     name: str
     role: str  # "backend" or "oracle"
-    status: str  # "compared", "unavailable" or "failed" (available but could not start)
+    status: str  # "compared", "unavailable" or "failed" (available but could not start, or its GPU failed)
     reason: str | None = None
     images: int = 0  # images compared, all stages
     errors: int = 0  # images on which it raised
@@ -369,7 +369,13 @@ class Verifier:
         images = [item.image for item, _ in compared]
         tallies = {tally.name: tally for tally in self.report.backends}
         for name, backend in self.backends.items():
-            outcomes = _outputs(backend, images, self.config)
+            if tallies[name].status == "failed":
+                continue  # its GPU failed: every later call would fail alike
+            try:
+                outcomes = _outputs(backend, images, self.config)
+            except DeviceFailed as exc:  # (the images compared before keep their verdict)
+                tallies[name].status, tallies[name].reason = "failed", str(exc)
+                continue
             # Each backend's labels come from its own outputs, in one call of the labeller.
             labels = _batch_labels(self.labels_of, images, outcomes)
             for (item, truth), outcome, label in zip(compared, outcomes, labels):
@@ -436,10 +442,12 @@ def _batch_labels(labels_of: Labeller, images: list[np.ndarray], outcomes: list[
 
 def _outputs(backend: Backend, images: list[np.ndarray], config: PipelineConfig
              ) -> list[StageResult | BaseException]:
-    """One call for the whole chunk; if it raises, image by image, so only the culprits get the error."""
+    """One call for the whole chunk; if it raises, image by image, so only the culprits get the error.
+    :class:`DeviceFailed` when the backend's GPU failed for good."""
     try:
         outcomes = list(backend.process(images, config, keep_images=True))
     except Exception as exc:
+        raise_if_device_failed(backend, exc)  # no image's fault
         if len(images) == 1:
             return [exc]
         return [outcome for image in images for outcome in _outputs(backend, [image], config)]
@@ -500,7 +508,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
                     progress(len(chunk), len(files))
     finally:
         for backend in [reference, *started.values()]:
-            backend.close()
+            with backend:  # (closed; a failed GPU's close raises nothing more)
+                pass
     return report
 
 
@@ -573,7 +582,8 @@ def _summary(report: VerifyReport) -> str:
     for tally in report.backends:
         parts = [_plural(tally.differs, "difference")] if tally.differs else []
         parts += [_plural(tally.errors, "error")] if tally.errors else []
-        parts += ["failed to start"] if tally.status == "failed" else []
+        if tally.status == "failed":
+            parts.append("its GPU failed" if (tally.reason or "").startswith("the GPU") else "failed to start")
         if parts:
             per_backend.append(f"{tally.name} ({', '.join(parts)})")
     return (f"[red bold]DIFFERENT[/]: {_plural(len(report.differences), 'difference')} and "
