@@ -590,6 +590,19 @@ def test_csv_to_stdout_is_utf8_whatever_the_locale(tmp_path):
     assert f"{folder}/é.png,8,8,1,".encode() in result.stdout
 
 
+def test_run_help_lists_the_exit_statuses_the_readme_lists():
+    """README and docs/nightly.md list run's exit statuses; --help said nothing of 4 (a failed GPU)."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    listed = re.search(r"Exit status: (.*?)Details:", readme, re.DOTALL).group(1)
+    statuses = re.findall(r"\*\*(\d+)(?: / (\d+))?\*\*", listed)
+    assert [s for pair in statuses for s in pair if s] == ["0", "1", "2", "3", "4", "130", "143"]
+    text = " ".join(invoke("run", "--help").output.replace("│", " ").split())
+    for status in ("0 when", "1 when", "2 on", "3 when", "4 when", "130 / 143 when"):
+        assert status in text, status
+
+
 def test_help_texts_keep_their_brackets():
     """The help is rich markup: "gpu-pipeline[dask]" was printed "gpu-pipeline"."""
     result = invoke("run", "--help")

@@ -115,8 +115,8 @@ def run(
     """Process images: one JSON record per image (a result or an error).
 
     Exit status: 0 when every image succeeded, 1 when some failed, 2 on bad usage (nothing written),
-    3 when writing the output failed (disk full), 130 / 143 when stopped by SIGINT (Ctrl-C) / SIGTERM
-    after flushing what was done.
+    3 when writing the output failed (disk full), 4 when the GPU failed for good (resumable), 130 / 143
+    when stopped by SIGINT (Ctrl-C) / SIGTERM after flushing what was done.
     """
     from gpu_pipeline.engine.job import run_job
 
