@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: every @pytest.mark.gpu test of every backend, verify of the GPU backends against the
-# reference and OpenCV on data/ (and ../shared/data when present), then the GPU benchmark.
+# reference and OpenCV on data/ (and ../shared/data when present), a GPU made to fail
+# (scripts/device_failure_check.py), then the GPU benchmark.
 #
 #   scripts/gpu_check.sh            # from the checkout, nothing installed: PYTHONPATH=.
 #   OUT=/some/dir scripts/gpu_check.sh   # logs and bench_gpu.json go there (default /tmp/gpu_check)
@@ -9,7 +10,8 @@
 # dependencies Pillow, tifffile and imagecodecs: where those are missing (the lent GPU machines have no
 # network), run scripts/fetch_gpu_wheels.sh here first and carry .whl; scripts/device_env.sh installs
 # them into /tmp (a numpy < 2.5 first on the path: numba-cuda cannot load on the machine's numpy 2.5). Without a GPU the tests skip with the reason and the benchmark lists the GPU backends as
-# unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 150 s, verify 2 x 30 s, bench 90 s).
+# unavailable. Budget: under 5 minutes on an H100 (timeouts: tests 150 s, a failed GPU 2 x 30 s,
+# verify 3 x 30 s, bench 90 s).
 set -uo pipefail
 
 source "$(dirname "$0")/device_env.sh"  # PYTHON, PYTHONPATH, NUMBA_CACHE_DIR, the carried wheels
@@ -46,6 +48,15 @@ timeout 150 "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15
     | tee "$LOG_DIR/pytest_gpu.log"
 tests_status=${PIPESTATUS[0]}
 
+# A kernel that faults leaves its process's CUDA context unusable: each backend in a process of its own.
+echo "== a GPU that fails for good: DeviceFailed, not an error record per image"
+failure_status=0
+for backend in cupy cuda; do
+    [ "$backend" = cuda ] && [ -n "$cuda_reason" ] && continue  # (said above)
+    timeout 30 "$PYTHON" scripts/device_failure_check.py "$backend" 2>&1 | tee "$LOG_DIR/device_failure_$backend.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failure_status=1
+done
+
 echo "== verify: numba, cuda, cupy against the reference and OpenCV"
 verify_status=0
 for data in data ../shared/data; do
@@ -65,6 +76,6 @@ echo "== GPU benchmark"
 timeout 90 "$PYTHON" scripts/bench_gpu.py --json "$LOG_DIR/bench_gpu.json" 2>&1 | tee "$LOG_DIR/bench_gpu.log"
 bench_status=${PIPESTATUS[0]}
 
-echo "tests exit $tests_status, verify exit $verify_status, bench exit $bench_status; logs in $LOG_DIR" \
-    | tee "$LOG_DIR/status.txt"
-[ "$tests_status" -eq 0 ] && [ "$verify_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "tests exit $tests_status, verify exit $verify_status, bench exit $bench_status," \
+    "device failure exit $failure_status; logs in $LOG_DIR" | tee "$LOG_DIR/status.txt"
+[ "$tests_status" -eq 0 ] && [ "$verify_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$failure_status" -eq 0 ]

@@ -157,3 +157,18 @@ def test_gil_parts_idles_the_kernels_of_every_numba_backend():
         idle = NumbaCpuBackend(threads=1).process(tiles, PipelineConfig())
     assert not idle.histograms.any() and not idle.edge_counts.any()
     assert fresh.process(tiles, PipelineConfig()).histograms.any()  # put back
+
+
+@pytest.mark.parametrize("backend", ["cupy", "cuda"])
+def test_the_gpu_made_to_fail_says_why_it_cannot_run_without_a_gpu(backend):
+    """scripts/device_failure_check.py (run by scripts/gpu_check.sh on a lent GPU machine) starts,
+    and where there is no GPU says so in one line, exit 2, rather than failing at the device run."""
+    from tests.gpu import real_gpu_reason
+
+    if real_gpu_reason() is None:
+        pytest.skip("a real GPU: scripts/gpu_check.sh makes it fail, in a process of its own")
+    done = subprocess.run([sys.executable, str(SCRIPTS / "device_failure_check.py"), backend], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.startswith(f"{backend}: cannot run here: backend '{backend}' is unavailable"), done.stdout
+    assert done.stderr == ""
