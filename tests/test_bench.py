@@ -705,3 +705,23 @@ def test_compute_is_timed_on_images_packed_as_the_engine_hands_them_over():
     batch = packed(mixed)
     assert len(batch.buffers) == 3 and batch.buffer_of.tolist() == [0, 1, 0, 0, 2]  # the scenes as they are
     assert [(image.shape, image.tobytes()) for image in batch] == [(image.shape, image.tobytes()) for image in mixed]
+
+
+def test_a_json_that_cannot_be_written_at_the_end_prints_the_table_then_exit_3(tmp_path, monkeypatch):
+    """--json on a full disk, found after the measurements: the table is printed, then one line,
+    exit 3 (a write that failed, as for standard output), and no report or temporary is left."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def disk_full(path, *args, **kwargs):
+        if path.name.startswith(".bench.json"):  # the report's temporary
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    result, written = run_bench(tmp_path, *TINY, "--backends", "reference", "--no-scaling")
+    assert result.exit_code == 3, result.output
+    assert "reference" in result.stdout and written == {}
+    assert result.stderr == f"gpu-pipeline: error: --json: cannot write {tmp_path / 'bench.json'}: {os.strerror(errno.ENOSPC)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

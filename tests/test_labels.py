@@ -558,7 +558,8 @@ def test_fit_then_evaluate_round_trip(tmp_path):
 
 def test_a_model_that_cannot_be_written_still_prints_what_the_fit_measured(tmp_path, monkeypatch):
     """A full disk when the model was written lost the fit's accuracy too: the command ended with
-    that one line (exit 2) before printing it."""
+    that one line before printing it. Now the accuracy, then the line, exit 3 (a write that failed;
+    it was 2, as if the command line had been wrong)."""
     from gpu_pipeline.labels.model import LabelModel
 
     def disk_full(model, path):
@@ -568,7 +569,7 @@ def test_a_model_that_cannot_be_written_still_prints_what_the_fit_measured(tmp_p
     monkeypatch.setattr(LabelModel, "save", disk_full)
     result = invoke("fit", str(tree), "--out", str(tmp_path / "model.json"), "--backend", "reference",
                     "--test-fraction", "0.34", "--seed", "3", "--low", "20", "--high", "60")
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     assert "held-out accuracy 100.0 % (6/6 images)" in result.stdout and "model:" not in result.stdout
     assert result.stderr == (f"gpu-pipeline: error: --out: cannot write {tmp_path / 'model.json'}: "
                              f"{os.strerror(errno.ENOSPC)}\n")
@@ -576,7 +577,7 @@ def test_a_model_that_cannot_be_written_still_prints_what_the_fit_measured(tmp_p
 
 
 def test_a_plot_that_cannot_be_written_still_prints_what_evaluate_measured(tmp_path, monkeypatch):
-    """labels.md: a plot that cannot be written at the end (a full disk) is exit 2, said after the
+    """labels.md: a plot that cannot be written at the end (a full disk) is exit 3, said after the
     tables; no plot and no temporary is left."""
     pytest.importorskip("matplotlib")
     from gpu_pipeline.cli import labels as label_commands
@@ -591,7 +592,7 @@ def test_a_plot_that_cannot_be_written_still_prints_what_evaluate_measured(tmp_p
     monkeypatch.setattr(label_commands, "save_confusion_plot", disk_full)
     plot = tmp_path / "confusion.png"
     result = invoke("evaluate", str(tree), "--model", str(model), "--backend", "reference", "--plot", str(plot))
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     assert "accuracy 100.0 % (6/6 images)" in result.stdout and "confusion matrix" in result.stdout
     assert "plot:" not in result.stdout
     assert result.stderr == f"gpu-pipeline: error: --plot: cannot write {plot}: {os.strerror(errno.ENOSPC)}\n"

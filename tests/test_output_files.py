@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
 from gpu_pipeline.errors import UsageError
-from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
+from gpu_pipeline.outputs.files import CannotWrite, check_target, is_our_json, is_our_png, replace_with
 
 runner = CliRunner()
 
@@ -139,7 +139,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         temporary.write_text("half a rep")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(UsageError, match="--report: cannot write .*No space left on device"):
+    with pytest.raises(CannotWrite, match="--report: cannot write .*No space left on device"):  # exit 3
         replace_with(target, "--report", disk_full, is_our_json)
     assert target.read_text() == '{"schema": "gpu-pipeline-verify/1", "old": true}\n'
     assert [path.name for path in tmp_path.iterdir()] == ["report.json"]
@@ -158,8 +158,9 @@ def test_a_file_another_program_made_while_the_command_ran_is_left_alone(tmp_pat
         target.write_text('{"path": "/a.png"}\n' if made == "records" else '{"schema": "gpu-pipeline-verify/1"}\n')
 
     if made == "records":
-        with pytest.raises(UsageError, match="--report .*X.jsonl was made by another program while this one ran"):
+        with pytest.raises(UsageError, match="--report .*X.jsonl was made by another program while this one ran") as refused:
             replace_with(target, "--report", slow_write, is_our_json)
+        assert not isinstance(refused.value, CannotWrite)  # a refusal: exit 2, not a failed write
         assert target.read_text() == '{"path": "/a.png"}\n'
     else:  # ours: replaced, as it would have been had it been there before
         replace_with(target, "--report", slow_write, is_our_json)

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from gpu_pipeline.cli.options import (L2, Bands, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch,
                                       Threads, Workers,
-                                      bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
-                                      given_path, pipeline_config, written_path, written_png)
+                                      bundled_data_dir, check_counts, decode_options, fail_unwritten, fail_usage,
+                                      given_file_name, given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError
@@ -53,7 +53,7 @@ def verify(
     """Check that every backend gives the reference's bytes: histogram, equalized, edges, edge count, label.
 
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage, 3 when
-    standard output cannot be written (a full disk, a closed pipe).
+    standard output or the --report cannot be written (a full disk, a closed pipe).
     """
     from gpu_pipeline.engine.job import progress_bar, warn_unlisted
     from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify, write_report
@@ -90,11 +90,11 @@ def verify(
         try:
             write_report(outcome, report)
         except UsageError as exc:  # (a full disk) said after the table, which must not be lost either
-            unwritten, report = str(exc), None
+            unwritten, report = exc, None
     warn_unlisted(Console(stderr=True, soft_wrap=True), outcome.unlisted)
     print_report(Console(soft_wrap=True, highlight=False), outcome, report)
     if unwritten is not None:
-        fail_usage(unwritten)
+        fail_unwritten(unwritten)
     if outcome.exit_status == 2:
         fail_usage(f"none of the {outcome.found} files could be decoded; nothing was compared")
     raise typer.Exit(outcome.exit_status)
@@ -137,7 +137,7 @@ def bench(
     pool: compute, end to end, decode only; then each backend by thread count.
 
     Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage,
-    3 when standard output cannot be written (a full disk, a closed pipe).
+    3 when standard output, --json or --plot cannot be written (a full disk, a closed pipe).
     """
     from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
     from gpu_pipeline.bench.corpus import corpus_folder
@@ -171,10 +171,10 @@ def bench(
         if plot is not None:
             replace_with(plot, "--plot", lambda temporary: plot_report(report, temporary), is_our_png)
     except UsageError as exc:
-        refused = str(exc)
+        refused = exc
     print_report(Console(soft_wrap=True, highlight=False), report)
     if refused is not None:
-        fail_usage(refused)
+        fail_unwritten(refused)
     raise typer.Exit(1 if any(c.status == "failed" for c in report.contenders + report.decoders) else 0)
 
 

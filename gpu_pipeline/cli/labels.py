@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_usage,
-                                      given_file_name, given_path, pipeline_config, written_path, written_png)
+from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_unwritten,
+                                      fail_usage, given_file_name, given_path, pipeline_config, written_path,
+                                      written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
@@ -86,7 +87,7 @@ def fit(
     Runs using it need the same --low, --high, --l2 and --blur (they are stored in the model), and
     should use the same --bands and --stretch (recorded in its training summary).
     Exit status: 0, 1 when some images failed (they are left out), 2 on bad usage, 3 when standard
-    output cannot be written (a full disk, a closed pipe).
+    output or the model cannot be written (a full disk, a closed pipe).
     """
     _need_numba("fit")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
@@ -132,7 +133,7 @@ def fit(
     try:
         replace_with(out, "--out", model.save, is_our_json)
     except UsageError as exc:  # (a full disk) said after the accuracy, which must not be lost too
-        unwritten = str(exc)
+        unwritten = exc
 
     console = Console(soft_wrap=True)
     console.print(f"fitted on [bold]{int(train.sum())}[/] images of {len(labeled.classes)} classes with backend "
@@ -143,7 +144,7 @@ def fit(
         console.print(scores_table(labeled.classes, test_matrix))
         console.print(confusion_table(labeled.classes, test_matrix))
     if unwritten is not None:
-        fail_usage(unwritten)
+        fail_unwritten(unwritten)
     console.print(f"model: {shown(os.path.abspath(out))}")
     raise typer.Exit(1 if table.failures else 0)
 
@@ -172,7 +173,7 @@ def evaluate(
 
     Images are processed with the pipeline settings stored in the model. Every class folder must be
     a class of the model. Exit status: 0, 1 when some images failed (left out), 2 on bad usage, 3 when
-    standard output cannot be written (a full disk, a closed pipe).
+    standard output or the --plot cannot be written (a full disk, a closed pipe).
     """
     _need_numba("evaluate")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
@@ -212,13 +213,13 @@ def evaluate(
             replace_with(plot, "--plot", lambda temporary: save_confusion_plot(temporary, model.classes, matrix, title),
                          is_our_png)
         except UsageError as exc:  # said after the tables, which must not be lost either
-            unwritten = str(exc)
+            unwritten = exc
     console.print(f"model {shown(model_path)}: {shown(model.describe())}")
     console.print(f"backend [bold]{backend_name}[/], {accuracy_line(matrix)}")
     console.print(scores_table(model.classes, matrix))
     console.print(confusion_table(model.classes, matrix))
     if unwritten is not None:
-        fail_usage(unwritten)
+        fail_unwritten(unwritten)
     if plot is not None:
         console.print(f"plot: {shown(os.path.abspath(plot))}")
     raise typer.Exit(1 if table.failures else 0)

@@ -13,7 +13,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from gpu_pipeline.config import BLUR_SIZES, MOST_THREADS, STRETCHES, DecodeOptions, PipelineConfig
-from gpu_pipeline.errors import UsageError, printable
+from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable
 
 
 def given_path(text: str) -> Path:
@@ -98,6 +98,16 @@ ImagesPerCall = Annotated[int, typer.Option("--batch-size", help="Images per bac
 def fail_usage(message: str) -> None:
     typer.echo(f"gpu-pipeline: error: {printable(message)}", err=True)
     raise typer.Exit(2)
+
+
+def fail_unwritten(refusal: UsageError) -> None:
+    """A file that was to be written at the end, said after the results: exit 3 when it could not
+    be (:class:`~gpu_pipeline.outputs.files.CannotWrite`, a full disk), as for standard output;
+    2 for a refusal (a file another program made there meanwhile)."""
+    from gpu_pipeline.outputs.files import CannotWrite
+
+    typer.echo(f"gpu-pipeline: error: {printable(str(refusal))}", err=True)
+    raise typer.Exit(EXIT_WRITE_ERROR if isinstance(refusal, CannotWrite) else 2)
 
 
 def bundled_data_dir() -> Path:

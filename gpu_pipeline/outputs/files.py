@@ -27,6 +27,12 @@ from typing import Callable, Iterable
 from gpu_pipeline import __version__
 from gpu_pipeline.errors import UsageError
 
+
+class CannotWrite(UsageError):
+    """A file the command was to write at the end of its work could not be (a full disk, a folder
+    removed meanwhile): the command says it after its results and exits 3, as for standard output.
+    Its other refusals there (a file another program made meanwhile) stay exit 2."""
+
 #: The ``Software`` text chunk of the PNG plots gpu-pipeline draws.
 SOFTWARE = f"gpu-pipeline {__version__}"
 _OUR_JSON = re.compile(rb'\A\s*\{\s*"(?:schema|format)"\s*:\s*"gpu-pipeline[ -]')
@@ -96,8 +102,8 @@ def replace_with_report(path: Path, option: str, report: dict) -> None:
 
 
 def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: Callable[[Path], bool]) -> None:
-    """``write(temporary)``, then the temporary renamed to ``path``; UsageError (one line) when
-    the disk is full or the folder cannot be written, and nothing left behind. A symbolic link
+    """``write(temporary)``, then the temporary renamed to ``path``; :class:`CannotWrite` (one line)
+    when the disk is full or the folder cannot be written, and nothing left behind. A symbolic link
     (checked by :func:`check_target`) keeps pointing where it did, at the new file. The check is
     made again before the rename (``ours``, as :func:`check_target`'s): the command ran for a
     while, and another program (a run writing its output there) may have made the file since."""
@@ -112,7 +118,7 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
     try:
         write_replacing(path, write, before_replacing=still_ours)
     except OSError as exc:
-        raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
+        raise CannotWrite(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
