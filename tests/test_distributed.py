@@ -514,6 +514,29 @@ def test_a_worker_keeps_its_backend_between_tasks(monkeypatch, tmp_path):
     assert made == [1, 2] and len(closed) == 1
 
 
+def test_a_worker_whose_gpu_failed_still_runs_a_job_for_another_backend(monkeypatch, tmp_path, register):
+    """The worker closed its cached backend, whose GPU had failed, to make the next job's: the close
+    raised the GPU's error again, so every chunk of a CPU job sent to that worker failed with it."""
+    from gpu_pipeline.backends.base import DeviceFailed
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.labels.labeller import default_labels
+    from tests.backend_doubles import FailingDevice, failing_after
+
+    Image.fromarray(np.full((6, 5, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    register(FailingDevice)
+    monkeypatch.setattr(dask_run, "_worker_backend", None)
+    failing_after(0)
+    try:
+        on_gpu = dask_run.ChunkJob("failing-device", 1, PipelineConfig(), DecodeOptions(), 64, 1, default_labels, None)
+        with pytest.raises(DeviceFailed):
+            dask_run.process_chunk(on_gpu, [str(tmp_path / "a.png")])
+        on_cpu = dask_run.ChunkJob("reference", 1, PipelineConfig(), DecodeOptions(), 64, 1, default_labels, None)
+        (record,) = dask_run.process_chunk(on_cpu, [str(tmp_path / "a.png")]).records
+    finally:
+        failing_after(None)
+    assert record["backend"] == "reference" and "error" not in record
+
+
 def test_a_worker_labels_with_the_cnn_on_its_host(monkeypatch, tmp_path, bundled_data_dir):
     """backends.md: a worker's backend serves every task, of any client, so the CNN is never
     attached to it (it would leak into the next task); the labels are the network's, from the host."""

@@ -151,8 +151,8 @@ def _backend_for(job: ChunkJob) -> Backend:
     if _worker_backend is not None and _worker_backend[0] == key:
         return _worker_backend[1]
     if _worker_backend is not None:
-        _worker_backend[1].close()
-        _worker_backend = None
+        with _worker_backend[1]:  # closed; a failed GPU's close raises nothing (a CPU job may follow)
+            _worker_backend = None
     try:
         backend = create(job.backend_name, threads=job.threads)
     except (KeyError, BackendUnavailable) as exc:
