@@ -760,3 +760,20 @@ def test_the_api_says_a_gpu_backend_could_not_start(busy_gpu):
 
     with pytest.raises(BackendUnavailable, match="backend .cupy. could not start: RuntimeError"):
         gpu_pipeline.process([np.zeros((4, 4), np.uint8)], backend="cupy")
+
+
+def test_auto_says_once_which_backend_it_took_when_both_gpu_backends_cannot_start(monkeypatch, image_dir, tmp_path):
+    """A GPU another process holds in exclusive mode: neither GPU backend starts. auto printed a line
+    for each try, the first "using cuda", which then failed too: one line, for the backend it took."""
+    from gpu_pipeline.backends import registry
+
+    monkeypatch.setattr(registry, "cuda_driver_loads", lambda: True)
+    monkeypatch.setattr(registry, "AUTO_ORDER", ["cupy", "cuda", "numba", "reference"])
+    for name in ("cupy", "cuda"):
+        monkeypatch.setitem(registry._REGISTRY, name, registry.BackendEntry(
+            name, "", lambda: _GpuThatCannotStart, needs_cuda_driver=True))
+    out = tmp_path / "out.jsonl"
+    result = invoke("run", str(image_dir), "--out", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"gpu-pipeline: backend auto: using numba; {BUSY}; {BUSY.replace('cupy', 'cuda', 1)}\n"
+    assert {r["backend"] for r in read_records(out)} == {"numba"}

@@ -87,19 +87,25 @@ def tell_on_stderr(message: str) -> None:
 notify: Callable[[str], None] = tell_on_stderr
 
 
-def resolve(name: str, failed: dict[str, str] | None = None) -> str:
+def resolve(name: str) -> str:
     """The concrete backend name for ``name`` (``auto`` picks the best available one).
 
     ``auto`` skips a GPU backend silently where there is no CUDA driver (a CPU machine); where there
     is one, a GPU backend that cannot run is a surprise (a broken install, numpy too new), so it
-    says which backend it took instead and why, in one line through :data:`notify`. ``failed``: the
-    GPU backends :func:`create` could not start, with what happened ("cupy could not start: ...").
+    says which backend it took instead and why, in one line through :data:`notify`.
     """
+    concrete, passed_over = _choice(name, {})
+    _tell_passed_over(concrete, passed_over)
+    return concrete
+
+
+def _choice(name: str, failed: dict[str, str]) -> tuple[str, list[str]]:
+    """:func:`resolve`'s backend, and why ``auto`` passed over the GPU backends before it. ``failed``:
+    the GPU backends :func:`create` could not start, with what happened ("cupy could not start: ...")."""
     if name != "auto":
         if name not in _REGISTRY:
             raise KeyError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
-        return name
-    failed = failed or {}
+        return name, []
     passed_over = []
     for candidate in AUTO_ORDER:
         if candidate not in _REGISTRY or _REGISTRY[candidate].needs_cuda_driver and not cuda_driver_loads():
@@ -109,12 +115,15 @@ def resolve(name: str, failed: dict[str, str] | None = None) -> str:
             continue
         reason = unavailable_reason(candidate)
         if reason is None:
-            if passed_over:
-                notify(f"backend auto: using {candidate}; " + "; ".join(passed_over))
-            return candidate
+            return candidate, passed_over
         if _REGISTRY[candidate].needs_cuda_driver:
             passed_over.append(f"{candidate} is unavailable: {reason}")
-    return "reference"
+    return "reference", []
+
+
+def _tell_passed_over(concrete: str, passed_over: list[str]) -> None:
+    if passed_over:
+        notify(f"backend auto: using {concrete}; " + "; ".join(passed_over))
 
 
 def create(name: str, threads: int | None = None, device: int | None = None) -> Backend:
@@ -127,13 +136,16 @@ def create(name: str, threads: int | None = None, device: int | None = None) -> 
     """
     failed: dict[str, str] = {}
     while True:
-        concrete = resolve(name, failed)
+        concrete, passed_over = _choice(name, failed)
         try:
-            return _started(concrete, threads, device)
+            backend = _started(concrete, threads, device)
         except BackendUnavailable as exc:
             if name != "auto" or device is not None or not _REGISTRY[concrete].needs_cuda_driver:
                 raise
             failed[concrete] = str(exc).replace(f"backend {concrete!r} ", f"{concrete} ", 1)
+            continue
+        _tell_passed_over(concrete, passed_over)  # (once, for the backend that started)
+        return backend
 
 
 def _started(concrete: str, threads: int | None, device: int | None) -> Backend:
