@@ -10,7 +10,6 @@ on the real exception types of numba-cuda and CuPy, built directly.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +69,10 @@ def test_a_device_failure_ends_the_run_resumably_with_exit_4(tiles, tmp_path, fa
     result = run(tiles, out)
     assert result.exit_code == 4, result.output
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
-    assert re.fullmatch(r"gpu-pipeline: error: the GPU of backend failing-device failed: StickyError: "
-                        r"cudaErrorIllegalAddress: an illegal memory access was encountered; the records written "
-                        r"before are kept: run the same command again to resume once the GPU works\n",
-                        result.stderr), result.stderr
+    assert result.stderr == (
+        "gpu-pipeline: error: the GPU of backend failing-device failed: StickyError: cudaErrorIllegalAddress: an "
+        f"illegal memory access was encountered (in the batch of 4 images that starts with {tiles / 'tile008.png'}); "
+        "the records written before are kept: run the same command again to resume once the GPU works\n")
     kept = read_records(out)
     assert len(kept) == 8 and not any("error" in record for record in kept)
     failing(None)  # the GPU back (a reboot, another node)
@@ -101,7 +100,8 @@ def test_to_standard_output_a_device_failure_says_so_without_a_resume(tiles, fai
                                  "--batch-size", "4", "--workers", "1", "-q"])
     assert result.exit_code == 4
     assert result.stderr == ("gpu-pipeline: error: the GPU of backend failing-device failed: StickyError: "
-                             "cudaErrorIllegalAddress: an illegal memory access was encountered\n")
+                             "cudaErrorIllegalAddress: an illegal memory access was encountered (in the batch of 4 "
+                             f"images that starts with {tiles / 'tile004.png'})\n")
     assert len(result.stdout.splitlines()) == 4  # the first batch (the warm-up took a call)
 
 
@@ -223,3 +223,28 @@ def test_cupys_pinned_allocation_is_out_of_memory_only_when_memory_ran_out():
     with pytest.raises(runtime.CUDARuntimeError) as raised:
         device.alloc_pinned(1024)
     assert cupy_backend().is_device_failure(raised.value)
+
+
+class _FailsAsItTakesTheModel(FailingDevice):
+    """A GPU that fails as the label model's weights are copied to it (cupy with --model eurosat-cnn)."""
+
+    def attach_label_model(self, model) -> bool:
+        raise StickyError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+
+def test_a_gpu_that_fails_as_it_takes_the_label_model_could_not_start(tiles, tmp_path, register):
+    """A traceback before: the failure came from attach_label_model, where nothing classified it."""
+    register(_FailsAsItTakesTheModel)
+    failing_after(None)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "failing-device",
+                                 "--model", "eurosat-cnn"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == ("gpu-pipeline: error: backend 'failing-device' could not start: StickyError: "
+                             "cudaErrorIllegalAddress: an illegal memory access was encountered\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]  # a refusal writes nothing
+    verified = runner.invoke(app, ["verify", str(tiles), "--backends", "failing-device,numba",
+                                   "--model", "eurosat-cnn"])
+    assert verified.exit_code == 1, verified.output
+    assert "failing-device" in verified.stdout and "could not start: StickyError" in verified.stdout
+    assert "Traceback" not in verified.output

@@ -494,8 +494,16 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
         execution={"threads": threads, "workers": workers, "batch_size": batch_size, "decode_timeout": decode_timeout})
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
-    for backend in started.values():  # a GPU backend may run the label model on its device
-        attach_label_model(backend, labels_of)
+    for name, backend in list(started.items()):  # a GPU backend may run the label model on its device
+        try:
+            attach_label_model(backend, labels_of)
+        except Exception as exc:  # its GPU failed as it took the model: as one that could not start
+            with backend:
+                if not backend.is_device_failure(exc):
+                    raise
+            del started[name]
+            tally = next(tally for tally in tallies if tally.name == name)
+            tally.status, tally.reason = "failed", f"could not start: {one_line(exc)}"
     try:
         verifier = Verifier(reference, started, config, report, labels_of)
         parts = decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers, processes=processes,

@@ -34,7 +34,7 @@ from gpu_pipeline.labels.labeller import attach_label_model, label_function, lab
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
-from gpu_pipeline.errors import EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, printable, shown
+from gpu_pipeline.errors import EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, one_line, printable, shown
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
@@ -56,6 +56,18 @@ def open_backend(name: str, threads: int | None, device: int | None = None):
         raise UsageError(exc.args[0]) from None
     except BackendUnavailable as exc:
         raise UsageError(str(exc)) from None
+
+
+def _attach_label_model(backend, labels_of) -> None:
+    """:func:`attach_label_model`; a GPU that fails there (copying the CNN's weights) is a backend
+    that could not start, one line and exit 2, not a traceback. The backend is closed then."""
+    try:
+        attach_label_model(backend, labels_of)
+    except Exception as exc:
+        with backend:  # (closed; a failed GPU's close raises nothing more)
+            if not backend.is_device_failure(exc):
+                raise
+        raise UsageError(f"backend {backend.name!r} could not start: {one_line(exc)}") from None
 
 
 def edge_root(paths: Sequence[str | os.PathLike[str]]) -> str:
@@ -642,7 +654,7 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
         backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, job.workers
-        attach_label_model(backend, labels_of)
+        _attach_label_model(backend, labels_of)
     else:
         from gpu_pipeline.engine.distributed import DaskCluster, DaskEngine
 

@@ -31,11 +31,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gpu_pipeline.backends.base import Backend, BatchResult, raise_if_device_failed
+from gpu_pipeline.backends.base import Backend, BatchResult, DeviceFailed, raise_if_device_failed
 from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
-from gpu_pipeline.errors import UsageError, one_line
+from gpu_pipeline.errors import UsageError, one_line, printable
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs.decode import decode_each
 from gpu_pipeline.inputs.processes import (Decoder, ForkServer, available as processes_available, place_in, placed_at,
@@ -908,9 +908,18 @@ class Engine:
         keep = self.on_edges is not None
         if not len(batch.images):
             return Outcome(BatchResult.empty(0, keep), labels=[])
-        outcome = _compute(self.backend, batch.images, self.config, keep_images=keep)
-        computed = self._computed(batch.images, outcome)
-        outcome.labels = list(self._labels(computed, outcome.result)) if len(computed) else []
+        try:
+            outcome = _compute(self.backend, batch.images, self.config, keep_images=keep)
+            computed = self._computed(batch.images, outcome)
+            outcome.labels = list(self._labels(computed, outcome.result)) if len(computed) else []
+        except Exception as exc:  # (the label model may run on the device too)
+            if not isinstance(exc, DeviceFailed):
+                raise_if_device_failed(self.backend, exc)
+                raise
+            # named: a kernel fault that one image sets off stops every resume at that batch
+            first = batch.paths[int(batch.image_positions()[0])]
+            raise DeviceFailed(f"{exc} (in the batch of {len(batch.images)} images that starts with "
+                               f"{printable(str(first))})") from exc.__cause__
         # Records need only the shapes: the pixels (or their decode process's shared memory) are
         # freed now, not after the batch is written. With GPU-sized batches that is a quarter of
         # the decoded pixels a run held.
