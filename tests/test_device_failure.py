@@ -10,6 +10,7 @@ on the real exception types of numba-cuda and CuPy, built directly.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,20 @@ def test_a_gpu_that_fails_as_it_takes_the_label_model_could_not_start(tiles, tmp
     assert verified.exit_code == 1, verified.output
     assert "failing-device" in verified.stdout and "could not start: StickyError" in verified.stdout
     assert "Traceback" not in verified.output
+
+
+def test_a_device_failure_in_the_label_step_stops_the_run_naming_the_batch(tiles, failing):
+    """The label model may run on the device (the CNN with cupy): its sticky error is the GPU's too."""
+    failing(None)
+
+    def labels_on_a_failed_device(images, histograms, edge_counts, *features):
+        raise StickyError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+    records = RecordList()
+    engine = Engine(backend=FailingDevice(), batch_size=4, workers=1, processes=False,
+                    labels_of=labels_on_a_failed_device)
+    paths = sorted(str(path) for path in tiles.iterdir())
+    with pytest.raises(DeviceFailed, match=r"the GPU of backend failing-device failed: StickyError: .* \(in the "
+                                           rf"batch of 4 images that starts with {re.escape(paths[0])}\)$"):
+        engine.run(paths, records)
+    assert len(records) == 0

@@ -40,10 +40,11 @@ class DeviceFailed(RuntimeError):
     the backend and the GPU's error; the error itself is the ``__cause__``."""
 
 
-def raise_if_device_failed(backend: "Backend", error: BaseException) -> None:
-    """:class:`DeviceFailed` from ``error`` when ``backend`` says its device failed."""
+def raise_if_device_failed(backend: "Backend", error: BaseException, where: str = "") -> None:
+    """:class:`DeviceFailed` from ``error`` when ``backend`` says its device failed (``where``: what
+    it was doing, added to the message)."""
     if backend.is_device_failure(error):
-        raise DeviceFailed(f"the GPU of backend {backend.name} failed: {one_line(error)}") from error
+        raise DeviceFailed(f"the GPU of backend {backend.name} failed: {one_line(error)}{where}") from error
 
 
 def checked_device_index(index: int | None, count: int) -> int:

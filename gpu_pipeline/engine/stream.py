@@ -913,13 +913,12 @@ class Engine:
             computed = self._computed(batch.images, outcome)
             outcome.labels = list(self._labels(computed, outcome.result)) if len(computed) else []
         except Exception as exc:  # (the label model may run on the device too)
-            if not isinstance(exc, DeviceFailed):
-                raise_if_device_failed(self.backend, exc)
-                raise
-            # named: a kernel fault that one image sets off stops every resume at that batch
+            # the batch named: a kernel fault that one image sets off stops every resume there
             first = batch.paths[int(batch.image_positions()[0])]
-            raise DeviceFailed(f"{exc} (in the batch of {len(batch.images)} images that starts with "
-                               f"{printable(str(first))})") from exc.__cause__
+            raise_if_device_failed(self.backend, exc.__cause__ if isinstance(exc, DeviceFailed) else exc,
+                                   f" (in the batch of {len(batch.images)} images that starts with "
+                                   f"{printable(str(first))})")
+            raise
         # Records need only the shapes: the pixels (or their decode process's shared memory) are
         # freed now, not after the batch is written. With GPU-sized batches that is a quarter of
         # the decoded pixels a run held.
