@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_pipeline.backends import Backend, registry
-from gpu_pipeline.backends.base import DeviceFailed, check_image, raise_if_device_failed
+from gpu_pipeline.backends.base import check_image, raise_if_device_failed
+from gpu_pipeline.backends.base import DeviceFailed as DeviceFailed  # (gpu_pipeline.DeviceFailed, exported)
 from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, threshold_text, whole_number
 from gpu_pipeline.errors import PipelineWarning
 from gpu_pipeline.images import ImageBatch, pixel_counts
@@ -180,8 +181,9 @@ def _checked_images(images) -> Sequence[np.ndarray]:
 
 
 def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int | None = None,
-            low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold, l2: bool = False, blur: int = PipelineConfig.blur_ksize,
-            keep_images: bool = False, model: str | None = None) -> Results:
+            low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold,
+            l2: bool = False, blur: int = PipelineConfig.blur_ksize, keep_images: bool = False,
+            model: str | None = None) -> Results:
     """Run the pipeline on uint8 gray (H, W) or RGB (H, W, 3) images in memory.
 
     Images of any mix of shapes go to the backend in its own batch sizes; the results are the
@@ -228,8 +230,9 @@ def _slices(pixels: np.ndarray, batch_pixels: int) -> Iterator[tuple[int, int]]:
 
 
 def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], *, backend: str = "auto",
-        threads: int | None = None, workers: int | None = None, low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold,
-        l2: bool = False, blur: int = PipelineConfig.blur_ksize, bands: Sequence[int] | int | str | None = None, stretch: str = DecodeOptions.stretch,
+        threads: int | None = None, workers: int | None = None, low: float = PipelineConfig.low_threshold,
+        high: float = PipelineConfig.high_threshold, l2: bool = False, blur: int = PipelineConfig.blur_ksize,
+        bands: Sequence[int] | int | str | None = None, stretch: str = DecodeOptions.stretch,
         model: str | os.PathLike | None = None, glob: str | None = None, decode: str = "auto",
         decode_timeout: float | None = None) -> Iterator[dict]:
     """Yield one record per image file under ``paths`` (files and folders, searched recursively):
@@ -254,7 +257,8 @@ def run(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], 
 
 
 def run_batches(paths: str | os.PathLike | bytes | Iterable[str | os.PathLike | bytes], *, backend: str = "auto",
-                threads: int | None = None, workers: int | None = None, low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold,
+                threads: int | None = None, workers: int | None = None,
+                low: float = PipelineConfig.low_threshold, high: float = PipelineConfig.high_threshold,
                 l2: bool = False, blur: int = PipelineConfig.blur_ksize, bands: Sequence[int] | int | str | None = None,
                 stretch: str = DecodeOptions.stretch, model: str | os.PathLike | None = None, glob: str | None = None,
                 decode: str = "auto", decode_timeout: float | None = None) -> Iterator[Batch]:

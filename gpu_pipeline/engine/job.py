@@ -34,7 +34,8 @@ from gpu_pipeline.labels.labeller import attach_label_model, label_function, lab
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
-from gpu_pipeline.errors import EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, one_line, printable, shown
+from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, one_line, printable,
+                                  shown)
 from gpu_pipeline.inputs.decode import quiet_tifffile
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
