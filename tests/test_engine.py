@@ -492,6 +492,49 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
         release.set()
 
 
+def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_stop_wait(tmp_path, monkeypatch):
+    """A stop (SIGTERM) seen by the engine between batches, the next one already decoded, closed the
+    pool as if no stop had come: CLOSE_WAIT_S (10 s) for a decoder stuck further on, not STOP_WAIT_S,
+    and ``docker stop`` kills after 10 s (a loaded machine, whose consumer lags its decoders)."""
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream
+
+    paths = write_pngs(tmp_path, [(8, 8)] * 12)
+    stuck, release, next_ready = threading.Event(), threading.Event(), threading.Event()
+    real_decode, real_hand_over = stream.decode_each, stream._DecodePool._hand_over
+
+    def stuck_on_the_last(chunk, options, into=None):
+        if any(path.endswith("img011.png") for path in map(str, chunk)):
+            stuck.set()
+            release.wait(60)  # a read from a hung network mount
+        return real_decode(chunk, options, into=into)
+
+    def hand_over(pool, key, decoded, pixels, last):
+        handed = real_hand_over(pool, key, decoded, pixels, last)
+        if any(str(path).endswith("img002.png") for path in decoded.paths):
+            next_ready.set()  # the batch the engine takes next is ready: it takes it without waiting
+        return handed
+
+    monkeypatch.setattr(stream, "decode_each", stuck_on_the_last)
+    monkeypatch.setattr(stream._DecodePool, "_hand_over", hand_over)
+    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 5.0)
+    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # the stuck file's chunk holds no other
+    stop = threading.Event()
+    engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
+    batches = engine.record_batches(paths, stop=stop)
+    try:
+        assert next(batches).paths == [str(paths[0])]  # img001 computes meanwhile, img002 is ready
+        assert stuck.wait(10) and next_ready.wait(10)
+        stop.set()
+        started = time.monotonic()
+        assert [batch.paths for batch in batches] == [[str(paths[1])]]  # the batch in flight, then the end
+        assert time.monotonic() - started < 2.5  # STOP_WAIT_S (0.5 s), not CLOSE_WAIT_S (5 s)
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("batch_pixels, held", [(GPU_BATCH_PIXELS, 96 << 20), (CPU_BATCH_PIXELS, 18 << 20)])
 def test_decoded_pixels_held_by_a_run_are_bounded(tmp_path, monkeypatch, batch_pixels, held):
     """backends.md, where the host memory goes: the decode pool's prefetch (max(16 MP, batch)), the

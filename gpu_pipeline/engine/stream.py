@@ -613,7 +613,10 @@ class _DecodePool:
         if self._fork_server is not None:
             self._fork_server.close()
             self._fork_server = None
-        deadline = time.monotonic() + (STOP_WAIT_S if self._stopped else CLOSE_WAIT_S)
+        # (a stop the engine saw between batches, the next one ready, is a stop too: the parts did
+        # not end at it, and closing waited CLOSE_WAIT_S for a decoder stuck further on)
+        stopping = self._stopped or (self._stop is not None and self._stop.is_set())
+        deadline = time.monotonic() + (STOP_WAIT_S if stopping else CLOSE_WAIT_S)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
