@@ -51,7 +51,8 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float = 60) -> Non
 
 
 #: A ``sitecustomize`` that makes decoding hang for an hour (``$HANG_SECONDS`` when set) on files whose
-#: name holds ``$HANG_ON``: a codec in an endless loop, or a read from a hung mount. Every interpreter
+#: name holds ``$HANG_ON``: a codec in an endless loop, or a read from a hung mount; it creates the file
+#: ``$HANG_MARK`` (when set) as it starts to hang. Every interpreter
 #: of the run imports it (the run, its fork server and decode processes) when its folder is on ``PYTHONPATH``.
 HANGING_DECODER = """
 import os, time
@@ -62,6 +63,8 @@ if os.environ.get("HANG_ON"):
         def decode_each(paths, *args, **kwargs):
             for path, outcome in zip(paths, each(paths, *args, **kwargs)):
                 if os.environ["HANG_ON"] in os.fspath(path):
+                    if os.environ.get("HANG_MARK"):
+                        open(os.environ["HANG_MARK"], "a").close()
                     time.sleep(float(os.environ.get("HANG_SECONDS", 3600)))
                 yield outcome
         return decode_each
@@ -80,8 +83,17 @@ def sitecustomize(folder: Path, source: str) -> dict[str, str]:
 
 def hanging_decoder(folder: Path, name_part: str, seconds: float = 3600) -> dict[str, str]:
     """The environment that makes a run's decoding of files named with ``name_part`` hang for
-    ``seconds`` (see :data:`HANGING_DECODER`), its ``sitecustomize`` written in ``folder``."""
-    return {**sitecustomize(folder, HANGING_DECODER), "HANG_ON": name_part, "HANG_SECONDS": str(seconds)}
+    ``seconds`` (see :data:`HANGING_DECODER`), its ``sitecustomize`` written in ``folder``; the file
+    ``folder / "hanging"`` appears when a decoder starts to hang (see :func:`wait_until_hanging`)."""
+    return {**sitecustomize(folder, HANGING_DECODER), "HANG_ON": name_part, "HANG_SECONDS": str(seconds),
+            "HANG_MARK": str(folder / "hanging")}
+
+
+def wait_until_hanging(folder: Path, timeout: float = 60) -> None:
+    """Wait until a decoder of :func:`hanging_decoder` (its ``folder``) hangs: a test that acts
+    "once the run is stuck" after a sleep passed without testing where a loaded machine had not
+    got there yet."""
+    wait_until((folder / "hanging").exists, "a decoder hanging", timeout=timeout)
 
 
 def count_decode_processes(monkeypatch) -> list:

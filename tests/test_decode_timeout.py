@@ -25,7 +25,7 @@ from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
 from tests.runs import (count_decode_processes, decoder_with_server, hanging_decoder, sitecustomize, start, tagged,
-                        wait_until)
+                        wait_until, wait_until_hanging)
 
 needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
@@ -325,7 +325,7 @@ def test_closing_the_python_api_while_a_decoder_waits_out_the_limit_returns_at_o
     records = gpu_pipeline.run(tmp_path / "in", backend="reference", workers=1, decode_timeout=600)
     # (records come a batch behind, and a batch here is 256 tiles: the third holds the stuck one)
     assert next(records)["path"] == str(paths[0])
-    time.sleep(0.5)
+    wait_until_hanging(tmp_path / "site")  # (a sleep here let a loaded machine close before it)
     started = time.monotonic()
     records.close()
     assert time.monotonic() - started < 3

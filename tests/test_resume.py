@@ -490,14 +490,14 @@ def test_one_sigterm_ends_a_run_whose_decoder_hangs_and_leaves_no_process(tmp_pa
     """A decoder stuck for good (a codec's endless loop, a hung mount) held the batch being filled:
     SIGTERM waited for it for ever (coreutils ``timeout`` sends one), and the stuck decode process
     outlived the run. Now the run ends with its summary and the records of every finished batch."""
-    from tests.runs import hanging_decoder
+    from tests.runs import hanging_decoder, wait_until_hanging
 
     images = make_images(tmp_path / "in", 60, size=350, seed=3)  # 2 or 3 images a decoded part
     tag = f"hang-{decode}-{os.getpid()}"
     process = start(images[0].parent, tmp_path / "out.jsonl", "--decode", decode, tag=tag,
                     env=hanging_decoder(tmp_path / "site", "tile00040"))
     wait_for_records(tmp_path / "out.jsonl", 16)
-    time.sleep(1.0)  # the run is now stuck at tile00040
+    wait_until_hanging(tmp_path / "site")  # the run is now stuck at tile00040
     process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     try:
