@@ -583,23 +583,35 @@ def test_resume_with_dask_completes_a_partial_output_without_duplicates(cluster,
     assert by_path(read_records(out)) == tile_records
 
 
-@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
-def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path, sig, group, code):
-    """Ctrl-C reaches the client and its worker processes (a terminal signals the group); `kill`
-    or a service manager's SIGTERM may reach the client alone."""
+def many_tiles(tmp_path: Path, count: int = 2000) -> Path:
+    """``count`` hard links to one 64x64 tile: enough work that a signal lands mid-run."""
     folder = tmp_path / "many"
     folder.mkdir()
     first = folder / "tile00000.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(first)
-    for index in range(1, 2000):  # enough work that Ctrl-C lands mid-run
+    for index in range(1, count):
         os.link(first, folder / f"tile{index:05d}.png")
-    out = tmp_path / "dask.jsonl"
+    return folder
+
+
+def start_local_cluster_run(folder: Path, out: Path) -> subprocess.Popen:
+    """``run --dask local:2`` in a session of its own, returned once its first records are written."""
     process = subprocess.Popen(
         [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out), "--backend", "reference",
          "--dask", "local:2"], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     while not (out.exists() and out.stat().st_size) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    return process
+
+
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
+def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path, sig, group, code):
+    """Ctrl-C reaches the client and its worker processes (a terminal signals the group); `kill`
+    or a service manager's SIGTERM may reach the client alone."""
+    folder = many_tiles(tmp_path)
+    out = tmp_path / "dask.jsonl"
+    process = start_local_cluster_run(folder, out)
     if group:
         os.killpg(process.pid, sig)
     else:
@@ -610,6 +622,43 @@ def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_pa
     recorded = len(by_path(read_records(out)))
     assert 0 < recorded < 2000
     assert f"interrupted: {2000 - recorded} images not processed; run the same command again to resume" in stderr
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes still alive in ``session`` (Linux's /proc)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2:].split()[3]) == session:
+            alive.append(int(entry.name))
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the run's processes in Linux's /proc")
+def test_a_client_that_dies_at_once_leaves_no_noise_and_no_process(tmp_path):
+    """A second Ctrl-C a second after the first (docs/nightly.md), or kill -9, ends the client at once,
+    without Python's clean-up. Multiprocessing's resource tracker, a process that outlives it, then
+    printed "UserWarning: resource_tracker: There appear to be 12 leaked semaphore objects to clean up
+    at shutdown" (the queues of Dask's nannies) on the user's terminal. The run resumes."""
+    folder = many_tiles(tmp_path)
+    out = tmp_path / "dask.jsonl"
+    process = start_local_cluster_run(folder, out)
+    os.kill(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)  # to the end: the processes that share the stream closed it
+    assert process.returncode == -signal.SIGKILL
+    assert stderr == ""
+    deadline = time.monotonic() + 30
+    while session_processes(process.pid):  # the workers see their parent die
+        assert time.monotonic() < deadline, f"left behind: {session_processes(process.pid)}"
+        time.sleep(0.1)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out), "--backend", "reference",
+         "--dask", "local:2", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert len(by_path(read_records(out))) == 2000 == len(read_records(out))
 
 
 def signals_blocked(pid: int) -> int:

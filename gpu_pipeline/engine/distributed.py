@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -124,15 +125,29 @@ def workers_ignore_ctrl_c() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to share a Ctrl-C
         yield
         return
-    from multiprocessing import resource_tracker
-
-    # started on first use, it unblocks SIGINT in the thread that starts it: here, before the block
-    resource_tracker.ensure_running()
+    start_quiet_resource_tracker()  # started on first use, it unblocks SIGINT in the thread that starts it
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def start_quiet_resource_tracker() -> None:
+    """Multiprocessing's resource tracker, started (unless it runs already) without its warnings.
+
+    It outlives this process and unlinks the semaphores this process left: when the client dies at
+    once (a second Ctrl-C, kill -9), those of Dask's nannies, and it printed "UserWarning:
+    resource_tracker: There appear to be 12 leaked semaphore objects to clean up at shutdown" on the
+    user's terminal. It takes this process's -W options as it starts."""
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore:::multiprocessing.resource_tracker"
+    sys.warnoptions.append(quiet)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(quiet)
 
 
 def _this_worker() -> str:
