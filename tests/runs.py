@@ -73,6 +73,26 @@ if os.environ.get("HANG_ON"):
 """
 
 
+#: A ``sitecustomize`` that creates the file ``$STARTED_MARK`` once the command line's own code runs:
+#: ``gpu_pipeline.cli.app`` is being imported and has put its Ctrl-C hook in place (``sys.excepthook``,
+#: its first statement), or 50 ms have passed without it (a hook gone: the mark still comes, during
+#: the imports), seen by a thread that polls. Only the first interpreter (the run, not its decode
+#: processes) watches: the variable is taken out of the environment its children get.
+STARTED_MARKER = """
+import os, sys, threading, time
+mark = os.environ.pop("STARTED_MARK", None)
+if mark:
+    def watch():
+        while "gpu_pipeline.cli.app" not in sys.modules:
+            time.sleep(0.001)
+        deadline = time.monotonic() + 0.05
+        while sys.excepthook is sys.__excepthook__ and time.monotonic() < deadline:
+            time.sleep(0.001)
+        open(mark, "a").close()
+    threading.Thread(target=watch, daemon=True).start()
+"""
+
+
 def sitecustomize(folder: Path, source: str) -> dict[str, str]:
     """The environment in which every interpreter imports ``source`` first (a run, its fork server and
     decode processes): written as ``folder``'s ``sitecustomize``, ``folder`` put on ``PYTHONPATH``."""
