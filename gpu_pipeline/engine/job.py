@@ -241,10 +241,11 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
                          f"output, or its settings were removed, and resuming could mix settings; {replace}, "
                          "or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    if _as_canny_uses(earlier) == _as_canny_uses(settings):
+    earlier, settings = _as_canny_uses(earlier), _as_canny_uses(settings)
+    if earlier == settings:
         return
     # in this format: inspect checked that before the output was read back
-    changed = [key for key in settings if _as_canny_uses(earlier).get(key) != _as_canny_uses(settings)[key]]
+    changed = [key for key in settings if earlier.get(key) != settings[key]]
     raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
 
