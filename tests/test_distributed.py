@@ -8,6 +8,7 @@ Dask's retry limit at 0 has its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -701,6 +702,18 @@ class NowhereBackend(Backend):
         raise AssertionError("never called")
 
 
+@contextlib.contextmanager
+def here_and_on_the_workers(cluster, setup, teardown):
+    """``setup`` in this process and on every worker of ``cluster`` for the block, ``teardown`` after."""
+    setup()
+    cluster.run(setup)
+    try:
+        yield
+    finally:
+        cluster.run(teardown)
+        teardown()
+
+
 def register_nowhere() -> None:
     registry.register("nowhere", lambda: NowhereBackend)
 
@@ -711,13 +724,8 @@ def unregister_nowhere() -> None:
 
 def test_a_backend_the_workers_lack_exits_2_naming_the_worker_and_the_reason(cluster, tiles, tmp_path):
     out = tmp_path / "dask.jsonl"
-    register_nowhere()
-    cluster.run(register_nowhere)
-    try:
+    with here_and_on_the_workers(cluster, register_nowhere, unregister_nowhere):
         result = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address, backend="nowhere")
-    finally:
-        cluster.run(unregister_nowhere)
-        unregister_nowhere()
     assert result.exit_code == 2
     assert "this worker has no nowhere device" in result.stderr
     assert any(f"worker {address}" in result.stderr for address in cluster.nthreads())
@@ -781,13 +789,8 @@ def test_a_workers_gpu_that_fails_for_good_exits_4_as_a_local_run_does(cluster, 
     """Each image of the chunks on that worker got a compute error record (the worker's engine retried
     each alone), and no resume redid them."""
     out = tmp_path / "dask.jsonl"
-    register_failing_device()
-    cluster.run(register_failing_device)
-    try:
+    with here_and_on_the_workers(cluster, register_failing_device, unregister_failing_device):
         result = run(str(tiles), "--out", str(out), "--dask", cluster.scheduler.address, backend="failing-device")
-    finally:
-        cluster.run(unregister_failing_device)
-        unregister_failing_device()
     assert result.exit_code == 4, result.output
     assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.stderr
     assert "the GPU of backend failing-device failed: StickyError: cudaErrorIllegalAddress" in result.stderr
