@@ -1296,6 +1296,35 @@ def test_discovery_matches_pathlib_ordering(tmp_path, monkeypatch):
         assert find_files(given) == [str(path) for path in expected]
 
 
+_NAMED_FILES = ("e.png", "a/b.png", "a/c/d.jpg", "a-b/f.tif", "a.b/g.JPG", "A/h.gif")
+
+
+@HYPOTHESIS
+@given(spellings=st.lists(st.tuples(st.sampled_from(_NAMED_FILES), st.booleans(),
+                                    st.sampled_from(["", "./", "a/../", "a/c/../../", ".//"]),
+                                    st.sampled_from(["", "//", "/./"])), min_size=1, max_size=12))
+def test_files_named_one_by_one_are_named_and_ordered_as_pathlib_would(tmp_path_factory, monkeypatch, spellings):
+    """Files named one by one (a shell glob, a notebook's list) are named, de-duplicated and sorted as
+    ``Path`` objects sorted by their parts, however they are spelt (names as a glob gives them take a
+    path without ``Path``): the oracle is pathlib's and ``os.path``'s, on a tree with no links."""
+    root = tmp_path_factory.mktemp("named")
+    for name in _NAMED_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    monkeypatch.chdir(root)
+    given = []
+    for name, absolute, before, inner in spellings:
+        folder, _, file = name.rpartition("/")
+        spelt = before + (folder + inner + file if folder and inner else name)  # a//b.png, a/./b.png
+        given.append(os.path.join(str(root), spelt) if absolute else spelt)
+    first: dict[str, Path] = {}  # by absolute name, the first spelling
+    for spelt in given:
+        first.setdefault(os.path.abspath(spelt), Path(spelt))
+    ordered = sorted(first.items(), key=lambda item: item[1].parts)
+    assert discover(given) == [path for _, path in ordered]
+    assert find_files(given) == [name for name, _ in ordered]
+
+
 def test_a_tree_deeper_than_pythons_recursion_limit_is_walked_in_order(tmp_path):
     """Discovery recursed once per folder: a tree about 1,000 folders deep ended the run with a
     RecursionError traceback. Order still follows the path components: in the folder 500 deep, the

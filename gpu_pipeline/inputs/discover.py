@@ -75,14 +75,24 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     sort key joins the path's components with NUL, which no name holds and which sorts before every
     other character: strings then sort as the components would.
     """
-    paths = list(map(Path, paths))
+    paths = [os.fspath(path) for path in paths]
     if len(paths) == 1 and _is_folder(paths[0]):  # the usual run: a folder's files come sorted, no key needed
-        given = paths[0]
+        given = Path(paths[0])
         at = _prefix(absolute_name(given) if absolute else str(given))
         return [at + relative for relative in _files_in_folder(str(given), glob, unlisted)]
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
-    for given in paths:
-        if _is_folder(given):
+    here = None  # the current folder as a prefix, found at the first relative plain file name
+    for name in paths:
+        folder = _is_folder(name)
+        if not folder and _plain(name):  # a file named as Path would name it: a glob's or a listing's names
+            if name.startswith("/"):
+                found.setdefault(name, ("/" + name.replace("/", "\0"), name))
+                continue
+            here = here if here is not None else _prefix(single_root(os.path.abspath(".")))
+            found.setdefault(here + name, (name.replace("/", "\0"), name))
+            continue
+        given = Path(name)
+        if folder:
             at_given, at_absolute = _prefix(str(given)), _prefix(absolute_name(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
             for relative in _files_in_folder(str(given), glob, unlisted):
@@ -91,6 +101,16 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
             found.setdefault(absolute_name(given), ("\0".join(given.parts), str(given)))
     ordered = sorted(found.items(), key=lambda item: item[1][0])
     return [name if absolute else names[1] for name, names in ordered]
+
+
+def _plain(name: str) -> bool:
+    """Whether ``name`` is spelt as ``str(Path(name))`` spells it, with no ``..`` part: no empty part,
+    no ``.`` part, no ``/`` at the end. Its parts are then its pieces between ``/`` (after a root
+    ``/``), its absolute name the current folder and it (for a relative name), and it needs no
+    ``Path``, which costs about 8 us of the GIL a file where 26,500 files are named one by one."""
+    return (name != "" and name != "." and not name.endswith(("/", "/.")) and not name.startswith("./")
+            and "//" not in name and "/./" not in name and name != ".." and not name.startswith("../")
+            and not name.endswith("/..") and "/../" not in name)
 
 
 def discover(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
