@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -437,19 +438,31 @@ def test_a_batch_frees_its_pixels_before_its_records_are_written(failing, monkey
 
 
 @pytest.mark.parametrize("count, interrupted", [(16, False), (24, True)])
-def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, count, interrupted):
-    """A signal while the first of two batches is written: every image was taken and is written, so
-    the summary says the run was not interrupted; with a third batch still to take, it was."""
+def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, monkeypatch, count, interrupted):
+    """A signal while the second batch is written: every image was taken and is written, so the
+    summary says the run was not interrupted; with a third batch still to take (its first image
+    decodes only after the signal), it was."""
     import threading
+
+    from gpu_pipeline.engine import stream
 
     paths = write_pngs(tmp_path, [(5, 6)] * count)
     stop = threading.Event()
+    real = stream.decode_each
+
+    def after_the_stop(chunk, options, into=None):
+        if any(path.endswith("img016.png") for path in map(str, chunk)):
+            stop.wait(10)
+        return real(chunk, options, into=into)
 
     class StoppingSink(ListSink):
         def write(self, records):
-            stop.set()
+            if any(record["path"] == str(paths[15]) for record in records):
+                stop.set()
             super().write(records)
 
+    monkeypatch.setattr(stream, "decode_each", after_the_stop)
+    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # img016's chunk holds no other
     sink = StoppingSink()
     summary = Engine(ReferenceBackend(), batch_size=8, workers=1).run(paths, sink, stop=stop)
     assert summary.interrupted is interrupted
@@ -492,6 +505,36 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
         release.set()
 
 
+def test_a_computed_batch_is_handed_on_while_the_next_one_is_still_decoding(tmp_path, monkeypatch):
+    """The records of a computed batch waited until the next batch was decoded: a read stuck on a
+    hung network mount held them (unwritten, the progress bar still, lost to a kill), and every
+    scene's record waited for the next scene's decode."""
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream
+
+    paths = write_pngs(tmp_path, [(8, 8)] * 8)
+    stuck, released = threading.Event(), threading.Event()
+    real = stream.decode_each
+
+    def stuck_on_the_fourth(chunk, options, into=None):
+        if any(path.endswith("img003.png") for path in map(str, chunk)):
+            stuck.set()
+            time.sleep(5)  # a read from a hung network mount
+            released.set()
+        return real(chunk, options, into=into)
+
+    monkeypatch.setattr(stream, "decode_each", stuck_on_the_fourth)
+    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # the stuck file's chunk holds no other
+    engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
+    with contextlib.closing(engine.record_batches(paths)) as batches:
+        firsts = [next(batches).paths for _ in range(3)]  # img002 computed while img003 is stuck
+        assert stuck.is_set() and not released.is_set()
+        assert firsts == [[str(path)] for path in paths[:3]]
+        assert [batch.paths for batch in batches] == [[str(path)] for path in paths[3:]]
+
+
 def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_stop_wait(tmp_path, monkeypatch):
     """A stop (SIGTERM) seen by the engine between batches, the next one already decoded, closed the
     pool as if no stop had come: CLOSE_WAIT_S (10 s) for a decoder stuck further on, not STOP_WAIT_S,
@@ -529,7 +572,8 @@ def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_sto
         assert stuck.wait(10) and next_ready.wait(10)
         stop.set()
         started = time.monotonic()
-        assert [batch.paths for batch in batches] == [[str(paths[1])]]  # the batch in flight, then the end
+        # img001 computing at the stop is written; taken after img000 was handed on, it is not taken
+        assert [batch.paths for batch in batches] in ([[str(paths[1])]], [])
         assert time.monotonic() - started < 2.5  # STOP_WAIT_S (0.5 s), not CLOSE_WAIT_S (5 s)
     finally:
         release.set()

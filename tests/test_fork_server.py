@@ -425,11 +425,27 @@ def test_a_run_whose_decoders_fail_for_good_writes_every_batch_decoded_before():
     from gpu_pipeline.engine.stream import DecodedPart, Engine
     from gpu_pipeline.images import ImageBatch
 
-    def parts(paths, *args, **kwargs):
+    def decoded(paths):
         for first in (0, 2, 4):
             yield DecodedPart(paths[first:first + 2],
                               ImageBatch.of([np.full((8, 8), 40 * (first + k), np.uint8) for k in range(2)]))
         raise processes.ForkServerDied("the decode processes' fork server ended 4 times")
+
+    class Parts:  # what decode_parts gives: its parts, a stop, a close
+        def __init__(self, paths):
+            self._parts = decoded(paths)
+
+        def __iter__(self):
+            return self._parts
+
+        def stop_decoding(self):
+            pass
+
+        def close(self):
+            self._parts.close()
+
+    def parts(paths, *args, **kwargs):
+        return Parts(paths)
 
     paths = [f"/in/{k}.png" for k in range(6)]
     written = []

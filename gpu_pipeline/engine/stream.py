@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -578,12 +578,13 @@ class _DecodePool:
         try:
             while True:
                 with self._lock:
-                    while self._wanted not in self._ready and self._running and self._failure is None:
+                    while (self._wanted not in self._ready and self._running and self._failure is None
+                           and not self._closed):  # (closed by the engine while its batch thread waits here)
                         if self._stop is not None and self._stop.is_set():
                             self._stopped = True
                             return  # (a decoder may never hand its part over: stuck in a codec or a read)
                         self._consumer.wait(STOP_POLL_S if self._stop is not None else None)
-                    if self._wanted not in self._ready:  # (the parts ready before a failure are handed on first)
+                    if self._closed or self._wanted not in self._ready:  # (parts ready before a failure go first)
                         if self._failure is not None:
                             raise self._failure
                         return
@@ -663,6 +664,10 @@ class _Parts:
 
     def __next__(self) -> DecodedPart:
         return next(self._parts)
+
+    def stop_decoding(self) -> None:
+        """Stop the pool; a thread waiting in ``next`` for a part returns (the parts end)."""
+        self._pool.close()
 
     def close(self) -> None:
         self._parts.close()
@@ -866,6 +871,7 @@ class Engine:
             fork_server.close()
             fork_server = None
         in_flight: tuple[DecodedPart, Future] | None = None
+        upcoming: Future | None = None
         taken = 0
         # the consumer holds a batch being filled and one computing (a batch frees its pixels
         # once computed, before its records are written)
@@ -874,22 +880,37 @@ class Engine:
                                              consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop,
                                              time_limit=self.decode_timeout)) as parts, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as batching, \
                 contextlib.ExitStack() as stack:
             stream = part_batches(parts, self.batch_size, batch_pixels)
             savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
             try:
-                for batch in stream:
+                # The next batch is taken on a thread of its own: while it is still decoding (a slow
+                # read, a stuck decoder), the batch computed meanwhile is handed on, not held for it.
+                upcoming = batching.submit(next, stream, None)
+                while True:
+                    if in_flight is not None and not upcoming.done():
+                        wait((upcoming, in_flight[1]), return_when=FIRST_COMPLETED)
+                        if not upcoming.done():
+                            done, in_flight = in_flight, None  # (not yielded again below, whatever happens)
+                            yield self.records(done[0], done[1].result(), savers)
+                    batch = upcoming.result()
+                    if batch is None:  # the parts may have ended at the stop
+                        summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
+                        break
                     if stop is not None and stop.is_set():
                         summary.interrupted = True
                         break
                     taken += len(batch.paths)
                     computing = (batch, compute.submit(self._outcome, batch))
                     if in_flight is not None:
-                        done, in_flight = in_flight, None  # (not yielded again below, whatever happens)
-                        yield self.records(done[0], done[1].result(), savers)
+                        done, in_flight = in_flight, None
+                        outcome = done[1].result()  # its pixels freed before the next batch is taken
+                        upcoming = batching.submit(next, stream, None)
+                        yield self.records(done[0], outcome, savers)
+                    else:
+                        upcoming = batching.submit(next, stream, None)
                     in_flight = computing
-                else:  # the parts may have ended at the stop
-                    summary.interrupted = stop is not None and stop.is_set() and taken < len(paths)
             except Exception:  # the decoders failed for good (a fork server that kept dying)
                 if in_flight is not None and in_flight[1].exception() is None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)  # computed: kept
@@ -898,6 +919,9 @@ class Engine:
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts
+                parts.stop_decoding()
+                if upcoming is not None:
+                    wait((upcoming,))  # (its thread is in the parts' generator until the pool's end)
                 parts.close()
 
     def close(self) -> None:
