@@ -517,6 +517,26 @@ def test_one_sigterm_ends_a_run_whose_decoder_hangs_and_leaves_no_process(tmp_pa
     assert set(by_path(read_records(tmp_path / "out.jsonl"))) == {str(path) for path in images}
 
 
+def test_the_records_before_a_stuck_decode_are_written_while_it_hangs(tmp_path):
+    """A batch computed while the next one decodes is written then: the record of the image before
+    a stuck one (a batch each here) waited for that decode, for ever without ``--decode-timeout``,
+    unwritten, and a kill lost it."""
+    from tests.runs import hanging_decoder, wait_until_hanging
+
+    images = make_images(tmp_path / "in", 8, size=520, seed=5)  # a decoded part each (over 256 K pixels)
+    tag = f"before-stuck-{os.getpid()}"
+    process = start(images[0].parent, tmp_path / "out.jsonl", "--decode", "threads", "--batch-size", "1",
+                    tag=tag, env=hanging_decoder(tmp_path / "site", "tile00005"))
+    try:
+        wait_until_hanging(tmp_path / "site")
+        wait_for_records(tmp_path / "out.jsonl", 5)
+        assert set(by_path(read_records(tmp_path / "out.jsonl"))) == {str(path) for path in images[:5]}
+        assert process.poll() is None  # still stuck on tile00005
+    finally:
+        process.kill()
+        process.wait()
+
+
 def peak_rss_kib(folder: Path, out: Path) -> int:
     process = start(folder, out, "-q")
     _, status, usage = os.wait4(process.pid, 0)
