@@ -510,18 +510,17 @@ def test_a_computed_batch_is_handed_on_while_the_next_one_is_still_decoding(tmp_
     hung network mount held them (unwritten, the progress bar still, lost to a kill), and every
     scene's record waited for the next scene's decode."""
     import threading
-    import time
 
     from gpu_pipeline.engine import stream
 
     paths = write_pngs(tmp_path, [(8, 8)] * 8)
-    stuck, released = threading.Event(), threading.Event()
+    stuck, release, released = threading.Event(), threading.Event(), threading.Event()
     real = stream.decode_each
 
     def stuck_on_the_fourth(chunk, options, into=None):
         if any(path.endswith("img003.png") for path in map(str, chunk)):
             stuck.set()
-            time.sleep(5)  # a read from a hung network mount
+            release.wait(10)  # a read from a hung network mount
             released.set()
         return real(chunk, options, into=into)
 
@@ -531,8 +530,46 @@ def test_a_computed_batch_is_handed_on_while_the_next_one_is_still_decoding(tmp_
     with contextlib.closing(engine.record_batches(paths)) as batches:
         firsts = [next(batches).paths for _ in range(3)]  # img002 computed while img003 is stuck
         assert stuck.is_set() and not released.is_set()
+        release.set()
         assert firsts == [[str(path)] for path in paths[:3]]
         assert [batch.paths for batch in batches] == [[str(path)] for path in paths[3:]]
+
+
+def test_a_program_that_leaves_a_run_unfinished_while_a_decode_hangs_still_exits(tmp_path):
+    """A notebook or script that takes some batches and ends without closing the run, a decoder
+    stuck on a hung mount: the thread that takes the next batch waits for that decoder, and Python
+    waits at exit for the threads of its thread pools. It must not hold the exit."""
+    import subprocess
+    import sys
+    import time
+
+    paths = write_pngs(tmp_path, [(8, 8)] * 8)
+    script = f"""
+import time
+from pathlib import Path
+from gpu_pipeline.backends.reference import ReferenceBackend
+from gpu_pipeline.engine import stream
+
+real = stream.decode_each
+
+def stuck_on_the_fourth(chunk, options, into=None):
+    if any(str(path).endswith("img003.png") for path in chunk):
+        time.sleep(3600)  # a read from a hung network mount
+    return real(chunk, options, into=into)
+
+stream.decode_each = stuck_on_the_fourth
+stream.MOST_CHUNK_IMAGES = 1
+stream.CLOSE_WAIT_S = 0.5
+batches = stream.Engine(ReferenceBackend(), batch_size=1, workers=2, processes=False).record_batches(
+    [Path(name) for name in {[str(path) for path in paths]!r}])
+print([next(batches).paths for _ in range(3)], flush=True)  # the third while img003 hangs
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr([[str(path)] for path in paths[:3]])
+    assert time.monotonic() - started < 30
 
 
 def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_stop_wait(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import queue
 import sys
 import threading
 import time
@@ -741,6 +742,33 @@ def _checked(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
     return result
 
 
+class _Taker:
+    """Takes the next of ``batches`` on a thread of its own (:meth:`take` gives a future of it, None
+    at the end). A daemon thread, not a thread pool's: Python waits at exit for those, and this one
+    may wait for ever for a decoder that never returns (a hung mount) where a program left its run
+    unfinished."""
+
+    def __init__(self, batches: Iterator[DecodedPart]) -> None:
+        self._batches = batches
+        self._asked: queue.SimpleQueue[Future | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="batches", daemon=True).start()
+
+    def _serve(self) -> None:
+        while (future := self._asked.get()) is not None:
+            try:
+                future.set_result(next(self._batches, None))
+            except BaseException as exc:  # (raised to whoever waits on the future)
+                future.set_exception(exc)
+
+    def take(self) -> Future:
+        future: Future = Future()
+        self._asked.put(future)
+        return future
+
+    def close(self) -> None:
+        self._asked.put(None)
+
+
 @dataclass
 class Outcome:
     """A computed batch: ``result`` for the images that succeeded (in order), the exception of
@@ -880,14 +908,14 @@ class Engine:
                                              consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop,
                                              time_limit=self.decode_timeout)) as parts, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as batching, \
                 contextlib.ExitStack() as stack:
-            stream = part_batches(parts, self.batch_size, batch_pixels)
+            batching = stack.enter_context(contextlib.closing(_Taker(part_batches(parts, self.batch_size,
+                                                                                 batch_pixels))))
             savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
             try:
                 # The next batch is taken on a thread of its own: while it is still decoding (a slow
                 # read, a stuck decoder), the batch computed meanwhile is handed on, not held for it.
-                upcoming = batching.submit(next, stream, None)
+                upcoming = batching.take()
                 while True:
                     if in_flight is not None and not upcoming.done():
                         wait((upcoming, in_flight[1]), return_when=FIRST_COMPLETED)
@@ -906,10 +934,10 @@ class Engine:
                     if in_flight is not None:
                         done, in_flight = in_flight, None
                         outcome = done[1].result()  # its pixels freed before the next batch is taken
-                        upcoming = batching.submit(next, stream, None)
+                        upcoming = batching.take()
                         yield self.records(done[0], outcome, savers)
                     else:
-                        upcoming = batching.submit(next, stream, None)
+                        upcoming = batching.take()
                     in_flight = computing
             except Exception:  # the decoders failed for good (a fork server that kept dying)
                 if in_flight is not None and in_flight[1].exception() is None:
