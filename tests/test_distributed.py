@@ -625,6 +625,67 @@ def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_pa
     assert f"interrupted: {2000 - recorded} images not processed; run the same command again to resume" in stderr
 
 
+#: A ``sitecustomize`` for the client of a run: the file ``$CLUSTER_STARTING_MARK`` appears as
+#: ``LocalCluster``'s constructor starts.
+CLUSTER_STARTING_MARKER = """
+import os
+mark = os.environ.pop("CLUSTER_STARTING_MARK", None)  # (the client's alone: its workers do not get it)
+if mark:
+    import gpu_pipeline.engine.distributed as dask_run
+
+    imported = dask_run._import_distributed
+
+    def marking():
+        distributed = imported()
+        real = distributed.LocalCluster.__init__
+        if not hasattr(real, "marking"):
+            def starting(self, *args, **kwargs):
+                open(mark, "a").close()
+                real(self, *args, **kwargs)
+
+            starting.marking = True
+            distributed.LocalCluster.__init__ = starting
+        return distributed
+
+    dask_run._import_distributed = marking
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the run's processes in Linux's /proc")
+def test_a_sigterm_as_the_local_cluster_starts_closes_it_quietly(tmp_path):
+    """A SIGTERM to the client as ``LocalCluster`` starts (a service stopped as the nightly job
+    begins) interrupted its constructor: the cluster, half made, was left to Dask's own clean-up at
+    exit, which printed its scheduler's log lines on the run's stderr ("Closing scheduler. Reason:
+    unknown") or aborted (exit 134). The run now holds the signal until the cluster is its own, closes
+    it, and exits 143, quietly, with nothing written and no process left. (A race: the unfixed code
+    failed about one try in three, so three tries.)"""
+    from tests.runs import sitecustomize, wait_until
+
+    folder = many_tiles(tmp_path)
+    for attempt in range(3):
+        out = tmp_path / f"dask{attempt}.jsonl"
+        mark = tmp_path / f"cluster-starting{attempt}"
+        env = dict(os.environ, CLUSTER_STARTING_MARK=str(mark),
+                   **sitecustomize(tmp_path / "site", CLUSTER_STARTING_MARKER))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out), "--backend",
+             "reference", "--dask", "local:2"], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=env)
+        try:
+            wait_until(mark.exists, "the local cluster starting")
+            os.kill(process.pid, signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+        assert process.returncode == 143, stderr
+        assert stderr == ""
+        assert not out.exists()
+        deadline = time.monotonic() + 30
+        while session_processes(process.pid):
+            assert time.monotonic() < deadline, f"left behind: {session_processes(process.pid)}"
+            time.sleep(0.1)
+
+
 def session_processes(session: int) -> list[int]:
     """The processes still alive in ``session`` (Linux's /proc)."""
     alive = []

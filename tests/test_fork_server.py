@@ -261,9 +261,12 @@ wait_until(lambda: open(f"/proc/{{process.pid}}/stat").read().rsplit(")", 1)[1].
 processes.DecodeProcess(DecodeOptions(), server=server).close()  # a fresh server
 process.close()
 server.close()
-children = [line for pid in os.listdir("/proc") if pid.isdigit()
-            for line in [open(f"/proc/{{pid}}/stat").read()]
-            if int(line.rsplit(")", 1)[1].split()[1]) == os.getpid()]
+def parent(pid):
+    try:
+        return int(open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:  # (another process of the machine, ended since the listing)
+        return None
+children = [pid for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == os.getpid()]
 print(len(children), process.returncode)
 """
 

@@ -133,6 +133,31 @@ def workers_ignore_ctrl_c() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+@contextmanager
+def sigterm_held(held: list[int]) -> Iterator[None]:
+    """A SIGTERM noted in ``held``, not acted on, while a local cluster starts (in the main thread;
+    elsewhere Python runs no signal handler). One that interrupted ``LocalCluster``'s constructor
+    left a cluster half made to Dask's own clean-up at exit, which printed its scheduler's log lines
+    on the run's stderr. The caller closes the cluster, then sends it again (:func:`send_again`).
+    Not blocked, as SIGINT is (:func:`workers_ignore_ctrl_c`): the workers would inherit the mask,
+    and their nannies stop them with SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def send_again(held: list[int]) -> None:
+    """The first signal that :func:`sigterm_held` noted, sent to this process again: its own handler
+    (the command line's: exit 143) or the system's default acts on it now."""
+    if held:
+        os.kill(os.getpid(), held[0])
+
+
 def start_quiet_resource_tracker() -> None:
     """Multiprocessing's resource tracker, started (unless it runs already) without its warnings.
 
@@ -397,14 +422,20 @@ class DaskCluster:
             # The processes share this machine's cores: give each its share unless --threads says otherwise.
             threads = threads or max(1, usable_cores() // local_workers)
             # Failed tasks reach the user through the client's message; the workers' own logs would repeat them.
+            held: list[int] = []
             try:
-                with without_gil_monitor(), workers_ignore_ctrl_c():
+                with without_gil_monitor(), workers_ignore_ctrl_c(), sigterm_held(held):
                     self.cluster = distributed.LocalCluster(
                         n_workers=local_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                         silence_logs=logging.CRITICAL, preload=[__name__])
             except Exception as exc:  # e.g. worker processes that cannot start: out of memory or processes
+                send_again(held)  # (a SIGTERM meanwhile wins)
                 raise UsageError(f"cannot start a local Dask cluster of {local_workers} workers: "
                                  f"{one_line(exc)}") from None
+            if held:  # the cluster is closed before the signal acts
+                with dask_logs_off():
+                    self._close_cluster()
+                send_again(held)
             address = self.cluster
         else:
             address = _scheduler_address(spec)
