@@ -51,7 +51,7 @@ def absolute_name(given: Path) -> str:
     return absolute
 
 
-def _is_folder(given: Path) -> bool:
+def _is_folder(given: str | Path) -> bool:
     """Whether ``given`` is a folder (else something a record can be written for); UsageError, saying
     why, where it cannot be reached. ``Path.is_dir`` raises on a name too long or a folder that
     cannot be searched, and calls a symbolic link loop missing."""
