@@ -1374,6 +1374,28 @@ def test_find_files_names_a_file_one_way_whatever_the_spelling(tmp_path, monkeyp
     assert discover(["../sub/.."]) == [Path("../sub/../a.png"), Path("../sub/../sub/b.png")]  # as given
 
 
+def test_a_file_named_with_a_trailing_slash_is_taken_as_path_reads_it(tmp_path, monkeypatch):
+    """``Path`` reads ``e.png/`` and ``e.png/.`` as ``e.png``, and so did discovery (and the command
+    line still does: its arguments are Path objects). When files named one by one stopped taking a
+    Path, such a name, given in a list (the Python API), was stat'ed as spelt: the system refuses a
+    file name ending in ``/`` (ENOTDIR), and the run ended in a UsageError "no such file or folder"
+    for a file that is there. An empty name is still refused (``Path("")`` walked the current folder)."""
+    touch(tmp_path / "e.png")
+    touch(tmp_path / "a/b.png")
+    (tmp_path / "link.png").symlink_to("e.png")
+    monkeypatch.chdir(tmp_path)
+    for given in (["e.png/"], ["e.png/."], [f"{tmp_path}/e.png/"], ["a/b.png/", "e.png"], ["a//b.png/./", "a"],
+                  ["link.png/", "a/b.png"], [f"//{tmp_path}/a/./b.png/"]):
+        as_path = [str(Path(name)) for name in given]
+        assert discover(given) == discover(as_path), given
+        assert find_files(given) == find_files(as_path), given
+    assert find_files(["e.png/"]) == [str(tmp_path / "e.png")]
+    assert discover(["a/b.png/", "e.png/."]) == [Path("a/b.png"), Path("e.png")]
+    for given in ([""], ["", "e.png"], ["missing.png/"]):
+        with pytest.raises(UsageError):
+            find_files(given)
+
+
 # --------------------------------------------------------------------------------------------
 # decode_each: files read a group at a time, then decoded from memory
 

@@ -76,22 +76,24 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     other character: strings then sort as the components would.
     """
     paths = [os.fspath(path) for path in paths]
-    if len(paths) == 1 and _is_folder(paths[0]):  # the usual run: a folder's files come sorted, no key needed
+    if len(paths) == 1 and _is_folder(_as_read(paths[0])):  # the usual run: a folder's files come sorted, no key needed
         given = Path(paths[0])
         at = _prefix(absolute_name(given) if absolute else str(given))
         return [at + relative for relative in _files_in_folder(str(given), glob, unlisted)]
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     here = None  # the current folder as a prefix, found at the first relative plain file name
     for name in paths:
-        folder = _is_folder(name)
-        if not folder and _plain(name):  # a file named as Path would name it: a glob's or a listing's names
+        plain = _plain(name)
+        read = name if plain else _as_read(name)  # the file or folder it names, as Path reads it
+        folder = _is_folder(read)
+        if not folder and plain:  # a file named as Path would name it: a glob's or a listing's names
             if name.startswith("/"):
                 found.setdefault(name, ("/" + name.replace("/", "\0"), name))
                 continue
             here = here if here is not None else _prefix(single_root(os.path.abspath(".")))
             found.setdefault(here + name, (name.replace("/", "\0"), name))
             continue
-        given = Path(name)
+        given = read if isinstance(read, Path) else Path(name)
         if folder:
             at_given, at_absolute = _prefix(str(given)), _prefix(absolute_name(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
@@ -101,6 +103,13 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
             found.setdefault(absolute_name(given), ("\0".join(given.parts), str(given)))
     ordered = sorted(found.items(), key=lambda item: item[1][0])
     return [name if absolute else names[1] for name, names in ordered]
+
+
+def _as_read(name: str) -> str | Path:
+    """``name`` as discovery reads it: as ``Path`` does (``e.png/`` and ``e.png/.`` are the file
+    ``e.png``, which the system refuses as spelt: ENOTDIR), except an empty name, which is refused
+    (``Path("")`` is the current folder, which it walked)."""
+    return Path(name) if name else name
 
 
 def _plain(name: str) -> bool:
