@@ -642,3 +642,59 @@ def test_decoded_pixels_held_by_a_run_are_bounded(tmp_path, monkeypatch, batch_p
     (settings,) = asked
     assert settings["prefetch_pixels"] == max(16 << 20, batch_pixels)
     assert settings["prefetch_pixels"] + settings["consumer_pixels"] == held
+
+
+def test_a_run_left_in_a_reference_cycle_and_collected_in_its_batch_thread_still_stops(tmp_path, monkeypatch):
+    """An unfinished run dropped inside a reference cycle (an object that holds its iterator and
+    itself, a notebook's namespace) is closed by the garbage collector in whichever thread allocates:
+    one of the run's own. In the thread that takes the next batch, its clean-up waited for that very
+    batch, for ever: the thread, the compute thread and the run's memory stayed for the life of the
+    process."""
+    import gc
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream
+
+    paths = write_pngs(tmp_path, [(8, 8)] * 8)
+    asked, dropped, collected = threading.Event(), threading.Event(), threading.Event()
+    real_part_batches = stream.part_batches
+    taken = []
+
+    def part_batches(parts, batch_size, batch_pixels):
+        batches = real_part_batches(parts, batch_size, batch_pixels)
+        while True:
+            taken.append(1)
+            if len(taken) == 2:  # held: the run hands the first batch's records on meanwhile
+                asked.set()
+                assert dropped.wait(10)
+                gc.collect()  # (as an allocation here could)
+                collected.set()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    monkeypatch.setattr(stream, "part_batches", part_batches)
+    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)
+    engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
+    cycle = [engine.record_batches(paths)]
+    cycle.append(cycle)
+    assert next(cycle[0]).paths == [str(paths[0])]
+    assert asked.wait(10)
+    gc.disable()  # (the test's thread must not collect it first)
+    try:
+        del cycle
+        dropped.set()
+        assert collected.wait(10)
+    finally:
+        gc.enable()
+
+    def engine_threads():
+        return [thread.name for thread in threading.enumerate()
+                if thread.name.startswith(("batches", "compute", "decode_"))]
+
+    deadline = time.monotonic() + 10
+    while engine_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine_threads() == []

@@ -273,7 +273,8 @@ class _Savers:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="save-edges")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="save-edges",
+                                        initializer=_mark_engine_thread)
 
     def run(self, save: Callable[[range], list], count: int) -> list:
         """``save`` of ``range(count)`` cut into one run a thread; what the calls returned, joined in order."""
@@ -439,6 +440,7 @@ class _DecodePool:
         return max(1, min(length, MOST_CHUNK_IMAGES))
 
     def _work(self) -> None:
+        _mark_engine_thread()
         decoder = (Decoder(self._options, self._slots, slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES),
                            self._fork_server, self._time_limit) if self._processes else None)
         try:
@@ -742,6 +744,27 @@ def _checked(backend: Backend, images: Sequence[np.ndarray], config: PipelineCon
     return result
 
 
+#: ``marked`` in the threads of runs (decoders, the batch taker, compute, edge savers).
+_engine_thread = threading.local()
+
+
+def _mark_engine_thread() -> None:
+    _engine_thread.marked = True
+
+
+def _finish_run(parts: _Parts, upcoming: Future | None, rest: contextlib.ExitStack | None = None) -> None:
+    """Stop the decode pool, wait for the batch being taken (its thread is in the parts' generator
+    until the pool's end), close the parts, then ``rest`` (the run's other threads)."""
+    try:
+        parts.stop_decoding()
+        if upcoming is not None:
+            wait((upcoming,))
+        parts.close()
+    finally:
+        if rest is not None:
+            rest.close()
+
+
 class _Taker:
     """Takes the next of ``batches`` on a thread of its own (:meth:`take` gives a future of it, None
     at the end). A daemon thread, not a thread pool's: Python waits at exit for those, and this one
@@ -754,6 +777,7 @@ class _Taker:
         threading.Thread(target=self._serve, name="batches", daemon=True).start()
 
     def _serve(self) -> None:
+        _mark_engine_thread()
         while (future := self._asked.get()) is not None:
             try:
                 future.set_result(next(self._batches, None))
@@ -903,12 +927,12 @@ class Engine:
         taken = 0
         # the consumer holds a batch being filled and one computing (a batch frees its pixels
         # once computed, before its records are written)
-        with contextlib.closing(decode_parts(paths, self.decode_options, self.decoders(),
-                                             prefetch_pixels=prefetch_pixels, processes=processes,
-                                             consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop,
-                                             time_limit=self.decode_timeout)) as parts, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute") as compute, \
-                contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:  # (handed to another thread whole: see the finally)
+            parts = stack.enter_context(contextlib.closing(decode_parts(
+                paths, self.decode_options, self.decoders(), prefetch_pixels=prefetch_pixels, processes=processes,
+                consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop, time_limit=self.decode_timeout)))
+            compute = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
+                                                             initializer=_mark_engine_thread))
             batching = stack.enter_context(contextlib.closing(_Taker(part_batches(parts, self.batch_size,
                                                                                  batch_pixels))))
             savers = stack.enter_context(_Savers(self.edge_savers)) if self.on_edges is not None else None
@@ -947,10 +971,15 @@ class Engine:
                 if in_flight is not None:
                     yield self.records(in_flight[0], in_flight[1].result(), savers)
             finally:  # stops the decode pool: running decodes finish, nothing new starts
-                parts.stop_decoding()
-                if upcoming is not None:
-                    wait((upcoming,))  # (its thread is in the parts' generator until the pool's end)
-                parts.close()
+                if getattr(_engine_thread, "marked", False):
+                    # The garbage collector closes a run left unfinished in a reference cycle in whichever
+                    # thread allocates: here one of a run's own, maybe this run's, whose clean-up waits for
+                    # it (the batch this thread is taking, its join) or for a lock it holds. A thread of
+                    # its own cleans up.
+                    threading.Thread(target=_finish_run, args=(parts, upcoming, stack.pop_all()),
+                                     name="close-run", daemon=True).start()
+                else:
+                    _finish_run(parts, upcoming)
 
     def close(self) -> None:
         """Stop a fork server that no run took over (a run refused after it was started)."""
