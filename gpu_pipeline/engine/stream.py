@@ -752,13 +752,13 @@ def _mark_engine_thread() -> None:
     _engine_thread.marked = True
 
 
-def _finish_run(parts: _Parts, upcoming: Future | None, rest: contextlib.ExitStack | None = None) -> None:
-    """Stop the decode pool, wait for the batch being taken (its thread is in the parts' generator
-    until the pool's end), close the parts, then ``rest`` (the run's other threads)."""
+def _finish_run(parts: _Parts, taker: _Taker, rest: contextlib.ExitStack | None = None) -> None:
+    """Stop the decode pool, end the batch taker (its thread is in the parts' generator until the
+    pool's end: whatever it was asked, an interrupted ``take`` included), close the parts, then
+    ``rest`` (the run's other threads)."""
     try:
         parts.stop_decoding()
-        if upcoming is not None:
-            wait((upcoming,))
+        taker.close()
         parts.close()
     finally:
         if rest is not None:
@@ -774,7 +774,8 @@ class _Taker:
     def __init__(self, batches: Iterator[DecodedPart]) -> None:
         self._batches = batches
         self._asked: queue.SimpleQueue[Future | None] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="batches", daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, name="batches", daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         _mark_engine_thread()
@@ -790,7 +791,10 @@ class _Taker:
         return future
 
     def close(self) -> None:
+        """End the thread once it has taken what it was asked (a stopped pool ends its parts)."""
         self._asked.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 @dataclass
@@ -923,7 +927,6 @@ class Engine:
             fork_server.close()
             fork_server = None
         in_flight: tuple[DecodedPart, Future] | None = None
-        upcoming: Future | None = None
         taken = 0
         # the consumer holds a batch being filled and one computing (a batch frees its pixels
         # once computed, before its records are written)
@@ -976,10 +979,10 @@ class Engine:
                     # thread allocates: here one of a run's own, maybe this run's, whose clean-up waits for
                     # it (the batch this thread is taking, its join) or for a lock it holds. A thread of
                     # its own cleans up.
-                    threading.Thread(target=_finish_run, args=(parts, upcoming, stack.pop_all()),
+                    threading.Thread(target=_finish_run, args=(parts, batching, stack.pop_all()),
                                      name="close-run", daemon=True).start()
                 else:
-                    _finish_run(parts, upcoming)
+                    _finish_run(parts, batching)
 
     def close(self) -> None:
         """Stop a fork server that no run took over (a run refused after it was started)."""
