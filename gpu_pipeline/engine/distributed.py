@@ -147,8 +147,8 @@ def sigterm_held(held: list[int]) -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # (None: a handler set outside Python, which Python cannot put back)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def send_again(held: list[int]) -> None:
