@@ -570,6 +570,40 @@ print([next(batches).paths for _ in range(3)], flush=True)  # the third while im
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == repr([[str(path)] for path in paths[:3]])
     assert time.monotonic() - started < 30
+    assert done.stderr == ""  # (closing the parts while the batch taker ran in them: "generator already executing")
+
+
+def test_parts_close_while_another_thread_waits_in_them(tmp_path, monkeypatch):
+    """As Python exits with a run left unfinished, the batch taker may be stopped for good inside the
+    parts' generator: closing the parts then printed "Exception ignored ... ValueError: generator
+    already executing" on the program's stderr. They close the pool, and the waiting thread returns."""
+    import threading
+
+    from gpu_pipeline.engine import stream
+
+    paths = write_pngs(tmp_path, [(8, 8)] * 3)
+    release = threading.Event()
+    real = stream.decode_each
+
+    def stuck_on_the_first(chunk, options, into=None):
+        if any(str(path).endswith("img000.png") for path in chunk):
+            release.wait(10)  # a read from a hung network mount
+        return real(chunk, options, into=into)
+
+    monkeypatch.setattr(stream, "decode_each", stuck_on_the_first)
+    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 0.2)
+    parts = stream.decode_parts(paths, DecodeOptions(), 1)
+    taken = []
+    waiting = threading.Thread(target=lambda: taken.append(next(parts, None)))
+    waiting.start()
+    try:
+        while not parts._parts.gi_running:  # (the thread is in the generator, waiting for img000)
+            waiting.join(0.01)
+        parts.close()
+        waiting.join(5)
+        assert not waiting.is_alive() and taken == [None]
+    finally:
+        release.set()
 
 
 def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_stop_wait(tmp_path, monkeypatch):

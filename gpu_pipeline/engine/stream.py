@@ -673,7 +673,8 @@ class _Parts:
         self._pool.close()
 
     def close(self) -> None:
-        self._parts.close()
+        if not self._parts.gi_running:  # (running in a batch taker stopped for good as Python exits)
+            self._parts.close()
         self._pool.close()
 
 
@@ -791,9 +792,10 @@ class _Taker:
         return future
 
     def close(self) -> None:
-        """End the thread once it has taken what it was asked (a stopped pool ends its parts)."""
+        """End the thread once it has taken what it was asked (a stopped pool ends its parts). Not
+        waited for as Python exits: a daemon thread then stops where it is, for good."""
         self._asked.put(None)
-        if self._thread is not threading.current_thread():
+        if self._thread is not threading.current_thread() and not sys.is_finalizing():
             self._thread.join()
 
 
