@@ -90,10 +90,10 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
             if name.startswith("/"):
                 found.setdefault(name, ("/" + name.replace("/", "\0"), name))
                 continue
-            here = here if here is not None else _prefix(single_root(os.path.abspath(".")))
+            here = here if here is not None else _prefix(absolute_name(Path(".")))
             found.setdefault(here + name, (name.replace("/", "\0"), name))
             continue
-        given = read if isinstance(read, Path) else Path(name)
+        given = Path(name) if plain else read  # (a name that is not plain was read as a Path)
         if folder:
             at_given, at_absolute = _prefix(str(given)), _prefix(absolute_name(given))
             at_key = "\0".join(given.parts) + "\0" if given.parts else ""
