@@ -293,6 +293,49 @@ def test_16_bit_colour_png_keeps_all_16_bits_and_is_stretched(scratch: Path, cha
     assert np.array_equal(decode_image(path, DEFAULT), expected)
 
 
+#: Adam7's passes: (first column, first row, column step, row step).
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def interlaced_16_bit_png(data: np.ndarray) -> bytes:
+    """A 16-bit RGB or RGBA PNG with Adam7 interlacing, written by hand (neither Pillow, OpenCV nor
+    imagecodecs writes one): each pass's rows, each with filter type 0 (none)."""
+    height, width, channels = data.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes()
+                    for x, y, dx, dy in ADAM7 for row in data[y::dy, x::dx] if row.size)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_an_interlaced_16_bit_colour_png_decodes_as_its_plain_twin_and_prints_nothing(scratch: Path, channels):
+    """libpng (through imagecodecs, which logs it) warned "Interlace handling should be turned on
+    when using png_read_image" for every such file: on the command line's stderr and, through
+    logging's last resort, on a Python caller's. The pixels were right; the warning was noise."""
+    import subprocess
+
+    pytest.importorskip("imagecodecs")
+    cv2 = pytest.importorskip("cv2")
+    data = np.random.default_rng(9).integers(0, 65536, (21, 30, channels), dtype=np.uint16)
+    interlaced = scratch / "interlaced.png"
+    interlaced.write_bytes(interlaced_16_bit_png(data))
+    assert interlaced.read_bytes()[28] == 1  # the IHDR's interlace method: Adam7
+    plain = scratch / "plain.png"
+    cv2.imwrite(str(plain), data[:, :, [2, 1, 0, 3][:channels]])  # OpenCV writes BGR(A), not interlaced
+    code = ("import sys, numpy as np\nfrom gpu_pipeline.config import DecodeOptions\n"
+            "from gpu_pipeline.inputs.decode import decode_image\n"
+            "a, b = (decode_image(path, DecodeOptions()) for path in sys.argv[1:])\n"
+            "print(a.shape, np.array_equal(a, b))")
+    done = subprocess.run([sys.executable, "-c", code, str(interlaced), str(plain)], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.stdout, done.stderr) == ("(21, 30, 3) True\n", "")
+    command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(interlaced), "--out", "-", "--quiet",
+               "--backend", "reference"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "" and '"width":30' in done.stdout
+
+
 def test_jpeg_decodes_as_pillow_does(bundled_data_dir: Path) -> None:
     for path in discover([bundled_data_dir / "eurosat"])[:10]:
         assert np.array_equal(decode_image(path, DEFAULT), np.asarray(Image.open(path)))
@@ -1213,16 +1256,18 @@ def test_the_python_api_leaves_tifffiles_messages_as_they_were():
     assert done.stderr == "a tifffile warning\n"
 
 
-def test_tifffiles_errors_are_kept_off_the_command_lines_stderr():
+def test_the_codecs_messages_are_kept_off_the_command_lines_stderr():
     """tifffile 2026.11 logs at ERROR what it logged at WARNING ("invalid offset to first page"):
-    the level the command line set let them through to stderr."""
+    the level the command line set let them through to stderr. imagecodecs logs libpng's warnings."""
     import subprocess
     import sys
 
     code = ("import logging\nlogging.basicConfig()  # a handler on the root logger (a sitecustomize's, a library's)\n"
-            "from gpu_pipeline.inputs.decode import quiet_tifffile\nquiet_tifffile()\n"
+            "from gpu_pipeline.inputs.decode import quiet_codecs\nquiet_codecs()\n"
             "logging.getLogger('tifffile').error('invalid offset to first page 8')\n"
-            "logging.getLogger('tifffile').warning('a warning')\nprint('done')")
+            "logging.getLogger('tifffile').warning('a warning')\n"
+            "logging.getLogger('imagecodecs').warning('PNG warning: iCCP: known incorrect sRGB profile')\n"
+            "print('done')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout == "done\n" and done.stderr == ""
 

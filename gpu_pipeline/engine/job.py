@@ -36,7 +36,7 @@ from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, pr
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, one_line, printable,
                                   shown)
-from gpu_pipeline.inputs.decode import quiet_tifffile
+from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
                                         same_file_as, temporaries_of, write_replacing)
@@ -438,7 +438,7 @@ def run_job(**arguments) -> int:
     Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
     job = Job(**arguments)
-    quiet_tifffile()
+    quiet_codecs()
     # the lock beside the real file: two spellings of one output (a symbolic link) take one lock
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
     created: list[Path] = []

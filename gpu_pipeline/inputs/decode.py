@@ -148,15 +148,29 @@ class DecodeError(Exception):
 # Decoding
 
 
-def quiet_tifffile() -> None:
-    """For the command line and its decode processes: a damaged TIFF becomes that file's error
-    record, and tifffile's own messages would only add noise to stderr, its warnings and its errors
-    alike (tifffile 2026.11 logs at ERROR what earlier versions logged at WARNING). (The Python API
-    leaves the caller's logging as it is.)"""
-    logger = logging.getLogger("tifffile")
-    logger.setLevel(logging.ERROR)
-    logger.propagate = False
-    logger.addHandler(logging.NullHandler())  # (so that neither the handler below nor logging prints them)
+def quiet_codecs() -> None:
+    """For the command line and its decode processes: a damaged file becomes that file's error
+    record, and the codecs' own messages would only add noise to stderr: tifffile's warnings and
+    errors alike (tifffile 2026.11 logs at ERROR what earlier versions logged at WARNING), and the
+    libpng and libjpeg warnings imagecodecs logs. (The Python API leaves the caller's logging as it
+    is, but for the note below.)"""
+    for name in ("tifffile", "imagecodecs"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        logger.propagate = False
+        logger.addHandler(logging.NullHandler())  # (so that neither _TiffErrors nor logging prints them)
+
+
+class _InterlaceNote(logging.Filter):
+    """Drops libpng's "Interlace handling should be turned on when using png_read_image", which
+    imagecodecs logs for every interlaced PNG it decodes (16-bit colour ones come here): a note
+    on imagecodecs' own use of libpng, whose pixels are right, not on the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Interlace handling should be turned on" not in record.getMessage()
+
+
+logging.getLogger("imagecodecs").addFilter(_InterlaceNote())
 
 
 class _TiffErrors(logging.Handler):

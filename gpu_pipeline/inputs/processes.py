@@ -781,10 +781,10 @@ def _send(connection: Connection, message: object) -> None:
 
 def _serve(descriptor: int, arena_descriptor: int) -> None:
     """The worker's loop: requests in, pixels out, until the socket closes."""
-    from gpu_pipeline.inputs.decode import quiet_tifffile
+    from gpu_pipeline.inputs.decode import quiet_codecs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    quiet_tifffile()  # it writes to the run's stderr
+    quiet_codecs()  # it writes to the run's stderr
     sock = socket.socket(fileno=descriptor)
     connection = Connection(os.dup(descriptor))
     arena = mmap.mmap(arena_descriptor, 0)
