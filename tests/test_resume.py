@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -468,6 +469,23 @@ def test_a_second_signal_acts_at_once_but_the_same_one_twice_does_not(sig):
                             timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout == f"stopping once: [{int(sig)}]\n", result.stderr
     assert result.returncode == -sig, result.stderr
+
+
+def test_a_handler_set_outside_python_gives_way_to_the_default_after_the_run(monkeypatch):
+    """``signal.signal`` returns None for a handler that a program embedding Python set (Python cannot
+    put it back): the run's end passed that None on, and ``signal.signal(sig, None)`` raises TypeError."""
+    from gpu_pipeline.engine.job import EXIT_ON_SIGNAL, stop_on_signals
+
+    handlers: dict[int, object] = {}
+
+    def outside_python(sig, handler):
+        previous, handlers[sig] = handlers.get(sig), handler
+        return previous
+
+    monkeypatch.setattr(signal, "signal", outside_python)
+    with stop_on_signals(threading.Event()):
+        assert set(handlers) == set(EXIT_ON_SIGNAL) and all(callable(h) for h in handlers.values())
+    assert handlers == {sig: signal.SIG_DFL for sig in EXIT_ON_SIGNAL}
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")

@@ -386,9 +386,9 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
     previous = {sig: signal.signal(sig, handle) for sig in EXIT_ON_SIGNAL}
     try:
         yield received
-    finally:
+    finally:  # (None: a handler set outside Python, which Python cannot put back)
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 @dataclass
