@@ -379,6 +379,7 @@ def test_a_backend_that_fails_to_start_fails_the_run(image_dir, tmp_path, regist
     entry = tally(report, "fails-to-start")
     assert entry["status"] == "failed" and "MemoryError: cannot allocate the device buffers" in entry["reason"]
     assert tally(report, "same-as-reference")["status"] == "compared"
+    assert "fails-to-start (failed to start)" in result.output
 
 
 def test_decode_errors_are_listed_not_counted(image_dir, tmp_path, register):

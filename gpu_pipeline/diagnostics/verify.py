@@ -40,6 +40,8 @@ from gpu_pipeline.inputs.discover import discover, no_files_found
 GROUND_TRUTH = "reference"
 OPENCV = "opencv"
 STAGES = ("histogram", "equalized", "edges", "edge_count", "label")
+#: How a backend that could not be created is reported (its status is "failed", as a GPU that failed during the run).
+COULD_NOT_START = "could not start"
 REPORT_SCHEMA = "gpu-pipeline-verify/1"
 #: Differences and errors printed on the console; the JSON report has all of them.
 MAX_PRINTED = 20
@@ -337,7 +339,7 @@ def _start(tallies: list[BackendTally], threads: int | None) -> dict[str, Backen
             started[tally.name] = OpenCvOracle() if tally.role == "oracle" else registry.create(
                 tally.name, threads=threads)
         except Exception as exc:
-            tally.status, tally.reason = "failed", f"could not start: {one_line(exc)}"
+            tally.status, tally.reason = "failed", f"{COULD_NOT_START}: {one_line(exc)}"
     return started
 
 
@@ -503,7 +505,7 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
                     raise
             del started[name]
             tally = next(tally for tally in tallies if tally.name == name)
-            tally.status, tally.reason = "failed", f"could not start: {one_line(exc)}"
+            tally.status, tally.reason = "failed", f"{COULD_NOT_START}: {one_line(exc)}"
     try:
         verifier = Verifier(reference, started, config, report, labels_of)
         parts = decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers, processes=processes,
@@ -591,7 +593,7 @@ def _summary(report: VerifyReport) -> str:
         parts = [_plural(tally.differs, "difference")] if tally.differs else []
         parts += [_plural(tally.errors, "error")] if tally.errors else []
         if tally.status == "failed":
-            parts.append("its GPU failed" if (tally.reason or "").startswith("the GPU") else "failed to start")
+            parts.append("failed to start" if (tally.reason or "").startswith(COULD_NOT_START) else "its GPU failed")
         if parts:
             per_backend.append(f"{tally.name} ({', '.join(parts)})")
     return (f"[red bold]DIFFERENT[/]: {_plural(len(report.differences), 'difference')} and "
