@@ -29,7 +29,7 @@ from rich.table import Table
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, DeviceFailed, StageResult, check_image, raise_if_device_failed
-from gpu_pipeline.labels.labeller import Labeller, attach_label_model, default_labels, label_function
+from gpu_pipeline.labels.labeller import Labeller, attach_label_model_or_close, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.stream import (Decoded, decode_parts, decodes_in_processes, part_batches,
                                         processes_for_time_limit)
@@ -497,15 +497,11 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     reference = registry.create(GROUND_TRUTH, threads=threads)
     started = _start(tallies, threads)
     for name, backend in list(started.items()):  # a GPU backend may run the label model on its device
-        try:
-            attach_label_model(backend, labels_of)
-        except Exception as exc:  # its GPU failed as it took the model: as one that could not start
-            with backend:
-                if not backend.is_device_failure(exc):
-                    raise
+        failed = attach_label_model_or_close(backend, labels_of)
+        if failed is not None:  # its GPU failed as it took the model: as one that could not start
             del started[name]
             tally = next(tally for tally in tallies if tally.name == name)
-            tally.status, tally.reason = "failed", f"{COULD_NOT_START}: {one_line(exc)}"
+            tally.status, tally.reason = "failed", f"{COULD_NOT_START}: {one_line(failed)}"
     try:
         verifier = Verifier(reference, started, config, report, labels_of)
         parts = decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers, processes=processes,

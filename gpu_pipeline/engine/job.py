@@ -30,7 +30,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 
 from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.backends.base import DeviceFailed
-from gpu_pipeline.labels.labeller import attach_label_model, label_function, labeller_compiles, warm_up_labeller
+from gpu_pipeline.labels.labeller import attach_label_model_or_close, label_function, labeller_compiles, warm_up_labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
@@ -57,18 +57,6 @@ def open_backend(name: str, threads: int | None, device: int | None = None):
         raise UsageError(exc.args[0]) from None
     except BackendUnavailable as exc:
         raise UsageError(str(exc)) from None
-
-
-def _attach_label_model(backend, labels_of) -> None:
-    """:func:`attach_label_model`; a GPU that fails there (copying the CNN's weights) is a backend
-    that could not start, one line and exit 2, not a traceback. The backend is closed then."""
-    try:
-        attach_label_model(backend, labels_of)
-    except Exception as exc:
-        with backend:  # (closed; a failed GPU's close raises nothing more)
-            if not backend.is_device_failure(exc):
-                raise
-        raise UsageError(f"backend {backend.name!r} could not start: {one_line(exc)}") from None
 
 
 def edge_root(paths: Sequence[str | os.PathLike[str]]) -> str:
@@ -656,7 +644,9 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
     # Last, because it can take a while (a Dask cluster) and must be closed if refused later.
     if job.dask is None:
         backend, engine_class, workers = open_backend(job.backend_name, job.threads, job.device), Engine, job.workers
-        _attach_label_model(backend, labels_of)
+        failed = attach_label_model_or_close(backend, labels_of)
+        if failed is not None:
+            raise UsageError(f"backend {backend.name!r} could not start: {one_line(failed)}")
     else:
         from gpu_pipeline.engine.distributed import DaskCluster, DaskEngine
 

@@ -112,6 +112,21 @@ def attach_label_model(backend, labels_of: Labeller) -> bool:
     return model is not None and offer is not None and bool(offer(model))
 
 
+def attach_label_model_or_close(backend, labels_of: Labeller) -> BaseException | None:
+    """:func:`attach_label_model`; where ``backend``'s GPU fails as it takes the model (copying a
+    CNN's weights), the backend is closed and that error returned: the caller reports a backend
+    that could not start (``run``: exit 2; ``verify``: that backend failed), not a traceback.
+    Any other error closes the backend too, and is raised."""
+    try:
+        attach_label_model(backend, labels_of)
+    except Exception as exc:
+        with backend:  # (closed; a failed GPU's close raises nothing more)
+            if not backend.is_device_failure(exc):
+                raise
+        return exc
+    return None
+
+
 def model_module(who: str):
     """``gpu_pipeline.labels.model`` (it imports this module: imported here when needed), whose
     feature kernels are numba's; UsageError saying that ``who`` needs numba when numba cannot be
