@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import math
 import struct
 import zlib
@@ -149,7 +150,7 @@ def test_discover_skips_hidden_files_and_folders_and_unknown_extensions(tree: Pa
 
 
 def test_known_extensions() -> None:
-    assert IMAGE_EXTENSIONS == {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    assert IMAGE_EXTENSIONS == {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jp2", ".j2k", ".j2c"}
 
 
 def test_explicit_file_is_taken_whatever_its_extension(tree: Path) -> None:
@@ -334,6 +335,130 @@ def test_an_interlaced_16_bit_colour_png_decodes_as_its_plain_twin_and_prints_no
                "--backend", "reference"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "" and '"width":30' in done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# JPEG 2000 (Sentinel-2 and Pleiades ship as JP2). The oracle: the samples a lossless file holds.
+
+
+def jpeg2000(data: np.ndarray, bits: int | None = None, kind: str = "jp2") -> bytes:
+    """``data`` as a lossless (reversible) JPEG 2000 file, JP2 or a bare codestream (j2k)."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    return bytes(imagecodecs.jpeg2k_encode(data, level=0, bitspersample=bits, codecformat=kind))
+
+
+def siz_at(data: bytes) -> int:
+    """Where a codestream's SIZ marker segment starts (after SOC): component k's (Ssiz, XRsiz,
+    YRsiz) are at +40 + 3k."""
+    return data.index(b"\xff\x4f\xff\x51") + 2
+
+
+@pytest.mark.parametrize("kind, extension", [("jp2", "jp2"), ("j2k", "j2k"), ("j2k", "j2c")])
+@pytest.mark.parametrize("stretch", ["percentile", "bitdepth"])
+def test_jpeg_2000_decodes_to_the_samples_it_holds_and_stretches_them(scratch: Path, kind, extension, stretch):
+    """12-bit RGB (uint16 samples of 12 bits: the bitdepth stretch takes x >> 4, not the high byte)."""
+    data = np.random.default_rng(13).integers(0, 4096, (21, 17, 3), dtype=np.uint16)
+    path = scratch / f"rgb12.{extension}"
+    path.write_bytes(jpeg2000(data, bits=12, kind=kind))
+    expected = (data >> 4).astype(np.uint8) if stretch == "bitdepth" else oracle(data, stretch)
+    assert np.array_equal(decode_image(path, DecodeOptions(stretch=stretch)), expected)
+    assert discover([scratch]).count(path) == 1
+
+
+@pytest.mark.parametrize("dtype, bits", [(np.uint8, 8), (np.uint8, 4), (np.uint8, 1), (np.int16, 16), (np.uint16, 16)])
+def test_jpeg_2000_gray_of_each_sample_type(scratch: Path, dtype, bits):
+    """8-bit gray as it is; fewer bits onto 0..255 as PNG's (4-bit: 17 x, 1-bit: 255 x); wider ones stretched."""
+    info = np.iinfo(dtype)
+    data = np.random.default_rng(bits).integers(max(info.min, -3000), min(info.max, (1 << bits) - 1) + 1, (9, 14),
+                                                dtype=dtype)
+    path = scratch / f"gray{bits}{np.dtype(dtype).char}.jp2"
+    path.write_bytes(jpeg2000(data, bits=bits))
+    expected = {4: data * 17, 1: data * 255}.get(bits, oracle(data[:, :, None]))
+    assert np.array_equal(decode_image(path, DEFAULT), expected)
+
+
+def test_jpeg_2000_that_opencv_wrote_decodes_as_opencv_reads_it(scratch: Path):
+    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("imagecodecs")
+    data = np.random.default_rng(5).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # (OpenCV: 32 x 32 at least)
+    path = scratch / "opencv.jp2"
+    assert cv2.imwrite(str(path), data)  # BGR, lossless by default
+    assert np.array_equal(decode_image(path, DEFAULT), cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[:, :, ::-1])
+
+
+def _refusal(scratch: Path, data: bytes, options: DecodeOptions = DEFAULT) -> DecodeError:
+    path = scratch / "refused.jp2"
+    path.write_bytes(data)
+    with pytest.raises(DecodeError) as refused:
+        decode_image(path, options)
+    assert refused.value.stage == "decode"
+    return refused.value
+
+
+def test_jpeg_2000_cut_short_or_zero_filled_is_refused(scratch: Path):
+    """OpenJPEG decodes one zero-filled to its full size (a download that preallocates its file)
+    into made-up pixels, without an error."""
+    whole = jpeg2000(np.random.default_rng(6).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    half = len(whole) // 2
+    for cut in (whole[:half] + bytes(len(whole) - half), whole[:-1], whole[:half]):
+        assert "truncated JPEG 2000 file" in str(_refusal(scratch, cut))
+
+
+def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path, monkeypatch):
+    """From the SIZ marker, before any sample is decoded: a 100-byte file may declare gigapixels."""
+    data = bytearray(jpeg2000(np.zeros((10, 10), np.uint8)))
+    siz = siz_at(data)
+    data[siz + 6:siz + 14] = (50_000).to_bytes(4, "big") * 2  # Xsiz, Ysiz
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded past the limit"))
+    assert "50000 x 50000 = 2,500,000,000 pixels is over the limit" in str(_refusal(scratch, bytes(data)))
+    many = bytearray(jpeg2000(np.zeros((10, 10, 3), np.uint8)))
+    many[siz_at(many) + 38:siz_at(many) + 40] = (17).to_bytes(2, "big")  # Csiz: 17 components
+    message = str(_refusal(scratch, bytes(many), DecodeOptions(max_pixels=100)))
+    assert "10 x 10 pixels of 17 samples: 1,700 samples is over the limit of 1,600" in message
+
+
+@pytest.mark.parametrize("patch, message", [
+    (lambda data, siz: data.__setitem__(siz + 40 + 3 + 1, 2), "subsampled components"),  # component 1's XRsiz
+    (lambda data, siz: data.__setitem__(siz + 40 + 6, 11), "components of different sample types"),  # 12-bit
+    (lambda data, siz: data.__setitem__(slice(data.index(b"colr") + 7, data.index(b"colr") + 11),
+                                        (18).to_bytes(4, "big")), "JPEG 2000 with colour space sYCC"),
+    (lambda data, siz: data.__setitem__(data.index(b"colr") + 4, 2), "JPEG 2000 with an ICC colour profile"),
+    (lambda data, siz: data.__setitem__(slice(data.index(b"jp2c"), data.index(b"jp2c") + 4), b"junk"),
+     "damaged JPEG 2000 file: no codestream box"),
+])
+def test_jpeg_2000_that_would_need_a_conversion_or_is_damaged_is_refused(scratch: Path, patch, message):
+    data = bytearray(jpeg2000(np.zeros((8, 8, 3), np.uint8)))
+    patch(data, siz_at(data))
+    assert message in str(_refusal(scratch, bytes(data)))
+
+
+def test_jpeg_2000_without_imagecodecs_names_the_package(scratch: Path, monkeypatch):
+    data = jpeg2000(np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", None)
+    assert "JPEG 2000 files need the imagecodecs package" in str(_refusal(scratch, data))
+
+
+def test_jpeg_2000_files_are_processed_end_to_end_in_decode_processes(scratch: Path):
+    """``gpu-pipeline run`` on a folder of JP2 and J2K files (decode processes: the default on Linux)."""
+    import subprocess
+
+    folder = scratch / "jpeg2000"
+    folder.mkdir()
+    data = np.random.default_rng(7).integers(0, 4096, (32, 24, 3), dtype=np.uint16)
+    (folder / "a.jp2").write_bytes(jpeg2000(data, bits=12))
+    (folder / "b.j2k").write_bytes(jpeg2000(data, bits=12, kind="j2k"))
+    (folder / "c.jp2").write_bytes(jpeg2000(data, bits=12)[:-40])
+    save(Image.fromarray(oracle(data)), folder / "d.png")  # the pixels a.jp2 and b.j2k decode to
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", "-", "--quiet",
+                           "--backend", "reference", "--decode", "processes"], capture_output=True, text=True,
+                          timeout=120)
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1 and done.stderr == "", done.stderr  # (1: an image failed)
+    assert [Path(r["path"]).name for r in records] == ["a.jp2", "b.j2k", "c.jp2", "d.png"]
+    a, b, cut, png = records
+    outputs = [{key: r[key] for key in ("width", "height", "bands", "histogram", "edge_count")} for r in (a, b, png)]
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert cut["stage"] == "decode" and "truncated JPEG 2000 file" in cut["error"]
 
 
 def test_jpeg_decodes_as_pillow_does(bundled_data_dir: Path) -> None:

@@ -9,13 +9,15 @@ the first full-resolution page only (the image of a COG, never an overview or a 
 thumbnail stored first is skipped). Gray, RGB, palette and JPEG-compressed YCbCr TIFFs are read as
 such, 8-bit CMYK is converted to RGB as Pillow converts a CMYK JPEG, and other colour models
 (CIELab, uncompressed YCbCr, ...) are refused rather than read as RGB. PNG, JPEG, BMP, GIF (first
-frame) and WebP go to Pillow. Complete 8-bit gray or three-channel JPEGs take a faster path through
-imagecodecs' libjpeg-turbo (``jpeg8_decode``), which gives the same pixels as Pillow (both run
-libjpeg with its default, accurate IDCT) at about twice the speed on small tiles; a JPEG that does
-not end with its EOI marker (truncated), or any other JPEG, goes to Pillow, which refuses truncated
-data where libjpeg alone would fill it in; one cut short and zero-filled to its full size (a
-download that preallocates its file) is refused before, as Pillow would decode the zeros as pixels,
-and so is such a PNG or WebP (``_zero_filled``).
+frame) and WebP go to Pillow. JPEG 2000 (a JP2 file or a bare codestream, by its first bytes)
+goes to OpenJPEG through imagecodecs (``_read_jpeg2000``: gray or sRGB samples only, its image
+header checked first, a codestream without its end marker refused). Complete 8-bit gray or
+three-channel JPEGs take a faster path through imagecodecs' libjpeg-turbo (``jpeg8_decode``),
+which gives the same pixels as Pillow (both run libjpeg with its default, accurate IDCT) at about
+twice the speed on small tiles; a JPEG that does not end with its EOI marker (truncated), or any
+other JPEG, goes to Pillow, which refuses truncated data where libjpeg alone would fill it in;
+one cut short and zero-filled to its full size (a download that preallocates its file) is refused
+before, as Pillow would decode the zeros as pixels, and so is such a PNG or WebP (``_zero_filled``).
 Pixels are used as stored (no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF
 compressions need the ``imagecodecs`` package; without it the error says so. 16-bit RGB, RGBA and
 gray + alpha PNGs go to libpng (imagecodecs' ``png_decode``), since Pillow keeps only their high
@@ -24,7 +26,7 @@ byte; 16-bit gray PNGs stay with Pillow, which keeps all 16 bits. Both are stret
 Bands
 -----
 An image is a stack of bands. Palette images are first expanded to RGB (RGBA when they carry
-transparency), 1-bit images to 0/255, TIFF samples of 2 to 7 bits onto 0..255 as PNG's are
+transparency), 1-bit images to 0/255, TIFF and JPEG 2000 samples of 2 to 7 bits onto 0..255 as PNG's are
 (4-bit: ``17 x``), and TIFF "min-is-white" data is inverted within its bits per sample (4-bit:
 ``15 - x``; signed: ``-1 - x``; floats: ``1 - x``). ``--bands``
 picks bands by 1-based number, alpha included (1 band gives gray, 3 give RGB). Without it:
@@ -44,7 +46,7 @@ selected band on its own (as QGIS's default cumulative-cut stretch does), by
   ``percentile(..., 98, method="higher")``: exact sample values, never interpolated);
 * ``minmax``: ``lo = v[0]``, ``hi = v[n - 1]``;
 * ``bitdepth``: no statistics; unsigned ``b``-bit integers give ``x >> (b - 8)`` (``b``: a TIFF's
-  bits per sample, else the type's: uint16 gives the high byte, a 12-bit TIFF ``x >> 4``), signed
+  or JPEG 2000's bits per sample, else the type's: uint16 gives the high byte, a 12-bit TIFF ``x >> 4``), signed
   ``b``-bit integers give ``(2 * max(x, 0)) >> (b - 8)`` (int16: ``x >> 7``, negatives 0), floats
   are taken as [0, 1] and give ``floor(clip(x, 0, 1) * 255 + 0.5)``.
 
@@ -110,9 +112,9 @@ from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.errors import one_line
 
 try:
-    from imagecodecs import jpeg8_decode, png_decode
-except ImportError:  # then every JPEG goes through Pillow, and 16-bit colour PNGs are refused
-    jpeg8_decode = png_decode = None
+    from imagecodecs import jpeg2k_decode, jpeg8_decode, png_decode
+except ImportError:  # then every JPEG goes through Pillow, and 16-bit colour PNGs and JPEG 2000 are refused
+    jpeg2k_decode = jpeg8_decode = png_decode = None
 
 # Our header check against DecodeOptions.max_pixels replaces Pillow's: its limit (about 179
 # megapixels) is below ours, and its warning cannot be silenced per call from worker threads.
@@ -246,6 +248,8 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
             nodata = bits = None
             if magic in _TIFF_MAGIC:
                 bands, nodata, bits = _read_tiff(fh, options.max_pixels)
+            elif magic in (_JP2_SIGNATURE[:4], _J2K_MAGIC):
+                bands, bits = _read_jpeg2000(fh, options.max_pixels)
             elif magic.startswith(_JPEG_MAGIC) and jpeg8_decode is not None:
                 bands = _read_jpeg(fh, options.max_pixels)
             else:
@@ -614,6 +618,116 @@ def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
     return jpeg8_decode(data, out=off_boundary_array(shape)).reshape(height, width, -1)
 
 
+#: A JP2 file starts with its signature box; a bare codestream (.j2k, .j2c) with SOC then SIZ.
+_JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
+_J2K_MAGIC = b"\xff\x4f\xff\x51"
+#: Bytes of a codestream that hold its SIZ marker, for the most components it may declare (16384).
+_SIZ_BYTES = 42 + 3 * 16384
+#: JP2 colour spaces (the colr box's enumerated ones) whose samples are used as they are: sRGB, greyscale.
+_JP2_AS_THEY_ARE = frozenset({16, 17})
+
+
+def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | None]:
+    """Bands (H, W, C) of a JPEG 2000 file (JP2, or a bare codestream), decoded by OpenJPEG
+    (imagecodecs), and their bits per sample (12 for 12-bit samples, which come as uint16).
+
+    The codestream's image header (SIZ) is checked first, as a TIFF's tags are: the pixel limit,
+    the samples per pixel it allows, components of one size and one sample type. A codestream that
+    does not end with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full
+    size into made-up pixels. Colour is used as stored: gray or RGB samples only (sYCC, CMYK, an
+    ICC profile would each need a conversion, which OpenJPEG's callers do in different ways)."""
+    if jpeg2k_decode is None:
+        raise DecodeError("decode", "JPEG 2000 files need the imagecodecs package (pip install imagecodecs)")
+    data = fh.read()
+    start, end, palette = 0, len(data), False
+    if not data.startswith(_J2K_MAGIC):
+        if not data.startswith(_JP2_SIGNATURE):
+            raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)")
+        boxes = _first_boxes(data)
+        if b"jp2c" not in boxes:
+            raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
+        start, end = boxes[b"jp2c"]
+        inside = _first_boxes(data, *boxes.get(b"jp2h", (0, 0)))  # the JP2 header box's boxes
+        _check_jp2_colour(data[slice(*inside[b"colr"])] if b"colr" in inside else b"")
+        palette = b"pclr" in inside
+    frame = _jpeg2000_frame(data[start:min(end, start + _SIZ_BYTES)])
+    if frame is None:
+        raise DecodeError("decode", "damaged JPEG 2000 file: no image header (SIZ marker)")
+    width, height, components = frame
+    _check_size(width, height, max_pixels)
+    samples = len(components) * width * height
+    if samples > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
+        raise DecodeError("decode", f"{width} x {height} pixels of {len(components)} samples: {samples:,} samples is "
+                                    f"over the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} "
+                                    f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
+    if any(steps != [1, 1] for _, _, *steps in components):
+        raise DecodeError("decode", "JPEG 2000 with subsampled components is not supported")
+    if len({(bits, signed) for bits, signed, _, _ in components}) > 1:
+        raise DecodeError("decode", "JPEG 2000 components of different sample types are not supported")
+    if end - start < 2 or data[end - 2:end] != b"\xff\xd9":
+        raise DecodeError("decode", "truncated JPEG 2000 file: its codestream does not end with its end marker "
+                                    "(a download still being written?)")
+    bands = jpeg2k_decode(data, numthreads=1).reshape(height, width, -1)  # (one thread: the engine decodes many)
+    if palette:  # samples of the palette's depth, not of the codestream's indices
+        return bands, None
+    bits = components[0][0]
+    if bands.dtype == np.uint8 and bits < 8:
+        return _full_range(bands, bits), 8
+    return bands, bits
+
+
+def _jp2_boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """(type, where its contents start, where they end) of each box in ``data[start:end]``, in order;
+    stops at a damaged box. A box of size 0 runs to the end."""
+    end = len(data) if end is None else end
+    i = start
+    while i + 8 <= end:
+        size, kind, contents = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8], i + 8
+        if size == 1:  # the size follows, in 8 bytes
+            size, contents = int.from_bytes(data[i + 8:i + 16], "big"), i + 16
+        if size == 0:
+            yield kind, contents, end
+            return
+        if size < contents - i:
+            return
+        yield kind, contents, i + size
+        i += size
+
+
+def _first_boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[bytes, tuple[int, int]]:
+    """Where the contents of the first box of each type in ``data[start:end]`` start and end."""
+    boxes: dict[bytes, tuple[int, int]] = {}
+    for kind, first, last in _jp2_boxes(data, start, end):
+        boxes.setdefault(kind, (first, last))
+    return boxes
+
+
+def _check_jp2_colour(colr: bytes) -> None:
+    """Refuse a JP2 whose colour specification (its colr box) asks for a conversion (module docstring)."""
+    method, space = colr[:1], int.from_bytes(colr[3:7], "big")
+    if method == b"\x01" and space in _JP2_AS_THEY_ARE:
+        return
+    if method == b"\x01":
+        what = "colour space " + {12: "CMYK", 18: "sYCC", 24: "e-sYCC"}.get(space, str(space))
+    else:
+        what = "an ICC colour profile" if method in (b"\x02", b"\x03") else "no known colour specification"
+    raise DecodeError("decode", f"JPEG 2000 with {what} is not supported (gray or sRGB samples only)")
+
+
+def _jpeg2000_frame(codestream: bytes) -> tuple[int, int, list[tuple[int, bool, int, int]]] | None:
+    """Width, height and each component's (bits, signed, column step, row step) from a codestream's
+    SIZ marker (ITU-T T.800, A.5.1), or None."""
+    size = _jpeg2k_segment_size(codestream)
+    if size is None:
+        return None
+    width, height, count = size
+    table = codestream[42:42 + 3 * count]
+    if count == 0 or len(table) < 3 * count:
+        return None
+    return width, height, [((table[i] & 0x7F) + 1, bool(table[i] & 0x80), table[i + 1], table[i + 2])
+                           for i in range(0, 3 * count, 3)]
+
+
 def _format_by_signature(head: bytes) -> str | None:
     """The format that the first bytes announce, to tell a damaged image from a foreign file."""
     signatures = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}
@@ -790,17 +904,7 @@ def _jpeg2k_segment_size(head: bytes) -> tuple[int, int, int] | None:
 
 def _jp2_codestream(head: bytes) -> int | None:
     """Where the codestream box (jp2c) of a JP2 file starts its contents, or None."""
-    i = 0
-    while i + 8 <= len(head):
-        size, kind, contents = int.from_bytes(head[i:i + 4], "big"), head[i + 4:i + 8], i + 8
-        if size == 1:  # the size follows, in 8 bytes
-            size, contents = int.from_bytes(head[i + 8:i + 16], "big"), i + 16
-        if kind == b"jp2c":
-            return contents
-        if size < contents - i:  # 0 (to the end of the file) before the codestream, or damaged
-            return None
-        i += size
-    return None
+    return next((contents for kind, contents, _ in _jp2_boxes(head) if kind == b"jp2c"), None)
 
 
 #: TIFF compressions whose codec sizes its output from the segment's own header, and how to read
