@@ -404,12 +404,23 @@ def test_decode_errors_are_listed_not_counted(image_dir, tmp_path, register):
     (["--backends", "reference"], "no available backend to compare"),
     (["--blur", "4"], "blur size must be one of"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--workers", "1025"], "--workers must be at most 1024, got 1025"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--decode-timeout", "0"], "--decode-timeout takes a number of seconds from 1 to 86400"),
+    (["--decode-timeout", "nan"], "--decode-timeout takes a number of seconds from 1 to 86400"),
+    (["--low", "nan"], "low threshold must be between 0 and 2147483647"),
+    (["--bands", "1,2"], "--bands takes 1 or 3 band numbers"),
+    (["--stretch", "magic"], "stretch must be one of percentile, minmax, bitdepth"),
+    (["--model", "no-such-model.json"], "model file no-such-model.json does not exist"),
 ])
-def test_usage_errors_exit_2(image_dir, args, message, register):
+def test_usage_errors_exit_2(image_dir, tmp_path, args, message, register):
+    """One line, and no report: a usage error is found before the first image is read (verify.md)."""
     register(NeverAvailable)
-    result = invoke(image_dir, *args)
+    result = invoke(image_dir, *args, "--report", tmp_path / "r.json")
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
 
 
 def test_missing_path_exits_2(tmp_path, register):
