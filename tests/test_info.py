@@ -73,8 +73,19 @@ def test_human_output_names_packages_backends_and_threads(unavailable_backend):
     for name in registry.backend_names():
         assert name in result.stdout
     assert f"unavailable: {NeverAvailable.REASON}" in words
-    assert "threading layer" in result.stdout and "numba cache:" in result.stdout
-    assert "GPU" in result.stdout
+    assert "threading layer" in result.stdout and "GPU" in result.stdout
+    numba_info = info_json()["numba"]  # verify.md: "numba cache: FOLDER (set NUMBA_CACHE_DIR to choose another)"
+    origin = "from NUMBA_CACHE_DIR" if numba_info["cache_dir_from_env"] else "set NUMBA_CACHE_DIR to choose another"
+    assert f"numba cache: {numba_info['cache_dir']} ({origin})\n" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [(["--bogus"], "No such option: --bogus"),
+                                           (["extra"], "unexpected extra argument"),
+                                           (["--json", "yes"], "unexpected extra argument")])
+def test_bad_arguments_exit_2_and_print_nothing(args, message):
+    result = runner.invoke(app, ["info", *args])
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert message in result.stderr and "Traceback" not in result.output
 
 
 def test_missing_packages_are_reported_not_installed(monkeypatch):
