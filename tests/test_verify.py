@@ -143,6 +143,19 @@ def test_a_folder_that_cannot_be_listed_is_named_and_recorded(tmp_path, image_di
     assert result.exit_code == 2 and f"cannot list {hidden}: Permission denied" in result.stderr
 
 
+def test_a_folder_not_named_in_utf8_that_cannot_be_listed_has_its_bytes_in_the_report(tmp_path, image_dir, locked):
+    """verify.md: a ``folder`` whose name is not valid UTF-8 has its exact bytes beside it (``folder_bytes``)."""
+    import base64
+
+    hidden = os.fsencode(image_dir) + b"/locked\xfd"
+    os.mkdir(hidden)
+    locked(os.fsdecode(b"locked\xfd"))
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "numba")
+    assert result.exit_code == 0, result.output
+    (unlisted,) = report["unlisted"]
+    assert unlisted["folder"] == f"{image_dir}/locked\\xfd" and base64.b64decode(unlisted["folder_bytes"]) == hidden
+
+
 def test_a_report_that_cannot_be_written_after_the_run_still_prints_the_verdict(tmp_path, image_dir, monkeypatch):
     """A full disk at the end of a long verify lost its whole outcome: the report could not be
     written, and the command ended with that one line before printing the table. The table comes
