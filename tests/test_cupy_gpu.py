@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -130,6 +132,25 @@ def test_creating_it_without_a_gpu_says_why():
     with pytest.raises(BackendUnavailable, match=re.escape(reason)):
         registry.create("cupy")
     assert registry.resolve("auto") != "cupy"
+
+
+def test_cupy_imports_where_the_home_folder_is_read_only(tmp_path):
+    """CuPy makes ``~/.cupy/kernel_cache`` as it is imported, and failed to import where it could
+    not (a GPU container with a read-only home): ``--backend cupy`` was "CuPy cannot be imported
+    (FileNotFoundError: ... '/proc/1/.cupy')" and ``auto`` passed cupy over. Its cache then goes to
+    a private folder in the temporary folder."""
+    pytest.importorskip("cupy")
+    code = ("import os\nfrom gpu_pipeline.backends.cupy_gpu import CupyBackend\n"
+            "print(CupyBackend.unavailable_reason())\nprint(os.environ['CUPY_CACHE_DIR'])")
+    env = {key: value for key, value in os.environ.items() if key != "CUPY_CACHE_DIR"}
+    env.update(HOME="/proc/1", TMPDIR=str(tmp_path))  # (nothing can be made in /proc, not even by root)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    reason, folder = done.stdout.splitlines()
+    assert "cannot be imported" not in reason
+    assert Path(folder).parent == tmp_path and Path(folder).is_dir()
+    assert Path(folder).stat().st_mode & 0o077 == 0  # no one else may put kernels there
 
 
 # --- pure host logic --------------------------------------------------------------------------------

@@ -168,6 +168,24 @@ def choose_cache_dir(package_dir: Path) -> str | None:
     return private
 
 
+def private_temp_folder(kind: str) -> str | None:
+    """A cache folder for ``kind`` in the system temp dir, this user's and writable by no one else:
+    ``gpu-pipeline-<kind>-<uid>``, kept for later runs; else a fresh private one, removed at exit;
+    None when neither can be made (see :func:`choose_cache_dir`)."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    try:
+        kept = Path(tempfile.gettempdir()) / f"gpu-pipeline-{kind}-{uid}"
+        if _is_private_dir(kept):
+            return str(kept)
+        if hasattr(os, "getuid") and not _safe_above(kept):
+            return None
+        fresh = tempfile.mkdtemp(prefix=f"gpu-pipeline-{kind}-")
+    except OSError:
+        return None
+    atexit.register(_remove_fresh_cache, fresh, os.getpid())
+    return fresh
+
+
 def _remove_fresh_cache(folder: str, owner: int) -> None:
     """The fresh private cache folder, at the exit of the process that made it (not of its forks)."""
     if os.getpid() == owner:

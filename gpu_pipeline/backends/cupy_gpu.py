@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -33,6 +35,7 @@ import numpy as np
 
 from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends._cuda_errors import is_sticky
+from gpu_pipeline.backends._numba_setup import private_temp_folder
 from gpu_pipeline.backends._host_hysteresis import finish_hysteresis
 from gpu_pipeline.backends.base import (
     Backend,
@@ -387,11 +390,32 @@ def cnn_weight_arrays(model) -> list[tuple[np.ndarray, ...]]:
 # --- the device -------------------------------------------------------------------------------------
 
 
+def _import_cupy():
+    """``import cupy``. CuPy makes its kernel cache (``~/.cupy/kernel_cache``) as it is imported, and
+    cannot be imported where that fails (a GPU container with a read-only home): the cache then goes
+    to a private folder in the temporary folder (``CUPY_CACHE_DIR``, unless the user set it)."""
+    if "CUPY_CACHE_DIR" not in os.environ and "cupy" not in sys.modules:
+        default = os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache")
+        try:
+            os.makedirs(default, exist_ok=True)  # (as CuPy would)
+            usable = os.access(default, os.W_OK | os.X_OK)
+        except OSError:
+            usable = False
+        folder = None if usable else private_temp_folder("cupy")
+        if folder is not None:
+            os.environ["CUPY_CACHE_DIR"] = folder
+    import cupy
+
+    return cupy
+
+
+
+
 class CupyDevice:
     """Every GPU call of the backend: memory, copies, launches, streams. Tests substitute a fake."""
 
     def __init__(self, index: int = 0) -> None:
-        import cupy
+        cupy = _import_cupy()
         import cupyx
 
         self._cupy, self._cupyx = cupy, cupyx
@@ -517,7 +541,7 @@ class CupyBackend(Backend):
             reason = self.unavailable_reason()
             if reason is not None:
                 raise BackendUnavailable(reason)
-            import cupy
+            cupy = _import_cupy()
 
             device = CupyDevice(checked_device_index(device_index, cupy.cuda.runtime.getDeviceCount()))
         self._device = device
@@ -562,7 +586,7 @@ class CupyBackend(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         try:
-            import cupy
+            cupy = _import_cupy()
         except Exception as exc:  # not installed, or a broken CUDA wheel
             return f"CuPy cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
         try:
