@@ -166,6 +166,10 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--device", "1", "--dask", "local:1"], "--device picks a GPU of this machine"),
         (["--decode", "processes", "--dask", "local:1"], "--decode processes is for a run on this machine"),
         (["--dask", "local-cuda"], "needs dask-cuda"),  # not among the test dependencies
+        # what click finds as it parses: its usage lines and a framed box (six lines) before
+        (["--low", "abc"], "gpu-pipeline: error: Invalid value for '--low': "),
+        (["--bogus"], "gpu-pipeline: error: No such option: --bogus"),
+        (["--glob", ""], "gpu-pipeline: error: Invalid value for '--glob': empty"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(image_dir, tmp_path, args, message):
@@ -233,6 +237,17 @@ def test_a_name_too_long_is_refused_not_a_traceback(args, image_dir, tmp_path, m
     assert result.exit_code == 2, result.output
     assert "name too long" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+@pytest.mark.parametrize("args, message", [(["runn"], "No such command 'runn'. Did you mean 'run'? (see gpu-pipeline --help)"),
+                                           (["--bogus"], "No such option: --bogus (see gpu-pipeline --help)"),
+                                           (["fit"], "Missing argument 'labeled_dir'. (see gpu-pipeline fit --help)"),
+                                           (["run", "--low"], "Option '--low' requires an argument. (see gpu-pipeline --help)")])
+def test_a_mistyped_command_line_is_one_line_and_exit_2(args, message):
+    """As every refusal: not click's usage lines and framed box. (No command at all gives the help.)"""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"gpu-pipeline: error: {message}\n"
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc", ""])

@@ -35,7 +35,8 @@ import typer
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli import streams
-from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Decode, DecodeTimeout, Device, Glob, High, Low,
+from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Commands, Decode, DecodeTimeout, Device, Glob,
+                                      High, Low,
                                       Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, given_file_name, given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -47,6 +48,7 @@ from gpu_pipeline.inputs.processes import processes_wanted
 MOST_DASK_TIMEOUT_S = 86400
 
 app = typer.Typer(
+    cls=Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
