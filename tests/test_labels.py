@@ -399,6 +399,29 @@ def test_a_deeply_nested_number_is_refused_in_one_line(tmp_path):
     _usage_error(result, "nested too deeply")
 
 
+def test_a_model_file_too_large_for_memory_is_refused_in_one_line(tmp_path):
+    """A 64 GiB file (sparse, so it costs no disk) given as --model: reading it whole ran out of memory,
+    a MemoryError traceback and exit 1. Now one line naming it, exit 2, nothing written. The child's
+    address space is capped, so that the read fails on every machine (whatever its overcommit)."""
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as file:
+        file.truncate(64 << 30)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tile.png")
+
+    def capped() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tmp_path / "tile.png"), "--out",
+                             str(tmp_path / "r.jsonl"), "--model", str(huge), "--backend", "reference"],
+                            capture_output=True, text=True, env=env, preexec_fn=capped, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"gpu-pipeline: error: model {huge} is too large to be read into memory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.json", "tile.png"]
+
+
 def test_missing_model_lists_the_shipped_ones(tmp_path):
     with pytest.raises(ModelError, match="does not exist.*shipped models: eurosat"):
         load_model(tmp_path / "nope.json")

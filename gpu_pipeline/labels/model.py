@@ -434,6 +434,8 @@ def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
         raise ModelError(f"model {path} is not valid JSON: {exc}") from None
     except RecursionError:  # lists in lists, thousands deep: no model is
         raise ModelError(f"model {path} is nested too deeply to be a model") from None
+    except MemoryError:  # a file of gigabytes (--model given a disk image, say): read whole, it does not fit
+        raise ModelError(f"model {path} is too large to be read into memory") from None
     try:
         return cnn.model_from_dict(data) if cnn.is_cnn_model(data) else _model_from_dict(data)
     except (ModelError, cnn.CnnModelError) as exc:
