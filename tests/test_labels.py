@@ -761,6 +761,21 @@ def test_the_confusion_table_names_the_classes_that_are_columns_only():
     assert "columns only" not in console.export_text()
 
 
+def test_a_tree_whose_name_is_not_utf8_is_shown_as_the_records_show_it(tmp_path):
+    """The model's training summary names the tree: a folder name that is not UTF-8 went into the
+    file as a lone surrogate escape ("\\udcff"), which strict JSON readers (Rust's serde_json)
+    refuse; now as the records and reports write it, \\xff."""
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/tr\xffee"))
+    os.rename(tree, odd)
+    model = tmp_path / "m.json"
+    result = invoke("fit", str(odd), "--out", str(model), "--backend", "reference", "--test-fraction", "0")
+    assert result.exit_code == 0, result.output
+    text = model.read_text(encoding="utf-8")
+    assert "\\ud" not in text
+    assert json.loads(text)["training"]["data"] == str(tmp_path / "tr\\xffee")
+
+
 def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_dir):
     """A class folder ``[red]markup[`` printed as ``markup[`` (read as rich markup), and one holding a
     newline split its row: fit's and evaluate's tables and run's "labels:" line print names as they are."""

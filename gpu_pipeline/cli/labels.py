@@ -25,7 +25,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
                                     scores_table)
-from gpu_pipeline.errors import UsageError, printable, shown
+from gpu_pipeline.errors import UsageError, bytes_shown, printable, shown
 from gpu_pipeline.labels.plots import MAX_CLASSES, has_matplotlib, save_confusion_plot
 from gpu_pipeline.labels.splits import stratified_split
 
@@ -115,7 +115,7 @@ def fit(
     test[table.ok] = stratified_split(labeled.targets[table.ok], test_fraction, seed)
     train = table.ok & ~test
     model = fit_model(table.vectors[train], labeled.targets[train], labeled.classes, config, {
-        "data": str(labeled_dir),
+        "data": bytes_shown(str(labeled_dir)),  # as the records show it: a lone surrogate is no JSON text
         "backend": backend_name,
         "bands": list(decode.bands) if decode.bands else None,
         "stretch": decode.stretch,
