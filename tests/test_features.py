@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpu_reference
-from gpu_pipeline.labels.features import COARSE_STEP, ENTROPY_TABLE_SIZE, FEATURE_NAMES, batch_features
+from gpu_pipeline.labels.features import COARSE_STEP, ENTROPY_TABLE_SIZE, FEATURE_BOUND, FEATURE_NAMES, batch_features
 from tests.strategies import examples, images
 
 
@@ -141,6 +141,7 @@ def test_batch_features_match_the_plain_oracle(batch, data):
     edge_counts = np.array([data.draw(st.integers(0, image.shape[0] * image.shape[1])) for image in batch])
     got = batch_features(batch, histograms, edge_counts)
     assert got.shape == (len(batch), len(FEATURE_NAMES)) and got.dtype == np.float64
+    assert np.all((got >= 0) & (got <= FEATURE_BOUND))  # what a model's score bound relies on
     for row, image, histogram, edges in zip(got, batch, histograms, edge_counts):
         expected = oracle(image, histogram, int(edges))
         for name, value in zip(FEATURE_NAMES, row):
@@ -163,6 +164,17 @@ def test_a_gray_image_counts_as_three_equal_bands(image):
     assert gray_features.tobytes() == batch_features([rgb], histogram, np.array([1])).tobytes()
     chroma = FEATURE_NAMES.index("chroma_mean")
     assert not np.any(gray_features[0, chroma:chroma + 8])  # no chroma, no hue
+
+
+def test_the_feature_bound_is_reached_and_never_passed():
+    """A model's scores are bounded, when it is loaded, with every feature in 0..FEATURE_BOUND: a
+    checkerboard of 0 and 255 has the steepest gradients there are, and reaches it exactly."""
+    board = (np.indices((16, 16)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    batch = [board, np.dstack([board, 255 - board, board]), np.full((3, 3, 3), 255, np.uint8)]
+    histograms = np.stack([histogram_of(image) for image in batch])
+    got = batch_features(batch, histograms, np.array([16 * 16, 16 * 16, 9]))
+    assert got.min() >= 0 and got.max() == FEATURE_BOUND
+    assert got[0, FEATURE_NAMES.index("gradient_mean")] == FEATURE_BOUND
 
 
 def test_long_rows_are_summed_exactly():

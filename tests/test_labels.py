@@ -355,6 +355,10 @@ def _set(data: dict, dotted: str, value) -> dict:
     pytest.param("bias.c", 10 ** 400, "finite numbers", id="bias-10**400"),
     pytest.param("standardize.scale", [1] * (len(FEATURE_NAMES) - 1) + [-10 ** 400], "finite numbers",
                  id="scale--10**400"),
+    # finite, but an image's scores would overflow to inf and NaN (the label was then the first class)
+    pytest.param("weights.a", [1e308] * len(term_names()), "scores could overflow", id="weights-1e308"),
+    pytest.param("standardize.scale", [1e-308] * len(FEATURE_NAMES), "scores could overflow", id="scale-1e-308"),
+    pytest.param("bias.b", 1.7e308, "scores could overflow", id="bias-1.7e308"),
     ("weights", _DELETE, "\"weights\" is missing"),
     ("weights.b", _DELETE, "one entry per class"),
     ("bias.b", "x", "bias"),

@@ -43,6 +43,10 @@ FEATURE_NAMES = (
     "gradient_mean", "coarse_contrast",
 )
 
+#: No feature of any image is outside 0..FEATURE_BOUND (the largest, gradient_mean, is at most 255 + 255):
+#: a model's scores are bounded with it when it is loaded.
+FEATURE_BOUND = 510.0
+
 #: Fixed-point BT.601 gray of the pipeline contract (OpenCV 5): (9798 R + 19235 G + 3735 B + 16384) >> 15.
 _GRAY_WEIGHTS = (9798, 19235, 3735)
 #: Distance, in pixels, of the coarse-scale differences.

@@ -37,7 +37,7 @@ import numpy as np
 from gpu_pipeline.backends import _numba_setup
 from gpu_pipeline.config import PipelineConfig, threshold_text
 from gpu_pipeline.labels import cnn
-from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features, feature_kernel
+from gpu_pipeline.labels.features import FEATURE_BOUND, FEATURE_NAMES, batch_features, feature_kernel
 from gpu_pipeline.errors import UsageError
 
 FORMAT = "gpu-pipeline label model"
@@ -50,6 +50,9 @@ ITERATIONS = 300
 MEMORY = 10
 #: Significant digits of the stored numbers.
 DIGITS = 10
+#: Largest bound on a score (and on a term) that a loaded model may have: far below float64's largest
+#: number (1.8e308), so that no partial sum, in any order, overflows.
+SCORE_BOUND = 1e300
 
 #: Models shipped with the package, by the name ``--model`` accepts instead of a path.
 SHIPPED_MODELS = {name: Path(__file__).resolve().parent / "models" / f"{name}.json"
@@ -474,11 +477,26 @@ def _model_from_dict(data: Any) -> LabelModel:
             raise ModelError(f"\"{key}\" must have one entry per class")
     bias = _numbers([bias_map[c] for c in classes], (len(classes),), "bias")
     weights = _numbers([weight_map[c] for c in classes], (len(classes), len(names)), "weights")
+    if not _scores_stay_finite(mean, scale, weights, bias):
+        raise ModelError("\"weights\", \"bias\" and \"standardize\" are so extreme that scores could overflow "
+                         "float64 (to inf and NaN, which label nothing)")
     config = _pipeline_config(_require(data, "pipeline", dict))
     training = data.get("training", {})
     if not isinstance(training, dict):
         raise ModelError("\"training\" must be an object")
     return LabelModel(tuple(classes), mean, scale, weights, bias, config, training)
+
+
+def _scores_stay_finite(mean: np.ndarray, scale: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> bool:
+    """Whether every score of every image stays below :data:`SCORE_BOUND`: finite numbers can still
+    overflow (weights of 1e308, a scale of 1e-308), and a NaN score made the label the first class.
+    Bounded with every feature in 0..FEATURE_BOUND, so a model ``fit`` wrote passes by far."""
+    first, second = _pairs(len(mean))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the answer, not a warning
+        z = (FEATURE_BOUND + np.abs(mean)) / scale
+        terms = np.concatenate([z, z[first] * z[second]])
+        scores = np.abs(bias) + np.abs(weights) @ terms
+    return bool(np.all(terms < SCORE_BOUND) and np.all(scores < SCORE_BOUND))
 
 
 def _pipeline_config(settings: dict) -> PipelineConfig:
