@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -806,6 +807,39 @@ def test_class_names_are_text_in_every_table_and_summary(tmp_path, bundled_data_
     result = invoke("evaluate", str(tmp_path / "tree"), "--model", str(tmp_path / "m.json"))
     assert result.exit_code == 0, result.output
     assert "2 classes ([red]markup[, two\\nlines)" in result.stdout and "1 [red]markup[" in result.stdout
+
+def _documented_synopsis() -> dict[str, str]:
+    """The command lines of labels.md's "Commands" block, by command (a continued line joined to its own)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "labels.md").read_text()
+    block = text.split("## Commands", 1)[1].split("```", 2)[1]
+    lines: dict[str, str] = {}
+    for line in block.strip().splitlines():
+        if line.startswith("gpu-pipeline "):
+            command = line.split()[1]
+            lines[command] = line
+        else:
+            lines[command] += " " + line.strip()
+    return lines
+
+
+def test_the_documented_synopsis_is_what_fit_and_evaluate_take():
+    """labels.md's "Commands": fit and evaluate list every option they take (and none they do not),
+    each with its default; run and verify take --model. (evaluate's --bands and --stretch were missing.)"""
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    synopsis = _documented_synopsis()
+    assert sorted(synopsis) == ["evaluate", "fit", "run", "verify"]
+    for name in ("fit", "evaluate"):
+        documented = set(re.findall(r"--[a-z0-9-]+", synopsis[name]))
+        options = {o: p for p in commands[name].params if p.param_type_name == "option"
+                   for o in p.opts + p.secondary_opts if o.startswith("--") and o != "--help"}
+        assert documented == set(options), name
+        for option, value in re.findall(r"\[(--[a-z-]+) ([0-9][0-9.]*|auto)\]", synopsis[name]):
+            assert str(options[option].default) in (value, f"{value}.0"), (name, option)
+    for name in ("run", "verify"):
+        assert "--model" in {o for p in commands[name].params for o in p.opts}
+
 
 def test_hidden_class_folders_are_skipped(tmp_path):
     """labels.md: a sub-folder whose name starts with "." is not a class."""
