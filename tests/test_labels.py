@@ -427,6 +427,26 @@ def test_a_model_file_too_large_for_memory_is_refused_in_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.json", "tile.png"]
 
 
+def test_a_model_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """JSON is UTF-8 (RFC 8259): a model whose class names are written as UTF-8, not as \\u escapes
+    (another tool, an editor), was read in the locale's encoding: refused under an ASCII locale, and
+    its names garbled under a Latin-1 one."""
+    data = _valid_model_dict()
+    for key in ("bias", "weights"):
+        data[key]["Forêt"] = data[key].pop("c")
+    data["classes"][2] = "Forêt"
+    path = tmp_path / "m.json"
+    path.write_bytes(json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0"}
+    code = ("import locale, sys; from gpu_pipeline.labels.model import load_model; "
+            "print(locale.getpreferredencoding(False), ascii(load_model(sys.argv[1]).classes))")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    encoding, classes = result.stdout.split(" ", 1)
+    assert encoding != "UTF-8" and classes.strip() == ascii(("a", "b", "Forêt"))  # (the locale is not UTF-8)
+
+
 def test_missing_model_lists_the_shipped_ones(tmp_path):
     with pytest.raises(ModelError, match="does not exist.*shipped models: eurosat"):
         load_model(tmp_path / "nope.json")

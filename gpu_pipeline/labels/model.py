@@ -203,7 +203,7 @@ class LabelModel:
         }
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(_json_text(self.to_dict()) + "\n")
+        Path(path).write_text(_json_text(self.to_dict()) + "\n", encoding="utf-8")
 
 
 def _json_text(value: Any, indent: int = 0) -> str:
@@ -430,7 +430,7 @@ def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
     module) or an integer CNN (:mod:`gpu_pipeline.labels.cnn`)."""
     path = resolve_model_path(model)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 (RFC 8259), whatever the locale
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelError(f"cannot read model {path}: {exc}") from None
     except json.JSONDecodeError as exc:
