@@ -786,6 +786,23 @@ def test_the_confusion_table_names_the_classes_that_are_columns_only():
     assert "columns only" not in console.export_text()
 
 
+def test_evaluate_on_some_of_the_models_classes(tmp_path):
+    """labels.md: "a subset of the classes is fine". The tree's classes (green, red) are the model's
+    second and third: scored against the model's own numbering, every image right."""
+    tree = colour_tree(tmp_path / "tree", per_class=3)
+    model = tmp_path / "m.json"
+    fitted = invoke("fit", str(tree), "--out", str(model), "--backend", "reference", "--test-fraction", "0")
+    assert fitted.exit_code == 0, fitted.output
+    (tmp_path / "part").mkdir()
+    for name in ("green", "red"):
+        (tree / name).rename(tmp_path / "part" / name)
+    result = invoke("evaluate", str(tmp_path / "part"), "--model", str(model), "--backend", "reference")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "accuracy 100.0 % (6/6 images); always answering the most common class: 50.0 %" in text
+    assert "2 green" in text and "3 red" in text and "columns only): 1 blue" in text
+
+
 def test_a_tree_whose_name_is_not_utf8_is_shown_as_the_records_show_it(tmp_path):
     """The model's training summary names the tree: a folder name that is not UTF-8 went into the
     file as a lone surrogate escape ("\\udcff"), which strict JSON readers (Rust's serde_json)
