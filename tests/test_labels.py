@@ -793,6 +793,10 @@ def test_evaluate_on_some_of_the_models_classes(tmp_path):
     model = tmp_path / "m.json"
     fitted = invoke("fit", str(tree), "--out", str(model), "--backend", "reference", "--test-fraction", "0")
     assert fitted.exit_code == 0, fitted.output
+    # labels.md: "--test-fraction 0 fits on everything"
+    assert "fitted on 9 images of 3 classes" in fitted.stdout and "held-out" not in fitted.stdout
+    training = load_model(model).training
+    assert training["images_per_class"] == {"blue": 3, "green": 3, "red": 3} and training["test_accuracy"] is None
     (tmp_path / "part").mkdir()
     for name in ("green", "red"):
         (tree / name).rename(tmp_path / "part" / name)
