@@ -22,8 +22,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-#: Escapes for the C0 controls and DEL: a file name may hold any of them but NUL.
-_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+#: Escapes for the C0 controls and DEL (a file name may hold any of them but NUL), and for the C1
+#: controls (U+009B is the terminal's CSI, as ESC [ is) and the line and paragraph separators, as
+#: ``\\u009b``: ``\\x9b`` is how a byte of a name that is not UTF-8 is shown.
+_CONTROLS = ({code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+             | {code: f"\\u{code:04x}" for code in [*range(0x80, 0xA0), 0x2028, 0x2029]})
 
 
 def is_utf8(text: str) -> bool:

@@ -239,6 +239,15 @@ def test_a_name_too_long_is_refused_not_a_traceback(args, image_dir, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
+def test_a_name_with_a_c1_control_or_a_line_separator_is_escaped_in_messages(tmp_path):
+    """U+009B is the terminal's CSI, as ESC [ is: a file name holding it could clear the screen or
+    recolour the log through an error message. U+2028 breaks the line in some consoles."""
+    missing = tmp_path / "scan\u009b2J\u2028.png"
+    result = invoke("run", str(missing), "--out", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2
+    assert "scan\\u009b2J\\u2028.png" in result.stderr and "\u009b" not in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [(["runn"], "No such command 'runn'. Did you mean 'run'? (see gpu-pipeline --help)"),
                                            (["--bogus"], "No such option: --bogus (see gpu-pipeline --help)"),
                                            (["fit"], "Missing argument 'labeled_dir'. (see gpu-pipeline fit --help)"),
