@@ -381,7 +381,8 @@ def test_malformed_model_names_the_problem(tmp_path, key, value, message):
 @pytest.mark.parametrize("content, message", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "not a gpu-pipeline label model"),
-    (b"\xff\xfe\x00", "cannot read model"),
+    (b"\xff\xfe\x00", r"is not a model file \(not UTF-8 JSON text: invalid start byte at byte 0\)"),
+    (b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xa0", "is not a model file"),  # an npz (a zip): it read as a read error
     pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="too deep for the parser"),
 ])
 def test_unreadable_model_file(tmp_path, content, message):

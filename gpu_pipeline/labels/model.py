@@ -431,8 +431,11 @@ def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
     path = resolve_model_path(model)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 (RFC 8259), whatever the locale
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ModelError(f"cannot read model {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # (an image, an npz, a pickle: said as such, not as a read error)
+        raise ModelError(f"model {path} is not a model file (not UTF-8 JSON text: {exc.reason} at byte {exc.start})") \
+            from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"model {path} is not valid JSON: {exc}") from None
     except RecursionError:  # lists in lists, thousands deep: no model is
