@@ -26,6 +26,7 @@ from rich.console import Console
 
 from gpu_pipeline import __version__
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.errors import bytes_shown
 from gpu_pipeline.labels.confusion import accuracy, confusion_matrix, markdown_table
 from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
 from gpu_pipeline.labels.model import PENALTY, fit_model
@@ -77,7 +78,7 @@ def main() -> None:
     print(markdown_table(classes, matrix))
 
     model = fit_model(vectors, targets, classes, config, {
-        "data": f"EuroSAT RGB, {len(targets)} tiles ({args.tree.name})",
+        "data": f"EuroSAT RGB, {len(targets)} tiles ({bytes_shown(args.tree.name)})",  # (no lone surrogate)
         "backend": backend,
         "images_per_class": {name: int(n) for name, n in zip(classes, np.bincount(targets))},
         "cross_validation": {"folds": args.folds, "seed": args.seed, "accuracy": accuracy(matrix),

@@ -37,6 +37,7 @@ import numpy as np
 from cpu_reference import cnn as reference
 from gpu_pipeline import __version__
 from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.errors import bytes_shown
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.labels.cnn import CnnModel, model_json, resample
 from gpu_pipeline.labels.confusion import accuracy, confusion_matrix, markdown_table
@@ -231,7 +232,7 @@ def main() -> None:
     if args.out is not None:
         network = train(inputs, targets, len(classes), widths, args.epochs, args.seed)
         integer, percentile, scales = calibrated(network, inputs[::10], targets[::10], args.size, classes)
-        summary.update({"data": args.tree.name, "data_sha256": digest, "tiles": len(inputs),
+        summary.update({"data": bytes_shown(args.tree.name), "data_sha256": digest, "tiles": len(inputs),
                         "images_per_class": {c: int((targets == i).sum()) for i, c in enumerate(classes)},
                         "epochs": args.epochs, "seed": args.seed, "calibration_percentile": percentile,
                         "activation_scales": [float(f"{s:.6g}") for s in scales],
