@@ -106,6 +106,19 @@ def test_a_csv_header_torn_by_a_crash_is_written_again(tiles, tmp_path, left):
     assert out.read_bytes() == whole
 
 
+@pytest.mark.parametrize("content", [b"path", bytes(4096)])
+def test_a_file_that_only_looks_like_a_torn_csv_header_is_not_replaced(tiles, tmp_path, content):
+    """A torn header is written again only beside its settings record, which a run writes before
+    its output: a file of someone else's (zeros, a few letters) without one was replaced without
+    --overwrite, where the same file named .jsonl was refused."""
+    out = tmp_path / "out.csv"
+    out.write_bytes(content)
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "has no settings record" in result.stderr, result.output
+    assert out.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "tiles"]
+
+
 # ---------------------------------------------------------------- 2. a file name that is not UTF-8
 
 

@@ -54,6 +54,9 @@ class OutputPlan:
     fmt: str
     exists: bool  # the output holds something an earlier run wrote (or something else)
     existing: Existing
+    #: A CSV output whose header a crash left torn or zero-filled, and nothing else: written again.
+    #: It still ``exists``: only beside its settings record is it ours (a file of zeros is not).
+    torn_header: bool = False
     start_afresh: bool = False
     retry_failed: bool = False
     #: With ``retry_failed``: the failed paths this run redoes, its inputs' (None: every one). The
@@ -84,7 +87,7 @@ class OutputPlan:
             return sink
         path = Path(self.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self.start_afresh or not self.exists:
+        if self.start_afresh or not self.exists or self.torn_header:
             with open(path, "wb"):
                 pass
             sink = LineSink(self.out, self.fmt)
@@ -166,8 +169,7 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
         elif plan.exists:
             found = scan(path, chosen)
             plan.existing, plan.good_end = found.existing, found.good_end
-            if chosen == "csv" and found.good_end == 0:  # a torn header and nothing else: start it again
-                plan.exists = False
+            plan.torn_header = chosen == "csv" and found.good_end == 0
     except SinkError:
         raise
     except OSError as exc:
