@@ -1137,6 +1137,31 @@ def test_an_edge_map_of_another_image_is_left_alone(tmp_path):
     assert run(str(first), "--out", str(tmp_path / "05.jsonl"), "--save-edges", str(edges), "--overwrite").exit_code == 0
 
 
+def test_an_edge_map_of_another_image_whose_name_is_not_utf8_is_left_alone(tmp_path):
+    """A map recorded such a name only as shown (``\\xff``), which names no file: taken for the map
+    of an image that is gone, the first night's map was replaced by the second night's, without a
+    word. Its exact bytes are recorded beside it now; the same image still replaces its own map."""
+    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.files import png_texts
+
+    first, second, edges = tmp_path / "05", tmp_path / "06", tmp_path / "edges"
+    for night, seed in ((first, 0), (second, 5)):
+        make_images(night, 1, seed=seed)
+        os.rename(night / "tile000.png", os.fsencode(night) + b"/\xff.png")
+    first_map, second_map = np.full((2, 2), 255, np.uint8), np.zeros((2, 2), np.uint8)
+    edge_saver(edges, str(first))(os.fsdecode(os.fsencode(first) + b"/\xff.png"), first_map)
+    saved = os.fsencode(edges) + b"/\xff.png.edges.png"
+    before = Path(os.fsdecode(saved)).read_bytes()
+    texts = png_texts(Path(os.fsdecode(saved)))
+    assert texts["Source"] == f"{first}/\\xff.png"
+    assert base64.b64decode(texts["Source bytes"]) == os.fsencode(first) + b"/\xff.png"
+    with pytest.raises(FileExistsError, match="is the edge map of .*05/\\\\xff.png; it is left alone"):
+        edge_saver(edges, str(second))(os.fsdecode(os.fsencode(second) + b"/\xff.png"), second_map)
+    assert Path(os.fsdecode(saved)).read_bytes() == before
+    edge_saver(edges, str(first))(os.fsdecode(os.fsencode(first) + b"/\xff.png"), second_map)  # its own: replaced
+    assert np.array_equal(np.asarray(Image.open(os.fsdecode(saved))), second_map)
+
+
 @pytest.mark.parametrize("way", ["a link to the folder", "the folder renamed"])
 def test_the_same_images_under_another_name_replace_their_own_edge_maps(tmp_path, way):
     """A map records its image's name; the same file reached another way (a link, another mount) or

@@ -8,6 +8,7 @@ the records. The output is locked (``OUT.lock``) around both, so two runs never 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -34,15 +35,15 @@ from gpu_pipeline.labels.labeller import attach_label_model_or_close, label_func
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
-from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, one_line, printable,
-                                  shown)
+from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, is_utf8, one_line,
+                                  printable, shown)
 from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
                                         same_file_as, temporaries_of, write_replacing)
 from gpu_pipeline.outputs.png import gray_png
 from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
-from gpu_pipeline.outputs.sink import DISK_ERRORS, SinkError, SinkWriteError
+from gpu_pipeline.outputs.sink import DISK_ERRORS, SinkError, SinkWriteError, name_bytes
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -108,16 +109,15 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
                 found = os.lstat(target)
             except FileNotFoundError:
                 found = None
-            source = bytes_shown(name)
             if found is not None:
                 # lstat: a FIFO there would block the open for ever, a link would lead elsewhere
                 texts = png_texts(target) if stat.S_ISREG(found.st_mode) else None
                 if not (is_ours(texts) or _earlier_versions_map(target, texts, edges)):
                     raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
-                if not _same_image(recorded := texts.get("Source"), source, name):
-                    raise FileExistsError(f"{target} is the edge map of {recorded}; it is left alone "
+                if not _same_image(texts, name):
+                    raise FileExistsError(f"{target} is the edge map of {texts['Source']}; it is left alone "
                                           "(save the edge maps of these inputs into another folder)")
-            png = gray_png(edges, text={"Software": SOFTWARE}, international={"Source": source})
+            png = gray_png(edges, text=_marks(name), international={"Source": bytes_shown(name)})
             # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
             try:
                 write_replacing(target, png)
@@ -157,12 +157,27 @@ def _earlier_versions_map(target: Path, texts: dict[str, str] | None, edges: np.
         return False
 
 
-def _same_image(recorded: str | None, source: str, name: str) -> bool:
-    """Whether an edge map whose ``Source`` is ``recorded`` may be replaced by the map of ``name``
-    (``source`` as maps record it): it records this name, or none (an earlier version's map), or a
-    name of this very file (a link, another mount), or a file that is gone (a folder renamed
-    since). Only a map of another image that still exists is left alone."""
-    if recorded is None or recorded == source:
+#: The exact bytes of a ``Source`` that is not UTF-8, in base64 (``Source`` shows them as ``\xNN``).
+SOURCE_BYTES = "Source bytes"
+
+
+def _marks(name: str) -> dict[str, str]:
+    """The ``tEXt`` chunks of the map of ``name``: ours, and its exact bytes where it is not UTF-8."""
+    return {"Software": SOFTWARE} if is_utf8(name) else {"Software": SOFTWARE, SOURCE_BYTES: name_bytes(name)}
+
+
+def _same_image(texts: dict[str, str], name: str) -> bool:
+    """Whether an edge map of ours with text chunks ``texts`` may be replaced by the map of ``name``:
+    it records this name, or none (an earlier version's map), or a name of this very file (a link,
+    another mount), or a file that is gone (a folder renamed since). Only a map of another image
+    that still exists is left alone. A name that is not UTF-8 is compared by its exact bytes: as
+    shown, it named no file, and the map of another image that exists was taken for one gone."""
+    recorded = texts.get("Source")
+    if SOURCE_BYTES in texts:
+        recorded = os.fsdecode(base64.b64decode(texts[SOURCE_BYTES]))
+    elif recorded is not None and recorded == bytes_shown(name):  # (maps made before kept the shown name only)
+        return True
+    if recorded is None or recorded == name:
         return True
     try:
         return os.path.samefile(recorded, name)
