@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -30,6 +32,7 @@ from gpu_pipeline.outputs.lines import COLUMNS
 from gpu_pipeline.outputs.plan import OutputLock, inspect_output, lock_path, open_sink, read_records
 from gpu_pipeline.outputs.sink import record_key
 from tests.runs import REPO, STARTED_MARKER, sitecustomize, start, wait_until
+from tests.strategies import examples
 
 runner = CliRunner()
 
@@ -1088,6 +1091,30 @@ def test_the_folders_an_edge_saver_remembers_stay_few(tmp_path):
     made = dict(zip(save.__code__.co_freevars, (cell.cell_contents for cell in save.__closure__)))["made"]
     assert 0 < len(made) <= MADE_FOLDERS_KEPT
     assert len(os.listdir(tmp_path / "edges")) == MADE_FOLDERS_KEPT + 50
+
+
+#: Pieces of names Path treats apart (empty and "." parts, leading and doubled slashes) and odd ones.
+_NAME_PIECES = st.lists(st.sampled_from(["/", ".", "a", "é \n\\", "\udcff"]), max_size=12).map("".join)
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(folder=st.sampled_from(["/", "//", "//x", "/e", "/e/f g", "/\udcff"]), relative=_NAME_PIECES)
+@example(folder="/e", relative="a/./b")
+@example(folder="/e", relative="a//b")
+@example(folder="/e", relative="./a")
+@example(folder="/e", relative="/a")
+def test_edge_map_names_are_those_a_path_gave(folder, relative):
+    """The saver builds its names as strings, no Path a map: the same names as the Path did (and
+    their folders and temporaries), for discovery's plain names and for any other."""
+    from gpu_pipeline.engine.job import edge_map_name
+    from gpu_pipeline.outputs.files import temporary_name
+
+    made = Path(folder) / (relative + ".edges.png")
+    name = edge_map_name(folder, relative)
+    assert name == str(made)
+    assert os.path.dirname(name) == str(made.parent)
+    stem, slash, last = name.rpartition("/")  # as write_replacing names its temporary
+    assert stem + slash + temporary_name(last, 42) == str(made.with_name(temporary_name(made.name, 42)))
 
 
 def test_the_edge_saver_a_dask_chunk_carries_stays_small(tmp_path):

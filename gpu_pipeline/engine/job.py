@@ -89,22 +89,23 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
     would fail alike, so the run stops as for its records (exit 3, resumable). A map is encoded by
     :func:`gray_png` (Pillow's writer held the GIL about 100 us a map), and each folder is made once."""
     prefix = root if root.endswith("/") else root + "/"
-    folder = Path(os.path.abspath(folder))  # (--dask: a relative one went to each worker's own folder)
+    folder = os.path.abspath(folder)  # (--dask: a relative one went to each worker's own folder)
     # folders made (or found) lately: a mkdir per map cost a system call. Bounded: a folder per image
     # (a product per folder, a tile pyramid) kept ~0.5 KB a folder for the whole run
-    made: set[Path] = set()
+    made: set[str] = set()
 
     def save(path: str | os.PathLike[str], edges: np.ndarray) -> None:  # (a Path from --dask)
         name = os.fspath(path)
         if not name.startswith(prefix):
             raise ValueError(f"{printable(name)} is not below {printable(root)}")
-        target = folder / (name[len(prefix):] + ".edges.png")
+        target = edge_map_name(folder, name[len(prefix):])
         with _disk_errors_stop_the_run(target):
-            if target.parent not in made:
-                ensure_folder(target.parent)
+            parent = os.path.dirname(target)
+            if parent not in made:
+                ensure_folder(Path(parent))
                 if len(made) >= MADE_FOLDERS_KEPT:  # inputs come folder by folder: the old ones are done
                     made.clear()
-                made.add(target.parent)
+                made.add(parent)
             try:
                 found = os.lstat(target)
             except FileNotFoundError:
@@ -122,25 +123,35 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
             try:
                 write_replacing(target, png)
             except FileNotFoundError:  # its folder was removed during the run: made again, as before
-                ensure_folder(target.parent)
+                ensure_folder(Path(parent))
                 write_replacing(target, png)
 
     return save
 
 
+def edge_map_name(folder: str, relative: str) -> str:
+    """``str(Path(folder) / (relative + ".edges.png"))``, the map of the input ``ROOT/relative``,
+    without a ``Path`` a map (with its parent's and its temporary's, 10 us of GIL of the 40 a saved
+    tile map took): the names joined when ``relative`` has no empty or ``.`` part for ``Path`` to
+    drop (discovery's names have none), else the ``Path``'s."""
+    if "//" in relative or "/./" in relative or relative.startswith(("/", "./")):
+        return str(Path(folder) / (relative + ".edges.png"))
+    return folder + relative + ".edges.png" if folder.endswith("/") else f"{folder}/{relative}.edges.png"
+
+
 @contextmanager
-def _disk_errors_stop_the_run(target: Path) -> Iterator[None]:
+def _disk_errors_stop_the_run(target: str) -> Iterator[None]:
     """A full or read-only disk while writing ``target`` raised as :class:`SinkWriteError` naming it."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
-        raise SinkWriteError(exc.errno, f"cannot write the edge map {printable(str(target))}: "
+        raise SinkWriteError(exc.errno, f"cannot write the edge map {printable(target)}: "
                                         f"{exc.strerror or exc}") from exc
 
 
-def _earlier_versions_map(target: Path, texts: dict[str, str] | None, edges: np.ndarray) -> bool:
+def _earlier_versions_map(target: str, texts: dict[str, str] | None, edges: np.ndarray) -> bool:
     """A map of ours from before maps named their ``Software`` (versions before 2026-12-05 wrote no
     text chunk), of this image with these settings: a PNG with no text at all whose pixels are
     the very map this run made (maps are the same bytes on every version). Taken for someone else's

@@ -57,7 +57,7 @@ def is_ours(texts: dict[str, str] | None) -> bool:
     return texts is not None and texts.get("Software", "").startswith("gpu-pipeline")
 
 
-def png_texts(path: Path) -> dict[str, str] | None:
+def png_texts(path: str | os.PathLike[str]) -> dict[str, str] | None:
     """The text chunks of a PNG (those before its pixels), None when it is no PNG or a broken one."""
     from PIL import Image
 
@@ -121,15 +121,17 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
         raise CannotWrite(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
 
 
-def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
+def write_replacing(path: str | os.PathLike[str], write: Callable[[Path], None] | bytes,
                     before_replacing: Callable[[], None] = lambda: None) -> None:
     """``write(temporary)`` (or ``write``'s bytes, written through the descriptor that created the
     temporary), then the temporary renamed to ``path``: a kill or a full disk leaves the
     old file whole, and another name of the old file (a hard link) keeps its bytes. The temporary is
     a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
     there; it is removed when anything fails, and the error goes on. One that a SIGKILL left
-    behind is removed by :func:`remove_stale_temporaries`, or here when this process has its PID."""
-    temporary = path.with_name(temporary_name(path.name, os.getpid()))
+    behind is removed by :func:`remove_stale_temporaries`, or here when this process has its PID.
+    ``path`` may be a string (an edge map's: no ``Path`` a map); ``write`` is given a ``Path``."""
+    folder, slash, name = os.fspath(path).rpartition("/")  # (Path.with_name, without a Path)
+    temporary = folder + slash + temporary_name(name, os.getpid())
     replaced = _regular_file_status(path)
     # private until it has the replaced file's permissions, before anything is written into it
     flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644 if replaced is None else 0o600
@@ -147,12 +149,12 @@ def write_replacing(path: Path, write: Callable[[Path], None] | bytes,
         finally:
             os.close(created)
         if not isinstance(write, bytes):
-            write(temporary)
+            write(Path(temporary))
         before_replacing()  # a last check, which may raise
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            temporary.unlink()
+            os.unlink(temporary)
         raise
 
 
