@@ -400,6 +400,20 @@ def test_resume_in_another_format_is_refused_naming_the_recorded_one(tiles, tmp_
     assert run(str(tiles), "--out", str(out), "--format", written).exit_code == 0
 
 
+@pytest.mark.parametrize("name, written", [("r.txt", "csv"), ("r.csv", "jsonl"), ("r.jsonl", "csv"),
+                                           ("r.csv", "parquet")])
+def test_read_records_reads_an_output_written_with_format_whatever_its_name(tiles, tmp_path, name, written):
+    """read_records took the format from the name alone: the CSV of `--out r.txt --format csv` read
+    as JSON lines gave no record at all, without a word, and the JSON lines of r.csv raised
+    "not a gpu-pipeline CSV output". What the output holds says its format."""
+    if written == "parquet":
+        pytest.importorskip("pyarrow")
+    out, reference = tmp_path / name, tmp_path / f"reference.{written}"
+    assert run(str(tiles), "--out", str(out), "--format", written).exit_code == 0
+    assert run(str(tiles), "--out", str(reference)).exit_code == 0
+    assert read_records(out) == read_records(reference) and len(read_records(out)) == 20
+
+
 @pytest.mark.parametrize("below", ["x.jsonl", "sub/x.jsonl"])
 def test_an_out_below_a_file_names_the_file(tiles, tmp_path, below):
     notes = tmp_path / "notes.txt"

@@ -42,7 +42,7 @@ from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_unde
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
                                         same_file_as, temporaries_of, write_replacing)
 from gpu_pipeline.outputs.png import gray_png
-from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path
+from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path, written_format
 from gpu_pipeline.outputs.sink import DISK_ERRORS, SinkError, SinkWriteError, name_bytes
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
@@ -570,20 +570,6 @@ def remove_folders(created: list[Path]) -> None:
             path.rmdir()
         except OSError:
             return
-
-
-def written_format(out: str) -> str | None:
-    """The format of an output by what it holds: a folder is Parquet, a file starting with ``{`` JSON
-    lines, one starting with its header's first column (``path,``, in every version) CSV; None when
-    it cannot tell (empty, or neither)."""
-    if os.path.isdir(out):
-        return "parquet"
-    try:
-        with open(out, "rb") as stream:
-            head = stream.read(5)
-    except OSError:
-        return None
-    return "jsonl" if head.startswith(b"{") else "csv" if head == b"path," else None
 
 
 def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:

@@ -33,9 +33,25 @@ def format_for(out: str, explicit: str | None = None) -> str:
     return _EXTENSIONS.get(Path(out.rstrip("/")).suffix.lower(), "jsonl")
 
 
+def written_format(out: str | os.PathLike[str]) -> str | None:
+    """The format of an output by what it holds: a folder is Parquet, a file starting with ``{`` JSON
+    lines, one starting with its header's first column (``path,``, in every version) CSV; None when
+    it cannot tell (empty, or neither)."""
+    if os.path.isdir(out):
+        return "parquet"
+    try:
+        with open(out, "rb") as stream:
+            head = stream.read(5)
+    except OSError:
+        return None
+    return "jsonl" if head.startswith(b"{") else "csv" if head == b"path," else None
+
+
 def read_records(path: str | os.PathLike[str]) -> list[dict]:
-    """All intact records of a JSONL, CSV or Parquet output (for tests, verify and users' scripts)."""
-    fmt = format_for(str(path))
+    """All intact records of a JSONL, CSV or Parquet output (for tests, verify and users' scripts), in
+    the format it holds: ``--format`` may have written one whatever the name (the CSV of ``r.txt``,
+    read as JSON lines by its name, gave no record); by the name when the content cannot tell."""
+    fmt = written_format(path) or format_for(str(path))
     if fmt == "parquet":
         return [parquet.from_table_row(row) for row in parquet.read_dataset(Path(path)).to_pylist()]
     records: list[dict] = []
