@@ -1203,6 +1203,29 @@ def test_an_edge_map_of_another_image_whose_name_is_not_utf8_is_left_alone(tmp_p
     assert np.array_equal(np.asarray(Image.open(os.fsdecode(saved))), second_map)
 
 
+@pytest.mark.parametrize("damage", ["not base64", "no Source beside it"])
+def test_an_edge_map_with_damaged_source_bytes_is_left_alone_with_a_plain_message(tmp_path, damage):
+    """A map edited by hand: its image got a base64 error, or a KeyError, as its save-edges error."""
+    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.files import SOFTWARE
+    from gpu_pipeline.outputs.png import gray_png
+
+    edges, other = tmp_path / "edges", tmp_path / "other.png"
+    edges.mkdir()
+    other.write_bytes(b"another image, which exists")
+    if damage == "not base64":
+        marks, international = {"Source bytes": "not base64!"}, {"Source": str(other)}
+    else:
+        marks, international = {"Source bytes": base64.b64encode(bytes(other)).decode()}, {}
+    saved = edges / "a.png.edges.png"
+    saved.write_bytes(gray_png(np.zeros((2, 2), np.uint8), text={"Software": SOFTWARE, **marks},
+                               international=international))
+    before = saved.read_bytes()
+    with pytest.raises(FileExistsError, match=r"a.png.edges.png is the edge map of .*; it is left alone"):
+        edge_saver(edges, str(tmp_path / "data"))(str(tmp_path / "data" / "a.png"), np.full((2, 2), 255, np.uint8))
+    assert saved.read_bytes() == before
+
+
 @pytest.mark.parametrize("way", ["a link to the folder", "the folder renamed"])
 def test_the_same_images_under_another_name_replace_their_own_edge_maps(tmp_path, way):
     """A map records its image's name; the same file reached another way (a link, another mount) or

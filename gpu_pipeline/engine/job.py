@@ -116,8 +116,8 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
                 if not (is_ours(texts) or _earlier_versions_map(target, texts, edges)):
                     raise FileExistsError(f"{target} exists and was not written by gpu-pipeline; it is left alone")
                 if not _same_image(texts, name):
-                    raise FileExistsError(f"{target} is the edge map of {texts['Source']}; it is left alone "
-                                          "(save the edge maps of these inputs into another folder)")
+                    raise FileExistsError(f"{target} is the edge map of {texts.get('Source', 'another image')}; "
+                                          "it is left alone (save the edge maps of these inputs into another folder)")
             png = gray_png(edges, text=_marks(name), international={"Source": bytes_shown(name)})
             # a kill leaves no half map, and a hard link to the old map (an input, perhaps) keeps its bytes
             try:
@@ -185,7 +185,10 @@ def _same_image(texts: dict[str, str], name: str) -> bool:
     shown, it named no file, and the map of another image that exists was taken for one gone."""
     recorded = texts.get("Source")
     if SOURCE_BYTES in texts:
-        recorded = os.fsdecode(base64.b64decode(texts[SOURCE_BYTES]))
+        try:
+            recorded = os.fsdecode(base64.b64decode(texts[SOURCE_BYTES], validate=True))
+        except ValueError:  # (damaged by hand: whose map it is cannot be told, so it is left alone)
+            return False
     elif recorded is not None and recorded == bytes_shown(name):  # (maps made before kept the shown name only)
         return True
     if recorded is None or recorded == name:
