@@ -409,8 +409,6 @@ def _import_cupy():
     return cupy
 
 
-
-
 class CupyDevice:
     """Every GPU call of the backend: memory, copies, launches, streams. Tests substitute a fake."""
 
