@@ -417,6 +417,41 @@ def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path
     assert "10 x 10 pixels of 17 samples: 1,700 samples is over the limit of 1,600" in message
 
 
+def jp2_box(kind: bytes, contents: bytes) -> bytes:
+    return (8 + len(contents)).to_bytes(4, "big") + kind + contents
+
+
+def jp2_file(codestream: bytes, height: int, width: int, header: bytes = b"", after_header: bytes = b"") -> bytes:
+    """A hand-made JP2 file of one gray codestream: signature, file type, header box (image header,
+    greyscale colr, then ``header``), ``after_header`` at the top level, codestream box."""
+    ihdr = jp2_box(b"ihdr", height.to_bytes(4, "big") + width.to_bytes(4, "big") + b"\0\x01\x07\x07\0\0")
+    colr = jp2_box(b"colr", b"\x01\0\0" + (17).to_bytes(4, "big"))
+    return (jp2_box(b"jP  ", b"\r\n\x87\n") + jp2_box(b"ftyp", b"jp2 \0\0\0\0jp2 ")
+            + jp2_box(b"jp2h", ihdr + colr + header) + after_header + jp2_box(b"jp2c", codestream))
+
+
+def jp2_palette(columns: int, entries: int = 2) -> bytes:
+    """A palette box of 8-bit ``columns`` and the component mapping box that applies it."""
+    pclr = entries.to_bytes(2, "big") + bytes([columns]) + bytes([7] * columns) + bytes(range(entries)) * columns
+    cmap = b"".join(b"\0\0\x01" + bytes([column]) for column in range(columns))
+    return jp2_box(b"pclr", pclr) + jp2_box(b"cmap", cmap)
+
+
+@pytest.mark.parametrize("where", ["header box", "second header box", "top level"])
+def test_jpeg_2000_palette_columns_count_against_the_samples_limit(scratch: Path, monkeypatch, where):
+    """OpenJPEG expands a 1-component codestream to one plane per palette column (up to 255): a
+    small file would decode to 255 samples a pixel. It reads a palette in any header box before
+    the codestream, or at the top level after the first (a misplaced one)."""
+    codestream = jpeg2000(np.zeros((10, 10), np.uint8), kind="j2k")
+    palette = jp2_palette(17)
+    data = {"header box": jp2_file(codestream, 10, 10, header=palette),
+            "second header box": jp2_file(codestream, 10, 10, after_header=jp2_box(b"jp2h", palette)),
+            "top level": jp2_file(codestream, 10, 10, after_header=palette)}[where]
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded past the limit"))
+    message = str(_refusal(scratch, data, DecodeOptions(max_pixels=100)))
+    assert "10 x 10 pixels of 17 samples: 1,700 samples is over the limit of 1,600" in message
+
+
 @pytest.mark.parametrize("patch, message", [
     (lambda data, siz: data.__setitem__(siz + 40 + 3 + 1, 2), "subsampled components"),  # component 1's XRsiz
     (lambda data, siz: data.__setitem__(siz + 40 + 6, 11), "components of different sample types"),  # 12-bit

@@ -632,32 +632,31 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     (imagecodecs), and their bits per sample (12 for 12-bit samples, which come as uint16).
 
     The codestream's image header (SIZ) is checked first, as a TIFF's tags are: the pixel limit,
-    the samples per pixel it allows, components of one size and one sample type. A codestream that
-    does not end with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full
-    size into made-up pixels. Colour is used as stored: gray or RGB samples only (sYCC, CMYK, an
-    ICC profile would each need a conversion, which OpenJPEG's callers do in different ways)."""
+    the samples per pixel it allows (a palette's columns included), components of one size and one
+    sample type. A codestream that does not end with its end marker (EOC) is refused: OpenJPEG
+    decodes one zero-filled to its full size into made-up pixels. Colour is used as stored: gray or
+    RGB samples only (sYCC, CMYK, an ICC profile would each need a conversion, which OpenJPEG's
+    callers do in different ways)."""
     if jpeg2k_decode is None:
         raise DecodeError("decode", "JPEG 2000 files need the imagecodecs package (pip install imagecodecs)")
     data = fh.read()
-    start, end, palette = 0, len(data), False
+    start, end, header = 0, len(data), {}
     if not data.startswith(_J2K_MAGIC):
         if not data.startswith(_JP2_SIGNATURE):
             raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)")
-        boxes = _first_boxes(data)
-        if b"jp2c" not in boxes:
-            raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
-        start, end = boxes[b"jp2c"]
-        inside = _first_boxes(data, *boxes.get(b"jp2h", (0, 0)))  # the JP2 header box's boxes
-        _check_jp2_colour(data[slice(*inside[b"colr"])] if b"colr" in inside else b"")
-        palette = b"pclr" in inside
+        header, (start, end) = _jp2_header(data)
+        _check_jp2_colour(data[slice(*header[b"colr"])] if b"colr" in header else b"")
+    palette = b"pclr" in header
     frame = _jpeg2000_frame(data[start:min(end, start + _SIZ_BYTES)])
     if frame is None:
         raise DecodeError("decode", "damaged JPEG 2000 file: no image header (SIZ marker)")
     width, height, components = frame
     _check_size(width, height, max_pixels)
-    samples = len(components) * width * height
+    # OpenJPEG expands the codestream's components to one plane per palette column (up to 255)
+    count = max(len(components), _palette_columns(data, header[b"pclr"]) if palette else 0)
+    samples = count * width * height
     if samples > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
-        raise DecodeError("decode", f"{width} x {height} pixels of {len(components)} samples: {samples:,} samples is "
+        raise DecodeError("decode", f"{width} x {height} pixels of {count} samples: {samples:,} samples is "
                                     f"over the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} "
                                     f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
     if any(steps != [1, 1] for _, _, *steps in components):
@@ -700,6 +699,31 @@ def _first_boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[by
     for kind, first, last in _jp2_boxes(data, start, end):
         boxes.setdefault(kind, (first, last))
     return boxes
+
+
+def _jp2_header(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, int]]:
+    """Where the contents of the JP2 header's boxes that OpenJPEG reads (the first of each type) and
+    of the codestream box (jp2c) start and end. OpenJPEG reads the boxes of every header box (jp2h)
+    before the codestream box, and such boxes found at the top level after the first header box (a
+    misplaced one): a later one may hold the palette (pclr) the first one lacks."""
+    header: dict[bytes, tuple[int, int]] = {}
+    after_jp2h = False
+    for kind, first, last in _jp2_boxes(data):
+        if kind == b"jp2c":
+            return header, (first, last)
+        if kind == b"jp2h":
+            after_jp2h = True
+            for inner, where in _first_boxes(data, first, last).items():
+                header.setdefault(inner, where)
+        elif after_jp2h:
+            header.setdefault(kind, (first, last))
+    raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
+
+
+def _palette_columns(data: bytes, pclr: tuple[int, int]) -> int:
+    """The columns (output components) of a JP2 palette box: its third byte (after 2 of entries)."""
+    first, last = pclr
+    return data[first + 2] if first + 2 < min(last, len(data)) else 0
 
 
 def _check_jp2_colour(colr: bytes) -> None:
