@@ -404,6 +404,31 @@ def test_jpeg_2000_cut_short_or_zero_filled_is_refused(scratch: Path):
         assert "truncated JPEG 2000 file" in str(_refusal(scratch, cut))
 
 
+def tile_parts(codestream: bytes) -> list[tuple[int, int]]:
+    """(start, length) of each tile-part (SOT marker, Psot) of a codestream that ends with EOC."""
+    parts, i = [], codestream.index(b"\xff\x90")
+    while codestream[i:i + 2] == b"\xff\x90":
+        parts.append((i, int.from_bytes(codestream[i + 6:i + 10], "big")))
+        i += parts[-1][1]
+    return parts
+
+
+def test_jpeg_2000_with_a_tile_no_tile_part_holds_is_refused(scratch: Path):
+    """OpenJPEG leaves such a tile black, without an error: a tile-part lost, or a SIZ marker whose
+    tile grid was damaged (XTsiz 16 read as 8: four tiles where one tile-part holds one)."""
+    tiles = io.BytesIO()
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        tiles, "JPEG2000", tile_size=(16, 16), no_jp2=True)  # (a bare codestream of 4 tiles)
+    codestream = tiles.getvalue()
+    assert gpu_io.decode_data(codestream, DEFAULT).shape == (32, 32, 3)
+    start, length = tile_parts(codestream)[2]
+    assert "damaged JPEG 2000 file: tile 3 of 4 is missing" in str(
+        _refusal(scratch, codestream[:start] + codestream[start + length:]))
+    damaged = bytearray(jpeg2000(np.random.default_rng(9).integers(0, 256, (16, 16), dtype=np.uint8)))
+    damaged[siz_at(damaged) + 22:siz_at(damaged) + 26] = (8).to_bytes(4, "big")  # XTsiz
+    assert "damaged JPEG 2000 file: tile 2 of 2 is missing" in str(_refusal(scratch, bytes(damaged)))
+
+
 def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path, monkeypatch):
     """From the SIZ marker, before any sample is decoded: a 100-byte file may declare gigapixels."""
     data = bytearray(jpeg2000(np.zeros((10, 10), np.uint8)))

@@ -666,6 +666,10 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     if end - start < 2 or data[end - 2:end] != b"\xff\xd9":
         raise DecodeError("decode", "truncated JPEG 2000 file: its codestream does not end with its end marker "
                                     "(a download still being written?)")
+    missing = _missing_tile(data, start, end)
+    if missing is not None:
+        raise DecodeError("decode", f"damaged JPEG 2000 file: tile {missing[0] + 1} of {missing[1]} is missing "
+                                    "(no tile-part holds it)")
     bands = jpeg2k_decode(data, numthreads=1).reshape(height, width, -1)  # (one thread: the engine decodes many)
     if palette:  # samples of the palette's depth, not of the codestream's indices
         return bands, None
@@ -750,6 +754,34 @@ def _jpeg2000_frame(codestream: bytes) -> tuple[int, int, list[tuple[int, bool, 
         return None
     return width, height, [((table[i] & 0x7F) + 1, bool(table[i] & 0x80), table[i + 1], table[i + 2])
                            for i in range(0, 3 * count, 3)]
+
+
+def _missing_tile(data: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """(index, count) of the first tile of the codestream ``data[start:end]`` that none of its
+    tile-parts holds, or None. OpenJPEG leaves such a tile black without an error: a tile-part
+    lost, or a damaged SIZ marker whose tile grid has more tiles than the codestream holds. None
+    too where the tile-parts cannot be walked to the end marker: OpenJPEG refuses those."""
+    siz = [int.from_bytes(data[start + i:start + i + 4], "big") for i in range(8, 40, 4)]
+    x, y, _, _, tile_x, tile_y, x0, y0 = siz  # (the tile grid's origin, XTOsiz and YTOsiz)
+    if not tile_x or not tile_y or x <= x0 or y <= y0:
+        return None
+    count = -(-(x - x0) // tile_x) * -(-(y - y0) // tile_y)
+    if count > 65535:  # (OpenJPEG refuses more, as the standard does)
+        return None
+    i = start + 2
+    while i + 4 <= end and data[i] == 0xFF and data[i + 1] != 0x90:  # the main header's marker segments
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    held = set()
+    while i + 10 <= end and data[i:i + 2] == b"\xff\x90":  # SOT: Lsot, Isot (the tile), Psot (its length)
+        held.add(int.from_bytes(data[i + 4:i + 6], "big"))
+        length = int.from_bytes(data[i + 6:i + 10], "big")
+        if length == 0:  # the last tile-part, to the end marker
+            break
+        i += length
+    else:
+        if i != end - 2:
+            return None
+    return next(((tile, count) for tile in range(count) if tile not in held), None)
 
 
 def _format_by_signature(head: bytes) -> str | None:
