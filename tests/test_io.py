@@ -1197,6 +1197,16 @@ def test_a_tiff_segment_whose_codec_header_is_larger_than_its_strip_is_refused(s
                                                "holds 64 x 64 ")
 
 
+def test_a_jp2_tiff_segment_whose_palette_has_more_columns_than_samples_is_refused(scratch: Path, monkeypatch):
+    """OpenJPEG decodes a palette JP2 segment to one plane per palette column (up to 255) whatever its
+    codestream's components: 17 here, in a 1-sample strip."""
+    segment = jp2_file(jpeg2000(np.zeros((64, 64), np.uint8), kind="j2k"), 64, 64, header=jp2_palette(17))
+    path = scratch / "jp2-palette-bomb.tif"
+    tifffile.imwrite(path, iter([segment]), shape=(64, 64), dtype=np.uint8, compression="jpeg2000", rowsperstrip=64)
+    refused_before_decoding(path, monkeypatch, "^TIFF JPEG 2000 strip 1 declares 17 components, but a strip holds "
+                                               "1 sample a pixel ")
+
+
 @pytest.mark.parametrize("compression", ["jpegxl", "lerc"])
 def test_tiff_compressions_whose_segment_sizes_are_not_checked_still_decode(scratch: Path, compression) -> None:
     """Their headers are not read (documented), and the files are not refused for it: LERC is common in

@@ -644,7 +644,10 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     if not data.startswith(_J2K_MAGIC):
         if not data.startswith(_JP2_SIGNATURE):
             raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)")
-        header, (start, end) = _jp2_header(data)
+        header, codestream = _jp2_header(data)
+        if codestream is None:
+            raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
+        start, end = codestream
         _check_jp2_colour(data[slice(*header[b"colr"])] if b"colr" in header else b"")
     palette = b"pclr" in header
     frame = _jpeg2000_frame(data[start:min(end, start + _SIZ_BYTES)])
@@ -705,9 +708,9 @@ def _first_boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[by
     return boxes
 
 
-def _jp2_header(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, int]]:
+def _jp2_header(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, int] | None]:
     """Where the contents of the JP2 header's boxes that OpenJPEG reads (the first of each type) and
-    of the codestream box (jp2c) start and end. OpenJPEG reads the boxes of every header box (jp2h)
+    of the codestream box (jp2c; None without one) start and end. OpenJPEG reads the boxes of every header box (jp2h)
     before the codestream box, and such boxes found at the top level after the first header box (a
     misplaced one): a later one may hold the palette (pclr) the first one lacks."""
     header: dict[bytes, tuple[int, int]] = {}
@@ -721,7 +724,7 @@ def _jp2_header(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, i
                 header.setdefault(inner, where)
         elif after_jp2h:
             header.setdefault(kind, (first, last))
-    raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
+    return header, None
 
 
 def _palette_columns(data: bytes, pclr: tuple[int, int]) -> int:
@@ -949,18 +952,20 @@ def _webp_segment_size(head: bytes) -> tuple[int, int, int] | None:
 
 def _jpeg2k_segment_size(head: bytes) -> tuple[int, int, int] | None:
     """Image area and components from the SIZ marker of a codestream, bare or in a JP2 file's
-    jp2c box (OpenJPEG allocates by these, whatever the JP2 header box says)."""
-    start = _jp2_codestream(head) if head[4:8] == b"jP  " else 0
-    siz = head[start:start + 42] if start is not None else b""
+    jp2c box (OpenJPEG allocates by these, whatever the JP2 header box says), a JP2 palette's
+    columns counted as components (OpenJPEG decodes one plane per column)."""
+    start, columns = 0, 0
+    if head[4:8] == b"jP  ":
+        header, codestream = _jp2_header(head)
+        if codestream is None:
+            return None
+        start = codestream[0]
+        columns = _palette_columns(head, header[b"pclr"]) if b"pclr" in header else 0
+    siz = head[start:start + 42]
     if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":
         return None
     x, y, x0, y0 = (int.from_bytes(siz[i:i + 4], "big") for i in (8, 12, 16, 20))
-    return x - x0, y - y0, int.from_bytes(siz[40:42], "big")
-
-
-def _jp2_codestream(head: bytes) -> int | None:
-    """Where the codestream box (jp2c) of a JP2 file starts its contents, or None."""
-    return next((contents for kind, contents, _ in _jp2_boxes(head) if kind == b"jp2c"), None)
+    return x - x0, y - y0, max(int.from_bytes(siz[40:42], "big"), columns)
 
 
 #: TIFF compressions whose codec sizes its output from the segment's own header, and how to read
