@@ -477,6 +477,21 @@ def test_jpeg_2000_palette_columns_count_against_the_samples_limit(scratch: Path
     assert "10 x 10 pixels of 17 samples: 1,700 samples is over the limit of 1,600" in message
 
 
+def test_jpeg_2000_palette_is_applied_and_one_without_its_component_mapping_refused(scratch: Path):
+    """A palette (pclr) needs its component mapping box (cmap); without one OpenJPEG drops the palette
+    and gives the indices as gray samples, without an error."""
+    indices = np.array([[0, 1, 1], [1, 0, 1]], np.uint8)
+    colours = np.array([[10, 20, 30], [200, 150, 100]], np.uint8)
+    pclr = jp2_box(b"pclr", b"\0\x02\x03\x07\x07\x07" + colours.tobytes())
+    cmap = jp2_box(b"cmap", b"\0\0\x01\x00\0\0\x01\x01\0\0\x01\x02")
+    codestream = jpeg2000(indices, kind="j2k")
+    path = scratch / "palette.jp2"
+    path.write_bytes(jp2_file(codestream, 2, 3, header=pclr + cmap))
+    assert np.array_equal(decode_image(path, DEFAULT), colours[indices])
+    message = str(_refusal(scratch, jp2_file(codestream, 2, 3, header=pclr)))
+    assert message == "damaged JPEG 2000 file: a palette box (pclr) without its component mapping box (cmap)"
+
+
 @pytest.mark.parametrize("patch, message", [
     (lambda data, siz: data.__setitem__(siz + 40 + 3 + 1, 2), "subsampled components"),  # component 1's XRsiz
     (lambda data, siz: data.__setitem__(siz + 40 + 6, 11), "components of different sample types"),  # 12-bit

@@ -649,6 +649,9 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
             raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
         start, end = codestream
         _check_jp2_colour(data[slice(*header[b"colr"])] if b"colr" in header else b"")
+        if b"pclr" in header and b"cmap" not in header:  # (OpenJPEG would give the indices as gray samples)
+            raise DecodeError("decode", "damaged JPEG 2000 file: a palette box (pclr) without its component "
+                                        "mapping box (cmap)")
     palette = b"pclr" in header
     frame = _jpeg2000_frame(data[start:min(end, start + _SIZ_BYTES)])
     if frame is None:
