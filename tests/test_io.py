@@ -442,6 +442,21 @@ def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path
     assert "10 x 10 pixels of 17 samples: 1,700 samples is over the limit of 1,600" in message
 
 
+def test_jpeg_2000_tiles_count_against_the_samples_limit(scratch: Path, monkeypatch):
+    """OpenJPEG keeps about 8 KB a tile and 1 KB a tile and component, before it decodes any: 65535
+    tiles of 1 x 1 pixels and 16 components, in a 0.9 MB file, took 1.7 GB (64 components: 4.9 GB),
+    far more than their samples. A KB counts as 256 samples."""
+    codestream = bytearray(jpeg2000(np.zeros((10, 10), np.uint8), kind="j2k"))
+    codestream[siz_at(codestream) + 22:siz_at(codestream) + 30] = (1).to_bytes(4, "big") * 2  # XTsiz, YTsiz
+    header = bytes(codestream[:codestream.index(b"\xff\x90")])
+    empty_tile_parts = b"".join(b"\xff\x90\0\x0a" + tile.to_bytes(2, "big") + (14).to_bytes(4, "big") + b"\0\x01\xff\x93"
+                                for tile in range(100))  # (SOT: Lsot, Isot, Psot, TPsot, TNsot; SOD)
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded past the limit"))
+    message = str(_refusal(scratch, header + empty_tile_parts + b"\xff\xd9", DecodeOptions(max_pixels=100)))
+    assert message == ("10 x 10 pixels in 100 tiles of 1 component: OpenJPEG keeps about 9 KB a tile, as much as "
+                       "230,400 samples, over the limit of 1,600 (16 per pixel of the limit; decompression-bomb guard)")
+
+
 def jp2_box(kind: bytes, contents: bytes) -> bytes:
     return (8 + len(contents)).to_bytes(4, "big") + kind + contents
 

@@ -623,6 +623,11 @@ _JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
 _J2K_MAGIC = b"\xff\x4f\xff\x51"
 #: Bytes of a codestream that hold its SIZ marker, for the most components it may declare (16384).
 _SIZ_BYTES = 42 + 3 * 16384
+#: What a codestream's tiles count as against the samples limit: from its header, however small the
+#: tiles, OpenJPEG keeps about 8 KB a tile and 1 KB a tile and component, each KB as much as 256
+#: samples (65535 tiles of 1 x 1 pixels took 0.6 GB, and 4.9 GB with 64 components, from files of
+#: at most 1 MB).
+_TILE_KB, _TILE_COMPONENT_KB, _SAMPLES_PER_KB = 8, 1, 256
 #: JP2 colour spaces (the colr box's enumerated ones) whose samples are used as they are: sRGB, greyscale.
 _JP2_AS_THEY_ARE = frozenset({16, 17})
 
@@ -632,9 +637,9 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     (imagecodecs), and their bits per sample (12 for 12-bit samples, which come as uint16).
 
     The codestream's image header (SIZ) is checked first, as a TIFF's tags are: the pixel limit,
-    the samples per pixel it allows (a palette's columns included), components of one size and one
-    sample type. A codestream that does not end with its end marker (EOC) is refused: OpenJPEG
-    decodes one zero-filled to its full size into made-up pixels. Colour is used as stored: gray or
+    the samples per pixel it allows (a palette's columns included; the tiles count too, see
+    :data:`_TILE_KB`), components of one size and one sample type. A codestream that does not end
+    with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full size into made-up pixels. Colour is used as stored: gray or
     RGB samples only (sYCC, CMYK, an ICC profile would each need a conversion, which OpenJPEG's
     callers do in different ways)."""
     if jpeg2k_decode is None:
@@ -665,6 +670,14 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
         raise DecodeError("decode", f"{width} x {height} pixels of {count} samples: {samples:,} samples is "
                                     f"over the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} "
                                     f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
+    tiles = _tile_count(data, start) or 1
+    tile_kb = _TILE_KB + _TILE_COMPONENT_KB * len(components)
+    if tiles * tile_kb * _SAMPLES_PER_KB > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
+        raise DecodeError("decode", f"{width} x {height} pixels in {tiles:,} tiles of {len(components)} "
+                                    f"component{'s' if len(components) > 1 else ''}: OpenJPEG keeps about {tile_kb} "
+                                    f"KB a tile, as much as {tiles * tile_kb * _SAMPLES_PER_KB:,} samples, over the "
+                                    f"limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} ({SAMPLES_PER_LIMIT_PIXEL} "
+                                    "per pixel of the limit; decompression-bomb guard)")
     if any(steps != [1, 1] for _, _, *steps in components):
         raise DecodeError("decode", "JPEG 2000 with subsampled components is not supported")
     if len({(bits, signed) for bits, signed, _, _ in components}) > 1:
@@ -762,17 +775,23 @@ def _jpeg2000_frame(codestream: bytes) -> tuple[int, int, list[tuple[int, bool, 
                            for i in range(0, 3 * count, 3)]
 
 
+def _tile_count(data: bytes, start: int) -> int | None:
+    """The tiles of the codestream at ``data[start:]`` by its SIZ marker, or None for a tile grid
+    OpenJPEG refuses (no tile size, no image area)."""
+    siz = [int.from_bytes(data[start + i:start + i + 4], "big") for i in range(8, 40, 4)]
+    x, y, _, _, tile_x, tile_y, x0, y0 = siz  # (the tile grid's origin, XTOsiz and YTOsiz)
+    if not tile_x or not tile_y or x <= x0 or y <= y0:
+        return None
+    return -(-(x - x0) // tile_x) * -(-(y - y0) // tile_y)
+
+
 def _missing_tile(data: bytes, start: int, end: int) -> tuple[int, int] | None:
     """(index, count) of the first tile of the codestream ``data[start:end]`` that none of its
     tile-parts holds, or None. OpenJPEG leaves such a tile black without an error: a tile-part
     lost, or a damaged SIZ marker whose tile grid has more tiles than the codestream holds. None
     too where the tile-parts cannot be walked to the end marker: OpenJPEG refuses those."""
-    siz = [int.from_bytes(data[start + i:start + i + 4], "big") for i in range(8, 40, 4)]
-    x, y, _, _, tile_x, tile_y, x0, y0 = siz  # (the tile grid's origin, XTOsiz and YTOsiz)
-    if not tile_x or not tile_y or x <= x0 or y <= y0:
-        return None
-    count = -(-(x - x0) // tile_x) * -(-(y - y0) // tile_y)
-    if count > 65535:  # (OpenJPEG refuses more, as the standard does)
+    count = _tile_count(data, start)
+    if count is None or count > 65535:  # (OpenJPEG refuses more, as the standard does)
         return None
     i = start + 2
     while i + 4 <= end and data[i] == 0xFF and data[i + 1] != 0x90:  # the main header's marker segments
