@@ -639,9 +639,9 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     The codestream's image header (SIZ) is checked first, as a TIFF's tags are: the pixel limit,
     the samples per pixel it allows (a palette's columns included; the tiles count too, see
     :data:`_TILE_KB`), components of one size and one sample type. A codestream that does not end
-    with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full size into made-up pixels. Colour is used as stored: gray or
-    RGB samples only (sYCC, CMYK, an ICC profile would each need a conversion, which OpenJPEG's
-    callers do in different ways)."""
+    with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full size into
+    made-up pixels. Colour is used as stored: gray or RGB samples only (sYCC, CMYK, an ICC profile
+    would each need a conversion, which OpenJPEG's callers do in different ways)."""
     if jpeg2k_decode is None:
         raise DecodeError("decode", "JPEG 2000 files need the imagecodecs package (pip install imagecodecs)")
     data = fh.read()
@@ -726,9 +726,9 @@ def _first_boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[by
 
 def _jp2_header(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, int] | None]:
     """Where the contents of the JP2 header's boxes that OpenJPEG reads (the first of each type) and
-    of the codestream box (jp2c; None without one) start and end. OpenJPEG reads the boxes of every header box (jp2h)
-    before the codestream box, and such boxes found at the top level after the first header box (a
-    misplaced one): a later one may hold the palette (pclr) the first one lacks."""
+    of the codestream box (jp2c; None without one) start and end. OpenJPEG reads the boxes of every
+    header box (jp2h) before the codestream box, and such boxes found at the top level after the
+    first header box (a misplaced one): a later one may hold the palette (pclr) the first one lacks."""
     header: dict[bytes, tuple[int, int]] = {}
     after_jp2h = False
     for kind, first, last in _jp2_boxes(data):
