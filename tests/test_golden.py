@@ -1,8 +1,9 @@
 """Records are held byte for byte to golden files written by the code before the batch data plane.
 
-Two changes since were made on purpose, and checked to be the only ones when the files were
+Three changes since were made on purpose, and checked to be the only ones when the files were
 rewritten: CSV and Parquet gained the ``path_bytes`` column (empty for UTF-8 names; the
-nightly-safety work), and ``model.jsonl`` has the labels of the refitted ``eurosat`` model.
+nightly-safety work), ``model.jsonl`` has the labels of the refitted ``eurosat`` model, and the
+error of a file that is no image lists JPEG 2000 among the formats (read since 2026-12-06).
 
 The corpus is the bundled data plus a few broken files (so error records are covered too), copied
 under a temporary folder; paths in the records are made portable by replacing that folder with

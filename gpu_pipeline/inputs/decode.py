@@ -473,7 +473,7 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         kind = _format_by_signature(fh.read(12))
         if kind:
             raise DecodeError("decode", f"damaged {kind} file") from None
-        raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP or TIFF)") from None
+        raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)") from None
     with im:
         _check_size(im.width, im.height, max_pixels)
         if im.format in ("PNG", "WEBP") and _zero_filled(fh, im.format):
