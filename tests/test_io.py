@@ -513,6 +513,8 @@ def test_jpeg_2000_palette_is_applied_and_one_without_its_component_mapping_refu
     (lambda data, siz: data.__setitem__(slice(data.index(b"colr") + 7, data.index(b"colr") + 11),
                                         (18).to_bytes(4, "big")), "JPEG 2000 with colour space sYCC"),
     (lambda data, siz: data.__setitem__(data.index(b"colr") + 4, 2), "JPEG 2000 with an ICC colour profile"),
+    (lambda data, siz: data.__setitem__(slice(data.index(b"colr"), data.index(b"colr") + 4), b"xxxx"),
+     "damaged JPEG 2000 file: no colour specification box (colr)"),
     (lambda data, siz: data.__setitem__(slice(data.index(b"jp2c"), data.index(b"jp2c") + 4), b"junk"),
      "damaged JPEG 2000 file: no codestream box"),
 ])

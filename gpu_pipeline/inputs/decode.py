@@ -751,13 +751,15 @@ def _palette_columns(data: bytes, pclr: tuple[int, int]) -> int:
 
 def _check_jp2_colour(colr: bytes) -> None:
     """Refuse a JP2 whose colour specification (its colr box) asks for a conversion (module docstring)."""
+    if not colr:  # (a JP2 must have one, in its header box)
+        raise DecodeError("decode", "damaged JPEG 2000 file: no colour specification box (colr)")
     method, space = colr[:1], int.from_bytes(colr[3:7], "big")
     if method == b"\x01" and space in _JP2_AS_THEY_ARE:
         return
     if method == b"\x01":
         what = "colour space " + {12: "CMYK", 18: "sYCC", 24: "e-sYCC"}.get(space, str(space))
     else:
-        what = "an ICC colour profile" if method in (b"\x02", b"\x03") else "no known colour specification"
+        what = "an ICC colour profile" if method in (b"\x02", b"\x03") else "an unknown colour specification"
     raise DecodeError("decode", f"JPEG 2000 with {what} is not supported (gray or sRGB samples only)")
 
 
