@@ -507,6 +507,21 @@ def test_jpeg_2000_palette_is_applied_and_one_without_its_component_mapping_refu
     assert message == "damaged JPEG 2000 file: a palette box (pclr) without its component mapping box (cmap)"
 
 
+@pytest.mark.parametrize("depth", [4, 12])
+def test_jpeg_2000_palette_samples_of_few_or_many_bits_are_brought_to_8_as_others(scratch: Path, depth):
+    """A palette's entries of 4 bits span 0..255 (17 x), as 4-bit samples do; of 12 bits, the bitdepth
+    stretch takes x >> 4, as for 12-bit samples. They came as 0..15, and as x >> 8."""
+    indices = np.array([[0, 1, 1], [1, 0, 1]], np.uint8)
+    colours = np.array([[1, 2, 3], [15, 9, 0]] if depth == 4 else [[100, 2000, 4095], [7, 3000, 16]], np.uint16)
+    entries = colours.astype(np.uint8).tobytes() if depth == 4 else colours.astype(">u2").tobytes()
+    pclr = jp2_box(b"pclr", b"\0\x02\x03" + bytes([depth - 1] * 3) + entries)
+    cmap = jp2_box(b"cmap", b"\0\0\x01\x00\0\0\x01\x01\0\0\x01\x02")
+    path = scratch / f"palette{depth}.jp2"
+    path.write_bytes(jp2_file(jpeg2000(indices, kind="j2k"), 2, 3, header=pclr + cmap))
+    expected = colours * 17 if depth == 4 else colours >> 4
+    assert np.array_equal(decode_image(path, DecodeOptions(stretch="bitdepth")), expected[indices])
+
+
 @pytest.mark.parametrize("patch, message", [
     (lambda data, siz: data.__setitem__(siz + 40 + 3 + 1, 2), "subsampled components"),  # component 1's XRsiz
     (lambda data, siz: data.__setitem__(siz + 40 + 6, 11), "components of different sample types"),  # 12-bit

@@ -690,9 +690,8 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
         raise DecodeError("decode", f"damaged JPEG 2000 file: tile {missing[0] + 1} of {missing[1]} is missing "
                                     "(no tile-part holds it)")
     bands = jpeg2k_decode(data, numthreads=1).reshape(height, width, -1)  # (one thread: the engine decodes many)
-    if palette:  # samples of the palette's depth, not of the codestream's indices
-        return bands, None
-    bits = components[0][0]
+    # a palette's samples have its entries' depth, not that of the codestream's indices
+    bits = _palette_depth(data, header[b"pclr"]) if palette else components[0][0]
     if bands.dtype == np.uint8 and bits < 8:
         return _full_range(bands, bits), 8
     return bands, bits
@@ -747,6 +746,13 @@ def _palette_columns(data: bytes, pclr: tuple[int, int]) -> int:
     """The columns (output components) of a JP2 palette box: its third byte (after 2 of entries)."""
     first, last = pclr
     return data[first + 2] if first + 2 < min(last, len(data)) else 0
+
+
+def _palette_depth(data: bytes, pclr: tuple[int, int]) -> int:
+    """The bits of a JP2 palette's entries: its first column's (after 2 bytes of entries and 1 of
+    columns, a byte per column of bits - 1; imagecodecs refuses columns of different depths)."""
+    first, last = pclr
+    return (data[first + 3] & 0x7F) + 1 if first + 3 < min(last, len(data)) else 8
 
 
 def _check_jp2_colour(colr: bytes) -> None:
