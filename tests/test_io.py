@@ -457,6 +457,76 @@ def test_jpeg_2000_tiles_count_against_the_samples_limit(scratch: Path, monkeypa
                        "230,400 samples, over the limit of 1,600 (16 per pixel of the limit; decompression-bomb guard)")
 
 
+def j2k_segment(marker: int, parameters: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (2 + len(parameters)).to_bytes(2, "big") + parameters
+
+
+def coding_style(precincts: int | None, component: int | None = None) -> bytes:
+    """A COD marker segment (a COC for ``component``): 5 decomposition levels, 64 x 64 code-blocks,
+    precincts of 2^precincts x 2^precincts at every resolution level (None: none) (T.800 A.6.1-2)."""
+    spcod = bytes([5, 4, 4, 0, 1]) + (bytes([precincts * 0x11] * 6) if precincts is not None else b"")
+    scod = bytes([precincts is not None])
+    if component is None:
+        return j2k_segment(0x52, scod + b"\0\0\x01\0" + spcod)  # SGcod: LRCP, 1 layer, no colour transform
+    return j2k_segment(0x53, bytes([component]) + scod + spcod)
+
+
+def empty_codestream(size: int, main: bytes, tile_part: bytes = b"") -> bytes:
+    """A hand-made codestream of size x size gray pixels in one tile of one empty packet: SIZ,
+    ``main`` (its COD and COCs), QCD, then one tile-part with ``tile_part`` in its header."""
+    siz = j2k_segment(0x51, b"\0\0" + size.to_bytes(4, "big") * 2 + bytes(8) + size.to_bytes(4, "big") * 2 + bytes(8)
+                      + b"\0\x01\x07\x01\x01")
+    qcd = j2k_segment(0x5C, b"\x40" * 17)  # no quantization: 1 + 3 x 5 exponents
+    sot = b"\xff\x90\0\x0a\0\0" + (15 + len(tile_part)).to_bytes(4, "big") + b"\0\x01"  # Isot 0, Psot, TPsot, TNsot
+    return b"\xff\x4f" + siz + main + qcd + sot + tile_part + b"\xff\x93\0\xff\xd9"
+
+
+@pytest.mark.parametrize("main, tile_part", [
+    (coding_style(1), b""),
+    (coding_style(None) + coding_style(1, component=0), b""),
+    (coding_style(None), coding_style(1)),
+    (coding_style(None), coding_style(None, component=0) + coding_style(1)),  # (a later COD wins in OpenJPEG)
+    (coding_style(None), coding_style(1, component=0)),
+], ids=["main COD", "main COC", "tile-part COD", "tile-part COD after a COC", "tile-part COC"])
+@pytest.mark.parametrize("kind", ["j2k", "jp2"])
+def test_jpeg_2000_code_blocks_and_precincts_count_against_the_samples_limit(scratch: Path, monkeypatch, main,
+                                                                              tile_part, kind):
+    """OpenJPEG allocates about 408 bytes a code-block and 160 a precinct in each band before it
+    decodes any, and a code-block is cut to its precinct: a 103-byte codestream of 2048 x 2048
+    pixels with 2 x 2 precincts (so 1 x 1 code-blocks) took 2.3 GB. Its coding style may be in the
+    main header or a tile-part header, in a COD or in a COC."""
+    codestream = empty_codestream(2048, main, tile_part)
+    data = codestream if kind == "j2k" else jp2_file(codestream, 2048, 2048)
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded past the limit"))
+    message = str(_refusal(scratch, data, DecodeOptions(max_pixels=2048 * 2048)))
+    assert message == ("2048 x 2048 pixels in 4,191,232 code-blocks and 4,191,232 precincts: OpenJPEG keeps about "
+                       "408 bytes a code-block and 160 a precinct (and 9 KB a tile), as much as 595,157,248 samples, "
+                       "over the limit of 67,108,864 (16 per pixel of the limit; decompression-bomb guard)")
+
+
+def test_jpeg_2000_code_blocks_and_precincts_up_to_the_samples_limit_decode(scratch: Path):
+    """64 x 64 pixels with 2 x 2 precincts: 4,093 code-blocks and as many precincts, 2,304 (its
+    tile) + 4,093 x (408 + 160) / 4 = 583,510 samples, 36,470 pixels of the limit (less a bit)."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    codestream = empty_codestream(64, coding_style(1))
+    path = scratch / "small-precincts.j2k"
+    path.write_bytes(codestream)
+    assert np.array_equal(decode_image(path, DecodeOptions(max_pixels=36_470)), imagecodecs.jpeg2k_decode(codestream))
+    assert "as much as 583,510 samples, over the limit of 583,504 " in str(
+        _refusal(scratch, codestream, DecodeOptions(max_pixels=36_469)))
+
+
+@pytest.mark.parametrize("options", [{}, {"codeblock_size": (32, 32), "precinct_size": (128, 128)},
+                                     {"codeblock_size": (16, 16)}])
+def test_jpeg_2000_of_usual_code_blocks_and_precincts_decodes_at_its_own_size_limit(scratch: Path, options):
+    """As OpenJPEG's encoder writes them (opj_compress -b, -c: 64 x 64 code-blocks and no precincts
+    by default): their charge is far under 16 samples a pixel."""
+    data = np.random.default_rng(10).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    path = scratch / "usual.j2k"
+    Image.fromarray(data).save(path, "JPEG2000", no_jp2=True, **options)
+    assert np.array_equal(decode_image(path, DecodeOptions(max_pixels=200 * 300)), data)
+
+
 def jp2_box(kind: bytes, contents: bytes) -> bytes:
     return (8 + len(contents)).to_bytes(4, "big") + kind + contents
 

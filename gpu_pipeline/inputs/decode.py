@@ -94,6 +94,7 @@ every such file would cost more users than the bomb it could carry.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import logging
 import math
@@ -102,7 +103,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -628,6 +629,12 @@ _SIZ_BYTES = 42 + 3 * 16384
 #: samples (65535 tiles of 1 x 1 pixels took 0.6 GB, and 4.9 GB with 64 components, from files of
 #: at most 1 MB).
 _TILE_KB, _TILE_COMPONENT_KB, _SAMPLES_PER_KB = 8, 1, 256
+#: What its code-blocks and precincts count, as bytes (4 a sample, as for the tiles): for every
+#: tile, component, resolution level and band, OpenJPEG 2.5.4 allocates about 408 bytes a
+#: code-block and 160 a precinct before it decodes any (fitted to within 2% on 512 x 512 to
+#: 2048 x 2048 pixels, code-blocks of 4 x 4 to 64 x 64, precincts of 2 x 2 to none: a 103-byte
+#: file of 2048 x 2048 pixels with 2 x 2 precincts took 2.3 GB; 5 bytes a pixel besides).
+_CODE_BLOCK_BYTES, _PRECINCT_BYTES, _BYTES_PER_SAMPLE = 408, 160, 4
 #: JP2 colour spaces (the colr box's enumerated ones) whose samples are used as they are: sRGB, greyscale.
 _JP2_AS_THEY_ARE = frozenset({16, 17})
 
@@ -638,9 +645,10 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
 
     The codestream's image header (SIZ) is checked first, as a TIFF's tags are: the pixel limit,
     the samples per pixel it allows (a palette's columns included; the tiles count too, see
-    :data:`_TILE_KB`), components of one size and one sample type. A codestream that does not end
-    with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full size into
-    made-up pixels. Colour is used as stored: gray or RGB samples only (sYCC, CMYK, an ICC profile
+    :data:`_TILE_KB`, and so do their code-blocks and precincts, by each component's coding style,
+    see :data:`_CODE_BLOCK_BYTES`), components of one size and one sample type. A codestream that
+    does not end with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full
+    size into made-up pixels. Colour is used as stored: gray or RGB samples only (sYCC, CMYK, an ICC profile
     would each need a conversion, which OpenJPEG's callers do in different ways)."""
     if jpeg2k_decode is None:
         raise DecodeError("decode", "JPEG 2000 files need the imagecodecs package (pip install imagecodecs)")
@@ -685,10 +693,20 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     if end - start < 2 or data[end - 2:end] != b"\xff\xd9":
         raise DecodeError("decode", "truncated JPEG 2000 file: its codestream does not end with its end marker "
                                     "(a download still being written?)")
-    missing = _missing_tile(data, start, end)
+    parts = _tile_parts(data, start, end)
+    missing = _missing_tile(data, start, parts)
     if missing is not None:
         raise DecodeError("decode", f"damaged JPEG 2000 file: tile {missing[0] + 1} of {missing[1]} is missing "
                                     "(no tile-part holds it)")
+    coded = _code_blocks(data, start, len(components), parts)
+    charge = tiles * tile_kb * _SAMPLES_PER_KB + (
+        (coded[0] * _CODE_BLOCK_BYTES + coded[1] * _PRECINCT_BYTES) // _BYTES_PER_SAMPLE if coded else 0)
+    if coded and charge > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
+        raise DecodeError("decode", f"{width} x {height} pixels in {coded[0]:,} code-blocks and {coded[1]:,} "
+                                    f"precincts: OpenJPEG keeps about {_CODE_BLOCK_BYTES} bytes a code-block and "
+                                    f"{_PRECINCT_BYTES} a precinct (and {tile_kb} KB a tile), as much as {charge:,} "
+                                    f"samples, over the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} "
+                                    f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
     bands = jpeg2k_decode(data, numthreads=1).reshape(height, width, -1)  # (one thread: the engine decodes many)
     # a palette's samples have its entries' depth, not that of the codestream's indices
     bits = _palette_depth(data, header[b"pclr"]) if palette else components[0][0]
@@ -793,28 +811,180 @@ def _tile_count(data: bytes, start: int) -> int | None:
     return -(-(x - x0) // tile_x) * -(-(y - y0) // tile_y)
 
 
-def _missing_tile(data: bytes, start: int, end: int) -> tuple[int, int] | None:
-    """(index, count) of the first tile of the codestream ``data[start:end]`` that none of its
-    tile-parts holds, or None. OpenJPEG leaves such a tile black without an error: a tile-part
-    lost, or a damaged SIZ marker whose tile grid has more tiles than the codestream holds. None
-    too where the tile-parts cannot be walked to the end marker: OpenJPEG refuses those."""
-    count = _tile_count(data, start)
-    if count is None or count > 65535:  # (OpenJPEG refuses more, as the standard does)
-        return None
-    i = start + 2
-    while i + 4 <= end and data[i] == 0xFF and data[i + 1] != 0x90:  # the main header's marker segments
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    held = set()
+def _header_segments(data: bytes, i: int, end: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The marker segments of a header from ``data[i]`` up to a tile-part (SOT) or its data (SOD),
+    each as (marker, where its parameters start, where they end), and where they stop (T.800 A.4)."""
+    segments = []
+    while i + 4 <= end and data[i] == 0xFF and data[i + 1] not in (0x90, 0x93):
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        segments.append((data[i + 1], i + 4, min(i + 2 + length, end)))
+        i += 2 + length
+    return segments, i
+
+
+def _tile_parts(data: bytes, start: int, end: int) -> list[tuple[int, int, int]] | None:
+    """(tile, where its header's marker segments start, where it ends) of each tile-part of the
+    codestream ``data[start:end]`` (T.800 A.4.2: SOT's Isot and Psot), or None where they cannot
+    be walked to the end marker: OpenJPEG refuses those."""
+    _, i = _header_segments(data, start + 2, end)
+    parts = []
     while i + 10 <= end and data[i:i + 2] == b"\xff\x90":  # SOT: Lsot, Isot (the tile), Psot (its length)
-        held.add(int.from_bytes(data[i + 4:i + 6], "big"))
         length = int.from_bytes(data[i + 6:i + 10], "big")
+        parts.append((int.from_bytes(data[i + 4:i + 6], "big"), i + 2 + int.from_bytes(data[i + 2:i + 4], "big"),
+                      i + length if length else end - 2))
         if length == 0:  # the last tile-part, to the end marker
-            break
+            return parts
         i += length
-    else:
-        if i != end - 2:
-            return None
+    return parts if i == end - 2 else None
+
+
+def _missing_tile(data: bytes, start: int, parts: list[tuple[int, int, int]] | None) -> tuple[int, int] | None:
+    """(index, count) of the first tile of the codestream at ``data[start:]`` that none of its
+    tile-parts (:func:`_tile_parts`) holds, or None. OpenJPEG leaves such a tile black without an
+    error: a tile-part lost, or a damaged SIZ marker whose tile grid has more tiles than the
+    codestream holds. None too where the tile-parts cannot be walked (None): OpenJPEG refuses those."""
+    count = _tile_count(data, start)
+    if count is None or count > 65535 or parts is None:  # (OpenJPEG refuses more tiles, as the standard does)
+        return None
+    held = {tile for tile, _, _ in parts}
     return next(((tile, count) for tile in range(count) if tile not in held), None)
+
+
+#: A component's coding style: decomposition levels, code-block width and height exponents, and
+#: each resolution level's precinct width and height exponents.
+_CodingStyle = tuple[int, int, int, tuple[tuple[int, int], ...]]
+
+
+@functools.lru_cache(maxsize=64)  # (a tile-part header may repeat the same, thousands of times)
+def _coding_style(spcod: bytes, scod: int) -> _CodingStyle | None:
+    """A coding style from a COD's SPcod or a COC's SPcoc parameters and its Scod or Scoc (bit 0:
+    precinct sizes follow; else 2^15: none) (T.800 A.6.1, A.6.2, Tables A.15 and A.21), or None
+    for values OpenJPEG refuses."""
+    if len(spcod) < 5:
+        return None
+    levels, xcb, ycb = spcod[0], spcod[1] + 2, spcod[2] + 2
+    sizes = spcod[5:6 + levels] if scod & 1 else b"\xff" * (levels + 1)
+    precincts = tuple((size & 0xF, size >> 4) for size in sizes)
+    if levels > 32 or xcb > 10 or ycb > 10 or xcb + ycb > 12 or len(precincts) < levels + 1 \
+            or 0 in (value for size in precincts[1:] for value in size):
+        return None
+    return levels, xcb, ycb, precincts
+
+
+def _apply_coding_styles(styles: dict[int | None, _CodingStyle], data: bytes,
+                         segments: list[tuple[int, int, int]], components: int) -> None:
+    """Apply a header's COD and COC marker segments to ``styles`` (component: style, None: the
+    other components) in order, as OpenJPEG does: a COD to every component, a COC to its own
+    (Ccoc is 2 bytes from 257 components on; T.800 A.6.1, A.6.2). Unreadable ones are left out:
+    OpenJPEG refuses them."""
+    wide = components > 256
+    for marker, first, last in segments:
+        if marker == 0x52:  # COD: Scod, SGcod (4 bytes), SPcod
+            style = _coding_style(data[first + 5:last], data[first])
+            if style is not None:
+                styles.clear()
+                styles[None] = style
+        elif marker == 0x53 and last > first + 1 + wide:  # COC: Ccoc, Scoc, SPcoc
+            component = int.from_bytes(data[first:first + 1 + wide], "big")
+            style = _coding_style(data[first + 2 + wide:last], data[first + 1 + wide])
+            if style is not None and component < components:
+                styles[component] = style
+
+
+def _spans(low: Any, high: Any, exponent: int) -> Any:
+    """How many cells of 2^exponent, from 0, the span low..high touches (ints, or arrays of them)."""
+    return (high > low) * ((-(-high >> exponent)) - (low >> exponent))
+
+
+def _axis_blocks(low: Any, high: Any, style: _CodingStyle, axis: int) -> list[tuple[Any, Any, Any]]:
+    """Along one axis (0: x, 1: y) of a tile-component spanning low..high (ints, or arrays of them
+    for a row of tiles), for each resolution level: its precincts, and the code-blocks of its
+    low-pass and high-pass bands. A resolution level spans ceil(low / 2^(NL - r)), a high-pass
+    band ceil((low - 2^(NL - r)) / 2^(NL - r + 1)) (T.800 B.5); code-blocks are cut to the
+    precinct, whose band is half its resolution level's at r > 0 (B.6, B.7)."""
+    levels, blocks = style[0], style[1 + axis]
+    counts = []
+    for r, sizes in enumerate(style[3]):
+        shift, precinct = levels - r, sizes[axis]
+        level = (-(-low >> shift), -(-high >> shift))
+        if r == 0:
+            counts.append((_spans(*level, precinct), _spans(*level, min(blocks, precinct)), 0))
+            continue
+        exponent, half = min(blocks, precinct - 1), 1 << shift
+        counts.append((_spans(*level, precinct), _spans(-(-low >> shift + 1), -(-high >> shift + 1), exponent),
+                       _spans(-(-(low - half) >> shift + 1), -(-(high - half) >> shift + 1), exponent)))
+    return counts
+
+
+def _tile_blocks(x: list[tuple[int, int, int]], y: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """Code-blocks and precincts (one for each band) from :func:`_axis_blocks`' counts along x and
+    along y: the LL band at r = 0, HL, LH and HH above (T.800 B.5)."""
+    blocks = precincts = 0
+    for r, ((px, lx, hx), (py, ly, hy)) in enumerate(zip(x, y)):
+        precincts += px * py * (1 if r == 0 else 3)
+        blocks += lx * ly if r == 0 else hx * ly + lx * hy + hx * hy
+    return blocks, precincts
+
+
+def _grid(data: bytes, start: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each column (axis 0) or row (axis 1) of the tile grid starts and ends, from the SIZ
+    marker at ``data[start:]`` (T.800 B.3)."""
+    size, origin, tile, tile_origin = (int.from_bytes(data[start + i + 4 * axis:start + i + 4 * axis + 4], "big")
+                                       for i in (8, 16, 24, 32))
+    edges = tile_origin + tile * np.arange(-(-(size - tile_origin) // tile) + 1, dtype=np.int64)
+    return np.maximum(edges[:-1], origin), np.minimum(edges[1:], size)
+
+
+def _code_blocks(data: bytes, start: int, components: int,
+                 parts: list[tuple[int, int, int]] | None) -> tuple[int, int] | None:
+    """Code-blocks and precincts (one for each band) that OpenJPEG allocates for all the tiles of
+    the codestream at ``data[start:]``, by the coding style of each component (COD and COC in the
+    main header, then in the tile's tile-part headers: T.800 A.4, A.6), components not subsampled;
+    None where the main header's coding style cannot be read or the tiles cannot be walked
+    (OpenJPEG refuses both). The main header's styles are summed over the tile grid's columns and
+    rows (a code-block count is one along x times one along y); a tile with its own, tile by tile."""
+    count = _tile_count(data, start)
+    if count is None or count > 65535 or parts is None:  # (OpenJPEG refuses more tiles)
+        return None
+    main: dict[int | None, _CodingStyle] = {}
+    _apply_coding_styles(main, data, _header_segments(data, start + 2, len(data))[0], components)
+    if None not in main:
+        return None
+    tiles: dict[int, dict[int | None, _CodingStyle]] = {}
+    for tile, first, last in parts:
+        segments = [s for s in _header_segments(data, first, last)[0] if s[0] in (0x52, 0x53)]
+        if segments:
+            _apply_coding_styles(tiles.setdefault(tile, dict(main)), data, segments, components)
+    columns, rows = _grid(data, start, 0), _grid(data, start, 1)
+    blocks = precincts = 0
+    for style, count in _style_counts(main, components).items():
+        x = [tuple(int(np.sum(n)) for n in level) for level in _axis_blocks(*columns, style, 0)]
+        y = [tuple(int(np.sum(n)) for n in level) for level in _axis_blocks(*rows, style, 1)]
+        b, p = _tile_blocks(x, y)
+        blocks, precincts = blocks + count * b, precincts + count * p
+    width = len(columns[0])
+    changes: dict[_CodingStyle, dict[int, int]] = {}  # style: {tile: its components, less the main header's}
+    for tile, styles in tiles.items():
+        if tile < width * len(rows[0]):  # (OpenJPEG refuses others)
+            for sign, own in ((1, styles), (-1, main)):
+                for style, count in _style_counts(own, components).items():
+                    change = changes.setdefault(style, {})
+                    change[tile] = change.get(tile, 0) + sign * count
+    for style, change in changes.items():  # (each style's tiles at once, as arrays)
+        tile, count = np.fromiter(change, np.int64), np.fromiter(change.values(), np.int64)
+        b, p = _tile_blocks(_axis_blocks(columns[0][tile % width], columns[1][tile % width], style, 0),
+                            _axis_blocks(rows[0][tile // width], rows[1][tile // width], style, 1))
+        blocks, precincts = blocks + int(np.sum(count * b)), precincts + int(np.sum(count * p))
+    return blocks, precincts
+
+
+def _style_counts(styles: dict[int | None, _CodingStyle], components: int) -> dict[_CodingStyle, int]:
+    """How many components have each coding style of ``styles`` (:func:`_apply_coding_styles`)."""
+    counts = {styles[None]: components - sum(1 for c in styles if c is not None)}
+    for component, style in styles.items():
+        if component is not None:
+            counts[style] = counts.get(style, 0) + 1
+    return counts
 
 
 def _format_by_signature(head: bytes) -> str | None:
