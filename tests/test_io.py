@@ -445,7 +445,8 @@ def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path
 def test_jpeg_2000_tiles_count_against_the_samples_limit(scratch: Path, monkeypatch):
     """OpenJPEG keeps about 8 KB a tile and 1 KB a tile and component, before it decodes any: 65535
     tiles of 1 x 1 pixels and 16 components, in a 0.9 MB file, took 1.7 GB (64 components: 4.9 GB),
-    far more than their samples. A KB counts as 256 samples."""
+    far more than their samples. Bytes count as samples of 4 bytes: 100 tiles of 1 x 1 pixels, each
+    with one code-block and one precinct, are 100 x (9216 + 408 + 160) / 4 = 244,600 samples."""
     codestream = bytearray(jpeg2000(np.zeros((10, 10), np.uint8), kind="j2k"))
     codestream[siz_at(codestream) + 22:siz_at(codestream) + 30] = (1).to_bytes(4, "big") * 2  # XTsiz, YTsiz
     header = bytes(codestream[:codestream.index(b"\xff\x90")])
@@ -453,8 +454,9 @@ def test_jpeg_2000_tiles_count_against_the_samples_limit(scratch: Path, monkeypa
                                 for tile in range(100))  # (SOT: Lsot, Isot, Psot, TPsot, TNsot; SOD)
     monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded past the limit"))
     message = str(_refusal(scratch, header + empty_tile_parts + b"\xff\xd9", DecodeOptions(max_pixels=100)))
-    assert message == ("10 x 10 pixels in 100 tiles of 1 component: OpenJPEG keeps about 9 KB a tile, as much as "
-                       "230,400 samples, over the limit of 1,600 (16 per pixel of the limit; decompression-bomb guard)")
+    assert message == ("10 x 10 pixels in 100 tiles of 1 component, 100 code-blocks and 100 precincts: OpenJPEG "
+                       "allocates for them, before it decodes a sample, as much as 244,600 samples, over the limit of "
+                       "1,600 (16 per pixel of the limit; decompression-bomb guard)")
 
 
 def j2k_segment(marker: int, parameters: bytes) -> bytes:
@@ -499,9 +501,9 @@ def test_jpeg_2000_code_blocks_and_precincts_count_against_the_samples_limit(scr
     data = codestream if kind == "j2k" else jp2_file(codestream, 2048, 2048)
     monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded past the limit"))
     message = str(_refusal(scratch, data, DecodeOptions(max_pixels=2048 * 2048)))
-    assert message == ("2048 x 2048 pixels in 4,191,232 code-blocks and 4,191,232 precincts: OpenJPEG keeps about "
-                       "408 bytes a code-block and 160 a precinct (and 9 KB a tile), as much as 595,157,248 samples, "
-                       "over the limit of 67,108,864 (16 per pixel of the limit; decompression-bomb guard)")
+    assert message == ("2048 x 2048 pixels in 1 tile of 1 component, 4,191,232 code-blocks and 4,191,232 precincts: "
+                       "OpenJPEG allocates for them, before it decodes a sample, as much as 595,157,248 samples, over "
+                       "the limit of 67,108,864 (16 per pixel of the limit; decompression-bomb guard)")
 
 
 def test_jpeg_2000_code_blocks_and_precincts_up_to_the_samples_limit_decode(scratch: Path):

@@ -94,7 +94,6 @@ every such file would cost more users than the bomb it could carry.
 from __future__ import annotations
 
 import errno
-import functools
 import io
 import logging
 import math
@@ -103,7 +102,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -111,6 +110,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.errors import one_line
+from gpu_pipeline.inputs import jpeg2000
 
 try:
     from imagecodecs import jpeg2k_decode, jpeg8_decode, png_decode
@@ -249,7 +249,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
             nodata = bits = None
             if magic in _TIFF_MAGIC:
                 bands, nodata, bits = _read_tiff(fh, options.max_pixels)
-            elif magic in (_JP2_SIGNATURE[:4], _J2K_MAGIC):
+            elif magic in (jpeg2000.JP2_SIGNATURE[:4], jpeg2000.J2K_MAGIC):
                 bands, bits = _read_jpeg2000(fh, options.max_pixels)
             elif magic.startswith(_JPEG_MAGIC) and jpeg8_decode is not None:
                 bands = _read_jpeg(fh, options.max_pixels)
@@ -619,22 +619,6 @@ def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
     return jpeg8_decode(data, out=off_boundary_array(shape)).reshape(height, width, -1)
 
 
-#: A JP2 file starts with its signature box; a bare codestream (.j2k, .j2c) with SOC then SIZ.
-_JP2_SIGNATURE = b"\0\0\0\x0cjP  \r\n\x87\n"
-_J2K_MAGIC = b"\xff\x4f\xff\x51"
-#: Bytes of a codestream that hold its SIZ marker, for the most components it may declare (16384).
-_SIZ_BYTES = 42 + 3 * 16384
-#: What a codestream's tiles count as against the samples limit: from its header, however small the
-#: tiles, OpenJPEG keeps about 8 KB a tile and 1 KB a tile and component, each KB as much as 256
-#: samples (65535 tiles of 1 x 1 pixels took 0.6 GB, and 4.9 GB with 64 components, from files of
-#: at most 1 MB).
-_TILE_KB, _TILE_COMPONENT_KB, _SAMPLES_PER_KB = 8, 1, 256
-#: What its code-blocks and precincts count, as bytes (4 a sample, as for the tiles): for every
-#: tile, component, resolution level and band, OpenJPEG 2.5.4 allocates about 408 bytes a
-#: code-block and 160 a precinct before it decodes any (fitted to within 2% on 512 x 512 to
-#: 2048 x 2048 pixels, code-blocks of 4 x 4 to 64 x 64, precincts of 2 x 2 to none: a 103-byte
-#: file of 2048 x 2048 pixels with 2 x 2 precincts took 2.3 GB; 5 bytes a pixel besides).
-_CODE_BLOCK_BYTES, _PRECINCT_BYTES, _BYTES_PER_SAMPLE = 408, 160, 4
 #: JP2 colour spaces (the colr box's enumerated ones) whose samples are used as they are: sRGB, greyscale.
 _JP2_AS_THEY_ARE = frozenset({16, 17})
 
@@ -643,21 +627,17 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     """Bands (H, W, C) of a JPEG 2000 file (JP2, or a bare codestream), decoded by OpenJPEG
     (imagecodecs), and their bits per sample (12 for 12-bit samples, which come as uint16).
 
-    The codestream's image header (SIZ) is checked first, as a TIFF's tags are: the pixel limit,
-    the samples per pixel it allows (a palette's columns included; the tiles count too, see
-    :data:`_TILE_KB`, and so do their code-blocks and precincts, by each component's coding style,
-    see :data:`_CODE_BLOCK_BYTES`), components of one size and one sample type. A codestream that
-    does not end with its end marker (EOC) is refused: OpenJPEG decodes one zero-filled to its full
-    size into made-up pixels. Colour is used as stored: gray or RGB samples only (sYCC, CMYK, an ICC profile
-    would each need a conversion, which OpenJPEG's callers do in different ways)."""
+    The headers are checked first (:func:`_check_jpeg2000`), as a TIFF's tags are. Colour is used
+    as stored: gray or RGB samples only (sYCC, CMYK, an ICC profile would each need a conversion,
+    which OpenJPEG's callers do in different ways); a palette is applied."""
     if jpeg2k_decode is None:
         raise DecodeError("decode", "JPEG 2000 files need the imagecodecs package (pip install imagecodecs)")
     data = fh.read()
     start, end, header = 0, len(data), {}
-    if not data.startswith(_J2K_MAGIC):
-        if not data.startswith(_JP2_SIGNATURE):
+    if not data.startswith(jpeg2000.J2K_MAGIC):
+        if not data.startswith(jpeg2000.JP2_SIGNATURE):
             raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)")
-        header, codestream = _jp2_header(data)
+        header, codestream = jpeg2000.header_boxes(data)
         if codestream is None:
             raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
         start, end = codestream
@@ -665,27 +645,36 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
         if b"pclr" in header and b"cmap" not in header:  # (OpenJPEG would give the indices as gray samples)
             raise DecodeError("decode", "damaged JPEG 2000 file: a palette box (pclr) without its component "
                                         "mapping box (cmap)")
-    palette = b"pclr" in header
-    frame = _jpeg2000_frame(data[start:min(end, start + _SIZ_BYTES)])
+    palette = header.get(b"pclr")
+    height, width, bits = _check_jpeg2000(data, start, end, palette, max_pixels)
+    bands = jpeg2k_decode(data, numthreads=1).reshape(height, width, -1)  # (one thread: the engine decodes many)
+    if palette:  # its samples have its entries' depth, not that of the codestream's indices
+        bits = jpeg2000.palette_depth(data, palette)
+    if bands.dtype == np.uint8 and bits < 8:
+        return _full_range(bands, bits), 8
+    return bands, bits
+
+
+def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] | None,
+                    max_pixels: int) -> tuple[int, int, int]:
+    """Height, width and bits per sample of the codestream ``data[start:end]``, from its headers,
+    or DecodeError: the pixel limit; the samples limit, for the samples (a palette's columns
+    included: OpenJPEG decodes one plane per column) and for what OpenJPEG allocates from the
+    headers before it decodes a sample (:class:`jpeg2000.Allocation`: a few bytes may ask for
+    gigabytes); components of one size and one sample type; every tile held by a tile-part and the
+    end marker (EOC) last: OpenJPEG decodes a lost tile, or a codestream zero-filled to its full
+    size, into made-up pixels without an error."""
+    frame = jpeg2000.frame(data[start:min(end, start + jpeg2000.SIZ_BYTES)])
     if frame is None:
         raise DecodeError("decode", "damaged JPEG 2000 file: no image header (SIZ marker)")
     width, height, components = frame
     _check_size(width, height, max_pixels)
-    # OpenJPEG expands the codestream's components to one plane per palette column (up to 255)
-    count = max(len(components), _palette_columns(data, header[b"pclr"]) if palette else 0)
-    samples = count * width * height
-    if samples > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
-        raise DecodeError("decode", f"{width} x {height} pixels of {count} samples: {samples:,} samples is "
-                                    f"over the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} "
-                                    f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
-    tiles = _tile_count(data, start) or 1
-    tile_kb = _TILE_KB + _TILE_COMPONENT_KB * len(components)
-    if tiles * tile_kb * _SAMPLES_PER_KB > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
-        raise DecodeError("decode", f"{width} x {height} pixels in {tiles:,} tiles of {len(components)} "
-                                    f"component{'s' if len(components) > 1 else ''}: OpenJPEG keeps about {tile_kb} "
-                                    f"KB a tile, as much as {tiles * tile_kb * _SAMPLES_PER_KB:,} samples, over the "
-                                    f"limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} ({SAMPLES_PER_LIMIT_PIXEL} "
-                                    "per pixel of the limit; decompression-bomb guard)")
+    limit = SAMPLES_PER_LIMIT_PIXEL * max_pixels
+    count = max(len(components), jpeg2000.palette_columns(data, palette) if palette else 0)
+    if count * width * height > limit:
+        raise DecodeError("decode", f"{width} x {height} pixels of {count} samples: {count * width * height:,} "
+                                    f"samples is over the limit of {limit:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel "
+                                    "of the limit; decompression-bomb guard)")
     if any(steps != [1, 1] for _, _, *steps in components):
         raise DecodeError("decode", "JPEG 2000 with subsampled components is not supported")
     if len({(bits, signed) for bits, signed, _, _ in components}) > 1:
@@ -693,84 +682,18 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     if end - start < 2 or data[end - 2:end] != b"\xff\xd9":
         raise DecodeError("decode", "truncated JPEG 2000 file: its codestream does not end with its end marker "
                                     "(a download still being written?)")
-    parts = _tile_parts(data, start, end)
-    missing = _missing_tile(data, start, parts)
+    parts = jpeg2000.tile_parts(data, start, end)
+    allocated = jpeg2000.allocation(data, start, len(components), parts)
+    if allocated.samples() > limit:
+        raise DecodeError("decode", f"{width} x {height} pixels in {allocated}: OpenJPEG allocates for them, before "
+                                    f"it decodes a sample, as much as {allocated.samples():,} samples, over the limit "
+                                    f"of {limit:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; "
+                                    "decompression-bomb guard)")
+    missing = jpeg2000.missing_tile(data, start, parts)
     if missing is not None:
         raise DecodeError("decode", f"damaged JPEG 2000 file: tile {missing[0] + 1} of {missing[1]} is missing "
                                     "(no tile-part holds it)")
-    coded = _code_blocks(data, start, len(components), parts)
-    charge = tiles * tile_kb * _SAMPLES_PER_KB + (
-        (coded[0] * _CODE_BLOCK_BYTES + coded[1] * _PRECINCT_BYTES) // _BYTES_PER_SAMPLE if coded else 0)
-    if coded and charge > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
-        raise DecodeError("decode", f"{width} x {height} pixels in {coded[0]:,} code-blocks and {coded[1]:,} "
-                                    f"precincts: OpenJPEG keeps about {_CODE_BLOCK_BYTES} bytes a code-block and "
-                                    f"{_PRECINCT_BYTES} a precinct (and {tile_kb} KB a tile), as much as {charge:,} "
-                                    f"samples, over the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} "
-                                    f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
-    bands = jpeg2k_decode(data, numthreads=1).reshape(height, width, -1)  # (one thread: the engine decodes many)
-    # a palette's samples have its entries' depth, not that of the codestream's indices
-    bits = _palette_depth(data, header[b"pclr"]) if palette else components[0][0]
-    if bands.dtype == np.uint8 and bits < 8:
-        return _full_range(bands, bits), 8
-    return bands, bits
-
-
-def _jp2_boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, int, int]]:
-    """(type, where its contents start, where they end) of each box in ``data[start:end]``, in order;
-    stops at a damaged box. A box of size 0 runs to the end."""
-    end = len(data) if end is None else end
-    i = start
-    while i + 8 <= end:
-        size, kind, contents = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8], i + 8
-        if size == 1:  # the size follows, in 8 bytes
-            size, contents = int.from_bytes(data[i + 8:i + 16], "big"), i + 16
-        if size == 0:
-            yield kind, contents, end
-            return
-        if size < contents - i:
-            return
-        yield kind, contents, i + size
-        i += size
-
-
-def _first_boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[bytes, tuple[int, int]]:
-    """Where the contents of the first box of each type in ``data[start:end]`` start and end."""
-    boxes: dict[bytes, tuple[int, int]] = {}
-    for kind, first, last in _jp2_boxes(data, start, end):
-        boxes.setdefault(kind, (first, last))
-    return boxes
-
-
-def _jp2_header(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, int] | None]:
-    """Where the contents of the JP2 header's boxes that OpenJPEG reads (the first of each type) and
-    of the codestream box (jp2c; None without one) start and end. OpenJPEG reads the boxes of every
-    header box (jp2h) before the codestream box, and such boxes found at the top level after the
-    first header box (a misplaced one): a later one may hold the palette (pclr) the first one lacks."""
-    header: dict[bytes, tuple[int, int]] = {}
-    after_jp2h = False
-    for kind, first, last in _jp2_boxes(data):
-        if kind == b"jp2c":
-            return header, (first, last)
-        if kind == b"jp2h":
-            after_jp2h = True
-            for inner, where in _first_boxes(data, first, last).items():
-                header.setdefault(inner, where)
-        elif after_jp2h:
-            header.setdefault(kind, (first, last))
-    return header, None
-
-
-def _palette_columns(data: bytes, pclr: tuple[int, int]) -> int:
-    """The columns (output components) of a JP2 palette box: its third byte (after 2 of entries)."""
-    first, last = pclr
-    return data[first + 2] if first + 2 < min(last, len(data)) else 0
-
-
-def _palette_depth(data: bytes, pclr: tuple[int, int]) -> int:
-    """The bits of a JP2 palette's entries: its first column's (after 2 bytes of entries and 1 of
-    columns, a byte per column of bits - 1; imagecodecs refuses columns of different depths)."""
-    first, last = pclr
-    return (data[first + 3] & 0x7F) + 1 if first + 3 < min(last, len(data)) else 8
+    return height, width, components[0][0]
 
 
 def _check_jp2_colour(colr: bytes) -> None:
@@ -785,206 +708,6 @@ def _check_jp2_colour(colr: bytes) -> None:
     else:
         what = "an ICC colour profile" if method in (b"\x02", b"\x03") else "an unknown colour specification"
     raise DecodeError("decode", f"JPEG 2000 with {what} is not supported (gray or sRGB samples only)")
-
-
-def _jpeg2000_frame(codestream: bytes) -> tuple[int, int, list[tuple[int, bool, int, int]]] | None:
-    """Width, height and each component's (bits, signed, column step, row step) from a codestream's
-    SIZ marker (ITU-T T.800, A.5.1), or None."""
-    size = _jpeg2k_segment_size(codestream)
-    if size is None:
-        return None
-    width, height, count = size
-    table = codestream[42:42 + 3 * count]
-    if count == 0 or len(table) < 3 * count:
-        return None
-    return width, height, [((table[i] & 0x7F) + 1, bool(table[i] & 0x80), table[i + 1], table[i + 2])
-                           for i in range(0, 3 * count, 3)]
-
-
-def _tile_count(data: bytes, start: int) -> int | None:
-    """The tiles of the codestream at ``data[start:]`` by its SIZ marker, or None for a tile grid
-    OpenJPEG refuses (no tile size, no image area)."""
-    siz = [int.from_bytes(data[start + i:start + i + 4], "big") for i in range(8, 40, 4)]
-    x, y, _, _, tile_x, tile_y, x0, y0 = siz  # (the tile grid's origin, XTOsiz and YTOsiz)
-    if not tile_x or not tile_y or x <= x0 or y <= y0:
-        return None
-    return -(-(x - x0) // tile_x) * -(-(y - y0) // tile_y)
-
-
-def _header_segments(data: bytes, i: int, end: int) -> tuple[list[tuple[int, int, int]], int]:
-    """The marker segments of a header from ``data[i]`` up to a tile-part (SOT) or its data (SOD),
-    each as (marker, where its parameters start, where they end), and where they stop (T.800 A.4)."""
-    segments = []
-    while i + 4 <= end and data[i] == 0xFF and data[i + 1] not in (0x90, 0x93):
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        segments.append((data[i + 1], i + 4, min(i + 2 + length, end)))
-        i += 2 + length
-    return segments, i
-
-
-def _tile_parts(data: bytes, start: int, end: int) -> list[tuple[int, int, int]] | None:
-    """(tile, where its header's marker segments start, where it ends) of each tile-part of the
-    codestream ``data[start:end]`` (T.800 A.4.2: SOT's Isot and Psot), or None where they cannot
-    be walked to the end marker: OpenJPEG refuses those."""
-    _, i = _header_segments(data, start + 2, end)
-    parts = []
-    while i + 10 <= end and data[i:i + 2] == b"\xff\x90":  # SOT: Lsot, Isot (the tile), Psot (its length)
-        length = int.from_bytes(data[i + 6:i + 10], "big")
-        parts.append((int.from_bytes(data[i + 4:i + 6], "big"), i + 2 + int.from_bytes(data[i + 2:i + 4], "big"),
-                      i + length if length else end - 2))
-        if length == 0:  # the last tile-part, to the end marker
-            return parts
-        i += length
-    return parts if i == end - 2 else None
-
-
-def _missing_tile(data: bytes, start: int, parts: list[tuple[int, int, int]] | None) -> tuple[int, int] | None:
-    """(index, count) of the first tile of the codestream at ``data[start:]`` that none of its
-    tile-parts (:func:`_tile_parts`) holds, or None. OpenJPEG leaves such a tile black without an
-    error: a tile-part lost, or a damaged SIZ marker whose tile grid has more tiles than the
-    codestream holds. None too where the tile-parts cannot be walked (None): OpenJPEG refuses those."""
-    count = _tile_count(data, start)
-    if count is None or count > 65535 or parts is None:  # (OpenJPEG refuses more tiles, as the standard does)
-        return None
-    held = {tile for tile, _, _ in parts}
-    return next(((tile, count) for tile in range(count) if tile not in held), None)
-
-
-#: A component's coding style: decomposition levels, code-block width and height exponents, and
-#: each resolution level's precinct width and height exponents.
-_CodingStyle = tuple[int, int, int, tuple[tuple[int, int], ...]]
-
-
-@functools.lru_cache(maxsize=64)  # (a tile-part header may repeat the same, thousands of times)
-def _coding_style(spcod: bytes, scod: int) -> _CodingStyle | None:
-    """A coding style from a COD's SPcod or a COC's SPcoc parameters and its Scod or Scoc (bit 0:
-    precinct sizes follow; else 2^15: none) (T.800 A.6.1, A.6.2, Tables A.15 and A.21), or None
-    for values OpenJPEG refuses."""
-    if len(spcod) < 5:
-        return None
-    levels, xcb, ycb = spcod[0], spcod[1] + 2, spcod[2] + 2
-    sizes = spcod[5:6 + levels] if scod & 1 else b"\xff" * (levels + 1)
-    precincts = tuple((size & 0xF, size >> 4) for size in sizes)
-    if levels > 32 or xcb > 10 or ycb > 10 or xcb + ycb > 12 or len(precincts) < levels + 1 \
-            or 0 in (value for size in precincts[1:] for value in size):
-        return None
-    return levels, xcb, ycb, precincts
-
-
-def _apply_coding_styles(styles: dict[int | None, _CodingStyle], data: bytes,
-                         segments: list[tuple[int, int, int]], components: int) -> None:
-    """Apply a header's COD and COC marker segments to ``styles`` (component: style, None: the
-    other components) in order, as OpenJPEG does: a COD to every component, a COC to its own
-    (Ccoc is 2 bytes from 257 components on; T.800 A.6.1, A.6.2). Unreadable ones are left out:
-    OpenJPEG refuses them."""
-    wide = components > 256
-    for marker, first, last in segments:
-        if marker == 0x52:  # COD: Scod, SGcod (4 bytes), SPcod
-            style = _coding_style(data[first + 5:last], data[first])
-            if style is not None:
-                styles.clear()
-                styles[None] = style
-        elif marker == 0x53 and last > first + 1 + wide:  # COC: Ccoc, Scoc, SPcoc
-            component = int.from_bytes(data[first:first + 1 + wide], "big")
-            style = _coding_style(data[first + 2 + wide:last], data[first + 1 + wide])
-            if style is not None and component < components:
-                styles[component] = style
-
-
-def _spans(low: Any, high: Any, exponent: int) -> Any:
-    """How many cells of 2^exponent, from 0, the span low..high touches (ints, or arrays of them)."""
-    return (high > low) * ((-(-high >> exponent)) - (low >> exponent))
-
-
-def _axis_blocks(low: Any, high: Any, style: _CodingStyle, axis: int) -> list[tuple[Any, Any, Any]]:
-    """Along one axis (0: x, 1: y) of a tile-component spanning low..high (ints, or arrays of them
-    for a row of tiles), for each resolution level: its precincts, and the code-blocks of its
-    low-pass and high-pass bands. A resolution level spans ceil(low / 2^(NL - r)), a high-pass
-    band ceil((low - 2^(NL - r)) / 2^(NL - r + 1)) (T.800 B.5); code-blocks are cut to the
-    precinct, whose band is half its resolution level's at r > 0 (B.6, B.7)."""
-    levels, blocks = style[0], style[1 + axis]
-    counts = []
-    for r, sizes in enumerate(style[3]):
-        shift, precinct = levels - r, sizes[axis]
-        level = (-(-low >> shift), -(-high >> shift))
-        if r == 0:
-            counts.append((_spans(*level, precinct), _spans(*level, min(blocks, precinct)), 0))
-            continue
-        exponent, half = min(blocks, precinct - 1), 1 << shift
-        counts.append((_spans(*level, precinct), _spans(-(-low >> shift + 1), -(-high >> shift + 1), exponent),
-                       _spans(-(-(low - half) >> shift + 1), -(-(high - half) >> shift + 1), exponent)))
-    return counts
-
-
-def _tile_blocks(x: list[tuple[int, int, int]], y: list[tuple[int, int, int]]) -> tuple[int, int]:
-    """Code-blocks and precincts (one for each band) from :func:`_axis_blocks`' counts along x and
-    along y: the LL band at r = 0, HL, LH and HH above (T.800 B.5)."""
-    blocks = precincts = 0
-    for r, ((px, lx, hx), (py, ly, hy)) in enumerate(zip(x, y)):
-        precincts += px * py * (1 if r == 0 else 3)
-        blocks += lx * ly if r == 0 else hx * ly + lx * hy + hx * hy
-    return blocks, precincts
-
-
-def _grid(data: bytes, start: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each column (axis 0) or row (axis 1) of the tile grid starts and ends, from the SIZ
-    marker at ``data[start:]`` (T.800 B.3)."""
-    size, origin, tile, tile_origin = (int.from_bytes(data[start + i + 4 * axis:start + i + 4 * axis + 4], "big")
-                                       for i in (8, 16, 24, 32))
-    edges = tile_origin + tile * np.arange(-(-(size - tile_origin) // tile) + 1, dtype=np.int64)
-    return np.maximum(edges[:-1], origin), np.minimum(edges[1:], size)
-
-
-def _code_blocks(data: bytes, start: int, components: int,
-                 parts: list[tuple[int, int, int]] | None) -> tuple[int, int] | None:
-    """Code-blocks and precincts (one for each band) that OpenJPEG allocates for all the tiles of
-    the codestream at ``data[start:]``, by the coding style of each component (COD and COC in the
-    main header, then in the tile's tile-part headers: T.800 A.4, A.6), components not subsampled;
-    None where the main header's coding style cannot be read or the tiles cannot be walked
-    (OpenJPEG refuses both). The main header's styles are summed over the tile grid's columns and
-    rows (a code-block count is one along x times one along y); a tile with its own, tile by tile."""
-    count = _tile_count(data, start)
-    if count is None or count > 65535 or parts is None:  # (OpenJPEG refuses more tiles)
-        return None
-    main: dict[int | None, _CodingStyle] = {}
-    _apply_coding_styles(main, data, _header_segments(data, start + 2, len(data))[0], components)
-    if None not in main:
-        return None
-    tiles: dict[int, dict[int | None, _CodingStyle]] = {}
-    for tile, first, last in parts:
-        segments = [s for s in _header_segments(data, first, last)[0] if s[0] in (0x52, 0x53)]
-        if segments:
-            _apply_coding_styles(tiles.setdefault(tile, dict(main)), data, segments, components)
-    columns, rows = _grid(data, start, 0), _grid(data, start, 1)
-    blocks = precincts = 0
-    for style, count in _style_counts(main, components).items():
-        x = [tuple(int(np.sum(n)) for n in level) for level in _axis_blocks(*columns, style, 0)]
-        y = [tuple(int(np.sum(n)) for n in level) for level in _axis_blocks(*rows, style, 1)]
-        b, p = _tile_blocks(x, y)
-        blocks, precincts = blocks + count * b, precincts + count * p
-    width = len(columns[0])
-    changes: dict[_CodingStyle, dict[int, int]] = {}  # style: {tile: its components, less the main header's}
-    for tile, styles in tiles.items():
-        if tile < width * len(rows[0]):  # (OpenJPEG refuses others)
-            for sign, own in ((1, styles), (-1, main)):
-                for style, count in _style_counts(own, components).items():
-                    change = changes.setdefault(style, {})
-                    change[tile] = change.get(tile, 0) + sign * count
-    for style, change in changes.items():  # (each style's tiles at once, as arrays)
-        tile, count = np.fromiter(change, np.int64), np.fromiter(change.values(), np.int64)
-        b, p = _tile_blocks(_axis_blocks(columns[0][tile % width], columns[1][tile % width], style, 0),
-                            _axis_blocks(rows[0][tile // width], rows[1][tile // width], style, 1))
-        blocks, precincts = blocks + int(np.sum(count * b)), precincts + int(np.sum(count * p))
-    return blocks, precincts
-
-
-def _style_counts(styles: dict[int | None, _CodingStyle], components: int) -> dict[_CodingStyle, int]:
-    """How many components have each coding style of ``styles`` (:func:`_apply_coding_styles`)."""
-    counts = {styles[None]: components - sum(1 for c in styles if c is not None)}
-    for component, style in styles.items():
-        if component is not None:
-            counts[style] = counts.get(style, 0) + 1
-    return counts
 
 
 def _format_by_signature(head: bytes) -> str | None:
@@ -1150,31 +873,13 @@ def _webp_segment_size(head: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _jpeg2k_segment_size(head: bytes) -> tuple[int, int, int] | None:
-    """Image area and components from the SIZ marker of a codestream, bare or in a JP2 file's
-    jp2c box (OpenJPEG allocates by these, whatever the JP2 header box says), a JP2 palette's
-    columns counted as components (OpenJPEG decodes one plane per column)."""
-    start, columns = 0, 0
-    if head[4:8] == b"jP  ":
-        header, codestream = _jp2_header(head)
-        if codestream is None:
-            return None
-        start = codestream[0]
-        columns = _palette_columns(head, header[b"pclr"]) if b"pclr" in header else 0
-    siz = head[start:start + 42]
-    if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":
-        return None
-    x, y, x0, y0 = (int.from_bytes(siz[i:i + 4], "big") for i in (8, 12, 16, 20))
-    return x - x0, y - y0, max(int.from_bytes(siz[40:42], "big"), columns)
-
-
 #: TIFF compressions whose codec sizes its output from the segment's own header, and how to read
 #: that header: (width, height, components), or None when it cannot be read.
 _SEGMENT_HEADERS: dict[int, tuple[str, Callable[[bytes], tuple[int, int, int] | None]]] = {
     **dict.fromkeys((6, 7, 33007, 34892), ("JPEG", _jpeg_segment_size)),  # old, new, ALT, DNG lossy
     34933: ("PNG", _png_segment_size),
     **dict.fromkeys((50001, 34927), ("WebP", _webp_segment_size)),
-    **dict.fromkeys((33003, 33004, 33005, 34712), ("JPEG 2000", _jpeg2k_segment_size)),
+    **dict.fromkeys((33003, 33004, 33005, 34712), ("JPEG 2000", jpeg2000.segment_size)),
 }
 
 
