@@ -448,6 +448,7 @@ def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
     (["--count", "0"], "--count must be >= 1"),
     (["--tiles", "-1"], "--tiles must be >= 0"),
     (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--repeat", "99999999999999999999"], "--repeat must be at most 1000, got 99999999999999999999"),  # ran for ever
     (["--threads", "0"], "--threads must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--format", "gif"], "--format must be one of jpeg, png"),

@@ -24,6 +24,9 @@ from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with, replace_with_report
 
+#: The most timed runs ``bench --repeat`` takes.
+MOST_REPEATS = 1000
+
 
 def verify(
     paths: Paths = None,
@@ -118,7 +121,8 @@ def bench(
                               "ones). Default: 48.", show_default=False),
     image_format: Optional[str] = typer.Option(None, "--format", help="jpeg or png: how the generated corpus is "
                                                "written. Default: jpeg.", show_default=False),
-    repeat: int = typer.Option(3, "--repeat", "-r", help="Timed runs of each measurement after the warm-up."),
+    repeat: int = typer.Option(3, "--repeat", "-r",
+                               help="Timed runs of each measurement after the warm-up (at most 1000)."),
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Threads for every contender: CPU backends, decode pool, OpenCV, pool processes. "
                                 "Default: all usable cores.", show_default=False),
@@ -185,6 +189,8 @@ def _bench_request(paths, backends, size, count, tiles, image_format, repeat, th
     from gpu_pipeline.inputs.discover import discover, no_files_found
 
     check_counts(repeat=repeat, threads=threads, batch_size=batch_size)
+    if repeat > MOST_REPEATS:  # (a slip of the keyboard ran until killed)
+        raise UsageError(f"--repeat must be at most {MOST_REPEATS}, got {repeat}")
     request = {"names": parse_contenders(backends), "threads": threads or usable_cores()}
     if plot is not None and (reason := plot_unavailable_reason()) is not None:
         raise UsageError(reason)
