@@ -434,8 +434,8 @@ def load_model(model: str | Path) -> LabelModel | cnn.CnnModel:
     except OSError as exc:
         raise ModelError(f"cannot read model {path}: {exc}") from None
     except UnicodeDecodeError as exc:  # (an image, an npz, a pickle: said as such, not as a read error)
-        raise ModelError(f"model {path} is not a model file (not UTF-8 JSON text: {exc.reason} at byte {exc.start})") \
-            from None
+        problem = f"not UTF-8 JSON text: {exc.reason} at byte {exc.start}"
+        raise ModelError(f"model {path} is not a model file ({problem})") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"model {path} is not valid JSON: {exc}") from None
     except RecursionError:  # lists in lists, thousands deep: no model is
