@@ -239,6 +239,14 @@ def test_a_name_too_long_is_refused_not_a_traceback(args, image_dir, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
+def test_retry_failed_with_standard_output_is_refused(image_dir):
+    """Standard output holds no earlier records to redo: the flag did nothing, without a word."""
+    result = invoke("run", str(image_dir), "--out", "-", "--retry-failed")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == ("gpu-pipeline: error: --retry-failed redoes the failed images of an --out file; "
+                             "standard output holds none\n")
+
+
 def test_a_name_with_a_c1_control_or_a_line_separator_is_escaped_in_messages(tmp_path):
     """U+009B is the terminal's CSI, as ESC [ is: a file name holding it could clear the screen or
     recolour the log through an error message. U+2028 breaks the line in some consoles."""

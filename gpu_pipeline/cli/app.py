@@ -138,6 +138,8 @@ def run(
         processes = processes_for_time_limit(processes_wanted(decode), decode_timeout)
         if out == "-" and "stdout" in streams.closed:
             raise UsageError("--out -: standard output is closed")
+        if out == "-" and retry_failed:  # (it did nothing, without a word)
+            raise UsageError("--retry-failed redoes the failed images of an --out file; standard output holds none")
         code = run_job(
             paths=list(paths) if paths else [bundled_data_dir()],
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
