@@ -147,43 +147,33 @@ def choose_cache_dir(package_dir: Path) -> str | None:
         return numba.config.CACHE_DIR
     if _is_private_dir(package_dir / "__pycache__"):
         return str(package_dir / "__pycache__")
-    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
-    candidates = [_user_cache_dir()]
-    with contextlib.suppress(OSError):  # no usable temp folder (TMPDIR, /tmp, /var/tmp, here): mkdtemp fails too
-        candidates.append(Path(tempfile.gettempdir()) / f"gpu-pipeline-numba-{uid}")
-    for candidate in candidates:
-        if _is_private_dir(candidate):
-            numba.config.CACHE_DIR = str(candidate)
-            return str(candidate)
-    try:
-        if hasattr(os, "getuid") and not _safe_above(Path(tempfile.gettempdir()) / "x"):
-            return None  # (a temporary folder others may change: no cache at all)
-        private = tempfile.mkdtemp(prefix="gpu-pipeline-numba-")
-    except OSError:
+    if _is_private_dir(_user_cache_dir()):
+        numba.config.CACHE_DIR = str(_user_cache_dir())
+        return numba.config.CACHE_DIR
+    chosen = private_temp_folder("numba")
+    if chosen is None:
         return None
-    atexit.register(_remove_fresh_cache, private, os.getpid())  # no later run finds it: 1.5 MB a run, kept
     global CACHE_IS_FRESH
-    CACHE_IS_FRESH = True
-    numba.config.CACHE_DIR = private
-    return private
+    numba.config.CACHE_DIR, CACHE_IS_FRESH = chosen
+    return numba.config.CACHE_DIR
 
 
-def private_temp_folder(kind: str) -> str | None:
-    """A cache folder for ``kind`` in the system temp dir, this user's and writable by no one else:
-    ``gpu-pipeline-<kind>-<uid>``, kept for later runs; else a fresh private one, removed at exit;
-    None when neither can be made (see :func:`choose_cache_dir`)."""
+def private_temp_folder(kind: str) -> tuple[str, bool] | None:
+    """A cache folder for ``kind`` in the system temp dir, this user's and writable by no one else,
+    and whether it is fresh: ``gpu-pipeline-<kind>-<uid>``, kept for later runs; else a fresh private
+    one (``mkdtemp``), removed at exit; None when neither can be made (see :func:`choose_cache_dir`)."""
     uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
-    try:
+    try:  # (no usable temp folder: TMPDIR, /tmp, /var/tmp, here)
         kept = Path(tempfile.gettempdir()) / f"gpu-pipeline-{kind}-{uid}"
         if _is_private_dir(kept):
-            return str(kept)
-        if hasattr(os, "getuid") and not _safe_above(kept):
-            return None
+            return str(kept), False
+        if hasattr(os, "getuid") and not _safe_above(Path(tempfile.gettempdir()) / "x"):
+            return None  # (a temporary folder others may change: no cache at all)
         fresh = tempfile.mkdtemp(prefix=f"gpu-pipeline-{kind}-")
     except OSError:
         return None
-    atexit.register(_remove_fresh_cache, fresh, os.getpid())
-    return fresh
+    atexit.register(_remove_fresh_cache, fresh, os.getpid())  # no later run finds it: 1.5 MB a run, kept
+    return fresh, True
 
 
 def _remove_fresh_cache(folder: str, owner: int) -> None:

@@ -401,9 +401,9 @@ def _import_cupy():
             usable = os.access(default, os.W_OK | os.X_OK)
         except OSError:
             usable = False
-        folder = None if usable else private_temp_folder("cupy")
-        if folder is not None:
-            os.environ["CUPY_CACHE_DIR"] = folder
+        chosen = None if usable else private_temp_folder("cupy")
+        if chosen is not None:
+            os.environ["CUPY_CACHE_DIR"] = chosen[0]
     import cupy
 
     return cupy
