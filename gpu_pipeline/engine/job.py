@@ -38,7 +38,8 @@ from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, is_utf8, one_line,
                                   printable, shown)
 from gpu_pipeline.inputs.decode import quiet_codecs
-from gpu_pipeline.inputs.discover import absolute_name, find_files, folders_under, no_files_found, unlisted_warning
+from gpu_pipeline.inputs.discover import (absolute_name, find_files, folders_under, no_files_found, plain_name,
+                                          unlisted_warning)
 from gpu_pipeline.outputs.files import (SOFTWARE, ensure_folder, is_ours, png_texts, remove_stale_temporaries,
                                         same_file_as, temporaries_of, write_replacing)
 from gpu_pipeline.outputs.png import gray_png
@@ -132,9 +133,9 @@ def edge_saver(folder: Path, root: str) -> Callable[[str, np.ndarray], None]:
 def edge_map_name(folder: str, relative: str) -> str:
     """``str(Path(folder) / (relative + ".edges.png"))``, the map of the input ``ROOT/relative``,
     without a ``Path`` a map (with its parent's and its temporary's, 10 us of GIL of the 40 a saved
-    tile map took): the names joined when ``relative`` has no empty or ``.`` part for ``Path`` to
-    drop (discovery's names have none), else the ``Path``'s."""
-    if "//" in relative or "/./" in relative or relative.startswith(("/", "./")):
+    tile map took): the names joined when ``relative`` is relative and spelt as ``Path`` spells it
+    (:func:`plain_name`: discovery's names are), else the ``Path``'s."""
+    if relative.startswith("/") or not plain_name(relative):
         return str(Path(folder) / (relative + ".edges.png"))
     return folder + relative + ".edges.png" if folder.endswith("/") else f"{folder}/{relative}.edges.png"
 

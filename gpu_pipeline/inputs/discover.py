@@ -83,7 +83,7 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     here = None  # the current folder as a prefix, found at the first relative plain file name
     for name in paths:
-        plain = _plain(name)
+        plain = plain_name(name)
         read = name if plain else _as_read(name)  # the file or folder it names, as Path reads it
         folder = _is_folder(read)
         if not folder and plain:  # a file named as Path would name it: a glob's or a listing's names
@@ -112,7 +112,7 @@ def _as_read(name: str) -> str | Path:
     return Path(name) if name else name
 
 
-def _plain(name: str) -> bool:
+def plain_name(name: str) -> bool:
     """Whether ``name`` is spelt as ``str(Path(name))`` spells it, with no ``..`` part: no empty part,
     no ``.`` part, no ``/`` at the end. Its parts are then its pieces between ``/`` (after a root
     ``/``), its absolute name the current folder and it (for a relative name), and it needs no
