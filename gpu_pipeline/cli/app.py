@@ -35,8 +35,8 @@ import typer
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli import streams
-from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Commands, Decode, DecodeTimeout, Device, Glob,
-                                      High, Low, Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
+from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Commands, Decode, DecodeTimeout, Device,
+                                      Glob, High, Low, Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, given_file_name, given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Engine, processes_for_time_limit

@@ -31,7 +31,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 
 from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.backends.base import DeviceFailed
-from gpu_pipeline.labels.labeller import attach_label_model_or_close, label_function, labeller_compiles, warm_up_labeller
+from gpu_pipeline.labels.labeller import (attach_label_model_or_close, label_function, labeller_compiles,
+                                           warm_up_labeller)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer

@@ -121,6 +121,8 @@ except ImportError:  # then every JPEG goes through Pillow, and 16-bit colour PN
 # megapixels) is below ours, and its warning cannot be silenced per call from worker threads.
 Image.MAX_IMAGE_PIXELS = None
 
+#: The error of a file that is none of the images read.
+_NOT_AN_IMAGE = "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)"
 _PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # never EPS & co., which run programs
 #: Pillow modes whose pixels are used as they are (gray, RGB, alpha or padding, 16/32-bit, float).
 _PILLOW_MODES_AS_THEY_ARE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "I", "F")
@@ -474,7 +476,7 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         kind = _format_by_signature(fh.read(12))
         if kind:
             raise DecodeError("decode", f"damaged {kind} file") from None
-        raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)") from None
+        raise DecodeError("decode", _NOT_AN_IMAGE) from None
     with im:
         _check_size(im.width, im.height, max_pixels)
         if im.format in ("PNG", "WEBP") and _zero_filled(fh, im.format):
@@ -636,7 +638,7 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     start, end, header = 0, len(data), {}
     if not data.startswith(jpeg2000.J2K_MAGIC):
         if not data.startswith(jpeg2000.JP2_SIGNATURE):
-            raise DecodeError("decode", "not a supported image (PNG, JPEG, BMP, GIF, WebP, TIFF or JPEG 2000)")
+            raise DecodeError("decode", _NOT_AN_IMAGE)
         header, codestream = jpeg2000.header_boxes(data)
         if codestream is None:
             raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
@@ -671,10 +673,7 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
     _check_size(width, height, max_pixels)
     limit = SAMPLES_PER_LIMIT_PIXEL * max_pixels
     count = max(len(components), jpeg2000.palette_columns(data, palette) if palette else 0)
-    if count * width * height > limit:
-        raise DecodeError("decode", f"{width} x {height} pixels of {count} samples: {count * width * height:,} "
-                                    f"samples is over the limit of {limit:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel "
-                                    "of the limit; decompression-bomb guard)")
+    _check_samples(width, height, count, count * width * height, max_pixels)
     if any(steps != [1, 1] for _, _, *steps in components):
         raise DecodeError("decode", "JPEG 2000 with subsampled components is not supported")
     if len({(bits, signed) for bits, signed, _, _ in components}) > 1:
@@ -828,13 +827,18 @@ def _check_tiff_size(page: tifffile.TiffPage, max_pixels: int) -> None:
     if page.imagedepth != 1:
         raise DecodeError("decode", f"volumetric TIFF images (depth {page.imagedepth}) are not supported")
     samples = page.samplesperpixel * max(page.imagewidth * page.imagelength, page.tilewidth * page.tilelength)
+    tile = f" in tiles of {page.tilewidth} x {page.tilelength}" if page.is_tiled else ""
+    _check_samples(page.imagewidth, page.imagelength, page.samplesperpixel, samples, max_pixels, tile)
+
+
+def _check_samples(width: int, height: int, per_pixel: int, samples: int, max_pixels: int, where: str = "") -> None:
+    """Refuse an image whose ``samples`` (``per_pixel`` a pixel, counted over the image or ``where``
+    its decoder allocates more) are over :data:`SAMPLES_PER_LIMIT_PIXEL` a pixel of the limit."""
     if samples > SAMPLES_PER_LIMIT_PIXEL * max_pixels:
-        tile = f" in tiles of {page.tilewidth} x {page.tilelength}" if page.is_tiled else ""
-        per_pixel = page.samplesperpixel
-        raise DecodeError("decode", f"{page.imagewidth} x {page.imagelength} pixels of {per_pixel} "
-                                    f"sample{'s' if per_pixel > 1 else ''}{tile}: {samples:,} samples is over "
-                                    f"the limit of {SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} ({SAMPLES_PER_LIMIT_PIXEL} "
-                                    "per pixel of the limit; decompression-bomb guard)")
+        raise DecodeError("decode", f"{width} x {height} pixels of {per_pixel} sample{'s' if per_pixel > 1 else ''}"
+                                    f"{where}: {samples:,} samples is over the limit of "
+                                    f"{SAMPLES_PER_LIMIT_PIXEL * max_pixels:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel "
+                                    "of the limit; decompression-bomb guard)")
 
 
 # Segment headers. tifffile gives these codecs a strip's or tile's bytes and takes whatever size

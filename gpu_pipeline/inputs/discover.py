@@ -24,7 +24,8 @@ from pathlib import Path
 from gpu_pipeline.errors import UsageError, printable, single_root
 
 _BY_NAME = operator.attrgetter("name")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jp2", ".j2k", ".j2c"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".jp2", ".j2k", ".j2c"})
 
 
 def _prefix(folder: str) -> str:
