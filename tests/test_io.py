@@ -506,6 +506,27 @@ def test_jpeg_2000_code_blocks_and_precincts_count_against_the_samples_limit(scr
                        "the limit of 67,108,864 (16 per pixel of the limit; decompression-bomb guard)")
 
 
+def test_jpeg_2000_structures_many_times_the_image_are_refused_under_the_default_limit(scratch: Path, monkeypatch):
+    """The default limit (a gigapixel, 16 G samples) let the 103-byte bomb above take 2.3 GB: what
+    OpenJPEG allocates for a codestream's structures may also be at most 16 samples a sample of the
+    image itself (usual coding styles cost under 1, 4 x 4 code-blocks about 6.4, 16 x 16 tiles
+    with them 14.5), or 16 Mi samples for a small image. 2 x 2 precincts cost 142 samples a
+    sample, 4 x 4 ones 35: refused; 8 x 8 ones 8.9: decoded, at 37 M samples."""
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded a bomb"))
+    for precincts, message in [(1, "as much as 595,157,248 samples, 141.9 times the image's 4,194,304"),
+                               (2, "as much as 148,791,040 samples, 35.5 times the image's 4,194,304")]:
+        assert str(_refusal(scratch, empty_codestream(2048, coding_style(precincts)))) == (
+            f"2048 x 2048 pixels in 1 tile of 1 component, {4_191_232 // 4 ** (precincts - 1):,} code-blocks and "
+            f"{4_191_232 // 4 ** (precincts - 1):,} precincts: OpenJPEG allocates for them, before it decodes a "
+            f"sample, {message} (at most 16 times, or 16,777,216 samples; decompression-bomb guard)")
+    monkeypatch.undo()
+    imagecodecs = pytest.importorskip("imagecodecs")
+    codestream = empty_codestream(2048, coding_style(3))
+    path = scratch / "precincts-of-8.j2k"
+    path.write_bytes(codestream)
+    assert np.array_equal(decode_image(path, DEFAULT), imagecodecs.jpeg2k_decode(codestream))
+
+
 def test_jpeg_2000_code_blocks_and_precincts_up_to_the_samples_limit_decode(scratch: Path):
     """64 x 64 pixels with 2 x 2 precincts: 4,093 code-blocks and as many precincts, 2,304 (its
     tile) + 4,093 x (408 + 160) / 4 = 583,510 samples, 36,470 pixels of the limit (less a bit)."""
