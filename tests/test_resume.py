@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
-from gpu_pipeline.outputs.plan import read_records
+from gpu_pipeline.outputs.plan import format_for, read_records
 from tests.runs import start, tagged, wait_until
 
 runner = CliRunner()
@@ -368,6 +368,15 @@ def test_format_option_overrides_the_extension(tiles, tmp_path):
     assert run(str(tiles[0]), "--out", str(out), "--format", "csv").exit_code == 0
     assert out.read_text().startswith("path,width,height")
     assert run(str(tiles[0]), "--out", str(out), "--format", "xml").exit_code == 2
+
+
+@pytest.mark.parametrize("name, expected", [(".csv", "csv"), (".CSV", "csv"), (".parquet", "parquet"),
+                                            ("out.PQ", "parquet"), ("a.csv.json", "jsonl"), (".settings", "jsonl"),
+                                            ("out.csv/", "csv"), ("out", "jsonl")])
+def test_format_is_the_one_the_name_ends_with(name, expected):
+    """A name that is only its extension (``--out .csv``: ``Path`` sees a hidden file with no
+    suffix) is written in that format, not as JSON lines under a name a reader takes for it."""
+    assert format_for(name) == expected
 
 
 def test_parquet_round_trip_and_resume(tiles, clean_records, tmp_path):

@@ -25,12 +25,15 @@ _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": 
 
 
 def format_for(out: str, explicit: str | None = None) -> str:
-    """The output format: ``explicit`` if given, else from the file extension, else JSON Lines."""
+    """The output format: ``explicit`` if given, else the one whose extension the name ends with (a
+    name that is only an extension, ``.csv``, too: ``Path`` takes it for a suffixless hidden file),
+    else JSON Lines."""
     if explicit is not None:
         if explicit not in FORMATS:
             raise SinkError(f"unknown output format {explicit!r}; choose from {', '.join(FORMATS)}")
         return explicit
-    return _EXTENSIONS.get(Path(out.rstrip("/")).suffix.lower(), "jsonl")
+    name = os.path.basename(out.rstrip("/")).lower()
+    return next((kind for extension, kind in _EXTENSIONS.items() if name.endswith(extension)), "jsonl")
 
 
 def written_format(out: str | os.PathLike[str]) -> str | None:
