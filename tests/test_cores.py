@@ -111,6 +111,45 @@ def test_unreadable_or_odd_files_mean_no_limit(tmp_path):
     assert cores.cpu_quota(*_files(tmp_path, V2_LINE.format(root="/", point=point) + "garbage\n", "0::/\n")) is None
 
 
+def test_memory_limits_v2_kubernetes_the_smallest_wins(tmp_path):
+    """``docker run --memory``, a Kubernetes limit on the pod and on the container: the smallest
+    group's limit; ``max`` is none."""
+    point = tmp_path / "fs"
+    _group(point / "kubepods", memory_max="max")
+    _group(point / "kubepods" / "pod1", memory_max=str(3 << 30))
+    _group(point / "kubepods" / "pod1" / "ctr", memory_max=str(2 << 30))
+    files = _files(tmp_path, V2_LINE.format(root="/", point=point), "0::/kubepods/pod1/ctr\n")
+    assert cores.memory_limit(*files) == 2 << 30
+    (point / "kubepods" / "pod1" / "memory.max").write_text(f"{1 << 30}\n")  # a tighter limit above
+    assert cores.memory_limit(*files) == 1 << 30
+    for group in ("kubepods/pod1/ctr", "kubepods/pod1"):
+        (point / group / "memory.max").write_text("max\n")
+    assert cores.memory_limit(*files) is None
+
+
+def test_memory_limit_v1_and_its_no_limit(tmp_path):
+    """cgroup v1 (this development VM): memory.limit_in_bytes, the memory controller's mount only;
+    no limit reads as 2^63 less a page."""
+    point, decoy = tmp_path / "memory", tmp_path / "cpu"
+    _group(point / "docker" / "abc", memory_limit_in_bytes=str(700 << 20))
+    _group(point, memory_limit_in_bytes="9223372036854771712")
+    _group(decoy / "docker" / "abc", memory_limit_in_bytes=str(1 << 20))  # not a memory mount
+    mounts = (V1_LINE.format(root="/", point=point, controllers="memory")
+              + V1_LINE.format(root="/", point=decoy, controllers="cpu"))
+    files = _files(tmp_path, mounts, "4:memory:/docker/abc\n1:cpu:/docker/abc\n0::/\n")
+    assert cores.memory_limit(*files) == 700 << 20
+    (point / "docker" / "abc" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cores.memory_limit(*files) is None
+    assert cores.cpu_quota(*files) is None  # (the cpu mount holds no cpu files)
+
+
+@pytest.mark.parametrize("limit, expected", [(700 << 20, 700 << 20), (None, 64 << 30), (1 << 50, 64 << 30)])
+def test_usable_memory_is_the_machine_capped_by_the_limit(monkeypatch, limit, expected):
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": 16 << 20, "SC_PAGE_SIZE": 4096}[name])
+    monkeypatch.setattr(cores, "memory_limit", lambda: limit)
+    assert cores.usable_memory() == expected
+
+
 @pytest.mark.parametrize("affinity, quota, expected", [
     (64, 4.0, 4),      # a 4-CPU limit on a 64-core node
     (64, 1.5, 2),      # rounded up: 1.5 CPUs of time keep two threads busy half the time

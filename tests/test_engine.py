@@ -197,6 +197,57 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     assert most[0] == 2
 
 
+@pytest.mark.parametrize("budget_images", [0, 2])
+def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monkeypatch, budget_images):
+    """Eight decoders of 1-MP images and a slow consumer: without a budget all eight decode at once
+    and then wait, holding their images, for the consumer (16 decoders of 12-MP scenes: 1 GB, and a
+    run killed in a 700 MB container). A decoder now waits before it decodes until the images
+    decoding and waiting leave room; the image the consumer waits for goes on, so a budget smaller
+    than one image still ends (one image at a time), in order."""
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.inputs import decode as gpu_io
+
+    side = 1024  # decode.BUDGETED_FROM_PIXELS: the smallest image that asks the budget
+    paths = write_pngs(tmp_path, [(side, side)] * 16)
+    started, lock, real_check = [0], threading.Lock(), gpu_io._check_size
+
+    def check_size(width, height, max_pixels):
+        real_check(width, height, max_pixels)  # (asks the budget: returns once there is room)
+        with lock:
+            started[0] += 1
+
+    monkeypatch.setattr(gpu_io, "_check_size", check_size)
+    taken, ahead, finished = [], [], threading.Event()  # ahead: images decoding or waiting, as each part is taken
+
+    def consume():
+        for part in engine_module.decode_parts(paths, DecodeOptions(), workers=8, prefetch_pixels=10**9,
+                                               budget_pixels=budget_images * side * side):
+            time.sleep(0.02)
+            taken.extend(part.paths)
+            with lock:
+                ahead.append(started[0] - len(taken))
+        finished.set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    assert finished.wait(30), "the decode pool stalled"
+    assert [str(p) for p in taken] == [str(p) for p in paths]
+    assert max(ahead) <= budget_images + 1
+    assert max(ahead[len(ahead) // 2:]) >= budget_images  # the room is used, and given back
+
+
+def test_the_decoding_budget_is_half_the_memory_a_run_may_use_at_16_bytes_a_pixel(monkeypatch):
+    from gpu_pipeline.engine import stream as engine_module
+
+    monkeypatch.setattr(engine_module, "usable_memory", lambda: 700 << 20)
+    parts = engine_module.decode_parts([], DecodeOptions(), workers=1)
+    assert parts._pool._budget == (350 << 20) // 16
+    monkeypatch.setattr(engine_module, "usable_memory", lambda: None)
+    assert engine_module.decode_parts([], DecodeOptions(), workers=1)._pool._budget is None
+
+
 def test_a_failing_path_source_is_raised_to_the_consumer():
     def paths():
         yield Path("missing.png")
@@ -625,8 +676,8 @@ def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_sto
             release.wait(60)  # a read from a hung network mount
         return real_decode(chunk, options, into=into)
 
-    def hand_over(pool, key, decoded, pixels, last):
-        handed = real_hand_over(pool, key, decoded, pixels, last)
+    def hand_over(pool, key, decoded, pixels, last, *budgeted):
+        handed = real_hand_over(pool, key, decoded, pixels, last, *budgeted)
         if any(str(path).endswith("img002.png") for path in decoded.paths):
             next_ready.set()  # the batch the engine takes next is ready: it takes it without waiting
         return handed

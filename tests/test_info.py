@@ -127,6 +127,22 @@ def test_human_output_counts_the_cores():
     assert f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process" in result.stdout
 
 
+def test_memory_usable_by_the_run_and_its_control_group_limit(monkeypatch):
+    """verify.md's ``memory`` keys, and the line: what bounds the large images a run decodes at once."""
+    from gpu_pipeline.diagnostics import info
+
+    found = info_json()["memory"]
+    assert found["usable_bytes"] == min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                                        found["limit_bytes"] or 1 << 62)
+    monkeypatch.setattr(info, "usable_memory", lambda: 700 << 20)
+    monkeypatch.setattr(info, "memory_limit", lambda: 700 << 20)
+    assert "memory: 0.7 GiB usable by this process (control group memory limit: 0.7 GiB)" in runner.invoke(
+        app, ["info"]).stdout
+    monkeypatch.setattr(info, "usable_memory", lambda: 24 << 30)
+    monkeypatch.setattr(info, "memory_limit", lambda: None)
+    assert "memory: 24.0 GiB usable by this process\n" in runner.invoke(app, ["info"]).stdout
+
+
 @pytest.mark.gpu
 def test_a_real_gpu_is_described():
     gpu = info_json()["gpu"]

@@ -1982,3 +1982,43 @@ def test_files_above_the_small_size_are_decoded_from_their_path(scratch, monkeyp
     outcomes = list(gpu_io.decode_each([small, large], DEFAULT))
     assert from_path == [large]
     assert [o.shape for o in outcomes] == [(2, 2), (64, 64)]
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "tiff", "jp2"])
+def test_large_images_ask_the_decoding_budget_before_their_pixels_are_decoded(scratch: Path, monkeypatch, kind):
+    """Every reader asks the run's decoding budget (``decode.budgeted``) for an image of 1 MP or
+    more, with its pixels, before it decodes them (the decode pool waits there); a smaller image
+    never asks. A JPEG read whole (a small file) takes libjpeg-turbo's path, a large one the file's."""
+    import threading
+
+    asked: list[int] = []
+    decoded = threading.Event()
+    for name in ("jpeg8_decode", "jpeg2k_decode"):
+        real = getattr(gpu_io, name)
+        monkeypatch.setattr(gpu_io, name, lambda *a, _real=real, **k: (decoded.set(), _real(*a, **k))[1])
+    monkeypatch.setattr(Image.Image, "load", lambda self, _real=Image.Image.load: (decoded.set(), _real(self))[1])
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda self, *a, _real=tifffile.TiffPage.asarray, **k:
+                        (decoded.set(), _real(self, *a, **k))[1])
+
+    def ask(pixels: int) -> None:
+        assert not decoded.is_set(), "decoded before it asked"
+        asked.append(pixels)
+
+    for height, asks in [(1024, [1 << 20]), (1023, [])]:
+        data = np.zeros((height, 1024), np.uint8)
+        path = scratch / f"big-{height}.{kind}"
+        if kind == "jp2":
+            path.write_bytes(jpeg2000(data))
+        elif kind == "tiff":
+            tifffile.imwrite(path, data)
+        else:
+            Image.fromarray(data).save(path, {"jpeg": "JPEG", "png": "PNG"}[kind])
+        for decode in (lambda: decode_image(path, DEFAULT), lambda: list(gpu_io.decode_each([path], DEFAULT))):
+            asked.clear()
+            decoded.clear()
+            with gpu_io.budgeted(ask):
+                assert decode() is not None
+            assert asked == asks
+    asked.clear()
+    decode_image(path, DEFAULT)  # outside budgeted(): nothing asks
+    assert asked == []

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
-from gpu_pipeline.engine.cores import cpu_quota, usable_cores
+from gpu_pipeline.engine.cores import cpu_quota, memory_limit, usable_cores, usable_memory
 from gpu_pipeline.errors import one_line
 
 #: Packages reported, by the name shown; the value lists the distributions that provide it.
@@ -147,6 +147,7 @@ def collect_info() -> dict[str, Any]:
         "backends": backends,
         "gpu": gpu_info(),
         "cpu": {"logical_cores": os.cpu_count(), "usable_cores": usable_cores(), "cpu_quota": cpu_quota()},
+        "memory": {"usable_bytes": usable_memory(), "limit_bytes": memory_limit()},
         "numba": numba_info(),
     }
 
@@ -191,6 +192,10 @@ def print_info(console: Console, info: dict[str, Any]) -> None:
     quota = "" if cpu["cpu_quota"] is None else \
         f" (control group CPU quota: {cpu['cpu_quota']:g} CPU{'' if cpu['cpu_quota'] <= 1 else 's'})"
     console.print(f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process{quota}")
+    memory = info["memory"]
+    if memory["usable_bytes"] is not None:
+        limit = "" if memory["limit_bytes"] is None else f" (control group memory limit: {_gib(memory['limit_bytes'])})"
+        console.print(f"memory: {_gib(memory['usable_bytes'])} usable by this process{limit}")
     if "error" in numba:
         console.print(f"numba: {escape(numba['error'])}")
         return

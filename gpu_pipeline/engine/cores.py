@@ -7,6 +7,11 @@ and would start 64 decode processes and 64 compute threads that the kernel then 
 CPUs' worth of time. The quota is read as Go's runtime and the JVM read it: cgroup v2's
 ``cpu.max`` or cgroup v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, of the process's group and
 each group above it up to the mount (the smallest wins), rounded up to whole cores.
+
+The memory a run may use (:func:`usable_memory`) is read the same way: the machine's, capped by the
+memory limit of the process's control group (cgroup v2's ``memory.max``, v1's
+``memory.limit_in_bytes``), which is how ``docker run --memory`` and a Kubernetes memory limit are
+applied: past it the kernel kills the process, whatever the machine has.
 """
 
 from __future__ import annotations
@@ -28,12 +33,35 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota is not None else max(1, cores)
 
 
+def usable_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, capped by its control group's memory
+    limit; None where neither can be read."""
+    try:
+        machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        machine = None
+    limits = [size for size in (machine, memory_limit()) if size is not None and size > 0]
+    return min(limits) if limits else None
+
+
 def cpu_quota(mountinfo: str = MOUNTINFO, cgroup: str = CGROUP) -> float | None:
     """The CPU time this process's control group may use, in CPUs (``1.5``: 150 ms a 100 ms
     period); None when no group above it sets one, or where this cannot be read (not Linux)."""
+    return _smallest_limit("cpu", _cpu_limit, mountinfo, cgroup)
+
+
+def memory_limit(mountinfo: str = MOUNTINFO, cgroup: str = CGROUP) -> int | None:
+    """The bytes of memory this process's control group may use; None when no group above it
+    sets a limit, or where this cannot be read (not Linux)."""
+    return _smallest_limit("memory", _memory_limit, mountinfo, cgroup)
+
+
+def _smallest_limit(controller: str, limit_of, mountinfo: str, cgroup: str):
+    """The smallest ``limit_of(folder, version)`` over the groups of ``controller`` that hold this
+    process, each from its own group up to the mount; None when none sets one."""
     try:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
-            mounts = [_mount(line) for line in fh]
+            mounts = [_mount(line, controller) for line in fh]
         with open(cgroup, encoding="utf-8", errors="surrogateescape") as fh:
             memberships = [line.rstrip("\n").split(":", 2) for line in fh]
     except OSError:
@@ -43,7 +71,7 @@ def cpu_quota(mountinfo: str = MOUNTINFO, cgroup: str = CGROUP) -> float | None:
         if len(member) != 3:
             continue
         _, controllers, path = member
-        version = 2 if controllers == "" else 1 if "cpu" in controllers.split(",") else None
+        version = 2 if controllers == "" else 1 if controller in controllers.split(",") else None
         for mount in mounts:
             if mount is None or version is None or mount[2] != version:
                 continue
@@ -53,13 +81,13 @@ def cpu_quota(mountinfo: str = MOUNTINFO, cgroup: str = CGROUP) -> float | None:
             relative = os.path.relpath(path, root)
             if relative == ".." or relative.startswith("../"):  # this group lies outside what this mount shows
                 continue
-            limits += _limits_up_to(os.path.normpath(os.path.join(point, relative)), point, version)
+            limits += _limits_up_to(os.path.normpath(os.path.join(point, relative)), point, version, limit_of)
     return min(limits) if limits else None
 
 
-def _mount(line: str) -> tuple[str, str, int] | None:
-    """(root, mount point, cgroup version) of a cgroup v2 mount or a v1 mount with the cpu
-    controller in /proc/self/mountinfo's ``line``; None for any other mount."""
+def _mount(line: str, controller: str) -> tuple[str, str, int] | None:
+    """(root, mount point, cgroup version) of a cgroup v2 mount or a v1 mount with ``controller``
+    in /proc/self/mountinfo's ``line``; None for any other mount."""
     fields = line.split()
     if "-" not in fields:
         return None
@@ -68,7 +96,7 @@ def _mount(line: str) -> tuple[str, str, int] | None:
         return None
     if after[0] == "cgroup2":
         version = 2
-    elif after[0] == "cgroup" and "cpu" in after[2].split(","):
+    elif after[0] == "cgroup" and controller in after[2].split(","):
         version = 1
     else:
         return None
@@ -82,11 +110,11 @@ def _unescaped(field: str) -> str:
     return field
 
 
-def _limits_up_to(folder: str, top: str, version: int) -> list[float]:
-    """The quotas (in CPUs) set by ``folder``'s group and each group above it, up to ``top``."""
+def _limits_up_to(folder: str, top: str, version: int, limit_of) -> list:
+    """The limits (``limit_of``) set by ``folder``'s group and each group above it, up to ``top``."""
     limits = []
     while True:
-        limit = _limit(folder, version)
+        limit = limit_of(folder, version)
         if limit is not None:
             limits.append(limit)
         if len(folder) <= len(top):  # at the mount (or past it, were the names odd)
@@ -94,7 +122,7 @@ def _limits_up_to(folder: str, top: str, version: int) -> list[float]:
         folder = os.path.dirname(folder)
 
 
-def _limit(folder: str, version: int) -> float | None:
+def _cpu_limit(folder: str, version: int) -> float | None:
     """One group's quota in CPUs; None when it sets none (``max``, ``-1``) or has no such file."""
     try:
         if version == 2:
@@ -109,3 +137,18 @@ def _limit(folder: str, version: int) -> float | None:
     except (OSError, ValueError):  # "max", a missing file, something unexpected: no limit known
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+#: cgroup v1 says "no limit" with the largest multiple of the page size below 2^63.
+_V1_NO_MEMORY_LIMIT = 1 << 62
+
+
+def _memory_limit(folder: str, version: int) -> int | None:
+    """One group's memory limit in bytes; None when it sets none (``max``, v1's huge number) or has no such file."""
+    name = "memory.max" if version == 2 else "memory.limit_in_bytes"
+    try:
+        with open(os.path.join(folder, name), encoding="ascii") as fh:
+            limit = int(fh.read().strip())
+    except (OSError, ValueError):  # "max", a missing file, something unexpected: no limit known
+        return None
+    return limit if 0 < limit < _V1_NO_MEMORY_LIMIT else None

@@ -10,6 +10,8 @@ Memory is bounded by pixels whatever the number or size of the files (docs/bench
 the decode pool holds at most ``prefetch_pixels`` decoded pixels waiting for the engine, plus, per
 decoder, one part being decoded (``DECODE_CHUNK_PIXELS``, or ``PROCESS_CHUNK_PIXELS`` for a decode
 process, and at most one image more); a batch holds at most ``batch_pixels`` pixels or one image.
+Large images decoding or waiting are also bounded by the memory the run may use
+(:func:`decoding_budget`): sixteen decoders of scenes no longer each hold one.
 Records come out in input order. Every path yields exactly one record: a result or an error, until a
 failed GPU (``DeviceFailed``) ends the run: the batches before it are whole, none after it has a record.
 """
@@ -35,10 +37,10 @@ import numpy as np
 from gpu_pipeline.backends.base import Backend, BatchResult, DeviceFailed, raise_if_device_failed
 from gpu_pipeline.labels.labeller import Labeller, default_labels
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.cores import usable_cores
+from gpu_pipeline.engine.cores import usable_cores, usable_memory
 from gpu_pipeline.errors import UsageError, one_line, printable
 from gpu_pipeline.images import ImageBatch
-from gpu_pipeline.inputs.decode import decode_each
+from gpu_pipeline.inputs.decode import budgeted, decode_each
 from gpu_pipeline.inputs.processes import (Decoder, ForkServer, available as processes_available, place_in, placed_at,
                                            room_for_descriptors, slot_bytes_for)
 from gpu_pipeline.outputs.records import RecordBatch
@@ -319,6 +321,23 @@ CLOSE_WAIT_S = 10.0
 STOP_POLL_S = 0.2
 STOP_WAIT_S = 0.5
 
+#: Of the memory a run may use (the machine's, capped by its control group's limit: a container's),
+#: the share that large images being decoded, or decoded and waiting for the engine, may hold, and
+#: what such an image is taken to hold a pixel: 3 bytes of RGB, twice that while a decoder copies,
+#: 11 for a 16-bit JPEG 2000 band (OpenJPEG's int32 samples, about 9 bytes a sample at its peak, and
+#: the result), so 16. Sixteen decoders of 12-MP scenes held 16 of them at once (1 GB); in a 700 MB
+#: container the run was killed. A decoder of a large image waits for room before it decodes it
+#: (``decode.budgeted``), unless its image is one the engine waits for.
+DECODING_MEMORY_SHARE = 0.5
+BYTES_A_DECODING_PIXEL = 16
+
+
+def decoding_budget(memory: int | None) -> int | None:
+    """Pixels of large images that may be decoding or waiting, for a run that may use ``memory``
+    bytes (None: no bound)."""
+    return None if memory is None else int(memory * DECODING_MEMORY_SHARE) // BYTES_A_DECODING_PIXEL
+
+
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
 #: on one thread before their size is known).
 MOST_CHUNK_IMAGES = 256
@@ -390,7 +409,8 @@ class _DecodePool:
     def __init__(self, paths: Iterable[Path], options: DecodeOptions, threads: int,
                  prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
                  processes: bool = False, consumer_pixels: int = 0, fork_server: ForkServer | None = None,
-                 stop: threading.Event | None = None, time_limit: float | None = None) -> None:
+                 stop: threading.Event | None = None, time_limit: float | None = None,
+                 budget_pixels: int | None = None) -> None:
         self._paths = iter(paths)
         self._stop = stop
         self._stopped = False  # the parts ended at the stop
@@ -412,10 +432,15 @@ class _DecodePool:
         #: decoders waiting for room, by the key of their part: (their condition, pixels, images)
         self._waiting: dict[tuple[int, int], tuple[threading.Condition, int, int]] = {}
         self._next_chunk = 0
-        self._ready: dict[tuple[int, int], tuple[DecodedPart, int, bool]] = {}
+        self._ready: dict[tuple[int, int], tuple[DecodedPart, int, bool, int]] = {}
         self._wanted = (0, 0)  # (chunk, part) the consumer takes next
         self._held_pixels = self._held_images = 0
         self._seen_pixels = self._seen_images = 0
+        # large images being decoded or waiting for the consumer, in pixels (``decode.budgeted``)
+        self._budget = budget_pixels
+        self._budgeted = 0
+        self._budget_room = threading.Condition(self._lock)
+        self._budget_waiters = 0
         self._running = threads
         self._closed = False
         self._failure: BaseException | None = None
@@ -516,21 +541,42 @@ class _DecodePool:
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
         part, paths, errors, pixels = 0, [], {}, 0
         packer = Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
-        for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options, into=packer.place))):
-            if isinstance(outcome, np.ndarray):
-                packer.add(outcome)
-                pixels += outcome.shape[0] * outcome.shape[1]
-            else:
-                errors[len(paths)] = error_record(path, *outcome)
-            paths.append(path)
-            last = index == len(chunk) - 1
-            if last or pixels >= self._chunk_pixels:
-                if not self._hand_over((number, part), DecodedPart(paths, packer.take(), errors), pixels, last):
-                    return
-                part, paths, errors, pixels = part + 1, [], {}, 0
+        taken = [0]  # the budget the part's large images took: given back when the consumer takes it
+        with (budgeted(lambda wanted: self._take_budget(number, wanted, taken)) if self._budget is not None
+              else contextlib.nullcontext()):
+            for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options,
+                                                                           into=packer.place))):
+                if isinstance(outcome, np.ndarray):
+                    packer.add(outcome)
+                    pixels += outcome.shape[0] * outcome.shape[1]
+                else:
+                    errors[len(paths)] = error_record(path, *outcome)
+                paths.append(path)
+                last = index == len(chunk) - 1
+                if last or pixels >= self._chunk_pixels:
+                    decoded = DecodedPart(paths, packer.take(), errors)
+                    if not self._hand_over((number, part), decoded, pixels, last, taken[0]):
+                        return
+                    part, paths, errors, pixels, taken[0] = part + 1, [], {}, 0, 0
 
-    def _hand_over(self, key: tuple[int, int], decoded: DecodedPart, pixels: int, last: bool) -> bool:
-        """Wait for room, then make ``decoded`` ready; False when the consumer has gone."""
+    def _take_budget(self, number: int, pixels: int, taken: list[int]) -> None:
+        """Wait until ``pixels`` more of a large image fit the decoding budget, then count them
+        against it (and in ``taken``, the part's). The chunk the consumer waits for never waits:
+        the images that fill the budget may be those it must take first."""
+        with self._lock:
+            while not (self._closed or number == self._wanted[0] or self._budgeted + pixels <= self._budget):
+                self._budget_waiters += 1
+                try:
+                    self._budget_room.wait()
+                finally:
+                    self._budget_waiters -= 1
+            self._budgeted += pixels
+        taken[0] += pixels
+
+    def _hand_over(self, key: tuple[int, int], decoded: DecodedPart, pixels: int, last: bool,
+                   budgeted: int = 0) -> bool:
+        """Wait for room, then make ``decoded`` ready (with the decoding budget its images took);
+        False when the consumer has gone."""
         images = len(decoded.paths)
         with self._lock:
             self._seen_images += len(decoded.images)
@@ -545,7 +591,7 @@ class _DecodePool:
                     del self._waiting[key]
             if self._closed:
                 return False
-            self._ready[key] = (decoded, pixels, last)
+            self._ready[key] = (decoded, pixels, last, budgeted)
             self._held_pixels += pixels
             self._held_images += images
             if key == self._wanted:
@@ -591,12 +637,15 @@ class _DecodePool:
                         if self._failure is not None:
                             raise self._failure
                         return
-                    decoded, pixels, last = self._ready.pop(self._wanted)
+                    decoded, pixels, last, budgeted = self._ready.pop(self._wanted)
                     self._held_pixels -= pixels
                     self._held_images -= len(decoded.paths)
+                    self._budgeted -= budgeted
                     chunk, part = self._wanted
                     self._wanted = (chunk + 1, 0) if last else (chunk, part + 1)
                     self._wake_decoders()
+                    if self._budget_waiters:  # (room given back, or their chunk is now the one wanted)
+                        self._budget_room.notify_all()
                 yield decoded
         finally:
             self.close()
@@ -612,6 +661,7 @@ class _DecodePool:
                 return
             self._closed = True
             self._consumer.notify_all()
+            self._budget_room.notify_all()
             for waiting, _, _ in self._waiting.values():
                 waiting.notify()
         if self._fork_server is not None:
@@ -630,7 +680,7 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int | None = None,
                  processes: bool = False, consumer_pixels: int = 0,
                  fork_server: ForkServer | None = None, stop: threading.Event | None = None,
-                 time_limit: float | None = None) -> Iterator[DecodedPart]:
+                 time_limit: float | None = None, budget_pixels: int | None = None) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
@@ -644,13 +694,18 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     where the consumer is, even when the part it waits for never comes (a decoder stuck for good).
     ``time_limit`` (seconds, with ``processes`` only) sends every image to a decode process, and one
     that takes longer than that on its own gets an error record instead (see :class:`Decoder`).
+    Large images decoded in threads, from their decoding to the consumer's taking them, hold at most
+    ``budget_pixels`` pixels, and one image more: by default :func:`decoding_budget` of the memory
+    this process may use (a decoder of one waits for room before it decodes it).
     """
     if time_limit is not None and not processes:
         raise ValueError("a decode time limit needs decode processes")
     if chunk_pixels is None:
         chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
+    if budget_pixels is None:
+        budget_pixels = decoding_budget(usable_memory())
     return _Parts(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
-                              consumer_pixels, fork_server, stop, time_limit))
+                              consumer_pixels, fork_server, stop, time_limit, budget_pixels))
 
 
 class _Parts:

@@ -93,6 +93,8 @@ every such file would cost more users than the bomb it could carry.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import io
 import logging
@@ -365,8 +367,13 @@ def _plain_jpeg(data: bytes, options: DecodeOptions,
     if jpeg8_decode is None or options.bands is not None or not data.startswith(_JPEG_MAGIC):
         return None
     shape = _libjpeg_shape(data)
-    if shape is None or shape[0] * shape[1] > options.max_pixels:
+    if shape is None:
         return None
+    pixels = shape[0] * shape[1]
+    if pixels > options.max_pixels:
+        return None
+    if pixels >= BUDGETED_FROM_PIXELS:  # (a tile does not make the call)
+        _ask_budget(pixels)
     out = into(shape) if into is not None else None
     try:
         image = jpeg8_decode(data, out=out if out is not None else off_boundary_array(shape))
@@ -459,12 +466,42 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
+    """The pixel limit; then, for a large image, the run's decoding budget (:func:`budgeted`).
+    Every reader calls it with the size the header declares, before the pixels are allocated."""
     if width * height > max_pixels:
         raise DecodeError(
             "decode",
             f"{width} x {height} = {width * height:,} pixels is over the limit of "
             f"{max_pixels:,} (decompression-bomb guard)",
         )
+    _ask_budget(width * height)
+
+
+#: Images of at least this many pixels ask the decoding budget for their pixels before they are
+#: decoded; smaller ones (tiles) never wait, nor take a lock, for it.
+BUDGETED_FROM_PIXELS = 1 << 20
+_budget: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("decoding_budget",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def budgeted(ask: Callable[[int], None]) -> Iterator[None]:
+    """Within it, this thread calls ``ask(pixels)`` for each image of :data:`BUDGETED_FROM_PIXELS`
+    or more that it decodes, once its header has been read and checked and before its pixels are
+    allocated: the decode pool waits there until the images being decoded and waiting for the
+    engine leave room for it, so that many decoders of large images fit the memory a run has."""
+    token = _budget.set(ask)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def _ask_budget(pixels: int) -> None:
+    if pixels >= BUDGETED_FROM_PIXELS:
+        ask = _budget.get()
+        if ask is not None:
+            ask(pixels)
 
 
 def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
