@@ -80,6 +80,40 @@ def cluster():
         yield client
 
 
+def _dask_memory_limit(dask_worker) -> int:
+    return dask_worker.memory_manager.memory_limit
+
+
+def test_a_worker_bounds_its_large_images_by_its_share_of_the_memory(cluster, monkeypatch):
+    """A local cluster gives each worker an equal share of the machine's memory, and its nanny kills
+    a worker near it: a worker's decoding budget is taken from that share, not from the machine."""
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.engine.cores import usable_memory
+    from gpu_pipeline.engine.stream import RunSummary, decoding_budget
+    from gpu_pipeline.labels.labeller import default_labels
+
+    shares = cluster.run(_dask_memory_limit)
+    for worker, share in shares.items():  # (as a task, where process_chunk runs)
+        assert cluster.submit(dask_run._worker_memory, workers=[worker], pure=False).result() == \
+            min(share, usable_memory())
+    assert all(share < usable_memory() for share in shares.values())  # (two workers: half each)
+    assert dask_run._worker_memory() == usable_memory()  # (not in a worker)
+    budgets = []
+
+    class Recorded:  # the engine a chunk makes, with the settings it was given
+        def __init__(self, **settings):
+            budgets.append(settings["decoding_budget_pixels"])
+
+        def run(self, paths, sink):
+            return RunSummary()
+
+    monkeypatch.setattr(dask_run, "_worker_memory", lambda: 700 << 20)
+    monkeypatch.setattr(dask_run, "Engine", Recorded)
+    job = dask_run.ChunkJob("reference", 1, PipelineConfig(), DecodeOptions(), 64, 1, default_labels, None)
+    dask_run.process_chunk(job, [])
+    assert budgets == [decoding_budget(700 << 20)]
+
+
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> Path:
     """200 small random RGB tiles: several chunks on 2 workers."""

@@ -727,6 +727,9 @@ def test_decoded_pixels_held_by_a_run_are_bounded(tmp_path, monkeypatch, batch_p
     (settings,) = asked
     assert settings["prefetch_pixels"] == max(16 << 20, batch_pixels)
     assert settings["prefetch_pixels"] + settings["consumer_pixels"] == held
+    assert settings["budget_pixels"] is None  # (from the memory the process may use)
+    Engine(Wanting(), workers=1, processes=False, decoding_budget_pixels=12345).run(paths, sink)
+    assert asked[-1]["budget_pixels"] == 12345
 
 
 def test_a_run_left_in_a_reference_cycle_and_collected_in_its_batch_thread_still_stops(tmp_path, monkeypatch):

@@ -40,8 +40,8 @@ from gpu_pipeline.backends.base import DeviceFailed
 from gpu_pipeline.backends.registry import backend_names, resolve, unavailable_reason
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.cores import usable_cores
-from gpu_pipeline.engine.stream import Engine, RunSummary
+from gpu_pipeline.engine.cores import usable_cores, usable_memory
+from gpu_pipeline.engine.stream import Engine, RunSummary, decoding_budget
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.sink import RecordList, SinkWriteError  # (the worker returns its records, unwritten)
@@ -184,6 +184,21 @@ def _this_worker() -> str:
         return f"pid {os.getpid()}"
 
 
+def _worker_memory() -> int | None:
+    """The memory this worker may use: its process's, capped by the worker's Dask memory limit
+    (a local cluster gives each worker an equal share of the machine, and its nanny kills a worker
+    near its limit)."""
+    from distributed import get_worker
+
+    memory = usable_memory()
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except (ValueError, AttributeError):  # not inside a Dask worker (a direct call in a test), an older Dask
+        limit = None
+    limits = [size for size in (memory, limit) if size]
+    return min(limits) if limits else None
+
+
 def _backend_for(job: ChunkJob) -> Backend:
     """This process's backend for ``job``, created on first use; ChunkFailed if it cannot run here."""
     global _worker_backend
@@ -209,7 +224,8 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
         engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
                         batch_size=job.batch_size,
                         workers=job.decode_workers or job.threads or usable_cores(), labels_of=job.labels_of,
-                        on_edges=job.on_edges, processes=False)  # Dask's worker processes are the scale-out here
+                        on_edges=job.on_edges, processes=False,  # Dask's worker processes are the scale-out here
+                        decoding_budget_pixels=decoding_budget(_worker_memory()))
         records = RecordList()
         try:
             summary = engine.run([Path(path) for path in paths], records)

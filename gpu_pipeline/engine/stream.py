@@ -922,6 +922,9 @@ class Engine:
     #: are decoded again in a fresh process (:class:`~gpu_pipeline.inputs.processes.Decoder`).
     #: None: no limit. Set, every image is decoded in a process (:func:`processes_for_time_limit`).
     decode_timeout: float | None = None
+    #: Pixels of large images that may be decoding or waiting for the engine at once
+    #: (:func:`decoding_budget`); None: from the memory this process may use.
+    decoding_budget_pixels: int | None = None
 
     def __post_init__(self) -> None:
         self.processes = processes_for_time_limit(self.processes, self.decode_timeout, "decode_timeout")
@@ -990,7 +993,8 @@ class Engine:
         with contextlib.ExitStack() as stack:  # (handed to another thread whole: see the finally)
             parts = stack.enter_context(contextlib.closing(decode_parts(
                 paths, self.decode_options, self.decoders(), prefetch_pixels=prefetch_pixels, processes=processes,
-                consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop, time_limit=self.decode_timeout)))
+                consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop, time_limit=self.decode_timeout,
+                budget_pixels=self.decoding_budget_pixels)))
             compute = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
                                                              initializer=_mark_engine_thread))
             batching = stack.enter_context(contextlib.closing(_Taker(part_batches(parts, self.batch_size,
