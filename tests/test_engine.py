@@ -54,6 +54,7 @@ def test_records_in_input_order_and_equal_to_reference(tmp_path):
     summary = Engine(ReferenceBackend(), batch_size=2, workers=3).run(paths, sink)
     assert [r["path"] for r in sink.records] == [str(p) for p in paths]
     assert summary.ok == 5 and summary.failed == 0
+    assert summary.pixels == 3 * 8 * 9 + 1 + 20 * 3  # height * width of each: the summary's MP/s
     config = PipelineConfig()
     for path, record in zip(paths, sink.records):
         image = np.asarray(Image.open(path))
