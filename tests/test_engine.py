@@ -80,12 +80,21 @@ def test_failing_image_gets_compute_error_and_others_survive(tmp_path):
 
 
 def test_failing_image_alone_in_its_batch_gets_an_error(tmp_path):
+    """... and is not run a second time alone: it was alone already (a GPU kernel fault costs seconds)."""
     paths = write_pngs(tmp_path, [(6, 6)] * 3)
     Image.fromarray(np.full((6, 6), 13, np.uint8)).save(paths[1])
+    calls = []
+
+    class Counted(ExplodingBackend):
+        def process(self, images, config, keep_images=False):
+            calls.append(len(images))
+            return super().process(images, config, keep_images)
+
     sink = ListSink()
-    summary = Engine(ExplodingBackend(), batch_size=1, workers=1).run(paths, sink)
+    summary = Engine(Counted(), batch_size=1, workers=1).run(paths, sink)
     assert summary.ok == 2 and summary.failed == 1
     assert sink.records[1]["stage"] == "compute"
+    assert calls == [1, 1, 1]
 
 
 class ForgetfulBackend(ReferenceBackend):
