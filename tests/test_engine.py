@@ -180,6 +180,64 @@ def test_prefetch_is_bounded_by_pixels(tmp_path):
     assert consumed == 200
 
 
+def test_a_part_ends_once_it_holds_its_pixels(tmp_path):
+    """A decode thread hands its part over as soon as it holds ``chunk_pixels`` pixels: one tiny
+    image first (the first chunk), then a chunk of all the 4,096-pixel images cut in parts of two."""
+    from gpu_pipeline.engine.stream import decode_parts
+
+    paths = write_pngs(tmp_path, [(1, 1)] + [(64, 64)] * 8)
+    parts = decode_parts(paths, DecodeOptions(), workers=1, chunk_pixels=8192)
+    assert [len(part.paths) for part in parts] == [1, 2, 2, 2, 2]
+
+
+class _Waiter:
+    """A decoder waiting for room, as the pool sees it: a condition that records whether it was woken."""
+
+    def __init__(self) -> None:
+        self.woken = False
+
+    def notify(self) -> None:
+        self.woken = True
+
+
+@pytest.mark.parametrize("limit", ["pixels", "images"])
+def test_taking_a_part_wakes_the_wanted_part_and_the_earliest_that_fit(limit):
+    """Room freed wakes the decoder of the part now wanted (room or not) and the earliest waiting
+    parts that fit together, up to the limit exactly; no other (each wake-up costs GIL)."""
+    from gpu_pipeline.engine.stream import _DecodePool
+
+    by_pixels = limit == "pixels"
+    pool = _DecodePool([], DecodeOptions(), threads=1, prefetch_pixels=100 if by_pixels else 10**9,
+                       prefetch_images=None if by_pixels else 10, chunk_pixels=10)
+    pool._threads[0].join()  # (no path: its decoder is done)
+    pool._wanted = (3, 0)
+    pool._held_pixels, pool._held_images = (40, 0) if by_pixels else (0, 4)
+    # (key, pixels, images): the wanted one does not fit; of the others, the second would pass the limit
+    parts = [((3, 0), 200, 20), ((3, 1), 30, 3), ((4, 0), 40, 4), ((5, 0), 30, 3), ((6, 0), 1, 1)]
+    waiters = {}
+    for key, pixels, images in parts:
+        waiters[key] = _Waiter()
+        pool._waiting[key] = (waiters[key], pixels if by_pixels else 1, images if not by_pixels else 1)
+    with pool._lock:
+        pool._wake_decoders()
+    # 40 + 30 + 30 = 100 pixels, or 4 + 3 + 3 = 10 images: exactly the limit; 40 or 4 more would pass it
+    assert {key for key, waiter in waiters.items() if waiter.woken} == {(3, 0), (3, 1), (5, 0)}
+
+
+def test_the_room_a_part_holds_is_given_back_when_it_is_taken(tmp_path):
+    """Error records count as images while they wait (``prefetch``), and give their room back when
+    taken: a run ends holding nothing, whatever failed to decode (the room they kept shrank the
+    prefetch of ``verify`` until only the wanted part could be decoded)."""
+    from gpu_pipeline.engine.stream import decode_parts
+
+    paths = write_pngs(tmp_path, [(4, 4)] * 30)
+    for path in paths[::3]:
+        path.write_bytes(b"")
+    parts = decode_parts(paths, DecodeOptions(), workers=2, prefetch=4)
+    assert sum(len(part.errors) for part in parts) == 10
+    assert (parts._pool._held_images, parts._pool._held_pixels) == (0, 0)
+
+
 def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     """Scenes larger than a chunk are decoded on every thread at once, not queued on one."""
     import threading
