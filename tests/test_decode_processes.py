@@ -434,6 +434,19 @@ def test_a_long_run_of_files_that_do_not_decode_is_handed_on_in_batches():
         *(f"/{index}.png" for index in range(3 * MOST_BATCH_ERRORS)), "/image.png"]
 
 
+def test_parts_given_before_a_failure_make_a_last_batch_before_it_is_raised():
+    """Decoders that cannot go on (a fork server that kept dying): the parts they gave still get
+    their records, the failure comes after them."""
+    def parts():
+        yield part_of(["/a.png", "/b.png"], [np.zeros((4, 4), np.uint8)], [1])
+        raise processes.DecodeProcessesFailed("the fork server kept dying")
+
+    batches = part_batches(parts(), None, 1 << 20)
+    assert next(batches).paths == ["/a.png", "/b.png"]
+    with pytest.raises(processes.DecodeProcessesFailed, match="kept dying"):
+        next(batches)
+
+
 def test_decode_processes_where_they_cannot_run_is_a_usage_error(tmp_path, monkeypatch):
     """Without memfd (not Linux) --decode processes is refused before anything is written."""
     from typer.testing import CliRunner

@@ -342,6 +342,9 @@ def test_batches_respect_size_and_pixel_budget():
     assert [batch.paths for batch in got] == [paths[:2], paths[2:4], paths[4:6], paths[6:]]
     assert [len(batch.images) for batch in got] == [2, 2, 1, 1]
     assert got[2].errors == {1: error}
+    # a batch that the images fill exactly takes them: 200 pixels are two 10x10 images, not one
+    exact = list(part_batches(iter(parts), batch_size=None, batch_pixels=200))
+    assert [len(batch.images) for batch in exact] == [2, 2, 1, 1]
     whole = list(part_batches(iter(parts), batch_size=3, batch_pixels=10**9))
     assert [path for batch in whole for path in batch.paths] == paths
 
