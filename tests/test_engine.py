@@ -459,6 +459,20 @@ def test_saver_threads_one_a_core_two_at_least_eight_at_most(monkeypatch, cores,
     assert Engine(ReferenceBackend()).edge_savers == threads
 
 
+def test_edge_maps_go_to_their_own_images_past_decode_errors_and_compute_failures(tmp_path):
+    """Each map is handed on with its own image's name, whatever failed before it in the batch."""
+    paths = write_pngs(tmp_path, [(6, 7)] * 6)
+    paths[0].write_bytes(b"")
+    Image.fromarray(np.full((6, 7), 13, np.uint8)).save(paths[2])
+    seen = {}
+    sink = ListSink()
+    Engine(ExplodingBackend(), batch_size=8, on_edges=seen.__setitem__).run(paths, sink)
+    assert [r.get("stage", "ok") for r in sink.records] == ["read", "ok", "compute", "ok", "ok", "ok"]
+    assert sorted(seen) == [paths[1], *paths[3:]]
+    for path, edges in seen.items():
+        assert np.array_equal(edges, cpu_reference.process_image(np.asarray(Image.open(path)), PipelineConfig()).edges)
+
+
 def test_a_mixed_batch_keeps_results_errors_and_labels_in_place(tmp_path):
     """Decode errors, a compute failure and results in one batch: every record at its input position."""
     paths = write_pngs(tmp_path, [(6, 6)] * 5)
