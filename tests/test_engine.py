@@ -605,6 +605,54 @@ def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, monke
     assert [r["path"] for r in sink.records] == [str(p) for p in paths[:16]]
 
 
+def test_a_stop_once_the_last_batch_is_taken_is_no_interruption(tmp_path, monkeypatch):
+    """A signal while the first batch is written, the second and last one taken and the end of the
+    batches known: both batches are written, and the summary says the run was not interrupted."""
+    import threading
+
+    from gpu_pipeline.engine import stream
+
+    real_take = stream._Taker.take
+
+    def take_when_ready(self):  # each batch (and the end) known before the engine goes on
+        future = real_take(self)
+        future.exception()
+        return future
+
+    monkeypatch.setattr(stream._Taker, "take", take_when_ready)
+    paths = write_pngs(tmp_path, [(5, 6)] * 16)
+    stop = threading.Event()
+
+    class StoppingSink(ListSink):
+        def write(self, records):
+            stop.set()
+            super().write(records)
+
+    sink = StoppingSink()
+    summary = Engine(ReferenceBackend(), batch_size=8, workers=1).run(paths, sink, stop=stop)
+    assert [r["path"] for r in sink.records] == [str(p) for p in paths]
+    assert summary.interrupted is False
+
+
+def test_decoders_that_fail_for_good_keep_the_batch_computed_before(tmp_path, monkeypatch):
+    """The batch computed when the decoders fail for good (a fork server that kept dying; here the
+    listing) is written before the failure is raised: its records are kept, the resume starts after."""
+    from gpu_pipeline.engine import stream
+
+    paths = write_pngs(tmp_path, [(5, 6)] * 8)
+
+    class BreakingListing(list):
+        def __iter__(self):
+            yield from super().__iter__()
+            raise OSError("the listing broke")
+
+    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # every image decoded before the failure
+    sink = ListSink()
+    with pytest.raises(OSError, match="the listing broke"):
+        Engine(ReferenceBackend(), batch_size=4, workers=1).run(BreakingListing(paths), sink)
+    assert [r["path"] for r in sink.records] == [str(p) for p in paths]
+
+
 def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkeypatch):
     """Closed through its parts (their generator's end, then the pool itself) and by the engine's own
     clean-up, the pool waited CLOSE_WAIT_S for a stuck decoder at each close: 30 s instead of 10."""
