@@ -62,6 +62,15 @@ def test_the_engine_stops_at_a_device_failure_keeping_the_batches_before(tiles, 
     assert FailingDevice.calls <= 4
 
 
+def test_a_device_failure_names_the_first_image_of_its_batch_not_a_file_that_failed_to_decode(tiles, failing):
+    failing(0)
+    (tiles / "tile000.png").write_bytes(b"")
+    engine = Engine(backend=FailingDevice(), batch_size=4, workers=1, processes=False)
+    with pytest.raises(DeviceFailed, match=r"\(in the batch of 4 images that starts with "
+                                           rf"{re.escape(str(tiles / 'tile001.png'))}\)$"):
+        engine.run(sorted(str(path) for path in tiles.iterdir()), RecordList())
+
+
 def test_a_device_failure_ends_the_run_resumably_with_exit_4(tiles, tmp_path, failing):
     """Every image after the failure got its own compute error record, the run went on at full speed,
     exit 1, and no resume redid them (only --retry-failed): tens of thousands of permanent errors."""
