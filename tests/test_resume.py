@@ -242,6 +242,7 @@ def test_retry_failed_on_some_inputs_keeps_the_error_records_of_the_others(tmp_p
     assert run(str(night / "b"), "--out", str(out), "--retry-failed").exit_code == 0
     records = by_path(read_records(out))
     assert len(records) == 6 and [path for path, record in records.items() if "error" in record] == [str(a[1])]
+    assert run(str(night / "b"), "--out", str(out)).exit_code == 0  # a's error record is no input's of this run
     assert run(str(night), "--out", str(out)).exit_code == 1  # a's error record still stands
 
 
