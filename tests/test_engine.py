@@ -306,6 +306,36 @@ def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monk
     assert max(ahead[len(ahead) // 2:]) >= budget_images  # the room is used, and given back
 
 
+def test_decoders_waiting_for_the_decoding_budget_decode_nothing_once_the_parts_are_closed(tmp_path, monkeypatch):
+    """A decoder waiting for room in the decoding budget when the parts are closed (a stop, an
+    interrupt, an API caller that stops early) ends there: it decoded its large image anyway, all
+    such decoders at once, the very peak the budget is there to prevent, and closing waited for them."""
+    import threading
+    import time
+
+    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.inputs import decode as gpu_io
+
+    side = 1024  # decode.BUDGETED_FROM_PIXELS
+    paths = write_pngs(tmp_path, [(side, side)] * 8)
+    decoding, lock, real_check = [], threading.Lock(), gpu_io._check_size
+
+    def check_size(width, height, max_pixels):
+        real_check(width, height, max_pixels)  # (asks the budget: returns once there is room)
+        with lock:
+            decoding.append(threading.current_thread().name)
+
+    monkeypatch.setattr(gpu_io, "_check_size", check_size)
+    parts = engine_module.decode_parts(paths, DecodeOptions(), workers=6, budget_pixels=0)
+    first = next(parts)  # the consumer now waits for the second image: its decoder goes on, four others wait
+    assert [str(p) for p in first.paths] == [str(paths[0])]
+    time.sleep(0.5)
+    parts.close()
+    for thread in parts._pool._threads:
+        thread.join(10)
+    assert len(decoding) <= 2  # the first image, and the second if its decoder got to it before the close
+
+
 def test_the_decoding_budget_is_half_the_memory_a_run_may_use_at_16_bytes_a_pixel(monkeypatch):
     from gpu_pipeline.engine import stream as engine_module
 

@@ -389,6 +389,11 @@ class Packer:
         return batch
 
 
+class _PoolClosed(BaseException):
+    """Raised in a decoder that waits for room in the decoding budget when the pool closes: its
+    image is wanted no more. (Not an Exception: no reader may turn it into an error record.)"""
+
+
 class _DecodePool:
     """Decode threads that take chunks of paths and hand decoded chunks over in input order.
 
@@ -477,6 +482,8 @@ class _DecodePool:
                 else:
                     self._decode_chunk(number, chunk)
                     taken = self._take_chunk()
+        except _PoolClosed:  # closed while it waited for room in the decoding budget: nothing more to decode
+            pass
         except BaseException as exc:  # the path iterator failed: the consumer re-raises it
             with self._lock:
                 self._failure = self._failure or exc
@@ -562,7 +569,8 @@ class _DecodePool:
     def _take_budget(self, number: int, pixels: int, taken: list[int]) -> None:
         """Wait until ``pixels`` more of a large image fit the decoding budget, then count them
         against it (and in ``taken``, the part's). The chunk the consumer waits for never waits:
-        the images that fill the budget may be those it must take first."""
+        the images that fill the budget may be those it must take first. Once the pool is closed,
+        _PoolClosed: the image is not to be decoded."""
         with self._lock:
             while not (self._closed or number == self._wanted[0] or self._budgeted + pixels <= self._budget):
                 self._budget_waiters += 1
@@ -570,6 +578,8 @@ class _DecodePool:
                     self._budget_room.wait()
                 finally:
                     self._budget_waiters -= 1
+            if self._closed:  # decoded now, all the waiting images would make the peak the budget spares
+                raise _PoolClosed
             self._budgeted += pixels
         taken[0] += pixels
 
