@@ -2022,3 +2022,19 @@ def test_large_images_ask_the_decoding_budget_before_their_pixels_are_decoded(sc
     asked.clear()
     decode_image(path, DEFAULT)  # outside budgeted(): nothing asks
     assert asked == []
+
+
+def test_a_damaged_large_jpeg_read_whole_asks_the_decoding_budget_once(scratch: Path):
+    """A JPEG of 1 MP or more read whole takes libjpeg-turbo's short path, which asks the budget
+    and then fails on a damaged file; decode_data then explains the failure. It asked the budget
+    again: the one image held twice its pixels until the engine took its record."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1024, 1024), np.uint8)).save(buffer, "JPEG")
+    damaged = buffer.getvalue().replace(b"\xff\xc4", b"\xff\xc4\x00\x03\xff", 1)  # a bogus Huffman table length
+    path = scratch / "damaged.jpg"
+    path.write_bytes(damaged)
+    asked: list[int] = []
+    with gpu_io.budgeted(asked.append):
+        (outcome,) = gpu_io.decode_each([path], DEFAULT)
+    assert outcome == ("decode", "cannot decode the image: Bogus marker length")
+    assert asked == [1 << 20]

@@ -104,7 +104,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -357,11 +357,14 @@ def off_boundary_array(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _plain_jpeg(data: bytes, options: DecodeOptions,
-                into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None) -> np.ndarray | None:
+                into: Callable[[tuple[int, ...]], np.ndarray | None] | None = None
+                ) -> np.ndarray | tuple[str, str] | None:
     """What :func:`decode_data` gives for the commonest file, a complete 8-bit gray or RGB JPEG
     within the pixel limit with no band choice, without its generic steps (a file object, band
     selection and normalisation, which leave such pixels as they are); None for any other file
-    or any failure, which :func:`decode_data` then decodes or explains. A tile's decode is a
+    or any failure, which :func:`decode_data` then decodes or explains (that of an image which
+    asked the decoding budget is explained here, as :func:`_or_error` says it, without asking
+    again: the one image held its pixels twice). A tile's decode is a
     GIL-held step of the decode threads: this is 1-2 us of Python a tile less. ``into`` gives the
     array to decode into (see :func:`decode_each`)."""
     if jpeg8_decode is None or options.bands is not None or not data.startswith(_JPEG_MAGIC):
@@ -372,15 +375,16 @@ def _plain_jpeg(data: bytes, options: DecodeOptions,
     pixels = shape[0] * shape[1]
     if pixels > options.max_pixels:
         return None
-    if pixels >= BUDGETED_FROM_PIXELS:  # (a tile does not make the call)
+    large = pixels >= BUDGETED_FROM_PIXELS
+    if large:  # (a tile does not make the call)
         _ask_budget(pixels)
     out = into(shape) if into is not None else None
     try:
         image = jpeg8_decode(data, out=out if out is not None else off_boundary_array(shape))
     except Exception:
-        return None
-    if image.shape != shape or image.dtype != np.uint8 or not image.flags.c_contiguous:
-        return None
+        image = None
+    if image is None or image.shape != shape or image.dtype != np.uint8 or not image.flags.c_contiguous:
+        return _without_budget(_or_error, decode_data, data, options) if large else None
     return image
 
 
@@ -493,6 +497,15 @@ def budgeted(ask: Callable[[int], None]) -> Iterator[None]:
     token = _budget.set(ask)
     try:
         yield
+    finally:
+        _budget.reset(token)
+
+
+def _without_budget(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, its images asking the decoding budget nothing (they asked it already)."""
+    token = _budget.set(None)
+    try:
+        return function(*args)
     finally:
         _budget.reset(token)
 
