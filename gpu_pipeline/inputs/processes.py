@@ -343,6 +343,16 @@ def _kill_and_reap(children: set[int], wait_s: float = 1.0) -> None:
         time.sleep(0.005)
 
 
+def _answer(sock: socket.socket, value: int) -> bool:
+    """Send ``value``; False when the main process has closed its end (its decode processes closed
+    as one asked: an early stop) or died: a BrokenPipeError's traceback went to the run's stderr."""
+    try:
+        sock.sendall(value.to_bytes(8, "little", signed=True))
+    except ConnectionError:
+        return False
+    return True
+
+
 def _serve_fork_requests(sock: socket.socket, children: set[int]) -> None:
     while True:
         try:
@@ -358,7 +368,8 @@ def _serve_fork_requests(sock: socket.socket, children: set[int]) -> None:
             except OSError as exc:  # (a limit on processes, no memory): said, not a traceback and a dead server
                 for fd in descriptors:
                     os.close(fd)
-                sock.sendall((-(exc.errno or errno.EAGAIN)).to_bytes(8, "little", signed=True))
+                if not _answer(sock, -(exc.errno or errno.EAGAIN)):
+                    return
                 continue
             if pid == 0:
                 sock.close()
@@ -370,14 +381,16 @@ def _serve_fork_requests(sock: socket.socket, children: set[int]) -> None:
             children.add(pid)
             for fd in descriptors:
                 os.close(fd)
-            sock.sendall(pid.to_bytes(8, "little", signed=True))
+            if not _answer(sock, pid):
+                return
         else:
             while len(message) < 9:
                 message += sock.recv(9 - len(message))
             pid = int.from_bytes(message[1:9], "little", signed=True)
             code = _reaped(pid)
             children.discard(pid)
-            sock.sendall(code.to_bytes(8, "little", signed=True))
+            if not _answer(sock, code):
+                return
 
 
 def _end_with(server: int) -> None:
