@@ -104,7 +104,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -384,7 +384,10 @@ def _plain_jpeg(data: bytes, options: DecodeOptions,
     except Exception:
         image = None
     if image is None or image.shape != shape or image.dtype != np.uint8 or not image.flags.c_contiguous:
-        return _without_budget(_or_error, decode_data, data, options) if large else None
+        if not large:
+            return None
+        with budgeted(None):  # (it asked already)
+            return _or_error(decode_data, data, options)
     return image
 
 
@@ -489,23 +492,15 @@ _budget: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.Cont
 
 
 @contextlib.contextmanager
-def budgeted(ask: Callable[[int], None]) -> Iterator[None]:
+def budgeted(ask: Callable[[int], None] | None) -> Iterator[None]:
     """Within it, this thread calls ``ask(pixels)`` for each image of :data:`BUDGETED_FROM_PIXELS`
     or more that it decodes, once its header has been read and checked and before its pixels are
     allocated: the decode pool waits there until the images being decoded and waiting for the
-    engine leave room for it, so that many decoders of large images fit the memory a run has."""
+    engine leave room for it, so that many decoders of large images fit the memory a run has.
+    ``None``: nothing is asked."""
     token = _budget.set(ask)
     try:
         yield
-    finally:
-        _budget.reset(token)
-
-
-def _without_budget(function: Callable[..., Any], *args: Any) -> Any:
-    """``function(*args)``, its images asking the decoding budget nothing (they asked it already)."""
-    token = _budget.set(None)
-    try:
-        return function(*args)
     finally:
         _budget.reset(token)
 
