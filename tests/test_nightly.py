@@ -92,6 +92,21 @@ def test_csv_resume_keeps_every_row_after_a_name_with_a_newline(tmp_path):
     assert sorted(pandas.read_csv(out, keep_default_na=False)["path"].map(lambda p: Path(p).name)) == sorted(names)
 
 
+def test_csv_resume_reads_a_name_with_more_than_a_thousand_newlines(tmp_path):
+    """A CSV record spanning more than 1,000 lines was taken for damage: the image of a name with
+    3,000 newlines (a path of 3 KB, which fits) was redone and recorded again on every resume."""
+    folder = tmp_path / "odd"
+    make_images(folder.joinpath(*["\n" * 250] * 12), 1)
+    out = tmp_path / "out.csv"
+    assert run(str(folder), "--out", str(out)).exit_code == 0
+    first = out.read_bytes()
+    assert first.count(b"\n") > 3000
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--backend", "reference"])
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 images already recorded" in result.stderr and "damaged" not in result.stderr
+    assert out.read_bytes() == first
+
+
 @pytest.mark.parametrize("left", ["torn", "zeros", "foreign"])
 def test_a_csv_header_torn_by_a_crash_is_written_again(tiles, tmp_path, left):
     """A power cut can leave the header half written or zero-filled: refused as "not a gpu-pipeline

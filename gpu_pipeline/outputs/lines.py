@@ -17,6 +17,7 @@ import csv
 import errno
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -35,8 +36,10 @@ from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError,
 COLUMNS = record_text.CSV_COLUMNS
 _INT_COLUMNS = ("width", "height", "bands", "edge_count")
 #: A CSV record spans several lines only when a field holds newlines (a file name can); beyond
-#: this many lines an unbalanced quote is damage, not a record.
-_MAX_LINES_PER_RECORD = 1000
+#: this many lines an unbalanced quote is damage, not a record. A name has fewer newlines than bytes:
+#: under 4,096 for its folder (PATH_MAX) and 256 for itself (it was 1,000: a name with more, which
+#: fits, was read back as damage, its image redone and recorded again on every resume).
+_MAX_LINES_PER_RECORD = 8192
 
 
 # ---------------------------------------------------------------- JSON Lines
@@ -213,17 +216,21 @@ def _entries(lines: Iterator[tuple[int, bytes]], fmt: str, whole: bool) -> Itera
                 return
             queue.append(line)
         offset, raw = queue[0]
-        taken = 1
+        taken, size = 1, len(raw)
         quotes = raw.count(b'"')
-        while quotes % 2 and raw.endswith(b"\n") and taken < _MAX_LINES_PER_RECORD:  # (CSV only, from here)
+        # (no record is longer than a line may be: joined, damage is read no further than that)
+        while quotes % 2 and queue[taken - 1][1].endswith(b"\n") and taken < _MAX_LINES_PER_RECORD \
+                and size <= LONGEST_LINE:  # (CSV only, from here)
             if taken == len(queue):
                 more = next(lines, None)
                 if more is None:
                     break
                 queue.append(more)
             quotes += queue[taken][1].count(b'"')
-            raw += queue[taken][1]
+            size += len(queue[taken][1])
             taken += 1
+        if taken > 1:  # (joined once: adding line by line copied the record so far each time)
+            raw = b"".join(line for _, line in itertools.islice(queue, taken))
         # A record is whole only with its newline: a torn last line may still parse.
         record = parse(raw) if raw.endswith(b"\n") else None
         if record is None:
