@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from gpu_pipeline.cli import app
 from gpu_pipeline.outputs.lines import COLUMNS
 from gpu_pipeline.outputs.plan import OutputLock, inspect_output, lock_path, open_sink, read_records
-from gpu_pipeline.outputs.sink import record_key
+from gpu_pipeline.outputs.sink import SinkError, record_key
 from tests.runs import REPO, STARTED_MARKER, sitecustomize, start, wait_until
 from tests.strategies import examples
 
@@ -685,6 +685,26 @@ def test_a_lock_file_that_is_not_a_file_is_named_and_left_alone(tiles, tmp_path,
     assert result.exit_code == 2
     assert str(lock) in result.stderr and "remove it or use another --out" in result.stderr
     assert not target.exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_lock_file_removed_between_its_opening_and_its_locking_is_not_held(tmp_path, monkeypatch):
+    """The run before releases its lock by removing the file: a run that opened it just before then
+    locked a file no longer there, and the next run took the lock too (two writers on one output)."""
+    out = str(tmp_path / "out.jsonl")
+    opened = OutputLock._open
+
+    def released_meanwhile(self):
+        descriptor = opened(self)
+        monkeypatch.setattr(OutputLock, "_open", opened)  # (once)
+        self.path.unlink()  # what the holder's release does
+        return descriptor
+
+    monkeypatch.setattr(OutputLock, "_open", released_meanwhile)
+    with OutputLock(out):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(SinkError, match="another gpu-pipeline run"):
+            OutputLock(out).acquire()
+    assert not lock_path(out).exists()
 
 
 def test_a_run_refused_for_a_full_disk_at_its_lock_leaves_no_lock_file(tiles, tmp_path, monkeypatch):
