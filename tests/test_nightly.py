@@ -29,8 +29,9 @@ from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
 from gpu_pipeline.outputs.lines import COLUMNS
+from gpu_pipeline.outputs.parquet import ParquetSink
 from gpu_pipeline.outputs.plan import OutputLock, inspect_output, lock_path, open_sink, read_records
-from gpu_pipeline.outputs.sink import SinkError, record_key
+from gpu_pipeline.outputs.sink import SinkError, SinkWriteError, record_key
 from tests.runs import REPO, STARTED_MARKER, sitecustomize, start, wait_until
 from tests.strategies import examples
 
@@ -187,6 +188,44 @@ def test_an_error_message_naming_a_file_that_is_not_utf8_is_written_as_text(tmp_
     if suffix == ".jsonl":
         for line in out.read_bytes().splitlines():
             json.loads(line.decode("utf-8"))["error" if b'"error"' in line else "path"].encode("utf-8")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_retry_failed_redoes_a_file_whose_name_is_not_utf8(tmp_path, suffix):
+    """Its error record is matched by its exact bytes (``path_bytes``), not by the name shown."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "bytes"
+    make_images(folder, 2)
+    raw_name = os.fsencode(folder) + b"/bad\xff.png"
+    open(raw_name, "wb").close()  # broken: an error record
+    out = tmp_path / f"out{suffix}"
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    with open(raw_name, "wb") as stream:  # repaired
+        stream.write((folder / "tile000.png").read_bytes())
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    records = by_path(read_records(out))
+    assert len(records) == 3 and all("error" not in record for record in records.values())
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_an_error_message_naming_a_file_that_is_not_utf8_is_text_whatever_the_image_names(tmp_path, suffix):
+    """Every image name is UTF-8 and only the message names a file that is not (an edge map in a
+    folder so named): the batch is written in one go, and its error must be shown as ``\\xff`` too."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder, edges = tmp_path / "plain", Path(os.fsdecode(os.fsencode(tmp_path) + b"/edges\xff"))
+    make_images(folder, 2)
+    edges.mkdir()
+    (edges / "tile000.png.edges.png").write_text("mine")
+    out = tmp_path / f"out{suffix}"
+    result = run(str(folder), "--out", str(out), "--save-edges", str(edges))
+    assert result.exit_code == 1, result.output
+    (odd,) = [r for r in read_records(out) if "error" in r]
+    assert odd["stage"] == "save-edges" and "edges\\xff/tile000.png.edges.png exists" in odd["error"], odd
+    if suffix != ".parquet":
+        out.read_bytes().decode("utf-8")  # (strict: no lone surrogate)
+        assert "\\udcff" not in out.read_text()
 
 
 def test_messages_show_a_name_that_is_not_utf8_as_records_do(tiles, tmp_path):
@@ -782,6 +821,36 @@ def test_retry_failed_rewrites_through_a_temporary_of_its_own_and_keeps_a_symbol
     assert precious.read_text() == "mine" and (tmp_path / f"results{suffix}.rewrite").read_text() == "my notes"
     # no temporary left (the settings record lies beside the file the link leads to)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [f"nightly{suffix}", f"nightly{suffix}.settings.json"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_what_is_renamed_into_the_output_was_synced_first(tmp_path, monkeypatch, suffix):
+    """A --retry-failed rewrite and each Parquet part are on disk before the rename that puts them in
+    place: renamed unsynced, a power cut can leave the output's name on an empty file."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "images"
+    make_images(folder, 4)
+    (folder / "tile001.png").write_bytes(b"")
+    out = tmp_path / f"out{suffix}"
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    make_images(folder, 4)  # the broken file is repaired
+    synced, renamed = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        synced.add(os.fstat(descriptor).st_ino)
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        if Path(target) in (out, out.parent) or Path(target).parent == out:  # (not the settings record)
+            renamed.append((Path(target).name, os.stat(source).st_ino in synced))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    assert renamed and all(was_synced for _, was_synced in renamed), renamed
 
 
 def a_dead_pid() -> int:
@@ -1635,6 +1704,66 @@ def test_a_parquet_part_killed_while_being_written_is_never_read(tmp_path, monke
     plan.open().write([a_result("/b.png")])
     assert sorted(pq.read_table(out).column("path").to_pylist()) == ["/a.png", "/b.png"]
     assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+
+
+def test_parts_numbered_past_a_million_keep_their_order_and_the_next_number(tmp_path):
+    """Sorted by name, part-1000000 comes before part-999999: a resume read them out of order and
+    numbered its first part 1000000, which replaced the part of that name (a batch of records lost)."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    out.mkdir()
+    sink = ParquetSink(str(out), 999_999)
+    sink.write([a_result("/a.png")])
+    sink.write([a_result("/b.png")])
+    plan = inspect_output(str(out))
+    assert plan.next_part == 1_000_001 and plan.existing.succeeded == {"/a.png", "/b.png"}
+    assert [record["path"] for record in read_records(out)] == ["/a.png", "/b.png"]
+
+
+def test_a_parquet_part_that_cannot_be_written_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk ends the run leaving only whole parts: the hidden part it was writing stayed in
+    the dataset folder until the next run."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out.parquet"
+    sink = open_sink(str(out), resume=False)
+    sink.write([a_result("/a.png")])
+    real_write_table = pq.write_table
+
+    def full(table, where, **options):
+        real_write_table(table, where, **options)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(SinkWriteError, match="No space left on device"):
+        sink.write([a_result("/b.png")])
+    assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet"]
+
+
+def test_retry_failed_removes_a_part_left_without_rows(tmp_path):
+    """A part that held only error rows goes: rewritten, it stayed behind as a part of no rows."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder = tmp_path / "images"
+    for path in make_images(folder, 2):
+        path.write_bytes(b"")
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    make_images(folder, 2)  # the broken files are repaired
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    assert [pq.read_metadata(part).num_rows for part in out.iterdir()] == [2]
+    assert len(read_records(out)) == 2
+
+
+def test_a_hidden_file_of_the_users_in_a_dataset_folder_is_no_part_of_ours(tiles, tmp_path):
+    """Only ``.part-*.tmp`` files are our temporaries: another hidden ``.part-`` file is the user's,
+    kept on resume and never deleted by --overwrite."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    (out / ".part-notes.txt").write_text("mine")
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    result = run(str(tiles), "--out", str(out), "--overwrite")
+    assert result.exit_code == 2 and "did not write (.part-notes.txt)" in result.stderr, result.output
+    assert (out / ".part-notes.txt").read_text() == "mine" and len(read_records(out)) == 20
 
 
 def test_the_hidden_part_a_killed_run_left_is_removed_on_resume(tiles, tmp_path):
