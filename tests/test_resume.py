@@ -246,6 +246,27 @@ def test_retry_failed_on_some_inputs_keeps_the_error_records_of_the_others(tmp_p
     assert run(str(night), "--out", str(out)).exit_code == 1  # a's error record still stands
 
 
+def test_retry_failed_rewrites_the_output_without_its_damaged_lines(tmp_path):
+    """The rewrite keeps the intact records only: the damaged line goes with it, its image is
+    redone, and no warning counts a damaged line the output no longer holds."""
+    folder = tmp_path / "images"
+    paths = make_images(folder, 6)
+    paths[1].write_bytes(b"")
+    out = tmp_path / "out.jsonl"
+    assert run(str(folder), "--out", str(out)).exit_code == 1
+    lines = out.read_bytes().splitlines(keepends=True)
+    damaged = next(index for index, line in enumerate(lines[1:-1], 1) if b'"error"' not in line)
+    lines[damaged] = lines[damaged][:30] + b"\n"
+    out.write_bytes(b"".join(lines))
+    make_images(folder, 6)  # the broken file is repaired
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--backend", "reference", "--retry-failed"])
+    assert result.exit_code == 0, result.output
+    assert "damaged" not in result.stderr and "5 of 6 images already recorded" not in result.stderr
+    records = by_path(read_records(out))
+    assert len(records) == 6 and all("error" not in r for r in records.values())
+    assert all(json.loads(line) for line in out.read_bytes().splitlines())  # the damaged line is gone
+
+
 def test_overwrite_starts_afresh(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"path": "/elsewhere/old.png", "stage": "decode", "error": "old"}\n')
