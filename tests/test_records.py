@@ -107,6 +107,25 @@ def _as_resume_sees(record: dict | None):
     return None if record is None else (record_key(record), "error" in record)
 
 
+@pytest.mark.parametrize("fmt, line, damage", [
+    ("jsonl", 0, lambda text: text.replace('"histogram":[0,', '"histogram":[00,', 1)),  # leading zeros: no JSON
+    ("jsonl", 0, lambda text: text.replace(",0,0,", ",0,00,", 1)),
+    ("csv", 0, lambda text: text.replace(",0 0 0 ", ",0 0 0 0 ", 1)),  # 257 counts
+    ("csv", 0, lambda text: text.replace(",0 0 0 ", ",0 0 ", 1)),  # 255
+    ("csv", 1, lambda text: text[text.index(","):]),  # an error without its path
+])
+def test_a_line_the_whole_decode_refuses_is_unreadable_to_a_resume_too(fmt, line, damage):
+    """A resume checks the counts of a line its pattern matched itself (:func:`_counts`); one that a
+    full decode refuses must be unreadable to both, else its image was taken as done, never redone.
+    (Random damage rarely makes these: a separator or a zero in the right place.)"""
+    batch = batch_of(["/data/plain.jpg", "/data/failed.jpg"], ["busy", "smooth"], errors_at={1})
+    text = (jsonl_text if fmt == "jsonl" else csv_text)(batch).splitlines(keepends=True)[line]
+    damaged = damage(text)
+    assert damaged != text
+    keys, whole = _records_of(damaged, fmt, whole=False), _records_of(damaged, fmt, whole=True)
+    assert [record for _, _, record in keys] == [record for _, _, record in whole] == [None]
+
+
 @settings(max_examples=examples(80), deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8), st.data())
 def test_a_resume_reads_each_line_as_the_whole_record_says(paths, data):
