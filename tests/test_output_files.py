@@ -290,3 +290,26 @@ def test_long_names_that_differ_only_in_their_first_bytes_get_temporaries_of_the
     assert temporary_name("short.png", 7) == ".short.png.7.tmp"  # names with room are kept whole
     target = found[0][1:-len(".4194304.tmp")]  # what the sweep reads back from the file's name
     assert temporaries_of(names[0])(target, 4194304) and not temporaries_of(names[1])(target, 4194304)
+
+
+def test_a_private_files_replacement_is_private_from_its_creation(tmp_path, monkeypatch):
+    """Created 0644, then given the replaced file's mode: another user could open the temporary in
+    between and read through that descriptor everything written into it later."""
+    import os
+    import stat
+
+    from gpu_pipeline.outputs import files
+
+    target = tmp_path / "report.json"
+    target.write_text("old secret\n")
+    target.chmod(0o600)
+    created = []
+    real_keep_mode = files.keep_mode
+
+    def keep_mode(replaced, temporary):
+        created.append(stat.S_IMODE(os.stat(temporary).st_mode))
+        real_keep_mode(replaced, temporary)
+
+    monkeypatch.setattr(files, "keep_mode", keep_mode)
+    files.write_replacing(target, b"new secret\n")
+    assert created == [0o600] and target.read_bytes() == b"new secret\n"
