@@ -131,6 +131,45 @@ def test_what_counts_as_ours(tmp_path):
     check_target(tmp_path / "report.json", "--report", is_our_json)
 
 
+def test_a_png_another_program_drew_is_not_ours(tmp_path):
+    """Only a ``Software`` chunk naming gpu-pipeline makes a PNG ours: a matplotlib plot or a GIMP
+    picture, which carry one of their own, is the user's."""
+    from PIL.PngImagePlugin import PngInfo
+
+    for index, (software, ours) in enumerate([("Matplotlib version3.9.0, https://matplotlib.org/", False),
+                                              ("GIMP 2.10.36", False), ("gpu-pipeline 0.1.0", True)]):
+        info = PngInfo()
+        info.add_text("Software", software)
+        path = tmp_path / f"plot{index}.png"
+        Image.new("L", (4, 4)).save(path, pnginfo=info)
+        assert is_our_png(path) is ours, software
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    """Reading a FIFO to see whether it is ours waits for a writer: the command hung before any work."""
+    import os
+    import threading
+
+    fifo = tmp_path / "report.json"
+    os.mkfifo(fifo)
+    refusals = []
+
+    def check():
+        try:
+            check_target(fifo, "--report", is_our_json)
+        except UsageError as exc:
+            refusals.append(str(exc))
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # blocked opening it: a writer that comes and goes lets it end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail("check_target opened the FIFO")
+    assert len(refusals) == 1 and "was not written by gpu-pipeline" in refusals[0]
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "report.json"
     target.write_text('{"schema": "gpu-pipeline-verify/1", "old": true}\n')
