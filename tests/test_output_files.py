@@ -352,3 +352,39 @@ def test_a_private_files_replacement_is_private_from_its_creation(tmp_path, monk
     monkeypatch.setattr(files, "keep_mode", keep_mode)
     files.write_replacing(target, b"new secret\n")
     assert created == [0o600] and target.read_bytes() == b"new secret\n"
+
+
+@pytest.mark.parametrize("what", ["report", "settings", "settings put back", "relative report"])
+def test_reports_and_the_settings_record_are_on_the_disk_before_their_rename(tmp_path, monkeypatch, what):
+    """A rename can reach the disk before the bytes do: after a power cut the settings record was
+    empty, and every later run refused the output for it. The new bytes are synced before the
+    rename, and the folder after it."""
+    import os
+
+    from gpu_pipeline.engine.job import _put_back_settings, write_settings
+    from gpu_pipeline.outputs.files import replace_with_report
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("sync", os.fstat(descriptor).st_ino))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("rename", os.stat(source).st_ino))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.chdir(tmp_path)
+    if what == "report":
+        replace_with_report(tmp_path / "report.json", "--report", {"a": 1})
+    elif what == "relative report":
+        replace_with_report(Path("report.json"), "--report", {"a": 1})
+    elif what == "settings":
+        write_settings(str(tmp_path / "out.jsonl"), {"a": 1})
+    else:
+        (tmp_path / "out.jsonl.settings.json").write_text("{}\n")
+        _put_back_settings(str(tmp_path / "out.jsonl"), b'{"a": 1}\n')
+    (_, new), = [event for event in events if event[0] == "rename"]
+    assert events == [("sync", new), ("rename", new), ("sync", tmp_path.stat().st_ino)]

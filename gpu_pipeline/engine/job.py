@@ -359,7 +359,7 @@ def _put_back_settings(out: str, earlier: bytes | None) -> None:
         if earlier is None:
             path.unlink(missing_ok=True)
         elif path.read_bytes() != earlier:
-            write_replacing(path, earlier)
+            write_replacing(path, earlier, durable=True)
 
 
 def write_settings(out: str, settings: dict) -> None:
@@ -370,7 +370,7 @@ def write_settings(out: str, settings: dict) -> None:
     text = json.dumps(settings, indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_replacing(path, lambda temporary: temporary.write_text(text))
+        write_replacing(path, text.encode(), durable=True)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise UsageError(f"--out {out}: the name is too long for the settings record beside it "

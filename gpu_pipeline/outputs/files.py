@@ -116,20 +116,23 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
 
     remove_stale_temporaries(path.parent, temporaries_of(path.name))  # a killed run's (a SIGKILL at the rename)
     try:
-        write_replacing(path, write, before_replacing=still_ours)
+        write_replacing(path, write, before_replacing=still_ours, durable=True)
     except OSError as exc:
         raise CannotWrite(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def write_replacing(path: str | os.PathLike[str], write: Callable[[Path], None] | bytes,
-                    before_replacing: Callable[[], None] = lambda: None) -> None:
+                    before_replacing: Callable[[], None] = lambda: None, durable: bool = False) -> None:
     """``write(temporary)`` (or ``write``'s bytes, written through the descriptor that created the
     temporary), then the temporary renamed to ``path``: a kill or a full disk leaves the
     old file whole, and another name of the old file (a hard link) keeps its bytes. The temporary is
     a hidden name of this process's, created here (``O_EXCL``), so never a file or a link planted
     there; it is removed when anything fails, and the error goes on. One that a SIGKILL left
     behind is removed by :func:`remove_stale_temporaries`, or here when this process has its PID.
-    ``path`` may be a string (an edge map's: no ``Path`` a map); ``write`` is given a ``Path``."""
+    ``path`` may be a string (an edge map's: no ``Path`` a map); ``write`` is given a ``Path``.
+    ``durable``: the new bytes are on the disk before the rename, and the rename after it (fsync):
+    after a power cut the name holds the old file or the new one, never an empty one (a rename can
+    reach the disk before the bytes do). Not for edge maps: a sync each would cost more than the map."""
     folder, slash, name = os.fspath(path).rpartition("/")  # (Path.with_name, without a Path)
     temporary = folder + slash + temporary_name(name, os.getpid())
     replaced = _regular_file_status(path)
@@ -150,12 +153,25 @@ def write_replacing(path: str | os.PathLike[str], write: Callable[[Path], None] 
             os.close(created)
         if not isinstance(write, bytes):
             write(Path(temporary))
+        if durable:
+            _sync(temporary)
         before_replacing()  # a last check, which may raise
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    if durable:
+        with contextlib.suppress(OSError):  # (a file system that cannot sync a folder: the bytes are safe)
+            _sync(folder + slash or ".", os.O_DIRECTORY)
+
+
+def _sync(path: str, flags: int = 0) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_all(descriptor: int, data: bytes) -> None:
