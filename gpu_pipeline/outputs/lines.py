@@ -300,10 +300,8 @@ def keep_results(path: Path, fmt: str, dropped: set[str]) -> None:
                 stream.write((CSV_HEADER + "\n").encode())
             scan(path, fmt, lambda record, raw: None if "error" in record and record_key(record) in dropped
                  else stream.write(raw))
-            stream.flush()
-            os.fsync(stream.fileno())
 
-    write_replacing(Path(os.path.realpath(path)), write)
+    write_replacing(Path(os.path.realpath(path)), write, durable=True)
 
 
 def stdout_to_devnull() -> None:
