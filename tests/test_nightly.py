@@ -1984,6 +1984,20 @@ def test_a_single_file_parquet_of_an_early_version_is_named_as_such(tiles, tmp_p
     assert result.exit_code == 2 and "is a single Parquet file, not a gpu-pipeline Parquet dataset folder" in result.stderr
 
 
+def test_an_empty_file_named_as_a_parquet_output_is_named_as_such(tiles, tmp_path):
+    """It said "cannot write out.parquet: File exists"; --overwrite makes the dataset folder."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    out.touch()
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2
+    assert result.stderr == (f"gpu-pipeline: error: {out} is an empty file, not a gpu-pipeline Parquet dataset "
+                             "folder; use --overwrite or another --out\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "tiles"] and out.is_file()  # (nothing written)
+    assert run(str(tiles), "--out", str(out), "--overwrite").exit_code == 0
+    assert out.is_dir() and len(read_records(out)) == len(list(tiles.iterdir()))
+
+
 def test_a_folder_that_cannot_be_written_is_named_not_a_lock_to_remove(tmp_path, monkeypatch):
     """`cd / && gpu-pipeline run` as a user: "cannot use /results.jsonl.lock ...: Permission denied;
     remove it", about a lock that did not exist. (Root passes permission checks: os.open is made to

@@ -160,9 +160,10 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
     if not (path.exists() or path.is_symlink()):
         return plan
     if chosen == "parquet":
-        if path.is_file() and path.stat().st_size > 0:
+        if path.is_file():
             if not overwrite:
-                raise SinkError(f"{out} is a single Parquet file, not a gpu-pipeline Parquet dataset folder; "
+                what = "a single Parquet file" if path.stat().st_size > 0 else "an empty file"
+                raise SinkError(f"{out} is {what}, not a gpu-pipeline Parquet dataset folder; "
                                 "use --overwrite or another --out")
         elif not path.is_dir() and not path.is_file():
             raise SinkError(f"{out} is not a folder; use another --out")
