@@ -110,6 +110,8 @@ def _as_resume_sees(record: dict | None):
 @pytest.mark.parametrize("fmt, line, damage", [
     ("jsonl", 0, lambda text: text.replace('"histogram":[0,', '"histogram":[00,', 1)),  # leading zeros: no JSON
     ("jsonl", 0, lambda text: text.replace(",0,0,", ",0,00,", 1)),
+    ("jsonl", 0, lambda text: text.replace(",0,0,", ",0,0,0,", 1)),  # 257 counts: still JSON
+    ("jsonl", 0, lambda text: text.replace(",0,0,", ",0,", 1)),  # 255
     ("csv", 0, lambda text: text.replace(",0 0 0 ", ",0 0 0 0 ", 1)),  # 257 counts
     ("csv", 0, lambda text: text.replace(",0 0 0 ", ",0 0 ", 1)),  # 255
     ("csv", 1, lambda text: text[text.index(","):]),  # an error without its path

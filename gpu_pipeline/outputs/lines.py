@@ -50,7 +50,11 @@ def _jsonl_parse(line: bytes) -> dict | None:
         record = json.loads(line)
     except ValueError:
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return None
+    if "error" not in record and not (isinstance(record.get("histogram"), list) and len(record["histogram"]) == 256):
+        return None  # (damage that is still JSON, a count lost or split in two: as CSV's and the resume's check)
+    return record
 
 
 # ---------------------------------------------------------------- CSV
