@@ -549,7 +549,7 @@ class _DecodePool:
         part, paths, errors, pixels = 0, [], {}, 0
         packer = Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
         taken = [0]  # the budget the part's large images took: given back when the consumer takes it
-        with (budgeted(lambda wanted: self._take_budget(number, wanted, taken)) if self._budget is not None
+        with (budgeted(lambda pixels: self._take_budget(number, pixels, taken)) if self._budget is not None
               else contextlib.nullcontext()):
             for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options,
                                                                            into=packer.place))):
