@@ -476,6 +476,22 @@ def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, times
     assert len(by_path(read_records(out))) == len(many_tiles)
 
 
+def test_a_resume_stopped_by_a_signal_counts_what_is_still_to_do(many_tiles, tmp_path):
+    """The "images not processed" of a resume that is stopped too: those of its own inputs, not of
+    every file (the images recorded before are not to do)."""
+    folder = many_tiles[0].parent
+    out = tmp_path / "out.jsonl"
+    for run_number in range(2):
+        process = start(folder, out, "--decode", "threads", tag=f"resumed-{run_number}-{os.getpid()}")
+        wait_for_records(out, 8 + 40 * run_number)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 143, stderr
+        recorded = len(by_path(read_records(out)))
+        assert 0 < recorded < len(many_tiles)
+        assert f"interrupted: {len(many_tiles) - recorded} images not processed; " in stderr
+
+
 SIGNALLED = """
 import os, signal, sys, threading, time
 from gpu_pipeline.engine.job import stop_on_signals
