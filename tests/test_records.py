@@ -115,6 +115,8 @@ def _as_resume_sees(record: dict | None):
     ("csv", 0, lambda text: text.replace(",0 0 0 ", ",0 0 0 0 ", 1)),  # 257 counts
     ("csv", 0, lambda text: text.replace(",0 0 0 ", ",0 0 ", 1)),  # 255
     ("csv", 1, lambda text: text[text.index(","):]),  # an error without its path
+    ("csv", 0, lambda text: text.replace("/data/plain.jpg", '/data/pl"ain.jpg', 1)),  # a quote in a bare field
+    ("csv", 1, lambda text: text.replace("/data/failed.jpg", '/data/failed.jpg"', 1)),
 ])
 def test_a_line_the_whole_decode_refuses_is_unreadable_to_a_resume_too(fmt, line, damage):
     """A resume checks the counts of a line its pattern matched itself (:func:`_counts`); one that a

@@ -64,10 +64,15 @@ CSV_HEADER = ",".join(COLUMNS)
 
 def _csv_parse(line: bytes) -> dict | None:
     try:
-        rows = list(csv.reader(io.StringIO(line.decode("utf-8"), newline=""), strict=True))
+        text = line.decode("utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except (ValueError, UnicodeDecodeError, csv.Error):
         return None
     if len(rows) != 1 or len(rows[0]) != len(COLUMNS) or not rows[0][0]:
+        return None
+    # csv.reader takes a quote inside a bare field as text; the writer quotes such a field and
+    # doubles its quotes, so a bare one is damage (the end of a record cut from its start)
+    if any('"' in field and '"' + field.replace('"', '""') + '"' not in text for field in rows[0]):
         return None
     values = dict(zip(COLUMNS, rows[0]))
     if values["error"]:
