@@ -718,7 +718,8 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
     _check_size(width, height, max_pixels)
     limit = SAMPLES_PER_LIMIT_PIXEL * max_pixels
     count = max(len(components), jpeg2000.palette_columns(data, palette) if palette else 0)
-    _check_samples(width, height, count, count * width * height, max_pixels)
+    own = count * width * height
+    _check_samples(width, height, count, own, max_pixels)
     if any(steps != [1, 1] for _, _, *steps in components):
         raise DecodeError("decode", "JPEG 2000 with subsampled components is not supported")
     if len({(bits, signed) for bits, signed, _, _ in components}) > 1:
@@ -728,14 +729,14 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
                                     "(a download still being written?)")
     parts = jpeg2000.tile_parts(data, start, end)
     allocated = jpeg2000.allocation(data, start, len(components), parts)
-    what = f"{width} x {height} pixels in {allocated}: OpenJPEG allocates for them, before it decodes a sample,"
-    if allocated.samples() > limit:
-        raise DecodeError("decode", f"{what} as much as {allocated.samples():,} samples, over the limit of {limit:,} "
-                                    f"({SAMPLES_PER_LIMIT_PIXEL} per pixel of the limit; decompression-bomb guard)")
-    own = count * width * height
-    if allocated.samples() > max(STRUCTURE_SAMPLES_PER_SAMPLE * own, STRUCTURE_SAMPLES_ANY_IMAGE):
-        raise DecodeError("decode", f"{what} as much as {allocated.samples():,} samples, "
-                                    f"{allocated.samples() / own:.1f} times the image's {own:,} (at most "
+    structures = allocated.samples()
+    what = (f"{width} x {height} pixels in {allocated}: OpenJPEG allocates for them, before it decodes a sample, "
+            f"as much as {structures:,} samples")
+    if structures > limit:
+        raise DecodeError("decode", f"{what}, over the limit of {limit:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel of "
+                                    "the limit; decompression-bomb guard)")
+    if structures > max(STRUCTURE_SAMPLES_PER_SAMPLE * own, STRUCTURE_SAMPLES_ANY_IMAGE):
+        raise DecodeError("decode", f"{what}, {structures / own:.1f} times the image's {own:,} (at most "
                                     f"{STRUCTURE_SAMPLES_PER_SAMPLE} times, or {STRUCTURE_SAMPLES_ANY_IMAGE:,} samples; "
                                     "decompression-bomb guard)")
     missing = jpeg2000.missing_tile(data, start, parts)
