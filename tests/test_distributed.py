@@ -102,7 +102,7 @@ def test_a_worker_bounds_its_large_images_by_its_share_of_the_memory(cluster, mo
 
     class Recorded:  # the engine a chunk makes, with the settings it was given
         def __init__(self, **settings):
-            budgets.append(settings["decoding_budget_pixels"])
+            budgets.append(settings["decoding_budget_bytes"])
 
         def run(self, paths, sink):
             return RunSummary()

@@ -278,21 +278,21 @@ def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monk
     from gpu_pipeline.engine import stream as engine_module
     from gpu_pipeline.inputs import decode as gpu_io
 
-    side = 1024  # decode.BUDGETED_FROM_PIXELS: the smallest image that asks the budget
-    paths = write_pngs(tmp_path, [(side, side)] * 16)
-    started, lock, real_check = [0], threading.Lock(), gpu_io._check_size
+    paths = write_pngs(tmp_path, [(1024, 1024)] * 16)  # (each holds over decode.BUDGETED_FROM_BYTES)
+    charge = max(map(_decoding_charge, paths))  # (their files differ by a few bytes)
+    started, lock, real_ask = [0], threading.Lock(), gpu_io._ask_budget
 
-    def check_size(width, height, max_pixels):
-        real_check(width, height, max_pixels)  # (asks the budget: returns once there is room)
+    def ask_budget(charge):
+        real_ask(charge)  # (returns once there is room)
         with lock:
             started[0] += 1
 
-    monkeypatch.setattr(gpu_io, "_check_size", check_size)
+    monkeypatch.setattr(gpu_io, "_ask_budget", ask_budget)
     taken, ahead, finished = [], [], threading.Event()  # ahead: images decoding or waiting, as each part is taken
 
     def consume():
         for part in engine_module.decode_parts(paths, DecodeOptions(), workers=8, prefetch_pixels=10**9,
-                                               budget_pixels=budget_images * side * side):
+                                               budget_bytes=budget_images * charge):
             time.sleep(0.02)
             taken.extend(part.paths)
             with lock:
@@ -316,17 +316,16 @@ def test_decoders_waiting_for_the_decoding_budget_decode_nothing_once_the_parts_
     from gpu_pipeline.engine import stream as engine_module
     from gpu_pipeline.inputs import decode as gpu_io
 
-    side = 1024  # decode.BUDGETED_FROM_PIXELS
-    paths = write_pngs(tmp_path, [(side, side)] * 8)
-    decoding, lock, real_check = [], threading.Lock(), gpu_io._check_size
+    paths = write_pngs(tmp_path, [(1024, 1024)] * 8)  # (each holds over decode.BUDGETED_FROM_BYTES)
+    decoding, lock, real_ask = [], threading.Lock(), gpu_io._ask_budget
 
-    def check_size(width, height, max_pixels):
-        real_check(width, height, max_pixels)  # (asks the budget: returns once there is room)
+    def ask_budget(charge):
+        real_ask(charge)  # (returns once there is room)
         with lock:
             decoding.append(threading.current_thread().name)
 
-    monkeypatch.setattr(gpu_io, "_check_size", check_size)
-    parts = engine_module.decode_parts(paths, DecodeOptions(), workers=6, budget_pixels=0)
+    monkeypatch.setattr(gpu_io, "_ask_budget", ask_budget)
+    parts = engine_module.decode_parts(paths, DecodeOptions(), workers=6, budget_bytes=0)
     first = next(parts)  # the consumer now waits for the second image: its decoder goes on, four others wait
     assert [str(p) for p in first.paths] == [str(paths[0])]
     time.sleep(0.5)
@@ -336,12 +335,23 @@ def test_decoders_waiting_for_the_decoding_budget_decode_nothing_once_the_parts_
     assert len(decoding) <= 2  # the first image, and the second if its decoder got to it before the close
 
 
-def test_the_decoding_budget_is_half_the_memory_a_run_may_use_at_16_bytes_a_pixel(monkeypatch):
+def _decoding_charge(path) -> int:
+    """What decoding ``path`` asks the decoding budget."""
+    from gpu_pipeline.inputs import decode as gpu_io
+
+    asked = []
+    with gpu_io.budgeted(asked.append):
+        gpu_io.decode_image(path, DecodeOptions())
+    (charge,) = asked
+    return charge
+
+
+def test_the_decoding_budget_is_half_the_memory_a_run_may_use(monkeypatch):
     from gpu_pipeline.engine import stream as engine_module
 
     monkeypatch.setattr(engine_module, "usable_memory", lambda: 700 << 20)
     parts = engine_module.decode_parts([], DecodeOptions(), workers=1)
-    assert parts._pool._budget == (350 << 20) // 16
+    assert parts._pool._budget == 350 << 20
     monkeypatch.setattr(engine_module, "usable_memory", lambda: None)
     assert engine_module.decode_parts([], DecodeOptions(), workers=1)._pool._budget is None
 
@@ -890,9 +900,9 @@ def test_decoded_pixels_held_by_a_run_are_bounded(tmp_path, monkeypatch, batch_p
     (settings,) = asked
     assert settings["prefetch_pixels"] == max(16 << 20, batch_pixels)
     assert settings["prefetch_pixels"] + settings["consumer_pixels"] == held
-    assert settings["budget_pixels"] is None  # (from the memory the process may use)
-    Engine(Wanting(), workers=1, processes=False, decoding_budget_pixels=12345).run(paths, sink)
-    assert asked[-1]["budget_pixels"] == 12345
+    assert settings["budget_bytes"] is None  # (from the memory the process may use)
+    Engine(Wanting(), workers=1, processes=False, decoding_budget_bytes=12345).run(paths, sink)
+    assert asked[-1]["budget_bytes"] == 12345
 
 
 def test_a_run_left_in_a_reference_cycle_and_collected_in_its_batch_thread_still_stops(tmp_path, monkeypatch):

@@ -1986,8 +1986,9 @@ def test_files_above_the_small_size_are_decoded_from_their_path(scratch, monkeyp
 
 @pytest.mark.parametrize("kind", ["jpeg", "png", "tiff", "jp2"])
 def test_large_images_ask_the_decoding_budget_before_their_pixels_are_decoded(scratch: Path, monkeypatch, kind):
-    """Every reader asks the run's decoding budget (``decode.budgeted``) for an image of 1 MP or
-    more, with its pixels, before it decodes them (the decode pool waits there); a smaller image
+    """Every reader asks the run's decoding budget (``decode.budgeted``) for an image whose decoding
+    holds :data:`decode.BUDGETED_FROM_BYTES` or more, with what it holds (its file's bytes at least,
+    and more than its 8-bit pixels), before it decodes it (the decode pool waits there); a tile
     never asks. A JPEG read whole (a small file) takes libjpeg-turbo's path, a large one the file's."""
     import threading
 
@@ -2000,12 +2001,12 @@ def test_large_images_ask_the_decoding_budget_before_their_pixels_are_decoded(sc
     monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda self, *a, _real=tifffile.TiffPage.asarray, **k:
                         (decoded.set(), _real(self, *a, **k))[1])
 
-    def ask(pixels: int) -> None:
+    def ask(charge: int) -> None:
         assert not decoded.is_set(), "decoded before it asked"
-        asked.append(pixels)
+        asked.append(charge)
 
-    for height, asks in [(1024, [1 << 20]), (1023, [])]:
-        data = np.zeros((height, 1024), np.uint8)
+    for height, large in [(2048, True), (64, False)]:
+        data = np.zeros((height, 2048), np.uint8)
         path = scratch / f"big-{height}.{kind}"
         if kind == "jp2":
             path.write_bytes(jpeg2000(data))
@@ -2018,18 +2019,21 @@ def test_large_images_ask_the_decoding_budget_before_their_pixels_are_decoded(sc
             decoded.clear()
             with gpu_io.budgeted(ask):
                 assert decode() is not None
-            assert asked == asks
+            if large:
+                assert len(asked) == 1 and asked[0] >= max(path.stat().st_size + data.size, gpu_io.BUDGETED_FROM_BYTES)
+            else:
+                assert asked == []
     asked.clear()
     decode_image(path, DEFAULT)  # outside budgeted(): nothing asks
     assert asked == []
 
 
 def test_a_damaged_large_jpeg_read_whole_asks_the_decoding_budget_once(scratch: Path):
-    """A JPEG of 1 MP or more read whole takes libjpeg-turbo's short path, which asks the budget
+    """A large JPEG read whole takes libjpeg-turbo's short path, which asks the budget
     and then fails on a damaged file; decode_data then explains the failure. It asked the budget
     again: the one image held twice its pixels until the engine took its record."""
     buffer = io.BytesIO()
-    Image.fromarray(np.zeros((1024, 1024), np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(np.zeros((2048, 2048), np.uint8)).save(buffer, "JPEG")
     damaged = buffer.getvalue().replace(b"\xff\xc4", b"\xff\xc4\x00\x03\xff", 1)  # a bogus Huffman table length
     path = scratch / "damaged.jpg"
     path.write_bytes(damaged)
@@ -2037,4 +2041,4 @@ def test_a_damaged_large_jpeg_read_whole_asks_the_decoding_budget_once(scratch: 
     with gpu_io.budgeted(asked.append):
         (outcome,) = gpu_io.decode_each([path], DEFAULT)
     assert outcome == ("decode", "cannot decode the image: Bogus marker length")
-    assert asked == [1 << 20]
+    assert len(asked) == 1 and asked[0] >= 2048 * 2048

@@ -6,6 +6,8 @@ image of one block cannot show a bug in how the blocks are combined.
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -85,3 +87,32 @@ def test_large_images_match_opencv_itself(name):
         assert np.array_equal(result.equalized, equalized), f"image {index}: equalized"
         assert np.array_equal(result.edges, edges), f"image {index}: edges"
         assert result.edge_count == edge_count > 100, f"image {index}: edge_count"
+
+
+def _decoding_memory_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "decoding_memory.py"
+    spec = importlib.util.spec_from_file_location("decoding_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: One kind of each reader and of each of its branches that changes what it holds (docs/nightly.md, "Memory").
+BUDGET_KINDS = ["jpeg-rgb", "jpeg-gray", "png-rgba", "png-palette", "webp-rgb", "jp2-rgb", "jp2-gray16",
+                "tiff-gray-float32", "tiff-palette", "tiff-cmyk", "tiff-rgb16-zlib-tiled", "tiff-13band16-zlib",
+                "tiff-13band-float32-zlib"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc (Linux)")
+@pytest.mark.parametrize("kind", BUDGET_KINDS)
+def test_what_a_large_image_asks_the_decoding_budget_covers_what_its_decoding_holds(tmp_path, kind):
+    """The decoding budget bounds the memory of large images only if each asks at least what its
+    decoding holds at its peak: 16 bytes a pixel for every image let a 13-band 16-bit TIFF (70 a
+    pixel) take 4.4 times its share. Measured as ``scripts/decoding_memory.py`` measures it (the
+    high-water mark of a fresh process), on 2-MP images whose files do not compress."""
+    script = _decoding_memory_script()
+    figures = script.measure(kind, tmp_path, 1448)
+    assert figures["charged"] >= figures["peak"], figures

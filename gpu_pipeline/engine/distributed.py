@@ -225,7 +225,7 @@ def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
                         batch_size=job.batch_size,
                         workers=job.decode_workers or job.threads or usable_cores(), labels_of=job.labels_of,
                         on_edges=job.on_edges, processes=False,  # Dask's worker processes are the scale-out here
-                        decoding_budget_pixels=decoding_budget(_worker_memory()))
+                        decoding_budget_bytes=decoding_budget(_worker_memory()))
         records = RecordList()
         try:
             summary = engine.run([Path(path) for path in paths], records)

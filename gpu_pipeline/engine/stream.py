@@ -322,20 +322,18 @@ STOP_POLL_S = 0.2
 STOP_WAIT_S = 0.5
 
 #: Of the memory a run may use (the machine's, capped by its control group's limit: a container's),
-#: the share that large images being decoded, or decoded and waiting for the engine, may hold, and
-#: what such an image is taken to hold a pixel: 3 bytes of RGB, twice that while a decoder copies,
-#: 11 for a 16-bit JPEG 2000 band (OpenJPEG's int32 samples, about 9 bytes a sample at its peak, and
-#: the result), so 16. Sixteen decoders of 12-MP scenes held 16 of them at once (1 GB); in a 700 MB
-#: container the run was killed. A decoder of a large image waits for room before it decodes it
-#: (``decode.budgeted``), unless its image is one the engine waits for.
+#: the share that large images being decoded, or decoded and waiting for the engine, may hold, each
+#: charged what its decoding holds at its peak (``decode.budgeted``: a 12-MP JPEG scene about 80
+#: MB, a 13-band 16-bit TIFF of 12 MP 970). Sixteen decoders of 12-MP scenes held 16 of them at
+#: once (1 GB); in a 700 MB container the run was killed. A decoder of a large image waits for room
+#: before it decodes it, unless its image is one the engine waits for.
 DECODING_MEMORY_SHARE = 0.5
-BYTES_A_DECODING_PIXEL = 16
 
 
 def decoding_budget(memory: int | None) -> int | None:
-    """Pixels of large images that may be decoding or waiting, for a run that may use ``memory``
-    bytes (None: no bound)."""
-    return None if memory is None else int(memory * DECODING_MEMORY_SHARE) // BYTES_A_DECODING_PIXEL
+    """Bytes that the decoding of large images may hold, decoding or waiting, for a run that may
+    use ``memory`` bytes (None: no bound)."""
+    return None if memory is None else int(memory * DECODING_MEMORY_SHARE)
 
 
 #: Images in one chunk at most, and at first (one, so that big scenes never queue behind each other
@@ -415,7 +413,7 @@ class _DecodePool:
                  prefetch_pixels: int, prefetch_images: int | None, chunk_pixels: int,
                  processes: bool = False, consumer_pixels: int = 0, fork_server: ForkServer | None = None,
                  stop: threading.Event | None = None, time_limit: float | None = None,
-                 budget_pixels: int | None = None) -> None:
+                 budget_bytes: int | None = None) -> None:
         self._paths = iter(paths)
         self._stop = stop
         self._stopped = False  # the parts ended at the stop
@@ -441,8 +439,8 @@ class _DecodePool:
         self._wanted = (0, 0)  # (chunk, part) the consumer takes next
         self._held_pixels = self._held_images = 0
         self._seen_pixels = self._seen_images = 0
-        # large images being decoded or waiting for the consumer, in pixels (``decode.budgeted``)
-        self._budget = budget_pixels
+        # what large images being decoded or waiting for the consumer hold, in bytes (``decode.budgeted``)
+        self._budget = budget_bytes
         self._budgeted = 0
         self._budget_room = threading.Condition(self._lock)
         self._budget_waiters = 0
@@ -549,7 +547,7 @@ class _DecodePool:
         part, paths, errors, pixels = 0, [], {}, 0
         packer = Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
         taken = [0]  # the budget the part's large images took: given back when the consumer takes it
-        with (budgeted(lambda pixels: self._take_budget(number, pixels, taken)) if self._budget is not None
+        with (budgeted(lambda charge: self._take_budget(number, charge, taken)) if self._budget is not None
               else contextlib.nullcontext()):
             for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options,
                                                                            into=packer.place))):
@@ -566,13 +564,13 @@ class _DecodePool:
                         return
                     part, paths, errors, pixels, taken[0] = part + 1, [], {}, 0, 0
 
-    def _take_budget(self, number: int, pixels: int, taken: list[int]) -> None:
-        """Wait until ``pixels`` more of a large image fit the decoding budget, then count them
+    def _take_budget(self, number: int, charge: int, taken: list[int]) -> None:
+        """Wait until a large image's ``charge`` (bytes) fits the decoding budget, then count it
         against it (and in ``taken``, the part's). The chunk the consumer waits for never waits:
         the images that fill the budget may be those it must take first. Once the pool is closed,
         _PoolClosed: the image is not to be decoded."""
         with self._lock:
-            while not (self._closed or number == self._wanted[0] or self._budgeted + pixels <= self._budget):
+            while not (self._closed or number == self._wanted[0] or self._budgeted + charge <= self._budget):
                 self._budget_waiters += 1
                 try:
                     self._budget_room.wait()
@@ -580,8 +578,8 @@ class _DecodePool:
                     self._budget_waiters -= 1
             if self._closed:  # decoded now, all the waiting images would make the peak the budget spares
                 raise _PoolClosed
-            self._budgeted += pixels
-        taken[0] += pixels
+            self._budgeted += charge
+        taken[0] += charge
 
     def _hand_over(self, key: tuple[int, int], decoded: DecodedPart, pixels: int, last: bool,
                    budgeted: int = 0) -> bool:
@@ -690,7 +688,7 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
                  prefetch_pixels: int = DEFAULT_PREFETCH_PIXELS, chunk_pixels: int | None = None,
                  processes: bool = False, consumer_pixels: int = 0,
                  fork_server: ForkServer | None = None, stop: threading.Event | None = None,
-                 time_limit: float | None = None, budget_pixels: int | None = None) -> Iterator[DecodedPart]:
+                 time_limit: float | None = None, budget_bytes: int | None = None) -> Iterator[DecodedPart]:
     """Decode on ``workers`` threads, or in ``workers`` processes with ``processes`` (see
     :mod:`gpu_pipeline.inputs.processes`), in input order, a part at a time.
 
@@ -705,17 +703,18 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     ``time_limit`` (seconds, with ``processes`` only) sends every image to a decode process, and one
     that takes longer than that on its own gets an error record instead (see :class:`Decoder`).
     Large images decoded in threads, from their decoding to the consumer's taking them, hold at most
-    ``budget_pixels`` pixels, and one image more: by default :func:`decoding_budget` of the memory
-    this process may use (a decoder of one waits for room before it decodes it).
+    ``budget_bytes`` bytes (what each one's decoding holds at its peak), and one image more: by
+    default :func:`decoding_budget` of the memory this process may use (a decoder of one waits for
+    room before it decodes it).
     """
     if time_limit is not None and not processes:
         raise ValueError("a decode time limit needs decode processes")
     if chunk_pixels is None:
         chunk_pixels = PROCESS_CHUNK_PIXELS if processes else DECODE_CHUNK_PIXELS
-    if budget_pixels is None:
-        budget_pixels = decoding_budget(usable_memory())
+    if budget_bytes is None:
+        budget_bytes = decoding_budget(usable_memory())
     return _Parts(_DecodePool(paths, options, max(1, workers), prefetch_pixels, prefetch, chunk_pixels, processes,
-                              consumer_pixels, fork_server, stop, time_limit, budget_pixels))
+                              consumer_pixels, fork_server, stop, time_limit, budget_bytes))
 
 
 class _Parts:
@@ -932,9 +931,9 @@ class Engine:
     #: are decoded again in a fresh process (:class:`~gpu_pipeline.inputs.processes.Decoder`).
     #: None: no limit. Set, every image is decoded in a process (:func:`processes_for_time_limit`).
     decode_timeout: float | None = None
-    #: Pixels of large images that may be decoding or waiting for the engine at once
+    #: Bytes that the decoding of large images may hold, decoding or waiting for the engine
     #: (:func:`decoding_budget`); None: from the memory this process may use.
-    decoding_budget_pixels: int | None = None
+    decoding_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.processes = processes_for_time_limit(self.processes, self.decode_timeout, "decode_timeout")
@@ -1004,7 +1003,7 @@ class Engine:
             parts = stack.enter_context(contextlib.closing(decode_parts(
                 paths, self.decode_options, self.decoders(), prefetch_pixels=prefetch_pixels, processes=processes,
                 consumer_pixels=2 * batch_pixels, fork_server=fork_server, stop=stop, time_limit=self.decode_timeout,
-                budget_pixels=self.decoding_budget_pixels)))
+                budget_bytes=self.decoding_budget_bytes)))
             compute = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
                                                              initializer=_mark_engine_thread))
             batching = stack.enter_context(contextlib.closing(_Taker(part_batches(parts, self.batch_size,

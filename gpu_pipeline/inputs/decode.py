@@ -375,9 +375,10 @@ def _plain_jpeg(data: bytes, options: DecodeOptions,
     pixels = shape[0] * shape[1]
     if pixels > options.max_pixels:
         return None
-    large = pixels >= BUDGETED_FROM_PIXELS
+    charge = _libjpeg_charge(data, shape)
+    large = charge >= BUDGETED_FROM_BYTES
     if large:  # (a tile does not make the call)
-        _ask_budget(pixels)
+        _ask_budget(charge)
     out = into(shape) if into is not None else None
     try:
         image = jpeg8_decode(data, out=out if out is not None else off_boundary_array(shape))
@@ -472,32 +473,64 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _file_bytes(fh: BinaryIO) -> int:
+    """The size of the file ``fh`` reads (its position is kept)."""
+    position = fh.tell()
+    size = fh.seek(0, io.SEEK_END)
+    fh.seek(position)
+    return size
+
+
 def _check_size(width: int, height: int, max_pixels: int) -> None:
-    """The pixel limit; then, for a large image, the run's decoding budget (:func:`budgeted`).
-    Every reader calls it with the size the header declares, before the pixels are allocated."""
+    """The pixel limit. Every reader calls it with the size the header declares, before the
+    pixels are allocated."""
     if width * height > max_pixels:
         raise DecodeError(
             "decode",
             f"{width} x {height} = {width * height:,} pixels is over the limit of "
             f"{max_pixels:,} (decompression-bomb guard)",
         )
-    _ask_budget(width * height)
 
 
-#: Images of at least this many pixels ask the decoding budget for their pixels before they are
-#: decoded; smaller ones (tiles) never wait, nor take a lock, for it.
-BUDGETED_FROM_PIXELS = 1 << 20
+#: What decoding an image holds at its peak is what a large image asks the decoding budget
+#: (:func:`budgeted`): its file's bytes, and so many bytes a pixel, by reader, for the codec's
+#: buffers and the copies on the way to 8-bit samples. Each covers the peak that
+#: ``scripts/decoding_memory.py`` measures for its kinds (docs/nightly.md, "Memory"); 16 bytes a
+#: pixel for every image let a 13-band 16-bit TIFF, which holds 71 a pixel, take 4.4 times its share.
+#: The 8-bit result of a reader that does not decode into it, a pixel:
+RESULT_BYTES = 3
+#: libjpeg-turbo decodes into the result itself (RGB: 4.3 a pixel with a file of 1.3), a sample.
+LIBJPEG_BYTES_A_SAMPLE = 2
+#: Pillow: its image and numpy's copy (PNG RGB: 10.2 a pixel with a file of 3), and for WebP
+#: libwebp's own buffer on top (RGB: 22), a sample.
+PILLOW_BYTES_A_SAMPLE = 4
+WEBP_BYTES_A_SAMPLE = 9
+#: OpenJPEG: its int32 samples and its tiles' buffers (RGB: 22.1 a pixel, 16-bit gray 10.7), a
+#: sample; what it allocates for the codestream's structures on top.
+JPEG2000_BYTES_A_SAMPLE = 8
+#: tifffile: the decoded image, and a copy of it (the codec's, or one in native byte order), and
+#: the three bands chosen from it (13 bands of 16 bits, deflated: 70 a pixel with a file of 22); a
+#: float image's stretch works on a float64 band.
+TIFF_COPIES = 2
+FLOAT_STRETCH_BYTES = 8
+#: A palette TIFF: its index, its colours as three 16-bit samples twice, and the result (13 a pixel).
+TIFF_PALETTE_BYTES = 1 + 2 * 6 + RESULT_BYTES
+#: A CMYK TIFF goes through Pillow in five copies of its samples (21 a pixel with a file of 4).
+CMYK_COPIES = 5
+#: Images whose decoding holds at least this many bytes (a 0.7-MP RGB JPEG) ask the decoding budget
+#: before they are decoded; smaller ones (tiles) never wait, nor take a lock, for it.
+BUDGETED_FROM_BYTES = 4 << 20
 _budget: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("decoding_budget",
                                                                                       default=None)
 
 
 @contextlib.contextmanager
 def budgeted(ask: Callable[[int], None] | None) -> Iterator[None]:
-    """Within it, this thread calls ``ask(pixels)`` for each image of :data:`BUDGETED_FROM_PIXELS`
-    or more that it decodes, once its header has been read and checked and before its pixels are
-    allocated: the decode pool waits there until the images being decoded and waiting for the
-    engine leave room for it, so that many decoders of large images fit the memory a run has.
-    ``None``: nothing is asked."""
+    """Within it, this thread calls ``ask(bytes)`` for each image it decodes whose decoding holds
+    :data:`BUDGETED_FROM_BYTES` or more, once its header has been read and checked and before its
+    pixels are allocated: the decode pool waits there until the images being decoded and waiting
+    for the engine leave room for it, so that many decoders of large images fit the memory a run
+    has. ``None``: nothing is asked."""
     token = _budget.set(ask)
     try:
         yield
@@ -505,11 +538,13 @@ def budgeted(ask: Callable[[int], None] | None) -> Iterator[None]:
         _budget.reset(token)
 
 
-def _ask_budget(pixels: int) -> None:
-    if pixels >= BUDGETED_FROM_PIXELS:
+def _ask_budget(charge: int) -> None:
+    """Ask the decoding budget (:func:`budgeted`) for ``charge`` bytes, those an image's decoding
+    holds at its peak, if it is that large."""
+    if charge >= BUDGETED_FROM_BYTES:
         ask = _budget.get()
         if ask is not None:
-            ask(pixels)
+            ask(charge)
 
 
 def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
@@ -527,6 +562,9 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         if im.format in ("PNG", "WEBP") and _zero_filled(fh, im.format):
             raise DecodeError("decode", f"truncated {im.format.replace('WEBP', 'WebP')} file: zero bytes where its "
                                         "image data should end (a download still being written?)")
+        samples = 4 if im.mode in ("P", "PA") else len(im.getbands())  # (a palette's colours: RGB, or RGBA)
+        per_sample = WEBP_BYTES_A_SAMPLE if im.format == "WEBP" else PILLOW_BYTES_A_SAMPLE
+        _ask_budget(_file_bytes(fh) + im.width * im.height * (samples * per_sample + RESULT_BYTES))
         if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(fh) == 16:
             return _read_wide_png(fh, im.width, im.height)
         if im.mode in ("P", "PA"):
@@ -647,6 +685,11 @@ def _libjpeg_shape(data: bytes) -> tuple[int, int] | tuple[int, int, int] | None
     return frame[1:3] if frame[3] == 1 else frame[1:]
 
 
+def _libjpeg_charge(data: bytes, shape: tuple[int, ...]) -> int:
+    """What libjpeg-turbo's decoding of the JPEG ``data`` to ``shape`` holds (:func:`budgeted`)."""
+    return len(data) + math.prod(shape) * LIBJPEG_BYTES_A_SAMPLE
+
+
 def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
     """Bands (H, W, C) of a JPEG: libjpeg-turbo directly when :func:`_libjpeg_shape` says so, else
     Pillow."""
@@ -663,6 +706,7 @@ def _read_jpeg(fh: BinaryIO, max_pixels: int) -> np.ndarray:
         return _read_with_pillow(fh, max_pixels)
     height, width = shape[:2]
     _check_size(width, height, max_pixels)
+    _ask_budget(_libjpeg_charge(data, shape))
     return jpeg8_decode(data, out=off_boundary_array(shape)).reshape(height, width, -1)
 
 
@@ -710,7 +754,8 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
     headers before it decodes a sample (:class:`jpeg2000.Allocation`: a few bytes may ask for
     gigabytes); components of one size and one sample type; every tile held by a tile-part and the
     end marker (EOC) last: OpenJPEG decodes a lost tile, or a codestream zero-filled to its full
-    size, into made-up pixels without an error."""
+    size, into made-up pixels without an error. Then it asks the decoding budget for what the
+    decoding holds: the file, the samples, those structures and the result."""
     frame = jpeg2000.frame(data[start:min(end, start + jpeg2000.SIZ_BYTES)])
     if frame is None:
         raise DecodeError("decode", "damaged JPEG 2000 file: no image header (SIZ marker)")
@@ -743,6 +788,8 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
     if missing is not None:
         raise DecodeError("decode", f"damaged JPEG 2000 file: tile {missing[0] + 1} of {missing[1]} is missing "
                                     "(no tile-part holds it)")
+    _ask_budget(len(data) + own * JPEG2000_BYTES_A_SAMPLE + structures * jpeg2000.BYTES_PER_SAMPLE
+                + width * height * RESULT_BYTES)
     return height, width, components[0][0]
 
 
@@ -797,6 +844,7 @@ def _read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None,
         page = _full_resolution_page(tif)
         _check_tiff_size(page, max_pixels)
         _check_tiff_segments(tif.filehandle, page)
+        _ask_budget(tif.filehandle.size + _tiff_pixels(page) * _tiff_bytes_a_pixel(page))
         try:
             data = _TIFF_ERRORS.decoded(page)
         except ValueError as exc:
@@ -886,9 +934,26 @@ def _check_tiff_size(page: tifffile.TiffPage, max_pixels: int) -> None:
     _check_size(page.imagewidth, page.imagelength, max_pixels)
     if page.imagedepth != 1:
         raise DecodeError("decode", f"volumetric TIFF images (depth {page.imagedepth}) are not supported")
-    samples = page.samplesperpixel * max(page.imagewidth * page.imagelength, page.tilewidth * page.tilelength)
+    samples = page.samplesperpixel * _tiff_pixels(page)
     tile = f" in tiles of {page.tilewidth} x {page.tilelength}" if page.is_tiled else ""
     _check_samples(page.imagewidth, page.imagelength, page.samplesperpixel, samples, max_pixels, tile)
+
+
+def _tiff_pixels(page: tifffile.TiffPage) -> int:
+    """The pixels tifffile decodes the page to: the image's, or one tile's where a tile is larger."""
+    return max(page.imagewidth * page.imagelength, page.tilewidth * page.tilelength)
+
+
+def _tiff_bytes_a_pixel(page: tifffile.TiffPage) -> int:
+    """What decoding the page holds a pixel, its file aside (:data:`TIFF_COPIES`)."""
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+        return TIFF_PALETTE_BYTES
+    if page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        return CMYK_COPIES * page.samplesperpixel + RESULT_BYTES
+    dtype = page.dtype if page.dtype is not None else np.dtype(np.uint64)  # (refused by tifffile later)
+    stretch = FLOAT_STRETCH_BYTES if dtype.kind == "f" else 0
+    chosen = min(3, page.samplesperpixel)
+    return (TIFF_COPIES * page.samplesperpixel + chosen) * dtype.itemsize + stretch + RESULT_BYTES
 
 
 def _check_samples(width: int, height: int, per_pixel: int, samples: int, max_pixels: int, where: str = "") -> None:
