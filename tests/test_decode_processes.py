@@ -3,6 +3,7 @@ packed data plane (ImageBatch, parts, batches of parts) loses nothing on the way
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -202,14 +203,14 @@ def test_forked_decode_processes_share_the_imports():
 class DiesOnPoison:
     """A stand-in for a decode process whose codec crashes on any file named poison*."""
 
-    def __init__(self, options, slots, slot_bytes, server=None, time_limit=None):
+    def __init__(self, options, slots, slot_bytes, server=None, time_limit=None, budgeted=False):
         self.paths = []
         self.died_with_server = False  # (its crash is the file's doing)
 
     def ask(self, paths, most_pixels):
         self.paths = paths
 
-    def answer(self):
+    def answer(self, budget=None):
         if any(Path(path).name.startswith("poison") for path in self.paths):
             raise processes.DecoderDied("the decode process died of SIGSEGV")
         return len(self.paths), ImageBatch.of([np.full((2, 2), i, np.uint8) for i in range(len(self.paths))]), {}
@@ -860,3 +861,56 @@ def test_closing_a_run_whose_decode_process_hangs_ends_that_process_and_its_fork
     # (the parts decoded ahead hold the arenas' memory until a collection: gc.collect)
     wait_until(lambda: gc.collect() >= 0 and len(os.listdir("/proc/self/fd")) <= descriptors,
                "their descriptors closing", timeout=20)
+
+
+def _resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def _mapped_parts() -> int:
+    """Parts in memory of their own (images larger than a slot) that this process maps."""
+    with open("/proc/self/maps") as maps:
+        return sum("gpu-pipeline-pixels" in line for line in maps)
+
+
+@needs_processes
+def test_a_decode_process_waiting_for_its_next_request_holds_no_image(tmp_path):
+    """A decode process sent a scene in memory of its own and kept the decoded image until its next
+    request came: under ``--decode-timeout`` sixteen idle processes held a 12-MP scene each."""
+    from tests.runs import decoder_with_server, wait_until
+
+    rng = np.random.default_rng(3)
+    tile, scene = tmp_path / "tile.png", tmp_path / "scene.png"
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(tile)
+    Image.fromarray(rng.integers(0, 256, (4096, 4096, 3), np.uint8)).save(scene, compress_level=1)  # 48 MB decoded
+    with decoder_with_server() as (decoder, _):
+        decoder.decode([str(tile)], 1 << 30)
+        idle = _resident_mb(decoder._process.pid)
+        taken, images, errors = decoder.decode([str(scene)], 1 << 30)
+        assert taken == 1 and errors == {} and images.pixels.tolist() == [4096 * 4096]
+        # (it lets go of the image once it has sent it, just after its reply)
+        wait_until(lambda: _resident_mb(decoder._process.pid) - idle < 24, "the process letting go of the image",
+                   timeout=5)
+
+
+@needs_processes
+def test_a_decode_thread_waiting_for_its_process_holds_no_part_it_handed_over(tmp_path, monkeypatch):
+    """A thread that talks to a decode process kept the part it had handed over until its process
+    answered the next request: 16 threads held a scene each after the engine had done with them."""
+    from gpu_pipeline.engine import stream
+    from tests.runs import hanging_decoder, wait_until
+
+    for name, value in hanging_decoder(tmp_path / "site", "stuck", seconds=30).items():
+        monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up)
+    scene, stuck = tmp_path / "scene.png", tmp_path / "stuck.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (1024, 1024, 3), np.uint8)).save(scene)
+    shutil.copy(scene, stuck)
+    parts = stream.decode_parts([scene, stuck], DecodeOptions(), workers=1, processes=True, time_limit=3)
+    with contextlib.closing(parts):
+        first = next(parts)  # its thread then waits for the stuck file, up to the time limit
+        assert first.paths == [scene] and _mapped_parts() == 1
+        del first
+        wait_until(lambda: _mapped_parts() == 0, "the part's pixels given back", timeout=1.5)
+        (second,) = parts
+        assert list(second.errors.values())[0]["stage"] == "decode"

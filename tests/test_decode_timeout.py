@@ -4,6 +4,7 @@ an image held its batch, and every record after it, until the run was stopped.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -454,3 +455,95 @@ def test_verify_refuses_a_decode_timeout_it_cannot_keep_before_anything_is_writt
     assert result.exit_code == 2, result.output
     assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def _charge(path: Path) -> int:
+    """What decoding ``path`` asks the decoding budget (a decode process asks the same)."""
+    from gpu_pipeline.inputs.decode import budgeted
+
+    asked: list[int] = []
+    with budgeted(asked.append):
+        decode_image(path, DecodeOptions())
+    (charge,) = asked
+    return charge
+
+
+def _granted(monkeypatch) -> list[int]:
+    """[images the decoding budget let decode so far], counted as each is let through."""
+    import threading
+
+    from gpu_pipeline.engine import stream
+
+    granted, lock, real = [0], threading.Lock(), stream._DecodePool._take_budget
+
+    def take_budget(pool, number, charge, taken):
+        real(pool, number, charge, taken)  # (returns once there is room)
+        with lock:
+            granted[0] += 1
+
+    monkeypatch.setattr(stream._DecodePool, "_take_budget", take_budget)
+    return granted
+
+
+@needs_processes
+@pytest.mark.parametrize("budget_images", [0, 2])
+def test_large_images_decoded_in_processes_fit_the_decoding_budget(tmp_path, monkeypatch, budget_images):
+    """Under a time limit every image is decoded in a decode process, scenes too. A process asks the
+    main side for room before it decodes a large image, as a decode thread does, and waits for its
+    go: the processes ignored the budget (docs/nightly.md recommends the limit for nightly runs, and
+    eight processes of 13-band TIFFs held 2.4 GB). The image the consumer waits for goes on, so a
+    budget smaller than one image still ends, in order."""
+    from gpu_pipeline.engine import stream
+
+    paths = images(tmp_path / "in", 12, 1024)
+    charge = max(map(_charge, paths))  # (each over decode.BUDGETED_FROM_BYTES)
+    granted = _granted(monkeypatch)
+    taken, ahead = [], []  # ahead: images let decode and not yet taken, as each part is taken
+    parts = stream.decode_parts(paths, DecodeOptions(), workers=6, prefetch_pixels=10**9, processes=True,
+                                time_limit=60, budget_bytes=budget_images * charge)
+    with contextlib.closing(parts):
+        for part in parts:
+            time.sleep(0.05)
+            assert part.errors == {}
+            taken.extend(part.paths)
+            ahead.append(granted[0] - len(taken))
+    assert taken == paths
+    assert max(ahead) <= budget_images + 1
+    assert max(ahead[len(ahead) // 2:]) >= budget_images  # the room is used, and given back
+
+
+@needs_processes
+def test_a_decode_process_waiting_for_room_is_not_held_to_its_time_limit(tmp_path):
+    """The time limit is for reading and decoding a file: a process waiting for its go meanwhile
+    would be killed as stuck, and its image get an error record, for the consumer's slowness."""
+    from gpu_pipeline.engine import stream
+
+    paths = images(tmp_path / "in", 4, 1024)
+    parts = stream.decode_parts(paths, DecodeOptions(), workers=4, prefetch_pixels=10**9, processes=True,
+                                time_limit=1, budget_bytes=0)
+    with contextlib.closing(parts):
+        for part in parts:
+            time.sleep(1.5)  # the other three wait for room meanwhile, then decode one at a time
+            assert part.errors == {}, part.errors
+            assert len(part.paths) == 1
+
+
+@needs_processes
+def test_decode_processes_waiting_for_room_decode_nothing_once_the_parts_are_closed(tmp_path, monkeypatch):
+    """Closed while decode processes wait for room (a stop, an API caller that stops early), the pool
+    ends them: they decode nothing more, and none is left behind."""
+    from gpu_pipeline.engine import stream
+
+    paths = images(tmp_path / "in", 8, 1024)
+    granted = _granted(monkeypatch)
+    started = count_decode_processes(monkeypatch)
+    parts = stream.decode_parts(paths, DecodeOptions(), workers=6, processes=True, time_limit=60, budget_bytes=0)
+    first = next(parts)  # the consumer now waits for the second image: its process goes on, four others wait
+    assert first.paths == [paths[0]]
+    time.sleep(1.0)
+    parts.close()
+    for thread in parts._pool._threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert granted[0] <= 2  # the first image, and the second if its process got to it before the close
+    assert started and all(process.returncode is not None for process in started)  # (each ended and was waited for)

@@ -179,12 +179,12 @@ def test_a_fork_server_that_keeps_dying_ends_the_run_in_one_line_and_keeps_the_r
         real_start(self)
         servers.append(self._process.pid)
 
-    def answer(self):
+    def answer(self, budget=None):
         answers.append(self.pid)
         if len(answers) == 4:
             os.kill(servers[-1], signal.SIGKILL)
             wait_until(lambda: dead(self.pid), "the decode process dying with its server")
-        return real_answer(self)
+        return real_answer(self, budget)
 
     monkeypatch.setattr(processes.ForkServer, "_start", started)
     monkeypatch.setattr(processes.DecodeProcess, "answer", answer)
@@ -340,12 +340,12 @@ def test_a_fork_server_that_cannot_be_started_again_ends_the_run_in_one_line(tmp
         started.append(real_interpreter(*arguments, pass_fds=pass_fds))
         return started[-1]
 
-    def answer(self):
+    def answer(self, budget=None):
         answers.append(self.pid)
         if len(answers) == 4:
             started[0].kill()
             wait_until(lambda: dead(self.pid), "the decode process dying with its server")
-        return real_answer(self)
+        return real_answer(self, budget)
 
     monkeypatch.setattr(processes, "_interpreter", interpreter)
     monkeypatch.setattr(processes.DecodeProcess, "answer", answer)

@@ -520,6 +520,9 @@ class _DecodePool:
         Returns the chunk taken that this thread is to decode itself, or None when there is none
         left or the consumer has gone."""
         paths = list(map(os.fspath, chunk))
+        charged = [0]  # the budget the part's large images took (as in _decode_chunk)
+        if self._budget is not None:  # (``number``: the chunk of the image that asks)
+            decoder.budget = lambda charge: self._take_budget(number, charge, charged)
         decoder.ask(paths, self._chunk_pixels)
         start = part = 0
         while True:
@@ -538,8 +541,11 @@ class _DecodePool:
                     number, chunk, _ = following
                     paths, start, part = list(map(os.fspath, chunk)), 0, 0
                     decoder.ask(paths, self._chunk_pixels)
-            if not self._hand_over(key, decoded, int(images.pixels.sum()), last):
+            if not self._hand_over(key, decoded, int(images.pixels.sum()), last, charged[0]):
                 return None
+            # not held while the next part decodes: a thread held its last scene, 16 threads 16
+            decoded = images = None
+            charged[0] = 0
             if last and (following is None or not following[2]):
                 return following
 
@@ -633,30 +639,35 @@ class _DecodePool:
     def __iter__(self) -> Iterator[DecodedPart]:
         """Decoded parts in input order; closing the iterator stops the threads."""
         try:
-            while True:
-                with self._lock:
-                    while (self._wanted not in self._ready and self._running and self._failure is None
-                           and not self._closed):  # (closed by the engine while its batch thread waits here)
-                        if self._stop is not None and self._stop.is_set():
-                            self._stopped = True
-                            return  # (a decoder may never hand its part over: stuck in a codec or a read)
-                        self._consumer.wait(STOP_POLL_S if self._stop is not None else None)
-                    if self._closed or self._wanted not in self._ready:  # (parts ready before a failure go first)
-                        if self._failure is not None:
-                            raise self._failure
-                        return
-                    decoded, pixels, last, budgeted = self._ready.pop(self._wanted)
-                    self._held_pixels -= pixels
-                    self._held_images -= len(decoded.paths)
-                    self._budgeted -= budgeted
-                    chunk, part = self._wanted
-                    self._wanted = (chunk + 1, 0) if last else (chunk, part + 1)
-                    self._wake_decoders()
-                    if self._budget_waiters:  # (room given back, or their chunk is now the one wanted)
-                        self._budget_room.notify_all()
-                yield decoded
+            # (no local holds a part here: one held while the consumer waited for the next kept a
+            # scene the consumer had done with)
+            yield from iter(self._next_part, None)
         finally:
             self.close()
+
+    def _next_part(self) -> DecodedPart | None:
+        """The part the consumer wants next, once it is ready; None when there is none."""
+        with self._lock:
+            while (self._wanted not in self._ready and self._running and self._failure is None
+                   and not self._closed):  # (closed by the engine while its batch thread waits here)
+                if self._stop is not None and self._stop.is_set():
+                    self._stopped = True
+                    return None  # (a decoder may never hand its part over: stuck in a codec or a read)
+                self._consumer.wait(STOP_POLL_S if self._stop is not None else None)
+            if self._closed or self._wanted not in self._ready:  # (parts ready before a failure go first)
+                if self._failure is not None:
+                    raise self._failure
+                return None
+            decoded, pixels, last, budgeted = self._ready.pop(self._wanted)
+            self._held_pixels -= pixels
+            self._held_images -= len(decoded.paths)
+            self._budgeted -= budgeted
+            chunk, part = self._wanted
+            self._wanted = (chunk + 1, 0) if last else (chunk, part + 1)
+            self._wake_decoders()
+            if self._budget_waiters:  # (room given back, or their chunk is now the one wanted)
+                self._budget_room.notify_all()
+            return decoded
 
     def close(self) -> None:
         """Stop taking paths. The fork server is stopped first, which ends the decode processes
@@ -702,10 +713,10 @@ def decode_parts(paths: Iterable[Path], options: DecodeOptions, workers: int, pr
     where the consumer is, even when the part it waits for never comes (a decoder stuck for good).
     ``time_limit`` (seconds, with ``processes`` only) sends every image to a decode process, and one
     that takes longer than that on its own gets an error record instead (see :class:`Decoder`).
-    Large images decoded in threads, from their decoding to the consumer's taking them, hold at most
-    ``budget_bytes`` bytes (what each one's decoding holds at its peak), and one image more: by
-    default :func:`decoding_budget` of the memory this process may use (a decoder of one waits for
-    room before it decodes it).
+    Large images, from their decoding (in a thread or a decode process) to the consumer's taking
+    them, hold at most ``budget_bytes`` bytes (what each one's decoding holds at its peak), and one
+    image more: by default :func:`decoding_budget` of the memory this process may use (a decoder
+    of one waits for room before it decodes it).
     """
     if time_limit is not None and not processes:
         raise ValueError("a decode time limit needs decode processes")

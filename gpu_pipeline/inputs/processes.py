@@ -10,7 +10,10 @@ DataLoader does the same. What crosses over:
   part is asked for before the last one is handed on, so the worker seldom waits);
 * back: where each image lies (raw bytes) and the error of each file that failed. **Pixels are
   never pickled or copied** on this side: the main process hands out views of the shared memory,
-  and the worker decodes plain JPEGs straight into it.
+  and the worker decodes plain JPEGs straight into it;
+* for a large image, before it is decoded, what its decoding will hold (``decode.budgeted``): the
+  worker waits for the main side's go, given once the run's decoding budget has room for it
+  (under ``--decode-timeout`` scenes are decoded in processes too). Tiles never ask.
 
 The shared memory is an *arena* per worker (an anonymous ``memfd``, mapped once by both sides),
 cut into slots of ``slot_bytes``. A request carries a free slot; the slot is free again when the
@@ -48,7 +51,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -429,7 +432,7 @@ class DecodeProcess:
     when given, else a fresh interpreter."""
 
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
-                 server: ForkServer | None = None, time_limit: float | None = None) -> None:
+                 server: ForkServer | None = None, time_limit: float | None = None, budgeted: bool = False) -> None:
         self.slot_bytes = slot_bytes
         self.time_limit = time_limit  # seconds it may spend on one file of a request; None: no limit
         self.returncode: int | None = None  # how the process ended, once it has
@@ -454,8 +457,9 @@ class DecodeProcess:
         self._socket = ours
         self._connection = Connection(os.dup(ours.fileno()))
         # what the process is to decode and how, sent with the first request: a process that died
-        # before it (its fork server killed as it forked) is then a request that failed, like any other
-        self._greeting: tuple | None = (options, slot_bytes, time_limit is not None)
+        # before it (its fork server killed as it forked) is then a request that failed, like any other;
+        # ``budgeted``: it asks before it decodes a large image (see answer)
+        self._greeting: tuple | None = (options, slot_bytes, time_limit is not None, budgeted)
         self._queued: list[str] = []  # paths the worker holds and has not taken yet
         self._asked: tuple[list[str], int | None, OSError | None] = ([], None, None)  # paths, slot, failure
         self._asked_at = 0.0  # when (time.monotonic)
@@ -483,19 +487,30 @@ class DecodeProcess:
         except OSError as exc:  # the process has died: answer() says so
             self._asked = (paths, slot, exc)
 
-    def answer(self) -> tuple[int, ImageBatch, Errors]:
+    def answer(self, budget: Callable[[int], None] | None = None) -> tuple[int, ImageBatch, Errors]:
         """The part :meth:`ask` asked for (what :meth:`decode` returns). Raises :class:`DecoderDied`,
         and :class:`DecodeTimedOut` after killing the process when it spent ``time_limit`` seconds on
-        one file (see :meth:`_answered_in_time`; its slot is not reused: the arena goes with it)."""
+        one file (see :meth:`_answered_in_time`; its slot is not reused: the arena goes with it).
+        A process made ``budgeted`` asks, before it decodes a large image, for what its decoding
+        will hold: ``budget(bytes)`` is called, and returns once there is room (what it raises, this
+        raises), then the process goes on. Its time limit starts again after the wait."""
         paths, slot, failure = self._asked
-        if failure is None and self.time_limit is not None and not self._answered_in_time():
-            with contextlib.suppress(ProcessLookupError):  # (not reaped before it is waited for: the pid is its own)
-                os.kill(self.pid, signal.SIGKILL)
-            raise DecodeTimedOut(self.time_limit)
         try:
-            if failure is not None:
-                raise failure
-            taken, layout, errors, used, own_bytes = self._connection.recv()
+            while True:
+                if failure is None and self.time_limit is not None and not self._answered_in_time():
+                    with contextlib.suppress(ProcessLookupError):  # (not reaped before it is waited for)
+                        os.kill(self.pid, signal.SIGKILL)
+                    raise DecodeTimedOut(self.time_limit)
+                if failure is not None:
+                    raise failure
+                message = self._connection.recv()
+                if not isinstance(message, int):
+                    break
+                if budget is not None:  # (a large image: the process waits for the go)
+                    budget(message)
+                self._asked_at = time.monotonic()
+                _send(self._connection, True)
+            taken, layout, errors, used, own_bytes = message
             self._queued = paths[taken:]
             pixels = None
             if own_bytes:  # the part came in a memfd of its own
@@ -583,14 +598,19 @@ class Decoder:
     only the file that kills its decoder, or takes longer than the limit on its own, gets an error;
     the others decode as usual. A process that died with its fork server (a kill, the OOM killer)
     is no file's doing: the request is asked again of a fresh server's.
+
+    ``budget``, when given, is called with what the decoding of each large image will hold before
+    the process decodes it, and returns once there is room (see :meth:`DecodeProcess.answer`).
     """
 
     def __init__(self, options: DecodeOptions, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES,
-                 server: ForkServer | None = None, time_limit: float | None = None) -> None:
+                 server: ForkServer | None = None, time_limit: float | None = None,
+                 budget: Callable[[int], None] | None = None) -> None:
         self._options = options
         self._slots, self._slot_bytes = slots, slot_bytes
         self._server = server
         self._time_limit = time_limit
+        self.budget = budget
         self._process: DecodeProcess | None = None
         self._asked: tuple[list[str], int] = ([], 0)  # the paths and pixels of the request in flight
 
@@ -603,7 +623,7 @@ class Decoder:
         """:meth:`decode` in two halves, as :meth:`DecodeProcess.ask`."""
         if self._process is None:
             self._process = DecodeProcess(self._options, self._slots, self._slot_bytes, self._server,
-                                          self._time_limit)
+                                          self._time_limit, self.budget is not None)
         self._asked = (paths, most_pixels)
         self._process.ask(paths, most_pixels)
 
@@ -611,7 +631,7 @@ class Decoder:
         """The part :meth:`ask` asked for, crashes included as errors."""
         paths, most_pixels = self._asked
         try:
-            return self._process.answer()
+            return self._process.answer(self.budget)
         except DecoderDied as death:
             dead, self._process = self._process, None
             dead.close()  # its sockets and arena; it has been waited for
@@ -692,11 +712,13 @@ class _Worker:
     are decoded straight into the slot; other images are decoded, then copied there.
     """
 
-    def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions, timed: bool = False) -> None:
+    def __init__(self, sock: socket.socket, arena: mmap.mmap, options: DecodeOptions, timed: bool = False,
+                 connection: Connection | None = None) -> None:
         from gpu_pipeline.inputs.decode import decode_each
 
         self._decode_each = decode_each
         self._socket = sock
+        self._connection = connection  # (asks the decoding budget: ask_budget)
         self._arena = np.frombuffer(arena, np.uint8)
         # under a time limit: since when, and on which file, it has been working (see DecodeProcess.stuck_on)
         self._progress = np.frombuffer(arena, np.float64, 2, len(arena) - PROGRESS_BYTES) if timed else None
@@ -722,6 +744,18 @@ class _Worker:
         # the time first: a note caught half written then has a time the main side never gave up on
         self._progress[0] = time.monotonic()
         self._progress[1] = position
+
+    def ask_budget(self, charge: int) -> None:
+        """Ask the main side for room for a large image's decoding (``charge`` bytes: what
+        ``decode.budgeted`` asks), and wait for its go; the file's time limit starts again after
+        the wait. The main side gone, :class:`_MainGone`: nothing more is decoded."""
+        try:
+            _send(self._connection, charge)  # (an int: a reply is a tuple)
+            self._connection.recv()
+        except (EOFError, ConnectionError) as exc:
+            raise _MainGone from exc
+        if self._progress is not None:
+            self._note(self._progress[1])
 
     def _next_place(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """The slot's next place as an array of ``shape``, if the image fits in what is left."""
@@ -784,6 +818,10 @@ class _Worker:
             os.close(shared)
 
 
+class _MainGone(BaseException):
+    """The main side closed its end while a worker waited for its go: not an image's error."""
+
+
 def _send(connection: Connection, message: object) -> None:
     """``connection.send(message)`` without its BytesIO: ``Connection.send`` pickles into one and
     sends a view of it, which the traceback of a failed send (a process that died) keeps alive. The
@@ -794,7 +832,7 @@ def _send(connection: Connection, message: object) -> None:
 
 def _serve(descriptor: int, arena_descriptor: int) -> None:
     """The worker's loop: requests in, pixels out, until the socket closes."""
-    from gpu_pipeline.inputs.decode import quiet_codecs
+    from gpu_pipeline.inputs.decode import budgeted, quiet_codecs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     quiet_codecs()  # it writes to the run's stderr
@@ -803,19 +841,21 @@ def _serve(descriptor: int, arena_descriptor: int) -> None:
     arena = mmap.mmap(arena_descriptor, 0)
     os.close(arena_descriptor)
     try:
-        options, slot_bytes, timed = connection.recv()
-        worker = _Worker(sock, arena, options, timed)
-        while True:
-            text, most_pixels, slot = connection.recv()
-            if text is not None:  # a new chunk; None: the next part of the last one
-                worker.queue(text.split("\0") if text else [])
-            reply, to_copy, in_slot = worker.answer(most_pixels, slot, slot_bytes)
-            if in_slot:
-                worker.fill_slot(to_copy, slot)  # before the reply: it says the pixels are there
-            _send(connection, reply)
-            if to_copy and not in_slot:  # then nothing was decoded in place
-                worker.send_in_own_memory(to_copy)
-    except (EOFError, ConnectionError):
+        options, slot_bytes, timed, asks = connection.recv()
+        worker = _Worker(sock, arena, options, timed, connection)
+        with budgeted(worker.ask_budget if asks else None):
+            while True:
+                text, most_pixels, slot = connection.recv()
+                if text is not None:  # a new chunk; None: the next part of the last one
+                    worker.queue(text.split("\0") if text else [])
+                reply, to_copy, in_slot = worker.answer(most_pixels, slot, slot_bytes)
+                if in_slot:
+                    worker.fill_slot(to_copy, slot)  # before the reply: it says the pixels are there
+                _send(connection, reply)
+                if to_copy and not in_slot:  # then nothing was decoded in place
+                    worker.send_in_own_memory(to_copy)
+                to_copy = None  # (held while it waits for the next request, a scene was 36 MB a process)
+    except (EOFError, ConnectionError, _MainGone):
         pass  # the main process closed its end (or died): nothing left to do
 
 
