@@ -1347,6 +1347,24 @@ def test_a_jp2_tiff_segment_whose_palette_has_more_columns_than_samples_is_refus
                                                "1 sample a pixel ")
 
 
+@pytest.mark.parametrize("kind", ["j2k", "jp2"])
+def test_a_jpeg_2000_tiff_segment_whose_structures_are_many_times_its_samples_is_refused(scratch: Path, monkeypatch,
+                                                                                        kind: str) -> None:
+    """OpenJPEG allocates a segment's code-blocks and precincts before it decodes a sample, as it does
+    a file's: a 359-byte TIFF of one 2048 x 2048 strip with 2 x 2 precincts took 2.3 GB (the bound
+    on a JPEG 2000 file's structures was not applied to a TIFF's segments)."""
+    codestream = empty_codestream(2048, coding_style(1))
+    segment = codestream if kind == "j2k" else jp2_file(codestream, 2048, 2048)
+    path = scratch / f"jpeg2000-structures-{kind}.tif"
+    tifffile.imwrite(path, iter([segment]), shape=(2048, 2048), dtype=np.uint8, compression="jpeg2000",
+                     rowsperstrip=2048)
+    assert path.stat().st_size < 1000
+    refused_before_decoding(path, monkeypatch, "^TIFF JPEG 2000 strip 1: 2048 x 2048 pixels in 1 tile of 1 component, "
+                                               "4,191,232 code-blocks and 4,191,232 precincts: OpenJPEG allocates for "
+                                               "them, before it decodes a sample, as much as 595,157,248 samples, "
+                                               "141.9 times the segment's 4,194,304 \\(at most 16 times")
+
+
 @pytest.mark.parametrize("compression", ["jpegxl", "lerc"])
 def test_tiff_compressions_whose_segment_sizes_are_not_checked_still_decode(scratch: Path, compression) -> None:
     """Their headers are not read (documented), and the files are not refused for it: LERC is common in

@@ -773,17 +773,7 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
         raise DecodeError("decode", "truncated JPEG 2000 file: its codestream does not end with its end marker "
                                     "(a download still being written?)")
     parts = jpeg2000.tile_parts(data, start, end)
-    allocated = jpeg2000.allocation(data, start, len(components), parts)
-    structures = allocated.samples()
-    what = (f"{width} x {height} pixels in {allocated}: OpenJPEG allocates for them, before it decodes a sample, "
-            f"as much as {structures:,} samples")
-    if structures > limit:
-        raise DecodeError("decode", f"{what}, over the limit of {limit:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel of "
-                                    "the limit; decompression-bomb guard)")
-    if structures > max(STRUCTURE_SAMPLES_PER_SAMPLE * own, STRUCTURE_SAMPLES_ANY_IMAGE):
-        raise DecodeError("decode", f"{what}, {structures / own:.1f} times the image's {own:,} (at most "
-                                    f"{STRUCTURE_SAMPLES_PER_SAMPLE} times, or {STRUCTURE_SAMPLES_ANY_IMAGE:,} samples; "
-                                    "decompression-bomb guard)")
+    structures = _check_structures(data, start, parts, (width, height, len(components)), own, "image's", limit)
     missing = jpeg2000.missing_tile(data, start, parts)
     if missing is not None:
         raise DecodeError("decode", f"damaged JPEG 2000 file: tile {missing[0] + 1} of {missing[1]} is missing "
@@ -791,6 +781,27 @@ def _check_jpeg2000(data: bytes, start: int, end: int, palette: tuple[int, int] 
     _ask_budget(len(data) + own * JPEG2000_BYTES_A_SAMPLE + structures * jpeg2000.BYTES_PER_SAMPLE
                 + width * height * RESULT_BYTES)
     return height, width, components[0][0]
+
+
+def _check_structures(data: bytes, start: int, parts: list[tuple[int, int, int]] | None,
+                      frame: tuple[int, int, int], own: int, whose: str, limit: int | None = None) -> int:
+    """What OpenJPEG allocates for the structures of the codestream at ``data[start:]`` (its
+    tile-parts ``parts``; ``frame``: its width, height and components) before it decodes a
+    sample, in samples, or DecodeError where that is over ``limit`` (samples) or many times the
+    ``own`` samples of the image (or segment: ``whose``) it decodes to."""
+    width, height, components = frame
+    allocated = jpeg2000.allocation(data, start, components, parts)
+    structures = allocated.samples()
+    what = (f"{width} x {height} pixels in {allocated}: OpenJPEG allocates for them, before it decodes a sample, "
+            f"as much as {structures:,} samples")
+    if limit is not None and structures > limit:
+        raise DecodeError("decode", f"{what}, over the limit of {limit:,} ({SAMPLES_PER_LIMIT_PIXEL} per pixel of "
+                                    "the limit; decompression-bomb guard)")
+    if structures > max(STRUCTURE_SAMPLES_PER_SAMPLE * own, STRUCTURE_SAMPLES_ANY_IMAGE):
+        raise DecodeError("decode", f"{what}, {structures / own:.1f} times the {whose} {own:,} (at most "
+                                    f"{STRUCTURE_SAMPLES_PER_SAMPLE} times, or {STRUCTURE_SAMPLES_ANY_IMAGE:,} samples; "
+                                    "decompression-bomb guard)")
+    return structures
 
 
 #: What OpenJPEG may allocate for a codestream's structures, in samples a sample of the image, or in
@@ -1039,11 +1050,38 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
                                         "be checked (or is animated)")
         if declared is not None:
             _check_segment(page, codec, f"{kind} {index + 1}", declared)
+        if codec == "JPEG 2000" and declared is not None:
+            _check_jpeg2000_segment(fh, offset, count, declared, f"{kind} {index + 1}")
         if page.compression == 7 and not page.jpegheader and not _ends_with_its_eoi(fh, offset, count):
             # (NDPI's segments are pieces of one JPEG stream, cut at its restart markers)
             raise DecodeError("decode", f"truncated TIFF file: {kind} {index + 1}'s JPEG data does not end with "
                                         "its end-of-image marker (cut short, or zero-filled: a download still "
                                         "being written?)")
+
+
+def _check_jpeg2000_segment(fh: tifffile.FileHandle, offset: int, count: int, declared: tuple[int, int, int],
+                            where: str) -> None:
+    """Refuse a JPEG 2000 strip or tile whose structures OpenJPEG would allocate at many times its
+    own samples, as for a JPEG 2000 file (:func:`_check_structures`): a 359-byte TIFF of one 2048 x
+    2048 strip with 2 x 2 precincts took 2.3 GB."""
+    fh.seek(offset)
+    data = fh.read(max(0, min(count, fh.size - offset)))
+    start = 0
+    if not data.startswith(jpeg2000.J2K_MAGIC):  # a JP2 file in the segment
+        _, codestream = jpeg2000.header_boxes(data)
+        if codestream is None:
+            return  # (OpenJPEG refuses it)
+        start = codestream[0]
+        data = data[:codestream[1]]
+    frame = jpeg2000.frame(data[start:start + jpeg2000.SIZ_BYTES])
+    if frame is None:
+        return
+    width, height, components = frame
+    try:
+        _check_structures(data, start, jpeg2000.tile_parts(data, start, len(data)), (width, height, len(components)),
+                          width * height * declared[2], "segment's")
+    except DecodeError as refused:
+        raise DecodeError("decode", f"TIFF JPEG 2000 {where}: {refused}") from None
 
 
 def _ends_with_its_eoi(fh: tifffile.FileHandle, offset: int, count: int) -> bool:
