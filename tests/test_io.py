@@ -1129,6 +1129,22 @@ def test_a_tiff_without_pixels_is_a_decode_error(scratch: Path, shape) -> None:
     assert_one_line(info.value, "decode")
 
 
+@pytest.mark.parametrize("tag", ["ImageLength", "ImageWidth"])
+def test_a_tiff_whose_tags_declare_no_rows_or_no_columns_is_a_decode_error(scratch: Path, tag: str) -> None:
+    """tifffile writes any empty array as 0 x 0, so the test above never met one side empty: a TIFF
+    whose tags say 5 x 0 or 0 x 4 (hand-made, or damaged) must not reach a backend either."""
+    path = scratch / f"no-{tag}.tif"
+    tifffile.imwrite(path, np.full((4, 5), 7, np.uint8))
+    with tifffile.TiffFile(path) as tif:
+        where = tif.pages.first.tags[tag].valueoffset
+    data = bytearray(path.read_bytes())
+    data[where:where + 4] = bytes(4)  # (a LONG, as tifffile writes it)
+    path.write_bytes(data)
+    with pytest.raises(DecodeError, match=r"^the image has no pixels \((5x0|0x4)\)$") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
 def test_unreadable_files_are_read_errors(scratch: Path, monkeypatch) -> None:
     folder = scratch / "folder.png"
     folder.mkdir(exist_ok=True)
