@@ -15,6 +15,7 @@ import zlib
 from fractions import Fraction
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1456,6 +1457,30 @@ def test_a_file_rewritten_while_it_is_decoded_is_an_error_not_a_mix(scratch: Pat
     assert_one_line(info.value, "read")
     monkeypatch.undo()
     assert decode_image(path, DEFAULT).shape == (64, 64)  # left alone, it decodes
+
+
+def test_a_file_rewritten_with_its_modification_time_put_back_is_an_error_not_a_mix(scratch: Path, monkeypatch):
+    """A writer that puts the modification time back (``rsync --inplace``, ``touch -r``) leaves the
+    size and mtime as they were: only the change time says the bytes changed under the decoder."""
+    path = write_tiff(scratch / "rewritten-same-times.tif", np.zeros((64, 64, 1), np.uint8))
+    os.utime(path, ns=(0, 0))
+    read_tiff = gpu_io._read_tiff
+
+    def read_while_rewritten(fh, max_pixels):
+        before = os.stat(path).st_ctime_ns
+        while os.stat(path).st_ctime_ns == before:  # (a coarse clock: until the rewrite gets a later tick)
+            time.sleep(0.01)
+            with open(path, "r+b") as writer:
+                writer.seek(-1, os.SEEK_END)
+                writer.write(b"\x01")
+            os.utime(path, ns=(0, 0))
+        assert os.stat(path).st_mtime_ns == 0
+        return read_tiff(fh, max_pixels)
+
+    monkeypatch.setattr(gpu_io, "_read_tiff", read_while_rewritten)
+    with pytest.raises(DecodeError, match="the file changed while it was read") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "read")
 
 
 def test_missing_tiff_codec_says_which_package(scratch: Path, monkeypatch) -> None:
