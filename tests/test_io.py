@@ -812,6 +812,24 @@ def test_a_webp_whose_exif_ends_in_zeros_is_no_cut_file(scratch: Path) -> None:
     assert decode_image(scratch / "x.webp", DEFAULT).shape == (64, 64, 3)
 
 
+def test_a_webp_cut_short_after_an_odd_sized_chunk_is_refused(scratch: Path) -> None:
+    """RIFF pads a chunk of odd size with a byte: an ICC profile of 3 bytes comes before the image
+    data, and a walk that missed the pad never found the image data, so the zero-filled file passed."""
+    picture = np.array(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+                       .resize((200, 150)))
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "WEBP", quality=80, icc_profile=b"odd")
+    whole = buffer.getvalue()
+    assert whole[12:16] == b"VP8X" and b"ICCP\x03\0\0\0odd\0VP8 " in whole
+    cut = int(len(whole) * 0.95)
+    path = scratch / "cut-after-icc.webp"
+    path.write_bytes(whole[:cut] + bytes(len(whole) - cut))
+    with pytest.raises(DecodeError, match="truncated WebP file: zero bytes where its image data should end"):
+        decode_image(path, DEFAULT)
+    path.write_bytes(whole + bytes(100))  # zeros after a complete one: fine
+    assert decode_image(path, DEFAULT).shape == (150, 200, 3)
+
+
 @pytest.mark.parametrize("layout", [{"rowsperstrip": 96}, {"rowsperstrip": 16}, {"tile": (64, 64)}])
 @pytest.mark.parametrize("damage", ["zero-filled", "short"])
 def test_a_jpeg_tiff_whose_last_segment_is_cut_short_is_refused(scratch: Path, layout: dict, damage: str) -> None:
