@@ -260,6 +260,20 @@ def test_palette_becomes_rgb(scratch: Path, fmt: str) -> None:
     assert np.array_equal(decoded, palette[indices])
 
 
+@pytest.mark.parametrize("fmt", ["png", "gif"])
+def test_a_palette_with_a_transparent_colour_has_an_alpha_band(scratch: Path, fmt: str) -> None:
+    """A palette image with a transparent entry (PNG's tRNS, GIF's transparency index) is RGBA: band
+    4 is 0 where that entry is used and 255 elsewhere, and without --bands it is RGB."""
+    rng = np.random.default_rng(4)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    indices = rng.integers(0, 16, (6, 11), dtype=np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette.ravel().tolist())
+    path = save(image, scratch / f"transparent.{fmt}", transparency=5)
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(4,))), np.where(indices == 5, 0, 255))
+    assert np.array_equal(decode_image(path, DEFAULT), palette[indices])
+
+
 def test_gif_first_frame_only(scratch: Path) -> None:
     frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (10, 200)]
     frames[0].save(scratch / "anim.gif", save_all=True, append_images=frames[1:])
