@@ -933,6 +933,17 @@ def test_tiff_samples_of_fewer_than_8_bits_agree_with_pillow(scratch: Path, bits
     assert np.array_equal(decode_image(path, DEFAULT), values.astype(np.uint16) * 255 // top)
 
 
+@pytest.mark.parametrize("bits, expected", [(3, [0, 36, 73, 109, 146, 182, 219, 255]),
+                                            (5, [0, 8, 16, 25, 33, 41, 49, 58])])
+def test_tiff_samples_of_3_or_5_bits_are_rounded_onto_0_to_255(scratch: Path, bits: int, expected: list) -> None:
+    """255 x / (2^b - 1) rounded to nearest, as PNG and Pillow scale: for 1, 2 and 4 bits the division
+    is exact, so only an odd depth shows the rounding (3-bit 2 is 72.86: 73, not 72)."""
+    samples = np.arange(8, dtype=np.uint8).reshape(2, 4)
+    path = scratch / f"gray{bits}.tif"
+    tifffile.imwrite(path, samples, bitspersample=bits, photometric="minisblack")
+    assert decode_image(path, DEFAULT).ravel().tolist() == expected
+
+
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
 def test_min_is_white_signed_and_float_samples_are_inverted(scratch: Path, dtype) -> None:
     """They were used as stored: the brightest sample stayed the brightest."""
