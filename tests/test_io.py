@@ -1328,6 +1328,17 @@ def test_a_tiff_declaring_many_samples_or_a_huge_tile_is_refused_before_decoding
     assert decode_image(path, DecodeOptions(max_pixels=1_000_000, bands=options.bands)).shape == (16, 16)
 
 
+def test_a_volumetric_tiff_is_refused_from_its_tags(scratch: Path, monkeypatch) -> None:
+    """An SGI volume (ImageDepth) holds depth x the pixels its width and height say: the limits count
+    width x height, so it is refused before it is decoded."""
+    path = scratch / "volume.tif"
+    tifffile.imwrite(path, np.zeros((3, 16, 16), np.uint8), volumetric=True, tile=(16, 16), photometric="minisblack")
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(DecodeError, match=r"^volumetric TIFF images \(depth 3\) are not supported$") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
 def patch_jpeg_frame(path: Path, segment: int, width: int, height: int) -> Path:
     """Rewrite the size in a JPEG-compressed TIFF segment's frame header (the hostile test's bomb:
     636 bytes that decoded 1.6 gigapixels, a normal record)."""
