@@ -1374,6 +1374,17 @@ def test_a_jpeg_tiff_segment_declaring_more_pixels_than_its_strip_or_tile_is_ref
     refused_before_decoding(path, monkeypatch, f"^TIFF JPEG {where} \\(decompression-bomb guard\\)$")
 
 
+def test_a_jpeg_strip_declaring_more_rows_than_its_strip_is_refused(scratch: Path, monkeypatch) -> None:
+    """A strip holds RowsPerStrip rows, not the image's: a 16-row strip declaring the whole 64 x 64
+    image passed, and each strip could decode to the whole image."""
+    pytest.importorskip("imagecodecs")
+    path = scratch / "jpeg-strip-rows.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), compression="jpeg", rowsperstrip=16)
+    patch_jpeg_frame(path, 1, 64, 64)
+    refused_before_decoding(path, monkeypatch, "^TIFF JPEG strip 2 declares 64 x 64 pixels, but a strip holds "
+                                               "64 x 16 ")
+
+
 def segment_of_200_by_100(codec: str) -> tuple[bytes, int]:
     """A 200 x 100 image as its codec's encoder writes it (the header the check must read), and its
     samples a pixel."""
