@@ -1385,6 +1385,18 @@ def test_a_jpeg_strip_declaring_more_rows_than_its_strip_is_refused(scratch: Pat
                                                "64 x 16 ")
 
 
+def test_a_jpeg_tiffs_shared_tables_declaring_more_pixels_than_a_strip_are_refused(scratch: Path, monkeypatch):
+    """libjpeg reads a frame header in JPEGTables (old JPEG) as one in the segment: tables saying
+    40000 x 40000 must be refused as a strip saying so is."""
+    pytest.importorskip("imagecodecs")
+    frame = b"\xff\xc0\0\x0b\x08" + (40000).to_bytes(2, "big") * 2 + b"\x01\x01\x11\x00"  # SOF0: 1 component
+    path = scratch / "jpeg-tables-bomb.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), compression="jpeg", rowsperstrip=64,
+                     extratags=[(347, 7, None, b"\xff\xd8" + frame + b"\xff\xd9", False)])
+    refused_before_decoding(path, monkeypatch, "^TIFF JPEG strips' shared header declares 40000 x 40000 pixels, "
+                                               "but a strip holds 64 x 64 ")
+
+
 def segment_of_200_by_100(codec: str) -> tuple[bytes, int]:
     """A 200 x 100 image as its codec's encoder writes it (the header the check must read), and its
     samples a pixel."""
