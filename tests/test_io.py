@@ -1431,6 +1431,22 @@ def test_a_tiff_segment_whose_codec_header_is_larger_than_its_strip_is_refused(s
                                                "holds 64 x 64 ")
 
 
+def test_a_webp_tiff_segment_that_is_an_animation_is_refused(scratch: Path, monkeypatch) -> None:
+    """libwebp would decode every frame of an animated segment: its size cannot be checked from its
+    first chunk, so the file is refused."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    if not imagecodecs.WEBP.available:
+        pytest.skip("no WebP codec")
+    frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (10, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    path = scratch / "webp-animated.tif"
+    tifffile.imwrite(path, iter([buffer.getvalue()]), shape=(64, 64, 3), dtype=np.uint8, compression="webp",
+                     photometric="rgb", rowsperstrip=64)
+    refused_before_decoding(path, monkeypatch, "^damaged TIFF file: strip 1 has no WebP header that can be "
+                                               r"checked \(or is animated\)$")
+
+
 def test_a_jp2_tiff_segment_whose_palette_has_more_columns_than_samples_is_refused(scratch: Path, monkeypatch):
     """OpenJPEG decodes a palette JP2 segment to one plane per palette column (up to 255) whatever its
     codestream's components: 17 here, in a 1-sample strip."""
