@@ -1475,6 +1475,21 @@ def test_a_jpeg_2000_tiff_segment_whose_structures_are_many_times_its_samples_is
                                                "141.9 times the segment's 4,194,304 \\(at most 16 times")
 
 
+@pytest.mark.parametrize("columns, planes", [(5, 1), (8, 8)])
+def test_a_jp2_tiff_segment_of_more_than_4_components_per_sample_is_refused(scratch: Path, monkeypatch, columns,
+                                                                           planes) -> None:
+    """A segment may declare up to 4 components (RGBA) whatever its samples, no more: 5 palette
+    columns in a 1-sample strip; 8 in a strip of one plane of 8 (planar separate: a strip holds one
+    sample a pixel, not the page's 8)."""
+    segment = jp2_file(jpeg2000(np.zeros((64, 64), np.uint8), kind="j2k"), 64, 64, header=jp2_palette(columns))
+    path = scratch / f"jp2-palette-{columns}-{planes}.tif"
+    tifffile.imwrite(path, iter([segment] * planes), shape=(planes, 64, 64) if planes > 1 else (64, 64),
+                     dtype=np.uint8, compression="jpeg2000", photometric="minisblack", rowsperstrip=64,
+                     planarconfig="separate" if planes > 1 else None)
+    refused_before_decoding(path, monkeypatch, f"^TIFF JPEG 2000 strip 1 declares {columns} components, but a "
+                                               "strip holds 1 sample a pixel ")
+
+
 @pytest.mark.parametrize("compression", ["jpegxl", "lerc"])
 def test_tiff_compressions_whose_segment_sizes_are_not_checked_still_decode(scratch: Path, compression) -> None:
     """Their headers are not read (documented), and the files are not refused for it: LERC is common in
