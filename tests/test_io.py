@@ -1538,6 +1538,20 @@ def test_ordinary_self_sizing_tiffs_decode_as_tifffile_decodes_them(scratch: Pat
     assert np.array_equal(decoded, expected[..., :3] if samples > 1 else expected)
 
 
+def test_a_jpeg_tiff_segment_whose_frame_header_is_past_its_first_kilobyte_decodes(scratch: Path) -> None:
+    """A segment's header is looked for in its first 1024 bytes, then in all of it: an APP segment of
+    2 KB before the frame header (an ICC profile, a comment) is no reason to refuse the file."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    pixels = np.random.default_rng(5).integers(0, 256, (64, 64), dtype=np.uint8)
+    stream = bytes(imagecodecs.jpeg8_encode(pixels, level=90))
+    comment = b"\xff\xfe" + (2 + 2000).to_bytes(2, "big") + b"c" * 2000  # COM, right after SOI
+    segment = stream[:2] + comment + stream[2:]
+    assert segment.index(b"\xff\xc0") > 1024
+    path = scratch / "jpeg-late-frame.tif"
+    tifffile.imwrite(path, iter([segment]), shape=(64, 64), dtype=np.uint8, compression="jpeg", rowsperstrip=64)
+    assert np.array_equal(decode_image(path, DEFAULT), imagecodecs.jpeg8_decode(stream))
+
+
 @pytest.mark.parametrize("content, message", [(b"II*\x00", "damaged TIFF file: unpack requires"),
                                               (b"II*\x00\x08\x00\x00\x00", "damaged TIFF file: no image in it")])
 def test_a_damaged_tiff_header_says_so(scratch: Path, content: bytes, message: str) -> None:
