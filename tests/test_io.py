@@ -2126,6 +2126,19 @@ def test_decode_each_reads_a_group_before_it_decodes(scratch, monkeypatch):
     assert [name for kind, name in events if kind == "read"] == [p.name for p in paths]
 
 
+def test_decode_each_tells_working_each_files_position_in_every_group(scratch: Path, monkeypatch) -> None:
+    """``working`` gets a file's position in ``paths`` before it is read and before it is decoded,
+    in the later groups too: a decode process under a time limit blames the file it names."""
+    folder = scratch / "positions"
+    folder.mkdir(exist_ok=True)
+    paths = [save(np.full((4, 4), i, np.uint8), folder / f"{i:02d}.png") for i in range(7)]
+    monkeypatch.setattr(gpu_io, "READ_AHEAD_FILES", 3)
+    positions = []
+    images = list(gpu_io.decode_each(paths, DEFAULT, working=positions.append))
+    assert [int(image[0, 0]) for image in images] == list(range(7))
+    assert positions == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 6]
+
+
 def test_decode_each_stops_a_group_at_its_byte_budget(scratch, monkeypatch):
     folder = scratch / "budget"
     paths = [touch(folder / f"{i}.png", encoded("PNG")) for i in range(5)]
