@@ -10,6 +10,7 @@ import builtins
 import io
 import json
 import math
+import re
 import struct
 import zlib
 from fractions import Fraction
@@ -540,6 +541,22 @@ def test_jpeg_2000_structures_many_times_the_image_are_refused_under_the_default
     path = scratch / "precincts-of-8.j2k"
     path.write_bytes(codestream)
     assert np.array_equal(decode_image(path, DEFAULT), imagecodecs.jpeg2k_decode(codestream))
+
+
+def test_jpeg_2000_structures_many_times_the_image_are_refused_in_colour_too(scratch: Path, monkeypatch):
+    """The bound is 16 samples of structures a sample of the image, all components counted once:
+    3 components with 4 x 4 precincts cost 35.5 a sample, as one does (not 16 x 3 a pixel)."""
+    monkeypatch.setattr(gpu_io, "jpeg2k_decode", lambda *a, **k: pytest.fail("decoded a bomb"))
+    gray = empty_codestream(2048, coding_style(2))
+    siz = gray.index(b"\xff\x51")
+    colour = bytearray(gray)
+    colour[siz + 2:siz + 4] = (38 + 3 * 3).to_bytes(2, "big")  # Lsiz: 38 bytes, and 3 a component
+    colour[siz + 38:siz + 40] = (3).to_bytes(2, "big")  # Csiz; then each component's Ssiz, XRsiz, YRsiz
+    colour[siz + 43:siz + 43] = b"\x07\x01\x01" * 2
+    message = str(_refusal(scratch, bytes(colour)))
+    assert message.startswith("2048 x 2048 pixels in 1 tile of 3 components, ")
+    assert re.search(r", 35\.\d times the image's 12,582,912 \(at most 16 times, or 16,777,216 samples; "
+                     r"decompression-bomb guard\)$", message), message
 
 
 def test_jpeg_2000_code_blocks_and_precincts_up_to_the_samples_limit_decode(scratch: Path):
