@@ -1005,6 +1005,18 @@ def test_gdal_nodata_is_excluded_from_the_stretch_and_becomes_0(scratch: Path, d
         assert (decoded[:5] == 0).all() and (decoded[5:].max(axis=(0, 1)) == 255).all()
 
 
+@pytest.mark.parametrize("dtype, nodata", [(np.uint16, -9999), (np.int16, 2500.5), (np.int32, 1e12)])
+def test_a_gdal_nodata_value_no_sample_can_equal_marks_no_pixel(scratch: Path, dtype, nodata) -> None:
+    """-9999 on uint16 samples (a file converted from signed data, nodata kept), a fraction on
+    integers: no sample equals it, so every sample is data, as GDAL compares them; the file is
+    not an error for it."""
+    bands = np.random.default_rng(11).integers(0, 250, (12, 10, 1)).astype(dtype)
+    bands[0, 0] = 2500  # (what 2500.5 truncated would mark)
+    path = write_tiff(scratch / "nodata-out-of-range.tif", bands, extratags=[(42113, "s", 0, str(nodata), True)])
+    for stretch in ["minmax", "percentile"]:
+        assert np.array_equal(decode_image(path, DecodeOptions(stretch=stretch)), oracle(bands, stretch))
+
+
 def test_bundled_uint16_geotiff_matches_the_oracle_with_its_nodata(bundled_data_dir: Path) -> None:
     path = bundled_data_dir / "multiband/rio-tiler_rgb.tif"
     scene = tifffile.imread(path)
