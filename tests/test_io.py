@@ -393,6 +393,15 @@ def test_jpeg_2000_gray_of_each_sample_type(scratch: Path, dtype, bits):
     assert np.array_equal(decode_image(path, DEFAULT), expected)
 
 
+def test_bitdepth_of_a_signed_12_bit_jpeg_2000_is_its_bits_not_its_containers(scratch: Path):
+    """Signed b-bit samples give (2 max(x, 0)) >> (b - 8): 12-bit ones >> 4, as the SIZ marker's
+    Ssiz says (its top bit is the sign, not a bit of depth), not the int16 container's >> 8."""
+    data = np.array([[-2048, -1, 0, 1, 100, 2047]], np.int16)
+    path = scratch / "signed12.j2k"
+    path.write_bytes(jpeg2000(data, bits=12, kind="j2k"))
+    assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[0, 0, 0, 0, 12, 255]]
+
+
 def test_jpeg_2000_that_opencv_wrote_decodes_as_opencv_reads_it(scratch: Path):
     cv2 = pytest.importorskip("cv2")
     pytest.importorskip("imagecodecs")
