@@ -454,6 +454,20 @@ def test_jpeg_2000_with_a_tile_no_tile_part_holds_is_refused(scratch: Path):
     assert "damaged JPEG 2000 file: tile 2 of 2 is missing" in str(_refusal(scratch, bytes(damaged)))
 
 
+def test_jpeg_2000_whose_edge_tile_no_tile_part_holds_is_refused(scratch: Path):
+    """A tile grid that does not divide the image has partial tiles at its right and bottom edges
+    (40 x 40 pixels in tiles of 16: 3 x 3 tiles), and the last of them, lost, is missing too."""
+    tiles = io.BytesIO()
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+        tiles, "JPEG2000", tile_size=(16, 16), no_jp2=True)
+    codestream = tiles.getvalue()
+    parts = tile_parts(codestream)
+    assert len(parts) == 9 and gpu_io.decode_data(codestream, DEFAULT).shape == (40, 40, 3)
+    start, length = parts[8]
+    assert "damaged JPEG 2000 file: tile 9 of 9 is missing" in str(
+        _refusal(scratch, codestream[:start] + codestream[start + length:]))
+
+
 def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path, monkeypatch):
     """From the SIZ marker, before any sample is decoded: a 100-byte file may declare gigapixels."""
     data = bytearray(jpeg2000(np.zeros((10, 10), np.uint8)))
