@@ -1092,6 +1092,17 @@ def test_constant_band_is_0_and_a_step_when_lo_equals_hi(scratch: Path) -> None:
     assert decode_values(scratch, values).tolist() == [0] * 99 + [255]
 
 
+def test_a_16_bit_image_taller_than_wide_is_stretched_over_all_its_rows(scratch: Path):
+    """The histogram is counted a megapixel of rows at a time: every row of a 2100 x 500 band counts,
+    the last row's 1000 included (minmax: 500 gives 128, 1000 gives 255)."""
+    band = np.zeros((2100, 500), np.uint16)
+    band[:10] = 500
+    band[-1] = 1000
+    path = write_tiff(scratch / "tall16.tif", band[:, :, None])
+    decoded = decode_image(path, DecodeOptions(stretch="minmax"))
+    assert decoded[0, 0] == 128 and decoded[-1, 0] == 255 and decoded[1000, 0] == 0
+
+
 def test_bitdepth(scratch: Path) -> None:
     assert decode_values(scratch, [0, 255, 256, 65535], "bitdepth").tolist() == [0, 0, 1, 255]
     assert decode_values(scratch, [-5, 0, 127, 128, 32767], "bitdepth", np.int16).tolist() == [
