@@ -172,6 +172,15 @@ def test_glob_matches_the_file_name_case_insensitively(tree: Path) -> None:
     assert [p.name for p in discover([tree], glob="*.TIF*")] == ["x.tif", "y.TIFF"]
 
 
+def test_glob_without_a_slash_matches_files_in_subfolders_by_their_name(tmp_path: Path) -> None:
+    """``forest_*`` takes Forest_2.jpg in a subfolder too: matched against the path relative to the
+    folder given (sub/Forest_2.jpg), it took only the files at the top."""
+    for name in ["Forest_1.jpg", "sub/Forest_2.jpg", "sub/River_1.jpg", "forest/Sea_1.jpg"]:
+        touch(tmp_path / name)
+    assert [p.relative_to(tmp_path).as_posix() for p in discover([tmp_path], glob="forest_*")] == [
+        "Forest_1.jpg", "sub/Forest_2.jpg"]
+
+
 def test_glob_with_a_slash_matches_the_path_relative_to_the_folder(tree: Path) -> None:
     assert [p.name for p in discover([tree], glob="a/*.png")] == ["deep.png"]  # * crosses /
     assert [p.name for p in discover([tree], glob="b/*")] == ["10.JPG", "2.png"]
