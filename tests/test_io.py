@@ -167,6 +167,14 @@ def test_discover_deduplicates_overlapping_arguments(tree: Path, monkeypatch) ->
     assert len(found) == 7
 
 
+def test_several_folders_are_ordered_by_path_components(tree: Path) -> None:
+    """Among several arguments, a/x.tif comes before a-b/q.png, as pathlib orders them ('a' < 'a-b'),
+    though '-' sorts before '/' in a plain string."""
+    found = discover([tree / "a-b", tree / "a"])
+    assert found == sorted(discover([tree / "a"]) + discover([tree / "a-b"]), key=lambda p: p.parts)
+    assert [p.parent.name for p in found] == ["sub"] + ["a"] * 6 + ["a-b"]  # (a/sub/deep.png: 'sub' < 'u.webp')
+
+
 def test_glob_matches_the_file_name_case_insensitively(tree: Path) -> None:
     assert [p.name for p in discover([tree], glob="*.tif")] == ["x.tif"]
     assert [p.name for p in discover([tree], glob="*.TIF*")] == ["x.tif", "y.TIFF"]
