@@ -486,6 +486,20 @@ def test_jpeg_2000_whose_edge_tile_no_tile_part_holds_is_refused(scratch: Path):
         _refusal(scratch, codestream[:start] + codestream[start + length:]))
 
 
+def test_jpeg_2000_whose_tile_grid_starts_off_the_origin_decodes(scratch: Path):
+    """Tiles are counted from the tile grid's origin (XTOsiz, YTOsiz; T.800 B.3): 32 x 32 pixels at
+    (8, 8) in tiles of 16 from (8, 8) are 2 x 2 tiles, all held. Counted from 0 they were 3 x 3,
+    and a good file was refused for a 'missing' tile."""
+    image = np.random.default_rng(8).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    tiles = io.BytesIO()
+    Image.fromarray(image).save(tiles, "JPEG2000", tile_size=(16, 16), offset=(8, 8), tile_offset=(8, 8),
+                                no_jp2=True)  # (lossless: reversible by default)
+    path = scratch / "tile-origin.j2k"
+    path.write_bytes(tiles.getvalue())
+    assert len(tile_parts(tiles.getvalue())) == 4
+    assert np.array_equal(decode_image(path, DEFAULT), image)
+
+
 def test_jpeg_2000_is_refused_from_its_header_over_the_pixel_limit(scratch: Path, monkeypatch):
     """From the SIZ marker, before any sample is decoded: a 100-byte file may declare gigapixels."""
     data = bytearray(jpeg2000(np.zeros((10, 10), np.uint8)))
