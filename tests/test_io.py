@@ -1596,6 +1596,20 @@ def test_a_jp2_tiff_segment_of_more_than_4_components_per_sample_is_refused(scra
                                                "strip holds 1 sample a pixel ")
 
 
+def test_a_jpeg_2000_tiff_segment_whose_image_starts_off_the_origin_decodes(scratch: Path):
+    """A codestream's image is its area from (XOsiz, YOsiz) to (Xsiz, Ysiz): 64 x 64 pixels at (8, 8)
+    fit a 64 x 64 strip (Xsiz 72 is not its width)."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    pixels = np.random.default_rng(12).integers(0, 256, (64, 64), dtype=np.uint8)
+    segment = io.BytesIO()
+    Image.fromarray(pixels).save(segment, "JPEG2000", offset=(8, 8), tile_size=(64, 64), tile_offset=(8, 8),
+                                 no_jp2=True)
+    path = scratch / "jpeg2000-offset-strip.tif"
+    tifffile.imwrite(path, iter([segment.getvalue()]), shape=(64, 64), dtype=np.uint8, compression="jpeg2000",
+                     rowsperstrip=64)
+    assert np.array_equal(decode_image(path, DEFAULT), pixels)
+
+
 @pytest.mark.parametrize("compression", ["jpegxl", "lerc"])
 def test_tiff_compressions_whose_segment_sizes_are_not_checked_still_decode(scratch: Path, compression) -> None:
     """Their headers are not read (documented), and the files are not refused for it: LERC is common in
