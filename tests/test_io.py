@@ -1153,6 +1153,16 @@ def test_nan_and_inf_are_nodata(scratch: Path) -> None:
     assert out.tolist() == [0, 0, 0, 255, 0, 128]
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_64_bit_integer_samples_are_refused(scratch: Path, dtype) -> None:
+    """Documented: the exact map's (c - lo) x 255 overflows int64 for such samples (a span of 2^62
+    gave wrapped, made-up pixels), so they are refused, not stretched."""
+    path = write_tiff(scratch / "wide64.tif", np.array([[0, 1 << 62, 3 << 61]], dtype)[:, :, None])
+    with pytest.raises(DecodeError, match=f"^{np.dtype(dtype).name} samples are not supported$") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "normalise")
+
+
 @pytest.mark.parametrize("stretch", ["minmax", "percentile", "bitdepth"])
 def test_nan_reaches_no_arithmetic_and_warns_of_nothing(scratch: Path, stretch: str) -> None:
     """NaN samples are set aside before the map: cast to uint8 they gave numpy's "invalid value
