@@ -148,7 +148,7 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--low", "-1"], "low threshold"),
         (["--high", "nan"], "high threshold"),
         (["--blur", "4"], "blur size"),
-        (["--bands", "a,b"], "--bands"),
+        (["--bands", "a,b"], "--bands takes comma-separated 1-based band numbers such as 4,3,2, got 'a,b'"),
         (["--bands", "0,1,2"], "1-based"),
         (["--bands", "1,2"], "1 or 3"),
         (["--stretch", "magic"], "stretch"),
@@ -156,6 +156,8 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--workers", "0"], "--workers"),
         (["--workers", "1025"], "--workers must be at most 1024, got 1025"),  # a slip once filled the memory
         (["--threads", "9223372036854775807"], "--threads must be at most 1024"),
+        (["--workers", "1024", "--threads", "1024", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # 1024 is allowed
+        (["--dask-timeout", "0"], "--dask-timeout must be > 0 and at most 86400 seconds, got 0.0"),
         (["--dask", "local:1", "--dask-timeout", "inf"], "--dask-timeout must be > 0 and at most 86400 seconds"),
         (["--dask", "local:1", "--dask-timeout", "1e308"], "--dask-timeout must be > 0 and at most 86400 seconds"),
         (["--decode", "fibers"], "--decode must be one of auto, threads, processes"),
@@ -164,7 +166,9 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
         (["--backend", "reference", "--device", "1"], "needs a GPU backend"),
         (["--backend", "cupy", "--device", "-1"], "--device must be >= 0"),
         (["--device", "1", "--dask", "local:1"], "--device picks a GPU of this machine"),
+        (["--device", "0", "--dask", "local:1"], "--device picks a GPU of this machine"),  # 0, the first GPU, too
         (["--decode", "processes", "--dask", "local:1"], "--decode processes is for a run on this machine"),
+        (["--decode-timeout", "5", "--dask", "local:1"], "--decode-timeout is for a run on this machine"),
         (["--dask", "local-cuda"], "needs dask-cuda"),  # not among the test dependencies
         # what click finds as it parses: its usage lines and a framed box (six lines) before
         (["--low", "abc"], "gpu-pipeline: error: Invalid value for '--low': "),
