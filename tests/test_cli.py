@@ -271,6 +271,25 @@ def test_a_mistyped_command_line_is_one_line_and_exit_2(args, message):
     assert result.stderr == f"gpu-pipeline: error: {message}\n"
 
 
+def test_no_command_at_all_gives_the_help_not_an_error_line():
+    """click's NoArgsIsHelpError is a usage error too: taken for one, the help became one error line."""
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2 and result.stderr == ""
+    assert "Usage:" in result.stdout and all(command in result.stdout for command in ("run", "verify", "fit"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "DATA", "--model", "eurosat", "--plot", "p.PNG", "--bands", "x"], "--bands takes comma-separated"),
+    (["bench", "DATA", "--plot", "p.PNG", "--repeat", "0"], "--repeat must be >= 1, got 0"),
+])
+def test_a_plot_named_png_in_capitals_is_taken(args, message, image_dir, tmp_path, monkeypatch):
+    """The suffix is compared whatever its case: the refusal is the later option's, not the plot's."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [str(image_dir) if arg == "DATA" else arg for arg in args])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "abc", ""])
 def test_a_bad_numba_num_threads_is_one_line_and_exit_2(value, tmp_path):
     """numba raised (0) or warned with a traceback's text ("abc") from deep inside every command."""
