@@ -585,14 +585,14 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_reported_as_stdout(image_dir, t
     assert "cannot write to stdout" not in result.stderr.decode()
 
 
-def test_a_full_disk_under_another_file_is_not_reported_as_stdout(image_dir, tmp_path):
+@pytest.mark.parametrize("error, message", [("ENOSPC", "No space left on device"), ("EDQUOT", "Disk quota exceeded")])
+def test_a_full_disk_under_another_file_is_not_reported_as_stdout(image_dir, tmp_path, error, message):
     """numba's cache on a full disk (or bench's temporary corpus) said "cannot write to stdout: No
-    space left on device" (exit 3): the file is named instead."""
-    env = {**os.environ, **sitecustomize(tmp_path / "site", FAILING_RUN), "FAILING_RUN": "ENOSPC"}
+    space left on device" (exit 3): the file is named instead. A quota is a full disk too."""
+    env = {**os.environ, **sitecustomize(tmp_path / "site", FAILING_RUN), "FAILING_RUN": error}
     result = command("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
                      stdout=subprocess.PIPE, env=env)
-    assert (result.returncode, result.stderr.decode()) == (
-        1, "gpu-pipeline: error: No space left on device: /cache/kernel.nbi\n")
+    assert (result.returncode, result.stderr.decode()) == (1, f"gpu-pipeline: error: {message}: /cache/kernel.nbi\n")
 
 
 def test_a_socket_reader_that_stopped_reading_is_exit_3(tmp_path):
@@ -618,10 +618,42 @@ import gpu_pipeline.engine.job as job
 def run_job(*args, **kwargs):
     if os.environ["FAILING_RUN"] == "EPIPE":
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    if os.environ["FAILING_RUN"] == "EACCES":
+        raise PermissionError(errno.EACCES, "Permission denied", "/cache/kernel.nbi")
+    if os.environ["FAILING_RUN"] == "EDQUOT":
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", "/cache/kernel.nbi")
     raise OSError(errno.ENOSPC, "No space left on device", "/cache/kernel.nbi")
 
 job.run_job = run_job
 """
+
+
+def test_an_os_error_that_is_no_write_error_is_shown_as_it_is(image_dir, tmp_path):
+    """Only a full disk or a reader gone is said in one line: any other OSError out of a command is
+    a bug of ours, shown with its traceback, not dressed as a message."""
+    env = {**os.environ, **sitecustomize(tmp_path / "site", FAILING_RUN), "FAILING_RUN": "EACCES"}
+    result = command("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
+                     stdout=subprocess.PIPE, env=env)
+    assert result.returncode == 1 and "PermissionError: [Errno 13] Permission denied" in result.stderr.decode()
+    assert "gpu-pipeline: error:" not in result.stderr.decode()
+
+
+def test_only_our_warnings_are_reworded_a_librarys_reads_as_python_shows_it():
+    """``warning: MESSAGE`` is gpu-pipeline's voice: a library's warning in it would pass for ours."""
+    probe = ("import warnings\nfrom gpu_pipeline.cli import streams\nfrom gpu_pipeline.errors import PipelineWarning\n"
+             "streams.prepare()\nwarnings.warn('ours', PipelineWarning)\nwarnings.warn('a library', UserWarning)\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and lines[0] == "warning: ours"
+    assert "UserWarning: a library" in lines[1] and "warning: a library" not in result.stderr
+
+
+def test_a_signal_once_the_exit_status_is_decided_does_not_change_it():
+    """A Ctrl-C while the interpreter shuts down raised Interrupted out of nothing: a traceback, exit 1."""
+    probe = ("import os, signal, sys\nfrom gpu_pipeline.cli import main\nsys.argv = ['gpu-pipeline', '--version']\n"
+             "try:\n    main()\nfinally:\n    os.kill(os.getpid(), signal.SIGINT)\n    os.kill(os.getpid(), signal.SIGTERM)\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"gpu-pipeline {__version__}\n", "")
 
 
 @needs_dev_full
