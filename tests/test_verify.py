@@ -80,6 +80,27 @@ class DropsLastResult(ReferenceBackend):
         return super().process(images, config, keep_images)[:-1]
 
 
+class AddsAResult(ReferenceBackend):
+    name = "adds-a-result"
+
+    def process(self, images, config, keep_images=False):
+        results = super().process(images, config, keep_images)
+        return [*results, results[0]]
+
+
+class NoEdgeCountOnGray(ReferenceBackend):
+    """The reference, with no edge count (None) for gray images: the batch labeller raises TypeError."""
+
+    name = "no-edge-count-on-gray"
+
+    def process(self, images, config, keep_images=False):
+        results = list(super().process(images, config, keep_images))
+        for image, result in zip(images, results):
+            if image.ndim == 2:
+                result.edge_count = None
+        return results
+
+
 class FailsToStart(ReferenceBackend):
     name = "fails-to-start"
 
@@ -345,6 +366,7 @@ def test_a_flipped_edge_pixel_is_named_with_both_values(image_dir, tmp_path, mon
             f"reference {first['expected']}, flipped-edge {first['actual']}") in result.stdout
     hidden = len(report["differences"]) - 3
     assert f"... and {hidden} more differences and errors" in result.stdout
+    assert sum(line.startswith("differs ") for line in result.stdout.splitlines()) == 3  # not all, then the count
 
 
 def test_a_histogram_bin_off_by_one_is_named(image_dir, tmp_path, register):
@@ -374,15 +396,31 @@ def test_a_backend_that_raises_is_an_error_for_those_images_and_the_run_goes_on(
     entry = tally(report, "raises-on-gray")
     assert (entry["errors"], entry["images"]) == (2, 2)  # the RGB images were still compared
     assert report["differences"] == []
+    assert (report["identical"], report["exit_status"]) == (False, 1)  # errors alone are no "identical"
     assert "raised RuntimeError: boom on a gray image" in result.stdout
 
 
-def test_a_wrong_number_of_results_is_an_error(image_dir, tmp_path, register):
-    register(DropsLastResult)
-    result, report = verify_with_report(tmp_path, image_dir, "--backends", "drops-last-result")
+def test_a_malformed_result_spoils_only_its_own_label(image_dir, tmp_path, register):
+    """The labeller runs once per chunk; when that call raises (here TypeError, on a None edge count),
+    each image is labelled alone: the good ones keep their labels, and the run goes on."""
+    register(NoEdgeCountOnGray)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "no-edge-count-on-gray")
+    assert result.exit_code == 1, result.output
+    gray = sorted(str(p) for p in discover([image_dir]) if "gray" in p.name)
+    assert sorted({(d["image"], d["stage"]) for d in report["differences"]}) == [
+        (name, stage) for name in gray for stage in ("edge_count", "label")]
+    assert {d["kind"] for d in report["differences"] if d["stage"] == "label"} == {"invalid"}
+    assert tally(report, "no-edge-count-on-gray")["stages"]["label"] == {"identical": 2, "differs": 2}
+
+
+@pytest.mark.parametrize("backend, returned", [(DropsLastResult, 3), (AddsAResult, 5)])
+def test_a_wrong_number_of_results_is_an_error(image_dir, tmp_path, register, backend, returned):
+    """One result too many was cut off unseen by the pairing of images and results: identical, exit 0."""
+    register(backend)
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", backend.name)
     assert result.exit_code == 1, result.output
     assert len(report["errors"]) == len(discover([image_dir]))
-    assert "returned 3 results for 4 images" in report["errors"][0]["error"]
+    assert f"returned {returned} results for 4 images" in report["errors"][0]["error"]
 
 
 def test_a_backend_that_fails_to_start_fails_the_run(image_dir, tmp_path, register):
