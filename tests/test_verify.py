@@ -433,6 +433,37 @@ def test_a_backend_that_fails_to_start_fails_the_run(image_dir, tmp_path, regist
     assert "fails-to-start (failed to start)" in result.output
 
 
+def test_an_image_the_reference_raises_on_is_an_error_and_not_compared(image_dir, tmp_path, register, monkeypatch):
+    """Without the ground truth's outputs an image cannot be compared: it is the reference's error,
+    counted apart from the images compared."""
+    register(SameAsReference)
+    create = registry.create
+    monkeypatch.setattr(registry, "create", lambda name, threads=None: RaisesOnGray(threads)
+                        if name == verify.GROUND_TRUTH else create(name, threads=threads))
+    result, report = verify_with_report(tmp_path, image_dir, "--backends", "same-as-reference")
+    assert result.exit_code == 1, result.output
+    gray = sorted(str(p) for p in discover([image_dir]) if "gray" in p.name)
+    assert sorted((e["image"], e["backend"]) for e in report["errors"]) == [(name, "reference") for name in gray]
+    assert report["images"] == {"found": 4, "decoded": 4, "compared": 2}
+    assert (tally(report, "same-as-reference")["images"], report["identical"]) == (2, False)
+    assert "on 2 of 4 images: reference (2 errors)" in " ".join(result.stdout.split())
+
+
+def test_a_backend_whose_gpu_failed_is_not_called_again(tmp_path, image_dir, register):
+    """Each later chunk went to the failed GPU again, to fail alike."""
+    from tests.backend_doubles import FailingDevice, failing_after
+
+    register(FailingDevice)
+    failing_after(1)
+    try:
+        result = invoke(image_dir, "--backends", "failing-device", "--batch-size", 1)
+        calls = FailingDevice.calls
+    finally:
+        failing_after(None)
+    assert result.exit_code == 1, result.output
+    assert calls == 2  # the healthy one, the one that failed; none for the last two images
+
+
 def test_decode_errors_are_listed_not_counted(image_dir, tmp_path, register):
     register(SameAsReference)
     (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -471,6 +502,17 @@ def test_usage_errors_exit_2(image_dir, tmp_path, args, message, register):
     result = invoke(image_dir, *args, "--report", tmp_path / "r.json")
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+def test_a_default_set_with_no_backend_available_exits_2(image_dir, tmp_path, monkeypatch):
+    """Only the reference could run: nothing was compared, and that was "identical", exit 0."""
+    reason = registry.unavailable_reason
+    monkeypatch.setattr(registry, "unavailable_reason",
+                        lambda name: reason(name) if name == verify.GROUND_TRUTH else "not on this machine")
+    result = invoke(image_dir, "--report", tmp_path / "r.json")
+    assert result.exit_code == 2, result.output
+    assert "no available backend to compare with the reference (numba: not on this machine;" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
 
 
