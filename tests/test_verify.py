@@ -643,6 +643,13 @@ def test_the_report_names_the_model_and_every_other_setting(tmp_path, bundled_da
     assert report["execution"] == {"threads": 1, "workers": 3, "batch_size": 2, "decode_timeout": 30}
 
 
+def test_the_opencv_oracle_counts_a_bin_past_the_range_float32_counts_exactly():
+    """cv2.calcHist counts in float32: 4097 x 4099 pixels of one value are 16,793,604 there, one too
+    many. The oracle sums row slices under 2**24 pixels, their height from the width (not square)."""
+    gray = np.zeros((4097, 4099), np.uint8)
+    assert verify._cv_histogram(gray)[0] == 4097 * 4099
+
+
 def test_a_model_that_does_not_fit_the_settings_exits_2(image_dir):
     result = invoke(image_dir, "--model", "eurosat", "--low", "30")
     assert result.exit_code == 2, result.output
