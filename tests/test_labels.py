@@ -605,6 +605,33 @@ def test_fit_then_evaluate_round_trip(tmp_path):
     assert "per class" in result.stdout and "confusion matrix" in result.stdout
 
 
+def test_the_stored_test_accuracy_is_the_held_out_one_not_the_training_one(tmp_path):
+    """Noise tiles: the model learns its training images by heart and misses the held-out ones."""
+    rng = np.random.default_rng(5)
+    for name in ("x", "y"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for index in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "tree" / name / f"{index}.png")
+    result = invoke("fit", str(tmp_path / "tree"), "--out", str(tmp_path / "m.json"), "--backend", "reference",
+                    "--test-fraction", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "training accuracy 100.0 % (4/4 images)" in result.stdout
+    assert "held-out accuracy 0.0 % (0/4 images)" in result.stdout
+    assert load_model(tmp_path / "m.json").training["test_accuracy"] == 0.0
+
+
+def test_the_seed_draws_the_held_out_images(tmp_path):
+    """Two seeds hold out other images, so the models are fitted on other ones."""
+    tree = colour_tree(tmp_path / "tree")
+    for seed in ("0", "1"):
+        result = invoke("fit", str(tree), "--out", str(tmp_path / f"{seed}.json"), "--backend", "reference",
+                        "--seed", seed)
+        assert result.exit_code == 0, result.output
+    first, second = load_model(tmp_path / "0.json"), load_model(tmp_path / "1.json")
+    assert (first.training["seed"], second.training["seed"]) == (0, 1)
+    assert not np.array_equal(first.mean, second.mean)
+
+
 def test_a_model_that_cannot_be_written_still_prints_what_the_fit_measured(tmp_path, monkeypatch):
     """A full disk when the model was written lost the fit's accuracy too: the command ended with
     that one line before printing it. Now the accuracy, then the line, exit 3 (a write that failed;
@@ -672,7 +699,8 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
                     "--test-fraction", "0.5")
     assert result.exit_code == 1, result.output
     assert "2 image(s) could not be processed" in result.stderr and "a_broken.png: decode:" in result.stderr
-    assert load_model(tmp_path / "m.json").training["images_per_class"] == {"blue": 1, "green": 1, "red": 1}
+    training = load_model(tmp_path / "m.json").training
+    assert training["images_per_class"] == {"blue": 1, "green": 1, "red": 1} and training["failed_images"] == 2
     result = invoke("evaluate", str(tree), "--model", str(tmp_path / "m.json"), "--backend", "reference")
     assert result.exit_code == 1, result.output  # labels.md: the broken ones listed, the rest evaluated
     assert "2 image(s) could not be processed" in result.stderr and "b_broken.png: decode:" in result.stderr
