@@ -714,6 +714,21 @@ def test_fit_leaves_out_broken_images_and_exits_1(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "gpu-pipeline: error: no image of class red could be processed"
 
 
+def test_five_failures_are_listed_by_name_and_more_are_counted(tmp_path):
+    """Five are all shown, without an "... and 0 more"; a sixth is counted, not listed."""
+    tree = colour_tree(tmp_path / "tree", per_class=2)
+    for index in range(5):
+        (tree / "red" / f"broken{index}.png").write_bytes(b"")
+    for listed, counted in ((5, None), (5, "  ... and 1 more")):
+        result = invoke("fit", str(tree), "--out", str(tmp_path / "m.json"), "--backend", "reference")
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.splitlines()
+        assert lines[0].startswith(f"gpu-pipeline: {listed + (counted is not None)} image(s) could not be processed")
+        assert sum(": read: the file is empty" in line for line in lines) == listed
+        assert (lines[listed + 1] if len(lines) > listed + 1 else None) == counted
+        (tree / "red" / "broken5.png").write_bytes(b"")
+
+
 def test_a_folder_that_cannot_be_listed_is_refused_by_fit_and_evaluate(tmp_path, locked):
     """A model fitted (or scored) without a class's hidden images is wrong, not partly right: refused,
     naming the folder, and nothing written. The tree itself, unlisted, is refused too."""
@@ -1025,6 +1040,28 @@ def test_evaluate_plot_refuses_too_many_classes_before_any_work(tmp_path, monkey
                     "--plot", str(tmp_path / "c.png"))
     _usage_error(result, f"--plot draws at most {MAX_CLASSES} classes, the model has {MAX_CLASSES + 1}")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_evaluate_plot_takes_a_model_of_exactly_the_most_classes(tmp_path, monkeypatch):
+    """The cap refuses more than MAX_CLASSES: a model of exactly so many goes on to its images."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels import labelled
+    from gpu_pipeline.labels.plots import MAX_CLASSES
+
+    classes = tuple(f"c{k}" for k in range(MAX_CLASSES))
+    dims, terms = len(FEATURE_NAMES), len(term_names())
+    LabelModel(classes, np.zeros(dims), np.ones(dims), np.zeros((len(classes), terms)), np.zeros(len(classes)),
+               PipelineConfig()).save(tmp_path / "most.json")
+    (tmp_path / "tree" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tree" / "c0" / "a.png")
+
+    def reached(*args, **kwargs):
+        raise UsageError("the images were reached")
+
+    monkeypatch.setattr(labelled, "compute_features", reached)
+    result = invoke("evaluate", str(tmp_path / "tree"), "--model", str(tmp_path / "most.json"),
+                    "--plot", str(tmp_path / "c.png"))
+    _usage_error(result, "the images were reached")
 
 # --------------------------------------------------------------------------------------------
 # Accuracy on real EuroSAT tiles (../shared/data, skipped when absent)
