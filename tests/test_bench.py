@@ -449,6 +449,7 @@ def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
     (["--tiles", "-1"], "--tiles must be >= 0"),
     (["--repeat", "0"], "--repeat must be >= 1"),
     (["--repeat", "99999999999999999999"], "--repeat must be at most 1000, got 99999999999999999999"),  # ran for ever
+    (["--repeat", "1000", "--count", "0"], "--count must be >= 1"),  # 1000 itself is allowed
     (["--threads", "0"], "--threads must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--format", "gif"], "--format must be one of jpeg, png"),
@@ -461,8 +462,6 @@ def test_plot_without_matplotlib_exits_2_before_timing(tmp_path, monkeypatch):
     (["/no/such/folder"], "no such file or folder"),
     (["--json", "/no/such/folder/out.json"], "--json /no/such/folder/out.json: the folder /no/such/folder does not exist"),
     (["--plot", "/no/such/folder/out.png"], "--plot /no/such/folder/out.png: the folder /no/such/folder does not exist"),
-    (["--json", "/tmp/gpu-pipeline-bench.png", "--plot", "/tmp/../tmp/gpu-pipeline-bench.png"],
-     "--json and --plot name one file"),  # refused before the measurements, not after them
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     result = runner.invoke(app, ["bench", *args])
@@ -471,9 +470,19 @@ def test_usage_errors_exit_2_with_one_line(args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_generation_options_do_not_apply_to_paths(bundled_data_dir):
-    result = runner.invoke(app, ["bench", str(bundled_data_dir / "eurosat"), "--count", "3"])
-    assert result.exit_code == 2 and "--count describes the generated corpus" in result.stderr
+def test_json_and_plot_naming_one_file_are_refused_before_the_measurements(tmp_path):
+    """Not after them (one file replaced the other), however the name is spelled. In tmp_path: under
+    /tmp, a run this refusal let through wrote its JSON there, and the next test run was refused."""
+    (tmp_path / "sub").mkdir()
+    result = runner.invoke(app, ["bench", "--json", str(tmp_path / "b.png"), "--plot", str(tmp_path / "sub" / ".." / "b.png")])
+    assert result.exit_code == 2 and "--json and --plot name one file" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+@pytest.mark.parametrize("option, value", [("--size", "8x8"), ("--count", "3"), ("--tiles", "2"), ("--format", "png")])
+def test_generation_options_do_not_apply_to_paths(bundled_data_dir, option, value):
+    result = runner.invoke(app, ["bench", str(bundled_data_dir / "eurosat"), option, value])
+    assert result.exit_code == 2 and f"{option} describes the generated corpus" in result.stderr
 
 
 def test_an_unavailable_backend_named_explicitly_is_a_usage_error(register):
