@@ -394,6 +394,22 @@ def test_a_backend_that_fails_is_reported_and_exits_1(tmp_path, register):
     assert report["contenders"]["reference"]["status"] == "measured"
 
 
+def test_a_decoder_that_fails_is_reported_and_exits_1(tmp_path, monkeypatch):
+    """The decode-only rows count for the exit status as the contenders do: a decode pool that
+    fails while timed is a failed bench, not a quiet gap in its table."""
+    from gpu_pipeline.bench import measuring
+
+    def broken(paths, settings):
+        raise OSError("disk read error")
+
+    monkeypatch.setattr(measuring, "decode_with_io", broken)
+    result, report = run_bench(tmp_path, *TINY, "--backends", "reference")
+    assert result.exit_code == 1, result.output
+    entry = report["decode_only"][bench.DECODE_IO]
+    assert entry["status"] == "failed" and "disk read error" in entry["reason"], entry
+    assert report["contenders"]["reference"]["status"] == "measured"
+
+
 def test_a_backend_whose_gpu_fails_while_measured_is_reported_failed(tmp_path, register):
     """Its close on the failed GPU raised the sticky error again, out of the bench: a traceback."""
     from tests.backend_doubles import FailingDevice, failing_after
