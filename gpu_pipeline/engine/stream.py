@@ -552,8 +552,8 @@ class _DecodePool:
     def _decode_chunk(self, number: int, chunk: list[Path]) -> None:
         part, paths, errors, pixels = 0, [], {}, 0
         packer = Packer(slot_bytes_for(self._chunk_pixels, MOST_CHUNK_IMAGES))
-        taken = [0]  # the budget the part's large images took: given back when the consumer takes it
-        with (budgeted(lambda charge: self._take_budget(number, charge, taken)) if self._budget is not None
+        charged = [0]  # the budget the part's large images took: given back when the consumer takes it
+        with (budgeted(lambda charge: self._take_budget(number, charge, charged)) if self._budget is not None
               else contextlib.nullcontext()):
             for index, (path, outcome) in enumerate(zip(chunk, decode_each(chunk, self._options,
                                                                            into=packer.place))):
@@ -566,13 +566,13 @@ class _DecodePool:
                 last = index == len(chunk) - 1
                 if last or pixels >= self._chunk_pixels:
                     decoded = DecodedPart(paths, packer.take(), errors)
-                    if not self._hand_over((number, part), decoded, pixels, last, taken[0]):
+                    if not self._hand_over((number, part), decoded, pixels, last, charged[0]):
                         return
-                    part, paths, errors, pixels, taken[0] = part + 1, [], {}, 0, 0
+                    part, paths, errors, pixels, charged[0] = part + 1, [], {}, 0, 0
 
-    def _take_budget(self, number: int, charge: int, taken: list[int]) -> None:
+    def _take_budget(self, number: int, charge: int, charged: list[int]) -> None:
         """Wait until a large image's ``charge`` (bytes) fits the decoding budget, then count it
-        against it (and in ``taken``, the part's). The chunk the consumer waits for never waits:
+        against it (and in ``charged``, the part's). The chunk the consumer waits for never waits:
         the images that fill the budget may be those it must take first. Once the pool is closed,
         _PoolClosed: the image is not to be decoded."""
         with self._lock:
@@ -585,7 +585,7 @@ class _DecodePool:
             if self._closed:  # decoded now, all the waiting images would make the peak the budget spares
                 raise _PoolClosed
             self._budgeted += charge
-        taken[0] += charge
+        charged[0] += charge
 
     def _hand_over(self, key: tuple[int, int], decoded: DecodedPart, pixels: int, last: bool,
                    budgeted: int = 0) -> bool:

@@ -496,16 +496,16 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
 #: (:func:`budgeted`): its file's bytes, and so many bytes a pixel, by reader, for the codec's
 #: buffers and the copies on the way to 8-bit samples. Each covers the peak that
 #: ``scripts/decoding_memory.py`` measures for its kinds (docs/nightly.md, "Memory"); 16 bytes a
-#: pixel for every image let a 13-band 16-bit TIFF, which holds 71 a pixel, take 4.4 times its share.
+#: pixel for every image let a 13-band 16-bit TIFF, which holds 70 a pixel, take 4.4 times its share.
 #: The 8-bit result of a reader that does not decode into it, a pixel:
 RESULT_BYTES = 3
-#: libjpeg-turbo decodes into the result itself (RGB: 4.3 a pixel with a file of 1.3), a sample.
+#: libjpeg-turbo decodes into the result itself (RGB: 4.2 a pixel with a file of 1.3), a sample.
 LIBJPEG_BYTES_A_SAMPLE = 2
-#: Pillow: its image and numpy's copy (PNG RGB: 10.2 a pixel with a file of 3), and for WebP
+#: Pillow: its image and numpy's copy (PNG RGB: 9.9 a pixel with a file of 3), and for WebP
 #: libwebp's own buffer on top (RGB: 22), a sample.
 PILLOW_BYTES_A_SAMPLE = 4
 WEBP_BYTES_A_SAMPLE = 9
-#: OpenJPEG: its int32 samples and its tiles' buffers (RGB: 22.1 a pixel, 16-bit gray 10.7), a
+#: OpenJPEG: its int32 samples and its tiles' buffers (RGB: 21.9 a pixel, 16-bit gray 10.2), a
 #: sample; what it allocates for the codestream's structures on top.
 JPEG2000_BYTES_A_SAMPLE = 8
 #: tifffile: the decoded image, and a copy of it (the codec's, or one in native byte order), and
