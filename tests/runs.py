@@ -131,6 +131,37 @@ def count_decode_processes(monkeypatch) -> list:
     return started
 
 
+def decoding_charge(path: Path) -> int:
+    """What decoding ``path`` asks the decoding budget (``decode.budgeted``), in a thread or in a
+    decode process alike."""
+    from gpu_pipeline.config import DecodeOptions
+    from gpu_pipeline.inputs.decode import budgeted, decode_image
+
+    asked: list[int] = []
+    with budgeted(asked.append):
+        decode_image(path, DecodeOptions())
+    (charge,) = asked
+    return charge
+
+
+def count_budget_grants(monkeypatch) -> list[int]:
+    """[images the decoding budget has let decode so far], counted as each is let through, from a
+    decode thread or for a decode process."""
+    import threading
+
+    from gpu_pipeline.engine import stream
+
+    granted, lock, real = [0], threading.Lock(), stream._DecodePool._take_budget
+
+    def take_budget(pool, number, charge, charged):
+        real(pool, number, charge, charged)  # (returns once there is room)
+        with lock:
+            granted[0] += 1
+
+    monkeypatch.setattr(stream._DecodePool, "_take_budget", take_budget)
+    return granted
+
+
 @contextlib.contextmanager
 def decoder_with_server(time_limit: float | None = None) -> Iterator:
     """A decode process :class:`~gpu_pipeline.inputs.processes.Decoder` (``time_limit`` its limit a

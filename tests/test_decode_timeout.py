@@ -25,8 +25,8 @@ from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
-from tests.runs import (count_decode_processes, decoder_with_server, hanging_decoder, sitecustomize, start, tagged,
-                        wait_until, wait_until_hanging)
+from tests.runs import (count_budget_grants, count_decode_processes, decoder_with_server, decoding_charge,
+                        hanging_decoder, sitecustomize, start, tagged, wait_until, wait_until_hanging)
 
 needs_processes = pytest.mark.skipif(not processes.available(), reason="decode processes need Linux (memfd)")
 BUNDLED = Path(__file__).resolve().parent.parent / "data"
@@ -457,34 +457,6 @@ def test_verify_refuses_a_decode_timeout_it_cannot_keep_before_anything_is_writt
     assert list(tmp_path.iterdir()) == []
 
 
-def _charge(path: Path) -> int:
-    """What decoding ``path`` asks the decoding budget (a decode process asks the same)."""
-    from gpu_pipeline.inputs.decode import budgeted
-
-    asked: list[int] = []
-    with budgeted(asked.append):
-        decode_image(path, DecodeOptions())
-    (charge,) = asked
-    return charge
-
-
-def _granted(monkeypatch) -> list[int]:
-    """[images the decoding budget let decode so far], counted as each is let through."""
-    import threading
-
-    from gpu_pipeline.engine import stream
-
-    granted, lock, real = [0], threading.Lock(), stream._DecodePool._take_budget
-
-    def take_budget(pool, number, charge, taken):
-        real(pool, number, charge, taken)  # (returns once there is room)
-        with lock:
-            granted[0] += 1
-
-    monkeypatch.setattr(stream._DecodePool, "_take_budget", take_budget)
-    return granted
-
-
 @needs_processes
 @pytest.mark.parametrize("budget_images", [0, 2])
 def test_large_images_decoded_in_processes_fit_the_decoding_budget(tmp_path, monkeypatch, budget_images):
@@ -496,8 +468,8 @@ def test_large_images_decoded_in_processes_fit_the_decoding_budget(tmp_path, mon
     from gpu_pipeline.engine import stream
 
     paths = images(tmp_path / "in", 12, 1024)
-    charge = max(map(_charge, paths))  # (each over decode.BUDGETED_FROM_BYTES)
-    granted = _granted(monkeypatch)
+    charge = max(map(decoding_charge, paths))  # (each over decode.BUDGETED_FROM_BYTES)
+    granted = count_budget_grants(monkeypatch)
     taken, ahead = [], []  # ahead: images let decode and not yet taken, as each part is taken
     parts = stream.decode_parts(paths, DecodeOptions(), workers=6, prefetch_pixels=10**9, processes=True,
                                 time_limit=60, budget_bytes=budget_images * charge)
@@ -535,7 +507,7 @@ def test_decode_processes_waiting_for_room_decode_nothing_once_the_parts_are_clo
     from gpu_pipeline.engine import stream
 
     paths = images(tmp_path / "in", 8, 1024)
-    granted = _granted(monkeypatch)
+    granted = count_budget_grants(monkeypatch)
     started = count_decode_processes(monkeypatch)
     parts = stream.decode_parts(paths, DecodeOptions(), workers=6, processes=True, time_limit=60, budget_bytes=0)
     first = next(parts)  # the consumer now waits for the second image: its process goes on, four others wait

@@ -15,6 +15,7 @@ from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.stream import Decoded, DecodedPart, Engine, decode_stream, part_batches
 from gpu_pipeline.images import ImageBatch
+from tests.runs import count_budget_grants, decoding_charge
 
 
 class ListSink:
@@ -276,18 +277,10 @@ def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monk
     import time
 
     from gpu_pipeline.engine import stream as engine_module
-    from gpu_pipeline.inputs import decode as gpu_io
 
     paths = write_pngs(tmp_path, [(1024, 1024)] * 16)  # (each holds over decode.BUDGETED_FROM_BYTES)
-    charge = max(map(_decoding_charge, paths))  # (their files differ by a few bytes)
-    started, lock, real_ask = [0], threading.Lock(), gpu_io._ask_budget
-
-    def ask_budget(charge):
-        real_ask(charge)  # (returns once there is room)
-        with lock:
-            started[0] += 1
-
-    monkeypatch.setattr(gpu_io, "_ask_budget", ask_budget)
+    charge = max(map(decoding_charge, paths))  # (their files differ by a few bytes)
+    started = count_budget_grants(monkeypatch)
     taken, ahead, finished = [], [], threading.Event()  # ahead: images decoding or waiting, as each part is taken
 
     def consume():
@@ -295,8 +288,7 @@ def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monk
                                                budget_bytes=budget_images * charge):
             time.sleep(0.02)
             taken.extend(part.paths)
-            with lock:
-                ahead.append(started[0] - len(taken))
+            ahead.append(started[0] - len(taken))
         finished.set()
 
     threading.Thread(target=consume, daemon=True).start()
@@ -310,21 +302,12 @@ def test_decoders_waiting_for_the_decoding_budget_decode_nothing_once_the_parts_
     """A decoder waiting for room in the decoding budget when the parts are closed (a stop, an
     interrupt, an API caller that stops early) ends there: it decoded its large image anyway, all
     such decoders at once, the very peak the budget is there to prevent, and closing waited for them."""
-    import threading
     import time
 
     from gpu_pipeline.engine import stream as engine_module
-    from gpu_pipeline.inputs import decode as gpu_io
 
     paths = write_pngs(tmp_path, [(1024, 1024)] * 8)  # (each holds over decode.BUDGETED_FROM_BYTES)
-    decoding, lock, real_ask = [], threading.Lock(), gpu_io._ask_budget
-
-    def ask_budget(charge):
-        real_ask(charge)  # (returns once there is room)
-        with lock:
-            decoding.append(threading.current_thread().name)
-
-    monkeypatch.setattr(gpu_io, "_ask_budget", ask_budget)
+    decoding = count_budget_grants(monkeypatch)
     parts = engine_module.decode_parts(paths, DecodeOptions(), workers=6, budget_bytes=0)
     first = next(parts)  # the consumer now waits for the second image: its decoder goes on, four others wait
     assert [str(p) for p in first.paths] == [str(paths[0])]
@@ -332,18 +315,7 @@ def test_decoders_waiting_for_the_decoding_budget_decode_nothing_once_the_parts_
     parts.close()
     for thread in parts._pool._threads:
         thread.join(10)
-    assert len(decoding) <= 2  # the first image, and the second if its decoder got to it before the close
-
-
-def _decoding_charge(path) -> int:
-    """What decoding ``path`` asks the decoding budget."""
-    from gpu_pipeline.inputs import decode as gpu_io
-
-    asked = []
-    with gpu_io.budgeted(asked.append):
-        gpu_io.decode_image(path, DecodeOptions())
-    (charge,) = asked
-    return charge
+    assert decoding[0] <= 2  # the first image, and the second if its decoder got to it before the close
 
 
 def test_the_decoding_budget_is_half_the_memory_a_run_may_use(monkeypatch):
