@@ -104,6 +104,28 @@ def test_a_decoder_gives_up_on_the_file_it_was_stuck_on_and_keeps_the_others(tmp
     assert elapsed >= 1  # the limit was waited out
 
 
+
+@needs_processes
+def test_a_large_image_stuck_after_its_wait_for_room_is_blamed_at_once(tmp_path, monkeypatch):
+    """A large image's process waits for room, then decodes; its time limit starts again after the
+    wait, and so does its note of the file it is on. Stuck after the go, that file is the one given
+    up on: it gets the error at the first kill, and the file before it is decoded again. (With the
+    note from before the wait, the request was redone a file at a time, the stuck file killed a
+    second process, and its error came after twice the limit.)"""
+    for name, value in hanging_decoder(tmp_path / "site", "never-decodes").items():
+        monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up; the test's name says "stuck")
+    first, stuck, last = images(tmp_path / "in", 3, 1024)
+    stuck = stuck.rename(stuck.with_name("never-decodes.png"))
+    paths = [str(first), str(stuck), str(last)]
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
+        decoder.budget = lambda charge: time.sleep(1.5)  # each large image waits longer than the limit
+        taken, decoded, errors = decoder.decode(paths, 1 << 30)
+        assert [process.returncode for process in started_processes] == [-9, None]  # one kill
+    assert (taken, errors) == (2, {1: ("decode", timed_out(1))})
+    assert [image.tobytes() for image in decoded] == [decode_image(first, DecodeOptions()).tobytes()]
+
+
 STUCK_READ = """
 import os, time
 if os.environ.get("STUCK_READ"):
