@@ -29,6 +29,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from gpu_pipeline.inputs import decode as gpu_io
+from gpu_pipeline.inputs import tiff as tiff_io
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover, find_files, folders_under
 from gpu_pipeline.inputs.decode import DecodeError, decode_image
@@ -1032,9 +1033,9 @@ def test_min_is_white_signed_and_float_samples_are_inverted(scratch: Path, dtype
 
 
 def test_bitdepth_of_signed_samples_of_fewer_than_8_bits_is_that_of_int8() -> None:
-    from gpu_pipeline.inputs.decode import _fixed_depth
+    from gpu_pipeline.inputs.normalise import fixed_depth
 
-    assert _fixed_depth(np.array([-8, 0, 3, 7, 127], np.int8), 4).tolist() == [0, 0, 6, 14, 254]  # (it raised)
+    assert fixed_depth(np.array([-8, 0, 3, 7, 127], np.int8), 4).tolist() == [0, 0, 6, 14, 254]  # (it raised)
 
 
 def test_bitdepth_of_a_12_bit_tiff_is_its_bits_not_its_containers(scratch: Path) -> None:
@@ -1661,8 +1662,8 @@ def test_ordinary_self_sizing_tiffs_decode_as_tifffile_decodes_them(scratch: Pat
         width, height = (page.tilewidth, page.tilelength) if page.is_tiled else (page.imagewidth, page.rowsperstrip)
     assert segments > 1
     declared = []
-    read_size = gpu_io._segment_size
-    monkeypatch.setattr(gpu_io, "_segment_size", lambda *a: declared.append(read_size(*a)) or declared[-1])
+    read_size = tiff_io._segment_size
+    monkeypatch.setattr(tiff_io, "_segment_size", lambda *a: declared.append(read_size(*a)) or declared[-1])
     decoded = decode_image(path, DecodeOptions(bands=(1, 2, 3)[:min(samples, 3)]))
     assert len(declared) == segments and all(w <= width and h <= height for w, h, _ in declared)
     assert np.array_equal(decoded, expected[..., :3] if samples > 1 else expected)
@@ -1695,7 +1696,7 @@ def test_a_file_rewritten_while_it_is_decoded_is_an_error_not_a_mix(scratch: Pat
     count matching neither version, exit 0."""
     path = write_tiff(scratch / "rewritten.tif", np.zeros((64, 64, 1), np.uint8))
     os.utime(path, ns=(0, 0))  # a kernel with coarse timestamps would give the rewrite the same tick
-    read_tiff = gpu_io._read_tiff
+    read_tiff = gpu_io.read_tiff
 
     def read_while_rewritten(fh, max_pixels):
         with open(path, "r+b") as writer:  # in place, the same size: only the bytes and times change
@@ -1703,7 +1704,7 @@ def test_a_file_rewritten_while_it_is_decoded_is_an_error_not_a_mix(scratch: Pat
             writer.write(b"\x01")
         return read_tiff(fh, max_pixels)
 
-    monkeypatch.setattr(gpu_io, "_read_tiff", read_while_rewritten)
+    monkeypatch.setattr(gpu_io, "read_tiff", read_while_rewritten)
     with pytest.raises(DecodeError, match="the file changed while it was read") as info:
         decode_image(path, DEFAULT)
     assert_one_line(info.value, "read")
@@ -1716,7 +1717,7 @@ def test_a_file_rewritten_with_its_modification_time_put_back_is_an_error_not_a_
     size and mtime as they were: only the change time says the bytes changed under the decoder."""
     path = write_tiff(scratch / "rewritten-same-times.tif", np.zeros((64, 64, 1), np.uint8))
     os.utime(path, ns=(0, 0))
-    read_tiff = gpu_io._read_tiff
+    read_tiff = gpu_io.read_tiff
 
     def read_while_rewritten(fh, max_pixels):
         before = os.stat(path).st_ctime_ns
@@ -1729,7 +1730,7 @@ def test_a_file_rewritten_with_its_modification_time_put_back_is_an_error_not_a_
         assert os.stat(path).st_mtime_ns == 0
         return read_tiff(fh, max_pixels)
 
-    monkeypatch.setattr(gpu_io, "_read_tiff", read_while_rewritten)
+    monkeypatch.setattr(gpu_io, "read_tiff", read_while_rewritten)
     with pytest.raises(DecodeError, match="the file changed while it was read") as info:
         decode_image(path, DEFAULT)
     assert_one_line(info.value, "read")

@@ -21,7 +21,7 @@ MEGAPIXEL = 1 << 20
 
 
 def percentile_stretch(band: np.ndarray, stretch: str) -> np.ndarray:
-    """inputs/decode.py's documented stretch, written from its docstring with NumPy's own percentiles."""
+    """inputs/normalise.py's documented stretch, written from its docstring with NumPy's own percentiles."""
     if stretch == "minmax":
         lo, hi = int(band.min()), int(band.max())
     else:

@@ -1,0 +1,34 @@
+"""What the first bytes of a JPEG or a PNG declare, read before any decoder allocates (as
+:mod:`gpu_pipeline.inputs.jpeg2000` reads a JPEG 2000's)."""
+
+from __future__ import annotations
+
+
+def png_header(head: bytes) -> tuple[int, int, int] | None:
+    """Width, height and bit depth from the first bytes of a PNG (its IHDR chunk comes first), or None."""
+    if not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR" or len(head) < 25:
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), head[24]
+
+
+#: Start-of-frame markers (all but DHT C4, JPG C8 and DAC CC): they carry the image size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, height, width, components) from a JPEG's start-of-frame segment, or None."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            return data[i + 4], int.from_bytes(data[i + 5:i + 7], "big"), \
+                int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
