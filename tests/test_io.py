@@ -1502,6 +1502,23 @@ def test_a_jpeg_strip_declaring_more_rows_than_its_strip_is_refused(scratch: Pat
                                                "64 x 16 ")
 
 
+
+@pytest.mark.parametrize("tiled, width, height, holds", [(True, 33, 32, "a tile holds 32 x 32"),
+                                                         (True, 32, 33, "a tile holds 32 x 32"),
+                                                         (False, 65, 16, "a strip holds 64 x 16"),
+                                                         (False, 64, 17, "a strip holds 64 x 16")])
+def test_a_jpeg_segment_one_pixel_larger_than_its_strip_or_tile_is_refused(scratch: Path, monkeypatch, tiled: bool,
+                                                                           width: int, height: int, holds: str):
+    """The bound is the strip's or tile's own size, to the pixel: a tolerance of a column or a row
+    went unseen by the tests of segments declaring far more."""
+    pytest.importorskip("imagecodecs")
+    path = scratch / f"jpeg-one-more-{tiled}-{width}x{height}.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), compression="jpeg",
+                     **({"tile": (32, 32)} if tiled else {"rowsperstrip": 16}))
+    patch_jpeg_frame(path, 1, width, height)
+    kind = "tile" if tiled else "strip"
+    refused_before_decoding(path, monkeypatch, f"^TIFF JPEG {kind} 2 declares {width} x {height} pixels, but {holds} ")
+
 def test_a_jpeg_tiffs_shared_tables_declaring_more_pixels_than_a_strip_are_refused(scratch: Path, monkeypatch):
     """libjpeg reads a frame header in JPEGTables (old JPEG) as one in the segment: tables saying
     40000 x 40000 must be refused as a strip saying so is."""
