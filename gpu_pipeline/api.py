@@ -313,7 +313,8 @@ def _engine_batches(paths: list[str], glob: str | None, backend: str, threads: i
                     config: PipelineConfig, decode_options: DecodeOptions, processes: bool | None,
                     labels_of, decode_timeout: float | None) -> Iterator[RecordBatch]:
     """:func:`_record_batches`, its arguments checked."""
-    from gpu_pipeline.engine.stream import Engine, early_fork_server
+    from gpu_pipeline.engine.decoding import early_fork_server
+    from gpu_pipeline.engine.stream import Engine
     from gpu_pipeline.inputs.discover import find_files, unlisted_warning
 
     unlisted: list[tuple[str, str]] = []
@@ -406,7 +407,7 @@ def _decode_processes(decode) -> bool | None:
 def _processes_for_time_limit(processes: bool | None, decode_timeout, workers: int | None) -> bool | None:
     """``processes`` as a decode time limit leaves it; with a limit, checked now that this process
     may open the files its decode processes need (a run would refuse at its first record)."""
-    from gpu_pipeline.engine.stream import decoder_count, decodes_in_processes, processes_for_time_limit
+    from gpu_pipeline.engine.decoding import decoder_count, decodes_in_processes, processes_for_time_limit
 
     processes = processes_for_time_limit(processes, decode_timeout, "decode_timeout")
     if decode_timeout is not None:

@@ -253,7 +253,7 @@ def opencv_pool(files: list[Path], processes: int) -> float:
 
 def decode_only(files: list[Path], threads: int) -> float:
     from gpu_pipeline.config import DecodeOptions
-    from gpu_pipeline.engine.stream import decode_stream
+    from gpu_pipeline.engine.decoding import decode_stream
 
     start = time.perf_counter()
     for _ in decode_stream(files, DecodeOptions(), threads):
@@ -264,7 +264,8 @@ def decode_only(files: list[Path], threads: int) -> float:
 def compute_only(files: list[Path], backend) -> float:
     """The backend alone on the decoded images, in the engine's batches (decoded beforehand)."""
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
-    from gpu_pipeline.engine.stream import DecodedPart, decode_stream, part_batches
+    from gpu_pipeline.engine.decoding import DecodedPart, decode_stream
+    from gpu_pipeline.engine.stream import part_batches
     from gpu_pipeline.images import ImageBatch
 
     decoded = list(decode_stream(files, DecodeOptions(), 2))
@@ -294,7 +295,7 @@ def decoded_from_memory(image_of):
 def engine_overhead(count: int) -> tuple[float, float]:
     """Microseconds per image of the engine itself, wall and CPU (all threads): decode served from
     memory, a backend that returns zeros, records encoded into a JSONL file."""
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding, stream as engine_module
     from gpu_pipeline.backends.base import Backend, BatchResult
     from gpu_pipeline.outputs.plan import open_sink
 
@@ -306,8 +307,8 @@ def engine_overhead(count: int) -> tuple[float, float]:
         def process(self, images, config, keep_images=False):
             return BatchResult.empty(len(images), keep_images)
 
-    real_decode = engine_module.decode_each
-    engine_module.decode_each = decoded_from_memory(lambda path: tile)
+    real_decode = decoding.decode_each
+    decoding.decode_each = decoded_from_memory(lambda path: tile)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             sink = open_sink(str(Path(scratch) / "out.jsonl"), resume=False)
@@ -319,7 +320,7 @@ def engine_overhead(count: int) -> tuple[float, float]:
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             sink.close()
     finally:
-        engine_module.decode_each = real_decode
+        decoding.decode_each = real_decode
     return seconds / count * 1e6, cpu_seconds / count * 1e6
 
 

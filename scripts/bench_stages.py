@@ -48,6 +48,10 @@ def cpu_us_per_image(work, images: int, repeat: int) -> float:
 def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     from bench_scale import decoded_from_memory
     from gpu_pipeline.engine import stream as engine_module
+    try:  # the decode pool's module (in engine/stream.py before it had its own)
+        from gpu_pipeline.engine import decoding as pool_module
+    except ImportError:
+        pool_module = engine_module
     from gpu_pipeline.backends import create
     from gpu_pipeline.labels.labeller import default_labels
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -66,23 +70,23 @@ def measure(files: list[Path], threads: int, repeat: int) -> dict[str, float]:
     results = [backend.process(batch.images, config) for batch in batches]
     stages = {}
     # the engine's decoder (decode_each: files read a group at a time), or decode_or_error in code before it
-    each = hasattr(engine_module, "decode_each")
+    each = hasattr(pool_module, "decode_each")
     if each:
-        stages["decode"] = cpu_us_per_image(lambda: list(engine_module.decode_each(files, options)), len(files), repeat)
+        stages["decode"] = cpu_us_per_image(lambda: list(pool_module.decode_each(files, options)), len(files), repeat)
     else:
         stages["decode"] = cpu_us_per_image(lambda: [decode_image(path, options) for path in files], len(files), repeat)
 
     def plumbing() -> None:
         name = "decode_each" if each else "decode_or_error"
-        real = getattr(engine_module, name)
-        setattr(engine_module, name, decoded_from_memory(decoded.__getitem__) if each
+        real = getattr(pool_module, name)
+        setattr(pool_module, name, decoded_from_memory(decoded.__getitem__) if each
                 else (lambda path, options: decoded[path]))
         try:
-            parts = engine_module.decode_parts(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
+            parts = pool_module.decode_parts(files, options, threads, *(() if batch_size is None else (256 + 2 * threads,)))
             for _ in engine_module.part_batches(parts, batch_size or 256, batch_pixels):
                 pass
         finally:
-            setattr(engine_module, name, real)
+            setattr(pool_module, name, real)
 
     stages["plumbing"] = cpu_us_per_image(plumbing, len(files), repeat)
     stages["compute"] = cpu_us_per_image(

@@ -149,16 +149,16 @@ def count_budget_grants(monkeypatch) -> list[int]:
     decode thread or for a decode process."""
     import threading
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
-    granted, lock, real = [0], threading.Lock(), stream._DecodePool._take_budget
+    granted, lock, real = [0], threading.Lock(), decoding._DecodePool._take_budget
 
     def take_budget(pool, number, charge, charged):
         real(pool, number, charge, charged)  # (returns once there is room)
         with lock:
             granted[0] += 1
 
-    monkeypatch.setattr(stream._DecodePool, "_take_budget", take_budget)
+    monkeypatch.setattr(decoding._DecodePool, "_take_budget", take_budget)
     return granted
 
 

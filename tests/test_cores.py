@@ -166,7 +166,7 @@ def test_usable_cores_is_the_mask_capped_by_the_quota(monkeypatch, affinity, quo
 def test_the_defaults_follow_the_quota(monkeypatch):
     """Decoders (``--workers``) and the numba backend's compute threads (``--threads``), unless given."""
     from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
-    from gpu_pipeline.engine.stream import decoder_count
+    from gpu_pipeline.engine.decoding import decoder_count
 
     monkeypatch.setattr(cores, "cpu_quota", lambda: 1.0)
     assert decoder_count(None) == 1

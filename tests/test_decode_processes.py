@@ -21,8 +21,8 @@ from PIL import Image
 
 from gpu_pipeline.backends import create
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import (Decoded, DecodedPart, Engine, decode_stream,
-                                        part_batches)
+from gpu_pipeline.engine.decoding import Decoded, DecodedPart, decode_stream
+from gpu_pipeline.engine.stream import Engine, part_batches
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.inputs import processes
 from gpu_pipeline.inputs.decode import decode_image
@@ -242,10 +242,10 @@ def test_a_run_in_processes_keeps_order_errors_and_labels(tmp_path):
 
 
 def test_auto_decodes_in_processes_only_for_long_runs_on_several_cores(monkeypatch):
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     engine = Engine(create("reference"))
-    monkeypatch.setattr(stream, "usable_cores", lambda: 16)
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 16)
     assert not engine.decodes_in_processes(10)
     assert engine.decodes_in_processes(5000) == processes.available()
     assert not Engine(create("reference"), processes=False).decodes_in_processes(5000)
@@ -253,15 +253,15 @@ def test_auto_decodes_in_processes_only_for_long_runs_on_several_cores(monkeypat
     # README: 2,000 files or more on 8 cores or more, 10,000 or more on 2 to 7
     assert not engine.decodes_in_processes(1_999)
     assert engine.decodes_in_processes(2_000) == processes.available()
-    monkeypatch.setattr(stream, "usable_cores", lambda: 8)
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 8)
     assert engine.decodes_in_processes(2_000) == processes.available()
-    monkeypatch.setattr(stream, "usable_cores", lambda: 7)
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 7)
     assert not engine.decodes_in_processes(9_999)
     assert engine.decodes_in_processes(10_000) == processes.available()
-    monkeypatch.setattr(stream, "usable_cores", lambda: 2)  # threads were as fast on 2 cores below 10,000 files
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 2)  # threads were as fast on 2 cores below 10,000 files
     assert not engine.decodes_in_processes(9_999)
     assert engine.decodes_in_processes(10_000) == processes.available()
-    monkeypatch.setattr(stream, "usable_cores", lambda: 1)  # nothing to run in parallel
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 1)  # nothing to run in parallel
     assert not engine.decodes_in_processes(50_000)
 
 
@@ -270,10 +270,10 @@ def test_auto_decodes_in_threads_where_the_open_file_limit_is_too_low_for_proces
     the hard one allows it; else ``auto`` decodes in threads and asking for processes is refused."""
     import resource
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
     from gpu_pipeline.errors import UsageError
 
-    monkeypatch.setattr(stream, "usable_cores", lambda: 16)
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 16)
     raised = []
     monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: raised.append(limits))
     needed = processes.descriptors_needed(16)
@@ -533,16 +533,17 @@ def test_decoded_jpegs_start_off_a_16_byte_boundary(in_processes, chunk_pixels):
 def test_a_decode_process_is_asked_for_its_next_part_before_this_one_is_handed_over(monkeypatch):
     """So that the process decodes while its thread waits for the GIL, the lock or room: across
     parts of a chunk and across chunks, and the images still come in order."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     events = []
-    real_ask, real_answer, real_hand_over = processes.Decoder.ask, processes.Decoder.answer, stream._DecodePool._hand_over
+    real_ask, real_answer = processes.Decoder.ask, processes.Decoder.answer
+    real_hand_over = decoding._DecodePool._hand_over
     monkeypatch.setattr(processes.Decoder, "ask", lambda self, *a: events.append("ask") or real_ask(self, *a))
     monkeypatch.setattr(processes.Decoder, "answer", lambda self: events.append("answer") or real_answer(self))
-    monkeypatch.setattr(stream._DecodePool, "_hand_over",
+    monkeypatch.setattr(decoding._DecodePool, "_hand_over",
                         lambda self, key, *a: events.append(key) or real_hand_over(self, key, *a))
     # chunks of 5 tiles (the first of one), parts of 2
-    monkeypatch.setattr(stream._DecodePool, "_chunk_length", lambda self: 5 if self._seen_images else 1)
+    monkeypatch.setattr(decoding._DecodePool, "_chunk_length", lambda self: 5 if self._seen_images else 1)
     tiles = find_files([BUNDLED / "eurosat"])[:16]
     decoded = list(decode_stream(tiles, DecodeOptions(), 1, chunk_pixels=2 * 64 * 64, processes=True))
     assert [item.image.tobytes() for item in decoded] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
@@ -557,7 +558,7 @@ def test_a_decode_process_is_asked_for_its_next_part_before_this_one_is_handed_o
 def test_a_decode_process_killed_in_the_middle_of_a_run_loses_no_image(monkeypatch):
     """The part asked of a process that has died is asked again of a fresh one (a file at a time):
     every image still comes, in order, none with an error."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     real_ask, pids = processes.Decoder.ask, []
 
@@ -569,7 +570,7 @@ def test_a_decode_process_killed_in_the_middle_of_a_run_loses_no_image(monkeypat
         return real_ask(self, paths, most_pixels)
 
     monkeypatch.setattr(processes.Decoder, "ask", ask)
-    monkeypatch.setattr(stream._DecodePool, "_chunk_length", lambda self: 5 if self._seen_images else 1)
+    monkeypatch.setattr(decoding._DecodePool, "_chunk_length", lambda self: 5 if self._seen_images else 1)
     tiles = find_files([BUNDLED / "eurosat"])[:16]
     decoded = list(decode_stream(tiles, DecodeOptions(), 1, chunk_pixels=2 * 64 * 64, processes=True))
     assert [item.error for item in decoded] == [None] * len(tiles)
@@ -785,7 +786,7 @@ def test_decode_threads_pack_each_part_and_give_the_pixels_of_each_file(tmp_path
     """A decode thread's part is one buffer for its plain JPEGs, decoded in place, and an array of its
     own for any other image or one past the part's room: pixels and errors are those of each file
     decoded alone (decode_or_error), in order."""
-    from gpu_pipeline.engine.stream import decode_parts
+    from gpu_pipeline.engine.decoding import decode_parts
     from gpu_pipeline.inputs.decode import decode_or_error
 
     files = find_files([hostile_folder(tmp_path)])
@@ -825,14 +826,14 @@ def test_closing_a_run_whose_decode_process_hangs_ends_that_process_and_its_fork
     for good returned after the pool's wait, but left that process and its fork server running (and
     their descriptors open) for as long as the caller lived."""
     import gpu_pipeline
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
     from tests.runs import hanging_decoder, wait_until
 
     for name, value in hanging_decoder(tmp_path / "site", "img030").items():
         monkeypatch.setenv(name, value)  # the decode processes' interpreters take it up
     tag = f"api-hang-{os.getpid()}"
     monkeypatch.setenv("GPU_PIPELINE_TEST_TAG", tag)
-    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 1.0)
+    monkeypatch.setattr(decoding, "CLOSE_WAIT_S", 1.0)
     rng = np.random.default_rng(4)
     (tmp_path / "in").mkdir()
     for index in range(60):  # 350x350: decoded in processes, 2 or 3 a part
@@ -898,7 +899,7 @@ def test_a_decode_process_waiting_for_its_next_request_holds_no_image(tmp_path):
 def test_a_decode_thread_waiting_for_its_process_holds_no_part_it_handed_over(tmp_path, monkeypatch):
     """A thread that talks to a decode process kept the part it had handed over until its process
     answered the next request: 16 threads held a scene each after the engine had done with them."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
     from tests.runs import hanging_decoder, wait_until
 
     for name, value in hanging_decoder(tmp_path / "site", "stuck", seconds=30).items():
@@ -906,7 +907,7 @@ def test_a_decode_thread_waiting_for_its_process_holds_no_part_it_handed_over(tm
     scene, stuck = tmp_path / "scene.png", tmp_path / "stuck.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (1024, 1024, 3), np.uint8)).save(scene)
     shutil.copy(scene, stuck)
-    parts = stream.decode_parts([scene, stuck], DecodeOptions(), workers=1, processes=True, time_limit=3)
+    parts = decoding.decode_parts([scene, stuck], DecodeOptions(), workers=1, processes=True, time_limit=3)
     with contextlib.closing(parts):
         first = next(parts)  # its thread then waits for the stuck file, up to the time limit
         assert first.paths == [scene] and _mapped_parts() == 1

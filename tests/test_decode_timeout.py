@@ -382,9 +382,9 @@ def test_a_bad_decode_timeout_is_refused_before_anything_is_written(tmp_path, gi
 
 def test_a_decode_timeout_where_decode_processes_cannot_run_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(processes, "available", lambda: False)
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
-    monkeypatch.setattr(stream, "processes_available", lambda: False)
+    monkeypatch.setattr(decoding, "processes_available", lambda: False)
     result = CliRunner().invoke(app, ["run", str(BUNDLED / "eurosat"), "--out", str(tmp_path / "o.jsonl"),
                                       "--decode-timeout", "5"])
     assert result.exit_code == 2 and "--decode-timeout needs decode processes, which need Linux" in result.stderr
@@ -466,11 +466,11 @@ def test_verify_skips_an_image_stuck_in_its_decoder_as_a_decode_error(tmp_path):
     (["--decode-timeout", "5"], "--decode-timeout: 2 decode processes need"),
 ])
 def test_verify_refuses_a_decode_timeout_it_cannot_keep_before_anything_is_written(tmp_path, monkeypatch, given, said):
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
-    monkeypatch.setattr(stream, "processes_available", lambda: True)
-    monkeypatch.setattr(stream, "room_for_descriptors", lambda decoders: f"{decoders} decode processes need "
-                                                                          "about 48 open files; this process may open 14")
+    monkeypatch.setattr(decoding, "processes_available", lambda: True)
+    monkeypatch.setattr(decoding, "room_for_descriptors", lambda decoders: f"{decoders} decode processes need "
+                                                                            "about 48 open files; this process may open 14")
     report = tmp_path / "report.json"
     result = CliRunner().invoke(app, ["verify", str(BUNDLED / "eurosat"), "--backends", "numba", "--workers", "2",
                                       "--report", str(report), *given])
@@ -487,14 +487,14 @@ def test_large_images_decoded_in_processes_fit_the_decoding_budget(tmp_path, mon
     go: the processes ignored the budget (docs/nightly.md recommends the limit for nightly runs, and
     eight processes of 13-band TIFFs held 2.4 GB). The image the consumer waits for goes on, so a
     budget smaller than one image still ends, in order."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = images(tmp_path / "in", 12, 1024)
     charge = max(map(decoding_charge, paths))  # (each over decode.BUDGETED_FROM_BYTES)
     granted = count_budget_grants(monkeypatch)
     taken, ahead = [], []  # ahead: images let decode and not yet taken, as each part is taken
-    parts = stream.decode_parts(paths, DecodeOptions(), workers=6, prefetch_pixels=10**9, processes=True,
-                                time_limit=60, budget_bytes=budget_images * charge)
+    parts = decoding.decode_parts(paths, DecodeOptions(), workers=6, prefetch_pixels=10**9, processes=True,
+                                  time_limit=60, budget_bytes=budget_images * charge)
     with contextlib.closing(parts):
         for part in parts:
             time.sleep(0.05)
@@ -510,11 +510,11 @@ def test_large_images_decoded_in_processes_fit_the_decoding_budget(tmp_path, mon
 def test_a_decode_process_waiting_for_room_is_not_held_to_its_time_limit(tmp_path):
     """The time limit is for reading and decoding a file: a process waiting for its go meanwhile
     would be killed as stuck, and its image get an error record, for the consumer's slowness."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = images(tmp_path / "in", 4, 1024)
-    parts = stream.decode_parts(paths, DecodeOptions(), workers=4, prefetch_pixels=10**9, processes=True,
-                                time_limit=1, budget_bytes=0)
+    parts = decoding.decode_parts(paths, DecodeOptions(), workers=4, prefetch_pixels=10**9, processes=True,
+                                  time_limit=1, budget_bytes=0)
     with contextlib.closing(parts):
         for part in parts:
             time.sleep(1.5)  # the other three wait for room meanwhile, then decode one at a time
@@ -526,12 +526,12 @@ def test_a_decode_process_waiting_for_room_is_not_held_to_its_time_limit(tmp_pat
 def test_decode_processes_waiting_for_room_decode_nothing_once_the_parts_are_closed(tmp_path, monkeypatch):
     """Closed while decode processes wait for room (a stop, an API caller that stops early), the pool
     ends them: they decode nothing more, and none is left behind."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = images(tmp_path / "in", 8, 1024)
     granted = count_budget_grants(monkeypatch)
     started = count_decode_processes(monkeypatch)
-    parts = stream.decode_parts(paths, DecodeOptions(), workers=6, processes=True, time_limit=60, budget_bytes=0)
+    parts = decoding.decode_parts(paths, DecodeOptions(), workers=6, processes=True, time_limit=60, budget_bytes=0)
     first = next(parts)  # the consumer now waits for the second image: its process goes on, four others wait
     assert first.paths == [paths[0]]
     time.sleep(1.0)

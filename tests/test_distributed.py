@@ -89,7 +89,8 @@ def test_a_worker_bounds_its_large_images_by_its_share_of_the_memory(cluster, mo
     a worker near it: a worker's decoding budget is taken from that share, not from the machine."""
     from gpu_pipeline.config import DecodeOptions, PipelineConfig
     from gpu_pipeline.engine.cores import usable_memory
-    from gpu_pipeline.engine.stream import RunSummary, decoding_budget
+    from gpu_pipeline.engine.decoding import decoding_budget
+    from gpu_pipeline.engine.stream import RunSummary
     from gpu_pipeline.labels.labeller import default_labels
 
     shares = cluster.run(_dask_memory_limit)

@@ -13,7 +13,8 @@ import cpu_reference
 from gpu_pipeline.backends.base import CPU_BATCH_PIXELS, GPU_BATCH_PIXELS
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Decoded, DecodedPart, Engine, decode_stream, part_batches
+from gpu_pipeline.engine.decoding import Decoded, DecodedPart, decode_stream
+from gpu_pipeline.engine.stream import Engine, part_batches
 from gpu_pipeline.images import ImageBatch
 from tests.runs import count_budget_grants, decoding_charge
 
@@ -184,7 +185,7 @@ def test_prefetch_is_bounded_by_pixels(tmp_path):
 def test_a_part_ends_once_it_holds_its_pixels(tmp_path):
     """A decode thread hands its part over as soon as it holds ``chunk_pixels`` pixels: one tiny
     image first (the first chunk), then a chunk of all the 4,096-pixel images cut in parts of two."""
-    from gpu_pipeline.engine.stream import decode_parts
+    from gpu_pipeline.engine.decoding import decode_parts
 
     paths = write_pngs(tmp_path, [(1, 1)] + [(64, 64)] * 8)
     parts = decode_parts(paths, DecodeOptions(), workers=1, chunk_pixels=8192)
@@ -205,7 +206,7 @@ class _Waiter:
 def test_taking_a_part_wakes_the_wanted_part_and_the_earliest_that_fit(limit):
     """Room freed wakes the decoder of the part now wanted (room or not) and the earliest waiting
     parts that fit together, up to the limit exactly; no other (each wake-up costs GIL)."""
-    from gpu_pipeline.engine.stream import _DecodePool
+    from gpu_pipeline.engine.decoding import _DecodePool
 
     by_pixels = limit == "pixels"
     pool = _DecodePool([], DecodeOptions(), threads=1, prefetch_pixels=100 if by_pixels else 10**9,
@@ -229,7 +230,7 @@ def test_the_room_a_part_holds_is_given_back_when_it_is_taken(tmp_path):
     """Error records count as images while they wait (``prefetch``), and give their room back when
     taken: a run ends holding nothing, whatever failed to decode (the room they kept shrank the
     prefetch of ``verify`` until only the wanted part could be decoded)."""
-    from gpu_pipeline.engine.stream import decode_parts
+    from gpu_pipeline.engine.decoding import decode_parts
 
     paths = write_pngs(tmp_path, [(4, 4)] * 30)
     for path in paths[::3]:
@@ -244,11 +245,11 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
     import threading
     import time
 
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding
     paths = write_pngs(tmp_path, [(16, 16)] * 8)
     running, most = [0], [0]
     lock = threading.Lock()
-    real = engine_module.decode_each
+    real = decoding.decode_each
 
     def slow_decode(paths, options, into=None):
         for outcome in real(paths, options, into):
@@ -260,7 +261,7 @@ def test_big_images_go_one_per_thread(tmp_path, monkeypatch):
                 running[0] -= 1
             yield outcome
 
-    monkeypatch.setattr(engine_module, "decode_each", slow_decode)
+    monkeypatch.setattr(decoding, "decode_each", slow_decode)
     stream = decode_stream(paths, DecodeOptions(), workers=2, prefetch_pixels=10**6, chunk_pixels=100)
     assert [item.path for item in stream] == paths
     assert most[0] == 2
@@ -276,7 +277,7 @@ def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monk
     import threading
     import time
 
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(1024, 1024)] * 16)  # (each holds over decode.BUDGETED_FROM_BYTES)
     charge = max(map(decoding_charge, paths))  # (their files differ by a few bytes)
@@ -284,8 +285,8 @@ def test_large_images_decoding_or_waiting_fit_the_decoding_budget(tmp_path, monk
     taken, ahead, finished = [], [], threading.Event()  # ahead: images decoding or waiting, as each part is taken
 
     def consume():
-        for part in engine_module.decode_parts(paths, DecodeOptions(), workers=8, prefetch_pixels=10**9,
-                                               budget_bytes=budget_images * charge):
+        for part in decoding.decode_parts(paths, DecodeOptions(), workers=8, prefetch_pixels=10**9,
+                                          budget_bytes=budget_images * charge):
             time.sleep(0.02)
             taken.extend(part.paths)
             ahead.append(started[0] - len(taken))
@@ -304,28 +305,28 @@ def test_decoders_waiting_for_the_decoding_budget_decode_nothing_once_the_parts_
     such decoders at once, the very peak the budget is there to prevent, and closing waited for them."""
     import time
 
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(1024, 1024)] * 8)  # (each holds over decode.BUDGETED_FROM_BYTES)
-    decoding = count_budget_grants(monkeypatch)
-    parts = engine_module.decode_parts(paths, DecodeOptions(), workers=6, budget_bytes=0)
+    granted = count_budget_grants(monkeypatch)
+    parts = decoding.decode_parts(paths, DecodeOptions(), workers=6, budget_bytes=0)
     first = next(parts)  # the consumer now waits for the second image: its decoder goes on, four others wait
     assert [str(p) for p in first.paths] == [str(paths[0])]
     time.sleep(0.5)
     parts.close()
     for thread in parts._pool._threads:
         thread.join(10)
-    assert decoding[0] <= 2  # the first image, and the second if its decoder got to it before the close
+    assert granted[0] <= 2  # the first image, and the second if its decoder got to it before the close
 
 
 def test_the_decoding_budget_is_half_the_memory_a_run_may_use(monkeypatch):
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding
 
-    monkeypatch.setattr(engine_module, "usable_memory", lambda: 700 << 20)
-    parts = engine_module.decode_parts([], DecodeOptions(), workers=1)
+    monkeypatch.setattr(decoding, "usable_memory", lambda: 700 << 20)
+    parts = decoding.decode_parts([], DecodeOptions(), workers=1)
     assert parts._pool._budget == 350 << 20
-    monkeypatch.setattr(engine_module, "usable_memory", lambda: None)
-    assert engine_module.decode_parts([], DecodeOptions(), workers=1)._pool._budget is None
+    monkeypatch.setattr(decoding, "usable_memory", lambda: None)
+    assert decoding.decode_parts([], DecodeOptions(), workers=1)._pool._budget is None
 
 
 def test_a_failing_path_source_is_raised_to_the_consumer():
@@ -507,7 +508,7 @@ def test_many_decoders_a_small_prefetch_and_odd_sizes_keep_order_without_stallin
     import threading
     import time
 
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding
 
     rng = random.Random(seed)
     sides = [rng.choice([1, 3, 8, 16, 40, 64, 100]) for _ in range(600)]
@@ -519,13 +520,13 @@ def test_many_decoders_a_small_prefetch_and_odd_sizes_keep_order_without_stallin
                 time.sleep(0.001)
             yield by_path[str(path)]
 
-    monkeypatch.setattr(engine_module, "decode_each", decode_each)
+    monkeypatch.setattr(decoding, "decode_each", decode_each)
     paths = [Path(p) for p in by_path]
     got, finished = [], threading.Event()
 
     def consume():
-        parts = engine_module.decode_parts(paths, DecodeOptions(), workers=16, prefetch_pixels=5_000,
-                                           chunk_pixels=2_000)
+        parts = decoding.decode_parts(paths, DecodeOptions(), workers=16, prefetch_pixels=5_000,
+                                      chunk_pixels=2_000)
         for part in parts:
             if rng.random() < 0.1:
                 time.sleep(0.002)
@@ -546,7 +547,7 @@ def test_a_batch_frees_its_pixels_before_its_records_are_written(failing, monkey
     third of what a run holds with GPU-sized batches). Labels still come from the pixels."""
     import weakref
 
-    from gpu_pipeline.engine import stream as engine_module
+    from gpu_pipeline.engine import decoding
     from gpu_pipeline.labels.labeller import default_labels
 
     decoded: dict[str, weakref.ref] = {}
@@ -558,10 +559,10 @@ def test_a_batch_frees_its_pixels_before_its_records_are_written(failing, monkey
             decoded[str(path)] = weakref.ref(image)
             yield image
 
-    monkeypatch.setattr(engine_module, "decode_each", decode_each)
+    monkeypatch.setattr(decoding, "decode_each", decode_each)
     # parts of 32 images, batches of 32: no part is shared by two batches
-    monkeypatch.setattr(engine_module, "FIRST_CHUNK_IMAGES", 32)
-    monkeypatch.setattr(engine_module, "MOST_CHUNK_IMAGES", 32)
+    monkeypatch.setattr(decoding, "FIRST_CHUNK_IMAGES", 32)
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 32)
     alive_at_write = []
 
     class CheckingSink(ListSink):
@@ -592,11 +593,11 @@ def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, monke
     decodes only after the signal), it was."""
     import threading
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(5, 6)] * count)
     stop = threading.Event()
-    real = stream.decode_each
+    real = decoding.decode_each
 
     def after_the_stop(chunk, options, into=None):
         if any(path.endswith("img016.png") for path in map(str, chunk)):
@@ -609,8 +610,8 @@ def test_a_stop_after_the_last_batch_is_taken_is_no_interruption(tmp_path, monke
                 stop.set()
             super().write(records)
 
-    monkeypatch.setattr(stream, "decode_each", after_the_stop)
-    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # img016's chunk holds no other
+    monkeypatch.setattr(decoding, "decode_each", after_the_stop)
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 1)  # img016's chunk holds no other
     sink = StoppingSink()
     summary = Engine(ReferenceBackend(), batch_size=8, workers=1).run(paths, sink, stop=stop)
     assert summary.interrupted is interrupted
@@ -649,7 +650,7 @@ def test_a_stop_once_the_last_batch_is_taken_is_no_interruption(tmp_path, monkey
 def test_decoders_that_fail_for_good_keep_the_batch_computed_before(tmp_path, monkeypatch):
     """The batch computed when the decoders fail for good (a fork server that kept dying; here the
     listing) is written before the failure is raised: its records are kept, the resume starts after."""
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(5, 6)] * 8)
 
@@ -658,7 +659,7 @@ def test_decoders_that_fail_for_good_keep_the_batch_computed_before(tmp_path, mo
             yield from super().__iter__()
             raise OSError("the listing broke")
 
-    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # every image decoded before the failure
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 1)  # every image decoded before the failure
     sink = ListSink()
     with pytest.raises(OSError, match="the listing broke"):
         Engine(ReferenceBackend(), batch_size=4, workers=1).run(BreakingListing(paths), sink)
@@ -671,11 +672,11 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
     import threading
     import time
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(8, 8)] * 12)
     stuck, release = threading.Event(), threading.Event()
-    real = stream.decode_each
+    real = decoding.decode_each
 
     def stuck_on_the_last(chunk, options, into=None):
         if any(path.endswith("img011.png") for path in map(str, chunk)):
@@ -683,12 +684,12 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
             release.wait(60)  # a read from a hung network mount
         return real(chunk, options, into=into)
 
-    monkeypatch.setattr(stream, "decode_each", stuck_on_the_last)
-    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 1.0)
+    monkeypatch.setattr(decoding, "decode_each", stuck_on_the_last)
+    monkeypatch.setattr(decoding, "CLOSE_WAIT_S", 1.0)
     # a chunk an image: the stuck file's chunk holds no other (a thread that took img001 to img011
     # as one chunk held the first batch's records until the stuck read ended: the close then
     # waited for nothing, and the test passed without testing)
-    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 1)
     engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
     batches = engine.record_batches(paths)
     try:
@@ -707,11 +708,11 @@ def test_a_computed_batch_is_handed_on_while_the_next_one_is_still_decoding(tmp_
     scene's record waited for the next scene's decode."""
     import threading
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(8, 8)] * 8)
     stuck, release, released = threading.Event(), threading.Event(), threading.Event()
-    real = stream.decode_each
+    real = decoding.decode_each
 
     def stuck_on_the_fourth(chunk, options, into=None):
         if any(path.endswith("img003.png") for path in map(str, chunk)):
@@ -720,8 +721,8 @@ def test_a_computed_batch_is_handed_on_while_the_next_one_is_still_decoding(tmp_
             released.set()
         return real(chunk, options, into=into)
 
-    monkeypatch.setattr(stream, "decode_each", stuck_on_the_fourth)
-    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # the stuck file's chunk holds no other
+    monkeypatch.setattr(decoding, "decode_each", stuck_on_the_fourth)
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 1)  # the stuck file's chunk holds no other
     engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
     with contextlib.closing(engine.record_batches(paths)) as batches:
         firsts = [next(batches).paths for _ in range(3)]  # img002 computed while img003 is stuck
@@ -744,18 +745,18 @@ def test_a_program_that_leaves_a_run_unfinished_while_a_decode_hangs_still_exits
 import time
 from pathlib import Path
 from gpu_pipeline.backends.reference import ReferenceBackend
-from gpu_pipeline.engine import stream
+from gpu_pipeline.engine import decoding, stream
 
-real = stream.decode_each
+real = decoding.decode_each
 
 def stuck_on_the_fourth(chunk, options, into=None):
     if any(str(path).endswith("img003.png") for path in chunk):
         time.sleep(3600)  # a read from a hung network mount
     return real(chunk, options, into=into)
 
-stream.decode_each = stuck_on_the_fourth
-stream.MOST_CHUNK_IMAGES = 1
-stream.CLOSE_WAIT_S = 0.5
+decoding.decode_each = stuck_on_the_fourth
+decoding.MOST_CHUNK_IMAGES = 1
+decoding.CLOSE_WAIT_S = 0.5
 batches = stream.Engine(ReferenceBackend(), batch_size=1, workers=2, processes=False).record_batches(
     [Path(name) for name in {[str(path) for path in paths]!r}])
 print([next(batches).paths for _ in range(3)], flush=True)  # the third while img003 hangs
@@ -775,20 +776,20 @@ def test_parts_close_while_another_thread_waits_in_them(tmp_path, monkeypatch):
     already executing" on the program's stderr. They close the pool, and the waiting thread returns."""
     import threading
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(8, 8)] * 3)
     release = threading.Event()
-    real = stream.decode_each
+    real = decoding.decode_each
 
     def stuck_on_the_first(chunk, options, into=None):
         if any(str(path).endswith("img000.png") for path in chunk):
             release.wait(10)  # a read from a hung network mount
         return real(chunk, options, into=into)
 
-    monkeypatch.setattr(stream, "decode_each", stuck_on_the_first)
-    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 0.2)
-    parts = stream.decode_parts(paths, DecodeOptions(), 1)
+    monkeypatch.setattr(decoding, "decode_each", stuck_on_the_first)
+    monkeypatch.setattr(decoding, "CLOSE_WAIT_S", 0.2)
+    parts = decoding.decode_parts(paths, DecodeOptions(), 1)
     taken = []
     waiting = threading.Thread(target=lambda: taken.append(next(parts, None)))
     waiting.start()
@@ -809,11 +810,11 @@ def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_sto
     import threading
     import time
 
-    from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(8, 8)] * 12)
     stuck, release, next_ready = threading.Event(), threading.Event(), threading.Event()
-    real_decode, real_hand_over = stream.decode_each, stream._DecodePool._hand_over
+    real_decode, real_hand_over = decoding.decode_each, decoding._DecodePool._hand_over
 
     def stuck_on_the_last(chunk, options, into=None):
         if any(path.endswith("img011.png") for path in map(str, chunk)):
@@ -827,10 +828,10 @@ def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_sto
             next_ready.set()  # the batch the engine takes next is ready: it takes it without waiting
         return handed
 
-    monkeypatch.setattr(stream, "decode_each", stuck_on_the_last)
-    monkeypatch.setattr(stream._DecodePool, "_hand_over", hand_over)
-    monkeypatch.setattr(stream, "CLOSE_WAIT_S", 5.0)
-    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)  # the stuck file's chunk holds no other
+    monkeypatch.setattr(decoding, "decode_each", stuck_on_the_last)
+    monkeypatch.setattr(decoding._DecodePool, "_hand_over", hand_over)
+    monkeypatch.setattr(decoding, "CLOSE_WAIT_S", 5.0)
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 1)  # the stuck file's chunk holds no other
     stop = threading.Event()
     engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
     batches = engine.record_batches(paths, stop=stop)
@@ -888,6 +889,7 @@ def test_a_run_left_in_a_reference_cycle_and_collected_in_its_batch_thread_still
     import time
 
     from gpu_pipeline.engine import stream
+    from gpu_pipeline.engine import decoding
 
     paths = write_pngs(tmp_path, [(8, 8)] * 8)
     asked, dropped, collected = threading.Event(), threading.Event(), threading.Event()
@@ -909,7 +911,7 @@ def test_a_run_left_in_a_reference_cycle_and_collected_in_its_batch_thread_still
             yield batch
 
     monkeypatch.setattr(stream, "part_batches", part_batches)
-    monkeypatch.setattr(stream, "MOST_CHUNK_IMAGES", 1)
+    monkeypatch.setattr(decoding, "MOST_CHUNK_IMAGES", 1)
     engine = Engine(ReferenceBackend(), PipelineConfig(), DecodeOptions(), batch_size=1, workers=2, processes=False)
     cycle = [engine.record_batches(paths)]
     cycle.append(cycle)

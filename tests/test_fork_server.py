@@ -313,7 +313,8 @@ def test_a_fork_server_that_cannot_fork_ends_the_run_in_one_line(tmp_path):
 def test_parts_decoded_before_the_decoders_failed_still_make_a_batch():
     """A batch not yet full when the decoders fail for good: its images go on to be computed and
     written (resume then starts after them), before the failure is raised."""
-    from gpu_pipeline.engine.stream import DecodedPart, part_batches
+    from gpu_pipeline.engine.decoding import DecodedPart
+    from gpu_pipeline.engine.stream import part_batches
     from gpu_pipeline.images import ImageBatch
 
     def parts():
@@ -425,7 +426,8 @@ def test_a_run_whose_decoders_fail_for_good_writes_every_batch_decoded_before():
     """The batch computing when the failure comes is handed on too, then the failure is raised."""
     from gpu_pipeline.backends import create
     from gpu_pipeline.engine import stream
-    from gpu_pipeline.engine.stream import DecodedPart, Engine
+    from gpu_pipeline.engine.decoding import DecodedPart
+    from gpu_pipeline.engine.stream import Engine
     from gpu_pipeline.images import ImageBatch
 
     def decoded(paths):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import usable_cores
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import is_utf8, one_line
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.diagnostics.verify import OpenCvOracle

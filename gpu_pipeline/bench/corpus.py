@@ -21,7 +21,7 @@ import numpy as np
 
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.errors import UsageError, one_line
-from gpu_pipeline.engine.stream import decode_stream
+from gpu_pipeline.engine.decoding import decode_stream
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.outputs.files import STALE_AFTER_S, is_running
 

@@ -20,8 +20,8 @@ from gpu_pipeline.bench.baselines import (BASELINES, OPENCV, OPENCV_POOL, SKIMAG
 from gpu_pipeline.bench.corpus import Corpus
 from gpu_pipeline.bench.stats import Timing, ratio, time_repeats
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import (PROCESS_DECODE_BELOW_PIXELS, DecodedPart, Engine, Packer, decode_stream,
-                                        part_batches)
+from gpu_pipeline.engine.decoding import PROCESS_DECODE_BELOW_PIXELS, DecodedPart, Packer, decode_stream
+from gpu_pipeline.engine.stream import Engine, part_batches
 from gpu_pipeline.images import ImageBatch
 from gpu_pipeline.errors import one_line, printable
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
@@ -72,10 +72,10 @@ class Contender:
 
 def packed(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
     """``images`` as the engine hands decoded images over: small ones (tiles) copied into one buffer
-    by a decode thread's :class:`~gpu_pipeline.engine.stream.Packer` (a decode process packs its
+    by a decode thread's :class:`~gpu_pipeline.engine.decoding.Packer` (a decode process packs its
     part the same way into a slot of shared memory), not an array per image whose address each
     backend call would take one at a time; large ones (scenes) as they are, each decoded in a
-    thread into an array of its own (:data:`~gpu_pipeline.engine.stream.PROCESS_DECODE_BELOW_PIXELS`)."""
+    thread into an array of its own (:data:`~gpu_pipeline.engine.decoding.PROCESS_DECODE_BELOW_PIXELS`)."""
     small = [image.shape[0] * image.shape[1] < PROCESS_DECODE_BELOW_PIXELS for image in images]
     if not any(small):
         return images

@@ -39,7 +39,8 @@ from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Comma
                                       Glob, High, Low, Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
                                       decode_options, fail_usage, given_file_name, given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
-from gpu_pipeline.engine.stream import Engine, processes_for_time_limit
+from gpu_pipeline.engine.decoding import processes_for_time_limit
+from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.inputs.processes import processes_wanted
 

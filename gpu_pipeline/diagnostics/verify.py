@@ -31,8 +31,8 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.base import Backend, DeviceFailed, StageResult, check_image, raise_if_device_failed
 from gpu_pipeline.labels.labeller import Labeller, attach_label_model_or_close, default_labels, label_function
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
-from gpu_pipeline.engine.stream import (Decoded, decode_parts, decodes_in_processes, part_batches,
-                                        processes_for_time_limit)
+from gpu_pipeline.engine.decoding import Decoded, decode_parts, decodes_in_processes, processes_for_time_limit
+from gpu_pipeline.engine.stream import part_batches
 from gpu_pipeline.errors import UsageError, one_line, shown
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with_report
 from gpu_pipeline.inputs.discover import discover, no_files_found

@@ -41,7 +41,8 @@ from gpu_pipeline.backends.registry import backend_names, resolve, unavailable_r
 from gpu_pipeline.labels.labeller import Labeller
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores, usable_memory
-from gpu_pipeline.engine.stream import Engine, RunSummary, decoding_budget
+from gpu_pipeline.engine.decoding import decoding_budget
+from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.errors import UsageError
 from gpu_pipeline.outputs.sink import RecordList, SinkWriteError  # (the worker returns its records, unwritten)

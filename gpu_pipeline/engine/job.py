@@ -34,7 +34,8 @@ from gpu_pipeline.backends.base import DeviceFailed
 from gpu_pipeline.labels.labeller import (attach_label_model_or_close, label_function, labeller_compiles,
                                            warm_up_labeller)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
-from gpu_pipeline.engine.stream import Engine, RunSummary, early_fork_server, processes_option
+from gpu_pipeline.engine.decoding import early_fork_server, processes_option
+from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, bytes_shown, is_utf8, one_line,
                                   printable, shown)
