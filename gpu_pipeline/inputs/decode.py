@@ -3,24 +3,24 @@ brought there by :mod:`gpu_pipeline.inputs.normalise`).
 
 Decoding
 --------
-The first bytes choose the decoder, not the extension: TIFF and BigTIFF go to tifffile, which reads
-the first full-resolution page only (the image of a COG, never an overview or a later page; a
-thumbnail stored first is skipped). Gray, RGB, palette and JPEG-compressed YCbCr TIFFs are read as
-such, 8-bit CMYK is converted to RGB as Pillow converts a CMYK JPEG, and other colour models
-(CIELab, uncompressed YCbCr, ...) are refused rather than read as RGB. PNG, JPEG, BMP, GIF (first
-frame) and WebP go to Pillow. JPEG 2000 (a JP2 file or a bare codestream, by its first bytes)
-goes to OpenJPEG through imagecodecs (``_read_jpeg2000``: gray or sRGB samples only, its image
-header checked first, a codestream without its end marker refused). Complete 8-bit gray or
-three-channel JPEGs take a faster path through imagecodecs' libjpeg-turbo (``jpeg8_decode``),
-which gives the same pixels as Pillow (both run libjpeg with its default, accurate IDCT) at about
-twice the speed on small tiles; a JPEG that does not end with its EOI marker (truncated), or any
-other JPEG, goes to Pillow, which refuses truncated data where libjpeg alone would fill it in;
-one cut short and zero-filled to its full size (a download that preallocates its file) is refused
-before, as Pillow would decode the zeros as pixels, and so is such a PNG or WebP (``_zero_filled``).
-Pixels are used as stored (no EXIF rotation, no ``Image.draft``). LZW and other non-zlib TIFF
-compressions need the ``imagecodecs`` package; without it the error says so. 16-bit RGB, RGBA and
-gray + alpha PNGs go to libpng (imagecodecs' ``png_decode``), since Pillow keeps only their high
-byte; 16-bit gray PNGs stay with Pillow, which keeps all 16 bits. Both are stretched
+The first bytes choose the decoder, not the extension: TIFF and BigTIFF go to tifffile
+(:mod:`gpu_pipeline.inputs.tiff`), which reads the first full-resolution page only (the image of a
+COG, never an overview or a later page; a thumbnail stored first is skipped). Gray, RGB, palette and
+JPEG-compressed YCbCr TIFFs are read as such, 8-bit CMYK is converted to RGB as Pillow converts a
+CMYK JPEG, and other colour models (CIELab, uncompressed YCbCr, ...) are refused rather than read as
+RGB. PNG, JPEG, BMP, GIF (first frame) and WebP go to Pillow. JPEG 2000 (a JP2 file or a bare
+codestream, by its first bytes) goes to OpenJPEG through imagecodecs (``_read_jpeg2000``: gray or
+sRGB samples only, its image header checked first, a codestream without its end marker refused).
+Complete 8-bit gray or three-channel JPEGs take a faster path through imagecodecs' libjpeg-turbo
+(``jpeg8_decode``), which gives the same pixels as Pillow (both run libjpeg with its default,
+accurate IDCT) at about twice the speed on small tiles; a JPEG that does not end with its EOI marker
+(truncated), or any other JPEG, goes to Pillow, which refuses truncated data where libjpeg alone
+would fill it in; one cut short and zero-filled to its full size (a download that preallocates its
+file) is refused before, as Pillow would decode the zeros as pixels, and so is such a PNG or WebP
+(``_zero_filled``). Pixels are used as stored (no EXIF rotation, no ``Image.draft``). LZW and other
+non-zlib TIFF compressions need the ``imagecodecs`` package; without it the error says so. 16-bit
+RGB, RGBA and gray + alpha PNGs go to libpng (imagecodecs' ``png_decode``), since Pillow keeps only
+their high byte; 16-bit gray PNGs stay with Pillow, which keeps all 16 bits. Both are stretched
 (:mod:`gpu_pipeline.inputs.normalise`).
 
 Reading
