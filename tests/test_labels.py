@@ -26,7 +26,7 @@ from gpu_pipeline.backends.registry import create, unavailable_reason
 from gpu_pipeline.labels.labeller import Features, default_label, default_labels, label_function
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
-from gpu_pipeline.labels.confusion import confusion_matrix, markdown_table
+from gpu_pipeline.labels.confusion import accuracy_line, confusion_matrix, markdown_table, scores_table
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.labels.features import FEATURE_NAMES, batch_features
 from gpu_pipeline.errors import UsageError
@@ -566,6 +566,29 @@ def test_confusion_matrix_counts_pairs():
         "| precision | 50.0 % | 50.0 % | 100.0 % | |",
     ]
 
+
+def test_the_seed_draws_the_folds():
+    """Each class is dealt round-robin in an order drawn by the seed: two seeds deal other folds, and
+    neither is the order of the images (then every seed would give the same cross-validation)."""
+    targets = np.repeat([0, 1], 30)
+    first, second = stratified_folds(targets, 5, 0), stratified_folds(targets, 5, 1)
+    in_order = np.tile(np.arange(30) % 5, 2)
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first, in_order) and not np.array_equal(second, in_order)
+
+
+def test_scores_and_the_most_common_class_worked_out_by_hand():
+    """Rows are true classes: recall is the diagonal over its row, precision over its column, and
+    "the most common class" is the largest row (true images), not the class predicted most."""
+    from rich.console import Console
+
+    matrix = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 2]])  # true: 2, 1, 3 images; predicted: 2, 2, 2
+    assert accuracy_line(matrix) == "accuracy 66.7 % (4/6 images); always answering the most common class: 50.0 %"
+    console = Console(record=True, width=120)
+    console.print(scores_table(("ab", "cd", "ef"), matrix))
+    rows = [[cell.strip() for cell in line.split("\u2502")[1:-1]] for line in console.export_text().splitlines()]
+    assert [row for row in rows if row and row[0] in ("ab", "cd", "ef")] == [
+        ["ab", "2", "50.0 %", "50.0 %"], ["cd", "1", "50.0 %", "100.0 %"], ["ef", "3", "100.0 %", "66.7 %"]]
 
 # --------------------------------------------------------------------------------------------
 # fit and evaluate on the command line
