@@ -867,8 +867,10 @@ def test_the_confusion_table_names_the_classes_that_are_columns_only():
     from gpu_pipeline.labels.confusion import confusion_table
 
     matrix = np.array([[0, 0, 0], [1, 5, 0], [0, 0, 0]])  # River's images only, one taken for Forest
+    table = confusion_table(("Forest", "River", "[b]Sea"), matrix)
+    assert table.row_count == 1  # River's: no row of zeros for the classes without images
     console = Console(record=True, width=200)
-    console.print(confusion_table(("Forest", "River", "[b]Sea"), matrix))
+    console.print(table)
     text = " ".join(console.export_text().split())  # (the caption wraps to the table's width)
     assert "2 River" in text and "classes without images here (columns only): 1 Forest, 3 [b]Sea" in text
     console = Console(record=True, width=200)
