@@ -235,10 +235,10 @@ _SEGMENT_HEADERS: dict[int, tuple[str, Callable[[bytes], tuple[int, int, int] | 
 
 def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> None:
     """Refuse the page when a segment's own header declares more than its strip or tile holds
-    (module docstring, "Errors"): each header is read before any segment is decoded. And when a
-    segment ends past the end of the file (a file cut short): tifffile 2026.11 pads such a
-    segment with zeros, and its error, which :class:`_TiffErrors` turns into this image's, is lost
-    where the caller has silenced tifffile's logger."""
+    (:mod:`gpu_pipeline.inputs.decode`, "Errors"): each header is read before any segment is decoded.
+    And when a segment ends past the end of the file (a file cut short): tifffile 2026.11 pads such a
+    segment with zeros, and its error, which :class:`_TiffErrors` turns into this image's, is lost where
+    the caller has silenced tifffile's logger."""
     size, kind = fh.size, "tile" if page.is_tiled else "strip"
     for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         if offset and count and offset + count > size:
