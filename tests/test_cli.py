@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -108,6 +109,23 @@ def test_bad_files_get_error_records_and_the_run_goes_on(image_dir, tmp_path):
     for name in ("a.png", "c.jpg", "b.png"):
         assert set(records[name]) == RESULT_KEYS
     assert "3 failed" in result.stderr
+
+
+def test_the_summary_reads_as_the_readmes_example(image_dir, tmp_path, monkeypatch):
+    """README: the counts line ("N images with backend B in S s: K ok, F failed (R images/s, M MP/s)"),
+    the labels most frequent first, and the output named by its absolute path, as the default
+    relative `--out results.jsonl` is."""
+    Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(image_dir / "white.png")
+    (image_dir / "text.jpg").write_text("this is not an image\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", str(image_dir), "--out", "out.jsonl", "--backend", "reference")
+    assert result.exit_code == 1, result.output
+    counts, *middle, labels, results = result.stderr.splitlines()
+    assert re.fullmatch(r"5 images with backend reference in \d+\.\d\d s: 4 ok, 1 failed "
+                        r"\(\d+ images/s, \d+\.\d MP/s\)", counts), counts
+    assert middle == ["failures by stage: decode: 1"]
+    assert labels == "labels: busy 3, bright-smooth 1"
+    assert results == f"results: {tmp_path / 'out.jsonl'}"
 
 
 def test_the_default_pixel_limit_is_one_gigapixel_and_read_from_the_header(image_dir, tmp_path):
