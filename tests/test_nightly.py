@@ -1672,6 +1672,23 @@ def test_csv_columns_hold_what_their_header_says(tmp_path):
         assert float(row["edge_density"]) == expected[row["path"]]["edge_density"]
 
 
+def test_the_csv_and_parquet_columns_are_those_nightly_md_lists(tmp_path):
+    """docs/nightly.md, "Output formats": the CSV header in the order it lists, and the Parquet dataset
+    with the same columns, `histogram` a fixed-size list of 256 int64."""
+    doc = " ".join((REPO / "docs" / "nightly.md").read_text(encoding="utf-8").split())
+    listed = re.search(r"one row per image with the columns `([^`]+)`", doc).group(1).split(", ")
+    folder = tmp_path / "images"
+    make_images(folder, 2)
+    assert run(str(folder), "--out", str(tmp_path / "out.csv")).exit_code == 0
+    assert (tmp_path / "out.csv").read_text().splitlines()[0].split(",") == listed
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    assert run(str(folder), "--out", str(tmp_path / "out.parquet")).exit_code == 0
+    schema = pq.read_table(tmp_path / "out.parquet").schema
+    assert schema.names == listed
+    assert schema.field("histogram").type == pa.list_(pa.int64(), 256)
+
+
 class Killed(BaseException):
     """Stands for SIGKILL arriving in the middle of a write."""
 
