@@ -382,6 +382,30 @@ def test_a_histogram_bin_off_by_one_is_named(image_dir, tmp_path, register):
     assert f"first bin {WRONG_BIN}" in result.stdout
 
 
+def test_the_console_reads_as_verify_mds_example(image_dir, tmp_path, monkeypatch, register):
+    """docs/verify.md, "Reading a difference": the counts per backend and stage, an n/a row and a
+    "not verified" line for each backend that cannot run, the settings under the table, the verdict
+    with its counts, and where the report went."""
+    register(FlippedEdgePixel, HistogramOffByOne)
+    reason = registry.unavailable_reason
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: "not on this machine"
+                        if name in ("numba", "cuda", "cupy") else reason(name))
+    report_path = tmp_path / "diff.json"
+    result = invoke(image_dir, "--report", report_path)
+    assert result.exit_code == 1, result.output
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert lines[0] == "4 images compared with the reference backend (ground truth)"
+    for name in ("numba", "cuda", "cupy"):
+        assert f"{name} n/a n/a n/a n/a n/a" in lines
+        assert f"not verified: {name}: unavailable: not on this machine" in lines
+    assert "flipped-edge identical identical 4 differ identical identical 0" in lines
+    assert "Canny 100/200 L1, blur 5" in lines
+    assert lines[-2:] == ["DIFFERENT: 8 differences and 0 errors on 4 of 4 images: flipped-edge (4 differences); "
+                          "histogram-off-by-one (4 differences)", f"report: {report_path}"]
+    result = invoke(image_dir, "--backends", "flipped-edge", "--l2", "--blur", "3", "--low", "50", "--high", "150")
+    assert "Canny 50/150 L2, blur 3" in [" ".join(line.split()) for line in result.stdout.splitlines()]
+
+
 @pytest.mark.parametrize("batch_size", [1, 64])
 def test_a_backend_that_raises_is_an_error_for_those_images_and_the_run_goes_on(image_dir, tmp_path, register,
                                                                                batch_size):
