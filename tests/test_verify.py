@@ -406,6 +406,17 @@ def test_the_console_reads_as_verify_mds_example(image_dir, tmp_path, monkeypatc
     assert "Canny 50/150 L2, blur 3" in [" ".join(line.split()) for line in result.stdout.splitlines()]
 
 
+def test_the_identical_verdict_names_every_backend_compared_and_the_images(image_dir, register):
+    """README and docs/verify.md: "IDENTICAL: every stage (...) of numba and opencv is identical to
+    the reference on all 62 images"."""
+    register(SameAsReference)
+    result = invoke(image_dir, "--backends", "numba,same-as-reference")
+    assert result.exit_code == 0, result.output
+    assert " ".join(result.stdout.split()).endswith(
+        "IDENTICAL: every stage (histogram, equalized, edges, edge_count, label) of numba and same-as-reference "
+        "is identical to the reference on all 4 images")
+
+
 @pytest.mark.parametrize("batch_size", [1, 64])
 def test_a_backend_that_raises_is_an_error_for_those_images_and_the_run_goes_on(image_dir, tmp_path, register,
                                                                                batch_size):
