@@ -79,6 +79,32 @@ def test_human_output_names_packages_backends_and_threads(unavailable_backend):
     assert f"numba cache: {numba_info['cache_dir']} ({origin})\n" in result.stdout
 
 
+def test_human_output_reads_as_verify_mds_sample(monkeypatch):
+    """docs/verify.md: the first line names the version, Python and platform; "GPU: none: REASON"
+    without a GPU, else one line per device (name, compute capability, total and free memory, SMs)
+    and the driver's version; numba's threads and threading layer, with the one requested."""
+    import platform
+
+    found = info_json()
+    assert found["python"] == {"version": platform.python_version(), "implementation": platform.python_implementation()}
+    assert found["platform"] == platform.platform()
+    monkeypatch.setattr(info, "gpu_info", lambda: {"devices": [], "reason": "no usable CUDA GPU (test)",
+                                                   "driver_version": None})
+    lines = runner.invoke(app, ["info"]).stdout.splitlines()
+    assert lines[0] == (f"gpu-pipeline {__version__} on {platform.python_implementation()} "
+                        f"{platform.python_version()}, {platform.platform()}")
+    assert "GPU: none: no usable CUDA GPU (test)" in lines
+    numba_info = found["numba"]
+    assert (f"numba: {numba_info['threads']} threads, threading layer {numba_info['threading_layer']} "
+            f"(requested: {numba_info['threading_layer_requested']})") in lines
+    device = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+              "memory_total_bytes": 80 << 30, "memory_free_bytes": 79 << 30, "multiprocessors": 132}
+    monkeypatch.setattr(info, "gpu_info", lambda: {"devices": [device], "reason": None, "driver_version": "13.0"})
+    lines = runner.invoke(app, ["info"]).stdout.splitlines()
+    line = "GPU 0: NVIDIA H100 80GB HBM3, compute capability 9.0, 80.0 GiB (79.0 GiB free), 132 SMs"
+    assert line in lines and lines[lines.index(line) + 1] == "CUDA driver: 13.0"
+
+
 @pytest.mark.parametrize("args, message", [(["--bogus"], "No such option: --bogus"),
                                            (["extra"], "unexpected extra argument"),
                                            (["--json", "yes"], "unexpected extra argument")])
