@@ -106,6 +106,24 @@ def test_a_fresh_fork_server_that_dies_at_once_is_replaced_too(monkeypatch):
         server.close()
 
 
+def test_a_fork_server_is_replaced_three_times_and_the_fourth_death_ends_it():
+    """docs/nightly.md: "A server that dies four times in one run ends it" (three fresh ones take over)."""
+    server = processes.ForkServer()
+    try:
+        for deaths in range(1, 4):
+            processes.DecodeProcess(DecodeOptions(), server=server).close()
+            os.kill(server._process.pid, signal.SIGKILL)
+            server._process.wait()
+            processes.DecodeProcess(DecodeOptions(), server=server).close()  # a fresh server forks it
+            assert server.restarts == deaths
+        os.kill(server._process.pid, signal.SIGKILL)
+        server._process.wait()
+        with pytest.raises(processes.ForkServerDied, match="fork server ended 4 times during the run"):
+            processes.DecodeProcess(DecodeOptions(), server=server)
+    finally:
+        server.close()
+
+
 def test_a_process_whose_server_is_killed_as_it_forks_it_is_asked_again_of_a_fresh_server(monkeypatch):
     """Its fork server killed just after the fork (the OOM killer), a decode process died before it
     was told anything. The first message to it raised BrokenPipeError out of the decoder, and
