@@ -570,6 +570,19 @@ def test_nothing_decodable_exits_2(tmp_path, register):
     assert result.exit_code == 2 and "nothing was compared" in result.stderr
 
 
+def test_nothing_decodable_still_writes_the_report(tmp_path, register):
+    """verify.md: the report is "written whatever the outcome, except for usage errors found before
+    the first image is read": files that could not be decoded were read, and it says which."""
+    register(SameAsReference)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    result, report = verify_with_report(tmp_path, broken, "--backends", "same-as-reference")
+    assert result.exit_code == 2 and "nothing was compared" in result.stderr
+    assert (report["identical"], report["exit_status"]) == (False, 2)
+    assert report["images"] == {"found": 1, "decoded": 0, "compared": 0}
+    assert [(error["image"], error["stage"]) for error in report["decode_errors"]] == [(str(broken), "decode")]
+
+
 def test_against_opencv_without_cv2_says_how_to_get_it(image_dir, monkeypatch, register):
     register(SameAsReference)
     monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` raise ImportError
