@@ -28,6 +28,7 @@ from gpu_pipeline.backends import registry
 from gpu_pipeline.backends.reference import ReferenceBackend
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
+from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import discover
 from tests.backend_doubles import NeverAvailable
@@ -263,6 +264,8 @@ def test_default_set_on_bundled_data_is_identical_and_lists_every_backend(tmp_pa
     assert report["inputs"] == {"paths": [str(bundled_data_dir)], "glob": None}
     assert report["stages"] == ["histogram", "equalized", "edges", "edge_count", "label"]
     assert report["decode"] == {"bands": None, "stretch": "percentile"}
+    # threads null: every usable core; workers: the decoders used
+    assert report["execution"] == {"threads": None, "workers": usable_cores(), "batch_size": 64, "decode_timeout": None}
     assert verify.MAX_PRINTED == 20  # verify.md: "the first 20"; the test below prints 3
 
 
