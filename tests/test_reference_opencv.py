@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpu_reference as ref
-from cpu_reference.stages import hysteresis
+from cpu_reference.stages import canny_thresholds, hysteresis
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import discover
@@ -149,6 +149,18 @@ def test_gray_matches_opencv_on_every_colour():
     rgb = np.stack([every >> 16, (every >> 8) & 255, every & 255], axis=-1).astype(np.uint8)
     rgb = rgb.reshape(4096, 4096, 3)
     assert_same(ref.gray(rgb), cv_gray(rgb), "gray over all 2**24 colours")
+
+
+def test_the_contracts_worked_numbers():
+    """docs/contract.md: the 14-bit gray of OpenCV 4 (and DESIGN.md) differs from the contract's on
+    43,864 of the 2^24 colours, by +-1; L2 with low = 31.9 compares ``m > 1017``."""
+    every = np.arange(2**24, dtype=np.int64)
+    red, green, blue = every >> 16, (every >> 8) & 255, every & 255
+    rgb = np.stack([red, green, blue], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+    ours = ref.gray(rgb).astype(np.int64).ravel()
+    opencv4 = (4899 * red + 9617 * green + 1868 * blue + 8192) >> 14
+    assert (np.count_nonzero(ours != opencv4), int(np.abs(ours - opencv4).max())) == (43_864, 1)
+    assert canny_thresholds(31.9, 64.5, True) == (1017, 4160)
 
 
 @settings(max_examples=examples(60), deadline=None)
