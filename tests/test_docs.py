@@ -138,3 +138,23 @@ def test_the_examples_scale_multiplies_hypothesis_counts(scale, expected):
             "print(examples(60), t.test_random_batches_match_reference._hypothesis_internal_use_settings.max_examples)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.stdout.split() == [str(expected), str(150 if scale is None else max(1, round(150 * float(scale))))], done.stderr
+
+
+#: Figures the docs state that no behaviour test pins (the tests set them to small values to run
+#: fast): (page, its words, module, constant, the value those words mean).
+FIGURES = [
+    ("nightly.md", "no workers for 60 s", "gpu_pipeline.engine.distributed", "NO_WORKERS_TIMEOUT_S", 60),
+    ("nightly.md", "a line longer than 1 MiB", "gpu_pipeline.outputs.lines", "LONGEST_LINE", 1 << 20),
+    ("nightly.md", "a file of more than 1 MB, read piece by piece", "gpu_pipeline.inputs.decode", "SMALL_FILE_BYTES",
+     1 << 20),
+    ("nightly.md", "untouched for a minute", "gpu_pipeline.outputs.files", "STALE_AFTER_S", 60),
+    ("verify.md", "of at most `--batch-size` images and 16 megapixels", "gpu_pipeline.diagnostics.verify",
+     "CHUNK_PIXELS", 16 << 20),
+]
+
+
+@pytest.mark.parametrize("doc, words, module, name, value", FIGURES, ids=[figure[3] for figure in FIGURES])
+def test_a_figure_a_doc_states_is_the_codes(doc, words, module, name, value):
+    text = " ".join((REPO / "docs" / doc).read_text(encoding="utf-8").split())
+    assert words in text, f"docs/{doc} no longer says {words!r}: update FIGURES"
+    assert getattr(importlib.import_module(module), name) == value, f"docs/{doc} says {words!r}"
