@@ -289,6 +289,19 @@ def test_a_mistyped_command_line_is_one_line_and_exit_2(args, message):
     assert result.stderr == f"gpu-pipeline: error: {message}\n"
 
 
+@pytest.mark.parametrize("args, message", [(["fit"], "Missing argument 'labeled_dir'. (see gpu-pipeline fit --help)"),
+                                           (["--bogus"], "No such option: --bogus (see gpu-pipeline --help)"),
+                                           (["run", "data", "--low", "abc"],  # nightly.md's example
+                                            "Invalid value for '--low': Input should be a valid number, unable to "
+                                            "parse string as a number (see gpu-pipeline run --help)")])
+def test_python_dash_m_points_to_the_same_help_as_the_command(args, message):
+    """``python -m gpu_pipeline.cli`` is the ``gpu-pipeline`` command: its hint said "see gpu-pipeline
+    -m gpu_pipeline.cli fit --help", a command that does not exist."""
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", *args], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"gpu-pipeline: error: {message}\n"
+
+
 def test_no_command_at_all_gives_the_help_not_an_error_line():
     """click's NoArgsIsHelpError is a usage error too: taken for one, the help became one error line."""
     result = runner.invoke(app, [])

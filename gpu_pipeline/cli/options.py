@@ -129,8 +129,18 @@ def _one_line_usage_errors():
     except _NO_ARGS_IS_HELP:  # (no command given: the help, as it is)
         raise
     except _USAGE_ERROR as exc:
-        command = ["gpu-pipeline", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])]
+        command = ["gpu-pipeline", *_subcommands(exc.ctx)]
         fail_usage(f"{' '.join(exc.format_message().split())} (see {' '.join(command)} --help)")
+
+
+def _subcommands(ctx) -> list[str]:
+    """The command names below the program's, for ``ctx``: the program's own may be several words
+    (``python -m gpu_pipeline.cli``), so they are not taken from ``command_path``."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return names[::-1]
 
 
 def fail_unwritten(refusal: UsageError) -> None:
