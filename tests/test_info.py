@@ -114,6 +114,16 @@ def test_bad_arguments_exit_2_and_print_nothing(args, message):
     assert message in result.stderr and "Traceback" not in result.output
 
 
+def test_versions_come_from_package_metadata_without_importing_the_packages():
+    """verify.md: "CuPy is never imported just to print its version" (nor the others: an import of
+    CuPy or OpenCV takes seconds, and may fail where the version still shows)."""
+    code = ("import sys; from gpu_pipeline.diagnostics import info; info.package_versions(); "
+            "print(sorted(m for m in ('cupy', 'cv2', 'dask', 'pyarrow', 'skimage', 'numba') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
+
+
 def test_missing_packages_are_reported_not_installed(monkeypatch):
     monkeypatch.setattr(info, "PACKAGES", {**info.PACKAGES, "nonesuch": ("nonesuch-dist-xyz",)})
     assert info.package_versions()["nonesuch"] == {"distribution": None, "version": None}
