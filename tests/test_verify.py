@@ -469,6 +469,9 @@ def test_a_backend_that_fails_to_start_fails_the_run(image_dir, tmp_path, regist
     assert entry["status"] == "failed" and "MemoryError: cannot allocate the device buffers" in entry["reason"]
     assert tally(report, "same-as-reference")["status"] == "compared"
     assert "fails-to-start (failed to start)" in result.output
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert "fails-to-start failed failed failed failed failed" in lines  # verify.md: "shown as `failed`"
+    assert any(line.startswith("not verified: fails-to-start: failed: ") for line in lines)
 
 
 def test_an_image_the_reference_raises_on_is_an_error_and_not_compared(image_dir, tmp_path, register, monkeypatch):
