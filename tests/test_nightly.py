@@ -306,6 +306,12 @@ def test_dev_shm_is_a_place_for_outputs(tiles, tmp_path):
     assert sorted(os.listdir("/dev")) == before
 
 
+def test_an_out_that_is_a_process_descriptor_is_refused(tiles):
+    """nightly.md: "a device or a process's descriptor" is no place for a file of records."""
+    result = run(str(tiles), "--out", "/proc/self/fd/1")
+    assert result.exit_code == 2 and "--out /proc/self/fd/1: under /dev or /proc, not a place" in result.stderr
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_file_output_spelled_as_a_folder_is_refused_and_left_whole(tiles, tmp_path, overwrite):
     """``--out r.jsonl/`` was refused only after r.jsonl had been emptied (or an empty one made)."""
