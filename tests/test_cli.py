@@ -374,6 +374,32 @@ def test_default_run_processes_the_bundled_data(tmp_path, bundled_data_dir):
     assert all(set(r) == RESULT_KEYS for r in records)
 
 
+def test_the_readmes_example_output_is_the_bundled_datas(bundled_data_dir):
+    """README's `gpu-pipeline run` and `head -n 1 results.jsonl` examples, and the image count of the
+    verify examples (README, docs/verify.md): the sample set's count and its first record."""
+    from gpu_pipeline.inputs.discover import discover
+
+    files = discover([bundled_data_dir])
+    if not files:
+        pytest.skip("data/ holds no sample images")
+    readme = (bundled_data_dir.parent / "README.md").read_text(encoding="utf-8")
+    verify_doc = (bundled_data_dir.parent / "docs" / "verify.md").read_text(encoding="utf-8")
+    counts = re.findall(r"^(\d+) images (?:with backend|compared with the reference)", readme, re.MULTILINE)
+    counts += re.findall(r"verify --against-opencv --report verify.json\n(\d+) images compared", verify_doc)
+    assert len(counts) == 3 and set(counts) == {str(len(files))}, counts
+    shown = re.search(r'^\{"path":"[^"]*/sample_data/([^"]+)",(.+)$\n (.+)$', readme, re.MULTILINE)
+    assert files[0].relative_to(bundled_data_dir).as_posix() == shown.group(1)
+    fields = dict(re.findall(r'"(\w+)":("[^"]*"|[\d.]+)', shown.group(2) + shown.group(3)))
+    result = invoke("run", str(files[0]), "--out", "-", "--backend", "reference", "-q")
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    for name in ("width", "height", "bands", "edge_count", "edge_density", "label"):
+        assert json.dumps(record[name]) == fields[name], name
+    histogram = re.search(r'"histogram":\[([^\]]*)\]', shown.group(3)).group(1)  # 0,0,0,...,5,15,29,...,0
+    first, middle, last = (part.strip(",").split(",") for part in histogram.split("..."))
+    assert record["histogram"][:3] == [int(v) for v in first] and record["histogram"][-1:] == [int(v) for v in last]
+    assert [v for v in record["histogram"] if v][:3] == [int(v) for v in middle]
+
+
 def test_console_script_runs_without_traceback(tmp_path):
     """The real entry point (python -m) maps a usage error to exit 2 without a traceback."""
     proc = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tmp_path / "missing")],
