@@ -409,6 +409,23 @@ def test_the_console_reads_as_verify_mds_example(image_dir, tmp_path, monkeypatc
     assert "Canny 50/150 L2, blur 3" in [" ".join(line.split()) for line in result.stdout.splitlines()]
 
 
+def test_verify_mds_difference_example_is_what_it_prints(tmp_path, monkeypatch, register):
+    """docs/verify.md, "Reading a difference": the example's command, run on the bundled scenes with
+    the two wrong backends it names, prints the lines it shows (the table's long name aside, which
+    wraps with the terminal's width)."""
+    repo = Path(__file__).resolve().parent.parent
+    command = "gpu-pipeline verify data/scenes -b numba,flipped-edge,histogram-off-by-one --report diff.json"
+    shown = (repo / "docs" / "verify.md").read_text(encoding="utf-8").split(f"$ {command}\n", 1)[1].split("```")[0]
+    expected = [" ".join(line.split()) for line in shown.splitlines()
+                if line.startswith(("differs ", "DIFFERENT: ", "Canny ", "numba ", "flipped-edge ", "4 images"))]
+    register(FlippedEdgePixel, HistogramOffByOne)
+    monkeypatch.chdir(repo)
+    result = invoke("data/scenes", "-b", "numba,flipped-edge,histogram-off-by-one", "--report", tmp_path / "diff.json")
+    assert result.exit_code == 1, result.output
+    printed = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert len(expected) == 13 and [line for line in printed if line in expected] == expected
+
+
 def test_the_identical_verdict_names_every_backend_compared_and_the_images(image_dir, register):
     """README and docs/verify.md: "IDENTICAL: every stage (...) of numba and opencv is identical to
     the reference on all 62 images"."""
