@@ -424,6 +424,8 @@ def test_verify_mds_difference_example_is_what_it_prints(tmp_path, monkeypatch, 
     assert result.exit_code == 1, result.output
     printed = [" ".join(line.split()) for line in result.stdout.splitlines()]
     assert len(expected) == 13 and [line for line in printed if line in expected] == expected
+    example = (repo / "docs" / "verify.md").read_text(encoding="utf-8").split("```json\n", 1)[1].split("```")[0]
+    assert json.loads((tmp_path / "diff.json").read_text())["differences"][0] == json.loads(example)
 
 
 def test_the_identical_verdict_names_every_backend_compared_and_the_images(image_dir, register):
