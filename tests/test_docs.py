@@ -111,6 +111,20 @@ def test_every_module_named_in_a_doc_exists(doc: Path) -> None:
     assert not missing, f"{doc.name} names modules or attributes that do not exist: {missing}"
 
 
+def _tests() -> set[str]:
+    """The test modules' names and the test functions they define."""
+    modules = sorted((REPO / "tests").glob("test_*.py"))
+    return {path.stem for path in modules} | {name for path in modules for name in
+                                              re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: path.name)
+def test_every_test_named_in_a_doc_exists(doc: Path) -> None:
+    """A doc that cites a test as its evidence (contract.md: ``test_opencv_paths_agree``) names one there is."""
+    missing = sorted(set(re.findall(r"\btest_\w+", doc.read_text(encoding="utf-8"))) - _tests())
+    assert not missing, f"{doc.name} names tests that do not exist: {missing}"
+
+
 def test_the_checks_catch_a_moved_file_and_a_moved_module() -> None:
     """The oracles themselves: an old flat path and an old module name are reported missing."""
     assert _path_tokens("gpu_pipeline/engine.py") == ["gpu_pipeline/engine.py"]
