@@ -341,6 +341,22 @@ def test_backend_calls_are_batched_in_bounded_chunks(image_dir, register):
 # --- differences are caught and named -----------------------------------------------------------
 
 
+def test_verify_md_names_every_option_of_verify():
+    """docs/verify.md: run's image and pipeline options, "plus --threads, --workers, --batch-size and
+    --decode-timeout", and the page's own (--against-opencv, --report, --backends): an option added to
+    one and not the other fails here."""
+    import re
+
+    import typer.main
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "verify.md").read_text(encoding="utf-8")
+    listed = page[page.index("Your own images"):page.index("```console", page.index("Your own images"))]
+    named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", listed)) | {"--against-opencv", "--report", "--backends"}
+    command = typer.main.get_command(app).commands["verify"]
+    options = {name for param in command.params for name in param.opts if name.startswith("--")} - {"--help"}
+    assert named == options, named ^ options
+
+
 def test_a_flipped_edge_pixel_is_named_with_both_values(image_dir, tmp_path, monkeypatch, register):
     register(FlippedEdgePixel, SameAsReference)
     monkeypatch.setattr(verify, "MAX_PRINTED", 3)
