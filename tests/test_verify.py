@@ -263,7 +263,7 @@ def test_default_set_on_bundled_data_is_identical_and_lists_every_backend(tmp_pa
     assert report["unlisted"] == [] and report["model"] is None  # the default rule
     assert report["inputs"] == {"paths": [str(bundled_data_dir)], "glob": None}
     assert report["stages"] == ["histogram", "equalized", "edges", "edge_count", "label"]
-    assert report["decode"] == {"bands": None, "stretch": "percentile"}
+    assert report["decode"] == {"bands": None, "stretch": "percentile", "max_pixels": DecodeOptions().max_pixels}
     # threads null: every usable core; workers: the decoders used
     assert report["execution"] == {"threads": None, "workers": usable_cores(), "batch_size": 64, "decode_timeout": None}
     assert verify.MAX_PRINTED == 20  # verify.md: "the first 20"; the test below prints 3
@@ -308,7 +308,7 @@ class KeepsImages(ReferenceBackend):
 
 
 def test_verify_takes_runs_decode_and_selection_options(tmp_path, register):
-    """verify.md: --glob, --bands, --stretch, --threads and --workers, as run takes them."""
+    """verify.md: --glob, --bands, --stretch, --max-pixels, --threads and --workers, as run takes them."""
     tifffile = pytest.importorskip("tifffile")
     folder = tmp_path / "scenes"
     folder.mkdir()
@@ -319,14 +319,33 @@ def test_verify_takes_runs_decode_and_selection_options(tmp_path, register):
     register(KeepsImages)
     KeepsImages.seen = []
     result, report = verify_with_report(tmp_path, folder, "--glob", "*.tif", "--bands", "3,2,1", "--stretch",
-                                        "minmax", "--threads", "1", "--workers", "1", "--backends", "keeps-images")
+                                        "minmax", "--max-pixels", "480", "--threads", "1", "--workers", "1",
+                                        "--backends", "keeps-images")
     assert result.exit_code == 0, result.output
     assert report["images"] == {"found": 1, "decoded": 1, "compared": 1}  # five bands: only --bands decodes it
-    assert report["decode"] == {"bands": [3, 2, 1], "stretch": "minmax"}
+    assert report["decode"] == {"bands": [3, 2, 1], "stretch": "minmax", "max_pixels": 480}
     expected = decode_image(folder / "five.tif", DecodeOptions(bands=(3, 2, 1), stretch="minmax"))
     assert KeepsImages.seen == [expected.tobytes()]
     assert expected.tobytes() != decode_image(folder / "five.tif", DecodeOptions(bands=(3, 2, 1))).tobytes()
 
+
+
+def test_verify_refuses_images_over_its_pixel_limit_as_run_does(tmp_path, register):
+    """--max-pixels, as run's: an image over the limit is a decode error, skipped, and nothing is
+    compared; at the limit it is compared. (verify had no --max-pixels: a nightly run's images above
+    the default gigapixel could not be verified.)"""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 24), 7, np.uint8)).save(folder / "a.png")
+    register(KeepsImages)
+    KeepsImages.seen = []
+    over, report = verify_with_report(tmp_path, folder, "--max-pixels", "479", "--backends", "keeps-images")
+    assert over.exit_code == 2 and "none of the 1 files could be decoded" in over.stderr
+    assert report["images"] == {"found": 1, "decoded": 0, "compared": 0} and KeepsImages.seen == []
+    assert "over the limit of 479" in json.dumps(report["decode_errors"])
+    at, report = verify_with_report(tmp_path, folder, "--max-pixels", "480", "--backends", "keeps-images")
+    assert at.exit_code == 0, at.output
+    assert report["images"]["compared"] == 1 and report["decode"]["max_pixels"] == 480
 
 def test_backend_calls_are_batched_in_bounded_chunks(image_dir, register):
     register(RecordsCalls)

@@ -36,8 +36,9 @@ import typer
 from gpu_pipeline import __version__
 from gpu_pipeline.cli import streams
 from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Commands, Decode, DecodeTimeout, Device,
-                                      Glob, High, Low, Paths, Stretch, Threads, Workers, bundled_data_dir, check_counts,
-                                      decode_options, fail_usage, given_file_name, given_path, pipeline_config)
+                                      Glob, High, Low, MaxPixels, Paths, Stretch, Threads, Workers, bundled_data_dir,
+                                      check_counts, decode_options, fail_usage, given_file_name, given_path,
+                                      pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import processes_for_time_limit
 from gpu_pipeline.engine.stream import Engine
@@ -89,8 +90,7 @@ def run(
     blur: Blur = PipelineConfig.blur_ksize,
     bands: Bands = None,
     stretch: Stretch = DecodeOptions.stretch,
-    max_pixels: int = typer.Option(DecodeOptions.max_pixels, "--max-pixels",
-                                   help="Refuse images larger than this (decompression-bomb guard)."),
+    max_pixels: MaxPixels = DecodeOptions.max_pixels,
     glob: Glob = None,
     workers: Workers = None,
     decode: Decode = "auto",

@@ -15,8 +15,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.cli.options import (L2, Bands, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low, Paths, Stretch,
-                                      Threads, Workers,
+from gpu_pipeline.cli.options import (L2, Bands, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low, MaxPixels, Paths,
+                                      Stretch, Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_unwritten, fail_usage,
                                       given_file_name, given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -44,6 +44,7 @@ def verify(
     blur: Blur = PipelineConfig.blur_ksize,
     bands: Bands = None,
     stretch: Stretch = DecodeOptions.stretch,
+    max_pixels: MaxPixels = DecodeOptions.max_pixels,
     glob: Glob = None,
     workers: Workers = None,
     decode_timeout: DecodeTimeout = None,
@@ -67,7 +68,7 @@ def verify(
         arguments = {
             "paths": list(paths) if paths else [bundled_data_dir()], "requested": parse_backend_list(backends),
             "against_opencv": against_opencv, "config": pipeline_config(low, high, l2, blur),
-            "decode_options": decode_options(bands, stretch), "glob": glob,
+            "decode_options": decode_options(bands, stretch, max_pixels), "glob": glob,
             "threads": threads, "batch_size": batch_size, "workers": workers or usable_cores(),
             "decode_timeout": decode_timeout, "report_path": report, "model": model,
         }

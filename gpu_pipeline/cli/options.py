@@ -74,6 +74,8 @@ Blur = Annotated[int, typer.Option("--blur", help=f"Gaussian blur kernel size be
 Bands = Annotated[Optional[str], typer.Option("--bands", help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray).")]
 Stretch = Annotated[str, typer.Option(
     "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels",
+                                         help="Refuse images larger than this (decompression-bomb guard).")]
 Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.",
                                              parser=given_text)]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders: threads, or decode processes (with --decode processes, or --decode-timeout). Default: one per usable core (see `info`).")]

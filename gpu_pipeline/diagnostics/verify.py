@@ -267,7 +267,7 @@ class VerifyReport:
             "stages": list(STAGES),
             "config": asdict(self.config),
             "decode": {"bands": list(self.decode_options.bands) if self.decode_options.bands else None,
-                       "stretch": self.decode_options.stretch},
+                       "stretch": self.decode_options.stretch, "max_pixels": self.decode_options.max_pixels},
             "model": self.model,
             "inputs": self.inputs,
             "execution": self.execution,
