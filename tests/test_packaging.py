@@ -178,6 +178,18 @@ def test_ci_runs_the_other_supported_pythons():
     assert len(listed) >= 10 and all((REPO / name).is_file() for name in listed), listed
 
 
+
+def test_ci_runs_the_readmes_first_command_in_a_fresh_copy():
+    """The README says CI runs its first command (install, then the main job on the bundled sample
+    data), not only the test command: `.ci/run` takes it from the README, as it takes the test
+    command, and runs it in a copy of the checkout without the test command's .venv."""
+    script = (REPO / ".ci" / "run").read_text()
+    assert "/<!-- run-command -->/" in script and "/<!-- test-command -->/" in script
+    assert 'tar --exclude=./.venv --exclude=./.git -cf - . | tar -xf - -C "$fresh"' in script
+    assert '(cd "$fresh" && bash -euo pipefail -c "$run_command")' in script
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "CI runs the first command in a fresh copy of the checkout" in readme
+
 def test_ci_tests_one_python_with_the_numpy_that_pip_install_dot_gives():
     """The README: CI's 3.12 gets the cuda extra (numpy held below 2.5), 3.13 the test extra alone,
     so numpy 2.5, what `pip install .` gives on 3.12 and later; CI's 3.11 never sees numpy 2.5."""
