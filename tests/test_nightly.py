@@ -6,6 +6,7 @@ Each test reproduces one case of issue #13 that lost or corrupted data before it
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import errno
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +30,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
+from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.inputs.decode import decode_or_error
 from gpu_pipeline.outputs.lines import COLUMNS
 from gpu_pipeline.outputs.parquet import ParquetSink
 from gpu_pipeline.outputs.plan import OutputLock, inspect_output, lock_path, open_sink, read_records
@@ -942,17 +946,25 @@ def test_tifffiles_own_warnings_do_not_reach_stderr(tiles, tmp_path, decode):
     assert by_path(read_records(out))[str(tiles / "damaged.tif")]["error"] == "damaged TIFF file: no image in it"
 
 
-def test_a_fifo_among_the_inputs_gets_an_error_record_and_does_not_hang(tiles, tmp_path):
-    fifo = tiles / "pipe.png"
-    os.mkfifo(fifo)
-    out = tmp_path / "out.jsonl"
-    for args in ([str(tiles)], [str(tiles / "tile000.png"), str(fifo)]):
-        process = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", *args, "--out", str(out),
-                                  "--backend", "reference", "-q", "--overwrite"],
-                                 cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert process.returncode == 1, process.stderr
-        record = by_path(read_records(out))[str(fifo)]
-        assert record["stage"] == "read" and "not a regular file (a FIFO)" in record["error"]
+@pytest.mark.parametrize("kind", ["FIFO", "socket"])
+def test_a_fifo_or_a_socket_among_the_inputs_gets_an_error_record_and_does_not_hang(tiles, tmp_path, kind):
+    """Named as what it is, whether read with the small files or decoded from its path (a socket
+    cannot be opened at all: its record said "No such device or address")."""
+    special = tiles / "special.png"
+    with contextlib.ExitStack() as stack:
+        if kind == "FIFO":
+            os.mkfifo(special)
+        else:
+            stack.enter_context(socket.socket(socket.AF_UNIX)).bind(str(special))
+        out = tmp_path / "out.jsonl"
+        for args in ([str(tiles)], [str(tiles / "tile000.png"), str(special)]):
+            process = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", *args, "--out", str(out),
+                                      "--backend", "reference", "-q", "--overwrite"],
+                                     cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert process.returncode == 1, process.stderr
+            record = by_path(read_records(out))[str(special)]
+            assert record["stage"] == "read" and record["error"] == f"not a regular file (a {kind}); skipped"
+        assert decode_or_error(special, DecodeOptions()) == ("read", f"not a regular file (a {kind}); skipped")
 
 
 # ---------------------------------------------------------------- 10. disk full

@@ -294,7 +294,7 @@ def _read_small_file(path: str | os.PathLike[str]) -> bytes | None | tuple[str, 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
     except OSError as exc:
-        return "read", _cannot_read(exc)
+        return "read", _cannot_open(path, exc)
     except ValueError as exc:  # a name open() refuses (a NUL byte), as decode_image says it: in its
         # words on every Python (3.13's os.open says "embedded null character in path")
         return "read", "cannot read the image: " + ("embedded null byte" if "null" in str(exc) else text_of(exc))
@@ -328,7 +328,10 @@ def _open_regular_file(path: str | os.PathLike[str]) -> tuple[BinaryIO, os.stat_
     Opened non-blocking, then checked: a FIFO, socket or device among the inputs would otherwise
     block the run forever (a FIFO waits for a writer) or read without end (``/dev/zero``).
     """
-    fh = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
+    try:
+        fh = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
+    except OSError as exc:
+        raise DecodeError("read", _cannot_open(path, exc)) from None
     try:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -350,6 +353,19 @@ def _version(info: os.stat_result) -> tuple[int, int, int]:
 
 def _cannot_read(exc: OSError) -> str:
     return f"cannot read the file: {exc.strerror or text_of(exc)}"
+
+
+def _cannot_open(path: str | os.PathLike[str], exc: OSError) -> str:
+    """Why ``path`` could not be opened: a socket (or a device with nothing behind it) cannot be
+    opened at all (ENXIO, "No such device or address"), and is named as the other special files."""
+    if exc.errno == errno.ENXIO:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return _cannot_read(exc)
+        if not stat.S_ISREG(mode):
+            return _not_a_regular_file(mode)
+    return _cannot_read(exc)
 
 
 def _not_a_regular_file(mode: int) -> str:
