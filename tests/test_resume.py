@@ -274,6 +274,24 @@ def test_overwrite_starts_afresh(tiles, tmp_path):
     assert "/elsewhere/old.png" not in by_path(read_records(out))
 
 
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_overwrite_leaves_a_hard_link_to_the_old_output_as_it_was(tiles, tmp_path, fmt):
+    """A backup made with hard links (``cp -l``, rsnapshot) shares the output's file: --overwrite
+    truncated it in place, and the backup lost its records. The output is started as a new file
+    where another name shares it, truncated where none does (its mode and owner kept)."""
+    out = tmp_path / f"out.{fmt}"
+    assert run(str(tiles[0]), "--out", str(out)).exit_code == 0
+    backup = tmp_path / f"backup.{fmt}"
+    os.link(out, backup)
+    kept = backup.read_bytes()
+    assert run(str(tiles[1]), "--out", str(out), "--overwrite").exit_code == 0
+    assert backup.read_bytes() == kept
+    assert list(by_path(read_records(out))) == [str(tiles[1])]
+    out.chmod(0o600)  # (a new file would get 0o666 less the umask; an inode number may be reused)
+    assert run(str(tiles[2]), "--out", str(out), "--overwrite").exit_code == 0
+    assert out.stat().st_mode & 0o777 == 0o600 and list(by_path(read_records(out))) == [str(tiles[2])]
+
 def test_a_rerun_from_another_working_folder_resumes(tiles, clean_records, tmp_path, monkeypatch):
     """nightly.md: paths are recorded absolute, so a rerun from elsewhere matches them, however the folder is spelt."""
     out = tmp_path / "out.jsonl"

@@ -9,6 +9,7 @@ format's :class:`Sink`. :class:`OutputLock` keeps a second run off the same outp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -107,8 +108,7 @@ class OutputPlan:
         path = Path(self.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.start_afresh or not self.exists or self.torn_header:
-            with open(path, "wb"):
-                pass
+            _emptied(path)
             sink = LineSink(self.out, self.fmt)
             sink.write_header()
             return sink
@@ -139,6 +139,18 @@ class OutputPlan:
             parquet.drop_error_rows(folder, self.out, dropped)
             self.existing.failed -= dropped
         return parquet.ParquetSink(self.out, 0 if self.start_afresh else self.next_part, self.existing)
+
+
+def _emptied(path: Path) -> None:
+    """Make the output file at ``path`` empty: truncated, or, where another name shares the file (a
+    hard link: a backup made with ``cp -l`` or rsnapshot), replaced by a new one, so that the other
+    name keeps the records it holds. A symbolic link stays one: its file is the one emptied."""
+    real = Path(os.path.realpath(path))
+    with contextlib.suppress(FileNotFoundError):
+        if real.stat().st_nlink > 1:
+            real.unlink()
+    with open(real, "wb"):
+        pass
 
 
 def _is_empty(path: Path) -> bool:
