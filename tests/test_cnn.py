@@ -411,3 +411,21 @@ def test_training_twice_writes_the_same_file(tmp_path):
     model = load_model(tmp_path / "a.json")
     assert model.classes == ("bright", "dark") and model.training["tiles"] == 24
     assert len(model.training["data_sha256"]) == 64
+
+
+@pytest.mark.parametrize("block, channels", [(0, 3), (1, 4)])
+def test_the_largest_bias_whose_sums_stay_in_int32_loads_and_one_more_is_refused(tmp_path, block, channels):
+    """labels.md: no sum can leave int32. A block of ``channels`` inputs adds at most 9 taps x
+    channels x 255 x 127 to its bias (874,395 for RGB): the bias may be 2**31 - 1 less that, not
+    more. (A bound that forgot the channels let an RGB block's int32 sums wrap on a white tile.)"""
+    worst = 9 * channels * 255 * 127
+    path = tmp_path / "m.json"
+    data = _valid_dict()
+    data["blocks"][block]["bias"] = [2 ** 31 - 1 - worst, 0, -(2 ** 31 - 1 - worst)] + [0] * (len(
+        data["blocks"][block]["bias"]) - 3)
+    path.write_text(json.dumps(data))
+    assert load_model(path).network.blocks[block].bias[0] == 2 ** 31 - 1 - worst
+    data["blocks"][block]["bias"][0] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=rf"blocks\[{block}\].bias.*too large"):
+        load_model(path)
