@@ -1072,6 +1072,21 @@ def test_the_plot_size_is_capped():
     assert tuple(confusion_figure(("a", "b"), np.eye(2, dtype=np.int64), "two").get_size_inches()) == (2.2, 1.8)
 
 
+def test_the_plot_shades_each_true_class_by_its_own_images():
+    """The cells are shaded by the share of their row (the images of one true class), as the counts
+    in them say: 3 of 4 blue images called blue is 0.75, whatever the other classes' images did."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels.plots import confusion_figure
+
+    matrix = np.array([[3, 1], [0, 4]], np.int64)  # rows: true class; columns: predicted
+    figure = confusion_figure(("blue", "red"), matrix, "two")
+    axes = figure.axes[0]
+    assert axes.images[0].get_array().tolist() == [[0.75, 0.25], [0.0, 1.0]]
+    # The count is white on a cell shaded over half, black otherwise.
+    colours = {text.get_text(): text.get_color() for text in axes.texts}
+    assert colours == {"3": "white", "1": "black", "4": "white"}
+
+
 def test_evaluate_plot_refuses_too_many_classes_before_any_work(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from gpu_pipeline.labels import labelled
