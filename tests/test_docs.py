@@ -159,7 +159,7 @@ def test_the_examples_scale_multiplies_hypothesis_counts(scale, expected):
 FIGURES = [
     ("nightly.md", "no workers for 60 s", "gpu_pipeline.engine.distributed", "NO_WORKERS_TIMEOUT_S", 60),
     ("nightly.md", "a line longer than 1 MiB", "gpu_pipeline.outputs.lines", "LONGEST_LINE", 1 << 20),
-    ("nightly.md", "a file of more than 1 MB, read piece by piece", "gpu_pipeline.inputs.decode", "SMALL_FILE_BYTES",
+    ("nightly.md", "a file of more than 1 MiB, read piece by piece", "gpu_pipeline.inputs.decode", "SMALL_FILE_BYTES",
      1 << 20),
     ("nightly.md", "untouched for a minute", "gpu_pipeline.outputs.files", "STALE_AFTER_S", 60),
     ("verify.md", "of at most `--batch-size` images and 16 megapixels", "gpu_pipeline.diagnostics.verify",
