@@ -452,3 +452,11 @@ def test_a_ctrl_c_while_helpers_work_waits_for_them_then_is_raised():
         with pytest.raises(KeyboardInterrupt):
             numba_cpu._wait_for_all([helper])
         assert finished.is_set()
+
+
+def test_bands_aim_at_a_share_of_the_batch_no_larger():
+    """backends.md: items of about 1 / (4 x threads) of the batch's pixels. Worked by hand: 1,100 rows
+    of one pixel on 2 threads aim at 1100 // 8 = 137 pixels an item, so the 1,000-row image needs
+    ceil(1000 / 137) = 8 bands (7 would make them 143 rows: a thread short of work at the end), and
+    the 100-row image stays whole (it is also under 2 x MIN_BAND_ROWS)."""
+    assert numba_cpu.plan_bands(np.array([1000, 100]), np.array([1, 1]), threads=2).tolist() == [8, 1]
