@@ -460,3 +460,18 @@ def test_bands_aim_at_a_share_of_the_batch_no_larger():
     ceil(1000 / 137) = 8 bands (7 would make them 143 rows: a thread short of work at the end), and
     the 100-row image stays whole (it is also under 2 x MIN_BAND_ROWS)."""
     assert numba_cpu.plan_bands(np.array([1000, 100]), np.array([1, 1]), threads=2).tolist() == [8, 1]
+
+
+def test_an_image_cut_in_two_bands_carries_edges_across_its_one_seam(backend):
+    """128 rows are two bands of MIN_BAND_ROWS on any thread count: the seam join must run for an image
+    cut in two as for one cut in many (test_edges_crossing_many_seams cuts in 16). A weak edge
+    strong in its first rows only must reach the second band."""
+    image = np.zeros((2 * numba_cpu.MIN_BAND_ROWS, 64), np.uint8)
+    image[:, 34:] = np.linspace(60, 255, 30).astype(np.uint8)
+    image[:, 30:34] = 40
+    image[:6, 30:34] = 200
+    config = PipelineConfig(20, 100, blur_ksize=5)
+    assert numba_cpu.plan_bands(np.array([image.shape[0]]), np.array([image.shape[1]]), backend.threads).tolist() == [2]
+    expected = ref.process_image(image, config)
+    assert expected.edges[numba_cpu.MIN_BAND_ROWS:].any()  # the premise: edges in the second band
+    assert_matches_reference([image], config, backend.process([image], config, keep_images=True))
