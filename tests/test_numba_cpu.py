@@ -475,3 +475,15 @@ def test_an_image_cut_in_two_bands_carries_edges_across_its_one_seam(backend):
     expected = ref.process_image(image, config)
     assert expected.edges[numba_cpu.MIN_BAND_ROWS:].any()  # the premise: edges in the second band
     assert_matches_reference([image], config, backend.process([image], config, keep_images=True))
+
+
+def test_scratch_arrays_have_the_size_asked_for():
+    """The kernels write every element of the arrays they are given: memory kept from the last call is
+    reused only when it holds them all (one element short, they wrote past its end)."""
+    scratch = numba_cpu.Scratch()
+    first = scratch.array("gray", 10, np.uint8)
+    smaller = scratch.array("gray", 4, np.uint8)
+    assert first.size == 10 and smaller.size == 4 and np.shares_memory(first, smaller)
+    grown = scratch.array("gray", 11, np.uint8)
+    assert grown.size == 11 and grown.dtype == np.uint8
+    assert scratch.array("maps", 3, np.uint8).size == 3 and not np.shares_memory(grown, scratch.array("maps", 3, np.uint8))
