@@ -487,3 +487,18 @@ def test_scratch_arrays_have_the_size_asked_for():
     grown = scratch.array("gray", 11, np.uint8)
     assert grown.size == 11 and grown.dtype == np.uint8
     assert scratch.array("maps", 3, np.uint8).size == 3 and not np.shares_memory(grown, scratch.array("maps", 3, np.uint8))
+
+
+def test_a_helpers_failure_is_raised_after_every_helper_is_done():
+    """A kernel that failed on a helper thread fails the call (it was swallowed: a batch with the
+    helper's share of its images never computed), and only once the other helpers are done."""
+    import threading
+    import time
+
+    finished = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(lambda: 1 // 0)
+        slow = pool.submit(lambda: (time.sleep(0.3), finished.set()))
+        with pytest.raises(ZeroDivisionError):
+            numba_cpu._wait_for_all([failing, slow])
+        assert finished.is_set()
