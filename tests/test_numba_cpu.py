@@ -502,3 +502,18 @@ def test_a_helpers_failure_is_raised_after_every_helper_is_done():
         with pytest.raises(ZeroDivisionError):
             numba_cpu._wait_for_all([failing, slow])
         assert finished.is_set()
+
+
+def test_warm_up_loads_the_seam_join_too():
+    """backends.md: warm_up() loads every kernel, the band-seam join too, which the base class's tiny
+    images never reach: compiled in the middle of a run, it would stall it (12-15 s on two cores)."""
+    code = textwrap.dedent("""
+        from gpu_pipeline.backends import _numba_kernels as k
+        from gpu_pipeline.backends.numba_cpu import NumbaCpuBackend
+        NumbaCpuBackend(threads=1).warm_up()
+        print(len(k.gray_histograms.signatures), len(k.edge_maps.signatures), len(k.join_bands.signatures))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [int(n) >= 1 for n in done.stdout.split()] == [True] * 3, done.stdout
+
