@@ -517,3 +517,23 @@ def test_warm_up_loads_the_seam_join_too():
     assert done.returncode == 0, done.stderr
     assert [int(n) >= 1 for n in done.stdout.split()] == [True] * 3, done.stdout
 
+            check_images(images)
+
+def test_the_helper_threads_are_kept_from_call_to_call():
+    """backends.md: the calling thread plus threads - 1 helper threads the backend keeps: every call
+    runs on the same one here (a pool made again for each call started a thread a call)."""
+    import threading
+
+    def helpers() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name.startswith("numba")}
+
+    before = helpers()
+    backend = NumbaCpuBackend(threads=2)
+    seen = set()  # (the threads themselves: an ended thread's ident may be given to the next one)
+    try:
+        for _ in range(3):
+            backend.process([np.zeros((64, 64), np.uint8)] * 8, PipelineConfig())
+            seen |= helpers() - before
+    finally:
+        backend.close()
+    assert len(seen) == 1
