@@ -379,6 +379,20 @@ def test_a_batch_taken_from_another_holds_only_the_buffers_of_its_images(chosen)
     assert taken.addresses().tolist() == [image.ctypes.data for image in expected]
 
 
+def test_a_batch_of_images_gives_them_back_and_groups_their_shapes_in_first_seen_order():
+    """ImageBatch.of: gray (H, W) images as channels 0, RGB as 3, each given back with its shape and
+    bytes; shape_groups: the positions of each shape, shapes in first-seen order (what the GPU
+    backends launch a shape at a time, and group_by_shape promises)."""
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, shape, np.uint8) for shape in [(5, 7, 3), (4, 4), (5, 7, 3), (3, 3), (4, 4)]]
+    batch = ImageBatch.of(images)
+    assert batch.channels.tolist() == [3, 0, 3, 0, 0] and batch.bands.tolist() == [3, 1, 3, 1, 1]
+    assert [(image.shape, image.tobytes()) for image in batch] == [(image.shape, image.tobytes()) for image in images]
+    groups = batch.shape_groups()
+    assert list(groups) == [(5, 7, 3), (4, 4), (3, 3)]
+    assert [positions.tolist() for positions in groups.values()] == [[0, 2], [1, 4], [3]]
+
+
 class KeepSpy(ReferenceBackend):
     """Notes whether the engine asked the backend to keep the images (edge maps) of each batch."""
 
