@@ -393,6 +393,24 @@ def test_a_batch_of_images_gives_them_back_and_groups_their_shapes_in_first_seen
     assert [positions.tolist() for positions in groups.values()] == [[0, 2], [1, 4], [3]]
 
 
+def test_copy_into_gathers_images_of_one_shape_and_refuses_an_output_it_cannot_fill():
+    """copy_into: the images at the positions, in their order, from runs back to back in one buffer and
+    from apart; an output that is not C-contiguous is refused (a reshape of it would be a copy, filled
+    in its place and dropped: the output would keep its old bytes)."""
+    from tests.strategies import packed_batch
+
+    rng = np.random.default_rng(6)
+    images = [rng.integers(0, 256, (3, 4, 3), np.uint8) for _ in range(5)]
+    batch = packed_batch(images, [0, 0, 5, 0, 0])
+    positions = np.array([0, 1, 2, 4, 3])
+    out = np.zeros((5, 3, 4, 3), np.uint8)
+    batch.copy_into(positions, out)
+    assert all(np.array_equal(out[k], images[p]) for k, p in enumerate(positions))
+    strided = np.zeros((2, 3, 8, 3), np.uint8)[:, :, ::2]
+    with pytest.raises(ValueError, match="C-contiguous output"):
+        batch.copy_into(np.array([0, 1]), strided)
+
+
 class KeepSpy(ReferenceBackend):
     """Notes whether the engine asked the backend to keep the images (edge maps) of each batch."""
 
