@@ -424,6 +424,27 @@ class KeepSpy(ReferenceBackend):
         return super().process(images, config, keep_images)
 
 
+def test_a_batch_result_slices_and_builds_as_its_images_say():
+    """BatchResult: a slice keeps each image's own equalized image and edges (the reference's, image by
+    image); built from no result it holds no image lists, as a call that did not keep images."""
+    from gpu_pipeline.backends.base import BatchResult
+
+    rng = np.random.default_rng(9)
+    images = [rng.integers(0, 256, shape, np.uint8) for shape in [(12, 10), (9, 14, 3), (16, 16)]]
+    config = PipelineConfig(30, 90)
+    results = ReferenceBackend().process(images, config, keep_images=True)[1:]
+    assert len(results) == 2 and results.edge_counts.shape == (2,)
+    for got, image in zip(results, images[1:]):
+        want = cpu_reference.process_image(image, config)
+        assert np.array_equal(got.edges, want.edges) and np.array_equal(got.equalized, want.equalized)
+        assert np.array_equal(got.histogram, want.histogram) and got.edge_count == want.edge_count
+    nothing = BatchResult.from_results([])
+    assert nothing.histograms.shape == (0, 256) and nothing.equalized is None and nothing.edges is None
+    for images in ([], images):
+        unkept = ReferenceBackend().process(images, config)
+        assert unkept.equalized is None and unkept.edges is None
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_on_edges_receives_reference_edges(tmp_path, keep):
     """Edge maps are kept (and copied back from a GPU) only when someone takes them."""
