@@ -445,6 +445,26 @@ def test_a_batch_result_slices_and_builds_as_its_images_say():
         assert unkept.equalized is None and unkept.edges is None
 
 
+def test_a_backend_warms_up_on_a_gray_and_an_rgb_image_and_wants_its_share_of_pixels():
+    """base.py: warm_up compiles for both kinds of image (the RGB kernels too: not in the middle of a
+    run), keeping the images (those kernels too); a CPU backend wants 1 MP a call, a GPU one 32 MP."""
+    calls = []
+
+    class Spy(ReferenceBackend):
+        def process(self, images, config, keep_images=False):
+            calls.append(([image.shape for image in images], keep_images))
+            return super().process(images, config, keep_images)
+
+    Spy().warm_up()
+    ((shapes, keep),) = calls
+    assert sorted(len(shape) for shape in shapes) == [2, 3] and keep is True
+
+    class OnAGpu(ReferenceBackend):
+        uses_gpu = True
+
+    assert ReferenceBackend().batch_pixels() == 2**20 and OnAGpu().batch_pixels() == 32 * 2**20
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_on_edges_receives_reference_edges(tmp_path, keep):
     """Edge maps are kept (and copied back from a GPU) only when someone takes them."""
