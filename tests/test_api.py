@@ -197,8 +197,10 @@ def test_a_stack_of_images_goes_to_the_backend_as_it_lies_in_memory(monkeypatch)
     assert np.array_equal(got.histograms, want.histograms)
     assert np.array_equal(got.edge_counts, want.edge_counts)
     assert all(np.array_equal(a, b) for a, b in zip(got.edges, want.edges))
+    calls.clear()
     listed = gpu_pipeline.process(list(stack), low=50, high=150)
     assert got.labels == listed.labels and np.array_equal(got.histograms, listed.histograms)
+    assert [len(images) for images in calls] == [25, 25, 20]  # cut alike: its pixels counted image by image
     gray = gpu_pipeline.process(stack[:, :, :, 1])  # (N, H, W): gray, and not contiguous
     assert np.array_equal(gray.edge_counts, gpu_pipeline.process(list(stack[:, :, :, 1])).edge_counts)
     assert len(gpu_pipeline.process(stack[:0]).labels) == 0
