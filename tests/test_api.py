@@ -280,6 +280,14 @@ def test_bad_settings_are_value_errors_that_name_them():
     assert gpu_pipeline.process(image, low=np.float32(2**31 - 128), high=np.uint64(2**31 - 1)).edge_counts.tolist() == [0]
 
 
+def test_the_largest_thread_and_worker_counts_are_taken():
+    """MOST_THREADS (1024) is the most, not one past it: the command line's --workers 1024 --threads 1024
+    is a run, and so is the API's."""
+    records = gpu_pipeline.run(REPO / "data" / "eurosat", threads=1024, workers=1024)  # checked, not started
+    records.close()
+    assert engine_threads() == []
+
+
 @pytest.mark.parametrize("low, high", [(np.uint8(42), np.uint8(85)), (np.float16(300), np.float16(400)),
                                        (np.float32(12.083045959472656), np.float32(12.083045959472656)),
                                        (np.int16(150), np.float32(333.3))])
