@@ -288,6 +288,16 @@ def test_the_largest_thread_and_worker_counts_are_taken():
     assert engine_threads() == []
 
 
+def test_settings_compute_alike_as_cv2_canny_uses_them():
+    """computes_as, which says whether a model fitted with some settings may label with others: the
+    thresholds as cv2.Canny uses them (swapped when low > high), and every other setting the same."""
+    assert PipelineConfig(200, 100).computes_as(PipelineConfig(100, 200))
+    assert PipelineConfig(100, 200, True, 7).computes_as(PipelineConfig(100.0, 200.0, True, 7))
+    for other in (PipelineConfig(100, 201), PipelineConfig(101, 200), PipelineConfig(l2_gradient=True),
+                  PipelineConfig(blur_ksize=3), PipelineConfig(200, 200)):
+        assert not PipelineConfig(100, 200).computes_as(other), other
+
+
 @pytest.mark.parametrize("low, high", [(np.uint8(42), np.uint8(85)), (np.float16(300), np.float16(400)),
                                        (np.float32(12.083045959472656), np.float32(12.083045959472656)),
                                        (np.int16(150), np.float32(333.3))])
