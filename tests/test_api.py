@@ -339,10 +339,10 @@ def test_a_backend_that_cannot_run_here_is_a_value_error_too(register):
 BAD_RUN_ARGUMENTS = [
     ({"threads": 0}, "threads must be >= 1, got 0"),
     ({"workers": 1.5}, "workers must be a whole number, got 1.5"),
-    ({"bands": (1, 2)}, "bands takes 1 or 3 band numbers, got 2"),
+    ({"bands": (1, 2)}, r"^bands takes 1 or 3 band numbers, got 2: \(1, 2\)"),  # the keyword, not --bands
     ({"bands": 3.0}, r"bands takes 1-based band numbers such as \(4, 3, 2\), \"4,3,2\" or 1, got 3.0"),
     ({"bands": "4;3;2"}, "bands takes 1-based band numbers such as"),  # (a confusing "got 5" before)
-    ({"bands": (0, 1, 2)}, "band numbers are 1-based and must be >= 1"),
+    ({"bands": (0, 1, 2)}, r"band numbers are 1-based and must be >= 1, got \(0, 1, 2\)"),
     ({"stretch": "log"}, "stretch must be one of percentile, minmax, bitdepth, got 'log'"),
     ({"decode": "fibers"}, "^decode must be one of auto, threads, processes, got 'fibers'"),  # not --decode
     ({"model": 3}, "model must be a model file or a shipped model's name"),  # a TypeError before
