@@ -29,6 +29,34 @@ def unavailable_backend():
     registry.unregister(NeverAvailable.name)
 
 
+def test_a_backend_that_fails_to_import_gives_one_line_and_a_cpu_backend_that_fails_to_start_its_error():
+    """registry: a backend whose module cannot be imported is unavailable in one line (an error message
+    of several lines broke info's table and the exit-2 line); a CPU backend that fails as it starts is
+    a bug to see whole, its own error, not a BackendUnavailable (which the command line turns into a
+    one-line exit 2, as for a GPU another process holds)."""
+    from gpu_pipeline.backends import BackendUnavailable
+    from gpu_pipeline.backends.reference import ReferenceBackend
+
+    def broken_import():
+        raise ImportError("libfoo.so: cannot open shared object file\nsecond line of the loader")
+
+    class Failing(ReferenceBackend):
+        def __init__(self, threads=None):
+            raise RuntimeError("a bug in the backend")
+
+    registry.register("broken-import", broken_import)
+    registry.register("failing-cpu", lambda: Failing)
+    try:
+        assert registry.unavailable_reason("broken-import") == (
+            "cannot import: ImportError: libfoo.so: cannot open shared object file")
+        with pytest.raises(RuntimeError, match="a bug in the backend") as caught:
+            registry.create("failing-cpu")
+        assert not isinstance(caught.value, BackendUnavailable)
+    finally:
+        registry.unregister("broken-import")
+        registry.unregister("failing-cpu")
+
+
 def info_json() -> dict:
     result = runner.invoke(app, ["info", "--json"])
     assert result.exit_code == 0, result.output
