@@ -301,6 +301,7 @@ def test_sub_batch_size_limits():
     assert images_per_sub_batch((64, 64, 3), False, float("inf")) == 8 * 2**20 // 4096
     assert images_per_sub_batch((1, 1), False, float("inf")) == MAX_IMAGES_PER_LAUNCH
     assert images_per_sub_batch((8000, 8000, 3), True, 1e6) == 1  # the allocation will say
+    assert images_per_sub_batch((MAX_PIXELS_PER_IMAGE, 1), False, float("inf")) == 1  # the most, not refused
     with pytest.raises(ValueError, match="pixels"):
         images_per_sub_batch((MAX_PIXELS_PER_IMAGE, 2), False, float("inf"))
 
