@@ -454,6 +454,14 @@ def test_a_ctrl_c_while_helpers_work_waits_for_them_then_is_raised():
         assert finished.is_set()
 
 
+def test_offsets_of_packed_arrays_start_at_zero_and_add_the_sizes_before():
+    """_exclusive_cumsum places each image's gray pixels and Canny map after the ones before it: a
+    wrong offset makes images share memory (a planted one hung the kernels until pytest's timeout)."""
+    assert numba_cpu._exclusive_cumsum(np.array([3, 5, 2], np.int64)).tolist() == [0, 3, 8]
+    assert numba_cpu._exclusive_cumsum(np.array([7], np.int64)).tolist() == [0]
+    assert numba_cpu._exclusive_cumsum(np.zeros(0, np.int64)).tolist() == []
+
+
 def test_bands_aim_at_a_share_of_the_batch_no_larger():
     """backends.md: items of about 1 / (4 x threads) of the batch's pixels. Worked by hand: 1,100 rows
     of one pixel on 2 threads aim at 1100 // 8 = 137 pixels an item, so the 1,000-row image needs
