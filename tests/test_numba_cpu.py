@@ -534,12 +534,12 @@ def test_images_the_backend_cannot_take_are_refused_with_a_value_error(backend):
     from gpu_pipeline.images import ImageBatch
 
     tile, pixels, one = np.zeros((4, 4), np.uint8), np.zeros(64, np.uint8), np.ones(1, np.int64)
-    for images, message in [([tile, np.zeros((4, 4), np.float32)], "expected a uint8 array, got float32"),
+    for inputs, message in [([tile, np.zeros((4, 4), np.float32)], "expected a uint8 array, got float32"),
                             ([np.zeros((4, 4, 4), np.uint8)], r"got shape \(4, 4, 4\)"),
                             ([tile, np.zeros((4, 0), np.uint8)], r"empty image of shape \(4, 0\)")]:
         with pytest.raises(ValueError, match=message):  # the reference backend too
-            ReferenceBackend().process(images, PipelineConfig())
-    for images, message in [([tile, np.zeros((4, 4), np.float32)], "expected a uint8 array, got float32"),
+            ReferenceBackend().process(inputs, PipelineConfig())
+    for inputs, message in [([tile, np.zeros((4, 4), np.float32)], "expected a uint8 array, got float32"),
                             ([tile, np.zeros((4, 4, 4), np.uint8)], r"RGB \(H, W, 3\) image, got shape \(4, 4, 4\)"),
                             (ImageBatch.packed(pixels, np.array([(4, 4, 0, 0), (4, 4, 2, 16)])), "other channel counts"),
                             (ImageBatch.packed(pixels, np.array([(4, 4, 1, 16)])), "other channel counts"),
@@ -547,13 +547,13 @@ def test_images_the_backend_cannot_take_are_refused_with_a_value_error(backend):
                             (ImageBatch([pixels.view(np.int32)], one * 0, one * 0, one * 4, one * 4, one * 0),
                              "expected uint8 images")]:
         with pytest.raises(ValueError, match=message):
-            backend.process(images, PipelineConfig())
-    for images, message in [([tile, np.zeros((4, 0), np.uint8)], r"empty image of shape \(4, 0\)"),
+            backend.process(inputs, PipelineConfig())
+    for inputs, message in [([tile, np.zeros((4, 0), np.uint8)], r"empty image of shape \(4, 0\)"),
                             ([np.zeros((0, 4, 3), np.uint8)], r"empty image of shape \(0, 4, 3\)"),
                             (ImageBatch.packed(pixels, np.array([(4, 4, 0, 0), (4, 0, 0, 16)])), r"shape \(4, 0\)"),
                             (ImageBatch.packed(pixels, np.array([(0, 4, 3, 16)])), r"shape \(0, 4, 3\)")]:
         with pytest.raises(ValueError, match=message):
-            check_images(images)
+            check_images(inputs)
 
 
 def test_the_helper_threads_are_kept_from_call_to_call():
