@@ -1630,6 +1630,23 @@ def test_an_old_single_file_parquet_output_is_refused(tiles, tmp_path):
 # ---------------------------------------------------------------- 15. SIGINT during start-up
 
 
+def test_an_interrupt_python_wraps_during_the_imports_exits_130_quietly():
+    """Ctrl-C landing in a class's ``__set_name__`` (a dataclass's field, as a module is imported)
+    reaches Python 3.11 as a RuntimeError caused by the KeyboardInterrupt: CI's start-up test saw
+    that traceback and exit 1. (Python 3.12 no longer wraps it.)"""
+    script = ("import gpu_pipeline.cli.app\n"
+              "class Interrupted:\n"
+              "    def __set_name__(self, owner, name):\n"
+              "        raise KeyboardInterrupt\n"
+              "class Importing:\n"
+              "    field = Interrupted()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "")
+    failing = script.replace("raise KeyboardInterrupt", "raise ValueError('a bug')")
+    done = subprocess.run([sys.executable, "-c", failing], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "ValueError: a bug" in done.stderr  # any other error keeps its traceback
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
 def test_sigint_during_start_up_exits_130_quietly(tiles, tmp_path, delay):
     """Ctrl-C ``delay`` s after the command line's own code began (its imports, then discovery, the

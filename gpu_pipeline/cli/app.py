@@ -13,7 +13,7 @@ def _quiet_on_interrupt(previous_hook):
     """Ctrl-C while the program is still importing ends it with status 130, without a traceback."""
 
     def hook(kind, value, traceback) -> None:
-        if issubclass(kind, KeyboardInterrupt):
+        if issubclass(kind, KeyboardInterrupt) or _caused_by_interrupt(value):
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
@@ -23,6 +23,18 @@ def _quiet_on_interrupt(previous_hook):
         previous_hook(kind, value, traceback)
 
     return hook
+
+
+def _caused_by_interrupt(error: BaseException | None) -> bool:
+    """Whether ``error`` was raised because of a KeyboardInterrupt: Python 3.11 wraps one that lands
+    in a class's ``__set_name__`` (a dataclass's field, as a module is imported) in a RuntimeError."""
+    seen = set()
+    while error is not None and id(error) not in seen:  # (a chain may loop back)
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__
+    return False
 
 
 # First, before the heavy imports below (typer, numpy, numba), which take most of the start-up.
