@@ -1647,6 +1647,26 @@ def test_an_interrupt_python_wraps_during_the_imports_exits_130_quietly():
     assert done.returncode == 1 and "ValueError: a bug" in done.stderr  # any other error keeps its traceback
 
 
+def test_a_sigterm_python_wraps_in_a_commands_own_imports_exits_143_quietly():
+    """The same once a command runs, where SIGTERM and SIGINT raise the command line's Interrupted: a
+    command's lazy import defining a dataclass as the signal lands gave the wrapping RuntimeError's
+    traceback and exit 1 on Python 3.11."""
+    script = ("import os, signal, sys, time\n"
+              "import gpu_pipeline.cli.app\n"
+              "cli = sys.modules['gpu_pipeline.cli.app']  # (the package's 'app' is the typer app)\n"
+              "class Signalled:\n"
+              "    def __set_name__(self, owner, name):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "        time.sleep(30)  # the handler raises here\n"
+              "def command():\n"
+              "    class Importing:\n"
+              "        field = Signalled()\n"
+              "cli.app = command\n"
+              "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (143, "")
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
 def test_sigint_during_start_up_exits_130_quietly(tiles, tmp_path, delay):
     """Ctrl-C ``delay`` s after the command line's own code began (its imports, then discovery, the

@@ -9,11 +9,17 @@ import sys
 import threading
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the run's own handling (its signal number is ``args[0]``). Not a
+    KeyboardInterrupt, which click turns into exit 1. Raised, so that ``with`` blocks clean up: a
+    SIGTERM to ``bench`` left its generated corpus in the temporary folder."""
+
+
 def _quiet_on_interrupt(previous_hook):
     """Ctrl-C while the program is still importing ends it with status 130, without a traceback."""
 
     def hook(kind, value, traceback) -> None:
-        if issubclass(kind, KeyboardInterrupt) or _caused_by_interrupt(value):
+        if isinstance(_interrupt_behind(value), KeyboardInterrupt):
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
@@ -25,16 +31,17 @@ def _quiet_on_interrupt(previous_hook):
     return hook
 
 
-def _caused_by_interrupt(error: BaseException | None) -> bool:
-    """Whether ``error`` was raised because of a KeyboardInterrupt: Python 3.11 wraps one that lands
-    in a class's ``__set_name__`` (a dataclass's field, as a module is imported) in a RuntimeError."""
+def _interrupt_behind(error: BaseException | None) -> BaseException | None:
+    """The KeyboardInterrupt or :class:`Interrupted` that ``error`` is, or was raised because of:
+    Python 3.11 wraps one that lands in a class's ``__set_name__`` (a dataclass's field, as a module
+    is imported) in a RuntimeError. None for any other error."""
     seen = set()
     while error is not None and id(error) not in seen:  # (a chain may loop back)
-        if isinstance(error, KeyboardInterrupt):
-            return True
+        if isinstance(error, (KeyboardInterrupt, Interrupted)):
+            return error
         seen.add(id(error))
         error = error.__cause__
-    return False
+    return None
 
 
 # First, before the heavy imports below (typer, numpy, numba), which take most of the start-up.
@@ -174,12 +181,6 @@ register_diagnostics(app)
 register_label_commands(app)
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the run's own handling (its signal number is ``args[0]``). Not a
-    KeyboardInterrupt, which click turns into exit 1. Raised, so that ``with`` blocks clean up: a
-    SIGTERM to ``bench`` left its generated corpus in the temporary folder."""
-
-
 def _interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
@@ -217,10 +218,13 @@ def main() -> None:
     catch_interrupts()
     try:
         app()
-    except Interrupted as exc:
+    except (Interrupted, RuntimeError) as exc:
+        interrupt = _interrupt_behind(exc)
+        if not isinstance(interrupt, Interrupted):
+            raise
         with contextlib.suppress(OSError):
             sys.stdout.flush()
-        sys.exit(143 if exc.args and exc.args[0] == signal.SIGTERM else 130)
+        sys.exit(143 if interrupt.args and interrupt.args[0] == signal.SIGTERM else 130)
     except SystemExit as exc:
         if streams.reader_went_away():
             if (ours := streams.pipe_of_ours(exc)) is not None:
