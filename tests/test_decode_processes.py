@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -915,3 +916,38 @@ def test_a_decode_thread_waiting_for_its_process_holds_no_part_it_handed_over(tm
         wait_until(lambda: _mapped_parts() == 0, "the part's pixels given back", timeout=1.5)
         (second,) = parts
         assert list(second.errors.values())[0]["stage"] == "decode"
+
+
+class ServedInAThread:
+    """A stand-in for the fork server: the decode process's loop (``processes._serve``) runs in a
+    thread of this process, so that a test can slow down its side."""
+
+    def fork(self, connection, arena):
+        threading.Thread(target=processes._serve, args=(os.dup(connection), os.dup(arena)), daemon=True).start()
+        return os.getpid()
+
+    def exit_status(self, pid):
+        return 0
+
+
+@needs_processes
+def test_a_decode_process_fills_its_slot_before_its_reply_says_the_pixels_are_there(monkeypatch):
+    """The reply hands the slot's pixels over: the images not decoded in place (every format but a
+    plain JPEG) are copied there first, however long the copy takes."""
+    real_fill = processes._Worker.fill_slot
+
+    def slow_fill(worker, to_copy, slot):
+        time.sleep(1)
+        real_fill(worker, to_copy, slot)
+
+    monkeypatch.setattr(processes.signal, "signal", lambda *args: None)  # (only the main thread may set one)
+    monkeypatch.setattr(processes._Worker, "fill_slot", slow_fill)
+    formats = sorted((BUNDLED / "formats").glob("*.png"))
+    process = processes.DecodeProcess(DecodeOptions(), server=ServedInAThread())
+    try:
+        taken, images, errors = process.decode([str(path) for path in formats], 1 << 30)
+        got = [image.tobytes() for image in images]  # as soon as the reply is in
+    finally:
+        process.close()
+    assert (taken, errors) == (len(formats), {})
+    assert got == [decode_image(path, DecodeOptions()).tobytes() for path in formats]
