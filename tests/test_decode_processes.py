@@ -228,6 +228,16 @@ def test_a_decoder_crash_costs_only_the_file_that_caused_it(monkeypatch):
     assert errors == {2: ("decode", "the decode process died of SIGSEGV while decoding this file")}
 
 
+def test_a_part_redone_a_file_at_a_time_after_a_crash_still_ends_at_its_pixels(monkeypatch):
+    """Each file of the part asked again alone: the part still ends once it holds the pixels asked
+    for (four per image here), the rest left for the next request, as without a crash."""
+    monkeypatch.setattr(processes, "DecodeProcess", DiesOnPoison)
+    decoder = processes.Decoder(DecodeOptions())
+    taken, images, errors = decoder.decode(["a.png", "poison.png", "b.png", "c.png", "d.png"], 8)
+    assert (taken, len(images)) == (3, 2)
+    assert errors == {1: ("decode", "the decode process died of SIGSEGV while decoding this file")}
+
+
 @needs_processes
 def test_a_run_in_processes_keeps_order_errors_and_labels(tmp_path):
     """The engine end to end, decoding in processes: the records of a run in threads, byte for byte."""
