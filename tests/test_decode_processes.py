@@ -961,3 +961,16 @@ def test_a_decode_process_fills_its_slot_before_its_reply_says_the_pixels_are_th
         process.close()
     assert (taken, errors) == (len(formats), {})
     assert got == [decode_image(path, DecodeOptions()).tobytes() for path in formats]
+
+
+@pytest.mark.parametrize("images", [1, 2, 7, 128])
+def test_a_slot_holds_its_part_however_its_images_fall_against_the_boundary(images):
+    """slot_bytes_for: room for every image of a part even when each needs the most alignment (15
+    bytes: 11-pixel RGB images, each ending 9 bytes past a 16-byte boundary), so no image of a part
+    the pool asked for is carried over to the next request for want of room."""
+    room = np.zeros(processes.slot_bytes_for(11 * images, images), np.uint8)
+    used = 0
+    for _ in range(images):
+        place = processes.place_in(room, used, (1, 11, 3))
+        assert place is not None
+        used = processes.placed_at(used) + place.size
