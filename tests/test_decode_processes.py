@@ -617,6 +617,26 @@ def test_a_decode_process_copies_what_was_not_decoded_in_place():
     assert bytes(arena[24:36]) == first.tobytes() and bytes(arena[40:52]) == second.tobytes()
 
 
+def test_a_part_whose_first_image_is_larger_than_the_slot_takes_it_in_memory_of_its_own():
+    """An image that does not fit the slot is carried over to the next request only when images are
+    placed before it: first in its part, it is taken, in memory of its own (a request that took
+    nothing was asked again for ever)."""
+    import mmap
+
+    scene = np.arange(300, dtype=np.uint8).reshape(10, 10, 3)
+
+    def decode_each(paths, options, into, working=None):
+        assert into(scene.shape) is None  # no place for it in the slot
+        yield scene.copy()
+
+    worker = processes._Worker(None, mmap.mmap(-1, 64), DecodeOptions())
+    worker._decode_each = decode_each
+    worker.queue(["scene"])
+    reply, to_copy, in_slot = worker.answer(1 << 30, 0, 48)
+    assert reply[0] == 1 and not in_slot and reply[4] == 8 + scene.size
+    assert [(offset, image.tobytes()) for offset, image in to_copy] == [(8, scene.tobytes())]
+
+
 def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
     """Parts that end inside a group of files read ahead (and an image carried over to the next
     slot) still read every file once, and give every image in order."""
