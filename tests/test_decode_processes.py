@@ -637,6 +637,22 @@ def test_a_part_whose_first_image_is_larger_than_the_slot_takes_it_in_memory_of_
     assert [(offset, image.tobytes()) for offset, image in to_copy] == [(8, scene.tobytes())]
 
 
+def test_a_part_that_fills_its_slot_to_the_last_byte_is_handed_over_in_it():
+    """Four tiles decoded in place, the last ending at the slot's end: the part is in the slot (said
+    to be in memory of its own, the tiles decoded in place were never sent)."""
+    import mmap
+
+    tiles = find_files([BUNDLED / "eurosat"])[:4]
+    slot_bytes = 8 + 4 * 64 * 64 * 3  # each tile 8 bytes past a 16-byte boundary: no room left
+    arena = mmap.mmap(-1, slot_bytes)
+    worker = processes._Worker(None, arena, DecodeOptions())
+    worker.queue(tiles)
+    reply, to_copy, in_slot = worker.answer(1 << 30, 0, slot_bytes)
+    assert in_slot and reply[0] == 4 and (reply[3], reply[4]) == (slot_bytes, 0) and to_copy == []
+    images = ImageBatch.packed(np.frombuffer(arena, np.uint8).copy(), np.frombuffer(reply[1], np.int64).reshape(-1, 4))
+    assert [image.tobytes() for image in images] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
 def test_a_decode_process_reads_each_file_once_across_parts(monkeypatch):
     """Parts that end inside a group of files read ahead (and an image carried over to the next
     slot) still read every file once, and give every image in order."""
