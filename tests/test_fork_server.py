@@ -265,6 +265,27 @@ def test_a_fork_server_closed_while_a_fork_restarts_it_is_stopped_not_left_runni
     assert len(started) == 2 and started[1].returncode is not None  # ended and waited for
 
 
+def test_a_fork_server_closed_while_it_forks_is_not_started_again(monkeypatch):
+    """A fork that fails because the pool closed the server meanwhile is no death: the fork says
+    closed, and no fresh server is started only to be stopped."""
+    real_fork = processes.ForkServer._fork
+
+    def close_then_fork(self, connection, arena):
+        closing = threading.Thread(target=self.close)
+        closing.start()
+        closing.join()
+        return real_fork(self, connection, arena)
+
+    monkeypatch.setattr(processes.ForkServer, "_fork", close_then_fork)
+    started = []
+    real_started = processes.ForkServer._started
+    monkeypatch.setattr(processes.ForkServer, "_started", lambda self: started.append(1) or real_started(self))
+    server = processes.ForkServer()
+    with pytest.raises(OSError):
+        processes.DecodeProcess(DecodeOptions(), server=server)
+    assert (len(started), server.restarts) == (1, 0)
+
+
 REAPER = """
 import ctypes, os, signal, sys, time
 sys.path.insert(0, {repo!r})
