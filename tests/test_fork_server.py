@@ -556,3 +556,33 @@ def test_a_fork_server_answering_a_run_that_closed_its_end_ends_quietly():
     ours.close()
     with servers:
         processes._serve_fork_requests(servers, set())
+
+
+def test_a_fork_server_reads_a_request_that_comes_in_pieces():
+    """A stream socket may hand a request over in pieces: the server reads all 9 bytes of one (its
+    letter and the pid), however they are cut, and the next request from where that one ends."""
+    import fcntl
+    import socket
+    import struct
+    import subprocess
+    import termios
+
+    def unread(sock):
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+    ours, servers = socket.socketpair()
+    ours.settimeout(30)  # (a request misread: the server waits for bytes that never come, or has failed)
+    serving = threading.Thread(target=processes._serve_fork_requests, args=(servers, set()), daemon=True)
+    serving.start()
+    codes = []
+    for cut in range(8, 0, -1):
+        child = subprocess.Popen(["sh", "-c", f"exit {cut}"])
+        request = b"s" + child.pid.to_bytes(8, "little", signed=True)
+        ours.sendall(request[:cut])
+        wait_until(lambda: unread(servers) == 0, "the server reading the first piece")
+        ours.sendall(request[cut:])
+        codes.append(processes._number(ours))
+    ours.close()
+    serving.join(60)
+    servers.close()
+    assert codes == list(range(8, 0, -1)) and not serving.is_alive()
