@@ -586,3 +586,18 @@ def test_a_fork_server_reads_a_request_that_comes_in_pieces():
     serving.join(60)
     servers.close()
     assert codes == list(range(8, 0, -1)) and not serving.is_alive()
+
+
+def test_a_fork_server_whose_run_ends_in_the_middle_of_a_request_ends():
+    """The run killed as it sent a request: the server read an empty string for the rest of it, for
+    ever, one core busy, rather than end as when its run has gone."""
+    import socket
+
+    ours, servers = socket.socketpair()
+    ours.sendall(b"s" + (1234).to_bytes(8, "little", signed=True)[:3])
+    ours.close()
+    serving = threading.Thread(target=processes._serve_fork_requests, args=(servers, set()), daemon=True)
+    serving.start()
+    serving.join(60)
+    servers.close()
+    assert not serving.is_alive()

@@ -388,7 +388,10 @@ def _serve_fork_requests(sock: socket.socket, children: set[int]) -> None:
                 return
         else:
             while len(message) < 9:
-                message += sock.recv(9 - len(message))
+                more = sock.recv(9 - len(message))
+                if not more:
+                    return  # the main process died in the middle of a request
+                message += more
             pid = int.from_bytes(message[1:9], "little", signed=True)
             code = _reaped(pid)
             children.discard(pid)
