@@ -106,6 +106,25 @@ def test_a_decoder_gives_up_on_the_file_it_was_stuck_on_and_keeps_the_others(tmp
 
 
 @needs_processes
+def test_a_decoder_stuck_on_the_first_file_of_a_part_blames_it_at_once(tmp_path, monkeypatch):
+    """The file at position 0 of a request is a file like any other: the one killed process blames
+    it, and nothing is asked again (it was not redone a file at a time, which cost the limit twice)."""
+    for name, value in hanging_decoder(tmp_path / "site", "stuck").items():
+        monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up)
+    tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:2]
+    paths = [str(tmp_path / "stuck.jpg"), *map(str, tiles)]
+    Path(paths[0]).write_bytes(tiles[0].read_bytes())
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, _):
+        taken, decoded, errors = decoder.decode(paths, 1 << 30)
+        rest_taken, rest, rest_errors = decoder.decode(paths[taken:], 1 << 30)
+        assert [process.returncode for process in started_processes] == [-9, None]  # one kill
+    assert (taken, len(decoded), errors) == (1, 0, {0: ("decode", timed_out(1))})
+    assert (rest_taken, rest_errors) == (2, {})
+    assert [image.tobytes() for image in rest] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
+@needs_processes
 def test_a_large_image_stuck_after_its_wait_for_room_is_blamed_at_once(tmp_path, monkeypatch):
     """A large image's process waits for room, then decodes; its time limit starts again after the
     wait, and so does its note of the file it is on. Stuck after the go, that file is the one given
