@@ -125,6 +125,37 @@ def test_a_decoder_stuck_on_the_first_file_of_a_part_blames_it_at_once(tmp_path,
 
 
 @needs_processes
+def test_a_process_killed_at_its_limit_as_its_fork_server_dies_still_blames_its_file(tmp_path, monkeypatch):
+    """Its fork server gone by the time it is waited for, a process killed at its limit cannot be
+    told from one that died with its server; it was still given up on for its file: that one gets
+    the error at once, rather than the whole request asked again (and the limit waited out twice)."""
+    for name, value in hanging_decoder(tmp_path / "site", "stuck").items():
+        monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up)
+    tiles = sorted((BUNDLED / "eurosat").rglob("*.jpg"))[:2]
+    paths = [str(tiles[0]), str(tmp_path / "stuck.jpg"), str(tiles[1])]
+    Path(paths[1]).write_bytes(tiles[0].read_bytes())
+    real_answered_in_time, killed = processes.DecodeProcess._answered_in_time, []
+
+    def and_the_server_dies_once(self):
+        if real_answered_in_time(self):
+            return True
+        if not killed:
+            killed.append(self._server._process.pid)
+            self._server._process.kill()
+            self._server._process.wait()
+        return False
+
+    monkeypatch.setattr(processes.DecodeProcess, "_answered_in_time", and_the_server_dies_once)
+    started_processes = count_decode_processes(monkeypatch)
+    with decoder_with_server(time_limit=1.0) as (decoder, server):
+        taken, decoded, errors = decoder.decode(paths, 1 << 30)
+        assert [process.returncode for process in started_processes] == [-9, None]  # one kill
+        assert killed and server.restarts == 1
+    assert (taken, errors) == (2, {1: ("decode", timed_out(1))})
+    assert [image.tobytes() for image in decoded] == [decode_image(paths[0], DecodeOptions()).tobytes()]
+
+
+@needs_processes
 def test_a_large_image_stuck_after_its_wait_for_room_is_blamed_at_once(tmp_path, monkeypatch):
     """A large image's process waits for room, then decodes; its time limit starts again after the
     wait, and so does its note of the file it is on. Stuck after the go, that file is the one given
