@@ -338,6 +338,29 @@ def test_a_failing_path_source_is_raised_to_the_consumer():
         list(decode_stream(paths(), DecodeOptions(), workers=2))
 
 
+def test_a_consumer_waiting_for_a_part_is_woken_when_the_decoders_end_with_none(monkeypatch):
+    """The last decoder to end wakes the consumer: the parts end (with no path left, its part never
+    comes). A consumer already waiting when they ended waited for ever."""
+    import threading
+
+    from gpu_pipeline.engine import decoding
+    from tests.runs import wait_until
+
+    listed, real_take_chunk = threading.Event(), decoding._DecodePool._take_chunk
+    monkeypatch.setattr(decoding._DecodePool, "_take_chunk", lambda self: listed.wait() and real_take_chunk(self))
+    parts = decoding.decode_parts([], DecodeOptions(), workers=2)
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(list(parts)), daemon=True)
+    consumer.start()
+    wait_until(lambda: len(parts._pool._consumer._waiters) == 1, "the consumer waiting for its part")
+    listed.set()  # the decoders find no path, and end
+    consumer.join(60)
+    woken = not consumer.is_alive()
+    parts.close()
+    assert woken and got == [[]]
+
+
+
 def _fake(shape):
     return Decoded(Path("x"), image=np.zeros(shape, np.uint8))
 
