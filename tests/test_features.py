@@ -177,26 +177,18 @@ def test_the_feature_bound_is_reached_and_never_passed():
     assert got[0, FEATURE_NAMES.index("gradient_mean")] == FEATURE_BOUND
 
 
-def test_long_rows_are_summed_exactly():
-    """Sums run in int32 stretches; a row far longer than a stretch must still be exact."""
-    rng = np.random.default_rng(5)
-    image = rng.integers(200, 256, (3, 40_000, 3), dtype=np.uint8)
+@pytest.mark.parametrize("seed, darkest, rows", [(5, 200, 3), (6, 250, 2)], ids=["mid-gray", "near-white"])
+def test_long_rows_are_summed_exactly(seed, darkest, rows):
+    """Sums run in int32 stretches; a row far longer than a stretch must still be exact. A stretch of
+    16,384 pixels keeps its sums of squares in int32 (255^2 * 16384 < 2^31); 33,026 pixels of 255
+    would not. A row of 40,000 near-white pixels (one strip) overflows any stretch longer than about
+    33,700 of them: the mid-gray row only from about 41,500."""
+    image = np.random.default_rng(seed).integers(darkest, 256, (rows, 40_000, 3), dtype=np.uint8)
     got = dict(zip(FEATURE_NAMES, batch_features([image], histogram_of(image)[None], np.array([0]))[0]))
     expected = oracle(image, histogram_of(image), 0)
     for name in FEATURE_NAMES:
         assert got[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-12), name
 
-
-def test_a_long_row_of_bright_pixels_is_summed_exactly():
-    """A stretch of 16,384 pixels keeps its sums of squares in int32 (255^2 * 16384 < 2^31); 33,026
-    pixels of 255 would not. A row of 40,000 near-white pixels (one strip) overflows any stretch
-    longer than about 33,700 of them: the mid-gray row above only from about 41,500."""
-    rng = np.random.default_rng(6)
-    image = rng.integers(250, 256, (2, 40_000, 3), dtype=np.uint8)
-    got = dict(zip(FEATURE_NAMES, batch_features([image], histogram_of(image)[None], np.array([0]))[0]))
-    expected = oracle(image, histogram_of(image), 0)
-    for name in FEATURE_NAMES:
-        assert got[name] == pytest.approx(expected[name], rel=1e-12, abs=1e-12), name
 
 def test_entropy_of_counts_on_both_sides_of_the_lookup_table():
     """c * log2(c) is looked up for small bin counts and computed for large ones: both must be right."""

@@ -57,6 +57,11 @@ def run(*args: str):
     return runner.invoke(app, ["run", *args, "--backend", "reference", "-q"])
 
 
+def python_c(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c script`` run from the checkout, its output captured as text."""
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def by_path(records: list[dict]) -> dict[str, dict]:
     keys = [record_key(r) for r in records]
     assert len(keys) == len(set(keys)), "a path was recorded twice"
@@ -1640,10 +1645,9 @@ def test_an_interrupt_python_wraps_during_the_imports_exits_130_quietly():
               "        raise KeyboardInterrupt\n"
               "class Importing:\n"
               "    field = Interrupted()\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = python_c(script)
     assert (done.returncode, done.stderr) == (130, "")
-    failing = script.replace("raise KeyboardInterrupt", "raise ValueError('a bug')")
-    done = subprocess.run([sys.executable, "-c", failing], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = python_c(script.replace("raise KeyboardInterrupt", "raise ValueError('a bug')"))
     assert done.returncode == 1 and "ValueError: a bug" in done.stderr  # any other error keeps its traceback
 
 
@@ -1663,7 +1667,7 @@ def test_a_sigterm_python_wraps_in_a_commands_own_imports_exits_143_quietly():
               "        field = Signalled()\n"
               "cli.app = command\n"
               "cli.main()\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = python_c(script)
     assert (done.returncode, done.stderr) == (143, "")
 
 
@@ -1957,7 +1961,7 @@ sys.argv = ["gpu-pipeline", "run", {str(tiles)!r}, "--out", {str(out)!r}, "--bac
 from gpu_pipeline.cli.app import main
 main()
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = python_c(script, timeout=300)
     assert done.returncode == 143, done.stderr
     assert "20 images with backend closing" in done.stderr
     assert len(read_records(out)) == 20 and not lock_path(str(out)).exists()
