@@ -649,15 +649,35 @@ def test_a_json_file_with_a_pipeline_key_is_not_taken_for_a_settings_record(tile
     assert mine.read_text() == '{"pipeline": "stages of our own", "owner": "ops"}\n'
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["", "overwrite"])
+@pytest.mark.parametrize("content", ["USER DATA\n", '{"name": "mine"}\n'], ids=["text", "json"])
 @pytest.mark.parametrize("sidecar", ["settings.json", "lock"])
-def test_a_file_of_the_users_where_a_sidecar_goes_is_left_alone(tiles, tmp_path, sidecar):
+def test_a_file_of_the_users_where_a_sidecar_goes_is_left_alone(tiles, tmp_path, sidecar, content, overwrite):
     """OUT.settings.json and OUT.lock are ours to write and remove; a file of that name that is
-    not (no output yet) is refused, not replaced."""
+    not (no output yet) is refused, not replaced, even with --overwrite: it replaces the output."""
     mine = tmp_path / f"r.jsonl.{sidecar}"
-    mine.write_text("USER DATA\n")
-    result = run(str(tiles), "--out", str(tmp_path / "r.jsonl"))
+    mine.write_text(content)
+    result = run(str(tiles), "--out", str(tmp_path / "r.jsonl"), *overwrite)
     assert result.exit_code == 2 and f"{mine} exists and is not a gpu-pipeline" in result.stderr, result.output
-    assert mine.read_text() == "USER DATA\n" and not (tmp_path / "r.jsonl").exists()
+    assert "use --overwrite" not in result.stderr  # (it would not help)
+    assert mine.read_text() == content and not (tmp_path / "r.jsonl").exists()
+
+
+def test_overwrite_replaces_a_settings_record_of_ours_this_version_cannot_compare(tiles, tmp_path):
+    """A record of an early version (no label model in it) cannot be compared with this run's
+    settings: refused, naming --overwrite, which then starts afresh."""
+    out = tmp_path / "r.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    record = tmp_path / "r.jsonl.settings.json"
+    early = json.loads(record.read_text())
+    del early["model"], early["format"]
+    record.write_text(json.dumps(early))
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2 and "use --overwrite" in result.stderr, result.output
+    assert out.read_bytes() == before and json.loads(record.read_text()) == early
+    assert run(str(tiles), "--out", str(out), "--overwrite").exit_code == 0
+    assert set(json.loads(record.read_text())) == {"pipeline", "decode", "model", "format"}
 
 
 def test_an_output_whose_settings_record_is_gone_is_refused(tiles, tmp_path):

@@ -291,16 +291,22 @@ SETTINGS_KEYS = ("pipeline", "decode", "model", "format")
 def checked_settings_record(out: str, overwrite: bool) -> dict | None:
     """``OUT.settings.json``, read once for every check of the run; None when there is none to
     check (absent, or ``--overwrite`` starts afresh). It is replaced at the start of a run: refuse
-    unless it is a settings record of ours."""
-    if out == "-" or overwrite:
+    unless it is a settings record of ours (of any version with ``--overwrite``, which replaces
+    the output and its record, never a file of someone else's)."""
+    if out == "-":
         return None
     path = settings_path(out)
     if not os.path.lexists(path):  # (False, not an error, for a name too long: refused when written)
         return None
     earlier = recorded_settings(out)
-    if earlier is None or not {"pipeline", "decode", "model"} <= set(earlier) <= set(SETTINGS_KEYS):
+    if earlier is None or not {"pipeline", "decode"} <= set(earlier):  # (every version's record has both)
         raise UsageError(f"{path} exists and is not a gpu-pipeline settings record that can be read; it is "
-                         "left alone: remove it, use --overwrite, or choose another --out")
+                         "left alone: remove it or choose another --out")
+    if overwrite:
+        return None
+    if not {"pipeline", "decode", "model"} <= set(earlier) <= set(SETTINGS_KEYS):
+        raise UsageError(f"{path} is a settings record of another gpu-pipeline version, which this run cannot "
+                         "compare with its own: use --overwrite to start afresh, or choose another --out")
     return earlier
 
 
