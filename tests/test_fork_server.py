@@ -149,9 +149,11 @@ def test_a_process_whose_server_is_killed_as_it_forks_it_is_asked_again_of_a_fre
 
 def test_a_run_whose_fork_server_is_killed_loses_no_image(tmp_path):
     paths = images(tmp_path / "in", 150)
-    slow = hanging_decoder(tmp_path / "site", "img", seconds=0.03)  # (a run of a few seconds)
+    slow = hanging_decoder(tmp_path / "site", "img", seconds=0.05)  # (a run of a few seconds)
     tag = f"fork-server-{os.getpid()}"
-    process = start(tmp_path / "in", tmp_path / "out.jsonl", "--decode", "processes", tag=tag, env=slow)
+    # (numba: the reference backend's 90 ms an image made this test the suite's slowest)
+    process = start(tmp_path / "in", tmp_path / "out.jsonl", "--decode", "processes", "--backend", "numba", tag=tag,
+                    env=slow)
     try:
         def server() -> list[int]:  # the fork server, not its children (the decode processes)
             forking, parents = [], {}
@@ -175,7 +177,7 @@ def test_a_run_whose_fork_server_is_killed_loses_no_image(tmp_path):
     written = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(line)["path"] for line in written] == [str(path) for path in paths]
     wait_until(lambda: not tagged(tag), "the run's processes ending", timeout=30)
-    clean = start(tmp_path / "in", tmp_path / "clean.jsonl", "--decode", "processes")
+    clean = start(tmp_path / "in", tmp_path / "clean.jsonl", "--decode", "processes", "--backend", "numba")
     assert clean.wait(timeout=120) == 0, clean.stderr.read()
     assert written == (tmp_path / "clean.jsonl").read_text().splitlines()
 
