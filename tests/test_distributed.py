@@ -981,6 +981,33 @@ def test_chunk_sizes_cover_the_work_and_adapt_to_the_measured_rate(total, slots)
     assert sizes[0] <= dask_run.FIRST_CHUNK  # nothing measured yet
 
 
+def test_chunk_sizes_are_the_documented_numbers():
+    """distributed.md, "Chunk size": the first chunks hold 128 images; then about 2 s of work at the
+    moving average of the measured rates, between 16 and 4,096 images, smaller near the end (the
+    remaining images spread over two chunks per worker thread)."""
+    assert dask_run.ChunkSizer().next_size(10**6, 4) == 128
+    sizer = dask_run.ChunkSizer()
+    sizer.measured(1000, 1.0)
+    assert sizer.next_size(10**6, 4) == 2000  # 1000 images/s x 2 s
+    sizer.measured(3000, 1.0)  # 0.7 x 1000 + 0.3 x 3000 = 1600 images/s: an average, not the last rate
+    assert sizer.next_size(10**6, 4) == 3200
+    sizer.measured(10**6, 1.0)
+    assert sizer.next_size(10**6, 4) == 4096  # the most
+    slow = dask_run.ChunkSizer()
+    slow.measured(1, 1.0)
+    assert slow.next_size(10**6, 4) == 16  # the fewest, though 2 s is 2 images
+    assert sizer.next_size(1000, 4) == 125  # near the end: 1000 images over 4 workers x 2 chunks
+    assert sizer.next_size(10, 4) == 10  # what is left, if fewer than 16
+
+
+def test_two_chunks_per_worker_thread_are_in_flight():
+    """distributed.md: one running, one waiting, so the client holds at most 2 x workers chunks."""
+    cluster = Workers(3, poisons=set())
+    chunks = dask_run._Chunks(cluster, None, [f"tile{i:05d}.png" for i in range(10_000)], completed=cluster)
+    chunks.submit(slots=3)
+    assert len(chunks.in_flight) == 6 and sum(map(len, cluster.held)) == 6
+
+
 # --- several GPUs: --dask local-cuda (dask-cuda's LocalCUDACluster), tested without a GPU ---------
 
 def test_local_cuda_cluster_has_one_single_threaded_worker_per_visible_gpu():
