@@ -154,6 +154,16 @@ def test_a_local_cluster_starts_no_gil_knocker_in_this_process(monkeypatch):
         # distributed.md: each of the N processes gets cores / N compute threads, one task slot
         assert cluster.threads == max(1, usable_cores() // 2)  # (a CPU quota counts)
         assert cluster.worker_threads() == 2
+        # distributed.md: the web server takes a free port, leaving Dask's 8787 to a dashboard already there
+        assert cluster.cluster.scheduler.http_server.port != 8787
+
+
+def test_local_n_takes_at_most_4_workers_per_core(monkeypatch):
+    """distributed.md: N at most 4 per core (each worker is a Python process with its own backend)."""
+    monkeypatch.setattr(dask_run, "usable_cores", lambda: 2)
+    assert dask_run._local_workers("local:8") == 8 and dask_run._local_workers("local:1") == 1
+    with pytest.raises(UsageError, match="starts 9 worker processes on 2 cores; take at most 8"):
+        dask_run._local_workers("local:9")
 
 
 def test_a_local_cluster_closes_without_dask_log_records():
