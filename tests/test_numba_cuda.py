@@ -32,6 +32,7 @@ from gpu_pipeline.backends import _cuda_kernels as kernels
 from gpu_pipeline.backends import numba_cuda, registry
 from gpu_pipeline.backends._cuda_plan import (
     HYSTERESIS_MAX_CHUNK,
+    HYSTERESIS_MAX_LAUNCHES,
     MAX_IMAGES_PER_LAUNCH,
     MAX_PIXELS_PER_IMAGE,
     MEMORY_FRACTION,
@@ -376,6 +377,11 @@ def test_hysteresis_schedule(max_launches):
     assert sum(chunks) == max_launches
     growing = [min(2 ** (i + 2), HYSTERESIS_MAX_CHUNK) for i in range(len(chunks))]
     assert chunks[:-1] == growing[:-1] and 1 <= chunks[-1] <= growing[-1]
+
+
+def test_hysteresis_stops_after_44_launches_in_4_host_synchronisations():
+    """backends.md: `cuda` stops after 44 launches, chunks of 4, 8, 16, 16: at most 4 synchronisations."""
+    assert list(hysteresis_schedule(HYSTERESIS_MAX_LAUNCHES)) == [4, 8, 16, 16]
 
 
 def test_out_of_memory_is_recognised():
