@@ -271,6 +271,7 @@ def _valid_dict() -> dict:
     (lambda d: d.update(input_size=3), "input_size"),
     (lambda d: d.update(input_size=8.0), "input_size"),
     (lambda d: d.update(blocks=[]), "1 to 4 conv blocks"),
+    (lambda d: d.update(blocks=[*d["blocks"], *d["blocks"], d["blocks"][0]]), "1 to 4 conv blocks"),  # 5: the kernel takes 4
     (lambda d: d["blocks"][0].update(weights=[[1]]), r"blocks\[0\].weights.*shape \(3, 3, 3, 4\)"),
     (lambda d: d["blocks"][1].update(weights=np.full((3, 3, 4, 6), 128).tolist()), r"blocks\[1\].weights.*-127..127"),
     (lambda d: d["blocks"][1].update(weights=np.full((3, 3, 4, 6), 1.5).tolist()), r"blocks\[1\].weights"),
