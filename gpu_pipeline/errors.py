@@ -22,6 +22,13 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of the message (the type's name if it has none), to put inside a sentence:
+    cutting the whole sentence at the message's first newline lost what followed, a closing bracket."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 #: Escapes for the C0 controls and DEL (a file name may hold any of them but NUL), and for the C1
 #: controls (U+009B is the terminal's CSI, as ESC [ is) and the line and paragraph separators, as
 #: ``\\u009b``: ``\\x9b`` is how a byte of a name that is not UTF-8 is shown.

@@ -125,6 +125,41 @@ def test_unavailable_reason_is_one_line_or_none():
     assert registry.unavailable_reason("cupy") == reason
 
 
+class FakeCupy:
+    """CuPy as ``unavailable_reason`` asks it: how many GPUs its runtime counts, whether it can use one."""
+
+    def __init__(self, count=None, failure=None, available=True):
+        def device_count():
+            if failure is not None:
+                raise failure
+            return count
+
+        self.cuda = type("cuda", (), {"runtime": type("runtime", (), {"getDeviceCount": staticmethod(device_count)})})
+        self.is_available = lambda: available
+
+
+@pytest.mark.parametrize("cupy, reason", [
+    (ImportError("No module named 'cupy'\n(a second line)"), "CuPy cannot be imported (ImportError: No module named 'cupy')"),
+    (FakeCupy(failure=RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")),
+     "no usable CUDA driver (cudaErrorInsufficientDriver: CUDA driver version is insufficient)"),
+    (FakeCupy(failure=RuntimeError("cudaErrorUnknown\n(more)")), "no usable CUDA driver (cudaErrorUnknown)"),
+    (FakeCupy(failure=RuntimeError()), "no usable CUDA driver (RuntimeError)"),
+    (FakeCupy(count=0), "CuPy finds no usable CUDA GPU"),
+    (FakeCupy(count=1, available=False), "CuPy finds no usable CUDA GPU"),
+    (FakeCupy(count=1), None),
+])
+def test_unavailable_when_cupy_cannot_be_imported_no_driver_fits_or_there_is_no_gpu(monkeypatch, cupy, reason):
+    """backends.md: each of the three, in one line (the first of a message, the sentence kept whole: cut
+    at the message's first newline it lost its closing bracket); a GPU CuPy can use is available."""
+    def import_cupy():
+        if isinstance(cupy, Exception):
+            raise cupy
+        return cupy
+
+    monkeypatch.setattr(cupy_gpu, "_import_cupy", import_cupy)
+    assert CupyBackend.unavailable_reason() == reason
+
+
 def test_creating_it_without_a_gpu_says_why():
     reason = CupyBackend.unavailable_reason()
     if reason is None:

@@ -203,6 +203,23 @@ def test_work_items_cover_every_row_once(shapes, threads):
 # --- threads -------------------------------------------------------------------------------------
 
 
+def test_a_numba_that_cannot_be_imported_is_one_whole_line(monkeypatch):
+    """backends.md: numba is unavailable only when it cannot be imported, said in one line: the first
+    line of the error, the sentence kept whole (cut at the error's first newline it lost its bracket)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken_llvmlite(name, *args, **kwargs):
+        if name == "numba":
+            raise OSError("libllvmlite.so: cannot open shared object file\n(a second line)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken_llvmlite)
+    assert NumbaCpuBackend.unavailable_reason() == \
+        "numba cannot be imported (OSError: libllvmlite.so: cannot open shared object file)"
+
+
 def test_threads_argument(backend):
     most = numba.config.NUMBA_NUM_THREADS
     assert backend.threads == most

@@ -46,6 +46,7 @@ from gpu_pipeline.backends.base import (
     group_by_shape,
 )
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.errors import first_line, one_line
 from gpu_pipeline.images import ImageBatch, pixel_counts
 
 KERNEL_SOURCE = Path(__file__).with_name("cupy_pipeline.cu")
@@ -586,11 +587,11 @@ class CupyBackend(Backend):
         try:
             cupy = _import_cupy()
         except Exception as exc:  # not installed, or a broken CUDA wheel
-            return f"CuPy cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+            return f"CuPy cannot be imported ({one_line(exc)})"
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # no driver, or one older than CuPy's CUDA runtime
-            return f"no usable CUDA driver ({exc})".splitlines()[0]
+            return f"no usable CUDA driver ({first_line(exc)})"
         if count == 0 or not cupy.is_available():
             return "CuPy finds no usable CUDA GPU"
         return None

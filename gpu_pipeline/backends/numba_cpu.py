@@ -18,6 +18,7 @@ import numpy as np
 from cpu_reference.stages import canny_thresholds
 from gpu_pipeline.backends.base import Backend, BatchResult, check_images
 from gpu_pipeline.config import PipelineConfig
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 
 #: Bands shorter than this waste too much on recomputed rows at their ends.
@@ -139,7 +140,7 @@ class NumbaCpuBackend(Backend):
         try:
             import numba
         except (ImportError, OSError) as exc:  # numba missing, or a broken llvmlite
-            return f"numba cannot be imported ({type(exc).__name__}: {exc})".splitlines()[0]
+            return f"numba cannot be imported ({one_line(exc)})"
         if numba.config.DISABLE_JIT:  # its kernels would run as Python, and their intrinsics cannot
             return "NUMBA_DISABLE_JIT is set: the numba kernels cannot run without compiling (unset it)"
         return None

@@ -52,6 +52,7 @@ from gpu_pipeline.backends.base import (
 )
 from gpu_pipeline.config import PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.images import ImageBatch
 
 _TILE_BLOCK = (kernels.BLOCK_X, kernels.BLOCK_Y)
@@ -131,7 +132,7 @@ def unavailable_reason(allow_simulator: bool = False) -> str | None:
         detail = (driver.initialization_error or "").strip().splitlines()
         return f"no usable CUDA GPU ({detail[0] if detail else 'no device found'})"
     except Exception as exc:
-        return f"CUDA probe failed ({type(exc).__name__}: {exc})".splitlines()[0]
+        return f"CUDA probe failed ({one_line(exc)})"
 
 
 @dataclass
