@@ -267,6 +267,8 @@ THRESHOLD_CASES = {
     "at the largest L1 gradient": (2039, 2040),
     "above the largest L2 gradient": (1443, 1500),
     "above the L2 clamp": (32767.5, 40000),
+    # unclamped, 46341 ** 2 is past 2**31 - 1: an int overflow that would make every peak strong
+    "far above the L2 clamp": (20, 46341),
 }
 
 
