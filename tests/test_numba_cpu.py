@@ -156,18 +156,24 @@ def test_row_bands_give_the_same_bytes(backend, image, config, items_per_thread)
     assert_matches_reference([image], config, results)
 
 
-def test_edges_crossing_many_seams(backend):
-    """A weak edge running down through every band, strong only in its first rows: hysteresis
-    must carry it across each seam. (The reference checks the premise: no strong gradient below
-    row 12, yet edges at the bottom.)"""
+@pytest.mark.parametrize("upwards", [False, True], ids=["down", "up"])
+def test_edges_crossing_many_seams(backend, upwards):
+    """A weak edge running through every band, strong only at one end: hysteresis must carry it
+    across each seam, down from the top or up from the bottom, to the image's last or first row.
+    (The reference checks the premise: no strong gradient beyond 12 rows from the strong end, yet
+    edges in the row at the other end.)"""
     image = np.zeros((120, 64), np.uint8)
     image[:, 34:] = np.linspace(60, 255, 30).astype(np.uint8)  # a gentle ramp shapes the LUT
     image[:, 30:34] = 40  # the weak step ...
     image[:6, 30:34] = 200  # ... strong at the top only
+    if upwards:  # ... or at the bottom only: the seam join's flood must also climb to row 0
+        image = np.ascontiguousarray(image[::-1])
     config = PipelineConfig(20, 100, blur_ksize=5)
     expected = ref.process_image(image, config)
     dx, dy = ref.sobel(expected.blurred)
-    assert (np.nonzero(np.abs(dx) + np.abs(dy) > 100)[0] < 12).all() and expected.edges[100:].any()
+    strong_rows = np.nonzero(np.abs(dx) + np.abs(dy) > 100)[0]
+    from_strong_end = len(image) - 1 - strong_rows if upwards else strong_rows
+    assert (from_strong_end < 12).all() and expected.edges[0 if upwards else -1].any()
     with short_bands(items_per_thread=16):
         results = backend.process([image], config, keep_images=True)
     assert_matches_reference([image], config, results)
