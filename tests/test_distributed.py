@@ -937,6 +937,7 @@ def test_without_the_dask_extra_exits_2_with_the_install_hint(tiles, tmp_path, m
 @pytest.mark.parametrize("spec, message", [
     ("local:0", "local:N takes"),
     ("local:two", "local:N takes"),
+    ("local:\u00b2", "local:N takes"),  # a digit to str.isdigit, not to int(): it was a ValueError traceback
     (f"local:{4 * usable_cores() + 1}", "take at most"),  # each a Python process: far too many
     ("tcp://127.0.0.1:9", "cannot connect to the Dask scheduler at tcp://127.0.0.1:9"),
     ("127.0.0.1:9", "cannot connect to the Dask scheduler at 127.0.0.1:9"),  # host:port means tcp

@@ -340,7 +340,8 @@ def _local_workers(spec: str) -> int | None:
     if not spec.startswith("local:"):
         return None
     count = spec.removeprefix("local:")
-    if not count.isdigit() or int(count) < 1:
+    # isdecimal, not isdigit: int() refuses digits such as "²", which isdigit takes
+    if not count.isdecimal() or int(count) < 1:
         raise UsageError(f"--dask local:N takes a number of worker processes >= 1, got {spec!r}")
     cores = usable_cores()
     if int(count) > LOCAL_WORKERS_PER_CORE * cores:
