@@ -320,7 +320,7 @@ def test_a_plot_named_png_in_capitals_is_taken(args, message, image_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "abc", ""])
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "", "\u00b2"])  # (a digit to str.isdigit, not to int())
 def test_a_bad_numba_num_threads_is_one_line_and_exit_2(value, tmp_path):
     """numba raised (0) or warned with a traceback's text ("abc") from deep inside every command."""
     result = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "info"], capture_output=True, text=True,

@@ -210,7 +210,8 @@ def main() -> None:
     streams.prepare()
     # numba reads it at its import, deep in a command, and raises (0, -3) or warns ("abc") there
     threads = os.environ.get("NUMBA_NUM_THREADS")
-    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
+    # isdecimal, not isdigit: int() refuses digits such as "²", which isdigit takes
+    if threads is not None and not (threads.strip().isdecimal() and int(threads) > 0):
         print(f"gpu-pipeline: error: NUMBA_NUM_THREADS must be a whole number >= 1, got {threads!r}", file=sys.stderr)
         sys.exit(2)
     # The run installs its own handler while images are processed (flush, then 130); this one covers
