@@ -468,6 +468,54 @@ def test_a_chunk_whose_result_was_lost_and_whose_rerun_died_is_not_waited_for_fo
     assert not any("error" in record for record in records)
 
 
+class Scripted(Workers):
+    """The stand-in cluster, whose ``next_batch`` answers ``script[k]()`` at its k-th call (then nothing),
+    and which notes the futures cancelled."""
+
+    def __init__(self, script) -> None:
+        super().__init__(1, poisons=set())
+        self.script, self.cancelled = list(script), []
+
+    def cancel(self, futures) -> None:
+        self.cancelled += futures
+        super().cancel(futures)
+
+    def next_batch(self, block: bool):
+        return self.script.pop(0)() if self.script else []
+
+    def complete_first(self):
+        """The first chunk held, done: one result record per path."""
+        (future, chunk) = self.held[0].pop(0)
+        return [(future, dask_run.ChunkResult([{"path": path, "width": 1, "height": 1, "label": "smooth"}
+                                               for path in chunk], 0.01))]
+
+
+def scripted_engine(monkeypatch, script, slots=lambda: 1):
+    """A DaskEngine on a :class:`Scripted` stand-in whose task slots are ``slots()``, and the stand-in."""
+    cluster = Scripted(script)
+    monkeypatch.setattr(dask_run, "_Chunks", lambda client, job, todo: RealChunks(cluster, job, todo, cluster))
+    monkeypatch.setattr(dask_run, "POLL_SECONDS", 0.01)
+    slotted = type("Slotted", (), {"backend_name": "reference", "threads": 1, "client": None,
+                                   "worker_threads": lambda self: slots()})()
+    return dask_run.DaskEngine(slotted, workers=1, labels_of=PerImage(default_label)), cluster
+
+
+def test_a_stop_writes_the_chunks_completed_meanwhile_and_cancels_the_others(monkeypatch):
+    """docs/distributed.md, Ctrl-C: the client writes the chunks that have completed and cancels the
+    rest; the run is interrupted even though every path was submitted (the second chunk never came)."""
+    import threading
+
+    paths = [f"tile{i:02d}.png" for i in range(32)]  # two chunks of 16 on one slot: both in flight
+    stop = threading.Event()
+    engine, cluster = scripted_engine(monkeypatch, [lambda: stop.set() or [], lambda: cluster.complete_first()])
+    records = []
+    sink = type("Sink", (), {"write": lambda self, batch: records.extend(batch)})()
+    summary = engine.run(paths, sink, stop=stop)
+    assert [record["path"] for record in records] == paths[:16]  # the chunk that completed as the run stopped
+    assert summary.total == 16 and summary.interrupted
+    assert len(cluster.cancelled) == 1 and cluster.held == [[]]  # the second chunk, cancelled
+
+
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
     from distributed import KilledWorker
 
