@@ -516,6 +516,25 @@ def test_a_stop_writes_the_chunks_completed_meanwhile_and_cancels_the_others(mon
     assert len(cluster.cancelled) == 1 and cluster.held == [[]]  # the second chunk, cancelled
 
 
+@pytest.mark.parametrize("error", [dask_run.ChunkFailed("worker tcp://w:1 cannot run the job: no such backend"),
+                                   dask_run.SinkWriteError(errno.ENOSPC, "cannot write the edge map e.png: full")])
+def test_after_a_signal_a_failed_chunk_does_not_change_the_exit_status(monkeypatch, error):
+    """A chunk that fails as a signal stops the run: the run returns its summary (the command line then
+    exits 130 / 143, "after a signal, its exit status wins"), not exit 2 or 3."""
+    import threading
+
+    stop = threading.Event()
+
+    def failed_as_the_signal_came():
+        stop.set()
+        (future, _) = cluster.held[0].pop(0)
+        return [(future, (type(error), error, None))]
+
+    engine, cluster = scripted_engine(monkeypatch, [failed_as_the_signal_came])
+    summary = engine.run([f"tile{i}.png" for i in range(8)], sink=None, stop=stop)  # (raised before)
+    assert summary.total == 0
+
+
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
     from distributed import KilledWorker
 
