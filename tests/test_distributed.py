@@ -535,6 +535,21 @@ def test_after_a_signal_a_failed_chunk_does_not_change_the_exit_status(monkeypat
     assert summary.total == 0
 
 
+def test_chunks_that_fail_together_stop_the_run_naming_the_first(monkeypatch):
+    first = dask_run.ChunkFailed("worker tcp://w:1 cannot run the job: backend 'cuda' is unavailable: no GPU")
+    second = dask_run.ChunkFailed("worker tcp://w:2: ValueError: something else")
+
+    def both_failed():  # two chunks of 16 on one slot
+        (one, _), (two, _) = cluster.held[0]
+        cluster.held[0].clear()
+        return [(one, (type(first), first, None)), (two, (type(second), second, None))]
+
+    engine, cluster = scripted_engine(monkeypatch, [both_failed])
+    with pytest.raises(UsageError, match=r"^worker tcp://w:1 cannot run the job: backend 'cuda' is unavailable: "
+                                         r"no GPU; stopped after 0 of 32 images"):
+        engine.run([f"tile{i:02d}.png" for i in range(32)], sink=None)
+
+
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
     from distributed import KilledWorker
 
