@@ -550,6 +550,19 @@ def test_chunks_that_fail_together_stop_the_run_naming_the_first(monkeypatch):
         engine.run([f"tile{i:02d}.png" for i in range(32)], sink=None)
 
 
+def test_the_no_workers_timeout_counts_from_the_last_time_the_cluster_had_workers(monkeypatch):
+    """A run that has had workers for longer than the timeout and loses them a moment (a worker
+    restarting) goes on: the time without workers counts from when they were last seen, not from the start."""
+    monkeypatch.setattr(dask_run, "NO_WORKERS_TIMEOUT_S", 1.0)
+    slots = iter([1, 1, 0])  # seen at 0 s and 0.6 s, none at 1.2 s: 0.6 s without, 1.2 s since the start
+    engine, cluster = scripted_engine(monkeypatch, [lambda: time.sleep(0.6) or [], lambda: time.sleep(0.6) or [],
+                                                    lambda: cluster.complete_first()], slots=lambda: next(slots, 1))
+    records = []
+    sink = type("Sink", (), {"write": lambda self, batch: records.extend(batch)})()
+    summary = engine.run([f"tile{i}.png" for i in range(8)], sink)
+    assert summary.total == 8 and not summary.interrupted and len(records) == 8
+
+
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
     from distributed import KilledWorker
 
