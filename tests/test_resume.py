@@ -510,6 +510,30 @@ def test_a_resume_stopped_by_a_signal_counts_what_is_still_to_do(many_tiles, tmp
         assert f"interrupted: {len(many_tiles) - recorded} images not processed; " in stderr
 
 
+def test_an_interrupted_run_counts_its_failed_images_as_processed(tmp_path, monkeypatch):
+    """"images not processed" are those without a record: an error record is one (it is not redone)."""
+    from gpu_pipeline.engine import job
+
+    folder = tmp_path / "images"
+    paths = make_images(folder, 10)
+    paths[1].write_bytes(b"")
+    paths[3].write_bytes(b"")
+    streamed = job.stream
+
+    def stopped_after_six(engine, todo, sink, stop, console, show_bar):  # as a signal after six images
+        summary = streamed(engine, todo[:6], sink, stop, console, show_bar)
+        summary.interrupted = True
+        return summary
+
+    monkeypatch.setattr(job, "stream", stopped_after_six)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["run", str(folder), "--out", str(out), "--backend", "reference"])
+    records = by_path(read_records(out))
+    assert len(records) == 6 and sum("error" in record for record in records.values()) == 2
+    assert "interrupted: 4 images not processed; run the same command again to resume" in result.stderr
+    assert result.exit_code == 1, result.output
+
+
 SIGNALLED = """
 import os, signal, sys, threading, time
 from gpu_pipeline.engine.job import stop_on_signals
