@@ -577,6 +577,24 @@ def test_a_handler_set_outside_python_gives_way_to_the_default_after_the_run(mon
     assert handlers == {sig: signal.SIG_DFL for sig in EXIT_ON_SIGNAL}
 
 
+def test_the_handlers_before_the_run_are_put_back_after_it():
+    """The command line's own handlers (exit 130 / 143 quietly while it shuts down) come back after
+    the run's, not the system's default."""
+    from gpu_pipeline.engine.job import EXIT_ON_SIGNAL, stop_on_signals
+
+    def ours(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, ours) for sig in EXIT_ON_SIGNAL}
+    try:
+        with stop_on_signals(threading.Event()):
+            assert all(signal.getsignal(sig) is not ours for sig in EXIT_ON_SIGNAL)
+        assert all(signal.getsignal(sig) is ours for sig in EXIT_ON_SIGNAL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_decode_processes_end_when_their_run_is_killed(tmp_path):
     """SIGKILL leaves the main process no time to stop its workers: they end on their own."""
