@@ -125,6 +125,7 @@ def test_the_summary_reads_as_the_readmes_example(image_dir, tmp_path, monkeypat
     assert [line for line in lines if re.fullmatch(counts, line)] == [lines[-4]], lines
     assert lines[-3:] == ["failures by stage: decode: 1", "labels: busy 3, bright-smooth 1",
                           f"results: {tmp_path / 'out.jsonl'}"]
+    assert "resuming" not in result.stderr  # (a first run has nothing recorded before)
 
 
 def test_the_default_pixel_limit_is_one_gigapixel_and_read_from_the_header(image_dir, tmp_path):

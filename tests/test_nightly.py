@@ -267,6 +267,8 @@ def test_a_folder_that_cannot_be_listed_is_named_and_the_run_exits_1(tmp_path, l
     assert f"warning: cannot list {tmp_path / 'in' / 'locked'} (Permission denied); its images are not processed" \
         in result.stderr
     assert len(read_records(out)) == 2
+    # and again after the run, where the summary would hide the first warning
+    assert result.stderr.endswith("warning: 1 folder(s) could not be listed; their images have no records\n")
     import gpu_pipeline
 
     with pytest.warns(RuntimeWarning, match="cannot list .*locked"):
