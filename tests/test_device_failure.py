@@ -93,11 +93,14 @@ def test_a_device_failure_ends_the_run_resumably_with_exit_4(tiles, tmp_path, fa
     assert out.read_bytes() == clean.read_bytes()
 
 
-def test_a_device_that_fails_at_the_warm_up_ends_the_run_alike(tiles, tmp_path, failing):
+def test_a_device_that_fails_at_the_warm_up_ends_the_run_alike(tiles, tmp_path, failing, monkeypatch):
     out = tmp_path / "out.jsonl"
     failing(0)
+    closed, close = [], FailingDevice.close
+    monkeypatch.setattr(FailingDevice, "close", lambda self: closed.append(self) or close(self))
     result = run(tiles, out)
     assert result.exit_code == 4, result.output
+    assert len(closed) == 1  # closed as after a run (its close raises the GPU's error: not shown)
     assert result.stderr.startswith("gpu-pipeline: error: the GPU of backend failing-device failed: ")
     assert len(result.stderr.splitlines()) == 1 and read_records(out) == []
     failing(None)

@@ -564,6 +564,31 @@ def test_a_new_output_refused_at_its_opening_leaves_no_settings_record(tiles, tm
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiles"]
 
 
+def test_a_run_refused_at_its_output_closes_its_backend(tiles, tmp_path, monkeypatch, register):
+    """The backend is opened last of the checks (a --dask local:N cluster: worker processes); an output
+    that then fails to open ends the run with the backend closed, not left to the end of the process."""
+    from gpu_pipeline.backends.reference import ReferenceBackend
+    from gpu_pipeline.outputs.plan import OutputPlan
+
+    closed = []
+
+    class Counted(ReferenceBackend):
+        name = "counted-closes"
+
+        def close(self):
+            closed.append(self)
+
+    def refused(plan):
+        raise SinkError(errno.EACCES, "cannot write o.jsonl: Permission denied")
+
+    register(Counted)
+    monkeypatch.setattr(OutputPlan, "open", refused)
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(tmp_path / "o.jsonl"), "--backend", "counted-closes",
+                                 "-q"])
+    assert result.exit_code == 2 and "Permission denied" in result.stderr, result.output
+    assert len(closed) == 1
+
+
 def test_two_spellings_of_one_output_take_one_lock(tiles, tmp_path):
     """A symbolic link to the output: a second run through it must wait its turn, not interleave."""
     from gpu_pipeline.outputs.plan import OutputLock
