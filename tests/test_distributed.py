@@ -582,6 +582,29 @@ def test_local_n_takes_up_to_four_workers_per_core(monkeypatch):
     with pytest.raises(UsageError, match="take at most 8"):
         dask_run._local_workers("local:9")
 
+def test_a_chunk_taken_by_its_error_status_is_not_taken_again_when_as_completed_yields_it(monkeypatch):
+    """A chunk whose workers died may show its "error" status before ``as_completed`` yields it: it is
+    taken then (and run again in halves), and the later yield is ignored, not taken a second time."""
+    from distributed import KilledWorker
+
+    killed, lost = KilledWorker("key", None, 0), []
+
+    def error_status_first():
+        future, _ = cluster.held[0].pop(0)
+        future.status, future.exception = "error", lambda: killed
+        lost.append(future)
+        return []
+
+    engine, cluster = scripted_engine(monkeypatch, [
+        error_status_first, lambda: [(lost[0], (KilledWorker, killed, None))],
+        lambda: cluster.complete_first(), lambda: cluster.complete_first()])
+    records = []
+    sink = type("Sink", (), {"write": lambda self, batch: records.extend(batch)})()
+    summary = engine.run([f"tile{i}.png" for i in range(8)], sink)
+    assert sorted(record["path"] for record in records) == [f"tile{i}.png" for i in range(8)]
+    assert summary.ok == 8 and not summary.interrupted
+
+
 def test_the_error_record_counts_the_deaths_with_dasks_default_retries():
     from distributed import KilledWorker
 
