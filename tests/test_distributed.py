@@ -1108,6 +1108,25 @@ def test_a_scheduler_without_workers_exits_2_after_the_timeout(tiles, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_scheduler_without_workers_leaves_no_client_open(monkeypatch):
+    """The refusal closes the connection it made (with local:N, the cluster it started too)."""
+    import distributed
+    from distributed import LocalCluster
+
+    made = []
+
+    class Noted(distributed.Client):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "Client", Noted)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
+        with pytest.raises(UsageError, match="has no workers"):
+            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
+        assert len(made) == 1 and made[0].status == "closed"
+
+
 def test_an_unknown_backend_is_refused_before_any_task(cluster, tiles, tmp_path):
     with pytest.raises(UsageError, match="unknown backend 'nope'"):
         dask_run.DaskCluster(cluster.scheduler.address, "nope", None)
@@ -1223,5 +1242,9 @@ def test_a_local_cluster_refuses_a_backend_that_cannot_run_here_before_writing(t
 
 def test_a_local_cluster_names_the_backend_auto_chose():
     """Its workers run here and choose as this process would: the summary said "backend auto"."""
+    from distributed.core import Status
+
     with dask_run.DaskCluster("local:1", "auto", None) as cluster:
         assert cluster.name.startswith(f"{registry.resolve('auto')} on 1 Dask worker (local:1)")
+        local = cluster.cluster
+    assert local.status == Status.closed and cluster.client.status == "closed"  # closed with the connection
