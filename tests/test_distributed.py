@@ -563,25 +563,6 @@ def test_the_no_workers_timeout_counts_from_the_last_time_the_cluster_had_worker
     assert summary.total == 8 and not summary.interrupted and len(records) == 8
 
 
-def test_a_chunk_holds_at_most_max_chunk_images_and_sizes_follow_a_moving_average():
-    """docs/distributed.md: each chunk aims at about 2 s of work from a moving average of the measured
-    rate, between 16 and 4,096 images."""
-    sizer = dask_run.ChunkSizer()
-    sizer.measured(100_000, 1.0)  # very fast workers: 2 s would be 200,000 images
-    assert sizer.next_size(10**6, 1) == dask_run.MAX_CHUNK
-    sizer = dask_run.ChunkSizer()
-    sizer.measured(100, 1.0)
-    sizer.measured(200, 1.0)  # one chunk twice as fast moves the rate by 0.3 of the difference
-    assert sizer.images_per_second == pytest.approx(0.7 * 100 + 0.3 * 200)
-    assert sizer.next_size(10**6, 1) == int(130 * dask_run.TARGET_CHUNK_SECONDS)
-
-
-def test_local_n_takes_up_to_four_workers_per_core(monkeypatch):
-    monkeypatch.setattr(dask_run, "usable_cores", lambda: 2)
-    assert dask_run._local_workers("local:8") == 8 and dask_run._local_workers("local:1") == 1
-    with pytest.raises(UsageError, match="take at most 8"):
-        dask_run._local_workers("local:9")
-
 def test_a_chunk_taken_by_its_error_status_is_not_taken_again_when_as_completed_yields_it(monkeypatch):
     """A chunk whose workers died may show its "error" status before ``as_completed`` yields it: it is
     taken then (and run again in halves), and the later yield is ignored, not taken a second time."""
