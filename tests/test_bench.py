@@ -751,3 +751,25 @@ def test_a_json_that_cannot_be_written_at_the_end_prints_the_table_then_exit_3(t
     assert "reference" in result.stdout and written == {}
     assert result.stderr == f"gpu-pipeline: error: --json: cannot write {tmp_path / 'bench.json'}: {os.strerror(errno.ENOSPC)}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- what is timed, and with how many threads (no timings: the clock and the work are faked) ---
+
+
+def test_time_repeats_times_each_call_by_the_clock_given():
+    """Each repeat is the clock after the call less the clock before it: a fake clock that the two
+    calls move on by 2 s and 0.5 s."""
+    now, steps = [100.0], iter([2.0, 0.5])
+
+    def run():
+        now[0] += next(steps)
+
+    assert bench.time_repeats(2, run, clock=lambda: now[0]) == [2.0, 0.5]
+
+
+def test_a_contender_that_failed_end_to_end_is_not_the_baseline():
+    """Its compute was measured, its end to end not: as the baseline, every e2e ratio was null."""
+    half = Contender(bench.OPENCV_POOL, "baseline", status="failed", reason="failed while measured: x",
+                     compute=Timing([1.0], 1, 1_000_000))
+    reference = _measured("reference", [1.0], [1.0])
+    assert bench.choose_baseline([half, reference]) == "reference"
