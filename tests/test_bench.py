@@ -773,3 +773,102 @@ def test_a_contender_that_failed_end_to_end_is_not_the_baseline():
                      compute=Timing([1.0], 1, 1_000_000))
     reference = _measured("reference", [1.0], [1.0])
     assert bench.choose_baseline([half, reference]) == "reference"
+
+
+class FakePool:
+    """A ``multiprocessing.Pool`` that notes what it is asked to run, and runs nothing."""
+
+    def __init__(self, processes=None, initializer=None, initargs=()):
+        self.processes, self.initializer, self.initargs, self.maps = processes, initializer, initargs, []
+
+    def map(self, function, items, chunksize=None):
+        self.maps.append((function, list(items)))
+        return []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_a_pool_has_one_process_per_thread_and_its_tasks_cover_the_corpus(monkeypatch):
+    from gpu_pipeline.bench import baselines
+
+    contexts = []
+
+    class Spawn:
+        def Pool(self, *args):
+            return FakePool(*args)
+
+    monkeypatch.setattr(baselines.multiprocessing, "get_context", lambda method: contexts.append(method) or Spawn())
+    paths = [Path("a.jpg"), Path("b.jpg")]
+    pool = baselines.start_pool("opencv", 3, paths, DecodeOptions())
+    assert contexts == ["spawn"] and pool.processes == 3 and pool.initargs == ("opencv", paths, DecodeOptions())
+    baselines.pool_compute(pool, 10, 3)
+    baselines.pool_files(pool, paths, 3)
+    assert pool.maps[1:] == [(baselines._pipeline_on_image, list(range(10))), (baselines._pipeline_on_file, paths)]
+
+
+def test_the_pool_rows_start_the_pipeline_they_name_with_a_process_per_thread(monkeypatch):
+    """opencv-pool runs the contract's cv2 calls, skimage-pool scikit-image's, each in a pool of
+    --threads processes, on every image of the corpus."""
+    pytest.importorskip("cv2")
+    pytest.importorskip("skimage")
+    from gpu_pipeline.bench import measuring
+
+    started = []
+    monkeypatch.setattr(measuring, "start_pool", lambda kind, processes, paths, options: started.append(
+        (kind, processes, list(paths))) or FakePool(processes))
+    paths = [Path("a.jpg"), Path("b.jpg")]
+    corpus = Corpus(paths, [np.zeros((10, 10), np.uint8)] * 2)
+    for name in (bench.OPENCV_POOL, bench.SKIMAGE_POOL):
+        result = measuring.measure_pool(name, corpus, BenchSettings(repeats=2, threads=3))
+        assert result.status == "measured" and "multiprocessing.Pool(3)" in result.description
+        assert (result.compute.images, result.end_to_end.images, len(result.compute.seconds)) == (2, 2, 2)
+    assert started == [("opencv", 3, paths), ("skimage", 3, paths)]
+
+
+def test_an_opencv_pool_worker_runs_the_contracts_calls_and_reads_with_cv2(monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    from gpu_pipeline.bench import baselines
+
+    monkeypatch.setattr(baselines.signal, "signal", lambda *args: None)  # (this process keeps its Ctrl-C)
+    monkeypatch.setattr(baselines, "_WORKER", {})
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(4)
+    try:
+        baselines._worker_init("opencv", [], DecodeOptions())
+        assert cv2.getNumThreads() == 1  # one process per core: cv2's own threads off
+    finally:
+        cv2.setNumThreads(threads)
+    assert baselines._WORKER["pipeline"] is baselines.opencv_edge_count
+    assert baselines._WORKER["read"] is baselines.read_with_opencv
+
+
+def test_the_opencv_row_runs_one_image_per_thread_on_as_many_threads_as_asked(monkeypatch):
+    """Three images meet at a barrier of three: only three threads at once get past it."""
+    import threading
+
+    cv2 = pytest.importorskip("cv2")
+    from gpu_pipeline.bench import baselines
+    from gpu_pipeline.diagnostics.verify import OpenCvOracle
+
+    barrier = threading.Barrier(3, timeout=10)
+
+    def one_call(self, images, config, keep_images=False):
+        barrier.wait()
+        return [len(images)]
+
+    monkeypatch.setattr(OpenCvOracle, "process", one_call)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(4)
+    try:
+        opencv = baselines.OpenCvThreads(3)
+        assert cv2.getNumThreads() == 1  # cv2's own threads off: they would oversubscribe the cores
+    finally:
+        cv2.setNumThreads(threads)
+    try:
+        assert opencv.process([np.zeros((4, 4), np.uint8)] * 3, PipelineConfig()) == [1, 1, 1]
+    finally:
+        opencv.close()
