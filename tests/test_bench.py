@@ -872,3 +872,69 @@ def test_the_opencv_row_runs_one_image_per_thread_on_as_many_threads_as_asked(mo
         assert opencv.process([np.zeros((4, 4), np.uint8)] * 3, PipelineConfig()) == [1, 1, 1]
     finally:
         opencv.close()
+
+
+def test_a_slow_contender_is_timed_on_its_subset_compute_and_end_to_end_alike(monkeypatch):
+    from gpu_pipeline.bench import measuring
+
+    monkeypatch.setitem(bench.SUBSET_MEGAPIXELS, "reference", 250e-6)  # 250 pixels: images 0 and 2 of 4
+    corpus = Corpus([Path(f"{k}.png") for k in range(4)], [np.full((10, 10), k, np.uint8) for k in range(4)])
+    ran = {"compute": [], "end_to_end": []}
+    monkeypatch.setattr(measuring, "run_compute", lambda backend, images, settings: ran["compute"].append(
+        [int(image[0, 0]) for image in images]))
+    monkeypatch.setattr(measuring, "run_end_to_end", lambda backend, paths, settings: ran["end_to_end"].append(
+        [path.name for path in paths]))
+    result = measuring.measure_backend(Contender("reference", "backend"), ReferenceBackend, corpus,
+                                       BenchSettings(repeats=2))
+    assert ran == {"compute": [[0, 2]] * 3, "end_to_end": [["0.png", "2.png"]] * 2}  # a first pass, 2 repeats
+    assert [(t.images, t.pixels) for t in (result.compute, result.end_to_end)] == [(2, 200), (2, 200)]
+
+
+def test_scaling_runs_each_row_with_its_thread_count_compute_and_decoders_alike(register, monkeypatch):
+    from gpu_pipeline.bench import measuring
+
+    register(BrandNew, BreaksOnRealImages)
+    runs = []
+
+    def measured(result, make, corpus, settings):
+        runs.append((result.name, make().threads, settings.threads))
+        result.compute = result.end_to_end = Timing([1.0], 1, 1_000_000)
+        return result
+
+    monkeypatch.setattr(measuring, "measure_backend", measured)
+    contenders = [Contender("brand-new", "backend"), Contender("breaks", "backend", status="failed", reason="x"),
+                  Contender("reference", "backend"), Contender(bench.OPENCV, "baseline")]
+    scaling = measuring.measure_scaling(contenders, Corpus([], []), BenchSettings(repeats=1, threads=3))
+    assert list(scaling) == ["brand-new"] and [row["threads"] for row in scaling["brand-new"]] == [1, 2, 3]
+    assert runs == [("brand-new", 1, 1), ("brand-new", 2, 2), ("brand-new", 3, 3)]
+
+
+def test_the_decoders_and_the_engine_run_with_the_threads_asked_for(monkeypatch):
+    """decode (io) and end to end: the engine's --threads decoders; decode (cv2): cv2.imread in as
+    many threads, three files meeting at a barrier of three."""
+    import threading
+    from types import SimpleNamespace
+
+    pytest.importorskip("cv2")
+    from gpu_pipeline.bench import measuring
+
+    workers, engines = [], []
+    monkeypatch.setattr(measuring, "decode_stream", lambda paths, options, threads: workers.append(threads) or iter(()))
+    barrier = threading.Barrier(3, timeout=10)
+    monkeypatch.setattr(measuring, "read_with_opencv", lambda path: barrier.wait())
+
+    class Engine:
+        def __init__(self, **settings):
+            engines.append(settings["workers"])
+
+        def run(self, paths, sink):
+            return SimpleNamespace(failed=0)
+
+    monkeypatch.setattr(measuring, "Engine", Engine)
+    settings = BenchSettings(repeats=1, threads=3)
+    corpus = Corpus([Path("a"), Path("b"), Path("c")], [np.zeros((4, 4), np.uint8)] * 3)
+    decoders = measuring.measure_decoders(corpus, settings)
+    assert [(d.name, d.status) for d in decoders] == [(bench.DECODE_IO, "measured"), (bench.DECODE_OPENCV, "measured")]
+    assert workers == [3, 3] and decoders[1].description == "cv2.imread in 3 threads"
+    measuring.run_end_to_end(None, corpus.paths, settings)
+    assert engines == [3]
