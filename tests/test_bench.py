@@ -938,3 +938,55 @@ def test_the_decoders_and_the_engine_run_with_the_threads_asked_for(monkeypatch)
     assert workers == [3, 3] and decoders[1].description == "cv2.imread in 3 threads"
     measuring.run_end_to_end(None, corpus.paths, settings)
     assert engines == [3]
+
+
+def test_the_table_shows_each_number_in_its_column():
+    """Hand-worked: fast computes 2 MP in 0.25, 0.5 and 1 s (4 MP/s at the median, 2 to 8: ±75%;
+    10 images: 20 img/s), runs end to end in 1 s (2 MP/s); slow, the baseline, 1 and 0.25 MP/s;
+    the decode pool 4 MP/s. Scaling: 1 thread 2 and 1 MP/s, 2 threads 4 and 1.6 MP/s."""
+    from rich.console import Console
+
+    from gpu_pipeline.bench.report import legend, results_table, scaling_table
+
+    def timing(*seconds):
+        return Timing(list(seconds), 10, 2_000_000)
+
+    fast = Contender("fast", "backend", startup_s=0.5, first_pass_s=0.25, compute=timing(0.5, 0.25, 1.0),
+                     end_to_end=timing(1.0, 1.0, 1.0))
+    slow = Contender("slow", "baseline", startup_s=2.0, first_pass_s=1.0, compute=timing(2.0), end_to_end=timing(8.0))
+    decode = Contender(bench.DECODE_IO, "decode", decode=timing(0.5))
+    scaling = {"fast": [{"threads": n, "reason": None, "compute": timing(c).to_json(), "end_to_end": timing(e).to_json()}
+                        for n, c, e in ((1, 1.0, 2.0), (2, 0.5, 1.25))]}
+    report = BenchReport(Corpus([], []), BenchSettings(repeats=3, threads=2), [fast, slow], [decode], "slow", scaling)
+    console = Console(record=True, width=200)
+    console.print(results_table(report))
+    console.print(scaling_table(report))
+    rows = [" ".join(line.split()) for line in console.export_text().splitlines()]
+    assert "fast 4.00 ±75% 20.0 2.00 ±0% 10.0 4x / 8x 0.5x" in rows
+    assert "slow 1.00 5.00 0.25 1.25 1x / 1x 0.062x" in rows
+    assert "decode (io) 4.00 20.0" in rows
+    assert "1 2.00 (1.0x) 1.00 (1.0x)" in rows and "2 4.00 (2.0x) 1.60 (1.6x)" in rows
+    lines = legend(report)
+    assert "x baseline: median MP/s over slow's. e2e / decode: e2e MP/s over decode (io)'s." in lines
+    assert lines[3].endswith("in s: fast 0.50 + 0.25, slow 2.00 + 1.00.")
+
+
+def test_the_plot_draws_each_median_with_its_min_max_range(tmp_path, monkeypatch):
+    """fast computes 2 MP in 0.25, 0.5 and 1 s: 4 MP/s, from 2 to 8 (a bar 2 below, 4 above); end to
+    end in 1, 2 and 4 s: 1 MP/s, from 0.5 to 2 (0.5 below, 1 above)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from gpu_pipeline.bench.report import plot_report
+
+    drawn, bar = [], Axes.bar
+
+    def noted(self, x, height, width, **kwargs):
+        drawn.append((height.tolist(), kwargs["yerr"].tolist()))
+        return bar(self, x, height, width, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", noted)
+    fast = Contender("fast", "backend", compute=Timing([0.5, 0.25, 1.0], 10, 2_000_000),
+                     end_to_end=Timing([1.0, 2.0, 4.0], 10, 2_000_000))
+    plot_report(BenchReport(Corpus([], []), BenchSettings(), [fast], [], None), tmp_path / "bench.png")
+    assert drawn == [([4.0], [[2.0], [4.0]]), ([1.0], [[0.5], [1.0]])]
