@@ -990,3 +990,18 @@ def test_the_plot_draws_each_median_with_its_min_max_range(tmp_path, monkeypatch
                      end_to_end=Timing([1.0, 2.0, 4.0], 10, 2_000_000))
     plot_report(BenchReport(Corpus([], []), BenchSettings(), [fast], [], None), tmp_path / "bench.png")
     assert drawn == [([4.0], [[2.0], [4.0]]), ([1.0], [[0.5], [1.0]])]
+
+
+def test_the_corpus_cap_counts_the_tiles_too():
+    """16000 x 16000 is 256,000,000 pixels: the cap, 268,435,456, leaves room for 3,036 tiles of 4,096."""
+    assert bench.generation_request("16000x16000", 1, 3036, "png")["tiles"] == 3036
+    with pytest.raises(UsageError, match="the corpus would hold 268 MP"):
+        bench.generation_request("16000x16000", 1, 3037, "png")
+
+
+def test_threads_default_to_the_usable_cores(monkeypatch):
+    from gpu_pipeline.cli.diagnostics import _bench_request
+
+    monkeypatch.setattr(bench, "usable_cores", lambda: 3)
+    assert _bench_request(None, "reference", None, None, None, None, 1, None, None, None, None)["threads"] == 3
+    assert _bench_request(None, "reference", None, None, None, None, 1, 2, None, None, None)["threads"] == 2
