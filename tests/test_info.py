@@ -225,3 +225,41 @@ def test_docs_list_the_packages_info_lists():
     assert [name.strip() for name in key.split(",")] == list(info.PACKAGES)
     sample = text.split("$ gpu-pipeline info", 1)[1].split("backends", 1)[0]
     assert re.findall(r"^  (\S+) +\d", sample, re.MULTILINE) == list(info.PACKAGES)
+
+
+def test_the_cores_are_the_usable_ones_and_a_quota_of_one_is_one_cpu(monkeypatch):
+    """docs/verify.md: ``usable_cores``, the cores every default count follows (a CPU quota's), not
+    ``os.cpu_count()``."""
+    monkeypatch.setattr(info, "usable_cores", lambda: 1)
+    monkeypatch.setattr(info, "cpu_quota", lambda: 1.0)
+    found = info.collect_info()
+    assert found["cpu"] == {"logical_cores": os.cpu_count(), "usable_cores": 1, "cpu_quota": 1.0}
+    result = runner.invoke(app, ["info"])
+    line = f"CPU: {os.cpu_count()} logical cores, 1 usable by this process (control group CPU quota: 1 CPU)\n"
+    assert line in result.stdout, result.stdout
+
+
+def test_numba_threads_are_those_the_label_models_kernels_use(monkeypatch):
+    """docs/verify.md: numba's ``threads`` is what the label models' prange kernels use (the usable
+    cores), not numba's whole pool."""
+    from gpu_pipeline.backends import _numba_setup
+
+    monkeypatch.setattr(_numba_setup, "_parallel_threads", 1)
+    assert info.numba_info()["threads"] == 1
+
+
+def test_without_a_gpu_the_reason_is_the_drivers_first_line(monkeypatch):
+    """The sample of docs/verify.md: "GPU: none: no usable CUDA GPU (CUDA driver library cannot be found.)"."""
+    numba = pytest.importorskip("numba")
+    cuda = pytest.importorskip("numba.cuda")
+    if numba.config.ENABLE_CUDASIM:
+        pytest.skip("the CUDA simulator is reported as such")
+    from numba.cuda.cudadrv.driver import driver
+
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    monkeypatch.setattr(driver, "initialization_error", "\nCUDA driver library cannot be found.\nEnsure that a "
+                                                        "compatible NVIDIA driver is installed.\n")
+    assert info.gpu_info() == {"devices": [], "reason": "no usable CUDA GPU (CUDA driver library cannot be found.)",
+                               "driver_version": None}
+    monkeypatch.setattr(driver, "initialization_error", None)
+    assert info.gpu_info()["reason"] == "no usable CUDA GPU (no CUDA device found)"
