@@ -1005,3 +1005,13 @@ def test_threads_default_to_the_usable_cores(monkeypatch):
     monkeypatch.setattr(bench, "usable_cores", lambda: 3)
     assert _bench_request(None, "reference", None, None, None, None, 1, None, None, None, None)["threads"] == 3
     assert _bench_request(None, "reference", None, None, None, None, 1, 2, None, None, None)["threads"] == 2
+
+
+def test_a_ratio_just_under_100_reads_100x_not_in_scientific_notation():
+    """A backend 99.7 times the baseline read "1e+02x" in the table: 99.7 to two significant digits
+    in the g format."""
+    from gpu_pipeline.bench.report import _times
+
+    assert [_times(v) for v in (0.054, 0.7, 7.6, 33.3, 99.4, 99.5, 99.7, 120.4)] == [
+        "0.054x", "0.7x", "7.6x", "33x", "99x", "100x", "100x", "120x"]
+    assert _times(None) == "-"

@@ -46,7 +46,7 @@ def _times(value: float | None) -> str:
     """A ratio with two significant digits: 0.054x, 0.7x, 7.6x, 33x, 120x."""
     if value is None:
         return "-"
-    return f"{value:.2g}x" if value < 100 else f"{value:.0f}x"
+    return f"{value:.2g}x" if value < 99.5 else f"{value:.0f}x"  # (from 99.5, two digits in g read "1e+02")
 
 
 def describe_corpus(report: BenchReport) -> str:
