@@ -360,6 +360,20 @@ def test_files_cv2_cannot_read_are_left_out_of_the_opencv_decoding_rows_and_name
     assert f"opencv-pool: unavailable: {reason}" in result.stdout
 
 
+def test_a_file_cv2_cannot_read_leaves_nothing_on_stderr(tmp_path, capfd):
+    """OpenCV's own log printed "[ WARN:0@0.18] global grfmt_tiff.cpp:811 readData OpenCV TIFF: ...
+    Sorry, can not handle images with 32-bit samples" on bench's stderr for a float TIFF, which bench
+    reads once with cv2.imread to leave it out of the opencv rows (naming it itself)."""
+    pytest.importorskip("cv2")
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "float.tif", np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match="cv2.imread cannot read"):
+        bench.read_with_opencv(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="cv2.imread cannot read"):
+        bench.read_with_opencv(tmp_path / "missing.png")
+    assert capfd.readouterr().err == ""
+
+
 def test_a_file_whose_name_is_not_utf8_is_timed_by_the_opencv_rows_too(tmp_path, bundled_data_dir):
     """cv2.imread crashed on such a name (a segmentation fault: bench gone, exit 139, no --json),
     even with -b numba, as every file is first tried with it. In a process of its own, so that a

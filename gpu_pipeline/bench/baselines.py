@@ -57,6 +57,9 @@ def read_with_opencv(path: Path) -> np.ndarray:
     ``cv2.imdecode``, the same decoder."""
     import cv2
 
+    # OpenCV logs a file it cannot read ("[ WARN:0@0.18] ... OpenCV TIFF: Sorry, can not handle
+    # images with 32-bit samples") on stderr, which carries only our messages: the caller names it.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     name = str(path)
     if is_utf8(name):
         image = cv2.imread(name, cv2.IMREAD_COLOR)
