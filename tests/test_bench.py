@@ -902,6 +902,53 @@ def test_a_slow_contender_is_timed_on_its_subset_compute_and_end_to_end_alike(mo
                                        BenchSettings(repeats=2))
     assert ran == {"compute": [[0, 2]] * 3, "end_to_end": [["0.png", "2.png"]] * 2}  # a first pass, 2 repeats
     assert [(t.images, t.pixels) for t in (result.compute, result.end_to_end)] == [(2, 200), (2, 200)]
+    monkeypatch.setitem(bench.SUBSET_MEGAPIXELS, "reference", 400e-6)  # exactly the corpus: all of it, no note
+    assert measuring._subset_for("reference", corpus) == (corpus, None)
+
+
+def test_each_contender_is_created_with_the_threads_asked_for(register, monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    from gpu_pipeline.bench import measuring
+
+    register(BrandNew)
+    made = []
+    monkeypatch.setattr(measuring, "measure_backend", lambda result, make, corpus, settings: made.append(make()) or result)
+    threads = cv2.getNumThreads()
+    try:
+        for name in ("brand-new", bench.OPENCV):
+            measuring.measure(name, Corpus([], []), BenchSettings(threads=3))
+    finally:
+        cv2.setNumThreads(threads)
+        for backend in made:
+            backend.close()
+    assert [(type(backend).__name__, backend.threads) for backend in made] == [("BrandNew", 3), ("OpenCvThreads", 3)]
+
+
+def test_the_start_counts_construction_and_warm_up_and_is_reported_as_such(monkeypatch):
+    """startup_s: construction (1 s on a fake clock) and the warm-up hook (2 s: a JIT compile, a
+    cache load); the first pass apart (docs/benchmarks.md, "Timing")."""
+    from types import SimpleNamespace
+
+    from gpu_pipeline.bench import measuring
+
+    now = [0.0]
+
+    class SlowToStart(ReferenceBackend):
+        def __init__(self, threads=None):
+            now[0] += 1.0
+            super().__init__(threads)
+
+        def warm_up(self, config=None):
+            now[0] += 2.0
+
+    monkeypatch.setattr(measuring, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(measuring, "run_compute", lambda *args: None)
+    monkeypatch.setattr(measuring, "run_end_to_end", lambda *args: None)
+    corpus = Corpus([Path("a.png")], [np.zeros((10, 10), np.uint8)])
+    result = measuring.measure_backend(Contender("slow", "backend"), SlowToStart, corpus, BenchSettings(repeats=1))
+    assert result.startup_s == 3.0 and result.first_pass_s < 3.0
+    report = BenchReport(corpus, BenchSettings(repeats=1), [result], [], None).to_json()
+    assert report["contenders"]["slow"]["warmup"] == {"startup_s": 3.0, "first_pass_s": result.first_pass_s}
 
 
 def test_scaling_runs_each_row_with_its_thread_count_compute_and_decoders_alike(register, monkeypatch):
