@@ -78,8 +78,8 @@ def _cuda_gpus() -> tuple[list[dict[str, Any]], str | None]:
         if not cuda.is_available():  # safe without a driver: it records why instead of raising
             from numba.cuda.cudadrv.driver import driver
 
-            detail = (driver.initialization_error or "no CUDA device found").strip().splitlines()[0]
-            return [], f"no usable CUDA GPU ({detail})"
+            detail = (driver.initialization_error or "").strip().splitlines()  # (a blank error: no line)
+            return [], f"no usable CUDA GPU ({detail[0] if detail else 'no CUDA device found'})"
         devices = []
         for index, device in enumerate(cuda.gpus):
             with device:
