@@ -1032,7 +1032,7 @@ def test_a_workers_gpu_that_fails_for_good_exits_4_as_a_local_run_does(cluster, 
 
 def test_a_relative_edge_folder_is_the_clients_not_each_workers(tmp_path, monkeypatch):
     """The maps of a --dask run with --save-edges edges went to each worker's own working folder."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
 
     (tmp_path / "client").mkdir()
     (tmp_path / "worker").mkdir()

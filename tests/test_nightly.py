@@ -1209,7 +1209,7 @@ def test_an_input_swapped_for_a_link_during_the_run_keeps_its_own_edge_map(tiles
     """The map's name was resolved when it was saved: z.png, replaced by a link to a.png after it was
     decoded, overwrote a.png's map (and an input folder swapped for a link made every later image a
     save-edges error naming a Python ValueError). Names are now the inputs' own, never resolved."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
 
     a, z = str(tiles / "tile000.png"), str(tiles / "tile019.png")
     save = edge_saver(tmp_path / "edges", str(tiles))
@@ -1223,7 +1223,7 @@ def test_edge_maps_read_back_in_pillow_and_opencv_with_their_marks(tmp_path):
     """The saver's own PNG writer: the map's pixels in both readers, its Software and Source texts."""
     import cv2
 
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
     from gpu_pipeline.outputs.files import SOFTWARE, png_texts
 
     name = str(tmp_path / "in" / "sub" / "é 1.png")
@@ -1238,7 +1238,7 @@ def test_edge_maps_read_back_in_pillow_and_opencv_with_their_marks(tmp_path):
 
 def test_an_edge_folder_removed_during_the_run_is_made_again(tmp_path):
     """Each folder is made once a run; one removed after that is made again for the next map."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
 
     save = edge_saver(tmp_path / "edges", str(tmp_path))
     save(str(tmp_path / "sub" / "a.png"), np.zeros((2, 2), np.uint8))
@@ -1250,7 +1250,7 @@ def test_an_edge_folder_removed_during_the_run_is_made_again(tmp_path):
 def test_the_edge_map_of_an_image_deeper_than_pythons_recursion_limit_is_saved(tmp_path):
     """``Path.mkdir(parents=True)`` recursed once per missing folder: the map of an image about
     1,000 folders deep became a save-edges error record naming a RecursionError."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
 
     depth = sys.getrecursionlimit() + 100
     relative = "/".join(["d"] * depth)
@@ -1271,7 +1271,7 @@ def test_the_edge_map_of_an_image_deeper_than_pythons_recursion_limit_is_saved(t
 def test_the_folders_an_edge_saver_remembers_stay_few(tmp_path):
     """It remembers the folders it made (a mkdir a map cost a system call), but not all of a run's:
     a folder per image (a product per folder, a tile pyramid) kept 0.5 KB each for the whole run."""
-    from gpu_pipeline.engine.job import MADE_FOLDERS_KEPT, edge_saver
+    from gpu_pipeline.outputs.edges import MADE_FOLDERS_KEPT, edge_saver
 
     save = edge_saver(tmp_path / "edges", str(tmp_path))
     for index in range(MADE_FOLDERS_KEPT + 50):
@@ -1294,7 +1294,7 @@ _NAME_PIECES = st.lists(st.sampled_from(["/", ".", "a", "é \n\\", "\udcff"]), m
 def test_edge_map_names_are_those_a_path_gave(folder, relative):
     """The saver builds its names as strings, no Path a map: the same names as the Path did (and
     their folders and temporaries), for discovery's plain names and for any other."""
-    from gpu_pipeline.engine.job import edge_map_name
+    from gpu_pipeline.outputs.edges import edge_map_name
     from gpu_pipeline.outputs.files import temporary_name
 
     made = Path(folder) / (relative + ".edges.png")
@@ -1308,7 +1308,7 @@ def test_edge_map_names_are_those_a_path_gave(folder, relative):
 def test_the_edge_saver_a_dask_chunk_carries_stays_small(tmp_path):
     """Each --dask chunk pickles its saver: a table of every input's resolved name made it 7.7 MB a
     chunk for 100,000 files. It holds the edge folder and the root only."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
 
     cloudpickle = pytest.importorskip("cloudpickle")
     assert len(cloudpickle.dumps(edge_saver(tmp_path / "edges", str(tmp_path)))) < 20_000
@@ -1356,7 +1356,7 @@ def test_an_edge_map_of_another_image_whose_name_is_not_utf8_is_left_alone(tmp_p
     """A map recorded such a name only as shown (``\\xff``), which names no file: taken for the map
     of an image that is gone, the first night's map was replaced by the second night's, without a
     word. Its exact bytes are recorded beside it now; the same image still replaces its own map."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
     from gpu_pipeline.outputs.files import png_texts
 
     first, second, edges = tmp_path / "05", tmp_path / "06", tmp_path / "edges"
@@ -1380,7 +1380,7 @@ def test_an_edge_map_of_another_image_whose_name_is_not_utf8_is_left_alone(tmp_p
 @pytest.mark.parametrize("damage", ["not base64", "no Source beside it"])
 def test_an_edge_map_with_damaged_source_bytes_is_left_alone_with_a_plain_message(tmp_path, damage):
     """A map edited by hand: its image got a base64 error, or a KeyError, as its save-edges error."""
-    from gpu_pipeline.engine.job import edge_saver
+    from gpu_pipeline.outputs.edges import edge_saver
     from gpu_pipeline.outputs.files import SOFTWARE
     from gpu_pipeline.outputs.png import gray_png
 
