@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -170,9 +171,11 @@ def test_a_local_cluster_closes_without_dask_log_records():
     """After Ctrl-C a local cluster's scheduler (in this process) could log a CRITICAL traceback,
     "Closed comm ... while trying to write", for a result that reached a closed client: on the
     user's stderr, under the run's own message."""
-    cluster = dask_run.DaskCluster("local:1", "reference", None)
+    import distributed  # noqa: F401  (which sets the level of Dask's loggers)
+
     distributed_logger = logging.getLogger("distributed")
-    level = distributed_logger.level
+    level = distributed_logger.level  # (put back by close, as before the connection turned it off)
+    cluster = dask_run.DaskCluster("local:1", "reference", None)
     local_close = cluster.cluster.close
 
     def close_logging(*args, **kwargs):  # what the scheduler does when the race is lost
@@ -1103,9 +1106,27 @@ def test_a_scheduler_without_workers_leaves_no_client_open(monkeypatch):
 
     monkeypatch.setattr(distributed, "Client", Noted)
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
+        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
         with pytest.raises(UsageError, match="has no workers"):
             dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
         assert len(made) == 1 and made[0].status == "closed"
+        # the client's loggers, off while it was connected, are as they were
+        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
+
+
+def test_a_client_that_cannot_connect_leaves_the_loggers_as_they_were(monkeypatch):
+    import distributed
+    from distributed import LocalCluster
+
+    def refused(*args, **kwargs):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(distributed, "Client", refused)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
+        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
+        with pytest.raises(UsageError, match="cannot connect to the Dask scheduler"):
+            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
+        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
 
 
 def test_an_unknown_backend_is_refused_before_any_task(cluster, tiles, tmp_path):
@@ -1229,3 +1250,49 @@ def test_a_local_cluster_names_the_backend_auto_chose():
         assert cluster.name.startswith(f"{registry.resolve('auto')} on 1 Dask worker (local:1)")
         local = cluster.cluster
     assert local.status == Status.closed and cluster.client.status == "closed"  # closed with the connection
+
+
+@pytest.mark.slow
+def test_a_scheduler_lost_mid_run_ends_it_in_one_line_and_keeps_the_records(tmp_path):
+    """A scheduler that dies (SIGKILL) during a run: exit 2 with the run's one line, the records written
+    before kept whole for the resume, and none of Dask's client log records (tracebacks) on stderr."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(3000):  # (the reference backend: a few seconds of work for one worker thread)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(folder / f"t{index:04d}.png",
+                                                                           compress_level=0)
+    started = []
+    try:
+        started.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard",
+                                         "--port", "0", "--scheduler-file", str(tmp_path / "s.json")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # (the scheduler writes its file as it starts: whole, then)
+            with contextlib.suppress(OSError, ValueError):
+                address = json.loads((tmp_path / "s.json").read_text())["address"]
+                break
+            time.sleep(0.1)
+        started.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                         str(tmp_path / "s.json"), "--nthreads", "1", "--no-dashboard"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        out = tmp_path / "o.jsonl"
+        process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
+                                    "--dask", address, "--backend", "reference", "-q", "--dask-timeout", "30"],
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(process)
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started[0].kill()  # the scheduler
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        for each in started:
+            each.kill()
+            each.wait()
+    assert process.returncode == 2, stderr
+    assert "the scheduler was lost or restarted" in stderr and "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr and "distributed" not in stderr, stderr
+    assert stderr.count("\n") == 1, stderr
+    records = read_records(out)
+    assert 0 < len(records) < 3000 and len(by_path(records)) == len(records)

@@ -272,15 +272,33 @@ def dask_logs_off() -> Iterator[None]:
     traceback, a result it could not send to the client that has just closed ("Closed comm ...
     while trying to write"): after a Ctrl-C, when results were still arriving, a user saw a Dask
     traceback under the run's own message. The run is over by then and its records are written.
-    ``distributed.client``, which has a level of its own, still logs.
+    (The client's own logger is off for as long as it is connected: :func:`loggers_off`.)
     """
-    logger = logging.getLogger("distributed")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
+    restore = loggers_off(("distributed",))
     try:
         yield
     finally:
-        logger.setLevel(level)
+        restore()
+
+
+#: Loggers of Dask's client in this process ("distributed.client" has a level of its own in Dask's
+#: logging config): a scheduler lost during a run made the client log each failed reconnection, a
+#: chained traceback, above the run's own line saying what happened and how to resume.
+CLIENT_LOGGERS = ("distributed", "distributed.client")
+
+
+def loggers_off(names: Sequence[str] = CLIENT_LOGGERS) -> Callable[[], None]:
+    """Turn the loggers ``names`` off; returns what puts their levels back."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+
+    def restore() -> None:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+    return restore
 
 
 #: ``local:N`` takes at most this many worker processes per core.
@@ -459,10 +477,12 @@ class DaskCluster:
             address = _scheduler_address(spec)
             _check_scheduler(address, spec, timeout)
         self.threads = threads
+        self._logs_back = loggers_off()  # (put back by close)
         try:
             self.client = distributed.Client(address, timeout=timeout, set_as_default=False)
         except Exception as exc:  # OSError or TimeoutError: nothing answers there
             self._close_cluster()
+            self._logs_back()
             raise UsageError(f"cannot connect to the Dask scheduler at {spec} within {timeout:.0f} s: "
                              f"{one_line(exc)}") from None
         try:
@@ -503,12 +523,15 @@ class DaskCluster:
             self.cluster = None
 
     def close(self) -> None:
-        if self.cluster is None:  # someone else's scheduler: its logs are not ours to silence
-            self.client.close()
-            return
-        with dask_logs_off():
-            self.client.close()
-            self._close_cluster()
+        try:
+            if self.cluster is None:  # someone else's scheduler: only the client's logs are ours
+                self.client.close()
+                return
+            with dask_logs_off():
+                self.client.close()
+                self._close_cluster()
+        finally:
+            self._logs_back()
 
     def __enter__(self) -> "DaskCluster":
         return self
