@@ -1076,3 +1076,20 @@ def test_a_ratio_just_under_100_reads_100x_not_in_scientific_notation():
     assert [_times(v) for v in (0.054, 0.7, 7.6, 33.3, 99.4, 99.5, 99.7, 120.4)] == [
         "0.054x", "0.7x", "7.6x", "33x", "99x", "100x", "100x", "120x"]
     assert _times(None) == "-"
+
+
+def test_rates_read_with_three_significant_digits_where_they_round_up():
+    """99.96 MP/s read "100.0" and 9.996 "10.00": a digit more than the others, from the rounding."""
+    from gpu_pipeline.bench.report import _number
+
+    assert [_number(v) for v in (1.234, 9.994, 9.996, 12.34, 99.94, 99.96, 123.4, 12345.6)] == [
+        "1.23", "9.99", "10.0", "12.3", "99.9", "100", "123", "12,346"]
+
+
+@pytest.mark.parametrize("batch_size, said", [(1, "batches of up to 1 image "), (4096, "batches of up to 4,096 images "),
+                                              (None, "batches of up to any number of images ")])
+def test_the_legend_counts_the_batch_size_in_images(batch_size, said):
+    from gpu_pipeline.bench.report import legend
+
+    report = BenchReport(Corpus([], []), BenchSettings(repeats=1, threads=2, batch_size=batch_size), [], [], None)
+    assert said in legend(report)[0]

@@ -10,12 +10,12 @@ A corpus (generated, or the user's files) is measured three ways:
 * decode only: the engine's decode pool alone, and ``cv2.imread`` in as many threads.
 
 Contenders: every registered backend (one that cannot run here is listed with the reason),
-OpenCV with the same number of threads (the contract's calls, one image per thread), and the
-scikit-image pipeline in a ``multiprocessing.Pool`` of as many processes: the baseline users
-have today (a similar pipeline, not byte-identical). Each contender is warmed up first (JIT
-compile or cache load, first launches, pool start; reported apart), then timed ``repeats``
-times: the median, and min-max as the spread. Ratios are taken against the baseline: the
-scikit-image pool, else the reference.
+OpenCV's contract calls in a ``multiprocessing.Pool`` of one process per thread (what users
+replace), the same calls in as many threads of one process (one image per thread), and the
+scikit-image pipeline in such a pool (a similar pipeline, not byte-identical). Each contender is
+warmed up first (JIT compile or cache load, first launches, pool start; reported apart), then
+timed ``repeats`` times: the median, and min-max as the spread. Ratios are taken against the
+baseline: the first measured of the OpenCV pool, the scikit-image pool and the reference.
 
 cv2, skimage and matplotlib are optional: imported only when used, reported when missing.
 """

@@ -23,10 +23,14 @@ DECODE_LABELS = {DECODE_IO: "decode (io)", DECODE_OPENCV: "decode (cv2)"}
 
 
 def _number(value: float) -> str:
-    """Three significant digits or so, thousands separated."""
-    if value >= 100:
+    """Three significant digits or so, thousands separated (99.96 reads 100, not 100.0)."""
+    if round(value, 1) >= 100:
         return f"{value:,.0f}"
-    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return f"{value:.1f}" if round(value, 2) >= 10 else f"{value:.2f}"
+
+
+def _images(count: int | None) -> str:
+    return "any number of images" if not count else f"{count:,} image{'s' if count != 1 else ''}"
 
 
 def _rate_cell(timing: Timing | None, per_image: bool = False) -> str:
@@ -111,7 +115,7 @@ def legend(report: BenchReport) -> list[str]:
     spread_note = (f"median of {settings.repeats} repeats ± half their min-max range"
                    if settings.repeats > 1 else "one repeat")
     return [
-        (f"{settings.threads} threads, batches of up to {settings.batch_size or 'any number of'} images "
+        (f"{settings.threads} threads, batches of up to {_images(settings.batch_size)} "
          f"and {_batch_pixels_note(settings.batch_pixels)}. MP/s: {spread_note}, "
          "after a warm-up; img/s at the median."),
         "comp: compute, on the decoded images in memory. e2e: end to end, the files through the engine "
@@ -130,7 +134,7 @@ def legend(report: BenchReport) -> list[str]:
 
 def scaling_table(report: BenchReport) -> Table | None:
     """Median MP/s of each scaled backend by thread count, compute and end to end, and the speed-up
-    over one thread; the anchor (a process pool with every core) beside it for scale."""
+    over one thread (the anchor, a process pool with every core, is in the main table)."""
     if not report.scaling:
         return None
     table = Table(title="scaling by threads (megapixels/s, median; x: over 1 thread)", box=box.SIMPLE_HEAD,
