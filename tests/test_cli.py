@@ -921,3 +921,25 @@ def test_auto_says_once_which_backend_it_took_when_both_gpu_backends_cannot_star
     assert result.exit_code == 0, result.output
     assert result.stderr == f"gpu-pipeline: backend auto: using numba; {BUSY}; {BUSY.replace('cupy', 'cuda', 1)}\n"
     assert {r["backend"] for r in read_records(out)} == {"numba"}
+
+
+COMMANDS = [[], ["run"], ["verify"], ["bench"], ["info"], ["fit"], ["evaluate"]]
+
+
+@pytest.mark.parametrize("columns", ["80", "150"])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "gpu-pipeline")
+def test_a_flag_shows_no_value_in_the_help(command, columns):
+    """typer 0.29 shows a flag's type, `--overwrite <bool>` (even `--help <bool>`), as if it took a
+    value: `--overwrite true` then took "true" for an input path."""
+    import typer.main
+
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": columns})
+    assert result.exit_code == 0
+    group = typer.main.get_command(app)
+    params = group.commands[command[0]].params if command else group.params
+    flags = [name for param in params if getattr(param, "is_flag", False) for name in param.opts]
+    assert flags or command == ["fit"] or command == ["evaluate"]
+    for name in [*flags, "--help"]:
+        row = next(line for line in result.stdout.splitlines() if re.search(rf"\s{name}\s", line))
+        assert not re.search(r"<\w+>", row), row
+    assert "bool" not in result.stdout

@@ -54,10 +54,10 @@ import typer
 
 from gpu_pipeline import __version__
 from gpu_pipeline.cli import streams
-from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Commands, Decode, DecodeTimeout, Device,
-                                      Glob, High, Low, MaxPixels, Paths, Stretch, Threads, Workers, bundled_data_dir,
-                                      check_counts, decode_options, fail_usage, given_file_name, given_path,
-                                      pipeline_config)
+from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Command, Commands, Decode, DecodeTimeout,
+                                      Device, Glob, High, Low, MaxPixels, Paths, Stretch, Threads, Workers,
+                                      bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
+                                      given_path, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import processes_for_time_limit
 from gpu_pipeline.engine.stream import Engine
@@ -91,7 +91,7 @@ def main_options(
     """Batch image analysis on every CPU core and on CUDA GPUs, identical bytes on every path."""
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
     paths: Paths = None,
     out: str = typer.Option("results.jsonl", "--out", "-o", parser=given_file_name,

@@ -15,8 +15,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.cli.options import (L2, Bands, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low, MaxPixels, Paths,
-                                      Stretch, Threads, Workers,
+from gpu_pipeline.cli.options import (L2, Bands, Command, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low,
+                                      MaxPixels, Paths, Stretch, Threads, Workers,
                                       bundled_data_dir, check_counts, decode_options, fail_unwritten, fail_usage,
                                       given_file_name, given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -246,6 +246,6 @@ def info(
 
 def register(app: typer.Typer) -> None:
     """Add ``verify``, ``bench`` and ``info`` to ``app``."""
-    app.command()(verify)
-    app.command()(bench)
-    app.command()(info)
+    app.command(cls=Command)(verify)
+    app.command(cls=Command)(bench)
+    app.command(cls=Command)(info)

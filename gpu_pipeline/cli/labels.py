@@ -18,9 +18,9 @@ import typer
 from rich.console import Console
 
 from gpu_pipeline import __version__
-from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, High, Low, Stretch, decode_options, fail_unwritten,
-                                      fail_usage, given_file_name, given_path, pipeline_config, written_path,
-                                      written_png)
+from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, Command, High, Low, Stretch, decode_options,
+                                      fail_unwritten, fail_usage, given_file_name, given_path, pipeline_config,
+                                      written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
@@ -227,5 +227,5 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     """Add ``fit`` and ``evaluate`` to the command line."""
-    app.command("fit")(fit)
-    app.command("evaluate")(evaluate)
+    app.command("fit", cls=Command)(fit)
+    app.command("evaluate", cls=Command)(evaluate)

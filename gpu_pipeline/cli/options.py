@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from gpu_pipeline.config import BLUR_SIZES, MOST_THREADS, STRETCHES, DecodeOptions, PipelineConfig
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable
@@ -105,7 +105,24 @@ def fail_usage(message: str) -> None:
     raise typer.Exit(2)
 
 
-class Commands(TyperGroup):
+class _FlagsTakeNoValue:
+    """A flag's help row shows no value: typer 0.29 shows its type (``--overwrite <bool>``, even
+    ``--help <bool>``), as if it took one (``--overwrite true`` then took "true" for an input path).
+    An empty metavar shows nothing on every typer; flags are parsed as before."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):  # (arguments have no is_flag)
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsTakeNoValue, TyperCommand):
+    """Each command (``app.command(cls=Command)``)."""
+
+
+class Commands(_FlagsTakeNoValue, TyperGroup):
     """The command group. A usage error that click finds as it parses (an unknown option or command,
     a value of the wrong type, a missing one) is said as every refusal of ours is: one line on
     stderr, exit status 2, not click's usage lines and framed box (six lines in a nightly log)."""
