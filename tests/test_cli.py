@@ -943,3 +943,20 @@ def test_a_flag_shows_no_value_in_the_help(command, columns):
         row = next(line for line in result.stdout.splitlines() if re.search(rf"\s{name}\s", line))
         assert not re.search(r"<\w+>", row), row
     assert "bool" not in result.stdout
+
+
+@pytest.mark.parametrize("columns", [80, 150])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "gpu-pipeline")
+def test_the_help_text_is_wrapped_to_the_terminal_not_to_the_source(command, columns):
+    """A command's description is wrapped at the terminal's width: typer kept the docstring's line
+    breaks, so at 80 columns every other line was a stub (" (nothing written),") and at 150 the
+    lines stopped at 100."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0
+    text = result.stdout[result.stdout.index("Usage:"):result.stdout.index("╭")]
+    paragraphs = [[line.strip() for line in block.splitlines() if line.strip()]
+                  for block in re.split(r"\n\s*\n", text.split("\n", 1)[1])]
+    assert sum(map(len, paragraphs)) >= 1
+    for lines in paragraphs:
+        for line, following in zip(lines, lines[1:]):  # the next word did not fit on the line
+            assert len(line) + 1 + len(following.split()[0]) > columns - 4, (line, following)

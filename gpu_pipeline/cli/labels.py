@@ -86,6 +86,7 @@ def fit(
     The model is fitted on the images not held out; the held-out ones measure its accuracy.
     Runs using it need the same --low, --high, --l2 and --blur (they are stored in the model), and
     should use the same --bands and --stretch (recorded in its training summary).
+
     Exit status: 0, 1 when some images failed (they are left out), 2 on bad usage, 3 when standard
     output or the model cannot be written (a full disk, a closed pipe).
     """
@@ -172,8 +173,10 @@ def evaluate(
     """Measure a model on a folder-per-class tree: accuracy, per-class precision and recall, confusion matrix.
 
     Images are processed with the pipeline settings stored in the model. Every class folder must be
-    a class of the model. Exit status: 0, 1 when some images failed (left out), 2 on bad usage, 3 when
-    standard output or the --plot cannot be written (a full disk, a closed pipe).
+    a class of the model.
+
+    Exit status: 0, 1 when some images failed (left out), 2 on bad usage, 3 when standard output or
+    the --plot cannot be written (a full disk, a closed pipe).
     """
     _need_numba("evaluate")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -118,11 +119,23 @@ class _FlagsTakeNoValue:
         return params
 
 
-class Command(_FlagsTakeNoValue, TyperCommand):
+class _HelpWrapsToTheTerminal:
+    """A command's description is wrapped at the terminal's width: typer (0.29, in its rich markup)
+    keeps a docstring's line breaks after the first paragraph, so at 80 columns every other line was
+    a stub (" (nothing written),"). The paragraphs stay; no help here uses click's ``\\b`` blocks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = "\n\n".join(" ".join(paragraph.split())
+                                    for paragraph in inspect.cleandoc(self.help).split("\n\n"))
+
+
+class Command(_HelpWrapsToTheTerminal, _FlagsTakeNoValue, TyperCommand):
     """Each command (``app.command(cls=Command)``)."""
 
 
-class Commands(_FlagsTakeNoValue, TyperGroup):
+class Commands(_HelpWrapsToTheTerminal, _FlagsTakeNoValue, TyperGroup):
     """The command group. A usage error that click finds as it parses (an unknown option or command,
     a value of the wrong type, a missing one) is said as every refusal of ours is: one line on
     stderr, exit status 2, not click's usage lines and framed box (six lines in a nightly log)."""
