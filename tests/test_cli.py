@@ -960,3 +960,19 @@ def test_the_help_text_is_wrapped_to_the_terminal_not_to_the_source(command, col
     for lines in paragraphs:
         for line, following in zip(lines, lines[1:]):  # the next word did not fit on the line
             assert len(line) + 1 + len(following.split()[0]) > columns - 4, (line, following)
+
+
+#: Options whose absence means "not done": no default to tell.
+OFF_WHEN_LEFT_OUT = {"--glob", "--save-edges", "--report", "--json", "--plot", "--dask"}
+
+
+@pytest.mark.parametrize("command", [c[0] for c in COMMANDS if c])
+def test_every_option_that_takes_a_value_says_its_default(command):
+    """--bands said what it takes, not what happens without it (the image's own bands, up to 4)."""
+    import typer.main
+
+    for param in typer.main.get_command(app).commands[command].params:
+        if param.param_type_name != "option" or param.is_flag or param.required or param.opts[0] in OFF_WHEN_LEFT_OUT:
+            continue
+        shown = param.show_default and param.default is not None
+        assert shown or "default" in param.help.lower(), (command, param.opts[0])

@@ -72,7 +72,9 @@ Low = Annotated[float, typer.Option("--low", help="Canny low threshold (as cv2.C
 High = Annotated[float, typer.Option("--high", help="Canny high threshold.")]
 L2 = Annotated[bool, typer.Option("--l2/--no-l2", help="Canny L2 gradient magnitude instead of L1.")]
 Blur = Annotated[int, typer.Option("--blur", help=f"Gaussian blur kernel size before Canny: one of {BLUR_SIZES}.")]
-Bands = Annotated[Optional[str], typer.Option("--bands", help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray).")]
+Bands = Annotated[Optional[str], typer.Option(
+    "--bands", help="1-based bands to use, e.g. 4,3,2 (RGB) or 1 (gray). Default: 1 or 2 bands (gray, alpha) give gray, "
+                    "3 or 4 (RGB, alpha or a 4th band) the first three as RGB; more need --bands.")]
 Stretch = Annotated[str, typer.Option(
     "--stretch", help=f"How data wider than 8 bits becomes 8-bit: {', '.join(STRETCHES)}.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels",
