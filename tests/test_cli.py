@@ -976,3 +976,12 @@ def test_every_option_that_takes_a_value_says_its_default(command):
             continue
         shown = param.show_default and param.default is not None
         assert shown or "default" in param.help.lower(), (command, param.opts[0])
+
+
+def test_verify_batch_size_says_it_is_a_cap_as_verify_md_does():
+    """docs/verify.md: chunks of at most --batch-size images and 16 megapixels; the help said
+    "Images per backend call", as if each call took 64."""
+    from gpu_pipeline.diagnostics.verify import CHUNK_PIXELS
+
+    text = " ".join(invoke("verify", "--help").output.replace("│", " ").split())
+    assert f"Most images per backend call (and at most {CHUNK_PIXELS // 2 ** 20} MP a call)." in text

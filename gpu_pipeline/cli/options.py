@@ -100,7 +100,9 @@ Device = Annotated[Optional[int], typer.Option(
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Most images per backend call (default: as many as the backend's pixel budget holds: "
                          "1 MP for CPU backends, 256 K pixels a thread where that is more; 32 MP for GPU backends).")]
-ImagesPerCall = Annotated[int, typer.Option("--batch-size", help="Images per backend call.")]
+#: ``verify``'s: a chunk also holds at most 16 MP (``CHUNK_PIXELS``; not imported: it is a heavy module).
+ImagesPerCall = Annotated[int, typer.Option("--batch-size",
+                                            help="Most images per backend call (and at most 16 MP a call).")]
 
 
 def fail_usage(message: str) -> None:
