@@ -985,3 +985,21 @@ def test_verify_batch_size_says_it_is_a_cap_as_verify_md_does():
 
     text = " ".join(invoke("verify", "--help").output.replace("│", " ").split())
     assert f"Most images per backend call (and at most {CHUNK_PIXELS // 2 ** 20} MP a call)." in text
+
+
+@pytest.mark.parametrize("columns", [80, 150])
+def test_the_command_list_is_wrapped_to_the_terminal_not_to_the_source(columns):
+    """The group's list of commands shows each first paragraph, wrapped at the terminal: bench's kept
+    its docstring's line break ("... and the scikit-image" / "pool: compute, ...")."""
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": str(columns)})
+    panel = result.stdout[result.stdout.index("─ Commands ─"):].splitlines()[1:-1]
+    rows: list[list[str]] = []
+    for line in (line.strip("│ ") for line in panel if line.startswith("│")):
+        if line.split()[0] in ("run", "verify", "bench", "info", "fit", "evaluate"):
+            rows.append([line.split(None, 1)[1]])
+        else:
+            rows[-1].append(line)
+    assert len(rows) == 6
+    for lines in rows:
+        for line, following in zip(lines, lines[1:]):
+            assert len(line) + 1 + len(following.split()[0]) > columns - 20, (line, following)
