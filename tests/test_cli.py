@@ -163,13 +163,13 @@ def test_save_edges_writes_reference_edge_maps(image_dir, tmp_path):
     [
         (["/no/such/path"], "/no/such/path"),
         (["--backend", "nope"], "unknown backend"),
-        (["--low", "-1"], "low threshold"),
-        (["--high", "nan"], "high threshold"),
-        (["--blur", "4"], "blur size"),
+        (["--low", "-1"], "--low must be between 0 and 2147483647, got -1.0"),  # named as the option
+        (["--high", "nan"], "--high must be between 0 and 2147483647, got nan"),
+        (["--blur", "4"], "--blur must be one of (3, 5, 7), got 4"),
         (["--bands", "a,b"], "--bands takes comma-separated 1-based band numbers such as 4,3,2, got 'a,b'"),
         (["--bands", "0,1,2"], "1-based"),
         (["--bands", "1,2"], "1 or 3"),
-        (["--stretch", "magic"], "stretch"),
+        (["--stretch", "magic"], "--stretch must be one of percentile, minmax, bitdepth, got 'magic'"),
         (["--batch-size", "0"], "--batch-size"),
         (["--workers", "0"], "--workers"),
         (["--workers", "1025"], "--workers must be at most 1024, got 1025"),  # a slip once filled the memory

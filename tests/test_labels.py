@@ -828,7 +828,7 @@ def test_fit_usage_errors(tmp_path):
     tree2 = colour_tree(tmp_path / "tree2", per_class=2)
     _usage_error(invoke("fit", str(tree2), "--out", out, "--test-fraction", "1"), "--test-fraction must be in")
     _usage_error(invoke("fit", str(tree2), "--out", out, "--seed", "-1"), "--seed must be 0 or more, got -1")
-    _usage_error(invoke("fit", str(tree2), "--out", out, "--blur", "4"), "blur size must be one of")
+    _usage_error(invoke("fit", str(tree2), "--out", out, "--blur", "4"), "--blur must be one of")
     _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "no" / "m.json")), "does not exist")
     (tmp_path / "notes.txt").write_text("mine")
     _usage_error(invoke("fit", str(tree2), "--out", str(tmp_path / "notes.txt" / "m.json")),

@@ -220,15 +220,29 @@ def check_counts(**counts: int | None) -> None:
             raise UsageError(f"{option} must be at most {MOST_THREADS}, got {value}")
 
 
+#: The settings as PipelineConfig's and DecodeOptions' messages name them, and the options that give them.
+_OPTIONS = {"low threshold": "--low", "high threshold": "--high", "blur size": "--blur", "stretch": "--stretch",
+            "max pixels": "--max-pixels"}
+
+
+def _as_option(refusal: ValueError) -> UsageError:
+    """The API's refusal, naming the option the user typed ("blur size must be ..." -> "--blur must be ...")."""
+    message = str(refusal)
+    for setting, option in _OPTIONS.items():
+        if message.startswith(f"{setting} must "):
+            return UsageError(option + message.removeprefix(setting))
+    return UsageError(message)
+
+
 def pipeline_config(low: float, high: float, l2: bool, blur: int) -> PipelineConfig:
     try:
         return PipelineConfig(low_threshold=low, high_threshold=high, l2_gradient=l2, blur_ksize=blur)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise _as_option(exc) from None
 
 
 def decode_options(bands: str | None, stretch: str, max_pixels: int = DecodeOptions.max_pixels) -> DecodeOptions:
     try:
         return DecodeOptions(bands=parse_bands(bands), stretch=stretch, max_pixels=max_pixels)
     except ValueError as exc:
-        raise UsageError(str(exc).replace("max pixels must", "--max-pixels must")) from None
+        raise _as_option(exc) from None
