@@ -1048,6 +1048,40 @@ def test_disk_full_ends_the_run_with_one_line_and_exit_3_and_stays_resumable(til
     assert len(by_path(read_records(out))) == 20 and every_line_is_a_record(out)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+@pytest.mark.parametrize("how", ["removed", "renamed", "replaced by a folder"])
+def test_an_output_file_taken_away_during_the_run_ends_it_with_exit_3(tiles, tmp_path, monkeypatch, suffix, how):
+    # a cleanup job or a hand removes the output while the run writes: its records went to no file, exit 0
+    out = tmp_path / f"out{suffix}"
+    real_write = os.write
+    batches = []
+
+    def take_away_after_two_batches(descriptor, data):
+        written = real_write(descriptor, data)
+        if descriptor > 2 and os.path.realpath(f"/proc/self/fd/{descriptor}") == str(out.resolve()):
+            batches.append(len(data))
+            if len(batches) == 3:
+                if how == "renamed":
+                    out.rename(tmp_path / "out.old")
+                else:
+                    out.unlink()
+                    if how == "replaced by a folder":
+                        out.mkdir()
+        return written
+
+    monkeypatch.setattr(os, "write", take_away_after_two_batches)
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
+                                 "--batch-size", "4"])
+    monkeypatch.setattr(os, "write", real_write)
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines() == [
+        f"gpu-pipeline: error: cannot write {out}: it was removed or replaced during the run; the records "
+        "written before are kept: fix the cause and run the same command again to resume"]
+    if how == "removed":  # the same command makes it again
+        assert run(str(tiles), "--out", str(out)).exit_code == 0
+        assert len(by_path(read_records(out))) == 20
+
+
 def run_writing_with(monkeypatch, write, tiles: Path, out: Path, edges: Path):
     """A run of ``tiles`` (batches of 4) saving edge maps into ``edges``, with ``write`` for ``os.write``."""
     with monkeypatch.context() as patch:

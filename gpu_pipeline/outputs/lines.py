@@ -338,6 +338,7 @@ class LineSink(Sink):
         self.existing = existing or Existing()
         self._text = record_text.jsonl_text if fmt == "jsonl" else record_text.csv_text
         self._descriptor: int | None = None
+        self._named = os.path.abspath(out)  # (the same file after a chdir: see _check_still_named)
         if out != "-":
             try:
                 self._descriptor = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -370,6 +371,22 @@ class LineSink(Sink):
                 raise SinkWriteError(exc.errno or errno.EIO, f"cannot write to stdout: {exc.strerror or exc}") from exc
         else:
             _write_all(self._descriptor, text.encode("utf-8"), self.out)
+            self._check_still_named()
+
+    def _check_still_named(self) -> None:
+        """Raise SinkWriteError when ``out`` no longer names the file written (removed, renamed or
+        replaced during the run, by a cleanup job or a hand): each later batch would go to no file,
+        and the run once ended with exit 0 and no records. Checked after the write, so that the
+        last batch is covered too."""
+        try:
+            named = os.stat(self._named)
+        except (FileNotFoundError, NotADirectoryError):
+            named = None
+        except OSError:  # (a folder made unsearchable: the records still reach the file)
+            return
+        written = os.fstat(self._descriptor)
+        if named is None or (named.st_dev, named.st_ino) != (written.st_dev, written.st_ino):
+            raise SinkWriteError(errno.ENOENT, f"cannot write {self.out}: it was removed or replaced during the run")
 
     def close(self) -> None:
         if self._descriptor is not None:
