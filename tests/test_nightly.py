@@ -788,6 +788,28 @@ def test_a_lock_file_that_is_not_a_file_is_named_and_left_alone(tiles, tmp_path,
     assert not target.exists() and not (tmp_path / "out.jsonl").exists()
 
 
+def test_an_output_folder_made_read_only_during_the_run_keeps_its_lock_file_quietly(tiles, tmp_path, monkeypatch):
+    """The lock file cannot be removed at the end (its folder made read-only meanwhile): the run had
+    done its work, and ended in a traceback, exit 1. A stale lock file is locked again. (Root passes
+    permission checks: os.unlink is made to refuse as it refuses a user.)"""
+    out = tmp_path / "out.jsonl"
+    real_unlink = os.unlink
+
+    def read_only_folder(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "unlink", read_only_folder)
+        result = run(str(tiles), "--out", str(out))
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert lock_path(str(out)).exists()  # left behind, holding no lock
+    (tiles / "new.png").write_bytes((tiles / "tile000.png").read_bytes())
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    assert len(by_path(read_records(out))) == 21 and not lock_path(str(out)).exists()
+
+
 def test_a_lock_file_removed_between_its_opening_and_its_locking_is_not_held(tmp_path, monkeypatch):
     """The run before releases its lock by removing the file: a run that opened it just before then
     locked a file no longer there, and the next run took the lock too (two writers on one output)."""

@@ -292,7 +292,10 @@ class OutputLock:
 
     def release(self) -> None:
         if self._descriptor is not None:
-            self.path.unlink(missing_ok=True)
+            # (its folder made read-only during the run: the file stays, and is simply locked again;
+            # the run had done its work, and ended in a traceback)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
             os.close(self._descriptor)
             self._descriptor = None
 
