@@ -810,6 +810,47 @@ def test_an_output_folder_made_read_only_during_the_run_keeps_its_lock_file_quie
     assert len(by_path(read_records(out))) == 21 and not lock_path(str(out)).exists()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_lock_file_removed_during_the_run_stops_it_before_a_second_run_writes_too(tiles, tmp_path, monkeypatch,
+                                                                                     suffix):
+    """A wrapper's ``rm -f *.lock`` while the run writes: the next run locked a new file and both
+    wrote the same images (4,000 inputs, 7,120 records). The run stops at its next batch instead,
+    and leaves alone the lock file the other run made."""
+    out = tmp_path / f"out{suffix}"
+    lock = lock_path(str(out))
+    real_replace, real_write = os.replace, os.write
+    batches = []
+
+    def remove_the_lock_after_two_batches(written: Path):
+        if out in (written, written.parent):  # a batch of lines, or a part
+            batches.append(written)
+            if len(batches) == 2:
+                lock.unlink()
+                lock.write_text("99999999\n")  # another run's, locked by it
+
+    def replace(source, target, *args, **kwargs):
+        real_replace(source, target, *args, **kwargs)
+        remove_the_lock_after_two_batches(Path(target))
+
+    def write(descriptor, data):
+        written = real_write(descriptor, data)
+        if descriptor > 2:
+            remove_the_lock_after_two_batches(Path(os.path.realpath(f"/proc/self/fd/{descriptor}")))
+        return written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        patch.setattr(os, "write", write)
+        result = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "reference", "-q",
+                                     "--batch-size", "4"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines() == [
+        f"gpu-pipeline: error: the lock {lock} was removed during the run, and another run could write {out} "
+        "too: stopped; the records written before are kept: fix the cause and run the same command again to resume"]
+    assert len(by_path(read_records(out))) == 8
+    assert lock.read_text() == "99999999\n"
+
+
 def test_a_lock_file_removed_between_its_opening_and_its_locking_is_not_held(tmp_path, monkeypatch):
     """The run before releases its lock by removing the file: a run that opened it just before then
     locked a file no longer there, and the next run took the lock too (two writers on one output)."""

@@ -39,7 +39,8 @@ from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
 from gpu_pipeline.outputs.files import remove_stale_temporaries, same_file_as, temporaries_of, write_replacing
-from gpu_pipeline.outputs.plan import OutputLock, OutputPlan, format_for, inspect_output, lock_path, written_format
+from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, format_for, inspect_output, lock_path,
+                                       written_format)
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: Exit statuses after a signal, as a shell reports them (128 + signal number).
@@ -334,7 +335,7 @@ def run_job(**arguments) -> int:
     refused = True
     try:
         checked = check_job(job)
-        code = execute(job, checked)
+        code = execute(job, checked, lock)
         refused = False
         return code
     finally:
@@ -540,8 +541,9 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
 
 
-def execute(job: Job, checked: CheckedJob) -> int:
-    """Write the settings, prepare the output, stream the images into it, report."""
+def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> int:
+    """Write the settings, prepare the output, stream the images into it (checking that ``lock``, the
+    output's, is still held after each batch), report."""
     backend, files, todo, output = checked.engine.backend, checked.files, checked.todo, checked.output
     console = Console(stderr=True, soft_wrap=True)
     created: list[Path] = []
@@ -551,6 +553,8 @@ def execute(job: Job, checked: CheckedJob) -> int:
         write_settings(job.out, checked.settings)
         remove_killed_runs_temporaries(job.out, job.save_edges)
         sink = output.open()
+        if lock is not None:
+            sink = LockedSink(sink, lock, job.out)
     except BaseException as exc:  # (a Ctrl-C too, before the output is reset: it must still match)
         _put_back_settings(job.out, earlier_settings)
         if not isinstance(exc, (SinkError, UsageError)):

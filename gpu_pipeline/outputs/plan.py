@@ -290,12 +290,32 @@ class OutputLock:
             raise
         self._descriptor = descriptor
 
+    def _still_held(self) -> bool:
+        """Whether ``OUT.lock`` is still the file locked (a wrapper's ``rm -f *.lock`` removes it
+        during the run, and the next run locks a new one)."""
+        try:
+            return os.path.samestat(os.fstat(self._descriptor), os.stat(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def check_held(self, out: str) -> None:
+        """SinkWriteError when the lock file was removed during the run: another run could then
+        lock a new one and write ``out`` too (both wrote every image left to do)."""
+        try:
+            held = self._still_held()
+        except OSError:  # (its folder made unsearchable: no other run can take it either)
+            return
+        if not held:
+            raise SinkWriteError(errno.ENOENT, f"the lock {self.path} was removed during the run, and another run "
+                                 f"could write {out} too: stopped")
+
     def release(self) -> None:
         if self._descriptor is not None:
             # (its folder made read-only during the run: the file stays, and is simply locked again;
             # the run had done its work, and ended in a traceback)
             with contextlib.suppress(OSError):
-                self.path.unlink(missing_ok=True)
+                if self._still_held():  # (not another run's, made after ours was removed)
+                    self.path.unlink(missing_ok=True)
             os.close(self._descriptor)
             self._descriptor = None
 
@@ -305,3 +325,17 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class LockedSink(Sink):
+    """``sink``, checking after each write that the run still holds the output's ``lock``."""
+
+    def __init__(self, sink: Sink, lock: OutputLock, out: str) -> None:
+        self.sink, self.lock, self.out = sink, lock, out
+
+    def write(self, records: list[dict]) -> None:
+        self.sink.write(records)
+        self.lock.check_held(self.out)
+
+    def close(self) -> None:
+        self.sink.close()
