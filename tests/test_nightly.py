@@ -1365,6 +1365,24 @@ def test_the_edge_map_of_an_image_deeper_than_pythons_recursion_limit_is_saved(t
             folder = os.path.dirname(folder)
 
 
+def test_an_edge_map_that_cannot_be_written_is_named_in_its_error_not_its_temporary(tmp_path, monkeypatch):
+    """An edge folder made unwritable during a run (a permission, not a disk): each image's error record
+    said "PermissionError: [Errno 13] Permission denied: '.../.a.png.edges.png.655.tmp'", a hidden
+    name the user never sees."""
+    from gpu_pipeline.errors import one_line
+    from gpu_pipeline.outputs import edges
+
+    def refused(target, data):
+        folder, name = os.path.split(target)
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(folder, f".{name}.655.tmp"))
+
+    monkeypatch.setattr(edges, "write_replacing", refused)
+    with pytest.raises(PermissionError) as caught:
+        edges.edge_saver(tmp_path / "edges", str(tmp_path))(str(tmp_path / "a.png"), np.zeros((2, 2), np.uint8))
+    assert one_line(caught.value) == \
+        f"PermissionError: cannot write the edge map {tmp_path}/edges/a.png.edges.png: Permission denied"
+
+
 def test_the_folders_an_edge_saver_remembers_stay_few(tmp_path):
     """It remembers the folders it made (a mkdir a map cost a system call), but not all of a run's:
     a folder per image (a product per folder, a tile pyramid) kept 0.5 KB each for the whole run."""

@@ -104,14 +104,18 @@ def edge_map_name(folder: str, relative: str) -> str:
 
 @contextmanager
 def _disk_errors_stop_the_run(target: str) -> Iterator[None]:
-    """A full or read-only disk while writing ``target`` raised as :class:`SinkWriteError` naming it."""
+    """A full or read-only disk while writing ``target`` raised as :class:`SinkWriteError` naming it;
+    the system's other errors (a folder made unwritable) raised naming it too, not the hidden
+    temporary the map was written to (``.a.png.edges.png.655.tmp``)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
+        if exc.errno in DISK_ERRORS:
+            raise SinkWriteError(exc.errno, f"cannot write the edge map {printable(target)}: "
+                                            f"{exc.strerror or exc}") from exc
+        if exc.strerror is None:  # ours, which names the map already (a file left alone)
             raise
-        raise SinkWriteError(exc.errno, f"cannot write the edge map {printable(target)}: "
-                                        f"{exc.strerror or exc}") from exc
+        raise type(exc)(f"cannot write the edge map {printable(target)}: {exc.strerror}") from exc
 
 
 def _earlier_versions_map(target: str, texts: dict[str, str] | None, edges: np.ndarray) -> bool:
