@@ -1296,3 +1296,36 @@ def test_a_scheduler_lost_mid_run_ends_it_in_one_line_and_keeps_the_records(tmp_
     assert stderr.count("\n") == 1, stderr
     records = read_records(out)
     assert 0 < len(records) < 3000 and len(by_path(records)) == len(records)
+
+
+def test_a_scheduler_lost_while_waiting_for_a_worker_is_not_said_to_have_no_workers(tmp_path, monkeypatch):
+    """A scheduler that dies (SIGKILL) while the client waits for its first worker: the line says the
+    scheduler was lost, not that it "has no workers (waited N s)", which sent the user to start
+    workers against an address where nothing listens any more."""
+    import distributed
+
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard",
+                                  "--port", "0", "--scheduler-file", str(tmp_path / "s.json")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # (the scheduler writes its file as it starts: whole, then)
+            with contextlib.suppress(OSError, ValueError):
+                address = json.loads((tmp_path / "s.json").read_text())["address"]
+                break
+            time.sleep(0.1)
+        wait_for_workers = distributed.Client.wait_for_workers
+
+        def scheduler_killed_first(client, *args, **kwargs):
+            scheduler.kill()
+            scheduler.wait()
+            return wait_for_workers(client, *args, **kwargs)
+
+        monkeypatch.setattr(distributed.Client, "wait_for_workers", scheduler_killed_first)
+        with pytest.raises(UsageError) as refused:
+            dask_run.DaskCluster(address, "reference", None, timeout=2)
+    finally:
+        scheduler.kill()
+        scheduler.wait()
+    assert str(refused.value).startswith(f"lost the Dask scheduler at {address} while waiting for a worker: ")
+    assert "has no workers" not in str(refused.value)

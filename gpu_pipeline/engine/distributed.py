@@ -487,8 +487,11 @@ class DaskCluster:
                              f"{one_line(exc)}") from None
         try:
             self.client.wait_for_workers(1, timeout=timeout)
-        except Exception:
+        except Exception as exc:
             self.close()
+            if not isinstance(exc, TimeoutError):  # the scheduler was lost (its failed reconnection): not workerless
+                raise UsageError(f"lost the Dask scheduler at {spec} while waiting for a worker: "
+                                 f"{one_line(exc)}") from None
             raise UsageError(f"the Dask scheduler at {spec} has no workers (waited {timeout:.0f} s); "
                              "start some with `dask worker " + spec + " --nthreads 1`") from None
         workers = len(self.client.nthreads())
