@@ -278,6 +278,16 @@ def is_running(pid: int) -> bool:
     return True
 
 
+def still_names(path: str | os.PathLike[str], descriptor: int) -> bool:
+    """Whether ``path`` still leads to the file open as ``descriptor`` (its device and inode); False
+    when nothing is there any more (removed, or a folder on the way replaced by a file). Any other
+    error (a folder made unsearchable) is raised: whether it does cannot be told."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def same_file_as(path: str | os.PathLike[str]) -> Callable[[str | os.PathLike[str]], bool] | None:
     """A test of whether a name reaches the existing regular file ``path`` (its device and inode:
     through a symbolic link in either, or a hard link); None when ``path`` is no regular file."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from gpu_pipeline.outputs import records as record_text
-from gpu_pipeline.outputs.files import write_all, write_replacing
+from gpu_pipeline.outputs.files import still_names, write_all, write_replacing
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
 
 #: Columns of the CSV output; the histogram is one column of 256 space-separated ints.
@@ -379,13 +379,10 @@ class LineSink(Sink):
         and the run once ended with exit 0 and no records. Checked after the write, so that the
         last batch is covered too."""
         try:
-            named = os.stat(self._named)
-        except (FileNotFoundError, NotADirectoryError):
-            named = None
+            named = still_names(self._named, self._descriptor)
         except OSError:  # (a folder made unsearchable: the records still reach the file)
             return
-        written = os.fstat(self._descriptor)
-        if named is None or (named.st_dev, named.st_ino) != (written.st_dev, written.st_ino):
+        if not named:
             raise SinkWriteError(errno.ENOENT, f"cannot write {self.out}: it was removed or replaced during the run")
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_pipeline.outputs import parquet
+from gpu_pipeline.outputs.files import still_names
 from gpu_pipeline.outputs.lines import LineSink, keep_results, scan
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError
 
@@ -270,11 +271,7 @@ class OutputLock:
                                 f"{self.path.name[:-len('.lock')]} (it holds {self.path}); "
                                 "wait for it to finish or use another --out") from None
             # The holder before us may have removed the file after we opened it: lock the one on disk.
-            try:
-                same = os.path.samestat(os.fstat(descriptor), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
+            if still_names(self.path, descriptor):
                 break
             os.close(descriptor)
         held = os.pread(descriptor, 64, 0)
@@ -293,10 +290,7 @@ class OutputLock:
     def _still_held(self) -> bool:
         """Whether ``OUT.lock`` is still the file locked (a wrapper's ``rm -f *.lock`` removes it
         during the run, and the next run locks a new one)."""
-        try:
-            return os.path.samestat(os.fstat(self._descriptor), os.stat(self.path))
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+        return still_names(self.path, self._descriptor)
 
     def check_held(self, out: str) -> None:
         """SinkWriteError when the lock file was removed during the run: another run could then
