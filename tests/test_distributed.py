@@ -1252,6 +1252,22 @@ def test_a_local_cluster_names_the_backend_auto_chose():
     assert local.status == Status.closed and cluster.client.status == "closed"  # closed with the connection
 
 
+def start_scheduler(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A Dask scheduler in a process of its own, as a user's (its file ``folder / "s.json"``), and its
+    address once it has written it."""
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard",
+                                  "--port", "0", "--scheduler-file", str(folder / "s.json")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # (the scheduler writes its file as it starts: whole, then)
+        with contextlib.suppress(OSError, ValueError):
+            return scheduler, json.loads((folder / "s.json").read_text())["address"]
+        time.sleep(0.1)
+    scheduler.kill()
+    scheduler.wait()
+    raise AssertionError("the Dask scheduler did not write its address within 60 s")
+
+
 @pytest.mark.slow
 def test_a_scheduler_lost_mid_run_ends_it_in_one_line_and_keeps_the_records(tmp_path):
     """A scheduler that dies (SIGKILL) during a run: exit 2 with the run's one line, the records written
@@ -1262,17 +1278,9 @@ def test_a_scheduler_lost_mid_run_ends_it_in_one_line_and_keeps_the_records(tmp_
     for index in range(3000):  # (the reference backend: a few seconds of work for one worker thread)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(folder / f"t{index:04d}.png",
                                                                            compress_level=0)
-    started = []
+    scheduler, address = start_scheduler(tmp_path)
+    started = [scheduler]
     try:
-        started.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard",
-                                         "--port", "0", "--scheduler-file", str(tmp_path / "s.json")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # (the scheduler writes its file as it starts: whole, then)
-            with contextlib.suppress(OSError, ValueError):
-                address = json.loads((tmp_path / "s.json").read_text())["address"]
-                break
-            time.sleep(0.1)
         started.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
                                          str(tmp_path / "s.json"), "--nthreads", "1", "--no-dashboard"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -1304,16 +1312,8 @@ def test_a_scheduler_lost_while_waiting_for_a_worker_is_not_said_to_have_no_work
     workers against an address where nothing listens any more."""
     import distributed
 
-    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard",
-                                  "--port", "0", "--scheduler-file", str(tmp_path / "s.json")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler, address = start_scheduler(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # (the scheduler writes its file as it starts: whole, then)
-            with contextlib.suppress(OSError, ValueError):
-                address = json.loads((tmp_path / "s.json").read_text())["address"]
-                break
-            time.sleep(0.1)
         wait_for_workers = distributed.Client.wait_for_workers
 
         def scheduler_killed_first(client, *args, **kwargs):
