@@ -1114,6 +1114,17 @@ def test_a_scheduler_without_workers_leaves_no_client_open(monkeypatch):
         assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
 
 
+def test_the_client_and_its_event_loop_log_nothing_while_connected(cluster):
+    """A scheduler lost mid-run: Dask's client logs its failed reconnections and tornado, its event
+    loop, a fetch of a result that failed ("Exception in callback ... Stream is closed"), each with a
+    traceback above the run's own line. Both are off while the client is connected, back after."""
+    names = ("distributed.client", "tornado.application")
+    before = [logging.getLogger(name).isEnabledFor(logging.ERROR) for name in names]
+    with dask_run.DaskCluster(cluster.scheduler.address, "reference", None):
+        assert [logging.getLogger(name).isEnabledFor(logging.CRITICAL) for name in names] == [False, False]
+    assert [logging.getLogger(name).isEnabledFor(logging.ERROR) for name in names] == before == [True, True]
+
+
 def test_a_client_that_cannot_connect_leaves_the_loggers_as_they_were(monkeypatch):
     import distributed
     from distributed import LocalCluster

@@ -283,8 +283,10 @@ def dask_logs_off() -> Iterator[None]:
 
 #: Loggers of Dask's client in this process ("distributed.client" has a level of its own in Dask's
 #: logging config): a scheduler lost during a run made the client log each failed reconnection, a
-#: chained traceback, above the run's own line saying what happened and how to resume.
-CLIENT_LOGGERS = ("distributed", "distributed.client")
+#: chained traceback, above the run's own line saying what happened and how to resume. The client's
+#: event loop is tornado's: a result being fetched when the scheduler goes ("Stream is closed") is
+#: logged by "tornado.application" as an exception in a callback, a traceback of its own.
+CLIENT_LOGGERS = ("distributed", "distributed.client", "tornado.application")
 
 
 def loggers_off(names: Sequence[str] = CLIENT_LOGGERS) -> Callable[[], None]:
