@@ -1,10 +1,24 @@
-"""Errors every layer shares: the refusal of a bad argument, and how an exception or a name reads on one line."""
+"""Errors every layer shares: the refusal of a bad argument, the signals that stop a command, and how an
+exception or a name reads on one line."""
+
+import signal
 
 
 #: The exit status of a command whose output could not be written (a full disk, a closed pipe).
 EXIT_WRITE_ERROR = 3
 #: The exit status of a run stopped because its GPU failed for good (a sticky CUDA error); resumable.
 EXIT_DEVICE_FAILED = 4
+
+#: The signals that stop a command after what it finished is written: Ctrl-C, ``kill`` or ``timeout``,
+#: and the terminal going away (an ssh session dropped). The exit status is then the shell's, 128 + its number.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def ignored_on_purpose(signum: int) -> bool:
+    """A hangup that this process ignores: ``nohup``'s, for a run that outlives its terminal, which
+    stays ignored. (An ignored SIGINT is not on purpose: a shell ignores it in a script's background
+    jobs, and ``kill -INT`` still stops those.)"""
+    return signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) is signal.SIG_IGN
 
 
 class UsageError(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,20 @@ def locked(monkeypatch):
     names: set[str] = set()
     monkeypatch.setattr(os, "scandir", scandir)
     return names.add
+
+
+@pytest.fixture
+def hangups_heard():
+    """SIGHUP's default action in this process, and so in the commands it starts: under ``nohup`` (a
+    CI runner's, perhaps) they would inherit SIGHUP ignored, and ignore it, as they should."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.fixture
+def hangups_ignored():
+    """SIGHUP ignored in this process, and so in the commands it starts, as ``nohup`` starts one."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGHUP, previous)

@@ -28,6 +28,50 @@ def start(folder: Path, out: Path, *extra: str, tag: str | None = None,
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+#: Makes standard input, a terminal, the controlling terminal of the session this interpreter leads,
+#: then runs the rest of its arguments as ``python ARGS``.
+_TAKE_THE_TERMINAL = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                      "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+class Terminal:
+    """``python ARGS`` in a session of its own whose controlling terminal is a new pseudo-terminal
+    (its standard streams too), as an ssh session runs a command: :meth:`hang_up` closes the
+    terminal's other end, as a dropped connection does, and the kernel sends the session SIGHUP.
+    What the command writes there is read all along (a full terminal would stop it), into ``shown``."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import pty
+        import threading
+
+        self._master, slave = pty.openpty()
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", _TAKE_THE_TERMINAL, *args], cwd=REPO,
+                                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                            env=dict(os.environ, **(env or {})))
+        finally:
+            os.close(slave)
+        self.shown = bytearray()
+        self._open = True
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import select
+
+        while self._open:
+            if select.select([self._master], [], [], 0.05)[0]:
+                try:
+                    self.shown += os.read(self._master, 65536)
+                except OSError:  # (EIO: the command has ended and closed its side)
+                    return
+
+    def hang_up(self) -> None:
+        self._open = False
+        self._reader.join()
+        os.close(self._master)
+
+
 def tagged(tag: str) -> list[int]:
     """Processes whose environment carries ``tag``: a run started with it and all it started."""
     found = []

@@ -24,7 +24,7 @@ from gpu_pipeline import __version__
 from gpu_pipeline.labels.labeller import DEFAULT_LABELS
 from gpu_pipeline.cli import app
 from gpu_pipeline.config import PipelineConfig
-from tests.runs import sitecustomize
+from tests.runs import Terminal, hanging_decoder, sitecustomize, wait_until_hanging
 
 runner = CliRunner()
 RESULT_KEYS = {"path", "width", "height", "bands", "backend", "histogram", "edge_count", "edge_density", "label"}
@@ -621,6 +621,16 @@ def test_a_reader_that_closed_the_pipe_is_exit_3_not_1(image_dir, args):
     assert result.stderr.decode().endswith("gpu-pipeline: error: cannot write to stdout: the reader closed the pipe\n")
 
 
+def test_a_report_for_a_terminal_that_closed_is_exit_3_not_1(image_dir, tmp_path, hangups_ignored):
+    """verify's report, due on a terminal that went away meanwhile (its hangup ignored, as under
+    nohup): the write fails with an I/O error, which ended verify with exit 1, "differences"."""
+    slowed = hanging_decoder(tmp_path / "site", next(image_dir.iterdir()).name, seconds=2)
+    terminal = Terminal("-m", "gpu_pipeline.cli", "verify", str(image_dir), "--backends", "numba", env=slowed)
+    wait_until_hanging(tmp_path / "site")  # started; its report not written yet
+    terminal.hang_up()
+    assert terminal.process.wait(timeout=300) == 3
+
+
 @pytest.mark.parametrize("reader", ["reading", "gone"])
 def test_a_broken_pipe_that_is_not_stdout_is_not_reported_as_stdout(image_dir, tmp_path, reader):
     """A decode process that died before its first request once raised BrokenPipeError out of the
@@ -740,10 +750,10 @@ def test_run_help_lists_the_exit_statuses_the_readme_lists():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     listed = re.search(r"Exit status: (.*?)Details:", readme, re.DOTALL).group(1)
-    statuses = re.findall(r"\*\*(\d+)(?: / (\d+))?\*\*", listed)
-    assert [s for pair in statuses for s in pair if s] == ["0", "1", "2", "3", "4", "130", "143"]
+    statuses = re.findall(r"\*\*(\d+)(?: / (\d+))?(?: / (\d+))?\*\*", listed)
+    assert [s for group in statuses for s in group if s] == ["0", "1", "2", "3", "4", "130", "143", "129"]
     text = " ".join(invoke("run", "--help").output.replace("│", " ").split())
-    for status in ("0 when", "1 when", "2 on", "3 when", "4 when", "130 / 143 when"):
+    for status in ("0 when", "1 when", "2 on", "3 when", "4 when", "130 / 143 / 129 when"):
         assert status in text, status
 
 

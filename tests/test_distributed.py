@@ -772,10 +772,11 @@ def start_local_cluster_run(folder: Path, out: Path) -> subprocess.Popen:
     return process
 
 
-@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)])
-def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path, sig, group, code):
-    """Ctrl-C reaches the client and its worker processes (a terminal signals the group); `kill`
-    or a service manager's SIGTERM may reach the client alone."""
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143),
+                                              (signal.SIGHUP, True, 129)])
+def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_path, sig, group, code, hangups_heard):
+    """Ctrl-C reaches the client and its worker processes (a terminal signals the group), and so does
+    the hangup of a terminal that closed; `kill` or a service manager's SIGTERM may reach the client alone."""
     folder = many_tiles(tmp_path)
     out = tmp_path / "dask.jsonl"
     process = start_local_cluster_run(folder, out)
@@ -818,8 +819,9 @@ if mark:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the run's processes in Linux's /proc")
-@pytest.mark.parametrize("sig, group, code", [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)])
-def test_a_signal_as_the_local_cluster_starts_closes_it_quietly(tmp_path, sig, group, code):
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130),
+                                              (signal.SIGHUP, True, 129)])
+def test_a_signal_as_the_local_cluster_starts_closes_it_quietly(tmp_path, sig, group, code, hangups_heard):
     """A SIGTERM to the client as ``LocalCluster`` starts (a service stopped as the nightly job
     begins; or a Ctrl-C) interrupted its constructor: the cluster, half made, was left to Dask's own clean-up at
     exit, which printed its scheduler's log lines on the run's stderr ("Closing scheduler. Reason:
@@ -902,22 +904,23 @@ def signals_blocked(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks in Linux's /proc")
-def test_local_cluster_workers_ignore_ctrl_c_from_their_first_instruction():
+def test_local_cluster_workers_ignore_the_terminal_from_their_first_instruction():
     """A Ctrl-C while a worker of ``local:N`` started (the first second of a run, or after a worker
     died and was restarted) printed its KeyboardInterrupt traceback, or "Fatal Python error:
     init_import_site", under the run's own message: the preload that ignores SIGINT comes after
-    Python's and Dask's imports. Each worker starts with SIGINT blocked, restarted ones too."""
-    sigint = 1 << (signal.SIGINT - 1)
+    Python's and Dask's imports. Each worker starts with SIGINT blocked, restarted ones too; and
+    SIGHUP, which the terminal sends its process group as it closes (it killed every worker)."""
+    terminal = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGHUP - 1))
     with dask_run.DaskCluster("local:1", "reference", None) as cluster:
-        assert not signals_blocked(os.getpid()) & sigint  # this process still takes Ctrl-C
+        assert not signals_blocked(os.getpid()) & terminal  # this process still takes Ctrl-C
         (first,) = cluster.client.run(os.getpid).values()
-        assert signals_blocked(first) & sigint
+        assert signals_blocked(first) & terminal == terminal
         os.kill(first, signal.SIGKILL)  # its nanny starts another
         deadline = time.monotonic() + 60
         while (pids := list(cluster.client.run(os.getpid, on_error="ignore").values())) in ([], [first]):
             assert time.monotonic() < deadline, "the killed worker was not restarted"
             time.sleep(0.2)
-        assert signals_blocked(pids[0]) & sigint
+        assert signals_blocked(pids[0]) & terminal == terminal
 
 
 class NowhereBackend(Backend):

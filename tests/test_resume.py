@@ -21,8 +21,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gpu_pipeline.cli import app
-from gpu_pipeline.outputs.plan import format_for, read_records
-from tests.runs import start, tagged, wait_until
+from gpu_pipeline.outputs.plan import format_for, lock_path, read_records
+from tests.runs import Terminal, start, tagged, wait_until
 
 runner = CliRunner()
 
@@ -470,10 +470,71 @@ def test_sigkill_at_random_moments_then_resume_gives_one_record_per_path(many_ti
     assert all("error" not in r for r in records.values())
 
 
+def run_on_a_terminal(folder: Path, out: str) -> Terminal:
+    return Terminal("-m", "gpu_pipeline.cli", "run", str(folder), "--out", out, "--backend", "reference",
+                    "--batch-size", "8", "--workers", "2")
+
+
+def test_a_run_whose_terminal_closes_keeps_what_it_finished(many_tiles, tmp_path, hangups_heard):
+    """An ssh session dropped under a run started by hand: the kernel hangs its terminal up (SIGHUP
+    to the session), and the run ends as after a SIGTERM, its finished batches written: resumable.
+    It was killed at once (the batches in flight lost, its lock file left behind)."""
+    folder = many_tiles[0].parent
+    out = tmp_path / "out.jsonl"
+    terminal = run_on_a_terminal(folder, str(out))
+    wait_for_records(out, 8)
+    terminal.hang_up()
+    assert terminal.process.wait(timeout=120) == 129
+    assert out.read_bytes().endswith(b"\n") and not lock_path(str(out)).exists()
+    assert 0 < len(by_path(read_records(out))) < len(many_tiles)
+    assert start(folder, out, "-q").wait(timeout=300) == 0
+    assert len(by_path(read_records(out))) == len(many_tiles)
+
+
+def test_a_run_under_nohup_outlives_its_terminal(many_tiles, tmp_path, hangups_ignored):
+    """``nohup gpu-pipeline run ...``: the hangup stays ignored, and the messages the run still writes
+    to the closed terminal are dropped (an I/O error each); every image gets its record."""
+    folder = many_tiles[0].parent
+    out = tmp_path / "out.jsonl"
+    terminal = run_on_a_terminal(folder, str(out))
+    wait_for_records(out, 8)
+    terminal.hang_up()
+    assert terminal.process.wait(timeout=300) == 0
+    assert sorted(by_path(read_records(out))) == sorted(str(path) for path in many_tiles)
+
+
+def test_a_run_started_with_ctrl_c_ignored_still_stops_on_it(many_tiles, tmp_path):
+    """A shell starts a script's background jobs (``gpu-pipeline run ... &``) with SIGINT ignored, not
+    on purpose as ``nohup`` ignores SIGHUP: ``kill -INT`` still stops the run, its batches written."""
+    folder = many_tiles[0].parent
+    out = tmp_path / "out.jsonl"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = start(folder, out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    wait_for_records(out, 8)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert 0 < len(by_path(read_records(out))) < len(many_tiles)
+
+
+def test_records_to_a_terminal_that_closed_end_the_run_as_a_full_disk_does(many_tiles, tmp_path, hangups_ignored):
+    """``run --out -`` on a terminal that went away (its hangup ignored): the records can no longer be
+    written, so the run stops with exit 3."""
+    terminal = run_on_a_terminal(many_tiles[0].parent, "-")
+    wait_until(lambda: terminal.shown.count(b"\n") >= 8, "records on the terminal")
+    terminal.hang_up()
+    assert terminal.process.wait(timeout=120) == 3
+
+
 @pytest.mark.parametrize("decode", ["threads", "processes"])
-@pytest.mark.parametrize("sig, code, times", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGTERM, 143, 2)])
-def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, times, decode):
-    """Twice: SIGTERM to the run and then to its process group, as coreutils timeout sends it."""
+@pytest.mark.parametrize("sig, code, times", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1),
+                                              (signal.SIGTERM, 143, 2), (signal.SIGHUP, 129, 1)])
+def test_signal_flushes_reports_and_exits(many_tiles, tmp_path, sig, code, times, decode, hangups_heard):
+    """Twice: SIGTERM to the run and then to its process group, as coreutils timeout sends it.
+    SIGHUP: the terminal of the run went away (an ssh session dropped)."""
     folder = many_tiles[0].parent
     out = tmp_path / "out.jsonl"
     tag = f"signal-{sig}-{times}-{decode}-{os.getpid()}"
@@ -553,8 +614,8 @@ with stop_on_signals(threading.Event()) as received:
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_acts_at_once_but_the_same_one_twice_does_not(sig):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_second_signal_acts_at_once_but_the_same_one_twice_does_not(sig, hangups_heard):
     """nightly.md: the first Ctrl-C or SIGTERM stops the run after the batches in flight; a second
     one, the system's default action at once (the output stays resumable: see the SIGKILL test)."""
     result = subprocess.run([sys.executable, "-c", SIGNALLED, str(int(sig))], capture_output=True, text=True,
@@ -563,10 +624,11 @@ def test_a_second_signal_acts_at_once_but_the_same_one_twice_does_not(sig):
     assert result.returncode == -sig, result.stderr
 
 
-def test_a_handler_set_outside_python_gives_way_to_the_default_after_the_run(monkeypatch):
+def test_a_handler_set_outside_python_gives_way_to_the_default_after_the_run(monkeypatch, hangups_heard):
     """``signal.signal`` returns None for a handler that a program embedding Python set (Python cannot
     put it back): the run's end passed that None on, and ``signal.signal(sig, None)`` raises TypeError."""
-    from gpu_pipeline.engine.job import EXIT_ON_SIGNAL, stop_on_signals
+    from gpu_pipeline.engine.job import stop_on_signals
+    from gpu_pipeline.errors import STOP_SIGNALS
 
     handlers: dict[int, object] = {}
 
@@ -576,23 +638,24 @@ def test_a_handler_set_outside_python_gives_way_to_the_default_after_the_run(mon
 
     monkeypatch.setattr(signal, "signal", outside_python)
     with stop_on_signals(threading.Event()):
-        assert set(handlers) == set(EXIT_ON_SIGNAL) and all(callable(h) for h in handlers.values())
-    assert handlers == {sig: signal.SIG_DFL for sig in EXIT_ON_SIGNAL}
+        assert set(handlers) == set(STOP_SIGNALS) and all(callable(h) for h in handlers.values())
+    assert handlers == {sig: signal.SIG_DFL for sig in STOP_SIGNALS}
 
 
 def test_the_handlers_before_the_run_are_put_back_after_it():
     """The command line's own handlers (exit 130 / 143 quietly while it shuts down) come back after
     the run's, not the system's default."""
-    from gpu_pipeline.engine.job import EXIT_ON_SIGNAL, stop_on_signals
+    from gpu_pipeline.engine.job import stop_on_signals
+    from gpu_pipeline.errors import STOP_SIGNALS
 
     def ours(signum, frame):
         pass
 
-    previous = {sig: signal.signal(sig, ours) for sig in EXIT_ON_SIGNAL}
+    previous = {sig: signal.signal(sig, ours) for sig in STOP_SIGNALS}
     try:
         with stop_on_signals(threading.Event()):
-            assert all(signal.getsignal(sig) is not ours for sig in EXIT_ON_SIGNAL)
-        assert all(signal.getsignal(sig) is ours for sig in EXIT_ON_SIGNAL)
+            assert all(signal.getsignal(sig) is not ours for sig in STOP_SIGNALS)
+        assert all(signal.getsignal(sig) is ours for sig in STOP_SIGNALS)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

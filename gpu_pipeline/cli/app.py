@@ -10,7 +10,7 @@ import threading
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the run's own handling (its signal number is ``args[0]``). Not a
+    """A stop signal outside the run's own handling (its number is ``args[0]``). Not a
     KeyboardInterrupt, which click turns into exit 1. Raised, so that ``with`` blocks clean up: a
     SIGTERM to ``bench`` left its generated corpus in the temporary folder."""
 
@@ -61,7 +61,7 @@ from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Comma
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import processes_for_time_limit
 from gpu_pipeline.engine.stream import Engine
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import STOP_SIGNALS, UsageError, ignored_on_purpose
 from gpu_pipeline.inputs.processes import processes_wanted
 
 #: The longest ``--dask-timeout``: a day (Dask cannot parse ``inf``, and 1e308 s overflowed as the run closed).
@@ -136,8 +136,9 @@ def run(
     """Process images: one JSON record per image (a result or an error).
 
     Exit status: 0 when every image succeeded, 1 when some failed, 2 on bad usage (nothing written),
-    3 when writing the output failed (disk full), 4 when the GPU failed for good (resumable), 130 / 143
-    when stopped by SIGINT (Ctrl-C) / SIGTERM after flushing what was done.
+    3 when writing the output failed (disk full), 4 when the GPU failed for good (resumable), 130 / 143 /
+    129 when stopped by SIGINT (Ctrl-C) / SIGTERM / SIGHUP (the terminal closed; not under nohup) after
+    flushing what was done.
     """
     from gpu_pipeline.engine.job import run_job
 
@@ -200,9 +201,10 @@ def _unraisable(hook_args, previous=sys.unraisablehook) -> None:
 
 
 def catch_interrupts() -> None:
-    """SIGINT and SIGTERM raise :class:`Interrupted` (start-up and shutdown; a run has its own)."""
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    """The stop signals raise :class:`Interrupted` (start-up and shutdown; a run has its own)."""
+    for signum in STOP_SIGNALS:
+        if not ignored_on_purpose(signum):
+            signal.signal(signum, _interrupt)
     sys.unraisablehook = _unraisable
 
 
@@ -225,7 +227,7 @@ def main() -> None:
             raise
         with contextlib.suppress(OSError):
             sys.stdout.flush()
-        sys.exit(143 if interrupt.args and interrupt.args[0] == signal.SIGTERM else 130)
+        sys.exit(128 + (interrupt.args[0] if interrupt.args else signal.SIGINT))
     except SystemExit as exc:
         if streams.reader_went_away():
             if (ours := streams.pipe_of_ours(exc)) is not None:
@@ -243,8 +245,8 @@ def main() -> None:
     finally:
         # The exit status is decided; a Ctrl-C while the interpreter shuts down must not replace it
         # with a death by SIGINT.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

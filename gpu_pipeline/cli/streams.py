@@ -25,8 +25,9 @@ import warnings
 
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, PipelineWarning, printable
 
-#: What a failed write to stdout raises: a full disk or quota, a reader gone.
-WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EPIPE})
+#: What a failed write to stdout raises: a full disk or quota, a reader gone, a terminal gone (closed
+#: with the run still writing to it: an ssh session dropped under ``nohup`` or after a SIGHUP).
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO})
 
 #: The standard streams that were closed when the command started ("stdin", "stdout", "stderr").
 closed: set[str] = set()

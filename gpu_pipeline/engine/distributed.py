@@ -106,19 +106,24 @@ class ChunkResult:
     seconds: float
 
 
+#: What a terminal sends its whole process group: Ctrl-C, and a hangup when it closes.
+TERMINAL_SIGNALS = {signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+
+
 def dask_setup(worker) -> None:
     """Preload hook of the worker processes that ``local:N`` starts (and restarts).
 
-    They share the terminal's process group, so Ctrl-C reaches them too; the client alone handles
-    it (it cancels what is pending and closes the cluster), instead of every worker dying loudly.
+    They share the terminal's process group, so Ctrl-C and a hangup reach them too; the client alone
+    handles them (it cancels what is pending and closes the cluster), instead of every worker dying.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in TERMINAL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextmanager
-def workers_ignore_ctrl_c() -> Iterator[None]:
-    """SIGINT blocked in this thread while a local cluster starts: the cluster's IO-loop thread, which
-    starts (and restarts) its worker processes, inherits the mask, and so does every worker from
+def workers_ignore_the_terminal() -> Iterator[None]:
+    """SIGINT and SIGHUP blocked in this thread while a local cluster starts: the cluster's IO-loop
+    thread, which starts (and restarts) its worker processes, inherits the mask, and so does every worker from
     its first instruction. :func:`dask_setup` comes only after Python and Dask are imported, and a
     Ctrl-C before it printed the workers' KeyboardInterrupt tracebacks under the run's own message
     (5 of 14 Ctrl-Cs 0.6-1 s after the start; one at any time after a worker died and was being
@@ -127,7 +132,7 @@ def workers_ignore_ctrl_c() -> Iterator[None]:
         yield
         return
     start_quiet_resource_tracker()  # started on first use, it unblocks SIGINT in the thread that starts it
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
     try:
         yield
     finally:
@@ -140,7 +145,7 @@ def sigterm_held(held: list[int]) -> Iterator[None]:
     elsewhere Python runs no signal handler). One that interrupted ``LocalCluster``'s constructor
     left a cluster half made to Dask's own clean-up at exit, which printed its scheduler's log lines
     on the run's stderr. The caller closes the cluster, then sends it again (:func:`send_again`).
-    Not blocked, as SIGINT is (:func:`workers_ignore_ctrl_c`): the workers would inherit the mask,
+    Not blocked, as SIGINT is (:func:`workers_ignore_the_terminal`): the workers would inherit the mask,
     and their nannies stop them with SIGTERM."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -165,15 +170,19 @@ def start_quiet_resource_tracker() -> None:
     It outlives this process and unlinks the semaphores this process left: when the client dies at
     once (a second Ctrl-C, kill -9), those of Dask's nannies, and it printed "UserWarning:
     resource_tracker: There appear to be 12 leaked semaphore objects to clean up at shutdown" on the
-    user's terminal. It takes this process's -W options as it starts."""
+    user's terminal. It takes this process's -W options as it starts, and its signal mask: it ignores
+    Ctrl-C itself, not the hangup of a terminal that closed, which killed it (its relaunch warned)."""
     from multiprocessing import resource_tracker
 
     quiet = "ignore:::multiprocessing.resource_tracker"
     sys.warnoptions.append(quiet)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
     try:
         resource_tracker.ensure_running()
     finally:
         sys.warnoptions.remove(quiet)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _this_worker() -> str:
@@ -348,7 +357,7 @@ def _local_cuda_cluster():
         raise UsageError(DASK_CUDA_HINT) from None
     options = local_cuda_cluster_options(visible_gpus())
     try:
-        with without_gil_monitor(), workers_ignore_ctrl_c():
+        with without_gil_monitor(), workers_ignore_the_terminal():
             return dask_cuda.LocalCUDACluster(**options)
     except Exception as exc:
         raise UsageError(f"cannot start a local Dask cluster of {options['n_workers']} GPU workers: "
@@ -462,7 +471,7 @@ class DaskCluster:
             # Failed tasks reach the user through the client's message; the workers' own logs would repeat them.
             held: list[int] = []
             try:
-                with without_gil_monitor(), workers_ignore_ctrl_c(), sigterm_held(held):
+                with without_gil_monitor(), workers_ignore_the_terminal(), sigterm_held(held):
                     self.cluster = distributed.LocalCluster(
                         n_workers=local_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                         silence_logs=logging.CRITICAL, preload=[__name__])

@@ -34,7 +34,8 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.decoding import early_fork_server, processes_option
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
-from gpu_pipeline.errors import EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, UsageError, one_line, shown
+from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, STOP_SIGNALS, UsageError, ignored_on_purpose,
+                                 one_line, shown)
 from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
@@ -43,9 +44,7 @@ from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, forma
                                        written_format)
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
-#: Exit statuses after a signal, as a shell reports them (128 + signal number).
-EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-#: A second SIGINT or SIGTERM sooner than this after the first is the first one delivered again.
+#: A second stop signal sooner than this after the first is the first one delivered again.
 SAME_SIGNAL_S = 1.0
 
 
@@ -243,7 +242,7 @@ def write_settings(out: str, settings: dict) -> None:
 
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
-    """SIGINT / SIGTERM end the run after the batches in flight; a second signal acts at once.
+    """SIGINT / SIGTERM / SIGHUP end the run after the batches in flight; a second signal acts at once.
 
     A repeat within :data:`SAME_SIGNAL_S` of the first is the same signal delivered twice: coreutils
     ``timeout`` sends SIGTERM to the run and then to its process group, which killed the run at once
@@ -265,7 +264,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             received.append(signum)
             stop.set()
 
-    previous = {sig: signal.signal(sig, handle) for sig in EXIT_ON_SIGNAL}
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS if not ignored_on_purpose(sig)}
     try:
         yield received
     finally:  # (None: a handler set outside Python, which Python cannot put back)
@@ -315,7 +314,7 @@ class CheckedJob:
 
 def run_job(**arguments) -> int:
     """Run the whole job; returns the exit status (0 all ok, 1 some failed, 3 write error, 4 the GPU failed,
-    130/143 on a signal).
+    128 + the number of a stop signal: 130, 143, 129).
 
     Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
@@ -613,7 +612,7 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
             console.print(f"interrupted: {len(todo) - summary.total} images not processed; "
                           "run the same command again to resume")
     if signals:
-        return EXIT_ON_SIGNAL[signals[0]]
+        return 128 + signals[0]  # as a shell reports a death by that signal
     if checked.unlisted:
         console.print(f"warning: {len(checked.unlisted)} folder(s) could not be listed; their images have no records",
                       highlight=False, markup=False)
