@@ -420,7 +420,7 @@ def test_a_cluster_left_without_workers_stops_the_run_resumably(monkeypatch):
                                         "worker_threads": lambda self: 0})()
     engine = dask_run.DaskEngine(no_workers, workers=1, labels_of=PerImage(default_label))
     with pytest.raises(UsageError, match=r"the Dask cluster has had no workers for 0 s; stopped after 0 of 8 "
-                                         r"images .* run the same command again to resume"):
+                                         r"images .*; start workers and run the same command again to resume"):
         engine.run(paths, sink=None)
 
 
@@ -523,7 +523,8 @@ def test_a_stop_writes_the_chunks_completed_meanwhile_and_cancels_the_others(mon
                                    dask_run.SinkWriteError(errno.ENOSPC, "cannot write the edge map e.png: full")])
 def test_after_a_signal_a_failed_chunk_does_not_change_the_exit_status(monkeypatch, error):
     """A chunk that fails as a signal stops the run: the run returns its summary (the command line then
-    exits 130 / 143, "after a signal, its exit status wins"), not exit 2 or 3."""
+    exits 130 / 143, "after a signal, its exit status wins"), not exit 2 or 3; interrupted, which
+    prints how many images were not processed (it was not when that chunk was the last)."""
     import threading
 
     stop = threading.Event()
@@ -535,7 +536,7 @@ def test_after_a_signal_a_failed_chunk_does_not_change_the_exit_status(monkeypat
 
     engine, cluster = scripted_engine(monkeypatch, [failed_as_the_signal_came])
     summary = engine.run([f"tile{i}.png" for i in range(8)], sink=None, stop=stop)  # (raised before)
-    assert summary.total == 0
+    assert summary.total == 0 and summary.interrupted
 
 
 def test_chunks_that_fail_together_stop_the_run_naming_the_first(monkeypatch):
@@ -549,7 +550,8 @@ def test_chunks_that_fail_together_stop_the_run_naming_the_first(monkeypatch):
 
     engine, cluster = scripted_engine(monkeypatch, [both_failed])
     with pytest.raises(UsageError, match=r"^worker tcp://w:1 cannot run the job: backend 'cuda' is unavailable: "
-                                         r"no GPU; stopped after 0 of 32 images"):
+                                         r"no GPU; stopped after 0 of 32 images .*; fix the workers and run the "
+                                         r"same command again to resume$"):
         engine.run([f"tile{i:02d}.png" for i in range(32)], sink=None)
 
 
@@ -1313,7 +1315,8 @@ def test_a_scheduler_lost_mid_run_ends_it_in_one_line_and_keeps_the_records(tmp_
             each.kill()
             each.wait()
     assert process.returncode == 2, stderr
-    assert "the scheduler was lost or restarted" in stderr and "run the same command again to resume" in stderr
+    assert "the scheduler was lost or restarted" in stderr  # not "fix the workers": nothing is wrong with them
+    assert "start the scheduler and its workers again and run the same command again to resume" in stderr
     assert "Traceback" not in stderr and "distributed" not in stderr, stderr
     assert stderr.count("\n") == 1, stderr
     records = read_records(out)

@@ -75,6 +75,15 @@ class ChunkFailed(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ClusterFailure:
+    """Why the cluster cannot go on with the run, and what to fix before the same command resumes it
+    (a lost scheduler was answered "fix the workers")."""
+
+    reason: str
+    fix: str = "fix the workers"
+
+
+@dataclass(frozen=True)
 class ChunkJob:
     """Everything a worker needs besides the paths: the Engine's settings, sent with every task."""
 
@@ -688,7 +697,7 @@ class DaskEngine(Engine):
         summary = RunSummary()
         start = time.perf_counter()
         chunks = _Chunks(cluster.client, job, paths)
-        failure: str | SinkWriteError | DeviceFailed | None = None
+        failure: ClusterFailure | SinkWriteError | DeviceFailed | None = None
         workers_seen = time.monotonic()
         try:
             while failure is None and not stop.is_set():
@@ -696,7 +705,8 @@ class DaskEngine(Engine):
                 if slots:
                     workers_seen = time.monotonic()
                 elif time.monotonic() - workers_seen > NO_WORKERS_TIMEOUT_S:
-                    failure = f"the Dask cluster has had no workers for {NO_WORKERS_TIMEOUT_S:.0f} s"
+                    failure = ClusterFailure(f"the Dask cluster has had no workers for {NO_WORKERS_TIMEOUT_S:.0f} s",
+                                             "start workers")
                     break
                 chunks.submit(max(1, slots))
                 if not chunks.in_flight:
@@ -709,18 +719,19 @@ class DaskEngine(Engine):
         finally:  # a stop, a failure or an exception: what is not written is redone by a resumed run
             chunks.cancel()
         summary.seconds = time.perf_counter() - start
-        summary.interrupted = not chunks.all_submitted or bool(chunks.in_flight)
+        # (a chunk that failed as a signal came: its images have no records either)
+        summary.interrupted = not chunks.all_submitted or bool(chunks.in_flight) or failure is not None
         if isinstance(failure, (SinkWriteError, DeviceFailed)) and not stop.is_set():
             raise failure  # (a full disk: exit 3; a failed GPU: exit 4; the records written before kept)
         if failure is not None and not stop.is_set():  # after a signal, its exit status wins
-            raise UsageError(f"{failure}; stopped after {summary.total} of {len(paths)} images "
+            raise UsageError(f"{failure.reason}; stopped after {summary.total} of {len(paths)} images "
                              f"({summary.ok} ok, {summary.failed} failed) were recorded; "
-                             "fix the workers and run the same command again to resume")
+                             f"{failure.fix} and run the same command again to resume")
         return summary
 
     @staticmethod
     def _write_chunks(ready, chunks: _Chunks, sink, summary: RunSummary,
-               progress: Callable[[int], None] | None) -> str | SinkWriteError | DeviceFailed | None:
+               progress: Callable[[int], None] | None) -> ClusterFailure | SinkWriteError | DeviceFailed | None:
         """Write the records of the completed chunks; returns why the first failed one failed, if any
         (its SinkWriteError where a worker could not write an edge map: a full disk; its DeviceFailed
         where a worker's GPU failed for good).
@@ -735,7 +746,7 @@ class DaskEngine(Engine):
                     continue
                 outcome = ChunkResult([_killer_record(chunk[0], outcome)], 0.0)
             if not isinstance(outcome, ChunkResult):
-                failure = failure or _failure_message(outcome, chunk)
+                failure = failure or _chunk_failure(outcome, chunk)
                 continue
             chunks.sizer.measured(len(outcome.records), outcome.seconds)
             sink.write(outcome.records)  # whole lines, one write per chunk
@@ -759,13 +770,14 @@ def _killer_record(path: str, outcome) -> dict:
                      "backend, or out of memory)"}
 
 
-def _failure_message(outcome, paths: Sequence[str]) -> str | SinkWriteError | DeviceFailed:
+def _chunk_failure(outcome, paths: Sequence[str]) -> ClusterFailure | SinkWriteError | DeviceFailed:
     """Why a chunk failed, naming the worker. ``outcome``: a CancelledError, or (type, error, traceback)."""
     if isinstance(outcome, BaseException):
-        return f"a chunk of {len(paths)} images was cancelled (the scheduler was lost or restarted)"
+        return ClusterFailure(f"a chunk of {len(paths)} images was cancelled (the scheduler was lost or restarted)",
+                              "start the scheduler and its workers again")
     _, exc, _ = outcome
     if isinstance(exc, (SinkWriteError, DeviceFailed)):
         return exc
     if isinstance(exc, ChunkFailed):
-        return str(exc)
-    return f"a chunk of {len(paths)} images failed on the cluster: {one_line(exc)}"
+        return ClusterFailure(str(exc))
+    return ClusterFailure(f"a chunk of {len(paths)} images failed on the cluster: {one_line(exc)}")
