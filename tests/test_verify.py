@@ -357,6 +357,17 @@ def test_backend_calls_are_batched_in_bounded_chunks(image_dir, register):
     assert RecordsCalls.calls == [4, 4, 2]
 
 
+def test_a_chunk_also_holds_at_most_chunk_pixels(image_dir, register, monkeypatch):
+    """verify.md: chunks of at most ``--batch-size`` images *and* 16 megapixels (here made 600 pixels:
+    the fixture's images are 480, 256, 270 and 84 pixels), so memory stays bounded on large scenes."""
+    register(RecordsCalls)
+    monkeypatch.setattr(verify, "CHUNK_PIXELS", 600)
+    RecordsCalls.calls = []
+    result = invoke(image_dir, "--backends", "records-calls", "--batch-size", "64")
+    assert result.exit_code == 0, result.output
+    assert RecordsCalls.calls == [1, 2, 1]
+
+
 # --- differences are caught and named -----------------------------------------------------------
 
 
@@ -615,6 +626,18 @@ def test_missing_path_exits_2(tmp_path, register):
     register(SameAsReference)
     result = invoke(tmp_path / "nowhere", "--backends", "same-as-reference")
     assert result.exit_code == 2 and "no such file or folder" in result.stderr
+
+
+def test_a_folder_without_image_files_exits_2_and_writes_no_report(tmp_path, register):
+    """verify.md, exit 2: "no image files", a usage error found before the first image is read: no report."""
+    register(SameAsReference)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    result = invoke(empty, "--backends", "same-as-reference", "--report", tmp_path / "r.json")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"gpu-pipeline: error: no image files found in {empty}\n"
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_report_in_a_missing_folder_exits_2(image_dir, tmp_path, register):
