@@ -193,3 +193,54 @@ def test_a_figure_a_doc_states_is_the_codes(doc, words, module, name, value):
     text = " ".join((REPO / "docs" / doc).read_text(encoding="utf-8").split())
     assert words in text, f"docs/{doc} no longer says {words!r}: update FIGURES"
     assert getattr(importlib.import_module(module), name) == value, f"docs/{doc} says {words!r}"
+
+
+#: Pages whose command lines are held to the command line's options here (the others name commands
+#: of scripts and clusters, held by their own tests).
+COMMAND_PAGES = ["README.md", "docs/nightly.md", "docs/verify.md", "docs/contract.md"]
+
+
+def _shown_commands(text: str) -> list[str]:
+    """What follows ``gpu-pipeline`` in a page's commands: ``$ gpu-pipeline ...`` in console blocks, any
+    ``gpu-pipeline ...`` in bash and cron blocks, and code spans that start with ``gpu-pipeline ``."""
+    found = []
+    for language, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        pattern = {"console": r"^\$ gpu-pipeline (.*)", "bash": r"(?:^|[\s/])gpu-pipeline (.*)",
+                   "cron": r"(?:^|[\s/])gpu-pipeline (.*)"}.get(language)
+        found += [match.group(1) for line in body.splitlines() if pattern and (match := re.search(pattern, line))]
+    return found + re.findall(r"`gpu-pipeline ([^`\n]+)`", text)
+
+
+def _arguments(command: str) -> list[str]:
+    """A shown command's arguments: the shell's part (a comment, ``;``, a redirection, a pipe) cut off,
+    ``$(date +%F)`` a date, an optional ``[--plot FILE]`` given."""
+    import shlex
+
+    command = re.split(r"\s+#|;|\s>>|\s2>|\s\|", command)[0]
+    return shlex.split(command.replace("$(date +%F)", "2026-12-07").replace("[", "").replace("]", ""))
+
+
+def test_every_command_a_page_shows_parses_with_the_command_lines_options():
+    """README.md, docs/nightly.md, docs/verify.md: the commands they show (the nightly command, the
+    cron line, the verify examples...) name options that exist and values they take: an option
+    renamed or removed, or a value no longer taken, leaves a doc's command behind and fails here."""
+    import typer.main
+    from typer._click.exceptions import ClickException
+
+    from gpu_pipeline.cli import app
+
+    group = typer.main.get_command(app)
+    shown, broken = 0, []
+    for page in COMMAND_PAGES:
+        for command in _shown_commands((REPO / page).read_text(encoding="utf-8")):
+            name, *arguments = _arguments(command)
+            if name not in group.commands:
+                broken.append(f"{page}: gpu-pipeline {command}: no command {name!r}")
+                continue
+            try:
+                group.commands[name].make_context(name, list(arguments)).close()  # (it empties the list it is given)
+            except ClickException as error:
+                if arguments:  # (a bare `gpu-pipeline fit` names the command, it is no command line)
+                    broken.append(f"{page}: gpu-pipeline {command}: {error.format_message()}")
+            shown += 1
+    assert shown >= 30 and not broken, broken  # (the pages show about 35)
