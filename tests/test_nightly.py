@@ -1768,6 +1768,22 @@ def test_parquet_dataset_reads_as_one_table_in_pyarrow_pandas_and_duckdb(tiles, 
         p: (r["edge_count"], r["histogram"]) for p, r in expected.items()}
 
 
+def test_duckdb_reads_the_paths_back_under_a_folder_named_like_a_partition_with_nightly_mds_query(tiles, tmp_path):
+    """nightly.md: DuckDB takes a folder above named ``key=value`` for a column, and ``path=...``
+    replaces the paths; the page's query, with ``hive_partitioning = false``, reads them as written."""
+    duckdb = pytest.importorskip("duckdb")
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "path=night1" / "out.parquet"
+    out.parent.mkdir()
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    query = re.search(r"\(`(select \* from read_parquet\('out/\*\.parquet'.*?\))`", " ".join(
+        (REPO / "docs" / "nightly.md").read_text(encoding="utf-8").split())).group(1)
+    paths = [row["path"] for row in read_records(out)]
+    assert {row[0] for row in duckdb.sql(query.replace("'out/", f"'{out}/")).project("path").fetchall()} == set(paths)
+    hived = duckdb.sql(f"select path from read_parquet('{out}/*.parquet')").fetchall()  # the trap the page names
+    assert {row[0] for row in hived} == {"night1"}
+
+
 def test_parquet_retry_failed_drops_error_rows_and_redoes_them(tmp_path):
     pytest.importorskip("pyarrow")
     folder = tmp_path / "images"
