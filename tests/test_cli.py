@@ -372,6 +372,10 @@ def test_default_run_processes_the_bundled_data(tmp_path, bundled_data_dir):
     assert len(records) == sum(1 for p in bundled_data_dir.rglob("*") if p.suffix.lower() in
                                {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
     assert all(set(r) == RESULT_KEYS for r in records)
+    # README's `gpu-pipeline run` example: its labels line is what the run tallies and prints
+    shown = re.search(r"^\$ gpu-pipeline run\n.*\n(labels: .*)$", (REPO / "README.md").read_text(encoding="utf-8"),
+                      re.MULTILINE).group(1)
+    assert shown in result.stderr.splitlines(), result.stderr
 
 
 def test_the_readmes_example_output_is_the_bundled_datas(bundled_data_dir):
