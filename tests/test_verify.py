@@ -280,6 +280,19 @@ def test_against_opencv_is_identical(image_dir, tmp_path, bundled_data_dir):
                                 "blur_ksize": 3}
 
 
+def test_against_opencv_reads_as_verify_mds_sample(image_dir):
+    """docs/verify.md's (and the README's) ``verify --against-opencv``: the oracle's row after the
+    backends', and the settings line saying what that row is."""
+    pytest.importorskip("cv2")
+    page = (Path(__file__).resolve().parent.parent / "docs" / "verify.md").read_text(encoding="utf-8")
+    shown = page.split("$ gpu-pipeline verify --against-opencv --report verify.json\n", 1)[1].split("```")[0]
+    expected = [" ".join(line.split()) for line in shown.splitlines() if line.startswith(("numba ", "opencv ", "Canny "))]
+    result = invoke(image_dir, "--backends", "numba", "--against-opencv")
+    assert result.exit_code == 0, result.output
+    printed = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert len(expected) == 3 and [line for line in printed if line in expected] == expected, printed
+
+
 @pytest.mark.parametrize("l2, low, high", [(False, 79.99999999, 159.99999999),
                                             (True, 111.08555261599052, 114.08555261599052)])
 def test_against_opencv_is_identical_on_one_thread_with_fractional_thresholds(bundled_data_dir, l2, low, high):
