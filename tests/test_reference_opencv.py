@@ -144,11 +144,13 @@ def test_gray_image_passes_through(image):
     assert_same(ref.gray(image), image, "gray of gray")
 
 
-def test_gray_matches_opencv_on_every_colour():
+@pytest.mark.parametrize("shape", [(4096, 4096), (2**24, 1)], ids=["wide", "one-pixel-wide"])
+def test_gray_matches_opencv_on_every_colour(shape):
+    """contract.md: in wide images (OpenCV's SIMD path) and in 1-pixel-wide ones (its scalar tails)."""
     every = np.arange(2**24, dtype=np.uint32)
     rgb = np.stack([every >> 16, (every >> 8) & 255, every & 255], axis=-1).astype(np.uint8)
-    rgb = rgb.reshape(4096, 4096, 3)
-    assert_same(ref.gray(rgb), cv_gray(rgb), "gray over all 2**24 colours")
+    rgb = rgb.reshape(*shape, 3)
+    assert_same(ref.gray(rgb), cv_gray(rgb), f"gray over all 2**24 colours, {shape}")
 
 
 def test_the_contracts_worked_numbers():
