@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cpu_reference as ref
-from cpu_reference.stages import canny_thresholds, hysteresis
+from cpu_reference.stages import canny_thresholds, hysteresis, reflect101
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.inputs.discover import discover
@@ -236,6 +236,19 @@ def test_odd_shapes_match_opencv(shape, kind):
             assert_same(ref.gaussian_blur(image, ksize), cv_blur(image, ksize), f"blur {ksize}")
         assert_same(ref.canny(image, config.low_threshold, config.high_threshold, config.l2_gradient),
                     cv_canny(image, config.low_threshold, config.high_threshold, config.l2_gradient), "canny")
+
+
+def test_blur_matches_opencv_on_every_small_shape():
+    """contract.md: reflect-101 applied repeatedly on images smaller than the kernel, "checked for
+    every shape from 1x1 to 11x11 ... and all three k"; k = 7 on a 2-pixel-wide row reads columns
+    ``1 0 1 0 1 0 1`` around column 0."""
+    rng = np.random.default_rng(3)
+    for height in range(1, 12):
+        for width in range(1, 12):
+            image = rng.integers(0, 256, (height, width), dtype=np.uint8)
+            for ksize in (3, 5, 7):
+                assert_same(ref.gaussian_blur(image, ksize), cv_blur(image, ksize), f"blur {ksize}, {height}x{width}")
+    assert reflect101(np.arange(-3, 4), 2).tolist() == [1, 0, 1, 0, 1, 0, 1]
 
 
 # --- (c) thresholds -----------------------------------------------------------------------------
