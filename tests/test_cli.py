@@ -600,7 +600,7 @@ def test_closed_stderr_and_stdout_are_opened_on_dev_null(image_dir, tmp_path):
 
 @needs_dev_full
 @pytest.mark.parametrize("args", [["info"], ["--version"], ["--help"], ["run", "DATA", "--out", "-", "--format", "csv"],
-                                  ["run", "DATA", "--out", "-", "--quiet"]])
+                                  ["run", "DATA", "--out", "-", "--quiet"], ["verify", "DATA", "--backends", "numba"]])
 def test_stdout_on_a_full_disk_is_exit_3_and_one_line(image_dir, args):
     """Tracebacks from rich, and for a CSV header exit 2 where JSON lines gave 3; records that fit in
     one write failed again at exit ("Exception ignored", exit 120)."""
