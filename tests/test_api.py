@@ -250,6 +250,20 @@ def test_what_is_not_a_stack_or_a_list_of_images_is_refused_saying_what_to_pass(
             gpu_pipeline.process(images, backend="numba")
 
 
+def test_an_array_of_another_library_is_refused_naming_its_type_not_its_dtype():
+    """A dask array (or a torch tensor) of uint8 was refused as "expected a uint8 array, got uint8"."""
+    class OtherArray:  # what dask, torch or xarray give: a dtype, a shape, __array__, no ndarray
+        dtype, shape, ndim = np.dtype(np.uint8), (8, 8), 2
+
+        def __array__(self, dtype=None, copy=None):
+            return np.zeros(self.shape, np.uint8)
+
+    for images in ([OtherArray()], [np.zeros((8, 8), np.uint8), OtherArray()]):
+        with pytest.raises(ValueError, match=r"^image \d: expected a uint8 array, got <class '.*OtherArray'>: "
+                                             r"np.asarray\(image\) makes one$"):
+            gpu_pipeline.process(images, backend="reference")
+
+
 def test_bad_settings_are_value_errors_that_name_them():
     image = [np.zeros((4, 4), np.uint8)]
     for options, message in [({"backend": "nope"}, "unknown backend 'nope'; choose from auto"),

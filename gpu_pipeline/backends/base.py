@@ -206,8 +206,11 @@ class Backend(ABC):
 
 def check_image(image: np.ndarray) -> None:
     """Raise ValueError unless ``image`` is what backends accept."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 array, got {getattr(image, 'dtype', type(image))}")
+    if not isinstance(image, np.ndarray):  # (its dtype may be uint8: a dask array read "got uint8")
+        hint = ": np.asarray(image) makes one" if hasattr(image, "__array__") else ""
+        raise ValueError(f"expected a uint8 array, got {type(image)}{hint}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 array, got {image.dtype}")
     if image.ndim == 3 and image.shape[2] != 3 or image.ndim not in (2, 3):
         raise ValueError(f"expected a gray (H, W) or RGB (H, W, 3) image, got shape {image.shape}")
     if image.shape[0] < 1 or image.shape[1] < 1:
