@@ -264,6 +264,17 @@ def test_an_array_of_another_library_is_refused_naming_its_type_not_its_dtype():
             gpu_pipeline.process(images, backend="reference")
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_an_image_of_an_ndarray_subclass_gives_the_results_of_its_pixels(backend):
+    """A masked RGB image gave the reference backend other edges than numba's (its gray conversion
+    honoured the mask), and an np.matrix failed there ("object too deep for desired array")."""
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    for image, pixels in [(np.ma.masked_array(rgb, mask=rgb < 60), rgb), (rgb[..., 0].view(np.matrix), rgb[..., 0])]:
+        got, want = (gpu_pipeline.process([one], backend=backend, keep_images=True) for one in (image, pixels))
+        assert np.array_equal(got.histograms, want.histograms) and np.array_equal(got.edge_counts, want.edge_counts)
+        assert np.array_equal(got.edges[0], want.edges[0]) and type(got.edges[0]) is np.ndarray
+
+
 def test_bad_settings_are_value_errors_that_name_them():
     image = [np.zeros((4, 4), np.uint8)]
     for options, message in [({"backend": "nope"}, "unknown backend 'nope'; choose from auto"),
