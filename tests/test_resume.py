@@ -382,6 +382,24 @@ def test_an_output_that_cannot_be_read_back_is_refused(tiles, tmp_path):
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[:-20], lambda data: b"", lambda data: data[:len(data) // 2]])
+def test_a_damaged_part_is_named_in_the_refusal(tiles, tmp_path, damage):
+    """A part with a torn footer was refused naming only the folder (and pyarrow's '<Buffer>'): among
+    hundreds of parts the user could not tell which one to move aside."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles[0].parent), "--out", str(out), "--batch-size", "16").exit_code == 0
+    part = sorted(out.glob("part-*.parquet"))[1]
+    part.write_bytes(damage(part.read_bytes()))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    result = run(str(tiles[0].parent), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"gpu-pipeline: error: cannot read {out} back: {part.name} is not a readable Parquet "
+                                    "part (") and "<Buffer>" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "move it out of the folder" in result.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 def test_resume_with_another_label_model_is_refused(tiles, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from gpu_pipeline.errors import first_line
 from gpu_pipeline.outputs.files import keep_mode
 from gpu_pipeline.outputs.records import CSV_COLUMNS as COLUMNS, table_columns
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
@@ -19,6 +20,7 @@ from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError,
 #: The dataset's columns are the CSV output's; these are a result record's.
 _RESULT_FIELDS = COLUMNS[:9]
 PART = re.compile(r"part-(\d{6,})\.parquet")
+_OPENING = re.compile(r"^Could not open Parquet input source '[^']*': ")
 
 
 def parquet_schema():
@@ -85,13 +87,27 @@ def read_existing(folder: Path) -> tuple[Existing, int]:
     existing = Existing()
     found = parts(folder)
     for part in found:
-        table = _read_part(import_parquet(), part, columns=["path", "error", "path_bytes"])
+        table = _read_back(part)
         for row in table.to_pylist():
             if row["error"] is None:
                 del row["error"]
             existing.add(row)
     next_part = int(PART.fullmatch(found[-1].name).group(1)) + 1 if found else 0
     return existing, next_part
+
+
+def _read_back(part: Path):
+    """The columns a resume needs of ``part``; ValueError naming the part when it cannot be read as
+    one (a torn footer, a file of someone else's): among hundreds, the folder alone did not say which."""
+    pq = import_parquet()
+    try:
+        return _read_part(pq, part, columns=["path", "error", "path_bytes"])
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # (the disk's error, not the part's: refused as any output that cannot be read)
+        reason = _OPENING.sub("", first_line(exc))  # (the source pyarrow names is our stream: '<Buffer>')
+        raise ValueError(f"{part.name} is not a readable Parquet part ({reason}); move it out of the "
+                         "folder (its images are then processed again) or use --overwrite") from None
 
 
 def from_table_row(row: dict) -> dict:
