@@ -2020,6 +2020,25 @@ def test_a_hidden_file_of_the_users_in_a_dataset_folder_is_no_part_of_ours(tiles
     assert (out / ".part-notes.txt").read_text() == "mine" and len(read_records(out)) == 20
 
 
+@pytest.mark.parametrize("theirs", ["data.parquet", "notes.txt", "part-0.parquet"])
+def test_a_resume_into_a_dataset_folder_holding_files_we_did_not_write_is_refused(tiles, tmp_path, theirs):
+    """The output folder replaced by someone else's dataset (its settings record left beside it): the
+    resume wrote its parts among their files, and pyarrow then read the folder as one table of their
+    schema, our columns gone. A hidden file of the user's is no part of the dataset and stays allowed."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    shutil.rmtree(out)
+    out.mkdir()
+    pq.write_table(pa.table({"path": ["/theirs.png"], "score": [0.5]}), out / theirs)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert f"{out} holds files gpu-pipeline did not write ({theirs}); resuming would mix" in result.stderr, result.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 def test_the_hidden_part_a_killed_run_left_is_removed_on_resume(tiles, tmp_path):
     """nightly.md: a kill leaves only whole parts, and the hidden leftover is removed on resume. The
     kill tests cannot see it go: the resume's first part takes the killed part's name, and its own

@@ -40,8 +40,8 @@ from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
 from gpu_pipeline.outputs.files import remove_stale_temporaries, same_file_as, temporaries_of, write_replacing
-from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, format_for, inspect_output, lock_path,
-                                       written_format)
+from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, check_dataset_folder, format_for,
+                                       inspect_output, lock_path, written_format)
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: A second stop signal sooner than this after the first is the first one delivered again.
@@ -453,6 +453,10 @@ def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
     except SinkError as exc:
         raise UsageError(str(exc)) from None
     check_settings(job.out, settings, output, earlier)
+    try:
+        check_dataset_folder(output)  # (after the settings: a folder without them is not ours at all)
+    except SinkError as exc:
+        raise UsageError(str(exc)) from None
     return output
 
 

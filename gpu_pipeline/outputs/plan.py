@@ -154,6 +154,26 @@ def _emptied(path: Path) -> None:
         pass
 
 
+def check_dataset_folder(plan: OutputPlan) -> None:
+    """Refuse to resume a Parquet output whose folder holds files we did not write (once its settings
+    record says it is ours): a folder replaced by someone else's dataset got our parts among theirs,
+    which pyarrow then read as one table of their schema. A hidden file is no part of the dataset
+    for pyarrow, pandas or DuckDB, and may stay."""
+    path = Path(plan.out)
+    if plan.fmt == "parquet" and plan.exists and not plan.start_afresh and path.is_dir():
+        if foreign := _not_ours(path, hidden=False):
+            raise SinkError(f"{plan.out} holds files gpu-pipeline did not write ({', '.join(foreign)}); resuming "
+                            "would mix them into the dataset: move them out of the folder, or use another --out")
+
+
+def _not_ours(folder: Path, hidden: bool = True) -> list[str]:
+    """The first few names in a dataset folder that are not our parts or their temporaries (with
+    ``hidden`` False, not hidden ones either), sorted."""
+    ours = {entry.name for entry in parquet.parts(folder) + parquet.temporaries(folder)}
+    return sorted(entry.name for entry in folder.iterdir()
+                  if entry.name not in ours and (hidden or not entry.name.startswith(".")))[:3]
+
+
 def _is_empty(path: Path) -> bool:
     return path.stat().st_size == 0 if path.is_file() else not any(path.iterdir())
 
@@ -188,12 +208,8 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
     plan.exists = not _is_empty(path)
     if overwrite:
         plan.start_afresh = True
-        if chosen == "parquet" and path.is_dir():
-            ours = {entry.name for entry in parquet.parts(path) + parquet.temporaries(path)}
-            foreign = [entry.name for entry in path.iterdir() if entry.name not in ours]
-            if foreign:
-                raise SinkError(f"{out} holds files gpu-pipeline did not write ({', '.join(sorted(foreign)[:3])}); "
-                                "use another --out")
+        if chosen == "parquet" and path.is_dir() and (foreign := _not_ours(path)):
+            raise SinkError(f"{out} holds files gpu-pipeline did not write ({', '.join(foreign)}); use another --out")
         return plan
     try:
         if chosen == "parquet":
