@@ -2384,3 +2384,50 @@ def test_a_damaged_large_jpeg_read_whole_asks_the_decoding_budget_once(scratch: 
         (outcome,) = gpu_io.decode_each([path], DEFAULT)
     assert outcome == ("decode", "cannot decode the image: Bogus marker length")
     assert len(asked) == 1 and asked[0] >= 2048 * 2048
+
+
+def _tiff_with_tag_value(image: np.ndarray, code: int, value: int, field: str = "value", **kwargs) -> bytes:
+    """A little-endian TIFF of ``image`` whose tag ``code`` has ``value`` written into its ``field``
+    (the value itself, a short or long in place, or its ``count``)."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, image, **kwargs)
+    data = bytearray(buffer.getvalue())
+    tag = tifffile.TiffFile(io.BytesIO(bytes(data))).pages.first.tags[code]
+    where, size = (tag.offset + 4, 4) if field == "count" else (tag.valueoffset, 2 if tag.dtype == 3 else 4)
+    data[where:where + size] = value.to_bytes(size, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_a_tiff_listing_fewer_strips_or_tiles_than_its_image_needs_is_refused(tmp_path, tiled: bool) -> None:
+    """tifffile decodes the segments it is given and leaves the rest of the image zeros (or whatever
+    memory held): a StripOffsets and StripByteCounts of 3 strips where 5 are needed gave rows of
+    made-up pixels as a normal result."""
+    image = (np.arange(48 * 32) % 251).astype(np.uint8).reshape(48, 32)
+    layout = {"tile": (16, 16)} if tiled else {"rowsperstrip": 10}
+    codes = (324, 325) if tiled else (273, 279)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, image, **layout)
+    data = bytearray(buffer.getvalue())
+    for code in codes:
+        tag = tifffile.TiffFile(io.BytesIO(bytes(data))).pages.first.tags[code]
+        data[tag.offset + 4:tag.offset + 8] = (3).to_bytes(4, "little")
+    path = tmp_path / "short.tif"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match=r"damaged TIFF file: it lists 3 (strips|tiles), but its image needs "
+                                          r"(5|6)") as refused:
+        decode_image(path, DecodeOptions())
+    assert refused.value.stage == "decode"
+
+
+@pytest.mark.parametrize("planar", [0, 3, 65535])
+def test_a_tiff_whose_planar_configuration_is_neither_1_nor_2_is_refused(tmp_path, planar: int) -> None:
+    """tifffile then shapes the image as separate planes but keeps the strips of one: two thirds of
+    the image was uninitialised memory, different pixels at each decode of the same file."""
+    image = (np.arange(3 * 37 * 45) % 251).astype(np.uint8).reshape(3, 37, 45)
+    path = tmp_path / "planar.tif"
+    path.write_bytes(_tiff_with_tag_value(image, 284, planar, planarconfig="separate", photometric="rgb",
+                                          rowsperstrip=9))
+    with pytest.raises(DecodeError, match=f"damaged TIFF file: PlanarConfiguration {planar} ") as refused:
+        decode_image(path, DecodeOptions())
+    assert refused.value.stage == "decode"

@@ -240,6 +240,12 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
     segment with zeros, and its error, which :class:`_TiffErrors` turns into this image's, is lost where
     the caller has silenced tifffile's logger."""
     size, kind = fh.size, "tile" if page.is_tiled else "strip"
+    if page.samplesperpixel > 1 and page.planarconfig not in (1, 2):  # (tifffile counts its strips as 1's)
+        raise DecodeError("decode", f"damaged TIFF file: PlanarConfiguration {int(page.planarconfig)} "
+                                    "(1: interleaved samples, 2: separate planes)")
+    listed, needed = min(len(page.dataoffsets), len(page.databytecounts)), _segments_needed(page)
+    if listed < needed:  # tifffile leaves the pixels of the missing ones as zeros, or as memory held them
+        raise DecodeError("decode", f"damaged TIFF file: it lists {listed} {kind}s, but its image needs {needed}")
     for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         if offset and count and offset + count > size:
             raise DecodeError("decode", f"truncated TIFF file: {kind} {index + 1} ends at byte {offset + count} "
@@ -267,6 +273,15 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
             raise DecodeError("decode", f"truncated TIFF file: {kind} {index + 1}'s JPEG data does not end with "
                                         "its end-of-image marker (cut short, or zero-filled: a download still "
                                         "being written?)")
+
+
+def _segments_needed(page: tifffile.TiffPage) -> int:
+    """How many strips or tiles (StripOffsets or TileOffsets entries) the page's image takes: one a
+    band where the bands are separate planes."""
+    separate, _, height, width, _ = page.shaped
+    if page.is_tiled:
+        return separate * -(-height // max(page.tilelength, 1)) * -(-width // max(page.tilewidth, 1))
+    return separate * -(-height // max(min(page.rowsperstrip, height), 1))
 
 
 def _check_jpeg2000_segment(fh: tifffile.FileHandle, offset: int, count: int, declared: tuple[int, int, int],
