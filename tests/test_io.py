@@ -2431,3 +2431,21 @@ def test_a_tiff_whose_planar_configuration_is_neither_1_nor_2_is_refused(tmp_pat
     with pytest.raises(DecodeError, match=f"damaged TIFF file: PlanarConfiguration {planar} ") as refused:
         decode_image(path, DecodeOptions())
     assert refused.value.stage == "decode"
+
+
+@pytest.mark.parametrize("code, value, field, says", [
+    (256, 0, "count", "its ImageWidth tag holds no single number"),  # (tifffile gives it as (): a TypeError)
+    (278, 0, "value", "damaged TIFF file: "),  # RowsPerStrip 0: tifffile divides by it
+    (262, 3, "value", "damaged TIFF file: "),  # a palette image without its ColorMap
+])
+def test_a_tiff_whose_tags_are_damaged_says_damaged_tiff_file(tmp_path, code, value, field, says) -> None:
+    """A tag of no value, or of a value tifffile cannot use, gave the bare Python error of the code
+    that tripped on it ("cannot decode the image: '>' not supported between instances of 'tuple'
+    and 'int'", "... division by zero"), which says nothing of the file."""
+    path = tmp_path / "damaged.tif"
+    path.write_bytes(_tiff_with_tag_value((np.arange(37 * 45) % 251).astype(np.uint8).reshape(37, 45), code, value,
+                                          field, rowsperstrip=8))
+    with pytest.raises(DecodeError) as refused:
+        decode_image(path, DecodeOptions())
+    assert refused.value.stage == "decode"
+    assert str(refused.value).startswith("damaged TIFF file: ") and says in str(refused.value)

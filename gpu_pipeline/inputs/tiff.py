@@ -86,36 +86,46 @@ def read_tiff(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, float | None, 
     except Exception as exc:  # tifffile's errors for a damaged header are struct, value and index errors
         raise DecodeError("decode", f"damaged TIFF file: {text_of(exc)}") from None
     with tif:
-        page = _full_resolution_page(tif)
-        _check_tiff_size(page, max_pixels)
-        _check_tiff_segments(tif.filehandle, page)
-        ask_budget(tif.filehandle.size + _tiff_pixels(page) * _tiff_bytes_a_pixel(page))
         try:
-            data = _TIFF_ERRORS.decoded(page)
-        except ValueError as exc:
-            if "imagecodecs" in str(exc):
-                raise DecodeError(
-                    "decode",
-                    f"TIFF compression {page.compression.name} needs the imagecodecs package "
-                    "(pip install imagecodecs)",
-                ) from None
+            return _read_page(tif, max_pixels)
+        except (DecodeError, MemoryError, OSError):
             raise
-        # ``shaped`` is (separate samples, depth, height, width, contiguous samples): it says
-        # where the bands are, planar or interleaved, whatever the sizes.
-        separate, _, height, width, contiguous = page.shaped
-        data = data.reshape(separate, height, width, contiguous)
-        bands = np.moveaxis(data[..., 0], 0, -1) if separate > 1 else data[0]
-        bits, nodata = page.bitspersample, _gdal_nodata(page)
-        if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
-            return (page.colormap[:, bands[..., 0]] >> 8).astype(np.uint8).transpose(1, 2, 0), None, 8
-        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
-            bands = _inverted(native_order(bands), bits)
-            nodata = _inverted_nodata(nodata, bands.dtype, bits)
-        elif page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
-            bands = _cmyk_to_rgb(bands)
-        if bands.dtype == np.uint8 and bits < 8:
-            bands, bits = full_range(bands, bits), 8
-        return native_order(bands), nodata, bits
+        except Exception as exc:  # a damaged tag or segment: the error of the code that tripped on it
+            raise DecodeError("decode", f"damaged TIFF file: {text_of(exc)}") from None
+
+
+def _read_page(tif: tifffile.TiffFile, max_pixels: int) -> tuple[np.ndarray, float | None, int]:
+    """:func:`read_tiff` of the open file ``tif``."""
+    page = _full_resolution_page(tif)
+    _check_tiff_size(page, max_pixels)
+    _check_tiff_segments(tif.filehandle, page)
+    ask_budget(tif.filehandle.size + _tiff_pixels(page) * _tiff_bytes_a_pixel(page))
+    try:
+        data = _TIFF_ERRORS.decoded(page)
+    except ValueError as exc:
+        if "imagecodecs" in str(exc):
+            raise DecodeError(
+                "decode",
+                f"TIFF compression {page.compression.name} needs the imagecodecs package "
+                "(pip install imagecodecs)",
+            ) from None
+        raise
+    # ``shaped`` is (separate samples, depth, height, width, contiguous samples): it says
+    # where the bands are, planar or interleaved, whatever the sizes.
+    separate, _, height, width, contiguous = page.shaped
+    data = data.reshape(separate, height, width, contiguous)
+    bands = np.moveaxis(data[..., 0], 0, -1) if separate > 1 else data[0]
+    bits, nodata = page.bitspersample, _gdal_nodata(page)
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+        return (page.colormap[:, bands[..., 0]] >> 8).astype(np.uint8).transpose(1, 2, 0), None, 8
+    if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        bands = _inverted(native_order(bands), bits)
+        nodata = _inverted_nodata(nodata, bands.dtype, bits)
+    elif page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        bands = _cmyk_to_rgb(bands)
+    if bands.dtype == np.uint8 and bits < 8:
+        bands, bits = full_range(bands, bits), 8
+    return native_order(bands), nodata, bits
 
 
 def _inverted(bands: np.ndarray, bits: int) -> np.ndarray:
@@ -141,6 +151,10 @@ def _inverted_nodata(nodata: float | None, dtype: np.dtype, bits: int) -> float 
     return float(_inverted(np.array([sample], dtype), bits)[0])
 
 
+#: The tags that size the image and its segments, which tifffile gives as read, a number or not.
+_NUMBER_TAGS = ("ImageWidth", "ImageLength", "SamplesPerPixel", "RowsPerStrip", "TileWidth", "TileLength")
+
+
 def _full_resolution_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     """The first page that is not a reduced-resolution copy (NewSubfileType bit 0): a thumbnail
     may come first. Its colour model must be one we read (see :data:`_TIFF_FOREIGN_COLOURS`)."""
@@ -149,6 +163,9 @@ def _full_resolution_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     page = tif.pages.first
     if page.subfiletype & 1:
         page = next((p for p in tif.pages if not p.subfiletype & 1), page)
+    for name in _NUMBER_TAGS:  # (a tag of count 0 is (), one of type ASCII a str: TypeErrors further on)
+        if not isinstance(getattr(page, name.lower()), (int, np.integer)):
+            raise DecodeError("decode", f"damaged TIFF file: its {name} tag holds no single number")
     photometric = page.photometric
     if photometric in _TIFF_FOREIGN_COLOURS or (
             photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression != tifffile.COMPRESSION.JPEG):
@@ -241,7 +258,7 @@ def _check_tiff_segments(fh: tifffile.FileHandle, page: tifffile.TiffPage) -> No
     the caller has silenced tifffile's logger."""
     size, kind = fh.size, "tile" if page.is_tiled else "strip"
     if page.samplesperpixel > 1 and page.planarconfig not in (1, 2):  # (tifffile counts its strips as 1's)
-        raise DecodeError("decode", f"damaged TIFF file: PlanarConfiguration {int(page.planarconfig)} "
+        raise DecodeError("decode", f"damaged TIFF file: PlanarConfiguration {page.planarconfig!r} "
                                     "(1: interleaved samples, 2: separate planes)")
     listed, needed = min(len(page.dataoffsets), len(page.databytecounts)), _segments_needed(page)
     if listed < needed:  # tifffile leaves the pixels of the missing ones as zeros, or as memory held them
