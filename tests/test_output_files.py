@@ -4,6 +4,7 @@ is replaced, and a refusal comes before any work (``gpu_pipeline/outputs/files.p
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,32 @@ def test_a_file_of_ours_that_is_an_input_is_refused(classes, tmp_path):
         assert result.exit_code == 2 and "is one of the inputs" in result.output, result.output
     finally:
         (classes / "River" / "plot.png").unlink()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_of_ours_in_a_folder_that_cannot_be_written_is_refused_before_any_work(kind, classes, tmp_path,
+                                                                                     monkeypatch):
+    """A report, model or plot of ours from an earlier run, in a folder made read-only since: the
+    folder was checked only for a new file, so the command did all its work and then exited 3, as if
+    the disk were full. Replacing the file needs a temporary in that folder: exit 2, nothing done."""
+    if "plot" in kind:
+        pytest.importorskip("matplotlib")
+    target = tmp_path / "kept" / ("out.png" if "plot" in kind else "out.json")
+    target.parent.mkdir()
+    assert runner.invoke(app, command(kind, classes, target)).exit_code == 0  # ours, from an earlier run
+    before = target.read_bytes()
+    target.parent.chmod(0o555)
+    real_access = os.access  # root passes every permission check: the folder is refused as for anyone else
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+        False if Path(path) == target.parent and mode & os.W_OK else real_access(path, mode, **kwargs)))
+    try:
+        result = runner.invoke(app, command(kind, classes, target))
+    finally:
+        target.parent.chmod(0o755)
+    assert result.exit_code == 2, result.output
+    assert f"{kind.split()[1]} {target}: cannot write in {target.parent}" in result.output
+    assert "images" not in result.stdout  # refused before any image was processed
+    assert target.read_bytes() == before
 
 
 def test_a_symbolic_link_to_a_file_of_ours_stays_a_link(classes, tmp_path):

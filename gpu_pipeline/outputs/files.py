@@ -73,7 +73,8 @@ def png_texts(path: str | os.PathLike[str]) -> dict[str, str] | None:
 def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: Iterable = ()) -> None:
     """UsageError unless ``path`` may be written: absent from a folder that exists, or a regular
     file gpu-pipeline wrote (``ours``) that is none of the command's ``inputs`` (images, a model;
-    compared by device and inode: an edge map of ours may be an input too)."""
+    compared by device and inode: an edge map of ours may be an input too); either way in a folder
+    this process may write in (the temporary that replaces the file goes there)."""
     if path.is_symlink() or path.exists():
         if path.is_dir():
             raise UsageError(f"{option} {path} is a folder; name a file")
@@ -84,11 +85,12 @@ def check_target(path: Path, option: str, ours: Callable[[Path], bool], inputs: 
         for given in inputs:
             if is_target(given):
                 raise UsageError(f"{option} {path} is one of the inputs ({given}); choose another name")
-        return
-    folder = path.absolute().parent
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
+        folder = Path(os.path.realpath(path)).parent  # where replace_with makes its temporary
+    else:
+        folder = path.absolute().parent
+        if not folder.is_dir():
+            raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):  # a file of ours too: replacing it writes beside it
         raise UsageError(f"{option} {path}: cannot write in {folder}")
 
 
