@@ -1078,6 +1078,22 @@ def test_the_plot_keeps_matplotlibs_warnings_off_stderr():
     assert [str(warning.message) for warning in caught] == []
 
 
+@pytest.mark.parametrize("classes", [("HerbaceousVegetation", "PermanentCrop"), ("a" * 120, "b", "c")])
+def test_the_plot_cuts_no_name_and_no_title(classes, tmp_path):
+    """A figure sized by the class count alone was too small for two EuroSAT names and the title
+    (evaluate on a two-class subset): the layout gave up and the PNG cut the names, the title and
+    the axis titles at its edges. Now it holds them all: its edges are background, no text on them."""
+    pytest.importorskip("matplotlib")
+    from gpu_pipeline.labels.plots import save_confusion_plot
+
+    plot = tmp_path / "confusion.png"
+    save_confusion_plot(plot, classes, np.eye(len(classes), dtype=np.int64) * 3,
+                        "eurosat_rgb: accuracy 91.5 % (915/1000 images)")
+    pixels = np.asarray(Image.open(plot).convert("L"))
+    edges = np.concatenate([pixels[:2].ravel(), pixels[-2:].ravel(), pixels[:, :2].ravel(), pixels[:, -2:].ravel()])
+    assert edges.min() == 255, f"text cut at the edge of a {pixels.shape[1]} x {pixels.shape[0]} plot"
+
+
 def test_the_plot_size_is_capped():
     """The figure grew with the classes: 1,100 asked for 32 GiB after all the work."""
     pytest.importorskip("matplotlib")

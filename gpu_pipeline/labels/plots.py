@@ -30,7 +30,9 @@ def save_confusion_plot(path: Path, classes: tuple[str, ...], matrix: np.ndarray
     figure = confusion_figure(classes, matrix, title)
     with warnings.catch_warnings():  # matplotlib's (a glyph its fonts lack, drawn as a box) are not ours to print
         warnings.simplefilter("ignore")
-        figure.savefig(path, dpi=120, format="png", metadata={"Software": SOFTWARE})  # the mark of a file ours to replace
+        # "tight": the picture grows to hold names and a title longer than the class count made room for
+        # (the layout gave up, and two EuroSAT names cut it); "Software": the mark of a file ours to replace
+        figure.savefig(path, dpi=120, format="png", metadata={"Software": SOFTWARE}, bbox_inches="tight")
 
 
 def confusion_figure(classes: tuple[str, ...], matrix: np.ndarray, title: str):
