@@ -806,6 +806,36 @@ class FakePool:
         return None
 
 
+@pytest.mark.timeout(120)
+def test_an_image_removed_while_bench_runs_fails_the_pool_row_and_bench_goes_on(tmp_path, bundled_data_dir,
+                                                                              monkeypatch):
+    """A file removed after the corpus was read (its folder deleted mid-bench): each pool worker reads
+    the images in its initializer, which raised; multiprocessing replaced the worker, whose
+    initializer raised again, forever: bench hung, a worker's traceback after another on stderr."""
+    pytest.importorskip("cv2")
+    from gpu_pipeline.bench import measuring
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for file in discover([bundled_data_dir / "eurosat"])[:2]:
+        shutil.copy(file, folder / file.name)
+    removed = discover([folder])[0]
+    start_pool = measuring.start_pool
+
+    def remove_then_start(kind, processes, paths, options):
+        removed.unlink(missing_ok=True)
+        return start_pool(kind, processes, paths, options)
+
+    monkeypatch.setattr(measuring, "start_pool", remove_then_start)
+    result, report = run_bench(tmp_path, folder, "--backends", "opencv-pool", "--repeat", "1", "--no-scaling",
+                               "--threads", "1")
+    assert result.exit_code == 1, result.output
+    pool = report["contenders"]["opencv-pool"]
+    assert pool["status"] == "failed"
+    assert pool["reason"] == (f"cannot start the pool: RuntimeError: {removed}: cannot read the file: "
+                              "No such file or directory")
+
+
 def test_a_pool_has_one_process_per_thread_and_its_tasks_cover_the_corpus(monkeypatch):
     from gpu_pipeline.bench import baselines
 

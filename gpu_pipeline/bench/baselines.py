@@ -19,7 +19,7 @@ import numpy as np
 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
-from gpu_pipeline.errors import is_utf8, one_line
+from gpu_pipeline.errors import first_line, is_utf8, one_line
 from gpu_pipeline.inputs.decode import decode_image
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 
@@ -110,7 +110,13 @@ def _worker_init(kind: str, paths: Sequence[Path], options: DecodeOptions) -> No
     else:
         pipeline, read = skimage_edge_count, (lambda path: decode_image(path, options))
     pipeline(np.zeros((8, 8, 3), np.uint8))  # imports happen now, not in a timed task
-    _WORKER.update(pipeline=pipeline, read=read, images=[decode_image(path, options) for path in paths])
+    _WORKER.update(pipeline=pipeline, read=read, images=[])
+    for path in paths:
+        try:
+            _WORKER["images"].append(decode_image(path, options))
+        except Exception as exc:  # raised here, the pool started a new worker, which raised again, forever
+            _WORKER["error"] = f"{path}: {first_line(exc)}"  # (a file removed since bench read it): see _pause
+            return
 
 
 def _pipeline_on_image(index: int) -> int:
@@ -122,6 +128,8 @@ def _pipeline_on_file(path: Path) -> int:
 
 
 def _pause(seconds: float) -> None:
+    if "error" in _WORKER:  # start_pool's tasks: the worker could not read its images
+        raise RuntimeError(_WORKER["error"])
     time.sleep(seconds)
 
 
@@ -129,7 +137,11 @@ def start_pool(kind: str, processes: int, paths: Sequence[Path], options: Decode
     """A started ``multiprocessing.Pool`` (spawn: forking after OpenMP started is unsafe), every
     worker ready. ``kind``: "skimage" or "opencv"; ``paths``: the images each worker holds."""
     pool = multiprocessing.get_context("spawn").Pool(processes, _worker_init, (kind, list(paths), options))
-    pool.map(_pause, [0.05] * processes * 2, chunksize=1)  # tasks on every worker: all initialised
+    try:
+        pool.map(_pause, [0.05] * processes * 2, chunksize=1)  # tasks on every worker: all initialised
+    except BaseException:
+        pool.terminate()  # (its workers would live on until this process ends)
+        raise
     return pool
 
 
