@@ -944,6 +944,26 @@ def test_a_jpeg_tiff_whose_last_segment_is_cut_short_is_refused(scratch: Path, l
     assert decode_image(whole, DEFAULT).shape == (96, 128, 3)
 
 
+@pytest.mark.parametrize("layout", [{"rowsperstrip": 96}, {"rowsperstrip": 32}, {"tile": (64, 64)}])
+def test_a_webp_tiff_whose_last_segment_is_zero_filled_is_refused(scratch: Path, layout: dict) -> None:
+    """libwebp filled in a WebP strip or tile whose end was zero-filled (a download that preallocates
+    its file), with made-up pixels and no error, where a WebP file so damaged is refused."""
+    pytest.importorskip("imagecodecs")
+    picture = np.array(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+                       .resize((128, 96)))
+    whole = scratch / "whole.tif"
+    tifffile.imwrite(whole, picture, compression="webp", photometric="rgb", **layout)
+    with tifffile.TiffFile(whole) as tif:
+        offset, count = tif.pages[0].dataoffsets[-1], tif.pages[0].databytecounts[-1]
+    data = bytearray(whole.read_bytes())
+    cut = offset + count * 6 // 10
+    data[cut:offset + count] = bytes(offset + count - cut)
+    (scratch / "cut.tif").write_bytes(data)
+    with pytest.raises(DecodeError, match=r"(strip|tile) \d+'s WebP image data ends in zeros"):
+        decode_image(scratch / "cut.tif", DEFAULT)
+    assert decode_image(whole, DEFAULT).shape == (96, 128, 3)
+
+
 def test_an_ndpi_style_jpeg_tiff_cut_at_its_restart_markers_decodes(scratch: Path) -> None:
     """NDPI's McuStarts cut one JPEG stream into segments at its restart markers: only the last ends
     with the end-of-image marker (tifffile adds it), so every such file was refused as cut short."""

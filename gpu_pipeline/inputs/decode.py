@@ -46,8 +46,8 @@ file). The codecs of JPEG-, PNG-, WebP- and JPEG 2000-compressed TIFFs size thei
 strip's or tile's own header, not from the TIFF's tags: every such header is read first, and the
 file is refused when one declares more rows or columns than its strip or tile (as libtiff refuses
 such a JPEG strip), or more than 4 components beyond its samples; a JPEG strip or tile must also
-end with its end-of-image marker (one cut short or zero-filled would be filled in with made-up
-pixels). JPEG XL, JPEG XR and LERC, whose headers are not read here, are decoded unchecked: LERC is
+end with its end-of-image marker, and a WebP one's image data must not end in zeros (one cut short
+or zero-filled would be filled in with made-up pixels). JPEG XL, JPEG XR and LERC, whose headers are not read here, are decoded unchecked: LERC is
 common in elevation GeoTIFFs, and refusing every such file would cost more users than the bomb it
 could carry. The checks and the decoding budget: :mod:`gpu_pipeline.inputs.limits`.
 """
@@ -69,7 +69,7 @@ from PIL import Image, UnidentifiedImageError
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.inputs import jpeg2000
-from gpu_pipeline.inputs.headers import jpeg_frame, png_header
+from gpu_pipeline.inputs.headers import jpeg_frame, png_header, webp_zero_filled
 from gpu_pipeline.inputs.limits import (  # noqa: F401  (DecodeError and budgeted: this module's API too)
     BUDGETED_FROM_BYTES, JPEG2000_BYTES_A_SAMPLE, LIBJPEG_BYTES_A_SAMPLE, PILLOW_BYTES_A_SAMPLE, RESULT_BYTES,
     SAMPLES_PER_LIMIT_PIXEL, WEBP_BYTES_A_SAMPLE, DecodeError, ask_budget, budgeted, check_samples, check_size,
@@ -419,9 +419,6 @@ def _read_with_pillow(fh: BinaryIO, max_pixels: int) -> np.ndarray:
 
 #: A PNG ends with its IEND chunk (length 0, type, CRC).
 _PNG_END = b"\0\0\0\0IEND\xaeB`\x82"
-#: A WebP whose image data (its VP8 or VP8L chunk) ends in this many zero bytes was cut short and
-#: zero-filled: entropy-coded data does not end in a run of zeros.
-_WEBP_ZERO_TAIL = 64
 
 
 def _zero_filled(fh: BinaryIO, kind: str) -> bool:
@@ -429,8 +426,7 @@ def _zero_filled(fh: BinaryIO, kind: str) -> bool:
     preallocates its file). Pillow decodes the zeros as pixels (PNG: it does not check the image
     data's CRC, and stops at the zeros; WebP: libwebp fills in the rest), so such a file became a
     result record that no resume would redo. A PNG that ends in zeros must have its IEND chunk
-    right before them (a complete one padded with zeros is fine), and a WebP's image data must not
-    end in :data:`_WEBP_ZERO_TAIL` zeros (its other chunks, EXIF padded with zeros, may)."""
+    right before them (a complete one padded with zeros is fine); a WebP, see :func:`webp_zero_filled`."""
     fh.seek(-1, io.SEEK_END)
     if fh.read(1) != b"\0":  # (nearly every file: read no further)
         return False
@@ -438,15 +434,7 @@ def _zero_filled(fh: BinaryIO, kind: str) -> bool:
     data = fh.read()
     if kind == "PNG":
         return not data.rstrip(b"\0").endswith(_PNG_END)
-    position, end = 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
-    while position + 8 <= end:  # the RIFF chunks: (type, size, data padded to an even size)
-        chunk, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
-        if chunk in (b"VP8 ", b"VP8L"):
-            image_end = min(end, position + 8 + size)
-            tail = data[max(position + 8, image_end - _WEBP_ZERO_TAIL):image_end]
-            return bool(tail) and not tail.strip(b"\0")
-        position += 8 + size + (size & 1)
-    return False
+    return webp_zero_filled(data)
 
 
 def _png_bit_depth(fh: BinaryIO) -> int | None:

@@ -1,5 +1,5 @@
 """What the first bytes of a JPEG or a PNG declare, read before any decoder allocates (as
-:mod:`gpu_pipeline.inputs.jpeg2000` reads a JPEG 2000's)."""
+:mod:`gpu_pipeline.inputs.jpeg2000` reads a JPEG 2000's), and whether a WebP's image data ends in zeros."""
 
 from __future__ import annotations
 
@@ -32,3 +32,23 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
             return None
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
+
+
+#: A WebP whose image data (its VP8 or VP8L chunk) ends in this many zero bytes was cut short and
+#: zero-filled: entropy-coded data does not end in a run of zeros.
+WEBP_ZERO_TAIL = 64
+
+
+def webp_zero_filled(data: bytes) -> bool:
+    """Whether a WebP's image data ends in :data:`WEBP_ZERO_TAIL` zeros: one cut short and zero-filled
+    to its full size (a download that preallocates its file), which libwebp fills in with made-up
+    pixels and no error. Its other chunks (EXIF padded with zeros) may end so."""
+    position, end = 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    while position + 8 <= end:  # the RIFF chunks: (type, size, data padded to an even size)
+        chunk, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        if chunk in (b"VP8 ", b"VP8L"):
+            image_end = min(end, position + 8 + size)
+            tail = data[max(position + 8, image_end - WEBP_ZERO_TAIL):image_end]
+            return bool(tail) and not tail.strip(b"\0")
+        position += 8 + size + (size & 1)
+    return False
