@@ -30,6 +30,11 @@ class PipelineWarning(RuntimeWarning):
     messages, ``warning: ...`` on one line."""
 
 
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless ``n`` is 1: "1 thread", "2 threads"."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``, for error records and one-line refusals."""
     text = str(exc).strip().splitlines()

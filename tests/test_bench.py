@@ -1123,3 +1123,12 @@ def test_the_legend_counts_the_batch_size_in_images(batch_size, said):
 
     report = BenchReport(Corpus([], []), BenchSettings(repeats=1, threads=2, batch_size=batch_size), [], [], None)
     assert said in legend(report)[0]
+
+
+@pytest.mark.parametrize("threads, said", [(1, "1 thread"), (2, "2 threads")])
+def test_the_legend_counts_the_threads(threads, said):
+    """"1 threads" read as a typo on a one-core machine (bench --threads 1)."""
+    from gpu_pipeline.bench.report import legend
+
+    lines = legend(BenchReport(Corpus([], []), BenchSettings(repeats=1, threads=threads), [], [], None))
+    assert lines[0].startswith(f"{said}, batches") and lines[-1].endswith(f"cv2.imread in {said}.")

@@ -496,6 +496,8 @@ def test_the_identical_verdict_names_every_backend_compared_and_the_images(image
     assert " ".join(result.stdout.split()).endswith(
         "IDENTICAL: every stage (histogram, equalized, edges, edge_count, label) of numba and same-as-reference "
         "is identical to the reference on all 4 images")
+    one = invoke(next(image_dir.iterdir()), "--backends", "numba")
+    assert " ".join(one.stdout.split()).endswith("is identical to the reference on its one image"), one.output
 
 
 @pytest.mark.parametrize("batch_size", [1, 64])

@@ -23,7 +23,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import PROCESS_DECODE_BELOW_PIXELS, DecodedPart, Packer, decode_stream
 from gpu_pipeline.engine.stream import Engine, part_batches
 from gpu_pipeline.images import ImageBatch
-from gpu_pipeline.errors import one_line, printable
+from gpu_pipeline.errors import counted, one_line, printable
 from gpu_pipeline.diagnostics.verify import OpenCvOracle
 from gpu_pipeline.outputs.sink import NullSink
 
@@ -247,9 +247,9 @@ def measure_decoders(corpus: Corpus, settings: BenchSettings, readable: Corpus |
     threads = settings.threads
     readable = corpus if readable is None else readable
     runs = {
-        DECODE_IO: (f"the engine's decode pool: gpu_pipeline.inputs.decode in {threads} threads", None,
+        DECODE_IO: (f"the engine's decode pool: gpu_pipeline.inputs.decode in {counted(threads, 'thread')}", None,
                     corpus, lambda: decode_with_io(corpus.paths, settings)),
-        DECODE_OPENCV: (f"cv2.imread in {threads} threads", OpenCvOracle.unavailable_reason(),
+        DECODE_OPENCV: (f"cv2.imread in {counted(threads, 'thread')}", OpenCvOracle.unavailable_reason(),
                         readable, lambda: decode_with_opencv(readable.paths, threads)),
     }
     results = []
@@ -292,8 +292,8 @@ def measure(name: str, corpus: Corpus, settings: BenchSettings) -> Contender:
     if name in (OPENCV_POOL, SKIMAGE_POOL):
         return measure_pool(name, corpus, settings)
     if name == OPENCV:
-        result = Contender(OPENCV, "baseline", f"the contract's cv2 calls, one image per thread in {threads} "
-                           "threads of one process (cv2 releases the GIL); end to end: decode with "
+        result = Contender(OPENCV, "baseline", f"the contract's cv2 calls, one image per thread in "
+                           f"{counted(threads, 'thread')} of one process (cv2 releases the GIL); end to end: decode with "
                            "gpu_pipeline.inputs.decode in the engine")
         make: Callable[[], Backend] = partial(OpenCvThreads, threads)
     else:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gpu_pipeline.bench.measuring import DECODE_IO, DECODE_OPENCV, BenchReport
 from gpu_pipeline.bench.stats import Timing
-from gpu_pipeline.errors import one_line, printable
+from gpu_pipeline.errors import counted, one_line, printable
 from gpu_pipeline.outputs.files import SOFTWARE
 
 #: Short row names of the decoders in the table.
@@ -97,7 +97,7 @@ def notes(report: BenchReport) -> list[str]:
         if c.device and c.device.get("kernels_mp_per_s"):
             lines.append(f"{c.name}: kernels alone {c.device['kernels_mp_per_s']:,.0f} MP/s (GPU time)")
     for name, rows in report.scaling.items():  # (the table says "failed"; the JSON alone said why)
-        lines.extend(f"{name} with {row['threads']} thread{'s' if row['threads'] > 1 else ''}: failed: {row['reason']}"
+        lines.extend(f"{name} with {counted(row['threads'], 'thread')}: failed: {row['reason']}"
                      for row in rows if row["reason"])
     details = report.corpus.details
     if details.get("truncated"):
@@ -115,7 +115,7 @@ def legend(report: BenchReport) -> list[str]:
     spread_note = (f"median of {settings.repeats} repeats ± half their min-max range"
                    if settings.repeats > 1 else "one repeat")
     return [
-        (f"{settings.threads} threads, batches of up to {_images(settings.batch_size)} "
+        (f"{counted(settings.threads, 'thread')}, batches of up to {_images(settings.batch_size)} "
          f"and {_batch_pixels_note(settings.batch_pixels)}. MP/s: {spread_note}, "
          "after a warm-up; img/s at the median."),
         "comp: compute, on the decoded images in memory. e2e: end to end, the files through the engine "
@@ -128,7 +128,7 @@ def legend(report: BenchReport) -> list[str]:
          + (", ".join(f"{c.name} {c.startup_s:.2f} + {c.first_pass_s:.2f}" for c in report.contenders
                       if c.measured) or "none measured") + "."),
         (f"decode (io): the engine's decode pool alone (gpu_pipeline.inputs.decode); decode (cv2): cv2.imread in "
-         f"{settings.threads} threads."),
+         f"{counted(settings.threads, 'thread')}."),
     ]
 
 
@@ -202,7 +202,7 @@ def plot_report(report: BenchReport, path: Path) -> None:
     axes.set_xticks(positions, [c.name + ("*" if c.subset else "") for c in shown])
     axes.set_yscale("log")
     axes.set_ylabel("megapixels per second (median; bars: min-max)")
-    axes.set_title(f"{describe_corpus(report)}, {report.settings.threads} threads", fontsize=9)
+    axes.set_title(f"{describe_corpus(report)}, {counted(report.settings.threads, 'thread')}", fontsize=9)
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=120, format="png", metadata={"Software": SOFTWARE})  # the mark of a file ours to replace
 

@@ -581,7 +581,7 @@ def _summary(report: VerifyReport) -> str:
         return f"[red bold]NOTHING COMPARED[/]: none of the {report.found} files could be decoded"
     if report.exit_status == 0:
         return (f"[green bold]IDENTICAL[/]: every stage ({', '.join(STAGES)}) of {_and(compared)} is identical "
-                f"to the {GROUND_TRUTH} on all {report.compared} images")
+                f"to the {GROUND_TRUTH} on " + ("its one image" if report.compared == 1 else f"all {report.compared} images"))
     images = {d.image for d in report.differences} | {e["image"] for e in report.errors}
     reference_errors = sum(e["backend"] == GROUND_TRUTH for e in report.errors)
     per_backend = [f"{GROUND_TRUTH} ({_plural(reference_errors, 'error')})"] if reference_errors else []
