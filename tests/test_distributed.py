@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import gpu_pipeline
 from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.engine import distributed as dask_run
 from gpu_pipeline.backends import Backend, registry
@@ -114,6 +115,20 @@ def test_a_worker_bounds_its_large_images_by_its_share_of_the_memory(cluster, mo
     job = dask_run.ChunkJob("reference", 1, PipelineConfig(), DecodeOptions(), 64, 1, default_labels, None)
     dask_run.process_chunk(job, [])
     assert budgets == [decoding_budget(700 << 20)]
+
+
+def test_a_worker_of_another_gpu_pipeline_version_refuses_the_job(monkeypatch):
+    """docs/distributed.md: every worker runs the client's version. A worker of another one computed
+    its chunks all the same: records of two versions in one output, maybe not byte-identical."""
+    from gpu_pipeline.config import DecodeOptions, PipelineConfig
+    from gpu_pipeline.labels.labeller import default_labels
+
+    monkeypatch.setattr(dask_run, "Engine", lambda **settings: pytest.fail("a chunk ran"))
+    job = dask_run.ChunkJob("reference", 1, PipelineConfig(), DecodeOptions(), 64, 1, default_labels, None,
+                            version="0.0.1")
+    with pytest.raises(dask_run.ChunkFailed, match=rf"^worker pid \d+ runs gpu-pipeline {gpu_pipeline.__version__}, "
+                                                   r"the client 0\.0\.1: install the same version on every worker$"):
+        dask_run.process_chunk(job, [])
 
 
 @pytest.fixture(scope="module")

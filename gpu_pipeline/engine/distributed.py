@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from gpu_pipeline import __version__
 from gpu_pipeline.backends import Backend, BackendUnavailable, create
 from gpu_pipeline.backends.base import DeviceFailed
 from gpu_pipeline.backends.registry import backend_names, resolve, unavailable_reason
@@ -95,6 +96,7 @@ class ChunkJob:
     decode_workers: int | None  # None: as many as the worker's compute threads, or its cores
     labels_of: Labeller
     on_edges: Callable[[Path, np.ndarray], None] | None
+    version: str = __version__  # the client's gpu-pipeline: a worker of another one refuses the job
 
 
 # ---------------------------------------------------------------- worker side
@@ -238,6 +240,9 @@ def _backend_for(job: ChunkJob) -> Backend:
 
 def process_chunk(job: ChunkJob, paths: Sequence[str]) -> ChunkResult:
     """Run one chunk of paths on this worker."""
+    if job.version != __version__:  # its records could differ from the others' (a kernel fixed since)
+        raise ChunkFailed(f"worker {_this_worker()} runs gpu-pipeline {__version__}, the client {job.version}: "
+                          "install the same version on every worker")
     with _worker_lock:
         backend = _backend_for(job)
         engine = Engine(backend=backend, config=job.config, decode_options=job.decode_options,
