@@ -992,6 +992,19 @@ def test_every_option_that_takes_a_value_says_its_default(command):
         assert shown or "default" in param.help.lower(), (command, param.opts[0])
 
 
+@pytest.mark.parametrize("command", [c[0] for c in COMMANDS if c])
+def test_every_option_a_commands_help_names_is_one_of_its_options(command):
+    """verify's --workers help said "decode processes (with --decode processes, ...)": verify has no
+    --decode, and a user who followed the help got "No such option: --decode"."""
+    import typer.main
+
+    found = typer.main.get_command(app).commands[command]
+    options = {name for param in found.params for name in (*param.opts, *getattr(param, "secondary_opts", []))}
+    texts = [found.help or "", *(getattr(param, "help", None) or "" for param in found.params)]
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(texts)))
+    assert named - options == set(), (command, sorted(named - options))
+
+
 def test_verify_batch_size_says_it_is_a_cap_as_verify_md_does():
     """docs/verify.md: chunks of at most --batch-size images and 16 megapixels; the help said
     "Images per backend call", as if each call took 64."""

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from gpu_pipeline.cli.options import (L2, Bands, Command, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low,
-                                      MaxPixels, Paths, Stretch, Threads, Workers,
+                                      MaxPixels, Paths, Stretch, Threads, VerifyWorkers,
                                       bundled_data_dir, check_counts, decode_options, fail_unwritten, fail_usage,
                                       given_file_name, given_path, pipeline_config, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
@@ -46,7 +46,7 @@ def verify(
     stretch: Stretch = DecodeOptions.stretch,
     max_pixels: MaxPixels = DecodeOptions.max_pixels,
     glob: Glob = None,
-    workers: Workers = None,
+    workers: VerifyWorkers = None,
     decode_timeout: DecodeTimeout = None,
     threads: Threads = None,
     batch_size: ImagesPerCall = 64,

@@ -82,6 +82,8 @@ MaxPixels = Annotated[int, typer.Option("--max-pixels",
 Glob = Annotated[Optional[str], typer.Option("--glob", help="Only files whose name matches, e.g. '*.tif'.",
                                              parser=given_text)]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Decoders: threads, or decode processes (with --decode processes, or --decode-timeout). Default: one per usable core (see `info`).")]
+#: ``verify``'s: it has no --decode (its help named it, and following it failed with "No such option").
+VerifyWorkers = Annotated[Optional[int], typer.Option("--workers", help="Decoders: threads, or decode processes (with --decode-timeout). Default: one per usable core (see `info`).")]
 Decode = Annotated[str, typer.Option(
     "--decode", help="Where files are decoded: threads (of this process), processes (worker processes that hand "
                      "the pixels over in shared memory; Linux), or auto (processes for runs of 2,000 files or more on 8 cores or "
