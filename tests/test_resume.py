@@ -343,6 +343,24 @@ def test_resume_with_other_decode_settings_is_refused(tiles, tmp_path, option, v
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("options, changed", [
+    (["--low", "50"], "changed: pipeline: --low 100 -> 50; "),
+    (["--l2", "--blur", "3"], "changed: pipeline: --l2 off -> on, --blur 5 -> 3; "),
+    (["--bands", "3,2,1", "--stretch", "minmax"],
+     "changed: decode: --bands not given -> 3,2,1, --stretch percentile -> minmax; "),
+    (["--high", "250", "--max-pixels", "100000"],
+     "changed: pipeline: --high 200 -> 250; decode: --max-pixels 1000000000 -> 100000; "),
+])
+def test_a_resume_with_other_settings_names_the_options_that_changed(tiles, tmp_path, options, changed):
+    """The refusal said "changed: pipeline": a user who had edited the nightly command had to diff the
+    settings record by hand to find which option to put back."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    result = run(str(tiles[0].parent), "--out", str(out), *options)
+    assert result.exit_code == 2, result.output
+    assert changed in result.stderr, result.stderr
+
+
 def test_the_backend_may_change_between_runs(tiles, clean_records, tmp_path):
     """nightly.md: every backend gives the same bytes, so a resume may take another one."""
     out = tmp_path / "out.jsonl"

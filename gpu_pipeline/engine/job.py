@@ -120,9 +120,38 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
     if earlier == settings:
         return
     # in this format: inspect checked that before the output was read back
-    changed = [key for key in settings if earlier.get(key) != settings[key]]
-    raise UsageError(f"{out} holds results computed with other settings (changed: {', '.join(changed)}; "
+    changed = [_changed_section(key, earlier.get(key), settings[key]) for key in settings
+               if earlier.get(key) != settings[key]]
+    raise UsageError(f"{out} holds results computed with other settings (changed: {'; '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
+
+
+#: The option that sets each setting of a section, as the refusal names it.
+SETTING_OPTIONS = {"low_threshold": "--low", "high_threshold": "--high", "l2_gradient": "--l2",
+                   "blur_ksize": "--blur", "bands": "--bands", "stretch": "--stretch", "max_pixels": "--max-pixels"}
+
+
+def _changed_section(key: str, earlier, now) -> str:
+    """``pipeline: --low 100 -> 50``: the options that changed, with the output's value and this run's
+    ("changed: pipeline" alone left the user to compare the settings record by hand)."""
+    if not (isinstance(earlier, dict) and isinstance(now, dict)):
+        return key  # (the model: its SHA-256 would tell the user nothing)
+    options = [f"{SETTING_OPTIONS.get(name, name)} {_setting_shown(earlier.get(name))} -> {_setting_shown(value)}"
+               for name, value in now.items() if earlier.get(name) != value]
+    return f"{key}: {', '.join(options)}"
+
+
+def _setting_shown(value) -> str:
+    """A setting as the command line spells it: 100.0 as 100, [3, 2, 1] as 3,2,1."""
+    if value is None:
+        return "not given"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _as_canny_uses(settings: dict) -> dict:
