@@ -250,3 +250,17 @@ def test_every_command_a_page_shows_parses_with_the_command_lines_options():
                     broken.append(f"{page}: gpu-pipeline {command}: {getattr(error, 'format_message', error.__str__)()}")
             shown += 1
     assert shown >= 30 and not broken, broken  # (the pages show about 35)
+
+
+def test_the_pages_that_show_verify_against_opencv_say_how_to_install_opencv(monkeypatch):
+    """`pip install .` installs no OpenCV: the README's first verify command, `gpu-pipeline verify
+    --against-opencv`, exited 2 on a fresh install, and neither page said OpenCV was needed."""
+    from gpu_pipeline.diagnostics.verify import OpenCvOracle
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # (import cv2 raises, as where it is not installed)
+    install = re.search(r"pip install \S+", OpenCvOracle.unavailable_reason()).group(0)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    verify_section = readme[readme.index("## Verify your machine"):readme.index("## Scale")]
+    verify_md = (REPO / "docs" / "verify.md").read_text(encoding="utf-8")
+    for page, text in (("README.md", verify_section), ("docs/verify.md", verify_md)):
+        assert f"`{install}`" in text, page
