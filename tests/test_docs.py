@@ -264,3 +264,15 @@ def test_the_pages_that_show_verify_against_opencv_say_how_to_install_opencv(mon
     verify_md = (REPO / "docs" / "verify.md").read_text(encoding="utf-8")
     for page, text in (("README.md", verify_section), ("docs/verify.md", verify_md)):
         assert f"`{install}`" in text, page
+
+
+def test_the_readme_says_how_to_install_every_extra():
+    """A fresh `pip install .` has none of the extras: `--format parquet` (the README's usage shows it)
+    and `evaluate --plot` (its labels section shows it) exited 2 asking for a package the README never
+    named, where it names `pip install ".[dask]"` and the cuda extras."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [extra for extra in extras if extra != "test" and f'pip install ".[{extra}]"' not in readme]
+    assert missing == []
