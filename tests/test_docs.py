@@ -276,3 +276,11 @@ def test_the_readme_says_how_to_install_every_extra():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     missing = [extra for extra in extras if extra != "test" and f'pip install ".[{extra}]"' not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_the_docs_install_extras_from_the_checkout(doc):
+    """gpu-pipeline is installed from its checkout (`pip install .`), no package index holds it:
+    docs/distributed.md's `pip install 'gpu-pipeline[dask]'` "on every worker" found no distribution
+    on a worker without gpu-pipeline. An extra is installed as the README installs it, `".[dask]"`."""
+    assert not re.findall(r"pip install [^`\n]*gpu-pipeline\[", doc.read_text(encoding="utf-8"))
