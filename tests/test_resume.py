@@ -350,6 +350,7 @@ def test_resume_with_other_decode_settings_is_refused(tiles, tmp_path, option, v
      "changed: decode: --bands not given -> 3,2,1, --stretch percentile -> minmax; "),
     (["--high", "250", "--max-pixels", "100000"],
      "changed: pipeline: --high 200 -> 250; decode: --max-pixels 1000000000 -> 100000; "),
+    (["--low", "100.00001"], "changed: pipeline: --low 100 -> 100.00001; "),  # (not 100 -> 100)
 ])
 def test_a_resume_with_other_settings_names_the_options_that_changed(tiles, tmp_path, options, changed):
     """The refusal said "changed: pipeline": a user who had edited the nightly command had to diff the

@@ -147,8 +147,8 @@ def _setting_shown(value) -> str:
         return "not given"
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # (six digits at most: 100.00001 would read as 100)
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
     if isinstance(value, list):
         return ",".join(map(str, value))
     return str(value)
