@@ -994,7 +994,7 @@ def test_evaluate_usage_errors(tmp_path, monkeypatch):
                  "class folder(s) blue, green, red are not classes of the model")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     _usage_error(invoke("evaluate", str(tree), "--model", "eurosat", "--plot", str(tmp_path / "c.png")),
-                 "--plot needs matplotlib")
+                 "--plot needs matplotlib; install it with: pip install 'gpu-pipeline[plot]'")  # (as bench says)
 
 
 def test_evaluate_plot(tmp_path):

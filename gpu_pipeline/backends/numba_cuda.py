@@ -62,7 +62,8 @@ _PARALLEL_STAGING_BYTES = 8 * 2**20
 
 #: Why numba-cuda can fail to load although it is installed, and what to type then (issue #20).
 NUMPY_TOO_NEW_FIX = "pip install 'numpy<2.5'"
-REINSTALL_FIX = "pip install --force-reinstall 'gpu-pipeline[cuda13]' (or [cuda12])"
+# (numba-cuda itself: gpu-pipeline is on no package index, so reinstalling it by name fails)
+REINSTALL_FIX = "pip install --force-reinstall 'numba-cuda[cu13]' 'numpy<2.5' (or [cu12])"
 
 
 def _load_array_support() -> None:

@@ -185,7 +185,7 @@ def evaluate(
     console = Console(soft_wrap=True)
     try:
         if plot is not None and not has_matplotlib():
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+            raise UsageError("--plot needs matplotlib; install it with: pip install 'gpu-pipeline[plot]'")
         decode = decode_options(bands, stretch)
         model = load_model(model_path)
         if plot is not None and len(model.classes) > MAX_CLASSES:
