@@ -44,6 +44,28 @@ class SameAsReference(ReferenceBackend):
     name = "same-as-reference"
 
 
+class Compiling(ReferenceBackend):
+    """The reference, as the numba backend on a fresh install: its warm-up compiles (noted here)."""
+
+    name = "compiling"
+    warmed: ClassVar[list[str]] = []
+
+    def compiles_on_warm_up(self) -> bool:
+        return True
+
+    def warm_up(self, config=None) -> None:
+        self.warmed.append(self.name)
+
+
+class FailingWarmUp(ReferenceBackend):
+    """A backend whose GPU fails as its kernels load."""
+
+    name = "failing-warm-up"
+
+    def warm_up(self, config=None) -> None:
+        raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+
+
 class FlippedEdgePixel(ReferenceBackend):
     """The reference, with the edge pixel at FLIPPED_AT flipped (edge_count left as computed)."""
 
@@ -827,3 +849,27 @@ def test_a_backend_whose_gpu_fails_midway_is_reported_failed_not_an_error_per_im
     assert tally["reason"].startswith("the GPU of backend failing-device failed: StickyError: "), tally
     assert report["errors"] == [] and "Traceback" not in result.output
     assert "failing-device (its GPU failed)" in result.output
+
+
+def test_on_a_terminal_a_compile_is_announced_before_the_images_and_a_failed_warm_up_is_a_failed_backend(
+        image_dir, register):
+    """A first verify after install sat at 0 images for 15-20 s (the numba kernels compiling) without a
+    word, where run says so first. A backend whose warm-up fails is one that could not start."""
+    import io
+
+    from rich.console import Console
+
+    from gpu_pipeline.diagnostics.verify import run_verify
+
+    register(Compiling, FailingWarmUp)
+    Compiling.warmed.clear()
+    said = io.StringIO()
+    report = run_verify(paths=[image_dir], requested=["compiling", "failing-warm-up"], against_opencv=False,
+                        config=PipelineConfig(), decode_options=DecodeOptions(), glob=None, threads=None, batch_size=8,
+                        workers=1, report_path=None, console=Console(file=said, width=300))
+    assert Compiling.warmed == ["compiling"]
+    assert said.getvalue().startswith("compiling the compiling kernels (first run after install, about 15 s; ")
+    tallies = {tally.name: tally for tally in report.backends}
+    assert tallies["compiling"].status == "compared"
+    assert (tallies["failing-warm-up"].status, tallies["failing-warm-up"].reason) == (
+        "failed", "could not start: RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS")

@@ -462,7 +462,7 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
                config: PipelineConfig, decode_options: DecodeOptions, glob: str | None, threads: int | None,
                batch_size: int, workers: int, report_path: Path | None,
                progress: Callable[[int, int], None] | None = None, model: str | None = None,
-               decode_timeout: float | None = None) -> VerifyReport:
+               decode_timeout: float | None = None, console: Console | None = None) -> VerifyReport:
     """Plan and run a verification (``report_path`` is checked before the first image); the caller
     writes the JSON report (:func:`write_report`), prints it and exits.
 
@@ -471,6 +471,8 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     either way each backend's labels are computed from that backend's own outputs. With
     ``decode_timeout`` (seconds, ``--decode-timeout``) files are decoded in ``workers`` decode
     processes, and one that takes longer than that is skipped as a decode error, as ``run`` does.
+    With ``console``, the backends' kernels are loaded first, a compile announced there as ``run``
+    does (a first verify after install sat at 0 images for 15-20 s without a word).
     """
     processes = processes_for_time_limit(None, decode_timeout) is True  # (a bad limit: UsageError)
     labels_of = label_function(model, config)
@@ -499,10 +501,10 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
     for name, backend in list(started.items()):  # a GPU backend may run the label model on its device
         failed = attach_label_model_or_close(backend, labels_of)
         if failed is not None:  # its GPU failed as it took the model: as one that could not start
-            del started[name]
-            tally = next(tally for tally in tallies if tally.name == name)
-            tally.status, tally.reason = "failed", f"{COULD_NOT_START}: {one_line(failed)}"
+            _could_not_start(name, failed, started, tallies)
     try:
+        if console is not None:
+            _warm_up(started, tallies, config, console)
         verifier = Verifier(reference, started, config, report, labels_of)
         parts = decode_parts(files, decode_options, workers, prefetch=batch_size + 2 * workers, processes=processes,
                              consumer_pixels=CHUNK_PIXELS, time_limit=decode_timeout)
@@ -517,6 +519,30 @@ def run_verify(*, paths: list[Path], requested: list[str] | None, against_opencv
             with backend:  # (closed; a failed GPU's close raises nothing more)
                 pass
     return report
+
+
+def _could_not_start(name: str, failure: BaseException, started: dict[str, Backend],
+                     tallies: list[BackendTally]) -> None:
+    """Backend ``name`` is left out (closed already), marked ``failed`` for ``failure``."""
+    del started[name]
+    tally = next(tally for tally in tallies if tally.name == name)
+    tally.status, tally.reason = "failed", f"{COULD_NOT_START}: {one_line(failure)}"
+
+
+def _warm_up(started: dict[str, Backend], tallies: list[BackendTally], config: PipelineConfig,
+             console: Console) -> None:
+    """Load (or compile, saying so first) each backend's kernels, as ``run`` does before its images;
+    one whose warm-up fails (its GPU) is as one that could not start."""
+    from gpu_pipeline.engine.job import announced_warm_up
+
+    for name, backend in list(started.items()):
+        try:
+            announced_warm_up(f"backend {name}", f"{name} kernels", 15, console, False,
+                              backend.compiles_on_warm_up, lambda: backend.warm_up(config))
+        except Exception as exc:
+            with backend:  # (closed; a failed GPU's close raises nothing more)
+                pass
+            _could_not_start(name, exc, started, tallies)
 
 
 def write_report(report: VerifyReport, report_path: Path) -> None:
