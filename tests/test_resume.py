@@ -456,6 +456,27 @@ def test_format_is_the_one_the_name_ends_with(name, expected):
     assert format_for(name) == expected
 
 
+@pytest.mark.parametrize("name, meant", [("out.parquett", ".parquet"), ("out.cvs", ".csv"), ("out.tsv", ".csv"),
+                                         ("out.jsnl", ".jsonl")])
+def test_a_new_output_named_with_a_slip_of_an_extension_is_refused(tiles, tmp_path, name, meant):
+    """``--out results.parquett`` was written as JSON Lines (anything unknown is), which the reader it
+    was named for then refused, after the night's run. A new output so named is refused, naming the
+    extension meant; --format writes it all the same, and an output that exists resumes."""
+    out = tmp_path / name
+    result = run(str(tiles[0]), "--out", str(out))
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr == (f"gpu-pipeline: error: --out {out}: its extension is no output format's; did you mean "
+                             f"{meant}? Name it so, or give --format jsonl, csv or parquet\n")
+    assert run(str(tiles[0]), "--out", str(out), "--format", "jsonl").exit_code == 0
+    assert run(str(tiles[0]), "--out", str(out)).exit_code == 0  # (an output of ours: resumed as it is)
+
+
+@pytest.mark.parametrize("name", ["out.txt", "out.log", "out", "out.results", "out.dat"])
+def test_an_output_named_with_another_extension_is_json_lines(tiles, tmp_path, name):
+    assert run(str(tiles[0]), "--out", str(tmp_path / name)).exit_code == 0
+    assert (tmp_path / name).read_text().startswith("{")
+
+
 def test_parquet_round_trip_and_resume(tiles, clean_records, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="Parquet needs the optional pyarrow (extra 'parquet')")
     out = tmp_path / "out.parquet"

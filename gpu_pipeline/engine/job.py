@@ -41,7 +41,7 @@ from gpu_pipeline.inputs.discover import find_files, folders_under, no_files_fou
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
 from gpu_pipeline.outputs.files import remove_stale_temporaries, same_file_as, temporaries_of, write_replacing
 from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, check_dataset_folder, format_for,
-                                       inspect_output, lock_path, written_format)
+                                       inspect_output, lock_path, misspelt_extension, written_format)
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: A second stop signal sooner than this after the first is the first one delivered again.
@@ -522,6 +522,10 @@ def check_job(job: Job) -> CheckedJob:
         output_format = format_for(job.out, job.output_format)
     except SinkError as exc:
         raise UsageError(str(exc)) from None
+    if job.output_format is None and not os.path.lexists(job.out) and (meant := misspelt_extension(job.out)):
+        # (a new output: one written so by an earlier version resumes as it is)
+        raise UsageError(f"--out {shown(job.out)}: its extension is no output format's; did you mean {meant}? "
+                         "Name it so, or give --format jsonl, csv or parquet")
     check_out_name(job.out, output_format, job.model, job.save_edges)
     if output_format == "parquet" and job.save_edges is not None and _is_under(str(job.save_edges), Path(job.out)):
         # the dataset folder holds our parts only: its next run would refuse the edge maps

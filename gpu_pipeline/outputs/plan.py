@@ -10,6 +10,7 @@ format's :class:`Sink`. :class:`OutputLock` keeps a second run off the same outp
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import os
 import stat
@@ -36,6 +37,18 @@ def format_for(out: str, explicit: str | None = None) -> str:
         return explicit
     name = os.path.basename(out.rstrip("/")).lower()
     return next((kind for extension, kind in _EXTENSIONS.items() if name.endswith(extension)), "jsonl")
+
+
+def misspelt_extension(out: str) -> str | None:
+    """The extension of an output format that ``out``'s own looks like a slip of (``.parquett``,
+    ``.cvs``, ``.tsv``), or None: such a name was written as JSON Lines, which the reader it was
+    named for (pandas.read_parquet, a spreadsheet) then refused."""
+    name = os.path.basename(out.rstrip("/")).lower()
+    suffix = os.path.splitext(name)[1] or (name if name.startswith(".") else "")
+    if not suffix or suffix in _EXTENSIONS:
+        return None
+    close = difflib.get_close_matches(suffix, list(_EXTENSIONS), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def written_format(out: str | os.PathLike[str]) -> str | None:
