@@ -1250,3 +1250,36 @@ def test_fit_and_evaluate_print_names_with_brackets_as_they_are(tmp_path):
     evaluated = invoke("evaluate", str(tree), "--model", str(model_path), "--backend", "reference")
     assert evaluated.exit_code == 0, evaluated.output
     assert f"model {model_path}: 3 classes ([i]red, blue, green)" in evaluated.stdout
+
+
+class _CompilingReference(ReferenceBackend):
+    """The reference, as the numba backend on a fresh install: its warm-up compiles (noted here)."""
+
+    name = "compiling-reference"
+    warmed: list[str] = []
+
+    def compiles_on_warm_up(self) -> bool:
+        return True
+
+    def warm_up(self, config=None) -> None:
+        self.warmed.append(self.name)
+
+
+def test_on_a_terminal_fit_and_evaluate_announce_a_compile_before_their_bar(tmp_path, monkeypatch, register):
+    """fit and evaluate sat at 0 images for 15-20 s on a first use after install (the numba kernels
+    compiling) without a word, where run says so first."""
+    from rich.console import Console
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    register(_CompilingReference)
+    _CompilingReference.warmed.clear()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    said = io.StringIO()
+    paths = sorted(p for p in colour_tree(tmp_path / "tree", per_class=1).rglob("*.png"))
+    table, name = compute_features(paths, "compiling-reference", PipelineConfig(), Console(file=said, width=300))
+    assert name == "compiling-reference" and _CompilingReference.warmed == ["compiling-reference"]
+    assert said.getvalue().startswith("compiling the compiling-reference kernels (first run after install, ")
+    assert table.ok.all()
