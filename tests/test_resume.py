@@ -471,6 +471,18 @@ def test_a_new_output_named_with_a_slip_of_an_extension_is_refused(tiles, tmp_pa
     assert run(str(tiles[0]), "--out", str(out)).exit_code == 0  # (an output of ours: resumed as it is)
 
 
+@pytest.mark.parametrize("fmt, example", [(None, "results.jsonl"), ("csv", "results.csv")])
+def test_a_folder_as_the_output_of_a_file_format_is_refused_suggesting_a_file_in_it(tiles, tmp_path, fmt, example):
+    """``--out results/`` (a folder for the night's results) said "is not a regular file"."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    result = run(str(tiles[0]), "--out", str(folder), *(["--format", fmt] if fmt else []))
+    assert result.exit_code == 2 and list(folder.iterdir()) == []
+    kind = "CSV" if fmt else "JSON Lines"
+    assert result.stderr == (f"gpu-pipeline: error: {folder} is a folder; a {kind} output is a file: name one in it "
+                             f"(such as {folder / example}), or give another --out\n")
+
+
 @pytest.mark.parametrize("name", ["out.txt", "out.log", "out", "out.results", "out.dat"])
 def test_an_output_named_with_another_extension_is_json_lines(tiles, tmp_path, name):
     assert run(str(tiles[0]), "--out", str(tmp_path / name)).exit_code == 0

@@ -216,6 +216,9 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
     elif path.is_symlink() and not path.exists():
         raise SinkError(f"{out} is a symbolic link to {os.readlink(path)}, which does not exist; "
                         "use the name it leads to, or another --out")
+    elif path.is_dir():  # (a folder for the results: the user meant a file in it)
+        raise SinkError(f"{out} is a folder; a {chosen.upper().replace('JSONL', 'JSON Lines')} output is a file: "
+                        f"name one in it (such as {os.path.join(out, 'results.' + chosen)}), or give another --out")
     elif not path.is_file():
         raise SinkError(f"{out} is not a regular file; use another --out")
     plan.exists = not _is_empty(path)
