@@ -2469,3 +2469,24 @@ def test_a_tiff_whose_tags_are_damaged_says_damaged_tiff_file(tmp_path, code, va
         decode_image(path, DecodeOptions())
     assert refused.value.stage == "decode"
     assert str(refused.value).startswith("damaged TIFF file: ") and says in str(refused.value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(height=st.integers(1, 300), width=st.integers(1, 300), gray=st.booleans(), progressive=st.booleans(),
+       comment=st.binary(max_size=300), exif=st.booleans(), fill=st.integers(0, 3))
+def test_the_jpeg_frame_is_read_as_the_encoder_wrote_it(height, width, gray, progressive, comment, exif, fill):
+    """The frame header every JPEG tile is sized by (before libjpeg allocates), held to what Pillow
+    was asked to encode: behind APP segments, a comment of any bytes, and fill bytes before a marker."""
+    from gpu_pipeline.inputs.headers import jpeg_frame
+
+    picture = Image.new("L" if gray else "RGB", (width, height), 128)
+    described = Image.Exif()
+    described[0x010E] = "x" * 40  # ImageDescription
+    stream = io.BytesIO()
+    picture.save(stream, "JPEG", progressive=progressive, comment=comment, **({"exif": described} if exif else {}))
+    data = stream.getvalue()
+    assert data[2:4] == b"\xff\xe0"  # JFIF's APP0 first: fill bytes before the marker after it
+    at = 4 + int.from_bytes(data[4:6], "big")
+    data = data[:at] + b"\xff" * fill + data[at:]
+    assert jpeg_frame(data) == (8, height, width, 1 if gray else 3)
+    assert jpeg_frame(data[:at]) is None  # cut before the frame header
