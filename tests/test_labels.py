@@ -531,6 +531,40 @@ def test_label_function_checks_the_pipeline_settings(tmp_path):
         label_function("eurosat", PipelineConfig(low_threshold=200, high_threshold=101))
 
 
+class _TakesNoModel:
+    """A backend whose attach_label_model raises ``error``; ``device_failure`` says whether it counts as its GPU's."""
+
+    def __init__(self, error: Exception, device_failure: bool):
+        self.error, self.device_failure, self.closed = error, device_failure, False
+
+    def attach_label_model(self, model) -> bool:
+        raise self.error
+
+    def is_device_failure(self, exc: BaseException) -> bool:
+        return self.device_failure
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.closed = True
+
+
+def test_a_backend_failing_to_take_the_model_is_closed_and_only_its_gpu_failure_is_returned():
+    """A GPU failure as the model is taken is returned (the run says the backend could not start); any
+    other error is a bug, raised as it is (not 'could not start'); the backend is closed either way."""
+    from gpu_pipeline.labels.labeller import attach_label_model_or_close
+
+    labels_of = load_model("eurosat").labels
+    failed_gpu = _TakesNoModel(RuntimeError("cudaErrorIllegalAddress"), device_failure=True)
+    assert attach_label_model_or_close(failed_gpu, labels_of) is failed_gpu.error
+    assert failed_gpu.closed
+    bug = _TakesNoModel(ValueError("a bug in the backend"), device_failure=False)
+    with pytest.raises(ValueError, match="a bug in the backend"):
+        attach_label_model_or_close(bug, labels_of)
+    assert bug.closed
+    assert attach_label_model_or_close(_TakesNoModel(ValueError(), False), default_labels) is None  # no model offered
+
 # --------------------------------------------------------------------------------------------
 # Splits and scores
 
