@@ -531,6 +531,7 @@ def test_label_function_checks_the_pipeline_settings(tmp_path):
         label_function("eurosat", PipelineConfig(low_threshold=200, high_threshold=101))
 
 
+
 class _TakesNoModel:
     """A backend whose attach_label_model raises ``error``; ``device_failure`` says whether it counts as its GPU's."""
 
@@ -626,6 +627,23 @@ def test_scores_and_the_most_common_class_worked_out_by_hand():
     rows = [[cell.strip() for cell in line.split("\u2502")[1:-1]] for line in console.export_text().splitlines()]
     assert [row for row in rows if row and row[0] in ("ab", "cd", "ef")] == [
         ["ab", "2", "50.0 %", "50.0 %"], ["cd", "1", "50.0 %", "100.0 %"], ["ef", "3", "100.0 %", "66.7 %"]]
+
+
+def test_the_per_class_table_has_rows_only_for_classes_with_images_and_accuracy_keeps_4_digits():
+    """evaluate on some of the model's classes: no row of 0 images and "-" recall for the others (as in
+    the confusion table); the accuracy stored in a model is 6/7 to 4 digits, not 3."""
+    from rich.console import Console
+
+    from gpu_pipeline.labels.confusion import accuracy
+
+    matrix = np.array([[0, 0, 0], [1, 5, 0], [0, 1, 0]])  # no "ab" images; "ef"'s one taken for "cd"
+    console = Console(record=True, width=120)
+    console.print(scores_table(("ab", "cd", "ef"), matrix))
+    rows = [[cell.strip() for cell in line.split("\u2502")[1:-1]] for line in console.export_text().splitlines()]
+    assert [row for row in rows if row and row[0] in ("ab", "cd", "ef")] == [
+        ["cd", "6", "83.3 %", "83.3 %"], ["ef", "1", "-", "0.0 %"]]
+    assert accuracy(matrix) == 0.7143  # 5/7
+    assert accuracy(np.array([[2, 1], [0, 4]])) == 0.8571  # 6/7
 
 # --------------------------------------------------------------------------------------------
 # fit and evaluate on the command line
@@ -908,8 +926,11 @@ def test_the_confusion_table_names_the_classes_that_are_columns_only():
     assert table.row_count == 1  # River's: no row of zeros for the classes without images
     console = Console(record=True, width=200)
     console.print(table)
-    text = " ".join(console.export_text().split())  # (the caption wraps to the table's width)
+    exported = console.export_text()
+    text = " ".join(exported.split())  # (the caption wraps to the table's width)
     assert "2 River" in text and "classes without images here (columns only): 1 Forest, 3 [b]Sea" in text
+    header = next(line for line in exported.splitlines() if line.startswith("\u2503"))
+    assert [cell.strip() for cell in header.split("\u2503")[1:-1]] == ["true class", "1", "2", "3"]  # numbered as the rows
     console = Console(record=True, width=200)
     console.print(confusion_table(("Forest", "River"), np.eye(2, dtype=np.int64)))
     assert "columns only" not in console.export_text()
