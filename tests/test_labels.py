@@ -178,6 +178,14 @@ def test_lbfgs_finds_the_minimum_of_a_quadratic():
     assert np.allclose(solution, np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-8)
 
 
+def test_lbfgs_keeps_as_many_pairs_as_its_memory():
+    """x^2 / 2 + 100 y^2 / 2 from (1, 1): two remembered pairs span the plane, and 20 steps reach the
+    minimum (0, 0) to rounding; with one pair fewer (memory 2 keeping 1) they stop near 2e-4."""
+    scale = np.array([1.0, 100.0])
+    solution = minimise_lbfgs(lambda x: (0.5 * float(np.sum(scale * x * x)), scale * x), np.ones(2), 20, memory=2)
+    assert np.abs(solution).max() < 1e-12
+
+
 def test_fit_separates_classes_and_summarises():
     vectors, targets = blobs()
     model = fit_model(vectors, targets, ("a", "b", "c"), PipelineConfig(), {"data": "x"}, iterations=50)
@@ -185,6 +193,17 @@ def test_fit_separates_classes_and_summarises():
     assert model.training == {"data": "x", "penalty": 1e-4, "iterations": 50, "train_accuracy": 1.0}
     assert np.allclose(model.mean, vectors.mean(axis=0), rtol=1e-9) and np.allclose(model.scale, vectors.std(axis=0),
                                                                                      rtol=1e-9)
+
+
+def test_fit_model_refuses_a_class_without_vectors_and_stores_the_training_accuracy_to_4_digits():
+    """Five of six training vectors right: vector 3 (class b) is vector 0 (class a), so one of the two
+    is wrong whatever the fit, 5/6 = 0.8333; and a class no vector belongs to is refused."""
+    vectors, _ = blobs(per_class=3, classes=2)
+    vectors[3] = vectors[0]
+    model = fit_model(vectors, np.repeat([0, 1], 3), ("a", "b"), PipelineConfig(), iterations=50)
+    assert model.training["train_accuracy"] == 0.8333
+    with pytest.raises(ValueError, match="every class needs at least one training vector"):
+        fit_model(vectors, np.repeat([0, 2], 3), ("a", "b", "c"), PipelineConfig(), iterations=5)
 
 
 def test_the_fit_is_the_minimum_of_the_documented_objective():
