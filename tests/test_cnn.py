@@ -217,6 +217,11 @@ def test_shipped_cnn_loads_by_name_and_keeps_the_documented_promise():
     assert min(validation["recall"].values()) >= PROMISED_RECALL
     assert SHIPPED_MODELS["eurosat-cnn"].read_text() == model_json(model)  # the file is what the writer writes
     assert model.size == 32 and model.widths == (16, 32, 64, 128)  # as docs/labels.md describes it
+    # labels.md's "4.0 million integer multiply-adds a tile": 3x3 convolutions on 32, 16, 8 and 4 pixels square
+    # (halved after each block), then the dense layer
+    assert model.multiply_adds == 32 ** 2 * 9 * 3 * 16 + 16 ** 2 * 9 * 16 * 32 + 8 ** 2 * 9 * 32 * 64 + \
+        4 ** 2 * 9 * 64 * 128 + 128 * 10 == 3_982_592
+    assert model.describe().endswith("conv blocks of 16, 32, 64, 128 channels, 4.0 M multiply-adds per image")
     assert SHIPPED_MODELS["eurosat-cnn"].stat().st_size < 450_000  # "425 kB"
 
 
@@ -266,6 +271,8 @@ def _valid_dict() -> dict:
 
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(format_version=2), "format version 2 is not supported"),
+    (lambda d: d.update(format_version=0), "format version 0 is not supported"),  # older ones too, not only newer
+    (lambda d: d.pop("format_version"), "format version None is not supported"),
     (lambda d: d.update(classes=["a", "a", "b"]), "distinct"),
     (lambda d: d.update(classes=["a", "b", "For\udcffest"]), r'class "For\\xffest" is not UTF-8 text'),
     (lambda d: d.update(input_size=3), "input_size"),
@@ -307,6 +314,17 @@ def test_the_largest_input_and_multipliers_of_labels_md_load(tmp_path):
     path.write_text(json.dumps(data))
     loaded = load_model(path)
     assert loaded.size == 256 and loaded.network.blocks[0].multiplier.tolist() == [2 ** 31, 1, 2 ** 31, 1]
+
+
+def test_the_smallest_input_halved_once_per_block_loads_and_labels(tmp_path):
+    """The input is halved once per block: two blocks take 4 x 4 (4 -> 2 -> 1), the least the error
+    message names ("from 4 to 256"); 3 is refused (above)."""
+    data = _valid_dict()
+    data["input_size"] = 4
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(data))
+    loaded = load_model(path)
+    assert loaded.size == 4 and len(loaded.labels([np.zeros((8, 8, 3), np.uint8)], None, None)) == 1
 
 
 def test_model_file_round_trip(tmp_path):
@@ -386,6 +404,23 @@ def test_evaluate_the_cnn(bundled_data_dir):
     result = runner.invoke(app, ["evaluate", str(bundled_data_dir / "eurosat"), "--model", "eurosat-cnn"])
     assert result.exit_code == 0, result.output
     assert "integer CNN" in result.output and "accuracy" in result.output
+
+
+def test_evaluate_the_cnn_leaves_out_a_broken_image(tmp_path, bundled_data_dir):
+    """labels.md: the broken images listed, the rest evaluated. The row kept for a failed image is as wide
+    as the CNN's features (its last block's channels), not its classes: one table, no traceback."""
+    tree = tmp_path / "tree"
+    for name in ("Forest", "SeaLake"):
+        (tree / name).mkdir(parents=True)
+        for tile in sorted((bundled_data_dir / "eurosat" / name).iterdir())[:2]:
+            (tree / name / tile.name).write_bytes(tile.read_bytes())
+    (tree / "Forest" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = load_model("eurosat-cnn")
+    assert model.feature_count == model.widths[-1] != len(model.classes)
+    result = runner.invoke(app, ["evaluate", str(tree), "--model", "eurosat-cnn", "--backend", "reference"])
+    assert result.exit_code == 1, result.output
+    assert "1 image(s) could not be processed" in result.stderr and "broken.png: decode:" in result.stderr
+    assert "/4 images)" in result.stdout and "Traceback" not in result.output
 
 
 def test_training_twice_writes_the_same_file(tmp_path):
