@@ -81,6 +81,27 @@ def test_failing_image_gets_compute_error_and_others_survive(tmp_path):
     assert all("histogram" in r for i, r in enumerate(sink.records) if i != 2)
 
 
+def test_the_summary_rate_counts_every_image_the_megapixels_those_that_went_through():
+    """The summary line's "(N images/s, M MP/s)": 3 ok images of 2 MP in all and 1 failed, in 2 s, are
+    2 images/s (the failed one was handled too) and 1.0 MP/s; no time, no rate."""
+    from gpu_pipeline.engine.stream import RunSummary
+
+    summary = RunSummary(ok=3, failed=1, pixels=2_000_000, seconds=2.0)
+    assert (summary.total, summary.images_per_second, summary.megapixels_per_second) == (4, 2.0, 1.0)
+    assert (RunSummary(ok=3).images_per_second, RunSummary(ok=3).megapixels_per_second) == (0.0, 0.0)
+
+
+def test_progress_counts_every_record_of_a_batch_its_errors_too(tmp_path):
+    """The progress bar reaches the number of files: a file that did not decode and an image the
+    backend failed on are handled too (batches of 2 images: 0, 1 (empty), 2 (fails); then 3, 4)."""
+    paths = write_pngs(tmp_path, [(6, 6)] * 5)
+    paths[1].write_bytes(b"")
+    Image.fromarray(np.full((6, 6), 13, np.uint8)).save(paths[2])
+    counts = []
+    summary = Engine(ExplodingBackend(), batch_size=2, workers=1).run(paths, ListSink(), progress=counts.append)
+    assert counts == [3, 2] and (summary.ok, summary.failed) == (3, 2)
+
+
 def test_failing_image_alone_in_its_batch_gets_an_error(tmp_path):
     """... and is not run a second time alone: it was alone already (a GPU kernel fault costs seconds)."""
     paths = write_pngs(tmp_path, [(6, 6)] * 3)
@@ -190,6 +211,19 @@ def test_a_part_ends_once_it_holds_its_pixels(tmp_path):
     paths = write_pngs(tmp_path, [(1, 1)] + [(64, 64)] * 8)
     parts = decode_parts(paths, DecodeOptions(), workers=1, chunk_pixels=8192)
     assert [len(part.paths) for part in parts] == [1, 2, 2, 2, 2]
+
+
+def test_a_decode_error_in_a_later_part_of_a_chunk_keeps_its_place_in_that_part(tmp_path):
+    """The chunk of 64x64 images cut in parts of two images: the empty file between the third and
+    the fourth rides in their part, at its second position there (not at its place in the chunk)."""
+    from gpu_pipeline.engine.decoding import decode_parts
+
+    paths = write_pngs(tmp_path, [(1, 1)] + [(64, 64)] * 8)
+    paths[4].write_bytes(b"")
+    parts = list(decode_parts(paths, DecodeOptions(), workers=1, chunk_pixels=8192))
+    assert [part.paths for part in parts] == [paths[:1], paths[1:3], paths[3:6], paths[6:8], paths[8:]]
+    assert [sorted(part.errors) for part in parts] == [[], [], [1], [], []]
+    assert parts[2].errors[1]["path"] == str(paths[4]) and len(parts[2].images) == 2
 
 
 class _Waiter:
