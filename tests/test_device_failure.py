@@ -263,6 +263,17 @@ def test_a_gpu_that_fails_as_it_takes_the_label_model_could_not_start(tiles, tmp
     assert "Traceback" not in verified.output
 
 
+def test_a_device_failure_names_the_batchs_first_image_not_a_file_that_did_not_decode(tiles, failing):
+    """nightly.md: the failure names "the first file of the batch it was computing"; a batch that starts
+    with a file that did not decode (its error record rides along) was not computing that one."""
+    failing(0)
+    paths = sorted(str(path) for path in tiles.iterdir())
+    Path(paths[0]).write_bytes(b"")
+    engine = Engine(backend=FailingDevice(), batch_size=4, workers=1, processes=False)
+    with pytest.raises(DeviceFailed, match=rf"\(in the batch of 4 images that starts with {re.escape(paths[1])}\)$"):
+        engine.run(paths, RecordList())
+
+
 def test_a_device_failure_in_the_label_step_stops_the_run_naming_the_batch(tiles, failing):
     """The label model may run on the device (the CNN with cupy): its sticky error is the GPU's too."""
     failing(None)
