@@ -292,6 +292,25 @@ def test_overwrite_leaves_a_hard_link_to_the_old_output_as_it_was(tiles, tmp_pat
     assert run(str(tiles[2]), "--out", str(out), "--overwrite").exit_code == 0
     assert out.stat().st_mode & 0o777 == 0o600 and list(by_path(read_records(out))) == [str(tiles[2])]
 
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_overwrite_through_a_symbolic_link_to_a_hard_linked_output_keeps_the_link(tiles, tmp_path, fmt):
+    """latest -> night1, night1 backed up by a hard link: --overwrite through the link starts night1
+    afresh as a new file (the backup keeps its records) and the link stays a link. The hard link
+    must be looked for on the file the link leads to: looked for on the link's own name, the link
+    was removed and a file made in its place, and night1 kept the old records."""
+    night = tmp_path / f"night1.{fmt}"
+    assert run(str(tiles[0]), "--out", str(night)).exit_code == 0
+    backup = tmp_path / f"backup.{fmt}"
+    os.link(night, backup)
+    kept = backup.read_bytes()
+    latest = tmp_path / f"latest.{fmt}"
+    latest.symlink_to(night.name)
+    assert run(str(tiles[1]), "--out", str(latest), "--overwrite").exit_code == 0
+    assert latest.is_symlink() and os.readlink(latest) == night.name
+    assert list(by_path(read_records(night))) == [str(tiles[1])] and backup.read_bytes() == kept
+
+
 def test_a_rerun_from_another_working_folder_resumes(tiles, clean_records, tmp_path, monkeypatch):
     """nightly.md: paths are recorded absolute, so a rerun from elsewhere matches them, however the folder is spelt."""
     out = tmp_path / "out.jsonl"
