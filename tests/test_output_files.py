@@ -133,6 +133,31 @@ def test_a_symbolic_link_to_a_file_of_ours_stays_a_link(classes, tmp_path):
     assert (tmp_path / "link.json").is_symlink() and '"identical": true' in report.read_text()
 
 
+def test_a_symbolic_link_that_leads_nowhere_is_refused_and_nothing_is_made_where_it_points(tmp_path):
+    """A dangling link is something that exists, not an absent name: taken for one, the report was
+    written where the link points (here a name in another folder), through a link nobody had made for it."""
+    link = tmp_path / "report.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UsageError, match=f"--report {link} exists and was not written by gpu-pipeline"):
+        check_target(link, "--report", is_our_json)
+    assert link.is_symlink() and sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_a_link_to_a_file_of_ours_is_refused_when_the_files_own_folder_cannot_be_written(tmp_path, monkeypatch):
+    """The temporary that replaces a file goes beside the file, not beside the link to it: the link's
+    folder was checked, so the command did all its work and then exited 3 (cannot write)."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "report.json").write_text('{"schema": "gpu-pipeline-verify/1"}\n')
+    link = tmp_path / "report.json"
+    link.symlink_to(kept / "report.json")
+    real_access = os.access  # root passes every permission check: the folder is refused as for anyone else
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+        False if Path(path) == kept and mode & os.W_OK else real_access(path, mode, **kwargs)))
+    with pytest.raises(UsageError, match=f"--report {link}: cannot write in {kept}$"):
+        check_target(link, "--report", is_our_json)
+    check_target(kept.parent / "new.json", "--report", is_our_json)  # the link's own folder may be written
+
 def test_a_folder_is_refused(classes, tmp_path):
     result = runner.invoke(app, command("verify --report", classes, tmp_path))
     assert result.exit_code == 2 and f"--report {tmp_path} is a folder" in result.output
