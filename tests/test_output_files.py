@@ -236,6 +236,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["report.json"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, stop):
+    """Ctrl-C, or a signal ended as SystemExit, while the temporary is written: the old file is
+    kept and the temporary removed (an Exception alone was cleaned up: the half report stayed)."""
+    from gpu_pipeline.outputs.files import write_replacing
+
+    target = tmp_path / "report.json"
+    target.write_text("old\n")
+
+    def interrupted(temporary: Path) -> None:
+        temporary.write_text("half a rep")
+        raise stop
+
+    with pytest.raises(stop):
+        write_replacing(target, interrupted)
+    assert target.read_text() == "old\n" and [path.name for path in tmp_path.iterdir()] == ["report.json"]
+
 @pytest.mark.parametrize("made", ["records", "our report"])
 def test_a_file_another_program_made_while_the_command_ran_is_left_alone(tmp_path, made):
     """check_target looks once, before the work: a run started meanwhile with --out on verify's
