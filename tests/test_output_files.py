@@ -222,6 +222,26 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path):
     assert len(refusals) == 1 and "was not written by gpu-pipeline" in refusals[0]
 
 
+def test_a_name_whose_folder_was_replaced_by_a_file_no_longer_names_the_file(tmp_path):
+    """still_names, the check that an output and its lock are still the files written: a folder on the
+    way replaced by a file (NotADirectoryError) is a name that leads nowhere, as a removed file is; raised,
+    the checks took it for a folder made unsearchable and went on writing to a file no name reached."""
+    from gpu_pipeline.outputs.files import still_names
+
+    folder = tmp_path / "night"
+    folder.mkdir()
+    out = folder / "out.jsonl"
+    out.write_text("")
+    descriptor = os.open(out, os.O_RDONLY)
+    try:
+        assert still_names(out, descriptor)
+        folder.rename(tmp_path / "night.old")
+        assert not still_names(out, descriptor)  # removed
+        folder.write_text("a file now")
+        assert not still_names(out, descriptor)  # a file on the way
+    finally:
+        os.close(descriptor)
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "report.json"
     target.write_text('{"schema": "gpu-pipeline-verify/1", "old": true}\n')
