@@ -318,6 +318,29 @@ def test_a_temporary_a_killed_command_left_is_removed_when_the_file_is_next_writ
     assert not left.exists() and other.exists()
 
 
+@pytest.mark.parametrize("pid", ["another user's", "past any PID"])
+def test_a_temporary_whose_process_cannot_be_told_gone_is_left_alone(tmp_path, monkeypatch, pid):
+    """A PID this process may not signal (another user's live run, EPERM) or no PID at all (too large
+    for kill): whether its process runs cannot be told, so its temporary stays however old it is."""
+    import time
+
+    from gpu_pipeline.outputs import files
+
+    number = 4242 if pid == "another user's" else 2 ** 64
+    real_kill = os.kill
+
+    def kill(target, signal):  # (root may signal any process: another user's is made up)
+        if target == 4242:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_kill(target, signal)
+
+    monkeypatch.setattr(os, "kill", kill)
+    left = tmp_path / files.temporary_name("model.json", number)
+    left.write_text('{"half": ')
+    os.utime(left, (time.time() - 3600,) * 2)
+    files.remove_stale_temporaries(tmp_path, files.temporaries_of("model.json"))
+    assert left.read_text() == '{"half": '
+
 def test_a_replaced_file_keeps_its_permissions(tmp_path):
     """The replacement was made 0644 and renamed into place: a report its owner had made private
     (0600) became readable by everyone; a group-writable one lost group write."""
