@@ -189,7 +189,8 @@ def test_a_png_another_program_drew_is_not_ours(tmp_path):
     from PIL.PngImagePlugin import PngInfo
 
     for index, (software, ours) in enumerate([("Matplotlib version3.9.0, https://matplotlib.org/", False),
-                                              ("GIMP 2.10.36", False), ("gpu-pipeline 0.1.0", True)]):
+                                              ("GIMP 2.10.36", False), ("gpu-pipeline 0.1.0", True),
+                                              ("GIMP 2.10.36 (edited from a gpu-pipeline 0.1.0 plot)", False)]):
         info = PngInfo()
         info.add_text("Software", software)
         path = tmp_path / f"plot{index}.png"
