@@ -420,6 +420,33 @@ def test_an_output_that_cannot_be_read_back_is_refused(tiles, tmp_path):
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_an_output_the_disk_cannot_read_back_is_refused_with_the_disks_error(tmp_path, monkeypatch, fmt):
+    """An I/O error while a resume reads the output back is the disk's, said as such and with its
+    errno: it was taken for a file, or a Parquet part, that is not ours ("cannot read OUT back:
+    [Errno 5] ...", EINVAL)."""
+    import errno
+
+    from gpu_pipeline.outputs import parquet, plan
+    from gpu_pipeline.outputs.sink import SinkError
+
+    out = tmp_path / f"out.{fmt}"
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+        out.mkdir()
+        (out / "part-000000.parquet").write_bytes(b"PAR1")
+        monkeypatch.setattr(parquet, "_read_part", unreadable)
+    else:
+        out.write_text("records\n")
+        monkeypatch.setattr(plan, "scan", unreadable)
+    with pytest.raises(SinkError) as refused:
+        plan.inspect_output(str(out))
+    assert refused.value.errno == errno.EIO and str(refused.value) == f"cannot read {out}: Input/output error"
+
 @pytest.mark.parametrize("damage", [lambda data: data[:-20], lambda data: b"", lambda data: data[:len(data) // 2]])
 def test_a_damaged_part_is_named_in_the_refusal(tiles, tmp_path, damage):
     """A part with a torn footer was refused naming only the folder (and pyarrow's '<Buffer>'): among
