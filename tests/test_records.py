@@ -165,3 +165,18 @@ def test_a_damaged_line_reads_as_a_full_decode_reads_it(fmt, where, junk):
     damaged = (text[:at] + junk + text[at + 1:]).decode("utf-8", "surrogateescape")
     keys, whole = _records_of(damaged, fmt, whole=False), _records_of(damaged, fmt, whole=True)
     assert [(raw, _as_resume_sees(r)) for _, raw, r in keys] == [(raw, _as_resume_sees(r)) for _, raw, r in whole]
+
+
+def test_the_remembered_edge_densities_stay_few(monkeypatch):
+    """The densities' texts and floats are remembered by (edge count, pixels), and forgotten past a
+    bound: a run over images of many sizes kept every value it met, for the whole run."""
+    from gpu_pipeline.outputs import records
+
+    monkeypatch.setattr(records, "_MOST_DENSITY_TEXTS", 4)
+    monkeypatch.setattr(records, "_DENSITY_TEXTS", {})
+    monkeypatch.setattr(records, "_DENSITIES", {})
+    for seed in range(4):
+        batch = batch_of([f"/{seed}/{i}.png" for i in range(4)], ["busy"] * 4, errors_at=set(), seed=seed)
+        jsonl_text(batch)
+        list(batch)
+        assert len(records._DENSITY_TEXTS) <= 4 + 4 and len(records._DENSITIES) <= 4 + 4
