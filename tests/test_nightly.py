@@ -2039,6 +2039,18 @@ def test_a_resume_into_a_dataset_folder_holding_files_we_did_not_write_is_refuse
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+def test_a_dataset_folder_with_many_files_we_did_not_write_is_refused_naming_three(tiles, tmp_path):
+    """The refusal names the first three of them in order, and no more: one line, however full the folder."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    for name in ("d.txt", "b.txt", "a.txt", "c.txt"):
+        (out / name).write_text("mine")
+    for overwrite in ([], ["--overwrite"]):
+        result = run(str(tiles), "--out", str(out), *overwrite)
+        assert result.exit_code == 2 and "did not write (a.txt, b.txt, c.txt);" in result.stderr, result.output
+        assert len(result.stderr.splitlines()) == 1
+
 def test_the_hidden_part_a_killed_run_left_is_removed_on_resume(tiles, tmp_path):
     """nightly.md: a kill leaves only whole parts, and the hidden leftover is removed on resume. The
     kill tests cannot see it go: the resume's first part takes the killed part's name, and its own
