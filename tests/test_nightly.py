@@ -1389,12 +1389,26 @@ def test_the_folders_an_edge_saver_remembers_stay_few(tmp_path):
     from gpu_pipeline.outputs.edges import MADE_FOLDERS_KEPT, edge_saver
 
     save = edge_saver(tmp_path / "edges", str(tmp_path))
+    made = dict(zip(save.__code__.co_freevars, (cell.cell_contents for cell in save.__closure__)))["made"]
+    sizes = []
     for index in range(MADE_FOLDERS_KEPT + 50):
         save(str(tmp_path / f"p{index}" / "a.png"), np.zeros((1, 1), np.uint8))
-    made = dict(zip(save.__code__.co_freevars, (cell.cell_contents for cell in save.__closure__)))["made"]
-    assert 0 < len(made) <= MADE_FOLDERS_KEPT
+        sizes.append(len(made))
+    assert max(sizes) == MADE_FOLDERS_KEPT and 0 < sizes[-1] <= MADE_FOLDERS_KEPT  # never one more
     assert len(os.listdir(tmp_path / "edges")) == MADE_FOLDERS_KEPT + 50
 
+
+def test_an_edge_saver_refuses_an_image_outside_its_root_and_writes_nothing(tmp_path):
+    """The maps mirror the inputs below the root: an image elsewhere has no place there (its name, cut
+    at the root's length, put the map of /elsewhere/a.png at EDGES/here/a.png.edges.png)."""
+    from gpu_pipeline.outputs.edges import edge_saver
+
+    save = edge_saver(tmp_path / "edges", "/data")
+    with pytest.raises(ValueError, match="^/elsewhere/a.png is not below /data$"):
+        save("/elsewhere/a.png", np.zeros((1, 1), np.uint8))
+    with pytest.raises(ValueError, match="is not below"):
+        save("/database/a.png", np.zeros((1, 1), np.uint8))  # (a name that only starts like the root)
+    assert not (tmp_path / "edges").exists()
 
 #: Pieces of names Path treats apart (empty and "." parts, leading and doubled slashes) and odd ones.
 _NAME_PIECES = st.lists(st.sampled_from(["/", ".", "a", "é \n\\", "\udcff"]), max_size=12).map("".join)
