@@ -1145,6 +1145,23 @@ def test_an_output_file_taken_away_during_the_run_ends_it_with_exit_3(tiles, tmp
         assert len(by_path(read_records(out))) == 20
 
 
+def test_a_relative_output_is_still_its_file_after_the_working_folder_changes(tmp_path, monkeypatch):
+    """A script using the Python API may chdir while its run writes: an output named relatively is
+    still the file written. The check that it was not taken away looked for it in the new folder,
+    found nothing there, and stopped the run as if the output had been removed."""
+    from gpu_pipeline.outputs.lines import LineSink
+
+    monkeypatch.chdir(tmp_path)
+    sink = LineSink("out.jsonl", "jsonl")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    try:
+        sink.write([{"path": "/a.png", "stage": "decode", "error": "bad"}])
+    finally:
+        sink.close()
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"path":"/a.png","stage":"decode","error":"bad"}\n'
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
 def run_writing_with(monkeypatch, write, tiles: Path, out: Path, edges: Path):
     """A run of ``tiles`` (batches of 4) saving edge maps into ``edges``, with ``write`` for ``os.write``."""
     with monkeypatch.context() as patch:
