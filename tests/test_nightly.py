@@ -386,6 +386,19 @@ def test_an_input_named_as_the_outputs_settings_record_is_refused_even_with_over
     assert image.read_bytes() == before
 
 
+def test_an_input_named_as_the_lock_of_an_out_spelled_with_a_slash_is_refused(tiles, tmp_path):
+    """``--out photo.parquet/`` keeps its lock in ``photo.parquet.lock``, as ``photo.parquet`` does: a
+    stale lock given as an input (empty: a lock the run takes) is one of the output's own files, and
+    refused. Looked for as ``photo.parquet/.lock``, it was taken as the lock and read as an image too:
+    the run wrote the dataset and exited 1 for that image's error record."""
+    pytest.importorskip("pyarrow")
+    lock = tmp_path / "photo.parquet.lock"
+    lock.write_bytes(b"")
+    result = run(str(tiles), str(lock), "--out", str(tmp_path / "photo.parquet") + "/", "--overwrite")
+    assert result.exit_code == 2 and "one of the inputs" in result.stderr, result.output
+    assert not (tmp_path / "photo.parquet").exists()
+
+
 def test_our_output_is_never_an_input_whatever_its_spelling(tiles, tmp_path):
     """nightly.md: our own output is never taken as an input, whatever its name (here: an
     image-like name, reached through a linked folder on the second night)."""
