@@ -117,6 +117,19 @@ def test_csv_resume_reads_a_name_with_more_than_a_thousand_newlines(tmp_path):
     assert out.read_bytes() == first
 
 
+@pytest.mark.parametrize("lines, read", [(8192, True), (8193, False)])
+def test_a_csv_record_is_read_over_at_most_8192_lines(tmp_path, lines, read):
+    """A quoted name spans lines; past 8,192 of them (no name holds that many newlines) an open quote
+    is damage, not a record: a torn quote is not joined to the rest of the file."""
+    out = tmp_path / "out.csv"
+    with open(out, "w", newline="") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        row = dict.fromkeys(COLUMNS, "") | {"path": "/x" + "\n" * (lines - 1), "stage": "decode", "error": "bad"}
+        writer.writerow([row[column] for column in COLUMNS])
+    assert out.read_bytes().count(b"\n") == 1 + lines
+    assert read_records(out) == ([{"path": row["path"], "stage": "decode", "error": "bad"}] if read else [])
+
 @pytest.mark.parametrize("left", ["torn", "zeros", "foreign"])
 def test_a_csv_header_torn_by_a_crash_is_written_again(tiles, tmp_path, left):
     """A power cut can leave the header half written or zero-filled: refused as "not a gpu-pipeline
