@@ -511,6 +511,14 @@ def test_read_records_reads_an_output_written_with_format_whatever_its_name(tile
     assert read_records(out) == read_records(reference) and len(read_records(out)) == 20
 
 
+def test_read_records_reads_an_output_whose_start_says_no_format_by_its_name(tmp_path):
+    """A first line a crash zero-filled tells no format: the name says it. (Taken for CSV whatever its
+    name, the JSON lines after it were refused as "not a gpu-pipeline CSV output".)"""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"\0\0\0\n" + b'{"path":"/a.png","stage":"decode","error":"bad"}\n')
+    assert read_records(out) == [{"path": "/a.png", "stage": "decode", "error": "bad"}]
+
+
 @pytest.mark.parametrize("below", ["x.jsonl", "sub/x.jsonl"])
 def test_an_out_below_a_file_names_the_file(tiles, tmp_path, below):
     notes = tmp_path / "notes.txt"
