@@ -2039,6 +2039,18 @@ def test_parts_numbered_past_a_million_keep_their_order_and_the_next_number(tmp_
     assert [record["path"] for record in read_records(out)] == ["/a.png", "/b.png"]
 
 
+def test_a_batch_of_no_records_writes_no_parquet_part(tmp_path):
+    """A part per batch, but none for a batch without records: an empty part took a number, and a
+    folder of empty parts read as a dataset of nothing."""
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    out.mkdir()
+    with ParquetSink(str(out), 0) as sink:
+        sink.write([])
+        sink.write([{"path": "/a.png", "stage": "decode", "error": "bad"}])
+    assert [path.name for path in out.iterdir()] == ["part-000000.parquet"]
+
+
 def test_a_parquet_part_that_cannot_be_written_leaves_no_temporary(tmp_path, monkeypatch):
     """A full disk ends the run leaving only whole parts: the hidden part it was writing stayed in
     the dataset folder until the next run."""
