@@ -1144,6 +1144,26 @@ def test_the_client_and_its_event_loop_log_nothing_while_connected(cluster):
     assert [logging.getLogger(name).isEnabledFor(logging.ERROR) for name in names] == before == [True, True]
 
 
+def test_a_client_that_fails_to_close_leaves_the_refusal_as_it_was(monkeypatch):
+    """Dask's client, its scheduler lost as it waited for a worker, failed to close ("RuntimeError:
+    Cannot change state of expiring Timeout", a race in Dask): that error replaced the one line
+    saying what happened."""
+    import distributed
+    from distributed import LocalCluster
+
+    def fails(client, *args, **kwargs):
+        real_close(client, *args, **kwargs)
+        raise RuntimeError("Cannot change state of expiring Timeout")
+
+    real_close = distributed.Client.close
+    monkeypatch.setattr(distributed.Client, "close", fails)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
+        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
+        with pytest.raises(UsageError, match="has no workers"):
+            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
+        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
+
+
 def test_a_client_that_cannot_connect_leaves_the_loggers_as_they_were(monkeypatch):
     import distributed
     from distributed import LocalCluster
