@@ -1153,14 +1153,18 @@ def test_a_client_that_fails_to_close_leaves_the_refusal_as_it_was(monkeypatch):
 
     def fails(client, *args, **kwargs):
         real_close(client, *args, **kwargs)
-        raise RuntimeError("Cannot change state of expiring Timeout")
+        if not failed:  # (once: the client's __del__ closes it again)
+            failed.append(client)
+            raise RuntimeError("Cannot change state of expiring Timeout")
 
+    failed: list = []
     real_close = distributed.Client.close
     monkeypatch.setattr(distributed.Client, "close", fails)
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
         levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
         with pytest.raises(UsageError, match="has no workers"):
             dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
+        assert len(failed) == 1  # its close was tried, and failed
         assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
 
 
