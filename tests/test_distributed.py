@@ -1151,15 +1151,16 @@ def test_a_client_that_fails_to_close_leaves_the_refusal_as_it_was(monkeypatch):
     import distributed
     from distributed import LocalCluster
 
-    def fails(client, *args, **kwargs):
-        real_close(client, *args, **kwargs)
-        if not failed:  # (once: the client's __del__ closes it again)
-            failed.append(client)
-            raise RuntimeError("Cannot change state of expiring Timeout")
-
     failed: list = []
-    real_close = distributed.Client.close
-    monkeypatch.setattr(distributed.Client, "close", fails)
+
+    class FailsToClose(distributed.Client):  # (a subclass: clients of other tests collected meanwhile close as ever)
+        def close(self, *args, **kwargs):
+            super().close(*args, **kwargs)
+            if not failed:  # (once: its __del__ closes it again)
+                failed.append(self)
+                raise RuntimeError("Cannot change state of expiring Timeout")
+
+    monkeypatch.setattr(distributed, "Client", FailsToClose)
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
         levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
         with pytest.raises(UsageError, match="has no workers"):
