@@ -33,7 +33,7 @@ from gpu_pipeline.labels.labeller import Labeller, attach_label_model_or_close, 
 from gpu_pipeline.config import DecodeOptions, PipelineConfig, threshold_text
 from gpu_pipeline.engine.decoding import Decoded, decode_parts, decodes_in_processes, processes_for_time_limit
 from gpu_pipeline.engine.stream import part_batches
-from gpu_pipeline.errors import UsageError, one_line, shown
+from gpu_pipeline.errors import UsageError, counted, one_line, shown
 from gpu_pipeline.outputs.files import check_target, is_our_json, replace_with_report
 from gpu_pipeline.inputs.discover import discover, no_files_found
 
@@ -135,10 +135,6 @@ class Difference:
         if self.kind == "value":
             return f"{self.stage}: {truth}, {other}"
         return f"{self.stage}: {self.kind} {truth}, {other}"  # shape or dtype
-
-
-def _plural(n: int | None, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _differ(n: int, what: str) -> str:
@@ -610,16 +606,16 @@ def _summary(report: VerifyReport) -> str:
                 f"to the {GROUND_TRUTH} on " + ("its one image" if report.compared == 1 else f"all {report.compared} images"))
     images = {d.image for d in report.differences} | {e["image"] for e in report.errors}
     reference_errors = sum(e["backend"] == GROUND_TRUTH for e in report.errors)
-    per_backend = [f"{GROUND_TRUTH} ({_plural(reference_errors, 'error')})"] if reference_errors else []
+    per_backend = [f"{GROUND_TRUTH} ({counted(reference_errors, 'error')})"] if reference_errors else []
     for tally in report.backends:
-        parts = [_plural(tally.differs, "difference")] if tally.differs else []
-        parts += [_plural(tally.errors, "error")] if tally.errors else []
+        parts = [counted(tally.differs, "difference")] if tally.differs else []
+        parts += [counted(tally.errors, "error")] if tally.errors else []
         if tally.status == "failed":
             parts.append("failed to start" if (tally.reason or "").startswith(COULD_NOT_START) else "its GPU failed")
         if parts:
             per_backend.append(f"{tally.name} ({', '.join(parts)})")
-    return (f"[red bold]DIFFERENT[/]: {_plural(len(report.differences), 'difference')} and "
-            f"{_plural(len(report.errors), 'error')} on {len(images)} of {report.decoded} images: "
+    return (f"[red bold]DIFFERENT[/]: {counted(len(report.differences), 'difference')} and "
+            f"{counted(len(report.errors), 'error')} on {len(images)} of {report.decoded} images: "
             + "; ".join(per_backend))
 
 

@@ -44,8 +44,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores, usable_memory
 from gpu_pipeline.engine.decoding import decoding_budget
 from gpu_pipeline.engine.stream import Engine, RunSummary
-from gpu_pipeline.errors import one_line
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, counted, one_line
 from gpu_pipeline.outputs.sink import RecordList, SinkWriteError  # (the worker returns its records, unwritten)
 
 INSTALL_HINT = "--dask needs Dask distributed: pip install 'gpu-pipeline[dask]'"
@@ -522,7 +521,7 @@ class DaskCluster:
         workers = len(self.client.nthreads())
         if backend_name == "auto" and local_workers is not None:  # its workers choose here, as this process would
             backend_name = resolve("auto")
-        self.name = f"{backend_name} on {workers} Dask worker{'s' if workers != 1 else ''} ({spec})"
+        self.name = f"{backend_name} on {counted(workers, 'Dask worker')} ({spec})"
         self._slots = (0.0, 1)  # (when counted, task slots)
 
     def worker_threads(self) -> int:
