@@ -217,7 +217,8 @@ def inspect_output(out: str, fmt: str | None = None, overwrite: bool = False,
         raise SinkError(f"{out} is a symbolic link to {os.readlink(path)}, which does not exist; "
                         "use the name it leads to, or another --out")
     elif path.is_dir():  # (a folder for the results: the user meant a file in it)
-        raise SinkError(f"{out} is a folder; a {chosen.upper().replace('JSONL', 'JSON Lines')} output is a file: "
+        kind = "CSV" if chosen == "csv" else "JSON Lines"  # (a Parquet output, a folder, is taken above)
+        raise SinkError(f"{out} is a folder; a {kind} output is a file: "
                         f"name one in it (such as {os.path.join(out, 'results.' + chosen)}), or give another --out")
     elif not path.is_file():
         raise SinkError(f"{out} is not a regular file; use another --out")
