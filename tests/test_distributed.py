@@ -1111,10 +1111,21 @@ def test_a_scheduler_without_workers_exits_2_after_the_timeout(tiles, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def refused_by_an_empty_cluster(match: str) -> None:
+    """A DaskCluster on a scheduler without workers is refused (UsageError matching ``match``), and
+    the client's loggers, off while it was connected, are as they were."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
+        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
+        with pytest.raises(UsageError, match=match):
+            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
+        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
+
+
 def test_a_scheduler_without_workers_leaves_no_client_open(monkeypatch):
     """The refusal closes the connection it made (with local:N, the cluster it started too)."""
     import distributed
-    from distributed import LocalCluster
 
     made = []
 
@@ -1124,13 +1135,8 @@ def test_a_scheduler_without_workers_leaves_no_client_open(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(distributed, "Client", Noted)
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
-        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
-        with pytest.raises(UsageError, match="has no workers"):
-            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
-        assert len(made) == 1 and made[0].status == "closed"
-        # the client's loggers, off while it was connected, are as they were
-        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
+    refused_by_an_empty_cluster("has no workers")
+    assert len(made) == 1 and made[0].status == "closed"
 
 
 def test_the_client_and_its_event_loop_log_nothing_while_connected(cluster):
@@ -1149,7 +1155,6 @@ def test_a_client_that_fails_to_close_leaves_the_refusal_as_it_was(monkeypatch):
     Cannot change state of expiring Timeout", a race in Dask): that error replaced the one line
     saying what happened."""
     import distributed
-    from distributed import LocalCluster
 
     failed: list = []
 
@@ -1161,27 +1166,18 @@ def test_a_client_that_fails_to_close_leaves_the_refusal_as_it_was(monkeypatch):
                 raise RuntimeError("Cannot change state of expiring Timeout")
 
     monkeypatch.setattr(distributed, "Client", FailsToClose)
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
-        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
-        with pytest.raises(UsageError, match="has no workers"):
-            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
-        assert len(failed) == 1  # its close was tried, and failed
-        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
+    refused_by_an_empty_cluster("has no workers")
+    assert len(failed) == 1  # its close was tried, and failed
 
 
 def test_a_client_that_cannot_connect_leaves_the_loggers_as_they_were(monkeypatch):
     import distributed
-    from distributed import LocalCluster
 
     def refused(*args, **kwargs):
         raise OSError("connection refused")
 
     monkeypatch.setattr(distributed, "Client", refused)
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0", silence_logs=logging.ERROR) as empty:
-        levels = [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS]
-        with pytest.raises(UsageError, match="cannot connect to the Dask scheduler"):
-            dask_run.DaskCluster(empty.scheduler_address, "reference", None, timeout=1)
-        assert [logging.getLogger(name).level for name in dask_run.CLIENT_LOGGERS] == levels
+    refused_by_an_empty_cluster("cannot connect to the Dask scheduler")
 
 
 def test_an_unknown_backend_is_refused_before_any_task(cluster, tiles, tmp_path):

@@ -591,15 +591,21 @@ def run_on_a_terminal(folder: Path, out: str) -> Terminal:
                     "--batch-size", "8", "--workers", "2")
 
 
+def hung_up_after_8_records(folder: Path, out: Path) -> Terminal:
+    """A run into ``out`` on a terminal that closes once 8 records are written."""
+    terminal = run_on_a_terminal(folder, str(out))
+    wait_for_records(out, 8)
+    terminal.hang_up()
+    return terminal
+
+
 def test_a_run_whose_terminal_closes_keeps_what_it_finished(many_tiles, tmp_path, hangups_heard):
     """An ssh session dropped under a run started by hand: the kernel hangs its terminal up (SIGHUP
     to the session), and the run ends as after a SIGTERM, its finished batches written: resumable.
     It was killed at once (the batches in flight lost, its lock file left behind)."""
     folder = many_tiles[0].parent
     out = tmp_path / "out.jsonl"
-    terminal = run_on_a_terminal(folder, str(out))
-    wait_for_records(out, 8)
-    terminal.hang_up()
+    terminal = hung_up_after_8_records(folder, out)
     assert terminal.process.wait(timeout=120) == 129
     assert out.read_bytes().endswith(b"\n") and not lock_path(str(out)).exists()
     assert 0 < len(by_path(read_records(out))) < len(many_tiles)
@@ -612,9 +618,7 @@ def test_a_run_under_nohup_outlives_its_terminal(many_tiles, tmp_path, hangups_i
     to the closed terminal are dropped (an I/O error each); every image gets its record."""
     folder = many_tiles[0].parent
     out = tmp_path / "out.jsonl"
-    terminal = run_on_a_terminal(folder, str(out))
-    wait_for_records(out, 8)
-    terminal.hang_up()
+    terminal = hung_up_after_8_records(folder, out)
     assert terminal.process.wait(timeout=300) == 0
     assert sorted(by_path(read_records(out))) == sorted(str(path) for path in many_tiles)
 
