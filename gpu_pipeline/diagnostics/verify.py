@@ -529,12 +529,11 @@ def _warm_up(started: dict[str, Backend], tallies: list[BackendTally], config: P
              console: Console) -> None:
     """Load (or compile, saying so first) each backend's kernels, as ``run`` does before its images;
     one whose warm-up fails (its GPU) is as one that could not start."""
-    from gpu_pipeline.engine.job import announced_warm_up
+    from gpu_pipeline.engine.job import warm_up_backend
 
     for name, backend in list(started.items()):
         try:
-            announced_warm_up(f"backend {name}", f"{name} kernels", 15, console, False,
-                              backend.compiles_on_warm_up, lambda: backend.warm_up(config))
+            warm_up_backend(backend, config, console)
         except Exception as exc:
             with backend:  # (closed; a failed GPU's close raises nothing more)
                 pass

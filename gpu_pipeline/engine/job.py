@@ -608,8 +608,7 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
     if job.dask is None and todo:
         labels_of = checked.engine.labels_of
         try:
-            announced_warm_up(f"backend {backend.name}", f"{backend.name} kernels", 15, console, job.quiet,
-                              backend.compiles_on_warm_up, lambda: backend.warm_up(job.config))
+            warm_up_backend(backend, job.config, console, job.quiet)
         except DeviceFailed as exc:
             with backend, sink:  # (closed as after a run)
                 checked.engine.close()  # a fork server no run will take over
@@ -681,6 +680,13 @@ def kernels_cached() -> bool:
     from gpu_pipeline.backends import _numba_setup
 
     return _numba_setup.CACHE_DIR is not None and not _numba_setup.CACHE_IS_FRESH
+
+
+def warm_up_backend(backend, config: PipelineConfig, console: Console, quiet: bool = False) -> None:
+    """Load ``backend``'s kernels before the first image, a compile (about 15 s) announced first:
+    ``run``, ``verify``, ``fit`` and ``evaluate`` alike."""
+    announced_warm_up(f"backend {backend.name}", f"{backend.name} kernels", 15, console, quiet,
+                      backend.compiles_on_warm_up, lambda: backend.warm_up(config))
 
 
 def announced_warm_up(what: str, kernels: str, seconds: int, console: Console, quiet: bool,

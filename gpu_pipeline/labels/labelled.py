@@ -117,7 +117,7 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
     """
     from gpu_pipeline.engine.cores import usable_cores
     from gpu_pipeline.engine.stream import Engine
-    from gpu_pipeline.engine.job import announced_warm_up, open_backend, progress_bar
+    from gpu_pipeline.engine.job import open_backend, progress_bar, warm_up_backend
 
     collector = _FeatureCollector(features_of)
     backend = open_backend(backend_name, None)
@@ -126,8 +126,7 @@ def compute_features(paths: list[Path], backend_name: str, config: PipelineConfi
                         workers=usable_cores(), labels_of=collector.labels_of)
         if sys.stderr.isatty():
             # (a compile announced first, as run does: the bar sat at 0 for 15-20 s without a word)
-            announced_warm_up(f"backend {backend.name}", f"{backend.name} kernels", 15, console, False,
-                              backend.compiles_on_warm_up, lambda: backend.warm_up(config))
+            warm_up_backend(backend, config, console)
             with progress_bar(console) as bar:
                 task = bar.add_task("features", total=len(paths), rate="-")
                 engine.run(paths, collector, progress=lambda n: bar.advance(task, n))
