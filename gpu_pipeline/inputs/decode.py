@@ -47,9 +47,9 @@ strip's or tile's own header, not from the TIFF's tags: every such header is rea
 file is refused when one declares more rows or columns than its strip or tile (as libtiff refuses
 such a JPEG strip), or more than 4 components beyond its samples; a JPEG strip or tile must also
 end with its end-of-image marker, and a WebP one's image data must not end in zeros (one cut short
-or zero-filled would be filled in with made-up pixels). JPEG XL, JPEG XR and LERC, whose headers are not read here, are decoded unchecked: LERC is
-common in elevation GeoTIFFs, and refusing every such file would cost more users than the bomb it
-could carry. The checks and the decoding budget: :mod:`gpu_pipeline.inputs.limits`.
+or zero-filled would be filled in with made-up pixels). JPEG XL, JPEG XR and LERC, whose headers
+are not read here, are decoded unchecked: LERC is common in elevation GeoTIFFs, and refusing every
+such file would cost more users than the bomb it could carry. The checks and the decoding budget: :mod:`gpu_pipeline.inputs.limits`.
 """
 
 from __future__ import annotations
