@@ -1866,6 +1866,38 @@ def test_parquet_retry_failed_drops_error_rows_and_redoes_them(tmp_path):
     assert [oct(part.stat().st_mode & 0o777) for part in sorted(out.iterdir())][:3] == ["0o600"] * 3
 
 
+def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_path, monkeypatch):
+    """--retry-failed rewrites each part that holds error rows; the disk filling up at the second such
+    part used to leave the first rewritten (its error rows gone) while the run was refused (exit 2,
+    "before anything was written"). Now every part is written aside first: the dataset is as it was."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder = tmp_path / "images"
+    paths = make_images(folder, 6)
+    paths[0].write_bytes(b"")
+    paths[5].write_bytes(b"")
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
+    before = {part.name: part.read_bytes() for part in out.iterdir()}
+    failed_in = [name for name in before if any(pq.read_table(out / name).column("error").to_pylist())]
+    assert len(failed_in) == 2  # the error rows are in two parts
+    make_images(folder, 6)
+    written = []
+    write_table = pq.write_table
+
+    def disk_fills_up(*args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(write_table(*args, **kwargs))
+
+    monkeypatch.setattr(pq, "write_table", disk_fills_up)
+    result = run(str(folder), "--out", str(out), "--retry-failed")
+    assert written and result.exit_code == 2 and "No space left on device" in result.stderr
+    assert {part.name: part.read_bytes() for part in out.iterdir()} == before  # no part changed, no temporary
+    monkeypatch.undo()
+    assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
+    assert len(read_records(out)) == 6 and all("error" not in r for r in read_records(out))
+
+
 def test_an_old_single_file_parquet_output_is_refused(tiles, tmp_path):
     pytest.importorskip("pyarrow")
     out = tmp_path / "old.parquet"

@@ -138,10 +138,16 @@ class ParquetSink(Sink):
             self._next += 1
 
 
-def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str,
-               replaced: os.stat_result | None = None) -> None:
-    """One part file, complete or absent: written to a hidden name, synced, renamed into place; with
-    the permissions and group of the part it replaces (``replaced``, its status), where it does one."""
+def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str) -> None:
+    """One part file, complete or absent: written to a hidden name, synced, renamed into place."""
+    _put_in_place(_written_aside(folder, name, records, schema, out), folder / name, out)
+
+
+def _written_aside(folder: Path, name: str, records: Iterable[dict], schema, out: str,
+                   replaced: os.stat_result | None = None) -> Path:
+    """Part ``name``, written whole and synced under its hidden temporary name (returned); with the
+    permissions and group of the part it is to replace (``replaced``, its status), where it does one.
+    SinkWriteError, and no temporary left, when it cannot be."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -154,26 +160,46 @@ def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: st
             os.fsync(stream.fileno())
         if replaced is not None:
             keep_mode(replaced, temporary)
-        os.replace(temporary, folder / name)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
+    return temporary
+
+
+def _put_in_place(temporary: Path, part: Path, out: str) -> None:
+    try:
+        os.replace(temporary, part)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
 def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
-    """Rewrite each part that holds error rows of the paths in ``dropped`` without them, one atomic
-    rename per part (``--retry-failed`` redoes those images)."""
+    """Rewrite each part that holds error rows of the paths in ``dropped`` without them
+    (``--retry-failed`` redoes those images). Every new part is written aside before the first is
+    renamed into place: a disk that fills up on the way leaves the dataset as it was."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for part in parts(folder):
-        table = _read_part(pq, part, schema=parquet_schema())
-        rows = table.select(["path", "path_bytes", "error"]).to_pylist()
-        kept = table.filter(pa.array([row["error"] is None or record_key(row) not in dropped for row in rows]))
-        if kept.num_rows == table.num_rows:
-            continue
-        if kept.num_rows == 0:
+    rewritten: list[tuple[Path | None, Path]] = []  # (its new part, written aside; None: no row left), the part
+    try:
+        for part in parts(folder):
+            table = _read_part(pq, part, schema=parquet_schema())
+            rows = table.select(["path", "path_bytes", "error"]).to_pylist()
+            kept = table.filter(pa.array([row["error"] is None or record_key(row) not in dropped for row in rows]))
+            if kept.num_rows == table.num_rows:
+                continue
+            # (a part --retry-failed rewrote took the umask's permissions, not the part's own)
+            aside = _written_aside(folder, part.name, kept.to_pylist(), parquet_schema(), out,
+                                   replaced=os.stat(part)) if kept.num_rows else None
+            rewritten.append((aside, part))
+    except BaseException:  # (Ctrl-C too: the temporaries written so far go)
+        for aside, _ in rewritten:
+            if aside is not None:
+                aside.unlink(missing_ok=True)
+        raise
+    for aside, part in rewritten:
+        if aside is None:
             part.unlink()
         else:
-            # (a part --retry-failed rewrote took the umask's permissions, not the part's own)
-            write_part(folder, part.name, kept.to_pylist(), parquet_schema(), out, replaced=os.stat(part))
+            _put_in_place(aside, part, out)
