@@ -977,7 +977,7 @@ def test_the_help_text_is_wrapped_to_the_terminal_not_to_the_source(command, col
 
 
 #: Options whose absence means "not done": no default to tell.
-OFF_WHEN_LEFT_OUT = {"--glob", "--save-edges", "--report", "--json", "--plot", "--dask"}
+OFF_WHEN_LEFT_OUT = {"--glob", "--save-edges", "--report", "--json", "--plot", "--dask", "--files-from"}
 
 
 @pytest.mark.parametrize("command", [c[0] for c in COMMANDS if c])

@@ -55,9 +55,9 @@ import typer
 from gpu_pipeline import __version__
 from gpu_pipeline.cli import streams
 from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Command, Commands, Decode, DecodeTimeout,
-                                      Device, Glob, High, Low, MaxPixels, Paths, Stretch, Threads, Workers,
-                                      bundled_data_dir, check_counts, decode_options, fail_usage, given_file_name,
-                                      given_path, pipeline_config)
+                                      Device, FilesFrom, Glob, High, Low, MaxPixels, Paths, Stretch, Threads,
+                                      Workers, check_counts, decode_options, fail_usage, given_file_name,
+                                      given_path, given_paths, pipeline_config)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import processes_for_time_limit
 from gpu_pipeline.engine.stream import Engine
@@ -94,6 +94,7 @@ def main_options(
 @app.command(cls=Command)
 def run(
     paths: Paths = None,
+    files_from: FilesFrom = None,
     out: str = typer.Option("results.jsonl", "--out", "-o", parser=given_file_name,
                             help="Output file (.jsonl, .csv or .parquet), or - for stdout. An existing output is "
                             "resumed: images already recorded are skipped."),
@@ -162,7 +163,7 @@ def run(
         if out == "-" and retry_failed:  # (it did nothing, without a word)
             raise UsageError("--retry-failed redoes the failed images of an --out file; standard output holds none")
         code = run_job(
-            paths=list(paths) if paths else [bundled_data_dir()],
+            paths=given_paths(paths, files_from),
             out=out, backend_name=backend, config=pipeline_config(low, high, l2, blur),
             decode_options=decode_options(bands, stretch, max_pixels), glob=glob,
             workers=workers, processes=processes, decode_timeout=decode_timeout, threads=threads,

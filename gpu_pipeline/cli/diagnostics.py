@@ -15,10 +15,11 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from gpu_pipeline.cli.options import (L2, Bands, Command, DecodeTimeout, ImagesPerCall, Blur, Glob, High, Low,
-                                      MaxPixels, Paths, Stretch, Threads, VerifyWorkers,
+from gpu_pipeline.cli.options import (L2, Bands, Command, DecodeTimeout, FilesFrom, ImagesPerCall, Blur, Glob,
+                                      High, Low, MaxPixels, Paths, Stretch, Threads, VerifyWorkers,
                                       bundled_data_dir, check_counts, decode_options, fail_unwritten, fail_usage,
-                                      given_file_name, given_path, pipeline_config, written_path, written_png)
+                                      given_file_name, given_path, given_paths, pipeline_config, written_path,
+                                      written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError
@@ -30,6 +31,7 @@ MOST_REPEATS = 1000
 
 def verify(
     paths: Paths = None,
+    files_from: FilesFrom = None,
     backends: Optional[str] = typer.Option(
         None, "--backends", "-b",
         help="Comma-separated backends to compare with the reference, e.g. numba,cuda. Default: every "
@@ -66,7 +68,7 @@ def verify(
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
         arguments = {
-            "paths": list(paths) if paths else [bundled_data_dir()], "requested": parse_backend_list(backends),
+            "paths": given_paths(paths, files_from), "requested": parse_backend_list(backends),
             "against_opencv": against_opencv, "config": pipeline_config(low, high, l2, blur),
             "decode_options": decode_options(bands, stretch, max_pixels), "glob": glob,
             "threads": threads, "batch_size": batch_size, "workers": workers or usable_cores(),

@@ -146,6 +146,14 @@ def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
     return _find(paths, glob, absolute=True, unlisted=unlisted)
 
 
+def listed_paths(listing: bytes) -> list[str]:
+    """The paths of a list (``--files-from``): NUL-separated where it holds a NUL (``find -print0``:
+    any name, newlines included), else one a line; empty entries skipped. Each keeps its bytes as a
+    command-line argument does (``os.fsdecode``). Nothing is stripped: a name may end in a space."""
+    separator = b"\0" if b"\0" in listing else b"\n"
+    return [os.fsdecode(name) for name in listing.split(separator) if name]
+
+
 def unlisted_warning(folder: str, reason: str) -> str:
     """What every command says (after ``warning: ``) of a folder under its inputs that could not be
     listed: ``run``, ``verify``, ``bench`` and the Python API go on without its images."""
@@ -156,7 +164,9 @@ def no_files_found(paths: Iterable[str | os.PathLike[str]], glob: str | None,
                    unlisted: list[tuple[str, str]]) -> UsageError:
     """The refusal of a command that found no image under ``paths``, naming the first folders
     that could not be listed (the likely cause)."""
-    return UsageError("no image files found in " + ", ".join(str(p) for p in paths)
+    paths = list(paths)
+    named = ", ".join(str(path) for path in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return UsageError("no image files found in " + named  # (a --files-from list may hold 100,000)
                       + (f" matching {glob!r}" if glob else "")
                       + "".join(f"; cannot list {printable(folder)}: {reason}" for folder, reason in unlisted[:3]))
 
