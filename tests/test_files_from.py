@@ -148,3 +148,16 @@ def test_a_list_of_folders_without_images_is_named_by_its_first_three(tmp_path):
     result = run("--files-from", str(listing), "--out", str(tmp_path / "out.jsonl"))
     assert result.exit_code == 2
     assert result.stderr == f"gpu-pipeline: error: no image files found in {folders[0]}, {folders[1]}, {folders[2]} and 2 more\n"
+
+
+def test_a_listed_file_is_taken_whatever_its_extension_as_an_argument_is(tmp_path):
+    """In a folder only image extensions are taken; a file named in the list is taken as named."""
+    made = make_images(tmp_path / "images", 2)
+    paths = [made[0].rename(made[0].with_name("scan.bin")), made[1].rename(made[1].with_name("scan.data"))]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{paths[1]}\n{paths[0]}\n")
+    out = tmp_path / "out.jsonl"
+    assert run("--files-from", str(listing), "--out", str(out)).exit_code == 0
+    assert [record["path"] for record in lines_of(out)] == [str(paths[0]), str(paths[1])]
+    assert all(record["width"] == 20 for record in lines_of(out))  # decoded
+    assert run(str(tmp_path / "images"), "--out", str(tmp_path / "other.jsonl")).exit_code == 2  # a folder: none
