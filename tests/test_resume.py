@@ -866,3 +866,55 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path):
     assert len(read_records(tmp_path / "large.jsonl")) == 5000
     # 4,500 more paths cost ~1 MB of path strings; anything near O(records) would be far more.
     assert rss_large - rss_small < 24 * 1024, (rss_small, rss_large)
+
+
+#: A ``sitecustomize`` that sends the run SIGTERM from inside llvmlite's lock (its acquire callback,
+#: within ``_LLVMLock.__enter__``, the lock taken) the first time the main thread takes it while the
+#: numba backend's helper threads are at work: a SIGTERM during the kernels' loading, at that moment.
+TERM_INSIDE_LLVM_LOCK = """
+import os, signal, threading
+if os.environ.get("TERM_INSIDE_LLVM_LOCK"):
+    from llvmlite.binding import ffi
+    from gpu_pipeline.backends import numba_cpu
+
+    state = {"helpers": False, "sent": False}
+    real = numba_cpu.NumbaCpuBackend._on_workers
+
+    def on_workers(self, kernel, workers, before, after):
+        state["helpers"] = state["helpers"] or (workers > 1 and self._helpers is not None)
+        return real(self, kernel, workers, before, after)
+
+    def acquired():
+        if state["helpers"] and not state["sent"] and threading.current_thread() is threading.main_thread():
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    numba_cpu.NumbaCpuBackend._on_workers = on_workers
+    ffi.register_lock_callback(acquired, lambda: None)
+"""
+
+
+def test_sigterm_inside_llvmlites_lock_as_the_kernels_load_ends_the_run(tmp_path):
+    """A SIGTERM while numba loads the kernels (start-up: exit 143 at once) raised its exception
+    inside llvmlite's lock entry, the lock taken: never released, the numba helper threads waited
+    for it, the run for them, for ever (1 of 72 kills in a soak, no output, killed by docker stop's
+    SIGKILL). The signal is now acted on just after."""
+    from tests.runs import sitecustomize
+
+    folder = tmp_path / "images"
+    make_images(folder, 4, size=40)
+    env = {**sitecustomize(tmp_path / "site", TERM_INSIDE_LLVM_LOCK), "TERM_INSIDE_LLVM_LOCK": "1"}
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
+                                "--backend", "numba", "--threads", "2", "--decode", "threads"],
+                               cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("the run hung after its SIGTERM") from None
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    assert not lock_path(str(out)).exists()

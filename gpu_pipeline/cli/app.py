@@ -184,7 +184,29 @@ register_label_commands(app)
 
 
 def _interrupt(signum, frame) -> None:
+    if _in_enter_or_exit(frame):
+        _send_again(signum)
+        return
     raise Interrupted(signum)
+
+
+def _in_enter_or_exit(frame) -> bool:
+    """Whether ``frame`` runs inside a context manager's ``__enter__`` or ``__exit__``: an exception
+    raised there can leave what it took held. llvmlite's lock, taken in its ``__enter__`` before the
+    callbacks numba registers, was never released, and numba's helper threads waited for it, and the
+    run for them, for ever (a SIGTERM as the kernels loaded)."""
+    while frame is not None:
+        if frame.f_code.co_name in ("__enter__", "__exit__"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_again(signum: int) -> None:
+    """The signal again a moment later, from another thread, to act where it is safe to."""
+    again = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
 
 
 def _unraisable(hook_args, previous=sys.unraisablehook) -> None:
@@ -194,9 +216,7 @@ def _unraisable(hook_args, previous=sys.unraisablehook) -> None:
     the hook, it would be dropped too; again inside a callback, it comes back here), and nothing is
     printed."""
     if isinstance(hook_args.exc_value, Interrupted):
-        again = threading.Timer(0.02, os.kill, (os.getpid(), hook_args.exc_value.args[0]))
-        again.daemon = True
-        again.start()
+        _send_again(hook_args.exc_value.args[0])
         return
     previous(hook_args)
 
