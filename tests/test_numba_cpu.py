@@ -535,6 +535,30 @@ def test_a_helpers_failure_is_raised_after_every_helper_is_done():
         assert finished.is_set()
 
 
+def test_a_calls_own_interruption_is_not_replaced_by_a_helpers_failure():
+    """A SIGTERM raised in the calling thread as numba loaded the kernels left a module half imported;
+    the helper that imported it next failed ("duplicate registration"), and that failure, raised
+    while waiting for the helpers, replaced the signal's: a traceback and exit 1 instead of 143."""
+    import threading
+
+    backend = numba_cpu.NumbaCpuBackend(threads=2)
+    caller = threading.current_thread()
+    helper_failed = threading.Event()
+
+    def kernel(claimed):
+        if threading.current_thread() is caller:
+            helper_failed.wait(10)
+            raise KeyboardInterrupt
+        helper_failed.set()
+        raise KeyError("duplicate registration for NPDatetime")
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend._on_workers(kernel, 2, (), ())
+    finally:
+        backend.close()
+
+
 def test_warm_up_loads_the_seam_join_too():
     """backends.md: warm_up() loads every kernel, the band-seam join too, which the base class's tiny
     images never reach: compiled in the middle of a run, it would stall it (12-15 s on two cores)."""

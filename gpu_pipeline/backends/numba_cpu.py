@@ -90,10 +90,10 @@ class Scratch:
         return kept[:size]
 
 
-def _wait_for_all(helpers: list[Future]) -> None:
+def _wait_for_all(helpers: list[Future], raising: bool = True) -> None:
     """Wait for every helper, through a Ctrl-C too (raised once they are done): a helper still at work
     would write into scratch buffers that go back to the spare pool, for the next call to share.
-    A helper's own failure is raised after."""
+    A helper's own failure is raised after (``raising``)."""
     interrupted = None
     for helper in helpers:
         while True:
@@ -104,7 +104,7 @@ def _wait_for_all(helpers: list[Future]) -> None:
                 interrupted = exc
     if interrupted is not None:
         raise interrupted
-    for helper in helpers:
+    for helper in helpers if raising else ():
         helper.result()
 
 
@@ -187,8 +187,12 @@ class NumbaCpuBackend(Backend):
         helpers = [self._helpers.submit(kernel, *args) for _ in range(workers - 1)] if self._helpers else []
         try:
             kernel(*args)
-        finally:  # the buffers must outlive every worker, even when one failed
-            _wait_for_all(helpers)
+        except BaseException:  # the buffers must outlive every worker, even when one failed
+            # this call's own failure is the one told: a signal that struck here as numba imported its
+            # modules left one half done, and a helper's failure importing it hid the signal's
+            _wait_for_all(helpers, raising=False)
+            raise
+        _wait_for_all(helpers)
 
     def _run(self, images: ImageBatch, config: PipelineConfig, keep: bool) -> BatchResult:
         if self._helpers_pid != os.getpid():  # a fork: the pool's threads stayed in the parent, and its
