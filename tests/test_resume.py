@@ -224,6 +224,8 @@ def test_failures_are_kept_until_retry_failed(tmp_path, suffix):
     assert run(str(folder), "--out", str(out), "--retry-failed").exit_code == 0
     records = by_path(read_records(out))
     assert len(records) == 4 and all("error" not in r for r in records.values())
+    # README: a resume appends what it processes after the records already there
+    assert list(records) == [str(paths[0]), str(paths[2]), str(paths[3]), str(paths[1])]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
