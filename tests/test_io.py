@@ -1007,6 +1007,19 @@ def test_min_is_white_keeps_its_gdal_nodata_pixels_out_of_the_stretch(scratch: P
     assert np.array_equal(white[valid].astype(int), 255 - black[valid].astype(int))  # the same stretch, mirrored
 
 
+@pytest.mark.parametrize("photometric", ["miniswhite", "minisblack"])
+def test_a_1_bit_tiff_with_a_gdal_nodata_value_decodes_as_pillow_reads_it(scratch: Path, photometric: str) -> None:
+    """1-bit samples take no nodata (they become 0/255 as they are); min-is-white ones with the tag
+    were refused as "damaged TIFF file: Invalid integer data type 'b'." (its inversion asked numpy
+    for the range of a bool)."""
+    path = scratch / f"mask-{photometric}.tif"
+    tifffile.imwrite(path, np.random.default_rng(12).random((6, 7)) < 0.5, photometric=photometric,
+                     extratags=[(42113, "s", 0, "0", True)])
+    with Image.open(path) as expected:
+        wanted = np.asarray(expected.convert("L"))
+    assert np.array_equal(decode_image(path, DEFAULT), wanted)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
 def test_tiff_samples_of_fewer_than_8_bits_agree_with_pillow(scratch: Path, bits: int, photometric: str) -> None:

@@ -145,8 +145,10 @@ def _inverted_nodata(nodata: float | None, dtype: np.dtype, bits: int) -> float 
     """The GDAL nodata value of min-is-white samples, inverted as :func:`_inverted` inverts them (in
     their own type), so that it still marks the same pixels: left as it was, -9999 matched none of
     the inverted samples (9998), and the nodata block dominated the stretch as data."""
+    if dtype.kind == "b":  # (before as_sample: a bool has no integer range to compare it in)
+        return nodata  # 1-bit samples take no nodata: they become 0/255 as they are
     sample = as_sample(dtype, nodata)
-    if sample is None or dtype.kind == "b":
+    if sample is None:
         return nodata
     return float(_inverted(np.array([sample], dtype), bits)[0])
 
