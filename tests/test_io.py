@@ -1913,6 +1913,20 @@ def test_a_cut_tiff_is_refused_not_filled_in(tmp_path, layout):
         silenced.setLevel(level)
 
 
+def test_a_tiff_cut_by_its_last_byte_is_refused_naming_where_its_strip_ends(tmp_path, monkeypatch):
+    """The bound is the file's size, to the byte: the last strip (tifffile writes the pixels last)
+    ending one byte past the end is a cut file, whatever tifffile then logs."""
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, (np.arange(48 * 32) % 251).astype(np.uint8).reshape(48, 32), rowsperstrip=10)
+    size = whole.stat().st_size
+    with tifffile.TiffFile(whole) as tif:
+        assert tif.pages.first.dataoffsets[-1] + tif.pages.first.databytecounts[-1] == size
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[:-1])
+    refused_before_decoding(cut, monkeypatch, f"^truncated TIFF file: strip 5 ends at byte {size} of a "
+                                              f"{size - 1}-byte file$")
+
+
 def test_an_error_tifffile_logs_while_decoding_a_page_makes_it_a_decode_error(tmp_path, monkeypatch):
     """Whatever tifffile's version does with a damaged segment, an error it reports while it decodes
     the page (its log, at ERROR) is that image's error, not a record of what it filled in."""
@@ -2451,6 +2465,58 @@ def test_a_tiff_listing_fewer_strips_or_tiles_than_its_image_needs_is_refused(tm
                                           r"(5|6)") as refused:
         decode_image(path, DecodeOptions())
     assert refused.value.stage == "decode"
+
+
+@pytest.mark.parametrize("layout, codes, needed", [
+    ({"rowsperstrip": 10}, (273, 279), 5),  # 48 rows: 4 strips of 10 and one of 8
+    ({"rowsperstrip": 10}, (279,), 5),  # every offset, one byte count short
+    ({"rowsperstrip": 10, "planarconfig": "separate"}, (273, 279), 15),  # 5 strips a plane, 3 planes
+    ({"tile": (16, 32)}, (324, 325), 3),  # 48 x 20 in tiles 16 rows high, 32 wide: 3 down, 1 (part) across
+])
+def test_a_tiff_listing_one_strip_or_tile_fewer_than_its_image_needs_is_refused(tmp_path, layout, codes, needed):
+    """The count to the segment, by hand: the last strip and the edge tiles partly outside the image
+    count (not floor division), a tile's rows are its TileLength (not its width), each separate plane
+    has its own strips, and offsets and byte counts must both be there; the whole file decodes."""
+    rgb = "planarconfig" in layout
+    image = (np.arange(48 * 20 * 3) % 251).astype(np.uint8).reshape(48, 20, 3)[..., :3 if rgb else 1]
+    buffer = io.BytesIO()
+    written = np.ascontiguousarray(image.transpose(2, 0, 1)) if rgb else image[..., 0]  # (planes, rows, columns)
+    tifffile.imwrite(buffer, written, photometric="rgb" if rgb else None, **layout)
+    whole = tmp_path / "whole.tif"
+    whole.write_bytes(buffer.getvalue())
+    assert np.array_equal(decode_image(whole, DecodeOptions()), image if rgb else image[..., 0])
+    data = bytearray(buffer.getvalue())
+    for code in codes:
+        tag = tifffile.TiffFile(io.BytesIO(bytes(data))).pages.first.tags[code]
+        assert tag.count == needed
+        data[tag.offset + 4:tag.offset + 8] = (needed - 1).to_bytes(4, "little")
+    path = tmp_path / "one-short.tif"
+    path.write_bytes(bytes(data))
+    kind = "tiles" if "tile" in layout else "strips"
+    with pytest.raises(DecodeError, match=f"^damaged TIFF file: it lists {needed - 1} {kind}, but its image needs "
+                                          f"{needed}$") as refused:
+        decode_image(path, DecodeOptions())
+    assert refused.value.stage == "decode"
+
+
+def test_a_sparse_jpeg_tiff_decodes_its_missing_tiles_as_zeros(tmp_path) -> None:
+    """GDAL's sparse files list a tile never written with offset 0 and byte count 0: there is no
+    header to check, and tifffile fills it in with zeros (such a file was refused for it)."""
+    pytest.importorskip("imagecodecs")
+    image = np.random.default_rng(20).integers(1, 256, (64, 64), dtype=np.uint8)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, image, compression="jpeg", tile=(32, 32))
+    data = bytearray(buffer.getvalue())
+    page = tifffile.TiffFile(io.BytesIO(bytes(data))).pages.first
+    expected = page.asarray()
+    for code in (324, 325):  # TileOffsets, TileByteCounts: the second tile's is 0
+        tag = page.tags[code]
+        size = {3: 2, 4: 4}[int(tag.dtype)]
+        data[tag.valueoffset + size:tag.valueoffset + 2 * size] = bytes(size)
+    path = tmp_path / "sparse.tif"
+    path.write_bytes(bytes(data))
+    expected[:32, 32:] = 0
+    assert np.array_equal(decode_image(path, DecodeOptions()), expected)
 
 
 @pytest.mark.parametrize("planar", [0, 3, 65535])
