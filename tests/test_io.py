@@ -1564,6 +1564,25 @@ def test_a_jpeg_tiffs_shared_tables_declaring_more_pixels_than_a_strip_are_refus
                                                "but a strip holds 64 x 64 ")
 
 
+def test_a_jpeg_strip_without_a_frame_header_is_refused_though_its_tiff_has_jpeg_tables(scratch: Path, monkeypatch):
+    """libtiff's JPEGTables hold the quantisation and Huffman tables, no frame header: they size
+    nothing, so a strip whose own frame header cannot be read is refused as one without tables is
+    (the tables were taken as a header read, and such a strip went to the codec unchecked)."""
+    pytest.importorskip("imagecodecs")
+    path = scratch / "jpeg-tables-headerless.tif"
+    image = np.random.default_rng(14).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    Image.fromarray(image).save(path, compression="tiff_jpeg", quality=90, strip_size=512)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        assert page.jpegtables and b"\xff\xc0" not in page.jpegtables and len(page.dataoffsets) > 2
+        offset = page.dataoffsets[1]
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0", offset)
+    data[sof + 1] = 0xFE  # the frame header becomes a comment: strip 2 declares no size
+    path.write_bytes(bytes(data))
+    refused_before_decoding(path, monkeypatch, "^damaged TIFF file: strip 2 has no JPEG header that can be checked ")
+
+
 def segment_of_200_by_100(codec: str) -> tuple[bytes, int]:
     """A 200 x 100 image as its codec's encoder writes it (the header the check must read), and its
     samples a pixel."""
@@ -1719,17 +1738,35 @@ def test_ordinary_self_sizing_tiffs_decode_as_tifffile_decodes_them(scratch: Pat
     assert np.array_equal(decoded, expected[..., :3] if samples > 1 else expected)
 
 
-def test_a_jpeg_tiff_segment_whose_frame_header_is_past_its_first_kilobyte_decodes(scratch: Path) -> None:
+@pytest.mark.parametrize("comment_bytes, side", [(2000, 64), (1100, 8)])
+def test_a_jpeg_tiff_segment_whose_frame_header_is_past_its_first_kilobyte_decodes(scratch: Path, comment_bytes,
+                                                                                   side) -> None:
     """A segment's header is looked for in its first 1024 bytes, then in all of it: an APP segment of
-    2 KB before the frame header (an ICC profile, a comment) is no reason to refuse the file."""
+    2 KB before the frame header (an ICC profile, a comment) is no reason to refuse the file, nor a
+    comment of 1 KB in a segment of under 2 (all of the rest read, not another kilobyte's worth)."""
     imagecodecs = pytest.importorskip("imagecodecs")
-    pixels = np.random.default_rng(5).integers(0, 256, (64, 64), dtype=np.uint8)
+    pixels = np.random.default_rng(5).integers(0, 256, (side, side), dtype=np.uint8)
     stream = bytes(imagecodecs.jpeg8_encode(pixels, level=90))
-    comment = b"\xff\xfe" + (2 + 2000).to_bytes(2, "big") + b"c" * 2000  # COM, right after SOI
+    comment = b"\xff\xfe" + (2 + comment_bytes).to_bytes(2, "big") + b"c" * comment_bytes  # COM, right after SOI
     segment = stream[:2] + comment + stream[2:]
-    assert segment.index(b"\xff\xc0") > 1024
+    assert segment.index(b"\xff\xc0") > 1024 and (side == 64 or len(segment) < 2048)
     path = scratch / "jpeg-late-frame.tif"
-    tifffile.imwrite(path, iter([segment]), shape=(64, 64), dtype=np.uint8, compression="jpeg", rowsperstrip=64)
+    tifffile.imwrite(path, iter([segment]), shape=(side, side), dtype=np.uint8, compression="jpeg",
+                     rowsperstrip=side)
+    assert np.array_equal(decode_image(path, DEFAULT), imagecodecs.jpeg8_decode(stream))
+
+
+def test_a_jpeg_tiff_segment_padded_with_zeros_after_its_end_of_image_marker_decodes(scratch: Path) -> None:
+    """Zeros after a strip's end-of-image marker (a writer that pads its segments) are no cut
+    stream: the file decodes as the stream it holds."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    pixels = np.random.default_rng(19).integers(0, 256, (16, 16), dtype=np.uint8)
+    stream = bytes(imagecodecs.jpeg8_encode(pixels, level=90))
+    path = scratch / "jpeg-padded.tif"
+    tifffile.imwrite(path, iter([stream + b"\0" * 4]), shape=(16, 16), dtype=np.uint8, compression="jpeg",
+                     rowsperstrip=16)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages.first.databytecounts == (len(stream) + 4,)
     assert np.array_equal(decode_image(path, DEFAULT), imagecodecs.jpeg8_decode(stream))
 
 
