@@ -1050,6 +1050,31 @@ def test_tiff_samples_of_3_or_5_bits_are_rounded_onto_0_to_255(scratch: Path, bi
     assert decode_image(path, DEFAULT).ravel().tolist() == expected
 
 
+@pytest.mark.parametrize("bits, expected", [(6, [0, 4, 125, 130, 251, 255]), (7, [0, 2, 126, 129, 253, 255])])
+def test_tiff_samples_of_6_or_7_bits_are_brought_onto_0_to_255_too(scratch: Path, bits: int, expected: list) -> None:
+    """Every depth under 8 is scaled, 7 included (by hand: 6-bit 32 is 129.52, 7-bit 64 is 128.50: 130, 129)."""
+    top = (1 << bits) - 1
+    samples = np.array([[0, 1, top // 2], [top // 2 + 1, top - 1, top]], np.uint8)
+    path = scratch / f"gray{bits}.tif"
+    tifffile.imwrite(path, samples, bitspersample=bits, photometric="minisblack")
+    assert decode_image(path, DEFAULT).ravel().tolist() == expected
+
+
+@pytest.mark.parametrize("photometric, expected", [("minisblack", [0, 255, 255, 255, 119, 136]),
+                                                   ("miniswhite", [255, 0, 0, 0, 136, 119])])
+def test_tiff_samples_beyond_their_bits_per_sample_count_as_the_largest(scratch: Path, photometric, expected):
+    """A PNG-compressed strip sizes its own samples: one whose TIFF says 4 bits while its PNG holds 8
+    (a damaged file) gives samples past 15, which count as 15 (white, black inverted), not as bytes
+    wrapped around (16 x 17 = 272 gave 16)."""
+    pytest.importorskip("imagecodecs")
+    samples = np.array([[0, 15, 16, 200, 7, 8]], np.uint8)
+    path = scratch / f"beyond-{photometric}.tif"
+    path.write_bytes(_tiff_with_tag_value(samples, 258, 4, compression="png", photometric=photometric))
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages.first.bitspersample == 4 and tif.pages.first.asarray().tolist() == samples.tolist()
+    assert decode_image(path, DEFAULT).ravel().tolist() == expected
+
+
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
 def test_min_is_white_signed_and_float_samples_are_inverted(scratch: Path, dtype) -> None:
     """They were used as stored: the brightest sample stayed the brightest."""
@@ -1078,6 +1103,26 @@ def test_bitdepth_of_a_12_bit_tiff_is_its_bits_not_its_containers(scratch: Path)
     assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[0, 6, 255, 128]]
     tifffile.imwrite(path, np.array([[0, 100, 4095, 2048]], np.uint16), bitspersample=12, photometric="miniswhite")
     assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[255, 249, 0, 127]]
+
+
+def test_bitdepth_of_12_bit_samples_beyond_12_bits_is_255(scratch: Path) -> None:
+    """A PNG-compressed strip sizes its own samples: a TIFF saying 12 bits whose PNG holds 16 (a
+    damaged file) gives samples past 4095, which give 255, not x >> 4 wrapped around (4096: 0)."""
+    pytest.importorskip("imagecodecs")
+    samples = np.array([[0, 4095, 4096, 40000]], np.uint16)
+    path = scratch / "beyond-12.tif"
+    path.write_bytes(_tiff_with_tag_value(samples, 258, 12, compression="png", photometric="minisblack"))
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages.first.bitspersample == 12 and tif.pages.first.asarray().tolist() == samples.tolist()
+    assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[0, 255, 255, 255]]
+
+
+def test_bitdepth_of_a_min_is_white_float_tiff_is_that_of_1_minus_x(scratch: Path) -> None:
+    """Floats are taken as [0, 1]: min-is-white x is 1 - x, so 0.25 gives floor(0.75 * 255 + 0.5) = 191
+    (-x, which the statistical stretches cannot tell from 1 - x, made every such sample 0)."""
+    path = scratch / "white-float.tif"
+    tifffile.imwrite(path, np.array([[0.0, 0.25, 0.5, 1.0]], np.float32), photometric="miniswhite")
+    assert decode_image(path, DecodeOptions(stretch="bitdepth")).tolist() == [[255, 191, 128, 0]]
 
 
 @pytest.mark.parametrize(
