@@ -842,6 +842,16 @@ def test_planar_samples_axis_is_read_from_the_metadata_not_guessed(scratch: Path
         assert np.array_equal(decode_image(write_tiff(scratch / "cube.tif", bands, planar), DEFAULT), bands)
 
 
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_each_band_of_a_two_band_tiff_is_its_own_whatever_its_planar_configuration(scratch: Path, planar) -> None:
+    """Two bands (gray + alpha, or two measurements): by default the first is gray, and --bands 2
+    gives the second; two separate planes must not be taken as one."""
+    bands = np.random.default_rng(15).integers(0, 256, (5, 7, 2), dtype=np.uint8)
+    path = write_tiff(scratch / f"two-{planar}.tif", bands, planar)
+    assert np.array_equal(decode_image(path, DEFAULT), bands[:, :, 0])
+    assert np.array_equal(decode_image(path, DecodeOptions(bands=(2,))), bands[:, :, 1])
+
+
 def test_only_the_first_page_is_read(scratch: Path) -> None:
     with tifffile.TiffWriter(scratch / "pyramid.tif") as tif:
         tif.write(np.full((8, 8), 7, np.uint8), subifds=1)
@@ -1149,6 +1159,15 @@ def test_a_gdal_nodata_value_no_sample_can_equal_marks_no_pixel(scratch: Path, d
     path = write_tiff(scratch / "nodata-out-of-range.tif", bands, extratags=[(42113, "s", 0, str(nodata), True)])
     for stretch in ["minmax", "percentile"]:
         assert np.array_equal(decode_image(path, DecodeOptions(stretch=stretch)), oracle(bands, stretch))
+
+
+@pytest.mark.parametrize("text", ["none", "", "1e"])
+def test_a_gdal_nodata_tag_that_is_no_number_marks_no_pixel(scratch: Path, text: str) -> None:
+    """A malformed tag is not a damaged image: every sample is data (it was refused as "damaged
+    TIFF file: could not convert string to float")."""
+    bands = np.random.default_rng(18).integers(0, 4000, (12, 10, 1)).astype(np.uint16)
+    path = write_tiff(scratch / "nodata-text.tif", bands, extratags=[(42113, "s", 0, text, True)])
+    assert np.array_equal(decode_image(path, DEFAULT), oracle(bands))
 
 
 def test_bundled_uint16_geotiff_matches_the_oracle_with_its_nodata(bundled_data_dir: Path) -> None:
@@ -1477,6 +1496,22 @@ def test_a_cmyk_tiff_is_converted_as_pillow_converts_it(scratch: Path) -> None:
     assert_one_line(info.value, "decode")
 
 
+def test_a_cmyk_tiff_with_an_extra_sample_is_converted_from_its_first_four(scratch: Path) -> None:
+    """CMYK + alpha (or another extra sample): the fifth is dropped, the four converted as Pillow
+    converts the same CMYK without it (five samples a pixel read as four gave shifted colours)."""
+    cmyk = np.random.default_rng(16).integers(0, 256, (9, 13, 4), dtype=np.uint8)
+    extra = np.random.default_rng(17).integers(0, 256, (9, 13, 1), dtype=np.uint8)
+    four = scratch / "cmyk-four.tif"
+    tifffile.imwrite(four, cmyk, photometric="separated")
+    with Image.open(four) as expected:
+        wanted = np.asarray(expected.convert("RGB"))
+    five = scratch / "cmyk-five.tif"
+    tifffile.imwrite(five, np.concatenate([cmyk, extra], axis=2), photometric="separated", extrasamples=[2])
+    with tifffile.TiffFile(five) as tif:
+        assert tif.pages.first.samplesperpixel == 5
+    assert np.array_equal(decode_image(five, DEFAULT), wanted)
+
+
 def test_jpeg_compressed_ycbcr_tiff_is_rgb_and_other_colour_models_are_refused(scratch: Path) -> None:
     rgb = np.random.default_rng(13).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     tifffile.imwrite(scratch / "jpeg.tif", rgb, photometric="rgb", compression="jpeg")  # stored as YCbCr
@@ -1523,13 +1558,15 @@ def test_a_tiff_declaring_many_samples_or_a_huge_tile_is_refused_before_decoding
     assert decode_image(path, DecodeOptions(max_pixels=1_000_000, bands=options.bands)).shape == (16, 16)
 
 
-def test_a_volumetric_tiff_is_refused_from_its_tags(scratch: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("depth", [2, 3])
+def test_a_volumetric_tiff_is_refused_from_its_tags(scratch: Path, monkeypatch, depth: int) -> None:
     """An SGI volume (ImageDepth) holds depth x the pixels its width and height say: the limits count
-    width x height, so it is refused before it is decoded."""
+    width x height, so it is refused before it is decoded, from a depth of 2."""
     path = scratch / "volume.tif"
-    tifffile.imwrite(path, np.zeros((3, 16, 16), np.uint8), volumetric=True, tile=(16, 16), photometric="minisblack")
+    tifffile.imwrite(path, np.zeros((depth, 16, 16), np.uint8), volumetric=True, tile=(16, 16),
+                     photometric="minisblack")
     monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
-    with pytest.raises(DecodeError, match=r"^volumetric TIFF images \(depth 3\) are not supported$") as info:
+    with pytest.raises(DecodeError, match=rf"^volumetric TIFF images \(depth {depth}\) are not supported$") as info:
         decode_image(path, DEFAULT)
     assert_one_line(info.value, "decode")
 
