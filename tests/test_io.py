@@ -1929,6 +1929,39 @@ def test_unknown_tiff_compression_is_a_decode_error(scratch: Path) -> None:
     assert_one_line(info.value, "decode")
 
 
+@pytest.mark.parametrize("where", ["header", "pixels"])
+def test_a_tiff_that_runs_out_of_memory_says_so_not_that_it_is_damaged(scratch: Path, monkeypatch, where) -> None:
+    """A MemoryError while tifffile reads the header or the pixels is the machine's, not the file's."""
+    path = write_tiff(scratch / "memory.tif", np.zeros((4, 4, 1), np.uint8))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(tifffile.TiffFile if where == "header" else tifffile.TiffPage,
+                        "__init__" if where == "header" else "asarray", no_memory)
+    with pytest.raises(DecodeError, match="^not enough memory to decode the image$") as info:
+        decode_image(path, DEFAULT)
+    assert_one_line(info.value, "decode")
+
+
+def test_an_io_error_while_a_tiffs_pixels_are_read_is_told_as_any_formats(scratch: Path, monkeypatch) -> None:
+    """An OSError (EIO) from tifffile while it reads the strips is the decoders' common case, told
+    in the same words as the same error from Pillow's decoder, not called a damaged TIFF."""
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    tiff = write_tiff(scratch / "eio.tif", np.zeros((4, 4, 1), np.uint8))
+    png = save(np.zeros((4, 4), np.uint8), scratch / "eio.png")
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", failing)
+    monkeypatch.setattr(Image.Image, "load", failing)
+    with pytest.raises(DecodeError) as from_tiff:
+        decode_image(tiff, DEFAULT)
+    with pytest.raises(DecodeError) as from_pillow:
+        decode_image(png, DEFAULT)
+    assert "Input/output error" in str(from_tiff.value) and str(from_tiff.value) == str(from_pillow.value)
+    assert_one_line(from_tiff.value, from_pillow.value.stage)
+
+
 def test_unexpected_decoder_exceptions_become_decode_errors(scratch: Path, monkeypatch) -> None:
     path = save(np.zeros((3, 3), np.uint8), scratch / "fine.png")
 
