@@ -1474,6 +1474,26 @@ def test_decompression_bomb_is_refused_from_the_header(scratch: Path) -> None:
     assert_one_line(info.value, "decode")
 
 
+def test_the_pixel_limits_refusal_names_width_by_height(scratch: Path) -> None:
+    """The size as the image is described everywhere, columns first: 300 x 200 = 60,000 (not 200 x 300)."""
+    path = tiff_claiming(scratch / "wide.tif", 300, 200)
+    with pytest.raises(DecodeError, match=r"^300 x 200 = 60,000 pixels is over the limit of 59,999 ") as info:
+        decode_image(path, DecodeOptions(max_pixels=59_999))
+    assert_one_line(info.value, "decode")
+
+
+@pytest.mark.parametrize("samples, refused", [(16, False), (17, True)])
+def test_a_tiff_may_hold_16_samples_a_pixel_of_the_limit_and_not_one_more(scratch: Path, samples, refused):
+    """One pixel at a limit of one: 16 samples are exactly the 16 a pixel of the limit, 17 one over."""
+    path = write_tiff(scratch / f"samples-{samples}.tif", np.arange(samples, dtype=np.uint8).reshape(1, 1, samples))
+    options = DecodeOptions(max_pixels=1, bands=(3,))
+    if refused:
+        with pytest.raises(DecodeError, match=r"^1 x 1 pixels of 17 samples: 17 samples is over the limit of 16 "):
+            decode_image(path, options)
+    else:
+        assert decode_image(path, options).tolist() == [[2]]
+
+
 def test_small_limit_refuses_a_real_image(scratch: Path) -> None:
     path = save(np.zeros((10, 10), np.uint8), scratch / "hundred.png")
     assert decode_image(path, DecodeOptions(max_pixels=100)).shape == (10, 10)
@@ -2567,6 +2587,48 @@ def test_large_images_ask_the_decoding_budget_before_their_pixels_are_decoded(sc
     asked.clear()
     decode_image(path, DEFAULT)  # outside budgeted(): nothing asks
     assert asked == []
+
+
+@pytest.mark.parametrize("kind, side, a_pixel", [
+    ("gray", 1024, (2 * 1 + 1) * 1 + 3),  # TIFF_COPIES of 1 sample, 1 chosen, 1 byte each; the result
+    ("rgb16", 512, (2 * 3 + 3) * 2 + 3),  # 3 samples of 2 bytes, 3 chosen
+    ("13-bands", 512, (2 * 13 + 3) * 2 + 3),  # 13 samples of 2 bytes, 3 chosen (docs/nightly.md: 70 measured)
+    ("float", 512, (2 * 1 + 1) * 4 + 8 + 3),  # float32, and the stretch's float64 band
+    ("palette", 512, 1 + 2 * 6 + 3),  # the index, its colours as 16-bit samples twice, the result
+    ("cmyk", 512, 5 * 4 + 3),  # CMYK_COPIES of 4 samples through Pillow, the result
+])
+def test_a_large_tiff_asks_the_budget_its_file_and_its_bytes_a_pixel(scratch: Path, kind, side, a_pixel):
+    """What a TIFF asks, by hand from limits.py's constants: its file's bytes, and its pixels times
+    what its decoding holds a pixel for its samples, their size and its colour model."""
+    pixels = np.zeros((side, side), np.uint8)
+    path = scratch / f"budget-{kind}.tif"
+    if kind == "gray":
+        tifffile.imwrite(path, pixels)
+    elif kind == "rgb16":
+        tifffile.imwrite(path, np.zeros((side, side, 3), np.uint16), photometric="rgb")
+    elif kind == "13-bands":
+        write_tiff(path, np.zeros((side, side, 13), np.uint16), compression="zlib")
+    elif kind == "float":
+        tifffile.imwrite(path, np.zeros((side, side), np.float32), photometric="minisblack")
+    elif kind == "palette":
+        tifffile.imwrite(path, pixels, photometric="palette", colormap=np.zeros((3, 256), np.uint16))
+    else:
+        tifffile.imwrite(path, np.zeros((side, side, 4), np.uint8), photometric="separated")
+    asked: list[int] = []
+    with gpu_io.budgeted(asked.append):
+        decode_image(path, DecodeOptions(bands=(1, 2, 3) if kind == "13-bands" else None))
+    assert asked == [path.stat().st_size + side * side * a_pixel]
+
+
+def test_the_decoding_budget_is_asked_from_4_mib_exactly():
+    """An image whose decoding holds 4 MiB (4,194,304 bytes) asks; one byte less never waits for it."""
+    from gpu_pipeline.inputs.limits import ask_budget
+
+    asked: list[int] = []
+    with gpu_io.budgeted(asked.append):
+        ask_budget(4_194_303)
+        ask_budget(4_194_304)
+    assert asked == [4_194_304]
 
 
 def test_a_damaged_large_jpeg_read_whole_asks_the_decoding_budget_once(scratch: Path):
