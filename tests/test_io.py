@@ -2783,3 +2783,49 @@ def test_the_jpeg_frame_is_read_as_the_encoder_wrote_it(height, width, gray, pro
     data = data[:at] + b"\xff" * fill + data[at:]
     assert jpeg_frame(data) == (8, height, width, 1 if gray else 3)
     assert jpeg_frame(data[:at]) is None  # cut before the frame header
+
+
+def test_the_jpeg_frame_by_hand_for_every_start_of_frame_marker():
+    """FF D8, then a frame header FF Cn of length 17: precision 8, 16 rows, 32 columns, 3 components.
+    Every SOFn carries the size (lossless C3, hierarchical C5, arithmetic C9, ...), not C4 (DHT), C8
+    (JPG) or CC (DAC), which are other segments; a header cut at its last byte is no frame (it raised
+    IndexError), nor a frame header after the start of scan."""
+    from gpu_pipeline.inputs.headers import jpeg_frame
+
+    def header(marker: int) -> bytes:
+        return b"\xff\xd8\xff" + bytes([marker]) + b"\x00\x11\x08\x00\x10\x00\x20\x03"
+
+    for marker in range(0xC0, 0xD0):
+        assert jpeg_frame(header(marker)) == (None if marker in (0xC4, 0xC8, 0xCC) else (8, 16, 32, 3)), hex(marker)
+    assert jpeg_frame(header(0xC0)[:-1]) is None
+    assert jpeg_frame(b"\xff\xd8" + b"\xff\xda\x00\x02" + header(0xC0)[2:]) is None  # SOS (parameters left out) first
+
+
+def test_the_png_header_by_hand():
+    """Its IHDR chunk must come first and be whole (through its bit depth, byte 24)."""
+    from gpu_pipeline.inputs.headers import png_header
+
+    head = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (200).to_bytes(4, "big") + (100).to_bytes(4, "big")
+    head += b"\x10"  # bit depth 16
+    assert png_header(head) == (200, 100, 16)
+    assert png_header(head[:24]) is None  # (it raised IndexError)
+    assert png_header(head.replace(b"IHDR", b"tEXt")) is None
+
+
+def test_a_webp_zero_filled_by_hand():
+    """RIFF chunks made by hand: the image data (VP8 or VP8L) is zero-filled when its last 64 bytes
+    are zeros, or all of it when it is shorter (not the chunk's own header); 63 zeros are not enough;
+    an empty chunk has nothing zero-filled (libwebp refuses it as it is)."""
+    from gpu_pipeline.inputs.headers import webp_zero_filled
+
+    def riff(*chunks: tuple[bytes, bytes]) -> bytes:
+        body = b"WEBP" + b"".join(kind + len(data).to_bytes(4, "little") + data + bytes(len(data) & 1)
+                                  for kind, data in chunks)
+        return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+    coded = b"\x2f" + bytes(range(1, 101))
+    assert webp_zero_filled(riff((b"VP8L", coded + bytes(64))))
+    assert not webp_zero_filled(riff((b"VP8L", coded + bytes(63))))
+    assert webp_zero_filled(riff((b"VP8 ", bytes(60))))
+    assert not webp_zero_filled(riff((b"VP8L", b"")))
+    assert not webp_zero_filled(riff((b"VP8 ", coded), (b"EXIF", bytes(100))))
