@@ -97,6 +97,36 @@ def test_a_mount_point_with_a_space_is_unescaped(tmp_path):
     assert cores.cpu_quota(*_files(tmp_path, line, "0::/\n")) == 1.0
 
 
+def test_a_mount_point_with_a_backslash_is_unescaped_once(tmp_path):
+    """The kernel writes a backslash as ``\\134``: a folder named ``cgroup\\040fs`` (a backslash, then
+    040) is written ``cgroup\\134040fs``, which must not become ``cgroup fs``."""
+    point = tmp_path / "cgroup\\040fs"
+    _group(point, cpu_max="100000 100000")
+    _group(tmp_path / "cgroup fs", cpu_max="50000 100000")  # where unescaping twice would lead
+    line = V2_LINE.format(root="/", point=str(point).replace("\\", "\\134"))
+    assert cores.cpu_quota(*_files(tmp_path, line, "0::/\n")) == 1.0
+
+
+def test_the_cpuset_controller_is_not_the_cpu_controller(tmp_path):
+    """cgroup v1 names controllers in lists: ``cpu`` is in ``cpu,cpuacct`` but not in ``cpuset``,
+    whose mount and whose membership (another group) say nothing of the CPU quota."""
+    cpu, cpuset = tmp_path / "cpu,cpuacct", tmp_path / "cpuset"
+    _group(cpu, cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    _group(cpu / "elsewhere", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")  # the cpuset's path
+    _group(cpuset, cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")  # a decoy: not a cpu mount
+    mounts = (V1_LINE.format(root="/", point=cpu, controllers="cpu,cpuacct")
+              + V1_LINE.format(root="/", point=cpuset, controllers="cpuset"))
+    assert cores.cpu_quota(*_files(tmp_path, mounts, "3:cpuset:/elsewhere\n4:cpu,cpuacct:/\n")) is None
+
+
+def test_the_groups_read_stop_at_the_mount(tmp_path):
+    """The folder holding the mount point is no group of it: a cpu.max there is not read."""
+    point = tmp_path / "fs"
+    _group(point / "ctr", cpu_max="max 100000")
+    _group(tmp_path, cpu_max="50000 100000")
+    assert cores.cpu_quota(*_files(tmp_path, V2_LINE.format(root="/", point=point), "0::/ctr\n")) is None
+
+
 def test_v1_mounts_without_the_cpu_controller_are_not_read(tmp_path):
     point = tmp_path / "memory"
     _group(point, cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")  # a decoy: not a cpu mount
@@ -109,6 +139,8 @@ def test_unreadable_or_odd_files_mean_no_limit(tmp_path):
     point = tmp_path / "fs"
     _group(point, cpu_max="lots 100000")
     assert cores.cpu_quota(*_files(tmp_path, V2_LINE.format(root="/", point=point) + "garbage\n", "0::/\n")) is None
+    # a line of a type and its fields but too few before them (it raised IndexError)
+    assert cores.cpu_quota(*_files(tmp_path, "- cgroup2 cgroup2 rw\n", "0::/\n")) is None
 
 
 def test_memory_limits_v2_kubernetes_the_smallest_wins(tmp_path):
@@ -160,6 +192,14 @@ def test_usable_memory_is_the_machine_capped_by_the_limit(monkeypatch, limit, ex
 def test_usable_cores_is_the_mask_capped_by_the_quota(monkeypatch, affinity, quota, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
     monkeypatch.setattr(cores, "cpu_quota", lambda: quota)
+    assert cores.usable_cores() == expected
+
+
+@pytest.mark.parametrize("count, expected", [(12, 12), (None, 1)])
+def test_usable_cores_without_an_affinity_mask_are_the_machines(monkeypatch, count, expected):
+    """Not on Linux: no mask and no control groups, so every core the machine has (1 when unknown)."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: count)
     assert cores.usable_cores() == expected
 
 
