@@ -1982,6 +1982,30 @@ def test_an_io_error_while_a_tiffs_pixels_are_read_is_told_as_any_formats(scratc
     assert_one_line(from_tiff.value, from_pillow.value.stage)
 
 
+def test_a_system_error_while_the_pixels_are_read_is_a_read_error_not_damage(scratch: Path, monkeypatch) -> None:
+    """A file decoded from its path is read as it decodes: an EIO there (a failing disk, an NFS server
+    gone) was called "decode: damaged or truncated image data: [Errno 5] ...", while the same error on
+    a small file read whole is "read: cannot read the file: ...". An OSError with no errno is the
+    decoder's own (Pillow's "image file is truncated"): damage, as before."""
+    png = save(np.zeros((4, 4), np.uint8), scratch / "eio.png")
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Image.Image, "load", failing)
+    with pytest.raises(DecodeError) as info:
+        decode_image(png, DEFAULT)
+    assert (info.value.stage, str(info.value)) == ("read", "cannot read the file: Input/output error")
+
+    def truncated(*args, **kwargs):
+        raise OSError("image file is truncated (2 bytes not processed)")
+
+    monkeypatch.setattr(Image.Image, "load", truncated)
+    with pytest.raises(DecodeError) as info:
+        decode_image(png, DEFAULT)
+    assert info.value.stage == "decode" and str(info.value).startswith("damaged or truncated image data: image file")
+
+
 def test_unexpected_decoder_exceptions_become_decode_errors(scratch: Path, monkeypatch) -> None:
     path = save(np.zeros((3, 3), np.uint8), scratch / "fine.png")
 

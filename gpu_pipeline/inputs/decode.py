@@ -166,7 +166,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
     except DecodeError:
         raise
     except OSError as exc:
-        if stage == "read":
+        if stage == "read" or exc.errno is not None:  # (the system's, read as the pixels decode: EIO, ESTALE)
             raise DecodeError("read", _cannot_read(exc)) from None
         raise DecodeError(stage, f"damaged or truncated image data: {text_of(exc)}") from None
     except MemoryError:
