@@ -128,6 +128,28 @@ def test_the_summary_reads_as_the_readmes_example(image_dir, tmp_path, monkeypat
     assert "resuming" not in result.stderr  # (a first run has nothing recorded before)
 
 
+def test_a_run_whose_stderr_is_no_terminal_says_how_far_it_is_every_minute(tmp_path, monkeypatch):
+    """A cron job's log had nothing from a run of hours until its summary: without a terminal (no
+    bar), a line every PROGRESS_EVERY_S seconds says how far it is; none with --quiet, none once done."""
+    import gpu_pipeline.engine.job as job
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(6):
+        Image.fromarray(np.full((8, 8), index * 40, np.uint8)).save(folder / f"{index}.png")
+    ticks = iter(range(0, 10**6, 30))  # 30 s a batch
+    monkeypatch.setattr(job, "_clock", lambda: next(ticks))
+    result = invoke("run", str(folder), "--out", str(tmp_path / "out.jsonl"), "--backend", "reference",
+                    "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
+    assert lines == ["progress: 2 of 6 images (33%) in 0:01:00, 0.03 images/s, about 0:02:00 left",
+                     "progress: 4 of 6 images (67%) in 0:02:00, 0.03 images/s, about 0:01:00 left"], result.stderr
+    quiet = invoke("run", str(folder), "--out", str(tmp_path / "quiet.jsonl"), "--backend", "reference",
+                   "--batch-size", "1", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
 def test_the_default_pixel_limit_is_one_gigapixel_and_read_from_the_header(image_dir, tmp_path):
     """README: images above --max-pixels (default one gigapixel) are refused before their pixels are
     decoded. The PNG declares 31623 x 31623 = 1,000,014,129 pixels and holds 100 bytes of data: a

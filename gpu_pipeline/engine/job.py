@@ -624,7 +624,7 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
     stop = threading.Event()
     try:
         with stop_on_signals(stop) as signals, backend, sink:  # (a signal while the cluster closes: still ours)
-            summary = stream(checked.engine, todo, sink, stop, console, show_bar=not job.quiet and sys.stderr.isatty())
+            summary = stream(checked.engine, todo, sink, stop, console, job.quiet)
     except DecodeProcessesFailed as exc:  # (a fork server that died is restarted: this one kept dying)
         message = f"gpu-pipeline: error: {exc}"
         if job.out != "-":  # (to stdout, the records went to whoever read them: nothing to resume)
@@ -726,10 +726,17 @@ def timed_warm_up(what: str, warm_up: Callable[[], None], console: Console, quie
         console.print(f"{what} ready in {seconds:.1f} s {note()}")
 
 
+#: How often a run whose stderr is no terminal (a cron job's log) says how far it is, in seconds.
+PROGRESS_EVERY_S = 60
+_clock = time.monotonic
+
+
 def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console: Console,
-           show_bar: bool) -> RunSummary:
-    if not show_bar:
-        return engine.run(todo, sink, stop=stop)
+           quiet: bool) -> RunSummary:
+    """``engine.run`` of ``todo`` into ``sink``, with a progress bar on a terminal, else a line every
+    :data:`PROGRESS_EVERY_S` seconds (none with ``quiet``)."""
+    if quiet or not sys.stderr.isatty():
+        return engine.run(todo, sink, stop=stop, progress=None if quiet else progress_lines(console, len(todo)))
     with progress_bar(console) as bar:
         task = bar.add_task("processing", total=len(todo), rate="-")
 
@@ -739,3 +746,31 @@ def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console
             bar.update(task, rate=f"{speed:.0f}" if speed else "-")
 
         return engine.run(todo, sink, progress=advance, stop=stop)
+
+
+def progress_lines(console: Console, total: int) -> Callable[[int], None]:
+    """A progress callback that prints where the run is, at most every :data:`PROGRESS_EVERY_S`
+    seconds and not once it is done: ``progress: 4,096 of 50,000 images (8%) in 0:01:00, 68.27
+    images/s, about 0:11:12 left``."""
+    started = said = _clock()
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done, said
+        done += count
+        now = _clock()
+        if now - said < PROGRESS_EVERY_S or done >= total:
+            return
+        said = now
+        rate = done / (now - started)
+        console.print(f"progress: {done:,} of {total:,} images ({done / total:.0%}) in {_duration(now - started)}, "
+                      f"{f'{rate:,.0f}' if rate >= 100 else f'{rate:.2f}'} images/s, "
+                      f"about {_duration((total - done) / rate)} left", highlight=False, markup=False)
+
+    return advance
+
+
+def _duration(seconds: float) -> str:
+    """``0:02:05``: hours, minutes and seconds."""
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
