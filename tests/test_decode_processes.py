@@ -174,6 +174,20 @@ def test_workers_ignore_ctrl_c_and_end_when_closed(fork_server):
     assert process.returncode == 0
 
 
+@needs_processes
+def test_a_decode_process_its_fork_server_refuses_leaves_no_socket_open():
+    """A run closed while a decode thread asked its closed fork server for a process (a generator of
+    gpu_pipeline.run dropped, Ctrl-C) left the process's end of the socket pair open until the cyclic
+    garbage collector ran: a descriptor and a ResourceWarning a run."""
+    server = processes.ForkServer()
+    server.close()
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="closed") as refused:  # (its traceback holds the constructor's frame,
+        processes.DecodeProcess(DecodeOptions(), server=server)  # as the engine's decode thread held it)
+    assert len(os.listdir("/proc/self/fd")) == before
+    del refused
+
+
 def _own_memory_mib(pid: int) -> float:
     """Proportional set size: pages shared with other processes count in part."""
     for line in open(f"/proc/{pid}/smaps_rollup"):

@@ -453,6 +453,12 @@ class DecodeProcess:
             else:
                 self._process = _interpreter(str(theirs.fileno()), str(arena), pass_fds=(theirs.fileno(), arena))
                 self.pid = self._process.pid
+        except BaseException:  # (a fork refused by a server closed with its run: left to the garbage
+            self._progress = None  # collector, the socket and the map stayed open, held by the traceback)
+            if getattr(self, "_arena", None) is not None:
+                self._arena.close()  # (its view dropped first: a map with views cannot close)
+            ours.close()
+            raise
         finally:
             theirs.close()
             os.close(arena)
