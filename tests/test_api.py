@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -155,6 +156,52 @@ def test_an_interrupt_before_the_first_record_stops_the_engine(monkeypatch, tmp_
         with pytest.raises(KeyboardInterrupt):
             next(gpu_pipeline.run([tmp_path], backend="numba", decode=decode, workers=2))
     wait_until(lambda: engine_threads() == [] and fork_servers() == [], "the engine's threads and processes ending", 10)
+
+
+def test_a_run_closed_as_a_decode_thread_asks_for_a_process_leaves_nothing_to_the_collector(monkeypatch, tmp_path):
+    """The decode thread's "the fork server was closed" was kept as the decode pool's failure, which
+    no one raised: its traceback held the pool in a cycle, with its decoded parts and its decode
+    processes' arenas (5 MB of shared memory and a descriptor a run closed early, found by dropping
+    runs in a loop), until the garbage collector found it."""
+    import weakref
+
+    from gpu_pipeline.engine import decoding
+    from gpu_pipeline.inputs import processes
+
+    if not processes.available():
+        pytest.skip("decode processes are not available here")
+    real_answer, real_pool = processes.Decoder.answer, decoding._DecodePool.__init__
+    answers, pools = [], []
+
+    def answer_once_the_run_closed(self):
+        answers.append(self)
+        if len(answers) < 4:  # (3 parts: the first batch, the caller's first record)
+            return real_answer(self)
+        wait_until(lambda: self._server._closed, "the run closing", 10)
+        self._process.close()  # (as when it dies with its fork server: a fresh one is asked for)
+        self._process = None
+        return self.decode(*self._asked)
+
+    def pool(self, *args, **kwargs):
+        pools.append(weakref.ref(self))
+        real_pool(self, *args, **kwargs)
+
+    monkeypatch.setattr(processes.Decoder, "answer", answer_once_the_run_closed)
+    monkeypatch.setattr(decoding._DecodePool, "__init__", pool)
+    tile = tmp_path / "tile.jpg"  # (a copy: the links of every run would add up on the bundled file's inode)
+    tile.write_bytes(next((REPO / "data" / "eurosat").rglob("*.jpg")).read_bytes())
+    for index in range(3000):  # (more than one part)
+        os.link(tile, tmp_path / f"{index:04d}.jpg")
+    gc.disable()
+    try:
+        records = gpu_pipeline.run(tmp_path, backend="numba", decode="processes", workers=1)
+        next(records)
+        wait_until(lambda: len(answers) == 4, "the fourth part asked for", 10)
+        records.close()
+        del records, answers[:]
+        assert [made() for made in pools] == [None]
+    finally:
+        gc.enable()
 
 
 def test_an_error_of_the_run_reaches_the_caller_and_stops_the_engine(monkeypatch):

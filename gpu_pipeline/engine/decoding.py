@@ -374,7 +374,8 @@ class _DecodePool:
             pass
         except BaseException as exc:  # the path iterator failed: the consumer re-raises it
             with self._lock:
-                self._failure = self._failure or exc
+                if not self._closed:  # (closed, no one will: kept, its traceback held this pool in a
+                    self._failure = self._failure or exc  # cycle, decode processes' arenas and parts too)
         finally:
             try:
                 if decoder is not None:
