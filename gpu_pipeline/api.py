@@ -155,7 +155,8 @@ def _checked_images(images) -> Sequence[np.ndarray]:
     ValueError, saying what to pass, for anything else: a single image is not a stack (an (H, W, 3)
     RGB image would read as H gray images 3 pixels wide), nor is a list of lists.
     """
-    if isinstance(images, np.ndarray):
+    if isinstance(images, np.ndarray) and not (images.dtype == object and images.ndim == 1):
+        # (an array of objects, a DataFrame column's to_numpy(), is a list of images: below)
         if images.ndim == 2:
             raise ValueError(f"an array of shape {images.shape} is one image: pass [image], a stack "
                              "(N, H, W) or (N, H, W, 3), or a list of images")

@@ -267,6 +267,18 @@ def test_images_may_come_as_any_sequence_python_can_list():
     assert gpu_pipeline.process(Dataset(), backend="reference").histograms[:, [0, 40]].tolist() == [[256, 0], [0, 256]]
 
 
+def test_an_object_array_of_images_is_a_list_of_images():
+    """A DataFrame column of images as an array (``df["image"].to_numpy()``: one object a row) was
+    refused as "expected a stack ... or a list of images, got shape (2,)", where the column itself was taken."""
+    images = np.empty(2, object)
+    images[:] = [np.full((16, 16), 40, np.uint8), np.full((8, 12, 3), 80, np.uint8)]
+    want = gpu_pipeline.process(list(images), backend="reference")
+    got = gpu_pipeline.process(images, backend="reference")
+    assert np.array_equal(got.histograms, want.histograms) and got.histograms[:, [40, 80]].tolist() == [[256, 0], [0, 96]]
+    with pytest.raises(ValueError, match="image 1: expected a uint8 array, got <class 'NoneType'>"):
+        gpu_pipeline.process(np.array([images[0], None], object), backend="reference")
+
+
 def test_a_stack_of_the_wrong_kind_is_refused_as_an_image_would_be():
     with pytest.raises(ValueError, match="expected a uint8 array, got float32"):
         gpu_pipeline.process(np.zeros((2, 8, 8, 3), np.float32), backend="numba")
