@@ -333,8 +333,19 @@ def _engine_batches(paths: list[str], glob: str | None, backend: str, threads: i
         if fork_server is not None:
             fork_server.close()
         raise
+    started_in = os.getpid()
     with contextlib.closing(engine.record_batches(files)) as batches:  # closed with this generator
-        yield from batches
+        for batch in batches:
+            yield batch
+            _in_process(started_in)
+
+
+def _in_process(started_in: int) -> None:
+    """RuntimeError in a process forked from the one that started the run: its next batch would be
+    waited for for ever (the engine's threads are the parent's)."""
+    if os.getpid() != started_in:
+        raise RuntimeError(f"this run was started in process {started_in}: a forked child cannot go on with it "
+                           "(its engine stayed in that process); start a run of the child's own")
 
 
 # ---------------------------------------------------------------- the arguments, checked as the API names them

@@ -589,6 +589,53 @@ def test_a_forked_child_can_use_the_api_after_its_parent(backend, model):
     assert result.stdout.strip().splitlines()[-1:] == ["child 0"], (result.stdout, result.stderr)
 
 
+CHILD_OF_A_RUN = """
+import os, sys, time
+import gpu_pipeline
+
+records = gpu_pipeline.run(sys.argv[1], backend="reference", decode=sys.argv[2], workers=1)
+next(records)
+pid = os.fork()
+if pid == 0:
+    try:
+        sum(1 for _ in records)
+        os._exit(3)
+    except RuntimeError as exc:
+        print(exc, flush=True)
+        os._exit(0)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status), "parent", 1 + sum(1 for _ in records))
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+"""
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_a_forked_child_cannot_go_on_with_its_parents_run(tmp_path, decode):
+    """A run its parent had started hung the child that went on with it (its engine's threads, which
+    compute the next batch, stayed in the parent): the child is told instead, and the parent goes on."""
+    from gpu_pipeline.inputs.processes import available
+
+    if decode == "processes" and not available():
+        pytest.skip("decode processes are not available here")
+    tile = tmp_path / "tile.jpg"  # (a copy: the links of every run would add up on the bundled file's inode)
+    tile.write_bytes(next((REPO / "data" / "eurosat").rglob("*.jpg")).read_bytes())
+    for index in range(600):  # (batches of 256 tiles: the parent's run is not over at its first record)
+        os.link(tile, tmp_path / f"{index:04d}.jpg")
+    result = subprocess.run([sys.executable, "-c", CHILD_OF_A_RUN, str(tmp_path), decode], capture_output=True,
+                            text=True, timeout=120)
+    told, ended = (result.stdout.splitlines() + ["", ""])[:2]
+    assert re.fullmatch(r"this run was started in process \d+: a forked child cannot go on with it \(its engine "
+                        r"stayed in that process\); start a run of the child's own", told), (result.stdout, result.stderr)
+    assert ended == "child 0 parent 601", (result.stdout, result.stderr)
+
+
 def test_overlapping_runs_give_the_gil_switch_interval_back():
     """Each run restored the interval it found: the second saved the first's 1 ms, and closing them
     in order left the whole process at 1 ms."""
