@@ -32,7 +32,7 @@ from gpu_pipeline.images import ImageBatch, pixel_counts
 from gpu_pipeline.outputs.records import RecordBatch
 
 
-@dataclass
+@dataclass(eq=False)  # (compared by identity: field by field, its arrays have no one truth value)
 class Results:
     """What :func:`process` returns for N images, in order.
 
@@ -47,7 +47,7 @@ class Results:
     edges: list[np.ndarray] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (compared and hashed by identity, as Results)
 class Batch:
     """What :func:`run_batches` yields: the files of one backend call, in input order, as arrays.
 

@@ -737,3 +737,20 @@ def test_run_batches_checks_its_arguments_when_it_is_called(options, message):
 def test_a_batch_shows_its_size_not_its_contents():
     (batch,) = gpu_pipeline.run_batches(REPO / "data" / "eurosat" / "Forest", backend="numba")
     assert repr(batch) == f"Batch({len(batch)} files, 0 failed, backend='numba')"
+
+
+def test_a_batch_and_results_compare_by_identity_as_containers_of_arrays_do():
+    """``batch in seen`` or ``batch == other`` raised "the truth value of an array ... is ambiguous"
+    (the dataclass compared its arrays field by field), and neither could go in a set."""
+    (batch,) = gpu_pipeline.run_batches(REPO / "data" / "eurosat" / "Forest", backend="numba")
+    (again,) = gpu_pipeline.run_batches(REPO / "data" / "eurosat" / "Forest", backend="numba")
+    assert batch in [again, batch] and batch != again and len({batch, again}) == 2
+    results = gpu_pipeline.process([np.zeros((4, 4), np.uint8)], backend="numba")
+    assert results in [results] and results != gpu_pipeline.process([np.zeros((4, 4), np.uint8)], backend="numba")
+
+
+def test_run_of_no_path_or_of_folders_without_images_yields_no_record(tmp_path):
+    """README: an empty name is refused; a list naming no path, or folders holding no image, gives no
+    record (the command line refuses those: a program may well pass an empty list)."""
+    assert list(gpu_pipeline.run([])) == [] and list(gpu_pipeline.run_batches([])) == []
+    assert list(gpu_pipeline.run([tmp_path])) == []
