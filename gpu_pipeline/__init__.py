@@ -2,12 +2,13 @@
 
 The Python API (:mod:`gpu_pipeline.api`): ``gpu_pipeline.process(images, ...)`` for images in
 memory, ``gpu_pipeline.run(paths, ...)`` for files (a record each), ``gpu_pipeline.run_batches(paths,
-...)`` for files a batch of arrays at a time. Imported on first use, so that the command line does
+...)`` for files a batch of arrays at a time, ``gpu_pipeline.read_image(path, ...)`` for the pixels
+``run`` computes on. Imported on first use, so that the command line does
 not pay for it.
 """
 
 __version__ = "0.1.0"
-__all__ = ["process", "run", "run_batches", "Results", "Batch", "DeviceFailed"]
+__all__ = ["process", "run", "run_batches", "read_image", "Results", "Batch", "DeviceFailed", "DecodeError"]
 
 
 def __getattr__(name: str):

@@ -29,6 +29,7 @@ from gpu_pipeline.backends.base import DeviceFailed as DeviceFailed  # (gpu_pipe
 from gpu_pipeline.config import MOST_THREADS, DecodeOptions, PipelineConfig, threshold_text, whole_number
 from gpu_pipeline.errors import PipelineWarning
 from gpu_pipeline.images import ImageBatch, pixel_counts
+from gpu_pipeline.inputs.limits import DecodeError as DecodeError  # (gpu_pipeline.DecodeError, exported)
 from gpu_pipeline.outputs.records import RecordBatch
 
 
@@ -209,6 +210,24 @@ def process(images: Sequence[np.ndarray], *, backend: str = "auto", threads: int
     labels = list(labels_of(images, histograms, edge_counts)) if images else []
     kept = (lambda name: [im for p in parts for im in getattr(p, name)]) if keep_images else (lambda name: None)
     return Results(histograms, edge_counts, labels, kept("equalized"), kept("edges"))
+
+
+def read_image(path: str | os.PathLike | bytes, *, bands: Sequence[int] | int | str | None = None,
+               stretch: str = DecodeOptions.stretch) -> np.ndarray:
+    """The image ``run`` computes on for the file ``path`` with these ``bands`` and ``stretch``: uint8
+    gray (H, W) or RGB (H, W, 3), C-contiguous. ``process([read_image(path)], keep_images=True)`` then
+    gives ``run``'s record for it, and its equalized image and edge map, whatever the file holds
+    (16-bit samples, a palette, many bands), where Pillow or tifffile would give other pixels.
+
+    Raises :class:`DecodeError` (``stage``, and a message without the path) where ``run`` writes an
+    error record for the file, and ValueError for bad arguments, as ``run`` does.
+    """
+    from gpu_pipeline.inputs.decode import decode_image
+
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ValueError(f"path must be a file name (str, bytes or os.PathLike), got {path!r}")
+    (name,) = _given_paths(path)
+    return decode_image(name, DecodeOptions(bands=_bands(bands), stretch=stretch))
 
 
 def _processed(backend: Backend, images: Sequence[np.ndarray], config: PipelineConfig,

@@ -42,6 +42,13 @@ def test_the_readme_example_runs(monkeypatch, capsys):
     assert third == "50 (50, 256) True ['textured', 'textured']"  # (what the README's comment says)
 
 
+def test_verify_mds_example_of_digging_into_one_image_runs(monkeypatch, capsys):
+    example = re.search(r"```python\n(.*?)```", (REPO / "docs" / "verify.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(REPO)
+    exec(compile(example, "docs/verify.md", "exec"), {})
+    assert capsys.readouterr().out == "0 edge pixels differ\n"  # (what the page's comment says)
+
+
 def test_process_gives_the_reference_results_in_order():
     rng = np.random.default_rng(3)
     # more than one CPU batch (1 MP), mixed shapes and gray
@@ -754,3 +761,31 @@ def test_run_of_no_path_or_of_folders_without_images_yields_no_record(tmp_path):
     record (the command line refuses those: a program may well pass an empty list)."""
     assert list(gpu_pipeline.run([])) == [] and list(gpu_pipeline.run_batches([])) == []
     assert list(gpu_pipeline.run([tmp_path])) == []
+
+
+@pytest.mark.parametrize("name, bands", [("formats/gray16.png", None), ("formats/palette.gif", None),
+                                         ("formats/four_band_planar.tif", None), ("formats/rgba.png", None),
+                                         ("multiband/rio-tiler_rgb.tif", "3,2,1"), ("formats/gray16.png", 1)])
+def test_read_image_gives_the_pixels_run_computes_on(name, bands):
+    """verify.md: to dig into one image, process() what read_image gives: the record run wrote. For 16-bit
+    samples, a palette or four bands, Pillow's or tifffile's own pixels give other results."""
+    path = REPO / "data" / name
+    (record,) = gpu_pipeline.run(path, backend="reference", bands=bands)
+    image = gpu_pipeline.read_image(path, bands=bands)
+    assert image.dtype == np.uint8 and image.flags.c_contiguous and image.shape[:2] == (record["height"], record["width"])
+    results = gpu_pipeline.process([image], backend="reference", keep_images=True)
+    assert results.histograms[0].tolist() == record["histogram"] and results.edge_counts[0] == record["edge_count"]
+    assert results.labels[0] == record["label"] and int(results.edges[0].astype(bool).sum()) == record["edge_count"]
+
+
+def test_read_image_raises_what_runs_error_record_says(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
+    (record,) = gpu_pipeline.run(broken, backend="reference")
+    with pytest.raises(gpu_pipeline.DecodeError) as info:
+        gpu_pipeline.read_image(broken)
+    assert (info.value.stage, str(info.value)) == (record["stage"], record["error"])
+    for bad, message in ((b"", "paths: an empty path"), ([broken], "path must be a file name"),
+                         (broken, "stretch")):
+        with pytest.raises(ValueError, match=message):
+            gpu_pipeline.read_image(bad, stretch="bogus" if bad is broken else "percentile")
