@@ -789,3 +789,24 @@ def test_read_image_raises_what_runs_error_record_says(tmp_path):
                          (broken, "stretch")):
         with pytest.raises(ValueError, match=message):
             gpu_pipeline.read_image(bad, stretch="bogus" if bad is broken else "percentile")
+
+
+def test_read_images_error_crosses_a_process_pool_as_itself(tmp_path):
+    """``ProcessPoolExecutor().map(gpu_pipeline.read_image, paths)``: a damaged file's DecodeError is
+    pickled back to the caller. It could not be unpickled (two arguments, one in ``args``): the pool
+    broke ("BrokenProcessPool: a process ... terminated abruptly") for one bad file."""
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+
+    error = pickle.loads(pickle.dumps(gpu_pipeline.DecodeError("decode", "damaged or truncated image data")))
+    assert (type(error), error.stage, error.message, str(error)) == (
+        gpu_pipeline.DecodeError, "decode", "damaged or truncated image data", "damaged or truncated image data")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with pytest.raises(gpu_pipeline.DecodeError) as info:
+            pool.submit(gpu_pipeline.read_image, broken).result(timeout=120)
+    with pytest.raises(gpu_pipeline.DecodeError) as here:
+        gpu_pipeline.read_image(broken)
+    assert (info.value.stage, str(info.value)) == (here.value.stage, str(here.value))

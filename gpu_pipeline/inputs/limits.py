@@ -37,6 +37,9 @@ class DecodeError(Exception):
         self.stage = stage
         self.message = message
 
+    def __reduce__(self):  # (pickled with both arguments: a process pool or Dask worker sends it back)
+        return type(self), (self.stage, self.message)
+
 
 def text_of(exc: BaseException) -> str:
     """The exception's text on one line, without object reprs such as ``<_io.BufferedReader ...>``."""
