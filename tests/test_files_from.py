@@ -161,3 +161,17 @@ def test_a_listed_file_is_taken_whatever_its_extension_as_an_argument_is(tmp_pat
     assert [record["path"] for record in lines_of(out)] == [str(paths[0]), str(paths[1])]
     assert all(record["width"] == 20 for record in lines_of(out))  # decoded
     assert run(str(tmp_path / "images"), "--out", str(tmp_path / "other.jsonl")).exit_code == 2  # a folder: none
+
+
+@pytest.mark.parametrize("listing, shown", [(b"\xef\xbb\xbf%s\n", "\\ufeff%s"), (b"%s \n", "'%s '"),
+                                            (b"%s\r\n", "%s\\r")])
+def test_a_listed_path_missing_for_a_character_unseen_is_refused_naming_it_visibly(tmp_path, listing, shown):
+    """A list saved "UTF-8 with BOM" (Notepad, PowerShell), or with a space or CR at a line's end: nothing
+    is stripped, so the path does not exist. The refusal named it as the file that does exist (the BOM
+    and the space show as nothing), which left the user nothing to go on."""
+    (path,) = make_images(tmp_path / "images", 1)
+    (tmp_path / "list.txt").write_bytes(listing % os.fsencode(path))
+    out = tmp_path / "out.jsonl"
+    result = run("--files-from", str(tmp_path / "list.txt"), "--out", str(out))
+    assert result.exit_code == 2 and result.stderr == f"gpu-pipeline: error: no such file or folder: {shown % path}\n"
+    assert not out.exists()

@@ -63,8 +63,16 @@ def _is_folder(given: str | Path) -> bool:
             raise UsageError(f"a symbolic link loop: {given}") from None
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             what = "a broken symbolic link" if os.path.islink(given) else "no such file or folder"
-            raise UsageError(f"{what}: {given}") from None
+            raise UsageError(f"{what}: {_visibly(os.fspath(given))}") from None
         raise UsageError(f"cannot read {given}: {exc.strerror}") from None
+
+
+def _visibly(name: str) -> str:
+    """``name`` in a refusal, what a terminal shows as nothing made visible: quoted where it starts
+    or ends in a space (a list's line ends are not stripped); its byte-order mark, as a list saved
+    "UTF-8 with BOM" starts, as ``\\ufeff`` (:func:`printable` escapes its control characters)."""
+    name = name.replace("\ufeff", "\\ufeff")
+    return f"'{name}'" if name != name.strip(" ") else name
 
 
 def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: bool,
