@@ -175,3 +175,20 @@ def test_a_listed_path_missing_for_a_character_unseen_is_refused_naming_it_visib
     result = run("--files-from", str(tmp_path / "list.txt"), "--out", str(out))
     assert result.exit_code == 2 and result.stderr == f"gpu-pipeline: error: no such file or folder: {shown % path}\n"
     assert not out.exists()
+
+
+def test_edge_maps_of_listed_paths_mirror_their_absolute_names_whatever_the_list(tmp_path):
+    """ROOT, the folder --save-edges mirrors, is the common folder of the paths given: for a list
+    that changes every night it moved every night (a map of img/Forest/b.png went to EDGES/b.png...
+    when the night listed only Forest's files, to EDGES/Forest/b.png... when it listed others too).
+    A list's maps mirror the images' absolute names: the same place whatever else is listed."""
+    forest = make_images(tmp_path / "img" / "Forest", 2)
+    lake = make_images(tmp_path / "img" / "SeaLake", 1, seed=1)
+    out, edges = tmp_path / "out.jsonl", tmp_path / "edges"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{lake[0]}\n{forest[0]}\n")
+    assert run("--files-from", str(listing), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    listing.write_text(f"{forest[0]}\n{forest[1]}\n")  # the next night's list: Forest's alone
+    assert run("--files-from", str(listing), "--out", str(out), "--save-edges", str(edges)).exit_code == 0
+    maps = sorted(str(path.relative_to(edges)) for path in edges.rglob("*.edges.png"))
+    assert maps == sorted(f"{str(path).lstrip('/')}.edges.png" for path in (*forest, *lake))

@@ -121,7 +121,7 @@ def run(
     save_edges: Optional[Path] = typer.Option(None, "--save-edges", parser=given_path,
                                               help="Also write each edge map as a PNG under this folder, as "
                                                    "DIR/sub/NAME.edges.png for ROOT/sub/NAME, ROOT being the "
-                                                   "common folder of the PATHS."),
+                                                   "common folder of the PATHS (/ with --files-from)."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", parser=given_file_name,
         help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),
@@ -170,6 +170,7 @@ def run(
             batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout, device=device,
+            listed=files_from is not None,
         )
     except UsageError as exc:
         fail_usage(str(exc))

@@ -325,6 +325,8 @@ class Job:
     device: int | None = None
     processes: bool | None = None  # decode in processes: None lets the engine choose
     decode_timeout: float | None = None  # seconds a decode process may spend on one file (needs processes)
+    #: Whether ``paths`` hold a list's (``--files-from``): their edge maps mirror their absolute names
+    listed: bool = False
 
 
 @dataclass
@@ -570,7 +572,8 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
                                                      timeout=job.dask_timeout), DaskEngine, job.workers
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
-                          on_edges=edge_saver(job.save_edges, edge_root(job.paths))
+                          # (a list changes from night to night, and with it its paths' common folder)
+                          on_edges=edge_saver(job.save_edges, "/" if job.listed else edge_root(job.paths))
                           if job.save_edges else None,
                           **({"processes": job.processes, "fork_server": fork_server,
                               "decode_timeout": job.decode_timeout} if job.dask is None else {}))
