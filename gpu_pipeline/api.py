@@ -219,8 +219,9 @@ def read_image(path: str | os.PathLike | bytes, *, bands: Sequence[int] | int | 
     gives ``run``'s record for it, and its equalized image and edge map, whatever the file holds
     (16-bit samples, a palette, many bands), where Pillow or tifffile would give other pixels.
 
-    Raises :class:`DecodeError` (``stage``, and a message without the path) where ``run`` writes an
-    error record for the file, and ValueError for bad arguments, as ``run`` does.
+    Raises :class:`DecodeError` (``stage``, and a message without the path) where the file cannot
+    become an image: where ``run`` writes an error record for it, with its stage and message, and
+    for a file that does not exist (which ``run`` refuses); ValueError for bad arguments, as ``run``.
     """
     from gpu_pipeline.inputs.decode import decode_image
 

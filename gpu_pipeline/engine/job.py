@@ -766,7 +766,7 @@ def progress_lines(console: Console, total: int) -> Callable[[int], None]:
             return
         said = now
         rate = done / (now - started)
-        console.print(f"progress: {done:,} of {total:,} images ({done / total:.0%}) in {_duration(now - started)}, "
+        console.print(f"progress: {done:,} of {total:,} images ({done * 100 // total}%) in {_duration(now - started)}, "
                       f"{f'{rate:,.0f}' if rate >= 100 else f'{rate:.2f}'} images/s, "
                       f"about {_duration((total - done) / rate)} left", highlight=False, markup=False)
 
