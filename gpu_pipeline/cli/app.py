@@ -185,19 +185,24 @@ register_label_commands(app)
 
 
 def _interrupt(signum, frame) -> None:
-    if _in_enter_or_exit(frame):
+    if _in_llvm_lock(frame):
         _send_again(signum)
         return
     raise Interrupted(signum)
 
 
-def _in_enter_or_exit(frame) -> bool:
-    """Whether ``frame`` runs inside a context manager's ``__enter__`` or ``__exit__``: an exception
-    raised there can leave what it took held. llvmlite's lock, taken in its ``__enter__`` before the
-    callbacks numba registers, was never released, and numba's helper threads waited for it, and the
-    run for them, for ever (a SIGTERM as the kernels loaded)."""
+#: The folder of llvmlite's modules, as frames name their files.
+_LLVMLITE = f"{os.sep}llvmlite{os.sep}"
+
+
+def _in_llvm_lock(frame) -> bool:
+    """Whether ``frame`` runs inside llvmlite's lock's ``__enter__`` or ``__exit__``, which call the
+    callbacks numba registers with the lock taken: an exception raised there left it taken, numba's
+    helper threads waited for it, and the run for them, for ever (a SIGTERM as the kernels loaded).
+    (Only there: a Ctrl-C that a context manager of the run's own unblocks in its ``__exit__``, as the
+    local Dask cluster starts, must act at once.)"""
     while frame is not None:
-        if frame.f_code.co_name in ("__enter__", "__exit__"):
+        if frame.f_code.co_name in ("__enter__", "__exit__") and _LLVMLITE in frame.f_code.co_filename:
             return True
         frame = frame.f_back
     return False
