@@ -100,7 +100,7 @@ def test_a_name_that_is_not_utf8_comes_as_the_command_line_writes_it(tmp_path):
 
 
 def engine_threads() -> list[str]:
-    return [thread.name for thread in threading.enumerate() if thread.name.startswith(("compute", "decode_"))]
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(("compute", "decode_", "batches"))]
 
 
 def test_closing_run_early_stops_the_engine():
@@ -126,11 +126,13 @@ def fork_servers() -> list[int]:
 
 
 @pytest.mark.parametrize("decode", ["threads", "processes"])
-@pytest.mark.parametrize("where", ["as the engine starts", "as the decode threads start"])
+@pytest.mark.parametrize("where", ["as the engine starts", "as the decode threads start", "as the batch thread starts"])
 def test_an_interrupt_before_the_first_record_stops_the_engine(monkeypatch, tmp_path, decode, where):
     """A notebook's interrupt (KeyboardInterrupt) between the decode pool's start and the engine's
     first part left the decode threads, their decoded pixels and the fork server running for the
-    life of the process: the pool was closed only by a generator that had not started (found by a review)."""
+    life of the process: the pool was closed only by a generator that had not started (found by a review).
+    One that struck as the batch thread started (``Thread.start`` waits for it to run) left that
+    thread waiting for ever for a request (found by the race soak: Ctrl-C at random moments)."""
     from gpu_pipeline.engine import stream
 
     from gpu_pipeline.inputs.processes import available
@@ -148,6 +150,12 @@ def test_an_interrupt_before_the_first_record_stops_the_engine(monkeypatch, tmp_
                     raise KeyboardInterrupt
             super().start()
 
+    class InterruptedAsBatchThreadStarts(real_thread):
+        def start(self):
+            super().start()
+            if self.name == "batches":
+                raise KeyboardInterrupt  # (as in start()'s wait for the new thread to run)
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -158,6 +166,8 @@ def test_an_interrupt_before_the_first_record_stops_the_engine(monkeypatch, tmp_
     with monkeypatch.context() as patch:
         if where == "as the engine starts":
             patch.setattr(stream, "ThreadPoolExecutor", interrupted)
+        elif where == "as the batch thread starts":
+            patch.setattr(stream.threading, "Thread", InterruptedAsBatchThreadStarts)
         else:
             patch.setattr(stream.threading, "Thread", InterruptedSecondDecodeThread)
         with pytest.raises(KeyboardInterrupt):

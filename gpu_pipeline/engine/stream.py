@@ -232,7 +232,11 @@ class _Taker:
         self._batches = batches
         self._asked: queue.SimpleQueue[Future | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="batches", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # (a Ctrl-C in start()'s wait for it to run: no caller will close it)
+            self._asked.put(None)
+            raise
 
     def _serve(self) -> None:
         mark_engine_thread()
