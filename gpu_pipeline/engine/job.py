@@ -365,7 +365,10 @@ def run_job(**arguments) -> int:
     refused = True
     try:
         checked = check_job(job)
-        code = execute(job, checked, lock)
+        try:
+            code = execute(job, checked, lock)
+        finally:  # a fork server no run took over (a stop signal before the run began): not left to the exit,
+            checked.engine.close()  # which warned of it ("subprocess N is still running")
         refused = False
         return code
     finally:
