@@ -1969,6 +1969,27 @@ def test_sigint_during_start_up_exits_130_quietly(tiles, tmp_path, delay):
 
 
 
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_sigint_a_shell_ignores_still_stops_the_start_up(tiles, tmp_path, delay):
+    """A script's background job inherits SIGINT ignored (the shell's doing, and ``kill -INT`` still
+    stops it: ``errors.ignored_on_purpose``). Python leaves it ignored, and until the command line set
+    its own handler, after its imports, a SIGINT was lost: the run went on to the end, exit 1 (found
+    by the race soak: ``kill -INT`` 0.1-0.25 s into a background run)."""
+    marker = tmp_path / "started"
+    env = dict(os.environ, **sitecustomize(tmp_path / "site", STARTED_MARKER), STARTED_MARK=str(marker))
+    process = subprocess.Popen([sys.executable, "-m", "gpu_pipeline.cli", "run", str(tiles), "--out",
+                                str(tmp_path / "o.jsonl"), "--backend", "reference", "-q"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_until(lambda: marker.exists() or process.poll() is not None, "the command line's start")
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert marker.exists(), f"the command line's code never ran: {stderr}"
+    assert (process.returncode, stderr) == (130, "")
+
+
 #: A ``sitecustomize`` that sends the command line SIGTERM as it calls ``gpu_pipeline.engine.job.SIGNAL_IN``.
 SIGNAL_IN_START_UP = """
 import os, signal, time

@@ -47,6 +47,8 @@ def _interrupt_behind(error: BaseException | None) -> BaseException | None:
 # First, before the heavy imports below (typer, numpy, numba), which take most of the start-up.
 if sys.excepthook is sys.__excepthook__:
     sys.excepthook = _quiet_on_interrupt(sys.excepthook)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a script's background job (errors.ignored_on_purpose):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python left it ignored, and it was lost until main()
 from pathlib import Path
 from typing import Optional
 
