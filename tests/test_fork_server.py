@@ -5,11 +5,13 @@ decoded meanwhile."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +288,24 @@ def test_a_fork_server_closed_while_it_forks_is_not_started_again(monkeypatch):
     with pytest.raises(OSError):
         processes.DecodeProcess(DecodeOptions(), server=server)
     assert (len(started), server.restarts) == (1, 0)
+
+
+
+def test_a_decode_process_whose_fork_fails_leaves_no_socket_open():
+    """A run that closes while a decoder starts its decode process (an early close of the Python API's
+    generator, a Ctrl-C) closes the fork server under it: the fork fails, and its end of the socket
+    pair was left to the garbage collector, which said so on stderr under ``python -X dev``
+    ("ResourceWarning: unclosed <socket.socket ...>", found by the race soak)."""
+    server = processes.ForkServer()
+    server.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            processes.DecodeProcess(DecodeOptions(), server=server)
+        except OSError:
+            pass  # (the exception and its frames go here: a socket left open is collected, and warns)
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 REAPER = """
