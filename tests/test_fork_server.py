@@ -5,6 +5,7 @@ decoded meanwhile."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -305,6 +306,27 @@ def test_a_decode_process_whose_fork_fails_leaves_no_socket_open():
         except OSError:
             pass  # (the exception and its frames go here: a socket left open is collected, and warns)
         gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+
+def test_a_fork_server_that_cannot_start_leaves_no_socket_open(monkeypatch):
+    """A fork server whose interpreter cannot be started (a limit on processes: EAGAIN; or a Ctrl-C as
+    it starts) left our end of its socket pair to the garbage collector, which said so under
+    ``python -X dev`` ("ResourceWarning: unclosed <socket.socket ...>", found by the race soak)."""
+    def cannot_start(*arguments, pass_fds):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(processes, "_interpreter", cannot_start)
+    server = processes.ForkServer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            server.fork(0, 0)
+        except processes.DecodeProcessesFailed:
+            pass  # (the exception and its frames go here: a socket left open is collected, and warns)
+        gc.collect()
+    server.close()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 

@@ -233,6 +233,9 @@ class ForkServer:
         ours, theirs = socket.socketpair()
         try:
             self._process = _interpreter("--fork-server", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
+        except BaseException:  # (no process: a limit on processes, a Ctrl-C) ours too, not left to the collector
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._socket = ours
