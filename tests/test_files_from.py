@@ -96,13 +96,31 @@ def test_a_list_that_cannot_be_read_is_refused_with_one_line(tmp_path, kind):
     assert sorted(path.name for path in tmp_path.iterdir()) == (["list.txt"] if kind == "folder" else [])
 
 
-def test_a_listed_path_that_does_not_exist_refuses_the_run_as_an_argument_does(tmp_path):
+def test_a_listed_path_that_does_not_exist_gets_an_error_record_and_the_run_goes_on(tmp_path):
+    """A file gone between the night's find and its run (a retention job) refused the whole run, as a
+    missing argument does: nothing processed. A list is data: that path gets a read error record
+    (--retry-failed redoes it once it is back), and the others their results."""
     paths = make_images(tmp_path / "images", 2)
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{paths[0]}\n{tmp_path / 'gone.png'}\n")
+    listing.write_text(f"{paths[0]}\n{tmp_path / 'gone.png'}\n{paths[1]}\n")
     out = tmp_path / "out.jsonl"
     result = run("--files-from", str(listing), "--out", str(out))
-    assert result.exit_code == 2 and f"no such file or folder: {tmp_path / 'gone.png'}" in result.stderr
+    assert result.exit_code == 1, result.output
+    records = {record["path"]: record for record in lines_of(out)}
+    assert records[str(tmp_path / "gone.png")] == {"path": str(tmp_path / "gone.png"), "stage": "read",
+                                                   "error": "cannot read the file: No such file or directory"}
+    assert "error" not in records[str(paths[0])] and "error" not in records[str(paths[1])]
+
+
+def test_a_list_none_of_whose_paths_exists_is_refused(tmp_path):
+    """Relative names from another folder, say: nothing to do but error records, so it is refused."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/a.png\nimages/b.png\n")
+    out = tmp_path / "out.jsonl"
+    result = run("--files-from", str(listing), "--out", str(out))
+    assert result.exit_code == 2 and result.stderr == (
+        "gpu-pipeline: error: none of the 2 paths listed can be reached (the first: no such file or folder: "
+        "images/a.png); relative names are taken from the current folder\n")
     assert not out.exists()
 
 
@@ -166,14 +184,15 @@ def test_a_listed_file_is_taken_whatever_its_extension_as_an_argument_is(tmp_pat
 @pytest.mark.parametrize("listing, shown", [(b"\xef\xbb\xbf%s\n", "\\ufeff%s"), (b"%s \n", "'%s '"),
                                             (b"%s\r\n", "%s\\r")])
 def test_a_listed_path_missing_for_a_character_unseen_is_refused_naming_it_visibly(tmp_path, listing, shown):
-    """A list saved "UTF-8 with BOM" (Notepad, PowerShell), or with a space or CR at a line's end: nothing
+    """A list (here of one path) saved "UTF-8 with BOM" (Notepad, PowerShell), or with a space or CR at a line's end: nothing
     is stripped, so the path does not exist. The refusal named it as the file that does exist (the BOM
     and the space show as nothing), which left the user nothing to go on."""
     (path,) = make_images(tmp_path / "images", 1)
     (tmp_path / "list.txt").write_bytes(listing % os.fsencode(path))
     out = tmp_path / "out.jsonl"
     result = run("--files-from", str(tmp_path / "list.txt"), "--out", str(out))
-    assert result.exit_code == 2 and result.stderr == f"gpu-pipeline: error: no such file or folder: {shown % path}\n"
+    assert result.exit_code == 2 and result.stderr == (
+        f"gpu-pipeline: error: the one path listed cannot be reached (no such file or folder: {shown % path})\n")
     assert not out.exists()
 
 

@@ -84,17 +84,27 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
     sort key joins the path's components with NUL, which no name holds and which sorts before every
     other character: strings then sort as the components would.
     """
-    paths = [os.fspath(path) for path in paths]
-    if len(paths) == 1 and _is_folder(_as_read(paths[0])):  # the usual run: a folder's files come sorted, no key needed
+    paths = [os.fspath(path) for path in paths]  # (a ListedPath stays one)
+    if len(paths) == 1 and not isinstance(paths[0], ListedPath) and _is_folder(_as_read(paths[0])):
+        # the usual run: a folder's files come sorted, no key needed
         given = Path(paths[0])
         at = _prefix(absolute_name(given) if absolute else str(given))
         return [at + relative for relative in _files_in_folder(str(given), glob, unlisted)]
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     here = None  # the current folder as a prefix, found at the first relative plain file name
+    listed, unreached = 0, []  # listed paths, and why those that cannot be reached cannot
     for name in paths:
         plain = plain_name(name)
         read = name if plain else _as_read(name)  # the file or folder it names, as Path reads it
-        folder = _is_folder(read)
+        if isinstance(name, ListedPath):
+            listed += 1
+            try:
+                folder = _is_folder(read)
+            except UsageError as exc:  # a file, for the decoder's error record to say why
+                unreached.append((name, str(exc)))
+                folder = False
+        else:
+            folder = _is_folder(read)
         if not folder and plain:  # a file named as Path would name it: a glob's or a listing's names
             if name.startswith("/"):
                 found.setdefault(name, ("/" + name.replace("/", "\0"), name))
@@ -110,8 +120,26 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
                 found.setdefault(at_absolute + relative, (at_key + relative.replace("/", "\0"), at_given + relative))
         else:  # a file, or a FIFO, socket or device: that one gets an error record
             found.setdefault(absolute_name(given), ("\0".join(given.parts), str(given)))
+    if listed and len(unreached) == listed:  # (relative names from another folder, say: error records only)
+        raise _none_reached(unreached)
     ordered = sorted(found.items(), key=lambda item: item[1][0])
     return [name if absolute else names[1] for name, names in ordered]
+
+
+class ListedPath(str):
+    """A path read from a list (``--files-from``): one that cannot be reached gets an error record,
+    as a file that cannot be read does, where a path given as an argument refuses the run (a file
+    gone between the night's ``find`` and its run stopped all of it). A list none of whose paths can
+    be reached is refused."""
+
+
+def _none_reached(unreached: list[tuple[str, str]]) -> UsageError:
+    """The refusal of a list none of whose paths can be reached (``unreached``: each and why)."""
+    name, why = unreached[0]
+    hint = "" if name.lstrip("\ufeff").startswith("/") else "; relative names are taken from the current folder"
+    if len(unreached) == 1:
+        return UsageError(f"the one path listed cannot be reached ({why}){hint}")
+    return UsageError(f"none of the {len(unreached)} paths listed can be reached (the first: {why}){hint}")
 
 
 def _as_read(name: str) -> str | Path:
@@ -154,12 +182,12 @@ def find_files(paths: Iterable[str | os.PathLike[str]], glob: str | None = None,
     return _find(paths, glob, absolute=True, unlisted=unlisted)
 
 
-def listed_paths(listing: bytes) -> list[str]:
+def listed_paths(listing: bytes) -> list[ListedPath]:
     """The paths of a list (``--files-from``): NUL-separated where it holds a NUL (``find -print0``:
     any name, newlines included), else one a line; empty entries skipped. Each keeps its bytes as a
     command-line argument does (``os.fsdecode``). Nothing is stripped: a name may end in a space."""
     separator = b"\0" if b"\0" in listing else b"\n"
-    return [os.fsdecode(name) for name in listing.split(separator) if name]
+    return [ListedPath(os.fsdecode(name)) for name in listing.split(separator) if name]
 
 
 def unlisted_warning(folder: str, reason: str) -> str:
