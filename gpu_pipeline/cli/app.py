@@ -172,7 +172,6 @@ def run(
             batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout, device=device,
-            listed=files_from is not None,
         )
     except UsageError as exc:
         fail_usage(str(exc))

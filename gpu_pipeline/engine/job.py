@@ -37,7 +37,7 @@ from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, STOP_SIGNALS, UsageError, ignored_on_purpose,
                                  one_line, shown)
 from gpu_pipeline.inputs.decode import quiet_codecs
-from gpu_pipeline.inputs.discover import find_files, folders_under, no_files_found, unlisted_warning
+from gpu_pipeline.inputs.discover import ListedPath, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
 from gpu_pipeline.outputs.files import remove_stale_temporaries, same_file_as, temporaries_of, write_replacing
 from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, check_dataset_folder, format_for,
@@ -325,8 +325,6 @@ class Job:
     device: int | None = None
     processes: bool | None = None  # decode in processes: None lets the engine choose
     decode_timeout: float | None = None  # seconds a decode process may spend on one file (needs processes)
-    #: Whether ``paths`` hold a list's (``--files-from``): their edge maps mirror their absolute names
-    listed: bool = False
 
 
 @dataclass
@@ -367,8 +365,8 @@ def run_job(**arguments) -> int:
         checked = check_job(job)
         try:
             code = execute(job, checked, lock)
-        finally:  # a fork server no run took over (a stop signal before the run began): not left to the exit,
-            checked.engine.close()  # which warned of it ("subprocess N is still running")
+        finally:  # a fork server no run took over (refused, the GPU failed at the warm-up, a stop signal
+            checked.engine.close()  # before the run began): not left to the exit, which warned of it
         refused = False
         return code
     finally:
@@ -575,12 +573,17 @@ def _with_backend(job: Job, files: list[str], todo: list[str], earlier_failures:
                                                      timeout=job.dask_timeout), DaskEngine, job.workers
     engine = engine_class(backend=backend, config=job.config, decode_options=job.decode_options,
                           batch_size=job.batch_size, workers=workers, labels_of=labels_of,
-                          # (a list changes from night to night, and with it its paths' common folder)
-                          on_edges=edge_saver(job.save_edges, "/" if job.listed else edge_root(job.paths))
+                          on_edges=edge_saver(job.save_edges, _edge_root(job.paths))
                           if job.save_edges else None,
                           **({"processes": job.processes, "fork_server": fork_server,
                               "decode_timeout": job.decode_timeout} if job.dask is None else {}))
     return CheckedJob(files, todo, earlier_failures, settings, output, engine)
+
+
+def _edge_root(paths: list) -> str:
+    """The folder ``--save-edges`` mirrors: ``/`` for a ``--files-from`` list's paths, whose common folder
+    changes from night to night with the list, else :func:`edge_root`'s."""
+    return "/" if any(isinstance(path, ListedPath) for path in paths) else edge_root(paths)
 
 
 def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> int:
@@ -603,7 +606,6 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
             raise
         remove_folders(created)
         backend.close()
-        checked.engine.close()  # a fork server no run will take over
         if isinstance(exc, SinkWriteError) and job.out == "-":  # the CSV header, to a full disk or a closed pipe
             console.print(f"gpu-pipeline: error: {exc.strerror}", highlight=False, markup=False)
             return EXIT_WRITE_ERROR
@@ -616,8 +618,8 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
         try:
             warm_up_backend(backend, job.config, console, job.quiet)
         except DeviceFailed as exc:
-            with backend, sink:  # (closed as after a run)
-                checked.engine.close()  # a fork server no run will take over
+            with backend, sink:  # (closed as after a run; run_job closes the fork server)
+                pass
             return device_failed(console, exc, job.out)
         announced_warm_up("labels", "label model's kernels", 10, console, job.quiet,
                           lambda: labeller_compiles(labels_of), lambda: warm_up_labeller(labels_of))
