@@ -122,7 +122,7 @@ def test_the_summary_reads_as_the_readmes_example(image_dir, tmp_path, monkeypat
     result = invoke("run", str(image_dir), "--out", "out.jsonl", "--backend", "reference")
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()  # (after a "ready in" line when a loaded machine made the warm-up slow)
-    counts = r"5 images with backend reference in \d+\.\d\d s: 4 ok, 1 failed \(\d+ images/s, \d+\.\d MP/s\)"
+    counts = r"5 images with backend reference in \d+\.\d\d s: 4 ok, 1 failed \([\d,]+ images/s, [\d,]+\.\d MP/s\)"
     assert [line for line in lines if re.fullmatch(counts, line)] == [lines[-4]], lines
     assert lines[-3:] == ["failures by stage: decode: 1", "labels: busy 3, bright-smooth 1",
                           f"results: {tmp_path / 'out.jsonl'}"]

@@ -806,7 +806,7 @@ def test_a_signal_stops_a_local_cluster_run_cleanly_keeping_whole_records(tmp_pa
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     recorded = len(by_path(read_records(out)))
     assert 0 < recorded < 2000
-    assert f"interrupted: {2000 - recorded} images not processed; run the same command again to resume" in stderr
+    assert f"interrupted: {2000 - recorded:,} images not processed; run the same command again to resume" in stderr
 
 
 #: A ``sitecustomize`` for the client of a run: the file ``$CLUSTER_STARTING_MARK`` appears as

@@ -91,6 +91,27 @@ def test_the_summary_rate_counts_every_image_the_megapixels_those_that_went_thro
     assert (RunSummary(ok=3).images_per_second, RunSummary(ok=3).megapixels_per_second) == (0.0, 0.0)
 
 
+def test_the_summary_groups_thousands_as_the_progress_lines_do():
+    """A night of 50,000 images: the summary's counts, rate, failures and labels read 50,000, not
+    50000, as the progress lines and `resuming ...: 12,000 of 50,000` do."""
+    from collections import Counter
+
+    from rich.console import Console
+
+    from gpu_pipeline.engine.job import print_summary
+    from gpu_pipeline.engine.stream import RunSummary
+
+    summary = RunSummary(ok=48_500, failed=1_500, pixels=2_000_000_000, seconds=4.0,
+                         labels=Counter({"busy": 30_000, "smooth": 18_500}),
+                         failures_by_stage=Counter({"decode": 1_200, "read": 300}))
+    console = Console(width=200, no_color=True, highlight=False)
+    with console.capture() as captured:
+        print_summary(console, summary, "numba", "-")
+    assert captured.get().splitlines() == [
+        "50,000 images with backend numba in 4.00 s: 48,500 ok, 1,500 failed (12,500 images/s, 500.0 MP/s)",
+        "failures by stage: decode: 1,200, read: 300", "labels: busy 30,000, smooth 18,500", "results: -"]
+
+
 def test_progress_counts_every_record_of_a_batch_its_errors_too(tmp_path):
     """The progress bar reaches the number of files: a file that did not decode and an image the
     backend failed on are handled too (batches of 2 images: 0, 1 (empty), 2 (fails); then 3, 4)."""

@@ -738,8 +738,8 @@ class DaskEngine(Engine):
         if isinstance(failure, (SinkWriteError, DeviceFailed)) and not stop.is_set():
             raise failure  # (a full disk: exit 3; a failed GPU: exit 4; the records written before kept)
         if failure is not None and not stop.is_set():  # after a signal, its exit status wins
-            raise UsageError(f"{failure.reason}; stopped after {summary.total} of {len(paths)} images "
-                             f"({summary.ok} ok, {summary.failed} failed) were recorded; "
+            raise UsageError(f"{failure.reason}; stopped after {summary.total:,} of {len(paths):,} images "
+                             f"({summary.ok:,} ok, {summary.failed:,} failed) were recorded; "
                              f"{failure.fix} and run the same command again to resume")
         return summary
 

@@ -67,15 +67,15 @@ def progress_bar(console: Console) -> Progress:
 
 def print_summary(console: Console, summary: RunSummary, backend: str, out: str) -> None:
     console.print(
-        f"[bold]{summary.total}[/] images with backend [bold]{backend}[/] in {summary.seconds:.2f} s: "
-        f"[green]{summary.ok} ok[/], " + (f"[red]{summary.failed} failed[/]" if summary.failed else "0 failed")
-        + f" ({summary.images_per_second:.0f} images/s, {summary.megapixels_per_second:.1f} MP/s)"
+        f"[bold]{summary.total:,}[/] images with backend [bold]{backend}[/] in {summary.seconds:.2f} s: "
+        f"[green]{summary.ok:,} ok[/], " + (f"[red]{summary.failed:,} failed[/]" if summary.failed else "0 failed")
+        + f" ({summary.images_per_second:,.0f} images/s, {summary.megapixels_per_second:,.1f} MP/s)"
     )
     if summary.failures_by_stage:
-        stages = ", ".join(f"{stage}: {n}" for stage, n in summary.failures_by_stage.most_common())
+        stages = ", ".join(f"{stage}: {n:,}" for stage, n in summary.failures_by_stage.most_common())
         console.print(f"failures by stage: {stages}")
     if summary.labels:
-        console.print("labels: " + ", ".join(f"{shown(label)} {n}" for label, n in summary.labels.most_common()))
+        console.print("labels: " + ", ".join(f"{shown(label)} {n:,}" for label, n in summary.labels.most_common()))
     console.print(f"results: {out if out == '-' else shown(os.path.abspath(out))}")
 
 
@@ -611,7 +611,7 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
             return EXIT_WRITE_ERROR
         raise UsageError(str(exc)) from None
     if output.existing.damaged:
-        console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged} damaged line(s) between intact "
+        console.print(f"warning: {shown(job.out)}: skipped {output.existing.damaged:,} damaged line(s) between intact "
                       "records; their images are processed again")
     if job.dask is None and todo:
         labels_of = checked.engine.labels_of
@@ -626,8 +626,8 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
     recorded = len(files) - len(todo)
     warn_unlisted(console, checked.unlisted)
     if not job.quiet and recorded:
-        console.print(f"resuming {shown(job.out)}: {recorded} of {len(files)} images already recorded"
-                      + (f" ({checked.earlier_failures} failed; --retry-failed redoes them)"
+        console.print(f"resuming {shown(job.out)}: {recorded:,} of {len(files):,} images already recorded"
+                      + (f" ({checked.earlier_failures:,} failed; --retry-failed redoes them)"
                          if checked.earlier_failures else ""))
     stop = threading.Event()
     try:
@@ -653,7 +653,7 @@ def execute(job: Job, checked: CheckedJob, lock: OutputLock | None = None) -> in
     if not job.quiet:
         print_summary(console, summary, backend.name, job.out)
         if summary.interrupted:
-            console.print(f"interrupted: {len(todo) - summary.total} images not processed; "
+            console.print(f"interrupted: {len(todo) - summary.total:,} images not processed; "
                           "run the same command again to resume")
     if signals:
         return 128 + signals[0]  # as a shell reports a death by that signal
