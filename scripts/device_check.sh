@@ -30,7 +30,8 @@ BACKENDS="${BACKENDS:-numba cuda cupy}"
 TILES="${TILES:-26500}"
 SCENES="${SCENES:-24}"
 deadline=$(( $(date +%s) + ${BUDGET:-540} ))
-nproc > "$LOG_DIR/cores.txt"
+# cores, and whether they are hyperthreads (16 CPUs of 8 cores stop scaling near 8 threads)
+{ nproc; lscpu 2>/dev/null || cat /proc/cpuinfo; } > "$LOG_DIR/cores.txt"
 status=0
 
 # step NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less if the budget is short),
