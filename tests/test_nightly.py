@@ -2467,3 +2467,90 @@ def test_a_folder_that_cannot_be_written_is_named_not_a_lock_to_remove(tmp_path,
     (tmp_path / "results.jsonl.lock").write_text("")  # there: then it is the lock that cannot be used
     with pytest.raises(plan.SinkError, match="the lock of the output: Permission denied; remove it"):
         plan.OutputLock(str(tmp_path / "results.jsonl")).acquire()
+
+
+# ---------------------------------------------------------------- --dry-run: tonight's command, checked by day
+def _everything_under(folder: Path) -> dict[str, tuple[int, bytes] | None]:
+    """Each file under ``folder`` with its modification time in ns and its bytes, and each folder (None:
+    a dry run takes the output's lock for its checks, as a run does, so its folder's time changes)."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else (path.stat().st_mtime_ns, path.read_bytes())
+            for path in sorted(folder.rglob("*"))}
+
+
+def test_a_dry_run_says_what_the_run_would_do_and_writes_nothing(tmp_path):
+    """nightly.md: `--dry-run` runs every check of the run and prints the images it would process out
+    of those found, and what the output already holds of them; nothing is written, not even the
+    output's folder, its settings record or its lock; exit 0. Then the same night resumed, retried
+    and overwritten, each said as the run would do it."""
+    tiles = tmp_path / "in"
+    make_images(tiles, 6)
+    (tiles / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "results" / "nightly.jsonl"
+    before = _everything_under(tmp_path)
+    result = run(str(tiles), "--out", str(out), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("dry run: 7 of 7 images to process with backend reference into "
+                             f"{out} (a new output); nothing written\n")
+    assert _everything_under(tmp_path) == before  # (no results/ folder, no lock, no settings)
+
+    assert run(str(tiles), "--out", str(out)).exit_code == 1  # the night runs: 6 results, 1 error
+    make_images(tiles, 8, seed=1, names=[f"new{index}.png" for index in range(8)])  # 8 more arrive
+    before = _everything_under(tmp_path)
+    lines = {}
+    for extra in ([], ["--retry-failed"], ["--overwrite"]):
+        result = run(str(tiles), "--out", str(out), "--dry-run", *extra)
+        assert result.exit_code == 0 and result.stderr == "", result.output
+        lines[" ".join(extra)] = result.stdout
+    assert _everything_under(tmp_path) == before  # (the output, its settings, no lock: as they were)
+    assert lines == {
+        "": f"dry run: 8 of 15 images to process with backend reference into {out}; 7 already recorded there "
+            "(1 as errors: --retry-failed redoes them); nothing written\n",
+        "--retry-failed": f"dry run: 9 of 15 images to process with backend reference into {out}, 1 of them recorded "
+                          "as errors before (--retry-failed); 6 already recorded there; nothing written\n",
+        "--overwrite": f"dry run: 15 of 15 images to process with backend reference into {out} (--overwrite: its "
+                       "records replaced); nothing written\n"}
+    assert run(str(tiles), "--out", "-", "--dry-run").stdout == (
+        "dry run: 15 of 15 images to process with backend reference into standard output; nothing written\n")
+    shown = re.search(r"^(dry run: .*)$", (REPO / "docs" / "nightly.md").read_text(encoding="utf-8"), re.MULTILINE)[1]
+
+    def shape(line: str, out: str, backend: str) -> str:
+        return re.sub(r"\d[\d,]*", "N", line.replace(out, "OUT").replace(f"backend {backend}", "backend B"))
+
+    assert shape(shown, "/data/results/nightly.jsonl", "numba") == shape(lines[""].strip(), str(out), "reference")
+
+
+def test_a_dry_run_is_refused_where_the_run_would_be(tmp_path):
+    """The point of checking by day: a dry run refuses (exit 2, the run's own line, nothing written)
+    what the night's run would refuse: other settings than the output's, another run writing it,
+    a backend that cannot start."""
+    tiles = tmp_path / "in"
+    make_images(tiles, 3)
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    before = _everything_under(tmp_path)
+    other = run(str(tiles), "--out", str(out), "--low", "50", "--dry-run")
+    assert other.exit_code == 2 and other.stdout == ""
+    assert other.stderr == run(str(tiles), "--out", str(out), "--low", "50").stderr
+    assert "--low 100 -> 50" in other.stderr
+    with OutputLock(str(out)):  # another run holds the output
+        busy = run(str(tiles), "--out", str(out), "--dry-run")
+    assert busy.exit_code == 2 and "another gpu-pipeline run" in busy.stderr and busy.stdout == ""
+    unavailable = runner.invoke(app, ["run", str(tiles), "--out", str(out), "--backend", "nonesuch", "--dry-run"])
+    assert unavailable.exit_code == 2 and unavailable.stdout == ""
+    assert _everything_under(tmp_path) == before
+
+
+def test_a_dry_run_starts_no_decode_processes(tmp_path, monkeypatch):
+    """A run of many files starts its fork server while it checks the output (to be ready by the first
+    batch); a dry run, which decodes nothing, must not: the check of a 50,000-file night would fork
+    for nothing."""
+    from gpu_pipeline.engine import job
+
+    started = []
+    monkeypatch.setattr(job, "early_fork_server", lambda *args: started.append(args))
+    tiles = tmp_path / "in"
+    make_images(tiles, 3)
+    result = runner.invoke(app, ["run", str(tiles), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
+                                 "--decode", "processes", "--dry-run"])
+    assert result.exit_code == 0 and result.stdout.startswith("dry run: 3 of 3 images"), result.output
+    assert started == []

@@ -128,6 +128,10 @@ def run(
         None, "--model", "-m", parser=given_file_name,
         help="Label with a model from `gpu-pipeline fit`, or a shipped one (eurosat, eurosat-cnn), instead of the default rule."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Check everything the run would check (inputs, output, resume, settings, "
+                                 "backend) and print what it would do: the images to process, those already "
+                                 "recorded. Writes nothing; exit 0, or 2 where the run would be refused."),
     dask: Optional[str] = typer.Option(None, "--dask", metavar="ADDRESS",  # "\\[": the help is rich markup
                                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or "
                                        "local:N (N worker processes here), or local-cuda (one worker per GPU here; "
@@ -172,6 +176,7 @@ def run(
             batch_size=batch_size,
             save_edges=save_edges, quiet=quiet, output_format=output_format, overwrite=overwrite,
             retry_failed=retry_failed, model=model, dask=dask, dask_timeout=dask_timeout, device=device,
+            dry_run=dry_run,
         )
     except UsageError as exc:
         fail_usage(str(exc))

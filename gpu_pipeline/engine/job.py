@@ -325,6 +325,7 @@ class Job:
     device: int | None = None
     processes: bool | None = None  # decode in processes: None lets the engine choose
     decode_timeout: float | None = None  # seconds a decode process may spend on one file (needs processes)
+    dry_run: bool = False  # check everything, say what the run would do, write nothing
 
 
 @dataclass
@@ -360,20 +361,45 @@ def run_job(**arguments) -> int:
             remove_folders(created)
             raise UsageError(str(exc) if isinstance(exc, SinkError) else
                              f"cannot write {job.out}: {exc.strerror or exc}") from None
-    refused = True
+    ran = False
     try:
         checked = check_job(job)
         try:
+            if job.dry_run:
+                with checked.engine.backend:  # (started, so that one that cannot start refuses: closed unused)
+                    warn_unlisted(Console(stderr=True, soft_wrap=True), checked.unlisted)
+                    print(plan_line(job, checked), flush=True)
+                return 0
             code = execute(job, checked, lock)
         finally:  # a fork server no run took over (refused, the GPU failed at the warm-up, a stop signal
             checked.engine.close()  # before the run began): not left to the exit, which warned of it
-        refused = False
+        ran = True
         return code
     finally:
         if lock is not None:
             lock.release()
-        if refused:
+        if not ran:  # refused, or a dry run: the folders made for the lock go too
             remove_folders(created)
+
+
+def plan_line(job: Job, checked: CheckedJob) -> str:
+    """What ``run --dry-run`` prints: the images the run would process out of those found, where to,
+    and what the output already holds of them."""
+    found, todo = len(checked.files), len(checked.todo)
+    where = "standard output" if job.out == "-" else shown(os.path.abspath(job.out))
+    line = f"dry run: {todo:,} of {found:,} images to process with backend {checked.engine.backend.name} into {where}"
+    redone = len(checked.output.retried or ())
+    if redone:
+        line += f", {redone:,} of them recorded as errors before (--retry-failed)"
+    if found > todo:
+        line += f"; {found - todo:,} already recorded there"
+        if checked.earlier_failures:
+            line += f" ({checked.earlier_failures:,} as errors: --retry-failed redoes them)"
+    elif checked.output.start_afresh and checked.output.exists:
+        line += " (--overwrite: its records replaced)"
+    elif not checked.output.exists and job.out != "-":
+        line += " (a new output)"
+    return line + "; nothing written"
 
 
 def input_files(job: Job, unlisted: list[tuple[str, str]]) -> list[str]:
@@ -546,7 +572,7 @@ def check_job(job: Job) -> CheckedJob:
     todo = [path for path in files if path not in done]
     earlier_failures = 0 if job.retry_failed else sum(path in existing.failed for path in files)
     fork_server = (early_fork_server(job.processes, len(todo), job.workers, processes_option(job.decode_timeout))
-                   if job.dask is None else None)
+                   if job.dask is None and not job.dry_run else None)
     try:
         checked = _with_backend(job, files, todo, earlier_failures, settings, output, labels_of, fork_server)
     except BaseException:
