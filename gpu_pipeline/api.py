@@ -13,12 +13,12 @@ so kernels are loaded (or compiled) once, whatever calls them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import numbers
 import os
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,25 +109,61 @@ class Batch:
 
 
 def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
-    """The backend ``name`` (or the best available for ``auto``), created once per process.
+    """The backend ``name`` (or the best available for ``auto``), created once per process, its
+    kernels loaded (or compiled).
+
+    That is done in a thread of its own while the caller waits: a Ctrl-C (KeyboardInterrupt) in a
+    notebook stops the wait, never numba's import or a kernel's compile half-way, which left them
+    broken for the rest of the session ("module 'numba' has no attribute 'core'", "no compiled object
+    yet"); the next call finds the backend ready, or waits for it again.
 
     ValueError for an unknown name or a thread count below 1 (as the command line's exit 2)."""
     name = _backend_name(name)
     if threads is not None:
         threads = whole_number("threads", threads, least=1, most=MOST_THREADS)
+    with _creating:  # one backend however many threads ask at once
+        made = _backends.get((name, threads))
+        if made is None or made.done() and made.exception() is not None:  # (a failure is tried again)
+            made = _backends[(name, threads)] = Future()
+            threading.Thread(target=_into, args=(made, lambda: _warmed_backend(name, threads)),
+                             name="gpu-pipeline loading", daemon=True).start()
     try:
-        with _creating:  # lru_cache alone lets threads that miss at once each create one
-            return _created(name, threads)
+        return made.result()
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
 
 
+def _warmed_backend(name: str, threads: int | None) -> Backend:
+    backend = registry.create(name, threads=threads)
+    try:
+        backend.warm_up()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            backend.close()
+        raise
+    return backend
+
+
+#: The backends made (or being made), by name and threads: each a Future of it (:func:`shared_backend`).
+_backends: dict[tuple[str, int | None], Future] = {}
 _creating = threading.Lock()
 
 
 def _unlock_after_fork() -> None:
-    global _creating
+    global _creating, _backends
     _creating = threading.Lock()  # a fork while another thread held it would leave it held for ever
+    # (and a backend being made by a thread the child does not have would be waited for, for ever)
+    _backends = {key: made for key, made in _backends.items() if made.done()}
+
+
+def _forget_backends() -> None:
+    """Close and forget the backends made (tests)."""
+    with _creating:
+        made = list(_backends.values())
+        _backends.clear()
+    for backend in made:
+        if backend.done() and backend.exception() is None:
+            backend.result().close()
 
 
 os.register_at_fork(after_in_child=_unlock_after_fork)
@@ -145,9 +181,6 @@ def _backend_name(name) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
-def _created(name: str, threads: int | None) -> Backend:
-    return registry.create(name, threads=threads)
 
 
 def _checked_images(images) -> Sequence[np.ndarray]:
@@ -452,16 +485,44 @@ def _processes_for_time_limit(processes: bool | None, decode_timeout, workers: i
 def _labeller(model, config: PipelineConfig):
     """The labeller of ``model`` (None: the default rule); ValueError (a ModelError, saying why) when
     it is not a model that can label with these settings."""
-    from gpu_pipeline.labels.labeller import label_function, model_module
+    from gpu_pipeline.labels.labeller import label_function
 
     if model is None:
         return label_function(None)
     if not isinstance(model, (str, bytes, os.PathLike)) or not os.fsdecode(model):
         raise ValueError(f"model must be a model file or a shipped model's name (eurosat, eurosat-cnn), got {model!r}")
-    model_module(f"model={model!r}")  # (said in the keyword's words where numba cannot be imported)
-    labels_of = label_function(os.fsdecode(model))
+    name = os.fsdecode(model)
+    if name not in _warm_models:  # numba imported, the model's kernels compiled, once, beyond a Ctrl-C's reach
+        _uninterrupted(lambda: _warm_model(name, f"model={model!r}"))
+    labels_of = label_function(name)
     labels_of.__self__.check_config(config, named=_keywords, used="these settings are")
     return labels_of
+
+
+#: The models whose kernels :func:`_labeller` has loaded.
+_warm_models: set[str] = set()
+
+
+def _warm_model(name: str, keyword: str) -> None:
+    from gpu_pipeline.labels.labeller import label_function, model_module, warm_up_labeller
+
+    model_module(keyword)  # (said in the keyword's words where numba cannot be imported)
+    warm_up_labeller(label_function(name))
+    _warm_models.add(name)
+
+
+def _uninterrupted(work):
+    """``work()``, done in a thread of its own while the caller waits (see :func:`shared_backend`)."""
+    done = Future()
+    threading.Thread(target=_into, args=(done, work), name="gpu-pipeline loading", daemon=True).start()
+    return done.result()
+
+
+def _into(done: Future, work) -> None:
+    try:
+        done.set_result(work())
+    except BaseException as exc:
+        done.set_exception(exc)
 
 
 def _keywords(config: PipelineConfig) -> str:

@@ -132,7 +132,7 @@ def test_the_python_api_raises_device_failed(tiles, failing):
     import gpu_pipeline
     from gpu_pipeline import api
 
-    api._created.cache_clear()
+    api._forget_backends()
     failing(0)  # (the 20 tiles are one batch of a CPU backend: the engine test has batches before)
     records = []
     with pytest.raises(DeviceFailed, match="the GPU of backend failing-device failed"):
@@ -142,7 +142,7 @@ def test_the_python_api_raises_device_failed(tiles, failing):
     with pytest.raises(DeviceFailed, match="the GPU of backend failing-device failed"):
         gpu_pipeline.process([np.zeros((8, 8), np.uint8)], backend="failing-device")
     assert gpu_pipeline.DeviceFailed is DeviceFailed
-    api._created.cache_clear()
+    api._forget_backends()
 
 
 # ---------------------------------------------------------------- which errors are device failures
