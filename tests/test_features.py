@@ -218,6 +218,61 @@ def test_the_serial_kernel_gives_the_same_bytes(monkeypatch):
     assert batch_features(batch, histograms, edge_counts).tobytes() == parallel.tobytes()
 
 
+@pytest.mark.parametrize("requested, loadable, safe", [
+    ("default", {"omp"}, True), ("threadsafe", {"omp"}, True), ("safe", {"tbb"}, True), ("omp", {"omp"}, True),
+    ("safe", {"omp"}, False),  # numba's "safe" is tbb alone
+    ("tbb", {"omp"}, False), ("omp", set(), False), ("threadsafe", set(), False), ("default", set(), False),
+    ("workqueue", {"omp", "tbb"}, False)])
+def test_a_requested_layer_counts_as_thread_safe_only_when_it_can_load(requested, loadable, safe, monkeypatch):
+    """A layer that cannot load (numba's macOS wheels without libomp, a Linux without libtbb) would
+    make numba raise at the first prange kernel; the serial twins run instead."""
+    import numba
+
+    from gpu_pipeline.backends import _numba_setup
+
+    monkeypatch.setattr(_numba_setup, "_launched_layer", lambda: None)
+    monkeypatch.setattr(_numba_setup, "_layer_loads", lambda name: name in loadable)
+    monkeypatch.setattr(numba.config, "THREADING_LAYER", requested)
+    assert _numba_setup.threading_layer_is_threadsafe() is safe
+
+
+# numba's omp and tbb pools made unloadable, as on a Mac without libomp: the layer asked for cannot start.
+_WITHOUT_THREADSAFE_LAYERS = """
+import importlib.abc, sys
+import numpy as np
+
+class NoLibrary(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("numba.np.ufunc.omppool", "numba.np.ufunc.tbbpool"):
+            raise ImportError("no libomp, no libtbb")
+
+sys.meta_path.insert(0, NoLibrary())
+from gpu_pipeline.labels.features import batch_features
+rng = np.random.default_rng(3)
+batch = [rng.integers(0, 256, (13, 9, 3), dtype=np.uint8) for _ in range(4)]
+histograms = np.stack([np.bincount(image.reshape(-1), minlength=256) for image in batch])
+sys.stdout.write(batch_features(batch, histograms, np.arange(4)).tobytes().hex())
+"""
+
+
+@pytest.mark.parametrize("layer", ["omp", "safe"])
+def test_a_requested_layer_that_cannot_load_gives_the_same_bytes(layer):
+    """NUMBA_THREADING_LAYER=omp on a Mac without libomp, or =safe (tbb) without libtbb, ended the
+    run with numba's 'No threading layer could be loaded' traceback at the first model label."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_THREADSAFE_LAYERS], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(0, 256, (13, 9, 3), dtype=np.uint8) for _ in range(4)]
+    histograms = np.stack([np.bincount(image.reshape(-1), minlength=256) for image in batch])
+    assert bytes.fromhex(done.stdout) == batch_features(batch, histograms, np.arange(4)).tobytes()
+
+
 @pytest.mark.parametrize("width, bound", [(64, 1.1e6), (4096, 1.1e6), (16384, 3e6), (65536, 3e6)])
 def test_the_scratch_memory_is_bounded_whatever_the_height(width, bound, monkeypatch):
     """labels.md: the kernel reads an image in strips of whole rows, so its scratch arrays stay about

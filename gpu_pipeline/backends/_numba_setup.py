@@ -12,7 +12,8 @@ Two things can break a numba program that works on the developer's machine:
   are cached in a subfolder named by a digest of every kernel source (:data:`KERNEL_SOURCES`).
 * The ``workqueue`` threading layer aborts the process when parallel kernels are entered from
   several Python threads at once. :func:`choose_threading_layer` asks for a thread-safe layer
-  (``omp`` or ``tbb``) when one can be loaded; otherwise the backend serialises its calls.
+  (``omp`` or ``tbb``) when one can be loaded; otherwise (or when the layer the user asked for
+  cannot load: omp on a Mac without libomp) the label models' kernels run their serial twins.
 
 An explicit ``NUMBA_CACHE_DIR`` or ``NUMBA_THREADING_LAYER`` in the environment always wins; the
 digest subfolder applies under an explicit ``NUMBA_CACHE_DIR`` too (a persistent one, as
@@ -38,6 +39,9 @@ from gpu_pipeline.errors import PipelineWarning
 
 #: Threading layers that may be entered from several Python threads at once.
 THREADSAFE_LAYERS = ("omp", "tbb")
+#: The thread-safe layers numba may start for each ``NUMBA_THREADING_LAYER`` (its "safe" is tbb alone).
+THREADSAFE_CANDIDATES = {"default": THREADSAFE_LAYERS, "threadsafe": THREADSAFE_LAYERS, "safe": ("tbb",),
+                         "omp": ("omp",), "tbb": ("tbb",)}
 
 #: The package folder (``gpu_pipeline``), which the kernel sources are relative to.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -282,10 +286,10 @@ def threading_layer_is_threadsafe() -> bool:
     launched = _launched_layer()
     if launched is not None:
         return launched in THREADSAFE_LAYERS
-    requested = numba.config.THREADING_LAYER
-    if requested in ("threadsafe", "safe", *THREADSAFE_LAYERS):
-        return True
-    return requested == "default" and any(_layer_loads(name) for name in THREADSAFE_LAYERS)
+    # Only a layer that can load: numba raises at the first prange kernel when the one asked for
+    # cannot (omp on a Mac without libomp, tbb without libtbb); the serial twins run then.
+    candidates = THREADSAFE_CANDIDATES.get(numba.config.THREADING_LAYER, ())
+    return any(_layer_loads(name) for name in candidates)
 
 
 # Applied when the kernels are first imported, before numba compiles anything (numba picks a
