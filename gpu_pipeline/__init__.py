@@ -7,12 +7,26 @@ memory, ``gpu_pipeline.run(paths, ...)`` for files (a record each), ``gpu_pipeli
 not pay for it.
 """
 
+import os
+import sys
+
 __version__ = "0.1.0"
 __all__ = ["process", "run", "run_batches", "read_image", "Results", "Batch", "DeviceFailed", "DecodeError"]
 
 
+
+def unsupported_platform() -> str | None:
+    """Why gpu-pipeline cannot run here, or None. It needs what Windows' Python lacks (fork hooks,
+    fcntl's locks, POSIX open flags): without this its modules failed to import with a traceback."""
+    if sys.platform == "win32" or not hasattr(os, "register_at_fork"):
+        return "gpu-pipeline runs on Linux and macOS, not on Windows: run it in WSL"
+    return None
+
+
 def __getattr__(name: str):
     if name in __all__:
+        if (reason := unsupported_platform()) is not None:
+            raise ImportError(reason)
         from gpu_pipeline import api
 
         return getattr(api, name)

@@ -7,6 +7,13 @@ delegates: the work happens in :mod:`gpu_pipeline.engine`.
 
 import gc
 import os
+import sys
+
+from gpu_pipeline import unsupported_platform
+
+if (_unsupported := unsupported_platform()) is not None:  # one line, before imports that would fail
+    print(f"gpu-pipeline: error: {_unsupported}", file=sys.stderr)
+    raise SystemExit(2)
 
 # numpy and scipy (which numba imports) each start an OpenBLAS thread per core that spins for a
 # while after loading; the command line makes no BLAS call worth a thread (0.2-0.4 s of CPU a run
