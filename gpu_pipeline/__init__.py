@@ -14,7 +14,6 @@ __version__ = "0.1.0"
 __all__ = ["process", "run", "run_batches", "read_image", "Results", "Batch", "DeviceFailed", "DecodeError"]
 
 
-
 def unsupported_platform() -> str | None:
     """Why gpu-pipeline cannot run here, or None. It needs what Windows' Python lacks (fork hooks,
     fcntl's locks, POSIX open flags): without this its modules failed to import with a traceback."""
