@@ -124,9 +124,7 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
     with _creating:  # one backend however many threads ask at once
         made = _backends.get((name, threads))
         if made is None or made.done() and made.exception() is not None:  # (a failure is tried again)
-            made = _backends[(name, threads)] = Future()
-            threading.Thread(target=_into, args=(made, lambda: _warmed_backend(name, threads)),
-                             name="gpu-pipeline loading", daemon=True).start()
+            made = _backends[(name, threads)] = _in_own_thread(lambda: _warmed_backend(name, threads))
     try:
         return made.result()
     except KeyError as exc:
@@ -179,8 +177,6 @@ def _backend_name(name) -> str:
         except KeyError as exc:
             raise ValueError(exc.args[0]) from None
     return name
-
-
 
 
 def _checked_images(images) -> Sequence[np.ndarray]:
@@ -493,7 +489,7 @@ def _labeller(model, config: PipelineConfig):
         raise ValueError(f"model must be a model file or a shipped model's name (eurosat, eurosat-cnn), got {model!r}")
     name = os.fsdecode(model)
     if name not in _warm_models:  # numba imported, the model's kernels compiled, once, beyond a Ctrl-C's reach
-        _uninterrupted(lambda: _warm_model(name, f"model={model!r}"))
+        _in_own_thread(lambda: _warm_model(name, f"model={model!r}")).result()
     labels_of = label_function(name)
     labels_of.__self__.check_config(config, named=_keywords, used="these settings are")
     return labels_of
@@ -511,11 +507,12 @@ def _warm_model(name: str, keyword: str) -> None:
     _warm_models.add(name)
 
 
-def _uninterrupted(work):
-    """``work()``, done in a thread of its own while the caller waits (see :func:`shared_backend`)."""
+def _in_own_thread(work) -> Future:
+    """``work()``, started in a thread of its own: what it returns or raises, when done. The caller's
+    wait for it stops at a Ctrl-C; the work goes on (see :func:`shared_backend`)."""
     done = Future()
     threading.Thread(target=_into, args=(done, work), name="gpu-pipeline loading", daemon=True).start()
-    return done.result()
+    return done
 
 
 def _into(done: Future, work) -> None:
