@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from gpu_pipeline.errors import first_line
 from gpu_pipeline.outputs.files import keep_mode
@@ -153,22 +154,27 @@ def _written_aside(folder: Path, name: str, records: Iterable[dict], schema, out
 
     columns = table_columns(records, COLUMNS)
     temporary = folder / f".{name}.tmp"
-    try:
+    with _removed_on_failure(temporary, out):
         with open(temporary, "wb") as stream:  # (a name, pyarrow would parse as a URI: see _read_part)
             pq.write_table(pa.table(columns, schema=schema), stream)
             stream.flush()
             os.fsync(stream.fileno())
         if replaced is not None:
             keep_mode(replaced, temporary)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
     return temporary
 
 
 def _put_in_place(temporary: Path, part: Path, out: str) -> None:
-    try:
+    with _removed_on_failure(temporary, out):
         os.replace(temporary, part)
+
+
+@contextmanager
+def _removed_on_failure(temporary: Path, out: str) -> Iterator[None]:
+    """Run the block; where it raises OSError, remove the part's ``temporary`` and raise
+    SinkWriteError (``cannot write OUT: ...``, the OSError's errno), so that no hidden part is left."""
+    try:
+        yield
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
