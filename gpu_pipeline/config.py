@@ -20,6 +20,18 @@ def threshold_text(value: float) -> str:
     return text if float(text) == value else repr(float(value))
 
 
+#: The command line's option for each setting (a field of PipelineConfig or DecodeOptions): a refusal
+#: names the option the user typed, not the field (a resume's "--low 100 -> 50", "--blur must be ...").
+SETTING_OPTIONS = {"low_threshold": "--low", "high_threshold": "--high", "l2_gradient": "--l2",
+                   "blur_ksize": "--blur", "bands": "--bands", "stretch": "--stretch", "max_pixels": "--max-pixels"}
+
+
+def setting_name(field: str) -> str:
+    """A setting as this module's refusals name it: its field in words (``low threshold``), but
+    ``blur size`` for ``blur_ksize``."""
+    return "blur size" if field == "blur_ksize" else field.replace("_", " ")
+
+
 #: The most decode workers and compute threads: each is a thread (or a process) of its own, and a
 #: typing slip of a few more digits made a run start threads until the machine ran out of memory.
 MOST_THREADS = 1024
@@ -53,12 +65,12 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         blur = self.blur_ksize  # 5.0 is in BLUR_SIZES, and a kernel typed for integers raised on it
         if not isinstance(blur, numbers.Integral) or isinstance(blur, bool) or blur not in BLUR_SIZES:
-            raise ValueError(f"blur size must be one of {BLUR_SIZES}, got {blur!r}")
+            raise ValueError(f"{setting_name('blur_ksize')} must be one of {BLUR_SIZES}, got {blur!r}")
         object.__setattr__(self, "blur_ksize", int(blur))
         for name in ("low_threshold", "high_threshold"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise ValueError(f"{name.replace('_', ' ')} must be a number, got {value!r}")
+                raise ValueError(f"{setting_name(name)} must be a number, got {value!r}")
             # compared as a Python int or float: NumPy's float32 2**31 - 1 compared in float32, where
             # it equals the bound (2**31), and float16 inf as the bound's float16 inf
             try:
@@ -66,7 +78,7 @@ class PipelineConfig:
             except OverflowError:  # a Fraction beyond float64
                 number = float("inf")
             if not 0 <= number <= MAX_THRESHOLD:  # also rejects NaN
-                raise ValueError(f"{name.replace('_', ' ')} must be between 0 and {MAX_THRESHOLD}, got {value}")
+                raise ValueError(f"{setting_name(name)} must be between 0 and {MAX_THRESHOLD}, got {value}")
             # kept as that Python number, as cv2.Canny takes a double: squared for the L2 gradient in
             # NumPy's type, uint8 42 became 1764 % 256 = 228, float16 300 became inf (every edge strong)
             object.__setattr__(self, name, number)
@@ -96,7 +108,7 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         if self.stretch not in STRETCHES:
-            raise ValueError(f"stretch must be one of {', '.join(STRETCHES)}, got {self.stretch!r}")
+            raise ValueError(f"{setting_name('stretch')} must be one of {', '.join(STRETCHES)}, got {self.stretch!r}")
         if self.bands is not None:
             if len(self.bands) not in (1, 3):
                 raise ValueError(f"--bands takes 1 or 3 band numbers, got {len(self.bands)}")
@@ -104,4 +116,4 @@ class DecodeOptions:
             if any(b < 1 for b in bands):
                 raise ValueError("band numbers are 1-based and must be >= 1")
             object.__setattr__(self, "bands", bands)
-        object.__setattr__(self, "max_pixels", whole_number("max pixels", self.max_pixels, least=1))
+        object.__setattr__(self, "max_pixels", whole_number(setting_name("max_pixels"), self.max_pixels, least=1))

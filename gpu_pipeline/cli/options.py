@@ -16,7 +16,8 @@ from typing import Annotated, List, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from gpu_pipeline.config import BLUR_SIZES, MOST_THREADS, STRETCHES, DecodeOptions, PipelineConfig
+from gpu_pipeline.config import (BLUR_SIZES, MOST_THREADS, SETTING_OPTIONS, STRETCHES, DecodeOptions,
+                                 PipelineConfig, setting_name)
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable
 
 
@@ -262,15 +263,11 @@ def check_counts(**counts: int | None) -> None:
             raise UsageError(f"{option} must be at most {MOST_THREADS}, got {value}")
 
 
-#: The settings as PipelineConfig's and DecodeOptions' messages name them, and the options that give them.
-_OPTIONS = {"low threshold": "--low", "high threshold": "--high", "blur size": "--blur", "stretch": "--stretch",
-            "max pixels": "--max-pixels"}
-
-
 def _as_option(refusal: ValueError) -> UsageError:
     """The API's refusal, naming the option the user typed ("blur size must be ..." -> "--blur must be ...")."""
     message = str(refusal)
-    for setting, option in _OPTIONS.items():
+    for field, option in SETTING_OPTIONS.items():
+        setting = setting_name(field)
         if message.startswith(f"{setting} must "):
             return UsageError(option + message.removeprefix(setting))
     return UsageError(message)

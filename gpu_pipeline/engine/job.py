@@ -30,7 +30,7 @@ from gpu_pipeline.backends import BackendUnavailable, create
 from gpu_pipeline.backends.base import DeviceFailed
 from gpu_pipeline.labels.labeller import (attach_label_model_or_close, label_function, labeller_compiles,
                                            warm_up_labeller)
-from gpu_pipeline.config import DecodeOptions, PipelineConfig, canny_order
+from gpu_pipeline.config import SETTING_OPTIONS, DecodeOptions, PipelineConfig, canny_order
 from gpu_pipeline.engine.decoding import early_fork_server, processes_option
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
@@ -124,11 +124,6 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
                if earlier.get(key) != settings[key]]
     raise UsageError(f"{out} holds results computed with other settings (changed: {'; '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
-
-
-#: The option that sets each setting of a section, as the refusal names it.
-SETTING_OPTIONS = {"low_threshold": "--low", "high_threshold": "--high", "l2_gradient": "--l2",
-                   "blur_ksize": "--blur", "bands": "--bands", "stretch": "--stretch", "max_pixels": "--max-pixels"}
 
 
 def _changed_section(key: str, earlier, now) -> str:
