@@ -69,7 +69,7 @@ from PIL import Image, UnidentifiedImageError
 from gpu_pipeline.config import DecodeOptions
 from gpu_pipeline.errors import one_line
 from gpu_pipeline.inputs import jpeg2000
-from gpu_pipeline.inputs.headers import jpeg_frame, png_header, webp_zero_filled
+from gpu_pipeline.inputs.headers import jpeg_frame, png_header, webp_zero_filled, zero_ended
 from gpu_pipeline.inputs.limits import (  # noqa: F401  (DecodeError and budgeted: this module's API too)
     BUDGETED_FROM_BYTES, JPEG2000_BYTES_A_SAMPLE, LIBJPEG_BYTES_A_SAMPLE, PILLOW_BYTES_A_SAMPLE, RESULT_BYTES,
     SAMPLES_PER_LIMIT_PIXEL, WEBP_BYTES_A_SAMPLE, DecodeError, ask_budget, budgeted, check_samples, check_size,
@@ -427,11 +427,9 @@ def _zero_filled(fh: BinaryIO, kind: str) -> bool:
     data's CRC, and stops at the zeros; WebP: libwebp fills in the rest), so such a file became a
     result record that no resume would redo. A PNG that ends in zeros must have its IEND chunk
     right before them (a complete one padded with zeros is fine); a WebP, see :func:`webp_zero_filled`."""
-    fh.seek(-1, io.SEEK_END)
-    if fh.read(1) != b"\0":  # (nearly every file: read no further)
+    data = zero_ended(fh)
+    if data is None:
         return False
-    fh.seek(0)
-    data = fh.read()
     if kind == "PNG":
         return not data.rstrip(b"\0").endswith(_PNG_END)
     return webp_zero_filled(data)

@@ -1,9 +1,12 @@
 """What the first bytes of a JPEG or a PNG declare, read before any decoder allocates (as
-:mod:`gpu_pipeline.inputs.jpeg2000` reads a JPEG 2000's), and whether a WebP's image data ends in zeros."""
+:mod:`gpu_pipeline.inputs.jpeg2000` reads a JPEG 2000's), and whether a file, or a WebP's image data, ends
+in zeros."""
 
 from __future__ import annotations
 
+import io
 import struct
+from typing import BinaryIO
 
 
 def png_header(head: bytes) -> tuple[int, int, int] | None:
@@ -40,6 +43,20 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
             return None
         i += 2 + _U16(data, i + 2)[0]
     return None
+
+
+def zero_ended(fh: BinaryIO, start: int = 0, end: int | None = None) -> bytes | None:
+    """The bytes of ``fh`` from ``start`` to ``end`` (None: to the file's end) when the last of them
+    is a zero, else None: the first test for a file (or a TIFF's strip or tile) cut short and
+    zero-filled, which reads a single byte of nearly every one."""
+    if end is None:
+        fh.seek(-1, io.SEEK_END)
+    else:
+        fh.seek(end - 1)
+    if fh.read(1) != b"\0":  # (nearly every one: read no further)
+        return None
+    fh.seek(start)
+    return fh.read(-1 if end is None else end - start)
 
 
 #: A WebP whose image data (its VP8 or VP8L chunk) ends in this many zero bytes was cut short and

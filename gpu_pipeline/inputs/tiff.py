@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image
 
 from gpu_pipeline.inputs import jpeg2000
-from gpu_pipeline.inputs.headers import jpeg_frame, png_header, webp_zero_filled
+from gpu_pipeline.inputs.headers import jpeg_frame, png_header, webp_zero_filled, zero_ended
 from gpu_pipeline.inputs.limits import (CMYK_COPIES, FLOAT_STRETCH_BYTES, RESULT_BYTES, TIFF_COPIES, TIFF_PALETTE_BYTES,
                                         DecodeError, ask_budget, check_samples, check_size, check_structures, text_of)
 from gpu_pipeline.inputs.normalise import as_sample, full_range, native_order
@@ -343,12 +343,8 @@ def _ends_with_its_eoi(fh: tifffile.FileHandle, offset: int, count: int) -> bool
 def _webp_segment_zero_filled(fh: tifffile.FileHandle, offset: int, count: int) -> bool:
     """Whether a WebP strip or tile (a whole WebP file) ends in zeros where its image data should:
     libwebp fills it in with made-up pixels, as it does a WebP file's (``decode._zero_filled``)."""
-    end = min(offset + count, fh.size)
-    fh.seek(end - 1)
-    if fh.read(1) != b"\0":  # (nearly every segment: read no further)
-        return False
-    fh.seek(offset)
-    return webp_zero_filled(fh.read(end - offset))
+    data = zero_ended(fh, offset, min(offset + count, fh.size))
+    return data is not None and webp_zero_filled(data)
 
 
 def _check_segment(page: tifffile.TiffPage, codec: str, where: str, declared: tuple[int, int, int]) -> None:
