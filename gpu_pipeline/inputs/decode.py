@@ -525,10 +525,10 @@ def _read_jpeg2000(fh: BinaryIO, max_pixels: int) -> tuple[np.ndarray, int | Non
     if not data.startswith(jpeg2000.J2K_MAGIC):
         if not data.startswith(jpeg2000.JP2_SIGNATURE):
             raise DecodeError("decode", _NOT_AN_IMAGE)
-        header, codestream = jpeg2000.header_boxes(data)
-        if codestream is None:
+        found = jpeg2000.codestream(data)
+        if found is None:
             raise DecodeError("decode", "damaged JPEG 2000 file: no codestream box")
-        start, end = codestream
+        header, start, end = found
         _check_jp2_colour(data[slice(*header[b"colr"])] if b"colr" in header else b"")
         if b"pclr" in header and b"cmap" not in header:  # (OpenJPEG would give the indices as gray samples)
             raise DecodeError("decode", "damaged JPEG 2000 file: a palette box (pclr) without its component "

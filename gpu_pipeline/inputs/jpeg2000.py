@@ -111,6 +111,16 @@ def header_boxes(data: bytes) -> tuple[dict[bytes, tuple[int, int]], tuple[int, 
     return header, None
 
 
+def codestream(data: bytes) -> tuple[dict[bytes, tuple[int, int]], int, int] | None:
+    """The JP2 header's boxes (:func:`header_boxes`) and where the codestream starts and ends: in a
+    JP2 file (its signature box's type at bytes 4 to 8) the codestream box's contents, None without
+    one; anything else is taken as a bare codestream, all of ``data``, with no header boxes."""
+    if data[4:8] != b"jP  ":
+        return {}, 0, len(data)
+    header, found = header_boxes(data)
+    return None if found is None else (header, *found)
+
+
 def palette_columns(data: bytes, pclr: tuple[int, int]) -> int:
     """The columns (output components) of a JP2 palette box: its third byte (after 2 of entries)."""
     first, last = pclr
@@ -328,13 +338,11 @@ def segment_size(head: bytes) -> tuple[int, int, int] | None:
     """Image area and components from the SIZ marker of a codestream, bare or in a JP2 file's
     jp2c box (OpenJPEG allocates by these, whatever the JP2 header box says), a JP2 palette's
     columns counted as components (OpenJPEG decodes one plane per column)."""
-    start, columns = 0, 0
-    if head[4:8] == b"jP  ":
-        header, codestream = header_boxes(head)
-        if codestream is None:
-            return None
-        start = codestream[0]
-        columns = palette_columns(head, header[b"pclr"]) if b"pclr" in header else 0
+    found = codestream(head)
+    if found is None:
+        return None
+    header, start, _ = found
+    columns = palette_columns(head, header[b"pclr"]) if b"pclr" in header else 0
     siz = head[start:start + 42]
     if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":
         return None

@@ -313,13 +313,11 @@ def _check_jpeg2000_segment(fh: tifffile.FileHandle, offset: int, count: int, de
     2048 strip with 2 x 2 precincts took 2.3 GB."""
     fh.seek(offset)
     data = fh.read(max(0, min(count, fh.size - offset)))
-    start = 0
-    if not data.startswith(jpeg2000.J2K_MAGIC):  # a JP2 file in the segment
-        _, codestream = jpeg2000.header_boxes(data)
-        if codestream is None:
-            return  # (OpenJPEG refuses it)
-        start = codestream[0]
-        data = data[:codestream[1]]
+    found = jpeg2000.codestream(data)  # (a bare one, or in a JP2 file)
+    if found is None:
+        return  # (OpenJPEG refuses it)
+    _, start, end = found
+    data = data[:end]
     frame = jpeg2000.frame(data[start:start + jpeg2000.SIZ_BYTES])
     if frame is None:
         return
