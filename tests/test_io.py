@@ -900,6 +900,19 @@ def test_a_png_or_webp_cut_short_and_zero_filled_is_refused_and_one_padded_after
         assert np.array_equal(decode_image(scratch / "padded", DEFAULT), decode_image(scratch / "whole", DEFAULT))
 
 
+def test_a_png_whose_last_byte_alone_is_zero_filled_is_refused(scratch: Path) -> None:
+    """The test for zeros reads the file's very last byte: a PNG written but for its last byte (its IEND
+    chunk's CRC), zero-filled, is refused as one zero-filled from further back is."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(buffer, "PNG")
+    whole = buffer.getvalue()
+    assert whole[-2] != 0
+    path = scratch / "last-byte.png"
+    path.write_bytes(whole[:-1] + b"\0")
+    with pytest.raises(DecodeError, match="truncated PNG file: zero bytes where its image data should end"):
+        decode_image(path, DEFAULT)
+
+
 def test_a_webp_whose_exif_ends_in_zeros_is_no_cut_file(scratch: Path) -> None:
     """Only its image data's end counts: EXIF padded with zeros, after the image, was refused."""
     exif = Image.Exif()
