@@ -1758,6 +1758,17 @@ def test_a_jp2_tiff_segment_whose_palette_has_more_columns_than_samples_is_refus
                                                "1 sample a pixel ")
 
 
+def test_a_jp2_tiff_segment_without_its_codestream_box_is_refused(scratch: Path, monkeypatch):
+    """A JP2 segment that ends before its codestream box (jp2c) declares no size that can be checked:
+    refused, as a segment of another codec without a header is."""
+    whole = jp2_file(jpeg2000(np.zeros((64, 64), np.uint8), kind="j2k"), 64, 64)
+    segment = whole[:whole.index(b"jp2c") - 4]
+    path = scratch / "jp2-no-codestream.tif"
+    tifffile.imwrite(path, iter([segment]), shape=(64, 64), dtype=np.uint8, compression="jpeg2000", rowsperstrip=64)
+    refused_before_decoding(path, monkeypatch, "^damaged TIFF file: strip 1 has no JPEG 2000 header that can be "
+                                               r"checked \(or is animated\)$")
+
+
 @pytest.mark.parametrize("kind", ["j2k", "jp2"])
 def test_a_jpeg_2000_tiff_segment_whose_structures_are_many_times_its_samples_is_refused(scratch: Path, monkeypatch,
                                                                                         kind: str) -> None:
