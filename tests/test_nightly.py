@@ -2157,6 +2157,24 @@ def test_a_parquet_part_that_cannot_be_written_leaves_no_temporary(tmp_path, mon
     assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet"]
 
 
+def test_a_parquet_part_that_cannot_be_renamed_into_place_leaves_no_temporary(tmp_path, monkeypatch):
+    """The rename that puts a written part in place can fail too: the same refusal, naming the output,
+    and the hidden part goes, as when its writing fails."""
+    pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out.parquet"
+    sink = open_sink(str(out), resume=False)
+    sink.write([a_result("/a.png")])
+
+    def refused(source, target):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(SinkWriteError, match=f"^cannot write {re.escape(str(out))}: Permission denied$") as info:
+        sink.write([a_result("/b.png")])
+    assert info.value.errno == errno.EACCES
+    assert sorted(p.name for p in out.iterdir()) == ["part-000000.parquet"]
+
+
 def test_retry_failed_removes_a_part_left_without_rows(tmp_path):
     """A part that held only error rows goes: rewritten, it stayed behind as a part of no rows."""
     pq = pytest.importorskip("pyarrow.parquet")
