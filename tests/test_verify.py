@@ -873,3 +873,23 @@ def test_on_a_terminal_a_compile_is_announced_before_the_images_and_a_failed_war
     assert tallies["compiling"].status == "compared"
     assert (tallies["failing-warm-up"].status, tallies["failing-warm-up"].reason) == (
         "failed", "could not start: RuntimeError: CUDA_ERROR_ILLEGAL_ADDRESS")
+
+
+def test_verify_in_a_log_says_how_far_it_is_every_minute(tmp_path, monkeypatch, register):
+    """A `verify` of a night's 50,000 files in a cron job's log said nothing for hours: as `run`, with
+    stderr no terminal, a line every minute (30 s a chunk of one image here), none once done."""
+    import gpu_pipeline.engine.job as job
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(6):
+        Image.fromarray(np.full((8, 8), index * 40, np.uint8)).save(folder / f"{index}.png")
+    ticks = iter(range(0, 10**6, 30))
+    monkeypatch.setattr(job, "_clock", lambda: next(ticks))
+    register(KeepsImages)
+    result = runner.invoke(app, ["verify", str(folder), "--backends", "keeps-images", "--batch-size", "1",
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
+    assert lines == ["progress: 2 of 6 images (33%) in 0:01:00, 0.03 images/s, about 0:02:00 left",
+                     "progress: 4 of 6 images (66%) in 0:02:00, 0.03 images/s, about 0:01:00 left"], result.stderr

@@ -61,7 +61,7 @@ def verify(
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage, 3 when
     standard output or the --report cannot be written (a full disk, a closed pipe).
     """
-    from gpu_pipeline.engine.job import progress_bar, warn_unlisted
+    from gpu_pipeline.engine.job import progress_bar, progress_lines, warn_unlisted
     from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify, write_report
     from gpu_pipeline.inputs.processes import DecodeProcessesFailed
 
@@ -85,8 +85,8 @@ def verify(
 
                 # (the compile announced above the bar: on a terminal it sat at 0 for 15-20 s)
                 outcome = run_verify(**arguments, progress=advance, console=bar.console)
-        else:
-            outcome = run_verify(**arguments)
+        else:  # (a cron job's log: a line a minute)
+            outcome = run_verify(**arguments, progress=progress_lines(Console(stderr=True, soft_wrap=True)))
     except UsageError as exc:
         fail_usage(str(exc))
     except DecodeProcessesFailed as exc:  # (a fork server that kept dying, under --decode-timeout)

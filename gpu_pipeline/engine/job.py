@@ -800,16 +800,18 @@ def stream(engine: Engine, todo: list[str], sink, stop: threading.Event, console
         return engine.run(todo, sink, progress=advance, stop=stop)
 
 
-def progress_lines(console: Console, total: int) -> Callable[[int], None]:
+def progress_lines(console: Console, total: int = 0) -> Callable[..., None]:
     """A progress callback that prints where the run is, at most every :data:`PROGRESS_EVERY_S`
     seconds and not once it is done: ``progress: 4,096 of 50,000 images (8%) in 0:01:00, 68.27
-    images/s, about 0:11:12 left``."""
+    images/s, about 0:11:12 left``. It takes the images done since its last call, and the total
+    where it was not known when it was made (``verify`` learns it as it goes)."""
     started = said = _clock()
     done = 0
 
-    def advance(count: int) -> None:
-        nonlocal done, said
+    def advance(count: int, of: int | None = None) -> None:
+        nonlocal done, said, total
         done += count
+        total = of if of is not None else total
         now = _clock()
         if now - said < PROGRESS_EVERY_S or done >= total:
             return
