@@ -31,8 +31,8 @@ class PipelineWarning(RuntimeWarning):
 
 
 def counted(n: int, word: str) -> str:
-    """``n`` and ``word``, plural unless ``n`` is 1: "1 thread", "2 threads"."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    """``n`` and ``word``, plural unless ``n`` is 1: "1 thread", "2 threads", "50,000 images"."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def one_line(exc: BaseException) -> str:

@@ -110,6 +110,9 @@ def test_the_summary_groups_thousands_as_the_progress_lines_do():
     assert captured.get().splitlines() == [
         "50,000 images with backend numba in 4.00 s: 48,500 ok, 1,500 failed (12,500 images/s, 500.0 MP/s)",
         "failures by stage: decode: 1,200, read: 300", "labels: busy 30,000, smooth 18,500", "results: -"]
+    with console.capture() as captured:
+        print_summary(console, RunSummary(ok=1, pixels=64, seconds=1.0, labels=Counter({"busy": 1})), "numba", "-")
+    assert captured.get().splitlines()[0] == "1 image with backend numba in 1.00 s: 1 ok, 0 failed (1 images/s, 0.0 MP/s)"
 
 
 def test_progress_counts_every_record_of_a_batch_its_errors_too(tmp_path):

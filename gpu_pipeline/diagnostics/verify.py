@@ -559,7 +559,7 @@ def comparison_table(report: VerifyReport) -> Table:
     """Backend x stage: identical, or on how many images a stage differs."""
     config = report.config
     table = Table(
-        title=f"{report.compared} images compared with the {GROUND_TRUTH} backend (ground truth)",
+        title=f"{counted(report.compared, 'image')} compared with the {GROUND_TRUTH} backend (ground truth)",
         caption=f"Canny {threshold_text(config.low_threshold)}/{threshold_text(config.high_threshold)} "
                 f"{'L2' if config.l2_gradient else 'L1'}, blur {config.blur_ksize}"
                 + (f"; {OPENCV}: the contract's cv2 calls, an independent oracle"
@@ -602,7 +602,7 @@ def _summary(report: VerifyReport) -> str:
         return f"[red bold]NOTHING COMPARED[/]: none of the {report.found} files could be decoded"
     if report.exit_status == 0:
         return (f"[green bold]IDENTICAL[/]: every stage ({', '.join(STAGES)}) of {_and(compared)} is identical "
-                f"to the {GROUND_TRUTH} on " + ("its one image" if report.compared == 1 else f"all {report.compared} images"))
+                f"to the {GROUND_TRUTH} on " + ("its one image" if report.compared == 1 else f"all {report.compared:,} images"))
     images = {d.image for d in report.differences} | {e["image"] for e in report.errors}
     reference_errors = sum(e["backend"] == GROUND_TRUTH for e in report.errors)
     per_backend = [f"{GROUND_TRUTH} ({counted(reference_errors, 'error')})"] if reference_errors else []
