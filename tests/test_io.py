@@ -2203,6 +2203,22 @@ def test_the_codecs_messages_are_kept_off_the_command_lines_stderr():
     assert done.stdout == "done\n" and done.stderr == ""
 
 
+def test_the_codecs_are_quieted_with_one_handler_however_many_runs():
+    """The command line called in one process (a scheduler's, a test's CliRunner) quiets the codecs
+    at every run: each run added one more handler to tifffile's and imagecodecs' loggers, for the
+    life of the process (leak soak)."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nfrom gpu_pipeline.inputs.decode import quiet_codecs\n"
+            "counts = []\nfor _ in range(3):\n    quiet_codecs()\n"
+            "    counts.append([len(logging.getLogger(name).handlers) for name in ('tifffile', 'imagecodecs')])\n"
+            "print(counts)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    counts = json.loads(done.stdout)
+    assert counts[0] == counts[1] == counts[2], done.stderr
+
+
 def test_cmyk_jpeg_goes_through_pillow(tmp_path):
     path = tmp_path / "cmyk.jpg"
     Image.fromarray(np.full((8, 9, 4), 40, np.uint8), "CMYK").save(path, "JPEG")

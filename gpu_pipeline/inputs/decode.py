@@ -94,6 +94,11 @@ _PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # never EPS & co., whic
 _PILLOW_MODES_AS_THEY_ARE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "I", "F")
 
 
+#: The one handler :func:`quiet_codecs` adds, however often it runs: a new one each time, the command
+#: line called in one process (a scheduler, a test's CliRunner) added two a run, for good.
+_QUIET = logging.NullHandler()
+
+
 def quiet_codecs() -> None:
     """For the command line and its decode processes: a damaged file becomes that file's error
     record, and the codecs' own messages would only add noise to stderr: tifffile's warnings and
@@ -104,7 +109,7 @@ def quiet_codecs() -> None:
         logger = logging.getLogger(name)
         logger.setLevel(logging.ERROR)
         logger.propagate = False
-        logger.addHandler(logging.NullHandler())  # (so that neither tiff's error handler nor logging prints them)
+        logger.addHandler(_QUIET)  # (so that neither tiff's error handler nor logging prints them)
 
 
 class _InterlaceNote(logging.Filter):
