@@ -67,7 +67,8 @@ def progress_bar(console: Console) -> Progress:
 
 def print_summary(console: Console, summary: RunSummary, backend: str, out: str) -> None:
     console.print(
-        f"[bold]{summary.total:,}[/] image{'' if summary.total == 1 else 's'} with backend [bold]{backend}[/] in {summary.seconds:.2f} s: "
+        f"[bold]{summary.total:,}[/] image{'' if summary.total == 1 else 's'} with backend [bold]{backend}[/] "
+        f"in {summary.seconds:.2f} s: "
         f"[green]{summary.ok:,} ok[/], " + (f"[red]{summary.failed:,} failed[/]" if summary.failed else "0 failed")
         + f" ({summary.images_per_second:,.0f} images/s, {summary.megapixels_per_second:,.1f} MP/s)"
     )
