@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from gpu_pipeline import __version__
 from gpu_pipeline.diagnostics import info
+from gpu_pipeline.engine import cores
 from gpu_pipeline.backends import registry
 from gpu_pipeline.cli import app
 from tests.backend_doubles import NeverAvailable
@@ -188,7 +189,24 @@ def test_human_output_counts_the_cores():
     found = info_json()
     result = runner.invoke(app, ["info"])
     cpu = found["cpu"]
-    assert f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process" in result.stdout
+    assert f"CPU: {cpu['logical_cores']} logical cores ({cpu['physical_cores']} physical), {cpu['usable_cores']} " \
+           "usable by this process" in result.stdout
+
+
+def test_physical_cores_count_each_core_once_whatever_its_hardware_threads(tmp_path):
+    """Hand-worked: four logical CPUs, two cores of two hyperthreads each (0 with 2, 1 with 3; the
+    listing's order is the kernel's), an offline fifth without a topology, and a file that is no CPU."""
+    for cpu, siblings in {"cpu0": "0,2", "cpu1": "1,3", "cpu2": "0,2", "cpu3": "1,3"}.items():
+        (tmp_path / cpu / "topology").mkdir(parents=True)
+        (tmp_path / cpu / "topology" / "thread_siblings_list").write_text(siblings + "\n")
+    (tmp_path / "cpu4").mkdir()
+    (tmp_path / "cpufreq").mkdir()
+    (tmp_path / "online").write_text("0-3\n")
+    assert cores.physical_cores(str(tmp_path)) == 2
+    (tmp_path / "cpu1" / "topology" / "thread_siblings_list").write_text("1\n")  # (3 offline: 1 alone)
+    (tmp_path / "cpu3" / "topology" / "thread_siblings_list").write_text("3\n")
+    assert cores.physical_cores(str(tmp_path)) == 3
+    assert cores.physical_cores(str(tmp_path / "missing")) is None  # (not Linux)
 
 
 def test_memory_usable_by_the_run_and_its_control_group_limit(monkeypatch):
@@ -232,8 +250,10 @@ def test_the_cores_are_the_usable_ones_and_a_quota_of_one_is_one_cpu(monkeypatch
     ``os.cpu_count()``."""
     monkeypatch.setattr(info, "usable_cores", lambda: 1)
     monkeypatch.setattr(info, "cpu_quota", lambda: 1.0)
+    monkeypatch.setattr(info, "physical_cores", lambda: None)  # (as on macOS: no such line part)
     found = info.collect_info()
-    assert found["cpu"] == {"logical_cores": os.cpu_count(), "usable_cores": 1, "cpu_quota": 1.0}
+    assert found["cpu"] == {"logical_cores": os.cpu_count(), "physical_cores": None, "usable_cores": 1,
+                            "cpu_quota": 1.0}
     result = runner.invoke(app, ["info"])
     line = f"CPU: {os.cpu_count()} logical cores, 1 usable by this process (control group CPU quota: 1 CPU)\n"
     assert line in result.stdout, result.stdout

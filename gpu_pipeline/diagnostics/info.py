@@ -20,7 +20,7 @@ from rich.table import Table
 
 from gpu_pipeline import __version__
 from gpu_pipeline.backends import registry
-from gpu_pipeline.engine.cores import cpu_quota, memory_limit, usable_cores, usable_memory
+from gpu_pipeline.engine.cores import cpu_quota, memory_limit, physical_cores, usable_cores, usable_memory
 from gpu_pipeline.errors import one_line
 
 #: Packages reported, by the name shown; the value lists the distributions that provide it.
@@ -146,7 +146,8 @@ def collect_info() -> dict[str, Any]:
         "packages": package_versions(),
         "backends": backends,
         "gpu": gpu_info(),
-        "cpu": {"logical_cores": os.cpu_count(), "usable_cores": usable_cores(), "cpu_quota": cpu_quota()},
+        "cpu": {"logical_cores": os.cpu_count(), "physical_cores": physical_cores(), "usable_cores": usable_cores(),
+                "cpu_quota": cpu_quota()},
         "memory": {"usable_bytes": usable_memory(), "limit_bytes": memory_limit()},
         "numba": numba_info(),
     }
@@ -191,7 +192,9 @@ def print_info(console: Console, info: dict[str, Any]) -> None:
     cpu, numba = info["cpu"], info["numba"]
     quota = "" if cpu["cpu_quota"] is None else \
         f" (control group CPU quota: {cpu['cpu_quota']:g} CPU{'' if cpu['cpu_quota'] <= 1 else 's'})"
-    console.print(f"CPU: {cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable by this process{quota}")
+    physical = "" if cpu["physical_cores"] is None else f" ({cpu['physical_cores']} physical)"
+    console.print(f"CPU: {cpu['logical_cores']} logical cores{physical}, {cpu['usable_cores']} usable by this "
+                  f"process{quota}")
     memory = info["memory"]
     if memory["usable_bytes"] is not None:
         limit = "" if memory["limit_bytes"] is None else f" (control group memory limit: {_gib(memory['limit_bytes'])})"

@@ -21,6 +21,7 @@ import os
 
 MOUNTINFO = "/proc/self/mountinfo"
 CGROUP = "/proc/self/cgroup"
+CPUS = "/sys/devices/system/cpu"
 
 
 def usable_cores() -> int:
@@ -31,6 +32,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
     quota = cpu_quota()
     return max(1, min(cores, math.ceil(quota))) if quota is not None else max(1, cores)
+
+
+def physical_cores(cpus: str = CPUS) -> int | None:
+    """The machine's cores, each counted once however many hardware threads it runs (16 logical
+    cores are often 8 with two hyperthreads each, which share one core's units); None where
+    Linux's CPU topology cannot be read."""
+    siblings = set()
+    try:
+        names = os.listdir(cpus)
+    except OSError:
+        return None
+    for name in names:
+        if name.startswith("cpu") and name[3:].isdigit():
+            try:  # the logical cores that share this one's core: the same text for each of them
+                with open(os.path.join(cpus, name, "topology", "thread_siblings_list")) as file:
+                    siblings.add(file.read().strip())
+            except OSError:  # (an offline CPU has no topology)
+                continue
+    return len(siblings) or None
 
 
 def usable_memory() -> int | None:
