@@ -12,7 +12,9 @@ so kernels are loaded (or compiled) once, whatever calls them.
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401  (before the fork hook below: see _finish_loading_before_fork)
 import contextlib
+import logging  # noqa: F401  (the same)
 import numbers
 import os
 import threading
@@ -121,10 +123,7 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
     name = _backend_name(name)
     if threads is not None:
         threads = whole_number("threads", threads, least=1, most=MOST_THREADS)
-    with _creating:  # one backend however many threads ask at once
-        made = _backends.get((name, threads))
-        if made is None or made.done() and made.exception() is not None:  # (a failure is tried again)
-            made = _backends[(name, threads)] = _in_own_thread(lambda: _warmed_backend(name, threads))
+    made = _loaded(_backends, (name, threads), lambda: _warmed_backend(name, threads))
     try:
         return made.result()
     except KeyError as exc:
@@ -144,14 +143,39 @@ def _warmed_backend(name: str, threads: int | None) -> Backend:
 
 #: The backends made (or being made), by name and threads: each a Future of it (:func:`shared_backend`).
 _backends: dict[tuple[str, int | None], Future] = {}
+#: The label models whose kernels are loaded (or being loaded), by name: a Future each (:func:`_labeller`).
+_models: dict[str, Future] = {}
 _creating = threading.Lock()
 
 
+def _loaded(made: dict, key, work) -> Future:
+    """``made[key]``: the Future of ``work()``, started in a thread of its own (:func:`_in_own_thread`)
+    once however many threads ask at once, and again after a failure."""
+    with _creating:
+        future = made.get(key)
+        if future is None or future.done() and future.exception() is not None:
+            future = made[key] = _in_own_thread(work)
+        return future
+
+
+def _finish_loading_before_fork() -> None:
+    """A fork waits for the backends and models being loaded: a child forked half-way got their locks
+    (numba's compiler lock, an import's) held by a thread it does not have, and its first call hung
+    for ever (a multiprocessing 'fork' pool started while a Ctrl-C'd first call still loads)."""
+    if threading.current_thread().name == _LOADING:  # (the loading itself forks: nothing to wait for)
+        return
+    with _creating:
+        loading = [future for future in (*_backends.values(), *_models.values()) if not future.done()]
+    for future in loading:
+        future.exception()  # (waits; what it raised is its callers' to see)
+
+
 def _unlock_after_fork() -> None:
-    global _creating, _backends
+    global _creating, _backends, _models
     _creating = threading.Lock()  # a fork while another thread held it would leave it held for ever
-    # (and a backend being made by a thread the child does not have would be waited for, for ever)
+    # (and what a thread the child does not have was loading would be waited for, for ever)
     _backends = {key: made for key, made in _backends.items() if made.done()}
+    _models = {key: made for key, made in _models.items() if made.done()}
 
 
 def _forget_backends() -> None:
@@ -164,7 +188,9 @@ def _forget_backends() -> None:
             backend.result().close()
 
 
-os.register_at_fork(after_in_child=_unlock_after_fork)
+# Fork hooks run newest first: this one waits before the thread pools' and logging's take the locks the
+# loading uses (their modules are imported above, so registered earlier), else the fork waited for ever.
+os.register_at_fork(before=_finish_loading_before_fork, after_in_child=_unlock_after_fork)
 
 
 def _backend_name(name) -> str:
@@ -488,15 +514,11 @@ def _labeller(model, config: PipelineConfig):
     if not isinstance(model, (str, bytes, os.PathLike)) or not os.fsdecode(model):
         raise ValueError(f"model must be a model file or a shipped model's name (eurosat, eurosat-cnn), got {model!r}")
     name = os.fsdecode(model)
-    if name not in _warm_models:  # numba imported, the model's kernels compiled, once, beyond a Ctrl-C's reach
-        _in_own_thread(lambda: _warm_model(name, f"model={model!r}")).result()
+    # numba imported, the model's kernels compiled, once, beyond a Ctrl-C's reach
+    _loaded(_models, name, lambda: _warm_model(name, f"model={model!r}")).result()
     labels_of = label_function(name)
     labels_of.__self__.check_config(config, named=_keywords, used="these settings are")
     return labels_of
-
-
-#: The models whose kernels :func:`_labeller` has loaded.
-_warm_models: set[str] = set()
 
 
 def _warm_model(name: str, keyword: str) -> None:
@@ -504,15 +526,17 @@ def _warm_model(name: str, keyword: str) -> None:
 
     model_module(keyword)  # (said in the keyword's words where numba cannot be imported)
     warm_up_labeller(label_function(name))
-    _warm_models.add(name)
 
 
 def _in_own_thread(work) -> Future:
     """``work()``, started in a thread of its own: what it returns or raises, when done. The caller's
     wait for it stops at a Ctrl-C; the work goes on (see :func:`shared_backend`)."""
     done = Future()
-    threading.Thread(target=_into, args=(done, work), name="gpu-pipeline loading", daemon=True).start()
+    threading.Thread(target=_into, args=(done, work), name=_LOADING, daemon=True).start()
     return done
+
+
+_LOADING = "gpu-pipeline loading"
 
 
 def _into(done: Future, work) -> None:

@@ -896,7 +896,7 @@ def test_a_ctrl_c_while_a_models_kernels_load_stops_the_wait_not_the_loading(mon
         finished.append(name)
 
     monkeypatch.setattr(api, "_warm_model", warm)
-    monkeypatch.setattr(api, "_warm_models", set())
+    monkeypatch.setattr(api, "_models", {})
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         def ctrl_c():
@@ -916,3 +916,77 @@ def test_a_ctrl_c_while_a_models_kernels_load_stops_the_wait_not_the_loading(mon
     finally:
         release.set()
         signal.signal(signal.SIGINT, previous)
+
+
+FORK_WHILE_LOADING = """
+from gpu_pipeline import api  # (first, as a notebook's first call imports it; then a thread pool's module,
+import logging, multiprocessing, threading  # which the numba backend imports: their fork hooks come later)
+from concurrent.futures import ThreadPoolExecutor
+from gpu_pipeline.backends.reference import ReferenceBackend
+
+compiler_lock = threading.Lock()  # numba's, held while the kernels load
+started, release = threading.Event(), threading.Event()
+
+def create(name, threads=None):  # numba's import and compile, in short
+    if not compiler_lock.acquire(timeout=5):  # (in numba, for ever)
+        raise RuntimeError("the compiler lock is held by a thread this process does not have")
+    try:
+        started.set()
+        release.wait(30)
+        logging.getLogger("numba")  # (the locks other fork hooks take: logging's, the thread pools')
+        with ThreadPoolExecutor(1) as helpers:
+            helpers.submit(int).result()
+    finally:
+        compiler_lock.release()
+    return ReferenceBackend()
+
+def in_child(_):
+    return type(api.shared_backend("slow")).__name__
+
+api.registry.create, api._backend_name = create, lambda name: name
+threading.Thread(target=api.shared_backend, args=("slow",), daemon=True).start()
+started.wait(30)
+threading.Timer(0.2, release.set).start()  # (the fork comes first: it must wait for this)
+with multiprocessing.get_context("fork").Pool(1) as pool:
+    print(pool.map_async(in_child, [0]).get(20))
+"""
+
+
+def test_a_fork_while_a_backend_loads_waits_for_it():
+    """A fork (a multiprocessing 'fork' pool) while a backend loads in its thread: the child got the
+    locks the loading held (numba's compiler lock, as it loads the kernels) held by a thread it does
+    not have, and its first call hung for ever. The fork waits for the loading (before another fork
+    hook takes a lock the loading needs); the child has the backend."""
+    result = subprocess.run([sys.executable, "-c", FORK_WHILE_LOADING], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "['ReferenceBackend']", (result.stdout, result.stderr[-2000:])
+
+
+def test_threads_that_ask_for_a_model_at_once_load_it_once(monkeypatch):
+    """As a backend: a model's kernels are loaded once however many threads make the first call at
+    once (each loaded them, compiling the same kernels side by side)."""
+    real_warm = api._warm_model
+    loads, second = [], threading.Event()
+
+    def warm(name, keyword):
+        loads.append(name)
+        if len(loads) == 1:
+            second.wait(0.5)  # (does another thread load it too meanwhile?)
+        else:
+            second.set()
+        real_warm(name, keyword)
+
+    monkeypatch.setattr(api, "_warm_model", warm)
+    monkeypatch.setattr(api, "_models", {})
+    both = threading.Barrier(2)
+    labelled = []
+
+    def first_call():
+        both.wait(30)
+        labelled.append(api._labeller("eurosat", PipelineConfig()))
+
+    threads = [threading.Thread(target=first_call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(labelled) == 2 and loads == ["eurosat"]
