@@ -691,6 +691,17 @@ def test_a_symbolic_link_out_that_leads_nowhere_is_refused_saying_so(tiles, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.jsonl", "tiles"]
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_link_out_into_a_missing_folder_is_refused_leaving_no_folder(tiles, tmp_path, dry_run):
+    """The lock goes beside the file the link leads to: the folders made for it, there, were left
+    behind by the refusal (and by a dry run, which writes nothing), where those made for --out were removed."""
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(tmp_path / "nights" / "12" / "night2.jsonl")
+    result = run(str(tiles), "--out", str(link), *dry_run)
+    assert result.exit_code == 2 and "night2.jsonl, which does not exist" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.jsonl", "tiles"]
+
+
 def test_the_settings_record_is_written_through_no_link_that_was_there(tiles, tmp_path):
     """Its temporary name is this process's own, made exclusively: a link planted at a name it
     might take leads nowhere."""

@@ -350,7 +350,8 @@ def run_job(**arguments) -> int:
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
     created: list[Path] = []
     if lock is not None:
-        created = make_folders(Path(job.out).absolute().parent, f"--out {job.out}")  # for the lock; undone if refused
+        # for the lock, where it goes (beside the file a link leads to); undone if refused
+        created = make_folders(lock.path.parent, f"--out {job.out}")
         try:
             lock.acquire()
         except OSError as exc:
