@@ -101,14 +101,14 @@ def test_the_summary_groups_thousands_as_the_progress_lines_do():
     from gpu_pipeline.engine.job import print_summary
     from gpu_pipeline.engine.stream import RunSummary
 
-    summary = RunSummary(ok=48_500, failed=1_500, pixels=2_000_000_000, seconds=4.0,
+    summary = RunSummary(ok=48_500, failed=1_500, pixels=8_000_000_000, seconds=4.0,
                          labels=Counter({"busy": 30_000, "smooth": 18_500}),
                          failures_by_stage=Counter({"decode": 1_200, "read": 300}))
     console = Console(width=200, no_color=True, highlight=False)
     with console.capture() as captured:
         print_summary(console, summary, "numba", "-")
     assert captured.get().splitlines() == [
-        "50,000 images with backend numba in 4.00 s: 48,500 ok, 1,500 failed (12,500 images/s, 500.0 MP/s)",
+        "50,000 images with backend numba in 4.00 s: 48,500 ok, 1,500 failed (12,500 images/s, 2,000.0 MP/s)",
         "failures by stage: decode: 1,200, read: 300", "labels: busy 30,000, smooth 18,500", "results: -"]
     with console.capture() as captured:
         print_summary(console, RunSummary(ok=1, pixels=64, seconds=1.0, labels=Counter({"busy": 1})), "numba", "-")

@@ -720,6 +720,37 @@ def test_an_interrupted_run_counts_its_failed_images_as_processed(tmp_path, monk
     assert result.exit_code == 1, result.output
 
 
+def test_a_nights_counts_read_in_thousands_in_every_line_of_the_run(tmp_path, monkeypatch):
+    """The interrupt, damage and resume lines group thousands as the summary and the progress lines
+    do (1,000 images not processed, not 1000): a night's counts read alike in its log."""
+    from gpu_pipeline.engine import job
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(1_001):  # (errors: the quickest records to make)
+        (folder / f"{index:04d}.png").write_bytes(b"not an image")
+    out = tmp_path / "out.jsonl"
+    arguments = ["run", str(folder), "--out", str(out), "--backend", "reference"]
+    streamed = job.stream
+
+    def stopped_after_one(engine, todo, sink, stop, console, show_bar):  # as a signal after one image
+        summary = streamed(engine, todo[:1], sink, stop, console, show_bar)
+        summary.interrupted = True
+        return summary
+
+    with monkeypatch.context() as patch:
+        patch.setattr(job, "stream", stopped_after_one)
+        assert "interrupted: 1,000 images not processed; " in runner.invoke(app, arguments).stderr
+    assert runner.invoke(app, arguments).exit_code == 1  # the rest
+    first, *others = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(first + b"{torn\n" * 1_000 + b"".join(others))  # (between intact records)
+    (folder / "new.png").write_bytes(b"not an image")
+    stderr = runner.invoke(app, arguments).stderr
+    assert f"warning: {out}: skipped 1,000 damaged line(s) between intact records" in stderr
+    assert (f"resuming {out}: 1,001 of 1,002 images already recorded (1,001 failed; --retry-failed redoes them)"
+            in stderr), stderr
+
+
 SIGNALLED = """
 import os, signal, sys, threading, time
 from gpu_pipeline.engine.job import stop_on_signals
