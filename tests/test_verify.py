@@ -893,3 +893,30 @@ def test_verify_in_a_log_says_how_far_it_is_every_minute(tmp_path, monkeypatch, 
     lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
     assert lines == ["progress: 2 of 6 images (33%) in 0:01:00, 0.03 images/s, about 0:02:00 left",
                      "progress: 4 of 6 images (66%) in 0:02:00, 0.03 images/s, about 0:01:00 left"], result.stderr
+
+
+def test_the_verdict_and_the_table_read_one_image_and_thousands_as_run_does():
+    """"1 image compared", and a night's counts grouped (1,000, not 1000) in the title, the verdict
+    and the table, as `run`'s summary reads them: the verdict said "1,000 errors on 1000 of 2000 images"."""
+    from rich.console import Console
+
+    from gpu_pipeline.diagnostics.verify import BackendTally, VerifyReport, _summary, comparison_table
+
+    def report(**counts) -> VerifyReport:
+        tally = BackendTally("numba", "backend", "compared", images=counts.get("compared", 0),
+                             errors=len(counts.get("errors", [])))
+        return VerifyReport(PipelineConfig(), DecodeOptions(), [tally], **counts)
+
+    assert comparison_table(report(found=1, decoded=1, compared=1)).title == (
+        "1 image compared with the reference backend (ground truth)")
+    assert _summary(report(found=1_234, decoded=1_234, compared=1_234)).endswith("on all 1,234 images")
+    assert _summary(report(found=1_500)) == "[red bold]NOTHING COMPARED[/]: none of the 1,500 files could be decoded"
+    errors = [{"image": f"/night/{index}.png", "backend": "numba", "error": "RuntimeError: lost"} for index in range(1_000)]
+    failing = report(found=2_000, decoded=2_000, compared=1_000, errors=errors)
+    failing.backends[0].stages["edges"]["differs"] = 1_000
+    assert _summary(failing) == ("[red bold]DIFFERENT[/]: 0 differences and 1,000 errors on 1,000 of 2,000 images: "
+                                 "numba (1,000 differences, 1,000 errors)")
+    console = Console(width=200, no_color=True)
+    with console.capture() as captured:
+        console.print(comparison_table(failing))
+    assert "numba - - 1,000 differ - - 1,000 Canny" in " ".join(captured.get().split())

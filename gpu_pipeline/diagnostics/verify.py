@@ -551,7 +551,7 @@ def write_report(report: VerifyReport, report_path: Path) -> None:
 
 def _cell(counts: dict[str, int]) -> str:
     if counts["differs"]:
-        return f"[red]{counts['differs']} differ"
+        return f"[red]{counts['differs']:,} differ"
     return "[green]identical" if counts["identical"] else "[dim]-"
 
 
@@ -572,7 +572,7 @@ def comparison_table(report: VerifyReport) -> Table:
     table.add_column("errors", justify="right", no_wrap=True, min_width=len("errors"))
     for tally in report.backends:
         if tally.status == "compared":
-            errors = f"[red]{tally.errors}" if tally.errors else "0"
+            errors = f"[red]{tally.errors:,}" if tally.errors else "0"
             table.add_row(tally.name, *(_cell(tally.stages[stage]) for stage in STAGES), errors)
         else:
             status = "[yellow]n/a" if tally.status == "unavailable" else "[red]failed"
@@ -593,13 +593,13 @@ def _printed_capped(console: Console, lines: list[str], what: str, report_path: 
         console.print(line)
     if len(lines) > MAX_PRINTED:
         where = f"all in {shown(str(report_path))}" if report_path else "--report FILE.json lists them all"
-        console.print(f"... and {len(lines) - MAX_PRINTED} more {what} ({where})")
+        console.print(f"... and {len(lines) - MAX_PRINTED:,} more {what} ({where})")
 
 
 def _summary(report: VerifyReport) -> str:
     compared = [t.name for t in report.backends if t.status == "compared"]
     if report.exit_status == 2:
-        return f"[red bold]NOTHING COMPARED[/]: none of the {report.found} files could be decoded"
+        return f"[red bold]NOTHING COMPARED[/]: none of the {report.found:,} files could be decoded"
     if report.exit_status == 0:
         return (f"[green bold]IDENTICAL[/]: every stage ({', '.join(STAGES)}) of {_and(compared)} is identical "
                 f"to the {GROUND_TRUTH} on " + ("its one image" if report.compared == 1 else f"all {report.compared:,} images"))
@@ -614,7 +614,7 @@ def _summary(report: VerifyReport) -> str:
         if parts:
             per_backend.append(f"{tally.name} ({', '.join(parts)})")
     return (f"[red bold]DIFFERENT[/]: {counted(len(report.differences), 'difference')} and "
-            f"{counted(len(report.errors), 'error')} on {len(images)} of {report.decoded} images: "
+            f"{counted(len(report.errors), 'error')} on {len(images):,} of {report.decoded:,} images: "
             + "; ".join(per_backend))
 
 
