@@ -200,6 +200,7 @@ def test_usable_cores_without_an_affinity_mask_are_the_machines(monkeypatch, cou
     """Not on Linux: no mask and no control groups, so every core the machine has (1 when unknown)."""
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: count)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: 1.0)  # (what a Linux group's would cap: not read here)
     assert cores.usable_cores() == expected
 
 

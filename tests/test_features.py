@@ -221,7 +221,8 @@ def test_the_serial_kernel_gives_the_same_bytes(monkeypatch):
 @pytest.mark.parametrize("requested, loadable, safe", [
     ("default", {"omp"}, True), ("threadsafe", {"omp"}, True), ("safe", {"tbb"}, True), ("omp", {"omp"}, True),
     ("safe", {"omp"}, False),  # numba's "safe" is tbb alone
-    ("tbb", {"omp"}, False), ("omp", set(), False), ("threadsafe", set(), False), ("default", set(), False),
+    ("tbb", {"omp"}, False), ("omp", {"tbb"}, False),  # (a Mac with tbb installed, not libomp: omp asked for)
+    ("omp", set(), False), ("threadsafe", set(), False), ("default", set(), False),
     ("workqueue", {"omp", "tbb"}, False)])
 def test_a_requested_layer_counts_as_thread_safe_only_when_it_can_load(requested, loadable, safe, monkeypatch):
     """A layer that cannot load (numba's macOS wheels without libomp, a Linux without libtbb) would
