@@ -1297,12 +1297,15 @@ def test_files_cut_short_and_zero_filled_get_error_records_and_the_run_goes_on(t
     assert records["whole.tif"]["width"] == 64 and records["four.tif"]["bands"] == 1
 
 
-def test_an_out_name_too_long_for_its_settings_record_is_refused_writing_nothing(tiles, tmp_path):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_an_out_name_too_long_for_its_settings_record_is_refused_writing_nothing(tiles, tmp_path, dry_run):
+    """Refused among the checks, so that a dry run refuses it too (it said the run would go on)."""
     (tmp_path / "out").mkdir()
-    out = tmp_path / "out" / ("o" * 244 + ".jsonl")  # 250 bytes; OUT.settings.json.tmp would be 268
-    result = run(str(tiles), "--out", str(out))
+    out = tmp_path / "out" / ("o" * 244 + ".jsonl")  # 250 bytes; OUT.settings.json would be 264
+    result = run(str(tiles), "--out", str(out), *dry_run)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert "the name is too long for the settings record beside it" in result.stderr
+    assert result.stderr == (f"gpu-pipeline: error: --out {out}: the name is too long for the settings record "
+                             f"beside it ({out.name}.settings.json); choose a shorter one\n")
     assert list((tmp_path / "out").iterdir()) == []
 
 

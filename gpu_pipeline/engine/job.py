@@ -39,7 +39,8 @@ from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, STOP_SIGN
 from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import ListedPath, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
-from gpu_pipeline.outputs.files import remove_stale_temporaries, same_file_as, temporaries_of, write_replacing
+from gpu_pipeline.outputs.files import (NAME_MAX, remove_stale_temporaries, same_file_as, temporaries_of,
+                                         write_replacing)
 from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, check_dataset_folder, format_for,
                                        inspect_output, lock_path, misspelt_extension, written_format)
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
@@ -260,9 +261,13 @@ def write_settings(out: str, settings: dict) -> None:
         write_replacing(path, text.encode(), durable=True)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
-            raise UsageError(f"--out {out}: the name is too long for the settings record beside it "
-                             f"({path.name}); choose a shorter one") from None
+            raise _settings_name_too_long(out) from None
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _settings_name_too_long(out: str) -> UsageError:
+    return UsageError(f"--out {out}: the name is too long for the settings record beside it "
+                      f"({settings_path(out).name}); choose a shorter one")
 
 
 @contextmanager
@@ -529,6 +534,8 @@ def check_out_name(out: str, output_format: str, model: str | None, save_edges: 
                          "descriptor, /dev/shm itself); use --out - for standard output, or a name in /dev/shm/")
     if output_format != "parquet" and out.endswith(("/", os.sep)):
         raise UsageError(f"--out {out}: a {output_format.upper()} output is a file; drop the trailing /")
+    if len(os.fsencode(settings_path(out).name)) > NAME_MAX:  # (the run's first write: a dry run refuses it too)
+        raise _settings_name_too_long(out)
     if model is not None and (is_out := same_file_as(out)) is not None:
         from gpu_pipeline.labels.model import resolve_model_path  # imports numba: only with a model
 
