@@ -123,15 +123,14 @@ def shared_backend(name: str = "auto", threads: int | None = None) -> Backend:
     name = _backend_name(name)
     if threads is not None:
         threads = whole_number("threads", threads, least=1, most=MOST_THREADS)
-    made = _loaded(_backends, (name, threads), lambda: _warmed_backend(name, threads))
-    try:
-        return made.result()
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
+    return _loaded(_backends, (name, threads), lambda: _warmed_backend(name, threads)).result()
 
 
 def _warmed_backend(name: str, threads: int | None) -> Backend:
-    backend = registry.create(name, threads=threads)
+    try:
+        backend = registry.create(name, threads=threads)
+    except KeyError as exc:  # (the registry's unknown name alone: a backend's own KeyError stays one)
+        raise ValueError(exc.args[0]) from None
     try:
         backend.warm_up()
     except BaseException:

@@ -990,3 +990,31 @@ def test_threads_that_ask_for_a_model_at_once_load_it_once(monkeypatch):
     for thread in threads:
         thread.join(60)
     assert len(labelled) == 2 and loads == ["eurosat"]
+
+
+def test_a_backend_whose_warm_up_fails_raises_its_own_error_and_is_made_again(monkeypatch):
+    """Only an unknown name is a ValueError: a KeyError of a backend's own (its first batch, now its
+    warm-up) became "ValueError: 'the kernel for uint16'", as if the name were unknown; and the next
+    call makes the backend again."""
+    made = []
+
+    class FailsFirst(ReferenceBackend):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+        def process(self, images, config, keep_images=False):
+            if len(made) == 1:
+                raise KeyError("the kernel for uint16")
+            return super().process(images, config, keep_images)
+
+    api._forget_backends()
+    monkeypatch.setattr(api.registry, "create", lambda name, threads=None: FailsFirst())
+    monkeypatch.setattr(api, "_backend_name", lambda name: name)
+    try:
+        image = np.zeros((8, 8), np.uint8)
+        with pytest.raises(KeyError, match="the kernel for uint16"):
+            gpu_pipeline.process([image], backend="fails-first")
+        assert gpu_pipeline.process([image], backend="fails-first").edge_counts.tolist() == [0] and len(made) == 2
+    finally:
+        api._forget_backends()
