@@ -911,7 +911,8 @@ def test_the_verdict_and_the_table_read_one_image_and_thousands_as_run_does():
         "1 image compared with the reference backend (ground truth)")
     assert _summary(report(found=1_234, decoded=1_234, compared=1_234)).endswith("on all 1,234 images")
     assert _summary(report(found=1_500)) == "[red bold]NOTHING COMPARED[/]: none of the 1,500 files could be decoded"
-    errors = [{"image": f"/night/{index}.png", "backend": "numba", "error": "RuntimeError: lost"} for index in range(1_000)]
+    errors = [{"image": f"/night/{index}.png", "backend": "numba", "error": "RuntimeError: lost"}
+              for index in range(1_000)]
     failing = report(found=2_000, decoded=2_000, compared=1_000, errors=errors)
     failing.backends[0].stages["edges"]["differs"] = 1_000
     assert _summary(failing) == ("[red bold]DIFFERENT[/]: 0 differences and 1,000 errors on 1,000 of 2,000 images: "
