@@ -422,6 +422,30 @@ def test_an_output_that_cannot_be_read_back_is_refused(tiles, tmp_path):
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_output_made_read_only_is_refused_saying_why_once(tiles, tmp_path, monkeypatch, fmt):
+    """A resume onto an output its owner made read-only (chmod a-w) said the refusal twice: "cannot
+    write OUT: cannot write OUT: Permission denied". Nothing is written."""
+    import errno
+
+    out = tmp_path / f"out.{fmt}"
+    assert run(str(tiles[0]), "--out", str(out)).exit_code == 0
+    out.chmod(0o444)
+    real_open = os.open
+
+    def open_as_its_owner(path, flags, *args, **kwargs):  # (root may write any file: refused as for a user)
+        if os.fspath(path) == str(out) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_as_its_owner)
+    before = out.read_bytes()
+    result = run(str(tiles[1]), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"gpu-pipeline: error: cannot write {out}: Permission denied\n"
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_an_output_the_disk_cannot_read_back_is_refused_with_the_disks_error(tmp_path, monkeypatch, fmt):
     """An I/O error while a resume reads the output back is the disk's, said as such and with its

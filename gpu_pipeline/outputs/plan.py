@@ -109,7 +109,7 @@ class OutputPlan:
             if self.fmt == "parquet":
                 return self._open_dataset()
             return self._open_lines()
-        except SinkWriteError:
+        except SinkError:  # (says what and which file already: the sink's "cannot write OUT: ...")
             raise
         except OSError as exc:
             raise SinkError(exc.errno, f"cannot write {self.out}: {exc.strerror or exc}") from None
