@@ -447,6 +447,30 @@ def test_an_output_made_read_only_is_refused_saying_why_once(tiles, tmp_path, mo
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry run"])
+def test_an_output_this_process_may_not_write_is_refused_with_the_checks(tiles, tmp_path, monkeypatch, fmt, dry_run):
+    """An output made read-only since its last run: a resume onto a Parquet folder processed a batch,
+    then exited 3 ("the records written before are kept: ... run the same command again"), and
+    --dry-run said the run would go on, for every format. Refused with the checks: exit 2, nothing written."""
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    out = tmp_path / f"out.{fmt}"
+    assert run(str(tiles[0]), "--out", str(out)).exit_code == 0
+    out.chmod(0o555 if fmt == "parquet" else 0o444)
+    real_access = os.access  # (root passes every permission check: refused as for any other user)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+        False if os.fspath(path) == str(out) and mode & os.W_OK else real_access(path, mode, **kwargs)))
+    written = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    try:
+        result = run(str(tiles[1]), "--out", str(out), *(["--dry-run"] if dry_run else []))
+    finally:
+        out.chmod(0o755 if fmt == "parquet" else 0o644)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"gpu-pipeline: error: cannot write {out}: Permission denied\n"
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == written
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_an_output_the_disk_cannot_read_back_is_refused_with_the_disks_error(tmp_path, monkeypatch, fmt):
     """An I/O error while a resume reads the output back is the disk's, said as such and with its
     errno: it was taken for a file, or a Parquet part, that is not ours ("cannot read OUT back:

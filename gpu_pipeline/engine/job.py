@@ -41,8 +41,8 @@ from gpu_pipeline.inputs.discover import ListedPath, find_files, folders_under, 
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
 from gpu_pipeline.outputs.files import (NAME_MAX, remove_stale_temporaries, same_file_as, temporaries_of,
                                          write_replacing)
-from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, check_dataset_folder, format_for,
-                                       inspect_output, lock_path, misspelt_extension, written_format)
+from gpu_pipeline.outputs.plan import (LockedSink, OutputLock, OutputPlan, check_dataset_folder, check_writable,
+                                       format_for, inspect_output, lock_path, misspelt_extension, written_format)
 from gpu_pipeline.outputs.sink import SinkError, SinkWriteError
 
 #: A second stop signal sooner than this after the first is the first one delivered again.
@@ -515,6 +515,7 @@ def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
     check_settings(job.out, settings, output, earlier)
     try:
         check_dataset_folder(output)  # (after the settings: a folder without them is not ours at all)
+        check_writable(output)
     except SinkError as exc:
         raise UsageError(str(exc)) from None
     return output

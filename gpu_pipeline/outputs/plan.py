@@ -179,6 +179,21 @@ def check_dataset_folder(plan: OutputPlan) -> None:
                             "would mix them into the dataset: move them out of the folder, or use another --out")
 
 
+def check_writable(plan: OutputPlan) -> None:
+    """Refuse an existing output this process may not write (made read-only, another user's), with the
+    other checks: a resume onto a read-only Parquet folder processed a batch and then exited 3, and
+    ``--dry-run`` said a run onto a read-only file would go on. (Root passes this check.)"""
+    real = os.path.realpath(plan.out)
+    if plan.out == "-" or not os.path.exists(real):
+        return
+    if plan.fmt == "parquet":
+        writable = not os.path.isdir(real) or os.access(real, os.W_OK | os.X_OK)  # (a file there is replaced)
+    else:  # (a file another name shares is replaced, not written, when started afresh: see _emptied)
+        writable = os.access(real, os.W_OK) or (plan.start_afresh and os.stat(real).st_nlink > 1)
+    if not writable:
+        raise SinkError(errno.EACCES, f"cannot write {plan.out}: {os.strerror(errno.EACCES)}")
+
+
 def _not_ours(folder: Path, hidden: bool = True) -> list[str]:
     """The first few names in a dataset folder that are not our parts or their temporaries (with
     ``hidden`` False, not hidden ones either), sorted."""
