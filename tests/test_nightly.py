@@ -330,6 +330,23 @@ def test_dev_shm_is_a_place_for_outputs(tiles, tmp_path):
     assert sorted(os.listdir("/dev")) == before
 
 
+@pytest.mark.parametrize("out", ["/dev/shm/", "/dev/stdout", "/proc/self/fd/1"])
+def test_an_out_under_dev_or_proc_is_refused_by_name_before_its_lock_is_made(tiles, monkeypatch, out):
+    """The lock (/dev/shm.lock for /dev/shm/) was made before the name was checked: root's run made
+    it in /dev, and a user, who may not write there, was told "cannot write in /dev, where the output
+    and its lock go" instead of where an output may go."""
+    made = []
+
+    def lock_as_a_user(self):  # (root may write in /dev: refused as for any other user)
+        made.append(self.path)
+        raise SinkError(errno.EACCES, f"cannot write in {self.path.parent}, where the output and its lock go")
+
+    monkeypatch.setattr(OutputLock, "acquire", lock_as_a_user)
+    result = run(str(tiles), "--out", out, "--format", "parquet")
+    assert result.exit_code == 2 and "or a name in /dev/shm/" in result.stderr, result.output
+    assert made == []
+
+
 def test_an_out_that_is_a_process_descriptor_is_refused(tiles):
     """nightly.md: "a device or a process's descriptor" is no place for a file of records."""
     result = run(str(tiles), "--out", "/proc/self/fd/1")

@@ -351,6 +351,7 @@ def run_job(**arguments) -> int:
     """
     job = Job(**arguments)
     quiet_codecs()
+    check_out_place(job.out)
     # the lock beside the real file: two spellings of one output (a symbolic link) take one lock
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
     created: list[Path] = []
@@ -521,18 +522,25 @@ def inspect(job: Job, settings: dict, earlier: dict | None) -> OutputPlan:
     return output
 
 
-def check_out_name(out: str, output_format: str, model: str | None, save_edges: Path | None) -> None:
-    """Names ``--out`` may not have: a device or a descriptor (``/dev/stdout`` is whatever file
-    stdout is now: the settings would go into /dev, and a later run, its stdout elsewhere, would
-    take that file for its output and cut it); a file output spelled as a folder (``r.jsonl/``: a
-    refused run had already emptied ``r.jsonl``); the model file the run reads; the edge folder."""
-    if out == "-":
-        return
+def check_out_place(out: str) -> None:
+    """``--out`` may not be a device or a descriptor (``/dev/stdout`` is whatever file stdout is now:
+    the settings would go into /dev, and a later run, its stdout elsewhere, would take that file for
+    its output and cut it). Checked before the lock, which would go into /dev too: a user, who may not
+    write there, was told "cannot write in /dev" instead, and root's run made its lock there."""
     absolute = os.path.abspath(out)
-    if absolute.startswith(("/dev/", "/proc/")) and not absolute.startswith("/dev/shm/"):
+    if out != "-" and absolute.startswith(("/dev/", "/proc/")) and not absolute.startswith("/dev/shm/"):
         # (/dev/shm itself too: its settings record would go into /dev)
         raise UsageError(f"--out {out}: under /dev or /proc, not a place for records (a device, a process's "
                          "descriptor, /dev/shm itself); use --out - for standard output, or a name in /dev/shm/")
+
+
+def check_out_name(out: str, output_format: str, model: str | None, save_edges: Path | None) -> None:
+    """Names ``--out`` may not have (besides :func:`check_out_place`'s): a file output spelled as a
+    folder (``r.jsonl/``: a refused run had already emptied ``r.jsonl``); the model file the run
+    reads; the edge folder."""
+    if out == "-":
+        return
+    absolute = os.path.abspath(out)
     if output_format != "parquet" and out.endswith(("/", os.sep)):
         raise UsageError(f"--out {out}: a {output_format.upper()} output is a file; drop the trailing /")
     if len(os.fsencode(settings_path(out).name)) > NAME_MAX:  # (the run's first write: a dry run refuses it too)
