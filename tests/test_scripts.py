@@ -172,3 +172,79 @@ def test_the_gpu_made_to_fail_says_why_it_cannot_run_without_a_gpu(backend):
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout.startswith(f"{backend}: cannot run here: backend '{backend}' is unavailable"), done.stdout
     assert done.stderr == ""
+
+
+
+SHARED = REPO.parent / "shared"
+#: The steps of each part of scripts/device_check.sh for numba (batch: only the GPU backends), and
+#: whether each writes a JSON beside its log
+STEPS = {"scale": {"scale_numba": True}, "batch": {}, "bench": {"bench": True}, "api": {"api_numba": False},
+         "engine": {"engine_1mp": False, "engine_32mp": False},
+         "gil": {"gil_parts": True, "gil_parts_cli": True, "gil_parts_batches": True}}
+
+
+def device_check(tmp_path: Path, shared: Path, parts: list[str]) -> Path:
+    """scripts/device_check.sh on tiny sizes, numba only: every step of ``parts`` must write its log
+    (and its JSON) and none may fail. The GPU machine it is for is lent for 15 minutes, seldom: a step
+    that has drifted from the code must fail here, not there."""
+    try:
+        import gilknocker  # noqa: F401
+    except ImportError:
+        parts = [part for part in parts if part != "gil"]  # (gil_parts.py says so in one line, tested above)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path), "SHARED": str(shared),
+           "BACKENDS": "numba", "TILES": "200", "SCENES": "1", "PARTS": " ".join(parts),
+           "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", str(tmp_path / "numba-cache"))}
+    done = subprocess.run(["bash", str(SCRIPTS / "device_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (out / "failures.txt").exists()
+    steps = {name: with_json for part in parts for name, with_json in STEPS[part].items()}
+    for name, with_json in steps.items():
+        assert (out / f"{name}.log").read_text().strip(), name
+        if with_json:
+            assert json.loads((out / f"{name}.json").read_text()), name
+    timed = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
+    assert sorted(timed) == sorted(set(steps) | ({"gil_per_tile"} & set(timed)))
+    return out
+
+
+def test_device_check_as_on_the_gpu_machine(tmp_path):
+    """Where ../shared does not travel: the tiles at hand linked over and over, no gil_per_tile.py."""
+    out = device_check(tmp_path, tmp_path / "no-shared", ["scale", "batch", "bench", "gil", "engine", "api"])
+    assert json.loads((out / "scale_numba.json").read_text())["tiles"]["auto"]["files"] == 200
+    if (out / "gil_parts.log").exists():
+        assert "is absent" in (out / "gil_per_tile.log").read_text()
+        assert json.loads((out / "gil_parts.json").read_text())["images"] == 200
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is absent (the EuroSAT tarball)")
+def test_device_check_gil_with_the_shared_tiles_and_tool(tmp_path):
+    """The tarball's tiles (extracted as gil_per_tile.py does, the first 200 taken) and
+    ../shared/tools/gil_per_tile.py, whose gilknocker thread may abort the interpreter at exit."""
+    pytest.importorskip("gilknocker", reason="gilknocker is not installed (pip install gilknocker)")
+    out = device_check(tmp_path, SHARED, ["gil"])
+    assert "200 images in" in (out / "gil_per_tile.log").read_text()
+    assert (tmp_path / "gil_per_tile").is_dir() and not (tmp_path / "gil_per_tile.part").exists()
+
+
+def test_device_check_without_a_gpu_says_so_in_a_line_each(tmp_path):
+    """No GPU: the GPU backends' steps are left out with one line each and the GPU check ends at
+    once, saying why, rather than running skipped tests and a CPU benchmark to its time limit."""
+    from tests.gpu import real_gpu_reason
+
+    if real_gpu_reason() is None:
+        pytest.skip("a real GPU: these steps run there")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path),
+           "SHARED": str(tmp_path / "no-shared"), "BACKENDS": "cuda cupy", "TILES": "20", "PARTS": "scale api gpu",
+           "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", str(tmp_path / "numba-cache"))}
+    done = subprocess.run(["bash", str(SCRIPTS / "device_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=90)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    failures = (out / "failures.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in failures] == ["cuda", "cupy", "gpu_check"], failures
+    assert "unavailable, its steps left out" in failures[0] and failures[2] == "gpu_check: exit 1"
+    said = (out / "gpu_check" / "status.txt").read_text().splitlines()
+    assert len(said) == 1 and said[0].startswith("no GPU backend can run here: cuda: "), said
+    assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == ["gpu_check"]
