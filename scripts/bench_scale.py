@@ -115,8 +115,8 @@ def scene_files(scratch: Path, tiles: list[Path], count: int) -> list[Path]:
     folder.mkdir()
     across, down = -(-4000 // 64), -(-3000 // 64)
     rng = np.random.default_rng(12)
-    jobs = [([str(tiles[k]) for k in rng.choice(len(tiles), across * down)], across, str(folder / f"scene_{index:02d}.jpg"))
-            for index in range(count)]
+    jobs = [([str(tiles[k]) for k in rng.choice(len(tiles), across * down)], across,
+             str(folder / f"scene_{index:02d}.jpg")) for index in range(count)]
     with multiprocessing.Pool(max(1, min(count, os.cpu_count() or 1))) as pool:
         pool.map(_mosaic, jobs)
     return [Path(path) for _, _, path in jobs]
@@ -127,8 +127,8 @@ def _mosaic(job: tuple[list[str], int, str]) -> None:
     from PIL import Image
 
     chosen, across, path = job
-    rows = [np.concatenate([np.asarray(Image.open(tile).convert("RGB")) for tile in chosen[start:start + across]], axis=1)
-            for start in range(0, len(chosen), across)]
+    rows = [np.concatenate([np.asarray(Image.open(tile).convert("RGB")) for tile in chosen[start:start + across]],
+                           axis=1) for start in range(0, len(chosen), across)]
     mosaic = np.ascontiguousarray(np.concatenate(rows, axis=0)[:3000, :4000])
     Image.fromarray(mosaic).save(path, quality=90)
 

@@ -121,8 +121,8 @@ for part in $PARTS; do
         scale)
             for backend in $BACKENDS; do
                 step "scale_$backend" 110 "$PYTHON" scripts/bench_scale.py --backend "$backend" --only start tiles scenes \
-                    --repeat 1 --compile-repeat 0 --tiles "$TILES" --tiles-from "$TILES_DIR" --scenes "$SCENES" --decode auto threads \
-                    --json "$LOG_DIR/scale_$backend.json"
+                    --repeat 1 --compile-repeat 0 --tiles "$TILES" --tiles-from "$TILES_DIR" --scenes "$SCENES" \
+                    --decode auto threads --json "$LOG_DIR/scale_$backend.json"
             done ;;
         batch)  # half the GPU batch: what it costs in speed, what it saves in host memory
             for backend in $BACKENDS; do
@@ -133,8 +133,8 @@ for part in $PARTS; do
             done ;;
         bench)  # the backends and the anchor (the reference and the other baselines would take a third)
             names=$(IFS=,; echo "${usable[*]}")
-            step bench 75 "$PYTHON" -m gpu_pipeline.cli bench --tiles $(( TILES < 8000 ? TILES : 8000 )) --count 8 --repeat 1 \
-                --backends "${names:+$names,}opencv-pool" --json "$LOG_DIR/bench.json" ;;
+            step bench 75 "$PYTHON" -m gpu_pipeline.cli bench --tiles $(( TILES < 8000 ? TILES : 8000 )) --count 8 \
+                --repeat 1 --backends "${names:+$names,}opencv-pool" --json "$LOG_DIR/bench.json" ;;
         gil)
             if [ -f "$SHARED/tools/gil_per_tile.py" ]; then  # ended by os._exit, as gil_parts.py ends:
                 # gilknocker's thread may abort the interpreter at a normal exit (134), the figure printed

@@ -10,8 +10,8 @@
 # dependencies Pillow, tifffile and imagecodecs: where those are missing (the lent GPU machines have no
 # network), run scripts/fetch_gpu_wheels.sh here first and carry .whl; scripts/device_env.sh installs
 # them into /tmp (a numpy < 2.5 first on the path: numba-cuda cannot load on the machine's numpy 2.5).
-# Where neither GPU backend can run (no GPU, no driver) it says why in one line, exit 1. Budget: under 5 minutes on an H100 (timeouts: tests 150 s, a failed GPU 2 x 30 s,
-# verify 3 x 30 s, bench 90 s).
+# Where neither GPU backend can run (no GPU, no driver) it says why in one line, exit 1. Budget: under
+# 5 minutes on an H100 (timeouts: tests 150 s, a failed GPU 2 x 30 s, verify 3 x 30 s, bench 90 s).
 set -uo pipefail
 
 source "$(dirname "$0")/device_env.sh"  # PYTHON, PYTHONPATH, NUMBA_CACHE_DIR, the carried wheels
@@ -43,7 +43,8 @@ if [ -n "$cuda_reason" ]; then
     cuda_tests=(--ignore=tests/test_numba_cuda.py)
 fi
 # Neither GPU backend can run (no GPU, no driver): one line, not minutes of skipped tests and a CPU benchmark.
-cupy_reason=$("$PYTHON" -c "from gpu_pipeline.backends.registry import unavailable_reason as r; print(r('cupy') or '')" 2>&1 | tail -n 1)
+cupy_reason=$("$PYTHON" -c "from gpu_pipeline.backends.registry import unavailable_reason as r; print(r('cupy') or '')" \
+    2>&1 | tail -n 1)
 if [ -n "$cuda_reason" ] && [ -n "$cupy_reason" ]; then
     echo "no GPU backend can run here: cuda: $cuda_reason; cupy: $cupy_reason" | tee "$LOG_DIR/status.txt"
     exit 1

@@ -8,6 +8,7 @@ helper that had been renamed): this is what catches that.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,10 +188,8 @@ def device_check(tmp_path: Path, shared: Path, parts: list[str]) -> Path:
     """scripts/device_check.sh on tiny sizes, numba only: every step of ``parts`` must write its log
     (and its JSON) and none may fail. The GPU machine it is for is lent for 15 minutes, seldom: a step
     that has drifted from the code must fail here, not there."""
-    try:
-        import gilknocker  # noqa: F401
-    except ImportError:
-        parts = [part for part in parts if part != "gil"]  # (gil_parts.py says so in one line, tested above)
+    if importlib.util.find_spec("gilknocker") is None:  # (gil_parts.py says so in one line, tested above)
+        parts = [part for part in parts if part != "gil"]
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path), "SHARED": str(shared),
            "BACKENDS": "numba", "TILES": "200", "SCENES": "1", "PARTS": " ".join(parts),
