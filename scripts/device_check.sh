@@ -42,7 +42,7 @@ SHARED="${SHARED:-../shared}"
 [ -d "$SHARED" ] || SHARED=shared
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
-# cores, and whether they are hyperthreads (16 CPUs of 8 cores stop scaling near 8 threads)
+# cores, and whether they are hyperthreads (two to a core share its units: a scaling table reads against it)
 { nproc; lscpu 2>/dev/null || cat /proc/cpuinfo; } > "$LOG_DIR/cores.txt"
 status=0
 
