@@ -169,6 +169,8 @@ def test_ci_runs_the_other_supported_pythons():
 
     assert re.search(r"^\.ci/pythons$", (REPO / ".ci" / "run").read_text(), re.MULTILINE)
     script = (REPO / ".ci" / "pythons").read_text()
+    assert "GPU_PIPELINE_EXAMPLES=0.5 " in script and "half of them on 3.12 and 3.13 (`GPU_PIPELINE_EXAMPLES=0.5`" \
+        in " ".join((REPO / "README.md").read_text(encoding="utf-8").split())  # (the README says so)
     others = re.search(r"versions=\(([\d. ]+)\)", script).group(1).split()
     assert others == ["3.12", "3.13"]
     classifiers = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["classifiers"]
