@@ -822,100 +822,93 @@ def test_read_images_error_crosses_a_process_pool_as_itself(tmp_path):
     assert (info.value.stage, str(info.value)) == (here.value.stage, str(here.value))
 
 
+class SlowLoading:
+    """Loading (numba's import, the kernels' compile) stood in for by a wait the test releases; it
+    records whether a KeyboardInterrupt cut it half-way (``cut``) or it ran to its end (``finished``)."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+        self.cut, self.finished = [], []
+
+    def around(self, load):
+        """``load(name, ...)``, after the wait."""
+        def slow(name, *args, **kwargs):
+            self.started.set()
+            try:
+                self.release.wait(30)
+            except KeyboardInterrupt:
+                self.cut.append(name)
+                raise
+            loaded = load(name, *args, **kwargs)
+            self.finished.append(name)
+            return loaded
+
+        return slow
+
+    def ctrl_c_once_started(self) -> None:
+        """A Ctrl-C (SIGINT) to the main thread as it waits for the loading."""
+        import signal
+
+        def ctrl_c():
+            self.started.wait(30)
+            time.sleep(0.1)  # (the caller is waiting)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        threading.Thread(target=ctrl_c, daemon=True).start()
+
+
 @pytest.fixture
-def slow_loading(monkeypatch):
-    """Creating a backend (numba's import, the kernels' compile) stood in for by a wait the test
-    releases; it records whether a KeyboardInterrupt cut it half-way."""
+def slow_loading():
+    """A :class:`SlowLoading`, with Ctrl-C raising KeyboardInterrupt (a background job ignores it)."""
     import signal
 
-    real_create = registry.create
-    started, release = threading.Event(), threading.Event()
-    cut, finished = [], []
-
-    def create(name, threads=None):
-        started.set()
-        try:
-            release.wait(30)
-        except KeyboardInterrupt:
-            cut.append(name)
-            raise
-        finished.append(name)
-        return real_create("reference", threads=threads)
-
-    api._forget_backends()
-    monkeypatch.setattr(api.registry, "create", create)
-    monkeypatch.setattr(api, "_backend_name", lambda name: name)
+    loading = SlowLoading()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield started, release, cut, finished
-    release.set()
+    yield loading
+    loading.release.set()
     signal.signal(signal.SIGINT, previous)
-    api._forget_backends()
 
 
-def test_a_ctrl_c_while_the_backend_loads_stops_the_wait_not_the_loading(slow_loading):
+def test_a_ctrl_c_while_the_backend_loads_stops_the_wait_not_the_loading(slow_loading, monkeypatch):
     """A notebook's first call imports numba and compiles the kernels (15 s after an install); a
     Ctrl-C then used to land inside them, and numba stayed broken for the session ("module 'numba'
     has no attribute 'core'", "no compiled object yet for <Library 'equalize_lut'>"). Now the Ctrl-C
     ends the call at once, the loading goes on in its own thread, and the next call gets the backend."""
-    import signal
+    real_create = registry.create
+    api._forget_backends()
+    monkeypatch.setattr(api.registry, "create", slow_loading.around(
+        lambda name, threads=None: real_create("reference", threads=threads)))
+    monkeypatch.setattr(api, "_backend_name", lambda name: name)
+    try:
+        image = np.zeros((8, 8), np.uint8)
+        slow_loading.ctrl_c_once_started()
+        with pytest.raises(KeyboardInterrupt):
+            gpu_pipeline.process([image], backend="slow")
+        assert slow_loading.cut == [] and slow_loading.finished == []  # the loading goes on
+        slow_loading.release.set()
+        results = gpu_pipeline.process([image], backend="slow")
+        assert results.edge_counts.tolist() == [0] and slow_loading.finished == ["slow"] and slow_loading.cut == []
+        again = gpu_pipeline.process([image], backend="slow")
+        assert again.labels == results.labels and slow_loading.finished == ["slow"]  # loaded once
+    finally:
+        slow_loading.release.set()
+        api._forget_backends()
 
-    started, release, cut, finished = slow_loading
-    image = np.zeros((8, 8), np.uint8)
 
-    def ctrl_c():
-        started.wait(30)
-        time.sleep(0.1)  # (the caller is waiting)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    threading.Thread(target=ctrl_c, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        gpu_pipeline.process([image], backend="slow")
-    assert cut == [] and finished == []  # the loading goes on
-    release.set()
-    results = gpu_pipeline.process([image], backend="slow")
-    assert results.edge_counts.tolist() == [0] and finished == ["slow"] and cut == []
-    assert gpu_pipeline.process([image], backend="slow").labels == results.labels and finished == ["slow"]  # once
-
-
-def test_a_ctrl_c_while_a_models_kernels_load_stops_the_wait_not_the_loading(monkeypatch):
+def test_a_ctrl_c_while_a_models_kernels_load_stops_the_wait_not_the_loading(slow_loading, monkeypatch):
     """The same for a label model's kernels (numba imported by the model's module): `model=` alone
     made the first call import numba in the caller's thread."""
-    import signal
-
-    real_warm = api._warm_model
-    started, release, cut, finished = threading.Event(), threading.Event(), [], []
-
-    def warm(name, keyword):
-        started.set()
-        try:
-            release.wait(30)
-        except KeyboardInterrupt:
-            cut.append(name)
-            raise
-        real_warm(name, keyword)
-        finished.append(name)
-
-    monkeypatch.setattr(api, "_warm_model", warm)
+    monkeypatch.setattr(api, "_warm_model", slow_loading.around(api._warm_model))
     monkeypatch.setattr(api, "_models", {})
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        def ctrl_c():
-            started.wait(30)
-            time.sleep(0.1)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-        threading.Thread(target=ctrl_c, daemon=True).start()
-        image = np.zeros((8, 8), np.uint8)
-        with pytest.raises(KeyboardInterrupt):
-            gpu_pipeline.process([image], backend="reference", model="eurosat")
-        assert cut == [] and finished == []
-        release.set()
-        wait_until(lambda: finished == ["eurosat"], "the model's kernels loaded")
-        assert len(gpu_pipeline.process([image], backend="reference", model="eurosat").labels) == 1
-        assert finished == ["eurosat"] and cut == []  # loaded once
-    finally:
-        release.set()
-        signal.signal(signal.SIGINT, previous)
+    image = np.zeros((8, 8), np.uint8)
+    slow_loading.ctrl_c_once_started()
+    with pytest.raises(KeyboardInterrupt):
+        gpu_pipeline.process([image], backend="reference", model="eurosat")
+    assert slow_loading.cut == [] and slow_loading.finished == []
+    slow_loading.release.set()
+    wait_until(lambda: slow_loading.finished == ["eurosat"], "the model's kernels loaded")
+    assert len(gpu_pipeline.process([image], backend="reference", model="eurosat").labels) == 1
+    assert slow_loading.finished == ["eurosat"] and slow_loading.cut == []  # loaded once
 
 
 FORK_WHILE_LOADING = """
