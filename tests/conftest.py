@@ -79,6 +79,15 @@ def locked(monkeypatch):
 
 
 @pytest.fixture
+def umask():
+    """Set the process's umask for one test (``umask(0o002)``), the old one put back after it."""
+    old = os.umask(0o022)  # (the only way to read it)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.fixture
 def hangups_heard():
     """SIGHUP's default action in this process, and so in the commands it starts: under ``nohup`` (a
     CI runner's, perhaps) they would inherit SIGHUP ignored, and ignore it, as they should."""

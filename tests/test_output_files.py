@@ -501,3 +501,21 @@ def test_reports_and_the_settings_record_are_on_the_disk_before_their_rename(tmp
         _put_back_settings(str(tmp_path / "out.jsonl"), b'{"a": 1}\n')
     (_, new), = [event for event in events if event[0] == "rename"]
     assert events == [("sync", new), ("rename", new), ("sync", tmp_path.stat().st_ino)]
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o022, 0o077, 0o000])
+def test_a_new_file_gets_the_bits_a_plain_open_gives_under_the_umask(tmp_path, umask, mask):
+    """A new settings record, report or edge map was created 0644 less the umask: under umask 002
+    (a folder shared by a group) it was 0644 beside the records' 0664, so the group could not
+    write it; 0666 less the umask, as open(path, "w") gives."""
+    import stat
+
+    from gpu_pipeline.outputs.files import write_replacing
+
+    umask(mask)
+    (tmp_path / "plain").write_text("")
+    write_replacing(tmp_path / "new.png.edges.png", b"new")
+    write_replacing(tmp_path / "new.json", lambda temporary: temporary.write_text("{}"), durable=True)
+    plain = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    assert plain == 0o666 & ~mask
+    assert [stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in ("new.png.edges.png", "new.json")] == [plain] * 2

@@ -138,8 +138,9 @@ def write_replacing(path: str | os.PathLike[str], write: Callable[[Path], None] 
     folder, slash, name = os.fspath(path).rpartition("/")  # (Path.with_name, without a Path)
     temporary = folder + slash + temporary_name(name, os.getpid())
     replaced = _regular_file_status(path)
-    # private until it has the replaced file's permissions, before anything is written into it
-    flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644 if replaced is None else 0o600
+    # a new file: 0666 less the umask, as open() gives; a replacement: private until it has the
+    # replaced file's permissions, before anything is written into it
+    flags, mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666 if replaced is None else 0o600
     try:
         created = os.open(temporary, flags, mode)
     except FileExistsError:  # a dead process's, which had this PID (a system call only then)
