@@ -653,6 +653,20 @@ def test_two_spellings_of_one_output_take_one_lock(tiles, tmp_path):
     assert result.exit_code == 2 and "another gpu-pipeline run" in result.stderr, result.output
 
 
+def test_the_lock_file_gets_the_bits_a_plain_open_gives_under_the_umask(tmp_path, umask):
+    """The lock was created 0644 whatever the umask: in a folder a group shares (umask 002), the lock
+    a killed run of one member left could not be opened by another's run, which refused the output
+    where it should have locked the stale file again."""
+    import stat
+
+    from gpu_pipeline.outputs.plan import OutputLock
+
+    umask(0o002)
+    out = tmp_path / "o.jsonl"
+    with OutputLock(str(out)):
+        assert stat.S_IMODE(os.stat(lock_path(str(out))).st_mode) == 0o664
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_a_run_through_a_symbolic_link_resumes_the_output_it_leads_to(tiles, tmp_path, suffix):
     """docs/nightly.md: two spellings of one output (a symbolic link) are one output. The settings

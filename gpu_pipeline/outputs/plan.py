@@ -290,8 +290,10 @@ class OutputLock:
     def _open(self) -> int:
         """The lock file, opened (created if absent); SinkError naming it when it cannot be, or is not
         a regular file (a folder, a FIFO, a link to nowhere: the refusal named the output instead)."""
-        try:  # (not through a link: O_CREAT would make its target, wherever it points)
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+        # (not through a link: O_CREAT would make its target, wherever it points; 0666 less the umask,
+        # so that in a folder a group shares, another member's run can lock a stale one again)
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o666)
         except OSError as exc:
             if not os.path.lexists(self.path):  # (nothing to remove: the folder cannot be written)
                 raise SinkError(exc.errno, f"cannot write in {self.path.parent or '.'}, where the output and its "
