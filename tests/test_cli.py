@@ -326,6 +326,20 @@ def test_python_dash_m_points_to_the_same_help_as_the_command(args, message):
     assert done.returncode == 2 and done.stderr == f"gpu-pipeline: error: {message}\n"
 
 
+def test_each_commands_description_survives_python_dash_OO():
+    """Under ``python -OO`` (PYTHONOPTIMIZE=2, which some images set) the docstrings are stripped, and
+    with them each command's description: `run --help` lost its exit statuses, the list of commands
+    its summaries."""
+    import typer.main
+
+    script = ("import json, typer.main; from gpu_pipeline.cli import app; "
+              "print(json.dumps({name: found.help for name, found in typer.main.get_command(app).commands.items()}))")
+    done = subprocess.run([sys.executable, "-OO", "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    described = {name: found.help for name, found in typer.main.get_command(app).commands.items()}
+    assert all(described.values()) and json.loads(done.stdout) == described, done.stderr
+
+
 def test_no_command_at_all_gives_the_help_not_an_error_line():
     """click's NoArgsIsHelpError is a usage error too: taken for one, the help became one error line."""
     result = runner.invoke(app, [])

@@ -138,9 +138,24 @@ class _HelpWrapsToTheTerminal:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.help is None and self.callback is not None:  # (python -OO strips docstrings)
+            self.help = _docstring_in_source(self.callback)
         if self.help:
             self.help = "\n\n".join(" ".join(paragraph.split())
                                     for paragraph in inspect.cleandoc(self.help).split("\n\n"))
+
+
+def _docstring_in_source(function) -> str | None:
+    """``function``'s docstring, read from its source file: under ``python -OO`` (PYTHONOPTIMIZE=2)
+    ``__doc__`` is None, and each command lost its description (run's exit statuses among it)."""
+    import ast
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):  # (no source installed: no description, as before)
+        return None
+    return ast.get_docstring(ast.parse(source).body[0])
 
 
 class Command(_HelpWrapsToTheTerminal, _FlagsTakeNoValue, TyperCommand):
