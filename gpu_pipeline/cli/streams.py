@@ -12,6 +12,8 @@
   broken pipe of ours (a socket), which click ends as if stdout's, is shown as it is.
 * gpu-pipeline's own warnings (:class:`PipelineWarning`) read as the commands' other messages,
   ``warning: ...`` on one line, not in Python's format (the file and line that made the call).
+* matplotlib's logged warnings (a home it cannot write, a font cache it builds) are not shown:
+  they are not the commands' messages, and a system account's cron job printed them every night.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import os
 import sys
 import warnings
@@ -76,6 +79,7 @@ def prepare() -> None:
     _note_failed_stdout_writes()
     _note_rich_broken_pipes()
     _one_line_warnings()
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)  # (--plot: see the module's docstring)
 
 
 def _one_line_warnings() -> None:
