@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -338,6 +339,32 @@ def test_each_commands_description_survives_python_dash_OO():
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     described = {name: found.help for name, found in typer.main.get_command(app).commands.items()}
     assert all(described.values()) and json.loads(done.stdout) == described, done.stderr
+
+
+def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
+    """Under a Latin-1 locale (LANG=en_US.ISO-8859-1, an old server's cron) Python decodes file names
+    as Latin-1: "Forêt.png" was recorded as "ForÃªt.png", a name no reader could open, and a resume of
+    a night run under UTF-8 did those images again, a second record each. The command reads names as
+    UTF-8 whatever the locale (Python's UTF-8 mode), as docs/nightly.md says."""
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    made = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(locales / "en_US.ISO-8859-1")],
+                          capture_output=True, timeout=60) if shutil.which("localedef") else None
+    env = {**{name: value for name, value in os.environ.items() if not name.startswith(("LC_", "LANG", "PYTHONUTF8"))},
+           "LOCPATH": str(locales), "LANG": "en_US.ISO-8859-1"}
+    encoding = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"], env=env,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+    if made is None or made.returncode != 0 or encoding != "iso8859-1":
+        pytest.skip("needs localedef and glibc's en_US locale source, to make a Latin-1 locale")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), (40, 120, 40)).save(images / "Forêt.png")
+    out = tmp_path / "r.jsonl"
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
+                           "--backend", "reference", "--quiet"], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()] == [str(images / "Forêt.png")]
 
 
 def test_no_command_at_all_gives_the_help_not_an_error_line():

@@ -241,7 +241,22 @@ def catch_interrupts() -> None:
     sys.unraisablehook = _unraisable
 
 
+def _in_utf8_mode() -> None:
+    """Start again in Python's UTF-8 mode where the locale's encoding is another (a Latin-1 locale):
+    file names are read, recorded and matched on resume as UTF-8, whatever the locale, as they are in
+    the C or a UTF-8 locale; decode processes and Dask's local workers inherit it. Only once: a user's
+    ``-X utf8=0`` stays."""
+    if sys.getfilesystemencoding() == "utf-8" or os.environ.get("PYTHONUTF8") == "1" or not sys.executable:
+        return
+    os.environ["PYTHONUTF8"] = "1"
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:  # (it cannot be started again: names as the locale reads them, in workers too)
+        del os.environ["PYTHONUTF8"]
+
+
 def main() -> None:
+    _in_utf8_mode()
     streams.prepare()
     # numba reads it at its import, deep in a command, and raises (0, -3) or warns ("abc") there
     threads = os.environ.get("NUMBA_NUM_THREADS")
