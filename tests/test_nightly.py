@@ -1651,8 +1651,32 @@ def test_save_edges_that_cannot_be_created_is_refused_writing_nothing(tiles, tmp
     if as_root:
         monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
     before = set(tmp_path.iterdir())
-    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--save-edges", "/proc/gpu-pipeline-test/edges")
-    assert result.exit_code == 2 and "--save-edges /proc/gpu-pipeline-test/edges" in result.stderr
+    # (in /sys, where nothing can be made either: /proc is refused by name, before the folder is made)
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--save-edges", "/sys/gpu-pipeline-test/edges")
+    assert result.exit_code == 2 and "--save-edges /sys/gpu-pipeline-test/edges" in result.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("edges", ["/proc/gpu-pipeline-test", "/dev"])
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry run"])
+def test_save_edges_under_dev_or_proc_is_refused_by_name_by_a_run_and_its_dry_run_alike(tiles, tmp_path, monkeypatch,
+                                                                                        dry_run, edges):
+    """Root's dry run with --save-edges /proc/x said the run would go on (exit 0), and the run refused
+    it only as it came to make the folder: no permission check refuses root (who would have written
+    maps into /dev itself). Refused by name among the checks now, as an --out there is: one line,
+    exit 2, nothing written."""
+    from gpu_pipeline.engine import job
+
+    def never(*args):  # (refused with the checks: a run that got here would write maps into /dev)
+        raise AssertionError("the run began")
+
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)  # (as root, whoever runs the tests)
+    monkeypatch.setattr(job, "execute", never)
+    before = set(tmp_path.iterdir())
+    result = run(str(tiles), "--out", str(tmp_path / "o.jsonl"), "--save-edges", edges, *dry_run)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.count("\n") == 1
+    assert f"--save-edges {edges}: under /dev or /proc, not a place for edge maps" in result.stderr
     assert set(tmp_path.iterdir()) == before
 
 

@@ -451,6 +451,7 @@ def check_edge_folder(folder: Path | None) -> None:
     """``--save-edges`` must be a folder, or creatable: refused now rather than one error per image later."""
     if folder is None:
         return
+    refuse_under_dev_or_proc("--save-edges", folder, "edge maps", "choose a folder in /dev/shm/ or elsewhere")
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--save-edges {folder} exists and is not a folder")
     existing = folder.absolute()
@@ -527,11 +528,19 @@ def check_out_place(out: str) -> None:
     the settings would go into /dev, and a later run, its stdout elsewhere, would take that file for
     its output and cut it). Checked before the lock, which would go into /dev too: a user, who may not
     write there, was told "cannot write in /dev" instead, and root's run made its lock there."""
-    absolute = os.path.abspath(out)
-    if out != "-" and absolute.startswith(("/dev/", "/proc/")) and not absolute.startswith("/dev/shm/"):
-        # (/dev/shm itself too: its settings record would go into /dev)
-        raise UsageError(f"--out {out}: under /dev or /proc, not a place for records (a device, a process's "
-                         "descriptor, /dev/shm itself); use --out - for standard output, or a name in /dev/shm/")
+    if out != "-":
+        refuse_under_dev_or_proc("--out", out, "records", "use --out - for standard output, or a name in /dev/shm/")
+
+
+def refuse_under_dev_or_proc(option: str, name: str | Path, what: str, instead: str) -> None:
+    """``--out`` and ``--save-edges`` alike: nothing in /dev or /proc but a name in /dev/shm/ (/dev/shm
+    itself neither: an output's settings record would go into /dev). Refused by name among the checks:
+    root, whom no permission check refuses, learnt of an edge folder in /proc only as the run made it,
+    and its dry run said the run would go on."""
+    absolute = os.path.abspath(name)
+    if (absolute + "/").startswith(("/dev/", "/proc/")) and not absolute.startswith("/dev/shm/"):
+        raise UsageError(f"{option} {name}: under /dev or /proc, not a place for {what} (a device, a process's "
+                         f"descriptor, /dev/shm itself); {instead}")
 
 
 def check_out_name(out: str, output_format: str, model: str | None, save_edges: Path | None) -> None:
