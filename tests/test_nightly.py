@@ -2627,6 +2627,39 @@ def test_a_dry_run_is_refused_where_the_run_would_be(tmp_path):
     assert _everything_under(tmp_path) == before
 
 
+def test_a_dry_run_names_a_folder_that_cannot_be_listed(tmp_path, locked):
+    """As the run does (test_a_folder_that_cannot_be_listed_is_named_and_the_run_exits_1): a dry run
+    that found two images of four must say why, not only "2 of 2 images"."""
+    make_images(tmp_path / "in" / "open", 2)
+    make_images(tmp_path / "in" / "locked", 2)
+    locked("locked")
+    result = run(str(tmp_path / "in"), "--out", str(tmp_path / "out.jsonl"), "--dry-run")
+    assert result.exit_code == 0 and result.stdout.startswith("dry run: 2 of 2 images"), result.output
+    assert result.stderr == (f"warning: cannot list {tmp_path / 'in' / 'locked'} (Permission denied); its images "
+                             "are not processed\n")
+
+
+def test_a_dry_run_closes_the_backend_it_started(tmp_path, register):
+    """A dry run starts the backend (one that cannot start refuses), then closes it unused: a --dask
+    local:N cluster's worker processes, a GPU's memory, are not left to the end of the process."""
+    from gpu_pipeline.backends.reference import ReferenceBackend
+
+    closed = []
+
+    class Counted(ReferenceBackend):
+        name = "counted-closes"
+
+        def close(self):
+            closed.append(self)
+
+    register(Counted)
+    make_images(tmp_path / "in", 2)
+    result = runner.invoke(app, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "o.jsonl"), "--backend",
+                                 "counted-closes", "--dry-run"])
+    assert result.exit_code == 0 and result.stdout.startswith("dry run: 2 of 2 images"), result.output
+    assert len(closed) == 1
+
+
 def test_a_dry_run_starts_no_decode_processes(tmp_path, monkeypatch):
     """A run of many files starts its fork server while it checks the output (to be ready by the first
     batch); a dry run, which decodes nothing, must not: the check of a 50,000-file night would fork
