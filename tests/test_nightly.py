@@ -959,6 +959,40 @@ def test_a_run_refused_for_a_full_disk_at_its_lock_leaves_no_lock_file(tiles, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
 
 
+def test_a_run_refused_for_a_full_disk_at_its_settings_record_names_it_and_leaves_nothing(tiles, tmp_path,
+                                                                                          monkeypatch):
+    from gpu_pipeline.engine import job
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(job, "write_replacing", disk_full)
+    out = tmp_path / "new" / "out.jsonl"
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"gpu-pipeline: error: cannot write {out}.settings.json: {os.strerror(errno.ENOSPC)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
+
+
+def test_an_overwrite_refused_as_it_empties_the_output_names_it_and_keeps_its_records(tiles, tmp_path, monkeypatch):
+    """The output's own error (a read-only remount between the checks and the run) says which file."""
+    from gpu_pipeline.outputs import plan
+
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(plan, "_emptied", read_only)
+    result = run(str(tiles), "--out", str(out), "--overwrite", "--low", "50")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"gpu-pipeline: error: cannot write {out}: {os.strerror(errno.EROFS)}\n"
+    # (the records, and the settings record put back as it was)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
 def test_a_second_real_run_while_the_first_writes_exits_2_and_adds_nothing(tmp_path):
     folder = tmp_path / "many"
     (first_image,) = make_images(folder, 1, size=128)
