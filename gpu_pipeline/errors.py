@@ -41,6 +41,12 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def cannot_write(what: object, exc: OSError) -> str:
+    """``cannot write WHAT: reason``, every command's words for a file it could not write: the
+    system's reason, or the error itself where it gave none."""
+    return f"cannot write {what}: {exc.strerror or exc}"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of the message (the type's name if it has none), to put inside a sentence:
     cutting the whole sentence at the message's first newline lost what followed, a closing bracket."""

@@ -34,8 +34,8 @@ from gpu_pipeline.config import SETTING_OPTIONS, DecodeOptions, PipelineConfig, 
 from gpu_pipeline.engine.decoding import early_fork_server, processes_option
 from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
-from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, STOP_SIGNALS, UsageError, ignored_on_purpose,
-                                 one_line, shown)
+from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, STOP_SIGNALS, UsageError, cannot_write,
+                                 ignored_on_purpose, one_line, shown)
 from gpu_pipeline.inputs.decode import quiet_codecs
 from gpu_pipeline.inputs.discover import ListedPath, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
@@ -262,7 +262,7 @@ def write_settings(out: str, settings: dict) -> None:
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise _settings_name_too_long(out) from None
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UsageError(cannot_write(path, exc)) from None
 
 
 def _settings_name_too_long(out: str) -> UsageError:
@@ -362,8 +362,7 @@ def run_job(**arguments) -> int:
             lock.acquire()
         except OSError as exc:
             remove_folders(created)
-            raise UsageError(str(exc) if isinstance(exc, SinkError) else
-                             f"cannot write {job.out}: {exc.strerror or exc}") from None
+            raise UsageError(str(exc) if isinstance(exc, SinkError) else cannot_write(job.out, exc)) from None
     ran = False
     try:
         checked = check_job(job)

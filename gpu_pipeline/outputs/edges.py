@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from gpu_pipeline.errors import bytes_shown, is_utf8, printable
+from gpu_pipeline.errors import bytes_shown, cannot_write, is_utf8, printable
 from gpu_pipeline.inputs.discover import absolute_name, plain_name
 from gpu_pipeline.outputs.files import SOFTWARE, ensure_folder, is_ours, png_texts, write_replacing
 from gpu_pipeline.outputs.png import gray_png
@@ -111,11 +111,10 @@ def _disk_errors_stop_the_run(target: str) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in DISK_ERRORS:
-            raise SinkWriteError(exc.errno, f"cannot write the edge map {printable(target)}: "
-                                            f"{exc.strerror or exc}") from exc
+            raise SinkWriteError(exc.errno, cannot_write(f"the edge map {printable(target)}", exc)) from exc
         if exc.strerror is None:  # ours, which names the map already (a file left alone)
             raise
-        raise type(exc)(f"cannot write the edge map {printable(target)}: {exc.strerror}") from exc
+        raise type(exc)(cannot_write(f"the edge map {printable(target)}", exc)) from exc
 
 
 def _earlier_versions_map(target: str, texts: dict[str, str] | None, edges: np.ndarray) -> bool:

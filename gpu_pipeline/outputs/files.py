@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from gpu_pipeline import __version__
-from gpu_pipeline.errors import UsageError
+from gpu_pipeline.errors import UsageError, cannot_write
 
 
 class CannotWrite(UsageError):
@@ -120,7 +120,7 @@ def replace_with(path: Path, option: str, write: Callable[[Path], None], ours: C
     try:
         write_replacing(path, write, before_replacing=still_ours, durable=True)
     except OSError as exc:
-        raise CannotWrite(f"{option}: cannot write {path}: {exc.strerror or exc}") from None
+        raise CannotWrite(f"{option}: {cannot_write(path, exc)}") from None
 
 
 def write_replacing(path: str | os.PathLike[str], write: Callable[[Path], None] | bytes,

@@ -28,6 +28,7 @@ from json.decoder import scanstring
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+from gpu_pipeline.errors import cannot_write
 from gpu_pipeline.outputs import records as record_text
 from gpu_pipeline.outputs.files import still_names, write_all, write_replacing
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
@@ -326,7 +327,7 @@ def _write_all(descriptor: int, data: bytes, out: str) -> None:
     try:
         write_all(descriptor, data)
     except OSError as exc:
-        raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
+        raise SinkWriteError(exc.errno, cannot_write(out, exc)) from exc
 
 
 class LineSink(Sink):
@@ -343,7 +344,7 @@ class LineSink(Sink):
             try:
                 self._descriptor = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             except OSError as exc:
-                raise SinkError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from None
+                raise SinkError(exc.errno, cannot_write(out, exc)) from None
 
     def write_header(self) -> None:
         if self.fmt == "csv":

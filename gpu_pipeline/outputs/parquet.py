@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from gpu_pipeline.errors import first_line
+from gpu_pipeline.errors import cannot_write, first_line
 from gpu_pipeline.outputs.files import keep_mode
 from gpu_pipeline.outputs.records import CSV_COLUMNS as COLUMNS, table_columns
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
@@ -177,7 +177,7 @@ def _removed_on_failure(temporary: Path, out: str) -> Iterator[None]:
         yield
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise SinkWriteError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
+        raise SinkWriteError(exc.errno, cannot_write(out, exc)) from exc
 
 
 def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:

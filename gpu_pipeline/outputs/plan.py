@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpu_pipeline.errors import cannot_write
 from gpu_pipeline.outputs import parquet
 from gpu_pipeline.outputs.files import still_names
 from gpu_pipeline.outputs.lines import LineSink, keep_results, scan
@@ -112,7 +113,7 @@ class OutputPlan:
         except SinkError:  # (says what and which file already: the sink's "cannot write OUT: ...")
             raise
         except OSError as exc:
-            raise SinkError(exc.errno, f"cannot write {self.out}: {exc.strerror or exc}") from None
+            raise SinkError(exc.errno, cannot_write(self.out, exc)) from None
 
     def _open_lines(self) -> Sink:
         if self.out == "-":
