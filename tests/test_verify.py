@@ -891,8 +891,43 @@ def test_verify_in_a_log_says_how_far_it_is_every_minute(tmp_path, monkeypatch, 
                                  "--workers", "1"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
-    assert lines == ["progress: 2 of 6 images (33%) in 0:01:00, 0.03 images/s, about 0:02:00 left",
-                     "progress: 4 of 6 images (66%) in 0:02:00, 0.03 images/s, about 0:01:00 left"], result.stderr
+    # (the first a minute after the first image, from which the rate counts)
+    assert lines == ["progress: 3 of 6 images (50%) in 0:01:30, 0.03 images/s, about 0:01:30 left",
+                     "progress: 5 of 6 images (83%) in 0:02:30, 0.03 images/s, about 0:00:30 left"], result.stderr
+
+
+@pytest.mark.parametrize("command", ["verify", "run"])
+def test_the_rate_in_a_log_counts_from_the_first_image_not_the_kernels_load(tmp_path, monkeypatch, register, command):
+    """In a log, verify loads its kernels in its first chunk: its first lines said a fraction of the
+    rate (a 10-minute load: "0.00 images/s, about 0:52:30 left"). The rate counts from the first chunk
+    done, for run (its kernels loaded before its clock starts) as for verify; the time is the time."""
+    import gpu_pipeline.engine.job as job
+
+    called = []  # (its first call loads or compiles its kernels: 10 minutes)
+
+    class SlowStart(ReferenceBackend):
+        name = "slow-start"
+
+        def process(self, images, config, keep_images=False):
+            called.append(len(images))
+            return super().process(images, config, keep_images)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(6):
+        Image.fromarray(np.full((8, 8), index * 40, np.uint8)).save(folder / f"{index}.png")
+    ticks = iter(range(0, 10**6, 30))  # 30 s a chunk of one image, and the load once it began
+    monkeypatch.setattr(job, "_clock", lambda: next(ticks) + (600 if called else 0))
+    register(SlowStart)
+    chosen = (["--backends", "slow-start"] if command == "verify" else
+              ["--backend", "slow-start", "--out", str(tmp_path / "out.jsonl")])
+    result = runner.invoke(app, [command, str(folder), *chosen, "--batch-size", "1", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("progress:")]
+    loaded = 10 if command == "verify" else 0  # (minutes on the clock of the lines)
+    assert lines == [f"progress: 3 of 6 images (50%) in 0:{loaded + 1:02d}:30, 0.03 images/s, about 0:01:30 left",
+                     f"progress: 5 of 6 images (83%) in 0:{loaded + 2:02d}:30, 0.03 images/s, about 0:00:30 left"], \
+        result.stderr
 
 
 def test_the_verdict_and_the_table_read_one_image_and_thousands_as_run_does():

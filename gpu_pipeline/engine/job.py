@@ -830,19 +830,26 @@ def progress_lines(console: Console, total: int = 0) -> Callable[..., None]:
     """A progress callback that prints where the run is, at most every :data:`PROGRESS_EVERY_S`
     seconds and not once it is done: ``progress: 4,096 of 50,000 images (8%) in 0:01:00, 68.27
     images/s, about 0:11:12 left``. It takes the images done since its last call, and the total
-    where it was not known when it was made (``verify`` learns it as it goes)."""
+    where it was not known when it was made (``verify`` learns it as it goes). The rate counts from
+    the first call, a minute before the first line: the first batch's time holds the start (``verify``
+    loads its kernels in it, minutes for a GPU's compile, and its first lines said a fraction of the
+    rate)."""
     started = said = _clock()
     done = 0
+    steady: tuple[float, int] | None = None  # (when the first batch was done, and its images)
 
     def advance(count: int, of: int | None = None) -> None:
-        nonlocal done, said, total
+        nonlocal done, said, steady, total
         done += count
         total = of if of is not None else total
         now = _clock()
+        if steady is None:
+            steady, said = (now, done), now
+            return
         if now - said < PROGRESS_EVERY_S or done >= total:
             return
         said = now
-        rate = done / (now - started)
+        rate = (done - steady[1]) / (now - steady[0])
         console.print(f"progress: {done:,} of {total:,} images ({done * 100 // total}%) in {_duration(now - started)}, "
                       f"{f'{rate:,.0f}' if rate >= 100 else f'{rate:.2f}'} images/s, "
                       f"about {_duration((total - done) / rate)} left", highlight=False, markup=False)
