@@ -1120,3 +1120,34 @@ def test_the_command_list_is_wrapped_to_the_terminal_not_to_the_source(columns):
     for lines in rows:
         for line, following in zip(lines, lines[1:]):
             assert len(line) + 1 + len(following.split()[0]) > columns - 20, (line, following)
+
+
+def test_a_run_called_in_a_programs_process_gives_back_the_codecs_loggers_as_they_were(tmp_path, register):
+    """A run quiets tifffile's and imagecodecs' loggers (their messages are the files' error records);
+    called in a program's own process (a scheduler calling the command line, a test's CliRunner),
+    it left them quiet for the rest of the program, whose own TIFF reading then warned of nothing."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("tifffile", "imagecodecs")]
+
+    def state():
+        return [(logger.level, logger.propagate, list(logger.handlers)) for logger in loggers]
+
+    during = []
+
+    class Watching(ReferenceBackend):
+        name = "watching-codecs"
+
+        def process(self, images, config, keep_images=False):
+            during.append([(logger.level, logger.propagate) for logger in loggers])
+            return super().process(images, config, keep_images)
+
+    register(Watching)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    before = state()
+    result = invoke("run", str(folder), "--out", str(tmp_path / "out.jsonl"), "--backend", "watching-codecs", "-q")
+    assert result.exit_code == 0, result.output
+    assert during and all(seen == [(logging.ERROR, False)] * 2 for seen in during)
+    assert state() == before

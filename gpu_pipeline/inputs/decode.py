@@ -61,6 +61,7 @@ import math
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
@@ -97,6 +98,8 @@ _PILLOW_MODES_AS_THEY_ARE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "I"
 #: The one handler :func:`quiet_codecs` adds, however often it runs: a new one each time, the command
 #: line called in one process (a scheduler, a test's CliRunner) added two a run, for good.
 _QUIET = logging.NullHandler()
+#: The loggers of the codecs that :func:`quiet_codecs` quiets.
+_CODECS = ("tifffile", "imagecodecs")
 
 
 def quiet_codecs() -> None:
@@ -105,11 +108,28 @@ def quiet_codecs() -> None:
     errors alike (tifffile 2026.11 logs at ERROR what earlier versions logged at WARNING), and the
     libpng and libjpeg warnings imagecodecs logs. (The Python API leaves the caller's logging as it
     is, but for the note below.)"""
-    for name in ("tifffile", "imagecodecs"):
+    for name in _CODECS:
         logger = logging.getLogger(name)
         logger.setLevel(logging.ERROR)
         logger.propagate = False
         logger.addHandler(_QUIET)  # (so that neither tiff's error handler nor logging prints them)
+
+
+@contextmanager
+def codecs_quieted() -> Iterator[None]:
+    """:func:`quiet_codecs` for a run, then the loggers as they were: the command line called in a
+    program's process (a scheduler's, a test's CliRunner) left the program's codecs quiet for good."""
+    loggers = [logging.getLogger(name) for name in _CODECS]
+    before = [(logger.level, logger.propagate, _QUIET in logger.handlers) for logger in loggers]
+    quiet_codecs()
+    try:
+        yield
+    finally:
+        for logger, (level, propagate, quiet) in zip(loggers, before):
+            logger.setLevel(level)
+            logger.propagate = propagate
+            if not quiet:
+                logger.removeHandler(_QUIET)
 
 
 class _InterlaceNote(logging.Filter):
