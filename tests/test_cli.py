@@ -1151,3 +1151,26 @@ def test_a_run_called_in_a_programs_process_gives_back_the_codecs_loggers_as_the
     assert result.exit_code == 0, result.output
     assert during and all(seen == [(logging.ERROR, False)] * 2 for seen in during)
     assert state() == before
+
+
+def test_a_damaged_tiffs_codec_message_stays_off_every_commands_stderr(tmp_path):
+    """tifffile logs "invalid offset to first page" for a TIFF whose header points past its end:
+    `run` kept it off stderr (the file's error record says it), but `verify` printed it as a
+    stray line of its own, beside its table."""
+    import tifffile
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "good.png")
+    tifffile.imwrite(folder / "damaged.tif", np.zeros((8, 8), np.uint8))
+    damaged = bytearray((folder / "damaged.tif").read_bytes())
+    damaged[4:8] = (10**6).to_bytes(4, "little")  # the first page's offset, past the end of the file
+    (folder / "damaged.tif").write_bytes(bytes(damaged))
+    out = tmp_path / "out.jsonl"
+    for command in (["run", str(folder), "--out", str(out), "--backend", "reference", "-q"],
+                    ["verify", str(folder), "--backends", "numba"]):
+        done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", *command], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode in (0, 1), done.stderr
+        assert "invalid offset" not in done.stderr, (command[0], done.stderr)
+    assert '"stage":"decode"' in out.read_text().replace(" ", "") and "skipped " in done.stdout and "damaged.tif: decode error" in done.stdout

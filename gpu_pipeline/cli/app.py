@@ -64,6 +64,7 @@ from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import processes_for_time_limit
 from gpu_pipeline.engine.stream import Engine
 from gpu_pipeline.errors import STOP_SIGNALS, UsageError, ignored_on_purpose
+from gpu_pipeline.inputs.decode import codecs_quieted
 from gpu_pipeline.inputs.processes import processes_wanted
 
 #: The longest ``--dask-timeout``: a day (Dask cannot parse ``inf``, and 1e308 s overflowed as the run closed).
@@ -87,10 +88,14 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(
+    context: typer.Context,
     version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
                                            help="Print the version and exit."),
 ) -> None:
     """Batch image analysis on every CPU core and on CUDA GPUs, identical bytes on every path."""
+    # every command's: a damaged file's codec messages (tifffile's "invalid offset to first page") are
+    # its error record or verify's skip, not lines on stderr; as they were once the command is done
+    context.with_resource(codecs_quieted())
 
 
 @app.command(cls=Command)

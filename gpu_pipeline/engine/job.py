@@ -36,7 +36,6 @@ from gpu_pipeline.engine.stream import Engine, RunSummary
 from gpu_pipeline.inputs.processes import DecodeProcessesFailed, ForkServer
 from gpu_pipeline.errors import (EXIT_DEVICE_FAILED, EXIT_WRITE_ERROR, STOP_SIGNALS, UsageError, cannot_write,
                                  ignored_on_purpose, one_line, shown)
-from gpu_pipeline.inputs.decode import codecs_quieted
 from gpu_pipeline.inputs.discover import ListedPath, find_files, folders_under, no_files_found, unlisted_warning
 from gpu_pipeline.outputs.edges import edge_root, edge_saver
 from gpu_pipeline.outputs.files import (NAME_MAX, remove_stale_temporaries, same_file_as, temporaries_of,
@@ -349,11 +348,7 @@ def run_job(**arguments) -> int:
 
     Raises UsageError (exit 2), having written nothing, when the job is refused.
     """
-    with codecs_quieted():
-        return _run_job(Job(**arguments))
-
-
-def _run_job(job: Job) -> int:
+    job = Job(**arguments)
     check_out_place(job.out)
     # the lock beside the real file: two spellings of one output (a symbolic link) take one lock
     lock = OutputLock(os.path.realpath(job.out)) if job.out != "-" else None
