@@ -209,6 +209,21 @@ def test_finished_output_is_not_redone(tiles, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_a_file_replaced_under_its_name_keeps_its_record_until_overwrite(tmp_path):
+    """docs/nightly.md: resume goes by path, not by content; a corrected delivery under the same name
+    keeps the record of the first version, and --overwrite (or another --out) redoes it."""
+    (first,) = make_images(tmp_path / "in", 1, seed=1)
+    out = tmp_path / "out.jsonl"
+    assert run(str(first), "--out", str(out)).exit_code == 0
+    (old,) = read_records(out)
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(first)  # the corrected file, same name
+    assert run(str(first), "--out", str(out)).exit_code == 0
+    assert read_records(out) == [old]
+    assert run(str(first), "--out", str(out), "--overwrite").exit_code == 0
+    (new,) = read_records(out)
+    assert new["histogram"][0] == 24 * 24 != old["histogram"][0]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_failures_are_kept_until_retry_failed(tmp_path, suffix):
     if suffix == ".parquet":
