@@ -651,6 +651,19 @@ def jp2_file(codestream: bytes, height: int, width: int, header: bytes = b"", af
             + jp2_box(b"jp2h", ihdr + colr + header) + after_header + jp2_box(b"jp2c", codestream))
 
 
+@pytest.mark.parametrize("length", [0, 1], ids=["0: to the end", "1: in 8 bytes after"])
+def test_a_jp2_codestream_box_of_either_special_length_decodes(scratch: Path, length: int) -> None:
+    """A box's length may be 0, running to the end of the file (a writer that streams the
+    codestream), or 1, the length following in 8 bytes (for a codestream over 4 GiB) (T.800 I.4)."""
+    data = np.random.default_rng(14).integers(0, 256, (12, 9), dtype=np.uint8)
+    codestream = jpeg2000(data, kind="j2k")
+    plain = jp2_file(codestream, 12, 9)
+    box = {0: bytes(4) + b"jp2c", 1: (1).to_bytes(4, "big") + b"jp2c" + (16 + len(codestream)).to_bytes(8, "big")}
+    path = scratch / "special.jp2"
+    path.write_bytes(plain[:-len(codestream) - 8] + box[length] + codestream)
+    assert np.array_equal(decode_image(path, DEFAULT), data)
+
+
 def jp2_palette(columns: int, entries: int = 2) -> bytes:
     """A palette box of 8-bit ``columns`` and the component mapping box that applies it."""
     pclr = entries.to_bytes(2, "big") + bytes([columns]) + bytes([7] * columns) + bytes(range(entries)) * columns
@@ -1162,6 +1175,19 @@ def test_gdal_nodata_is_excluded_from_the_stretch_and_becomes_0(scratch: Path, d
         assert (decoded[:5] == 0).all() and (decoded[5:].max(axis=(0, 1)) == 255).all()
 
 
+@pytest.mark.parametrize("dtype, nodata", [(np.uint16, 0), (np.int16, -9999)])
+@pytest.mark.parametrize("stretch", ["minmax", "percentile"])
+def test_a_band_that_is_all_nodata_becomes_0(scratch: Path, dtype, nodata, stretch) -> None:
+    """A tile at a scene's edge: one band holds nothing but the nodata value, so no sample is left
+    for its stretch; that band is 0, the others stretch as usual (the minmax stretch failed)."""
+    bands = np.random.default_rng(7).integers(1000, 3000, (12, 10, 3)).astype(dtype)
+    bands[:, :, 1] = nodata
+    path = write_tiff(scratch / "edge.tif", bands, extratags=[(42113, "s", 0, str(nodata), True)])
+    decoded = decode_image(path, DecodeOptions(stretch=stretch))
+    assert np.array_equal(decoded, oracle(bands, stretch, nodata=nodata))
+    assert not decoded[:, :, 1].any() and decoded[:, :, 0].max() == 255
+
+
 @pytest.mark.parametrize("dtype, nodata", [(np.uint16, -9999), (np.int16, 2500.5), (np.int32, 1e12)])
 def test_a_gdal_nodata_value_no_sample_can_equal_marks_no_pixel(scratch: Path, dtype, nodata) -> None:
     """-9999 on uint16 samples (a file converted from signed data, nodata kept), a fraction on
@@ -1448,6 +1474,7 @@ def test_unreadable_files_are_read_errors(scratch: Path, monkeypatch) -> None:
         ("truncated.gif", encoded("GIF")[:100], "damaged GIF"),
         ("truncated.webp", encoded("WEBP")[:60], None),
         ("corrupt.png", encoded("PNG")[:40] + bytes(range(256)) * 4, "damaged PNG"),
+        ("corrupt.webp", encoded("WEBP")[:12] + bytes(range(256)) * 4, "damaged WebP"),
         (
             "garbage.jpg",
             bytes(np.random.default_rng(11).integers(0, 256, 999, dtype=np.uint8)),
