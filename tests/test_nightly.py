@@ -290,6 +290,20 @@ def test_a_folder_that_cannot_be_listed_is_named_and_the_run_exits_1(tmp_path, l
     assert result.exit_code == 2 and "cannot list" in result.stderr and "Permission denied" in result.stderr
 
 
+def test_more_than_ten_folders_that_cannot_be_listed_are_counted_after_the_tenth(tmp_path, locked):
+    """A warning a folder for the first ten, then one line for the rest, not a screenful."""
+    make_images(tmp_path / "in" / "open", 2)
+    for number in range(12):
+        (tmp_path / "in" / f"locked{number:02d}").mkdir()
+        locked(f"locked{number:02d}")
+    result = run(str(tmp_path / "in"), "--out", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 1, result.output
+    named = [line for line in result.stderr.splitlines() if line.startswith("warning: cannot list")]
+    assert named == [f"warning: cannot list {tmp_path / 'in' / f'locked{number:02d}'} (Permission denied); "
+                     "its images are not processed" for number in range(10)]
+    assert "warning: and 2 more folders that cannot be listed\n" in result.stderr
+
+
 def test_an_out_that_is_not_our_output_is_refused_and_left_alone(tiles, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -543,6 +557,26 @@ def test_an_out_below_a_file_names_the_file(tiles, tmp_path, below):
     result = run(str(tiles), "--out", str(notes / below))
     assert result.exit_code == 2 and f"{notes} is not a folder" in result.stderr, result.output
     assert notes.read_text() == "mine\n" and sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "tiles"]
+
+
+def test_save_edges_below_a_file_names_the_file(tiles, tmp_path):
+    """A script, even: a file that may be searched (its x bits) is still no folder to write in."""
+    script = tmp_path / "run.sh"
+    script.write_text("mine\n")
+    script.chmod(0o755)
+    result = run(str(tiles), "--out", str(tmp_path / "r.jsonl"), "--save-edges", str(script / "edges"))
+    assert result.exit_code == 2
+    assert result.stderr == f"gpu-pipeline: error: --save-edges {script / 'edges'}: cannot write in {script}\n"
+    assert script.read_text() == "mine\n" and sorted(path.name for path in tmp_path.iterdir()) == ["run.sh", "tiles"]
+
+
+def test_parquet_to_stdout_is_refused(tiles, tmp_path, monkeypatch):
+    """A Parquet dataset is a folder of files: there is no stream of it to write."""
+    monkeypatch.chdir(tmp_path)
+    result = run(str(tiles), "--out", "-", "--format", "parquet")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == "gpu-pipeline: error: Parquet output needs a folder, not stdout\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiles"]
 
 
 def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
