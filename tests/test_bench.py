@@ -526,6 +526,17 @@ def test_a_folder_without_images_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "no image files found" in result.stderr
 
 
+def test_a_folder_of_files_that_cannot_be_decoded_is_a_usage_error(tmp_path):
+    """Nothing to time: one line, and no report (a --json of no measurement read as a benchmark)."""
+    (tmp_path / "in").mkdir()
+    for name in ["a.png", "b.jpg"]:
+        (tmp_path / "in" / name).write_bytes(b"not an image\n" * 10)
+    result = runner.invoke(app, ["bench", str(tmp_path / "in"), "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "gpu-pipeline: error: none of the 2 files could be decoded; nothing to time\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_parse_helpers():
     assert bench.parse_size("640x480") == (640, 480) and bench.parse_size("64") == (64, 64)
     assert bench.parse_contenders(None) == [*registry.backend_names(), *bench.BASELINES]
