@@ -145,6 +145,24 @@ def test_the_python_api_raises_device_failed(tiles, failing):
     api._forget_backends()
 
 
+def test_process_raises_device_failed_when_the_gpu_fails_between_two_calls(failing):
+    """A notebook's GPU that fails for good after the backend started: DeviceFailed, as run raises,
+    not the CUDA error of whichever backend it is (the test above fails in the warm-up)."""
+    import gpu_pipeline
+    from gpu_pipeline import api
+
+    api._forget_backends()
+    failing(2)  # the warm-up and the first call
+    images = [np.full((8, 8), 7, np.uint8)]
+    assert gpu_pipeline.process(images, backend="failing-device").histograms[0, 7] == 64
+    with pytest.raises(DeviceFailed, match="^the GPU of backend failing-device failed: StickyError: "
+                                           "cudaErrorIllegalAddress") as raised:
+        gpu_pipeline.process(images, backend="failing-device")
+    assert isinstance(raised.value.__cause__, StickyError)
+    failing(None)
+    api._forget_backends()
+
+
 # ---------------------------------------------------------------- which errors are device failures
 
 
