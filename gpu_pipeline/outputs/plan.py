@@ -100,10 +100,6 @@ class OutputPlan:
     good_end: int = 0
     next_part: int = 0
 
-    @property
-    def has_records(self) -> bool:
-        return bool(self.existing.succeeded or self.existing.failed)
-
     def open(self) -> Sink:
         """Make the output ready and return its sink; the first step that writes."""
         try:
