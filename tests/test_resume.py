@@ -164,6 +164,23 @@ def test_a_line_longer_than_any_record_in_the_middle_is_one_damaged_line(tmp_pat
         assert found.existing.damaged == 3, long[:3]
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["resume", "read_records"])
+def test_a_json_line_that_is_no_record_is_one_damaged_line(tmp_path, whole):
+    """A line another program appended (a number, a list, a name that is no string): JSON, but no
+    record; it is damage, and the records around it keep their places."""
+    from gpu_pipeline.outputs.lines import scan
+
+    records = [{"path": f"/data/{i}.png", "stage": "read", "error": "empty"} for i in range(2)]
+    good = _lines_of(records, "jsonl")
+    strays = [b"1\n", b"[1, 2]\n", b"null\n", b'{"path": 3, "stage": "read", "error": "empty"}\n']
+    data = good[0] + b"".join(strays) + good[1]
+    (tmp_path / "out.jsonl").write_bytes(data)
+    kept = []
+    found = scan(tmp_path / "out.jsonl", "jsonl", lambda record, raw: kept.append(record), whole=whole)
+    assert found.existing.failed == {"/data/0.png", "/data/1.png"} and found.existing.damaged == len(strays)
+    assert [record["path"] for record in kept] == ["/data/0.png", "/data/1.png"] and found.good_end == len(data)
+
+
 def test_a_csv_record_split_by_a_long_line_is_not_joined_across_it(tmp_path, monkeypatch):
     """A name with a newline spans two lines; a long line between its halves is damage, and the halves
     around it are no record (joined across it, they were one, and the bytes kept were not the file's)."""
