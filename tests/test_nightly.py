@@ -579,6 +579,16 @@ def test_parquet_to_stdout_is_refused(tiles, tmp_path, monkeypatch):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiles"]
 
 
+@pytest.mark.parametrize("fmt, says", [("jsonl", "is not a regular file"), ("csv", "is not a regular file"),
+                                      ("parquet", "is not a folder")])
+def test_an_out_that_is_a_fifo_is_refused_before_it_is_opened(tmp_path, fmt, says):
+    """A named pipe given as --out (a FIFO opened to write waits for a reader for ever)."""
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    with pytest.raises(SinkError, match=f"^{re.escape(str(fifo))} {says}; use another --out$"):
+        inspect_output(str(fifo), fmt)
+
+
 def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
     out = tmp_path / "r.jsonl"
     assert run(str(tiles), "--out", str(out)).exit_code == 0
