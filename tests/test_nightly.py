@@ -600,6 +600,23 @@ def test_a_damaged_settings_record_is_named_as_such(tiles, tmp_path):
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("pipeline", [None, {"low_threshold": "100"}])
+def test_a_settings_record_edited_out_of_shape_is_other_settings(tiles, tmp_path, pipeline):
+    """Still JSON, but its pipeline no object or a threshold no number (edited by hand): a refusal
+    that names the settings, where thresholds put in Canny's order raised a TypeError."""
+    out = tmp_path / "r.jsonl"
+    assert run(str(tiles), "--out", str(out)).exit_code == 0
+    record = tmp_path / "r.jsonl.settings.json"
+    settings = json.loads(record.read_text())
+    settings["pipeline"] = None if pipeline is None else {**settings["pipeline"], **pipeline}
+    record.write_text(json.dumps(settings))
+    before = out.read_bytes()
+    result = run(str(tiles), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert f"{out} holds results computed with other settings (changed: pipeline" in result.stderr
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("why", ["no such input", "unknown backend", "--save-edges is --out"])
 def test_a_refused_run_leaves_no_folder_and_no_settings_record(tiles, tmp_path, monkeypatch, why):
     """The folders made for --out (and its lock) and a settings record written just before the
