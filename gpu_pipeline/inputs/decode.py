@@ -68,6 +68,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gpu_pipeline.config import DecodeOptions
+from gpu_pipeline.errors import one_line
 from gpu_pipeline.inputs import jpeg2000
 from gpu_pipeline.inputs.headers import jpeg_frame, png_header, webp_zero_filled, zero_ended
 from gpu_pipeline.inputs.limits import (  # noqa: F401  (DecodeError and budgeted: this module's API too)
@@ -202,7 +203,7 @@ def _decode(options: DecodeOptions, path: str | os.PathLike[str] | None = None, 
 def decode_or_error(path: str | os.PathLike[str], options: DecodeOptions) -> np.ndarray | tuple[str, str]:
     """:func:`decode_image`, or ``(stage, message)`` of its error: what one file's record needs.
     Any exception counts (a decoder bug must not end the run): :func:`decode_image` raises every one
-    as a :class:`DecodeError`, with its stage."""
+    as a :class:`DecodeError`, with its stage, and anything else is caught here too."""
     return _or_error(decode_image, path, options)
 
 
@@ -211,6 +212,8 @@ def _or_error(decode, source, options: DecodeOptions) -> np.ndarray | tuple[str,
         return decode(source, options)
     except DecodeError as exc:
         return exc.stage, str(exc)
+    except Exception as exc:  # (unreached while _decode wraps every failure; kept: a decoder bug never ends a run)
+        return "decode", one_line(exc)
 
 
 #: Files up to this size are read whole by :func:`decode_each` (every tile, most photos); larger
