@@ -119,8 +119,9 @@ _CSV_TEXT = r'(?:"(?:[^"]|"")+"|[^,"\r\n]+)'
 _CSV_RESULT = re.compile(
     r"(?P<path>" + _CSV_TEXT + r")," + ",".join([_NUMBER] * 3) + r"," + _CSV_TEXT + r"," + _NUMBER + r","
     + _FLOAT + r"," + _CSV_FIELD + r",(?P<histogram>[0-9 ]+),,,(?P<path_bytes>" + _CSV_FIELD + r")\n")
-_CSV_ERROR = re.compile(r"(?P<path>" + _CSV_TEXT + r"),,,,,,,,," + _CSV_FIELD + r"," + _CSV_TEXT
-                        + r",(?P<path_bytes>" + _CSV_FIELD + r")\n")
+#: An error row: the path, the result's columns empty (counted from CSV_COLUMNS), stage, error, path_bytes.
+_CSV_ERROR = re.compile(r"(?P<path>" + _CSV_TEXT + r")" + "," * COLUMNS.index("stage") + _CSV_FIELD + r","
+                        + _CSV_TEXT + r",(?P<path_bytes>" + _CSV_FIELD + r")\n")
 
 
 _LEADING_ZERO = re.compile(",0[0-9]")

@@ -18,8 +18,9 @@ from gpu_pipeline.outputs.files import keep_mode
 from gpu_pipeline.outputs.records import CSV_COLUMNS as COLUMNS, table_columns
 from gpu_pipeline.outputs.sink import Existing, Sink, SinkError, SinkWriteError, as_written, record_key
 
-#: The dataset's columns are the CSV output's; these are a result record's.
-_RESULT_FIELDS = COLUMNS[:9]
+#: The dataset's columns are the CSV output's; a result record's are all but these (``path_bytes`` is
+#: added only when set). By name, not position: a new field is one more column of ``CSV_COLUMNS``.
+_RESULT_FIELDS = tuple(column for column in COLUMNS if column not in ("stage", "error", "path_bytes"))
 PART = re.compile(r"part-(\d{6,})\.parquet")
 _OPENING = re.compile(r"^Could not open Parquet input source '[^']*': ")
 
