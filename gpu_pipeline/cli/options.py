@@ -16,6 +16,7 @@ from typing import Annotated, List, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from gpu_pipeline.backends import registry
 from gpu_pipeline.config import (BLUR_SIZES, MOST_THREADS, SETTING_OPTIONS, STRETCHES, DecodeOptions,
                                  PipelineConfig, setting_name)
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable
@@ -72,8 +73,8 @@ FilesFrom = Annotated[Optional[str], typer.Option(
     "--files-from", metavar="LIST", parser=given_file_name, show_default=False,
     help="Also take the paths listed in LIST, a file or - for standard input: one a line, or separated by NUL "
          "as find -print0 writes them. For more paths than a command line holds.")]
-Backend = Annotated[str, typer.Option("--backend", "-b",
-                                      help="reference, numba, cuda, cupy, or auto (the fastest available).")]
+Backend = Annotated[str, typer.Option("--backend", "-b",  # (the registry's names: a new backend is listed)
+                                      help=f"{', '.join(registry.backend_names())}, or auto (the fastest available).")]
 Low = Annotated[float, typer.Option("--low", help="Canny low threshold (as cv2.Canny; swapped if above --high).")]
 High = Annotated[float, typer.Option("--high", help="Canny high threshold.")]
 L2 = Annotated[bool, typer.Option("--l2/--no-l2", help="Canny L2 gradient magnitude instead of L1.")]
