@@ -9,6 +9,9 @@ The corpus is the bundled data plus a few broken files (so error records are cov
 under a temporary folder; paths in the records are made portable by replacing that folder with
 ``DATA``. JSONL and CSV are compared as bytes, Parquet as its schema and rows (the file itself
 embeds the writer's version).
+
+After a deliberate change to the records (a new field), ``python -m tests.test_golden`` rewrites the
+files from the code as it is; read the diff before committing it, and say here what changed.
 """
 
 from __future__ import annotations
@@ -56,13 +59,27 @@ def parquet_rows(path: Path, folder: Path) -> str:
     return portable(str(table.schema) + "\n" + "\n".join(rows) + "\n", folder)
 
 
+def records_of(root: Path, name: str, *args: str) -> str:
+    """What golden file ``name`` holds, from a run of the code as it is under ``root``."""
+    folder = golden_corpus(root)
+    out = root / name.removesuffix(".rows")
+    run_on(folder, out, *args)
+    return parquet_rows(out, folder) if name.endswith(".rows") else portable(out.read_text(), folder)
+
+
+GOLDEN_FILES = [("data.jsonl", ()), ("data.csv", ()), ("model.jsonl", ("--model", "eurosat")), ("data.parquet.rows", ())]
+
+
 @pytest.mark.parametrize("decode", ["threads", "processes"])
-@pytest.mark.parametrize("name, args", [("data.jsonl", ()), ("data.csv", ()), ("model.jsonl", ("--model", "eurosat")),
-                                        ("data.parquet.rows", ())])
+@pytest.mark.parametrize("name, args", GOLDEN_FILES)
 def test_records_match_the_golden_files(tmp_path, name, args, decode):
     """Decoded in threads or in worker processes, the records are the same bytes."""
-    folder = golden_corpus(tmp_path)
-    out = tmp_path / name.removesuffix(".rows")
-    run_on(folder, out, *args, "--decode", decode)
-    got = parquet_rows(out, folder) if name.endswith(".rows") else portable(out.read_text(), folder)
-    assert got == (GOLDEN / name).read_text()
+    assert records_of(tmp_path, name, *args, "--decode", decode) == (GOLDEN / name).read_text()
+
+
+if __name__ == "__main__":  # rewrite the golden files (see above)
+    import tempfile
+
+    for name, args in GOLDEN_FILES:
+        with tempfile.TemporaryDirectory() as root:
+            (GOLDEN / name).write_text(records_of(Path(root), name, *args))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_pipeline.outputs.records import RecordBatch, csv_text, histogram_texts, jsonl_text
+from gpu_pipeline.outputs.records import CSV_COLUMNS, RecordBatch, csv_text, histogram_texts, jsonl_text
 from tests.strategies import examples
 
 TRICKY_PATHS = ["/data/plain.jpg", "/data/with, comma.jpg", '/data/with "quotes".png', "/data/new\nline.png",
@@ -56,7 +56,7 @@ def test_csv_rows_read_back_whole_with_the_csv_module(path):
     batch = batch_of([path, "/next.png", path], ["busy", "a\rlabel"], errors_at={2})
     rows = list(csv.reader(io.StringIO(csv_text(batch), newline="")))
     assert [row[0] for row in rows] == [path, "/next.png", path]
-    assert [row[7] for row in rows[:2]] == ["busy", "a\rlabel"] and len({len(row) for row in rows}) == 1
+    assert [row[CSV_COLUMNS.index("label")] for row in rows[:2]] == ["busy", "a\rlabel"] and len({len(row) for row in rows}) == 1
 
 
 def test_dict_view_has_the_fields_in_order():
