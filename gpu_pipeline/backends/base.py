@@ -137,7 +137,11 @@ class BatchResult(Sequence[StageResult]):
 
 
 class Backend(ABC):
-    """Base class of all backends. Subclasses set ``name`` and implement ``process``."""
+    """Base class of all backends. Subclasses set ``name`` and implement ``process``.
+
+    ``registry.create`` makes one as ``cls(threads=...)`` (a GPU backend: ``device_index=`` too). The
+    Python API keeps a process's backends across ``os.fork``: a backend with threads of its own makes
+    them again in the child (``NumbaCpuBackend._run``), else the child's first call waits for ever."""
 
     name: ClassVar[str]
     #: True for backends that run on a GPU (``auto`` prefers them when one is present).
