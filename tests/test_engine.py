@@ -820,6 +820,21 @@ def test_decoders_that_fail_for_good_keep_the_batch_computed_before(tmp_path, mo
     assert [r["path"] for r in sink.records] == [str(p) for p in paths]
 
 
+def engine_threads_ended(timeout: float = 10) -> None:
+    """Wait for the engine's threads (batches, compute, decoders) to end, and fail naming them if they do
+    not: a test that released a stuck decoder in its ``finally`` left its thread ending, and the next test
+    in that process (pytest-xdist's order) found it among its own."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name.startswith(("batches", "compute", "decode_")):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    left = [thread.name for thread in threading.enumerate() if thread.name.startswith(("batches", "compute", "decode_"))]
+    assert left == [], left
+
+
 def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkeypatch):
     """Closed through its parts (their generator's end, then the pool itself) and by the engine's own
     clean-up, the pool waited CLOSE_WAIT_S for a stuck decoder at each close: 30 s instead of 10."""
@@ -854,6 +869,7 @@ def test_closing_a_run_whose_decoder_is_stuck_waits_for_it_once(tmp_path, monkey
         assert time.monotonic() - started < 1.9  # one wait of 1 s (three before)
     finally:
         release.set()
+        engine_threads_ended()
 
 
 def test_a_computed_batch_is_handed_on_while_the_next_one_is_still_decoding(tmp_path, monkeypatch):
@@ -999,6 +1015,7 @@ def test_a_stop_with_the_next_batch_ready_waits_for_a_stuck_decoder_only_the_sto
         assert time.monotonic() - started < 2.5  # STOP_WAIT_S (0.5 s), not CLOSE_WAIT_S (5 s)
     finally:
         release.set()
+        engine_threads_ended()
 
 
 @pytest.mark.parametrize("batch_pixels, held", [(GPU_BATCH_PIXELS, 96 << 20), (CPU_BATCH_PIXELS, 18 << 20)])
@@ -1079,11 +1096,4 @@ def test_a_run_left_in_a_reference_cycle_and_collected_in_its_batch_thread_still
     finally:
         gc.enable()
 
-    def engine_threads():
-        return [thread.name for thread in threading.enumerate()
-                if thread.name.startswith(("batches", "compute", "decode_"))]
-
-    deadline = time.monotonic() + 10
-    while engine_threads() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert engine_threads() == []
+    engine_threads_ended()
