@@ -415,6 +415,20 @@ def test_a_resume_with_other_settings_names_the_options_that_changed(tiles, tmp_
     assert changed in result.stderr, result.stderr
 
 
+def test_a_setting_this_version_does_not_know_is_named_in_the_refusal(tiles, tmp_path):
+    """An output a newer version wrote, with a setting this one does not have, was refused as
+    "changed: pipeline: " with nothing after it: nothing for the user to act on."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    settings = Path(f"{out}.settings.json")
+    record = json.loads(settings.read_text())
+    record["pipeline"]["min_edges"] = 3  # (a newer version's option)
+    settings.write_text(json.dumps(record))
+    result = run(str(tiles[0].parent), "--out", str(out), "--low", "50")
+    assert result.exit_code == 2, result.output
+    assert "(changed: pipeline: --low 100 -> 50, min_edges 3 -> not a setting of this version; see " in result.stderr
+
+
 def test_the_backend_may_change_between_runs(tiles, clean_records, tmp_path):
     """nightly.md: every backend gives the same bytes, so a resume may take another one."""
     out = tmp_path / "out.jsonl"

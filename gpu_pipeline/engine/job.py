@@ -121,8 +121,8 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
     if earlier == settings:
         return
     # in this format: inspect checked that before the output was read back
-    changed = [_changed_section(key, earlier.get(key), settings[key]) for key in settings
-               if earlier.get(key) != settings[key]]
+    changed = [_changed_section(key, earlier.get(key), settings.get(key)) for key in {**settings, **earlier}
+               if key not in settings or earlier.get(key) != settings[key]]
     raise UsageError(f"{out} holds results computed with other settings (changed: {'; '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
 
@@ -132,8 +132,11 @@ def _changed_section(key: str, earlier, now) -> str:
     ("changed: pipeline" alone left the user to compare the settings record by hand)."""
     if not (isinstance(earlier, dict) and isinstance(now, dict)):
         return key  # (the model: its SHA-256 would tell the user nothing)
-    options = [f"{SETTING_OPTIONS.get(name, name)} {_setting_shown(earlier.get(name))} -> {_setting_shown(value)}"
-               for name, value in now.items() if earlier.get(name) != value]
+    # (a setting the output has and this version does not, a newer version's: named, not left out,
+    # which gave "changed: pipeline: " and nothing to act on)
+    options = [f"{SETTING_OPTIONS.get(name, name)} {_setting_shown(earlier.get(name))} -> "
+               + (_setting_shown(now[name]) if name in now else "not a setting of this version")
+               for name in {**now, **earlier} if name not in now or earlier.get(name) != now[name]]
     return f"{key}: {', '.join(options)}"
 
 
