@@ -342,11 +342,9 @@ def test_each_commands_description_survives_python_dash_OO():
     assert all(described.values()) and json.loads(done.stdout) == described, done.stderr
 
 
-def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
-    """Under a Latin-1 locale (LANG=en_US.ISO-8859-1, an old server's cron) Python decodes file names
-    as Latin-1: "Forêt.png" was recorded as "ForÃªt.png", a name no reader could open, and a resume of
-    a night run under UTF-8 did those images again, a second record each. The command reads names as
-    UTF-8 whatever the locale (Python's UTF-8 mode), as docs/nightly.md says."""
+def latin_1_environment(tmp_path) -> dict:
+    """The environment of a Latin-1 locale (LANG=en_US.ISO-8859-1, an old server's cron), made by
+    localedef under ``tmp_path``; the test is skipped where it cannot be made."""
     locales = tmp_path / "locales"
     locales.mkdir()
     made = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(locales / "en_US.ISO-8859-1")],
@@ -357,15 +355,52 @@ def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
                               capture_output=True, text=True, timeout=60).stdout.strip()
     if made is None or made.returncode != 0 or encoding != "iso8859-1":
         pytest.skip("needs localedef and glibc's en_US locale source, to make a Latin-1 locale")
+    return env
+
+
+def forest_image(tmp_path) -> Path:
+    """A folder that holds one image, Forêt.png (its name in UTF-8)."""
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (8, 8), (40, 120, 40)).save(images / "Forêt.png")
+    return images
+
+
+def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
+    """Under a Latin-1 locale (LANG=en_US.ISO-8859-1, an old server's cron) Python decodes file names
+    as Latin-1: "Forêt.png" was recorded as "ForÃªt.png", a name no reader could open, and a resume of
+    a night run under UTF-8 did those images again, a second record each. The command reads names as
+    UTF-8 whatever the locale (Python's UTF-8 mode), as docs/nightly.md says."""
+    env = latin_1_environment(tmp_path)
+    images = forest_image(tmp_path)
     out = tmp_path / "r.jsonl"
     done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
                            "--backend", "reference", "--quiet"], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()] == [str(images / "Forêt.png")]
+
+
+@pytest.mark.parametrize("program", ["read from standard input", "its arguments from standard input"])
+def test_a_program_that_calls_main_under_a_latin_1_locale_runs_the_command(tmp_path, program):
+    """The command starts again in UTF-8 mode by running the interpreter as it was started. A program
+    read from standard input (``python - <<EOF``, a cron job's here-document), or one that took its
+    arguments from there, was started again with nothing left to read: it ended at once, exit 0 or
+    the help, having done nothing. A program the restart cannot run again keeps its process."""
+    env = latin_1_environment(tmp_path)
+    images = forest_image(tmp_path)
+    out = tmp_path / "r.jsonl"
+    arguments = ["run", str(images), "--out", str(out), "--backend", "reference", "-q"]
+    if program == "read from standard input":
+        command, given = [sys.executable, "-"], ("import sys\nfrom gpu_pipeline.cli import main\n"
+                                                 f"sys.argv = ['gpu-pipeline', *{arguments!r}]\nmain()\n")
+    else:
+        command = [sys.executable, "-c", "import sys\nfrom gpu_pipeline.cli import main\n"
+                                         "sys.argv = ['gpu-pipeline', *sys.stdin.read().split('\\0')]\nmain()\n"]
+        given = "\0".join(arguments)
+    done = subprocess.run(command, input=given, env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert done.returncode == 0 and len(read_records(out)) == 1, done.stdout + done.stderr
 
 
 def test_no_command_at_all_gives_the_help_not_an_error_line():

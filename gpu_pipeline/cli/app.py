@@ -251,13 +251,23 @@ def _in_utf8_mode() -> None:
     file names are read, recorded and matched on resume as UTF-8, whatever the locale, as they are in
     the C or a UTF-8 locale; decode processes and Dask's local workers inherit it. Only once: a user's
     ``-X utf8=0`` stays."""
-    if sys.getfilesystemencoding() == "utf-8" or os.environ.get("PYTHONUTF8") == "1" or not sys.executable:
+    if (sys.getfilesystemencoding() == "utf-8" or os.environ.get("PYTHONUTF8") == "1" or not sys.executable
+            or not _started_as_this_command()):
         return
     os.environ["PYTHONUTF8"] = "1"
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError:  # (it cannot be started again: names as the locale reads them, in workers too)
         del os.environ["PYTHONUTF8"]
+
+
+def _started_as_this_command() -> bool:
+    """Whether the interpreter, started again as it was, runs this command again: its program is not
+    one read from standard input (``python - <<EOF``: started again, it found nothing left to read and
+    did nothing, exit 0), and ``main``'s arguments are the interpreter's, not a program's own (read
+    from standard input, they were gone)."""
+    arguments = sys.argv[1:]
+    return sys.argv[0] not in ("", "-") and sys.orig_argv[len(sys.orig_argv) - len(arguments):] == arguments
 
 
 def main() -> None:
