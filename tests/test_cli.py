@@ -381,6 +381,22 @@ def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
     assert [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()] == [str(images / "Forêt.png")]
 
 
+@pytest.mark.parametrize("mode", ["utf8=0", "utf8"])
+def test_decode_processes_read_names_as_the_command_does_whatever_its_utf_8_mode(tmp_path, mode):
+    """The decode processes' interpreter reads names in the command's encoding. Under a Latin-1
+    locale, with ``-X utf8=0`` (the user's: the restart leaves it, but set PYTHONUTF8=1, which the
+    fork server took) or ``-X utf8`` (which it did not take), each side read the name in another
+    encoding, and every image decoded in a process was "No such file or directory"."""
+    env = latin_1_environment(tmp_path)
+    images = forest_image(tmp_path)
+    out = tmp_path / "r.jsonl"
+    # (--decode-timeout: every image is decoded in a process)
+    done = subprocess.run([sys.executable, "-X", mode, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
+                           "--backend", "reference", "--quiet", "--decode-timeout", "60"], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert done.returncode == 0 and "error" not in read_records(out)[0], done.stderr + out.read_text(errors="replace")
+
+
 @pytest.mark.parametrize("program", ["read from standard input", "its arguments from standard input"])
 def test_a_program_that_calls_main_under_a_latin_1_locale_runs_the_command(tmp_path, program):
     """The command starts again in UTF-8 mode by running the interpreter as it was started. A program

@@ -173,9 +173,13 @@ class _Slots:
 
 def _interpreter(*arguments: str, pass_fds: tuple[int, ...]) -> subprocess.Popen:
     """``python -m gpu_pipeline.inputs.processes ARGUMENTS`` in a session of its own (a Ctrl-C at the
-    terminal is the main process's to handle), importing this very package wherever it came from."""
+    terminal is the main process's to handle), importing this very package wherever it came from,
+    in this process's UTF-8 mode: the paths go over as text, and under a Latin-1 locale a worker in
+    the other mode (``-X utf8`` here, or ``-X utf8=0`` beside the PYTHONUTF8=1 the command line sets)
+    opened another name, or none."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
+    env["PYTHONUTF8"] = "1" if sys.flags.utf8_mode else "0"
     return subprocess.Popen([sys.executable, "-m", "gpu_pipeline.inputs.processes", *arguments],
                             pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
