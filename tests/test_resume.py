@@ -429,6 +429,21 @@ def test_a_setting_this_version_does_not_know_is_named_in_the_refusal(tiles, tmp
     assert "(changed: pipeline: --low 100 -> 50, min_edges 3 -> not a setting of this version; see " in result.stderr
 
 
+def test_a_setting_the_record_lacks_is_named_in_the_refusal(tiles, tmp_path):
+    """The other way round: a settings record without one of this version's settings whose value is
+    None here (--bands left out) is refused as other settings, and said "changed: decode: " with
+    nothing after it, the missing key being None on both sides of the comparison."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    settings = Path(f"{out}.settings.json")
+    record = json.loads(settings.read_text())
+    del record["decode"]["bands"]  # (a record edited by hand, or written before the setting was)
+    settings.write_text(json.dumps(record))
+    result = run(str(tiles[0].parent), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "(changed: decode: --bands not recorded -> not given; see " in result.stderr, result.stderr
+
+
 def test_the_backend_may_change_between_runs(tiles, clean_records, tmp_path):
     """nightly.md: every backend gives the same bytes, so a resume may take another one."""
     out = tmp_path / "out.jsonl"

@@ -132,11 +132,13 @@ def _changed_section(key: str, earlier, now) -> str:
     ("changed: pipeline" alone left the user to compare the settings record by hand)."""
     if not (isinstance(earlier, dict) and isinstance(now, dict)):
         return key  # (the model: its SHA-256 would tell the user nothing)
-    # (a setting the output has and this version does not, a newer version's: named, not left out,
-    # which gave "changed: pipeline: " and nothing to act on)
-    options = [f"{SETTING_OPTIONS.get(name, name)} {_setting_shown(earlier.get(name))} -> "
+    # (a setting on one side only, a newer version's or one the record lacks: named, not left out,
+    # which gave "changed: pipeline: " and nothing to act on; None is no value to compare it by)
+    options = [f"{SETTING_OPTIONS.get(name, name)} "
+               + (_setting_shown(earlier[name]) if name in earlier else "not recorded") + " -> "
                + (_setting_shown(now[name]) if name in now else "not a setting of this version")
-               for name in {**now, **earlier} if name not in now or earlier.get(name) != now[name]]
+               for name in {**now, **earlier}
+               if name not in now or name not in earlier or earlier[name] != now[name]]
     return f"{key}: {', '.join(options)}"
 
 
