@@ -381,6 +381,20 @@ def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
     assert [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()] == [str(images / "Forêt.png")]
 
 
+def test_a_users_pythonutf8_0_keeps_the_locales_names(tmp_path):
+    """PYTHONUTF8=0, as ``-X utf8=0``, is the user's word for the locale's encoding (a resume of an
+    output an earlier version wrote under Latin-1): the restart overrode it with PYTHONUTF8=1."""
+    env = {**latin_1_environment(tmp_path), "PYTHONUTF8": "0"}
+    images = forest_image(tmp_path)
+    out = tmp_path / "r.jsonl"
+    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
+                           "--backend", "reference", "--quiet"], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert done.returncode == 0, done.stderr
+    as_latin_1 = os.fsencode(images / "Forêt.png").decode("latin-1")
+    assert [record["path"] for record in read_records(out)] == [as_latin_1]
+
+
 @pytest.mark.parametrize("mode", ["utf8=0", "utf8"])
 def test_decode_processes_read_names_as_the_command_does_whatever_its_utf_8_mode(tmp_path, mode):
     """The decode processes' interpreter reads names in the command's encoding. Under a Latin-1

@@ -250,8 +250,8 @@ def _in_utf8_mode() -> None:
     """Start again in Python's UTF-8 mode where the locale's encoding is another (a Latin-1 locale):
     file names are read, recorded and matched on resume as UTF-8, whatever the locale, as they are in
     the C or a UTF-8 locale; decode processes and Dask's local workers inherit it. Only once: a user's
-    ``-X utf8=0`` stays."""
-    if (sys.getfilesystemencoding() == "utf-8" or os.environ.get("PYTHONUTF8") == "1" or not sys.executable
+    ``-X utf8=0`` or ``PYTHONUTF8=0`` stays."""
+    if (sys.getfilesystemencoding() == "utf-8" or os.environ.get("PYTHONUTF8") or not sys.executable
             or not _started_as_this_command()):
         return
     os.environ["PYTHONUTF8"] = "1"
