@@ -121,8 +121,7 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
     if earlier == settings:
         return
     # in this format: inspect checked that before the output was read back
-    changed = [_changed_section(key, earlier.get(key), settings.get(key)) for key in {**settings, **earlier}
-               if key not in settings or earlier.get(key) != settings[key]]
+    changed = [_changed_section(key, earlier.get(key), settings.get(key)) for key in _differing(earlier, settings)]
     raise UsageError(f"{out} holds results computed with other settings (changed: {'; '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
 
@@ -132,14 +131,18 @@ def _changed_section(key: str, earlier, now) -> str:
     ("changed: pipeline" alone left the user to compare the settings record by hand)."""
     if not (isinstance(earlier, dict) and isinstance(now, dict)):
         return key  # (the model: its SHA-256 would tell the user nothing)
-    # (a setting on one side only, a newer version's or one the record lacks: named, not left out,
-    # which gave "changed: pipeline: " and nothing to act on; None is no value to compare it by)
     options = [f"{SETTING_OPTIONS.get(name, name)} "
                + (_setting_shown(earlier[name]) if name in earlier else "not recorded") + " -> "
                + (_setting_shown(now[name]) if name in now else "not a setting of this version")
-               for name in {**now, **earlier}
-               if name not in now or name not in earlier or earlier[name] != now[name]]
+               for name in _differing(earlier, now)]
     return f"{key}: {', '.join(options)}"
+
+
+def _differing(earlier: dict, now: dict) -> list[str]:
+    """The keys whose values differ, this run's order first, a key on one side only among them (a newer
+    version's setting, one the record lacks): left out, they gave "changed: pipeline: " and nothing to
+    act on (None is no value to compare a missing key by)."""
+    return [name for name in {**now, **earlier} if name not in now or name not in earlier or earlier[name] != now[name]]
 
 
 def _setting_shown(value) -> str:
