@@ -366,6 +366,14 @@ def forest_image(tmp_path) -> Path:
     return images
 
 
+def run_in_locale(env: dict, images: Path, out: Path, *extra: str, flags: tuple[str, ...] = ()):
+    """``python FLAGS -m gpu_pipeline.cli run IMAGES --out OUT`` (the reference backend, quiet) in
+    the environment ``env``; the finished process."""
+    return subprocess.run([sys.executable, *flags, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
+                           "--backend", "reference", "--quiet", *extra], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+
+
 def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
     """Under a Latin-1 locale (LANG=en_US.ISO-8859-1, an old server's cron) Python decodes file names
     as Latin-1: "Forêt.png" was recorded as "ForÃªt.png", a name no reader could open, and a resume of
@@ -374,9 +382,7 @@ def test_a_latin_1_locale_records_names_as_a_utf_8_one_does(tmp_path):
     env = latin_1_environment(tmp_path)
     images = forest_image(tmp_path)
     out = tmp_path / "r.jsonl"
-    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
-                           "--backend", "reference", "--quiet"], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    done = run_in_locale(env, images, out)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()] == [str(images / "Forêt.png")]
 
@@ -387,9 +393,7 @@ def test_a_users_pythonutf8_0_keeps_the_locales_names(tmp_path):
     env = {**latin_1_environment(tmp_path), "PYTHONUTF8": "0"}
     images = forest_image(tmp_path)
     out = tmp_path / "r.jsonl"
-    done = subprocess.run([sys.executable, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
-                           "--backend", "reference", "--quiet"], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    done = run_in_locale(env, images, out)
     assert done.returncode == 0, done.stderr
     as_latin_1 = os.fsencode(images / "Forêt.png").decode("latin-1")
     assert [record["path"] for record in read_records(out)] == [as_latin_1]
@@ -405,9 +409,7 @@ def test_decode_processes_read_names_as_the_command_does_whatever_its_utf_8_mode
     images = forest_image(tmp_path)
     out = tmp_path / "r.jsonl"
     # (--decode-timeout: every image is decoded in a process)
-    done = subprocess.run([sys.executable, "-X", mode, "-m", "gpu_pipeline.cli", "run", str(images), "--out", str(out),
-                           "--backend", "reference", "--quiet", "--decode-timeout", "60"], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    done = run_in_locale(env, images, out, "--decode-timeout", "60", flags=("-X", mode))
     assert done.returncode == 0 and "error" not in read_records(out)[0], done.stderr + out.read_text(errors="replace")
 
 
