@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,14 +35,42 @@ def steady_rate(images: int, seconds: float) -> float | None:
     return round(images / seconds, 1) if seconds > 0 else None
 
 
-def timed_run(folder: Path, out: Path, backend: str, extra: list[str]) -> float:
+def abort_with_stacks(process: subprocess.Popen) -> None:
+    """SIGABRT the command and every process it started: under PYTHONFAULTHANDLER each prints its threads' stacks."""
+    try:
+        import psutil  # comes with distributed
+
+        pids = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - the command's own stacks are still worth having
+        pids = []
+    for pid in [process.pid, *pids]:
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except OSError:
+            pass
+        time.sleep(0.5)  # one dump at a time: they share the pipe
+
+
+def timed_run(folder: Path, out: Path, backend: str, extra: list[str], timeout: float) -> float:
     command = [sys.executable, "-m", "gpu_pipeline.cli", "run", str(folder), "--out", str(out),
                "--backend", backend, "-q", "--overwrite", *extra]
     start = time.perf_counter()
-    process = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # a run that hangs is stopped with a stack dump of every process, so that it says where it waits
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        abort_with_stacks(process)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        sys.exit(f"{' '.join(command)} still ran after {timeout:.0f} s; the stacks of its processes:\n{stderr}")
     seconds = time.perf_counter() - start
     if process.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({process.returncode}): {process.stderr}")
+        sys.exit(f"{' '.join(command)} failed ({process.returncode}): {stderr}")
     return seconds
 
 
@@ -52,12 +81,12 @@ def records_by_path(out: Path) -> dict[str, str]:
     return records
 
 
-def compare(folder: Path, scratch: Path, backend: str, dask: str, repeat: int) -> dict:
+def compare(folder: Path, scratch: Path, backend: str, dask: str, repeat: int, timeout: float) -> dict:
     local_out, dask_out = scratch / "local.jsonl", scratch / "dask.jsonl"
     local_s = dask_s = float("inf")
     for _ in range(repeat):  # alternate, so both see the same background load
-        local_s = min(local_s, timed_run(folder, local_out, backend, []))
-        dask_s = min(dask_s, timed_run(folder, dask_out, backend, ["--dask", dask]))
+        local_s = min(local_s, timed_run(folder, local_out, backend, [], timeout))
+        dask_s = min(dask_s, timed_run(folder, dask_out, backend, ["--dask", dask], timeout))
     local, distributed = records_by_path(local_out), records_by_path(dask_out)
     if local != distributed:
         sys.exit(f"the Dask run's records differ from the local run's ({len(distributed)} vs {len(local)})")
@@ -74,6 +103,8 @@ def main() -> None:
     parser.add_argument("--dask", default="local:2", help="what --dask gets (default: local:2)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds one run may take before it is stopped with its stacks printed (default: 3600)")
     args = parser.parse_args()
     if args.files <= SMALL_CORPUS:
         sys.exit(f"--files must be more than the {SMALL_CORPUS} of the small corpus (the fixed cost)")
@@ -83,8 +114,8 @@ def main() -> None:
         scratch = Path(scratch)
         tiles = tile_files(scratch, args.files, args.tiles_from)
         small = compare(file_list(scratch, "small", tiles[:SMALL_CORPUS]), scratch, args.backend, args.dask,
-                        args.repeat)
-        large = compare(file_list(scratch, "large", tiles), scratch, args.backend, args.dask, args.repeat)
+                        args.repeat, args.timeout)
+        large = compare(file_list(scratch, "large", tiles), scratch, args.backend, args.dask, args.repeat, args.timeout)
     fixed_s = small["dask_s"] - small["local_s"]
     extra = large["files"] - small["files"]
     steady_local = steady_rate(extra, large["local_s"] - small["local_s"])
