@@ -979,7 +979,8 @@ def test_a_decode_thread_waiting_for_its_process_holds_no_part_it_handed_over(tm
     for name, value in hanging_decoder(tmp_path / "site", "stuck", seconds=30).items():
         monkeypatch.setenv(name, value)  # (the fork server's interpreter takes it up)
     scene, stuck = tmp_path / "scene.png", tmp_path / "stuck.png"
-    Image.fromarray(np.random.default_rng(4).integers(0, 256, (1024, 1024, 3), np.uint8)).save(scene)
+    side = 3 * int((decoding.PROCESS_CHUNK_PIXELS // 2) ** 0.5)  # more pixels than a slot holds: memory of its own
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (side // 2, side, 3), np.uint8)).save(scene)
     shutil.copy(scene, stuck)
     parts = decoding.decode_parts([scene, stuck], DecodeOptions(), workers=1, processes=True, time_limit=3)
     with contextlib.closing(parts):

@@ -6,7 +6,7 @@ the cores where decode threads in one process stop near 8 (docs/benchmarks.md). 
 DataLoader does the same. What crosses over:
 
 * to the worker: the paths of a chunk of files (once, as one string), then a request per part of
-  it with where to put the pixels (one message a part of 128 tiles, never one an image; the next
+  it with where to put the pixels (one message a part of 256 tiles, never one an image; the next
   part is asked for before the last one is handed on, so the worker seldom waits);
 * back: where each image lies (raw bytes) and the error of each file that failed. **Pixels are
   never pickled or copied** on this side: the main process hands out views of the shared memory,
