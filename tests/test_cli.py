@@ -755,6 +755,23 @@ def test_closed_stderr_and_stdout_are_opened_on_dev_null(image_dir, tmp_path):
     assert refused.returncode == 2 and refused.stderr.decode() == "gpu-pipeline: error: --out -: standard output is closed\n"
 
 
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--version"], ["--help"],
+                                  ["verify", "DATA", "--backends", "numba"], ["run", "DATA", "--out", "OUT", "--dry-run"]])
+def test_results_for_a_closed_stdout_are_exit_3_and_one_line(image_dir, tmp_path, args):
+    """``>&-``: the table, the JSON or the help went to the /dev/null put in its place, and the command
+    said nothing, exit 0 (verify's 0 read as "identical" with no table shown). A run whose results go
+    to a file writes nothing to stdout: it does its work, exit 0."""
+    args = [str(image_dir) if arg == "DATA" else str(tmp_path / "o.jsonl") if arg == "OUT" else arg for arg in args]
+    result = command(*args, shell_redirects=">&-")
+    assert (result.returncode, result.stderr.decode()) == (
+        3, "gpu-pipeline: error: cannot write to stdout: standard output is closed\n")
+    assert not (tmp_path / "o.jsonl").exists()
+    run = command("run", str(image_dir), "--out", str(tmp_path / "o.jsonl"), "--backend", "reference",
+                  shell_redirects=">&-")
+    assert run.returncode == 0, run.stderr
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == len([p for p in image_dir.rglob("*") if p.is_file()])
+
+
 @needs_dev_full
 @pytest.mark.parametrize("args", [["info"], ["--version"], ["--help"], ["run", "DATA", "--out", "-", "--format", "csv"],
                                   ["run", "DATA", "--out", "-", "--quiet"], ["verify", "DATA", "--backends", "numba"]])

@@ -298,7 +298,7 @@ def main() -> None:
             sys.exit(streams.write_failed("the reader closed the pipe"))
         raise
     except OSError as exc:
-        if exc.errno not in streams.WRITE_ERRORS:
+        if exc.errno not in streams.WRITE_ERRORS and not isinstance(exc, streams.StdoutClosed):
             raise
         if not streams.stdout_failed:  # a full disk under another file (numba's cache, a temporary)
             named = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""

@@ -6,10 +6,11 @@
   with standard output closed is refused.
 * Messages are not results: a full disk or a reader gone behind ``2>`` must not turn a command
   that did its work into a failure (GNU tools ignore it too), so failed writes to stderr are dropped.
-* Results are: a failed write to stdout (a full disk, ``| head`` that stopped reading) ends the
-  command with exit 3 and one line, as ``run --out -`` does. stdout is wrapped to know that a write
-  to it failed: a full disk under another file (numba's cache) is named as such (exit 1), and a
-  broken pipe of ours (a socket), which click ends as if stdout's, is shown as it is.
+* Results are: a failed write to stdout (a full disk, ``| head`` that stopped reading, a stdout
+  closed at the start, ``>&-``) ends the command with exit 3 and one line, as ``run --out -`` does.
+  stdout is wrapped to know that a write to it failed: a full disk under another file (numba's
+  cache) is named as such (exit 1), and a broken pipe of ours (a socket), which click ends as if
+  stdout's, is shown as it is.
 * gpu-pipeline's own warnings (:class:`PipelineWarning`) read as the commands' other messages,
   ``warning: ...`` on one line, not in Python's format (the file and line that made the call).
 * matplotlib's logged warnings (a home it cannot write, a font cache it builds) are not shown:
@@ -39,6 +40,9 @@ _pipe_closed = False
 #: Whether a write to stdout failed (a full disk, a reader gone): what tells the command's end that an
 #: OSError, or click's exit 1 after a broken pipe, was stdout's and not another file's or socket's.
 stdout_failed = False
+#: Whether stdout was closed when the command started and nothing has said so yet: its writes fail
+#: (:class:`StdoutClosed`) rather than go to the /dev/null put in its place.
+_stdout_lost = False
 
 
 class ForgivingStream:
@@ -96,11 +100,18 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show_ours
 
 
+class StdoutClosed(OSError):
+    """A write to a standard output that was closed when the command started (``>&-``): the
+    /dev/null put in its place would lose a table or the help without a word, exit 0."""
+
+
 class _Stdout(io.FileIO):
     """File descriptor 1, noting a write that fails (:data:`stdout_failed`)."""
 
     def write(self, data) -> int | None:
         try:
+            if _stdout_lost:
+                raise StdoutClosed(errno.EBADF, "standard output is closed")
             return super().write(data)
         except OSError:
             global stdout_failed
@@ -112,6 +123,8 @@ def _note_failed_stdout_writes() -> None:
     """``sys.stdout`` as Python made it (encoding, errors, line buffering, unbuffered under ``-u``),
     over :class:`_Stdout`: print, click, rich and the records (``sys.stdout.buffer``) all write through it."""
     made = sys.stdout
+    global _stdout_lost
+    _stdout_lost = "stdout" in closed
     raw = _Stdout(1, "w", closefd=False)
     buffered = isinstance(getattr(made, "buffer", None), io.BufferedWriter)
     sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw) if buffered else raw, encoding=made.encoding,
@@ -150,7 +163,9 @@ def write_failed(reason: str) -> int:
     would try again, print "Exception ignored" and exit 120), and return :data:`EXIT_WRITE_ERROR`."""
     from gpu_pipeline.outputs.lines import stdout_to_devnull  # (not imported by every command's start)
 
+    global _stdout_lost
     with contextlib.suppress(OSError):
         stdout_to_devnull()
+    _stdout_lost = False  # (what is still buffered goes to /dev/null at exit)
     print(f"gpu-pipeline: error: cannot write to stdout: {reason}", file=sys.stderr)
     return EXIT_WRITE_ERROR
