@@ -2040,6 +2040,25 @@ def test_parquet_retry_failed_drops_error_rows_and_redoes_them(tmp_path):
     assert [oct(part.stat().st_mode & 0o777) for part in sorted(out.iterdir())][:3] == ["0o600"] * 3
 
 
+@pytest.mark.parametrize("how", [[], ["--retry-failed"], ["--overwrite"]])
+def test_the_new_parts_of_a_dataset_its_owner_made_private_stay_private(tmp_path, umask, how):
+    """A JSONL output keeps its permissions whatever a run adds to it; a dataset's new parts were 0666
+    less the umask, so the records that a resume, a --retry-failed or an --overwrite wrote into a
+    dataset whose parts were made private (0600) could be read, or under umask 002 written, by others."""
+    pytest.importorskip("pyarrow")
+    umask(0o002)
+    folder = tmp_path / "images"
+    make_images(folder, 4)[3].write_bytes(b"")  # an error record, for --retry-failed to redo
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
+    for part in out.iterdir():
+        part.chmod(0o600)
+    make_images(folder, 6)  # two more images, and the failed one mended
+    assert run(str(folder), "--out", str(out), *how).exit_code == (0 if how else 1)  # (a resume keeps the error)
+    assert len(read_records(out)) == 6  # (three of them in a new part: a part is never appended to)
+    assert {oct(part.stat().st_mode & 0o777) for part in out.iterdir()} == {"0o600"}
+
+
 def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_path, monkeypatch):
     """--retry-failed rewrites each part that holds error rows; the disk filling up at the second such
     part used to leave the first rewritten (its error rows gone) while the run was refused (exit 2,

@@ -123,33 +123,44 @@ def from_table_row(row: dict) -> dict:
 
 
 class ParquetSink(Sink):
-    """A dataset folder: one part file per batch, written hidden and renamed into place when whole."""
+    """A dataset folder: one part file per batch, written hidden and renamed into place when whole.
+    ``like``: the status of a part the dataset held (:func:`last_part_status`), whose permissions and
+    group each new part takes, as a file output keeps its own whatever a run adds to it."""
 
-    def __init__(self, out: str, first_part: int, existing: Existing | None = None) -> None:
+    def __init__(self, out: str, first_part: int, existing: Existing | None = None,
+                 like: os.stat_result | None = None) -> None:
         import_parquet()
         self.out = out
         self.folder = Path(out)
         self.existing = existing or Existing()
         self._next = first_part
         self._schema = parquet_schema()
+        self._like = like
 
     def write(self, records: list[dict]) -> None:
         if records:
             name = f"part-{self._next:06d}.parquet"
-            write_part(self.folder, name, as_written(records), self._schema, self.out)
+            write_part(self.folder, name, as_written(records), self._schema, self.out, self._like)
             self._next += 1
 
 
-def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str) -> None:
+def last_part_status(folder: Path) -> os.stat_result | None:
+    """The status of the dataset's last part, None where it has none."""
+    found = parts(folder) if folder.is_dir() else []
+    return os.stat(found[-1]) if found else None
+
+
+def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str,
+               like: os.stat_result | None = None) -> None:
     """One part file, complete or absent: written to a hidden name, synced, renamed into place."""
-    _put_in_place(_written_aside(folder, name, records, schema, out), folder / name, out)
+    _put_in_place(_written_aside(folder, name, records, schema, out, like), folder / name, out)
 
 
 def _written_aside(folder: Path, name: str, records: Iterable[dict], schema, out: str,
-                   replaced: os.stat_result | None = None) -> Path:
+                   like: os.stat_result | None = None) -> Path:
     """Part ``name``, written whole and synced under its hidden temporary name (returned); with the
-    permissions and group of the part it is to replace (``replaced``, its status), where it does one.
-    SinkWriteError, and no temporary left, when it cannot be."""
+    permissions and group of the part whose status is ``like``, where one is given (the part it is
+    to replace, or one the dataset held). SinkWriteError, and no temporary left, when it cannot be."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -160,8 +171,8 @@ def _written_aside(folder: Path, name: str, records: Iterable[dict], schema, out
             pq.write_table(pa.table(columns, schema=schema), stream)
             stream.flush()
             os.fsync(stream.fileno())
-        if replaced is not None:
-            keep_mode(replaced, temporary)
+        if like is not None:
+            keep_mode(like, temporary)
     return temporary
 
 
@@ -198,7 +209,7 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
                 continue
             # (a part --retry-failed rewrote took the umask's permissions, not the part's own)
             aside = _written_aside(folder, part.name, kept.to_pylist(), parquet_schema(), out,
-                                   replaced=os.stat(part)) if kept.num_rows else None
+                                   like=os.stat(part)) if kept.num_rows else None
             rewritten.append((aside, part))
     except BaseException:  # (Ctrl-C too: the temporaries written so far go)
         for aside, _ in rewritten:

@@ -137,6 +137,7 @@ class OutputPlan:
 
     def _open_dataset(self) -> Sink:
         folder = Path(self.out)
+        like = parquet.last_part_status(folder)  # (before --overwrite removes it)
         if self.start_afresh:
             if folder.is_dir():
                 for entry in parquet.parts(folder) + parquet.temporaries(folder):
@@ -149,7 +150,7 @@ class OutputPlan:
         if self.retry_failed and not self.start_afresh and (dropped := self._dropped()):
             parquet.drop_error_rows(folder, self.out, dropped)
             self.existing.failed -= dropped
-        return parquet.ParquetSink(self.out, 0 if self.start_afresh else self.next_part, self.existing)
+        return parquet.ParquetSink(self.out, 0 if self.start_afresh else self.next_part, self.existing, like)
 
 
 def _emptied(path: Path) -> None:
