@@ -404,6 +404,9 @@ def test_resume_with_other_decode_settings_is_refused(tiles, tmp_path, option, v
     (["--high", "250", "--max-pixels", "100000"],
      "changed: pipeline: --high 200 -> 250; decode: --max-pixels 1000000000 -> 100000; "),
     (["--low", "100.00001"], "changed: pipeline: --low 100 -> 100.00001; "),  # (not 100 -> 100)
+    # the values as typed, not in the order cv2.Canny takes them ("--low 100 -> 250, --high 200 -> 300")
+    (["--low", "300", "--high", "250"], "changed: pipeline: --low 100 -> 300, --high 200 -> 250; "),
+    (["--low", "250", "--high", "100"], "changed: pipeline: --low 100 -> 250, --high 200 -> 100; "),
 ])
 def test_a_resume_with_other_settings_names_the_options_that_changed(tiles, tmp_path, options, changed):
     """The refusal said "changed: pipeline": a user who had edited the nightly command had to diff the
@@ -413,6 +416,30 @@ def test_a_resume_with_other_settings_names_the_options_that_changed(tiles, tmp_
     result = run(str(tiles[0].parent), "--out", str(out), *options)
     assert result.exit_code == 2, result.output
     assert changed in result.stderr, result.stderr
+
+
+def test_thresholds_given_the_other_way_round_are_no_change_to_name(tiles, tmp_path):
+    """An output written with --low 200 --high 100 (cv2.Canny swaps them) resumed with --low 100
+    --high 200 and another --blur: only the blur changed."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out), "--low", "200", "--high", "100").exit_code == 0
+    result = run(str(tiles[0].parent), "--out", str(out), "--low", "100", "--high", "200", "--blur", "3")
+    assert result.exit_code == 2, result.output
+    assert "(changed: pipeline: --blur 5 -> 3; see " in result.stderr, result.stderr
+
+
+def test_a_recorded_value_that_differs_only_in_its_type_is_shown_as_recorded(tiles, tmp_path):
+    """A threshold edited into the settings record as text, "100", was refused as "--low 100 -> 100":
+    no change to see."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
+    settings = Path(f"{out}.settings.json")
+    record = json.loads(settings.read_text())
+    record["pipeline"]["low_threshold"] = "100"  # (a record edited by hand)
+    settings.write_text(json.dumps(record))
+    result = run(str(tiles[0].parent), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert '(changed: pipeline: --low "100" -> 100; see ' in result.stderr, result.stderr
 
 
 def test_a_setting_this_version_does_not_know_is_named_in_the_refusal(tiles, tmp_path):

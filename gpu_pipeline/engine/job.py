@@ -117,25 +117,36 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
                          f"output, or its settings were removed, and resuming could mix settings; {replace}, "
                          "or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    earlier, settings = _as_canny_uses(earlier), _as_canny_uses(settings)
-    if earlier == settings:
+    if _as_canny_uses(earlier) == _as_canny_uses(settings):
         return
     # in this format: inspect checked that before the output was read back
-    changed = [_changed_section(key, earlier.get(key), settings.get(key)) for key in _differing(earlier, settings)]
+    changed = [_changed_section(key, earlier.get(key), settings.get(key))
+               for key in _differing(_as_canny_uses(earlier), _as_canny_uses(settings))]
     raise UsageError(f"{out} holds results computed with other settings (changed: {'; '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
 
 
 def _changed_section(key: str, earlier, now) -> str:
     """``pipeline: --low 100 -> 50``: the options that changed, with the output's value and this run's
-    ("changed: pipeline" alone left the user to compare the settings record by hand)."""
+    as given ("changed: pipeline" alone left the user to compare the settings record by hand).
+    Thresholds given the other way round are no change (:func:`_as_canny_uses`)."""
     if not (isinstance(earlier, dict) and isinstance(now, dict)):
         return key  # (the model: its SHA-256 would tell the user nothing)
-    options = [f"{SETTING_OPTIONS.get(name, name)} "
-               + (_setting_shown(earlier[name]) if name in earlier else "not recorded") + " -> "
-               + (_setting_shown(now[name]) if name in now else "not a setting of this version")
-               for name in _differing(earlier, now)]
+    same_thresholds = _canny_thresholds(earlier) == _canny_thresholds(now)
+    options = [_change_shown(name, earlier, now) for name in _differing(earlier, now)
+               if not (same_thresholds and name in _THRESHOLDS)]
     return f"{key}: {', '.join(options)}"
+
+
+def _change_shown(name: str, earlier: dict, now: dict) -> str:
+    """``--low 100 -> 50``; a text that reads as the other value (a record edited by hand to hold
+    "100") in quotes, ``--low "100" -> 100``, where "100 -> 100" named no change."""
+    was = _setting_shown(earlier[name]) if name in earlier else "not recorded"
+    is_now = _setting_shown(now[name]) if name in now else "not a setting of this version"
+    if was == is_now and name in earlier and name in now:
+        was, is_now = (json.dumps(value) if isinstance(value, str) else _setting_shown(value)
+                       for value in (earlier[name], now[name]))
+    return f"{SETTING_OPTIONS.get(name, name)} {was} -> {is_now}"
 
 
 def _differing(earlier: dict, now: dict) -> list[str]:
@@ -163,13 +174,21 @@ def _as_canny_uses(settings: dict) -> dict:
     ``--low 200 --high 100`` gives the same records as ``--low 100 --high 200``, and a resume with the
     other spelling was refused as other settings."""
     pipeline = settings.get("pipeline")
-    if not isinstance(pipeline, dict):
+    if not (isinstance(pipeline, dict) and all(name in pipeline for name in _THRESHOLDS)):
         return settings
-    low, high = pipeline.get("low_threshold"), pipeline.get("high_threshold")
+    return {**settings, "pipeline": {**pipeline, **dict(zip(_THRESHOLDS, _canny_thresholds(pipeline)))}}
+
+
+#: The settings :func:`_as_canny_uses` orders.
+_THRESHOLDS = ("low_threshold", "high_threshold")
+
+
+def _canny_thresholds(pipeline: dict) -> tuple:
+    """The pipeline's thresholds in cv2.Canny's order; as they are where one is not a number."""
+    low, high = (pipeline.get(name) for name in _THRESHOLDS)
     if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (low, high)):
-        return settings
-    low, high = canny_order(low, high)
-    return {**settings, "pipeline": {**pipeline, "low_threshold": low, "high_threshold": high}}
+        return low, high
+    return canny_order(low, high)
 
 
 #: The keys of a settings record ("format" is missing from those of early versions).
