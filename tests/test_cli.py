@@ -342,6 +342,37 @@ def test_each_commands_description_survives_python_dash_OO():
     assert all(described.values()) and json.loads(done.stdout) == described, done.stderr
 
 
+_DESCRIBED = b'\n\n\ndef command():\n    """The description."""\n'
+
+
+@pytest.mark.parametrize("source_now, description", [
+    (_DESCRIBED, "The description."),
+    (_DESCRIBED + b"# \xff, not UTF-8\n", None),
+    (b"x = 1\n" + _DESCRIBED, None),  # the block found is no function: TypeError
+    (b"call(\n    key=lambda item: item)\n" + _DESCRIBED, None),  # half a statement: SyntaxError
+    (b'def other():\n    """Another function\'s."""\n\n\n' + _DESCRIBED, None),  # not its own
+])
+def test_a_description_from_a_source_that_is_not_the_codes_is_none_never_a_crash(tmp_path, source_now,
+                                                                                  description):
+    """Under ``python -OO`` each command's description is read from its source file. Where that file
+    is no longer the one its bytecode was compiled from (unchecked-hash .pyc files, a source edited
+    since), the lines found at the function's line number raised TypeError or SyntaxError: every
+    command of ``gpu-pipeline`` crashed with a traceback as it was built, ``--help`` too."""
+    import importlib.util
+    import py_compile
+
+    from gpu_pipeline.cli.options import _docstring_in_source
+
+    path = tmp_path / "stale.py"
+    path.write_bytes(_DESCRIBED)
+    py_compile.compile(str(path), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    path.write_bytes(source_now)  # (the bytecode is still used: its hash is never checked)
+    spec = importlib.util.spec_from_file_location("stale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert _docstring_in_source(module.command) == description
+
+
 def latin_1_environment(tmp_path) -> dict:
     """The environment of a Latin-1 locale (LANG=en_US.ISO-8859-1, an old server's cron), made by
     localedef under ``tmp_path``; the test is skipped where it cannot be made."""

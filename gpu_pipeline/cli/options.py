@@ -148,15 +148,19 @@ class _HelpWrapsToTheTerminal:
 
 def _docstring_in_source(function) -> str | None:
     """``function``'s docstring, read from its source file: under ``python -OO`` (PYTHONOPTIMIZE=2)
-    ``__doc__`` is None, and each command lost its description (run's exit statuses among it)."""
+    ``__doc__`` is None, and each command lost its description (run's exit statuses among it). None
+    where there is no source, or where the lines at the function's line number are not that function
+    (a source edited since its unchecked-hash .pyc was made): no description, as before, never a crash."""
     import ast
     import textwrap
 
     try:
-        source = textwrap.dedent(inspect.getsource(function))
-    except (OSError, TypeError):  # (no source installed: no description, as before)
+        found = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    except Exception:  # (no source: OSError, TypeError; half a statement: SyntaxError; none: IndexError)
         return None
-    return ast.get_docstring(ast.parse(source).body[0])
+    if not isinstance(found, (ast.FunctionDef, ast.AsyncFunctionDef)) or found.name != function.__name__:
+        return None  # (an assignment, or another function, whose docstring would mislead)
+    return ast.get_docstring(found)
 
 
 class Command(_HelpWrapsToTheTerminal, _FlagsTakeNoValue, TyperCommand):
