@@ -7,6 +7,7 @@ arithmetic (``fractions.Fraction``) and numpy's own percentile, not from the mod
 from __future__ import annotations
 
 import builtins
+import fnmatch
 import io
 import json
 import math
@@ -2413,6 +2414,90 @@ def test_a_file_named_with_a_trailing_slash_is_taken_as_path_reads_it(tmp_path, 
     for given in ([""], ["", "e.png"], ["missing.png/"]):
         with pytest.raises(UsageError):
             find_files(given)
+
+
+# Names a walk must tell apart: hidden ones, extensions in any case (a Kelvin sign lowers to "k"),
+# no dot, a dot alone, names not in UTF-8 (surrogate escapes) or with a newline.
+_ODD_NAMES = ("a", "B", "a.png", "A.PNG", "b.JPEG", "c.jpeg", "d.Jpg", "e.tif", "f.TIFF", "g.j2\u212a", "noext",
+              ".png", ".h.jpg", ".hid", "x.", "y.txt", "z.png.txt", "t.tar.gif", os.fsdecode(b"\xff.png"),
+              "new\nline.webp", "\u00e9.bmp", "a-b", "a.b", "sp ace.jp2", "locked", "locked.png")
+_LOCKED = ("locked", "locked.png")  # folders of these names cannot be listed (the locked fixture)
+_ENTRY_KINDS = st.sampled_from(["file", "file", "link to a folder", "link to a file", "broken link", "link loop"])
+_TREES = st.recursive(st.dictionaries(st.sampled_from(_ODD_NAMES), _ENTRY_KINDS, max_size=6),
+                      lambda folders: st.dictionaries(st.sampled_from(_ODD_NAMES), _ENTRY_KINDS | folders, max_size=6),
+                      max_leaves=30)
+
+
+def _make_tree(folder: str, tree: dict, outside: str, made: list[str]) -> None:
+    """Lays ``tree`` out under ``folder`` (a dict is a folder), appending each path made to ``made``;
+    links lead to ``outside``, a folder holding ``image.png``."""
+    os.mkdir(folder)
+    for name, kind in tree.items():
+        path = os.path.join(folder, name)
+        made.append(path)
+        if isinstance(kind, dict):
+            _make_tree(path, kind, outside, made)
+        elif kind == "file":
+            open(path, "wb").close()
+        else:
+            target = {"link to a folder": outside, "link to a file": os.path.join(outside, "image.png"),
+                      "broken link": "nowhere", "link loop": name}[kind]
+            os.symlink(target, path)
+
+
+def _walked(top: str, glob: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The oracle: ``(files, folders that could not be listed)`` under ``top`` by ``os.walk``, which
+    follows no link to a folder; hidden names and other extensions left out, as the docs say."""
+    files, unlisted = [], []
+    for root, folders, names in os.walk(top, onerror=lambda exc: unlisted.append((exc.filename, exc.strerror))):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # (the order unlisted come in)
+        for name in names:
+            relative = os.path.join(root, name)[len(top) + 1:]
+            subject = relative if glob and "/" in glob else name
+            if (not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                    and (glob is None or fnmatch.fnmatchcase(subject.lower(), glob.lower()))):
+                files.append(os.path.join(root, name))
+    return files, unlisted
+
+
+@HYPOTHESIS
+@given(tree=_TREES, picks=st.lists(st.integers(0, 1000), max_size=4),
+       glob=st.sampled_from([None, "*.png", "*.PNG", "a*", "*/*", "a/*.png", "b/*", "*\n*", "[ab]*", "?.tif"]))
+def test_discovery_matches_an_os_walk_oracle_on_trees_of_odd_names(tmp_path_factory, monkeypatch, locked, tree, glob,
+                                                                   picks):
+    """Every file :func:`find_files` takes, in its order, and every folder it cannot list, are those of
+    a plain ``os.walk`` sorted by path components, for one folder and for folders and files given
+    together (files named explicitly are taken whatever their name, each file once)."""
+    for name in _LOCKED:
+        locked(name)
+    base = str(tmp_path_factory.mktemp("odd"))
+    outside = os.path.join(base, "outside")
+    os.mkdir(outside)
+    open(os.path.join(outside, "image.png"), "wb").close()
+    top, made = os.path.join(base, "top"), []
+    _make_tree(top, tree, outside, made)
+    by_parts = lambda name: Path(name).parts  # noqa: E731
+
+    unlisted: list[tuple[str, str]] = []
+    files, walk_unlisted = _walked(top, glob)
+    assert find_files([top], glob, unlisted) == sorted(files, key=by_parts)
+    assert unlisted == walk_unlisted
+    monkeypatch.chdir(top)  # a relative folder: names relative to it
+    assert discover(["."], glob) == sorted((Path(name[len(top) + 1:]) for name in files), key=lambda path: path.parts)
+
+    reachable = [path for path in made if os.path.exists(path)]  # (not a broken link or a loop)
+    given = [reachable[pick % len(reachable)] for pick in picks if reachable] + [top]  # the top last
+    expected, walk_unlisted = set(), []
+    for path in given:
+        if os.path.isdir(path):
+            walked, unreached = _walked(path, glob)
+            expected.update(walked)
+            walk_unlisted += unreached
+        else:
+            expected.add(path)
+    unlisted = []
+    assert find_files(given, glob, unlisted) == sorted(expected, key=by_parts)
+    assert unlisted == walk_unlisted
 
 
 # --------------------------------------------------------------------------------------------
