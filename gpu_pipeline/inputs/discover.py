@@ -13,10 +13,12 @@ and sorted by path components.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fnmatch
 import operator
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +28,9 @@ from gpu_pipeline.errors import UsageError, printable, single_root
 _BY_NAME = operator.attrgetter("name")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".jp2", ".j2k", ".j2c"})
+# For str.endswith: "x.PNG".lower() ends in ".png" where the extension after its last dot lowers to
+# "png", as no character lowers to a dot and the extensions are ASCII.
+_EXTENSIONS = tuple(sorted(IMAGE_EXTENSIONS))
 
 
 def _prefix(folder: str) -> str:
@@ -89,7 +94,7 @@ def _find(paths: Iterable[str | os.PathLike[str]], glob: str | None, absolute: b
         # the usual run: a folder's files come sorted, no key needed
         given = Path(paths[0])
         at = _prefix(absolute_name(given) if absolute else str(given))
-        return [at + relative for relative in _files_in_folder(str(given), glob, unlisted)]
+        return _files_in_folder(str(given), glob, unlisted, prefix=at)
     found: dict[str, tuple[str, str]] = {}  # by the file's absolute name: first one wins
     here = None  # the current folder as a prefix, found at the first relative plain file name
     listed, unreached = 0, []  # listed paths, and why those that cannot be reached cannot
@@ -207,39 +212,41 @@ def no_files_found(paths: Iterable[str | os.PathLike[str]], glob: str | None,
                       + "".join(f"; cannot list {printable(folder)}: {reason}" for folder, reason in unlisted[:3]))
 
 
-def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
-    """Image files under ``folder``, relative to it with ``/`` between parts, sorted by their path
-    components: each folder's entries are visited in name order, a subfolder where its name sorts.
-    As ``os.walk``: symbolic links to folders are not followed, and folders that cannot be listed
-    are skipped, each told to ``unlisted`` (when given) with the reason. No recursion: a tree of
-    any depth (Python stops a recursion about 1,000 folders deep)."""
-    pattern = glob.lower() if glob else None
+def _files_in_folder(folder: str, glob: str | None, unlisted: list[tuple[str, str]] | None = None,
+                     prefix: str = "") -> list[str]:
+    """Image files under ``folder``, relative to it with ``/`` between parts (``prefix`` before each),
+    sorted by their path components: a subfolder's files go where its name sorts among the folder's
+    entries. As ``os.walk``: symbolic links to folders are not followed, and folders that cannot be
+    listed are skipped, each told to ``unlisted`` (when given) with the reason. No recursion: a tree
+    of any depth (Python stops a recursion about 1,000 folders deep). A folder's files are taken in
+    bulk (:func:`_listing`): 0.8 us of the GIL a EuroSAT tile, where a loop over its entries took 1.1."""
+    matches = re.compile(fnmatch.translate(glob.lower())).match if glob else None  # (fnmatchcase's test)
+    whole_path = matches is not None and "/" in glob
     files: list[str] = []
-    walking = [(_listing(folder, unlisted), "")]  # the folders being walked, the deepest last
+    walking: list[tuple[str, str] | list[str]] = [(folder, "")]  # folders to walk and files found, the next last
     while walking:
-        entries, below = walking.pop()
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:  # a link to a folder is skipped, whatever its name (scans.png -> ../elsewhere)
-                if not entry.is_symlink():
-                    walking.append((entries, below))  # the rest of this folder, after the subfolder
-                    walking.append((_listing(entry.path, unlisted), f"{below}{name}/"))
-                    break
-                continue
-            _, dot, extension = name.rpartition(".")  # os.path.splitext, without its cost per file
-            if not dot or "." + extension.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if pattern is not None:
-                subject = below + name if "/" in pattern else name
-                if not fnmatch.fnmatchcase(subject.lower(), pattern):
-                    continue
-            files.append(below + name)
+        item = walking.pop()
+        if isinstance(item, list):
+            files += item
+            continue
+        path, below = item
+        images, subfolders = _listing(path, unlisted)
+        if matches is not None:
+            images = [name for name in images if matches((below + name if whole_path else name).lower())]
+        at = prefix + below
+        if not subfolders:  # (most folders)
+            files += [at + name for name in images]
+            continue
+        later: list[tuple[str, str] | list[str]] = []
+        start = 0
+        for subfolder in subfolders:
+            end = bisect.bisect_left(images, subfolder.name, start)
+            if end > start:
+                later.append([at + name for name in images[start:end]])
+            later.append((subfolder.path, f"{below}{subfolder.name}/"))
+            start = end
+        later.append([at + name for name in images[start:]])
+        walking += reversed(later)
     return files
 
 
@@ -259,15 +266,38 @@ def folders_under(top: str | os.PathLike[str]) -> Iterator[tuple[str, list[str]]
         pending += [entry.path for entry in entries if _is_subfolder(entry)]
 
 
-def _listing(directory: str, unlisted: list[tuple[str, str]] | None) -> Iterator[os.DirEntry]:
-    """The entries of ``directory`` in name order; none when it cannot be listed (told to ``unlisted``)."""
+def _listing(directory: str, unlisted: list[tuple[str, str]] | None) -> tuple[list[str], list[os.DirEntry]]:
+    """The names of the image files in ``directory`` and its subfolders (not links to folders), each
+    in name order, hidden ones left out; none when it cannot be listed (told to ``unlisted``)."""
     try:
         with os.scandir(directory) as listing:
-            return iter(sorted(listing, key=_BY_NAME))
+            entries = list(listing)
     except OSError as exc:
         if unlisted is not None:
             unlisted.append((directory, exc.strerror or str(exc)))
-        return iter(())
+        return [], []
+    try:
+        folders = list(filter(os.DirEntry.is_dir, entries))  # (a system call for a link alone)
+    except OSError:  # a link that cannot be followed (a loop): a file, as os.walk has it
+        folders = [entry for entry in entries if _is_dir(entry)]
+    images = sorted([name for entry in entries  # (lower() alone where the extension's case is not)
+                     if (name := entry.name).endswith(_EXTENSIONS) or name.lower().endswith(_EXTENSIONS)])
+    del images[bisect.bisect_left(images, "."):bisect.bisect_left(images, "/")]  # hidden: "/" is the next character
+    if not folders:
+        return images, []
+    skipped = {entry.name for entry in folders}  # a folder named x.png is no image, nor a link to one
+    images = [name for name in images if name not in skipped]
+    subfolders = sorted((entry for entry in folders if not entry.name.startswith(".") and not entry.is_symlink()),
+                        key=_BY_NAME)
+    return images, subfolders
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder or a link to one; not where the link cannot be followed."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _is_subfolder(entry: os.DirEntry) -> bool:
