@@ -443,6 +443,21 @@ def test_batches_respect_size_and_pixel_budget():
     assert [path for batch in whole for path in batch.paths] == paths
 
 
+def test_a_part_that_fills_a_batch_is_handed_on_before_the_next_part_is_taken():
+    """A decode process's part of tiles is a whole CPU batch (1 MP): it waited for the next part to be
+    decoded before it went to the backend, a part's decoding late and a part more held."""
+    taken = []
+
+    def parts():
+        for index in range(3):
+            taken.append(index)
+            yield DecodedPart([f"/{index}a.png", f"/{index}b.png"], ImageBatch.of([np.zeros((10, 10), np.uint8)] * 2))
+
+    batches = part_batches(parts(), batch_size=None, batch_pixels=200)
+    assert next(batches).paths == ["/0a.png", "/0b.png"] and taken == [0]
+    assert [batch.paths for batch in batches] == [["/1a.png", "/1b.png"], ["/2a.png", "/2b.png"]]
+
+
 @pytest.mark.parametrize("chosen", [slice(2, 5), np.array([6, 1, 1, 4]), np.arange(7) % 3 == 0, slice(3, 3)])
 def test_a_batch_taken_from_another_holds_only_the_buffers_of_its_images(chosen):
     """A batch cut from a part of images in buffers of their own kept every buffer of the part, and

@@ -187,7 +187,8 @@ def part_batches(parts: Iterator[DecodedPart], batch_size: int | None, batch_pix
                 pending.append(part)
                 images, pixels = images + len(part.images), pixels + (int(sizes[-1]) if len(sizes) else 0)
                 errors += len(part.errors)
-                if images >= most_images or errors >= MOST_BATCH_ERRORS:
+                # full: handed on now, not when the next part comes (a part is a batch of tiles)
+                if images >= most_images or errors >= MOST_BATCH_ERRORS or pixels >= batch_pixels:
                     yield DecodedPart.concatenate(pending)
                     pending, images, pixels, errors = [], 0, 0, 0
                 break
