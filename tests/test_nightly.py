@@ -2059,6 +2059,22 @@ def test_the_new_parts_of_a_dataset_its_owner_made_private_stay_private(tmp_path
     assert {oct(part.stat().st_mode & 0o777) for part in out.iterdir()} == {"0o600"}
 
 
+def test_overwrite_of_a_dataset_whose_last_part_cannot_be_read(tmp_path):
+    """A dataset's last part that is gone when its permissions are read (a link left dangling, a part
+    removed between the listing and the stat) refused --overwrite with "cannot write OUT: No such file
+    or directory", which removes such a part: its new parts take the umask's permissions instead."""
+    pytest.importorskip("pyarrow")
+    folder = tmp_path / "images"
+    make_images(folder, 3)
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 0
+    (out / "part-000009.parquet").symlink_to(tmp_path / "gone.parquet")
+    result = run(str(folder), "--out", str(out), "--batch-size", "2", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(part.name for part in out.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    assert len(read_records(out)) == 3
+
+
 def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_path, monkeypatch):
     """--retry-failed rewrites each part that holds error rows; the disk filling up at the second such
     part used to leave the first rewritten (its error rows gone) while the run was refused (exit 2,

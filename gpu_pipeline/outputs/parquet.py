@@ -145,9 +145,13 @@ class ParquetSink(Sink):
 
 
 def last_part_status(folder: Path) -> os.stat_result | None:
-    """The status of the dataset's last part, None where it has none."""
+    """The status of the dataset's last part; None where it has none, or where it is gone when read
+    (a dangling link, a part removed since the listing), which --overwrite must not refuse."""
     found = parts(folder) if folder.is_dir() else []
-    return os.stat(found[-1]) if found else None
+    try:
+        return os.stat(found[-1]) if found else None
+    except OSError:
+        return None
 
 
 def write_part(folder: Path, name: str, records: Iterable[dict], schema, out: str,
