@@ -36,19 +36,30 @@ def steady_rate(images: int, seconds: float) -> float | None:
 
 
 def abort_with_stacks(process: subprocess.Popen) -> None:
-    """SIGABRT the command and every process it started: under PYTHONFAULTHANDLER each prints its threads' stacks."""
+    """SIGABRT the command and every process it started: under PYTHONFAULTHANDLER each prints its threads'
+    stacks. All are stopped first, then aborted one at a time, the command last: aborted first, it took
+    its Dask workers with it (they end when their parent does) before their turn, and none moves on
+    when another ends."""
     try:
         import psutil  # comes with distributed
 
         pids = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
     except Exception:  # noqa: BLE001 - the command's own stacks are still worth having
         pids = []
-    for pid in [process.pid, *pids]:
-        try:
-            os.kill(pid, signal.SIGABRT)
-        except OSError:
-            pass
+    pids = [*reversed(pids), process.pid]  # (the deepest first: no process is left without its parent)
+    for pid in pids:
+        _signal(pid, signal.SIGSTOP)
+    for pid in pids:
+        _signal(pid, signal.SIGABRT)
+        _signal(pid, signal.SIGCONT)  # (the abort is taken before any of its code runs on)
         time.sleep(0.5)  # one dump at a time: they share the pipe
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:  # (it has ended)
+        pass
 
 
 def timed_run(folder: Path, out: Path, backend: str, extra: list[str], timeout: float) -> float:

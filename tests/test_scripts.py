@@ -66,6 +66,28 @@ def test_bench_dask_compares_the_same_records(tmp_path):
     assert dask["small"]["files"] == 64 and dask["large"]["files"] == 80
 
 
+def test_bench_dask_shows_the_stacks_of_processes_that_end_with_their_parent():
+    """A hung run was stopped the command first: its Dask workers, which end when their parent does,
+    were gone before their turn, and "the stacks of its processes" held the command's alone."""
+    spec = importlib.util.spec_from_file_location("bench_dask", SCRIPTS / "bench_dask.py")
+    bench_dask = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_dask)
+    worker = ("import os, time\nparent = os.getppid()\nprint('up', flush=True)\n"
+              "while os.getppid() == parent:\n    time.sleep(0.01)")  # (as a Dask worker watches its nanny)
+    command = (f"import subprocess, sys, time\nworker = subprocess.Popen([sys.executable, '-c', {worker!r}], "
+               "stdout=subprocess.PIPE)\nworker.stdout.readline()\nprint('up', flush=True)\ntime.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        assert process.stdout.readline() == "up\n"
+        bench_dask.abort_with_stacks(process)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    dumps = stderr.split("Fatal Python error: Aborted")[1:]
+    assert len(dumps) == 2 and all('File "<string>", line ' in dump for dump in dumps), stderr
+
+
 def test_bench_dask_refuses_a_corpus_no_larger_than_the_small_one():
     done = subprocess.run([sys.executable, str(SCRIPTS / "bench_dask.py"), "--files", "64"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
