@@ -428,18 +428,25 @@ def test_thresholds_given_the_other_way_round_are_no_change_to_name(tiles, tmp_p
     assert "(changed: pipeline: --blur 5 -> 3; see " in result.stderr, result.stderr
 
 
-def test_a_recorded_value_that_differs_only_in_its_type_is_shown_as_recorded(tiles, tmp_path):
+@pytest.mark.parametrize("section, name, edited, changed", [
+    ("pipeline", "low_threshold", "100", 'pipeline: --low "100" -> 100'),
+    # (a list was shown as its items: "--low 100 -> 100", and 'percentile -> "percentile"' quoted this run's)
+    ("pipeline", "low_threshold", [100], "pipeline: --low [100] -> 100"),
+    ("decode", "stretch", ["percentile"], 'decode: --stretch ["percentile"] -> percentile'),
+])
+def test_a_recorded_value_that_differs_only_in_its_type_is_shown_as_recorded(tiles, tmp_path, section, name,
+                                                                             edited, changed):
     """A threshold edited into the settings record as text, "100", was refused as "--low 100 -> 100":
-    no change to see."""
+    no change to see. The record's value is shown as the record has it."""
     out = tmp_path / "out.jsonl"
     assert run(str(tiles[0].parent), "--out", str(out)).exit_code == 0
     settings = Path(f"{out}.settings.json")
     record = json.loads(settings.read_text())
-    record["pipeline"]["low_threshold"] = "100"  # (a record edited by hand)
+    record[section][name] = edited  # (a record edited by hand)
     settings.write_text(json.dumps(record))
     result = run(str(tiles[0].parent), "--out", str(out))
     assert result.exit_code == 2, result.output
-    assert '(changed: pipeline: --low "100" -> 100; see ' in result.stderr, result.stderr
+    assert f"(changed: {changed}; see " in result.stderr, result.stderr
 
 
 def test_a_setting_this_version_does_not_know_is_named_in_the_refusal(tiles, tmp_path):

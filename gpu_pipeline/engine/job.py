@@ -139,13 +139,12 @@ def _changed_section(key: str, earlier, now) -> str:
 
 
 def _change_shown(name: str, earlier: dict, now: dict) -> str:
-    """``--low 100 -> 50``; a text that reads as the other value (a record edited by hand to hold
-    "100") in quotes, ``--low "100" -> 100``, where "100 -> 100" named no change."""
+    """``--low 100 -> 50``; a recorded value that reads as this run's (a record edited by hand to hold
+    "100" or [100]) as the record has it, ``--low "100" -> 100``, where "100 -> 100" named no change."""
     was = _setting_shown(earlier[name]) if name in earlier else "not recorded"
     is_now = _setting_shown(now[name]) if name in now else "not a setting of this version"
     if was == is_now and name in earlier and name in now:
-        was, is_now = (json.dumps(value) if isinstance(value, str) else _setting_shown(value)
-                       for value in (earlier[name], now[name]))
+        was = json.dumps(earlier[name])
     return f"{SETTING_OPTIONS.get(name, name)} {was} -> {is_now}"
 
 
