@@ -78,7 +78,7 @@ def timed_run(folder: Path, out: Path, backend: str, extra: list[str], timeout: 
         except subprocess.TimeoutExpired:
             process.kill()
             _, stderr = process.communicate()
-        sys.exit(f"{' '.join(command)} still ran after {timeout:.0f} s; the stacks of its processes:\n{stderr}")
+        sys.exit(f"{' '.join(command)} still ran after {timeout:g} s; the stacks of its processes:\n{stderr}")
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({process.returncode}): {stderr}")

@@ -357,6 +357,31 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
         assert stat.S_IMODE(os.stat(target).st_mode) == mode and "new" in target.read_text()
 
 
+@pytest.mark.parametrize("mode, kept", [(0o640, 0o600), (0o664, 0o644), (0o6755, 0o755)])
+def test_a_replacement_whose_group_cannot_be_kept_gives_that_group_what_others_had(tmp_path, monkeypatch, mode,
+                                                                                     kept):
+    """The group's bits were copied to a replacement in this user's group where its group could not be
+    set (another user's dataset part, report): a part for group team, 0640, became readable by this
+    user's own group. Set-user-ID and set-group-ID bits were copied too."""
+    import os
+    import stat
+
+    from gpu_pipeline.outputs import files
+
+    replaced = tmp_path / "replaced"
+    replaced.write_text("old\n")
+    replaced.chmod(mode)
+    status = os.stat(replaced)
+    elsewhere = os.stat_result((*status[:5], status.st_gid + 1, *status[6:]))  # a group not this file's
+    monkeypatch.setattr(os, "chown", lambda *args: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    temporary = tmp_path / "temporary"
+    temporary.write_text("new\n")
+    files.keep_mode(elsewhere, temporary)
+    assert stat.S_IMODE(os.stat(temporary).st_mode) == kept
+    files.keep_mode(status, temporary)  # the same group: its bits as they were, less set-ID
+    assert stat.S_IMODE(os.stat(temporary).st_mode) == mode & 0o777
+
+
 def test_a_private_files_replacement_is_never_readable_by_others_while_it_is_written(tmp_path):
     """The permissions were set after the new content was written: another user could open the
     temporary (0644) meanwhile and read it for as long as they kept it open."""

@@ -211,10 +211,17 @@ def _regular_file_status(path: Path) -> os.stat_result | None:
 
 def keep_mode(replaced: os.stat_result, temporary: Path) -> None:
     """The replaced file's permissions (and group, where this user may set it) on its replacement:
-    a report its owner made private stayed private, a group-writable one group-writable."""
-    os.chmod(temporary, stat.S_IMODE(replaced.st_mode))
-    with contextlib.suppress(OSError):
+    a report its owner made private stayed private, a group-writable one group-writable. Where the
+    group cannot be kept, the group gets what others had (as vim does): the bits were given to that
+    group, not to this user's. Read, write and execute only: a set-user-ID bit is not copied."""
+    mode = stat.S_IMODE(replaced.st_mode) & 0o777
+    try:
         os.chown(temporary, -1, replaced.st_gid)
+    except OSError:
+        pass
+    if os.stat(temporary).st_gid != replaced.st_gid:
+        mode = (mode & 0o707) | ((mode & 0o007) << 3)
+    os.chmod(temporary, mode)
 
 
 #: The longest file name in bytes (NAME_MAX of Linux's file systems).
