@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import stat
 import struct
 import zlib
 from fractions import Fraction
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -32,7 +33,7 @@ from PIL import Image
 from gpu_pipeline.inputs import decode as gpu_io
 from gpu_pipeline.inputs import tiff as tiff_io
 from gpu_pipeline.config import DecodeOptions
-from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, discover, find_files, folders_under
+from gpu_pipeline.inputs.discover import IMAGE_EXTENSIONS, ListedPath, discover, find_files, folders_under
 from gpu_pipeline.inputs.decode import DecodeError, decode_image
 from gpu_pipeline.errors import UsageError
 from tests.strategies import examples, images
@@ -2498,6 +2499,126 @@ def test_discovery_matches_an_os_walk_oracle_on_trees_of_odd_names(tmp_path_fact
     unlisted = []
     assert find_files(given, glob, unlisted) == sorted(expected, key=by_parts)
     assert unlisted == walk_unlisted
+
+
+# Paths of a list, and what each is in the tree below (created once a module).
+_LISTED_CANDIDATES = ("e.png", "a.png", ".hidden.png", "noext", os.fsdecode(b"\xff.png"), "sp ace.png", "a", "a/b.png",
+                      "a/c", "a/c/d.jpg", "a/x.png", "a/x.png/inner.png", "a/.h", "a/.h/h.png",
+                      os.fsdecode(b"a/\xfe.jpg"), "a-b", "a-b/f.tif", "A/g.gif", "sub", "sub/s.png", "", "link_dir",
+                      "link_dir/b.png", "link.png", "fifo.png", "broken.png", "loop.png", "missing.png", "a/gone.jpg",
+                      "nodir/m.png", "a/b.png/x")
+_UNREACHED = ("broken.png", "loop.png", "missing.png", "a/gone.jpg", "nodir/m.png", "a/b.png/x")
+
+
+@pytest.fixture(scope="module")
+def listed_tree(tmp_path_factory) -> str:
+    """A tree of files, folders (one named ``x.png``, one hidden), links of every kind, a FIFO and
+    names not in UTF-8; ``missing.png``, ``a/gone.jpg``, ``nodir/m.png`` and ``a/b.png/x`` are not there."""
+    root = str(tmp_path_factory.mktemp("listed"))
+    for name in ("e.png", "a.png", ".hidden.png", "noext", os.fsdecode(b"\xff.png"), "sp ace.png", "a/b.png",
+                 "a/c/d.jpg", "a/x.png/inner.png", "a/.h/h.png", os.fsdecode(b"a/\xfe.jpg"), "a/z.PNG", "a-b/f.tif",
+                 "A/g.gif", "sub/s.png"):
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        open(os.path.join(root, name), "wb").close()
+    for name, target in (("link_dir", "a"), ("link.png", "e.png"), ("broken.png", "nowhere"), ("loop.png", "loop.png"),
+                         ("a/up", "..")):
+        os.symlink(target, os.path.join(root, name))
+    os.mkfifo(os.path.join(root, "fifo.png"))
+    return root
+
+
+def _spelt(root: str, cwd: str, target: str, absolute: bool, change: str) -> str:
+    """``target`` (relative to ``root``) spelt from the current folder ``cwd`` (relative to ``root``):
+    absolute or relative (plain below ``cwd``, else through ``..``), changed by ``change``: ``./`` or
+    ``a/../`` ahead of it, ``//`` or ``/./`` at its last ``/``, ``/`` or ``/.`` at its end."""
+    if absolute:
+        base = root
+    elif target == cwd or target.startswith(cwd + "/") or not cwd:
+        base, target = ".", target[len(cwd) + 1 if cwd else 0:]
+    else:
+        base = os.path.relpath(root, os.path.join(root, cwd))
+    folder, slash, name = target.rpartition("/")
+    if change in ("//", "/./") and slash:
+        target = folder + change + name
+    spelt = (base + "/" if base != "." else "") + (change if change in ("./", "a/../") else "") + target
+    return (spelt or ".") + (change if change in ("/", "/.") else "")
+
+
+def _resolved_where_lexical_misleads(name: str) -> str:
+    """The absolute name a record keeps (``absolute_name``'s rule): lexical, unless a ``..`` part makes
+    it another file than ``name`` or none (``a/../broken.png``): then resolved."""
+    lexical = os.path.abspath(name)
+    if ".." in Path(name).parts and not (os.path.exists(lexical) and os.path.exists(name)
+                                         and os.path.samefile(lexical, name)):
+        return os.path.realpath(name)
+    return lexical
+
+
+def _oracle(given: list[str], glob: str | None) -> tuple[list[str], list[Path]] | str:
+    """What discovery of ``given`` gives by ``pathlib`` and ``os.walk``: ``(find_files, discover)``, or
+    the first path that cannot be reached where that refuses the run (an argument that cannot be
+    reached, or a list none of whose paths can be)."""
+    first: dict[str, Path] = {}  # by absolute name, the first spelling
+    unreached = []
+    for name in given:
+        path = Path(name)
+        try:
+            folder = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
+            if not isinstance(name, ListedPath):
+                return str(path)
+            unreached.append(str(path))
+            folder = False
+        if not folder:
+            first.setdefault(_resolved_where_lexical_misleads(str(path)), path)
+            continue
+        top = _resolved_where_lexical_misleads(str(path))  # (the folder's rule, its files below it)
+        for file in _walked(str(path), glob)[0]:
+            first.setdefault(os.path.join(top, file[len(str(path)) + 1:]), Path(file))
+    if unreached and len(unreached) == len(given):
+        return unreached[0]
+    ordered = sorted(first.items(), key=lambda item: item[1].parts)
+    return [name for name, _ in ordered], [path for _, path in ordered]
+
+
+@st.composite
+def _listings(draw) -> list[tuple[str, bool, str]]:
+    """Entries ``(target, absolute, change)`` (:func:`_spelt`) of a few targets, each likely named more than once."""
+    targets = draw(st.lists(st.sampled_from(_LISTED_CANDIDATES), min_size=1, max_size=5, unique=True))
+    changes = st.sampled_from(["", "", "", "", "", "./", "a/../", "//", "/./", "/", "/."])  # (plain: the usual)
+    return draw(st.lists(st.tuples(st.sampled_from(targets), st.booleans(), changes), min_size=1, max_size=12))
+
+
+@settings(HYPOTHESIS, max_examples=examples(150))  # (many combinations; 10 ms an example)
+@given(entries=_listings(), listed=st.booleans(), unreached_only=st.booleans(),
+       cwd=st.sampled_from(["", "", "sub", "a", "a/c"]), glob=st.sampled_from([None, "*.png"]))
+@example(entries=[("a.png", False, ""), ("a/b.png", False, ""), ("a-b/f.tif", False, "")], listed=True,
+         unreached_only=False, cwd="", glob=None)  # (names that sort otherwise than their parts do)
+def test_discovery_of_many_paths_matches_a_pathlib_oracle(listed_tree, monkeypatch, entries, listed, unreached_only,
+                                                          cwd, glob):
+    """Paths given together, as a ``--files-from`` list has them (``ListedPath``) or as arguments, spelt
+    every way (absolute and relative, ``./``, ``a/../``, ``//``, a ``/`` at the end), files, folders,
+    links, a FIFO, names not in UTF-8, some not there, some twice: the files are those of ``Path``
+    and ``os.walk``, named as ``Path`` spells them, each once (its first spelling), sorted by parts;
+    a path that cannot be reached refuses the run (naming it) unless listed, and so does a list
+    none of whose paths can be reached. The oracle is independent of discovery's code."""
+    root = listed_tree
+    monkeypatch.chdir(os.path.join(root, cwd))
+    if unreached_only:  # (a list none of whose paths can be reached is refused)
+        entries = [(_UNREACHED[_LISTED_CANDIDATES.index(target) % len(_UNREACHED)], *spelling)
+                   for target, *spelling in entries]
+    given = [_spelt(root, cwd, target, *spelling) for target, *spelling in entries]
+    given = [ListedPath(name) for name in given] if listed else given
+    expected = _oracle(given, glob)
+    if isinstance(expected, str):
+        with pytest.raises(UsageError) as refusal:
+            find_files(given, glob)
+        assert expected in str(refusal.value)
+        with pytest.raises(UsageError):
+            discover(given, glob)
+    else:
+        assert find_files(given, glob) == expected[0]
+        assert discover(given, glob) == expected[1]
 
 
 # --------------------------------------------------------------------------------------------
