@@ -117,11 +117,11 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
                          f"output, or its settings were removed, and resuming could mix settings; {replace}, "
                          "or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    if _as_canny_uses(earlier) == _as_canny_uses(settings):
+    used_before, used_now = _as_canny_uses(earlier), _as_canny_uses(settings)  # (shown as given, below)
+    if used_before == used_now:
         return
     # in this format: inspect checked that before the output was read back
-    changed = [_changed_section(key, earlier.get(key), settings.get(key))
-               for key in _differing(_as_canny_uses(earlier), _as_canny_uses(settings))]
+    changed = [_changed_section(key, earlier.get(key), settings.get(key)) for key in _differing(used_before, used_now)]
     raise UsageError(f"{out} holds results computed with other settings (changed: {'; '.join(changed)}; "
                      f"see {path}); use --overwrite or another --out")
 
