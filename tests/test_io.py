@@ -2545,13 +2545,31 @@ def _spelt(root: str, cwd: str, target: str, absolute: bool, change: str) -> str
 
 
 def _resolved_where_lexical_misleads(name: str) -> str:
-    """The absolute name a record keeps (``absolute_name``'s rule): lexical, unless a ``..`` part makes
-    it another file than ``name`` or none (``a/../broken.png``): then resolved."""
-    lexical = os.path.abspath(name)
-    if ".." in Path(name).parts and not (os.path.exists(lexical) and os.path.exists(name)
-                                         and os.path.samefile(lexical, name)):
-        return os.path.realpath(name)
-    return lexical
+    """The absolute name a record keeps (``absolute_name``'s rule): lexical, unless a ``..`` part that
+    follows a link makes its folder another one: then that folder resolved and its own name. (A broken
+    link, ``a/../broken.png``, was named as its target: a file never listed.)"""
+    lexical, path = os.path.abspath(name), Path(name)
+    if ".." not in path.parts or os.path.exists(lexical) and os.path.exists(name) and os.path.samefile(lexical, name):
+        return lexical
+    if os.path.exists(path.parent) and os.path.samefile(os.path.dirname(lexical), path.parent):
+        return lexical
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def test_a_broken_link_reached_through_dot_dot_keeps_its_own_name(tmp_path, monkeypatch):
+    """``a/../broken.png`` (``a`` a plain folder) was recorded as the link's target, ``nowhere.png``:
+    an error record for a file never listed, and a second name for a file listed plainly elsewhere.
+    Through a linked folder, its folder is resolved and its own name kept."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "far" / "deep").mkdir(parents=True)
+    (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "far" / "broken.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "into").symlink_to(tmp_path / "far" / "deep")
+    (tmp_path / "e.png").write_bytes(b"")  # (a list none of whose paths can be reached is refused)
+    monkeypatch.chdir(tmp_path)
+    listed = [ListedPath("a/../broken.png"), ListedPath("into/../broken.png"), ListedPath("e.png")]
+    assert find_files(listed) == [str(tmp_path / "broken.png"), str(tmp_path / "e.png"),
+                                  str(tmp_path / "far" / "broken.png")]
 
 
 def _oracle(given: list[str], glob: str | None) -> tuple[list[str], list[Path]] | str:

@@ -44,17 +44,29 @@ def absolute_name(given: Path) -> str:
     """``given`` as an absolute name without ``.`` or ``..`` parts: the name a record keeps, the same
     whichever folder the run starts from, so that a rerun from elsewhere resumes instead of writing a
     second record. Lexical (``os.path.abspath``), except where a ``..`` follows a symbolic link: there
-    the lexical name is another file, and the resolved one (``os.path.realpath``) is kept. A leading
+    the lexical name is another file, and its folder is resolved (``os.path.realpath``), its own name
+    kept (a symbolic link is named, not its target, as everywhere else). A leading
     ``//`` is ``/`` (:func:`single_root`): kept, it gave a second record of each file on resume."""
     absolute = single_root(os.path.abspath(given))
-    if ".." in given.parts:
-        try:
-            same = os.path.samefile(absolute, given)
-        except OSError:  # the lexical name leads nowhere
-            same = False
-        if not same:
+    if ".." in given.parts and not _lexically_right(absolute, given):
+        if given.name == "..":
             return os.path.realpath(given)
+        # its folder resolved, its own name kept: a broken link was named as its target, a file never listed
+        return os.path.join(os.path.realpath(given.parent), given.name)
     return absolute
+
+
+def _lexically_right(absolute: str, given: Path) -> bool:
+    """Whether ``absolute``, ``given``'s lexical name, is the file it names: the same file, or for a name
+    that leads nowhere (a broken link, a file gone) the same folder; False where that cannot be told."""
+    try:
+        return os.path.samefile(absolute, given)
+    except OSError:
+        pass
+    try:
+        return given.name != ".." and os.path.samefile(os.path.dirname(absolute), given.parent)
+    except OSError:
+        return False
 
 
 def _is_folder(given: str | Path) -> bool:
