@@ -345,19 +345,23 @@ def test_each_commands_description_survives_python_dash_OO():
 _DESCRIBED = b'\n\n\ndef command():\n    """The description."""\n'
 
 
-@pytest.mark.parametrize("source_now, description", [
-    (_DESCRIBED, "The description."),
-    (_DESCRIBED + b"# \xff, not UTF-8\n", None),
-    (b"x = 1\n" + _DESCRIBED, None),  # the block found is no function: TypeError
-    (b"call(\n    key=lambda item: item)\n" + _DESCRIBED, None),  # half a statement: SyntaxError
-    (b'def other():\n    """Another function\'s."""\n\n\n' + _DESCRIBED, None),  # not its own
+_MOVED = (None, "The description.")  # (Python 3.13's inspect finds the function where it moved to; 3.11's does not)
+
+
+@pytest.mark.parametrize("source_now, descriptions", [
+    (_DESCRIBED, ("The description.",)),
+    (_DESCRIBED + b"# \xff, not UTF-8\n", (None,)),
+    (b"x = 1\n" + _DESCRIBED, _MOVED),  # the block found is no function: TypeError
+    (b"call(\n    key=lambda item: item)\n" + _DESCRIBED, _MOVED),  # half a statement: SyntaxError
+    (b'def other():\n    """Another function\'s."""\n\n\n' + _DESCRIBED, _MOVED),  # not its own
 ])
 def test_a_description_from_a_source_that_is_not_the_codes_is_none_never_a_crash(tmp_path, source_now,
-                                                                                  description):
+                                                                                  descriptions):
     """Under ``python -OO`` each command's description is read from its source file. Where that file
     is no longer the one its bytecode was compiled from (unchecked-hash .pyc files, a source edited
     since), the lines found at the function's line number raised TypeError or SyntaxError: every
-    command of ``gpu-pipeline`` crashed with a traceback as it was built, ``--help`` too."""
+    command of ``gpu-pipeline`` crashed with a traceback as it was built, ``--help`` too; another
+    function's docstring found there is not shown either."""
     import importlib.util
     import py_compile
 
@@ -370,7 +374,7 @@ def test_a_description_from_a_source_that_is_not_the_codes_is_none_never_a_crash
     spec = importlib.util.spec_from_file_location("stale", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert _docstring_in_source(module.command) == description
+    assert _docstring_in_source(module.command) in descriptions
 
 
 def latin_1_environment(tmp_path) -> dict:
