@@ -2572,6 +2572,20 @@ def test_a_broken_link_reached_through_dot_dot_keeps_its_own_name(tmp_path, monk
                                   str(tmp_path / "far" / "broken.png")]
 
 
+def test_a_listed_path_that_leads_nowhere_below_a_linked_folder_keeps_its_lexical_name(tmp_path, monkeypatch):
+    """A missing file whose folder is a link reached after a ``..`` (``a/../into/gone.png``), or with
+    no ``..`` at all (``./into/nodir/m.png``), is named as listed, not through the link's target: its
+    lexical name is the file it names. Only a ``..`` that follows a link resolves its folder."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "far" / "deep").mkdir(parents=True)
+    (tmp_path / "into").symlink_to(tmp_path / "far" / "deep")
+    (tmp_path / "e.png").write_bytes(b"")  # (a list none of whose paths can be reached is refused)
+    monkeypatch.chdir(tmp_path)
+    listed = [ListedPath("a/../into/gone.png"), ListedPath("./into/nodir/m.png"), ListedPath("e.png")]
+    assert find_files(listed) == [str(tmp_path / "into" / "gone.png"), str(tmp_path / "e.png"),
+                                  str(tmp_path / "into" / "nodir" / "m.png")]  # (sorted as spelt)
+
+
 def _oracle(given: list[str], glob: str | None) -> tuple[list[str], list[Path]] | str:
     """What discovery of ``given`` gives by ``pathlib`` and ``os.walk``: ``(find_files, discover)``, or
     the first path that cannot be reached where that refuses the run (an argument that cannot be
