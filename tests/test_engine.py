@@ -456,6 +456,9 @@ def test_a_part_that_fills_a_batch_is_handed_on_before_the_next_part_is_taken():
     batches = part_batches(parts(), batch_size=None, batch_pixels=200)
     assert next(batches).paths == ["/0a.png", "/0b.png"] and taken == [0]
     assert [batch.paths for batch in batches] == [["/1a.png", "/1b.png"], ["/2a.png", "/2b.png"]]
+    taken.clear()  # two parts that fill a batch together: handed on with the second, not the third
+    batches = part_batches(parts(), batch_size=None, batch_pixels=400)
+    assert len(next(batches).paths) == 4 and taken == [0, 1]
 
 
 @pytest.mark.parametrize("chosen", [slice(2, 5), np.array([6, 1, 1, 4]), np.arange(7) % 3 == 0, slice(3, 3)])
