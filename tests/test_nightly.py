@@ -2059,6 +2059,21 @@ def test_the_new_parts_of_a_dataset_its_owner_made_private_stay_private(tmp_path
     assert {oct(part.stat().st_mode & 0o777) for part in out.iterdir()} == {"0o600"}
 
 
+def test_a_datasets_new_part_takes_the_permissions_of_its_last_part_not_its_first(tmp_path, umask):
+    """The docs say the last part: the one written most recently, which the owner made private after
+    the first run had left its parts readable by all."""
+    pytest.importorskip("pyarrow")
+    umask(0o022)
+    folder = tmp_path / "images"
+    make_images(folder, 4)
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 0
+    (out / "part-000001.parquet").chmod(0o600)  # (part-000000 stays 0644)
+    make_images(folder, 6)
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 0
+    assert oct((out / "part-000002.parquet").stat().st_mode & 0o777) == "0o600"
+
+
 def test_overwrite_of_a_dataset_whose_last_part_cannot_be_read(tmp_path):
     """A dataset's last part that is gone when its permissions are read (a link left dangling, a part
     removed between the listing and the stat) refused --overwrite with "cannot write OUT: No such file
