@@ -418,14 +418,20 @@ def test_a_resume_with_other_settings_names_the_options_that_changed(tiles, tmp_
     assert changed in result.stderr, result.stderr
 
 
-def test_thresholds_given_the_other_way_round_are_no_change_to_name(tiles, tmp_path):
+@pytest.mark.parametrize("other, changed", [
+    (["--blur", "3"], "pipeline: --blur 5 -> 3"),
+    # (no section whose only difference is the thresholds' order: "changed: pipeline: ; decode: ...")
+    (["--stretch", "minmax"], "decode: --stretch percentile -> minmax"),
+])
+def test_thresholds_given_the_other_way_round_are_no_change_to_name(tiles, tmp_path, other, changed):
     """An output written with --low 200 --high 100 (cv2.Canny swaps them) resumed with --low 100
-    --high 200 and another --blur: only the blur changed."""
+    --high 200 and another --blur, or --stretch: only that changed, and a section that differs only in
+    the thresholds' order is not named."""
     out = tmp_path / "out.jsonl"
     assert run(str(tiles[0].parent), "--out", str(out), "--low", "200", "--high", "100").exit_code == 0
-    result = run(str(tiles[0].parent), "--out", str(out), "--low", "100", "--high", "200", "--blur", "3")
+    result = run(str(tiles[0].parent), "--out", str(out), "--low", "100", "--high", "200", *other)
     assert result.exit_code == 2, result.output
-    assert "(changed: pipeline: --blur 5 -> 3; see " in result.stderr, result.stderr
+    assert f"(changed: {changed}; see " in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("section, name, edited, changed", [
