@@ -217,10 +217,9 @@ def keep_mode(replaced: os.stat_result, temporary: Path) -> None:
     mode = stat.S_IMODE(replaced.st_mode) & 0o777
     try:
         os.chown(temporary, -1, replaced.st_gid)
-    except OSError:
-        pass
-    if os.stat(temporary).st_gid != replaced.st_gid:
-        mode = (mode & 0o707) | ((mode & 0o007) << 3)
+    except OSError:  # (its group may be this user's all the same)
+        if os.stat(temporary).st_gid != replaced.st_gid:
+            mode = (mode & 0o707) | ((mode & 0o007) << 3)
     os.chmod(temporary, mode)
 
 
