@@ -196,10 +196,11 @@ DECODE_CHUNK_PIXELS = 256 * 1024
 #: ... for a decode process: 256 EuroSAT tiles, a CPU backend's batch. Each part is a round trip to
 #: the process (a request, a reply, a wake-up on each side, about 110 us of the decode thread's CPU
 #: on the 2-core VM) and a hand-over to the engine, and each takes the GIL at wake-ups that wait for
-#: it: the GIL a tile (``../shared/tools/gil_per_tile.py``) is about 12 us with parts of 128 tiles,
-#: 7.5 with 256 (docs/benchmarks.md, "Twenty-ninth round"). Larger parts cost memory (larger slots,
-#: more of them touched): peak PSS of the process tree with 16 decoders and 1-MP batches, 301-311 MiB
-#: with parts of 128 tiles, 338-351 with 256 (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
+#: it: the GIL a tile (``../shared/tools/gil_per_tile.py``, medians of 10 runs, two sets) went from
+#: 13.3 and 14.6 us with parts of 128 tiles to 9.2 and 12.9 with 256 (docs/benchmarks.md,
+#: "Twenty-ninth round"). Larger parts cost memory (larger slots, more of them touched): peak PSS of
+#: the process tree with 16 decoders and 1-MP batches, 301-311 MiB with parts of 128 tiles, 338-351
+#: with 256 (``scripts/engine_memory.py --batch-mp 1 --decode processes``).
 PROCESS_CHUNK_PIXELS = 1024 * 1024
 #: How long closing the decode pool waits for its decoders to finish the image each is on (a
 #: generator closed early, a write that failed). One stuck in a codec or in a read from a hung mount
