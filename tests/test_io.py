@@ -2572,6 +2572,18 @@ def test_a_broken_link_reached_through_dot_dot_keeps_its_own_name(tmp_path, monk
                                   str(tmp_path / "far" / "broken.png")]
 
 
+def test_a_listed_path_that_ends_in_dot_dot_and_leads_nowhere_keeps_its_dot_dot(tmp_path, monkeypatch):
+    """``gone/..`` (no ``gone``) was recorded as ``.``'s folder, resolved: an error record "no such
+    file" named after a folder that is there, and one never listed. It keeps its ``..``, below its
+    folder resolved, as any name whose ``..`` the lexical name misreads."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "e.png").write_bytes(b"")  # (a list none of whose paths can be reached is refused)
+    monkeypatch.chdir(tmp_path / "a")
+    listed = [ListedPath("gone/.."), ListedPath("gone/deeper/../"), ListedPath("../e.png")]
+    assert find_files(listed) == [str(tmp_path / "e.png"), str(tmp_path / "a" / "gone" / ".."),
+                                  str(tmp_path / "a" / "gone" / "deeper" / "..")]
+
+
 def test_a_listed_path_that_leads_nowhere_below_a_linked_folder_keeps_its_lexical_name(tmp_path, monkeypatch):
     """A missing file whose folder is a link reached after a ``..`` (``a/../into/gone.png``), or with
     no ``..`` at all (``./into/nodir/m.png``), is named as listed, not through the link's target: its
@@ -2626,6 +2638,8 @@ def _listings(draw) -> list[tuple[str, bool, str]]:
        cwd=st.sampled_from(["", "", "sub", "a", "a/c"]), glob=st.sampled_from([None, "*.png"]))
 @example(entries=[("a.png", False, ""), ("a/b.png", False, ""), ("a-b/f.tif", False, "")], listed=True,
          unreached_only=False, cwd="", glob=None)  # (names that sort otherwise than their parts do)
+@example(entries=[("a", False, ""), ("a", False, "a/../")], listed=True, unreached_only=False, cwd="a",
+         glob=None)  # (``a/../`` from ``a``, no ``a/a``: a name that ends in ``..`` and leads nowhere)
 def test_discovery_of_many_paths_matches_a_pathlib_oracle(listed_tree, monkeypatch, entries, listed, unreached_only,
                                                           cwd, glob):
     """Paths given together, as a ``--files-from`` list has them (``ListedPath``) or as arguments, spelt

@@ -45,11 +45,13 @@ def absolute_name(given: Path) -> str:
     whichever folder the run starts from, so that a rerun from elsewhere resumes instead of writing a
     second record. Lexical (``os.path.abspath``), except where a ``..`` follows a symbolic link: there
     the lexical name is another file, and its folder is resolved (``os.path.realpath``), its own name
-    kept (a symbolic link is named, not its target, as everywhere else). A leading
+    kept (a symbolic link is named, not its target, as everywhere else). A name that ends in a ``..``
+    and leads nowhere (``a/..``, no ``a``) keeps that ``..``: its lexical name is a folder that is
+    there, which it does not name. A leading
     ``//`` is ``/`` (:func:`single_root`): kept, it gave a second record of each file on resume."""
     absolute = single_root(os.path.abspath(given))
     if ".." in given.parts and not _lexically_right(absolute, given):
-        if given.name == "..":
+        if given.name == ".." and os.path.exists(given):
             return os.path.realpath(given)
         # its folder resolved, its own name kept: a broken link was named as its target, a file never listed
         return os.path.join(os.path.realpath(given.parent), given.name)
