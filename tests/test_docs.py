@@ -154,6 +154,34 @@ def test_the_examples_scale_multiplies_hypothesis_counts(scale, expected):
     assert done.stdout.split() == [str(expected), str(150 if scale is None else max(1, round(150 * float(scale))))], done.stderr
 
 
+def _drawn(profile: str | None) -> str:
+    """What a hypothesis test draws in a fresh process, where ``tests/conftest.py`` loads ``profile``."""
+    env = {key: value for key, value in os.environ.items() if key != "GPU_PIPELINE_HYPOTHESIS"}
+    if profile is not None:
+        env["GPU_PIPELINE_HYPOTHESIS"] = profile
+    code = ("import tests.conftest; from hypothesis import given, settings, strategies as st\n"
+            "drawn = []\n"
+            "@settings(max_examples=20, database=None)\n"
+            "@given(st.integers(0, 1 << 64))\n"
+            "def draw(value): drawn.append(value)\n"
+            "draw(); print(drawn)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_ci_draws_the_same_hypothesis_examples_every_run_and_other_runs_new_ones():
+    """README: CI's examples are the same on every run (``GPU_PIPELINE_HYPOTHESIS=ci``, which
+    ``.ci/run`` sets for itself and ``.ci/pythons``); any other run draws new ones."""
+    import re
+
+    assert re.search(r"^export GPU_PIPELINE_HYPOTHESIS=ci$", (REPO / ".ci" / "run").read_text(), re.MULTILINE)
+    assert "the same examples on every run (`GPU_PIPELINE_HYPOTHESIS=ci`" in " ".join(
+        (REPO / "README.md").read_text(encoding="utf-8").split())
+    assert _drawn("ci") == _drawn("ci")
+    assert _drawn(None) != _drawn(None)
+
+
 #: Figures the docs state that no behaviour test pins (the tests set them to small values to run
 #: fast): (page, its words, module, constant, the value those words mean).
 FIGURES = [
