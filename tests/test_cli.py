@@ -807,6 +807,29 @@ def test_results_for_a_closed_stdout_are_exit_3_and_one_line(image_dir, tmp_path
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == len([p for p in image_dir.rglob("*") if p.is_file()])
 
 
+@pytest.mark.parametrize("args", [
+    ["fit", "TREE", "--out", "FILE", "--backend", "reference"],
+    ["evaluate", "TREE", "--model", "eurosat", "--backend", "reference", "--plot", "PNG"],
+    ["bench", "DATA", "--backends", "reference", "--repeat", "1", "--no-scaling", "--json", "FILE"],
+    ["verify", "DATA", "--backends", "numba", "--report", "FILE"],
+    ["run", "DATA", "--out", "FILE", "--dry-run", "--model", "MISSING"],
+])
+def test_a_closed_stdout_refuses_a_command_whose_results_go_there_before_its_work(
+        image_dir, bundled_data_dir, tmp_path, args):
+    """``fit >&-``, ``bench --json >&-``: the command did all its work and wrote its files, then
+    failed at its first line of results (exit 3). A refusal writes nothing: it comes first, before any
+    other check (a dry run named its missing model, exit 2, where its plan could not be shown anyway)."""
+    tree = tmp_path / "tree"
+    for name in ("Forest", "River"):
+        shutil.copytree(bundled_data_dir / "eurosat" / name, tree / name)
+    words = {"TREE": str(tree), "DATA": str(image_dir), "FILE": str(tmp_path / "written"),
+             "PNG": str(tmp_path / "written.png"), "MISSING": str(tmp_path / "gone.json")}
+    result = command(*[words.get(arg, arg) for arg in args], shell_redirects=">&-")
+    assert (result.returncode, result.stderr.decode()) == (
+        3, "gpu-pipeline: error: cannot write to stdout: standard output is closed\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "tree"]
+
+
 @needs_dev_full
 @pytest.mark.parametrize("args", [["info"], ["--version"], ["--help"], ["run", "DATA", "--out", "-", "--format", "csv"],
                                   ["run", "DATA", "--out", "-", "--quiet"], ["verify", "DATA", "--backends", "numba"]])

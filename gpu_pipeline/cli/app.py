@@ -59,7 +59,7 @@ from gpu_pipeline.cli import streams
 from gpu_pipeline.cli.options import (L2, Backend, Bands, BatchSize, Blur, Command, Commands, Decode, DecodeTimeout,
                                       Device, FilesFrom, Glob, High, Low, MaxPixels, Paths, Stretch, Threads,
                                       Workers, check_counts, decode_options, fail_usage, given_file_name,
-                                      given_path, given_paths, pipeline_config)
+                                      given_path, given_paths, pipeline_config, refuse_closed_stdout)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.decoding import processes_for_time_limit
 from gpu_pipeline.engine.stream import Engine
@@ -154,6 +154,8 @@ def run(
     """
     from gpu_pipeline.engine.job import run_job
 
+    if dry_run:  # (its plan is its result; a run's results go to --out, its messages to stderr)
+        refuse_closed_stdout()
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
         if not 0 < dask_timeout <= MOST_DASK_TIMEOUT_S:

@@ -18,8 +18,8 @@ from rich.console import Console
 from gpu_pipeline.cli.options import (L2, Bands, Command, DecodeTimeout, FilesFrom, ImagesPerCall, Blur, Glob,
                                       High, Low, MaxPixels, Paths, Stretch, Threads, VerifyWorkers,
                                       bundled_data_dir, check_counts, decode_options, fail_unwritten, fail_usage,
-                                      given_file_name, given_path, given_paths, pipeline_config, written_path,
-                                      written_png)
+                                      given_file_name, given_path, given_paths, pipeline_config,
+                                      refuse_closed_stdout, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.engine.cores import usable_cores
 from gpu_pipeline.errors import UsageError
@@ -61,6 +61,7 @@ def verify(
     Exit status: 0 when all identical, 1 on any difference or backend error, 2 on bad usage, 3 when
     standard output or the --report cannot be written (a full disk, a closed pipe).
     """
+    refuse_closed_stdout()
     from gpu_pipeline.engine.job import progress_bar, progress_lines, warn_unlisted
     from gpu_pipeline.diagnostics.verify import parse_backend_list, print_report, run_verify, write_report
     from gpu_pipeline.inputs.processes import DecodeProcessesFailed
@@ -147,6 +148,7 @@ def bench(
     Exit status: 0 when every contender that can run here was measured, 1 when one failed, 2 on bad usage,
     3 when standard output, --json or --plot cannot be written (a full disk, a closed pipe).
     """
+    refuse_closed_stdout()
     from gpu_pipeline.bench import BenchSettings, default_batch_size, load_corpus, run_benchmark
     from gpu_pipeline.bench.corpus import corpus_folder
     from gpu_pipeline.engine.job import warn_unlisted
@@ -238,6 +240,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines."),
 ) -> None:
     """Describe this machine: versions, backends (and why one cannot run), GPU, CPU threads, numba setup."""
+    refuse_closed_stdout()
     from gpu_pipeline.diagnostics.info import collect_info, print_info
 
     collected = collect_info()

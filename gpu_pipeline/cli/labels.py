@@ -20,7 +20,7 @@ from rich.console import Console
 from gpu_pipeline import __version__
 from gpu_pipeline.cli.options import (L2, Backend, Bands, Blur, Command, High, Low, Stretch, decode_options,
                                       fail_unwritten, fail_usage, given_file_name, given_path, pipeline_config,
-                                      written_path, written_png)
+                                      refuse_closed_stdout, written_path, written_png)
 from gpu_pipeline.config import DecodeOptions, PipelineConfig
 from gpu_pipeline.outputs.files import check_target, is_our_json, is_our_png, replace_with
 from gpu_pipeline.labels.confusion import (accuracy, accuracy_line, accuracy_text, confusion_matrix, confusion_table,
@@ -90,6 +90,7 @@ def fit(
     Exit status: 0, 1 when some images failed (they are left out), 2 on bad usage, 3 when standard
     output or the model cannot be written (a full disk, a closed pipe).
     """
+    refuse_closed_stdout()
     _need_numba("fit")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
     from gpu_pipeline.labels.model import fit_model, settings_text
@@ -178,6 +179,7 @@ def evaluate(
     Exit status: 0, 1 when some images failed (left out), 2 on bad usage, 3 when standard output or
     the --plot cannot be written (a full disk, a closed pipe).
     """
+    refuse_closed_stdout()
     _need_numba("evaluate")
     from gpu_pipeline.labels.labelled import compute_features, read_labeled_tree
     from gpu_pipeline.labels.model import load_model, resolve_model_path

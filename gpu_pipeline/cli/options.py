@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from gpu_pipeline.backends import registry
+from gpu_pipeline.cli import streams
 from gpu_pipeline.config import (BLUR_SIZES, MOST_THREADS, SETTING_OPTIONS, STRETCHES, DecodeOptions,
                                  PipelineConfig, setting_name)
 from gpu_pipeline.errors import EXIT_WRITE_ERROR, UsageError, printable
@@ -117,6 +118,14 @@ ImagesPerCall = Annotated[int, typer.Option("--batch-size",
 def fail_usage(message: str) -> None:
     typer.echo(f"gpu-pipeline: error: {printable(message)}", err=True)
     raise typer.Exit(2)
+
+
+def refuse_closed_stdout() -> None:
+    """A command whose results go to standard output, started with it closed (``>&-``): exit 3 and
+    one line now, before any other check, any work or any file (``fit`` wrote its model, ``bench``
+    its JSON, then failed at the first line of results)."""
+    if "stdout" in streams.closed:
+        raise typer.Exit(streams.write_failed("standard output is closed"))
 
 
 class _FlagsTakeNoValue:

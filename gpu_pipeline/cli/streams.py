@@ -10,7 +10,9 @@
   closed at the start, ``>&-``) ends the command with exit 3 and one line, as ``run --out -`` does.
   stdout is wrapped to know that a write to it failed: a full disk under another file (numba's
   cache) is named as such (exit 1), and a broken pipe of ours (a socket), which click ends as if
-  stdout's, is shown as it is.
+  stdout's, is shown as it is. A command whose results go to stdout refuses a stdout closed at the
+  start before it does anything (``options.refuse_closed_stdout``): a write that fails later came
+  after its files were written.
 * gpu-pipeline's own warnings (:class:`PipelineWarning`) read as the commands' other messages,
   ``warning: ...`` on one line, not in Python's format (the file and line that made the call).
 * matplotlib's logged warnings (a home it cannot write, a font cache it builds) are not shown:
