@@ -2122,6 +2122,48 @@ def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_
     assert len(read_records(out)) == 6 and all("error" not in r for r in read_records(out))
 
 
+def test_a_parquet_retry_failed_skips_a_part_removed_since_the_listing(tmp_path, monkeypatch):
+    """--retry-failed lists the dataset's parts, then reads and stats each: one removed in between (by
+    another program) refused the run, "cannot write OUT: No such file or directory" (exit 2), naming
+    neither the part nor what happened. A part that is gone holds no error row left to drop: it is
+    skipped, as last_part_status skips it."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from gpu_pipeline.outputs import parquet
+
+    folder = tmp_path / "images"
+    paths = make_images(folder, 6)
+    paths[0].write_bytes(b"")
+    paths[5].write_bytes(b"")
+    out = tmp_path / "out.parquet"
+    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
+    make_images(folder, 6)
+    listed, drop = parquet.parts, parquet.drop_error_rows
+    lost = []  # the results of the part removed: the resume holds them recorded
+
+    def listed_then_first_gone(where: Path) -> list[Path]:
+        found = listed(where)
+        table = pq.read_table(found[0])
+        assert table.column("error").to_pylist()[0] is not None  # (tile000's: a part --retry-failed reads)
+        lost.extend(Path(path).name for path, error in zip(*table.select(["path", "error"]).to_pydict().values())
+                    if error is None)
+        found[0].unlink()
+        return found
+
+    def drop_with_a_part_gone(*args) -> None:
+        monkeypatch.setattr(parquet, "parts", listed_then_first_gone)
+        drop(*args)
+        monkeypatch.setattr(parquet, "parts", listed)
+
+    monkeypatch.setattr(parquet, "drop_error_rows", drop_with_a_part_gone)
+    result = run(str(folder), "--out", str(out), "--retry-failed")
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    records = read_records(out)
+    assert lost and sorted(Path(r["path"]).name for r in records) == [path.name for path in paths if path.name not in lost]
+    assert all("error" not in r for r in records)
+    assert not parquet.temporaries(out)
+
+
 def test_an_old_single_file_parquet_output_is_refused(tiles, tmp_path):
     pytest.importorskip("pyarrow")
     out = tmp_path / "old.parquet"

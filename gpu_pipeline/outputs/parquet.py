@@ -206,14 +206,16 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
     rewritten: list[tuple[Path | None, Path]] = []  # (its new part, written aside; None: no row left), the part
     try:
         for part in parts(folder):
-            table = _read_part(pq, part, schema=parquet_schema())
+            if (read := _read_with_status(pq, part)) is None:
+                continue  # removed since the listing: no error row of it is left to drop
+            table, status = read
             rows = table.select(["path", "path_bytes", "error"]).to_pylist()
             kept = table.filter(pa.array([row["error"] is None or record_key(row) not in dropped for row in rows]))
             if kept.num_rows == table.num_rows:
                 continue
             # (a part --retry-failed rewrote took the umask's permissions, not the part's own)
             aside = _written_aside(folder, part.name, kept.to_pylist(), parquet_schema(), out,
-                                   like=os.stat(part)) if kept.num_rows else None
+                                   like=status) if kept.num_rows else None
             rewritten.append((aside, part))
     except BaseException:  # (Ctrl-C too: the temporaries written so far go)
         for aside, _ in rewritten:
@@ -222,6 +224,16 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
         raise
     for aside, part in rewritten:
         if aside is None:
-            part.unlink()
+            part.unlink(missing_ok=True)  # (removed meanwhile: as good)
         else:
             _put_in_place(aside, part, out)
+
+
+def _read_with_status(pq, part: Path):
+    """A part's table and the status of the file read (one opening: no window for the part to go
+    between them); None where the part is gone (removed since the dataset was listed)."""
+    try:
+        with open(part, "rb") as stream:
+            return pq.read_table(stream, schema=parquet_schema()), os.fstat(stream.fileno())
+    except FileNotFoundError:
+        return None
