@@ -455,6 +455,27 @@ def test_a_recorded_value_that_differs_only_in_its_type_is_shown_as_recorded(til
     assert f"(changed: {changed}; see " in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("edited, options, changed", [
+    (True, ["--low", "1"], "pipeline: --low true -> 1"),
+    (False, ["--low", "0"], "pipeline: --low false -> 0"),
+])
+def test_a_recorded_true_is_no_threshold_on_resume(tiles, tmp_path, edited, options, changed):
+    """A settings record edited by hand to hold JSON true for a threshold resumed a run with --low 1
+    (Python's True == 1): records of two settings in one output. true is no number: other settings."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out), *options).exit_code == 0
+    out.write_text("\n".join(out.read_text().splitlines()[:10]) + "\n")  # (a resume has images to add)
+    settings = Path(f"{out}.settings.json")
+    record = json.loads(settings.read_text())
+    record["pipeline"]["low_threshold"] = edited  # (a record edited by hand)
+    settings.write_text(json.dumps(record))
+    before = out.read_bytes(), settings.read_bytes()
+    result = run(str(tiles[0].parent), "--out", str(out), *options)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and f"(changed: {changed}; see " in result.stderr, result.stderr
+    assert (out.read_bytes(), settings.read_bytes()) == before
+
+
 def test_a_setting_this_version_does_not_know_is_named_in_the_refusal(tiles, tmp_path):
     """An output a newer version wrote, with a setting this one does not have, was refused as
     "changed: pipeline: " with nothing after it: nothing for the user to act on."""

@@ -118,7 +118,7 @@ def check_settings(out: str, settings: dict, output: OutputPlan, earlier: dict |
                          "or another --out")
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     used_before, used_now = _as_canny_uses(earlier), _as_canny_uses(settings)  # (shown as given, below)
-    if used_before == used_now:
+    if _same_json(used_before, used_now):
         return
     # in this format: inspect checked that before the output was read back
     changed = [_changed_section(key, earlier.get(key), settings.get(key)) for key in _differing(used_before, used_now)]
@@ -132,7 +132,7 @@ def _changed_section(key: str, earlier, now) -> str:
     Thresholds given the other way round are no change (:func:`_as_canny_uses`)."""
     if not (isinstance(earlier, dict) and isinstance(now, dict)):
         return key  # (the model: its SHA-256 would tell the user nothing)
-    same_thresholds = _canny_thresholds(earlier) == _canny_thresholds(now)
+    same_thresholds = _same_json(list(_canny_thresholds(earlier)), list(_canny_thresholds(now)))
     options = [_change_shown(name, earlier, now) for name in _differing(earlier, now)
                if not (same_thresholds and name in _THRESHOLDS)]
     return f"{key}: {', '.join(options)}"
@@ -143,7 +143,7 @@ def _change_shown(name: str, earlier: dict, now: dict) -> str:
     "100" or [100]) as the record has it, ``--low "100" -> 100``, where "100 -> 100" named no change."""
     was = _setting_shown(earlier[name]) if name in earlier else "not recorded"
     is_now = _setting_shown(now[name]) if name in now else "not a setting of this version"
-    if was == is_now and name in earlier and name in now:
+    if name in earlier and name in now and (was == is_now or not _same_kind(earlier[name], now[name])):
         was = json.dumps(earlier[name])
     return f"{SETTING_OPTIONS.get(name, name)} {was} -> {is_now}"
 
@@ -152,7 +152,23 @@ def _differing(earlier: dict, now: dict) -> list[str]:
     """The keys whose values differ, this run's order first, a key on one side only among them (a newer
     version's setting, one the record lacks): left out, they gave "changed: pipeline: " and nothing to
     act on (None is no value to compare a missing key by)."""
-    return [name for name in {**now, **earlier} if name not in now or name not in earlier or earlier[name] != now[name]]
+    return [name for name in {**now, **earlier}
+            if name not in now or name not in earlier or not _same_json(earlier[name], now[name])]
+
+
+def _same_json(earlier, now) -> bool:
+    """Whether two settings are the same JSON values: a record edited by hand to hold true for a
+    threshold resumed a run with --low 1, Python's True being 1."""
+    if isinstance(earlier, dict) and isinstance(now, dict):
+        return earlier.keys() == now.keys() and all(_same_json(earlier[key], now[key]) for key in earlier)
+    if isinstance(earlier, list) and isinstance(now, list):
+        return len(earlier) == len(now) and all(map(_same_json, earlier, now))
+    return _same_kind(earlier, now) and earlier == now
+
+
+def _same_kind(earlier, now) -> bool:
+    """Whether neither or both are JSON's true or false (Python's bool is a number)."""
+    return isinstance(earlier, bool) == isinstance(now, bool)
 
 
 def _setting_shown(value) -> str:
