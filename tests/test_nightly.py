@@ -2122,11 +2122,10 @@ def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_
     assert len(read_records(out)) == 6 and all("error" not in r for r in read_records(out))
 
 
-def test_a_parquet_retry_failed_skips_a_part_removed_since_the_listing(tmp_path, monkeypatch):
-    """--retry-failed lists the dataset's parts, then reads and stats each: one removed in between (by
-    another program) refused the run, "cannot write OUT: No such file or directory" (exit 2), naming
-    neither the part nor what happened. A part that is gone holds no error row left to drop: it is
-    skipped, as last_part_status skips it."""
+def _retry_failed_with_a_part_changed(tmp_path, monkeypatch, which: int, change):
+    """A dataset of 6 images in parts of 2, 0 and 5 failed (error rows in its first and last parts),
+    then ``--retry-failed`` with ``change(part)`` done to part ``which`` once --retry-failed listed the
+    parts to rewrite. The run's result, the dataset and the results that part held."""
     pq = pytest.importorskip("pyarrow.parquet")
     from gpu_pipeline.outputs import parquet
 
@@ -2138,30 +2137,59 @@ def test_a_parquet_retry_failed_skips_a_part_removed_since_the_listing(tmp_path,
     assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
     make_images(folder, 6)
     listed, drop = parquet.parts, parquet.drop_error_rows
-    lost = []  # the results of the part removed: the resume holds them recorded
+    held = []
 
-    def listed_then_first_gone(where: Path) -> list[Path]:
+    def listed_then_changed(where: Path) -> list[Path]:
         found = listed(where)
-        table = pq.read_table(found[0])
-        assert table.column("error").to_pylist()[0] is not None  # (tile000's: a part --retry-failed reads)
-        lost.extend(Path(path).name for path, error in zip(*table.select(["path", "error"]).to_pydict().values())
+        table = pq.read_table(found[which])
+        assert any(table.column("error").to_pylist())  # (a part --retry-failed rewrites)
+        held.extend(Path(path).name for path, error in zip(*table.select(["path", "error"]).to_pydict().values())
                     if error is None)
-        found[0].unlink()
+        change(found[which])
         return found
 
-    def drop_with_a_part_gone(*args) -> None:
-        monkeypatch.setattr(parquet, "parts", listed_then_first_gone)
+    def drop_with_a_part_changed(*args) -> None:
+        monkeypatch.setattr(parquet, "parts", listed_then_changed)
         drop(*args)
         monkeypatch.setattr(parquet, "parts", listed)
 
-    monkeypatch.setattr(parquet, "drop_error_rows", drop_with_a_part_gone)
+    monkeypatch.setattr(parquet, "drop_error_rows", drop_with_a_part_changed)
     result = run(str(folder), "--out", str(out), "--retry-failed")
-    assert result.exit_code == 0, result.output
     monkeypatch.undo()
+    return result, out, paths, held
+
+
+def test_a_parquet_retry_failed_skips_a_part_removed_since_the_listing(tmp_path, monkeypatch):
+    """--retry-failed lists the dataset's parts, then reads and stats each: one removed in between (by
+    another program) refused the run, "cannot write OUT: No such file or directory" (exit 2), naming
+    neither the part nor what happened. A part that is gone holds no error row left to drop: it is
+    skipped, as last_part_status skips it; its results are lost, the resume holding them recorded."""
+    from gpu_pipeline.outputs import parquet
+
+    result, out, paths, lost = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, 0, Path.unlink)
+    assert result.exit_code == 0, result.output
     records = read_records(out)
     assert lost and sorted(Path(r["path"]).name for r in records) == [path.name for path in paths if path.name not in lost]
     assert all("error" not in r for r in records)
     assert not parquet.temporaries(out)
+
+
+def test_a_parquet_retry_failed_names_a_part_replaced_since_the_listing(tmp_path, monkeypatch):
+    """A part another program renamed into place meanwhile, no Parquet file, ended --retry-failed with
+    pyarrow's traceback (ArrowInvalid, exit 1). Now it is refused as a resume refuses such a part,
+    naming it, and every part is as it was (the part rewritten aside before it goes)."""
+    from gpu_pipeline.outputs import parquet
+
+    def replaced(part: Path) -> None:
+        (tmp_path / "theirs").write_bytes(b"not parquet at all")
+        os.replace(tmp_path / "theirs", part)
+        kept.update({entry.name: entry.read_bytes() for entry in part.parent.iterdir()})
+
+    kept = {}
+    result, out, _, _ = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, -1, replaced)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "part-000001.parquet is not a readable Parquet part (" in result.stderr
+    assert {entry.name: entry.read_bytes() for entry in out.iterdir()} == kept  # (no temporary left either)
 
 
 def test_an_old_single_file_parquet_output_is_refused(tiles, tmp_path):

@@ -107,9 +107,13 @@ def _read_back(part: Path):
     except Exception as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # (the disk's error, not the part's: refused as any output that cannot be read)
-        reason = _OPENING.sub("", first_line(exc))  # (the source pyarrow names is our stream: '<Buffer>')
-        raise ValueError(f"{part.name} is not a readable Parquet part ({reason}); move it out of the "
-                         "folder (its images are then processed again) or use --overwrite") from None
+        raise ValueError(_unreadable(part, exc)) from None
+
+
+def _unreadable(part: Path, exc: Exception) -> str:
+    reason = _OPENING.sub("", first_line(exc))  # (the source pyarrow names is our stream: '<Buffer>')
+    return (f"{part.name} is not a readable Parquet part ({reason}); move it out of the folder (its "
+            "images are then processed again) or use --overwrite")
 
 
 def from_table_row(row: dict) -> dict:
@@ -231,9 +235,14 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
 
 def _read_with_status(pq, part: Path):
     """A part's table and the status of the file read (one opening: no window for the part to go
-    between them); None where the part is gone (removed since the dataset was listed)."""
+    between them); None where the part is gone (removed since the dataset was listed). SinkError
+    naming it where another file was renamed in its place meanwhile (the resume had read it)."""
     try:
         with open(part, "rb") as stream:
             return pq.read_table(stream, schema=parquet_schema()), os.fstat(stream.fileno())
     except FileNotFoundError:
         return None
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # (the disk's error, not the part's)
+        raise SinkError(_unreadable(part, exc)) from None
