@@ -593,6 +593,38 @@ def test_a_decode_process_is_asked_for_its_next_part_before_this_one_is_handed_o
 
 
 @needs_processes
+def test_a_decode_thread_that_waits_for_room_has_not_asked_for_its_next_part(monkeypatch):
+    """A part that must wait for room is handed over before its process is asked for the next one:
+    a waiting thread holds one part, not that one and the next. Where compute was slower than
+    decoding, 16 decoders of 1-MP parts held 16 parts more (48 MB), in slots whose pages stay."""
+    from gpu_pipeline.engine import decoding
+    from tests.runs import wait_until
+
+    unanswered = []  # a request asked of a decode process and not yet answered, for each
+    real_ask, real_answer = processes.Decoder.ask, processes.Decoder.answer
+
+    def answer(self):
+        try:
+            return real_answer(self)
+        finally:
+            unanswered.pop()
+
+    monkeypatch.setattr(processes.Decoder, "ask", lambda self, *a: unanswered.append(self) or real_ask(self, *a))
+    monkeypatch.setattr(processes.Decoder, "answer", answer)
+    monkeypatch.setattr(decoding._DecodePool, "_chunk_length", lambda self: 4)  # parts of 2 tiles
+    tiles = find_files([BUNDLED / "eurosat"])[:24]
+    # room for no part but the one the consumer waits for
+    parts = decoding.decode_parts(tiles, DecodeOptions(), workers=2, processes=True, prefetch_pixels=1,
+                                  chunk_pixels=2 * 64 * 64)
+    with contextlib.closing(parts):
+        first = next(parts)
+        wait_until(lambda: len(parts._pool._waiting) == 2, "both decode threads waiting for room")
+        assert unanswered == []
+        images = [image for part in [first, *parts] for image in part.images]
+    assert [image.tobytes() for image in images] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
+@needs_processes
 def test_a_decode_process_killed_in_the_middle_of_a_run_loses_no_image(monkeypatch):
     """The part asked of a process that has died is asked again of a fresh one (a file at a time):
     every image still comes, in order, none with an error."""

@@ -4,10 +4,10 @@ or in decode processes (:mod:`gpu_pipeline.inputs.processes`), what the engine
 
 Memory is bounded by pixels whatever the number or size of the files (docs/benchmarks.md, "Memory"):
 the pool holds at most ``prefetch_pixels`` decoded pixels waiting for the engine, plus, per decoder,
-one part being decoded (``DECODE_CHUNK_PIXELS``, or ``PROCESS_CHUNK_PIXELS`` for a decode process,
-and at most one image more). Large images decoding or waiting are also bounded by the memory the
-run may use (:func:`decoding_budget`): sixteen decoders of scenes no longer each hold one. Every
-path gives exactly one image or one error record.
+one part being decoded, or decoded and waiting for room (``DECODE_CHUNK_PIXELS``, or
+``PROCESS_CHUNK_PIXELS`` for a decode process, and at most one image more). Large images decoding
+or waiting are also bounded by the memory the run may use (:func:`decoding_budget`): sixteen
+decoders of scenes no longer each hold one. Every path gives exactly one image or one error record.
 """
 
 from __future__ import annotations
@@ -408,8 +408,9 @@ class _DecodePool:
         """Chunks decoded by this thread's decode process, in parts of about ``chunk_pixels``, from
         this one on while the chunks this thread takes are for a decode process. The next part (of
         this chunk or the next) is asked for before this one is handed over, so the process decodes
-        while this thread waits for the GIL, the lock or room (one decode process, a backend that
-        does nothing: busy 77-90 % of its life before, 91-95 % since).
+        while this thread waits for the GIL or the lock (one decode process, a backend that does
+        nothing: busy 77-90 % of its life before, 91-95 % since), unless this one must wait for
+        room: the consumer is then the slower, and the next part would only wait too, in a slot.
         Returns the chunk taken that this thread is to decode itself, or None when there is none
         left or the consumer has gone."""
         paths = list(map(os.fspath, chunk))
@@ -418,27 +419,40 @@ class _DecodePool:
             decoder.budget = lambda charge: self._take_budget(number, charge, charged)
         decoder.ask(paths, self._chunk_pixels)
         start = part = 0
+
+        def ask_next() -> tuple[int, list[Path], bool] | None:
+            """Ask the process for the next part of this chunk, or else of the next chunk taken
+            (returned, once this one is done)."""
+            nonlocal number, chunk, paths, start, part
+            if start < len(chunk):
+                decoder.ask(paths[start:], self._chunk_pixels)
+                part += 1
+                return None
+            following = self._take_chunk()
+            if following is not None and following[2]:
+                number, chunk, _ = following
+                paths, start, part = list(map(os.fspath, chunk)), 0, 0
+                decoder.ask(paths, self._chunk_pixels)
+            return following
+
         while True:
             taken, images, errors = decoder.answer()
             inputs = chunk[start:start + taken]
             decoded = DecodedPart(inputs, images, {position: error_record(inputs[position], *error)
                                                    for position, error in errors.items()})
             key, start, last = (number, part), start + taken, start + taken == len(chunk)
-            following = None
-            if not last:
-                decoder.ask(paths[start:], self._chunk_pixels)
-                part += 1
-            else:
-                following = self._take_chunk()
-                if following is not None and following[2]:
-                    number, chunk, _ = following
-                    paths, start, part = list(map(os.fspath, chunk)), 0, 0
-                    decoder.ask(paths, self._chunk_pixels)
-            if not self._hand_over(key, decoded, int(images.pixels.sum()), last, charged[0]):
+            pixels = int(images.pixels.sum())
+            # asked for first only where the part goes through at once: a thread that waits for
+            # room holds one part, not that one and the next (16 decoders, 1-MP parts: 48 MB)
+            ahead = self._goes_on_at_once(key, pixels, len(inputs))
+            following = ask_next() if ahead else None
+            if not self._hand_over(key, decoded, pixels, last, charged[0]):
                 return None
             # not held while the next part decodes: a thread held its last scene, 16 threads 16
             decoded = images = None
             charged[0] = 0
+            if not ahead:
+                following = ask_next()
             if last and (following is None or not following[2]):
                 return following
 
@@ -504,6 +518,11 @@ class _DecodePool:
             if key == self._wanted:
                 self._consumer.notify()
         return True
+
+    def _goes_on_at_once(self, key: tuple[int, int], pixels: int, images: int) -> bool:
+        """Whether a part handed over now would be made ready without waiting for room."""
+        with self._lock:
+            return self._may_go_on(key, pixels, images)
 
     def _may_go_on(self, key: tuple[int, int], pixels: int, images: int) -> bool:
         return self._closed or key == self._wanted or self._has_room(pixels, images)

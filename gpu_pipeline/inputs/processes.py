@@ -7,7 +7,8 @@ DataLoader does the same. What crosses over:
 
 * to the worker: the paths of a chunk of files (once, as one string), then a request per part of
   it with where to put the pixels (one message a part of 256 tiles, never one an image; the next
-  part is asked for before the last one is handed on, so the worker seldom waits);
+  part is asked for before the last one is handed on, so the worker seldom waits, unless the last
+  one must wait for room in the decode pool);
 * back: where each image lies (raw bytes) and the error of each file that failed. **Pixels are
   never pickled or copied** on this side: the main process hands out views of the shared memory,
   and the worker decodes plain JPEGs straight into it;
