@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Peak host memory of the engine alone, with a GPU backend's batches, on any machine (no GPU).
 
-    python scripts/engine_memory.py PATHS... [--batch-mp 32] [--workers 16] [--decode threads]
+    python scripts/engine_memory.py PATHS... [--batch-mp 32] [--workers 16] [--decode threads] [--compute-ms 0]
 
 Runs the engine (decode pool, batches, records into a JSONL file) on PATHS with a stand-in backend
-that wants GPU-sized batches and returns zeros, and prints the peak RSS of the run and the peak
-PSS summed over its process tree (decode processes included), sampled every 20 ms, the CPU time of
-the run's own process a file (with decode processes: the engine's plumbing alone), and how busy
-the decode processes were (decoding, rather than waiting for the next request). What a real GPU
-backend adds on top (pinned staging, the CUDA context, the libraries) is not in these figures: see
-docs/backends.md, "Where the host memory goes".
+that wants GPU-sized batches and returns zeros (after ``--compute-ms`` a batch: a compute slower
+than decoding, so that decoders wait for room, as they may on many cores), and prints the peak RSS
+of the run and the peak PSS summed over its process tree (decode processes included), sampled
+every 20 ms, the CPU time of the run's own process a file (with decode processes: the engine's
+plumbing alone), and how busy the decode processes were (decoding, rather than waiting for the next
+request). What a real GPU backend adds on top (pinned staging, the CUDA context, the libraries) is
+not in these figures: see docs/backends.md, "Where the host memory goes".
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from bench_scale import _pss_kib, _tree  # the process tree and its PSS, as benc
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out: str) -> None:
-    """In this process: the engine over ``paths`` with a backend that wants ``batch_mp`` MP a call."""
+def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out: str, compute_ms: float = 0) -> None:
+    """In this process: the engine over ``paths`` with a backend that wants ``batch_mp`` MP a call
+    and takes ``compute_ms`` a call (asleep, as a kernel that releases the GIL)."""
     sys.path.insert(0, str(REPO))
     from gpu_pipeline.backends.base import Backend, BatchResult
     from gpu_pipeline.engine.stream import Engine
@@ -40,7 +42,11 @@ def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out
         def batch_pixels(self) -> int:
             return int(batch_mp * 2**20)
 
+        calls = 0
+
         def process(self, images, config, keep_images=False):
+            StandIn.calls += 1
+            time.sleep(compute_ms / 1000)
             return BatchResult.empty(len(images), keep_images)
 
     files = find_files(paths)
@@ -48,12 +54,12 @@ def run_engine(paths: list[str], batch_mp: float, workers: int, decode: str, out
     Engine(StandIn(), workers=workers, processes=False).run(files[:64], sink)
     sink.close()
     sink = open_sink(out, resume=False)
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, StandIn.calls = time.perf_counter(), time.process_time(), 0
     Engine(StandIn(), workers=workers, processes=decode == "processes").run(files, sink)
     sink.close()
     # with decode processes, the main process's own CPU: its plumbing, what bounds its threads
-    print(f"{len(files):,} files in {time.perf_counter() - start:.2f} s; CPU of the run's process "
-          f"{(time.process_time() - cpu) / len(files) * 1e6:.1f} us a file", flush=True)
+    print(f"{len(files):,} files in {time.perf_counter() - start:.2f} s, {StandIn.calls} batches; CPU of the run's "
+          f"process {(time.process_time() - cpu) / len(files) * 1e6:.1f} us a file", flush=True)
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -71,11 +77,13 @@ def main() -> None:
     parser.add_argument("--batch-mp", type=float, default=32.0, help="megapixels a call (GPU backends: 32)")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--decode", choices=["threads", "processes"], default="threads")
+    parser.add_argument("--compute-ms", type=float, default=0.0, help="milliseconds the stand-in takes a batch")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory() as scratch:
-            run_engine(args.paths, args.batch_mp, args.workers, args.decode, str(Path(scratch) / "out.jsonl"))
+            run_engine(args.paths, args.batch_mp, args.workers, args.decode, str(Path(scratch) / "out.jsonl"),
+                       args.compute_ms)
         return
     child = subprocess.Popen([sys.executable, __file__, "--child", *sys.argv[1:]])
     peak_rss = peak_tree = 0

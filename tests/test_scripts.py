@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,15 @@ def test_bench_labels_small():
 def test_engine_memory_with_decode_processes():
     done = run_script("engine_memory.py", str(TILES), "--batch-mp", "1", "--workers", "2", "--decode", "processes")
     assert "MiB" in done.stdout
+
+
+def test_engine_memory_with_a_compute_slower_than_decoding():
+    """``--compute-ms``: the stand-in backend takes that long a batch, so that decoders wait for room
+    as where compute is the slower (the 2-core VM's runs never get there)."""
+    done = run_script("engine_memory.py", str(TILES), "--batch-mp", "0.01", "--workers", "2", "--compute-ms", "20")
+    files, seconds, batches = re.search(r"([\d,]+) files in ([\d.]+) s, (\d+) batches", done.stdout).groups()
+    assert int(batches) >= int(files.replace(",", "")) // 3  # (0.01 MP: 2 tiles of 64 x 64 a batch)
+    assert float(seconds) >= int(batches) * 0.02
 
 
 def test_fit_eurosat_then_label_alternatives(tmp_path):
