@@ -396,6 +396,20 @@ def test_resume_with_other_decode_settings_is_refused(tiles, tmp_path, option, v
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("first, then", [("1,2,3", "1"), ("1", "1,2,3")])
+def test_a_resume_with_bands_that_begin_as_the_recorded_ones_is_refused(tiles, tmp_path, first, then):
+    """``--bands 1`` after ``--bands 1,2,3``: the lists agree as far as the shorter goes, and the
+    settings differ all the same (gray against RGB)."""
+    out = tmp_path / "out.jsonl"
+    assert run(str(tiles[0].parent), "--out", str(out), "--bands", first).exit_code == 0
+    out.write_text("\n".join(out.read_text().splitlines()[:10]) + "\n")  # (a resume has images to add)
+    before = out.read_bytes()
+    result = run(str(tiles[0].parent), "--out", str(out), "--bands", then)
+    assert result.exit_code == 2, result.output
+    assert f"(changed: decode: --bands {first} -> {then}; see " in result.stderr, result.stderr
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("options, changed", [
     (["--low", "50"], "changed: pipeline: --low 100 -> 50; "),
     (["--l2", "--blur", "3"], "changed: pipeline: --l2 off -> on, --blur 5 -> 3; "),
