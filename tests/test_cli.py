@@ -786,8 +786,9 @@ def test_closed_stderr_and_stdout_are_opened_on_dev_null(image_dir, tmp_path):
     assert command("run", str(image_dir), "--out", str(out), "--backend", "reference",
                    stderr=None, shell_redirects="2>&- <&-").returncode == 0
     assert len(out.read_text().splitlines()) == len([p for p in image_dir.rglob("*") if p.is_file()])
-    refused = command("run", str(image_dir), "--out", "-", "--backend", "reference", shell_redirects=">&-")
-    assert refused.returncode == 2 and refused.stderr.decode() == "gpu-pipeline: error: --out -: standard output is closed\n"
+    for dry_run in ([], ["--dry-run"]):  # (a dry run meets the run's refusal: it ended with exit 3)
+        refused = command("run", str(image_dir), "--out", "-", "--backend", "reference", *dry_run, shell_redirects=">&-")
+        assert (refused.returncode, refused.stderr.decode()) == (2, "gpu-pipeline: error: --out -: standard output is closed\n")
 
 
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["--version"], ["--help"],

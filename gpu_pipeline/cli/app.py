@@ -154,8 +154,8 @@ def run(
     """
     from gpu_pipeline.engine.job import run_job
 
-    if dry_run:  # (its plan is its result; a run's results go to --out, its messages to stderr)
-        refuse_closed_stdout()
+    if dry_run and out != "-":  # (its plan is its result; a run's results go to --out, its messages to
+        refuse_closed_stdout()    # stderr; with --out - it meets the run's own refusal, exit 2, below)
     try:
         check_counts(workers=workers, threads=threads, batch_size=batch_size)
         if not 0 < dask_timeout <= MOST_DASK_TIMEOUT_S:
