@@ -618,7 +618,9 @@ def test_a_decode_thread_that_waits_for_room_has_not_asked_for_its_next_part(mon
                                   chunk_pixels=2 * 64 * 64)
     with contextlib.closing(parts):
         first = next(parts)
-        wait_until(lambda: len(parts._pool._waiting) == 2, "both decode threads waiting for room")
+        pool = parts._pool  # (the part wanted ready: no waiter is one just woken, before it asks)
+        wait_until(lambda: len(pool._waiting) == 2 and pool._wanted in pool._ready,
+                   "both decode threads waiting for room")
         assert unanswered == []
         images = [image for part in [first, *parts] for image in part.images]
     assert [image.tobytes() for image in images] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
