@@ -190,7 +190,7 @@ FIGURES = [
     ("nightly.md", "a file of more than 1 MiB, read piece by piece", "gpu_pipeline.inputs.decode", "SMALL_FILE_BYTES",
      1 << 20),
     ("nightly.md", "untouched for a minute", "gpu_pipeline.outputs.files", "STALE_AFTER_S", 60),
-    ("nightly.md", "the part it is decoding: about 0.25 megapixels", "gpu_pipeline.engine.decoding",
+    ("nightly.md", "waits for room with: about 0.25 megapixels", "gpu_pipeline.engine.decoding",
      "DECODE_CHUNK_PIXELS", 256 << 10),
     ("nightly.md", "about 0.25 megapixels (1 for a decode process)", "gpu_pipeline.engine.decoding",
      "PROCESS_CHUNK_PIXELS", 1 << 20),
