@@ -2584,6 +2584,20 @@ def test_a_listed_path_that_ends_in_dot_dot_and_leads_nowhere_keeps_its_dot_dot(
                                   str(tmp_path / "a" / "gone" / "deeper" / "..")]
 
 
+def test_a_listed_path_that_ends_in_dot_dot_after_a_missing_folder_and_dot_dot_keeps_them(tmp_path, monkeypatch):
+    """``gone/../..`` and ``gone/../b/..`` lead nowhere, as ``gone/..`` does, and were recorded as
+    ``a/..`` and ``a/b/..``, folders that are there (an error record "Is a directory"): the folder
+    above their last ``..`` was resolved by ``os.path.realpath``, which takes ``gone/..`` for ``.``."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "e.png").write_bytes(b"")  # (a list none of whose paths can be reached is refused)
+    monkeypatch.chdir(tmp_path / "a")
+    listed = [ListedPath("gone/../.."), ListedPath("gone/../b/.."), ListedPath("../e.png")]
+    named = find_files(listed)
+    assert named == [str(tmp_path / "e.png"), str(tmp_path / "a" / "gone" / ".." / ".."),
+                     str(tmp_path / "a" / "gone" / ".." / "b" / "..")]
+    assert [os.path.exists(name) for name in named] == [True, False, False]
+
+
 def test_a_listed_path_that_leads_nowhere_below_a_linked_folder_keeps_its_lexical_name(tmp_path, monkeypatch):
     """A missing file whose folder is a link reached after a ``..`` (``a/../into/gone.png``), or with
     no ``..`` at all (``./into/nodir/m.png``), is named as listed, not through the link's target: its

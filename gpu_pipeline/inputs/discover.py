@@ -46,16 +46,25 @@ def absolute_name(given: Path) -> str:
     second record. Lexical (``os.path.abspath``), except where a ``..`` follows a symbolic link: there
     the lexical name is another file, and its folder is resolved (``os.path.realpath``), its own name
     kept (a symbolic link is named, not its target, as everywhere else). A name that ends in a ``..``
-    and leads nowhere (``a/..``, no ``a``) keeps that ``..``: its lexical name is a folder that is
-    there, which it does not name. A leading
+    and leads nowhere (``a/..``, no ``a``) keeps what leads nowhere as spelt: its lexical name is a
+    folder that is there, which it does not name. A leading
     ``//`` is ``/`` (:func:`single_root`): kept, it gave a second record of each file on resume."""
     absolute = single_root(os.path.abspath(given))
     if ".." in given.parts and not _lexically_right(absolute, given):
-        if given.name == ".." and os.path.exists(given):
-            return os.path.realpath(given)
+        if given.name == "..":
+            return _resolved_as_far_as_there(given)
         # its folder resolved, its own name kept: a broken link was named as its target, a file never listed
         return os.path.join(os.path.realpath(given.parent), given.name)
     return absolute
+
+
+def _resolved_as_far_as_there(given: Path) -> str:
+    """``given`` resolved (``os.path.realpath``) as far as it leads somewhere, the rest as spelt:
+    realpath takes a ``gone/..`` that leads nowhere for the folder it sits in."""
+    there = len(given.parts)
+    while there and not os.path.exists(Path(*given.parts[:there])):
+        there -= 1
+    return os.path.join(os.path.realpath(Path(*given.parts[:there])), *given.parts[there:])
 
 
 def _lexically_right(absolute: str, given: Path) -> bool:
