@@ -627,6 +627,32 @@ def test_a_decode_thread_that_waits_for_room_has_not_asked_for_its_next_part(mon
 
 
 @needs_processes
+def test_a_decode_thread_that_waited_for_room_goes_on_with_the_next_chunk(monkeypatch):
+    """A part that waits for room is handed over before its process is asked for more: at the end of
+    a chunk, the next chunk is taken then, and asked for. Every part but the one wanted waits here
+    (the consumer takes the next only once the decoder waits), and every image still comes, in order."""
+    from gpu_pipeline.engine import decoding
+    from tests.runs import wait_until
+
+    monkeypatch.setattr(decoding._DecodePool, "_chunk_length", lambda self: 4)  # parts of 2 tiles
+    tiles = find_files([BUNDLED / "eurosat"])[:24]
+    parts = decoding.decode_parts(tiles, DecodeOptions(), workers=1, processes=True, prefetch_pixels=1,
+                                  chunk_pixels=2 * 64 * 64)
+    pool = parts._pool
+
+    def waits_for_room() -> bool:
+        with pool._lock:
+            return not pool._running or any(key != pool._wanted for key in pool._waiting)
+
+    images = []
+    with contextlib.closing(parts):
+        for part in parts:
+            images.extend(part.images)
+            wait_until(waits_for_room, "the decoder waiting for room with a part not yet wanted")
+    assert [image.tobytes() for image in images] == [decode_image(p, DecodeOptions()).tobytes() for p in tiles]
+
+
+@needs_processes
 def test_a_decode_process_killed_in_the_middle_of_a_run_loses_no_image(monkeypatch):
     """The part asked of a process that has died is asked again of a fresh one (a file at a time):
     every image still comes, in order, none with an error."""
