@@ -453,6 +453,7 @@ def test_thresholds_given_the_other_way_round_are_no_change_to_name(tiles, tmp_p
     # (a list was shown as its items: "--low 100 -> 100", and 'percentile -> "percentile"' quoted this run's)
     ("pipeline", "low_threshold", [100], "pipeline: --low [100] -> 100"),
     ("decode", "stretch", ["percentile"], 'decode: --stretch ["percentile"] -> percentile'),
+    ("decode", "bands", [True, 2, 3], "decode: --bands [true, 2, 3] -> not given"),  # (read "True,2,3")
 ])
 def test_a_recorded_value_that_differs_only_in_its_type_is_shown_as_recorded(tiles, tmp_path, section, name,
                                                                              edited, changed):

@@ -179,8 +179,10 @@ def _setting_shown(value) -> str:
         return "on" if value else "off"
     if isinstance(value, float):  # (six digits at most: 100.00001 would read as 100)
         return f"{value:g}" if float(f"{value:g}") == value else repr(value)
-    if isinstance(value, list):
+    if isinstance(value, list) and all(type(item) is int for item in value):
         return ",".join(map(str, value))
+    if isinstance(value, list):  # (edited by hand: [true, 2, 3] read "True,2,3")
+        return json.dumps(value)
     return str(value)
 
 
