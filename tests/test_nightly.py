@@ -2159,19 +2159,27 @@ def _retry_failed_with_a_part_changed(tmp_path, monkeypatch, which: int, change)
     return result, out, paths, held
 
 
-def test_a_parquet_retry_failed_skips_a_part_removed_since_the_listing(tmp_path, monkeypatch):
+def test_a_parquet_retry_failed_refuses_a_part_removed_since_the_listing(tmp_path, monkeypatch):
     """--retry-failed lists the dataset's parts, then reads and stats each: one removed in between (by
     another program) refused the run, "cannot write OUT: No such file or directory" (exit 2), naming
-    neither the part nor what happened. A part that is gone holds no error row left to drop: it is
-    skipped, as last_part_status skips it; its results are lost, the resume holding them recorded."""
+    neither the part nor what happened; skipped, its results were lost with exit 0, the resume holding
+    them recorded. It is refused naming the part, nothing written, and the next run redoes its images."""
     from gpu_pipeline.outputs import parquet
 
-    result, out, paths, lost = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, 0, Path.unlink)
-    assert result.exit_code == 0, result.output
+    kept = {}
+
+    def removed(part: Path) -> None:
+        part.unlink()
+        kept.update({entry.name: entry.read_bytes() for entry in part.parent.iterdir()})
+
+    result, out, paths, lost = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, 0, removed)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "part-000000.parquet was removed while this run read the dataset; run the command again" in result.stderr
+    assert {entry.name: entry.read_bytes() for entry in out.iterdir()} == kept  # (no temporary left either)
+    assert run(str(paths[0].parent), "--out", str(out), "--retry-failed").exit_code == 0
     records = read_records(out)
-    assert lost and sorted(Path(r["path"]).name for r in records) == [path.name for path in paths if path.name not in lost]
+    assert lost and sorted(Path(r["path"]).name for r in records) == sorted(path.name for path in paths)
     assert all("error" not in r for r in records)
-    assert not parquet.temporaries(out)
 
 
 def test_a_parquet_retry_failed_names_a_part_replaced_since_the_listing(tmp_path, monkeypatch):

@@ -210,9 +210,7 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
     rewritten: list[tuple[Path | None, Path]] = []  # (its new part, written aside; None: no row left), the part
     try:
         for part in parts(folder):
-            if (read := _read_with_status(pq, part)) is None:
-                continue  # removed since the listing: no error row of it is left to drop
-            table, status = read
+            table, status = _read_with_status(pq, part)
             rows = table.select(["path", "path_bytes", "error"]).to_pylist()
             kept = table.filter(pa.array([row["error"] is None or record_key(row) not in dropped for row in rows]))
             if kept.num_rows == table.num_rows:
@@ -235,13 +233,15 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
 
 def _read_with_status(pq, part: Path):
     """A part's table and the status of the file read (one opening: no window for the part to go
-    between them); None where the part is gone (removed since the dataset was listed). SinkError
-    naming it where another file was renamed in its place meanwhile (the resume had read it)."""
+    between them). SinkError naming it where it was removed, or another file renamed in its place,
+    since the resume read it: skipped, its records were lost with exit 0, the resume holding them
+    recorded; the next run, which reads the dataset afresh, redoes its images."""
     try:
         with open(part, "rb") as stream:
             return pq.read_table(stream, schema=parquet_schema()), os.fstat(stream.fileno())
     except FileNotFoundError:
-        return None
+        raise SinkError(f"{part.name} was removed while this run read the dataset; run the command again to "
+                        "process its images again") from None
     except Exception as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # (the disk's error, not the part's)
