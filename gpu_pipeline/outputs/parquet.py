@@ -234,14 +234,14 @@ def drop_error_rows(folder: Path, out: str, dropped: set[str]) -> None:
 def _read_with_status(pq, part: Path):
     """A part's table and the status of the file read (one opening: no window for the part to go
     between them). SinkError naming it where it was removed, or another file renamed in its place,
-    since the resume read it: skipped, its records were lost with exit 0, the resume holding them
-    recorded; the next run, which reads the dataset afresh, redoes its images."""
+    since the resume read it (a part removed and skipped lost its records with exit 0, the resume
+    holding them recorded); the next run reads the dataset afresh and redoes its images."""
     try:
         with open(part, "rb") as stream:
             return pq.read_table(stream, schema=parquet_schema()), os.fstat(stream.fileno())
     except FileNotFoundError:
-        raise SinkError(f"{part.name} was removed while this run read the dataset; run the command again to "
-                        "process its images again") from None
+        raise SinkError(f"{part.name} was removed while this run read the dataset; run the command again "
+                        "(its images are then processed anew)") from None
     except Exception as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # (the disk's error, not the part's)
