@@ -453,9 +453,14 @@ for _ in range(3):
     [next(records) for _ in range(3)]
     records.close()
 time.sleep(1)
-zombies = [pid for pid in os.listdir("/proc") if pid.isdigit()
-           for fields in [open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()]
-           if int(fields[1]) == os.getpid() and fields[0] == "Z"]
+def state_and_parent(pid):
+    try:  # (a process of the machine's that ends meanwhile, one the test never made, has no stat)
+        with open(f"/proc/{{pid}}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None, None
+    return fields[0], int(fields[1])
+zombies = [pid for pid in os.listdir("/proc") if pid.isdigit() and state_and_parent(pid) == ("Z", os.getpid())]
 print(len(zombies))
 """
 
