@@ -2090,17 +2090,24 @@ def test_overwrite_of_a_dataset_whose_last_part_cannot_be_read(tmp_path):
     assert len(read_records(out)) == 3
 
 
-def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_path, monkeypatch):
-    """--retry-failed rewrites each part that holds error rows; the disk filling up at the second such
-    part used to leave the first rewritten (its error rows gone) while the run was refused (exit 2,
-    "before anything was written"). Now every part is written aside first: the dataset is as it was."""
-    pq = pytest.importorskip("pyarrow.parquet")
+def _a_dataset_whose_first_and_last_parts_failed(tmp_path) -> tuple[Path, list[Path], Path]:
+    """6 images in a Parquet dataset of parts of 2, images 0 and 5 empty files (error rows in its
+    first and last parts): their folder, the images and the dataset."""
     folder = tmp_path / "images"
     paths = make_images(folder, 6)
     paths[0].write_bytes(b"")
     paths[5].write_bytes(b"")
     out = tmp_path / "out.parquet"
     assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
+    return folder, paths, out
+
+
+def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_path, monkeypatch):
+    """--retry-failed rewrites each part that holds error rows; the disk filling up at the second such
+    part used to leave the first rewritten (its error rows gone) while the run was refused (exit 2,
+    "before anything was written"). Now every part is written aside first: the dataset is as it was."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder, _, out = _a_dataset_whose_first_and_last_parts_failed(tmp_path)
     before = {part.name: part.read_bytes() for part in out.iterdir()}
     failed_in = [name for name in before if any(pq.read_table(out / name).column("error").to_pylist())]
     assert len(failed_in) == 2  # the error rows are in two parts
@@ -2123,18 +2130,13 @@ def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_
 
 
 def _retry_failed_with_a_part_changed(tmp_path, monkeypatch, which: int, change):
-    """A dataset of 6 images in parts of 2, 0 and 5 failed (error rows in its first and last parts),
-    then ``--retry-failed`` with ``change(part)`` done to part ``which`` once --retry-failed listed the
-    parts to rewrite. The run's result, the dataset and the results that part held."""
+    """:func:`_a_dataset_whose_first_and_last_parts_failed`, then ``--retry-failed`` with
+    ``change(part)`` done to part ``which`` once --retry-failed listed the parts to rewrite. The
+    run's result, the dataset and the results that part held."""
     pq = pytest.importorskip("pyarrow.parquet")
     from gpu_pipeline.outputs import parquet
 
-    folder = tmp_path / "images"
-    paths = make_images(folder, 6)
-    paths[0].write_bytes(b"")
-    paths[5].write_bytes(b"")
-    out = tmp_path / "out.parquet"
-    assert run(str(folder), "--out", str(out), "--batch-size", "2").exit_code == 1
+    folder, paths, out = _a_dataset_whose_first_and_last_parts_failed(tmp_path)
     make_images(folder, 6)
     listed, drop = parquet.parts, parquet.drop_error_rows
     held = []
