@@ -2132,14 +2132,15 @@ def test_a_parquet_retry_failed_that_cannot_rewrite_every_part_changes_none(tmp_
 def _retry_failed_with_a_part_changed(tmp_path, monkeypatch, which: int, change):
     """:func:`_a_dataset_whose_first_and_last_parts_failed`, then ``--retry-failed`` with
     ``change(part)`` done to part ``which`` once --retry-failed listed the parts to rewrite. The
-    run's result, the dataset and the results that part held."""
+    run's result, the dataset, the images whose results that part held and the dataset's files
+    (name: bytes) just after the change."""
     pq = pytest.importorskip("pyarrow.parquet")
     from gpu_pipeline.outputs import parquet
 
     folder, paths, out = _a_dataset_whose_first_and_last_parts_failed(tmp_path)
     make_images(folder, 6)
     listed, drop = parquet.parts, parquet.drop_error_rows
-    held = []
+    held, changed = [], {}
 
     def listed_then_changed(where: Path) -> list[Path]:
         found = listed(where)
@@ -2148,6 +2149,7 @@ def _retry_failed_with_a_part_changed(tmp_path, monkeypatch, which: int, change)
         held.extend(Path(path).name for path, error in zip(*table.select(["path", "error"]).to_pydict().values())
                     if error is None)
         change(found[which])
+        changed.update({entry.name: entry.read_bytes() for entry in where.iterdir()})
         return found
 
     def drop_with_a_part_changed(*args) -> None:
@@ -2158,7 +2160,7 @@ def _retry_failed_with_a_part_changed(tmp_path, monkeypatch, which: int, change)
     monkeypatch.setattr(parquet, "drop_error_rows", drop_with_a_part_changed)
     result = run(str(folder), "--out", str(out), "--retry-failed")
     monkeypatch.undo()
-    return result, out, paths, held
+    return result, out, paths, held, changed
 
 
 def test_a_parquet_retry_failed_refuses_a_part_removed_since_the_listing(tmp_path, monkeypatch):
@@ -2166,15 +2168,7 @@ def test_a_parquet_retry_failed_refuses_a_part_removed_since_the_listing(tmp_pat
     another program) refused the run, "cannot write OUT: No such file or directory" (exit 2), naming
     neither the part nor what happened; skipped, its results were lost with exit 0, the resume holding
     them recorded. It is refused naming the part, nothing written, and the next run redoes its images."""
-    from gpu_pipeline.outputs import parquet
-
-    kept = {}
-
-    def removed(part: Path) -> None:
-        part.unlink()
-        kept.update({entry.name: entry.read_bytes() for entry in part.parent.iterdir()})
-
-    result, out, paths, lost = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, 0, removed)
+    result, out, paths, lost, kept = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, 0, Path.unlink)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "part-000000.parquet was removed while this run read the dataset; run the command again" in result.stderr
     assert {entry.name: entry.read_bytes() for entry in out.iterdir()} == kept  # (no temporary left either)
@@ -2188,15 +2182,11 @@ def test_a_parquet_retry_failed_names_a_part_replaced_since_the_listing(tmp_path
     """A part another program renamed into place meanwhile, no Parquet file, ended --retry-failed with
     pyarrow's traceback (ArrowInvalid, exit 1). Now it is refused as a resume refuses such a part,
     naming it, and every part is as it was (the part rewritten aside before it goes)."""
-    from gpu_pipeline.outputs import parquet
-
     def replaced(part: Path) -> None:
         (tmp_path / "theirs").write_bytes(b"not parquet at all")
         os.replace(tmp_path / "theirs", part)
-        kept.update({entry.name: entry.read_bytes() for entry in part.parent.iterdir()})
 
-    kept = {}
-    result, out, _, _ = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, -1, replaced)
+    result, out, _, _, kept = _retry_failed_with_a_part_changed(tmp_path, monkeypatch, -1, replaced)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "part-000001.parquet is not a readable Parquet part (" in result.stderr
     assert {entry.name: entry.read_bytes() for entry in out.iterdir()} == kept  # (no temporary left either)
